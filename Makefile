@@ -1,0 +1,49 @@
+# mechscope: `make demo` and `make test` set everything up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Real data lives in ../shared/data when this checkout sits beside it; a user's own
+# MECHSCOPE_DATA wins.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/mnist),)
+export MECHSCOPE_DATA ?= $(SHARED_DATA)
+endif
+
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes. torch first, pinned to the CPU build on this disk:
+# a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+$(DEMO_DIR)/mnist/model.safetensors: | $(STAMP)
+	$(BIN)/mechscope mnist train --out $(DEMO_DIR)/mnist --force
+
+demo: $(STAMP) $(DEMO_DIR)/mnist/model.safetensors
+	@echo "demo outputs: $(abspath $(DEMO_DIR)/mnist) (model.safetensors, config.json, metrics.json)"
+	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/mnist/metrics.json')); print(f\"  test accuracy {m['test_accuracy']:.4f}, trained in {m['train_seconds']:.1f} s\")"
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_mnist.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

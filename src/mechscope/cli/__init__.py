@@ -1,0 +1,43 @@
+"""The command line: ``mechscope <group> <command>``. Parsing only; the work is in pipelines.
+
+User errors (:class:`~mechscope.errors.MechscopeError`) become one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from mechscope.cli.mnist import app as mnist_app
+from mechscope.errors import MechscopeError
+
+app = typer.Typer(
+    name="mechscope",
+    help="Mechanistic interpretability workbench: explain an MNIST CNN, find induction heads in transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(mnist_app, name="mnist")
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does (downloads, sizes)."),
+) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for the ``mechscope`` script and ``python -m mechscope``."""
+    try:
+        app(args=argv, prog_name="mechscope")
+    except MechscopeError as e:
+        print(f"mechscope: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("mechscope: interrupted", file=sys.stderr)
+        sys.exit(130)

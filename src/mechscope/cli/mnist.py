@@ -1,0 +1,67 @@
+"""``mechscope mnist ...``: the vision half."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.config import TrainConfig
+
+_D = TrainConfig()  # the CLI's defaults are the library's defaults
+app = typer.Typer(help="Train and explain a small CNN on MNIST.", no_args_is_help=True)
+
+DataDir = typer.Option(
+    None, "--data-dir", help="Data root holding mnist/ (default: $MECHSCOPE_DATA, else ~/.cache/mechscope/data)."
+)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
+    epochs: int = typer.Option(_D.epochs, "--epochs", help="Passes over the 60,000 training images."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed for initial weights and batch order."),
+    data_dir: Optional[Path] = DataDir,
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size"),
+    lr: float = typer.Option(_D.lr, "--lr", help="Peak learning rate of the one-cycle schedule."),
+    shift: int = typer.Option(_D.shift, "--shift", help="Augmentation: shift each image by up to this many pixels."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training images."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimiser steps."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory's files."),
+) -> None:
+    """Train the CNN and write model.safetensors, config.json and metrics.json."""
+    from mechscope.pipelines import train_mnist
+
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        shift=shift,
+        seed=seed,
+        train_limit=train_limit,
+        max_steps=max_steps,
+    )
+    path, metrics = train_mnist(out, config, data_dir=data_dir, force=force)
+    typer.echo(
+        f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['train_seconds']:.1f} s of training "
+        f"({metrics['n_parameters']:,} parameters)"
+    )
+    typer.echo(f"run written to {path}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `mechscope mnist train`."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Reload a run and measure its accuracy on the 10,000 test images."""
+    from mechscope.data.mnist import MNIST, load_mnist
+    from mechscope.runs import load_run
+    from mechscope.training import evaluate as evaluate_model
+
+    loaded = load_run(run)
+    data = load_mnist(data_dir)
+    ev = evaluate_model(loaded.model, MNIST.to_float(data.test_images), data.test_labels)
+    typer.echo(f"test accuracy {ev.accuracy:.4f} (loss {ev.loss:.4f})")
+    typer.echo("per class: " + "  ".join(f"{d}:{a:.3f}" for d, a in enumerate(ev.per_class_accuracy)))

@@ -1,0 +1,147 @@
+"""Training and evaluating the MNIST CNN."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mechscope.config import TrainConfig
+from mechscope.data.mnist import MNIST
+from mechscope.models.cnn import CNNConfig, MnistCNN, n_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]  # [true class][predicted class]
+
+    def to_dict(self) -> dict:
+        return {
+            "test_accuracy": self.accuracy,
+            "test_loss": self.loss,
+            "per_class_accuracy": self.per_class_accuracy,
+            "confusion_matrix": self.confusion_matrix,
+        }
+
+
+@dataclass
+class TrainResult:
+    model: MnistCNN
+    evaluation: Evaluation
+    train_seconds: float
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Logits [n, classes] for float images [n, 1, 28, 28] in [0, 1]."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes: int = 10) -> Evaluation:
+    logits = predict_logits(model, images)
+    loss = F.cross_entropy(logits, labels).item()
+    pred = logits.argmax(1)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
+    return Evaluation(
+        accuracy=(pred == labels).double().mean().item(),
+        loss=loss,
+        per_class_accuracy=per_class,
+        confusion_matrix=confusion.tolist(),
+    )
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image [B, C, H, W] by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)  # [B, C, H + 2s, W + 2s]
+    oy, ox = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator)
+    rows = (oy + torch.arange(h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * max_shift)
+    out = padded.gather(2, rows)  # [B, C, H, W + 2s]
+    cols = (ox + torch.arange(w)).view(b, 1, 1, w).expand(b, c, h, w)
+    return out.gather(3, cols)  # [B, C, H, W]
+
+
+def train_cnn(
+    data: MNIST,
+    config: TrainConfig | None = None,
+    model_config: CNNConfig | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train :class:`MnistCNN` on MNIST's training split; evaluate on its test split.
+
+    Deterministic for a given seed on a given machine: the initial weights come from
+    ``torch.manual_seed(seed)`` and the batch order from a generator seeded with it.
+    """
+    config = config or TrainConfig()
+    config.validate()
+    torch.manual_seed(config.seed)
+    model = MnistCNN(model_config)
+    # channels_last makes oneDNN's convolutions about 30% faster on CPU; numerics are the same model
+    model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    images = MNIST.to_float(data.train_images)
+    labels = data.train_labels
+    if config.train_limit is not None:
+        images, labels = images[: config.train_limit], labels[: config.train_limit]
+    n = len(images)
+    steps_per_epoch = max(1, n // config.batch_size)  # drop the ragged last batch
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total, pct_start=config.warmup_fraction
+    )
+    log.info("training %d parameters for %d steps on %d images", n_parameters(model), total, n)
+    history: list[dict] = []
+    step = 0
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
+        for epoch in range(config.epochs):
+            order = torch.randperm(n, generator=generator)
+            running, count = 0.0, 0
+            for i in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                batch = images[idx]
+                if config.shift:
+                    batch = random_shift(batch, config.shift, generator)
+                loss = F.cross_entropy(model(batch), labels[idx], label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                running += loss.item()
+                count += 1
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{running / count:.4f}")
+            if count:
+                history.append({"epoch": epoch + 1, "step": step, "train_loss": running / count})
+            if step >= total:
+                break
+    train_seconds = time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format)
+    test_images = MNIST.to_float(data.test_images)
+    evaluation = evaluate(model, test_images, data.test_labels, model.config.n_classes)
+    log.info("test accuracy %.4f after %.1f s", evaluation.accuracy, train_seconds)
+    return TrainResult(model, evaluation, train_seconds, step, history)

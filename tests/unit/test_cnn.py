@@ -1,0 +1,75 @@
+"""The CNN: shapes, size, separate non-in-place nonlinearities, input checks, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mechscope.config import TrainConfig
+from mechscope.errors import MechscopeError
+from mechscope.models.cnn import CNNConfig, MnistCNN, n_parameters
+from mechscope.training import random_shift, train_cnn
+
+
+def test_shapes_and_size():
+    model = MnistCNN()
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+    assert n_parameters(model) < 30_000
+    assert n_parameters(model) == 16 * 25 + 16 + 32 * 16 * 25 + 32 + 512 * 10 + 10
+
+
+def test_every_nonlinearity_is_its_own_module():
+    model = MnistCNN()
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 2 and len({id(m) for m in relus}) == 2
+    assert not any(m.inplace for m in relus)
+    ids = [id(m) for _, m in model.named_modules(remove_duplicate=False)]
+    assert len(ids) == len(set(ids)), "a module is used twice"
+
+
+def test_model_takes_pixels_and_normalises_inside():
+    model = MnistCNN()
+    zeros = torch.zeros(1, 1, 28, 28)
+    normalised = model.normalize(zeros)
+    torch.testing.assert_close(normalised, torch.full_like(zeros, -0.1307 / 0.3081))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(2, 28, 28), r"expected input shaped \[batch, 1, 28, 28\]"),
+        (torch.rand(2, 1, 32, 32), r"got \[2, 1, 32, 32\]"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), "floating-point"),
+        (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
+    ],
+)
+def test_check_input(bad, message):
+    with pytest.raises(MechscopeError, match=message):
+        MnistCNN().check_input(bad)
+
+
+def test_config_too_small():
+    with pytest.raises(MechscopeError, match="too small"):
+        MnistCNN(CNNConfig(image_size=12))
+
+
+def test_random_shift_moves_whole_images():
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(64, 1, 28, 28)
+    img[:, :, 10:18, 10:18] = 1.0
+    shifted = random_shift(img, 2, g)
+    assert shifted.shape == img.shape
+    assert torch.all(shifted.sum((1, 2, 3)) == 64)  # the square stays whole inside the frame
+    assert not torch.equal(shifted, img)
+
+
+def _state(seed, mnist):
+    cfg = TrainConfig(epochs=1, train_limit=1024, batch_size=64, seed=seed, shift=1)
+    return train_cnn(mnist, cfg, progress=False).model.state_dict()
+
+
+def test_training_is_deterministic(mnist):
+    a, b, c = _state(3, mnist), _state(3, mnist), _state(4, mnist)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

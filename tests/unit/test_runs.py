@@ -1,0 +1,93 @@
+"""Run directories: round trip, and every way a run directory can be wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mechscope
+from mechscope.errors import RunError
+from mechscope.models.cnn import MnistCNN
+from mechscope.runs import check_out_dir, prepare_out_dir, save_run
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    model = MnistCNN()
+    out = prepare_out_dir(tmp_path / "run")
+    save_run(out, model, {"training": {"seed": 0}, "seed": 0}, {"test_accuracy": 0.1})
+    return out, model
+
+
+def test_round_trip(run_dir):
+    path, model = run_dir
+    run = mechscope.load_run(path)
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(run.model(x), model.eval()(x), rtol=0, atol=0)
+    assert run.config["kind"] == "mnist-cnn" and run.config["model"]["conv2_channels"] == 32
+    assert "torch" in run.config["versions"] and run.metrics["test_accuracy"] == 0.1
+    assert not run.model.training
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(RunError, match="run directory not found"):
+        mechscope.load_run(tmp_path / "nothing")
+
+
+def test_missing_weights(run_dir):
+    path, _ = run_dir
+    (path / "model.safetensors").unlink()
+    with pytest.raises(RunError, match="model.safetensors is missing"):
+        mechscope.load_run(path)
+
+
+def test_missing_config(run_dir):
+    path, _ = run_dir
+    (path / "config.json").unlink()
+    with pytest.raises(RunError, match="not a mechscope run directory"):
+        mechscope.load_run(path)
+
+
+def test_corrupt_weights(run_dir):
+    path, _ = run_dir
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RunError, match="corrupt or not a safetensors file"):
+        mechscope.load_run(path)
+
+
+def test_corrupt_config(run_dir):
+    path, _ = run_dir
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match="corrupt JSON"):
+        mechscope.load_run(path)
+
+
+def test_other_architecture(run_dir):
+    path, _ = run_dir
+    save_file({"conv1.conv.weight": torch.zeros(8, 1, 3, 3)}, str(path / "model.safetensors"))
+    with pytest.raises(RunError, match="weights of another architecture.*conv1.conv.weight is \\[8, 1, 3, 3\\]"):
+        mechscope.load_run(path)
+
+
+def test_other_kind(run_dir):
+    path, _ = run_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["kind"] = "transformer"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunError, match="expected 'mnist-cnn'"):
+        mechscope.load_run(path)
+
+
+def test_no_overwrite_without_force(run_dir):
+    path, _ = run_dir
+    with pytest.raises(RunError, match="pass --force"):
+        check_out_dir(path)
+    assert check_out_dir(path, force=True) == path
+    (path / "keep.txt").write_text("user file")
+    prepare_out_dir(path, force=True)
+    assert (path / "keep.txt").read_text() == "user file"  # --force replaces our files, deletes nothing
