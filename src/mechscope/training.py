@@ -158,7 +158,12 @@ def train_cnn(
                     bar.set_postfix(epoch=epoch + 1, loss=f"{running / count:.4f}")
             if count:
                 history.append(
-                    {"epoch": epoch + 1, "step": step, "train_loss": running / count, "seconds": time.perf_counter() - start}
+                    {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "train_loss": running / count,
+                        "seconds": time.perf_counter() - start,
+                    }
                 )
             if step >= total:
                 break
