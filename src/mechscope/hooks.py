@@ -183,3 +183,31 @@ def attached_hooks(model: nn.Module) -> list[str]:
         ):
             found.append(name or "<root>")
     return found
+
+
+@contextmanager
+def module_hooks(
+    model: nn.Module,
+    types: tuple[type[nn.Module], ...],
+    forward: Callable | None = None,
+    backward: Callable | None = None,
+) -> Iterator[list[nn.Module]]:
+    """Attach hooks to every submodule of the given types for the duration of a block.
+
+    For methods that change how a kind of module propagates gradients (guided backprop and
+    DeepLIFT override ReLU and max-pooling): ``forward(module, args, output)`` is a forward
+    hook and ``backward(module, grad_input, grad_output)`` a full backward hook. Yields the
+    modules found; everything attached is removed when the block exits, however it exits.
+    """
+    modules = [m for m in model.modules() if isinstance(m, types)]
+    handles: list[Any] = []
+    try:
+        for m in modules:
+            if forward is not None:
+                handles.append(m.register_forward_hook(forward))
+            if backward is not None:
+                handles.append(m.register_full_backward_hook(backward))
+        yield modules
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -42,3 +42,114 @@ def train_mnist(
     }
     save_run(prepare_out_dir(out, force=force), result.model, run_config, metrics)
     return out, metrics
+
+
+def select_examples(labels, n: int, n_classes: int = 10) -> list[int]:
+    """Indices of ``n`` test images, classes in turn (0, 1, ..., 9, 0, ...), earliest first."""
+    by_class = [(labels == k).nonzero().flatten().tolist() for k in range(n_classes)]
+    picked, round_ = [], 0
+    while len(picked) < n:
+        added = False
+        for k in range(n_classes):
+            if round_ < len(by_class[k]) and len(picked) < n:
+                picked.append(by_class[k][round_])
+                added = True
+        if not added:
+            break
+        round_ += 1
+    return picked
+
+
+DEFAULT_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "occlusion",
+    "gradcam",
+    "deeplift",
+    "guided_backprop",
+)
+
+
+def attribute_mnist(
+    run: str | Path,
+    out: str | Path | None = None,
+    methods: list[str] | None = None,
+    n: int = 16,
+    n_faithfulness: int = 64,
+    data_dir: str | Path | None = None,
+    force: bool = False,
+    ig_steps: int = 64,
+) -> tuple[Path, dict]:
+    """Attribution grids for ``n`` test images and faithfulness.json for every method."""
+    import torch
+
+    from mechscope.data.mnist import MNIST
+    from mechscope.errors import MechscopeError
+    from mechscope.methods.attribution import IntegratedGradients, get_method
+    from mechscope.methods.faithfulness import evaluate_faithfulness
+    from mechscope.report import figures
+    from mechscope.runs import load_run, write_json
+
+    if n < 1 or n_faithfulness < 1:
+        raise MechscopeError(f"--n must be at least 1, got {min(n, n_faithfulness)}")
+    names = list(methods or DEFAULT_METHODS)
+    chosen = {}
+    for name in names:
+        options = {"n_steps": ig_steps} if name in ("integrated_gradients", "ig") else {}
+        m = get_method(name, **options)
+        chosen[m.name] = m
+    loaded = load_run(run)
+    out = Path(out) if out is not None else Path(run) / "attribution"
+    check_out_dir(out, force=force)
+    data = load_mnist(data_dir)
+    model = loaded.model
+    idx = select_examples(data.test_labels, max(n, n_faithfulness))
+    x = MNIST.to_float(data.test_images[idx])
+    labels = data.test_labels[idx]
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    pred = probs.argmax(1)
+    prepare_out_dir(out, force=force)
+
+    attributions = {}
+    ig_delta = None
+    for name, m in chosen.items():
+        log.info("attributing with %s", name)
+        if isinstance(m, IntegratedGradients):
+            attributions[name], ig_delta = m.attribute_with_delta(model, x, pred)
+        else:
+            attributions[name] = m.attribute(model, x, pred)
+        titles = [f"{int(labels[i])}→{int(pred[i])} p={probs[i, pred[i]]:.2f}" for i in range(n)]
+        fig = figures.attribution_grid(
+            x[:n, 0].numpy(),
+            attributions[name][:n].sum(1).numpy(),
+            name,
+            titles,
+            subtitle="target: the predicted class; column title: label→prediction",
+        )
+        figures.save(fig, out / f"{name}.png")
+
+    xf, tf = x[:n_faithfulness], pred[:n_faithfulness]
+    report = evaluate_faithfulness(
+        model, xf, tf, chosen, attributions={k: v[:n_faithfulness] for k, v in attributions.items()}
+    )
+    result = report.to_dict()
+    if ig_delta is not None:
+        with torch.no_grad():
+            gap = (model(x).gather(1, pred[:, None]) - model(torch.zeros_like(x)).gather(1, pred[:, None])).squeeze(1)
+        rel = ig_delta.abs() / gap.abs().clamp(min=1e-12)
+        result["integrated_gradients_completeness"] = {
+            "steps": ig_steps,
+            "max_abs_delta": ig_delta.abs().max().item(),
+            "max_relative_delta": rel.max().item(),
+        }
+    result["examples"] = {"test_indices": idx[:n], "labels": labels[:n].tolist(), "predictions": pred[:n].tolist()}
+    write_json(out / "faithfulness.json", result)
+
+    deletion = {m.method: m.deletion_curve for m in report.methods} | {"random": report.random_deletion_curve}
+    insertion = {m.method: m.insertion_curve for m in report.methods} | {"random": report.random_insertion_curve}
+    fractions = report.fractions
+    figures.save(figures.faithfulness_curves(fractions, deletion, insertion), out / "faithfulness.png")
+    return out, result

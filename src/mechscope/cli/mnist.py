@@ -65,3 +65,36 @@ def evaluate(
     ev = evaluate_model(loaded.model, MNIST.to_float(data.test_images), data.test_labels)
     typer.echo(f"test accuracy {ev.accuracy:.4f} (loss {ev.loss:.4f})")
     typer.echo("per class: " + "  ".join(f"{d}:{a:.3f}" for d, a in enumerate(ev.per_class_accuracy)))
+
+
+@app.command()
+def attribute(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `mechscope mnist train`."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", help="Method name; repeat for several (default: all eight)."
+    ),
+    n: int = typer.Option(16, "--n", help="Test images shown in the grids."),
+    n_faithfulness: int = typer.Option(64, "--n-faithfulness", help="Test images for the faithfulness checks."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/attribution)."),
+    data_dir: Optional[Path] = DataDir,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Attribution grids (PNG) per method and faithfulness.json ranking the methods."""
+    from mechscope.pipelines import attribute_mnist
+
+    path, result = attribute_mnist(
+        run, out, methods=method, n=n, n_faithfulness=n_faithfulness, data_dir=data_dir, force=force
+    )
+    rnd = result["random_order"]
+    typer.echo(
+        f"faithfulness on {result['n_inputs']} test images (random pixel order: deletion AUC "
+        f"{rnd['deletion_auc']:.3f}, insertion AUC {rnd['insertion_auc']:.3f})"
+    )
+    layers = result["randomisation_layers_top_down"]
+    typer.echo(f"{'rank':<5}{'method':<22}{'deletion':>9}{'insertion':>10}  randomisation ρ ({' → '.join(layers)})")
+    for i, name in enumerate(result["ranking"], 1):
+        m = result["methods"][name]
+        rho = "  ".join(f"{v:+.2f}" for v in m["randomisation_spearman"].values())
+        flag = "" if m["passes_randomisation_check"] else "  fails sanity check"
+        typer.echo(f"{i:<5}{name:<22}{m['deletion_auc']:>9.3f}{m['insertion_auc']:>10.3f}  {rho}{flag}")
+    typer.echo(f"grids and faithfulness.json written to {path}")

@@ -1,0 +1,73 @@
+"""Faithfulness measures: curves, rank correlation, the randomisation check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mechscope.data.mnist import MNIST
+from mechscope.methods import attribution as A
+from mechscope.methods import faithfulness as F
+from mechscope.runs import load_run
+
+
+def test_rankdata_and_spearman_match_scipy():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (3, 40), generator=g).double()  # many ties
+    b = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    for i in range(3):
+        np.testing.assert_allclose(F.rankdata(a[i : i + 1])[0].numpy(), stats.rankdata(a[i].numpy()))
+        rho = stats.spearmanr(a[i].numpy(), b[i].numpy()).statistic
+        assert abs(F.spearman(a[i : i + 1], b[i : i + 1])[0].item() - rho) < 1e-10
+
+
+@pytest.fixture(scope="module")
+def trained(quick_run, mnist):
+    model = load_run(quick_run).model
+    x = MNIST.to_float(mnist.test_images[:24])
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    return model, x, t
+
+
+def test_curves_shape_and_endpoints(trained):
+    m, x, t = trained
+    scores = F.pixel_scores(A.IntegratedGradients(n_steps=16).attribute(m, x, t))
+    c = F.deletion_insertion(m, x, t, scores, steps=14)
+    assert c.deletion.shape == (24, 15) and c.fractions[0] == 0 and c.fractions[-1] == 1
+    # nothing removed = the full image; everything removed = the blank image; insertion mirrors it
+    torch.testing.assert_close(c.deletion[:, 0], c.insertion[:, -1])
+    torch.testing.assert_close(c.deletion[:, -1], c.insertion[:, 0])
+
+
+def test_ig_beats_random_order(trained):
+    m, x, t = trained
+    scores = F.pixel_scores(A.IntegratedGradients(n_steps=32).attribute(m, x, t))
+    ours = F.deletion_insertion(m, x, t, scores)
+    rnd = F.deletion_insertion(m, x, t, F.random_scores(scores.shape))
+    assert ours.deletion_auc < rnd.deletion_auc - 0.1
+    assert ours.insertion_auc > rnd.insertion_auc + 0.1
+
+
+class InputCopy(A.Attribution):
+    """A 'method' that ignores the model: it returns the input (an edge detector in spirit)."""
+
+    name = "input_copy"
+
+    def _attribute(self, model, inputs, target):
+        return inputs.clone()
+
+
+def test_randomisation_check_separates_model_from_input(trained):
+    m, x, t = trained
+    report = F.evaluate_faithfulness(m, x[:8], t[:8], {"input_copy": InputCopy(), "saliency": A.Saliency()})
+    result = report.to_dict()["methods"]
+    assert report.layers == ["fc", "conv2", "conv1"]
+    assert all(abs(v - 1) < 1e-9 for v in result["input_copy"]["randomisation_spearman"].values())
+    assert not result["input_copy"]["passes_randomisation_check"]
+    assert result["saliency"]["randomisation_spearman"]["conv1"] < 0.9
+    # the model is untouched by the check
+    with torch.no_grad():
+        assert torch.equal(m(x).argmax(1), t)
