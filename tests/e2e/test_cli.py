@@ -181,3 +181,75 @@ def test_bad_run_is_one_line(capsys, quick_run, tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x00" * 20)
     code, _, err = run_main(capsys, "mnist", "evaluate", "--run", str(broken))
     assert_one_line_error(code, err, "corrupt or not a safetensors file")
+
+
+def test_attribute_writes_grids_and_faithfulness(capsys, quick_run, mnist_root, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "attr"
+    code, stdout, err = run_main(
+        capsys,
+        "mnist",
+        "attribute",
+        "--run",
+        str(quick_run),
+        "--method",
+        "saliency",
+        "--method",
+        "ig",
+        "--method",
+        "gradcam",
+        "--n",
+        "4",
+        "--n-faithfulness",
+        "8",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(mnist_root),
+    )
+    assert code == 0, err
+    assert "rank" in stdout and f"written to {out}" in stdout
+    for name in ("saliency", "integrated_gradients", "gradcam", "faithfulness"):
+        with Image.open(out / f"{name}.png") as img:
+            img.load()
+            assert img.size[0] > 400 and img.size[1] > 300
+    result = json.loads((out / "faithfulness.json").read_text())
+    assert set(result["methods"]) == {"saliency", "integrated_gradients", "gradcam"}
+    for m in result["methods"].values():
+        assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
+        assert list(m["randomisation_spearman"]) == ["fc", "conv2", "conv1"]
+    assert sorted(result["ranking"]) == sorted(result["methods"])
+    assert result["integrated_gradients_completeness"]["max_relative_delta"] < 0.01
+
+    code, _, err = run_main(
+        capsys,
+        "mnist",
+        "attribute",
+        "--run",
+        str(quick_run),
+        "--out",
+        str(out),
+        "--method",
+        "saliency",
+        "--data-dir",
+        str(mnist_root),
+    )
+    assert_one_line_error(code, err, "already exists", "--force")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--method", "lime"], "unknown attribution method 'lime'"),
+        (["--n", "0"], "--n must be at least 1"),
+    ],
+)
+def test_attribute_bad_input(capsys, quick_run, tmp_path, args, fragment):
+    code, _, err = run_main(capsys, "mnist", "attribute", "--run", str(quick_run), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_attribute_missing_run(capsys, tmp_path):
+    code, _, err = run_main(capsys, "mnist", "attribute", "--run", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "run directory not found")

@@ -91,10 +91,18 @@ def attribute(
         f"{rnd['deletion_auc']:.3f}, insertion AUC {rnd['insertion_auc']:.3f})"
     )
     layers = result["randomisation_layers_top_down"]
-    typer.echo(f"{'rank':<5}{'method':<22}{'deletion':>9}{'insertion':>10}  randomisation ρ ({' → '.join(layers)})")
+    typer.echo(
+        f"{'rank':<5}{'method':<22}{'deletion':>9}{'insertion':>10}  "
+        f"Spearman ρ after randomising {' → '.join(layers)}: whole image | digit pixels only"
+    )
     for i, name in enumerate(result["ranking"], 1):
         m = result["methods"][name]
-        rho = "  ".join(f"{v:+.2f}" for v in m["randomisation_spearman"].values())
+        rho = " ".join(f"{v:+.2f}" for v in m["randomisation_spearman"].values())
+        rho_in = " ".join(f"{v:+.2f}" for v in m["randomisation_spearman_on_input_pixels"].values())
         flag = "" if m["passes_randomisation_check"] else "  fails sanity check"
-        typer.echo(f"{i:<5}{name:<22}{m['deletion_auc']:>9.3f}{m['insertion_auc']:>10.3f}  {rho}{flag}")
+        typer.echo(f"{i:<5}{name:<22}{m['deletion_auc']:>9.3f}{m['insertion_auc']:>10.3f}  {rho} | {rho_in}{flag}")
+    typer.echo(
+        f"ranking: methods passing the randomisation check (whole-image |ρ| < {result['sanity_threshold']}) "
+        "first, then by insertion − deletion area"
+    )
     typer.echo(f"grids and faithfulness.json written to {path}")

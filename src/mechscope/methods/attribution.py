@@ -183,7 +183,9 @@ class IntegratedGradients(Attribution):
 
     (x − x') · ∫₀¹ ∂f(x' + α(x − x'))/∂x dα, the integral by ``method`` (Gauss–Legendre by
     default, as in Captum). ``baseline`` is a number or a tensor broadcastable to the inputs
-    (0: a black image). ``batch_size`` bounds how many path points run at once, and so memory.
+    (0: a black image). ``batch_size`` bounds how many path points (images) run at once, and so
+    memory; the default 512 is also about twice as fast on CPU as one batch of every point
+    (the activations stay in cache; bench/attribution.py).
     Completeness: the attributions sum to f(x) − f(x'); :meth:`attribute_with_delta` returns
     the difference f(x) − f(x') − Σ attributions per input.
     """
@@ -195,7 +197,7 @@ class IntegratedGradients(Attribution):
         n_steps: int = 50,
         baseline: float | torch.Tensor = 0.0,
         method: str = "gausslegendre",
-        batch_size: int | None = None,
+        batch_size: int | None = 512,
     ) -> None:
         self.alphas, self.weights = path_points(n_steps, method)
         self.n_steps, self.baseline, self.method, self.batch_size = n_steps, baseline, method, batch_size
@@ -249,7 +251,7 @@ class SmoothGrad(Attribution):
         n_samples: int = 25,
         stdev: float = 0.15,
         seed: int = 0,
-        batch_size: int | None = None,
+        batch_size: int | None = 512,
     ) -> None:
         self.base = base or Saliency()
         if not getattr(self.base, "gradient_based", False):

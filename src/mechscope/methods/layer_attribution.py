@@ -69,7 +69,7 @@ def layer_integrated_gradients(
     baseline: float | torch.Tensor = 0.0,
     n_steps: int = 50,
     method: str = "gausslegendre",
-    batch_size: int | None = None,
+    batch_size: int | None = 512,
 ) -> LayerAttribution:
     """Integrated Gradients in the activation space of ``layer``.
 
