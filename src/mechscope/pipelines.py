@@ -81,6 +81,8 @@ def attribute_mnist(
     data_dir: str | Path | None = None,
     force: bool = False,
     ig_steps: int = 64,
+    target: str = "pred",
+    layer: str = "conv2.hook_post",
 ) -> tuple[Path, dict]:
     """Attribution grids for ``n`` test images and faithfulness.json for every method."""
     import torch
@@ -97,10 +99,21 @@ def attribute_mnist(
     names = list(methods or DEFAULT_METHODS)
     chosen = {}
     for name in names:
-        options = {"n_steps": ig_steps} if name in ("integrated_gradients", "ig") else {}
-        m = get_method(name, **options)
+        m = get_method(name)
+        if isinstance(m, IntegratedGradients):
+            m = IntegratedGradients(n_steps=ig_steps)
         chosen[m.name] = m
     loaded = load_run(run)
+    from mechscope.methods.attribution import GradCAM, resolve_layer
+
+    resolve_layer(loaded.model, layer)  # an unknown layer fails before any work
+    for name, m in chosen.items():
+        if isinstance(m, GradCAM):
+            chosen[name] = GradCAM(layer)
+    if target not in ("pred", "label") and not (target.isdigit() and 0 <= int(target) < loaded.model.config.n_classes):
+        raise MechscopeError(
+            f"target {target!r} out of range; expected pred, label or a class 0..{loaded.model.config.n_classes - 1}"
+        )
     out = Path(out) if out is not None else Path(run) / "attribution"
     check_out_dir(out, force=force)
     data = load_mnist(data_dir)
@@ -111,40 +124,45 @@ def attribute_mnist(
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)
     pred = probs.argmax(1)
+    explained = pred if target == "pred" else labels if target == "label" else torch.full_like(pred, int(target))
     prepare_out_dir(out, force=force)
 
     attributions = {}
     ig_delta = None
+    target_text = {"pred": "the predicted class", "label": "the true label"}.get(target, f"class {target}")
     for name, m in chosen.items():
         log.info("attributing with %s", name)
         if isinstance(m, IntegratedGradients):
-            attributions[name], ig_delta = m.attribute_with_delta(model, x, pred)
+            attributions[name], ig_delta = m.attribute_with_delta(model, x, explained)
         else:
-            attributions[name] = m.attribute(model, x, pred)
+            attributions[name] = m.attribute(model, x, explained)
         titles = [f"{int(labels[i])}→{int(pred[i])} p={probs[i, pred[i]]:.2f}" for i in range(n)]
         fig = figures.attribution_grid(
             x[:n, 0].numpy(),
             attributions[name][:n].sum(1).numpy(),
             name,
             titles,
-            subtitle="target: the predicted class; column title: label→prediction",
+            subtitle=f"target: {target_text}; column title: label→prediction (p of the prediction)",
         )
         figures.save(fig, out / f"{name}.png")
 
-    xf, tf = x[:n_faithfulness], pred[:n_faithfulness]
+    xf, tf = x[:n_faithfulness], explained[:n_faithfulness]
     report = evaluate_faithfulness(
         model, xf, tf, chosen, attributions={k: v[:n_faithfulness] for k, v in attributions.items()}
     )
     result = report.to_dict()
     if ig_delta is not None:
         with torch.no_grad():
-            gap = (model(x).gather(1, pred[:, None]) - model(torch.zeros_like(x)).gather(1, pred[:, None])).squeeze(1)
+            t_ = explained[:, None]
+            gap = (model(x).gather(1, t_) - model(torch.zeros_like(x)).gather(1, t_)).squeeze(1)
         rel = ig_delta.abs() / gap.abs().clamp(min=1e-12)
         result["integrated_gradients_completeness"] = {
             "steps": ig_steps,
             "max_abs_delta": ig_delta.abs().max().item(),
             "max_relative_delta": rel.max().item(),
         }
+    result["target"] = target
+    result["gradcam_layer"] = layer
     result["examples"] = {"test_indices": idx[:n], "labels": labels[:n].tolist(), "predictions": pred[:n].tolist()}
     write_json(out / "faithfulness.json", result)
 

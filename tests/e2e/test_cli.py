@@ -243,6 +243,8 @@ def test_attribute_writes_grids_and_faithfulness(capsys, quick_run, mnist_root, 
     [
         (["--method", "lime"], "unknown attribution method 'lime'"),
         (["--n", "0"], "--n must be at least 1"),
+        (["--target", "12"], "target '12' out of range; expected pred, label or a class 0..9"),
+        (["--layer", "conv7"], "unknown layer 'conv7'; valid layers: hook_input"),
     ],
 )
 def test_attribute_bad_input(capsys, quick_run, tmp_path, args, fragment):

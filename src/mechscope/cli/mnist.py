@@ -75,6 +75,8 @@ def attribute(
     ),
     n: int = typer.Option(16, "--n", help="Test images shown in the grids."),
     n_faithfulness: int = typer.Option(64, "--n-faithfulness", help="Test images for the faithfulness checks."),
+    target: str = typer.Option("pred", "--target", help="What to explain: pred, label, or a class 0-9."),
+    layer: str = typer.Option("conv2.hook_post", "--layer", help="Conv layer for Grad-CAM (a hook name)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/attribution)."),
     data_dir: Optional[Path] = DataDir,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
@@ -83,7 +85,15 @@ def attribute(
     from mechscope.pipelines import attribute_mnist
 
     path, result = attribute_mnist(
-        run, out, methods=method, n=n, n_faithfulness=n_faithfulness, data_dir=data_dir, force=force
+        run,
+        out,
+        methods=method,
+        n=n,
+        n_faithfulness=n_faithfulness,
+        data_dir=data_dir,
+        force=force,
+        target=target,
+        layer=layer,
     )
     rnd = result["random_order"]
     typer.echo(

@@ -191,6 +191,7 @@ class IntegratedGradients(Attribution):
     """
 
     name = "integrated_gradients"
+    gradient_based = True
 
     def __init__(
         self,
