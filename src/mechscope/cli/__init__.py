@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from mechscope.cli.lm import app as lm_app
 from mechscope.cli.mnist import app as mnist_app
 from mechscope.errors import MechscopeError
 
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(mnist_app, name="mnist")
+app.add_typer(lm_app, name="lm")
 
 
 @app.callback()
