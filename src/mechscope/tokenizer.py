@@ -27,7 +27,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 # llama.cpp pre-tokenizer names -> how to split text before BPE
@@ -148,7 +148,7 @@ class Tokenizer:
             vocab.setdefault(spelled, i)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        specials = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]  # 3: control
+        specials = [t for t, ty in zip(tokens, types, strict=False) if ty == 3 and set(t) <= alphabet]  # 3: control
         return cls._byte_level_bpe(
             vocab,
             merges,
