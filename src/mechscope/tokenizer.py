@@ -90,7 +90,10 @@ class Tokenizer:
         from tokenizers import AddedToken, decoders, models, processors
         from tokenizers import Tokenizer as Backend
 
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        try:
+            backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad vocabulary
+            raise MechscopeError(f"invalid BPE tokenizer: {e}") from None
         backend.pre_tokenizer = pre if pre is not None else _pre_tokenizer(None)
         backend.decoder = decoders.ByteLevel()
         backend.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -1,0 +1,99 @@
+"""`mechscope lm`: inspect and generate on a random GPT-2 checkpoint and on SmolLM2; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.e2e.test_cli import assert_one_line_error, run_main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, mnist_root):
+    path = tmp_path_factory.mktemp("gpt2cli")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50257, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok = mnist_root / "gpt2-tokenizer"
+    (path / "vocab.json").write_bytes((tok / "encoder.json").read_bytes())
+    (path / "merges.txt").write_bytes((tok / "vocab.bpe").read_bytes())
+    return path
+
+
+def test_inspect_and_generate_random_gpt2(capsys, gpt2_dir):
+    code, out, err = run_main(capsys, "lm", "inspect", "--model", str(gpt2_dir), "--hook", "blocks.1.attn.hook_pattern")
+    assert code == 0, err
+    assert "family      gpt2" in out and "blocks.{0..1}.attn.hook_result" in out
+    assert "blocks.1.attn.hook_pattern: shape [1, 2, 9, 9]" in out  # 9 tokens in the default prompt
+    code, out, err = run_main(
+        capsys, "lm", "generate", "--model", str(gpt2_dir), "--prompt", "Hello", "--max-new-tokens", "5"
+    )
+    assert code == 0, err
+    assert out.startswith("Hello")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["lm", "generate", "--tokens", "1,2,60000"], "token id 60000 outside the vocabulary 0..50256"),
+        (["lm", "generate", "--tokens", ",".join(["5"] * 40)], "longer than the context window of 32"),
+        (["lm", "inspect", "--hook", "blocks.7.attn.hook_q"], "unknown hook point 'blocks.7.attn.hook_q'"),
+        (["lm", "generate", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be 0 or more"),
+    ],
+)
+def test_bad_input_on_model(capsys, gpt2_dir, args, fragment):
+    code, _, err = run_main(capsys, *args[:2], "--model", str(gpt2_dir), *args[2:])
+    assert_one_line_error(code, err, fragment)
+
+
+def test_bad_model_files(capsys, gpt2_dir, tmp_path, monkeypatch):
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(tmp_path / "nothing.gguf"))
+    assert_one_line_error(code, err, "GGUF file not found")
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(tmp_path / "missing-dir") + "/")
+    assert_one_line_error(code, err, "no such model directory")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((gpt2_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((gpt2_dir / "model.safetensors").read_bytes()[:500])
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(broken))
+    assert_one_line_error(code, err, "corrupt or unreadable weights")
+    (broken / "model.safetensors").unlink()
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(broken))
+    assert_one_line_error(code, err, "no model.safetensors or pytorch_model.bin")
+
+    cfg = json.loads((gpt2_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((gpt2_dir / "model.safetensors").read_bytes())
+    (broken / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(broken))
+    assert_one_line_error(code, err, "unsupported architecture 'mamba'")
+    (broken / "config.json").write_text(json.dumps({**cfg, "rotary_dim": 16}))
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(broken))
+    assert_one_line_error(code, err, "unsupported GPT-2 config field 'rotary_dim'")
+
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 30)
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(tmp_path / "fake.gguf"))
+    assert code != 0 and "Traceback" not in err
+
+
+def test_hub_id_offline_message(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", "gpt2")
+    assert_one_line_error(code, err, "'gpt2' is not in the Hugging Face cache", "openai-community/gpt2")
+
+
+def test_generate_smollm2(capsys):
+    from mechscope.models.loading import smollm2_path
+
+    try:
+        smollm2_path()
+    except Exception as e:
+        pytest.skip(str(e))
+    code, out, err = run_main(capsys, "lm", "generate", "--model", "smollm2", "--prompt", "The capital of France is")
+    assert code == 0, err
+    assert out.startswith("The capital of France is Paris")
