@@ -311,17 +311,29 @@ class HookedTransformer(nn.Module):
             self._rotary = rotary_tables(self.cfg, max(n, 256), device)
         return self._rotary
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings: the residual stream entering block 0, [B,P,D]."""
         self.check_tokens(tokens)
         b, p = tokens.shape
         x = self.hook_embed(F.embedding(tokens, self.W_E))  # [B,P,D]
         if self.cfg.positional == "learned":
             x = x + self.hook_pos_embed(self.W_pos[:p].unsqueeze(0).expand(b, p, -1))
-        rotary = self.rotary(p, tokens.device)
-        for block in self.blocks:
+        return x
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Blocks ``start``.. on the residual stream ``x`` [B,P,D]; returns the final residual."""
+        rotary = self.rotary(x.shape[1], x.device)
+        for block in self.blocks[start:]:
             x = block(x, rotary)
-        x = self.ln_final(x)
-        return F.linear(x, self.W_E) if self.W_U_untied is None else x @ self.W_U_untied  # [B,P,V]
+        return x
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding: residual [..., D] -> logits [..., V]."""
+        x = self.ln_final(resid)
+        return F.linear(x, self.W_E) if self.W_U_untied is None else x @ self.W_U_untied
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.run_blocks(self.embed(tokens)))  # [B,P,V]
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int = 20, stop_at_eos: bool = True) -> torch.Tensor:
