@@ -77,3 +77,63 @@ def generate(
         raise MechscopeError("the prompt is empty")
     out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
     typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    from mechscope.errors import MechscopeError
+
+    try:
+        layer, head = text.split(".")
+        return int(layer), int(head)
+    except ValueError:
+        raise MechscopeError(f"expected a head as LAYER.HEAD (for example 5.1), got {text!r}") from None
+
+
+@app.command()
+def heads(
+    model: str = ModelOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory (default: runs/heads/MODEL)."),
+    n: int = typer.Option(50, "--n", help="Random tokens per half of the repeated sequence."),
+    batch: int = typer.Option(8, "--batch", help="Repeated sequences."),
+    seed: int = typer.Option(0, "--seed"),
+    top_k: int = typer.Option(5, "--top-k", help="Induction heads ablated together against as many random heads."),
+    show: Optional[list[str]] = typer.Option(None, "--show", help="A head (LAYER.HEAD) for the pattern viewer."),
+    text: Optional[str] = typer.Option(None, "--text", help="Real text for the previous-token score."),
+    no_ablation: bool = typer.Option(False, "--no-ablation", help="Skip the per-head ablations (the slow part)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Find the induction heads: write heads.json and a self-contained report.html."""
+    from mechscope.methods.heads import HeadProtocol
+    from mechscope.pipelines import induction_heads
+
+    protocol = HeadProtocol(n=n, batch=batch, seed=seed, top_k=top_k, per_head_ablation=not no_ablation)
+    shown = [parse_head(h) for h in show or []]
+    path, data = induction_heads(
+        model,
+        out,
+        protocol,
+        text_file=text,
+        show=shown,
+        force=force,
+        progress=lambda step: typer.echo(f"  {step}...", err=True),
+    )
+    typer.echo(
+        f"loss on repeated random tokens: first copy {data['loss_first_half']:.3f}, "
+        f"second copy {data['loss_second_half']:.3f}"
+    )
+    ind = data["induction_heads"]
+    typer.echo(
+        f"induction heads ({len(ind)}): " + ", ".join(f"{h['layer']}.{h['head']} ({h['score']:.2f})" for h in ind[:10])
+    )
+    prev = data["previous_token_heads"]
+    typer.echo(
+        f"previous-token heads ({len(prev)}): "
+        + ", ".join(f"{h['layer']}.{h['head']} ({h['score']:.2f})" for h in prev[:10])
+    )
+    k = data["top_k_ablation"]
+    typer.echo(
+        f"ablating the top {k['k']} induction heads: +{k['induction_heads_loss_increase']:.3f} loss; "
+        f"{k['k']} random heads: +{k['random_heads_loss_increase_mean']:.3f} "
+        f"± {k['random_heads_loss_increase_std']:.3f}"
+    )
+    typer.echo(f"heads.json and report.html written to {path} ({sum(data['seconds'].values()):.0f} s)")
