@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,87 @@ def test_generate_smollm2(capsys):
     code, out, err = run_main(capsys, "lm", "generate", "--model", "smollm2", "--prompt", "The capital of France is")
     assert code == 0, err
     assert out.startswith("The capital of France is Paris")
+
+
+def check_report(path):
+    """The HTML parses, refers to nothing on the network, and every image decodes."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    refs = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            refs.extend(v for k, v in attrs if k in ("src", "href") and v)
+
+    Collect().feed(path.read_text(encoding="utf-8"))
+    assert not [r for r in refs if r.startswith(("http:", "https:", "//"))]
+    images = [r for r in refs if r.startswith("data:image/png;base64,")]
+    assert images
+    for uri in images:
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+            img.load()
+    return len(images)
+
+
+def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
+    out = tmp_path / "heads"
+    code, stdout, err = run_main(
+        capsys, "lm", "heads", "--model", str(gpt2_dir), "--n", "10", "--batch", "2", "--show", "1.1", "--out", str(out)
+    )
+    assert code == 0, err
+    data = json.loads((out / "heads.json").read_text())
+    for key in (
+        "model",
+        "protocol",
+        "scores",
+        "induction_heads",
+        "previous_token_heads",
+        "loss_first_half",
+        "loss_second_half",
+        "top_k_ablation",
+        "composition",
+        "thresholds",
+        "labels",
+    ):
+        assert key in data
+    for name in (
+        "induction",
+        "prefix_matching",
+        "previous_token",
+        "duplicate_token",
+        "copying",
+        "ov_eigen_positivity",
+        "ablation_loss_increase",
+    ):
+        assert np.array(data["scores"][name], dtype=float).shape == (2, 2)
+    assert data["protocol"]["seed"] == 0 and data["protocol"]["n"] == 10
+    assert check_report(out / "report.html") >= 5
+    html = (out / "report.html").read_text()
+    assert "<script>" in html and '"1.1"' in html  # the viewer has the head asked for
+    code, _, err = run_main(capsys, "lm", "heads", "--model", str(gpt2_dir), "--n", "10", "--out", str(out))
+    assert_one_line_error(code, err, "already exists", "--force")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--n", "50"], "N = 50 needs 101 positions"),
+        (["--n", "10", "--show", "2.0"], "head 2.0 out of range: layers 0..1, heads 0..1"),
+        (["--n", "10", "--show", "x"], "expected a head as LAYER.HEAD"),
+        (["--n", "10", "--text", "/no/such/file.txt"], "text file not found"),
+    ],
+)
+def test_heads_bad_input(capsys, gpt2_dir, tmp_path, args, fragment):
+    code, _, err = run_main(capsys, "lm", "heads", "--model", str(gpt2_dir), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_heads_unknown_model(capsys, tmp_path):
+    code, _, err = run_main(
+        capsys, "lm", "heads", "--model", str(tmp_path / "nope") + "/", "--out", str(tmp_path / "o")
+    )
+    assert_one_line_error(code, err, "no such model directory")

@@ -96,7 +96,9 @@ def heads(
     n: int = typer.Option(50, "--n", help="Random tokens per half of the repeated sequence."),
     batch: int = typer.Option(8, "--batch", help="Repeated sequences."),
     seed: int = typer.Option(0, "--seed"),
-    top_k: int = typer.Option(5, "--top-k", help="Induction heads ablated together against as many random heads."),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", help="Induction heads ablated together against as many random heads (default 5)."
+    ),
     show: Optional[list[str]] = typer.Option(None, "--show", help="A head (LAYER.HEAD) for the pattern viewer."),
     text: Optional[str] = typer.Option(None, "--text", help="Real text for the previous-token score."),
     no_ablation: bool = typer.Option(False, "--no-ablation", help="Skip the per-head ablations (the slow part)."),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -70,14 +70,14 @@ class HeadProtocol:
     batch: int = 8
     seed: int = 0
     token_range: tuple[int, int] | None = None  # [low, high) token ids; default avoids specials and rare tokens
-    prefix_n: int = 25
+    prefix_n: int | None = None  # None: 25 (Olsson et al.), or as many as the context allows
     prefix_repeats: int = 4
     prefix_batch: int = 4
     text_batch: int = 4
     text_len: int = 128
     ablation_batch: int = 1  # sequences used for the per-head ablations (the slow part)
     per_head_ablation: bool = True
-    top_k: int = 5
+    top_k: int | None = None  # None: 5, or half the heads of a smaller model
     random_draws: int = 8
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -92,7 +92,12 @@ def default_token_range(model: HookedTransformer) -> tuple[int, int]:
     return (1, v) if v > 1 else (0, v)
 
 
-def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[int, int]:
+def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProtocol, tuple[int, int]]:
+    """The protocol with its defaults resolved for this model, and the token range; or a clear error."""
+    if p.prefix_n is None:
+        p = replace(p, prefix_n=max(1, min(25, (model.cfg.n_ctx - 1) // max(p.prefix_repeats, 1))))
+    if p.top_k is None:
+        p = replace(p, top_k=max(1, min(5, model.cfg.n_layers * model.cfg.n_heads // 2)))
     lo, hi = p.token_range or default_token_range(model)
     if not 0 <= lo < hi <= model.cfg.d_vocab:
         raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
@@ -110,7 +115,7 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[int, int]
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     if not 1 <= p.top_k <= n_heads:
         raise MechscopeError(f"top_k must be between 1 and {n_heads}, got {p.top_k}")
-    return lo, hi
+    return p, (lo, hi)
 
 
 def repeated_tokens(
@@ -239,7 +244,9 @@ def k_composition(model: HookedTransformer, targets: list[tuple[int, int]]) -> d
                 oo = wo @ wo.transpose(1, 2)
                 num = torch.einsum("ij,hjk,hkl,hil->h", qq, b, vv, b)  # tr(QQ B VV Bᵀ)
                 ov_norm2 = torch.einsum("hij,hji->h", vv, oo)
-                scores[layer] = (num.clamp(min=0).sqrt() / (qk_norm2.sqrt() * ov_norm2.sqrt())).numpy()
+                denom = qk_norm2.sqrt() * ov_norm2.sqrt()
+                # a head with no OV (or QK) circuit composes with nothing: 0, not 0/0
+                scores[layer] = torch.where(denom > 0, num.clamp(min=0).sqrt() / denom.clamp(min=1e-300), 0.0).numpy()
             out[(lt, ht)] = scores
     return out
 
@@ -276,7 +283,11 @@ class HeadsResult:
             "model": self.model,
             "protocol": self.protocol,
             "thresholds": self.protocol["thresholds"],
-            "scores": {k: np.asarray(v).round(6).tolist() for k, v in self.scores.items()},
+            # a score that was not measured (no text, ablations skipped) is null, not NaN
+            "scores": {
+                k: [[None if np.isnan(x) else round(float(x), 6) for x in row] for row in np.asarray(v)]
+                for k, v in self.scores.items()
+            },
             "labels": self.labels,
             "induction_heads": self.ranked("induction", "induction"),
             "previous_token_heads": self.ranked("previous_token", "previous_token"),
@@ -458,8 +469,7 @@ def find_induction_heads(
     progress=None,
 ) -> HeadsResult:
     """Run every protocol on ``model``; ``text_tokens`` [B, P] enables the real-text scores."""
-    p = protocol or HeadProtocol()
-    token_range = check_protocol(model, p)
+    p, token_range = check_protocol(model, protocol or HeadProtocol())
     cfg = model.cfg
     for layer, h in show or []:
         if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
@@ -553,7 +563,9 @@ def find_induction_heads(
         ]
         rows.sort(key=lambda r: -r["k_composition"])
         mean, std = float(s.mean()), float(s.std())
-        feeders = [r for r in rows if r["label"] == "previous_token" and r["k_composition"] > mean + std]
+        # a previous-token head feeds this induction head when its K-composition is above the
+        # average over every earlier head (Elhage et al. compare against such a baseline)
+        feeders = [r for r in rows if r["label"] == "previous_token" and r["k_composition"] > mean]
         composition.append(
             {
                 "induction_head": {"layer": lt, "head": ht, "induction_score": float(scores["induction"][lt, ht])},

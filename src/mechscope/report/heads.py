@@ -28,7 +28,7 @@ TITLES = {
 def heatmaps(scores: dict[str, list]) -> list[tuple[str, str]]:
     out = []
     for name, title in TITLES.items():
-        s = np.array(scores[name], dtype=float)  # [L, H]
+        s = np.array([[np.nan if x is None else x for x in row] for row in scores[name]], dtype=float)  # [L, H]
         if np.isnan(s).all():
             continue
         fig, ax = plt.subplots(

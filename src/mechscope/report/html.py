@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import jinja2
+import markupsafe
 from matplotlib.figure import Figure
 
 
@@ -26,6 +27,8 @@ def render(template: str, out: Path, **context) -> Path:
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
-    env.filters["tojson_safe"] = lambda obj: json.dumps(obj).replace("</", "<\\/")
+    # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
+    # so that no string in the data can close the script element
+    env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(json.dumps(obj).replace("</", "<\\/"))
     out.write_text(env.get_template(template).render(**context), encoding="utf-8")
     return out
