@@ -67,3 +67,19 @@ def test_gpt2_published_heads():
     assert top5 == {(5, 1), (5, 5), (6, 9), (7, 2), (7, 10)}  # Olsson et al.; the TransformerLens tutorials
     prev = r.scores["previous_token"].flatten()
     assert divmod(int(np.argmax(prev)), 12) == (4, 11)
+
+
+@pytest.mark.slow
+def test_smollm2_full_protocol_per_head_ablation():
+    """The default protocol with per-head ablations (about 2.5 minutes): the heads that score as
+    induction heads are the ones whose ablation costs the most."""
+    try:
+        smollm2_path()
+    except Exception as e:
+        pytest.skip(str(e))
+    model, _ = load_model("smollm2")
+    r = find_induction_heads(model, HeadProtocol())
+    inc = r.scores["ablation_loss_increase"]
+    induction = [(h["layer"], h["head"]) for h in r.to_dict()["induction_heads"]]
+    assert np.mean([inc[lh] for lh in induction]) > 5 * np.median(inc)
+    assert np.isfinite(r.scores["zero_ablation_loss_increase"]).all()

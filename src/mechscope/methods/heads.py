@@ -55,6 +55,9 @@ SCORES = (
 )
 
 
+FEED_RATIO = 1.5  # K-composition relative to the mean over earlier heads that counts as "feeds"
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """A head's label: the first rule it meets, in this order."""
@@ -297,6 +300,7 @@ class HeadsResult:
             "loss_second_half": self.loss_second_half,
             "top_k_ablation": self.top_k_ablation,
             "composition": self.composition,
+            "composition_feed_ratio": FEED_RATIO,
             "seconds": self.seconds,
         }
 
@@ -563,9 +567,9 @@ def find_induction_heads(
         ]
         rows.sort(key=lambda r: -r["k_composition"])
         mean, std = float(s.mean()), float(s.std())
-        # a previous-token head feeds this induction head when its K-composition is above the
-        # average over every earlier head (Elhage et al. compare against such a baseline)
-        feeders = [r for r in rows if r["label"] == "previous_token" and r["k_composition"] > mean]
+        # a previous-token head feeds this induction head when its K-composition is at least
+        # FEED_RATIO times the average over every earlier head (the baseline Elhage et al. compare to)
+        feeders = [r for r in rows if r["label"] == "previous_token" and r["k_composition"] >= FEED_RATIO * mean]
         composition.append(
             {
                 "induction_head": {"layer": lt, "head": ht, "induction_score": float(scores["induction"][lt, ht])},
