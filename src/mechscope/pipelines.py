@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from mechscope.config import TrainConfig
 from mechscope.data.mnist import load_mnist
 from mechscope.models.cnn import n_parameters
@@ -235,3 +237,135 @@ def induction_heads(
     token_text = {k: as_text(v["tokens"]) for k, v in result.examples.items() if k in ("repeated", "text")}
     write_report(data, result.examples, token_text, out / "report.html")
     return out, data
+
+
+def visualize_mnist(
+    run: str | Path,
+    out: str | Path | None = None,
+    layers: list[str] | None = None,
+    units: list[int] | None = None,
+    steps: int = 512,
+    param: str = "fourier",
+    seed: int = 0,
+    n_diverse: int = 3,
+    data_dir: str | Path | None = None,
+    force: bool = False,
+) -> tuple[Path, dict]:
+    """Feature visualisations for every unit of the CNN beside real test images; featvis.json."""
+    import torch
+
+    from mechscope.data.mnist import MNIST
+    from mechscope.errors import MechscopeError
+    from mechscope.hooks import describe_names, hook_points, run_with_cache
+    from mechscope.methods import featvis as FV
+    from mechscope.report import figures
+    from mechscope.runs import load_run, write_json
+
+    if steps < 1:
+        raise MechscopeError(f"--steps must be at least 1, got {steps}")
+    loaded = load_run(run)
+    model = loaded.model
+    names = [FV.LAYER_ALIASES.get(layer, layer) for layer in (layers or ["conv1", "conv2", "logits"])]
+    points = hook_points(model)
+    for name in names:
+        if name not in points or name in ("hook_input",):
+            raise MechscopeError(
+                f"unknown layer {name!r}; valid layers: conv1, conv2, logits, {describe_names(points)}"
+            )
+    x_test = None
+    size = {}
+    with torch.no_grad():
+        _, probe = run_with_cache(model, torch.zeros(1, *model.input_shape), names=names)
+    for name in names:
+        size[name] = probe[name].shape[1]
+        for u in units or []:
+            if not 0 <= u < size[name]:
+                raise MechscopeError(f"unit {u} out of range for {name}: valid units 0..{size[name] - 1}")
+    out = Path(out) if out is not None else Path(run) / "featvis"
+    check_out_dir(out, force=force)
+    data = load_mnist(data_dir)
+    x_test = MNIST.to_float(data.test_images)
+
+    assign = [(name, u) for name in names for u in (units if units is not None else range(size[name]))]
+    n = len(assign)
+    base = FV.units_objective(assign)
+    reg = FV.total_variation() * 1.0
+    log.info("optimising %d units x %d images for %d steps", n, 2 + n_diverse, steps)
+    positive = FV.render(model, base - reg, n, steps, param, seed=seed)
+    negative = FV.render(model, -base - reg, n, steps, param, seed=seed + 1)
+    diverse_assign = [a for a in assign for _ in range(n_diverse)]
+    diverse_obj = FV.units_objective(diverse_assign) - reg
+    if n_diverse > 1:
+        diverse_obj = diverse_obj + 2.0 * FV.diversity("conv1.hook_post", n_diverse)
+    diverse = FV.render(model, diverse_obj, n * n_diverse, steps, param, seed=seed + 2)
+
+    ex = FV.dataset_examples(model, x_test, names, k=8)
+    best = FV.dataset_means_max(model, x_test, names)
+    with torch.no_grad():
+        _, cache = run_with_cache(model, positive.images, names=names)
+        reached = base(cache)
+        probs = torch.softmax(model(positive.images), 1)
+    prepare_out_dir(out, force=force)
+    results = []
+    for i, (name, u) in enumerate(assign):
+        dmax = float(best[name][u])
+        ratio = float(reached[i]) / dmax if dmax > 0 else float("inf") if reached[i] > 0 else 0.0
+        row = {
+            "layer": name,
+            "unit": u,
+            "activation": float(reached[i]),
+            "dataset_max": dmax,
+            "ratio_to_dataset_max": ratio,
+            "exceeds_dataset_max": bool(reached[i] > dmax),
+            "objective_first": positive.history[0],
+            "top_test_images": ex[name].top[u].tolist(),
+            "bottom_test_images": ex[name].bottom[u].tolist(),
+        }
+        if name == "hook_logits":
+            row["assigned_class"] = int(probs[i].argmax())
+            row["assigned_probability"] = float(probs[i].max())
+        results.append(row)
+
+    for name in names:
+        idx = [i for i, (lay, _) in enumerate(assign) if lay == name]
+        us = [assign[i][1] for i in idx]
+        rows = [
+            {"label": f"{'digit' if name == 'hook_logits' else 'ch'} {u}\n×{results[i]['ratio_to_dataset_max']:.2f}"}
+            for i, u in zip(idx, us, strict=True)
+        ]
+        imgs = {
+            "positive": positive.images[idx, 0].numpy(),
+            "negative": negative.images[idx, 0].numpy(),
+            "diverse": diverse.images.view(n, n_diverse, *diverse.images.shape[1:])[idx, :, 0].numpy(),
+        }
+        top = ex[name].top[us]  # [units, k]
+        examples = x_test[top.flatten(), 0].view(*top.shape, *x_test.shape[2:]).numpy()
+        boxes = None
+        if ex[name].positions is not None:
+            pos = ex[name].positions[us]
+            boxes = [[FV.receptive_field(model, name, int(y), int(x)) for y, x in row] for row in pos]
+        fig = figures.featvis_grid(name, rows, imgs, examples, boxes)
+        figures.save(fig, out / f"{name.replace('.hook_post', '').replace('hook_', '')}.png")
+
+    exceed = sum(r["exceeds_dataset_max"] for r in results)
+    logits = [r for r in results if r["layer"] == "hook_logits"]
+    summary = {
+        "units": len(results),
+        "exceed_dataset_max": exceed,
+        "median_ratio_to_dataset_max": float(np.median([r["ratio_to_dataset_max"] for r in results])),
+        "logit_visualisations_classified_as_their_digit": sum(r["assigned_class"] == r["unit"] for r in logits),
+        "logit_visualisations": len(logits),
+    }
+    settings = {
+        "steps": steps,
+        "parameterisation": param,
+        "seed": seed,
+        "diverse_images": n_diverse,
+        "regulariser": "total variation, weight 1",
+        "diversity_weight": 2.0,
+        "transforms": "pad 2, jitter 2, scale 0.9-1.1, rotate ±10°, jitter 1, crop to 28x28",
+        "unit_value": "channel: mean over positions; logit: the logit",
+    }
+    result = {"settings": settings, "summary": summary, "units": results}
+    write_json(out / "featvis.json", result)
+    return out, result

@@ -116,3 +116,39 @@ def attribute(
         "first, then by insertion − deletion area"
     )
     typer.echo(f"grids and faithfulness.json written to {path}")
+
+
+@app.command()
+def visualize(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `mechscope mnist train`."),
+    layer: Optional[list[str]] = typer.Option(None, "--layer", help="conv1, conv2, logits or a hook name; repeat."),
+    units: Optional[str] = typer.Option(None, "--units", help="Unit indices, e.g. 0,3,7 (default: all)."),
+    steps: int = typer.Option(512, "--steps", help="Optimisation steps."),
+    param: str = typer.Option("fourier", "--param", help="Parameterisation: fourier or pixel."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/featvis)."),
+    data_dir: Optional[Path] = DataDir,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Feature visualisation of every unit beside its top test images; featvis.json with honesty figures."""
+    from mechscope.errors import MechscopeError
+    from mechscope.pipelines import visualize_mnist
+
+    try:
+        unit_list = [int(u) for u in units.replace(",", " ").split()] if units else None
+    except ValueError:
+        raise MechscopeError(f"--units expects integers separated by commas, got {units!r}") from None
+    path, result = visualize_mnist(
+        run, out, layers=layer, units=unit_list, steps=steps, param=param, seed=seed, data_dir=data_dir, force=force
+    )
+    s = result["summary"]
+    typer.echo(
+        f"{s['units']} units visualised; {s['exceed_dataset_max']} exceed their maximum over the 10,000 test "
+        f"images (median ratio {s['median_ratio_to_dataset_max']:.2f})"
+    )
+    if s["logit_visualisations"]:
+        typer.echo(
+            f"logit visualisations classified as their own digit: {s['logit_visualisations_classified_as_their_digit']}"
+            f"/{s['logit_visualisations']}"
+        )
+    typer.echo(f"grids and featvis.json written to {path}")

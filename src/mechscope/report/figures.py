@@ -79,3 +79,44 @@ def faithfulness_curves(
 def save(fig: Figure, path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def featvis_grid(
+    layer: str,
+    rows: list[dict],
+    images: dict[str, np.ndarray],
+    examples: np.ndarray,
+    boxes: list[list[tuple[int, int, int, int]]] | None,
+) -> Figure:
+    """One row per unit: positive, negative, the diverse set, then top dataset examples.
+
+    ``rows[i]`` has the unit's label text; ``images`` maps "positive" [N, H, W], "negative"
+    [N, H, W] and "diverse" [N, D, H, W]; ``examples`` is [N, K, H, W]; ``boxes`` the
+    receptive field (y0, y1, x0, x1) of each example's most active position.
+    """
+    from matplotlib.patches import Rectangle
+
+    n, d, k = len(rows), images["diverse"].shape[1], examples.shape[1]
+    cols = 2 + d + k
+    fig, axes = plt.subplots(n, cols, figsize=(0.9 * cols + 1.6, 0.95 * n + 0.8), squeeze=False)
+    titles = ["maximise", "minimise"] + ["diverse"] * d + ["top test images"] + [""] * (k - 1)
+    for i, row in enumerate(rows):
+        panels = [images["positive"][i], images["negative"][i], *images["diverse"][i], *examples[i]]
+        for j, img in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=7, loc="left")
+            if boxes is not None and j >= 2 + d:
+                y0, y1, x0, x1 = boxes[i][j - 2 - d]
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#ff7f0e", lw=1))
+        axes[i, 0].set_ylabel(row["label"], fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(
+        f"{layer}: feature visualisation beside the most activating test images "
+        "(orange: receptive field of the most active position)",
+        fontsize=9,
+    )
+    fig.subplots_adjust(left=0.14, right=0.99, top=1 - 0.45 / (0.95 * n + 0.8), bottom=0.01, wspace=0.05, hspace=0.15)
+    return fig
