@@ -292,7 +292,9 @@ def visualize_mnist(
     reg = FV.total_variation() * 1.0
     log.info("optimising %d units x %d images for %d steps", n, 2 + n_diverse, steps)
     positive = FV.render(model, base - reg, n, steps, param, seed=seed)
-    negative = FV.render(model, -base - reg, n, steps, param, seed=seed + 1)
+    # minimise before the ReLU: after it a channel bottoms out at 0 and any dark image "wins"
+    below = [(name.replace("hook_post", "hook_pre"), u) for name, u in assign]
+    negative = FV.render(model, -FV.units_objective(below) - reg, n, steps, param, seed=seed + 1)
     diverse_assign = [a for a in assign for _ in range(n_diverse)]
     diverse_obj = FV.units_objective(diverse_assign) - reg
     if n_diverse > 1:
@@ -309,7 +311,7 @@ def visualize_mnist(
     results = []
     for i, (name, u) in enumerate(assign):
         dmax = float(best[name][u])
-        ratio = float(reached[i]) / dmax if dmax > 0 else float("inf") if reached[i] > 0 else 0.0
+        ratio = float(reached[i]) / dmax if dmax > 0 else None  # a unit never active on the test set
         row = {
             "layer": name,
             "unit": u,
@@ -329,10 +331,11 @@ def visualize_mnist(
     for name in names:
         idx = [i for i, (lay, _) in enumerate(assign) if lay == name]
         us = [assign[i][1] for i in idx]
-        rows = [
-            {"label": f"{'digit' if name == 'hook_logits' else 'ch'} {u}\n×{results[i]['ratio_to_dataset_max']:.2f}"}
-            for i, u in zip(idx, us, strict=True)
-        ]
+        rows = []
+        for i, u in zip(idx, us, strict=True):
+            r = results[i]["ratio_to_dataset_max"]
+            ratio = "never active\non test set" if r is None else f"×{r:.2f} of test max"
+            rows.append({"label": f"{'digit' if name == 'hook_logits' else 'ch'} {u}\n{ratio}"})
         imgs = {
             "positive": positive.images[idx, 0].numpy(),
             "negative": negative.images[idx, 0].numpy(),
@@ -352,7 +355,10 @@ def visualize_mnist(
     summary = {
         "units": len(results),
         "exceed_dataset_max": exceed,
-        "median_ratio_to_dataset_max": float(np.median([r["ratio_to_dataset_max"] for r in results])),
+        "median_ratio_to_dataset_max": float(
+            np.median([r["ratio_to_dataset_max"] for r in results if r["ratio_to_dataset_max"] is not None] or [0.0])
+        ),
+        "units_never_active_on_test_set": sum(r["ratio_to_dataset_max"] is None for r in results),
         "logit_visualisations_classified_as_their_digit": sum(r["assigned_class"] == r["unit"] for r in logits),
         "logit_visualisations": len(logits),
     }

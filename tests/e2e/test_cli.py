@@ -255,3 +255,55 @@ def test_attribute_bad_input(capsys, quick_run, tmp_path, args, fragment):
 def test_attribute_missing_run(capsys, tmp_path):
     code, _, err = run_main(capsys, "mnist", "attribute", "--run", str(tmp_path / "none"))
     assert_one_line_error(code, err, "run directory not found")
+
+
+def test_visualize_writes_grids_and_honesty(capsys, quick_run, mnist_root, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "fv"
+    code, stdout, err = run_main(
+        capsys,
+        "mnist",
+        "visualize",
+        "--run",
+        str(quick_run),
+        "--layer",
+        "conv2",
+        "--layer",
+        "logits",
+        "--units",
+        "0,1",
+        "--steps",
+        "16",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(mnist_root),
+    )
+    assert code == 0, err
+    result = json.loads((out / "featvis.json").read_text())
+    assert len(result["units"]) == 4 and result["summary"]["units"] == 4
+    for u in result["units"]:
+        if u["dataset_max"] > 0:
+            assert u["ratio_to_dataset_max"] == pytest.approx(u["activation"] / u["dataset_max"])
+        else:
+            assert u["ratio_to_dataset_max"] is None
+        assert len(u["top_test_images"]) == 8
+    assert all("assigned_class" in u for u in result["units"] if u["layer"] == "hook_logits")
+    for name in ("conv2", "logits"):
+        with Image.open(out / f"{name}.png") as img:
+            img.load()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--layer", "conv5"], "unknown layer 'conv5'"),
+        (["--layer", "conv1", "--units", "16"], "unit 16 out of range for conv1.hook_post: valid units 0..15"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--units", "a,b"], "--units expects integers"),
+    ],
+)
+def test_visualize_bad_input(capsys, quick_run, tmp_path, args, fragment):
+    code, _, err = run_main(capsys, "mnist", "visualize", "--run", str(quick_run), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)

@@ -1,0 +1,56 @@
+"""Feature visualisation speed: every channel of both conv layers and all 10 logits, 512 steps.
+
+Target (issue 4): at most 60 s on a 2-core CPU, batched across units. Prints the seconds, the
+number of units, and how many visualisations exceed their unit's maximum over the test set.
+
+    python bench/featvis.py [--run DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from mechscope.config import TrainConfig
+from mechscope.data.mnist import MNIST, load_mnist
+from mechscope.hooks import run_with_cache
+from mechscope.methods import featvis as FV
+from mechscope.pipelines import train_mnist
+from mechscope.runs import load_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=None)
+    parser.add_argument("--steps", type=int, default=512)
+    args = parser.parse_args()
+    run = args.run
+    if run is None:
+        run = tempfile.mkdtemp() + "/run"
+        train_mnist(run, TrainConfig(epochs=1, train_limit=8192), progress=False)
+    model = load_run(run).model
+    layers = ["conv1.hook_post", "conv2.hook_post", "hook_logits"]
+    with torch.no_grad():
+        _, probe = run_with_cache(model, torch.zeros(1, 1, 28, 28), names=layers)
+    assign = [(layer, u) for layer in layers for u in range(probe[layer].shape[1])]
+    objective = FV.units_objective(assign) - FV.total_variation()
+    start = time.perf_counter()
+    result = FV.render(model, objective, len(assign), steps=args.steps, seed=0)
+    seconds = time.perf_counter() - start
+    best = FV.dataset_means_max(model, MNIST.to_float(load_mnist().test_images), layers)
+    maxima = torch.cat([best[layer] for layer in layers])
+    with torch.no_grad():
+        _, cache = run_with_cache(model, result.images, names=layers)
+    reached = FV.units_objective(assign)(cache)
+    exceed = int((reached > maxima).sum())
+    print(
+        f"{len(assign)} units x {args.steps} steps in one batch: {seconds:.1f} s (target <= 60 s); "
+        f"{exceed} of {len(assign)} visualisations exceed their unit's maximum over the 10,000 test images"
+    )
+
+
+if __name__ == "__main__":
+    main()
