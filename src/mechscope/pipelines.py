@@ -301,8 +301,8 @@ def visualize_mnist(
         diverse_obj = diverse_obj + 2.0 * FV.diversity("conv1.hook_post", n_diverse)
     diverse = FV.render(model, diverse_obj, n * n_diverse, steps, param, seed=seed + 2)
 
-    ex = FV.dataset_examples(model, x_test, names, k=8)
-    best = FV.dataset_means_max(model, x_test, names)
+    ex = FV.dataset_examples(model, x_test, names, k=8)  # one pass over the test set for every unit
+    best = {name: ex[name].value_max for name in names}
     with torch.no_grad():
         _, cache = run_with_cache(model, positive.images, names=names)
         reached = base(cache)
@@ -323,6 +323,10 @@ def visualize_mnist(
             "top_test_images": ex[name].top[u].tolist(),
             "bottom_test_images": ex[name].bottom[u].tolist(),
         }
+        if ex[name].positions is not None:
+            row["top_receptive_fields"] = [
+                list(FV.receptive_field(model, name, int(y), int(x))) for y, x in ex[name].positions[u]
+            ]  # (y0, y1, x0, x1) in the input around each top image's most active position
         if name == "hook_logits":
             row["assigned_class"] = int(probs[i].argmax())
             row["assigned_probability"] = float(probs[i].max())
@@ -347,8 +351,15 @@ def visualize_mnist(
         if ex[name].positions is not None:
             pos = ex[name].positions[us]
             boxes = [[FV.receptive_field(model, name, int(y), int(x)) for y, x in row] for row in pos]
-        fig = figures.featvis_grid(name, rows, imgs, examples, boxes)
-        figures.save(fig, out / f"{name.replace('.hook_post', '').replace('hook_', '')}.png")
+        short = name.replace(".hook_post", "").replace("hook_", "")
+        figures.save(figures.featvis_grid(name, rows, imgs, examples, boxes), out / f"{short}.png")
+        (out / "units").mkdir(exist_ok=True)
+        for j, u in enumerate(us):  # the same panel for each unit on its own
+            one = {k: v[j : j + 1] for k, v in imgs.items()}
+            fig = figures.featvis_grid(
+                name, rows[j : j + 1], one, examples[j : j + 1], boxes[j : j + 1] if boxes else None
+            )
+            figures.save(fig, out / "units" / f"{short}_{u}.png")
 
     exceed = sum(r["exceeds_dataset_max"] for r in results)
     logits = [r for r in results if r["layer"] == "hook_logits"]

@@ -290,9 +290,11 @@ def test_visualize_writes_grids_and_honesty(capsys, quick_run, mnist_root, tmp_p
             assert u["ratio_to_dataset_max"] is None
         assert len(u["top_test_images"]) == 8
     assert all("assigned_class" in u for u in result["units"] if u["layer"] == "hook_logits")
-    for name in ("conv2", "logits"):
+    for name in ("conv2", "logits", "units/conv2_1", "units/logits_0"):
         with Image.open(out / f"{name}.png") as img:
             img.load()
+    conv = [u for u in result["units"] if u["layer"] == "conv2.hook_post"]
+    assert all(len(u["top_receptive_fields"]) == 8 for u in conv)
 
 
 @pytest.mark.parametrize(

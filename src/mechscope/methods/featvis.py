@@ -319,6 +319,7 @@ class UnitExamples:
     top_values: torch.Tensor
     bottom: torch.Tensor  # [n_units, k] lowest first
     positions: torch.Tensor | None  # [n_units, k, 2] argmax (y, x) for the top images (conv layers)
+    value_max: torch.Tensor | None = None  # [n_units] max over images of unit_value (channel mean, logit)
 
     @property
     def max(self) -> torch.Tensor:
@@ -335,8 +336,11 @@ def dataset_examples(
     """
     per = {name: [] for name in layers}
     where = {name: [] for name in layers}
+    value_max: dict[str, torch.Tensor] = {}
 
     def summarise(x, hook):
+        v = (x.flatten(2).mean(2) if x.dim() == 4 else x).max(0).values  # unit_value, max over the batch
+        value_max[hook.name] = v if hook.name not in value_max else torch.maximum(value_max[hook.name], v)
         if x.dim() == 4:
             flat = x.flatten(2)  # [B, C, H*W]
             v, i = flat.max(2)
@@ -358,7 +362,7 @@ def dataset_examples(
         if where[name]:
             w = torch.cat(where[name]).transpose(0, 1)  # [units, N, 2]
             pos = w.gather(1, top_i[..., None].expand(-1, -1, 2))
-        out[name] = UnitExamples(name, values, top_i, top_v, bot_i, pos)
+        out[name] = UnitExamples(name, values, top_i, top_v, bot_i, pos, value_max[name])
     return out
 
 
@@ -406,15 +410,5 @@ def units_objective(assignment: list[tuple[str, int]]) -> Objective:
 
 def dataset_means_max(model: nn.Module, images: torch.Tensor, layers: list[str], batch_size: int = 1000) -> dict:
     """For every unit, the maximum over the images of :func:`unit_value` (for the honesty ratio)."""
-    best: dict[str, torch.Tensor] = {}
-
-    def grab(x, hook):
-        v = x.flatten(2).mean(2) if x.dim() == 4 else x
-        m = v.max(0).values
-        best[hook.name] = m if hook.name not in best else torch.maximum(best[hook.name], m)
-
-    model.eval()
-    with torch.no_grad(), hooks(model, fwd=[(n, grab) for n in layers]):
-        for s in range(0, len(images), batch_size):
-            model(images[s : s + batch_size])
-    return best
+    ex = dataset_examples(model, images, layers, k=1, batch_size=batch_size)
+    return {name: ex[name].value_max for name in layers}
