@@ -386,3 +386,40 @@ def visualize_mnist(
     result = {"settings": settings, "summary": summary, "units": results}
     write_json(out / "featvis.json", result)
     return out, result
+
+
+def train_toy_run(
+    config,
+    out: str | Path | None = None,
+    text_file: str | Path | None = None,
+    control: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Train a toy attention-only model (and its 1-layer control); write training.json and training.html."""
+    from dataclasses import replace
+
+    from mechscope.data.mnist import resolve_data_dir
+    from mechscope.errors import MechscopeError
+    from mechscope.report.toy import write_training_report
+    from mechscope.runs import write_json
+    from mechscope.toy import train_toy
+
+    config.validate()
+    text = None
+    if config.data == "text":
+        path = Path(text_file) if text_file else resolve_data_dir() / "tinyshakespeare" / "input.txt"
+        if not path.is_file():
+            raise MechscopeError(f"{path}: text file not found")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise MechscopeError(f"{path}: the text file is empty")
+    out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L"
+    check_out_dir(out, force=force)
+    prepare_out_dir(out, force=force)
+    result = train_toy(config, text, out, progress)
+    if control and config.layers == 2:
+        result["control"] = train_toy(replace(config, layers=1), text, out / "control", progress)
+    write_json(out / "training.json", result)
+    write_training_report(result, out / "training.html")
+    return out, result

@@ -139,3 +139,36 @@ def heads(
         f"± {k['random_heads_loss_increase_std']:.3f}"
     )
     typer.echo(f"heads.json and report.html written to {path} ({sum(data['seconds'].values()):.0f} s)")
+
+
+@app.command("train-toy")
+def train_toy_cmd(
+    layers: int = typer.Option(2, "--layers", help="Attention layers: 1 or 2."),
+    data: str = typer.Option("synthetic", "--data", help="synthetic (repeated spans) or text (characters)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text file for --data text (default: tinyshakespeare)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 2,500 synthetic, 8,000 text)."),
+    seed: int = typer.Option(0, "--seed"),
+    control: bool = typer.Option(True, "--control/--no-control", help="Also train the 1-layer control."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory (default: runs/toy-DATA-NL)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Train a small attention-only transformer and watch its induction heads form."""
+    from mechscope.pipelines import train_toy_run
+    from mechscope.toy import ToyConfig
+
+    path, r = train_toy_run(ToyConfig(layers=layers, data=data, steps=steps, seed=seed), out, text, control, force)
+    p, f = r["phase_change"], r["final"]
+    if p.get("detected"):
+        typer.echo(
+            f"phase change between steps {p['window'][0]} and {p['window'][1]}: induction +{p['induction_jump']:.2f}, "
+            f"in-context-learning score {p['icl_jump']:+.2f}"
+        )
+    else:
+        typer.echo("no phase change detected")
+    typer.echo(
+        f"final: best induction score {f['max_induction_last_layer']:.2f}, best previous-token score "
+        f"{f['max_previous_token_layer0']:.2f}, held-out loss {f['held_out_loss']:.3f}"
+    )
+    if "control" in r:
+        typer.echo(f"1-layer control: best induction score {r['control']['final']['max_induction_last_layer']:.2f}")
+    typer.echo(f"training.json, training.html and checkpoints written to {path}")
