@@ -182,3 +182,44 @@ def test_heads_unknown_model(capsys, tmp_path):
         capsys, "lm", "heads", "--model", str(tmp_path / "nope") + "/", "--out", str(tmp_path / "o")
     )
     assert_one_line_error(code, err, "no such model directory")
+
+
+def test_train_toy_cli(capsys, tmp_path, monkeypatch):
+    import mechscope.toy as toy
+
+    # the command's own defaults take minutes; a tiny model exercises the same path in seconds
+    original = toy.ToyConfig
+
+    def tiny(**kw):
+        return original(**{**dict(d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=5, min_span=4), **kw})
+
+    monkeypatch.setattr(toy, "ToyConfig", tiny)
+    out = tmp_path / "toy"
+    code, stdout, err = run_main(capsys, "lm", "train-toy", "--steps", "12", "--out", str(out))
+    assert code == 0, err
+    data = json.loads((out / "training.json").read_text())
+    assert data["config"]["layers"] == 2 and data["control"]["config"]["layers"] == 1
+    assert "phase_change" in data and "1-layer control" in stdout
+    assert check_report(out / "training.html") == 2
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--layers", "3"], "--layers must be 1 or 2, got 3"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--data", "text", "--text", "/no/such.txt"], "text file not found"),
+        (["--data", "images"], "--data must be synthetic or text"),
+    ],
+)
+def test_train_toy_bad_input(capsys, tmp_path, args, fragment):
+    code, _, err = run_main(capsys, "lm", "train-toy", "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_train_toy_empty_text(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    code, _, err = run_main(
+        capsys, "lm", "train-toy", "--data", "text", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")
+    )
+    assert_one_line_error(code, err, "the text file is empty")
