@@ -272,7 +272,6 @@ def visualize_mnist(
             raise MechscopeError(
                 f"unknown layer {name!r}; valid layers: conv1, conv2, logits, {describe_names(points)}"
             )
-    x_test = None
     size = {}
     with torch.no_grad():
         _, probe = run_with_cache(model, torch.zeros(1, *model.input_shape), names=names)
@@ -304,9 +303,9 @@ def visualize_mnist(
     ex = FV.dataset_examples(model, x_test, names, k=8)  # one pass over the test set for every unit
     best = {name: ex[name].value_max for name in names}
     with torch.no_grad():
-        _, cache = run_with_cache(model, positive.images, names=names)
+        logits, cache = run_with_cache(model, positive.images, names=names)
         reached = base(cache)
-        probs = torch.softmax(model(positive.images), 1)
+        probs = torch.softmax(logits, 1)
     prepare_out_dir(out, force=force)
     results = []
     for i, (name, u) in enumerate(assign):

@@ -393,9 +393,7 @@ def _second_half_loss(model, resid_final, tokens, n) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), tokens[:, n + 2 : 2 * n + 1], reduction="none").mean(1)
 
 
-def per_head_ablation(
-    model, tokens, n, z_mean, resid_pre, chunk: int = 6, progress=None
-) -> tuple[np.ndarray, np.ndarray]:
+def per_head_ablation(model, tokens, n, z_mean, resid_pre, chunk: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """Second-half loss increase when each head is mean-ablated and zero-ablated: two [L, H] arrays."""
     cfg = model.cfg
     h = cfg.n_heads
@@ -421,8 +419,6 @@ def per_head_ablation(
                 losses = _second_half_loss(model, final, tokens.repeat(len(vs), 1), n).view(len(vs), b).mean(1)
                 for (kind, head), loss in zip(vs, losses, strict=True):
                     (mean_inc if kind == "mean" else zero_inc)[layer, head] = (loss - base).item()
-            if progress:
-                progress(layer)
     return mean_inc, zero_inc
 
 
