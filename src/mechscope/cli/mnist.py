@@ -152,3 +152,52 @@ def visualize(
             f"/{s['logit_visualisations']}"
         )
     typer.echo(f"grids and featvis.json written to {path}")
+
+
+@app.command()
+def explain(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `mechscope mnist train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/explain)."),
+    digit: Optional[list[int]] = typer.Option(
+        None, "--digit", help="Digit to find a circuit for; repeat for several (default: all ten)."
+    ),
+    patch: str = typer.Option("8,3", "--patch", help="Activation patching pair CLEAN,CORRUPTED, e.g. 8,3."),
+    pairs: int = typer.Option(16, "--pairs", help="Image pairs averaged in activation patching."),
+    tolerance: float = typer.Option(
+        0.01, "--tolerance", help="A circuit keeps the digit's accuracy within this much of the full model's."
+    ),
+    data_dir: Optional[Path] = DataDir,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Ablations, weights, selectivity, patching and per-digit circuits: mechanisms.json and report.html."""
+    from mechscope.errors import MechscopeError
+    from mechscope.pipelines.explain import explain_mnist
+
+    try:
+        clean, corrupted = (int(v) for v in patch.replace(" ", "").split(","))
+    except ValueError:
+        raise MechscopeError(f"--patch expects two digits CLEAN,CORRUPTED such as 8,3, got {patch!r}") from None
+    path, result = explain_mnist(
+        run,
+        out,
+        digits=digit,
+        patch_classes=(clean, corrupted),
+        n_pairs=pairs,
+        tolerance=tolerance,
+        data_dir=data_dir,
+        force=force,
+    )
+    whole = result["ablation"]["whole_layer"]
+    typer.echo(
+        f"test accuracy {result['test_accuracy']:.4f}; mean-ablating all of conv1 leaves "
+        f"{whole['conv1']['mean']['test_accuracy']:.4f}, all of conv2 {whole['conv2']['mean']['test_accuracy']:.4f}"
+    )
+    for c in result["circuits"]:
+        flag = "" if c["meets_criterion"] else "  (criterion NOT met)"
+        typer.echo(
+            f"digit {c['digit']}: {c['size']:>2} conv2 channels {c['channels']}: alone {c['sufficiency']:.3f} "
+            f"(full {c['full_accuracy']:.3f}), ablated {c['necessity']:.3f}{flag}"
+        )
+    typer.echo(f"analysis took {sum(result['seconds'].values()):.0f} s")
+    typer.echo(f"report: {path / 'report.html'}")
+    typer.echo(f"mechanisms.json written to {path}")
