@@ -166,6 +166,9 @@ def explain(
     tolerance: float = typer.Option(
         0.01, "--tolerance", help="A circuit keeps the digit's accuracy within this much of the full model's."
     ),
+    test_limit: Optional[int] = typer.Option(
+        None, "--test-limit", help="Use only the first N test images (quick looks; default: all 10,000)."
+    ),
     data_dir: Optional[Path] = DataDir,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
 ) -> None:
@@ -186,6 +189,7 @@ def explain(
         tolerance=tolerance,
         data_dir=data_dir,
         force=force,
+        test_limit=test_limit,
     )
     whole = result["ablation"]["whole_layer"]
     typer.echo(

@@ -76,8 +76,13 @@ def explain_mnist(
     data_dir: str | Path | None = None,
     force: bool = False,
     batch_size: int = 2048,
+    test_limit: int | None = None,
 ) -> tuple[Path, dict]:
-    """Explain a trained MNIST CNN; write mechanisms.json and report.html to ``out``."""
+    """Explain a trained MNIST CNN; write mechanisms.json and report.html to ``out``.
+
+    ``test_limit`` uses only the first N test images (for quick looks and tests; the default,
+    all 10,000, is what the numbers in a report should rest on).
+    """
     from mechscope.methods import featvis as FV
     from mechscope.methods.layer_attribution import class_channel_to_channel
     from mechscope.report.microscope import write_report
@@ -97,13 +102,18 @@ def explain_mnist(
             raise MechscopeError(f"patching needs two different classes, got {clean_cls} and {corrupt_cls}")
         if n_pairs < 1:
             raise MechscopeError(f"--pairs must be at least 1, got {n_pairs}")
+        if test_limit is not None and test_limit < 100:
+            raise MechscopeError(f"--test-limit must be at least 100 images, got {test_limit}")
         if not 0 <= tolerance < 1:
             raise MechscopeError(f"--tolerance must be in [0, 1), got {tolerance}")
         out = Path(out) if out is not None else Path(run) / "explain"
         check_out_dir(out, force=force)
         data = load_mnist(data_dir)
-        x = MNIST.to_float(data.test_images)  # [N, 1, 28, 28]
-        y = data.test_labels
+        x = MNIST.to_float(data.test_images[:test_limit])  # [N, 1, 28, 28]
+        y = data.test_labels[:test_limit]
+        missing = sorted(set(range(k_cls)) - set(y.unique().tolist()))
+        if missing:
+            raise MechscopeError(f"the first {len(y)} test images hold no image of digit(s) {missing}; use more")
         x_ref = MNIST.to_float(data.train_images[:N_MEAN])
         x_held = MNIST.to_float(data.train_images[HELD_OUT[0] : HELD_OUT[1]])
         y_held = data.train_labels[HELD_OUT[0] : HELD_OUT[1]]
@@ -194,7 +204,7 @@ def explain_mnist(
                 )
             else:
                 entry["units"] = list(range(c1_shape[0]))
-                entry["method"] = "hooked forward passes on the 10,000 test images"
+                entry["method"] = f"hooked forward passes on the {len(y):,} test images"
             ablation["layers"][key] = entry
         whole = {}
         for key, shape in (("conv1", c1_shape), ("conv2", c2_shape)):
@@ -377,6 +387,7 @@ def explain_mnist(
 
     mechanisms = {
         "run": str(Path(run)),
+        "test_images": len(y),
         "architecture": _architecture(model),
         "test_accuracy": test_acc,
         "per_class_accuracy": base_per_class.tolist(),

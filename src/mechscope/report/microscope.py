@@ -43,9 +43,8 @@ def _clean(ax) -> None:
 
 
 def _cmap(name: str):
-    cm = plt.get_cmap(name).copy()
-    cm.set_bad("#f4f4f4")
-    return cm
+    """The named colour map with NaN (the gaps between tiles) drawn light grey."""
+    return plt.get_cmap(name).with_extremes(bad="#f4f4f4")
 
 
 def uri_of_file(path: Path) -> str:
@@ -192,8 +191,8 @@ def selectivity_fig(sel: dict, name: str) -> str:
 def patching_fig(pt: dict, clean_img: np.ndarray, corrupt_img: np.ndarray) -> str:
     c1 = np.array(pt["conv1"]["position_mean"]) * 100
     c2 = np.array(pt["conv2"]["position_mean"]) * 100
-    fig = plt.figure(figsize=(11, 4.8), layout="constrained")
-    gs = fig.add_gridspec(2, 4, width_ratios=[0.6, 1.4, 1.4, 1.6])
+    fig = plt.figure(figsize=(11, 5.4), layout="constrained")
+    gs = fig.add_gridspec(2, 4, width_ratios=[0.5, 1.5, 0.8, 1.4])
     for r, (img, title) in enumerate(
         ((clean_img, f"a {pt['clean_class']} (clean)"), (corrupt_img, f"a {pt['corrupted_class']} (corrupted)"))
     ):
@@ -204,14 +203,14 @@ def patching_fig(pt: dict, clean_img: np.ndarray, corrupt_img: np.ndarray) -> st
     v1, v2 = _sym(c1), _sym(c2)
     ax = fig.add_subplot(gs[:, 1])
     im = ax.imshow(tile(c1, 4), cmap=_cmap("RdBu_r"), vmin=-v1, vmax=v1)
-    ax.set_title("conv1 (16 channels × 12×12 positions, 4 per row)", fontsize=8)
+    ax.set_title("one conv1 unit patched\n(16 channels × 12×12, 4 per row)", fontsize=8)
     _clean(ax)
-    fig.colorbar(im, ax=ax, shrink=0.7, label="% of the logit-difference gap")
+    fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
     ax = fig.add_subplot(gs[:, 2])
-    im = ax.imshow(tile(c2, 8), cmap=_cmap("RdBu_r"), vmin=-v2, vmax=v2)
-    ax.set_title("conv2 (32 channels × 4×4 positions, 8 per row)", fontsize=8)
+    im = ax.imshow(tile(c2, 4), cmap=_cmap("RdBu_r"), vmin=-v2, vmax=v2)
+    ax.set_title("one conv2 unit patched\n(32 channels × 4×4, 4 per row)", fontsize=8)
     _clean(ax)
-    fig.colorbar(im, ax=ax, shrink=0.7, label="%")
+    fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
     ax = fig.add_subplot(gs[:, 3])
     ch = np.array(pt["conv2"]["channel_mean"]) * 100
     sd = np.array(pt["conv2"]["channel_std"]) * 100

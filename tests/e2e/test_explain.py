@@ -1,0 +1,206 @@
+"""`mechscope mnist explain` end to end on a short run: JSON, report, independent re-checks, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import markupsafe
+import pytest
+import torch
+
+from mechscope.data.mnist import MNIST
+from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.e2e.test_lm_cli import check_report
+
+LIMIT = 2000  # test images: enough for every digit, fast enough for `make test`
+
+
+def _fake_linked_outputs(run):
+    """featvis/ and attribution/ as `mnist visualize` and `mnist attribute` leave them (one unit each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(path):
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.imshow([[0, 1], [1, 0]])
+        fig.savefig(path)
+        plt.close(fig)
+
+    (run / "featvis" / "units").mkdir(parents=True)
+    png(run / "featvis" / "units" / "conv2_5.png")
+    (run / "featvis" / "featvis.json").write_text(
+        json.dumps(
+            {
+                "summary": {"units": 1, "exceed_dataset_max": 1, "median_ratio_to_dataset_max": 1.3},
+                "units": [{"layer": "conv2.hook_post", "unit": 5, "ratio_to_dataset_max": 1.3}],
+            }
+        )
+    )
+    (run / "attribution").mkdir()
+    png(run / "attribution" / "saliency.png")
+    (run / "attribution" / "faithfulness.json").write_text(json.dumps({"ranking": ["saliency"]}))
+
+
+@pytest.fixture(scope="module")
+def explained(quick_run, mnist_root, tmp_path_factory):
+    """Explain a copy of the quick run (with linked outputs), via the CLI; record the model it used."""
+    import mechscope.pipelines.explain as E
+    from mechscope.cli import main
+
+    run = tmp_path_factory.mktemp("explain") / "run"
+    shutil.copytree(quick_run, run)
+    _fake_linked_outputs(run)
+    used = []
+    original = E.load_run
+
+    def recording(path):
+        loaded = original(path)
+        used.append(loaded.model)
+        return loaded
+
+    E.load_run = recording
+    try:
+        try:
+            main(["mnist", "explain", "--run", str(run), "--test-limit", str(LIMIT), "--data-dir", str(mnist_root)])
+        except SystemExit as e:
+            assert e.code in (0, None)
+    finally:
+        E.load_run = original
+    out = run / "explain"
+    return run, out, json.loads((out / "mechanisms.json").read_text()), used[0]
+
+
+def test_writes_report_and_mechanisms(explained):
+    run, out, m, model = explained
+    assert m["test_images"] == LIMIT
+    assert len(m["circuits"]) == 10
+    assert [c["digit"] for c in m["circuits"]] == list(range(10))
+    ab = m["ablation"]["layers"]
+    assert len(ab["conv1"]["mean"]) == 16 and len(ab["conv1"]["mean"][0]) == 10
+    assert len(ab["conv2"]["zero"]) == 32 and len(ab["readout"]["mean"]) == 512
+    for layer in ("conv1", "conv2"):
+        assert m["ablation"]["whole_layer"][layer]["mean"]["test_accuracy"] < 0.2  # towards chance
+    assert len(m["selectivity"]["conv2"]["index"]) == 32
+    assert sorted(m["selectivity"]["conv2"]["order"]) == list(range(32))
+    assert len(m["patching"]["conv1"]["position_mean"]) == 16
+    assert m["summary"] and all(isinstance(s, str) for s in m["summary"])
+    assert set(m["seconds"]) >= {"ablation", "patching", "circuits", "report"}
+    n_images = check_report(out / "report.html")
+    assert n_images >= 11 + 48 + 2  # overview figures, one per channel, linked featvis and attribution
+    html = (out / "report.html").read_text()
+    assert 'alt="feature visualisation of conv2 channel 5"' in html
+    assert 'alt="saliency"' in html
+    for line in m["summary"]:  # the summary in the page is the JSON's, word for word
+        assert str(markupsafe.escape(line)) in html
+
+
+def test_no_hook_remains(explained):
+    from mechscope.hooks import attached_hooks
+
+    assert attached_hooks(explained[3]) == []
+
+
+def test_every_circuit_meets_its_criterion_checked_independently(explained, mnist):
+    """Recompute each circuit's accuracy with a hand-written forward: no mechscope hooks or ablation code."""
+    _, _, m, model = explained
+    tol = m["settings"]["tolerance"]
+    x, y = MNIST.to_float(mnist.test_images[:LIMIT]), mnist.test_labels[:LIMIT]
+
+    def conv2_out(images):
+        with torch.no_grad():
+            return torch.cat(
+                [model.conv2(model.conv1(model.normalize(images[s : s + 1000]))) for s in range(0, len(images), 1000)]
+            )
+
+    mean = conv2_out(MNIST.to_float(mnist.train_images[:10_000])).double().mean(0).float()  # [32, 4, 4]
+    a = conv2_out(x)
+    with torch.no_grad():
+        full = model.fc(a.flatten(1)).argmax(1)
+    for c in m["circuits"]:
+        d = c["digit"]
+        kept = mean.expand_as(a).clone()
+        kept[:, c["channels"]] = a[:, c["channels"]]
+        with torch.no_grad():
+            pred = model.fc(kept.flatten(1)).argmax(1)
+        acc, full_acc = (pred[y == d] == d).double().mean(), (full[y == d] == d).double().mean()
+        fp, full_fp = (pred[y != d] == d).double().mean(), (full[y != d] == d).double().mean()
+        assert c["meets_criterion"], c
+        assert acc >= full_acc - tol - 1e-9, (d, float(acc), float(full_acc))
+        assert fp <= full_fp + tol + 1e-9, (d, float(fp), float(full_fp))
+        assert abs(float(acc) - c["sufficiency"]) < 1e-9
+        assert 0 < c["size"] == len(c["channels"]) <= 32
+        ablated = a.clone()
+        ablated[:, c["channels"]] = mean[c["channels"]]
+        with torch.no_grad():
+            nec = (model.fc(ablated.flatten(1)).argmax(1)[y == d] == d).double().mean()
+        assert abs(float(nec) - c["necessity"]) < 1e-9
+
+
+def test_ablation_matrix_matches_a_hand_computation(explained, mnist):
+    """Spot-check one conv1 channel's mean-ablation row against a forward written out by hand."""
+    _, _, m, model = explained
+    x, y = MNIST.to_float(mnist.test_images[:LIMIT]), mnist.test_labels[:LIMIT]
+    with torch.no_grad():
+        ref = (
+            torch.cat(
+                [
+                    model.conv1(model.normalize(MNIST.to_float(mnist.train_images[s : s + 2000])))
+                    for s in range(0, 10_000, 2000)
+                ]
+            )
+            .double()
+            .mean(0)
+            .float()
+        )
+        a1 = model.conv1(model.normalize(x))
+        base = model.fc(model.conv2(a1).flatten(1)).argmax(1)
+        a1[:, 4] = ref[4]
+        pred = model.fc(model.conv2(a1).flatten(1)).argmax(1)
+    for d in range(10):
+        change = float((pred[y == d] == d).double().mean() - (base[y == d] == d).double().mean())
+        assert abs(change - m["ablation"]["layers"]["conv1"]["mean"][4][d]) < 1e-9
+
+
+def test_refuses_to_overwrite_without_force(capsys, explained, mnist_root):
+    run, out, _, _ = explained
+    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(run), "--data-dir", str(mnist_root))
+    assert_one_line_error(code, err, "already exists", "--force")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--digit", "10"], "digit 10 out of range: expected 0..9"),
+        (["--digit", "-1"], "digit -1 out of range"),
+        (["--patch", "3,3"], "two different classes"),
+        (["--patch", "3"], "--patch expects two digits"),
+        (["--patch", "3,12"], "patching class 12 out of range"),
+        (["--test-limit", "5"], "--test-limit must be at least 100"),
+        (["--pairs", "0"], "--pairs must be at least 1"),
+        (["--tolerance", "1.5"], "--tolerance must be in [0, 1)"),
+    ],
+)
+def test_bad_options_are_one_line(capsys, quick_run, tmp_path, args, fragment):
+    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(quick_run), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_runs_are_one_line(capsys, quick_run, tmp_path):
+    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(tmp_path / "absent"))
+    assert_one_line_error(code, err, "run directory not found")
+    other = tmp_path / "toy"  # a directory another command wrote
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"kind": "toy-transformer"}))
+    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(other))
+    assert_one_line_error(code, err, "kind 'toy-transformer'", "expected 'mnist-cnn'")
+    wide = tmp_path / "wide"  # a CNN of another shape
+    shutil.copytree(quick_run, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["model"]["conv2_channels"] = 8
+    (wide / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(wide))
+    assert_one_line_error(code, err, "weights of another architecture")

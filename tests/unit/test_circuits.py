@@ -1,0 +1,66 @@
+"""Circuit search and selectivity on constructed problems with known answers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.methods.circuits import class_means, find_circuit, order_by_profile, selectivity_index
+
+
+def test_finds_the_needed_pair_and_nothing_else():
+    needed = {2, 5}
+
+    def margin(keep):
+        return 0.0 if needed <= set(keep) else -1.0 + 0.1 * len(needed & set(keep))
+
+    c = find_circuit(margin, 8, ranking=[0, 1, 2, 3, 4, 5, 6, 7], target=3)
+    assert sorted(c.channels) == [2, 5]
+    assert c.meets_criterion and c.margin == 0.0
+    assert c.prefix_size == 6  # the attribution prefix needed channels 0..5, pruning removed four
+    assert c.greedy_size == 2
+
+
+def test_result_is_one_minimal_on_a_random_additive_problem():
+    # accuracy-like score: each channel adds a weight; criterion: total >= 0.8 of all positive weight
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(12, generator=g) - 0.2
+    target = 0.8 * float(w.clamp(min=0).sum())
+
+    def margin(keep):
+        return float(w[keep].sum()) - target if keep else -target
+
+    c = find_circuit(margin, 12, ranking=w.argsort(descending=True).tolist(), target=0)
+    assert c.meets_criterion
+    for ch in c.channels:  # no single channel can go
+        assert margin([x for x in c.channels if x != ch]) < 0
+    smallest = next(k for k in range(1, 13) if any(margin(list(s)) >= 0 for s in itertools.combinations(range(12), k)))
+    assert len(c.channels) == smallest  # additive problems: greedy is exact
+
+
+def test_unreachable_criterion_is_reported_not_hidden():
+    c = find_circuit(lambda keep: -1.0, 4, ranking=[3, 2, 1, 0], target=1, max_size=2)
+    assert not c.meets_criterion
+    assert c.prefix_size is None and c.greedy_size is None
+    with pytest.raises(MechscopeError, match="ranking must order all 4 channels"):
+        find_circuit(lambda keep: 0.0, 4, ranking=[0, 1, 2], target=0)
+
+
+def test_selectivity_index_known_values():
+    means = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [3.0, 1.0, 1.0]])
+    sel = selectivity_index(means)
+    torch.testing.assert_close(sel, torch.tensor([1.0, 0.0, 0.0, 0.5]))
+    assert order_by_profile(means) == [3, 1, 2, 0]  # preferred class 0 first (most selective first), then class 1
+
+
+def test_class_means_and_grouping():
+    values = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 4.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    means = class_means(values, labels, 2)
+    torch.testing.assert_close(means, torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    assert order_by_profile(means) == [0, 1]  # unit 0 prefers class 0, unit 1 class 1
+    with pytest.raises(MechscopeError, match="3 activations for 4 labels"):
+        class_means(values[:3], labels, 2)
