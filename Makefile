@@ -36,16 +36,22 @@ $(DEMO_DIR)/mnist/attribution/faithfulness.json: $(DEMO_DIR)/mnist/model.safeten
 $(DEMO_DIR)/mnist/featvis/featvis.json: $(DEMO_DIR)/mnist/model.safetensors
 	$(BIN)/mechscope mnist visualize --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/featvis --force
 
+# explain links the attribution grids and feature visualisations when they are there
+$(DEMO_DIR)/mnist/explain/report.html: $(DEMO_DIR)/mnist/model.safetensors $(DEMO_DIR)/mnist/attribution/faithfulness.json \
+                                       $(DEMO_DIR)/mnist/featvis/featvis.json
+	$(BIN)/mechscope mnist explain --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/explain --force
+
 $(DEMO_DIR)/heads/report.html: | $(STAMP)
 	$(BIN)/mechscope lm heads --model smollm2 --out $(DEMO_DIR)/heads --force
 
 demo: $(STAMP) $(DEMO_DIR)/mnist/model.safetensors $(DEMO_DIR)/mnist/attribution/faithfulness.json \
-      $(DEMO_DIR)/mnist/featvis/featvis.json $(DEMO_DIR)/heads/report.html
+      $(DEMO_DIR)/mnist/featvis/featvis.json $(DEMO_DIR)/mnist/explain/report.html $(DEMO_DIR)/heads/report.html
 	@echo ""
 	@echo "demo outputs:"
 	@$(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/mnist/metrics.json')); print(f\"  MNIST CNN: $(abspath $(DEMO_DIR)/mnist) (test accuracy {m['test_accuracy']:.4f}, trained in {m['train_seconds']:.1f} s)\")"
 	@echo "  attribution grids and faithfulness.json: $(abspath $(DEMO_DIR)/mnist/attribution)"
 	@echo "  feature visualisation grids and featvis.json: $(abspath $(DEMO_DIR)/mnist/featvis)"
+	@echo "  how the CNN classifies digits (microscope report): $(abspath $(DEMO_DIR)/mnist/explain/report.html)"
 	@echo "  induction heads in SmolLM2: $(abspath $(DEMO_DIR)/heads/report.html)"
 
 test: $(STAMP)
@@ -62,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_mnist.py
 	$(BIN)/python bench/attribution.py
 	$(BIN)/python bench/featvis.py
+	$(BIN)/python bench/explain.py
 	$(BIN)/python bench/lm.py
 	$(BIN)/python bench/heads.py
 

@@ -103,11 +103,10 @@ def test_no_hook_remains(explained):
     assert attached_hooks(explained[3]) == []
 
 
-def test_every_circuit_meets_its_criterion_checked_independently(explained, mnist):
-    """Recompute each circuit's accuracy with a hand-written forward: no mechscope hooks or ablation code."""
-    _, _, m, model = explained
+def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
+    """Recompute each circuit's numbers with a hand-written forward: no mechscope hooks or ablation code."""
     tol = m["settings"]["tolerance"]
-    x, y = MNIST.to_float(mnist.test_images[:LIMIT]), mnist.test_labels[:LIMIT]
+    x, y = MNIST.to_float(mnist.test_images[:limit]), mnist.test_labels[:limit]
 
     def conv2_out(images):
         with torch.no_grad():
@@ -119,6 +118,7 @@ def test_every_circuit_meets_its_criterion_checked_independently(explained, mnis
     a = conv2_out(x)
     with torch.no_grad():
         full = model.fc(a.flatten(1)).argmax(1)
+    assert len(m["circuits"]) == 10
     for c in m["circuits"]:
         d = c["digit"]
         kept = mean.expand_as(a).clone()
@@ -137,6 +137,11 @@ def test_every_circuit_meets_its_criterion_checked_independently(explained, mnis
         with torch.no_grad():
             nec = (model.fc(ablated.flatten(1)).argmax(1)[y == d] == d).double().mean()
         assert abs(float(nec) - c["necessity"]) < 1e-9
+
+
+def test_every_circuit_meets_its_criterion_checked_independently(explained, mnist):
+    _, _, m, model = explained
+    verify_circuits(m, model, mnist, LIMIT)
 
 
 def test_ablation_matrix_matches_a_hand_computation(explained, mnist):

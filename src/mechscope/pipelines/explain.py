@@ -497,9 +497,14 @@ def _pts(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
+def _a(digit) -> str:
+    return f"{'an' if int(digit) == 8 else 'a'} {digit}"
+
+
 def summarise(m: dict, linked: dict) -> list[str]:
     """Sentences written from the numbers in ``m`` (each one is shown in a table of the report)."""
     lines = []
+    n_c2 = len(m["selectivity"]["conv2"]["index"])
     conf = np.array(m["confusion_matrix"])
     errors = int(conf.sum() - np.trace(conf))
     off = conf.copy()
@@ -507,7 +512,7 @@ def summarise(m: dict, linked: dict) -> list[str]:
     t, p = np.unravel_index(off.argmax(), off.shape)
     lines.append(
         f"Test accuracy {_pts(m['test_accuracy'])}% ({errors} errors in {int(conf.sum()):,}); the most common "
-        f"confusion is a {t} read as a {p} ({int(off[t, p])} images)."
+        f"confusion is {_a(t)} read as {_a(p)} ({int(off[t, p])} images)."
     )
     whole = m["ablation"]["whole_layer"]
     lines.append(
@@ -555,7 +560,7 @@ def summarise(m: dict, linked: dict) -> list[str]:
             "and other digits not called that digit more often than by the full model, within the same margin). "
             "Sizes run from "
             f"{small['size']} channels (digit {small['digit']}) to {large['size']} (digit {large['digit']}), "
-            f"mean {np.mean(sizes):.1f} of 32."
+            f"mean {np.mean(sizes):.1f} of {n_c2}."
         )
         for c in circ:
             f0 = c["feeders"][0] if c["feeders"] else None
@@ -578,14 +583,14 @@ def summarise(m: dict, linked: dict) -> list[str]:
         ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
         lines.append(
             f"conv2 channel {ch} is in the most circuits ({len(ds)}: digits {', '.join(map(str, ds))}); "
-            f"{32 - len(shared)} of 32 channels are in none."
+            f"{n_c2 - len(shared)} of {n_c2} channels are in none."
         )
     pt = m["patching"]
     c2 = np.array(pt["conv2"]["position_mean"])
     ci = np.unravel_index(np.abs(c2).argmax(), c2.shape)
     ch2 = np.array(pt["conv2"]["channel_mean"])
     lines.append(
-        f"Patching from a {pt['clean_class']} into a {pt['corrupted_class']} ({pt['pairs']} pairs): the single "
+        f"Patching from {_a(pt['clean_class'])} into {_a(pt['corrupted_class'])} ({pt['pairs']} pairs): the single "
         f"conv2 unit that moves the logit difference most is channel {ci[0]} at ({ci[1]}, {ci[2]}) "
         f"({100 * c2[ci]:.0f}% of the gap on average); the strongest whole channel is {int(np.abs(ch2).argmax())} "
         f"({100 * ch2[np.abs(ch2).argmax()]:.0f}%)."

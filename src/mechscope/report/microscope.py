@@ -221,7 +221,7 @@ def patching_fig(pt: dict, clean_img: np.ndarray, corrupt_img: np.ndarray) -> st
     ax.set_xlabel("% of the gap (mean ± sd over pairs)")
     ax.set_title("patching a whole conv2 channel", fontsize=8)
     fig.suptitle(
-        f"Activation patching: run a {pt['corrupted_class']}, take one unit's value from a {pt['clean_class']}; "
+        f"Activation patching: run a {pt['corrupted_class']}, take one unit from the paired {pt['clean_class']}; "
         f"how much of the logit({pt['clean_class']}) − logit({pt['corrupted_class']}) gap comes back "
         f"(mean over {pt['pairs']} pairs)",
         fontsize=9,

@@ -1,0 +1,25 @@
+"""The default run explained in full (slow: trains the default CNN, then explains all 10,000 test images)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.test_explain import verify_circuits
+from tests.e2e.test_lm_cli import check_report
+
+
+@pytest.mark.slow
+def test_default_run_explained(mnist_root, mnist, tmp_path):
+    from mechscope.hooks import attached_hooks
+    from mechscope.pipelines import train_mnist
+    from mechscope.pipelines.explain import explain_mnist
+    from mechscope.runs import load_run
+
+    run = tmp_path / "run"
+    train_mnist(run, data_dir=mnist_root, progress=False)
+    out, m = explain_mnist(run, data_dir=mnist_root)
+    assert m["test_images"] == 10_000 and m["test_accuracy"] > 0.99
+    check_report(out / "report.html")
+    model = load_run(run).model
+    verify_circuits(m, model, mnist, None)
+    assert attached_hooks(model) == []
