@@ -109,10 +109,10 @@ def connections_fig(norm: np.ndarray, ssum: np.ndarray) -> str:
 
 def templates_fig(templates: np.ndarray, class_channel: np.ndarray) -> str:
     """templates [K, C, H, W]: each class's read-out weights, channels tiled 8 per row."""
-    k, c = templates.shape[:2]
+    k, c, h, w = templates.shape
     vmax = _sym(templates)
-    fig = plt.figure(figsize=(11, 6.4), layout="constrained")
-    gs = fig.add_gridspec(3, 5, height_ratios=[1, 1, 0.9])
+    fig = plt.figure(figsize=(11, 5.0), layout="constrained")
+    gs = fig.add_gridspec(3, 5, height_ratios=[0.8, 0.8, 1.3])
     for d in range(k):
         ax = fig.add_subplot(gs[d // 5, d % 5])
         ax.imshow(tile(templates[d], 8), cmap=_cmap("RdBu_r"), vmin=-vmax, vmax=vmax)
@@ -126,10 +126,10 @@ def templates_fig(templates: np.ndarray, class_channel: np.ndarray) -> str:
     ax.set_xticks(range(c))
     ax.set_yticks(range(k))
     ax.tick_params(labelsize=6)
-    ax.set_title("read-out weights summed over each channel's 4×4 positions", fontsize=8)
+    ax.set_title(f"read-out weights summed over each channel's {h}×{w} positions", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.9)
     fig.suptitle(
-        "read-out templates: per digit, the weight on each conv2 channel's 4×4 map (channels 0-31, 8 per row)",
+        f"read-out templates: per digit, the weight on each conv2 channel's {h}×{w} map (0-{c - 1}, 8 per row)",
         fontsize=9,
     )
     return figure_data_uri(fig, DPI)
@@ -168,7 +168,9 @@ def readout_ablation_fig(per_unit: np.ndarray, shape: tuple[int, int, int], kind
         _clean(ax)
     fig.colorbar(im, ax=axes, shrink=0.8, label="points")
     fig.suptitle(
-        f"{kind}-ablating one read-out input (conv2 channel × 4×4 position), tiled as in the templates", fontsize=9
+        f"{kind}-ablating one read-out input (conv2 channel × {shape[1]}×{shape[2]} position), tiled as in the "
+        "templates",
+        fontsize=9,
     )
     return figure_data_uri(fig, DPI)
 
@@ -203,12 +205,16 @@ def patching_fig(pt: dict, clean_img: np.ndarray, corrupt_img: np.ndarray) -> st
     v1, v2 = _sym(c1), _sym(c2)
     ax = fig.add_subplot(gs[:, 1])
     im = ax.imshow(tile(c1, 4), cmap=_cmap("RdBu_r"), vmin=-v1, vmax=v1)
-    ax.set_title("one conv1 unit patched\n(16 channels × 12×12, 4 per row)", fontsize=8)
+    ax.set_title(
+        f"one conv1 unit patched\n({c1.shape[0]} channels × {c1.shape[1]}×{c1.shape[2]}, 4 per row)", fontsize=8
+    )
     _clean(ax)
     fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
     ax = fig.add_subplot(gs[:, 2])
     im = ax.imshow(tile(c2, 4), cmap=_cmap("RdBu_r"), vmin=-v2, vmax=v2)
-    ax.set_title("one conv2 unit patched\n(32 channels × 4×4, 4 per row)", fontsize=8)
+    ax.set_title(
+        f"one conv2 unit patched\n({c2.shape[0]} channels × {c2.shape[1]}×{c2.shape[2]}, 4 per row)", fontsize=8
+    )
     _clean(ax)
     fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
     ax = fig.add_subplot(gs[:, 3])
