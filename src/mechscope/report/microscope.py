@@ -280,6 +280,50 @@ def circuits_fig(circuits: list[dict], n_channels: int) -> str:
     return figure_data_uri(fig, DPI)
 
 
+def digit_circuit_fig(ci: dict, maps_d: np.ndarray, templates_d: np.ndarray) -> str:
+    """One digit's circuit: each channel's mean map on the digit and read-out weights to it; per-digit accuracy."""
+    chans = ci["channels"]
+    n = len(chans)
+    fig = plt.figure(figsize=(11, 3.3))
+    gs = fig.add_gridspec(2, n + 4, left=0.03, right=0.99, top=0.82, bottom=0.12, wspace=0.25, hspace=0.35)
+    vmap = max(float(maps_d[chans].max()), 1e-12)
+    vt = _sym(templates_d[chans])
+    for j, c in enumerate(chans):
+        ax = fig.add_subplot(gs[0, j])
+        ax.imshow(maps_d[c], cmap="magma", vmin=0, vmax=vmap)
+        ax.set_title(f"ch {c}", fontsize=7)
+        _clean(ax)
+        ax = fig.add_subplot(gs[1, j])
+        ax.imshow(templates_d[c], cmap="RdBu_r", vmin=-vt, vmax=vt)
+        _clean(ax)
+    fig.text(
+        0.03,
+        0.86,
+        f"mean activation on the {ci['digit']}s (top) and read-out weights to {ci['digit']} (bottom)",
+        fontsize=7,
+    )
+    ax = fig.add_subplot(gs[:, n + 1 :])
+    xs = np.arange(len(ci["per_class_accuracy_circuit_only"]))
+    ax.bar(
+        xs - 0.2, np.array(ci["per_class_accuracy_circuit_only"]) * 100, 0.4, label="only the circuit", color="#1b9e77"
+    )
+    ax.bar(
+        xs + 0.2,
+        np.array(ci["per_class_accuracy_circuit_ablated"]) * 100,
+        0.4,
+        label="circuit ablated",
+        color="#d95f02",
+    )
+    ax.set_xticks(xs)
+    ax.set_ylim(0, 105)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("digit", fontsize=7)
+    ax.set_title("test accuracy per digit (%)", fontsize=8)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"digit {ci['digit']}: {n} conv2 channels", fontsize=9, x=0.03, ha="left")
+    return figure_data_uri(fig, DPI)
+
+
 # ---- one figure per channel ----------------------------------------------------------------
 
 
@@ -385,6 +429,10 @@ def write_report(m: dict, arrays: dict, linked: dict, out: Path) -> Path:
     figs["patching"] = patching_fig(pt, arrays["clean_image"], arrays["corrupted_image"])
     if m["circuits"]:
         figs["circuits"] = circuits_fig(m["circuits"], norm.shape[0])
+    digit_figs = {
+        ci["digit"]: digit_circuit_fig(ci, maps["conv2"][ci["digit"]].numpy(), templates[ci["digit"]])
+        for ci in m["circuits"]
+    }
 
     circuits_of: dict[int, list[int]] = {}
     for ci in m["circuits"]:
@@ -467,6 +515,7 @@ def write_report(m: dict, arrays: dict, linked: dict, out: Path) -> Path:
         m=m,
         figs=figs,
         sections=sections,
+        digit_figs=digit_figs,
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),
         seconds=m.get("seconds", {}),
