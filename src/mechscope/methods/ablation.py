@@ -118,8 +118,8 @@ def intervene(
                 r = rep[s0:s1] if per_input else rep
 
                 def edit(act, hook, m=m, r=r, kk=kk, bb=bb):
-                    a = act.view(kk, bb, *unit_shape)
-                    return torch.where(m[:, None], r, a).view_as(act)
+                    a = act.reshape(kk, bb, *unit_shape)
+                    return torch.where(m[:, None], r, a).reshape(act.shape)
 
                 x = inputs[s0:s1]
                 if kk > 1:

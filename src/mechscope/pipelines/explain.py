@@ -263,7 +263,17 @@ def explain_mnist(
         for key, shape in (("conv1", c1_shape), ("conv2", c2_shape)):
             pos = A.patch(model, xr, xc, LAYERS[key], A.unit_masks(shape), recovered, batch_size)  # [U, n]
             ch = A.patch(model, xr, xc, LAYERS[key], A.channel_masks(shape), recovered, batch_size)  # [C, n]
+            top = pos.mean(1).abs().argsort(descending=True)[:5]
             patching[key] = {
+                "top_units": [
+                    {
+                        "channel": int(u) // (shape[1] * shape[2]),
+                        "y": int(u) // shape[2] % shape[1],
+                        "x": int(u) % shape[2],
+                        "recovered": float(pos[u].mean()),
+                    }
+                    for u in top
+                ],
                 "position_mean": pos.mean(1).view(shape).tolist(),
                 "channel_mean": ch.mean(1).tolist(),
                 "channel_std": ch.std(1).tolist() if n > 1 else [0.0] * shape[0],
