@@ -141,6 +141,15 @@ def find_circuit(
     )
 
 
+def circuit_membership(circuits: Sequence[dict]) -> dict[int, list[int]]:
+    """Channel -> the targets whose circuit holds it, from circuits as dicts with "channels" and "digit"."""
+    members: dict[int, list[int]] = {}
+    for c in circuits:
+        for ch in c["channels"]:
+            members.setdefault(ch, []).append(c["digit"])
+    return members
+
+
 def class_means(values: torch.Tensor, labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
     """Mean of each unit per class: ``values`` [N, U], ``labels`` [N] -> [U, n_classes]."""
     if values.shape[0] != labels.shape[0]:

@@ -387,6 +387,11 @@ def receptive_field(model: nn.Module, layer: str, y: int, x: int) -> tuple[int, 
 LAYER_ALIASES = {"conv1": "conv1.hook_post", "conv2": "conv2.hook_post", "logits": "hook_logits", "fc": "hook_logits"}
 
 
+def short_layer_name(layer: str) -> str:
+    """The name a layer's figures are filed under: conv1.hook_post -> conv1, hook_logits -> logits."""
+    return layer.replace(".hook_post", "").replace("hook_", "")
+
+
 def unit_value(layer: str, acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """The quantity a unit is visualised by: a channel's mean over positions, or a logit."""
     rows = torch.arange(acts.shape[0])

@@ -350,7 +350,7 @@ def visualize_mnist(
         if ex[name].positions is not None:
             pos = ex[name].positions[us]
             boxes = [[FV.receptive_field(model, name, int(y), int(x)) for y, x in row] for row in pos]
-        short = name.replace(".hook_post", "").replace("hook_", "")
+        short = FV.short_layer_name(name)
         figures.save(figures.featvis_grid(name, rows, imgs, examples, boxes), out / f"{short}.png")
         (out / "units").mkdir(exist_ok=True)
         for j, u in enumerate(us):  # the same panel for each unit on its own

@@ -21,6 +21,7 @@ from mechscope.errors import MechscopeError
 from mechscope.hooks import run_with_cache
 from mechscope.methods import ablation as A
 from mechscope.methods import circuits as C
+from mechscope.methods import featvis as FV
 from mechscope.runs import check_out_dir, load_run, prepare_out_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,6 @@ def explain_mnist(
     ``test_limit`` uses only the first N test images (for quick looks and tests; the default,
     all 10,000, is what the numbers in a report should rest on).
     """
-    from mechscope.methods import featvis as FV
     from mechscope.methods.layer_attribution import class_channel_to_channel
     from mechscope.report.microscope import write_report
 
@@ -152,12 +152,13 @@ def explain_mnist(
     with timer.section("weights"):
         w1 = model.conv1.conv.weight.detach()[:, 0]  # [16, 5, 5]
         w2 = model.conv2.conv.weight.detach()  # [32, 16, 5, 5]
+        w_view = fc_w.view(k_cls, c2_shape[0], -1)  # [K, C, P] read-out weights per channel and position
         weights = {
             "conv1_filters": w1.tolist(),
             "conv1_to_conv2_kernel_norm": w2.flatten(2).norm(dim=2).tolist(),  # [conv2 channel][conv1 channel]
             "conv1_to_conv2_kernel_sum": w2.flatten(2).sum(2).tolist(),
             "readout_templates": fc_w.view(k_cls, *c2_shape).tolist(),  # [class][channel][y][x]
-            "readout_class_channel_sum": fc_w.view(k_cls, c2_shape[0], -1).sum(2).tolist(),
+            "readout_class_channel_sum": w_view.sum(2).tolist(),
         }
 
     with timer.section("ablation"):
@@ -168,13 +169,18 @@ def explain_mnist(
             "sites": dict(LAYERS),
             "layers": {},
         }
-        counts = class_counts
 
         def overall(per_class: torch.Tensor) -> list[float]:  # [n, K] -> [n] test accuracy
-            return ((per_class * counts).sum(1) / counts.sum()).tolist()
+            return ((per_class * class_counts).sum(1) / class_counts.sum()).tolist()
 
-        for key in ("conv1", "conv2", "readout"):
-            entry = {}
+        closed_form = "closed form through the linear read-out (checked against hooked forwards in the tests)"
+        described = {
+            "conv1": (list(range(c1_shape[0])), f"hooked forward passes on the {len(y):,} test images"),
+            "conv2": (list(range(c2_shape[0])), closed_form),
+            "readout": ([f"c{c} y{i} x{j}" for c, i, j in np.ndindex(*c2_shape)], closed_form),
+        }
+        for key, (units, method) in described.items():
+            entry = {"units": units, "method": method}
             for kind in ("zero", "mean"):
                 if key == "conv1":
                     masks = A.channel_masks(c1_shape)
@@ -187,24 +193,6 @@ def explain_mnist(
                     per = A.readout_intervene(fc_w, fc_b, a2, masks, rep, acc_reduce, logits=logits)
                 entry[kind] = (per - base_per_class).tolist()
                 entry[f"{kind}_overall"] = (np.array(overall(per)) - test_acc).tolist()
-            if key == "readout":
-                entry["units"] = [
-                    f"c{c} y{i} x{j}"
-                    for c in range(c2_shape[0])
-                    for i in range(c2_shape[1])
-                    for j in range(c2_shape[2])
-                ]
-                entry["method"] = (
-                    "closed form through the linear read-out (checked against hooked forwards in the tests)"
-                )
-            elif key == "conv2":
-                entry["units"] = list(range(c2_shape[0]))
-                entry["method"] = (
-                    "closed form through the linear read-out (checked against hooked forwards in the tests)"
-                )
-            else:
-                entry["units"] = list(range(c1_shape[0]))
-                entry["method"] = f"hooked forward passes on the {len(y):,} test images"
             ablation["layers"][key] = entry
         whole = {}
         for key, shape in (("conv1", c1_shape), ("conv2", c2_shape)):
@@ -284,11 +272,10 @@ def explain_mnist(
         n_c2 = c2_shape[0]
         m2c = means[LAYERS["conv2"]].view(n_c2, -1)  # [C, P]
         ref_logits, contrib = A.readout_channel_contributions(fc_w, a2.view(len(a2), n_c2, -1), m2c, fc_b)
-        with torch.no_grad():
-            _, held_cache = run_with_cache(model, x_held, names=[LAYERS["conv2"]])
+        held_logits, held_cache = run_with_cache(model, x_held, names=[LAYERS["conv2"]])
         a2_held = held_cache[LAYERS["conv2"]]
         _, contrib_held = A.readout_channel_contributions(fc_w, a2_held.flatten(2), m2c, fc_b)
-        pred_held = model.fc(a2_held.flatten(1)).argmax(1).detach()
+        pred_held = held_logits.argmax(1)
 
         def kept_pred(contrib_: torch.Tensor, keep: list[int]) -> torch.Tensor:  # [N] predictions, others mean-ablated
             return (ref_logits + contrib_[:, keep].sum(1)).argmax(1)
@@ -298,15 +285,15 @@ def explain_mnist(
             is_d = labels == d
             return float((p[is_d] == d).double().mean()), float((p[~is_d] == d).double().mean())
 
+        feed_idx = [(y == d).nonzero().flatten()[:200] for d in digits]  # up to 200 test images per digit
         feeders_by_digit = class_channel_to_channel(
             model,
-            torch.cat([x[(y == d).nonzero().flatten()[:200]] for d in digits]),
-            torch.cat([torch.full((min(200, int((y == d).sum())),), i) for i, d in enumerate(digits)]),
+            x[torch.cat(feed_idx)],
+            torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(feed_idx)]),
             source=LAYERS["conv1"],
             target_layer=POST["conv2"],
             n_classes=len(digits),
         )  # [digits, C2, C1]
-        w_view = fc_w.view(k_cls, n_c2, -1)  # [K, C, P]
         for i, d in enumerate(digits):
             sel_d = y == d
             full_acc, full_fp = rates(pred, y, d)
@@ -321,13 +308,12 @@ def explain_mnist(
             circuit = C.find_circuit(margin, n_c2, ranking, target=d)
             chosen = circuit.channels
             # re-measure with hooked forward passes through the real model (not the closed form of the search)
-            others = torch.ones(1, *c2_shape, dtype=torch.bool)
-            others[0, chosen] = False
+            in_set = A.group_mask(c2_shape, chosen)
             ref = means[LAYERS["conv2"]]
-            only = A.ablate(model, x, LAYERS["conv2"], others, "mean", ref, batch_size=batch_size)[0].argmax(1)
-            without = A.ablate(model, x, LAYERS["conv2"], ~others, "mean", ref, batch_size=batch_size)[0].argmax(1)
-            suff, fp = rates(only, y, d)
-            nec, _ = rates(without, y, d)
+            only_out = A.ablate(model, x, LAYERS["conv2"], ~in_set, "mean", ref, batch_size=batch_size)[0]
+            without_out = A.ablate(model, x, LAYERS["conv2"], in_set, "mean", ref, batch_size=batch_size)[0]
+            suff, fp = rates(only_out.argmax(1), y, d)
+            nec, _ = rates(without_out.argmax(1), y, d)
             h_suff, h_fp = rates(kept_pred(contrib_held, chosen), y_held, d)
             growth = []
             for k in range(1, len(circuit.greedy_order) + 1):
@@ -348,8 +334,8 @@ def explain_mnist(
                 other_digits_called_d_with_only_the_circuit=fp,
                 meets_criterion=suff >= full_acc - tolerance and fp <= full_fp + tolerance,
                 accuracy_criterion_met=suff >= full_acc - tolerance,
-                per_class_accuracy_circuit_only=_per_class(only, y, k_cls),
-                per_class_accuracy_circuit_ablated=_per_class(without, y, k_cls),
+                per_class_accuracy_circuit_only=acc_reduce(only_out[None])[0].tolist(),
+                per_class_accuracy_circuit_ablated=acc_reduce(without_out[None])[0].tolist(),
                 held_out_full_accuracy=held_acc,
                 held_out_sufficiency=h_suff,
                 held_out_other_digits_called_d_full_model=held_fp,
@@ -381,8 +367,6 @@ def explain_mnist(
                 (g,) = torch.autograd.grad(val.sum(), xs)
             ixg = (xs.detach() * g)[:, 0].view(n_units, k, *x.shape[2:])  # input × gradient
             examples[key] = {
-                "top_test_indices": e.top.tolist(),
-                "top_values": e.top_values.tolist(),
                 "top_labels": y[e.top].tolist(),
                 "boxes": [
                     [list(FV.receptive_field(model, name, int(py_), int(px_))) for py_, px_ in row]
@@ -437,11 +421,6 @@ def explain_mnist(
     return out, mechanisms
 
 
-def _per_class(pred: torch.Tensor, labels: torch.Tensor, k: int) -> list[float]:
-    correct = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, (pred == labels).double())
-    return (correct / torch.bincount(labels, minlength=k).clamp(min=1)).tolist()
-
-
 def _architecture(model) -> list[dict]:
     cfg = model.config
     rows = [
@@ -485,7 +464,7 @@ def _linked_outputs(run: Path) -> dict:
             data = json.loads((fv / "featvis.json").read_text())
             units = {}
             for row in data.get("units", []):
-                short = row["layer"].replace(".hook_post", "").replace("hook_", "")
+                short = FV.short_layer_name(row["layer"])
                 png = fv / "units" / f"{short}_{row['unit']}.png"
                 if png.is_file():
                     units[f"{short}_{row['unit']}"] = {"png": png, **row}
@@ -586,24 +565,21 @@ def summarise(m: dict, linked: dict) -> list[str]:
                     else ""
                 )
             )
-        shared: dict[int, list[int]] = {}
-        for c in circ:
-            for ch in c["channels"]:
-                shared.setdefault(ch, []).append(c["digit"])
+        shared = C.circuit_membership(circ)
         ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
         lines.append(
             f"conv2 channel {ch} is in the most circuits ({len(ds)}: digits {', '.join(map(str, ds))}); "
             f"{n_c2 - len(shared)} of {n_c2} channels are in none."
         )
     pt = m["patching"]
-    c2 = np.array(pt["conv2"]["position_mean"])
-    ci = np.unravel_index(np.abs(c2).argmax(), c2.shape)
+    u = pt["conv2"]["top_units"][0]
     ch2 = np.array(pt["conv2"]["channel_mean"])
+    best = int(np.abs(ch2).argmax())
     lines.append(
         f"Patching from {_a(pt['clean_class'])} into {_a(pt['corrupted_class'])} ({pt['pairs']} pairs): the single "
-        f"conv2 unit that moves the logit difference most is channel {ci[0]} at ({ci[1]}, {ci[2]}) "
-        f"({100 * c2[ci]:.0f}% of the gap on average); the strongest whole channel is {int(np.abs(ch2).argmax())} "
-        f"({100 * ch2[np.abs(ch2).argmax()]:.0f}%)."
+        f"conv2 unit that moves the logit difference most is channel {u['channel']} at ({u['y']}, {u['x']}) "
+        f"({100 * u['recovered']:.0f}% of the gap on average); the strongest whole channel is {best} "
+        f"({100 * ch2[best]:.0f}%)."
     )
     fv = linked.get("featvis")
     if fv and fv.get("summary"):

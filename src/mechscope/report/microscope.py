@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from mechscope.methods.circuits import circuit_membership  # noqa: E402
 from mechscope.report.html import figure_data_uri, render  # noqa: E402
 
 DPI = 80
@@ -202,21 +203,16 @@ def patching_fig(pt: dict, clean_img: np.ndarray, corrupt_img: np.ndarray) -> st
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title + "\nfirst pair", fontsize=7)
         _clean(ax)
-    v1, v2 = _sym(c1), _sym(c2)
-    ax = fig.add_subplot(gs[:, 1])
-    im = ax.imshow(tile(c1, 4), cmap=_cmap("RdBu_r"), vmin=-v1, vmax=v1)
-    ax.set_title(
-        f"one conv1 unit patched\n({c1.shape[0]} channels × {c1.shape[1]}×{c1.shape[2]}, 4 per row)", fontsize=8
-    )
-    _clean(ax)
-    fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
-    ax = fig.add_subplot(gs[:, 2])
-    im = ax.imshow(tile(c2, 4), cmap=_cmap("RdBu_r"), vmin=-v2, vmax=v2)
-    ax.set_title(
-        f"one conv2 unit patched\n({c2.shape[0]} channels × {c2.shape[1]}×{c2.shape[2]}, 4 per row)", fontsize=8
-    )
-    _clean(ax)
-    fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
+    for col, (layer, maps) in enumerate((("conv1", c1), ("conv2", c2)), start=1):
+        v = _sym(maps)
+        ax = fig.add_subplot(gs[:, col])
+        im = ax.imshow(tile(maps, 4), cmap=_cmap("RdBu_r"), vmin=-v, vmax=v)
+        ax.set_title(
+            f"one {layer} unit patched\n({maps.shape[0]} channels × {maps.shape[1]}×{maps.shape[2]}, 4 per row)",
+            fontsize=8,
+        )
+        _clean(ax)
+        fig.colorbar(im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.03, label="% of the gap")
     ax = fig.add_subplot(gs[:, 3])
     ch = np.array(pt["conv2"]["channel_mean"]) * 100
     sd = np.array(pt["conv2"]["channel_std"]) * 100
@@ -434,10 +430,7 @@ def write_report(m: dict, arrays: dict, linked: dict, out: Path) -> Path:
         for ci in m["circuits"]
     }
 
-    circuits_of: dict[int, list[int]] = {}
-    for ci in m["circuits"]:
-        for ch in ci["channels"]:
-            circuits_of.setdefault(ch, []).append(ci["digit"])
+    circuits_of = circuit_membership(m["circuits"])
     fv = linked.get("featvis") or {}
     sections = []
     for layer in ("conv1", "conv2"):
