@@ -64,3 +64,22 @@ def test_class_means_and_grouping():
     assert order_by_profile(means) == [0, 1]  # unit 0 prefers class 0, unit 1 class 1
     with pytest.raises(MechscopeError, match="3 activations for 4 labels"):
         class_means(values[:3], labels, 2)
+
+
+def test_swaps_shrink_a_set_that_pruning_cannot():
+    # valid sets: any superset of {0, 1, 2} or of {0, 5}. The attribution prefix and the greedy run
+    # both reach {0, 1, 2}, which no single removal shrinks; trading 1 and 2 for 5 does.
+    def margin(keep):
+        s = set(keep)
+        if {0, 1, 2} <= s or {0, 5} <= s:
+            return 0.0
+        return -1.0 + 0.1 * len(s & {1, 2}) + 0.05 * (0 in s)
+
+    plain = find_circuit(margin, 6, ranking=[0, 1, 2, 3, 4, 5], target=0, swaps=False)
+    assert sorted(plain.channels) == [0, 1, 2] and plain.greedy_size == 3 and plain.prefix_size == 3
+    c = find_circuit(margin, 6, ranking=[0, 1, 2, 3, 4, 5], target=0)
+    assert sorted(c.channels) == [0, 5]
+    assert c.meets_criterion and c.pruned_size == 3 and c.method.endswith("then swaps")
+    for a, b in itertools.combinations(c.channels, 2):  # swap-minimal: no two channels trade for one
+        rest = [x for x in c.channels if x not in (a, b)]
+        assert all(margin(rest + [o]) < 0 for o in range(6) if o not in c.channels)

@@ -12,11 +12,14 @@ and say so:
    away from its mean-ablated value, averaged over the class's inputs) and take the shortest
    prefix of that ranking that meets the criterion;
 2. grow a set greedily, each step adding the channel that raises the criterion's margin most;
-3. prune both: drop any channel whose removal still meets the criterion;
+3. prune both: drop any channel whose removal still meets the criterion, and keep the smaller;
+4. shrink it by swaps: replace two of its channels with one from outside whenever that still
+   meets the criterion (and prune again), until no such swap exists.
 
-and keep the smaller set. Every set is then re-measured (sufficiency: accuracy with only the
-set; necessity: accuracy with the set ablated and everything else intact). The result is
-*1-minimal* (no single channel can be removed), not proven globally smallest.
+Every set is then re-measured (sufficiency: accuracy with only the set; necessity: accuracy
+with the set ablated and everything else intact). The result is *1-minimal* (no channel can be
+removed) and *swap-minimal* (no two channels can be traded for one), not proven globally
+smallest: an exhaustive check of every smaller set is C(32, k) evaluations.
 
 The search calls an ``evaluate(keep: list[int]) -> float`` function returning the margin by
 which the criterion is met, so it works for any layer and any criterion; the pipeline passes a
@@ -51,6 +54,7 @@ class Circuit:
     meets_criterion: bool
     prefix_size: int | None  # shortest attribution-ranked prefix meeting the criterion (before pruning)
     greedy_size: int | None  # greedy set size (before pruning)
+    pruned_size: int | None = None  # size of the smaller pruned candidate, before swaps
     greedy_order: list[int] = field(default_factory=list)  # the greedy run's channels, in the order added
     ranking: list[int] = field(default_factory=list)  # channels by attribution, strongest first
     method: str = ""  # which search produced ``channels``
@@ -65,14 +69,16 @@ def find_circuit(
     ranking: Sequence[int],
     target: int,
     max_size: int | None = None,
+    swaps: bool = True,
 ) -> Circuit:
-    """Smallest (1-minimal) channel set whose ``evaluate`` margin is ≥ 0.
+    """Smallest (1-minimal and swap-minimal) channel set whose ``evaluate`` margin is ≥ 0.
 
     ``evaluate(keep)`` measures the model with only the channels in ``keep`` left intact and
     returns a margin: how far the measurement is above the criterion's threshold (negative
     when below). A plain criterion "accuracy ≥ full − tolerance" has margin accuracy − (full −
     tolerance); several criteria combine as the minimum of their margins. ``ranking`` orders all
-    channels by attribution, strongest first.
+    channels by attribution, strongest first. ``swaps=False`` skips step 4 (the set is then only
+    1-minimal).
     """
     if sorted(ranking) != list(range(n_channels)):
         raise MechscopeError(f"ranking must order all {n_channels} channels once each")
@@ -123,10 +129,34 @@ def find_circuit(
         candidates.append(("attribution prefix, pruned", prune(prefix)))
     if greedy_ok:
         candidates.append(("greedy, pruned", prune(greedy)))
+
+    # 4. swaps: two channels out (weakest first), one in (strongest outside first), then prune again
+    def swap(chosen: list[int]) -> list[int]:
+        chosen = list(chosen)
+        shrunk = True
+        while shrunk and len(chosen) > 1:
+            shrunk = False
+            weakest_first = sorted(chosen, key=lambda c: -order[c])
+            outside = [c for c in ranking if c not in chosen]
+            pairs = ((a, b) for i, a in enumerate(weakest_first) for b in weakest_first[i + 1 :])
+            for a, b in pairs:
+                rest = [c for c in chosen if c not in (a, b)]
+                found = next((c for c in outside if score(rest + [c]) >= 0), None)
+                if found is not None:
+                    chosen, shrunk = prune(rest + [found]), True
+                    break
+        return chosen
+
+    pruned_size = None
     if not candidates:  # nothing meets the criterion (only possible with max_size < n_channels)
         chosen, method = greedy, "greedy (criterion not met)"
     else:
         method, chosen = min(candidates, key=lambda mc: (len(mc[1]), -score(mc[1])))
+        pruned_size = len(chosen)
+        if swaps:
+            swapped = swap(chosen)
+            if len(swapped) < len(chosen):
+                chosen, method = swapped, f"{method}, then swaps"
     margin = score(chosen)
     return Circuit(
         target=target,
@@ -135,6 +165,7 @@ def find_circuit(
         meets_criterion=margin >= 0,
         prefix_size=len(prefix) if prefix is not None else None,
         greedy_size=len(greedy) if greedy_ok else None,
+        pruned_size=pruned_size,
         greedy_order=greedy,
         ranking=list(ranking),
         method=method,
