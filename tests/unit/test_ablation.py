@@ -176,3 +176,18 @@ def test_hooks_are_removed_when_a_function_raises(model, x):
     with pytest.raises(MechscopeError, match="needs the layer's mean"):
         A.ablate(model, x, "conv1.hook_out", masks, "mean")
     assert attached_hooks(model) == []
+
+
+def test_resample_donors_are_seeded_and_of_another_class():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2] * 30)
+    donors = A.resample_donors(labels, seed=3)
+    assert torch.equal(donors, A.resample_donors(labels, seed=3))
+    assert not torch.equal(donors, A.resample_donors(labels, seed=4))
+    assert (labels[donors] != labels).all()
+    assert len(set(donors.tolist())) > 100  # spread over the pool, not one donor for all
+    anyone = A.resample_donors(labels, seed=3, other_class=False)
+    assert (anyone != torch.arange(len(labels))).all() and anyone.max() < len(labels)
+    with pytest.raises(MechscopeError, match="no donor of another class"):
+        A.resample_donors(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(MechscopeError, match="at least two inputs"):
+        A.resample_donors(torch.zeros(1, dtype=torch.long), other_class=False)

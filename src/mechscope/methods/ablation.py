@@ -10,6 +10,12 @@ the output with the untouched run.
 * **mean-ablation** replaces them with their mean over a reference set of inputs (per
   position): "what if this unit carried no information about *this* input?" It keeps the
   downstream layers in the range they were trained on, so it is usually the fairer test.
+* **resample-ablation** replaces them with their values on another input drawn at random
+  (here: one of another class). Mean-ablation is not neutral when the mean itself is read as
+  some class (on MNIST the mean conv2 map reads as an 8, so mean-ablating channels pushes
+  every image towards 8 and cannot show that a channel is needed for the 8s); resampling
+  keeps activations on the data and removes the input's own information without that bias.
+  :func:`resample_donors` draws the donors, seeded.
 * **activation patching** replaces them with their values on *another* input: run a 3,
   patch in what one channel at one position saw on an 8, and measure how far the logit
   difference logit(8) - logit(3) moves. Positions where one patch moves it a lot are where
@@ -224,6 +230,29 @@ def readout_channel_contributions(
     base = torch.nn.functional.linear(reference.flatten()[None], weight, bias)[0]  # [K]
     contrib = torch.einsum("bcp,kcp->bck", acts - reference, w)
     return base, contrib
+
+
+def resample_donors(labels: torch.Tensor, seed: int = 0, other_class: bool = True) -> torch.Tensor:
+    """For each input, the index of a random donor input: [N] -> [N], reproducible from ``seed``.
+
+    With ``other_class`` the donor's label differs from the input's (uniform over those
+    inputs); otherwise any input but itself. Use ``acts[donors]`` as a per-input replacement.
+    """
+    n = len(labels)
+    if n < 2:
+        raise MechscopeError("resampling needs at least two inputs")
+    g = torch.Generator().manual_seed(seed)
+    donors = torch.empty(n, dtype=torch.long)
+    if not other_class:
+        pick = torch.randint(0, n - 1, (n,), generator=g)
+        return pick + (pick >= torch.arange(n)).long()  # skip the input itself
+    for c in labels.unique().tolist():
+        mine = (labels == c).nonzero().flatten()
+        pool = (labels != c).nonzero().flatten()
+        if len(pool) == 0:
+            raise MechscopeError(f"every input has label {c}: no donor of another class")
+        donors[mine] = pool[torch.randint(0, len(pool), (len(mine),), generator=g)]
+    return donors
 
 
 def layer_means(model: nn.Module, inputs: torch.Tensor, layers: list[str], batch_size: int = 2000) -> dict:
