@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mechscope.data.mnist import MNIST
+from mechscope.methods import ablation as A
 from tests.e2e.test_cli import assert_one_line_error, run_main
 from tests.e2e.test_lm_cli import check_report
 
@@ -118,6 +119,11 @@ def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
     a = conv2_out(x)
     with torch.no_grad():
         full = model.fc(a.flatten(1)).argmax(1)
+        reads_as = int(model.fc(mean.flatten()[None]).argmax(1))  # every conv2 channel at its mean
+    whole = m["ablation"]["whole_layer"]["conv2"]["mean"]
+    assert whole["reads_as"] == reads_as and whole["predicted_share"][reads_as] == 1.0
+    donors = A.resample_donors(y, seed=m["settings"]["resample_seed"])  # the sampling; the measurement is ours
+    assert (y[donors] != y).all()
     assert len(m["circuits"]) == 10
     for c in m["circuits"]:
         d = c["digit"]
@@ -137,6 +143,11 @@ def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
         with torch.no_grad():
             nec = (model.fc(ablated.flatten(1)).argmax(1)[y == d] == d).double().mean()
         assert abs(float(nec) - c["necessity"]) < 1e-9
+        resampled = a.clone()
+        resampled[:, c["channels"]] = a[donors][:, c["channels"]]
+        with torch.no_grad():
+            nec_r = (model.fc(resampled.flatten(1)).argmax(1)[y == d] == d).double().mean()
+        assert abs(float(nec_r) - c["necessity_resample"]) < 1e-9
 
 
 def test_every_circuit_meets_its_criterion_checked_independently(explained, mnist):

@@ -200,7 +200,8 @@ def explain(
         flag = "" if c["meets_criterion"] else "  (criterion NOT met)"
         typer.echo(
             f"digit {c['digit']}: {c['size']:>2} conv2 channels {c['channels']}: alone {c['sufficiency']:.3f} "
-            f"(full {c['full_accuracy']:.3f}), ablated {c['necessity']:.3f}{flag}"
+            f"(full {c['full_accuracy']:.3f}), mean-ablated {c['necessity']:.3f}, "
+            f"resample-ablated {c['necessity_resample']:.3f}{flag}"
         )
     typer.echo(f"analysis took {sum(result['seconds'].values()):.0f} s")
     typer.echo(f"report: {path / 'report.html'}")

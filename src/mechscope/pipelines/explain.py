@@ -30,6 +30,7 @@ LAYERS = {"conv1": "conv1.hook_out", "conv2": "conv2.hook_out"}  # ablation and 
 POST = {"conv1": "conv1.hook_post", "conv2": "conv2.hook_post"}  # where examples and maps are read
 N_MEAN = 10_000  # training images the mean activations are taken over
 HELD_OUT = (10_000, 20_000)  # training images for the circuits' held-out check
+RESAMPLE_SEED = 0  # donors for resample-ablation
 
 
 class Timer:
@@ -199,8 +200,15 @@ def explain_mnist(
             every = torch.ones(1, *shape, dtype=torch.bool)
             whole[key] = {}
             for kind in ("zero", "mean"):
-                per = A.ablate(model, x, LAYERS[key], every, kind, means[LAYERS[key]], acc_reduce, batch_size)[0]
-                whole[key][kind] = {"per_class": per.tolist(), "test_accuracy": overall(per[None])[0]}
+                out_ = A.ablate(model, x, LAYERS[key], every, kind, means[LAYERS[key]], batch_size=batch_size)[0]
+                per = acc_reduce(out_[None])[0]
+                share = torch.bincount(out_.argmax(1), minlength=k_cls).double() / len(y)  # [K]
+                whole[key][kind] = {
+                    "per_class": per.tolist(),
+                    "test_accuracy": overall(per[None])[0],
+                    "predicted_share": share.tolist(),  # share of test images called each digit
+                    "reads_as": int(share.argmax()),  # the layer's replacement value is read as this digit
+                }
         ablation["whole_layer"] = whole
 
     with timer.section("selectivity"):
@@ -285,6 +293,8 @@ def explain_mnist(
             is_d = labels == d
             return float((p[is_d] == d).double().mean()), float((p[~is_d] == d).double().mean())
 
+        donors = A.resample_donors(y, seed=RESAMPLE_SEED)  # [N] a test image of another digit for each image
+        a2_donor = acts[LAYERS["conv2"]][donors]  # [N, C, H, W]
         feed_idx = [(y == d).nonzero().flatten()[:200] for d in digits]  # up to 200 test images per digit
         feeders_by_digit = class_channel_to_channel(
             model,
@@ -312,8 +322,10 @@ def explain_mnist(
             ref = means[LAYERS["conv2"]]
             only_out = A.ablate(model, x, LAYERS["conv2"], ~in_set, "mean", ref, batch_size=batch_size)[0]
             without_out = A.ablate(model, x, LAYERS["conv2"], in_set, "mean", ref, batch_size=batch_size)[0]
+            resampled_out = A.intervene(model, x, LAYERS["conv2"], in_set, a2_donor, batch_size=batch_size)[0]
             suff, fp = rates(only_out.argmax(1), y, d)
             nec, _ = rates(without_out.argmax(1), y, d)
+            nec_resample, _ = rates(resampled_out.argmax(1), y, d)
             h_suff, h_fp = rates(kept_pred(contrib_held, chosen), y_held, d)
             growth = []
             for k in range(1, len(circuit.greedy_order) + 1):
@@ -330,12 +342,14 @@ def explain_mnist(
                 full_accuracy=full_acc,
                 sufficiency=suff,
                 necessity=nec,
+                necessity_resample=nec_resample,
                 other_digits_called_d_full_model=full_fp,
                 other_digits_called_d_with_only_the_circuit=fp,
                 meets_criterion=suff >= full_acc - tolerance and fp <= full_fp + tolerance,
                 accuracy_criterion_met=suff >= full_acc - tolerance,
                 per_class_accuracy_circuit_only=acc_reduce(only_out[None])[0].tolist(),
                 per_class_accuracy_circuit_ablated=acc_reduce(without_out[None])[0].tolist(),
+                per_class_accuracy_circuit_resampled=acc_reduce(resampled_out[None])[0].tolist(),
                 held_out_full_accuracy=held_acc,
                 held_out_sufficiency=h_suff,
                 held_out_other_digits_called_d_full_model=held_fp,
@@ -398,7 +412,13 @@ def explain_mnist(
             f"labelled as the digit ≤ the full model's + {tolerance:g}",
             "circuit_layer": LAYERS["conv2"],
             "circuit_search": "attribution-ranked prefix and greedy forward selection, each pruned to 1-minimal; "
-            "the smaller kept; searched with the closed-form read-out, verified with hooked forward passes",
+            "the smaller kept and shrunk by 2-for-1 swaps while one exists; searched with the closed-form read-out, "
+            "verified with hooked forward passes",
+            "necessity": "accuracy on the digit with the circuit's channels mean-ablated (the rest intact)",
+            "necessity_resample": "accuracy on the digit with the circuit's channels replaced by their values on a "
+            f"random test image of another digit (seed {RESAMPLE_SEED}); free of the mean's bias towards the class "
+            "the mean activation is read as",
+            "resample_seed": RESAMPLE_SEED,
             "held_out_check": f"training images {HELD_OUT[0]:,}-{HELD_OUT[1]:,} (not used for the means), closed form",
             "feeders": "conv1.hook_out → conv2.hook_post activation × gradient summed over the circuit's channels, "
             "mean over up to 200 test images of the digit",
@@ -510,6 +530,18 @@ def summarise(m: dict, linked: dict) -> list[str]:
         f"Zero-ablating them: {_pts(whole['conv1']['zero']['test_accuracy'])}% and "
         f"{_pts(whole['conv2']['zero']['test_accuracy'])}%."
     )
+    mean_class = whole["conv2"]["mean"].get("reads_as")
+    if mean_class is not None:
+        share = whole["conv2"]["mean"]["predicted_share"][mean_class]
+        called = "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
+        lines.append(
+            f"Mean-ablation is not neutral here: with every conv2 channel at its mean the network calls "
+            f"{called} {_a(mean_class)} "
+            f"(the mean conv2 map reads as {_a(mean_class)}), so mean-ablating conv2 channels pushes images towards "
+            f"{mean_class} and cannot show that a channel is needed for the {mean_class}s. The circuits below also "
+            "report resample-ablation (each image's channels taken from a random image of another digit), which "
+            "has no such bias."
+        )
     for key in ("conv1", "conv2"):
         layer = m["ablation"]["layers"][key]
         ov = np.array(layer["mean_overall"])
@@ -546,8 +578,8 @@ def summarise(m: dict, linked: dict) -> list[str]:
         lines.append(
             f"Per-digit circuits in conv2: {met} of {len(circ)} meet the criterion (with every other channel "
             f"mean-ablated, the digit's accuracy within {_pts(m['settings']['tolerance'])} points of the full model's "
-            "and other digits not called that digit more often than by the full model, within the same margin). "
-            "Sizes run from "
+            "and other digits not called that digit more often than by the full model, within the same margin; "
+            "no channel can be dropped and no two traded for one). Sizes run from "
             f"{small['size']} channels (digit {small['digit']}) to {large['size']} (digit {large['digit']}), "
             f"mean {np.mean(sizes):.1f} of {n_c2}."
         )
@@ -556,7 +588,13 @@ def summarise(m: dict, linked: dict) -> list[str]:
             lines.append(
                 f"Digit {c['digit']}: conv2 channels {', '.join(map(str, c['channels']))} alone keep "
                 f"{_pts(c['sufficiency'])}% (full model {_pts(c['full_accuracy'])}%); mean-ablating just them leaves "
-                f"{_pts(c['necessity'])}%; with only them, {_pts(c['other_digits_called_d_with_only_the_circuit'])}% "
+                f"{_pts(c['necessity'])}%"
+                + (
+                    f", resample-ablating them {_pts(c['necessity_resample'])}%"
+                    if c.get("necessity_resample") is not None
+                    else ""
+                )
+                + f"; with only them, {_pts(c['other_digits_called_d_with_only_the_circuit'])}% "
                 f"of other digits are called {c['digit']} (full model {_pts(c['other_digits_called_d_full_model'])}%)."
                 + (
                     f" Their strongest conv1 input is channel {f0['conv1_channel']} "
@@ -565,6 +603,28 @@ def summarise(m: dict, linked: dict) -> list[str]:
                     else ""
                 )
             )
+        resampled = [c["necessity_resample"] for c in circ if c.get("necessity_resample") is not None]
+        if resampled:
+            meaned = [c["necessity"] for c in circ if c.get("necessity_resample") is not None]
+            lower = sum(r < mn for r, mn in zip(resampled, meaned, strict=True))
+            verdict = (
+                ": by this measure mean-ablation understates how much the digits need their circuits"
+                if 2 * lower > len(resampled)
+                else ""
+            )
+            lines.append(
+                f"Resample-ablating a circuit leaves its digit less accuracy than mean-ablating it for {lower} of "
+                f"{len(resampled)} digits (median {_pts(float(np.median(resampled)))}% against "
+                f"{_pts(float(np.median(meaned)))}%){verdict}."
+            )
+        for c in circ:
+            if c["digit"] == mean_class:
+                lines.append(
+                    f"For the {mean_class}s, the digit the mean reads as, the circuit's job is mostly to say "
+                    f'"not {mean_class}": with every conv2 channel mean-ablated the network calls {called} '
+                    f"{_a(mean_class)}; keeping the circuit's {c['size']} channels brings that down to "
+                    f"{_pts(c['other_digits_called_d_with_only_the_circuit'])}% of the other digits."
+                )
         shared = C.circuit_membership(circ)
         ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
         lines.append(

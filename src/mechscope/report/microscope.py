@@ -245,10 +245,17 @@ def circuits_fig(circuits: list[dict], n_channels: int) -> str:
     a.grid(alpha=0.3)
     ds = [ci["digit"] for ci in circuits]
     xs = np.arange(len(ds))
-    w = 0.27
-    b.bar(xs - w, [ci["full_accuracy"] * 100 for ci in circuits], w, label="full model", color="#999")
-    b.bar(xs, [ci["sufficiency"] * 100 for ci in circuits], w, label="only the circuit", color="#1b9e77")
-    b.bar(xs + w, [ci["necessity"] * 100 for ci in circuits], w, label="circuit ablated", color="#d95f02")
+    w = 0.21
+    b.bar(xs - 1.5 * w, [ci["full_accuracy"] * 100 for ci in circuits], w, label="full model", color="#999")
+    b.bar(xs - 0.5 * w, [ci["sufficiency"] * 100 for ci in circuits], w, label="only the circuit", color="#1b9e77")
+    b.bar(xs + 0.5 * w, [ci["necessity"] * 100 for ci in circuits], w, label="circuit mean-ablated", color="#d95f02")
+    b.bar(
+        xs + 1.5 * w,
+        [ci["necessity_resample"] * 100 for ci in circuits],
+        w,
+        label="circuit resample-ablated",
+        color="#7570b3",
+    )
     for x_, ci in zip(xs, circuits, strict=True):
         b.text(x_, 101, str(ci["size"]), ha="center", fontsize=6)
     b.set_xticks(xs)
@@ -257,7 +264,7 @@ def circuits_fig(circuits: list[dict], n_channels: int) -> str:
     b.set_xlabel("digit (number above: channels in its circuit)")
     b.set_ylabel("test accuracy on the digit (%)")
     b.set_title("sufficiency and necessity", fontsize=8)
-    b.legend(fontsize=6, loc="lower left")
+    b.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: the bars fill the axes
     member = np.full((len(circuits), n_channels), np.nan)
     for i, ci in enumerate(circuits):
         att = np.array(ci["attribution"])
@@ -300,22 +307,20 @@ def digit_circuit_fig(ci: dict, maps_d: np.ndarray, templates_d: np.ndarray) -> 
     )
     ax = fig.add_subplot(gs[:, n + 1 :])
     xs = np.arange(len(ci["per_class_accuracy_circuit_only"]))
-    ax.bar(
-        xs - 0.2, np.array(ci["per_class_accuracy_circuit_only"]) * 100, 0.4, label="only the circuit", color="#1b9e77"
+    bars = (
+        ("per_class_accuracy_circuit_only", "circuit only", "#1b9e77"),
+        ("per_class_accuracy_circuit_ablated", "mean-ablated", "#d95f02"),
+        ("per_class_accuracy_circuit_resampled", "resampled", "#7570b3"),
     )
-    ax.bar(
-        xs + 0.2,
-        np.array(ci["per_class_accuracy_circuit_ablated"]) * 100,
-        0.4,
-        label="circuit ablated",
-        color="#d95f02",
-    )
+    for j, (key, label, colour) in enumerate(bars):
+        ax.bar(xs + (j - 1) * 0.28, np.array(ci[key]) * 100, 0.28, label=label, color=colour)
     ax.set_xticks(xs)
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 128)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.tick_params(labelsize=7)
     ax.set_xlabel("digit", fontsize=7)
     ax.set_title("test accuracy per digit (%)", fontsize=8)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=6, loc="upper center", ncol=3, handlelength=1, columnspacing=0.6)
     fig.suptitle(f"digit {ci['digit']}: {n} conv2 channels", fontsize=9, x=0.03, ha="left")
     return figure_data_uri(fig, DPI)
 
