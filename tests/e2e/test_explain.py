@@ -11,8 +11,8 @@ import torch
 
 from mechscope.data.mnist import MNIST
 from mechscope.methods import ablation as A
+from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
-from tests.e2e.test_lm_cli import check_report
 
 LIMIT = 2000  # test images: enough for every digit, fast enough for `make test`
 
@@ -96,6 +96,13 @@ def test_writes_report_and_mechanisms(explained):
     assert 'alt="saliency"' in html
     for line in m["summary"]:  # the summary in the page is the JSON's, word for word
         assert str(markupsafe.escape(line)) in html
+
+
+def test_report_renders_every_image_in_chromium(explained, tmp_path):
+    _, out, _, _ = explained
+    result = render_in_chromium(out / "report.html", tmp_path)
+    assert result["broken"] == []
+    assert result["images"] == check_report(out / "report.html")
 
 
 def test_no_hook_remains(explained):

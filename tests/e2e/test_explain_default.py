@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_explain import verify_circuits
-from tests.e2e.test_lm_cli import check_report
 
 
 @pytest.mark.slow
@@ -19,7 +19,8 @@ def test_default_run_explained(mnist_root, mnist, tmp_path):
     train_mnist(run, data_dir=mnist_root, progress=False)
     out, m = explain_mnist(run, data_dir=mnist_root)
     assert m["test_images"] == 10_000 and m["test_accuracy"] > 0.99
-    check_report(out / "report.html")
+    n_images = check_report(out / "report.html")
+    assert render_in_chromium(out / "report.html", tmp_path) == {"images": n_images, "broken": []}
     model = load_run(run).model
     verify_circuits(m, model, mnist, None)
     assert attached_hooks(model) == []

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
 
 transformers = pytest.importorskip("transformers")
@@ -100,30 +101,6 @@ def test_generate_smollm2(capsys):
     assert out.startswith("The capital of France is Paris")
 
 
-def check_report(path):
-    """The HTML parses, refers to nothing on the network, and every image decodes."""
-    import base64
-    import io
-    from html.parser import HTMLParser
-
-    from PIL import Image
-
-    refs = []
-
-    class Collect(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            refs.extend(v for k, v in attrs if k in ("src", "href") and v)
-
-    Collect().feed(path.read_text(encoding="utf-8"))
-    assert not [r for r in refs if r.startswith(("http:", "https:", "//"))]
-    images = [r for r in refs if r.startswith("data:image/png;base64,")]
-    assert images
-    for uri in images:
-        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
-            img.load()
-    return len(images)
-
-
 def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
     out = tmp_path / "heads"
     code, stdout, err = run_main(
@@ -156,7 +133,9 @@ def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
     ):
         assert np.array(data["scores"][name], dtype=float).shape == (2, 2)
     assert data["protocol"]["seed"] == 0 and data["protocol"]["n"] == 10
-    assert check_report(out / "report.html") >= 5
+    n_images = check_report(out / "report.html")
+    assert n_images >= 5
+    assert render_in_chromium(out / "report.html", tmp_path) == {"images": n_images, "broken": []}
     html = (out / "report.html").read_text()
     assert "<script>" in html and '"1.1"' in html  # the viewer has the head asked for
     code, _, err = run_main(capsys, "lm", "heads", "--model", str(gpt2_dir), "--n", "10", "--out", str(out))
@@ -201,6 +180,7 @@ def test_train_toy_cli(capsys, tmp_path, monkeypatch):
     assert data["config"]["layers"] == 2 and data["control"]["config"]["layers"] == 1
     assert "phase_change" in data and "1-layer control" in stdout
     assert check_report(out / "training.html") == 2
+    assert render_in_chromium(out / "training.html", tmp_path) == {"images": 2, "broken": []}
 
 
 @pytest.mark.parametrize(
