@@ -242,10 +242,10 @@ def resample_donors(labels: torch.Tensor, seed: int = 0, other_class: bool = Tru
     if n < 2:
         raise MechscopeError("resampling needs at least two inputs")
     g = torch.Generator().manual_seed(seed)
-    donors = torch.empty(n, dtype=torch.long)
     if not other_class:
         pick = torch.randint(0, n - 1, (n,), generator=g)
         return pick + (pick >= torch.arange(n)).long()  # skip the input itself
+    donors = torch.empty(n, dtype=torch.long)
     for c in labels.unique().tolist():
         mine = (labels == c).nonzero().flatten()
         pool = (labels != c).nonzero().flatten()

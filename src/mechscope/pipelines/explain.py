@@ -530,18 +530,17 @@ def summarise(m: dict, linked: dict) -> list[str]:
         f"Zero-ablating them: {_pts(whole['conv1']['zero']['test_accuracy'])}% and "
         f"{_pts(whole['conv2']['zero']['test_accuracy'])}%."
     )
-    mean_class = whole["conv2"]["mean"].get("reads_as")
-    if mean_class is not None:
-        share = whole["conv2"]["mean"]["predicted_share"][mean_class]
-        called = "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
-        lines.append(
-            f"Mean-ablation is not neutral here: with every conv2 channel at its mean the network calls "
-            f"{called} {_a(mean_class)} "
-            f"(the mean conv2 map reads as {_a(mean_class)}), so mean-ablating conv2 channels pushes images towards "
-            f"{mean_class} and cannot show that a channel is needed for the {mean_class}s. The circuits below also "
-            "report resample-ablation (each image's channels taken from a random image of another digit), which "
-            "has no such bias."
-        )
+    mean_class = whole["conv2"]["mean"]["reads_as"]
+    share = whole["conv2"]["mean"]["predicted_share"][mean_class]
+    called = "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
+    lines.append(
+        f"Mean-ablation is not neutral here: with every conv2 channel at its mean the network calls "
+        f"{called} {_a(mean_class)} "
+        f"(the mean conv2 map reads as {_a(mean_class)}), so mean-ablating conv2 channels pushes images towards "
+        f"{mean_class} and cannot show that a channel is needed for the {mean_class}s. The circuits below also "
+        "report resample-ablation (each image's channels taken from a random image of another digit), which "
+        "has no such bias."
+    )
     for key in ("conv1", "conv2"):
         layer = m["ablation"]["layers"][key]
         ov = np.array(layer["mean_overall"])
@@ -588,13 +587,8 @@ def summarise(m: dict, linked: dict) -> list[str]:
             lines.append(
                 f"Digit {c['digit']}: conv2 channels {', '.join(map(str, c['channels']))} alone keep "
                 f"{_pts(c['sufficiency'])}% (full model {_pts(c['full_accuracy'])}%); mean-ablating just them leaves "
-                f"{_pts(c['necessity'])}%"
-                + (
-                    f", resample-ablating them {_pts(c['necessity_resample'])}%"
-                    if c.get("necessity_resample") is not None
-                    else ""
-                )
-                + f"; with only them, {_pts(c['other_digits_called_d_with_only_the_circuit'])}% "
+                f"{_pts(c['necessity'])}%, resample-ablating them {_pts(c['necessity_resample'])}%; with only them, "
+                f"{_pts(c['other_digits_called_d_with_only_the_circuit'])}% "
                 f"of other digits are called {c['digit']} (full model {_pts(c['other_digits_called_d_full_model'])}%)."
                 + (
                     f" Their strongest conv1 input is channel {f0['conv1_channel']} "
@@ -603,28 +597,27 @@ def summarise(m: dict, linked: dict) -> list[str]:
                     else ""
                 )
             )
-        resampled = [c["necessity_resample"] for c in circ if c.get("necessity_resample") is not None]
-        if resampled:
-            meaned = [c["necessity"] for c in circ if c.get("necessity_resample") is not None]
-            lower = sum(r < mn for r, mn in zip(resampled, meaned, strict=True))
-            verdict = (
-                ": by this measure mean-ablation understates how much the digits need their circuits"
-                if 2 * lower > len(resampled)
-                else ""
-            )
+        resampled = [c["necessity_resample"] for c in circ]
+        meaned = [c["necessity"] for c in circ]
+        lower = sum(r < mn for r, mn in zip(resampled, meaned, strict=True))
+        verdict = (
+            ": by this measure mean-ablation understates how much the digits need their circuits"
+            if 2 * lower > len(circ)
+            else ""
+        )
+        lines.append(
+            f"Resample-ablating a circuit leaves its digit less accuracy than mean-ablating it for {lower} of "
+            f"{len(circ)} digits (median {_pts(float(np.median(resampled)))}% against "
+            f"{_pts(float(np.median(meaned)))}%){verdict}."
+        )
+        c = next((c for c in circ if c["digit"] == mean_class), None)
+        if c is not None:
             lines.append(
-                f"Resample-ablating a circuit leaves its digit less accuracy than mean-ablating it for {lower} of "
-                f"{len(resampled)} digits (median {_pts(float(np.median(resampled)))}% against "
-                f"{_pts(float(np.median(meaned)))}%){verdict}."
+                f"For the {mean_class}s, the digit the mean reads as, the circuit's job is mostly to say "
+                f'"not {mean_class}": with every conv2 channel mean-ablated the network calls {called} '
+                f"{_a(mean_class)}; keeping the circuit's {c['size']} channels brings that down to "
+                f"{_pts(c['other_digits_called_d_with_only_the_circuit'])}% of the other digits."
             )
-        for c in circ:
-            if c["digit"] == mean_class:
-                lines.append(
-                    f"For the {mean_class}s, the digit the mean reads as, the circuit's job is mostly to say "
-                    f'"not {mean_class}": with every conv2 channel mean-ablated the network calls {called} '
-                    f"{_a(mean_class)}; keeping the circuit's {c['size']} channels brings that down to "
-                    f"{_pts(c['other_digits_called_d_with_only_the_circuit'])}% of the other digits."
-                )
         shared = C.circuit_membership(circ)
         ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
         lines.append(

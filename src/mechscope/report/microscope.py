@@ -245,17 +245,15 @@ def circuits_fig(circuits: list[dict], n_channels: int) -> str:
     a.grid(alpha=0.3)
     ds = [ci["digit"] for ci in circuits]
     xs = np.arange(len(ds))
-    w = 0.21
-    b.bar(xs - 1.5 * w, [ci["full_accuracy"] * 100 for ci in circuits], w, label="full model", color="#999")
-    b.bar(xs - 0.5 * w, [ci["sufficiency"] * 100 for ci in circuits], w, label="only the circuit", color="#1b9e77")
-    b.bar(xs + 0.5 * w, [ci["necessity"] * 100 for ci in circuits], w, label="circuit mean-ablated", color="#d95f02")
-    b.bar(
-        xs + 1.5 * w,
-        [ci["necessity_resample"] * 100 for ci in circuits],
-        w,
-        label="circuit resample-ablated",
-        color="#7570b3",
+    bars = (
+        ("full_accuracy", "full model", "#999"),
+        ("sufficiency", "only the circuit", "#1b9e77"),
+        ("necessity", "circuit mean-ablated", "#d95f02"),
+        ("necessity_resample", "circuit resample-ablated", "#7570b3"),
     )
+    w = 0.21
+    for j, (key, label, colour) in enumerate(bars):
+        b.bar(xs + (j - 1.5) * w, [ci[key] * 100 for ci in circuits], w, label=label, color=colour)
     for x_, ci in zip(xs, circuits, strict=True):
         b.text(x_, 101, str(ci["size"]), ha="center", fontsize=6)
     b.set_xticks(xs)
