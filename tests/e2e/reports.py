@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -57,10 +58,10 @@ def render_in_chromium(path: Path, tmp_path: Path) -> dict:
     browser = next((b for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
         pytest.skip("no headless Chromium on PATH (Debian: apt install chromium)")
-    html = path.read_text(encoding="utf-8")
-    assert "</body>" in html
+    page = path.read_text(encoding="utf-8")
+    assert "</body>" in page
     probe = tmp_path / f"probe-{path.name}"
-    probe.write_text(html.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
+    probe.write_text(page.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
     cmd = [
         browser,
         "--headless",
@@ -76,4 +77,4 @@ def render_in_chromium(path: Path, tmp_path: Path) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     found = re.search(r'<pre id="render-check">(.*?)</pre>', done.stdout, re.S)
     assert found, f"Chromium did not finish the page (exit {done.returncode}): {done.stderr[-500:]}"
-    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    return json.loads(html.unescape(found.group(1)))

@@ -131,6 +131,7 @@ def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
     assert whole["reads_as"] == reads_as and whole["predicted_share"][reads_as] == 1.0
     donors = A.resample_donors(y, seed=m["settings"]["resample_seed"])  # the sampling; the measurement is ours
     assert (y[donors] != y).all()
+    a_donor = a[donors]
     assert len(m["circuits"]) == 10
     for c in m["circuits"]:
         d = c["digit"]
@@ -151,7 +152,7 @@ def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
             nec = (model.fc(ablated.flatten(1)).argmax(1)[y == d] == d).double().mean()
         assert abs(float(nec) - c["necessity"]) < 1e-9
         resampled = a.clone()
-        resampled[:, c["channels"]] = a[donors][:, c["channels"]]
+        resampled[:, c["channels"]] = a_donor[:, c["channels"]]
         with torch.no_grad():
             nec_r = (model.fc(resampled.flatten(1)).argmax(1)[y == d] == d).double().mean()
         assert abs(float(nec_r) - c["necessity_resample"]) < 1e-9
