@@ -12,7 +12,7 @@ import argparse
 import tempfile
 import time
 
-from mechscope.pipelines import induction_heads
+from mechscope.pipelines.lm import induction_heads
 
 
 def main() -> None:

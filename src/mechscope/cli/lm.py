@@ -106,7 +106,7 @@ def heads(
 ) -> None:
     """Find the induction heads: write heads.json and a self-contained report.html."""
     from mechscope.methods.heads import HeadProtocol
-    from mechscope.pipelines import induction_heads
+    from mechscope.pipelines.lm import induction_heads
 
     protocol = HeadProtocol(n=n, batch=batch, seed=seed, top_k=top_k, per_head_ablation=not no_ablation)
     shown = [parse_head(h) for h in show or []]
@@ -153,7 +153,7 @@ def train_toy_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
 ) -> None:
     """Train a small attention-only transformer and watch its induction heads form."""
-    from mechscope.pipelines import train_toy_run
+    from mechscope.pipelines.lm import train_toy_run
     from mechscope.toy import ToyConfig
 
     path, r = train_toy_run(ToyConfig(layers=layers, data=data, steps=steps, seed=seed), out, text, control, force)

@@ -1,0 +1,111 @@
+"""Pipelines of the language half: induction heads, toy training (strings steps together)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mechscope.runs import check_out_dir, prepare_out_dir
+
+log = logging.getLogger(__name__)
+
+
+def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: int):
+    """Seeded windows of real text for the previous-token protocol; None when no text is at hand."""
+    import torch
+
+    from mechscope.data.mnist import resolve_data_dir
+    from mechscope.errors import MechscopeError
+
+    if tokenizer is None:
+        log.warning("no tokenizer: the real-text previous-token score is not measured")
+        return None
+    path = Path(text_file) if text_file else resolve_data_dir() / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        if text_file:
+            raise MechscopeError(f"{path}: text file not found")
+        log.warning("%s not found: the real-text previous-token score is not measured", path)
+        return None
+    ids = torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")[:300_000]))
+    length = min(protocol.text_len, n_ctx)
+    if len(ids) < length + 1:
+        raise MechscopeError(f"{path}: {len(ids)} tokens, too short for windows of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (protocol.text_batch,), generator=g)
+    return torch.stack([ids[s : s + length] for s in starts])
+
+
+def induction_heads(
+    model_spec: str,
+    out: str | Path | None = None,
+    protocol=None,
+    text_file: str | Path | None = None,
+    show: list[tuple[int, int]] | None = None,
+    force: bool = False,
+    progress=None,
+) -> tuple[Path, dict]:
+    """Find the induction heads of a model; write heads.json and report.html."""
+    import re
+    import time
+
+    from mechscope.methods.heads import HeadProtocol, find_induction_heads
+    from mechscope.models.loading import load_model
+    from mechscope.report.heads import write_report
+    from mechscope.runs import write_json
+
+    protocol = protocol or HeadProtocol()
+    out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
+    check_out_dir(out, force=force)
+    t = time.perf_counter()
+    model, tok = load_model(model_spec)
+    load_seconds = time.perf_counter() - t
+    text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
+    result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
+    data = result.to_dict()
+    data["seconds"] = {"load": load_seconds, **data["seconds"]}
+    prepare_out_dir(out, force=force)
+    write_json(out / "heads.json", data)
+
+    def as_text(ids):
+        return [tok.decode([i]) if tok else str(i) for i in ids]
+
+    token_text = {k: as_text(v["tokens"]) for k, v in result.examples.items() if k in ("repeated", "text")}
+    write_report(data, result.examples, token_text, out / "report.html")
+    return out, data
+
+
+def train_toy_run(
+    config,
+    out: str | Path | None = None,
+    text_file: str | Path | None = None,
+    control: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Train a toy attention-only model (and its 1-layer control); write training.json and training.html."""
+    from dataclasses import replace
+
+    from mechscope.data.mnist import resolve_data_dir
+    from mechscope.errors import MechscopeError
+    from mechscope.report.toy import write_training_report
+    from mechscope.runs import write_json
+    from mechscope.toy import train_toy
+
+    config.validate()
+    text = None
+    if config.data == "text":
+        path = Path(text_file) if text_file else resolve_data_dir() / "tinyshakespeare" / "input.txt"
+        if not path.is_file():
+            raise MechscopeError(f"{path}: text file not found")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise MechscopeError(f"{path}: the text file is empty")
+    out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L"
+    check_out_dir(out, force=force)
+    prepare_out_dir(out, force=force)
+    result = train_toy(config, text, out, progress)
+    if control and config.layers == 2:
+        result["control"] = train_toy(replace(config, layers=1), text, out / "control", progress)
+    write_json(out / "training.json", result)
+    write_training_report(result, out / "training.html")
+    return out, result

@@ -1,0 +1,108 @@
+"""Atomic outputs: all new files or the old state, never a mix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mechscope.errors import RunError
+from mechscope.outputs import TMP_MARK, atomic_output
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if TMP_MARK in p.name]
+
+
+def test_new_directory_appears_complete(tmp_path):
+    out = tmp_path / "a" / "b"
+    with atomic_output(out) as tmp:
+        (tmp / "x.json").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "y.png").write_bytes(b"png")
+        assert not out.exists()  # nothing visible until the block ends
+    assert (out / "x.json").read_text() == "1" and (out / "sub" / "y.png").exists()
+    assert leftovers(out.parent) == []
+
+
+def test_error_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError), atomic_output(out) as tmp:
+        (tmp / "half.json").write_text("{")
+        1 / 0
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_interrupt_keeps_old_outputs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.json").write_text("old")
+    (out / "grids").mkdir()
+    (out / "grids" / "a.png").write_text("old a")
+    with pytest.raises(KeyboardInterrupt), atomic_output(out, force=True) as tmp:
+        (tmp / "x.json").write_text("new")
+        raise KeyboardInterrupt
+    assert (out / "x.json").read_text() == "old" and (out / "grids" / "a.png").read_text() == "old a"
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_only_what_is_written(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user's file")
+    (out / "x.json").write_text("old")
+    (out / "grids").mkdir()
+    (out / "grids" / "stale.png").write_text("stale")
+    with atomic_output(out, force=True) as tmp:
+        (tmp / "x.json").write_text("new")
+        (tmp / "grids").mkdir()
+        (tmp / "grids" / "fresh.png").write_text("fresh")
+    assert (out / "mine.txt").read_text() == "user's file"
+    assert (out / "x.json").read_text() == "new"
+    # a directory the command writes is replaced whole: no stale grid beside the new ones
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["fresh.png"]
+    assert leftovers(tmp_path) == []
+
+
+def test_refusals_happen_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("1")
+    with pytest.raises(RunError, match="--force"), atomic_output(out):
+        pytest.fail("the block must not run")
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(RunError, match="not a directory"), atomic_output(f, force=True):
+        pytest.fail("the block must not run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_location(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(RunError, match="not writable"), atomic_output(ro / "out"):
+            pytest.fail("the block must not run")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_unwritable_location_as_root(tmp_path, monkeypatch):
+    # root ignores permissions: simulate a location where the temporary directory cannot be made
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(RunError, match="cannot write in"), atomic_output(tmp_path / "out"):
+        pytest.fail("the block must not run")
+
+
+def test_empty_existing_directory_is_fine(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with atomic_output(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1"
