@@ -89,6 +89,11 @@ def _check_fields(config: dict, understood: set[str], family: str) -> None:
         )
 
 
+def strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    """The same state dict (same type: a :class:`PartialState` stays one) without ``prefix`` on its names."""
+    return type(state)((k.removeprefix(prefix), v) for k, v in state.items())
+
+
 def _require(config: dict, key: str, expected, family: str) -> None:
     if key in config and config[key] not in (expected if isinstance(expected, tuple) else (expected,)):
         raise MechscopeError(f"unsupported {family} config: {key}={config[key]!r} (supported: {expected!r})")
@@ -144,7 +149,7 @@ def convert_gpt2(config: dict, state: StateDict) -> tuple[TransformerConfig, Sta
         eos_token_id=config.get("eos_token_id"),
         name=config.get("_name_or_path", "gpt2"),
     )
-    s = {k.removeprefix("transformer."): v for k, v in state.items()}
+    s = strip_prefix(state, "transformer.")
     out: StateDict = {
         "W_E": s["wte.weight"],
         "W_pos": s["wpe.weight"],
@@ -234,7 +239,7 @@ def convert_llama(config: dict, state: StateDict) -> tuple[TransformerConfig, St
         family="llama",
         name=config.get("_name_or_path", "llama"),
     )
-    s = {k.removeprefix("model."): v for k, v in state.items()}
+    s = strip_prefix(state, "model.")
     out: StateDict = {"W_E": s["embed_tokens.weight"], "ln_final.w": s["norm.weight"]}
     if not tied:
         out["W_U_untied"] = s["lm_head.weight"].T
@@ -263,24 +268,68 @@ CONVERTERS: dict[str, Callable[[dict, StateDict], tuple[TransformerConfig, State
 }
 
 
-def build(cfg: TransformerConfig, state: StateDict, dtype: torch.dtype = torch.float32) -> HookedTransformer:
-    """A model from our config and state dict; a missing or misshapen tensor is a clear error."""
+class MissingTensor:
+    """Stands for a tensor a partial checkpoint does not hold.
+
+    A converter indexes, slices and transposes its inputs; on a missing one every such step
+    gives the same placeholder back, so converters need no special case for partial files.
+    The placeholder never reaches a model: :func:`build` leaves those parameters unallocated
+    (on the meta device) and records their names in ``model.missing_weights``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, key) -> MissingTensor:
+        return self
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return self if attr in ("T", "mT", "H") else (lambda *a, **k: self)
+
+    def __repr__(self) -> str:
+        return f"MissingTensor({self.name!r})"
+
+
+class PartialState(dict):
+    """A state dict whose absent entries read as :class:`MissingTensor` (for partial checkpoints)."""
+
+    def __missing__(self, key: str) -> MissingTensor:
+        return MissingTensor(key)
+
+    def __contains__(self, key) -> bool:  # `name in state` stays truthful for optional tensors
+        return dict.__contains__(self, key)
+
+
+def build(
+    cfg: TransformerConfig, state: StateDict, dtype: torch.dtype = torch.float32, allow_missing: bool = False
+) -> HookedTransformer:
+    """A model from our config and state dict; a missing or misshapen tensor is a clear error.
+
+    ``allow_missing`` (partial checkpoints, weights-only analysis): parameters without a tensor
+    stay on the meta device, their names go to ``model.missing_weights``, and any forward pass
+    raises a one-line error.
+    """
     with torch.device("meta"):
         model = HookedTransformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = {k: v for k, v in state.items() if not isinstance(v, MissingTensor)}
     missing = sorted(set(expected) - set(state))
-    if missing:
+    if missing and not allow_missing:
         raise MechscopeError(
             f"weights file lacks {missing[0]} (and {len(missing) - 1} more)"
             if len(missing) > 1
             else f"weights file lacks {missing[0]}"
         )
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
+        if k in state and tuple(state[k].shape) != tuple(shape):
             raise MechscopeError(f"weight {k} has shape {list(state[k].shape)}, expected {list(shape)}")
     # copy into torch's own (64-byte aligned, contiguous) memory: weights left in numpy buffers
     # from dequantisation, or as transposed views, make the matrix multiplies up to 1.5x slower
-    model.load_state_dict({k: state[k].to(dtype, copy=True).contiguous() for k in expected}, assign=True)
+    present = {k: state[k].to(dtype, copy=True).contiguous() for k in expected if k in state}
+    model.load_state_dict(present, assign=True, strict=False)
+    model.missing_weights = tuple(missing)
     model._rotary = None
     return model.eval()
 
@@ -313,7 +362,7 @@ def read_state_dict(directory: Path) -> StateDict:
 
 
 def load_hf_dir(
-    directory: str | Path, dtype: torch.dtype = torch.float32
+    directory: str | Path, dtype: torch.dtype = torch.float32, partial_ok: bool = False
 ) -> tuple[HookedTransformer, Tokenizer | None]:
     directory = Path(directory)
     cfg_path = directory / "config.json"
@@ -326,12 +375,19 @@ def load_hf_dir(
     kind = config.get("model_type")
     if kind not in CONVERTERS:
         raise MechscopeError(f"unsupported architecture {kind!r} in {cfg_path}; supported: {', '.join(CONVERTERS)}")
-    state = read_state_dict(directory)
+    state = PartialState(read_state_dict(directory))
     try:
         cfg, ours = CONVERTERS[kind](config, state)
     except KeyError as e:
         raise MechscopeError(f"{directory}: weights lack {e.args[0]} for a {kind} model") from None
-    model = build(cfg, ours, dtype)
+    absent = sorted({v.name for v in ours.values() if isinstance(v, MissingTensor)})
+    if absent and not partial_ok:
+        raise MechscopeError(
+            f"{directory}: a partial checkpoint (it lacks {_name_list(absent)}); this needs a forward pass, "
+            "which it cannot run. Weights-only analyses run on it: mechscope lm circuits --model DIR"
+        )
+    model = build(cfg, ours, dtype, allow_missing=partial_ok)
+    model.missing_source = tuple(absent)
     tokenizer = Tokenizer.from_hf_dir(directory) if Tokenizer.hf_dir_has_tokenizer(directory) else None
     return model, tokenizer
 
@@ -479,8 +535,25 @@ def smollm2_path() -> Path:
     return path
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[HookedTransformer, Tokenizer | None]:
-    """Resolve and load a model: ``smollm2``, a .gguf file, a HF directory, or a hub id."""
+def _name_list(names: list[str], shown: int = 4) -> str:
+    """``h.0.mlp.c_fc.weight ... h.11.mlp.c_fc.weight`` -> ``h.*.mlp.c_fc.weight``; a few names, then a count."""
+    import re
+
+    collapsed = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+    more = f" and {len(collapsed) - shown} more" if len(collapsed) > shown else ""
+    return ", ".join(collapsed[:shown]) + more
+
+
+def load_model(
+    spec: str | Path, dtype: torch.dtype = torch.float32, partial_ok: bool = False
+) -> tuple[HookedTransformer, Tokenizer | None]:
+    """Resolve and load a model: ``smollm2``, a .gguf file, a HF directory, or a hub id.
+
+    ``partial_ok``: accept a checkpoint that lacks some tensors (for weights-only analysis,
+    e.g. ``gpt2-small-partial`` without its token embedding and MLP matrices); the model then
+    refuses any forward pass with a one-line error, and ``model.missing_weights`` names what
+    is absent.
+    """
     text = str(spec)
     if text.lower() == "smollm2":
         return load_gguf(smollm2_path(), dtype)
@@ -490,9 +563,9 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Ho
             raise MechscopeError(f"{path}: GGUF file not found")
         return load_gguf(path, dtype)
     if path.is_dir():
-        return load_hf_dir(path, dtype)
+        return load_hf_dir(path, dtype, partial_ok)
     if path.exists():
         raise MechscopeError(f"{path}: expected a model directory or a .gguf file")
     if text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1:
         raise MechscopeError(f"{path}: no such model directory or file")
-    return load_hf_dir(resolve_hub(text), dtype)
+    return load_hf_dir(resolve_hub(text), dtype, partial_ok)

@@ -274,6 +274,7 @@ class HookedTransformer(nn.Module):
         self.ln_final = make_norm(cfg)
         self.W_U_untied = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.missing_weights: tuple[str, ...] = ()  # a partial checkpoint's absent parameters (left on meta)
         self.init_weights(torch.Generator().manual_seed(0))
 
     @torch.no_grad()
@@ -311,8 +312,21 @@ class HookedTransformer(nn.Module):
             self._rotary = rotary_tables(self.cfg, max(n, 256), device)
         return self._rotary
 
+    def check_complete(self) -> None:
+        """Refuse a forward pass on a partial checkpoint (weights-only analysis only)."""
+        if self.missing_weights:
+            import re
+
+            names = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in self.missing_weights))
+            raise MechscopeError(
+                f"{self.cfg.name or 'this model'} is a partial checkpoint without {', '.join(names[:4])}"
+                f"{' and more' if len(names) > 4 else ''}: it cannot run a forward pass; "
+                "weights-only analyses (mechscope lm circuits) work on it"
+            )
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token (and learned position) embeddings: the residual stream entering block 0, [B,P,D]."""
+        self.check_complete()
         self.check_tokens(tokens)
         b, p = tokens.shape
         x = self.hook_embed(F.embedding(tokens, self.W_E))  # [B,P,D]
@@ -322,6 +336,7 @@ class HookedTransformer(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Blocks ``start``.. on the residual stream ``x`` [B,P,D]; returns the final residual."""
+        self.check_complete()
         rotary = self.rotary(x.shape[1], x.device)
         for block in self.blocks[start:]:
             x = block(x, rotary)
