@@ -1,0 +1,119 @@
+"""The folded analysis view: the same function, and free of choices that do not change it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.models.folding import analysis_weights, folded_model, raw_weights
+from mechscope.models.transformer import HookedTransformer, TransformerConfig
+
+
+def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, seed=0) -> HookedTransformer:
+    cfg = TransformerConfig(
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        d_head=8,
+        d_vocab=50,
+        n_ctx=16,
+        d_mlp=None if attn_only else 48,
+        act="silu" if gated else "gelu_new",
+        gated_mlp=gated,
+        norm=norm,
+        positional="learned" if norm == "layernorm" else "rotary",
+        attn_bias=norm == "layernorm",
+        attn_out_bias=norm == "layernorm",
+        mlp_bias=norm == "layernorm",
+        attn_only=attn_only,
+        tie_embeddings=norm == "layernorm",
+    )
+    model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    model.init_weights(g, std=0.3)
+    with torch.no_grad():  # non-trivial gains and biases, so a missed fold shows
+        for name, p in model.named_parameters():
+            if name.endswith(".w"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+CASES = {
+    "gpt2-like": dict(norm="layernorm"),
+    "attn-only": dict(norm="layernorm", attn_only=True),
+    "llama-gqa": dict(norm="rmsnorm", kv_heads=2, gated=True),
+    "llama-mqa": dict(norm="rmsnorm", kv_heads=1, gated=True),
+}
+
+
+def centred(x):
+    return x - x.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_folded_model_computes_the_same_function(case):
+    model = random_model(**CASES[case])
+    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    folded, b_U = folded_model(analysis_weights(model))
+    with torch.no_grad():
+        ours, theirs = model(tokens), folded(tokens) + b_U
+    # equal up to one shift per position (the centred unembedding), and far from trivially so
+    torch.testing.assert_close(centred(theirs), centred(ours), rtol=1e-5, atol=1e-5)
+    assert centred(ours).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_raw_view_is_the_checkpoint(case):
+    model = random_model(**CASES[case])
+    raw = raw_weights(model)
+    groups = model.cfg.n_heads // model.cfg.kv_heads
+    torch.testing.assert_close(raw.W_Q[1], model.blocks[1].attn.W_Q, rtol=0, atol=0)
+    torch.testing.assert_close(raw.W_K[2], model.blocks[2].attn.W_K.repeat_interleave(groups, 0), rtol=0, atol=0)
+    torch.testing.assert_close(raw.W_U, model.W_U, rtol=0, atol=0)
+
+
+def test_layernorm_view_ignores_an_all_ones_component():
+    """Adding c·1 to W_O and b_O does not change a LayerNorm model's function; it must not change the view."""
+    model = random_model("layernorm")
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    before = analysis_weights(model)
+    with torch.no_grad():
+        logits = model(tokens)
+        c = torch.randn(model.cfg.n_heads * model.cfg.d_head, 1) * 3
+        model.blocks[1].attn.o.weight.add_(c.T.expand(model.cfg.d_model, -1))  # every output unit gets c·z
+        model.blocks[1].attn.o.bias.add_(2.0)
+        torch.testing.assert_close(model(tokens), logits, rtol=1e-4, atol=1e-4)
+    after = analysis_weights(model)
+    torch.testing.assert_close(after.W_O, before.W_O, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.b_O, before.b_O, rtol=1e-5, atol=1e-5)
+    assert (raw_weights(model).W_O[1] - before.W_O[1]).abs().max() > 1.0
+
+
+def test_rmsnorm_gets_gains_only():
+    model = random_model("rmsnorm", kv_heads=2, gated=True)
+    view = analysis_weights(model)
+    w = model.blocks[0].ln1.w.detach()
+    torch.testing.assert_close(view.W_Q[0], model.blocks[0].attn.W_Q.detach() * w[:, None])
+    # no centring of writing weights on an RMSNorm model
+    torch.testing.assert_close(view.W_O, raw_weights(model).W_O)
+    # the unembedding is centred over the vocabulary (softmax ignores a shared shift)
+    assert view.W_U.mean(-1).abs().max() < 1e-6
+
+
+def test_folded_view_by_hand_on_one_head():
+    """An independent, written-out fold of one head's query weights and bias for a LayerNorm model."""
+    model = random_model("layernorm")
+    view = analysis_weights(model)
+    ln, attn = model.blocks[2].ln1, model.blocks[2].attn
+    h = 3
+    W = attn.q.weight.detach()[h * 8 : (h + 1) * 8].T  # [D, Dh]
+    expected_b = attn.q.bias.detach()[h * 8 : (h + 1) * 8] + ln.b.detach() @ W
+    expected_W = ln.w.detach()[:, None] * W
+    expected_W = expected_W - expected_W.mean(0, keepdim=True)
+    torch.testing.assert_close(view.W_Q[2, h], expected_W)
+    torch.testing.assert_close(view.b_Q[2, h], expected_b)
+    # value biases live in b_O once folded
+    assert view.b_V.abs().max() == 0 and view.value_bias.abs().max() > 0
