@@ -1,4 +1,4 @@
-"""A hookable decoder-only transformer: the GPT-2 family and the Llama family in one file.
+"""A hookable decoder-only transformer: GPT-2, Llama and the families that vary them, in one file.
 
 Glossary of axis names (TransformerLens vocabulary):
     B batch, P position (query), K position (key), H query heads, G key/value heads,
@@ -8,12 +8,25 @@ GPT-2: learned positions, LayerNorm, GELU (tanh approximation), biases, tied une
 Llama (SmolLM2 and kin): rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention.
 Attention-only models (``attn_only=True``) drop the MLPs, for toy models.
 
+The other families are the same network with switches, each a config field named for what it
+does (defaults: GPT-2/Llama behaviour): ``parallel_attn_mlp`` (GPT-NeoX, GPT-J), ``rotary_dim``
+(partial rotary: NeoX, Phi-3, GPT-J), ``rotary_interleaved`` (GPT-J's adjacent pairs),
+``attn_bias`` without ``attn_out_bias`` (Qwen2), ``qk_norm`` (Qwen3, Gemma 3), ``sliding_window``
+with ``sliding_window_layers`` (Mistral, Gemma 2/3, GPT-Neo's local layers, Qwen, Phi-3),
+``rotary_base_local`` (Gemma 3's local layers), ``attn_logit_softcap`` and
+``final_logit_softcap`` (Gemma 2), ``embed_scale`` and ``norm_weight_plus_one`` (Gemma),
+``post_attn_mlp_norm`` (Gemma 2/3: ``ln1_post``, ``ln2_post``), ``attn_scale`` (GPT-Neo's
+unscaled attention, Gemma's query_pre_attn_scalar), ``attn_scores_float32`` (GPT-Neo, GPT-J
+compute scores in float32 whatever the dtype), ``norm_after_residual`` and ``final_norm``
+(OPT-350m's post-LN), ``unembed_bias`` (GPT-J's ``b_U``).
+
 Hook points (``blocks.{L}.`` prefix inside blocks)::
 
     hook_embed [B,P,D]  hook_pos_embed [B,P,D]
     blocks.L.hook_resid_pre / hook_resid_mid / hook_resid_post [B,P,D]
     blocks.L.ln1.hook_normalized, blocks.L.ln2.hook_normalized [B,P,D]
     blocks.L.attn.hook_q [B,P,H,Dh]  hook_k, hook_v [B,P,G,Dh]  hook_rot_q, hook_rot_k (rotary)
+    blocks.L.attn.q_norm.hook_normalized, k_norm (qk_norm)  blocks.L.ln1_post, ln2_post (post_attn_mlp_norm)
     blocks.L.attn.hook_attn_scores [B,H,P,K] (masked, before softmax)  hook_pattern [B,H,P,K]
     blocks.L.attn.hook_z [B,P,H,Dh]  hook_result [B,P,H,D] (each head's output; computed only when hooked)
     blocks.L.hook_attn_out [B,P,D]  blocks.L.mlp.hook_pre / hook_post [B,P,M]  blocks.L.hook_mlp_out [B,P,D]
@@ -21,10 +34,12 @@ Hook points (``blocks.{L}.`` prefix inside blocks)::
 
 Per-head weight views (they share storage with the parameters, so an edit through a view edits
 the model): ``W_Q`` [H,D,Dh], ``W_K``/``W_V`` [G,D,Dh], ``W_O`` [H,Dh,D]; ``W_E`` [V,D],
-``W_pos`` [n_ctx,D], ``W_U`` [D,V]. The numerics follow transformers' implementations (no
+``W_pos`` [n_ctx,D], ``W_U`` [D,V], ``b_U`` [V] (unembed_bias). The numerics follow transformers' implementations (no
 weight folding). When nothing is hooked on the attention scores or pattern, attention runs
 through PyTorch's fused scaled_dot_product_attention; otherwise the explicit path computes
-(and exposes) every intermediate.
+(and exposes) every intermediate; soft-capped and float32-score attention always takes it.
+A model spread over devices (``accelerate``'s dispatch) moves the residual stream where each
+block lives; ``embed`` and ``unembed`` move it to the embedding's and unembedding's devices.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
@@ -71,6 +87,27 @@ class TransformerConfig:
     eos_token_id: int | None = None
     family: str = "gpt2"
     name: str = ""
+    # switches the other families need (defaults: GPT-2 / Llama behaviour)
+    parallel_attn_mlp: bool = False  # attention and MLP both read the block's input (GPT-NeoX, GPT-J)
+    norm_after_residual: bool = False  # post-LN: ln1/ln2 normalise the residual after each addition (OPT-350m)
+    final_norm: bool = True  # a norm before the unembedding (OPT-350m has none)
+    post_attn_mlp_norm: bool = False  # ln1_post/ln2_post normalise attention and MLP outputs (Gemma 2/3)
+    norm_weight_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    qk_norm: bool = False  # RMSNorm over d_head on queries and keys, before rotary (Qwen3, Gemma 3)
+    rotary_dim: int | None = None  # rotate the first rotary_dim dims of each head; None: all (NeoX, Phi-3)
+    rotary_interleaved: bool = False  # rotate adjacent pairs (GPT-J) instead of the two halves
+    rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3)
+    sliding_window: int | None = None  # a query sees the keys fewer than this many positions back
+    sliding_window_layers: tuple[int, ...] = ()  # the layers with the sliding window
+    attn_scale: float | None = None  # attention-score multiplier; None: d_head ** -0.5
+    attn_scores_float32: bool = False  # scores and softmax in float32 whatever the dtype (GPT-Neo, GPT-J)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embed_scale: float = 1.0  # token embeddings times this, rounded to the model's dtype (Gemma: sqrt(d_model))
+    unembed_bias: bool = False  # a bias b_U on the logits (GPT-J)
+
+    def __post_init__(self) -> None:  # JSON gives lists; keep the config hashable
+        object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
 
     @property
     def kv_heads(self) -> int:
@@ -87,8 +124,29 @@ class TransformerConfig:
             raise MechscopeError(f"{self.n_heads} query heads cannot share {self.kv_heads} key/value heads")
         if not self.attn_only and not self.d_mlp:
             raise MechscopeError("d_mlp is required unless attn_only")
-        if self.positional == "rotary" and self.d_head % 2:
-            raise MechscopeError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.positional == "rotary" and self.rotary_width % 2:
+            raise MechscopeError(f"rotary positions need an even number of rotated dims, got {self.rotary_width}")
+        if self.rotary_width > self.d_head:
+            raise MechscopeError(f"rotary_dim {self.rotary_dim} is larger than d_head {self.d_head}")
+        if (self.sliding_window is None) != (not self.sliding_window_layers):
+            raise MechscopeError("sliding_window and sliding_window_layers go together")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_window_layers):
+            raise MechscopeError(f"sliding_window_layers {self.sliding_window_layers} outside 0..{self.n_layers - 1}")
+        if self.norm_weight_plus_one and self.norm != "rmsnorm":
+            raise MechscopeError("norm_weight_plus_one needs norm='rmsnorm'")
+        if self.norm_after_residual and (self.parallel_attn_mlp or self.post_attn_mlp_norm):
+            raise MechscopeError("norm_after_residual cannot combine with parallel_attn_mlp or post_attn_mlp_norm")
+
+    @property
+    def rotary_width(self) -> int:
+        """How many dims of each head the rotary embedding turns."""
+        return self.d_head if self.rotary_dim is None else self.rotary_dim
+
+    def variants(self) -> list[str]:
+        """The family switches set away from their defaults, as ``name=value``."""
+        names = [f.name for f in fields(self)]
+        switches = fields(self)[names.index("parallel_attn_mlp") :]
+        return [f"{f.name}={getattr(self, f.name)}" for f in switches if getattr(self, f.name) != f.default]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +168,11 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.hook_normalized = HookPoint()
 
+    @property
+    def gain(self) -> torch.Tensor:
+        """The multiplier applied to the normalised stream [D]."""
+        return self.w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (
             F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
@@ -124,30 +187,48 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float) -> None:
+    """RMSNorm; ``plus_one`` (Gemma): the gain is 1 + w, applied in float32 before casting back."""
+
+    def __init__(self, d: int, eps: float, plus_one: bool = False) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.ones(d))
-        self.eps = eps
+        self.w = nn.Parameter(torch.zeros(d) if plus_one else torch.ones(d))
+        self.eps, self.plus_one = eps, plus_one
         self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """The multiplier applied to the normalised stream [D] (1 + w for Gemma's norms)."""
+        return 1.0 + self.w if self.plus_one else self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()  # as transformers: normalise in float32, then back
         x = self.hook_normalized(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        return self.w * x.to(dtype)
+        if self.plus_one:  # Gemma: (x * (1 + w)) in float32, then cast
+            return (x * (1.0 + self.w.float())).to(dtype)
+        return self.w * x.to(dtype)  # Llama: cast, then scale
 
 
-def make_norm(cfg: TransformerConfig) -> nn.Module:
-    return LayerNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(cfg.d_model, cfg.norm_eps)
+def make_norm(cfg: TransformerConfig, d: int | None = None) -> nn.Module:
+    d = d or cfg.d_model
+    if cfg.norm == "layernorm":
+        return LayerNorm(d, cfg.norm_eps)
+    return RMSNorm(d, cfg.norm_eps, cfg.norm_weight_plus_one)
 
 
-def rotary_tables(cfg: TransformerConfig, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [n, Dh] for positions 0..n-1 (the "rotate half" layout transformers uses)."""
-    inv_freq = 1.0 / (
-        cfg.rotary_base ** (torch.arange(0, cfg.d_head, 2, dtype=torch.int64, device=device).float() / cfg.d_head)
-    )
-    freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]  # [n, Dh/2]
-    emb = torch.cat([freqs, freqs], -1)
+def rotary_tables(
+    cfg: TransformerConfig, n: int, device=None, base: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, R] for positions 0..n-1, R = the rotated dims (float32).
+
+    The layout matches the rotation: two halves (``[f0..f_{R/2-1}, f0..]``, transformers' "rotate
+    half") or adjacent pairs (``[f0, f0, f1, f1, ...]``, GPT-J's "rotate every two").
+    """
+    r = cfg.rotary_width
+    base = cfg.rotary_base if base is None else base
+    inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, dtype=torch.int64, device=device).float() / r))
+    freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]  # [n, R/2]
+    emb = freqs.repeat_interleave(2, -1) if cfg.rotary_interleaved else torch.cat([freqs, freqs], -1)
     return emb.cos(), emb.sin()
 
 
@@ -156,8 +237,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], -1)
 
 
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first R dims of ``x`` [B,P,N,Dh] by cos/sin [P,1,R] (float32); the rest pass."""
+    r = cos.shape[-1]
+    head, rest = x[..., :r], x[..., r:]
+    turned = (head * cos + (rotate_every_two(head) if interleaved else rotate_half(head)) * sin).to(x.dtype)
+    return torch.cat([turned, rest], -1) if rest.shape[-1] else turned
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attention_mask(p: int, window: int | None, device) -> torch.Tensor:
+    """Which keys each query sees [P,K] (True: seen): causal, and within the window if one is set."""
+    seen = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+    return seen if window is None else seen.triu(1 - window)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         h, g, dh, d = cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_model
@@ -165,7 +269,12 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, g * dh, bias=cfg.attn_bias)
         self.v = nn.Linear(d, g * dh, bias=cfg.attn_bias)
         self.o = nn.Linear(h * dh, d, bias=cfg.attn_out_bias)
-        self.scale = dh**-0.5
+        self.scale = dh**-0.5 if cfg.attn_scale is None else cfg.attn_scale
+        local = layer in cfg.sliding_window_layers
+        self.window = cfg.sliding_window if local else None  # keys fewer than this many positions back
+        self.rotary_base = cfg.rotary_base_local if local and cfg.rotary_base_local is not None else cfg.rotary_base
+        self.q_norm = make_norm(cfg, dh) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, dh) if cfg.qk_norm else None
         for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
 
@@ -188,31 +297,46 @@ class Attention(nn.Module):
 
     @property
     def b_O(self) -> torch.Tensor:
-        return self.o.bias if self.o.bias is not None else torch.zeros(self.cfg.d_model)
+        if self.o.bias is not None:
+            return self.o.bias
+        return torch.zeros(self.cfg.d_model, dtype=self.o.weight.dtype, device=self.o.weight.device)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: dict[float, tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """``x`` [B,P,D]; ``rotary``: cos/sin tables [n,R] by rotary base (None without rotary)."""
         cfg = self.cfg
         b, p, _ = x.shape
         q = self.hook_q(self.q(x).view(b, p, cfg.n_heads, cfg.d_head))  # [B,P,H,Dh]
         k = self.hook_k(self.k(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
         v = self.hook_v(self.v(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
-            cos, sin = rotary[0][:p, None, :], rotary[1][:p, None, :]  # [P,1,Dh]
-            q = self.hook_rot_q((q * cos + rotate_half(q) * sin).to(x.dtype))
-            k = self.hook_rot_k((k * cos + rotate_half(k) * sin).to(x.dtype))
+            cos, sin = (t[:p, None, :] for t in rotary[self.rotary_base])  # [P,1,R]
+            q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_interleaved))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_interleaved))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H|G,P,Dh]
         groups = cfg.n_heads // cfg.kv_heads
-        explicit = bool(self.hook_attn_scores._forward_hooks or self.hook_pattern._forward_hooks)
+        explicit = (
+            self.hook_attn_scores._forward_hooks
+            or self.hook_pattern._forward_hooks
+            or cfg.attn_logit_softcap is not None
+            or (cfg.attn_scores_float32 and q.dtype != torch.float32)
+        )
         if explicit:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [B,H,K,Dh]
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B,H,P,K]
-            causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
-            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            if cfg.attn_scores_float32:
+                q, k = q.float(), k.float()
+            scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, cfg.attn_logit_softcap)  # [B,H,P,K]
+            seen = attention_mask(p, self.window, x.device)
+            scores = self.hook_attn_scores(scores.masked_fill(~seen, float("-inf")))
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
             z = torch.matmul(pattern, v)  # [B,H,P,Dh]
         else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=groups > 1)
+            seen = None if self.window is None else attention_mask(p, self.window, x.device)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=seen, is_causal=seen is None, scale=self.scale, enable_gqa=groups > 1
+            )
         z = self.hook_z(z.transpose(1, 2))  # [B,P,H,Dh]
         if self.hook_result._forward_hooks:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # [B,P,H,D]
@@ -241,20 +365,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
+        self.cfg = cfg
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = None if cfg.attn_only else make_norm(cfg)
         self.mlp = None if cfg.attn_only else MLP(cfg)
+        post = cfg.post_attn_mlp_norm
+        self.ln1_post = make_norm(cfg) if post else None
+        self.ln2_post = make_norm(cfg) if post and not cfg.attn_only else None
         for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), rotary)))
+        if self.cfg.norm_after_residual:
+            return self._post_norm(x, rotary)
+        attn_out = self.attn(self.ln1(x), rotary)
+        attn_out = self.hook_attn_out(attn_out if self.ln1_post is None else self.ln1_post(attn_out))
+        if self.mlp is None:
+            return self.hook_resid_post(self.hook_resid_mid(x + attn_out))
+        if self.cfg.parallel_attn_mlp:  # both read the block's input (no resid_mid)
+            return self.hook_resid_post(x + attn_out + self._mlp_out(x))
+        x = self.hook_resid_mid(x + attn_out)
+        return self.hook_resid_post(x + self._mlp_out(x))
+
+    def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.ln2(x))
+        return self.hook_mlp_out(out if self.ln2_post is None else self.ln2_post(out))
+
+    def _post_norm(self, x: torch.Tensor, rotary) -> torch.Tensor:
+        """Post-LN (OPT-350m): the sublayers read the residual, the norms follow each addition."""
+        x = self.hook_resid_mid(self.ln1(x + self.hook_attn_out(self.attn(x, rotary))))
         if self.mlp is not None:
-            x = x + self.hook_mlp_out(self.mlp(self.ln2(x)))
+            x = self.ln2(x + self.hook_mlp_out(self.mlp(x)))
         return self.hook_resid_post(x)
 
 
@@ -270,10 +415,11 @@ class HookedTransformer(nn.Module):
         if cfg.positional == "learned":
             self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
             self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = make_norm(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg) if cfg.final_norm else None
         self.W_U_untied = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+        self._rotary: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.missing_weights: tuple[str, ...] = ()  # a partial checkpoint's absent parameters (left on meta)
         self.init_weights(torch.Generator().manual_seed(0))
 
@@ -282,7 +428,7 @@ class HookedTransformer(nn.Module):
         """GPT-2-style initialisation from ``generator`` (for toy models trained from scratch)."""
         for name, p in self.named_parameters():
             if name.endswith((".w",)):
-                p.fill_(1.0)
+                p.fill_(0.0 if self.cfg.norm_weight_plus_one else 1.0)  # a gain of one
             elif p.dim() == 1:
                 p.zero_()
             else:
@@ -305,11 +451,14 @@ class HookedTransformer(nn.Module):
             bad = int(tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)][0])
             raise MechscopeError(f"token id {bad} outside the vocabulary 0..{self.cfg.d_vocab - 1}")
 
-    def rotary(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary(self, n: int, device) -> dict[float, tuple[torch.Tensor, torch.Tensor]] | None:
+        """cos/sin tables [>=n, R] (float32, on ``device``) by rotary base; None without rotary."""
         if self.cfg.positional != "rotary":
             return None
-        if self._rotary is None or self._rotary[0].shape[0] < n or self._rotary[0].device != device:
-            self._rotary = rotary_tables(self.cfg, max(n, 256), device)
+        cached = next(iter(self._rotary.values()))[0] if self._rotary else None
+        if cached is None or cached.shape[0] < n or cached.device != torch.device(device):
+            bases = {block.attn.rotary_base for block in self.blocks}
+            self._rotary = {base: rotary_tables(self.cfg, max(n, 256), device, base) for base in bases}
         return self._rotary
 
     def check_complete(self) -> None:
@@ -329,9 +478,12 @@ class HookedTransformer(nn.Module):
         self.check_complete()
         self.check_tokens(tokens)
         b, p = tokens.shape
-        x = self.hook_embed(F.embedding(tokens, self.W_E))  # [B,P,D]
+        x = F.embedding(tokens.to(self.W_E.device), self.W_E)  # [B,P,D]
+        if self.cfg.embed_scale != 1.0:  # as transformers: the scale rounded to the weights' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype, device=x.device)
+        x = self.hook_embed(x)
         if self.cfg.positional == "learned":
-            x = x + self.hook_pos_embed(self.W_pos[:p].unsqueeze(0).expand(b, p, -1))
+            x = x + self.hook_pos_embed(self.W_pos[:p].to(x.device).unsqueeze(0).expand(b, p, -1))
         return x
 
     def run_blocks(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -344,8 +496,14 @@ class HookedTransformer(nn.Module):
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding: residual [..., D] -> logits [..., V]."""
-        x = self.ln_final(resid)
-        return F.linear(x, self.W_E) if self.W_U_untied is None else x @ self.W_U_untied
+        x = resid if self.ln_final is None else self.ln_final(resid)
+        if self.W_U_untied is None:
+            logits = F.linear(x.to(self.W_E.device), self.W_E)
+        else:
+            logits = x.to(self.W_U_untied.device) @ self.W_U_untied
+        if self.b_U is not None:
+            logits = logits + self.b_U.to(logits.device)
+        return softcap(logits, self.cfg.final_logit_softcap)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.run_blocks(self.embed(tokens)))  # [B,P,V]
@@ -359,7 +517,7 @@ class HookedTransformer(nn.Module):
         for _ in range(max_new_tokens):
             if tokens.shape[1] >= self.cfg.n_ctx:
                 break
-            nxt = self(tokens)[:, -1].argmax(-1, keepdim=True)
+            nxt = self(tokens)[:, -1].argmax(-1, keepdim=True).to(tokens.device)
             tokens = torch.cat([tokens, nxt], 1)
             if stop_at_eos and self.cfg.eos_token_id is not None and (nxt == self.cfg.eos_token_id).all():
                 break
@@ -386,6 +544,8 @@ def describe(model: HookedTransformer) -> dict:
         "positional": c.positional,
         "norm": c.norm,
         "act": c.act,
+        "variants": ", ".join(c.variants()) or "none",
         "parameters": n_parameters(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": ", ".join(sorted({str(p.device) for p in model.parameters()})),
     }
