@@ -79,8 +79,13 @@ def intervene(
     replacement: torch.Tensor | float,
     reduce: Reduce | None = None,
     batch_size: int = 2048,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run ``model`` once per mask with the masked units of ``layer`` replaced.
+
+    ``forward`` runs the model on a batch of ``inputs`` (default ``model(x)``); a transformer
+    passes a cached residual stream and ``lambda x: model.run_blocks(x, layer)`` so that each
+    intervention recomputes only the layers it can change.
 
     ``inputs`` [B, ...]; ``masks`` [N, *unit_shape] bool, where unit_shape is the activation's
     shape for one input; ``replacement`` a scalar, [*unit_shape] (e.g. a mean) or
@@ -95,8 +100,14 @@ def intervene(
     (name,) = select(model, layer)  # an unknown layer raises before any work
     inputs = inputs.detach()
     b = inputs.shape[0]
-    with torch.no_grad():
-        _, probe = run_with_cache(model, inputs[:1], names=[name])
+    forward = forward or model
+    probe: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        probe[name] = act
+
+    with torch.no_grad(), hooks(model, fwd=[(name, grab)]):
+        forward(inputs[:1])
     unit_shape = tuple(probe[name].shape[1:])
     if masks.dtype != torch.bool or tuple(masks.shape[1:]) != unit_shape:
         raise MechscopeError(
@@ -131,7 +142,7 @@ def intervene(
                 if kk > 1:
                     x = x.repeat(kk, *([1] * (x.dim() - 1)))
                 with torch.no_grad(), hooks(model, fwd=[(name, edit)]):
-                    out = model(x)
+                    out = forward(x)
                 outs.append(out.view(kk, bb, *out.shape[1:]))
             out = torch.cat(outs, 1)  # [k, B, ...]
             results.append(reduce(out) if reduce is not None else out)
