@@ -125,17 +125,33 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, directory: str | Path) -> Tokenizer:
+        """``tokenizer.json`` (every family), else GPT-2's ``vocab.json`` + ``merges.txt``.
+
+        Special ids come from ``config.json`` (then ``tokenizer_config.json``'s token strings);
+        whether encoding starts with BOS follows ``tokenizer_config.json``'s ``add_bos_token``,
+        else the tokenizer's own post-processor (Llama, Mistral, Gemma prepend BOS; GPT-2,
+        Pythia, Qwen do not), as transformers' tokenizers do.
+        """
         from tokenizers import Tokenizer as Backend
 
         directory = Path(directory)
+        cfg, tcfg = _read_json(directory / "config.json"), _read_json(directory / "tokenizer_config.json")
         if (directory / "tokenizer.json").is_file():
-            backend = Backend.from_file(str(directory / "tokenizer.json"))
-            cfg = {}
-            if (directory / "config.json").is_file():
-                cfg = json.loads((directory / "config.json").read_text())
-            eos = cfg.get("eos_token_id")
-            return cls(backend, cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
-        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
+            try:
+                backend = Backend.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+                raise MechscopeError(f"{directory / 'tokenizer.json'}: unreadable tokenizer ({e})") from None
+            tok = cls(backend)
+        else:
+            tok = cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
+        tok.bos_token_id = _special_id(tok, cfg.get("bos_token_id"), tcfg.get("bos_token"), tok.bos_token_id)
+        tok.eos_token_id = _special_id(tok, cfg.get("eos_token_id"), tcfg.get("eos_token"), tok.eos_token_id)
+        if "add_bos_token" in tcfg:
+            tok.add_bos = bool(tcfg["add_bos_token"])
+        elif tok.bos_token_id is not None:
+            ids = tok.backend.encode("a", add_special_tokens=True).ids
+            tok.add_bos = bool(ids) and ids[0] == tok.bos_token_id
+        return tok
 
     @classmethod
     def from_gguf_meta(cls, meta: dict) -> Tokenizer:
@@ -161,3 +177,25 @@ class Tokenizer:
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MechscopeError(f"{path}: corrupt JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _special_id(tok: Tokenizer, from_config, token, fallback) -> int | None:
+    """An id from config.json (a list: its first), else the id of tokenizer_config.json's token string."""
+    if isinstance(from_config, list):
+        from_config = from_config[0] if from_config else None
+    if from_config is not None:
+        return int(from_config)
+    if isinstance(token, dict):  # {"content": "<s>", ...}
+        token = token.get("content")
+    found = tok.backend.token_to_id(token) if isinstance(token, str) else None
+    return found if found is not None else fallback
