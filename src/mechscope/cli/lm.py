@@ -6,11 +6,49 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Load transformers (GPT-2 and Llama families) and look inside them.", no_args_is_help=True)
+app = typer.Typer(
+    help="Load transformers (GPT-2, Llama, Pythia, GPT-Neo, GPT-J, OPT, Qwen, Mistral, Gemma, Phi-3) and look inside.",
+    no_args_is_help=True,
+)
 
 ModelOpt = typer.Option(
-    ..., "--model", help="smollm2, a .gguf file, a Hugging Face model directory, or a hub id (gpt2, ...)."
+    ...,
+    "--model",
+    help="smollm2, a .gguf file, a Hugging Face model directory, or a hub id (gpt2, EleutherAI/pythia-70m, ...).",
 )
+# shared by every command that loads a model (lm circuits and later commands reuse them)
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the best one present).")
+DtypeOpt = typer.Option(
+    None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)."
+)
+DeviceMapOpt = typer.Option(
+    None, "--device-map", help="auto: spread the blocks over every GPU, then CPU memory, then disk (accelerate)."
+)
+RevisionOpt = typer.Option(
+    None, "--revision", help="Hub branch, tag or commit of a hub id (Pythia's training steps: step3000, ...)."
+)
+
+
+def load_for_command(
+    model: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    device_map: str | None = None,
+    partial_ok: bool = False,
+    revision: str | None = None,
+):
+    """The model and tokenizer a command asked for, on its device and in its dtype (user errors: one line)."""
+    from mechscope.models.loading import load_model
+
+    check_device_map_option(device_map)
+    return load_model(model, dtype, partial_ok, device=device, device_map=device_map, revision=revision)
+
+
+def check_device_map_option(device_map: str | None) -> None:
+    from mechscope.errors import MechscopeError
+
+    if device_map is not None and device_map != "auto":
+        raise MechscopeError(f"--device-map takes 'auto' (a dict of module names is for Python), got {device_map!r}")
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -27,15 +65,18 @@ def inspect(
     model: str = ModelOpt,
     hook: Optional[list[str]] = typer.Option(None, "--hook", help="Also run a prompt and show this activation."),
     prompt: str = typer.Option("The quick brown fox jumps over the lazy dog", "--prompt"),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    revision: Optional[str] = RevisionOpt,
 ) -> None:
-    """Architecture, parameter count, dtype and hook names (and, with --hook, activations)."""
+    """Architecture, parameter count, dtype, device and hook names (and, with --hook, activations)."""
     import torch
 
     from mechscope.hooks import describe_names, hook_points, run_with_cache
-    from mechscope.models.loading import load_model
     from mechscope.models.transformer import describe
 
-    m, tok = load_model(model)
+    m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
     for key, value in describe(m).items():
         typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
     typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
@@ -53,18 +94,21 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids to continue instead, e.g. 1,2,3."),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", help="Tokens to add (greedy decoding)."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    revision: Optional[str] = RevisionOpt,
 ) -> None:
     """Continue a prompt greedily and print prompt + continuation."""
     import torch
 
     from mechscope.errors import MechscopeError
-    from mechscope.models.loading import load_model
 
     if max_new_tokens < 0:
         raise MechscopeError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if (prompt is None) == (tokens is None):
         raise MechscopeError("give exactly one of --prompt and --tokens")
-    m, tok = load_model(model)
+    m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
     if tokens is not None:
         ids = parse_tokens(tokens)
     else:
@@ -103,11 +147,16 @@ def heads(
     text: Optional[str] = typer.Option(None, "--text", help="Real text for the previous-token score."),
     no_ablation: bool = typer.Option(False, "--no-ablation", help="Skip the per-head ablations (the slow part)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    revision: Optional[str] = RevisionOpt,
 ) -> None:
     """Find the induction heads: write heads.json and a self-contained report.html."""
     from mechscope.methods.heads import HeadProtocol
     from mechscope.pipelines.lm import induction_heads
 
+    check_device_map_option(device_map)
     protocol = HeadProtocol(n=n, batch=batch, seed=seed, top_k=top_k, per_head_ablation=not no_ablation)
     shown = [parse_head(h) for h in show or []]
     path, data = induction_heads(
@@ -118,6 +167,10 @@ def heads(
         show=shown,
         force=force,
         progress=lambda step: typer.echo(f"  {step}...", err=True),
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        revision=revision,
     )
     typer.echo(
         f"loss on repeated random tokens: first copy {data['loss_first_half']:.3f}, "
@@ -151,10 +204,20 @@ def train_toy_cmd(
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the 1-layer control."),
     out: Optional[str] = typer.Option(None, "--out", help="Output directory (default: runs/toy-DATA-NL)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    device: Optional[str] = typer.Option("cpu", "--device", help="cpu (toy models train in seconds there)."),
+    dtype: Optional[str] = typer.Option("float32", "--dtype", help="float32 (training in lower precision: not yet)."),
 ) -> None:
     """Train a small attention-only transformer and watch its induction heads form."""
+    import torch
+
+    from mechscope.errors import MechscopeError
+    from mechscope.models.devices import resolve_device, resolve_dtype
     from mechscope.pipelines.lm import train_toy_run
     from mechscope.toy import ToyConfig
+
+    where = resolve_device(device)  # a device that is not there, or a dtype it cannot do: one line
+    if where.type != "cpu" or resolve_dtype(dtype, where) != torch.float32:
+        raise MechscopeError(f"lm train-toy trains on the CPU in float32 only, not {where} in {dtype}")
 
     path, r = train_toy_run(ToyConfig(layers=layers, data=data, steps=steps, seed=seed), out, text, control, force)
     p, f = r["phase_change"], r["final"]

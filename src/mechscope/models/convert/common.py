@@ -109,8 +109,9 @@ def rope(config: dict, family: str, base: float = 10000.0, params: dict | None =
 
     Only unscaled RoPE: a scaling type (linear, dynamic, yarn, longrope, llama3) is an error.
     """
-    params = dict(config.get("rope_parameters") or {}) if params is None else dict(params)
-    params.update({k: v for k, v in (config.get("rope_scaling") or {}).items() if k not in params})
+    if params is None:  # as transformers: a rope_scaling dict replaces rope_parameters
+        params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    params = dict(params)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
         raise MechscopeError(f"unsupported {family} config: rope scaling {kind!r} (only unscaled RoPE)")
