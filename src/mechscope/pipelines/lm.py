@@ -43,6 +43,10 @@ def induction_heads(
     show: list[tuple[int, int]] | None = None,
     force: bool = False,
     progress=None,
+    device=None,
+    dtype=None,
+    device_map=None,
+    revision=None,
 ) -> tuple[Path, dict]:
     """Find the induction heads of a model; write heads.json and report.html."""
     import re
@@ -57,7 +61,7 @@ def induction_heads(
     out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
     check_out_dir(out, force=force)
     t = time.perf_counter()
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, dtype, device=device, device_map=device_map, revision=revision)
     load_seconds = time.perf_counter() - t
     text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
     result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
