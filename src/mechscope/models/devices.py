@@ -130,13 +130,28 @@ def plan_device_map(cfg, dtype: torch.dtype, device_map, max_memory: dict | None
         device_map = infer_auto_device_map(meta, max_memory=max_memory, no_split_module_classes=["Block"], dtype=dtype)
     elif not isinstance(device_map, dict):
         raise MechscopeError(f"device_map must be 'auto' or a dict of module names to devices, got {device_map!r}")
-    plan = {name: _normalise(target) for name, target in device_map.items()}
+    plan = _expand({name: _normalise(target) for name, target in device_map.items()}, meta)
     try:
-        check_device_map(meta, plan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # root parameters (W_E...) are keys accelerate calls unknown
+            check_device_map(meta, plan)
     except ValueError as e:
         raise MechscopeError(f"device map does not cover the model: {e}") from None
     for target in set(plan.values()) - {"disk"}:
         resolve_device(target)
+    return plan
+
+
+def _expand(plan: dict[str, str], meta) -> dict[str, str]:
+    """No whole-model entry (accelerate cannot offload the root), and the root's own parameters
+    (W_E, W_pos, W_U_untied, b_U) in memory: the loader places them, accelerate does not page them."""
+    if "" in plan:
+        target = plan.pop("")
+        for name, _ in [*meta.named_children(), *meta.named_parameters(recurse=False)]:
+            plan.setdefault(name, target)
+    for name, _ in meta.named_parameters(recurse=False):
+        if plan.get(name) == "disk":
+            plan[name] = "cpu"
     return plan
 
 
