@@ -43,3 +43,60 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What `explain` measures and how (every default is the quick start's).
+
+    ``classes``: the classes to find circuits for (None: all). ``patch``: the (clean, corrupted)
+    class pair for activation patching (None: 8 and 3 on MNIST, else the pair the model confuses
+    most). ``circuit_layer``: the stage whose channels circuits are made of (None: the last).
+    ``n_mean``: training images the mean activations are taken over; ``held_out``: the next
+    training images, for the circuits' held-out check.
+    """
+
+    classes: tuple[int | str, ...] | None = None  # indices or class names
+    patch: tuple[int | str, int | str] | None = None
+    n_pairs: int = 16
+    tolerance: float = 0.01
+    test_limit: int | None = None
+    circuit_layer: str | None = None
+    n_mean: int = 10_000
+    held_out: int = 10_000
+    resample_seed: int = 0
+    batch_size: int = 2048
+
+    def validate(self) -> None:
+        if self.n_pairs < 1:
+            raise MechscopeError(f"--pairs must be at least 1, got {self.n_pairs}")
+        if self.test_limit is not None and self.test_limit < 100:
+            raise MechscopeError(f"--test-limit must be at least 100 images, got {self.test_limit}")
+        if not 0 <= self.tolerance < 1:
+            raise MechscopeError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+
+    def resolve(self, class_names) -> ExplainSettings:
+        """Classes given by name or index, as indices checked against ``class_names``."""
+        from dataclasses import replace
+
+        k = len(class_names)
+
+        def index(c, what: str) -> int:
+            if isinstance(c, str) and c in class_names:
+                return list(class_names).index(c)
+            try:
+                i = int(c)
+            except (TypeError, ValueError):
+                raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name") from None
+            if not 0 <= i < k:
+                raise MechscopeError(f"{what} {i} out of range: expected 0..{k - 1}")
+            return i
+
+        classes = tuple(index(c, "class") for c in self.classes) if self.classes else None
+        patch = tuple(index(c, "patching class") for c in self.patch) if self.patch else None
+        if patch is not None and patch[0] == patch[1]:
+            raise MechscopeError(f"patching needs two different classes, got {self.patch[0]} and {self.patch[1]}")
+        return replace(self, classes=classes, patch=patch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

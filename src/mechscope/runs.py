@@ -1,24 +1,27 @@
 """Run directories: what a training run writes, and loading it back.
 
 A run directory holds ``model.safetensors`` (the weights), ``config.json`` (architecture,
-training settings, seed, data MD5s, library versions) and ``metrics.json`` (test accuracy,
-per-class accuracy, confusion matrix, training seconds, parameter count).
+training settings, seed, the dataset with its checksums, shape and class names, library
+versions) and ``metrics.json`` (test accuracy, per-class accuracy, confusion matrix, training
+seconds, parameter count). Runs written before the CNN took other shapes and data (kind
+``mnist-cnn``, ``conv1_channels``/``conv2_channels``, MNIST only) load as they are.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.errors import RunError
-from mechscope.models.cnn import CNNConfig, MnistCNN
+from mechscope.errors import MechscopeError, RunError
+from mechscope.models.cnn import CNN, CNNConfig
 
-KIND = "mnist-cnn"
+KIND = "cnn"
+KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
 
@@ -65,8 +68,8 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def save_run(out: Path, model: MnistCNN, config: dict, metrics: dict) -> None:
-    """Write a run directory (``out`` must exist; see :func:`prepare_out_dir`)."""
+def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
+    """Write a run directory into ``out`` (an existing directory, e.g. from :func:`outputs.atomic_output`)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -78,9 +81,22 @@ def save_run(out: Path, model: MnistCNN, config: dict, metrics: dict) -> None:
 @dataclass
 class Run:
     path: Path
-    model: MnistCNN
+    model: CNN
     config: dict
     metrics: dict
+
+    @property
+    def data(self) -> dict:
+        """The dataset the run was trained on, as config.json records it (runs from before: MNIST)."""
+        recorded = dict(self.config.get("data") or {})
+        recorded.setdefault("name", "mnist")
+        recorded.setdefault("kind", "builtin")
+        return recorded
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = self.data.get("class_names")
+        return tuple(names) if names else tuple(str(i) for i in range(self.model.config.n_classes))
 
 
 def _read_json(path: Path) -> dict:
@@ -104,16 +120,11 @@ def load_run(path: str | Path) -> Run:
     if not run.is_dir():
         raise RunError(f"{run}: run directory not found")
     config = _read_json(run / CONFIG)
-    if config.get("kind") != KIND:
+    if config.get("kind") not in KINDS:
         raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
-    known = {f.name for f in fields(CNNConfig)}
-    model_cfg = config.get("model", {})
-    unknown = sorted(set(model_cfg) - known)
-    if unknown:
-        raise RunError(f"{run / CONFIG}: unknown model fields {', '.join(unknown)}")
     try:
-        model = MnistCNN(CNNConfig(**model_cfg))
-    except (TypeError, ValueError) as e:
+        model = CNN(CNNConfig.from_dict(config.get("model", {})))
+    except (TypeError, ValueError, MechscopeError) as e:
         raise RunError(f"{run / CONFIG}: invalid model config ({e})") from None
     weights = run / WEIGHTS
     if not weights.is_file():
@@ -122,7 +133,14 @@ def load_run(path: str | Path) -> Run:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{weights}: corrupt or not a safetensors file ({e})") from None
-    expected = model.state_dict()
+    _check_state(weights, model.state_dict(), state)
+    model.load_state_dict(state)
+    model.eval()
+    metrics = _read_json(run / METRICS) if (run / METRICS).exists() else {}
+    return Run(run, model, config, metrics)
+
+
+def _check_state(weights: Path, expected: dict, state: dict) -> None:
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -137,7 +155,34 @@ def load_run(path: str | Path) -> Run:
             if part
         )
         raise RunError(f"{weights}: weights of another architecture ({detail})")
-    model.load_state_dict(state)
-    model.eval()
-    metrics = _read_json(run / METRICS) if (run / METRICS).exists() else {}
-    return Run(run, model, config, metrics)
+
+
+def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_names=None):
+    """The run's dataset (or ``dataset`` when given), loaded as :func:`~mechscope.data.images.load_dataset` does.
+
+    A built-in dataset is looked for under ``data_dir`` as always; a folder of IDX files or a .npz
+    is taken from where the run recorded it unless ``data_dir`` / ``dataset`` says otherwise.
+    """
+    from mechscope.data.images import check_recorded, load_dataset
+
+    recorded = run.data
+    if dataset is None:
+        kind = recorded.get("kind")
+        if kind == "idx":
+            dataset, data_dir = "idx", data_dir or recorded.get("directory")
+        elif kind == "npz":
+            dataset = recorded.get("file")
+        else:
+            dataset = recorded.get("name", "mnist")
+    names = class_names if class_names is not None else recorded.get("class_names")
+    data = load_dataset(dataset, data_dir, names)
+    check_recorded(data, recorded)
+    if data.shape != run.model.input_shape:
+        raise RunError(
+            f"{run.path}: the model takes images shaped {list(run.model.input_shape)}; "
+            f"{data.name} has {list(data.shape)}"
+        )
+    if data.n_classes != run.model.config.n_classes:
+        k = run.model.config.n_classes
+        raise RunError(f"{run.path}: the model has {k} classes; {data.name} has {data.n_classes}")
+    return data

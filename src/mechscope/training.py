@@ -1,19 +1,20 @@
-"""Training and evaluating the MNIST CNN."""
+"""Training and evaluating the CNN on an image dataset (MNIST by default)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mechscope.config import TrainConfig
+from mechscope.data.images import ImageDataset
 from mechscope.data.mnist import MNIST
-from mechscope.models.cnn import CNNConfig, MnistCNN, n_parameters
+from mechscope.models.cnn import CNN, CNNConfig, n_parameters
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Evaluation:
 
 @dataclass
 class TrainResult:
-    model: MnistCNN
+    model: CNN
     evaluation: Evaluation
     train_seconds: float
     steps: int
@@ -45,9 +46,13 @@ class TrainResult:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-    """Logits [n, classes] for float images [n, 1, 28, 28] in [0, 1]."""
+    """Logits [n, classes] for float images [n, C, H, W]; the model's train/eval mode is restored."""
+    was = model.training
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    try:
+        return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was)
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes: int = 10) -> Evaluation:
@@ -73,6 +78,9 @@ def keep_freed_memory() -> bool:
     them again cost about 40% of a training run's time on this CPU (measured: 59.5 s against
     40.0 s for the same run). Raising the mmap and trim thresholds, as MALLOC_MMAP_THRESHOLD_ and
     MALLOC_TRIM_THRESHOLD_ would, removes that. No-op where libc is not glibc.
+
+    This changes the whole process's allocator, so the library never calls it: the training CLI
+    opts in (``mechscope cnn train``; ``--no-malloc-tuning`` opts out) and so do the benchmarks.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -95,28 +103,52 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return out.gather(3, cols)  # [B, C, H, W]
 
 
+def _splits(data: ImageDataset | MNIST) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, train labels, test images, test labels), images float [n, C, H, W]."""
+    to_float = MNIST.to_float if isinstance(data, MNIST) else ImageDataset.to_float
+    return to_float(data.train_images), data.train_labels, to_float(data.test_images), data.test_labels
+
+
+def model_config_for(data: ImageDataset, base: CNNConfig | None = None) -> CNNConfig:
+    """``base`` (the network's shape) fitted to the data: channels, size, classes, normalisation.
+
+    MNIST keeps the published mean and std of its training pixels (0.1307, 0.3081, the default);
+    other data get the mean and std of their own training images, one per channel.
+    """
+    base = base or CNNConfig()
+    c, h, _ = data.shape
+    mean, std = base.mean, base.std
+    if data.name != "mnist":
+        x = data.train_float().double()  # [N, C, H, W]
+        m, s = x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)
+        mean, std = (round(float(m[0]), 4), round(float(s[0]), 4)) if c == 1 else (
+            tuple(round(float(v), 4) for v in m), tuple(round(float(v), 4) for v in s))  # fmt: skip
+    return replace(base, in_channels=c, image_size=h, n_classes=data.n_classes, mean=mean, std=std)
+
+
 def train_cnn(
-    data: MNIST,
+    data: ImageDataset | MNIST,
     config: TrainConfig | None = None,
     model_config: CNNConfig | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train :class:`MnistCNN` on MNIST's training split; evaluate on its test split.
+    """Train a :class:`CNN` on the training split; evaluate on the test split.
 
+    ``model_config`` defaults to the default network fitted to the data (:func:`model_config_for`).
     Deterministic for a given seed on a given machine: the initial weights come from
     ``torch.manual_seed(seed)`` and the batch order from a generator seeded with it.
     """
     config = config or TrainConfig()
     config.validate()
-    keep_freed_memory()
+    if model_config is None and isinstance(data, ImageDataset):
+        model_config = model_config_for(data)
     torch.manual_seed(config.seed)
-    model = MnistCNN(model_config)
+    model = CNN(model_config)
     # channels_last makes oneDNN's convolutions about 30% faster on CPU; numerics are the same model
     model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
 
-    images = MNIST.to_float(data.train_images)
-    labels = data.train_labels
+    images, labels, test_images, test_labels = _splits(data)
     if config.train_limit is not None:
         images, labels = images[: config.train_limit], labels[: config.train_limit]
     n = len(images)
@@ -168,8 +200,7 @@ def train_cnn(
             if step >= total:
                 break
     train_seconds = time.perf_counter() - start
-    model = model.to(memory_format=torch.contiguous_format)
-    test_images = MNIST.to_float(data.test_images)
-    evaluation = evaluate(model, test_images, data.test_labels, model.config.n_classes)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    evaluation = evaluate(model, test_images, test_labels, model.config.n_classes)
     log.info("test accuracy %.4f after %.1f s", evaluation.accuracy, train_seconds)
     return TrainResult(model, evaluation, train_seconds, step, history)

@@ -28,7 +28,7 @@ def test_round_trip(run_dir):
     run = mechscope.load_run(path)
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(run.model(x), model.eval()(x), rtol=0, atol=0)
-    assert run.config["kind"] == "mnist-cnn" and run.config["model"]["conv2_channels"] == 32
+    assert run.config["kind"] == "cnn" and run.config["model"]["channels"] == [16, 32]
     assert "torch" in run.config["versions"] and run.metrics["test_accuracy"] == 0.1
     assert not run.model.training
 
@@ -79,8 +79,24 @@ def test_other_kind(run_dir):
     cfg = json.loads((path / "config.json").read_text())
     cfg["kind"] = "transformer"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RunError, match="expected 'mnist-cnn'"):
+    with pytest.raises(RunError, match="expected 'cnn'"):
         mechscope.load_run(path)
+
+
+def test_run_written_before_other_shapes_loads(run_dir):
+    """A run from before the shape options (kind mnist-cnn, conv1/conv2_channels, no data record) loads as MNIST."""
+    path, model = run_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["kind"] = "mnist-cnn"
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in ("channels", "batchnorm", "activation",
+                                                                       "hidden", "padding")}  # fmt: skip
+    cfg["model"].update(conv1_channels=16, conv2_channels=32)
+    (path / "config.json").write_text(json.dumps(cfg))
+    run = mechscope.load_run(path)
+    assert run.model.config.channels == (16, 32)
+    assert run.data["name"] == "mnist" and run.class_names == tuple("0123456789")
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(run.model(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_no_overwrite_without_force(run_dir):
