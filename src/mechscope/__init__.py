@@ -9,11 +9,16 @@ __all__ = [
     "HookPoint",
     "MechscopeError",
     "__version__",
+    "attribute",
+    "explain",
     "hook_points",
     "hooks",
+    "load_dataset",
     "load_mnist",
     "load_run",
     "run_with_cache",
+    "visualize",
+    "walk",
 ]
 
 
@@ -27,4 +32,16 @@ def __getattr__(name: str):
         from mechscope.data.mnist import load_mnist
 
         return load_mnist
+    if name in ("explain", "attribute", "visualize"):  # the CNN half's Python API
+        from mechscope import api
+
+        return getattr(api, name)
+    if name == "load_dataset":
+        from mechscope.data.images import load_dataset
+
+        return load_dataset
+    if name == "walk":
+        from mechscope.models.spec import walk
+
+        return walk
     raise AttributeError(f"module 'mechscope' has no attribute {name!r}")

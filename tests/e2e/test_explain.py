@@ -17,21 +17,18 @@ from tests.e2e.test_cli import assert_one_line_error, run_main
 LIMIT = 2000  # test images: enough for every digit, fast enough for `make test`
 
 
+def _png(path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.subplots().imshow([[0, 1], [1, 0]])
+    fig.savefig(path)
+
+
 def _fake_linked_outputs(run):
-    """featvis/ and attribution/ as `mnist visualize` and `mnist attribute` leave them (one unit each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def png(path):
-        fig, ax = plt.subplots(figsize=(1, 1))
-        ax.imshow([[0, 1], [1, 0]])
-        fig.savefig(path)
-        plt.close(fig)
-
+    """featvis/ and attribution/ as `cnn visualize` and `cnn attribute` leave them (one unit each)."""
     (run / "featvis" / "units").mkdir(parents=True)
-    png(run / "featvis" / "units" / "conv2_5.png")
+    _png(run / "featvis" / "units" / "conv2_5.png")
     (run / "featvis" / "featvis.json").write_text(
         json.dumps(
             {
@@ -41,15 +38,15 @@ def _fake_linked_outputs(run):
         )
     )
     (run / "attribution").mkdir()
-    png(run / "attribution" / "saliency.png")
+    _png(run / "attribution" / "saliency.png")
     (run / "attribution" / "faithfulness.json").write_text(json.dumps({"ranking": ["saliency"]}))
 
 
 @pytest.fixture(scope="module")
 def explained(quick_run, mnist_root, tmp_path_factory):
-    """Explain a copy of the quick run (with linked outputs), via the CLI; record the model it used."""
+    """Explain a copy of the quick run (with linked outputs); record the model it used."""
     import mechscope.pipelines.explain as E
-    from mechscope.cli import main
+    from mechscope.config import ExplainSettings
 
     run = tmp_path_factory.mktemp("explain") / "run"
     shutil.copytree(quick_run, run)
@@ -64,37 +61,35 @@ def explained(quick_run, mnist_root, tmp_path_factory):
 
     E.load_run = recording
     try:
-        try:
-            main(["mnist", "explain", "--run", str(run), "--test-limit", str(LIMIT), "--data-dir", str(mnist_root)])
-        except SystemExit as e:
-            assert e.code in (0, None)
+        out, result = E.explain_run(run, settings=ExplainSettings(test_limit=LIMIT), data_dir=mnist_root)
     finally:
         E.load_run = original
-    out = run / "explain"
-    return run, out, json.loads((out / "mechanisms.json").read_text()), used[0]
+    return run, out, result, used[0]
 
 
 def test_writes_report_and_mechanisms(explained):
-    run, out, m, model = explained
-    assert m["test_images"] == LIMIT
-    assert len(m["circuits"]) == 10
-    assert [c["digit"] for c in m["circuits"]] == list(range(10))
-    ab = m["ablation"]["layers"]
-    assert len(ab["conv1"]["mean"]) == 16 and len(ab["conv1"]["mean"][0]) == 10
-    assert len(ab["conv2"]["zero"]) == 32 and len(ab["readout"]["mean"]) == 512
-    for layer in ("conv1", "conv2"):
-        assert m["ablation"]["whole_layer"][layer]["mean"]["test_accuracy"] < 0.2  # towards chance
-    assert len(m["selectivity"]["conv2"]["index"]) == 32
-    assert sorted(m["selectivity"]["conv2"]["order"]) == list(range(32))
-    assert len(m["patching"]["conv1"]["position_mean"]) == 16
-    assert m["summary"] and all(isinstance(s, str) for s in m["summary"])
-    assert set(m["seconds"]) >= {"ablation", "patching", "circuits", "report"}
+    run, out, r, model = explained
+    assert r.overview.n_test == LIMIT and r.class_names == tuple("0123456789")
+    assert [c.target for c in r.circuits.circuits] == list(range(10)) and r.circuits.stage == "conv2"
+    assert r.ablation.stage("conv1").mean.shape == (16, 10) and r.ablation.stage("conv2").zero.shape == (32, 10)
+    assert r.ablation.readout.mean.shape == (512, 10)
+    for stage in ("conv1", "conv2"):
+        assert r.ablation.whole_stage(stage, "mean").test_accuracy < 0.2  # towards chance
+    sel = r.selectivity_of("conv2")
+    assert sel.index.shape == (32,) and sorted(sel.order) == list(range(32))
+    assert r.patching.stage("conv1").position_mean.shape == (16, 12, 12)
+    assert r.patching.clean_class == 8 and r.patching.corrupted_class == 3
+    assert r.summary and all(isinstance(s, str) for s in r.summary)
+    assert set(r.seconds) >= {"ablation", "patching", "circuits", "report"}
+    saved = json.loads((out / "mechanisms.json").read_text())
+    assert saved["schema_version"] == 2
+    assert saved == json.loads(json.dumps(r.to_dict()))  # the JSON is to_dict() of the result
     n_images = check_report(out / "report.html")
     assert n_images >= 11 + 48 + 2  # overview figures, one per channel, linked featvis and attribution
     html = (out / "report.html").read_text()
     assert 'alt="feature visualisation of conv2 channel 5"' in html
     assert 'alt="saliency"' in html
-    for line in m["summary"]:  # the summary in the page is the JSON's, word for word
+    for line in r.summary:  # the summary in the page is the result's, word for word
         assert str(markupsafe.escape(line)) in html
 
 
@@ -105,15 +100,16 @@ def test_report_renders_every_image_in_chromium(explained, tmp_path):
     assert result["images"] == check_report(out / "report.html")
 
 
-def test_no_hook_remains(explained):
+def test_no_hook_remains_and_the_mode_is_kept(explained):
     from mechscope.hooks import attached_hooks
 
-    assert attached_hooks(explained[3]) == []
+    model = explained[3]
+    assert attached_hooks(model) == [] and not model.training
 
 
-def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
+def verify_circuits(r, model, mnist, limit: int | None) -> None:
     """Recompute each circuit's numbers with a hand-written forward: no mechscope hooks or ablation code."""
-    tol = m["settings"]["tolerance"]
+    tol = r.circuits.tolerance
     x, y = MNIST.to_float(mnist.test_images[:limit]), mnist.test_labels[:limit]
 
     def conv2_out(images):
@@ -127,45 +123,45 @@ def verify_circuits(m: dict, model, mnist, limit: int | None) -> None:
     with torch.no_grad():
         full = model.fc(a.flatten(1)).argmax(1)
         reads_as = int(model.fc(mean.flatten()[None]).argmax(1))  # every conv2 channel at its mean
-    whole = m["ablation"]["whole_layer"]["conv2"]["mean"]
-    assert whole["reads_as"] == reads_as and whole["predicted_share"][reads_as] == 1.0
-    donors = A.resample_donors(y, seed=m["settings"]["resample_seed"])  # the sampling; the measurement is ours
+    whole = r.ablation.whole_stage("conv2", "mean")
+    assert whole.reads_as == reads_as and float(whole.predicted_share[reads_as]) == 1.0
+    donors = A.resample_donors(y, seed=r.circuits.resample_seed)  # the sampling; the measurement is ours
     assert (y[donors] != y).all()
     a_donor = a[donors]
-    assert len(m["circuits"]) == 10
-    for c in m["circuits"]:
-        d = c["digit"]
+    assert len(r.circuits.circuits) == 10
+    for c in r.circuits.circuits:
+        d, chans = c.target, list(c.channels)
         kept = mean.expand_as(a).clone()
-        kept[:, c["channels"]] = a[:, c["channels"]]
+        kept[:, chans] = a[:, chans]
         with torch.no_grad():
             pred = model.fc(kept.flatten(1)).argmax(1)
         acc, full_acc = (pred[y == d] == d).double().mean(), (full[y == d] == d).double().mean()
         fp, full_fp = (pred[y != d] == d).double().mean(), (full[y != d] == d).double().mean()
-        assert c["meets_criterion"], c
+        assert c.meets_criterion, c
         assert acc >= full_acc - tol - 1e-9, (d, float(acc), float(full_acc))
         assert fp <= full_fp + tol + 1e-9, (d, float(fp), float(full_fp))
-        assert abs(float(acc) - c["sufficiency"]) < 1e-9
-        assert 0 < c["size"] == len(c["channels"]) <= 32
+        assert abs(float(acc) - c.sufficiency) < 1e-9
+        assert 0 < c.size == len(chans) <= 32
         ablated = a.clone()
-        ablated[:, c["channels"]] = mean[c["channels"]]
+        ablated[:, chans] = mean[chans]
         with torch.no_grad():
             nec = (model.fc(ablated.flatten(1)).argmax(1)[y == d] == d).double().mean()
-        assert abs(float(nec) - c["necessity"]) < 1e-9
+        assert abs(float(nec) - c.necessity) < 1e-9
         resampled = a.clone()
-        resampled[:, c["channels"]] = a_donor[:, c["channels"]]
+        resampled[:, chans] = a_donor[:, chans]
         with torch.no_grad():
             nec_r = (model.fc(resampled.flatten(1)).argmax(1)[y == d] == d).double().mean()
-        assert abs(float(nec_r) - c["necessity_resample"]) < 1e-9
+        assert abs(float(nec_r) - c.necessity_resample) < 1e-9
 
 
 def test_every_circuit_meets_its_criterion_checked_independently(explained, mnist):
-    _, _, m, model = explained
-    verify_circuits(m, model, mnist, LIMIT)
+    _, _, r, model = explained
+    verify_circuits(r, model, mnist, LIMIT)
 
 
 def test_ablation_matrix_matches_a_hand_computation(explained, mnist):
     """Spot-check one conv1 channel's mean-ablation row against a forward written out by hand."""
-    _, _, m, model = explained
+    _, _, r, model = explained
     x, y = MNIST.to_float(mnist.test_images[:LIMIT]), mnist.test_labels[:LIMIT]
     with torch.no_grad():
         ref = (
@@ -185,23 +181,25 @@ def test_ablation_matrix_matches_a_hand_computation(explained, mnist):
         pred = model.fc(model.conv2(a1).flatten(1)).argmax(1)
     for d in range(10):
         change = float((pred[y == d] == d).double().mean() - (base[y == d] == d).double().mean())
-        assert abs(change - m["ablation"]["layers"]["conv1"]["mean"][4][d]) < 1e-9
+        assert abs(change - float(r.ablation.stage("conv1").mean[4, d])) < 1e-9
 
 
 def test_refuses_to_overwrite_without_force(capsys, explained, mnist_root):
     run, out, _, _ = explained
-    code, _, err = run_main(capsys, "mnist", "explain", "--run", str(run), "--data-dir", str(mnist_root))
+    code, _, err = run_main(capsys, "cnn", "explain", "--run", str(run), "--data-dir", str(mnist_root))
     assert_one_line_error(code, err, "already exists", "--force")
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--digit", "10"], "digit 10 out of range: expected 0..9"),
-        (["--digit", "-1"], "digit -1 out of range"),
+        (["--digit", "10"], "class 10 out of range: expected 0..9"),
+        (["--class", "-1"], "class -1 out of range"),
+        (["--class", "cat"], "unknown class 'cat'; expected 0..9 or a class name"),
         (["--patch", "3,3"], "two different classes"),
-        (["--patch", "3"], "--patch expects two digits"),
+        (["--patch", "3"], "--patch expects two classes"),
         (["--patch", "3,12"], "patching class 12 out of range"),
+        (["--circuit-layer", "conv3"], "unknown layer 'conv3'; the stages are conv1, conv2"),
         (["--test-limit", "5"], "--test-limit must be at least 100"),
         (["--pairs", "0"], "--pairs must be at least 1"),
         (["--tolerance", "1.5"], "--tolerance must be in [0, 1)"),
@@ -220,11 +218,11 @@ def test_bad_runs_are_one_line(capsys, quick_run, tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"kind": "toy-transformer"}))
     code, _, err = run_main(capsys, "mnist", "explain", "--run", str(other))
-    assert_one_line_error(code, err, "kind 'toy-transformer'", "expected 'mnist-cnn'")
+    assert_one_line_error(code, err, "kind 'toy-transformer'", "expected 'cnn'")
     wide = tmp_path / "wide"  # a CNN of another shape
     shutil.copytree(quick_run, wide)
     cfg = json.loads((wide / "config.json").read_text())
-    cfg["model"]["conv2_channels"] = 8
+    cfg["model"]["channels"] = [16, 8]
     (wide / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_main(capsys, "mnist", "explain", "--run", str(wide))
     assert_one_line_error(code, err, "weights of another architecture")

@@ -12,15 +12,15 @@ from tests.e2e.test_explain import verify_circuits
 def test_default_run_explained(mnist_root, mnist, tmp_path):
     from mechscope.hooks import attached_hooks
     from mechscope.pipelines import train_mnist
-    from mechscope.pipelines.explain import explain_mnist
+    from mechscope.pipelines.explain import explain_run
     from mechscope.runs import load_run
 
     run = tmp_path / "run"
-    train_mnist(run, data_dir=mnist_root, progress=False)
-    out, m = explain_mnist(run, data_dir=mnist_root)
-    assert m["test_images"] == 10_000 and m["test_accuracy"] > 0.99
+    _, metrics = train_mnist(run, data_dir=mnist_root, progress=False)
+    out, r = explain_run(run, data_dir=mnist_root)
+    assert r.overview.n_test == 10_000 and r.overview.test_accuracy > 0.99
     n_images = check_report(out / "report.html")
     assert render_in_chromium(out / "report.html", tmp_path) == {"images": n_images, "broken": []}
     model = load_run(run).model
-    verify_circuits(m, model, mnist, None)
+    verify_circuits(r, model, mnist, None)
     assert attached_hooks(model) == []

@@ -10,18 +10,20 @@ import sys
 
 import typer
 
+from mechscope.cli.cnn import app as cnn_app
 from mechscope.cli.lm import app as lm_app
-from mechscope.cli.mnist import app as mnist_app
 from mechscope.errors import MechscopeError
 
 app = typer.Typer(
     name="mechscope",
-    help="Mechanistic interpretability workbench: explain an MNIST CNN, find induction heads in transformers.",
+    help="Mechanistic interpretability workbench: explain a CNN on MNIST or your own images, find induction heads "
+    "in transformers.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(mnist_app, name="mnist")
+app.add_typer(cnn_app, name="cnn")
+app.add_typer(cnn_app, name="mnist", help="Alias of `cnn` (the group's name when it was MNIST-only).")
 app.add_typer(lm_app, name="lm")
 
 

@@ -22,7 +22,10 @@ the output with the untouched run.
   the network decides 3 versus 8.
 
 :func:`intervene` is the one generic function; :func:`ablate`, :func:`patch` and
-:func:`readout_intervene` are thin specialisations. ``readout_intervene`` computes the same
+:func:`readout_intervene` are thin specialisations. :func:`intervene_at` is the same experiment
+started from activations already cached at the layer: only the layers after it run (through
+the model's spec, :func:`mechscope.models.spec.walk`), which makes many interventions at an
+early layer cheap; a test checks it against :func:`intervene`. ``readout_intervene`` computes the same
 thing in closed form for the input of a final linear layer (the logits are linear in it),
 which makes ablating each of the CNN's 512 read-out inputs one matrix product; a test checks
 it against :func:`intervene`.
@@ -148,6 +151,55 @@ def intervene(
             results.append(reduce(out) if reduce is not None else out)
     finally:
         model.train(model_was_training)
+    return torch.cat(results)
+
+
+def intervene_at(
+    spec,
+    acts: torch.Tensor,
+    layer: str,
+    masks: torch.Tensor,
+    replacement: torch.Tensor | float,
+    reduce: Reduce | None = None,
+    batch_size: int = 2048,
+) -> torch.Tensor:
+    """:func:`intervene` from the activations ``acts`` [B, *unit_shape] that ``layer`` has on the inputs.
+
+    Runs only the rest of the network (``spec.run_from``), with the hook points after ``layer``
+    live as usual; the result equals :func:`intervene` on the inputs themselves.
+    """
+    acts = acts.detach()
+    b, unit_shape = acts.shape[0], tuple(acts.shape[1:])
+    if masks.dtype != torch.bool or tuple(masks.shape[1:]) != unit_shape:
+        raise MechscopeError(
+            f"masks for {layer} must be boolean and shaped [N, {', '.join(map(str, unit_shape))}], "
+            f"got {masks.dtype} {list(masks.shape)}"
+        )
+    rep = torch.as_tensor(replacement, dtype=acts.dtype)
+    per_input = rep.dim() == len(unit_shape) + 1
+    if per_input and rep.shape[0] != b:
+        raise MechscopeError(f"replacement has {rep.shape[0]} rows for {b} inputs")
+    k = max(1, min(len(masks), batch_size // max(b, 1)))
+    chunk = b if k > 1 else min(b, batch_size)
+    results = []
+    was = [(m, m.training) for m in spec.model.modules()]
+    spec.model.eval()
+    try:
+        with torch.no_grad():
+            for m0 in range(0, len(masks), k):
+                m = masks[m0 : m0 + k]  # [k, *S]
+                outs = []
+                for s0 in range(0, b, chunk):
+                    a = acts[s0 : s0 + chunk]  # [bb, *S]
+                    r = rep[s0 : s0 + chunk] if per_input else rep
+                    edited = torch.where(m[:, None], r, a)  # [k, bb, *S]
+                    out = spec.run_from(layer, edited.reshape(-1, *unit_shape))
+                    outs.append(out.view(len(m), len(a), *out.shape[1:]))
+                out = torch.cat(outs, 1)  # [k, B, ...]
+                results.append(reduce(out) if reduce is not None else out)
+    finally:
+        for mod, mode in was:
+            mod.training = mode
     return torch.cat(results)
 
 

@@ -125,17 +125,23 @@ def spearman_within(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tor
     return torch.stack([spearman(a[i][mask[i]][None], b[i][mask[i]][None])[0] for i in range(len(a))])
 
 
-def randomise_cascading(model: nn.Module, layers: list[str], seed: int = 0):
-    """Yield (layer, model copy) with ``layers`` re-initialised cumulatively, in the order given."""
+def randomise_cascading(model: nn.Module, layers: list, seed: int = 0):
+    """Yield (layer, model copy) with ``layers`` re-initialised cumulatively, in the order given.
+
+    A layer is a module path, or (label, [module paths]) for a layer made of several modules
+    (a spec's :meth:`~mechscope.models.spec.CNNSpec.parameter_groups`). Conv2d and Linear weights
+    are redrawn; norms keep theirs.
+    """
     randomised = copy.deepcopy(model)
     modules = dict(randomised.named_modules())
     g = torch.Generator().manual_seed(seed)
-    for name in layers:
-        params = [p for p in modules[name].parameters()]
-        if not params:
+    for layer in layers:
+        name, paths = (layer, [layer]) if isinstance(layer, str) else layer
+        targets = [modules[p] for p in paths]
+        if not any(True for m in targets for _ in m.parameters()):
             raise ValueError(f"layer {name} has no parameters to randomise")
         with torch.no_grad():
-            for sub in modules[name].modules():
+            for sub in (s for m in targets for s in m.modules()):
                 if isinstance(sub, (nn.Conv2d, nn.Linear)):
                     # the layer's own default initialisation (Kaiming uniform), from a seeded generator
                     bound = 1 / (sub.weight[0].numel() ** 0.5)
@@ -227,12 +233,17 @@ def evaluate_faithfulness(
     inputs: torch.Tensor,
     target,
     methods: dict[str, Attribution],
-    layers_top_down: list[str] | None = None,
+    layers_top_down: list | None = None,
     steps: int = 28,
     seed: int = 0,
     attributions: dict[str, torch.Tensor] | None = None,
+    baseline: float = 0.0,
 ) -> FaithfulnessReport:
-    """Deletion/insertion AUCs and cascading randomisation correlations for every method."""
+    """Deletion/insertion AUCs and cascading randomisation correlations for every method.
+
+    ``layers_top_down``: module paths or (label, [paths]) groups, last layer first (default: the
+    model's parameterised top-level children); ``baseline``: the value deleted pixels take.
+    """
     check_inputs(model, inputs)
     t = as_target(model, inputs, target)
     layers = layers_top_down if layers_top_down is not None else _default_layers(model)
@@ -242,7 +253,7 @@ def evaluate_faithfulness(
             attributions[name] = m.attribute(model, inputs, t)
     results = {}
     for name in methods:
-        curves = deletion_insertion(model, inputs, t, pixel_scores(attributions[name]), steps)
+        curves = deletion_insertion(model, inputs, t, pixel_scores(attributions[name]), steps, baseline)
         results[name] = MethodFaithfulness(
             name,
             curves.deletion_auc,
@@ -250,8 +261,10 @@ def evaluate_faithfulness(
             deletion_curve=curves.deletion.mean(0).tolist(),
             insertion_curve=curves.insertion.mean(0).tolist(),
         )
-    rnd = deletion_insertion(model, inputs, t, random_scores((inputs.shape[0], inputs[0, 0].numel()), seed), steps)
-    on_input = inputs.abs().sum(1).flatten(1) > 0  # [B, H*W]
+    rnd = deletion_insertion(
+        model, inputs, t, random_scores((inputs.shape[0], inputs[0, 0].numel()), seed), steps, baseline
+    )
+    on_input = (inputs - baseline).abs().sum(1).flatten(1) > 0  # [B, H*W] pixels off the background
     for layer, randomised in randomise_cascading(model, layers, seed):
         for name, m in methods.items():
             before, after = attributions[name].abs().sum(1), m.attribute(randomised, inputs, t).abs().sum(1)
@@ -263,7 +276,7 @@ def evaluate_faithfulness(
         list(results.values()),
         rnd.deletion_auc,
         rnd.insertion_auc,
-        layers,
+        [layer if isinstance(layer, str) else layer[0] for layer in layers],
         inputs.shape[0],
         steps,
         fractions=rnd.fractions.tolist(),

@@ -1,10 +1,11 @@
-"""Feature visualisation for small grayscale CNNs (Olah, Mordvintsev & Schubert 2017).
+"""Feature visualisation for small CNNs, grey or colour (Olah, Mordvintsev & Schubert 2017).
 
 An input is optimised to excite a unit. Three small parts compose, after Lucid/Lucent:
 
 * a parameterisation: ``pixel`` (a sigmoid over free pixels) or ``fourier`` (a spectrum scaled
   by 1/frequency, Lucid's trick for low-frequency images), squashed into the model's own input
-  range [0, 1] at the model's own size, one channel; no ImageNet assumption anywhere;
+  range ([0, 1] pixels by default) at the model's own size and number of channels; no ImageNet
+  assumption anywhere;
 * transformations for robustness (pad, jitter, scale, rotate), every random draw from one
   seeded ``torch.Generator``;
 * objectives that add, subtract and scale: ``neuron``, ``channel``, ``class_logit``,
@@ -27,6 +28,7 @@ from torch import nn
 
 from mechscope.errors import MechscopeError
 from mechscope.hooks import hook_points, hooks
+from mechscope.results import evaluating
 
 # ---- parameterisations --------------------------------------------------------------------
 
@@ -257,8 +259,12 @@ def render(
     seed: int = 0,
     transforms: Transform | None = None,
     log_every: int = 16,
+    value_range: tuple[float, float] = (0.0, 1.0),
 ) -> Render:
-    """Optimise ``batch`` images to maximise ``objective``; returns the images and the history."""
+    """Optimise ``batch`` images to maximise ``objective``; returns the images and the history.
+
+    Images lie in ``value_range`` (the model's input range: [0, 1] pixels for mechscope's CNN).
+    """
     if steps < 1:
         raise MechscopeError(f"steps must be at least 1, got {steps}")
     if param not in PARAMETERISATIONS:
@@ -273,17 +279,22 @@ def render(
 
         raise MechscopeError(f"unknown layer {unknown[0]!r}; valid layers: {describe_names(points)}")
     g = torch.Generator().manual_seed(seed)
-    params, image_fn = PARAMETERISATIONS[param]((batch, *shape), g)
+    params, unit_image = PARAMETERISATIONS[param]((batch, *shape), g)
+    lo, hi = value_range
+    image_fn = unit_image if (lo, hi) == (0.0, 1.0) else (lambda: lo + (hi - lo) * unit_image())
     t = transforms if transforms is not None else default_transforms(shape[1], shape[2])
+    with evaluating(model):
+        return _optimise(model, objective, t, image_fn, params, lr, steps, g, log_every)
+
+
+def _optimise(model, objective, t, image_fn, params, lr, steps, g, log_every) -> Render:
+    history: list[float] = []
     opt = torch.optim.Adam(params, lr=lr)
     acts: dict[str, torch.Tensor] = {}
 
     def store(x, hook):
         acts[hook.name] = x
 
-    was_training = model.training
-    model.eval()
-    history = []
     try:
         with hooks(model, fwd=[(n, store) for n in objective.names]):
             for step in range(steps):
@@ -302,7 +313,6 @@ def render(
                 final = objective(acts).detach()
     finally:
         acts.clear()
-        model.train(was_training)
     return Render(images, history, final)
 
 
@@ -349,8 +359,7 @@ def dataset_examples(
         else:
             per[hook.name].append(x)
 
-    model.eval()
-    with torch.no_grad(), hooks(model, fwd=[(n, summarise) for n in layers]):
+    with evaluating(model), torch.no_grad(), hooks(model, fwd=[(n, summarise) for n in layers]):
         for s in range(0, len(images), batch_size):
             model(images[s : s + batch_size])
     out = {}
@@ -367,24 +376,41 @@ def dataset_examples(
 
 
 def receptive_field(model: nn.Module, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
-    """Input rows/cols (y0, y1, x0, x1) seen by position (y, x) of ``layer`` in the MNIST CNN."""
-    cfg = model.config
-    kern, pool = cfg.kernel_size, cfg.pool
-    if layer.startswith("conv1"):
-        scale, size = 1, kern
-    elif layer.startswith("conv2"):
-        scale, size = pool, kern + pool * (kern - 1) + (pool - 1)
-    else:
+    """Input rows/cols (y0, y1, x0, x1) seen by position (y, x) of a stage's hook ``layer``.
+
+    Computed from the model's kernels, strides, padding and dilation by its spec
+    (:func:`mechscope.models.spec.walk`); pass a :class:`~mechscope.models.spec.CNNSpec` to
+    avoid walking the model at every call.
+    """
+    from mechscope.models.spec import CNNSpec, walk
+
+    spec = model if isinstance(model, CNNSpec) else walk(model)
+    if layer in ("hook_logits", "hook_input") or not layer.startswith("conv"):
         raise MechscopeError(f"no receptive field for {layer}")
-    if layer.endswith("hook_out"):  # after pooling: one more pool window
-        scale, size = scale * pool, size + scale * (pool - 1)
-    y0, x0 = y * scale, x * scale
-    return y0, min(y0 + size, cfg.image_size), x0, min(x0 + size, cfg.image_size)
+    stage = spec.stage(layer)
+    rf = stage.rf_out if layer.endswith("hook_out") else stage.rf_post
+    return rf.box(y, x, *spec.input_shape[1:])
 
 
 # ---- many units at once -------------------------------------------------------------------
 
 LAYER_ALIASES = {"conv1": "conv1.hook_post", "conv2": "conv2.hook_post", "logits": "hook_logits", "fc": "hook_logits"}
+
+
+def resolve_layers(spec, layers: list[str] | None) -> list[str]:
+    """Hook names for ``--layer`` values: a stage (``conv3``: its hook_post), ``logits``, or a hook name."""
+    valid = spec.hook_names()
+    out = []
+    for layer in layers or [*spec.stage_names, "logits"]:
+        name = {"logits": "hook_logits", "fc": "hook_logits"}.get(layer, layer)
+        name = f"{name}.hook_post" if name in spec.stage_names else name
+        if name not in valid or name == "hook_input":
+            raise MechscopeError(
+                f"unknown layer {layer!r}; valid layers: {', '.join(spec.stage_names)}, logits, or a hook name "
+                f"({', '.join(n for n in valid if n != 'hook_input')})"
+            )
+        out.append(name)
+    return out
 
 
 def short_layer_name(layer: str) -> str:

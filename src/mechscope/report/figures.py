@@ -1,14 +1,29 @@
-"""Figures: numpy arrays in, matplotlib Figure out. No computation of results here."""
+"""Figures: numpy arrays in, matplotlib Figure out. No computation of results here.
+
+Figures are built as :class:`matplotlib.figure.Figure` objects, never through pyplot: nothing
+here selects a backend or keeps global figure state. Images are [N, H, W] (grey) or
+[N, H, W, 3] (colour, values in [0, 1]).
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+def subplots(*args, **kwargs):
+    """(Figure, axes) like ``pyplot.subplots``, without pyplot."""
+    fig_kw = {k: kwargs.pop(k) for k in ("figsize", "layout") if k in kwargs}
+    fig = Figure(**fig_kw)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def show(ax, img: np.ndarray, **kwargs) -> None:
+    """An image: grey [H, W] in [0, 1] unless ``vmin``/``vmax`` say otherwise, or colour [H, W, 3]."""
+    if img.ndim == 2:
+        ax.imshow(img, cmap="gray", vmin=kwargs.get("vmin", 0), vmax=kwargs.get("vmax", 1))
+    else:
+        ax.imshow(np.clip(img, 0, 1))
 
 
 def _robust_max(values: np.ndarray, q: float = 99.5) -> float:
@@ -30,14 +45,14 @@ def attribution_grid(
     """
     n = len(images)
     vmax = _robust_max(attributions)
-    fig, axes = plt.subplots(4, n, figsize=(1.25 * n + 1.2, 5.6), squeeze=False, layout="constrained")
+    fig, axes = subplots(4, n, figsize=(1.25 * n + 1.2, 5.6), squeeze=False, layout="constrained")
     row_names = ["input", "|attribution|", "overlay", "signed"]
     signed_im = heat_im = None
     for j in range(n):
         img, att = images[j], attributions[j]
-        axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
+        show(axes[0, j], img)
         heat_im = axes[1, j].imshow(np.abs(att), cmap="inferno", vmin=0, vmax=vmax)
-        axes[2, j].imshow(img, cmap="gray", vmin=0, vmax=1)
+        show(axes[2, j], img)
         axes[2, j].imshow(np.abs(att), cmap="inferno", vmin=0, vmax=vmax, alpha=0.6)
         signed_im = axes[3, j].imshow(att, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         axes[0, j].set_title(column_titles[j], fontsize=7)
@@ -59,7 +74,7 @@ def faithfulness_curves(
     insertion: dict[str, np.ndarray],
 ) -> Figure:
     """Mean deletion and insertion curves per method (``random`` drawn dashed)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for ax, curves, title in (
         (a, deletion, "deletion (lower area is better)"),
         (b, insertion, "insertion (higher is better)"),
@@ -78,7 +93,6 @@ def faithfulness_curves(
 
 def save(fig: Figure, path) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def featvis_grid(
@@ -90,21 +104,21 @@ def featvis_grid(
 ) -> Figure:
     """One row per unit: positive, negative, the diverse set, then top dataset examples.
 
-    ``rows[i]`` has the unit's label text; ``images`` maps "positive" [N, H, W], "negative"
-    [N, H, W] and "diverse" [N, D, H, W]; ``examples`` is [N, K, H, W]; ``boxes`` the
+    ``rows[i]`` has the unit's label text; ``images`` maps "positive" [N, H, W(, 3)], "negative"
+    and "diverse" [N, D, H, W(, 3)]; ``examples`` is [N, K, H, W(, 3)]; ``boxes`` the
     receptive field (y0, y1, x0, x1) of each example's most active position.
     """
     from matplotlib.patches import Rectangle
 
     n, d, k = len(rows), images["diverse"].shape[1], examples.shape[1]
     cols = 2 + d + k
-    fig, axes = plt.subplots(n, cols, figsize=(0.9 * cols + 1.6, 0.95 * n + 0.8), squeeze=False)
+    fig, axes = subplots(n, cols, figsize=(0.9 * cols + 1.6, 0.95 * n + 0.8), squeeze=False)
     titles = ["maximise", "minimise"] + ["diverse"] * d + ["top test images"] + [""] * (k - 1)
     for i, row in enumerate(rows):
         panels = [images["positive"][i], images["negative"][i], *images["diverse"][i], *examples[i]]
         for j, img in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            show(ax, img)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

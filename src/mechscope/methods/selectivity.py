@@ -1,0 +1,64 @@
+"""Class selectivity of every channel of every stage (Morcos et al. 2018), and where it is active.
+
+For each channel: its mean activation per class (the stage's output averaged over positions),
+the selectivity index (μmax − μrest)/(μmax + μrest) (see :mod:`mechscope.methods.circuits`),
+the preferred class, and where in the image its mean map on that class has its mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mechscope.methods import circuits as C
+from mechscope.results import Result, figure_data
+
+
+@dataclass(frozen=True)
+class StageSelectivity(Result):
+    stage: str
+    activation: str  # what was averaged
+    class_means: torch.Tensor  # [C, K]
+    index: torch.Tensor  # [C]
+    preferred_class: tuple[int, ...]
+    order: tuple[int, ...]  # channels grouped by preferred class, most selective first
+    region_on_preferred_class: tuple[str, ...]
+    maps: torch.Tensor = figure_data()  # [K, C, H, W] mean hook_post map per class
+
+
+def region(mean_map: np.ndarray) -> str:
+    """Where a non-negative [H, W] map has its mass, in words (thirds of the image)."""
+    mean_map = np.clip(mean_map, 0, None)
+    total = mean_map.sum()
+    if total <= 0:
+        return "nowhere (never active)"
+    h, w = mean_map.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    cy = (mean_map * ys).sum() / total / max(h - 1, 1)
+    cx = (mean_map * xs).sum() / total / max(w - 1, 1)
+    vert = "upper" if cy < 0.4 else "lower" if cy > 0.6 else "middle"
+    horiz = "left" if cx < 0.4 else "right" if cx > 0.6 else "centre"
+    return "centre" if (vert, horiz) == ("middle", "centre") else f"{vert} {horiz}"
+
+
+def selectivity(model, spec, data, acts) -> tuple[StageSelectivity, ...]:
+    out = []
+    for s in spec.stages:
+        cm = C.class_means(acts.out[s.name].flatten(2).mean(2), data.y, data.n_classes)  # [C, K]
+        pref = cm.argmax(1)
+        maps = acts.maps[s.name]  # [K, C, H, W]
+        out.append(
+            StageSelectivity(
+                stage=s.name,
+                activation=f"{s.hook_out}, mean over positions",
+                class_means=cm,
+                index=C.selectivity_index(cm),
+                preferred_class=tuple(pref.tolist()),
+                order=tuple(C.order_by_profile(cm)),
+                region_on_preferred_class=tuple(region(maps[int(pref[c]), c].numpy()) for c in range(cm.shape[0])),
+                maps=maps,
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,190 @@
+"""``mechscope cnn attribute``: attribution grids per method and the faithfulness checks that rank them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.methods.attribution import GradCAM, IntegratedGradients, get_method, resolve_layer
+from mechscope.methods.faithfulness import FaithfulnessReport, evaluate_faithfulness
+from mechscope.models.spec import walk
+from mechscope.outputs import atomic_output
+from mechscope.results import SCHEMA_VERSION, Result, evaluating, plain
+from mechscope.runs import load_run, load_run_data, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = (
+    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "deeplift",
+    "guided_backprop",
+)  # fmt: skip
+RELU_ONLY = ("deeplift", "guided_backprop")
+
+
+@dataclass(frozen=True)
+class Completeness(Result):
+    steps: int
+    max_abs_delta: float
+    max_relative_delta: float
+
+
+@dataclass(frozen=True)
+class AttributionResult(Result):
+    """faithfulness.json: the faithfulness report and what was attributed."""
+
+    target: str
+    gradcam_layer: str
+    class_names: tuple[str, ...]
+    test_indices: tuple[int, ...]
+    labels: tuple[int, ...]
+    predictions: tuple[int, ...]
+    faithfulness: FaithfulnessReport
+    completeness: Completeness | None
+    skipped: dict[str, str]  # method -> why it does not apply to this model
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            **self.faithfulness.to_dict(),
+            "integrated_gradients_completeness": plain(self.completeness),
+            "target": self.target,
+            "gradcam_layer": self.gradcam_layer,
+            "class_names": list(self.class_names),
+            "examples": {"test_indices": list(self.test_indices), "labels": list(self.labels),
+                         "predictions": list(self.predictions)},
+            "skipped": dict(self.skipped),
+        }  # fmt: skip
+
+
+def select_examples(labels, n: int, n_classes: int = 10) -> list[int]:
+    """Indices of ``n`` test images, classes in turn (0, 1, ..., K-1, 0, ...), earliest first."""
+    by_class = [(labels == k).nonzero().flatten().tolist() for k in range(n_classes)]
+    picked, round_ = [], 0
+    while len(picked) < n:
+        added = False
+        for k in range(n_classes):
+            if round_ < len(by_class[k]) and len(picked) < n:
+                picked.append(by_class[k][round_])
+                added = True
+        if not added:
+            break
+        round_ += 1
+    return picked
+
+
+def _methods(names, spec, layer: str, ig_steps: int) -> tuple[dict, dict]:
+    layers = [*(x for s in spec.stages for x in s.layers), *spec.readout.layers]
+    acts = sorted({x.type for x in layers if x.kind == "act"})
+    chosen, skipped = {}, {}
+    for name in names or DEFAULT_METHODS:
+        m = get_method(name)
+        if m.name in RELU_ONLY and acts != ["ReLU"]:
+            why = f"needs ReLU activations only; the model has {', '.join(acts) or 'none'}"
+            if names:
+                raise MechscopeError(f"{m.name} {why}")
+            skipped[m.name] = why
+            continue
+        if isinstance(m, IntegratedGradients):
+            m = IntegratedGradients(n_steps=ig_steps)
+        if isinstance(m, GradCAM):
+            m = GradCAM(layer)
+        chosen[m.name] = m
+    return chosen, skipped
+
+
+def parse_target(target: str, class_names) -> str:
+    if target in ("pred", "label"):
+        return target
+    if target in class_names:
+        return str(list(class_names).index(target))
+    if target.isdigit() and 0 <= int(target) < len(class_names):
+        return target
+    raise MechscopeError(
+        f"target {target!r} out of range; expected pred, label or a class 0..{len(class_names) - 1} (or its name)"
+    )
+
+
+def attribute_model(
+    model, data, out, methods=None, n: int = 16, n_faithfulness: int = 64, force: bool = False,
+    ig_steps: int = 64, target: str = "pred", layer: str | None = None,
+) -> tuple[Path, AttributionResult]:  # fmt: skip
+    """Attribution grids for ``n`` test images and faithfulness.json for every method, written atomically."""
+    from mechscope.report import figures
+
+    if n < 1 or n_faithfulness < 1:
+        raise MechscopeError(f"--n must be at least 1, got {min(n, n_faithfulness)}")
+    spec = walk(model, data.shape)
+    net = spec.model
+    layer = resolve_layer(net, layer or spec.last.hook_post)  # an unknown layer fails before any work
+    chosen, skipped = _methods(methods, spec, layer, ig_steps)
+    target = parse_target(target, data.class_names)
+    names = data.class_names
+    with atomic_output(out, force) as tmp, evaluating(net):
+        idx = select_examples(data.test_labels, max(n, n_faithfulness), data.n_classes)
+        x = data.to_float(data.test_images[idx])
+        labels = data.test_labels[idx]
+        lo = min(0.0, float(x.min()))
+        with torch.no_grad():
+            probs = torch.softmax(net(x), 1)
+        pred = probs.argmax(1)
+        if target in ("pred", "label"):
+            explained = pred if target == "pred" else labels
+            target_text = "the predicted class" if target == "pred" else "the true label"
+        else:
+            explained, target_text = torch.full_like(pred, int(target)), f"class {names[int(target)]}"
+        attributions, ig_delta = {}, None
+        for name, m in chosen.items():
+            log.info("attributing with %s", name)
+            if isinstance(m, IntegratedGradients):
+                m.baseline = lo
+                attributions[name], ig_delta = m.attribute_with_delta(net, x, explained)
+            else:
+                attributions[name] = m.attribute(net, x, explained)
+            titles = [f"{names[int(labels[i])]}→{names[int(pred[i])]} p={probs[i, pred[i]]:.2f}" for i in range(n)]
+            fig = figures.attribution_grid(
+                display(x[:n], lo), attributions[name][:n].sum(1).numpy(), name, titles,
+                subtitle=f"target: {target_text}; column title: label→prediction (p of the prediction)",
+            )  # fmt: skip
+            figures.save(fig, tmp / f"{name}.png")
+        xf, tf = x[:n_faithfulness], explained[:n_faithfulness]
+        report = evaluate_faithfulness(
+            net, xf, tf, chosen, layers_top_down=spec.parameter_groups(),
+            attributions={k: v[:n_faithfulness] for k, v in attributions.items()}, baseline=lo,
+        )  # fmt: skip
+        completeness = _completeness(net, x, explained, ig_delta, lo, ig_steps) if ig_delta is not None else None
+        result = AttributionResult(
+            target, layer, tuple(names), tuple(idx[:n]), tuple(labels[:n].tolist()), tuple(pred[:n].tolist()),
+            report, completeness, skipped,
+        )  # fmt: skip
+        write_json(tmp / "faithfulness.json", result.to_dict())
+        deletion = {m.method: m.deletion_curve for m in report.methods} | {"random": report.random_deletion_curve}
+        insertion = {m.method: m.insertion_curve for m in report.methods} | {"random": report.random_insertion_curve}
+        figures.save(figures.faithfulness_curves(report.fractions, deletion, insertion), tmp / "faithfulness.png")
+    return Path(out), result
+
+
+def _completeness(net, x, t, delta, lo, steps) -> Completeness:
+    with torch.no_grad():
+        t_ = t[:, None]
+        gap = (net(x).gather(1, t_) - net(torch.full_like(x, lo)).gather(1, t_)).squeeze(1)
+    rel = delta.abs() / gap.abs().clamp(min=1e-12)
+    return Completeness(steps, delta.abs().max().item(), rel.max().item())
+
+
+def display(x: torch.Tensor, lo: float = 0.0):
+    """Images [N, C, H, W] for figures: [N, H, W] grey or [N, H, W, 3] colour, scaled into [0, 1]."""
+    hi = max(1.0, float(x.max()))
+    x = (x - lo) / max(hi - lo, 1e-12) if (lo, hi) != (0.0, 1.0) else x
+    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+
+def attribute_run(run, out=None, methods=None, n=16, n_faithfulness=64, dataset=None, data_dir=None,
+                  class_names=None, force=False, ig_steps=64, target="pred", layer=None):  # fmt: skip
+    loaded = load_run(run)
+    data = load_run_data(loaded, dataset, data_dir, class_names)
+    out = Path(out) if out is not None else Path(run) / "attribution"
+    return attribute_model(loaded.model, data, out, methods, n, n_faithfulness, force, ig_steps, target, layer)
