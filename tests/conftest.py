@@ -24,6 +24,7 @@ def _offline_mirror(monkeypatch):
     # Tests never reach the internet: a missing file "downloads" from a closed local port,
     # which fails at once. Tests of the download path set their own mirror.
     monkeypatch.setenv("MECHSCOPE_MNIST_MIRROR", "http://127.0.0.1:9/")
+    monkeypatch.setenv("MECHSCOPE_MIRROR", "http://127.0.0.1:9/")  # every other built-in dataset
 
 
 @pytest.fixture(scope="session")
