@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mechscope.errors import MechscopeError
-from mechscope.methods.heads import attention_scores, induction_mask, k_composition, previous_token_mask
+from mechscope.methods.composition import composition_scores
+from mechscope.methods.heads import attention_scores, induction_mask, previous_token_mask
+from mechscope.models.folding import analysis_weights
 from mechscope.models.transformer import HookedTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -172,8 +174,8 @@ def measure(model: HookedTransformer, held_out: torch.Tensor, probe: torch.Tenso
         "previous_token": scores["previous_token"].round(5).tolist(),
     }
     if cfg.n_layers >= 2:
-        comp = k_composition(model, [(1, h) for h in range(cfg.n_heads)])
-        out["k_composition"] = [comp[(1, h)][0].round(5).tolist() for h in range(cfg.n_heads)]  # [L1 head][L0 head]
+        comp = composition_scores(analysis_weights(model), ("K",))["K"][0, :, 1, :]  # [L0 head, L1 head], folded
+        out["k_composition"] = comp.T.numpy().round(5).tolist()  # [L1 head][L0 head]
     model.train()
     return out
 

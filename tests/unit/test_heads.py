@@ -13,7 +13,6 @@ from mechscope.methods.heads import (
     HeadProtocol,
     find_induction_heads,
     induction_mask,
-    k_composition,
     masked_score,
     prefix_mask,
 )
@@ -96,23 +95,84 @@ def test_hand_built_heads_are_found():
     assert s["previous_token"][0, 0] > 0.9 and s["induction"][1, 0] > 0.8 and s["prefix_matching"][1, 0] > 0.8
     assert r.labels == [["previous_token", "none"], ["induction", "none"]]
     assert s["copying"][1, 0] > 0 and s["ov_eigen_positivity"][1, 0] > 0.99
-    # the circuit: head 0.0 feeds head 1.0's keys; the zero head does not
-    (comp,) = r.composition
-    assert comp["induction_head"] == {"layer": 1, "head": 0, "induction_score": pytest.approx(s["induction"][1, 0])}
-    assert [(f["layer"], f["head"]) for f in comp["previous_token_heads_feeding"]] == [(0, 0)]
+    # the circuit: head 0.0 feeds head 1.0's keys, confirmed by key-side path patching; the zero head does not
+    (edge,) = r.edges()
+    assert edge["source"] == "0.0" and edge["targets"] == ["1.0"] and edge["loss_increase"] > 0.5
+    (row,) = r.circuit()
+    tests = {t["source"]: t for t in row["path_patching"]}
+    assert tests["0.0"]["confirmed"] and tests["0.0"]["drop"] > 0.1
+    assert not tests["0.1"]["confirmed"] and tests["0.1"]["drop"] == 0.0
+    # K-composition on the folded weights: the previous-token head composes, the zero head does not
+    assert row["top_k_composition"][0]["head"] == "0.0" and row["top_k_composition"][0]["above_baseline"] > 0
     # causal: the model copies, so the second copy is predictable, and ablating 1.0 breaks that
     assert r.loss_second_half < 0.5 * r.loss_first_half
-    assert r.scores["ablation_loss_increase"][1, 0] > 1.0
+    for kind in ("mean", "zero", "resample"):
+        measured = r.ablation[kind].exact
+        assert measured[(1, 0)].mean() > 1.0 and abs(measured[(1, 1)].mean()) < 1e-5  # a zero head costs nothing
+        assert measured[(1, 0)].shape == (PROTOCOL.batch,)  # one value per sequence
     assert r.top_k_ablation["heads"] == [{"layer": 1, "head": 0}]
     assert r.top_k_ablation["induction_heads_loss_increase"] > r.top_k_ablation["random_heads_loss_increase_mean"]
     json.dumps(r.to_dict(), allow_nan=False)  # valid JSON
     assert attached_hooks(model) == []
 
 
-def test_k_composition_known_answer():
+def repeated(seed: int, n: int = 20, b: int = 4) -> torch.Tensor:
+    seq = torch.randint(1, V, (b, n), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.zeros(b, 1, dtype=torch.long), seq, seq], 1)
+
+
+def second_half_loss_by_hand(logits: torch.Tensor, tokens: torch.Tensor, n: int = 20) -> torch.Tensor:
+    """Loss of the predictions inside the second copy, per sequence, written out independently."""
+    lp = torch.log_softmax(logits.double(), -1)
+    rows = []
+    for b in range(tokens.shape[0]):
+        rows.append(-torch.stack([lp[b, p, tokens[b, p + 1]] for p in range(n + 1, 2 * n)]).mean())
+    return torch.stack(rows)
+
+
+def test_mean_ablation_is_per_position_over_the_batch():
+    """Mean-ablating a head by hand (each position's z set to that position's batch mean) gives the
+    measured value: the standard of ARENA 1.2, not a mean pooled over positions."""
+    from mechscope.hooks import hooks
+    from mechscope.methods.head_ablation import capture, exact
+
     model = hand_built()
-    scores = k_composition(model, [(1, 0)])[(1, 0)]
-    assert scores[0, 0] > 0.05 and scores[0, 1] == 0.0
+    tokens = repeated(5)
+    measured = exact(model, capture(model, tokens, 20), tokens, 20, 0, [0], "mean")[0]
+    z = {}
+
+    def grab(act, hook):
+        z["z"] = act.clone()
+
+    def ablate(act, hook):
+        act = act.clone()
+        act[:, :, 0] = z["z"][:, :, 0].mean(0)  # [P, Dh]: per position, over the batch
+        return act
+
+    with torch.no_grad():
+        with hooks(model, fwd=[("blocks.0.attn.hook_z", grab)]):
+            clean = second_half_loss_by_hand(model(tokens), tokens)
+        with hooks(model, fwd=[("blocks.0.attn.hook_z", ablate)]):
+            ablated = second_half_loss_by_hand(model(tokens), tokens)
+    np.testing.assert_allclose(measured, (ablated - clean).numpy(), rtol=1e-4, atol=1e-4)
+    assert measured.mean() > 0.5
+
+
+def test_attribution_patching_matches_a_small_linear_change():
+    """The first-order estimate equals the measurement when the change is small enough to be linear:
+    zero-ablating a head that writes almost nothing into the logits."""
+    from mechscope.methods.head_ablation import capture, estimate, exact
+
+    model = hand_built()
+    with torch.no_grad():
+        model.blocks[1].attn.W_V[1][: V, :] = torch.eye(V)
+        model.blocks[1].attn.W_O[1][:, :V] = 1e-3 * torch.randn(V, V, generator=torch.Generator().manual_seed(0))
+    tokens = repeated(6)
+    cap = capture(model, tokens, 20)
+    est = estimate(cap, "zero")[1, 1]  # [B]
+    ex = exact(model, cap, tokens, 20, 1, [1], "zero")[0]
+    assert np.abs(ex).max() > 1e-5
+    np.testing.assert_allclose(est, ex, rtol=0.05, atol=1e-6)
 
 
 def test_random_model_has_no_induction_heads():

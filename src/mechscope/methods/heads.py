@@ -15,15 +15,23 @@ Protocols (all seeded, tokenizer-free except the real-text one):
    token in repeats 2..R to every position that followed an earlier occurrence of it.
 3. Previous-token score (attention to position − 1) on random tokens and on real text;
    duplicate-token score (attention to earlier copies of the same token).
-4. Copying: each head's direct effect, through its OV circuit and the final norm, on the logit
-   of the token it attends to; and the OV circuit's eigenvalue positivity Σλ / Σ|λ| over the
-   embedding (W_E W_V W_O W_U; layer norms left out, as in Elhage et al.).
-5. Causal: zero- and mean-ablation of each head (change in second-half loss); the top-k
-   induction heads ablated together against k random heads (several draws).
-6. K-composition (Elhage et al.) between every earlier head and every induction head.
+4. Copying: each head's direct effect on the *centred* logit (unembedding centred over the
+   vocabulary; softmax ignores a shared shift) of the token it attends to, through the folded
+   analysis view (:mod:`mechscope.models.folding`); and the OV circuit's eigenvalue positivity
+   on the folded weights.
+5. Causal: mean-, zero- and resample-ablation of every head (:mod:`.head_ablation`): estimated
+   for every head by attribution patching, measured exactly on the leading heads and a random
+   sample, per sequence over all protocol sequences; the top-k induction heads mean-ablated
+   together against k random heads.
+6. The circuit: Q/K/V composition of every pair on the folded weights (:mod:`.composition`),
+   and key-side path patching (:mod:`.path_patching`) of every candidate previous-token head
+   into every induction head; only patching-confirmed edges count as "feeds".
 
-Memory: every attention score is reduced to per-head numbers inside the hook that sees the
-pattern, so memory stays near one layer's attention for one batch; nothing is cached whole.
+A head is labelled an induction head by Olsson et al.'s two properties: prefix matching (its
+prefix-matching score at least the threshold) and copying (positive centred copying).
+
+Memory: attention scores are reduced to per-head numbers inside the hook that sees the pattern;
+the residual stream and head outputs of the protocol batch are kept once for the ablations.
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ import torch.nn.functional as F
 
 from mechscope.errors import MechscopeError
 from mechscope.hooks import hooks
+from mechscope.methods import head_ablation as HA
+from mechscope.methods.composition import CompositionResult, all_composition
+from mechscope.methods.framework import ov_eigen_positivity
+from mechscope.methods.head_ablation import HeadAblation
+from mechscope.methods.path_patching import Criterion, PathPatch, induction_edges
+from mechscope.models.folding import AnalysisWeights, analysis_weights
 from mechscope.models.transformer import HookedTransformer
 
 log = logging.getLogger(__name__)
@@ -52,17 +66,21 @@ SCORES = (
     "ov_eigen_positivity",
     "ablation_loss_increase",
     "zero_ablation_loss_increase",
+    "resample_ablation_loss_increase",
 )
-
-
-FEED_RATIO = 1.5  # K-composition relative to the mean over earlier heads that counts as "feeds"
+ABLATION_SCORES = {
+    "mean": "ablation_loss_increase",
+    "zero": "zero_ablation_loss_increase",
+    "resample": "resample_ablation_loss_increase",
+}
+MEMORY_BUDGET = 8 * 2**30  # bytes for the cached residual streams, head outputs and gradients
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """A head's label: the first rule it meets, in this order."""
 
-    induction: float = 0.4  # induction score and prefix-matching score both at least this
+    induction: float = 0.4  # prefix-matching score at least this, and positive centred copying
     previous_token: float = 0.4  # previous-token score on random tokens
     duplicate_token: float = 0.4
 
@@ -78,8 +96,10 @@ class HeadProtocol:
     prefix_batch: int = 4
     text_batch: int = 4
     text_len: int = 128
-    ablation_batch: int = 1  # sequences used for the per-head ablations (the slow part)
-    per_head_ablation: bool = True
+    per_head_ablation: bool = True  # exact per-head ablations (estimates are always made)
+    exact_top: int = 8  # heads measured exactly per ablation kind, by estimated effect
+    exact_random: int = 8  # and a seeded random sample of other heads (mean-ablation)
+    path_candidates: int = 3  # besides previous-token heads, the top-K-composition sources tested per target
     top_k: int | None = None  # None: 5, or half the heads of a smaller model
     random_draws: int = 8
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -104,9 +124,21 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
     lo, hi = p.token_range or default_token_range(model)
     if not 0 <= lo < hi <= model.cfg.d_vocab:
         raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
-    for name, value in (("n", p.n), ("batch", p.batch), ("prefix_n", p.prefix_n), ("ablation_batch", p.ablation_batch)):
+    for name, value in (("n", p.n), ("batch", p.batch), ("prefix_n", p.prefix_n)):
         if value < 1:
             raise MechscopeError(f"{name} must be at least 1, got {value}")
+    for name, value in (("exact_top", p.exact_top), ("exact_random", p.exact_random)):
+        if value < 0:
+            raise MechscopeError(f"{name} must be 0 or more, got {value}")
+    if p.batch < 2:
+        raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {p.batch}")
+    cfg = model.cfg
+    need = 3 * cfg.n_layers * p.batch * (1 + 2 * p.n) * max(cfg.d_model, cfg.n_heads * cfg.d_head) * 4
+    if need > MEMORY_BUDGET:
+        raise MechscopeError(
+            f"batch {p.batch} × {1 + 2 * p.n} positions would cache {need / 2**30:.1f} GiB of activations for the "
+            f"ablations (budget {MEMORY_BUDGET / 2**30:.0f} GiB); use a smaller --batch or --n"
+        )
     if p.prefix_repeats < 2:
         raise MechscopeError(f"prefix_repeats must be at least 2, got {p.prefix_repeats}")
     longest = max(1 + 2 * p.n, 1 + p.prefix_repeats * p.prefix_n)
@@ -171,12 +203,14 @@ def prefix_mask(tokens: torch.Tensor, first_query: int) -> tuple[torch.Tensor, t
 
 
 def masked_score(pattern: torch.Tensor, target: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Mean over (batch, query) of attention mass on the target keys: [H]."""
+    """Mean over (batch, query) of attention mass on the target keys: [H] (float32, on the CPU)."""
+    pattern = pattern.float()
+    target, queries = target.to(pattern.device), queries.to(pattern.device)
     if target.dim() == 2:
         target, queries = target.expand(pattern.shape[0], -1, -1), queries.expand(pattern.shape[0], -1)
     mass = (pattern * target[:, None].to(pattern.dtype)).sum(-1)  # [B, H, P]
     w = queries[:, None].to(pattern.dtype)  # [B, 1, P]
-    return (mass * w).sum((0, 2)) / w.sum().clamp(min=1)
+    return ((mass * w).sum((0, 2)) / w.sum().clamp(min=1)).cpu()
 
 
 def attention_scores(model: HookedTransformer, tokens: torch.Tensor, masks: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -192,73 +226,112 @@ def attention_scores(model: HookedTransformer, tokens: torch.Tensor, masks: dict
         return hook
 
     with torch.no_grad(), hooks(model, fwd=[(f"blocks.{i}.attn.hook_pattern", scorer(i)) for i in range(cfg.n_layers)]):
-        model(tokens)
+        model(tokens.to(model_device(model)))
     return out
+
+
+def model_device(model: HookedTransformer) -> torch.device:
+    return model.W_E.device
 
 
 def loss_per_position(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of predicting token p+1 at position p: [B, P-1]."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    """Cross-entropy of predicting token p+1 at position p: [B, P-1] (float32)."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:].to(logits.device), reduction="none")
 
 
-# ---- weights-only analyses ----------------------------------------------------------------
+# ---- the main pass: attention scores and copying in hooks ---------------------------------
 
 
-def _head_weights(model: HookedTransformer, layer: int):
-    attn = model.blocks[layer].attn
-    groups = model.cfg.n_heads // model.cfg.kv_heads
-    rep = lambda w: w.repeat_interleave(groups, 0)  # noqa: E731  kv heads -> query heads
-    return attn.W_Q.detach(), rep(attn.W_K.detach()), rep(attn.W_V.detach()), attn.W_O.detach()
-
-
-def ov_eigen_positivity(model: HookedTransformer) -> np.ndarray:
-    """Σλ / Σ|λ| of each head's full OV circuit W_E W_V W_O W_U: [L, H] (1 = a pure copier)."""
-    with torch.no_grad():
-        ue = model.W_U.detach().double() @ model.W_E.detach().double()  # [D, D] = W_U W_E
-        out = np.zeros((model.cfg.n_layers, model.cfg.n_heads))
-        for layer in range(model.cfg.n_layers):
-            _, _, wv, wo = _head_weights(model, layer)
-            m = wo.double() @ ue @ wv.double()  # [H, Dh, Dh], same non-zero eigenvalues as the V x V circuit
-            lam = torch.linalg.eigvals(m)
-            out[layer] = (lam.sum(-1).real / lam.abs().sum(-1).clamp(min=1e-30)).numpy()
-    return out
-
-
-def k_composition(model: HookedTransformer, targets: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-    """K-composition of every earlier head into each target head: {(L, h): [L_target, H]}.
-
-    ‖W_QK^T2 · W_OV^T1ᵀ‖_F / (‖W_QK‖_F ‖W_OV‖_F) with W_QK = W_Q W_Kᵀ and W_OV = W_V W_O
-    (Elhage et al. 2021), computed through d_head × d_head factors.
-    """
+def _main_pass(model: HookedTransformer, view: AnalysisWeights, tokens: torch.Tensor, n: int):
+    """One forward over the repeated tokens: attention scores in hooks, loss, centred copying."""
     cfg = model.cfg
-    with torch.no_grad():
-        w = [tuple(t.double() for t in _head_weights(model, layer)) for layer in range(cfg.n_layers)]
-        out = {}
-        for lt, ht in targets:
-            wq, wk = w[lt][0][ht], w[lt][1][ht]  # [D, Dh]
-            qq = wq.T @ wq  # [Dh, Dh]
-            kk = wk.T @ wk
-            qk_norm2 = torch.trace(qq @ kk)
-            scores = np.zeros((lt, cfg.n_heads))
-            for layer in range(lt):
-                wv, wo = w[layer][2], w[layer][3]  # [H, D, Dh], [H, Dh, D]
-                b = wk.T[None] @ wo.transpose(1, 2)  # Wkᵀ Woᵀ: [H, Dh, Dh]
-                vv = wv.transpose(1, 2) @ wv  # [H, Dh, Dh]
-                oo = wo @ wo.transpose(1, 2)
-                num = torch.einsum("ij,hjk,hkl,hil->h", qq, b, vv, b)  # tr(QQ B VV Bᵀ)
-                ov_norm2 = torch.einsum("hij,hji->h", vv, oo)
-                denom = qk_norm2.sqrt() * ov_norm2.sqrt()
-                # a head with no OV (or QK) circuit composes with nothing: 0, not 0/0
-                scores[layer] = torch.where(denom > 0, num.clamp(min=0).sqrt() / denom.clamp(min=1e-300), 0.0).numpy()
-            out[(lt, ht)] = scores
+    b, p = tokens.shape
+    ind, prev, dup = induction_mask(p, n), previous_token_mask(p), duplicate_mask(tokens)
+    names = ("induction", "previous_token", "duplicate_token")
+    scores = {k: np.zeros((cfg.n_layers, cfg.n_heads)) for k in names}
+    attended, copy_num = {}, {}
+    second = slice(n + 1, 2 * n + 1)
+    dev = tokens.device
+
+    def on_pattern(layer):
+        def hook(pattern, hp):
+            for name, mask in zip(names, (ind, prev, dup), strict=True):
+                scores[name][layer] = masked_score(pattern, *mask).numpy()
+            attended[layer] = pattern[:, :, second].argmax(-1)  # [B, H, n] the key each query attends to most
+
+        return hook
+
+    def on_z(layer):
+        def hook(z, hp):
+            # the folded view's head output: z without the value bias (folded into b_O), centred W_O
+            zf = z[:, second].float() - view.value_bias[layer].to(dev)
+            r = torch.einsum("bphd,hdm->bhpm", zf, view.W_O[layer].to(dev))  # [B, H, n, D]
+            tok = tokens.gather(1, attended.pop(layer).reshape(b, -1)).reshape(b, cfg.n_heads, n)
+            copy_num[layer] = (r * view.W_U.to(dev).T[tok]).sum(-1)  # [B, H, n], before the final norm's scale
+
+        return hook
+
+    fwd = []
+    for i in range(cfg.n_layers):
+        fwd += [(f"blocks.{i}.attn.hook_pattern", on_pattern(i)), (f"blocks.{i}.attn.hook_z", on_z(i))]
+    final = {}
+    fwd.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", lambda x, hp: final.setdefault("resid", x)))
+    with torch.no_grad(), hooks(model, fwd=fwd):
+        logits = model(tokens)
+    resid = final["resid"][:, second].float()  # [B, n, D]
+    if cfg.norm == "layernorm":
+        resid = resid - resid.mean(-1, keepdim=True)
+    scale = (resid.pow(2).mean(-1) + cfg.norm_eps).sqrt()  # [B, n] the final norm's divisor
+    scores["copying"] = np.stack(
+        [(copy_num[i] / scale[:, None]).mean((0, 2)).cpu().numpy() for i in range(cfg.n_layers)]
+    )
+    return loss_per_position(logits, tokens).mean(0).cpu(), scores
+
+
+def classify(scores: dict[str, np.ndarray], t: Thresholds) -> list[list[str]]:
+    """Olsson et al.'s induction head: prefix matching and copying; then previous-token, duplicate-token."""
+    n_layers, n_heads = scores["induction"].shape
+    labels = []
+    for layer in range(n_layers):
+        row = []
+        for h in range(n_heads):
+            if scores["prefix_matching"][layer, h] >= t.induction and scores["copying"][layer, h] > 0:
+                row.append("induction")
+            elif scores["previous_token"][layer, h] >= t.previous_token:
+                row.append("previous_token")
+            elif scores["duplicate_token"][layer, h] >= t.duplicate_token:
+                row.append("duplicate_token")
+            else:
+                row.append("none")
+        labels.append(row)
+    return labels
+
+
+def capture_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]) -> dict[str, list]:
+    """Attention patterns [P, K] of the chosen heads on one sequence (for the report's viewer)."""
+    out = {}
+
+    def grab(layer):
+        def hook(pattern, hp):
+            for lh in heads:
+                if lh[0] == layer:
+                    out[f"{layer}.{lh[1]}"] = pattern[0, lh[1]].float().cpu().numpy().round(4).tolist()
+
+        return hook
+
+    layers = sorted({layer for layer, _ in heads})
+    with torch.no_grad(), hooks(model, fwd=[(f"blocks.{layer}.attn.hook_pattern", grab(layer)) for layer in layers]):
+        model(tokens[:1].to(model_device(model)))
     return out
 
 
-# ---- the analysis -------------------------------------------------------------------------
+# ---- the result ---------------------------------------------------------------------------
 
 
 @dataclass
 class HeadsResult:
+    """Everything ``find_induction_heads`` measured; ``to_dict()`` is heads.json."""
+
     model: str
     protocol: dict
     scores: dict[str, np.ndarray]  # name -> [L, H]
@@ -267,7 +340,11 @@ class HeadsResult:
     loss_first_half: float
     loss_second_half: float
     top_k_ablation: dict
-    composition: list[dict]
+    ablation: dict[str, HeadAblation]  # kind -> estimates for all heads, measurements for some
+    composition: CompositionResult
+    path_patches: list[PathPatch]
+    criterion: Criterion
+    kv_groups: int  # query heads per key/value head
     seconds: dict[str, float]
     examples: dict = field(default_factory=dict)  # tokens and patterns for the viewer
 
@@ -281,15 +358,72 @@ class HeadsResult:
         ]
         return sorted(rows, key=lambda r: -r["score"])
 
+    def edges(self) -> list[dict]:
+        """Path-patching-confirmed edges: one per (source, key/value head), with every query head's effect."""
+        out = []
+        for pp in self.path_patches:
+            if any(pp.confirmed):
+                targets = [h for h, ok in zip(pp.query_heads, pp.confirmed, strict=True) if ok]
+                out.append(pp.to_dict() | {"targets": [f"{pp.layer}.{h}" for h in targets]})
+        return out
+
+    def induction_heads(self) -> list[tuple[int, int]]:
+        return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]
+
+    def circuit(self) -> list[dict]:
+        """Per induction head: the strongest K-composition sources (folded) and every path-patching test."""
+        return [self._circuit_row(layer, h) for layer, h in self.induction_heads() if layer > 0]
+
+    def _circuit_row(self, layer: int, h: int) -> dict:
+        comp, g = self.composition, self.kv_groups
+        k = comp.into("K", layer, h)
+        H = k.shape[1]
+        first = h - h % g  # the first query head of this key/value head's group
+        tests = [pp for pp in self.path_patches if pp.layer == layer and h in pp.query_heads]
+        tests.sort(key=lambda pp: -pp.drop[pp.query_heads.index(h)])
+
+        def test_row(pp: PathPatch) -> dict:
+            i = pp.query_heads.index(h)
+            ls, hs = pp.source
+            return {
+                "source": f"{ls}.{hs}",
+                "source_label": self.labels[ls][hs],
+                "induction_clean": float(pp.clean[i].mean()),
+                "induction_patched": float(pp.patched[i].mean()),
+                "drop": float(pp.drop[i]),
+                "k_composition": float(comp.scores["K"][ls, hs, layer, h]),
+                "confirmed": pp.confirmed[i],
+                "loss_increase": None if pp.loss_increase is None else float(pp.loss_increase.mean()),
+            }
+
+        return {
+            "induction_head": {"layer": layer, "head": h, "induction_score": float(self.scores["induction"][layer, h])},
+            "kv_head": h // g,
+            "shares_keys_with": [f"{layer}.{q}" for q in range(first, first + g) if q != h],
+            "top_k_composition": [
+                {
+                    "head": f"{j // H}.{j % H}",
+                    "k_composition": float(k.ravel()[j]),
+                    "above_baseline": float(k.ravel()[j] - comp.baseline.mean),
+                }
+                for j in np.argsort(-k.ravel())[:5]
+            ],
+            "path_patching": [test_row(pp) for pp in tests],
+        }
+
     def to_dict(self) -> dict:
         return {
+            "schema": "mechscope.heads/2",
             "model": self.model,
             "protocol": self.protocol,
             "thresholds": self.protocol["thresholds"],
-            # a score that was not measured (no text, ablations skipped) is null, not NaN
+            # a score that was not measured (no text) is null, not NaN
             "scores": {
                 k: [[None if np.isnan(x) else round(float(x), 6) for x in row] for row in np.asarray(v)]
                 for k, v in self.scores.items()
+            },
+            "score_spread": {
+                ABLATION_SCORES[k]: np.round(a.spread(), 6).tolist() for k, a in self.ablation.items()
             },
             "labels": self.labels,
             "induction_heads": self.ranked("induction", "induction"),
@@ -298,166 +432,67 @@ class HeadsResult:
             "loss_per_position": self.loss_per_position,
             "loss_first_half": self.loss_first_half,
             "loss_second_half": self.loss_second_half,
+            "ablation": {k: a.to_dict() for k, a in self.ablation.items()},
             "top_k_ablation": self.top_k_ablation,
-            "composition": self.composition,
-            "composition_feed_ratio": FEED_RATIO,
+            "composition": self.composition.to_dict(top=20),
+            "circuit": self.circuit(),
+            "edges": self.edges(),
+            "path_patching_criterion": self.criterion.to_dict(),
+            "kv_groups": self.kv_groups,
             "seconds": self.seconds,
         }
 
 
-def classify(scores: dict[str, np.ndarray], t: Thresholds) -> list[list[str]]:
-    n_layers, n_heads = scores["induction"].shape
-    labels = []
-    for layer in range(n_layers):
-        row = []
-        for h in range(n_heads):
-            if scores["induction"][layer, h] >= t.induction and scores["prefix_matching"][layer, h] >= t.induction:
-                row.append("induction")
-            elif scores["previous_token"][layer, h] >= t.previous_token:
-                row.append("previous_token")
-            elif scores["duplicate_token"][layer, h] >= t.duplicate_token:
-                row.append("duplicate_token")
-            else:
-                row.append("none")
-        labels.append(row)
-    return labels
+# ---- the analysis -------------------------------------------------------------------------
 
 
-def _main_pass(model: HookedTransformer, tokens: torch.Tensor, n: int, keep: int):
-    """One forward over the repeated tokens: scores in hooks, loss, z means, copying, residuals."""
+def path_tests(labels, composition: CompositionResult, kv_groups: int, extra: int) -> dict:
+    """Which sources to path-patch into each induction head's key/value head: every earlier
+    previous-token head, and the ``extra`` strongest K-composition sources of each query head."""
+    tests: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    H = len(labels[0])
+    for layer, row in enumerate(labels):
+        for h, lab in enumerate(row):
+            if lab != "induction" or layer == 0:
+                continue
+            key = (layer, h // kv_groups)
+            srcs = tests.setdefault(key, [])
+            prev = [(lay, hh) for lay in range(layer) for hh in range(H) if labels[lay][hh] == "previous_token"]
+            k = composition.into("K", layer, h).ravel()
+            top = [divmod(int(j), H) for j in np.argsort(-k)[:extra]]
+            for src in prev + top:
+                if src not in srcs:
+                    srcs.append(src)
+    return tests
+
+
+def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
+    """The top-k heads by induction score mean-ablated together, against k random heads."""
     cfg = model.cfg
-    b, p = tokens.shape
-    ind_t, ind_q = induction_mask(p, n)
-    prev_t, prev_q = previous_token_mask(p)
-    dup_t, dup_q = duplicate_mask(tokens)
-    scores = {k: np.zeros((cfg.n_layers, cfg.n_heads)) for k in ("induction", "previous_token", "duplicate_token")}
-    z_mean = {}
-    attended = {}
-    copy_num = {}
-    resid_pre = {}
-    second = slice(n + 1, 2 * n + 1)
-
-    def on_resid(layer):
-        def hook(x, hp):
-            resid_pre[layer] = x[:keep].clone()
-
-        return hook
-
-    def on_pattern(layer):
-        def hook(pattern, hp):
-            scores["induction"][layer] = masked_score(pattern, ind_t, ind_q).numpy()
-            scores["previous_token"][layer] = masked_score(pattern, prev_t, prev_q).numpy()
-            scores["duplicate_token"][layer] = masked_score(pattern, dup_t, dup_q).numpy()
-            attended[layer] = pattern[:, :, second].argmax(-1)  # [B, H, n] key each query attends to most
-
-        return hook
-
-    def on_z(layer):
-        def hook(z, hp):
-            z_mean[layer] = z.mean((0, 1))  # [H, Dh]
-            wo = model.blocks[layer].attn.W_O  # [H, Dh, D]
-            r = torch.einsum("bphd,hdm->bhpm", z[:, second], wo)  # [B, H, n, D] each head's output
-            if cfg.norm == "layernorm":
-                r = r - r.mean(-1, keepdim=True)
-            r = r * model.ln_final.w
-            tok = tokens.gather(1, attended[layer].reshape(b, -1)).reshape(b, cfg.n_heads, n)
-            wu = model.W_U.T[tok]  # [B, H, n, D]
-            copy_num[layer] = (r * wu).sum(-1)  # [B, H, n], before the final norm's scale
-            del attended[layer]
-
-        return hook
-
-    fwd = []
-    for i in range(cfg.n_layers):
-        fwd += [
-            (f"blocks.{i}.hook_resid_pre", on_resid(i)),
-            (f"blocks.{i}.attn.hook_pattern", on_pattern(i)),
-            (f"blocks.{i}.attn.hook_z", on_z(i)),
-        ]
-    final = {}
-    fwd.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", lambda x, hp: final.setdefault("resid", x)))
-    with torch.no_grad(), hooks(model, fwd=fwd):
-        logits = model(tokens)
-    resid = final["resid"][:, second]  # [B, n, D]
-    if cfg.norm == "layernorm":
-        resid = resid - resid.mean(-1, keepdim=True)
-    scale = (resid.pow(2).mean(-1) + cfg.norm_eps).sqrt()  # [B, n] the final norm's divisor
-    scores["copying"] = np.stack([(copy_num[i] / scale[:, None]).mean((0, 2)).numpy() for i in range(cfg.n_layers)])
-    return logits, scores, z_mean, resid_pre
+    flat = scores["induction"].flatten()
+    top = [divmod(int(i), cfg.n_heads) for i in np.argsort(-flat)[:k]]
+    rnd = []
+    for _ in range(draws):
+        pick = torch.randperm(len(flat), generator=g)[:k].tolist()
+        rnd.append(HA.group(model, cap, tokens, n, [divmod(i, cfg.n_heads) for i in pick]))
+    return {
+        "k": k,
+        "heads": [{"layer": layer, "head": h} for layer, h in top],
+        "ablation": "mean (per position, over the batch)",
+        "induction_heads_loss_increase": HA.group(model, cap, tokens, n, top),
+        "random_heads_loss_increase_mean": float(np.mean(rnd)),
+        "random_heads_loss_increase_std": float(np.std(rnd)),
+        "random_draws": rnd,
+    }
 
 
-def _second_half_loss(model, resid_final, tokens, n) -> torch.Tensor:
-    """Mean loss over second-half predictions per sequence: [B]."""
-    pos = slice(n + 1, 2 * n)  # position p predicts token p+1, both in the second copy
-    logits = model.unembed(resid_final[:, pos])
-    return F.cross_entropy(logits.transpose(1, 2), tokens[:, n + 2 : 2 * n + 1], reduction="none").mean(1)
-
-
-def per_head_ablation(model, tokens, n, z_mean, resid_pre, chunk: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Second-half loss increase when each head is mean-ablated and zero-ablated: two [L, H] arrays."""
+def check_heads(model: HookedTransformer, heads) -> None:
     cfg = model.cfg
-    h = cfg.n_heads
-    mean_inc, zero_inc = np.zeros((cfg.n_layers, h)), np.zeros((cfg.n_layers, h))
-    with torch.no_grad():
-        base = _second_half_loss(model, model.run_blocks(resid_pre[0].clone(), 0), tokens, n).mean()
-        for layer in range(cfg.n_layers):
-            x0 = resid_pre[layer]  # [b, P, D]
-            b = x0.shape[0]
-            variants = [(kind, head) for kind in ("mean", "zero") for head in range(h)]
-            for c0 in range(0, len(variants), chunk):
-                vs = variants[c0 : c0 + chunk]
-
-                def ablate(z, hp, vs=vs, layer=layer, b=b):
-                    z = z.clone()
-                    for i, (kind, head) in enumerate(vs):
-                        z[i * b : (i + 1) * b, :, head] = z_mean[layer][head] if kind == "mean" else 0.0
-                    return z
-
-                x = x0.repeat(len(vs), 1, 1)
-                with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_z", ablate)]):
-                    final = model.run_blocks(x, layer)
-                losses = _second_half_loss(model, final, tokens.repeat(len(vs), 1), n).view(len(vs), b).mean(1)
-                for (kind, head), loss in zip(vs, losses, strict=True):
-                    (mean_inc if kind == "mean" else zero_inc)[layer, head] = (loss - base).item()
-    return mean_inc, zero_inc
-
-
-def group_ablation(model, tokens, n, z_mean, heads: list[tuple[int, int]], clean: float) -> float:
-    """Second-half loss increase over ``clean`` with all ``heads`` mean-ablated together."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, h in heads:
-        by_layer.setdefault(layer, []).append(h)
-
-    def make(layer):
-        def hook(z, hp):
-            z = z.clone()
-            for h in by_layer[layer]:
-                z[:, :, h] = z_mean[layer][h]
-            return z
-
-        return hook
-
-    with torch.no_grad(), hooks(model, fwd=[(f"blocks.{layer}.attn.hook_z", make(layer)) for layer in by_layer]):
-        ablated = _second_half_loss(model, model.run_blocks(model.embed(tokens)), tokens, n).mean()
-    return ablated.item() - clean
-
-
-def capture_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]) -> dict[str, list]:
-    """Attention patterns [P, K] of the chosen heads on one sequence (for the report's viewer)."""
-    out = {}
-
-    def grab(layer):
-        def hook(pattern, hp):
-            for lh in heads:
-                if lh[0] == layer:
-                    out[f"{layer}.{lh[1]}"] = pattern[0, lh[1]].numpy().round(4).tolist()
-
-        return hook
-
-    layers = sorted({layer for layer, _ in heads})
-    with torch.no_grad(), hooks(model, fwd=[(f"blocks.{layer}.attn.hook_pattern", grab(layer)) for layer in layers]):
-        model(tokens[:1])
-    return out
+    for layer, h in heads or []:
+        if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
+            raise MechscopeError(
+                f"head {layer}.{h} out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}"
+            )
 
 
 def find_induction_heads(
@@ -469,123 +504,74 @@ def find_induction_heads(
     progress=None,
 ) -> HeadsResult:
     """Run every protocol on ``model``; ``text_tokens`` [B, P] enables the real-text scores."""
+    model.check_complete()
     p, token_range = check_protocol(model, protocol or HeadProtocol())
+    check_heads(model, show)
     cfg = model.cfg
-    for layer, h in show or []:
-        if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
-            raise MechscopeError(
-                f"head {layer}.{h} out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}"
-            )
+    dev = model_device(model)
     g = torch.Generator().manual_seed(p.seed)
-    seconds = {}
+    seconds: dict[str, float] = {}
     say = progress or (lambda msg: None)
+    clock = [time.perf_counter()]
 
-    t = time.perf_counter()
+    def lap(name):
+        now = time.perf_counter()
+        seconds[name] = now - clock[0]
+        clock[0] = now
+
+    say("folded weights")
+    view = analysis_weights(model)
+    lap("folding")
     say("repeated random tokens")
-    tokens = repeated_tokens(model, p.n, p.batch, 2, g, token_range)
-    logits, scores, z_mean, resid_pre = _main_pass(model, tokens, p.n, min(p.ablation_batch, p.batch))
-    loss = loss_per_position(logits, tokens).mean(0)
-    seconds["repeated_tokens"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    tokens = repeated_tokens(model, p.n, p.batch, 2, g, token_range).to(dev)
+    loss, scores = _main_pass(model, view, tokens, p.n)
+    lap("repeated_tokens")
     say("prefix matching")
     ptoks = repeated_tokens(model, p.prefix_n, p.prefix_batch, p.prefix_repeats, g, token_range)
     scores |= attention_scores(model, ptoks, {"prefix_matching": prefix_mask(ptoks, 1 + p.prefix_n)})
-    seconds["prefix_matching"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    lap("prefix_matching")
     if text_tokens is not None:
         say("previous-token heads on real text")
-        scores |= attention_scores(
-            model, text_tokens, {"previous_token_text": previous_token_mask(text_tokens.shape[1])}
-        )
+        text_mask = previous_token_mask(text_tokens.shape[1])
+        scores |= attention_scores(model, text_tokens, {"previous_token_text": text_mask})
     else:
         scores["previous_token_text"] = np.full((cfg.n_layers, cfg.n_heads), np.nan)
-    seconds["real_text"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    lap("real_text")
     say("OV circuits")
-    scores["ov_eigen_positivity"] = ov_eigen_positivity(model)
-    seconds["ov_circuits"] = time.perf_counter() - t
+    scores["ov_eigen_positivity"] = ov_eigen_positivity(view)
+    lap("ov_circuits")
 
-    t = time.perf_counter()
-    if p.per_head_ablation:
-        say("per-head ablations")
-        mean_inc, zero_inc = per_head_ablation(model, tokens[: p.ablation_batch], p.n, z_mean, resid_pre)
-    else:
-        mean_inc = zero_inc = np.full((cfg.n_layers, cfg.n_heads), np.nan)
-    scores["ablation_loss_increase"], scores["zero_ablation_loss_increase"] = mean_inc, zero_inc
-    seconds["per_head_ablation"] = time.perf_counter() - t
-
+    say("per-head ablations (attribution patching, then exact on the leading heads)")
+    cap = HA.capture(model, tokens, p.n)
+    top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
+    by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]
+    always = by_induction[: p.top_k] if p.per_head_ablation else []
+    ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always)
+    for kind, a in ablation.items():
+        scores[ABLATION_SCORES[kind]] = a.best()
+    lap("per_head_ablation")
     labels = classify(scores, p.thresholds)
-
-    t = time.perf_counter()
     say("top-k ablation")
-    flat = scores["induction"].flatten()
-    top = [divmod(int(i), cfg.n_heads) for i in np.argsort(-flat)[: p.top_k]]
-    clean = float(loss[p.n + 1 : 2 * p.n].mean())  # the main pass's second-half loss
-    top_inc = group_ablation(model, tokens, p.n, z_mean, top, clean)
-    rnd = []
-    for _ in range(p.random_draws):
-        pick = torch.randperm(len(flat), generator=g)[: p.top_k].tolist()
-        rnd.append(group_ablation(model, tokens, p.n, z_mean, [divmod(i, cfg.n_heads) for i in pick], clean))
-    top_k = {
-        "k": p.top_k,
-        "heads": [{"layer": layer, "head": h} for layer, h in top],
-        "ablation": "mean",
-        "induction_heads_loss_increase": top_inc,
-        "random_heads_loss_increase_mean": float(np.mean(rnd)),
-        "random_heads_loss_increase_std": float(np.std(rnd)),
-        "random_draws": rnd,
-    }
-    seconds["top_k_ablation"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say("K-composition")
-    by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-flat)]
-    labelled = {
-        (layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads) if labels[layer][h] == "induction"
-    }
-    targets = [lh for lh in by_induction if (lh in labelled or lh in top) and lh[0] > 0]
-    comp = k_composition(model, targets)
-    composition = []
-    for (lt, ht), s in comp.items():
-        rows = [
-            {
-                "layer": layer,
-                "head": h,
-                "k_composition": float(s[layer, h]),
-                "previous_token_score": float(scores["previous_token"][layer, h]),
-                "label": labels[layer][h],
-            }
-            for layer in range(lt)
-            for h in range(cfg.n_heads)
-        ]
-        rows.sort(key=lambda r: -r["k_composition"])
-        mean, std = float(s.mean()), float(s.std())
-        # a previous-token head feeds this induction head when its K-composition is at least
-        # FEED_RATIO times the average over every earlier head (the baseline Elhage et al. compare to)
-        feeders = [r for r in rows if r["label"] == "previous_token" and r["k_composition"] >= FEED_RATIO * mean]
-        composition.append(
-            {
-                "induction_head": {"layer": lt, "head": ht, "induction_score": float(scores["induction"][lt, ht])},
-                "k_composition_mean": mean,
-                "k_composition_std": std,
-                "top_sources": rows[:5],
-                "previous_token_heads_feeding": feeders,
-            }
-        )
-    seconds["composition"] = time.perf_counter() - t
+    top_k = _top_k(model, cap, tokens, p.n, scores, p.top_k, p.random_draws, g)
+    lap("top_k_ablation")
+    say("composition")
+    composition = all_composition(view, seed=p.seed)
+    lap("composition")
+    say("path patching")
+    kv_groups = cfg.n_heads // cfg.kv_heads
+    tests = path_tests(labels, composition, kv_groups, p.path_candidates)
+    patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
+    lap("path_patching")
 
     by_previous = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["previous_token"].flatten())]
-    chosen = list(dict.fromkeys(list(show or []) + top[:3] + by_previous[:2]))  # heads shown in the viewer
+    chosen = list(dict.fromkeys(list(show or []) + by_induction[:3] + by_previous[:2]))  # heads shown in the viewer
     examples = {
         "heads": [f"{layer}.{h}" for layer, h in chosen],
         "repeated": {"tokens": tokens[0].tolist(), "patterns": capture_patterns(model, tokens, chosen)},
     }
     if text_tokens is not None:
         examples["text"] = {"tokens": text_tokens[0].tolist(), "patterns": capture_patterns(model, text_tokens, chosen)}
-
+    lap("examples")
     n = p.n
     return HeadsResult(
         model=name or cfg.name,
@@ -596,7 +582,11 @@ def find_induction_heads(
         loss_first_half=float(loss[1:n].mean()),
         loss_second_half=float(loss[n + 1 : 2 * n].mean()),
         top_k_ablation=top_k,
+        ablation=ablation,
         composition=composition,
+        path_patches=patches,
+        criterion=Criterion(),
+        kv_groups=kv_groups,
         seconds=seconds,
         examples=examples,
     )

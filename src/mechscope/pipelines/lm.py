@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mechscope.outputs import atomic_output, check_target
 from mechscope.runs import check_out_dir, prepare_out_dir
 
 log = logging.getLogger(__name__)
@@ -59,22 +60,22 @@ def induction_heads(
 
     protocol = protocol or HeadProtocol()
     out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
-    check_out_dir(out, force=force)
+    check_target(out, force)  # before minutes of work
     t = time.perf_counter()
     model, tok = load_model(model_spec, dtype, device=device, device_map=device_map, revision=revision)
     load_seconds = time.perf_counter() - t
     text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
     result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
+    result.seconds = {"load": load_seconds, **result.seconds}
     data = result.to_dict()
-    data["seconds"] = {"load": load_seconds, **data["seconds"]}
-    prepare_out_dir(out, force=force)
-    write_json(out / "heads.json", data)
 
     def as_text(ids):
         return [tok.decode([i]) if tok else str(i) for i in ids]
 
     token_text = {k: as_text(v["tokens"]) for k, v in result.examples.items() if k in ("repeated", "text")}
-    write_report(data, result.examples, token_text, out / "report.html")
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / "heads.json", data)
+        write_report(result, token_text, tmp / "report.html")
     return out, data
 
 
