@@ -11,55 +11,70 @@ import torch
 
 SEQ = 24  # test sequences are longer than every sliding window below (5)
 V = 256
-COMMON = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 INIT = 0.1  # weights 5x transformers' default scale: attention scores large enough for every switch to show
 
 
-def configs(transformers) -> dict:
-    """Family name -> transformers config (the keys are the test ids)."""
+def configs(transformers, d: int = 64, layers: int = 2, vocab: int = V, ff: int = 96, window: int = 5) -> dict:
+    """Family name -> transformers config (the keys are the test ids); 4 heads of d/4 dims each.
+
+    The defaults make the tiny test checkpoints; bench/lm.py asks for larger ones.
+    """
     t = transformers
-    llama_like = dict(COMMON, intermediate_size=96, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    gemma_like = dict(llama_like, head_dim=16, query_pre_attn_scalar=20, sliding_window=5)
+    dh = d // 4
+    common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4)
+    common["max_position_embeddings"] = max(64, 4 * SEQ, 512 if d > 64 else 64)
+    llama_like = dict(common, intermediate_size=ff, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    gemma_like = dict(llama_like, head_dim=dh, query_pre_attn_scalar=dh + 4, sliding_window=window)
+    alternate = [["sliding_attention", "full_attention"][i % 2] for i in range(layers)]
     return {
         "gpt_neox-parallel": t.GPTNeoXConfig(
-            **COMMON, intermediate_size=96, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=True
+            **common, intermediate_size=ff, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=True
         ),
         "gpt_neox-sequential": t.GPTNeoXConfig(
-            **COMMON, intermediate_size=96, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
+            **common, intermediate_size=ff, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
         ),
         "gpt_neo": t.GPTNeoConfig(
-            vocab_size=V,
-            hidden_size=64,
-            num_layers=2,
+            vocab_size=vocab,
+            hidden_size=d,
+            num_layers=layers,
             num_heads=4,
-            max_position_embeddings=64,
-            attention_types=[[["global", "local"], 1]],
-            window_size=5,
+            intermediate_size=ff,
+            max_position_embeddings=common["max_position_embeddings"],
+            attention_types=[[["global", "local"], layers // 2]],
+            window_size=window,
             bos_token_id=0,
             eos_token_id=0,
         ),
         "gptj": t.GPTJConfig(
-            vocab_size=V, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, bos_token_id=0, eos_token_id=0
+            vocab_size=vocab,
+            n_embd=d,
+            n_layer=layers,
+            n_head=4,
+            n_inner=ff,
+            rotary_dim=dh // 2,
+            n_positions=common["max_position_embeddings"],
+            bos_token_id=0,
+            eos_token_id=0,
         ),
-        "opt": t.OPTConfig(**COMMON, ffn_dim=96, word_embed_proj_dim=64, enable_bias=True),
+        "opt": t.OPTConfig(**common, ffn_dim=ff, word_embed_proj_dim=d, enable_bias=True),
         "opt-postln-projected": t.OPTConfig(
-            **COMMON, ffn_dim=96, do_layer_norm_before=False, word_embed_proj_dim=32, activation_function="gelu"
+            **common, ffn_dim=ff, do_layer_norm_before=False, word_embed_proj_dim=d // 2, activation_function="gelu"
         ),
-        "qwen2": t.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=5, max_window_layers=1),
-        "qwen3": t.Qwen3Config(**llama_like, head_dim=16, rope_theta=20000.0, tie_word_embeddings=True),
-        "mistral": t.MistralConfig(**llama_like, sliding_window=5),
-        "gemma": t.GemmaConfig(**dict(llama_like, num_key_value_heads=1), head_dim=16),
+        "qwen2": t.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=window, max_window_layers=1),
+        "qwen3": t.Qwen3Config(**llama_like, head_dim=dh, rope_theta=20000.0, tie_word_embeddings=True),
+        "mistral": t.MistralConfig(**llama_like, sliding_window=window),
+        "gemma": t.GemmaConfig(**dict(llama_like, num_key_value_heads=1), head_dim=dh),
         "gemma2": t.Gemma2Config(**gemma_like, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
         "gemma3": t.Gemma3TextConfig(
             **gemma_like,
-            layer_types=["sliding_attention", "full_attention"],
+            layer_types=alternate,
             final_logit_softcapping=3.0,
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
             },
         ),
-        "phi3": t.Phi3Config(**llama_like, sliding_window=5, partial_rotary_factor=0.5, pad_token_id=0),
+        "phi3": t.Phi3Config(**llama_like, sliding_window=window, partial_rotary_factor=0.5, pad_token_id=0),
     }
 
 

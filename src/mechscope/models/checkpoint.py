@@ -1,9 +1,11 @@
 """Reading checkpoints one tensor at a time, straight into the dtype and device the model wants.
 
-A converter asks for foreign tensors by name (``state["h.0.attn.c_attn.weight"]``); a
-:class:`LazyState` reads each from the file only then, converts it, and keeps no reference, so
-the converted tensors are the only copy in memory: peak memory while loading stays near the
-model's own size. Safetensors files are read with plain ``readinto`` into a fresh tensor (the
+A converter asks for foreign tensors by name (``state["h.0.attn.c_attn.weight"]``) and slices,
+transposes and reshapes them; a :class:`LazyState` hands out :class:`DeferredTensor` s that
+record those steps (their shapes are known from the file's header, through a meta tensor) and
+read the file only when ``build`` materialises them, one parameter at a time, largest first.
+So the model's own tensors are the only copy in memory: peak memory while loading stays near
+the model's size plus one tensor. Safetensors files are read with plain ``readinto`` into a fresh tensor (the
 ``safetensors`` library hands out memory-mapped tensors, whose touched pages count against
 resident memory as a second copy); ``pytorch_model.bin`` goes through ``torch.load(mmap=True)``.
 
@@ -76,19 +78,77 @@ class PartialState(dict):
         return dict.__contains__(self, key)
 
 
-class LazyState(Mapping):
-    """Tensors by name, each read from its file when asked for and converted by ``convert``.
+class DeferredTensor:
+    """A tensor still in its file, with the indexing, transposes and reshapes asked of it so far.
 
-    Absent names read as :class:`MissingTensor` (as :class:`PartialState`); ``name in state``
-    tells what the file holds. Nothing is cached: asking twice reads twice.
+    ``shape`` replays the steps on a meta tensor (no reading); :meth:`materialize` reads the
+    file and replays them for real. ``a @ b`` defers too (OPT folds its projections that way).
     """
 
-    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]], convert=lambda t: t) -> None:
+    def __init__(self, real: Callable[[], torch.Tensor], meta: Callable[[], torch.Tensor], ops: tuple = ()) -> None:
+        self._real, self._meta, self._ops = real, meta, ops
+
+    def _then(self, op: str, *args, **kwargs) -> DeferredTensor:
+        return DeferredTensor(self._real, self._meta, (*self._ops, (op, args, kwargs)))
+
+    def __getitem__(self, key) -> DeferredTensor:
+        return self._then("__getitem__", key)
+
+    @property
+    def T(self) -> DeferredTensor:  # noqa: N802 (torch's name)
+        return self._then("t")
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return lambda *args, **kwargs: self._then(attr, *args, **kwargs)
+
+    def __matmul__(self, other) -> DeferredTensor:
+        def side(x, how):
+            return getattr(x, how)() if isinstance(x, DeferredTensor) else x
+
+        return DeferredTensor(
+            lambda: side(self, "materialize") @ side(other, "materialize"),
+            lambda: side(self, "as_meta") @ side(other, "as_meta"),
+        )
+
+    def _replay(self, t: torch.Tensor) -> torch.Tensor:
+        for op, args, kwargs in self._ops:
+            t = getattr(t, op)(*args, **kwargs)
+        return t
+
+    def as_meta(self) -> torch.Tensor:
+        return self._replay(self._meta())
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.as_meta().shape
+
+    def materialize(self) -> torch.Tensor:
+        return self._replay(self._real())
+
+
+def materialize(t):
+    """A real tensor from a :class:`DeferredTensor` (anything else as it is)."""
+    return t.materialize() if isinstance(t, DeferredTensor) else t
+
+
+class LazyState(Mapping):
+    """Tensors by name as :class:`DeferredTensor` s, read and converted by ``convert`` when materialised.
+
+    ``readers[name]`` is ``(read, meta)``: a function that reads the tensor and one that gives a
+    meta tensor of its shape and dtype. Absent names read as :class:`MissingTensor` (as
+    :class:`PartialState`); ``name in state`` tells what the file holds. Nothing is cached.
+    """
+
+    def __init__(self, readers: dict[str, tuple[Callable, Callable]], convert=lambda t: t) -> None:
         self._readers, self._convert = readers, convert
 
     def __getitem__(self, key: str):
-        reader = self._readers.get(key)
-        return MissingTensor(key) if reader is None else self._convert(reader())
+        if key not in self._readers:
+            return MissingTensor(key)
+        read, meta = self._readers[key]
+        return DeferredTensor(lambda: self._convert(read()), lambda: self._convert(meta()))
 
     def __contains__(self, key) -> bool:
         return key in self._readers
@@ -110,7 +170,7 @@ def strip_prefix(state, prefix: str):
     return type(state)((k.removeprefix(prefix), v) for k, v in state.items())
 
 
-def _safetensors_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+def _safetensors_readers(path: Path) -> dict[str, tuple[Callable, Callable]]:
     """A reader per tensor of a safetensors file (header checked against the file's size)."""
     size = path.stat().st_size
     try:
@@ -135,8 +195,12 @@ def _safetensors_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
             numel *= s
         if start + end > size or end - begin != numel * dtype.itemsize:
             raise MechscopeError(f"{path}: corrupt or unreadable weights (tensor {name} runs past the file's end)")
-        readers[name] = _reader(path, start + begin, dtype, tuple(shape), numel)
+        readers[name] = (_reader(path, start + begin, dtype, tuple(shape), numel), _meta(dtype, tuple(shape)))
     return readers
+
+
+def _meta(dtype: torch.dtype, shape: tuple[int, ...]):
+    return lambda: torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _reader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], numel: int):
@@ -156,12 +220,16 @@ def _reader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
     return read
 
 
-def _bin_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+def _bin_readers(path: Path) -> dict[str, tuple[Callable, Callable]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise MechscopeError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from None
-    return {k: (lambda v=v: v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {
+        k: ((lambda v=v: v.clone()), _meta(v.dtype, tuple(v.shape)))  # clone: off the memory map
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -186,13 +254,13 @@ def open_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
 
     Integer and boolean tensors keep their dtype; ``dtype=None`` keeps the file's.
     """
-    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    readers: dict[str, tuple[Callable, Callable]] = {}
     for path in weight_files(Path(directory)):
         readers.update(_safetensors_readers(path) if path.suffix == ".safetensors" else _bin_readers(path))
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        return t.to(device=device, dtype=target)
+        return t.to(device="meta" if t.is_meta else device, dtype=target)
 
     return LazyState(readers, convert)
 
@@ -200,4 +268,4 @@ def open_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
 def read_state_dict(directory: Path) -> StateDict:
     """Every tensor of a directory, as stored (for tests and tools; loading reads lazily)."""
     state = open_checkpoint(directory)
-    return {k: state[k] for k in state}
+    return {k: state[k].materialize() for k in state}

@@ -30,10 +30,12 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.checkpoint import (  # noqa: F401  (re-exported: the partial-checkpoint contract)
+    DeferredTensor,
     LazyState,
     MissingTensor,
     PartialState,
     StateDict,
+    materialize,
     open_checkpoint,
     read_state_dict,
     strip_prefix,
@@ -85,8 +87,8 @@ def build(
             raise MechscopeError(f"weight {k} has shape {list(state[k].shape)}, expected {list(expected[k])}")
     where = device if callable(device) else (lambda name: device)
     placed = {}
-    for k in present:
-        placed[k] = _place(state.pop(k) if consume else state[k], dtype, where(k))
+    for k in sorted(present, key=lambda k: -expected[k].numel()):  # largest first: its transient copy is
+        placed[k] = _place(materialize(state.pop(k) if consume else state[k]), dtype, where(k))  # made early
     model.load_state_dict(placed, assign=True, strict=False)
     model.missing_weights = tuple(missing)
     model._rotary = None

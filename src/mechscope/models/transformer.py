@@ -426,6 +426,8 @@ class HookedTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
         """GPT-2-style initialisation from ``generator`` (for toy models trained from scratch)."""
+        if self.W_E.is_meta:  # built to receive a checkpoint: nothing to initialise (and meta-device
+            return  # random numbers would pull in torch's symbolic machinery, ~70 MB, for nothing)
         for name, p in self.named_parameters():
             if name.endswith((".w",)):
                 p.fill_(0.0 if self.cfg.norm_weight_plus_one else 1.0)  # a gain of one
