@@ -267,6 +267,7 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
         "config": asdict(cfg) | {"steps": cfg.n_steps},
         "model": model.cfg.to_dict(),
         "vocab": data.vocab,
+        "chars": data.chars,  # the text's characters by token id (None for synthetic data)
         "series": series,
         "phase_change": phase,
         "train_seconds": time.perf_counter() - start,
@@ -292,3 +293,40 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             result["circuit"]["k_composition_jump_at_phase_change"] = comp[i1] - comp[i0]
             result["circuit"]["k_composition_range"] = float(np.ptp(comp))
     return result
+
+
+def load_toy(path: str | Path) -> tuple[HookedTransformer, list[str] | None, str]:
+    """A trained toy model: a ``train-toy`` run directory (its last checkpoint), its ``control/``,
+    or one checkpoint file under ``checkpoints/``. Returns the model, the characters by token id
+    (text data) and a name."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    run = path.parent.parent if path.is_file() else path
+    control = run.name == "control" and not (run / "training.json").is_file()
+    meta = (run.parent if control else run) / "training.json"  # the control's record sits in its parent's
+    if not meta.is_file():
+        raise MechscopeError(f"{path}: not a train-toy run (no training.json in {run})")
+    try:
+        info = json.loads(meta.read_text())
+        info = info["control"] if control else info
+        cfg = TransformerConfig.from_dict(info["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise MechscopeError(f"{meta}: not a readable train-toy record ({type(e).__name__}: {e})") from None
+    ckpt = path if path.is_file() else max((run / "checkpoints").glob("step_*.safetensors"), default=None)
+    if ckpt is None:
+        raise MechscopeError(f"{run}: no checkpoints/step_*.safetensors")
+    model = HookedTransformer(cfg)
+    try:
+        model.load_state_dict(load_file(str(ckpt)))
+    except Exception as e:  # a corrupt file or another architecture
+        raise MechscopeError(f"{ckpt}: cannot load ({type(e).__name__}: {e})") from None
+    return model.eval(), info.get("chars"), f"{run.name}/{ckpt.stem}"
+
+
+def is_toy_run(path: str | Path) -> bool:
+    path = Path(path)
+    run = path.parent.parent if path.is_file() and path.suffix == ".safetensors" else path
+    return (run / "training.json").is_file() or (run.name == "control" and (run.parent / "training.json").is_file())

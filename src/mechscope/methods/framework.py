@@ -93,7 +93,12 @@ class OVCopying:
                     "diagonal_mean": float(d),
                 }
                 for (layer, h), tops, a, b, r, d in zip(
-                    self.heads, self.top_tokens, self.top1, self.top5, self.median_rank, self.diagonal_mean,
+                    self.heads,
+                    self.top_tokens,
+                    self.top1,
+                    self.top5,
+                    self.median_rank,
+                    self.diagonal_mean,
                     strict=True,
                 )
             ],
@@ -146,8 +151,13 @@ class QKPairs:
                 {
                     "head": f"{layer}.{h}",
                     "pairs": [
-                        {"query": int(q), "key": int(kk), "query_text": dec(int(q)), "key_text": dec(int(kk)),
-                         "score": round(s, 4)}
+                        {
+                            "query": int(q),
+                            "key": int(kk),
+                            "query_text": dec(int(q)),
+                            "key_text": dec(int(kk)),
+                            "score": round(s, 4),
+                        }
                         for q, kk, s in pairs
                     ],
                 }
@@ -176,8 +186,12 @@ def qk_token_pairs(
         kk = emb @ view.W_K[layer, h].double() + view.b_K[layer, h].double()
         s = (q @ kk.T) / view.cfg.d_head**0.5  # [S, S]
         best = torch.topk(s.flatten(), k)
-        out.append([(int(ids[i // len(ids)]), int(ids[i % len(ids)]), float(v)) for v, i in
-                    zip(best.values, best.indices.tolist(), strict=True)])
+        out.append(
+            [
+                (int(ids[i // len(ids)]), int(ids[i % len(ids)]), float(v))
+                for v, i in zip(best.values, best.indices.tolist(), strict=True)
+            ]
+        )
     return QKPairs(heads, out, len(ids))
 
 
@@ -224,3 +238,92 @@ def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> Po
         rows = torch.arange(off, n)
         mass.append(pat[..., rows, rows - off].mean(-1))
     return PositionalQK(pat.numpy(), torch.stack(mass, -1).numpy(), n)
+
+
+# ---- toy attention-only models: the direct path and skip-trigrams -------------------------
+
+MAX_TABLE_VOCAB = 5000  # V × V tables only for small vocabularies (toy models)
+
+
+@dataclass(frozen=True)
+class Bigrams:
+    """The direct path W_E W_U (through the final norm) as a bigram table: [V, V] centred logits."""
+
+    table: np.ndarray
+
+    def top(self, k: int = 20) -> list[tuple[int, int, float]]:
+        flat = np.argsort(-self.table.ravel())[:k]
+        v = self.table.shape[1]
+        return [(int(i // v), int(i % v), float(self.table.ravel()[i])) for i in flat]
+
+    def to_dict(self, decode=None, k: int = 20) -> dict:
+        dec = decode or str
+        return {
+            "definition": "centred logit of the next token B given the current token A through the direct path",
+            "top": [{"current": dec(a), "next": dec(b), "logit": round(s, 4)} for a, b, s in self.top(k)],
+        }
+
+
+def _check_small_vocab(view: AnalysisWeights) -> None:
+    if view.cfg.d_vocab > MAX_TABLE_VOCAB:
+        raise MechscopeError(
+            f"token-by-token tables need a small vocabulary (at most {MAX_TABLE_VOCAB}), this model has "
+            f"{view.cfg.d_vocab}; they are meant for the toy models of lm train-toy"
+        )
+
+
+@torch.no_grad()
+def bigrams(view: AnalysisWeights) -> Bigrams:
+    _need(view, "W_E", "W_U")
+    _check_small_vocab(view)
+    emb = normalised(view.W_E, view.layernorm)
+    return Bigrams(((emb @ view.W_U.double()) + view.b_U.double()).numpy())
+
+
+@dataclass(frozen=True)
+class SkipTrigrams:
+    """Per head of a 1-layer model: "B … A → C" where A attends to B (QK) and attending to B raises C (OV)."""
+
+    heads: list[tuple[int, int]]
+    triples: list[list[tuple[int, int, int, float, float]]]  # (A, B, C, QK score, OV logit)
+
+    def to_dict(self, decode=None) -> dict:
+        dec = decode or str
+        return {
+            "definition": "A (current token) attends to an earlier B with QK score s; attending to B raises the "
+            "centred logit of C by o (full QK and OV circuits of the folded weights, positions left out)",
+            "heads": [
+                {
+                    "head": f"{layer}.{h}",
+                    "skip_trigrams": [
+                        {"A": dec(a), "B": dec(b), "C": dec(c), "qk": round(s, 4), "ov": round(o, 4)}
+                        for a, b, c, s, o in rows
+                    ],
+                }
+                for (layer, h), rows in zip(self.heads, self.triples, strict=True)
+            ],
+        }
+
+
+@torch.no_grad()
+def skip_trigrams(view: AnalysisWeights, layer: int = 0, k: int = 15) -> SkipTrigrams:
+    """The strongest skip-trigrams of every head of ``layer`` (Elhage et al. 2021, one-layer models)."""
+    _need(view, "W_E", "W_U")
+    _check_small_vocab(view)
+    emb = normalised(view.W_E, view.layernorm)  # [V, D]
+    heads, out = [], []
+    for h in range(view.n_heads):
+        q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()
+        kk = emb @ view.W_K[layer, h].double() + view.b_K[layer, h].double()
+        qk = (q @ kk.T) / view.cfg.d_head**0.5  # [A, B]
+        ov = (emb @ view.W_V[layer, h].double()) @ (view.W_O[layer, h].double() @ view.W_U.double())  # [B, C]
+        best = torch.topk(qk.flatten(), k)
+        v = qk.shape[1]
+        rows = []
+        for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+            a, b = divmod(i, v)
+            c = int(ov[b].argmax())
+            rows.append((a, b, c, s, float(ov[b, c])))
+        heads.append((layer, h))
+        out.append(rows)
+    return SkipTrigrams(heads, out)

@@ -114,3 +114,81 @@ def train_toy_run(
     write_json(out / "training.json", result)
     write_training_report(result, out / "training.html")
     return out, result
+
+
+DEFAULT_PROMPT = (
+    "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were perfectly normal, thank you "
+    "very much. Mr and Mrs Dursley"
+)
+
+
+def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revision=None):
+    """A model for weights-only reading: a train-toy run (or one checkpoint), or anything load_model takes,
+    partial checkpoints included. Returns the model, an encoder, a decoder, and a name."""
+    from mechscope.models.loading import load_model
+    from mechscope.toy import is_toy_run, load_toy
+
+    if is_toy_run(spec):
+        model, chars, name = load_toy(spec)
+        if chars:
+            lookup = {c: i for i, c in enumerate(chars)}
+            return model, (lambda text: [lookup[c] for c in text if c in lookup]), (lambda i: chars[i]), name
+        return model, None, str, name
+    model, tok = load_model(spec, dtype, True, device=device, device_map=device_map, revision=revision)
+    if tok is None:
+        return model, None, str, str(spec)
+    return model, tok.encode, (lambda i: tok.decode([i])), str(spec)
+
+
+def circuits(
+    model_spec: str,
+    out: str | Path | None = None,
+    heads: list[tuple[int, int]] | None = None,
+    prompt: str | None = None,
+    force: bool = False,
+    progress=None,
+    device=None,
+    dtype=None,
+    device_map=None,
+    revision=None,
+) -> tuple[Path, dict]:
+    """The Mathematical Framework toolkit on one model: circuits.json and report.html."""
+    import re
+
+    import torch
+
+    from mechscope.errors import MechscopeError
+    from mechscope.methods.heads import check_heads, default_token_range
+    from mechscope.methods.transformer_circuits import read_circuits
+    from mechscope.models.folding import analysis_weights
+    from mechscope.report.circuits import write_report
+    from mechscope.runs import write_json
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec).rstrip("/"))
+    out = Path(out) if out is not None else Path("runs") / "circuits" / name
+    check_target(out, force)
+    model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
+    check_heads(model, heads)
+    prompt_ids = None
+    if not model.missing_weights:
+        if prompt is not None and encode is None:
+            raise MechscopeError(f"{model_spec}: no tokenizer to encode --prompt with")
+        if encode is not None:
+            ids = encode(prompt if prompt is not None else DEFAULT_PROMPT)
+            if not ids:
+                raise MechscopeError("the prompt is empty")
+            if len(ids) > model.cfg.n_ctx:
+                raise MechscopeError(f"the prompt is {len(ids)} tokens, longer than the context of {model.cfg.n_ctx}")
+            prompt_ids = torch.tensor(ids)
+    elif prompt is not None:
+        model.check_complete()  # one line: a partial checkpoint cannot run the prompt
+    view = analysis_weights(model)
+    result = read_circuits(
+        model, view, label, heads, prompt_ids, token_range=default_token_range(model), progress=progress
+    )
+    data = result.to_dict(decode)
+    prompt_text = None if prompt_ids is None else [decode(int(i)) for i in prompt_ids]
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / "circuits.json", data)
+        write_report(result, decode, prompt_text, tmp / "report.html")
+    return out, data

@@ -1,0 +1,99 @@
+"""`mechscope lm circuits`: real GPT-2 small attention weights (partial), a random GPT-2, a toy run; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.reports import check_report, render_in_chromium
+from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.e2e.test_lm_cli import gpt2_dir  # noqa: F401  (fixture)
+
+PARTIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2-small-partial"
+
+
+@pytest.fixture(scope="module")
+def partial():
+    if not (PARTIAL / "model.safetensors").is_file():
+        pytest.skip(f"{PARTIAL} not found")
+    return PARTIAL
+
+
+def test_circuits_on_partial_gpt2_small(capsys, partial, tmp_path):
+    out = tmp_path / "c"
+    code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(partial), "--out", str(out))
+    assert code == 0, err
+    assert "strongest K-composition" in stdout and "not available: ov copying (needs the token embedding)" in stdout
+    data = json.loads((out / "circuits.json").read_text())
+    assert data["composition"]["baseline"]["mean"] == pytest.approx(768**-0.5, abs=0.002)
+    assert len(data["positional_qk"]["previous_position_mass"]) == 12  # every head's positional pattern
+    assert "direct_logit_attribution" in data["unavailable"] and data["induction_circuit"] is None
+    n = check_report(out / "report.html")
+    assert n == 5  # Q, K, V composition; previous-position map; every head's positional pattern
+    assert render_in_chromium(out / "report.html", tmp_path) == {"images": n, "broken": []}
+    # a forward pass on the partial checkpoint: one line
+    args = ["lm", "circuits", "--model", str(partial), "--prompt", "hi", "--out", str(tmp_path / "p")]
+    code, _, err = run_main(capsys, *args)
+    assert_one_line_error(code, err, "partial checkpoint", "cannot run a forward pass")
+    code, _, err = run_main(capsys, "lm", "heads", "--model", str(partial), "--out", str(tmp_path / "h"))
+    assert_one_line_error(code, err, "partial checkpoint", "lm circuits")
+
+
+def test_circuits_on_a_random_gpt2(capsys, gpt2_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "c"
+    code, stdout, err = run_main(
+        capsys, "lm", "circuits", "--model", str(gpt2_dir), "--head", "1.0", "--prompt", "one two one two", "--out",
+        str(out),
+    )
+    assert code == 0, err
+    data = json.loads((out / "circuits.json").read_text())
+    dla = data["direct_logit_attribution"]
+    assert dla["sum_of_shares"] == pytest.approx(dla["centred_logit"], abs=1e-3)
+    assert data["heads"] == ["1.0"] and data["ov_copying"]["heads"][0]["head"] == "1.0"
+    assert data["induction_circuit"] is not None and "induction circuit (path patching)" in stdout
+    assert len(data["logit_lens"]["top"]) == 3  # embeddings + 2 layers
+    n = check_report(out / "report.html")
+    assert render_in_chromium(out / "report.html", tmp_path) == {"images": n, "broken": []}
+
+
+def test_circuits_on_a_one_layer_toy_run(capsys, tmp_path, monkeypatch):
+    import mechscope.toy as toy
+
+    original = toy.ToyConfig
+
+    def tiny(**kw):
+        return original(**{**dict(d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=3, min_span=4), **kw})
+
+    monkeypatch.setattr(toy, "ToyConfig", tiny)
+    run = tmp_path / "toy"
+    code, _, err = run_main(capsys, "lm", "train-toy", "--layers", "1", "--steps", "6", "--out", str(run))
+    assert code == 0, err
+    out = tmp_path / "c"
+    code, _, err = run_main(capsys, "lm", "circuits", "--model", str(run), "--out", str(out))
+    assert code == 0, err
+    data = json.loads((out / "circuits.json").read_text())
+    assert len(data["bigrams"]["top"]) == 20
+    assert [h["head"] for h in data["skip_trigrams"]["heads"]] == ["0.0", "0.1"]
+    assert "one-layer model" in data["unavailable"]["induction_circuit"]
+    check_report(out / "report.html")
+    # one checkpoint of the run
+    ckpt = sorted((run / "checkpoints").glob("step_*.safetensors"))[0]
+    code, _, err = run_main(capsys, "lm", "circuits", "--model", str(ckpt), "--out", str(tmp_path / "c0"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--head", "2.0"], "head 2.0 out of range: layers 0..1, heads 0..1"),
+        (["--head", "x"], "expected a head as LAYER.HEAD"),
+        (["--prompt", "word " * 40], "longer than the context of 32"),
+        (["--device-map", "balanced"], "--device-map takes 'auto'"),
+    ],
+)
+def test_circuits_bad_input(capsys, gpt2_dir, tmp_path, args, fragment):  # noqa: F811
+    code, _, err = run_main(capsys, "lm", "circuits", "--model", str(gpt2_dir), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,130 @@
+"""The Mathematical Framework toolkit on models with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechscope.methods import framework as FW
+from mechscope.methods.composition import composition_scores, random_baseline
+from mechscope.methods.direct import direct_logit_attribution, logit_lens
+from mechscope.models.folding import analysis_weights
+from mechscope.models.transformer import HookedTransformer, TransformerConfig
+from tests.unit.test_folding import CASES, random_model
+from tests.unit.test_heads import CTX, V, hand_built
+
+
+def test_composition_matches_the_definition_written_out():
+    """Every pair, every kind, against ‖W_OV¹ W²‖ / (‖W_OV¹‖ ‖W²‖) with the d_model × d_model matrices formed."""
+    view = analysis_weights(random_model("rmsnorm", kv_heads=2, gated=True))
+    scores = composition_scores(view)
+    L, H = view.n_layers, view.n_heads
+    for ls in range(L):
+        for hs in range(H):
+            left = (view.W_V[ls, hs] @ view.W_O[ls, hs]).double()
+            for lt in range(L):
+                for ht in range(H):
+                    qk = (view.W_Q[lt, ht] @ view.W_K[lt, ht].T).double()
+                    ov = (view.W_V[lt, ht] @ view.W_O[lt, ht]).double()
+                    for mode, right in (("Q", qk), ("K", qk.T), ("V", ov)):
+                        want = (left @ right).norm() / (left.norm() * right.norm()) if ls < lt else 0.0
+                        assert float(scores[mode][ls, hs, lt, ht]) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_random_baseline_is_about_one_over_root_d():
+    b = random_baseline(256, 16, samples=100)
+    assert abs(b.mean - 256**-0.5) < 0.01 and 0 < b.std < 0.01
+
+
+def test_hand_built_circuit_reads_as_tokens():
+    """Head 1.0 copies the token it attends to (identity OV); head 0.0 attends to the previous position."""
+    view = analysis_weights(hand_built())
+    assert FW.ov_eigen_positivity(view)[1, 0] == pytest.approx(1.0, abs=1e-6)
+    ov = FW.ov_copying(view, [(1, 0)], sample=50, token_range=(1, V))
+    assert ov.top1[0] == 1.0 and ov.median_rank[0] == 0
+    pos = FW.positional_qk(view, n=32)
+    assert pos.previous_token()[0, 0] > 0.95  # by positions alone
+    assert pos.previous_token()[0, 1] < 0.5  # a zero head spreads its attention
+    # 1.0's keys read the previous-token slot that head 0.0 writes, not the embedding: its direct QK circuit is
+    # empty, and only composition (K-composition of 0.0 into 1.0) shows where its keys come from
+    qk = FW.qk_token_pairs(view, [(1, 0)], sample=V, k=5)
+    assert max(abs(s) for _, _, s in qk.pairs[0]) < 1e-9
+    assert composition_scores(view)["K"][0, 0, 1, 0] > 0.05
+
+
+def one_layer_skip_trigram_model() -> HookedTransformer:
+    """One head: token 3 attends to earlier 7s (QK), and attending to a 7 raises token 9 (OV)."""
+    v, d = 16, 16
+    cfg = TransformerConfig(
+        d_model=d, n_layers=1, n_heads=1, d_head=d, d_vocab=v, n_ctx=8, attn_only=True, norm="rmsnorm",
+        positional="learned", attn_bias=False, attn_out_bias=False, tie_embeddings=False,
+    )
+    m = HookedTransformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for norm in (m.blocks[0].ln1, m.ln_final):
+            norm.w.fill_(1.0)
+        m.W_E.copy_(torch.eye(v) * 4)
+        a = m.blocks[0].attn
+        a.W_Q[0][3, 0] = 5.0  # query of token 3 ...
+        a.W_K[0][7, 0] = 5.0  # ... matches the key of token 7
+        a.W_V[0][7, 1] = 1.0
+        a.W_O[0][1, 9] = 3.0  # attending to a 7 writes token 9's direction
+        m.W_U_untied.copy_(torch.eye(v))
+        m.W_U_untied[5, 6] = 2.0  # the direct path: 5 -> 6
+    return m.eval()
+
+
+def test_skip_trigrams_and_bigrams_known_answer():
+    view = analysis_weights(one_layer_skip_trigram_model())
+    tri = FW.skip_trigrams(view, k=1)
+    ((a, b, c, s, o),) = tri.triples[0]
+    assert (a, b, c) == (3, 7, 9) and s > 0 and o > 0
+    assert FW.qk_token_pairs(view, [(0, 0)], sample=16, k=1).pairs[0][0][:2] == (3, 7)
+    top = FW.bigrams(view).top(len(view.W_E) * 2)
+    assert (5, 6) in [(x, y) for x, y, _ in top[:20]]
+
+
+def test_big_vocabularies_are_refused_for_token_tables():
+    from mechscope.errors import MechscopeError
+
+    cfg = TransformerConfig(d_model=8, n_layers=1, n_heads=1, d_head=8, d_vocab=6000, n_ctx=4, attn_only=True)
+    with pytest.raises(MechscopeError, match="small vocabulary"):
+        FW.bigrams(analysis_weights(HookedTransformer(cfg)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_direct_logit_attribution_adds_up(case):
+    model = random_model(**CASES[case])
+    view = analysis_weights(model)
+    tokens = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(3))
+    for pos in (-1, 4):
+        dla = direct_logit_attribution(model, view, tokens, position=pos)
+        assert dla.total == pytest.approx(dla.logit, abs=1e-4)
+        assert np.abs(dla.heads).max() > 1e-3
+    with torch.no_grad():
+        logits = model(tokens[None])[0]
+    lens = logit_lens(model, tokens)
+    assert (lens.top[-1] == logits.argmax(-1).numpy()).all()  # the last layer's lens is the model
+    torch.testing.assert_close(
+        torch.tensor(lens.next_logprob[-1]),
+        torch.log_softmax(logits, -1)[:-1].gather(1, tokens[1:, None])[:, 0],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_partial_checkpoints_are_read_where_possible():
+    cfg = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_vocab=20, n_ctx=CTX, d_mlp=32)
+    model = HookedTransformer(cfg)
+    model.W_E = torch.nn.Parameter(torch.empty(20, 16, device="meta"))
+    model.missing_weights = ("W_E",)
+    view = analysis_weights(model)
+    assert view.W_E is None and view.W_U is None and view.W_pos is not None
+    assert composition_scores(view)["K"].shape == (2, 2, 2, 2)
+    from mechscope.errors import MechscopeError
+
+    with pytest.raises(MechscopeError, match="needs W_E"):
+        FW.ov_eigen_positivity(view)
