@@ -44,6 +44,7 @@ from torch import nn
 
 from mechscope.errors import MechscopeError
 from mechscope.hooks import hooks, run_with_cache, select
+from mechscope.results import evaluating
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # [k, B, ...outputs] -> [k, ...]
 
@@ -109,7 +110,7 @@ def intervene(
     def grab(act: torch.Tensor, hook) -> None:
         probe[name] = act
 
-    with torch.no_grad(), hooks(model, fwd=[(name, grab)]):
+    with evaluating(model), torch.no_grad(), hooks(model, fwd=[(name, grab)]):  # no BatchNorm update
         forward(inputs[:1])
     unit_shape = tuple(probe[name].shape[1:])
     if masks.dtype != torch.bool or tuple(masks.shape[1:]) != unit_shape:
@@ -125,9 +126,7 @@ def intervene(
     k = max(1, min(len(masks), batch_size // max(b, 1)))  # masks per forward
     chunk = b if k > 1 else min(b, batch_size)  # inputs per forward
     results = []
-    model_was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for m0 in range(0, len(masks), k):
             m = masks[m0 : m0 + k]  # [k, *S]
             kk = len(m)
@@ -149,8 +148,6 @@ def intervene(
                 outs.append(out.view(kk, bb, *out.shape[1:]))
             out = torch.cat(outs, 1)  # [k, B, ...]
             results.append(reduce(out) if reduce is not None else out)
-    finally:
-        model.train(model_was_training)
     return torch.cat(results)
 
 
@@ -165,42 +162,13 @@ def intervene_at(
 ) -> torch.Tensor:
     """:func:`intervene` from the activations ``acts`` [B, *unit_shape] that ``layer`` has on the inputs.
 
-    Runs only the rest of the network (``spec.run_from``), with the hook points after ``layer``
-    live as usual; the result equals :func:`intervene` on the inputs themselves.
+    Runs only the rest of the network (``spec.run_from``, a :class:`~mechscope.models.spec.CNNSpec`),
+    starting at the hook point itself; the result equals :func:`intervene` on the inputs.
     """
-    acts = acts.detach()
-    b, unit_shape = acts.shape[0], tuple(acts.shape[1:])
-    if masks.dtype != torch.bool or tuple(masks.shape[1:]) != unit_shape:
-        raise MechscopeError(
-            f"masks for {layer} must be boolean and shaped [N, {', '.join(map(str, unit_shape))}], "
-            f"got {masks.dtype} {list(masks.shape)}"
-        )
-    rep = torch.as_tensor(replacement, dtype=acts.dtype)
-    per_input = rep.dim() == len(unit_shape) + 1
-    if per_input and rep.shape[0] != b:
-        raise MechscopeError(f"replacement has {rep.shape[0]} rows for {b} inputs")
-    k = max(1, min(len(masks), batch_size // max(b, 1)))
-    chunk = b if k > 1 else min(b, batch_size)
-    results = []
-    was = [(m, m.training) for m in spec.model.modules()]
-    spec.model.eval()
-    try:
-        with torch.no_grad():
-            for m0 in range(0, len(masks), k):
-                m = masks[m0 : m0 + k]  # [k, *S]
-                outs = []
-                for s0 in range(0, b, chunk):
-                    a = acts[s0 : s0 + chunk]  # [bb, *S]
-                    r = rep[s0 : s0 + chunk] if per_input else rep
-                    edited = torch.where(m[:, None], r, a)  # [k, bb, *S]
-                    out = spec.run_from(layer, edited.reshape(-1, *unit_shape))
-                    outs.append(out.view(len(m), len(a), *out.shape[1:]))
-                out = torch.cat(outs, 1)  # [k, B, ...]
-                results.append(reduce(out) if reduce is not None else out)
-    finally:
-        for mod, mode in was:
-            mod.training = mode
-    return torch.cat(results)
+    def forward(a: torch.Tensor) -> torch.Tensor:
+        return spec.run_from(layer, a, inclusive=True)
+
+    return intervene(spec.model, acts, layer, masks, replacement, reduce, batch_size, forward=forward)
 
 
 def ablate(

@@ -3,6 +3,11 @@
 For each channel: its mean activation per class (the stage's output averaged over positions),
 the selectivity index (μmax − μrest)/(μmax + μrest) (see :mod:`mechscope.methods.circuits`),
 the preferred class, and where in the image its mean map on that class has its mass.
+
+The index is defined for non-negative activations (after a ReLU). Where a stage's class means
+can be negative (GELU, SoLU with its LayerNorm, no activation), each channel's class means are
+first shifted so that the least active class is at 0 (``shifted``); the index then measures how
+much one class stands out from the others' range, still in [0, 1].
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class StageSelectivity(Result):
     preferred_class: tuple[int, ...]
     order: tuple[int, ...]  # channels grouped by preferred class, most selective first
     region_on_preferred_class: tuple[str, ...]
+    shifted: bool = False  # class means shifted to a minimum of 0 before the index (signed activations)
     maps: torch.Tensor = figure_data()  # [K, C, H, W] mean hook_post map per class
 
 
@@ -49,12 +55,16 @@ def selectivity(model, spec, data, acts) -> tuple[StageSelectivity, ...]:
         cm = C.class_means(acts.out[s.name].flatten(2).mean(2), data.y, data.n_classes)  # [C, K]
         pref = cm.argmax(1)
         maps = acts.maps[s.name]  # [K, C, H, W]
+        shifted = bool((cm < 0).any())
+        base = cm - cm.min(1, keepdim=True).values if shifted else cm
+        what = f"{s.hook_out}, mean over positions" + (", shifted per channel to a minimum of 0" if shifted else "")
         out.append(
             StageSelectivity(
                 stage=s.name,
-                activation=f"{s.hook_out}, mean over positions",
+                activation=what,
                 class_means=cm,
-                index=C.selectivity_index(cm),
+                index=C.selectivity_index(base),
+                shifted=shifted,
                 preferred_class=tuple(pref.tolist()),
                 order=tuple(C.order_by_profile(cm)),
                 region_on_preferred_class=tuple(region(maps[int(pref[c]), c].numpy()) for c in range(cm.shape[0])),

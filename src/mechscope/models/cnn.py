@@ -79,6 +79,17 @@ class CNNConfig:
         return self.stage_sizes()[-1][1]
 
     def validate(self) -> None:
+        self.validate_shape()
+        if self.n_classes < 2:
+            raise MechscopeError(f"a classifier needs at least two classes, got {self.n_classes}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != self.in_channels:
+                raise MechscopeError(f"{name} has {len(v)} values for {self.in_channels} input channels")
+        self.stage_sizes()
+
+    def validate_shape(self) -> None:
+        """The network's own options (not those that come from the data)."""
         if not 1 <= len(self.channels) <= 4 or any(c < 1 for c in self.channels):
             raise MechscopeError(f"channels must be 1 to 4 positive widths, got {list(self.channels)}")
         if self.kernel_size < 1 or self.padding < 0 or self.pool < 1:
@@ -90,13 +101,6 @@ class CNNConfig:
             raise MechscopeError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         if self.hidden is not None and self.hidden < 1:
             raise MechscopeError(f"hidden width must be at least 1, got {self.hidden}")
-        if self.n_classes < 2:
-            raise MechscopeError(f"a classifier needs at least two classes, got {self.n_classes}")
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if isinstance(v, tuple) and len(v) != self.in_channels:
-                raise MechscopeError(f"{name} has {len(v)} values for {self.in_channels} input channels")
-        self.stage_sizes()
 
     def to_dict(self) -> dict:
         d = asdict(self)

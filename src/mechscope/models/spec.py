@@ -204,12 +204,15 @@ class CNNSpec:
     def hook_names(self) -> list[str]:
         return [name for name, m in self.plan if isinstance(m, HookPoint)]
 
-    def run_from(self, hook: str, x: torch.Tensor) -> torch.Tensor:
-        """The rest of the forward pass from hook point ``hook`` given its activation ``x``."""
+    def run_from(self, hook: str, x: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+        """The rest of the forward pass from hook point ``hook`` given its activation ``x``.
+
+        ``inclusive`` runs the hook point itself first, so that hooks attached to it act on ``x``.
+        """
         names = [name for name, _ in self.plan]
         if hook not in names:
             raise MechscopeError(f"unknown hook point {hook!r}; valid names: {', '.join(self.hook_names())}")
-        for _, module in self.plan[names.index(hook) + 1 :]:
+        for _, module in self.plan[names.index(hook) + (0 if inclusive else 1) :]:
             x = _apply(module, x)
         return x
 
@@ -495,6 +498,9 @@ class HookedCNN(nn.Module):
             self.add_module(f"conv{i}", _StageHooks())
         self.hook_logits = HookPoint()
         self.steps: list[tuple[str, nn.Module]] = []  # filled by _wrap; not registered twice
+        for name, m in self.named_modules():  # the view starts in the model's mode, without changing the model
+            if name != "net" and not name.startswith("net."):
+                m.training = net.training
 
     def check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.input_shape)

@@ -29,6 +29,8 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
+    if model_config is not None:
+        model_config.validate_shape()  # before the data are read
     with atomic_output(out, force) as tmp:
         data = load_dataset(dataset, data_dir, class_names)
         fitted = model_config_for(data, model_config)

@@ -83,7 +83,7 @@ def confusion_fig(conf: np.ndarray, names) -> str:
     np.fill_diagonal(off, np.nan)
     fig = Figure(figsize=(max(4.6, 0.3 * k + 1.5), max(4.0, 0.3 * k + 1.2)), layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(off, cmap=cmap("Reds"))
+    im = ax.imshow(off, cmap=cmap("Reds"), vmin=0, vmax=max(1.0, float(np.nanmax(off)) if k > 1 else 1.0))
     if k <= 15:
         for i in range(k):
             for j in range(k):
@@ -314,11 +314,12 @@ def circuits_fig(study, names, n_channels: int) -> str:
     for x_, ci in zip(xs, circ, strict=True):
         b.text(x_, 101, str(ci.size), ha="center", fontsize=6)
     class_ticks(b, [names[ci.target] for ci in circ], "x")
-    b.set_ylim(0, 108)
+    b.set_ylim(0, 135)  # headroom for the legend above the bars
+    b.set_yticks(range(0, 101, 20))
     b.set_xlabel("class (number above: channels in its circuit)")
     b.set_ylabel("test accuracy on the class (%)")
     b.set_title("sufficiency and necessity", fontsize=8)
-    b.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    b.legend(fontsize=6, loc="upper center", ncol=2, handlelength=1, columnspacing=0.6)
     member = np.full((len(circ), n_channels), np.nan)
     for i, ci in enumerate(circ):
         att = ci.attribution.numpy()

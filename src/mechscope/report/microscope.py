@@ -13,7 +13,7 @@ import numpy as np
 
 from mechscope.report import cnn_figures as F
 from mechscope.report.html import render
-from mechscope.report.summary import noun
+from mechscope.report.summary import noun, plural
 
 
 def uri_of_file(path: Path) -> str:
@@ -148,6 +148,7 @@ def write_report(r, linked: dict, out: Path, vrange: tuple[float, float] = (0.0,
         out,
         r=r,
         word=noun(r.class_names),
+        words=plural(noun(r.class_names)),
         names=r.class_names,
         figs=overview_figures(r, vrange),
         sections=channel_sections(r, linked, vrange),

@@ -13,6 +13,10 @@ def noun(class_names) -> str:
     return "digit" if tuple(class_names) == tuple("0123456789") else "class"
 
 
+def plural(word: str) -> str:
+    return f"{word}es" if word.endswith("s") else f"{word}s"
+
+
 def article(name: str) -> str:
     """'an 8', 'a 3', 'an Ankle boot', 'a Shirt'."""
     s = str(name).lower()
@@ -49,6 +53,8 @@ def _accuracy(r, names) -> str:
     conf = np.array(ov.confusion_matrix)
     errors = int(conf.sum() - np.trace(conf))
     t, p, n = ov.most_confused
+    if errors == 0:
+        return f"Test accuracy {_pts(ov.test_accuracy)}% (no errors in {int(conf.sum()):,})."
     return (
         f"Test accuracy {_pts(ov.test_accuracy)}% ({errors} errors in {int(conf.sum()):,}); the most common "
         f"confusion is {article(names[t])} read as {article(names[p])} ({n} images)."
@@ -108,7 +114,7 @@ def _specialists(r, names, word) -> list[str]:
     return [
         f"{last.stage} channel {c} is most active on {word} {names[sel.preferred_class[c]]} (selectivity "
         f"{float(sel.index[c]):.2f}), mostly in the {sel.region_on_preferred_class[c]} of the image; mean-ablating it "
-        f"costs {word} {names[d]} {_pts(value)} points and no other {word} more than {_pts(max(rest, 0))}."
+        f"costs {word} {names[d]} {_pts(value)} points and no other {word} more than {_pts(max(rest, 0.0) + 0.0)}."
         for value, c, d, rest in sorted(found, reverse=True)[:3]
     ]
 
@@ -126,9 +132,10 @@ def _circuits(r, names, word) -> list[str]:
     lines = [
         f"Per-{word} circuits in {stage}: {met} of {len(circ)} meet the criterion (with every other channel "
         f"mean-ablated, the {word}'s accuracy within {_pts(cs.tolerance)} points of the full model's and other "
-        f"{word}s not called that {word} more often than by the full model, within the same margin; no channel can "
-        f"be dropped and no two traded for one). Sizes run from {small.size} channels ({word} {names[small.target]}) "
-        f"to {large.size} ({word} {names[large.target]}), mean {np.mean(sizes):.1f} of {n_ch}."
+        f"{plural(word)} not called that {word} more often than by the full model, within the same margin; no channel "
+        f"can be dropped and no two traded for one). Sizes run from {small.size} channels "
+        f"({word} {names[small.target]}) to {large.size} ({word} {names[large.target]}), "
+        f"mean {np.mean(sizes):.1f} of {n_ch}."
     ]
     for c in circ:
         f0 = c.feeders[0] if c.feeders else None
@@ -136,7 +143,7 @@ def _circuits(r, names, word) -> list[str]:
             f"{word.capitalize()} {names[c.target]}: {stage} channels {', '.join(map(str, c.channels))} alone keep "
             f"{_pts(c.sufficiency)}% (full model {_pts(c.full_accuracy)}%); mean-ablating just them leaves "
             f"{_pts(c.necessity)}%, resample-ablating them {_pts(c.necessity_resample)}%; with only them, "
-            f"{_pts(c.other_classes_called_circuit)}% of other {word}s are called {names[c.target]} (full model "
+            f"{_pts(c.other_classes_called_circuit)}% of other {plural(word)} are called {names[c.target]} (full model "
             f"{_pts(c.other_classes_called_full)}%)."
             + (
                 f" Their strongest {cs.feeder_stage} input is channel {f0.channel} "
@@ -149,13 +156,13 @@ def _circuits(r, names, word) -> list[str]:
     meaned = [c.necessity for c in circ]
     lower = sum(a < b for a, b in zip(resampled, meaned, strict=True))
     verdict = (
-        f": by this measure mean-ablation understates how much the {word}s need their circuits"
+        f": by this measure mean-ablation understates how much the {plural(word)} need their circuits"
         if 2 * lower > len(circ)
         else ""
     )
     lines.append(
         f"Resample-ablating a circuit leaves its {word} less accuracy than mean-ablating it for {lower} of "
-        f"{len(circ)} {word}s (median {_pts(float(np.median(resampled)))}% against "
+        f"{len(circ)} {plural(word)} (median {_pts(float(np.median(resampled)))}% against "
         f"{_pts(float(np.median(meaned)))}%){verdict}."
     )
     w = r.ablation.whole_stage(stage, "mean")
@@ -168,12 +175,12 @@ def _circuits(r, names, word) -> list[str]:
             f"For the {names[k]}s, the {word} the mean reads as, the circuit's job is mostly to say "
             f'"not {names[k]}": with every {stage} channel mean-ablated the network calls {called} '
             f"{article(names[k])}; keeping the circuit's {c.size} channels brings that down to "
-            f"{_pts(c.other_classes_called_circuit)}% of the other {word}s."
+            f"{_pts(c.other_classes_called_circuit)}% of the other {plural(word)}."
         )
     shared = cs.membership()
     ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
     lines.append(
-        f"{stage} channel {ch} is in the most circuits ({len(ds)}: {word}s {', '.join(names[d] for d in ds)}); "
+        f"{stage} channel {ch} is in the most circuits ({len(ds)}: {plural(word)} {', '.join(names[d] for d in ds)}); "
         f"{n_ch - len(shared)} of {n_ch} channels are in none."
     )
     return lines
