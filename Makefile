@@ -28,18 +28,18 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 $(DEMO_DIR)/mnist/model.safetensors: | $(STAMP)
-	$(BIN)/mechscope mnist train --out $(DEMO_DIR)/mnist --force
+	$(BIN)/mechscope cnn train --out $(DEMO_DIR)/mnist --force
 
 $(DEMO_DIR)/mnist/attribution/faithfulness.json: $(DEMO_DIR)/mnist/model.safetensors
-	$(BIN)/mechscope mnist attribute --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/attribution --force
+	$(BIN)/mechscope cnn attribute --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/attribution --force
 
 $(DEMO_DIR)/mnist/featvis/featvis.json: $(DEMO_DIR)/mnist/model.safetensors
-	$(BIN)/mechscope mnist visualize --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/featvis --force
+	$(BIN)/mechscope cnn visualize --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/featvis --force
 
 # explain links the attribution grids and feature visualisations when they are there
 $(DEMO_DIR)/mnist/explain/report.html: $(DEMO_DIR)/mnist/model.safetensors $(DEMO_DIR)/mnist/attribution/faithfulness.json \
                                        $(DEMO_DIR)/mnist/featvis/featvis.json
-	$(BIN)/mechscope mnist explain --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/explain --force
+	$(BIN)/mechscope cnn explain --run $(DEMO_DIR)/mnist --out $(DEMO_DIR)/mnist/explain --force
 
 $(DEMO_DIR)/heads/report.html: | $(STAMP)
 	$(BIN)/mechscope lm heads --model smollm2 --out $(DEMO_DIR)/heads --force

@@ -16,7 +16,7 @@ import torch
 from mechscope.config import TrainConfig
 from mechscope.data.mnist import load_mnist
 from mechscope.models.cnn import n_parameters
-from mechscope.training import train_cnn
+from mechscope.training import keep_freed_memory, train_cnn
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[TrainConfig().seed])
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
+    keep_freed_memory()  # as `mechscope cnn train` does: the library itself never changes the allocator
     data = load_mnist(args.data_dir)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []

@@ -8,7 +8,7 @@ from torch import nn
 
 from mechscope.config import TrainConfig
 from mechscope.errors import MechscopeError
-from mechscope.models.cnn import CNNConfig, MnistCNN, n_parameters
+from mechscope.models.cnn import CNN, CNNConfig, MnistCNN, n_parameters
 from mechscope.training import random_shift, train_cnn
 
 
@@ -73,3 +73,26 @@ def test_training_is_deterministic(mnist):
     a, b, c = _state(3, mnist), _state(3, mnist), _state(4, mnist)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_other_shapes_count_their_parameters_by_hand():
+    cfg = CNNConfig(channels=(4, 8, 8), kernel_size=3, padding=1, batchnorm=True, hidden=12, image_size=16)
+    # convs 1*4*9+4, 4*8*9+8, 8*8*9+8; BatchNorm 2*4, 2*8, 2*8; 16 -> 8 -> 4 -> 2: read-out 8*2*2 -> 12 -> 10
+    by_hand = 40 + 296 + 584 + 8 + 16 + 16 + (32 * 12 + 12) + (12 * 10 + 10)
+    model = CNN(cfg)
+    assert n_parameters(model) == by_hand == 1486
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    solu = CNN(CNNConfig(channels=(4, 8), activation="solu"))
+    relu = CNN(CNNConfig(channels=(4, 8)))
+    assert n_parameters(solu) - n_parameters(relu) == 2 * 4 + 2 * 8  # the LayerNorms' gains and biases
+
+
+def test_default_keeps_its_state_dict_keys_and_config_round_trips():
+    model = CNN()
+    assert list(model.state_dict()) == ["conv1.conv.weight", "conv1.conv.bias", "conv2.conv.weight", "conv2.conv.bias",
+                                        "fc.weight", "fc.bias"]  # fmt: skip
+    cfg = CNNConfig(channels=(8,), activation="gelu", hidden=5, in_channels=3, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    assert CNNConfig.from_dict(cfg.to_dict()) == cfg
+    assert CNNConfig.from_dict({"conv1_channels": 16, "conv2_channels": 8}).channels == (16, 8)  # runs from before
+    with pytest.raises(MechscopeError, match="unknown model fields depth"):
+        CNNConfig.from_dict({"depth": 3})
