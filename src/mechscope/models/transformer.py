@@ -146,7 +146,8 @@ class TransformerConfig:
         """The family switches set away from their defaults, as ``name=value``."""
         names = [f.name for f in fields(self)]
         switches = fields(self)[names.index("parallel_attn_mlp") :]
-        return [f"{f.name}={getattr(self, f.name)}" for f in switches if getattr(self, f.name) != f.default]
+        shown = [(f.name, getattr(self, f.name)) for f in switches if getattr(self, f.name) != f.default]
+        return [f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}" for n, v in shown]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,67 @@
+"""`lm heads` and `lm circuits` end to end in bfloat16 on a tiny random checkpoint of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from tests.e2e.test_cli import run_main  # noqa: E402
+from tests.parity.families import configs, save_random  # noqa: E402
+
+FAMILIES = list(configs(transformers))
+# post-LN OPT-350m has no final norm: the folded analysis view (models/folding.py) does not handle it yet
+NO_FOLD = {"opt-postln-projected"}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    cfgs, out = configs(transformers), {}
+    for name in FAMILIES:
+        out[name] = tmp_path_factory.mktemp(name)
+        save_random(transformers, cfgs[name], out[name])
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason="folding: no final norm")) if n in NO_FOLD else n
+        for n in FAMILIES
+    ],
+)
+def test_heads_and_circuits_in_bfloat16(name, family_dirs, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("MECHSCOPE_DEVICE", "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = str(family_dirs[name])
+        code, _, err = run_main(
+            capsys,
+            "lm",
+            "heads",
+            "--model",
+            path,
+            "--dtype",
+            "bfloat16",
+            "--n",
+            "10",
+            "--batch",
+            "2",
+            "--out",
+            str(tmp_path / "heads"),
+        )
+        assert code == 0, err
+        data = json.loads((tmp_path / "heads" / "heads.json").read_text())
+        assert data["loss_first_half"] > 0
+        code, _, err = run_main(
+            capsys, "lm", "circuits", "--model", path, "--dtype", "bfloat16", "--out", str(tmp_path / "circuits")
+        )
+        assert code == 0, err
+        assert (tmp_path / "circuits" / "circuits.json").is_file()
+    finally:
+        torch.set_num_threads(before)
