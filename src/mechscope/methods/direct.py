@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mechscope.hooks import run_with_cache
+from mechscope.methods.heads import post_norm_scale
 from mechscope.models.folding import AnalysisWeights
 from mechscope.models.transformer import HookedTransformer
 
@@ -96,9 +97,11 @@ def direct_logit_attribution(
     if not cfg.attn_only:
         names += [f"blocks.{i}.hook_mlp_out" for i in range(cfg.n_layers)]
     logits, cache = run_with_cache(model, tokens, names=names)
+    final = cache[names[1]][0, pos]
     row = logits[0, pos].float()
     target = int(row.argmax()) if target is None else int(target)
-    scale = final_scale(model, cache[names[1]][0, pos])
+    linear = _linear_logits(model, final)  # before any final soft-capping (Gemma 2): what the shares add up to
+    scale = final_scale(model, final)
     direction = view.W_U[:, target].to(row.device) / scale  # [D]
 
     def share(x: torch.Tensor) -> float:
@@ -108,10 +111,12 @@ def direct_logit_attribution(
     mlps = np.zeros(cfg.n_layers)
     biases = float(view.b_U[target])
     for i in range(cfg.n_layers):
-        z = cache[f"blocks.{i}.attn.hook_z"][0, pos].float() - view.value_bias[i].to(row.device)  # [H, Dh]
+        z_raw = cache[f"blocks.{i}.attn.hook_z"][0, pos].float()
+        z = z_raw - view.value_bias[i].to(row.device)  # [H, Dh]
         out = torch.einsum("hd,hdm->hm", z, view.W_O[i].to(row.device))  # [H, D]
-        heads[i] = (out @ direction).cpu().numpy()
-        biases += share(view.b_O[i].to(row.device))
+        post = float(post_norm_scale(model, i, z_raw[None, None])[0, 0])  # the post-attention norm's divisor, or 1
+        heads[i] = (out @ direction).cpu().numpy() / post
+        biases += share(view.b_O[i].to(row.device)) / post
         if not cfg.attn_only:
             mlps[i] = share(cache[f"blocks.{i}.hook_mlp_out"][0, pos])
     return DirectLogitAttribution(
@@ -123,8 +128,15 @@ def direct_logit_attribution(
         embed=share(cache["hook_embed"][0, pos]),
         pos_embed=share(cache["hook_pos_embed"][0, pos]) if "hook_pos_embed" in cache else 0.0,
         biases=biases,
-        logit=float(row[target] - row.mean()),
+        logit=float(linear[target] - linear.mean()),
     )
+
+
+def _linear_logits(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """The model's logits from a final residual [D], without final soft-capping: [V] float32."""
+    x = resid if model.ln_final is None else model.ln_final(resid)
+    logits = x.float() @ model.W_U.float()
+    return logits if model.b_U is None else logits + model.b_U.float()
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,7 @@ def _main_pass(model: HookedTransformer, view: AnalysisWeights, tokens: torch.Te
             # the folded view's head output: z without the value bias (folded into b_O), centred W_O
             zf = z[:, second].float() - view.value_bias[layer].to(dev)
             r = torch.einsum("bphd,hdm->bhpm", zf, view.W_O[layer].to(dev))  # [B, H, n, D]
+            r = r / post_norm_scale(model, layer, z[:, second])[:, None, :, None]
             tok = tokens.gather(1, attended.pop(layer).reshape(b, -1)).reshape(b, cfg.n_heads, n)
             copy_num[layer] = (r * view.W_U.to(dev).T[tok]).sum(-1)  # [B, H, n], before the final norm's scale
 
@@ -286,6 +287,16 @@ def _main_pass(model: HookedTransformer, view: AnalysisWeights, tokens: torch.Te
         [(copy_num[i] / scale[:, None]).mean((0, 2)).cpu().numpy() for i in range(cfg.n_layers)]
     )
     return loss_per_position(logits, tokens).mean(0).cpu(), scores
+
+
+def post_norm_scale(model: HookedTransformer, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """[B, P] divisor of the post-attention norm (Gemma 2/3) from the raw z [B, P, H, Dh]; ones without one."""
+    block = model.blocks[layer]
+    if block.ln1_post is None:
+        return torch.ones(z.shape[:2], device=z.device)
+    attn = block.attn
+    raw = torch.einsum("bphd,hdm->bpm", z.float(), attn.W_O.float()) + attn.b_O.float()
+    return (raw.pow(2).mean(-1) + block.ln1_post.eps).sqrt()
 
 
 def classify(scores: dict[str, np.ndarray], t: Thresholds) -> list[list[str]]:

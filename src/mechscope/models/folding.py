@@ -65,6 +65,7 @@ class AnalysisWeights:
     W_out: torch.Tensor | None = None
     b_out: torch.Tensor | None = None
     value_bias: torch.Tensor | None = None  # [L, H, Dh] the b_V that fold_value_biases moved into b_O
+    scale_free: tuple[str, ...] = ()  # gains folded past a normalisation (see scale_free_folds)
     fold_ln: bool = True
     center_writing: bool = True
     center_unembed: bool = True
@@ -94,6 +95,9 @@ class AnalysisWeights:
             "writing weights centred" if self.center_writing and self.layernorm else "",
             "unembedding centred over the vocabulary" if self.center_unembed else "",
             "value biases folded into b_O" if self.fold_value_biases else "",
+            f"gains of {' and '.join(self.scale_free)} folded as directions (up to per-position scales)"
+            if self.scale_free
+            else "",
         ]
         return "; ".join(p for p in parts if p)
 
@@ -107,7 +111,8 @@ def _present(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _gain_bias(norm) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w = norm.w.detach().float()
+    """A norm's multiplier (1 + w for Gemma's norms) and bias (LayerNorm), float32."""
+    w = (norm.gain if hasattr(norm, "gain") else norm.w).detach().float()
     b = getattr(norm, "b", None)
     return w, (None if b is None else b.detach().float())
 
@@ -147,8 +152,15 @@ def _attention(model: HookedTransformer, layer: int, fold: bool, center: bool) -
         if fold:
             W, b = _fold_reader(W, b, gain, nbias, center)
         out[f"W_{name}"], out[f"b_{name}"] = W, b
+    if fold and attn.q_norm is not None:  # QK-norm: its gains scale the query and key dimensions
+        for name, norm in (("Q", attn.q_norm), ("K", attn.k_norm)):
+            g = _gain_bias(norm)[0]
+            out[f"W_{name}"], out[f"b_{name}"] = out[f"W_{name}"] * g, out[f"b_{name}"] * g
     out["W_O"] = attn.W_O.detach().float()
     out["b_O"] = attn.b_O.detach().float().clone()
+    if fold and block.ln1_post is not None:  # a norm on the attention output: its gain scales what heads write
+        g = _gain_bias(block.ln1_post)[0]
+        out["W_O"], out["b_O"] = out["W_O"] * g, out["b_O"] * g
     return out
 
 
@@ -170,6 +182,9 @@ def _mlp(model: HookedTransformer, layer: int, fold: bool, center: bool) -> dict
     W_gate, b_gate = reader(mlp.gate)
     W_out = mlp.down.weight.detach().float().T  # [M, D]
     b_out = torch.zeros(W_out.shape[1]) if mlp.down.bias is None else mlp.down.bias.detach().float()
+    if fold and block.ln2_post is not None:
+        g = _gain_bias(block.ln2_post)[0]
+        W_out, b_out = W_out * g, b_out * g
     return {"W_in": W_in, "b_in": b_in, "W_gate": W_gate, "b_gate": b_gate, "W_out": W_out, "b_out": b_out}
 
 
@@ -177,6 +192,21 @@ def check_foldable(cfg: TransformerConfig) -> None:
     """Refuse, in one line, a model whose weights the analysis view cannot fold."""
     if cfg.norm not in ("layernorm", "rmsnorm"):
         raise MechscopeError(f"cannot fold a {cfg.norm!r} norm into the weights (supported: layernorm, rmsnorm)")
+    if cfg.norm_after_residual:
+        raise MechscopeError(
+            "a post-LN model (norms after each residual addition, as OPT-350m) has no residual stream that heads "
+            "write into linearly: the folded analysis view is not defined for it"
+        )
+
+
+def scale_free_folds(cfg: TransformerConfig) -> tuple[str, ...]:
+    """Gains the view folds past a normalisation: right as directions, but only up to a positive scale per
+    position and head, so the view cannot be run as a model."""
+    return tuple(
+        name
+        for name, on in (("qk_norm", cfg.qk_norm), ("post_attn_mlp_norm", cfg.post_attn_mlp_norm))
+        if on
+    )
 
 
 @torch.no_grad()
@@ -201,9 +231,11 @@ def analysis_weights(
         mlp = {k: torch.stack([m[k] for m in mlps]) for k in mlps[0] if mlps[0][k] is not None}
 
     W_E, W_pos = _present(model.W_E), _present(getattr(model, "W_pos", None))
+    if W_E is not None and cfg.embed_scale != 1.0:
+        W_E = W_E * cfg.embed_scale  # what the embedding writes into the stream (Gemma: × √d_model)
     W_U = _present(model.W_U)
-    b_U = torch.zeros(cfg.d_vocab)
-    if fold_ln and W_U is not None:
+    b_U = torch.zeros(cfg.d_vocab) if model.b_U is None else model.b_U.detach().float().clone()
+    if fold_ln and W_U is not None and model.ln_final is not None:
         gain, nbias = _gain_bias(model.ln_final)
         W_U, b_U = _fold_reader(W_U, b_U, gain, nbias, center_read)
     value_bias = att["b_V"].clone()
@@ -226,6 +258,7 @@ def analysis_weights(
         W_U=W_U,
         b_U=b_U,
         value_bias=value_bias,
+        scale_free=scale_free_folds(cfg) if fold_ln else (),
         fold_ln=fold_ln,
         center_writing=center_writing,
         center_unembed=center_unembed,
@@ -248,6 +281,11 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
     cfg = view.cfg
     if not view.fold_ln:
         raise MechscopeError("folded_model needs the folded view (fold_ln=True)")
+    if view.scale_free:
+        raise MechscopeError(
+            f"a view with {' and '.join(view.scale_free)} folded is an analysis view up to per-position scales; "
+            "it cannot be run as a model"
+        )
     if view.W_E is None or view.W_U is None or (not cfg.attn_only and view.W_in is None):
         raise MechscopeError("the analysis view of a partial checkpoint cannot be run as a model")
     fcfg = replace(
@@ -257,6 +295,9 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
         attn_out_bias=True,
         mlp_bias=not cfg.attn_only,
         tie_embeddings=False,
+        norm_weight_plus_one=False,  # the folded gains are all one
+        embed_scale=1.0,  # folded into W_E
+        unembed_bias=False,  # returned as b_U
     )
     model = HookedTransformer(fcfg)
     for i, block in enumerate(model.blocks):
@@ -275,7 +316,8 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
                 block.mlp.gate.bias.copy_(view.b_gate[i] if view.b_gate is not None else torch.zeros(cfg.d_mlp))
             block.mlp.down.weight.copy_(view.W_out[i].T)
             block.mlp.down.bias.copy_(view.b_out[i])
-    for norm in [model.ln_final, *(m for b in model.blocks for m in (b.ln1, b.ln2) if m is not None)]:
+    norms = [m for b in model.blocks for m in (b.ln1, b.ln2) if m is not None]
+    for norm in norms + ([model.ln_final] if model.ln_final is not None else []):
         norm.w.fill_(1.0)
         if getattr(norm, "b", None) is not None:
             norm.b.zero_()
