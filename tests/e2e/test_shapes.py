@@ -108,10 +108,17 @@ def test_images_too_small_for_the_network(capsys, data, tmp_path):
         (["--dataset", "cifar10"], "unknown dataset 'cifar10'; expected one of mnist, fashion-mnist"),
         (["--channels", "4,8,8,8,8"], "channels must be 1 to 4 positive widths"),
         (["--activation", "tanh"], "unknown activation 'tanh'; expected one of relu, gelu, solu"),
+        (["--dataset", "{root}/nokey.npz"], "missing y_test; a .npz dataset holds x_train, y_train, x_test, y_test"),
+        (["--dataset", "{root}/short.npz"], "320 images but 300 labels in the train split"),
+        (["--dataset", "{root}/grey.npz", "--class-names", "{root}/three.txt"], "out of range for 3 class names"),
     ],
 )
 def test_bad_training_settings(capsys, data, tmp_path, args, fragment):
-    code, _, err = run_main(
-        capsys, "cnn", "train", "--out", str(tmp_path / "r"), *_data_args(data, "idx"), "--dataset", "idx", *args
-    )
+    s = splits()
+    np.savez(data / "nokey.npz", **{k: v for k, v in s.items() if k != "y_test"})
+    np.savez(data / "short.npz", **{**s, "y_train": s["y_train"][:300]})
+    (data / "three.txt").write_text("a\nb\nc\n")
+    args = [a.format(root=data) for a in args]
+    base = ["--data-dir", str(data / "idx")] if not any(a.endswith(".npz") for a in args) else []
+    code, _, err = run_main(capsys, "cnn", "train", "--out", str(tmp_path / "r"), "--dataset", "idx", *base, *args)
     assert_one_line_error(code, err, fragment)

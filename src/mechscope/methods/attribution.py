@@ -32,6 +32,7 @@ from torch import nn
 
 from mechscope.errors import MechscopeError
 from mechscope.hooks import describe_names, hook_points, module_hooks, run_with_cache
+from mechscope.models.cnn import ChannelNorm, SoLU
 
 # ---------------------------------------------------------------------------------------------
 # shared checks and helpers
@@ -408,7 +409,10 @@ class DeepLift(Attribution):
     """
 
     name = "deeplift"
-    _unsupported = (nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.SiLU, nn.Softmax)
+    _unsupported = (
+        nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.SiLU, nn.Softmax, nn.LayerNorm, SoLU,
+        ChannelNorm,
+    )  # fmt: skip
 
     def __init__(self, baseline: float | torch.Tensor = 0.0, eps: float = 1e-10) -> None:
         self.baseline, self.eps = baseline, eps

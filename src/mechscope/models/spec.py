@@ -28,7 +28,6 @@ earlier. A layer the walk cannot read is an error naming its module path and typ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +35,8 @@ from torch import nn
 
 from mechscope.errors import MechscopeError
 from mechscope.hooks import HookPoint
-from mechscope.models.cnn import CNN, ChannelNorm, Normalize, SoLU, check_image_input
+from mechscope.models.cnn import CNN, ChannelNorm, Normalize, SoLU
+from mechscope.models.hooked import apply_layer, check_replay, hook_positions, probe_shapes, wrap
 
 CONV = (nn.Conv2d,)
 NORM = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, ChannelNorm)
@@ -213,7 +213,7 @@ class CNNSpec:
         if hook not in names:
             raise MechscopeError(f"unknown hook point {hook!r}; valid names: {', '.join(self.hook_names())}")
         for _, module in self.plan[names.index(hook) + (0 if inclusive else 1) :]:
-            x = _apply(module, x)
+            x = apply_layer(module, x)
         return x
 
     def parameter_groups(self) -> list[tuple[str, list[str]]]:
@@ -339,19 +339,6 @@ def _misplaced(layer: Layer, where: str) -> MechscopeError:
     return MechscopeError(f"cannot read layer {layer.path} ({layer.type}) {where}; mechscope walks {READABLE}")
 
 
-def _hook_positions(layers: list[Layer]) -> tuple[int, int, int]:
-    """Indices in a stage's layers *before which* hook_pre, hook_post and hook_out go."""
-    kinds = [layer.kind for layer in layers]
-    i_act = kinds.index("act") if "act" in kinds else None
-    i_pool = kinds.index("pool", (i_act or 0)) if "pool" in kinds[(i_act or 0) :] else None
-    if i_act is not None:
-        pre, post = i_act, i_act + 1
-    else:
-        pre = post = i_pool if i_pool is not None else len(layers)
-    out = i_pool + 1 if i_pool is not None else len(layers)
-    return pre, post, max(out, post)
-
-
 def walk(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> CNNSpec:
     """The :class:`CNNSpec` of ``model`` for images shaped ``input_shape`` [C, H, W].
 
@@ -376,21 +363,21 @@ def walk(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> C
         plan = [(layer.path, layer.module) for layer in layers]
         _check_own_hooks(plan, len(stage_layers))
     else:
-        hooked, plan = _wrap(model, pre, stage_layers, readout_layers, shape)
+        hooked, plan = wrap(model, pre, stage_layers, readout_layers, shape)
         source = "wrapped"
     spec_plan = tuple(plan)
-    shapes = _probe(spec_plan, shape)
+    shapes = probe_shapes(spec_plan, shape)
     stages, rf = [], ReceptiveField()
     for i, sl in enumerate(stage_layers, 1):
         name = f"conv{i}"
-        _, at_post, at_out = _hook_positions(sl)
+        _, at_post, at_out = hook_positions(sl)
         stages.append(
             Stage(name, i, tuple(sl), sl[0].module.in_channels, sl[0].module.out_channels,
                   shapes[f"{name}.hook_post"], shapes[f"{name}.hook_out"],
                   _rf_prefix(rf, sl[:at_post], shapes), _rf_prefix(rf, sl[:at_out], shapes))
         )  # fmt: skip
         rf = _rf_prefix(rf, sl, shapes)
-    at_out = _hook_positions(stage_layers[-1])[2]
+    at_out = hook_positions(stage_layers[-1])[2]
     tail = stage_layers[-1][at_out:]
     kinds = [layer.kind for layer in readout_layers if layer.kind != "identity"]
     linear = not tail and kinds in (["linear"], ["flatten", "linear"])
@@ -400,7 +387,7 @@ def walk(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> C
         raise MechscopeError(f"the model's output is shaped {list(shapes['hook_logits'])}; expected [{n_classes}]")
     spec = CNNSpec(hooked, source, shape, n_classes, tuple(stages), readout, spec_plan)
     if source == "wrapped":
-        _check_replay(model, spec)
+        check_replay(model, spec, READABLE)
     return spec
 
 
@@ -435,38 +422,6 @@ def _through(rf: ReceptiveField, layer: Layer, in_shape: tuple | None) -> Recept
     return rf  # norms, activations, dropout: elementwise or per position
 
 
-def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Linear) and x.dim() > 2:
-        x = x.flatten(1)  # a forward that flattens with view() or torch.flatten
-    return module(x)
-
-
-def _probe(plan: tuple, shape: tuple) -> dict[str, tuple]:
-    """Output shape (per image) after every step of ``plan`` on a zero image, and each step's input shape."""
-    shapes: dict[str, tuple] = {}
-    x = torch.zeros(2, *shape)
-    module = None
-    modes = {m: m.training for _, m in plan}
-    try:
-        for _, m in plan:
-            m.eval()
-        with torch.no_grad():
-            for name, module in plan:
-                shapes[f"{name}:in"] = tuple(x.shape[1:])
-                x = _apply(module, x)
-                shapes[name] = tuple(x.shape[1:])
-    except RuntimeError as e:
-        where = next(n for n, m in plan if m is module)
-        raise MechscopeError(
-            f"images of {shape[1]}×{shape[2]} do not fit the network: {where} "
-            f"({type(module).__name__}) fails on {list(shapes[f'{where}:in'])} ({str(e).splitlines()[0]})"
-        ) from None
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-    return shapes
-
-
 def _check_own_hooks(plan: list, n_stages: int) -> None:
     names = {name for name, m in plan if isinstance(m, HookPoint)}
     stages = range(1, n_stages + 1)
@@ -474,87 +429,3 @@ def _check_own_hooks(plan: list, n_stages: int) -> None:
     missing = sorted(need - names)
     if missing:
         raise MechscopeError(f"the model's hook points lack {', '.join(missing)}")
-
-
-class _StageHooks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_pre, self.hook_post, self.hook_out = HookPoint(), HookPoint(), HookPoint()
-
-
-class HookedCNN(nn.Module):
-    """A user's conv stack seen with mechscope's hook points; holds the model, changes nothing in it.
-
-    The forward replays the model's layers in order (``steps``) with hook points between them;
-    :func:`walk` checks that it gives the model's own outputs.
-    """
-
-    def __init__(self, net: nn.Module, n_stages: int, input_shape: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.net = net
-        self.input_shape = input_shape
-        self.hook_input = HookPoint()
-        for i in range(1, n_stages + 1):
-            self.add_module(f"conv{i}", _StageHooks())
-        self.hook_logits = HookPoint()
-        self.steps: list[tuple[str, nn.Module]] = []  # filled by _wrap; not registered twice
-        for name, m in self.named_modules():  # the view starts in the model's mode, without changing the model
-            if name != "net" and not name.startswith("net."):
-                m.training = net.training
-
-    def check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.input_shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, module in self.steps:
-            x = _apply(module, x)
-        return x
-
-
-def _wrap(model, pre, stage_layers, readout_layers, shape) -> tuple[HookedCNN, list]:
-    hooked = HookedCNN(model, len(stage_layers), shape)
-    plan: list[tuple[str, nn.Module]] = [("hook_input", hooked.hook_input)]
-    plan += [(layer.path, layer.module) for layer in pre]
-    for i, sl in enumerate(stage_layers, 1):
-        hooks = getattr(hooked, f"conv{i}")
-        at = dict(zip(("pre", "post", "out"), _hook_positions(sl), strict=True))
-        for j in range(len(sl) + 1):
-            for h in ("pre", "post", "out"):
-                if at[h] == j:
-                    plan.append((f"conv{i}.hook_{h}", getattr(hooks, f"hook_{h}")))
-            if j < len(sl):
-                plan.append((sl[j].path, sl[j].module))
-    plan += [(layer.path, layer.module) for layer in readout_layers]
-    plan.append(("hook_logits", hooked.hook_logits))
-    hooked.steps = plan
-    return hooked, plan
-
-
-def _check_replay(model: nn.Module, spec: CNNSpec) -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, *spec.input_shape, generator=g)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ours, theirs = spec.model(x), model(x)
-    finally:
-        model.train(was)
-    if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
-        raise MechscopeError(
-            f"the model returns {getattr(theirs, 'shape', type(theirs).__name__)}; its layers in order give "
-            f"{list(ours.shape)}: mechscope reads models whose forward applies their layers in order"
-        )
-    scale = float(theirs.abs().max()) or 1.0
-    gap = float((ours - theirs).abs().max())
-    if gap > 1e-4 * scale:
-        raise MechscopeError(
-            f"the model's forward is not its layers applied in order (they differ by {gap:.3g}); mechscope reads "
-            f"{READABLE} applied in registration order (functional calls such as F.relu in forward are invisible to it)"
-        )
-
-
-def iter_stage_hooks(spec: CNNSpec) -> Iterator[tuple[Stage, str]]:
-    for s in spec.stages:
-        for h in (s.hook_pre, s.hook_post, s.hook_out):
-            yield s, h

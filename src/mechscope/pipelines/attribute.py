@@ -128,6 +128,7 @@ def attribute_model(
         x = data.to_float(data.test_images[idx])
         labels = data.test_labels[idx]
         lo = min(0.0, float(x.min()))
+        vrange = (lo, max(1.0, float(x.max())))  # [0, 1] pixels unless the data are wider
         with torch.no_grad():
             probs = torch.softmax(net(x), 1)
         pred = probs.argmax(1)
@@ -146,7 +147,7 @@ def attribute_model(
                 attributions[name] = m.attribute(net, x, explained)
             titles = [f"{names[int(labels[i])]}→{names[int(pred[i])]} p={probs[i, pred[i]]:.2f}" for i in range(n)]
             fig = figures.attribution_grid(
-                display(x[:n], lo), attributions[name][:n].sum(1).numpy(), name, titles,
+                figures.to_display(x[:n], vrange), attributions[name][:n].sum(1).numpy(), name, titles,
                 subtitle=f"target: {target_text}; column title: label→prediction (p of the prediction)",
             )  # fmt: skip
             figures.save(fig, tmp / f"{name}.png")
@@ -173,13 +174,6 @@ def _completeness(net, x, t, delta, lo, steps) -> Completeness:
         gap = (net(x).gather(1, t_) - net(torch.full_like(x, lo)).gather(1, t_)).squeeze(1)
     rel = delta.abs() / gap.abs().clamp(min=1e-12)
     return Completeness(steps, delta.abs().max().item(), rel.max().item())
-
-
-def display(x: torch.Tensor, lo: float = 0.0):
-    """Images [N, C, H, W] for figures: [N, H, W] grey or [N, H, W, 3] colour, scaled into [0, 1]."""
-    hi = max(1.0, float(x.max()))
-    x = (x - lo) / max(hi - lo, 1e-12) if (lo, hi) != (0.0, 1.0) else x
-    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
 
 
 def attribute_run(run, out=None, methods=None, n=16, n_faithfulness=64, dataset=None, data_dir=None,

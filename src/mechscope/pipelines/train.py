@@ -42,6 +42,7 @@ def train(
             "n_parameters": n_parameters(result.model),
             "steps": result.steps,
             "history": result.history,
+            "class_names": list(data.class_names),
         }
         run_config = {"training": config.to_dict(), "seed": config.seed, "data": data.describe()}
         save_run(tmp, result.model, run_config, metrics)

@@ -14,7 +14,6 @@ from mechscope.hooks import run_with_cache
 from mechscope.methods import featvis as FV
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
-from mechscope.pipelines.attribute import display
 from mechscope.results import SCHEMA_VERSION, Result, evaluating
 from mechscope.runs import load_run, load_run_data, write_json
 
@@ -90,7 +89,7 @@ def visualize_model(
             probs = torch.softmax(logits, 1)
         rows = [_unit(spec, ex, name, u, float(reached[i]), renders["positive"].history[0], probs[i])
                 for i, (name, u) in enumerate(assign)]  # fmt: skip
-        _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, lo, data.class_names)
+        _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, (lo, hi), data.class_names)
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),
                                tuple(data.class_names))  # fmt: skip
         write_json(tmp / "featvis.json", result.to_dict())
@@ -158,7 +157,7 @@ def _settings(steps, param, seed, n_diverse, spec) -> dict:
     }
 
 
-def _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, lo, class_names) -> None:
+def _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, vrange, class_names) -> None:
     from mechscope.report import figures
 
     n = len(assign)
@@ -174,12 +173,12 @@ def _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, lo, class_
             ratio = "never active\non test set" if r is None else f"×{r:.2f} of test max"
             labels.append({"label": f"{class_names[u] if name == 'hook_logits' else f'ch {u}'}\n{ratio}"})
         imgs = {
-            "positive": display(renders["positive"].images[idx], lo),
-            "negative": display(renders["negative"].images[idx], lo),
-            "diverse": np.stack([display(div[i], lo) for i in idx]),
+            "positive": figures.to_display(renders["positive"].images[idx], vrange),
+            "negative": figures.to_display(renders["negative"].images[idx], vrange),
+            "diverse": np.stack([figures.to_display(div[i], vrange) for i in idx]),
         }
         top = ex[name].top[us]  # [units, k]
-        examples = np.stack([display(x_test[row], lo) for row in top])
+        examples = np.stack([figures.to_display(x_test[row], vrange) for row in top])
         boxes = [list(rows[i].top_receptive_fields) for i in idx] if rows[idx[0]].top_receptive_fields else None
         short = FV.short_layer_name(name)
         figures.save(figures.featvis_grid(name, labels, imgs, examples, boxes), tmp / f"{short}.png")

@@ -18,6 +18,13 @@ def subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+def to_display(x, vrange: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Images [N, C, H, W] in ``vrange`` for figures: [N, H, W] grey or [N, H, W, 3] colour, scaled into [0, 1]."""
+    lo, hi = vrange
+    x = (x - lo) / max(hi - lo, 1e-12) if (lo, hi) != (0.0, 1.0) else x
+    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+
 def show(ax, img: np.ndarray, **kwargs) -> None:
     """An image: grey [H, W] in [0, 1] unless ``vmin``/``vmax`` say otherwise, or colour [H, W, 3]."""
     if img.ndim == 2:
