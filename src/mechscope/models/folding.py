@@ -107,14 +107,15 @@ class AnalysisWeights:
 
 
 def _present(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None or t.is_meta else t.detach().float()
+    """A float32 CPU copy of a weight; None where a partial checkpoint lacks it (the view lives on the CPU)."""
+    return None if t is None or t.is_meta else t.detach().float().cpu()
 
 
 def _gain_bias(norm) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A norm's multiplier (1 + w for Gemma's norms) and bias (LayerNorm), float32."""
-    w = (norm.gain if hasattr(norm, "gain") else norm.w).detach().float()
+    w = (norm.gain if hasattr(norm, "gain") else norm.w).detach().float().cpu()
     b = getattr(norm, "b", None)
-    return w, (None if b is None else b.detach().float())
+    return w, (None if b is None else b.detach().float().cpu())
 
 
 def _fold_reader(w_read: torch.Tensor, b_read: torch.Tensor | None, gain, bias, center: bool):
@@ -139,13 +140,12 @@ def _attention(model: HookedTransformer, layer: int, fold: bool, center: bool) -
     h, g, dh = cfg.n_heads, cfg.kv_heads, cfg.d_head
 
     def bias(lin, n):
-        return torch.zeros(n, dh) if lin.bias is None else lin.bias.detach().float().view(n, dh)
+        return torch.zeros(n, dh) if lin.bias is None else lin.bias.detach().float().cpu().view(n, dh)
 
-    w = {
-        "Q": (attn.W_Q.detach().float(), bias(attn.q, h)),
-        "K": (attn.W_K.detach().float().repeat_interleave(groups, 0), bias(attn.k, g).repeat_interleave(groups, 0)),
-        "V": (attn.W_V.detach().float().repeat_interleave(groups, 0), bias(attn.v, g).repeat_interleave(groups, 0)),
-    }
+    def kv(weight, lin):  # key/value heads expanded to the query heads that share them
+        return weight.detach().float().cpu().repeat_interleave(groups, 0), bias(lin, g).repeat_interleave(groups, 0)
+
+    w = {"Q": (attn.W_Q.detach().float().cpu(), bias(attn.q, h)), "K": kv(attn.W_K, attn.k), "V": kv(attn.W_V, attn.v)}
     out = {}
     gain, nbias = _gain_bias(block.ln1)
     for name, (W, b) in w.items():
@@ -156,8 +156,8 @@ def _attention(model: HookedTransformer, layer: int, fold: bool, center: bool) -
         for name, norm in (("Q", attn.q_norm), ("K", attn.k_norm)):
             g = _gain_bias(norm)[0]
             out[f"W_{name}"], out[f"b_{name}"] = out[f"W_{name}"] * g, out[f"b_{name}"] * g
-    out["W_O"] = attn.W_O.detach().float()
-    out["b_O"] = attn.b_O.detach().float().clone()
+    out["W_O"] = attn.W_O.detach().float().cpu()
+    out["b_O"] = attn.b_O.detach().float().cpu().clone()
     if fold and block.ln1_post is not None:  # a norm on the attention output: its gain scales what heads write
         g = _gain_bias(block.ln1_post)[0]
         out["W_O"], out["b_O"] = out["W_O"] * g, out["b_O"] * g
@@ -174,14 +174,14 @@ def _mlp(model: HookedTransformer, layer: int, fold: bool, center: bool) -> dict
     def reader(lin):
         if lin is None:
             return None, None
-        W = lin.weight.detach().float().T  # [D, M]
-        b = None if lin.bias is None else lin.bias.detach().float()
+        W = lin.weight.detach().float().cpu().T  # [D, M]
+        b = None if lin.bias is None else lin.bias.detach().float().cpu()
         return _fold_reader(W, b, gain, nbias, center) if fold else (W, b)
 
     W_in, b_in = reader(mlp.up)
     W_gate, b_gate = reader(mlp.gate)
-    W_out = mlp.down.weight.detach().float().T  # [M, D]
-    b_out = torch.zeros(W_out.shape[1]) if mlp.down.bias is None else mlp.down.bias.detach().float()
+    W_out = mlp.down.weight.detach().float().cpu().T  # [M, D]
+    b_out = torch.zeros(W_out.shape[1]) if mlp.down.bias is None else mlp.down.bias.detach().float().cpu()
     if fold and block.ln2_post is not None:
         g = _gain_bias(block.ln2_post)[0]
         W_out, b_out = W_out * g, b_out * g
@@ -220,6 +220,12 @@ def analysis_weights(
     """The folded analysis view of ``model`` (all options on), or the raw weights (all off)."""
     cfg = model.cfg
     check_foldable(cfg)
+    offloaded = [n for n, t in model.named_parameters() if t.is_meta and n not in model.missing_weights]
+    if offloaded:
+        raise MechscopeError(
+            f"{len(offloaded)} weights ({offloaded[0]}, ...) are offloaded to disk by the device map: weights-only "
+            "analyses need every weight in memory (load without --device-map, or give it more memory)"
+        )
     layernorm = cfg.norm == "layernorm"
     center_read = fold_ln and layernorm
     center_write = center_writing and layernorm
@@ -234,7 +240,7 @@ def analysis_weights(
     if W_E is not None and cfg.embed_scale != 1.0:
         W_E = W_E * cfg.embed_scale  # what the embedding writes into the stream (Gemma: × √d_model)
     W_U = _present(model.W_U)
-    b_U = torch.zeros(cfg.d_vocab) if model.b_U is None else model.b_U.detach().float().clone()
+    b_U = torch.zeros(cfg.d_vocab) if model.b_U is None else model.b_U.detach().float().cpu().clone()
     if fold_ln and W_U is not None and model.ln_final is not None:
         gain, nbias = _gain_bias(model.ln_final)
         W_U, b_U = _fold_reader(W_U, b_U, gain, nbias, center_read)
