@@ -341,7 +341,7 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
     chans = list(ci.channels)
     n = len(chans)
     fig = Figure(figsize=(11, 3.3))
-    gs = fig.add_gridspec(2, n + 4, left=0.03, right=0.99, top=0.82, bottom=0.16, wspace=0.25, hspace=0.35)
+    gs = fig.add_gridspec(2, n + 4, left=0.03, right=0.99, top=0.78, bottom=0.16, wspace=0.25, hspace=0.35)
     vmap = max(float(np.abs(maps_d[chans]).max()), 1e-12)
     for j, c in enumerate(chans):
         ax = fig.add_subplot(gs[0, j])
@@ -355,7 +355,7 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
             clean(ax)
     name = names[ci.target]
     below = f" and read-out weights to {name} (bottom)" if templates_d is not None else ""
-    fig.text(0.03, 0.86, f"mean activation on the {name}s (top){below}", fontsize=7)
+    fig.text(0.03, 0.875, f"mean activation on the {name}s (top){below}", fontsize=7)
     ax = fig.add_subplot(gs[:, n + 1 :])
     xs = np.arange(len(names))
     bars = (
