@@ -28,6 +28,7 @@ whatever the model's dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,7 @@ class Baseline:
         return {"mean": self.mean, "std": self.std, "samples": self.samples, "seed": self.seed}
 
 
+@functools.lru_cache(maxsize=16)  # depends only on the shapes and the seed, not on any weight
 def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0) -> Baseline:
     """Composition score of random matrices shaped like the model's (Gaussian factors, seeded).
 
