@@ -6,7 +6,9 @@ Glossary of axis names (TransformerLens vocabulary):
 
 GPT-2: learned positions, LayerNorm, GELU (tanh approximation), biases, tied unembedding.
 Llama (SmolLM2 and kin): rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention.
-Attention-only models (``attn_only=True``) drop the MLPs, for toy models.
+Attention-only models (``attn_only=True``) drop the MLPs, for toy models. ``act='solu_ln'``: the
+SoLU MLP of Elhage et al. 2022, x · softmax(x) over the hidden units followed by a LayerNorm over
+them (``mlp.ln``, own gain and bias), as TransformerLens' ``solu_ln``.
 
 The other families are the same network with switches, each a config field named for what it
 does (defaults: GPT-2/Llama behaviour): ``parallel_attn_mlp`` (GPT-NeoX, GPT-J), ``rotary_dim``
@@ -30,6 +32,7 @@ Hook points (``blocks.{L}.`` prefix inside blocks)::
     blocks.L.attn.hook_attn_scores [B,H,P,K] (masked, before softmax)  hook_pattern [B,H,P,K]
     blocks.L.attn.hook_z [B,P,H,Dh]  hook_result [B,P,H,D] (each head's output; computed only when hooked)
     blocks.L.hook_attn_out [B,P,D]  blocks.L.mlp.hook_pre / hook_post [B,P,M]  blocks.L.hook_mlp_out [B,P,D]
+    blocks.L.mlp.hook_mid [B,P,M] (act='solu_ln' only: after SoLU, before the MLP's LayerNorm ``mlp.ln``)
     ln_final.hook_normalized [B,P,D]
 
 Per-head weight views (they share storage with the parameters, so an edit through a view edits
@@ -53,12 +56,21 @@ from torch import nn
 from mechscope.errors import MechscopeError
 from mechscope.hooks import HookPoint
 
+
+def solu(x: torch.Tensor) -> torch.Tensor:
+    """SoLU(x) = x · softmax(x) over the MLP's hidden units (Elhage et al. 2022, "Softmax Linear Units")."""
+    return x * F.softmax(x, dim=-1)
+
+
+SOLU_LN = "solu_ln"  # SoLU followed by a LayerNorm over the hidden units, as the paper uses it (TransformerLens' name)
+
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    SOLU_LN: solu,  # the MLP adds its LayerNorm (``mlp.ln``) after it
 }
 
 
@@ -124,6 +136,8 @@ class TransformerConfig:
             raise MechscopeError(f"{self.n_heads} query heads cannot share {self.kv_heads} key/value heads")
         if not self.attn_only and not self.d_mlp:
             raise MechscopeError("d_mlp is required unless attn_only")
+        if self.act == SOLU_LN and self.gated_mlp:
+            raise MechscopeError("the SoLU MLP (act='solu_ln') is not gated: gated_mlp must be False")
         if self.positional == "rotary" and self.rotary_width % 2:
             raise MechscopeError(f"rotary positions need an even number of rotated dims, got {self.rotary_width}")
         if self.rotary_width > self.d_head:
@@ -355,10 +369,16 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
         self.hook_pre = HookPoint()  # the pre-activation (the gate's, for a gated MLP)
         self.hook_pre_linear = HookPoint()  # a gated MLP's linear branch
+        self.ln = None  # the SoLU MLP's LayerNorm over its hidden units (act='solu_ln'), its own gain and bias
+        if cfg.act == SOLU_LN:
+            self.hook_mid = HookPoint()  # after SoLU, before the LayerNorm
+            self.ln = LayerNorm(cfg.d_mlp, cfg.norm_eps)
         self.hook_post = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
+        if self.ln is not None:  # SoLU: x · softmax(x), then LayerNorm (hook_post reads its output)
+            h = self.hook_post(self.ln(self.hook_mid(self.act(self.hook_pre(self.up(x))))))  # [B,P,M]
+        elif self.gate is None:
             h = self.hook_post(self.act(self.hook_pre(self.up(x))))  # [B,P,M]
         else:
             h = self.hook_post(self.act(self.hook_pre(self.gate(x))) * self.hook_pre_linear(self.up(x)))
