@@ -1,4 +1,4 @@
-"""Watching induction heads form: small attention-only transformers trained from scratch.
+"""Watching induction heads form: small transformers trained from scratch (attention-only by default).
 
 Olsson et al. (2022) found that induction heads appear abruptly during training, together with
 a sharp gain in in-context learning, and only in models with at least two attention layers.
@@ -14,6 +14,11 @@ Data:
   is repeated later in the sequence: copying is the only thing there is to learn.
 * ``text``: character-level text (tinyshakespeare by default); ``repeat_fraction`` of each
   batch additionally carries a repeated span, to make the induction signal stronger.
+
+MLPs: ``mlp="none"`` (default) is the attention-only model, unchanged bit for bit; ``"gelu"`` and
+``"solu"`` add an MLP of ``d_mlp`` hidden units (default 4 × d_model) to every block, with GELU
+or with SoLU followed by its LayerNorm (Elhage et al. 2022; ``act="solu_ln"`` of the model), for
+``lm solu-compare`` and ``lm neurons``.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from mechscope.errors import MechscopeError
 from mechscope.methods.composition import composition_scores
 from mechscope.methods.heads import attention_scores, induction_mask, previous_token_mask
 from mechscope.models.folding import analysis_weights
-from mechscope.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.models.transformer import SOLU_LN, HookedTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
+
+
+MLP_ACTS = {"none": None, "gelu": "gelu", "solu": SOLU_LN}  # --mlp -> the model's act
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,15 @@ class ToyConfig:
     checkpoints: int = 30
     min_span: int = 8
     repeat_fraction: float = 0.5  # text only: share of sequences given a repeated span
+    mlp: str = "none"  # none (attention-only) | gelu | solu (SoLU + LayerNorm)
+    d_mlp: int | None = None  # None: 4 * d_model when there are MLPs
+
+    @property
+    def mlp_width(self) -> int | None:
+        """Hidden units per MLP (None for the attention-only model)."""
+        if self.mlp == "none":
+            return None
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
 
     @property
     def n_steps(self) -> int:
@@ -66,6 +83,12 @@ class ToyConfig:
             raise MechscopeError(f"--data must be synthetic or text, got {self.data!r}")
         if self.n_steps < 1:
             raise MechscopeError(f"--steps must be at least 1, got {self.n_steps}")
+        if self.mlp not in MLP_ACTS:
+            raise MechscopeError(f"--mlp must be one of {', '.join(MLP_ACTS)}, got {self.mlp!r}")
+        if self.mlp == "none" and self.d_mlp is not None:
+            raise MechscopeError(f"--d-mlp {self.d_mlp} needs MLPs: pass --mlp gelu or --mlp solu")
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise MechscopeError(f"--d-mlp must be at least 1, got {self.d_mlp}")
         if self.min_span < 1 or 2 * self.min_span > self.n_ctx:
             raise MechscopeError(f"min_span {self.min_span} does not fit twice in a context of {self.n_ctx}")
 
@@ -126,6 +149,7 @@ class Data:
 
 
 def make_model(cfg: ToyConfig, vocab: int) -> HookedTransformer:
+    mlp = {"attn_only": True} if cfg.mlp == "none" else {"d_mlp": cfg.mlp_width, "act": MLP_ACTS[cfg.mlp]}
     tc = TransformerConfig(
         d_model=cfg.d_model,
         n_layers=cfg.layers,
@@ -133,13 +157,13 @@ def make_model(cfg: ToyConfig, vocab: int) -> HookedTransformer:
         d_head=cfg.d_model // cfg.n_heads,
         d_vocab=vocab,
         n_ctx=cfg.n_ctx,
-        attn_only=True,
         positional="learned",
         norm="layernorm",
         tie_embeddings=False,  # tied, the direct path predicts the current token and training stalls
         bos_token_id=0,
         family="toy",
-        name=f"attn-only-{cfg.layers}L",
+        name=f"attn-only-{cfg.layers}L" if cfg.mlp == "none" else f"{cfg.layers}L-{cfg.mlp}",
+        **mlp,
     )
     model = HookedTransformer(tc)
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
@@ -293,6 +317,24 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             result["circuit"]["k_composition_jump_at_phase_change"] = comp[i1] - comp[i0]
             result["circuit"]["k_composition_range"] = float(np.ptp(comp))
     return result
+
+
+@torch.no_grad()
+def text_loss(model: HookedTransformer, ids: torch.Tensor, n_ctx: int | None = None, batch: int = 64) -> dict:
+    """Mean next-token loss over every non-overlapping window of ``n_ctx + 1`` tokens of ``ids`` [T]
+    (the whole held-out text, not a sample): ``{"loss", "tokens"}``."""
+    n_ctx = n_ctx or model.cfg.n_ctx
+    windows = ids[: (len(ids) - 1) // n_ctx * n_ctx + 1]
+    if len(windows) < 2:
+        raise MechscopeError(f"the text has {len(ids)} tokens: too short for a window of {n_ctx + 1}")
+    x = windows[:-1].view(-1, n_ctx)  # inputs [W, n_ctx]
+    y = windows[1:].view(-1, n_ctx)  # targets [W, n_ctx]
+    model.eval()
+    total = 0.0
+    for i in range(0, len(x), batch):
+        logits = model(x[i : i + batch])
+        total += float(F.cross_entropy(logits.transpose(1, 2), y[i : i + batch], reduction="sum"))
+    return {"loss": total / y.numel(), "tokens": int(y.numel())}
 
 
 def load_toy(path: str | Path) -> tuple[HookedTransformer, list[str] | None, str]:

@@ -201,13 +201,19 @@ def train_toy_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="Text file for --data text (default: tinyshakespeare)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 2,500 synthetic, 8,000 text)."),
     seed: int = typer.Option(0, "--seed"),
+    mlp: str = typer.Option(
+        "none", "--mlp", help="none (attention-only), gelu or solu (SoLU + LayerNorm, Elhage et al. 2022) MLPs."
+    ),
+    d_mlp: Optional[int] = typer.Option(
+        None, "--d-mlp", help="MLP neurons per layer (default 4 × d_model; with --mlp)."
+    ),
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the 1-layer control."),
     out: Optional[str] = typer.Option(None, "--out", help="Output directory (default: runs/toy-DATA-NL)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
     device: Optional[str] = typer.Option("cpu", "--device", help="cpu (toy models train in seconds there)."),
     dtype: Optional[str] = typer.Option("float32", "--dtype", help="float32 (training in lower precision: not yet)."),
 ) -> None:
-    """Train a small attention-only transformer and watch its induction heads form."""
+    """Train a small transformer (attention-only unless --mlp) and watch its induction heads form."""
     import torch
 
     from mechscope.errors import MechscopeError
@@ -219,7 +225,8 @@ def train_toy_cmd(
     if where.type != "cpu" or resolve_dtype(dtype, where) != torch.float32:
         raise MechscopeError(f"lm train-toy trains on the CPU in float32 only, not {where} in {dtype}")
 
-    path, r = train_toy_run(ToyConfig(layers=layers, data=data, steps=steps, seed=seed), out, text, control, force)
+    config = ToyConfig(layers=layers, data=data, steps=steps, seed=seed, mlp=mlp, d_mlp=d_mlp)
+    path, r = train_toy_run(config, out, text, control, force)
     p, f = r["phase_change"], r["final"]
     if p.get("detected"):
         typer.echo(

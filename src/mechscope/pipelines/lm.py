@@ -87,7 +87,8 @@ def train_toy_run(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[Path, dict]:
-    """Train a toy attention-only model (and its 1-layer control); write training.json and training.html."""
+    """Train a toy model (attention-only unless ``config.mlp``; and its 1-layer control); write training.json
+    and training.html."""
     from dataclasses import replace
 
     from mechscope.data.mnist import resolve_data_dir
@@ -105,7 +106,8 @@ def train_toy_run(
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise MechscopeError(f"{path}: the text file is empty")
-    out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L"
+    mlp = "" if config.mlp == "none" else f"-{config.mlp}"
+    out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L{mlp}"
     check_out_dir(out, force=force)
     prepare_out_dir(out, force=force)
     result = train_toy(config, text, out, progress)

@@ -77,7 +77,9 @@ def run_figure(result: dict, title: str) -> str:
 
 
 def write_training_report(result: dict, out: Path) -> Path:
-    figures = [run_figure(result, f"{result['config']['layers']}-layer attention-only model")]
+    c = result["config"]
+    kind = "attention-only model" if c.get("mlp", "none") == "none" else f"model with {c['mlp'].upper()} MLPs"
+    figures = [run_figure(result, f"{c['layers']}-layer {kind}")]
     if result.get("control"):
         figures.append(run_figure(result["control"], "1-layer control"))
     return render("toy.html.j2", out, result=result, figures=figures)
