@@ -10,7 +10,10 @@ import sys
 
 import typer
 
-from mechscope.cli import lm_circuits  # noqa: F401  (registers `lm circuits` on the lm group)
+from mechscope.cli import (
+    lm_circuits,  # noqa: F401  (registers `lm circuits` on the lm group)
+    lm_neurons,  # noqa: F401  (registers `lm neurons` and `lm solu-compare`)
+)
 from mechscope.cli.cnn import app as cnn_app
 from mechscope.cli.lm import app as lm_app
 from mechscope.errors import MechscopeError
