@@ -165,3 +165,27 @@ def test_bad_input_through_the_api(trained, tmp_path):
     with pytest.raises(MechscopeError, match="pass test data too"):
         mechscope.explain(model, train, out=tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_plain_sequential_with_a_hidden_layer(tmp_path):
+    """nn.Sequential, GELU, a non-linear read-out: circuits are searched with forward passes, not the closed form."""
+    s = splits(n_train=240, n_test=120, seed=4, rgb=True)
+    x = torch.tensor(s["x_train"]).float().div(255).permute(0, 3, 1, 2)
+    xt = torch.tensor(s["x_test"]).float().div(255).permute(0, 3, 1, 2)
+    y, yt = torch.tensor(s["y_train"]).long(), torch.tensor(s["y_test"]).long()
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 6, 5), nn.GELU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 6 * 6, 12),
+                        nn.GELU(), nn.Linear(12, 4))  # fmt: skip
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r = mechscope.explain(net.eval(), (x, y), (xt, yt), out=tmp_path / "e", class_names=CLASS_NAMES, classes=[0, 3])
+    assert r.stage_names == ["conv1"] and not r.circuits.closed_form and r.weights.readout_templates is None
+    assert r.ablation.readout is None  # no closed form through a hidden layer
+    assert [c.target for c in r.circuits.circuits] == [0, 3] and all(c.meets_criterion for c in r.circuits.circuits)
+    assert check_report(tmp_path / "e" / "report.html") >= 5 + 6 + 2
+    a = mechscope.attribute(net, (x, y), (xt, yt), out=tmp_path / "a", n=2, n_faithfulness=2)
+    assert set(a.skipped) == {"deeplift", "guided_backprop"} and "GELU" in a.skipped["deeplift"]
