@@ -96,3 +96,11 @@ def test_default_keeps_its_state_dict_keys_and_config_round_trips():
     assert CNNConfig.from_dict({"conv1_channels": 16, "conv2_channels": 8}).channels == (16, 8)  # runs from before
     with pytest.raises(MechscopeError, match="unknown model fields depth"):
         CNNConfig.from_dict({"depth": 3})
+
+
+def test_training_leaves_the_global_generator_alone(mnist):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_cnn(mnist, TrainConfig(train_limit=256, batch_size=64, max_steps=2, seed=7), progress=False)
+    assert torch.equal(torch.rand(3), expected)
