@@ -151,7 +151,7 @@ def randomise_cascading(model: nn.Module, layers: list, seed: int = 0):
         yield name, randomised
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodFaithfulness:
     method: str
     deletion_auc: float
@@ -169,7 +169,7 @@ class MethodFaithfulness:
         return self.insertion_auc - self.deletion_auc
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaithfulnessReport:
     methods: list[MethodFaithfulness]
     random_deletion_auc: float
