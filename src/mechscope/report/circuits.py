@@ -35,24 +35,6 @@ def composition_figure(result, mode: str) -> str:
     return figure_data_uri(fig)
 
 
-def layer_head_map(values: np.ndarray, title: str, signed: bool = True) -> str:
-    fig = Figure(
-        figsize=(max(4.0, 0.28 * values.shape[0] + 1.8), max(2.2, 0.3 * values.shape[1] + 1.2)), layout="constrained"
-    )
-    ax = fig.subplots()
-    vmax = float(np.nanmax(np.abs(values))) or 1.0
-    im = ax.imshow(
-        values.T, aspect="auto", cmap="RdBu_r" if signed else "viridis", vmin=-vmax if signed else 0, vmax=vmax
-    )
-    ax.set_xlabel("layer")
-    ax.set_ylabel("head")
-    ax.set_xticks(range(0, values.shape[0], max(1, values.shape[0] // 15)))
-    ax.set_yticks(range(values.shape[1]))
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.9)
-    return figure_data_uri(fig)
-
-
 def positional_grid(pos, n: int = 24) -> str:
     """Every head's positional attention pattern on the first ``n`` positions, tiled: layers as rows."""
     pat = pos.patterns[:, :, :n, :n]
@@ -97,9 +79,9 @@ def write_report(result, decode, prompt_text: list[str] | None, out: Path) -> Pa
     figures = {m: composition_figure(result, m) for m in ("Q", "K", "V")} if many_layers else {}
     extra = {}
     if result.eigen_positivity is not None:
-        extra["eigen"] = layer_head_map(result.eigen_positivity, "OV eigenvalue positivity Σλ/Σ|λ| (folded)")
+        extra["eigen"] = HR.layer_head_figure(result.eigen_positivity, "OV eigenvalue positivity Σλ/Σ|λ| (folded)")
     if result.positional is not None:
-        extra["previous_position"] = layer_head_map(
+        extra["previous_position"] = HR.layer_head_figure(
             result.positional.previous_token(), "attention to the previous position from positions alone", False
         )
         extra["positional_grid"] = positional_grid(result.positional)

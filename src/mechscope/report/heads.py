@@ -44,28 +44,30 @@ KIND_TEXT = {
 }
 
 
+def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None) -> str:
+    """A [layers, heads] map; diverging colours around 0 when the values are signed."""
+    s = np.asarray(values, dtype=float)
+    signed = bool(np.nanmin(s) < 0) if signed is None else signed
+    fig = Figure(figsize=(max(4.0, 0.28 * s.shape[0] + 1.8), max(2.2, 0.3 * s.shape[1] + 1.2)), layout="constrained")
+    ax = fig.subplots()
+    vmax = float(np.nanmax(np.abs(s))) or 1.0
+    im = ax.imshow(s.T, aspect="auto", cmap="RdBu_r" if signed else "viridis", vmin=-vmax if signed else 0, vmax=vmax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("head")
+    ax.set_xticks(range(0, s.shape[0], max(1, s.shape[0] // 15)))
+    ax.set_yticks(range(s.shape[1]))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.9)
+    return figure_data_uri(fig)
+
+
 def heatmaps(scores: dict[str, np.ndarray]) -> list[tuple[str, str]]:
-    out = []
-    for name, title in TITLES.items():
-        s = np.asarray(scores[name], dtype=float)  # [L, H]
-        if np.isnan(s).all():
-            continue
-        size = (max(4.0, 0.28 * s.shape[0] + 1.8), max(2.2, 0.3 * s.shape[1] + 1.2))
-        fig = Figure(figsize=size, layout="constrained")
-        ax = fig.subplots()
-        signed = np.nanmin(s) < 0
-        vmax = np.nanmax(np.abs(s)) or 1.0
-        im = ax.imshow(
-            s.T, aspect="auto", cmap="RdBu_r" if signed else "viridis", vmin=-vmax if signed else 0, vmax=vmax
-        )
-        ax.set_xlabel("layer")
-        ax.set_ylabel("head")
-        ax.set_xticks(range(0, s.shape[0], max(1, s.shape[0] // 15)))
-        ax.set_yticks(range(s.shape[1]))
-        ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax, shrink=0.9)
-        out.append((title, figure_data_uri(fig)))
-    return out
+    """Every score that was measured, as a [layers, heads] map."""
+    return [
+        (title, layer_head_figure(scores[name], title))
+        for name, title in TITLES.items()
+        if not np.isnan(np.asarray(scores[name], dtype=float)).all()
+    ]
 
 
 def loss_plot(loss: list[float], n: int) -> str:
