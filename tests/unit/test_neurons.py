@@ -281,3 +281,12 @@ def test_neuron_model_checks():
         check_neuron_model(gelu, None, "mid")
     with pytest.raises(MechscopeError, match="the text sample is empty"):
         read_neurons(gelu, torch.zeros(0, 4, dtype=torch.long), name="x")
+
+
+def test_shifted_selectivity_index_by_hand():
+    from mechscope.methods.channel_selectivity import shifted_index
+
+    means = torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [2.0, 3.0, 4.0], [-1.0, -1.0, 0.5]])
+    # one class only: 1; all alike: 0; [0, 1, 2] after the shift: (2 - 0.5) / (2 + 0.5) = 0.6;
+    # [0, 0, 1.5] after the shift: 1
+    assert shifted_index(means).tolist() == pytest.approx([1.0, 0.0, 0.6, 1.0])
