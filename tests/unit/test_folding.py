@@ -9,7 +9,7 @@ from mechscope.models.folding import analysis_weights, folded_model, raw_weights
 from mechscope.models.transformer import HookedTransformer, TransformerConfig
 
 
-def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, seed=0) -> HookedTransformer:
+def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, seed=0, act=None) -> HookedTransformer:
     cfg = TransformerConfig(
         d_model=32,
         n_layers=3,
@@ -19,7 +19,7 @@ def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, 
         d_vocab=50,
         n_ctx=16,
         d_mlp=None if attn_only else 48,
-        act="silu" if gated else "gelu_new",
+        act=act or ("silu" if gated else "gelu_new"),
         gated_mlp=gated,
         norm=norm,
         positional="learned" if norm == "layernorm" else "rotary",
@@ -43,6 +43,7 @@ def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, 
 
 CASES = {
     "gpt2-like": dict(norm="layernorm"),
+    "solu": dict(norm="layernorm", act="solu_ln"),
     "attn-only": dict(norm="layernorm", attn_only=True),
     "llama-gqa": dict(norm="rmsnorm", kv_heads=2, gated=True),
     "llama-mqa": dict(norm="rmsnorm", kv_heads=1, gated=True),

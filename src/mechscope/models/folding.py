@@ -65,6 +65,7 @@ class AnalysisWeights:
     W_out: torch.Tensor | None = None
     b_out: torch.Tensor | None = None
     value_bias: torch.Tensor | None = None  # [L, H, Dh] the b_V that fold_value_biases moved into b_O
+    mlp_inner_norms: tuple | None = None  # per layer: the SoLU MLP's own LayerNorm state (act='solu_ln'), unfolded
     scale_free: tuple[str, ...] = ()  # gains folded past a normalisation (see scale_free_folds)
     fold_ln: bool = True
     center_writing: bool = True
@@ -264,12 +265,20 @@ def analysis_weights(
         W_U=W_U,
         b_U=b_U,
         value_bias=value_bias,
+        mlp_inner_norms=_inner_norms(model),
         scale_free=scale_free_folds(cfg) if fold_ln else (),
         fold_ln=fold_ln,
         center_writing=center_writing,
         center_unembed=center_unembed,
         fold_value_biases=fold_value_biases,
     )
+
+
+def _inner_norms(model: HookedTransformer) -> tuple | None:
+    mlps = [b.mlp for b in model.blocks]
+    if not mlps or mlps[0] is None or getattr(mlps[0], "ln", None) is None:
+        return None
+    return tuple({k: v.detach().float().cpu() for k, v in m.ln.state_dict().items()} for m in mlps)
 
 
 def raw_weights(model: HookedTransformer) -> AnalysisWeights:
@@ -322,6 +331,8 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
                 block.mlp.gate.bias.copy_(view.b_gate[i] if view.b_gate is not None else torch.zeros(cfg.d_mlp))
             block.mlp.down.weight.copy_(view.W_out[i].T)
             block.mlp.down.bias.copy_(view.b_out[i])
+            if block.mlp.ln is not None:  # the SoLU MLP's inner LayerNorm stays as it is (nothing reads it linearly)
+                block.mlp.ln.load_state_dict(view.mlp_inner_norms[i])
     norms = [m for b in model.blocks for m in (b.ln1, b.ln2) if m is not None]
     for norm in norms + ([model.ln_final] if model.ln_final is not None else []):
         norm.w.fill_(1.0)
