@@ -23,6 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = CompareSettings(steps=args.steps)
     load = os.getloadavg()[0]
+    cpu = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         _, data = solu_compare_run(settings, args.out or f"{tmp}/solu-compare", force=bool(args.out))
@@ -36,7 +37,12 @@ def main() -> None:
             f"top share >= 0.5: {100 * s['share_one_token_ge_0.5']:.0f}%  "
             f">= 0.9: {100 * s['share_one_token_ge_0.9']:.0f}%"
         )
-    print(f"load average at the start {load:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{settings.layers} layers, d_model {settings.d_model}, d_mlp {settings.d_mlp}, context {settings.n_ctx}, "
+        f"{settings.steps} steps of {settings.batch}, {settings.threads} torch thread(s); CPU time "
+        f"{time.process_time() - cpu:.0f} s; load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores"
+    )
     print(f"total {total:.0f} s for both models (target <= 900 s): {'PASS' if total <= 900 else 'FAIL'}")
 
 

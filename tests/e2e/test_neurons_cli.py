@@ -12,6 +12,16 @@ import torch
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small models on a shared 2-core machine: one torch thread is 10-20 times faster than two
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
@@ -175,8 +185,8 @@ def test_solu_compare_tiny(capsys, tmp_path, text_file):
     data = json.loads((out / "compare.json").read_text())
     labels = [m["label"] for m in data["models"]]
     assert labels == ["GELU", "SoLU", "SoLU after its LayerNorm"]
-    assert data["models"][0]["hooks"] == ["blocks.0.mlp.hook_post"]
-    assert data["models"][1]["hooks"] == ["blocks.0.mlp.hook_mid"]
+    assert data["models"][0]["hooks"] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]  # 2 layers by default
+    assert data["models"][1]["hooks"] == ["blocks.0.mlp.hook_mid", "blocks.1.mlp.hook_mid"]
     g, s = data["models"][0], data["models"][1]
     assert g["held_out_tokens"] == s["held_out_tokens"] > 0 and g["held_out_loss"] != s["held_out_loss"]
     assert len(g["most_monosemantic"]) <= 20 and data["settings"]["steps"] == 6

@@ -99,17 +99,28 @@ def _state_hash(path) -> str:
     return h.hexdigest()
 
 
-def test_mlp_none_is_todays_toy_bit_for_bit(tmp_path):
-    # Measured with the code before --mlp existed (git archive of 647675c, same torch): the final
-    # held-out loss and the final weights of the TINY run
+@pytest.fixture()
+def one_thread():
+    """One torch thread (this test's reference was measured so; on a shared 2-core machine it is also
+    about 15 times faster for a model this small)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_mlp_none_is_todays_toy_bit_for_bit(tmp_path, one_thread):
+    # Measured with the code before --mlp existed (git archive of 647675c, same torch, one thread): the
+    # final held-out loss and a SHA-256 of the final weights of the TINY run. (With two threads the
+    # weights differ in the last bits, both before and after: 906c0606... there.)
     r = train_toy(ToyConfig(**TINY), out=tmp_path, progress=False)
     assert r["series"][-1]["held_out_loss"].hex() == "0x1.61bf9a0000000p+1"
     assert r["model"]["attn_only"] and r["model"]["name"] == "attn-only-2L" and r["model"]["d_mlp"] is None
     ckpt = tmp_path / "checkpoints" / "step_000030.safetensors"
-    assert _state_hash(ckpt) == "906c0606e6b460a0dcc805ded2abe88eab1f4ffa4929d73391f40cfa6cee7229"
+    assert _state_hash(ckpt) == "2b046a382d8307b6ad106ffedb9a56b5fedf7a8a01b33b41a4385ac64f9d07d5"
 
 
-def test_toy_with_mlps_trains_and_loads(tmp_path):
+def test_toy_with_mlps_trains_and_loads(tmp_path, one_thread):
     text = "to be, or not to be: that is the question. " * 200
     for mlp, act in (("gelu", "gelu"), ("solu", "solu_ln")):
         out = tmp_path / mlp

@@ -88,14 +88,15 @@ def _summary(result) -> list[str]:
 def solu_compare(
     out: Optional[str] = typer.Option(None, "--out", help="Output directory (default: runs/solu-compare)."),
     text: Optional[str] = typer.Option(None, "--text", help="Training text (default: tinyshakespeare)."),
-    layers: int = typer.Option(1, "--layers", help="Transformer blocks (attention + MLP): 1 or 2."),
+    layers: int = typer.Option(2, "--layers", help="Transformer blocks (attention + MLP): 1 or 2."),
     d_model: int = typer.Option(128, "--d-model"),
     d_mlp: int = typer.Option(512, "--d-mlp", help="MLP neurons per layer."),
     n_ctx: int = typer.Option(64, "--n-ctx", help="Context in characters."),
-    steps: int = typer.Option(2000, "--steps", help="Training steps of each model."),
+    steps: int = typer.Option(3000, "--steps", help="Training steps of each model."),
     batch: int = typer.Option(32, "--batch"),
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(100, "--k", help="Top activations per neuron the figures count."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads (1: fastest on a shared 2-core CPU)."),
     force: bool = typer.Option(False, "--force", help="Replace the files this command writes in --out."),
 ) -> None:
     """Train the same toy transformer with GELU and with SoLU MLPs (same seed, data, steps) and compare
@@ -103,7 +104,15 @@ def solu_compare(
     from mechscope.pipelines.neurons import CompareSettings, solu_compare_run
 
     settings = CompareSettings(
-        layers=layers, d_model=d_model, d_mlp=d_mlp, n_ctx=n_ctx, steps=steps, batch=batch, seed=seed, k=k
+        layers=layers,
+        d_model=d_model,
+        d_mlp=d_mlp,
+        n_ctx=n_ctx,
+        steps=steps,
+        batch=batch,
+        seed=seed,
+        k=k,
+        threads=threads,
     )
     path, data = solu_compare_run(settings, out, text, force, progress=lambda s: typer.echo(f"  {s}...", err=True))
     for line in data["summary"]:
