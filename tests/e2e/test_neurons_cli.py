@@ -223,6 +223,20 @@ def test_cnn_solu_compare(capsys, tmp_path, shapes_npz):
         assert (out / m["dir"] / "model.safetensors").is_file()  # an ordinary run
     solu = data["channels"]["solu"][0]
     assert len(solu["index"]) == 16 and all(0 <= v <= 1 for v in solu["index"])
+    # class means recomputed by hand from conv1.hook_out of the saved run, and the index from them
+    from mechscope.data.images import load_dataset
+    from mechscope.hooks import run_with_cache
+    from mechscope.runs import load_run
+
+    test = load_dataset(str(shapes_npz / "grey.npz"))
+    _, cache = run_with_cache(load_run(out / "solu").model, test.test_float(), names=["conv1.hook_out"])
+    per_image = cache["conv1.hook_out"][:, 3].mean((1, 2))  # channel 3, mean over positions
+    means = torch.stack([per_image[test.test_labels == k].mean() for k in range(4)]).double()
+    assert solu["class_means"][3] == pytest.approx(means.tolist(), abs=1e-5)
+    shifted = means - means.min()
+    top, rest = shifted.max(), (shifted.sum() - shifted.max()) / 3  # mu_max, the mean of the other three
+    by_hand = (top - rest) / (top + rest)
+    assert solu["index"][3] == pytest.approx(float(by_hand), abs=1e-5)
     assert check_report(out / "report.html") == 2
     assert render_in_chromium(out / "report.html", tmp_path) == {"images": 2, "broken": []}
     code, _, err = run_main(capsys, "cnn", "solu-compare", "--activations", "solu", "--out", str(tmp_path / "o"))
