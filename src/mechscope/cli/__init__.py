@@ -1,12 +1,15 @@
 """The command line: ``mechscope <group> <command>``. Parsing only; the work is in pipelines.
 
-User errors (:class:`~mechscope.errors.MechscopeError`) become one line on stderr and exit 2.
+User errors (:class:`~mechscope.errors.MechscopeError`, parse errors, out of memory, a full disk) become
+one line on stderr and exit 2; Ctrl-C is one line and exit 130 (see :func:`main`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
+import warnings
 
 import typer
 
@@ -18,6 +21,10 @@ from mechscope.cli import (
 from mechscope.cli.cnn import app as cnn_app
 from mechscope.cli.lm import app as lm_app
 from mechscope.errors import MechscopeError
+
+# click's exceptions, wherever this typer takes click from (typer >= 0.24 vendors its own copy)
+click_errors = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: a group called with nothing
 
 app = typer.Typer(
     name="mechscope",
@@ -38,15 +45,73 @@ def _root(
 ) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:  # libraries' warnings stay off the terminal unless -v (main() restores both afterwards)
+        warnings.simplefilter("ignore")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# libraries whose log warnings are not the user's business unless -v
+QUIET_LOGGERS = ("transformers", "accelerate", "huggingface_hub", "torch", "captum", "matplotlib", "PIL", "gguf")
+# OSErrors a user's environment causes: one line, not a traceback
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line a user error, out-of-memory or a full disk gives (None: a bug, which keeps its traceback)."""
+    if isinstance(e, MechscopeError):
+        text = str(e)
+    elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+    ):
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        text = "out of memory" + (f" ({detail})" if detail else "") + "; try smaller settings (--batch, --n, ...)"
+    elif isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        text = f"{where}{ENVIRONMENT_ERRNOS[e.errno]}"
+    else:
+        return None
+    return "mechscope: error: " + " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point for the ``mechscope`` script and ``python -m mechscope``."""
+    """Entry point for the ``mechscope`` script and ``python -m mechscope``.
+
+    Every user error (a :class:`MechscopeError`, a command line click cannot parse, out of memory,
+    a full disk) is one line on stderr starting ``mechscope: error:`` and exit status 2; Ctrl-C is
+    ``mechscope: interrupted`` and 130. Anything else is a bug and keeps its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     try:
-        app(args=argv, prog_name="mechscope")
-    except MechscopeError as e:
-        print(f"mechscope: error: {e}", file=sys.stderr)
+        with warnings.catch_warnings(), command.make_context("mechscope", args) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as e:  # --help, and commands that end early on purpose
+        if e.exit_code:
+            sys.exit(e.exit_code)
+    except _NO_ARGS as e:  # `mechscope` or `mechscope lm` alone: the help
+        print(e.ctx.get_help() if e.ctx else e.format_message())
+        sys.exit(0)
+    except click_errors.UsageError as e:  # a value that does not parse, an unknown or a missing option
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        print("mechscope: error: " + " ".join(e.format_message().split()).rstrip(".") + hint, file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("mechscope: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(2)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
