@@ -14,20 +14,101 @@ as it was. So an interrupted run never leaves a mix of old and new files.
 
 The location is checked for writability on entry, before any work: the temporary directory is
 created there at once.
+
+:func:`write_json` is the one JSON writer of every command: strict JSON, never ``NaN`` or
+``Infinity`` (a non-finite number becomes ``null`` and the object's ``non_finite`` entry says
+which field held what).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mechscope.errors import RunError
 
+log = logging.getLogger(__name__)
+
 TMP_MARK = ".mechscope-tmp-"
+NON_FINITE = "non_finite"  # the key that lists the fields written as null, and why
+
+
+def _plain(x: Any) -> Any:
+    """Plain JSON values (NaN and infinities kept, to be found and reported by :func:`finite_json`)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    if isinstance(x, (float, np.floating)):
+        return float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return _plain(x.detach().cpu().tolist() if isinstance(x, torch.Tensor) else x.tolist())
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        if hasattr(x, "to_dict"):
+            return _plain(x.to_dict())
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.metadata.get("json", True)}
+    return x
+
+
+def finite_json(obj: Any) -> tuple[Any, dict[str, str]]:
+    """``obj`` as plain JSON values with every NaN and ±infinity replaced by None, and what was replaced
+    (``{"path.to[3].field": "NaN"}``). Tensors, arrays, numpy scalars, tuples and result objects become
+    plain values."""
+    replaced: dict[str, str] = {}
+
+    def walk(x: Any, where: str) -> Any:
+        if isinstance(x, float):
+            if math.isfinite(x):
+                return x
+            replaced[where or "."] = "NaN" if math.isnan(x) else ("+Infinity" if x > 0 else "-Infinity")
+            return None
+        if isinstance(x, dict):
+            return {k: walk(v, f"{where}.{k}" if where else k) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    return walk(_plain(obj), ""), replaced
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> dict[str, str]:
+    """Write ``obj`` as strict JSON, never ``NaN`` or ``Infinity``: each non-finite number becomes null, the
+    object's ``non_finite`` entry names the field and what it held, and a warning is logged. Returns those
+    fields (path -> what it held). ``compact``: no indentation (large files)."""
+    value, replaced = finite_json(obj)
+    if replaced:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(replaced.items())[:5])
+        more = f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
+        log.warning("%s: non-finite numbers written as null: %s%s", Path(path).name, shown, more)
+        if isinstance(value, dict):
+            value[NON_FINITE] = {k: f"{v}: not a finite number, written as null" for k, v in replaced.items()}
+    if compact:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    else:
+        text = json.dumps(value, indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+    return replaced
 
 
 def check_target(path: str | os.PathLike, force: bool = False) -> Path:

@@ -13,12 +13,12 @@ import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mechscope.errors import MechscopeError, RunError
 from mechscope.models.cnn import CNN, CNNConfig
+from mechscope.outputs import write_json  # noqa: F401  (the one JSON writer; imported from here too)
 
 KIND = "cnn"
 KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
@@ -62,10 +62,6 @@ def prepare_out_dir(path: str | Path, force: bool = False) -> Path:
     except OSError as e:
         raise RunError(f"cannot create {out}: {e.strerror or e}") from None
     return out
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.outputs import atomic_output, check_target
+from mechscope.outputs import atomic_output, check_target, write_json
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,10 @@ def neurons(
 
 def write_outputs(result, decode, where: Path, asked=()) -> None:
     """neurons.json (compact: it holds every neuron's contexts) and report.html into ``where``."""
-    import json
-
     from mechscope.report.neurons import write_neurons_report
 
     data = {"schema": 1, **result.to_dict(decode)}
-    (where / "neurons.json").write_text(json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n")
+    write_json(where / "neurons.json", data, compact=True)
     write_neurons_report(result, decode, where / "report.html", asked=asked)
 
 
@@ -257,14 +255,12 @@ def solu_compare_run(
     """Train the same toy transformer with GELU and with SoLU MLPs and compare held-out loss and the
     monosemanticity of their neurons. Each model is a train-toy run directory (``gelu/``, ``solu/``,
     each with its ``neurons/`` report); compare.json and report.html beside them."""
-    import json
     import time
     from dataclasses import asdict
 
     from mechscope.methods.neurons import read_neurons, sample_windows
     from mechscope.report.neurons import compare_lines, write_compare_report
     from mechscope.report.toy import write_training_report
-    from mechscope.runs import write_json
     from mechscope.toy import Data, load_toy, text_loss, train_toy
 
     settings = settings or CompareSettings()
@@ -339,7 +335,7 @@ def solu_compare_run(
             "summary": summary,
             "seconds": seconds,
         }
-        (tmp / "compare.json").write_text(json.dumps(data_out, indent=2) + "\n")
+        write_json(tmp / "compare.json", data_out)
         meta = {"settings": asdict(settings), "source": source, "vocab": data.vocab, "seconds": seconds}
         write_compare_report(entries, results, decode, tmp / "report.html", meta, summary)
     return out, data_out

@@ -4,7 +4,6 @@ asked of the CNN half: does the softmax linear unit make channels more selective
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from mechscope.config import TrainConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.cnn import ACTIVATIONS, CNNConfig
-from mechscope.outputs import atomic_output, check_target
+from mechscope.outputs import atomic_output, check_target, write_json
 
 
 def solu_compare_cnn(
@@ -95,7 +94,7 @@ def solu_compare_cnn(
             "seconds": seconds,
         }  # fmt: skip
         result["summary"] = summary_lines(result)
-        (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(tmp / "compare.json", result)
         write_report(result, stages, tmp / "report.html")
     return out, result
 
