@@ -6,6 +6,21 @@ from dataclasses import asdict, dataclass
 
 from mechscope.errors import MechscopeError
 
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; room is left for the seed + k a run derives
+LR_MAX = 10.0  # a peak learning rate above this only diverges
+
+
+def check_seed(seed: int, name: str = "--seed") -> None:
+    """A seed must be an integer in [0, 2**63 - 1] (torch's generators overflow beyond 64 bits)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise MechscopeError(f"{name} must be an integer from 0 to 2**63 - 1, got {seed!r}")
+
+
+def check_lr(lr: float, name: str = "--lr") -> None:
+    """A learning rate must be in (0, 10]: zero trains nothing, NaN and infinity make NaN weights."""
+    if not isinstance(lr, (int, float)) or not 0 < lr <= LR_MAX:
+        raise MechscopeError(f"{name} must be in (0, {LR_MAX:g}], got {lr!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -32,8 +47,14 @@ class TrainConfig:
             raise MechscopeError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise MechscopeError(f"batch size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise MechscopeError(f"learning rate must be positive, got {self.lr}")
+        check_lr(self.lr)
+        check_seed(self.seed)
+        if not 0 <= self.warmup_fraction < 1:
+            raise MechscopeError(f"warm-up fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.label_smoothing < 1:
+            raise MechscopeError(
+                f"weight decay and label smoothing must be in [0, 1), got {self.weight_decay}, {self.label_smoothing}"
+            )
         if self.train_limit is not None and self.train_limit < 1:
             raise MechscopeError(f"train limit must be at least 1, got {self.train_limit}")
         if self.shift < 0:
@@ -74,6 +95,12 @@ class ExplainSettings:
             raise MechscopeError(f"--test-limit must be at least 100 images, got {self.test_limit}")
         if not 0 <= self.tolerance < 1:
             raise MechscopeError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        check_seed(self.resample_seed, "resample_seed")
+        for name, value in (("n_mean", self.n_mean), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise MechscopeError(f"{name} must be at least 1, got {value}")
+        if self.held_out < 0:
+            raise MechscopeError(f"held_out must be 0 or more, got {self.held_out}")
 
     def resolve(self, class_names) -> ExplainSettings:
         """Classes given by name or index, as indices checked against ``class_names``."""

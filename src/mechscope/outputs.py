@@ -118,7 +118,21 @@ def check_target(path: str | os.PathLike, force: bool = False) -> Path:
         raise RunError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise RunError(f"{out}: already exists and is not empty; pass --force to overwrite it")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Raise unless the outputs can be written beside ``out``: its nearest existing ancestor a writable folder."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link
+            raise RunError(f"cannot create {out}: {parent} is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(f"cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write in {parent}: permission denied or a read-only file system")
 
 
 def _make_parent(out: Path) -> None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mechscope.config import check_lr, check_seed
 from mechscope.errors import MechscopeError
 from mechscope.methods.composition import composition_scores
 from mechscope.methods.heads import attention_scores, induction_mask, previous_token_mask
@@ -89,6 +90,16 @@ class ToyConfig:
             raise MechscopeError(f"--d-mlp {self.d_mlp} needs MLPs: pass --mlp gelu or --mlp solu")
         if self.d_mlp is not None and self.d_mlp < 1:
             raise MechscopeError(f"--d-mlp must be at least 1, got {self.d_mlp}")
+        check_seed(self.seed)
+        check_lr(self.lr, "lr")
+        for name in ("d_model", "n_heads", "n_ctx", "vocab", "batch", "checkpoints"):
+            if getattr(self, name) < 1:
+                raise MechscopeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise MechscopeError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if self.warmup < 1 or not 0 <= self.repeat_fraction <= 1:
+            raise MechscopeError(f"warmup must be at least 1 and repeat_fraction in [0, 1], got {self.warmup}, "
+                                 f"{self.repeat_fraction}")  # fmt: skip
         if self.min_span < 1 or 2 * self.min_span > self.n_ctx:
             raise MechscopeError(f"min_span {self.min_span} does not fit twice in a context of {self.n_ctx}")
 
@@ -274,7 +285,10 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             loss.backward()
             opt.step()
             sched.step()
-            running += loss.item()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise MechscopeError(f"training diverged: the loss is {value} at step {step} (lr {cfg.lr:g})")
+            running += value
             count += 1
             bar.update(1)
             if step in marks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -14,9 +15,17 @@ from tqdm.auto import tqdm
 from mechscope.config import TrainConfig
 from mechscope.data.images import ImageDataset
 from mechscope.data.mnist import MNIST
+from mechscope.errors import MechscopeError
 from mechscope.models.cnn import CNN, CNNConfig, n_parameters
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(MechscopeError):
+    """Training produced a non-finite loss or weights: nothing is written."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"training diverged: {what}; try a smaller --lr (nothing was written)")
 
 
 @dataclass
@@ -160,9 +169,10 @@ def train_cnn(
         total = min(total, config.max_steps)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total, pct_start=config.warmup_fraction
-    )
+    warmup = config.warmup_fraction
+    if warmup * total == 1:  # torch's one-cycle schedule divides by zero when the warm-up is exactly one step
+        warmup = 2 / total
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=warmup)
     log.info("training %d parameters for %d steps on %d images", n_parameters(model), total, n)
     history: list[dict] = []
     step = 0
@@ -185,7 +195,10 @@ def train_cnn(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                running += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"the training loss is {value} at step {step} (peak --lr {config.lr:g})")
+                running += value
                 count += 1
                 bar.update(1)
                 if step % 50 == 0:
@@ -202,7 +215,16 @@ def train_cnn(
             if step >= total:
                 break
     train_seconds = time.perf_counter() - start
+    uniform = math.log(model.config.n_classes)
+    if history and history[-1]["train_loss"] > 1.5 * uniform:
+        log.warning(
+            "the training loss ended at %.3g, above the %.3g of guessing every class alike: training diverged "
+            "(peak --lr %g too high?)", history[-1]["train_loss"], uniform, config.lr,
+        )  # fmt: skip
     model = model.to(memory_format=torch.contiguous_format).eval()
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"non-finite weights after training ({', '.join(bad[:3])}; peak --lr {config.lr:g})")
     evaluation = evaluate(model, test_images, test_labels, model.config.n_classes)
     log.info("test accuracy %.4f after %.1f s", evaluation.accuracy, train_seconds)
     return TrainResult(model, evaluation, train_seconds, step, history)

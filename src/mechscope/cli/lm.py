@@ -55,9 +55,13 @@ def parse_tokens(text: str) -> list[int]:
     from mechscope.errors import MechscopeError
 
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise MechscopeError(f"--tokens expects integer ids separated by commas, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < 2**63]
+    if bad:
+        raise MechscopeError(f"--tokens: token id {bad[0]} is not a vocabulary index (0 or more, below 2**63)")
+    return ids
 
 
 @app.command()

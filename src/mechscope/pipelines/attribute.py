@@ -115,11 +115,20 @@ def attribute_model(
     """Attribution grids for ``n`` test images and faithfulness.json for every method, written atomically."""
     from mechscope.report import figures
 
-    if n < 1 or n_faithfulness < 1:
-        raise MechscopeError(f"--n must be at least 1, got {min(n, n_faithfulness)}")
+    n_test = len(data.test_labels)
+    for option, value in (("--n", n), ("--n-faithfulness", n_faithfulness)):
+        if not 1 <= value <= n_test:
+            raise MechscopeError(f"{option} must be between 1 and the {n_test:,} test images, got {value}")
+    if ig_steps < 1:
+        raise MechscopeError(f"ig_steps must be at least 1, got {ig_steps}")
     spec = walk(model, data.shape)
     net = spec.model
     layer = resolve_layer(net, layer or spec.last.hook_post)  # an unknown layer fails before any work
+    conv_hooks = [h for s in spec.stages for h in (s.hook_pre, s.hook_post, s.hook_out)]
+    if layer not in conv_hooks:
+        raise MechscopeError(
+            f"--layer {layer}: Grad-CAM needs a conv stage's hook point [B, C, H, W]; valid: {', '.join(conv_hooks)}"
+        )
     chosen, skipped = _methods(methods, spec, layer, ig_steps)
     target = parse_target(target, data.class_names)
     names = data.class_names

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mechscope.config import check_seed
 from mechscope.outputs import atomic_output, check_target
-from mechscope.runs import check_out_dir, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def induction_heads(
     from mechscope.runs import write_json
 
     protocol = protocol or HeadProtocol()
+    check_seed(protocol.seed)
     out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
     check_target(out, force)  # before minutes of work
     t = time.perf_counter()
@@ -108,13 +109,13 @@ def train_toy_run(
             raise MechscopeError(f"{path}: the text file is empty")
     mlp = "" if config.mlp == "none" else f"-{config.mlp}"
     out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L{mlp}"
-    check_out_dir(out, force=force)
-    prepare_out_dir(out, force=force)
-    result = train_toy(config, text, out, progress)
-    if control and config.layers == 2:
-        result["control"] = train_toy(replace(config, layers=1), text, out / "control", progress)
-    write_json(out / "training.json", result)
-    write_training_report(result, out / "training.html")
+    check_target(out, force)  # before minutes of training
+    with atomic_output(out, force) as tmp:  # checkpoints too: an interrupted run leaves nothing behind
+        result = train_toy(config, text, tmp, progress)
+        if control and config.layers == 2:
+            result["control"] = train_toy(replace(config, layers=1), text, tmp / "control", progress)
+        write_json(tmp / "training.json", result)
+        write_training_report(result, tmp / "training.html")
     return out, result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mechscope.config import check_seed
 from mechscope.errors import MechscopeError
 from mechscope.outputs import atomic_output, check_target, write_json
 
@@ -42,6 +43,7 @@ class NeuronSettings:
             raise MechscopeError(f"--length must be at least 2, got {self.length}")
         if self.contexts < 0:
             raise MechscopeError(f"--contexts must be 0 or more, got {self.contexts}")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)

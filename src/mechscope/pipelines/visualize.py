@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mechscope.config import check_seed
 from mechscope.errors import MechscopeError
 from mechscope.hooks import run_with_cache
 from mechscope.methods import featvis as FV
@@ -55,9 +56,10 @@ class FeatvisResult(Result):
     schema_version: int = SCHEMA_VERSION
 
 
-def _check(spec, layers, units, steps) -> tuple[list[str], dict[str, int]]:
+def _check(spec, layers, units, steps, seed=0) -> tuple[list[str], dict[str, int]]:
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1, got {steps}")
+    check_seed(seed)
     names = FV.resolve_layers(spec, layers)
     with torch.no_grad():
         _, probe = run_with_cache(spec.model, torch.zeros(1, *spec.input_shape), names=names)
@@ -76,7 +78,7 @@ def visualize_model(
     """Maximise, minimise and a diverse set per unit; grids beside top test images; featvis.json."""
     spec = walk(model, data.shape)
     net = spec.model
-    names, size = _check(spec, layers, units, steps)
+    names, size = _check(spec, layers, units, steps, seed)
     with atomic_output(out, force) as tmp, evaluating(net):
         x_test = data.test_float()
         lo, hi = min(0.0, float(x_test.min())), max(1.0, float(x_test.max()))
