@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mechscope.report.summary import article, noun
+
 DPI = 80
 
 
@@ -281,8 +283,6 @@ def patching_fig(pt, names, vrange) -> str:
 
 
 def article_name(name: str) -> str:
-    from mechscope.report.summary import article
-
     return article(name)
 
 
@@ -371,7 +371,7 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("test accuracy per class (%)", fontsize=8)
     ax.legend(fontsize=6, loc="upper center", ncol=3, handlelength=1, columnspacing=0.6)
-    fig.suptitle(f"{name}: {n} {study.stage} channels", fontsize=9, x=0.03, ha="left")
+    fig.suptitle(f"{noun(names)} {name}: {n} {study.stage} channels", fontsize=9, x=0.03, ha="left")
     return uri(fig)
 
 
