@@ -162,7 +162,7 @@ def test_unreadable_data_dir_is_one_line(capsys, tmp_path):
     "args, fragment",
     [
         (["--epochs", "0"], "epochs must be at least 1"),
-        (["--lr", "-1"], "learning rate must be positive"),
+        (["--lr", "-1"], "--lr must be in (0, 10]"),
         (["--max-steps", "0"], "max steps must be at least 1"),
     ],
 )
@@ -242,7 +242,7 @@ def test_attribute_writes_grids_and_faithfulness(capsys, quick_run, mnist_root, 
     "args, fragment",
     [
         (["--method", "lime"], "unknown attribution method 'lime'"),
-        (["--n", "0"], "--n must be at least 1"),
+        (["--n", "0"], "--n must be between 1 and the 10,000 test images"),
         (["--target", "12"], "target '12' out of range; expected pred, label or a class 0..9"),
         (["--layer", "conv7"], "unknown layer 'conv7'; valid layers: hook_input"),
     ],
