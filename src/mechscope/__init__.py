@@ -9,12 +9,14 @@ __all__ = [
     "HookPoint",
     "MechscopeError",
     "__version__",
+    "attention",
     "attribute",
     "explain",
     "hook_points",
     "hooks",
     "load_dataset",
     "load_mnist",
+    "lm",
     "load_run",
     "run_with_cache",
     "visualize",
@@ -40,6 +42,14 @@ def __getattr__(name: str):
         from mechscope.data.images import load_dataset
 
         return load_dataset
+    if name == "lm":  # the language half's calls: mechscope.lm.load_model, find_induction_heads, ...
+        import importlib
+
+        return importlib.import_module("mechscope.lm")
+    if name == "attention":
+        from mechscope.lm import attention
+
+        return attention
     if name == "walk":
         from mechscope.models.spec import walk
 

@@ -21,6 +21,21 @@ from pathlib import Path
 
 from mechscope.config import ExplainSettings
 from mechscope.data.images import ImageDataset, load_dataset, make_dataset
+from mechscope.errors import user_errors
+
+
+def _out(out, name: str) -> Path:
+    """``out``, or with ``out=None`` a new temporary directory (a notebook that only wants the result)."""
+    import tempfile
+
+    return Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"mechscope-{name}-"))
+
+
+def _keep(result, **attrs):
+    """Where the outputs are, for the result's notebook view (``_repr_html_`` inlines the grids written there)."""
+    for k, v in attrs.items():
+        object.__setattr__(result, f"_{k}", v)
+    return result
 
 
 def as_dataset(train_data, test_data=None, class_names=None, data_dir=None) -> ImageDataset:
@@ -40,13 +55,15 @@ def as_dataset(train_data, test_data=None, class_names=None, data_dir=None) -> I
     return make_dataset("tensors", x_train, y_train, x_test, y_test, class_names, {"kind": "tensors"})
 
 
+@user_errors
 def explain(
     model, train_data, test_data=None, out="explain", *, class_names=None, classes=None, patch=None,
     circuit_layer=None, test_limit=None, tolerance=0.01, n_pairs=16, force=False, data_dir=None,
 ):  # fmt: skip
     """Explain ``model`` on the data: mechanisms.json and the microscope report.html in ``out``.
 
-    Returns the :class:`~mechscope.methods.explained.ExplainResult`.
+    Returns the :class:`~mechscope.methods.explained.ExplainResult`, which shows itself in a notebook;
+    ``result.save_html(path)`` writes the report again. ``out=None``: a new temporary directory.
     """
     from mechscope.pipelines.explain import explain_model
 
@@ -55,26 +72,35 @@ def explain(
         classes=tuple(classes) if classes else None, patch=tuple(patch) if patch else None, n_pairs=n_pairs,
         tolerance=tolerance, test_limit=test_limit, circuit_layer=circuit_layer,
     )  # fmt: skip
-    return explain_model(model, data, Path(out), settings, force=force)[1]
+    out = _out(out, "explain")
+    result = explain_model(model, data, out, settings, force=force)[1]
+    x = data.test_float(test_limit)
+    return _keep(result, out=out, vrange=(min(0.0, float(x.min())), max(1.0, float(x.max()))))
 
 
+@user_errors
 def attribute(
     model, train_data, test_data=None, out="attribution", *, methods=None, n=16, n_faithfulness=64, target="pred",
     layer=None, class_names=None, force=False, data_dir=None,
 ):  # fmt: skip
-    """Attribution grids per method and faithfulness.json in ``out``; returns the AttributionResult."""
+    """Attribution grids per method and faithfulness.json in ``out`` (None: a temporary directory); returns the
+    AttributionResult (in a notebook it shows the faithfulness table, the curves and the grids)."""
     from mechscope.pipelines.attribute import attribute_model
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
-    return attribute_model(model, data, Path(out), methods, n, n_faithfulness, force, 64, target, layer)[1]
+    out = _out(out, "attribution")
+    return _keep(attribute_model(model, data, out, methods, n, n_faithfulness, force, 64, target, layer)[1], out=out)
 
 
+@user_errors
 def visualize(
     model, train_data, test_data=None, out="featvis", *, layers=None, units=None, steps=512, param="fourier",
     seed=0, class_names=None, force=False, data_dir=None,
 ):  # fmt: skip
-    """Feature visualisations of every unit beside its top test images, featvis.json; returns the FeatvisResult."""
+    """Feature visualisations of every unit beside its top test images, featvis.json in ``out`` (None: a temporary
+    directory); returns the FeatvisResult (in a notebook it shows the summary, the grids and every unit)."""
     from mechscope.pipelines.visualize import visualize_model
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
-    return visualize_model(model, data, Path(out), layers, units, steps, param, seed, force=force)[1]
+    out = _out(out, "featvis")
+    return _keep(visualize_model(model, data, out, layers, units, steps, param, seed, force=force)[1], out=out)

@@ -23,3 +23,18 @@ class RunError(MechscopeError):
 
 class HookError(MechscopeError):
     """An unknown hook point name or a bad hook."""
+
+
+def user_errors(fn):
+    """Decorate a public Python call: a :class:`MechscopeError` raised anywhere inside it surfaces from the call
+    itself, with its one-line message and no traceback through mechscope's internals (as the CLI's one line)."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MechscopeError as e:
+            raise e.with_traceback(None) from None
+
+    return call

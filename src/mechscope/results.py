@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,25 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-class Result:
+class Shown:
+    """Mixin: a result that shows itself in a notebook (``_repr_html_``) and writes its HTML report (``save_html``).
+
+    Both delegate to :mod:`mechscope.notebook`, which holds the renderers (imported on first use).
+    """
+
+    def _repr_html_(self) -> str:
+        from mechscope.notebook import to_html
+
+        return to_html(self)
+
+    def save_html(self, path) -> Path:
+        """Write this result's self-contained HTML report to ``path``; returns the path."""
+        from mechscope.notebook import save_html
+
+        return save_html(self, path)
+
+
+class Result(Shown):
     """Mixin for frozen result dataclasses: ``to_dict()`` for JSON."""
 
     def to_dict(self) -> dict:

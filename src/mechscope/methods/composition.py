@@ -36,6 +36,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.folding import AnalysisWeights
+from mechscope.results import Shown
 
 MODES = ("Q", "K", "V")
 
@@ -121,7 +122,7 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
 
 
 @dataclass(frozen=True)
-class CompositionResult:
+class CompositionResult(Shown):
     """Q/K/V composition of every head pair, raw and with the random baseline subtracted."""
 
     scores: dict[str, np.ndarray]  # mode -> [L, H, L, H], raw scores (0 where not earlier)

@@ -53,6 +53,7 @@ from mechscope.methods.head_ablation import HeadAblation
 from mechscope.methods.path_patching import Criterion, PathPatch, induction_edges
 from mechscope.models.folding import AnalysisWeights, analysis_weights
 from mechscope.models.transformer import HookedTransformer
+from mechscope.results import Shown
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ def capture_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]) 
 
 
 @dataclass
-class HeadsResult:
+class HeadsResult(Shown):
     """Everything ``find_induction_heads`` measured; ``to_dict()`` is heads.json."""
 
     model: str
@@ -377,6 +378,19 @@ class HeadsResult:
                 targets = [h for h, ok in zip(pp.query_heads, pp.confirmed, strict=True) if ok]
                 out.append(pp.to_dict() | {"targets": [f"{pp.layer}.{h}" for h in targets]})
         return out
+
+    def table(self, n: int | None = 20):
+        """The heads ranked by induction score (the report's table; ``n=None``: every head), as a
+        :class:`~mechscope.notebook.Table`."""
+        from mechscope.notebook.render import heads_table
+
+        return heads_table(self, n)
+
+    def show(self, layer: int, head: int, model=None):
+        """That head's attention viewer on the repeated random tokens (needs the model for a head not captured)."""
+        from mechscope.notebook.render import heads_show
+
+        return heads_show(self, layer, head, model)
 
     def induction_heads(self) -> list[tuple[int, int]]:
         return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]

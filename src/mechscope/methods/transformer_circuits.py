@@ -27,10 +27,11 @@ from mechscope.methods.direct import DirectLogitAttribution, LogitLens, direct_l
 from mechscope.methods.heads import HeadProtocol, HeadsResult, find_induction_heads
 from mechscope.models.folding import AnalysisWeights
 from mechscope.models.transformer import HookedTransformer
+from mechscope.results import Shown
 
 
 @dataclass
-class CircuitsResult:
+class CircuitsResult(Shown):
     model: str
     view: str  # what the analysis view folds
     composition: CompositionResult

@@ -74,6 +74,11 @@ def dla_figure(dla) -> str:
 
 
 def write_report(result, decode, prompt_text: list[str] | None, out: Path) -> Path:
+    return render("circuits.html.j2", out, **report_context(result, decode, prompt_text))
+
+
+def report_context(result, decode, prompt_text: list[str] | None) -> dict:
+    """What circuits.html.j2 draws (the file report and the notebook fragment)."""
     d = result.to_dict(decode)
     many_layers = result.composition.scores["K"].shape[0] > 1  # one layer: no pair of heads to compose
     figures = {m: composition_figure(result, m) for m in ("Q", "K", "V")} if many_layers else {}
@@ -101,9 +106,7 @@ def write_report(result, decode, prompt_text: list[str] | None, out: Path) -> Pa
                 }
             )
         lens_rows.append({"layer": "input", "tokens": prompt_text[-last:], "probs": None})
-    return render(
-        "circuits.html.j2",
-        out,
+    return dict(
         r=d,
         composition_figures=figures,
         figs=extra,

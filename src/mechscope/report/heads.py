@@ -315,15 +315,18 @@ def table_rows(result, n: int = 20) -> list[dict]:
 
 
 def write_report(result, token_text: dict[str, list[str]], out: Path) -> Path:
+    return render("heads.html.j2", out, **report_context(result, token_text))
+
+
+def report_context(result, token_text: dict[str, list[str]]) -> dict:
+    """What heads.html.j2 draws (the file report and the notebook fragment)."""
     viewer = {
         name: {"tokens": token_text[name], "patterns": data["patterns"]}
         for name, data in result.examples.items()
         if name in ("repeated", "text")
     }
     d = result.to_dict()
-    return render(
-        "heads.html.j2",
-        out,
+    return dict(
         result=d,
         summary=summary(result),
         heatmaps=heatmaps(result.scores),

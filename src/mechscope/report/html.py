@@ -22,6 +22,12 @@ def figure_data_uri(fig: Figure, dpi: int = 100) -> str:
 
 
 def render(template: str, out: Path, **context) -> Path:
+    out.write_text(render_string(template, **context), encoding="utf-8")
+    return out
+
+
+def render_string(template: str, **context) -> str:
+    """The page ``template`` renders to, as a string (notebooks make fragments of it)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mechscope", "report/templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -30,5 +36,4 @@ def render(template: str, out: Path, **context) -> Path:
     # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
     # so that no string in the data can close the script element
     env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(json.dumps(obj).replace("</", "<\\/"))
-    out.write_text(env.get_template(template).render(**context), encoding="utf-8")
-    return out
+    return env.get_template(template).render(**context)

@@ -133,6 +133,12 @@ def write_report(r, linked: dict, out: Path, vrange: tuple[float, float] = (0.0,
     ``linked``: outputs of ``visualize`` and ``attribute`` found beside the run (featvis PNGs per
     channel, the best attribution grids); ``vrange``: the input range images are drawn in.
     """
+    return render("microscope.html.j2", out, **report_context(r, linked, vrange))
+
+
+def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), channels: bool = True) -> dict:
+    """What microscope.html.j2 draws; ``channels=False`` leaves out the per-channel sections (a notebook's
+    summary view: they are most of the page's size and drawing time)."""
     at = (linked or {}).get("attribution")
     attribution = None
     if at:
@@ -143,15 +149,13 @@ def write_report(r, linked: dict, out: Path, vrange: tuple[float, float] = (0.0,
             "figures": [(name, uri_of_file(at["pngs"][name])) for name in shown],
         }
     fv = (linked or {}).get("featvis")
-    return render(
-        "microscope.html.j2",
-        out,
+    return dict(
         r=r,
         word=noun(r.class_names),
         words=plural(noun(r.class_names)),
         names=r.class_names,
         figs=overview_figures(r, vrange),
-        sections=channel_sections(r, linked, vrange),
+        sections=channel_sections(r, linked, vrange) if channels else [],
         class_figs=circuit_figures(r),
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),

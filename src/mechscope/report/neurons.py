@@ -156,6 +156,11 @@ def summary_lines(result: NeuronsResult) -> list[str]:
 def write_neurons_report(
     result: NeuronsResult, decode: Callable[[int], str], out: Path, asked: tuple = (), n_ranked: int = 20
 ) -> Path:
+    return render("neurons.html.j2", out, **report_context(result, decode, asked, n_ranked))
+
+
+def report_context(result: NeuronsResult, decode: Callable[[int], str], asked: tuple = (), n_ranked: int = 20) -> dict:
+    """What neurons.html.j2 draws (the file report and the notebook fragment)."""
     dec = Decoder(decode)
     tokens = result.tokens.numpy()
     most, least = ranked(result, n_ranked, dec, tokens)
@@ -165,9 +170,7 @@ def write_neurons_report(
         for lay in result.layers:
             listed.append((lay.layer, [neuron_row(result, lay.layer, i, dec, tokens) for i in range(len(lay.figures))]))
     vocab = len(set(tokens.reshape(-1).tolist()))
-    return render(
-        "neurons.html.j2",
-        out,
+    return dict(
         result=result,
         summary=summary_lines(result),
         stats=result.summary(),

@@ -77,9 +77,14 @@ def run_figure(result: dict, title: str) -> str:
 
 
 def write_training_report(result: dict, out: Path) -> Path:
+    return render("toy.html.j2", out, **report_context(result))
+
+
+def report_context(result: dict) -> dict:
+    """What toy.html.j2 draws (the file report and the notebook fragment)."""
     c = result["config"]
     kind = "attention-only model" if c.get("mlp", "none") == "none" else f"model with {c['mlp'].upper()} MLPs"
     figures = [run_figure(result, f"{c['layers']}-layer {kind}")]
     if result.get("control"):
         figures.append(run_figure(result["control"], "1-layer control"))
-    return render("toy.html.j2", out, result=result, figures=figures)
+    return {"result": result, "figures": figures}
