@@ -15,6 +15,7 @@ import typer
 
 from mechscope.cli import (
     cnn_solu,  # noqa: F401  (registers `cnn solu-compare` on the cnn group)
+    cnn_tuning,  # noqa: F401  (registers `cnn tuning` on the cnn group)
     lm_circuits,  # noqa: F401  (registers `lm circuits` on the lm group)
     lm_neurons,  # noqa: F401  (registers `lm neurons` and `lm solu-compare`)
 )
