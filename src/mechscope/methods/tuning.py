@@ -24,9 +24,10 @@ among those that pass:
   0.5. A linear oriented filter followed by a ReLU answers edges with a half-wave rectified
   cosine, circular variance 1 − π/4 ≈ 0.21; a full cosine modulation reaching zero only at the
   opposite angle (1 + cos θ) has 0.5. 0.3 leaves room for pixelation and jitter above the ideal
-  filter's 0.21 while random first-layer kernels rarely reach it: of 128 random 5×5 kernels of the
-  default network (zero bias), 2 with N(0, 1) weights and none with U(−1, 1) weights have a family
-  at ≤ 0.3 that also passes the drive test (at ≤ 0.4: 6 and 3);
+  filter's 0.21 while random first-layer kernels rarely reach it: of 128 random 5×5 kernels in the
+  default network's conv1 (zero bias; ``bench/tuning.py --random``), 3 with N(0, 1) weights (2
+  edges, 1 blob) and none with U(−1, 1) weights get a label; at 0.4, 6 and 3 would have a sharp
+  oriented family that passes the drive test;
 * **driven**: the family's best image reaches at least half the unit's maximum over the test
   images (``drive`` = its response / that maximum ≥ :data:`DRIVE_MIN` = 0.5).
 
