@@ -14,6 +14,7 @@ import warnings
 import typer
 
 from mechscope.cli import (
+    cnn_blocks,  # noqa: F401  (registers `cnn blocks` on the cnn group)
     cnn_solu,  # noqa: F401  (registers `cnn solu-compare` on the cnn group)
     cnn_tuning,  # noqa: F401  (registers `cnn tuning` on the cnn group)
     lm_circuits,  # noqa: F401  (registers `lm circuits` on the lm group)

@@ -28,6 +28,7 @@ from mechscope.methods.unit_examples import unit_examples
 from mechscope.models.cnn import n_parameters
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
+from mechscope.pipelines.blocks import blocks_link
 from mechscope.runs import load_run, load_run_data, write_json
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def explain_run(run, out=None, settings=None, *, dataset=None, data_dir=None, cl
     loaded = load_run(run)
     data = load_run_data(loaded, dataset, data_dir, class_names)
     out = Path(out) if out is not None else Path(run) / "explain"
-    return explain_model(loaded.model, data, out, settings, run=run, linked=linked_outputs(Path(run)), force=force)
+    linked = linked_outputs(Path(run))
+    linked["blocks"] = blocks_link(Path(run), out, loaded.model)  # RUN/blocks/report.html of these weights
+    return explain_model(loaded.model, data, out, settings, run=run, linked=linked, force=force)
 
 
 def explain_mnist(run, out=None, digits=None, patch_classes=(8, 3), n_pairs=16, tolerance=0.01, data_dir=None,

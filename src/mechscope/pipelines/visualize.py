@@ -13,6 +13,7 @@ from mechscope.config import check_seed
 from mechscope.errors import MechscopeError
 from mechscope.hooks import run_with_cache
 from mechscope.methods import featvis as FV
+from mechscope.methods.blocks_vis import save_for_blocks
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
 from mechscope.results import SCHEMA_VERSION, Result, evaluating
@@ -94,6 +95,7 @@ def visualize_model(
         _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, (lo, hi), data.class_names)
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),
                                tuple(data.class_names))  # fmt: skip
+        save_for_blocks(tmp, model, spec, assign, renders["positive"].images)  # `cnn blocks` reuses these
         write_json(tmp / "featvis.json", result.to_dict())
     return Path(out), result
 

@@ -159,5 +159,6 @@ def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), ch
         class_figs=circuit_figures(r),
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),
+        blocks=(linked or {}).get("blocks"),  # relative link to the run's Building Blocks report
         seconds=r.seconds,
     )

@@ -1,0 +1,161 @@
+"""Feature visualisation for Building Blocks: activation vectors, group directions and channels in one batch.
+
+Every image of the batch has its own objective (built on :mod:`mechscope.methods.featvis`: its
+parameterisation, transforms and loop):
+
+* ``("centre", hook, v)`` — an activation vector v of one grid cell: dot · max(cos, 0.1)² of
+  the activation at the layer's centre position with v (Lucid's ``direction_neuron`` with
+  ``cossim_pow=2``); the figure shows the centre position's receptive field;
+* ``("mean", hook, v)`` — a group direction: the same quantity averaged over every position;
+* ``("channel", hook, c)`` — a channel: its mean over positions (as ``cnn visualize`` does).
+
+Channel visualisations of ``cnn visualize`` are reused when its ``channel_images.npz`` was made
+from the same weights (SHA-256 of the state dict, :func:`weights_sha256`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mechscope.methods import featvis as FV
+
+COSSIM_POW = 2.0
+CHANNEL_IMAGES = "channel_images.npz"
+
+
+def _dot_cos(act: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """dot · max(cos, 0.1)^COSSIM_POW over the channel axis: act [B, C, ...], v [B, C]."""
+    shape = (v.shape[0], v.shape[1]) + (1,) * (act.dim() - 2)
+    v = v.view(shape)
+    dot = (act * v).sum(1)
+    cos = dot / (act.norm(dim=1) * v.norm(dim=1) + 1e-6)
+    return dot * cos.clamp(min=0.1) ** COSSIM_POW
+
+
+def blocks_objective(entries: list[tuple[str, str, object]]) -> FV.Objective:
+    """One objective value per image, image i for ``entries[i]`` (see the module docstring)."""
+    keys = sorted({(kind, hook) for kind, hook, _ in entries})
+    rows = {key: torch.tensor([i for i, e in enumerate(entries) if e[:2] == key]) for key in keys}
+    targets = {}
+    for key in keys:
+        items = [e[2] for e in entries if e[:2] == key]
+        targets[key] = torch.tensor(items) if key[0] == "channel" else torch.stack([torch.as_tensor(x) for x in items])
+
+    def fn(a):
+        out = torch.zeros(len(entries), dtype=next(iter(a.values())).dtype)
+        for (kind, hook), idx in rows.items():
+            act = a[hook][idx]
+            t = targets[(kind, hook)].to(act)
+            if kind == "channel":
+                value = FV.unit_value(hook, act, t.long())
+            elif kind == "centre":
+                value = _dot_cos(act[:, :, act.shape[2] // 2, act.shape[3] // 2], t)
+            else:
+                value = _dot_cos(act, t).flatten(1).mean(1)
+            out = out.index_put((idx,), value)
+        return out
+
+    return FV.Objective(fn, {hook for _, hook in keys}, f"{len(entries)} building blocks")
+
+
+def render_entries(net, entries, steps: int, seed: int, vrange, param: str = "fourier") -> torch.Tensor:
+    """Images [len(entries), C, H, W] in ``vrange``, one optimisation for all (total variation weight 1)."""
+    if not entries:
+        shape = net.input_shape
+        return torch.zeros(0, *shape)
+    obj = blocks_objective(entries) - FV.total_variation() * 1.0
+    return FV.render(net, obj, len(entries), steps, param, seed=seed, value_range=vrange).images
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of the state dict (names and raw bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_channel_images(path: Path, sha: str, images: dict[str, torch.Tensor]) -> None:
+    """``images``: hook name → [C, C_in, H, W] channel visualisations made from weights ``sha``."""
+    meta = json.dumps({"weights_sha256": sha, "layers": list(images)})
+    np.savez_compressed(path, meta=np.array(meta), **{f"l{i}": v.numpy() for i, v in enumerate(images.values())})
+
+
+def load_channel_images(path: Path, sha: str, wanted: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """The saved channel images of the hooks in ``wanted`` (hook → channel count) if made from weights ``sha``."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("weights_sha256") != sha:
+                return None
+            saved = {hook: z[f"l{i}"] for i, hook in enumerate(meta["layers"])}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    if any(hook not in saved or len(saved[hook]) != n for hook, n in wanted.items()):
+        return None
+    return {hook: torch.as_tensor(saved[hook]) for hook in wanted}
+
+
+def _crop(images: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    y0, y1, x0, x1 = box
+    return images[..., y0:y1, x0:x1]
+
+
+def visualise_blocks(spec, layers, steps: int, seed: int, vrange, channels: dict | None = None,
+                     min_norm: float = 1e-3) -> dict:  # fmt: skip
+    """Every cell vector (``cells``), group direction (``groups``) and, unless given, channel (``channels``).
+
+    Returns {"cells": {stage: [shown, cells, C_in, h, w] crops, zeros for a cell of norm below ``min_norm`` of
+    the layer's largest}, "groups": {stage: [k, C_in, H, W]}, "channels": {stage: [C, C_in, H, W]}}; one
+    optimisation for all of them.
+    """
+    entries: list[tuple[str, str, object]] = []
+    where: dict[tuple[str, str], list[int]] = {}
+
+    def add(kind: str, stage: str, items) -> None:
+        where[(kind, stage)] = list(range(len(entries), len(entries) + len(items)))
+        entries.extend(items)
+
+    live = {}
+    for lb in layers:
+        flat = lb.cells.reshape(-1, lb.cells.shape[-1])
+        norms = flat.norm(dim=1)
+        live[lb.stage] = (norms > min_norm * float(norms.max())).nonzero().flatten() if len(norms) else norms
+        add("cell", lb.stage, [("centre", lb.hook, flat[i]) for i in live[lb.stage].tolist()])
+        add("group", lb.stage, [("mean", lb.hook, torch.as_tensor(d, dtype=torch.float32))
+                                for d in lb.groups.directions])  # fmt: skip
+        if channels is None:
+            post = spec.stage(lb.stage).hook_post
+            add("channel", lb.stage, [("channel", post, c) for c in range(lb.shape[0])])
+    images = render_entries(spec.model, entries, steps, seed, vrange)
+    out: dict = {"cells": {}, "groups": {}, "channels": dict(channels or {})}
+    for lb in layers:
+        crops = _crop(images, lb.crop)
+        n_shown, n_cells = lb.cells.shape[:2]
+        cells = torch.zeros(n_shown * n_cells, *crops.shape[1:])
+        cells[live[lb.stage]] = crops[where[("cell", lb.stage)]]
+        out["cells"][lb.stage] = cells.view(n_shown, n_cells, *crops.shape[1:])
+        out["groups"][lb.stage] = images[where[("group", lb.stage)]]
+        if channels is None:
+            out["channels"][lb.stage] = images[where[("channel", lb.stage)]]
+    return out
+
+
+def save_for_blocks(out: Path, model, spec, assign: list[tuple[str, int]], images: torch.Tensor) -> None:
+    """Called by ``cnn visualize``: its maximising images of every stage whose channels were all visualised
+    (at hook_post), saved as ``channel_images.npz`` with the weights' hash for ``cnn blocks`` to reuse."""
+    full = {}
+    for s in spec.stages:
+        rows = {u: i for i, (layer, u) in enumerate(assign) if layer == s.hook_post}
+        if set(rows) == set(range(s.out_channels)):
+            full[s.hook_post] = images[[rows[c] for c in range(s.out_channels)]].detach()
+    if full:
+        save_channel_images(out / CHANNEL_IMAGES, weights_sha256(model), full)
