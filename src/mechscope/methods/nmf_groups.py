@@ -13,7 +13,7 @@ meaningful units than channels, each still a direction the network can read.
   (coordinate descent never raises the error of its start, and the start is no worse than
   k − 1). At full rank, min(positions, channels), the exact factorisation (A·I or I·A) is
   taken if the fit falls short, so the full curve ends at 1. The report's curve stops at the
-  first k reaching 0.99 (and at least the k chosen).
+  first k reaching 0.95 (or the threshold if higher; and at least the k used).
 * k is the smallest k whose explained variance reaches ``threshold`` (0.9 by default), or the
   one the user gives.
 
@@ -32,7 +32,7 @@ from mechscope.errors import MechscopeError
 from mechscope.results import Result
 
 THRESHOLD = 0.9
-STOP_AT = 0.99  # the curve is computed until it reaches this (or full rank)
+STOP_AT = 0.95  # the curve is computed until it reaches this (or full rank), and at least to the k used
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,26 @@ from mechscope.results import SCHEMA_VERSION
 from mechscope.runs import load_run, load_run_data
 
 
-def _check(steps: int, seed: int, typical: int | None, max_side: int, threshold: float) -> None:
+def check_settings(kw: dict) -> None:
+    """The settings that need neither model nor data, checked first (``kw``: :func:`blocks_model`'s keywords)."""
+    steps, typical, image, groups = kw.get("steps", 256), kw.get("typical"), kw.get("image"), kw.get("groups")
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1, got {steps}")
     if typical is not None and typical < 1:
         raise MechscopeError(f"--typical must be at least 1, got {typical}")
-    if max_side < 1:
-        raise MechscopeError(f"--grid must be at least 1, got {max_side}")
-    if not 0 < threshold <= 1:
-        raise MechscopeError(f"--threshold must be in (0, 1], got {threshold}")
-    check_seed(seed)
+    if typical is not None and image is not None:
+        raise MechscopeError("--image and --typical exclude each other")
+    if image is not None and image < 0:
+        raise MechscopeError(f"--image {image} out of range: a test image index is 0 or more")
+    if groups is not None and groups < 1:
+        raise MechscopeError(f"--groups must be at least 1, got {groups}")
+    if kw.get("max_side", 12) < 1:
+        raise MechscopeError(f"--grid must be at least 1, got {kw['max_side']}")
+    if not 0 < kw.get("threshold", 0.9) <= 1:
+        raise MechscopeError(f"--threshold must be in (0, 1], got {kw['threshold']}")
+    if kw.get("threads", 1) < 1:
+        raise MechscopeError(f"--threads must be at least 1, got {kw['threads']}")
+    check_seed(kw.get("seed", 0))
 
 
 def _channels(spec, featvis_dir: Path | None, sha: str) -> tuple[dict | None, str]:
@@ -52,8 +62,7 @@ def blocks_model(model, data, out, *, threads: int = 1, **kw):
     """
     from mechscope.pipelines.neurons import torch_threads
 
-    if threads < 1:
-        raise MechscopeError(f"--threads must be at least 1, got {threads}")
+    check_settings({**kw, "threads": threads})
     with torch_threads(threads):
         return _blocks(model, data, out, **kw)
 
@@ -70,7 +79,6 @@ def _blocks(model, data, out, *, image=None, typical=None, groups=None, steps=25
     def lap(name: str) -> None:
         seconds[name] = time.perf_counter() - t0 - sum(seconds.values())
 
-    _check(steps, seed, typical, max_side, threshold)
     spec = walk(model, data.shape)
     out = check_target(out, force)
     x_test, y_test = data.test_float(), data.test_labels
@@ -108,6 +116,7 @@ def _blocks(model, data, out, *, image=None, typical=None, groups=None, steps=25
 
 def blocks_run(run, out=None, *, dataset=None, data_dir=None, class_names=None, **kw):
     """Building Blocks of a run directory; ``out`` defaults to RUN/blocks, featvis reused from RUN/featvis."""
+    check_settings(kw)  # before loading anything
     loaded = load_run(run)
     data = load_run_data(loaded, dataset, data_dir, class_names)
     out = Path(out) if out is not None else Path(run) / "blocks"

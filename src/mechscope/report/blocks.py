@@ -106,12 +106,15 @@ def _top_group(r, c: int) -> str:
 # ---- figures ---------------------------------------------------------------------------------
 
 
-def _extent(stage, shape) -> tuple[float, float, float, float]:
-    """imshow extent placing each position of the stage's map at its receptive field's centre."""
-    rf, (_, h, w) = stage.rf_out, shape
-    cy = [rf.start[0] + i * rf.jump[0] + (rf.size[0] - 1) / 2 for i in (0, h - 1)]
-    cx = [rf.start[1] + i * rf.jump[1] + (rf.size[1] - 1) / 2 for i in (0, w - 1)]
-    return (cx[0] - rf.jump[1] / 2, cx[1] + rf.jump[1] / 2, cy[1] + rf.jump[0] / 2, cy[0] - rf.jump[0] / 2)
+def to_input(heat: np.ndarray, stage, hw: tuple[int, int]) -> np.ndarray:
+    """A stage's map [h, w] drawn over the input [H, W]: each pixel takes the position whose receptive field is
+    centred nearest to it."""
+    rf = stage.rf_out
+    idx = []
+    for a, n in enumerate(heat.shape):
+        centre0 = rf.start[a] + (rf.size[a] - 1) / 2
+        idx.append(np.clip(np.rint((np.arange(hw[a]) - centre0) / rf.jump[a]), 0, n - 1).astype(int))
+    return heat[np.ix_(idx[0], idx[1])]
 
 
 def _cell_box(spec_stage, lb, cell: int, hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -148,7 +151,8 @@ def group_rows(r, spec, lb, x_test, vrange) -> list[dict]:
         top = np.argsort(-g.directions[k])[:3]
         ex = BF._disp(x_test[lb.example_images[k]], vrange)
         chans = ", ".join(f"ch {int(t)}" for t in top)
-        rows.append({"label": f"group {k + 1}\n{_pct(g.share[k])}\n{chans}", "image": imgs[k], "map": maps[..., k],
+        heat = to_input(maps[..., k], spec.stage(lb.stage), x_test.shape[2:])
+        rows.append({"label": f"group {k + 1}\n{_pct(g.share[k])}\n{chans}", "image": imgs[k], "map": heat,
                      "examples": ex, "boxes": lb.example_boxes[k].tolist()})  # fmt: skip
     return rows
 
@@ -176,18 +180,18 @@ def layer_sections(r, spec, x_test, vrange) -> list[dict]:
     sel = r.selection
     out = []
     for lb in r.layers:
-        grids = []
+        rows = []
         for s_i, idx in enumerate(sel.shown):
             row = sel.images.index(idx)
-            image = BF._disp(r.inputs[row : row + 1], vrange)[0]
-            cells = BF._disp(r.images["cells"][lb.stage][s_i], vrange)
-            grids.append(BF.grid_fig(image, cells, lb.grid, lb.cell_norms[s_i], lb.stage, lb.crop))
+            rows.append({"image": BF._disp(r.inputs[row : row + 1], vrange)[0], "norms": lb.cell_norms[s_i],
+                         "cells": BF._disp(r.images["cells"][lb.stage][s_i], vrange),
+                         "label": f"#{idx} {r.class_names[sel.labels[row]]}"})  # fmt: skip
+        grids = [BF.grid_fig(rows, lb.grid, lb.stage, lb.crop)]
         first = BF._disp(r.inputs[sel.images.index(sel.shown[0]) :][:1], vrange)[0]
         out.append({
             "lb": lb, "line": layer_line(lb), "grids": grids,
             "dictionary": BF.dictionary_fig(dictionary_rows(r, spec, lb, first, vrange), lb.stage),
-            "groups": BF.groups_fig(lb.stage, group_rows(r, spec, lb, x_test, vrange), first,
-                                    _extent(spec.stage(lb.stage), lb.shape)),
+            "groups": BF.groups_fig(lb.stage, group_rows(r, spec, lb, x_test, vrange), first),
         })  # fmt: skip
     return out
 

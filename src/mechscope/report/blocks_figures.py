@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.patches import Rectangle
+from matplotlib.figure import Figure
 
 from mechscope.report.figures import show, subplots, to_display
 from mechscope.report.html import figure_data_uri
@@ -33,48 +33,94 @@ def mosaic(cells: np.ndarray, grid: tuple[int, int], strength: np.ndarray, gap: 
     return out
 
 
-def grid_fig(image: np.ndarray, cells: np.ndarray, grid, norms: np.ndarray, stage: str, crop) -> str:
-    """The input beside its activation grid (each cell: the visualisation of its activation vector)."""
-    fig, (a, b) = subplots(1, 2, figsize=(8.4, 4.2), layout="constrained", gridspec_kw={"width_ratios": [1, 1.1]})
-    show(a, image)
+def grid_fig(rows: list[dict], grid, stage: str, crop, size: int = 224) -> str:
+    """Per shown image: the input split into the grid's cells beside its activation grid (each cell: the
+    visualisation of its activation vector, faded towards white by its norm relative to the largest)."""
+    from PIL import Image
+
     gh, gw = grid
-    h, w = image.shape[:2]
-    for y in range(1, gh):
-        a.axhline(y * h / gh - 0.5, color="#ff7f0e", lw=0.3)
-    for x in range(1, gw):
-        a.axvline(x * w / gw - 0.5, color="#ff7f0e", lw=0.3)
-    a.set_title("input, split into the grid's cells", fontsize=9)
-    strength = norms / max(float(norms.max()), 1e-12)
-    grey = cells if cells.ndim == 4 else cells
-    b.imshow(mosaic(grey, grid, strength), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    panels, labels = [], []
+    for row in rows:
+        image = rgb(row["image"], size // row["image"].shape[0])
+        h, w = image.shape[:2]
+        for y in range(1, gh):
+            image[int(y * h / gh), :] = (1.0, 0.5, 0.05)
+        for x in range(1, gw):
+            image[:, int(x * w / gw)] = (1.0, 0.5, 0.05)
+        strength = row["norms"] / max(float(row["norms"].max()), 1e-12)
+        tiles = mosaic(row["cells"], grid, strength)
+        tiles = rgb(tiles, 1) if tiles.ndim == 2 else tiles
+        big = Image.fromarray((tiles * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
+        panels.append([image, np.asarray(big, dtype=np.float64) / 255])
+        labels.append(row["label"])
     y0, y1, x0, x1 = crop
-    b.set_title(f"{stage} activation grid: each cell's activation vector visualised\n"
-                f"({y1 - y0}×{x1 - x0}-pixel receptive field; faded by ‖vector‖)", fontsize=9)  # fmt: skip
-    _clean(a)
-    _clean(b)
-    return figure_data_uri(fig)
+    titles = [["input, split into the grid's cells", "activation grid"]] + [[]] * (len(rows) - 1)
+    return panel_fig(panels, labels, titles, f"{stage}: each cell's activation vector visualised "
+                     f"({y1 - y0}×{x1 - x0}-pixel receptive field; faded by ‖vector‖)", label_width=0.9)  # fmt: skip
 
 
-def dictionary_fig(rows: list[dict], stage: str) -> str:
-    """Semantic dictionary: per cell, input crop, the cell's visualisation and its strongest channels'."""
-    n, k = len(rows), len(rows[0]["channels"])
-    fig, axes = subplots(n, 2 + k, figsize=(1.15 * (2 + k) + 0.6, 1.2 * n + 0.5), squeeze=False)
+def rgb(img: np.ndarray, scale: int) -> np.ndarray:
+    """[H, W] grey or [H, W, 3] in [0, 1] → [H·scale, W·scale, 3], nearest-neighbour."""
+    img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img
+    return np.clip(img, 0, 1).repeat(scale, 0).repeat(scale, 1)
+
+
+def boxed(img: np.ndarray, box, scale: int, colour=(1.0, 0.5, 0.05)) -> np.ndarray:
+    """``img`` (already scaled by ``scale``) with the outline of ``box`` (y0, y1, x0, x1) in input pixels."""
+    out = img.copy()
+    y0, y1, x0, x1 = (v * scale for v in box)
+    y1, x1 = min(y1, out.shape[0]) - 1, min(x1, out.shape[1]) - 1
+    for t in range(2):
+        out[y0 + t, x0 : x1 + 1] = out[y1 - t, x0 : x1 + 1] = colour
+        out[y0 : y1 + 1, x0 + t] = out[y0 : y1 + 1, x1 - t] = colour
+    return out
+
+
+def panel_fig(rows: list[list[np.ndarray]], labels: list[str], titles: list[list[str]], title: str,
+              label_width: float = 1.0) -> str:  # fmt: skip
+    """Panels (RGB, all the same size) tiled into one image, one axes: row labels left, a title over each panel."""
+    n, m = len(rows), max(len(r) for r in rows)
+    h, w = rows[0][0].shape[:2]
+    gap_x, gap_y = w // 8, h // 3
+    canvas = np.ones((n * (h + gap_y), m * (w + gap_x), 3))
     for i, row in enumerate(rows):
-        show(axes[i, 0], row["input"])
-        y0, y1, x0, x1 = row["box"]
-        axes[i, 0].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#ff7f0e", lw=1.2))
-        show(axes[i, 1], row["cell"])
-        axes[i, 0].set_ylabel(f"cell {row['cell_yx']}", fontsize=7)
-        for j, ch in enumerate(row["channels"]):
-            show(axes[i, 2 + j], ch["image"])
-            axes[i, 2 + j].set_title(f"ch {ch['channel']}: {ch['value']:.2f}", fontsize=7)
-        for ax in axes[i]:
-            _clean(ax)
-    axes[0, 0].set_title("where", fontsize=7)
-    axes[0, 1].set_title("cell", fontsize=7)
-    fig.suptitle(f"{stage}: semantic dictionary of the strongest cells (channels by activation)", fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / (1.2 * n + 0.5), bottom=0.01, wspace=0.08, hspace=0.35)
+        for j, p in enumerate(row):
+            y, x = i * (h + gap_y) + gap_y, j * (w + gap_x)
+            canvas[y : y + h, x : x + w] = p
+    inch = 1.05 / w  # inches per canvas pixel: a panel about an inch wide
+    fig = Figure(figsize=(canvas.shape[1] * inch + label_width, canvas.shape[0] * inch + 0.35))
+    ax = fig.add_axes((label_width / fig.get_figwidth(), 0, 1 - label_width / fig.get_figwidth(),
+                       1 - 0.35 / fig.get_figheight()))  # fmt: skip
+    ax.imshow(canvas, interpolation="nearest")
+    for i, row in enumerate(titles):
+        for j, t in enumerate(row):
+            ax.text(j * (w + gap_x), i * (h + gap_y) + gap_y - 2, t, fontsize=7, va="bottom")
+    for i, label in enumerate(labels):
+        ax.text(-gap_x, i * (h + gap_y) + gap_y + h / 2, label, fontsize=7, ha="right", va="center")
+    ax.axis("off")
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / fig.get_figheight())
     return figure_data_uri(fig)
+
+
+def dictionary_fig(rows: list[dict], stage: str, scale: int = 4) -> str:
+    """Semantic dictionary: per cell, where it is, the cell's visualisation and its strongest channels'."""
+    panels, titles = [], []
+    for row in rows:
+        where = boxed(rgb(row["input"], scale), row["box"], scale)
+        cell = rgb(row["cell"], max(1, where.shape[0] // max(row["cell"].shape[:2])))
+        cell = _pad_to(cell, where.shape[:2])
+        panels.append([where, cell] + [rgb(ch["image"], scale) for ch in row["channels"]])
+        titles.append(["where", "cell"] + [f"ch {ch['channel']}: {ch['value']:.2f}" for ch in row["channels"]])
+    labels = [f"cell {tuple(r['cell_yx'])}" for r in rows]
+    return panel_fig(panels, labels, titles, f"{stage}: semantic dictionary of the strongest cells "
+                     "(each cell's strongest channels, by activation)")  # fmt: skip
+
+
+def _pad_to(img: np.ndarray, shape) -> np.ndarray:
+    out = np.ones(tuple(shape) + (3,))
+    h, w = min(img.shape[0], shape[0]), min(img.shape[1], shape[1])
+    out[:h, :w] = img[:h, :w]
+    return out
 
 
 def curve_fig(curves: dict[str, tuple], chosen: dict[str, int], threshold: float) -> str:
@@ -95,29 +141,24 @@ def curve_fig(curves: dict[str, tuple], chosen: dict[str, int], threshold: float
     return figure_data_uri(fig)
 
 
-def groups_fig(stage: str, groups: list[dict], image: np.ndarray, extent) -> str:
+def overlay(image: np.ndarray, heat: np.ndarray, scale: int, alpha: float = 0.6) -> np.ndarray:
+    """``image`` (scaled) under ``heat`` [H, W] in input pixels, inferno, normalised to its maximum."""
+    from matplotlib import colormaps
+
+    top = max(float(heat.max()), 1e-12)
+    colour = colormaps["inferno"](np.clip(heat / top, 0, 1))[..., :3]
+    return (1 - alpha) * rgb(image, scale) + alpha * rgb(colour, scale)
+
+
+def groups_fig(stage: str, groups: list[dict], image: np.ndarray, scale: int = 4) -> str:
     """One row per group: its visualisation, its map over the input, its top test images."""
-    n, k = len(groups), len(groups[0]["examples"])
-    fig, axes = subplots(n, 2 + k, figsize=(1.15 * (2 + k) + 1.0, 1.2 * n + 0.5), squeeze=False)
+    panels, titles, labels = [], [], []
     for i, g in enumerate(groups):
-        show(axes[i, 0], g["image"])
-        show(axes[i, 1], image)
-        axes[i, 1].imshow(g["map"], cmap="inferno", alpha=0.6, extent=extent, interpolation="bilinear",
-                          vmin=0, vmax=max(float(g["map"].max()), 1e-12))  # fmt: skip
-        axes[i, 1].set_xlim(-0.5, image.shape[1] - 0.5)
-        axes[i, 1].set_ylim(image.shape[0] - 0.5, -0.5)
-        for j, (ex, box) in enumerate(zip(g["examples"], g["boxes"], strict=True)):
-            show(axes[i, 2 + j], ex)
-            y0, y1, x0, x1 = box
-            axes[i, 2 + j].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#ff7f0e"))
-        axes[i, 0].set_ylabel(g["label"], fontsize=7, rotation=0, ha="right", va="center")
-        for ax in axes[i]:
-            _clean(ax)
-    for j, t in enumerate(["direction", "where (this image)", "top test images"]):
-        axes[0, j].set_title(t, fontsize=7, loc="left")
-    fig.suptitle(f"{stage}: neuron groups (NMF)", fontsize=9)
-    fig.subplots_adjust(left=0.16, right=0.99, top=1 - 0.45 / (1.2 * n + 0.5), bottom=0.01, wspace=0.06, hspace=0.2)
-    return figure_data_uri(fig)
+        ex = [boxed(rgb(e, scale), box, scale) for e, box in zip(g["examples"], g["boxes"], strict=True)]
+        panels.append([rgb(g["image"], scale), overlay(image, g["map"], scale), *ex])
+        titles.append(["direction", "where (this image)", "top test images"] if i == 0 else [])
+        labels.append(g["label"])
+    return panel_fig(panels, labels, titles, f"{stage}: neuron groups (NMF)", label_width=1.2)
 
 
 def flow_fig(columns: list[dict], links: list[dict], title: str) -> str:
