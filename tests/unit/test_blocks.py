@@ -183,3 +183,16 @@ def test_channel_images_reused_only_for_the_same_weights(tmp_path):
     assert V.load_channel_images(tmp_path / V.CHANNEL_IMAGES, sha, {"conv2.hook_post": 6}) is None  # incomplete
     other = nn.Linear(2, 2)
     assert V.load_channel_images(tmp_path / V.CHANNEL_IMAGES, V.weights_sha256(other), {"conv1.hook_post": 4}) is None
+
+
+def test_distinct_vectors_and_truncated_network():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [0.0, 1.0 + 1e-9]])
+    first, back = V.distinct(v)
+    assert first.tolist() == [0, 1, 3] and torch.equal(v[first][back], v[[0, 1, 0, 3, 1]])
+    spec = tiny_spec()
+    net = V.Truncated(spec, "conv1.hook_out")
+    x = torch.rand(2, 1, 16, 16)
+    _, acts = B.stage_activations(spec, x)
+    assert torch.allclose(net(x), acts["conv1"])
+    assert set(FV.hook_points(net)) == {"hook_input", "conv1.hook_pre", "conv1.hook_post", "conv1.hook_out"}
+    assert set(FV.hook_points(spec.model)) >= {"conv2.hook_out", "hook_logits"}  # the model's names unchanged

@@ -21,8 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from mechscope.hooks import hook_points
 from mechscope.methods import featvis as FV
+from mechscope.models.hooked import apply_layer
+from mechscope.results import evaluating
 
 COSSIM_POW = 2.0
 CHANNEL_IMAGES = "channel_images.npz"
@@ -63,13 +67,52 @@ def blocks_objective(entries: list[tuple[str, str, object]]) -> FV.Objective:
     return FV.Objective(fn, {hook for _, hook in keys}, f"{len(entries)} building blocks")
 
 
+class Truncated(nn.Module):
+    """The network of ``spec`` up to hook point ``stop``, with the same hook names (the same HookPoint objects).
+
+    Registers nothing but the hook points: the layers run from a plain list, so the caller keeps the model in
+    eval mode. Optimising for an early stage then skips the later ones.
+    """
+
+    def __init__(self, spec, stop: str) -> None:
+        super().__init__()
+        names = [name for name, _ in spec.plan]
+        steps = spec.plan[: names.index(stop) + 1]
+        self.steps = list(steps)
+        self.input_shape = spec.input_shape
+        for name, point in hook_points(spec.model).items():
+            if name not in dict(steps):
+                continue
+            parent, *path, leaf = [self, *name.split(".")]
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, module in self.steps:
+            x = apply_layer(module, x)
+        return x
+
+
 def render_entries(net, entries, steps: int, seed: int, vrange, param: str = "fourier") -> torch.Tensor:
     """Images [len(entries), C, H, W] in ``vrange``, one optimisation for all (total variation weight 1)."""
     if not entries:
-        shape = net.input_shape
-        return torch.zeros(0, *shape)
+        return torch.zeros(0, *net.input_shape)
     obj = blocks_objective(entries) - FV.total_variation() * 1.0
     return FV.render(net, obj, len(entries), steps, param, seed=seed, value_range=vrange).images
+
+
+def distinct(vectors: torch.Tensor, rel: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the distinct rows, ascending; each row's position among them). Rows equal to within ``rel``
+    of the largest norm (a plain background gives the same vector at every position) are visualised once."""
+    scale = float(vectors.norm(dim=1).max()) * rel or 1.0
+    _, inverse = torch.unique(torch.round(vectors / scale), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(vectors), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(vectors)), reduce="amin")
+    order = first.sort().values
+    return order, torch.searchsorted(order, first)[inverse]
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -104,48 +147,35 @@ def load_channel_images(path: Path, sha: str, wanted: dict[str, int]) -> dict[st
     return {hook: torch.as_tensor(saved[hook]) for hook in wanted}
 
 
-def _crop(images: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
-    y0, y1, x0, x1 = box
-    return images[..., y0:y1, x0:x1]
-
-
 def visualise_blocks(spec, layers, steps: int, seed: int, vrange, channels: dict | None = None,
                      min_norm: float = 1e-3) -> dict:  # fmt: skip
     """Every cell vector (``cells``), group direction (``groups``) and, unless given, channel (``channels``).
 
     Returns {"cells": {stage: [shown, cells, C_in, h, w] crops, zeros for a cell of norm below ``min_norm`` of
-    the layer's largest}, "groups": {stage: [k, C_in, H, W]}, "channels": {stage: [C, C_in, H, W]}}; one
-    optimisation for all of them.
+    the layer's largest}, "groups": {stage: [k, C_in, H, W]}, "channels": {stage: [C, C_in, H, W]}}. One
+    optimisation per stage, through the network up to that stage only; equal cell vectors visualised once.
     """
-    entries: list[tuple[str, str, object]] = []
-    where: dict[tuple[str, str], list[int]] = {}
-
-    def add(kind: str, stage: str, items) -> None:
-        where[(kind, stage)] = list(range(len(entries), len(entries) + len(items)))
-        entries.extend(items)
-
-    live = {}
-    for lb in layers:
-        flat = lb.cells.reshape(-1, lb.cells.shape[-1])
-        norms = flat.norm(dim=1)
-        live[lb.stage] = (norms > min_norm * float(norms.max())).nonzero().flatten() if len(norms) else norms
-        add("cell", lb.stage, [("centre", lb.hook, flat[i]) for i in live[lb.stage].tolist()])
-        add("group", lb.stage, [("mean", lb.hook, torch.as_tensor(d, dtype=torch.float32))
-                                for d in lb.groups.directions])  # fmt: skip
-        if channels is None:
-            post = spec.stage(lb.stage).hook_post
-            add("channel", lb.stage, [("channel", post, c) for c in range(lb.shape[0])])
-    images = render_entries(spec.model, entries, steps, seed, vrange)
     out: dict = {"cells": {}, "groups": {}, "channels": dict(channels or {})}
-    for lb in layers:
-        crops = _crop(images, lb.crop)
-        n_shown, n_cells = lb.cells.shape[:2]
-        cells = torch.zeros(n_shown * n_cells, *crops.shape[1:])
-        cells[live[lb.stage]] = crops[where[("cell", lb.stage)]]
-        out["cells"][lb.stage] = cells.view(n_shown, n_cells, *crops.shape[1:])
-        out["groups"][lb.stage] = images[where[("group", lb.stage)]]
-        if channels is None:
-            out["channels"][lb.stage] = images[where[("channel", lb.stage)]]
+    with evaluating(spec.model):
+        for lb in layers:
+            stage = spec.stage(lb.stage)
+            flat = lb.cells.reshape(-1, lb.cells.shape[-1])
+            norms = flat.norm(dim=1)
+            live = (norms > min_norm * float(norms.max())).nonzero().flatten() if len(norms) else norms.long()
+            first, back = distinct(flat[live]) if len(live) else (live, live)
+            entries = [("centre", lb.hook, flat[live[i]]) for i in first.tolist()]
+            n_cells = len(entries)
+            entries += [("mean", lb.hook, torch.as_tensor(d, dtype=torch.float32)) for d in lb.groups.directions]
+            if channels is None:
+                entries += [("channel", stage.hook_post, c) for c in range(lb.shape[0])]
+            images = render_entries(Truncated(spec, stage.hook_out), entries, steps, seed, vrange)
+            crops = images[:n_cells, :, lb.crop[0] : lb.crop[1], lb.crop[2] : lb.crop[3]]
+            cells = torch.zeros(len(flat), *crops.shape[1:])
+            cells[live] = crops[back]
+            out["cells"][lb.stage] = cells.view(*lb.cells.shape[:2], *crops.shape[1:])
+            out["groups"][lb.stage] = images[n_cells : n_cells + lb.groups.k]
+            if channels is None:
+                out["channels"][lb.stage] = images[n_cells + lb.groups.k :]
     return out
 
 

@@ -55,8 +55,9 @@ def grid_fig(rows: list[dict], grid, stage: str, crop, size: int = 224) -> str:
         labels.append(row["label"])
     y0, y1, x0, x1 = crop
     titles = [["input, split into the grid's cells", "activation grid"]] + [[]] * (len(rows) - 1)
-    return panel_fig(panels, labels, titles, f"{stage}: each cell's activation vector visualised "
-                     f"({y1 - y0}×{x1 - x0}-pixel receptive field; faded by ‖vector‖)", label_width=0.9)  # fmt: skip
+    return panel_fig(panels, labels, titles, f"{stage}: each cell's activation vector visualised\n"
+                     f"({y1 - y0}×{x1 - x0}-pixel receptive field; faded by ‖vector‖)", label_width=0.9,
+                     panel_inches=3.2)  # fmt: skip
 
 
 def rgb(img: np.ndarray, scale: int) -> np.ndarray:
@@ -77,7 +78,7 @@ def boxed(img: np.ndarray, box, scale: int, colour=(1.0, 0.5, 0.05)) -> np.ndarr
 
 
 def panel_fig(rows: list[list[np.ndarray]], labels: list[str], titles: list[list[str]], title: str,
-              label_width: float = 1.0) -> str:  # fmt: skip
+              label_width: float = 1.0, panel_inches: float = 1.05) -> str:  # fmt: skip
     """Panels (RGB, all the same size) tiled into one image, one axes: row labels left, a title over each panel."""
     n, m = len(rows), max(len(r) for r in rows)
     h, w = rows[0][0].shape[:2]
@@ -87,14 +88,16 @@ def panel_fig(rows: list[list[np.ndarray]], labels: list[str], titles: list[list
         for j, p in enumerate(row):
             y, x = i * (h + gap_y) + gap_y, j * (w + gap_x)
             canvas[y : y + h, x : x + w] = p
-    inch = 1.05 / w  # inches per canvas pixel: a panel about an inch wide
-    fig = Figure(figsize=(canvas.shape[1] * inch + label_width, canvas.shape[0] * inch + 0.35))
+    inch = panel_inches / w  # inches per canvas pixel
+    top = 0.35 * (1 + title.count("\n"))
+    fig = Figure(figsize=(canvas.shape[1] * inch + label_width, canvas.shape[0] * inch + top))
     ax = fig.add_axes((label_width / fig.get_figwidth(), 0, 1 - label_width / fig.get_figwidth(),
-                       1 - 0.35 / fig.get_figheight()))  # fmt: skip
+                       1 - top / fig.get_figheight()))  # fmt: skip
     ax.imshow(canvas, interpolation="nearest")
     for i, row in enumerate(titles):
         for j, t in enumerate(row):
-            ax.text(j * (w + gap_x), i * (h + gap_y) + gap_y - 2, t, fontsize=7, va="bottom")
+            ax.text(j * (w + gap_x), i * (h + gap_y) + gap_y - 2, t, fontsize=7 if panel_inches < 2 else 9,
+                    va="bottom")  # fmt: skip
     for i, label in enumerate(labels):
         ax.text(-gap_x, i * (h + gap_y) + gap_y + h / 2, label, fontsize=7, ha="right", va="center")
     ax.axis("off")
