@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mechscope.config import check_seed
 from mechscope.errors import MechscopeError
 from mechscope.results import Result, figure_data
 
@@ -35,7 +36,6 @@ FAMILIES = ("line", "edge", "curve", "line_end", "corner", "blob", "ring")
 ANGLE_PERIOD = {"line": 180, "edge": 360, "curve": 360, "line_end": 360, "corner": 360}
 ANGLE_STEP = 15
 CORNER_OPENINGS = (60.0, 90.0, 120.0)
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,6 @@ def settings(size: int) -> list[Stimulus]:
     for r in radii["ring"]:
         out.append(Stimulus("ring", radius=r))
     return out
-
-
-def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise MechscopeError(f"--seed must be an integer from 0 to 2**63-1, got {seed!r}")
-    return seed
 
 
 def draw_stimuli(

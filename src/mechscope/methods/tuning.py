@@ -132,7 +132,7 @@ class TuningResult(Result):
 
     schema: int
     run: str | None
-    weights_sha256: str | None  # of model.safetensors: the microscope shows these curves only for the same weights
+    weights_sha256: str | None  # of the state dict (blocks_vis.weights_sha256): the microscope checks it
     input_shape: tuple[int, int, int]
     value_range: tuple[float, float]  # stimulus 0 and 1 are drawn as these input values
     stimuli: StimulusSet
@@ -400,17 +400,6 @@ def tuning(spec, stim: StimulusSet, maxima: dict[str, torch.Tensor], value_range
         input_shape=tuple(spec.input_shape), value_range=(float(value_range[0]), float(value_range[1])),
         stimuli=stim, thresholds=thresholds, stages=tuple(stages),
     )  # fmt: skip
-
-
-def weights_sha256(path) -> str:
-    """sha256 of a weights file's bytes (model.safetensors): which weights a tuning.json was made from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def preferred_angle(curve: Curve) -> float:

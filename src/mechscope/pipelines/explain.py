@@ -29,6 +29,7 @@ from mechscope.models.cnn import n_parameters
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
 from mechscope.pipelines.blocks import blocks_link
+from mechscope.pipelines.tuning import linked_tuning
 from mechscope.runs import load_run, load_run_data, write_json
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def explain_run(run, out=None, settings=None, *, dataset=None, data_dir=None, cl
     out = Path(out) if out is not None else Path(run) / "explain"
     linked = linked_outputs(Path(run))
     linked["blocks"] = blocks_link(Path(run), out, loaded.model)  # RUN/blocks/report.html of these weights
+    linked["tuning"] = linked_tuning(Path(run), loaded.model)  # RUN/tuning/tuning.json of these weights
     return explain_model(loaded.model, data, out, settings, run=run, linked=linked, force=force)
 
 

@@ -10,11 +10,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mechscope.methods.stimuli import check_seed, draw_stimuli
-from mechscope.methods.tuning import TuningResult, dataset_max, tuning, weights_sha256
+from mechscope.config import check_seed
+from mechscope.methods.blocks_vis import weights_sha256
+from mechscope.methods.stimuli import draw_stimuli
+from mechscope.methods.tuning import TuningResult, dataset_max, tuning
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output, check_target, write_json
-from mechscope.runs import WEIGHTS, load_run, load_run_data
+from mechscope.runs import load_run, load_run_data
 
 TUNING_JSON = "tuning.json"
 
@@ -22,7 +24,8 @@ TUNING_JSON = "tuning.json"
 def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, force: bool = False,
                  progress=None) -> tuple[Path, TuningResult]:  # fmt: skip
     """Tuning curves of every conv unit of ``model``, with test-set maxima from ``data`` (an ImageDataset);
-    writes tuning.json, report.html and units/*.png into ``out`` atomically."""
+    writes tuning.json, report.html and units/*.png into ``out`` atomically. ``weights``: the weights' hash
+    recorded in tuning.json (default: computed from ``model``)."""
     from mechscope.report.tuning import summary_lines, write_report
 
     say = progress or (lambda _: None)
@@ -31,6 +34,7 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     spec = walk(model, data.shape)
+    weights = weights or weights_sha256(model)
     x = data.test_float()
     value_range = (min(0.0, float(x.min())), max(1.0, float(x.max())))  # [0, 1] pixels unless the data say wider
     with atomic_output(out, force) as tmp:
@@ -57,11 +61,45 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
 
 def tuning_run(run, out=None, seed: int = 0, *, dataset=None, data_dir=None, class_names=None, force: bool = False,
                progress=None) -> tuple[Path, TuningResult]:  # fmt: skip
-    """:func:`tuning_model` on a run directory (default output RUN/tuning); records the weights' sha256."""
+    """:func:`tuning_model` on a run directory (default output RUN/tuning)."""
     check_seed(seed)
     loaded = load_run(run)
     out = Path(out) if out is not None else Path(run) / "tuning"
     check_target(out, force)
     data = load_run_data(loaded, dataset, data_dir, class_names)
-    sha = weights_sha256(Path(run) / WEIGHTS)
-    return tuning_model(loaded.model, data, out, seed, run=run, weights=sha, force=force, progress=progress)
+    return tuning_model(loaded.model, data, out, seed, run=run, force=force, progress=progress)
+
+
+def linked_tuning(run: Path, model) -> dict | None:
+    """RUN/tuning's results for the microscope report: per unit its figure, label and numbers, when
+    tuning.json was made from ``model``'s weights (the sha256 of its state dict it records); otherwise
+    ``{"dir", "stale": why}`` so that the report says why it shows none, and None when there is none."""
+    import json
+    import logging
+
+    from mechscope.methods.tuning import CV_MAX
+
+    where = Path(run) / "tuning"
+    path = where / TUNING_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        recorded = data.get("weights_sha256")
+        digest = weights_sha256(model)
+        if recorded != digest:
+            why = "it records no weights hash" if not recorded else f"made from other weights (sha256 {recorded[:12]})"
+            logging.getLogger(__name__).warning("%s: tuning curves not shown: %s", where, why)
+            return {"dir": where, "stale": f"{why}; run `mechscope cnn tuning --run {run} --force` again"}
+        units = {}
+        for stage in data["stages"]:
+            for u in stage["units"]:
+                name = f"{stage['stage']}_{u['channel']}"
+                png = where / "units" / f"{name}.png"
+                units[name] = {"png": png if png.is_file() else None, "stage": stage["stage"], "channel": u["channel"],
+                               **{k: u[k] for k in ("label", "tuned", "reason", "sharpness", "sharpness_kind",
+                                                    "drive")}}  # fmt: skip
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        logging.getLogger(__name__).warning("%s: unreadable tuning.json; the report leaves tuning curves out", where)
+        return {"dir": where, "stale": "unreadable tuning.json"}
+    return {"dir": where, "stale": None, "units": units, "cv_max": CV_MAX}

@@ -91,6 +91,7 @@ def _links(r, stage_index: int, c: int) -> list[dict]:
 def channel_sections(r, linked: dict, vrange) -> list[dict]:
     names = r.class_names
     fv = (linked or {}).get("featvis") or {}
+    tuning = ((linked or {}).get("tuning") or {}).get("units", {})  # `cnn tuning` of the same weights
     members = r.circuits.membership()
     templates = r.weights.readout_templates
     sections = []
@@ -122,9 +123,17 @@ def channel_sections(r, linked: dict, vrange) -> list[dict]:
                     "links": _links(r, i, c), "outgoing": i == 0,
                     "circuits": [names[d] for d in members.get(c, [])] if stage == r.circuits.stage else [],
                     "patching": float(pt) if pt is not None else None,
+                    "tuning": _tuning_view(tuning.get(f"{stage}_{c}")),
                 }
             )  # fmt: skip
     return sections
+
+
+def _tuning_view(row: dict | None) -> dict | None:
+    """A channel's tuning curves (RUN/tuning/units/STAGE_C.png) and label, for its section."""
+    if not row or row.get("png") is None:
+        return None
+    return {"uri": uri_of_file(row["png"]), "label": row["label"], "tuned": row["tuned"], "reason": row["reason"]}
 
 
 def write_report(r, linked: dict, out: Path, vrange: tuple[float, float] = (0.0, 1.0)) -> Path:
@@ -159,6 +168,7 @@ def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), ch
         class_figs=circuit_figures(r),
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),
+        tuning=(linked or {}).get("tuning"),  # RUN/tuning: {"dir", "stale": why not shown or None, "units"}
         blocks=(linked or {}).get("blocks"),  # relative link to the run's Building Blocks report
         seconds=r.seconds,
     )

@@ -45,6 +45,11 @@ def summarise(r, linked: dict | None = None) -> list[str]:
             f"Feature visualisation (from {fv['dir']}): {s.get('exceed_dataset_max')} of {s.get('units')} units "
             "reach a higher activation than any test image."
         )
+    tuning = (linked or {}).get("tuning")
+    if tuning and not tuning.get("stale"):
+        from mechscope.report.tuning import microscope_sentence
+
+        lines += [s for s in [microscope_sentence(tuning)] if s]
     return lines
 
 

@@ -122,22 +122,24 @@ def stage_figure(stage) -> Figure:
 
 
 def stimuli_figure(stim, n_per_family: int = 8) -> Figure:
-    """A few stimuli of each family, as drawn (position 0)."""
+    """A few stimuli of each family as drawn (position 0), one row per family, in one mosaic."""
     fams = list(dict.fromkeys(s.family for s in stim.stimuli))
-    fig = Figure(figsize=(n_per_family * 0.85, len(fams) * 0.95), layout="constrained")
-    axes = fig.subplots(len(fams), n_per_family, squeeze=False)
+    h, w = stim.size
+    pad = max(1, h // 8)
+    mosaic = np.full((len(fams) * (h + pad) - pad, n_per_family * (w + pad) - pad), 0.35, dtype=np.float32)
     for i, f in enumerate(fams):
         idx = [j for j, s in enumerate(stim.stimuli) if s.family == f and s.position == 0]
-        pick = [idx[round(k * (len(idx) - 1) / max(n_per_family - 1, 1))] for k in range(min(n_per_family, len(idx)))]
-        for k, ax in enumerate(axes[i]):
-            ax.axis("off")
-            if k < len(pick):
-                s = stim.stimuli[pick[k]]
-                ax.imshow(stim.images[pick[k], 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                bits = [f"{s.angle:g}°" if s.angle is not None else "", f"r {s.radius:g}" if s.radius else "",
-                        f"{s.opening:g}°" if s.opening else ""]  # fmt: skip
-                ax.set_title(" ".join(b for b in bits if b), fontsize=6)
-        axes[i, 0].text(-0.15, 0.5, NAMES[f], transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=7)
+        pick = idx if len(idx) <= n_per_family else [idx[round(k * (len(idx) - 1) / (n_per_family - 1))]
+                                                       for k in range(n_per_family)]  # fmt: skip
+        for k, j in enumerate(pick):
+            y, x = i * (h + pad), k * (w + pad)
+            mosaic[y : y + h, x : x + w] = stim.images[j, 0].numpy()
+    fig = Figure(figsize=(n_per_family * 0.75 + 1.0, len(fams) * 0.75 + 0.3), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([i * (h + pad) + h / 2 for i in range(len(fams))], [NAMES[f] for f in fams], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title("examples of the stimuli (white on black, as drawn)", fontsize=8)
     return fig
 
 
@@ -211,3 +213,27 @@ def write_report(r, out: Path) -> Path:
         stimuli_fig=data_uri(png_bytes(stimuli_figure(r.stimuli), dpi=90)), names=NAMES,
         thresholds={"cv": CV_MAX, "falloff": FALLOFF_MIN, "drive": DRIVE_MIN},
     )  # fmt: skip
+
+
+def microscope_sentence(linked: dict, n_named: int = 6) -> str | None:
+    """The explain summary's sentence on the tuning curves linked beside the run (:func:`linked_tuning`)."""
+    units = list((linked or {}).get("units", {}).values())
+    if not units:
+        return None
+    tuned = sorted((u for u in units if u["tuned"]), key=_sharpest_first_row)
+    text = f"Tuning curves on synthetic stimuli (from {linked['dir']}): {len(tuned)} of {len(units)} units tuned"
+    if not tuned:
+        return text + "."
+
+    def words(u: dict) -> str:
+        kind = "CV" if u["sharpness_kind"] == "circular variance" else "size fall-off"
+        return f"{u['stage']} {u['channel']} {u['label']} ({kind} {u['sharpness']:.2f})"
+
+    named = "; ".join(words(u) for u in tuned[:n_named])
+    more = f"; {len(tuned) - n_named} more in their sections" if len(tuned) > n_named else ""
+    return f"{text}, the clearest: {named}{more}."
+
+
+def _sharpest_first_row(u: dict) -> tuple:
+    cv = u["sharpness_kind"] == "circular variance"
+    return (not cv, u["sharpness"] if cv else -u["sharpness"])
