@@ -196,3 +196,20 @@ def test_distinct_vectors_and_truncated_network():
     assert torch.allclose(net(x), acts["conv1"])
     assert set(FV.hook_points(net)) == {"hook_input", "conv1.hook_pre", "conv1.hook_post", "conv1.hook_out"}
     assert set(FV.hook_points(spec.model)) >= {"conv2.hook_out", "hook_logits"}  # the model's names unchanged
+
+
+def test_a_users_sequential_model_through_the_blocks_steps():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3), nn.GELU(),
+                        nn.Flatten(), nn.Linear(5 * 5 * 5, 3))  # fmt: skip
+    spec = walk(net.eval(), (3, 16, 16))
+    x = torch.rand(2, 3, 16, 16)
+    _, acts = B.stage_activations(spec, x)
+    assert torch.allclose(V.Truncated(spec, "conv2.hook_out")(x), acts["conv2"], atol=1e-6)
+    layers = [B.analyse_layer(spec, s, acts[s.name][:1], [0], 2, 0.9, 0, 4, 2) for s in spec.stages]
+    images = V.visualise_blocks(spec, layers, steps=2, seed=0, vrange=(0.0, 1.0))
+    assert images["groups"]["conv2"].shape == (2, 3, 16, 16) and images["channels"]["conv1"].shape == (4, 3, 16, 16)
+    flows = B.image_flows(spec, layers, B.Selection((0,), (0,), (0,), (0,), (1.0,), "t"), ("a", "b", "c"))
+    np.testing.assert_allclose(flows[-1].grad_x_act, flows[-1].actual_change, rtol=1e-4, atol=1e-4)
+    with pytest.raises(MechscopeError, match="no positive activation"):
+        nmf_groups(np.zeros((4, 3)), "conv9.hook_out")

@@ -142,6 +142,8 @@ def nmf_groups(
     sq = float((a**2).sum())
     negative_share = float((np.minimum(a, 0) ** 2).sum()) / sq if sq > 0 else 0.0
     a = np.maximum(a, 0)
+    if not a.any():
+        raise MechscopeError(f"{layer}: no positive activation on the chosen image(s); nothing to factorise")
     full = min(a.shape)
     if k is not None and not 1 <= k <= full:
         raise MechscopeError(

@@ -59,7 +59,7 @@ def class_flow_line(r, c: int) -> str:
     col = f.attribution[:, c]
     order = np.argsort(-np.abs(col), kind="stable")[:3]
     parts = ", ".join(f"{f.source} group {g + 1} {col[g]:+.2f}" for g in order)
-    return (f"Logit {r.class_names[c]}: the stage's groups contribute {col.sum():+.2f} of the change "
+    return (f"Logit {r.class_names[c]}: {f.source}'s groups contribute {col.sum():+.2f} of the change "
             f"{f.actual_change[c]:+.2f} from zeroing {f.source} (the rest, {f.residual[c]:+.2f}, outside the groups); "
             f"largest: {parts}.")  # fmt: skip
 

@@ -82,13 +82,13 @@ def panel_fig(rows: list[list[np.ndarray]], labels: list[str], titles: list[list
     """Panels (RGB, all the same size) tiled into one image, one axes: row labels left, a title over each panel."""
     n, m = len(rows), max(len(r) for r in rows)
     h, w = rows[0][0].shape[:2]
-    gap_x, gap_y = w // 8, h // 3
+    inch = panel_inches / w  # inches per canvas pixel
+    gap_x, gap_y = w // 8, int(round(0.3 / inch))  # room for the panel titles: about 0.3 inch
     canvas = np.ones((n * (h + gap_y), m * (w + gap_x), 3))
     for i, row in enumerate(rows):
         for j, p in enumerate(row):
             y, x = i * (h + gap_y) + gap_y, j * (w + gap_x)
             canvas[y : y + h, x : x + w] = p
-    inch = panel_inches / w  # inches per canvas pixel
     top = 0.35 * (1 + title.count("\n"))
     fig = Figure(figsize=(canvas.shape[1] * inch + label_width, canvas.shape[0] * inch + top))
     ax = fig.add_axes((label_width / fig.get_figwidth(), 0, 1 - label_width / fig.get_figwidth(),
