@@ -42,12 +42,18 @@ def _fmt_fixed(fixed: dict) -> str:
     return ", ".join(f"{k} {v:g}" + ("°" if k in ("angle", "opening") else "") for k, v in fixed.items())
 
 
+UNIT_DPI = 80
+
+
 def unit_figure(u) -> Figure:
-    """Angle curves of every oriented family, arc curvature, size; the preferred (and the labelled) stimulus."""
+    """Angle curves of every oriented family, arc curvature, size; the preferred (and the labelled) stimulus.
+
+    The stimuli are pasted as pixels (``figimage``, no axes): drawing axes' ticks is most of a figure's cost.
+    """
     scale = u.dataset_max if u.dataset_max > 0 else 1.0
-    fig = Figure(figsize=(11.5, 2.7))
-    gs = fig.add_gridspec(1, 5, width_ratios=[3.4, 1.5, 1.5, 0.9, 0.9], wspace=0.4, left=0.05, right=0.99,
-                          top=0.7, bottom=0.17)  # fmt: skip
+    fig = Figure(figsize=(11.5, 2.7), dpi=UNIT_DPI)
+    gs = fig.add_gridspec(1, 3, width_ratios=[3.4, 1.5, 1.5], wspace=0.3, left=0.05, right=0.73, top=0.7,
+                          bottom=0.17)  # fmt: skip
     ax = fig.add_subplot(gs[0])
     for c in u.curves:
         if c.axis != "angle":
@@ -77,16 +83,20 @@ def unit_figure(u) -> Figure:
         ax.set_xlabel(xlabel, fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, borderaxespad=0.2)
-    for k, (img, title) in enumerate([(u.preferred_image, "preferred"), (u.label_image, "labelled")], start=3):
-        ax = fig.add_subplot(gs[k])
-        if img is None or (k == 4 and u.label_stimulus == u.preferred):
-            ax.axis("off")
-            continue
-        ax.imshow(_grey(img.numpy() if hasattr(img, "numpy") else img), cmap="gray", vmin=0, vmax=1,
-                  interpolation="nearest")  # fmt: skip
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(title, fontsize=7)
+    shown = [(u.preferred_image, "preferred")]
+    if u.label_image is not None and u.label_stimulus != u.preferred:
+        shown.append((u.label_image, "labelled"))
+    width = fig.get_figwidth() * UNIT_DPI
+    for k, (img, title) in enumerate(shown):
+        g = _grey(img.numpy() if hasattr(img, "numpy") else img)
+        zoom = max(1, round(110 / g.shape[0]))
+        g = np.repeat(np.repeat(g, zoom, 0), zoom, 1)
+        framed = np.full((g.shape[0] + 2, g.shape[1] + 2, *g.shape[2:]), 0.6, dtype=np.float32)
+        framed[1:-1, 1:-1] = g
+        x0 = int(width * (0.76 + 0.125 * k))
+        fig.figimage(framed if framed.ndim == 3 else np.repeat(framed[..., None], 3, 2), xo=x0, yo=int(0.14 * 216),
+                     origin="upper")  # fmt: skip
+        fig.text((x0 + framed.shape[1] / 2) / width, 0.8, title, ha="center", fontsize=7)
     verdict = u.label if u.tuned else f"{u.label} ({u.reason})"
     fig.suptitle(f"{u.stage} channel {u.channel}: {verdict}", fontsize=8.5, x=0.01, y=0.99, ha="left",
                  color="#111" if u.tuned else "#666")  # fmt: skip
@@ -204,7 +214,7 @@ def write_report(r, out: Path) -> Path:
     units_dir.mkdir(parents=True, exist_ok=True)
     sections = []
     for u in r.units:
-        png = png_bytes(unit_figure(u))
+        png = png_bytes(unit_figure(u), dpi=UNIT_DPI)
         (units_dir / f"{u.name}.png").write_bytes(png)
         sections.append({"u": u, "uri": data_uri(png)})
     stage_figs = [data_uri(png_bytes(stage_figure(s), dpi=90)) for s in r.stages]
