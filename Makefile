@@ -13,7 +13,7 @@ endif
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean notebooks
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# JupyterLab (the optional [notebook] extra) on examples/, installed on first use
+notebooks: $(STAMP)
+	@$(BIN)/python -c "import jupyterlab" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,notebook]"
+	$(BIN)/jupyter lab examples/
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
