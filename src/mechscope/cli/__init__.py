@@ -17,6 +17,7 @@ from mechscope.cli import (
     cnn_blocks,  # noqa: F401  (registers `cnn blocks` on the cnn group)
     cnn_solu,  # noqa: F401  (registers `cnn solu-compare` on the cnn group)
     cnn_tuning,  # noqa: F401  (registers `cnn tuning` on the cnn group)
+    cnn_universality,  # noqa: F401  (registers `cnn universality` on the cnn group)
     lm_circuits,  # noqa: F401  (registers `lm circuits` on the lm group)
     lm_neurons,  # noqa: F401  (registers `lm neurons` and `lm solu-compare`)
 )
