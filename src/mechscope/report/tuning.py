@@ -89,12 +89,12 @@ def unit_figure(u) -> Figure:
     width = fig.get_figwidth() * UNIT_DPI
     for k, (img, title) in enumerate(shown):
         g = _grey(img.numpy() if hasattr(img, "numpy") else img)
-        zoom = max(1, round(110 / g.shape[0]))
+        zoom = max(1, 100 // g.shape[0])  # 84 pixels for 28×28 stimuli
         g = np.repeat(np.repeat(g, zoom, 0), zoom, 1)
         framed = np.full((g.shape[0] + 2, g.shape[1] + 2, *g.shape[2:]), 0.6, dtype=np.float32)
         framed[1:-1, 1:-1] = g
-        x0 = int(width * (0.76 + 0.125 * k))
-        fig.figimage(framed if framed.ndim == 3 else np.repeat(framed[..., None], 3, 2), xo=x0, yo=int(0.14 * 216),
+        x0 = int(width * (0.755 + 0.125 * k))
+        fig.figimage(framed if framed.ndim == 3 else np.repeat(framed[..., None], 3, 2), xo=x0, yo=int(0.2 * 216),
                      origin="upper")  # fmt: skip
         fig.text((x0 + framed.shape[1] / 2) / width, 0.8, title, ha="center", fontsize=7)
     verdict = u.label if u.tuned else f"{u.label} ({u.reason})"
