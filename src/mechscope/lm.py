@@ -228,7 +228,8 @@ def head_scores(model, tokens=None, *, n: int = 50, batch: int = 8, seed: int = 
     loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:].to(logits.device), reduction="none")
     loss = loss.mean(0).cpu()
     result = HeadScores(
-        model=name or cfg.name, n=n, tokens=tokens.cpu(), token_text=_decode(tokenizer, tokens[0]), scores=scores,
+        model=name or cfg.name or "model", n=n, tokens=tokens.cpu(), token_text=_decode(tokenizer, tokens[0]),
+        scores=scores,
         loss_per_position=loss.tolist(), loss_first_half=float(loss[1:n].mean()),
         loss_second_half=float(loss[n + 1 : 2 * n].mean()),
         _model=weakref.ref(model),
@@ -313,7 +314,7 @@ def find_induction_heads(
     protocol = protocol or HeadProtocol(n=n, batch=batch, seed=seed, per_head_ablation=ablation)
     check_seed(protocol.seed)
     text_tokens = as_tokens(model, text) if text is not None else None
-    result = _find(model, protocol, text_tokens, name=name or model.cfg.name, show=show)
+    result = _find(model, protocol, text_tokens, name=name or model.cfg.name or "model", show=show)
     for key in ("repeated", "text"):  # the viewer's token text, and the model for heads not captured
         if key in result.examples:
             result.examples.setdefault("token_text", {})[key] = _decode(tokenizer, result.examples[key]["tokens"])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,18 @@ class Shown:
         from mechscope.notebook import save_html
 
         return save_html(self, path)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        """IPython's text beside the HTML: one line (the dataclass repr of a large result runs to megabytes)."""
+        from mechscope.notebook import summary_text
+
+        p.text(summary_text(self))
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # IPython takes the first class in the MRO with _repr_pretty_ *or* __repr__ in its own namespace, and
+        # @dataclass writes a __repr__ into each result class: so each gets _repr_pretty_ in its own too
+        super().__init_subclass__(**kwargs)
+        cls._repr_pretty_ = Shown._repr_pretty_
 
 
 class Result(Shown):

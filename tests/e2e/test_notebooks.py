@@ -40,6 +40,8 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch):
                 for k in ("iopub.execute_input", "shell.execute_reply")
             )
             print(f"{name} cell {i + 1}: {(b - a).total_seconds():.1f} s")
+    for c in code:  # no cell carries more than the HTML cap (the text/plain beside it is one line)
+        assert len(nbformat.writes(nbformat.v4.new_notebook(cells=[c]))) < 1_100_000
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors[0].get("evalue")
     assert all(c.execution_count for c in code)  # every cell ran, in order

@@ -202,6 +202,9 @@ def test_ablate_heads_matches_the_hooked_loss(model, tokens):
 
 
 def test_heads_result_renders_table_show(model, heads):
+    from IPython.core.formatters import PlainTextFormatter
+
+    assert len(repr(heads)) > 10_000 and len(PlainTextFormatter()(heads)) < 200  # the text beside the HTML: short
     html = check_twice(heads)
     for section in ("Summary", "Heads ranked by induction score", "The circuit", "Attention patterns"):
         assert section in html

@@ -11,7 +11,7 @@ own root element, so any number of results and viewers share one notebook.
 """
 
 from mechscope.notebook.fragment import MAX_CHARS, page_to_fragment
-from mechscope.notebook.render import save_html, to_html
+from mechscope.notebook.render import save_html, summary_text, to_html
 from mechscope.notebook.viewer import AttentionViewer, Table
 
-__all__ = ["MAX_CHARS", "AttentionViewer", "Table", "page_to_fragment", "save_html", "to_html"]
+__all__ = ["MAX_CHARS", "AttentionViewer", "Table", "page_to_fragment", "save_html", "summary_text", "to_html"]

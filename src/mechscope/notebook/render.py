@@ -330,6 +330,14 @@ KEEP_OPEN = {  # besides the first section: what a notebook user most wants to s
 }
 
 
+def summary_text(obj) -> str:
+    """One line for IPython's text/plain beside the HTML."""
+    name = type(obj).__name__
+    what = getattr(obj, "model", None)
+    what = f" of {what}" if isinstance(what, str) and what else ""
+    return f"<mechscope {name}{what}: shown as HTML; .save_html(path) writes its report>"
+
+
 def to_html(obj, max_chars: int = MAX_CHARS) -> str:
     """``obj``'s notebook fragment: its report section, summary open, the rest folded, under ``max_chars``."""
     text, omitted = _page(obj, full=False)
