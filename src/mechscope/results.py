@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
-from pathlib import Path
 from typing import Any
 
 import numpy as np
