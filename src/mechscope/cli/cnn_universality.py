@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.cnn import Force, app
+from mechscope.cli.cnn import DataDir, Force, app
 
 
 @app.command("universality")
@@ -18,6 +18,7 @@ def universality(
     extra: Optional[list[Path]] = typer.Argument(None, hidden=True),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/universality)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use only the first N test images."),
+    data_dir: Optional[Path] = DataDir,
     vis_steps: int = typer.Option(
         128, "--vis-steps", help="Optimisation steps of the feature visualisations made here (no RUN/featvis)."
     ),
@@ -31,7 +32,8 @@ def universality(
     from mechscope.pipelines.universality import universality as run_universality
 
     path, result = run_universality(
-        [*runs, *(extra or [])], out, test_limit=test_limit, force=force, threads=threads, vis_steps=vis_steps,
+        [*runs, *(extra or [])], out, test_limit=test_limit, data_dir=data_dir, force=force, threads=threads,
+        vis_steps=vis_steps,
         progress=lambda s: typer.echo(f"  {s}...", err=True),
     )  # fmt: skip
     for line in result.summary:

@@ -32,7 +32,7 @@ SHOWN = 4  # strongest and weakest matched pairs shown per stage
 
 def universality(
     runs, out=None, test_limit: int | None = None, force: bool = False, progress=None, vis_steps: int = 128,
-    batch_size: int = 500, threads: int = 1,
+    batch_size: int = 500, threads: int = 1, data_dir=None,
 ) -> tuple[Path, U.UniversalityResult]:  # fmt: skip
     """Compare the runs (see the module docstring); ``threads`` torch threads (one: these small networks run 10-25
     times faster on a busy 2-core machine with one thread than with two)."""
@@ -41,10 +41,10 @@ def universality(
     if threads < 1 or vis_steps < 1:
         raise MechscopeError(f"--threads and --vis-steps must be at least 1, got {threads} and {vis_steps}")
     with torch_threads(threads):
-        return _universality(runs, out, test_limit, force, progress, vis_steps, batch_size)
+        return _universality(runs, out, test_limit, force, progress, vis_steps, batch_size, data_dir)
 
 
-def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size):
+def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size, data_dir):
     from mechscope.report.universality import summary_lines, write_report
 
     say = progress or (lambda _: None)
@@ -58,7 +58,7 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size)
     check_target(out, force)
     loaded = [load_run(r) for r in runs]
     check_compatible(loaded)
-    data = load_run_data(loaded[0])
+    data = load_run_data(loaded[0], data_dir=data_dir)
     x, y = data.test_float(test_limit), data.test_labels[:test_limit]
     labels = run_labels(runs)
     specs = {lab: walk(r.model, data.shape) for lab, r in zip(labels, loaded, strict=True)}

@@ -1,0 +1,95 @@
+"""`mechscope cnn universality` end to end on two quick runs: the files, trained pairs above the random baseline,
+a report Chromium draws offline, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.e2e.reports import check_report, render_in_chromium
+from tests.e2e.test_cli import assert_one_line_error, run_main
+
+QUICK = ("--test-limit", "300", "--vis-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def second_run(mnist_root, tmp_path_factory):
+    """Another quick run like conftest's, with seed 1."""
+    from mechscope.config import TrainConfig
+    from mechscope.pipelines import train_mnist
+
+    out = tmp_path_factory.mktemp("runs") / "quick-seed1"
+    config = TrainConfig(epochs=1, train_limit=4096, batch_size=64, lr=3e-3, seed=1)
+    train_mnist(out, config, data_dir=mnist_root, progress=False)
+    return out
+
+
+def test_universality_report_json_and_baseline(capsys, quick_run, second_run, mnist_root, tmp_path):
+    out = tmp_path / "uni"
+    code, stdout, err = run_main(capsys, "cnn", "universality", "--runs", str(quick_run), str(second_run),
+                                 "--out", str(out), "--data-dir", str(mnist_root), *QUICK)  # fmt: skip
+    assert code == 0, err
+    assert "universality.json and report.html written" in stdout
+    d = json.loads((out / "universality.json").read_text())
+    assert d["test_images"] == 300 and [r["label"] for r in d["runs"]] == ["quick", "quick-seed1"]
+    kinds = [c["kind"] for c in d["comparisons"]]
+    assert kinds == ["trained", "baseline", "baseline"]
+    trained, baselines = d["comparisons"][0], d["comparisons"][1:]
+    for i, stage in enumerate(trained["stages"]):  # trained against trained beats trained against random
+        assert stage["cka"] > max(b["stages"][i]["cka"] for b in baselines) or i == 0
+        med = sorted(stage["best_a"])[len(stage["best_a"]) // 2]
+        assert med > max(sorted(b["stages"][i]["best_a"])[len(b["stages"][i]["best_a"]) // 2] for b in baselines)
+    assert len(trained["circuits"]) == 10 and all(c["overlap"] >= 0 for c in trained["circuits"])
+    assert len(d["cka"]) == len(d["cka_labels"]) == 8
+    assert d["summary"] and "median best-match correlation" in d["summary"][1]
+    report = out / "report.html"
+    n = check_report(report)
+    assert n >= 10
+    drawn = render_in_chromium(report, tmp_path)
+    assert drawn["images"] == n and not drawn["broken"]
+
+
+def _edited_copy(run, tmp_path, name, edit):
+    dest = tmp_path / name
+    shutil.copytree(run, dest)
+    config = json.loads((dest / "config.json").read_text())
+    edit(config)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
+    from mechscope.models.cnn import CNN, CNNConfig
+    from mechscope.runs import save_run
+
+    def other_data(c):
+        c["data"]["name"] = "fashion-mnist"
+        c["data"]["md5"] = {"t10k-labels-idx1-ubyte.gz": "0" * 32}
+
+    fashion = _edited_copy(quick_run, tmp_path, "fashion", other_data)
+    five = tmp_path / "five"
+    five.mkdir()
+    config = json.loads((quick_run / "config.json").read_text())
+    config.pop("kind"), config.pop("model"), config.pop("versions", None)
+    save_run(five, CNN(CNNConfig(n_classes=5)), config, {})
+    cases = [
+        ([str(quick_run), str(fashion)], ("fashion-mnist", "same dataset")),
+        ([str(quick_run), str(five)], ("10 classes", "has 5")),
+        ([str(quick_run)], ("two or more runs",)),
+        ([str(quick_run), str(tmp_path / "nope")], ("not found",)),
+    ]
+    for runs, fragments in cases:
+        out = tmp_path / "out"
+        code, _, err = run_main(capsys, "cnn", "universality", "--runs", *runs, "--out", str(out),
+                                "--data-dir", str(mnist_root), *QUICK)  # fmt: skip
+        assert code == 2
+        assert_one_line_error(code, err, *fragments)
+        assert not out.exists()
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "x").write_text("x")
+    code, _, err = run_main(capsys, "cnn", "universality", "--runs", str(quick_run), str(quick_run),
+                            "--out", str(out), *QUICK)  # fmt: skip
+    assert_one_line_error(code, err, "--force")
