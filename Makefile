@@ -78,5 +78,22 @@ bench: $(STAMP)
 	$(BIN)/python bench/lm.py
 	$(BIN)/python bench/heads.py
 
+# Universality across networks: three default networks (seeds 0, 1, 2) and a wider one (32,64 channels), each
+# trained once with one torch thread (a few minutes each on a busy 2-core machine), then compared.
+UNI_DIR ?= runs/universality-nets
+UNI_RUNS := $(UNI_DIR)/seed0 $(UNI_DIR)/seed1 $(UNI_DIR)/seed2 $(UNI_DIR)/wide
+
+.PHONY: universality
+
+$(UNI_DIR)/seed%/model.safetensors: | $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mechscope cnn train --out $(UNI_DIR)/seed$* --seed $* --force
+
+$(UNI_DIR)/wide/model.safetensors: | $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mechscope cnn train --out $(UNI_DIR)/wide --seed 0 --channels 32,64 --force
+
+universality: $(addsuffix /model.safetensors,$(UNI_RUNS))
+	$(BIN)/mechscope cnn universality --runs $(UNI_RUNS) --out $(UNI_DIR)/universality --force
+	@echo "report: $(abspath $(UNI_DIR)/universality/report.html)"
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
