@@ -161,14 +161,42 @@ def run_with_cache(
     tensors; with ``grad=True`` the cached tensors stay in the graph.
     """
     points = select(model, names)
+    named = names is not None and not callable(names)  # names the caller chose: each must fire
     cache: dict[str, torch.Tensor] = {}
+    fired: list[str] = []
 
     def store(x: torch.Tensor, hook: HookPoint) -> None:
         cache[hook.name] = x if grad else x.detach()
 
-    with hooks(model, fwd=[(n, store) for n in points]), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+    def seen(x: torch.Tensor, hook: HookPoint) -> None:
+        fired.append(hook.name)
+
+    watch = [(n, seen) for n in hook_points(model) if n not in points] if named else []
+    with hooks(model, fwd=[(n, store) for n in points] + watch), torch.set_grad_enabled(
+        grad and torch.is_grad_enabled()
+    ):
         out = model(*args, **kwargs)
+    silent = [n for n in points if n not in cache]
+    if named and silent:
+        alive = [n for n in hook_points(model) if n in cache or n in fired]
+        raise HookError(
+            f"hook point {silent[0]!r} does not fire for this model (it exists but this model never computes it); "
+            f"hooks that fire: {describe_names(alive)}"
+        )
     return out, cache
+
+
+def firing_hooks(model: nn.Module, *args: Any, **kwargs: Any) -> list[str]:
+    """The hook points that fire in one forward pass ``model(*args, **kwargs)`` (a name is valid only if it
+    fires: GPT-2 has ``attn.hook_rot_q`` modules but learned positions never call them)."""
+    fired: list[str] = []
+
+    def seen(x: torch.Tensor, hook: HookPoint) -> None:
+        fired.append(hook.name)
+
+    with hooks(model, fwd=[(n, seen) for n in hook_points(model)]), torch.no_grad():
+        model(*args, **kwargs)
+    return [n for n in hook_points(model) if n in set(fired)]
 
 
 def attached_hooks(model: nn.Module) -> list[str]:

@@ -9,9 +9,9 @@ seconds, parameter count). Runs written before the CNN took other shapes and dat
 
 from __future__ import annotations
 
-import json
+import hashlib
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ import torch
 from mechscope.errors import MechscopeError, RunError
 from mechscope.models.cnn import CNN, CNNConfig
 from mechscope.outputs import write_json  # noqa: F401  (the one JSON writer; imported from here too)
+from mechscope.validate import field as check_field
+from mechscope.validate import read_json_object
 
 KIND = "cnn"
 KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
@@ -70,8 +72,38 @@ def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"kind": KIND})
-    write_json(out / CONFIG, {"kind": KIND, "model": model.config.to_dict(), **config, "versions": versions()})
+    record = {"kind": KIND, "model": model.config.to_dict(), **config, WEIGHTS_KEY: weights_hash(model)}
+    write_json(out / CONFIG, {**record, "versions": versions()})
     write_json(out / METRICS, metrics)
+
+
+WEIGHTS_KEY = "weights_sha256"  # the key under which outputs record the weights they were made from
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name and raw bytes, in name order.
+
+    The same weights give the same hash whether they came from a run directory, a safetensors file or
+    memory (and the same digest as ``methods.blocks_vis.weights_sha256``). Outputs made from a model record
+    it (``weights_sha256`` in their JSON) so that a report linking them can tell whether they were made
+    from the same weights (:func:`same_weights`).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().to("cpu").contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # any dtype, 0-dim too
+    return h.hexdigest()
+
+
+def same_weights(recorded: dict, digest: str) -> tuple[bool, str]:
+    """(whether an output's JSON ``recorded`` was made from the weights hashed ``digest``, why not)."""
+    theirs = recorded.get(WEIGHTS_KEY) if isinstance(recorded, dict) else None
+    if not isinstance(theirs, str):
+        return False, "it records no weights hash (made by an older mechscope); run the command again"
+    if theirs != digest:
+        return False, f"it was made from other weights (sha256 {theirs[:12]}, this model {digest[:12]})"
+    return True, ""
 
 
 @dataclass
@@ -80,6 +112,7 @@ class Run:
     model: CNN
     config: dict
     metrics: dict
+    weights_sha256: str = field(default="")  # weights_hash(model), computed once at load
 
     @property
     def data(self) -> dict:
@@ -96,15 +129,50 @@ class Run:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise RunError(f"{path.parent}: not a mechscope run directory ({path.name} is missing)")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise RunError(f"{path}: expected a JSON object")
-    return obj
+    return read_json_object(path, f"run's {path.name}", RunError)
+
+
+MAX_SIZE = 4096  # widths, image sizes, classes beyond this in a run's config: a corrupt file
+
+
+def check_run_config(config: dict, where: Path) -> dict:
+    """The run config's fields that loading uses, checked one by one; returns the model fields."""
+    check_field(config, "kind", "str", where, choices=KINDS, error=RunError)
+    model = check_field(config, "model", "object", where, error=RunError)
+    f = f"{where} model"
+
+    def get(key, kind, **kw):
+        return check_field(model, key, kind, f, error=RunError, default=None, label=f"model.{key}", **kw)
+
+    for key in ("in_channels",):
+        get(key, "int", lo=1, hi=MAX_SIZE)
+    get("image_size", "int", lo=1, hi=MAX_SIZE)
+    channels = get("channels", "ints", lo=1, hi=MAX_SIZE)
+    if channels is not None and not 1 <= len(channels) <= 4:
+        raise RunError(f"{where}: field 'model.channels' holds {len(channels)} widths; expected 1 to 4")
+    for key in ("conv1_channels", "conv2_channels"):  # runs from before the shape options
+        get(key, "int", lo=1, hi=MAX_SIZE)
+    get("kernel_size", "int", lo=1, hi=MAX_SIZE)
+    get("padding", "int", lo=0, hi=MAX_SIZE)
+    get("pool", "int", lo=1, hi=MAX_SIZE)
+    get("batchnorm", "bool")
+    get("activation", "str")
+    check_field(model, "hidden", "int", f, error=RunError, nullable=True, default=None, label="model.hidden",
+                lo=1, hi=1 << 20)  # fmt: skip
+    get("n_classes", "int", lo=2, hi=1 << 20)
+    get("mean", "numbers")
+    std = get("std", "numbers")
+    if std is not None and any(v == 0 for v in (std if isinstance(std, list) else [std])):
+        raise RunError(f"{where}: field 'model.std' is 0; expected a nonzero standard deviation")
+    data = check_field(config, "data", "object", where, error=RunError, default={}, nullable=True) or {}
+    for key in ("name", "kind", "directory", "file"):
+        check_field(data, key, "str", where, error=RunError, default=None, label=f"data.{key}")
+    names = check_field(data, "class_names", "list", where, error=RunError, default=None, label="data.class_names")
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise RunError(f"{where}: field 'data.class_names' is not a list of strings")
+    return model
 
 
 def load_run(path: str | Path) -> Run:
@@ -116,10 +184,11 @@ def load_run(path: str | Path) -> Run:
     if not run.is_dir():
         raise RunError(f"{run}: run directory not found")
     config = _read_json(run / CONFIG)
-    if config.get("kind") not in KINDS:
+    if "kind" in config and config["kind"] not in KINDS:
         raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
+    fields = check_run_config(config, run / CONFIG)
     try:
-        model = CNN(CNNConfig.from_dict(config.get("model", {})))
+        model = CNN(CNNConfig.from_dict(fields))
     except (TypeError, ValueError, MechscopeError) as e:
         raise RunError(f"{run / CONFIG}: invalid model config ({e})") from None
     weights = run / WEIGHTS
@@ -133,7 +202,7 @@ def load_run(path: str | Path) -> Run:
     model.load_state_dict(state)
     model.eval()
     metrics = _read_json(run / METRICS) if (run / METRICS).exists() else {}
-    return Run(run, model, config, metrics)
+    return Run(run, model, config, metrics, weights_hash(model))
 
 
 def _check_state(weights: Path, expected: dict, state: dict) -> None:
@@ -151,6 +220,17 @@ def _check_state(weights: Path, expected: dict, state: dict) -> None:
             if part
         )
         raise RunError(f"{weights}: weights of another architecture ({detail})")
+    for k in sorted(state):
+        t = state[k]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n = int((~torch.isfinite(t)).sum())
+            kinds = "NaN" if torch.isnan(t).any() else "infinite values"
+            raise RunError(
+                f"{weights}: tensor {k} holds {n} non-finite value(s) ({kinds}); a diverged run or a corrupt file"
+            )
+        if t.dtype != expected[k].dtype:
+            raise RunError(f"{weights}: tensor {k} is {str(t.dtype).removeprefix('torch.')}; "
+                           f"expected {str(expected[k].dtype).removeprefix('torch.')}")  # fmt: skip
 
 
 def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_names=None):
@@ -160,8 +240,10 @@ def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_nam
     is taken from where the run recorded it unless ``data_dir`` / ``dataset`` says otherwise.
     """
     from mechscope.data.images import check_recorded, load_dataset
+    from mechscope.errors import DataError
 
     recorded = run.data
+    from_record = dataset is None
     if dataset is None:
         kind = recorded.get("kind")
         if kind == "idx":
@@ -171,7 +253,12 @@ def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_nam
         else:
             dataset = recorded.get("name", "mnist")
     names = class_names if class_names is not None else recorded.get("class_names")
-    data = load_dataset(dataset, data_dir, names)
+    try:
+        data = load_dataset(dataset, data_dir, names)
+    except DataError as e:
+        if from_record and str(run.path) not in str(e):  # say where the dataset's name came from
+            raise DataError(f"{run.path / CONFIG}: the data it records: {e}") from None
+        raise
     check_recorded(data, recorded)
     if data.shape != run.model.input_shape:
         raise RunError(

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,13 +103,20 @@ class Tokenizer:
     @classmethod
     def from_gpt2_files(cls, vocab_file: str | Path, merges_file: str | Path) -> Tokenizer:
         """OpenAI's encoder.json + vocab.bpe, or Hugging Face's vocab.json + merges.txt."""
+        from mechscope.validate import read_json_object
+
+        vocab = read_json_object(Path(vocab_file), "tokenizer vocabulary (vocab.json: token -> id)")
+        bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+        if bad is not None:
+            raise MechscopeError(f"{vocab_file}: field {bad!r} is {vocab[bad]!r}; expected a token id (an integer ≥ 0)")
         try:
-            vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
-            lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(merges_file).read_bytes().decode("utf-8").splitlines()
         except FileNotFoundError as e:
             raise MechscopeError(f"{e.filename}: tokenizer file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MechscopeError(f"{vocab_file}: corrupt tokenizer file ({e})") from None
+        except UnicodeDecodeError as e:
+            raise MechscopeError(f"{merges_file}: not UTF-8 text (byte {e.start}); expected BPE merges") from None
+        except OSError as e:
+            raise MechscopeError(f"{merges_file}: cannot read ({e.strerror or e})") from None
         merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
         if any(len(m) != 2 for m in merges):
             raise MechscopeError(f"{merges_file}: expected one merge 'a b' per line")
@@ -160,13 +166,28 @@ class Tokenizer:
             raise MechscopeError(f"unsupported GGUF tokenizer {kind!r}; supported: gpt2 (byte-level BPE)")
         spelling = bytes_to_unicode()
         alphabet = set(spelling.values())
-        tokens = meta["tokenizer.ggml.tokens"]
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise MechscopeError("GGUF metadata key tokenizer.ggml.tokens: expected a non-empty list of strings")
+        merge_list = meta.get("tokenizer.ggml.merges", [])
+        if not isinstance(merge_list, list) or not all(isinstance(m, str) and " " in m for m in merge_list):
+            raise MechscopeError("GGUF metadata key tokenizer.ggml.merges: expected a list of strings 'a b'")
+        types = meta.get("tokenizer.ggml.token_type")
+        if types is not None and not (isinstance(types, list) and all(isinstance(t, int) for t in types)):
+            raise MechscopeError("GGUF metadata key tokenizer.ggml.token_type: expected a list of integers")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            v = meta.get(key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)):
+                raise MechscopeError(f"GGUF metadata key {key} is {v!r}; expected a token id 0..{len(tokens) - 1}")
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre is not None and not isinstance(pre, str):
+            raise MechscopeError(f"GGUF metadata key tokenizer.ggml.pre is {pre!r}; expected a string")
         vocab = {}
         for i, tok in enumerate(tokens):
             spelled = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
             vocab.setdefault(spelled, i)
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in merge_list]
+        types = types or [1] * len(tokens)
         specials = [t for t, ty in zip(tokens, types, strict=False) if ty == 3 and set(t) <= alphabet]  # 3: control
         return cls._byte_level_bpe(
             vocab,
@@ -180,13 +201,11 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    from mechscope.validate import read_json_object
+
+    if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MechscopeError(f"{path}: corrupt JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, path.name)
 
 
 def _special_id(tok: Tokenizer, from_config, token, fallback) -> int | None:

@@ -81,13 +81,15 @@ def inspect(
     from mechscope.models.transformer import describe
 
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
+    cache = {}
+    if hook:  # before any output: a hook that does not fire for this model is an error, not an empty answer
+        ids = tok.encode(prompt) if tok else list(range(1, 9))
+        _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
     for key, value in describe(m).items():
         typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
     typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
     typer.echo("hook points: " + describe_names(hook_points(m)))
     if hook:
-        ids = tok.encode(prompt) if tok else list(range(1, 9))
-        _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
         for name, act in cache.items():
             typer.echo(f"{name}: shape {list(act.shape)}, mean {act.float().mean():+.4f}, std {act.float().std():.4f}")
 

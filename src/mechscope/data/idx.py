@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{source}: IDX header cut short ({len(data)} bytes)")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python integers: four uint32 sizes overflow numpy's int64
     if len(data) - header != expected:
         raise DataError(
             f"{source}: IDX header says shape {tuple(shape)} ({expected} bytes of data) "

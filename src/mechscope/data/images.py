@@ -81,9 +81,21 @@ class ImageDataset:
 # ---- checks shared by every source ---------------------------------------------------------
 
 
+def _numeric(a, source: str, what: str) -> np.ndarray:
+    """A numpy array torch can hold: integers other than uint8 as int64 (range-checked), floats as they are."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {what} of type {a.dtype}; expected numbers")
+    if a.dtype.kind in "iu" and a.dtype != np.uint8:
+        if a.size and (int(a.min()) < -(2**63) or int(a.max()) >= 2**63):
+            raise DataError(f"{source}: {what} hold values beyond 64-bit integers")
+        a = a.astype(np.int64)
+    return a
+
+
 def as_nchw(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
     """Images [N, H, W], [N, H, W, C] or [N, C, H, W] (C 1 or 3, square) -> [N, C, H, W] uint8 or float32."""
-    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    x = torch.as_tensor(_numeric(x, source, "images")) if not isinstance(x, torch.Tensor) else x
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4:
@@ -94,15 +106,28 @@ def as_nchw(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     else:
         raise DataError(f"{source}: images shaped {list(x.shape)}; expected square images with 1 or 3 channels")
-    if x.dtype == torch.uint8 or x.is_floating_point():
-        return x.contiguous() if x.dtype == torch.uint8 else x.float().contiguous()
+    if x.is_floating_point() or x.is_complex():
+        if x.is_complex():
+            raise DataError(f"{source}: complex images ({x.dtype}); expected real pixel values")
+        x = x.float()
+        finite = torch.isfinite(x)
+        if not finite.all():
+            bad = (~finite).nonzero()[0].tolist()
+            value = float(x[tuple(bad)])
+            raise DataError(
+                f"{source}: {int((~finite).sum())} pixel(s) not finite ({value} in image {bad[0]}); "
+                "expected finite pixel values"
+            )
+        return x.contiguous()
+    if x.dtype == torch.uint8:
+        return x.contiguous()
     if x.dtype in (torch.bool,) or x.min() < 0 or x.max() > 255:
         raise DataError(f"{source}: integer images must hold values 0-255, got {x.dtype}")
     return x.to(torch.uint8).contiguous()
 
 
 def as_labels(y, source: str) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    y = torch.as_tensor(_numeric(y, source, "labels")) if not isinstance(y, torch.Tensor) else y
     if y.dim() != 1:
         raise DataError(f"{source}: labels shaped {list(y.shape)}; expected one integer label per image")
     if y.is_floating_point():
@@ -266,12 +291,22 @@ def load_npz(path, class_names=None) -> ImageDataset:
         raise DataError(f"{p}: file not found")
     try:
         with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise DataError(f"{p}: a single .npy array, not a .npz archive of {', '.join(NPZ_KEYS)}")
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
                 raise DataError(f"{p}: missing {', '.join(missing)}; a .npz dataset holds {', '.join(NPZ_KEYS)}")
             arrays = {k: z[k] for k in NPZ_KEYS}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from None
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{p}: an array's header asks for more memory than there is (corrupt file?)") from None
+    except Exception as e:  # numpy and zipfile raise many types for a corrupt archive (BadZipFile, EOFError, ...)
+        detail = " ".join(str(e).split())[:200]
+        raise DataError(f"{p}: not a readable .npz file ({type(e).__name__}: {detail})") from None
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{p}: {k} holds {a.dtype} values; expected numbers (images uint8 or float)")
     source = {"kind": "npz", "file": str(p), "sha256": sha256sum(p)}
     return make_dataset(p.stem, *(arrays[k] for k in NPZ_KEYS), class_names, source, where=str(p))
 

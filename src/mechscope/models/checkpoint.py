@@ -141,14 +141,23 @@ class LazyState(Mapping):
     :class:`PartialState`); ``name in state`` tells what the file holds. Nothing is cached.
     """
 
-    def __init__(self, readers: dict[str, tuple[Callable, Callable]], convert=lambda t: t) -> None:
+    def __init__(
+        self, readers: dict[str, tuple[Callable, Callable]], convert=lambda t: t, used: set | None = None, names=None
+    ) -> None:
         self._readers, self._convert = readers, convert
+        self.used = used if used is not None else set()  # the file's names asked for (shared with renamed views)
+        self._names = names or {k: k for k in readers}  # our name -> the file's name
 
     def __getitem__(self, key: str):
         if key not in self._readers:
             return MissingTensor(key)
+        self.used.add(self._names[key])
         read, meta = self._readers[key]
         return DeferredTensor(lambda: self._convert(read()), lambda: self._convert(meta()))
+
+    def unused(self) -> list[str]:
+        """The file's tensors no converter asked for (a checkpoint must match its config exactly)."""
+        return sorted(set(self._names.values()) - self.used)
 
     def __contains__(self, key) -> bool:
         return key in self._readers
@@ -160,7 +169,8 @@ class LazyState(Mapping):
         return len(self._readers)
 
     def renamed(self, rename: Callable[[str], str]) -> LazyState:
-        return LazyState({rename(k): r for k, r in self._readers.items()}, self._convert)
+        names = {rename(k): self._names[k] for k in self._readers}
+        return LazyState({rename(k): r for k, r in self._readers.items()}, self._convert, self.used, names)
 
 
 def strip_prefix(state, prefix: str):
@@ -171,32 +181,74 @@ def strip_prefix(state, prefix: str):
 
 
 def _safetensors_readers(path: Path) -> dict[str, tuple[Callable, Callable]]:
-    """A reader per tensor of a safetensors file (header checked against the file's size)."""
-    size = path.stat().st_size
+    """A reader per tensor of a safetensors file, every header field checked against the file.
+
+    Header: a u64 length, then a JSON object ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``
+    (and an optional ``__metadata__`` of strings); offsets count from the end of the header and every
+    tensor's bytes must lie inside the file and match its dtype and shape.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise MechscopeError(f"{path}: {size} bytes, too short for a safetensors file (8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise MechscopeError(f"{path}: corrupt or unreadable weights ({type(e).__name__}: {e})") from None
+                raise MechscopeError(
+                    f"{path}: header length {n} runs past the file's end ({size} bytes); truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise MechscopeError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MechscopeError(f"{path}: corrupt safetensors header (not JSON: {type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise MechscopeError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}; expected an object)")
     start = 8 + n
     readers = {}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise MechscopeError(f"{path}: safetensors field '__metadata__' must map strings to strings")
             continue
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MechscopeError(f"{path}: corrupt or unreadable weights (tensor {name}: {info!r})") from None
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise MechscopeError(f"{where}: header entry is {type(info).__name__}; expected an object")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+            raise MechscopeError(
+                f"{where}: field 'dtype' is {dtype_name!r}; expected one of {', '.join(SAFETENSORS_DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(_count(s) for s in shape):
+            raise MechscopeError(f"{where}: field 'shape' is {shape!r}; expected a list of sizes ≥ 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+            raise MechscopeError(f"{where}: field 'data_offsets' is {offsets!r}; expected [begin, end]")
+        dtype, (begin, end) = SAFETENSORS_DTYPES[dtype_name], offsets
         numel = 1
         for s in shape:
             numel *= s
-        if start + end > size or end - begin != numel * dtype.itemsize:
-            raise MechscopeError(f"{path}: corrupt or unreadable weights (tensor {name} runs past the file's end)")
+        if begin > end or end - begin != numel * dtype.itemsize:
+            raise MechscopeError(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes; shape {shape} in {dtype_name} "
+                f"needs {numel * dtype.itemsize}"
+            )
+        if start + end > size:
+            raise MechscopeError(f"{where}: runs past the file's end ({start + end} > {size} bytes; truncated?)")
+        spans.append((begin, end, name))
         readers[name] = (_reader(path, start + begin, dtype, tuple(shape), numel), _meta(dtype, tuple(shape)))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise MechscopeError(f"{path}: tensors {a} and {b} overlap in the file (corrupt header)")
     return readers
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
 
 
 def _meta(dtype: torch.dtype, shape: tuple[int, ...]):
@@ -255,14 +307,45 @@ def open_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, dev
     Integer and boolean tensors keep their dtype; ``dtype=None`` keeps the file's.
     """
     readers: dict[str, tuple[Callable, Callable]] = {}
-    for path in weight_files(Path(directory)):
-        readers.update(_safetensors_readers(path) if path.suffix == ".safetensors" else _bin_readers(path))
+    origin: dict[str, Path] = {}
+    files = weight_files(Path(directory))
+    for path in files:
+        found = _safetensors_readers(path) if path.suffix == ".safetensors" else _bin_readers(path)
+        for name in found:
+            if name in origin:
+                raise MechscopeError(f"{path}: tensor {name} is in {origin[name].name} too (shards overlap)")
+            origin[name] = path
+        readers.update(found)
+    _check_index(Path(directory), files, origin)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
         return t.to(device="meta" if t.is_meta else device, dtype=target)
 
     return LazyState(readers, convert)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _check_index(directory: Path, files: list[Path], origin: dict[str, Path]) -> None:
+    """A sharded checkpoint's index: every tensor it names in the shard it names, and no other."""
+    path = directory / INDEX
+    if not path.exists() or len(files) < 2:
+        return
+    from mechscope.validate import field, read_json_object
+
+    weight_map = field(read_json_object(path, "safetensors index"), "weight_map", "object", path)
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise MechscopeError(f"{path}: field 'weight_map.{name}' is {file!r}; expected a shard's file name")
+        if name not in origin:
+            raise MechscopeError(f"{path}: names tensor {name}, which no shard holds (a shard missing or cut?)")
+        if origin[name].name != file:
+            raise MechscopeError(f"{path}: puts tensor {name} in {file}; it is in {origin[name].name}")
+    unlisted = sorted(set(origin) - set(weight_map))
+    if unlisted:
+        raise MechscopeError(f"{path}: does not list tensor {unlisted[0]} (in {origin[unlisted[0]].name})")
 
 
 def read_state_dict(directory: Path) -> StateDict:

@@ -66,7 +66,7 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             v = self.take(_SCALARS[vtype][0])
             return bool(v) if vtype == 7 else v
@@ -75,11 +75,23 @@ class _Cursor:
         if vtype == _ARRAY:
             itype, n = self.take("<I"), self.take("<Q")
             if itype in _SCALARS:
+                size = np.dtype(_SCALARS[itype][1]).itemsize
+                if self.pos + n * size > len(self.buf):
+                    raise MechscopeError(
+                        f"{self.path}: GGUF array of {n} values runs past the end of the file (truncated or corrupt)"
+                    )
                 arr = np.frombuffer(self.buf, dtype=_SCALARS[itype][1], count=n, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
-            return [self.value(itype) for _ in range(n)]
+            if depth >= 4 or itype not in (_STRING, _ARRAY):
+                raise MechscopeError(f"{self.path}: GGUF array of unknown value type {itype} (corrupt file?)")
+            if n > len(self.buf) - self.pos:  # every item takes at least one byte
+                raise MechscopeError(f"{self.path}: GGUF array of {n} items runs past the end of the file")
+            return [self.value(itype, depth + 1) for _ in range(n)]
         raise MechscopeError(f"{self.path}: unknown GGUF value type {vtype} (corrupt file?)")
+
+
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 
 
 class GGUFFile:
@@ -101,32 +113,57 @@ class GGUFFile:
         cur.pos = 4
         version, n_tensors, n_kv = cur.take("<I"), cur.take("<Q"), cur.take("<Q")
         if version not in (2, 3):
-            raise MechscopeError(f"{path}: unsupported GGUF version {version}")
+            raise MechscopeError(f"{path}: unsupported GGUF version {version}; expected 2 or 3")
+        if n_kv * 13 > len(data) or n_tensors * 24 > len(data):  # the smallest entry of each takes 13 / 24 bytes
+            raise MechscopeError(
+                f"{path}: GGUF header counts {n_kv} metadata entries and {n_tensors} tensors, more than "
+                f"{len(data)} bytes can hold (corrupt file?)"
+            )
         meta = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in meta:
+                raise MechscopeError(f"{path}: GGUF metadata key {key} appears twice (corrupt file?)")
             meta[key] = cur.value(cur.take("<I"))
         tensors = {}
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.take("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise MechscopeError(f"{path}: tensor {name} has {n_dims} dimensions; expected 1 to {MAX_DIMS}")
             dims = [cur.take("<Q") for _ in range(n_dims)]
             qtype, offset = cur.take("<I"), cur.take("<Q")
+            if name in tensors:
+                raise MechscopeError(f"{path}: tensor {name} appears twice in the GGUF header (corrupt file?)")
+            if any(not 1 <= d <= len(data) for d in dims):
+                raise MechscopeError(f"{path}: tensor {name} has dimensions {dims}; expected sizes ≥ 1 within the file")
             tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, offset)
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 16 or align & (align - 1):
+            raise MechscopeError(f"{path}: metadata general.alignment is {align!r}; expected a power of two ≤ 65536")
         start = (cur.pos + align - 1) // align * align
         g = cls(path, meta, tensors, data, start)
-        for info in tensors.values():  # a truncated file is caught here, not at first use
-            if start + info.offset + g._nbytes(info) > len(data):
+        for info in tensors.values():  # unknown types and a truncated file are caught here, not at first use
+            nbytes = g._nbytes(info)
+            if start + info.offset + nbytes > len(data):
                 raise MechscopeError(f"{path}: tensor {info.name} runs past the end of the file (truncated?)")
         return g
 
-    @staticmethod
-    def _nbytes(info: TensorInfo) -> int:
+    def _nbytes(self, info: TensorInfo) -> int:
+        """The tensor's size in the file; an unknown type or a row not a whole number of blocks is an error."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(info.qtype)]
-        return int(np.prod(info.shape)) // block * size
+        try:
+            qtype = GGMLQuantizationType(info.qtype)
+            block, size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise MechscopeError(f"{self.path}: tensor {info.name} has unknown type {info.qtype}") from None
+        if info.shape[-1] % block:
+            raise MechscopeError(
+                f"{self.path}: tensor {info.name} has rows of {info.shape[-1]} values; {qtype.name} stores blocks "
+                f"of {block}"
+            )
+        return int(np.prod(info.shape, dtype=object)) // block * size
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor dequantised to float32, in numpy/PyTorch layout."""
@@ -144,11 +181,16 @@ class GGUFFile:
         begin = self._start + info.offset
         raw = self._data[begin : begin + self._nbytes(info)]
         if qtype == GGMLQuantizationType.F32:
-            return np.array(raw.view(np.float32).reshape(info.shape))
-        if qtype == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(info.shape).astype(np.float32)
-        rows = raw.reshape(*info.shape[:-1], info.shape[-1] // block * size)
-        try:
-            return np.ascontiguousarray(dequantize(rows, qtype), dtype=np.float32)
-        except NotImplementedError:
-            raise MechscopeError(f"{self.path}: tensor {name}: quantisation {qtype.name} is not supported") from None
+            out = np.array(raw.view(np.float32).reshape(info.shape))
+        elif qtype == GGMLQuantizationType.F16:
+            out = raw.view(np.float16).reshape(info.shape).astype(np.float32)
+        else:
+            rows = raw.reshape(*info.shape[:-1], info.shape[-1] // block * size)
+            try:
+                out = np.ascontiguousarray(dequantize(rows, qtype), dtype=np.float32)
+            except NotImplementedError:
+                raise MechscopeError(f"{self.path}: tensor {name}: {qtype.name} is not supported") from None
+        if not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).sum())
+            raise MechscopeError(f"{self.path}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity)")
+        return out

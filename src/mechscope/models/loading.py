@@ -21,7 +21,6 @@ on a GPU; ``device_map`` spreads a model over several devices (:mod:`mechscope.m
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -42,6 +41,7 @@ from mechscope.models.checkpoint import (  # noqa: F401  (re-exported: the parti
 )
 from mechscope.models.convert import CONVERTERS  # noqa: F401
 from mechscope.models.convert.common import BOOKKEEPING as _BOOKKEEPING  # noqa: F401
+from mechscope.models.convert.common import LAYER_COUNTS
 from mechscope.models.convert.common import check_fields as _check_fields  # noqa: F401
 from mechscope.models.convert.common import require as _require  # noqa: F401
 from mechscope.models.convert.gguf import GGUF_LLAMA_KEYS, gguf_config, gguf_tensors, unpermute_rope  # noqa: F401
@@ -109,13 +109,54 @@ def _finish(cfg, ours, dtype, device, device_map, options: dict, allow_missing=F
 
 
 def read_config(directory: Path) -> dict:
+    """config.json: a JSON object (UTF-8) whose numeric fields have the types and ranges converters need."""
+    from mechscope.models.convert.common import check_types
+    from mechscope.validate import read_json_object
+
     cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing)")
+    config = read_json_object(cfg_path, "Hugging Face config.json")
+    check_types(config, cfg_path)
+    return config
+
+
+# tensors a checkpoint may hold that carry no weights (attention-mask and rotary buffers saved by older
+# transformers) or a tied copy of the embedding
+_BUFFERS = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+
+
+def check_unused(directory: Path, state: LazyState, cfg: TransformerConfig) -> None:
+    """A checkpoint's tensors must match its config exactly: one that no converter asked for is an error
+    (a config with fewer layers than its weights would otherwise load and ignore the rest)."""
+    unused = [k for k in state.unused() if not _BUFFERS.search(k)]
+    if cfg.tie_embeddings:
+        unused = [k for k in unused if k not in ("lm_head.weight", "embed_out.weight")]
+    if unused:
+        raise MechscopeError(
+            f"{directory}: the weights hold tensors the config does not describe: {_name_list(unused)} "
+            f"(config.json says {cfg.n_layers} layer(s); expected the weights to match it exactly)"
+        )
+
+
+def check_config(cfg: TransformerConfig, where) -> None:
+    """Our config as a converter made it: sizes positive, heads dividing as the model needs."""
+    sizes = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_head": cfg.d_head,
+             "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx}  # fmt: skip
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 2**31:
+            raise MechscopeError(f"{where}: gives {name} = {v!r}; expected a whole number ≥ 1")
+    if cfg.d_mlp is not None and not (isinstance(cfg.d_mlp, int) and 1 <= cfg.d_mlp < 2**31):
+        raise MechscopeError(f"{where}: gives d_mlp = {cfg.d_mlp!r}; expected a whole number ≥ 1")
+    if not 1 <= cfg.kv_heads <= cfg.n_heads or cfg.n_heads % cfg.kv_heads:
+        raise MechscopeError(
+            f"{where}: {cfg.n_heads} attention heads cannot share {cfg.kv_heads} key/value heads "
+            "(expected a divisor of the head count)"
+        )
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MechscopeError(f"{cfg_path}: corrupt JSON ({e})") from None
+        cfg.validate()
+    except MechscopeError as e:
+        raise MechscopeError(f"{where}: {e}") from None
 
 
 def load_hf_dir(
@@ -127,19 +168,36 @@ def load_hf_dir(
     **options,
 ) -> tuple[HookedTransformer, Tokenizer | None]:
     directory = Path(directory)
+    try:
+        return _load_hf_dir(directory, dtype, partial_ok, device, device_map, **options)
+    except MechscopeError as e:  # every error names the model directory
+        if str(directory) in str(e):
+            raise
+        raise type(e)(f"{directory}: {e}") from None
+
+
+def _load_hf_dir(directory: Path, dtype, partial_ok, device, device_map, **options):
     config = read_config(directory)
     kind = config.get("model_type")
-    if kind not in CONVERTERS:
+    if not isinstance(kind, str) or kind not in CONVERTERS:
         raise MechscopeError(
             f"unsupported architecture {kind!r} in {directory / 'config.json'}; supported: {', '.join(CONVERTERS)}"
         )
     state = open_checkpoint(directory, dtype, "cpu" if device_map is not None else device)
+    for key in LAYER_COUNTS:  # every layer has tensors: more layers than tensors is a corrupt config
+        if isinstance(config.get(key), int) and config[key] > len(state):
+            raise MechscopeError(
+                f"{directory / 'config.json'}: field {key!r} is {config[key]}; the weights hold only {len(state)} "
+                "tensors (expected the layer count of the weights)"
+            )
     try:
         cfg, ours = CONVERTERS[kind](config, state)
     except KeyError as e:
         raise MechscopeError(f"{directory / 'config.json'}: no {e.args[0]!r}, which a {kind} model needs") from None
-    except (RuntimeError, ValueError, IndexError) as e:  # a fused tensor that does not split as the config says
-        raise MechscopeError(f"{directory}: weights do not match the config ({e})") from None
+    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:  # e.g. a fused tensor that does not
+        raise MechscopeError(f"{directory}: weights do not match the config ({e})") from None  # split as configured
+    check_config(cfg, directory / "config.json")
+    check_unused(directory, state, cfg)
     absent = sorted({v.name for v in ours.values() if isinstance(v, MissingTensor)})
     if absent and not partial_ok:
         raise MechscopeError(
@@ -163,10 +221,15 @@ def load_gguf(
     from mechscope.models.gguf_file import GGUFFile
 
     path = Path(path)
-    g = GGUFFile.open(path)
-    cfg = gguf_config(g, path)
-    model = _finish(cfg, gguf_tensors(g, cfg), dtype, device, device_map, options)
-    return model, Tokenizer.from_gguf_meta(g.meta)
+    try:
+        g = GGUFFile.open(path)
+        cfg = gguf_config(g, path)
+        model = _finish(cfg, gguf_tensors(g, cfg), dtype, device, device_map, options)
+        return model, Tokenizer.from_gguf_meta(g.meta)
+    except MechscopeError as e:  # every error names the file
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
 
 
 def smollm2_path() -> Path:

@@ -14,7 +14,7 @@ from mechscope.methods.faithfulness import FaithfulnessReport, evaluate_faithful
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
 from mechscope.results import SCHEMA_VERSION, Result, evaluating, plain
-from mechscope.runs import load_run, load_run_data, write_json
+from mechscope.runs import WEIGHTS_KEY, load_run, load_run_data, weights_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def attribute_model(
     chosen, skipped = _methods(methods, spec, layer, ig_steps)
     target = parse_target(target, data.class_names)
     names = data.class_names
+    digest = weights_hash(model)  # recorded, so that explain links these grids only for the same weights
     with atomic_output(out, force) as tmp, evaluating(net):
         idx = select_examples(data.test_labels, max(n, n_faithfulness), data.n_classes)
         x = data.to_float(data.test_images[idx])
@@ -170,7 +171,7 @@ def attribute_model(
             target, layer, tuple(names), tuple(idx[:n]), tuple(labels[:n].tolist()), tuple(pred[:n].tolist()),
             report, completeness, skipped,
         )  # fmt: skip
-        write_json(tmp / "faithfulness.json", result.to_dict())
+        write_json(tmp / "faithfulness.json", {**result.to_dict(), WEIGHTS_KEY: digest})
         deletion = {m.method: m.deletion_curve for m in report.methods} | {"random": report.random_deletion_curve}
         insertion = {m.method: m.insertion_curve for m in report.methods} | {"random": report.random_insertion_curve}
         figures.save(figures.faithfulness_curves(report.fractions, deletion, insertion), tmp / "faithfulness.png")

@@ -30,7 +30,7 @@ from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
 from mechscope.pipelines.blocks import blocks_link
 from mechscope.pipelines.tuning import linked_tuning
-from mechscope.runs import load_run, load_run_data, write_json
+from mechscope.runs import load_run, load_run_data, same_weights, write_json
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def explain_run(run, out=None, settings=None, *, dataset=None, data_dir=None, cl
     loaded = load_run(run)
     data = load_run_data(loaded, dataset, data_dir, class_names)
     out = Path(out) if out is not None else Path(run) / "explain"
-    linked = linked_outputs(Path(run))
+    linked = linked_outputs(Path(run), loaded.weights_sha256)
     linked["blocks"] = blocks_link(Path(run), out, loaded.model)  # RUN/blocks/report.html of these weights
     linked["tuning"] = linked_tuning(Path(run), loaded.model)  # RUN/tuning/tuning.json of these weights
     return explain_model(loaded.model, data, out, settings, run=run, linked=linked, force=force)
@@ -139,11 +139,29 @@ def explain_mnist(run, out=None, digits=None, patch_classes=(8, 3), n_pairs=16, 
     return explain_run(run, out, settings, data_dir=data_dir, force=force)
 
 
-def linked_outputs(run: Path) -> dict:
-    """Outputs of `cnn visualize` and `cnn attribute` in their default places, when present."""
+def _same(json_path: Path, digest: str | None, what: str, linked: dict) -> bool:
+    """Whether the output at ``json_path`` was made from the weights hashed ``digest`` (else a note, and skipped)."""
+    if digest is None:
+        return True
+    try:
+        recorded = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        recorded = None
+    ok, why = same_weights(recorded, digest)
+    if not ok:
+        note = f"{json_path.parent}: not linked ({why})"
+        log.warning("%s", note)
+        linked.setdefault("notes", []).append(note)
+    return ok
+
+
+def linked_outputs(run: Path, digest: str | None = None) -> dict:
+    """Outputs of `cnn visualize` and `cnn attribute` in their default places, when present and, given the
+    weights' ``digest`` (:func:`~mechscope.runs.weights_hash`), made from those weights (others are left
+    out with a note in ``linked["notes"]``)."""
     linked: dict = {"featvis": None, "attribution": None}
     fv = run / "featvis"
-    if (fv / "featvis.json").is_file():
+    if (fv / "featvis.json").is_file() and _same(fv / "featvis.json", digest, "feature visualisations", linked):
         try:
             data = json.loads((fv / "featvis.json").read_text())
             units = {}
@@ -153,14 +171,14 @@ def linked_outputs(run: Path) -> dict:
                 if png.is_file():
                     units[f"{short}_{row['unit']}"] = {"png": png, **row}
             linked["featvis"] = {"dir": fv, "units": units, "summary": data.get("summary", {})}
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
             log.warning("%s: unreadable featvis.json; the report leaves feature visualisation out", fv)
     at = run / "attribution"
-    if (at / "faithfulness.json").is_file():
+    if (at / "faithfulness.json").is_file() and _same(at / "faithfulness.json", digest, "attribution grids", linked):
         try:
             data = json.loads((at / "faithfulness.json").read_text())
             pngs = {p.stem: p for p in sorted(at.glob("*.png"))}
             linked["attribution"] = {"dir": at, "ranking": data.get("ranking", []), "pngs": pngs}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             log.warning("%s: unreadable faithfulness.json; the report leaves attribution out", at)
     return linked

@@ -27,7 +27,9 @@ def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: 
             raise MechscopeError(f"{path}: text file not found")
         log.warning("%s not found: the real-text previous-token score is not measured", path)
         return None
-    ids = torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")[:300_000]))
+    from mechscope.validate import read_text_file
+
+    ids = torch.tensor(tokenizer.encode(read_text_file(path)[:300_000]))
     length = min(protocol.text_len, n_ctx)
     if len(ids) < length + 1:
         raise MechscopeError(f"{path}: {len(ids)} tokens, too short for windows of {length}")
@@ -104,9 +106,9 @@ def train_toy_run(
         path = Path(text_file) if text_file else resolve_data_dir() / "tinyshakespeare" / "input.txt"
         if not path.is_file():
             raise MechscopeError(f"{path}: text file not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise MechscopeError(f"{path}: the text file is empty")
+        from mechscope.validate import read_text_file
+
+        text = read_text_file(path)
     mlp = "" if config.mlp == "none" else f"-{config.mlp}"
     out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L{mlp}"
     check_target(out, force)  # before minutes of training

@@ -68,10 +68,9 @@ def read_text(text_file: str | Path | None) -> tuple[str, str]:
     path = Path(text_file) if text_file else default_text_path()
     if not path.is_file():
         raise MechscopeError(f"{path}: text file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise MechscopeError(f"{path}: the text file is empty")
-    return text, str(path)
+    from mechscope.validate import read_text_file
+
+    return read_text_file(path), str(path)
 
 
 def load_text_model(spec: str, device=None, dtype=None, device_map=None, revision=None) -> TextModel:

@@ -17,7 +17,7 @@ from mechscope.methods.blocks_vis import save_for_blocks
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output
 from mechscope.results import SCHEMA_VERSION, Result, evaluating
-from mechscope.runs import load_run, load_run_data, write_json
+from mechscope.runs import WEIGHTS_KEY, load_run, load_run_data, weights_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def visualize_model(
     spec = walk(model, data.shape)
     net = spec.model
     names, size = _check(spec, layers, units, steps, seed)
+    digest = weights_hash(model)  # recorded, so that explain links these pictures only for the same weights
     with atomic_output(out, force) as tmp, evaluating(net):
         x_test = data.test_float()
         lo, hi = min(0.0, float(x_test.min())), max(1.0, float(x_test.max()))
@@ -96,7 +97,7 @@ def visualize_model(
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),
                                tuple(data.class_names))  # fmt: skip
         save_for_blocks(tmp, model, spec, assign, renders["positive"].images)  # `cnn blocks` reuses these
-        write_json(tmp / "featvis.json", result.to_dict())
+        write_json(tmp / "featvis.json", {**result.to_dict(), WEIGHTS_KEY: digest})
     return Path(out), result
 
 

@@ -169,6 +169,7 @@ def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), ch
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),
         tuning=(linked or {}).get("tuning"),  # RUN/tuning: {"dir", "stale": why not shown or None, "units"}
+        link_notes=(linked or {}).get("notes", []),  # outputs beside the run left out (made from other weights)
         blocks=(linked or {}).get("blocks"),  # relative link to the run's Building Blocks report
         seconds=r.seconds,
     )

@@ -78,6 +78,53 @@ BOOKKEEPING = {
 }
 
 
+# the type and range of every config field a converter reads (checked before any converter runs, so a
+# wrong type or an absurd value is a one-line error naming the field, never a TypeError or a division
+# by zero). kind, lowest, highest, null allowed. Sizes above 2**31 - 1 are taken for corruption.
+_SIZE = ("int", 1, 2**31 - 1, False)
+_OPT_SIZE = ("int", 1, 2**31 - 1, True)
+_EPS = ("number", 0, 1, False)
+_BOOL = ("bool", None, None, True)  # null: the default, as transformers reads it
+FIELD_TYPES: dict[str, tuple] = {
+    **dict.fromkeys(
+        ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "hidden_size", "num_attention_heads",
+         "num_hidden_layers", "intermediate_size", "max_position_embeddings", "ffn_dim", "word_embed_proj_dim",
+         "num_heads", "num_layers", "window_size"), _SIZE),  # fmt: skip
+    **dict.fromkeys(
+        ("n_inner", "num_key_value_heads", "head_dim", "rotary_dim", "sliding_window", "query_pre_attn_scalar",
+         "sliding_window_pattern", "_sliding_window_pattern"), _OPT_SIZE),  # fmt: skip
+    "max_window_layers": ("int", 0, 2**31 - 1, True),
+    **dict.fromkeys(("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"), _EPS),
+    **dict.fromkeys(("rope_theta", "rotary_emb_base", "rope_local_base_freq"), ("number", 1e-9, 1e30, False)),
+    **dict.fromkeys(("partial_rotary_factor", "rotary_pct"), ("number", 1e-9, 1, False)),
+    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping"), ("number", 1e-9, 1e30, True)),
+    **dict.fromkeys(
+        ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
+         "use_parallel_residual", "attention_bias", "mlp_bias", "do_layer_norm_before", "enable_bias",
+         "layer_norm_elementwise_affine", "use_sliding_window", "use_mrope", "_remove_final_layer_norm",
+         "use_bidirectional_attention"), _BOOL),  # fmt: skip
+    **dict.fromkeys(("activation_function", "hidden_act", "hidden_activation"), ("str", None, None, True)),
+    **dict.fromkeys(("layer_types", "attention_layers", "attention_types"), ("list", None, None, True)),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), ("object", None, None, True)),
+    "_name_or_path": ("str", None, None, False),
+}
+LAYER_COUNTS = ("n_layer", "num_hidden_layers", "num_layers")
+
+
+def check_types(config: dict, where) -> None:
+    """Every field in :data:`FIELD_TYPES` that ``config`` holds, of its type and range; token ids too."""
+    from mechscope.validate import field
+
+    for key, (kind, lo, hi, nullable) in FIELD_TYPES.items():
+        if key in config:
+            field(config, key, kind, where, lo=lo, hi=hi, nullable=nullable)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = config.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+            raise MechscopeError(f"{where}: field {key!r} is {v!r}; expected a token id (an integer ≥ 0) or null")
+
+
 def check_fields(config: dict, understood: set[str], family: str) -> None:
     unknown = sorted(set(config) - understood - BOOKKEEPING)
     if unknown:
