@@ -179,16 +179,19 @@ def attach_examples(spec, layers: list[LayerBlocks], x_test: torch.Tensor, k: in
 
 
 def image_flows(spec, layers: list[LayerBlocks], sel: Selection, class_names) -> list[GroupFlow]:
-    """Attribution flows per analysed image, averaged (see :func:`average_flows`)."""
-    per_image = []
+    """Attribution flows per analysed image, averaged (see :func:`average_flows`); group scores divided by
+    ‖V'_h‖² averaged over the images."""
+    per_comps = []
     for i in range(len(sel.images)):
-        acts, comps = {}, {}
+        comps = {}
         for lb in layers:
-            c, h, w = lb.shape
-            rows = lb.groups.spatial[i * h * w : (i + 1) * h * w]
-            acts[lb.stage] = lb.acts[i]
-            comps[lb.stage] = components(rows, lb.groups.directions, lb.shape)
-        per_image.append(flows_for_image(spec, acts, comps, tuple(class_names)))
+            _, h, w = lb.shape
+            comps[lb.stage] = components(lb.groups.spatial[i * h * w : (i + 1) * h * w], lb.groups.directions, lb.shape)
+        per_comps.append(comps)
+    norms = {lb.stage: torch.stack([c[lb.stage].flatten(1).pow(2).sum(1) for c in per_comps]).mean(0)
+             for lb in layers}  # fmt: skip
+    per_image = [flows_for_image(spec, {lb.stage: lb.acts[i] for lb in layers}, comps, tuple(class_names), norms)
+                 for i, comps in enumerate(per_comps)]  # fmt: skip
     return average_flows(per_image, list(sel.labels))
 
 

@@ -19,7 +19,8 @@ The targets f: a logit, or a group of the next layer, read as s_h(b) = ⟨b⁺, 
 with b the next layer's activation (computed from a by the network), b⁺ its positive part (what
 NMF factorised) and V'_h that group's component on the same image: the least-squares
 coefficient of b⁺ on the group, 1 when b⁺ is the group's component alone. A group with no
-component on the image has s_h = 0.
+component on the image has s_h = 0. With several images the divisor is ‖V'_h‖² averaged over
+them, so that an image on which the group is faint does not inflate its attributions.
 """
 
 from __future__ import annotations
@@ -98,26 +99,29 @@ def run_between(spec, start: str, x: torch.Tensor, stop: str | None = None) -> t
     return x
 
 
-def group_scores(b: torch.Tensor, comps: torch.Tensor) -> torch.Tensor:
-    """s_h(b) = ⟨b⁺, V'_h⟩ / ‖V'_h‖² for a batch b [B, C, H, W] and components [k, C, H, W] → [B, k]."""
-    norm = comps.flatten(1).pow(2).sum(1)
+def group_scores(b: torch.Tensor, comps: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """s_h(b) = ⟨b⁺, V'_h⟩ / ‖V'_h‖² for a batch b [B, C, H, W] and components [k, C, H, W] → [B, k]
+    (``norm`` [k]: the divisor instead of ‖V'_h‖²)."""
+    norm = comps.flatten(1).pow(2).sum(1) if norm is None else norm
     dots = torch.einsum("bchw,kchw->bk", b.clamp(min=0), comps)
     return torch.where(norm > 0, dots / norm.clamp(min=1e-30), torch.zeros_like(dots))
 
 
-def flows_for_image(spec, acts: dict, comps: dict, class_names: tuple[str, ...]) -> list[GroupFlow]:
+def flows_for_image(spec, acts: dict, comps: dict, class_names: tuple[str, ...], norms: dict | None = None
+                    ) -> list[GroupFlow]:  # fmt: skip
     """Group → group for each pair of adjacent stages, and last stage → classes, for one image.
 
-    ``acts``: stage name → its hook_out activation [C, H, W]; ``comps``: stage name → its components.
+    ``acts``: stage name → its hook_out activation [C, H, W]; ``comps``: stage name → its components;
+    ``norms``: stage name → the divisors of its group scores (default ‖V'_h‖² on this image).
     """
     stages = spec.stages
     out = []
     with evaluating(spec.model):
         for s, nxt in zip(stages, stages[1:], strict=False):
-            v_next = comps[nxt.name]
+            v_next, n_next = comps[nxt.name], (norms or {}).get(nxt.name)
 
-            def f(x, s=s, nxt=nxt, v_next=v_next):
-                return group_scores(run_between(spec, s.hook_out, x, nxt.hook_out), v_next)
+            def f(x, s=s, nxt=nxt, v_next=v_next, n_next=n_next):
+                return group_scores(run_between(spec, s.hook_out, x, nxt.hook_out), v_next, n_next)
 
             names = tuple(f"{nxt.name} group {h + 1}" for h in range(len(v_next)))
             out.append(group_flow(f, acts[s.name], comps[s.name], s.name, nxt.name, names))
