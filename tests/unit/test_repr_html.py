@@ -304,3 +304,15 @@ def test_cnn_results_render(cnn, tmp_path):
     check_fragment(html)
     assert "conv1.hook_post feature visualisations" in html or "feature visualisations" in html
     assert "<table>" in html
+
+
+def test_neurons_result_renders():
+    from mechscope.methods.neurons import read_neurons, sample_windows
+    from tests.unit.test_neurons import P, constructed_model, zipf_text
+
+    model = constructed_model()
+    tokens = sample_windows(zipf_text(60 * P, seed=1), 60, P, seed=0)
+    sample = {"seed": 0, "source": "Zipf tokens"}  # what lm neurons records
+    r = read_neurons(model, tokens, name="constructed", k=20, sample=sample)
+    html = check_twice(r, images=True)
+    assert "most monosemantic" in html and "<table>" in html
