@@ -121,7 +121,8 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     assert f"{tuned} of 8 units tuned" in line
     # other weights: the link says why, and the report and its summary leave the curves out
     from mechscope.pipelines.tuning import linked_tuning
-    from mechscope.report.microscope import write_report
+    from mechscope.report.html import render
+    from mechscope.report.microscope import report_context
     from mechscope.report.summary import summarise
 
     state = load_file(str(run / "model.safetensors"))
@@ -130,8 +131,9 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     other = linked_tuning(run, load_run(run).model)
     assert "made from other weights" in other["stale"] and "units" not in other
     assert not any(s.startswith("Tuning curves on synthetic stimuli") for s in summarise(result, {"tuning": other}))
-    page = write_report(result, {"tuning": other}, tmp_path / "stale.html").read_text()
-    assert 'alt="tuning curves of ' not in page and "made from other weights" in page
+    context = report_context(result, {"tuning": other}, channels=False)  # the page without its channel sections
+    page = render("microscope.html.j2", tmp_path / "stale.html", **context).read_text()
+    assert "not shown: made from other weights" in page
     # --force makes them again, for the new weights
     code, _, err = run_main(capsys, "cnn", "tuning", "--run", str(run), "--force")
     assert code == 0, err
