@@ -15,7 +15,6 @@ from the same weights (SHA-256 of the state dict, :func:`weights_sha256`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -116,12 +115,10 @@ def distinct(vectors: torch.Tensor, rel: float = 1e-4) -> tuple[torch.Tensor, to
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of the state dict (names and raw bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the state dict: :func:`mechscope.runs.weights_hash`, the project's one weights hash."""
+    from mechscope.runs import weights_hash
+
+    return weights_hash(model)
 
 
 def save_channel_images(path: Path, sha: str, images: dict[str, torch.Tensor]) -> None:
