@@ -70,6 +70,8 @@ def check_fragment(html: str, images: bool = True) -> set[str]:
             if k == "href":
                 assert v.startswith("#" + root + "-"), v
     assert not re.search(r"https?://|cdn\.|require\(|import\s", " ".join(p.scripts))
+    text = re.sub(r"(data:image/png;base64,)[A-Za-z0-9+/=]+", r"\1", html)  # all but the inlined images' bytes
+    assert not re.search(r"https?://|url\(|@import|<link|src=\"(?!data:)", text)  # nothing to fetch from anywhere
     for js in p.scripts:  # every script in its own function scope: no globals shared between renders
         assert js.strip().startswith("(function") and js.strip().endswith("})();")
     srcs = [a["src"] for t, a in p.tags if t == "img"]
