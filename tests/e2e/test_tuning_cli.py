@@ -16,9 +16,8 @@ from tests.e2e.test_cli import assert_one_line_error, run_main
 
 def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
     from mechscope.hooks import run_with_cache
-    from mechscope.methods.blocks_vis import weights_sha256
     from mechscope.methods.stimuli import draw_stimuli
-    from mechscope.runs import load_run
+    from mechscope.runs import load_run, weights_hash
 
     run = tmp_path / "run"
     shutil.copytree(quick_run, run)
@@ -32,7 +31,7 @@ def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
     assert data["stimuli"]["counts"] == {"line": 60, "edge": 120, "curve": 600, "line_end": 120, "corner": 360,
                                          "blob": 30, "ring": 20}  # fmt: skip
     model = load_run(run).model
-    assert data["weights_sha256"] == weights_sha256(model)
+    assert data["weights_sha256"] == weights_hash(model)
     # one unit's recorded curve against the model run by hand on the same stimuli
     stim = draw_stimuli(28, seed=0)
     _, cache = run_with_cache(model, stim.images, names=["conv1.hook_post"])
@@ -94,8 +93,7 @@ def rgb_data(tmp_path_factory):
 def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_data):
     from safetensors.torch import load_file, save_file
 
-    from mechscope.methods.blocks_vis import weights_sha256
-    from mechscope.runs import load_run
+    from mechscope.runs import load_run, weights_hash
 
     run = tmp_path / "run"
     code, _, err = run_main(
@@ -133,9 +131,9 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     assert not any(s.startswith("Tuning curves on synthetic stimuli") for s in summarise(result, {"tuning": other}))
     context = report_context(result, {"tuning": other}, channels=False)  # the page without its channel sections
     page = render("microscope.html.j2", tmp_path / "stale.html", **context).read_text()
-    assert "not shown: made from other weights" in page
+    assert "not shown: it was made from other weights" in page
     # --force makes them again, for the new weights
     code, _, err = run_main(capsys, "cnn", "tuning", "--run", str(run), "--force")
     assert code == 0, err
     recorded = json.loads((run / "tuning" / "tuning.json").read_text())["weights_sha256"]
-    assert recorded == weights_sha256(load_run(run).model)
+    assert recorded == weights_hash(load_run(run).model)

@@ -132,7 +132,7 @@ class TuningResult(Result):
 
     schema: int
     run: str | None
-    weights_sha256: str | None  # of the state dict (blocks_vis.weights_sha256): the microscope checks it
+    weights_sha256: str | None  # runs.weights_hash of the model: the microscope shows only the same weights'
     input_shape: tuple[int, int, int]
     value_range: tuple[float, float]  # stimulus 0 and 1 are drawn as these input values
     stimuli: StimulusSet

@@ -11,12 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.config import check_seed
-from mechscope.methods.blocks_vis import weights_sha256
 from mechscope.methods.stimuli import draw_stimuli
 from mechscope.methods.tuning import TuningResult, dataset_max, tuning
 from mechscope.models.spec import walk
 from mechscope.outputs import atomic_output, check_target, write_json
-from mechscope.runs import load_run, load_run_data
+from mechscope.runs import load_run, load_run_data, same_weights, weights_hash
 
 TUNING_JSON = "tuning.json"
 
@@ -34,7 +33,7 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     spec = walk(model, data.shape)
-    weights = weights or weights_sha256(model)
+    weights = weights or weights_hash(model)
     x = data.test_float()
     value_range = (min(0.0, float(x.min())), max(1.0, float(x.max())))  # [0, 1] pixels unless the data say wider
     with atomic_output(out, force) as tmp:
@@ -67,12 +66,13 @@ def tuning_run(run, out=None, seed: int = 0, *, dataset=None, data_dir=None, cla
     out = Path(out) if out is not None else Path(run) / "tuning"
     check_target(out, force)
     data = load_run_data(loaded, dataset, data_dir, class_names)
-    return tuning_model(loaded.model, data, out, seed, run=run, force=force, progress=progress)
+    return tuning_model(loaded.model, data, out, seed, run=run, weights=loaded.weights_sha256 or None, force=force,
+                        progress=progress)  # fmt: skip
 
 
 def linked_tuning(run: Path, model) -> dict | None:
     """RUN/tuning's results for the microscope report: per unit its figure, label and numbers, when
-    tuning.json was made from ``model``'s weights (the sha256 of its state dict it records); otherwise
+    tuning.json was made from ``model``'s weights (:func:`~mechscope.runs.weights_hash`); otherwise
     ``{"dir", "stale": why}`` so that the report says why it shows none, and None when there is none."""
     import json
     import logging
@@ -85,12 +85,10 @@ def linked_tuning(run: Path, model) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        recorded = data.get("weights_sha256")
-        digest = weights_sha256(model)
-        if recorded != digest:
-            why = "it records no weights hash" if not recorded else f"made from other weights (sha256 {recorded[:12]})"
+        ok, why = same_weights(data, weights_hash(model))
+        if not ok:
             logging.getLogger(__name__).warning("%s: tuning curves not shown: %s", where, why)
-            return {"dir": where, "stale": f"{why}; run `mechscope cnn tuning --run {run} --force` again"}
+            return {"dir": where, "stale": f"{why} (`mechscope cnn tuning --run {run} --force` makes them again)"}
         units = {}
         for stage in data["stages"]:
             for u in stage["units"]:
