@@ -55,6 +55,23 @@ def circuit_totals(result) -> dict | None:
     }  # fmt: skip
 
 
+def cka_matrix_numbers(result) -> list[dict]:
+    """Per stage, from the CKA matrix (each image's channel means): mean CKA between two trained networks, between
+    a network and its random twin, and between this stage of one trained network and the other stages of another."""
+    at = {lab: i for i, lab in enumerate(result.cka_labels)}
+    cka = result.cka.numpy()
+    runs = [r["label"] for r in result.runs]
+    out = []
+    for st in result.stage_names:
+        trained = [cka[at[f"{a} {st}"], at[f"{b} {st}"]] for c in result.trained() for a, b in [(c.a, c.b)]]
+        twin = [cka[at[f"{r} {st}"], at[f"random {r} {st}"]] for r in runs]
+        other = [cka[at[f"{a} {st}"], at[f"{b} {o}"]] for a in runs for b in runs if a != b
+                 for o in result.stage_names if o != st]  # fmt: skip
+        out.append({"stage": st, "trained": float(np.mean(trained)), "random_twin": float(np.mean(twin)),
+                    "other_stages": float(np.mean(other)) if other else float("nan")})  # fmt: skip
+    return out
+
+
 def summary_lines(result) -> list[str]:
     n = len(result.runs)
     acc = ", ".join(f"{r['label']} {r['test_accuracy']:.4f}" for r in result.runs)
@@ -71,14 +88,18 @@ def summary_lines(result) -> list[str]:
             f"{100 * t['share_matched_ge_0.5']:.0f}% of pairs ≥ 0.5 against {100 * b['share_matched_ge_0.5']:.0f}%; "
             f"linear CKA {_range(t['cka'])} against {_range(b['cka'])}."
         )
+    parts = [f"{c['stage']} {c['trained']:.2f} between trained networks, {c['random_twin']:.2f} with the random twin"
+             + (f", {c['other_stages']:.2f} with the other stages" if c["other_stages"] == c["other_stages"] else "")
+             for c in cka_matrix_numbers(result)]  # fmt: skip
+    lines.append("CKA on each image's channel means (the matrix; mean over pairs): " + "; ".join(parts) + ".")
     lines += _width_lines(result)
     ct = circuit_totals(result)
     if ct is not None:
         ratio = ct["observed"] / ct["expected"] if ct["expected"] else float("nan")
         lines.append(
-            f"Class circuits ({ct['stage']}): mapped through the one-to-one matching, {ct['mapped']} circuit channels "
-            f"of the first network of each pair land on {ct['observed']} channels of the second network's circuit for "
-            f"the same class, against {ct['expected']:.1f} expected by chance ({ratio:.1f}×); "
+            f"Class circuits ({ct['stage']}): of the {ct['mapped']} circuit channels of the first network of each "
+            f"pair, mapped through the one-to-one matching, {ct['observed']} land in the second network's circuit "
+            f"for the same class, against {ct['expected']:.1f} expected by chance ({ratio:.1f}×); "
             f"{ct['significant']} of {ct['cases']} class × pair cases have p < 0.05 (hypergeometric)."
         )
     return lines
