@@ -286,7 +286,7 @@ def cnn():
 
 def test_cnn_results_render(cnn, tmp_path):
     model, train, test = cnn
-    r = mechscope.explain(model, train, test, out=None, n_pairs=4)
+    r = mechscope.explain(model, train, test, out=tmp_path / "explain", n_pairs=4)
     html = r._repr_html_()  # once: ids unique across renders is checked on the cheaper results
     check_fragment(html)
     for section in ("Summary", "Overview", "Ablation", "Per-class circuits"):
@@ -301,7 +301,7 @@ def test_cnn_results_render(cnn, tmp_path):
     html = a._repr_html_()
     check_fragment(html)
     assert "saliency attribution grid" in html and "faithfulness curves" in html and "<table>" in html
-    f = mechscope.visualize(model, train, test, out=None, layers=["conv1"], units=[0, 1], steps=4)
+    f = mechscope.visualize(model, train, test, out=tmp_path / "featvis", layers=["conv1"], units=[0, 1], steps=4)
     html = f._repr_html_()
     check_fragment(html)
     assert "conv1.hook_post feature visualisations" in html or "feature visualisations" in html
