@@ -159,3 +159,42 @@ def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
     for d, chosen in found.items():
         assert margin(chosen, d) >= 0
         assert all(margin([c for c in chosen if c != drop], d) < 0 for drop in chosen) or len(chosen) == 1
+
+
+def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
+    import json
+
+    from mechscope.methods import featvis as FV
+    from mechscope.pipelines.universality import featvis_panels
+
+    net, x = _net(2), _images(30)
+    spec = walk(net)
+    maxima = FV.dataset_means_max(net, x, ["conv1.hook_post"])["conv1.hook_post"]
+    fv = tmp_path / "featvis"
+    (fv / "units").mkdir(parents=True)
+    (fv / "units" / "conv1_0.png").write_bytes(b"png")
+    rows = [{"layer": "conv1.hook_post", "unit": u, "dataset_max": float(maxima[u])} for u in range(2)]
+    (fv / "featvis.json").write_text(json.dumps({"units": rows}))
+    assert featvis_panels(fv, spec, x) == {("conv1", 0): fv / "units" / "conv1_0.png"}  # unit 1 has no PNG
+    assert featvis_panels(fv, walk(_net(3)), x) == {}  # other weights: rendered instead
+    assert featvis_panels(tmp_path / "none", spec, x) == {}
+
+
+def test_explain_circuits_reused_only_from_the_same_weights_and_images(tmp_path):
+    import json
+
+    from mechscope.pipelines.universality import _explain_circuits
+
+    means = torch.rand(8, 10)
+    path = tmp_path / "mechanisms.json"
+    m = {
+        "data": {"test_images": 300},
+        "selectivity": [{"stage": "conv2", "class_means": means.tolist()}],
+        "circuits": {"stage": "conv2", "circuits": [{"target": 3, "channels": [5, 1]}]},
+    }
+    path.write_text(json.dumps(m))
+    assert _explain_circuits(path, "conv2", means, 300) == {3: (5, 1)}
+    assert _explain_circuits(path, "conv2", means, 1000) is None  # other test images
+    assert _explain_circuits(path, "conv2", means + 0.1, 300) is None  # other weights
+    path.write_text("{")
+    assert _explain_circuits(path, "conv2", means, 300) is None
