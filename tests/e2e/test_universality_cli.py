@@ -74,9 +74,13 @@ def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
     config = json.loads((quick_run / "config.json").read_text())
     config.pop("kind"), config.pop("model"), config.pop("versions", None)
     save_run(five, CNN(CNNConfig(n_classes=5)), config, {})
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    save_run(deep, CNN(CNNConfig(channels=(4, 4, 4), kernel_size=3, padding=1)), config, {})
     cases = [
         ([str(quick_run), str(fashion)], ("fashion-mnist", "same dataset")),
         ([str(quick_run), str(five)], ("10 classes", "has 5")),
+        ([str(quick_run), str(deep)], ("2 conv stages", "has 3", "same depth")),
         ([str(quick_run)], ("two or more runs",)),
         ([str(quick_run), str(tmp_path / "nope")], ("not found",)),
     ]

@@ -15,7 +15,7 @@ def universality(
     runs: list[Path] = typer.Option(
         ..., "--runs", help="Two or more run directories (same dataset): --runs R1 R2 R3 or --runs R1 --runs R2."
     ),
-    extra: Optional[list[Path]] = typer.Argument(None, hidden=True),
+    extra: Optional[list[Path]] = typer.Argument(None, hidden=True, metavar="MORE_RUNS"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/universality)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use only the first N test images."),
     data_dir: Optional[Path] = DataDir,

@@ -116,7 +116,7 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
 
 
 def check_compatible(loaded) -> None:
-    """Refuse runs trained on different data or with different class counts (one line)."""
+    """Refuse runs trained on different data, with different class counts or depths (one line)."""
     first = loaded[0]
     for r in loaded[1:]:
         a, b = first.data, r.data
@@ -130,6 +130,12 @@ def check_compatible(loaded) -> None:
         ka, kb = first.model.config.n_classes, r.model.config.n_classes
         if ka != kb:
             raise MechscopeError(f"{first.path} has {ka} classes and {r.path} has {kb}; they must be the same")
+        sa, sb = len(first.model.config.channels), len(r.model.config.channels)
+        if sa != sb:
+            raise MechscopeError(
+                f"{first.path} has {sa} conv stages and {r.path} has {sb}; universality compares networks of the "
+                "same depth (widths may differ)"
+            )
 
 
 def run_labels(runs: list[Path]) -> list[str]:
