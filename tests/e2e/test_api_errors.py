@@ -1,0 +1,110 @@
+"""The same user errors through the Python API and the command line: MechscopeError with the same text.
+
+Each row gives a bad input once to a ``mechscope`` API function and once to the command, and checks that
+the API raises :class:`MechscopeError` whose text is exactly what the command prints after
+``mechscope: error:`` (the CLI only adds the prefix and joins whitespace).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mechscope
+from mechscope.cli import error_line, main
+from mechscope.errors import MechscopeError
+from tests.fuzz import builders as B
+
+
+def cli_line(capsys, *args) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+def api_line(fn) -> str:
+    with pytest.raises(MechscopeError) as e:
+        fn()
+    return error_line(e.value)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    w = tmp_path_factory.mktemp("api")
+    npz = B.write_npz(w / "data.npz")
+    run = B.write_run(w / "run", npz)
+    bad_run = w / "bad_run"
+    shutil.copytree(run, bad_run)
+    cfg = json.loads((bad_run / "config.json").read_text())
+    cfg["model"] = None
+    (bad_run / "config.json").write_text(json.dumps(cfg))
+    hf = B.write_hf_dir(w / "hf")
+    nhead0 = w / "hf_nhead0"
+    shutil.copytree(hf, nhead0)
+    (nhead0 / "config.json").write_text(json.dumps(B.gpt2_config() | {"n_head": 0}))
+    arrays = B.image_arrays()
+    arrays["x_test"] = arrays["x_test"].astype(np.float32) / 255
+    arrays["x_test"][3, 1, 1] = np.inf
+    np.savez(w / "inf.npz", **arrays)
+    return {"w": w, "npz": npz, "run": run, "bad_run": bad_run, "hf": hf, "nhead0": nhead0, "inf": w / "inf.npz"}
+
+
+def test_run_config_error(inputs, capsys):
+    api = api_line(lambda: mechscope.load_run(inputs["bad_run"]))
+    assert api == cli_line(capsys, "cnn", "evaluate", "--run", inputs["bad_run"])
+    assert "field 'model' is null; expected a JSON object" in api
+
+
+def test_hf_config_error(inputs, capsys):
+    api = api_line(lambda: mechscope.lm.load_model(inputs["nhead0"], device="cpu"))
+    assert api == cli_line(capsys, "lm", "inspect", "--model", inputs["nhead0"], "--device", "cpu")
+    assert "field 'n_head' is 0" in api
+
+
+def test_hook_that_does_not_fire(inputs, capsys):
+    model, tok = mechscope.lm.load_model(inputs["hf"], device="cpu")
+    ids = torch.tensor([tok.encode("the")])
+    api = api_line(lambda: mechscope.run_with_cache(model, ids, names=["blocks.0.attn.hook_rot_q"]))
+    hook = ["--hook", "blocks.0.attn.hook_rot_q", "--prompt", "the", "--device", "cpu"]
+    assert api == cli_line(capsys, "lm", "inspect", "--model", inputs["hf"], *hook)
+
+
+def test_attribute_n_beyond_the_test_set(inputs, capsys, tmp_path):
+    run = mechscope.load_run(inputs["run"])
+    api = api_line(lambda: mechscope.attribute(run.model, inputs["npz"], out=tmp_path / "a", n=10_000))
+    assert api == cli_line(capsys, "cnn", "attribute", "--run", inputs["run"], "--n", "10000", "--out", tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_non_finite_pixel(inputs, capsys, tmp_path):
+    run = mechscope.load_run(inputs["run"])
+    api = api_line(lambda: mechscope.attribute(run.model, inputs["inf"], out=tmp_path / "a"))
+    cli = cli_line(
+        capsys, "cnn", "attribute", "--run", inputs["run"], "--dataset", inputs["inf"], "--out", tmp_path / "c"
+    )
+    assert api == cli and "not finite" in api
+    x = torch.rand(8, 1, 8, 8)
+    x[0, 0, 0, 0] = float("inf")
+    y = torch.arange(8) % 3
+    tensors = api_line(lambda: mechscope.attribute(run.model, (x, y), (x, y), out=tmp_path / "t"))
+    assert "not finite" in tensors
+
+
+def test_visualize_bad_steps(inputs, capsys, tmp_path):
+    run = mechscope.load_run(inputs["run"])
+    api = api_line(lambda: mechscope.visualize(run.model, inputs["npz"], out=tmp_path / "v", steps=0))
+    assert api == cli_line(capsys, "cnn", "visualize", "--run", inputs["run"], "--steps", "0", "--out", tmp_path / "v")
+
+
+def test_explain_unknown_class(inputs, capsys, tmp_path):
+    run = mechscope.load_run(inputs["run"])
+    api = api_line(lambda: mechscope.explain(run.model, inputs["npz"], out=tmp_path / "e", classes=[7]))
+    assert api == cli_line(capsys, "cnn", "explain", "--run", inputs["run"], "--class", "7", "--out", tmp_path / "e")
