@@ -13,7 +13,7 @@ endif
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow lint bench clean notebooks
+.PHONY: setup demo test test-slow test-fuzz lint bench clean notebooks
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# the long fuzz campaign: 10,000 corrupted examples of every input format through the loaders, and a
+# tenth of that through the command line (FUZZ_EXAMPLES=N changes the count; `make test` runs a few dozen)
+test-fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=campaign $(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/fuzz
 
 # JupyterLab (the optional [notebook] extra) on examples/, installed on first use
 notebooks: $(STAMP)

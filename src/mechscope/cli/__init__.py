@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 import warnings
 
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("mechscope: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `mechscope ... | head`: the reader left; stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        sys.exit(141)
     except Exception as e:
         line = error_line(e)
         if line is None:
