@@ -178,6 +178,13 @@ def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
     assert featvis_panels(fv, spec, x) == {("conv1", 0): fv / "units" / "conv1_0.png"}  # unit 1 has no PNG
     assert featvis_panels(fv, walk(_net(3)), x) == {}  # other weights: rendered instead
     assert featvis_panels(tmp_path / "none", spec, x) == {}
+    # with the weights hash cnn visualize records, the hash decides
+    from mechscope.runs import WEIGHTS_KEY, weights_hash
+
+    rows[0]["dataset_max"] = 123.0
+    (fv / "featvis.json").write_text(json.dumps({"units": rows, WEIGHTS_KEY: weights_hash(net)}))
+    assert featvis_panels(fv, spec, x, weights_hash(net)) == {("conv1", 0): fv / "units" / "conv1_0.png"}
+    assert featvis_panels(fv, spec, x, weights_hash(_net(3))) == {}
 
 
 def test_explain_circuits_reused_only_from_the_same_weights_and_images(tmp_path):

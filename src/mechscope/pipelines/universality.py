@@ -221,7 +221,7 @@ def unit_images(shown, specs, loaded, labels, data, feats, steps: int) -> tuple[
     vrange = (min(0.0, float(x_all.min())), max(1.0, float(x_all.max())))
     images, sources = {}, {}
     for lab, run in zip(labels, loaded, strict=True):
-        panels = featvis_panels(run.path / "featvis", specs[lab], x_all)
+        panels = featvis_panels(run.path / "featvis", specs[lab], x_all, getattr(run, "weights_sha256", ""))
         todo = sorted(u for u in need[lab] if u not in panels)
         images.update({(lab, *u): ("png", panels[u]) for u in need[lab] if u in panels})
         if todo:
@@ -237,24 +237,31 @@ def unit_images(shown, specs, loaded, labels, data, feats, steps: int) -> tuple[
     return images, sources
 
 
-def featvis_panels(fv: Path, spec, x_all) -> dict:
-    """(stage, unit) -> the unit's panel PNG of `cnn visualize`, when featvis.json's maxima over the test images
-    are this network's (so the panels were made from these weights)."""
+def featvis_panels(fv: Path, spec, x_all, digest: str = "") -> dict:
+    """(stage, unit) -> the unit's panel PNG of `cnn visualize`, when it was made from these weights: by the weights
+    hash featvis.json records, or (older outputs without one) by its maxima over the test images."""
+    from mechscope.runs import WEIGHTS_KEY, same_weights
+
     path = fv / "featvis.json"
     if not path.is_file():
         return {}
     try:
-        rows = [r for r in json.loads(path.read_text())["units"] if r["layer"].startswith("conv")]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        found = json.loads(path.read_text())
+        rows = [r for r in found["units"] if r["layer"].startswith("conv")]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return {}
     layers = sorted({r["layer"] for r in rows})
     if not rows or any(lay not in spec.hook_names() for lay in layers):
         return {}
-    maxima = FV.dataset_means_max(spec.model, x_all, layers)
-    ok = all(abs(float(maxima[r["layer"]][r["unit"]]) - r["dataset_max"]) <= 1e-4 * max(1.0, abs(r["dataset_max"]))
-             for r in rows)  # fmt: skip
+    if digest and WEIGHTS_KEY in found:
+        ok, why = same_weights(found, digest)
+    else:
+        maxima = FV.dataset_means_max(spec.model, x_all, layers)
+        ok = all(abs(float(maxima[r["layer"]][r["unit"]]) - r["dataset_max"]) <= 1e-4 * max(1.0, abs(r["dataset_max"]))
+                 for r in rows)  # fmt: skip
+        why = "its maxima over the test images are another network's"
     if not ok:
-        log.warning("%s: made from other weights; feature visualisations are rendered here", fv)
+        log.warning("%s: not made from these weights (%s); feature visualisations are rendered here", fv, why)
         return {}
     out = {}
     for r in rows:
