@@ -93,7 +93,7 @@ def unit_figure(u) -> Figure:
         g = np.repeat(np.repeat(g, zoom, 0), zoom, 1)
         framed = np.full((g.shape[0] + 2, g.shape[1] + 2, *g.shape[2:]), 0.6, dtype=np.float32)
         framed[1:-1, 1:-1] = g
-        x0 = int(width * (0.755 + 0.125 * k))
+        x0 = int(width - (len(shown) - k) * (framed.shape[1] + 14))  # right-aligned: every panel inside the figure
         fig.figimage(framed if framed.ndim == 3 else np.repeat(framed[..., None], 3, 2), xo=x0, yo=int(0.2 * 216),
                      origin="upper")  # fmt: skip
         fig.text((x0 + framed.shape[1] / 2) / width, 0.8, title, ha="center", fontsize=7)
