@@ -26,7 +26,11 @@ def _png(path):
 
 
 def _fake_linked_outputs(run):
-    """featvis/ and attribution/ as `cnn visualize` and `cnn attribute` leave them (one unit each)."""
+    """featvis/ and attribution/ as `cnn visualize` and `cnn attribute` leave them (one unit each), made from
+    the run's own weights (their hash recorded)."""
+    from mechscope.runs import load_run
+
+    sha = load_run(run).weights_sha256
     (run / "featvis" / "units").mkdir(parents=True)
     _png(run / "featvis" / "units" / "conv2_5.png")
     (run / "featvis" / "featvis.json").write_text(
@@ -34,12 +38,13 @@ def _fake_linked_outputs(run):
             {
                 "summary": {"units": 1, "exceed_dataset_max": 1, "median_ratio_to_dataset_max": 1.3},
                 "units": [{"layer": "conv2.hook_post", "unit": 5, "ratio_to_dataset_max": 1.3}],
+                "weights_sha256": sha,
             }
         )
     )
     (run / "attribution").mkdir()
     _png(run / "attribution" / "saliency.png")
-    (run / "attribution" / "faithfulness.json").write_text(json.dumps({"ranking": ["saliency"]}))
+    (run / "attribution" / "faithfulness.json").write_text(json.dumps({"ranking": ["saliency"], "weights_sha256": sha}))
 
 
 @pytest.fixture(scope="module")
