@@ -10,7 +10,16 @@ from __future__ import annotations
 
 
 class MechscopeError(Exception):
-    """A problem with the user's input, described in one line."""
+    """A problem with the user's input, described in one line.
+
+    The message is made one line here (runs of whitespace, newlines included, become one space), so that
+    the Python API raises the same text the command line prints, whatever a user's file put in it.
+    """
+
+    def __init__(self, *args) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (" ".join(args[0].split()),)
+        super().__init__(*args)
 
 
 class DataError(MechscopeError):
