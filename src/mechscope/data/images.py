@@ -16,6 +16,7 @@ from the training labels (or the class-names file), and every label must be one 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -119,8 +120,8 @@ def as_nchw(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
                 "expected finite pixel values"
             )
         return x.contiguous()
-    if x.dtype == torch.uint8:
-        return x.contiguous()
+    if x.dtype == torch.uint8 or x.numel() == 0:  # no pixels: the split and size checks say what is wrong
+        return x.to(torch.uint8).contiguous()
     if x.dtype in (torch.bool,) or x.min() < 0 or x.max() > 255:
         raise DataError(f"{source}: integer images must hold values 0-255, got {x.dtype}")
     return x.to(torch.uint8).contiguous()
@@ -179,13 +180,15 @@ def _class_names(ys: dict, class_names, where: str) -> tuple[str, ...]:
             raise DataError(
                 f"{where}: test label {int(ys['y_test'].max())} out of range; the training labels are 0..{k - 1}"
             )
-        names = tuple(str(i) for i in range(k))
-    if k < 2 or len(ys["y_train"].unique()) < 2:
+        names = None  # made below, once every class is known to have training images
+    present = set(ys["y_train"].unique().tolist())
+    if k < 2 or len(present) < 2:
         raise DataError(f"{where}: fewer than two classes in the training labels; a classifier needs two or more")
-    absent = sorted(set(range(k)) - set(ys["y_train"].unique().tolist()))
+    # the first classes without training images (at most len(present) + 5 indices looked at, whatever k is)
+    absent = list(itertools.islice((i for i in range(k) if i not in present), 5))
     if absent:
         raise DataError(f"{where}: class(es) {absent[:5]} of 0..{k - 1} have no training images")
-    return names
+    return names if names is not None else tuple(str(i) for i in range(k))
 
 
 def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
@@ -284,12 +287,48 @@ def load_idx_folder(directory, class_names=None) -> ImageDataset:
     )  # fmt: skip
 
 
+def _check_npz_headers(p: Path) -> None:
+    """Each array's header against the bytes the archive holds for it, before numpy allocates what the header
+    says (a corrupt shape would otherwise ask for gigabytes)."""
+    import math
+    import zipfile
+
+    from numpy.lib import format as npf
+
+    if not zipfile.is_zipfile(p):
+        return  # np.load says what it is instead
+    with zipfile.ZipFile(p) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename.removesuffix(".npy")
+            deflated = info.compress_type != zipfile.ZIP_STORED
+            if info.file_size > (info.compress_size * 1100 if deflated else info.compress_size):
+                raise DataError(f"{p}: {name}: the archive's sizes do not agree (corrupt file?)")
+            with zf.open(info) as f:
+                version = npf.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise DataError(f"{p}: {name}: .npy format version {version}; expected 1.0 or 2.0")
+                read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+                shape, _, dtype = read(f, max_header_size=10_000)
+                header = f.tell()
+            if dtype.hasobject:
+                raise DataError(f"{p}: {name} holds Python objects; expected numbers")
+            need = math.prod(shape) * dtype.itemsize
+            if need != info.file_size - header:
+                raise DataError(
+                    f"{p}: {name}: header says shape {list(shape)} of {dtype} ({need:,} bytes) but the archive "
+                    f"holds {info.file_size - header:,}"
+                )
+
+
 def load_npz(path, class_names=None) -> ImageDataset:
     """A .npz with x_train, y_train, x_test, y_test (see the module docstring)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
+        _check_npz_headers(p)
         with np.load(p, allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise DataError(f"{p}: a single .npy array, not a .npz archive of {', '.join(NPZ_KEYS)}")
