@@ -9,6 +9,7 @@ in at most 180 s on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -19,6 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     args = parser.parse_args()
+    load, cpu = os.getloadavg()[0], time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         _, data = induction_heads(args.model, f"{tmp}/heads")
@@ -27,6 +29,8 @@ def main() -> None:
         print(f"{step:<20}{seconds:7.1f} s")
     n_heads = sum(len(row) for row in data["labels"])
     print(f"{'report + JSON':<20}{total - sum(data['seconds'].values()):7.1f} s")
+    print(f"CPU time {time.process_time() - cpu:.0f} s; load average {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores")
     print(f"total {total:.1f} s for {n_heads} heads (target <= 180 s): {'PASS' if total <= 180 else 'FAIL'}")
 
 
