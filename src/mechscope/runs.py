@@ -143,8 +143,8 @@ def check_run_config(config: dict, where: Path) -> dict:
     model = check_field(config, "model", "object", where, error=RunError)
     f = f"{where} model"
 
-    def get(key, kind, **kw):
-        return check_field(model, key, kind, f, error=RunError, default=None, label=f"model.{key}", **kw)
+    def get(key, kind, **kw):  # absent: the default; present: of its type (null is not a value here)
+        return check_field(model, key, kind, f, error=RunError, label=f"model.{key}", **kw) if key in model else None
 
     for key in ("in_channels",):
         get(key, "int", lo=1, hi=MAX_SIZE)
@@ -168,8 +168,10 @@ def check_run_config(config: dict, where: Path) -> dict:
         raise RunError(f"{where}: field 'model.std' is 0; expected a nonzero standard deviation")
     data = check_field(config, "data", "object", where, error=RunError, default={}, nullable=True) or {}
     for key in ("name", "kind", "directory", "file"):
-        check_field(data, key, "str", where, error=RunError, default=None, label=f"data.{key}")
-    names = check_field(data, "class_names", "list", where, error=RunError, default=None, label="data.class_names")
+        if key in data:
+            check_field(data, key, "str", where, error=RunError, label=f"data.{key}")
+    names = check_field(data, "class_names", "list", where, error=RunError, label="data.class_names") if (
+        "class_names" in data) else None  # fmt: skip
     if names is not None and not all(isinstance(n, str) for n in names):
         raise RunError(f"{where}: field 'data.class_names' is not a list of strings")
     return model

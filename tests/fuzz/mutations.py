@@ -4,6 +4,7 @@ headers of IDX, safetensors and GGUF (wrong magic, counts, dtypes, shapes, offse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
@@ -289,23 +290,28 @@ def corrupt_arrays(draw) -> dict:
         a = arrays.get(key)
         if a is None or a.size == 0 or a.ndim == 0:
             continue
-        if op == "dtype":
-            arrays[key] = a.astype(draw(st.sampled_from(ARRAY_DTYPES)))
-        elif op == "shape":
-            shape = draw(st.lists(st.integers(0, 12), min_size=0, max_size=5))
-            arrays[key] = np.zeros(shape, dtype=a.dtype)
-        elif op == "drop":
-            del arrays[key]
-        elif op == "nonfinite":
-            b = a.astype(np.float32)
-            b.flat[draw(st.integers(0, b.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-            arrays[key] = b
-        elif op == "values":
-            b = a.astype(np.int64)
-            b.flat[draw(st.integers(0, b.size - 1))] = draw(st.sampled_from(ABSURD_INTS[:10]))
-            arrays[key] = b
-        elif op == "length":
-            arrays[key] = a[: draw(st.integers(0, len(a)))]
-        else:
-            arrays[draw(st.text(min_size=1, max_size=5))] = a
+        with contextlib.suppress(OverflowError, ValueError, TypeError):  # an op this array cannot take: skipped
+            _array_op(draw, arrays, key, op, a)
     return arrays
+
+
+def _array_op(draw, arrays, key, op, a) -> None:
+    if op == "dtype":
+        arrays[key] = a.astype(draw(st.sampled_from(ARRAY_DTYPES)))
+    elif op == "shape":
+        shape = draw(st.lists(st.integers(0, 12), min_size=0, max_size=5))
+        arrays[key] = np.zeros(shape, dtype=a.dtype)
+    elif op == "drop":
+        del arrays[key]
+    elif op == "nonfinite":
+        b = a.astype(np.float32)
+        b.flat[draw(st.integers(0, b.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        arrays[key] = b
+    elif op == "values":
+        b = a.astype(np.int64)
+        b.flat[draw(st.integers(0, b.size - 1))] = draw(st.sampled_from(ABSURD_INTS[:10]))
+        arrays[key] = b
+    elif op == "length":
+        arrays[key] = a[: draw(st.integers(0, len(a)))]
+    else:
+        arrays[draw(st.text(min_size=1, max_size=5))] = a
