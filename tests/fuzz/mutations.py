@@ -314,4 +314,4 @@ def _array_op(draw, arrays, key, op, a) -> None:
     elif op == "length":
         arrays[key] = a[: draw(st.integers(0, len(a)))]
     else:
-        arrays[draw(st.text(min_size=1, max_size=5))] = a
+        arrays["extra_" + draw(st.text(min_size=1, max_size=5))] = a  # not "file": a keyword of np.savez
