@@ -57,18 +57,23 @@ def sqrt_psd(G: torch.Tensor) -> torch.Tensor:
 
 
 def gram_left(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """(AᵀA)^½ B for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the left."""
-    return (sqrt_psd(A.transpose(-1, -2) @ A) @ B.double()).float()
+    """(AᵀA)^½ B for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the left.
+
+    The d_head-sized Gram matrix and its root in float64, the product with B in float32.
+    """
+    A = A.double()
+    return sqrt_psd(A.transpose(-1, -2) @ A).float() @ B.float()
 
 
 def gram_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """A (B Bᵀ)^½ for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the right."""
-    return (A.double() @ sqrt_psd(B @ B.transpose(-1, -2))).float()
+    B = B.double()
+    return A.float() @ sqrt_psd(B @ B.transpose(-1, -2)).float()
 
 
 def readers(w: AnalysisWeights) -> dict[str, torch.Tensor]:
     """The reading side of every head for each kind: [L, H, D, Dh] (see the module docstring)."""
-    WQ, WK, WV, WO = (t.double() for t in (w.W_Q, w.W_K, w.W_V, w.W_O))
+    WQ, WK, WV, WO = w.W_Q, w.W_K, w.W_V, w.W_O
     return {
         "Q": gram_right(WQ, WK.transpose(-1, -2)),  # W_QK = W_Q W_Kᵀ
         "K": gram_right(WK, WQ.transpose(-1, -2)),  # W_QKᵀ = W_K W_Qᵀ
@@ -85,16 +90,16 @@ def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> di
         if mode not in MODES:
             raise MechscopeError(f"composition mode must be one of Q, K, V, got {mode!r}")
     L, H, D, Dh = w.W_V.shape
-    src = gram_left(w.W_V.double(), w.W_O.double())  # [L, H, Dh, D]
+    src = gram_left(w.W_V, w.W_O)  # [L, H, Dh, D]
     tgt = readers(w)
-    norm_src = src.pow(2).sum((-1, -2)).sqrt()  # ‖W_OV¹‖_F [L, H]
-    norm_tgt = torch.stack([tgt[m].pow(2).sum((-1, -2)).sqrt() for m in modes])  # [M, L, H]
+    norm_src = torch.linalg.vector_norm(src, dim=(-1, -2))  # ‖W_OV¹‖_F [L, H]
+    norm_tgt = torch.stack([torch.linalg.vector_norm(tgt[m], dim=(-1, -2)) for m in modes])  # [M, L, H]
     out = torch.zeros(len(modes), L, H, L, H)
     for lt in range(1, L):
         a = src[:lt].reshape(lt * H * Dh, D)
         b = torch.cat([tgt[m][lt].permute(1, 0, 2).reshape(D, H * Dh) for m in modes], 1)  # [D, M·H·Dh]
         c = (a @ b).view(lt, H, Dh, len(modes), H, Dh)
-        num = c.pow(2).sum((2, 5)).sqrt().permute(2, 0, 1, 3)  # [M, lt, H_src, H_tgt]
+        num = torch.linalg.vector_norm(c, dim=(2, 5)).permute(2, 0, 1, 3)  # [M, lt, H_src, H_tgt]
         denom = norm_src[None, :lt, :, None] * norm_tgt[:, lt][:, None, None, :]
         out[:, :lt, :, lt] = torch.where(denom > 0, num / denom.clamp(min=1e-30), torch.zeros(()))
     return dict(zip(modes, out, strict=True))
