@@ -163,22 +163,15 @@ def run_with_cache(
     points = select(model, names)
     named = names is not None and not callable(names)  # names the caller chose: each must fire
     cache: dict[str, torch.Tensor] = {}
-    fired: list[str] = []
 
     def store(x: torch.Tensor, hook: HookPoint) -> None:
         cache[hook.name] = x if grad else x.detach()
 
-    def seen(x: torch.Tensor, hook: HookPoint) -> None:
-        fired.append(hook.name)
-
-    watch = [(n, seen) for n in hook_points(model) if n not in points] if named else []
-    with hooks(model, fwd=[(n, store) for n in points] + watch), torch.set_grad_enabled(
-        grad and torch.is_grad_enabled()
-    ):
+    with hooks(model, fwd=[(n, store) for n in points]), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         out = model(*args, **kwargs)
     silent = [n for n in points if n not in cache]
-    if named and silent:
-        alive = [n for n in hook_points(model) if n in cache or n in fired]
+    if named and silent:  # only then a second pass with every hook point watched, to name the ones that fire
+        alive = firing_hooks(model, *args, **kwargs)
         raise HookError(
             f"hook point {silent[0]!r} does not fire for this model (it exists but this model never computes it); "
             f"hooks that fire: {describe_names(alive)}"

@@ -48,6 +48,10 @@ def test_cpu_and_disk_split_computes_the_same(name, tiny_family):
     with torch.no_grad(), hooks(whole, fwd=[("blocks.1.attn.hook_z", drop_head)]):
         torch.testing.assert_close(ablated, whole(x), rtol=0, atol=0)
     assert (ablated - logits).abs().max() > 1e-2 and attached_hooks(split) == []
+    # each head's output (computed only when hooked) from an offloaded block: read through o's own forward
+    _, heads = run_with_cache(split, x, names=["blocks.1.attn.hook_result"])
+    _, heads_whole = run_with_cache(whole, x, names=["blocks.1.attn.hook_result"])
+    torch.testing.assert_close(heads["blocks.1.attn.hook_result"], heads_whole["blocks.1.attn.hook_result"])
     ours = split.generate(x[:1, :6], 8, stop_at_eos=False)
     assert torch.equal(ours, whole.generate(x[:1, :6], 8, stop_at_eos=False))
 

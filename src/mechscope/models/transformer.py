@@ -354,9 +354,20 @@ class Attention(nn.Module):
             )
         z = self.hook_z(z.transpose(1, 2))  # [B,P,H,Dh]
         if self.hook_result._forward_hooks:
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # [B,P,H,D]
-            return result.sum(2) + self.b_O
+            result, bias = self.per_head(z)
+            return self.hook_result(result).sum(2) + bias
         return self.o(z.reshape(b, p, cfg.n_heads * cfg.d_head))
+
+    def per_head(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's output [B,P,H,D] and the output bias. Weights offloaded by accelerate (meta outside
+        ``o``'s own forward) are read through one call of ``o``: each head's z alone, and zeros for the bias."""
+        if not self.o.weight.is_meta:
+            return torch.einsum("bphd,hdm->bphm", z, self.W_O), self.b_O
+        H = z.shape[2]
+        eye = torch.eye(H + 1, H, dtype=z.dtype, device=z.device)  # the last row: every head zero
+        out = self.o((eye[:, :, None] * z[:, :, None]).flatten(-2))  # [B,P,H+1,D]
+        bias = out[:, :, H]
+        return out[:, :, :H] - bias[:, :, None], bias
 
 
 class MLP(nn.Module):
