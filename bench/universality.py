@@ -17,7 +17,7 @@ import time
 import torch
 
 from mechscope.config import TrainConfig
-from mechscope.pipelines.neurons import torch_threads
+from mechscope.models.devices import torch_threads
 from mechscope.pipelines.train import train
 from mechscope.pipelines.universality import universality
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.models.devices import torch_threads
 from mechscope.models.folding import AnalysisWeights
 from mechscope.results import Shown
 
@@ -47,12 +48,8 @@ def sqrt_psd(G: torch.Tensor) -> torch.Tensor:
     The eigendecompositions run on one thread: the matrices are d_head-sized, a batch of 270 takes
     0.2 s so, and 6.6 s with two threads when anything else shares a 2-core machine (measured).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         lam, P = torch.linalg.eigh(G.double())
-    finally:
-        torch.set_num_threads(before)
     return (P * lam.clamp(min=0).sqrt()[..., None, :]) @ P.transpose(-1, -2)
 
 

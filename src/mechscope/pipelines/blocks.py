@@ -60,7 +60,7 @@ def blocks_model(model, data, out, *, threads: int = 1, **kw):
     ``threads``: torch threads for the work (one by default: on a small machine anything else is
     using, more threads make these small models many times slower; see ``pipelines.neurons``).
     """
-    from mechscope.pipelines.neurons import torch_threads
+    from mechscope.models.devices import torch_threads
 
     check_settings({**kw, "threads": threads})
     with torch_threads(threads):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from mechscope.config import check_seed
@@ -52,7 +53,6 @@ def induction_heads(
     revision=None,
 ) -> tuple[Path, dict]:
     """Find the induction heads of a model; write heads.json and report.html."""
-    import re
     import time
 
     from mechscope.methods.heads import HeadProtocol, find_induction_heads
@@ -145,6 +145,11 @@ def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revisio
     return model, tok.encode, (lambda i: tok.decode([i])), str(spec)
 
 
+def model_out(command: str, model_spec) -> Path:
+    """A command's default output directory for a model: runs/COMMAND/MODEL (the spec made a safe name)."""
+    return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec).rstrip("/"))
+
+
 def circuits(
     model_spec: str,
     out: str | Path | None = None,
@@ -158,8 +163,6 @@ def circuits(
     revision=None,
 ) -> tuple[Path, dict]:
     """The Mathematical Framework toolkit on one model: circuits.json and report.html."""
-    import re
-
     import torch
 
     from mechscope.errors import MechscopeError
@@ -169,8 +172,7 @@ def circuits(
     from mechscope.report.circuits import write_report
     from mechscope.runs import write_json
 
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec).rstrip("/"))
-    out = Path(out) if out is not None else Path("runs") / "circuits" / name
+    out = Path(out) if out is not None else model_out("circuits", model_spec)
     check_target(out, force)
     model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
     check_heads(model, heads)

@@ -7,9 +7,7 @@ drawn in :mod:`mechscope.report.neurons`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,9 @@ import torch
 
 from mechscope.config import check_seed
 from mechscope.errors import MechscopeError
+from mechscope.models.devices import torch_threads
 from mechscope.outputs import atomic_output, check_target, write_json
+from mechscope.pipelines.lm import model_out
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ def neurons(
     """Every MLP neuron's top contexts and monosemanticity figures: neurons.json and report.html."""
     settings = settings or NeuronSettings()
     settings.validate()
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec).rstrip("/"))
-    out = Path(out) if out is not None else Path("runs") / "neurons" / name
+    out = Path(out) if out is not None else model_out("neurons", model_spec)
     check_target(out, force)
     tm = load_text_model(model_spec, device, dtype, device_map, revision)
     check_neurons_asked(tm.model, settings)
@@ -231,19 +230,6 @@ class CompareSettings:
 
 
 COMPARED = (("GELU", "gelu"), ("SoLU", "solu"))
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run a block with ``n`` torch threads, restored afterwards. One thread: on a 2-core machine that
-    anything else is using, two threads make these small models 10-20 times slower (measured:
-    45 against 900 ms per training step), and one thread is never much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def solu_compare_run(

@@ -36,7 +36,7 @@ def universality(
 ) -> tuple[Path, U.UniversalityResult]:  # fmt: skip
     """Compare the runs (see the module docstring); ``threads`` torch threads (one: these small networks run 10-25
     times faster on a busy 2-core machine with one thread than with two)."""
-    from mechscope.pipelines.neurons import torch_threads
+    from mechscope.models.devices import torch_threads
 
     if threads < 1 or vis_steps < 1:
         raise MechscopeError(f"--threads and --vis-steps must be at least 1, got {threads} and {vis_steps}")
