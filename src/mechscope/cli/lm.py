@@ -129,14 +129,21 @@ def generate(
     typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))
 
 
-def parse_head(text: str) -> tuple[int, int]:
+def parse_pair(text: str, what: str = "head", example: str = "5.1") -> tuple[int, int]:
+    """``LAYER.HEAD`` (or ``LAYER.NEURON``, ...) as two integers; anything else is a one-line error."""
     from mechscope.errors import MechscopeError
 
     try:
-        layer, head = text.split(".")
-        return int(layer), int(head)
+        layer, index = text.split(".")
+        return int(layer), int(index)
     except ValueError:
-        raise MechscopeError(f"expected a head as LAYER.HEAD (for example 5.1), got {text!r}") from None
+        raise MechscopeError(
+            f"expected a {what} as LAYER.{what.upper()} (for example {example}), got {text!r}"
+        ) from None
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    return parse_pair(text, "head", "5.1")
 
 
 @app.command()

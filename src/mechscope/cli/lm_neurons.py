@@ -6,17 +6,11 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.lm import DeviceMapOpt, DeviceOpt, DtypeOpt, RevisionOpt, app
+from mechscope.cli.lm import DeviceMapOpt, DeviceOpt, DtypeOpt, RevisionOpt, app, parse_pair
 
 
 def parse_neuron(text: str) -> tuple[int, int]:
-    from mechscope.errors import MechscopeError
-
-    try:
-        layer, neuron = text.split(".")
-        return int(layer), int(neuron)
-    except ValueError:
-        raise MechscopeError(f"expected a neuron as LAYER.NEURON (for example 0.17), got {text!r}") from None
+    return parse_pair(text, "neuron", "0.17")
 
 
 @app.command()
