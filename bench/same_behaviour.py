@@ -1,0 +1,155 @@
+"""Behaviour unchanged, proven: run the same commands on two versions of mechscope and compare the outputs.
+
+The "before" version is a git revision, checked out into a temporary worktree and run with the same Python
+(its ``src`` first on ``PYTHONPATH``); the "after" version is this checkout. Each side runs, into its own folder:
+
+* ``cnn train`` on the defaults (the weights must be bit-identical, tensor for tensor);
+* ``cnn attribute`` (``faithfulness.json``) and ``cnn explain`` (``mechanisms.json``) on that run;
+* ``lm heads --model smollm2`` (``heads.json``);
+* ``lm circuits`` on ``../shared/data/gpt2-small-partial`` (``circuits.json``).
+
+Then every JSON file is compared field by field, timings aside (``seconds``, ``*_seconds``, library versions and
+paths): numbers must be equal (``--rtol`` 0 by default), and so must every string, list and key.
+
+    python bench/same_behaviour.py --before 4da175b [--work /tmp/same] [--only cnn|lm] [--rtol 0]
+
+A side's outputs already in ``--work`` are reused, so a second call only compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+IGNORED = {"seconds", "train_seconds", "versions", "library_versions", "created", "path", "paths", "run", "out",
+           "data_dir", "folder", "elapsed", "timing", "timings"}  # fmt: skip
+
+
+def commands(side: Path) -> dict[str, list[str]]:
+    run = side / "mnist"
+    return {
+        "train": ["cnn", "train", "--out", str(run), "--force"],
+        "attribute": ["cnn", "attribute", "--run", str(run), "--out", str(side / "attribution"), "--force"],
+        "explain": ["cnn", "explain", "--run", str(run), "--out", str(side / "explain"), "--force"],
+        "heads": ["lm", "heads", "--model", "smollm2", "--out", str(side / "heads"), "--force"],
+        "circuits": ["lm", "circuits", "--model", str(SHARED / "gpt2-small-partial"), "--out",
+                     str(side / "circuits"), "--force"],  # fmt: skip
+    }
+
+
+OUTPUTS = {
+    "train": ["mnist/metrics.json"],
+    "attribute": ["attribution/faithfulness.json"],
+    "explain": ["explain/mechanisms.json"],
+    "heads": ["heads/heads.json"],
+    "circuits": ["circuits/circuits.json"],
+}
+GROUPS = {"cnn": ("train", "attribute", "explain"), "lm": ("heads", "circuits")}
+
+
+def worktree(rev: str, where: Path) -> Path:
+    if not (where / "src" / "mechscope").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True)
+    return where / "src"
+
+
+def run_side(src: Path, side: Path, steps: tuple[str, ...]) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(src))
+    if (SHARED / "mnist").is_dir():
+        env.setdefault("MECHSCOPE_DATA", str(SHARED))
+    side.mkdir(parents=True, exist_ok=True)
+    times = {}
+    for step in steps:
+        if all((side / o).is_file() for o in OUTPUTS[step]):
+            continue
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "mechscope", *commands(side)[step]]
+        print(f"[{side.name}] {' '.join(cmd[2:])}", flush=True)
+        subprocess.run(cmd, env=env, check=True, cwd=side)
+        times[step] = time.perf_counter() - start
+    return times
+
+
+def differences(a, b, where: str = "", rtol: float = 0.0) -> list[str]:
+    """Every place where two JSON values differ (ignored keys aside)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k in IGNORED or k.endswith("_seconds"):
+                continue
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}: only in {'after' if k not in a else 'before'}")
+                continue
+            out += differences(a[k], b[k], f"{where}.{k}", rtol)
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} != {len(b)}"]
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            out += differences(x, y, f"{where}[{i}]", rtol)
+        return out
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        if a == b or (math.isnan(a) and math.isnan(b)):
+            return []
+        if rtol and math.isclose(a, b, rel_tol=rtol, abs_tol=0.0):
+            return []
+        return [f"{where}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{where}: {str(a)[:80]!r} != {str(b)[:80]!r}"]
+
+
+def same_weights(a: Path, b: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    if set(x) != set(y):
+        return [f"model.safetensors: tensors {sorted(set(x) ^ set(y))} differ"]
+    return [f"model.safetensors: {k} differs" for k in sorted(x) if not (x[k].dtype == y[k].dtype and
+            x[k].shape == y[k].shape and bool((x[k] == y[k]).all()))]  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--before", required=True, help="git revision of the version to compare against")
+    p.add_argument("--work", default="/tmp/mechscope-same", help="where both sides write (reused)")
+    p.add_argument("--only", choices=sorted(GROUPS), help="only the CNN or only the LM commands")
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for numbers (default: equal)")
+    p.add_argument("--side", choices=("before", "after"), help="only run one side, compare nothing")
+    args = p.parse_args()
+    work = Path(args.work).absolute()
+    steps = GROUPS[args.only] if args.only else tuple(OUTPUTS)
+    sides = {"before": worktree(args.before, work / "tree-before"), "after": ROOT / "src"}
+    for name, src in sides.items():
+        if args.side in (None, name):
+            times = run_side(src, work / name, steps)
+            if times:
+                print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    if args.side:
+        return 0
+    problems = []
+    if "train" in steps:
+        problems += same_weights(work / "before/mnist/model.safetensors", work / "after/mnist/model.safetensors")
+        print(f"model.safetensors: {'bit-identical' if not problems else 'DIFFERENT'}")
+    for step in steps:
+        for rel in OUTPUTS[step]:
+            a = json.loads((work / "before" / rel).read_text())
+            b = json.loads((work / "after" / rel).read_text())
+            found = differences(a, b, rel, args.rtol)
+            print(f"{rel}: " + ("equal field by field (timings aside)" if not found else f"{len(found)} differences"))
+            problems += found
+    for line in problems[:40]:
+        print("  " + line)
+    print("SAME" if not problems else f"DIFFERENT: {len(problems)} differences")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Typed results: every analysis returns a frozen :class:`Result`; its JSON is ``to_dict()``.
+
+A result is a frozen dataclass that subclasses :class:`Result`. It is never changed after construction
+(``dataclasses.replace`` makes a new one). ``to_dict()`` turns it into plain JSON values: tensors and arrays
+become nested lists, tuples lists, nested results dicts, NaN ``None``; fields declared with
+:func:`figure_data` feed figures only and stay out of the JSON. A result that other commands read back has
+a ``SCHEMA`` (``"mechscope.<kind>/<version>"``), written as the ``schema`` header of its JSON, and
+``from_dict`` / ``load`` rebuild it from the field types.
+
+Rendering is not imported here: ``_repr_html_`` and ``save_html`` look the result's type up in
+:mod:`mechscope.core.show`, where each wing's ``notebook`` module registers its renderers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mechscope.core.errors import RunError
+
+SCHEMA_KEY = "schema"
+
+
+def figure_data(default=None) -> Any:
+    """A field the report draws but the JSON leaves out (large arrays)."""
+    return field(default=default, repr=False, compare=False, metadata={"json": False})
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as JSON values: dataclasses and dicts as dicts, tensors and arrays as lists, NaN as None."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):
+            return obj.to_dict()
+        return {f.name: plain(getattr(obj, f.name)) for f in fields(obj) if f.metadata.get("json", True)}
+    if isinstance(obj, torch.Tensor):
+        return plain(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+class Result:
+    """Base of every public result: a frozen dataclass with ``to_dict``, ``from_dict``, ``load`` and rendering.
+
+    ``SCHEMA`` (a class attribute) names the JSON layout and its version; results nested inside another need
+    none. Subclasses may add derived entries to the JSON with :meth:`json_extras` (ignored by ``from_dict``).
+    """
+
+    SCHEMA: ClassVar[str | None] = None
+
+    # ---- JSON -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        out = {SCHEMA_KEY: self.SCHEMA} if self.SCHEMA else {}
+        out |= {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.metadata.get("json", True)}
+        return out | self.json_extras()
+
+    def json_extras(self) -> dict:
+        """Derived entries written beside the fields (read by people and other tools, not by ``from_dict``)."""
+        return {}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The result ``to_dict`` wrote, rebuilt from the field types (figure-only fields take their defaults)."""
+        if not isinstance(data, dict):
+            raise RunError(f"expected a {cls.__name__} record (a JSON object), got {type(data).__name__}")
+        schema = data.get(SCHEMA_KEY)
+        if cls.SCHEMA and isinstance(schema, str) and schema.split("/")[0] != cls.SCHEMA.split("/")[0]:
+            raise RunError(f"expected a {cls.SCHEMA} record, got {schema}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in fields(cls):
+            if not f.init or not f.metadata.get("json", True) or f.name not in data:
+                continue
+            kwargs[f.name] = _rebuild(hints.get(f.name, Any), data[f.name])
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise RunError(f"not a complete {cls.__name__} record: {e}") from None
+
+    @classmethod
+    def load(cls, path):
+        """The result saved as JSON at ``path`` (a file, or a directory holding ``cls.FILE``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / getattr(cls, "FILE", "result.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"{path}: not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__})") from None
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__}: {e})") from None
+
+    # ---- showing ----------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        from mechscope.core.show import to_html
+
+        return to_html(self)
+
+    def save_html(self, path) -> Path:
+        """Write this result's self-contained HTML report to ``path``; returns the path."""
+        from mechscope.core.show import save_html
+
+        return save_html(self, path)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        """IPython's text beside the HTML: one line (the dataclass repr of a large result runs to megabytes)."""
+        from mechscope.core.show import summary_text
+
+        p.text(summary_text(self))
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # IPython takes the first class in the MRO with _repr_pretty_ *or* __repr__ in its own namespace, and
+        # @dataclass writes a __repr__ into each result class: so each gets _repr_pretty_ in its own too
+        super().__init_subclass__(**kwargs)
+        cls._repr_pretty_ = Result._repr_pretty_
+
+
+def _rebuild(tp: Any, value: Any) -> Any:
+    """``value`` (plain JSON) as the type ``tp`` declares: nested results, tuples, arrays, tensors, floats."""
+    if value is None:
+        if tp is float:
+            return math.nan
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _rebuild(options[0], value) if len(options) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, Result):
+        return tp.from_dict(value)
+    if isinstance(tp, type) and is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _rebuild(hints.get(f.name, Any), value[f.name]) for f in fields(tp) if f.name in value})
+    if tp is np.ndarray:
+        return np.asarray(_nan(value), dtype=float)
+    if tp is torch.Tensor:
+        return torch.tensor(_nan(value))
+    if tp is float:
+        return float(value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_rebuild(args[0], v) for v in value)
+        if args:
+            return tuple(_rebuild(a, v) for a, v in zip(args, value, strict=False))
+        return tuple(value)
+    if origin is list:
+        return [_rebuild(args[0], v) for v in value] if args else list(value)
+    if origin is dict:
+        kt, vt = args if args else (Any, Any)
+        return {_key(kt, k): _rebuild(vt, v) for k, v in value.items()}
+    return value
+
+
+def _key(tp: Any, key: str) -> Any:
+    if tp is int:
+        return int(key)
+    if typing.get_origin(tp) is tuple:
+        return tuple(int(x) for x in str(key).replace(",", ".").split("."))
+    return key
+
+
+def _nan(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_nan(v) for v in value]
+    return math.nan if value is None else value
+
+
+def replace(result, **changes):
+    """A copy of a frozen result with ``changes`` (``dataclasses.replace``; results never change in place)."""
+    return dataclasses.replace(result, **changes)
