@@ -22,17 +22,17 @@ import warnings
 
 import torch
 
-from mechscope.config import TrainConfig
-from mechscope.data.mnist import MNIST, load_mnist
-from mechscope.methods.attribution import IntegratedGradients
-from mechscope.pipelines import train_mnist
-from mechscope.runs import load_run
+from mechscope.cnn.config import TrainConfig
+from mechscope.cnn.data.mnist import MNIST, load_mnist
+from mechscope.cnn.methods.attribution import IntegratedGradients
+from mechscope.cnn.pipelines.train import train
+from mechscope.cnn.runs import load_run
 
 MEMORY_CHILD = """
 import resource, sys, torch
-from mechscope.data.mnist import MNIST, load_mnist
-from mechscope.methods.attribution import IntegratedGradients
-from mechscope.runs import load_run
+from mechscope.cnn.data.mnist import MNIST, load_mnist
+from mechscope.cnn.methods.attribution import IntegratedGradients
+from mechscope.cnn.runs import load_run
 model = load_run(sys.argv[1]).model
 x = MNIST.to_float(load_mnist().test_images[:1000])
 with torch.no_grad():
@@ -66,7 +66,7 @@ def main() -> None:
     run = args.run
     if run is None:
         run = tempfile.mkdtemp() + "/run"
-        train_mnist(run, TrainConfig(epochs=1, train_limit=8192), progress=False)
+        train(run, TrainConfig(epochs=1, train_limit=8192), progress=False)
     model = load_run(run).model
     x = MNIST.to_float(load_mnist().test_images[:64])
     with torch.no_grad():

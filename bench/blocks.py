@@ -15,9 +15,9 @@ import os
 import tempfile
 import time
 
-from mechscope.pipelines.blocks import blocks_run
-from mechscope.pipelines.train import train
-from mechscope.training import keep_freed_memory
+from mechscope.cnn.pipelines.blocks import blocks_run
+from mechscope.cnn.pipelines.train import train
+from mechscope.cnn.training import keep_freed_memory
 
 
 def main() -> None:

@@ -45,9 +45,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from mechscope.methods.composition import all_composition, composition_scores  # noqa: E402
-from mechscope.models.folding import analysis_weights  # noqa: E402
-from mechscope.models.loading import load_model  # noqa: E402
+from mechscope.lm.methods.composition import all_composition, composition_scores  # noqa: E402
+from mechscope.lm.models.folding import analysis_weights  # noqa: E402
+from mechscope.lm.models.loading import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO.parent / "shared" / "data" / "gpt2-small-partial"

@@ -14,10 +14,10 @@ import argparse
 import tempfile
 import time
 
-from mechscope.models.cnn import CNNConfig
-from mechscope.pipelines.explain import explain_run
-from mechscope.pipelines.train import train
-from mechscope.training import keep_freed_memory
+from mechscope.cnn.models.cnn import CNNConfig
+from mechscope.cnn.pipelines.explain import explain_run
+from mechscope.cnn.pipelines.train import train
+from mechscope.cnn.training import keep_freed_memory
 
 THREE_STAGES = CNNConfig(channels=(16, 32, 32), kernel_size=3, padding=1)
 

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from mechscope.config import TrainConfig
-from mechscope.data.mnist import MNIST, load_mnist
-from mechscope.hooks import run_with_cache
-from mechscope.methods import featvis as FV
-from mechscope.pipelines import train_mnist
-from mechscope.runs import load_run
+from mechscope.cnn.config import TrainConfig
+from mechscope.cnn.data.mnist import MNIST, load_mnist
+from mechscope.cnn.methods import featvis as FV
+from mechscope.cnn.pipelines.train import train
+from mechscope.cnn.runs import load_run
+from mechscope.core.hooks import run_with_cache
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     run = args.run
     if run is None:
         run = tempfile.mkdtemp() + "/run"
-        train_mnist(run, TrainConfig(epochs=1, train_limit=8192), progress=False)
+        train(run, TrainConfig(epochs=1, train_limit=8192), progress=False)
     model = load_run(run).model
     layers = ["conv1.hook_post", "conv2.hook_post", "hook_logits"]
     with torch.no_grad():

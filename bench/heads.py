@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from mechscope.pipelines.lm import induction_heads
+from mechscope.lm.pipelines.heads import induction_heads
 
 
 def main() -> None:

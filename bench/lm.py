@@ -41,8 +41,8 @@ CACHE_CHILD = (
     HWM
     + """
 import sys, torch
-from mechscope.hooks import run_with_cache
-from mechscope.models.loading import load_model
+from mechscope.core.hooks import run_with_cache
+from mechscope.lm.models.loading import load_model
 model, _ = load_model(sys.argv[1], device="cpu")
 g = torch.Generator().manual_seed(0)
 x = torch.randint(0, model.cfg.d_vocab, (int(sys.argv[3]), int(sys.argv[4])), generator=g)
@@ -61,7 +61,7 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 which, path, dtype, warm = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4]
 if which == "mechscope":
-    from mechscope.models.loading import load_model
+    from mechscope.lm.models.loading import load_model
     load = lambda p: load_model(p, dtype, device="cpu")[0]
 else:
     import transformers
@@ -109,7 +109,7 @@ def families(args, device="cpu", dtype=torch.float32):
     import transformers
     from tests.parity.families import configs, save_random
 
-    from mechscope.models.loading import load_model
+    from mechscope.lm.models.loading import load_model
 
     label = str(dtype).removeprefix("torch.")
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -188,7 +188,7 @@ def cache_memory(name, spec, hook, batch, seq):
 def smollm2(args):
     import transformers
 
-    from mechscope.models.loading import load_model, smollm2_path
+    from mechscope.lm.models.loading import load_model, smollm2_path
 
     path = smollm2_path()
     t = time.perf_counter()

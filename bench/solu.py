@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from mechscope.pipelines.neurons import CompareSettings, solu_compare_run
+from mechscope.lm.pipelines.neurons import CompareSettings, solu_compare_run
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import platform
 
 import torch
 
-from mechscope.config import TrainConfig
-from mechscope.data.mnist import load_mnist
-from mechscope.models.cnn import n_parameters
-from mechscope.training import keep_freed_memory, train_cnn
+from mechscope.cnn.config import TrainConfig
+from mechscope.cnn.data.mnist import load_mnist
+from mechscope.cnn.training import keep_freed_memory, train_cnn
+from mechscope.core.torch_utils import n_parameters
 
 
 def main() -> None:

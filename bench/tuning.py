@@ -20,7 +20,7 @@ import time
 
 
 def timed_run(run: str, seed: int) -> None:
-    from mechscope.pipelines.tuning import tuning_run
+    from mechscope.cnn.pipelines.tuning import tuning_run
 
     load = os.getloadavg()
     cpu = time.process_time()
@@ -44,11 +44,11 @@ def random_kernels(n: int) -> None:
     import numpy as np
     import torch
 
-    from mechscope.data.images import load_dataset
-    from mechscope.methods.stimuli import draw_stimuli
-    from mechscope.methods.tuning import CV_MAX, dataset_max, tuning
-    from mechscope.models.cnn import CNN
-    from mechscope.models.spec import walk
+    from mechscope.cnn.data.images import load_dataset
+    from mechscope.cnn.methods.stimuli import draw_stimuli
+    from mechscope.cnn.methods.tuning import CV_MAX, dataset_max, tuning
+    from mechscope.cnn.models.cnn import CNN
+    from mechscope.cnn.models.spec import walk
 
     data = load_dataset("mnist")
     x = data.test_float(2000)

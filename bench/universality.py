@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from mechscope.config import TrainConfig
-from mechscope.models.devices import torch_threads
-from mechscope.pipelines.train import train
-from mechscope.pipelines.universality import universality
+from mechscope.cnn.config import TrainConfig
+from mechscope.cnn.pipelines.train import train
+from mechscope.cnn.pipelines.universality import universality
+from mechscope.lm.models.devices import torch_threads
 
 
 def main() -> None:

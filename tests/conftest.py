@@ -37,7 +37,7 @@ def mnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist(mnist_root):
-    from mechscope.data.mnist import load_mnist
+    from mechscope.cnn.data.mnist import load_mnist
 
     return load_mnist(mnist_root, download_missing=False)
 
@@ -56,11 +56,11 @@ def mnist_copy(mnist_root, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def quick_run(mnist_root, tmp_path_factory) -> Path:
     """A run directory from a short training on a subset (a few seconds)."""
-    from mechscope.config import TrainConfig
-    from mechscope.pipelines import train_mnist
+    from mechscope.cnn.config import TrainConfig
+    from mechscope.cnn.pipelines.train import train
 
     out = tmp_path_factory.mktemp("runs") / "quick"
-    train_mnist(
+    train(
         out, TrainConfig(epochs=1, train_limit=4096, batch_size=64, lr=3e-3), data_dir=mnist_root, progress=False
     )
     return out

@@ -1,7 +1,19 @@
-"""mechscope: a workbench for mechanistic interpretability, vision and language in one tool."""
+"""mechscope: a workbench for mechanistic interpretability, vision and language in one tool.
 
-from mechscope.errors import MechscopeError
-from mechscope.hooks import HookPoint, hook_points, hooks, run_with_cache
+The curated API. The package has two wings over a shared core: ``mechscope.cnn`` (train and explain a CNN),
+``mechscope.lm`` (transformers: induction heads, circuits, toy models, neurons) and ``mechscope.core`` (hooks,
+interventions, results, outputs, rendering). Heavy parts import on first use, so ``import mechscope`` is light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import HookPoint, hook_points, hooks, run_with_cache
 
 __version__ = "0.1.0"
 
@@ -17,41 +29,64 @@ __all__ = [
     "load_dataset",
     "load_mnist",
     "lm",
+    "cnn",
     "load_run",
     "run_with_cache",
     "visualize",
     "walk",
 ]
 
+_LAZY = {  # name -> (module, attribute or None for the module itself)
+    "load_run": ("mechscope.cnn.runs", "load_run"),
+    "load_mnist": ("mechscope.cnn.data.mnist", "load_mnist"),
+    "load_dataset": ("mechscope.cnn.data.images", "load_dataset"),
+    "explain": ("mechscope.cnn", "explain"),
+    "attribute": ("mechscope.cnn", "attribute"),
+    "visualize": ("mechscope.cnn", "visualize"),
+    "walk": ("mechscope.cnn.models.spec", "walk"),
+    "attention": ("mechscope.lm", "attention"),
+    "lm": ("mechscope.lm", None),
+    "cnn": ("mechscope.cnn", None),
+}
+
 
 def __getattr__(name: str):
-    # Keep `import mechscope` light: data and run loading import on first use.
-    if name == "load_run":
-        from mechscope.runs import load_run
-
-        return load_run
-    if name == "load_mnist":
-        from mechscope.data.mnist import load_mnist
-
-        return load_mnist
-    if name in ("explain", "attribute", "visualize"):  # the CNN half's Python API
-        from mechscope import api
-
-        return getattr(api, name)
-    if name == "load_dataset":
-        from mechscope.data.images import load_dataset
-
-        return load_dataset
-    if name == "lm":  # the language half's calls: mechscope.lm.load_model, find_induction_heads, ...
-        import importlib
-
-        return importlib.import_module("mechscope.lm")
-    if name == "attention":
-        from mechscope.lm import attention
-
-        return attention
-    if name == "walk":
-        from mechscope.models.spec import walk
-
-        return walk
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        found = importlib.import_module(module)
+        return found if attr is None else getattr(found, attr)
     raise AttributeError(f"module 'mechscope' has no attribute {name!r}")
+
+
+# ---- old import paths the README promised, as aliases of the new modules (no module of their own) ----------
+
+OLD_PATHS = {
+    "mechscope.methods.attribution": "mechscope.cnn.methods.attribution",
+    "mechscope.methods.ablation": "mechscope.core.intervene",
+    "mechscope.models.loading": "mechscope.lm.models.loading",
+    "mechscope.runs": "mechscope.cnn.runs",
+}
+_OLD_PACKAGES = {"mechscope.methods", "mechscope.models"}
+
+
+class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import mechscope.methods.attribution`` (and the other old paths the README showed) gives the module at its
+    new home, the same object, so that classes and functions keep one identity."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name in OLD_PATHS or name in _OLD_PACKAGES:
+            return importlib.util.spec_from_loader(name, self, is_package=name in _OLD_PACKAGES)
+        return None
+
+    def create_module(self, spec):
+        if spec.name in OLD_PATHS:
+            return importlib.import_module(OLD_PATHS[spec.name])
+        return None  # an empty namespace for mechscope.methods / mechscope.models
+
+    def exec_module(self, module):
+        if module.__spec__.name in _OLD_PACKAGES:
+            module.__path__ = []
+
+
+if not any(isinstance(f, _OldPaths) for f in sys.meta_path):
+    sys.meta_path.insert(0, _OldPaths())

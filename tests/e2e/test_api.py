@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import mechscope
-from mechscope.errors import MechscopeError
-from mechscope.hooks import attached_hooks
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import attached_hooks
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.shapes import CLASS_NAMES, splits
 
@@ -140,7 +140,7 @@ def test_attribute_and_visualize_through_the_api(trained, tmp_path):
 
 
 def test_a_dataset_name_or_file_works_too(mnist_root, tmp_path):
-    from mechscope.api import as_dataset
+    from mechscope.cnn import as_dataset
 
     data = as_dataset("mnist", data_dir=mnist_root)
     assert data.name == "mnist" and data.shape == (1, 28, 28) and data.class_names == tuple("0123456789")

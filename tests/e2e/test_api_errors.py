@@ -16,7 +16,7 @@ import torch
 
 import mechscope
 from mechscope.cli import error_line, main
-from mechscope.errors import MechscopeError
+from mechscope.core.errors import MechscopeError
 from tests.fuzz import builders as B
 
 

@@ -42,10 +42,10 @@ def test_blocks_one_image_report_and_json(capsys, quick_run, mnist_root, tmp_pat
 def test_blocks_typical_reuses_channel_pictures_and_explain_links_it(capsys, quick_run, mnist_root, tmp_path):
     import torch
 
-    from mechscope.methods.blocks_vis import save_for_blocks
-    from mechscope.models.spec import walk
-    from mechscope.pipelines.blocks import blocks_link
-    from mechscope.runs import load_run
+    from mechscope.cnn.methods.blocks_vis import save_for_blocks
+    from mechscope.cnn.models.spec import walk
+    from mechscope.cnn.pipelines.blocks import blocks_link
+    from mechscope.cnn.runs import load_run
 
     run = tmp_path / "run"  # a copy of the run with channel pictures as `cnn visualize` saves them beside it
     run.mkdir()

@@ -59,7 +59,7 @@ def test_circuits_on_a_random_gpt2(capsys, gpt2_dir, tmp_path):  # noqa: F811
 
 
 def test_circuits_on_a_one_layer_toy_run(capsys, tmp_path, monkeypatch):
-    import mechscope.toy as toy
+    import mechscope.lm.toy as toy
 
     original = toy.ToyConfig
 

@@ -13,7 +13,7 @@ import torch
 
 import mechscope
 from mechscope.cli import main
-from mechscope.data.mnist import MNIST, load_mnist
+from mechscope.cnn.data.mnist import MNIST, load_mnist
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ import markupsafe
 import pytest
 import torch
 
-from mechscope.data.mnist import MNIST
-from mechscope.methods import ablation as A
+from mechscope.cnn.data.mnist import MNIST
+from mechscope.core import intervene as A
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
 
@@ -28,7 +28,7 @@ def _png(path):
 def _fake_linked_outputs(run):
     """featvis/ and attribution/ as `cnn visualize` and `cnn attribute` leave them (one unit each), made from
     the run's own weights (their hash recorded)."""
-    from mechscope.runs import load_run
+    from mechscope.cnn.runs import load_run
 
     sha = load_run(run).weights_sha256
     (run / "featvis" / "units").mkdir(parents=True)
@@ -50,8 +50,8 @@ def _fake_linked_outputs(run):
 @pytest.fixture(scope="module")
 def explained(quick_run, mnist_root, tmp_path_factory):
     """Explain a copy of the quick run (with linked outputs); record the model it used."""
-    import mechscope.pipelines.explain as E
-    from mechscope.config import ExplainSettings
+    import mechscope.cnn.pipelines.explain as E
+    from mechscope.cnn.config import ExplainSettings
 
     run = tmp_path_factory.mktemp("explain") / "run"
     shutil.copytree(quick_run, run)
@@ -106,7 +106,7 @@ def test_report_renders_every_image_in_chromium(explained, tmp_path):
 
 
 def test_no_hook_remains_and_the_mode_is_kept(explained):
-    from mechscope.hooks import attached_hooks
+    from mechscope.core.hooks import attached_hooks
 
     model = explained[3]
     assert attached_hooks(model) == [] and not model.training

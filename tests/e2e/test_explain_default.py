@@ -10,13 +10,13 @@ from tests.e2e.test_explain import verify_circuits
 
 @pytest.mark.slow
 def test_default_run_explained(mnist_root, mnist, tmp_path):
-    from mechscope.hooks import attached_hooks
-    from mechscope.pipelines import train_mnist
-    from mechscope.pipelines.explain import explain_run
-    from mechscope.runs import load_run
+    from mechscope.cnn.pipelines.explain import explain_run
+    from mechscope.cnn.pipelines.train import train
+    from mechscope.cnn.runs import load_run
+    from mechscope.core.hooks import attached_hooks
 
     run = tmp_path / "run"
-    _, metrics = train_mnist(run, data_dir=mnist_root, progress=False)
+    _, metrics = train(run, data_dir=mnist_root, progress=False)
     out, r = explain_run(run, data_dir=mnist_root)
     assert r.overview.n_test == 10_000 and r.overview.test_accuracy > 0.99
     n_images = check_report(out / "report.html")

@@ -90,7 +90,7 @@ def test_hub_id_offline_message(capsys, tmp_path, monkeypatch):
 
 
 def test_generate_smollm2(capsys):
-    from mechscope.models.loading import smollm2_path
+    from mechscope.lm.models.loading import smollm2_path
 
     try:
         smollm2_path()
@@ -164,7 +164,7 @@ def test_heads_unknown_model(capsys, tmp_path):
 
 
 def test_train_toy_cli(capsys, tmp_path, monkeypatch):
-    import mechscope.toy as toy
+    import mechscope.lm.toy as toy
 
     # the command's own defaults take minutes; a tiny model exercises the same path in seconds
     original = toy.ToyConfig

@@ -36,7 +36,7 @@ def text_file(tmp_path_factory):
 
 
 def _tiny_toy(monkeypatch):
-    import mechscope.toy as toy
+    import mechscope.lm.toy as toy
 
     original = toy.ToyConfig
 
@@ -53,8 +53,8 @@ TINY = dict(d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=3, m
 @pytest.fixture(scope="module")
 def solu_run(tmp_path_factory, text_file):
     """A 1-layer SoLU toy trained on the text (through the library; the CLI's path is tested below)."""
-    from mechscope.pipelines.lm import train_toy_run
-    from mechscope.toy import ToyConfig
+    from mechscope.lm.pipelines.heads import train_toy_run
+    from mechscope.lm.toy import ToyConfig
 
     out = tmp_path_factory.mktemp("toy") / "toy-solu"
     config = ToyConfig(**TINY, layers=1, data="text", steps=15, mlp="solu", d_mlp=48)
@@ -224,9 +224,9 @@ def test_cnn_solu_compare(capsys, tmp_path, shapes_npz):
     solu = data["channels"]["solu"][0]
     assert len(solu["index"]) == 16 and all(0 <= v <= 1 for v in solu["index"])
     # class means recomputed by hand from conv1.hook_out of the saved run, and the index from them
-    from mechscope.data.images import load_dataset
-    from mechscope.hooks import run_with_cache
-    from mechscope.runs import load_run
+    from mechscope.cnn.data.images import load_dataset
+    from mechscope.cnn.runs import load_run
+    from mechscope.core.hooks import run_with_cache
 
     test = load_dataset(str(shapes_npz / "grey.npz"))
     _, cache = run_with_cache(load_run(out / "solu").model, test.test_float(), names=["conv1.hook_out"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mechscope
-from mechscope.hooks import run_with_cache
+from mechscope.core.hooks import run_with_cache
 from tests.e2e.reports import BROWSERS
 from tests.unit.test_heads import PROTOCOL, V, hand_built
 

@@ -15,9 +15,9 @@ from tests.e2e.test_cli import assert_one_line_error, run_main
 
 
 def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
-    from mechscope.hooks import run_with_cache
-    from mechscope.methods.stimuli import draw_stimuli
-    from mechscope.runs import load_run, weights_hash
+    from mechscope.cnn.methods.stimuli import draw_stimuli
+    from mechscope.cnn.runs import load_run, weights_hash
+    from mechscope.core.hooks import run_with_cache
 
     run = tmp_path / "run"
     shutil.copytree(quick_run, run)
@@ -93,7 +93,7 @@ def rgb_data(tmp_path_factory):
 def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_data):
     from safetensors.torch import load_file, save_file
 
-    from mechscope.runs import load_run, weights_hash
+    from mechscope.cnn.runs import load_run, weights_hash
 
     run = tmp_path / "run"
     code, _, err = run_main(
@@ -107,8 +107,8 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     data = json.loads((run / "tuning" / "tuning.json").read_text())
     assert data["input_shape"] == [3, 16, 16] and data["stimuli"]["seed"] == 5
     assert [len(s["units"]) for s in data["stages"]] == [2, 3, 3]
-    from mechscope.config import ExplainSettings
-    from mechscope.pipelines.explain import explain_run
+    from mechscope.cnn.config import ExplainSettings
+    from mechscope.cnn.pipelines.explain import explain_run
 
     out, result = explain_run(run, settings=ExplainSettings(classes=("box",), n_pairs=2))
     page = (out / "report.html").read_text()
@@ -118,10 +118,10 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     tuned = sum(u["tuned"] for s in data["stages"] for u in s["units"])
     assert f"{tuned} of 8 units tuned" in line
     # other weights: the link says why, and the report and its summary leave the curves out
-    from mechscope.pipelines.tuning import linked_tuning
-    from mechscope.report.html import render
-    from mechscope.report.microscope import report_context
-    from mechscope.report.summary import summarise
+    from mechscope.cnn.pipelines.tuning import linked_tuning
+    from mechscope.cnn.report.microscope import report_context
+    from mechscope.cnn.report.summary import summarise
+    from mechscope.core.render.html import render
 
     state = load_file(str(run / "model.safetensors"))
     state["conv1.conv.weight"] = state["conv1.conv.weight"] * 1.5

@@ -17,12 +17,12 @@ QUICK = ("--test-limit", "300", "--vis-steps", "4")
 @pytest.fixture(scope="module")
 def second_run(mnist_root, tmp_path_factory):
     """Another quick run like conftest's, with seed 1."""
-    from mechscope.config import TrainConfig
-    from mechscope.pipelines import train_mnist
+    from mechscope.cnn.config import TrainConfig
+    from mechscope.cnn.pipelines.train import train
 
     out = tmp_path_factory.mktemp("runs") / "quick-seed1"
     config = TrainConfig(epochs=1, train_limit=4096, batch_size=64, lr=3e-3, seed=1)
-    train_mnist(out, config, data_dir=mnist_root, progress=False)
+    train(out, config, data_dir=mnist_root, progress=False)
     return out
 
 
@@ -61,8 +61,8 @@ def _edited_copy(run, tmp_path, name, edit):
 
 
 def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
-    from mechscope.models.cnn import CNN, CNNConfig
-    from mechscope.runs import save_run
+    from mechscope.cnn.models.cnn import CNN, CNNConfig
+    from mechscope.cnn.runs import save_run
 
     def other_data(c):
         c["data"]["name"] = "fashion-mnist"

@@ -72,9 +72,9 @@ def write_class_names(path: Path) -> Path:
 
 def write_run(out: Path, npz: Path) -> Path:
     """A CNN run directory trained for two steps on the tiny .npz (through the real pipeline)."""
-    from mechscope.config import TrainConfig
-    from mechscope.models.cnn import CNNConfig
-    from mechscope.pipelines.train import train
+    from mechscope.cnn.config import TrainConfig
+    from mechscope.cnn.models.cnn import CNNConfig
+    from mechscope.cnn.pipelines.train import train
 
     shape = CNNConfig(channels=(4,), kernel_size=3, padding=1, pool=2)
     train(out, TrainConfig(epochs=1, batch_size=16, max_steps=2, shift=0), shape, str(npz), progress=False)
@@ -89,7 +89,7 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n"), ("e", 
 
 def byte_vocab() -> dict[str, int]:
     """GPT-2's byte alphabet, the merges' tokens, then <|endoftext|>."""
-    from mechscope.tokenizer import bytes_to_unicode
+    from mechscope.lm.tokenizer import bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     for a, b in MERGES:
@@ -218,7 +218,7 @@ def gguf_bytes(meta: list[tuple[str, int, object]], tensors: list[tuple[str, tup
 
 def gguf_parts(seed: int = 0) -> tuple[list, list]:
     """(metadata, tensors) of a 1-block Llama with GPT-2's byte alphabet as its vocabulary (F32 and F16)."""
-    from mechscope.tokenizer import bytes_to_unicode
+    from mechscope.lm.tokenizer import bytes_to_unicode
 
     g = np.random.default_rng(seed)
     tokens = list(bytes_to_unicode().values()) + ["Ġt", "he", "<s>", "</s>"]
@@ -284,8 +284,8 @@ def write_text(path: Path) -> Path:
 
 def write_toy_run(out: Path, text: Path) -> Path:
     """A 1-layer GELU toy trained for two steps on the text (through the real pipeline)."""
-    from mechscope.pipelines.lm import train_toy_run
-    from mechscope.toy import ToyConfig
+    from mechscope.lm.pipelines.heads import train_toy_run
+    from mechscope.lm.toy import ToyConfig
 
     config = ToyConfig(**TOY, layers=1, data="text", steps=2, mlp="gelu", d_mlp=8)
     train_toy_run(config, out, text, control=False, progress=False)

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mechscope.errors import MechscopeError
+from mechscope.core.errors import MechscopeError
 from tests.fuzz import builders as B
 from tests.fuzz import mutations as M
 from tests.fuzz.conftest import copy_input
@@ -64,7 +64,7 @@ def count(fmt: str) -> None:
 
 @given(data=st.data())
 def test_idx(pristine, data):
-    from mechscope.data.images import load_idx_folder
+    from mechscope.cnn.data.images import load_idx_folder
 
     count("idx")
     gz = data.draw(st.booleans(), label="gzip")
@@ -91,7 +91,7 @@ def test_idx(pristine, data):
 
 @given(data=st.data())
 def test_npz(pristine, data):
-    from mechscope.data.images import load_npz
+    from mechscope.cnn.data.images import load_npz
 
     count("npz")
     with Scratch() as tmp:
@@ -105,7 +105,7 @@ def test_npz(pristine, data):
 
 @given(data=st.data())
 def test_class_names(pristine, data):
-    from mechscope.data.images import load_npz, read_class_names
+    from mechscope.cnn.data.images import load_npz, read_class_names
 
     count("class_names")
     with Scratch() as tmp:
@@ -122,7 +122,7 @@ def test_class_names(pristine, data):
 
 @given(data=st.data())
 def test_run_dir(pristine, data):
-    from mechscope.runs import load_run, load_run_data
+    from mechscope.cnn.runs import load_run, load_run_data
 
     count("run")
     with Scratch() as tmp:
@@ -148,7 +148,7 @@ def test_run_dir(pristine, data):
 
 @given(data=st.data())
 def test_hf_dir(pristine, data):
-    from mechscope.models.loading import load_model
+    from mechscope.lm.models.loading import load_model
 
     count("hf")
     with Scratch() as tmp:
@@ -181,7 +181,7 @@ def test_hf_dir(pristine, data):
 
 @given(data=st.data())
 def test_gguf(pristine, data):
-    from mechscope.models.loading import load_model
+    from mechscope.lm.models.loading import load_model
 
     count("gguf")
     with Scratch() as tmp:
@@ -208,8 +208,8 @@ def test_gguf(pristine, data):
 
 @given(data=st.data())
 def test_text(pristine, data):
-    from mechscope.pipelines.neurons import read_text
-    from mechscope.toy import Data, ToyConfig
+    from mechscope.lm.pipelines.neurons import read_text
+    from mechscope.lm.toy import Data, ToyConfig
 
     count("text")
     with Scratch() as tmp:

@@ -13,10 +13,10 @@ import torch
 
 captum = pytest.importorskip("captum.attr")
 
-from mechscope.data.mnist import MNIST  # noqa: E402
-from mechscope.methods import attribution as A  # noqa: E402
-from mechscope.methods import layer_attribution as L  # noqa: E402
-from mechscope.runs import load_run  # noqa: E402
+from mechscope.cnn.data.mnist import MNIST  # noqa: E402
+from mechscope.cnn.methods import attribution as A  # noqa: E402
+from mechscope.cnn.methods import layer_attribution as L  # noqa: E402
+from mechscope.cnn.runs import load_run  # noqa: E402
 
 C = captum
 

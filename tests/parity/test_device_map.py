@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from mechscope.hooks import attached_hooks, hooks, run_with_cache  # noqa: E402
-from mechscope.models.loading import load_model  # noqa: E402
+from mechscope.core.hooks import attached_hooks, hooks, run_with_cache  # noqa: E402
+from mechscope.lm.models.loading import load_model  # noqa: E402
 from tests.e2e.test_cli import assert_one_line_error, run_main  # noqa: E402
 from tests.parity.families import tokens  # noqa: E402
 

@@ -17,9 +17,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mechscope.hooks import attached_hooks, run_with_cache  # noqa: E402
-from mechscope.models.loading import load_model  # noqa: E402
-from mechscope.models.transformer import HookedTransformer, attention_mask  # noqa: E402
+from mechscope.core.hooks import attached_hooks, run_with_cache  # noqa: E402
+from mechscope.lm.models.loading import load_model  # noqa: E402
+from mechscope.lm.models.transformer import HookedTransformer, attention_mask  # noqa: E402
 from tests.parity.families import configs, tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

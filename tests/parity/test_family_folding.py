@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.methods.direct import direct_logit_attribution
-from mechscope.models.folding import analysis_weights, folded_model
-from mechscope.models.loading import load_model
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.methods.direct import direct_logit_attribution
+from mechscope.lm.models.folding import analysis_weights, folded_model
+from mechscope.lm.models.loading import load_model
 from tests.parity.families import tokens
 
 pytest.importorskip("transformers")

@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mechscope.errors import MechscopeError  # noqa: E402
-from mechscope.models.convert import CONVERTERS  # noqa: E402
-from mechscope.models.loading import load_model  # noqa: E402
+from mechscope.core.errors import MechscopeError  # noqa: E402
+from mechscope.lm.models.convert import CONVERTERS  # noqa: E402
+from mechscope.lm.models.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

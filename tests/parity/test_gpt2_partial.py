@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mechscope.methods.composition import composition_scores
-from mechscope.models.folding import analysis_weights
-from mechscope.models.loading import load_model
+from mechscope.lm.methods.composition import composition_scores
+from mechscope.lm.models.folding import analysis_weights
+from mechscope.lm.models.loading import load_model
 
 PARTIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2-small-partial"
 PUBLISHED = {(5, 1), (5, 5), (6, 9), (7, 2), (7, 10)}

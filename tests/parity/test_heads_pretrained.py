@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mechscope.methods.heads import HeadProtocol, find_induction_heads
-from mechscope.models.loading import load_model, smollm2_path
+from mechscope.lm.methods.heads import HeadProtocol, find_induction_heads
+from mechscope.lm.models.loading import load_model, smollm2_path
 
 
 @pytest.fixture(scope="module")

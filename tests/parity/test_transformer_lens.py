@@ -50,9 +50,9 @@ from transformer_lens import ActivationCache  # noqa: E402
 from transformer_lens.head_detector import detect_head  # noqa: E402
 from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 
-from mechscope.hooks import run_with_cache  # noqa: E402
-from mechscope.methods.composition import composition_scores  # noqa: E402
-from mechscope.methods.heads import (  # noqa: E402
+from mechscope.core.hooks import run_with_cache  # noqa: E402
+from mechscope.lm.methods.composition import composition_scores  # noqa: E402
+from mechscope.lm.methods.scores import (  # noqa: E402
     attention_scores,
     duplicate_mask,
     induction_mask,
@@ -60,8 +60,8 @@ from mechscope.methods.heads import (  # noqa: E402
     prefix_mask,
     previous_token_mask,
 )
-from mechscope.models.folding import analysis_weights, raw_weights  # noqa: E402
-from mechscope.models.loading import load_model  # noqa: E402
+from mechscope.lm.models.folding import analysis_weights, raw_weights  # noqa: E402
+from mechscope.lm.models.loading import load_model  # noqa: E402
 
 warnings.filterwarnings("ignore", module="transformers")
 warnings.filterwarnings("ignore", module="transformer_lens")

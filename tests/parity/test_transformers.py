@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mechscope.hooks import attached_hooks, hooks, run_with_cache  # noqa: E402
-from mechscope.models.loading import load_model, smollm2_path  # noqa: E402
+from mechscope.core.hooks import attached_hooks, hooks, run_with_cache  # noqa: E402
+from mechscope.lm.models.loading import load_model, smollm2_path  # noqa: E402
 
 warnings.filterwarnings("ignore", module="transformers")
 
@@ -160,7 +160,7 @@ def test_config_fields_fail_loudly(gpt2, tmp_path):
     _, path = gpt2
     cfg = json.loads((path / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
-    from mechscope.errors import MechscopeError
+    from mechscope.core.errors import MechscopeError
 
     for change, message in [
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import HookError, MechscopeError
-from mechscope.hooks import attached_hooks
-from mechscope.methods import ablation as A
-from mechscope.models.cnn import MnistCNN
+from mechscope.cnn.models.cnn import CNN
+from mechscope.core import intervene as A
+from mechscope.core.errors import HookError, MechscopeError
+from mechscope.core.hooks import attached_hooks
 
 
 @pytest.fixture()
 def model():
     torch.manual_seed(0)
-    return MnistCNN().eval()
+    return CNN().eval()
 
 
 @pytest.fixture()
@@ -127,7 +127,7 @@ def test_channel_contributions_add_up_to_keeping_a_set(model, x):
 
 def test_layer_means_and_class_accuracy():
     torch.manual_seed(0)
-    model = MnistCNN().eval()
+    model = CNN().eval()
     x = torch.rand(50, 1, 28, 28)
     means = A.layer_means(model, x, ["conv2.hook_out"], batch_size=7)
     with torch.no_grad():
@@ -140,8 +140,8 @@ def test_layer_means_and_class_accuracy():
 
 
 def test_mean_ablating_a_whole_trained_layer_drops_towards_chance(quick_run, mnist):
-    from mechscope.data.mnist import MNIST
-    from mechscope.runs import load_run
+    from mechscope.cnn.data.mnist import MNIST
+    from mechscope.cnn.runs import load_run
 
     model = load_run(quick_run).model
     x, y = MNIST.to_float(mnist.test_images[:2000]), mnist.test_labels[:2000]

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.data.mnist import MNIST
-from mechscope.errors import MechscopeError
-from mechscope.hooks import attached_hooks
-from mechscope.methods import attribution as A
-from mechscope.methods import layer_attribution as L
-from mechscope.runs import load_run
+from mechscope.cnn.data.mnist import MNIST
+from mechscope.cnn.methods import attribution as A
+from mechscope.cnn.methods import layer_attribution as L
+from mechscope.cnn.runs import load_run
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import attached_hooks
 
 
 class Linear(nn.Module):
@@ -128,7 +128,7 @@ def test_channel_to_channel_is_exact_decomposition(trained):
     c2c = L.channel_to_channel(m, x, "conv1.hook_out", "conv2.hook_pre")
     assert c2c.shape == (16, 32, 16)
     with torch.no_grad():
-        from mechscope.hooks import run_with_cache
+        from mechscope.core.hooks import run_with_cache
 
         _, cache = run_with_cache(m, x, names="conv2.hook_pre")
     pre = cache["conv2.hook_pre"].flatten(2).sum(2)  # [B, 32]

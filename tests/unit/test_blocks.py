@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.errors import MechscopeError
-from mechscope.methods import blocks as B
-from mechscope.methods import blocks_vis as V
-from mechscope.methods import featvis as FV
-from mechscope.methods.group_attribution import components, group_flow, group_scores
-from mechscope.methods.nmf_groups import explained_variance, nmf_curve, nmf_groups
-from mechscope.models.cnn import CNN, CNNConfig
-from mechscope.models.spec import walk
+from mechscope.cnn.methods import blocks as B
+from mechscope.cnn.methods import blocks_vis as V
+from mechscope.cnn.methods import featvis as FV
+from mechscope.cnn.methods.group_attribution import components, group_flow, group_scores
+from mechscope.cnn.methods.nmf_groups import explained_variance, nmf_curve, nmf_groups
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.cnn.models.spec import walk
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import weights_hash
 
 
 def planted(p=96, c=12, r=4, seed=0):
@@ -174,7 +175,7 @@ def test_check_groups_and_grid_cells():
 
 def test_channel_images_reused_only_for_the_same_weights(tmp_path):
     spec = tiny_spec()
-    sha = V.weights_sha256(spec.model)
+    sha = weights_hash(spec.model)
     assign = [("conv1.hook_post", c) for c in range(4)] + [("conv2.hook_post", 0)]
     images = torch.rand(5, 1, 16, 16)
     V.save_for_blocks(tmp_path, spec.model, spec, assign, images)
@@ -182,7 +183,7 @@ def test_channel_images_reused_only_for_the_same_weights(tmp_path):
     assert torch.equal(got["conv1.hook_post"], images[:4])
     assert V.load_channel_images(tmp_path / V.CHANNEL_IMAGES, sha, {"conv2.hook_post": 6}) is None  # incomplete
     other = nn.Linear(2, 2)
-    assert V.load_channel_images(tmp_path / V.CHANNEL_IMAGES, V.weights_sha256(other), {"conv1.hook_post": 4}) is None
+    assert V.load_channel_images(tmp_path / V.CHANNEL_IMAGES, weights_hash(other), {"conv1.hook_post": 4}) is None
 
 
 def test_distinct_vectors_and_truncated_network():

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.methods.circuits import class_means, find_circuit, order_by_profile, selectivity_index
+from mechscope.cnn.methods.circuits import class_means, find_circuit, order_by_profile, selectivity_index
+from mechscope.core.errors import MechscopeError
 
 
 def test_finds_the_needed_pair_and_nothing_else():

@@ -6,21 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.config import TrainConfig
-from mechscope.errors import MechscopeError
-from mechscope.models.cnn import CNN, CNNConfig, MnistCNN, n_parameters
-from mechscope.training import random_shift, train_cnn
+from mechscope.cnn.config import TrainConfig
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.cnn.training import random_shift, train_cnn
+from mechscope.core.errors import MechscopeError
+from mechscope.core.torch_utils import n_parameters
 
 
 def test_shapes_and_size():
-    model = MnistCNN()
+    model = CNN()
     assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
     assert n_parameters(model) < 30_000
     assert n_parameters(model) == 16 * 25 + 16 + 32 * 16 * 25 + 32 + 512 * 10 + 10
 
 
 def test_every_nonlinearity_is_its_own_module():
-    model = MnistCNN()
+    model = CNN()
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     assert len(relus) == 2 and len({id(m) for m in relus}) == 2
     assert not any(m.inplace for m in relus)
@@ -29,7 +30,7 @@ def test_every_nonlinearity_is_its_own_module():
 
 
 def test_model_takes_pixels_and_normalises_inside():
-    model = MnistCNN()
+    model = CNN()
     zeros = torch.zeros(1, 1, 28, 28)
     normalised = model.normalize(zeros)
     torch.testing.assert_close(normalised, torch.full_like(zeros, -0.1307 / 0.3081))
@@ -46,12 +47,12 @@ def test_model_takes_pixels_and_normalises_inside():
 )
 def test_check_input(bad, message):
     with pytest.raises(MechscopeError, match=message):
-        MnistCNN().check_input(bad)
+        CNN().check_input(bad)
 
 
 def test_config_too_small():
     with pytest.raises(MechscopeError, match="too small"):
-        MnistCNN(CNNConfig(image_size=12))
+        CNN(CNNConfig(image_size=12))
 
 
 def test_random_shift_moves_whole_images():

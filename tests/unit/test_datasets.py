@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.data import builtin as B
-from mechscope.data.images import load_dataset, load_npz, read_class_names
-from mechscope.errors import DataError
+from mechscope.cnn.data import builtin as B
+from mechscope.cnn.data.images import load_dataset, load_npz, read_class_names
+from mechscope.core.errors import DataError
 from tests.shapes import CLASS_NAMES, idx_bytes, splits, write_idx
 
 # Copied by hand from the sources (torchvision datasets/mnist.py; deeplearning4j EmnistFetcher.java and

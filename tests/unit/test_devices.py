@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.models import devices
-from mechscope.models.devices import resolve_device, resolve_dtype
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.models import devices
+from mechscope.lm.models.devices import resolve_device, resolve_dtype
 
 
 def test_defaults_on_this_machine(monkeypatch):

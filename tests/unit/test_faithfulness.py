@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
-from mechscope.data.mnist import MNIST
-from mechscope.methods import attribution as A
-from mechscope.methods import faithfulness as F
-from mechscope.runs import load_run
+from mechscope.cnn.data.mnist import MNIST
+from mechscope.cnn.methods import attribution as A
+from mechscope.cnn.methods import faithfulness as F
+from mechscope.cnn.runs import load_run
 
 
 def test_rankdata_and_spearman_match_scipy():

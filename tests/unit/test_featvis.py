@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.data.mnist import MNIST
-from mechscope.errors import MechscopeError
-from mechscope.hooks import HookPoint, attached_hooks
-from mechscope.methods import featvis as FV
-from mechscope.runs import load_run
+from mechscope.cnn.data.mnist import MNIST
+from mechscope.cnn.methods import featvis as FV
+from mechscope.cnn.runs import load_run
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import HookPoint, attached_hooks
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_dataset_examples_match_brute_force(model, mnist):
     x = MNIST.to_float(mnist.test_images[:600])
     ex = FV.dataset_examples(model, x, ["conv1.hook_post", "hook_logits"], k=5, batch_size=128)
     with torch.no_grad():
-        from mechscope.hooks import run_with_cache
+        from mechscope.core.hooks import run_with_cache
 
         _, cache = run_with_cache(model, x, names=["conv1.hook_post", "hook_logits"])
     brute = cache["conv1.hook_post"].flatten(2).max(2).values.T  # [16, 600]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.models.folding import analysis_weights, folded_model, raw_weights
-from mechscope.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.lm.models.folding import analysis_weights, folded_model, raw_weights
+from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
 def random_model(norm="layernorm", kv_heads=None, attn_only=False, gated=False, seed=0, act=None) -> HookedTransformer:

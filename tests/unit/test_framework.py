@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.methods import framework as FW
-from mechscope.methods.composition import composition_scores, random_baseline
-from mechscope.methods.direct import direct_logit_attribution, logit_lens
-from mechscope.models.folding import analysis_weights
-from mechscope.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.lm.methods import weights_circuits as FW
+from mechscope.lm.methods.composition import composition_scores, random_baseline
+from mechscope.lm.methods.direct import direct_logit_attribution, logit_lens
+from mechscope.lm.models.folding import analysis_weights
+from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 from tests.unit.test_folding import CASES, random_model
 from tests.unit.test_heads import CTX, V, hand_built
 
@@ -88,7 +88,7 @@ def test_skip_trigrams_and_bigrams_known_answer():
 
 
 def test_big_vocabularies_are_refused_for_token_tables():
-    from mechscope.errors import MechscopeError
+    from mechscope.core.errors import MechscopeError
 
     cfg = TransformerConfig(d_model=8, n_layers=1, n_heads=1, d_head=8, d_vocab=6000, n_ctx=4, attn_only=True)
     with pytest.raises(MechscopeError, match="small vocabulary"):
@@ -124,7 +124,7 @@ def test_partial_checkpoints_are_read_where_possible():
     view = analysis_weights(model)
     assert view.W_E is None and view.W_U is None and view.W_pos is not None
     assert composition_scores(view)["K"].shape == (2, 2, 2, 2)
-    from mechscope.errors import MechscopeError
+    from mechscope.core.errors import MechscopeError
 
     with pytest.raises(MechscopeError, match="needs W_E"):
         FW.ov_eigen_positivity(view)

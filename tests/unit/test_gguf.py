@@ -10,9 +10,9 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from mechscope.errors import MechscopeError  # noqa: E402
-from mechscope.models.gguf_file import GGUFFile  # noqa: E402
-from mechscope.models.loading import load_model, unpermute_rope  # noqa: E402
+from mechscope.core.errors import MechscopeError  # noqa: E402
+from mechscope.lm.models.gguf_file import GGUFFile  # noqa: E402
+from mechscope.lm.models.loading import load_model, unpermute_rope  # noqa: E402
 
 
 def write(path, tensors: dict, meta: dict | None = None, arch="llama"):

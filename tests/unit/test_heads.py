@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.hooks import attached_hooks
-from mechscope.methods.heads import (
-    HeadProtocol,
-    find_induction_heads,
-    induction_mask,
-    masked_score,
-    prefix_mask,
-)
-from mechscope.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.core.hooks import attached_hooks
+from mechscope.lm.methods.heads import HeadProtocol, find_induction_heads
+from mechscope.lm.methods.scores import induction_mask, masked_score, prefix_mask
+from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 V, CTX = 100, 64
 
@@ -133,8 +128,8 @@ def second_half_loss_by_hand(logits: torch.Tensor, tokens: torch.Tensor, n: int 
 def test_mean_ablation_is_per_position_over_the_batch():
     """Mean-ablating a head by hand (each position's z set to that position's batch mean) gives the
     measured value: the standard of ARENA 1.2, not a mean pooled over positions."""
-    from mechscope.hooks import hooks
-    from mechscope.methods.head_ablation import capture, exact
+    from mechscope.core.hooks import hooks
+    from mechscope.lm.methods.ablation import capture, exact
 
     model = hand_built()
     tokens = repeated(5)
@@ -161,7 +156,7 @@ def test_mean_ablation_is_per_position_over_the_batch():
 def test_attribution_patching_matches_a_small_linear_change():
     """The first-order estimate equals the measurement when the change is small enough to be linear:
     zero-ablating a head that writes almost nothing into the logits."""
-    from mechscope.methods.head_ablation import capture, estimate, exact
+    from mechscope.lm.methods.ablation import capture, estimate, exact
 
     model = hand_built()
     with torch.no_grad():
@@ -196,7 +191,7 @@ def test_random_model_has_no_induction_heads():
     ],
 )
 def test_bad_protocols(protocol, show, message):
-    from mechscope.errors import MechscopeError
+    from mechscope.core.errors import MechscopeError
 
     with pytest.raises(MechscopeError, match=message):
         find_induction_heads(hand_built(), protocol, show=show)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import HookError
-from mechscope.hooks import attached_hooks, describe_names, hook_points, hooks, run_with_cache
-from mechscope.models.cnn import MnistCNN
+from mechscope.cnn.models.cnn import CNN
+from mechscope.core.errors import HookError
+from mechscope.core.hooks import attached_hooks, describe_names, hook_points, hooks, run_with_cache
 
 NAMES = [
     "hook_input",
@@ -24,7 +24,7 @@ NAMES = [
 @pytest.fixture()
 def model():
     torch.manual_seed(0)
-    return MnistCNN().eval()
+    return CNN().eval()
 
 
 @pytest.fixture()

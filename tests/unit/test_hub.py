@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from mechscope.errors import MechscopeError
-from mechscope.models.hub import resolve_hub, split_revision
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.models.hub import resolve_hub, split_revision
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -53,7 +53,7 @@ def test_load_model_from_the_fake_cache(fake_cache, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from mechscope.models.loading import load_model
+    from mechscope.lm.models.loading import load_model
 
     cfg = transformers.GPTNeoXConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64

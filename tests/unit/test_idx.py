@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from mechscope.data.mnist import IdxFile, parse_idx, read_idx_gz
-from mechscope.errors import DataError
+from mechscope.cnn.data.mnist import IdxFile, parse_idx, read_idx_gz
+from mechscope.core.errors import DataError
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:

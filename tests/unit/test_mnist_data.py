@@ -11,8 +11,8 @@ import threading
 import pytest
 import torch
 
-from mechscope.data import mnist as M
-from mechscope.errors import DataError
+from mechscope.cnn.data import mnist as M
+from mechscope.core.errors import DataError
 
 
 def test_real_mnist(mnist):

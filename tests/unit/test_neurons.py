@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.hooks import attached_hooks, hook_points, hooks, run_with_cache
-from mechscope.methods.neurons import (
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import attached_hooks, hook_points, hooks, run_with_cache
+from mechscope.lm.methods.neurons import (
     check_neuron_model,
     concentration,
     context_activations,
@@ -22,8 +22,8 @@ from mechscope.methods.neurons import (
     sample_windows,
     top_activations,
 )
-from mechscope.models.transformer import MLP, HookedTransformer, TransformerConfig, solu
-from mechscope.toy import ToyConfig, load_toy, make_model, text_loss, train_toy
+from mechscope.lm.models.transformer import MLP, HookedTransformer, TransformerConfig, solu
+from mechscope.lm.toy import ToyConfig, load_toy, make_model, text_loss, train_toy
 
 TINY = dict(steps=30, d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=6, min_span=4)
 
@@ -295,7 +295,7 @@ def test_neuron_model_checks():
 
 
 def test_shifted_selectivity_index_by_hand():
-    from mechscope.methods.channel_selectivity import shifted_index
+    from mechscope.cnn.methods.channel_selectivity import shifted_index
 
     means = torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [2.0, 3.0, 4.0], [-1.0, -1.0, 0.5]])
     # one class only: 1; all alike: 0; [0, 1, 2] after the shift: (2 - 0.5) / (2 + 0.5) = 0.6;

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mechscope.errors import RunError
-from mechscope.outputs import TMP_MARK, atomic_output
+from mechscope.core.errors import RunError
+from mechscope.core.outputs import TMP_MARK, atomic_output
 
 
 def leftovers(parent):

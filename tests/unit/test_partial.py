@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.models.loading import load_model
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.models.loading import load_model
 
 PARTIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2-small-partial"
 

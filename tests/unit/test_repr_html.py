@@ -14,12 +14,13 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from mechscope.core.render.fragment import MAX_CHARS, page_to_fragment
+from mechscope.core.render.viewer import AttentionViewer, Table
 from torch import nn
 
 import mechscope
-from mechscope.errors import MechscopeError
-from mechscope.hooks import run_with_cache
-from mechscope.notebook import MAX_CHARS, AttentionViewer, Table, page_to_fragment
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import run_with_cache
 from tests.shapes import splits
 from tests.unit.test_heads import PROTOCOL, V, hand_built
 
@@ -190,7 +191,7 @@ def test_ablate_heads_matches_the_hooked_loss(model, tokens):
     n = tokens.shape[1] // 2
     with torch.no_grad():
         clean = model(tokens)
-        with mechscope.hooks(model, fwd=[("blocks.1.attn.hook_z", zero)]):
+        with mechscope.core.hooks(model, fwd=[("blocks.1.attn.hook_z", zero)]):
             ablated = model(tokens)
 
     def second(logits):
@@ -309,7 +310,7 @@ def test_cnn_results_render(cnn, tmp_path):
 
 
 def test_neurons_result_renders():
-    from mechscope.methods.neurons import read_neurons, sample_windows
+    from mechscope.lm.methods.neurons import read_neurons, sample_windows
     from tests.unit.test_neurons import P, constructed_model, zipf_text
 
     model = constructed_model()

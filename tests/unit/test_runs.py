@@ -9,15 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 import mechscope
-from mechscope.errors import RunError
-from mechscope.models.cnn import MnistCNN
-from mechscope.runs import check_out_dir, prepare_out_dir, save_run
+from mechscope.cnn.models.cnn import CNN
+from mechscope.cnn.runs import check_out_dir, prepare_out_dir, save_run
+from mechscope.core.errors import RunError
 
 
 @pytest.fixture()
 def run_dir(tmp_path):
     torch.manual_seed(0)
-    model = MnistCNN()
+    model = CNN()
     out = prepare_out_dir(tmp_path / "run")
     save_run(out, model, {"training": {"seed": 0}, "seed": 0}, {"test_accuracy": 0.1})
     return out, model

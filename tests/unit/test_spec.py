@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.errors import MechscopeError
-from mechscope.hooks import attached_hooks, hooks, run_with_cache
-from mechscope.methods import ablation as A
-from mechscope.models.cnn import CNN, ChannelNorm, CNNConfig, SoLU
-from mechscope.models.spec import ReceptiveField, walk
+from mechscope.cnn.models.cnn import CNN, ChannelNorm, CNNConfig, SoLU
+from mechscope.cnn.models.spec import ReceptiveField, walk
+from mechscope.core import intervene as A
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import attached_hooks, hooks, run_with_cache
 
 
 def rf(size, jump, start):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mechscope.tokenizer import Tokenizer
+from mechscope.lm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def test_gpt2_matches_transformers(gpt2_files, shakespeare, tmp_path):
 
 
 def test_smollm2_tokenizer(shakespeare):
-    from mechscope.models.loading import smollm2_path
+    from mechscope.lm.models.loading import smollm2_path
 
     try:
         path = smollm2_path()
     except Exception as e:
         pytest.skip(str(e))
-    from mechscope.models.gguf_file import GGUFFile
+    from mechscope.lm.models.gguf_file import GGUFFile
 
     ours = Tokenizer.from_gguf_meta(GGUFFile.open(path).meta)
     transformers = pytest.importorskip("transformers")

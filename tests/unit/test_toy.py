@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.toy import ToyConfig, checkpoint_steps, detect_phase_change, icl_score, repeat_spans, train_toy
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.toy import ToyConfig, checkpoint_steps, detect_phase_change, icl_score, repeat_spans, train_toy
 
 TINY = dict(steps=30, d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=6, min_span=4)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.errors import MechscopeError
-from mechscope.hooks import attached_hooks
-from mechscope.methods import tuning as T
-from mechscope.methods.stimuli import Stimulus, draw_stimuli, principal_angle, render
-from mechscope.models.cnn import CNN, CNNConfig
-from mechscope.models.spec import walk
+from mechscope.cnn.methods import tuning as T
+from mechscope.cnn.methods.stimuli import Stimulus, draw_stimuli, principal_angle, render
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.cnn.models.spec import walk
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import attached_hooks
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.methods import universality as U
-from mechscope.models.cnn import CNN, CNNConfig
-from mechscope.models.spec import walk
+from mechscope.cnn.methods import universality as U
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.cnn.models.spec import walk
 
 
 def _net(seed: int = 0, channels=(6, 8)) -> CNN:
@@ -135,8 +135,8 @@ def test_circuit_reuse_against_a_hand_count():
 
 
 def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
-    from mechscope.hooks import run_with_cache
-    from mechscope.methods.ablation import readout_channel_contributions
+    from mechscope.core.hooks import run_with_cache
+    from mechscope.core.intervene import readout_channel_contributions
 
     net = _net(5)
     spec = walk(net)
@@ -164,8 +164,8 @@ def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
 def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
     import json
 
-    from mechscope.methods import featvis as FV
-    from mechscope.pipelines.universality import featvis_panels
+    from mechscope.cnn.methods import featvis as FV
+    from mechscope.cnn.pipelines.universality import featvis_panels
 
     net, x = _net(2), _images(30)
     spec = walk(net)
@@ -179,7 +179,7 @@ def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
     assert featvis_panels(fv, walk(_net(3)), x) == {}  # other weights: rendered instead
     assert featvis_panels(tmp_path / "none", spec, x) == {}
     # with the weights hash cnn visualize records, the hash decides
-    from mechscope.runs import WEIGHTS_KEY, weights_hash
+    from mechscope.cnn.runs import WEIGHTS_KEY, weights_hash
 
     rows[0]["dataset_max"] = 123.0
     (fv / "featvis.json").write_text(json.dumps({"units": rows, WEIGHTS_KEY: weights_hash(net)}))
@@ -190,7 +190,7 @@ def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
 def test_explain_circuits_reused_only_from_the_same_weights_and_images(tmp_path):
     import json
 
-    from mechscope.pipelines.universality import _explain_circuits
+    from mechscope.cnn.pipelines.universality import _explain_circuits
 
     means = torch.rand(8, 10)
     path = tmp_path / "mechanisms.json"

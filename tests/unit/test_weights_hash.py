@@ -7,14 +7,14 @@ import json
 
 import torch
 
-from mechscope.models.cnn import MnistCNN
-from mechscope.pipelines.explain import linked_outputs
-from mechscope.runs import WEIGHTS_KEY, load_run, prepare_out_dir, same_weights, save_run, weights_hash
+from mechscope.cnn.models.cnn import CNN
+from mechscope.cnn.pipelines.explain import linked_outputs
+from mechscope.cnn.runs import WEIGHTS_KEY, load_run, prepare_out_dir, same_weights, save_run, weights_hash
 
 
 def _run(tmp_path, seed=0):
     torch.manual_seed(seed)
-    model = MnistCNN()
+    model = CNN()
     out = prepare_out_dir(tmp_path / f"run{seed}")
     save_run(out, model, {"seed": seed}, {})
     return out, model

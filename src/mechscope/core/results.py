@@ -18,7 +18,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -129,6 +129,12 @@ class Result:
 
         return save_html(self, path)
 
+    def render_view(self, name: str, *args, **kwargs):
+        """A named view of this result registered by its wing's notebook module (``table``, ``show``...)."""
+        from mechscope.core.show import view
+
+        return view(self, name, *args, **kwargs)
+
     def _repr_pretty_(self, p, cycle) -> None:
         """IPython's text beside the HTML: one line (the dataclass repr of a large result runs to megabytes)."""
         from mechscope.core.show import summary_text
@@ -140,6 +146,26 @@ class Result:
         # @dataclass writes a __repr__ into each result class: so each gets _repr_pretty_ in its own too
         super().__init_subclass__(**kwargs)
         cls._repr_pretty_ = Result._repr_pretty_
+
+
+@dataclass(frozen=True)
+class Saved(Result):
+    """A part of a loaded result kept as the JSON it was saved as.
+
+    Some parts are saved in a form made for reading (token ids decoded into text, summaries of arrays) that
+    cannot be turned back into the object that wrote it; after ``load`` such a part is a ``Saved`` holding its
+    JSON, so that ``to_dict`` writes it again unchanged and reports show what the file holds.
+    """
+
+    data: Any
+
+    def to_dict(self, *args, **kwargs) -> Any:
+        return self.data
+
+
+def saved(value: Any) -> Saved | None:
+    """``value`` (a part of a JSON record) kept as it is; None stays None."""
+    return None if value is None else Saved(value)
 
 
 def _rebuild(tp: Any, value: Any) -> Any:

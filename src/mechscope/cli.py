@@ -1,0 +1,120 @@
+"""The command line: ``mechscope <group> <command>``. Parsing only; the work is in each wing's pipelines.
+
+The root app holds the two wings' groups (``cnn``, with its old name ``mnist`` as an alias, and ``lm``); each wing
+registers its own commands on its group (``mechscope.cnn.cli``, ``mechscope.lm.cli``).
+
+User errors (:class:`~mechscope.errors.MechscopeError`, parse errors, out of memory, a full disk) become
+one line on stderr and exit 2; Ctrl-C is one line and exit 130 (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import warnings
+
+import typer
+
+from mechscope.cnn.cli import app as cnn_app
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.cli import app as lm_app
+
+# click's exceptions, wherever this typer takes click from (typer >= 0.24 vendors its own copy)
+click_errors = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: a group called with nothing
+
+app = typer.Typer(
+    name="mechscope",
+    help="Mechanistic interpretability workbench: explain a CNN on MNIST or your own images, find induction heads "
+    "in transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cnn_app, name="cnn")
+app.add_typer(cnn_app, name="mnist", help="Alias of `cnn` (the group's name when it was MNIST-only).")
+app.add_typer(lm_app, name="lm")
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does (downloads, sizes)."),
+) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:  # libraries' warnings stay off the terminal unless -v (main() restores both afterwards)
+        warnings.simplefilter("ignore")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# libraries whose log warnings are not the user's business unless -v
+QUIET_LOGGERS = ("transformers", "accelerate", "huggingface_hub", "torch", "captum", "matplotlib", "PIL", "gguf")
+# OSErrors a user's environment causes: one line, not a traceback
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line a user error, out-of-memory or a full disk gives (None: a bug, which keeps its traceback)."""
+    if isinstance(e, MechscopeError):
+        text = str(e)
+    elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+    ):
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        text = "out of memory" + (f" ({detail})" if detail else "") + "; try smaller settings (--batch, --n, ...)"
+    elif isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        text = f"{where}{ENVIRONMENT_ERRNOS[e.errno]}"
+    else:
+        return None
+    return "mechscope: error: " + " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for the ``mechscope`` script and ``python -m mechscope``.
+
+    Every user error (a :class:`MechscopeError`, a command line click cannot parse, out of memory,
+    a full disk) is one line on stderr starting ``mechscope: error:`` and exit status 2; Ctrl-C is
+    ``mechscope: interrupted`` and 130. Anything else is a bug and keeps its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    try:
+        with warnings.catch_warnings(), command.make_context("mechscope", args) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as e:  # --help, and commands that end early on purpose
+        if e.exit_code:
+            sys.exit(e.exit_code)
+    except _NO_ARGS as e:  # `mechscope` or `mechscope lm` alone: the help
+        print(e.ctx.get_help() if e.ctx else e.format_message())
+        sys.exit(0)
+    except click_errors.UsageError as e:  # a value that does not parse, an unknown or a missing option
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        print("mechscope: error: " + " ".join(e.format_message().split()).rstrip(".") + hint, file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        print("mechscope: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `mechscope ... | head`: the reader left; stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        sys.exit(141)
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(2)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

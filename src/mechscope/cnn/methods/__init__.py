@@ -1,0 +1,1 @@
+"""The CNN half's analyses: each computes and returns a frozen result; none prints, plots or writes files."""

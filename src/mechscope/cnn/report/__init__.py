@@ -1,0 +1,1 @@
+"""The CNN half's reports: figures, sentences and self-contained HTML pages, written from results (no computation)."""

@@ -1,0 +1,243 @@
+"""Run directories: what a training run writes, and loading it back.
+
+A run directory holds ``model.safetensors`` (the weights), ``config.json`` (architecture,
+training settings, seed, the dataset with its checksums, shape and class names, library
+versions) and ``metrics.json`` (test accuracy, per-class accuracy, confusion matrix, training
+seconds, parameter count). Runs written before the CNN took other shapes and data (kind
+``mnist-cnn``, ``conv1_channels``/``conv2_channels``, MNIST only) load as they are.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.core.errors import MechscopeError, RunError
+from mechscope.core.outputs import WEIGHTS_KEY, same_weights, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.validate import field as check_field
+from mechscope.core.validate import read_json_object
+
+KIND = "cnn"
+KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
+WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+
+    from mechscope import __version__
+
+    return {
+        "mechscope": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def check_out_dir(path: str | Path, force: bool = False) -> Path:
+    """Raise unless ``path`` can be written: absent, empty, or ``force`` given."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise RunError(f"{out}: already exists and is not empty; pass --force to overwrite it")
+    return out
+
+
+def prepare_out_dir(path: str | Path, force: bool = False) -> Path:
+    """Create an output directory; refuse one that exists and is not empty unless ``force``.
+
+    With ``force`` the files a command writes replace their old versions; nothing else in the
+    directory is deleted (``--out ~ --force`` must never empty a home directory).
+    """
+    out = check_out_dir(path, force)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out}: {e.strerror or e}") from None
+    return out
+
+
+def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
+    """Write a run directory into ``out`` (an existing directory, e.g. from :func:`outputs.atomic_output`)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"kind": KIND})
+    record = {"kind": KIND, "model": model.config.to_dict(), **config, WEIGHTS_KEY: weights_hash(model)}
+    write_json(out / CONFIG, {**record, "versions": versions()})
+    write_json(out / METRICS, metrics)
+
+
+@dataclass
+class Run:
+    path: Path
+    model: CNN
+    config: dict
+    metrics: dict
+    weights_sha256: str = field(default="")  # weights_hash(model), computed once at load
+
+    @property
+    def data(self) -> dict:
+        """The dataset the run was trained on, as config.json records it (runs from before: MNIST)."""
+        recorded = dict(self.config.get("data") or {})
+        recorded.setdefault("name", "mnist")
+        recorded.setdefault("kind", "builtin")
+        return recorded
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = self.data.get("class_names")
+        return tuple(names) if names else tuple(str(i) for i in range(self.model.config.n_classes))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise RunError(f"{path.parent}: not a mechscope run directory ({path.name} is missing)")
+    return read_json_object(path, f"run's {path.name}", RunError)
+
+
+MAX_SIZE = 4096  # widths, image sizes, classes beyond this in a run's config: a corrupt file
+
+
+def check_run_config(config: dict, where: Path) -> dict:
+    """The run config's fields that loading uses, checked one by one; returns the model fields."""
+    check_field(config, "kind", "str", where, choices=KINDS, error=RunError)
+    model = check_field(config, "model", "object", where, error=RunError)
+    f = f"{where} model"
+
+    def get(key, kind, **kw):  # absent: the default; present: of its type (null is not a value here)
+        return check_field(model, key, kind, f, error=RunError, label=f"model.{key}", **kw) if key in model else None
+
+    for key in ("in_channels",):
+        get(key, "int", lo=1, hi=MAX_SIZE)
+    get("image_size", "int", lo=1, hi=MAX_SIZE)
+    channels = get("channels", "ints", lo=1, hi=MAX_SIZE)
+    if channels is not None and not 1 <= len(channels) <= 4:
+        raise RunError(f"{where}: field 'model.channels' holds {len(channels)} widths; expected 1 to 4")
+    for key in ("conv1_channels", "conv2_channels"):  # runs from before the shape options
+        get(key, "int", lo=1, hi=MAX_SIZE)
+    get("kernel_size", "int", lo=1, hi=MAX_SIZE)
+    get("padding", "int", lo=0, hi=MAX_SIZE)
+    get("pool", "int", lo=1, hi=MAX_SIZE)
+    get("batchnorm", "bool")
+    get("activation", "str")
+    check_field(model, "hidden", "int", f, error=RunError, nullable=True, default=None, label="model.hidden",
+                lo=1, hi=1 << 20)  # fmt: skip
+    get("n_classes", "int", lo=2, hi=1 << 20)
+    get("mean", "numbers")
+    std = get("std", "numbers")
+    if std is not None and any(v == 0 for v in (std if isinstance(std, list) else [std])):
+        raise RunError(f"{where}: field 'model.std' is 0; expected a nonzero standard deviation")
+    data = check_field(config, "data", "object", where, error=RunError, default={}, nullable=True) or {}
+    for key in ("name", "kind", "directory", "file"):
+        if key in data:
+            check_field(data, key, "str", where, error=RunError, label=f"data.{key}")
+    names = check_field(data, "class_names", "list", where, error=RunError, label="data.class_names") if (
+        "class_names" in data) else None  # fmt: skip
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise RunError(f"{where}: field 'data.class_names' is not a list of strings")
+    return model
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a trained CNN run: the model (in eval mode), its config and its metrics."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run = Path(path)
+    if not run.is_dir():
+        raise RunError(f"{run}: run directory not found")
+    config = _read_json(run / CONFIG)
+    if "kind" in config and config["kind"] not in KINDS:
+        raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
+    fields = check_run_config(config, run / CONFIG)
+    try:
+        model = CNN(CNNConfig.from_dict(fields))
+    except (TypeError, ValueError, MechscopeError) as e:
+        raise RunError(f"{run / CONFIG}: invalid model config ({e})") from None
+    weights = run / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{run}: {WEIGHTS} is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{weights}: corrupt or not a safetensors file ({e})") from None
+    _check_state(weights, model.state_dict(), state)
+    model.load_state_dict(state)
+    model.eval()
+    metrics = _read_json(run / METRICS) if (run / METRICS).exists() else {}
+    return Run(run, model, config, metrics, weights_hash(model))
+
+
+def _check_state(weights: Path, expected: dict, state: dict) -> None:
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or extra or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(extra)}" if extra else "",
+                ", ".join(f"{k} is {list(state[k].shape)}, expected {list(expected[k].shape)}" for k in wrong),
+            )
+            if part
+        )
+        raise RunError(f"{weights}: weights of another architecture ({detail})")
+    for k in sorted(state):
+        t = state[k]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n = int((~torch.isfinite(t)).sum())
+            kinds = "NaN" if torch.isnan(t).any() else "infinite values"
+            raise RunError(
+                f"{weights}: tensor {k} holds {n} non-finite value(s) ({kinds}); a diverged run or a corrupt file"
+            )
+        if t.dtype != expected[k].dtype:
+            raise RunError(f"{weights}: tensor {k} is {str(t.dtype).removeprefix('torch.')}; "
+                           f"expected {str(expected[k].dtype).removeprefix('torch.')}")  # fmt: skip
+
+
+def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_names=None):
+    """The run's dataset (or ``dataset`` when given), loaded as :func:`~mechscope.cnn.data.images.load_dataset` does.
+
+    A built-in dataset is looked for under ``data_dir`` as always; a folder of IDX files or a .npz
+    is taken from where the run recorded it unless ``data_dir`` / ``dataset`` says otherwise.
+    """
+    from mechscope.cnn.data.images import check_recorded, load_dataset
+    from mechscope.core.errors import DataError
+
+    recorded = run.data
+    from_record = dataset is None
+    if dataset is None:
+        kind = recorded.get("kind")
+        if kind == "idx":
+            dataset, data_dir = "idx", data_dir or recorded.get("directory")
+        elif kind == "npz":
+            dataset = recorded.get("file")
+        else:
+            dataset = recorded.get("name", "mnist")
+    names = class_names if class_names is not None else recorded.get("class_names")
+    try:
+        data = load_dataset(dataset, data_dir, names)
+    except DataError as e:
+        if from_record and str(run.path) not in str(e):  # say where the dataset's name came from
+            raise DataError(f"{run.path / CONFIG}: the data it records: {e}") from None
+        raise
+    check_recorded(data, recorded)
+    if data.shape != run.model.input_shape:
+        raise RunError(
+            f"{run.path}: the model takes images shaped {list(run.model.input_shape)}; "
+            f"{data.name} has {list(data.shape)}"
+        )
+    if data.n_classes != run.model.config.n_classes:
+        k = run.model.config.n_classes
+        raise RunError(f"{run.path}: the model has {k} classes; {data.name} has {data.n_classes}")
+    return data

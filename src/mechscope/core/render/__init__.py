@@ -1,0 +1,1 @@
+"""Rendering primitives both wings use: self-contained HTML, notebook fragments, viewers, graph layout."""

@@ -1,0 +1,76 @@
+"""Self-contained HTML: figures inlined as base64 PNG, styles and scripts inline, no network.
+
+The one PNG-to-data-URI encoder (:func:`png_uri`) and its three doors (a matplotlib figure, a PNG file, an
+image array), and the Jinja2 rendering of each wing's templates (``mechscope/<wing>/report/templates``).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+from pathlib import Path
+
+import jinja2
+import markupsafe
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def png_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI (the page needs no file beside it)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """A matplotlib figure (built without pyplot) as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def figure_data_uri(fig: Figure, dpi: int = 100) -> str:
+    """A matplotlib figure as a PNG data URI."""
+    return png_uri(figure_png(fig, dpi))
+
+
+def file_uri(path) -> str:
+    """A PNG file as a data URI."""
+    return png_uri(Path(path).read_bytes())
+
+
+def array_uri(img: np.ndarray, scale: int = 3) -> str:
+    """[H, W] or [H, W, 3] in [0, 1] as an upscaled (nearest) PNG data URI."""
+    from PIL import Image
+
+    a = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    a = a.repeat(scale, 0).repeat(scale, 1)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return png_uri(buf.getvalue())
+
+
+@functools.lru_cache(maxsize=8)
+def environment(package: str) -> jinja2.Environment:
+    """The Jinja2 environment of one package's ``report/templates`` (``mechscope.cnn`` or ``mechscope.lm``)."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(package, "report/templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+    )
+    # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
+    # so that no string in the data can close the script element
+    env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(json.dumps(obj).replace("</", "<\\/"))
+    return env
+
+
+def render_string(package: str, template: str, **context) -> str:
+    """The page ``template`` of ``package`` renders to, as a string (notebooks make fragments of it)."""
+    return environment(package).get_template(template).render(**context)
+
+
+def render(package: str, template: str, out: Path, **context) -> Path:
+    """Render ``template`` of ``package`` into the file ``out``."""
+    out.write_text(render_string(package, template, **context), encoding="utf-8")
+    return out

@@ -1,0 +1,80 @@
+"""Small torch utilities every part of mechscope uses: one way each to set eval mode, threads, count, time.
+
+* :func:`evaluating` puts a model in eval mode for a block and restores every module's mode afterwards;
+* :func:`torch_threads` runs a block with a number of torch threads, restored afterwards;
+* :func:`n_parameters` counts a model's parameters;
+* :class:`Timer` times named sections of a pipeline (``with timer.section("load"): ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[nn.Module]:
+    """Put ``models`` in eval mode for a block and restore every submodule's train/eval mode afterwards, however
+    the block ends. Yields the first model."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield models[0] if models else None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads, restored afterwards. One thread: on a 2-core machine that
+    anything else is using, two threads make small models 10-20 times slower (measured: 45 against
+    900 ms per training step of the toy transformer), and one thread is never much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def n_parameters(model: nn.Module) -> int:
+    """How many numbers the model's parameters hold."""
+    return sum(p.numel() for p in model.parameters())
+
+
+class Timer:
+    """Seconds per named section of a pipeline; a section run twice adds up.
+
+    ``with timer.section("ablation"): ...`` logs the section's name at INFO (``-v``) and adds its wall time
+    to ``timer.seconds["ablation"]``. ``timer.total()`` is the time since the timer was made.
+    """
+
+    def __init__(self, what: str = "") -> None:
+        self.seconds: dict[str, float] = {}
+        self.what = what
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        log.info("%s%s", f"{self.what}: " if self.what else "", name)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def add(self, name: str, seconds: float) -> None:
+        """Record a time measured elsewhere (a model's loading, say)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start

@@ -1,0 +1,179 @@
+"""Field-by-field checks of what a file gives, each error naming the file, the field and what was expected.
+
+Every reader of a user's file (a run's config.json, a Hugging Face config.json, a GGUF header,
+a safetensors header) checks the fields it will use with :func:`field` before using them, so a
+wrong type or an absurd value is one line (``config.json: field 'n_head' is 0; expected an
+integer ≥ 1``), never a ``TypeError`` or a division by zero deep inside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mechscope.core.errors import MechscopeError
+
+MISSING = object()
+BIG = 2**31 - 1  # the largest size any field may hold (a 32-bit count: beyond it, a corrupt file)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A short rendering of a JSON value for an error message."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def field(
+    obj: dict,
+    key: str,
+    kind: str,
+    where: str | Path,
+    *,
+    default: Any = MISSING,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple | None = None,
+    nullable: bool = False,
+    error: type[MechscopeError] = MechscopeError,
+    label: str | None = None,
+) -> Any:
+    """``obj[key]`` checked to be of ``kind`` (``int``, ``number``, ``str``, ``bool``, ``object``, ``list``,
+    ``ints``: a list of integers, ``numbers``: a number or a list of numbers) and within ``lo``..``hi`` /
+    ``choices``; ``default`` when absent (absent and no default: an error). ``nullable``: JSON null allowed
+    (returned as None). Raises ``error`` naming ``where``, the field and what was expected."""
+    name = label or key
+    if key not in obj or (obj[key] is None and not nullable and default is not MISSING):
+        if default is MISSING:
+            raise error(f"{where}: field {name!r} is missing; expected {_expected(kind, lo, hi, choices)}")
+        return default
+    value = obj[key]
+    if value is None and nullable:
+        return None
+    ok = {
+        "int": _is_int,
+        "number": _is_number,
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "object": lambda v: isinstance(v, dict),
+        "list": lambda v: isinstance(v, list),
+        "ints": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+        "numbers": lambda v: _is_number(v) or (isinstance(v, list) and v and all(_is_number(x) for x in v)),
+    }[kind](value)
+    if ok and choices is not None:
+        ok = value in choices
+    if ok and kind in ("int", "number") and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        ok = False
+    if ok and kind in ("ints", "numbers"):
+        items = value if isinstance(value, list) else [value]
+        ok = all((lo is None or x >= lo) and (hi is None or x <= hi) for x in items)
+    if not ok:
+        raise error(f"{where}: field {name!r} is {shown(value)}; expected {_expected(kind, lo, hi, choices)}")
+    return value
+
+
+def _expected(kind: str, lo, hi, choices) -> str:
+    if choices is not None:
+        return "one of " + ", ".join(shown(c) for c in choices)
+    what = {
+        "int": "an integer",
+        "number": "a finite number",
+        "str": "a string",
+        "bool": "true or false",
+        "object": "a JSON object",
+        "list": "a list",
+        "ints": "a list of integers",
+        "numbers": "a finite number or a list of them",
+    }[kind]
+    if lo is not None and hi is not None:
+        return f"{what} from {_num(lo)} to {_num(hi)}"
+    if lo is not None:
+        return f"{what} ≥ {_num(lo)}"
+    if hi is not None:
+        return f"{what} ≤ {_num(hi)}"
+    return what
+
+
+def _num(x: float) -> str:
+    if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}"
+    return f"{x:g}"
+
+
+def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError] = MechscopeError) -> dict:
+    """A JSON file that must hold one object: one line naming the file when it is unreadable, not UTF-8,
+    not JSON, or another JSON type."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory; expected a {what} file") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); expected a {what} file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: corrupt JSON ({e}); expected a {what} file") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: holds a JSON {_json_type(obj)}; expected an object ({what})")
+    return obj
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_type(v: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(v), "null")
+
+
+def read_text_file(path: Path, what: str = "text") -> str:
+    """A UTF-8 text file: one line naming the file when it is missing, a folder, not UTF-8, binary or empty."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise MechscopeError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise MechscopeError(f"{path}: is a directory; expected a {what} file") from None
+    except OSError as e:
+        raise MechscopeError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MechscopeError(f"{path}: not UTF-8 text (byte {e.start}); expected a {what} file") from None
+    if "\0" in text:
+        raise MechscopeError(f"{path}: holds NUL bytes (a binary file?); expected a {what} file")
+    if not text.strip():
+        raise MechscopeError(f"{path}: the {what} file is empty")
+    return text
+
+
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; room is left for the seed + k a run derives
+LR_MAX = 10.0  # a peak learning rate above this only diverges
+
+
+def check_seed(seed: int, name: str = "--seed") -> None:
+    """A seed must be an integer in [0, 2**63 - 1] (torch's generators overflow beyond 64 bits)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise MechscopeError(f"{name} must be an integer from 0 to 2**63 - 1, got {seed!r}")
+
+
+def check_lr(lr: float, name: str = "--lr") -> None:
+    """A learning rate must be in (0, 10]: zero trains nothing, NaN and infinity make NaN weights."""
+    if not isinstance(lr, (int, float)) or not 0 < lr <= LR_MAX:
+        raise MechscopeError(f"{name} must be in (0, {LR_MAX:g}], got {lr!r}")

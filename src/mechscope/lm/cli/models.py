@@ -1,0 +1,81 @@
+"""``mechscope lm inspect`` and ``lm generate``: a model's architecture and hooks, and greedy continuation."""
+
+from __future__ import annotations
+
+import typer
+
+from mechscope.lm.cli.common import (
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RevisionOpt,
+    app,
+    load_for_command,
+    parse_tokens,
+)
+
+
+@app.command()
+def inspect(
+    model: str = ModelOpt,
+    hook: list[str] | None = typer.Option(None, "--hook", help="Also run a prompt and show this activation."),
+    prompt: str = typer.Option("The quick brown fox jumps over the lazy dog", "--prompt"),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
+    revision: str | None = RevisionOpt,
+) -> None:
+    """Architecture, parameter count, dtype, device and hook names (and, with --hook, activations)."""
+    import torch
+
+    from mechscope.core.hooks import describe_names, hook_points, run_with_cache
+    from mechscope.lm.models.transformer import describe
+
+    m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
+    cache = {}
+    if hook:  # before any output: a hook that does not fire for this model is an error, not an empty answer
+        ids = tok.encode(prompt) if tok else list(range(1, 9))
+        _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
+    for key, value in describe(m).items():
+        typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
+    typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
+    typer.echo("hook points: " + describe_names(hook_points(m)))
+    if hook:
+        for name, act in cache.items():
+            typer.echo(f"{name}: shape {list(act.shape)}, mean {act.float().mean():+.4f}, std {act.float().std():.4f}")
+
+
+@app.command()
+def generate(
+    model: str = ModelOpt,
+    prompt: str | None = typer.Option(None, "--prompt", help="Text to continue."),
+    tokens: str | None = typer.Option(None, "--tokens", help="Token ids to continue instead, e.g. 1,2,3."),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", help="Tokens to add (greedy decoding)."),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
+    revision: str | None = RevisionOpt,
+) -> None:
+    """Continue a prompt greedily and print prompt + continuation."""
+    import torch
+
+    from mechscope.core.errors import MechscopeError
+
+    if max_new_tokens < 0:
+        raise MechscopeError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if (prompt is None) == (tokens is None):
+        raise MechscopeError("give exactly one of --prompt and --tokens")
+    m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
+    if tokens is not None:
+        ids = parse_tokens(tokens)
+    else:
+        if tok is None:
+            raise MechscopeError(
+                f"{model}: no tokenizer beside the weights (vocab.json + merges.txt or tokenizer.json)"
+            )
+        ids = tok.encode(prompt)
+    if not ids:
+        raise MechscopeError("the prompt is empty")
+    out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
+    typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))

@@ -1,0 +1,316 @@
+"""Ablating attention heads: exactly, and estimated for every head by attribution patching.
+
+A head is ablated by replacing its output ``z`` (``blocks.L.attn.hook_z``, [B, P, H, Dh]) and
+measuring the change in the model's loss on the second copy of repeated random tokens:
+
+* **mean-ablation** (the standard of ARENA 1.2): each position's z becomes the mean of that
+  position's z over the batch of protocol sequences. Not a mean pooled over positions: BOS and
+  the first copy behave differently from the second, and pooling them inflates some heads
+  several times.
+* **zero-ablation**: z becomes 0 (often off-distribution; shown for comparison).
+* **resample-ablation**: z becomes the head's z on another sequence of the batch at the same
+  position (sequence b takes sequence b + 1's), which keeps it on the data.
+
+Every number is per sequence, then averaged, with its spread.
+
+Exact ablation of every head in a large model is slow (heads × kinds × sequences forward
+passes). **Attribution patching** (Syed, Rager and Conmy 2023; Nanda 2023) estimates all of them
+at once to first order: with g = ∂loss/∂z from one backward pass,
+``Δloss ≈ Σ_{p,d} (z_replaced − z) · g``. The analysis measures exactly the heads the estimate
+ranks highest and a seeded random sample of the rest, and reports how well estimate and exact
+agree on those, so the reader can judge the estimate on the other heads.
+
+All interventions go through :func:`mechscope.core.intervene.intervene` on a cached residual
+stream, so each recomputes only the layers at and after the ablated head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mechscope.core.hooks import hooks
+from mechscope.core.intervene import intervene
+from mechscope.core.results import Result, figure_data
+from mechscope.lm.models.transformer import HookedTransformer
+
+KINDS = ("mean", "zero", "resample")
+
+
+def second_half_loss(model: HookedTransformer, resid_final: torch.Tensor, tokens: torch.Tensor, n: int):
+    """Mean loss over the predictions inside the second copy, per sequence: [B] (float32)."""
+    pos = slice(n + 1, 2 * n)  # position p predicts token p+1, both in the second copy
+    logits = model.unembed(resid_final[:, pos]).float()
+    target = tokens[:, n + 2 : 2 * n + 1].to(logits.device)
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1)
+
+
+def replacement(kind: str, z: torch.Tensor) -> torch.Tensor | float:
+    """What replaces z [B, P, H, Dh] under each ablation kind."""
+    if kind == "mean":
+        return z.mean(0)  # [P, H, Dh]: each position's mean over the batch
+    if kind == "zero":
+        return 0.0
+    return z.roll(1, dims=0)  # resample: sequence b takes sequence b-1's value (never its own for B > 1)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One forward and backward over the protocol sequences: what every ablation needs."""
+
+    resid_pre: list[torch.Tensor]  # per layer [B, P, D]
+    z: list[torch.Tensor]  # per layer [B, P, H, Dh]
+    grad: list[torch.Tensor]  # per layer ∂(Σ_b second-half loss_b)/∂z
+    clean: torch.Tensor  # [B] second-half loss
+
+
+def capture(model: HookedTransformer, tokens: torch.Tensor, n: int) -> Capture:
+    """Residual streams, head outputs and their gradients in one forward and backward pass."""
+    L = model.cfg.n_layers
+    resid: list = [None] * L
+    zs: list = [None] * L
+
+    def keep_resid(layer):
+        def hook(x, hp):
+            resid[layer] = x.detach()
+
+        return hook
+
+    def leaf_z(layer):
+        def hook(z, hp):
+            z = z.detach().requires_grad_(True)  # gradients stop here: only ∂loss/∂z is computed
+            zs[layer] = z
+            return z
+
+        return hook
+
+    fwd = [(f"blocks.{i}.hook_resid_pre", keep_resid(i)) for i in range(L)]
+    fwd += [(f"blocks.{i}.attn.hook_z", leaf_z(i)) for i in range(L)]
+    with torch.enable_grad(), hooks(model, fwd=fwd):
+        final = model.run_blocks(model.embed(tokens))
+        loss = second_half_loss(model, final, tokens, n)
+        grads = torch.autograd.grad(loss.sum(), zs)
+    return Capture(resid, [z.detach() for z in zs], [g.detach() for g in grads], loss.detach())
+
+
+def estimate(cap: Capture, kind: str) -> np.ndarray:
+    """Attribution-patching estimate of each head's loss increase per sequence: [L, H, B]."""
+    out = []
+    for z, g in zip(cap.z, cap.grad, strict=True):
+        delta = (torch.as_tensor(replacement(kind, z), dtype=z.dtype) - z).float()  # broadcasts to [B, P, H, Dh]
+        out.append(torch.einsum("bphd,bphd->hb", delta, g.float()))
+    return torch.stack(out).cpu().numpy()
+
+
+def head_masks(shape: tuple[int, ...], heads: list[int]) -> torch.Tensor:
+    """One mask per head over z's per-sequence shape [P, H, Dh]: [N, P, H, Dh]."""
+    masks = torch.zeros(len(heads), *shape, dtype=torch.bool)
+    for i, h in enumerate(heads):
+        masks[i, :, h] = True
+    return masks
+
+
+@torch.no_grad()
+def exact(
+    model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, layer: int, heads: list[int], kind: str
+) -> np.ndarray:
+    """Measured loss increase of ablating each head of ``layer`` alone, per sequence: [len(heads), B]."""
+    z = cap.z[layer]
+    b = z.shape[0]
+    masks = head_masks(tuple(z.shape[1:]), heads).to(z.device)
+    rep = replacement(kind, z)
+
+    def loss(out):  # [k, B, P, D] final residuals -> [k, B]
+        k = out.shape[0]
+        return second_half_loss(model, out.flatten(0, 1), tokens.repeat(k, 1), n).view(k, b)
+
+    ablated = intervene(
+        model,
+        cap.resid_pre[layer],
+        f"blocks.{layer}.attn.hook_z",
+        masks,
+        rep,
+        reduce=loss,
+        batch_size=2 * b,
+        forward=lambda x: model.run_blocks(x, layer),
+    )
+    return (ablated - cap.clean[None]).cpu().numpy()
+
+
+@torch.no_grad()
+def group_losses(model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, heads, kind: str = "mean"):
+    """Second-half loss per sequence [B] with all ``heads`` [(layer, head)] ablated together."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in heads:
+        by_layer.setdefault(layer, []).append(h)
+
+    def make(layer):
+        rep = replacement(kind, cap.z[layer])
+
+        def hook(z, hp):
+            z = z.clone()
+            for h in by_layer[layer]:  # rep is [P, H, Dh] (mean), [B, P, H, Dh] (resample) or 0
+                z[:, :, h] = rep[..., h, :] if isinstance(rep, torch.Tensor) else rep
+            return z
+
+        return hook
+
+    start = min(by_layer)
+    fwd = [(f"blocks.{layer}.attn.hook_z", make(layer)) for layer in by_layer]
+    with hooks(model, fwd=fwd):
+        final = model.run_blocks(cap.resid_pre[start], start)
+    return second_half_loss(model, final, tokens, n)
+
+
+def group(model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, heads, kind: str = "mean") -> float:
+    """Mean loss increase with all ``heads`` [(layer, head)] ablated together."""
+    return float((group_losses(model, cap, tokens, n, heads, kind) - cap.clean).mean())
+
+
+@dataclass(frozen=True)
+class HeadAblation(Result):
+    """Per-head ablation effects under one kind: the estimate for every head, the measurement for some.
+
+    Second-half loss increases (nats): ``estimate_mean``/``estimate_std`` [L, H] over the protocol sequences,
+    ``exact_mean``/``exact_std`` {(layer, head): float} for the heads measured exactly; the per-sequence values
+    (``estimate`` [L, H, B], ``exact`` {(layer, head): [B]}) are kept in memory, not in the JSON.
+    """
+
+    kind: str
+    estimate_mean: np.ndarray
+    estimate_std: np.ndarray
+    exact_mean: dict[tuple[int, int], float]
+    exact_std: dict[tuple[int, int], float]
+    estimate: np.ndarray | None = figure_data()
+    exact: dict | None = figure_data()
+
+    @classmethod
+    def measured(cls, kind: str, estimate: np.ndarray, exact: dict[tuple[int, int], np.ndarray]) -> HeadAblation:
+        """From the per-sequence estimate [L, H, B] and measurements {(layer, head): [B]}."""
+        return cls(
+            kind, estimate.mean(-1), estimate.std(-1), {lh: float(np.mean(v)) for lh, v in exact.items()},
+            {lh: float(np.std(v)) for lh, v in exact.items()}, estimate, exact,
+        )  # fmt: skip
+
+    def best(self) -> np.ndarray:
+        """[L, H] mean over sequences: measured where measured, the estimate elsewhere."""
+        out = self.estimate_mean.copy()
+        for (layer, h), v in self.exact_mean.items():
+            out[layer, h] = v
+        return out
+
+    def spread(self) -> np.ndarray:
+        """[L, H] standard deviation over sequences (of the measurement where there is one)."""
+        out = self.estimate_std.copy()
+        for (layer, h), v in self.exact_std.items():
+            out[layer, h] = v
+        return out
+
+    def agreement(self) -> dict:
+        """How well the estimate predicts the measurement on the heads measured both ways."""
+        if len(self.exact_mean) < 2:
+            return {"heads": len(self.exact_mean)}
+        keys = sorted(self.exact_mean)
+        est = np.array([self.estimate_mean[lh] for lh in keys])
+        ex = np.array([self.exact_mean[lh] for lh in keys])
+        corr = float(np.corrcoef(est, ex)[0, 1]) if est.std() > 0 and ex.std() > 0 else None
+        return {
+            "heads": len(keys),
+            "pearson": corr,
+            "max_abs_error": float(np.abs(est - ex).max()),
+            "median_abs_error": float(np.median(np.abs(est - ex))),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "measured": [
+                {
+                    "head": f"{layer}.{h}",
+                    "mean": self.exact_mean[(layer, h)],
+                    "std": self.exact_std[(layer, h)],
+                    "estimate": float(self.estimate_mean[layer, h]),
+                }
+                for (layer, h) in sorted(self.exact_mean)
+            ],
+            "agreement": self.agreement(),
+        }
+
+    @classmethod
+    def from_summary(cls, d: dict, best: np.ndarray, spread: np.ndarray) -> HeadAblation:
+        """Rebuilt from heads.json: this kind's entry, and its rows of ``scores`` and ``score_spread`` [L, H]."""
+        est_mean, est_std = np.array(best, dtype=float), np.array(spread, dtype=float)
+        exact_mean, exact_std = {}, {}
+        for row in d["measured"]:
+            lh = tuple(int(x) for x in row["head"].split("."))
+            exact_mean[lh], exact_std[lh] = float(row["mean"]), float(row["std"])
+            est_mean[lh], est_std[lh] = float(row["estimate"]), np.nan  # only the measurement's spread was saved
+        return cls(d["kind"], est_mean, est_std, exact_mean, exact_std)
+
+
+@dataclass(frozen=True)
+class HeadAblationResult(Result):
+    """Loss on the second copy of repeated tokens with ``heads`` ablated together, against the clean model."""
+
+    SCHEMA = "mechscope.head-ablation/1"
+
+    heads: tuple[tuple[int, int], ...]
+    kind: str
+    clean_loss: float
+    ablated_loss: float
+    per_sequence: tuple[float, ...]  # loss increase per sequence
+
+    @property
+    def loss_increase(self) -> float:
+        return self.ablated_loss - self.clean_loss
+
+
+@torch.no_grad()
+def ablate_together(model: HookedTransformer, tokens: torch.Tensor, heads, kind: str = "mean") -> HeadAblationResult:
+    """Second-copy loss on repeated tokens [B, 1 + 2n] with ``heads`` [(layer, head)] ablated together (checked
+    by the caller): the same intervention as :func:`group`, per sequence."""
+    n = tokens.shape[1] // 2
+    cap = capture(model, tokens, n)
+    ablated = group_losses(model, cap, tokens, n, heads, kind)
+    return HeadAblationResult(tuple(heads), kind, float(cap.clean.mean()), float(ablated.mean()),
+                              tuple((ablated - cap.clean).cpu().tolist()))  # fmt: skip
+
+
+def ablate_heads(
+    model: HookedTransformer,
+    cap: Capture,
+    tokens: torch.Tensor,
+    n: int,
+    top: int,
+    random: int,
+    generator: torch.Generator,
+    kinds: tuple[str, ...] = KINDS,
+    always: list[tuple[int, int]] = (),
+) -> dict[str, HeadAblation]:
+    """Estimate every head under each kind; measure exactly the ``top`` heads by estimate (per
+    kind), the heads in ``always`` and, for mean-ablation, a seeded sample of ``random`` others.
+
+    First-order estimates miss heads whose attention is saturated (their effect is far from
+    linear), so the heads a report is about go in ``always`` and are measured whatever the
+    estimate says.
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    out = {}
+    for kind in kinds:
+        est = estimate(cap, kind)
+        mean = est.mean(-1).ravel()
+        chosen = [divmod(int(i), H) for i in np.argsort(-np.abs(mean))[:top]]
+        chosen += [lh for lh in always if lh not in chosen]
+        if kind == "mean" and random:
+            rest = [i for i in torch.randperm(L * H, generator=generator).tolist() if divmod(i, H) not in chosen]
+            chosen += [divmod(i, H) for i in rest[:random]]
+        measured: dict[tuple[int, int], np.ndarray] = {}
+        for layer in sorted({lh[0] for lh in chosen}):
+            heads = [h for (lay, h) in chosen if lay == layer]
+            for h, row in zip(heads, exact(model, cap, tokens, n, layer, heads, kind), strict=True):
+                measured[(layer, h)] = row
+        out[kind] = HeadAblation.measured(kind, est, measured)
+    return out

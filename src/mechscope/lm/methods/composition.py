@@ -1,0 +1,217 @@
+"""Q-, K- and V-composition between attention heads (Elhage et al. 2021, "A Mathematical Framework").
+
+A head in an earlier layer writes into the residual stream through its OV circuit
+``W_OV = W_V W_O``; a later head reads that stream three ways: into its queries and keys
+through ``W_QK = W_Q W_Kᵀ``, and into its values through its own ``W_OV``. How much the
+earlier head's output space lines up with what the later head reads is the composition score
+
+    Q: ‖W_OV¹ W_QK²‖_F / (‖W_OV¹‖_F ‖W_QK²‖_F)
+    K: ‖W_OV¹ W_QK²ᵀ‖_F / (…)          V: ‖W_OV¹ W_OV²‖_F / (…)
+
+(TransformerLens' ``all_composition_scores`` uses the same definitions). Two random matrices
+of these shapes already score about 1/√d_model, so Elhage et al. and ARENA 1.2 subtract a
+random-matrix baseline; :func:`random_baseline` measures it for the model's shapes.
+
+How it is computed. Every W_OV and W_QK is a d_model × d_model matrix of rank d_head, a
+product A B with A [d_model, d_head] and B [d_head, d_model]. For any such product
+‖A X‖_F = ‖(AᵀA)^½ X‖_F, so with the d_head × d_head Gram roots
+
+    left  = (W_V¹ᵀ W_V¹)^½ W_O¹             [d_head, d_model]  per source head
+    right = A² (B² B²ᵀ)^½                    [d_model, d_head]  per target head
+
+the score of a pair is ‖left · right‖_F / (‖left‖_F ‖right‖_F): one matrix multiply per
+target layer, [sources·d_head, d_model] × [d_model, 3·heads·d_head] for all three kinds at
+once, gives every pair (about 9,500 pairs × 3 kinds for GPT-2 small in a few seconds on two
+cores), and no d_model² matrix is ever formed. Gram roots in float64, products in float32,
+whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.results import Result, figure_data
+from mechscope.lm.models.devices import torch_threads
+from mechscope.lm.models.folding import AnalysisWeights
+
+MODES = ("Q", "K", "V")
+
+
+def sqrt_psd(G: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of batches of positive semi-definite matrices [..., n, n] (float64).
+
+    The eigendecompositions run on one thread: the matrices are d_head-sized, a batch of 270 takes
+    0.2 s so, and 6.6 s with two threads when anything else shares a 2-core machine (measured).
+    """
+    with torch_threads(1):
+        lam, P = torch.linalg.eigh(G.double())
+    return (P * lam.clamp(min=0).sqrt()[..., None, :]) @ P.transpose(-1, -2)
+
+
+def gram_left(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(AᵀA)^½ B for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the left.
+
+    The d_head-sized Gram matrix and its root in float64, the product with B in float32.
+    """
+    A = A.double()
+    return sqrt_psd(A.transpose(-1, -2) @ A).float() @ B.float()
+
+
+def gram_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A (B Bᵀ)^½ for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the right."""
+    B = B.double()
+    return A.float() @ sqrt_psd(B @ B.transpose(-1, -2)).float()
+
+
+def readers(w: AnalysisWeights) -> dict[str, torch.Tensor]:
+    """The reading side of every head for each kind: [L, H, D, Dh] (see the module docstring)."""
+    WQ, WK, WV, WO = w.W_Q, w.W_K, w.W_V, w.W_O
+    return {
+        "Q": gram_right(WQ, WK.transpose(-1, -2)),  # W_QK = W_Q W_Kᵀ
+        "K": gram_right(WK, WQ.transpose(-1, -2)),  # W_QKᵀ = W_K W_Qᵀ
+        "V": gram_right(WV, WO),  # W_OV = W_V W_O
+    }
+
+
+def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> dict[str, torch.Tensor]:
+    """Composition of every earlier head into every later head: mode -> [L_src, H_src, L_tgt, H_tgt].
+
+    Zero where the source is not in an earlier layer (TransformerLens' layout).
+    """
+    for mode in modes:
+        if mode not in MODES:
+            raise MechscopeError(f"composition mode must be one of Q, K, V, got {mode!r}")
+    L, H, D, Dh = w.W_V.shape
+    src = gram_left(w.W_V, w.W_O)  # [L, H, Dh, D]
+    tgt = readers(w)
+    norm_src = torch.linalg.vector_norm(src, dim=(-1, -2))  # ‖W_OV¹‖_F [L, H]
+    norm_tgt = torch.stack([torch.linalg.vector_norm(tgt[m], dim=(-1, -2)) for m in modes])  # [M, L, H]
+    out = torch.zeros(len(modes), L, H, L, H)
+    for lt in range(1, L):
+        a = src[:lt].reshape(lt * H * Dh, D)
+        b = torch.cat([tgt[m][lt].permute(1, 0, 2).reshape(D, H * Dh) for m in modes], 1)  # [D, M·H·Dh]
+        c = (a @ b).view(lt, H, Dh, len(modes), H, Dh)
+        num = torch.linalg.vector_norm(c, dim=(2, 5)).permute(2, 0, 1, 3)  # [M, lt, H_src, H_tgt]
+        denom = norm_src[None, :lt, :, None] * norm_tgt[:, lt][:, None, None, :]
+        out[:, :lt, :, lt] = torch.where(denom > 0, num / denom.clamp(min=1e-30), torch.zeros(()))
+    return dict(zip(modes, out, strict=True))
+
+
+@dataclass(frozen=True)
+class Baseline(Result):
+    mean: float
+    std: float
+    samples: int
+    seed: int
+
+
+@functools.lru_cache(maxsize=16)  # depends only on the shapes and the seed, not on any weight
+def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0) -> Baseline:
+    """Composition score of random matrices shaped like the model's (Gaussian factors, seeded).
+
+    W_OV¹ = A¹ B¹ and W² = A² B² with A [d_model, d_head], B [d_head, d_model] independent; the
+    score does not depend on the scale. About 1/√d_model for d_head ≪ d_model, with a small spread.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw():
+        return (torch.randn(samples, d_model, d_head, generator=g, dtype=torch.float64),
+                torch.randn(samples, d_head, d_model, generator=g, dtype=torch.float64))
+
+    left, right = gram_left(*draw()), gram_right(*draw())  # [n, Dh, D], [n, D, Dh]
+    num = (left @ right).pow(2).sum((-1, -2)).sqrt()
+    score = (num / (left.pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())).numpy()
+    return Baseline(mean=float(score.mean()), std=float(score.std()), samples=samples, seed=seed)
+
+
+DEFINITION = "‖W_OV¹ · W²‖_F / (‖W_OV¹‖_F ‖W²‖_F), W² = W_QK (Q), W_QKᵀ (K), W_OV (V); Elhage et al. 2021"
+
+
+@dataclass(frozen=True)
+class CompositionResult(Result):
+    """Q/K/V composition of every head pair: the strongest pairs (saved) and every score (in memory).
+
+    ``top``: mode -> the ``top_n`` strongest pairs with their score above the baseline (the JSON);
+    ``scores``: mode -> [L, H, L, H] raw scores, 0 where the source is not earlier (not saved: after ``load``
+    it is None, and :meth:`top_pairs` reads the saved pairs).
+    """
+
+    SCHEMA = "mechscope.composition/1"
+
+    baseline: Baseline
+    folded: bool
+    top_n: int
+    top: dict[str, list[dict]]
+    scores: dict[str, np.ndarray] | None = figure_data()
+
+    @classmethod
+    def of(cls, scores: dict[str, np.ndarray], baseline: Baseline, folded: bool, top_n: int = 20):
+        top = {m: _top_pairs(scores[m], baseline, top_n) for m in scores}
+        return cls(baseline, folded, top_n, top, scores)
+
+    def above_baseline(self, mode: str) -> np.ndarray:
+        s = self.scores[mode]
+        valid = self.valid_mask(s.shape)
+        return np.where(valid, s - self.baseline.mean, 0.0)
+
+    @staticmethod
+    def valid_mask(shape) -> np.ndarray:
+        L = shape[0]
+        earlier = np.arange(L)[:, None] < np.arange(L)[None, :]
+        return np.broadcast_to(earlier[:, None, :, None], shape)
+
+    def top_pairs(self, mode: str, k: int = 20) -> list[dict]:
+        if self.scores is None:
+            return self.top[mode][:k]
+        return _top_pairs(self.scores[mode], self.baseline, k)
+
+    def into(self, mode: str, layer: int, head: int) -> np.ndarray:
+        """Scores of every earlier head into one target: [layer, H]."""
+        return self.scores[mode][:layer, :, layer, head]
+
+    def to_dict(self) -> dict:
+        return {
+            "definition": DEFINITION,
+            "folded_weights": self.folded,
+            "baseline": self.baseline.to_dict(),
+            "top_pairs": self.top,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompositionResult:
+        top = {m: list(rows) for m, rows in d["top_pairs"].items()}
+        return cls(Baseline(**d["baseline"]), bool(d["folded_weights"]), max((len(r) for r in top.values()), default=0),
+                   top)  # fmt: skip
+
+
+def _top_pairs(s: np.ndarray, baseline: Baseline, k: int) -> list[dict]:
+    valid = CompositionResult.valid_mask(s.shape)
+    flat = np.where(valid, s, -np.inf).ravel()
+    order = np.argsort(-flat)[:k]
+    rows = []
+    for i in order:
+        if not np.isfinite(flat[i]):
+            break
+        ls, hs, lt, ht = np.unravel_index(i, s.shape)
+        rows.append(
+            {
+                "source": f"{ls}.{hs}",
+                "target": f"{lt}.{ht}",
+                "score": float(flat[i]),
+                "above_baseline": float(flat[i] - baseline.mean),
+                "z": float((flat[i] - baseline.mean) / baseline.std) if baseline.std > 0 else None,
+            }
+        )
+    return rows
+
+
+def all_composition(w: AnalysisWeights, baseline_samples: int = 200, seed: int = 0, top_n: int = 20):
+    """Q, K and V composition for every pair of heads in different layers, with the random baseline."""
+    scores = {m: t.numpy() for m, t in composition_scores(w).items()}
+    base = random_baseline(w.cfg.d_model, w.cfg.d_head, baseline_samples, seed)
+    return CompositionResult.of(scores, base, w.fold_ln, top_n)

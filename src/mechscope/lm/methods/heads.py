@@ -1,0 +1,469 @@
+"""Finding induction heads (Elhage et al. 2021; Olsson et al. 2022).
+
+An induction head attends from a token to the token that followed an earlier occurrence of the
+same token, and copies it: on "... A B ... A" it attends to B and raises B's logit. It works
+with a previous-token head in an earlier layer, whose output tells each position which token
+preceded it; the induction head's keys read that (K-composition).
+
+Protocols (all seeded, tokenizer-free except the real-text one):
+
+1. Repeated random tokens: BOS + N random tokens + the same N again. Induction score = mean
+   attention from each second-half position to the position after its token's first
+   occurrence. Per-position loss of the model (second half far below the first: in-context
+   learning).
+2. Prefix matching (Olsson et al.): N' random tokens repeated R times; attention from each
+   token in repeats 2..R to every position that followed an earlier occurrence of it.
+3. Previous-token score (attention to position − 1) on random tokens and on real text;
+   duplicate-token score (attention to earlier copies of the same token).
+4. Copying: each head's direct effect on the *centred* logit (unembedding centred over the
+   vocabulary; softmax ignores a shared shift) of the token it attends to, through the folded
+   analysis view (:mod:`mechscope.lm.models.folding`); and the OV circuit's eigenvalue positivity
+   on the folded weights.
+5. Causal: mean-, zero- and resample-ablation of every head (:mod:`.head_ablation`): estimated
+   for every head by attribution patching, measured exactly on the leading heads and a random
+   sample, per sequence over all protocol sequences; the top-k induction heads mean-ablated
+   together against k random heads.
+6. The circuit: Q/K/V composition of every pair on the folded weights (:mod:`.composition`),
+   and key-side path patching (:mod:`.path_patching`) of every candidate previous-token head
+   into every induction head; only patching-confirmed edges count as "feeds".
+
+A head is labelled an induction head by Olsson et al.'s two properties: prefix matching (its
+prefix-matching score at least the threshold) and copying (positive centred copying).
+
+Memory: attention scores are reduced to per-head numbers inside the hook that sees the pattern;
+the residual stream and head outputs of the protocol batch are kept once for the ablations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.results import Result, figure_data
+from mechscope.core.torch_utils import Timer
+from mechscope.lm.methods import ablation as HA
+from mechscope.lm.methods.ablation import HeadAblation
+from mechscope.lm.methods.composition import CompositionResult, all_composition
+from mechscope.lm.methods.path_patching import Criterion, PathPatch, induction_edges
+from mechscope.lm.methods.scores import (
+    attention_scores,
+    capture_patterns,
+    check_heads,
+    default_token_range,
+    induction_mask,
+    model_device,
+    prefix_mask,
+    previous_token_mask,
+    repeated_tokens,
+    score_pass,
+)
+from mechscope.lm.methods.weights_circuits import ov_eigen_positivity
+from mechscope.lm.models.folding import analysis_weights
+from mechscope.lm.models.transformer import HookedTransformer
+
+log = logging.getLogger(__name__)
+
+SCORES = (
+    "induction",
+    "prefix_matching",
+    "previous_token",
+    "previous_token_text",
+    "duplicate_token",
+    "copying",
+    "ov_eigen_positivity",
+    "ablation_loss_increase",
+    "zero_ablation_loss_increase",
+    "resample_ablation_loss_increase",
+)
+ABLATION_SCORES = {
+    "mean": "ablation_loss_increase",
+    "zero": "zero_ablation_loss_increase",
+    "resample": "resample_ablation_loss_increase",
+}
+MEMORY_BUDGET = 8 * 2**30  # bytes for the cached residual streams, head outputs and gradients
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A head's label: the first rule it meets, in this order."""
+
+    induction: float = 0.4  # prefix-matching score at least this, and positive centred copying
+    previous_token: float = 0.4  # previous-token score on random tokens
+    duplicate_token: float = 0.4
+
+
+@dataclass(frozen=True)
+class HeadProtocol:
+    n: int = 50  # random tokens per half
+    batch: int = 8
+    seed: int = 0
+    token_range: tuple[int, int] | None = None  # [low, high) token ids; default avoids specials and rare tokens
+    prefix_n: int | None = None  # None: 25 (Olsson et al.), or as many as the context allows
+    prefix_repeats: int = 4
+    prefix_batch: int = 4
+    text_batch: int = 4
+    text_len: int = 128
+    per_head_ablation: bool = True  # exact per-head ablations (estimates are always made)
+    exact_top: int = 8  # heads measured exactly per ablation kind, by estimated effect
+    exact_random: int = 8  # and a seeded random sample of other heads (mean-ablation)
+    path_candidates: int = 3  # besides previous-token heads, the top-K-composition sources tested per target
+    top_k: int | None = None  # None: 5, or half the heads of a smaller model
+    random_draws: int = 8
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProtocol, tuple[int, int]]:
+    """The protocol with its defaults resolved for this model, and the token range; or a clear error."""
+    if p.prefix_n is None:
+        p = replace(p, prefix_n=max(1, min(25, (model.cfg.n_ctx - 1) // max(p.prefix_repeats, 1))))
+    if p.top_k is None:
+        p = replace(p, top_k=max(1, min(5, model.cfg.n_layers * model.cfg.n_heads // 2)))
+    lo, hi = p.token_range or default_token_range(model)
+    if not 0 <= lo < hi <= model.cfg.d_vocab:
+        raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
+    for name, value in (("n", p.n), ("batch", p.batch), ("prefix_n", p.prefix_n)):
+        if value < 1:
+            raise MechscopeError(f"{name} must be at least 1, got {value}")
+    for name, value in (("exact_top", p.exact_top), ("exact_random", p.exact_random)):
+        if value < 0:
+            raise MechscopeError(f"{name} must be 0 or more, got {value}")
+    if p.batch < 2:
+        raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {p.batch}")
+    cfg = model.cfg
+    need = 3 * cfg.n_layers * p.batch * (1 + 2 * p.n) * max(cfg.d_model, cfg.n_heads * cfg.d_head) * 4
+    if need > MEMORY_BUDGET:
+        raise MechscopeError(
+            f"batch {p.batch} × {1 + 2 * p.n} positions would cache {need / 2**30:.1f} GiB of activations for the "
+            f"ablations (budget {MEMORY_BUDGET / 2**30:.0f} GiB); use a smaller --batch or --n"
+        )
+    if p.prefix_repeats < 2:
+        raise MechscopeError(f"prefix_repeats must be at least 2, got {p.prefix_repeats}")
+    longest = max(1 + 2 * p.n, 1 + p.prefix_repeats * p.prefix_n)
+    if longest > model.cfg.n_ctx:
+        raise MechscopeError(
+            f"N = {p.n} needs {1 + 2 * p.n} positions and the prefix protocol {1 + p.prefix_repeats * p.prefix_n}; "
+            f"the model's context is {model.cfg.n_ctx}"
+        )
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    if not 1 <= p.top_k <= n_heads:
+        raise MechscopeError(f"top_k must be between 1 and {n_heads}, got {p.top_k}")
+    return p, (lo, hi)
+
+
+def classify(scores: dict[str, np.ndarray], t: Thresholds) -> list[list[str]]:
+    """Olsson et al.'s induction head: prefix matching and copying; then previous-token, duplicate-token."""
+    n_layers, n_heads = scores["induction"].shape
+    labels = []
+    for layer in range(n_layers):
+        row = []
+        for h in range(n_heads):
+            if scores["prefix_matching"][layer, h] >= t.induction and scores["copying"][layer, h] > 0:
+                row.append("induction")
+            elif scores["previous_token"][layer, h] >= t.previous_token:
+                row.append("previous_token")
+            elif scores["duplicate_token"][layer, h] >= t.duplicate_token:
+                row.append("duplicate_token")
+            else:
+                row.append("none")
+        labels.append(row)
+    return labels
+
+
+# ---- the result ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadsResult(Result):
+    """Everything ``find_induction_heads`` measured; ``to_dict()`` is heads.json (``load`` reads it back).
+
+    ``examples`` (token ids and attention patterns of the heads shown), ``token_text`` (their text) and
+    ``model_ref`` (a weak reference to the model, for the viewer of a head not captured) are for showing
+    the result; they are not in the JSON.
+    """
+
+    SCHEMA = "mechscope.heads/2"
+    FILE = "heads.json"
+
+    model: str
+    protocol: dict
+    scores: dict[str, np.ndarray]  # name -> [L, H]
+    labels: list[list[str]]
+    loss_per_position: list[float]  # mean over the batch, position p predicts token p+1
+    loss_first_half: float
+    loss_second_half: float
+    top_k_ablation: dict
+    ablation: dict[str, HeadAblation]  # kind -> estimates for all heads, measurements for some
+    composition: CompositionResult
+    path_patches: tuple[PathPatch, ...]  # every test (after ``load``: the confirmed ones)
+    circuit: tuple[dict, ...]  # per induction head: the strongest K-composition sources and every path-patching test
+    criterion: Criterion
+    kv_groups: int  # query heads per key/value head
+    seconds: dict[str, float]
+    examples: dict = figure_data(None)
+    token_text: dict = figure_data(None)
+    model_ref: Any = figure_data()
+
+    def ranked(self, score: str, label: str | None = None) -> list[dict]:
+        s = self.scores[score]
+        rows = [
+            {"layer": int(layer), "head": int(h), "score": float(s[layer, h])}
+            for layer in range(s.shape[0])
+            for h in range(s.shape[1])
+            if label is None or self.labels[layer][h] == label
+        ]
+        return sorted(rows, key=lambda r: -r["score"])
+
+    def edges(self) -> list[dict]:
+        """Path-patching-confirmed edges: one per (source, key/value head), with every query head's effect."""
+        out = []
+        for pp in self.path_patches:
+            if any(pp.confirmed):
+                targets = [h for h, ok in zip(pp.query_heads, pp.confirmed, strict=True) if ok]
+                out.append(pp.to_dict() | {"targets": [f"{pp.layer}.{h}" for h in targets]})
+        return out
+
+    def table(self, n: int | None = 20):
+        """The heads ranked by induction score (the report's table; ``n=None``: every head), as a table view."""
+        return self.render_view("table", n)
+
+    def show(self, layer: int, head: int, model=None):
+        """That head's attention viewer on the repeated random tokens (needs the model for a head not captured)."""
+        return self.render_view("show", layer, head, model)
+
+    def induction_heads(self) -> list[tuple[int, int]]:
+        return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": self.SCHEMA,
+            "model": self.model,
+            "protocol": self.protocol,
+            "thresholds": self.protocol["thresholds"],
+            # a score that was not measured (no text) is null, not NaN
+            "scores": {
+                k: [[None if np.isnan(x) else round(float(x), 6) for x in row] for row in np.asarray(v)]
+                for k, v in self.scores.items()
+            },
+            "score_spread": {
+                ABLATION_SCORES[k]: np.round(a.spread(), 6).tolist() for k, a in self.ablation.items()
+            },
+            "labels": self.labels,
+            "induction_heads": self.ranked("induction", "induction"),
+            "previous_token_heads": self.ranked("previous_token", "previous_token"),
+            "duplicate_token_heads": self.ranked("duplicate_token", "duplicate_token"),
+            "loss_per_position": self.loss_per_position,
+            "loss_first_half": self.loss_first_half,
+            "loss_second_half": self.loss_second_half,
+            "ablation": {k: a.to_dict() for k, a in self.ablation.items()},
+            "top_k_ablation": self.top_k_ablation,
+            "composition": self.composition.to_dict(),
+            "circuit": list(self.circuit),
+            "edges": self.edges(),
+            "path_patching_criterion": self.criterion.to_dict(),
+            "kv_groups": self.kv_groups,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HeadsResult:
+        scores = {k: np.array([[np.nan if x is None else x for x in row] for row in v], dtype=float)
+                  for k, v in d["scores"].items()}  # fmt: skip
+        ablation = {
+            k: HeadAblation.from_summary(a, scores[ABLATION_SCORES[k]], d["score_spread"][ABLATION_SCORES[k]])
+            for k, a in d["ablation"].items()
+        }
+        return cls(
+            d["model"], d["protocol"], scores, d["labels"], d["loss_per_position"], d["loss_first_half"],
+            d["loss_second_half"], d["top_k_ablation"], ablation, CompositionResult.from_dict(d["composition"]),
+            tuple(PathPatch.from_dict(e) for e in d["edges"]), tuple(d["circuit"]),
+            Criterion.from_dict(d["path_patching_criterion"]), d["kv_groups"], d.get("seconds", {}),
+        )  # fmt: skip
+
+
+def circuit_rows(scores, labels, composition: CompositionResult, patches, kv_groups: int) -> tuple[dict, ...]:
+    """Per induction head (layer > 0): the strongest K-composition sources (folded) and every path-patching test."""
+    heads = [(layer, h) for layer, row in enumerate(labels) for h, lab in enumerate(row) if lab == "induction"]
+    return tuple(_circuit_row(scores, labels, composition, patches, kv_groups, layer, h) for layer, h in heads
+                 if layer > 0)  # fmt: skip
+
+
+def _circuit_row(scores, labels, comp: CompositionResult, patches, g: int, layer: int, h: int) -> dict:
+    k = comp.into("K", layer, h)
+    H = k.shape[1]
+    first = h - h % g  # the first query head of this key/value head's group
+    tests = [pp for pp in patches if pp.layer == layer and h in pp.query_heads]
+    tests.sort(key=lambda pp: -pp.drop[pp.query_heads.index(h)])
+
+    def test_row(pp: PathPatch) -> dict:
+        i = pp.query_heads.index(h)
+        ls, hs = pp.source
+        return {
+            "source": f"{ls}.{hs}",
+            "source_label": labels[ls][hs],
+            "induction_clean": pp.induction_clean[i],
+            "induction_patched": pp.induction_patched[i],
+            "drop": float(pp.drop[i]),
+            "k_composition": float(comp.scores["K"][ls, hs, layer, h]),
+            "confirmed": pp.confirmed[i],
+            "loss_increase": pp.loss_increase,
+        }
+
+    return {
+        "induction_head": {"layer": layer, "head": h, "induction_score": float(scores["induction"][layer, h])},
+        "kv_head": h // g,
+        "shares_keys_with": [f"{layer}.{q}" for q in range(first, first + g) if q != h],
+        "top_k_composition": [
+            {
+                "head": f"{j // H}.{j % H}",
+                "k_composition": float(k.ravel()[j]),
+                "above_baseline": float(k.ravel()[j] - comp.baseline.mean),
+            }
+            for j in np.argsort(-k.ravel())[:5]
+        ],
+        "path_patching": [test_row(pp) for pp in tests],
+    }
+
+
+# ---- the analysis -------------------------------------------------------------------------
+
+
+def path_tests(labels, composition: CompositionResult, kv_groups: int, extra: int) -> dict:
+    """Which sources to path-patch into each induction head's key/value head: every earlier
+    previous-token head, and the ``extra`` strongest K-composition sources of each query head."""
+    tests: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    H = len(labels[0])
+    for layer, row in enumerate(labels):
+        for h, lab in enumerate(row):
+            if lab != "induction" or layer == 0:
+                continue
+            key = (layer, h // kv_groups)
+            srcs = tests.setdefault(key, [])
+            prev = [(lay, hh) for lay in range(layer) for hh in range(H) if labels[lay][hh] == "previous_token"]
+            k = composition.into("K", layer, h).ravel()
+            top = [divmod(int(j), H) for j in np.argsort(-k)[:extra]]
+            for src in prev + top:
+                if src not in srcs:
+                    srcs.append(src)
+    return tests
+
+
+def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
+    """The top-k heads by induction score mean-ablated together, against k random heads."""
+    cfg = model.cfg
+    flat = scores["induction"].flatten()
+    top = [divmod(int(i), cfg.n_heads) for i in np.argsort(-flat)[:k]]
+    rnd = []
+    for _ in range(draws):
+        pick = torch.randperm(len(flat), generator=g)[:k].tolist()
+        rnd.append(HA.group(model, cap, tokens, n, [divmod(i, cfg.n_heads) for i in pick]))
+    return {
+        "k": k,
+        "heads": [{"layer": layer, "head": h} for layer, h in top],
+        "ablation": "mean (per position, over the batch)",
+        "induction_heads_loss_increase": HA.group(model, cap, tokens, n, top),
+        "random_heads_loss_increase_mean": float(np.mean(rnd)),
+        "random_heads_loss_increase_std": float(np.std(rnd)),
+        "random_draws": rnd,
+    }
+
+
+def find_induction_heads(
+    model: HookedTransformer,
+    protocol: HeadProtocol | None = None,
+    text_tokens: torch.Tensor | None = None,
+    name: str = "",
+    show: list[tuple[int, int]] | None = None,
+    progress=None,
+) -> HeadsResult:
+    """Run every protocol on ``model``; ``text_tokens`` [B, P] enables the real-text scores."""
+    model.check_complete()
+    p, token_range = check_protocol(model, protocol or HeadProtocol())
+    check_heads(model, show)
+    cfg = model.cfg
+    dev = model_device(model)
+    g = torch.Generator().manual_seed(p.seed)
+    say = progress or (lambda msg: None)
+    timer = Timer("heads")
+
+    say("folded weights")
+    with timer.section("folding"):
+        view = analysis_weights(model)
+    say("repeated random tokens")
+    with timer.section("repeated_tokens"):
+        tokens = repeated_tokens(model, p.n, p.batch, 2, g, token_range).to(dev)
+        sp = score_pass(model, tokens, p.n, view)
+        loss, scores = sp.loss, sp.scores
+    say("prefix matching")
+    with timer.section("prefix_matching"):
+        ptoks = repeated_tokens(model, p.prefix_n, p.prefix_batch, p.prefix_repeats, g, token_range)
+        scores |= attention_scores(model, ptoks, {"prefix_matching": prefix_mask(ptoks, 1 + p.prefix_n)})
+    with timer.section("real_text"):
+        if text_tokens is not None:
+            say("previous-token heads on real text")
+            text_mask = previous_token_mask(text_tokens.shape[1])
+            scores |= attention_scores(model, text_tokens, {"previous_token_text": text_mask})
+        else:
+            scores["previous_token_text"] = np.full((cfg.n_layers, cfg.n_heads), np.nan)
+    say("OV circuits")
+    with timer.section("ov_circuits"):
+        scores["ov_eigen_positivity"] = ov_eigen_positivity(view)
+
+    say("per-head ablations (attribution patching, then exact on the leading heads)")
+    with timer.section("per_head_ablation"):
+        cap = HA.capture(model, tokens, p.n)
+        top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
+        by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]
+        always = by_induction[: p.top_k] if p.per_head_ablation else []
+        ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always)
+        for kind, a in ablation.items():
+            scores[ABLATION_SCORES[kind]] = a.best()
+    labels = classify(scores, p.thresholds)
+    say("top-k ablation")
+    with timer.section("top_k_ablation"):
+        top_k = _top_k(model, cap, tokens, p.n, scores, p.top_k, p.random_draws, g)
+    say("composition")
+    with timer.section("composition"):
+        composition = all_composition(view, seed=p.seed, top_n=20)
+    say("path patching")
+    with timer.section("path_patching"):
+        kv_groups = cfg.n_heads // cfg.kv_heads
+        tests = path_tests(labels, composition, kv_groups, p.path_candidates)
+        patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
+
+    with timer.section("examples"):
+        by_previous = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["previous_token"].flatten())]
+        chosen = list(dict.fromkeys(list(show or []) + by_induction[:3] + by_previous[:2]))  # heads in the viewer
+        examples = {
+            "heads": [f"{layer}.{h}" for layer, h in chosen],
+            "repeated": {"tokens": tokens[0].tolist(), "patterns": capture_patterns(model, tokens, chosen)},
+        }
+        if text_tokens is not None:
+            examples["text"] = {"tokens": text_tokens[0].tolist(),
+                                "patterns": capture_patterns(model, text_tokens, chosen)}  # fmt: skip
+    n = p.n
+    return HeadsResult(
+        model=name or cfg.name,
+        protocol=p.to_dict() | {"token_range": list(token_range)},
+        scores=scores,
+        labels=labels,
+        loss_per_position=loss.tolist(),
+        loss_first_half=float(loss[1:n].mean()),
+        loss_second_half=float(loss[n + 1 : 2 * n].mean()),
+        top_k_ablation=top_k,
+        ablation=ablation,
+        composition=composition,
+        path_patches=tuple(patches),
+        circuit=circuit_rows(scores, labels, composition, patches, kv_groups),
+        criterion=Criterion(),
+        kv_groups=kv_groups,
+        seconds=dict(timer.seconds),
+        examples=examples,
+    )

@@ -1,0 +1,329 @@
+"""Reading attention heads' circuits as tokens (Elhage et al. 2021, "A Mathematical Framework").
+
+Every function reads the folded analysis view (:mod:`mechscope.lm.models.folding`), so no score
+depends on where a checkpoint keeps its norm gains or on a shift shared by every logit.
+
+* **Full OV circuit** ``W_E W_V W_O W_U`` [V, V]: what a head writes to the logits when it
+  attends to a token. Its *diagonal* is how much attending to token t raises t's own logit
+  (copying); :func:`ov_copying` gives the diagonal for every token, the tokens each head copies
+  most, and rank statistics (is t's own logit the top of its row?) on a seeded token sample.
+  :func:`ov_eigen_positivity`: Σλ / Σ|λ| of the circuit's eigenvalues, 1 for a pure copier.
+* **Full QK circuit** ``W_E W_Q W_Kᵀ W_Eᵀ``: which key tokens a query token attends to
+  (:func:`qk_token_pairs`); **positional QK** ``W_pos W_Q W_Kᵀ W_posᵀ`` for learned positions
+  (:func:`positional_qk`): where a head looks by position alone (a previous-token head's
+  pattern sits on the first sub-diagonal).
+* Toy attention-only models: the **direct path** ``W_E W_U`` is a bigram table
+  (:func:`bigrams`), and in a 1-layer model each head's QK and OV circuits together give
+  **skip-trigrams** "A … B → C" (:func:`skip_trigrams`).
+
+Embeddings are passed through the reading layer's normalisation the way the model would see a
+lone token (centred for LayerNorm, divided by its root mean square), so tokens compare on one
+scale. Rows of W_U are centred over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.models.folding import AnalysisWeights
+
+
+def _need(view: AnalysisWeights, *names: str) -> None:
+    missing = [n for n in names if getattr(view, n) is None]
+    if missing:
+        raise MechscopeError(f"this analysis needs {', '.join(missing)}, which the checkpoint does not hold")
+
+
+def normalised(x: torch.Tensor, layernorm: bool, eps: float = 1e-5) -> torch.Tensor:
+    """Rows as a norm layer without its gain would output them ([..., D])."""
+    x = x.double()
+    if layernorm:
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@torch.no_grad()
+def ov_eigen_positivity(view: AnalysisWeights) -> np.ndarray:
+    """Σλ / Σ|λ| of each head's full OV circuit W_E W_V W_O W_U: [L, H] (1 = a pure copier).
+
+    The V×V circuit has the same non-zero eigenvalues as the d_head × d_head matrix
+    W_O W_U W_E W_V, which is what is decomposed.
+    """
+    _need(view, "W_E", "W_U")
+    ue = view.W_U.double() @ view.W_E.double()  # [D, D]
+    m = view.W_O.double() @ ue @ view.W_V.double()  # [L, H, Dh, Dh]
+    lam = torch.linalg.eigvals(m)
+    return (lam.sum(-1).real / lam.abs().sum(-1).clamp(min=1e-30)).numpy()
+
+
+def token_sample(d_vocab: int, size: int, seed: int, token_range: tuple[int, int] | None = None) -> torch.Tensor:
+    lo, hi = token_range or (0, d_vocab)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(hi - lo, generator=g)[: min(size, hi - lo)] + lo
+    return ids.sort().values
+
+
+@dataclass(frozen=True)
+class OVCopying:
+    """The full OV circuit's diagonal, read for each head."""
+
+    heads: list[tuple[int, int]]
+    top_tokens: list[list[tuple[int, float]]]  # per head: (token, raise of its own logit), largest first
+    top1: np.ndarray  # per head: share of sampled tokens whose own logit tops their row
+    top5: np.ndarray
+    median_rank: np.ndarray  # 0 = own logit highest
+    diagonal_mean: np.ndarray  # mean raise of a token's own logit over the vocabulary
+    sample: int
+
+    def to_dict(self, decode=None) -> dict:
+        dec = decode or str
+        return {
+            "sample": self.sample,
+            "heads": [
+                {
+                    "head": f"{layer}.{h}",
+                    "top_tokens": [{"token": int(t), "text": dec(int(t)), "logit": round(v, 4)} for t, v in tops],
+                    "own_logit_top1": float(a),
+                    "own_logit_top5": float(b),
+                    "median_rank": float(r),
+                    "diagonal_mean": float(d),
+                }
+                for (layer, h), tops, a, b, r, d in zip(
+                    self.heads,
+                    self.top_tokens,
+                    self.top1,
+                    self.top5,
+                    self.median_rank,
+                    self.diagonal_mean,
+                    strict=True,
+                )
+            ],
+        }
+
+
+@torch.no_grad()
+def ov_copying(
+    view: AnalysisWeights,
+    heads: list[tuple[int, int]],
+    k: int = 10,
+    sample: int = 500,
+    seed: int = 0,
+    token_range: tuple[int, int] | None = None,
+) -> OVCopying:
+    """Copying tables of the full OV circuit for ``heads`` (diagonal over the whole vocabulary;
+    ranks on ``sample`` seeded tokens, each row compared with all V logits)."""
+    _need(view, "W_E", "W_U")
+    emb = normalised(view.W_E, view.layernorm)  # [V, D]
+    wu = view.W_U.double()
+    ids = token_sample(view.cfg.d_vocab, sample, seed, token_range)
+    tops, top1, top5, med, dmean = [], [], [], [], []
+    for layer, h in heads:
+        ev = emb @ view.W_V[layer, h].double()  # [V, Dh]
+        ou = view.W_O[layer, h].double() @ wu  # [Dh, V]
+        diag = (ev * ou.T).sum(-1)  # [V] raise of each token's own logit
+        best = torch.topk(diag, k)
+        tops.append([(int(t), float(v)) for v, t in zip(best.values, best.indices, strict=True)])
+        rows = ev[ids] @ ou  # [S, V]
+        own = rows.gather(1, ids[:, None])
+        rank = (rows > own).sum(1).float()
+        top1.append(float((rank == 0).float().mean()))
+        top5.append(float((rank < 5).float().mean()))
+        med.append(float(rank.median()))
+        dmean.append(float(diag.mean()))
+    return OVCopying(heads, tops, np.array(top1), np.array(top5), np.array(med), np.array(dmean), len(ids))
+
+
+@dataclass(frozen=True)
+class QKPairs:
+    heads: list[tuple[int, int]]
+    pairs: list[list[tuple[int, int, float]]]  # per head: (query token, key token, score), largest first
+    sample: int
+
+    def to_dict(self, decode=None) -> dict:
+        dec = decode or str
+        return {
+            "sample": self.sample,
+            "heads": [
+                {
+                    "head": f"{layer}.{h}",
+                    "pairs": [
+                        {
+                            "query": int(q),
+                            "key": int(kk),
+                            "query_text": dec(int(q)),
+                            "key_text": dec(int(kk)),
+                            "score": round(s, 4),
+                        }
+                        for q, kk, s in pairs
+                    ],
+                }
+                for (layer, h), pairs in zip(self.heads, self.pairs, strict=True)
+            ],
+        }
+
+
+@torch.no_grad()
+def qk_token_pairs(
+    view: AnalysisWeights,
+    heads: list[tuple[int, int]],
+    k: int = 10,
+    sample: int = 2000,
+    seed: int = 0,
+    token_range: tuple[int, int] | None = None,
+) -> QKPairs:
+    """The query→key token pairs with the largest attention scores in each head's full QK circuit,
+    among ``sample`` seeded tokens (as query and as key), scaled by 1/√d_head."""
+    _need(view, "W_E")
+    ids = token_sample(view.cfg.d_vocab, sample, seed, token_range)
+    emb = normalised(view.W_E[ids], view.layernorm)  # [S, D]
+    out = []
+    for layer, h in heads:
+        q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()
+        kk = emb @ view.W_K[layer, h].double() + view.b_K[layer, h].double()
+        s = (q @ kk.T) / view.cfg.d_head**0.5  # [S, S]
+        best = torch.topk(s.flatten(), k)
+        out.append(
+            [
+                (int(ids[i // len(ids)]), int(ids[i % len(ids)]), float(v))
+                for v, i in zip(best.values, best.indices.tolist(), strict=True)
+            ]
+        )
+    return QKPairs(heads, out, len(ids))
+
+
+@dataclass(frozen=True)
+class PositionalQK:
+    """Each head's attention pattern from positions alone, on the first ``n`` positions."""
+
+    patterns: np.ndarray  # [L, H, n, n] softmax over earlier positions of W_pos W_QK W_posᵀ / √d_head
+    offset_mass: np.ndarray  # [L, H, max_offset+1] mean attention to offset 0 (self), 1 (previous), ...
+    n: int
+
+    def previous_token(self) -> np.ndarray:
+        """[L, H] mean attention to the previous position (offset 1) from position alone."""
+        return self.offset_mass[..., 1]
+
+    def to_dict(self) -> dict:
+        prev = self.previous_token()
+        order = np.argsort(-prev.ravel())[:10]
+        H = prev.shape[1]
+        return {
+            "positions": self.n,
+            "definition": "softmax over earlier positions of (W_pos W_Q + b_Q)(W_pos W_K + b_K)ᵀ/√d_head, "
+            "rows of W_pos normalised as the layer's norm would",
+            "previous_position_mass": prev.round(5).tolist(),
+            "strongest_previous_position_heads": [
+                {"head": f"{i // H}.{i % H}", "mass": float(prev.ravel()[i])} for i in order
+            ],
+        }
+
+
+@torch.no_grad()
+def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> PositionalQK:
+    """Positional attention of every head (learned positions only)."""
+    _need(view, "W_pos")
+    n = min(n, view.W_pos.shape[0])
+    pos = normalised(view.W_pos[:n], view.layernorm).float()  # [n, D]
+    q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q) + view.b_Q[:, :, None]
+    k = torch.einsum("pd,lhde->lhpe", pos, view.W_K) + view.b_K[:, :, None]
+    s = q @ k.transpose(-1, -2) / view.cfg.d_head**0.5  # [L, H, n, n]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    pat = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    mass = []
+    for off in range(max_offset + 1):
+        rows = torch.arange(off, n)
+        mass.append(pat[..., rows, rows - off].mean(-1))
+    return PositionalQK(pat.numpy(), torch.stack(mass, -1).numpy(), n)
+
+
+# ---- toy attention-only models: the direct path and skip-trigrams -------------------------
+
+MAX_TABLE_VOCAB = 5000  # V × V tables only for small vocabularies (toy models)
+
+
+@dataclass(frozen=True)
+class Bigrams:
+    """The direct path W_E W_U (through the final norm) as a bigram table: [V, V] centred logits."""
+
+    table: np.ndarray
+
+    def top(self, k: int = 20) -> list[tuple[int, int, float]]:
+        flat = np.argsort(-self.table.ravel())[:k]
+        v = self.table.shape[1]
+        return [(int(i // v), int(i % v), float(self.table.ravel()[i])) for i in flat]
+
+    def to_dict(self, decode=None, k: int = 20) -> dict:
+        dec = decode or str
+        return {
+            "definition": "centred logit of the next token B given the current token A through the direct path",
+            "top": [{"current": dec(a), "next": dec(b), "logit": round(s, 4)} for a, b, s in self.top(k)],
+        }
+
+
+def _check_small_vocab(view: AnalysisWeights) -> None:
+    if view.cfg.d_vocab > MAX_TABLE_VOCAB:
+        raise MechscopeError(
+            f"token-by-token tables need a small vocabulary (at most {MAX_TABLE_VOCAB}), this model has "
+            f"{view.cfg.d_vocab}; they are meant for the toy models of lm train-toy"
+        )
+
+
+@torch.no_grad()
+def bigrams(view: AnalysisWeights) -> Bigrams:
+    _need(view, "W_E", "W_U")
+    _check_small_vocab(view)
+    emb = normalised(view.W_E, view.layernorm)
+    return Bigrams(((emb @ view.W_U.double()) + view.b_U.double()).numpy())
+
+
+@dataclass(frozen=True)
+class SkipTrigrams:
+    """Per head of a 1-layer model: "B … A → C" where A attends to B (QK) and attending to B raises C (OV)."""
+
+    heads: list[tuple[int, int]]
+    triples: list[list[tuple[int, int, int, float, float]]]  # (A, B, C, QK score, OV logit)
+
+    def to_dict(self, decode=None) -> dict:
+        dec = decode or str
+        return {
+            "definition": "A (current token) attends to an earlier B with QK score s; attending to B raises the "
+            "centred logit of C by o (full QK and OV circuits of the folded weights, positions left out)",
+            "heads": [
+                {
+                    "head": f"{layer}.{h}",
+                    "skip_trigrams": [
+                        {"A": dec(a), "B": dec(b), "C": dec(c), "qk": round(s, 4), "ov": round(o, 4)}
+                        for a, b, c, s, o in rows
+                    ],
+                }
+                for (layer, h), rows in zip(self.heads, self.triples, strict=True)
+            ],
+        }
+
+
+@torch.no_grad()
+def skip_trigrams(view: AnalysisWeights, layer: int = 0, k: int = 15) -> SkipTrigrams:
+    """The strongest skip-trigrams of every head of ``layer`` (Elhage et al. 2021, one-layer models)."""
+    _need(view, "W_E", "W_U")
+    _check_small_vocab(view)
+    emb = normalised(view.W_E, view.layernorm)  # [V, D]
+    heads, out = [], []
+    for h in range(view.n_heads):
+        q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()
+        kk = emb @ view.W_K[layer, h].double() + view.b_K[layer, h].double()
+        qk = (q @ kk.T) / view.cfg.d_head**0.5  # [A, B]
+        ov = (emb @ view.W_V[layer, h].double()) @ (view.W_O[layer, h].double() @ view.W_U.double())  # [B, C]
+        best = torch.topk(qk.flatten(), k)
+        v = qk.shape[1]
+        rows = []
+        for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+            a, b = divmod(i, v)
+            c = int(ov[b].argmax())
+            rows.append((a, b, c, s, float(ov[b, c])))
+        heads.append((layer, h))
+        out.append(rows)
+    return SkipTrigrams(heads, out)

@@ -1,0 +1,81 @@
+"""``mechscope lm circuits``: the Mathematical Framework toolkit on one model; circuits.json and report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import model_out
+from mechscope.lm.methods.circuits import CircuitsResult, read_circuits
+from mechscope.lm.methods.scores import check_heads, default_token_range
+
+DEFAULT_PROMPT = (
+    "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were perfectly normal, thank you "
+    "very much. Mr and Mrs Dursley"
+)
+
+
+def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revision=None):
+    """A model for weights-only reading: a train-toy run (or one checkpoint), or anything load_model takes,
+    partial checkpoints included. Returns the model, an encoder, a decoder, and a name."""
+    from mechscope.lm.models.loading import load_model
+    from mechscope.lm.toy import is_toy_run, load_toy
+
+    if is_toy_run(spec):
+        model, chars, name = load_toy(spec)
+        if chars:
+            lookup = {c: i for i, c in enumerate(chars)}
+            return model, (lambda text: [lookup[c] for c in text if c in lookup]), (lambda i: chars[i]), name
+        return model, None, str, name
+    model, tok = load_model(spec, dtype, True, device=device, device_map=device_map, revision=revision)
+    if tok is None:
+        return model, None, str, str(spec)
+    return model, tok.encode, (lambda i: tok.decode([i])), str(spec)
+
+
+def circuits(
+    model_spec: str,
+    out: str | Path | None = None,
+    heads: list[tuple[int, int]] | None = None,
+    prompt: str | None = None,
+    force: bool = False,
+    progress=None,
+    device=None,
+    dtype=None,
+    device_map=None,
+    revision=None,
+) -> tuple[Path, CircuitsResult]:
+    """The Mathematical Framework toolkit on one model: circuits.json and report.html. Returns (out, the result)."""
+    import torch
+
+    from mechscope.lm.models.folding import analysis_weights
+    from mechscope.lm.report.circuits import write_report
+
+    out = Path(out) if out is not None else model_out("circuits", model_spec)
+    check_target(out, force)
+    model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
+    check_heads(model, heads)
+    prompt_ids = None
+    if not model.missing_weights:
+        if prompt is not None and encode is None:
+            raise MechscopeError(f"{model_spec}: no tokenizer to encode --prompt with")
+        if encode is not None:
+            ids = encode(prompt if prompt is not None else DEFAULT_PROMPT)
+            if not ids:
+                raise MechscopeError("the prompt is empty")
+            if len(ids) > model.cfg.n_ctx:
+                raise MechscopeError(f"the prompt is {len(ids)} tokens, longer than the context of {model.cfg.n_ctx}")
+            prompt_ids = torch.tensor(ids)
+    elif prompt is not None:
+        model.check_complete()  # one line: a partial checkpoint cannot run the prompt
+    view = analysis_weights(model)
+    prompt_text = None if prompt_ids is None else [decode(int(i)) for i in prompt_ids]
+    result = read_circuits(
+        model, view, label, heads, prompt_ids, token_range=default_token_range(model), progress=progress,
+        decoder=decode, prompt_text=prompt_text,
+    )  # fmt: skip
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / "circuits.json", result.to_dict())
+        write_report(result, tmp / "report.html")
+    return out, result

@@ -1,0 +1,79 @@
+"""``mechscope lm heads``: find the induction heads of a model; heads.json and report.html."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.torch_utils import Timer
+from mechscope.core.validate import check_seed
+from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, find_induction_heads
+from mechscope.lm.text import default_text_path
+
+log = logging.getLogger(__name__)
+
+
+def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: int):
+    """Seeded windows of real text for the previous-token protocol; None when no text is at hand."""
+    import torch
+
+    from mechscope.core.validate import read_text_file
+
+    if tokenizer is None:
+        log.warning("no tokenizer: the real-text previous-token score is not measured")
+        return None
+    path = Path(text_file) if text_file else default_text_path()
+    if not path.is_file():
+        if text_file:
+            raise MechscopeError(f"{path}: text file not found")
+        log.warning("%s not found: the real-text previous-token score is not measured", path)
+        return None
+    ids = torch.tensor(tokenizer.encode(read_text_file(path)[:300_000]))
+    length = min(protocol.text_len, n_ctx)
+    if len(ids) < length + 1:
+        raise MechscopeError(f"{path}: {len(ids)} tokens, too short for windows of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (protocol.text_batch,), generator=g)
+    return torch.stack([ids[s : s + length] for s in starts])
+
+
+def induction_heads(
+    model_spec: str,
+    out: str | Path | None = None,
+    protocol=None,
+    text_file: str | Path | None = None,
+    show: list[tuple[int, int]] | None = None,
+    force: bool = False,
+    progress=None,
+    device=None,
+    dtype=None,
+    device_map=None,
+    revision=None,
+) -> tuple[Path, HeadsResult]:
+    """Find the induction heads of a model; write heads.json and report.html. Returns (out, the result)."""
+    from mechscope.lm.models.loading import load_model
+    from mechscope.lm.report.heads import write_report
+
+    protocol = protocol or HeadProtocol()
+    check_seed(protocol.seed)
+    out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
+    check_target(out, force)  # before minutes of work
+    timer = Timer("lm heads")
+    with timer.section("load"):
+        model, tok = load_model(model_spec, dtype, device=device, device_map=device_map, revision=revision)
+    text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
+    result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
+
+    def as_text(ids):
+        return [tok.decode([i]) if tok else str(i) for i in ids]
+
+    token_text = {k: as_text(v["tokens"]) for k, v in result.examples.items() if k in ("repeated", "text")}
+    result = replace(result, seconds={**timer.seconds, **result.seconds}, token_text=token_text)
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / "heads.json", result.to_dict())
+        write_report(result, tmp / "report.html")
+    return out, result

@@ -1,0 +1,323 @@
+"""``lm neurons`` and ``lm solu-compare``: MLP neurons' top contexts and monosemanticity.
+
+Strings steps together; the figures are computed in :mod:`mechscope.lm.methods.neurons`, the pages
+drawn in :mod:`mechscope.lm.report.neurons`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import model_out
+from mechscope.core.torch_utils import Timer, torch_threads
+from mechscope.core.validate import check_seed
+from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
+from mechscope.lm.text import read_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NeuronSettings:
+    layers: tuple[int, ...] | None = None
+    neurons: tuple[tuple[int, int], ...] = ()  # (layer, neuron) shown first in the report
+    site: str = "auto"
+    k: int = 100
+    sequences: int = 512
+    length: int = 64
+    contexts: int = 5
+    seed: int = 0
+    min_count: int = 10
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise MechscopeError(f"--k must be at least 1, got {self.k}")
+        if self.sequences < 1:
+            raise MechscopeError(f"--sequences must be at least 1, got {self.sequences}")
+        if self.length < 2:
+            raise MechscopeError(f"--length must be at least 2, got {self.length}")
+        if self.contexts < 0:
+            raise MechscopeError(f"--contexts must be 0 or more, got {self.contexts}")
+        check_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A model with what the neuron pipeline needs: an encoder, a decoder, a name, a BOS to prepend."""
+
+    model: object
+    encode: Callable[[str], list[int]]
+    decode: Callable[[int], str]
+    name: str
+    bos: int | None = None
+
+
+def load_text_model(spec: str, device=None, dtype=None, device_map=None, revision=None) -> TextModel:
+    """A train-toy run (or one of its checkpoints), or anything ``load_model`` takes."""
+    from mechscope.lm.models.loading import load_model
+    from mechscope.lm.toy import is_toy_run, load_toy
+
+    if is_toy_run(spec):
+        model, chars, name = load_toy(spec)
+        if not chars:
+            raise MechscopeError(
+                f"{spec}: a toy model trained on synthetic tokens has no text to read neurons on "
+                "(train it with --data text)"
+            )
+        lookup = {c: i for i, c in enumerate(chars)}
+        return TextModel(model, lambda t: [lookup[c] for c in t if c in lookup], lambda i: chars[i], name)
+    model, tok = load_model(spec, dtype, device=device, device_map=device_map, revision=revision)
+    if tok is None:
+        raise MechscopeError(f"{spec}: no tokenizer beside the weights (vocab.json + merges.txt or tokenizer.json)")
+    return TextModel(model, tok.encode, lambda i: tok.decode([i]), str(spec), model.cfg.bos_token_id)
+
+
+def text_sample(tm: TextModel, text: str, settings: NeuronSettings, max_chars: int = 2_000_000) -> torch.Tensor:
+    """Seeded non-overlapping windows of the text as tokens [N, P] (BOS first where the model has one)."""
+    from mechscope.lm.methods.neurons import sample_windows
+
+    ids = tm.encode(text[:max_chars])
+    if not ids:
+        raise MechscopeError("the text is empty once encoded (none of its characters is in the model's vocabulary)")
+    room = tm.model.cfg.n_ctx - (tm.bos is not None)
+    length = min(settings.length, tm.model.cfg.n_ctx) - (tm.bos is not None)
+    windows = sample_windows(torch.tensor(ids), settings.sequences, max(1, min(length, room)), settings.seed)
+    if tm.bos is not None:
+        windows = torch.cat([torch.full((len(windows), 1), tm.bos, dtype=torch.long), windows], 1)
+    return windows
+
+
+def check_neurons_asked(model, settings: NeuronSettings) -> None:
+    from mechscope.lm.methods.neurons import check_neuron_model
+
+    layers = check_neuron_model(model, list(settings.layers or []), settings.site)
+    for layer, neuron in settings.neurons:
+        if layer not in layers:
+            raise MechscopeError(f"neuron {layer}.{neuron}: layer {layer} is not among the MLP layers read ({layers})")
+        if not 0 <= neuron < model.cfg.d_mlp:
+            raise MechscopeError(
+                f"neuron {layer}.{neuron} out of range: layer {layer} has neurons 0..{model.cfg.d_mlp - 1}"
+            )
+
+
+def analyse(tm: TextModel, tokens: torch.Tensor, settings: NeuronSettings, source: str, progress=None):
+    from mechscope.lm.methods.neurons import read_neurons
+
+    skip = int(tm.bos is not None)
+    return read_neurons(
+        tm.model,
+        tokens,
+        name=tm.name,
+        layers=list(settings.layers) if settings.layers else None,
+        k=settings.k,
+        site=settings.site,
+        min_count=settings.min_count,
+        n_contexts=settings.contexts,
+        skip_first=skip,
+        seed=settings.seed,
+        sample={"seed": settings.seed, "source": source},
+        progress=progress,
+    )
+
+
+def neurons(
+    model_spec: str,
+    out: str | Path | None = None,
+    text_file: str | Path | None = None,
+    settings: NeuronSettings | None = None,
+    force: bool = False,
+    progress=None,
+    device=None,
+    dtype=None,
+    device_map=None,
+    revision=None,
+):
+    """Every MLP neuron's top contexts and monosemanticity figures: neurons.json and report.html."""
+    settings = settings or NeuronSettings()
+    settings.validate()
+    out = Path(out) if out is not None else model_out("neurons", model_spec)
+    check_target(out, force)
+    tm = load_text_model(model_spec, device, dtype, device_map, revision)
+    check_neurons_asked(tm.model, settings)
+    text, source = read_text(text_file)
+    tokens = text_sample(tm, text, settings)
+    result = replace(analyse(tm, tokens, settings, source, progress), decoder=tm.decode)
+    with atomic_output(out, force) as tmp:
+        write_outputs(result, tmp, settings.neurons)
+    return out, result
+
+
+def write_outputs(result: NeuronsResult, where: Path, asked=()) -> None:
+    """neurons.json (compact: it holds every neuron's contexts) and report.html into ``where``."""
+    from mechscope.lm.report.neurons import write_neurons_report
+
+    write_json(where / "neurons.json", result.to_dict(), compact=True)
+    write_neurons_report(result, result.decoder, where / "report.html", asked=asked)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """The toy transformer both models share; only the MLP's activation differs."""
+
+    layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_ctx: int = 64
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    checkpoints: int = 8
+    k: int = 100
+    sequences: int = 512  # held-out windows the neurons are read on
+    threads: int = 1  # torch threads while training and reading (see torch_threads)
+
+    def toy(self, mlp: str):
+        from mechscope.lm.toy import ToyConfig
+
+        return ToyConfig(
+            layers=self.layers,
+            data="text",
+            steps=self.steps,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_ctx=self.n_ctx,
+            batch=self.batch,
+            lr=self.lr,
+            warmup=self.warmup,
+            seed=self.seed,
+            checkpoints=self.checkpoints,
+            min_span=min(8, self.n_ctx // 2),
+            repeat_fraction=0.0,  # plain text: no repeated spans injected
+            mlp=mlp,
+            d_mlp=self.d_mlp,
+        )
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise MechscopeError(f"--d-model {self.d_model} is not a multiple of {self.n_heads} heads")
+        if self.batch < 1 or self.k < 1 or self.sequences < 1:
+            raise MechscopeError(f"--batch, --k and sequences must be at least 1, got {self.batch}, {self.k}")
+        if self.n_ctx < 2:
+            raise MechscopeError(f"--n-ctx must be at least 2, got {self.n_ctx}")
+        if self.threads < 1:
+            raise MechscopeError(f"--threads must be at least 1, got {self.threads}")
+        self.toy("gelu").validate()
+
+
+COMPARED = (("GELU", "gelu"), ("SoLU", "solu"))
+
+
+def solu_compare_run(
+    settings: CompareSettings | None = None,
+    out: str | Path | None = None,
+    text_file: str | Path | None = None,
+    force: bool = False,
+    progress=None,
+) -> tuple[Path, SoluComparison]:
+    """Train the same toy transformer with GELU and with SoLU MLPs and compare held-out loss and the
+    monosemanticity of their neurons. Each model is a train-toy run directory (``gelu/``, ``solu/``,
+    each with its ``neurons/`` report); compare.json and report.html beside them."""
+    from dataclasses import asdict
+
+    from mechscope.lm.methods.neurons import sample_windows
+    from mechscope.lm.report.neurons import compare_lines, write_compare_report
+    from mechscope.lm.toy import Data
+
+    settings = settings or CompareSettings()
+    settings.validate()
+    say = progress or (lambda _: None)
+    out = Path(out) if out is not None else Path("runs") / "solu-compare"
+    check_target(out, force)
+    text, source = read_text(text_file)
+    data = Data(settings.toy("gelu"), text)  # the split both models train and are measured on
+    tokens = sample_windows(data.val_ids, settings.sequences, settings.n_ctx, settings.seed)
+    timer = Timer("solu-compare")
+    models, results = [], {}
+    with atomic_output(out, force) as tmp, torch_threads(settings.threads):
+        for label, mlp in COMPARED:
+            row, read = _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress)
+            models.append(row)
+            results |= read
+        post = results.get("SoLU after its LayerNorm")
+        if post is not None:
+            models.append(models[-1] | {"label": "SoLU after its LayerNorm"})
+        seconds = dict(timer.seconds) | {"total": timer.total()}
+        say("report")
+        entries = [_entry(m, results[m["label"]]) for m in models]
+        result = SoluComparison(
+            settings=asdict(settings), text=source, vocab=data.vocab, models=entries,
+            baseline=next(iter(results.values())).baseline, summary=compare_lines(entries), seconds=seconds,
+            neurons=results,
+        )  # fmt: skip
+        write_json(tmp / "compare.json", result.to_dict())
+        write_compare_report(result, tmp / "report.html")
+    return out, result
+
+
+def _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress):
+    """Train one of the compared models into ``tmp/MLP`` and read its neurons: its row and its readings."""
+    from mechscope.lm.methods.neurons import read_neurons
+    from mechscope.lm.report.toy import write_training_report
+    from mechscope.lm.toy import ToyTraining, load_toy, text_loss, train_toy
+
+    say(f"training the {label} model ({settings.steps:,} steps)")
+    run = tmp / mlp
+    run.mkdir()
+    with timer.section(f"train {label}"):
+        trained = train_toy(settings.toy(mlp), text, run, progress=progress is not None)
+        write_json(run / "training.json", ToyTraining(trained).to_dict())
+        write_training_report(trained, run / "training.html")
+    model, chars, _ = load_toy(run)
+    say(f"held-out loss and neurons of the {label} model")
+    read = {}
+    with timer.section(f"analyse {label}"):
+        held = text_loss(model, data.val_ids)
+        sites = [("auto", label)] + ([("post", f"{label} after its LayerNorm")] if mlp == "solu" else [])
+        for site, name in sites:
+            r = read_neurons(
+                model, tokens, name=f"{label} ({mlp}/)", k=settings.k, site=site, seed=settings.seed,
+                sample={"seed": settings.seed, "source": f"{source}, held-out last 10%"},
+            )  # fmt: skip
+            read[name] = r = replace(r, decoder=lambda i, chars=chars: chars[i])
+            if site == "auto":
+                (run / "neurons").mkdir()
+                write_outputs(r, run / "neurons")
+    row = {
+        "label": label,
+        "mlp": mlp,
+        "dir": mlp,
+        "act": model.cfg.act,
+        "held_out_loss": held["loss"],
+        "held_out_tokens": held["tokens"],
+        "train_loss_last": trained["series"][-1]["train_loss"],
+        "train_seconds": trained["train_seconds"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return row, read
+
+
+def _entry(model: dict, result) -> dict:
+    """One model's row of compare.json: training figures and its neurons' distribution figures."""
+    return model | {
+        "stats": result.summary()["all"],
+        "neurons": result.summary(),
+        "baseline": result.baseline,
+        "min_count": result.min_count,
+        "hooks": [lay.hook for lay in result.layers],
+        "most_monosemantic": _ids(result.ranking()[:20]),
+        "least_monosemantic": _ids(result.ranking()[::-1][:20]),
+    }
+
+
+def _ids(pairs) -> list[str]:
+    return [f"{layer}.{n}" for layer, n in pairs]

@@ -1,0 +1,90 @@
+"""The training-dynamics report: series against step (log axis), phase change marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mechscope.core.render.html import figure_data_uri, render  # noqa: E402
+
+
+def _steps(series):
+    return np.array([max(r["step"], 0.8) for r in series])  # step 0 drawn just left of 1 on the log axis
+
+
+def _mark(ax, phase):
+    if phase.get("detected"):
+        ax.axvspan(*[max(s, 0.8) for s in phase["window"]], color="#d95f02", alpha=0.15, lw=0)
+
+
+def run_figure(result: dict, title: str) -> str:
+    s, phase = result["series"], result["phase_change"]
+    x = _steps(s)
+    layers = result["config"]["layers"]
+    fig, axes = plt.subplots(1, 4 if layers >= 2 else 3, figsize=(16 if layers >= 2 else 12, 3.4), layout="constrained")
+    ax = axes[0]
+    ax.plot(x[1:], [r["train_loss"] for r in s[1:]], label="train")
+    ax.plot(x, [r["held_out_loss"] for r in s], label="held out")
+    ax.set_title("loss")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.plot(x, [r["icl_score"] for r in s], color="black")
+    ax.set_title("in-context learning score (late − early loss)")
+    ax = axes[2]
+    for h in range(len(s[0]["induction"][0])):
+        ax.plot(x, [r["induction"][layers - 1][h] for r in s], label=f"induction {layers - 1}.{h}")
+        ax.plot(x, [r["previous_token"][0][h] for r in s], ls="--", label=f"prev-token 0.{h}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("head scores on repeated random tokens")
+    ax.legend(fontsize=6, ncol=2)
+    if layers >= 2:
+        ax = axes[3]
+        comp = np.array([r["k_composition"] for r in s])  # [T, H1, H0]
+        ih, ph = result["circuit"]["induction_head"][1], result["circuit"]["previous_token_head"][1]
+        for i in range(comp.shape[1]):
+            for j in range(comp.shape[2]):
+                strong = (i, j) == (ih, ph)
+                ax.plot(
+                    x,
+                    comp[:, i, j],
+                    color="#d95f02" if strong else "#bbb",
+                    lw=2 if strong else 0.8,
+                    label=f"0.{j} → 1.{i}" if strong else None,
+                    zorder=3 if strong else 1,
+                )
+        ax.set_title("K-composition layer 0 → layer 1")
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        _mark(ax, phase)
+    fig.suptitle(
+        title
+        + (
+            f" — phase change at steps {phase['window'][0]}–{phase['window'][1]} (shaded)"
+            if phase.get("detected")
+            else " — no phase change detected"
+        ),
+        fontsize=11,
+    )
+    return figure_data_uri(fig)
+
+
+def write_training_report(result: dict, out: Path) -> Path:
+    return render("mechscope.lm", "toy.html.j2", out, **report_context(result))
+
+
+def report_context(result: dict) -> dict:
+    """What toy.html.j2 draws (the file report and the notebook fragment)."""
+    c = result["config"]
+    kind = "attention-only model" if c.get("mlp", "none") == "none" else f"model with {c['mlp'].upper()} MLPs"
+    figures = [run_figure(result, f"{c['layers']}-layer {kind}")]
+    if result.get("control"):
+        figures.append(run_figure(result["control"], "1-layer control"))
+    return {"result": result, "figures": figures}

@@ -1,0 +1,23 @@
+"""Text for the language half: the default corpus (tinyshakespeare under the data root) and reading a text file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.paths import resolve_data_dir
+
+
+def default_text_path() -> Path:
+    """``tinyshakespeare/input.txt`` under the data root (``$MECHSCOPE_DATA``; ../shared/data with `make`)."""
+    return resolve_data_dir() / "tinyshakespeare" / "input.txt"
+
+
+def read_text(text_file: str | Path | None) -> tuple[str, str]:
+    """The text (tinyshakespeare by default) and where it came from; one-line errors."""
+    from mechscope.core.validate import read_text_file
+
+    path = Path(text_file) if text_file else default_text_path()
+    if not path.is_file():
+        raise MechscopeError(f"{path}: text file not found")
+    return read_text_file(path), str(path)
