@@ -29,22 +29,16 @@ def _fake_linked_outputs(run):
     """featvis/ and attribution/ as `cnn visualize` and `cnn attribute` leave them (one unit each), made from
     the run's own weights (their hash recorded)."""
     from mechscope.cnn.runs import load_run
+    from mechscope.core.outputs import write_json
+    from tests.records import attribution_record, featvis_record
 
     sha = load_run(run).weights_sha256
     (run / "featvis" / "units").mkdir(parents=True)
     _png(run / "featvis" / "units" / "conv2_5.png")
-    (run / "featvis" / "featvis.json").write_text(
-        json.dumps(
-            {
-                "summary": {"units": 1, "exceed_dataset_max": 1, "median_ratio_to_dataset_max": 1.3},
-                "units": [{"layer": "conv2.hook_post", "unit": 5, "ratio_to_dataset_max": 1.3}],
-                "weights_sha256": sha,
-            }
-        )
-    )
+    write_json(run / "featvis" / "featvis.json", featvis_record([("conv2.hook_post", 5, 1.0)], sha, 1.3).to_dict())
     (run / "attribution").mkdir()
     _png(run / "attribution" / "saliency.png")
-    (run / "attribution" / "faithfulness.json").write_text(json.dumps({"ranking": ["saliency"], "weights_sha256": sha}))
+    write_json(run / "attribution" / "faithfulness.json", attribution_record(["saliency"], sha).to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def test_writes_report_and_mechanisms(explained):
     assert r.summary and all(isinstance(s, str) for s in r.summary)
     assert set(r.seconds) >= {"ablation", "patching", "circuits", "report"}
     saved = json.loads((out / "mechanisms.json").read_text())
-    assert saved["schema_version"] == 2
+    assert saved["schema"] == "mechscope.explain/3"
     assert saved == json.loads(json.dumps(r.to_dict()))  # the JSON is to_dict() of the result
     n_images = check_report(out / "report.html")
     assert n_images >= 11 + 48 + 2  # overview figures, one per channel, linked featvis and attribution

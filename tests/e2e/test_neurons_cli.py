@@ -53,7 +53,7 @@ TINY = dict(d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=3, m
 @pytest.fixture(scope="module")
 def solu_run(tmp_path_factory, text_file):
     """A 1-layer SoLU toy trained on the text (through the library; the CLI's path is tested below)."""
-    from mechscope.lm.pipelines.heads import train_toy_run
+    from mechscope.lm.pipelines.toy import train_toy_run
     from mechscope.lm.toy import ToyConfig
 
     out = tmp_path_factory.mktemp("toy") / "toy-solu"

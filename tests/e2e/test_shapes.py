@@ -81,7 +81,7 @@ def test_train_attribute_visualize_explain(capsys, data, tmp_path, name):
     code, out, err = run_main(capsys, "cnn", "explain", "--run", str(run), "--test-limit", "120", *extra)
     assert code == 0, err
     m = json.loads((run / "explain" / "mechanisms.json").read_text())
-    assert m["schema_version"] == 2 and m["class_names"] == list(CLASS_NAMES)
+    assert m["schema"] == "mechscope.explain/3" and m["class_names"] == list(CLASS_NAMES)
     assert [s["name"] for s in m["model"]["stages"]] == [f"conv{i + 1}" for i in range(n_stages)]
     assert len(m["circuits"]["circuits"]) == 4 and m["circuits"]["stage"] == ("conv1" if extra else f"conv{n_stages}")
     assert m["circuits"]["closed_form"] == (name != "hidden")

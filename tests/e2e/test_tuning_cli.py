@@ -26,7 +26,7 @@ def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
     where = run / "tuning"
     assert "units are tuned to these stimuli (conv1" in out and f"written to {where}" in out
     data = json.loads((where / "tuning.json").read_text())
-    assert data["schema"] == 1 and data["input_shape"] == [1, 28, 28] and data["value_range"] == [0.0, 1.0]
+    assert data["schema"] == "mechscope.tuning/2" and data["input_shape"] == [1, 28, 28] and data["value_range"] == [0.0, 1.0]
     assert [len(s["units"]) for s in data["stages"]] == [16, 32]
     assert data["stimuli"]["counts"] == {"line": 60, "edge": 120, "curve": 600, "line_end": 120, "corner": 360,
                                          "blob": 30, "ring": 20}  # fmt: skip
@@ -130,7 +130,7 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     assert "made from other weights" in other["stale"] and "units" not in other
     assert not any(s.startswith("Tuning curves on synthetic stimuli") for s in summarise(result, {"tuning": other}))
     context = report_context(result, {"tuning": other}, channels=False)  # the page without its channel sections
-    page = render("microscope.html.j2", tmp_path / "stale.html", **context).read_text()
+    page = render("mechscope.cnn", "microscope.html.j2", tmp_path / "stale.html", **context).read_text()
     assert "not shown: it was made from other weights" in page
     # --force makes them again, for the new weights
     code, _, err = run_main(capsys, "cnn", "tuning", "--run", str(run), "--force")

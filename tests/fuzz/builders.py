@@ -284,7 +284,7 @@ def write_text(path: Path) -> Path:
 
 def write_toy_run(out: Path, text: Path) -> Path:
     """A 1-layer GELU toy trained for two steps on the text (through the real pipeline)."""
-    from mechscope.lm.pipelines.heads import train_toy_run
+    from mechscope.lm.pipelines.toy import train_toy_run
     from mechscope.lm.toy import ToyConfig
 
     config = ToyConfig(**TOY, layers=1, data="text", steps=2, mlp="gelu", d_mlp=8)

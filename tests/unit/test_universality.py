@@ -162,9 +162,9 @@ def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
 
 
 def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
-    import json
-
     from mechscope.cnn.methods import featvis as FV
+    from mechscope.core.outputs import write_json
+    from tests.records import featvis_record
     from mechscope.cnn.pipelines.universality import featvis_panels
 
     net, x = _net(2), _images(30)
@@ -173,35 +173,30 @@ def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
     fv = tmp_path / "featvis"
     (fv / "units").mkdir(parents=True)
     (fv / "units" / "conv1_0.png").write_bytes(b"png")
-    rows = [{"layer": "conv1.hook_post", "unit": u, "dataset_max": float(maxima[u])} for u in range(2)]
-    (fv / "featvis.json").write_text(json.dumps({"units": rows}))
+    rows = [("conv1.hook_post", u, float(maxima[u])) for u in range(2)]
+    write_json(fv / "featvis.json", featvis_record(rows).to_dict())
     assert featvis_panels(fv, spec, x) == {("conv1", 0): fv / "units" / "conv1_0.png"}  # unit 1 has no PNG
     assert featvis_panels(fv, walk(_net(3)), x) == {}  # other weights: rendered instead
     assert featvis_panels(tmp_path / "none", spec, x) == {}
     # with the weights hash cnn visualize records, the hash decides
-    from mechscope.cnn.runs import WEIGHTS_KEY, weights_hash
+    from mechscope.cnn.runs import weights_hash
 
-    rows[0]["dataset_max"] = 123.0
-    (fv / "featvis.json").write_text(json.dumps({"units": rows, WEIGHTS_KEY: weights_hash(net)}))
+    rows[0] = ("conv1.hook_post", 0, 123.0)
+    write_json(fv / "featvis.json", featvis_record(rows, weights_hash(net)).to_dict())
     assert featvis_panels(fv, spec, x, weights_hash(net)) == {("conv1", 0): fv / "units" / "conv1_0.png"}
     assert featvis_panels(fv, spec, x, weights_hash(_net(3))) == {}
 
 
 def test_explain_circuits_reused_only_from_the_same_weights_and_images(tmp_path):
-    import json
-
     from mechscope.cnn.pipelines.universality import _explain_circuits
+    from tests.records import explain_record
 
-    means = torch.rand(8, 10)
-    path = tmp_path / "mechanisms.json"
-    m = {
-        "data": {"test_images": 300},
-        "selectivity": [{"stage": "conv2", "class_means": means.tolist()}],
-        "circuits": {"stage": "conv2", "circuits": [{"target": 3, "channels": [5, 1]}]},
-    }
-    path.write_text(json.dumps(m))
-    assert _explain_circuits(path, "conv2", means, 300) == {3: (5, 1)}
-    assert _explain_circuits(path, "conv2", means, 1000) is None  # other test images
-    assert _explain_circuits(path, "conv2", means + 0.1, 300) is None  # other weights
+    out, r = explain_record(tmp_path / "explain")
+    path = out / "mechanisms.json"
+    means, n = r.selectivity_of("conv2").class_means, r.data["test_images"]
+    found = {c.target: tuple(c.channels) for c in r.circuits.circuits}
+    assert found and _explain_circuits(path, "conv2", means, n) == found
+    assert _explain_circuits(path, "conv2", means, n + 1) is None  # other test images
+    assert _explain_circuits(path, "conv2", means + 0.1, n) is None  # other weights
     path.write_text("{")
-    assert _explain_circuits(path, "conv2", means, 300) is None
+    assert _explain_circuits(path, "conv2", means, n) is None

@@ -40,14 +40,15 @@ def test_same_weights_says_why_not():
 
 
 def _linked(run, sha):
+    from mechscope.core.outputs import write_json
+    from tests.records import attribution_record, featvis_record
+
     (run / "featvis" / "units").mkdir(parents=True)
     (run / "featvis" / "units" / "conv2_5.png").write_bytes(b"png")
-    units = [{"layer": "conv2.hook_post", "unit": 5}]
-    (run / "featvis" / "featvis.json").write_text(json.dumps({"units": units, **({WEIGHTS_KEY: sha} if sha else {})}))
+    write_json(run / "featvis" / "featvis.json", featvis_record([("conv2.hook_post", 5, 1.0)], sha).to_dict())
     (run / "attribution").mkdir()
     (run / "attribution" / "saliency.png").write_bytes(b"png")
-    ranking = {"ranking": ["saliency"], **({WEIGHTS_KEY: sha} if sha else {})}
-    (run / "attribution" / "faithfulness.json").write_text(json.dumps(ranking))
+    write_json(run / "attribution" / "faithfulness.json", attribution_record(["saliency"], sha).to_dict())
 
 
 def test_explain_links_only_outputs_of_the_same_weights(tmp_path):

@@ -187,7 +187,7 @@ def _rebuild(tp: Any, value: Any) -> Any:
     if tp is np.ndarray:
         return np.asarray(_nan(value), dtype=float)
     if tp is torch.Tensor:
-        return torch.tensor(_nan(value))
+        return torch.as_tensor(np.asarray(_nan(value)))  # float64, int64 or bool: every saved value exactly
     if tp is float:
         return float(value)
     if origin is tuple:

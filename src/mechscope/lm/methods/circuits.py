@@ -90,7 +90,7 @@ class CircuitsResult(Result):
         if r is None or isinstance(r, Saved):
             return None if r is None else r.data
         return {
-            "circuit": list(r.circuit),
+            "circuit": r.circuit(),
             "edges": r.edges(),
             "criterion": r.criterion.to_dict(),
             "induction_heads": r.ranked("induction", "induction"),

@@ -203,7 +203,7 @@ class HeadsResult(Result):
     ablation: dict[str, HeadAblation]  # kind -> estimates for all heads, measurements for some
     composition: CompositionResult
     path_patches: tuple[PathPatch, ...]  # every test (after ``load``: the confirmed ones)
-    circuit: tuple[dict, ...]  # per induction head: the strongest K-composition sources and every path-patching test
+    circuit_rows: tuple[dict, ...]  # per induction head: the strongest K-composition sources, every path-patching test
     criterion: Criterion
     kv_groups: int  # query heads per key/value head
     seconds: dict[str, float]
@@ -238,6 +238,10 @@ class HeadsResult(Result):
         """That head's attention viewer on the repeated random tokens (needs the model for a head not captured)."""
         return self.render_view("show", layer, head, model)
 
+    def circuit(self) -> list[dict]:
+        """Per induction head: the strongest K-composition sources (folded) and every path-patching test."""
+        return list(self.circuit_rows)
+
     def induction_heads(self) -> list[tuple[int, int]]:
         return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]
 
@@ -265,7 +269,7 @@ class HeadsResult(Result):
             "ablation": {k: a.to_dict() for k, a in self.ablation.items()},
             "top_k_ablation": self.top_k_ablation,
             "composition": self.composition.to_dict(),
-            "circuit": list(self.circuit),
+            "circuit": self.circuit(),
             "edges": self.edges(),
             "path_patching_criterion": self.criterion.to_dict(),
             "kv_groups": self.kv_groups,
@@ -461,7 +465,7 @@ def find_induction_heads(
         ablation=ablation,
         composition=composition,
         path_patches=tuple(patches),
-        circuit=circuit_rows(scores, labels, composition, patches, kv_groups),
+        circuit_rows=circuit_rows(scores, labels, composition, patches, kv_groups),
         criterion=Criterion(),
         kv_groups=kv_groups,
         seconds=dict(timer.seconds),

@@ -273,7 +273,7 @@ def circuit_sentences(result) -> list[str]:
             f"{shared} only: induction score {change}{loss}."
         )
     weak = []
-    for row in result.circuit:
+    for row in result.circuit():
         ih = row["induction_head"]
         for top in row["top_k_composition"][:2]:
             test = next((t for t in row["path_patching"] if t["source"] == top["head"]), None)
