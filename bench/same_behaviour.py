@@ -78,24 +78,31 @@ def run_side(src: Path, side: Path, steps: tuple[str, ...]) -> dict[str, float]:
     return times
 
 
-def differences(a, b, where: str = "", rtol: float = 0.0) -> list[str]:
-    """Every place where two JSON values differ (ignored keys aside)."""
+HEADERS = ("schema", "schema_version")  # the one schema header replaced the four markers: shown, not compared
+
+
+def header(d: dict) -> str:
+    return ", ".join(f"{k}={d[k]!r}" for k in HEADERS if k in d) or "none"
+
+
+def differences(a, b, where: str = "", rtol: float = 0.0, top: bool = True) -> list[str]:
+    """Every place where two JSON values differ (ignored keys and top-level schema headers aside)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            if k in IGNORED or k.endswith("_seconds"):
+            if k in IGNORED or k.endswith("_seconds") or (top and k in HEADERS):
                 continue
             if k not in a or k not in b:
                 out.append(f"{where}.{k}: only in {'after' if k not in a else 'before'}")
                 continue
-            out += differences(a[k], b[k], f"{where}.{k}", rtol)
+            out += differences(a[k], b[k], f"{where}.{k}", rtol, False)
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{where}: length {len(a)} != {len(b)}"]
         out = []
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            out += differences(x, y, f"{where}[{i}]", rtol)
+            out += differences(x, y, f"{where}[{i}]", rtol, False)
         return out
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         if a == b or (math.isnan(a) and math.isnan(b)):
@@ -143,11 +150,13 @@ def main() -> int:
             a = json.loads((work / "before" / rel).read_text())
             b = json.loads((work / "after" / rel).read_text())
             found = differences(a, b, rel, args.rtol)
-            print(f"{rel}: " + ("equal field by field (timings aside)" if not found else f"{len(found)} differences"))
+            print(f"{rel}: " + ("equal field by field (timings aside)" if not found else f"{len(found)} differences")
+                  + f"; header {header(a)} -> {header(b)}")
             problems += found
     for line in problems[:40]:
         print("  " + line)
-    print("SAME" if not problems else f"DIFFERENT: {len(problems)} differences")
+    print("SAME (every field equal, timings aside; the schema headers are shown above)" if not problems
+          else f"DIFFERENT: {len(problems)} differences")
     return 0 if not problems else 1
 
 

@@ -6,9 +6,9 @@ few fields a test is about set and every other field a plain, valid value.
 
 from __future__ import annotations
 
+from mechscope.cnn.methods.attributed import AttributionResult
 from mechscope.cnn.methods.faithfulness import FaithfulnessReport, MethodFaithfulness
-from mechscope.cnn.pipelines.attribute import AttributionResult
-from mechscope.cnn.pipelines.visualize import FeatvisResult, FeatvisSummary, UnitVis
+from mechscope.cnn.methods.visualised import FeatvisResult, FeatvisSummary, UnitVis
 
 
 def featvis_record(units: list[tuple[str, int, float]], weights: str | None = None, ratio: float = 1.0):
@@ -48,3 +48,17 @@ def explain_record(out, seed: int = 0):
         y = net(x).argmax(1)
     result = explain(net, (x[:200], y[:200]), (x[200:], y[200:]), out=out, class_names=["a", "b"], test_limit=100)
     return out, result
+
+
+def assert_round_trip(path, result_type):
+    """``result_type.load(path)`` gives back what the command wrote: ``to_dict()`` of it is the file's JSON."""
+    import json
+    from pathlib import Path
+
+    from mechscope.core.outputs import NON_FINITE, finite_json
+
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    saved.pop(NON_FINITE, None)
+    again, _ = finite_json(result_type.load(path).to_dict())
+    assert again == saved, f"{path}: load then to_dict differs from the file"
+    return saved

@@ -4,16 +4,16 @@ generated dataset, gets a full microscope report, attribution and feature visual
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
 
 import mechscope
+from mechscope.cnn.methods.explained import ExplainResult
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import attached_hooks
 from tests.e2e.reports import check_report, render_in_chromium
+from tests.records import assert_round_trip
 from tests.shapes import CLASS_NAMES, splits
 
 
@@ -83,7 +83,7 @@ def test_full_microscope_report_for_a_users_cnn(explained, tmp_path):
     html = (out / "report.html").read_text()
     assert "body.1" in html and "box" in html  # the user's module paths and class names
     assert render_in_chromium(out / "report.html", tmp_path) == {"images": n, "broken": []}
-    assert json.loads((out / "mechanisms.json").read_text())["class_names"] == list(CLASS_NAMES)
+    assert assert_round_trip(out / "mechanisms.json", ExplainResult)["class_names"] == list(CLASS_NAMES)
 
 
 def test_the_users_model_is_left_as_it_was(explained):

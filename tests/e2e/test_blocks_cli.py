@@ -3,13 +3,13 @@ channel pictures), other shapes of network and data, the report drawn offline in
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
+from mechscope.cnn.methods.blocks import BlocksResult
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 from tests.shapes import CLASS_NAMES, splits
 
 SMALL = ["--steps", "2", "--grid", "6"]
@@ -21,7 +21,7 @@ def test_blocks_one_image_report_and_json(capsys, quick_run, mnist_root, tmp_pat
                                  "--image", "3", "--out", str(out), *SMALL)  # fmt: skip
     assert code == 0, err
     assert "Test image 3" in stdout and "blocks.json and report.html written" in stdout
-    d = json.loads((out / "blocks.json").read_text())
+    d = assert_round_trip(out / "blocks.json", BlocksResult)
     assert d["selection"]["images"] == [3] and [lb["stage"] for lb in d["layers"]] == ["conv1", "conv2"]
     for lb in d["layers"]:
         g = lb["groups"]
@@ -60,7 +60,7 @@ def test_blocks_typical_reuses_channel_pictures_and_explain_links_it(capsys, qui
     code, stdout, err = run_main(capsys, "cnn", "blocks", "--run", str(run), "--data-dir", str(mnist_root),
                                  "--typical", "1", "--groups", "3", "--steps", "2", "--grid", "2")  # fmt: skip
     assert code == 0, err
-    d = json.loads((run / "blocks" / "blocks.json").read_text())
+    d = assert_round_trip(run / "blocks" / "blocks.json", BlocksResult)
     assert len(d["selection"]["images"]) == 10 and sorted(d["selection"]["labels"]) == list(range(10))
     assert all(lb["groups"]["k"] == 3 and lb["groups"]["chosen_by"] == "--groups" for lb in d["layers"])
     assert d["channel_source"].startswith("reused from")
@@ -88,7 +88,7 @@ def test_blocks_other_networks_and_data(capsys, tmp_path, name, args, rgb):
     assert code == 0, err
     code, _, err = run_main(capsys, "cnn", "blocks", "--run", str(run), "--image", "1", *SMALL)
     assert code == 0, err
-    d = json.loads((run / "blocks" / "blocks.json").read_text())
+    d = assert_round_trip(run / "blocks" / "blocks.json", BlocksResult)
     n_stages = len(args[1].split(","))
     assert len(d["layers"]) == n_stages and len(d["flows"]) == n_stages
     assert d["flows"][-1]["targets"] == list(CLASS_NAMES)

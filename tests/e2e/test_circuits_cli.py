@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from mechscope.lm.methods.circuits import CircuitsResult
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
 from tests.e2e.test_lm_cli import gpt2_dir  # noqa: F401  (fixture)
+from tests.records import assert_round_trip
 
 PARTIAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2-small-partial"
 
@@ -26,7 +27,7 @@ def test_circuits_on_partial_gpt2_small(capsys, partial, tmp_path):
     code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(partial), "--out", str(out))
     assert code == 0, err
     assert "strongest K-composition" in stdout and "not available: ov copying (needs the token embedding)" in stdout
-    data = json.loads((out / "circuits.json").read_text())
+    data = assert_round_trip(out / "circuits.json", CircuitsResult)
     assert data["composition"]["baseline"]["mean"] == pytest.approx(768**-0.5, abs=0.002)
     assert len(data["positional_qk"]["previous_position_mass"]) == 12  # every head's positional pattern
     assert "direct_logit_attribution" in data["unavailable"] and data["induction_circuit"] is None
@@ -48,7 +49,7 @@ def test_circuits_on_a_random_gpt2(capsys, gpt2_dir, tmp_path):  # noqa: F811
         str(out),
     )
     assert code == 0, err
-    data = json.loads((out / "circuits.json").read_text())
+    data = assert_round_trip(out / "circuits.json", CircuitsResult)
     dla = data["direct_logit_attribution"]
     assert dla["sum_of_shares"] == pytest.approx(dla["centred_logit"], abs=1e-3)
     assert data["heads"] == ["1.0"] and data["ov_copying"]["heads"][0]["head"] == "1.0"
@@ -73,7 +74,7 @@ def test_circuits_on_a_one_layer_toy_run(capsys, tmp_path, monkeypatch):
     out = tmp_path / "c"
     code, _, err = run_main(capsys, "lm", "circuits", "--model", str(run), "--out", str(out))
     assert code == 0, err
-    data = json.loads((out / "circuits.json").read_text())
+    data = assert_round_trip(out / "circuits.json", CircuitsResult)
     assert len(data["bigrams"]["top"]) == 20
     assert [h["head"] for h in data["skip_trigrams"]["heads"]] == ["0.0", "0.1"]
     assert "one-layer model" in data["unavailable"]["induction_circuit"]

@@ -14,6 +14,10 @@ import torch
 import mechscope
 from mechscope.cli import main
 from mechscope.cnn.data.mnist import MNIST, load_mnist
+from mechscope.cnn.methods.attributed import AttributionResult
+from mechscope.cnn.methods.visualised import FeatvisResult
+from mechscope.cnn.training import RunMetrics
+from tests.records import assert_round_trip
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -74,7 +78,7 @@ def test_train_reload_predict(mnist_root, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"run written to {out}" in result.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = assert_round_trip(out / "metrics.json", RunMetrics)
     for key in ("test_accuracy", "per_class_accuracy", "confusion_matrix", "train_seconds", "n_parameters"):
         assert key in metrics
     assert len(metrics["per_class_accuracy"]) == 10
@@ -117,7 +121,7 @@ def test_train_reload_predict(mnist_root, tmp_path):
         "--force",
     )
     assert forced.returncode == 0, forced.stderr
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert assert_round_trip(out / "metrics.json", RunMetrics)["steps"] == 2
 
 
 def _damage(path, kind):
@@ -214,7 +218,7 @@ def test_attribute_writes_grids_and_faithfulness(capsys, quick_run, mnist_root, 
         with Image.open(out / f"{name}.png") as img:
             img.load()
             assert img.size[0] > 400 and img.size[1] > 300
-    result = json.loads((out / "faithfulness.json").read_text())
+    result = assert_round_trip(out / "faithfulness.json", AttributionResult)
     assert set(result["methods"]) == {"saliency", "integrated_gradients", "gradcam"}
     for m in result["methods"].values():
         assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
@@ -281,7 +285,7 @@ def test_visualize_writes_grids_and_honesty(capsys, quick_run, mnist_root, tmp_p
         str(mnist_root),
     )
     assert code == 0, err
-    result = json.loads((out / "featvis.json").read_text())
+    result = assert_round_trip(out / "featvis.json", FeatvisResult)
     assert len(result["units"]) == 4 and result["summary"]["units"] == 4
     for u in result["units"]:
         if u["dataset_max"] > 0:

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from mechscope.cnn.data.mnist import MNIST
+from mechscope.cnn.methods.explained import ExplainResult
 from mechscope.core import intervene as A
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 
 LIMIT = 2000  # test images: enough for every digit, fast enough for `make test`
 
@@ -80,7 +82,7 @@ def test_writes_report_and_mechanisms(explained):
     assert r.patching.clean_class == 8 and r.patching.corrupted_class == 3
     assert r.summary and all(isinstance(s, str) for s in r.summary)
     assert set(r.seconds) >= {"ablation", "patching", "circuits", "report"}
-    saved = json.loads((out / "mechanisms.json").read_text())
+    saved = assert_round_trip(out / "mechanisms.json", ExplainResult)
     assert saved["schema"] == "mechscope.explain/3"
     assert saved == json.loads(json.dumps(r.to_dict()))  # the JSON is to_dict() of the result
     n_images = check_report(out / "report.html")

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from mechscope.lm.methods.heads import HeadsResult
+from mechscope.lm.toy import ToyTraining
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,7 +110,7 @@ def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
         capsys, "lm", "heads", "--model", str(gpt2_dir), "--n", "10", "--batch", "2", "--show", "1.1", "--out", str(out)
     )
     assert code == 0, err
-    data = json.loads((out / "heads.json").read_text())
+    data = assert_round_trip(out / "heads.json", HeadsResult)
     for key in (
         "model",
         "protocol",
@@ -176,7 +179,7 @@ def test_train_toy_cli(capsys, tmp_path, monkeypatch):
     out = tmp_path / "toy"
     code, stdout, err = run_main(capsys, "lm", "train-toy", "--steps", "12", "--out", str(out))
     assert code == 0, err
-    data = json.loads((out / "training.json").read_text())
+    data = assert_round_trip(out / "training.json", ToyTraining)
     assert data["config"]["layers"] == 2 and data["control"]["config"]["layers"] == 1
     assert "phase_change" in data and "1-layer control" in stdout
     assert check_report(out / "training.html") == 2

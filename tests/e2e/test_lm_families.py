@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
+from mechscope.lm.methods.heads import HeadsResult  # noqa: E402
 from tests.e2e.test_cli import run_main  # noqa: E402
 from tests.parity.families import configs, save_random  # noqa: E402
+from tests.records import assert_round_trip  # noqa: E402
 
 FAMILIES = list(configs(transformers))
 # post-LN (OPT-350m): no residual stream the heads write into linearly; the analyses refuse it in one line
@@ -56,7 +56,7 @@ def test_heads_and_circuits_in_bfloat16(name, family_dirs, capsys, tmp_path, mon
             str(tmp_path / "heads"),
         )
         assert code == 0, err
-        data = json.loads((tmp_path / "heads" / "heads.json").read_text())
+        data = assert_round_trip(tmp_path / "heads" / "heads.json", HeadsResult)
         assert data["loss_first_half"] > 0
         code, _, err = run_main(
             capsys, "lm", "circuits", "--model", path, "--dtype", "bfloat16", "--out", str(tmp_path / "circuits")

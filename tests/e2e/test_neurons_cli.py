@@ -3,14 +3,16 @@ bad input; the reports render offline."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from mechscope.cnn.methods.channel_selectivity import ActivationComparison
+from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
+from mechscope.lm.toy import ToyTraining
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,7 @@ def test_train_toy_mlp_and_neurons(capsys, tmp_path, monkeypatch, text_file):
         "--layers", "1", "--steps", "15", "--out", str(run),
     )  # fmt: skip
     assert code == 0, err
-    data = json.loads((run / "training.json").read_text())
+    data = assert_round_trip(run / "training.json", ToyTraining)
     assert data["model"]["act"] == "solu_ln" and data["model"]["d_mlp"] == 48 and data["config"]["mlp"] == "solu"
     assert "SoLU followed by a LayerNorm" in (run / "training.html").read_text()
     out = tmp_path / "neurons"
@@ -80,7 +82,7 @@ def test_train_toy_mlp_and_neurons(capsys, tmp_path, monkeypatch, text_file):
     )  # fmt: skip
     assert code == 0, err
     assert "Median entropy of the current token" in stdout and "neurons.json and report.html written" in stdout
-    result = json.loads((out / "neurons.json").read_text())
+    result = assert_round_trip(out / "neurons.json", NeuronsResult)
     layer = result["layers"][0]
     assert layer["hook"] == "blocks.0.mlp.hook_mid" and len(layer["figures"]) == 48
     assert result["sample"]["sequences"] == 40 and result["sample"]["length"] == 32
@@ -98,7 +100,7 @@ def test_train_toy_mlp_and_neurons(capsys, tmp_path, monkeypatch, text_file):
     code, _, err = run_main(capsys, "lm", "neurons", "--model", str(run), "--text", str(text_file), "--site", "post",
                             "--sequences", "10", "--out", str(out), "--force")  # fmt: skip
     assert code == 0, err
-    assert json.loads((out / "neurons.json").read_text())["layers"][0]["hook"] == "blocks.0.mlp.hook_post"
+    assert assert_round_trip(out / "neurons.json", NeuronsResult)["layers"][0]["hook"] == "blocks.0.mlp.hook_post"
 
 
 @pytest.mark.parametrize(
@@ -166,7 +168,7 @@ def test_neurons_on_a_loaded_gpt2(capsys, tmp_path, mnist_root, text_file):
     code, _, err = run_main(capsys, "lm", "neurons", "--model", str(path), "--text", str(text_file), "--sequences",
                             "20", "--layer", "1", "--out", str(out))  # fmt: skip
     assert code == 0, err
-    result = json.loads((out / "neurons.json").read_text())
+    result = assert_round_trip(out / "neurons.json", NeuronsResult)
     assert [lay["layer"] for lay in result["layers"]] == [1] and len(result["layers"][0]["figures"]) == 40
     assert result["layers"][0]["hook"] == "blocks.1.mlp.hook_post"
     assert result["sample"]["skip_first"] == 1  # GPT-2's BOS starts every window and is never counted
@@ -182,7 +184,7 @@ def test_solu_compare_tiny(capsys, tmp_path, text_file):
     )  # fmt: skip
     assert code == 0, err
     assert "Held-out loss: GELU" in stdout and "SoLU" in stdout
-    data = json.loads((out / "compare.json").read_text())
+    data = assert_round_trip(out / "compare.json", SoluComparison)
     labels = [m["label"] for m in data["models"]]
     assert labels == ["GELU", "SoLU", "SoLU after its LayerNorm"]
     assert data["models"][0]["hooks"] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]  # 2 layers by default
@@ -216,7 +218,7 @@ def test_cnn_solu_compare(capsys, tmp_path, shapes_npz):
     )  # fmt: skip
     assert code == 0, err
     assert stdout.startswith("Test accuracy: relu") and "Class selectivity of conv2" in stdout
-    data = json.loads((out / "compare.json").read_text())
+    data = assert_round_trip(out / "compare.json", ActivationComparison)
     assert [m["activation"] for m in data["models"]] == ["relu", "gelu", "solu"]
     for m in data["models"]:
         assert 0 <= m["test_accuracy"] <= 1 and [s["stage"] for s in m["stages"]] == ["conv1", "conv2"]

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mechscope.cnn.methods.attributed import AttributionResult
+from mechscope.cnn.methods.explained import ExplainResult
+from mechscope.cnn.methods.visualised import FeatvisResult
+from mechscope.cnn.training import RunMetrics
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 from tests.shapes import CLASS_NAMES, splits, write_idx
 
 CASES = {
@@ -46,7 +51,7 @@ def _train(capsys, data, tmp, name):
         capsys, "cnn", "train", "--out", str(run), *args, *extra, "--epochs", "8", "--batch-size", "32", "--shift", "1"
     )
     assert code == 0, err
-    return run, json.loads((run / "metrics.json").read_text())
+    return run, assert_round_trip(run / "metrics.json", RunMetrics)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -61,7 +66,7 @@ def test_train_attribute_visualize_explain(capsys, data, tmp_path, name):
     code, _, err = run_main(capsys, "cnn", "attribute", "--run", str(run), "--method", "saliency", "--method", "ig",
                             "--method", "gradcam", "--n", "4", "--n-faithfulness", "8")  # fmt: skip
     assert code == 0, err
-    faith = json.loads((run / "attribution" / "faithfulness.json").read_text())
+    faith = assert_round_trip(run / "attribution" / "faithfulness.json", AttributionResult)
     hidden = ["hidden"] if "--hidden" in CASES[name][0] else []
     layers = ["fc", *hidden, *reversed([f"conv{i + 1}" for i in range(n_stages)])]
     assert faith["randomisation_layers_top_down"] == layers and faith["gradcam_layer"] == f"conv{n_stages}.hook_post"
@@ -71,7 +76,7 @@ def test_train_attribute_visualize_explain(capsys, data, tmp_path, name):
 
     code, _, err = run_main(capsys, "cnn", "visualize", "--run", str(run), "--units", "0,1", "--steps", "8")
     assert code == 0, err
-    fv = json.loads((run / "featvis" / "featvis.json").read_text())
+    fv = assert_round_trip(run / "featvis" / "featvis.json", FeatvisResult)
     assert len(fv["units"]) == 2 * (n_stages + 1) and fv["class_names"] == list(CLASS_NAMES)
     for short in [*(f"conv{i + 1}" for i in range(n_stages)), "logits", "units/logits_1"]:
         with Image.open(run / "featvis" / f"{short}.png") as img:
@@ -80,7 +85,7 @@ def test_train_attribute_visualize_explain(capsys, data, tmp_path, name):
     extra = ["--circuit-layer", "conv1"] if name == "hidden" else []
     code, out, err = run_main(capsys, "cnn", "explain", "--run", str(run), "--test-limit", "120", *extra)
     assert code == 0, err
-    m = json.loads((run / "explain" / "mechanisms.json").read_text())
+    m = assert_round_trip(run / "explain" / "mechanisms.json", ExplainResult)
     assert m["schema"] == "mechscope.explain/3" and m["class_names"] == list(CLASS_NAMES)
     assert [s["name"] for s in m["model"]["stages"]] == [f"conv{i + 1}" for i in range(n_stages)]
     assert len(m["circuits"]["circuits"]) == 4 and m["circuits"]["stage"] == ("conv1" if extra else f"conv{n_stages}")

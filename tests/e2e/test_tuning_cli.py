@@ -4,14 +4,15 @@ weights they were made from (a small three-stage RGB network, fast to explain)."
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
+from mechscope.cnn.methods.tuning import TuningResult
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 
 
 def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
@@ -25,8 +26,9 @@ def test_tuning_on_the_quick_run(capsys, quick_run, mnist_root, tmp_path):
     assert code == 0, err
     where = run / "tuning"
     assert "units are tuned to these stimuli (conv1" in out and f"written to {where}" in out
-    data = json.loads((where / "tuning.json").read_text())
-    assert data["schema"] == "mechscope.tuning/2" and data["input_shape"] == [1, 28, 28] and data["value_range"] == [0.0, 1.0]
+    data = assert_round_trip(where / "tuning.json", TuningResult)
+    assert data["schema"] == "mechscope.tuning/2" and data["input_shape"] == [1, 28, 28]
+    assert data["value_range"] == [0.0, 1.0]
     assert [len(s["units"]) for s in data["stages"]] == [16, 32]
     assert data["stimuli"]["counts"] == {"line": 60, "edge": 120, "curve": 600, "line_end": 120, "corner": 360,
                                          "blob": 30, "ring": 20}  # fmt: skip
@@ -104,7 +106,7 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     assert code == 0, err
     code, out, err = run_main(capsys, "cnn", "tuning", "--run", str(run), "--seed", "5")
     assert code == 0, err
-    data = json.loads((run / "tuning" / "tuning.json").read_text())
+    data = assert_round_trip(run / "tuning" / "tuning.json", TuningResult)
     assert data["input_shape"] == [3, 16, 16] and data["stimuli"]["seed"] == 5
     assert [len(s["units"]) for s in data["stages"]] == [2, 3, 3]
     from mechscope.cnn.config import ExplainSettings
@@ -135,5 +137,5 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     # --force makes them again, for the new weights
     code, _, err = run_main(capsys, "cnn", "tuning", "--run", str(run), "--force")
     assert code == 0, err
-    recorded = json.loads((run / "tuning" / "tuning.json").read_text())["weights_sha256"]
+    recorded = assert_round_trip(run / "tuning" / "tuning.json", TuningResult)["weights_sha256"]
     assert recorded == weights_hash(load_run(run).model)

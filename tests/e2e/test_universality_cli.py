@@ -8,8 +8,10 @@ import shutil
 
 import pytest
 
+from mechscope.cnn.methods.universality import UniversalityResult
 from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.records import assert_round_trip
 
 QUICK = ("--test-limit", "300", "--vis-steps", "4")
 
@@ -32,7 +34,7 @@ def test_universality_report_json_and_baseline(capsys, quick_run, second_run, mn
                                  "--out", str(out), "--data-dir", str(mnist_root), *QUICK)  # fmt: skip
     assert code == 0, err
     assert "universality.json and report.html written" in stdout
-    d = json.loads((out / "universality.json").read_text())
+    d = assert_round_trip(out / "universality.json", UniversalityResult)
     assert d["test_images"] == 300 and [r["label"] for r in d["runs"]] == ["quick", "quick-seed1"]
     kinds = [c["kind"] for c in d["comparisons"]]
     assert kinds == ["trained", "baseline", "baseline"]

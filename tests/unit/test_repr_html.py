@@ -14,13 +14,13 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from mechscope.core.render.fragment import MAX_CHARS, page_to_fragment
-from mechscope.core.render.viewer import AttentionViewer, Table
 from torch import nn
 
 import mechscope
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
+from mechscope.core.render.fragment import MAX_CHARS, page_to_fragment
+from mechscope.core.render.viewer import AttentionViewer, Table
 from tests.shapes import splits
 from tests.unit.test_heads import PROTOCOL, V, hand_built
 

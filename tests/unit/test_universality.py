@@ -163,9 +163,9 @@ def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
 
 def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
     from mechscope.cnn.methods import featvis as FV
+    from mechscope.cnn.pipelines.universality import featvis_panels
     from mechscope.core.outputs import write_json
     from tests.records import featvis_record
-    from mechscope.cnn.pipelines.universality import featvis_panels
 
     net, x = _net(2), _images(30)
     spec = walk(net)

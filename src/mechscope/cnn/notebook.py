@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mechscope.cnn.methods.attributed import AttributionResult
 from mechscope.cnn.methods.explained import ExplainResult
 from mechscope.cnn.methods.featvis import short_layer_name
-from mechscope.cnn.pipelines.attribute import AttributionResult
-from mechscope.cnn.pipelines.visualize import FeatvisResult
+from mechscope.cnn.methods.visualised import FeatvisResult
 from mechscope.cnn.report import figures
 from mechscope.core.render.html import figure_data_uri, file_uri, render_string
 from mechscope.core.show import esc, img, page, renders, table_html

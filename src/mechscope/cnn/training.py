@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,7 +17,7 @@ from mechscope.cnn.data.mnist import MNIST
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
-from mechscope.core.torch_utils import evaluating, n_parameters
+from mechscope.core.torch_utils import Timer, evaluating, n_parameters
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ def train_cnn(
     history: list[dict] = []
     step = 0
     model.train()
-    start = time.perf_counter()
+    clock = Timer()  # seconds since the start of training
     with tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
         for epoch in range(config.epochs):
             order = torch.randperm(n, generator=generator)
@@ -233,12 +232,12 @@ def train_cnn(
                         "epoch": epoch + 1,
                         "step": step,
                         "train_loss": running / count,
-                        "seconds": time.perf_counter() - start,
+                        "seconds": clock.total(),
                     }
                 )
             if step >= total:
                 break
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock.total()
     uniform = math.log(model.config.n_classes)
     if history and history[-1]["train_loss"] > 1.5 * uniform:
         log.warning(

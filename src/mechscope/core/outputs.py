@@ -112,6 +112,22 @@ def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> d
     return replaced
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to the file ``path`` all at once: into a temporary file beside it, then renamed over it (an
+    error or Ctrl-C leaves the old file, never half a new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def check_target(path: str | os.PathLike, force: bool = False) -> Path:
     """The target as an absolute path; raise unless it can be written (absent, empty, or ``force``)."""
     out = Path(path).expanduser().absolute()

@@ -181,8 +181,7 @@ def to_html(obj, max_chars: int = MAX_CHARS) -> str:
 
 def save_html(obj, path) -> Path:
     """Write ``obj``'s whole report page (every section; one self-contained file) to ``path``."""
-    path = Path(path)
+    from mechscope.core.outputs import write_text_atomic
+
     text, _, _ = _page(obj, full=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text_atomic(path, text)

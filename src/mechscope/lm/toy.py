@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
-from mechscope.core.torch_utils import evaluating
+from mechscope.core.torch_utils import Timer, evaluating
 from mechscope.core.validate import check_lr, check_seed
 from mechscope.lm.methods.composition import composition_scores
 from mechscope.lm.methods.scores import attention_scores, induction_mask, previous_token_mask
@@ -286,11 +285,11 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
     marks = set(checkpoint_steps(cfg.n_steps, cfg.checkpoints))
     series: list[dict] = []
     running, count = 0.0, 0
-    start = time.perf_counter()
+    clock = Timer()  # seconds since the start of training
 
     def record(step: int) -> None:
         row = {"step": step, "train_loss": running / count if count else None, **measure(model, held_out, probe)}
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = clock.total()
         series.append(row)
         if out is not None:
             from safetensors.torch import save_file
@@ -336,7 +335,7 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
         "chars": data.chars,  # the text's characters by token id (None for synthetic data)
         "series": series,
         "phase_change": phase,
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": clock.total(),
         "final": {
             "max_induction_last_layer": max(last["induction"][top_layer]),
             "max_previous_token_layer0": max(last["previous_token"][0]),

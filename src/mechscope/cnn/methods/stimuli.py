@@ -64,6 +64,7 @@ class StimulusSet(Result):
     supersample: int
     offsets: tuple[tuple[float, float], ...]  # (d_row, d_col) of each position before jitter
     radii: dict  # family -> the radii drawn
+    family_counts: dict[str, int]  # family -> images drawn (the JSON's "counts")
     stimuli: tuple[Stimulus, ...] = figure_data(())
     images: torch.Tensor = figure_data()
 
@@ -71,13 +72,15 @@ class StimulusSet(Result):
         return len(self.stimuli)
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for s in self.stimuli:
-            out[s.family] = out.get(s.family, 0) + 1
-        return out
+        return dict(self.family_counts)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "counts": self.counts()}
+        d = super().to_dict()
+        return d | {"counts": d.pop("family_counts")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StimulusSet:
+        return super().from_dict({k: v for k, v in d.items() if k != "counts"} | {"family_counts": d["counts"]})
 
 
 def default_radii(size: int) -> dict[str, tuple[float, ...]]:
@@ -155,7 +158,10 @@ def draw_stimuli(
     width = stroke_width(min(h, w))
     images = render(stimuli, (h, w), width, supersample)
     radii = {k: v for k, v in default_radii(min(h, w)).items() if k in families}
-    return StimulusSet((h, w), seed, width, supersample, offsets, radii, tuple(stimuli), images)
+    counts: dict[str, int] = {}
+    for s in stimuli:
+        counts[s.family] = counts.get(s.family, 0) + 1
+    return StimulusSet((h, w), seed, width, supersample, offsets, radii, counts, tuple(stimuli), images)
 
 
 # ---- drawing ---------------------------------------------------------------------------------

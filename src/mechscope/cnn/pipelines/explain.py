@@ -118,8 +118,8 @@ def linked_outputs(run: Path, digest: str | None = None) -> dict:
     """Outputs of `cnn visualize` and `cnn attribute` in their default places, when present and, given the
     weights' ``digest`` (:func:`~mechscope.core.outputs.weights_hash`), made from those weights (others are left
     out with a note in ``linked["notes"]``)."""
-    from mechscope.cnn.pipelines.attribute import AttributionResult
-    from mechscope.cnn.pipelines.visualize import FeatvisResult
+    from mechscope.cnn.methods.attributed import AttributionResult
+    from mechscope.cnn.methods.visualised import FeatvisResult
 
     linked: dict = {"featvis": None, "attribution": None}
     fv, at = run / "featvis", run / "attribution"

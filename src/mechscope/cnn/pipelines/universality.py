@@ -234,7 +234,7 @@ def unit_images(shown, specs, loaded, labels, data, feats, steps: int) -> tuple[
 def featvis_panels(fv: Path, spec, x_all, digest: str = "") -> dict:
     """(stage, unit) -> the unit's panel PNG of `cnn visualize`, when it was made from these weights: by the weights
     hash featvis.json records, or (older outputs without one) by its maxima over the test images."""
-    from mechscope.cnn.pipelines.visualize import FeatvisResult
+    from mechscope.cnn.methods.visualised import FeatvisResult
 
     found, why = read_linked(fv / FeatvisResult.FILE, FeatvisResult)
     if found is None:

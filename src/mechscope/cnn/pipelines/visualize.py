@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,58 +10,16 @@ import torch
 
 from mechscope.cnn.methods import featvis as FV
 from mechscope.cnn.methods.blocks_vis import save_for_blocks
+from mechscope.cnn.methods.visualised import FeatvisResult, FeatvisSummary, UnitVis
 from mechscope.cnn.models.spec import walk
 from mechscope.cnn.runs import load_run, load_run_data, weights_hash, write_json
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.outputs import atomic_output
-from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
 from mechscope.core.validate import check_seed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UnitVis(Result):
-    layer: str
-    unit: int
-    activation: float  # the unit's value on its visualisation
-    dataset_max: float  # its maximum over the test images
-    ratio_to_dataset_max: float | None  # None: never active on the test set
-    exceeds_dataset_max: bool
-    objective_first: float
-    top_test_images: tuple[int, ...]
-    bottom_test_images: tuple[int, ...]
-    top_receptive_fields: tuple[tuple[int, int, int, int], ...] | None  # (y0, y1, x0, x1) per top image
-    assigned_class: int | None = None  # logits: the class the model gives the visualisation
-    assigned_probability: float | None = None
-
-
-@dataclass(frozen=True)
-class FeatvisSummary(Result):
-    units: int
-    exceed_dataset_max: int
-    median_ratio_to_dataset_max: float
-    units_never_active_on_test_set: int
-    logit_visualisations_classified_as_their_class: int
-    logit_visualisations: int
-
-
-@dataclass(frozen=True)
-class FeatvisResult(Result):
-    """What ``cnn visualize`` measured; ``to_dict()`` is featvis.json. ``out`` (where the grids were written) is
-    for showing it, not in the JSON."""
-
-    SCHEMA = "mechscope.featvis/3"
-    FILE = "featvis.json"
-
-    settings: dict
-    summary: FeatvisSummary
-    units: tuple[UnitVis, ...]
-    class_names: tuple[str, ...]
-    weights_sha256: str | None = None  # the weights it was made from (core.outputs.weights_hash)
-    out: str | None = figure_data()
 
 
 def _check(spec, layers, units, steps, seed=0) -> tuple[list[str], dict[str, int]]:

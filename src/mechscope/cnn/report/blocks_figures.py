@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from mechscope.cnn.report.figures import show, subplots, to_display
+from mechscope.cnn.report.figures import show, to_display
+from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri
 
 POS, NEG = "#c0392b", "#2471a3"

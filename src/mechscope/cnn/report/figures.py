@@ -10,12 +10,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-
-def subplots(*args, **kwargs):
-    """(Figure, axes) like ``pyplot.subplots``, without pyplot."""
-    fig_kw = {k: kwargs.pop(k) for k in ("figsize", "layout") if k in kwargs}
-    fig = Figure(**fig_kw)
-    return fig, fig.subplots(*args, **kwargs)
+from mechscope.core.render.figures import subplots
 
 
 def to_display(x, vrange: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:

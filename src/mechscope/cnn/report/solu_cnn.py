@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechscope.cnn.report.figures import subplots
+from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render
 
 COLOURS = {"relu": "#1b9e77", "gelu": "#7570b3", "solu": "#d95f02"}

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from mechscope.cnn.methods.circuits import class_means
-from mechscope.cnn.report.figures import subplots, to_display
+from mechscope.cnn.report.figures import to_display
+from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import array_uri, figure_data_uri, file_uri, render
 
 TRAINED, BASELINE = "#1f77b4", "#999999"

@@ -184,6 +184,7 @@ class HeadAblation(Result):
     estimate_std: np.ndarray
     exact_mean: dict[tuple[int, int], float]
     exact_std: dict[tuple[int, int], float]
+    measured_estimate: dict[tuple[int, int], float]  # the estimate's mean over sequences on the measured heads
     estimate: np.ndarray | None = figure_data()
     exact: dict | None = figure_data()
 
@@ -192,7 +193,8 @@ class HeadAblation(Result):
         """From the per-sequence estimate [L, H, B] and measurements {(layer, head): [B]}."""
         return cls(
             kind, estimate.mean(-1), estimate.std(-1), {lh: float(np.mean(v)) for lh, v in exact.items()},
-            {lh: float(np.std(v)) for lh, v in exact.items()}, estimate, exact,
+            {lh: float(np.std(v)) for lh, v in exact.items()}, {lh: float(estimate[lh].mean()) for lh in exact},
+            estimate, exact,
         )  # fmt: skip
 
     def best(self) -> np.ndarray:
@@ -214,8 +216,8 @@ class HeadAblation(Result):
         if len(self.exact_mean) < 2:
             return {"heads": len(self.exact_mean)}
         keys = sorted(self.exact_mean)
-        est = np.array([self.estimate_mean[lh] for lh in keys])
-        ex = np.array([self.exact_mean[lh] for lh in keys])
+        est = np.array([self.measured_estimate[lh] for lh in keys], dtype=np.float32)  # as measured: float32
+        ex = np.array([self.exact_mean[lh] for lh in keys], dtype=np.float32)
         corr = float(np.corrcoef(est, ex)[0, 1]) if est.std() > 0 and ex.std() > 0 else None
         return {
             "heads": len(keys),
@@ -232,7 +234,7 @@ class HeadAblation(Result):
                     "head": f"{layer}.{h}",
                     "mean": self.exact_mean[(layer, h)],
                     "std": self.exact_std[(layer, h)],
-                    "estimate": float(self.estimate_mean[layer, h]),
+                    "estimate": self.measured_estimate[(layer, h)],
                 }
                 for (layer, h) in sorted(self.exact_mean)
             ],
@@ -242,13 +244,15 @@ class HeadAblation(Result):
     @classmethod
     def from_summary(cls, d: dict, best: np.ndarray, spread: np.ndarray) -> HeadAblation:
         """Rebuilt from heads.json: this kind's entry, and its rows of ``scores`` and ``score_spread`` [L, H]."""
-        est_mean, est_std = np.array(best, dtype=float), np.array(spread, dtype=float)
-        exact_mean, exact_std = {}, {}
+        # float32, as the estimates were computed (heads.json's spread is rounded in float32)
+        est_mean, est_std = np.array(best, dtype=np.float32), np.array(spread, dtype=np.float32)
+        exact_mean, exact_std, measured_estimate = {}, {}, {}
         for row in d["measured"]:
             lh = tuple(int(x) for x in row["head"].split("."))
             exact_mean[lh], exact_std[lh] = float(row["mean"]), float(row["std"])
-            est_mean[lh], est_std[lh] = float(row["estimate"]), np.nan  # only the measurement's spread was saved
-        return cls(d["kind"], est_mean, est_std, exact_mean, exact_std)
+            measured_estimate[lh] = est_mean[lh] = float(row["estimate"])
+            est_std[lh] = np.nan  # only the measurement's spread was saved
+        return cls(d["kind"], est_mean, est_std, exact_mean, exact_std, measured_estimate)
 
 
 @dataclass(frozen=True)

@@ -312,8 +312,10 @@ def _circuit_row(scores, labels, comp: CompositionResult, patches, g: int, layer
         return {
             "source": f"{ls}.{hs}",
             "source_label": labels[ls][hs],
-            "induction_clean": pp.induction_clean[i],
-            "induction_patched": pp.induction_patched[i],
+            # each query head's row mean, as heads.json has always had it (the edges list holds the same means
+            # taken over the whole [Hq, B] array, which can differ in the last float32 bit)
+            "induction_clean": float(pp.clean[i].mean()) if pp.clean is not None else pp.induction_clean[i],
+            "induction_patched": float(pp.patched[i].mean()) if pp.patched is not None else pp.induction_patched[i],
             "drop": float(pp.drop[i]),
             "k_composition": float(comp.scores["K"][ls, hs, layer, h]),
             "confirmed": pp.confirmed[i],

@@ -172,7 +172,7 @@ def agreement_figure(ablation) -> str | None:
     keys = sorted(ablation.exact_mean)
     if len(keys) < 2:
         return None
-    est = [float(ablation.estimate_mean[lh]) for lh in keys]
+    est = [ablation.measured_estimate[lh] for lh in keys]
     ex = [ablation.exact_mean[lh] for lh in keys]
     fig = Figure(figsize=(4.4, 4), layout="constrained")
     ax = fig.subplots()

@@ -13,7 +13,7 @@ from pathlib import Path
 import markupsafe
 import numpy as np
 
-from mechscope.cnn.report.figures import subplots
+from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render
 from mechscope.lm.methods.neurons import NeuronsResult, max_entropy_bits
 

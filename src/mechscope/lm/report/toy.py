@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mechscope.core.render.html import figure_data_uri, render  # noqa: E402
+from mechscope.core.render.figures import subplots
+from mechscope.core.render.html import figure_data_uri, render
 
 
 def _steps(series):
@@ -26,7 +23,7 @@ def run_figure(result: dict, title: str) -> str:
     s, phase = result["series"], result["phase_change"]
     x = _steps(s)
     layers = result["config"]["layers"]
-    fig, axes = plt.subplots(1, 4 if layers >= 2 else 3, figsize=(16 if layers >= 2 else 12, 3.4), layout="constrained")
+    fig, axes = subplots(1, 4 if layers >= 2 else 3, figsize=(16 if layers >= 2 else 12, 3.4), layout="constrained")
     ax = axes[0]
     ax.plot(x[1:], [r["train_loss"] for r in s[1:]], label="train")
     ax.plot(x, [r["held_out_loss"] for r in s], label="held out")
