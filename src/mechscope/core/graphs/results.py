@@ -1,0 +1,135 @@
+"""Scored edge lists and the circuits cut from them.
+
+Every discovery method returns an :class:`EdgeScores`: one score per edge of its graph, the estimated (EAP,
+EAP-IG) or measured (edge patching, ACDC) change of the metric when that edge alone is removed,
+``M(without e) - M``. ``better`` says which way the metric moves with more of the behaviour (``"higher"`` for a
+logit difference or an accuracy, ``"lower"`` for a loss or a KL divergence, None when unknown): an edge *helps*
+when removing it moves the metric the other way. Rankings are by ``|score|`` (``"absolute"``) or by how much the
+edge helps (``"signed"``, which needs ``better``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs.graph import ComponentGraph
+from mechscope.core.results import Result
+
+RANKINGS = ("absolute", "signed")
+BETTER = ("higher", "lower", None)
+
+
+def check_better(better) -> None:
+    if better not in BETTER:
+        raise MechscopeError(f"better must be 'higher', 'lower' or None, got {better!r}")
+
+
+def importance(scores: np.ndarray, ranking: str, better: str | None) -> np.ndarray:
+    """The key edges are ranked by (larger first): ``|score|``, or how much removing the edge hurts."""
+    if ranking not in RANKINGS:
+        raise MechscopeError(f"unknown ranking {ranking!r}: 'absolute' or 'signed'")
+    if ranking == "absolute":
+        return np.abs(scores)
+    if better is None:
+        raise MechscopeError("a signed ranking needs to know which way the metric is better (better='higher'/'lower')")
+    return -scores if better == "higher" else scores
+
+
+def top_order(key: np.ndarray) -> np.ndarray:
+    """Edge indices by decreasing ``key``; ties keep the graph's order (a stable sort)."""
+    return np.argsort(-key, kind="stable")
+
+
+@dataclass(frozen=True)
+class Circuit(Result):
+    """A set of edges and the nodes they touch (in topological order)."""
+
+    method: str
+    ranking: str
+    edges: tuple[tuple[str, str, str], ...]
+    nodes: tuple[str, ...]
+    scores: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+
+@dataclass(frozen=True)
+class EdgeScores(Result):
+    """One score per edge of ``graph`` from a discovery method, with its settings and cost."""
+
+    SCHEMA: ClassVar[str] = "mechscope.edge_scores/1"
+
+    method: str
+    graph: ComponentGraph
+    scores: np.ndarray = field(compare=False)
+    better: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    forward_passes: int = 0
+    backward_passes: int = 0
+    metric_clean: float = math.nan
+    metric_corrupted: float = math.nan
+    seconds: float = math.nan
+    kept: tuple[int, ...] | None = None  # edges a thresholded method (ACDC) keeps
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.scores, dtype=float).reshape(-1)
+        if scores.shape[0] != self.graph.n_edges:
+            raise MechscopeError(f"{scores.shape[0]} scores for a graph of {self.graph.n_edges} edges")
+        object.__setattr__(self, "scores", scores)
+        check_better(self.better)
+
+    def json_extras(self) -> dict:
+        order = top_order(np.abs(self.scores))[:20]
+        return {"top_edges": [[self.graph.edge_name(e), float(self.scores[e])] for e in order]}
+
+    def table(self, k: int | None = None, *, ranking: str = "absolute") -> list[tuple[str, str, float]]:
+        """``(sender, receiver "node<slot>", score)`` of the top ``k`` edges (all when None), most important first."""
+        ids = self.order(ranking)[: self._count(k) if k is not None else None]
+        g = self.graph
+        return [(g.edges[e][0], g.receiver_name(int(g.edge_receiver[e])), float(self.scores[e])) for e in ids]
+
+    def order(self, ranking: str = "absolute") -> np.ndarray:
+        """Every edge index, most important first."""
+        return top_order(importance(self.scores, ranking, self.better))
+
+    def circuit(self, size: int | float | None = None, *, ranking: str = "absolute") -> Circuit:
+        """The top ``size`` edges (an int), the top fraction (a float in (0, 1]), or (None) the edges the
+        method kept (ACDC)."""
+        if size is None:
+            if self.kept is None:
+                raise MechscopeError(f"{self.method} keeps no edge set of its own: pass a size (edges or fraction)")
+            ids = np.asarray(sorted(self.kept), dtype=np.int64)
+        else:
+            ids = self.order(ranking)[: self._count(size)]
+        return self._circuit(ids, ranking)
+
+    def _count(self, size) -> int:
+        n = self.graph.n_edges
+        if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+            raise MechscopeError(f"circuit size must be an edge count or a fraction, got {size!r}")
+        if isinstance(size, (float, np.floating)):
+            if not 0.0 <= size <= 1.0:
+                raise MechscopeError(f"circuit fraction must be in [0, 1], got {size}")
+            return int(size * n)
+        if not 0 <= size <= n:
+            raise MechscopeError(f"circuit size must be between 0 and {n} edges, got {size}")
+        return int(size)
+
+    def _circuit(self, ids: np.ndarray, ranking: str) -> Circuit:
+        g = self.graph
+        send, recv = g.edge_nodes()
+        touched = set(send[ids].tolist()) | set(recv[ids].tolist())
+        nodes = tuple(g.nodes[i].name for i in g.topological_order if i in touched)
+        return Circuit(
+            method=self.method,
+            ranking=ranking,
+            edges=tuple(g.edges[e] for e in ids.tolist()),
+            nodes=nodes,
+            scores=tuple(float(self.scores[e]) for e in ids.tolist()),
+        )
