@@ -28,6 +28,8 @@ from mechscope.lm.models.transformer import HookedTransformer
 def final_scale(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
     """The final norm's divisor for each position of a residual stream [..., D]: [...]."""
     x = resid.float()
+    if model.cfg.norm == "none":
+        return torch.ones(x.shape[:-1], device=x.device)
     if model.cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdim=True)
     return (x.pow(2).mean(-1) + model.cfg.norm_eps).sqrt()

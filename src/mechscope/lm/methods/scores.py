@@ -198,6 +198,8 @@ def _copying(cfg, resid: torch.Tensor, copy_num: dict[int, torch.Tensor]) -> np.
     if cfg.norm == "layernorm":
         resid = resid - resid.mean(-1, keepdim=True)
     scale = (resid.pow(2).mean(-1) + cfg.norm_eps).sqrt()  # [B, n] the final norm's divisor
+    if cfg.norm == "none":
+        scale = torch.ones_like(scale)
     return np.stack([(copy_num[i] / scale[:, None]).mean((0, 2)).cpu().numpy() for i in range(cfg.n_layers)])
 
 

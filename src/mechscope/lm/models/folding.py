@@ -191,8 +191,8 @@ def _mlp(model: HookedTransformer, layer: int, fold: bool, center: bool) -> dict
 
 def check_foldable(cfg: TransformerConfig) -> None:
     """Refuse, in one line, a model whose weights the analysis view cannot fold."""
-    if cfg.norm not in ("layernorm", "rmsnorm"):
-        raise MechscopeError(f"cannot fold a {cfg.norm!r} norm into the weights (supported: layernorm, rmsnorm)")
+    if cfg.norm not in ("layernorm", "rmsnorm", "none"):
+        raise MechscopeError(f"cannot fold a {cfg.norm!r} norm into the weights (supported: layernorm, rmsnorm, none)")
     if cfg.norm_after_residual:
         raise MechscopeError(
             "a post-LN model (norms after each residual addition, as OPT-350m) has no residual stream that heads "
@@ -241,7 +241,7 @@ def analysis_weights(
     if W_E is not None and cfg.embed_scale != 1.0:
         W_E = W_E * cfg.embed_scale  # what the embedding writes into the stream (Gemma: × √d_model)
     W_U = _present(model.W_U)
-    b_U = torch.zeros(cfg.d_vocab) if model.b_U is None else model.b_U.detach().float().cpu().clone()
+    b_U = torch.zeros(cfg.n_logits) if model.b_U is None else model.b_U.detach().float().cpu().clone()
     if fold_ln and W_U is not None and model.ln_final is not None:
         gain, nbias = _gain_bias(model.ln_final)
         W_U, b_U = _fold_reader(W_U, b_U, gain, nbias, center_read)

@@ -20,7 +20,9 @@ with ``sliding_window_layers`` (Mistral, Gemma 2/3, GPT-Neo's local layers, Qwen
 ``post_attn_mlp_norm`` (Gemma 2/3: ``ln1_post``, ``ln2_post``), ``attn_scale`` (GPT-Neo's
 unscaled attention, Gemma's query_pre_attn_scalar), ``attn_scores_float32`` (GPT-Neo, GPT-J
 compute scores in float32 whatever the dtype), ``norm_after_residual`` and ``final_norm``
-(OPT-350m's post-LN), ``unembed_bias`` (GPT-J's ``b_U``).
+(OPT-350m's post-LN), ``unembed_bias`` (GPT-J's ``b_U``), ``causal`` (False: every position attends to the whole
+sequence, as tracr's compiled encoders and vision transformers do), ``norm="none"`` (no normalisation at all:
+tracr), ``d_vocab_out`` (an unembedding onto other classes than the input vocabulary: tracr's outputs).
 
 Hook points (``blocks.{L}.`` prefix inside blocks)::
 
@@ -31,7 +33,9 @@ Hook points (``blocks.{L}.`` prefix inside blocks)::
     blocks.L.attn.q_norm.hook_normalized, k_norm (qk_norm)  blocks.L.ln1_post, ln2_post (post_attn_mlp_norm)
     blocks.L.attn.hook_attn_scores [B,H,P,K] (masked, before softmax)  hook_pattern [B,H,P,K]
     blocks.L.attn.hook_z [B,P,H,Dh]  hook_result [B,P,H,D] (each head's output; computed only when hooked)
-    blocks.L.hook_attn_out [B,P,D]  blocks.L.mlp.hook_pre / hook_post [B,P,M]  blocks.L.hook_mlp_out [B,P,D]
+    blocks.L.hook_attn_out [B,P,D]  blocks.L.hook_mlp_in [B,P,D] (the MLP sublayer's input, before ln2)
+    blocks.L.mlp.hook_in [B,P,D] (the MLP's own input, after ln2)  blocks.L.mlp.hook_pre / hook_post [B,P,M]
+    blocks.L.hook_mlp_out [B,P,D]
     blocks.L.mlp.hook_mid [B,P,M] (act='solu_ln' only: after SoLU, before the MLP's LayerNorm ``mlp.ln``)
     ln_final.hook_normalized [B,P,D]
 
@@ -118,6 +122,8 @@ class TransformerConfig:
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     embed_scale: float = 1.0  # token embeddings times this, rounded to the model's dtype (Gemma: sqrt(d_model))
     unembed_bias: bool = False  # a bias b_U on the logits (GPT-J)
+    causal: bool = True  # False: every query sees every key (tracr's non-causal programs, vision transformers)
+    d_vocab_out: int | None = None  # logits over this many classes instead of the vocabulary (tracr); untied only
 
     def __post_init__(self) -> None:  # JSON gives lists; keep the config hashable
         object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
@@ -129,8 +135,12 @@ class TransformerConfig:
     def validate(self) -> None:
         if self.act not in ACTIVATIONS:
             raise MechscopeError(f"unsupported activation {self.act!r}; supported: {', '.join(ACTIVATIONS)}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise MechscopeError(f"unsupported norm {self.norm!r}; supported: layernorm, rmsnorm")
+        if self.norm not in ("layernorm", "rmsnorm", "none"):
+            raise MechscopeError(f"unsupported norm {self.norm!r}; supported: layernorm, rmsnorm, none")
+        if self.d_vocab_out is not None and (self.tie_embeddings or self.d_vocab_out < 1):
+            raise MechscopeError("d_vocab_out needs an untied unembedding (tie_embeddings=False) and at least 1 class")
+        if not self.causal and self.sliding_window is not None:
+            raise MechscopeError("a sliding window needs causal attention")
         if self.positional not in ("learned", "rotary", "none"):
             raise MechscopeError(f"unsupported positional scheme {self.positional!r}")
         if self.n_heads % self.kv_heads:
@@ -151,6 +161,11 @@ class TransformerConfig:
             raise MechscopeError("norm_weight_plus_one needs norm='rmsnorm'")
         if self.norm_after_residual and (self.parallel_attn_mlp or self.post_attn_mlp_norm):
             raise MechscopeError("norm_after_residual cannot combine with parallel_attn_mlp or post_attn_mlp_norm")
+
+    @property
+    def n_logits(self) -> int:
+        """How many logits the model gives per position (the vocabulary, or ``d_vocab_out``)."""
+        return self.d_vocab if self.d_vocab_out is None else self.d_vocab_out
 
     @property
     def rotary_width(self) -> int:
@@ -225,8 +240,26 @@ class RMSNorm(nn.Module):
         return self.w * x.to(dtype)  # Llama: cast, then scale
 
 
+class NoNorm(nn.Module):
+    """No normalisation (``norm="none"``: tracr's compiled models): the identity, with the same hook point."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d = d
+        self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return torch.ones(self.d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(x)
+
+
 def make_norm(cfg: TransformerConfig, d: int | None = None) -> nn.Module:
     d = d or cfg.d_model
+    if cfg.norm == "none":
+        return NoNorm(d)
     if cfg.norm == "layernorm":
         return LayerNorm(d, cfg.norm_eps)
     return RMSNorm(d, cfg.norm_eps, cfg.norm_weight_plus_one)
@@ -270,9 +303,12 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def attention_mask(p: int, window: int | None, device) -> torch.Tensor:
-    """Which keys each query sees [P,K] (True: seen): causal, and within the window if one is set."""
-    seen = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+def attention_mask(p: int, window: int | None, device, causal: bool = True) -> torch.Tensor:
+    """Which keys each query sees [P,K] (True: seen): causal (or every key), and within the window if one is set."""
+    seen = torch.ones(p, p, dtype=torch.bool, device=device)
+    if not causal:
+        return seen
+    seen = seen.tril()
     return seen if window is None else seen.triu(1 - window)
 
 
@@ -344,15 +380,16 @@ class Attention(nn.Module):
             if cfg.attn_scores_float32:
                 q, k = q.float(), k.float()
             scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, cfg.attn_logit_softcap)  # [B,H,P,K]
-            seen = attention_mask(p, self.window, x.device)
+            seen = attention_mask(p, self.window, x.device, cfg.causal)
             scores = self.hook_attn_scores(scores.masked_fill(~seen, float("-inf")))
             pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
             z = torch.matmul(pattern, v)  # [B,H,P,Dh]
         else:
             seen = None if self.window is None else attention_mask(p, self.window, x.device)
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=seen, is_causal=seen is None, scale=self.scale, enable_gqa=groups > 1
-            )
+                q, k, v, attn_mask=seen, is_causal=seen is None and cfg.causal, scale=self.scale,
+                enable_gqa=groups > 1,
+            )  # fmt: skip
         z = self.hook_z(z.transpose(1, 2))  # [B,P,H,Dh]
         if self.hook_result._forward_hooks:
             result, bias = self.per_head(z)
@@ -379,6 +416,7 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias) if cfg.gated_mlp else None
         self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.act]
+        self.hook_in = HookPoint()  # the MLP's input (after ln2): a transcoder's input
         self.hook_pre = HookPoint()  # the pre-activation (the gate's, for a gated MLP)
         self.hook_pre_linear = HookPoint()  # a gated MLP's linear branch
         self.ln = None  # the SoLU MLP's LayerNorm over its hidden units (act='solu_ln'), its own gain and bias
@@ -388,6 +426,7 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_in(x)
         if self.ln is not None:  # SoLU: x · softmax(x), then LayerNorm (hook_post reads its output)
             h = self.hook_post(self.ln(self.hook_mid(self.act(self.hook_pre(self.up(x))))))  # [B,P,M]
         elif self.gate is None:
@@ -408,7 +447,7 @@ class Block(nn.Module):
         post = cfg.post_attn_mlp_norm
         self.ln1_post = make_norm(cfg) if post else None
         self.ln2_post = make_norm(cfg) if post and not cfg.attn_only else None
-        for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
@@ -425,19 +464,20 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self._mlp_out(x))
 
     def _mlp_out(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(self.ln2(x))
+        out = self.mlp(self.ln2(self.hook_mlp_in(x)))
         return self.hook_mlp_out(out if self.ln2_post is None else self.ln2_post(out))
 
     def _post_norm(self, x: torch.Tensor, rotary) -> torch.Tensor:
         """Post-LN (OPT-350m): the sublayers read the residual, the norms follow each addition."""
         x = self.hook_resid_mid(self.ln1(x + self.hook_attn_out(self.attn(x, rotary))))
         if self.mlp is not None:
-            x = self.ln2(x + self.hook_mlp_out(self.mlp(x)))
+            x = self.ln2(x + self.hook_mlp_out(self.mlp(self.hook_mlp_in(x))))
         return self.hook_resid_post(x)
 
 
 class HookedTransformer(nn.Module):
-    """Decoder-only transformer; ``forward(tokens [B,P]) -> logits [B,P,V]``."""
+    """Decoder-only transformer (or, with ``causal=False``, an encoder); ``forward(tokens [B,P]) -> logits [B,P,V]``
+    (``V`` = ``d_vocab_out`` when set)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -450,8 +490,8 @@ class HookedTransformer(nn.Module):
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = make_norm(cfg) if cfg.final_norm else None
-        self.W_U_untied = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+        self.W_U_untied = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.n_logits))
+        self.b_U = nn.Parameter(torch.zeros(cfg.n_logits)) if cfg.unembed_bias else None
         self._rotary: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.missing_weights: tuple[str, ...] = ()  # a partial checkpoint's absent parameters (left on meta)
         self.init_weights(torch.Generator().manual_seed(0))
