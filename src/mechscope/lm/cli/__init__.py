@@ -8,6 +8,9 @@ from mechscope.lm.cli import heads  # noqa: F401  (heads)
 
 # isort: split
 from mechscope.lm.cli import circuits, neurons, toy  # noqa: F401  (circuits, neurons, solu-compare, train-toy)
+
+# isort: split
+from mechscope.lm.cli import discover, sae  # noqa: F401  (discover, sae)
 from mechscope.lm.cli.common import app
 
 __all__ = ["app"]

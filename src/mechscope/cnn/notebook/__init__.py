@@ -98,3 +98,6 @@ def featvis_page(r: FeatvisResult, full: bool = True) -> str:
         table_html(["layer", "unit", "on its visualisation", "test-set max", "ratio", "classified as"], rows),
     ]
     return page("Feature visualisation", "\n".join(body))
+
+# the renderers of the other results, each module registering its own
+from mechscope.cnn.notebook import discovery, sae  # noqa: E402, F401

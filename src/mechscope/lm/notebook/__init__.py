@@ -163,3 +163,6 @@ def ablation_page(r: HeadAblationResult, full: bool = True) -> str:
         ),  # fmt: skip
     ]
     return page(f"{r.kind.capitalize()}-ablation of {heads}", "\n".join(body))
+
+# the renderers of the other results, each module registering its own
+from mechscope.lm.notebook import discovery, sae  # noqa: E402, F401

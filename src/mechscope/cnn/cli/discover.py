@@ -1,0 +1,1 @@
+"""``mechscope cnn discover``: automatic circuit discovery on the component graph."""

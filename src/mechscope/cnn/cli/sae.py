@@ -1,0 +1,1 @@
+"""``mechscope cnn sae ...``: sparse dictionaries (harvest, train, evaluate, show)."""

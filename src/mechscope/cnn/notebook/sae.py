@@ -1,0 +1,1 @@
+"""Renderers of the sparse-dictionary results (``cnn sae``), registered with :mod:`mechscope.core.show`."""

@@ -1,0 +1,1 @@
+"""``mechscope lm discover``: automatic circuit discovery on the component graph."""

@@ -1,0 +1,1 @@
+"""``mechscope lm sae ...``: sparse dictionaries (harvest, train, evaluate, show)."""
