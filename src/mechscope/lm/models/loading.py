@@ -253,6 +253,15 @@ def _name_list(names: list[str], shown: int = 4) -> str:
     return ", ".join(collapsed[:shown]) + more
 
 
+def need_lm_extra() -> None:
+    """One line, not an ImportError, when the language half's optional dependencies are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("tokenizers", "gguf", "huggingface_hub") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MechscopeError(f"loading models needs {', '.join(missing)}: pip install 'mechscope[lm]'")
+
+
 def load_model(
     spec: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -277,6 +286,7 @@ def load_model(
     refuses any forward pass with a one-line error, and ``model.missing_weights`` names what
     is absent.
     """
+    need_lm_extra()
     if device_map is not None and device is not None:
         raise MechscopeError("give a device or a device map, not both")
     dev = resolve_device(device)
