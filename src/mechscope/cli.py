@@ -79,6 +79,21 @@ def error_line(e: BaseException) -> str | None:
     return "mechscope: error: " + " ".join(text.split())
 
 
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler's stop) unwinds like Ctrl-C, so that atomic outputs remove their temporary
+    directories on the way out (main thread only). Returns the handler it replaced (None: none replaced)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for the ``mechscope`` script and ``python -m mechscope``.
 
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ``mechscope: interrupted`` and 130. Anything else is a bug and keeps its traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    previous = _terminate_as_interrupt()
     command = typer.main.get_command(app)
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     try:
@@ -118,3 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)

@@ -47,6 +47,10 @@ class TrainConfig:
             raise MechscopeError(f"shift must be 0 or more pixels, got {self.shift}")
         if self.max_steps is not None and self.max_steps < 1:
             raise MechscopeError(f"max steps must be at least 1, got {self.max_steps}")
+        for name, value, high in (("--epochs", self.epochs, 10_000), ("--batch-size", self.batch_size, 65_536),
+                                  ("--max-steps", self.max_steps, 10**8), ("--shift", self.shift, 64)):  # fmt: skip
+            if value is not None and value > high:
+                raise MechscopeError(f"{name} must be at most {high:,}, got {value:,}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ import torch
 
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
-from mechscope.core.outputs import WEIGHTS_KEY, same_weights, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
 from mechscope.core.validate import field as check_field
 from mechscope.core.validate import read_json_object
 
@@ -67,10 +67,7 @@ def prepare_out_dir(path: str | Path, force: bool = False) -> Path:
 
 def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
     """Write a run directory into ``out`` (an existing directory, e.g. from :func:`outputs.atomic_output`)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"kind": KIND})
+    save_tensors(out / WEIGHTS, model.state_dict(), metadata={"kind": KIND})
     record = {"kind": KIND, "model": model.config.to_dict(), **config, WEIGHTS_KEY: weights_hash(model)}
     write_json(out / CONFIG, {**record, "versions": versions()})
     write_json(out / METRICS, metrics)

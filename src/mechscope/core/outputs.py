@@ -38,7 +38,7 @@ from mechscope.core.errors import RunError
 
 log = logging.getLogger(__name__)
 
-TMP_MARK = ".mechscope-tmp-"
+TMP_MARK = ".mechscope-tmp-"  # a temporary entry is ".NAME.mechscope-tmp-PID-random" beside its target
 NON_FINITE = "non_finite"  # the key that lists the fields written as null, and why
 
 
@@ -117,7 +117,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     error or Ctrl-C leaves the old file, never half a new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -126,6 +126,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as a safetensors file through Python's own file I/O, so that a full disk or a read-only
+    place is an ``OSError`` (one line from the CLI), not a safetensors error."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def check_target(path: str | os.PathLike, force: bool = False) -> Path:
@@ -175,7 +186,7 @@ def _commit(tmp: Path, out: Path) -> None:
             out.rmdir()
         os.replace(tmp, out)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}old-", dir=out.parent))
+    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-old-", dir=out.parent))
     moved_aside: list[str] = []
     moved_in: list[str] = []
     try:
@@ -196,6 +207,37 @@ def _commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary entries an earlier command left beside ``out`` when it was killed (its process is gone);
+    those of a command still running are kept. Returns what was removed."""
+    removed = []
+    prefix = f".{out.name}{TMP_MARK}"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdecimal() and _alive(int(pid)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+        log.info("removed %s, left by an interrupted command", entry)
+    return removed
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory to write into; move its contents to ``path`` on success.
@@ -206,7 +248,8 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     out = check_target(path, force)
     _make_parent(out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise RunError(f"cannot write in {out.parent}: {e.strerror or e}") from None
     try:

@@ -177,3 +177,35 @@ def check_lr(lr: float, name: str = "--lr") -> None:
     """A learning rate must be in (0, 10]: zero trains nothing, NaN and infinity make NaN weights."""
     if not isinstance(lr, (int, float)) or not 0 < lr <= LR_MAX:
         raise MechscopeError(f"{name} must be in (0, {LR_MAX:g}], got {lr!r}")
+
+
+def max_threads() -> int:
+    """The most torch threads a command takes: four per core of this machine (more only thrashes, and far more
+    crashes OpenMP)."""
+    import os
+
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(n: int, name: str = "--threads") -> None:
+    """A thread count must be an integer from 1 to :func:`max_threads`."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_threads():
+        raise MechscopeError(f"{name} must be an integer from 1 to {max_threads()} (4 per core here), got {n!r}")
+
+
+def check_count(n: int, name: str, low: int = 1, high: int = 10**7) -> None:
+    """A count a user gives (steps, sizes, samples) must be an integer in [low, high]: a value past ``high`` is a
+    typo or a run of years, not a setting."""
+    if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high:
+        raise MechscopeError(f"{name} must be an integer from {low:,} to {high:,}, got {n!r}")
+
+
+def check_finite(x, what: str) -> None:
+    """Refuse, in one line, a tensor holding NaN or infinity (a broken network's activations, a corrupt input)
+    before an analysis that would fail on it deep inside (scikit-learn's NMF, a matching)."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise MechscopeError(f"{what}: {bad:,} values are not finite (NaN or infinity); the weights or the config "
+                             "make the network's activations overflow")  # fmt: skip

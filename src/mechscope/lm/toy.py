@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import save_tensors
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import Timer, evaluating
-from mechscope.core.validate import check_lr, check_seed
+from mechscope.core.validate import check_count, check_lr, check_seed
 from mechscope.lm.methods.composition import composition_scores
 from mechscope.lm.methods.scores import attention_scores, induction_mask, previous_token_mask
 from mechscope.lm.models.folding import analysis_weights
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 MLP_ACTS = {"none": None, "gelu": "gelu", "solu": SOLU_LN}  # --mlp -> the model's act
+MAX_STEPS = 10_000_000  # a toy run of more steps than this is a typo (about 5 days at 20 steps/s)
+MAX_WIDTH = 65_536
 
 
 @dataclass(frozen=True)
@@ -105,19 +108,18 @@ class ToyConfig:
             raise MechscopeError(f"--layers must be 1 or 2, got {self.layers}")
         if self.data not in ("synthetic", "text"):
             raise MechscopeError(f"--data must be synthetic or text, got {self.data!r}")
-        if self.n_steps < 1:
-            raise MechscopeError(f"--steps must be at least 1, got {self.n_steps}")
+        check_count(self.n_steps, "--steps", 1, MAX_STEPS)
         if self.mlp not in MLP_ACTS:
             raise MechscopeError(f"--mlp must be one of {', '.join(MLP_ACTS)}, got {self.mlp!r}")
         if self.mlp == "none" and self.d_mlp is not None:
             raise MechscopeError(f"--d-mlp {self.d_mlp} needs MLPs: pass --mlp gelu or --mlp solu")
-        if self.d_mlp is not None and self.d_mlp < 1:
-            raise MechscopeError(f"--d-mlp must be at least 1, got {self.d_mlp}")
+        if self.d_mlp is not None:
+            check_count(self.d_mlp, "--d-mlp", 1, MAX_WIDTH)
         check_seed(self.seed)
         check_lr(self.lr, "lr")
-        for name in ("d_model", "n_heads", "n_ctx", "vocab", "batch", "checkpoints"):
-            if getattr(self, name) < 1:
-                raise MechscopeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, high in (("d_model", MAX_WIDTH), ("n_heads", 1024), ("n_ctx", 65_536), ("vocab", 1_000_000),
+                           ("batch", 65_536), ("checkpoints", 10_000)):  # fmt: skip
+            check_count(getattr(self, name), name, 1, high)
         if self.d_model % self.n_heads:
             raise MechscopeError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if self.warmup < 1 or not 0 <= self.repeat_fraction <= 1:
@@ -160,6 +162,8 @@ class Data:
             raise MechscopeError("the text is empty")
         self.chars = sorted(set(text))
         self.vocab = len(self.chars)
+        if self.vocab < 2:
+            raise MechscopeError(f"the text has {self.vocab} distinct character: a language model needs at least 2")
         lookup = {c: i for i, c in enumerate(self.chars)}
         ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
         split = int(len(ids) * 0.9)
@@ -292,13 +296,8 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
         row["seconds"] = clock.total()
         series.append(row)
         if out is not None:
-            from safetensors.torch import save_file
-
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()},
-                str(out / "checkpoints" / f"step_{step:06d}.safetensors"),
-            )
+            save_tensors(out / "checkpoints" / f"step_{step:06d}.safetensors", model.state_dict())
 
     model.train()
     record(0)

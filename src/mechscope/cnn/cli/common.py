@@ -30,7 +30,12 @@ RunDir = typer.Option(..., "--run", help="Run directory written by `mechscope cn
 def _ints(text: str | None, what: str) -> list[int] | None:
     from mechscope.core.errors import MechscopeError
 
+    if text is None:
+        return None
     try:
-        return [int(u) for u in text.replace(",", " ").split()] if text else None
+        found = [int(u) for u in text.replace(",", " ").split()]
     except ValueError:
         raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
+    if not found:
+        raise MechscopeError(f"{what} expects at least one integer, got {text!r}")
+    return found

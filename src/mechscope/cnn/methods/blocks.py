@@ -35,6 +35,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_finite
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def stage_activations(spec, x: torch.Tensor, batch: int = 1000) -> tuple[torch.T
             lo, cache = run_with_cache(spec.model, x[i : i + batch], names=[s.hook_out for s in spec.stages])
             logits.append(lo)
             for s in spec.stages:
+                check_finite(cache[s.hook_out], f"{s.name}'s activations on the test images")
                 acts[s.name].append(cache[s.hook_out])
     return torch.cat(logits), {name: torch.cat(v) for name, v in acts.items()}
 

@@ -409,6 +409,8 @@ def resolve_layers(spec, layers: list[str] | None) -> list[str]:
                 f"unknown layer {layer!r}; valid layers: {', '.join(spec.stage_names)}, logits, or a hook name "
                 f"({', '.join(n for n in valid if n != 'hook_input')})"
             )
+        if name in out:
+            raise MechscopeError(f"layer {layer!r} given twice")
         out.append(name)
     return out
 

@@ -32,6 +32,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_finite
 
 DEAD_VARIANCE = 1e-10  # a channel whose variance over the observations is below this never varies: "dead"
 
@@ -192,6 +193,8 @@ def collect_pairs(
             cache = {}
             for k, spec in specs.items():
                 logits, c = run_with_cache(spec.model, x[s : s + batch_size], names=names[k])
+                for n in names[k]:
+                    check_finite(c[n], f"{k}: {n} on the test images")
                 cache[k] = [c[n] for n in names[k]]
                 feats[k]["logits"].append(logits)
                 feats[k]["means"].append([a.flatten(2).mean(2) for a in cache[k]])

@@ -66,8 +66,8 @@ def parse_target(target: str, class_names) -> str:
         return target
     if target in class_names:
         return str(list(class_names).index(target))
-    if target.isdigit() and 0 <= int(target) < len(class_names):
-        return target
+    if target.isascii() and target.isdecimal() and 0 <= int(target) < len(class_names):  # not "²", which isdigit
+        return str(int(target))
     raise MechscopeError(
         f"target {target!r} out of range; expected pred, label or a class 0..{len(class_names) - 1} (or its name)"
     )

@@ -17,7 +17,7 @@ from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, read_linked, weights_hash, write_json
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_seed, check_threads
 
 
 def check_settings(kw: dict) -> None:
@@ -25,6 +25,8 @@ def check_settings(kw: dict) -> None:
     steps, typical, image, groups = kw.get("steps", 256), kw.get("typical"), kw.get("image"), kw.get("groups")
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1, got {steps}")
+    if steps > 100_000:
+        raise MechscopeError(f"--steps must be at most 100,000, got {steps:,}")
     if typical is not None and typical < 1:
         raise MechscopeError(f"--typical must be at least 1, got {typical}")
     if typical is not None and image is not None:
@@ -37,8 +39,7 @@ def check_settings(kw: dict) -> None:
         raise MechscopeError(f"--grid must be at least 1, got {kw['max_side']}")
     if not 0 < kw.get("threshold", 0.9) <= 1:
         raise MechscopeError(f"--threshold must be in (0, 1], got {kw['threshold']}")
-    if kw.get("threads", 1) < 1:
-        raise MechscopeError(f"--threads must be at least 1, got {kw['threads']}")
+    check_threads(kw.get("threads", 1))
     check_seed(kw.get("seed", 0))
 
 

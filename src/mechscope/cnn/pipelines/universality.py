@@ -23,6 +23,7 @@ from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, check_target, read_linked, same_weights, write_json
 from mechscope.core.torch_utils import Timer, torch_threads
+from mechscope.core.validate import check_threads
 
 log = logging.getLogger(__name__)
 BASELINE_SEED = 1_000_000  # the random network of run i is initialised with seed BASELINE_SEED + i
@@ -35,8 +36,9 @@ def universality(
 ) -> tuple[Path, U.UniversalityResult]:  # fmt: skip
     """Compare the runs (see the module docstring); ``threads`` torch threads (one: these small networks run 10-25
     times faster on a busy 2-core machine with one thread than with two)."""
-    if threads < 1 or vis_steps < 1:
-        raise MechscopeError(f"--threads and --vis-steps must be at least 1, got {threads} and {vis_steps}")
+    check_threads(threads)
+    if not 1 <= vis_steps <= 100_000:
+        raise MechscopeError(f"--vis-steps must be from 1 to 100,000, got {vis_steps:,}")
     with torch_threads(threads):
         return _universality(runs, out, test_limit, force, progress, vis_steps, batch_size, data_dir)
 

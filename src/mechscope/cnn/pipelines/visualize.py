@@ -25,11 +25,17 @@ log = logging.getLogger(__name__)
 def _check(spec, layers, units, steps, seed=0) -> tuple[list[str], dict[str, int]]:
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1, got {steps}")
+    if steps > 100_000:
+        raise MechscopeError(f"--steps must be at most 100,000, got {steps:,}")
     check_seed(seed)
     names = FV.resolve_layers(spec, layers)
     with torch.no_grad():
         _, probe = run_with_cache(spec.model, torch.zeros(1, *spec.input_shape), names=names)
     size = {name: probe[name].shape[1] for name in names}
+    if units is not None and not len(units):
+        raise MechscopeError("--units: expected at least one unit")
+    if units is not None and len(set(units)) != len(units):
+        raise MechscopeError(f"--units: a unit given twice ({', '.join(map(str, units))})")
     for name in names:
         for u in units or []:
             if not 0 <= u < size[name]:

@@ -242,6 +242,18 @@ class HeadsResult(Result):
         """Per induction head: the strongest K-composition sources (folded) and every path-patching test."""
         return list(self.circuit_rows)
 
+    def edge_margin(self, pp: PathPatch) -> tuple[float, ...]:
+        """Per query head of a path patch: how far its drop lies from the criterion's threshold (the larger of
+        ``min_drop`` and ``min_share`` × the clean score), in standard errors of the drop over the protocol's
+        sequences (sd / √batch); positive above the threshold. ±inf where the drop has no spread."""
+        crit, n = self.criterion, max(int(self.protocol.get("batch", 1)), 1)
+        out = []
+        for clean, drop, sd in zip(pp.induction_clean, pp.drop, pp.drop_std, strict=True):
+            gap = drop - max(crit.min_drop, crit.min_share * clean)
+            se = sd / np.sqrt(n)
+            out.append(float(gap / se) if se > 0 else float(np.copysign(np.inf, gap)))
+        return tuple(out)
+
     def induction_heads(self) -> list[tuple[int, int]]:
         return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]
 
@@ -361,6 +373,18 @@ def path_tests(labels, composition: CompositionResult, kv_groups: int, extra: in
     return tests
 
 
+TABLE_ROWS = 20  # the report's table: the heads with the highest induction scores
+
+
+def named_heads(labels, tests: dict, table: list[tuple[int, int]], kv_groups: int) -> list[tuple[int, int]]:
+    """Every head the report names: labelled heads, the path-patching sources and targets (each query head of
+    a tested key/value group), and the table's rows; in a fixed order."""
+    heads = [(layer, h) for layer, row in enumerate(labels) for h, lab in enumerate(row) if lab != "none"]
+    for (layer, kv), sources in tests.items():
+        heads += list(sources) + [(layer, q) for q in range(kv * kv_groups, (kv + 1) * kv_groups)]
+    return list(dict.fromkeys(heads + list(table)))
+
+
 def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
     """The top-k heads by induction score mean-ablated together, against k random heads."""
     cfg = model.cfg
@@ -422,26 +446,27 @@ def find_induction_heads(
     with timer.section("ov_circuits"):
         scores["ov_eigen_positivity"] = ov_eigen_positivity(view)
 
-    say("per-head ablations (attribution patching, then exact on the leading heads)")
-    with timer.section("per_head_ablation"):
-        cap = HA.capture(model, tokens, p.n)
-        top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
-        by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]
-        always = by_induction[: p.top_k] if p.per_head_ablation else []
-        ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always)
-        for kind, a in ablation.items():
-            scores[ABLATION_SCORES[kind]] = a.best()
-    labels = classify(scores, p.thresholds)
-    say("top-k ablation")
-    with timer.section("top_k_ablation"):
-        top_k = _top_k(model, cap, tokens, p.n, scores, p.top_k, p.random_draws, g)
+    labels = classify(scores, p.thresholds)  # from the attention and copying scores, not the ablations
     say("composition")
     with timer.section("composition"):
         composition = all_composition(view, seed=p.seed, top_n=20)
+    kv_groups = cfg.n_heads // cfg.kv_heads
+    tests = path_tests(labels, composition, kv_groups, p.path_candidates)
+    by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]
+    say("per-head ablations (attribution patching, then exact on every head the report names)")
+    with timer.section("per_head_ablation"):
+        cap = HA.capture(model, tokens, p.n)
+        top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
+        always = by_induction[: p.top_k] if p.per_head_ablation else []
+        named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups) if p.per_head_ablation else []
+        ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always, named=named)
+        for kind, a in ablation.items():
+            scores[ABLATION_SCORES[kind]] = a.best()
+    say("top-k ablation")
+    with timer.section("top_k_ablation"):
+        top_k = _top_k(model, cap, tokens, p.n, scores, p.top_k, p.random_draws, g)
     say("path patching")
     with timer.section("path_patching"):
-        kv_groups = cfg.n_heads // cfg.kv_heads
-        tests = path_tests(labels, composition, kv_groups, p.path_candidates)
         patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
 
     with timer.section("examples"):

@@ -85,6 +85,9 @@ def build(
     for k in present:
         if tuple(state[k].shape) != tuple(expected[k]):
             raise MechscopeError(f"weight {k} has shape {list(state[k].shape)}, expected {list(expected[k])}")
+        kind = state[k].as_meta().dtype if isinstance(state[k], DeferredTensor) else state[k].dtype
+        if not kind.is_floating_point:  # an integer or boolean tensor is not a weight (a corrupt file)
+            raise MechscopeError(f"weight {k} is {str(kind).removeprefix('torch.')}; expected floating point")
     where = device if callable(device) else (lambda name: device)
     placed = {}
     for k in sorted(present, key=lambda k: -expected[k].numel()):  # largest first: its transient copy is

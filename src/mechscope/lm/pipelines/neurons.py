@@ -17,7 +17,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_seed, check_threads
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.text import read_text
 
@@ -45,6 +45,10 @@ class NeuronSettings:
             raise MechscopeError(f"--length must be at least 2, got {self.length}")
         if self.contexts < 0:
             raise MechscopeError(f"--contexts must be 0 or more, got {self.contexts}")
+        for name, value, high in (("--k", self.k, 100_000), ("--sequences", self.sequences, 1_000_000),
+                                  ("--length", self.length, 65_536), ("--contexts", self.contexts, 1_000)):  # fmt: skip
+            if value > high:
+                raise MechscopeError(f"{name} must be at most {high:,}, got {value:,}")
         check_seed(self.seed)
 
 
@@ -209,8 +213,7 @@ class CompareSettings:
             raise MechscopeError(f"--batch, --k and sequences must be at least 1, got {self.batch}, {self.k}")
         if self.n_ctx < 2:
             raise MechscopeError(f"--n-ctx must be at least 2, got {self.n_ctx}")
-        if self.threads < 1:
-            raise MechscopeError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         self.toy("gelu").validate()
 
 
