@@ -25,6 +25,9 @@ def _offline_mirror(monkeypatch):
     # which fails at once. Tests of the download path set their own mirror.
     monkeypatch.setenv("MECHSCOPE_MNIST_MIRROR", "http://127.0.0.1:9/")
     monkeypatch.setenv("MECHSCOPE_MIRROR", "http://127.0.0.1:9/")  # every other built-in dataset
+    root = shared_data_root()  # the data root `make test` sets, so that running pytest directly is the same
+    if root is not None and not os.environ.get("MECHSCOPE_DATA"):
+        monkeypatch.setenv("MECHSCOPE_DATA", str(root))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 The root app holds the two wings' groups (``cnn``, with its old name ``mnist`` as an alias, and ``lm``); each wing
 registers its own commands on its group (``mechscope.cnn.cli``, ``mechscope.lm.cli``).
 
-User errors (:class:`~mechscope.errors.MechscopeError`, parse errors, out of memory, a full disk) become
+User errors (:class:`~mechscope.core.errors.MechscopeError`, parse errors, out of memory, a full disk) become
 one line on stderr and exit 2; Ctrl-C is one line and exit 130 (see :func:`main`).
 """
 

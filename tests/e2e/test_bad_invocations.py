@@ -133,6 +133,40 @@ CNN_BAD = [
     ("cnn", "solu-compare", "--activations", "relu,tanh", "--out", f"{W}/o"),
     ("cnn", "solu-compare", "--epochs", "0", "--out", f"{W}/o"),
     ("cnn", "solu-compare", "--out", f"{W}/full"),
+    ("cnn", "solu-compare", "--epochs", "99999999", "--out", f"{W}/o"),
+    # absurd numbers and round-2 cases (issue 26)
+    ("cnn", "train", "--epochs", "99999999", "--out", f"{W}/o"),
+    ("cnn", "train", "--batch-size", "99999999", "--out", f"{W}/o"),
+    ("cnn", "attribute", "--run", R, "--target", "²", "--out", f"{W}/o"),
+    ("cnn", "visualize", "--run", R, "--units", ",", "--out", f"{W}/o"),
+    ("cnn", "visualize", "--run", R, "--units", "1,1", "--out", f"{W}/o"),
+    ("cnn", "visualize", "--run", R, "--layer", "conv2", "--layer", "conv2", "--out", f"{W}/o"),
+    ("cnn", "visualize", "--run", R, "--steps", "99999999999", "--out", f"{W}/o"),
+    # cnn blocks
+    ("cnn", "blocks", "--run", R, "--threads", "100000", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--threads", "0", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--steps", "0", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--steps", "99999999", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--image", "-1", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--image", "999999", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--image", "3", "--typical", "2", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--groups", "0", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--grid", "0", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", f"{W}/nowhere", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", f"{W}/run_nan_weights", "--out", f"{W}/o"),
+    ("cnn", "blocks", "--run", R, "--out", f"{W}/full"),
+    # cnn tuning
+    ("cnn", "tuning", "--run", R, "--seed", "-1", "--out", f"{W}/o"),
+    ("cnn", "tuning", "--run", f"{W}/nowhere", "--out", f"{W}/o"),
+    ("cnn", "tuning", "--run", f"{W}/run_cut_weights", "--out", f"{W}/o"),
+    ("cnn", "tuning", "--run", R, "--out", f"{W}/full"),
+    # cnn universality
+    ("cnn", "universality", "--runs", R, "--out", f"{W}/o"),
+    ("cnn", "universality", "--runs", R, "--runs", R, "--threads", "100000", "--out", f"{W}/o"),
+    ("cnn", "universality", "--runs", R, "--runs", f"{W}/nowhere", "--out", f"{W}/o"),
+    ("cnn", "universality", "--runs", R, "--runs", R, "--test-limit", "0", "--out", f"{W}/o"),
+    ("cnn", "universality", "--runs", R, "--runs", R, "--vis-steps", "0", "--out", f"{W}/o"),
+    ("cnn", "universality", "--runs", R, "--runs", R, "--out", f"{W}/full"),
 ]
 
 LM_BAD = [
@@ -221,6 +255,13 @@ LM_BAD = [
     ("lm", "solu-compare", "--layers", "9", "--out", f"{W}/o"),
     ("lm", "solu-compare", "--text", f"{W}/missing.txt", "--out", f"{W}/o"),
     ("lm", "solu-compare", "--out", f"{W}/full"),
+    # absurd numbers and files a loader must refuse (issue 26)
+    ("lm", "train-toy", "--steps", "99999999999", "--out", f"{W}/o"),
+    ("lm", "train-toy", "--data", "text", "--text", f"{W}/one_char.txt", "--out", f"{W}/o"),
+    ("lm", "solu-compare", "--threads", "100000", "--out", f"{W}/o"),
+    ("lm", "neurons", "--model", HF, "--k", "99999999", "--out", f"{W}/o"),
+    ("lm", "inspect", "--model", f"{W}/hf_int_tensor"),
+    ("lm", "circuits", "--model", HF, "--prompt", "", "--out", f"{W}/o"),
     # the groups themselves
     ("frobnicate",),
     ("lm", "frobnicate"),
@@ -253,6 +294,7 @@ def _set_config(**fields):
 def work(tmp_path_factory, quick_run) -> dict[str, str]:
     """Every broken input the table names, made once."""
     import numpy as np
+    import torch
     from safetensors.torch import load_file, save_file
 
     w = tmp_path_factory.mktemp("bad")
@@ -273,6 +315,7 @@ def work(tmp_path_factory, quick_run) -> dict[str, str]:
     (w / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (w / "empty.txt").write_text("")
     (w / "short.txt").write_text("abc\n")
+    (w / "one_char.txt").write_text("a" * 5000)
     run = Path(quick_run)
     _write_run_variant(run, w / "run_model_null", _set_config(model=None))
     _write_run_variant(run, w / "run_model_number", _set_config(model=3))
@@ -327,6 +370,14 @@ def work(tmp_path_factory, quick_run) -> dict[str, str]:
         (d / "model.safetensors").write_bytes(raw.replace(b'"F32"', b'"X32"', 1))
 
     hf_variant("hf_bad_dtype", bad_dtype)
+
+    def int_tensor(d: Path) -> None:  # an integer tensor where a weight should be
+        state = load_file(str(d / "model.safetensors"))
+        first = sorted(k for k in state if k.endswith("weight"))[0]
+        state[first] = state[first].to(torch.int32)
+        save_file(state, str(d / "model.safetensors"))
+
+    hf_variant("hf_int_tensor", int_tensor)
     meta, tensors = B.gguf_parts()
     gg = B.write_gguf(w / "tiny.gguf")
     bad_type = [(n, s, 77 if i == 0 else q, d) for i, (n, s, q, d) in enumerate(tensors)]

@@ -157,3 +157,68 @@ def test_cli_text(pristine, capsys, data):
                 "--no-ablation", "--out", "o", "--device", "cpu"]  # fmt: skip
         code, out, err = run_cli(args, capsys)
         assert_clean(code, out, err, work, {path.name}, "o")
+
+
+# ---- the commands added since the fuzzing was written: each fed a corrupted input ----------------------
+
+
+def _corrupt_run(run: Path, data) -> None:
+    victim = run / data.draw(st.sampled_from(["config.json", "metrics.json", "model.safetensors"]), label="file")
+    if victim.suffix == ".json":
+        victim.write_bytes(data.draw(M.corrupt_json_bytes(json.loads(victim.read_text()))))
+    else:
+        victim.write_bytes(data.draw(M.corrupt_safetensors(victim.read_bytes())))
+
+
+@settings(max_examples=max(3, N // 2))
+@given(data=st.data())
+def test_cli_tuning_blocks_universality(pristine, capsys, data):
+    with InScratch() as work:
+        run = copy_input(pristine["run"], work)
+        _corrupt_run(run, data)
+        command = data.draw(st.sampled_from(["tuning", "blocks", "universality"]), label="command")
+        args = {
+            "tuning": ["cnn", "tuning", "--run", run, "--out", "o"],
+            "blocks": ["cnn", "blocks", "--run", run, "--steps", "2", "--out", "o"],
+            "universality": ["cnn", "universality", "--runs", run, "--runs", pristine["run"], "--vis-steps", "2",
+                             "--out", "o"],
+        }[command]  # fmt: skip
+        code, out, err = run_cli(args, capsys)
+        assert_clean(code, out, err, work, {run.name}, "o")
+
+
+@settings(max_examples=max(3, N // 2))
+@given(data=st.data())
+def test_cli_circuits_hf_dir(pristine, capsys, data):
+    with InScratch() as work:
+        model = copy_input(pristine["hf"], work)
+        victim = model / data.draw(st.sampled_from(sorted(p.name for p in model.iterdir())), label="file")
+        raw = victim.read_bytes()
+        if victim.suffix == ".safetensors":
+            victim.write_bytes(data.draw(M.corrupt_safetensors(raw)))
+        elif victim.suffix == ".json":
+            victim.write_bytes(data.draw(M.corrupt_json_bytes(json.loads(raw))))
+        else:
+            victim.write_bytes(data.draw(M.corrupt_bytes(raw)))
+        code, out, err = run_cli(["lm", "circuits", "--model", model, "--out", "o", "--device", "cpu"], capsys)
+        assert_clean(code, out, err, work, {model.name}, "o")
+
+
+@settings(max_examples=max(3, N // 2))
+@given(data=st.data())
+def test_cli_text_commands(pristine, capsys, data):
+    with InScratch() as work:
+        path = work / "text.txt"
+        raw = pristine["text"].read_bytes()
+        path.write_bytes(data.draw(st.one_of(M.corrupt_bytes(raw), st.binary(max_size=64), st.just(b"a" * 400))))
+        command = data.draw(st.sampled_from(["train-toy", "neurons", "solu-compare"]), label="command")
+        args = {
+            "train-toy": ["lm", "train-toy", "--data", "text", "--text", path, "--steps", "2", "--layers", "1",
+                          "--mlp", "gelu", "--d-mlp", "8", "--no-control", "--out", "o"],
+            "neurons": ["lm", "neurons", "--model", pristine["hf"], "--text", path, "--k", "2", "--sequences", "2",
+                        "--length", "8", "--out", "o", "--device", "cpu"],
+            "solu-compare": ["lm", "solu-compare", "--text", path, "--steps", "2", "--d-model", "16", "--d-mlp", "16",
+                             "--n-ctx", "16", "--batch", "4", "--k", "5", "--out", "o"],
+        }[command]  # fmt: skip
+        code, out, err = run_cli(args, capsys)
+        assert_clean(code, out, err, work, {path.name}, "o")

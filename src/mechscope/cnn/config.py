@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mechscope.core.errors import MechscopeError
-from mechscope.core.validate import check_lr, check_seed
+from mechscope.core.validate import check_lr, check_seed, check_types
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (quick runs, tests)
 
     def validate(self) -> None:
+        check_types(self, {
+            "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
+            "seed": "--seed", "shift": "--shift", "train_limit": "--train-limit",
+            "max_steps": "--max-steps",
+        })
         if self.epochs < 1:
             raise MechscopeError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -79,6 +84,9 @@ class ExplainSettings:
     batch_size: int = 2048
 
     def validate(self) -> None:
+        check_types(self, {
+            "n_pairs": "--pairs", "tolerance": "--tolerance", "test_limit": "--test-limit",
+        })
         if self.n_pairs < 1:
             raise MechscopeError(f"--pairs must be at least 1, got {self.n_pairs}")
         if self.test_limit is not None and self.test_limit < 100:

@@ -196,8 +196,12 @@ def check_threads(n: int, name: str = "--threads") -> None:
 def check_count(n: int, name: str, low: int = 1, high: int = 10**7) -> None:
     """A count a user gives (steps, sizes, samples) must be an integer in [low, high]: a value past ``high`` is a
     typo or a run of years, not a setting."""
-    if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high:
-        raise MechscopeError(f"{name} must be an integer from {low:,} to {high:,}, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise MechscopeError(f"{name} must be an integer, got {n!r}")
+    if n < low:
+        raise MechscopeError(f"{name} must be at least {low:,}, got {n}")
+    if n > high:
+        raise MechscopeError(f"{name} must be at most {high:,}, got {n:,}")
 
 
 def check_finite(x, what: str) -> None:
@@ -209,3 +213,33 @@ def check_finite(x, what: str) -> None:
         bad = int((~torch.isfinite(x)).sum())
         raise MechscopeError(f"{what}: {bad:,} values are not finite (NaN or infinity); the weights or the config "
                              "make the network's activations overflow")  # fmt: skip
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int when it is one (not a bool, not a float) within [low, high]; else one line."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MechscopeError(f"{name} must be an integer, got {shown(value)}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"from {low:,}" if low is not None else "up"
+        span += f" to {high:,}" if high is not None else " or more"
+        raise MechscopeError(f"{name} must be an integer {span}, got {value:,}")
+    return value
+
+
+def check_types(settings, flags: dict[str, str] | None = None) -> None:
+    """Each int and float field of a settings dataclass holds an int (not a bool) or a number; one line naming the
+    field (its command-line flag from ``flags``, else its name) otherwise. Ranges are each class's own business."""
+    import dataclasses
+
+    for f in dataclasses.fields(settings):
+        value, name = getattr(settings, f.name), (flags or {}).get(f.name, f.name)
+        kind = str(f.type).replace("Optional[", "").replace("]", "")
+        if value is None and "None" in kind:
+            continue
+        if kind.split(" |")[0] == "int":
+            check_int(value, name)
+        elif kind.split(" |")[0] == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise MechscopeError(f"{name} must be a number, got {shown(value)}")

@@ -117,11 +117,12 @@ def attention(model, tokens, layer: int, head: int, *, tokenizer=None, index: in
     """Head ``layer.head``'s attention on ``tokens`` (text, ids [P] or [B, P]; ``index`` picks the sequence)
     as an :class:`~mechscope.core.render.viewer.AttentionViewer` (hover a token to see where it attends)."""
     from mechscope.core.render.viewer import AttentionViewer
+    from mechscope.core.validate import check_int
     from mechscope.lm.methods.scores import attention_pattern, check_head
 
     layer, head = check_head(model, layer, head)
     toks = as_tokens(model, tokens, tokenizer)
-    if not 0 <= index < toks.shape[0]:
+    if not 0 <= check_int(index, "index") < toks.shape[0]:
         raise MechscopeError(f"index {index} out of range: {toks.shape[0]} sequences")
     seq = toks[index : index + 1]
     return AttentionViewer(_decode(tokenizer, seq[0]), attention_pattern(model, seq, layer, head), layer, head)
@@ -130,12 +131,13 @@ def attention(model, tokens, layer: int, head: int, *, tokenizer=None, index: in
 @user_errors
 def repeated_tokens(model, n: int = 50, batch: int = 8, seed: int = 0, token_range=None) -> torch.Tensor:
     """[batch, 1 + 2n]: BOS, then n seeded random tokens, then the same n again (the induction protocol)."""
-    from mechscope.core.validate import check_seed
+    from mechscope.core.validate import check_int, check_seed
     from mechscope.lm.methods.scores import default_token_range
     from mechscope.lm.methods.scores import repeated_tokens as _rep
 
     check_seed(seed)
     for name, v in (("n", n), ("batch", batch)):
+        check_int(v, name)
         if v < 1:
             raise MechscopeError(f"{name} must be at least 1, got {v}")
     if 1 + 2 * n > model.cfg.n_ctx:

@@ -37,7 +37,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import save_tensors
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import Timer, evaluating
-from mechscope.core.validate import check_count, check_lr, check_seed
+from mechscope.core.validate import check_count, check_lr, check_seed, check_types
 from mechscope.lm.methods.composition import composition_scores
 from mechscope.lm.methods.scores import attention_scores, induction_mask, previous_token_mask
 from mechscope.lm.models.folding import analysis_weights
@@ -104,6 +104,7 @@ class ToyConfig:
         return self.steps if self.steps is not None else (2500 if self.data == "synthetic" else 8000)
 
     def validate(self) -> None:
+        check_types(self, {"layers": "--layers", "steps": "--steps", "d_mlp": "--d-mlp"})
         if self.layers not in (1, 2):
             raise MechscopeError(f"--layers must be 1 or 2, got {self.layers}")
         if self.data not in ("synthetic", "text"):

@@ -19,10 +19,11 @@ Protocols (all seeded, tokenizer-free except the real-text one):
    vocabulary; softmax ignores a shared shift) of the token it attends to, through the folded
    analysis view (:mod:`mechscope.lm.models.folding`); and the OV circuit's eigenvalue positivity
    on the folded weights.
-5. Causal: mean-, zero- and resample-ablation of every head (:mod:`.head_ablation`): estimated
-   for every head by attribution patching, measured exactly on the leading heads and a random
-   sample, per sequence over all protocol sequences; the top-k induction heads mean-ablated
-   together against k random heads.
+5. Causal: mean-, zero- and resample-ablation of every head (:mod:`.ablation`): estimated
+   for every head by attribution patching; measured exactly (mean-ablation) on every head the
+   report names (labelled heads, path-patching sources and targets, the table's rows), and under
+   each kind on the heads with the largest estimates and a random sample, per sequence over all
+   protocol sequences; the top-k induction heads mean-ablated together against k random heads.
 6. The circuit: Q/K/V composition of every pair on the folded weights (:mod:`.composition`),
    and key-side path patching (:mod:`.path_patching`) of every candidate previous-token head
    into every induction head; only patching-confirmed edges count as "feeds".
@@ -46,6 +47,7 @@ import torch
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import Timer
+from mechscope.core.validate import check_seed, check_types
 from mechscope.lm.methods import ablation as HA
 from mechscope.lm.methods.ablation import HeadAblation
 from mechscope.lm.methods.composition import CompositionResult, all_composition
@@ -122,6 +124,8 @@ class HeadProtocol:
 
 def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProtocol, tuple[int, int]]:
     """The protocol with its defaults resolved for this model, and the token range; or a clear error."""
+    check_types(p)
+    check_seed(p.seed)
     if p.prefix_n is None:
         p = replace(p, prefix_n=max(1, min(25, (model.cfg.n_ctx - 1) // max(p.prefix_repeats, 1))))
     if p.top_k is None:

@@ -11,7 +11,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed
-from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, find_induction_heads
+from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, check_protocol, find_induction_heads
 from mechscope.lm.text import default_text_path
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def induction_heads(
     timer = Timer("lm heads")
     with timer.section("load"):
         model, tok = load_model(model_spec, dtype, device=device, device_map=device_map, revision=revision)
+    check_protocol(model, protocol)  # a bad setting is one line before anything else is looked for
     text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
     result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
 

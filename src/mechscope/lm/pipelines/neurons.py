@@ -17,7 +17,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_seed, check_threads
+from mechscope.core.validate import check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.text import read_text
 
@@ -37,6 +37,10 @@ class NeuronSettings:
     min_count: int = 10
 
     def validate(self) -> None:
+        check_types(self, {
+            "k": "--k", "sequences": "--sequences", "length": "--length",
+            "contexts": "--contexts", "seed": "--seed",
+        })
         if self.k < 1:
             raise MechscopeError(f"--k must be at least 1, got {self.k}")
         if self.sequences < 1:
@@ -207,6 +211,11 @@ class CompareSettings:
         )
 
     def validate(self) -> None:
+        check_types(self, {
+            "d_model": "--d-model", "d_mlp": "--d-mlp", "n_ctx": "--n-ctx",
+            "steps": "--steps", "batch": "--batch", "k": "--k", "seed": "--seed",
+            "threads": "--threads", "layers": "--layers",
+        })
         if self.d_model % self.n_heads:
             raise MechscopeError(f"--d-model {self.d_model} is not a multiple of {self.n_heads} heads")
         if self.batch < 1 or self.k < 1 or self.sequences < 1:
