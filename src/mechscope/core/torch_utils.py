@@ -81,3 +81,61 @@ class Timer:
 
     def total(self) -> float:
         return time.perf_counter() - self._start
+
+
+class WorkCounter:
+    """How much computing an analysis did: forward and backward passes through a model's layers, and over how
+    many rows (tokens or images).
+
+    ``layers`` are the modules one full pass runs once each (a transformer's blocks, a CNN's stages); each call of
+    one adds its input's rows (``rows(x)``: batch × positions for tokens, batch for images). A pass that starts
+    part-way (an intervention rerunning the layers after the one it changed) counts the layers it ran. So
+    ``forward_rows / len(layers)`` is the rows pushed through the whole model, and dividing by the rows of one
+    pass of the analysis' main batch gives the number of full passes it cost. Backward passes are counted the
+    same way from the gradients flowing out of each layer. Hooks are removed when the counting ends.
+    """
+
+    def __init__(self, layers, unit: str, rows=None) -> None:
+        self.layers = list(layers)
+        self.unit = unit
+        self.rows = rows or (lambda x: int(x.shape[0]))
+        self.forward_rows = 0
+        self.backward_rows = 0
+        self.forward_calls = 0
+        self.backward_calls = 0
+
+    @contextmanager
+    def counting(self) -> Iterator[WorkCounter]:
+        def on_forward(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                self.forward_calls += 1
+                self.forward_rows += self.rows(args[0])
+
+        def on_backward(module, grad_output):
+            if grad_output and isinstance(grad_output[0], torch.Tensor):
+                self.backward_calls += 1
+                self.backward_rows += self.rows(grad_output[0])
+
+        handles = []
+        try:
+            for m in self.layers:
+                handles.append(m.register_forward_pre_hook(on_forward))
+                handles.append(m.register_full_backward_pre_hook(on_backward))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def summary(self, rows_per_pass: int) -> dict:
+        """The counts, and the equivalent number of full passes over a batch of ``rows_per_pass`` rows."""
+        n = max(len(self.layers), 1)
+        per = max(rows_per_pass, 1)
+        return {
+            "unit": self.unit,
+            "rows_per_pass": rows_per_pass,
+            "forward_passes": round(self.forward_rows / n / per, 3),
+            "backward_passes": round(self.backward_rows / n / per, 3),
+            f"forward_{self.unit}": self.forward_rows // n,
+            f"backward_{self.unit}": self.backward_rows // n,
+            "layer_calls": {"forward": self.forward_calls, "backward": self.backward_calls},
+        }

@@ -34,6 +34,7 @@ class AttributionResult(Result):
     completeness: Completeness | None
     skipped: dict[str, str]  # method -> why it does not apply to this model
     weights_sha256: str | None = None  # the weights it was made from (core.outputs.weights_hash)
+    work: dict | None = None  # forward and backward passes, in passes over the images attributed (WorkCounter)
     out: str | None = figure_data()
 
     def to_dict(self) -> dict:
@@ -48,6 +49,7 @@ class AttributionResult(Result):
                          "predictions": list(self.predictions)},
             "skipped": dict(self.skipped),
             WEIGHTS_KEY: self.weights_sha256,
+            "work": self.work,
         }  # fmt: skip
 
     @classmethod
@@ -56,5 +58,5 @@ class AttributionResult(Result):
         return cls(
             d["target"], d["gradcam_layer"], tuple(d["class_names"]), tuple(ex["test_indices"]), tuple(ex["labels"]),
             tuple(ex["predictions"]), FaithfulnessReport.from_dict(d), None if c is None else Completeness(**c),
-            dict(d.get("skipped") or {}), d.get(WEIGHTS_KEY),
+            dict(d.get("skipped") or {}), d.get(WEIGHTS_KEY), d.get("work"),
         )  # fmt: skip

@@ -226,6 +226,7 @@ class BlocksResult(Result):
     channel_source: str  # where the channel visualisations came from
     seconds: dict = field(default_factory=dict)
     summary: tuple[str, ...] = ()
+    work: dict | None = None  # forward and backward passes, in passes over the test images (WorkCounter)
     images: dict = figure_data()  # from blocks_vis.visualise_blocks: cells, groups, channels
     inputs: torch.Tensor = figure_data()  # [n_images, C, H, W] the analysed test images
 

@@ -42,6 +42,7 @@ class ExplainResult(Result):
     examples: tuple[StageExamples, ...]
     summary: tuple[str, ...] = ()
     seconds: dict = field(default_factory=dict)
+    work: dict | None = None  # forward and backward passes made, in passes over the test images (WorkCounter)
     linked: dict | None = figure_data()
     vrange: tuple[float, float] = figure_data((0.0, 1.0))
 

@@ -143,6 +143,7 @@ class TuningResult(Result):
     stages: tuple[StageTuning, ...]
     summary: tuple[str, ...] = ()
     seconds: dict | None = None
+    work: dict | None = None  # forward and backward passes, in passes over the test images (WorkCounter)
 
     def stage(self, name: str) -> StageTuning:
         for s in self.stages:

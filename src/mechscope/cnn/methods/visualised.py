@@ -46,4 +46,5 @@ class FeatvisResult(Result):
     units: tuple[UnitVis, ...]
     class_names: tuple[str, ...]
     weights_sha256: str | None = None  # the weights it was made from (core.outputs.weights_hash)
+    work: dict | None = None  # forward and backward passes, in passes over the test images (WorkCounter)
     out: str | None = figure_data()

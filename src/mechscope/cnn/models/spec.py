@@ -204,6 +204,12 @@ class CNNSpec:
     def hook_names(self) -> list[str]:
         return [name for name, m in self.plan if isinstance(m, HookPoint)]
 
+    def work_counter(self):
+        """A :class:`~mechscope.core.torch_utils.WorkCounter` over the stages' convolutions, counting images."""
+        from mechscope.core.torch_utils import WorkCounter
+
+        return WorkCounter([s.conv for s in self.stages], "images")
+
     def run_from(self, hook: str, x: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
         """The rest of the forward pass from hook point ``hook`` given its activation ``x``.
 

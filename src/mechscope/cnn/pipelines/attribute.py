@@ -98,7 +98,8 @@ def attribute_model(
     target = parse_target(target, data.class_names)
     names = data.class_names
     digest = weights_hash(model)  # recorded, so that explain links these grids only for the same weights
-    with atomic_output(out, force) as tmp, evaluating(net):
+    counter = spec.work_counter()
+    with atomic_output(out, force) as tmp, evaluating(net), counter.counting():
         idx = select_examples(data.test_labels, max(n, n_faithfulness), data.n_classes)
         x = data.to_float(data.test_images[idx])
         labels = data.test_labels[idx]
@@ -134,7 +135,7 @@ def attribute_model(
         completeness = _completeness(net, x, explained, ig_delta, lo, ig_steps) if ig_delta is not None else None
         result = AttributionResult(
             target, layer, tuple(names), tuple(idx[:n]), tuple(labels[:n].tolist()), tuple(pred[:n].tolist()),
-            report, completeness, skipped, digest, str(Path(out).absolute()),
+            report, completeness, skipped, digest, counter.summary(len(x)), str(Path(out).absolute()),
         )  # fmt: skip
         write_json(tmp / AttributionResult.FILE, result.to_dict())
         deletion = {m.method: m.deletion_curve for m in report.methods} | {"random": report.random_deletion_curve}

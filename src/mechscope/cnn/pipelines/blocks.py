@@ -77,7 +77,8 @@ def _blocks(model, data, out, *, image=None, typical=None, groups=None, steps=25
     x_test, y_test = data.test_float(), data.test_labels
     sel = B.select_images(spec, x_test, y_test, image, typical)
     B.check_groups(spec, len(sel.images), groups)
-    with atomic_output(out, force) as tmp:
+    counter = spec.work_counter()
+    with atomic_output(out, force) as tmp, counter.counting():
         x = x_test[list(sel.images)]
         with timer.section("forward and NMF"):
             _, acts = B.stage_activations(spec, x)
@@ -101,7 +102,8 @@ def _blocks(model, data, out, *, image=None, typical=None, groups=None, steps=25
         result = replace(result, summary=tuple(summary_lines(result)))
         with timer.section("report"):
             write_report(result, tmp / "report.html", vrange, spec, x_test)
-        result = replace(result, seconds=dict(timer.seconds) | {"total": timer.total()})
+        result = replace(result, seconds=dict(timer.seconds) | {"total": timer.total()},
+                         work=counter.summary(len(x_test)))  # fmt: skip
         write_json(tmp / "blocks.json", result.to_dict())
     return out, result
 

@@ -54,7 +54,8 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
     with timer.section("load"):
         spec = walk(model, data.shape)
         settings = check_settings(settings, spec, data.class_names)
-    with atomic_output(out, force) as tmp:
+    counter = spec.work_counter()
+    with atomic_output(out, force) as tmp, counter.counting():
         s = settings
         with timer.section("forward"):
             ed = ExplainData.from_dataset(data, s.test_limit, s.n_mean, s.held_out)
@@ -86,7 +87,7 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
             class_names=tuple(ed.class_names),
             settings={**s.to_dict(), "patch": list(pair), "description": ed.description},
             overview=ov, weights=weights, ablation=ablation, selectivity=sel, patching=patching,
-            circuits=circuits, examples=examples,
+            circuits=circuits, examples=examples, work=counter.summary(len(ed.y)),
         )  # fmt: skip
         with timer.section("summary"):
             result = replace(result, summary=tuple(summarise(result, linked)))

@@ -36,7 +36,8 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
     weights = weights or weights_hash(model)
     x = data.test_float()
     value_range = (min(0.0, float(x.min())), max(1.0, float(x.max())))  # [0, 1] pixels unless the data say wider
-    with atomic_output(out, force) as tmp:
+    counter = spec.work_counter()
+    with atomic_output(out, force) as tmp, counter.counting():
         say("drawing stimuli")
         with timer.section("stimuli"):
             stim = draw_stimuli(spec.input_shape[1:], seed)
@@ -50,7 +51,7 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
         say("figures")
         with timer.section("report"):
             write_report(replace(result, seconds=dict(timer.seconds)), tmp)
-        result = replace(result, seconds=dict(timer.seconds))
+        result = replace(result, seconds=dict(timer.seconds), work=counter.summary(len(x)))
         write_json(tmp / TuningResult.FILE, result.to_dict())
     return Path(out), result
 

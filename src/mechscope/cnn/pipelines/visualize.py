@@ -52,7 +52,8 @@ def visualize_model(
     net = spec.model
     names, size = _check(spec, layers, units, steps, seed)
     digest = weights_hash(model)  # recorded, so that explain links these pictures only for the same weights
-    with atomic_output(out, force) as tmp, evaluating(net):
+    counter = spec.work_counter()
+    with atomic_output(out, force) as tmp, evaluating(net), counter.counting():
         x_test = data.test_float()
         lo, hi = min(0.0, float(x_test.min())), max(1.0, float(x_test.max()))
         assign = [(name, u) for name in names for u in (units if units is not None else range(size[name]))]
@@ -66,7 +67,8 @@ def visualize_model(
                 for i, (name, u) in enumerate(assign)]  # fmt: skip
         _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, (lo, hi), data.class_names)
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),
-                               tuple(data.class_names), digest, str(Path(out).absolute()))  # fmt: skip
+                               tuple(data.class_names), digest, counter.summary(len(x_test)),
+                               str(Path(out).absolute()))  # fmt: skip
         save_for_blocks(tmp, model, spec, assign, renders["positive"].images)  # `cnn blocks` reuses these
         write_json(tmp / FeatvisResult.FILE, result.to_dict())
     return Path(out), result

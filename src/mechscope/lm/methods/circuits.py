@@ -57,6 +57,7 @@ class CircuitsResult(Result):
     skip_trigrams: FW.SkipTrigrams | Saved | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    work: dict | None = None  # forward and backward passes made (WorkCounter.summary), when the model could run
     decoder: Callable[[int], str] | None = figure_data()
     prompt_text: tuple[str, ...] | None = figure_data()
 
@@ -83,6 +84,7 @@ class CircuitsResult(Result):
             "skip_trigrams": opt(self.skip_trigrams, decode),
             "unavailable": self.unavailable,
             "seconds": self.seconds,
+            "work": self.work,
         }
 
     def _induction_dict(self) -> dict | None:
@@ -107,6 +109,7 @@ class CircuitsResult(Result):
             saved(d.get("ov_copying")), saved(d.get("qk_token_pairs")), saved(d.get("direct_logit_attribution")),
             saved(d.get("logit_lens")), saved(d.get("induction_circuit")), saved(d.get("bigrams")),
             saved(d.get("skip_trigrams")), dict(d.get("unavailable") or {}), dict(d.get("seconds") or {}),
+            d.get("work"),
         )  # fmt: skip
 
 

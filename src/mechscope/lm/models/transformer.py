@@ -33,6 +33,9 @@ Hook points (``blocks.{L}.`` prefix inside blocks)::
     blocks.L.attn.q_norm.hook_normalized, k_norm (qk_norm)  blocks.L.ln1_post, ln2_post (post_attn_mlp_norm)
     blocks.L.attn.hook_attn_scores [B,H,P,K] (masked, before softmax)  hook_pattern [B,H,P,K]
     blocks.L.attn.hook_z [B,P,H,Dh]  hook_result [B,P,H,D] (each head's output; computed only when hooked)
+    blocks.L.attn.hook_q_input [B,P,H,D], hook_k_input / hook_v_input [B,P,G,D]: each head's (key/value head's)
+        own copy of the residual stream before ln1, which is then applied per head (TransformerLens'
+        use_split_qkv_input; active only when one of them is hooked; ln1.hook_normalized then fires three times)
     blocks.L.hook_attn_out [B,P,D]  blocks.L.hook_mlp_in [B,P,D] (the MLP sublayer's input, before ln2)
     blocks.L.mlp.hook_in [B,P,D] (the MLP's own input, after ln2)  blocks.L.mlp.hook_pre / hook_post [B,P,M]
     blocks.L.hook_mlp_out [B,P,D]
@@ -329,6 +332,30 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, dh) if cfg.qk_norm else None
         for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
+        for name in ("q_input", "k_input", "v_input"):  # split inputs: active only when hooked
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def split_inputs(self) -> bool:
+        """Whether a split-input hook point is hooked: then each head reads its own copy of the residual stream
+        (``hook_q_input`` [B,P,H,D], ``hook_k_input``/``hook_v_input`` [B,P,G,D]) and ln1 is applied per head."""
+        return bool(self.hook_q_input._forward_hooks or self.hook_k_input._forward_hooks
+                    or self.hook_v_input._forward_hooks)  # fmt: skip
+
+    def _split_qkv(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,P,H,Dh], k, v [B,P,G,Dh] from the residual stream ``x`` [B,P,D], each head (key/value head) through
+        its own input hook and the block's norm (TransformerLens' ``use_split_qkv_input``)."""
+        cfg = self.cfg
+        if self.q.weight.is_meta:
+            raise MechscopeError("split q/k/v inputs need the attention weights in memory (not offloaded)")
+        b, p, d = x.shape
+        out = []
+        for lin, hook, n in ((self.q, self.hook_q_input, cfg.n_heads), (self.k, self.hook_k_input, cfg.kv_heads),
+                             (self.v, self.hook_v_input, cfg.kv_heads)):  # fmt: skip
+            xin = norm(hook(x[:, :, None, :].expand(b, p, n, d)))  # [B,P,N,D]
+            w = lin.weight.view(n, cfg.d_head, d)  # [N,Dh,D]
+            y = torch.einsum("bpnd,ned->bpne", xin, w)
+            out.append(y if lin.bias is None else y + lin.bias.view(n, cfg.d_head))
+        return out[0], out[1], out[2]
 
     # per-head views of the weights (no copies)
     @property
@@ -353,13 +380,20 @@ class Attention(nn.Module):
             return self.o.bias
         return torch.zeros(self.cfg.d_model, dtype=self.o.weight.dtype, device=self.o.weight.device)
 
-    def forward(self, x: torch.Tensor, rotary: dict[float, tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-        """``x`` [B,P,D]; ``rotary``: cos/sin tables [n,R] by rotary base (None without rotary)."""
+    def forward(
+        self, x: torch.Tensor, rotary: dict[float, tuple[torch.Tensor, torch.Tensor]] | None, norm=None
+    ) -> torch.Tensor:
+        """``x`` [B,P,D] (normalised; with ``norm``, the residual stream, split per head and normalised here);
+        ``rotary``: cos/sin tables [n,R] by rotary base (None without rotary)."""
         cfg = self.cfg
         b, p, _ = x.shape
-        q = self.hook_q(self.q(x).view(b, p, cfg.n_heads, cfg.d_head))  # [B,P,H,Dh]
-        k = self.hook_k(self.k(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
-        v = self.hook_v(self.v(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
+        if norm is not None:
+            q, k, v = self._split_qkv(x, norm)
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        else:
+            q = self.hook_q(self.q(x).view(b, p, cfg.n_heads, cfg.d_head))  # [B,P,H,Dh]
+            k = self.hook_k(self.k(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
+            v = self.hook_v(self.v(x).view(b, p, cfg.kv_heads, cfg.d_head))  # [B,P,G,Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -454,7 +488,7 @@ class Block(nn.Module):
         x = self.hook_resid_pre(x)
         if self.cfg.norm_after_residual:
             return self._post_norm(x, rotary)
-        attn_out = self.attn(self.ln1(x), rotary)
+        attn_out = self.attn(x, rotary, self.ln1) if self.attn.split_inputs() else self.attn(self.ln1(x), rotary)
         attn_out = self.hook_attn_out(attn_out if self.ln1_post is None else self.ln1_post(attn_out))
         if self.mlp is None:
             return self.hook_resid_post(self.hook_resid_mid(x + attn_out))
@@ -599,6 +633,13 @@ class HookedTransformer(nn.Module):
         return tokens
 
 
+
+
+def work_counter(model: HookedTransformer):
+    """A :class:`~mechscope.core.torch_utils.WorkCounter` over the blocks, counting tokens (batch × positions)."""
+    from mechscope.core.torch_utils import WorkCounter
+
+    return WorkCounter(model.blocks, "tokens", lambda x: int(x.shape[0] * x.shape[1]))
 
 
 def describe(model: HookedTransformer) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
@@ -9,6 +10,7 @@ from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.lm.methods.circuits import CircuitsResult, read_circuits
 from mechscope.lm.methods.scores import check_heads, default_token_range
+from mechscope.lm.models.transformer import work_counter
 
 DEFAULT_PROMPT = (
     "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were perfectly normal, thank you "
@@ -71,10 +73,15 @@ def circuits(
         model.check_complete()  # one line: a partial checkpoint cannot run the prompt
     view = analysis_weights(model)
     prompt_text = None if prompt_ids is None else [decode(int(i)) for i in prompt_ids]
-    result = read_circuits(
-        model, view, label, heads, prompt_ids, token_range=default_token_range(model), progress=progress,
-        decoder=decode, prompt_text=prompt_text,
-    )  # fmt: skip
+    counter = work_counter(model)
+    with counter.counting():
+        result = read_circuits(
+            model, view, label, heads, prompt_ids, token_range=default_token_range(model), progress=progress,
+            decoder=decode, prompt_text=prompt_text,
+        )  # fmt: skip
+    if not model.missing_weights:  # the induction protocol's batch: 8 sequences of BOS + 2n tokens
+        n = min(50, (model.cfg.n_ctx - 1) // 2)
+        result = replace(result, work=counter.summary(8 * (1 + 2 * n)))
     with atomic_output(out, force) as tmp:
         write_json(tmp / "circuits.json", result.to_dict())
         write_report(result, tmp / "report.html")

@@ -12,6 +12,7 @@ from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, check_protocol, find_induction_heads
+from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.text import default_text_path
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,18 @@ def induction_heads(
         model, tok = load_model(model_spec, dtype, device=device, device_map=device_map, revision=revision)
     check_protocol(model, protocol)  # a bad setting is one line before anything else is looked for
     text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
-    result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
+    counter = work_counter(model)
+    with counter.counting():
+        result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
+    work = counter.summary(protocol.batch * (1 + 2 * protocol.n))
+    log.info("lm heads: %s forward and %s backward passes of %s tokens", work["forward_passes"],
+             work["backward_passes"], work["rows_per_pass"])  # fmt: skip
 
     def as_text(ids):
         return [tok.decode([i]) if tok else str(i) for i in ids]
 
     token_text = {k: as_text(v["tokens"]) for k, v in result.examples.items() if k in ("repeated", "text")}
-    result = replace(result, seconds={**timer.seconds, **result.seconds}, token_text=token_text)
+    result = replace(result, seconds={**timer.seconds, **result.seconds}, token_text=token_text, work=work)
     with atomic_output(out, force) as tmp:
         write_json(tmp / "heads.json", result.to_dict())
         write_report(result, tmp / "report.html")
