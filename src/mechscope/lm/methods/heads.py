@@ -211,6 +211,7 @@ class HeadsResult(Result):
     criterion: Criterion
     kv_groups: int  # query heads per key/value head
     seconds: dict[str, float]
+    work: dict | None = None  # forward and backward passes made, and over how many tokens (WorkCounter.summary)
     examples: dict = figure_data(None)
     token_text: dict = figure_data(None)
     model_ref: Any = figure_data()
@@ -290,6 +291,7 @@ class HeadsResult(Result):
             "path_patching_criterion": self.criterion.to_dict(),
             "kv_groups": self.kv_groups,
             "seconds": self.seconds,
+            "work": self.work,
         }
 
     @classmethod
@@ -304,7 +306,7 @@ class HeadsResult(Result):
             d["model"], d["protocol"], scores, d["labels"], d["loss_per_position"], d["loss_first_half"],
             d["loss_second_half"], d["top_k_ablation"], ablation, CompositionResult.from_dict(d["composition"]),
             tuple(PathPatch.from_dict(e) for e in d["edges"]), tuple(d["circuit"]),
-            Criterion.from_dict(d["path_patching_criterion"]), d["kv_groups"], d.get("seconds", {}),
+            Criterion.from_dict(d["path_patching_criterion"]), d["kv_groups"], d.get("seconds", {}), d.get("work"),
         )  # fmt: skip
 
 
