@@ -1,0 +1,237 @@
+"""How `lm heads` and `cnn explain` grow with the model: wall time, passes and peak memory against size.
+
+Transformers: random checkpoints of real architectures' shapes, built offline by transformers (Pythia's
+GPT-NeoX configurations: 14m, 70m, 160m, 410m and, with --big, 1b), each analysed by `mechscope lm heads` with
+the default protocol (8 sequences of BOS + 50 + 50 tokens) in a fresh process. CNNs: the default MNIST network,
+2x and 4x its channels, and 3 and 4 stages, each trained briefly (one epoch on 8,192 images; the analysis's cost
+does not depend on how well it was trained) and explained by `mechscope cnn explain`.
+
+For each: wall time, the passes the analysis made (its JSON's "work"), the time of one forward pass of the
+analysis's batch measured here, their ratio (wall / (passes x one pass): how close to the limit it runs), peak
+resident memory of the process against the model's bytes plus one layer's activations, and a fitted exponent
+of time against parameters x tokens (or images). Prints a table, writes scaling.json and a figure.
+
+    python bench/scaling.py [--only lm|cnn] [--big] [--out runs/bench-scaling] [--png docs/img/scaling.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHIA = {  # hidden, layers, heads, intermediate (EleutherAI/pythia-* configs)
+    "pythia-14m": (128, 6, 4, 512),
+    "pythia-70m": (512, 6, 8, 2048),
+    "pythia-160m": (768, 12, 12, 3072),
+    "pythia-410m": (1024, 24, 16, 4096),
+    "pythia-1b": (2048, 16, 8, 8192),
+}
+CNNS = {  # name -> cnn train options
+    "default 16,32": [],
+    "2x 32,64": ["--channels", "32,64"],
+    "4x 64,128": ["--channels", "64,128"],
+    "3 stages 16,32,32": ["--channels", "16,32,32", "--kernel-size", "3", "--padding", "1"],
+    "4 stages 16,32,32,32": ["--channels", "16,32,32,32", "--kernel-size", "3", "--padding", "1"],
+}
+
+
+PEAK = """
+import resource, sys
+from mechscope.cli import main
+try:
+    main(sys.argv[2:])
+finally:
+    open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def timed(args: list[str], env: dict, work: Path) -> tuple[float, float]:
+    """(wall seconds, peak resident memory in MiB) of ``mechscope ARGS`` in a fresh process of its own."""
+    peak_file = work / "peak.txt"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK, str(peak_file), *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wall = time.perf_counter() - start
+    if done.returncode not in (0, None):
+        raise SystemExit(f"mechscope {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return wall, int(peak_file.read_text()) / 1024  # ru_maxrss: KiB on Linux
+
+
+def pythia_dir(name: str, where: Path) -> Path:
+    import transformers
+
+    d, layers, heads, ff = PYTHIA[name]
+    path = where / name
+    if not (path / "config.json").is_file():
+        cfg = transformers.GPTNeoXConfig(
+            vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=ff, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def one_forward(model_dir: Path, batch: int = 8, positions: int = 101) -> tuple[float, int, float]:
+    """(seconds of one forward pass of the protocol's batch, parameters, MiB of the weights) here, median of 3."""
+    from mechscope.lm.models.loading import load_model
+
+    model, _ = load_model(str(model_dir), device="cpu")
+    tokens = torch.randint(1000, 10000, (batch, positions), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(tokens)  # warm-up
+        for _ in range(3):
+            t = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - t)
+    n = sum(p.numel() for p in model.parameters())
+    return float(np.median(times)), n, n * 4 / 2**20
+
+
+def lm_rows(names: list[str], work: Path, env: dict) -> list[dict]:
+    rows = []
+    for name in names:
+        path = pythia_dir(name, work / "models")
+        out = work / "heads" / name
+        wall, peak = timed(["lm", "heads", "--model", str(path), "--out", str(out), "--force", "--device", "cpu"], env,
+                           work)  # fmt: skip
+        data = json.loads((out / "heads.json").read_text())
+        forward, n_params, weights_mib = one_forward(path)
+        passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]  # a backward ~ 2 forwards
+        d, layers = PYTHIA[name][0], PYTHIA[name][1]
+        one_layer_mib = 8 * 101 * max(4 * d, PYTHIA[name][3]) * 4 * 3 / 2**20  # activations of one layer, x3
+        rows.append({
+            "model": name, "parameters": n_params, "tokens": 8 * 101, "wall_s": wall, "load_s": data["seconds"]["load"],
+            "forward_s": forward, "passes": passes, "ratio": (wall - data["seconds"]["load"]) / (passes * forward),
+            "peak_mib": peak, "weights_mib": weights_mib, "memory_ratio": peak / (weights_mib + one_layer_mib),
+            "measured_heads": len(data["ablation"]["mean"]["measured"]), "layers": layers,
+        })  # fmt: skip
+        print(f"{name:<12} {n_params / 1e6:8.1f}M params  {wall:7.1f} s  passes {passes:6.1f}  one pass "
+              f"{forward:6.2f} s  ratio {rows[-1]['ratio']:5.2f}  peak {peak:7.0f} MiB (weights {weights_mib:.0f})",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def cnn_rows(work: Path, env: dict) -> list[dict]:
+    rows = []
+    for name, options in CNNS.items():
+        run = work / "cnn" / name.replace(" ", "_").replace(",", "-")
+        if not (run / "model.safetensors").is_file():
+            subprocess.run([sys.executable, "-m", "mechscope", "cnn", "train", "--out", str(run), "--epochs", "1",
+                            "--train-limit", "8192", "--force", *options], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        out = run / "explain"
+        wall, peak = timed(["cnn", "explain", "--run", str(run), "--out", str(out), "--force"], env, work)
+        data = json.loads((out / "mechanisms.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        forward = one_cnn_pass(run)
+        passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]
+        report = data["seconds"].get("report", 0.0)
+        rows.append({
+            "model": name, "parameters": metrics["n_parameters"], "images": 10_000, "wall_s": wall,
+            "forward_s": forward, "passes": passes, "report_s": report,
+            "ratio": (wall - report) / (passes * forward), "peak_mib": peak,
+        })  # fmt: skip
+        print(f"{name:<22} {metrics['n_parameters']:>9,} params  {wall:7.1f} s  passes {passes:7.1f}  one pass "
+              f"{forward:6.3f} s  ratio {rows[-1]['ratio']:6.1f}  peak {peak:6.0f} MiB", flush=True)  # fmt: skip
+    return rows
+
+
+def one_cnn_pass(run: Path) -> float:
+    """Seconds of one forward pass over the 10,000 test images (batches of 2,048), median of 3."""
+    from mechscope.cnn.runs import load_run, load_run_data
+
+    loaded = load_run(run)
+    x = load_run_data(loaded).test_float()
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(0, len(x), 2048):
+                loaded.model(x[i : i + 2048])
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def exponent(size: list[float], seconds: list[float]) -> float:
+    """The slope of log(seconds) against log(size): time grows as size**slope."""
+    return float(np.polyfit(np.log(size), np.log(seconds), 1)[0]) if len(size) > 1 else float("nan")
+
+
+def figure(lm: list[dict], cnn: list[dict], path: Path, load: tuple) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    if lm:
+        x = [r["parameters"] * r["tokens"] for r in lm]
+        walls = [r["wall_s"] for r in lm]
+        axes[0].loglog(x, walls, "o-", label=f"lm heads (slope {exponent(x, walls):.2f})")
+        for r, xi in zip(lm, x, strict=True):
+            axes[0].annotate(r["model"].removeprefix("pythia-"), (xi, r["wall_s"]), fontsize=7)
+        axes[2].loglog([r["weights_mib"] for r in lm], [r["peak_mib"] for r in lm], "o-", label="lm heads")
+    axes[0].set_xlabel("parameters × tokens")
+    axes[0].set_ylabel("wall time (s)")
+    axes[0].legend(fontsize=8)
+    if cnn:
+        x = [r["parameters"] for r in cnn]
+        axes[1].loglog(x, [r["wall_s"] for r in cnn], "s-", color="C1",
+                       label=f"cnn explain (slope {exponent(x, [r['wall_s'] for r in cnn]):.2f})")  # fmt: skip
+        axes[1].set_xlabel("parameters (10,000 test images)")
+        axes[1].set_ylabel("wall time (s)")
+        axes[1].legend(fontsize=8)
+    axes[2].plot([1, 1e4], [1, 1e4], color="grey", lw=0.6, ls="--")
+    axes[2].set_xlabel("weights (MiB)")
+    axes[2].set_ylabel("peak resident memory (MiB)")
+    fig.suptitle(f"mechscope's analyses against the model's size (2-core CPU; load average {load[0]:.1f} at the "
+                 f"start, {load[1]:.1f} at the end)", fontsize=10)  # fmt: skip
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("lm", "cnn"))
+    p.add_argument("--big", action="store_true", help="also pythia-1b (about 4 GB of weights)")
+    p.add_argument("--out", default="runs/bench-scaling")
+    p.add_argument("--png", default=None, help="write the figure here too (e.g. docs/img/scaling.png)")
+    args = p.parse_args()
+    work = Path(args.out).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    load_start = os.getloadavg()[0]
+    names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
+    lm = lm_rows(names, work, env) if args.only in (None, "lm") else []
+    cnn = cnn_rows(work, env) if args.only in (None, "cnn") else []
+    load = (load_start, os.getloadavg()[0])
+    summary = {"load_average": load, "cores": os.cpu_count(), "lm_heads": lm, "cnn_explain": cnn}
+    if lm:
+        size = [r["parameters"] * r["tokens"] for r in lm]
+        summary["lm_heads_time_exponent"] = exponent(size, [r["wall_s"] for r in lm])
+        print(f"lm heads: time ~ (parameters x tokens)^{summary['lm_heads_time_exponent']:.2f}; memory at most "
+              f"{max(r['memory_ratio'] for r in lm):.2f}x (weights + one layer's activations)")  # fmt: skip
+    if cnn:
+        summary["cnn_explain_time_exponent"] = exponent([r["parameters"] for r in cnn], [r["wall_s"] for r in cnn])
+        print(f"cnn explain: time ~ parameters^{summary['cnn_explain_time_exponent']:.2f}")
+    (work / "scaling.json").write_text(json.dumps(summary, indent=2))
+    figure(lm, cnn, work / "scaling.png", load)
+    if args.png:
+        figure(lm, cnn, Path(args.png), load)
+    print(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
+          f"{work / 'scaling.json'}")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()
