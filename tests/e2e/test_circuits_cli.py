@@ -98,3 +98,13 @@ def test_circuits_bad_input(capsys, gpt2_dir, tmp_path, args, fragment):  # noqa
     code, _, err = run_main(capsys, "lm", "circuits", "--model", str(gpt2_dir), "--out", str(tmp_path / "o"), *args)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_circuits_on_a_model_whose_context_is_short(capsys, tmp_path):
+    # valid input that once crashed: the positional grid assumed a context of at least 24 positions
+    from tests.fuzz import builders as B
+
+    model = B.write_hf_dir(tmp_path / "hf")  # GPT-2 family, a context of 16 positions
+    code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(model), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert_round_trip(tmp_path / "o" / "circuits.json", CircuitsResult)

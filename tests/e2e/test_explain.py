@@ -126,8 +126,11 @@ def verify_circuits(r, model, mnist, limit: int | None) -> None:
         reads_as = int(model.fc(mean.flatten()[None]).argmax(1))  # every conv2 channel at its mean
     whole = r.ablation.whole_stage("conv2", "mean")
     assert whole.reads_as == reads_as and float(whole.predicted_share[reads_as]) == 1.0
-    donors = A.resample_donors(y, seed=r.circuits.resample_seed)  # the sampling; the measurement is ours
-    assert (y[donors] != y).all()
+    # the sampling (donors from the data distribution: any other test image); the measurement is ours
+    assert r.circuits.resample_donors == "data"
+    donors = A.resample_donors(y, seed=r.circuits.resample_seed, other_class=False)
+    assert (donors != torch.arange(len(y))).all()
+    assert abs(float((y[donors] == y).double().mean()) - r.circuits.resample_same_class_share) < 1e-12
     a_donor = a[donors]
     assert len(r.circuits.circuits) == 10
     for c in r.circuits.circuits:

@@ -245,3 +245,13 @@ def test_cnn_solu_compare(capsys, tmp_path, shapes_npz):
     assert_one_line_error(code, err, "--activations takes two or more of relu, gelu, solu, got solu")
     code, _, err = run_main(capsys, "cnn", "solu-compare", "--activations", "relu,tanh", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "got relu, tanh")
+
+
+def test_solu_compare_with_no_neuron_counted(capsys, tmp_path, text_file):
+    # valid input that once crashed (KeyError in the summary): so short a run that no neuron is counted
+    out = tmp_path / "cmp"
+    code, stdout, err = run_main(capsys, "lm", "solu-compare", "--text", str(text_file), "--steps", "5", "--d-model",
+                                 "16", "--d-mlp", "16", "--n-ctx", "16", "--batch", "4", "--k", "5", "--out", str(out))
+    assert code == 0, err
+    assert_round_trip(out / "compare.json", SoluComparison)
+

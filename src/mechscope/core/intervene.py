@@ -267,7 +267,11 @@ def resample_donors(labels: torch.Tensor, seed: int = 0, other_class: bool = Tru
     """For each input, the index of a random donor input: [N] -> [N], reproducible from ``seed``.
 
     With ``other_class`` the donor's label differs from the input's (uniform over those
-    inputs); otherwise any input but itself. Use ``acts[donors]`` as a per-input replacement.
+    inputs); otherwise any input but itself, uniform: the data distribution, as causal scrubbing
+    resamples. Other-class donors are biased: every replacement then comes from a different class,
+    so "resample-ablation hurts the class" partly measures the other classes' values pulling the
+    input away; draw from the data distribution unless that is the question. Use
+    ``acts[donors]`` as a per-input replacement.
     """
     n = len(labels)
     if n < 2:

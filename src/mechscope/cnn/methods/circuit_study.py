@@ -6,7 +6,10 @@ not call other classes that class more often than the full model does (within ``
 The search runs on the read-out's closed form when the stage is the last and the read-out is
 linear, otherwise on the rest of the network run from cached activations. Sufficiency and
 necessity (mean- and resample-ablated) are then re-measured with hooked forward passes through
-the whole model; the held-out check repeats sufficiency on training images outside the mean's
+the whole model. Resample-ablation takes each image's circuit channels from another test image drawn
+at random from the whole test set (the data distribution, as causal scrubbing resamples; seeded), so
+that some donors are of the image's own class (``resample_same_class_share``); the held-out check
+repeats sufficiency on training images outside the mean's
 reference set; the feeders are the previous stage's channels that drive the set most.
 """
 
@@ -89,6 +92,11 @@ class CircuitStudy(Result):
     held_out_check: str
     feeder_stage: str | None
     circuits: tuple[ClassCircuit, ...]
+    # "data": any other test image (the data distribution); "other_class": only images of another class (what a
+    # mechanisms.json written before this field meant)
+    resample_donors: str = "other_class"
+    resample_same_class_share: float | None = None  # share of the test images whose donor is of their own class
+    feeder_method: str = ""  # how the feeders' contributions are computed (an estimate, not an ablation)
 
     def membership(self) -> dict[int, list[int]]:
         """Channel -> the classes whose circuit holds it."""
@@ -156,7 +164,7 @@ def circuit_study(
             feeders = class_channel_to_channel(
                 net, data.x[torch.cat(feed_idx)], labels, prev.hook_out, s.hook_post, n_classes=len(classes)
             )  # [classes, C, C_prev]
-    donors = A.resample_donors(data.y, seed=resample_seed)
+    donors = A.resample_donors(data.y, seed=resample_seed, other_class=False)  # the data distribution
     a_donor = a[donors]
     reduce = A.class_accuracy(data.y, data.n_classes)
     circuits = []
@@ -176,13 +184,20 @@ def circuit_study(
         + ("with the closed-form read-out" if closed else f"by running the network after {s.hook_out}")
         + ", verified with hooked forward passes",
         necessity="accuracy on the class with the circuit's channels mean-ablated (the rest intact)",
-        necessity_resample="accuracy on the class with the circuit's channels replaced by their values on a random "
-        f"test image of another class (seed {resample_seed}); free of the mean's bias towards the class the mean "
-        "activation is read as",
+        necessity_resample="accuracy on the class with the circuit's channels replaced by their values on another "
+        f"test image drawn at random from the whole test set (seed {resample_seed}; the data distribution, as causal "
+        "scrubbing resamples, so some donors are of the image's own class); free of the mean's bias towards the "
+        "class the mean activation is read as",
         resample_seed=resample_seed,
         held_out_check=held_out_note,
         feeder_stage=prev.name if prev is not None else None,
         circuits=tuple(circuits),
+        resample_donors="data",
+        resample_same_class_share=float((data.y[donors] == data.y).double().mean()),
+        feeder_method="" if prev is None else f"activation × gradient of {prev.hook_out} into the total of each "
+        f"{s.hook_post} channel, summed over the circuit's channels and averaged over up to 200 test images of the "
+        "class: a linear decomposition at those images (a first-order estimate of each channel's effect), not an "
+        "ablation",
     )
 
 

@@ -42,6 +42,15 @@ def selection_line(r) -> str:
     return f"{len(s.images)} test images: {s.how} (lowest probability among them {min(s.probabilities):.3f})."
 
 
+EXACT_GAP = 1e-4  # groups + residual within this share of the largest actual change: gradient × activation is exact
+
+
+def is_exact(f) -> bool:
+    """Whether a flow's gradient × activation equals the actual change from zeroing its source (within EXACT_GAP)."""
+    scale = max(float(np.abs(f.actual_change).max()), 1e-12)
+    return bool(float(np.abs(f.completeness_gap).max()) <= EXACT_GAP * scale)
+
+
 def layer_line(lb) -> str:
     g = lb.groups
     how = f"the smallest k reaching {_pct(g.threshold)}" if g.chosen_by == "threshold" else "set by --groups"
@@ -51,31 +60,35 @@ def layer_line(lb) -> str:
     c, h, w = lb.shape
     return (f"{lb.stage} ({c} channels × {h}×{w} positions): k = {g.k} groups ({how}) explain "
             f"{_pct(g.explained)} of the squared activation; the largest group carries {_pct(g.share[0])} of the "
-            f"groups' total{neg}.")  # fmt: skip
+            f"groups' summed squared norm (Σ_g ‖W_g H_g‖²){neg}.")  # fmt: skip
 
 
 def class_flow_line(r, c: int) -> str:
     f = _flow_to_classes(r)
     col = f.attribution[:, c]
     order = np.argsort(-np.abs(col), kind="stable")[:3]
-    parts = ", ".join(f"{f.source} group {g + 1} {col[g]:+.2f}" for g in order)
-    return (f"Logit {r.class_names[c]}: {f.source}'s groups contribute {col.sum():+.2f} of the change "
-            f"{f.actual_change[c]:+.2f} from zeroing {f.source} (the rest, {f.residual[c]:+.2f}, outside the groups); "
-            f"largest: {parts}.")  # fmt: skip
+    parts = ", ".join(f"{f.source} group {g + 1} {col[g]:+.2f} (removed alone, measured: {f.removal[g, c]:+.2f})"
+                      for g in order)  # fmt: skip
+    how = ("exact here: groups + residual equal the measured change" if is_exact(f)
+           else "a first-order estimate through the non-linearities")  # fmt: skip
+    return (f"Logit {r.class_names[c]}, by gradient × activation along each group ({how}): {f.source}'s groups "
+            f"contribute {col.sum():+.2f} of the change {f.actual_change[c]:+.2f} (measured) from zeroing {f.source} "
+            f"(the rest, {f.residual[c]:+.2f}, outside the groups); largest by |contribution|: {parts}.")  # fmt: skip
 
 
 def pair_line(f) -> str:
     a = f.attribution
     flat = np.argsort(-np.abs(a), axis=None, kind="stable")[:3]
-    parts = ", ".join(f"group {i + 1} → {f.targets[j]} {a[i, j]:+.2f}" for i, j in
-                      (np.unravel_index(k, a.shape) for k in flat))  # fmt: skip
-    return f"{f.source} → {f.target}: strongest links {parts}."
+    parts = ", ".join(f"group {i + 1} → {f.targets[j]} {a[i, j]:+.2f} (group {i + 1} removed alone, measured: "
+                      f"{f.removal[i, j]:+.2f})" for i, j in (np.unravel_index(k, a.shape) for k in flat))  # fmt: skip
+    how = "exact" if is_exact(f) else "a first-order estimate, not an ablation"
+    return f"{f.source} → {f.target}, by gradient × activation ({how}): largest links by |attribution| {parts}."
 
 
 def completeness_line(f) -> str:
     gap = np.abs(f.completeness_gap)
     scale = max(float(np.abs(f.actual_change).max()), 1e-12)
-    if f.target == "logits" and gap.max() <= 1e-4 * scale:
+    if f.target == "logits" and is_exact(f):
         return (
             f"{f.source} → logits: groups + residual equal the actual change from zeroing {f.source} for every "
             f"class (largest gap {gap.max():.1e}; the read-out is linear, so gradient × activation is exact)."
@@ -91,7 +104,10 @@ def summary_lines(r) -> list[str]:
         lines += [class_flow_line(r, c) for c in shown_classes(r)]
     else:
         lines.append("Towards each class (mean over its typical images): " + "; ".join(
-            f"{r.class_names[c]}: {_top_group(r, c)}" for c in range(len(r.class_names))) + ".")  # fmt: skip
+            f"{r.class_names[c]}: {_top_group(r, c)}" for c in range(len(r.class_names)))
+            + " (the group with the largest gradient × activation towards each class; "
+            + ("exact here: groups + residual equal the measured change)." if is_exact(_flow_to_classes(r))
+               else "a first-order estimate through the non-linearities)."))  # fmt: skip
     lines += [pair_line(f) for f in r.flows if f.target != "logits"]
     lines += [completeness_line(f) for f in r.flows]
     return lines
@@ -206,5 +222,5 @@ def write_report(r, out: Path, vrange, spec, x_test) -> Path:
         curve=BF.curve_fig({lb.stage: lb.groups.curve for lb in r.layers},
                            {lb.stage: lb.groups.k for lb in r.layers}, r.layers[0].groups.threshold),
         flow=flow_figure(r, vrange), sections=layer_sections(r, spec, x_test, vrange),
-        classes=shown_classes(r),
+        classes=shown_classes(r), exact=[is_exact(f) for f in r.flows],
     )  # fmt: skip

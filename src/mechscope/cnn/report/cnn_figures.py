@@ -303,7 +303,8 @@ def circuits_fig(study, names, n_channels: int) -> str:
         ("full_accuracy", "full model", "#999"),
         ("sufficiency", "only the circuit", "#1b9e77"),
         ("necessity", "circuit mean-ablated", "#d95f02"),
-        ("necessity_resample", "circuit resample-ablated", "#7570b3"),
+        ("necessity_resample", "circuit resample-ablated" + (" (data donors)" if study.resample_donors == "data"
+                                                             else " (other-class donors)"), "#7570b3"),
     )
     w = 0.21
     for j, (key, label, colour) in enumerate(bars):
@@ -328,7 +329,8 @@ def circuits_fig(study, names, n_channels: int) -> str:
     c.set_xticks(range(n_channels))
     c.tick_params(axis="x", labelsize=6)
     c.set_xlabel(f"{study.stage} channel")
-    c.set_title("circuit membership (colour: the channel's mean pull on the class's logit)", fontsize=8)
+    c.set_title("circuit membership (colour: the class's logit with the channel alone restored from its mean, minus "
+                "with none; measured)", fontsize=8)
     fig.colorbar(im, ax=c, shrink=0.8)
     return uri(fig)
 

@@ -14,7 +14,7 @@ def noun(class_names) -> str:
 
 
 def plural(word: str) -> str:
-    return f"{word}es" if word.endswith("s") else f"{word}s"
+    return f"{word}es" if str(word).endswith(("s", "x", "z", "ch", "sh")) else f"{word}s"
 
 
 def article(name: str) -> str:
@@ -26,6 +26,35 @@ def article(name: str) -> str:
 
 def _pts(v: float) -> str:
     return f"{100 * v:.1f}"
+
+
+# The thresholds behind the summary's words (stated in the sentences that use them).
+READS_AS_MIN = 0.5  # a replacement "reads as" a class when the network calls at least this share of images that class
+SPECIALIST_MIN = 0.005  # a channel is named when mean-ablating it costs one class at least 0.5 points
+NEGLIGIBLE = 0.001  # a channel whose mean-ablation costs under 0.1 points of test accuracy
+
+
+def _n(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
+
+
+def _called(share: float) -> str:
+    return "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
+
+
+def donors_text(cs, word: str) -> str:
+    """How the circuits' resample-ablation drew its donors, and the bias that follows."""
+    if cs.resample_donors == "data":
+        same = cs.resample_same_class_share
+        own = "" if same is None else f"; {_pts(same)}% of the donors are of the image's own {word}"
+        return (
+            f"each image's channels taken from another test image drawn at random from the whole test set (seed "
+            f"{cs.resample_seed}: the data distribution, as causal scrubbing resamples{own})"
+        )
+    return (
+        f"each image's channels taken from a random test image of another {word} (seed {cs.resample_seed}); every "
+        f"donor being of another {word} biases it the other way: it can overstate how much a {word} needs a channel"
+    )
 
 
 def summarise(r, linked: dict | None = None) -> list[str]:
@@ -75,18 +104,25 @@ def _whole_stages(r, names, word) -> list[str]:
         f"Mean-ablating every channel of a stage leaves {mean} test accuracy; chance is {100 / len(names):.0f}%. "
         f"Zero-ablating them: {zero}."
     ]
-    last = stages[-1]
-    w = ab.whole_stage(last, "mean")
+    cs = r.circuits
+    st = cs.stage if cs.stage in stages else stages[-1]
+    w = ab.whole_stage(st, "mean")
     k = w.reads_as
     share = float(w.predicted_share[k])
-    called = "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
-    lines.append(
-        f"Mean-ablation is not neutral here: with every {last} channel at its mean the network calls {called} "
-        f"{article(names[k])} (the mean {last} map reads as {article(names[k])}), so mean-ablating {last} channels "
-        f"pushes images towards {names[k]} and cannot show that a channel is needed for that {word}. The circuits "
-        f"below also report resample-ablation (each image's channels taken from a random image of another {word}), "
-        "which has no such bias."
-    )
+    if share >= READS_AS_MIN:
+        lines.append(
+            f"Mean-ablation is not neutral here: with every {st} channel at its mean the network calls "
+            f"{_called(share)} {article(names[k])} (at least {READS_AS_MIN:.0%} counts as the mean {st} map reading "
+            f"as that {word}), so mean-ablating {st} channels pushes images towards {names[k]} and cannot show that a "
+            f"channel is needed for that {word}. The circuits below also report resample-ablation, "
+            f"{donors_text(cs, word)}, which replaces the channels with values of real images instead of one fixed map."
+        )
+    else:
+        lines.append(
+            f"With every {st} channel at its mean the network's most common answer is {names[k]} ({_called(share)}; "
+            f"under the {READS_AS_MIN:.0%} at which the mean map would read as one {word}). The circuits below also "
+            f"report resample-ablation, {donors_text(cs, word)}."
+        )
     return lines
 
 
@@ -98,10 +134,10 @@ def _per_stage_costs(r, names, word) -> list[str]:
         c = int(ov.argmin())
         worst = np.unravel_index(per.argmin(), per.shape)
         lines.append(
-            f"{st.stage}: the costliest single channel to mean-ablate is channel {c} ({_pts(-ov[c])} points of test "
-            f"accuracy); the largest cost to one {word} is channel {worst[0]} on {word} {names[worst[1]]} "
-            f"({_pts(-per[worst])} points); {int((ov > -0.001).sum())} of {len(ov)} channels cost under 0.1 points "
-            "each."
+            f"{st.stage}, one channel mean-ablated at a time (measured): the costliest is channel {c} ({_pts(-ov[c])} "
+            f"points of test accuracy); the largest cost to one {word} is channel {worst[0]} on {word} "
+            f"{names[worst[1]]} ({_pts(-per[worst])} points); {int((ov > -NEGLIGIBLE).sum())} of {len(ov)} channels "
+            f"cost under {100 * NEGLIGIBLE:.1f} points each."
         )
     return lines
 
@@ -114,12 +150,14 @@ def _specialists(r, names, word) -> list[str]:
     for c in range(cost.shape[0]):
         d = int(cost[c].argmax())
         rest = np.delete(cost[c], d).max() if cost.shape[1] > 1 else 0.0
-        if cost[c, d] >= 0.005:
+        if cost[c, d] >= SPECIALIST_MIN:
             found.append((cost[c, d], c, d, rest))
     return [
-        f"{last.stage} channel {c} is most active on {word} {names[sel.preferred_class[c]]} (selectivity "
-        f"{float(sel.index[c]):.2f}), mostly in the {sel.region_on_preferred_class[c]} of the image; mean-ablating it "
-        f"costs {word} {names[d]} {_pts(value)} points and no other {word} more than {_pts(max(rest, 0.0) + 0.0)}."
+        f"{last.stage} channel {c}: mean-ablating it costs {word} {names[d]} {_pts(value)} points of its accuracy and "
+        f"no other {word} more than {_pts(max(rest, 0.0) + 0.0)} (named: a cost of at least {100 * SPECIALIST_MIN:.1f} "
+        f"points to one {word}, largest first); its mean activation is highest on {word} "
+        f"{names[sel.preferred_class[c]]} (selectivity {float(sel.index[c]):.2f}), with the centre of mass of its map "
+        f"on those images in the {sel.region_on_preferred_class[c]} of the image."
         for value, c, d, rest in sorted(found, reverse=True)[:3]
     ]
 
@@ -138,57 +176,105 @@ def _circuits(r, names, word) -> list[str]:
         f"Per-{word} circuits in {stage}: {met} of {len(circ)} meet the criterion (with every other channel "
         f"mean-ablated, the {word}'s accuracy within {_pts(cs.tolerance)} points of the full model's and other "
         f"{plural(word)} not called that {word} more often than by the full model, within the same margin; no channel "
-        f"can be dropped and no two traded for one). Sizes run from {small.size} channels "
+        f"can be dropped and no two traded for one). Sizes run from {_n(small.size, 'channel')} "
         f"({word} {names[small.target]}) to {large.size} ({word} {names[large.target]}), "
         f"mean {np.mean(sizes):.1f} of {n_ch}."
     ]
     for c in circ:
-        f0 = c.feeders[0] if c.feeders else None
         lines.append(
             f"{word.capitalize()} {names[c.target]}: {stage} channels {', '.join(map(str, c.channels))} alone keep "
             f"{_pts(c.sufficiency)}% (full model {_pts(c.full_accuracy)}%); mean-ablating just them leaves "
             f"{_pts(c.necessity)}%, resample-ablating them {_pts(c.necessity_resample)}%; with only them, "
             f"{_pts(c.other_classes_called_circuit)}% of other {plural(word)} are called {names[c.target]} (full model "
-            f"{_pts(c.other_classes_called_full)}%)."
-            + (
-                f" Their strongest {cs.feeder_stage} input is channel {f0.channel} "
-                f"({100 * f0.share:.0f}% of the total)."
-                if f0
-                else ""
-            )
+            f"{_pts(c.other_classes_called_full)}%)." + _feeder_text(cs, c, names, word)
         )
     resampled = [c.necessity_resample for c in circ]
     meaned = [c.necessity for c in circ]
     lower = sum(a < b for a, b in zip(resampled, meaned, strict=True))
     verdict = (
-        f": by this measure mean-ablation understates how much the {plural(word)} need their circuits"
+        f": for more than half of them, so by this measure mean-ablation understates how much the {plural(word)} "
+        "need their circuits"
         if 2 * lower > len(circ)
         else ""
     )
+    donors = "donors from the data distribution" if cs.resample_donors == "data" else f"donors of other {plural(word)}"
     lines.append(
-        f"Resample-ablating a circuit leaves its {word} less accuracy than mean-ablating it for {lower} of "
+        f"Resample-ablating a circuit ({donors}) leaves its {word} less accuracy than mean-ablating it for {lower} of "
         f"{len(circ)} {plural(word)} (median {_pts(float(np.median(resampled)))}% against "
         f"{_pts(float(np.median(meaned)))}%){verdict}."
     )
+    lines += [x for x in [vacuous_sentence(r, names, word)] if x]
+    shared = cs.membership()
+    most = max(len(ds) for ds in shared.values())
+    tied = sorted(ch for ch, ds in shared.items() if len(ds) == most)
+    none = f"{n_ch - len(shared)} of {n_ch} channels are in none"
+    if len(tied) == 1:
+        ds = shared[tied[0]]
+        lines.append(
+            f"{stage} channel {tied[0]} is in the most circuits ({most}: {plural(word)} "
+            f"{', '.join(names[d] for d in ds)}; no other channel is in more than "
+            f"{max([len(v) for k, v in shared.items() if k != tied[0]] or [0])}); {none}."
+        )
+    else:
+        lines.append(
+            f"No {stage} channel is in more than {most} circuit{'s' * (most != 1)}: {len(tied)} channels are in "
+            f"{most} ({', '.join(map(str, tied[:8]))}{', …' if len(tied) > 8 else ''}); {none}."
+        )
+    return lines
+
+
+def _feeder_text(cs, c, names, word) -> str:
+    """The circuit's largest input from the previous stage, said to be an activation × gradient estimate, with the
+    total its share is of."""
+    if not c.feeders:
+        return ""
+    f0 = c.feeders[0]
+    n = len(c.feeders_all) if c.feeders_all is not None else None
+    of = f"all {n} {cs.feeder_stage} channels" if n else f"the {cs.feeder_stage} channels"
+    return (
+        f" By activation × gradient (a first-order estimate, not an ablation), its largest {cs.feeder_stage} input "
+        f"is channel {f0.channel}: {100 * f0.share:.0f}% of the summed |contribution| of {of} to the circuit "
+        f"channels' total activation on {word} {names[c.target]} images."
+    )
+
+
+def vacuous_sentence(r, names, word) -> str | None:
+    """When the mean of the circuits' stage reads as a class, that class's mean-ablation tests are vacuous: say so."""
+    cs = r.circuits
+    stage = cs.stage
     w = r.ablation.whole_stage(stage, "mean")
     k = w.reads_as
     c = cs.of(k)
-    if c is not None:
-        share = float(w.predicted_share[k])
-        called = "every test image" if share >= 0.9995 else f"{_pts(share)}% of test images"
-        lines.append(
-            f"For the {names[k]}s, the {word} the mean reads as, the circuit's job is mostly to say "
-            f'"not {names[k]}": with every {stage} channel mean-ablated the network calls {called} '
-            f"{article(names[k])}; keeping the circuit's {c.size} channels brings that down to "
-            f"{_pts(c.other_classes_called_circuit)}% of the other {plural(word)}."
-        )
-    shared = cs.membership()
-    ch, ds = max(shared.items(), key=lambda kv: (len(kv[1]), -kv[0]))
-    lines.append(
-        f"{stage} channel {ch} is in the most circuits ({len(ds)}: {plural(word)} {', '.join(names[d] for d in ds)}); "
-        f"{n_ch - len(shared)} of {n_ch} channels are in none."
+    share = float(w.predicted_share[k])
+    if c is None or share < READS_AS_MIN:
+        return None
+    empty = float(w.per_class[k])
+    met = empty >= c.full_accuracy - cs.tolerance
+    first = (
+        f"its accuracy half is met by the empty set ({_pts(empty)}% of the {plural(names[k])} called {names[k]} "
+        f"with every "
+        f"{stage} channel at its mean, full model {_pts(c.full_accuracy)}%), and "
+        if met
+        else ""
     )
-    return lines
+    return (
+        f"For the {plural(names[k])}, the {word} the mean {stage} map reads as (with every {stage} channel "
+        f"mean-ablated the "
+        f"network calls {_called(share)} {article(names[k])}), the circuit's mean-ablation tests are vacuous: {first}"
+        f"mean-ablating its channels pushes images towards {names[k]}, so the {_pts(c.necessity)}% it leaves cannot "
+        f"show that the {plural(names[k])} need them."
+        + (
+            f" With the accuracy half met by no channel at all, the circuit's {_n(c.size, 'channel')} "
+            f"{'meets' if c.size == 1 else 'meet'} the other "
+            f"half: keeping the other {plural(word)} from being called {names[k]} "
+            f"({_pts(c.other_classes_called_circuit)}% "
+            f"of them with only the circuit, full model {_pts(c.other_classes_called_full)}%"
+            + ("; with no channel kept, every image)." if share >= 0.9995 else ").")
+            if met
+            else ""
+        )
+        + f" Resample-ablating them, which has no pull towards {names[k]}, leaves {_pts(c.necessity_resample)}%."
+    )
 
 
 def _patching(r, names) -> str:
@@ -198,8 +284,10 @@ def _patching(r, names) -> str:
     ch = last.channel_mean.numpy()
     best = int(np.abs(ch).argmax())
     return (
-        f"Patching from {article(names[pt.clean_class])} into {article(names[pt.corrupted_class])} ({pt.pairs} pairs): "
-        f"the single {last.stage} unit that moves the logit difference most is channel {u.channel} at ({u.y}, {u.x}) "
-        f"({100 * u.recovered:.0f}% of the gap on average); the strongest whole channel is {best} "
-        f"({100 * ch[best]:.0f}%)."
+        f"Activation patching from {article(names[pt.clean_class])} into {article(names[pt.corrupted_class])} "
+        f"({pt.pairs} pairs; one unit or channel of the {names[pt.clean_class]} image put into the "
+        f"{names[pt.corrupted_class]} image's forward pass, measured): the single {last.stage} unit that moves the "
+        f"logit difference most is channel {u.channel} at ({u.y}, {u.x}) ({100 * u.recovered:.0f}% of the gap between "
+        f"the two images' logit differences restored, mean over pairs); the whole channel that moves it most is "
+        f"{best} ({100 * ch[best]:.0f}%)."
     )

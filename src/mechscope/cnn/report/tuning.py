@@ -161,7 +161,9 @@ def summary_lines(r, n_named: int = 10) -> list[str]:
             f"{u.stage} {u.channel}: {u.label} ({_sharp_words(u)}, drive {u.drive:.2f})" for u in order[:n_named]
         )
         more = f"; and {len(order) - n_named} more in the table" if len(order) > n_named else ""
-        lines.append(f"Clearly tuned, sharpest first: {named}{more}.")
+        lines.append(
+            f"Tuned units, sharpest first (lowest circular variance, then highest size fall-off): {named}{more}."
+        )
         fams: dict[str, int] = {}
         for u in tuned:
             fams[u.label_family] = fams.get(u.label_family, 0) + 1
@@ -174,7 +176,8 @@ def summary_lines(r, n_named: int = 10) -> list[str]:
         silent = sum(1 for u in untuned if not u.dataset_max > 0)
         lines.append(
             f"{len(untuned)} units are not tuned to these stimuli: for their preferred family {broad} are too broadly "
-            f"tuned and {weak} are driven to less than {DRIVE_MIN:g} of their test-set maximum"
+            f"tuned (circular variance above {CV_MAX} or size fall-off below {FALLOFF_MIN}) and {weak} are driven to "
+            f"less than {DRIVE_MIN:g} of their test-set maximum (a unit can be both)"
             + (f"; {silent} never respond to a test image" if silent else "")
             + "."
         )
@@ -234,7 +237,7 @@ def microscope_sentence(linked: dict, n_named: int = 6) -> str | None:
 
     named = "; ".join(words(u) for u in tuned[:n_named])
     more = f"; {len(tuned) - n_named} more in their sections" if len(tuned) > n_named else ""
-    return f"{text}, the clearest: {named}{more}."
+    return f"{text}, sharpest first: {named}{more}."
 
 
 def _sharpest_first_row(u: dict) -> tuple:

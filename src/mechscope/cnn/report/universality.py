@@ -79,10 +79,10 @@ def summary_lines(result) -> list[str]:
              "each network also against a randomly initialised network of its own shape."]  # fmt: skip
     for row in stage_numbers(result):
         t, b = row["trained"], row["baseline"]
-        verdict = "above" if t["median_best"] > b["median_best"] else "not above"
+        verdict = "above" if t["median_best"] > b["median_best"] else "not above"  # any margin: both numbers shown
         lines.append(
             f"{row['stage']}: median best-match correlation {t['median_best']:.2f} between trained networks against "
-            f"{b['median_best']:.2f} with a random network ({verdict} the baseline); one-to-one (Hungarian) pairs "
+            f"{b['median_best']:.2f} with a random network ({verdict} that baseline); one-to-one (Hungarian) pairs "
             f"median {t['median_matched']:.2f} against {b['median_matched']:.2f}, "
             f"{100 * t['share_matched_ge_0.5']:.0f}% of pairs ≥ 0.5 against {100 * b['share_matched_ge_0.5']:.0f}%; "
             f"linear CKA {_range(t['cka'])} against {_range(b['cka'])}."

@@ -64,6 +64,8 @@ def circuits(
             raise MechscopeError(f"{model_spec}: no tokenizer to encode --prompt with")
         if encode is not None:
             ids = encode(prompt if prompt is not None else DEFAULT_PROMPT)
+            if prompt is None:
+                ids = ids[: model.cfg.n_ctx]  # the default prompt, cut to a short context
             if not ids:
                 raise MechscopeError("the prompt is empty")
             if len(ids) > model.cfg.n_ctx:

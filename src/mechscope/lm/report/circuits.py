@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mechscope.core.render.html import figure_data_uri, render
+from mechscope.core.results import Saved
 from mechscope.lm.report import heads as HR
 
 
@@ -37,6 +38,7 @@ def composition_figure(comp, mode: str) -> str:
 def positional_grid(pos, n: int = 24) -> str:
     """Every head's positional attention pattern on the first ``n`` positions, tiled: layers as rows."""
     pat = pos.patterns[:, :, :n, :n]
+    n = pat.shape[-1]  # a model whose context is shorter than n
     L, H = pat.shape[:2]
     tile = np.full((L * (n + 2), H * (n + 2)), np.nan)
     for layer in range(L):
@@ -72,6 +74,49 @@ def dla_figure(dla) -> str:
     return figure_data_uri(fig)
 
 
+def composition_sentences(result) -> list[str]:
+    """The strongest pair of each kind, against the random baseline and the report's threshold for "high"; and what
+    a composition score can and cannot say, pointing at the path patching only where the page has it."""
+    comp = result.composition
+    base = comp.baseline.mean
+    lines = []
+    for mode in ("Q", "K", "V"):
+        rows = comp.top_pairs(mode, 1) if comp.scores is not None else comp.top.get(mode, [])[:1]
+        if not rows:
+            continue
+        top = rows[0]
+        ratio = top["score"] / base if base > 0 else float("inf")
+        high = "high" if ratio >= HR.HIGH_COMPOSITION else "not high"
+        lines.append(
+            f"The strongest {mode}-composition is {top['source']} → {top['target']}: {top['score']:.3f}, "
+            f"{ratio:.1f}× the random baseline {base:.3f} ({high}; high means at least {HR.HIGH_COMPOSITION:g}× the "
+            "baseline)."
+        )
+    has_patching = result.induction is not None and not isinstance(result.induction, Saved)
+    loaded = isinstance(result.induction, Saved) and bool((result.induction.data or {}).get("circuit"))
+    has_patching = has_patching or loaded
+    if has_patching:
+        tail = "path patching, in the induction circuit's section below, tests whether the later head uses it."
+    else:
+        why = result.unavailable.get("induction_circuit", "it was not run")
+        tail = f"this page has no causal test of it (path patching of the induction circuit: {why})."
+    lines.append(
+        "A composition score is a weight score: it says a later head could read what an earlier one writes, not "
+        f"that it does; {tail}"
+    )
+    return lines
+
+
+def summary(result) -> list[str]:
+    """The page's sentences, from the result's fields."""
+    lines = composition_sentences(result)
+    ind = result.induction
+    if ind is not None and not isinstance(ind, Saved):
+        lines += HR.induction_sentences(ind)
+        lines += HR.circuit_sentences(ind)
+    return lines
+
+
 def write_report(result, out: Path) -> Path:
     return render("mechscope.lm", "circuits.html.j2", out, **report_context(result))
 
@@ -79,8 +124,6 @@ def write_report(result, out: Path) -> Path:
 def report_context(result) -> dict:
     """What circuits.html.j2 draws (the file report and the notebook fragment). A loaded result draws what its
     JSON holds: the figures that need arrays the JSON leaves out are left out."""
-    from mechscope.core.results import Saved
-
     d = result.to_dict()
     prompt_text = result.prompt_text
     comp = result.composition
@@ -112,6 +155,9 @@ def report_context(result) -> dict:
         lens_rows.append({"layer": "input", "tokens": list(prompt_text[-last:]), "probs": None})
     return dict(
         r=d,
+        summary=summary(result),
+        high_composition=f"{HR.HIGH_COMPOSITION:g}",
+        marginal_se=f"{HR.MARGINAL_SE:g}",
         composition_figures=figures,
         figs=extra,
         lens_rows=lens_rows,

@@ -15,6 +15,7 @@ from matplotlib.path import Path as MPath
 
 from mechscope.core.render import layout as CL
 from mechscope.core.render.html import figure_data_uri, render
+from mechscope.lm.methods.heads import ABLATION_SCORES
 
 TITLES = {
     "induction": "induction score (repeated random tokens)",
@@ -44,8 +45,9 @@ KIND_TEXT = {
 }
 
 
-def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None) -> str:
-    """A [layers, heads] map; diverging colours around 0 when the values are signed."""
+def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None, measured=None) -> str:
+    """A [layers, heads] map; diverging colours around 0 when the values are signed. ``measured`` [layers, heads]
+    (bool): the cells whose value is a measurement, marked with a black dot (the others are estimates)."""
     s = np.asarray(values, dtype=float)
     signed = bool(np.nanmin(s) < 0) if signed is None else signed
     fig = Figure(figsize=(max(4.0, 0.28 * s.shape[0] + 1.8), max(2.2, 0.3 * s.shape[1] + 1.2)), layout="constrained")
@@ -56,18 +58,38 @@ def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None
     ax.set_ylabel("head")
     ax.set_xticks(range(0, s.shape[0], max(1, s.shape[0] // 15)))
     ax.set_yticks(range(s.shape[1]))
+    if measured is not None:
+        ls, hs = np.nonzero(np.asarray(measured, dtype=bool))
+        ax.scatter(ls, hs, s=9, c="black", marker="o", linewidths=0)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.9)
     return figure_data_uri(fig)
 
 
-def heatmaps(scores: dict[str, np.ndarray]) -> list[tuple[str, str]]:
-    """Every score that was measured, as a [layers, heads] map."""
-    return [
-        (title, layer_head_figure(scores[name], title))
-        for name, title in TITLES.items()
-        if not np.isnan(np.asarray(scores[name], dtype=float)).all()
-    ]
+ABLATION_KINDS = {v: k for k, v in ABLATION_SCORES.items()}  # score name -> ablation kind
+
+
+def heatmap_title(name: str, ablation) -> str:
+    """A map's title; an ablation map says that its values are estimates except at the dots."""
+    title = TITLES[name]
+    if name in ABLATION_KINDS:
+        a = ablation.get(ABLATION_KINDS[name])
+        n = len(a.exact_mean) if a is not None else 0
+        title += f"\nestimates, except ● measured ({n} heads)"
+    return title
+
+
+def heatmaps(result) -> list[tuple[str, str]]:
+    """Every score that was measured, as a [layers, heads] map; ablation maps mark their measured cells."""
+    scores = result.scores
+    out = []
+    for name in TITLES:
+        if name not in scores or np.isnan(np.asarray(scores[name], dtype=float)).all():
+            continue
+        a = result.ablation.get(ABLATION_KINDS.get(name, ""))
+        title = heatmap_title(name, result.ablation)
+        out.append((title, layer_head_figure(scores[name], title, measured=a.measured_mask() if a else None)))
+    return out
 
 
 def loss_plot(loss: list[float], n: int) -> str:
@@ -90,13 +112,17 @@ def group_label(layer: int, heads: list[int]) -> str:
 
 
 def circuit_graph(result) -> tuple[list, list[dict]]:
-    """Nodes ("src", layer, head) and ("kv", layer, kv_head), and one edge per confirmed path patch."""
+    """Nodes ("src", layer, head) and ("kv", layer, kv_head), and one edge per confirmed path patch; an edge is
+    ``marginal`` (dashed) when every query head it passes for has its drop within MARGINAL_SE standard errors of the
+    criterion's threshold; ``marginal_heads``: those query heads."""
     edges = []
     for pp in result.path_patches:
         if not any(pp.confirmed):
             continue
         confirmed = [h for h, ok in zip(pp.query_heads, pp.confirmed, strict=True) if ok]
         drops = [float(d) for d, ok in zip(pp.drop, pp.confirmed, strict=True) if ok]
+        margins = [m for m, ok in zip(result.edge_margin(pp), pp.confirmed, strict=True) if ok]
+        marginal = [h for h, m in zip(confirmed, margins, strict=True) if m < MARGINAL_SE]
         edges.append(
             {
                 "a": ("src", *pp.source),
@@ -104,6 +130,8 @@ def circuit_graph(result) -> tuple[list, list[dict]]:
                 "confirmed": confirmed,
                 "drop": max(drops),
                 "loss": pp.loss_increase,
+                "marginal": len(marginal) == len(confirmed),
+                "marginal_heads": marginal,
                 "patch": pp,
             }
         )
@@ -112,11 +140,14 @@ def circuit_graph(result) -> tuple[list, list[dict]]:
 
 
 def node_text(node, result) -> str:
+    """A source head's name; for a key/value head, the query heads of its group that some confirmed edge passes
+    the criterion for (not every head of the group)."""
     kind, layer, idx = node
     if kind == "src":
         return f"{layer}.{idx}"
+    heads = sorted({h for pp in result.path_patches if (pp.layer, pp.kv_head) == (layer, idx)
+                    for h, ok in zip(pp.query_heads, pp.confirmed, strict=True) if ok})  # fmt: skip
     g = result.kv_groups
-    heads = [h for h in range(idx * g, (idx + 1) * g) if result.labels[layer][h] == "induction"]
     return group_label(layer, heads or list(range(idx * g, (idx + 1) * g)))
 
 
@@ -138,14 +169,18 @@ def circuit_figure(result) -> str:
     every = np.concatenate([np.asarray(list(lay.pos.values()))] + curves)
     lo, hi = every.min(0) - 0.8, every.max(0) + 0.8
     w, h = hi - lo
-    fig = Figure(figsize=(min(14, 1.0 + 0.9 * w), 1.2 + 0.9 * h), layout="constrained")
+    fig = Figure(figsize=(min(14, max(6.5, 1.0 + 0.9 * w)), 1.6 + 0.9 * h), layout="constrained")
     ax = fig.subplots()
     for e, pts in zip(edges, curves, strict=True):
         path = MPath(pts, [MPath.MOVETO] + [MPath.LINETO] * (len(pts) - 1))
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=12, lw=0.8 + 5 * e["drop"],
-                                     color="#777", alpha=0.85, zorder=1))
+                                     color="#bbb" if e["marginal"] else "#777", alpha=0.85, zorder=1,
+                                     linestyle="--" if e["marginal"] else "-"))  # fmt: skip
         mid = pts[len(pts) // 2]
-        ax.text(mid[0], mid[1] + 0.12, f"−{e['drop']:.2f}", fontsize=7, ha="center", color="#444", zorder=2)
+        pp = e["patch"]
+        heads = [f"{h}*" if h in e["marginal_heads"] else str(h) for h in e["confirmed"]]
+        who = f"{pp.layer}.{'/'.join(heads)} " if result.kv_groups > 1 or e["marginal_heads"] else ""
+        ax.text(mid[0], mid[1] + 0.12, f"{who}−{e['drop']:.2f}", fontsize=7, ha="center", color="#444", zorder=2)
     for node, (x, y) in lay.pos.items():
         colour = "#1b9e77" if node[0] == "src" else "#d95f02"
         ax.add_patch(Circle((x, y), lay.radius, color=colour, zorder=3))
@@ -160,9 +195,10 @@ def circuit_figure(result) -> str:
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     ax.set_title(
-        "edges confirmed by key-side path patching: source head (green) → key/value head of induction heads "
-        "(orange);\nlabel and width: drop in the target's induction score",
-        fontsize=9,
+        "edges confirmed by key-side path patching:\nsource head (green) → key/value head (orange), named by the query "
+        "heads that pass;\nlabel and width: drop in their induction score; * a head that passes within "
+        f"{MARGINAL_SE:g} s.e. of the threshold (marginal); dashed: marginal for every head",
+        fontsize=8,
     )
     return figure_data_uri(fig)
 
@@ -182,75 +218,216 @@ def agreement_figure(ablation) -> str | None:
     lo, hi = min(est + ex), max(est + ex)
     ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
     ax.set_xlabel("attribution-patching estimate (nats)")
-    ax.set_ylabel("measured (nats)")
+    ax.set_ylabel("measured exactly (nats)")
     ax.set_title(f"{ablation.kind}-ablation: estimate vs measurement", fontsize=10)
     ax.grid(alpha=0.3)
     return figure_data_uri(fig)
 
 
-def _heads(rows, key="score", n=6) -> str:
-    return ", ".join(f"{r['layer']}.{r['head']} ({r[key]:.2f})" for r in rows[:n]) + (", …" if len(rows) > n else "")
+# ---- the sentences -----------------------------------------------------------------------------------------
+# Every comparison word is backed by a number in its sentence and one of these thresholds, stated on the page
+# ("What the numbers mean").
+
+USES_EARLIER_COPY = 0.5  # second-copy loss below this share of the first-copy loss: the model uses the earlier copy
+WEAK_COPYING = 0.1  # a positive copying score below this (centred logit) is weak evidence of copying
+HIGH_COMPOSITION = 2.0  # a composition score at least this many times the random baseline is "high"
+ESTIMATE_FAILS = (0.1, 0.5)  # |estimate − measured| ≥ 0.1 nats and ≥ 50% of |measured|: the estimate fails
+MARGINAL_SE = 2.0  # a confirmed pass whose drop is within this many standard errors of the threshold is marginal
+RANKED = 3  # heads named in the single-head cost ranking
+
+
+def thresholds_text() -> dict[str, str]:
+    """The report's own thresholds, for the page's definitions."""
+    lo, rel = ESTIMATE_FAILS
+    return {
+        "uses": f"the model uses the earlier copy when its loss on the second copy is below {USES_EARLIER_COPY:.0%} "
+        "of its loss on the first",
+        "weak_copying": f"a copying score above 0 but below {WEAK_COPYING} is weak evidence of copying",
+        "high_composition": f"a composition score is high when it is at least {HIGH_COMPOSITION:g}× the random "
+        "baseline's mean",
+        "estimate_fails": f"the attribution-patching estimate fails on a head when it is off by at least {lo} nats and "
+        f"by at least {rel:.0%} of the measured value",
+        "marginal": f"a query head passes the edge criterion marginally when its drop is within {MARGINAL_SE:g} "
+        "standard errors (sd / √sequences) of the criterion's threshold (in the figure: * after the head; the edge "
+        "dashed when every head it passes for is marginal)",
+    }
+
+
+def _h(lh) -> str:
+    return f"{lh[0]}.{lh[1]}"
+
+
+def _list(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def summary(result) -> list[str]:
-    """Sentences written from the measured numbers."""
-    s, t = result.scores, result.protocol["thresholds"]
-    lines = []
-    f, sec = result.loss_first_half, result.loss_second_half
-    lines.append(
-        f"On repeated random tokens the model's loss falls from {f:.2f} nats on the first copy to {sec:.2f} on the "
-        f"second: it {'uses' if sec < 0.5 * f else 'barely uses'} the earlier copy to predict the next token."
-    )
-    ind = result.ranked("induction", "induction")
-    if ind:
-        lines.append(
-            f"{len(ind)} heads are induction heads by Olsson et al.'s two properties (prefix-matching score ≥ "
-            f"{t['induction']} and positive copying, centred): {_heads(ind)} (induction score in brackets)."
-        )
-    else:
-        best = np.unravel_index(np.argmax(s["induction"]), s["induction"].shape)
-        lines.append(
-            f"No head is an induction head by prefix matching and copying; the highest induction score is "
-            f"{s['induction'][best]:.2f} (head {best[0]}.{best[1]})."
-        )
-    near = [
-        (lay, h)
-        for lay, h in zip(*np.nonzero(s["prefix_matching"] >= t["induction"]), strict=True)
-        if s["copying"][lay, h] <= 0
-    ]
-    if near:
-        names = ", ".join(f"{lay}.{h} ({s['copying'][lay, h]:+.2f})" for lay, h in near[:5])
-        lines.append(f"Prefix matching without positive copying, so not labelled induction: {names}.")
-    prev = result.ranked("previous_token", "previous_token")
-    if prev:
-        lines.append(f"{len(prev)} previous-token heads (score ≥ {t['previous_token']}): {_heads(prev, n=5)}.")
+    """Sentences written from the result's fields (each states its intervention, path and baseline)."""
+    lines = [loss_sentence(result)]
+    lines += induction_sentences(result)
     lines += ablation_sentences(result)
     lines += circuit_sentences(result)
     return lines
 
 
-def ablation_sentences(result) -> list[str]:
-    k = result.top_k_ablation
-    lines = [
-        f"Mean-ablating the {k['k']} heads with the highest induction scores together (each position's output "
-        f"replaced by its mean over the {result.protocol['batch']} sequences) raises the second-half loss by "
-        f"{k['induction_heads_loss_increase']:.2f} nats; {k['k']} random heads raise it by "
-        f"{k['random_heads_loss_increase_mean']:.2f} ± {k['random_heads_loss_increase_std']:.2f} "
-        f"({len(k['random_draws'])} draws)."
-    ]
-    mean = result.ablation["mean"]
-    if mean.exact_mean:
-        best = sorted(mean.exact_mean.items(), key=lambda kv: -kv[1])[:3]
-        top = ", ".join(f"{lay}.{h} (+{v:.2f} ± {mean.exact_std[(lay, h)]:.2f})" for (lay, h), v in best)
-        ag = mean.agreement()
-        corr = "" if ag.get("pearson") is None else f"Pearson r = {ag['pearson']:.2f}, "
+def loss_sentence(result) -> str:
+    f, sec = result.loss_first_half, result.loss_second_half
+    ratio = sec / f if f > 0 else float("nan")
+    uses = ratio < USES_EARLIER_COPY
+    verdict = ("it uses the earlier copy to predict the next token" if uses
+               else "by this measure it does not use the earlier copy much")  # fmt: skip
+    return (
+        f"On repeated random tokens the model's loss falls from {f:.2f} nats on the first copy to {sec:.2f} on the "
+        f"second ({ratio:.0%} of the first; below {USES_EARLIER_COPY:.0%} counts as using it): {verdict}."
+    )
+
+
+def _pm_heads(result) -> list[tuple[int, int]]:
+    """Heads meeting the prefix-matching threshold, highest prefix-matching score first."""
+    s, t = result.scores, result.protocol["thresholds"]["induction"]
+    pm = np.asarray(s["prefix_matching"], dtype=float)
+    heads = [(int(a), int(b)) for a, b in zip(*np.nonzero(pm >= t), strict=True)]
+    return sorted(heads, key=lambda lh: -pm[lh])
+
+
+def induction_sentences(result) -> list[str]:
+    s, t = result.scores, result.protocol["thresholds"]
+    pm, cp = s["prefix_matching"], s["copying"]
+    eig = np.asarray(s.get("ov_eigen_positivity", np.full(np.shape(pm), np.nan)), dtype=float)
+    lines = []
+    pm_heads = _pm_heads(result)
+    ind = [lh for lh in pm_heads if result.labels[lh[0]][lh[1]] == "induction"]
+    if ind:
         lines.append(
-            f"One head at a time, mean-ablation costs most for {top} nats (mean ± sd over the sequences). "
-            f"{len(mean.exact_mean)} heads were measured exactly (those with the largest estimated effects and a "
-            f"random sample); every other head's value is a first-order estimate by attribution patching, which on the "
-            f"measured heads agrees with {corr}median error {ag['median_abs_error']:.3f} nats."
+            f"{len(ind)} heads are induction heads by Olsson et al.'s two properties, prefix matching (prefix-matching "
+            f"score ≥ {t['induction']}) and copying (copying score > 0, centred): "
+            + _list([f"{_h(lh)} (prefix matching {pm[lh]:.2f}, copying {cp[lh]:+.2f})" for lh in ind])
+            + "; in brackets: the two scores the label rests on."
+        )
+        weak = [lh for lh in ind if cp[lh] < WEAK_COPYING]
+        if weak:
+            lines.append(
+                f"{len(weak)} of the {len(ind)} induction heads rest on a weak copying score (above 0 but below "
+                f"{WEAK_COPYING}): "
+                + _list([f"{_h(lh)} (copying {cp[lh]:+.3f})" for lh in weak])
+                + "."
+            )
+    else:
+        best = np.unravel_index(np.nanargmax(pm), np.shape(pm))
+        lines.append(
+            f"No head is an induction head by prefix matching (score ≥ {t['induction']}) and copying (copying score "
+            f"> 0); the highest prefix-matching score is {pm[best]:.2f} (head {_h(best)}, copying {cp[best]:+.2f})."
+        )
+    no_copy = [lh for lh in pm_heads if cp[lh] <= 0]
+    if no_copy:
+        lines.append(
+            f"Prefix matching (score ≥ {t['induction']}) without a positive copying score, so not labelled induction: "
+            + _list([f"{_h(lh)} (prefix matching {pm[lh]:.2f}, copying {cp[lh]:+.2f})" for lh in no_copy], 5)
+            + "."
+        )
+    lines += [x for x in [copying_agreement_sentence(pm_heads, cp, eig, t["induction"])] if x]
+    prev = result.ranked("previous_token", "previous_token")
+    if prev:
+        lines.append(
+            f"{len(prev)} previous-token heads (previous-token score on random tokens ≥ {t['previous_token']}): "
+            + _list([f"{r['layer']}.{r['head']} ({r['score']:.2f})" for r in prev], 5)
+            + "; in brackets: the previous-token score."
         )
     return lines
+
+
+def copying_agreement_sentence(heads, copying, eigen, threshold) -> str | None:
+    """Copying and OV eigenvalue positivity measure the same property; where their signs differ, say so."""
+    both = [lh for lh in heads if np.isfinite(eigen[lh]) and np.isfinite(copying[lh])]
+    if not both:
+        return None
+    differ = [lh for lh in both if (copying[lh] > 0) != (eigen[lh] > 0)]
+    what = ("copying (the head's centred direct effect on the token it attends to) and OV eigenvalue positivity "
+            "(Σλ/Σ|λ| of its full OV circuit, read from the weights)")  # fmt: skip
+    if not differ:
+        return (f"On all {len(both)} heads with prefix-matching score ≥ {threshold}, {what} agree in sign.")
+    return (
+        f"Two measures of whether a head copies, {what}, disagree in sign on {len(differ)} of the {len(both)} heads "
+        f"with prefix-matching score ≥ {threshold}: "
+        + _list([f"{_h(lh)} (copying {copying[lh]:+.2f}, eigenvalue positivity {eigen[lh]:+.2f})" for lh in differ])
+        + "; the induction label follows the copying score."
+    )
+
+
+def ablation_sentences(result) -> list[str]:
+    k = result.top_k_ablation
+    b = result.protocol["batch"]
+    lines = [
+        f"Mean-ablating the {k['k']} heads with the highest induction scores together (each position's output "
+        f"replaced by its mean over the {b} sequences; measured) raises the second-half loss by "
+        f"{k['induction_heads_loss_increase']:.2f} nats; {k['k']} random heads raise it by "
+        f"{k['random_heads_loss_increase_mean']:.2f} ± {k['random_heads_loss_increase_std']:.2f} "
+        f"(mean ± sd over {len(k['random_draws'])} draws)."
+    ]
+    mean = result.ablation["mean"]
+    n_heads = int(np.size(mean.estimate_mean))
+    if not mean.exact_mean:
+        lines.append(
+            "No head was mean-ablated alone exactly: every single-head value on this page is an attribution-patching "
+            "estimate (first order), and no head is ranked by its cost."
+        )
+        return lines
+    best = sorted(mean.exact_mean.items(), key=lambda kv: -kv[1])[:RANKED]
+    top = ", ".join(f"{_h(lh)} ({v:+.2f} ± {mean.exact_std[lh]:.2f})" for lh, v in best)
+    p = result.protocol
+    lines.append(
+        f"One head at a time, mean-ablation (each position's output replaced by its mean over the {b} sequences) "
+        f"costs most, among the {len(mean.exact_mean)} heads measured exactly, for {top} nats of second-half loss "
+        f"(mean ± sd over the sequences). Measured: every head this report names (labelled heads, path-patching "
+        f"sources and targets, the table's rows), the {p.get('exact_top', 0)} with the largest estimated effects and "
+        f"{p.get('exact_random', 0)} random others; the other {n_heads - len(mean.exact_mean)} heads have only an "
+        "attribution-patching estimate and are not ranked."
+    )
+    lines.append(agreement_sentence(result, mean))
+    return lines
+
+
+def estimate_failures(ablation) -> list[tuple[int, int]]:
+    """Heads measured both ways whose estimate fails (:data:`ESTIMATE_FAILS`), largest error first."""
+    lo, rel = ESTIMATE_FAILS
+    errs = ablation.errors()
+    bad = [lh for lh, e in errs.items() if abs(e) >= lo and abs(e) >= rel * abs(ablation.exact_mean[lh])]
+    return sorted(bad, key=lambda lh: -abs(errs[lh]))
+
+
+def agreement_sentence(result, ablation) -> str:
+    ag = ablation.agreement()
+    n = ag["heads"]
+    prev = [lh for lh in ablation.exact_mean if result.labels[lh[0]][lh[1]] == "previous_token"]
+    with_prev = f", {len(prev)} of them previous-token heads" if prev else ""
+    if n < 2:
+        return f"Only {n} head was measured exactly, too few to judge the attribution-patching estimate."
+    corr = "" if ag.get("pearson") is None else f"Pearson r = {ag['pearson']:.2f} and "
+    bad = estimate_failures(ablation)
+    lo, rel = ESTIMATE_FAILS
+    head = (f"On the {n} heads measured exactly{with_prev}, the attribution-patching estimate of {ablation.kind}-"
+            f"ablation agrees with the measurement with {corr}median error "
+            f"{ag['median_abs_error']:.3f} nats")  # fmt: skip
+    if not bad:
+        return head + f"; it fails (off by ≥ {lo} nats and ≥ {rel:.0%} of the measured value) on none of them."
+    named = [
+        f"{_h(lh)}{' (previous-token)' if lh in prev else ''}: estimate {ablation.measured_estimate[lh]:+.2f}, "
+        f"measured {ablation.exact_mean[lh]:+.2f}"
+        for lh in bad
+    ]
+    return (
+        head + f"; it fails (off by ≥ {lo} nats and ≥ {rel:.0%} of the measured value) on {len(bad)} of them: "
+        + _list(named, 5) + ". Unmeasured heads' values are estimates of the same kind."
+    )
+
+
+def _total_effect(result, source) -> str:
+    """A source head's total effect (every path), measured where it was, else its estimate, said which."""
+    mean = result.ablation["mean"]
+    if source in mean.exact_mean:
+        return f"{mean.exact_mean[source]:+.2f} ± {mean.exact_std[source]:.2f} nats (measured)"
+    est = float(np.asarray(mean.estimate_mean)[source])
+    return f"{est:+.2f} nats (attribution-patching estimate; not measured)"
 
 
 def circuit_sentences(result) -> list[str]:
@@ -258,39 +435,92 @@ def circuit_sentences(result) -> list[str]:
     crit = result.criterion
     _, edges = circuit_graph(result)
     g = result.kv_groups
+    mean = result.ablation["mean"]
     for e in edges[:8]:
         pp = e["patch"]
-        heads = [f"{pp.layer}.{h}" for h in pp.query_heads]
-        shared = f" (one key/value head shared by {', '.join(heads)}: one test)" if g > 1 else ""
+        src = _h(pp.source)
+        group = (f"key/value head {pp.kv_head} of layer {pp.layer}, shared by query heads "
+                 f"{', '.join(f'{pp.layer}.{h}' for h in pp.query_heads)}")  # fmt: skip
+        keys = f"the keys of {group}" if g > 1 else f"the keys of {pp.layer}.{pp.query_heads[0]}"
+        one_test = "; one test for the group" if g > 1 else ""
         change = "; ".join(
-            f"{pp.layer}.{h} {c:.2f} → {q:.2f}"
-            for h, c, q, ok in zip(pp.query_heads, pp.induction_clean, pp.induction_patched, pp.confirmed, strict=True)
+            f"{pp.layer}.{h} {c:.2f} → {q:.2f} (drop {d:.2f})"
+            for h, c, q, d, ok in zip(pp.query_heads, pp.induction_clean, pp.induction_patched, pp.drop,
+                                      pp.confirmed, strict=True)
             if ok
+        )  # fmt: skip
+        text = (
+            f"Path patching {src} → {node_text(e['b'], result)}: {src}'s output mean-ablated only on the path into "
+            f"{keys} (queries, values and every other head see the clean stream{one_test}) lowers the induction score "
+            f"of {change}"
         )
-        loss = "" if e["loss"] is None else f", and the second-half loss rises by {e['loss']:.2f} nats"
+        if e["loss"] is not None:
+            total = _total_effect(result, pp.source)
+            sd = "" if pp.loss_increase_std is None else f" ± {pp.loss_increase_std:.2f}"
+            text += f"; this one path raises the second-half loss by {e['loss']:.2f}{sd} nats"
+            text += f", while mean-ablating {src} on every path costs {total}"
+            if pp.source in mean.exact_mean and mean.exact_mean[pp.source] < e["loss"]:
+                text += (f": less than this path alone, so ablating {src}'s other paths at the same time offsets "
+                         "part of the key path's effect")  # fmt: skip
+        lines.append(text + ".")
+    marginal = [(e, h) for e in edges for h in e["marginal_heads"]]
+    if marginal:
         lines.append(
-            f"Removing head {pp.source[0]}.{pp.source[1]}'s output from the keys of {node_text(e['b'], result)}"
-            f"{shared} only: induction score {change}{loss}."
+            f"Marginal passes (drop within {MARGINAL_SE:g} standard errors of the threshold; * in the figure, the edge "
+            "dashed where every head it passes for is marginal): "
+            + "; ".join(_marginal_text(result, e, h) for e, h in marginal)
+            + "."
         )
-    weak = []
-    for row in result.circuit():
-        ih = row["induction_head"]
-        for top in row["top_k_composition"][:2]:
-            test = next((t for t in row["path_patching"] if t["source"] == top["head"]), None)
-            if test is not None and test["drop"] < crit.min_drop:
-                weak.append(
-                    f"{top['head']} → {ih['layer']}.{ih['head']} (K-composition {top['k_composition']:.3f}, among its "
-                    f"two highest; induction {test['induction_clean']:.2f} → {test['induction_patched']:.2f})"
-                )
-    if weak:
-        lines.append(
-            "A high K-composition is not evidence of use: removing the source from the keys barely moves the "
-            "target in " + "; ".join(weak[:3]) + "."
-        )
+    lines += composition_sentences(result)
     lines.append(
         f"An edge is drawn only when the target's induction score drops by at least {crit.min_drop} and by at least "
         f"{crit.min_share:.0%} of its clean value; the tables below list every pair tested, confirmed or not."
     )
+    return lines
+
+
+def _marginal_text(result, e, head: int) -> str:
+    pp = e["patch"]
+    crit = result.criterion
+    margin = result.edge_margin(pp)
+    i = pp.query_heads.index(head)
+    threshold = max(crit.min_drop, crit.min_share * pp.induction_clean[i])
+    se = pp.drop_std[i] / np.sqrt(max(int(result.protocol["batch"]), 1))
+    return (f"{_h(pp.source)} → {pp.layer}.{pp.query_heads[i]} (drop {pp.drop[i]:.3f} against the threshold "
+            f"{threshold:.3f}, standard error {se:.3f}, {margin[i]:+.1f} standard errors)")  # fmt: skip
+
+
+def composition_sentences(result) -> list[str]:
+    """The induction heads' two strongest K-composition sources that path patching rejected, with how far each
+    composition score is above the random baseline: only a score ≥ HIGH_COMPOSITION × baseline is called high."""
+    crit = result.criterion
+    base = result.composition.baseline.mean
+    high, low = [], []
+    for row in result.circuit():
+        ih = row["induction_head"]
+        for top in row["top_k_composition"][:2]:
+            test = next((t for t in row["path_patching"] if t["source"] == top["head"]), None)
+            if test is None or test["confirmed"]:
+                continue
+            ratio = top["k_composition"] / base if base > 0 else float("inf")
+            text = (f"{top['head']} → {ih['layer']}.{ih['head']} (K-composition {top['k_composition']:.3f}, "
+                    f"{ratio:.1f}× the baseline; induction {test['induction_clean']:.2f} → "
+                    f"{test['induction_patched']:.2f}, drop {test['drop']:.3f})")  # fmt: skip
+            (high if ratio >= HIGH_COMPOSITION else low).append(text)
+    lines = []
+    rejects = (f"mean-ablating the source only on the path into the target's keys does not pass the edge criterion "
+               f"(drop ≥ {crit.min_drop} and ≥ {crit.min_share:.0%} of the clean score) for")  # fmt: skip
+    if high:
+        lines.append(
+            f"A high K-composition (≥ {HIGH_COMPOSITION:g}× the random baseline {base:.3f}) is not evidence of use: "
+            f"{rejects} " + "; ".join(high[:3]) + "."
+        )
+    if low:
+        lines.append(
+            f"Path patching also rejects some of the induction heads' two strongest K-composition sources whose scores "
+            f"are not high (under "
+            f"{HIGH_COMPOSITION:g}× the random baseline {base:.3f}): " + "; ".join(low[:3]) + "."
+        )
     return lines
 
 
@@ -309,6 +539,7 @@ def table_rows(result, n: int = 20) -> list[dict]:
                 **{k: float(s[k][layer, h]) for k in TABLE_SCORES},
                 "ablation_sd": float(spread[layer, h]),
                 "measured": (layer, h) in result.ablation["mean"].exact_mean,
+                "ablation_value": "measured" if (layer, h) in result.ablation["mean"].exact_mean else "estimate",
             }
         )
     return rows
@@ -337,7 +568,9 @@ def report_context(result, token_text: dict[str, list[str]] | None = None) -> di
     return dict(
         result=d,
         summary=summary(result),
-        heatmaps=heatmaps(result.scores),
+        definitions=thresholds_text(),
+        failures={kind: [_h(lh) for lh in estimate_failures(a)] for kind, a in result.ablation.items()},
+        heatmaps=heatmaps(result),
         loss_png=loss_plot(result.loss_per_position, result.protocol["n"]),
         circuit_png=circuit_figure(result),
         agreement_png=agreement_figure(result.ablation["mean"]),

@@ -185,7 +185,8 @@ def report_context(result: NeuronsResult, decode: Callable[[int], str], asked: t
 
 
 def compare_lines(rows: list[dict]) -> list[str]:
-    """Sentences of the SoLU-against-GELU summary, from the numbers."""
+    """Sentences of the SoLU-against-GELU summary, from the numbers (a model with no counted neuron says so
+    instead of a median of nothing)."""
     by = {r["label"]: r for r in rows}
     g, s = by.get("GELU"), by.get("SoLU")
     if g is None or s is None:
@@ -193,17 +194,30 @@ def compare_lines(rows: list[dict]) -> list[str]:
     lines = [
         f"Held-out loss: GELU {g['held_out_loss']:.4f}, SoLU {s['held_out_loss']:.4f} nats per token "
         f"(SoLU {s['held_out_loss'] - g['held_out_loss']:+.4f}).",
-        f"Median current-token entropy of the top activations: GELU {g['stats']['entropy_median']:.2f} bits, "
-        f"SoLU {s['stats']['entropy_median']:.2f} bits (random positions: {g['baseline']['entropy_mean']:.2f}).",
-        f"Neurons with at least half of their top contexts on one token: GELU "
-        f"{100 * g['stats']['share_one_token_ge_0.5']:.0f}%, SoLU {100 * s['stats']['share_one_token_ge_0.5']:.0f}%; "
-        f"at least 90%: GELU {100 * g['stats']['share_one_token_ge_0.9']:.0f}%, "
-        f"SoLU {100 * s['stats']['share_one_token_ge_0.9']:.0f}%.",
-        f"Rarely active neurons (fewer than {g['min_count']} positive activations): "
-        f"GELU {g['stats']['rarely_active']}, SoLU {s['stats']['rarely_active']}.",
     ]
-    if by.get("SoLU after its LayerNorm"):
-        p = by["SoLU after its LayerNorm"]
+    empty = [r["label"] for r in (g, s) if not r["stats"].get("neurons")]
+    if empty:
+        lines.append(
+            f"No neuron of {' or '.join(empty)} has at least {g['min_count']} positive activations among its top "
+            "contexts, so no monosemanticity figure compares the two."
+        )
+    else:
+        lines += [
+            f"Median current-token entropy of the top activations: GELU {g['stats']['entropy_median']:.2f} bits, "
+            f"SoLU {s['stats']['entropy_median']:.2f} bits (random positions: {g['baseline']['entropy_mean']:.2f}; "
+            "lower is more concentrated on one token).",
+            f"Neurons with at least half of their top contexts on one token: GELU "
+            f"{100 * g['stats']['share_one_token_ge_0.5']:.0f}%, "
+            f"SoLU {100 * s['stats']['share_one_token_ge_0.5']:.0f}%; "
+            f"at least 90%: GELU {100 * g['stats']['share_one_token_ge_0.9']:.0f}%, "
+            f"SoLU {100 * s['stats']['share_one_token_ge_0.9']:.0f}%.",
+        ]
+    lines.append(
+        f"Rarely active neurons (fewer than {g['min_count']} positive activations): "
+        f"GELU {g['stats']['rarely_active']}, SoLU {s['stats']['rarely_active']}."
+    )
+    p = by.get("SoLU after its LayerNorm")
+    if p and p["stats"].get("neurons"):
         lines.append(
             f"Read after SoLU's LayerNorm (hook_post) instead of before it: median entropy "
             f"{p['stats']['entropy_median']:.2f} bits, {100 * p['stats']['share_one_token_ge_0.5']:.0f}% at least half "

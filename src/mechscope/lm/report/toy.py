@@ -73,6 +73,66 @@ def run_figure(result: dict, title: str) -> str:
     return figure_data_uri(fig)
 
 
+PHASE_SHARE, PHASE_JUMP = 0.2, 0.1  # lm.toy.detect_phase_change's criterion, as the page states it
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The "What happened" sentences, from training.json's fields (``ToyTraining.series``)."""
+    c, f, p = result["config"], result["final"], result["phase_change"]
+    top = c["layers"] - 1
+    if p.get("detected"):
+        lines = [
+            f"A phase change between steps {p['window'][0]} and {p['window'][1]}: in that one checkpoint interval the "
+            f"highest layer-{top} induction score rose by {p['induction_jump']:.2f} and the in-context-learning score "
+            f"fell by {-p['icl_jump']:.2f} nats, each at least {PHASE_SHARE:.0%} of its range over the run (and the "
+            f"induction score by at least {PHASE_JUMP})."
+        ]
+    elif "share_of_range" in p:
+        lines = [
+            f"No phase change was detected: in no checkpoint interval did the induction score and the "
+            f"in-context-learning score both move at least {PHASE_SHARE:.0%} of their range with the induction score "
+            f"rising by at least {PHASE_JUMP} (the interval where both moved most together: "
+            f"{p['share_of_range']:.0%} of their range, induction {p['induction_jump']:+.2f})."
+        ]
+    else:
+        lines = [f"No phase change was looked for: {p.get('reason', 'too few checkpoints')}."]
+    lines.append(
+        f"At the end: highest induction score {f['max_induction_last_layer']:.2f} (layer {top}), highest "
+        f"previous-token score {f['max_previous_token_layer0']:.2f} (layer 0), held-out loss "
+        f"{f['held_out_loss']:.3f} nats, in-context-learning score {f['icl_score']:.3f}."
+    )
+    circ = result.get("circuit")
+    if circ:
+        last = result["series"][-1]
+        (lp, hp), (li, hi) = circ["previous_token_head"], circ["induction_head"]
+        heads = (f"The layer-0 head with the highest previous-token score at the end ({lp}.{hp}, "
+                 f"{last['previous_token'][lp][hp]:.2f}) and the layer-1 head with the highest induction score "
+                 f"({li}.{hi}, {last['induction'][li][hi]:.2f})")  # fmt: skip
+        rng = circ.get("k_composition_range")
+        series = circ.get("k_composition_series") or []
+        if rng is None and series:
+            rng = max(series) - min(series)
+        jump = circ.get("k_composition_jump_at_phase_change")
+        if p.get("detected") and jump is not None:
+            lines.append(
+                f"{heads}: their K-composition moved by {jump:+.3f} inside the phase-change interval, of a range of "
+                f"{rng:.3f} over the whole run (a weight score; this page has no causal test that one feeds the other)."
+            )
+        elif rng is not None:
+            lines.append(
+                f"{heads}: their K-composition ranged over {rng:.3f} during the run (a weight score; no causal test "
+                "here)."
+            )
+    ctl = result.get("control")
+    if ctl:
+        det = "a phase change was detected" if ctl["phase_change"].get("detected") else "no phase change was detected"
+        lines.append(
+            f"1-layer control: highest induction score {ctl['final']['max_induction_last_layer']:.2f} at the end; "
+            f"{det}."
+        )
+    return lines
+
+
 def write_training_report(result: dict, out: Path) -> Path:
     return render("mechscope.lm", "toy.html.j2", out, **report_context(result))
 
@@ -84,4 +144,4 @@ def report_context(result: dict) -> dict:
     figures = [run_figure(result, f"{c['layers']}-layer {kind}")]
     if result.get("control"):
         figures.append(run_figure(result["control"], "1-layer control"))
-    return {"result": result, "figures": figures}
+    return {"result": result, "figures": figures, "summary": summary_lines(result)}

@@ -1,0 +1,190 @@
+"""The explain summary's sentences (``cnn explain``: report/summary.py), from a hand-made result where each
+claim is known true or false.
+
+Three classes (cat, dog, fox), stages conv1 (4 channels) and conv2 (5 channels):
+
+* with every conv2 channel at its mean the network calls every image a fox, and the foxes keep 100%: the fox
+  circuit's mean-ablation tests are vacuous (its necessity, 99%, cannot show anything; resample leaves 40%);
+* resample-ablation drew its donors from the data distribution (a third of them of the image's own class);
+* conv2 channel 1 costs the cats 2 points when mean-ablated, nothing else costs any class 0.5 points;
+* the cat circuit's largest conv1 input carries 23% of the summed |contribution| of the 4 conv1 channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mechscope.cnn.methods.ablation_study import AblationResult, StageAblation, WholeStage
+from mechscope.cnn.methods.circuit_study import CircuitStudy, ClassCircuit, Feeder
+from mechscope.cnn.methods.explained import ExplainResult
+from mechscope.cnn.methods.overview import Overview
+from mechscope.cnn.methods.patching import PatchingResult, StagePatching, TopUnit
+from mechscope.cnn.methods.selectivity import StageSelectivity
+from mechscope.cnn.report import summary as S
+
+NAMES = ("cat", "dog", "fox")
+K = 3
+
+
+def _stage_ablation(name: str, c: int, cost: dict | None = None) -> StageAblation:
+    mean = torch.full((c, K), -0.001)
+    for (ch, k), v in (cost or {}).items():
+        mean[ch, k] = -v
+    overall = mean.mean(1)
+    return StageAblation(name, f"{name}.hook_out", "hand-made", mean.clone(), mean, overall.clone(), overall)
+
+
+def _whole(stage: str, kind: str, reads_as: int, share: float, per_class) -> WholeStage:
+    pred = torch.full((K,), (1 - share) / (K - 1))
+    pred[reads_as] = share
+    per = torch.tensor(per_class, dtype=torch.float64)
+    return WholeStage(stage, kind, per, float(per.mean()), pred.double(), reads_as)
+
+
+def _selectivity(name: str, c: int) -> StageSelectivity:
+    means = torch.rand(c, K, generator=torch.Generator().manual_seed(c))
+    pref = tuple(int(x) for x in means.argmax(1))
+    return StageSelectivity(name, "hand-made", means, torch.full((c,), 0.3), pref, tuple(range(c)), ("upper left",) * c)
+
+
+def _circuit(target: int, channels, necessity: float, resample: float, feeders=()) -> ClassCircuit:
+    z = torch.zeros(K)
+    return ClassCircuit(
+        target=target, channels=tuple(channels), method="hand-made", margin=0.0, prefix_size=None, greedy_size=None,
+        pruned_size=None, greedy_order=tuple(channels), ranking=tuple(range(5)), full_accuracy=0.98,
+        sufficiency=0.975, necessity=necessity, necessity_resample=resample, other_classes_called_full=0.01,
+        other_classes_called_circuit=0.015, meets_criterion=True, accuracy_criterion_met=True,
+        per_class_accuracy_circuit_only=z, per_class_accuracy_circuit_ablated=z, per_class_accuracy_circuit_resampled=z,
+        held_out_full_accuracy=None, held_out_sufficiency=None, held_out_other_classes_called_full=None,
+        held_out_other_classes_called_circuit=None, growth=(), attribution=torch.zeros(5),
+        readout_weight_to_class=None, feeders=tuple(feeders), feeders_all=torch.zeros(4) if feeders else None,
+    )  # fmt: skip
+
+
+def _study(**changes) -> CircuitStudy:
+    circuits = (
+        _circuit(0, (1, 2), 0.30, 0.10, (Feeder(3, 0.8, 0.23), Feeder(0, -0.5, 0.14))),
+        _circuit(1, (0, 3), 0.50, 0.20),
+        _circuit(2, (4,), 0.99, 0.40),
+    )
+    fields = dict(
+        stage="conv2", site="conv2.hook_out", closed_form=True, tolerance=0.01, criterion="hand-made",
+        search="hand-made", necessity="hand-made", necessity_resample="hand-made", resample_seed=0,
+        held_out_check="", feeder_stage="conv1", circuits=circuits, resample_donors="data",
+        resample_same_class_share=1 / 3,
+    )  # fmt: skip
+    return CircuitStudy(**(fields | changes))
+
+
+def make_result(fox_share: float = 1.0, fox_accuracy: float = 1.0, **study) -> ExplainResult:
+    conf = ((97, 2, 1), (1, 98, 1), (0, 1, 99))
+    ablation = AblationResult(
+        metric="hand-made", baseline_per_class=torch.tensor([0.97, 0.98, 0.99]), mean_reference="",
+        stages=(_stage_ablation("conv1", 4), _stage_ablation("conv2", 5, {(1, 0): 0.02})), readout=None,
+        whole=(_whole("conv1", "zero", 0, 1.0, [1, 0, 0]), _whole("conv1", "mean", 1, 1.0, [0, 1, 0]),
+               _whole("conv2", "zero", 0, 1.0, [1, 0, 0]),
+               _whole("conv2", "mean", 2, fox_share, [0, 0, fox_accuracy])),
+    )  # fmt: skip
+    unit = TopUnit(channel=3, y=1, x=2, recovered=0.41)
+    patching = PatchingResult(
+        clean_class=0, corrupted_class=1, pairs=16, clean_test_indices=(), corrupted_test_indices=(), metric="LD",
+        logit_difference_clean_mean=5.0, logit_difference_corrupted_mean=-5.0,
+        stages=(StagePatching("conv2", (unit,), torch.zeros(5, 3, 3), torch.tensor([0.1, -0.6, 0.2, 0.3, 0.0]),
+                              torch.zeros(5)),),
+    )  # fmt: skip
+    return ExplainResult(
+        run=None, model={}, data={}, class_names=NAMES, settings={},
+        overview=Overview(300, 0.98, (0.97, 0.98, 0.99), conf), weights=None, ablation=ablation,
+        selectivity=(_selectivity("conv1", 4), _selectivity("conv2", 5)), patching=patching,
+        circuits=_study(**study), examples=(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lines() -> list[str]:
+    return S.summarise(make_result())
+
+
+def one(lines: list[str], start: str) -> str:
+    found = [s for s in lines if s.startswith(start)]
+    assert len(found) == 1, (start, lines)
+    return found[0]
+
+
+def test_the_mean_bias_and_the_donors_are_stated(lines):
+    line = one(lines, "Mean-ablation is not neutral here")
+    assert "the network calls every test image a fox (at least 50% counts as the mean conv2 map reading" in line
+    assert "drawn at random from the whole test set (seed 0: the data distribution" in line
+    assert "33.3% of the donors are of the image's own class" in line
+    assert "no such bias" not in " ".join(lines)
+
+
+def test_other_class_donors_state_their_bias():
+    line = one(S.summarise(make_result(resample_donors="other_class")), "Mean-ablation is not neutral here")
+    assert "a random test image of another class" in line and "biases it the other way" in line
+
+
+def test_a_mean_that_reads_as_no_class_is_not_called_biased():
+    lines = S.summarise(make_result(fox_share=0.3, fox_accuracy=0.3))
+    assert not any(s.startswith("Mean-ablation is not neutral") for s in lines)
+    assert "most common answer is fox (30.0% of test images; under the 50%" in one(lines, "With every conv2 channel")
+    assert not any(s.startswith("For the foxes") for s in lines)  # no vacuous-test sentence either
+
+
+def test_the_fox_circuit_is_vacuous_not_a_job(lines):
+    line = one(lines, "For the foxes, the class the mean conv2 map reads as")
+    assert "the circuit's mean-ablation tests are vacuous" in line
+    assert "its accuracy half is met by the empty set (100.0% of the foxes called fox" in line
+    assert "so the 99.0% it leaves cannot show that the foxes need them" in line
+    assert "Resample-ablating them, which has no pull towards fox, leaves 40.0%" in line
+    assert "job" not in " ".join(lines)
+    # the foxes lose accuracy when every conv2 channel is at its mean: the empty set does not meet the accuracy half
+    other = one(S.summarise(make_result(fox_accuracy=0.5)), "For the foxes")
+    assert "met by the empty set" not in other and "cannot show that the foxes need them" in other
+
+
+def test_a_feeder_share_says_of_what_and_that_it_is_an_estimate(lines):
+    line = one(lines, "Class cat:")
+    assert ("By activation × gradient (a first-order estimate, not an ablation), its largest conv1 input is channel 3: "
+            "23% of the summed |contribution| of all 4 conv1 channels") in line
+    assert "of the total" not in " ".join(lines)
+    assert "conv1 input" not in one(lines, "Class dog:")  # no feeders: no claim
+
+
+def test_the_named_channel_is_the_costliest_and_the_threshold_is_stated(lines):
+    line = one(lines, "conv2 channel 1: mean-ablating it costs class cat 2.0 points")
+    assert "(named: a cost of at least 0.5 points to one class, largest first)" in line
+    assert not any(s.startswith("conv2 channel 0:") for s in lines)  # 0.1 points: under the threshold
+    assert "the costliest is channel 1" in one(lines, "conv2, one channel mean-ablated at a time (measured)")
+
+
+def test_resample_against_mean_says_which_donors(lines):
+    line = one(lines, "Resample-ablating a circuit (donors from the data distribution) leaves")
+    assert "for 3 of 3 classes" in line and "for more than half of them" in line
+
+
+def test_patching_says_it_is_measured_and_what_the_share_is_of(lines):
+    line = one(lines, "Activation patching from a cat into a dog")
+    assert "measured" in line and "of the gap between the two images' logit differences restored" in line
+    assert "the whole channel that moves it most is 1 (-60%)" in line.replace("−", "-")
+
+
+def test_the_donor_field_survives_json():
+    study = _study()
+    again = CircuitStudy.from_dict(study.to_dict())
+    assert again.resample_donors == "data" and again.resample_same_class_share == pytest.approx(1 / 3)
+    old = {k: v for k, v in study.to_dict().items() if k not in ("resample_donors", "resample_same_class_share")}
+    assert CircuitStudy.from_dict(old).resample_donors == "other_class"  # what an older mechanisms.json meant
+    assert replace(study, resample_donors="other_class").resample_donors == "other_class"
+
+
+def test_the_most_shared_channel_is_named_only_without_a_tie(lines):
+    assert one(lines, "No conv2 channel is in more than 1 circuit: 5 channels are in 1")
+    r = make_result()
+    circuits = r.circuits.circuits[:2] + (replace(r.circuits.circuits[2], channels=(4, 1)),)
+    shared = S.summarise(replace(r, circuits=replace(r.circuits, circuits=circuits)))
+    line = one(shared, "conv2 channel 1 is in the most circuits (2: classes cat, fox; no other channel is in more")
+    assert "0 of 5 channels are in none" in line

@@ -1,0 +1,216 @@
+"""The heads report's sentences, rendered from a hand-made result where each claim is known true or false.
+
+A 3-layer, 4-head model with 2 query heads per key/value head (kv head = head // 2):
+
+* 0.1 previous-token head: exact mean-ablation cost +4.55 (the largest measured), estimate −0.02 (fails);
+* 0.0 previous-token head: total cost +0.15, but its key path into 2.0 alone costs +1.87 (a marginal edge);
+* 1.2 induction head with a weak copying score (+0.04) whose OV eigenvalue positivity is negative;
+* 2.0 induction head, copying and eigenvalue positivity agree;
+* 2.1 prefix matching without copying; 2.3 has the largest estimate of all and is never measured;
+* K-composition: 0.3 → 1.2 at 1.5× the random baseline, 0.2 → 2.0 at 2.5×, both rejected by path patching.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mechscope.lm.methods.ablation import HeadAblation
+from mechscope.lm.methods.composition import Baseline, CompositionResult
+from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, circuit_rows
+from mechscope.lm.methods.path_patching import Criterion, PathPatch
+from mechscope.lm.report import heads as R
+
+L, H, B = 3, 4, 4
+
+
+def _scores() -> dict[str, np.ndarray]:
+    z = np.zeros((L, H))
+    s = {k: z.copy() for k in ("induction", "prefix_matching", "previous_token", "previous_token_text",
+                               "duplicate_token", "copying", "ov_eigen_positivity")}  # fmt: skip
+    s["previous_token"][0, 1], s["previous_token"][0, 0] = 0.9, 0.6
+    s["prefix_matching"][1, 2], s["copying"][1, 2], s["ov_eigen_positivity"][1, 2] = 0.8, 0.04, -0.3
+    s["prefix_matching"][2, 0], s["copying"][2, 0], s["ov_eigen_positivity"][2, 0] = 0.9, 0.5, 0.6
+    s["prefix_matching"][2, 1], s["copying"][2, 1], s["ov_eigen_positivity"][2, 1] = 0.5, -0.1, -0.2
+    s["induction"][1, 2], s["induction"][2, 0], s["induction"][2, 1] = 0.7, 0.85, 0.45
+    return s
+
+
+LABELS = [
+    ["previous_token", "previous_token", "none", "none"],
+    ["none", "none", "induction", "none"],
+    ["induction", "none", "none", "none"],
+]
+
+
+def _ablation(kind: str, exact_means: dict, estimates: dict) -> HeadAblation:
+    rng = np.random.default_rng(0)
+    est = rng.normal(0, 0.002, (L, H, B))
+    for lh, v in estimates.items():
+        est[lh] = v + np.array([-0.01, 0.01, -0.005, 0.005])  # mean exactly v
+    exact = {lh: v + np.array([-0.1, 0.1, -0.05, 0.05]) for lh, v in exact_means.items()}
+    return HeadAblation.measured(kind, est, exact)
+
+
+MEASURED = {(0, 1): 4.55, (0, 0): 0.15, (1, 2): 0.5, (2, 0): 1.12, (2, 1): 0.3, (0, 3): 0.01, (0, 2): 0.02}
+ESTIMATED = {(0, 1): -0.02, (0, 0): 0.14, (1, 2): 0.45, (2, 0): 1.0, (2, 1): 0.25, (2, 3): 9.0}
+
+
+def _patch(source, layer, kv, clean, patched, drop_std, confirmed, loss=None) -> PathPatch:
+    q = (2 * kv, 2 * kv + 1)
+    drop = tuple(c - p for c, p in zip(clean, patched, strict=True))
+    sd = None if loss is None else 0.1
+    return PathPatch(source, layer, kv, q, clean, patched, drop, drop_std, confirmed, loss, sd)
+
+
+def _composition() -> CompositionResult:
+    k = np.zeros((L, H, L, H))
+    k[:1, :, 1, 2] = 0.01
+    k[:2, :, 2, 0] = 0.01
+    k[0, 3, 1, 2], k[0, 1, 1, 2] = 0.06, 0.05  # 0.06: 1.5× the baseline
+    k[0, 2, 2, 0], k[0, 0, 2, 0] = 0.10, 0.05  # 0.10: 2.5× the baseline
+    scores = {"Q": np.zeros_like(k), "K": k, "V": np.zeros_like(k)}
+    return CompositionResult.of(scores, Baseline(mean=0.04, std=0.002, samples=200, seed=0), True, 20)
+
+
+def make_result(**changes) -> HeadsResult:
+    scores = _scores()
+    ablation = {
+        "mean": _ablation("mean", MEASURED, ESTIMATED),
+        "zero": _ablation("zero", {(2, 3): 2.0}, {(2, 3): 1.9}),
+        "resample": _ablation("resample", {(2, 3): 1.0}, {(2, 3): 0.9}),
+    }
+    for kind, a in ablation.items():
+        scores[R.ABLATION_SCORES[kind]] = a.best()
+    patches = (
+        _patch((0, 1), 1, 1, (0.7, 0.2), (0.2, 0.19), (0.1, 0.01), (True, False), loss=1.0),
+        _patch((0, 3), 1, 1, (0.7, 0.2), (0.69, 0.2), (0.01, 0.01), (False, False)),
+        # 0.0 → 2.0: drop 0.06 against a threshold of 0.05, standard error 0.04 / √4 = 0.02: marginal
+        _patch((0, 0), 2, 0, (0.25, 0.45), (0.19, 0.45), (0.04, 0.01), (True, False), loss=1.87),
+        _patch((0, 2), 2, 0, (0.85, 0.45), (0.84, 0.45), (0.01, 0.01), (False, False)),
+    )
+    comp = _composition()
+    protocol = HeadProtocol(batch=B).to_dict() | {"token_range": [10, 100]}
+    fields = dict(
+        model="hand-made", protocol=protocol, scores=scores, labels=LABELS,
+        loss_per_position=[5.0] * 10, loss_first_half=5.0, loss_second_half=1.0,
+        top_k_ablation={"k": 2, "heads": [{"layer": 2, "head": 0}, {"layer": 1, "head": 2}], "ablation": "mean",
+                        "induction_heads_loss_increase": 2.5, "random_heads_loss_increase_mean": 0.1,
+                        "random_heads_loss_increase_std": 0.05, "random_draws": [0.1] * 8},
+        ablation=ablation, composition=comp, path_patches=patches,
+        circuit_rows=circuit_rows(scores, LABELS, comp, patches, 2), criterion=Criterion(), kv_groups=2,
+        seconds={"total": 1.0},
+    )  # fmt: skip
+    return HeadsResult(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def result() -> HeadsResult:
+    return make_result()
+
+
+def one(lines: list[str], start: str) -> str:
+    found = [s for s in lines if s.startswith(start)]
+    assert len(found) == 1, (start, lines)
+    return found[0]
+
+
+def test_the_cost_ranking_names_the_measured_previous_token_head_first_and_no_estimate(result):
+    line = one(R.summary(result), "One head at a time")
+    assert "costs most, among the 7 heads measured exactly, for 0.1 (+4.55 ± 0.08)" in line
+    assert "2.3" not in line  # its estimate (+9.0) is the largest of all, but it was never measured
+    assert "the other 5 heads have only an attribution-patching estimate and are not ranked" in line
+
+
+def test_the_agreement_names_where_the_estimate_fails(result):
+    line = one(R.summary(result), "On the 7 heads measured exactly")
+    assert "2 of them previous-token heads" in line
+    assert "fails (off by ≥ 0.1 nats and ≥ 50% of the measured value) on 1 of them: 0.1 (previous-token): " \
+           "estimate -0.02, measured +4.55" in line.replace("−", "-")
+    good = make_result(ablation=result.ablation | {"mean": _ablation("mean", MEASURED, MEASURED)})
+    assert "on none of them" in one(R.summary(good), "On the 7 heads measured exactly")
+
+
+def test_nothing_measured_ranks_nothing(result):
+    none = make_result(ablation=result.ablation | {"mean": _ablation("mean", {}, ESTIMATED)})
+    lines = R.summary(none)
+    assert not any(s.startswith("One head at a time") for s in lines)
+    assert one(lines, "No head was mean-ablated alone exactly")
+    # the circuit's total effects are then estimates, and say so
+    assert "(attribution-patching estimate; not measured)" in one(lines, "Path patching 0.1 →")
+
+
+def test_copying_disagreement_is_stated_and_weak_copying_named(result):
+    lines = R.summary(result)
+    line = one(lines, "Two measures of whether a head copies")
+    assert "disagree in sign on 1 of the 3 heads with prefix-matching score ≥ 0.4" in line
+    assert "1.2 (copying +0.04, eigenvalue positivity -0.30)" in line.replace("−", "-")
+    assert "2.0 (" not in line and "2.1 (" not in line  # they agree (both positive; both negative)
+    assert "1.2 (copying +0.040)" in one(lines, "1 of the 2 induction heads rest on a weak copying score")
+    agreeing = _scores()
+    agreeing["ov_eigen_positivity"][1, 2] = 0.2
+    other = R.summary(make_result(scores=agreeing))
+    assert one(other, "On all 3 heads with prefix-matching score ≥ 0.4")
+    assert not any(s.startswith("Two measures") for s in other)
+
+
+def test_each_bracket_says_what_it_holds(result):
+    lines = R.summary(result)
+    ind = one(lines, "2 heads are induction heads")
+    assert "2.0 (prefix matching 0.90, copying +0.50), 1.2 (prefix matching 0.80, copying +0.04)" in ind
+    assert "2.1 (prefix matching 0.50, copying -0.10)" in one(lines, "Prefix matching (score").replace("−", "-")
+    assert "in brackets: the previous-token score" in one(lines, "2 previous-token heads")
+
+
+def test_a_path_effect_comes_with_the_total_effect(result):
+    lines = R.summary(result)
+    line = one(lines, "Path patching 0.0 →")
+    assert "mean-ablated only on the path into the keys of key/value head 0 of layer 2" in line
+    assert "this one path raises the second-half loss by 1.87 ± 0.10 nats" in line
+    assert "mean-ablating 0.0 on every path costs +0.15 ± 0.08 nats (measured)" in line
+    assert "less than this path alone" in line
+    line = one(lines, "Path patching 0.1 →")  # total 4.55 > path 1.00: no such clause
+    assert "costs +4.55 ± 0.08 nats (measured)" in line and "less than this path" not in line
+
+
+def test_a_key_value_node_is_named_by_the_heads_that_pass(result):
+    nodes, edges = R.circuit_graph(result)
+    assert R.node_text(("kv", 1, 1), result) == "1.2"  # not "1.2/3": 1.3 does not pass the criterion
+    assert R.node_text(("kv", 2, 0), result) == "2.0"
+    assert [e["marginal"] for e in edges] == [False, True] and [e["marginal_heads"] for e in edges] == [[], [0]]
+    line = one(R.summary(result), "Marginal passes")
+    assert "0.0 → 2.0 (drop 0.060 against the threshold 0.050, standard error 0.020" in line
+    assert "0.1 →" not in line
+
+
+def test_composition_is_called_high_only_at_twice_the_baseline(result):
+    lines = R.summary(result)
+    high = one(lines, "A high K-composition")
+    assert "0.2 → 2.0 (K-composition 0.100, 2.5× the baseline" in high and "0.3 →" not in high
+    low = one(lines, "Path patching also rejects some of the induction heads' two strongest K-composition sources")
+    assert "0.3 → 1.2 (K-composition 0.060, 1.5× the baseline" in low and "0.2 →" not in low
+
+
+def test_loss_sentence_uses_its_threshold(result):
+    assert "(20% of the first; below 50% counts as using it): it uses the earlier copy" in R.loss_sentence(result)
+    weak = make_result(loss_second_half=4.0)
+    line = R.loss_sentence(weak)
+    assert "(80% of the first" in line and "does not use the earlier copy much" in line
+
+
+def test_tables_and_maps_mark_estimates(result):
+    rows = {r["head"]: r for r in R.table_rows(result)}
+    assert rows["2.0"]["ablation_value"] == "measured" and rows["2.0"]["measured"]
+    assert rows["1.0"]["ablation_value"] == "estimate"
+    for name in ("ablation_loss_increase", "zero_ablation_loss_increase", "resample_ablation_loss_increase"):
+        assert "estimates, except ● measured" in R.heatmap_title(name, result.ablation)
+    assert "estimate" not in R.heatmap_title("induction", result.ablation)
+    assert result.ablation["mean"].measured_mask().sum() == len(MEASURED)
+
+
+def test_the_page_renders_with_every_sentence(result, tmp_path):
+    out = R.write_report(result, tmp_path / "report.html")
+    html = out.read_text()
+    for line in R.summary(result):
+        assert line.replace("&", "&amp;").replace("'", "&#39;").replace(">", "&gt;") in html
+    assert "the estimate fails on 0.1" in html

@@ -1,0 +1,43 @@
+"""The neurons and SoLU-against-GELU reports' sentences (``lm neurons``, ``lm solu-compare``: report/neurons.py),
+from hand-made results."""
+
+from __future__ import annotations
+
+from mechscope.lm.methods.neurons import Concentration, LayerNeurons, NeuronsResult
+from mechscope.lm.report import neurons as N
+
+BASELINE = {"entropy_mean": 3.2, "entropy_p05": 2.9, "entropy_p95": 3.5, "top_share_mean": 0.2, "k": 20, "draws": 8}
+
+
+def neurons(entropies, shares, n=20) -> NeuronsResult:
+    figs = tuple(Concentration(n, e, 1, s, 2, 0.1, (2, 1), 0.1) for e, s in zip(entropies, shares, strict=True))
+    lay = LayerNeurons(0, "blocks.0.mlp.hook_post", figs, (1.0,) * len(figs), (0.1,) * len(figs), ((),) * len(figs))
+    return NeuronsResult("hand-made", 20, 10, {}, BASELINE, (lay,))
+
+
+def test_the_distribution_sentences():
+    lines = N.summary_lines(neurons([0.0, 1.0, 2.0, 3.0], [1.0, 0.6, 0.4, 0.2]))
+    assert lines[0] == "4 neurons counted (0 rarely active: fewer than 10 positive activations in the sample)."
+    assert "1.50 bits (quartiles 0.75–2.25); 20 positions at random: 3.20 bits (5–95%: 2.90–3.50)" in lines[1]
+    assert lines[2].startswith("50% of the neurons have at least half of their top contexts on one token, 25% at least")
+    assert N.summary_lines(neurons([0.0], [1.0], n=3)) == ["No neuron fired in at least 10 of its top 20 contexts."]
+
+
+def row(label, loss, median, half, rare, neurons=50):
+    stats = {"neurons": neurons, "rarely_active": rare}
+    if neurons:
+        stats |= {"entropy_median": median, "share_one_token_ge_0.5": half, "share_one_token_ge_0.9": half / 2}
+    return {"label": label, "held_out_loss": loss, "stats": stats, "baseline": BASELINE, "min_count": 10}
+
+
+def test_solu_against_gelu():
+    lines = N.compare_lines([row("GELU", 1.5, 2.5, 0.2, 3), row("SoLU", 1.6, 1.5, 0.4, 5)])
+    assert lines[0] == "Held-out loss: GELU 1.5000, SoLU 1.6000 nats per token (SoLU +0.1000)."
+    assert "GELU 2.50 bits, SoLU 1.50 bits (random positions: 3.20; lower is more concentrated" in lines[1]
+    assert lines[-1] == "Rarely active neurons (fewer than 10 positive activations): GELU 3, SoLU 5."
+
+
+def test_no_counted_neuron_gives_no_median():
+    lines = N.compare_lines([row("GELU", 1.5, 0, 0, 16, neurons=0), row("SoLU", 1.6, 1.5, 0.4, 5)])
+    assert "No neuron of GELU has at least 10 positive activations" in lines[1]
+    assert not any("Median" in s for s in lines)

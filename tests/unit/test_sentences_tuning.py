@@ -1,0 +1,62 @@
+"""The tuning report's sentences (``cnn tuning``: report/tuning.py), from a hand-made result.
+
+Four conv1 units: 0 a sharp edge detector (CV 0.10, drive 0.9), 1 a sharp blob detector by size fall-off (0.8),
+2 broad and weak (CV 0.8, drive 0.2: both reasons at once), 3 broad but strongly driven (CV 0.7, drive 0.9).
+"""
+
+from __future__ import annotations
+
+from mechscope.cnn.methods.stimuli import Stimulus, StimulusSet
+from mechscope.cnn.methods.tuning import CV_MAX, DRIVE_MIN, FALLOFF_MIN, StageTuning, TuningResult, UnitTuning
+from mechscope.cnn.report import tuning as T
+
+
+def unit(c: int, tuned: bool, family: str, drive: float, sharpness: float, kind: str) -> UnitTuning:
+    return UnitTuning(
+        stage="conv1", channel=c, blank=0.0, dataset_max=1.0, curves=(), preferred=Stimulus(family, angle=45.0),
+        preferred_response=drive, family_best={}, tuned=tuned, label=f"{family} detector" if tuned else "not tuned",
+        label_family=family if tuned else None, label_stimulus=None, drive=drive, sharpness=sharpness,
+        sharpness_kind=kind, reason="hand-made",
+    )  # fmt: skip
+
+
+def make_result() -> TuningResult:
+    cv, fall = "circular variance", "size fall-off"
+    units = (unit(0, True, "edge", 0.9, 0.10, cv), unit(1, True, "blob", 0.8, 0.8, fall),
+             unit(2, False, "line", 0.2, 0.8, cv), unit(3, False, "line", 0.9, 0.7, cv))  # fmt: skip
+    stim = StimulusSet(size=(28, 28), seed=0, width=2.1, supersample=4, offsets=((0.0, 0.0), (3.0, 3.0)), radii={},
+                       family_counts={"edge": 2}, stimuli=(Stimulus("edge"),) * 2)  # fmt: skip
+    return TuningResult(run=None, weights_sha256=None, input_shape=(1, 28, 28), value_range=(0.0, 1.0), stimuli=stim,
+                        thresholds={}, stages=(StageTuning("conv1", "conv1.hook_post", {}, units),))  # fmt: skip
+
+
+def test_counts_and_thresholds_are_stated():
+    lines = T.summary_lines(make_result())
+    assert lines[0].startswith("2 of 4 units are tuned to these stimuli (conv1 2 of 4)")
+    assert f"circular variance ≤ {CV_MAX} or size fall-off ≥ {FALLOFF_MIN}" in lines[0]
+    assert f"at least {DRIVE_MIN:g} of the unit's test-set maximum" in lines[0]
+
+
+def test_sharpest_first_says_by_what_and_claims_no_more():
+    line = T.summary_lines(make_result())[1]
+    assert line.startswith("Tuned units, sharpest first (lowest circular variance, then highest size fall-off): "
+                           "conv1 0: edge detector (CV 0.10, drive 0.90); conv1 1: blob detector (size fall-off 0.80")
+    assert "Clearly" not in line
+
+
+def test_why_untuned_counts_overlap_and_say_so():
+    line = T.summary_lines(make_result())[3]
+    assert line.startswith("2 units are not tuned to these stimuli: for their preferred family 2 are too broadly tuned "
+                           f"(circular variance above {CV_MAX} or size fall-off below {FALLOFF_MIN}) and 1 are driven")
+    assert "(a unit can be both)" in line
+
+
+def test_the_microscope_sentence():
+    linked = {"dir": "RUN/tuning", "units": {
+        "conv1_0": {"tuned": True, "stage": "conv1", "channel": 0, "label": "edge",
+                    "sharpness_kind": "circular variance", "sharpness": 0.1},
+        "conv1_1": {"tuned": False, "stage": "conv1", "channel": 1, "label": "not tuned",
+                    "sharpness_kind": "circular variance", "sharpness": 0.9}}}  # fmt: skip
+    assert T.microscope_sentence(linked) == (
+        "Tuning curves on synthetic stimuli (from RUN/tuning): 1 of 2 units tuned, sharpest first: "
+        "conv1 0 edge (CV 0.10).")
