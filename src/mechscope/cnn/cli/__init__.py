@@ -7,7 +7,7 @@ from mechscope.cnn.cli import commands  # noqa: F401  (train, evaluate, attribut
 from mechscope.cnn.cli import blocks, solu, tuning, universality  # noqa: F401  (blocks, solu-compare, tuning, ...)
 
 # isort: split
-from mechscope.cnn.cli import discover, sae  # noqa: F401  (discover, sae)
+from mechscope.cnn.cli import discover, graph, sae  # noqa: F401  (discover, graph, sae)
 from mechscope.cnn.cli.common import app
 
 __all__ = ["app"]

@@ -100,4 +100,4 @@ def featvis_page(r: FeatvisResult, full: bool = True) -> str:
     return page("Feature visualisation", "\n".join(body))
 
 # the renderers of the other results, each module registering its own
-from mechscope.cnn.notebook import discovery, sae  # noqa: E402, F401
+from mechscope.cnn.notebook import attribution_graph, discovery, sae  # noqa: E402, F401

@@ -10,7 +10,7 @@ from mechscope.lm.cli import heads  # noqa: F401  (heads)
 from mechscope.lm.cli import circuits, neurons, toy  # noqa: F401  (circuits, neurons, solu-compare, train-toy)
 
 # isort: split
-from mechscope.lm.cli import discover, sae  # noqa: F401  (discover, sae)
+from mechscope.lm.cli import discover, graph, sae  # noqa: F401  (discover, graph, sae)
 from mechscope.lm.cli.common import app
 
 __all__ = ["app"]

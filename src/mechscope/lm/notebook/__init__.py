@@ -165,4 +165,4 @@ def ablation_page(r: HeadAblationResult, full: bool = True) -> str:
     return page(f"{r.kind.capitalize()}-ablation of {heads}", "\n".join(body))
 
 # the renderers of the other results, each module registering its own
-from mechscope.lm.notebook import discovery, sae  # noqa: E402, F401
+from mechscope.lm.notebook import attribution_graph, discovery, sae  # noqa: E402, F401

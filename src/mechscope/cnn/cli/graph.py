@@ -1,0 +1,1 @@
+"""``mechscope cnn graph``: attribution graphs through transcoder features."""

@@ -1,0 +1,1 @@
+"""``mechscope lm graph``: attribution graphs through transcoder features."""

@@ -1,0 +1,1 @@
+"""Renderers of the attribution-graph results (``lm graph``), registered with :mod:`mechscope.core.show`."""
