@@ -27,10 +27,11 @@ def test_old_module_paths_are_the_new_modules(old, new, names):
 
 
 def test_the_readme_examples_names():
-    import mechscope
-    from mechscope import hooks, run_with_cache  # noqa: F401
     from mechscope.methods import ablation as A  # the old README's spelling
     from mechscope.methods.attribution import IntegratedGradients  # noqa: F401
+
+    import mechscope
+    from mechscope import hooks, run_with_cache  # noqa: F401
 
     assert A.layer_means is importlib.import_module("mechscope.core.intervene").layer_means
     for name in ("explain", "attribute", "visualize", "load_run", "load_mnist", "load_dataset", "walk", "attention",
