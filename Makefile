@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/explain.py
 	$(BIN)/python bench/lm.py
 	$(BIN)/python bench/heads.py
+	$(BIN)/python bench/sae.py
 
 # Universality across networks: three default networks (seeds 0, 1, 2) and a wider one (32,64 channels), each
 # trained once with one torch thread (a few minutes each on a busy 2-core machine), then compared.

@@ -19,15 +19,21 @@ def shared_data_root() -> Path | None:
     return None
 
 
+# the data root `make test` sets, so that running pytest directly (module-scoped fixtures included) is the same
+if shared_data_root() is not None and not os.environ.get("MECHSCOPE_DATA"):
+    os.environ["MECHSCOPE_DATA"] = str(shared_data_root())
+# never the internet, for module- and session-scoped fixtures too (the autouse fixture below is per test)
+os.environ.setdefault("MECHSCOPE_MNIST_MIRROR", "http://127.0.0.1:9/")
+os.environ.setdefault("MECHSCOPE_MIRROR", "http://127.0.0.1:9/")
+
+
 @pytest.fixture(autouse=True)
 def _offline_mirror(monkeypatch):
     # Tests never reach the internet: a missing file "downloads" from a closed local port,
     # which fails at once. Tests of the download path set their own mirror.
     monkeypatch.setenv("MECHSCOPE_MNIST_MIRROR", "http://127.0.0.1:9/")
     monkeypatch.setenv("MECHSCOPE_MIRROR", "http://127.0.0.1:9/")  # every other built-in dataset
-    root = shared_data_root()  # the data root `make test` sets, so that running pytest directly is the same
-    if root is not None and not os.environ.get("MECHSCOPE_DATA"):
-        monkeypatch.setenv("MECHSCOPE_DATA", str(root))
+
 
 
 @pytest.fixture(scope="session")

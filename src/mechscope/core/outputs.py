@@ -112,6 +112,17 @@ def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> d
     return replaced
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path) -> None:
+    """Give a temporary entry (mkstemp: 0600, mkdtemp: 0700) the mode a new file or folder would have."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to the file ``path`` all at once: into a temporary file beside it, then renamed over it (an
     error or Ctrl-C leaves the old file, never half a new one)."""
@@ -121,6 +132,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _usual_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -250,6 +262,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     try:
         remove_stale_temporaries(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+        _usual_mode(tmp)  # it becomes the output folder: not 0700
     except OSError as e:
         raise RunError(f"cannot write in {out.parent}: {e.strerror or e}") from None
     try:

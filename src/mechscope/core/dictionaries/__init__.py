@@ -10,11 +10,18 @@ stage's channel vector per position, a transformer's ``hook_resid_post``) to ``[
 - metrics.py: L0, MSE, explained variance (against the mean), cosine, l2 ratio, dead/dense latents,
   :class:`StreamingMetrics`, :func:`evaluate`, and the spliced-in effects (CE loss / KL / accuracy recovered).
 - :func:`save_saelens`, :func:`load_saelens` (saelens_format.py): SAELens' directory layout.
-- :func:`harvest`, :class:`ActivationReader` (store.py): a sharded, shuffled, resumable activation store.
+- :func:`harvest`, :func:`harvest_many`, :class:`ActivationReader` (store.py): a sharded, shuffled, resumable
+  activation store (several stores from one pass with ``harvest_many``).
+- :class:`LatentCollector`, :func:`latent_summary` (latents.py): the nonzero latents of a sample and each latent's
+  dashboard numbers (top rows, quantile-band samples, histogram, density).
+- :func:`train_from_store`, :class:`DictionaryTraining` (staged.py): training from a store with checkpoints in
+  ``OUT.partial`` (both wings' ``sae train``).
+- parallel.py: joining ``torchrun``'s process group, gathering harvested rows over ranks.
 - :func:`planted_features`, :func:`recovery`, :func:`mmcs`, :func:`mcc` (synthetic.py): ground-truth tests.
 """
 
 from mechscope.core.dictionaries.config import ARCHITECTURES, DictionaryConfig
+from mechscope.core.dictionaries.latents import LatentActivations, LatentCollector, LatentSummary, latent_summary
 from mechscope.core.dictionaries.metrics import (
     DictionaryMetrics,
     StreamingMetrics,
@@ -31,7 +38,8 @@ from mechscope.core.dictionaries.metrics import (
 )
 from mechscope.core.dictionaries.sae import DictionaryOutput, SparseDictionary
 from mechscope.core.dictionaries.saelens_format import LoadedDictionary, load_saelens, save_saelens
-from mechscope.core.dictionaries.store import ActivationReader, HarvestResult, harvest
+from mechscope.core.dictionaries.staged import DictionaryTraining, train_from_store
+from mechscope.core.dictionaries.store import ActivationReader, HarvestResult, harvest, harvest_many, stored_rows
 from mechscope.core.dictionaries.synthetic import PlantedFeatures, RecoveryScores, mcc, mmcs, planted_features, recovery
 from mechscope.core.dictionaries.train import TrainConfig, TrainResult, estimate_batchtopk_threshold, train
 
@@ -41,7 +49,11 @@ __all__ = [
     "DictionaryConfig",
     "DictionaryMetrics",
     "DictionaryOutput",
+    "DictionaryTraining",
     "HarvestResult",
+    "LatentActivations",
+    "LatentCollector",
+    "LatentSummary",
     "LoadedDictionary",
     "PlantedFeatures",
     "RecoveryScores",
@@ -56,6 +68,8 @@ __all__ = [
     "evaluate",
     "explained_variance",
     "harvest",
+    "harvest_many",
+    "latent_summary",
     "kl_divergence",
     "kl_recovered",
     "l0",
@@ -67,5 +81,7 @@ __all__ = [
     "planted_features",
     "recovery",
     "save_saelens",
+    "stored_rows",
     "train",
+    "train_from_store",
 ]

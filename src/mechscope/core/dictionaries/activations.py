@@ -95,3 +95,45 @@ def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> to
 def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """``H(pre - threshold)`` with the L0 pseudo-derivative for the threshold."""
     return StepFunction.apply(pre, threshold, bandwidth)
+
+
+class GatherPre(torch.autograd.Function):
+    """Pre-activations ``z = x W + b`` at chosen entries only, with a sparse backward (TopK training's fast path).
+
+    forward(x ``[N, d]``, W ``[d, S]``, b ``[S]``, pre ``[N, S]`` = x W + b computed without autograd, indices
+    ``[N, m]``) returns ``pre.gather(1, indices)``. Backward, for the gradient g ``[N, m]`` of those entries:
+    ``dx = sum_j g_nj W[:, i_nj]``, ``dW[:, i] += x_n g_nj`` (sparse-dense products of the ``N m`` nonzero
+    gradients) and ``db[i] += g_nj``: O(N m d) instead of the dense ``x^T (scatter g)`` O(N S d). The same gradient
+    as autograd
+    through ``(x W + b).gather(1, indices)``, up to the order of float additions (EleutherAI's sparsify trains
+    TopK SAEs with the same idea).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor):
+        ctx.save_for_backward(x, w, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, indices = ctx.saved_tensors
+        gx = gw = gb = None
+        n, m = indices.shape
+        flat = indices.reshape(-1)
+        rows = torch.arange(n, device=indices.device).repeat_interleave(m)
+        g = grad.reshape(-1).to(w.dtype)
+        if ctx.needs_input_grad[0]:  # [N, S] sparse @ W^T [S, d]
+            sp = torch.sparse_coo_tensor(torch.stack([rows, flat]), g, (n, w.shape[1]), check_invariants=False)
+            gx = torch.sparse.mm(sp, w.T.contiguous())
+        if ctx.needs_input_grad[1]:  # ([S, N] sparse @ x [N, d])^T
+            sp = torch.sparse_coo_tensor(torch.stack([flat, rows]), g, (w.shape[1], n), check_invariants=False)
+            gw = torch.sparse.mm(sp, x.to(w.dtype)).T
+        if ctx.needs_input_grad[2]:
+            gb = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device).index_add_(0, flat, g)
+        return gx, gw, gb, None, None
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """``sum_j values[n, j] W_dec[indices[n, j]]`` ``[N, d_out]`` without the dense ``[N, d_sae]`` latents (an embedding
+    bag: its backward touches only the chosen rows)."""
+    return torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values.to(w_dec.dtype), mode="sum")

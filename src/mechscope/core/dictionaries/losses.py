@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from mechscope.core.dictionaries.activations import step
+from mechscope.core.dictionaries.activations import GatherPre, sparse_decode, step
 from mechscope.core.dictionaries.sae import SparseDictionary
 
 
@@ -56,6 +56,8 @@ def step_loss(
     dead_mask ``[d_sae]`` bool (latents the AuxK loss may revive); group: the data-parallel process group."""
     x_norm = model.normalise_input(x)
     target = model.normalise_target(y)
+    if model.cfg.architecture == "topk" and model.W_enc.dtype in (torch.float32, torch.float64):
+        return _topk_step(model, x_norm, target, dead_mask)  # the sparse fast path (half precision: the dense one)
     pre = model.pre_activations(x_norm)
     f = model.activate(pre, group=group)
     out = model.decode_normalised(f, x_norm)
@@ -98,3 +100,31 @@ def aux_k_loss(
     values, indices = torch.topk(masked, k_aux, dim=-1, sorted=False)
     acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
     return cfg.aux_k_coefficient * (acts @ model.W_dec - residual).pow(2).sum(-1).mean()
+
+
+def _topk_step(model: SparseDictionary, x_norm: torch.Tensor, target: torch.Tensor, dead_mask) -> StepLoss:
+    """:func:`step_loss` for TopK without the dense latents in the graph: the pre-activations are computed once
+    without autograd, the kept (and AuxK's) entries re-enter it through :class:`GatherPre`, and the decoder is an
+    embedding bag over the kept rows. The same loss and, up to float summation order, the same gradients as the
+    dense path; the training step costs O(N k d) beyond the encoder's forward instead of O(N d_sae d)."""
+    cfg = model.cfg
+    x_in = x_norm - model.b_dec if cfg.apply_b_dec_to_input else x_norm
+    with torch.no_grad():
+        pre = torch.addmm(model.b_enc, x_in, model.W_enc)
+        indices = torch.topk(pre, cfg.k, dim=-1, sorted=False).indices
+    values = GatherPre.apply(x_in, model.W_enc, model.b_enc, pre, indices).relu()
+    out = sparse_decode(indices, values, model.W_dec) + model.b_dec
+    if cfg.skip:
+        out = out + x_norm @ model.W_skip.T
+    rec = (out - target).pow(2).sum(-1).mean()
+    aux = pre.new_zeros(())
+    n_dead = 0 if dead_mask is None or cfg.aux_k_coefficient == 0 else int(dead_mask.sum())
+    if n_dead:
+        residual = (target - out).detach()
+        with torch.no_grad():
+            masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+            aux_idx = torch.topk(masked, min(cfg.k_aux, n_dead), dim=-1, sorted=False).indices
+        aux_v = GatherPre.apply(x_in, model.W_enc, model.b_enc, pre, aux_idx).relu()
+        aux = cfg.aux_k_coefficient * (sparse_decode(aux_idx, aux_v, model.W_dec) - residual).pow(2).sum(-1).mean()
+    f = torch.zeros_like(pre).scatter_(-1, indices, values.detach())
+    return StepLoss(rec + aux, rec, pre.new_zeros(()), aux, f, out, target, pre)

@@ -127,62 +127,107 @@ def harvest(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    input_offset: int = 0,
 ) -> HarvestResult:
     """Store every row of ``batches`` (an iterable of ``[N, d]`` float tensors) under ``directory``.
 
     buffer_rows: the shuffle buffer (a multiple of shard_rows; default 4 shards). dtype: what to store (default:
-    the first batch's). Returns a :class:`HarvestResult` with the throughput (rows per second).
+    the first batch's). input_offset: the batches start this many rows into the input (a caller resuming a
+    harvest skipped them itself; see :func:`stored_rows`). Returns a :class:`HarvestResult` with the throughput
+    (rows per second).
     """
+    (result,) = harvest_many(
+        ([b] for b in batches), [directory], shard_rows=shard_rows, buffer_rows=buffer_rows, seed=seed, dtype=dtype,
+        progress=progress, input_offset=input_offset,
+    )  # fmt: skip
+    return result
+
+
+def stored_rows(directory) -> int:
+    """Rows already in the store at ``directory`` (0 when there is none yet); a finished store counts whole."""
+    where = Path(directory) / MANIFEST
+    return int(_read_manifest(Path(directory))["rows"]) if where.exists() else 0
+
+
+def harvest_many(
+    batches,
+    directories,
+    *,
+    shard_rows: int = 65536,
+    buffer_rows: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    input_offset: int = 0,
+) -> list[HarvestResult]:
+    """:func:`harvest` into several stores from one pass: ``batches`` yields a list of ``[N, d_i]`` tensors per
+    step, one per directory (the same N for all: rows of one input, e.g. several hook points of one forward)."""
     buffer_rows = 4 * shard_rows if buffer_rows is None else buffer_rows
     for name, value in (("shard_rows", shard_rows), ("buffer_rows", buffer_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MechscopeError(f"expected {name} to be a positive integer, got {value!r}")
     if buffer_rows % shard_rows:
         raise MechscopeError(f"expected buffer_rows to be a multiple of shard_rows ({shard_rows}), got {buffer_rows}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(directory, shard_rows, buffer_rows, seed)
-    started, skip, resumed, seen = time.perf_counter(), None, 0, 0
+    if isinstance(input_offset, bool) or not isinstance(input_offset, int) or input_offset < 0:
+        raise MechscopeError(f"expected input_offset to be an integer >= 0, got {input_offset!r}")
+    directories = [Path(d) for d in directories]
+    if not directories:
+        raise MechscopeError("expected at least one store directory")
+    for d in directories:
+        d.mkdir(parents=True, exist_ok=True)
+    writers = [_Writer(d, shard_rows, buffer_rows, seed) for d in directories]
+    started, skips, resumed, seen = time.perf_counter(), None, [0] * len(writers), 0
+    done = False
     bar = tqdm(unit="rows", unit_scale=True, disable=not progress, desc="harvest")
     try:
-        for batch in batches:
-            batch = _check_batch(batch, writer)
-            if writer.buffer is None:
-                writer.open(batch.shape[1], dtype or batch.dtype)
-                skip = resumed = writer.manifest["rows"]
-                if writer.manifest["complete"]:
-                    skip = 0
+        for step in batches:
+            if len(step) != len(writers):
+                raise MechscopeError(f"expected {len(writers)} activation batches per step, got {len(step)}")
+            step = [_check_batch(b, w) for b, w in zip(step, writers, strict=True)]
+            if len({b.shape[0] for b in step}) != 1:
+                raise MechscopeError("expected the same number of rows for every store in one step")
+            if skips is None:
+                for w, b in zip(writers, step, strict=True):
+                    w.open(b.shape[1], dtype or b.dtype)
+                resumed = [w.manifest["rows"] for w in writers]
+                if any(w.manifest["complete"] for w in writers):
+                    if not all(w.manifest["complete"] for w in writers):
+                        raise MechscopeError(f"{directories[0].parent}: some stores are finished and some not")
+                    done = True
                     break
-            batch = batch.to(writer.buffer.dtype)
-            if skip:
-                cut = min(skip, batch.shape[0])
-                batch, skip = batch[cut:], skip - cut
-            writer.add(batch)
-            seen += batch.shape[0]
-            bar.update(batch.shape[0])
+                skips = []
+                for d, r in zip(directories, resumed, strict=True):
+                    if r < input_offset:
+                        raise MechscopeError(
+                            f"{d}: the store holds {r} rows; the input was said to start at row {input_offset}"
+                        )
+                    skips.append(r - input_offset)
+            for i, (w, b) in enumerate(zip(writers, step, strict=True)):
+                b = b.to(w.buffer.dtype)
+                if skips[i]:
+                    cut = min(skips[i], b.shape[0])
+                    b, skips[i] = b[cut:], skips[i] - cut
+                w.add(b)
+            seen += step[0].shape[0]
+            bar.update(step[0].shape[0])
     finally:
         bar.close()
-    if writer.buffer is None:
+    if writers[0].buffer is None:
         raise MechscopeError("expected activation batches to store, got an empty stream")
-    if skip:
+    if not done and any(skips):
         raise MechscopeError(
-            f"{directory}: the input ended before the {resumed} rows already stored; is it the same input?"
+            f"{directories[0]}: the input ended before the {resumed[0]} rows already stored; is it the same input?"
         )
-    if not writer.manifest["complete"]:
-        writer.flush(complete=True)
+    for w in writers:
+        if not w.manifest["complete"]:
+            w.flush(complete=True)
     seconds = time.perf_counter() - started
-    m = writer.manifest
-    return HarvestResult(
-        str(directory),
-        m["rows"],
-        m["width"],
-        len(m["shards"]),
-        True,
-        resumed,
-        seconds,
-        seen / seconds if seconds > 0 else 0.0,
-        writer.peak,
-    )
+    out = []
+    for d, w, r in zip(directories, writers, resumed, strict=True):
+        m = w.manifest
+        out.append(HarvestResult(str(d), m["rows"], m["width"], len(m["shards"]), True, r, seconds,
+                                 seen / seconds if seconds > 0 else 0.0, w.peak))  # fmt: skip
+    return out
 
 
 def _check_batch(batch, writer: _Writer) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""Pages of ``cnn sae``: evaluation, training and the dashboards of a dictionary, one self-contained HTML file each.
+
+Image examples are drawn as ``cnn explain`` draws a channel's top images (:mod:`mechscope.cnn.report.cnn_figures`):
+the receptive field of the position outlined in orange on the image, and beside it the patch itself, enlarged.
+The per-latent charts are small inline SVGs and the images PNGs made with PIL: a dashboard page holds dozens of
+them, and matplotlib would take seconds each on a busy machine; the page-wide figures use matplotlib.
+"""
+
+from __future__ import annotations
+
+import markupsafe
+import numpy as np
+
+from mechscope.core.render.figures import subplots
+from mechscope.core.render.html import array_uri, figure_data_uri, render_string
+
+DPI = 80
+
+
+def bars_svg(values, labels=None, title: str = "", width: int = 230, height: int = 80, edges=None) -> markupsafe.Markup:
+    """A small inline SVG bar chart (no matplotlib: a dashboard draws several per latent): bars up in blue, down in
+    red, the zero line, the labels under the bars; ``edges`` (a histogram's) label the x axis at both ends."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return markupsafe.Markup("")
+    top, bot = max(float(v.max()), 0.0), min(float(v.min()), 0.0)
+    span = (top - bot) or 1.0
+    plot_h = height - 26
+    zero = 12 + plot_h * top / span
+    bw = (width - 10) / len(v)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<text x="2" y="9" font-size="8" fill="#444">{markupsafe.escape(title)}</text>']
+    for i, x in enumerate(v):
+        h = plot_h * abs(x) / span
+        y = zero - h if x >= 0 else zero
+        colour = "#3182bd" if x >= 0 else "#de2d26"
+        parts.append(f'<rect x="{5 + i * bw:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{h:.1f}" '
+                     f'fill="{colour}"><title>{markupsafe.escape(labels[i] if labels else i)}: {x:.3g}</title></rect>')
+    parts.append(f'<line x1="5" x2="{width - 5}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#333" stroke-width="0.5"/>')
+    if labels and len(labels) <= 40:
+        for i, lab in enumerate(labels):
+            parts.append(f'<text x="{5 + (i + 0.5) * bw:.1f}" y="{height - 3}" font-size="7" text-anchor="middle" '
+                         f'fill="#444">{markupsafe.escape(str(lab)[:6])}</text>')
+    elif edges is not None and len(edges):
+        parts.append(f'<text x="5" y="{height - 3}" font-size="7" fill="#444">{edges[0]:.3g}</text>')
+        parts.append(f'<text x="{width - 5}" y="{height - 3}" font-size="7" text-anchor="end" fill="#444">'
+                     f'{edges[-1]:.3g}</text>')
+    parts.append("</svg>")
+    return markupsafe.Markup("".join(parts))
+
+
+def _grey_rgb(img: np.ndarray, vrange) -> np.ndarray:
+    """[C, H, W] input values -> [H, W, 3] in [0, 1]."""
+    lo, hi = vrange
+    a = np.clip((np.asarray(img, dtype=float) - lo) / max(hi - lo, 1e-12), 0, 1)
+    return np.repeat(a[0][..., None], 3, 2) if a.shape[0] == 1 else a[:3].transpose(1, 2, 0)
+
+
+def example_tiles(examples, images: dict, names, vrange, scale: int = 3) -> list[dict]:
+    """Per example: the image with the receptive field outlined in orange, the patch itself enlarged (PNG data
+    URIs made with PIL, no matplotlib) and a caption (activation, label)."""
+    out = []
+    for e in examples:
+        if e.image not in images:
+            continue
+        rgb = _grey_rgb(images[e.image], vrange)
+        big = rgb.repeat(scale, 0).repeat(scale, 1)
+        y0, y1, x0, x1 = (v * scale for v in e.box)
+        orange = np.array([1.0, 0.5, 0.05])
+        big[y0:y1, [x0, max(x1 - 1, x0)]] = orange
+        big[[y0, max(y1 - 1, y0)], x0:x1] = orange
+        by0, by1, bx0, bx1 = e.box
+        patch = rgb[by0:by1, bx0:bx1]
+        zoom = max(1, (28 * scale) // max(patch.shape[0], 1))
+        out.append({"image": array_uri(big, 1), "patch": array_uri(patch, zoom),
+                    "caption": f"{e.value:.3g} · {names[e.label]} · ({e.position[0]},{e.position[1]})"})  # fmt: skip
+    return out
+
+
+def _profile(board, names) -> list[markupsafe.Markup]:
+    out = [bars_svg(board.class_means, list(names), f"mean per class (selectivity {board.selectivity:.2f})"),
+           bars_svg(board.hist_counts, None, f"activations where it fires ({sum(board.hist_counts):,})",
+                    edges=board.hist_edges)]  # fmt: skip
+    if board.class_effect is not None:
+        out.append(bars_svg(board.class_effect, list(names), "direct effect on the logits (centred)"))
+    return out
+
+
+def _featvis_uri(board, vrange) -> str | None:
+    if board.featvis is None:
+        return None
+    return array_uri(_grey_rgb(np.asarray(board.featvis), vrange), 3)
+
+
+def comparison_fig(result) -> str:
+    """Selectivity of channels and alive latents (histograms, the same bins)."""
+    fig, ax = subplots(figsize=(6.5, 2.3), layout="constrained")
+    bins = np.linspace(0, 1, 21)
+    lt = np.asarray(result.latent_selectivity)
+    dens = result.densities
+    alive = lt if dens is None else lt[np.asarray(dens) > 0]
+    ax.hist(alive, bins=bins, density=True, alpha=0.6, color="#e6550d", label=f"latents ({len(alive)} alive)")
+    ax.hist(result.channel_selectivity, bins=bins, density=True, histtype="step", lw=2, color="#3182bd",
+            label=f"channels ({len(result.channel_selectivity)})")  # fmt: skip
+    ax.axvline(result.comparison["threshold"], color="#777", ls="--", lw=1)
+    ax.set_xlabel("class selectivity index (shifted)", fontsize=8)
+    ax.set_ylabel("density of units", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    return figure_data_uri(fig, 90)
+
+
+def decoder_svg(result, board) -> markupsafe.Markup:
+    """The decoder direction's largest channel weights, each channel named with its preferred class and index."""
+    labels = [f"ch{c}" for c, _ in board.mixes]
+    svg = bars_svg([w for _, w in board.mixes], labels, "decoder: largest channel weights", width=200)
+    rows = "".join(
+        f"<tr><td>{c}</td><td>{w:+.3f}</td><td class='l'>"
+        f"{markupsafe.escape(result.class_names[result.channel_preferred[c]])}"
+        f"</td><td>{result.channel_selectivity[c]:.2f}</td></tr>"
+        for c, w in board.mixes
+    )
+    table = f"<table><tr><th>channel</th><th>weight</th><th>its class</th><th>its selectivity</th></tr>{rows}</table>"
+    return markupsafe.Markup(str(svg) + table)
+
+
+def dashboards_page(result) -> str:
+    names, vrange, images = result.class_names, result.value_range, result.example_images or {}
+    boards = []
+    for b in result.latents:
+        bands = [
+            {"lo": b.band_edges[i], "hi": b.band_edges[i + 1], "tiles": example_tiles(band, images, names, vrange)}
+            for i, band in enumerate(b.bands)
+        ][::-1]  # fmt: skip
+        boards.append({
+            "b": b, "top": example_tiles(b.top, images, names, vrange), "bands": bands,
+            "profile": _profile(b, names), "featvis": _featvis_uri(b, vrange),
+            "decoder": decoder_svg(result, b) if b.mixes else None, "preferred": names[b.preferred_class],
+        })  # fmt: skip
+    channels = []
+    for c, s in enumerate(result.channel_selectivity):
+        t = result.channel_tuning[c] if result.channel_tuning else None
+        channels.append((c, names[result.channel_preferred[c]], s, t.label if t else "", t.tuned if t else False))
+    return render_string("mechscope.cnn", "sae_dashboards.html.j2", r=result, boards=boards,
+                         comparison=comparison_fig(result), channels=channels, c=result.comparison)  # fmt: skip
+
+
+def evaluation_page(result) -> str:
+    return render_string("mechscope.cnn", "sae_evaluation.html.j2", r=result, mt=result.metrics, e=result.effect)
+
+
+def training_page(result) -> str:
+    from mechscope.cnn.report.cnn_figures import uri
+
+    curve = None
+    if result.history:
+        steps = [h["step"] for h in result.history]
+        fig, axes = subplots(1, 3, figsize=(10, 2.4), layout="constrained")
+        for ax, key in zip(axes, ("loss", "l0", "explained_variance"), strict=True):
+            ax.plot(steps, [h.get(key) for h in result.history], color="#3182bd")
+            ax.set_title(key.replace("_", " "), fontsize=8)
+            ax.tick_params(labelsize=7)
+        curve = uri(fig)
+    return render_string("mechscope.cnn", "sae_training.html.j2", r=result, curve=curve)
+

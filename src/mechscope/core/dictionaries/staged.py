@@ -1,0 +1,129 @@
+"""Training from an activation store, with checkpoints kept in a staging folder beside the output.
+
+Both wings' ``sae train`` commands call :func:`train_from_store`: it reads the store's batches (pairs for a
+transcoder) with :class:`~mechscope.core.dictionaries.ActivationReader` and trains with
+:func:`~mechscope.core.dictionaries.train`. Checkpoints go to :func:`staging` (``<out>.partial/checkpoints``),
+which an interrupted run leaves behind and ``--resume`` continues from (refused, in one line, when its settings
+differ); the finished outputs are written atomically by the wing and the staging folder removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mechscope.core.dictionaries.config import DictionaryConfig
+from mechscope.core.dictionaries.store import ActivationReader
+from mechscope.core.dictionaries.train import TrainConfig, TrainResult, train
+from mechscope.core.errors import MechscopeError
+from mechscope.core.results import Result
+
+
+def staging(out) -> Path:
+    """The folder beside ``out`` that holds what an interrupted command can resume from."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f"{out.name}.partial"
+
+
+def checkpoints_of(out) -> Path:
+    return staging(out) / "checkpoints"
+
+
+def clear_staging(out) -> None:
+    shutil.rmtree(staging(out), ignore_errors=True)
+
+
+def store_reader(store, cfg: DictionaryConfig, batch_size: int, *, seed: int = 0, epochs: int = 1,
+                 mix_shards: int = 4) -> ActivationReader:  # fmt: skip
+    """The batches ``cfg`` trains on: rows of width d_in, or ``(x, y)`` pairs of a ``d_in + d_out`` store."""
+    reader = ActivationReader(store, batch_size, seed=seed, epochs=epochs, mix_shards=mix_shards,
+                              split=(cfg.d_in, cfg.d_out) if cfg.transcoder else None)  # fmt: skip
+    width = reader.manifest["width"]
+    want = cfg.d_in + cfg.d_out if cfg.transcoder else cfg.d_in
+    if width != want:
+        what = f"d_in + d_out = {cfg.d_in} + {cfg.d_out}" if cfg.transcoder else f"d_in = {cfg.d_in}"
+        raise MechscopeError(f"{store}: the store holds rows of width {width}; the dictionary expects {what}")
+    if reader.rows < batch_size:
+        raise MechscopeError(f"{store}: the store holds {reader.rows} rows, fewer than one batch of {batch_size}")
+    return reader
+
+
+def train_from_store(
+    store, cfg: DictionaryConfig, tc: TrainConfig, out, *, batch_size: int, epochs: int = 1, resume: bool = False,
+    distributed: bool | None = None, device=None,
+) -> TrainResult:  # fmt: skip
+    """Train ``cfg`` on the store (checkpoints in :func:`checkpoints_of` ``(out)`` when ``tc`` asks for them;
+    ``resume``: continue from the newest there)."""
+    reader = store_reader(store, cfg, batch_size, seed=tc.seed, epochs=epochs)
+    where = checkpoints_of(out)
+    if resume and not where.is_dir():
+        raise MechscopeError(f"--resume: no checkpoint to resume from ({where} does not exist)")
+    _check_stream(where, {"store": str(Path(store).absolute()), "batch_size": batch_size, "epochs": epochs,
+                          "rows": reader.rows}, resume, bool(tc.checkpoint_every))  # fmt: skip
+    return train(cfg, reader, tc, resume_from=where if resume else None, distributed=distributed, device=device)
+
+
+def _check_stream(where: Path, stream: dict, resume: bool, checkpointing: bool) -> None:
+    """The batch stream a checkpoint was made on (store, batch size, epochs) must be this run's to resume; the
+    dictionary and training settings are compared by :func:`~mechscope.core.dictionaries.train.train`."""
+    import json
+
+    record = where / "stream.json"
+    if resume and record.is_file():
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        for key in sorted(stream):
+            if old.get(key) != stream[key]:
+                raise MechscopeError(
+                    f"{where}: checkpoint was written with {key}={old.get(key)!r}, this run has "
+                    f"{key}={stream[key]!r}; resume with the same settings"
+                )
+    elif checkpointing and not resume:
+        from mechscope.core.dictionaries.parallel import is_main
+
+        if is_main():
+            where.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(stream), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class DictionaryTraining(Result):
+    """``sae train`` (either wing): the dictionary's settings, the run's size and speed and its logged metrics."""
+
+    model: str
+    hook: str
+    target: str | None
+    store: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    d_out: int
+    config: dict
+    train_config: dict
+    batch_size: int
+    epochs: int
+    steps: int
+    rows: int
+    seconds: float
+    rows_per_second: float
+    world_size: int
+    resumed_from_step: int
+    final: dict  # the last logged metrics (loss, l0, explained variance, dead fraction)
+    history: tuple[dict, ...]
+
+
+def training_fields(result: TrainResult, *, model: str, hook: str, target: str | None, store: str, batch_size: int,
+                    epochs: int) -> dict:  # fmt: skip
+    """The fields of a :class:`DictionaryTraining` from the core's :class:`TrainResult`."""
+    cfg = result.config
+    return dict(
+        model=model, hook=hook, target=target, store=str(store), architecture=cfg["architecture"],
+        d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg["d_out"], config=cfg, train_config=result.train_config,
+        batch_size=batch_size, epochs=epochs, steps=result.steps, rows=result.rows, seconds=result.seconds,
+        rows_per_second=result.rows_per_second, world_size=result.world_size,
+        resumed_from_step=result.resumed_from_step, final=dict(result.history[-1]) if result.history else {},
+        history=result.history,
+    )  # fmt: skip
