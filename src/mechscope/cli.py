@@ -17,6 +17,7 @@ import warnings
 
 import typer
 
+from mechscope.clip.cli import app as clip_app
 from mechscope.cnn.cli import app as cnn_app
 from mechscope.core.errors import MechscopeError
 from mechscope.lm.cli import app as lm_app
@@ -36,6 +37,7 @@ app = typer.Typer(
 app.add_typer(cnn_app, name="cnn")
 app.add_typer(cnn_app, name="mnist", help="Alias of `cnn` (the group's name when it was MNIST-only).")
 app.add_typer(lm_app, name="lm")
+app.add_typer(clip_app, name="clip")
 
 
 @app.callback()

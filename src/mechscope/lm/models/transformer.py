@@ -78,6 +78,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP (OpenAI's QuickGELU)
     SOLU_LN: solu,  # the MLP adds its LayerNorm (``mlp.ln``) after it
 }
 

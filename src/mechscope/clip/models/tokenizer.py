@@ -1,0 +1,158 @@
+"""Text tokenizers for image–text models, built on the ``tokenizers`` library.
+
+* a checkpoint's ``tokenizer.json`` (CLIP's BPE with its ``</w>`` word ends, SigLIP's, or the small model's);
+* CLIP's ``vocab.json`` + ``merges.txt`` built as transformers' ``CLIPConverter`` builds them (NFC, whitespace
+  runs to one space, lowercase; words, single digits and punctuation runs split; byte-level BPE with ``</w>``);
+* :func:`char_tokenizer`: the small model's own character-level vocabulary, written as a ``tokenizer.json``.
+
+``batch(texts)`` gives the token ids [B,P] a text tower takes: start and end tokens as the checkpoint's
+tokenizer adds them (added here when its post-processor does not), truncated to the context with the end token
+kept last, padded on the right (CLIP) or to the whole context (SigLIP).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mechscope.core.errors import MechscopeError
+
+CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class ClipTokenizer:
+    def __init__(self, backend, n_ctx: int, bos_id: int | None, eos_id: int | None, pad_id: int | None,
+                 pad_to_context: bool = False) -> None:  # fmt: skip
+        self.backend = backend
+        self.n_ctx, self.bos_id, self.eos_id = n_ctx, bos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        self.pad_to_context = pad_to_context
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """One text's ids, with the start and end tokens, truncated to the context (the end token kept)."""
+        if not isinstance(text, str):
+            raise MechscopeError(f"expected a text, got {type(text).__name__}")
+        ids = list(self.backend.encode(text, add_special_tokens=True).ids)
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        if self.eos_id is not None and ids[-1:] != [self.eos_id]:
+            ids = [*ids, self.eos_id]
+        if len(ids) > self.n_ctx:
+            ids = ids[: self.n_ctx - 1] + ids[-1:] if self.eos_id is not None else ids[: self.n_ctx]
+        return ids
+
+    def batch(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [B,P], padded on the right (to the whole context for SigLIP)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.encode(t) for t in texts]
+        width = self.n_ctx if self.pad_to_context else max((len(r) for r in rows), default=1)
+        out = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def from_dir(directory: Path, n_ctx: int, bos_id, eos_id, pad_id, pad_to_context: bool = False) -> ClipTokenizer:
+    """The tokenizer beside a checkpoint: ``tokenizer.json``, else CLIP's ``vocab.json`` + ``merges.txt``."""
+    from tokenizers import Tokenizer as Backend
+
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        try:
+            backend = Backend.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise MechscopeError(f"{directory / 'tokenizer.json'}: unreadable tokenizer ({str(e)[:120]})") from None
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        backend = clip_bpe(directory / "vocab.json", directory / "merges.txt")
+    else:
+        raise MechscopeError(f"{directory}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    backend.no_truncation()
+    backend.no_padding()
+    return ClipTokenizer(backend, n_ctx, bos_id, eos_id, pad_id, pad_to_context)
+
+
+def clip_bpe(vocab_file: Path, merges_file: Path):
+    """CLIP's tokenizer from its vocabulary and merges, as transformers' ``CLIPConverter`` builds it."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    from mechscope.core.validate import read_json_object
+
+    vocab = read_json_object(Path(vocab_file), "tokenizer vocabulary (vocab.json: token -> id)")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vocab.values()):
+        raise MechscopeError(f"{vocab_file}: expected token -> id (an integer ≥ 0) for every entry")
+    try:
+        lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MechscopeError(f"{merges_file}: unreadable BPE merges ({type(e).__name__})") from None
+    merges = [tuple(line.split(" ")) for line in lines if line.strip() and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise MechscopeError(f"{merges_file}: expected one merge 'a b' per line")
+    for special in (BOS, EOS):
+        if special not in vocab:
+            raise MechscopeError(f"{vocab_file}: no {special} token (a CLIP vocabulary has both special tokens)")
+    try:
+        backend = Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                              fuse_unk=False, unk_token=EOS))  # fmt: skip
+    except Exception as e:
+        raise MechscopeError(f"{vocab_file}: invalid BPE tokenizer ({str(e)[:120]})") from None
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])  # fmt: skip
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]), False, False)
+    return backend
+
+
+# ---- the small model's own tokenizer ------------------------------------------------------------
+
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789"
+CHAR_SPECIALS = ("<unk>", BOS, EOS)  # after the characters: the end token has the highest id, as in CLIP
+
+
+def char_tokenizer(chars: str = CHARS):
+    """A character-level ``tokenizers`` tokenizer (lowercased; unknown characters -> ``<unk>``) that adds the start
+    and end tokens: the small image–text model's vocabulary. Returns the backend (``.save(path)`` writes it)."""
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    vocab = {c: i for i, c in enumerate(chars)}
+    for s in CHAR_SPECIALS:
+        vocab[s] = len(vocab)
+    backend = Backend(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in CHAR_SPECIALS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return backend
+
+
+def char_ids(chars: str = CHARS) -> dict[str, int]:
+    """The special ids of :func:`char_tokenizer`: {"bos": ..., "eos": ..., "unk": ..., "vocab": size}."""
+    n = len(chars)
+    return {"unk": n, "bos": n + 1, "eos": n + 2, "vocab": n + 3}
+
+
+def write_json_tokenizer(backend, path: Path) -> None:
+    """The backend's ``tokenizer.json`` (pretty, as transformers writes it)."""
+    Path(path).write_text(json.dumps(json.loads(backend.to_str()), indent=2, ensure_ascii=False) + "\n",
+                          encoding="utf-8")  # fmt: skip

@@ -1,0 +1,110 @@
+"""What each clip report draws: figures and summary sentences from a result (rendering only, no computing)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from mechscope.clip.report import figures as F
+
+
+def footer() -> str:
+    return f"report made {date.today().isoformat()}"
+
+
+def train_summary(result) -> list[str]:
+    ev = {a.images: a for a in result.evaluation}
+    lines = []
+    for a in result.evaluation:
+        lines.append(f"{a.images} classified with “{a.prompts}” prompts: {a.accuracy:.1%} of {a.n} (chance 10%).")
+    cross = [a for a in result.evaluation if "across" in a.images]
+    if cross:
+        best = max(cross, key=lambda a: a.accuracy)
+        lines.append(f"Across modalities the best is {best.accuracy:.1%} ({best.images}): "
+                     + ("pictures and written names of a digit meet in the embedding space."
+                        if best.accuracy > 0.3 else "the modalities stay mostly apart."))  # fmt: skip
+    del ev
+    return lines
+
+
+def train_context(result) -> dict:
+    from mechscope.clip.data.digits import DIGIT_WORDS
+
+    return {
+        "result": result,
+        "summary": train_summary(result),
+        "history": F.history_figure(result.history),
+        "confusions": [F.confusion_figure(a, DIGIT_WORDS) for a in result.evaluation],
+        "footer": footer(),
+    }
+
+
+def inspect_context(result) -> dict:
+    rows = []
+    for i, name in enumerate(result.images):
+        probs = result.probabilities[i]
+        top = max(range(len(probs)), key=lambda j: probs[j]) if probs else -1
+        uri = F.image_uri(result.pixels[i], 2) if result.pixels is not None and i < len(result.pixels) else ""
+        rows.append({"name": name, "uri": uri, "cells": [{"p": p, "top": j == top} for j, p in enumerate(probs)]})
+    return {"result": result, "rows": rows, "footer": footer()}
+
+
+def neurons_summary(result) -> list[str]:
+    mm = result.multimodality
+    found = [c for c in mm.concepts if c.multimodal]
+    lines = [f"{len(found)} of {len(mm.concepts)} concepts get a multimodal neuron "
+             f"(of {mm.n_neurons:,} neurons; {mm.n_pictures} pictures, {mm.n_words} drawn words)."]  # fmt: skip
+    for c in sorted(found, key=lambda c: -c.score)[:5]:
+        lines.append(f"{c.concept}: neuron {c.neuron}, score {c.score:.2f} (pictures d′ {c.picture_d:.2f}, name d′ "
+                     f"{c.word_d:.2f}) against random neurons {c.control_mean:.2f} ± {c.control_sd:.2f} and the best "
+                     f"mismatched pairing {c.null_max:.2f}.")  # fmt: skip
+    for r in result.readings:
+        lines.append(f"Neuron {r.neuron} ({r.why}): drawn words it responds to most: {', '.join(r.probe_words[:4])}; "
+                     f"its contribution aligns most with the text of {', '.join(r.aligned_words[:4])}.")  # fmt: skip
+    return lines
+
+
+def neurons_context(result) -> dict:
+    mm = result.multimodality
+    order = sorted(range(len(mm.concepts)), key=lambda i: -mm.concepts[i].score)
+    scatters = [u for u in (F.scatter_figure(mm, i) for i in order[:4]) if u]
+    readings = [{
+        "reading": r, "figure": F.reading_figure(r), "diverse": F.diverse_figure(r),
+        "probe": F.bars_figure(r.probe_words, r.probe_values, f"{r.neuron}: response to drawn words"),
+        "align": F.bars_figure(r.aligned_words, r.aligned_values, f"{r.neuron}: contribution · text embedding"),
+    } for r in result.readings]  # fmt: skip
+    return {"result": result, "summary": neurons_summary(result), "mm_figure": F.multimodality_figure(mm),
+            "scatters": scatters, "readings": readings, "footer": footer()}  # fmt: skip
+
+
+def attack_summary(result) -> list[str]:
+    s = result.finding.summary
+    top = ", ".join(n.neuron for n in result.finding.neurons[: s.k])
+    true = result.classes[result.true_classes[0]] if result.true_classes else "the true class"
+    lines = [
+        f"Clean accuracy {s.clean_accuracy:.1%} of {s.n_images}; with {result.word!r} written on them "
+        f"{s.attacked_accuracy:.1%}.",
+        f"Attack success (prediction moves to {result.target!r}): {s.success_rate:.1%} of {s.n_counted} counted images "
+        f"(any change of class: {s.success_rate_any:.1%}); margin logit[target] − logit[true] {s.margin_clean:.2f} → "
+        f"{s.margin_attacked:.2f}.",
+        f"Ablating the top {s.k} neurons ({top}) on the held-out half: success {s.heldout_success:.1%} → "
+        f"{s.heldout_success_ablated:.1%}, {s.undone:.0%} of the attack's margin shift undone; clean accuracy with "
+        f"them ablated {s.heldout_clean_accuracy_ablated:.1%}.",
+        f"Control: {s.k} random neurons ablated: success {s.control_success_mean:.1%} ± {s.control_success_sd:.1%}, "
+        f"{s.control_undone_mean:.0%} of the shift undone.",
+    ]
+    if s.heldout_accuracy == s.heldout_accuracy:  # not NaN (results written before these fields lack them)
+        lines.insert(3, f"Held-out attacked images classified as {true!r}: {s.heldout_accuracy:.1%} → "
+                        f"{s.heldout_accuracy_ablated:.1%} with the top {s.k} ablated.")  # fmt: skip
+    if s.given:
+        lines.append(f"The neurons asked for ({', '.join(s.given)}) ablated instead: success {s.heldout_success:.1%} → "
+                     f"{s.given_success:.1%}, classified as {true!r} {s.given_accuracy:.1%}, {s.given_undone:.0%} of "
+                     f"the shift undone; clean accuracy {s.given_clean_accuracy:.1%}.")  # fmt: skip
+    return lines
+
+
+def attack_context(result) -> dict:
+    f = result.finding
+    return {"result": result, "summary": attack_summary(result), "footer": footer(),
+            "summary_figure": F.attack_summary_figure(f.summary, f.summary.k),
+            "effects": F.effects_figure(f.neurons),
+            "examples": F.attack_examples_figure(f, result.classes)}  # fmt: skip

@@ -1,0 +1,182 @@
+"""Figures of the clip reports, drawn from result objects (matplotlib without pyplot, inlined as PNG data URIs)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mechscope.core.render.figures import subplots
+from mechscope.core.render.html import array_uri, figure_data_uri
+
+
+def _show(ax, pixels: np.ndarray, title: str = "", box=None) -> None:
+    img = np.asarray(pixels, dtype=float)
+    img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+    ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    if box is not None:
+        from matplotlib.patches import Rectangle
+
+        top, left, bottom, right = box
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, ec="#e33", lw=1.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def image_uri(pixels: np.ndarray, scale: int = 4) -> str:
+    img = np.asarray(pixels, dtype=float)
+    return array_uri(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), scale)
+
+
+def history_figure(history) -> str:
+    steps = [h["step"] for h in history]
+    fig, (a, b) = subplots(1, 2, figsize=(9, 2.8), layout="constrained")
+    a.plot(steps, [h["loss"] for h in history], color="#36c")
+    a.set_xlabel("step")
+    a.set_ylabel("contrastive loss")
+    b.plot(steps, [h["accuracy"] for h in history], color="#c63")
+    b.set_xlabel("step")
+    b.set_ylabel("image → caption accuracy (batch)")
+    b.set_ylim(0, 1)
+    return figure_data_uri(fig)
+
+
+def confusion_figure(acc, names) -> str:
+    conf = np.asarray(acc.confusion, dtype=float)
+    fig, ax = subplots(figsize=(3.4, 3.0), layout="constrained")
+    ax.imshow(conf / np.maximum(conf.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), [n[:5] for n in names], fontsize=6, rotation=90)
+    ax.set_yticks(range(len(names)), [n[:5] for n in names], fontsize=6)
+    ax.set_xlabel("predicted", fontsize=7)
+    ax.set_ylabel("true", fontsize=7)
+    ax.set_title(f"{acc.images[:40]}: {acc.accuracy:.0%}", fontsize=7)
+    return figure_data_uri(fig)
+
+
+def multimodality_figure(mm) -> str:
+    rows = mm.concepts
+    x = np.arange(len(rows))
+    fig, ax = subplots(figsize=(max(5, 0.6 * len(rows) + 2), 3.2), layout="constrained")
+    ax.bar(x - 0.25, [r.score for r in rows], 0.25, color=["#c33" if r.multimodal else "#e99" for r in rows],
+           label="best neuron")  # fmt: skip
+    ax.bar(x, [r.null_max for r in rows], 0.25, color="#999", label="best neuron, mismatched name (max)")
+    ax.bar(x + 0.25, [r.control_mean for r in rows], 0.25, yerr=[r.control_sd for r in rows], color="#6a9",
+           label="random control neurons (mean ± sd)")  # fmt: skip
+    ax.axhline(mm.min_score, color="#333", lw=0.8, ls="--")
+    ax.set_xticks(x, [r.concept for r in rows], fontsize=8, rotation=30)
+    ax.set_ylabel("multimodality: min(d′ pictures, d′ name)")
+    ax.legend(fontsize=7)
+    return figure_data_uri(fig)
+
+
+def scatter_figure(mm, index: int) -> str | None:
+    if mm.picture_d is None or mm.word_d is None:
+        return None
+    r = mm.concepts[index]
+    pd, wd = np.asarray(mm.picture_d[index]), np.asarray(mm.word_d[index])
+    fig, ax = subplots(figsize=(3.4, 3.2), layout="constrained")
+    ax.scatter(pd, wd, s=4, color="#999")
+    col = int(np.argmax(np.minimum(pd, wd)))
+    ax.scatter([pd[col]], [wd[col]], s=30, color="#c33", label=f"neuron {r.neuron}")
+    ax.axhline(0, color="#ccc", lw=0.6)
+    ax.axvline(0, color="#ccc", lw=0.6)
+    ax.set_xlabel(f"d′ pictures of {r.concept}", fontsize=8)
+    ax.set_ylabel(f"d′ drawn {'/'.join(r.forms)}", fontsize=8)
+    ax.legend(fontsize=7)
+    return figure_data_uri(fig)
+
+
+def reading_figure(reading) -> str | None:
+    if reading.featvis is None or reading.top_pixels is None:
+        return None
+    k = len(reading.top_pixels)
+    attr = reading.top_attribution
+    rows = 2 if attr is not None and len(attr) == k else 1
+    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.6 * rows), layout="constrained", squeeze=False)
+    _show(axes[0, 0], reading.featvis, f"feature vis.\n{reading.featvis_response:.2f}")
+    for i in range(k):
+        box = reading.top_patches[i] if i < len(reading.top_patches) else None
+        _show(axes[0, i + 1], reading.top_pixels[i], f"{reading.top_images[i][:18]}\n{reading.top_values[i]:.2f}", box)
+    if rows == 2:
+        axes[1, 0].axis("off")
+        axes[1, 0].text(0.5, 0.5, "integrated\ngradients\n(red +, blue −)", ha="center", va="center", fontsize=7)
+        for i in range(k):
+            a = np.asarray(attr[i], dtype=np.float64)
+            m = float(np.abs(a).max()) or 1.0
+            axes[1, i + 1].imshow(a, cmap="bwr", vmin=-m, vmax=m, interpolation="nearest")
+            axes[1, i + 1].set_xticks([])
+            axes[1, i + 1].set_yticks([])
+    return figure_data_uri(fig)
+
+
+def diverse_figure(reading) -> str | None:
+    if reading.diverse is None or not len(reading.diverse):
+        return None
+    n = len(reading.diverse)
+    fig, axes = subplots(1, n, figsize=(1.3 * n, 1.6), layout="constrained", squeeze=False)
+    for i in range(n):
+        r = reading.diverse_responses[i] if i < len(reading.diverse_responses) else float("nan")
+        _show(axes[0, i], reading.diverse[i], f"diverse {i + 1}\n{r:.2f}")
+    return figure_data_uri(fig)
+
+
+def bars_figure(words, values, title: str, n: int = 12) -> str:
+    words, values = list(words)[:n], list(values)[:n]
+    fig, ax = subplots(figsize=(3.6, 0.22 * len(words) + 0.8), layout="constrained")
+    ax.barh(range(len(words))[::-1], values, color="#48a")
+    ax.set_yticks(range(len(words))[::-1], words, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    return figure_data_uri(fig)
+
+
+def attack_examples_figure(finding, classes) -> str | None:
+    if finding.examples is None or not len(finding.examples):
+        return None
+    ex, pr = finding.examples, finding.probabilities
+    n = len(ex)
+    fig, axes = subplots(2, n, figsize=(1.25 * n, 3.0), layout="constrained", squeeze=False)
+    for i in range(n):
+        for row, (label, p) in enumerate((("clean", pr[i, 0]), ("attacked", pr[i, 1]))):
+            top = int(np.argmax(p))
+            title = f"{label}: {classes[top][:8]} {p[top]:.0%}"
+            if row == 1:
+                ab = pr[i, 2]
+                title += f"\nablated: {classes[int(np.argmax(ab))][:8]}"
+            _show(axes[row, i], ex[i, row], title)
+    return figure_data_uri(fig)
+
+
+def attack_summary_figure(summary, k: int) -> str:
+    s = summary
+    labels = ["held out,\nattacked", f"top {k} neurons\nablated", f"{k} random\nneurons ablated"]
+    values = [s.heldout_success, s.heldout_success_ablated, s.control_success_mean]
+    errors = [0, 0, s.control_success_sd if s.control_success_sd == s.control_success_sd else 0]
+    colours = ["#c33", "#36c", "#999"]
+    if s.given:  # the neurons the user named (--ablate)
+        names = ", ".join(s.given[:3]) + (" ..." if len(s.given) > 3 else "")
+        labels.append(f"asked for\n({names})\nablated")
+        values.append(s.given_success)
+        errors.append(0)
+        colours.append("#e90")
+    fig, ax = subplots(figsize=(1.05 * len(values) + 1.0, 2.8), layout="constrained")
+    bars = ax.bar(range(len(values)), values, yerr=errors, color=colours)
+    ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7, padding=2)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("attack success rate")
+    return figure_data_uri(fig)
+
+
+def effects_figure(neurons, n: int = 15) -> str | None:
+    rows = list(neurons)[:n]
+    if not rows:
+        return None
+    fig, ax = subplots(figsize=(4.2, 0.22 * len(rows) + 0.9), layout="constrained")
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y + 0.2, [r.effect for r in rows], 0.4, color="#36c", label="measured")
+    ax.barh(y - 0.2, [r.estimated for r in rows], 0.4, color="#9bd", label="attribution estimate")
+    ax.set_yticks(y, [r.neuron for r in rows], fontsize=7)
+    ax.set_xlabel("margin change when ablated alone", fontsize=8)
+    ax.legend(fontsize=7)
+    return figure_data_uri(fig)
