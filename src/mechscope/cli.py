@@ -40,6 +40,43 @@ app.add_typer(lm_app, name="lm")
 app.add_typer(clip_app, name="clip")
 
 
+@app.command("scrub")
+def scrub_cmd(
+    hypothesis: str = typer.Option(..., "--hypothesis", help="A hypothesis file (JSON): the model (\"model\": a "
+                                   "transformer, or \"run\": a CNN run), the metric, the data and the claims."),
+    out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/scrub/HYPOTHESIS)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Causal scrubbing of a hypothesis (transformer or CNN): scrub.json and a self-contained report.html."""
+    from pathlib import Path
+
+    from mechscope.core.validate import read_json_object
+
+    path = Path(hypothesis)
+    data = read_json_object(path, "hypothesis")
+    wing = data.get("wing") or ("cnn" if "run" in data and "model" not in data else "lm")
+    if wing not in ("lm", "cnn"):
+        raise MechscopeError(f"{path}: 'wing' must be 'lm' or 'cnn', got {wing!r}")
+    if wing == "cnn":
+        from mechscope.cnn.pipelines.discovery import scrub_file as cnn_scrub
+
+        where, r = cnn_scrub(data, str(path), out, force)
+        whom = f"{r.run}, {r.metric}" + (f" (class {r.target})" if r.target is not None else "")
+    else:
+        from mechscope.lm.pipelines.discovery import scrub_file as lm_scrub
+
+        where, r = lm_scrub(data, str(path), out, force)
+        whom = f"{r.model}, {r.metric}"
+    s = r.scrub
+    typer.echo(f"{r.name} on {whom}: clean {s.metric_clean:.4g}, resampled {s.metric_random:.4g}, scrubbed "
+               f"{s.metric_scrubbed:.4g}: {s.recovered:.1%} ± {s.recovered_sd:.1%} of the behaviour recovered")
+    for c in s.claims:
+        typer.echo(f"  claim {c.name!r} alone: {c.recovered:.1%}")
+    if s.unclaimed is not None:
+        typer.echo(f"  unclaimed edges alone: {s.unclaimed.recovered:.1%}")
+    typer.echo(f"scrub.json and report.html written to {where} ({s.forward_passes} forward passes, {s.seconds:.1f} s)")
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does (downloads, sizes)."),

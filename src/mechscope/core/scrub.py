@@ -12,6 +12,10 @@ irrelevant. As a dict (the JSON/YAML layout of a hypothesis file)::
         {"name": "bias", "edges": ["embed->blocks.0.mlp<in>", ["pos_embed", "blocks.1.attn.h0", "q"]]}
     ]}
 
+An edge may also be a glob pattern over edge names (``"input->conv1.*"``: every edge from the input into a conv1
+channel), and one claim may be ``{"name": ..., "rest": true, "feature": ...}``: every edge the other claims do not
+name (e.g. "the rest of the model depends only on the current token").
+
 A path's steps may name a slot (``node<slot>``) or not (every slot the previous node feeds). Scrubbing is the
 paper's treeified resampling at the level of the edge graph: the output is computed on each input ``x`` with
 every edge into it carrying its sender's value from its own input: a uniformly random dataset row for an
@@ -24,6 +28,7 @@ with ``M_random`` the model with every edge into the output resampled; the break
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections.abc import Mapping
@@ -39,8 +44,9 @@ from mechscope.core.graphs.protocol import Term, capture, check_model, edge_weig
 from mechscope.core.results import Result
 
 RANDOM, IDENTITY = -2, -1
+SAMPLINGS = ("edge", "sender")
 _TOP_KEYS = {"claims", "name", "description"}
-_CLAIM_KEYS = {"name", "path", "edges", "feature"}
+_CLAIM_KEYS = {"name", "path", "edges", "feature", "rest"}
 
 Triple = tuple[str, str, str]
 
@@ -81,7 +87,17 @@ def parse_hypothesis(data: Any, graph: ComponentGraph) -> Hypothesis:
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise MechscopeError(f"unknown hypothesis key {sorted(unknown)[0]!r} (expected {', '.join(sorted(_TOP_KEYS))})")
-    claims = tuple(_claim(c, i, graph) for i, c in enumerate(data["claims"]))
+    claims = [_claim(c, i, graph) for i, c in enumerate(data["claims"])]
+    rest = [i for i, c in enumerate(data["claims"]) if isinstance(c, Mapping) and c.get("rest")]
+    if len(rest) > 1:
+        raise MechscopeError("only one claim may be the 'rest' (every edge the other claims do not name)")
+    if rest:
+        named = {e for c in claims for e in c.edges}
+        edges = tuple(e for e in graph.edges if e not in named)
+        if not edges:
+            raise MechscopeError(f"claim {claims[rest[0]].name!r}: the other claims name every edge; no rest is left")
+        claims[rest[0]] = Claim(claims[rest[0]].name, edges, claims[rest[0]].feature)
+    claims = tuple(claims)
     _check_consistent(claims)
     return Hypothesis(claims=claims)
 
@@ -98,8 +114,12 @@ def _claim(entry: Any, i: int, graph: ComponentGraph) -> Claim:
     feature = entry.get("feature")
     if feature is not None and (not isinstance(feature, str) or not feature):
         raise MechscopeError(f"{where}: feature must be a name or null, got {feature!r}")
+    if "rest" in entry:
+        if entry["rest"] is not True or "path" in entry or "edges" in entry:
+            raise MechscopeError(f"{where}: 'rest' is true and comes without 'path' or 'edges'")
+        return Claim(name=name, edges=(), feature=feature)  # filled in by parse_hypothesis
     if ("path" in entry) == ("edges" in entry):
-        raise MechscopeError(f"{where}: give exactly one of 'path' and 'edges'")
+        raise MechscopeError(f"{where}: give exactly one of 'path', 'edges' and 'rest'")
     try:
         ids = _path(entry["path"], graph) if "path" in entry else _edges(entry["edges"], graph)
     except MechscopeError as e:
@@ -110,7 +130,19 @@ def _claim(entry: Any, i: int, graph: ComponentGraph) -> Claim:
 def _edges(specs: Any, graph: ComponentGraph) -> list[int]:
     if not isinstance(specs, list) or not specs:
         raise MechscopeError("'edges' must be a non-empty list")
-    return list(dict.fromkeys(e for spec in specs for e in graph.parse_edge(spec)))
+    return list(dict.fromkeys(e for spec in specs for e in _edge_spec(spec, graph)))
+
+
+def _edge_spec(spec: Any, graph: ComponentGraph) -> tuple[int, ...]:
+    """``graph.parse_edge``, and glob patterns over edge names (``"input->conv1.*"``, ``"*->blocks.5.attn.h1<k>"``;
+    a name without a slot matches every slot)."""
+    if not (isinstance(spec, str) and any(ch in spec for ch in "*?[")):
+        return graph.parse_edge(spec)
+    pattern = spec if "<" in spec or spec.endswith("*") else spec + "<*>"
+    found = tuple(e for e in range(graph.n_edges) if fnmatch.fnmatchcase(graph.edge_name(e), pattern))
+    if not found:
+        raise MechscopeError(f"no edge of the graph matches {spec!r}")
+    return found
 
 
 def _path(steps: Any, graph: ComponentGraph) -> list[int]:
@@ -173,40 +205,61 @@ class ScrubResult(Result):
     seed: int
     forward_passes: int
     seconds: float = math.nan
+    sampling: str = "edge"
 
 
 # ---- sampling -----------------------------------------------------------------------------------
 
 
 class _Feature:
-    """Rows grouped by a feature's value, to draw a row that agrees with a given one."""
+    """Rows grouped by a feature's value, to draw a row that agrees with a given one. A feature gives one value
+    per row ([N]) or one per row and position ([N, P]): then each position draws its own row among those that
+    agree at that position."""
 
     def __init__(self, name: str, labels: Any, n: int) -> None:
         arr = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-        if arr.ndim != 1 or len(arr) != n:
-            raise MechscopeError(f"feature {name!r} must give one value per input row ({n}), got shape {arr.shape}")
+        if arr.ndim not in (1, 2) or len(arr) != n or arr.size == 0:
+            raise MechscopeError(
+                f"feature {name!r} must give one value per input row ({n}) or per row and position "
+                f"([{n}, positions]), got shape {arr.shape}"
+            )
+        self.name = name
+        self.positions = arr.shape[1] if arr.ndim == 2 else None
         try:
-            _, codes = np.unique(arr, return_inverse=True)
+            _, codes = np.unique(arr.reshape(-1), return_inverse=True)
         except TypeError:
             raise MechscopeError(f"feature {name!r} mixes values that cannot be compared") from None
+        codes = codes.reshape(-1)
+        if self.positions is not None:  # agree at the same position: group by (position, value)
+            p = self.positions
+            _, codes = np.unique(codes.reshape(n, p) * p + np.arange(p), return_inverse=True)
+            codes = codes.reshape(-1)
         counts = np.bincount(codes)
-        self.codes = torch.as_tensor(codes.reshape(-1))
+        self.codes = torch.as_tensor(codes)
         self.order = torch.as_tensor(np.argsort(codes, kind="stable"))
         self.counts = torch.as_tensor(counts)
         self.starts = torch.as_tensor(np.cumsum(counts) - counts)
 
-    def sample(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        c = self.codes[rows]
-        u = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+    def _draw(self, items: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.codes[items]
+        u = torch.rand(items.shape, generator=gen, dtype=torch.float64)
         pick = (u * self.counts[c]).long().clamp_max(self.counts[c] - 1)
         return self.order[self.starts[c] + pick]
+
+    def sample(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A donor row per row ([len(rows)]), or per row and position ([len(rows), P]) for a positional feature."""
+        if self.positions is None:
+            return self._draw(rows, gen)
+        p = self.positions
+        return self._draw(rows[:, None] * p + torch.arange(p), gen) // p
 
 
 class _Scrubber:
     """Treeified resampling runs for one edge assignment (RANDOM, IDENTITY or a feature index per edge)."""
 
-    def __init__(self, model, inputs, cache, features: list[_Feature], gen, max_forwards: int) -> None:
+    def __init__(self, model, inputs, cache, features: list[_Feature], gen, max_forwards: int, sampling="edge"):
         self.model, self.inputs, self.cache, self.features = model, inputs, cache, features
+        self.sampling = sampling
         self.graph: ComponentGraph = model.graph
         self.n = cache[0].shape[0]
         self.gen, self.max_forwards = gen, max_forwards
@@ -215,6 +268,7 @@ class _Scrubber:
     def output(self, assign: np.ndarray):
         """The model's output on every row with the edges resampled as ``assign`` says."""
         self.assign, self.exact, self.budget = assign, self._exact(assign), self.max_forwards
+        self.whole: dict[int, torch.Tensor] = {}  # a node's treeified value on every row (positional features)
         output, _ = self._forward(self.graph.output_nodes(), torch.arange(self.n))
         return output
 
@@ -224,7 +278,7 @@ class _Scrubber:
         send, _ = g.edge_nodes()
         exact = np.zeros(len(g.nodes), dtype=bool)
         for node in g.topological_order:
-            into = g.edges_into_node(node)
+            into = g.edges_into_inputs(node)
             exact[node] = bool(np.all(assign[into] == IDENTITY) and np.all(exact[send[into]]))
         return exact
 
@@ -243,8 +297,42 @@ class _Scrubber:
                 f"the hypothesis treeifies into more than {self.max_forwards} forward passes: claim fewer paths "
                 "or raise max_forwards"
             )
-        terms = [self._term(r, rows) for node in nodes for r in self.graph.receivers_of(node)]
+        if self.sampling == "sender":  # every receiver of the model at once: one forward for the whole tree
+            return run(self.model, self.inputs, self._shared_terms(list(range(self.graph.n_receivers)), rows))
+        receivers = list(dict.fromkeys(r for node in nodes for r in self.graph.inputs_of(node)))
+        terms = [self._term(r, rows) for r in receivers]
         return run(self.model, self.inputs, terms)
+
+    def _shared_terms(self, receivers: list[int], rows: torch.Tensor) -> list[Term]:
+        """``sampling="sender"``: the whole treeified output in one forward. Every sender is resampled once per
+        kind of edge: unclaimed edges carry its clean output on random rows; edges claimed with a feature carry its
+        output *in this same forward* on rows that agree on the feature (row by row, or position by position),
+        which is its treeified value on those rows; edges claimed as they are carry the run's own value."""
+        g = self.graph
+        eids = g.edges_into(receivers)
+        kinds = self.assign[eids]
+        terms = []
+        for a in np.unique(kinds).tolist():
+            if a == IDENTITY:
+                continue
+            ids = eids[kinds == a]
+            values: list[torch.Tensor | None] = [None] * g.n_senders
+            index: list[torch.Tensor | None] = [None] * g.n_senders
+            for s in np.unique(g.edge_sender[ids]).tolist():
+                if a == RANDOM:
+                    values[s] = self.cache[s][torch.randint(self.n, (len(rows),), generator=self.gen)]
+                else:
+                    f = self.features[a]
+                    if f.positions is not None and (self.cache[s].dim() < 2 or self.cache[s].shape[1] != f.positions):
+                        raise MechscopeError(
+                            f"feature {f.name!r} gives {f.positions} positions per row; "
+                            f"{g.nodes[g.senders[s]].name}'s output has shape {tuple(self.cache[s].shape[1:])} per row"
+                        )
+                    index[s] = f.sample(rows, self.gen)
+            weight = edge_weight(self.model, self.cache)
+            weight[torch.as_tensor(ids, device=weight.device)] = 1.0
+            terms.append(Term(weight, values, index=None if a == RANDOM else index))
+        return terms
 
     def _term(self, receiver: int, rows: torch.Tensor) -> Term:
         g = self.graph
@@ -254,11 +342,27 @@ class _Scrubber:
             s, a = int(g.edge_sender[e]), int(self.assign[e])
             if a == RANDOM:
                 values[s] = self.cache[s][torch.randint(self.n, (len(rows),), generator=self.gen)]
+            elif a != IDENTITY and self.features[a].positions is not None:
+                values[s] = self._positional(g.senders[s], self.features[a], rows)
             else:
                 src = rows if a == IDENTITY else self.features[a].sample(rows, self.gen)
                 values[s] = self._value(g.senders[s], src)
             weight[e] = 1.0
         return Term(weight, values)
+
+    def _positional(self, node: int, feature: _Feature, rows: torch.Tensor) -> torch.Tensor:
+        """The node's value at each position of each row, from a row that agrees with it there."""
+        s = self.graph.sender_of(node)
+        if node not in self.whole:
+            self.whole[node] = self.cache[s] if self.exact[node] else self._value(node, torch.arange(self.n))
+        full = self.whole[node]
+        p = feature.positions
+        if full.dim() < 2 or full.shape[1] != p:
+            raise MechscopeError(
+                f"feature {feature.name!r} gives {p} positions per row; {self.graph.nodes[node].name}'s output has "
+                f"shape {tuple(full.shape[1:])} per row"
+            )
+        return full[feature.sample(rows, self.gen), torch.arange(p)]
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -300,22 +404,28 @@ def scrub(
     seed: int = 0,
     breakdown: bool = True,
     max_forwards: int = 10_000,
+    sampling: str = "edge",
 ) -> ScrubResult:
     """Causal scrubbing (Chan et al. 2022) of ``hypothesis`` (a :class:`Hypothesis` or its dict) on the dataset
     ``inputs``; ``metric`` maps the output on all rows, in order, to a scalar (a loss, an accuracy), and
-    ``features`` maps each feature name to one value per row. Each figure is the mean over ``samples`` seeded
-    resamplings."""
+    ``features`` maps each feature name to one value per row (or per row and position). Each figure is the mean
+    over ``samples`` seeded resamplings. ``sampling``: ``"edge"`` (the paper's treeification: every edge draws its
+    own rows) or ``"sender"`` (one draw per sender and kind of edge in each forward, shared by the sender's edges:
+    a forward then holds one value per sender, which is what a model with tens of thousands of edges can
+    afford)."""
     check_model(model)
     samples = _check_int(samples, "samples", 1)
     seed = _check_int(seed, "seed", 0)
     max_forwards = _check_int(max_forwards, "max_forwards", 1)
+    if sampling not in SAMPLINGS:
+        raise MechscopeError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     g = model.graph
     hyp = parse_hypothesis(hypothesis, g)
     t0 = time.perf_counter()
     clean_out, cache = capture(model, inputs)
     n = _rows(cache)
     names, feats = _features(hyp, features, n)
-    sc = _Scrubber(model, inputs, cache, feats, torch.Generator().manual_seed(seed), max_forwards)
+    sc = _Scrubber(model, inputs, cache, feats, torch.Generator().manual_seed(seed), max_forwards, sampling)
     measure = lambda a: _measure(sc, metric, a, samples)  # noqa: E731
     m_clean = float(metric_value(metric, clean_out))
     m_random, sd_random = measure(np.full(g.n_edges, RANDOM, dtype=np.int64))
@@ -349,6 +459,7 @@ def scrub(
         seed=seed,
         forward_passes=1 + sc.forwards,
         seconds=time.perf_counter() - t0,
+        sampling=sampling,
     )
 
 

@@ -1,1 +1,96 @@
 """``mechscope cnn discover``: automatic circuit discovery on the component graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mechscope.cnn.cli.common import DataDir, Dataset, Force, RunDir, app
+
+
+@app.command()
+def discover(
+    run: Path = RunDir,
+    method: str = typer.Option(
+        "eap-ig", "--method", help="eap, eap-ig, acdc or edge-patching (exact, one pass per edge)."
+    ),
+    metric: str | None = typer.Option(
+        None,
+        "--metric",
+        help="logprob (default), logit, logit_diff, loss, kl (to the clean run), accuracy, detect (accuracy and "
+        "detect: acdc only).",
+    ),
+    target: int | None = typer.Option(None, "--class", help="A class (index): its images, corrupted by others'."),
+    n: int = typer.Option(64, "--n", help="Test images."),
+    corrupt: str = typer.Option(
+        "resample",
+        "--corrupt",
+        help="Corrupted images: resample (other images; with --class, images of other classes) or other-class.",
+    ),
+    ablation: str = typer.Option(
+        "patch", "--ablation", help="What a removed edge carries: patch (the corrupted image's value), mean or zero."
+    ),
+    size: str | None = typer.Option(
+        None, "--size", help="Circuit edges: a count or a fraction (default: ACDC's own, or 30)."
+    ),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="ACDC's tau (default: 1% of |metric clean - corrupted|); for eap/eap-ig a cut on |score|.",
+    ),
+    steps: int = typer.Option(5, "--steps", help="EAP-IG's interpolation steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the images, the corruption and the random baseline."),
+    explain: str | None = typer.Option(
+        None, "--explain", help="mechanisms.json of `cnn explain`: compare with its circuit for --class."
+    ),
+    no_curve: bool = typer.Option(False, "--no-curve", help="Skip the faithfulness curve."),
+    random: int = typer.Option(5, "--random", help="Random circuits of the faithfulness baseline."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/discover)."),
+    dataset: str | None = Dataset,
+    data_dir: Path | None = DataDir,
+    force: bool = Force,
+) -> None:
+    """Discover a channel circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
+    from mechscope.cnn.pipelines.discovery import discover_run
+
+    path, r = discover_run(
+        run, out, method=method, metric=metric, target=target, n=n, seed=seed, corrupt=corrupt,
+        size=parse_size(size), threshold=threshold, steps=steps, ablation=ablation, curve=not no_curve,
+        n_random=random, explain=explain, dataset=dataset, data_dir=data_dir, force=force,
+    )  # fmt: skip
+    s = r.scores
+    typer.echo(f"{r.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
+               f"{s.backward_passes} backward passes); {r.metric} clean {s.metric_clean:.4g}, corrupted "
+               f"{s.metric_corrupted:.4g}")  # fmt: skip
+    typer.echo(f"circuit: {len(r.circuit)} edges, {len(r.circuit.nodes)} nodes; strongest: "
+               + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in r.scores.table(5)))  # fmt: skip
+    if r.faithfulness is not None:
+        f = r.faithfulness
+        typer.echo(
+            f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} (random {f.random_cmd:.3f})"
+        )
+    if r.hand:
+        h = r.hand
+        typer.echo(f"cnn explain's {h['stage']} circuit {h['hand']}: {len(h['overlap'])} in the discovered top "
+                   f"{len(h['hand'])} {h['discovered_top']}; AUROC {h['auroc']:.3f}")  # fmt: skip
+    typer.echo(f"discovery.json and report.html written to {path}")
+
+
+def parse_size(text: str | None):
+    """``--size``: an edge count (``30``) or a fraction of the edges (``0.01``); None: the method's default."""
+    from mechscope.core.errors import MechscopeError
+
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        raise MechscopeError(f"--size expects an edge count or a fraction in (0, 1], got {text!r}") from None
+    if not 0 < f <= 1:
+        raise MechscopeError(f"--size as a fraction must be in (0, 1], got {text}")
+    return f

@@ -26,9 +26,14 @@ The protocol (:class:`EdgeModel`)
 ``graph``; ``forward(inputs, edit=None) -> (output, senders)`` with ``senders`` one tensor per sender (batch
 first), calling ``ins = edit(receiver_ids, ins, senders_so_far)`` before it uses any receiver's input; and
 ``edge_mix(values, weight, receivers)``: per receiver, ``sum over edges e = s->r of weight[e] * c_e(values[s])``.
-Optionally ``interpolate(clean, corrupted, alpha)`` for EAP-IG. With these the core runs every edge
-intervention itself (:mod:`.protocol`): removing edges is a patch term with weight 1 on them, and edge
-attributions are gradients with respect to the patch weights at 0, so adapters never write backward hooks.
+Optionally ``interpolate(clean, corrupted, alpha)`` for EAP-IG, and ``edge_attribution(values, grads)``, the
+adjoint of ``edge_mix`` (residual streams: :func:`residual_edge_attribution`, one matrix product). With these the
+core runs every edge intervention itself (:mod:`.protocol`): removing edges is a patch term with weight 1 on them,
+and edge attributions are the senders' differences times the gradients with respect to the receivers' inputs
+(the gradients of the patch weights at 0), so adapters never write backward hooks.
+
+Grouped-query attention: a key/value receiver is per key/value head; it belongs to the group's first head and the
+others *read* it (``Node.reads``); ACDC's pruning of dead nodes and scrubbing's treeification follow reads.
 
 Methods
 -------
@@ -50,7 +55,17 @@ from mechscope.core.graphs.faithfulness import (
 )
 from mechscope.core.graphs.graph import ComponentGraph, Node, transformer_graph
 from mechscope.core.graphs.ground_truth import KnownCircuit, load_circuit
-from mechscope.core.graphs.protocol import EdgeModel, Term, capture, receiver_gradients, residual_edge_mix, run
+from mechscope.core.graphs.protocol import (
+    EdgeModel,
+    Term,
+    capture,
+    edge_attribution,
+    gradients,
+    receiver_gradients,
+    residual_edge_attribution,
+    residual_edge_mix,
+    run,
+)
 from mechscope.core.graphs.results import Circuit, EdgeScores
 from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
 
@@ -71,11 +86,14 @@ __all__ = [
     "circuit_faithfulness",
     "eap",
     "eap_ig",
+    "edge_attribution",
     "edge_patching",
     "faithfulness_curve",
+    "gradients",
     "load_circuit",
     "mib_areas",
     "receiver_gradients",
+    "residual_edge_attribution",
     "residual_edge_mix",
     "run",
     "score_circuit",

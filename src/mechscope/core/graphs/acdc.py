@@ -50,12 +50,19 @@ def _incoming_order(graph, node: int) -> np.ndarray:
 
 
 def _alive(graph, node: int, removed: np.ndarray, alive: np.ndarray) -> bool:
-    """An output node, or a node with a surviving edge into a live node."""
+    """An output node, or a node with a surviving edge into a receiver some live node depends on."""
     if not graph.nodes[node].sends:
         return True
-    _, recv = graph.edge_nodes()
     out = graph.edges_from_node(node)
-    return bool(np.any(~removed[out] & alive[recv[out]]))
+    return any(_live(graph, int(r), removed, alive) for r in graph.edge_receiver[out[~removed[out]]].tolist())
+
+
+def _live(graph, receiver: int, removed: np.ndarray, alive: np.ndarray) -> bool:
+    """Whether a live node depends on ``receiver``: its owner (decided) or a node that reads it (grouped-query
+    attention's shared keys and values; decided here from its own outgoing edges, which are final by now)."""
+    if alive[graph.receiver_node(receiver)]:
+        return True
+    return any(alive[n] or _alive(graph, n, removed, alive) for n in graph.readers_of(receiver))
 
 
 def acdc(
@@ -86,11 +93,14 @@ def acdc(
     for node in reversed(g.topological_order):
         alive[node] = _alive(g, node, removed, alive)
         incoming = _incoming_order(g, node)
-        if not alive[node]:
-            removed[incoming] = True
-            bar.update(len(incoming))
+        if not len(incoming):
             continue
+        live = {r: _live(g, r, removed, alive) for r in set(g.edge_receiver[incoming].tolist())}
         for e in incoming:
+            if not live[int(g.edge_receiver[e])]:
+                removed[e] = True
+                bar.update(1)
+                continue
             removed[e] = True
             m_new = metric_of(model, clean, metric, [Term(_weights(model, source, removed), source)])
             fwd += 1

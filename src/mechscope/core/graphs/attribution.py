@@ -28,38 +28,50 @@ from mechscope.core.graphs.protocol import (
     ablation_values,
     capture,
     check_model,
+    edge_attribution,
     edge_weight,
+    gradients,
     metric_of,
     metric_value,
-    run,
 )
 from mechscope.core.graphs.results import EdgeScores, check_better
-
-
-def _edge_grad(model, inputs, metric, terms) -> tuple[torch.Tensor, float]:
-    """dM/dw at w = 0 for the last term's weight ``w``, and M (one forward and one backward)."""
-    output, _ = run(model, inputs, terms, grad=True)
-    m = metric_value(metric, output, grad=True)
-    (g,) = torch.autograd.grad(m, terms[-1].weight, allow_unused=True)
-    return (torch.zeros_like(terms[-1].weight) if g is None else g.detach()), float(m.detach())
 
 
 def _metric_or_nan(metric, output) -> float:
     return float("nan") if output is None else float(metric_value(metric, output))
 
 
+def _differences(source, clean_s) -> list:
+    """``source - clean`` per sender (a batch of 1 broadcasts); other batch sizes are a user error."""
+    out = []
+    for v, c in zip(source, clean_s, strict=True):
+        if v is None or c is None:
+            out.append(None)
+            continue
+        if v.dim() == c.dim() and v.shape[0] not in (1, c.shape[0]):
+            raise MechscopeError(
+                f"the replacement activations have batch size {v.shape[0]}, the run {c.shape[0]}: "
+                "pass clean and corrupted batches of the same size"
+            )
+        out.append(v - c)
+    return out
+
+
 def eap(model, clean: Any, corrupted: Any = None, *, metric, ablation: str = "patch", better=None) -> EdgeScores:
-    """Edge attribution patching (Syed et al. 2023): every edge's score from two forwards and one backward."""
+    """Edge attribution patching (Syed et al. 2023): every edge's score from two forwards and one backward.
+
+    ``score(s->r) = (out'_s - out_s) . dM/d in_r``: the gradient of the metric with respect to every receiver's
+    input on the clean run, then one product with the senders' differences (:func:`edge_attribution`)."""
     check_model(model)
     check_better(better)
     t0 = time.perf_counter()
     source, corrupted_out, fwd = ablation_values(model, clean, corrupted, ablation)
-    weight = edge_weight(model, source, grad=True)
-    g, m_clean = _edge_grad(model, clean, metric, [Term(weight, source)])  # w = 0: the clean run
+    m_clean, grads, clean_s = gradients(model, clean, metric)
+    scores = edge_attribution(model, _differences(source, clean_s), grads)
     return EdgeScores(
         method="eap",
         graph=model.graph,
-        scores=g.cpu().double().numpy(),
+        scores=scores.cpu().double().numpy(),
         better=better,
         settings={"ablation": ablation},
         forward_passes=fwd + 1,
@@ -81,16 +93,18 @@ def eap_ig(model, clean: Any, corrupted: Any, *, metric, steps: int = 5, better=
     t0 = time.perf_counter()
     clean_out, clean_s = capture(model, clean)
     corrupted_out, corrupted_s = capture(model, corrupted)
-    diff = [c - k for c, k in zip(corrupted_s, clean_s, strict=True)]
-    total = edge_weight(model, clean_s)
+    diff = _differences(corrupted_s, clean_s)
+    total = None
     for k in range(1, steps + 1):
         inputs, terms = _interpolation(model, clean, corrupted, corrupted_s, k / steps)
-        weight = edge_weight(model, clean_s, grad=True)
-        total += _edge_grad(model, inputs, metric, [*terms, Term(weight, diff, relative=False)])[0]
+        _, grads, _ = gradients(model, inputs, metric, terms)
+        total = grads if total is None else [a.add_(b) for a, b in zip(total, grads, strict=True)]
+        del grads
+    scores = edge_attribution(model, diff, [g / steps for g in total])
     return EdgeScores(
         method="eap-ig",
         graph=model.graph,
-        scores=(total / steps).cpu().double().numpy(),
+        scores=scores.cpu().double().numpy(),
         better=better,
         settings={"steps": steps, "ablation": "patch", "interpolate": _how(model)},
         forward_passes=2 + steps,

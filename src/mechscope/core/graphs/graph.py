@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,7 +33,11 @@ _RECEIVER = re.compile(r"^(?P<node>[^<>]+)<(?P<slot>[^<>]+)>$")
 @dataclass(frozen=True)
 class Node:
     """One component: its name, kind, drawing position (``layer`` = column, ``index`` = row), input slots, and
-    whether it sends an output (``sends=False`` for output nodes such as the logits)."""
+    whether it sends an output (``sends=False`` for output nodes such as the logits).
+
+    ``reads`` names receivers of *other* nodes whose input this node's output also depends on: in grouped-query
+    attention the query heads of a group share one key and one value input, which the graph gives to the group's
+    first head (``blocks.L.attn.h3<k>``) and the others read (``reads=("blocks.L.attn.h3<k>", ...)``)."""
 
     name: str
     kind: str = "component"
@@ -41,6 +45,7 @@ class Node:
     index: int = 0
     slots: tuple[str, ...] = ()
     sends: bool = True
+    reads: tuple[str, ...] = ()  # other nodes' receivers ("node<slot>") this node's output also depends on
 
 
 def _derived():
@@ -65,6 +70,7 @@ class ComponentGraph(Result):
 
     def __post_init__(self) -> None:
         nodes = tuple(n if isinstance(n, Node) else Node(**n) for n in self.nodes)
+        nodes = tuple(n if isinstance(n.reads, tuple) else replace(n, reads=tuple(n.reads)) for n in nodes)
         object.__setattr__(self, "nodes", nodes)
         object.__setattr__(self, "edges", tuple(tuple(e) for e in self.edges))
         node_id = _node_ids(nodes)
@@ -78,11 +84,15 @@ class ComponentGraph(Result):
         set_(self, "receivers", receivers)
         set_(self, "edge_sender", es)
         set_(self, "edge_receiver", er)
-        set_(self, "_index", {"node": node_id, "sender": sender_id, "receiver": receiver_id, "edge": edge_id})
+        reads, readers = _reads(nodes, receiver_id)
+        index = {"node": node_id, "sender": sender_id, "receiver": receiver_id, "edge": edge_id}
+        set_(self, "_index", index | {"reads": reads, "readers": readers})
         src = np.asarray(senders, dtype=np.int64)[es] if len(es) else np.zeros(0, dtype=np.int64)
         dst = np.asarray([n for n, _ in receivers], dtype=np.int64)[er] if len(er) else np.zeros(0, dtype=np.int64)
         set_(self, "_edge_nodes", (src, dst))
-        set_(self, "topological_order", _topological(nodes, src, dst))
+        # a reader depends on every sender into the receivers it reads
+        extra = [(int(a), node) for node, rs in reads.items() for r in rs for a in src[er == r].tolist()]
+        set_(self, "topological_order", _topological(nodes, src, dst, extra))
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -168,6 +178,22 @@ class ComponentGraph(Result):
         n = self.nodes[node]
         return tuple(rid[(n.name, s)] for s in n.slots)
 
+    def inputs_of(self, node: int) -> tuple[int, ...]:
+        """Every receiver the node's output depends on: its own slots and those it ``reads``."""
+        return self.receivers_of(node) + self._index["reads"].get(node, ())
+
+    def readers_of(self, receiver: int) -> tuple[int, ...]:
+        """Nodes other than its owner that read ``receiver`` (grouped-query attention's key/value inputs)."""
+        return self._index["readers"].get(receiver, ())
+
+    def dependents_of(self, receiver: int) -> tuple[int, ...]:
+        """The receiver's owner and its readers: the nodes whose output its input reaches directly."""
+        return (self.receiver_node(receiver), *self.readers_of(receiver))
+
+    def edges_into_inputs(self, node: int) -> np.ndarray:
+        """Edges into every receiver the node depends on (its own and those it reads)."""
+        return self.edges_into(self.inputs_of(node))
+
     def edges_into(self, receivers: Iterable[int]) -> np.ndarray:
         """Indices of the edges ending at any of ``receivers``."""
         return np.flatnonzero(np.isin(self.edge_receiver, np.fromiter(receivers, dtype=np.int64)))
@@ -248,11 +274,33 @@ def _edge_arrays(edges, node_id, sender_id, receiver_id):
     return es, er, edge_id
 
 
-def _topological(nodes, src: np.ndarray, dst: np.ndarray) -> tuple[int, ...]:
-    """Kahn's algorithm on the node-level edges (``src`` -> ``dst``); a cycle is a user error."""
+def _reads(nodes, receiver_id) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+    """(node -> receivers it reads, receiver -> nodes that read it), checked."""
+    reads: dict[int, tuple[int, ...]] = {}
+    readers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        ids = []
+        for spec in n.reads:
+            m = _RECEIVER.match(spec) if isinstance(spec, str) else None
+            if m is None or (m["node"], m["slot"]) not in receiver_id:
+                raise MechscopeError(
+                    f"node {n.name!r} reads {spec!r}, which is not a receiver 'node<slot>' of the graph"
+                )
+            if m["node"] == n.name:
+                raise MechscopeError(f"node {n.name!r} reads its own slot {spec!r}")
+            ids.append(receiver_id[(m["node"], m["slot"])])
+            readers.setdefault(ids[-1], []).append(i)
+        if ids:
+            reads[i] = tuple(ids)
+    return reads, {r: tuple(v) for r, v in readers.items()}
+
+
+def _topological(nodes, src: np.ndarray, dst: np.ndarray, extra=()) -> tuple[int, ...]:
+    """Kahn's algorithm on the node-level edges (``src`` -> ``dst``, and ``extra`` pairs); a cycle is a user
+    error."""
     children: list[set[int]] = [set() for _ in nodes]
     indegree = [0] * len(nodes)
-    for a, b in set(zip(src.tolist(), dst.tolist(), strict=True)):
+    for a, b in set(zip(src.tolist(), dst.tolist(), strict=True)) | set(extra):
         if a == b:
             raise MechscopeError(f"edge from {nodes[a].name!r} to itself: the graph must be acyclic")
         children[a].add(b)
@@ -273,20 +321,45 @@ def _topological(nodes, src: np.ndarray, dst: np.ndarray) -> tuple[int, ...]:
     return tuple(order)
 
 
-def transformer_graph(n_layers: int, n_heads: int, *, pos_embed: bool = True) -> ComponentGraph:
+def transformer_graph(
+    n_layers: int,
+    n_heads: int,
+    *,
+    pos_embed: bool = True,
+    n_kv_heads: int | None = None,
+    mlp: bool = True,
+    parallel: bool = False,
+) -> ComponentGraph:
     """The standard EAP/ACDC graph of a transformer, with TransformerLens/tracr names.
 
     Senders: ``embed``, ``pos_embed``, every ``blocks.L.attn.hH`` and ``blocks.L.mlp``; receivers: each head's
     ``q``/``k``/``v``, each MLP's ``in`` and ``unembed``'s ``out``; every sender feeds every later receiver
     (columns: embeddings 0, block L's heads 2L+1 and MLP 2L+2, unembed 2·n_layers+1). Naming only: no model code.
+
+    Grouped-query attention (``n_kv_heads`` < ``n_heads``): a key or value receiver is per key/value head; it
+    belongs to the group's first query head (``blocks.L.attn.h{g·G}<k>``) and the group's other heads read it
+    (:attr:`Node.reads`). ``mlp=False``: attention-only models. ``parallel``: the MLP reads the block's input
+    (GPT-NeoX, GPT-J), so it sits in its heads' column and receives nothing from them.
     """
     if not (isinstance(n_layers, int) and isinstance(n_heads, int) and n_layers >= 1 and n_heads >= 1):
         raise MechscopeError(f"a transformer graph needs n_layers, n_heads >= 1, got {n_layers}, {n_heads}")
+    kv = n_heads if n_kv_heads is None else n_kv_heads
+    if not isinstance(kv, int) or kv < 1 or n_heads % kv:
+        raise MechscopeError(f"{n_heads} query heads cannot share {kv} key/value heads")
+    group = n_heads // kv
     nodes = [Node("embed", "input", 0, 0)]
     if pos_embed:
         nodes.append(Node("pos_embed", "input", 0, 1))
     for L in range(n_layers):
-        nodes += [Node(f"blocks.{L}.attn.h{h}", "head", 2 * L + 1, h, ("q", "k", "v")) for h in range(n_heads)]
-        nodes.append(Node(f"blocks.{L}.mlp", "mlp", 2 * L + 2, 0, ("in",)))
+        for h in range(n_heads):
+            lead = h - h % group
+            if h == lead:
+                nodes.append(Node(f"blocks.{L}.attn.h{h}", "head", 2 * L + 1, h, ("q", "k", "v")))
+            else:
+                reads = (f"blocks.{L}.attn.h{lead}<k>", f"blocks.{L}.attn.h{lead}<v>")
+                nodes.append(Node(f"blocks.{L}.attn.h{h}", "head", 2 * L + 1, h, ("q",), reads=reads))
+        if mlp:
+            nodes.append(Node(f"blocks.{L}.mlp", "mlp", 2 * L + (1 if parallel else 2), n_heads if parallel else 0,
+                              ("in",)))  # fmt: skip
     nodes.append(Node("unembed", "output", 2 * n_layers + 1, 0, ("out",), sends=False))
     return ComponentGraph.dense(nodes)

@@ -88,3 +88,125 @@ def trimmed_curve(a, b, bend: float, radius: float, samples: int = 60) -> np.nda
         return pts[[0, -1]]
     t0, t1 = t[idx[0]], t[idx[-1]]
     return bezier(a, b, bend, np.linspace(t0, t1, samples))
+
+
+# ---- drawing a discovered circuit (circuit discovery's reports, both wings) ----------------------------
+
+
+def circuit_layout(
+    nodes: list, edges: list[tuple], layer_of, radius: float = 0.42, dy: float = 1.2, sweeps: int = 4
+) -> Layout:
+    """:func:`layout` for a discovered circuit: within each column the nodes are ordered by the mean height of
+    their neighbours in the other columns (barycentric sweeps left to right and back, which untangles a CNN's
+    channel-to-channel edges), and the columns are set wide enough apart for the tallest one that an edge to its
+    end need not bend round the nodes next to it."""
+    layers = sorted({layer_of(n) for n in nodes})
+    cols: dict = {layer: [n for n in nodes if layer_of(n) == layer] for layer in layers}
+    nbrs: dict = {n: [] for n in nodes}
+    for a, b in edges:
+        if a in nbrs and b in nbrs and layer_of(a) != layer_of(b):
+            nbrs[a].append(b)
+            nbrs[b].append(a)
+
+    def heights() -> dict:
+        return {n: i - (len(ns) - 1) / 2 for ns in cols.values() for i, n in enumerate(ns)}
+
+    for sweep in range(sweeps):
+        for layer in layers if sweep % 2 == 0 else layers[::-1]:
+            y = heights()
+            key = {n: float(np.mean([y[m] for m in nbrs[n]])) if nbrs[n] else y[n] for n in cols[layer]}
+            cols[layer] = sorted(cols[layer], key=lambda n: key[n])  # stable: ties keep their order
+    tallest = max(len(ns) for ns in cols.values())
+    dx = _column_spacing(tallest, dy)
+    order = [n for layer in layers for n in cols[layer]]
+    pos = columns_layout(order, layer_of, radius, dx=dx, dy=dy)
+    return Layout(pos, route(pos, edges, radius), radius, layers)
+
+
+def _column_spacing(tallest: int, dy: float) -> float:
+    """Columns 1.6 apart, more when a column is taller than 5 nodes (0.4 row heights per extra node)."""
+    return max(1.6, 0.4 * dy * (tallest - 5))
+
+
+def circuit_figsize(nodes: list, layer_of, max_width: float = 16, max_height: float = 12) -> tuple[float, float]:
+    """A figure size (inches) for :func:`draw_circuit`'s layout of these nodes: its aspect, within the bounds."""
+    cols, rows = circuit_extent(nodes, layer_of)
+    dx = _column_spacing(rows, 1.2)
+    width, height = (cols - 1) * dx + 2.4, (rows - 1) * 1.2 + 2.4  # data units, with the margins
+    scale = min(max_width / width, max_height / height, 0.7)  # at most 0.7 inch per unit: a node 0.6 inch across
+    return max(4.0, width * scale + 0.6), max(2.0, height * scale + 1.0)
+
+
+def draw_circuit(
+    ax,
+    nodes: list,
+    edges: list[dict],
+    layer_of,
+    label_of=str,
+    node_colour=None,
+    radius: float = 0.42,
+    column_labels: dict | None = None,
+) -> None:
+    """Draw a circuit on ``ax``: nodes in layer columns (:func:`circuit_layout`: no edge crosses a node it does
+    not join), each edge ``{"a", "b", "width" (0..1), "colour", "label"}`` as an arrow whose width grows with
+    ``width``. ``node_colour(node)`` colours the discs (default grey); ``column_labels`` maps a layer to its tick."""
+    from matplotlib.patches import Circle, FancyArrowPatch
+    from matplotlib.path import Path as MPath
+
+    lay = circuit_layout(nodes, [(e["a"], e["b"]) for e in edges], layer_of, radius)
+    curves = [trimmed_curve(lay.pos[e["a"]], lay.pos[e["b"]], lay.bends[(e["a"], e["b"])], lay.radius + 0.03)
+              for e in edges]  # fmt: skip
+    for e, pts in zip(edges, curves, strict=True):
+        path = MPath(pts, [MPath.MOVETO] + [MPath.LINETO] * (len(pts) - 1))
+        ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=10, lw=0.6 + 5.0 * e["width"],
+                                     color=e.get("colour", "#777"), alpha=0.8, zorder=1))  # fmt: skip
+        if e.get("label"):
+            mid = pts[len(pts) // 2]
+            ax.text(mid[0], mid[1] + 0.1, e["label"], fontsize=6, ha="center", color="#444", zorder=2)
+    for node, (x, y) in lay.pos.items():
+        colour = node_colour(node) if node_colour else "#888"
+        ax.add_patch(Circle((x, y), lay.radius, color=colour, zorder=3))
+        ax.text(x, y, label_of(node), ha="center", va="center", fontsize=6, color="white", zorder=4)
+    every = np.concatenate([np.asarray(list(lay.pos.values()))] + curves) if curves else np.asarray(
+        list(lay.pos.values()))  # fmt: skip
+    lo, hi = every.min(0) - 0.8, every.max(0) + 0.8
+    ax.set_aspect("equal")
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    xs = sorted({p[0] for p in lay.pos.values()})
+    ax.set_xticks(xs)
+    ax.set_xticklabels([(column_labels or {}).get(layer, str(layer)) for layer in lay.columns], fontsize=7)
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+
+
+def circuit_extent(nodes: list, layer_of) -> tuple[int, int]:
+    """(columns, largest column height) of a circuit's layout: for sizing its figure."""
+    per: dict = {}
+    for n in nodes:
+        per[layer_of(n)] = per.get(layer_of(n), 0) + 1
+    return len(per), max(per.values()) if per else 0
+
+
+def draw_faithfulness(ax, fractions, faithfulness, random_mean=None, random_sd=None, absolute=None,
+                      label: str = "circuit") -> None:  # fmt: skip
+    """A faithfulness curve over the fraction of edges kept (log axis): the circuit, by |score| when different,
+    and the random baseline's mean ± sd; 1 = the full model, 0 = the empty circuit."""
+    x = np.asarray(fractions, dtype=float) * 100
+    ax.plot(x, faithfulness, "o-", color="#1b9e77", label=label, zorder=3)
+    if absolute is not None and not np.allclose(np.asarray(absolute, float), np.asarray(faithfulness, float),
+                                                equal_nan=True):  # fmt: skip
+        ax.plot(x, absolute, "s--", color="#7570b3", label=f"{label}, ranked by |score|", zorder=2)
+    if random_mean is not None and len(random_mean) == len(x) and np.isfinite(np.asarray(random_mean, float)).any():
+        m = np.asarray(random_mean, dtype=float)
+        ax.plot(x, m, "^-", color="#d95f02", label="random circuits", zorder=2)
+        if random_sd is not None:
+            sd = np.nan_to_num(np.asarray(random_sd, dtype=float))
+            ax.fill_between(x, m - sd, m + sd, color="#d95f02", alpha=0.15, zorder=1)
+    ax.axhline(1.0, color="#999", lw=0.8, ls=":")
+    ax.axhline(0.0, color="#999", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("edges kept (%)")
+    ax.set_ylabel("faithfulness (1 = full model, 0 = empty circuit)")
+    ax.legend(fontsize=7)

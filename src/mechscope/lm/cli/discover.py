@@ -1,1 +1,113 @@
 """``mechscope lm discover``: automatic circuit discovery on the component graph."""
+
+from __future__ import annotations
+
+import typer
+
+from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ModelOpt, app
+
+
+def parse_size(text: str | None):
+    """``--size``: an edge count (``30``) or a fraction of the edges (``0.01``); None: the method's default."""
+    from mechscope.core.errors import MechscopeError
+
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        raise MechscopeError(f"--size expects an edge count or a fraction in (0, 1], got {text!r}") from None
+    if not 0 < f <= 1:
+        raise MechscopeError(f"--size as a fraction must be in (0, 1], got {text}")
+    return f
+
+
+def parse_range(text: str | None) -> tuple[int, int] | None:
+    from mechscope.core.errors import MechscopeError
+
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise MechscopeError(f"--tokens expects LOW,HIGH token ids, got {text!r}") from None
+    return lo, hi
+
+
+@app.command()
+def discover(
+    model: str = ModelOpt,
+    method: str = typer.Option(
+        "eap-ig", "--method", help="eap, eap-ig, acdc or edge-patching (exact, one pass per edge)."
+    ),
+    task: str | None = typer.Option(None, "--task", help="induction or tracr (default: tracr for a tracr folder)."),
+    metric: str | None = typer.Option(
+        None,
+        "--metric",
+        help="induction: loss, logprob, kl, logit_diff; tracr: logit_diff, logit, logprob, kl, "
+        "accuracy (categorical), projection, mse (numerical). Default: the first.",
+    ),
+    size: str | None = typer.Option(
+        None,
+        "--size",
+        help="Circuit edges: a count or a fraction (default: the known circuit's size, ACDC's own, or 30).",
+    ),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="ACDC's tau (default: 1% of |metric clean - corrupted|); for eap/eap-ig a cut on "
+        "|score| (the circuit: every edge at or above it).",
+    ),
+    steps: int = typer.Option(5, "--steps", help="EAP-IG's interpolation steps."),
+    ablation: str = typer.Option(
+        "patch", "--ablation", help="What a removed edge carries: patch (the corrupted input's value), mean or zero."
+    ),
+    n: int = typer.Option(20, "--n", help="induction: random tokens per copy."),
+    batch: int = typer.Option(8, "--batch", help="induction: sequences."),
+    tokens: str | None = typer.Option(None, "--tokens", help="induction: token ids LOW,HIGH to draw from."),
+    distinct: bool = typer.Option(False, "--distinct", help="induction: the n tokens of a copy all different."),
+    limit: int | None = typer.Option(None, "--limit", help="tracr: the first N examples (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the corruption and the random baseline."),
+    no_curve: bool = typer.Option(False, "--no-curve", help="Skip the faithfulness curve."),
+    random: int = typer.Option(5, "--random", help="Random circuits of the faithfulness baseline."),
+    compare_heads: str | None = typer.Option(
+        None, "--compare-heads", help="heads.json of `lm heads` on this model: compare with its path-patched edges."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/discover/MODEL)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+) -> None:
+    """Discover a circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
+    from mechscope.lm.pipelines.discovery import discover_model
+
+    path, r = discover_model(
+        model, out, method=method, task=task, metric=metric, size=parse_size(size), threshold=threshold,
+        steps=steps, ablation=ablation, n=n, batch=batch, seed=seed, limit=limit, token_range=parse_range(tokens),
+        distinct=distinct, curve=not no_curve, n_random=random, compare_heads=compare_heads, force=force,
+        device=device, dtype=dtype,
+    )  # fmt: skip
+    s = r.scores
+    typer.echo(f"{r.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
+               f"{s.backward_passes} backward passes); {r.metric} clean {s.metric_clean:.4g}, corrupted "
+               f"{s.metric_corrupted:.4g}")  # fmt: skip
+    typer.echo(f"circuit: {len(r.circuit)} edges, {len(r.circuit.nodes)} nodes; strongest: "
+               + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in r.scores.table(5)))  # fmt: skip
+    if r.faithfulness is not None:
+        f = r.faithfulness
+        typer.echo(
+            f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} (random {f.random_cmd:.3f})"
+        )
+    for name, sc in r.ground_truth.items():
+        typer.echo(f"against circuit.json ({name}): edge AUROC {sc.edge_auroc:.3f}, node recall at size "
+                   f"{sc.node_recall_at_size:.2f}, edge precision/recall "
+                   f"{sc.edge_precision:.2f}/{sc.edge_recall:.2f}")  # fmt: skip
+    if r.comparison:
+        c = r.comparison
+        typer.echo(f"path-patched edges: AUROC {c['auroc']:.3f} (among {'/'.join(c['slots'])} inputs "
+                   f"{c['auroc_in_slot']:.3f}); {c['in_top']} of {len(c['edges'])} in the top {c['top']}")  # fmt: skip
+    typer.echo(f"discovery.json and report.html written to {path}")

@@ -7,6 +7,7 @@
 * a directory with ``config.json`` and ``model.safetensors`` (sharded, or ``pytorch_model.bin``)
   of any family in :data:`CONVERTERS` (GPT-2, Llama, GPT-NeoX/Pythia, GPT-Neo, GPT-J, OPT,
   Qwen2, Qwen3, Mistral, Gemma 1/2/3, Phi-3);
+* a tracr folder (``shared/data/tracr/reverse``: ``config.json`` says tracr compiled it; no tokenizer);
 * a hub id (``gpt2``, ``EleutherAI/pythia-70m`` with ``revision="step3000"``...), from the
   Hugging Face cache, downloading when online (:mod:`mechscope.lm.models.hub`).
 
@@ -47,6 +48,7 @@ from mechscope.lm.models.convert.common import require as _require  # noqa: F401
 from mechscope.lm.models.convert.gguf import GGUF_LLAMA_KEYS, gguf_config, gguf_tensors, unpermute_rope  # noqa: F401
 from mechscope.lm.models.convert.gpt2 import GPT2_FIELDS, convert_gpt2  # noqa: F401
 from mechscope.lm.models.convert.llama import LLAMA_FIELDS, convert_llama  # noqa: F401
+from mechscope.lm.models.convert.tracr import is_tracr_dir, read_tracr
 from mechscope.lm.models.devices import dispatch, placement, plan_device_map, resolve_device, resolve_dtype
 from mechscope.lm.models.hub import HUB_ALIASES, resolve_hub  # noqa: F401
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
@@ -214,6 +216,28 @@ def _load_hf_dir(directory: Path, dtype, partial_ok, device, device_map, **optio
 
 
 # ---------------------------------------------------------------------------------------------
+# tracr's compiled models
+
+
+def load_tracr(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device=None
+) -> tuple[HookedTransformer, None]:
+    """A tracr folder (:mod:`mechscope.lm.models.convert.tracr`): the model, with ``model.tracr`` its vocabularies,
+    BOS and output; no tokenizer."""
+    directory = Path(directory)
+    try:
+        cfg, ours, info = read_tracr(directory)
+        check_config(cfg, directory / "config.json")
+        model = build(cfg, ours, dtype, device=device, consume=True)
+    except MechscopeError as e:  # every error names the folder
+        if str(directory) in str(e):
+            raise
+        raise type(e)(f"{directory}: {e}") from None
+    model.tracr = info
+    return model, None
+
+
+# ---------------------------------------------------------------------------------------------
 # GGUF
 
 
@@ -307,6 +331,8 @@ def load_model(
         if not path.is_file():
             raise MechscopeError(f"{path}: GGUF file not found")
         return load_gguf(path, dtype, **place)
+    if path.is_dir() and is_tracr_dir(path):
+        return load_tracr(path, dtype, device=place["device"])
     if path.is_dir():
         return load_hf_dir(path, dtype, partial_ok, **place)
     if path.exists():

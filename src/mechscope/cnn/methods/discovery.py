@@ -1,0 +1,505 @@
+"""Circuit discovery and causal scrubbing on a CNN's channel graph: tasks, metrics, features, results.
+
+A task (:class:`ImageTask`) is a clean batch of test images, a corrupted batch of the same size and a scalar
+metric of the logits on the clean batch. With a target class (``--class D``) the clean images are the class's
+and the corrupted ones are seeded images of other classes; without one, a seeded sample of every class and,
+corrupted, the same images in a seeded derangement. Metrics (labels = the images' classes, or the target):
+``logprob`` (mean log-softmax of the label; default), ``logit`` (the label's logit), ``logit_diff`` (the label's
+logit minus the mean of the others), ``loss`` (cross-entropy), ``accuracy`` and ``detect`` (with a target:
+how often "predicted D" agrees with "is D", over images of every class; not differentiable: ACDC and scrubbing
+only) and ``kl`` (the KL divergence of the output from the clean run's, mean over the images; 0 at the clean
+run; its gradient there is 0 too, so EAP scores nothing with it: use EAP-IG or ACDC).
+
+:func:`discover` runs EAP, EAP-IG, ACDC or exact edge patching through
+:class:`~mechscope.cnn.methods.graph.CNNEdges`, cuts a circuit and draws the faithfulness curve; given the
+channels ``cnn explain`` found for the class (``mechanisms.json``), it compares the discovered channels of the
+last stage with them. :func:`scrub_hypothesis` tests a hypothesis file's claims with the features of
+:data:`FEATURES`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mechscope.cnn.methods.graph import CNNEdges
+from mechscope.cnn.models.spec import CNNSpec
+from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs import (
+    MIB_FRACTIONS,
+    Circuit,
+    EdgeScores,
+    FaithfulnessCurve,
+    acdc,
+    auroc,
+    eap,
+    eap_ig,
+    edge_patching,
+    faithfulness_curve,
+)
+from mechscope.core.results import Result
+from mechscope.core.scrub import ScrubResult, parse_hypothesis, scrub
+from mechscope.core.torch_utils import evaluating
+
+METHODS = ("eap", "eap-ig", "acdc", "edge-patching")
+METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
+           "detect": "higher", "kl": "lower"}  # fmt: skip
+NOT_DIFFERENTIABLE = {"accuracy", "detect"}
+FEATURES = {
+    "class": "the image's class",
+    "prediction": "the class the model predicts for the image",
+    "image": "the image itself (recursively resampled: the same as no feature)",
+    "central_column": "the ink in the image's central column (quartile over the dataset)",
+    "ink": "the image's total ink (quartile over the dataset)",
+}
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """Clean and corrupted images and a metric of the logits on the clean ones (see the module docstring)."""
+
+    metric_name: str
+    better: str | None
+    clean: torch.Tensor = field(repr=False)
+    corrupted: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+    metric: Callable = field(repr=False, compare=False)
+    target: int | None = None
+    description: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+def make_metric(
+    name: str, labels: torch.Tensor, target: int | None, clean_logits: torch.Tensor | None = None
+) -> Callable:
+    """The metric ``name`` of the logits [N, K] for images of classes ``labels`` (see the module docstring);
+    ``kl`` needs the clean run's logits [N, K]."""
+    if name not in METRICS:
+        raise MechscopeError(f"unknown metric {name!r}: one of {', '.join(METRICS)}")
+    if name == "detect" and target is None:
+        raise MechscopeError("the metric 'detect' needs a target class (--class)")
+    if name == "kl":
+        if clean_logits is None or tuple(clean_logits.shape[:1]) != tuple(labels.shape):
+            raise MechscopeError("the metric 'kl' needs the clean run's logits, one row per image")
+        clean_lp = F.log_softmax(clean_logits.detach().double(), -1)
+        return lambda out: F.kl_div(F.log_softmax(out.double(), -1), clean_lp, log_target=True,
+                                    reduction="none").sum(-1).mean()  # fmt: skip
+    rows = torch.ones(len(labels), dtype=torch.bool) if target is None or name == "detect" else labels == target
+    y = labels if target is None else torch.full_like(labels, target)
+
+    def pick(out):
+        return out.double().gather(1, y[:, None])[:, 0][rows]
+
+    fns = {
+        "logprob": lambda out: pick(F.log_softmax(out.double(), -1)).mean(),
+        "logit": lambda out: pick(out).mean(),
+        "logit_diff": lambda out: (pick(out) - (out.double().sum(1)[rows] - pick(out)) / (out.shape[1] - 1)).mean(),
+        "loss": lambda out: -pick(F.log_softmax(out.double(), -1)).mean(),
+        "accuracy": lambda out: (out.argmax(1) == y)[rows].double().mean(),
+        "detect": lambda out: ((out.argmax(1) == target) == (labels == target)).double().mean(),
+    }
+    return fns[name]
+
+
+def image_task(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    target: int | None = None,
+    metric: str | None = None,
+    n: int = 64,
+    seed: int = 0,
+    corrupt: str = "resample",
+    n_classes: int | None = None,
+    model: Callable | None = None,
+) -> ImageTask:
+    """``n`` seeded test images (of the target class, when given) and their corruption (see the docstring);
+    ``model`` (images -> logits) gives the clean logits the metric ``kl`` compares with."""
+    metric = metric or "logprob"
+    if metric not in METRICS:
+        raise MechscopeError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise MechscopeError(f"--n must be an integer >= 2, got {n!r}")
+    if corrupt not in ("resample", "other-class"):
+        raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
+    k = n_classes or int(labels.max()) + 1
+    if target is not None and not 0 <= target < k:
+        raise MechscopeError(f"class {target} outside 0..{k - 1}")
+    g = torch.Generator().manual_seed(seed)
+    every = target is None or metric == "detect"
+    pool = torch.arange(len(labels)) if every else torch.nonzero(labels == target).flatten()
+    if len(pool) < 2:
+        raise MechscopeError(f"only {len(pool)} test image(s) of class {target}")
+    pick = pool[torch.randperm(len(pool), generator=g)[:n]]
+    if target is not None and metric != "detect":
+        others = torch.nonzero(labels != target).flatten()
+        donors = others[torch.randint(len(others), (len(pick),), generator=g)]
+        how = f"seeded images of other classes than {target}"
+    else:
+        perm = _derangement(len(pick), g)
+        donors = pick[perm]
+        how = "the same images in a seeded derangement"
+    lab = labels[pick]
+    clean_logits = None
+    if metric == "kl":
+        if model is None:
+            raise MechscopeError("the metric 'kl' needs the model, to compute the clean run's logits")
+        with torch.no_grad():
+            clean_logits = model(images[pick])
+    return ImageTask(
+        metric_name=metric,
+        better=METRICS[metric],
+        clean=images[pick],
+        corrupted=images[donors],
+        labels=lab,
+        metric=make_metric(metric, lab, target, clean_logits),
+        target=target,
+        description=f"{metric} on {len(pick)} test images"
+        + (f" of class {target}" if target is not None and metric != "detect" else "")
+        + f"; corrupted: {how}",  # fmt: skip
+        settings={"n": len(pick), "seed": seed, "target": target},
+    )
+
+
+def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
+    while True:
+        p = torch.randperm(n, generator=g)
+        if not (p == torch.arange(n)).any():
+            return p
+
+
+# ---- results -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CNNDiscovery(Result):
+    """One circuit-discovery run on a CNN's channel graph; ``discovery.json``."""
+
+    SCHEMA: ClassVar[str] = "mechscope.cnn_discovery/1"
+    FILE: ClassVar[str] = "discovery.json"
+
+    run: str
+    task_description: str
+    metric: str
+    better: str | None
+    target: int | None
+    method: str
+    settings: dict
+    n_examples: int
+    scores: EdgeScores
+    circuit: Circuit
+    faithfulness: FaithfulnessCurve | None
+    channel_scores: dict[str, list[float]]  # stage -> per channel: the largest |score| of its edges
+    hand: dict | None  # against the circuit cnn explain found for the class
+    seconds: dict[str, float]
+
+    def json_extras(self) -> dict:
+        s = self.scores
+        return {"top_edges": [[s.graph.edge_name(int(e)), float(s.scores[e])] for e in s.order()[:30]]}
+
+    def table(self, k: int = 20):
+        return self.scores.table(k)
+
+
+@dataclass(frozen=True)
+class CNNScrub(Result):
+    """Causal scrubbing of one hypothesis on a CNN; ``scrub.json``."""
+
+    SCHEMA: ClassVar[str] = "mechscope.cnn_scrub/1"
+    FILE: ClassVar[str] = "scrub.json"
+
+    run: str
+    name: str
+    description: str
+    metric: str
+    better: str | None
+    target: int | None
+    settings: dict
+    features: dict[str, str]
+    scrub: ScrubResult
+    seconds: dict[str, float]
+
+
+# ---- discovery -----------------------------------------------------------------------------------------
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise MechscopeError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+    return method
+
+
+def check_threshold(threshold) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise MechscopeError(f"--threshold must be a finite number >= 0, got {threshold!r}")
+    if threshold < 0:
+        raise MechscopeError(f"--threshold must be >= 0, got {threshold:g}")
+    return float(threshold)
+
+
+def channel_scores(scores: EdgeScores, spec: CNNSpec) -> dict[str, list[float]]:
+    """Per stage and channel, the largest |score| among the edges that touch the channel."""
+    g = scores.graph
+    send, recv = g.edge_nodes()
+    best = np.zeros(len(g.nodes))
+    np.maximum.at(best, send, np.abs(scores.scores))
+    np.maximum.at(best, recv, np.abs(scores.scores))
+    return {st.name: [float(best[g.node_id(f"{st.name}.c{j}")]) for j in range(st.out_channels)]
+            for st in spec.stages}  # fmt: skip
+
+
+def compare_channels(scores: EdgeScores, spec: CNNSpec, hand: list[int], stage: str | None = None) -> dict:
+    """The discovered channels of ``stage`` (default the last) against the hand-found ``hand``: channels ranked
+    by their read-out edge's |score| (the last stage) or their largest edge, the top ``len(hand)`` compared
+    (recall = overlap / |hand|, Jaccard), AUROC of the hand set, each hand channel's rank."""
+    st = spec.stage(stage) if stage else spec.last
+    g = scores.graph
+    last = st is spec.last
+    keys = []
+    for j in range(st.out_channels):
+        name = f"{st.name}.c{j}"
+        if last:
+            keys.append(abs(float(scores.scores[g.edge_id(name, "logits", "in")])))
+        else:
+            keys.append(channel_scores(scores, spec)[st.name][j])
+    key = np.asarray(keys)
+    order = np.argsort(-key, kind="stable")
+    top = [int(c) for c in order[: len(hand)]]
+    labels = np.zeros(len(key), dtype=bool)
+    labels[list(hand)] = True
+    rank = {int(c): int(np.flatnonzero(order == c)[0]) + 1 for c in hand}
+    both = set(top) & set(hand)
+    return {
+        "stage": st.name,
+        "hand": [int(c) for c in hand],
+        "discovered_top": top,
+        "overlap": sorted(both),
+        "recall_at_size": len(both) / len(hand) if hand else math.nan,
+        "jaccard": len(both) / len(set(top) | set(hand)) if hand else math.nan,
+        "auroc": auroc(key, labels),
+        "hand_ranks": rank,
+        "ranking": [int(c) for c in order],
+    }
+
+
+def discover(
+    spec: CNNSpec,
+    task: ImageTask,
+    method: str = "eap-ig",
+    *,
+    size: int | float | None = None,
+    threshold: float | None = None,
+    steps: int = 5,
+    ablation: str = "patch",
+    curve: bool = True,
+    n_random: int = 5,
+    seed: int = 0,
+    hand: list[int] | None = None,
+    name: str = "",
+    progress: bool = False,
+) -> CNNDiscovery:
+    """Discover the channel circuit of ``task`` (see the module docstring); ``hand``: the last stage's channels
+    ``cnn explain`` found for the task's class, to compare with."""
+    check_method(method)
+    threshold = check_threshold(threshold)
+    if method in ("eap", "eap-ig") and task.metric_name in NOT_DIFFERENTIABLE:
+        raise MechscopeError(f"{method} needs a differentiable metric; {task.metric_name!r} is not (use acdc)")
+    if method == "eap" and task.metric_name == "kl":
+        raise MechscopeError("eap scores nothing with kl: its gradient is 0 at the clean run (use eap-ig or acdc)")
+    edges = CNNEdges(spec)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    args = (edges, task.clean, task.corrupted)
+    kw = {"metric": task.metric, "better": task.better}
+    with evaluating(spec.model):
+        if method == "eap":
+            scores = eap(*args, ablation=ablation, **kw)
+        elif method == "eap-ig":
+            scores = eap_ig(*args, steps=steps, **kw)
+        elif method == "edge-patching":
+            scores = edge_patching(*args, ablation=ablation, progress=progress, **kw)
+        else:
+            if threshold is None:
+                with torch.no_grad():
+                    m0 = float(task.metric(edges.forward(task.clean)[0]))
+                    m1 = float(task.metric(edges.forward(task.corrupted)[0]))
+                threshold = 0.01 * abs(m0 - m1)
+            scores = acdc(*args, threshold=threshold, ablation=ablation, progress=progress, **kw)
+        seconds["discovery"] = time.perf_counter() - t0
+        if method == "acdc" and size is None:
+            circuit = scores.circuit()
+        elif size is None and threshold is not None:
+            circuit = scores.circuit(int(np.sum(np.abs(scores.scores) >= threshold)))
+        else:
+            circuit = scores.circuit(min(30, edges.graph.n_edges) if size is None else size)
+        faith = None
+        if curve:
+            t1 = time.perf_counter()
+            faith = faithfulness_curve(edges, scores, task.clean, task.corrupted, metric=task.metric,
+                                       ablation="patch" if method == "eap-ig" else ablation, n_random=n_random,
+                                       seed=seed, fractions=MIB_FRACTIONS, progress=progress)  # fmt: skip
+            seconds["faithfulness"] = time.perf_counter() - t1
+    settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
+                "threshold": threshold, "n_random": n_random, **task.settings}  # fmt: skip
+    return CNNDiscovery(
+        run=name,
+        task_description=task.description,
+        metric=task.metric_name,
+        better=task.better,
+        target=task.target,
+        method=method,
+        settings=settings,
+        n_examples=len(task.clean),
+        scores=scores,
+        circuit=circuit,
+        faithfulness=faith,
+        channel_scores=channel_scores(scores, spec),
+        hand=compare_channels(scores, spec, hand) if hand else None,
+        seconds=seconds,
+    )
+
+
+# ---- features and scrubbing ----------------------------------------------------------------------------
+
+
+def _quartiles(x: torch.Tensor) -> torch.Tensor:
+    q = torch.quantile(x.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return torch.bucketize(x.double(), q)
+
+
+def feature_values(name: str, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """One value per image of feature ``name`` (:data:`FEATURES`)."""
+    if name == "class":
+        return labels
+    if name == "prediction":
+        return predictions
+    if name == "image":
+        return torch.arange(len(images))
+    if name == "central_column":
+        return _quartiles(images[..., images.shape[-1] // 2].flatten(1).sum(1))
+    if name == "ink":
+        return _quartiles(images.flatten(1).sum(1))
+    raise MechscopeError(f"unknown feature {name!r}: the CNN features are {', '.join(FEATURES)}")
+
+
+HYPOTHESIS_KEYS = {"name", "description", "run", "wing", "metric", "target", "data", "claims", "samples", "seed",
+                   "sampling", "breakdown"}  # fmt: skip
+DATA_KEYS = {"n", "seed"}
+
+
+@dataclass(frozen=True)
+class HypothesisSpec:
+    name: str
+    description: str
+    run: str
+    metric: str
+    target: int | None
+    n: int
+    data_seed: int
+    claims: tuple
+    samples: int
+    seed: int
+    sampling: str
+    breakdown: bool = True
+
+
+def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpec:
+    """A CNN hypothesis (JSON object) checked for its keys and types; one line on any error."""
+    if not isinstance(data, dict):
+        raise MechscopeError(f"{where}: a hypothesis is a JSON object")
+    bad = sorted(set(data) - HYPOTHESIS_KEYS)
+    if bad:
+        raise MechscopeError(f"{where}: unknown key {bad[0]!r} (expected {', '.join(sorted(HYPOTHESIS_KEYS))})")
+    if not isinstance(data.get("run"), str) or not data["run"]:
+        raise MechscopeError(f"{where}: 'run' must name the run directory of `mechscope cnn train`")
+    claims = data.get("claims")
+    if not isinstance(claims, list) or not claims:
+        raise MechscopeError(f"{where}: 'claims' must be a non-empty list")
+    metric = data.get("metric", "accuracy")
+    if metric not in METRICS:
+        raise MechscopeError(f"{where}: unknown metric {metric!r}: one of {', '.join(METRICS)}")
+    target = data.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 0):
+        raise MechscopeError(f"{where}: target must be a class index, got {target!r}")
+    d = data.get("data", {})
+    if not isinstance(d, dict) or set(d) - DATA_KEYS:
+        raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
+    vals = {"n": d.get("n", 500), "data.seed": d.get("seed", 0), "samples": data.get("samples", 10),
+            "seed": data.get("seed", 0)}  # fmt: skip
+    for key, v in vals.items():
+        low = 2 if key == "n" else 1 if key == "samples" else 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+    sampling = data.get("sampling", "edge")
+    if sampling not in ("edge", "sender"):
+        raise MechscopeError(f"{where}: sampling must be 'edge' or 'sender', got {sampling!r}")
+    if not isinstance(data.get("breakdown", True), bool):
+        raise MechscopeError(f"{where}: breakdown must be true or false")
+    for c in claims:
+        f = c.get("feature") if isinstance(c, dict) else None
+        if f is not None and f not in FEATURES:
+            raise MechscopeError(f"{where}: unknown feature {f!r}; the CNN features: {', '.join(FEATURES)}")
+    return HypothesisSpec(
+        name=str(data.get("name", Path(where).stem)),
+        description=str(data.get("description", "")),
+        run=data["run"],
+        metric=metric,
+        target=target,
+        n=vals["n"],
+        data_seed=vals["data.seed"],
+        claims=tuple(claims),
+        samples=vals["samples"],
+        seed=vals["seed"],
+        sampling=sampling,
+        breakdown=data.get("breakdown", True),
+    )
+
+
+def scrub_hypothesis(spec: CNNSpec, images: torch.Tensor, labels: torch.Tensor, hyp: HypothesisSpec, *,
+                     name: str = "") -> CNNScrub:  # fmt: skip
+    """Causal scrubbing of ``hyp`` on ``n`` seeded test images of every class."""
+    t0 = time.perf_counter()
+    edges = CNNEdges(spec)
+    h = parse_hypothesis({"claims": list(hyp.claims)}, edges.graph)
+    if hyp.target is not None and not 0 <= hyp.target < spec.n_classes:
+        raise MechscopeError(f"target class {hyp.target} outside 0..{spec.n_classes - 1}")
+    g = torch.Generator().manual_seed(hyp.data_seed)
+    pick = torch.randperm(len(labels), generator=g)[: hyp.n]
+    x, y = images[pick], labels[pick]
+    with torch.no_grad(), evaluating(spec.model):
+        logits = spec.model(x)
+    pred = logits.argmax(1)
+    used = sorted({c.feature for c in h.claims if c.feature is not None})
+    feats = {f: feature_values(f, x, y, pred) for f in used}
+    metric = make_metric(hyp.metric, y, hyp.target, logits)
+    with evaluating(spec.model):
+        res = scrub(edges, x, metric=metric, hypothesis=h, features=feats, samples=hyp.samples, seed=hyp.seed,
+                    sampling=hyp.sampling, breakdown=hyp.breakdown)  # fmt: skip
+    return CNNScrub(
+        run=name,
+        name=hyp.name,
+        description=hyp.description,
+        metric=hyp.metric,
+        better=METRICS[hyp.metric],
+        target=hyp.target,
+        settings={
+            "n": len(pick),
+            "data_seed": hyp.data_seed,
+            "samples": hyp.samples,
+            "seed": hyp.seed,
+            "sampling": hyp.sampling,
+        },  # fmt: skip
+        features={f: FEATURES[f] for f in used},
+        scrub=res,
+        seconds={"scrub": time.perf_counter() - t0},
+    )

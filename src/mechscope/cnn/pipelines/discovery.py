@@ -1,0 +1,117 @@
+"""``mechscope cnn discover`` and the CNN half of ``mechscope scrub``: discovery.json / scrub.json and a
+self-contained report.html, written atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from mechscope.cnn.methods.discovery import (
+    CNNDiscovery,
+    CNNScrub,
+    check_method,
+    check_threshold,
+    discover,
+    image_task,
+    parse_hypothesis_file,
+    scrub_hypothesis,
+)
+from mechscope.cnn.models.spec import walk
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.torch_utils import Timer, evaluating
+
+
+def _data(run, dataset=None, data_dir=None):
+    from mechscope.cnn.runs import load_run_data
+
+    data = load_run_data(run, dataset, data_dir)
+    return data.test_float(), data.test_labels.long(), data
+
+
+def hand_circuit(path: str | Path, target: int) -> list[int]:
+    """The last-stage channels ``cnn explain`` found for class ``target`` (its mechanisms.json, or the folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "mechanisms.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data["circuits"]["circuits"]
+    except FileNotFoundError:
+        raise MechscopeError(f"{path}: not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MechscopeError(f"{path}: not a readable mechanisms.json ({type(e).__name__})") from None
+    for row in rows:
+        if isinstance(row, dict) and row.get("target") == target:
+            return [int(c) for c in row["channels"]]
+    raise MechscopeError(f"{path}: cnn explain found no circuit for class {target}")
+
+
+def discover_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    method: str = "eap-ig",
+    metric: str | None = None,
+    target: int | None = None,
+    n: int = 64,
+    seed: int = 0,
+    corrupt: str = "resample",
+    size: int | float | None = None,
+    threshold: float | None = None,
+    steps: int = 5,
+    ablation: str = "patch",
+    curve: bool = True,
+    n_random: int = 5,
+    explain: str | Path | None = None,
+    dataset: str | None = None,
+    data_dir=None,
+    force: bool = False,
+    progress: bool = False,
+) -> tuple[Path, CNNDiscovery]:
+    """Discover a CNN's channel circuit; write discovery.json and report.html. Returns (out, the result)."""
+    from mechscope.cnn.report.discovery import write_report
+    from mechscope.cnn.runs import load_run
+
+    check_method(method)
+    check_threshold(threshold)
+    out = Path(out) if out is not None else Path(run_dir) / "discover"
+    check_target(out, force)
+    if explain is not None and target is None:
+        raise MechscopeError("--explain compares a class's circuit: give the class with --class")
+    timer = Timer("cnn discover")
+    with timer.section("load"):
+        run = load_run(run_dir)
+        images, labels, data = _data(run, dataset, data_dir)
+        spec = walk(run.model, data.shape)
+        hand = hand_circuit(explain, target) if explain is not None else None
+        with evaluating(spec.model):
+            task = image_task(images, labels, target=target, metric=metric, n=n, seed=seed, corrupt=corrupt,
+                              n_classes=spec.n_classes, model=spec.model)  # fmt: skip
+    result = discover(spec, task, method, size=size, threshold=threshold, steps=steps, ablation=ablation,
+                      curve=curve, n_random=n_random, seed=seed, hand=hand, name=str(run_dir),
+                      progress=progress)  # fmt: skip
+    result = replace(result, seconds={**timer.seconds, **result.seconds})
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / CNNDiscovery.FILE, result.to_dict())
+        write_report(result, tmp / "report.html")
+    return out, result
+
+
+def scrub_file(data: dict, where: str, out: str | Path | None = None, force: bool = False) -> tuple[Path, CNNScrub]:
+    """Causal scrubbing of a CNN hypothesis (the parsed JSON of ``where``); scrub.json and report.html."""
+    from mechscope.cnn.report.discovery import write_scrub_report
+    from mechscope.cnn.runs import load_run
+
+    hyp = parse_hypothesis_file(data, where)
+    out = Path(out) if out is not None else Path("runs") / "scrub" / Path(where).stem
+    check_target(out, force)
+    run = load_run(hyp.run)
+    images, labels, d = _data(run)
+    spec = walk(run.model, d.shape)
+    result = scrub_hypothesis(spec, images, labels, hyp, name=hyp.run)
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / CNNScrub.FILE, result.to_dict())
+        write_scrub_report(result, tmp / "report.html")
+    return out, result

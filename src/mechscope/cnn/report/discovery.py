@@ -1,0 +1,176 @@
+"""The report of ``cnn discover`` and ``mechscope scrub`` on a CNN: the channel circuit drawn in stage columns (edge
+width by score), the faithfulness curve against random circuits, the comparison with ``cnn explain``'s circuit,
+the scrubbing breakdown."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from mechscope.core.render import layout as CL
+from mechscope.core.render.figures import subplots
+from mechscope.core.render.html import figure_data_uri, render, render_string
+
+KIND_COLOURS = {"input": "#555555", "channel": "#1b9e77", "output": "#d95f02"}
+
+
+def circuit_figure(result, max_edges: int = 60) -> str:
+    g = result.scores.graph
+    ranked = sorted(zip(result.circuit.edges, result.circuit.scores, strict=True), key=lambda es: -abs(es[1]))
+    ranked = ranked[:max_edges]
+    if not ranked:
+        fig, ax = subplots(figsize=(6, 1.5), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, "the circuit has no edge", ha="center", va="center")
+        return figure_data_uri(fig)
+    top = max(abs(s) for _, s in ranked) or 1.0
+    hand = set()
+    if result.hand:
+        hand = {f"{result.hand['stage']}.c{c}" for c in result.hand["hand"]}
+    edges = [{"a": s, "b": n, "width": abs(sc) / top, "colour": "#777"} for (s, n, _), sc in ranked]
+    nodes = list(dict.fromkeys(n for e in edges for n in (e["a"], e["b"])))
+    nodes.sort(key=lambda n: (g.node(n).layer, g.node(n).index))
+    fig, ax = subplots(figsize=CL.circuit_figsize(nodes, lambda n: g.node(n).layer, 14, 12), layout="constrained")
+    stages = sorted({g.node(n).layer for n in nodes})
+    labels = {0: "input", max(n.layer for n in g.nodes): "logits"}
+    labels |= {s: f"conv{s}" for s in stages if s not in labels}
+
+    def colour(n):
+        if n in hand:
+            return "#e7298a"
+        return KIND_COLOURS.get(g.node(n).kind, "#888")
+
+    CL.draw_circuit(ax, nodes, edges, lambda n: g.node(n).layer, label_of=lambda n: n.split(".")[-1],
+                    node_colour=colour, column_labels=labels)  # fmt: skip
+    title = f"{result.method} circuit: {len(result.circuit)} edges; width: |score|"
+    if hand:
+        title += "; pink: channels cnn explain found"
+    ax.set_title(title, fontsize=8)
+    return figure_data_uri(fig)
+
+
+def faithfulness_figure(curve) -> str | None:
+    if curve is None:
+        return None
+    fig, ax = subplots(figsize=(6.5, 3.6), layout="constrained")
+    CL.draw_faithfulness(ax, curve.fractions, curve.faithfulness, curve.random_mean, curve.random_sd,
+                         curve.faithfulness_absolute, label=curve.method)  # fmt: skip
+    ax.set_title(f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
+    return figure_data_uri(fig)
+
+
+def summary(result) -> list[str]:
+    s = result.scores
+    out = [
+        f"{result.method} on {result.run}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
+        f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
+        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}.",
+        f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
+    ]
+    f = result.faithfulness
+    if f is not None:
+        out.append(
+            f"Faithfulness (MIB): CPR {f.cpr:.3f} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}), CMD "
+            f"{f.cmd:.3f} (random {f.random_cmd:.3f})."
+        )
+    h = result.hand
+    if h:
+        out.append(
+            f"cnn explain's {h['stage']} circuit for the class, {h['hand']}: the discovered top {len(h['hand'])} "
+            f"channels {h['discovered_top']} share {len(h['overlap'])} ({h['recall_at_size']:.0%}, Jaccard "
+            f"{h['jaccard']:.2f}); AUROC of the hand-found channels in the discovered ranking {h['auroc']:.3f}."
+        )
+    return out
+
+
+def channel_figure(result) -> str:
+    stages = list(result.channel_scores)
+    fig, axes = subplots(len(stages), 1, figsize=(7, 1.4 + 1.2 * len(stages)), layout="constrained")
+    axes = np.atleast_1d(axes)
+    hand = result.hand or {}
+    for ax, st in zip(axes, stages, strict=True):
+        v = np.asarray(result.channel_scores[st])
+        colours = ["#e7298a" if hand.get("stage") == st and j in hand.get("hand", []) else "#1b9e77"
+                   for j in range(len(v))]  # fmt: skip
+        ax.bar(np.arange(len(v)), v, color=colours)
+        ax.set_ylabel(st, fontsize=8)
+        ax.set_xticks(np.arange(len(v)))
+        ax.tick_params(labelsize=6)
+    axes[0].set_title("per channel: the largest |score| of its edges (pink: cnn explain's circuit)", fontsize=9)
+    return figure_data_uri(fig)
+
+
+def top_rows(result, k: int = 30) -> list[list]:
+    g = result.scores.graph
+    return [[f"{g.edges[int(e)][0]} → {g.edges[int(e)][1]}", f"{result.scores.scores[e]:+.4g}"]
+            for e in result.scores.order()[:k]]  # fmt: skip
+
+
+def discovery_context(result) -> dict:
+    return {
+        "result": result,
+        "summary": summary(result),
+        "circuit_uri": circuit_figure(result),
+        "channel_uri": channel_figure(result),
+        "faithfulness_uri": faithfulness_figure(result.faithfulness),
+        "top_rows": top_rows(result),
+        "settings": {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.settings.items() if v is not None},
+    }
+
+
+def discovery_page(result) -> str:
+    return render_string("mechscope.cnn", "discovery.html.j2", **discovery_context(result))
+
+
+def write_report(result, out: Path) -> Path:
+    return render("mechscope.cnn", "discovery.html.j2", Path(out), **discovery_context(result))
+
+
+def scrub_figure(scrub, title: str) -> str:
+    names = ["hypothesis"] + [c.name for c in scrub.claims] + (["irrelevant edges"] if scrub.unclaimed else [])
+    vals = [scrub.recovered] + [c.recovered for c in scrub.claims] + (
+        [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
+    width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
+    fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, vals, color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1))
+    for yi, v in zip(y, vals, strict=True):
+        ax.text(v, yi, f" {v:.1%}", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.axvline(1.0, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled)", fontsize=8)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    return figure_data_uri(fig)
+
+
+def scrub_context(result) -> dict:
+    s = result.scrub
+    rows = [["hypothesis (everything it does not claim resampled)",
+             f"{s.metric_scrubbed:.4g} ± {s.metric_scrubbed_sd:.2g}", f"{s.recovered:.1%}"]]  # fmt: skip
+    rows += [[f"claim {c.name!r} alone (the rest clean)", f"{c.metric:.4g} ± {c.metric_sd:.2g}", f"{c.recovered:.1%}"]
+             for c in s.claims]  # fmt: skip
+    if s.unclaimed:
+        u = s.unclaimed
+        rows.append(["the unclaimed edges alone resampled", f"{u.metric:.4g}", f"{u.recovered:.1%}"])
+    claims = [{"name": c.name, "feature": c.feature or "(the input itself)",
+               "edges": [f"{a} → {b}" for a, b, _ in c.edges]} for c in s.hypothesis.claims]  # fmt: skip
+    target = f", class {result.target}" if result.target is not None else ""
+    return {
+        "result": result,
+        "s": s,
+        "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} ({result.metric}{target})"),
+        "rows": rows,
+        "claims": claims,
+        "where": f"{result.run} ({result.settings['n']} test images{target})",
+    }
+
+
+def scrub_page(result) -> str:
+    return render_string("mechscope.cnn", "scrub.html.j2", **scrub_context(result))
+
+
+def write_scrub_report(result, out: Path) -> Path:
+    return render("mechscope.cnn", "scrub.html.j2", Path(out), **scrub_context(result))

@@ -1,0 +1,112 @@
+"""``mechscope lm discover`` and the transformer half of ``mechscope scrub``: discovery.json / scrub.json and a
+self-contained report.html, written atomically."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.torch_utils import Timer
+from mechscope.lm.methods.discovery import (
+    LMDiscovery,
+    LMScrub,
+    check_method,
+    check_threshold,
+    discover,
+    heads_edges,
+    make_task,
+    parse_hypothesis_file,
+    scrub_hypothesis,
+)
+
+
+def _name(spec) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(spec).rstrip("/").split("/")[-1] or str(spec))
+
+
+def load_any(spec: str, device=None, dtype=None):
+    """A model for discovery: a train-toy run, a tracr folder, or anything ``load_model`` takes."""
+    from mechscope.lm.models.loading import load_model
+    from mechscope.lm.toy import is_toy_run, load_toy
+
+    if is_toy_run(spec):
+        model, _, _ = load_toy(spec)
+        return model
+    model, _ = load_model(spec, dtype, device=device)
+    return model
+
+
+def discover_model(
+    model_spec: str,
+    out: str | Path | None = None,
+    *,
+    method: str = "eap-ig",
+    task: str | None = None,
+    metric: str | None = None,
+    size: int | float | None = None,
+    threshold: float | None = None,
+    steps: int = 5,
+    ablation: str = "patch",
+    n: int = 20,
+    batch: int = 8,
+    seed: int = 0,
+    limit: int | None = None,
+    token_range: tuple[int, int] | None = None,
+    distinct: bool = False,
+    curve: bool = True,
+    n_random: int = 5,
+    compare_heads: str | Path | None = None,
+    force: bool = False,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+) -> tuple[Path, LMDiscovery]:
+    """Discover a transformer's circuit; write discovery.json and report.html. Returns (out, the result)."""
+    from mechscope.lm.models.convert.tracr import check_circuit
+    from mechscope.lm.report.discovery import write_report
+
+    check_method(method)
+    check_threshold(threshold, method)
+    out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)
+    check_target(out, force)
+    timer = Timer("lm discover")
+    with timer.section("load"):
+        model = load_any(model_spec, device, dtype)
+        info = getattr(model, "tracr", None)
+        known = check_circuit(info.directory, model.cfg) if info is not None else None
+        hand = None
+        if compare_heads is not None:
+            from mechscope.lm.methods.heads import HeadsResult
+
+            hand = heads_edges(HeadsResult.load(compare_heads))
+            if not hand:
+                raise MechscopeError(f"{compare_heads}: the heads report confirmed no edge to compare with")
+        t = make_task(model, task, metric, n=n, batch=batch, seed=seed, limit=limit, token_range=token_range,
+                      distinct=distinct)  # fmt: skip
+    result = discover(model, t, method, size=size, threshold=threshold, steps=steps, ablation=ablation, curve=curve,
+                      n_random=n_random, seed=seed, known=known, hand_edges=hand, name=str(model_spec),
+                      progress=progress)  # fmt: skip
+    result = replace(result, seconds={**timer.seconds, **result.seconds})
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / LMDiscovery.FILE, result.to_dict())
+        write_report(result, tmp / "report.html")
+    return out, result
+
+
+def scrub_file(data: dict, where: str, out: str | Path | None = None, force: bool = False, device=None,
+               dtype=None) -> tuple[Path, LMScrub]:  # fmt: skip
+    """Causal scrubbing of a transformer hypothesis (the parsed JSON of ``where``); scrub.json and report.html."""
+    from mechscope.lm.report.discovery import write_scrub_report
+
+    spec = parse_hypothesis_file(data, where)
+    out = Path(out) if out is not None else Path("runs") / "scrub" / _name(Path(where).stem)
+    check_target(out, force)
+    model = load_any(spec.model, device, dtype)
+    result = scrub_hypothesis(model, spec, name=spec.model)
+    with atomic_output(out, force) as tmp:
+        write_json(tmp / LMScrub.FILE, result.to_dict())
+        write_scrub_report(result, tmp / "report.html")
+    return out, result

@@ -1,0 +1,197 @@
+"""The report of ``lm discover`` and ``mechscope scrub`` on a transformer: the circuit drawn in layer columns (edge
+width by score), the faithfulness curve against random circuits, the ground-truth scores, the scrubbing breakdown."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from mechscope.core.render import layout as CL
+from mechscope.core.render.figures import subplots
+from mechscope.core.render.html import figure_data_uri, render, render_string
+from mechscope.lm.methods.graph import short_name
+
+KIND_COLOURS = {"input": "#555555", "head": "#1b9e77", "mlp": "#7570b3", "output": "#d95f02"}
+
+
+def circuit_figure(result, max_edges: int = 60) -> str:
+    """The circuit's edges (at most ``max_edges``, strongest first) between nodes in layer columns; width by
+    |score|; with a known circuit, true edges green and others red."""
+    g = result.scores.graph
+    pairs: dict[tuple[str, str], dict] = {}
+    ranked = sorted(zip(result.circuit.edges, result.circuit.scores, strict=True), key=lambda es: -abs(es[1]))
+    known = {tuple(e) for e in result.known_edges}
+    for (s, n, slot), sc in ranked[:max_edges]:
+        p = pairs.setdefault((s, n), {"a": s, "b": n, "score": 0.0, "slots": [], "true": False})
+        p["score"] = max(p["score"], abs(sc))
+        p["slots"].append(slot)
+        p["true"] |= (s, n, slot) in known
+    if not pairs:
+        fig, ax = subplots(figsize=(6, 1.5), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, "the circuit has no edge", ha="center", va="center")
+        return figure_data_uri(fig)
+    top = max(p["score"] for p in pairs.values()) or 1.0
+    edges = [{"a": p["a"], "b": p["b"], "width": p["score"] / top,
+              "colour": ("#1b9e77" if p["true"] else "#d62728") if known else "#777",
+              "label": ",".join(sl for sl in p["slots"] if sl in ("q", "k", "v"))} for p in pairs.values()]  # fmt: skip
+    nodes = list(dict.fromkeys(n for e in edges for n in (e["a"], e["b"])))
+    nodes.sort(key=lambda n: (g.node(n).layer, g.node(n).index))
+    cols, rows = CL.circuit_extent(nodes, lambda n: g.node(n).layer)
+    fig, ax = subplots(figsize=(min(16, 1.6 + 1.4 * cols), min(12, 1.6 + 1.1 * rows)), layout="constrained")
+    labels = {0: "embed", 2 * _layers(g) + 1: "logits"}
+    labels |= {2 * L + 1: f"{L} attn" for L in range(_layers(g))} | {2 * L + 2: f"{L} mlp" for L in range(_layers(g))}
+    CL.draw_circuit(ax, nodes, edges, lambda n: g.node(n).layer, label_of=lambda n: _label(n),
+                    node_colour=lambda n: KIND_COLOURS.get(g.node(n).kind, "#888"), column_labels=labels)  # fmt: skip
+    title = f"{result.method} circuit: {len(result.circuit)} edges" + (
+        f" (the {max_edges} strongest drawn)" if len(ranked) > max_edges else ""
+    )
+    if known:
+        title += "; green: in the known circuit's primary edges, red: not"
+    ax.set_title(title + "; width: |score|; labels: q/k/v slots", fontsize=8)
+    return figure_data_uri(fig)
+
+
+def _layers(g) -> int:
+    return max((n.layer for n in g.nodes), default=1) // 2
+
+
+def _label(name: str) -> str:
+    s = short_name(name)
+    return {"embed": "emb", "pos_embed": "pos", "unembed": "out"}.get(s, s.replace("MLP ", "M"))
+
+
+def faithfulness_figure(curve, title: str = "") -> str | None:
+    if curve is None:
+        return None
+    fig, ax = subplots(figsize=(6.5, 3.6), layout="constrained")
+    CL.draw_faithfulness(ax, curve.fractions, curve.faithfulness, curve.random_mean, curve.random_sd,
+                         curve.faithfulness_absolute, label=curve.method)  # fmt: skip
+    ax.set_title(title or f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
+    return figure_data_uri(fig)
+
+
+def summary(result) -> list[str]:
+    s = result.scores
+    out = [
+        f"{result.method} on {result.model}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
+        f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
+        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}."
+    ]
+    out.append(f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.")
+    f = result.faithfulness
+    if f is not None:
+        out.append(
+            f"Faithfulness (MIB): CPR {f.cpr:.3f} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}), CMD "
+            f"{f.cmd:.3f} (random {f.random_cmd:.3f}); full model {f.metric_full:.4g}, empty circuit "
+            f"{f.metric_empty:.4g}."
+        )
+    for name, sc in result.ground_truth.items():
+        out.append(
+            f"Against circuit.json ({name} edges, {sc.n_true_edges}): edge AUROC {sc.edge_auroc:.3f}, precision "
+            f"{sc.edge_precision:.2f} and recall {sc.edge_recall:.2f} at {sc.size} edges; node AUROC "
+            f"{sc.node_auroc:.3f}, node recall at the circuit's size ({sc.n_true_nodes}) {sc.node_recall_at_size:.2f}."
+        )
+    c = result.comparison
+    if c:
+        out.append(
+            f"The {len(c['edges'])} edges the heads report confirmed by path patching: AUROC {c['auroc']:.3f} among "
+            f"all {c['n_edges']:,} edges, {c['auroc_in_slot']:.3f} among the {c['n_slot_edges']:,} edges into "
+            f"{'/'.join(c['slots'])} inputs; {c['in_top']} of them in the top {c['top']}."
+        )
+    return out
+
+
+def ground_truth_rows(result) -> list[list]:
+    return [[name, sc.n_true_edges, f"{sc.edge_auroc:.3f}", f"{sc.edge_precision:.2f}", f"{sc.edge_recall:.2f}",
+             f"{sc.node_auroc:.3f}", f"{sc.node_precision:.2f}", f"{sc.node_recall:.2f}",
+             f"{sc.node_recall_at_size:.2f}"] for name, sc in result.ground_truth.items()]  # fmt: skip
+
+
+def top_rows(result, k: int = 30) -> list[list]:
+    known = {tuple(e) for e in result.known_edges}
+    rows = []
+    for e in result.scores.order()[:k]:
+        s, n, slot = result.scores.graph.edges[int(e)]
+        rows.append([f"{s} → {n}<{slot}>", f"{result.scores.scores[e]:+.4g}",
+                     ("yes" if (s, n, slot) in known else "no") if known else ""])  # fmt: skip
+    return rows
+
+
+def discovery_context(result) -> dict:
+    return {
+        "result": result,
+        "summary": summary(result),
+        "circuit_uri": circuit_figure(result),
+        "faithfulness_uri": faithfulness_figure(result.faithfulness),
+        "truth_rows": ground_truth_rows(result),
+        "top_rows": top_rows(result),
+        "comparison": result.comparison,
+        "settings": {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.settings.items() if v is not None},
+    }
+
+
+def discovery_page(result) -> str:
+    return render_string("mechscope.lm", "discovery.html.j2", **discovery_context(result))
+
+
+def write_report(result, out: Path) -> Path:
+    return render("mechscope.lm", "discovery.html.j2", Path(out), **discovery_context(result))
+
+
+# ---- scrubbing ------------------------------------------------------------------------------------------
+
+
+def scrub_figure(scrub, title: str = "") -> str:
+    """Behaviour recovered: the hypothesis, each claim alone (the rest clean) and the unclaimed edges alone."""
+    names = ["hypothesis"] + [c.name for c in scrub.claims] + (["irrelevant edges"] if scrub.unclaimed else [])
+    vals = [scrub.recovered] + [c.recovered for c in scrub.claims] + (
+        [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
+    width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
+    fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, vals, color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1))
+    for yi, v in zip(y, vals, strict=True):
+        ax.text(v, yi, f" {v:.1%}", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.axvline(1.0, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled)", fontsize=8)
+    ax.set_title(textwrap.fill(title or "causal scrubbing", 80), fontsize=9)
+    return figure_data_uri(fig)
+
+
+def scrub_rows(scrub) -> list[list]:
+    rows = [["hypothesis (everything it does not claim resampled)", f"{scrub.metric_scrubbed:.4g} ± "
+             f"{scrub.metric_scrubbed_sd:.2g}", f"{scrub.recovered:.1%}"]]  # fmt: skip
+    rows += [[f"claim {c.name!r} alone (the rest clean)", f"{c.metric:.4g} ± {c.metric_sd:.2g}", f"{c.recovered:.1%}"]
+             for c in scrub.claims]  # fmt: skip
+    if scrub.unclaimed:
+        u = scrub.unclaimed
+        rows.append(["the unclaimed edges alone resampled", f"{u.metric:.4g} ± {u.metric_sd:.2g}",
+                     f"{u.recovered:.1%}"])  # fmt: skip
+    return rows
+
+
+def scrub_context(result) -> dict:
+    s = result.scrub
+    claims = [{"name": c.name, "feature": c.feature or "(the input itself)",
+               "edges": [f"{a} → {b}<{slot}>" for a, b, slot in c.edges]} for c in s.hypothesis.claims]  # fmt: skip
+    return {
+        "result": result,
+        "s": s,
+        "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} on {result.model}"),
+        "rows": scrub_rows(s),
+        "claims": claims,
+        "where": result.model,
+    }
+
+
+def scrub_page(result) -> str:
+    return render_string("mechscope.lm", "scrub.html.j2", **scrub_context(result))
+
+
+def write_scrub_report(result, out: Path) -> Path:
+    return render("mechscope.lm", "scrub.html.j2", Path(out), **scrub_context(result))

@@ -1,0 +1,265 @@
+"""Circuit discovery on a CNN's channel graph: hand-built networks with planted circuits (a vertical-stroke and a
+horizontal-stroke detector, each read out by one class) recovered by discovery, the edges' exactness, causal
+scrubbing against what the construction predicts, refusals in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechscope.cnn.methods.discovery import (
+    CNNDiscovery,
+    compare_channels,
+    discover,
+    feature_values,
+    image_task,
+    make_metric,
+    parse_hypothesis_file,
+    scrub_hypothesis,
+)
+from mechscope.cnn.methods.graph import CNNEdges
+from mechscope.cnn.models.cnn import CNN, CNNConfig
+from mechscope.cnn.models.spec import walk
+from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs import acdc, eap, eap_ig, edge_patching, score_circuit
+from mechscope.core.scrub import scrub
+from mechscope.core.torch_utils import evaluating
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Single-threaded: these models are tiny, and on a machine shared with other jobs two threads spinning for
+    cores another process holds make these tests 5x slower (98 s against 21 s measured at load 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+STROKES = {  # the planted circuit: each stroke detector read out by its class
+    ("input", "conv1.c0", "in"),
+    ("input", "conv1.c1", "in"),
+    ("conv1.c0", "conv2.c0", "in"),
+    ("conv1.c1", "conv2.c1", "in"),
+    ("conv2.c0", "logits", "in"),
+    ("conv2.c1", "logits", "in"),
+}
+VERTICAL = {("input", "conv1.c0", "in"), ("conv1.c0", "conv2.c0", "in"), ("conv2.c0", "logits", "in")}
+
+
+def stroke_cnn(**extra) -> CNN:
+    """8×8 images; conv1.c0 detects vertical strokes, conv1.c1 horizontal ones, conv1.c2 is dead; conv2.c0 reads
+    conv1.c0 and conv2.c1 reads conv1.c1; class 0 reads conv2.c0, class 1 reads conv2.c1."""
+    cfg = CNNConfig(image_size=8, channels=(3, 2), kernel_size=3, padding=1, pool=1, n_classes=2, mean=0.0, std=1.0,
+                    **extra)  # fmt: skip
+    model = CNN(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        w1 = model.conv1.conv.weight
+        w1[0, 0] = torch.tensor([[-1.0, 2.0, -1.0]] * 3)
+        w1[1, 0] = w1[0, 0].T
+        model.conv1.conv.bias[:2] = -0.5
+        w2 = model.conv2.conv.weight
+        w2[0, 0, 1, 1] = 1.0
+        w2[1, 1, 1, 1] = 1.0
+        model.fc.weight[0, :64] = 1.0 / 16
+        model.fc.weight[1, 64:] = 1.0 / 16
+    return model
+
+
+def strokes(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half vertical strokes (class 0), half horizontal (class 1), of seeded position, length and ink."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, 8, 8)
+    y = torch.arange(n) % 2
+    for i in range(n):
+        at, start = (int(v) for v in torch.randint(1, 7, (2,), generator=g))
+        length = int(torch.randint(3, 8 - start + 1, (1,), generator=g)) if start < 6 else 2
+        ink = 0.6 + 0.4 * float(torch.rand(1, generator=g))
+        if y[i] == 0:
+            x[i, 0, start : start + length, at] = ink
+        else:
+            x[i, 0, at, start : start + length] = ink
+    return x, y
+
+
+def test_the_adapter_gives_the_models_logits_and_the_graph_follows_the_convolution():
+    model = stroke_cnn()
+    x, y = strokes()
+    edges = CNNEdges(walk(model))
+    torch.testing.assert_close(edges.forward(x)[0], model(x), rtol=0, atol=0)
+    assert (edges.graph.n_edges, edges.graph.n_senders) == (3 + 6 + 2, 6)
+    assert float((model(x).argmax(1) == y).double().mean()) == 1.0  # the planted detectors classify every image
+
+
+@pytest.mark.parametrize("method", ["acdc", "eap", "eap-ig"])
+def test_discovery_recovers_the_planted_stroke_circuit(method):
+    model = stroke_cnn()
+    x, y = strokes()
+    task = image_task(x, y, metric="logit_diff", n=64, seed=0)
+    res = discover(walk(model), task, method, threshold=1e-9 if method == "acdc" else None, size=6, curve=False)
+    if method == "acdc":
+        assert set(res.circuit.edges) == STROKES and len(res.scores.kept) == 6
+    s = score_circuit(res.scores, STROKES)
+    assert s.edge_auroc == 1.0 and s.node_recall_at_size == 1.0 and s.edge_recall == 1.0
+
+
+def test_a_kl_to_the_clean_run_finds_the_planted_circuit_too():
+    model = stroke_cnn()
+    x, y = strokes()
+    with evaluating(model):
+        task = image_task(x, y, metric="kl", n=64, seed=0, model=model)
+        res = discover(walk(model), task, "acdc", threshold=1e-9, curve=False)
+    assert res.scores.metric_clean == pytest.approx(0.0, abs=1e-12) and res.scores.metric_corrupted > 0.1
+    assert set(res.circuit.edges) == STROKES and task.better == "lower"
+    with pytest.raises(MechscopeError, match="needs the model"):
+        image_task(x, y, metric="kl")
+    with pytest.raises(MechscopeError, match="gradient is 0 at the clean run"):
+        discover(walk(model), task, "eap", curve=False)
+
+
+def test_one_class_has_its_own_circuit():
+    model = stroke_cnn()
+    x, y = strokes()
+    task = image_task(x, y, target=0, metric="logit", n=32, seed=0)  # corrupted: horizontal strokes
+    res = discover(walk(model), task, "acdc", threshold=1e-9, n_random=2)
+    assert set(res.circuit.edges) == VERTICAL
+    c = compare_channels(res.scores, walk(model), [0])
+    assert c["discovered_top"] == [0] and c["auroc"] == 1.0 and res.faithfulness.faithfulness[-1] == 1.0
+    back = CNNDiscovery.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.circuit.edges == res.circuit.edges and back.scores.kept == res.scores.kept
+
+
+def test_edges_carry_the_convolution_through_a_batchnorm_exactly():
+    torch.manual_seed(0)
+    model = CNN(CNNConfig(image_size=10, channels=(3, 4), kernel_size=3, pool=2, n_classes=3, batchnorm=True))
+    model = model.eval()
+    with torch.no_grad():
+        for bn in (model.conv1.norm, model.conv2.norm):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    x = torch.rand(6, 1, 10, 10)
+    metric = lambda out: torch.log_softmax(out, -1)[:, 1].mean()  # noqa: E731
+    edges = CNNEdges(walk(model))
+    exact = edge_patching(edges, x, metric=metric, ablation="zero")
+    with torch.no_grad():
+        base = float(metric(model(x)))
+    for i, j in [(0, 1), (2, 3)]:  # zeroing edge conv1.ci -> conv2.cj is zeroing the kernel W2[j, i]
+        saved = model.conv2.conv.weight[j, i].clone()
+        with torch.no_grad():
+            model.conv2.conv.weight[j, i] = 0
+            want = float(metric(model(x))) - base
+            model.conv2.conv.weight[j, i] = saved
+        assert exact.scores[edges.graph.edge_id(f"conv1.c{i}", f"conv2.c{j}", "in")] == pytest.approx(want, abs=1e-6)
+    lin = lambda out: out[:, 2].mean()  # noqa: E731  (the read-out is linear: EAP is exact on its edges)
+    c = torch.rand(6, 1, 10, 10)
+    est, ex = eap(edges, x, c, metric=lin), edge_patching(edges, x, c, metric=lin)
+    direct = [e for e, (_, n, _) in enumerate(edges.graph.edges) if n == "logits"]
+    np.testing.assert_allclose(est.scores[direct], ex.scores[direct], rtol=1e-4, atol=1e-6)
+    assert eap_ig(edges, x, c, metric=metric, steps=2).scores.shape == (edges.graph.n_edges,)
+
+
+def test_scrubbing_recovers_what_the_construction_predicts():
+    model = stroke_cnn()
+    x, y = strokes(64)
+    edges = CNNEdges(walk(model))
+    accuracy = make_metric("accuracy", y, None)
+    whole = scrub(edges, x, metric=accuracy, hypothesis={"claims": [{"name": "all", "edges": ["*"]}]}, samples=2)
+    assert whole.recovered == pytest.approx(1.0)
+    # "only the vertical path matters": class 1's logit then comes from a random image
+    hyp = {"claims": [{"name": "vertical", "edges": [f"{a}->{b}" for a, b, _ in sorted(VERTICAL)]}]}
+    res = scrub(edges, x, metric=accuracy, hypothesis=hyp, samples=40, seed=1, sampling="sender", breakdown=False)
+    with torch.no_grad():
+        logits = model(x)
+    l0, l1 = logits[:, 0], logits[:, 1]
+    right = lambda a, b: ((a[:, None] >= b[None, :]) == (y[:, None] == 0)).double()  # noqa: E731  (argmax: ties to 0)
+    scrubbed = float(right(l0, l1).mean())  # l0 from the image itself, l1 from any image
+    both = float(((l0[:, None, None] >= l1[None, None, :]) == (y[None, :, None] == 0)).double().mean())
+    assert res.metric_scrubbed == pytest.approx(scrubbed, abs=0.03)
+    assert res.metric_random == pytest.approx(both, abs=0.03)
+    assert res.recovered == pytest.approx((scrubbed - both) / (1.0 - both), abs=0.08)
+    # the class is all the read-out needs: resampling the path from images of the same class changes nothing
+    cls = {"claims": [{"name": "class", "edges": ["*"], "feature": "class"}]}
+    same = scrub(edges, x, metric=accuracy, hypothesis=cls, features={"class": y}, samples=3, sampling="sender")
+    assert same.recovered == pytest.approx(1.0)
+
+
+def test_features_and_hypothesis_files():
+    x, y = strokes(16)
+    assert torch.equal(feature_values("class", x, y, y), y)
+    assert set(feature_values("central_column", x, y, y).tolist()) <= {0, 1, 2, 3}
+    with pytest.raises(MechscopeError, match="unknown feature"):
+        feature_values("colour", x, y, y)
+    good = {"run": "r", "claims": [{"name": "a", "edges": ["input->conv1.*"], "feature": "class"}], "target": 0}
+    assert parse_hypothesis_file(good).target == 0
+    for bad, match in [({**good, "model": "x"}, "unknown key"), ({**good, "metric": "f1"}, "unknown metric"),
+                       ({**good, "claims": [{"name": "a", "edges": ["*"], "feature": "mood"}]}, "unknown feature"),
+                       ({**good, "target": -1}, "target"), ({**good, "data": {"n": 1}}, "n must")]:  # fmt: skip
+        with pytest.raises(MechscopeError, match=match) as e:
+            parse_hypothesis_file(bad)
+        assert "\n" not in str(e.value)
+    spec = parse_hypothesis_file({"run": "r", "claims": [{"name": "a", "edges": ["conv9.c0->logits"]}]})
+    with pytest.raises(MechscopeError, match="unknown component"):
+        scrub_hypothesis(walk(stroke_cnn()), x, y, spec)
+    spec = parse_hypothesis_file({"run": "r", "claims": [{"name": "a", "path": ["logits", "conv2.c0"]}]})
+    with pytest.raises(MechscopeError, match="no edge"):
+        scrub_hypothesis(walk(stroke_cnn()), x, y, spec)
+
+
+@pytest.mark.parametrize(("extra", "match"), [({"hidden": 8}, "linear read-out"), ({"activation": "solu"}, "mixes")])
+def test_models_whose_channels_are_not_nodes_are_refused_in_one_line(extra, match):
+    with pytest.raises(MechscopeError, match=match) as e:
+        CNNEdges(walk(CNN(CNNConfig(image_size=10, channels=(2, 2), kernel_size=3, pool=1, **extra))))
+    assert "\n" not in str(e.value)
+
+
+def test_bad_settings_are_one_line():
+    model = stroke_cnn()
+    x, y = strokes(16)
+    for call, match in [
+        (lambda: image_task(x, y, metric="f1"), "unknown metric"),
+        (lambda: image_task(x, y, target=5, n_classes=2), "class 5"),
+        (lambda: image_task(x, y, metric="detect"), "target"),
+        (lambda: discover(walk(model), image_task(x, y, metric="accuracy"), "eap", curve=False), "differentiable"),
+        (lambda: discover(walk(model), image_task(x, y), "acdc", threshold=float("nan"), curve=False), "threshold"),
+        (lambda: discover(walk(model), image_task(x, y), "gradcam", curve=False), "unknown method"),
+    ]:
+        with pytest.raises(MechscopeError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_eap_on_the_strokes_is_first_order_in_the_linear_part():
+    model = stroke_cnn()
+    x, y = strokes()
+    edges = CNNEdges(walk(model))
+    metric = make_metric("logit", y, None)
+    c = x.roll(1, 0)
+    np.testing.assert_allclose(
+        eap(edges, x, c, metric=metric).scores[-2:], edge_patching(edges, x, c, metric=metric).scores[-2:], atol=1e-6
+    )
+    assert acdc(edges, x, c, metric=metric, threshold=1e-9).forward_passes <= 2 + edges.graph.n_edges
+
+
+def test_the_circuit_layout_untangles_a_column_and_keeps_edges_off_other_nodes():
+    from mechscope.core.render.layout import circuit_layout, clearance
+
+    nodes = ["input", *(f"conv1.c{i}" for i in range(12)), *(f"conv2.c{i}" for i in range(12)), "logits"]
+    layer = {"input": 0, "logits": 3} | {n: int(n[4]) for n in nodes if n.startswith("conv")}
+    edges = [("input", f"conv1.c{i}") for i in range(12)] + [(f"conv1.c{i}", f"conv2.c{11 - i}") for i in range(12)]
+    edges += [(f"conv2.c{i}", "logits") for i in range(12)]
+    lay = circuit_layout(nodes, edges, layer.__getitem__)
+    xs = {layer[n]: set() for n in nodes}
+    for n in nodes:
+        xs[layer[n]].add(lay.pos[n][0])
+    assert all(len(v) == 1 for v in xs.values()) and sorted(xs, key=lambda k: min(xs[k])) == [0, 1, 2, 3]
+    for i in range(12):  # the reversed wiring drawn as parallel lines: each pair at one height
+        assert lay.pos[f"conv1.c{i}"][1] == pytest.approx(lay.pos[f"conv2.c{11 - i}"][1])
+    for a, b in edges:
+        others = [p for n, p in lay.pos.items() if n not in (a, b)]
+        assert clearance(lay.pos[a], lay.pos[b], lay.bends[(a, b)], others) > lay.radius
