@@ -1,1 +1,134 @@
 """``mechscope cnn graph``: attribution graphs through transcoder features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mechscope.cnn.cli.common import DataDir, Dataset, Force, app
+
+
+@app.command("graph")
+def graph_cmd(
+    run: Path | None = typer.Option(None, "--run", help="Run directory written by `mechscope cnn train`."),
+    image: int = typer.Option(0, "--image", help="Index of the image in the split."),
+    split: str = typer.Option("test", "--split", help="test or train images."),
+    dictionaries: str | None = typer.Option(
+        None,
+        "--dictionaries",
+        help="A folder of per-stage dictionaries (SAELens layout; default: train small ones here).",
+    ),
+    channels: bool = typer.Option(
+        False, "--channels", help="The CNN's own channels as exact transcoders (every error node zero)."
+    ),
+    kind: str = typer.Option(
+        "sae",
+        "--kind",
+        help="Dictionaries trained here: sae (on each stage's output) or transcoder (across each ReLU).",
+    ),
+    target: int | None = typer.Option(
+        None, "--target", help="The class whose logit to trace (default: the predicted one)."
+    ),
+    max_features: int | None = typer.Option(None, "--max-features", help="Features that get a row (default: all)."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold"),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold"),
+    check: int = typer.Option(16, "--check", help="Sources checked against interventions (0: none)."),
+    ablate: list[str] | None = typer.Option(
+        None, "--ablate", help="Feature nodes ablated together: ID,ID (repeatable)."
+    ),
+    steer: list[str] | None = typer.Option(None, "--steer", help="A feature set to a value: NODE=VALUE (repeatable)."),
+    dashboards: int = typer.Option(24, "--dashboards", help="Top-patch cards for this many features (0: none)."),
+    view: str | None = typer.Option(None, "--view", help="Re-render a graph JSON (annotated in the viewer)."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/graph-IMAGE)."),
+    dataset: str | None = Dataset,
+    data_dir: Path | None = DataDir,
+    force: bool = Force,
+) -> None:
+    """Trace one image's logit through dictionary features at receptive-field positions: graph.json, graph.html."""
+    from mechscope.core.errors import MechscopeError
+
+    if view is not None:
+        from mechscope.cnn.pipelines.attribution_graph import view_run
+
+        path, g = view_run(view, out, force)
+        typer.echo(
+            f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
+        )
+        typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
+        return
+    if run is None:
+        raise MechscopeError("give --run (or --view GRAPH_JSON)")
+    if channels and dictionaries:
+        raise MechscopeError("give --dictionaries or --channels, not both")
+    if kind not in ("sae", "transcoder"):
+        raise MechscopeError(f"--kind must be sae or transcoder, got {kind!r}")
+    from mechscope.cnn.methods.attribution_graph import CnnDictionaryTraining, CnnGraphSettings
+    from mechscope.cnn.pipelines.attribution_graph import graph_run
+
+    settings = CnnGraphSettings(
+        max_feature_nodes=max_features,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        check_sources=check,
+    )
+    settings.validate()
+    steers = []
+    for s in steer or []:
+        node, _, value = s.partition("=")
+        try:
+            steers.append((node.strip(), float(value)))
+        except ValueError:
+            raise MechscopeError(f"--steer expects NODE=VALUE (for example 1_12_5=3.0), got {s!r}") from None
+    path, g = graph_run(
+        run,
+        image,
+        out,
+        force,
+        split=split,
+        dictionaries="channels" if channels else dictionaries,
+        training=CnnDictionaryTraining(kind=kind),
+        target=target,
+        settings=settings,
+        ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
+        steer=steers,
+        dashboards=dashboards,
+        dataset=dataset,
+        data_dir=data_dir,
+        progress=lambda m: typer.echo(f"  {m}", err=True),
+    )
+    s, c, e = g.scores, g.counts, g.exactness
+    typer.echo(g.title)
+    typer.echo(
+        f"{c['active_features']} active features, {c['backward_passes']} backward passes; pruned: "
+        f"{c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
+    )
+    typer.echo(
+        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
+        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
+    )
+    typer.echo(
+        f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}"
+        + (
+            f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
+            if "edges_max_abs_error" in e
+            else ""
+        )
+    )
+    logit = next(n for n in g.nodes if n["kind"] == "logit")
+    top = g.inputs_of(logit["id"], 5)
+    typer.echo(
+        f"strongest inputs of class {logit['label']}: "
+        + ", ".join(f"{n.get('label', n['id'])} {w:+.3f}" for n, w in top)
+    )
+    from mechscope.core.attribution_graph import GraphIntervention
+
+    for chk in g.checks:
+        typer.echo(GraphIntervention.from_dict(chk).summary())
+    typer.echo(f"graph.json, graph.html and graph-circuit-tracer.json written to {path} ({_total(g.seconds):.1f} s)")
+
+
+def _total(seconds: dict) -> float:
+    """The whole run's seconds (the pipeline's sections), or the graph's alone when they are not there."""
+    parts = [v for k, v in seconds.items() if k.startswith("pipeline: ")]
+    return sum(parts) if parts else seconds.get("total", 0.0)

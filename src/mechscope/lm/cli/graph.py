@@ -1,1 +1,180 @@
 """``mechscope lm graph``: attribution graphs through transcoder features."""
+
+from __future__ import annotations
+
+import typer
+
+from mechscope.lm.cli.common import app
+
+
+def _qk(text: str) -> tuple:
+    """``L.H`` or ``L.H@Q`` or ``L.H@Q:K``."""
+    from mechscope.core.errors import MechscopeError
+
+    head, _, at = text.partition("@")
+    try:
+        layer, h = (int(x) for x in head.split("."))
+        if not at:
+            return (layer, h)
+        q, _, k = at.partition(":")
+        return (layer, h, int(q)) if not k else (layer, h, int(q), int(k))
+    except ValueError:
+        raise MechscopeError(
+            f"--qk expects LAYER.HEAD, LAYER.HEAD@QUERY or LAYER.HEAD@QUERY:KEY, got {text!r}"
+        ) from None
+
+
+def _steer(text: str) -> tuple[str, float]:
+    from mechscope.core.errors import MechscopeError
+
+    node, _, value = text.partition("=")
+    try:
+        return node.strip(), float(value)
+    except ValueError:
+        raise MechscopeError(f"--steer expects NODE=VALUE (for example 3_1204_7=5.0), got {text!r}") from None
+
+
+@app.command("graph")
+def graph_cmd(
+    model: str | None = typer.Option(
+        None, "--model", help="smollm2, a model folder (tracr too), a .gguf file or a hub id."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="The prompt (BOS is put first)."),
+    tokens: str | None = typer.Option(None, "--tokens", help="Token ids instead of a prompt: 1,2,3."),
+    transcoders: str | None = typer.Option(
+        None, "--transcoders", help="A folder of per-layer transcoders (SAELens layout)."
+    ),
+    neurons: bool = typer.Option(False, "--neurons", help="The MLPs' own neurons as exact transcoders (ReLU MLPs)."),
+    train_tokens: int | None = typer.Option(
+        None,
+        "--train-transcoders",
+        help="Train small transcoders here on this many tokens of text (saved in OUT/transcoders).",
+    ),
+    text: str | None = typer.Option(
+        None, "--text", help="Text for training and dashboards (default: tinyshakespeare)."
+    ),
+    target: list[str] | None = typer.Option(
+        None, "--target", help="A logit to attribute: a one-token text or #ID (repeatable; default: the most probable)."
+    ),
+    logit_pos: int | None = typer.Option(
+        None, "--logit-pos", help="Where the logits are read (default: the last position)."
+    ),
+    max_features: int | None = typer.Option(
+        None, "--max-features", help="Features that get a row (default: every active one)."
+    ),
+    edges_per_row: int | None = typer.Option(
+        None, "--edges-per-row", help="Feature edges kept per row (default: all)."
+    ),
+    node_threshold: float = typer.Option(0.8, "--node-threshold"),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold"),
+    batch: int = typer.Option(32, "--batch", help="Targets per backward pass."),
+    check: int = typer.Option(16, "--check", help="Sources checked against interventions (0: none)."),
+    qk: list[str] | None = typer.Option(
+        None, "--qk", help="A head's QK attribution: L.H, L.H@QUERY or L.H@QUERY:KEY (repeatable)."
+    ),
+    ablate: list[str] | None = typer.Option(
+        None, "--ablate", help="Feature nodes ablated together: ID,ID (repeatable)."
+    ),
+    steer: list[str] | None = typer.Option(None, "--steer", help="A feature set to a value: NODE=VALUE (repeatable)."),
+    paths: int = typer.Option(10, "--paths", help="The top logit's inputs split by attention head (0: none)."),
+    dashboards: int = typer.Option(24, "--dashboards", help="Top-example cards for this many features (0: none)."),
+    examples: int = typer.Option(4096, "--examples", help="Tokens of text searched for the dashboards."),
+    no_bos: bool = typer.Option(False, "--no-bos", help="Do not put BOS first."),
+    view: str | None = typer.Option(
+        None, "--view", help="Re-render a graph JSON (annotated in the viewer) without a model."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/graph/MODEL)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+) -> None:
+    """Trace one prompt through transcoder features: graph.json, graph.html (the viewer), graph-circuit-tracer.json."""
+    from mechscope.core.errors import MechscopeError
+
+    if view is not None:
+        from mechscope.lm.pipelines.attribution_graph import view_run
+
+        path, g = view_run(view, out, force)
+        typer.echo(
+            f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
+        )
+        typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
+        return
+    if model is None:
+        raise MechscopeError("give --model (or --view GRAPH_JSON)")
+    from mechscope.lm.cli.common import parse_tokens
+    from mechscope.lm.methods.attribution_graph import GraphSettings
+    from mechscope.lm.pipelines.attribution_graph import graph_run
+
+    if neurons and transcoders:
+        raise MechscopeError("give --transcoders or --neurons, not both")
+    settings = GraphSettings(
+        max_feature_nodes=max_features,
+        edges_per_row=edges_per_row,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        batch_size=batch,
+        check_sources=check,
+    )
+    settings.validate()
+    path, g = graph_run(
+        model,
+        prompt,
+        out,
+        force,
+        tokens=parse_tokens(tokens) if tokens else None,
+        transcoders="neurons" if neurons else transcoders,
+        train_tokens=train_tokens,
+        text_file=text,
+        targets=list(target or []),
+        logit_pos=logit_pos,
+        settings=settings,
+        qk=[_qk(q) for q in qk or []],
+        ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
+        steer=[_steer(s) for s in steer or []],
+        paths=paths,
+        dashboards=dashboards,
+        examples=examples,
+        bos=not no_bos,
+        progress=lambda m: typer.echo(f"  {m}", err=True),
+    )
+    s, c, e = g.scores, g.counts, g.exactness
+    logits = [n for n in g.nodes if n["kind"] == "logit"]
+    typer.echo("logits: " + ", ".join(f"{n['label']!r} p={n['probability']:.3f}" for n in logits))
+    typer.echo(
+        f"{c['active_features']} active features, {c['feature_nodes']} with rows, {c['backward_passes']} backward "
+        f"passes; pruned: {c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
+    )
+    typer.echo(
+        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
+        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
+    )
+    typer.echo(
+        f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}"
+        + (
+            f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
+            if "edges_max_abs_error" in e
+            else ""
+        )
+    )
+    if logits:
+        top = g.inputs_of(logits[0]["id"], 5)
+        typer.echo(
+            f"strongest inputs of {logits[0]['label']!r}: "
+            + ", ".join(f"{n.get('label', n['id'])} [{n['id']}] {w:+.3f}" for n, w in top)
+        )
+    from mechscope.core.attribution_graph import GraphIntervention
+    from mechscope.lm.methods.attribution_graph_qk import QKAttribution
+
+    for chk in g.checks:
+        typer.echo(GraphIntervention.from_dict(chk).summary())
+    for q in g.qk:
+        typer.echo(QKAttribution.from_dict(q).summary())
+    for p in g.paths:
+        heads = ", ".join(f"{h['head']} {h['total']:+.3f}" for h in p["heads"][:4])
+        typer.echo(f"inputs of {p['target']} by the head that carried them: {heads}")
+    typer.echo(f"graph.json, graph.html and graph-circuit-tracer.json written to {path} ({_total(g.seconds):.1f} s)")
+
+
+def _total(seconds: dict) -> float:
+    """The whole run's seconds (the pipeline's sections), or the graph's alone when they are not there."""
+    parts = [v for k, v in seconds.items() if k.startswith("pipeline: ")]
+    return sum(parts) if parts else seconds.get("total", 0.0)

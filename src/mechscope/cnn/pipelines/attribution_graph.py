@@ -1,0 +1,178 @@
+"""``mechscope cnn graph``: the attribution graph of one image's logit; graph.json, graph.html, the unpruned graph
+and circuit-tracer's graph JSON.
+
+:func:`graph_model` is the Python API (a run folder or a CNN; dictionaries from a folder, the CNN's channels, or
+trained here), :func:`graph_run` the CLI's, :func:`view_run` re-renders an annotated graph JSON. Outputs are written
+atomically, never over an existing folder without ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mechscope.cnn.methods.attribution_graph import (
+    CnnAttributionGraph,
+    CnnDictionaryTraining,
+    CnnGraphSettings,
+    cnn_attribution_graph,
+    feature_examples,
+    intervene,
+    train_dictionaries,
+)
+from mechscope.cnn.methods.replacement import StageDictionaries
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
+from mechscope.core.torch_utils import Timer
+
+log = logging.getLogger(__name__)
+
+CT_FILE = "graph-circuit-tracer.json"
+
+
+def graph_model(
+    run,
+    image: int = 0,
+    *,
+    split: str = "test",
+    dictionaries=None,
+    kind: str = "sae",
+    training: CnnDictionaryTraining | None = None,
+    target: int | None = None,
+    settings: CnnGraphSettings | None = None,
+    ablate: list[list[str]] | None = None,
+    steer: list[tuple[str, float]] | None = None,
+    auto_intervention: bool = True,
+    dashboards: int = 24,
+    dataset: str | None = None,
+    data_dir=None,
+    out=None,
+    force: bool = False,
+    progress=None,
+) -> tuple[Path | None, CnnAttributionGraph]:
+    """The graph of image ``image`` of the run's ``split`` images (``dictionaries``: a folder, ``"channels"``, a
+    :class:`StageDictionaries`, or None: small ones of ``kind`` trained here and saved in ``OUT/dictionaries``)."""
+    from mechscope.cnn.runs import load_run, load_run_data
+
+    if out is not None:
+        check_target(out, force)
+    if split not in ("train", "test"):
+        raise MechscopeError(f"--split must be train or test, got {split!r}")
+    timer = Timer("cnn graph")
+    with timer.section("load"):
+        r = load_run(run)
+        data = load_run_data(r, dataset, data_dir)
+    images = data.test_float() if split == "test" else data.train_float()
+    labels = data.test_labels if split == "test" else data.train_labels
+    if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < len(images):
+        raise MechscopeError(f"image {image} outside the {split} split's 0..{len(images) - 1}")
+    model = r.model
+    trained = None
+    with timer.section("dictionaries"):
+        if isinstance(dictionaries, StageDictionaries):
+            dicts = dictionaries
+        elif dictionaries == "channels":
+            dicts = StageDictionaries.channels(model)
+        elif dictionaries is not None:
+            dicts = StageDictionaries.load(dictionaries)
+        else:
+            tr = training or CnnDictionaryTraining(kind=kind)
+            trained = train_dictionaries(model, data.train_float(), data.test_float(), tr, progress)
+            dicts = trained.dictionaries
+        dicts.check(model)
+    with timer.section("graph"):
+        graph, rep = cnn_attribution_graph(
+            model,
+            dicts,
+            images[image],
+            target=target,
+            label=int(labels[image]),
+            class_names=r.class_names,
+            settings=settings,
+            name=str(run),
+        )
+    checks = []
+    with timer.section("interventions"):
+        feats = graph.features()
+        if auto_intervention and feats:
+            checks.append(intervene(graph, rep, [feats[0]["id"]]))
+        for group in ablate or []:
+            checks.append(intervene(graph, rep, group))
+        for node, value in steer or []:
+            checks.append(intervene(graph, rep, [node], value=value, scale=None))
+    dash = {}
+    if dashboards and feats:
+        with timer.section("dashboards"):
+            dash = feature_examples(
+                model, dicts, images[:2000], [(f["layer"], f["feature"]) for f in feats[:dashboards]]
+            )
+            dash = {k: {"examples": v, "note": f"top of the first 2,000 {split} images"} for k, v in dash.items()}
+    dic = dict(graph.dictionaries)
+    if trained is not None:
+        dic |= {
+            "quality": [
+                {k: s.get(k) for k in ("stage", "explained_variance", "l0", "error_share", "dead", "d_sae")}
+                for s in trained.stages
+            ],
+            "trained": trained.settings,
+        }
+    graph = replace(
+        graph,
+        checks=tuple(c.to_dict() for c in checks),
+        dashboards=dash,
+        dictionaries=dic,
+        seconds={**graph.seconds, **{f"pipeline: {k}": v for k, v in timer.seconds.items()}},
+        full=graph.full,
+        title=f"image {image} of {split} (label {r.class_names[int(labels[image])]}), " + graph.title,
+    )
+    if out is None:
+        return None, graph
+    out = Path(out)
+    with atomic_output(out, force) as tmp:
+        write_outputs(graph, tmp)
+        if trained is not None:
+            dicts.save(tmp / "dictionaries", run=str(run))
+            write_json(tmp / "dictionaries" / "training.json", trained.to_dict())
+    return out, graph
+
+
+def write_outputs(graph, where: Path, slug: str = "graph") -> None:
+    from mechscope.cnn.report.attribution_graph import page
+
+    write_json(where / graph.FILE, graph.to_dict())
+    write_json(where / CT_FILE, graph.to_circuit_tracer(slug), compact=True)
+    img = np.asarray(graph.settings.get("image_pixels") or [[0.0]], dtype=float)
+    (where / "graph.html").write_text(page(graph, img, slug), encoding="utf-8")
+    f = graph.full
+    if f is not None:
+        save_tensors(
+            where / "graph_full.safetensors",
+            {k: v for k, v in f.items() if isinstance(v, torch.Tensor)},
+            metadata={
+                "about": "the unpruned graph: rows (targets), cols (sources), values (edges) over the "
+                "node space [features with rows | errors | pixels | logits]"
+            },
+        )
+
+
+def graph_run(run, image: int, out=None, force: bool = False, **kw) -> tuple[Path, CnnAttributionGraph]:
+    """The CLI's call: the default output folder is ``RUN/graph-IMAGE``."""
+    out = Path(out) if out is not None else Path(run) / f"graph-{image}"
+    return graph_model(run, image, out=out, force=force, **kw)
+
+
+def view_run(graph_json, out=None, force: bool = False) -> tuple[Path, CnnAttributionGraph]:
+    """Re-render a graph JSON (as written, or downloaded from the viewer with annotations)."""
+    from mechscope.core.attribution_graph import load_graph
+
+    graph = load_graph(graph_json, CnnAttributionGraph)
+    src = Path(graph_json)
+    out = Path(out) if out is not None else src.with_name(src.stem + "-view")
+    check_target(out, force)
+    with atomic_output(out, force) as tmp:
+        write_outputs(graph, tmp)
+    return out, graph

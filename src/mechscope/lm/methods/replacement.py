@@ -1,0 +1,722 @@
+"""The local replacement model of a transformer on one prompt (Ameisen et al. 2025, "Circuit Tracing", § 2).
+
+Given a :class:`~mechscope.lm.models.transformer.HookedTransformer` and one transcoder per MLP layer (reading
+``blocks.L.mlp.hook_in``, the MLP's input after ln2, and predicting ``blocks.L.hook_mlp_out``):
+
+* every MLP's output becomes ``Σ_i a_i W_dec[i] + b_dec (+ W_skip x) + ε_L``, with the **error node**
+  ``ε_L[p] = mlp_out - transcoder_out`` at each layer and position, so the prompt's logits are unchanged;
+* the **attention patterns** of every head and the **normalisation denominators** of every norm (ln1, ln2, the
+  final norm, Gemma's post-norms, q/k norms) are frozen at their values on the prompt, so the network becomes
+  linear in its sources: token embeddings (with learned positions where the model has them), feature activations
+  and error vectors.
+
+The frozen run is made with hooks only (:mod:`mechscope.core.hooks`): ``attn.hook_pattern`` returns the prompt's
+pattern, each norm module's output is recomputed with the prompt's scale (LayerNorm: ``(x - mean x) s w + b``;
+RMSNorm: ``w (x s)``), and ``hook_mlp_out`` returns the replacement's output. Every family the transformer file
+runs works the same way; a final logit soft-cap (Gemma 2) is left out of the attributed logits (they are the logits
+before the cap; the replacement model's capped logits equal the model's).
+
+Sources are ordered ``[features (layer, position, index) | errors (layer-major) | inputs (positions)]``, as in
+circuit-tracer. Logit targets are the logits minus their mean over the vocabulary (softmax ignores a shift), read at
+one position (the last by default).
+
+Transcoders come from mechscope's ``lm sae`` or SAELens' directory format (:meth:`Transcoders.load`), from the MLP's
+own neurons when the MLP is a ReLU (exact: every error node is zero; tracr's compiled models), or are trained here
+(:mod:`mechscope.lm.methods.replacement_training`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary, load_saelens, save_saelens
+from mechscope.core.errors import MechscopeError
+from mechscope.core.hooks import hooks, module_hooks
+from mechscope.lm.models.transformer import HookedTransformer, LayerNorm, RMSNorm
+
+MODES = ("direct", "frozen", "recomputed", "model")
+
+
+# ---- the transcoders -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transcoders:
+    """One transcoder per MLP layer (``layers[L]`` reads ``blocks.L.mlp.hook_in`` and writes ``hook_mlp_out``), each
+    folded to raw units; ``source`` says where they came from (paths, "mlp neurons", "trained here")."""
+
+    layers: tuple[SparseDictionary, ...]
+    source: str = ""
+    paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, tc in enumerate(self.layers):
+            if not isinstance(tc, SparseDictionary):
+                raise MechscopeError(f"transcoder {i} is a {type(tc).__name__}, not a SparseDictionary")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def widths(self) -> list[int]:
+        return [tc.cfg.d_sae for tc in self.layers]
+
+    def check(self, model: HookedTransformer) -> None:
+        """Refuse, in one line, transcoders that do not fit the model's layers or widths."""
+        cfg = model.cfg
+        n_mlp = 0 if cfg.attn_only else cfg.n_layers
+        if len(self.layers) != n_mlp:
+            raise MechscopeError(
+                f"{len(self.layers)} transcoders for a model with {n_mlp} MLP layers ({cfg.name or 'this model'}): "
+                "give one per layer"
+            )
+        for i, tc in enumerate(self.layers):
+            c = tc.cfg
+            if c.d_in != cfg.d_model or c.d_out != cfg.d_model:
+                raise MechscopeError(
+                    f"transcoder of layer {i} maps {c.d_in} -> {c.d_out} dims; the model's MLPs map d_model "
+                    f"{cfg.d_model} -> {cfg.d_model}"
+                )
+
+    def to(self, device, dtype) -> Transcoders:
+        return Transcoders(
+            tuple(tc.to(device=device, dtype=dtype).eval() for tc in self.layers), self.source, self.paths
+        )
+
+    @classmethod
+    def of(cls, dictionaries, source: str = "given") -> Transcoders:
+        """Transcoders from a list of :class:`SparseDictionary` (normalisation folded in here)."""
+        dicts = list(dictionaries)
+        for i, d in enumerate(dicts):
+            if not isinstance(d, SparseDictionary):
+                raise MechscopeError(f"transcoder {i} is a {type(d).__name__}, not a SparseDictionary")
+            if not d.cfg.transcoder:
+                raise MechscopeError(
+                    f"dictionary {i} is an SAE, not a transcoder (it must read mlp.hook_in and predict hook_mlp_out)"
+                )
+        return cls(tuple(d.folded().eval() for d in dicts), source)
+
+    @classmethod
+    def load(cls, path) -> Transcoders:
+        """A folder of transcoders in SAELens' layout: one sub-folder per layer (``cfg.json`` with ``hook_layer``
+        or a hook name ``blocks.L.mlp.hook_in``), or the folder of a single one."""
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise MechscopeError(f"{root}: transcoder folder not found")
+        dirs = (
+            [root] if (root / "cfg.json").is_file() else sorted(p for p in root.iterdir() if (p / "cfg.json").is_file())
+        )
+        if not dirs:
+            raise MechscopeError(f"{root}: no transcoder (no cfg.json in it or in its sub-folders)")
+        found: dict[int, tuple[SparseDictionary, str]] = {}
+        for d in dirs:
+            loaded = load_saelens(d)
+            meta, model = loaded.metadata, loaded.model
+            if not model.cfg.transcoder:
+                raise MechscopeError(
+                    f"{d}: an SAE, not a transcoder (expected reading mlp.hook_in, writing hook_mlp_out)"
+                )
+            layer = _layer_of(d, meta)
+            hook = meta.get("hook_name") or ""
+            if hook and not re.fullmatch(rf"blocks\.{layer}\.(mlp\.hook_in|ln2\.hook_normalized)", hook):
+                raise MechscopeError(f"{d}: reads {hook!r}; an attribution graph needs blocks.{layer}.mlp.hook_in")
+            out = meta.get("hook_name_out") or ""
+            if out and out != f"blocks.{layer}.hook_mlp_out":
+                raise MechscopeError(f"{d}: writes {out!r}; an attribution graph needs blocks.{layer}.hook_mlp_out")
+            if layer in found:
+                raise MechscopeError(f"{d}: a second transcoder for layer {layer} (also {found[layer][1]})")
+            found[layer] = (model.folded().eval(), str(d))
+        missing = [i for i in range(max(found) + 1) if i not in found]
+        if missing:
+            raise MechscopeError(f"{root}: no transcoder for layer {missing[0]} (layers found: {sorted(found)})")
+        return cls(tuple(found[i][0] for i in sorted(found)), f"{root}", tuple(found[i][1] for i in sorted(found)))
+
+    def save(self, path, model_name: str = "") -> Path:
+        """Write each layer's transcoder as ``path/layer_L`` in SAELens' layout."""
+        root = Path(path)
+        for i, tc in enumerate(self.layers):
+            save_saelens(
+                tc,
+                root / f"layer_{i}",
+                hook_name=f"blocks.{i}.mlp.hook_in",
+                hook_layer=i,
+                model_name=model_name,
+                hook_name_out=f"blocks.{i}.hook_mlp_out",
+                hook_layer_out=i,
+            )
+        return root
+
+    @classmethod
+    def padded(cls, model: HookedTransformer, given: dict[int, SparseDictionary], source: str = "given") -> Transcoders:
+        """Transcoders for the layers in ``given`` (layer -> transcoder, folded here) and an empty one (a single
+        latent that never fires, decoding to zero) for every other MLP layer: there the whole MLP output is the
+        error node, so a graph can be traced with transcoders for a subset of layers."""
+        n = 0 if model.cfg.attn_only else model.cfg.n_layers
+        bad = [i for i in given if not 0 <= i < n]
+        if bad:
+            raise MechscopeError(f"transcoder for layer {bad[0]}, outside the model's MLP layers 0..{n - 1}")
+        D = model.cfg.d_model
+        layers = tuple(given[i].folded().eval() if i in given else empty_transcoder(D) for i in range(n))
+        return cls(layers, source)
+
+    @property
+    def empty_layers(self) -> list[int]:
+        """Layers whose transcoder never fires (their MLP is all error node)."""
+        return [i for i, tc in enumerate(self.layers) if is_empty(tc)]
+
+    @classmethod
+    def from_mlp_neurons(cls, model: HookedTransformer) -> Transcoders:
+        """The MLPs' own neurons as transcoders: ``W_enc = W_in``, ``W_dec = W_out``, ReLU; exact (every error node
+        zero) for non-gated ReLU MLPs, such as tracr's compiled models."""
+        cfg = model.cfg
+        if cfg.attn_only:
+            return cls((), "mlp neurons")
+        if cfg.gated_mlp or cfg.act != "relu" or cfg.post_attn_mlp_norm:
+            raise MechscopeError(
+                f"MLP neurons are exact transcoders only for plain ReLU MLPs; {cfg.name or 'this model'}"
+                f" has act={cfg.act}{', gated' if cfg.gated_mlp else ''}: train transcoders instead"
+            )
+        out = []
+        for block in model.blocks:
+            mlp = block.mlp
+            d = SparseDictionary(
+                DictionaryConfig(
+                    d_in=cfg.d_model, d_sae=cfg.d_mlp, architecture="relu", transcoder=True, d_out=cfg.d_model
+                )
+            )
+            with torch.no_grad():
+                d.W_enc.copy_(mlp.up.weight.T.float())
+                d.b_enc.copy_(mlp.up.bias.float() if mlp.up.bias is not None else torch.zeros(cfg.d_mlp))
+                d.W_dec.copy_(mlp.down.weight.T.float())
+                d.b_dec.copy_(mlp.down.bias.float() if mlp.down.bias is not None else torch.zeros(cfg.d_model))
+            out.append(d.eval())
+        return cls(tuple(out), "mlp neurons")
+
+
+def empty_transcoder(d_model: int) -> SparseDictionary:
+    """A transcoder that never fires and outputs zero: a layer left entirely to its error node."""
+    d = SparseDictionary(DictionaryConfig(d_in=d_model, d_sae=1, architecture="relu", transcoder=True, d_out=d_model))
+    with torch.no_grad():
+        for t in (d.W_enc, d.W_dec, d.b_dec):
+            t.zero_()
+        d.b_enc.fill_(-1.0)
+    return d.eval()
+
+
+@torch.no_grad()
+def is_empty(tc: SparseDictionary) -> bool:
+    return (
+        tc.cfg.d_sae == 1
+        and not tc.cfg.skip
+        and float(tc.W_enc.abs().max()) == 0.0
+        and float(tc.b_enc.max()) < 0
+        and float(tc.W_dec.abs().max()) == 0.0
+    )
+
+
+def _layer_of(d: Path, meta: dict) -> int:
+    layer = meta.get("hook_layer")
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        return layer
+    m = re.match(r"blocks\.(\d+)\.", meta.get("hook_name") or "")
+    if m:
+        return int(m.group(1))
+    m = re.search(r"(\d+)$", d.name)
+    if m:
+        return int(m.group(1))
+    raise MechscopeError(f"{d}: cfg.json names no layer (hook_layer or hook_name blocks.L...)")
+
+
+# ---- the local replacement model ----------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    """One frozen forward pass kept for backward passes: its leaves and the tensors gradients are injected into."""
+
+    batch: int
+    x0: torch.Tensor  # [B,P,D] the embedding, a leaf
+    sites: list[torch.Tensor]  # per MLP layer [B,P,D]: a zero leaf added to the MLP output (its gradient is read)
+    mlp_in: dict[int, torch.Tensor]  # per layer [B,P,D]: the transcoder's input
+    final: torch.Tensor  # [B,P,D] after the final norm
+    captured: dict[str, torch.Tensor]
+
+
+class LocalReplacement:
+    """The local replacement model of ``model`` on ``tokens`` [P] (or [1, P]) with ``transcoders``.
+
+    ``skip_first``: no feature nodes at position 0 (the first token's residual is an outlier transcoders do not
+    reconstruct; its MLP output is all error node, as circuit-tracer does for BOS). ``logit_pos``: where the logits
+    are read (default the last position). Attributes after construction: ``feature_layer/pos/index/activation``
+    [N] (the active features), ``errors`` [L,P,D], ``embedding`` [P,D], ``logits`` [P,V] (the model's own).
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        transcoders: Transcoders,
+        tokens: torch.Tensor,
+        *,
+        skip_first: bool = False,
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(model, HookedTransformer):
+            raise MechscopeError(f"expected a HookedTransformer, got {type(model).__name__}")
+        if not isinstance(transcoders, Transcoders):
+            raise MechscopeError(f"expected Transcoders, got {type(transcoders).__name__}")
+        tokens = torch.as_tensor(tokens)
+        tokens = tokens[None] if tokens.dim() == 1 else tokens
+        model.check_tokens(tokens)
+        if tokens.shape[0] != 1 or tokens.shape[1] < 1:
+            raise MechscopeError(f"expected one prompt of at least one token, got shape {list(tokens.shape)}")
+        transcoders.check(model)
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.transcoders = transcoders.to(self.device, self.dtype)
+        self.tokens = tokens.to(self.device)
+        self.cfg = model.cfg
+        self.P = tokens.shape[1]
+        self.L = len(self.transcoders)
+        self.batch_size = max(1, int(batch_size))
+        self.skip_first = skip_first
+        self._norms = self._norm_modules()
+        self._pass: _Pass | None = None
+        self._clean()
+
+    # ---- the clean run ----------------------------------------------------------------------------
+
+    def _norm_modules(self) -> dict[int, str]:
+        names = {}
+        for i, b in enumerate(self.model.blocks):
+            for part in ("ln1", "ln2", "ln1_post", "ln2_post"):
+                m = getattr(b, part, None)
+                if m is not None:
+                    names[id(m)] = f"blocks.{i}.{part}"
+            for part in ("q_norm", "k_norm"):
+                m = getattr(b.attn, part, None)
+                if m is not None:
+                    names[id(m)] = f"blocks.{i}.attn.{part}"
+        if self.model.ln_final is not None:
+            names[id(self.model.ln_final)] = "ln_final"
+        return names
+
+    @torch.no_grad()
+    def _clean(self) -> None:
+        model, L = self.model, self.L
+        self.scales: dict[int, torch.Tensor] = {}
+        self.patterns: dict[int, torch.Tensor] = {}
+        mlp_in, mlp_out = {}, {}
+
+        def norm_hook(module, args, output):
+            key = id(module)
+            if key in self._norms:
+                self.scales[key] = _scale(module, args[0])
+            return None
+
+        fwd = [(f"blocks.{i}.attn.hook_pattern", self._store(self.patterns, i)) for i in range(self.cfg.n_layers)]
+        fwd += [(f"blocks.{i}.mlp.hook_in", self._store(mlp_in, i)) for i in range(L)]
+        fwd += [(f"blocks.{i}.hook_mlp_out", self._store(mlp_out, i)) for i in range(L)]
+        with module_hooks(model, (LayerNorm, RMSNorm), forward=norm_hook), hooks(model, fwd=fwd):
+            self.embedding = model.embed(self.tokens)[0]  # [P,D]
+            resid = model.run_blocks(self.embedding[None])
+            self.logits = model.unembed(resid)[0].float()  # [P,V] the model's own logits
+        self.mlp_in = {i: mlp_in[i][0] for i in range(L)}
+        self.mlp_out = {i: mlp_out[i][0] for i in range(L)}
+        layers, pos, idx, act = [], [], [], []
+        self.errors = torch.zeros(L, self.P, self.cfg.d_model, device=self.device, dtype=self.dtype)
+        self.const: dict[int, torch.Tensor] = {}
+        self.acts: dict[int, torch.Tensor] = {}
+        for i, tc in enumerate(self.transcoders.layers):
+            x = self.mlp_in[i]
+            f = tc.encode(x)  # [P, d_sae]
+            if self.skip_first:
+                f[0] = 0
+            self.acts[i] = f
+            out = self._decode(i, f, x)
+            self.errors[i] = self.mlp_out[i] - out
+            nz = f.nonzero()
+            layers.append(torch.full((len(nz),), i, dtype=torch.long))
+            pos.append(nz[:, 0].cpu())
+            idx.append(nz[:, 1].cpu())
+            act.append(f[nz[:, 0], nz[:, 1]].float().cpu())
+        cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
+        self.feature_layer = cat(layers, torch.long)
+        self.feature_pos = cat(pos, torch.long)
+        self.feature_index = cat(idx, torch.long)
+        self.feature_activation = cat(act, torch.float32)
+        self.layer_start = [int((self.feature_layer < i).sum()) for i in range(L + 1)]
+        self.n_features = len(self.feature_layer)
+        self.n_errors = L * self.P
+        self.n_inputs = self.P
+
+    @staticmethod
+    def _store(d: dict, i: int):
+        def fn(x, hook):
+            d[i] = x.detach()
+
+        return fn
+
+    def _decode(self, layer: int, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The transcoder's output for latents ``f`` [..., d_sae] and input ``x`` (the skip path's)."""
+        tc = self.transcoders.layers[layer]
+        out = f.to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec
+        return out + x @ tc.W_skip.T if tc.cfg.skip else out
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def encoder(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors [n, D] of features ``index`` of ``layer`` (the gradient of their pre-activation)."""
+        return self.transcoders.layers[layer].W_enc[:, index].T
+
+    def pre_activations(self, mlp_in: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The pre-activation of every active feature [N] from transcoder inputs ``mlp_in[L]`` [P,D]."""
+        out = []
+        for i, tc in enumerate(self.transcoders.layers):
+            s, e = self.layer_start[i], self.layer_start[i + 1]
+            if e > s:
+                z = tc.pre_activations(mlp_in[i].to(tc.W_enc.dtype))  # [P, d_sae]
+                out.append(z[self.feature_pos[s:e], self.feature_index[s:e]].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def demeaned(self, logits: torch.Tensor, targets: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits ``targets`` at ``pos`` minus the mean logit there: what the graph attributes."""
+        row = logits[pos].float()
+        return row[targets] - row.mean()
+
+    def unembed_directions(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(directions [n, D] after the final norm, offsets [n]): demeaned logit = final · direction + offset."""
+        W = self.model.W_U.float()  # [D, V]
+        u = (W[:, targets] - W.mean(1, keepdim=True)).T
+        b = self.model.b_U
+        off = (b[targets] - b.mean()).float() if b is not None else torch.zeros(len(targets))
+        return u, off
+
+    def source_id(self, s: int) -> str:
+        """The node id of source ``s`` (a feature, error or input)."""
+        from mechscope.core.attribution_graph import node_id
+
+        nf, ne = self.n_features, self.n_errors
+        if s < nf:
+            return node_id(
+                "feature", int(self.feature_layer[s]), int(self.feature_index[s]), int(self.feature_pos[s]), 0
+            )
+        if s < nf + ne:
+            layer, pos = divmod(s - nf, self.P)
+            return node_id("error", layer, -1, pos, 0)
+        pos = s - nf - ne
+        return node_id("input", -1, int(self.tokens[0, pos]), pos, 0)
+
+    def source_of(self, node: str) -> int:
+        """The source index of a node id (``"3_1204_7"``, ``"3_-1_7"``, ``"E_42_0"``)."""
+        m = re.fullmatch(r"(E|\d+)_(-?\d+)_(\d+)", node.strip())
+        if not m:
+            raise MechscopeError(f"expected a node id LAYER_FEATURE_POS (E_TOKEN_POS for a token), got {node!r}")
+        a, b, c = m.group(1), int(m.group(2)), int(m.group(3))
+        if not 0 <= c < self.P:
+            raise MechscopeError(f"node {node}: position {c} outside the prompt's 0..{self.P - 1}")
+        if a == "E":
+            return self.n_features + self.n_errors + c
+        layer = int(a)
+        if not 0 <= layer < self.L:
+            raise MechscopeError(f"node {node}: layer {layer} outside 0..{self.L - 1}")
+        if b == -1:
+            return self.n_features + layer * self.P + c
+        s, e = self.layer_start[layer], self.layer_start[layer + 1]
+        hit = ((self.feature_pos[s:e] == c) & (self.feature_index[s:e] == b)).nonzero()
+        if not len(hit):
+            raise MechscopeError(f"node {node}: feature {b} of layer {layer} is not active at position {c}")
+        return s + int(hit[0, 0])
+
+    # ---- the frozen run ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Attention patterns and norm scales fixed at the prompt's values for the block (hooks removed after)."""
+
+        def norm_hook(module, args, output):
+            key = id(module)
+            if key not in self.scales:
+                return None
+            return _apply_frozen(module, args[0], self.scales[key])
+
+        def pattern(i):
+            def fn(x, hook):
+                return self.patterns[i].expand_as(x)
+
+            return fn
+
+        fwd = [(f"blocks.{i}.attn.hook_pattern", pattern(i)) for i in range(self.cfg.n_layers)]
+        with module_hooks(self.model, (LayerNorm, RMSNorm), forward=norm_hook), hooks(self.model, fwd=fwd):
+            yield
+
+    def _forward(
+        self,
+        x0: torch.Tensor,
+        mode: str,
+        values: dict[int, torch.Tensor] | None = None,
+        error_delta: torch.Tensor | None = None,
+        sites: list[torch.Tensor] | None = None,
+        capture: tuple[str, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+        """One run on the residual ``x0`` [B,P,D]: returns (the residual after the last block, the transcoders'
+        inputs, the captured activations). ``mode``: "direct" (features fixed at ``values``, frozen), "frozen"
+        (features re-encoded from their inputs, except those in ``values``; attention and norms frozen),
+        "recomputed" (the same with attention and norms live), "model" (the model itself, with the change of the
+        features in ``values`` added to the MLP outputs)."""
+        values = values or {}
+        mlp_in: dict[int, torch.Tensor] = {}
+        captured: dict[str, torch.Tensor] = {}
+
+        def take(i):
+            def fn(x, hook):
+                mlp_in[i] = x
+
+            return fn
+
+        def replace(i):
+            def fn(out, hook):
+                x = mlp_in[i]
+                if mode == "model":
+                    if i in values:
+                        return out + (values[i] - self.acts[i]).to(out.dtype) @ self.transcoders.layers[i].W_dec
+                    return out
+                if mode == "direct":
+                    f = values.get(i, self.acts[i])
+                    base = self._decode(i, f, x) + self.errors[i]
+                else:
+                    f = self.transcoders.layers[i].encode(x)
+                    if self.skip_first:
+                        f = f.clone()
+                        f[:, 0] = 0
+                    if i in values:
+                        changed = values[i] != self.acts[i]
+                        f = torch.where(changed, values[i].to(f.dtype), f)
+                    base = self._decode(i, f, x) + self.errors[i]
+                if error_delta is not None:
+                    base = base + error_delta[i]
+                return base + sites[i] if sites is not None else base
+
+            return fn
+
+        def keep(name):
+            def fn(x, hook):
+                captured[name] = x
+
+            return fn
+
+        fwd = [(f"blocks.{i}.mlp.hook_in", take(i)) for i in range(self.L)]
+        fwd += [(f"blocks.{i}.hook_mlp_out", replace(i)) for i in range(self.L)]
+        fwd += [(name, keep(name)) for name in capture]
+        with ExitStack() as stack:
+            if mode in ("direct", "frozen"):
+                stack.enter_context(self.frozen())
+            stack.enter_context(hooks(self.model, fwd=fwd))
+            resid = self.model.run_blocks(x0)
+        return resid, mlp_in, captured
+
+    def final(self, resid: torch.Tensor, frozen: bool) -> torch.Tensor:
+        """The residual after the final norm (its scale frozen or not)."""
+        if self.model.ln_final is None:
+            return resid
+        if not frozen:
+            return self.model.ln_final(resid)
+        with self.frozen():
+            return self.model.ln_final(resid)
+
+    def logits_of(self, final: torch.Tensor) -> torch.Tensor:
+        """Logits before any soft-cap from the final-normed residual [..., D]."""
+        W = self.model.W_U
+        out = final.to(W.dtype) @ W
+        return out + self.model.b_U if self.model.b_U is not None else out
+
+    @torch.no_grad()
+    def replacement_logits(self) -> torch.Tensor:
+        """The replacement model's logits [P,V] on the prompt (frozen, features and errors at their values): equal
+        to the model's up to float rounding."""
+        resid, _, _ = self._forward(self.embedding[None], "direct")
+        out = self.logits_of(self.final(resid, True))[0]
+        cap = self.cfg.final_logit_softcap
+        return (out if cap is None else torch.tanh(out / cap) * cap).float()
+
+    @torch.no_grad()
+    def run(
+        self,
+        mode: str = "direct",
+        features: dict[int, float] | None = None,
+        scale_source: tuple[int, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits before any soft-cap [P,V], pre-activations of the active features [N]) after setting
+        ``features`` (source index -> new activation) or scaling one source by a factor (``scale_source``: a
+        feature's activation, an error vector, an input embedding), in ``mode`` (see :meth:`_forward`)."""
+        if mode not in MODES:
+            raise MechscopeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        values = {i: a.clone() for i, a in self.acts.items()}
+        x0 = self.embedding[None].clone()
+        err = None
+        changes = dict(features or {})
+        if scale_source is not None:
+            s, factor = scale_source
+            nf, ne = self.n_features, self.n_errors
+            if s < nf:
+                changes[s] = float(self.feature_activation[s]) * factor
+            elif s < nf + ne:
+                layer, pos = divmod(s - nf, self.P)
+                err = torch.zeros_like(self.errors)
+                err[layer, pos] = self.errors[layer, pos] * (factor - 1)
+            else:
+                pos = s - nf - ne
+                x0[0, pos] = x0[0, pos] * factor
+        touched = set()
+        for s, v in changes.items():
+            if not 0 <= s < self.n_features:
+                raise MechscopeError(f"source {s} is not an active feature (0..{self.n_features - 1})")
+            layer = int(self.feature_layer[s])
+            values[layer][self.feature_pos[s], self.feature_index[s]] = float(v)
+            touched.add(layer)
+        if mode != "direct":
+            values = {i: values[i] for i in touched}
+        resid, mlp_in, _ = self._forward(x0, mode, values, err)
+        frozen = mode in ("direct", "frozen")
+        logits = self.logits_of(self.final(resid, frozen))[0].float()
+        return logits, self.pre_activations({i: v[0] for i, v in mlp_in.items()})
+
+    # ---- rows by backward passes (the LinearSystem of core.attribution_graph) -------------------------
+
+    def _ensure_pass(self) -> _Pass:
+        if self._pass is not None:
+            return self._pass
+        B, P, D = self.batch_size, self.P, self.cfg.d_model
+        x0 = self.embedding.detach()[None].expand(B, P, D).clone().requires_grad_(True)
+        sites = [torch.zeros(B, P, D, device=self.device, dtype=self.dtype, requires_grad=True) for _ in range(self.L)]
+        with torch.enable_grad():
+            resid, mlp_in, captured = self._forward(x0, "direct", sites=sites, capture=self._capture)
+            final = self.final(resid, True)
+        self._pass = _Pass(B, x0, sites, mlp_in, final, captured)
+        return self._pass
+
+    _capture: tuple[str, ...] = ()
+
+    def release(self) -> None:
+        """Free the kept forward pass (its graph holds activations of batch_size copies of the prompt)."""
+        self._pass = None
+
+    def backward_rows(
+        self, inject: list[tuple[torch.Tensor, torch.Tensor]], b: int, extra: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, tuple]:
+        """Rows [b, N+E+T] for one batch: ``inject`` lists (tensor of the kept pass, gradient of its shape);
+        ``extra``: tensors of the pass whose gradients are returned too."""
+        ps = self._ensure_pass()
+        outs = [t for t, _ in inject]
+        grads = [g for _, g in inject]
+        inputs = [ps.x0, *ps.sites, *extra]
+        got = torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+        gx0, gsites, gextra = got[0], got[1 : 1 + self.L], got[1 + self.L :]
+        return self.contract(gx0, gsites, b), gextra
+
+    @torch.no_grad()
+    def contract(self, gx0: torch.Tensor | None, gsites, b: int) -> torch.Tensor:
+        """Direct effects on the ``b`` targets from gradients at the embedding [B,P,D] and the MLP outputs."""
+        nf, ne, nt = self.n_features, self.n_errors, self.n_inputs
+        rows = torch.zeros(b, nf + ne + nt, dtype=torch.float32)
+        for i in range(self.L):
+            g = gsites[i]
+            if g is None:
+                continue
+            g = g[:b]
+            s, e = self.layer_start[i], self.layer_start[i + 1]
+            if e > s:
+                proj = g @ self.transcoders.layers[i].W_dec.T  # [b,P,d_sae]
+                vals = proj[:, self.feature_pos[s:e], self.feature_index[s:e]]
+                rows[:, s:e] = (vals * self.feature_activation[s:e].to(vals)).float().cpu()
+            rows[:, nf + i * self.P : nf + (i + 1) * self.P] = (g * self.errors[i]).sum(-1).float().cpu()
+        if gx0 is not None:
+            rows[:, nf + ne :] = (gx0[:b] * self.embedding).sum(-1).float().cpu()
+        return rows
+
+    def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        ps = self._ensure_pass()
+        b = len(idx)
+        layers = self.feature_layer[idx]
+        inject = []
+        for layer in layers.unique().tolist():
+            g = torch.zeros_like(ps.mlp_in[layer])
+            rows = (layers == layer).nonzero().squeeze(1)
+            f = idx[rows]
+            g[rows.to(self.device), self.feature_pos[f].to(self.device)] = self.encoder(
+                layer, self.feature_index[f].to(self.device)
+            ).to(g.dtype)
+            inject.append((ps.mlp_in[layer], g))
+        return self.backward_rows(inject, b)[0]
+
+    def logit_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        ps = self._ensure_pass()
+        g = torch.zeros_like(ps.final)
+        g[torch.arange(len(idx)), self.logit_pos] = self.logit_directions[idx].to(g.dtype)
+        return self.backward_rows([(ps.final, g)], len(idx))[0]
+
+    # ---- logit targets -------------------------------------------------------------------------------
+
+    logit_pos: int = -1
+    logit_targets: torch.Tensor
+    logit_directions: torch.Tensor
+    logit_offsets: torch.Tensor
+
+    def set_targets(self, targets: torch.Tensor, pos: int | None = None) -> None:
+        """The logits to attribute (token ids) at ``pos`` (default the last position)."""
+        pos = self.P - 1 if pos is None else int(pos)
+        if not 0 <= pos < self.P:
+            raise MechscopeError(f"logit position {pos} outside the prompt's 0..{self.P - 1}")
+        targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        V = self.cfg.n_logits
+        bad = targets[(targets < 0) | (targets >= V)]
+        if len(bad):
+            raise MechscopeError(f"logit {int(bad[0])} outside the model's 0..{V - 1}")
+        self.logit_pos = pos
+        self.logit_targets = targets.cpu()
+        self.logit_directions, self.logit_offsets = self.unembed_directions(targets.to(self.device))
+
+    def salient_logits(
+        self, pos: int | None = None, max_n: int = 10, desired: float = 0.95
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The most probable next tokens at ``pos`` until their probability reaches ``desired`` (at most
+        ``max_n``): (token ids, probabilities), as circuit-tracer chooses its logit nodes."""
+        pos = self.P - 1 if pos is None else pos
+        probs = torch.softmax(self.logits[pos].double(), -1)
+        top = probs.topk(min(max_n, probs.numel()))
+        cut = int((torch.cumsum(top.values, 0) < desired).sum()) + 1
+        return top.indices[:cut].cpu(), top.values[:cut].float().cpu()
+
+
+def _scale(module, x: torch.Tensor) -> torch.Tensor:
+    """The normalisation factor a norm module applies to ``x`` [..., D] (its denominator's inverse)."""
+    if isinstance(module, LayerNorm):
+        xc = x - x.mean(-1, keepdim=True)
+        return torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + module.eps).detach()
+    xf = x.float()
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.eps).detach()
+
+
+def _apply_frozen(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The norm's output with its denominator fixed: linear in ``x`` (an affine map with the gain and bias)."""
+    if isinstance(module, LayerNorm):
+        return (x - x.mean(-1, keepdim=True)) * scale * module.w + module.b
+    dtype = x.dtype
+    y = x.float() * scale
+    if module.plus_one:
+        return (y * (1.0 + module.w.float())).to(dtype)
+    return module.w * y.to(dtype)
+
+
+def logit_softcap_note(cfg) -> str | None:
+    return None if cfg.final_logit_softcap is None else "logits attributed before the final soft-cap"
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

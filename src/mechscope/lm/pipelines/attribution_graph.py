@@ -1,0 +1,316 @@
+"""``mechscope lm graph``: the attribution graph of a prompt; graph.json, graph.html, the unpruned graph and
+circuit-tracer's graph JSON.
+
+:func:`graph_model` is the Python API (a model object or a model name; transcoders from a folder, the MLP neurons,
+or trained here), :func:`graph_run` the CLI's, :func:`view_run` re-renders an annotated graph JSON (as the viewer
+downloads it) without any model. Each writes its files atomically (never over an existing folder without ``force``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
+from mechscope.core.torch_utils import Timer
+from mechscope.lm.methods.attribution_graph import (
+    GraphSettings,
+    LmAttributionGraph,
+    attribution_graph,
+    edge_paths,
+    feature_examples,
+    intervene,
+)
+from mechscope.lm.methods.attribution_graph_qk import qk_attribution
+from mechscope.lm.methods.replacement import Transcoders
+from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
+
+log = logging.getLogger(__name__)
+
+CT_FILE = "graph-circuit-tracer.json"
+
+
+def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None, bos: bool = True) -> torch.Tensor:
+    """The prompt's token ids [P] (BOS first when the model has one and ``bos``), refused in one line when empty or
+    longer than the context window."""
+    if (prompt is None) == (tokens is None):
+        raise MechscopeError("give a prompt (--prompt TEXT) or token ids (--tokens 1,2,3), one of them")
+    if prompt is not None:
+        if tokenizer is None:
+            raise MechscopeError(f"{model.cfg.name or 'this model'} has no tokenizer: give --tokens")
+        ids = tokenizer.encode(prompt, add_bos=False)
+    else:
+        ids = list(tokens)
+    b = model.cfg.bos_token_id
+    if bos and b is not None and (not ids or ids[0] != b):
+        ids = [b, *ids]
+    if not ids:
+        raise MechscopeError("the prompt is empty")
+    if len(ids) > model.cfg.n_ctx:
+        raise MechscopeError(f"the prompt has {len(ids)} tokens, longer than the context of {model.cfg.n_ctx}")
+    t = torch.tensor(ids)
+    model.check_tokens(t[None])
+    return t
+
+
+def resolve_targets(model, tokenizer, targets) -> list[int] | None:
+    """Target logits given as ids or texts (a text must be one token)."""
+    if not targets:
+        return None
+    out = []
+    for t in targets:
+        if isinstance(t, int) or (isinstance(t, str) and re.fullmatch(r"#\d+", t)):
+            out.append(int(str(t).lstrip("#")))
+            continue
+        if tokenizer is None:
+            raise MechscopeError(f"target {t!r}: this model has no tokenizer; give a token id as #ID")
+        ids = tokenizer.encode(t, add_bos=False)
+        if len(ids) != 1:
+            raise MechscopeError(f"target {t!r} is {len(ids)} tokens, not one; give a token id as #ID")
+        out.append(ids[0])
+    V = model.cfg.n_logits
+    bad = [i for i in out if not 0 <= i < V]
+    if bad:
+        raise MechscopeError(f"target logit {bad[0]} outside the model's 0..{V - 1}")
+    return out
+
+
+class CharTokenizer:
+    """A text-trained toy's characters as a tokenizer (``encode``/``decode``, as the wing's tokenizers)."""
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = list(chars)
+        self.lookup = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return [self.lookup[c] for c in text if c in self.lookup]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
+
+
+def get_transcoders(model, tokenizer, transcoders, train_tokens: int | None, text_file, progress=None):
+    """(Transcoders, training record or None) from a folder, ``"neurons"``, a :class:`Transcoders`, or trained."""
+    if model.cfg.attn_only:
+        if transcoders not in (None, "neurons") or train_tokens:
+            raise MechscopeError(f"{model.cfg.name or 'this model'} has no MLPs: it takes no transcoders")
+        return Transcoders(()), None
+    if isinstance(transcoders, Transcoders):
+        transcoders.check(model)
+        return transcoders, None
+    if transcoders == "neurons":
+        return Transcoders.from_mlp_neurons(model), None
+    if transcoders is not None:
+        t = Transcoders.load(transcoders)
+        t.check(model)
+        return t, None
+    if not train_tokens:
+        raise MechscopeError(
+            "give transcoders (--transcoders DIR), use the MLP neurons (--neurons, ReLU MLPs only) "
+            "or train small ones here (--train-transcoders TOKENS)"
+        )
+    if tokenizer is None:
+        raise MechscopeError("training transcoders needs a tokenizer (text)")
+    from mechscope.lm.text import read_text
+
+    text, name = read_text(text_file)
+    r = train_transcoders(
+        model,
+        tokenizer.encode(text, add_bos=False),
+        TranscoderTraining(tokens=train_tokens),
+        text_name=str(name),
+        progress=progress,
+    )
+    return r.transcoders, r
+
+
+def graph_model(
+    model,
+    prompt: str | None = None,
+    *,
+    tokens: list[int] | None = None,
+    tokenizer=None,
+    transcoders=None,
+    train_tokens: int | None = None,
+    targets=None,
+    logit_pos: int | None = None,
+    settings: GraphSettings | None = None,
+    qk: list[tuple] | None = None,
+    ablate: list[list[str]] | None = None,
+    steer: list[tuple[str, float]] | None = None,
+    auto_intervention: bool = True,
+    paths: int | None = 0,
+    dashboards: int = 24,
+    examples: int = 4096,
+    text_file=None,
+    bos: bool = True,
+    out=None,
+    force: bool = False,
+    progress=None,
+    name: str = "",
+) -> tuple[Path | None, LmAttributionGraph]:
+    """The attribution graph of a prompt, checked, with interventions, QK attributions and dashboards; written to
+    ``out`` when given. ``model``: a name (``smollm2``, a folder) or a ``HookedTransformer``; ``qk``: heads
+    ``(layer, head[, query_pos[, key_pos]])``; ``ablate``: lists of node ids to ablate together; ``steer``: (node,
+    value); ``auto_intervention``: ablate the most influential feature too; ``dashboards``: top-example cards for
+    the most influential feature nodes, from ``examples`` tokens of text."""
+    from mechscope.lm.models.loading import load_model
+    from mechscope.lm.models.transformer import HookedTransformer
+
+    if out is not None:
+        check_target(out, force)
+    timer = Timer("lm graph")
+    if not isinstance(model, HookedTransformer):
+        from mechscope.lm.toy import is_toy_run, load_toy
+
+        spec = str(model)
+        with timer.section("load"):
+            if Path(spec).expanduser().exists() and is_toy_run(spec):
+                model, chars, toy_name = load_toy(spec)
+                tok, name = (CharTokenizer(chars) if chars else None), name or toy_name
+            else:
+                model, tok = load_model(spec)
+        tokenizer = tokenizer or tok
+        name = name or spec
+    ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
+    tgt = resolve_targets(model, tokenizer, targets)
+    with timer.section("transcoders"):
+        tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress)
+    with timer.section("graph"):
+        graph, rep = attribution_graph(
+            model,
+            tcs,
+            ids,
+            tokenizer=tokenizer,
+            targets=tgt,
+            logit_pos=logit_pos,
+            settings=settings,
+            name=name or model.cfg.name,
+        )
+    checks = []
+    with timer.section("interventions"):
+        feats = graph.features()
+        if auto_intervention and feats:
+            checks.append(intervene(graph, rep, [feats[0]["id"]]))
+        for group in ablate or []:
+            checks.append(intervene(graph, rep, group))
+        for node, value in steer or []:
+            checks.append(intervene(graph, rep, [node], value=value, scale=None))
+    qks = []
+    with timer.section("qk"):
+        labels = list(graph.input_labels)
+        for spec in qk or []:
+            layer, head, *rest = spec
+            qp = rest[0] if len(rest) > 0 else None
+            kp = rest[1] if len(rest) > 1 else None
+            qks.append(qk_attribution(rep, layer, head, qp, kp, labels=labels))
+    path_rows = []
+    if paths:
+        with timer.section("paths"):
+            path_rows.append(edge_paths(rep, 0, n=paths))
+    dash = {}
+    if dashboards and feats and tokenizer is not None and examples:
+        with timer.section("dashboards"):
+            dash = _dashboards(
+                model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text_file
+            )
+    if trained is not None:
+        dic = dict(graph.dictionaries) | {
+            "quality": [
+                {k: r.get(k) for k in ("layer", "explained_variance", "l0", "error_share", "dead")}
+                for r in trained.layers
+            ],
+            "trained": trained.settings,
+        }
+    else:
+        dic = graph.dictionaries
+    graph = replace(
+        graph,
+        checks=tuple(c.to_dict() for c in checks),
+        qk=tuple(q.to_dict() for q in qks),
+        dashboards=dash,
+        dictionaries=dic,
+        paths=tuple(p.to_dict() for p in path_rows),
+        seconds={**graph.seconds, **{f"pipeline: {k}": v for k, v in timer.seconds.items()}},
+        full=graph.full,
+    )
+    if out is None:
+        return None, graph
+    out = Path(out)
+    with atomic_output(out, force) as tmp:
+        write_outputs(graph, tmp)
+        if trained is not None:
+            tcs.save(tmp / "transcoders", model_name=name)
+            write_json(tmp / "transcoders" / "training.json", trained.to_dict())
+    return out, graph
+
+
+def write_outputs(graph, where: Path, slug: str = "graph") -> None:
+    """graph.json, graph.html, graph-circuit-tracer.json and (when the graph has it) graph_full.safetensors."""
+    from mechscope.lm.report.attribution_graph import page
+
+    write_json(where / graph.FILE, graph.to_dict())
+    write_json(where / CT_FILE, graph.to_circuit_tracer(slug), compact=True)
+    (where / "graph.html").write_text(page(graph, slug), encoding="utf-8")
+    f = graph.full
+    if f is not None:
+        save_tensors(
+            where / "graph_full.safetensors",
+            {k: v for k, v in f.items() if isinstance(v, torch.Tensor)},
+            metadata={
+                "about": "the unpruned graph: rows (targets), cols (sources), values (edges) over the "
+                "node space [features with rows | errors | inputs | logits]; kind: 0 feature 1 error "
+                "2 input 3 logit; features: their source index"
+            },
+        )
+
+
+def _dashboards(model, tcs, tokenizer, feats, examples: int, text_file) -> dict:
+    from mechscope.lm.text import read_text
+
+    try:
+        text, _ = read_text(text_file)
+    except MechscopeError as e:
+        log.warning("no dashboards: %s", e)
+        return {}
+    ids = tokenizer.encode(text[: examples * 8], add_bos=False)
+    ctx = min(64, model.cfg.n_ctx)
+    bos = model.cfg.bos_token_id
+    body = ctx - (1 if bos is not None else 0)
+    rows = [
+        ([bos] if bos is not None else []) + ids[i : i + body]
+        for i in range(0, min(len(ids), examples) - body + 1, body)
+    ]
+    if not rows:
+        return {}
+    contexts = torch.tensor(rows)
+    out = feature_examples(model, tcs, contexts, feats, lambda i: tokenizer.decode([i]))
+    for v in out.values():
+        v["note"] = f"top of {len(rows)} contexts of {ctx} tokens ({len(rows) * body:,} tokens of text)"
+    return out
+
+
+def graph_run(model: str, prompt, out=None, force: bool = False, **kw) -> tuple[Path, LmAttributionGraph]:
+    """The CLI's call: the default output folder is ``runs/graph/MODEL``."""
+    out = Path(out) if out is not None else Path("runs") / "graph" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model))
+    path, graph = graph_model(model, prompt, out=out, force=force, **kw)
+    return path, graph
+
+
+def view_run(graph_json, out=None, force: bool = False) -> tuple[Path, LmAttributionGraph]:
+    """Re-render a graph JSON (as written, or downloaded from the viewer with annotations): graph.html, the
+    circuit-tracer JSON and the checked graph.json itself, into ``out`` (default: beside it, ``FILE-view/``)."""
+    from mechscope.core.attribution_graph import load_graph
+
+    graph = load_graph(graph_json, LmAttributionGraph)
+    src = Path(graph_json)
+    out = Path(out) if out is not None else src.with_name(src.stem + "-view")
+    check_target(out, force)
+    with atomic_output(out, force) as tmp:
+        write_outputs(graph, tmp)
+    return out, graph

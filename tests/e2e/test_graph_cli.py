@@ -1,0 +1,248 @@
+"""`mechscope cnn graph` and `mechscope lm graph` end to end: graph.json (checked by its own interventions),
+graph.html (offline), circuit-tracer's JSON, `--view` of an annotated graph, nothing overwritten without --force; and
+bad input (one line, exit 2): a prompt longer than the context, transcoders or dictionaries that do not fit, a logit
+or image index out of range, a graph JSON that is not valid."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechscope.cnn.methods.attribution_graph import CnnAttributionGraph
+from mechscope.core.attribution_graph import load_graph
+from mechscope.lm.methods.attribution_graph import LmAttributionGraph
+from tests.e2e.reports import check_report
+from tests.e2e.test_cli import assert_one_line_error, run_main
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _circuit_tracer(path: Path, n_nodes: int) -> None:
+    ct = json.loads(path.read_text())
+    assert {"metadata", "nodes", "links", "qParams"} <= set(ct) and len(ct["nodes"]) == n_nodes
+
+
+def test_cnn_graph_cli(capsys, quick_run, mnist_root, tmp_path):
+    out = tmp_path / "g"
+    args = (
+        "cnn",
+        "graph",
+        "--run",
+        str(quick_run),
+        "--data-dir",
+        str(mnist_root),
+        "--image",
+        "3",
+        "--channels",
+        "--check",
+        "8",
+        "--dashboards",
+        "3",
+        "--out",
+        str(out),
+    )
+    code, stdout, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert "replacement score 1.000" in stdout and "ablate " in stdout  # the CNN's channels: exact transcoders
+    g = load_graph(out / "graph.json", CnnAttributionGraph)
+    e = g.exactness
+    assert e["logits_max_abs_diff"] < 1e-4 and e["edges_max_abs_error"] < 1e-4 and e["edges_sources_checked"] == 8
+    assert g.checks and g.dashboards and {n["kind"] for n in g.nodes} >= {"feature", "input", "logit"}
+    assert check_report(out / "graph.html") >= 1  # the image, inlined; nothing on the network
+    _circuit_tracer(out / "graph-circuit-tracer.json", len(g.nodes))
+    assert (out / "graph_full.safetensors").is_file()
+    code, _, err = run_main(capsys, *args)  # the folder exists: nothing overwritten without --force
+    assert_one_line_error(code, err, "exists")
+    # annotate (as the viewer's download does) and view again
+    d = json.loads((out / "graph.json").read_text())
+    feats = [n["id"] for n in d["nodes"] if n["kind"] == "feature"][:2]
+    d |= {"pinned": feats, "supernodes": [{"label": "strokes", "members": feats}]}
+    (tmp_path / "annotated.json").write_text(json.dumps(d))
+    code, stdout, err = run_main(
+        capsys, "cnn", "graph", "--view", str(tmp_path / "annotated.json"), "--out", str(tmp_path / "v")
+    )
+    assert code == 0, err
+    assert "2 pinned, 1 supernodes" in stdout and (tmp_path / "v" / "graph.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--image", "100000"], ["image 100000 outside"]),
+        (["--image", "0", "--target", "10"], ["class 10 outside"]),
+        (["--image", "0", "--dictionaries", "WRONG"], ["the stage has 16"]),
+    ],
+)
+def test_cnn_graph_bad_input(capsys, quick_run, mnist_root, tmp_path, extra, fragments):
+    from mechscope.cnn.methods.replacement import StageDictionaries
+    from mechscope.cnn.models.cnn import CNN, CNNConfig
+
+    if "WRONG" in extra:  # dictionaries of a CNN with other widths
+        StageDictionaries.channels(CNN(CNNConfig(channels=(8, 8)))).save(tmp_path / "wrong")
+        extra = [str(tmp_path / "wrong") if x == "WRONG" else x for x in extra]
+    base = ["cnn", "graph", "--run", str(quick_run), "--data-dir", str(mnist_root), "--check", "0", "--dashboards", "0"]
+    if "--dictionaries" not in extra:
+        base.append("--channels")
+    code, _, err = run_main(capsys, *base, *extra, "--out", str(tmp_path / "g"))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "lm"])
+@pytest.mark.parametrize("damage", ["not json", "edge", "schema"])
+def test_view_refuses_an_invalid_graph_json(capsys, tmp_path, kind, damage):
+    path = tmp_path / "graph.json"
+    if damage == "not json":
+        path.write_text("{nodes: ")
+    else:
+        d = {
+            "schema": f"mechscope.{kind}_graph/1",
+            "kind": kind,
+            "model": "m",
+            "title": "t",
+            "input_labels": [],
+            "layer_names": [],
+            "nodes": [],
+            "edges": [[0, 1, 0.5]],
+            "scores": {},
+            "counts": {},
+            "settings": {},
+        }
+        if damage == "schema":
+            d |= {"schema": "something/9", "edges": []}
+        path.write_text(json.dumps(d))
+    code, _, err = run_main(capsys, kind, "graph", "--view", str(path), "--out", str(tmp_path / "v"))
+    assert_one_line_error(code, err, str(path))
+    assert not (tmp_path / "v").exists()
+
+
+TRACR = Path(__import__("os").environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "hist"
+
+
+@pytest.fixture()
+def hist():
+    if not (TRACR / "config.json").is_file():
+        pytest.skip(f"tracr's hist not found at {TRACR}")
+    return str(TRACR)
+
+
+def test_lm_graph_cli_on_a_compiled_model(capsys, hist, tmp_path):
+    out = tmp_path / "g"
+    code, stdout, err = run_main(
+        capsys,
+        "lm",
+        "graph",
+        "--model",
+        hist,
+        "--tokens",
+        "0,2,3,2,2,4",
+        "--no-bos",
+        "--neurons",
+        "--logit-pos",
+        "1",
+        "--target",
+        "#3",
+        "--qk",
+        "0.0@1",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    assert "replacement score 1.000" in stdout
+    g = load_graph(out / "graph.json", LmAttributionGraph)
+    assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
+    assert g.settings["targets"] == [3] and g.qk and g.checks
+    _circuit_tracer(out / "graph-circuit-tracer.json", len(g.nodes))
+    text = (out / "graph.html").read_text()
+    assert "agv-svg" in text and not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # offline
+    assert "agv-svg" in g._repr_html_()  # the notebook view is the same viewer
+    code, stdout, err = run_main(capsys, "lm", "graph", "--view", str(out / "graph.json"), "--out", str(tmp_path / "v"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--tokens", "0,2,3,2,2,4,2,3", "--neurons"], ["longer than the context"]),
+        (["--tokens", "0,2,3", "--neurons", "--target", "#7"], ["outside the model's 0..6"]),
+        (["--tokens", "0,2,3", "--neurons", "--logit-pos", "5"], ["logit position 5 outside"]),
+        (["--tokens", "0,2,3", "--transcoders", "WRONG"], ["d_model 20"]),
+        (["--tokens", "0,2,3", "--transcoders", "TWO"], ["2 transcoders", "1 MLP layers"]),
+    ],
+)
+def test_lm_graph_bad_input(capsys, hist, tmp_path, extra, fragments):
+    from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary
+    from mechscope.lm.methods.replacement import Transcoders
+
+    if "WRONG" in extra or "TWO" in extra:
+        width = 16 if "WRONG" in extra else 20
+        d = SparseDictionary(DictionaryConfig(d_in=width, d_sae=8, transcoder=True, d_out=width))
+        Transcoders((d,) * (1 if "WRONG" in extra else 2)).save(tmp_path / "tc")
+        extra = [str(tmp_path / "tc") if x in ("WRONG", "TWO") else x for x in extra]
+    code, _, err = run_main(capsys, "lm", "graph", "--model", hist, "--no-bos", *extra, "--out", str(tmp_path / "g"))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "g").exists()
+
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n") * 40
+
+
+def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
+    """A 1-layer GELU toy (a few steps): `--train-transcoders` trains one here, the graph is exact against its own
+    interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back)."""
+    from mechscope.lm.methods.replacement import Transcoders
+    from mechscope.lm.pipelines.toy import train_toy_run
+    from mechscope.lm.toy import ToyConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    run = tmp_path / "toy"
+    cfg = ToyConfig(
+        d_model=32,
+        n_heads=2,
+        n_ctx=32,
+        vocab=16,
+        batch=8,
+        checkpoints=2,
+        min_span=4,
+        warmup=1,
+        layers=1,
+        data="text",
+        steps=5,
+        mlp="gelu",
+        d_mlp=48,
+    )
+    train_toy_run(cfg, run, text, control=False, progress=False)
+    out = tmp_path / "g"
+    code, stdout, err = run_main(
+        capsys,
+        "lm",
+        "graph",
+        "--model",
+        str(run),
+        "--tokens",
+        "1,2,3,4,1,2,3",
+        "--train-transcoders",
+        "2048",
+        "--text",
+        str(text),
+        "--check",
+        "8",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    g = load_graph(out / "graph.json", LmAttributionGraph)
+    assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
+    assert g.dictionaries["source"] == "trained here" and g.dictionaries["quality"][0]["layer"] == 0
+    assert Transcoders.load(out / "transcoders").widths == g.dictionaries["widths"]
