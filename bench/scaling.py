@@ -12,6 +12,7 @@ resident memory of the process against the model's bytes plus one layer's activa
 of time against parameters x tokens (or images). Prints a table, writes scaling.json and a figure.
 
     python bench/scaling.py [--only lm|cnn] [--big] [--out runs/bench-scaling] [--png docs/img/scaling.png]
+    python bench/scaling.py --replot runs/bench-scaling/scaling.json --png docs/img/scaling.png  # the figure again
 """
 
 from __future__ import annotations
@@ -186,12 +187,25 @@ def figure(lm: list[dict], cnn: list[dict], path: Path, load: tuple) -> None:
     axes[0].set_ylabel("wall time (s)")
     axes[0].legend(fontsize=8)
     if cnn:
-        x = [r["parameters"] for r in cnn]
-        axes[1].loglog(x, [r["wall_s"] for r in cnn], "s-", color="C1",
-                       label=f"cnn explain (slope {exponent(x, [r['wall_s'] for r in cnn]):.2f})")  # fmt: skip
+        wide = sorted((r for r in cnn if "stages" not in r["model"]), key=lambda r: r["parameters"])
+        deep = [r for r in cnn if "stages" in r["model"] or r["model"].startswith("default")]
+        x = [r["parameters"] for r in wide]
+        axes[1].loglog(x, [r["wall_s"] for r in wide], "s-", color="C1",
+                       label=f"wider, 2 stages (slope {exponent(x, [r['wall_s'] for r in wide]):.2f})")  # fmt: skip
+        axes[1].loglog([r["parameters"] for r in deep], [r["wall_s"] for r in deep], "^", color="C2",
+                       label="deeper: 3 and 4 stages")  # fmt: skip
+        for r in cnn:
+            axes[1].annotate(r["model"].split(" ")[0] + ("" if "stages" not in r["model"] else " stages"),
+                             (r["parameters"], r["wall_s"]), fontsize=7)  # fmt: skip
+        from matplotlib.ticker import NullFormatter
+
+        axes[1].xaxis.set_minor_formatter(NullFormatter())
         axes[1].set_xlabel("parameters (10,000 test images)")
         axes[1].set_ylabel("wall time (s)")
         axes[1].legend(fontsize=8)
+        axes[2].loglog([r["parameters"] * 4 / 2**20 for r in cnn], [r["peak_mib"] for r in cnn], "s", color="C1",
+                       label="cnn explain")  # fmt: skip
+    axes[2].legend(fontsize=8)
     axes[2].plot([1, 1e4], [1, 1e4], color="grey", lw=0.6, ls="--")
     axes[2].set_xlabel("weights (MiB)")
     axes[2].set_ylabel("peak resident memory (MiB)")
@@ -206,7 +220,12 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="also pythia-1b (about 4 GB of weights)")
     p.add_argument("--out", default="runs/bench-scaling")
     p.add_argument("--png", default=None, help="write the figure here too (e.g. docs/img/scaling.png)")
+    p.add_argument("--replot", default=None, help="only draw the figure again from a scaling.json (to --png)")
     args = p.parse_args()
+    if args.replot:
+        done = json.loads(Path(args.replot).read_text())
+        figure(done["lm_heads"], done["cnn_explain"], Path(args.png or "scaling.png"), tuple(done["load_average"]))
+        return
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -228,8 +247,10 @@ def main() -> None:
     figure(lm, cnn, work / "scaling.png", load)
     if args.png:
         figure(lm, cnn, Path(args.png), load)
-    print(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
-          f"{work / 'scaling.json'}")
+    print(
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
+        f"{work / 'scaling.json'}"
+    )
 
 
 if __name__ == "__main__":
