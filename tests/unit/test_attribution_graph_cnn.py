@@ -148,6 +148,8 @@ def test_interventions_match_the_graph_for_small_steps():
     assert iv.changes[feat["id"]][1] == 0.0 and "ablate" in iv.summary()
     with pytest.raises(MechscopeError, match="only feature nodes"):
         intervene(graph, rep, [next(n["id"] for n in graph.nodes if n["kind"] == "input")])
+    with pytest.raises(MechscopeError, match="give a value or a scale"):  # the wings share one check
+        intervene(graph, rep, [feat["id"]], value=None, scale=None)
 
 
 def test_bad_input_is_one_line():

@@ -225,31 +225,12 @@ def intervene(
     description: str = "",
 ) -> GraphIntervention:
     """Ablate (default) or steer features of the CNN graph; the measured change against the graph's prediction."""
-    nodes = [nodes] if isinstance(nodes, str) else list(nodes)
-    if not nodes:
-        raise MechscopeError("expected at least one feature node to intervene on")
-    srcs = [rep.source_of(n) for n in nodes]
-    bad = [n for n, s in zip(nodes, srcs, strict=True) if s >= rep.n_features]
-    if bad:
-        raise MechscopeError(f"{bad[0]}: only feature nodes can be steered or ablated")
-    old = {s: float(rep.feature_activation[s]) for s in srcs}
-    new = {s: (float(value) if value is not None else old[s] * float(scale)) for s in srcs}
 
     def measure(mode, changes):
         logits, _ = rep.run(mode, features=changes)
         return rep.demeaned(logits, rep.logit_targets)
 
-    what = "ablate" if value is None and scale == 0 else ("steer" if value is not None else f"scale by {scale:g}")
-    return core_intervene(
-        graph,
-        srcs,
-        old,
-        new,
-        measure,
-        rep.feature_activation,
-        rep.source_id,
-        description or f"{what} {', '.join(nodes)}",
-    )
+    return core_intervene(graph, rep, nodes, measure, value=value, scale=scale, description=description)
 
 
 # ---- dictionaries trained here ------------------------------------------------------------------------------

@@ -113,15 +113,32 @@ def predict(
 
 def intervene(
     graph: AttributionGraph,
-    sources: list[int],
-    old: dict[int, float],
-    new: dict[int, float],
+    rep,
+    nodes,
     measure: Callable[[str, dict[int, float]], torch.Tensor],
-    activation: torch.Tensor,
-    source_id: Callable[[int], str],
-    description: str,
+    *,
+    value: float | None = None,
+    scale: float | None = 0.0,
+    description: str = "",
 ) -> GraphIntervention:
-    """Measure the change of the attributed logits in every mode and set it beside the graph's predictions."""
+    """Set the feature ``nodes`` (node ids; a supernode's members) of a wing's replacement model ``rep`` (its
+    ``source_of``, ``n_features``, ``feature_activation``, ``source_id``) to ``value``, or to ``scale`` times their
+    activation (default 0: ablation); measure the change of the attributed logits in every mode
+    (``measure(mode, changes)``) and set it beside the graph's predictions."""
+    nodes = [nodes] if isinstance(nodes, str) else list(nodes)
+    if not nodes:
+        raise MechscopeError("expected at least one feature node to intervene on")
+    if value is None and scale is None:
+        raise MechscopeError("give a value or a scale")
+    sources = [rep.source_of(n) for n in nodes]
+    bad = [n for n, s in zip(nodes, sources, strict=True) if s >= rep.n_features]
+    if bad:
+        raise MechscopeError(f"{bad[0]}: only feature nodes can be steered or ablated")
+    old = {s: float(rep.feature_activation[s]) for s in sources}
+    new = {s: (float(value) if value is not None else old[s] * float(scale)) for s in sources}
+    what = "ablate" if value is None and scale == 0 else ("steer" if value is not None else f"scale by {scale:g}")
+    description = description or f"{what} {', '.join(nodes)}"
+    activation, source_id = rep.feature_activation, rep.source_id
     changes = {}
     for mode in MEASURED:
         changes[mode] = measure(mode, new) - measure(mode, {})
