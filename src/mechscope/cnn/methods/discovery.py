@@ -38,8 +38,11 @@ from mechscope.core.graphs import (
     Circuit,
     EdgeScores,
     FaithfulnessCurve,
+    TopEdges,
     acdc,
     auroc,
+    check_method,
+    check_threshold,
     eap,
     eap_ig,
     edge_patching,
@@ -49,7 +52,6 @@ from mechscope.core.results import Result
 from mechscope.core.scrub import ScrubResult, parse_hypothesis, scrub
 from mechscope.core.torch_utils import evaluating
 
-METHODS = ("eap", "eap-ig", "acdc", "edge-patching")
 METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
            "detect": "higher", "kl": "lower"}  # fmt: skip
 NOT_DIFFERENTIABLE = {"accuracy", "detect"}
@@ -180,7 +182,7 @@ def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class CNNDiscovery(Result):
+class CNNDiscovery(TopEdges, Result):
     """One circuit-discovery run on a CNN's channel graph; ``discovery.json``."""
 
     SCHEMA: ClassVar[str] = "mechscope.cnn_discovery/1"
@@ -200,13 +202,6 @@ class CNNDiscovery(Result):
     channel_scores: dict[str, list[float]]  # stage -> per channel: the largest |score| of its edges
     hand: dict | None  # against the circuit cnn explain found for the class
     seconds: dict[str, float]
-
-    def json_extras(self) -> dict:
-        s = self.scores
-        return {"top_edges": [[s.graph.edge_name(int(e)), float(s.scores[e])] for e in s.order()[:30]]}
-
-    def table(self, k: int = 20):
-        return self.scores.table(k)
 
 
 @dataclass(frozen=True)
@@ -229,22 +224,6 @@ class CNNScrub(Result):
 
 
 # ---- discovery -----------------------------------------------------------------------------------------
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise MechscopeError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
-    return method
-
-
-def check_threshold(threshold) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise MechscopeError(f"--threshold must be a finite number >= 0, got {threshold!r}")
-    if threshold < 0:
-        raise MechscopeError(f"--threshold must be >= 0, got {threshold:g}")
-    return float(threshold)
 
 
 def channel_scores(scores: EdgeScores, spec: CNNSpec) -> dict[str, list[float]]:
@@ -311,7 +290,7 @@ def discover(
     """Discover the channel circuit of ``task`` (see the module docstring); ``hand``: the last stage's channels
     ``cnn explain`` found for the task's class, to compare with."""
     check_method(method)
-    threshold = check_threshold(threshold)
+    threshold = None if threshold is None else check_threshold(threshold)
     if method in ("eap", "eap-ig") and task.metric_name in NOT_DIFFERENTIABLE:
         raise MechscopeError(f"{method} needs a differentiable metric; {task.metric_name!r} is not (use acdc)")
     if method == "eap" and task.metric_name == "kl":

@@ -10,8 +10,6 @@ from pathlib import Path
 from mechscope.cnn.methods.discovery import (
     CNNDiscovery,
     CNNScrub,
-    check_method,
-    check_threshold,
     discover,
     image_task,
     parse_hypothesis_file,
@@ -19,6 +17,7 @@ from mechscope.cnn.methods.discovery import (
 )
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs import check_method, check_threshold
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer, evaluating
 
@@ -75,7 +74,8 @@ def discover_run(
     from mechscope.cnn.runs import load_run
 
     check_method(method)
-    check_threshold(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     out = Path(out) if out is not None else Path(run_dir) / "discover"
     check_target(out, force)
     if explain is not None and target is None:

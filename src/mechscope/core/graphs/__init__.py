@@ -66,10 +66,11 @@ from mechscope.core.graphs.protocol import (
     residual_edge_mix,
     run,
 )
-from mechscope.core.graphs.results import Circuit, EdgeScores
+from mechscope.core.graphs.results import METHODS, Circuit, EdgeScores, TopEdges, check_method, check_threshold
 from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
 
 __all__ = [
+    "METHODS",
     "MIB_FRACTIONS",
     "Circuit",
     "CircuitScore",
@@ -98,4 +99,7 @@ __all__ = [
     "run",
     "score_circuit",
     "transformer_graph",
+    "TopEdges",
+    "check_method",
+    "check_threshold",
 ]

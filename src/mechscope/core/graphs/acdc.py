@@ -13,7 +13,6 @@ forward pass, as the paper's search never reaches it. Each edge's score is the `
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -21,17 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of, metric_value
-from mechscope.core.graphs.results import EdgeScores, check_better
-
-
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise MechscopeError(f"the ACDC threshold must be a finite number >= 0, got {threshold!r}")
-    if threshold < 0:
-        raise MechscopeError(f"the ACDC threshold must be >= 0, got {threshold}")
-    return float(threshold)
+from mechscope.core.graphs.results import EdgeScores, check_better, check_threshold
 
 
 def _harm(delta: float, better) -> float:
@@ -79,7 +69,7 @@ def acdc(
     """ACDC (Conmy et al. 2023); the result's ``kept`` edges are the circuit, ``forward_passes`` its cost."""
     check_model(model)
     check_better(better)
-    tau = _check_threshold(threshold)
+    tau = check_threshold(threshold, "the ACDC threshold")
     t0 = time.perf_counter()
     g = model.graph
     source, corrupted_out, fwd = ablation_values(model, clean, corrupted, ablation)

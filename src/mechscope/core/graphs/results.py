@@ -29,6 +29,38 @@ def check_better(better) -> None:
         raise MechscopeError(f"better must be 'higher', 'lower' or None, got {better!r}")
 
 
+METHODS = ("eap", "eap-ig", "acdc", "edge-patching")
+
+
+def check_method(method: str) -> str:
+    """One of :data:`METHODS` (both wings' ``discover``)."""
+    if method not in METHODS:
+        raise MechscopeError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+    return method
+
+
+def check_threshold(threshold, what: str = "--threshold") -> float:
+    """A finite number >= 0 (ACDC's tau; for the attribution methods a cut on |score|)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise MechscopeError(f"{what} must be a finite number >= 0, got {threshold!r}")
+    if threshold < 0:
+        raise MechscopeError(f"{what} must be >= 0, got {threshold:g}")
+    return float(threshold)
+
+
+class TopEdges:
+    """For a result with a ``scores`` field (:class:`EdgeScores`): its 30 strongest edges written into its JSON, and
+    :meth:`table`."""
+
+    def json_extras(self) -> dict:
+        s = self.scores
+        return {"top_edges": [[s.graph.edge_name(int(e)), float(s.scores[e])] for e in s.order()[:30]]}
+
+    def table(self, k: int = 20):
+        """The top ``k`` edges: (sender, receiver, score)."""
+        return self.scores.table(k)
+
+
 def importance(scores: np.ndarray, ranking: str, better: str | None) -> np.ndarray:
     """The key edges are ranked by (larger first): ``|score|``, or how much removing the edge hurts."""
     if ranking not in RANKINGS:

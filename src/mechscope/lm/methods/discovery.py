@@ -25,7 +25,6 @@ hypothesis (:func:`parse_hypothesis_file`) by causal scrubbing; its features com
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable
@@ -44,8 +43,11 @@ from mechscope.core.graphs import (
     CircuitScore,
     EdgeScores,
     FaithfulnessCurve,
+    TopEdges,
     acdc,
     auroc,
+    check_method,
+    check_threshold,
     eap,
     eap_ig,
     edge_patching,
@@ -59,7 +61,6 @@ from mechscope.lm.methods.graph import Tokens, TransformerEdges, pad_sequences
 from mechscope.lm.methods.scores import default_token_range, repeated_tokens
 from mechscope.lm.models.transformer import HookedTransformer
 
-METHODS = ("eap", "eap-ig", "acdc", "edge-patching")
 TASKS = ("induction", "tracr")
 INDUCTION_METRICS = {"loss": "lower", "logprob": "higher", "kl": "lower", "logit_diff": "higher"}
 CATEGORICAL_METRICS = {"logit_diff": "higher", "logit": "higher", "logprob": "higher", "kl": "lower",
@@ -304,7 +305,7 @@ def feature_values(name: str, task: Task) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LMDiscovery(Result):
+class LMDiscovery(TopEdges, Result):
     """One circuit-discovery run on a transformer: the scored edges, the circuit, its faithfulness curve, and
     (tracr) the scores against the known circuit; ``discovery.json``."""
 
@@ -328,14 +329,6 @@ class LMDiscovery(Result):
     comparison: dict | None  # against the heads report's path-patched edges
     seconds: dict[str, float]
 
-    def json_extras(self) -> dict:
-        s = self.scores
-        return {"top_edges": [[s.graph.edge_name(int(e)), float(s.scores[e])] for e in s.order()[:30]]}
-
-    def table(self, k: int = 20):
-        """The top ``k`` edges: (sender, receiver, score)."""
-        return self.scores.table(k)
-
 
 @dataclass(frozen=True)
 class LMScrub(Result):
@@ -358,23 +351,6 @@ class LMScrub(Result):
 
 
 # ---- discovery ----------------------------------------------------------------------------------------
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise MechscopeError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
-    return method
-
-
-def check_threshold(threshold, method: str) -> float | None:
-    """A finite number >= 0 (ACDC's tau; for the attribution methods a cut on |score|), or None."""
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise MechscopeError(f"--threshold must be a finite number >= 0, got {threshold!r}")
-    if threshold < 0:
-        raise MechscopeError(f"--threshold must be >= 0, got {threshold:g}")
-    return float(threshold)
 
 
 def _circuit(scores: EdgeScores, method: str, size, threshold, default: int) -> Circuit:
@@ -408,7 +384,7 @@ def discover(
     ``known``: a :class:`~mechscope.core.graphs.KnownCircuit` to score against; ``hand_edges``: edges found by
     hand (the heads report's path patching) to compare with."""
     check_method(method)
-    threshold = check_threshold(threshold, method)
+    threshold = None if threshold is None else check_threshold(threshold)
     if method in ("eap", "eap-ig") and task.metric_name in NOT_DIFFERENTIABLE:
         raise MechscopeError(f"{method} needs a differentiable metric; {task.metric_name!r} is not (use acdc)")
     if method == "eap" and task.metric_name == "kl":

@@ -8,13 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs import check_method, check_threshold
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import (
     LMDiscovery,
     LMScrub,
-    check_method,
-    check_threshold,
     discover,
     heads_edges,
     make_task,
@@ -69,7 +68,8 @@ def discover_model(
     from mechscope.lm.report.discovery import write_report
 
     check_method(method)
-    check_threshold(threshold, method)
+    if threshold is not None:
+        check_threshold(threshold)
     out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)
     check_target(out, force)
     timer = Timer("lm discover")
