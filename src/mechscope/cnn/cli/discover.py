@@ -53,6 +53,7 @@ def discover(
 ) -> None:
     """Discover a channel circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
     from mechscope.cnn.pipelines.discovery import discover_run
+    from mechscope.core.graphs import parse_size
 
     path, r = discover_run(
         run, out, method=method, metric=metric, target=target, n=n, seed=seed, corrupt=corrupt,
@@ -75,22 +76,3 @@ def discover(
         typer.echo(f"cnn explain's {h['stage']} circuit {h['hand']}: {len(h['overlap'])} in the discovered top "
                    f"{len(h['hand'])} {h['discovered_top']}; AUROC {h['auroc']:.3f}")  # fmt: skip
     typer.echo(f"discovery.json and report.html written to {path}")
-
-
-def parse_size(text: str | None):
-    """``--size``: an edge count (``30``) or a fraction of the edges (``0.01``); None: the method's default."""
-    from mechscope.core.errors import MechscopeError
-
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        f = float(text)
-    except ValueError:
-        raise MechscopeError(f"--size expects an edge count or a fraction in (0, 1], got {text!r}") from None
-    if not 0 < f <= 1:
-        raise MechscopeError(f"--size as a fraction must be in (0, 1], got {text}")
-    return f

@@ -66,7 +66,15 @@ from mechscope.core.graphs.protocol import (
     residual_edge_mix,
     run,
 )
-from mechscope.core.graphs.results import METHODS, Circuit, EdgeScores, TopEdges, check_method, check_threshold
+from mechscope.core.graphs.results import (
+    METHODS,
+    Circuit,
+    EdgeScores,
+    TopEdges,
+    check_method,
+    check_threshold,
+    parse_size,
+)
 from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
 
 __all__ = [
@@ -102,4 +110,5 @@ __all__ = [
     "TopEdges",
     "check_method",
     "check_threshold",
+    "parse_size",
 ]

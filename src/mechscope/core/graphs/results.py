@@ -48,6 +48,24 @@ def check_threshold(threshold, what: str = "--threshold") -> float:
     return float(threshold)
 
 
+def parse_size(text: str | None):
+    """``--size`` of a circuit (both wings' ``discover``): an edge count (``30``) or a fraction of the edges
+    (``0.01``), as :meth:`EdgeScores.circuit` takes it; None: the method's default."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        raise MechscopeError(f"--size expects an edge count or a fraction in (0, 1], got {text!r}") from None
+    if not 0 < f <= 1:
+        raise MechscopeError(f"--size as a fraction must be in (0, 1], got {text}")
+    return f
+
+
 class TopEdges:
     """For a result with a ``scores`` field (:class:`EdgeScores`): its 30 strongest edges written into its JSON, and
     :meth:`table`."""

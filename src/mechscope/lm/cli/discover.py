@@ -7,25 +7,6 @@ import typer
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ModelOpt, app
 
 
-def parse_size(text: str | None):
-    """``--size``: an edge count (``30``) or a fraction of the edges (``0.01``); None: the method's default."""
-    from mechscope.core.errors import MechscopeError
-
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        f = float(text)
-    except ValueError:
-        raise MechscopeError(f"--size expects an edge count or a fraction in (0, 1], got {text!r}") from None
-    if not 0 < f <= 1:
-        raise MechscopeError(f"--size as a fraction must be in (0, 1], got {text}")
-    return f
-
-
 def parse_range(text: str | None) -> tuple[int, int] | None:
     from mechscope.core.errors import MechscopeError
 
@@ -83,6 +64,7 @@ def discover(
     dtype: str | None = DtypeOpt,
 ) -> None:
     """Discover a circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
+    from mechscope.core.graphs import parse_size
     from mechscope.lm.pipelines.discovery import discover_model
 
     path, r = discover_model(
