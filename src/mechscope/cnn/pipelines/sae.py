@@ -14,7 +14,6 @@ Harvesting and training run data-parallel under ``torchrun`` (see :mod:`mechscop
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import replace
@@ -30,7 +29,14 @@ from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.latents import densities, latent_summary, maxima
-from mechscope.core.dictionaries.staged import checkpoints_of, clear_staging, staging, train_from_store, training_fields
+from mechscope.core.dictionaries.staged import (
+    checkpoints_of,
+    claim_stage,
+    clear_staging,
+    staging,
+    train_from_store,
+    training_fields,
+)
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
@@ -38,7 +44,6 @@ from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed
 
 STORE = "store"
-SETTINGS_FILE = "settings.json"
 
 
 def _positive(name: str, v) -> None:
@@ -133,19 +138,7 @@ def sae_harvest_model(
 
 
 def _prepare_stage(stage: Path, record: dict) -> int:
-    where = stage / SETTINGS_FILE
-    if where.is_file():
-        try:
-            old = json.loads(where.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if old != json.loads(json.dumps(record)):
-            raise MechscopeError(
-                f"{stage}: an interrupted harvest with other settings is there; remove it or use its settings"
-            )
-    else:
-        stage.mkdir(parents=True, exist_ok=True)
-        where.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    claim_stage(stage, record)
     return stored_rows(stage / STORE)
 
 

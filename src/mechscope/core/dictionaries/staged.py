@@ -34,6 +34,26 @@ def clear_staging(out) -> None:
     shutil.rmtree(staging(out), ignore_errors=True)
 
 
+def claim_stage(stage: Path, record: dict) -> None:
+    """A harvest's staging folder: made with its settings (``settings.json``), or checked to hold an interrupted
+    harvest with the same settings, which then resumes."""
+    import json
+
+    where = stage / "settings.json"
+    if where.is_file():
+        try:
+            old = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old != json.loads(json.dumps(record)):
+            raise MechscopeError(
+                f"{stage}: an interrupted harvest with other settings is there; remove it or use its settings"
+            )
+    else:
+        stage.mkdir(parents=True, exist_ok=True)
+        where.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
 def store_reader(store, cfg: DictionaryConfig, batch_size: int, *, seed: int = 0, epochs: int = 1,
                  mix_shards: int = 4) -> ActivationReader:  # fmt: skip
     """The batches ``cfg`` trains on: rows of width d_in, or ``(x, y)`` pairs of a ``d_in + d_out`` store."""

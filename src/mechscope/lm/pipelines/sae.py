@@ -19,7 +19,6 @@ rank 0 writes, the others compute (see :mod:`mechscope.core.dictionaries.paralle
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -35,6 +34,7 @@ from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.latents import densities, latent_summary
 from mechscope.core.dictionaries.staged import (
     checkpoints_of,
+    claim_stage,
     clear_staging,
     staging,
     train_from_store,
@@ -50,8 +50,6 @@ from mechscope.lm.methods import sae as S
 from mechscope.lm.text import read_text
 
 log = logging.getLogger(__name__)
-
-SETTINGS_FILE = "settings.json"
 
 
 # ---- settings -----------------------------------------------------------------------------------------
@@ -242,19 +240,7 @@ def _gather_all(local, n_specs: int):
 
 def _prepare_stage(stage: Path, record: dict, specs, per_context: int) -> int:
     """The staging folder of a harvest: made, or checked to be the same harvest; returns the rows stored."""
-    where = stage / SETTINGS_FILE
-    if where.is_file():
-        try:
-            old = json.loads(where.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if old != json.loads(json.dumps(record)):
-            raise MechscopeError(
-                f"{stage}: an interrupted harvest with other settings is there; remove it or use its settings"
-            )
-    else:
-        stage.mkdir(parents=True, exist_ok=True)
-        where.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    claim_stage(stage, record)
     rows = [stored_rows(stage / "stores" / s.name) for s in specs]
     done = min(rows)
     if done % per_context:
@@ -508,7 +494,8 @@ def _dashboard(acts, i: int, why: str, tokens, skip: int, decode, effect, mixes,
 def summary_lines(r) -> list[str]:
     lines = [
         f"{r.architecture} {'transcoder' if r.target else 'SAE'} of {r.d_sae:,} latents on {r.hook}"
-        + (f" -> {r.target}" if r.target else "") + f" of {r.model}",
+        + (f" -> {r.target}" if r.target else "")
+        + f" of {r.model}",
         f"read on {r.tokens:,} positions of {r.text}: {100 * r.dead_fraction:.1f}% of the latents never fire",
     ]
     if r.induction is not None and r.induction.ranked:
