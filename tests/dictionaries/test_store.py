@@ -136,3 +136,17 @@ def test_a_store_feeds_training(tmp_path):
     a = train(cfg, reader, TrainConfig(progress=False, init_rows=256))
     b = train(cfg, reader, TrainConfig(progress=False, init_rows=256))
     assert a.steps == 3000 // 64 and torch.equal(a.model.W_dec, b.model.W_dec)
+
+
+def test_a_harvest_stage_resumes_only_with_its_own_settings(tmp_path):
+    from mechscope.core.dictionaries.staged import claim_stage
+
+    stage = tmp_path / "out.partial"
+    claim_stage(stage, {"hook": "conv2.hook_out", "limit": 100})  # made, with its settings
+    assert (stage / "settings.json").is_file()
+    claim_stage(stage, {"limit": 100, "hook": "conv2.hook_out"})  # the same harvest: resumes
+    with pytest.raises(MechscopeError, match="an interrupted harvest with other settings is there"):
+        claim_stage(stage, {"hook": "conv2.hook_out", "limit": 200})
+    (stage / "settings.json").write_text("{not json")
+    with pytest.raises(MechscopeError, match="other settings"):
+        claim_stage(stage, {"hook": "conv2.hook_out", "limit": 100})
