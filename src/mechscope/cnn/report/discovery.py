@@ -4,12 +4,12 @@ the scrubbing breakdown."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from mechscope.core.render import layout as CL
+from mechscope.core.render.discovery import faithfulness_figure, scrub_figure, scrub_rows
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
 
@@ -48,16 +48,6 @@ def circuit_figure(result, max_edges: int = 60) -> str:
     if hand:
         title += "; pink: channels cnn explain found"
     ax.set_title(title, fontsize=8)
-    return figure_data_uri(fig)
-
-
-def faithfulness_figure(curve) -> str | None:
-    if curve is None:
-        return None
-    fig, ax = subplots(figsize=(6.5, 3.6), layout="constrained")
-    CL.draw_faithfulness(ax, curve.fractions, curve.faithfulness, curve.random_mean, curve.random_sd,
-                         curve.faithfulness_absolute, label=curve.method)  # fmt: skip
-    ax.set_title(f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
     return figure_data_uri(fig)
 
 
@@ -128,33 +118,8 @@ def write_report(result, out: Path) -> Path:
     return render("mechscope.cnn", "discovery.html.j2", Path(out), **discovery_context(result))
 
 
-def scrub_figure(scrub, title: str) -> str:
-    names = ["hypothesis"] + [c.name for c in scrub.claims] + (["irrelevant edges"] if scrub.unclaimed else [])
-    vals = [scrub.recovered] + [c.recovered for c in scrub.claims] + (
-        [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
-    width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
-    fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
-    y = np.arange(len(names))[::-1]
-    ax.barh(y, vals, color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1))
-    for yi, v in zip(y, vals, strict=True):
-        ax.text(v, yi, f" {v:.1%}", va="center", fontsize=8)
-    ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=8)
-    ax.axvline(1.0, color="#999", lw=0.8, ls=":")
-    ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled)", fontsize=8)
-    ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    return figure_data_uri(fig)
-
-
 def scrub_context(result) -> dict:
     s = result.scrub
-    rows = [["hypothesis (everything it does not claim resampled)",
-             f"{s.metric_scrubbed:.4g} ± {s.metric_scrubbed_sd:.2g}", f"{s.recovered:.1%}"]]  # fmt: skip
-    rows += [[f"claim {c.name!r} alone (the rest clean)", f"{c.metric:.4g} ± {c.metric_sd:.2g}", f"{c.recovered:.1%}"]
-             for c in s.claims]  # fmt: skip
-    if s.unclaimed:
-        u = s.unclaimed
-        rows.append(["the unclaimed edges alone resampled", f"{u.metric:.4g}", f"{u.recovered:.1%}"])
     claims = [{"name": c.name, "feature": c.feature or "(the input itself)",
                "edges": [f"{a} → {b}" for a, b, _ in c.edges]} for c in s.hypothesis.claims]  # fmt: skip
     target = f", class {result.target}" if result.target is not None else ""
@@ -162,7 +127,7 @@ def scrub_context(result) -> dict:
         "result": result,
         "s": s,
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} ({result.metric}{target})"),
-        "rows": rows,
+        "rows": scrub_rows(s),
         "claims": claims,
         "where": f"{result.run} ({result.settings['n']} test images{target})",
     }
