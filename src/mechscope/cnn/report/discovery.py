@@ -88,7 +88,8 @@ def channel_figure(result) -> str:
         ax.set_ylabel(st, fontsize=8)
         ax.set_xticks(np.arange(len(v)))
         ax.tick_params(labelsize=6)
-    axes[0].set_title("per channel: the largest |score| of its edges (pink: cnn explain's circuit)", fontsize=9)
+    key = " (pink: cnn explain's circuit)" if hand else ""  # the key only where the page has that circuit
+    axes[0].set_title(f"per channel: the largest |score| of its edges{key}", fontsize=9)
     return figure_data_uri(fig)
 
 
