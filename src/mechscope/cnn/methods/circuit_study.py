@@ -4,9 +4,12 @@ For each class, the smallest set of the stage's channels that, with every other 
 stage mean-ablated, keeps the class's accuracy within ``tolerance`` of the full model's and does
 not call other classes that class more often than the full model does (within ``tolerance``).
 The search runs on the read-out's closed form when the stage is the last and the read-out is
-linear, otherwise on the rest of the network run from cached activations. Sufficiency and
-necessity (mean- and resample-ablated) are then re-measured with hooked forward passes through
-the whole model. Resample-ablation takes each image's circuit channels from another test image drawn
+linear, otherwise on the rest of the network run from cached activations; in closed form each
+candidate's predictions come from :class:`~mechscope.core.kept_sum.KeptSum`, which returns the
+gather-and-sum's argmax bit for bit. Sufficiency and necessity (mean- and resample-ablated) are
+then re-measured with hooked forward passes of the network after the stage, from the stage's
+activations cached in the same batches as a pass from the pixels would compute them (so the
+numbers equal that pass's, without recomputing the layers before the stage). Resample-ablation takes each image's circuit channels from another test image drawn
 at random from the whole test set (the data distribution, as causal scrubbing resamples; seeded), so
 that some donors are of the image's own class (``resample_same_class_share``); the held-out check
 repeats sufficiency on training images outside the mean's
@@ -23,6 +26,7 @@ from mechscope.cnn.methods import circuits as C
 from mechscope.cnn.methods.layer_attribution import class_channel_to_channel
 from mechscope.core import intervene as A
 from mechscope.core.hooks import run_with_cache
+from mechscope.core.kept_sum import KeptSum, Rates
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
 
@@ -116,6 +120,11 @@ class _Keeper:
             self.base, self.contrib = A.readout_channel_contributions(
                 fc.weight.detach(), a.flatten(2), ref.flatten(1), fc.bias.detach() if fc.bias is not None else None
             )  # [K], [N, C, K]
+            self.kept = KeptSum(self.base, self.contrib)
+
+    def predict(self, keep: list[int]) -> torch.Tensor:
+        """[N] the class picked with only ``keep`` intact: ``logits(keep).argmax(1)``, bit for bit."""
+        return self.kept.predict(keep) if self.closed else self.logits(keep).argmax(1)
 
     def logits(self, keep: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.closed:
@@ -134,12 +143,6 @@ class _Keeper:
         masks = ~A.channel_masks(shape)  # channel c kept, the others at the mean
         kept = A.intervene_at(self.spec, a, self.stage.hook_out, masks, self.ref, batch_size=self.bs)[..., target]
         return (kept - self.logits([], rows)[:, target]).mean(1)
-
-
-def _rates(pred: torch.Tensor, labels: torch.Tensor, d: int) -> tuple[float, float]:
-    """(accuracy on class d, share of the other classes' images labelled d)."""
-    is_d = labels == d
-    return float((pred[is_d] == d).double().mean()), float((pred[~is_d] == d).double().mean())
 
 
 def circuit_study(
@@ -167,10 +170,11 @@ def circuit_study(
     donors = A.resample_donors(data.y, seed=resample_seed, other_class=False)  # the data distribution
     a_donor = a[donors]
     reduce = A.class_accuracy(data.y, data.n_classes)
+    rates = (Rates(data.y, data.n_classes), Rates(data.y_held, data.n_classes))
     circuits = []
     for i, d in enumerate(classes):
-        args = (keeper, held, feeders, i, d, tolerance, a_donor, reduce, batch_size)
-        circuits.append(_one(net, spec, s, data, acts, *args))
+        args = (keeper, held, feeders, i, d, tolerance, a_donor, reduce, rates, batch_size)
+        circuits.append(_one(spec, s, acts, *args))
     return CircuitStudy(
         stage=s.name,
         site=s.hook_out,
@@ -201,12 +205,13 @@ def circuit_study(
     )
 
 
-def _one(net, spec, s, data, acts, keeper, held, feeders, i, d, tol, a_donor, reduce, bs) -> ClassCircuit:
-    y = data.y
-    full_acc, full_fp = _rates(acts.pred, y, d)
+def _one(spec, s, acts, keeper, held, feeders, i, d, tol, a_donor, reduce, rates, bs) -> ClassCircuit:
+    rate, held_rate = rates
+    y = rate.labels
+    full_acc, full_fp = rate(acts.pred, d)
 
     def margin(keep: list[int]) -> float:
-        acc_d, fp_d = _rates(keeper.logits(keep).argmax(1), y, d)
+        acc_d, fp_d = rate(keeper.predict(keep), d)
         return min(acc_d - (full_acc - tol), (full_fp + tol) - fp_d)
 
     attribution = keeper.attribution(d, (y == d).nonzero().flatten())
@@ -214,19 +219,18 @@ def _one(net, spec, s, data, acts, keeper, held, feeders, i, d, tol, a_donor, re
     found = C.find_circuit(margin, a_donor.shape[1], ranking, target=d)
     chosen = found.channels
     in_set = A.group_mask(tuple(a_donor.shape[1:]), chosen)
-    ref = acts.means[s.name]
-    only = A.ablate(net, data.x, s.hook_out, ~in_set, "mean", ref, batch_size=bs)[0]
-    without = A.ablate(net, data.x, s.hook_out, in_set, "mean", ref, batch_size=bs)[0]
-    resampled = A.intervene(net, data.x, s.hook_out, in_set, a_donor, batch_size=bs)[0]
-    suff, fp = _rates(only.argmax(1), y, d)
+    a, ref = acts.out[s.name], acts.means[s.name]
+    only = A.intervene_at(spec, a, s.hook_out, ~in_set, ref, batch_size=bs)[0]
+    without = A.intervene_at(spec, a, s.hook_out, in_set, ref, batch_size=bs)[0]
+    resampled = A.intervene_at(spec, a, s.hook_out, in_set, a_donor, batch_size=bs)[0]
+    suff, fp = rate(only.argmax(1), d)
     h_acc = h_fp = h_suff = h_cfp = None
     if held is not None:
         held_keeper, held_pred = held
-        h_acc, h_fp = _rates(held_pred, data.y_held, d)
-        h_suff, h_cfp = _rates(held_keeper.logits(chosen).argmax(1), data.y_held, d)
+        h_acc, h_fp = held_rate(held_pred, d)
+        h_suff, h_cfp = held_rate(held_keeper.predict(chosen), d)
     growth = tuple(
-        GrowthPoint(k, *_rates(keeper.logits(found.greedy_order[:k]).argmax(1), y, d))
-        for k in range(1, len(found.greedy_order) + 1)
+        GrowthPoint(k, *rate(keeper.predict(found.greedy_order[:k]), d)) for k in range(1, len(found.greedy_order) + 1)
     )
     feed = fed = None
     if feeders is not None:
@@ -242,7 +246,7 @@ def _one(net, spec, s, data, acts, keeper, held, feeders, i, d, tol, a_donor, re
         target=d, channels=tuple(chosen), method=found.method, margin=found.margin, prefix_size=found.prefix_size,
         greedy_size=found.greedy_size, pruned_size=found.pruned_size, greedy_order=tuple(found.greedy_order),
         ranking=tuple(found.ranking), full_accuracy=full_acc, sufficiency=suff,
-        necessity=_rates(without.argmax(1), y, d)[0], necessity_resample=_rates(resampled.argmax(1), y, d)[0],
+        necessity=rate(without.argmax(1), d)[0], necessity_resample=rate(resampled.argmax(1), d)[0],
         other_classes_called_full=full_fp, other_classes_called_circuit=fp,
         meets_criterion=suff >= full_acc - tol and fp <= full_fp + tol, accuracy_criterion_met=suff >= full_acc - tol,
         per_class_accuracy_circuit_only=reduce(only[None])[0],

@@ -1,0 +1,78 @@
+"""KeptSum and Rates give the reference's answers bit for bit, including at near-ties where the fast sum must
+fall back, and Rates equals the boolean-index means it replaces."""
+
+import random
+
+import torch
+
+from mechscope.core.kept_sum import KeptSum, Rates
+
+
+def _keeps(n_channels: int, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [sorted(rng.sample(range(n_channels), rng.randint(1, n_channels))) for _ in range(n)]
+
+
+def test_predict_equals_the_reference_argmax_on_random_sets():
+    g = torch.Generator().manual_seed(0)
+    contrib = torch.randn(500, 12, 10, generator=g) * torch.rand(1, 12, 1, generator=g) * 5
+    ks = KeptSum(torch.randn(10, generator=g), contrib)
+    for keep in _keeps(12, 300) + [[]]:
+        assert torch.equal(ks.predict(keep), ks.reference(keep).argmax(1)), keep
+    assert ks.calls == 301
+    assert ks.fallbacks < ks.calls  # the fast path is taken, not only the reference
+
+
+def test_near_ties_fall_back_and_still_agree():
+    """Class 0 sums one large and 31 tiny terms, which the fast order and the reference order round several
+    units in the last place apart; class 1 is planted between the two sums. Without the bound the fast sum
+    picks the other class on those rows; with it, the evaluation falls back and agrees."""
+    n, c, ulp = 200, 32, 2.0**-23
+    terms = torch.rand(n, c, generator=torch.Generator().manual_seed(4)) * 0.45 * ulp
+    terms[:, 0] = 1.0
+    contrib = torch.zeros(n, c, 2)
+    contrib[:, :, 0] = terms
+    keep = list(range(c))
+    ks = KeptSum(torch.zeros(2), contrib)
+
+    def in_fast_order():  # the order predict adds in, without its check
+        acc = ks.slabs[keep[0]] + ks.base
+        for j in keep[1:]:
+            acc += ks.slabs[j]
+        return acc
+
+    reference = ks.reference(keep)[:, 0]
+    contrib[:, 0, 1] = (reference.double() + in_fast_order()[:, 0].double()).div(2).float()  # between the sums
+    ks = KeptSum(torch.zeros(2), contrib)
+    assert not torch.equal(in_fast_order().argmax(1), ks.reference(keep).argmax(1))  # planted rows disagree
+    assert torch.equal(ks.predict(keep), ks.reference(keep).argmax(1))
+    assert ks.fallbacks == 1
+
+
+def test_exact_ties_take_the_first_class_like_argmax():
+    contrib = torch.ones(8, 4, 5)  # every class equal: argmax picks class 0
+    ks = KeptSum(torch.zeros(5), contrib)
+    assert torch.equal(ks.predict([0, 2]), torch.zeros(8, dtype=torch.long))
+    assert ks.fallbacks == 1
+
+
+def test_non_finite_logits_fall_back():
+    contrib = torch.randn(16, 3, 4, generator=torch.Generator().manual_seed(2))
+    contrib[3, 1, 2] = float("nan")
+    ks = KeptSum(torch.zeros(4), contrib)
+    assert torch.equal(ks.predict([0, 1]), ks.reference([0, 1]).argmax(1))
+    assert ks.fallbacks == 1
+
+
+def test_rates_equal_the_boolean_index_means():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (1000,), generator=g)
+    labels[labels == 7] = 6  # class 7 absent: its accuracy is NaN, as the mean of nothing is
+    rates = Rates(labels, 10)
+    for _ in range(20):
+        pred = torch.randint(0, 10, (1000,), generator=g)
+        for d in range(10):
+            is_d = labels == d
+            want = (float((pred[is_d] == d).double().mean()), float((pred[~is_d] == d).double().mean()))
+            got = rates(pred, d)
+            assert (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])) and got[1] == want[1]
