@@ -36,10 +36,10 @@ def test_near_ties_fall_back_and_still_agree():
     ks = KeptSum(torch.zeros(2), contrib)
 
     def in_fast_order():  # the order predict adds in, without its check
-        acc = ks.slabs[keep[0]] + ks.base
+        acc = ks.slabs[keep[0]] + ks.column
         for j in keep[1:]:
             acc += ks.slabs[j]
-        return acc
+        return acc.T  # [N, K]
 
     reference = ks.reference(keep)[:, 0]
     contrib[:, 0, 1] = (reference.double() + in_fast_order()[:, 0].double()).div(2).float()  # between the sums

@@ -5,7 +5,7 @@ reference value), which class does the read-out pick for each input?". In closed
 ``base + contrib[:, S].sum(1)`` (:func:`~mechscope.core.intervene.readout_channel_contributions`); that
 gather-and-sum is the *reference*, and every number a search reports must equal what it gives.
 
-:class:`KeptSum` answers faster by adding the kept channels' contiguous [N, K] slabs one after the other
+:class:`KeptSum` answers faster by adding the kept channels' contiguous [K, N] slabs one after the other
 and keeps the reference's answer exactly: two float32 sums of the same m = |S| + 1 terms in different
 orders each lie within γ = m·u/(1 − m·u) · Σ|terms| of the exact sum (u = 2⁻²⁴, the standard bound for
 any summation order), so they differ by at most 2γ·T per logit, with T = |base| + Σ_{c in S} |contrib| (the
@@ -27,8 +27,10 @@ class KeptSum:
 
     def __init__(self, base: torch.Tensor, contrib: torch.Tensor) -> None:
         self.base, self.contrib = base, contrib
-        self.slabs = contrib.permute(1, 0, 2).contiguous()  # [C, N, K]: one channel's terms are contiguous
-        self.abs_slabs, self.abs_base = self.slabs.abs(), base.abs()
+        self.slabs = contrib.permute(1, 2, 0).contiguous()  # [C, K, N]: a channel's terms, class by class
+        self.abs_slabs = self.slabs.abs()
+        self.column, self.abs_column = base[:, None], base.abs()[:, None]  # [K, 1]
+        self.classes = torch.arange(base.shape[0])[:, None]
         self.calls = self.fallbacks = 0
 
     def reference(self, keep: list[int]) -> torch.Tensor:
@@ -40,16 +42,16 @@ class KeptSum:
         self.calls += 1
         if not keep or self.base.shape[0] < 2:
             return self.reference(keep).argmax(1)
-        acc = self.slabs[keep[0]] + self.base
-        size = self.abs_slabs[keep[0]] + self.abs_base
+        acc = self.slabs[keep[0]] + self.column  # [K, N]
+        size = self.abs_slabs[keep[0]] + self.abs_column
         for c in keep[1:]:
             acc += self.slabs[c]
             size += self.abs_slabs[c]
-        best, pick = acc.max(1)
-        runner_up = acc.scatter(1, pick[:, None], float("-inf")).amax(1)
+        best, pick = acc.max(0)
+        runner_up = acc.masked_fill(self.classes == pick, float("-inf")).amax(0)
         m = len(keep) + 1
         bound = 4 * m * U32 / (1 - m * U32) * 1.01  # 4γ, and 1% for the rounding of T itself
-        if bool((best - runner_up > bound * size.amax(1)).all()):  # False on NaN: falls back
+        if bool((best - runner_up > bound * size.amax(0)).all()):  # False on NaN: falls back
             return pick
         self.fallbacks += 1
         return self.reference(keep).argmax(1)

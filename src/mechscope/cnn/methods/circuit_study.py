@@ -9,11 +9,11 @@ candidate's predictions come from :class:`~mechscope.core.kept_sum.KeptSum`, whi
 gather-and-sum's argmax bit for bit. Sufficiency and necessity (mean- and resample-ablated) are
 then re-measured with hooked forward passes of the network after the stage, from the stage's
 activations cached in the same batches as a pass from the pixels would compute them (so the
-numbers equal that pass's, without recomputing the layers before the stage). Resample-ablation takes each image's circuit channels from another test image drawn
-at random from the whole test set (the data distribution, as causal scrubbing resamples; seeded), so
-that some donors are of the image's own class (``resample_same_class_share``); the held-out check
-repeats sufficiency on training images outside the mean's
-reference set; the feeders are the previous stage's channels that drive the set most.
+numbers equal that pass's, without recomputing the layers before the stage). Resample-ablation
+takes each image's circuit channels from another test image drawn at random from the whole test
+set (the data distribution, as causal scrubbing resamples; seeded), so that some donors are of the
+image's own class (``resample_same_class_share``); the held-out check repeats sufficiency on
+training images outside the mean's reference set; the feeders are the previous stage's channels that drive the set most.
 """
 
 from __future__ import annotations
