@@ -246,3 +246,96 @@ def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
     assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
     assert g.dictionaries["source"] == "trained here" and g.dictionaries["quality"][0]["layer"] == 0
     assert Transcoders.load(out / "transcoders").widths == g.dictionaries["widths"]
+
+
+def test_lm_graph_cli_trains_and_loads_a_crosslayer_transcoder(capsys, tmp_path):
+    """A 2-layer GELU toy: `--train-transcoders N --crosslayer` trains one cross-layer transcoder here, the graph is
+    exact against its own interventions, the CLT is saved in circuit-tracer's layout, and `--transcoders` on that
+    folder detects the layout and gives the same graph."""
+    from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
+    from mechscope.lm.pipelines.toy import train_toy_run
+    from mechscope.lm.toy import ToyConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    run = tmp_path / "toy"
+    cfg = ToyConfig(
+        d_model=32,
+        n_heads=2,
+        n_ctx=32,
+        vocab=16,
+        batch=8,
+        checkpoints=2,
+        min_span=4,
+        warmup=1,
+        layers=2,
+        data="text",
+        steps=5,
+        mlp="gelu",
+        d_mlp=48,
+    )
+    train_toy_run(cfg, run, text, control=False, progress=False)
+    common = (
+        "lm",
+        "graph",
+        "--model",
+        str(run),
+        "--tokens",
+        "1,2,3,4,1,2,3",
+        "--text",
+        str(text),
+        "--check",
+        "8",
+        "--paths",
+        "0",
+    )
+    out = tmp_path / "g"
+    code, stdout, err = run_main(
+        capsys,
+        *common,
+        "--train-transcoders",
+        "2048",
+        "--crosslayer",
+        "--dashboards",
+        "2",
+        "--examples",
+        "512",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    g = load_graph(out / "graph.json", LmAttributionGraph)
+    assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
+    assert g.dictionaries["crosslayer"] and g.dictionaries["trained"]["crosslayer"]
+    assert [r["layer"] for r in g.dictionaries["quality"]] == [0, 1] and g.dashboards
+    assert (out / "transcoders" / "W_dec_1.safetensors").is_file()
+    clt = CrossLayerTranscoder.load(out / "transcoders")
+    assert clt.widths == g.dictionaries["widths"] == [128, 128]
+    code, stdout, err = run_main(
+        capsys, *common, "--transcoders", str(out / "transcoders"), "--dashboards", "0", "--out", str(tmp_path / "h")
+    )
+    assert code == 0, err
+    h = load_graph(tmp_path / "h" / "graph.json", LmAttributionGraph)
+    assert h.dictionaries["crosslayer"] and [n["id"] for n in h.nodes] == [n["id"] for n in g.nodes]
+    assert h.scores["replacement"] == pytest.approx(g.scores["replacement"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--tokens", "0,2,3", "--crosslayer"], ["--crosslayer trains", "--train-transcoders"]),
+        (["--tokens", "0,2,3", "--transcoders", "CLT16"], ["d_model is 20"]),
+        (["--tokens", "0,2,3", "--transcoders", "CLT2"], ["over 2 layers", "1 MLP layers"]),
+        (["--tokens", "0,2,3", "--transcoders", "CLT20", "--qk", "0.0"], ["--qk is not supported"]),
+    ],
+)
+def test_lm_graph_bad_crosslayer_input(capsys, hist, tmp_path, extra, fragments):
+    from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
+
+    for name, layers, width in (("CLT16", 1, 16), ("CLT2", 2, 20), ("CLT20", 1, 20)):
+        if name in extra:
+            CrossLayerTranscoder(layers, width, 8, "relu").save(tmp_path / "clt")
+            extra = [str(tmp_path / "clt") if x == name else x for x in extra]
+    code, _, err = run_main(capsys, "lm", "graph", "--model", hist, "--no-bos", *extra, "--out", str(tmp_path / "g"))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "g").exists()

@@ -42,13 +42,22 @@ def graph_cmd(
     prompt: str | None = typer.Option(None, "--prompt", help="The prompt (BOS is put first)."),
     tokens: str | None = typer.Option(None, "--tokens", help="Token ids instead of a prompt: 1,2,3."),
     transcoders: str | None = typer.Option(
-        None, "--transcoders", help="A folder of per-layer transcoders (SAELens layout)."
+        None,
+        "--transcoders",
+        help="A folder of per-layer transcoders (SAELens layout) or of a cross-layer transcoder (circuit-tracer's "
+        "W_enc_L/W_dec_L.safetensors layout, detected).",
     ),
     neurons: bool = typer.Option(False, "--neurons", help="The MLPs' own neurons as exact transcoders (ReLU MLPs)."),
     train_tokens: int | None = typer.Option(
         None,
         "--train-transcoders",
         help="Train small transcoders here on this many tokens of text (saved in OUT/transcoders).",
+    ),
+    crosslayer: bool = typer.Option(
+        False,
+        "--crosslayer",
+        help="With --train-transcoders: train one cross-layer transcoder (features write to every later MLP) "
+        "with the same number of features per layer.",
     ),
     text: str | None = typer.Option(
         None, "--text", help="Text for training and dashboards (default: tinyshakespeare)."
@@ -106,6 +115,8 @@ def graph_cmd(
 
     if neurons and transcoders:
         raise MechscopeError("give --transcoders or --neurons, not both")
+    if crosslayer and not train_tokens:
+        raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     settings = GraphSettings(
         max_feature_nodes=max_features,
         edges_per_row=edges_per_row,
@@ -123,6 +134,7 @@ def graph_cmd(
         tokens=parse_tokens(tokens) if tokens else None,
         transcoders="neurons" if neurons else transcoders,
         train_tokens=train_tokens,
+        crosslayer=crosslayer,
         text_file=text,
         targets=list(target or []),
         logit_pos=logit_pos,

@@ -33,6 +33,7 @@ from mechscope.core.attribution_graph import intervene as core_intervene
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
+from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.methods.replacement import LocalReplacement, Transcoders
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -91,7 +92,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def attribution_graph(
     model: HookedTransformer,
-    transcoders: Transcoders,
+    transcoders: Transcoders | CrossLayerTranscoder,
     tokens,
     *,
     tokenizer=None,
@@ -104,7 +105,7 @@ def attribution_graph(
     """The attribution graph of ``tokens`` [P] and the local replacement model it was computed on.
 
     ``targets``: token ids whose logits to attribute (default: the salient ones); ``logit_pos``: where (default:
-    the last position)."""
+    the last position). ``transcoders``: per-layer :class:`Transcoders` or one :class:`CrossLayerTranscoder`."""
     s = settings or GraphSettings()
     s.validate()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
@@ -176,17 +177,32 @@ def attribution_graph(
             "target_probabilities": probs.tolist(),
         },
         exactness=exact,
-        dictionaries={
-            "source": transcoders.source,
-            "paths": list(transcoders.paths),
-            "widths": transcoders.widths,
-            "architectures": sorted({tc.cfg.architecture for tc in transcoders.layers}),
-            "skip": any(tc.cfg.skip for tc in transcoders.layers),
-        },
+        dictionaries=_dictionaries(transcoders),
         seconds=timings,
         full=fields["full"],
     )
     return graph, rep
+
+
+def _dictionaries(transcoders) -> dict:
+    """What the graph's dictionaries were (graph.json's ``dictionaries``)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return {
+            "source": transcoders.source,
+            "paths": list(transcoders.paths),
+            "widths": transcoders.widths,
+            "architectures": [transcoders.architecture],
+            "skip": transcoders.skip,
+            "crosslayer": True,
+            "input_hook": transcoders.input_hook,
+        }
+    return {
+        "source": transcoders.source,
+        "paths": list(transcoders.paths),
+        "widths": transcoders.widths,
+        "architectures": sorted({tc.cfg.architecture for tc in transcoders.layers}),
+        "skip": any(tc.cfg.skip for tc in transcoders.layers),
+    }
 
 
 def _label(n: dict, labels: list[str]) -> dict:
@@ -368,7 +384,7 @@ def finite(x: Any) -> float:
 @torch.no_grad()
 def feature_examples(
     model: HookedTransformer,
-    transcoders: Transcoders,
+    transcoders: Transcoders | CrossLayerTranscoder,
     contexts: torch.Tensor,
     features: list[tuple[int, int]],
     decode,
@@ -387,7 +403,13 @@ def feature_examples(
         by_layer.setdefault(layer, []).append(f)
     last = max(by_layer)
     dev = next(model.parameters()).device
-    tcs = transcoders.to(dev, next(model.parameters()).dtype)
+    crosslayer = isinstance(transcoders, CrossLayerTranscoder)
+    if crosslayer:
+        tcs = transcoders.to_model(dev, next(model.parameters()).dtype)
+        read = transcoders.input_hook
+    else:
+        tcs = transcoders.to(dev, next(model.parameters()).dtype)
+        read = "mlp.hook_in"
     best = {k: torch.full((len(v), n), -math.inf) for k, v in by_layer.items()}
     where = {k: torch.zeros(len(v), n, 2, dtype=torch.long) for k, v in by_layer.items()}
     acts_keep: dict[tuple[int, int], torch.Tensor] = {}
@@ -407,11 +429,12 @@ def feature_examples(
 
             return fn
 
-        with hooks(model, fwd=[(f"blocks.{i}.mlp.hook_in", grab(i)) for i in by_layer]):
+        with hooks(model, fwd=[(f"blocks.{i}.{read}", grab(i)) for i in by_layer]):
             with contextlib.suppress(Stop):
                 model(batch)
         for layer, feats in by_layer.items():
-            f = tcs.layers[layer].encode(got[layer])[..., torch.tensor(feats)].float().cpu()  # [b, T, F]
+            enc = tcs.encode(layer, got[layer]) if crosslayer else tcs.layers[layer].encode(got[layer])
+            f = enc[..., torch.tensor(feats)].float().cpu()  # [b, T, F]
             f[:, 0] = 0
             val, pos = f.max(1)  # [b, F]
             for k in range(len(feats)):

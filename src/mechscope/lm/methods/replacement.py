@@ -23,6 +23,12 @@ one position (the last by default).
 Transcoders come from mechscope's ``lm sae`` or SAELens' directory format (:meth:`Transcoders.load`), from the MLP's
 own neurons when the MLP is a ReLU (exact: every error node is zero; tracr's compiled models), or are trained here
 (:mod:`mechscope.lm.methods.replacement_training`).
+
+A :class:`~mechscope.lm.methods.crosslayer.CrossLayerTranscoder` (CLT) can take the transcoders' place: layer ``l``'s
+features read layer ``l``'s MLP input and write to every MLP output ``l' >= l``; the error node at ``(l', p)`` is the
+MLP output minus the CLT's reconstruction of layer ``l'`` (the decoders of every earlier layer's active features
+included), and a feature's row entries contract the gradients at the MLP outputs of every ``l' >= l`` with its
+decoders into them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary, load_saelens, save_saelens
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, module_hooks
+from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.models.transformer import HookedTransformer, LayerNorm, RMSNorm
 
 MODES = ("direct", "frozen", "recomputed", "model")
@@ -269,8 +276,8 @@ class LocalReplacement:
     ) -> None:
         if not isinstance(model, HookedTransformer):
             raise MechscopeError(f"expected a HookedTransformer, got {type(model).__name__}")
-        if not isinstance(transcoders, Transcoders):
-            raise MechscopeError(f"expected Transcoders, got {type(transcoders).__name__}")
+        if not isinstance(transcoders, (Transcoders, CrossLayerTranscoder)):
+            raise MechscopeError(f"expected Transcoders or a CrossLayerTranscoder, got {type(transcoders).__name__}")
         tokens = torch.as_tensor(tokens)
         tokens = tokens[None] if tokens.dim() == 1 else tokens
         model.check_tokens(tokens)
@@ -279,7 +286,13 @@ class LocalReplacement:
         transcoders.check(model)
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
-        self.transcoders = transcoders.to(self.device, self.dtype)
+        self.crosslayer = isinstance(transcoders, CrossLayerTranscoder)
+        if self.crosslayer:
+            self.transcoders = transcoders.to_model(self.device, self.dtype)
+            self.read_hook = transcoders.input_hook  # where the features read: mlp.hook_in or hook_mlp_in
+        else:
+            self.transcoders = transcoders.to(self.device, self.dtype)
+            self.read_hook = "mlp.hook_in"
         self.tokens = tokens.to(self.device)
         self.cfg = model.cfg
         self.P = tokens.shape[1]
@@ -321,7 +334,7 @@ class LocalReplacement:
             return None
 
         fwd = [(f"blocks.{i}.attn.hook_pattern", self._store(self.patterns, i)) for i in range(self.cfg.n_layers)]
-        fwd += [(f"blocks.{i}.mlp.hook_in", self._store(mlp_in, i)) for i in range(L)]
+        fwd += [(f"blocks.{i}.{self.read_hook}", self._store(mlp_in, i)) for i in range(L)]
         fwd += [(f"blocks.{i}.hook_mlp_out", self._store(mlp_out, i)) for i in range(L)]
         with module_hooks(model, (LayerNorm, RMSNorm), forward=norm_hook), hooks(model, fwd=fwd):
             self.embedding = model.embed(self.tokens)[0]  # [P,D]
@@ -333,13 +346,13 @@ class LocalReplacement:
         self.errors = torch.zeros(L, self.P, self.cfg.d_model, device=self.device, dtype=self.dtype)
         self.const: dict[int, torch.Tensor] = {}
         self.acts: dict[int, torch.Tensor] = {}
-        for i, tc in enumerate(self.transcoders.layers):
+        for i in range(L):
             x = self.mlp_in[i]
-            f = tc.encode(x)  # [P, d_sae]
+            f = self._encode(i, x)  # [P, d_sae]
             if self.skip_first:
                 f[0] = 0
             self.acts[i] = f
-            out = self._decode(i, f, x)
+            out = self._recon(i, self.acts, x)
             self.errors[i] = self.mlp_out[i] - out
             nz = f.nonzero()
             layers.append(torch.full((len(nz),), i, dtype=torch.long))
@@ -369,19 +382,44 @@ class LocalReplacement:
         out = f.to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec
         return out + x @ tc.W_skip.T if tc.cfg.skip else out
 
+    def _encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s latents [..., d_sae] of its input ``x`` [..., D]."""
+        if self.crosslayer:
+            return self.transcoders.encode(layer, x)
+        return self.transcoders.layers[layer].encode(x)
+
+    def _recon(self, layer: int, feats: dict[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of layer ``layer``'s MLP output from the latents ``feats[j]`` (per-layer transcoders:
+        ``feats[layer]`` alone; a CLT: every ``j <= layer``) and its input ``x``."""
+        if self.crosslayer:
+            return self.transcoders.decode(layer, feats, x)
+        return self._decode(layer, feats[layer], x)
+
+    def _decoder(self, src: int, dst: int) -> torch.Tensor:
+        """The decoder [d_sae, D] of layer ``src``'s latents into layer ``dst``'s MLP output."""
+        if self.crosslayer:
+            return self.transcoders.decoder(src, dst)
+        return self.transcoders.layers[src].W_dec
+
     # ---- reading -------------------------------------------------------------------------------------------
 
     def encoder(self, layer: int, index: torch.Tensor) -> torch.Tensor:
         """Encoder vectors [n, D] of features ``index`` of ``layer`` (the gradient of their pre-activation)."""
+        if self.crosslayer:
+            return self.transcoders.W_enc[layer][:, index].T
         return self.transcoders.layers[layer].W_enc[:, index].T
 
     def pre_activations(self, mlp_in: dict[int, torch.Tensor]) -> torch.Tensor:
         """The pre-activation of every active feature [N] from transcoder inputs ``mlp_in[L]`` [P,D]."""
         out = []
-        for i, tc in enumerate(self.transcoders.layers):
+        for i in range(self.L):
             s, e = self.layer_start[i], self.layer_start[i + 1]
             if e > s:
-                z = tc.pre_activations(mlp_in[i].to(tc.W_enc.dtype))  # [P, d_sae]
+                if self.crosslayer:
+                    z = self.transcoders.pre_activations(i, mlp_in[i])  # [P, d_sae]
+                else:
+                    tc = self.transcoders.layers[i]
+                    z = tc.pre_activations(mlp_in[i].to(tc.W_enc.dtype))  # [P, d_sae]
                 out.append(z[self.feature_pos[s:e], self.feature_index[s:e]].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -473,6 +511,7 @@ class LocalReplacement:
         values = values or {}
         mlp_in: dict[int, torch.Tensor] = {}
         captured: dict[str, torch.Tensor] = {}
+        cur: dict[int, torch.Tensor] = {}  # the latents of each layer in this run (a CLT's later layers read them)
 
         def take(i):
             def fn(x, hook):
@@ -484,21 +523,26 @@ class LocalReplacement:
             def fn(out, hook):
                 x = mlp_in[i]
                 if mode == "model":
+                    if self.crosslayer:  # every changed layer j <= i writes its change through its decoder into i
+                        for j in sorted(values):
+                            if j <= i:
+                                out = out + (values[j] - self.acts[j]).to(out.dtype) @ self._decoder(j, i)
+                        return out
                     if i in values:
                         return out + (values[i] - self.acts[i]).to(out.dtype) @ self.transcoders.layers[i].W_dec
                     return out
                 if mode == "direct":
                     f = values.get(i, self.acts[i])
-                    base = self._decode(i, f, x) + self.errors[i]
                 else:
-                    f = self.transcoders.layers[i].encode(x)
+                    f = self._encode(i, x)
                     if self.skip_first:
                         f = f.clone()
                         f[:, 0] = 0
                     if i in values:
                         changed = values[i] != self.acts[i]
                         f = torch.where(changed, values[i].to(f.dtype), f)
-                    base = self._decode(i, f, x) + self.errors[i]
+                cur[i] = f
+                base = self._recon(i, cur, x) + self.errors[i]
                 if error_delta is not None:
                     base = base + error_delta[i]
                 return base + sites[i] if sites is not None else base
@@ -511,7 +555,7 @@ class LocalReplacement:
 
             return fn
 
-        fwd = [(f"blocks.{i}.mlp.hook_in", take(i)) for i in range(self.L)]
+        fwd = [(f"blocks.{i}.{self.read_hook}", take(i)) for i in range(self.L)]
         fwd += [(f"blocks.{i}.hook_mlp_out", replace(i)) for i in range(self.L)]
         fwd += [(name, keep(name)) for name in capture]
         with ExitStack() as stack:
@@ -625,13 +669,15 @@ class LocalReplacement:
         """Direct effects on the ``b`` targets from gradients at the embedding [B,P,D] and the MLP outputs."""
         nf, ne, nt = self.n_features, self.n_errors, self.n_inputs
         rows = torch.zeros(b, nf + ne + nt, dtype=torch.float32)
+        if self.crosslayer:
+            self._contract_features(gsites, b, rows)
         for i in range(self.L):
             g = gsites[i]
             if g is None:
                 continue
             g = g[:b]
             s, e = self.layer_start[i], self.layer_start[i + 1]
-            if e > s:
+            if e > s and not self.crosslayer:
                 proj = g @ self.transcoders.layers[i].W_dec.T  # [b,P,d_sae]
                 vals = proj[:, self.feature_pos[s:e], self.feature_index[s:e]]
                 rows[:, s:e] = (vals * self.feature_activation[s:e].to(vals)).float().cpu()
@@ -639,6 +685,25 @@ class LocalReplacement:
         if gx0 is not None:
             rows[:, nf + ne :] = (gx0[:b] * self.embedding).sum(-1).float().cpu()
         return rows
+
+    def _contract_features(self, gsites, b: int, rows: torch.Tensor) -> None:
+        """A CLT's feature entries: feature (j, p, i) writes ``a · W_dec[j -> l'][i]`` into every MLP output
+        ``l' >= j`` at position ``p``, so its entry is ``a Σ_{l' >= j} g_{l'}[p] · W_dec[j -> l'][i]``."""
+        for j in range(self.L):
+            s, e = self.layer_start[j], self.layer_start[j + 1]
+            if e == s:
+                continue
+            pos, idx = self.feature_pos[s:e].to(self.device), self.feature_index[s:e].to(self.device)
+            vals = None
+            for dst in range(j, self.L):
+                g = gsites[dst]
+                if g is None:
+                    continue
+                w = self._decoder(j, dst)[idx]  # [n, D]
+                part = (g[:b, pos] * w.to(g.dtype)).sum(-1)  # [b, n]
+                vals = part if vals is None else vals + part
+            if vals is not None:
+                rows[:, s:e] = (vals * self.feature_activation[s:e].to(vals)).float().cpu()
 
     def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
         ps = self._ensure_pass()

@@ -27,6 +27,7 @@ from mechscope.lm.methods.attribution_graph import (
     intervene,
 )
 from mechscope.lm.methods.attribution_graph_qk import qk_attribution
+from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
 from mechscope.lm.methods.replacement import Transcoders
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
 
@@ -94,19 +95,24 @@ class CharTokenizer:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
 
 
-def get_transcoders(model, tokenizer, transcoders, train_tokens: int | None, text_file, progress=None):
-    """(Transcoders, training record or None) from a folder, ``"neurons"``, a :class:`Transcoders`, or trained."""
+def get_transcoders(
+    model, tokenizer, transcoders, train_tokens: int | None, text_file, progress=None, crosslayer: bool = False
+):
+    """(Transcoders or a CrossLayerTranscoder, training record or None) from a folder (a CLT's layout is detected),
+    ``"neurons"``, a :class:`Transcoders` or :class:`CrossLayerTranscoder`, or trained (``crosslayer``: one CLT)."""
+    if crosslayer and (transcoders is not None or not train_tokens):
+        raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     if model.cfg.attn_only:
         if transcoders not in (None, "neurons") or train_tokens:
             raise MechscopeError(f"{model.cfg.name or 'this model'} has no MLPs: it takes no transcoders")
         return Transcoders(()), None
-    if isinstance(transcoders, Transcoders):
+    if isinstance(transcoders, (Transcoders, CrossLayerTranscoder)):
         transcoders.check(model)
         return transcoders, None
     if transcoders == "neurons":
         return Transcoders.from_mlp_neurons(model), None
     if transcoders is not None:
-        t = Transcoders.load(transcoders)
+        t = CrossLayerTranscoder.load(transcoders) if is_crosslayer(transcoders) else Transcoders.load(transcoders)
         t.check(model)
         return t, None
     if not train_tokens:
@@ -122,7 +128,7 @@ def get_transcoders(model, tokenizer, transcoders, train_tokens: int | None, tex
     r = train_transcoders(
         model,
         tokenizer.encode(text, add_bos=False),
-        TranscoderTraining(tokens=train_tokens),
+        TranscoderTraining(tokens=train_tokens, crosslayer=crosslayer),
         text_name=str(name),
         progress=progress,
     )
@@ -137,6 +143,7 @@ def graph_model(
     tokenizer=None,
     transcoders=None,
     train_tokens: int | None = None,
+    crosslayer: bool = False,
     targets=None,
     logit_pos: int | None = None,
     settings: GraphSettings | None = None,
@@ -158,7 +165,8 @@ def graph_model(
     ``out`` when given. ``model``: a name (``smollm2``, a folder) or a ``HookedTransformer``; ``qk``: heads
     ``(layer, head[, query_pos[, key_pos]])``; ``ablate``: lists of node ids to ablate together; ``steer``: (node,
     value); ``auto_intervention``: ablate the most influential feature too; ``dashboards``: top-example cards for
-    the most influential feature nodes, from ``examples`` tokens of text."""
+    the most influential feature nodes, from ``examples`` tokens of text; ``crosslayer``: with ``train_tokens``,
+    train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own)."""
     from mechscope.lm.models.loading import load_model
     from mechscope.lm.models.transformer import HookedTransformer
 
@@ -179,8 +187,12 @@ def graph_model(
         name = name or spec
     ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
     tgt = resolve_targets(model, tokenizer, targets)
+    if qk and (crosslayer or isinstance(transcoders, CrossLayerTranscoder)):
+        raise MechscopeError(_NO_QK)
     with timer.section("transcoders"):
-        tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress)
+        tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
+    if qk and isinstance(tcs, CrossLayerTranscoder):
+        raise MechscopeError(_NO_QK)
     with timer.section("graph"):
         graph, rep = attribution_graph(
             model,
@@ -248,6 +260,12 @@ def graph_model(
             tcs.save(tmp / "transcoders", model_name=name)
             write_json(tmp / "transcoders" / "training.json", trained.to_dict())
     return out, graph
+
+
+_NO_QK = (
+    "--qk is not supported with a cross-layer transcoder yet (its writer view splits each layer's own transcoder "
+    "writes); use per-layer transcoders for QK attribution"
+)
 
 
 def write_outputs(graph, where: Path, slug: str = "graph") -> None:
