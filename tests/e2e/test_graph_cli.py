@@ -326,7 +326,6 @@ def test_lm_graph_cli_trains_and_loads_a_crosslayer_transcoder(capsys, tmp_path)
         (["--tokens", "0,2,3", "--crosslayer"], ["--crosslayer trains", "--train-transcoders"]),
         (["--tokens", "0,2,3", "--transcoders", "CLT16"], ["d_model is 20"]),
         (["--tokens", "0,2,3", "--transcoders", "CLT2"], ["over 2 layers", "1 MLP layers"]),
-        (["--tokens", "0,2,3", "--transcoders", "CLT20", "--qk", "0.0"], ["--qk is not supported"]),
     ],
 )
 def test_lm_graph_bad_crosslayer_input(capsys, hist, tmp_path, extra, fragments):

@@ -295,3 +295,27 @@ def test_folding_the_training_scales_keeps_every_output():
         folded, f = fold_scales(clt, s_in, s_out)(x)
     assert torch.allclose(f, f_want, atol=1e-5)
     assert torch.allclose(folded, want / s_out[None, :, None], atol=1e-5)
+
+
+@pytest.mark.parametrize("family,skip", [("gpt2", False), ("llama", True)])
+def test_qk_attribution_with_a_clt_adds_up_through_every_decoder(family, skip):
+    """The writers into layer 2 sum to the residual stream the plain model has there (captured with a hook, not
+    through the replacement) only if each layer-0 feature's write goes through both of its decoders, into MLP 0
+    and MLP 1: that off-diagonal term is large here, so a view that kept only the diagonal decoder would fail."""
+    from mechscope.lm.methods import attribution_graph_qk as QK
+
+    model = tiny3(family)
+    rep = LocalReplacement(model, random_clt(model, "topk", skip), TOKENS, batch_size=8)
+    got = {}
+    with torch.no_grad(), hooks(model, fwd=[("blocks.2.hook_resid_pre", lambda x, hook: got.setdefault("r", x))]):
+        model(TOKENS[None])
+    labels = [str(t) for t in TOKENS.tolist()]
+    for pos in (7, 3):
+        w, labs = QK.writers(rep, 2, pos, labels)
+        assert (w.sum(0) - got["r"][0, pos]).abs().max() < 1e-4
+        assert any(lab.startswith("L0 #") for lab in labs) and any(lab.startswith("L1 #") for lab in labs)
+        f0 = rep.acts[0][pos]
+        off_diagonal = f0 @ rep.transcoders.decoder(0, 1)
+        assert off_diagonal.abs().max() > 1e-2
+    q = QK.qk_attribution(rep, 2, 1, 7)
+    assert q.bias["writer_sum_error"] < 1e-4 and q.max_abs_residual < 1e-4 * max(1.0, abs(q.score))

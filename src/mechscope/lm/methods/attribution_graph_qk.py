@@ -277,7 +277,9 @@ def writers(rep: LocalReplacement, layer: int, pos: int, labels: list[str]) -> t
         if b_o.abs().sum() > 0:
             vecs.append(b_o.detach())
             labs.append(f"attention bias L{i}")
-        if i < rep.L:
+        if i < rep.L and rep.crosslayer:
+            _clt_writers(rep, i, layer, pos, labels, vecs, labs)
+        elif i < rep.L:
             tc = rep.transcoders.layers[i]
             f = rep.acts[i][pos]
             for j in f.nonzero().squeeze(1).tolist():
@@ -289,3 +291,19 @@ def writers(rep: LocalReplacement, layer: int, pos: int, labels: list[str]) -> t
             vecs.append(rep.errors[i, pos])
             labs.append(f"error L{i} @{pos}")
     return torch.stack([v.float() for v in vecs]), labs
+
+
+def _clt_writers(rep: LocalReplacement, i: int, layer: int, pos: int, labels, vecs: list, labs: list) -> None:
+    """A cross-layer transcoder's share of what reaches ``layer`` at ``pos`` from layer ``i``: each active feature of
+    layer ``i`` writes through its decoders into every MLP output from ``i`` to ``layer - 1``; layer ``i``'s MLP
+    output also holds its decoder bias, skip path and error vector."""
+    clt, f = rep.transcoders, rep.acts[i][pos]
+    reach = range(i, min(layer, rep.L))
+    for j in f.nonzero().squeeze(1).tolist():
+        vecs.append(f[j] * sum(clt.decoder(i, d)[j] for d in reach))
+        labs.append(f"L{i} #{j} @{pos} {labels[pos]!r}")
+    rest = clt.b_dec[i] + (rep.mlp_in[i][pos].to(clt.W_enc.dtype) @ clt.W_skip[i] if clt.skip else 0)
+    vecs.append(rest)
+    labs.append(f"transcoder bias{' and skip' if clt.skip else ''} L{i}")
+    vecs.append(rep.errors[i, pos])
+    labs.append(f"error L{i} @{pos}")

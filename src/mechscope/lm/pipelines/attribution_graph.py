@@ -187,12 +187,8 @@ def graph_model(
         name = name or spec
     ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
     tgt = resolve_targets(model, tokenizer, targets)
-    if qk and (crosslayer or isinstance(transcoders, CrossLayerTranscoder)):
-        raise MechscopeError(_NO_QK)
     with timer.section("transcoders"):
         tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
-    if qk and isinstance(tcs, CrossLayerTranscoder):
-        raise MechscopeError(_NO_QK)
     with timer.section("graph"):
         graph, rep = attribution_graph(
             model,
@@ -261,11 +257,6 @@ def graph_model(
             write_json(tmp / "transcoders" / "training.json", trained.to_dict())
     return out, graph
 
-
-_NO_QK = (
-    "--qk is not supported with a cross-layer transcoder yet (its writer view splits each layer's own transcoder "
-    "writes); use per-layer transcoders for QK attribution"
-)
 
 
 def write_outputs(graph, where: Path, slug: str = "graph") -> None:
