@@ -9,7 +9,8 @@ The "before" version is a git revision, checked out into a temporary worktree an
 * ``lm circuits`` on ``../shared/data/gpt2-small-partial`` (``circuits.json``).
 
 Then every JSON file is compared field by field, timings aside (``seconds``, ``*_seconds``, library versions and
-paths): numbers must be equal (``--rtol`` 0 by default), and so must every string, list and key.
+paths; and ``work``, the passes each side made, which is printed instead): numbers must be equal (``--rtol`` 0 by
+default), and so must every string, list and key.
 
     python bench/same_behaviour.py --before 4da175b [--work /tmp/same] [--only cnn|lm] [--rtol 0]
 
@@ -30,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 IGNORED = {"seconds", "train_seconds", "versions", "library_versions", "created", "path", "paths", "run", "out",
-           "data_dir", "folder", "elapsed", "timing", "timings"}  # fmt: skip
+           "data_dir", "folder", "elapsed", "timing", "timings",
+           "work"}  # fmt: skip  (the passes an analysis made: what removing passes changes; printed, not compared)
 
 
 def commands(side: Path) -> dict[str, list[str]]:
@@ -113,6 +115,14 @@ def differences(a, b, where: str = "", rtol: float = 0.0, top: bool = True) -> l
     return [] if a == b else [f"{where}: {str(a)[:80]!r} != {str(b)[:80]!r}"]
 
 
+def passes(a: dict, b: dict) -> str:
+    """The work each side counted (forward passes + 2 x backward passes), when both JSON files have it."""
+    if not (isinstance(a.get("work"), dict) and isinstance(b.get("work"), dict)):
+        return ""
+    n = [w["forward_passes"] + 2 * w["backward_passes"] for w in (a["work"], b["work"])]
+    return f"; passes {n[0]:.1f} -> {n[1]:.1f}"
+
+
 def same_weights(a: Path, b: Path) -> list[str]:
     from safetensors.torch import load_file
 
@@ -151,7 +161,7 @@ def main() -> int:
             b = json.loads((work / "after" / rel).read_text())
             found = differences(a, b, rel, args.rtol)
             print(f"{rel}: " + ("equal field by field (timings aside)" if not found else f"{len(found)} differences")
-                  + f"; header {header(a)} -> {header(b)}")
+                  + f"; header {header(a)} -> {header(b)}" + passes(a, b))
             problems += found
     for line in problems[:40]:
         print("  " + line)

@@ -123,3 +123,16 @@ def test_folded_view_by_hand_on_one_head():
     torch.testing.assert_close(view.b_Q[2, h], expected_b)
     # value biases live in b_O once folded
     assert view.b_V.abs().max() == 0 and view.value_bias.abs().max() > 0
+
+
+@pytest.mark.parametrize("norm,gated", [("layernorm", False), ("rmsnorm", True)])
+def test_view_without_the_mlps_keeps_every_other_weight(norm, gated):
+    """``mlp=False`` (what `lm heads` uses) leaves the MLPs out and every attention, embedding and unembedding
+    weight exactly as the full view has it."""
+    model = random_model(norm, gated=gated)
+    full, heads_only = analysis_weights(model), analysis_weights(model, mlp=False)
+    assert full.W_in is not None and full.W_out is not None
+    assert heads_only.W_in is heads_only.W_out is heads_only.W_gate is heads_only.b_in is heads_only.b_out is None
+    for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_E", "W_pos", "W_U", "b_U", "value_bias"):
+        a, b = getattr(full, name), getattr(heads_only, name)
+        assert (a is None and b is None) or torch.equal(a, b), name

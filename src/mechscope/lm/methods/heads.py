@@ -431,7 +431,7 @@ def find_induction_heads(
 
     say("folded weights")
     with timer.section("folding"):
-        view = analysis_weights(model)
+        view = analysis_weights(model, mlp=False)  # the heads alone: no second copy of the MLPs
     say("repeated random tokens")
     with timer.section("repeated_tokens"):
         tokens = repeated_tokens(model, p.n, p.batch, 2, g, token_range).to(dev)

@@ -217,8 +217,11 @@ def analysis_weights(
     center_writing: bool = True,
     center_unembed: bool = True,
     fold_value_biases: bool = True,
+    mlp: bool = True,
 ) -> AnalysisWeights:
-    """The folded analysis view of ``model`` (all options on), or the raw weights (all off)."""
+    """The folded analysis view of ``model`` (all options on), or the raw weights (all off). ``mlp=False`` leaves
+    the MLP weights out (``W_in`` ... ``b_out`` None; the attention and embedding weights are the same): for
+    analyses of the heads alone, which then hold no second copy of the MLPs."""
     cfg = model.cfg
     check_foldable(cfg)
     offloaded = [n for n, t in model.named_parameters() if t.is_meta and n not in model.missing_weights]
@@ -232,10 +235,11 @@ def analysis_weights(
     center_write = center_writing and layernorm
     layers = [_attention(model, i, fold_ln, center_read) for i in range(cfg.n_layers)]
     att = {k: torch.stack([lay[k] for lay in layers]) for k in layers[0]}
-    mlps = [_mlp(model, i, fold_ln, center_read) for i in range(cfg.n_layers)]
-    mlp = {}
-    if all(mlps):
+    with_mlp, mlp = mlp, {}
+    mlps = [_mlp(model, i, fold_ln, center_read) for i in range(cfg.n_layers)] if with_mlp else []
+    if mlps and all(mlps):
         mlp = {k: torch.stack([m[k] for m in mlps]) for k in mlps[0] if mlps[0][k] is not None}
+    del mlps
 
     W_E, W_pos = _present(model.W_E), _present(getattr(model, "W_pos", None))
     if W_E is not None and cfg.embed_scale != 1.0:

@@ -1,0 +1,128 @@
+"""The speed issue's two targets, measured in one run: `lm heads --model smollm2` and `cnn explain` on the default CNN.
+
+Each analysis runs in a fresh process of its own (wall time and peak resident memory); one pass of what it works on
+is timed here in the same run (median of 3): for `lm heads` one forward pass of its batch (8 sequences of 101
+tokens), for `cnn explain` one forward pass over the 10,000 test images. Printed per analysis:
+
+* the target ratio: `lm heads`' wall time less the load over one forward pass (target ≤ 8), and `cnn explain`'s
+  wall time less the report over one pass over the test set (target ≤ 20, and under 30 s in all);
+* how close to the limit it runs: wall time over (the passes it counted × one pass), where a backward pass counts
+  as two forward passes (1 means it costs exactly the passes it makes);
+* for `lm heads`, what its exact per-head ablations alone cost: each measured head, under each ablation kind,
+  re-runs the layers from its own to the last, so (layers − layer) / layers of a pass, summed from heads.json.
+
+    python bench/speed_targets.py [--run RUN] [--only heads|explain] [--work DIR]
+
+`--run` is a trained default CNN run (default: one is trained here first, not counted). Quote the load average it
+prints beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import one_cnn_pass, timed  # noqa: E402  (bench/ is not a package)
+
+
+def one_forward(model_spec: str, batch: int = 8, positions: int = 101) -> float:
+    """Seconds of one forward pass of ``lm heads``' batch, median of 3 after a warm-up."""
+    from mechscope.lm.models.loading import load_model
+
+    model, _ = load_model(model_spec)
+    tokens = torch.randint(1000, 10000, (batch, positions), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(tokens)
+        for _ in range(3):
+            t = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def exact_ablation_passes(data: dict) -> float:
+    """Full-pass equivalents of the exact per-head ablations in heads.json: each measured head re-runs its layer
+    and every later one."""
+    layers = len(data["labels"])
+    return sum((layers - int(row["head"].split(".")[0])) / layers
+               for kind in data["ablation"].values() for row in kind["measured"])  # fmt: skip
+
+
+def heads(work: Path, env: dict, model: str) -> dict:
+    out = work / "heads"
+    wall, peak = timed(["lm", "heads", "--model", model, "--out", str(out), "--force"], env, work)
+    data = json.loads((out / "heads.json").read_text())
+    forward = one_forward(model)
+    load = data["seconds"]["load"]
+    passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]
+    exact = exact_ablation_passes(data)
+    row = {"wall_s": wall, "load_s": load, "forward_s": forward, "target_ratio": (wall - load) / forward,
+           "passes": passes, "limit_ratio": (wall - load) / (passes * forward), "exact_ablation_passes": exact,
+           "measured": sum(len(k["measured"]) for k in data["ablation"].values()), "peak_mib": peak}  # fmt: skip
+    print(f"lm heads --model {model}: {wall:.1f} s (load {load:.1f} s), one forward of 8 x 101 tokens {forward:.2f} s")
+    print(f"  target: (wall - load) / one forward = {row['target_ratio']:.1f} (target <= 8, i.e. "
+          f"{8 * forward + load:.0f} s): {'MET' if row['target_ratio'] <= 8 else 'NOT MET'}")
+    print(f"  limit: {passes:.1f} passes counted; wall / (passes x one pass) = {row['limit_ratio']:.2f}")
+    print(f"  the exact ablations of {row['measured']} (head, kind) pairs alone are {exact:.1f} passes "
+          f"({exact * forward:.0f} s at one pass each); peak memory {peak:.0f} MiB")
+    return row
+
+
+def explain(work: Path, env: dict, run: Path | None) -> dict:
+    if run is None:
+        run = work / "mnist"
+        if not (run / "model.safetensors").is_file():
+            subprocess.run([sys.executable, "-m", "mechscope", "cnn", "train", "--out", str(run), "--force"],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    out = work / "explain"
+    wall, peak = timed(["cnn", "explain", "--run", str(run), "--out", str(out), "--force"], env, work)
+    data = json.loads((out / "mechanisms.json").read_text())
+    forward = one_cnn_pass(run)
+    report = data["seconds"].get("report", 0.0)
+    passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]
+    row = {"wall_s": wall, "report_s": report, "forward_s": forward, "target_ratio": (wall - report) / forward,
+           "passes": passes, "limit_ratio": (wall - report) / (passes * forward), "peak_mib": peak,
+           "sections": {k: round(v, 2) for k, v in data["seconds"].items()}}  # fmt: skip
+    met = wall < 30 and row["target_ratio"] <= 20
+    print(f"cnn explain --run {run}: {wall:.1f} s (report {report:.1f} s), one pass over the test set {forward:.3f} s")
+    print(f"  target: under 30 s and (wall - report) / one pass = {row['target_ratio']:.1f} <= 20: "
+          f"{'MET' if met else 'NOT MET'}")
+    print(f"  limit: {passes:.1f} passes counted; (wall - report) / (passes x one pass) = {row['limit_ratio']:.2f}")
+    print(f"  sections (s): {row['sections']}; peak memory {peak:.0f} MiB")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=None, help="a trained default CNN run (default: train one)")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--only", choices=("heads", "explain"), default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="speed-"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    start = os.getloadavg()
+    print(f"load average {start[0]:.1f} at the start, {os.cpu_count()} cores; work in {work}", flush=True)
+    rows = {}
+    if args.only in (None, "heads"):
+        rows["heads"] = heads(work, env, args.model)
+    if args.only in (None, "explain"):
+        rows["explain"] = explain(work, env, args.run)
+    end = os.getloadavg()
+    print(f"load average {end[0]:.1f} at the end")
+    (work / "speed_targets.json").write_text(json.dumps({"load": [start[0], end[0]], **rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
