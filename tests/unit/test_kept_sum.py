@@ -20,6 +20,10 @@ def test_predict_equals_the_reference_argmax_on_random_sets():
     for keep in _keeps(12, 300) + [[]]:
         assert torch.equal(ks.predict(keep), ks.reference(keep).argmax(1)), keep
     assert ks.calls == 301
+    for keep in _keeps(12, 40, seed=5):
+        want = ks.reference(keep).argmax(1)
+        for d in range(10):
+            assert torch.equal(ks.hits(keep, d), want == d), (keep, d)
     assert ks.fallbacks < ks.calls  # the fast path is taken, not only the reference
 
 
@@ -46,14 +50,16 @@ def test_near_ties_fall_back_and_still_agree():
     ks = KeptSum(torch.zeros(2), contrib)
     assert not torch.equal(in_fast_order().argmax(1), ks.reference(keep).argmax(1))  # planted rows disagree
     assert torch.equal(ks.predict(keep), ks.reference(keep).argmax(1))
-    assert ks.fallbacks == 1
+    assert torch.equal(ks.hits(keep, 1), ks.reference(keep).argmax(1) == 1)
+    assert ks.fallbacks == 2
 
 
 def test_exact_ties_take_the_first_class_like_argmax():
     contrib = torch.ones(8, 4, 5)  # every class equal: argmax picks class 0
     ks = KeptSum(torch.zeros(5), contrib)
     assert torch.equal(ks.predict([0, 2]), torch.zeros(8, dtype=torch.long))
-    assert ks.fallbacks == 1
+    assert not ks.hits([0, 2], 3).any() and ks.hits([0, 2], 0).all()  # a tie is never two winners
+    assert ks.fallbacks == 3
 
 
 def test_non_finite_logits_fall_back():
@@ -61,7 +67,8 @@ def test_non_finite_logits_fall_back():
     contrib[3, 1, 2] = float("nan")
     ks = KeptSum(torch.zeros(4), contrib)
     assert torch.equal(ks.predict([0, 1]), ks.reference([0, 1]).argmax(1))
-    assert ks.fallbacks == 1
+    assert torch.equal(ks.hits([0, 1], 2), ks.reference([0, 1]).argmax(1) == 2)
+    assert ks.fallbacks == 2
 
 
 def test_rates_equal_the_boolean_index_means():
@@ -75,4 +82,5 @@ def test_rates_equal_the_boolean_index_means():
             is_d = labels == d
             want = (float((pred[is_d] == d).double().mean()), float((pred[~is_d] == d).double().mean()))
             got = rates(pred, d)
+            assert rates.of_hits(pred == d, d) == got or got[0] != got[0]
             assert (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])) and got[1] == want[1]

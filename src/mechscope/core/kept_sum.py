@@ -39,22 +39,40 @@ class KeptSum:
 
     def predict(self, keep: list[int]) -> torch.Tensor:
         """[N] the argmax of :meth:`reference` (first index on a tie), found without it when it is safe."""
+        winners = self._winners(keep)
+        if winners is None:
+            return self.reference(keep).argmax(1)
+        return (winners * self.classes).sum(0)
+
+    def hits(self, keep: list[int], d: int) -> torch.Tensor:
+        """[N] bool: where :meth:`reference`'s argmax is class ``d`` (what a search's margin needs)."""
+        winners = self._winners(keep)
+        if winners is None:
+            return self.reference(keep).argmax(1) == d
+        return winners[d]
+
+    def _winners(self, keep: list[int]) -> torch.Tensor | None:
+        """[K, N] bool, one winning class per input, when the fast sum's winner must be the reference's; else None
+        (counted in ``fallbacks``). No index-returning reduction: those are the slow ones on CPU."""
         self.calls += 1
         if not keep or self.base.shape[0] < 2:
-            return self.reference(keep).argmax(1)
+            self.fallbacks += 1
+            return None
         acc = self.slabs[keep[0]] + self.column  # [K, N]
         size = self.abs_slabs[keep[0]] + self.abs_column
         for c in keep[1:]:
             acc += self.slabs[c]
             size += self.abs_slabs[c]
-        best, pick = acc.max(0)
-        runner_up = acc.masked_fill(self.classes == pick, float("-inf")).amax(0)
+        best = acc.amax(0)
+        winners = acc == best  # NaN: no winner in that column, so the count below fails
+        runner_up = torch.where(winners, float("-inf"), acc).amax(0)
         m = len(keep) + 1
         bound = 4 * m * U32 / (1 - m * U32) * 1.01  # 4γ, and 1% for the rounding of T itself
-        if bool((best - runner_up > bound * size.amax(0)).all()):  # False on NaN: falls back
-            return pick
+        unique = int(winners.sum()) == winners.shape[1]  # every column has a winner, so exactly one each
+        if unique and bool((best - runner_up > bound * size.amax(0)).all()):
+            return winners
         self.fallbacks += 1
-        return self.reference(keep).argmax(1)
+        return None
 
 
 class Rates:
@@ -70,7 +88,10 @@ class Rates:
         self.counts = torch.bincount(labels, minlength=n_classes).tolist()
 
     def __call__(self, pred: torch.Tensor, d: int) -> tuple[float, float]:
-        hit = pred == d
+        return self.of_hits(pred == d, d)
+
+    def of_hits(self, hit: torch.Tensor, d: int) -> tuple[float, float]:
+        """The same from ``hit`` [N] bool, where the prediction is ``d``."""
         called = int(hit.sum())
         right = int((hit & (self.labels == d)).sum())
         n_d = self.counts[d] if d < len(self.counts) else 0

@@ -126,6 +126,10 @@ class _Keeper:
         """[N] the class picked with only ``keep`` intact: ``logits(keep).argmax(1)``, bit for bit."""
         return self.kept.predict(keep) if self.closed else self.logits(keep).argmax(1)
 
+    def hits(self, keep: list[int], d: int) -> torch.Tensor:
+        """[N] bool: ``predict(keep) == d``."""
+        return self.kept.hits(keep, d) if self.closed else self.predict(keep) == d
+
     def logits(self, keep: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.closed:
             c = self.contrib if rows is None else self.contrib[rows]
@@ -211,7 +215,7 @@ def _one(spec, s, acts, keeper, held, feeders, i, d, tol, a_donor, reduce, rates
     full_acc, full_fp = rate(acts.pred, d)
 
     def margin(keep: list[int]) -> float:
-        acc_d, fp_d = rate(keeper.predict(keep), d)
+        acc_d, fp_d = rate.of_hits(keeper.hits(keep, d), d)
         return min(acc_d - (full_acc - tol), (full_fp + tol) - fp_d)
 
     attribution = keeper.attribution(d, (y == d).nonzero().flatten())
