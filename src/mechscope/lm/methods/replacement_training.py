@@ -174,18 +174,15 @@ def train_transcoders(
             "the text gives %d positions, fewer than %d asked for", len(ctx) * per_ctx, s.tokens + s.eval_tokens
         )
     d_sae = s.d_sae or s.expansion * cfg.d_model
+
+    def record(tcs, rows) -> TrainedTranscoders:
+        settings = {**asdict(s), "d_sae": d_sae}
+        return TrainedTranscoders(model=cfg.name, settings=settings, text=text_name, contexts=len(ctx),
+                                  layers=tuple(rows), seconds=time.perf_counter() - start, transcoders=tcs)  # fmt: skip
+
     if s.crosslayer:
         with evaluating(model):
-            tcs, rows = _train_crosslayer(model, ctx, s, d_sae, skip, progress)
-        return TrainedTranscoders(
-            model=cfg.name,
-            settings={**asdict(s), "d_sae": d_sae},
-            text=text_name,
-            contexts=len(ctx),
-            layers=tuple(rows),
-            seconds=time.perf_counter() - start,
-            transcoders=tcs,
-        )
+            return record(*_train_crosslayer(model, ctx, s, d_sae, skip, progress))
     dcfg = DictionaryConfig(
         d_in=cfg.d_model,
         d_sae=d_sae,
@@ -231,15 +228,7 @@ def train_transcoders(
             dicts,
             source=f"trained here for layers {','.join(map(str, chosen))} (the other MLPs: error nodes only)",
         )
-    return TrainedTranscoders(
-        model=cfg.name,
-        settings={**asdict(s), "d_sae": d_sae},
-        text=text_name,
-        contexts=len(ctx),
-        layers=tuple(rows),
-        seconds=time.perf_counter() - start,
-        transcoders=tcs,
-    )
+    return record(tcs, rows)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, g: torch.Generator):
