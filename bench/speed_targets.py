@@ -25,30 +25,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import one_cnn_pass, timed  # noqa: E402  (bench/ is not a package)
-
-
-def one_forward(model_spec: str, batch: int = 8, positions: int = 101) -> float:
-    """Seconds of one forward pass of ``lm heads``' batch, median of 3 after a warm-up."""
-    from mechscope.lm.models.loading import load_model
-
-    model, _ = load_model(model_spec)
-    tokens = torch.randint(1000, 10000, (batch, positions), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        model(tokens)
-        for _ in range(3):
-            t = time.perf_counter()
-            model(tokens)
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from scaling import one_cnn_pass, one_forward, timed  # noqa: E402  (bench/ is not a package)
 
 
 def exact_ablation_passes(data: dict) -> float:
@@ -63,7 +43,7 @@ def heads(work: Path, env: dict, model: str) -> dict:
     out = work / "heads"
     wall, peak = timed(["lm", "heads", "--model", model, "--out", str(out), "--force"], env, work)
     data = json.loads((out / "heads.json").read_text())
-    forward = one_forward(model)
+    forward = one_forward(model)[0]  # median of 3 of one forward of the 8 x 101-token batch
     load = data["seconds"]["load"]
     passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]
     exact = exact_ablation_passes(data)
