@@ -197,32 +197,26 @@ def test_lm_graph_bad_input(capsys, hist, tmp_path, extra, fragments):
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n") * 40
 
 
-def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
-    """A 1-layer GELU toy (a few steps): `--train-transcoders` trains one here, the graph is exact against its own
-    interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back)."""
-    from mechscope.lm.methods.replacement import Transcoders
+def _gelu_toy(tmp_path: Path, layers: int) -> tuple[Path, Path]:
+    """(a GELU toy of ``layers`` layers trained here for a few steps, the text it was trained on)."""
     from mechscope.lm.pipelines.toy import train_toy_run
     from mechscope.lm.toy import ToyConfig
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     run = tmp_path / "toy"
-    cfg = ToyConfig(
-        d_model=32,
-        n_heads=2,
-        n_ctx=32,
-        vocab=16,
-        batch=8,
-        checkpoints=2,
-        min_span=4,
-        warmup=1,
-        layers=1,
-        data="text",
-        steps=5,
-        mlp="gelu",
-        d_mlp=48,
-    )
+    cfg = ToyConfig(d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=2, min_span=4, warmup=1,
+                    layers=layers, data="text", steps=5, mlp="gelu", d_mlp=48)  # fmt: skip
     train_toy_run(cfg, run, text, control=False, progress=False)
+    return run, text
+
+
+def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
+    """A 1-layer GELU toy (a few steps): `--train-transcoders` trains one here, the graph is exact against its own
+    interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back)."""
+    from mechscope.lm.methods.replacement import Transcoders
+
+    run, text = _gelu_toy(tmp_path, layers=1)
     out = tmp_path / "g"
     code, stdout, err = run_main(
         capsys,
@@ -253,28 +247,8 @@ def test_lm_graph_cli_trains_and_loads_a_crosslayer_transcoder(capsys, tmp_path)
     exact against its own interventions, the CLT is saved in circuit-tracer's layout, and `--transcoders` on that
     folder detects the layout and gives the same graph."""
     from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
-    from mechscope.lm.pipelines.toy import train_toy_run
-    from mechscope.lm.toy import ToyConfig
 
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
-    run = tmp_path / "toy"
-    cfg = ToyConfig(
-        d_model=32,
-        n_heads=2,
-        n_ctx=32,
-        vocab=16,
-        batch=8,
-        checkpoints=2,
-        min_span=4,
-        warmup=1,
-        layers=2,
-        data="text",
-        steps=5,
-        mlp="gelu",
-        d_mlp=48,
-    )
-    train_toy_run(cfg, run, text, control=False, progress=False)
+    run, text = _gelu_toy(tmp_path, layers=2)
     common = (
         "lm",
         "graph",
