@@ -102,6 +102,33 @@ def parse_hypothesis(data: Any, graph: ComponentGraph) -> Hypothesis:
     return Hypothesis(claims=claims)
 
 
+def hypothesis_file_claims(data: Any, where: str, keys: set[str], source: str, source_help: str) -> list:
+    """The checks every wing's hypothesis file starts with: a JSON object, only ``keys``, a non-empty string under
+    ``source`` (what the claims are about: a run, a model; ``source_help`` says so when it is missing) and a
+    non-empty list of claims, which it returns. One line on any error, prefixed with ``where``."""
+    if not isinstance(data, dict):
+        raise MechscopeError(f"{where}: a hypothesis is a JSON object")
+    bad = sorted(set(data) - keys)
+    if bad:
+        raise MechscopeError(f"{where}: unknown key {bad[0]!r} (expected {', '.join(sorted(keys))})")
+    if not isinstance(data.get(source), str) or not data[source]:
+        raise MechscopeError(f"{where}: {source_help}")
+    claims = data.get("claims")
+    if not isinstance(claims, list) or not claims:
+        raise MechscopeError(f"{where}: 'claims' must be a non-empty list")
+    return claims
+
+
+def hypothesis_file_sampling(data: dict, where: str) -> tuple[str, bool]:
+    """A hypothesis file's ``sampling`` ('edge' by default, or 'sender') and ``breakdown`` (true by default)."""
+    sampling = data.get("sampling", "edge")
+    if sampling not in ("edge", "sender"):
+        raise MechscopeError(f"{where}: sampling must be 'edge' or 'sender', got {sampling!r}")
+    if not isinstance(data.get("breakdown", True), bool):
+        raise MechscopeError(f"{where}: breakdown must be true or false")
+    return sampling, data.get("breakdown", True)
+
+
 def _claim(entry: Any, i: int, graph: ComponentGraph) -> Claim:
     if not isinstance(entry, Mapping):
         raise MechscopeError(f"claim {i}: expected a dict with 'path' or 'edges', got {type(entry).__name__}")

@@ -49,7 +49,13 @@ from mechscope.core.graphs import (
     faithfulness_curve,
 )
 from mechscope.core.results import Result
-from mechscope.core.scrub import ScrubResult, parse_hypothesis, scrub
+from mechscope.core.scrub import (
+    ScrubResult,
+    hypothesis_file_claims,
+    hypothesis_file_sampling,
+    parse_hypothesis,
+    scrub,
+)
 from mechscope.core.torch_utils import evaluating
 
 METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
@@ -394,16 +400,8 @@ class HypothesisSpec:
 
 def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpec:
     """A CNN hypothesis (JSON object) checked for its keys and types; one line on any error."""
-    if not isinstance(data, dict):
-        raise MechscopeError(f"{where}: a hypothesis is a JSON object")
-    bad = sorted(set(data) - HYPOTHESIS_KEYS)
-    if bad:
-        raise MechscopeError(f"{where}: unknown key {bad[0]!r} (expected {', '.join(sorted(HYPOTHESIS_KEYS))})")
-    if not isinstance(data.get("run"), str) or not data["run"]:
-        raise MechscopeError(f"{where}: 'run' must name the run directory of `mechscope cnn train`")
-    claims = data.get("claims")
-    if not isinstance(claims, list) or not claims:
-        raise MechscopeError(f"{where}: 'claims' must be a non-empty list")
+    source_help = "'run' must name the run directory of `mechscope cnn train`"
+    claims = hypothesis_file_claims(data, where, HYPOTHESIS_KEYS, "run", source_help)
     metric = data.get("metric", "accuracy")
     if metric not in METRICS:
         raise MechscopeError(f"{where}: unknown metric {metric!r}: one of {', '.join(METRICS)}")
@@ -419,11 +417,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
         low = 2 if key == "n" else 1 if key == "samples" else 0
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
-    sampling = data.get("sampling", "edge")
-    if sampling not in ("edge", "sender"):
-        raise MechscopeError(f"{where}: sampling must be 'edge' or 'sender', got {sampling!r}")
-    if not isinstance(data.get("breakdown", True), bool):
-        raise MechscopeError(f"{where}: breakdown must be true or false")
+    sampling, breakdown = hypothesis_file_sampling(data, where)
     for c in claims:
         f = c.get("feature") if isinstance(c, dict) else None
         if f is not None and f not in FEATURES:
@@ -440,7 +434,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
         samples=vals["samples"],
         seed=vals["seed"],
         sampling=sampling,
-        breakdown=data.get("breakdown", True),
+        breakdown=breakdown,
     )
 
 

@@ -55,7 +55,13 @@ from mechscope.core.graphs import (
     score_circuit,
 )
 from mechscope.core.results import Result
-from mechscope.core.scrub import ScrubResult, parse_hypothesis, scrub
+from mechscope.core.scrub import (
+    ScrubResult,
+    hypothesis_file_claims,
+    hypothesis_file_sampling,
+    parse_hypothesis,
+    scrub,
+)
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.graph import Tokens, TransformerEdges, pad_sequences
 from mechscope.lm.methods.scores import default_token_range, repeated_tokens
@@ -517,16 +523,8 @@ class HypothesisSpec:
 
 def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpec:
     """A transformer hypothesis (JSON object) checked for its keys and types; one line on any error."""
-    if not isinstance(data, dict):
-        raise MechscopeError(f"{where}: a hypothesis is a JSON object")
-    bad = sorted(set(data) - HYPOTHESIS_KEYS)
-    if bad:
-        raise MechscopeError(f"{where}: unknown key {bad[0]!r} (expected {', '.join(sorted(HYPOTHESIS_KEYS))})")
-    if not isinstance(data.get("model"), str) or not data["model"]:
-        raise MechscopeError(f"{where}: 'model' must name the model (smollm2, a folder, a toy run)")
-    claims = data.get("claims")
-    if not isinstance(claims, list) or not claims:
-        raise MechscopeError(f"{where}: 'claims' must be a non-empty list")
+    source_help = "'model' must name the model (smollm2, a folder, a toy run)"
+    claims = hypothesis_file_claims(data, where, HYPOTHESIS_KEYS, "model", source_help)
     d = data.get("data", {})
     if not isinstance(d, dict) or set(d) - DATA_KEYS:
         raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
@@ -546,11 +544,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     for key in ("task", "metric", "name", "description", "sampling"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise MechscopeError(f"{where}: {key} must be a string")
-    sampling = data.get("sampling", "edge")
-    if sampling not in ("edge", "sender"):
-        raise MechscopeError(f"{where}: sampling must be 'edge' or 'sender', got {sampling!r}")
-    if not isinstance(data.get("breakdown", True), bool):
-        raise MechscopeError(f"{where}: breakdown must be true or false")
+    sampling, breakdown = hypothesis_file_sampling(data, where)
     for c in claims:
         f = c.get("feature") if isinstance(c, dict) else None
         if f is not None and (not isinstance(f, str) or (f not in FEATURES and _TOKEN.match(f) is None)):
@@ -566,7 +560,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
         samples=samples,
         seed=seed,
         sampling=sampling,
-        breakdown=data.get("breakdown", True),
+        breakdown=breakdown,
     )
 
 
