@@ -277,33 +277,15 @@ def writers(rep: LocalReplacement, layer: int, pos: int, labels: list[str]) -> t
         if b_o.abs().sum() > 0:
             vecs.append(b_o.detach())
             labs.append(f"attention bias L{i}")
-        if i < rep.L and rep.crosslayer:
-            _clt_writers(rep, i, layer, pos, labels, vecs, labs)
-        elif i < rep.L:
-            tc = rep.transcoders.layers[i]
-            f = rep.acts[i][pos]
+        if i < rep.L:  # the transcoder's writes into the MLP outputs below ``layer`` (a CLT's reach later ones)
+            f, reach = rep.acts[i][pos], [d for d in rep.reach(i) if d < layer]
             for j in f.nonzero().squeeze(1).tolist():
-                vecs.append(f[j] * tc.W_dec[j])
+                vecs.append(f[j] * sum(rep.decoder(i, d)[j] for d in reach))
                 labs.append(f"L{i} #{j} @{pos} {labels[pos]!r}")
-            rest = tc.b_dec + (rep.mlp_in[i][pos] @ tc.W_skip.T if tc.cfg.skip else 0)
+            rest, skip = rep.constant_write(i, rep.mlp_in[i][pos])
             vecs.append(rest)
-            labs.append(f"transcoder bias{' and skip' if tc.cfg.skip else ''} L{i}")
+            labs.append(f"transcoder bias{' and skip' if skip else ''} L{i}")
             vecs.append(rep.errors[i, pos])
             labs.append(f"error L{i} @{pos}")
     return torch.stack([v.float() for v in vecs]), labs
 
-
-def _clt_writers(rep: LocalReplacement, i: int, layer: int, pos: int, labels, vecs: list, labs: list) -> None:
-    """A cross-layer transcoder's share of what reaches ``layer`` at ``pos`` from layer ``i``: each active feature of
-    layer ``i`` writes through its decoders into every MLP output from ``i`` to ``layer - 1``; layer ``i``'s MLP
-    output also holds its decoder bias, skip path and error vector."""
-    clt, f = rep.transcoders, rep.acts[i][pos]
-    reach = range(i, min(layer, rep.L))
-    for j in f.nonzero().squeeze(1).tolist():
-        vecs.append(f[j] * sum(clt.decoder(i, d)[j] for d in reach))
-        labs.append(f"L{i} #{j} @{pos} {labels[pos]!r}")
-    rest = clt.b_dec[i] + (rep.mlp_in[i][pos].to(clt.W_enc.dtype) @ clt.W_skip[i] if clt.skip else 0)
-    vecs.append(rest)
-    labs.append(f"transcoder bias{' and skip' if clt.skip else ''} L{i}")
-    vecs.append(rep.errors[i, pos])
-    labs.append(f"error L{i} @{pos}")

@@ -395,11 +395,29 @@ class LocalReplacement:
             return self.transcoders.decode(layer, feats, x)
         return self._decode(layer, feats[layer], x)
 
-    def _decoder(self, src: int, dst: int) -> torch.Tensor:
-        """The decoder [d_sae, D] of layer ``src``'s latents into layer ``dst``'s MLP output."""
+    def decoder(self, src: int, dst: int) -> torch.Tensor:
+        """The decoder [d_sae, D] of layer ``src``'s latents into layer ``dst``'s MLP output (``dst`` in
+        :meth:`reach`)."""
         if self.crosslayer:
             return self.transcoders.decoder(src, dst)
         return self.transcoders.layers[src].W_dec
+
+    def reach(self, src: int) -> range:
+        """The MLP layers layer ``src``'s latents write to: every later one for a CLT, its own otherwise."""
+        return range(src, self.L) if self.crosslayer else range(src, src + 1)
+
+    def constant_write(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """What layer ``layer``'s reconstruction adds whatever its latents (the decoder bias, and the skip path's
+        write for its input ``x`` [D]), and whether there is a skip path."""
+        if self.crosslayer:
+            clt = self.transcoders
+            skip = clt.W_skip[layer] if clt.skip else None
+            b, xs = clt.b_dec[layer], x.to(clt.W_enc.dtype)
+        else:
+            tc = self.transcoders.layers[layer]
+            skip = tc.W_skip.T if tc.cfg.skip else None
+            b, xs = tc.b_dec, x
+        return (b if skip is None else b + xs @ skip), skip is not None
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -526,7 +544,7 @@ class LocalReplacement:
                     if self.crosslayer:  # every changed layer j <= i writes its change through its decoder into i
                         for j in sorted(values):
                             if j <= i:
-                                out = out + (values[j] - self.acts[j]).to(out.dtype) @ self._decoder(j, i)
+                                out = out + (values[j] - self.acts[j]).to(out.dtype) @ self.decoder(j, i)
                         return out
                     if i in values:
                         return out + (values[i] - self.acts[i]).to(out.dtype) @ self.transcoders.layers[i].W_dec
@@ -695,11 +713,11 @@ class LocalReplacement:
                 continue
             pos, idx = self.feature_pos[s:e].to(self.device), self.feature_index[s:e].to(self.device)
             vals = None
-            for dst in range(j, self.L):
+            for dst in self.reach(j):
                 g = gsites[dst]
                 if g is None:
                     continue
-                w = self._decoder(j, dst)[idx]  # [n, D]
+                w = self.decoder(j, dst)[idx]  # [n, D]
                 part = (g[:b, pos] * w.to(g.dtype)).sum(-1)  # [b, n]
                 vals = part if vals is None else vals + part
             if vals is not None:
