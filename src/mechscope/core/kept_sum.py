@@ -68,7 +68,8 @@ class KeptSum:
         runner_up = torch.where(winners, float("-inf"), acc).amax(0)
         m = len(keep) + 1
         bound = 4 * m * U32 / (1 - m * U32) * 1.01  # 4γ, and 1% for the rounding of T itself
-        unique = int(winners.sum()) == winners.shape[1]  # every column has a winner, so exactly one each
+        # a NaN column has no winner but fails the gap check below, so past it a total of N means one per column
+        unique = int(winners.sum()) == winners.shape[1]
         if unique and bool((best - runner_up > bound * size.amax(0)).all()):
             return winners
         self.fallbacks += 1
