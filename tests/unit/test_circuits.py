@@ -83,3 +83,25 @@ def test_swaps_shrink_a_set_that_pruning_cannot():
     for a, b in itertools.combinations(c.channels, 2):  # swap-minimal: no two channels trade for one
         rest = [x for x in c.channels if x not in (a, b)]
         assert all(margin(rest + [o]) < 0 for o in range(6) if o not in c.channels)
+
+
+def test_batched_candidates_find_the_same_circuit():
+    """``evaluate_each`` (all of a step's candidates in one call) changes how the search asks, not what it finds."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(14, generator=g)
+    pair = torch.rand(14, 14, generator=g) * 0.2
+
+    def margin(keep):
+        idx = torch.tensor(keep, dtype=torch.long)
+        return float(w[idx].sum() + pair[idx][:, idx].sum() / 4) - 2.2 if keep else -2.2
+
+    asked = []
+
+    def each(rest, extra):
+        asked.append(len(extra))
+        return [margin(rest + [c]) for c in extra]
+
+    ranking = w.argsort(descending=True).tolist()
+    plain = find_circuit(margin, 14, ranking, target=0)
+    batched = find_circuit(margin, 14, ranking, target=0, evaluate_each=each)
+    assert batched == plain and max(asked) > 1

@@ -84,3 +84,63 @@ def test_rates_equal_the_boolean_index_means():
             got = rates(pred, d)
             assert rates.of_hits(pred == d, d) == got or got[0] != got[0]
             assert (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])) and got[1] == want[1]
+
+
+def test_hits_each_equals_hits_of_each_set():
+    g = torch.Generator().manual_seed(7)
+    contrib = torch.randn(400, 16, 10, generator=g) * torch.rand(1, 16, 1, generator=g) * 4
+    ks = KeptSum(torch.randn(10, generator=g), contrib)
+    for rest in ([], [3], [0, 5, 9], list(range(1, 15, 2))):
+        extra = [c for c in range(16) if c not in rest]
+        for d in (0, 4, 9):
+            got = ks.hits_each(rest, extra, d, chunk=3 * 10 * 400)  # blocks of three sets
+            want = torch.stack([ks.reference(sorted(rest + [c])).argmax(1) == d for c in extra])
+            assert torch.equal(got, want), (rest, d)
+    assert ks.fallbacks < ks.calls
+    assert ks.hits_each([1], [], 0).shape == (0, 400)
+
+
+def test_hits_each_falls_back_at_a_planted_near_tie():
+    """The near-tie of test_near_ties_fall_back_and_still_agree, asked as "rest plus one channel": the row with the
+    tie falls back to the reference and agrees; without the band it would not."""
+    n, c, ulp = 200, 32, 2.0**-23
+    terms = torch.rand(n, c, generator=torch.Generator().manual_seed(4)) * 0.45 * ulp
+    terms[:, 0] = 1.0
+    contrib = torch.zeros(n, c, 2)
+    contrib[:, :, 0] = terms
+    ks = KeptSum(torch.zeros(2), contrib)
+    rest = list(range(c - 1))
+    fast = (ks.column + sum((ks.slabs[j] for j in rest), torch.zeros(2, n)) + ks.slabs[c - 1])[0]  # hits_each's order
+    contrib[:, 0, 1] = (ks.reference(list(range(c)))[:, 0].double() + fast.double()).div(2).float()
+    ks = KeptSum(torch.zeros(2), contrib)
+    want = ks.reference(list(range(c))).argmax(1) == 1
+    assert torch.equal(ks.hits_each(rest, [c - 1], 1)[0], want)
+    assert ks.fallbacks == 1
+
+
+def test_unit_ablation_accuracy_equals_the_reference():
+    """Against the reference's own float operations (logits + diff·w, argmax, per-class shares), on random read-outs
+    and with near-ties planted where one unit's change decides the verdict."""
+    from mechscope.core import intervene as A
+    from mechscope.core.kept_sum import unit_ablation_accuracy
+
+    g = torch.Generator().manual_seed(11)
+    b, d, k = 3000, 48, 10
+    acts = torch.rand(b, d, generator=g)
+    w = torch.randn(k, d, generator=g) * 0.3
+    logits = acts @ w.T
+    labels = logits.argmax(1)
+    labels[::7] = torch.randint(0, k, labels[::7].shape, generator=g)  # some wrong
+    top2 = logits.topk(2, 1).values
+    logits[::5, 3] = top2[::5, 0]  # exact ties with the winner on a fifth of the inputs
+    replacement = acts.mean(0)
+    diff = (replacement - acts).expand_as(acts)
+    reduce = A.class_accuracy(labels, k)
+    units = torch.arange(d)
+    want = torch.cat([reduce(logits[None] + (diff[:, u, None] * w[:, u])[None]) for u in range(d)])
+    got = unit_ablation_accuracy(logits, diff, w, units, labels, k)
+    assert torch.equal(got, want)
+    masks = A.unit_masks((d,))
+    assert torch.equal(A.readout_intervene(w, None, acts, masks, replacement, reduce, logits=logits), want)
+    logits[0, 0] = float("nan")
+    assert unit_ablation_accuracy(logits, diff, w, units, labels, k) is None  # the caller runs the reference

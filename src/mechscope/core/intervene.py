@@ -44,6 +44,7 @@ from torch import nn
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, run_with_cache, select
+from mechscope.core.kept_sum import unit_ablation_accuracy
 from mechscope.core.torch_utils import evaluating
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # [k, B, ...outputs] -> [k, ...]
@@ -221,7 +222,8 @@ def readout_intervene(
     ``replacement`` scalar, [D] or [B, D]. The logits are linear in ``acts``, so replacing the
     masked units changes them by ((r - a) * mask) @ weightᵀ. ``logits`` [B, K] are the
     unchanged ones (computed here when not given): an empty mask returns them bit for bit.
-    Returns [N, B, K] or ``reduce`` of each chunk of masks as in :func:`intervene`.
+    Returns [N, B, K] or ``reduce`` of each chunk of masks as in :func:`intervene`. One-unit masks reduced by
+    :func:`class_accuracy` take :func:`~mechscope.core.kept_sum.unit_ablation_accuracy` (the same numbers).
     """
     if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != acts.shape[1]:
         raise MechscopeError(f"masks must be boolean [N, {acts.shape[1]}], got {masks.dtype} {list(masks.shape)}")
@@ -230,6 +232,11 @@ def readout_intervene(
     diff = (torch.as_tensor(replacement, dtype=acts.dtype) - acts).expand_as(acts)  # [B, D]
     b, d = acts.shape
     one_hot = bool((masks.sum(1) == 1).all())
+    if one_hot and isinstance(reduce, ClassAccuracy):  # only the inputs a unit can flip (same numbers)
+        units = masks.nonzero()[:, 1]
+        fast = unit_ablation_accuracy(logits, diff, weight, units, reduce.labels, reduce.n_classes)
+        if fast is not None:
+            return fast
     if not one_hot:  # dense masks: [k, B, D] per chunk, bounded at 2^25 elements
         chunk = max(1, min(chunk, 2**25 // max(b * d, 1)))
     results = []
@@ -303,17 +310,24 @@ def layer_means(model: nn.Module, inputs: torch.Tensor, layers: list[str], batch
     return {n: (sums[n] / len(inputs)).float() for n in names}
 
 
+class ClassAccuracy:
+    """A ``reduce`` for :func:`intervene`: per-class accuracy [k, n_classes] from logits [k, B, K]. Its labels are
+    kept, so :func:`readout_intervene` can compute the same numbers without building every ablated logit."""
+
+    def __init__(self, labels: torch.Tensor, n_classes: int = 10) -> None:
+        self.labels, self.n_classes = labels, n_classes
+        self.counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).double()
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        correct = (out.argmax(-1) == self.labels).double()  # [k, B]
+        per = torch.zeros(out.shape[0], self.n_classes, dtype=torch.float64)
+        per.index_add_(1, self.labels, correct)
+        return per / self.counts
+
+
 def class_accuracy(labels: torch.Tensor, n_classes: int = 10) -> Reduce:
     """A ``reduce`` for :func:`intervene`: per-class accuracy [k, n_classes] from logits [k, B, K]."""
-    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).double()
-
-    def reduce(out: torch.Tensor) -> torch.Tensor:
-        correct = (out.argmax(-1) == labels).double()  # [k, B]
-        per = torch.zeros(out.shape[0], n_classes, dtype=torch.float64)
-        per.index_add_(1, labels, correct)
-        return per / counts
-
-    return reduce
+    return ClassAccuracy(labels, n_classes)
 
 
 def _replacement(kind: str, mean: torch.Tensor | None) -> torch.Tensor | float:

@@ -214,13 +214,20 @@ def _one(spec, s, acts, keeper, held, feeders, i, d, tol, a_donor, reduce, rates
     y = rate.labels
     full_acc, full_fp = rate(acts.pred, d)
 
-    def margin(keep: list[int]) -> float:
-        acc_d, fp_d = rate.of_hits(keeper.hits(keep, d), d)
+    def margin_of(hits: torch.Tensor) -> float:
+        acc_d, fp_d = rate.of_hits(hits, d)
         return min(acc_d - (full_acc - tol), (full_fp + tol) - fp_d)
+
+    def margin(keep: list[int]) -> float:
+        return margin_of(keeper.hits(keep, d))
+
+    def margins(rest: list[int], extra: list[int]) -> list[float]:
+        return [margin_of(h) for h in keeper.kept.hits_each(rest, extra, d)]
 
     attribution = keeper.attribution(d, (y == d).nonzero().flatten())
     ranking = attribution.argsort(descending=True).tolist()
-    found = C.find_circuit(margin, a_donor.shape[1], ranking, target=d)
+    each = margins if keeper.closed else None  # batched only where a set costs no forward pass
+    found = C.find_circuit(margin, a_donor.shape[1], ranking, target=d, evaluate_each=each)
     chosen = found.channels
     in_set = A.group_mask(tuple(a_donor.shape[1:]), chosen)
     a, ref = acts.out[s.name], acts.means[s.name]

@@ -42,6 +42,7 @@ import torch
 from mechscope.core.errors import MechscopeError
 
 Evaluate = Callable[[list[int]], float]
+EvaluateEach = Callable[[list[int], list[int]], Sequence[float]]  # (rest, extra) -> evaluate(rest + [c]) for c in extra
 
 
 @dataclass
@@ -70,6 +71,7 @@ def find_circuit(
     target: int,
     max_size: int | None = None,
     swaps: bool = True,
+    evaluate_each: EvaluateEach | None = None,
 ) -> Circuit:
     """Smallest (1-minimal and swap-minimal) channel set whose ``evaluate`` margin is ≥ 0.
 
@@ -78,7 +80,9 @@ def find_circuit(
     when below). A plain criterion "accuracy ≥ full − tolerance" has margin accuracy − (full −
     tolerance); several criteria combine as the minimum of their margins. ``ranking`` orders all
     channels by attribution, strongest first. ``swaps=False`` skips step 4 (the set is then only
-    1-minimal).
+    1-minimal). ``evaluate_each(rest, extra)``, when given, returns ``evaluate(rest + [c])`` for every c in ``extra``
+    at once (where one batched evaluation is cheaper than several): the greedy and swap steps then ask it for all
+    their candidates, and the search finds the same sets.
     """
     if sorted(ranking) != list(range(n_channels)):
         raise MechscopeError(f"ranking must order all {n_channels} channels once each")
@@ -90,6 +94,14 @@ def find_circuit(
         if key not in cache:
             cache[key] = float(evaluate(list(key)))
         return cache[key]
+
+    def scores(rest: list[int], extra: list[int]) -> list[float]:
+        """score(rest + [c]) for each c in ``extra``, the uncached ones in one ``evaluate_each`` call."""
+        todo = [c for c in extra if tuple(sorted(rest + [c])) not in cache]
+        if evaluate_each is not None and len(todo) > 1:
+            for c, v in zip(todo, evaluate_each(sorted(rest), todo), strict=True):
+                cache[tuple(sorted(rest + [c]))] = float(v)
+        return [score(rest + [c]) for c in extra]
 
     # 1. shortest prefix of the attribution ranking
     prefix = None
@@ -105,7 +117,8 @@ def find_circuit(
         rest = [c for c in ranking if c not in greedy]
         if not rest:
             break
-        greedy.append(max(rest, key=lambda c: (score(greedy + [c]), -order[c])))
+        gains = dict(zip(rest, scores(greedy, rest), strict=True))
+        greedy.append(max(rest, key=lambda c: (gains[c], -order[c])))
         if score(greedy) >= 0:
             break
     greedy_ok = bool(greedy) and score(greedy) >= 0
@@ -141,7 +154,7 @@ def find_circuit(
             pairs = ((a, b) for i, a in enumerate(weakest_first) for b in weakest_first[i + 1 :])
             for a, b in pairs:
                 rest = [c for c in chosen if c not in (a, b)]
-                found = next((c for c in outside if score(rest + [c]) >= 0), None)
+                found = next((c for c, v in zip(outside, scores(rest, outside), strict=True) if v >= 0), None)
                 if found is not None:
                     chosen, shrunk = prune(rest + [found]), True
                     break
