@@ -13,6 +13,7 @@ import numpy as np
 from mechscope.cnn.report import cnn_figures as F
 from mechscope.cnn.report.summary import noun, plural
 from mechscope.core.render.html import file_uri, render
+from mechscope.core.render.parallel import draw_all
 
 
 def overview_figures(r, vrange) -> dict[str, str]:
@@ -83,13 +84,15 @@ def _links(r, stage_index: int, c: int) -> list[dict]:
     ]
 
 
-def channel_sections(r, linked: dict, vrange) -> list[dict]:
+def channel_sections(r, linked: dict, vrange) -> tuple[list[dict], list[tuple]]:
+    """Each channel's section and the arguments of its figure (:func:`~mechscope.cnn.report.cnn_figures.channel_fig`),
+    drawn by the caller: the section's ``figure`` is filled in from the second list."""
     names = r.class_names
     fv = (linked or {}).get("featvis") or {}
     tuning = ((linked or {}).get("tuning") or {}).get("units", {})  # `cnn tuning` of the same weights
     members = r.circuits.membership()
     templates = r.weights.readout_templates
-    sections = []
+    sections, jobs = [], []
     for i, stage in enumerate(r.stage_names):
         sel, ex, ab = r.selectivity_of(stage), r.examples_of(stage), r.ablation.stage(stage)
         last = i == len(r.stage_names) - 1
@@ -106,9 +109,10 @@ def channel_sections(r, linked: dict, vrange) -> list[dict]:
             }  # fmt: skip
             unit = fv.get("units", {}).get(f"{stage}_{c}")
             pt = r.patching.stage(stage).channel_mean[c] * 100 if r.patching is not None else None
+            jobs.append((ch, names, vrange))
             sections.append(
                 {
-                    "id": f"{stage}-{c}", "stage": stage, "channel": c, "figure": F.channel_fig(ch, names, vrange),
+                    "id": f"{stage}-{c}", "stage": stage, "channel": c, "figure": None,
                     "featvis": file_uri(unit["png"]) if unit else None,
                     "featvis_ratio": unit.get("ratio_to_dataset_max") if unit else None,
                     "preferred": names[int(profile.argmax())], "selectivity": float(sel.index[c]),
@@ -121,7 +125,7 @@ def channel_sections(r, linked: dict, vrange) -> list[dict]:
                     "tuning": _tuning_view(tuning.get(f"{stage}_{c}")),
                 }
             )  # fmt: skip
-    return sections
+    return sections, jobs
 
 
 def _tuning_view(row: dict | None) -> dict | None:
@@ -150,14 +154,18 @@ def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), ch
             "figures": [(name, file_uri(at["pngs"][name])) for name in shown],
         }
     fv = (linked or {}).get("featvis")
+    sections, jobs = channel_sections(r, linked, vrange) if channels else ([], [])
+    pngs, (figs, class_figs) = draw_all(F.channel_fig, jobs, lambda: (overview_figures(r, vrange), circuit_figures(r)))
+    for section, png in zip(sections, pngs, strict=True):
+        section["figure"] = png
     return dict(
         r=r,
         word=noun(r.class_names),
         words=plural(noun(r.class_names)),
         names=r.class_names,
-        figs=overview_figures(r, vrange),
-        sections=channel_sections(r, linked, vrange) if channels else [],
-        class_figs=circuit_figures(r),
+        figs=figs,
+        sections=sections,
+        class_figs=class_figs,
         attribution=attribution,
         featvis=({"dir": str(fv["dir"]), "summary": fv.get("summary", {})} if fv else None),
         tuning=(linked or {}).get("tuning"),  # RUN/tuning: {"dir", "stale": why not shown or None, "units"}
