@@ -223,3 +223,22 @@ def re_escape(text: str) -> str:
 def test_unknown_stage_names_the_stages():
     with pytest.raises(MechscopeError, match="unknown layer 'conv3'; the stages are conv1, conv2"):
         walk(CNN()).stage("conv3")
+
+
+def test_the_cnns_fast_pooling_equals_torchs():
+    """The CNN's MaxPool2d takes strided maxima without a gradient: the same values as torch's kernel (odd sizes,
+    k = 3, NaN, ties), and torch's own forward and gradient when one is needed."""
+    from mechscope.cnn.models.cnn import MaxPool2d
+
+    g = torch.Generator().manual_seed(0)
+    for k, shape in [(2, (4, 3, 8, 8)), (2, (4, 3, 9, 7)), (3, (2, 2, 15, 16))]:
+        x = torch.randn(*shape, generator=g)
+        x[0, 0, 0, 0] = float("nan")
+        x[1, 0, :4, :4] = 1.0  # ties
+        want = nn.MaxPool2d(k)(x)
+        with torch.no_grad():
+            got = MaxPool2d(k)(x)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    x = torch.ones(1, 1, 4, 4, requires_grad=True)  # all ties: torch sends each window's gradient to one input
+    MaxPool2d(2)(x).sum().backward()
+    assert x.grad.sum() == 4 and x.grad.max() == 1
