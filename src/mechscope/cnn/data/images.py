@@ -228,7 +228,7 @@ def load_builtin(
     for key, spec in ds.files.items():
         verify(directory / spec.name, spec)
         arrays[key] = read_idx(directory / spec.name, spec)
-    images = {k: torch.from_numpy(arrays[k].copy()) for k in ("train_images", "test_images")}
+    images = {k: torch.from_numpy(_writable(arrays[k])) for k in ("train_images", "test_images")}
     if ds.transposed:
         images = {k: v.transpose(1, 2).contiguous() for k, v in images.items()}
     keys = ("train_labels", "test_labels")
@@ -282,9 +282,15 @@ def load_idx_folder(directory, class_names=None) -> ImageDataset:
             raise DataError(f"{paths[f'{split}_labels']}: {lab.ndim}-dimensional; expected labels [N]")
     source = {"kind": "idx", "directory": str(directory), "md5": {p.name: md5sum(p) for p in paths.values()}}
     return make_dataset(
-        "idx", arrays["train_images"].copy(), arrays["train_labels"].astype(np.int64), arrays["test_images"].copy(),
-        arrays["test_labels"].astype(np.int64), class_names, source, where=str(directory),
+        "idx", _writable(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
+        _writable(arrays["test_images"]), arrays["test_labels"].astype(np.int64), class_names, source,
+        where=str(directory),
     )  # fmt: skip
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it may be written (parsed from a bytearray), else a copy (torch needs writable memory)."""
+    return a if a.flags.writeable else a.copy()
 
 
 def _check_npz_headers(p: Path) -> None:
