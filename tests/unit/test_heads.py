@@ -195,3 +195,29 @@ def test_bad_protocols(protocol, show, message):
 
     with pytest.raises(MechscopeError, match=message):
         find_induction_heads(hand_built(), protocol, show=show)
+
+
+def test_capture_layer_by_layer_equals_one_backward():
+    """capture recomputes each layer from its cached input for the backward (activation checkpointing): the head
+    outputs and their gradients are those of one forward and backward through the whole model, bit for bit."""
+    from mechscope.core.hooks import hooks
+    from mechscope.lm.methods.ablation import capture, second_half_loss
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=48, n_layers=3, n_heads=4, d_head=12, d_vocab=V, n_ctx=CTX, d_mlp=96)
+    model = HookedTransformer(cfg).eval()
+    tokens = repeated(4)
+    zs = []
+
+    def leaf(z, hp):
+        zs.append(z.detach().requires_grad_(True))
+        return zs[-1]
+
+    with torch.enable_grad(), hooks(model, fwd=[(f"blocks.{i}.attn.hook_z", leaf) for i in range(3)]):
+        loss = second_half_loss(model, model.run_blocks(model.embed(tokens)), tokens, 20)
+        grads = torch.autograd.grad(loss.sum(), zs)
+    cap = capture(model, tokens, 20)
+    assert torch.equal(cap.clean, loss.detach())
+    for i in range(3):
+        assert torch.equal(cap.z[i], zs[i].detach()) and torch.equal(cap.grad[i], grads[i]), i
+    assert all(g.abs().sum() > 0 for g in cap.grad)

@@ -68,10 +68,12 @@ class Capture:
 
 
 def capture(model: HookedTransformer, tokens: torch.Tensor, n: int) -> Capture:
-    """Residual streams, head outputs and their gradients in one forward and backward pass."""
+    """Residual streams, head outputs and their gradients: one forward pass without a graph, then the backward pass
+    layer by layer from the last, each layer recomputed from its cached input (activation checkpointing). Memory
+    holds one layer's graph at a time instead of all of them; the gradients are the same as one backward through
+    the whole model (z is a leaf in both: gradients stop there)."""
     L = model.cfg.n_layers
     resid: list = [None] * L
-    zs: list = [None] * L
 
     def keep_resid(layer):
         def hook(x, hp):
@@ -79,21 +81,30 @@ def capture(model: HookedTransformer, tokens: torch.Tensor, n: int) -> Capture:
 
         return hook
 
-    def leaf_z(layer):
-        def hook(z, hp):
-            z = z.detach().requires_grad_(True)  # gradients stop here: only ∂loss/∂z is computed
-            zs[layer] = z
-            return z
-
-        return hook
-
-    fwd = [(f"blocks.{i}.hook_resid_pre", keep_resid(i)) for i in range(L)]
-    fwd += [(f"blocks.{i}.attn.hook_z", leaf_z(i)) for i in range(L)]
-    with torch.enable_grad(), hooks(model, fwd=fwd):
+    with torch.no_grad(), hooks(model, fwd=[(f"blocks.{i}.hook_resid_pre", keep_resid(i)) for i in range(L)]):
         final = model.run_blocks(model.embed(tokens))
-        loss = second_half_loss(model, final, tokens, n)
-        grads = torch.autograd.grad(loss.sum(), zs)
+    zs: list = [None] * L
+    grads: list = [None] * L
+    rotary = model.rotary(tokens.shape[1], final.device)
+    with torch.enable_grad():
+        x = final.requires_grad_(True)
+        loss = second_half_loss(model, x, tokens, n)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        for layer in reversed(range(L)):
+            x = resid[layer].detach().requires_grad_(True)
+            with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_z", _leaf(zs, layer))]):
+                out = model.blocks[layer](x, rotary)
+            grads[layer], g = torch.autograd.grad(out, [zs[layer], x], grad_outputs=g)
     return Capture(resid, [z.detach() for z in zs], [g.detach() for g in grads], loss.detach())
+
+
+def _leaf(zs: list, layer: int):
+    def hook(z, hp):
+        z = z.detach().requires_grad_(True)  # gradients stop here: only ∂loss/∂z is computed
+        zs[layer] = z
+        return z
+
+    return hook
 
 
 def estimate(cap: Capture, kind: str) -> np.ndarray:

@@ -456,6 +456,7 @@ def find_induction_heads(
     say("composition")
     with timer.section("composition"):
         composition = all_composition(view, seed=p.seed, top_n=20)
+    del view  # the folded weights are done with: the ablations below reuse their memory
     kv_groups = cfg.n_heads // cfg.kv_heads
     tests = path_tests(labels, composition, kv_groups, p.path_candidates)
     by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]

@@ -185,13 +185,17 @@ def key_patch(
 def loss_effect(
     model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, layer: int, kv_head: int, keys: torch.Tensor
 ) -> np.ndarray:
-    """Second-half loss change [S, B] with each set of patched keys [S·B, P, Dh] in place."""
+    """Second-half loss change [S, B] with each set of patched keys [S·B, P, Dh] in place, two sets per run (as the
+    exact head ablations batch), so memory does not grow with the number of sets."""
     x = cap.resid_pre[layer]
-    s = keys.shape[0] // x.shape[0]
-    with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_k", _key_hook(keys, kv_head))]):
-        final = model.run_blocks(x.repeat(s, 1, 1), layer)
-    loss = second_half_loss(model, final, tokens.repeat(s, 1), n).view(s, -1)
-    return (loss - cap.clean[None]).cpu().numpy()
+    b = x.shape[0]
+    out = []
+    for part in keys.split(2 * b):
+        s = part.shape[0] // b
+        with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_k", _key_hook(part, kv_head))]):
+            final = model.run_blocks(x.repeat(s, 1, 1), layer)
+        out.append(second_half_loss(model, final, tokens.repeat(s, 1), n).view(s, -1))
+    return (torch.cat(out) - cap.clean[None]).cpu().numpy()
 
 
 def induction_edges(
