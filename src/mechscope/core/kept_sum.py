@@ -36,6 +36,7 @@ class KeptSum:
         self.column, self.abs_column = base[:, None], base.abs()[:, None]  # [K, 1]
         self.classes = torch.arange(base.shape[0])[:, None]
         self.calls = self.fallbacks = 0
+        self._total: torch.Tensor | None = None  # [N] max over classes of |base| + every channel's |term|
 
     def reference(self, keep: list[int]) -> torch.Tensor:
         """The logits [N, K], computed as the searches always have: ``base + contrib[:, keep].sum(1)``."""
@@ -65,10 +66,10 @@ class KeptSum:
         sorted set."""
         if self.base.shape[0] < 2:
             return torch.stack([self.hits(sorted(rest + [c]), d) for c in extra]) if extra else self._none()
-        if not hasattr(self, "total"):
-            self.total = (self.abs_slabs.sum(0) + self.abs_column).amax(0)  # [N], summed in any order: see the 1%
+        if self._total is None:
+            self._total = (self.abs_slabs.sum(0) + self.abs_column).amax(0)  # summed in any order: see the 1%
         m = len(rest) + 2
-        band = 4 * m * U32 / (1 - m * U32) * 1.01 * self.total  # [N]
+        band = 4 * m * U32 / (1 - m * U32) * 1.01 * self._total  # [N]
         acc = self.column + sum((self.slabs[c] for c in rest), torch.zeros_like(self.slabs[0]))  # [K, N]
         step = max(1, chunk // acc.numel())  # at most ``chunk`` floats per [M, K, N] block
         rows, safe = [], []
