@@ -49,10 +49,16 @@ CNNS = {  # name -> cnn train options
 PEAK = """
 import resource, sys
 from mechscope.cli import main
+
+def peak_kib():  # this process's own high-water mark: ru_maxrss keeps the forking parent's across exec on Linux
+    try:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     main(sys.argv[2:])
 finally:
-    open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    open(sys.argv[1], "w").write(str(peak_kib()))
 """
 
 
