@@ -36,6 +36,16 @@ def _offline_mirror(monkeypatch):
 
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for a test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a busy 2-core machine
+    more threads make small models many times slower (see :func:`mechscope.core.torch_utils.torch_threads`)."""
+    from mechscope.core.torch_utils import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     root = shared_data_root()

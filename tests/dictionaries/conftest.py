@@ -9,12 +9,8 @@ from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """These dictionaries are tiny: one thread is as fast, and several spin badly when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def one_line_error(excinfo) -> str:

@@ -15,13 +15,7 @@ from tests.records import assert_round_trip
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a busy two-core machine more make small models many times slower
-    from mechscope.core.torch_utils import torch_threads
-
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 @pytest.fixture(scope="module")

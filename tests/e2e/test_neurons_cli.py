@@ -14,14 +14,7 @@ from tests.e2e.reports import check_report, render_in_chromium
 from tests.e2e.test_cli import assert_one_line_error, run_main
 from tests.records import assert_round_trip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small models on a shared 2-core machine: one torch thread is 10-20 times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 TEXT = (

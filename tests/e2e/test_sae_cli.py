@@ -18,13 +18,7 @@ from tests.e2e.reports import check_report
 from tests.e2e.test_cli import assert_one_line_error, run_main
 from tests.records import assert_round_trip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from mechscope.core.torch_utils import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # for the whole module: its fixtures build models once
+        yield

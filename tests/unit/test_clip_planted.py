@@ -28,13 +28,7 @@ PATCHES = {"TL": (0, 0), "TR": (0, 4), "BL": (4, 0), "BR": (4, 4)}
 POS = {"TL": 1, "TR": 2, "BL": 3, "BR": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a busy two-core machine more make small models many times slower
-    from mechscope.core.torch_utils import torch_threads
-
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 def planted_bundle() -> ClipBundle:

@@ -17,14 +17,7 @@ from mechscope.clip.data.render import (
 )
 from mechscope.core.errors import MechscopeError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a busy two-core machine more make small models many times slower
-    from mechscope.core.torch_utils import torch_threads
-
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 def ink_crop(a: np.ndarray) -> np.ndarray:

@@ -22,13 +22,7 @@ from mechscope.lm.methods.replacement_training import TranscoderTraining, fold_s
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 from tests.unit.test_attribution_graph_lm import FAMILIES, TOKENS, sources
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 def tiny3(family: str = "gpt2", seed: int = 1) -> HookedTransformer:

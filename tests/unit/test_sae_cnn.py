@@ -16,13 +16,7 @@ from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary, save
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import attached_hooks, hooks, run_with_cache
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 def tiny_cnn(seed: int = 0) -> CNN:

@@ -15,13 +15,7 @@ from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 from mechscope.lm.pipelines import sae as LS
 from mechscope.lm.pipelines.neurons import TextModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"
