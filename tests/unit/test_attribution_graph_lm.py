@@ -53,9 +53,9 @@ FAMILIES = {
 }
 
 
-def tiny(family: str = "gpt2", seed: int = 1) -> HookedTransformer:
+def tiny(family: str = "gpt2", seed: int = 1, n_layers: int = 2) -> HookedTransformer:
     cfg = TransformerConfig(
-        d_model=16, n_layers=2, n_heads=2, d_head=8, d_vocab=32, n_ctx=16, d_mlp=32, **FAMILIES[family]
+        d_model=16, n_layers=n_layers, n_heads=2, d_head=8, d_vocab=32, n_ctx=16, d_mlp=32, **FAMILIES[family]
     )
     m = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -74,16 +74,20 @@ def random_transcoders(model, arch: str = "topk", skip: bool = False, seed: int 
         cfg = DictionaryConfig(
             d_in=D, d_sae=3 * D, architecture=arch, k=6 if arch == "topk" else None, transcoder=True, d_out=D, skip=skip
         )
-        d = SparseDictionary(cfg, generator=g)
-        with torch.no_grad():
-            d.b_enc.normal_(0, 0.1, generator=g)
-            d.b_dec.normal_(0, 0.1, generator=g)
-            if skip:
-                d.W_skip.normal_(0, 0.1, generator=g)
-            if arch == "jumprelu":
-                d.threshold.fill_(0.05)
-        out.append(d)
+        out.append(randomise(SparseDictionary(cfg, generator=g), g, arch, skip))
     return Transcoders.of(out)
+
+
+def randomise(d, g: torch.Generator, arch: str, skip: bool):
+    """Random biases (and skip weights) for a fresh (cross-layer) transcoder, a small threshold for JumpReLU."""
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.1, generator=g)
+        d.b_dec.normal_(0, 0.1, generator=g)
+        if skip:
+            d.W_skip.normal_(0, 0.1, generator=g)
+        if arch == "jumprelu":
+            d.threshold.fill_(0.05)
+    return d
 
 
 TOKENS = torch.tensor([1, 5, 7, 3, 9, 5, 7, 2])

@@ -19,24 +19,15 @@ from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_gr
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.methods.replacement import LocalReplacement, Transcoders
 from mechscope.lm.methods.replacement_training import TranscoderTraining, fold_scales, train_transcoders
-from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
-from tests.unit.test_attribution_graph_lm import FAMILIES, TOKENS, sources
+from mechscope.lm.models.transformer import HookedTransformer
+from tests.unit.test_attribution_graph_lm import TOKENS, randomise, sources, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
 def tiny3(family: str = "gpt2", seed: int = 1) -> HookedTransformer:
     """A 3-layer tiny random model (so a layer-0 feature has two decoders beyond its own layer)."""
-    cfg = TransformerConfig(
-        d_model=16, n_layers=3, n_heads=2, d_head=8, d_vocab=32, n_ctx=16, d_mlp=32, **FAMILIES[family]
-    )
-    m = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            base = 0.0 if (name.endswith(".w") and cfg.norm_weight_plus_one) else (1.0 if name.endswith(".w") else 0.0)
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + base)
-    return m.eval()
+    return tiny(family, seed, n_layers=3)
 
 
 def random_clt(model, arch="topk", skip=False, hook="mlp.hook_in", seed=4) -> CrossLayerTranscoder:
@@ -45,14 +36,7 @@ def random_clt(model, arch="topk", skip=False, hook="mlp.hook_in", seed=4) -> Cr
     clt = CrossLayerTranscoder(
         L, D, 3 * D, arch, 6 if arch == "topk" else None, skip=skip, input_hook=hook, generator=g
     )
-    with torch.no_grad():
-        clt.b_enc.normal_(0, 0.1, generator=g)
-        clt.b_dec.normal_(0, 0.1, generator=g)
-        if arch == "jumprelu":
-            clt.threshold.fill_(0.05)
-        if skip:
-            clt.W_skip.normal_(0, 0.1, generator=g)
-    return clt.eval()
+    return randomise(clt, g, arch, skip).eval()
 
 
 def dense(rep) -> tuple[torch.Tensor, torch.Tensor]:
