@@ -134,6 +134,19 @@ def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError]
     return obj
 
 
+def read_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors by name: one line naming the file when it is missing or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise MechscopeError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 

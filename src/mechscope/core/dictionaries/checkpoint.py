@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.validate import read_safetensors
 
 SCHEMA = "mechscope.dictionary_checkpoint/1"
 STATE_FILE = "state.safetensors"
@@ -66,11 +66,7 @@ def load_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise MechscopeError(f"{where / META_FILE}: not a readable checkpoint record ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
         raise MechscopeError(f"{where / META_FILE}: expected a {SCHEMA} record")
-    try:
-        tensors = load_file(str(where / STATE_FILE))
-    except (OSError, SafetensorError) as e:
-        raise MechscopeError(f"{where / STATE_FILE}: not a readable safetensors file ({type(e).__name__})") from None
-    return meta, tensors
+    return meta, read_safetensors(where / STATE_FILE)
 
 
 def check_same_settings(where, saved: dict, current: dict, what: str) -> None:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mechscope.core.dictionaries.config import DictionaryConfig
 from mechscope.core.dictionaries.sae import SparseDictionary
 from mechscope.core.errors import MechscopeError
+from mechscope.core.validate import read_safetensors
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -300,12 +300,7 @@ def _ours(where: Path, raw: dict, cfg: DictionaryConfig) -> DictionaryConfig:
 
 def _read_tensors(path: Path, cfg: DictionaryConfig, raw: dict) -> dict[str, torch.Tensor]:
     where = path / WEIGHTS_FILE
-    if not where.is_file():
-        raise MechscopeError(f"{where}: not found")
-    try:
-        tensors = load_file(str(where))
-    except (OSError, SafetensorError) as e:
-        raise MechscopeError(f"{where}: not a readable safetensors file ({type(e).__name__})") from None
+    tensors = read_safetensors(where)
     tensors = _legacy_tensors(where, tensors)
     shapes = {
         "W_enc": (cfg.d_in, cfg.d_sae),

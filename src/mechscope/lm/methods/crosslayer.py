@@ -33,7 +33,6 @@ circuit-tracer has no ``cfg.json``: it is read as ReLU (JumpReLU when ``threshol
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 
 from mechscope.core.dictionaries.activations import topk_relu
 from mechscope.core.errors import MechscopeError
+from mechscope.core.validate import read_json_object, read_safetensors
 
 FORMAT = "mechscope.crosslayer_transcoder/1"
 ARCHITECTURES = ("relu", "jumprelu", "topk")
@@ -230,7 +230,7 @@ class CrossLayerTranscoder(nn.Module):
         n = len(list(root.glob("W_enc_*.safetensors")))
         if not all((root / f"W_enc_{i}.safetensors").is_file() for i in range(n)):
             raise MechscopeError(f"{root}: expected W_enc_0 .. W_enc_{n - 1}.safetensors without a gap")
-        enc0 = _read(root / "W_enc_0.safetensors")
+        enc0 = read_safetensors(root / "W_enc_0.safetensors")
         if "W_enc_0" not in enc0 or enc0["W_enc_0"].dim() != 2:
             raise MechscopeError(f"{root}/W_enc_0.safetensors: expected a tensor W_enc_0 [d_transcoder, d_model]")
         F, D = enc0["W_enc_0"].shape
@@ -255,8 +255,8 @@ class CrossLayerTranscoder(nn.Module):
             raise MechscopeError(f"{root}/cfg.json: {e}") from None
         state, encs = {}, []
         for i in range(L):
-            enc = _read(root / f"W_enc_{i}.safetensors")
-            dec = _read(root / f"W_dec_{i}.safetensors")
+            enc = read_safetensors(root / f"W_enc_{i}.safetensors")
+            dec = read_safetensors(root / f"W_dec_{i}.safetensors")
             encs.append(enc)
             want = {f"W_enc_{i}": (F, D), f"b_enc_{i}": (F,), f"b_dec_{i}": (D,)}
             if arch == "jumprelu":
@@ -285,28 +285,11 @@ def is_crosslayer(path) -> bool:
     return (Path(path).expanduser() / "W_enc_0.safetensors").is_file()
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise MechscopeError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
-
-
 def _read_cfg(root: Path) -> dict:
     where = root / "cfg.json"
     if not where.is_file():
         return {}
-    try:
-        raw = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise MechscopeError(f"{where}: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(raw, dict):
-        raise MechscopeError(f"{where}: expected a JSON object")
+    raw = read_json_object(where, "cross-layer transcoder cfg.json")
     fmt = raw.get("format")
     if fmt is not None and fmt != FORMAT:
         raise MechscopeError(f"{where}: format {fmt!r}, expected {FORMAT}")

@@ -192,14 +192,10 @@ def convert_tracr(config: dict, state: dict[str, torch.Tensor]) -> tuple[Transfo
 
 def read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
     """model.safetensors, checked tensor by tensor against config.json's sizes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from mechscope.core.validate import read_safetensors
 
     path = _need(directory, "model.safetensors")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    state = read_safetensors(path)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))
     if missing:
