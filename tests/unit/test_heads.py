@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mechscope.core.hooks import attached_hooks
 from mechscope.lm.methods.heads import HeadProtocol, find_induction_heads
@@ -221,3 +222,60 @@ def test_capture_layer_by_layer_equals_one_backward():
     for i in range(3):
         assert torch.equal(cap.z[i], zs[i].detach()) and torch.equal(cap.grad[i], grads[i]), i
     assert all(g.abs().sum() > 0 for g in cap.grad)
+
+
+def test_token_losses_in_chunks_are_the_whole_unembedding(monkeypatch):
+    """token_losses makes the logits a few sequences at a time: the same numbers, bit for bit, as unembedding the
+    whole batch and taking every position's loss; with a gradient wanted it keeps the batch whole (one graph)."""
+    from mechscope.lm.methods import scores
+    from mechscope.lm.methods.scores import loss_per_position, token_losses
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=48, n_layers=2, n_heads=4, d_head=12, d_vocab=V, n_ctx=CTX, d_mlp=96)
+    model = HookedTransformer(cfg).eval()
+    tokens = repeated(7, b=7)  # [7, 41]
+    with torch.no_grad():
+        resid = model.run_blocks(model.embed(tokens))
+        whole = loss_per_position(model.unembed(resid), tokens)  # [7, 40]
+        second = F.cross_entropy(model.unembed(resid[:, 21:40]).transpose(1, 2), tokens[:, 22:41], reduction="none")
+        for per in (1, 3, 7):  # chunks of 1, of 3 (3 + 3 + 1) and the whole batch
+            monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", per * 40 * V * 4)
+            assert torch.equal(token_losses(model, resid, tokens, slice(0, 40)), whole), per
+            monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", per * 19 * V * 4)
+            assert torch.equal(token_losses(model, resid, tokens, slice(21, 40)), second), per
+    calls = []
+    unembed = model.unembed
+    monkeypatch.setattr(model, "unembed", lambda r: calls.append(r.shape[0]) or unembed(r))
+    monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", 2 * 40 * V * 4)  # two sequences' logits
+    with torch.no_grad():
+        token_losses(model, resid, tokens, slice(0, 40))
+    assert calls == [2, 2, 2, 1]
+    calls.clear()
+    monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", 1)
+    x = resid.clone().requires_grad_(True)
+    loss = token_losses(model, x, tokens, slice(0, 40))
+    assert torch.equal(loss.detach(), whole)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert g.abs().sum() > 0 and calls == [7]
+
+
+def test_key_patch_two_sources_at_a_time_equals_each_source_alone():
+    """key_patch runs the target block on two sources' batches at a time (memory does not grow with the number of
+    sources); each source's patched induction scores are those it gets patched alone."""
+    from mechscope.lm.methods.ablation import capture
+    from mechscope.lm.methods.path_patching import key_patch
+
+    model = hand_built()
+    tokens = repeated(5)
+    cap = capture(model, tokens, 20)
+    mask = induction_mask(tokens.shape[1], 20)
+    sources = [(0, 0), (0, 1), (0, 0), (0, 1), (0, 0)]  # five: runs of 2, 2 and 1
+    clean, patched, keys = key_patch(model, cap, 1, 0, sources, mask)
+    assert patched.shape == (5, 1, 4) and keys.shape[0] == 5 * 4  # [S, query heads, B]; [S·B, P, Dh]
+    for i, src in enumerate(sources):
+        c1, p1, k1 = key_patch(model, cap, 1, 0, [src], mask)
+        assert np.array_equal(c1, clean) and np.array_equal(p1[0], patched[i])
+        assert torch.equal(k1, keys[4 * i : 4 * i + 4])
+    assert patched[0].mean() < clean.mean() - 0.1  # the previous-token head's key path carries the induction
+    assert np.array_equal(patched[1], clean)  # head 0.1 writes nothing
+    assert attached_hooks(model) == []

@@ -30,22 +30,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mechscope.core.hooks import hooks
 from mechscope.core.intervene import intervene
 from mechscope.core.results import Result, figure_data
+from mechscope.lm.methods.scores import token_losses
 from mechscope.lm.models.transformer import HookedTransformer
 
 KINDS = ("mean", "zero", "resample")
 
 
 def second_half_loss(model: HookedTransformer, resid_final: torch.Tensor, tokens: torch.Tensor, n: int):
-    """Mean loss over the predictions inside the second copy, per sequence: [B] (float32)."""
-    pos = slice(n + 1, 2 * n)  # position p predicts token p+1, both in the second copy
-    logits = model.unembed(resid_final[:, pos]).float()
-    target = tokens[:, n + 2 : 2 * n + 1].to(logits.device)
-    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1)
+    """Mean loss over the predictions inside the second copy, per sequence: [B] (float32). The logits are made a
+    few sequences at a time (:func:`~mechscope.lm.methods.scores.token_losses`) unless a gradient is wanted."""
+    return token_losses(model, resid_final, tokens, slice(n + 1, 2 * n)).mean(1)  # p predicts p+1, both in copy 2
 
 
 def replacement(kind: str, z: torch.Tensor) -> torch.Tensor | float:

@@ -151,7 +151,7 @@ def key_patch(
     kind: str = "mean",
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Induction scores of the group's query heads, clean [Hq, B] and with each source ablated on
-    their key path [S, Hq, B] (one batched run of the target's block); and the patched keys."""
+    their key path [S, Hq, B] (the target's block run on two sources' batches at a time); and the patched keys."""
     cfg = model.cfg
     groups = cfg.n_heads // cfg.kv_heads
     queries = list(range(kv_head * groups, (kv_head + 1) * groups))
@@ -174,10 +174,13 @@ def key_patch(
     with hooks(model, fwd=[(pat, grab("clean"))]):
         block(x, rotary)
     kv = f"blocks.{layer}.attn.hook_k"
-    with hooks(model, fwd=[(pat, grab("patched")), (kv, _key_hook(keys, kv_head))]):
-        block(x.repeat(len(sources), 1, 1), rotary)
+    patched = []
+    for part in keys.split(2 * b):  # two sources per run, so memory does not grow with the number of sources
+        with hooks(model, fwd=[(pat, grab("patched")), (kv, _key_hook(part, kv_head))]):
+            block(x.repeat(part.shape[0] // b, 1, 1), rotary)
+        patched.append(scores["patched"])
     clean = scores["clean"].T.cpu().numpy()  # [Hq, B]
-    patched = scores["patched"].view(len(sources), b, len(queries)).permute(0, 2, 1).cpu().numpy()
+    patched = torch.cat(patched).view(len(sources), b, len(queries)).permute(0, 2, 1).cpu().numpy()
     return clean, patched, keys
 
 

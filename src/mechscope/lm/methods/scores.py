@@ -113,13 +113,35 @@ def attention_scores(model: HookedTransformer, tokens: torch.Tensor, masks: dict
         return hook
 
     with torch.no_grad(), hooks(model, fwd=[(f"blocks.{i}.attn.hook_pattern", scorer(i)) for i in range(cfg.n_layers)]):
-        model(tokens.to(model_device(model)))
+        model.run_blocks(model.embed(tokens.to(model_device(model))))  # the patterns only: no unembedding
     return out
 
 
 def loss_per_position(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of predicting token p+1 at position p: [B, P-1] (float32)."""
     return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:].to(logits.device), reduction="none")
+
+
+LOGITS_CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of sequences (glibc reuses blocks this size, no page faults)
+
+
+def token_losses(model: HookedTransformer, resid: torch.Tensor, tokens: torch.Tensor, positions: slice) -> torch.Tensor:
+    """Cross-entropy of predicting token p+1 at each position p in ``positions`` from the final residual stream
+    ``resid`` [B, P, D]: [B, len(positions)] (float32).
+
+    The same numbers as unembedding the whole batch and then :func:`loss_per_position` (every operation works
+    row by row), made a few sequences at a time so that the logits [B, P, V] are never whole: with SmolLM2's
+    49,152-token vocabulary they are the largest activation of a forward pass. When ``resid`` requires a gradient
+    the batch is one chunk: a backward pass through a split unembedding is not bit-identical to the whole one."""
+    start, stop, _ = positions.indices(resid.shape[1])
+    width = max(stop - start, 1) * model.cfg.d_vocab * 4
+    per = resid.shape[0] if resid.requires_grad else max(1, LOGITS_CHUNK_BYTES // width)
+    out = []
+    for i in range(0, resid.shape[0], per):
+        logits = model.unembed(resid[i : i + per, positions]).float()
+        target = tokens[i : i + per, start + 1 : stop + 1].to(logits.device)
+        out.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+    return torch.cat(out)
 
 
 def post_norm_scale(model: HookedTransformer, layer: int, z: torch.Tensor) -> torch.Tensor:
@@ -187,10 +209,11 @@ def score_pass(
     if view is not None:
         fwd.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", lambda x, hp: final.setdefault("resid", x)))
     with torch.no_grad(), hooks(model, fwd=fwd):
-        logits = model(tokens)
+        resid = model.run_blocks(model.embed(tokens))
+        loss = token_losses(model, resid, tokens, slice(0, p - 1))
     if view is not None:
         scores["copying"] = _copying(cfg, final["resid"][:, second].float(), copy_num)
-    return ScorePass(loss_per_position(logits, tokens).mean(0).cpu(), scores, kept)
+    return ScorePass(loss.mean(0).cpu(), scores, kept)
 
 
 def _copying(cfg, resid: torch.Tensor, copy_num: dict[int, torch.Tensor]) -> np.ndarray:
@@ -223,8 +246,10 @@ def capture_patterns(model, tokens: torch.Tensor, heads: list[tuple[int, int]]) 
         return hook
 
     layers = sorted({layer for layer, _ in heads})
+    if not layers:
+        return out
     with torch.no_grad(), hooks(model, fwd=[(f"blocks.{layer}.attn.hook_pattern", grab(layer)) for layer in layers]):
-        model(tokens[:1].to(model_device(model)))
+        model.run_blocks(model.embed(tokens[:1].to(model_device(model))), 0, layers[-1] + 1)  # no later layer
     return out
 
 

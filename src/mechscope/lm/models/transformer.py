@@ -596,11 +596,12 @@ class HookedTransformer(nn.Module):
             x = x + self.hook_pos_embed(self.W_pos[:p].to(x.device).unsqueeze(0).expand(b, p, -1))
         return x
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Blocks ``start``.. on the residual stream ``x`` [B,P,D]; returns the final residual."""
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks ``start``..``stop`` - 1 (to the last by default) on the residual stream ``x`` [B,P,D]; returns the
+        residual after them (the final residual by default)."""
         self.check_complete()
         rotary = self.rotary(x.shape[1], x.device)
-        for block in self.blocks[start:]:
+        for block in self.blocks[start:stop]:
             x = block(x, rotary)
         return x
 
