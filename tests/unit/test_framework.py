@@ -15,6 +15,21 @@ from tests.unit.test_folding import CASES, random_model
 from tests.unit.test_heads import CTX, V, hand_built
 
 
+def test_composition_in_blocks_of_source_layers_is_the_whole_product(monkeypatch):
+    """composition_scores multiplies a few source layers at a time (memory): the same numbers, bit for bit, as one
+    product over every earlier layer, from one source layer per block to all of them."""
+    from mechscope.lm.methods import composition
+
+    view = analysis_weights(random_model("layernorm"))  # 3 layers: targets 1 and 2 see 1 and 2 source layers
+    monkeypatch.setattr(composition, "PRODUCT_BYTES", 2**40)
+    whole = composition_scores(view)
+    monkeypatch.setattr(composition, "PRODUCT_BYTES", 1)
+    blocks = composition_scores(view)
+    for mode in ("Q", "K", "V"):
+        assert torch.equal(blocks[mode], whole[mode]), mode
+        assert (whole[mode][0, :, 2] > 0).all() and (whole[mode][1, :, 2] > 0).all()
+
+
 def test_composition_matches_the_definition_written_out():
     """Every pair, every kind, against ‖W_OV¹ W²‖ / (‖W_OV¹‖ ‖W²‖) with the d_model × d_model matrices formed."""
     view = analysis_weights(random_model("rmsnorm", kv_heads=2, gated=True))

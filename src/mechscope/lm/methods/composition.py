@@ -78,6 +78,9 @@ def readers(w: AnalysisWeights) -> dict[str, torch.Tensor]:
     }
 
 
+PRODUCT_BYTES = 32 * 2**20  # one block of products [sources·d_head, modes·heads·d_head]: ~290 MB whole for Pythia-410m
+
+
 def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> dict[str, torch.Tensor]:
     """Composition of every earlier head into every later head: mode -> [L_src, H_src, L_tgt, H_tgt].
 
@@ -92,13 +95,15 @@ def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> di
     norm_src = torch.linalg.vector_norm(src, dim=(-1, -2))  # ‖W_OV¹‖_F [L, H]
     norm_tgt = torch.stack([torch.linalg.vector_norm(tgt[m], dim=(-1, -2)) for m in modes])  # [M, L, H]
     out = torch.zeros(len(modes), L, H, L, H)
+    per = max(1, PRODUCT_BYTES // (H * Dh * len(modes) * H * Dh * 4))  # source layers per product
     for lt in range(1, L):
-        a = src[:lt].reshape(lt * H * Dh, D)
         b = torch.cat([tgt[m][lt].permute(1, 0, 2).reshape(D, H * Dh) for m in modes], 1)  # [D, M·H·Dh]
-        c = (a @ b).view(lt, H, Dh, len(modes), H, Dh)
-        num = torch.linalg.vector_norm(c, dim=(2, 5)).permute(2, 0, 1, 3)  # [M, lt, H_src, H_tgt]
-        denom = norm_src[None, :lt, :, None] * norm_tgt[:, lt][:, None, None, :]
-        out[:, :lt, :, lt] = torch.where(denom > 0, num / denom.clamp(min=1e-30), torch.zeros(()))
+        for l0 in range(0, lt, per):  # a few source layers at a time: the same rows, the same numbers
+            l1 = min(lt, l0 + per)
+            c = (src[l0:l1].reshape((l1 - l0) * H * Dh, D) @ b).view(l1 - l0, H, Dh, len(modes), H, Dh)
+            num = torch.linalg.vector_norm(c, dim=(2, 5)).permute(2, 0, 1, 3)  # [M, l1 - l0, H_src, H_tgt]
+            denom = norm_src[None, l0:l1, :, None] * norm_tgt[:, lt][:, None, None, :]
+            out[:, l0:l1, :, lt] = torch.where(denom > 0, num / denom.clamp(min=1e-30), torch.zeros(()))
     return dict(zip(modes, out, strict=True))
 
 
