@@ -8,11 +8,10 @@ The "before" version is a git revision, checked out into a temporary worktree an
 * ``lm heads --model smollm2`` (``heads.json``);
 * ``lm circuits`` on ``../shared/data/gpt2-small-partial`` (``circuits.json``).
 
-Both sides run with ``MKL_CBWR=AUTO,STRICT`` (unless it is set already). By default MKL's matrix products may
-round differently with the memory alignment of their operands, so a change that only moves allocations (making
-a tensor in chunks, freeing one earlier) can change `lm heads`' exact ablations in the fifth digit from one
-process to the next, with the same arithmetic. Strict mode makes the results independent of alignment, so what is
-compared is the arithmetic.
+Both sides run with ``MKL_CBWR=AUTO,STRICT`` (unless it is set already), as ``import mechscope`` now sets it. Without
+it MKL's results change with the number of threads and, now and then, from one process to the next, so a revision
+from before that setting would differ from itself in `lm heads`' fifth digit; in strict mode what is compared is
+the arithmetic.
 
 Then every JSON file is compared field by field, timings aside (``seconds``, ``*_seconds``, library versions and
 paths; and ``work``, the passes each side made, which is printed instead): numbers must be equal (``--rtol`` 0 by
@@ -71,7 +70,7 @@ def worktree(rev: str, where: Path) -> Path:
 
 def run_side(src: Path, side: Path, steps: tuple[str, ...]) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(src))
-    env.setdefault("MKL_CBWR", "AUTO,STRICT")  # MKL's results must not depend on where the heap put a tensor
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")  # as mechscope sets it: MKL's bits independent of threads and run
     if (SHARED / "mnist").is_dir():
         env.setdefault("MECHSCOPE_DATA", str(SHARED))
     side.mkdir(parents=True, exist_ok=True)

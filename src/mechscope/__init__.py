@@ -16,7 +16,7 @@ import sys
 # MKL's strict reproducible mode (conditional numerical reproducibility): without it MKL's results here changed with
 # the number of threads and, about one run in five, from one process to the next (`lm heads`' gradients and exact
 # ablations, in the fifth digit). MKL reads this at its first call, so it holds when mechscope is imported before
-# any torch computation; a value the user has set is kept. About 3% slower (docs/development.md).
+# any torch computation; a value the user has set is kept. 3-5% slower on a forward (docs/development.md).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from mechscope.core.errors import MechscopeError  # noqa: E402  (after MKL's setting)
