@@ -20,7 +20,6 @@ import sys
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from mechscope.core.errors import MechscopeError  # noqa: E402  (after MKL's setting)
-from mechscope.core.hooks import HookPoint, hook_points, hooks, run_with_cache  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -44,6 +43,10 @@ __all__ = [
 ]
 
 _LAZY = {  # name -> (module, attribute or None for the module itself)
+    "HookPoint": ("mechscope.core.hooks", "HookPoint"),
+    "hook_points": ("mechscope.core.hooks", "hook_points"),
+    "hooks": ("mechscope.core.hooks", "hooks"),
+    "run_with_cache": ("mechscope.core.hooks", "run_with_cache"),
     "load_run": ("mechscope.cnn.runs", "load_run"),
     "load_mnist": ("mechscope.cnn.data.mnist", "load_mnist"),
     "load_dataset": ("mechscope.cnn.data.images", "load_dataset"),
