@@ -228,7 +228,7 @@ def test_token_losses_in_chunks_are_the_whole_unembedding(monkeypatch):
     """token_losses makes the logits a few sequences at a time: the same numbers, bit for bit, as unembedding the
     whole batch and taking every position's loss; with a gradient wanted it keeps the batch whole (one graph)."""
     from mechscope.lm.methods import scores
-    from mechscope.lm.methods.scores import loss_per_position, token_losses
+    from mechscope.lm.methods.scores import token_losses
 
     torch.manual_seed(0)
     cfg = TransformerConfig(d_model=48, n_layers=2, n_heads=4, d_head=12, d_vocab=V, n_ctx=CTX, d_mlp=96)
@@ -236,7 +236,8 @@ def test_token_losses_in_chunks_are_the_whole_unembedding(monkeypatch):
     tokens = repeated(7, b=7)  # [7, 41]
     with torch.no_grad():
         resid = model.run_blocks(model.embed(tokens))
-        whole = loss_per_position(model.unembed(resid), tokens)  # [7, 40]
+        logits = model.unembed(resid)[:, :40]  # every position but the last predicts the next token: [7, 40, V]
+        whole = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
         second = F.cross_entropy(model.unembed(resid[:, 21:40]).transpose(1, 2), tokens[:, 22:41], reduction="none")
         for per in (1, 3, 7):  # chunks of 1, of 3 (3 + 3 + 1) and the whole batch
             monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", per * 40 * V * 4)

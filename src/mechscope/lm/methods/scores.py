@@ -117,19 +117,14 @@ def attention_scores(model: HookedTransformer, tokens: torch.Tensor, masks: dict
     return out
 
 
-def loss_per_position(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of predicting token p+1 at position p: [B, P-1] (float32)."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:].to(logits.device), reduction="none")
-
-
-LOGITS_CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of sequences (glibc reuses blocks this size, no page faults)
+LOGITS_CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of sequences
 
 
 def token_losses(model: HookedTransformer, resid: torch.Tensor, tokens: torch.Tensor, positions: slice) -> torch.Tensor:
     """Cross-entropy of predicting token p+1 at each position p in ``positions`` from the final residual stream
     ``resid`` [B, P, D]: [B, len(positions)] (float32).
 
-    The same numbers as unembedding the whole batch and then :func:`loss_per_position` (every operation works
+    The same numbers as unembedding the whole batch and taking each position's cross-entropy (every operation works
     row by row), made a few sequences at a time so that the logits [B, P, V] are never whole: with SmolLM2's
     49,152-token vocabulary they are the largest activation of a forward pass. When ``resid`` requires a gradient
     the batch is one chunk: a backward pass through a split unembedding is not bit-identical to the whole one."""
@@ -201,18 +196,16 @@ def score_pass(
 
         return hook
 
-    fwd, final = [], {}
+    fwd = []
     for i in range(cfg.n_layers):
         fwd.append((f"blocks.{i}.attn.hook_pattern", on_pattern(i)))
         if view is not None:
             fwd.append((f"blocks.{i}.attn.hook_z", on_z(i)))
-    if view is not None:
-        fwd.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", lambda x, hp: final.setdefault("resid", x)))
     with torch.no_grad(), hooks(model, fwd=fwd):
-        resid = model.run_blocks(model.embed(tokens))
+        resid = model.run_blocks(model.embed(tokens))  # the final residual stream
         loss = token_losses(model, resid, tokens, slice(0, p - 1))
     if view is not None:
-        scores["copying"] = _copying(cfg, final["resid"][:, second].float(), copy_num)
+        scores["copying"] = _copying(cfg, resid[:, second].float(), copy_num)
     return ScorePass(loss.mean(0).cpu(), scores, kept)
 
 
