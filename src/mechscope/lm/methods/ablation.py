@@ -38,6 +38,7 @@ from mechscope.lm.methods.scores import token_losses
 from mechscope.lm.models.transformer import HookedTransformer
 
 KINDS = ("mean", "zero", "resample")
+SETS_PER_RUN = 2  # interventions stacked into one forward pass: memory bounded whatever their number
 
 
 def second_half_loss(model: HookedTransformer, resid_final: torch.Tensor, tokens: torch.Tensor, n: int):
@@ -143,7 +144,7 @@ def exact(
         masks,
         rep,
         reduce=loss,
-        batch_size=2 * b,
+        batch_size=SETS_PER_RUN * b,
         forward=lambda x: model.run_blocks(x, layer),
     )
     return (ablated - cap.clean[None]).cpu().numpy()

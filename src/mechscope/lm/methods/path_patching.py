@@ -30,7 +30,7 @@ import torch
 
 from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
-from mechscope.lm.methods.ablation import Capture, replacement, second_half_loss
+from mechscope.lm.methods.ablation import SETS_PER_RUN, Capture, replacement, second_half_loss
 from mechscope.lm.models.transformer import HookedTransformer
 
 
@@ -175,7 +175,7 @@ def key_patch(
         block(x, rotary)
     kv = f"blocks.{layer}.attn.hook_k"
     patched = []
-    for part in keys.split(2 * b):  # two sources per run, so memory does not grow with the number of sources
+    for part in keys.split(SETS_PER_RUN * b):  # memory does not grow with the number of sources
         with hooks(model, fwd=[(pat, grab("patched")), (kv, _key_hook(part, kv_head))]):
             block(x.repeat(part.shape[0] // b, 1, 1), rotary)
         patched.append(scores["patched"])
@@ -193,7 +193,7 @@ def loss_effect(
     x = cap.resid_pre[layer]
     b = x.shape[0]
     out = []
-    for part in keys.split(2 * b):
+    for part in keys.split(SETS_PER_RUN * b):
         s = part.shape[0] // b
         with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_k", _key_hook(part, kv_head))]):
             final = model.run_blocks(x.repeat(s, 1, 1), layer)
