@@ -85,7 +85,7 @@ def explain(work: Path, env: dict, run: Path | None) -> dict:
     row = {"wall_s": wall, "report_s": report, "forward_s": forward, "forward_batch": fastest,
            "forward_s_per_batch": per_batch, "target_ratio": (wall - report) / forward,
            "target_ratio_at_2048": (wall - report) / at_2048, "passes": passes,
-           "limit_ratio": (wall - report) / (passes * forward), "peak_mib": peak,
+           "limit_ratio": (wall - report) / (passes * forward), "peak_mib": peak, "baseline_mib": baseline,
            "sections": {k: round(v, 2) for k, v in data["seconds"].items()}}  # fmt: skip
     met = wall < 30 and row["target_ratio"] <= 20
     print(f"cnn explain --run {run}: {wall:.1f} s (report {report:.1f} s); one pass over the test set "
@@ -93,7 +93,7 @@ def explain(work: Path, env: dict, run: Path | None) -> dict:
     print(f"  target: under 30 s and (wall - report) / one pass = {row['target_ratio']:.1f} <= 20: "
           f"{'MET' if met else 'NOT MET'} ({row['target_ratio_at_2048']:.1f} against the 2,048-image pass)")
     print(f"  limit: {passes:.1f} passes counted; (wall - report) / (passes x one pass) = {row['limit_ratio']:.2f}")
-    print(f"  sections (s): {row['sections']}; peak memory {peak:.0f} MiB")
+    print(f"  sections (s): {row['sections']}; peak memory {peak:.0f} MiB ({baseline:.0f} MiB before the work)")
     return row
 
 
