@@ -68,9 +68,11 @@ def gram_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return A.float() @ sqrt_psd(B @ B.transpose(-1, -2)).float()
 
 
-def readers(w: AnalysisWeights) -> dict[str, torch.Tensor]:
-    """The reading side of every head for each kind: [L, H, D, Dh] (see the module docstring)."""
-    WQ, WK, WV, WO = w.W_Q, w.W_K, w.W_V, w.W_O
+def readers(w: AnalysisWeights, layer: int | None = None) -> dict[str, torch.Tensor]:
+    """The reading side of every head for each kind: [L, H, D, Dh], or one layer's [H, D, Dh] (see the module
+    docstring). One layer gives the same bits as its slice of all (a test checks), in 1/L of the memory."""
+    at = slice(None) if layer is None else layer
+    WQ, WK, WV, WO = w.W_Q[at], w.W_K[at], w.W_V[at], w.W_O[at]
     return {
         "Q": gram_right(WQ, WK.transpose(-1, -2)),  # W_QK = W_Q W_Kᵀ
         "K": gram_right(WK, WQ.transpose(-1, -2)),  # W_QKᵀ = W_K W_Qᵀ
@@ -91,18 +93,18 @@ def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> di
             raise MechscopeError(f"composition mode must be one of Q, K, V, got {mode!r}")
     L, H, D, Dh = w.W_V.shape
     src = gram_left(w.W_V, w.W_O)  # [L, H, Dh, D]
-    tgt = readers(w)
     norm_src = torch.linalg.vector_norm(src, dim=(-1, -2))  # ‖W_OV¹‖_F [L, H]
-    norm_tgt = torch.stack([torch.linalg.vector_norm(tgt[m], dim=(-1, -2)) for m in modes])  # [M, L, H]
     out = torch.zeros(len(modes), L, H, L, H)
     per = max(1, PRODUCT_BYTES // (H * Dh * len(modes) * H * Dh * 4))  # source layers per product
     for lt in range(1, L):
-        b = torch.cat([tgt[m][lt].permute(1, 0, 2).reshape(D, H * Dh) for m in modes], 1)  # [D, M·H·Dh]
+        tgt = readers(w, lt)  # one target layer's readers at a time
+        norm_tgt = torch.stack([torch.linalg.vector_norm(tgt[m], dim=(-1, -2)) for m in modes])  # [M, H]
+        b = torch.cat([tgt[m].permute(1, 0, 2).reshape(D, H * Dh) for m in modes], 1)  # [D, M·H·Dh]
         for l0 in range(0, lt, per):  # a few source layers at a time: the same rows, the same numbers
             l1 = min(lt, l0 + per)
             c = (src[l0:l1].reshape((l1 - l0) * H * Dh, D) @ b).view(l1 - l0, H, Dh, len(modes), H, Dh)
             num = torch.linalg.vector_norm(c, dim=(2, 5)).permute(2, 0, 1, 3)  # [M, l1 - l0, H_src, H_tgt]
-            denom = norm_src[None, l0:l1, :, None] * norm_tgt[:, lt][:, None, None, :]
+            denom = norm_src[None, l0:l1, :, None] * norm_tgt[:, None, None, :]
             out[:, l0:l1, :, lt] = torch.where(denom > 0, num / denom.clamp(min=1e-30), torch.zeros(()))
     return dict(zip(modes, out, strict=True))
 
