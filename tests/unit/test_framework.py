@@ -30,6 +30,33 @@ def test_composition_in_blocks_of_source_layers_is_the_whole_product(monkeypatch
         assert (whole[mode][0, :, 2] > 0).all() and (whole[mode][1, :, 2] > 0).all()
 
 
+def test_one_layers_readers_are_its_slice_of_all():
+    """composition_scores forms one target layer's readers at a time (memory): the same bits as all layers' at once."""
+    from mechscope.lm.methods.composition import readers
+
+    view = analysis_weights(random_model("rmsnorm", kv_heads=2, gated=True))
+    every = readers(view)
+    for layer in range(view.n_layers):
+        one = readers(view, layer)
+        assert all(torch.equal(one[m], every[m][layer]) for m in "QKV"), layer
+
+
+def test_double_product_in_blocks_is_the_whole_product(monkeypatch):
+    """double_product converts a few rows and columns to float64 at a time (memory): the same bits as converting
+    both factors whole, from one row and column per block to all of them; and so the same eigenvalue scores."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(24, 3000, generator=g), torch.randn(3000, 40, generator=g)
+    whole = a.double() @ b.double()
+    for size in (1, 8 * 3000 * 5, 2**40):
+        monkeypatch.setattr(FW, "OPERAND_BYTES", size)
+        assert torch.equal(FW.double_product(a, b), whole), size
+    view = analysis_weights(random_model("layernorm"))
+    monkeypatch.setattr(FW, "OPERAND_BYTES", 2**40)
+    want = FW.ov_eigen_positivity(view)
+    monkeypatch.setattr(FW, "OPERAND_BYTES", 8)
+    assert np.array_equal(FW.ov_eigen_positivity(view), want)
+
+
 def test_composition_matches_the_definition_written_out():
     """Every pair, every kind, against ‖W_OV¹ W²‖ / (‖W_OV¹‖ ‖W²‖) with the d_model × d_model matrices formed."""
     view = analysis_weights(random_model("rmsnorm", kv_heads=2, gated=True))
