@@ -432,11 +432,16 @@ def find_induction_heads(
     say("folded weights")
     with timer.section("folding"):
         view = analysis_weights(model, mlp=False)  # the heads alone: no second copy of the MLPs
+    say("OV circuits")
+    with timer.section("ov_circuits"):  # first, so that the embedding is freed before any activation is made
+        eigen = ov_eigen_positivity(view)
+    view = replace(view, W_E=None)  # (a LayerNorm model's centred copy: 206 MB for Pythia-410m)
     say("repeated random tokens")
     with timer.section("repeated_tokens"):
         tokens = repeated_tokens(model, p.n, p.batch, 2, g, token_range).to(dev)
         sp = score_pass(model, tokens, p.n, view)
         loss, scores = sp.loss, sp.scores
+    view = replace(view, W_U=None)  # the composition reads the heads alone: free the vocabulary-long copy
     say("prefix matching")
     with timer.section("prefix_matching"):
         ptoks = repeated_tokens(model, p.prefix_n, p.prefix_batch, p.prefix_repeats, g, token_range)
@@ -448,9 +453,7 @@ def find_induction_heads(
             scores |= attention_scores(model, text_tokens, {"previous_token_text": text_mask})
         else:
             scores["previous_token_text"] = np.full((cfg.n_layers, cfg.n_heads), np.nan)
-    say("OV circuits")
-    with timer.section("ov_circuits"):
-        scores["ov_eigen_positivity"] = ov_eigen_positivity(view)
+    scores["ov_eigen_positivity"] = eigen
 
     labels = classify(scores, p.thresholds)  # from the attention and copying scores, not the ablations
     say("composition")
