@@ -198,10 +198,13 @@ def test_bad_protocols(protocol, show, message):
         find_induction_heads(hand_built(), protocol, show=show)
 
 
-def test_capture_layer_by_layer_equals_one_backward():
-    """capture recomputes each layer from its cached input for the backward (activation checkpointing): the head
-    outputs and their gradients are those of one forward and backward through the whole model, bit for bit."""
+@pytest.mark.parametrize("chunk", [1, 2**40])
+def test_capture_layer_by_layer_equals_one_backward(monkeypatch, chunk):
+    """capture recomputes each layer from its cached input for the backward (activation checkpointing), from the
+    final gradient taken a chunk of sequences at a time (one sequence, or the whole batch): the head outputs and
+    their gradients are those of one forward and backward through the whole model, bit for bit."""
     from mechscope.core.hooks import hooks
+    from mechscope.lm.methods import scores
     from mechscope.lm.methods.ablation import capture, second_half_loss
 
     torch.manual_seed(0)
@@ -217,7 +220,12 @@ def test_capture_layer_by_layer_equals_one_backward():
     with torch.enable_grad(), hooks(model, fwd=[(f"blocks.{i}.attn.hook_z", leaf) for i in range(3)]):
         loss = second_half_loss(model, model.run_blocks(model.embed(tokens)), tokens, 20)
         grads = torch.autograd.grad(loss.sum(), zs)
+    calls = []
+    unembed = model.unembed
+    monkeypatch.setattr(model, "unembed", lambda r: calls.append(r.shape[0]) or unembed(r))
+    monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", chunk)
     cap = capture(model, tokens, 20)
+    assert calls == ([1] * 4 if chunk == 1 else [4])
     assert torch.equal(cap.clean, loss.detach())
     for i in range(3):
         assert torch.equal(cap.z[i], zs[i].detach()) and torch.equal(cap.grad[i], grads[i]), i

@@ -34,17 +34,22 @@ import torch
 from mechscope.core.hooks import hooks
 from mechscope.core.intervene import intervene
 from mechscope.core.results import Result, figure_data
-from mechscope.lm.methods.scores import token_losses
+from mechscope.lm.methods.scores import sequences_per_chunk, token_losses
 from mechscope.lm.models.transformer import HookedTransformer
 
 KINDS = ("mean", "zero", "resample")
 SETS_PER_RUN = 2  # interventions stacked into one forward pass: memory bounded whatever their number
 
 
+def second_half(n: int) -> slice:
+    """The positions whose next token is predictable inside the second copy: p predicts p + 1, both in copy 2."""
+    return slice(n + 1, 2 * n)
+
+
 def second_half_loss(model: HookedTransformer, resid_final: torch.Tensor, tokens: torch.Tensor, n: int):
     """Mean loss over the predictions inside the second copy, per sequence: [B] (float32). The logits are made a
     few sequences at a time (:func:`~mechscope.lm.methods.scores.token_losses`) unless a gradient is wanted."""
-    return token_losses(model, resid_final, tokens, slice(n + 1, 2 * n)).mean(1)  # p predicts p+1, both in copy 2
+    return token_losses(model, resid_final, tokens, second_half(n)).mean(1)
 
 
 def replacement(kind: str, z: torch.Tensor) -> torch.Tensor | float:
@@ -85,16 +90,31 @@ def capture(model: HookedTransformer, tokens: torch.Tensor, n: int) -> Capture:
     zs: list = [None] * L
     grads: list = [None] * L
     rotary = model.rotary(tokens.shape[1], final.device)
+    loss, g = final_gradient(model, final, tokens, n)
     with torch.enable_grad():
-        x = final.requires_grad_(True)
-        loss = second_half_loss(model, x, tokens, n)
-        (g,) = torch.autograd.grad(loss.sum(), x)
         for layer in reversed(range(L)):
             x = resid[layer].detach().requires_grad_(True)
             with hooks(model, fwd=[(f"blocks.{layer}.attn.hook_z", _leaf(zs, layer))]):
                 out = model.blocks[layer](x, rotary)
             grads[layer], g = torch.autograd.grad(out, [zs[layer], x], grad_outputs=g)
     return Capture(resid, [z.detach() for z in zs], [g.detach() for g in grads], loss.detach())
+
+
+def final_gradient(model: HookedTransformer, final: torch.Tensor, tokens: torch.Tensor, n: int):
+    """second_half_loss [B] and its gradient at the final residual stream [B, P, D], one backward per chunk of a
+    few sequences (:func:`~mechscope.lm.methods.scores.sequences_per_chunk`, with the backward's four logits-sized
+    tensors counted): each sequence's loss reads only its own rows, so the gradient is the whole batch's, bit for bit
+    under MKL's strict mode (a test checks), and the logits are never whole (with a 50k vocabulary they and their
+    gradients were the peak of ``lm heads`` on small models)."""
+    per = sequences_per_chunk(model, second_half(n), tokens.shape[1], tensors=4)  # logits, log-softmax, 2 gradients
+    losses, grads = [], []
+    with torch.enable_grad():
+        for i in range(0, final.shape[0], per):
+            x = final[i : i + per].detach().requires_grad_(True)
+            loss = second_half_loss(model, x, tokens[i : i + per], n)
+            grads.append(torch.autograd.grad(loss.sum(), x)[0])
+            losses.append(loss.detach())
+    return torch.cat(losses), torch.cat(grads)
 
 
 def _leaf(zs: list, layer: int):

@@ -120,6 +120,13 @@ def attention_scores(model: HookedTransformer, tokens: torch.Tensor, masks: dict
 LOGITS_CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of sequences
 
 
+def sequences_per_chunk(model: HookedTransformer, positions: slice, length: int, tensors: int = 1) -> int:
+    """How many sequences fit in LOGITS_CHUNK_BYTES when ``tensors`` logits-sized tensors at ``positions`` are held
+    at once (at least one sequence)."""
+    start, stop, _ = positions.indices(length)
+    return max(1, LOGITS_CHUNK_BYTES // (tensors * max(stop - start, 1) * model.cfg.d_vocab * 4))
+
+
 def token_losses(model: HookedTransformer, resid: torch.Tensor, tokens: torch.Tensor, positions: slice) -> torch.Tensor:
     """Cross-entropy of predicting token p+1 at each position p in ``positions`` from the final residual stream
     ``resid`` [B, P, D]: [B, len(positions)] (float32).
@@ -127,10 +134,10 @@ def token_losses(model: HookedTransformer, resid: torch.Tensor, tokens: torch.Te
     The same numbers as unembedding the whole batch and taking each position's cross-entropy (every operation works
     row by row), made a few sequences at a time so that the logits [B, P, V] are never whole: with SmolLM2's
     49,152-token vocabulary they are the largest activation of a forward pass. When ``resid`` requires a gradient
-    the batch is one chunk: a backward pass through a split unembedding is not bit-identical to the whole one."""
+    the batch is one chunk (one graph); a caller that wants the gradient at ``resid`` in chunks takes one backward per
+    chunk of sequences_per_chunk (as :func:`~mechscope.lm.methods.ablation.capture` does)."""
     start, stop, _ = positions.indices(resid.shape[1])
-    width = max(stop - start, 1) * model.cfg.d_vocab * 4
-    per = resid.shape[0] if resid.requires_grad else max(1, LOGITS_CHUNK_BYTES // width)
+    per = resid.shape[0] if resid.requires_grad else sequences_per_chunk(model, positions, resid.shape[1])
     out = []
     for i in range(0, resid.shape[0], per):
         logits = model.unembed(resid[i : i + per, positions]).float()
