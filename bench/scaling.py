@@ -12,6 +12,7 @@ resident memory of the process against the model's bytes plus one layer's activa
 of time against parameters x tokens (or images). Prints a table, writes scaling.json and a figure.
 
     python bench/scaling.py [--only lm|cnn] [--big] [--out runs/bench-scaling] [--png docs/img/scaling.png]
+    python bench/scaling.py --only lm --keep OLD/scaling.json ...  # the CNN rows (and their load) from an earlier run
     python bench/scaling.py --replot runs/bench-scaling/scaling.json --png docs/img/scaling.png  # the figure again
 """
 
@@ -197,7 +198,8 @@ def exponent(size: list[float], seconds: list[float]) -> float:
     return float(np.polyfit(np.log(size), np.log(seconds), 1)[0]) if len(size) > 1 else float("nan")
 
 
-def figure(lm: list[dict], cnn: list[dict], path: Path, load: tuple) -> None:
+def figure(lm: list[dict], cnn: list[dict], path: Path, loads: dict) -> None:
+    """``loads``: the load average at the start and end of each half's run, {"lm": (a, b), "cnn": (c, d)}."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4), layout="constrained")
@@ -235,9 +237,19 @@ def figure(lm: list[dict], cnn: list[dict], path: Path, load: tuple) -> None:
     axes[2].plot([1, 1e4], [1, 1e4], color="grey", lw=0.6, ls="--")
     axes[2].set_xlabel("weights (MiB)")
     axes[2].set_ylabel("peak resident memory (MiB)")
-    fig.suptitle(f"mechscope's analyses against the model's size (2-core CPU; load average {load[0]:.1f} at the "
-                 f"start, {load[1]:.1f} at the end)", fontsize=10)  # fmt: skip
+    said = {half: f"{a:.1f} at the start, {b:.1f} at the end" for half, (a, b) in loads.items()}
+    if len(set(said.values())) == 1:
+        load = f"load average {next(iter(said.values()))}"
+    else:
+        load = "load average " + "; ".join(f"{half}: {text}" for half, text in said.items())
+    fig.suptitle(f"mechscope's analyses against the model's size (2-core CPU; {load})", fontsize=10)
     fig.savefig(path, dpi=100)
+
+
+def loads_of(done: dict) -> dict:
+    """Each half's load average in a scaling.json (one for both in files from before ``loads``)."""
+    return {half: tuple(v) for half, v in done.get("loads", {"lm": done["load_average"],
+                                                            "cnn": done["load_average"]}).items()}  # fmt: skip
 
 
 def main() -> None:
@@ -247,10 +259,11 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-scaling")
     p.add_argument("--png", default=None, help="write the figure here too (e.g. docs/img/scaling.png)")
     p.add_argument("--replot", default=None, help="only draw the figure again from a scaling.json (to --png)")
+    p.add_argument("--keep", default=None, help="with --only: the other half's rows (and load) from this scaling.json")
     args = p.parse_args()
     if args.replot:
         done = json.loads(Path(args.replot).read_text())
-        figure(done["lm_heads"], done["cnn_explain"], Path(args.png or "scaling.png"), tuple(done["load_average"]))
+        figure(done["lm_heads"], done["cnn_explain"], Path(args.png or "scaling.png"), loads_of(done))
         return
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -260,7 +273,13 @@ def main() -> None:
     lm = lm_rows(names, work, env) if args.only in (None, "lm") else []
     cnn = cnn_rows(work, env) if args.only in (None, "cnn") else []
     load = (load_start, os.getloadavg()[0])
-    summary = {"load_average": load, "cores": os.cpu_count(), "lm_heads": lm, "cnn_explain": cnn}
+    loads = {half: load for half, rows in (("lm", lm), ("cnn", cnn)) if rows}
+    if args.keep and args.only:  # the half not run now, as measured before (its own load average)
+        kept = json.loads(Path(args.keep).read_text())
+        other = "cnn" if args.only == "lm" else "lm"
+        lm, cnn = (lm, kept["cnn_explain"]) if other == "cnn" else (kept["lm_heads"], cnn)
+        loads[other] = loads_of(kept)[other]
+    summary = {"load_average": load, "loads": loads, "cores": os.cpu_count(), "lm_heads": lm, "cnn_explain": cnn}
     if lm:
         size = [r["parameters"] * r["tokens"] for r in lm]
         summary["lm_heads_time_exponent"] = exponent(size, [r["wall_s"] for r in lm])
@@ -272,9 +291,9 @@ def main() -> None:
         summary["cnn_explain_time_exponent"] = exponent([r["parameters"] for r in cnn], [r["wall_s"] for r in cnn])
         print(f"cnn explain: time ~ parameters^{summary['cnn_explain_time_exponent']:.2f}")
     (work / "scaling.json").write_text(json.dumps(summary, indent=2))
-    figure(lm, cnn, work / "scaling.png", load)
+    figure(lm, cnn, work / "scaling.png", loads)
     if args.png:
-        figure(lm, cnn, Path(args.png), load)
+        figure(lm, cnn, Path(args.png), loads)
     print(
         f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
         f"{work / 'scaling.json'}"
