@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from mechscope.cnn.methods import circuits as C
+from mechscope.cnn.methods.activations import logits_and_activations
 from mechscope.cnn.methods.layer_attribution import class_channel_to_channel
 from mechscope.core import intervene as A
-from mechscope.core.hooks import run_with_cache
 from mechscope.core.kept_sum import KeptSum, Rates
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
@@ -161,8 +161,8 @@ def circuit_study(
     with evaluating(net):
         held = None
         if len(data.y_held):
-            held_logits, cache = run_with_cache(net, data.x_held, names=[s.hook_out])
-            held = (_Keeper(spec, s, cache[s.hook_out], ref, closed, batch_size), held_logits.argmax(1))
+            held_logits, held_acts = logits_and_activations(net, data.x_held, s.hook_out, batch_size)
+            held = (_Keeper(spec, s, held_acts, ref, closed, batch_size), held_logits.argmax(1))
         prev = spec.stages[s.index - 2] if s.index > 1 else None
         feeders = None
         if prev is not None:
