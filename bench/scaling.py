@@ -268,6 +268,9 @@ def main() -> None:
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if (shared / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
+        env.setdefault("MECHSCOPE_DATA", str(shared))
     load_start = os.getloadavg()[0]
     names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
     lm = lm_rows(names, work, env) if args.only in (None, "lm") else []

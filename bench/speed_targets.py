@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="speed-"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    if (root.parent / "shared" / "data" / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
+        env.setdefault("MECHSCOPE_DATA", str(root.parent / "shared" / "data"))
     start = os.getloadavg()
     print(f"load average {start[0]:.1f} at the start, {os.cpu_count()} cores; work in {work}", flush=True)
     rows = {}
