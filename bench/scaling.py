@@ -267,10 +267,10 @@ def main() -> None:
         return
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if (shared / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
-        env.setdefault("MECHSCOPE_DATA", str(shared))
+        os.environ.setdefault("MECHSCOPE_DATA", str(shared))  # here and in the commands
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     load_start = os.getloadavg()[0]
     names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
     lm = lm_rows(names, work, env) if args.only in (None, "lm") else []

@@ -106,9 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="speed-"))
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
     if (root.parent / "shared" / "data" / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
-        env.setdefault("MECHSCOPE_DATA", str(root.parent / "shared" / "data"))
+        os.environ.setdefault("MECHSCOPE_DATA", str(root.parent / "shared" / "data"))  # here and in the commands
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
     start = os.getloadavg()
     print(f"load average {start[0]:.1f} at the start, {os.cpu_count()} cores; work in {work}", flush=True)
     rows = {}
