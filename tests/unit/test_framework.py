@@ -57,6 +57,45 @@ def test_double_product_in_blocks_is_the_whole_product(monkeypatch):
     assert np.array_equal(FW.ov_eigen_positivity(view), want)
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_ov_copying_in_blocks_is_the_whole_computation(monkeypatch, norm):
+    """ov_copying normalises the embedding, multiplies out W_O W_U and ranks the sampled rows a block at a time
+    (memory): the same bits as the whole float64 computation written out, from one row per block to all of them."""
+    view = analysis_weights(random_model(norm))
+    heads, ids = [(0, 1), (2, 3)], FW.token_sample(50, 20, 0)
+    emb, wu = FW.normalised(view.W_E, view.layernorm), view.W_U.double()
+    for size in (8, 8 * 32 * 7, 2**40):
+        monkeypatch.setattr(FW, "OPERAND_BYTES", size)
+        got = FW.ov_copying(view, heads, k=5, sample=20)
+        for i, (layer, h) in enumerate(heads):
+            ev, ou = emb @ view.W_V[layer, h].double(), view.W_O[layer, h].double() @ wu
+            assert torch.equal(FW._embedded_values(view, view.W_V[layer, h].double()), ev), size
+            diag = (ev * ou.T).sum(-1)
+            rows = ev[ids] @ ou
+            rank = (rows > rows.gather(1, ids[:, None])).sum(1).float()
+            assert torch.equal(FW._own_rank(ev[ids], ou, ids), rank), size
+            best = torch.topk(diag, 5)
+            assert got.top_tokens[i] == [(int(t), float(v)) for v, t in zip(best.values, best.indices, strict=True)]
+            assert got.median_rank[i] == float(rank.median()) and got.diagonal_mean[i] == float(diag.mean())
+            assert got.top1[i] == float((rank == 0).float().mean()) and got.top5[i] == float((rank < 5).float().mean())
+
+
+def test_logit_lens_in_chunks_of_layers_is_every_layer_at_once(monkeypatch):
+    """logit_lens unembeds a few layers' rows at a time (memory): the same bits from one layer per chunk to all."""
+    from mechscope.lm.methods import direct
+
+    model = random_model("rmsnorm", gated=True)
+    tokens = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(direct, "LOGITS_CHUNK_BYTES", 2**40)
+    whole = logit_lens(model, tokens)
+    for size in (1, 12 * 50 * 4 * 2):  # one layer per chunk; two
+        monkeypatch.setattr(direct, "LOGITS_CHUNK_BYTES", size)
+        got = logit_lens(model, tokens)
+        for name in ("top", "top_prob", "next_logprob"):
+            assert np.array_equal(getattr(got, name), getattr(whole, name)), (size, name)
+    assert whole.top.shape == (4, 12) and whole.next_logprob.shape == (4, 11)
+
+
 def test_composition_matches_the_definition_written_out():
     """Every pair, every kind, against ‖W_OV¹ W²‖ / (‖W_OV¹‖ ‖W²‖) with the d_model × d_model matrices formed."""
     view = analysis_weights(random_model("rmsnorm", kv_heads=2, gated=True))
@@ -170,3 +209,18 @@ def test_partial_checkpoints_are_read_where_possible():
 
     with pytest.raises(MechscopeError, match="needs W_E"):
         FW.ov_eigen_positivity(view)
+
+
+def test_circuits_read_the_weights_once(monkeypatch):
+    """read_circuits' induction protocol takes the view, eigenvalues and composition scores it already has (once per
+    load), and folds its own only when the view it was given is not the fully folded one."""
+    from mechscope.lm.methods import heads as H
+    from mechscope.lm.methods.circuits import read_circuits
+    from mechscope.lm.models.folding import raw_weights
+
+    model = random_model("layernorm")
+    calls = []
+    monkeypatch.setattr(H, "analysis_weights", lambda *a, **k: calls.append(1) or analysis_weights(*a, **k))
+    result = read_circuits(model, analysis_weights(model, mlp=False), "random")
+    assert result.induction is not None and not calls
+    assert read_circuits(model, raw_weights(model), "random").induction is not None and calls == [1]

@@ -288,3 +288,32 @@ def test_key_patch_two_sources_at_a_time_equals_each_source_alone():
     assert patched[0].mean() < clean.mean() - 0.1  # the previous-token head's key path carries the induction
     assert np.array_equal(patched[1], clean)  # head 0.1 writes nothing
     assert attached_hooks(model) == []
+
+
+def test_weight_readings_given_are_the_ones_computed(monkeypatch):
+    """A caller that read the weights already (``lm circuits``) passes them in: the same result, field by field,
+    without folding or scoring the weights again."""
+    from mechscope.lm.methods import heads as H
+    from mechscope.lm.methods.composition import composition_scores
+    from mechscope.lm.methods.weights_circuits import ov_eigen_positivity
+    from mechscope.lm.models.folding import analysis_weights
+
+    model = hand_built()
+    view = analysis_weights(model, mlp=False)
+    scores = {m: t.numpy() for m, t in composition_scores(view).items()}
+    readings = H.WeightReadings(view, ov_eigen_positivity(view), scores)
+    own = find_induction_heads(model, PROTOCOL).to_dict()
+    for name in ("analysis_weights", "ov_eigen_positivity"):
+        monkeypatch.setattr(H, name, lambda *a, **k: pytest.fail("the weights were read again"))
+    monkeypatch.setattr(H, "all_composition", _no_scoring(H.all_composition))
+    shared = find_induction_heads(model, PROTOCOL, readings=readings).to_dict()
+    own.pop("seconds"), shared.pop("seconds")
+    assert json.dumps(shared, sort_keys=True) == json.dumps(own, sort_keys=True)
+
+
+def _no_scoring(all_composition):
+    def wrapped(view, *a, scores=None, **k):
+        assert scores is not None, "the composition was scored again"
+        return all_composition(view, *a, scores=scores, **k)
+
+    return wrapped

@@ -23,9 +23,9 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, Saved, figure_data, saved
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods import weights_circuits as FW
-from mechscope.lm.methods.composition import CompositionResult, all_composition
+from mechscope.lm.methods.composition import CompositionResult, all_composition, composition_scores
 from mechscope.lm.methods.direct import DirectLogitAttribution, LogitLens, direct_logit_attribution, logit_lens
-from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, find_induction_heads
+from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, WeightReadings, find_induction_heads
 from mechscope.lm.models.folding import AnalysisWeights
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -151,7 +151,8 @@ def read_circuits(
     got: dict = {}
     say("composition")
     with timer.section("composition"):
-        composition = all_composition(view, top_n=30)
+        scores = {m: t.numpy() for m, t in composition_scores(view).items()}
+        composition = all_composition(view, top_n=30, scores=scores)
     has_embed = view.W_E is not None and view.W_U is not None
     if has_embed:
         with timer.section("eigen_positivity"):
@@ -166,7 +167,8 @@ def read_circuits(
         gaps["positional_qk"] = f"the model has {model.cfg.positional} positions, not learned ones"
     if not model.missing_weights:
         say("induction circuit (path patching)")
-        got["induction"] = _induction(model, protocol, timer, gaps)
+        readings = _readings(view, got.get("eigen_positivity"), scores)
+        got["induction"] = _induction(model, protocol, timer, gaps, readings)
         if prompt is not None:
             say("direct logit attribution and logit lens")
             with timer.section("direct_logit_attribution"):
@@ -206,7 +208,14 @@ def _tables(view: AnalysisWeights, gaps: dict, has_embed: bool) -> dict:
     return got
 
 
-def _induction(model, protocol, timer: Timer, gaps) -> HeadsResult | None:
+def _readings(view: AnalysisWeights, eigen: np.ndarray | None, scores: dict) -> WeightReadings | None:
+    """The weight-only scores the induction protocol reads too, computed once: shared where ``view`` is the one
+    the protocol folds itself (every option on) and the eigenvalues could be read."""
+    folded = view.fold_ln and view.center_writing and view.center_unembed and view.fold_value_biases
+    return WeightReadings(view, eigen, scores) if folded and eigen is not None else None
+
+
+def _induction(model, protocol, timer: Timer, gaps, readings: WeightReadings | None = None) -> HeadsResult | None:
     """The induction circuit with path patching; no exact per-head ablations (that is ``lm heads``)."""
     n_ctx = model.cfg.n_ctx
     n = min(50, (n_ctx - 1) // 2)
@@ -216,7 +225,7 @@ def _induction(model, protocol, timer: Timer, gaps) -> HeadsResult | None:
         return None
     try:
         with timer.section("induction_circuit"):
-            return find_induction_heads(model, protocol)
+            return find_induction_heads(model, protocol, readings=readings)
     except MechscopeError as e:
         gaps["induction_circuit"] = str(e)
         return None

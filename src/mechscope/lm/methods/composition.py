@@ -217,8 +217,10 @@ def _top_pairs(s: np.ndarray, baseline: Baseline, k: int) -> list[dict]:
     return rows
 
 
-def all_composition(w: AnalysisWeights, baseline_samples: int = 200, seed: int = 0, top_n: int = 20):
-    """Q, K and V composition for every pair of heads in different layers, with the random baseline."""
-    scores = {m: t.numpy() for m, t in composition_scores(w).items()}
+def all_composition(w: AnalysisWeights, baseline_samples: int = 200, seed: int = 0, top_n: int = 20,
+                    scores: dict[str, np.ndarray] | None = None):  # fmt: skip
+    """Q, K and V composition for every pair of heads in different layers, with the random baseline. ``scores``:
+    :func:`composition_scores` of ``w`` as arrays, when they were computed already (once per load)."""
+    scores = scores if scores is not None else {m: t.numpy() for m, t in composition_scores(w).items()}
     base = random_baseline(w.cfg.d_model, w.cfg.d_head, baseline_samples, seed)
     return CompositionResult.of(scores, base, w.fold_ln, top_n)

@@ -65,7 +65,7 @@ from mechscope.lm.methods.scores import (
     score_pass,
 )
 from mechscope.lm.methods.weights_circuits import ov_eigen_positivity
-from mechscope.lm.models.folding import analysis_weights
+from mechscope.lm.models.folding import AnalysisWeights, analysis_weights
 from mechscope.lm.models.transformer import HookedTransformer
 
 log = logging.getLogger(__name__)
@@ -411,6 +411,18 @@ def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class WeightReadings:
+    """What the protocol reads from the weights alone, when a caller has it already (``lm circuits`` reads the
+    same): the folded view of ``model`` with every option on (:func:`~mechscope.lm.models.folding.analysis_weights`;
+    the MLPs may be left out), each head's OV eigenvalue positivity [L, H] of that view, and its composition
+    scores as arrays (mode -> [L, H, L, H], :func:`~mechscope.lm.methods.composition.composition_scores`)."""
+
+    view: AnalysisWeights
+    eigen: np.ndarray
+    composition: dict[str, np.ndarray]
+
+
 def find_induction_heads(
     model: HookedTransformer,
     protocol: HeadProtocol | None = None,
@@ -418,8 +430,10 @@ def find_induction_heads(
     name: str = "",
     show: list[tuple[int, int]] | None = None,
     progress=None,
+    readings: WeightReadings | None = None,
 ) -> HeadsResult:
-    """Run every protocol on ``model``; ``text_tokens`` [B, P] enables the real-text scores."""
+    """Run every protocol on ``model``; ``text_tokens`` [B, P] enables the real-text scores. ``readings``: the
+    weight-only scores, computed once per load by a caller that has them (then not computed again here)."""
     model.check_complete()
     p, token_range = check_protocol(model, protocol or HeadProtocol())
     check_heads(model, show)
@@ -430,11 +444,11 @@ def find_induction_heads(
     timer = Timer("heads")
 
     say("folded weights")
-    with timer.section("folding"):
-        view = analysis_weights(model, mlp=False)  # the heads alone: no second copy of the MLPs
+    with timer.section("folding"):  # the heads alone: no second copy of the MLPs
+        view = analysis_weights(model, mlp=False) if readings is None else readings.view
     say("OV circuits")
     with timer.section("ov_circuits"):  # first, so that the embedding is freed before any activation is made
-        eigen = ov_eigen_positivity(view)
+        eigen = ov_eigen_positivity(view) if readings is None else readings.eigen
     view = replace(view, W_E=None)  # (a LayerNorm model's centred copy: 206 MB for Pythia-410m)
     say("repeated random tokens")
     with timer.section("repeated_tokens"):
@@ -458,7 +472,7 @@ def find_induction_heads(
     labels = classify(scores, p.thresholds)  # from the attention and copying scores, not the ablations
     say("composition")
     with timer.section("composition"):
-        composition = all_composition(view, seed=p.seed, top_n=20)
+        composition = all_composition(view, seed=p.seed, top_n=20, scores=readings and readings.composition)
     del view  # the folded weights are done with: the ablations below reuse their memory
     kv_groups = cfg.n_heads // cfg.kv_heads
     tests = path_tests(labels, composition, kv_groups, p.path_candidates)
