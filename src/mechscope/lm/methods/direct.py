@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mechscope.core.hooks import run_with_cache
-from mechscope.lm.methods.scores import post_norm_scale
+from mechscope.lm.methods.scores import LOGITS_CHUNK_BYTES, post_norm_scale
 from mechscope.lm.models.folding import AnalysisWeights
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -168,10 +168,13 @@ def logit_lens(model: HookedTransformer, tokens: torch.Tensor) -> LogitLens:
     tokens = tokens.reshape(1, -1).to(model.W_E.device)
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
     _, cache = run_with_cache(model, tokens, names=names)
-    stream = torch.stack([cache[n][0] for n in names])  # [L+1, P, D]
-    logp = torch.log_softmax(model.unembed(stream).float(), -1)  # [L+1, P, V]
-    best = logp.max(-1)
-    nxt = logp[:, :-1].gather(-1, tokens[0, 1:][None, :, None].expand(len(names), -1, 1))[..., 0]
-    return LogitLens(
-        tokens[0].tolist(), best.indices.cpu().numpy(), best.values.exp().cpu().numpy(), nxt.cpu().numpy()
-    )
+    per = max(1, LOGITS_CHUNK_BYTES // (tokens.shape[1] * cfg.d_vocab * 4))  # rows whose logits fit in a chunk
+    top, prob, nxt = [], [], []
+    for i in range(0, len(names), per):  # all rows at once were 426 MB on SmolLM2's prompt of 36 tokens
+        stream = torch.stack([cache[n][0] for n in names[i : i + per]])  # [l, P, D]
+        logp = torch.log_softmax(model.unembed(stream).float(), -1)  # [l, P, V]
+        best = logp.max(-1)
+        top.append(best.indices)
+        prob.append(best.values.exp())
+        nxt.append(logp[:, :-1].gather(-1, tokens[0, 1:][None, :, None].expand(len(stream), -1, 1))[..., 0])
+    return LogitLens(tokens[0].tolist(), *(torch.cat(t).cpu().numpy() for t in (top, prob, nxt)))
