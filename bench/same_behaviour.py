@@ -6,7 +6,9 @@ The "before" version is a git revision, checked out into a temporary worktree an
 * ``cnn train`` on the defaults (the weights must be bit-identical, tensor for tensor);
 * ``cnn attribute`` (``faithfulness.json``) and ``cnn explain`` (``mechanisms.json``) on that run;
 * ``lm heads --model smollm2`` (``heads.json``);
-* ``lm circuits`` on ``../shared/data/gpt2-small-partial`` (``circuits.json``).
+* ``lm circuits`` on ``../shared/data/gpt2-small-partial`` (``circuits.json``: the weights-only readings of a partial
+  checkpoint, learned positions included) and on SmolLM2 (``circuits-smollm2/circuits.json``: with the induction
+  circuit, the logit lens and the OV and QK token tables, which need a whole model).
 
 Both sides run with ``MKL_CBWR=AUTO,STRICT`` (unless it is set already), as ``import mechscope`` now sets it. Without
 it MKL's results change with the number of threads and, now and then, from one process to the next, so a revision
@@ -49,6 +51,8 @@ def commands(side: Path) -> dict[str, list[str]]:
         "heads": ["lm", "heads", "--model", "smollm2", "--out", str(side / "heads"), "--force"],
         "circuits": ["lm", "circuits", "--model", str(SHARED / "gpt2-small-partial"), "--out",
                      str(side / "circuits"), "--force"],  # fmt: skip
+        "circuits-smollm2": ["lm", "circuits", "--model", "smollm2", "--out", str(side / "circuits-smollm2"),
+                             "--force"],  # fmt: skip
     }
 
 
@@ -58,8 +62,9 @@ OUTPUTS = {
     "explain": ["explain/mechanisms.json"],
     "heads": ["heads/heads.json"],
     "circuits": ["circuits/circuits.json"],
+    "circuits-smollm2": ["circuits-smollm2/circuits.json"],
 }
-GROUPS = {"cnn": ("train", "attribute", "explain"), "lm": ("heads", "circuits")}
+GROUPS = {"cnn": ("train", "attribute", "explain"), "lm": ("heads", "circuits", "circuits-smollm2")}
 
 
 def worktree(rev: str, where: Path) -> Path:

@@ -1,8 +1,9 @@
-"""How `lm heads` and `cnn explain` grow with the model: wall time, passes and peak memory against size.
+"""How `lm heads`, `lm circuits` and `cnn explain` grow with the model: wall time, passes and peak memory against size.
 
 Transformers: random checkpoints of real architectures' shapes, built offline by transformers (Pythia's
-GPT-NeoX configurations: 14m, 70m, 160m, 410m and, with --big, 1b), each analysed by `mechscope lm heads` with
-the default protocol (8 sequences of BOS + 50 + 50 tokens) in a fresh process. CNNs: the default MNIST network,
+GPT-NeoX configurations: 14m, 70m, 160m, 410m and, with --big, 1b), each analysed by `mechscope lm heads` and by
+`mechscope lm circuits` with the default protocol (8 sequences of BOS + 50 + 50 tokens; the checkpoints have no
+tokenizer, so `lm circuits` reads no prompt) in a fresh process. CNNs: the default MNIST network,
 2x and 4x its channels, and 3 and 4 stages, each trained briefly (one epoch on 8,192 images; the analysis's cost
 does not depend on how well it was trained) and explained by `mechscope cnn explain`.
 
@@ -11,8 +12,8 @@ analysis's batch measured here, their ratio (wall / (passes x one pass): how clo
 resident memory of the process against the model's bytes plus one layer's activations, and a fitted exponent
 of time against parameters x tokens (or images). Prints a table, writes scaling.json and a figure.
 
-    python bench/scaling.py [--only lm|cnn] [--big] [--out runs/bench-scaling] [--png docs/img/scaling.png]
-    python bench/scaling.py --only lm --keep OLD/scaling.json ...  # the CNN rows (and their load) from an earlier run
+    python bench/scaling.py [--only heads|circuits|lm|cnn] [--big] [--out DIR] [--png docs/img/scaling.png]
+    python bench/scaling.py --only lm --keep OLD/scaling.json ...  # the rows not run now (and their load) from OLD
     python bench/scaling.py --replot runs/bench-scaling/scaling.json --png docs/img/scaling.png  # the figure again
 """
 
@@ -115,26 +116,31 @@ def one_forward(model_dir: Path, batch: int = 8, positions: int = 101) -> tuple[
     return float(np.median(times)), n, n * 4 / 2**20, one_layer_mib
 
 
-def lm_rows(names: list[str], work: Path, env: dict) -> list[dict]:
+def lm_rows(names: list[str], work: Path, env: dict, command: str = "heads") -> list[dict]:
+    """One row per Pythia shape of `lm heads` or (``command``) `lm circuits`."""
     rows = []
     for name in names:
         path = pythia_dir(name, work / "models")
-        out = work / "heads" / name
-        wall, peak, baseline = timed(["lm", "heads", "--model", str(path), "--out", str(out), "--force", "--device",
+        out = work / command / name
+        wall, peak, baseline = timed(["lm", command, "--model", str(path), "--out", str(out), "--force", "--device",
                                       "cpu"], env, work)  # fmt: skip
-        data = json.loads((out / "heads.json").read_text())
+        data = json.loads((out / f"{command}.json").read_text())
         forward, n_params, weights_mib, one_layer_mib = one_forward(path)
         passes = data["work"]["forward_passes"] + 2 * data["work"]["backward_passes"]  # a backward ~ 2 forwards
         layers = PYTHIA[name][1]
+        load = data["seconds"].get("load", 0.0)  # (`lm circuits` before 5 December did not time it)
         rows.append({
-            "model": name, "parameters": n_params, "tokens": 8 * 101, "wall_s": wall, "load_s": data["seconds"]["load"],
-            "forward_s": forward, "passes": passes, "ratio": (wall - data["seconds"]["load"]) / (passes * forward),
+            "model": name, "parameters": n_params, "tokens": 8 * 101, "wall_s": wall, "load_s": load,
+            "forward_s": forward, "passes": passes, "ratio": (wall - load) / (passes * forward),
             "peak_mib": peak, "baseline_mib": baseline, "weights_mib": weights_mib,
             "memory_ratio": peak / (weights_mib + one_layer_mib),
             "memory_ratio_above_baseline": (peak - baseline) / (weights_mib + one_layer_mib),
-            "measured_heads": len(data["ablation"]["mean"]["measured"]), "layers": layers,
+            "layers": layers,
         })  # fmt: skip
-        print(f"{name:<12} {n_params / 1e6:8.1f}M params  {wall:7.1f} s  passes {passes:6.1f}  one pass "
+        if command == "heads":
+            rows[-1]["measured_heads"] = len(data["ablation"]["mean"]["measured"])
+        print(f"lm {command:<9} {name:<12} {n_params / 1e6:8.1f}M params  {wall:7.1f} s  passes {passes:6.1f}  "
+              f"one pass "
               f"{forward:6.2f} s  ratio {rows[-1]['ratio']:5.2f}  peak {peak:7.0f} MiB (weights {weights_mib:.0f}, "
               f"before the work {baseline:.0f})",
               flush=True)  # fmt: skip
@@ -198,22 +204,33 @@ def exponent(size: list[float], seconds: list[float]) -> float:
     return float(np.polyfit(np.log(size), np.log(seconds), 1)[0]) if len(size) > 1 else float("nan")
 
 
-def figure(lm: list[dict], cnn: list[dict], path: Path, loads: dict) -> None:
-    """``loads``: the load average at the start and end of each half's run, {"lm": (a, b), "cnn": (c, d)}."""
+HALVES = {"heads": "lm_heads", "circuits": "lm_circuits", "cnn": "cnn_explain"}  # --only name -> scaling.json key
+LM_STYLE = {"heads": ("o-", "C0"), "circuits": ("D-", "C3")}
+
+
+def figure(rows: dict[str, list[dict]], path: Path, loads: dict) -> None:
+    """``rows``: each half's rows by its --only name; ``loads``: the load average at the start and end of each half's
+    run, {"heads": (a, b), ...}."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 3)
-    if lm:
+    for half in ("heads", "circuits"):
+        lm = rows.get(half) or []
+        if not lm:
+            continue
+        style, color = LM_STYLE[half]
         x = [r["parameters"] * r["tokens"] for r in lm]
         walls = [r["wall_s"] for r in lm]
-        axes[0].loglog(x, walls, "o-", label=f"lm heads (slope {exponent(x, walls):.2f})")
+        axes[0].loglog(x, walls, style, color=color, label=f"lm {half} (slope {exponent(x, walls):.2f})")
         for r, xi in zip(lm, x, strict=True):
             axes[0].annotate(r["model"].removeprefix("pythia-"), (xi, r["wall_s"]), fontsize=7)
-        axes[2].loglog([r["weights_mib"] for r in lm], [r["peak_mib"] for r in lm], "o-", label="lm heads")
+        axes[2].loglog([r["weights_mib"] for r in lm], [r["peak_mib"] for r in lm], style, color=color,
+                       label=f"lm {half}")  # fmt: skip
     axes[0].set_xlabel("parameters × tokens")
     axes[0].set_ylabel("wall time (s)")
     axes[0].legend(fontsize=8)
+    cnn = rows.get("cnn") or []
     if cnn:
         wide = sorted((r for r in cnn if "stages" not in r["model"]), key=lambda r: r["parameters"])
         deep = [r for r in cnn if "stages" in r["model"] or r["model"].startswith("default")]
@@ -237,33 +254,38 @@ def figure(lm: list[dict], cnn: list[dict], path: Path, loads: dict) -> None:
     axes[2].plot([1, 1e4], [1, 1e4], color="grey", lw=0.6, ls="--")
     axes[2].set_xlabel("weights (MiB)")
     axes[2].set_ylabel("peak resident memory (MiB)")
-    said = {half: f"{a:.1f} at the start, {b:.1f} at the end" for half, (a, b) in loads.items()}
+    said = {half: f"{loads[half][0]:.1f} → {loads[half][1]:.1f}" for half in HALVES if half in loads}
     if len(set(said.values())) == 1:
         load = f"load average {next(iter(said.values()))}"
     else:
-        load = "load average " + "; ".join(f"{half}: {text}" for half, text in said.items())
+        load = "load average " + "; ".join(f"{half} {text}" for half, text in said.items())
     fig.suptitle(f"mechscope's analyses against the model's size (2-core CPU; {load})", fontsize=10)
     fig.savefig(path, dpi=100)
 
 
 def loads_of(done: dict) -> dict:
-    """Each half's load average in a scaling.json (one for both in files from before ``loads``)."""
-    return {half: tuple(v) for half, v in done.get("loads", {"lm": done["load_average"],
-                                                            "cnn": done["load_average"]}).items()}  # fmt: skip
+    """Each half's load average in a scaling.json, by --only name (files from before three halves said "lm" for
+    `lm heads`, and older ones one load for both)."""
+    loads = done.get("loads", {"lm": done["load_average"], "cnn": done["load_average"]})
+    return {("heads" if half == "lm" else half): tuple(v) for half, v in loads.items()}
+
+
+def rows_of(done: dict) -> dict[str, list[dict]]:
+    return {half: done.get(key) or [] for half, key in HALVES.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("lm", "cnn"))
+    p.add_argument("--only", choices=("heads", "circuits", "lm", "cnn"), help="lm: heads and circuits")
     p.add_argument("--big", action="store_true", help="also pythia-1b (about 4 GB of weights)")
     p.add_argument("--out", default="runs/bench-scaling")
     p.add_argument("--png", default=None, help="write the figure here too (e.g. docs/img/scaling.png)")
     p.add_argument("--replot", default=None, help="only draw the figure again from a scaling.json (to --png)")
-    p.add_argument("--keep", default=None, help="with --only: the other half's rows (and load) from this scaling.json")
+    p.add_argument("--keep", default=None, help="with --only: the rows not run now (and their load) from this file")
     args = p.parse_args()
     if args.replot:
         done = json.loads(Path(args.replot).read_text())
-        figure(done["lm_heads"], done["cnn_explain"], Path(args.png or "scaling.png"), loads_of(done))
+        figure(rows_of(done), Path(args.png or "scaling.png"), loads_of(done))
         return
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -271,36 +293,43 @@ def main() -> None:
     if (shared / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
         os.environ.setdefault("MECHSCOPE_DATA", str(shared))  # here and in the commands
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    load_start = os.getloadavg()[0]
     names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
-    lm = lm_rows(names, work, env) if args.only in (None, "lm") else []
-    cnn = cnn_rows(work, env) if args.only in (None, "cnn") else []
-    load = (load_start, os.getloadavg()[0])
-    loads = {half: load for half, rows in (("lm", lm), ("cnn", cnn)) if rows}
-    if args.keep and args.only:  # the half not run now, as measured before (its own load average)
+    run = {"heads", "circuits", "cnn"} if args.only is None else {"heads", "circuits"} if args.only == "lm" else {
+        args.only}
+    rows: dict[str, list[dict]] = {half: [] for half in HALVES}
+    loads = {}
+    for half in HALVES:
+        if half in run:
+            start = os.getloadavg()[0]
+            rows[half] = cnn_rows(work, env) if half == "cnn" else lm_rows(names, work, env, half)
+            loads[half] = (start, os.getloadavg()[0])
+    if args.keep and args.only:  # the halves not run now, as measured before (each with its own load average)
         kept = json.loads(Path(args.keep).read_text())
-        other = "cnn" if args.only == "lm" else "lm"
-        lm, cnn = (lm, kept["cnn_explain"]) if other == "cnn" else (kept["lm_heads"], cnn)
-        loads[other] = loads_of(kept)[other]
-    summary = {"load_average": load, "loads": loads, "cores": os.cpu_count(), "lm_heads": lm, "cnn_explain": cnn}
-    if lm:
-        size = [r["parameters"] * r["tokens"] for r in lm]
-        summary["lm_heads_time_exponent"] = exponent(size, [r["wall_s"] for r in lm])
-        print(f"lm heads: time ~ (parameters x tokens)^{summary['lm_heads_time_exponent']:.2f}; memory at most "
-              f"{max(r['memory_ratio'] for r in lm):.2f}x (weights + one layer's activations), "
-              f"{max(r['memory_ratio_above_baseline'] for r in lm):.2f}x above the process before its work "
-              "(target 1.3x)")  # fmt: skip
-    if cnn:
+        for half, old in rows_of(kept).items():
+            if half not in run and old:
+                rows[half], loads[half] = old, loads_of(kept)[half]
+    every = [v for half in HALVES if half in loads for v in loads[half]]
+    summary = {"load_average": (every[0], every[-1]), "loads": loads, "cores": os.cpu_count(),
+               **{key: rows[half] for half, key in HALVES.items()}}  # fmt: skip
+    for half in ("heads", "circuits"):
+        lm = rows[half]
+        if lm:
+            slope = exponent([r["parameters"] * r["tokens"] for r in lm], [r["wall_s"] for r in lm])
+            summary[f"lm_{half}_time_exponent"] = slope
+            print(f"lm {half}: time ~ (parameters x tokens)^{slope:.2f}; memory at most "
+                  f"{max(r['memory_ratio'] for r in lm):.2f}x (weights + one layer's activations), "
+                  f"{max(r['memory_ratio_above_baseline'] for r in lm):.2f}x above the process before its work "
+                  "(target 1.3x)")  # fmt: skip
+    if rows["cnn"]:
+        cnn = rows["cnn"]
         summary["cnn_explain_time_exponent"] = exponent([r["parameters"] for r in cnn], [r["wall_s"] for r in cnn])
         print(f"cnn explain: time ~ parameters^{summary['cnn_explain_time_exponent']:.2f}")
     (work / "scaling.json").write_text(json.dumps(summary, indent=2))
-    figure(lm, cnn, work / "scaling.png", loads)
+    figure(rows, work / "scaling.png", loads)
     if args.png:
-        figure(lm, cnn, Path(args.png), loads)
-    print(
-        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
-        f"{work / 'scaling.json'}"
-    )
+        figure(rows, Path(args.png), loads)
+    print("load average " + "; ".join(f"{h} {a:.1f} -> {b:.1f}" for h, (a, b) in loads.items())
+          + f", {os.cpu_count()} cores; {work / 'scaling.json'}")  # fmt: skip
 
 
 if __name__ == "__main__":

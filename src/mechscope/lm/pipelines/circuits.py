@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def circuits(
 
     out = Path(out) if out is not None else model_out("circuits", model_spec)
     check_target(out, force)
+    start = time.perf_counter()
     model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
+    load = time.perf_counter() - start
     check_heads(model, heads)
     prompt_ids = None
     if not model.missing_weights:
@@ -84,6 +87,7 @@ def circuits(
     if not model.missing_weights:  # the induction protocol's batch: 8 sequences of BOS + 2n tokens
         n = min(50, (model.cfg.n_ctx - 1) // 2)
         result = replace(result, work=counter.summary(8 * (1 + 2 * n)))
+    result = replace(result, seconds={"load": load, **result.seconds})
     with atomic_output(out, force) as tmp:
         write_json(tmp / "circuits.json", result.to_dict())
         write_report(result, tmp / "report.html")
