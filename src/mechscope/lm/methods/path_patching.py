@@ -151,7 +151,8 @@ def key_patch(
     kind: str = "mean",
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Induction scores of the group's query heads, clean [Hq, B] and with each source ablated on
-    their key path [S, Hq, B] (the target's block run on two sources' batches at a time); and the patched keys."""
+    their key path [S, Hq, B] (the target's block run on SETS_PER_RUN sources' batches at a time); and the patched
+    keys."""
     cfg = model.cfg
     groups = cfg.n_heads // cfg.kv_heads
     queries = list(range(kv_head * groups, (kv_head + 1) * groups))
@@ -188,8 +189,8 @@ def key_patch(
 def loss_effect(
     model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, layer: int, kv_head: int, keys: torch.Tensor
 ) -> np.ndarray:
-    """Second-half loss change [S, B] with each set of patched keys [S·B, P, Dh] in place, two sets per run (as the
-    exact head ablations batch), so memory does not grow with the number of sets."""
+    """Second-half loss change [S, B] with each set of patched keys [S·B, P, Dh] in place, SETS_PER_RUN sets per run
+    (as the exact head ablations batch), so memory does not grow with the number of sets."""
     x = cap.resid_pre[layer]
     b = x.shape[0]
     out = []
