@@ -21,12 +21,15 @@ default), and so must every string, list and key.
 
     python bench/same_behaviour.py --before 4da175b [--work /tmp/same] [--only cnn|lm] [--rtol 0]
 
-A side's outputs already in ``--work`` are reused, so a second call only compares.
+A side's outputs already in ``--work`` are reused, so a second call only compares; they are reused only when the same
+code made them (``made-by.txt``: the before side's commit; this checkout's HEAD and a hash of its uncommitted diff), and
+a ``tree-before`` already there must hold the commit asked for. Anything else is refused with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -67,10 +70,43 @@ OUTPUTS = {
 GROUPS = {"cnn": ("train", "attribute", "explain"), "lm": ("heads", "circuits", "circuits-smollm2")}
 
 
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def worktree(rev: str, where: Path) -> Path:
+    """The checkout of ``rev`` at ``where``; one already there must hold that commit (an earlier call's)."""
+    want = git("rev-parse", f"{rev}^{{commit}}")
     if not (where / "src" / "mechscope").is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), want], check=True)
+    elif (held := _head(where)) != want:
+        raise SystemExit(f"{where} holds {held[:12] or 'no checkout'}, not {rev} ({want[:12]}): give another --work")
     return where / "src"
+
+
+def _head(where: Path) -> str:
+    done = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def stamp(name: str, src: Path) -> str:
+    """What a side's outputs were made by: the before side's commit; this checkout's HEAD and uncommitted diff."""
+    if name == "before":
+        return _head(src.parent)
+    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "HEAD"], check=True, capture_output=True).stdout
+    return f"{git('rev-parse', 'HEAD')} {hashlib.sha256(diff).hexdigest()[:16]}"
+
+
+def check_stamp(name: str, src: Path, side: Path) -> None:
+    """Outputs in ``side`` are reused only when they were made by the same code: refuse others in one line."""
+    now, file = stamp(name, src), side / "made-by.txt"
+    if file.is_file() and file.read_text().strip() != now:
+        raise SystemExit(f"{side} holds outputs of other code ({file.read_text().strip()}; now {now}): give "
+                         "another --work")  # fmt: skip
+    if not file.is_file() and side.is_dir() and any(side.iterdir()):
+        raise SystemExit(f"{side} holds outputs of unknown code: give another --work")
+    side.mkdir(parents=True, exist_ok=True)
+    file.write_text(now + "\n")
 
 
 def run_side(src: Path, side: Path, steps: tuple[str, ...]) -> dict[str, float]:
@@ -157,6 +193,7 @@ def main() -> int:
     sides = {"before": worktree(args.before, work / "tree-before"), "after": ROOT / "src"}
     for name, src in sides.items():
         if args.side in (None, name):
+            check_stamp(name, src, work / name)
             times = run_side(src, work / name, steps)
             if times:
                 print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
