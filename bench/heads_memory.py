@@ -1,0 +1,86 @@
+"""Peak memory of `lm heads` against the number of heads it measures exactly: the same model, more heads.
+
+Issue 25 asks that memory stay at the model plus one layer's activations, with "no growth with the number of heads
+analysed". Each run is a fresh process running the `lm heads` pipeline with the default protocol except
+``exact_top`` (the heads measured exactly per ablation kind, by estimated effect); the heads the report names and the
+seeded random sample are measured as always. Printed per run: the (head, kind) pairs measured exactly, wall time,
+the process's resident memory before the work and its peak (``VmHWM``), and at the end the fitted growth of the peak
+in MiB per measured pair. The peak moves by 100-150 MiB from run to run with the same work (glibc's heap), so a
+slope within that band over a few hundred pairs is no growth.
+
+    python bench/heads_memory.py [--model smollm2] [--top 0,16,64] [--work DIR]
+
+Quote the load average it prints beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RUN = """
+import json, sys, time
+import torch  # noqa: F401  (every analysis has it in memory before its work)
+
+def mib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+
+model, top, out, report = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+from mechscope.lm.methods.heads import HeadProtocol
+from mechscope.lm.pipelines.heads import induction_heads
+baseline = mib("VmRSS:")
+start = time.perf_counter()
+_, result = induction_heads(model, out, HeadProtocol(exact_top=top), force=True, device="cpu")
+wall = time.perf_counter() - start
+measured = sum(len(a.exact_mean) for a in result.ablation.values())
+json.dump({"exact_top": top, "measured": measured, "wall_s": wall, "baseline_mib": baseline,
+           "peak_mib": mib("VmHWM:")}, open(report, "w"))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--top", default="0,16,64", help="exact_top values, comma-separated")
+    p.add_argument("--work", default="runs/bench-heads-memory")
+    args = p.parse_args()
+    work = Path(args.work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if shared.is_dir():  # as make does: the real text beside the clone
+        os.environ.setdefault("MECHSCOPE_DATA", str(shared))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    load = [os.getloadavg()[0]]
+    rows = []
+    for top in (int(t) for t in args.top.split(",")):
+        report = work / f"top{top}.json"
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", RUN, args.model, str(top), str(work / f"heads-top{top}"),
+                               str(report)], env=env, capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"lm heads with exact_top={top} failed: {done.stderr[-2000:]}")
+        row = json.loads(report.read_text()) | {"process_s": time.perf_counter() - start}
+        rows.append(row)
+        print(f"exact_top {top:>4}: {row['measured']:>4} (head, kind) pairs measured exactly, {row['wall_s']:6.1f} s, "
+              f"peak {row['peak_mib']:6.0f} MiB ({row['baseline_mib']:.0f} before the work)", flush=True)  # fmt: skip
+    load.append(os.getloadavg()[0])
+    if len(rows) > 1:
+        slope = float(np.polyfit([r["measured"] for r in rows], [r["peak_mib"] for r in rows], 1)[0])
+        span = max(r["measured"] for r in rows) - min(r["measured"] for r in rows)
+        print(f"peak memory grows by {slope:.2f} MiB per measured pair ({slope * span:.0f} MiB over {span} more "
+              f"pairs); run-to-run noise is 100-150 MiB")  # fmt: skip
+    summary = {"model": args.model, "rows": rows, "load_average": load, "cores": os.cpu_count()}
+    (work / "heads_memory.json").write_text(json.dumps(summary, indent=2))
+    print(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
+          f"{work / 'heads_memory.json'}")
+
+
+if __name__ == "__main__":
+    main()
