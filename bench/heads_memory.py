@@ -5,8 +5,8 @@ analysed". Each run is a fresh process running the `lm heads` pipeline with the 
 ``exact_top`` (the heads measured exactly per ablation kind, by estimated effect); the heads the report names and the
 seeded random sample are measured as always. Printed per run: the (head, kind) pairs measured exactly, wall time,
 the process's resident memory before the work and its peak (``VmHWM``), and at the end the fitted growth of the peak
-in MiB per measured pair. The peak moves by 100-150 MiB from run to run with the same work (glibc's heap), so a
-slope within that band over a few hundred pairs is no growth.
+in MiB per measured pair. The peak moves by up to 300 MiB from run to run with the same work (glibc's heap: 1,441
+to 1,753 MiB in three runs of 405 pairs on SmolLM2), so run it more than once before reading a slope.
 
     python bench/heads_memory.py [--model smollm2] [--top 0,16,64] [--work DIR]
 
@@ -75,7 +75,7 @@ def main() -> None:
         slope = float(np.polyfit([r["measured"] for r in rows], [r["peak_mib"] for r in rows], 1)[0])
         span = max(r["measured"] for r in rows) - min(r["measured"] for r in rows)
         print(f"peak memory grows by {slope:.2f} MiB per measured pair ({slope * span:.0f} MiB over {span} more "
-              f"pairs); run-to-run noise is 100-150 MiB")  # fmt: skip
+              f"pairs); the same work varies by up to 300 MiB from run to run")  # fmt: skip
     summary = {"model": args.model, "rows": rows, "load_average": load, "cores": os.cpu_count()}
     (work / "heads_memory.json").write_text(json.dumps(summary, indent=2))
     print(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "
