@@ -23,7 +23,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, Saved, figure_data, saved
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods import weights_circuits as FW
-from mechscope.lm.methods.composition import CompositionResult, all_composition, composition_scores
+from mechscope.lm.methods.composition import CompositionResult, all_composition
 from mechscope.lm.methods.direct import DirectLogitAttribution, LogitLens, direct_logit_attribution, logit_lens
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, WeightReadings, find_induction_heads
 from mechscope.lm.models.folding import AnalysisWeights
@@ -151,8 +151,7 @@ def read_circuits(
     got: dict = {}
     say("composition")
     with timer.section("composition"):
-        scores = {m: t.numpy() for m, t in composition_scores(view).items()}
-        composition = all_composition(view, top_n=30, scores=scores)
+        composition = all_composition(view, top_n=30)
     has_embed = view.W_E is not None and view.W_U is not None
     if has_embed:
         with timer.section("eigen_positivity"):
@@ -167,7 +166,7 @@ def read_circuits(
         gaps["positional_qk"] = f"the model has {model.cfg.positional} positions, not learned ones"
     if not model.missing_weights:
         say("induction circuit (path patching)")
-        readings = _readings(view, got.get("eigen_positivity"), scores)
+        readings = _readings(view, got.get("eigen_positivity"), composition.scores)
         got["induction"] = _induction(model, protocol, timer, gaps, readings)
         if prompt is not None:
             say("direct logit attribution and logit lens")
