@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import shared_data_default  # noqa: E402  (bench/ is not a package)
+
 RUN = """
 import json, sys, time
 import torch  # noqa: F401  (every analysis has it in memory before its work)
@@ -53,9 +56,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if shared.is_dir():  # as make does: the real text beside the clone
-        os.environ.setdefault("MECHSCOPE_DATA", str(shared))
+    shared_data_default()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     load = [os.getloadavg()[0]]
     rows = []

@@ -66,6 +66,14 @@ finally:
 """
 
 
+def shared_data_default() -> None:
+    """As make does: MNIST and the real text from ``../shared/data`` beside the clone, unless MECHSCOPE_DATA says
+    otherwise; set in this process, so the bench's own work and the commands it starts both see it."""
+    shared = ROOT.parent / "shared" / "data"
+    if (shared / "mnist").is_dir():
+        os.environ.setdefault("MECHSCOPE_DATA", str(shared))
+
+
 def timed(args: list[str], env: dict, work: Path) -> tuple[float, float, float]:
     """(wall seconds, peak resident memory in MiB, resident memory before the command's work in MiB: the
     interpreter, torch and mechscope's CLI) of ``mechscope ARGS`` in a fresh process of its own."""
@@ -289,9 +297,7 @@ def main() -> None:
         return
     work = Path(args.out).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if (shared / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
-        os.environ.setdefault("MECHSCOPE_DATA", str(shared))  # here and in the commands
+    shared_data_default()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
     run = {"heads", "circuits", "cnn"} if args.only is None else {"heads", "circuits"} if args.only == "lm" else {

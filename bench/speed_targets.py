@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import one_cnn_pass, one_forward, timed  # noqa: E402  (bench/ is not a package)
+from scaling import ROOT, one_cnn_pass, one_forward, shared_data_default, timed  # noqa: E402  (bench/ is not a package)
 
 
 def exact_ablation_passes(data: dict) -> float:
@@ -105,10 +105,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="speed-"))
-    root = Path(__file__).resolve().parents[1]
-    if (root.parent / "shared" / "data" / "mnist").is_dir():  # as make does: MNIST and the real text beside the clone
-        os.environ.setdefault("MECHSCOPE_DATA", str(root.parent / "shared" / "data"))  # here and in the commands
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    shared_data_default()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     start = os.getloadavg()
     print(f"load average {start[0]:.1f} at the start, {os.cpu_count()} cores; work in {work}", flush=True)
     rows = {}
