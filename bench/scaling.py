@@ -148,9 +148,8 @@ def lm_rows(names: list[str], work: Path, env: dict, command: str = "heads") -> 
         if command == "heads":
             rows[-1]["measured_heads"] = len(data["ablation"]["mean"]["measured"])
         print(f"lm {command:<9} {name:<12} {n_params / 1e6:8.1f}M params  {wall:7.1f} s  passes {passes:6.1f}  "
-              f"one pass "
-              f"{forward:6.2f} s  ratio {rows[-1]['ratio']:5.2f}  peak {peak:7.0f} MiB (weights {weights_mib:.0f}, "
-              f"before the work {baseline:.0f})",
+              f"one pass {forward:6.2f} s  ratio {rows[-1]['ratio']:5.2f}  peak {peak:7.0f} MiB "
+              f"(weights {weights_mib:.0f}, before the work {baseline:.0f})",
               flush=True)  # fmt: skip
     return rows
 
@@ -240,7 +239,7 @@ def figure(rows: dict[str, list[dict]], path: Path, loads: dict) -> None:
     axes[0].legend(fontsize=8)
     cnn = rows.get("cnn") or []
     if cnn:
-        wide = sorted((r for r in cnn if "stages" not in r["model"]), key=lambda r: r["parameters"])
+        wide = width_series(cnn)
         deep = [r for r in cnn if "stages" in r["model"] or r["model"].startswith("default")]
         x = [r["parameters"] for r in wide]
         axes[1].loglog(x, [r["wall_s"] for r in wide], "s-", color="C1",
@@ -269,6 +268,11 @@ def figure(rows: dict[str, list[dict]], path: Path, loads: dict) -> None:
         load = "load average " + "; ".join(f"{half} {text}" for half, text in said.items())
     fig.suptitle(f"mechscope's analyses against the model's size (2-core CPU; {load})", fontsize=10)
     fig.savefig(path, dpi=100)
+
+
+def width_series(cnn: list[dict]) -> list[dict]:
+    """The CNN rows of growing width (2 stages: the default, 2x and 4x channels), smallest first."""
+    return sorted((r for r in cnn if "stages" not in r["model"]), key=lambda r: r["parameters"])
 
 
 def loads_of(done: dict) -> dict:
@@ -300,8 +304,7 @@ def main() -> None:
     shared_data_default()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     names = [n for n in PYTHIA if n != "pythia-1b" or args.big]
-    run = {"heads", "circuits", "cnn"} if args.only is None else {"heads", "circuits"} if args.only == "lm" else {
-        args.only}
+    run = {None: set(HALVES), "lm": {"heads", "circuits"}}.get(args.only, {args.only})
     rows: dict[str, list[dict]] = {half: [] for half in HALVES}
     loads = {}
     for half in HALVES:
@@ -328,7 +331,7 @@ def main() -> None:
                   "(target 1.3x)")  # fmt: skip
     if rows["cnn"]:
         cnn = rows["cnn"]
-        wide = [r for r in cnn if "stages" not in r["model"]]  # the figure's "wider" series: 2 stages, 1x to 4x
+        wide = width_series(cnn)  # the figure's "wider" series
         summary["cnn_explain_time_exponent"] = exponent([r["parameters"] for r in wide], [r["wall_s"] for r in wide])
         summary["cnn_explain_time_exponent_all_rows"] = exponent([r["parameters"] for r in cnn],
                                                                  [r["wall_s"] for r in cnn])  # fmt: skip
