@@ -82,14 +82,14 @@ def test_ov_copying_in_blocks_is_the_whole_computation(monkeypatch, norm):
 
 def test_logit_lens_in_chunks_of_layers_is_every_layer_at_once(monkeypatch):
     """logit_lens unembeds a few layers' rows at a time (memory): the same bits from one layer per chunk to all."""
-    from mechscope.lm.methods import direct
+    from mechscope.lm.methods import scores
 
     model = random_model("rmsnorm", gated=True)
     tokens = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(direct, "LOGITS_CHUNK_BYTES", 2**40)
+    monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", 2**40)
     whole = logit_lens(model, tokens)
     for size in (1, 12 * 50 * 4 * 2):  # one layer per chunk; two
-        monkeypatch.setattr(direct, "LOGITS_CHUNK_BYTES", size)
+        monkeypatch.setattr(scores, "LOGITS_CHUNK_BYTES", size)
         got = logit_lens(model, tokens)
         for name in ("top", "top_prob", "next_logprob"):
             assert np.array_equal(getattr(got, name), getattr(whole, name)), (size, name)

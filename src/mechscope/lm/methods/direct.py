@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mechscope.core.hooks import run_with_cache
-from mechscope.lm.methods.scores import LOGITS_CHUNK_BYTES, post_norm_scale
+from mechscope.lm.methods.scores import post_norm_scale, sequences_per_chunk
 from mechscope.lm.models.folding import AnalysisWeights
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -168,7 +168,7 @@ def logit_lens(model: HookedTransformer, tokens: torch.Tensor) -> LogitLens:
     tokens = tokens.reshape(1, -1).to(model.W_E.device)
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
     _, cache = run_with_cache(model, tokens, names=names)
-    per = max(1, LOGITS_CHUNK_BYTES // (tokens.shape[1] * cfg.d_vocab * 4))  # rows whose logits fit in a chunk
+    per = sequences_per_chunk(model, slice(None), tokens.shape[1])  # layers' rows whose logits fit in a chunk
     top, prob, nxt = [], [], []
     for i in range(0, len(names), per):  # all rows at once were 426 MB on SmolLM2's prompt of 36 tokens
         stream = torch.stack([cache[n][0] for n in names[i : i + per]])  # [l, P, D]
