@@ -49,6 +49,11 @@ def normalised(x: torch.Tensor, layernorm: bool, eps: float = 1e-5) -> torch.Ten
 OPERAND_BYTES = 32 * 2**20  # float64 rows of a (or columns of b) converted at a time by double_product
 
 
+def per_block(length: int) -> int:
+    """How many float64 rows of ``length`` fit in OPERAND_BYTES (at least one)."""
+    return max(1, OPERAND_BYTES // (length * 8))
+
+
 def double_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a.double() @ b.double()`` ([M, K] @ [K, N]) by blocks of the output, converting one block's rows of ``a``
     and columns of ``b`` at a time. The vocabulary-long factors whole in float64 are 2 × 226 MB for SmolLM2; the
@@ -56,8 +61,7 @@ def double_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Each output entry is the same sum over all of K, and the blocks give the whole product's bits (a test checks).
     """
-    rows = max(1, OPERAND_BYTES // (a.shape[1] * 8))
-    cols = max(1, OPERAND_BYTES // (b.shape[0] * 8))
+    rows, cols = per_block(a.shape[1]), per_block(b.shape[0])
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float64)
     for j in range(0, b.shape[1], cols):
         bj = b[:, j : j + cols].double()
@@ -157,7 +161,7 @@ def _embedded_values(view: AnalysisWeights, w_v: torch.Tensor) -> torch.Tensor:
     """``normalised(W_E) @ w_v`` [V, Dh] float64, normalising a block of the vocabulary at a time: every row is
     normalised and multiplied on its own, so the blocks give the whole computation's bits (a test checks) without the
     vocabulary-long float64 copies (3 × 226 MB for SmolLM2)."""
-    rows = max(1, OPERAND_BYTES // (view.W_E.shape[1] * 8))
+    rows = per_block(view.W_E.shape[1])
     out = torch.empty(view.W_E.shape[0], w_v.shape[1], dtype=torch.float64)
     for i in range(0, view.W_E.shape[0], rows):
         out[i : i + rows] = normalised(view.W_E[i : i + rows], view.layernorm) @ w_v
@@ -167,7 +171,7 @@ def _embedded_values(view: AnalysisWeights, w_v: torch.Tensor) -> torch.Tensor:
 def _own_rank(rows_in: torch.Tensor, ou: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """[S] how many of all V logits beat each sampled token's own in its row ``rows_in @ ou`` ([S, Dh] @ [Dh, V]),
     a block of rows at a time (500 rows over SmolLM2's vocabulary are 197 MB in float64)."""
-    step = max(1, OPERAND_BYTES // (ou.shape[1] * 8))
+    step = per_block(ou.shape[1])
     ranks = []
     for i in range(0, len(ids), step):
         rows = rows_in[i : i + step] @ ou  # [s, V]
