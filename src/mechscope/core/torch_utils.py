@@ -139,3 +139,11 @@ class WorkCounter:
             f"backward_{self.unit}": self.backward_rows // n,
             "layer_calls": {"forward": self.forward_calls, "backward": self.backward_calls},
         }
+
+    def report(self, what: str, rows_per_pass: int) -> dict:
+        """:meth:`summary`, and the same counts as one line at INFO (``-v``): ``what: F forward and B backward
+        passes of R <unit>``. Every pipeline records its work this way, for its JSON's ``work``."""
+        work = self.summary(rows_per_pass)
+        log.info("%s: %s forward and %s backward passes of %s %s", what, work["forward_passes"],
+                 work["backward_passes"], rows_per_pass, self.unit)  # fmt: skip
+        return work

@@ -135,7 +135,7 @@ def attribute_model(
         completeness = _completeness(net, x, explained, ig_delta, lo, ig_steps) if ig_delta is not None else None
         result = AttributionResult(
             target, layer, tuple(names), tuple(idx[:n]), tuple(labels[:n].tolist()), tuple(pred[:n].tolist()),
-            report, completeness, skipped, digest, counter.summary(len(x)), str(Path(out).absolute()),
+            report, completeness, skipped, digest, counter.report("cnn attribute", len(x)), str(Path(out).absolute()),
         )  # fmt: skip
         write_json(tmp / AttributionResult.FILE, result.to_dict())
         deletion = {m.method: m.deletion_curve for m in report.methods} | {"random": report.random_deletion_curve}

@@ -103,7 +103,7 @@ def _blocks(model, data, out, *, image=None, typical=None, groups=None, steps=25
         with timer.section("report"):
             write_report(result, tmp / "report.html", vrange, spec, x_test)
         result = replace(result, seconds=dict(timer.seconds) | {"total": timer.total()},
-                         work=counter.summary(len(x_test)))  # fmt: skip
+                         work=counter.report("cnn blocks", len(x_test)))  # fmt: skip
         write_json(tmp / "blocks.json", result.to_dict())
     return out, result
 

@@ -87,7 +87,7 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
             class_names=tuple(ed.class_names),
             settings={**s.to_dict(), "patch": list(pair), "description": ed.description},
             overview=ov, weights=weights, ablation=ablation, selectivity=sel, patching=patching,
-            circuits=circuits, examples=examples, work=counter.summary(len(ed.y)),
+            circuits=circuits, examples=examples, work=counter.report("cnn explain", len(ed.y)),
         )  # fmt: skip
         with timer.section("summary"):
             result = replace(result, summary=tuple(summarise(result, linked)))

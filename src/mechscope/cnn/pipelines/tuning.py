@@ -51,7 +51,7 @@ def tuning_model(model, data, out, seed: int = 0, *, run=None, weights=None, for
         say("figures")
         with timer.section("report"):
             write_report(replace(result, seconds=dict(timer.seconds)), tmp)
-        result = replace(result, seconds=dict(timer.seconds), work=counter.summary(len(x)))
+        result = replace(result, seconds=dict(timer.seconds), work=counter.report("cnn tuning", len(x)))
         write_json(tmp / TuningResult.FILE, result.to_dict())
     return Path(out), result
 

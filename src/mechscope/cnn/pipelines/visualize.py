@@ -67,7 +67,7 @@ def visualize_model(
                 for i, (name, u) in enumerate(assign)]  # fmt: skip
         _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, (lo, hi), data.class_names)
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),
-                               tuple(data.class_names), digest, counter.summary(len(x_test)),
+                               tuple(data.class_names), digest, counter.report("cnn visualize", len(x_test)),
                                str(Path(out).absolute()))  # fmt: skip
         save_for_blocks(tmp, model, spec, assign, renders["positive"].images)  # `cnn blocks` reuses these
         write_json(tmp / FeatvisResult.FILE, result.to_dict())

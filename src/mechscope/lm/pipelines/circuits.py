@@ -86,7 +86,7 @@ def circuits(
         )  # fmt: skip
     if not model.missing_weights:  # the induction protocol's batch: 8 sequences of BOS + 2n tokens
         n = min(50, (model.cfg.n_ctx - 1) // 2)
-        result = replace(result, work=counter.summary(8 * (1 + 2 * n)))
+        result = replace(result, work=counter.report("lm circuits", 8 * (1 + 2 * n)))
     result = replace(result, seconds={"load": load, **result.seconds})
     with atomic_output(out, force) as tmp:
         write_json(tmp / "circuits.json", result.to_dict())

@@ -71,9 +71,7 @@ def induction_heads(
     counter = work_counter(model)
     with counter.counting():
         result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)
-    work = counter.summary(protocol.batch * (1 + 2 * protocol.n))
-    log.info("lm heads: %s forward and %s backward passes of %s tokens", work["forward_passes"],
-             work["backward_passes"], work["rows_per_pass"])  # fmt: skip
+    work = counter.report("lm heads", protocol.batch * (1 + 2 * protocol.n))
 
     def as_text(ids):
         return [tok.decode([i]) if tok else str(i) for i in ids]
