@@ -208,6 +208,12 @@ class CNNDiscovery(TopEdges, Result):
     channel_scores: dict[str, list[float]]  # stage -> per channel: the largest |score| of its edges
     hand: dict | None  # against the circuit cnn explain found for the class
     seconds: dict[str, float]
+    # forward and backward passes, in passes over the clean batch of n_examples images (WorkCounter over the stages'
+    # convolutions): the method's own forward_passes (scores and faithfulness), plus the clean logits of the metric
+    # kl and ACDC's two runs that set its default threshold. A backward of EAP/EAP-IG stops at the first stage's
+    # receivers, so it runs every stage's convolution but the first: backward_passes = (S - 1) / S per backward
+    # of scores.backward_passes (S stages); the edges' own linear maps (edge_mix, edge_attribution) are not counted.
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,9 @@ class CNNScrub(Result):
     features: dict[str, str]
     scrub: ScrubResult
     seconds: dict[str, float]
+    # forward passes, in passes over the scrubbed batch of settings["n"] test images (WorkCounter over the stages'
+    # convolutions): scrub.forward_passes and the one clean run that gives the predictions and the metric's logits
+    work: dict | None = None
 
 
 # ---- discovery -----------------------------------------------------------------------------------------

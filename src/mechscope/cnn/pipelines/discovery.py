@@ -86,13 +86,16 @@ def discover_run(
         images, labels, data = _data(run, dataset, data_dir)
         spec = walk(run.model, data.shape)
         hand = hand_circuit(explain, target) if explain is not None else None
-        with evaluating(spec.model):
+        counter = spec.work_counter()
+        with evaluating(spec.model), counter.counting():
             task = image_task(images, labels, target=target, metric=metric, n=n, seed=seed, corrupt=corrupt,
                               n_classes=spec.n_classes, model=spec.model)  # fmt: skip
-    result = discover(spec, task, method, size=size, threshold=threshold, steps=steps, ablation=ablation,
-                      curve=curve, n_random=n_random, seed=seed, hand=hand, name=str(run_dir),
-                      progress=progress)  # fmt: skip
-    result = replace(result, seconds={**timer.seconds, **result.seconds})
+    with counter.counting():
+        result = discover(spec, task, method, size=size, threshold=threshold, steps=steps, ablation=ablation,
+                          curve=curve, n_random=n_random, seed=seed, hand=hand, name=str(run_dir),
+                          progress=progress)  # fmt: skip
+    work = counter.report("cnn discover", len(task.clean))
+    result = replace(result, seconds={**timer.seconds, **result.seconds}, work=work)
     with atomic_output(out, force) as tmp:
         write_json(tmp / CNNDiscovery.FILE, result.to_dict())
         write_report(result, tmp / "report.html")
@@ -110,7 +113,10 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     run = load_run(hyp.run)
     images, labels, d = _data(run)
     spec = walk(run.model, d.shape)
-    result = scrub_hypothesis(spec, images, labels, hyp, name=hyp.run)
+    counter = spec.work_counter()
+    with counter.counting():
+        result = scrub_hypothesis(spec, images, labels, hyp, name=hyp.run)
+    result = replace(result, work=counter.report("cnn scrub", result.settings["n"]))
     with atomic_output(out, force) as tmp:
         write_json(tmp / CNNScrub.FILE, result.to_dict())
         write_scrub_report(result, tmp / "report.html")

@@ -9,6 +9,7 @@ matching, and writes universality.json and report.html atomically.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,7 +66,10 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
         specs[f"random {lab}"] = walk(random_like(r.model, BASELINE_SEED + i), data.shape)
     trained_pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     baseline_pairs = [(lab, f"random {lab}") for lab in labels]
-    with atomic_output(out, force) as tmp:
+    counters = {k: spec.work_counter() for k, spec in specs.items()}
+    with atomic_output(out, force) as tmp, ExitStack() as counting:
+        for c in counters.values():
+            counting.enter_context(c.counting())
         say(f"running {len(specs)} networks over {len(y):,} test images")
         with timer.section("activations, matching, CKA"):
             feats, moments = U.collect_pairs(specs, [*trained_pairs, *baseline_pairs], x, batch_size)
@@ -104,7 +108,8 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
         result = replace(result, summary=tuple(summary_lines(result)))
         with timer.section("report"):
             write_report(result, shown, vis, feats, x, y, tmp / "report.html")
-        result = replace(result, seconds=dict(timer.seconds) | {"total": timer.total()})
+        work = {k: c.report(f"cnn universality, {k}", len(y)) for k, c in counters.items()}
+        result = replace(result, seconds=dict(timer.seconds) | {"total": timer.total()}, work=work)
         write_json(tmp / U.UniversalityResult.FILE, result.to_dict())
     return out, result
 

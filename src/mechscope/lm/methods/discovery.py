@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -334,6 +335,11 @@ class LMDiscovery(TopEdges, Result):
     known_edges: tuple[tuple[str, str, str], ...]  # the known circuit's primary edges (drawn for tracr)
     comparison: dict | None  # against the heads report's path-patched edges
     seconds: dict[str, float]
+    # forward and backward passes, in passes over the task's clean batch of tokens (batch x positions, tracr's padding
+    # included; WorkCounter over the blocks): the method's own forward_passes and backward_passes (scores and
+    # faithfulness), plus the task's clean run (induction; tracr: clean and corrupted) and ACDC's two runs that set
+    # its default threshold
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -354,6 +360,10 @@ class LMScrub(Result):
     features: dict[str, str]  # the features the claims use, described
     scrub: ScrubResult
     seconds: dict[str, float]
+    # forward passes, in passes over the task's clean batch of tokens (batch x positions, tracr's padding included;
+    # WorkCounter over the blocks): scrub.forward_passes and the task's clean run (induction; tracr: clean and
+    # corrupted); None unless scrub_hypothesis was given a counter
+    work: dict | None = None
 
 
 # ---- discovery ----------------------------------------------------------------------------------------
@@ -564,20 +574,24 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     )
 
 
-def scrub_hypothesis(model: HookedTransformer, spec: HypothesisSpec, *, name: str = "") -> LMScrub:
-    """Causal scrubbing of the hypothesis ``spec`` on ``model`` (its task's clean batch is the dataset)."""
+def scrub_hypothesis(model: HookedTransformer, spec: HypothesisSpec, *, name: str = "", counter=None) -> LMScrub:
+    """Causal scrubbing of the hypothesis ``spec`` on ``model`` (its task's clean batch is the dataset).
+    ``counter``: a :class:`~mechscope.core.torch_utils.WorkCounter` over ``model`` that counts while the task is
+    made and scrubbed; the result's ``work`` is its report, in passes over the task's clean tokens."""
     t0 = time.perf_counter()
     settings = {k: v for k, v in spec.data.items() if k != "token_range"}
     if spec.data.get("token_range") is not None:
         settings["token_range"] = tuple(spec.data["token_range"])
-    task = make_task(model, spec.task, spec.metric, **settings)
-    edges = TransformerEdges(model)
-    hyp = parse_hypothesis({"claims": list(spec.claims)}, edges.graph)  # unknown component, slot or edge: one line
-    used = sorted({c.feature for c in hyp.claims if c.feature is not None})
-    feats = {f: feature_values(f, task) for f in used}
-    with evaluating(model):
-        res = scrub(edges, task.clean, metric=task.metric, hypothesis=hyp, features=feats, samples=spec.samples,
-                    seed=spec.seed, sampling=spec.sampling, breakdown=spec.breakdown)  # fmt: skip
+    with counter.counting() if counter is not None else nullcontext():
+        task = make_task(model, spec.task, spec.metric, **settings)
+        edges = TransformerEdges(model)
+        hyp = parse_hypothesis({"claims": list(spec.claims)}, edges.graph)  # unknown component, slot or edge: one line
+        used = sorted({c.feature for c in hyp.claims if c.feature is not None})
+        feats = {f: feature_values(f, task) for f in used}
+        with evaluating(model):
+            res = scrub(edges, task.clean, metric=task.metric, hypothesis=hyp, features=feats, samples=spec.samples,
+                        seed=spec.seed, sampling=spec.sampling, breakdown=spec.breakdown)  # fmt: skip
+    work = None if counter is None else counter.report("lm scrub", task.ids.numel())
     return LMScrub(
         model=name or model.cfg.name,
         name=spec.name,
@@ -590,6 +604,7 @@ def scrub_hypothesis(model: HookedTransformer, spec: HypothesisSpec, *, name: st
         features={f: _describe(f) for f in used},
         scrub=res,
         seconds={"scrub": time.perf_counter() - t0},
+        work=work,
     )
 
 

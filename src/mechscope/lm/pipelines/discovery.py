@@ -20,6 +20,7 @@ from mechscope.lm.methods.discovery import (
     parse_hypothesis_file,
     scrub_hypothesis,
 )
+from mechscope.lm.models.transformer import work_counter
 
 
 def _name(spec) -> str:
@@ -84,12 +85,16 @@ def discover_model(
             hand = heads_edges(HeadsResult.load(compare_heads))
             if not hand:
                 raise MechscopeError(f"{compare_heads}: the heads report confirmed no edge to compare with")
-        t = make_task(model, task, metric, n=n, batch=batch, seed=seed, limit=limit, token_range=token_range,
-                      distinct=distinct)  # fmt: skip
-    result = discover(model, t, method, size=size, threshold=threshold, steps=steps, ablation=ablation, curve=curve,
-                      n_random=n_random, seed=seed, known=known, hand_edges=hand, name=str(model_spec),
-                      progress=progress)  # fmt: skip
-    result = replace(result, seconds={**timer.seconds, **result.seconds})
+        counter = work_counter(model)
+        with counter.counting():
+            t = make_task(model, task, metric, n=n, batch=batch, seed=seed, limit=limit, token_range=token_range,
+                          distinct=distinct)  # fmt: skip
+    with counter.counting():
+        result = discover(model, t, method, size=size, threshold=threshold, steps=steps, ablation=ablation,
+                          curve=curve, n_random=n_random, seed=seed, known=known, hand_edges=hand,
+                          name=str(model_spec), progress=progress)  # fmt: skip
+    work = counter.report("lm discover", t.ids.numel())
+    result = replace(result, seconds={**timer.seconds, **result.seconds}, work=work)
     with atomic_output(out, force) as tmp:
         write_json(tmp / LMDiscovery.FILE, result.to_dict())
         write_report(result, tmp / "report.html")
@@ -105,7 +110,7 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     out = Path(out) if out is not None else Path("runs") / "scrub" / _name(Path(where).stem)
     check_target(out, force)
     model = load_any(spec.model, device, dtype)
-    result = scrub_hypothesis(model, spec, name=spec.model)
+    result = scrub_hypothesis(model, spec, name=spec.model, counter=work_counter(model))
     with atomic_output(out, force) as tmp:
         write_json(tmp / LMScrub.FILE, result.to_dict())
         write_scrub_report(result, tmp / "report.html")
