@@ -356,6 +356,10 @@ class CnnSaeHarvest(Result):
     world_size: int
     resumed_rows: int
     settings: dict
+    # forward and backward passes through the network's stages, in passes over the harvest's images (``images``;
+    # WorkCounter): the whole job's, summed over the processes; a resumed harvest counts the images it ran (a
+    # fraction of a pass); the two one-image probes of the hook's shape included
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,11 @@ class CnnSaeEvaluation(Result):
     metrics: dict
     seconds: float
     latent_frequency: np.ndarray | None = figure_data()
+    # forward and backward passes through the network's stages, in passes over the test images evaluated (three per
+    # batch: clean, spliced, zero-ablated; and a one-image probe of the hook's shape; WorkCounter); ``work
+    # ["dictionary"]``: the dictionary's own forwards, in passes over the hook's rows of those images (one per image
+    # position): two, spliced in and for the reconstruction metrics
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -448,3 +457,7 @@ class CnnSaeDashboards(Result):
     value_range: tuple[float, float] = (0.0, 1.0)
     densities: np.ndarray | None = figure_data()
     example_images: dict | None = figure_data()  # image index -> [C_in, H, W] of the images the dashboards show
+    # forward and backward passes through the network's stages, in passes over the test images read (one over them;
+    # the tuning's stimuli, three times, and the feature visualisation's steps add theirs; WorkCounter); the
+    # dictionary's encoder on the hook's rows is not counted (``encode``, not a pass through the network)
+    work: dict | None = None

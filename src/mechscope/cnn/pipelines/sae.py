@@ -10,6 +10,8 @@ one on a run directory (``cnn train``'s); all return ``(output directory, result
 - show: latents against channels (class selectivity, stroke tuning) and dashboards (``report.html``).
 
 Harvesting and training run data-parallel under ``torchrun`` (see :mod:`mechscope.core.dictionaries.parallel`).
+Each JSON's ``work`` holds the passes the command made (the whole job's under ``torchrun``): through the network's
+stages for harvest, evaluate and show (see each result's field), through the dictionary for train.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from mechscope.core.dictionaries.staged import (
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
-from mechscope.core.torch_utils import Timer
+from mechscope.core.torch_utils import Timer, WorkCounter
 from mechscope.core.validate import check_seed
 
 STORE = "store"
@@ -77,7 +79,9 @@ def sae_harvest_model(
     check_seed(seed)
     spec = walk(model, data.shape)
     hook = hook or spec.last.hook_out
-    shape = S.hook_shape(spec, hook)
+    counter = spec.work_counter()
+    with counter.counting():
+        shape = S.hook_shape(spec, hook)
     x, _ = _images(data, split, limit)
     P.init_from_env(distributed)
     rank, world = P.rank_world()
@@ -103,14 +107,15 @@ def sae_harvest_model(
 
     started = time.perf_counter()
     try:
-        if rank == 0:
-            (r,) = harvest_many(stream(), [stage / STORE], shard_rows=shard_rows,
-                                buffer_rows=shard_rows * buffer_shards,
-                                seed=seed, dtype=torch.float32, progress=False,
-                                input_offset=start_img * per_image)  # fmt: skip
-        else:
-            for _ in stream():
-                pass
+        with counter.counting():
+            if rank == 0:
+                (r,) = harvest_many(stream(), [stage / STORE], shard_rows=shard_rows,
+                                    buffer_rows=shard_rows * buffer_shards,
+                                    seed=seed, dtype=torch.float32, progress=False,
+                                    input_offset=start_img * per_image)  # fmt: skip
+            else:
+                for _ in stream():
+                    pass
     except MechscopeError:
         if rank == 0 and not stored_rows(stage / STORE):
             shutil.rmtree(stage, ignore_errors=True)
@@ -118,6 +123,7 @@ def sae_harvest_model(
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    P.sum_work(counter)  # each process counted its slices: the whole job's on every rank
     if rank != 0:
         P.barrier()
         return out, None
@@ -127,7 +133,7 @@ def sae_harvest_model(
         rows=r.rows, width=r.width, shards=r.shards, store=STORE, seconds=seconds,
         images_per_second=n_new / seconds if seconds > 0 else float("nan"),
         rows_per_second=n_new * per_image / seconds if seconds > 0 else float("nan"), world_size=world,
-        resumed_rows=r.resumed_rows, settings=record,
+        resumed_rows=r.resumed_rows, settings=record, work=counter.report("cnn sae harvest", len(x)),
     )  # fmt: skip
     with atomic_output(out, force) as tmp:
         shutil.move(str(stage / STORE), str(tmp / STORE))
@@ -192,10 +198,12 @@ def sae_train_run(
     tc = train_config or TrainConfig(lr=lr, seed=seed, max_steps=steps, progress=progress,
                                      checkpoint_every=checkpoint_every,
                                      checkpoint_dir=str(checkpoints_of(out)) if checkpoint_every else None)  # fmt: skip
+    counter = WorkCounter([], "rows")  # the training loop adds its passes through the dictionary (not the network)
     trained = train_from_store(where, cfg, tc, out, batch_size=batch_size, epochs=epochs, resume=resume,
-                               distributed=use_dist, device=device)  # fmt: skip
+                               distributed=use_dist, device=device, counter=counter)  # fmt: skip
+    work = counter.report("cnn sae train", h.rows) if rank == 0 else counter.summary(h.rows)
     result = S.CnnSaeTraining(**training_fields(trained, model=h.run, hook=h.hook, target=None, store=str(where),
-                                                batch_size=batch_size, epochs=epochs))  # fmt: skip
+                                                batch_size=batch_size, epochs=epochs), work=work)  # fmt: skip
     if rank == 0:
         layer = int(h.hook[4]) if h.hook.startswith("conv") and h.hook[4:5].isdigit() else 0
         with atomic_output(out, force) as tmp:
@@ -226,18 +234,24 @@ def sae_evaluate_model(model, data, dictionary, out, *, hook: str | None = None,
     check_target(out, force)
     sae, hook = load_dictionary(dictionary, hook)
     spec = walk(model, data.shape)
-    S.check_dictionary(spec, sae, hook)
+    counter, dict_counter = spec.work_counter(), WorkCounter([sae], "rows")
+    with counter.counting():
+        shape = S.check_dictionary(spec, sae, hook)
     x, y = _images(data, "test", limit)
     timer = Timer("cnn sae evaluate")
     bar = tqdm(total=len(x), unit="img", disable=not progress, desc="evaluate")
     try:
-        effect, metrics = S.splice_effect(spec, x, y, sae, hook, progress=bar.update)
+        with counter.counting(), dict_counter.counting():
+            effect, metrics = S.splice_effect(spec, x, y, sae, hook, progress=bar.update)
     finally:
         bar.close()
+    rows = len(x) * (int(np.prod(shape[1:])) if len(shape) == 3 else 1)  # the hook's rows: one per image position
+    work = counter.report("cnn sae evaluate", len(x))
+    work["dictionary"] = dict_counter.report("cnn sae evaluate, the dictionary", rows)
     result = S.CnnSaeEvaluation(
         run=str(run), dictionary=str(dictionary), hook=hook, architecture=sae.cfg.architecture, d_in=sae.cfg.d_in,
         d_sae=sae.cfg.d_sae, dataset=f"{data.name} test ({len(x):,} images)", effect=effect,
-        metrics=metrics.to_dict(), seconds=timer.total(), latent_frequency=metrics.latent_frequency,
+        metrics=metrics.to_dict(), seconds=timer.total(), latent_frequency=metrics.latent_frequency, work=work,
     )  # fmt: skip
     with atomic_output(out, force) as tmp:
         write_json(tmp / S.CnnSaeEvaluation.FILE, result.to_dict())
@@ -271,72 +285,74 @@ def sae_show_model(
     check_target(out, force)
     sae, hook = load_dictionary(dictionary, hook)
     spec = walk(model, data.shape)
-    shape = S.check_dictionary(spec, sae, hook)
-    for i in latents:
-        if not 0 <= int(i) < sae.cfg.d_sae:
-            raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
-    x, y = _images(data, "test", limit)
-    kk = data.n_classes
-    timer = Timer("cnn sae show")
-    say = (lambda s: tqdm.write(f"  {s}...")) if progress else (lambda s: None)  # noqa: E731
-    say("activations and latents")
-    with timer.section("latents"):
-        acts = S.activations(spec, x, hook)
-        lat = S.latent_activations(sae, acts)
-    dens = densities(lat)
-    ch_means = S.unit_class_means(S.channel_means(acts), y, kk)
-    lt_means = S.unit_class_means(S.latent_means(lat, len(x)), y, kk)
-    ch_sel, lt_sel = S.selectivity(ch_means), S.selectivity(lt_means)
-    alive = dens > 0
-    ch_tuning, lt_tuned = None, ()
-    lt_labels: dict[int, S.UnitTuningSummary] = {}
-    conv = len(shape) == 3 and hook.startswith("conv")
-    if tuning and conv:
-        say("stroke tuning of channels and latents")
-        from mechscope.cnn.methods.stimuli import draw_stimuli
-
-        with timer.section("tuning"):
-            stim = draw_stimuli(spec.input_shape[1:], seed)
-            ch_max = acts.flatten(2).amax(2).amax(0)
-            ch_tuning = tuple(S.tuning_labels(spec, hook, lambda r: r, stim, ch_max))
-            enc = lambda r: sae.encode(r)  # noqa: E731
-            with torch.no_grad():
-                labels = S.tuning_labels(spec, hook, enc, stim, torch.from_numpy(maxima(lat)))
-            lt_labels = {i: t for i, t in enumerate(labels)}
-            lt_tuned = tuple(i for i, t in lt_labels.items() if t.tuned and alive[i])
-    comparison = _comparison(ch_sel, lt_sel, alive, ch_tuning, lt_tuned)
-    say("the random sparse control")
-    with timer.section("control"):
-        l0 = max(1, round(len(lat.values) / max(lat.n_rows, 1)))
-        control = S.random_control(sae.cfg.d_in, sae.cfg.d_sae, l0, S.to_rows(acts).mean(0), seed)
-        c_lat = S.latent_activations(control, acts)
-        c_alive = densities(c_lat) > 0
-        c_sel = np.asarray(S.selectivity(S.unit_class_means(S.latent_means(c_lat, len(x)), y, kk)))
-        comparison["random_sparse"] = {
-            "units": int(c_alive.sum()), "k": l0, "selective": int((c_sel[c_alive] >= S.SELECTIVE).sum()),
-            "median_index": float(np.median(c_sel[c_alive])) if c_alive.any() else float("nan"),
-        }  # fmt: skip
+    counter = spec.work_counter()
+    with counter.counting():
+        shape = S.check_dictionary(spec, sae, hook)
+        for i in latents:
+            if not 0 <= int(i) < sae.cfg.d_sae:
+                raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
+        x, y = _images(data, "test", limit)
+        kk = data.n_classes
+        timer = Timer("cnn sae show")
+        say = (lambda s: tqdm.write(f"  {s}...")) if progress else (lambda s: None)  # noqa: E731
+        say("activations and latents")
+        with timer.section("latents"):
+            acts = S.activations(spec, x, hook)
+            lat = S.latent_activations(sae, acts)
+        dens = densities(lat)
+        ch_means = S.unit_class_means(S.channel_means(acts), y, kk)
+        lt_means = S.unit_class_means(S.latent_means(lat, len(x)), y, kk)
+        ch_sel, lt_sel = S.selectivity(ch_means), S.selectivity(lt_means)
+        alive = dens > 0
+        ch_tuning, lt_tuned = None, ()
+        lt_labels: dict[int, S.UnitTuningSummary] = {}
+        conv = len(shape) == 3 and hook.startswith("conv")
         if tuning and conv:
-            with torch.no_grad():
-                c_labels = S.tuning_labels(spec, hook, lambda r: control.encode(r), stim,
-                                           torch.from_numpy(maxima(c_lat)))  # fmt: skip
-            comparison["random_sparse"]["tuned"] = sum(1 for i, t in enumerate(c_labels) if t.tuned and c_alive[i])
-    chosen = _choose(latents, lt_sel, alive, n_selective, n_random, seed)
-    effects = S.class_effects(spec, sae, hook)
-    dec = sae.folded().W_dec.detach().float()
-    say(f"dashboards of {len(chosen)} latents")
-    rf = _rf(spec, hook)
-    hw = shape[1:] if len(shape) == 3 else (1, 1)
-    with timer.section("dashboards"):
-        boards = []
-        for i, why in chosen:
-            boards.append(_dashboard(lat, i, why, y, hw, rf, spec.input_shape, lt_means[i], lt_sel[i],
-                                     lt_labels.get(i), effects, dec[i], k, seed))  # fmt: skip
-    if featvis_steps and conv:
-        say("feature visualisation")
-        with timer.section("featvis"):
-            images = S.featvis_latents(spec, sae, hook, [b.latent for b in boards], steps=featvis_steps, seed=seed)
-        boards = [replace(b, featvis=images[j]) for j, b in enumerate(boards)]
+            say("stroke tuning of channels and latents")
+            from mechscope.cnn.methods.stimuli import draw_stimuli
+
+            with timer.section("tuning"):
+                stim = draw_stimuli(spec.input_shape[1:], seed)
+                ch_max = acts.flatten(2).amax(2).amax(0)
+                ch_tuning = tuple(S.tuning_labels(spec, hook, lambda r: r, stim, ch_max))
+                enc = lambda r: sae.encode(r)  # noqa: E731
+                with torch.no_grad():
+                    labels = S.tuning_labels(spec, hook, enc, stim, torch.from_numpy(maxima(lat)))
+                lt_labels = {i: t for i, t in enumerate(labels)}
+                lt_tuned = tuple(i for i, t in lt_labels.items() if t.tuned and alive[i])
+        comparison = _comparison(ch_sel, lt_sel, alive, ch_tuning, lt_tuned)
+        say("the random sparse control")
+        with timer.section("control"):
+            l0 = max(1, round(len(lat.values) / max(lat.n_rows, 1)))
+            control = S.random_control(sae.cfg.d_in, sae.cfg.d_sae, l0, S.to_rows(acts).mean(0), seed)
+            c_lat = S.latent_activations(control, acts)
+            c_alive = densities(c_lat) > 0
+            c_sel = np.asarray(S.selectivity(S.unit_class_means(S.latent_means(c_lat, len(x)), y, kk)))
+            comparison["random_sparse"] = {
+                "units": int(c_alive.sum()), "k": l0, "selective": int((c_sel[c_alive] >= S.SELECTIVE).sum()),
+                "median_index": float(np.median(c_sel[c_alive])) if c_alive.any() else float("nan"),
+            }  # fmt: skip
+            if tuning and conv:
+                with torch.no_grad():
+                    c_labels = S.tuning_labels(spec, hook, lambda r: control.encode(r), stim,
+                                               torch.from_numpy(maxima(c_lat)))  # fmt: skip
+                comparison["random_sparse"]["tuned"] = sum(1 for i, t in enumerate(c_labels) if t.tuned and c_alive[i])
+        chosen = _choose(latents, lt_sel, alive, n_selective, n_random, seed)
+        effects = S.class_effects(spec, sae, hook)
+        dec = sae.folded().W_dec.detach().float()
+        say(f"dashboards of {len(chosen)} latents")
+        rf = _rf(spec, hook)
+        hw = shape[1:] if len(shape) == 3 else (1, 1)
+        with timer.section("dashboards"):
+            boards = []
+            for i, why in chosen:
+                boards.append(_dashboard(lat, i, why, y, hw, rf, spec.input_shape, lt_means[i], lt_sel[i],
+                                         lt_labels.get(i), effects, dec[i], k, seed))  # fmt: skip
+        if featvis_steps and conv:
+            say("feature visualisation")
+            with timer.section("featvis"):
+                images = S.featvis_latents(spec, sae, hook, [b.latent for b in boards], steps=featvis_steps, seed=seed)
+            boards = [replace(b, featvis=images[j]) for j, b in enumerate(boards)]
     shown = sorted({e.image for b in boards for e in b.top + tuple(e for band in b.bands for e in band)})
     result = S.CnnSaeDashboards(
         run=str(run), dictionary=str(dictionary), hook=hook, architecture=sae.cfg.architecture, d_in=sae.cfg.d_in,
@@ -347,6 +363,7 @@ def sae_show_model(
         channel_tuning=ch_tuning, latent_selectivity=tuple(float(v) for v in lt_sel),
         latent_preferred=tuple(int(v) for v in lt_means.argmax(1)), latent_tuned=tuple(lt_tuned), latents=tuple(boards),
         summary=(), seconds=dict(timer.seconds), densities=dens, example_images={i: x[i] for i in shown},
+        work=counter.report("cnn sae show", len(x)),
     )  # fmt: skip
     result = replace(result, summary=tuple(summary_lines(result)))
     with atomic_output(out, force) as tmp:

@@ -98,6 +98,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_work(counter) -> None:
+    """Add up a :class:`~mechscope.core.torch_utils.WorkCounter`'s counts over the ranks (each counts the passes
+    its own process made), so that every rank holds the whole job's; without a process group, nothing to do."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    keys = ("forward_rows", "backward_rows", "forward_calls", "backward_calls")
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [int(getattr(counter, k)) for k in keys])
+    for i, k in enumerate(keys):
+        setattr(counter, k, sum(p[i] for p in parts))
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (an error raised on rank 0 reaches the others as a value)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -71,17 +71,19 @@ def store_reader(store, cfg: DictionaryConfig, batch_size: int, *, seed: int = 0
 
 def train_from_store(
     store, cfg: DictionaryConfig, tc: TrainConfig, out, *, batch_size: int, epochs: int = 1, resume: bool = False,
-    distributed: bool | None = None, device=None,
+    distributed: bool | None = None, device=None, counter=None,
 ) -> TrainResult:  # fmt: skip
     """Train ``cfg`` on the store (checkpoints in :func:`checkpoints_of` ``(out)`` when ``tc`` asks for them;
-    ``resume``: continue from the newest there)."""
+    ``resume``: continue from the newest there). ``counter``: a WorkCounter the training adds its passes through
+    the dictionary to (see :func:`~mechscope.core.dictionaries.train.train`)."""
     reader = store_reader(store, cfg, batch_size, seed=tc.seed, epochs=epochs)
     where = checkpoints_of(out)
     if resume and not where.is_dir():
         raise MechscopeError(f"--resume: no checkpoint to resume from ({where} does not exist)")
     _check_stream(where, {"store": str(Path(store).absolute()), "batch_size": batch_size, "epochs": epochs,
                           "rows": reader.rows}, resume, bool(tc.checkpoint_every))  # fmt: skip
-    return train(cfg, reader, tc, resume_from=where if resume else None, distributed=distributed, device=device)
+    return train(cfg, reader, tc, resume_from=where if resume else None, distributed=distributed, device=device,
+                 counter=counter)  # fmt: skip
 
 
 def _check_stream(where: Path, stream: dict, resume: bool, checkpointing: bool) -> None:
@@ -133,6 +135,10 @@ class DictionaryTraining(Result):
     resumed_from_step: int
     final: dict  # the last logged metrics (loss, l0, explained variance, dead fraction)
     history: tuple[dict, ...]
+    # forward and backward passes through the dictionary this run made (the whole job's, every process), in passes
+    # over the store's rows (WorkCounter, unit rows, counted by the training loop: see core.dictionaries.train);
+    # training does not run the network
+    work: dict | None = None
 
 
 def training_fields(result: TrainResult, *, model: str, hook: str, target: str | None, store: str, batch_size: int,

@@ -141,6 +141,7 @@ class _Run:
     resumed_from: int = 0
     start_rows: int = 0
     history: list = field(default_factory=list)
+    counter: Any = None  # a WorkCounter the steps add their passes to (train's ``counter``)
 
 
 def train(
@@ -151,13 +152,19 @@ def train(
     resume_from=None,
     distributed: bool | None = None,
     device: str | torch.device | None = None,
+    counter=None,
 ) -> TrainResult:
     """Train a dictionary of ``cfg`` on ``batches`` (see the module docstring) and return the result.
 
     resume_from: a checkpoint (a step directory or a checkpoint_dir) to continue from; its settings must
     equal these. distributed: train data-parallel over the default process group (``None``: when one is
     initialised). device: where to train ("cpu" by default; with NCCL give each rank its own GPU, e.g.
-    ``f"cuda:{rank}"``); batches are moved there shard by shard.
+    ``f"cuda:{rank}"``); batches are moved there shard by shard. counter: a
+    :class:`~mechscope.core.torch_utils.WorkCounter` (unit: rows) the loop adds this run's passes through the
+    dictionary to, the whole job's on every rank: each step one forward and one backward over the batch's rows
+    (AuxK's decode of the dead latents is part of that step), and a ReLU resampling one more forward of the batch on
+    each rank. The loss reads the dictionary through its methods, not its ``forward``, so no hook could see the
+    steps: the loop counts them. The initialisation (normalisation factors, decoder bias) is not counted.
     """
     tc = train_cfg or TrainConfig()
     if not isinstance(cfg, DictionaryConfig) or not isinstance(tc, TrainConfig):
@@ -173,6 +180,7 @@ def train(
         run = _resume(cfg, tc, resume_from, data, device)
     else:
         run = _start(cfg, tc, data, group, device)
+    run.counter = counter
     _loop(run, cfg, tc, data, group)
     return _finish(run, cfg, tc, group, time.perf_counter() - started)
 
@@ -336,13 +344,28 @@ def _one_step(run: _Run, cfg: DictionaryConfig, tc: TrainConfig, x, y, group) ->
     fired = _global((out.latents.detach() > 0).any(0).to(torch.int32), group, dist.ReduceOp.MAX).bool()
     run.activity.update(fired, x.shape[0])
     run.rows += x.shape[0]
+    world = dist.get_world_size(group) if group is not None else 1
+    _count(run.counter, x.shape[0], world, backward=True)  # the ranks' slices make up the batch
     if cfg.architecture == "batchtopk":
         _update_threshold(run, tc, out.latents.detach(), group)
     if cfg.architecture == "relu" and tc.resample_every and run.step % tc.resample_every == 0:
         dead = run.activity.dead(tc.dead_window)
-        resample_dead(model, run.optimizer, dead.to(run.device), x.to(run.device), y.to(run.device), run.generator)
+        if resample_dead(model, run.optimizer, dead.to(run.device), x.to(run.device), y.to(run.device),
+                         run.generator):  # fmt: skip
+            _count(run.counter, x.shape[0] * world, world, backward=False)  # every rank the whole batch
         run.activity.since[dead] = 0
     return out
+
+
+def _count(counter, rows: int, calls: int, *, backward: bool) -> None:
+    """Add a forward (and a backward) of ``rows`` rows in ``calls`` calls of the dictionary to ``counter``."""
+    if counter is None:
+        return
+    counter.forward_rows += rows
+    counter.forward_calls += calls
+    if backward:
+        counter.backward_rows += rows
+        counter.backward_calls += calls
 
 
 def _global(t: torch.Tensor, group, op=None) -> torch.Tensor:

@@ -477,6 +477,11 @@ class LmSaeHarvest(Result):
     world_size: int
     resumed_rows: int
     settings: dict
+    # forward and backward passes through the blocks, in passes over the tokens harvested (``tokens``, BOS included;
+    # WorkCounter): the whole job's, summed over the processes. With ``stop_early`` a forward stops after the last
+    # hook harvested, so it counts the blocks up to it (a fraction of a pass); a resumed harvest counts the contexts
+    # it ran; the two two-token probes of the hooks' widths included
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -509,6 +514,11 @@ class LmSaeEvaluation(Result):
     metrics: dict  # DictionaryMetrics.to_dict() (l0, mse, explained_variance, ... dead_fraction)
     seconds: float
     latent_frequency: np.ndarray | None = figure_data()
+    # forward and backward passes through the blocks, in passes over the tokens evaluated (``contexts x context``,
+    # BOS included): three per batch (clean, spliced, zero-ablated) and a two-token probe of the hooks' widths
+    # (WorkCounter); ``work["dictionary"]``: the dictionary's own forwards, in passes over its rows (the positions
+    # after the BOS): two, spliced in and for the reconstruction metrics
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -567,3 +577,7 @@ class LmSaeDashboards(Result):
     summary: tuple[str, ...]
     seconds: dict
     densities: np.ndarray | None = figure_data()
+    # forward and backward passes through the blocks, in passes over the tokens read (``contexts x context``, BOS
+    # included; WorkCounter): each forward stops after the hook (the blocks up to it), plus the induction sequences
+    # and a two-token probe; the dictionary's encoder on the hook's rows is not counted (``encode``, not the network)
+    work: dict | None = None

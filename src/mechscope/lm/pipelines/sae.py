@@ -14,7 +14,9 @@ replaced without ``force``):
 - :func:`sae_show`: dashboards of latents (``dashboards.json``, ``report.html``).
 
 Harvesting and training run data-parallel under ``torchrun`` (``distributed``; detected from its environment):
-rank 0 writes, the others compute (see :mod:`mechscope.core.dictionaries.parallel`).
+rank 0 writes, the others compute (see :mod:`mechscope.core.dictionaries.parallel`). Each JSON's ``work`` holds
+the passes the command made (the whole job's under ``torchrun``): through the blocks for harvest, evaluate and show
+(see each result's field), through the dictionary for train.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
-from mechscope.core.torch_utils import Timer
+from mechscope.core.torch_utils import Timer, WorkCounter
 from mechscope.core.validate import check_seed
 from mechscope.lm.methods import sae as S
+from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.text import read_text
 
 log = logging.getLogger(__name__)
@@ -167,7 +170,9 @@ def sae_harvest(
     with timer.section("load"):
         tm = model or _text_model(model_spec, device, dtype)
     names = [n for s in specs for n in (s.hook, s.target) if n]
-    widths = S.hook_widths(tm.model, names)
+    counter = work_counter(tm.model)
+    with counter.counting():
+        widths = S.hook_widths(tm.model, names)
     tokens, source = _contexts(tm, text_file, settings.context, settings.bos, settings.contexts)
     skip = int(tm.bos is not None and settings.bos)
     per_context = tokens.shape[1] - skip
@@ -191,7 +196,7 @@ def sae_harvest(
 
     started = time.perf_counter()
     try:
-        with timer.section("harvest"):
+        with timer.section("harvest"), counter.counting():
             if rank == 0:
                 results = harvest_many(
                     stream(), [stage / "stores" / s.name for s in specs], shard_rows=settings.shard_rows,
@@ -208,6 +213,7 @@ def sae_harvest(
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    P.sum_work(counter)  # each process counted its slices: the whole job's on every rank
     done_tokens = (len(tokens) - start_ctx) * tokens.shape[1]
     result = None
     if rank == 0:
@@ -222,6 +228,7 @@ def sae_harvest(
             skip_first=skip, contexts=len(tokens), tokens=int(tokens.numel()), rows=results[0].rows, stores=stores,
             seconds=seconds, tokens_per_second=done_tokens / seconds if seconds > 0 else math.nan, world_size=world,
             resumed_rows=results[0].resumed_rows, settings=asdict(settings) | {"stop_early": stop_early},
+            work=counter.report("lm sae harvest", int(tokens.numel())),
         )  # fmt: skip
         with atomic_output(out, force) as tmp:
             for s in specs:
@@ -299,11 +306,13 @@ def sae_train(
     tc = train_config or TrainConfig(lr=lr, seed=seed, max_steps=steps, progress=progress,
                                      checkpoint_every=checkpoint_every,
                                      checkpoint_dir=str(checkpoints_of(out)) if checkpoint_every else None)  # fmt: skip
+    counter = WorkCounter([], "rows")  # the training loop adds its passes through the dictionary (not the network)
     trained = train_from_store(where, cfg, tc, out, batch_size=batch_size, epochs=epochs, resume=resume,
-                               distributed=use_dist, device=device)  # fmt: skip
+                               distributed=use_dist, device=device, counter=counter)  # fmt: skip
+    work = counter.report("lm sae train", entry["rows"]) if rank == 0 else counter.summary(entry["rows"])
     result = S.LmSaeTraining(**training_fields(trained, model=record["model"], hook=entry["hook"],
                                                target=entry["target"], store=str(where), batch_size=batch_size,
-                                               epochs=epochs))  # fmt: skip
+                                               epochs=epochs), work=work)  # fmt: skip
     if rank == 0:
         from mechscope.lm.methods.sae import layer_of
 
@@ -351,21 +360,26 @@ def sae_evaluate(
     sae, hook, target, _ = load_dictionary(dictionary, hook, target)
     timer = Timer("lm sae evaluate")
     tm = model or _text_model(model_spec, device, dtype)
-    S.check_dictionary(tm.model, sae, hook, target)
+    counter, dict_counter = work_counter(tm.model), WorkCounter([sae], "rows")
+    with counter.counting():
+        S.check_dictionary(tm.model, sae, hook, target)
     tokens, source = _contexts(tm, text_file, settings.context, settings.bos, settings.contexts, tail=True)
     skip = int(tm.bos is not None and settings.bos)
     bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, disable=not progress, desc="evaluate")
-    with timer.section("evaluate"):
+    with timer.section("evaluate"), counter.counting(), dict_counter.counting():
         try:
             effect, metrics = S.splice_effect(tm.model, tokens, sae, hook, target, skip_first=skip,
                                               batch=settings.batch, progress=bar.update)  # fmt: skip
         finally:
             bar.close()
+    work = counter.report("lm sae evaluate", int(tokens.numel()))
+    rows = tokens.shape[0] * (tokens.shape[1] - skip)  # the dictionary's rows: the positions after the BOS
+    work["dictionary"] = dict_counter.report("lm sae evaluate, the dictionary", rows)
     result = S.LmSaeEvaluation(
         model=str(model_spec), dictionary=str(dictionary), hook=hook, target=target,
         architecture=sae.cfg.architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, text=source, contexts=len(tokens),
         context=tokens.shape[1], skip_first=skip, effect=effect, metrics=metrics.to_dict(), seconds=timer.total(),
-        latent_frequency=metrics.latent_frequency,
+        latent_frequency=metrics.latent_frequency, work=work,
     )  # fmt: skip
     with atomic_output(out, force) as tmp:
         write_json(tmp / S.LmSaeEvaluation.FILE, result.to_dict())
@@ -392,18 +406,20 @@ def sae_show(
             raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
     timer = Timer("lm sae show")
     tm = model or _text_model(model_spec, device, dtype)
-    S.check_dictionary(tm.model, sae, hook, target)
+    counter = work_counter(tm.model)
+    with counter.counting():
+        S.check_dictionary(tm.model, sae, hook, target)
     tokens, source = _contexts(tm, text_file, settings.context, settings.bos, settings.contexts, tail=True)
     skip = int(tm.bos is not None and settings.bos)
     bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, disable=not progress, desc="latents")
-    with timer.section("latents"):
+    with timer.section("latents"), counter.counting():
         try:
             acts = S.latent_activations(tm.model, tokens, sae, hook, skip_first=skip, batch=settings.batch,
                                         progress=bar.update)  # fmt: skip
         finally:
             bar.close()
     dens = densities(acts)
-    with timer.section("induction"):
+    with timer.section("induction"), counter.counting():
         ind = S.induction_latents(tm.model, sae, hook, seed=seed)
     chosen = _choose(latents, ind, dens, n_induction, n_random, seed)
     with timer.section("weights"):
@@ -425,6 +441,7 @@ def sae_show(
         contexts=len(tokens), context=tokens.shape[1], tokens=acts.n_rows, dead_fraction=float((dens == 0).mean()),
         logit_effect=how, induction=ind, induction_tokens=tuple(decode(t) for t in ind.tokens),
         latents=tuple(dashboards), summary=(), seconds=dict(timer.seconds), densities=dens,
+        work=counter.report("lm sae show", int(tokens.numel())),
     )  # fmt: skip
     result = replace(result, summary=tuple(summary_lines(result)))
     with atomic_output(out, force) as tmp:
