@@ -37,7 +37,7 @@ from mechscope.clip.data.digits import (
     PairSampler,
     all_captions,
 )
-from mechscope.clip.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from mechscope.clip.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, counting, work_counters
 from mechscope.clip.models.tokenizer import CHARS, char_ids, char_tokenizer
 from mechscope.core.errors import MechscopeError
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
@@ -99,6 +99,8 @@ class Trained:
     model: CLIP
     history: list[dict] = field(default_factory=list)  # per logged step: step, loss, accuracy, lr
     seconds: float = 0.0
+    # WorkCounters of the training steps, one per tower (:func:`mechscope.clip.models.clip.work_counters`)
+    counters: dict | None = None
 
 
 def contrastive_loss(logits: torch.Tensor, caption: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,32 +142,34 @@ def train(s: SmallSettings, images: torch.Tensor, labels: torch.Tensor,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=s.lr, betas=(0.9, 0.98))  # fmt: skip
     history: list[dict] = []
+    counters = work_counters(model)  # s.batch images and the batch's distinct captions per step, forward and back
     start = time.perf_counter()
     model.train()
     mean = torch.tensor(0.5)
-    for step in range(s.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
-        x, cap, _, _ = sampler.batch(s.batch)
-        present, column = torch.unique(cap, return_inverse=True)
-        img = model.encode_image((x - mean) / 0.5)
-        txt = model.encode_text(cap_tokens[present])
-        logits = model.similarity(img, txt)
-        loss, acc = contrastive_loss(logits, column)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % 25 == 0 or step == s.steps - 1:
-            row = {"step": step, "loss": round(loss.item(), 5), "accuracy": round(acc.item(), 4),
-                   "lr": lr_at(step, s), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-            history.append(row)
-            if progress is not None:
-                progress(step, row)
+    with counting(counters):
+        for step in range(s.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, s)
+            x, cap, _, _ = sampler.batch(s.batch)
+            present, column = torch.unique(cap, return_inverse=True)
+            img = model.encode_image((x - mean) / 0.5)
+            txt = model.encode_text(cap_tokens[present])
+            logits = model.similarity(img, txt)
+            loss, acc = contrastive_loss(logits, column)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            if step % 25 == 0 or step == s.steps - 1:
+                row = {"step": step, "loss": round(loss.item(), 5), "accuracy": round(acc.item(), 4),
+                       "lr": lr_at(step, s), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+                history.append(row)
+                if progress is not None:
+                    progress(step, row)
     model.eval()
-    return Trained(model, history, time.perf_counter() - start)
+    return Trained(model, history, time.perf_counter() - start, counters)
 
 
 def hf_config(cfg: CLIPConfig) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,7 +18,7 @@ from mechscope.cnn.data.mnist import MNIST
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
-from mechscope.core.torch_utils import Timer, evaluating, n_parameters
+from mechscope.core.torch_utils import Timer, WorkCounter, evaluating, n_parameters
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class TrainResult:
     train_seconds: float
     steps: int
     history: list[dict] = field(default_factory=list)
+    work: dict | None = None  # forward and backward passes, in passes over the training images (WorkCounter)
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,16 @@ class RunMetrics(Result):
     steps: int
     history: list[dict]
     class_names: list[str]
+    # forward and backward passes, in passes over the training images (WorkCounter): the training steps' batches
+    # forward and back, then the test images forward once (the evaluation)
+    work: dict | None = None
 
     @classmethod
     def of(cls, trained: TrainResult, class_names) -> RunMetrics:
         e = trained.evaluation
         return cls(e.accuracy, e.loss, e.per_class_accuracy, e.confusion_matrix, trained.train_seconds,
-                   n_parameters(trained.model), trained.steps, trained.history, list(class_names))  # fmt: skip
+                   n_parameters(trained.model), trained.steps, trained.history, list(class_names),
+                   trained.work)  # fmt: skip
 
 
 @torch.no_grad()
@@ -200,8 +206,16 @@ def train_cnn(
     history: list[dict] = []
     step = 0
     model.train()
+    # images through the stages' convolutions (as CNNSpec.work_counter counts them), training and evaluation
+    counter = WorkCounter([block.conv for block in model.stages], "images")
     clock = Timer()  # seconds since the start of training
-    with tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
+    with (
+        warnings.catch_warnings(),
+        counter.counting(),
+        tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar,
+    ):
+        # the counter's backward hook on conv1, whose input (the images) needs no gradient: torch says so, once
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
         for epoch in range(config.epochs):
             order = torch.randperm(n, generator=generator)
             running, count = 0.0, 0
@@ -248,6 +262,7 @@ def train_cnn(
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise TrainingDiverged(f"non-finite weights after training ({', '.join(bad[:3])}; peak --lr {config.lr:g})")
-    evaluation = evaluate(model, test_images, test_labels, model.config.n_classes)
+    with counter.counting():
+        evaluation = evaluate(model, test_images, test_labels, model.config.n_classes)
     log.info("test accuracy %.4f after %.1f s", evaluation.accuracy, train_seconds)
-    return TrainResult(model, evaluation, train_seconds, step, history)
+    return TrainResult(model, evaluation, train_seconds, step, history, counter.report("cnn train", n))

@@ -295,3 +295,6 @@ class AttackResult(Result):
     seconds: dict
     weights_sha256: str = ""
     machine: str = ""
+    # forward and backward passes of each tower, {"image": ..., "text": ...} (WorkCounter), in passes over the images
+    # attacked and over the class prompts
+    work: dict | None = None

@@ -111,6 +111,9 @@ class TrainResult(Result):
     seconds: dict  # per section
     weights_sha256: str = ""
     machine: str = ""
+    # forward and backward passes of each tower, {"image": ..., "text": ...} (WorkCounter), training and evaluation
+    # together, in passes of one training step: its batch of images (``settings["batch"]``) and every caption once
+    work: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,6 @@ class InspectResult(Result):
     probabilities: tuple[tuple[float, ...], ...] = ()  # [image][prompt]
     weights_sha256: str = ""
     pixels: np.ndarray | None = figure_data()  # [N,C,S,S] unit pixels of the images classified
+    # forward and backward passes of each tower, {"image": ..., "text": ...} (WorkCounter), in passes over the images
+    # classified and over the class prompts; None without zero-shot scores (the model does not run)
+    work: dict | None = None

@@ -397,3 +397,8 @@ class NeuronsResult(Result):
     seconds: dict
     weights_sha256: str = ""
     machine: str = ""
+    # forward and backward passes of each tower, {"image": ..., "text": ...} (WorkCounter), in passes over the dataset
+    # images (``n_dataset``) and over the probe words in every template (text: 0 when no neuron is read in full). A
+    # backward pass from a neuron of layer L (feature visualisation, integrated gradients) counts the L blocks below
+    # it: the part of block L it runs back through is not counted
+    work: dict | None = None

@@ -36,6 +36,8 @@ tiny random checkpoints against them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -377,3 +379,42 @@ def describe(model: CLIP) -> dict:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": ", ".join(sorted({str(p.device) for p in model.parameters()})),
     }
+
+
+def _tower_layers(tower: nn.Module) -> list[nn.Module]:
+    # the blocks one full pass runs once each; a tower without blocks: the tower itself (its input is [B,...] too)
+    return list(tower.blocks) or [tower]
+
+
+def work_counters(model: CLIP, counters: dict | None = None) -> dict:
+    """One :class:`~mechscope.core.torch_utils.WorkCounter` per tower: ``"image"`` counts images through the image
+    tower's blocks, ``"text"`` texts through the text tower's blocks (each block's input is [B,P,D]: B rows). What
+    runs outside the blocks (the patch and token embeddings, SigLIP's attention pooling, the projections) is cheap
+    and not counted. ``counters``: counters already counting another copy of the same architecture (the small model
+    trained, then reloaded to be evaluated): they go on counting on ``model``'s towers, their counts kept."""
+    from mechscope.core.torch_utils import WorkCounter
+
+    towers = {"image": (model.vision, "images"), "text": (model.text, "texts")}
+    if counters is None:
+        return {k: WorkCounter(_tower_layers(tower), unit) for k, (tower, unit) in towers.items()}
+    for k, (tower, _) in towers.items():
+        layers = _tower_layers(tower)
+        if len(layers) != len(counters[k].layers):
+            raise MechscopeError(f"the {k} tower has {len(layers)} blocks, the counter {len(counters[k].layers)}")
+        counters[k].layers = layers
+    return counters
+
+
+@contextmanager
+def counting(counters: dict) -> Iterator[dict]:
+    """Every counter of :func:`work_counters` counting at once (their hooks removed when the block ends)."""
+    with ExitStack() as stack:
+        for c in counters.values():
+            stack.enter_context(c.counting())
+        yield counters
+
+
+def report_work(counters: dict, what: str, rows_per_pass: dict) -> dict:
+    """Each tower's :meth:`~mechscope.core.torch_utils.WorkCounter.report` (one ``-v`` line each), over the rows of
+    one pass of the analysis' main batch of that tower (``rows_per_pass[tower]``): ``{"image": ..., "text": ...}``."""
+    return {k: c.report(f"{what} ({k} tower)", rows_per_pass[k]) for k, c in counters.items()}

@@ -115,6 +115,7 @@ def attack_model(bundle, s: AttackSettings, images=None, data_dir=None, timer: T
     from mechscope.clip.methods.attack import typographic_attack
     from mechscope.clip.methods.evaluate import zero_shot_model
     from mechscope.clip.methods.neurons import check_layers, check_neuron
+    from mechscope.clip.models.clip import counting, report_work, work_counters
     from mechscope.clip.models.views import ImageModel
 
     s.validate()
@@ -149,18 +150,20 @@ def attack_model(bundle, s: AttackSettings, images=None, data_dir=None, timer: T
             what = f"MNIST test digits of class {s.true!r} ({len(unit)})"
         true = torch.full((len(unit),), true_idx, dtype=torch.long)
     size = s.size or max(4, round(bundle.preprocess.image_size * 10 / 32))
-    with timer.section("attack"):
+    counters = work_counters(bundle.model)
+    with timer.section("attack"), counting(counters):
         zs = zero_shot_model(bundle, prompts)
         finding = typographic_attack(
             zs, unit, true, t_idx, s.word, layers, s.k, s.candidates, s.font, size,
             Placement(s.x, s.y), style.fg, style.bg if s.label else None, s.ablation, s.controls, s.seed,
             given=tuple(s.ablate),
         )  # fmt: skip
+    work = report_work(counters, "clip attack", {"image": len(unit), "text": len(prompts)})
     from mechscope.clip.pipelines.train import machine
 
     settings = {**asdict(s), "size": size, "ablate": [f"{x}.{u}" for x, u in s.ablate]}
     return AttackResult(
         bundle.name, bundle.model.cfg.family, s.word, target, tuple(classes), tuple(prompts), what,
         tuple(true.tolist()), tuple(layers), s.ablation, settings, finding,
-        {k: round(v, 2) for k, v in timer.seconds.items()}, weights_hash(bundle.model), machine(),
+        {k: round(v, 2) for k, v in timer.seconds.items()}, weights_hash(bundle.model), machine(), work,
     )  # fmt: skip

@@ -17,7 +17,7 @@ def inspect_bundle(bundle, images=None, prompts=None) -> InspectResult:
     """The record of a loaded model (images: a folder, classified among ``prompts`` when both are given)."""
     from mechscope.clip.data.folder import read_folder
     from mechscope.clip.methods.evaluate import check_prompts, zero_shot, zero_shot_model
-    from mechscope.clip.models.clip import describe
+    from mechscope.clip.models.clip import counting, describe, report_work, work_counters
     from mechscope.core.errors import MechscopeError
     from mechscope.core.hooks import describe_names, hook_points
 
@@ -26,13 +26,16 @@ def inspect_bundle(bundle, images=None, prompts=None) -> InspectResult:
     padding = "to the context" if tok.pad_to_context else "to the longest text"
     tokenizer = {"vocabulary": tok.vocab_size, "context": tok.n_ctx, "start id": tok.bos_id, "end id": tok.eos_id,
                  "pad id": tok.pad_id, "padding": padding}  # fmt: skip
-    names, probs, pixels = (), (), None
+    names, probs, pixels, work = (), (), None, None
     if images is not None or prompts is not None:
         if images is None or prompts is None:
             raise MechscopeError("zero-shot scores need both --images and --prompts")
         prompts = check_prompts(list(prompts))
         pixels, names = read_folder(images, bundle.preprocess)
-        p = zero_shot(zero_shot_model(bundle, prompts), pixels)
+        counters = work_counters(bundle.model)
+        with counting(counters):
+            p = zero_shot(zero_shot_model(bundle, prompts), pixels)
+        work = report_work(counters, "clip inspect", {"image": len(pixels), "text": len(prompts)})
         # SigLIP: each image-text pair's own probability (a sigmoid), as it was trained
         p = p.softmax(-1) if bundle.model.logit_bias is None else torch.sigmoid(p)
         probs = tuple(tuple(float(v) for v in row) for row in p)
@@ -40,7 +43,7 @@ def inspect_bundle(bundle, images=None, prompts=None) -> InspectResult:
     return InspectResult(
         bundle.name, bundle.model.cfg.family, arch, describe_names(hook_points(bundle.model)),
         bundle.preprocess.to_dict(), tokenizer, names, tuple(prompts or ()), probs, weights_hash(bundle.model),
-        None if pixels is None else pixels.numpy(),
+        None if pixels is None else pixels.numpy(), work=work,
     )  # fmt: skip
 
 

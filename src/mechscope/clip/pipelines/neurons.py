@@ -93,15 +93,13 @@ def neurons(model, out=None, settings: NeuronSettings | None = None, images=None
 def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=None,
                timer: Timer | None = None) -> NeuronsResult:  # fmt: skip
     """The analysis on a loaded :class:`~mechscope.clip.models.loading.ClipBundle` (the Python API's door)."""
-    import torch.nn.functional as F
-
     from mechscope.clip.data.digits import DIGIT_WORDS, NUMERALS
     from mechscope.clip.data.folder import read_folder
-    from mechscope.clip.data.probes import concepts_from_folder, digit_concepts, digit_dataset, text_style
-    from mechscope.clip.data.render import check_word, word_images
+    from mechscope.clip.data.probes import digit_dataset, text_style
+    from mechscope.clip.data.render import check_word
     from mechscope.clip.methods import neurons as N
+    from mechscope.clip.models.clip import counting, report_work, work_counters
     from mechscope.clip.models.views import ImageModel
-    from mechscope.core.validate import check_finite
 
     s.validate()
     timer = timer or Timer("clip neurons")
@@ -122,8 +120,6 @@ def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=N
         templates = tuple(bundle.small.get("captions", {}).values()) or GENERAL_TEMPLATES
     else:
         templates = GENERAL_TEMPLATES
-    d_mlp = view.vision.cfg.d_mlp
-
     with timer.section("dataset"):  # first: a bad folder is refused before any long step
         if images is not None:
             data, names = read_folder(images, bundle.preprocess)
@@ -131,6 +127,32 @@ def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=N
         else:
             data, names = digit_dataset(bundle, data_dir=data_dir)
             source = "MNIST test digits (30 per digit) and drawn digit words and numerals"
+    counters = work_counters(bundle.model)
+    with counting(counters):
+        con, mm, readings = _analyse(view, bundle, s, layers, style, words, templates, data, names, concepts, data_dir,
+                                     timer)  # fmt: skip
+    # the main batches: the dataset read for top images, and the probe words in every template (embedded once)
+    work = report_work(counters, "clip neurons", {"image": len(data), "text": len(words) * len(templates)})
+    settings = asdict(s)
+    return NeuronsResult(
+        bundle.name, bundle.model.cfg.family, tuple(layers), s.reduce, settings, con.source, source, len(data), mm,
+        tuple(readings), tuple(words), templates, {k: round(v, 2) for k, v in timer.seconds.items()},
+        weights_hash(bundle.model), _machine(), work,
+    )  # fmt: skip
+
+
+def _analyse(view, bundle, s: NeuronSettings, layers, style, words, templates, data, names, concepts, data_dir,
+             timer: Timer) -> tuple:  # fmt: skip
+    """Every step that runs the model: the concepts' multimodality, the dataset's responses, and the neurons read
+    in full; returns (concepts, multimodality, readings)."""
+    import torch.nn.functional as F
+
+    from mechscope.clip.data.probes import concepts_from_folder, digit_concepts
+    from mechscope.clip.data.render import word_images
+    from mechscope.clip.methods import neurons as N
+    from mechscope.core.validate import check_finite
+
+    d_mlp = view.vision.cfg.d_mlp
     with timer.section("concepts"):
         if concepts is not None:
             con = concepts_from_folder(concepts, bundle, s.positions, s.seed)
@@ -193,12 +215,7 @@ def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=N
                     diverse=div.images[i * s.diverse : (i + 1) * s.diverse].cpu().numpy() if div is not None else None,
                     top_attribution=attr.cpu().numpy(),
                 ))  # fmt: skip
-    settings = asdict(s)
-    return NeuronsResult(
-        bundle.name, bundle.model.cfg.family, tuple(layers), s.reduce, settings, con.source, source, len(data), mm,
-        tuple(readings), tuple(words), templates, {k: round(v, 2) for k, v in timer.seconds.items()},
-        weights_hash(bundle.model), _machine(),
-    )  # fmt: skip
+    return con, mm, tuple(readings)
 
 
 def _machine() -> str:

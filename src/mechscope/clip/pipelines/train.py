@@ -31,6 +31,8 @@ def machine() -> str:
 def train_small(out=None, settings: SmallSettings | None = None, data_dir=None, force: bool = False,
                 threads: int = 1, progress: bool = False) -> tuple[Path, TrainResult]:  # fmt: skip
     """Train, evaluate and save the small model into ``out`` (default runs/clip/small); returns (path, result)."""
+    from mechscope.clip.data.digits import all_captions
+    from mechscope.clip.models.clip import counting, report_work, work_counters
     from mechscope.clip.models.loading import load_clip
     from mechscope.cnn.data.mnist import load_mnist
 
@@ -52,11 +54,15 @@ def train_small(out=None, settings: SmallSettings | None = None, data_dir=None, 
                 save_small(tmp, trained, s)
             with timer.section("evaluation"):
                 bundle = load_clip(tmp, device="cpu", dtype="float32")
-                evaluation = evaluate_small(bundle, data_dir=data_dir)
+                counters = work_counters(bundle.model, trained.counters)  # the training's counts, going on
+                with counting(counters):
+                    evaluation = evaluate_small(bundle, data_dir=data_dir)
+            # in passes of one training step: its batch of images, and every caption once
+            work = report_work(counters, "clip train", {"image": s.batch, "text": len(all_captions())})
             result = TrainResult(
                 str(out), {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
                 n_parameters(trained.model), tuple(trained.history), evaluation, round(trained.seconds, 2),
-                {k: round(v, 2) for k, v in timer.seconds.items()}, weights_hash(bundle.model), machine(),
+                {k: round(v, 2) for k, v in timer.seconds.items()}, weights_hash(bundle.model), machine(), work,
             )  # fmt: skip
             write_json(tmp / TrainResult.FILE, result.to_dict())
             result.save_html(tmp / "report.html")
