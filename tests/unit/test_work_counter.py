@@ -63,3 +63,27 @@ def test_report_logs_the_one_line_that_minus_v_shows(caplog):
         work = counter.report("lm something", 5)
     assert work == counter.summary(5) and work["forward_passes"] == 2.0
     assert caplog.messages == ["lm something: 2.0 forward and 0.0 backward passes of 5 tokens"]
+
+
+def test_counting_keeps_in_place_activations_working_and_the_gradients_unchanged():
+    """A user's network with ReLU(inplace=True) after a counted convolution: a module's full backward hook made
+    the gradient fail ("Output 0 of BackwardHookFunction is a view and is being modified inplace")."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 5 * 5, 10),
+    ).eval()  # fmt: skip
+    spec = walk(net, (1, 28, 28))
+    x = torch.rand(6, 1, 28, 28)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    counter = spec.work_counter()
+    with counter.counting():
+        spec.model(a).logsumexp(1).sum().backward()
+    net(b).logsumexp(1).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    work = counter.summary(6)
+    assert (work["forward_passes"], work["backward_passes"]) == (1.0, 1.0)
+    kept = spec.model(a.detach().requires_grad_(True)).sum()  # made after the counting: not counted
+    kept.backward()
+    assert counter.summary(6) == work

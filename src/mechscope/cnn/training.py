@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -209,13 +208,7 @@ def train_cnn(
     # images through the stages' convolutions (as CNNSpec.work_counter counts them), training and evaluation
     counter = WorkCounter([block.conv for block in model.stages], "images")
     clock = Timer()  # seconds since the start of training
-    with (
-        warnings.catch_warnings(),
-        counter.counting(),
-        tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar,
-    ):
-        # the counter's backward hook on conv1, whose input (the images) needs no gradient: torch says so, once
-        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+    with counter.counting(), tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
         for epoch in range(config.epochs):
             order = torch.randperm(n, generator=generator)
             running, count = 0.0, 0

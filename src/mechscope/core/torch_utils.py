@@ -92,7 +92,8 @@ class WorkCounter:
     part-way (an intervention rerunning the layers after the one it changed) counts the layers it ran. So
     ``forward_rows / len(layers)`` is the rows pushed through the whole model, and dividing by the rows of one
     pass of the analysis' main batch gives the number of full passes it cost. Backward passes are counted the
-    same way from the gradients flowing out of each layer. Hooks are removed when the counting ends.
+    same way from the gradients reaching each layer's output. Hooks are removed (and stop counting) when the
+    counting ends.
     """
 
     def __init__(self, layers, unit: str, rows=None) -> None:
@@ -106,23 +107,34 @@ class WorkCounter:
 
     @contextmanager
     def counting(self) -> Iterator[WorkCounter]:
+        active = [True]
+
         def on_forward(module, args):
             if args and isinstance(args[0], torch.Tensor):
                 self.forward_calls += 1
                 self.forward_rows += self.rows(args[0])
 
-        def on_backward(module, grad_output):
-            if grad_output and isinstance(grad_output[0], torch.Tensor):
+        def on_backward(grad: torch.Tensor) -> None:
+            if active[0]:  # a graph kept beyond the counting counts nothing more
                 self.backward_calls += 1
-                self.backward_rows += self.rows(grad_output[0])
+                self.backward_rows += self.rows(grad)
+
+        def on_output(module, args, out):
+            # The gradient reaching the layer's output, by a hook on that tensor: a module's full backward hook
+            # would wrap the output in a custom function, and an in-place operation after the layer (ReLU(inplace
+            # =True), common in users' networks) then fails on it.
+            out = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(on_backward)
 
         handles = []
         try:
             for m in self.layers:
                 handles.append(m.register_forward_pre_hook(on_forward))
-                handles.append(m.register_full_backward_pre_hook(on_backward))
+                handles.append(m.register_forward_hook(on_output))
             yield self
         finally:
+            active[0] = False
             for h in handles:
                 h.remove()
 
