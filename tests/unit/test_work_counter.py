@@ -87,3 +87,22 @@ def test_counting_keeps_in_place_activations_working_and_the_gradients_unchanged
     kept = spec.model(a.detach().requires_grad_(True)).sum()  # made after the counting: not counted
     kept.backward()
     assert counter.summary(6) == work
+
+
+def test_combine_work_adds_models_of_different_depths_in_rows_through_each_whole_model():
+    from mechscope.core.torch_utils import combine_work
+
+    deep, shallow = tiny_lm(4), tiny_lm(1)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    parts = {}
+    for name, model, runs in (("deep", deep, 3), ("shallow", shallow, 1)):
+        counter = work_counter(model)
+        with counter.counting(), torch.no_grad():
+            for _ in range(runs):
+                model(tokens)
+        parts[name] = counter.summary(10)
+    work = combine_work(parts, "both", 10)
+    assert work["forward_tokens"] == 40 and work["forward_passes"] == 4.0
+    assert work["parts"] == {"deep": {"forward_passes": 3.0, "backward_passes": 0.0},
+                             "shallow": {"forward_passes": 1.0, "backward_passes": 0.0}}  # fmt: skip
+    assert work["layer_calls"] == {"forward": 3 * 4 + 1, "backward": 0}

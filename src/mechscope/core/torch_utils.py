@@ -155,7 +155,39 @@ class WorkCounter:
     def report(self, what: str, rows_per_pass: int) -> dict:
         """:meth:`summary`, and the same counts as one line at INFO (``-v``): ``what: F forward and B backward
         passes of R <unit>``. Every pipeline records its work this way, for its JSON's ``work``."""
-        work = self.summary(rows_per_pass)
-        log.info("%s: %s forward and %s backward passes of %s %s", what, work["forward_passes"],
-                 work["backward_passes"], rows_per_pass, self.unit)  # fmt: skip
-        return work
+        return _logged(what, self.summary(rows_per_pass))
+
+
+def _logged(what: str, work: dict) -> dict:
+    log.info("%s: %s forward and %s backward passes of %s %s", what, work["forward_passes"],
+             work["backward_passes"], work["rows_per_pass"], work["unit"])  # fmt: skip
+    return work
+
+
+def combine_work(parts: dict[str, dict], what: str, rows_per_pass: int) -> dict:
+    """Several :meth:`WorkCounter.summary` dicts of one unit (several models, of the same depth or not, or the
+    phases of a command, each counted in its own full passes) added up and expressed in passes of ``rows_per_pass``
+    rows, as :meth:`WorkCounter.report` does for one counter (the ``-v`` line included); ``parts``: each summary's
+    passes in those units."""
+    unit = next(iter(parts.values()))["unit"]
+    per = max(rows_per_pass, 1)
+
+    def passes(p: dict) -> dict:
+        return {"forward_passes": round(p[f"forward_{unit}"] / per, 3),
+                "backward_passes": round(p[f"backward_{unit}"] / per, 3)}  # fmt: skip
+
+    fwd = sum(p[f"forward_{unit}"] for p in parts.values())
+    bwd = sum(p[f"backward_{unit}"] for p in parts.values())
+    work = {
+        "unit": unit,
+        "rows_per_pass": rows_per_pass,
+        "forward_passes": round(fwd / per, 3),
+        "backward_passes": round(bwd / per, 3),
+        f"forward_{unit}": fwd,
+        f"backward_{unit}": bwd,
+        "layer_calls": {k: sum(p["layer_calls"][k] for p in parts.values()) for k in ("forward", "backward")},
+        "parts": {name: passes(p) for name, p in parts.items()},
+    }
+    return _logged(what, work)
+
+

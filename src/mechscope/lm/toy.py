@@ -54,19 +54,35 @@ MAX_WIDTH = 65_536
 @dataclass(frozen=True)
 class ToyTraining(Result):
     """``lm train-toy``'s record: ``series`` is what training.json holds (config, the measurements at every
-    checkpoint, the phase change, the circuit; ``series["control"]`` the 1-layer control's, when trained)."""
+    checkpoint, the phase change, the circuit; ``series["control"]`` the 1-layer control's, when trained).
+
+    ``work``: the forward and backward passes through the blocks (:func:`train_toy` counts each model's training
+    steps and checkpoint measurements), in passes over the training split's tokens for text data and over one
+    training batch's (``batch`` × ``n_ctx``) for synthetic data, drawn afresh every step (``pass_over`` says which);
+    the command's whole work (with ``parts``: each model's) when the 1-layer control was trained too. In
+    training.json it is the entry ``work`` beside the series (the control's own sits in ``control``)."""
 
     SCHEMA = "mechscope.toy/1"
     FILE = "training.json"
 
     series: dict
+    work: dict | None = None  # forward and backward passes, in passes over the training split or one batch (above)
+
+    def __post_init__(self) -> None:  # a series straight from train_toy carries its work: it goes to the field
+        if "work" in self.series:
+            series = dict(self.series)
+            work = series.pop("work")
+            object.__setattr__(self, "series", series)
+            if self.work is None:
+                object.__setattr__(self, "work", work)
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, **self.series}
+        work = {} if self.work is None else {"work": self.work}
+        return {"schema": self.SCHEMA, **self.series, **work}
 
     @classmethod
     def from_dict(cls, d: dict) -> ToyTraining:
-        return cls({k: v for k, v in d.items() if k != "schema"})
+        return cls({k: v for k, v in d.items() if k not in ("schema", "work")}, d.get("work"))
 
     def __repr__(self) -> str:
         p = self.series.get("phase_change", {})
@@ -275,7 +291,10 @@ def detect_phase_change(
 
 
 def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, progress: bool = True) -> dict:
-    """Train, measure at every checkpoint, save checkpoints under ``out``; return the series."""
+    """Train, measure at every checkpoint, save checkpoints under ``out``; return the series, with ``work``: the
+    passes through the blocks of the training steps and the measurements (see :class:`ToyTraining`)."""
+    from mechscope.lm.models.transformer import work_counter
+
     cfg.validate()
     data = Data(cfg, text)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -301,10 +320,10 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             save_tensors(out / "checkpoints" / f"step_{step:06d}.safetensors", model.state_dict())
 
     model.train()
-    record(0)
-    with tqdm(
-        total=cfg.n_steps, desc=f"train {cfg.layers}-layer", unit="step", disable=not progress, leave=False
-    ) as bar:
+    counter = work_counter(model)
+    bar = tqdm(total=cfg.n_steps, desc=f"train {cfg.layers}-layer", unit="step", disable=not progress, leave=False)
+    with counter.counting(), bar:
+        record(0)
         for step in range(1, cfg.n_steps + 1):
             x = data.batch(g, cfg.batch)
             loss = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:])
@@ -324,6 +343,11 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
                     loss=f"{running / count:.3f}", induction=f"{max(map(max, series[-1]['induction'])):.2f}"
                 )
                 running, count = 0.0, 0
+    if data.chars is None:  # synthetic tokens are drawn afresh every step: a pass is one step's batch
+        per, pass_over = cfg.batch * cfg.n_ctx, f"one training batch ({cfg.batch} x {cfg.n_ctx} tokens)"
+    else:
+        per, pass_over = len(data.train_ids), "the training split (the first 90% of the text)"
+    work = counter.report(f"lm train-toy ({cfg.layers} layer{'s' * (cfg.layers > 1)})", per) | {"pass_over": pass_over}
     last = series[-1]
     top_layer = cfg.layers - 1
     ind_series = [max(row["induction"][top_layer]) for row in series]
@@ -357,7 +381,7 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             i0, i1 = steps.index(phase["window"][0]), steps.index(phase["window"][1])
             result["circuit"]["k_composition_jump_at_phase_change"] = comp[i1] - comp[i0]
             result["circuit"]["k_composition_range"] = float(np.ptp(comp))
-    return result
+    return result | {"work": work}
 
 
 @torch.no_grad()

@@ -81,3 +81,5 @@ class ActivationComparison(Result):
     seconds: dict[str, float]
     summary: list[str] = field(default_factory=list)
     stages: dict | None = figure_data()
+    work: dict | None = None  # forward and backward passes of the selectivity readings, all networks together, in
+    # passes over the test_images (WorkCounter; ``parts``: each network's); the trainings are not counted

@@ -9,6 +9,7 @@ atomically, never over an existing folder without ``force``.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from mechscope.cnn.methods.attribution_graph import (
     train_dictionaries,
 )
 from mechscope.cnn.methods.replacement import StageDictionaries
+from mechscope.cnn.models.spec import walk
+from mechscope.core.attribution_graph import PhaseWork
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -72,45 +75,53 @@ def graph_model(
         raise MechscopeError(f"image {image} outside the {split} split's 0..{len(images) - 1}")
     model = r.model
     trained = None
-    with timer.section("dictionaries"):
-        if isinstance(dictionaries, StageDictionaries):
-            dicts = dictionaries
-        elif dictionaries == "channels":
-            dicts = StageDictionaries.channels(model)
-        elif dictionaries is not None:
-            dicts = StageDictionaries.load(dictionaries)
-        else:
-            tr = training or CnnDictionaryTraining(kind=kind)
-            trained = train_dictionaries(model, data.train_float(), data.test_float(), tr, progress)
-            dicts = trained.dictionaries
-        dicts.check(model)
-    with timer.section("graph"):
-        graph, rep = cnn_attribution_graph(
-            model,
-            dicts,
-            images[image],
-            target=target,
-            label=int(labels[image]),
-            class_names=r.class_names,
-            settings=settings,
-            name=str(run),
-        )
-    checks = []
-    with timer.section("interventions"):
-        feats = graph.features()
-        if auto_intervention and feats:
-            checks.append(intervene(graph, rep, [feats[0]["id"]]))
-        for group in ablate or []:
-            checks.append(intervene(graph, rep, group))
-        for node, value in steer or []:
-            checks.append(intervene(graph, rep, [node], value=value, scale=None))
-    dash = {}
-    if dashboards and feats:
-        with timer.section("dashboards"):
-            dash = feature_examples(
-                model, dicts, images[:2000], [(f["layer"], f["feature"]) for f in feats[:dashboards]]
+    work = PhaseWork(walk(model, data.shape).work_counter())  # images through the stages' convolutions, by phase
+
+    @contextmanager
+    def step(name: str):
+        with timer.section(name), work.phase(name):
+            yield
+
+    with work.counter.counting():
+        with step("dictionaries"):
+            if isinstance(dictionaries, StageDictionaries):
+                dicts = dictionaries
+            elif dictionaries == "channels":
+                dicts = StageDictionaries.channels(model)
+            elif dictionaries is not None:
+                dicts = StageDictionaries.load(dictionaries)
+            else:
+                tr = training or CnnDictionaryTraining(kind=kind)
+                trained = train_dictionaries(model, data.train_float(), data.test_float(), tr, progress)
+                dicts = trained.dictionaries
+            dicts.check(model)
+        with step("graph"):
+            graph, rep = cnn_attribution_graph(
+                model,
+                dicts,
+                images[image],
+                target=target,
+                label=int(labels[image]),
+                class_names=r.class_names,
+                settings=settings,
+                name=str(run),
             )
-            dash = {k: {"examples": v, "note": f"top of the first 2,000 {split} images"} for k, v in dash.items()}
+        checks = []
+        with step("interventions"):
+            feats = graph.features()
+            if auto_intervention and feats:
+                checks.append(intervene(graph, rep, [feats[0]["id"]]))
+            for group in ablate or []:
+                checks.append(intervene(graph, rep, group))
+            for node, value in steer or []:
+                checks.append(intervene(graph, rep, [node], value=value, scale=None))
+        dash = {}
+        if dashboards and feats:
+            with step("dashboards"):
+                dash = feature_examples(
+                    model, dicts, images[:2000], [(f["layer"], f["feature"]) for f in feats[:dashboards]]
+                )
+                dash = {k: {"examples": v, "note": f"top of the first 2,000 {split} images"} for k, v in dash.items()}
     dic = dict(graph.dictionaries)
     if trained is not None:
         dic |= {
@@ -128,6 +139,7 @@ def graph_model(
         seconds={**graph.seconds, **{f"pipeline: {k}": v for k, v in timer.seconds.items()}},
         full=graph.full,
         title=f"image {image} of {split} (label {r.class_names[int(labels[image])]}), " + graph.title,
+        work=work.report("cnn graph", 1, graph.counts, graph.settings["batch_size"], _not_counted(trained)),
     )
     if out is None:
         return None, graph
@@ -138,6 +150,14 @@ def graph_model(
             dicts.save(tmp / "dictionaries", run=str(run))
             write_json(tmp / "dictionaries" / "training.json", trained.to_dict())
     return out, graph
+
+
+def _not_counted(trained) -> str:
+    """What ``work`` leaves out (:class:`~mechscope.core.attribution_graph.PhaseWork`)."""
+    out = "the dictionaries' encoders and decoders and the read-out (not convolutions)"
+    if trained is not None:
+        out += "; the training steps of the dictionaries trained here (their activations' harvest is counted)"
+    return out
 
 
 def write_outputs(graph, where: Path, slug: str = "graph") -> None:

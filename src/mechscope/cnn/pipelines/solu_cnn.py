@@ -28,7 +28,9 @@ def solu_compare_cnn(
     progress=None,
 ) -> tuple[Path, ActivationComparison]:
     """Train one run per activation under ``out`` (``relu/``, ``gelu/``, ``solu/``: ordinary run
-    directories) and write compare.json and report.html beside them."""
+    directories) and write compare.json and report.html beside them. ``work``: the selectivity readings' passes
+    through each network's stages, in passes over the test images read; the trainings are not counted (they run
+    inside ``cnn train``; each run's epochs are in ``training``)."""
     from mechscope.cnn.data.images import load_dataset
     from mechscope.cnn.methods.activations import ExplainData, collect
     from mechscope.cnn.methods.channel_selectivity import channel_selectivity
@@ -54,7 +56,7 @@ def solu_compare_cnn(
     check_target(out, force)
     data = load_dataset(dataset, data_dir, class_names)
     ed = ExplainData.from_dataset(data, test_limit, n_mean=1000, held_out=0)
-    rows, stages = [], {}
+    rows, stages, counts = [], {}, {}
     timer = Timer("solu-compare")
     with atomic_output(out, force) as tmp:
         for act in acts_asked:
@@ -65,7 +67,10 @@ def solu_compare_cnn(
             with timer.section(f"selectivity {act}"):
                 model = load_run(run).model
                 spec = walk(model, data.shape)
-                found = channel_selectivity(model, spec, ed, collect(model, spec, ed))
+                counter = spec.work_counter()
+                with counter.counting():
+                    found = channel_selectivity(model, spec, ed, collect(model, spec, ed))
+                counts[act] = counter
             stages[act] = found
             rows.append(
                 {
@@ -82,12 +87,21 @@ def solu_compare_cnn(
         result = ActivationComparison(
             dataset=data.name, class_names=list(data.class_names), test_images=len(ed.y), training=config.to_dict(),
             shape=kept, models=rows, channels={act: [plain(s) for s in found] for act, found in stages.items()},
-            seconds=dict(timer.seconds) | {"total": timer.total()}, stages=stages,
+            seconds=dict(timer.seconds) | {"total": timer.total()}, stages=stages, work=_work(counts, len(ed.y)),
         )  # fmt: skip
         result = replace(result, summary=summary_lines(result.to_dict()))
         write_json(tmp / "compare.json", result.to_dict())
         write_report(result.to_dict(), stages, tmp / "report.html")
     return out, result
+
+
+def _work(counters: dict, n: int) -> dict:
+    """The readings' counts (one WorkCounter per network) added up, in passes over the ``n`` test images, with
+    ``parts``: each network's."""
+    from mechscope.core.torch_utils import combine_work
+
+    work = combine_work({act: c.summary(n) for act, c in counters.items()}, "cnn solu-compare", n)
+    return work | {"not_counted": "the training of each network (cnn train's loop; each run's epochs are in training)"}
 
 
 def _stage_stats(s) -> dict:

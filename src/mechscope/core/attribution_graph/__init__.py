@@ -9,7 +9,8 @@ adapts it to :class:`LinearSystem`; this package does the rest on tensors:
 - influence.py: normalised adjacency, influence, pruning and the replacement and completeness scores, on sparse
   triplets.
 - :class:`AttributionGraph`, :class:`NodeInfo`, :func:`assemble`, :func:`load_graph` (graph.py): the result, its
-  checked JSON (annotations included) and circuit-tracer's graph JSON.
+  checked JSON (annotations included) and circuit-tracer's graph JSON; :class:`PhaseWork`, the passes a graph
+  command made, by phase.
 - :func:`propagate` (predict.py): what the graph predicts for an intervention; checks.py: edges against direct
   interventions (:func:`check_edges`), interventions against predictions (:func:`intervene`).
 """
@@ -19,6 +20,7 @@ from mechscope.core.attribution_graph.checks import GraphIntervention, check_edg
 from mechscope.core.attribution_graph.graph import (
     AttributionGraph,
     NodeInfo,
+    PhaseWork,
     assemble,
     check_graph_record,
     load_graph,
@@ -33,6 +35,7 @@ __all__ = [
     "GraphIntervention",
     "LinearSystem",
     "NodeInfo",
+    "PhaseWork",
     "Pruned",
     "Triplets",
     "assemble",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -240,6 +242,8 @@ class AttributionGraph(Result):
     pinned: tuple[str, ...] = ()
     supernodes: tuple[dict, ...] = ()
     full: Any = figure_data()
+    work: dict | None = None  # forward and backward passes through the model's layers, in passes over the one input
+    # (a prompt's tokens, one image), by phase, beside the graph's own count of its backward passes (see PhaseWork)
 
     def __post_init__(self) -> None:
         check_graph_record(self.to_dict(), "attribution graph", self.SCHEMA)
@@ -358,6 +362,56 @@ class AttributionGraph(Result):
             "nodes": out_nodes,
             "links": links,
         }
+
+
+# ---- the work a graph command did ------------------------------------------------------------------------
+
+
+class PhaseWork:
+    """One :class:`~mechscope.core.torch_utils.WorkCounter`'s counts, in total and split by the phases of a graph
+    command (``with work.phase("graph"): ...``; a phase entered twice adds up).
+
+    What the counter sees of a graph: its layers (a transformer's blocks, a CNN's stage convolutions) run for the
+    model's own passes and for every run of the replacement model, which is the model with hooks (nonlinearities
+    frozen, each dictionary's output in place of the part it replaces); the kept pass the rows are read from is
+    ``batch_size`` copies of the input. Each of the graph's backward passes (``counts["backward_passes"]``, one per
+    batch of rows, always over those copies) counts only the layers whose output its gradient reaches, and the
+    gradient stops at the dictionaries' outputs. In a transformer: every block for a logit's row, and for a
+    feature's row the blocks below the feature's layer (the residual stream carries the gradient past the replaced
+    MLPs; the attention of the feature's own block, which its gradient crosses too, is not counted). In a CNN, whose
+    stages are chained through their replaced outputs: no convolution for a logit's row, the feature's own stage's
+    for a feature's row (more where a dictionary has a skip path, which passes the gradient on to its input). Not
+    counted at all: the dictionaries' encoders and decoders, the read-out (unembedding, fully connected layers), and
+    the training steps of dictionaries trained in the command (the harvest of their activations is counted).
+    """
+
+    def __init__(self, counter) -> None:
+        self.counter = counter
+        self.rows: dict[str, tuple[int, int]] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        c = self.counter
+        f, b = c.forward_rows, c.backward_rows
+        try:
+            yield
+        finally:
+            pf, pb = self.rows.get(name, (0, 0))
+            self.rows[name] = (pf + c.forward_rows - f, pb + c.backward_rows - b)
+
+    def report(self, what: str, rows_per_pass: int, counts: dict, batch_size: int, not_counted: str) -> dict:
+        """The counter's :meth:`~mechscope.core.torch_utils.WorkCounter.report` (the log line included), with
+        ``phases`` (each phase's passes) and ``graph`` (the graph's own count of its rows and backward passes, and the
+        copies of the input each backward pass runs over)."""
+        work = self.counter.report(what, rows_per_pass)
+        n = max(len(self.counter.layers), 1) * max(rows_per_pass, 1)
+        work["phases"] = {
+            k: {"forward_passes": round(f / n, 3), "backward_passes": round(b / n, 3)}
+            for k, (f, b) in self.rows.items()
+        }
+        work["graph"] = {"rows": counts["rows"], "backward_passes": counts["backward_passes"], "copies": batch_size}
+        work["not_counted"] = not_counted
+        return work
 
 
 # ---- checking a record ---------------------------------------------------------------------------

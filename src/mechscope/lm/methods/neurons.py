@@ -280,6 +280,8 @@ class NeuronsResult(Result):
     layers: tuple[LayerNeurons, ...]
     tokens: torch.Tensor = figure_data()  # the sample [N, P] (the report decodes contexts from it)
     decoder: Callable[[int], str] | None = figure_data()
+    work: dict | None = None  # forward and backward passes through the blocks, in passes over the sample's N x P
+    # tokens (WorkCounter; `lm neurons`: one for the top activations and the share of sequences holding a context shown)
 
     def ranking(self) -> list[tuple[int, int]]:
         """(layer, neuron) of every counted neuron, most monosemantic first: lowest entropy, then
@@ -379,6 +381,11 @@ class SoluComparison(Result):
 
     ``models``: per model its training figures and its neurons' distribution figures; ``neurons``: each
     model's :class:`NeuronsResult` (in memory, for the report; each is also saved beside its run).
+
+    ``work``: every pass through the blocks, in passes over the held-out sample the neurons are read on
+    (``sequences`` windows of ``n_ctx`` tokens), with ``parts``: each model's training (its steps and checkpoint
+    measurements, counted by :func:`~mechscope.lm.toy.train_toy`) and analysis (its held-out loss over the whole
+    held-out text, and the neuron readings).
     """
 
     SCHEMA = "mechscope.solu-compare/1"
@@ -392,6 +399,7 @@ class SoluComparison(Result):
     summary: list[str]
     seconds: dict[str, float]
     neurons: dict[str, NeuronsResult] | None = figure_data()
+    work: dict | None = None  # forward and backward passes, in passes over the held-out sample read (WorkCounter)
 
 
 @torch.no_grad()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from mechscope.core.attribution_graph import PhaseWork
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -30,6 +32,7 @@ from mechscope.lm.methods.attribution_graph_qk import qk_attribution
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
 from mechscope.lm.methods.replacement import Transcoders
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
+from mechscope.lm.models.transformer import work_counter
 
 log = logging.getLogger(__name__)
 
@@ -187,46 +190,54 @@ def graph_model(
         name = name or spec
     ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
     tgt = resolve_targets(model, tokenizer, targets)
-    with timer.section("transcoders"):
-        tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
-    with timer.section("graph"):
-        graph, rep = attribution_graph(
-            model,
-            tcs,
-            ids,
-            tokenizer=tokenizer,
-            targets=tgt,
-            logit_pos=logit_pos,
-            settings=settings,
-            name=name or model.cfg.name,
-        )
-    checks = []
-    with timer.section("interventions"):
-        feats = graph.features()
-        if auto_intervention and feats:
-            checks.append(intervene(graph, rep, [feats[0]["id"]]))
-        for group in ablate or []:
-            checks.append(intervene(graph, rep, group))
-        for node, value in steer or []:
-            checks.append(intervene(graph, rep, [node], value=value, scale=None))
-    qks = []
-    with timer.section("qk"):
-        labels = list(graph.input_labels)
-        for spec in qk or []:
-            layer, head, *rest = spec
-            qp = rest[0] if len(rest) > 0 else None
-            kp = rest[1] if len(rest) > 1 else None
-            qks.append(qk_attribution(rep, layer, head, qp, kp, labels=labels))
-    path_rows = []
-    if paths:
-        with timer.section("paths"):
-            path_rows.append(edge_paths(rep, 0, n=paths))
-    dash = {}
-    if dashboards and feats and tokenizer is not None and examples:
-        with timer.section("dashboards"):
-            dash = _dashboards(
-                model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text_file
+    work = PhaseWork(work_counter(model))  # the blocks' passes, by phase (see PhaseWork for what they include)
+
+    @contextmanager
+    def step(name: str):
+        with timer.section(name), work.phase(name):
+            yield
+
+    with work.counter.counting():
+        with step("transcoders"):
+            tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
+        with step("graph"):
+            graph, rep = attribution_graph(
+                model,
+                tcs,
+                ids,
+                tokenizer=tokenizer,
+                targets=tgt,
+                logit_pos=logit_pos,
+                settings=settings,
+                name=name or model.cfg.name,
             )
+        checks = []
+        with step("interventions"):
+            feats = graph.features()
+            if auto_intervention and feats:
+                checks.append(intervene(graph, rep, [feats[0]["id"]]))
+            for group in ablate or []:
+                checks.append(intervene(graph, rep, group))
+            for node, value in steer or []:
+                checks.append(intervene(graph, rep, [node], value=value, scale=None))
+        qks = []
+        with step("qk"):
+            labels = list(graph.input_labels)
+            for spec in qk or []:
+                layer, head, *rest = spec
+                qp = rest[0] if len(rest) > 0 else None
+                kp = rest[1] if len(rest) > 1 else None
+                qks.append(qk_attribution(rep, layer, head, qp, kp, labels=labels))
+        path_rows = []
+        if paths:
+            with step("paths"):
+                path_rows.append(edge_paths(rep, 0, n=paths))
+        dash = {}
+        if dashboards and feats and tokenizer is not None and examples:
+            with step("dashboards"):
+                dash = _dashboards(
+                    model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text_file
+                )
     if trained is not None:
         dic = dict(graph.dictionaries) | {
             "quality": [
@@ -246,6 +257,7 @@ def graph_model(
         paths=tuple(p.to_dict() for p in path_rows),
         seconds={**graph.seconds, **{f"pipeline: {k}": v for k, v in timer.seconds.items()}},
         full=graph.full,
+        work=work.report("lm graph", len(ids), graph.counts, graph.settings["batch_size"], _not_counted(trained)),
     )
     if out is None:
         return None, graph
@@ -257,6 +269,13 @@ def graph_model(
             write_json(tmp / "transcoders" / "training.json", trained.to_dict())
     return out, graph
 
+
+def _not_counted(trained) -> str:
+    """What ``work`` leaves out (:class:`~mechscope.core.attribution_graph.PhaseWork`)."""
+    out = "the transcoders' encoders and decoders and the unembedding (not blocks)"
+    if trained is not None:
+        out += "; the training steps of the transcoders trained here (their activations' harvest is counted)"
+    return out
 
 
 def write_outputs(graph, where: Path, slug: str = "graph") -> None:

@@ -147,7 +147,10 @@ def neurons(
     device_map=None,
     revision=None,
 ):
-    """Every MLP neuron's top contexts and monosemanticity figures: neurons.json and report.html."""
+    """Every MLP neuron's top contexts and monosemanticity figures: neurons.json and report.html. ``work``: the
+    passes through the blocks, in passes over the text sample (its sequences x positions, a BOS included)."""
+    from mechscope.lm.models.transformer import work_counter
+
     settings = settings or NeuronSettings()
     settings.validate()
     out = Path(out) if out is not None else model_out("neurons", model_spec)
@@ -156,7 +159,10 @@ def neurons(
     check_neurons_asked(tm.model, settings)
     text, source = read_text(text_file)
     tokens = text_sample(tm, text, settings)
-    result = replace(analyse(tm, tokens, settings, source, progress), decoder=tm.decode)
+    counter = work_counter(tm.model)
+    with counter.counting():
+        result = analyse(tm, tokens, settings, source, progress)
+    result = replace(result, decoder=tm.decode, work=counter.report("lm neurons", tokens.numel()))
     with atomic_output(out, force) as tmp:
         write_outputs(result, tmp, settings.neurons)
     return out, result
@@ -241,6 +247,7 @@ def solu_compare_run(
     each with its ``neurons/`` report); compare.json and report.html beside them."""
     from dataclasses import asdict
 
+    from mechscope.core.torch_utils import combine_work
     from mechscope.lm.methods.neurons import sample_windows
     from mechscope.lm.report.neurons import compare_lines, write_compare_report
     from mechscope.lm.toy import Data
@@ -254,10 +261,10 @@ def solu_compare_run(
     data = Data(settings.toy("gelu"), text)  # the split both models train and are measured on
     tokens = sample_windows(data.val_ids, settings.sequences, settings.n_ctx, settings.seed)
     timer = Timer("solu-compare")
-    models, results = [], {}
+    models, results, parts = [], {}, {}
     with atomic_output(out, force) as tmp, torch_threads(settings.threads):
         for label, mlp in COMPARED:
-            row, read = _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress)
+            row, read = _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress, parts)
             models.append(row)
             results |= read
         post = results.get("SoLU after its LayerNorm")
@@ -269,16 +276,18 @@ def solu_compare_run(
         result = SoluComparison(
             settings=asdict(settings), text=source, vocab=data.vocab, models=entries,
             baseline=next(iter(results.values())).baseline, summary=compare_lines(entries), seconds=seconds,
-            neurons=results,
+            neurons=results, work=combine_work(parts, "lm solu-compare", tokens.numel()),
         )  # fmt: skip
         write_json(tmp / "compare.json", result.to_dict())
         write_compare_report(result, tmp / "report.html")
     return out, result
 
 
-def _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress):
-    """Train one of the compared models into ``tmp/MLP`` and read its neurons: its row and its readings."""
+def _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, say, progress, parts):
+    """Train one of the compared models into ``tmp/MLP`` and read its neurons: its row and its readings; the passes
+    of each step go into ``parts`` (WorkCounter summaries, each in its own rows; each reading keeps its own too)."""
     from mechscope.lm.methods.neurons import read_neurons
+    from mechscope.lm.models.transformer import work_counter
     from mechscope.lm.report.toy import write_training_report
     from mechscope.lm.toy import ToyTraining, load_toy, text_loss, train_toy
 
@@ -286,21 +295,29 @@ def _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, s
     run = tmp / mlp
     run.mkdir()
     with timer.section(f"train {label}"):
-        trained = train_toy(settings.toy(mlp), text, run, progress=progress is not None)
-        write_json(run / "training.json", ToyTraining(trained).to_dict())
+        toy = ToyTraining(train_toy(settings.toy(mlp), text, run, progress=progress is not None))
+        trained = toy.series
+        parts[f"train {label}"] = toy.work
+        write_json(run / "training.json", toy.to_dict())
         write_training_report(trained, run / "training.html")
     model, chars, _ = load_toy(run)
     say(f"held-out loss and neurons of the {label} model")
     read = {}
     with timer.section(f"analyse {label}"):
-        held = text_loss(model, data.val_ids)
+        counter = work_counter(model)
+        with counter.counting():
+            held = text_loss(model, data.val_ids)
+        parts[f"held-out loss {label}"] = counter.summary(held["tokens"])
         sites = [("auto", label)] + ([("post", f"{label} after its LayerNorm")] if mlp == "solu" else [])
         for site, name in sites:
-            r = read_neurons(
-                model, tokens, name=f"{label} ({mlp}/)", k=settings.k, site=site, seed=settings.seed,
-                sample={"seed": settings.seed, "source": f"{source}, held-out last 10%"},
-            )  # fmt: skip
-            read[name] = r = replace(r, decoder=lambda i, chars=chars: chars[i])
+            counter = work_counter(model)
+            with counter.counting():
+                r = read_neurons(
+                    model, tokens, name=f"{label} ({mlp}/)", k=settings.k, site=site, seed=settings.seed,
+                    sample={"seed": settings.seed, "source": f"{source}, held-out last 10%"},
+                )  # fmt: skip
+            parts[f"neurons {name}"] = work = counter.report(f"lm solu-compare: neurons {name}", tokens.numel())
+            read[name] = r = replace(r, decoder=lambda i, chars=chars: chars[i], work=work)
             if site == "auto":
                 (run / "neurons").mkdir()
                 write_outputs(r, run / "neurons")

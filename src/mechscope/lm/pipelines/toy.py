@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.torch_utils import combine_work
 from mechscope.lm.toy import ToyConfig, ToyTraining, train_toy
 
 
@@ -18,7 +19,9 @@ def train_toy_run(
     progress: bool = True,
 ) -> tuple[Path, ToyTraining]:
     """Train a toy model (attention-only unless ``config.mlp``; and its 1-layer control); write training.json
-    and training.html. Returns (out, the :class:`~mechscope.lm.toy.ToyTraining`)."""
+    and training.html. Returns (out, the :class:`~mechscope.lm.toy.ToyTraining`), whose ``work`` counts the
+    training steps and checkpoint measurements of both models, in passes over the training split's tokens (text) or
+    one training batch's (synthetic data)."""
     from mechscope.lm.report.toy import write_training_report
     from mechscope.lm.text import read_text
 
@@ -29,9 +32,12 @@ def train_toy_run(
     check_target(out, force)  # before minutes of training
     with atomic_output(out, force) as tmp:  # checkpoints too: an interrupted run leaves nothing behind
         series = train_toy(config, text, tmp, progress)
+        work = series.pop("work")
         if control and config.layers == 2:
             series["control"] = train_toy(replace(config, layers=1), text, tmp / "control", progress)
-        result = ToyTraining(series)
+            parts = {f"{config.layers} layers": work, "control (1 layer)": series["control"]["work"]}
+            work = combine_work(parts, "lm train-toy", work["rows_per_pass"]) | {"pass_over": work["pass_over"]}
+        result = ToyTraining(series, work)
         write_json(tmp / "training.json", result.to_dict())
         write_training_report(series, tmp / "training.html")
     return out, result
