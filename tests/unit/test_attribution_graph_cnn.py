@@ -162,3 +162,16 @@ def test_bad_input_is_one_line():
         CnnReplacement(model, StageDictionaries("sae", (wrong, dicts.layers[1])), image(model))
     with pytest.raises(MechscopeError, match="class 7 outside"):
         cnn_attribution_graph(model, dicts, image(model), target=7, settings=CnnGraphSettings(check_sources=0))
+
+
+def test_too_few_training_positions_for_one_batch_is_one_line_not_a_hang():
+    """With fewer positions than one batch the shuffled batches never yielded one and training waited forever."""
+    from mechscope.cnn.methods.attribution_graph import CnnDictionaryTraining, train_dictionaries
+
+    model = tiny_cnn()
+    images = torch.rand(3, *model.input_shape)
+    s = CnnDictionaryTraining(images=3, rows=1000, steps=2, batch=512)
+    with pytest.raises(MechscopeError, match=r"conv1 gives [\d,]+ training positions from 3 images, fewer than one"):
+        train_dictionaries(model, images, images, s)
+    small = train_dictionaries(model, images, images, CnnDictionaryTraining(images=3, rows=1000, steps=2, batch=3))
+    assert len(small.stages) == 2

@@ -300,6 +300,11 @@ def train_dictionaries(
             xin, xout = _rows(model, x, a, b)
             pick = torch.randperm(len(xin), generator=g)[: s.rows]
             xin, xout = xin[pick], xout[pick]
+            if len(xin) < s.batch:  # _batches would never yield a batch: training would wait forever
+                raise MechscopeError(
+                    f"conv{i + 1} gives {len(xin):,} training positions from {len(x):,} images, fewer than one "
+                    f"batch of {s.batch:,}: use more training images or a smaller batch"
+                )
             cfg = DictionaryConfig(
                 d_in=c,
                 d_sae=s.expansion * c,
