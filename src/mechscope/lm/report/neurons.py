@@ -103,9 +103,8 @@ def distribution_figure(results: dict[str, NeuronsResult], vocab: int) -> str:
     for (label, r), colour in zip(results.items(), COLOURS, strict=False):
         ent = np.concatenate([lay.entropy()[lay.counted(r.min_count)] for lay in r.layers])
         share = np.concatenate([lay.top_share()[lay.counted(r.min_count)] for lay in r.layers])
-        axes[0].hist(
-            ent, bins=bins, histtype="step", lw=2, color=colour, label=f"{label} (median {np.median(ent):.2f})"
-        )
+        median = f"median {np.median(ent):.2f}" if len(ent) else f"no neuron with {r.min_count}+ firing contexts"
+        axes[0].hist(ent, bins=bins, histtype="step", lw=2, color=colour, label=f"{label} ({median})")
         xs = np.sort(share)
         axes[1].plot(xs, 1 - np.arange(len(xs)) / max(len(xs), 1), color=colour, lw=2, label=label)
     b = first.baseline
