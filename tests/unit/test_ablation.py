@@ -191,3 +191,15 @@ def test_resample_donors_are_seeded_and_of_another_class():
         A.resample_donors(torch.zeros(5, dtype=torch.long))
     with pytest.raises(MechscopeError, match="at least two inputs"):
         A.resample_donors(torch.zeros(1, dtype=torch.long), other_class=False)
+
+
+def test_derangement_moves_every_index_is_seeded_and_refuses_one_item():
+    from mechscope.core.intervene import derangement
+
+    for n in (2, 3, 10, 57):
+        p = derangement(n, torch.Generator().manual_seed(n))
+        assert sorted(p.tolist()) == list(range(n)) and not (p == torch.arange(n)).any()
+        assert torch.equal(p, derangement(n, torch.Generator().manual_seed(n)))
+    assert derangement(2, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    with pytest.raises(MechscopeError, match="at least two items, got 1"):
+        derangement(1, torch.Generator())

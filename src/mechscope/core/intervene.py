@@ -270,6 +270,17 @@ def readout_channel_contributions(
     return base, contrib
 
 
+def derangement(n: int, g: torch.Generator) -> torch.Tensor:
+    """A permutation of 0..n-1 that moves every index, drawn from ``g`` (uniform over derangements: permutations
+    are drawn until one moves every index, about e of them)."""
+    if n < 2:
+        raise MechscopeError(f"a derangement needs at least two items, got {n}")
+    while True:
+        p = torch.randperm(n, generator=g)
+        if not (p == torch.arange(n)).any():
+            return p
+
+
 def resample_donors(labels: torch.Tensor, seed: int = 0, other_class: bool = True) -> torch.Tensor:
     """For each input, the index of a random donor input: [N] -> [N], reproducible from ``seed``.
 

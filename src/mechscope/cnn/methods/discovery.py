@@ -48,6 +48,7 @@ from mechscope.core.graphs import (
     edge_patching,
     faithfulness_curve,
 )
+from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
 from mechscope.core.scrub import (
     ScrubResult,
@@ -152,7 +153,7 @@ def image_task(
         donors = others[torch.randint(len(others), (len(pick),), generator=g)]
         how = f"seeded images of other classes than {target}"
     else:
-        perm = _derangement(len(pick), g)
+        perm = derangement(len(pick), g)
         donors = pick[perm]
         how = "the same images in a seeded derangement"
     lab = labels[pick]
@@ -175,13 +176,6 @@ def image_task(
         + f"; corrupted: {how}",  # fmt: skip
         settings={"n": len(pick), "seed": seed, "target": target},
     )
-
-
-def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
-    while True:
-        p = torch.randperm(n, generator=g)
-        if not (p == torch.arange(n)).any():
-            return p
 
 
 # ---- results -------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from mechscope.core.graphs import (
     faithfulness_curve,
     score_circuit,
 )
+from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
 from mechscope.core.scrub import (
     ScrubResult,
@@ -173,15 +174,6 @@ def induction_task(
                 {"n": n, "batch": batch, "seed": seed, "token_range": [lo, hi], "distinct": distinct})  # fmt: skip
 
 
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """A seeded permutation of 0..n-1 that moves every index (n >= 2)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        p = torch.randperm(n, generator=g)
-        if not (p == torch.arange(n)).any():
-            return p
-
-
 def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int = 0, limit: int | None = None) -> Task:
     """Every example of the tracr model's ``examples.json`` (or the first ``limit``); corrupted = another example."""
     from mechscope.lm.models.convert.tracr import read_examples
@@ -200,7 +192,7 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
             raise MechscopeError(f"limit must be an integer >= 2, got {limit!r}")
         ids, outputs = ids[:limit], outputs[:limit]
     clean = pad_sequences(ids, info.pad_id if info.pad_id is not None else info.bos_id)
-    corrupted = clean[derangement(len(ids), seed)]
+    corrupted = clean[derangement(len(ids), torch.Generator().manual_seed(seed))]
     valid = clean.valid()
     valid[:, 0] = False  # BOS's output means nothing
     clean_out = _run(model, clean)
