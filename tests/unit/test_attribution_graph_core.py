@@ -281,3 +281,19 @@ def test_invalid_graph_json_is_one_line(tmp_path, damage, message):
         load_graph(p)
     with pytest.raises(RunError, match="expected a JSON object"):
         check_graph_record([1, 2])
+
+
+def test_asked_interventions_in_order_auto_then_ablations_then_steering():
+    from mechscope.core.attribution_graph import asked_interventions
+
+    calls = []
+
+    def intervene_on(nodes, **kw):
+        calls.append((nodes, kw))
+        return len(calls)
+
+    feats = [{"id": "1_7_3"}, {"id": "0_2_1"}]
+    out = asked_interventions(intervene_on, feats, True, [["0_2_1", "1_7_3"]], [("1_7_3", 5.0)])
+    assert out == [1, 2, 3]
+    assert calls == [(["1_7_3"], {}), (["0_2_1", "1_7_3"], {}), (["1_7_3"], {"value": 5.0, "scale": None})]
+    assert asked_interventions(intervene_on, [], True) == [] and len(calls) == 3  # no feature: nothing to ablate

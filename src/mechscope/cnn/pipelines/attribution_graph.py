@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from mechscope.cnn.methods.attribution_graph import (
 )
 from mechscope.cnn.methods.replacement import StageDictionaries
 from mechscope.cnn.models.spec import walk
-from mechscope.core.attribution_graph import PhaseWork
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -106,15 +107,9 @@ def graph_model(
                 settings=settings,
                 name=str(run),
             )
-        checks = []
         with step("interventions"):
             feats = graph.features()
-            if auto_intervention and feats:
-                checks.append(intervene(graph, rep, [feats[0]["id"]]))
-            for group in ablate or []:
-                checks.append(intervene(graph, rep, group))
-            for node, value in steer or []:
-                checks.append(intervene(graph, rep, [node], value=value, scale=None))
+            checks = asked_interventions(partial(intervene, graph, rep), feats, auto_intervention, ablate, steer)
         dash = {}
         if dashboards and feats:
             with step("dashboards"):

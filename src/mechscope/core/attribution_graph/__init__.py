@@ -12,11 +12,18 @@ adapts it to :class:`LinearSystem`; this package does the rest on tensors:
   checked JSON (annotations included) and circuit-tracer's graph JSON; :class:`PhaseWork`, the passes a graph
   command made, by phase.
 - :func:`propagate` (predict.py): what the graph predicts for an intervention; checks.py: edges against direct
-  interventions (:func:`check_edges`), interventions against predictions (:func:`intervene`).
+  interventions (:func:`check_edges`), interventions against predictions (:func:`intervene`), the ones a command
+  was asked for (:func:`asked_interventions`).
 """
 
 from mechscope.core.attribution_graph.build import Built, LinearSystem, build
-from mechscope.core.attribution_graph.checks import GraphIntervention, check_edges, intervene, predict
+from mechscope.core.attribution_graph.checks import (
+    GraphIntervention,
+    asked_interventions,
+    check_edges,
+    intervene,
+    predict,
+)
 from mechscope.core.attribution_graph.graph import (
     AttributionGraph,
     NodeInfo,
@@ -38,6 +45,7 @@ __all__ = [
     "PhaseWork",
     "Pruned",
     "Triplets",
+    "asked_interventions",
     "assemble",
     "build",
     "check_edges",

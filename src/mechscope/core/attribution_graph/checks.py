@@ -160,3 +160,17 @@ def intervene(
     return GraphIntervention(
         description=description, changes={source_id(s): [old[s], new[s]] for s in sources}, logits=tuple(rows)
     )
+
+
+def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=None, steer=None) -> list:
+    """The interventions a graph command was asked for, in order: with ``auto`` the graph's first feature ablated,
+    then each group of ``ablate`` (node ids) ablated, then each ``(node, value)`` of ``steer`` set to its value.
+    ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
+    checks = []
+    if auto and features:
+        checks.append(intervene_on([features[0]["id"]]))
+    for group in ablate or []:
+        checks.append(intervene_on(group))
+    for node, value in steer or []:
+        checks.append(intervene_on([node], value=value, scale=None))
+    return checks

@@ -12,11 +12,12 @@ import logging
 import re
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from mechscope.core.attribution_graph import PhaseWork
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -211,15 +212,9 @@ def graph_model(
                 settings=settings,
                 name=name or model.cfg.name,
             )
-        checks = []
         with step("interventions"):
             feats = graph.features()
-            if auto_intervention and feats:
-                checks.append(intervene(graph, rep, [feats[0]["id"]]))
-            for group in ablate or []:
-                checks.append(intervene(graph, rep, group))
-            for node, value in steer or []:
-                checks.append(intervene(graph, rep, [node], value=value, scale=None))
+            checks = asked_interventions(partial(intervene, graph, rep), feats, auto_intervention, ablate, steer)
         qks = []
         with step("qk"):
             labels = list(graph.input_labels)
