@@ -29,13 +29,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    from PIL import Image
+    from tests.unit.test_clip_models import random_pictures
 
-    d = tmp_path_factory.mktemp("pictures")
-    g = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray((g.random((40, 50, 3)) * 255).astype(np.uint8)).save(d / f"img{i}.png")
-    return d
+    return random_pictures(tmp_path_factory.mktemp("pictures"))
 
 
 def test_help_lists_the_clip_commands(capsys):

@@ -30,6 +30,16 @@ def clip_bpe_vocab():
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def random_pictures(directory, n: int = 8):
+    """``n`` seeded 40×50 RGB noise images, img0.png ..., in ``directory``."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((g.random((40, 50, 3)) * 255).astype(np.uint8)).save(directory / f"img{i}.png")
+    return directory
+
+
 def tiny_checkpoint(
     directory, family: str = "clip", seed: int = 0, image_size: int = 30, patch: int = 6, channels: int = 3
 ):

@@ -203,6 +203,9 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch)
     monkeypatch.setattr(S, "harvest_batches", original)
     _, r = CS.sae_harvest_model(model, data, tmp_path / "resumed", **kw)
     assert r.resumed_rows > 0 and r.rows == 200 * 16 and not (tmp_path / "resumed.partial").exists()
+    done = r.resumed_rows // 16  # images stored before the interruption (16 positions each)
+    assert 0 < done < 200  # the resumed run counts only the images it ran, and its two one-image shape probes
+    assert r.work["rows_per_pass"] == 200 and r.work["forward_images"] == 200 - done + 2
     for shard in sorted((tmp_path / "whole" / "store").glob("shard-*.safetensors")):
         a = load_file(str(shard))["activations"]
         b = load_file(str(tmp_path / "resumed" / "store" / shard.name))["activations"]

@@ -4,6 +4,8 @@ rows of every hook kind, the direct logit effect, and one-line errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -181,17 +183,23 @@ def test_direct_logit_effect_promotes_the_unembedding_column():
     assert effects[0].suppressed_values[0] < 0 < effects[0].promoted_values[0]
 
 
+def harvest_inputs(tmp: Path):
+    """A tiny transformer, a text file in ``tmp`` and harvest settings: an SAE's hook and a transcoder pair on the
+    last block."""
+    text = tmp / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    settings = LS.HarvestSettings(hooks=("blocks.1.hook_resid_post",),
+                                  transcoders=(("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"),), context=24,
+                                  shard_rows=256, batch=8)  # fmt: skip
+    return text_model(tiny_model(5)), text, settings
+
+
 def test_harvest_train_evaluate_round_trip(tmp_path):
     """The Python API end to end on a tiny model: two stores in one pass, an SAE and a transcoder, evaluation."""
     from mechscope.lm.methods.sae import LmSaeEvaluation, LmSaeHarvest, LmSaeTraining
     from tests.records import assert_round_trip
 
-    tm = text_model(tiny_model(5))
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    settings = LS.HarvestSettings(hooks=("blocks.1.hook_resid_post",),
-                                  transcoders=(("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"),), context=24,
-                                  shard_rows=256, batch=8)  # fmt: skip
+    tm, text, settings = harvest_inputs(tmp_path)
     out, h = LS.sae_harvest("tiny", tmp_path / "h", text, settings, model=tm, progress=False)
     assert h.rows == h.contexts * 23 and [s["width"] for s in h.stores] == [16, 32]
     assert_round_trip(out / "harvest.json", LmSaeHarvest)

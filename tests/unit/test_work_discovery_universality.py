@@ -28,14 +28,18 @@ STAGES = 3  # the tiny CNNs' conv stages
 N_TEST, N_TRAIN = 48, 60
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory) -> Path:
-    """A 3-class dataset of seeded 16×16 noise images."""
+def noise_npz(where: Path) -> Path:
+    """A 3-class dataset of seeded 16×16 noise images, N_TRAIN and N_TEST of them, in ``where``."""
     g = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "noise.npz"
+    path = where / "noise.npz"
     np.savez(path, x_train=g.integers(0, 256, (N_TRAIN, 16, 16)).astype(np.uint8), y_train=np.arange(N_TRAIN) % 3,
              x_test=g.integers(0, 256, (N_TEST, 16, 16)).astype(np.uint8), y_test=np.arange(N_TEST) % 3)  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> Path:
+    return noise_npz(tmp_path_factory.mktemp("data"))
 
 
 def cnn_run(where: Path, npz: Path, seed: int = 0, channels=(3, 4, 5)) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,11 +19,11 @@ from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.methods.replacement import LocalReplacement
 from mechscope.lm.toy import ToyConfig, ToyTraining
 from tests.unit.test_attribution_graph_lm import TOKENS, random_transcoders, tiny
+from tests.unit.test_work_discovery_universality import N_TEST, N_TRAIN, noise_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "to be, or not to be: that is the question. whether 'tis nobler in the mind to suffer. " * 30
-N_TEST, N_TRAIN = 48, 60
 
 
 def _json(path: Path) -> dict:
@@ -40,12 +39,7 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory) -> Path:
-    """A 3-class dataset of seeded 16×16 noise images."""
-    g = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "noise.npz"
-    np.savez(path, x_train=g.integers(0, 256, (N_TRAIN, 16, 16)).astype(np.uint8), y_train=np.arange(N_TRAIN) % 3,
-             x_test=g.integers(0, 256, (N_TEST, 16, 16)).astype(np.uint8), y_test=np.arange(N_TEST) % 3)  # fmt: skip
-    return path
+    return noise_npz(tmp_path_factory.mktemp("data"))
 
 
 # ---- lm train-toy ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The passes the sparse-dictionary commands record in their JSON's ``work`` (both wings), against counts known by
 construction: a harvest is one pass over its images or tokens (a fraction of one where the forward stops at the
-hook, the rest of one where it resumes), an evaluation three (clean, spliced, zero-ablated) and the dictionary two,
-the dashboards one plus the stimuli and the feature visualisation's steps, and training the loop's own rows
-(steps x batch), the whole job's over two processes as over one."""
+hook; only the images it ran where it resumes, checked in test_sae_cnn's resume test), an evaluation three (clean,
+spliced, zero-ablated) and the dictionary two, the dashboards one plus the stimuli and the feature visualisation's
+steps, and training the loop's own rows (steps x batch), the whole job's over two processes as over one."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mechscope.cnn.pipelines import sae as CS
 from mechscope.core.torch_utils import torch_threads
 from mechscope.lm.pipelines import sae as LS
 from tests.unit.test_sae_cnn import dataset, tiny_cnn
-from tests.unit.test_sae_lm import text_model, tiny_model
+from tests.unit.test_sae_lm import harvest_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
@@ -105,30 +105,6 @@ def test_cnn_show_is_one_pass_plus_stimuli_and_featvis(cnn_chain):
     assert vis.work["backward_images"] == 4 * boards
 
 
-def test_a_resumed_cnn_harvest_counts_the_images_it_ran(tmp_path, monkeypatch):
-    from mechscope.cnn.methods import sae as S
-
-    model = tiny_cnn(5)
-    data = dataset(model, n_train=200)
-    kw = dict(shard_rows=160, buffer_shards=2, batch=16, progress=False)
-    original = S.harvest_batches
-
-    def broken(*a, **k):
-        for i, rows in enumerate(original(*a, **k)):
-            if i == 12:
-                raise KeyboardInterrupt
-            yield rows
-
-    monkeypatch.setattr(S, "harvest_batches", broken)
-    with pytest.raises(KeyboardInterrupt):
-        CS.sae_harvest_model(model, data, tmp_path / "h", **kw)
-    monkeypatch.setattr(S, "harvest_batches", original)
-    _, r = CS.sae_harvest_model(model, data, tmp_path / "h", **kw)
-    done = r.resumed_rows // POSITIONS
-    assert 0 < done < 200
-    assert r.work["rows_per_pass"] == 200 and r.work["forward_images"] == 200 - done + 2 * PROBE_IMAGES
-
-
 # ---- two processes ----------------------------------------------------------------------------------------
 
 
@@ -213,12 +189,7 @@ def test_relu_resampling_adds_a_forward_of_the_batch(monkeypatch):
 def lm_chain(tmp_path_factory):
     """lm sae harvest (an SAE's hook and a transcoder pair, on the last block) and train on a tiny transformer."""
     tmp = tmp_path_factory.mktemp("lm-work")
-    tm = text_model(tiny_model(5))
-    text = tmp / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    settings = LS.HarvestSettings(hooks=("blocks.1.hook_resid_post",),
-                                  transcoders=(("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"),), context=24,
-                                  shard_rows=256, batch=8)  # fmt: skip
+    tm, text, settings = harvest_inputs(tmp)
     with torch_threads(1):
         out, h = LS.sae_harvest("tiny", tmp / "h", text, settings, model=tm, progress=False)
         _, t = LS.sae_train(out / "blocks.1.hook_resid_post", tmp / "sae", d_sae=32, k=4, batch_size=128, epochs=2,
