@@ -9,7 +9,6 @@ atomically, never over an existing folder without ``force``.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -76,15 +75,10 @@ def graph_model(
         raise MechscopeError(f"image {image} outside the {split} split's 0..{len(images) - 1}")
     model = r.model
     trained = None
-    work = PhaseWork(walk(model, data.shape).work_counter())  # images through the stages' convolutions, by phase
-
-    @contextmanager
-    def step(name: str):
-        with timer.section(name), work.phase(name):
-            yield
+    work = PhaseWork(walk(model, data.shape).work_counter(), timer)  # images through the stages' convolutions, by phase
 
     with work.counter.counting():
-        with step("dictionaries"):
+        with work.phase("dictionaries"):
             if isinstance(dictionaries, StageDictionaries):
                 dicts = dictionaries
             elif dictionaries == "channels":
@@ -96,7 +90,7 @@ def graph_model(
                 trained = train_dictionaries(model, data.train_float(), data.test_float(), tr, progress)
                 dicts = trained.dictionaries
             dicts.check(model)
-        with step("graph"):
+        with work.phase("graph"):
             graph, rep = cnn_attribution_graph(
                 model,
                 dicts,
@@ -107,12 +101,12 @@ def graph_model(
                 settings=settings,
                 name=str(run),
             )
-        with step("interventions"):
+        with work.phase("interventions"):
             feats = graph.features()
             checks = asked_interventions(partial(intervene, graph, rep), feats, auto_intervention, ablate, steer)
         dash = {}
         if dashboards and feats:
-            with step("dashboards"):
+            with work.phase("dashboards"):
                 dash = feature_examples(
                     model, dicts, images[:2000], [(f["layer"], f["feature"]) for f in feats[:dashboards]]
                 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -369,7 +369,8 @@ class AttributionGraph(Result):
 
 class PhaseWork:
     """One :class:`~mechscope.core.torch_utils.WorkCounter`'s counts, in total and split by the phases of a graph
-    command (``with work.phase("graph"): ...``; a phase entered twice adds up).
+    command (``with work.phase("graph"): ...``; a phase entered twice adds up), and with a ``timer`` each phase
+    timed as a section of the same name.
 
     What the counter sees of a graph: its layers (a transformer's blocks, a CNN's stage convolutions) run for the
     model's own passes and for every run of the replacement model, which is the model with hooks (nonlinearities
@@ -385,8 +386,9 @@ class PhaseWork:
     the training steps of dictionaries trained in the command (the harvest of their activations is counted).
     """
 
-    def __init__(self, counter) -> None:
+    def __init__(self, counter, timer=None) -> None:
         self.counter = counter
+        self.timer = timer  # a Timer: each phase is timed as a section of the same name too
         self.rows: dict[str, tuple[int, int]] = {}
 
     @contextmanager
@@ -394,7 +396,8 @@ class PhaseWork:
         c = self.counter
         f, b = c.forward_rows, c.backward_rows
         try:
-            yield
+            with self.timer.section(name) if self.timer is not None else nullcontext():
+                yield
         finally:
             pf, pb = self.rows.get(name, (0, 0))
             self.rows[name] = (pf + c.forward_rows - f, pb + c.backward_rows - b)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -191,17 +190,12 @@ def graph_model(
         name = name or spec
     ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
     tgt = resolve_targets(model, tokenizer, targets)
-    work = PhaseWork(work_counter(model))  # the blocks' passes, by phase (see PhaseWork for what they include)
-
-    @contextmanager
-    def step(name: str):
-        with timer.section(name), work.phase(name):
-            yield
+    work = PhaseWork(work_counter(model), timer)  # the blocks' passes, by phase (see PhaseWork for what they include)
 
     with work.counter.counting():
-        with step("transcoders"):
+        with work.phase("transcoders"):
             tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
-        with step("graph"):
+        with work.phase("graph"):
             graph, rep = attribution_graph(
                 model,
                 tcs,
@@ -212,11 +206,11 @@ def graph_model(
                 settings=settings,
                 name=name or model.cfg.name,
             )
-        with step("interventions"):
+        with work.phase("interventions"):
             feats = graph.features()
             checks = asked_interventions(partial(intervene, graph, rep), feats, auto_intervention, ablate, steer)
         qks = []
-        with step("qk"):
+        with work.phase("qk"):
             labels = list(graph.input_labels)
             for spec in qk or []:
                 layer, head, *rest = spec
@@ -225,11 +219,11 @@ def graph_model(
                 qks.append(qk_attribution(rep, layer, head, qp, kp, labels=labels))
         path_rows = []
         if paths:
-            with step("paths"):
+            with work.phase("paths"):
                 path_rows.append(edge_paths(rep, 0, n=paths))
         dash = {}
         if dashboards and feats and tokenizer is not None and examples:
-            with step("dashboards"):
+            with work.phase("dashboards"):
                 dash = _dashboards(
                     model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text_file
                 )
