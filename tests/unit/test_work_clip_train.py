@@ -27,13 +27,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    from PIL import Image
+    from tests.unit.test_clip_models import random_pictures
 
-    d = tmp_path_factory.mktemp("workpictures")
-    g = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray((g.random((40, 50, 3)) * 255).astype(np.uint8)).save(d / f"img{i}.png")
-    return d
+    return random_pictures(tmp_path_factory.mktemp("workpictures"))
 
 
 def _both_towers(work, image_rows, text_rows):
@@ -43,8 +39,9 @@ def _both_towers(work, image_rows, text_rows):
 
 
 def test_work_counters_count_each_tower_and_follow_a_reloaded_copy(tiny):
-    from mechscope.clip.models.clip import counting, report_work, work_counters
+    from mechscope.clip.models.clip import report_work, work_counters
     from mechscope.clip.models.loading import load_clip
+    from mechscope.core.torch_utils import counting
 
     b = load_clip(tiny, device="cpu", dtype="float32")
     counters = work_counters(b.model)

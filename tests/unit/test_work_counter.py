@@ -106,3 +106,14 @@ def test_combine_work_adds_models_of_different_depths_in_rows_through_each_whole
     assert work["parts"] == {"deep": {"forward_passes": 3.0, "backward_passes": 0.0},
                              "shallow": {"forward_passes": 1.0, "backward_passes": 0.0}}  # fmt: skip
     assert work["layer_calls"] == {"forward": 3 * 4 + 1, "backward": 0}
+
+
+def test_add_counts_what_no_hook_sees():
+    from mechscope.core.torch_utils import WorkCounter
+
+    counter = WorkCounter([], "rows")
+    counter.add(64, 2, backward=True)
+    counter.add(32)
+    assert counter.summary(32) == {"unit": "rows", "rows_per_pass": 32, "forward_passes": 3.0, "backward_passes": 2.0,
+                                   "forward_rows": 96, "backward_rows": 64,
+                                   "layer_calls": {"forward": 3, "backward": 2}}  # fmt: skip

@@ -37,9 +37,10 @@ from mechscope.clip.data.digits import (
     PairSampler,
     all_captions,
 )
-from mechscope.clip.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, counting, work_counters
+from mechscope.clip.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, work_counters
 from mechscope.clip.models.tokenizer import CHARS, char_ids, char_tokenizer
 from mechscope.core.errors import MechscopeError
+from mechscope.core.torch_utils import counting
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -138,6 +138,15 @@ class WorkCounter:
             for h in handles:
                 h.remove()
 
+    def add(self, rows: int, calls: int = 1, *, backward: bool = False) -> None:
+        """Count a forward (and with ``backward`` a backward) of ``rows`` rows in ``calls`` calls that no hook sees
+        (a loop that calls a model's methods rather than its layers counts its own steps this way)."""
+        self.forward_rows += rows
+        self.forward_calls += calls
+        if backward:
+            self.backward_rows += rows
+            self.backward_calls += calls
+
     def summary(self, rows_per_pass: int) -> dict:
         """The counts, and the equivalent number of full passes over a batch of ``rows_per_pass`` rows."""
         n = max(len(self.layers), 1)
@@ -156,6 +165,16 @@ class WorkCounter:
         """:meth:`summary`, and the same counts as one line at INFO (``-v``): ``what: F forward and B backward
         passes of R <unit>``. Every pipeline records its work this way, for its JSON's ``work``."""
         return _logged(what, self.summary(rows_per_pass))
+
+
+@contextmanager
+def counting(counters: dict) -> Iterator[dict]:
+    """Every :class:`WorkCounter` of ``counters`` (a dict: one per network or tower) counting at once; their hooks
+    are removed when the block ends."""
+    with ExitStack() as stack:
+        for c in counters.values():
+            stack.enter_context(c.counting())
+        yield counters
 
 
 def _logged(what: str, work: dict) -> dict:

@@ -36,8 +36,6 @@ tiny random checkpoints against them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -403,15 +401,6 @@ def work_counters(model: CLIP, counters: dict | None = None) -> dict:
             raise MechscopeError(f"the {k} tower has {len(layers)} blocks, the counter {len(counters[k].layers)}")
         counters[k].layers = layers
     return counters
-
-
-@contextmanager
-def counting(counters: dict) -> Iterator[dict]:
-    """Every counter of :func:`work_counters` counting at once (their hooks removed when the block ends)."""
-    with ExitStack() as stack:
-        for c in counters.values():
-            stack.enter_context(c.counting())
-        yield counters
 
 
 def report_work(counters: dict, what: str, rows_per_pass: dict) -> dict:

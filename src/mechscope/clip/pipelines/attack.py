@@ -115,8 +115,9 @@ def attack_model(bundle, s: AttackSettings, images=None, data_dir=None, timer: T
     from mechscope.clip.methods.attack import typographic_attack
     from mechscope.clip.methods.evaluate import zero_shot_model
     from mechscope.clip.methods.neurons import check_layers, check_neuron
-    from mechscope.clip.models.clip import counting, report_work, work_counters
+    from mechscope.clip.models.clip import report_work, work_counters
     from mechscope.clip.models.views import ImageModel
+    from mechscope.core.torch_utils import counting
 
     s.validate()
     timer = timer or Timer("clip attack")

@@ -17,9 +17,10 @@ def inspect_bundle(bundle, images=None, prompts=None) -> InspectResult:
     """The record of a loaded model (images: a folder, classified among ``prompts`` when both are given)."""
     from mechscope.clip.data.folder import read_folder
     from mechscope.clip.methods.evaluate import check_prompts, zero_shot, zero_shot_model
-    from mechscope.clip.models.clip import counting, describe, report_work, work_counters
+    from mechscope.clip.models.clip import describe, report_work, work_counters
     from mechscope.core.errors import MechscopeError
     from mechscope.core.hooks import describe_names, hook_points
+    from mechscope.core.torch_utils import counting
 
     arch = describe(bundle.model)
     tok = bundle.tokenizer

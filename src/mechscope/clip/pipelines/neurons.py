@@ -98,8 +98,9 @@ def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=N
     from mechscope.clip.data.probes import digit_dataset, text_style
     from mechscope.clip.data.render import check_word
     from mechscope.clip.methods import neurons as N
-    from mechscope.clip.models.clip import counting, report_work, work_counters
+    from mechscope.clip.models.clip import report_work, work_counters
     from mechscope.clip.models.views import ImageModel
+    from mechscope.core.torch_utils import counting
 
     s.validate()
     timer = timer or Timer("clip neurons")

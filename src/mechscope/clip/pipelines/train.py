@@ -32,9 +32,10 @@ def train_small(out=None, settings: SmallSettings | None = None, data_dir=None, 
                 threads: int = 1, progress: bool = False) -> tuple[Path, TrainResult]:  # fmt: skip
     """Train, evaluate and save the small model into ``out`` (default runs/clip/small); returns (path, result)."""
     from mechscope.clip.data.digits import all_captions
-    from mechscope.clip.models.clip import counting, report_work, work_counters
+    from mechscope.clip.models.clip import report_work, work_counters
     from mechscope.clip.models.loading import load_clip
     from mechscope.cnn.data.mnist import load_mnist
+    from mechscope.core.torch_utils import counting
 
     s = settings or SmallSettings()
     s.validate()

@@ -9,7 +9,6 @@ matching, and writes universality.json and report.html atomically.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from mechscope.cnn.models.spec import walk
 from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, check_target, read_linked, same_weights, write_json
-from mechscope.core.torch_utils import Timer, torch_threads
+from mechscope.core.torch_utils import Timer, counting, torch_threads
 from mechscope.core.validate import check_threads
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,7 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
     trained_pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     baseline_pairs = [(lab, f"random {lab}") for lab in labels]
     counters = {k: spec.work_counter() for k, spec in specs.items()}
-    with atomic_output(out, force) as tmp, ExitStack() as counting:
-        for c in counters.values():
-            counting.enter_context(c.counting())
+    with atomic_output(out, force) as tmp, counting(counters):
         say(f"running {len(specs)} networks over {len(y):,} test images")
         with timer.section("activations, matching, CKA"):
             feats, moments = U.collect_pairs(specs, [*trained_pairs, *baseline_pairs], x, batch_size)

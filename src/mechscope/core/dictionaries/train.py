@@ -345,27 +345,17 @@ def _one_step(run: _Run, cfg: DictionaryConfig, tc: TrainConfig, x, y, group) ->
     run.activity.update(fired, x.shape[0])
     run.rows += x.shape[0]
     world = dist.get_world_size(group) if group is not None else 1
-    _count(run.counter, x.shape[0], world, backward=True)  # the ranks' slices make up the batch
+    if run.counter is not None:  # the ranks' slices make up the batch
+        run.counter.add(x.shape[0], world, backward=True)
     if cfg.architecture == "batchtopk":
         _update_threshold(run, tc, out.latents.detach(), group)
     if cfg.architecture == "relu" and tc.resample_every and run.step % tc.resample_every == 0:
         dead = run.activity.dead(tc.dead_window)
         if resample_dead(model, run.optimizer, dead.to(run.device), x.to(run.device), y.to(run.device),
-                         run.generator):  # fmt: skip
-            _count(run.counter, x.shape[0] * world, world, backward=False)  # every rank the whole batch
+                         run.generator) and run.counter is not None:  # fmt: skip
+            run.counter.add(x.shape[0] * world, world)  # every rank the whole batch
         run.activity.since[dead] = 0
     return out
-
-
-def _count(counter, rows: int, calls: int, *, backward: bool) -> None:
-    """Add a forward (and a backward) of ``rows`` rows in ``calls`` calls of the dictionary to ``counter``."""
-    if counter is None:
-        return
-    counter.forward_rows += rows
-    counter.forward_calls += calls
-    if backward:
-        counter.backward_rows += rows
-        counter.backward_calls += calls
 
 
 def _global(t: torch.Tensor, group, op=None) -> torch.Tensor:
