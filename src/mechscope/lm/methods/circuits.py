@@ -214,11 +214,17 @@ def _readings(view: AnalysisWeights, eigen: np.ndarray | None, scores: dict) -> 
     return WeightReadings(view, eigen, scores) if folded and eigen is not None else None
 
 
-def _induction(model, protocol, timer: Timer, gaps, readings: WeightReadings | None = None) -> HeadsResult | None:
-    """The induction circuit with path patching; no exact per-head ablations (that is ``lm heads``)."""
+def induction_protocol(model) -> HeadProtocol:
+    """The protocol ``lm circuits`` reads the induction circuit with by default: ``lm heads``' without the exact
+    per-head ablations, its sequences shortened to fit the model's context."""
     n_ctx = model.cfg.n_ctx
     n = min(50, (n_ctx - 1) // 2)
-    protocol = protocol or HeadProtocol(n=n, prefix_n=max(1, min(25, (n_ctx - 1) // 4)), per_head_ablation=False)
+    return HeadProtocol(n=n, prefix_n=max(1, min(25, (n_ctx - 1) // 4)), per_head_ablation=False)
+
+
+def _induction(model, protocol, timer: Timer, gaps, readings: WeightReadings | None = None) -> HeadsResult | None:
+    """The induction circuit with path patching; no exact per-head ablations (that is ``lm heads``)."""
+    protocol = protocol or induction_protocol(model)
     if model.cfg.n_layers < 2:
         gaps["induction_circuit"] = "a one-layer model has no earlier head to compose with"
         return None

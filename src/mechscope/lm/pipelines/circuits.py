@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
-from mechscope.lm.methods.circuits import CircuitsResult, read_circuits
+from mechscope.core.torch_utils import Timer
+from mechscope.lm.methods.circuits import CircuitsResult, induction_protocol, read_circuits
 from mechscope.lm.methods.scores import check_heads, default_token_range
 from mechscope.lm.models.transformer import work_counter
 
@@ -57,9 +57,9 @@ def circuits(
 
     out = Path(out) if out is not None else model_out("circuits", model_spec)
     check_target(out, force)
-    start = time.perf_counter()
-    model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
-    load = time.perf_counter() - start
+    timer = Timer("lm circuits")
+    with timer.section("load"):
+        model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
     check_heads(model, heads)
     prompt_ids = None
     if not model.missing_weights:
@@ -84,10 +84,10 @@ def circuits(
             model, view, label, heads, prompt_ids, token_range=default_token_range(model), progress=progress,
             decoder=decode, prompt_text=prompt_text,
         )  # fmt: skip
-    if not model.missing_weights:  # the induction protocol's batch: 8 sequences of BOS + 2n tokens
-        n = min(50, (model.cfg.n_ctx - 1) // 2)
-        result = replace(result, work=counter.report("lm circuits", 8 * (1 + 2 * n)))
-    result = replace(result, seconds={"load": load, **result.seconds})
+    if not model.missing_weights:  # in passes over the induction protocol's batch: sequences of BOS + 2n tokens
+        p = induction_protocol(model)
+        result = replace(result, work=counter.report("lm circuits", p.batch * (1 + 2 * p.n)))
+    result = replace(result, seconds={**timer.seconds, **result.seconds})
     with atomic_output(out, force) as tmp:
         write_json(tmp / "circuits.json", result.to_dict())
         write_report(result, tmp / "report.html")
