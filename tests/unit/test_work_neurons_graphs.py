@@ -76,6 +76,18 @@ def test_train_toy_counts_its_steps_and_measurements_for_both_models(tmp_path):
     assert set(ToyTraining.load(out).series) == set(r.series)  # the work is not in the series
 
 
+def test_the_notebook_train_toy_counts_the_control_as_the_command_does(tmp_path):
+    """mechscope.lm.train_toy(control=True) returned the main model's work alone; the command adds the control's."""
+    import mechscope
+    from mechscope.lm.pipelines.toy import train_toy_run
+
+    cfg = ToyConfig(**TOY)
+    _, command = train_toy_run(cfg, tmp_path / "toy", progress=False)
+    notebook = mechscope.lm.train_toy(cfg, control=True)
+    assert set(notebook.work["parts"]) == {"2 layers", "control (1 layer)"}
+    assert notebook.work["backward_passes"] == 2 * cfg.n_steps and notebook.work == command.work
+
+
 def test_train_toy_on_text_counts_passes_over_the_training_split(tmp_path, text_file):
     from mechscope.lm.pipelines.toy import train_toy_run
 

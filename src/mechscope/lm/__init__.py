@@ -230,15 +230,11 @@ def train_toy(config=None, *, text: str | None = None, control: bool = False, ou
     from dataclasses import replace
     from pathlib import Path
 
-    from mechscope.lm.toy import ToyConfig, ToyTraining
-    from mechscope.lm.toy import train_toy as _train
+    from mechscope.lm.toy import ToyConfig, train_toy_and_control
 
     try:
         config = replace(config or ToyConfig(), **settings)
     except TypeError as e:
         raise MechscopeError(f"unknown toy setting: {e}") from None
     config.validate()
-    series = _train(config, text, Path(out) if out is not None else None, progress)
-    if control and config.layers == 2:
-        series["control"] = _train(replace(config, layers=1), text, None, progress)
-    return ToyTraining(series)
+    return train_toy_and_control(config, text, Path(out) if out is not None else None, progress, control)

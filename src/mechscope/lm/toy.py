@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import save_tensors
 from mechscope.core.results import Result
-from mechscope.core.torch_utils import Timer, evaluating
+from mechscope.core.torch_utils import Timer, combine_work, evaluating
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
 from mechscope.lm.methods.composition import composition_scores
 from mechscope.lm.methods.scores import attention_scores, induction_mask, previous_token_mask
@@ -382,6 +382,20 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             result["circuit"]["k_composition_jump_at_phase_change"] = comp[i1] - comp[i0]
             result["circuit"]["k_composition_range"] = float(np.ptp(comp))
     return result | {"work": work}
+
+
+def train_toy_and_control(
+    cfg: ToyConfig, text: str | None = None, out: Path | None = None, progress: bool = True, control: bool = True
+) -> ToyTraining:
+    """:func:`train_toy`, and for a 2-layer model with ``control`` its 1-layer control too (checkpoints under
+    ``out / "control"``): the :class:`ToyTraining` whose ``work`` counts both models (``parts``: each one's)."""
+    series = train_toy(cfg, text, out, progress)
+    work = series.pop("work")
+    if control and cfg.layers == 2:
+        series["control"] = train_toy(replace(cfg, layers=1), text, None if out is None else out / "control", progress)
+        parts = {f"{cfg.layers} layers": work, "control (1 layer)": series["control"]["work"]}
+        work = combine_work(parts, "lm train-toy", work["rows_per_pass"]) | {"pass_over": work["pass_over"]}
+    return ToyTraining(series, work)
 
 
 @torch.no_grad()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.outputs import atomic_output, check_target, write_json
-from mechscope.core.torch_utils import combine_work
-from mechscope.lm.toy import ToyConfig, ToyTraining, train_toy
+from mechscope.lm.toy import ToyConfig, ToyTraining, train_toy_and_control
 
 
 def train_toy_run(
@@ -31,13 +29,8 @@ def train_toy_run(
     out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L{mlp}"
     check_target(out, force)  # before minutes of training
     with atomic_output(out, force) as tmp:  # checkpoints too: an interrupted run leaves nothing behind
-        series = train_toy(config, text, tmp, progress)
-        work = series.pop("work")
-        if control and config.layers == 2:
-            series["control"] = train_toy(replace(config, layers=1), text, tmp / "control", progress)
-            parts = {f"{config.layers} layers": work, "control (1 layer)": series["control"]["work"]}
-            work = combine_work(parts, "lm train-toy", work["rows_per_pass"]) | {"pass_over": work["pass_over"]}
-        result = ToyTraining(series, work)
+        result = train_toy_and_control(config, text, tmp, progress, control)
+        series = result.series
         write_json(tmp / "training.json", result.to_dict())
         write_training_report(series, tmp / "training.html")
     return out, result
