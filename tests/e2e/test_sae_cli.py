@@ -276,6 +276,34 @@ def test_harvest_on_two_processes_equals_one(tmp_path, quick_run):
     assert h["world_size"] == 2
 
 
+def test_distributed_outside_torchrun_is_one_line_naming_the_launch(capsys, tmp_path, quick_run, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "h"
+    args = ("cnn", "sae", "harvest", "--run", str(quick_run), "--out", str(out), "--distributed")
+    code, _, err = run_main(capsys, *args)
+    assert_one_line_error(code, err, "--distributed expects to run under torchrun", "-m mechscope -- ")
+    assert code == 2 and not out.exists()
+
+
+def test_the_documented_torchrun_line_reaches_mechscope_intact():
+    """torchrun's own parser: with ``--`` after ``mechscope`` the command's options pass through untouched (without
+    it torchrun stops at ``--run``, an abbreviation of its ``--run-path``); both wings' pages write it that way."""
+    from pathlib import Path
+
+    from torch.distributed.run import get_args_parser
+
+    for command in (["cnn", "sae", "harvest", "--run", "R", "--limit", "8", "--distributed"],
+                    ["lm", "sae", "harvest", "--model", "M", "--hook", "blocks.0.hook_resid_post", "--distributed"],
+                    ["cnn", "sae", "train", "--store", "S", "--k", "4", "--resume", "--distributed"]):  # fmt: skip
+        args = get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "mechscope", "--", *command])
+        assert args.module and args.training_script == "mechscope" and args.training_script_args == command
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    pages = [(docs / wing / "sparse-dictionaries.md").read_text() for wing in ("cnn", "lm")]
+    lines = [line for page in pages for line in page.splitlines() if line.startswith("torchrun")]
+    assert len(lines) == 2 and all(" -m mechscope -- " in line for line in lines)
+
+
 def test_resume_with_another_batch_size_is_refused(capsys, tmp_path, cnn_chain):
     args = ["cnn", "sae", "train", "--store", str(cnn_chain / "h"), "--out", str(tmp_path / "sae"), "--d-sae", "64",
             "--k", "4", "--checkpoint-every", "2", "--steps", "4"]  # fmt: skip

@@ -1,9 +1,11 @@
 """Data parallelism for harvesting and training: one process group, started from ``torchrun``'s environment.
 
-``torchrun --nproc-per-node N`` starts N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT`` set; :func:`init_from_env` joins them into the default group (gloo on the
-CPU, NCCL when a CUDA device is used). Training then follows :func:`mechscope.core.dictionaries.train` (each
-rank reads the same batch stream and trains on its slice of every batch).
+``torchrun --nproc-per-node N -m mechscope -- COMMAND ...`` starts N processes with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (the ``--`` keeps torchrun from reading the command's
+options as its own: it takes ``--run`` for its ``--run-path``); :func:`init_from_env` joins them into the default
+group (gloo on the CPU, NCCL when a CUDA device is used). Training then follows
+:func:`mechscope.core.dictionaries.train` (each rank reads the same batch stream and trains on its slice of every
+batch).
 
 Harvesting: every rank walks the same input batches and computes the activations of its contiguous slice of
 each (:func:`split`); :func:`gathered` all-gathers the slices in rank order, so every rank sees exactly the
@@ -43,7 +45,7 @@ def init_from_env(distributed: bool | None = None, device: str | None = None) ->
     if distributed and not launched:
         raise MechscopeError(
             "--distributed expects to run under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set with more "
-            "than one process), e.g. torchrun --nproc-per-node 2 -m mechscope ..."
+            "than one process): torchrun --nproc-per-node 2 -m mechscope -- followed by the command"
         )
     if distributed is False or not launched:
         return False
