@@ -103,7 +103,6 @@ def test_train_toy_on_text_counts_passes_over_the_training_split(tmp_path, text_
 
 def test_old_records_without_work_still_load():
     assert ToyTraining.from_dict({"schema": ToyTraining.SCHEMA, "config": {}}).work is None
-    assert ToyTraining({"config": {}, "work": {"unit": "tokens"}}).work == {"unit": "tokens"}  # train_toy's dict
 
 
 # ---- lm neurons and lm solu-compare -----------------------------------------------------------------------------

@@ -68,14 +68,6 @@ class ToyTraining(Result):
     series: dict
     work: dict | None = None  # forward and backward passes, in passes over the training split or one batch (above)
 
-    def __post_init__(self) -> None:  # a series straight from train_toy carries its work: it goes to the field
-        if "work" in self.series:
-            series = dict(self.series)
-            work = series.pop("work")
-            object.__setattr__(self, "series", series)
-            if self.work is None:
-                object.__setattr__(self, "work", work)
-
     def to_dict(self) -> dict:
         work = {} if self.work is None else {"work": self.work}
         return {"schema": self.SCHEMA, **self.series, **work}

@@ -289,13 +289,13 @@ def _compare_one(settings, label, mlp, text, data, tokens, source, tmp, timer, s
     from mechscope.lm.methods.neurons import read_neurons
     from mechscope.lm.models.transformer import work_counter
     from mechscope.lm.report.toy import write_training_report
-    from mechscope.lm.toy import ToyTraining, load_toy, text_loss, train_toy
+    from mechscope.lm.toy import load_toy, text_loss, train_toy_and_control
 
     say(f"training the {label} model ({settings.steps:,} steps)")
     run = tmp / mlp
     run.mkdir()
     with timer.section(f"train {label}"):
-        toy = ToyTraining(train_toy(settings.toy(mlp), text, run, progress=progress is not None))
+        toy = train_toy_and_control(settings.toy(mlp), text, run, progress is not None, control=False)
         trained = toy.series
         parts[f"train {label}"] = toy.work
         write_json(run / "training.json", toy.to_dict())
