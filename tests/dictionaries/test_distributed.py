@@ -8,6 +8,7 @@ over the batch.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -53,18 +54,25 @@ def worker(rank: int, world: int, rendezvous: str, out_dir: str, names: list[str
                     {k: v.contiguous() for k, v in result.model.state_dict().items()},
                     os.path.join(out_dir, f"{name}.safetensors"),
                 )
-        # Both ranks leave together: without this barrier a worker died with SIGABRT ("terminate called without
-        # an active exception") at exit, after destroy_process_group, in 8 of 270 runs of this fixture; with it in
-        # none of 270 (5 December).
-        dist.barrier()
+        dist.barrier()  # no rank gets past it before rank 0 has written every file
     finally:
         dist.destroy_process_group()
+    open(os.path.join(out_dir, f"done.{rank}"), "w").close()
 
 
 @pytest.fixture(scope="module")
 def two_process_weights(tmp_path_factory):
+    """The two-process run's weights. A worker that gloo aborts after its work is done does not fail the test: in
+    repeated runs (5 December) a worker died with SIGABRT ("terminate called without an active exception") in 8
+    of 270 runs without the barrier and in `make test` with it, every time after both ranks had destroyed the group,
+    in the interpreter's exit. Any other failure, and any abort before a worker's ``done`` file, still fails."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(2, str(out / "rendezvous"), str(out), list(CONFIGS)), nprocs=2, join=True)
+    try:
+        mp.spawn(worker, args=(2, str(out / "rendezvous"), str(out), list(CONFIGS)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGABRT" or not (out / f"done.{e.error_index}").exists():
+            raise
+        warnings.warn(f"worker {e.error_index} aborted in its exit, after its work was done (gloo)", stacklevel=1)
     return {name: load_file(str(out / f"{name}.safetensors")) for name in CONFIGS}
 
 
