@@ -8,15 +8,14 @@ over the batch.
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, planted_features, train
+from tests.gloo import done, spawn
 
 STEPS = 30
 TOLERANCE = 1e-5
@@ -57,22 +56,13 @@ def worker(rank: int, world: int, rendezvous: str, out_dir: str, names: list[str
         dist.barrier()  # no rank gets past it before rank 0 has written every file
     finally:
         dist.destroy_process_group()
-    open(os.path.join(out_dir, f"done.{rank}"), "w").close()
+    done(out_dir, rank)
 
 
 @pytest.fixture(scope="module")
 def two_process_weights(tmp_path_factory):
-    """The two-process run's weights. A worker that gloo aborts after its work is done does not fail the test: in
-    repeated runs (5 December) a worker died with SIGABRT ("terminate called without an active exception") in 8
-    of 270 runs without the barrier and in `make test` with it, every time after both ranks had destroyed the group,
-    in the interpreter's exit. Any other failure, and any abort before a worker's ``done`` file, still fails."""
     out = tmp_path_factory.mktemp("ddp")
-    try:
-        mp.spawn(worker, args=(2, str(out / "rendezvous"), str(out), list(CONFIGS)), nprocs=2, join=True)
-    except mp.ProcessExitedException as e:
-        if e.signal_name != "SIGABRT" or not (out / f"done.{e.error_index}").exists():
-            raise
-        warnings.warn(f"worker {e.error_index} aborted in its exit, after its work was done (gloo)", stacklevel=1)
+    spawn(worker, (2, str(out / "rendezvous"), str(out), list(CONFIGS)), out)
     return {name: load_file(str(out / f"{name}.safetensors")) for name in CONFIGS}
 
 

@@ -16,6 +16,7 @@ from mechscope.cnn.methods.sae import CnnSaeDashboards, CnnSaeEvaluation, CnnSae
 from mechscope.lm.methods.sae import LmSaeDashboards, LmSaeEvaluation, LmSaeHarvest, LmSaeTraining
 from tests.e2e.reports import check_report
 from tests.e2e.test_cli import assert_one_line_error, run_main
+from tests.gloo import done, spawn
 from tests.records import assert_round_trip
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
@@ -239,7 +240,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _harvest_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
+def _harvest_worker(rank: int, world: int, port: int, run: str, out: str, marks: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
     torch.set_num_threads(1)
@@ -251,12 +252,12 @@ def _harvest_worker(rank: int, world: int, port: int, run: str, out: str) -> Non
         sae_harvest_run(run, out, limit=300, batch=64, shard_rows=1024, progress=False, distributed=True)
     finally:
         dist.destroy_process_group()
+    done(marks, rank)
 
 
 def test_harvest_on_two_processes_equals_one(tmp_path, quick_run):
     """Two gloo processes (torchrun's environment) write the store one process writes: every shard's rows equal
     within 1e-6 (the forward on half a batch may round differently; measured: bit-identical)."""
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     from mechscope.cnn.pipelines.sae import sae_harvest_run
@@ -264,7 +265,7 @@ def test_harvest_on_two_processes_equals_one(tmp_path, quick_run):
     one = tmp_path / "one"
     sae_harvest_run(quick_run, one, limit=300, batch=64, shard_rows=1024, progress=False, distributed=False)
     two = tmp_path / "two"
-    mp.spawn(_harvest_worker, args=(2, _free_port(), str(quick_run), str(two)), nprocs=2, join=True)
+    spawn(_harvest_worker, (2, _free_port(), str(quick_run), str(two), str(tmp_path)), tmp_path)
     m1 = json.loads((one / "store" / "manifest.json").read_text())
     m2 = json.loads((two / "store" / "manifest.json").read_text())
     assert m1["shards"] == m2["shards"] and m1["rows"] == 300 * 16

@@ -17,6 +17,7 @@ import torch
 from mechscope.cnn.pipelines import sae as CS
 from mechscope.core.torch_utils import torch_threads
 from mechscope.lm.pipelines import sae as LS
+from tests.gloo import done, spawn
 from tests.unit.test_sae_cnn import dataset, tiny_cnn
 from tests.unit.test_sae_lm import harvest_inputs
 
@@ -126,19 +127,19 @@ def _worker(rank: int, world: int, port: int, model, data, out: str) -> None:
                          distributed=True)  # fmt: skip
     finally:
         dist.destroy_process_group()
+    done(out, rank)
 
 
 def test_two_processes_record_the_whole_jobs_work(tmp_path):
     """Harvest and training on two gloo processes (torchrun's environment): rank 0's JSON holds both processes'
     passes, the one-process counts (each process probes the hook's shape itself)."""
-    import torch.multiprocessing as mp
-
     model = tiny_cnn(4)
     data = dataset(model)
     CS.sae_harvest_model(model, data, tmp_path / "one" / "h", shard_rows=256, batch=32, progress=False)
     CS.sae_train_run(tmp_path / "one" / "h", tmp_path / "one" / "sae", d_sae=24, k=3, batch_size=128, epochs=2,
                      progress=False)  # fmt: skip
-    mp.spawn(_worker, args=(2, _free_port(), model, data, str(tmp_path / "two")), nprocs=2, join=True)
+    (tmp_path / "two").mkdir()
+    spawn(_worker, (2, _free_port(), model, data, str(tmp_path / "two")), tmp_path / "two")
     one, two = _json(tmp_path / "one" / "h" / "harvest.json"), _json(tmp_path / "two" / "h" / "harvest.json")
     assert json.loads((tmp_path / "two" / "h" / "harvest.json").read_text())["world_size"] == 2
     assert one["forward_images"] == 96 + 2 * PROBE_IMAGES
