@@ -16,7 +16,8 @@ app.add_typer(sae_app, name="sae")
 
 Distributed = typer.Option(
     None, "--distributed/--no-distributed",
-    help="Data-parallel over the processes torchrun started (default: when launched by torchrun).",
+    help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "
+    "torchrun --nproc-per-node N -m mechscope -- COMMAND ...",
 )  # fmt: skip
 Sae = typer.Option(..., "--sae", help="A dictionary directory in SAELens' layout (cnn sae train's, or SAELens').")
 Hook = typer.Option(None, "--hook", help="Hook point (default: the last stage's hook_out; conv2.hook_post, ...).")

@@ -15,7 +15,8 @@ app.add_typer(sae_app, name="sae")
 Force = typer.Option(False, "--force", help="Replace the files this command writes in --out.")
 Distributed = typer.Option(
     None, "--distributed/--no-distributed",
-    help="Data-parallel over the processes torchrun started (default: when launched by torchrun).",
+    help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "
+    "torchrun --nproc-per-node N -m mechscope -- COMMAND ...",
 )  # fmt: skip
 Text = typer.Option(None, "--text", help="Text file (default: tinyshakespeare under the data root).")
 Model = typer.Option(
