@@ -85,6 +85,24 @@ def quick_run(mnist_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP checkpoint written with transformers (its users skip without it); read, never written."""
+    from tests.unit.test_clip_models import tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    tiny_checkpoint(d, "clip")
+    return d
+
+
+@pytest.fixture(scope="session")
+def clip_pictures(tmp_path_factory) -> Path:
+    """A folder of small random pictures for the CLIP commands; read, never written."""
+    from tests.unit.test_clip_models import random_pictures
+
+    return random_pictures(tmp_path_factory.mktemp("pictures"))
+
+
 @pytest.fixture()
 def seeded():
     torch.manual_seed(0)

@@ -18,22 +18,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.unit.test_clip_models import tiny_checkpoint
-
-    d = tmp_path_factory.mktemp("clipcli") / "tiny-clip"
-    tiny_checkpoint(d, "clip")
-    return d
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    from tests.unit.test_clip_models import random_pictures
-
-    return random_pictures(tmp_path_factory.mktemp("pictures"))
-
-
 def test_help_lists_the_clip_commands(capsys):
     code, out, _ = run_main(capsys, "clip", "--help")
     assert code == 0
@@ -41,7 +25,7 @@ def test_help_lists_the_clip_commands(capsys):
         assert cmd in out
 
 
-def test_inspect_with_zero_shot(capsys, tiny, pictures, tmp_path):
+def test_inspect_with_zero_shot(capsys, tiny_clip, clip_pictures, tmp_path):
     from mechscope.clip.methods.evaluate import InspectResult
 
     out = tmp_path / "inspect"
@@ -50,11 +34,11 @@ def test_inspect_with_zero_shot(capsys, tiny, pictures, tmp_path):
         "clip",
         "inspect",
         "--model",
-        str(tiny),
+        str(tiny_clip),
         "--out",
         str(out),
         "--images",
-        str(pictures),
+        str(clip_pictures),
         "--prompts",
         "a photo of a cat,the cat",
         "--device",
@@ -69,7 +53,7 @@ def test_inspect_with_zero_shot(capsys, tiny, pictures, tmp_path):
     assert "Zero-shot probabilities" in r._repr_html_()
 
 
-def test_inspect_siglip_in_bfloat16(capsys, tmp_path, pictures):
+def test_inspect_siglip_in_bfloat16(capsys, tmp_path, clip_pictures):
     from mechscope.clip.methods.evaluate import InspectResult
     from tests.unit.test_clip_models import tiny_checkpoint
 
@@ -87,7 +71,7 @@ def test_inspect_siglip_in_bfloat16(capsys, tmp_path, pictures):
             "--out",
             str(out),
             "--images",
-            str(pictures),
+            str(clip_pictures),
             "--prompts",
             "a cat,the photo",
             "--dtype",
@@ -101,7 +85,7 @@ def test_inspect_siglip_in_bfloat16(capsys, tmp_path, pictures):
     assert np.abs(probs["float32"] - probs["bfloat16"]).max() < 0.05
 
 
-def test_neurons_on_a_tiny_clip(capsys, tiny, mnist_root, tmp_path):
+def test_neurons_on_a_tiny_clip(capsys, tiny_clip, mnist_root, tmp_path):
     from mechscope.clip.methods.neurons import NeuronsResult
 
     out = tmp_path / "neurons"
@@ -110,7 +94,7 @@ def test_neurons_on_a_tiny_clip(capsys, tiny, mnist_root, tmp_path):
         "clip",
         "neurons",
         "--model",
-        str(tiny),
+        str(tiny_clip),
         "--out",
         str(out),
         "--per-digit",
@@ -137,11 +121,11 @@ def test_neurons_on_a_tiny_clip(capsys, tiny, mnist_root, tmp_path):
     assert "Each concept" in r._repr_html_()  # the notebook view of a result read back from its JSON
     html = (out / "report.html").read_text()
     assert "Neuron 1.5" in html and "<script src=" not in html
-    code, _, err = run_main(capsys, "clip", "neurons", "--model", str(tiny), "--out", str(out))
+    code, _, err = run_main(capsys, "clip", "neurons", "--model", str(tiny_clip), "--out", str(out))
     assert_one_line_error(code, err, "--force")
 
 
-def test_attack_on_a_tiny_clip(capsys, tiny, pictures, tmp_path):
+def test_attack_on_a_tiny_clip(capsys, tiny_clip, clip_pictures, tmp_path):
     from mechscope.clip.methods.attack import AttackResult
     from mechscope.clip.methods.evaluate import InspectResult
 
@@ -151,11 +135,11 @@ def test_attack_on_a_tiny_clip(capsys, tiny, pictures, tmp_path):
         "clip",
         "inspect",
         "--model",
-        str(tiny),
+        str(tiny_clip),
         "--out",
         str(tmp_path / "i"),
         "--images",
-        str(pictures),
+        str(clip_pictures),
         "--prompts",
         "a photo of cat,a photo of dog",
     )
@@ -167,11 +151,11 @@ def test_attack_on_a_tiny_clip(capsys, tiny, pictures, tmp_path):
         "clip",
         "attack",
         "--model",
-        str(tiny),
+        str(tiny_clip),
         "--out",
         str(out),
         "--images",
-        str(pictures),
+        str(clip_pictures),
         "--true",
         true,
         "--word",
@@ -253,8 +237,8 @@ def test_train_is_deterministic(mnist_root):
         "ablate",
     ],
 )
-def test_bad_input_is_one_line(case, capsys, tiny, pictures, tmp_path):
-    base = ["--model", str(tiny), "--out", str(tmp_path / "o")]
+def test_bad_input_is_one_line(case, capsys, tiny_clip, clip_pictures, tmp_path):
+    base = ["--model", str(tiny_clip), "--out", str(tmp_path / "o")]
     if case == "no-config":
         (tmp_path / "empty").mkdir()
         args, expect = ["clip", "inspect", "--model", str(tmp_path / "empty")], "not a CLIP checkpoint"
@@ -265,9 +249,9 @@ def test_bad_input_is_one_line(case, capsys, tiny, pictures, tmp_path):
     elif case in ("not-image", "corrupt-image"):
         folder = tmp_path / "mixed"
         folder.mkdir()
-        (folder / "a.png").write_bytes((pictures / "img0.png").read_bytes())
+        (folder / "a.png").write_bytes((clip_pictures / "img0.png").read_bytes())
         bad = folder / ("notes.txt" if case == "not-image" else "broken.png")
-        bad.write_bytes(b"hello" if case == "not-image" else (pictures / "img1.png").read_bytes()[:60])
+        bad.write_bytes(b"hello" if case == "not-image" else (clip_pictures / "img1.png").read_bytes()[:60])
         args, expect = ["clip", "neurons", *base, "--images", str(folder)], bad.name
     elif case == "blank-word":
         args, expect = ["clip", "attack", *base, "--word", "   "], "renders to nothing"
@@ -276,7 +260,7 @@ def test_bad_input_is_one_line(case, capsys, tiny, pictures, tmp_path):
     elif case == "empty-classes":
         args, expect = ["clip", "attack", *base, "--classes", ""], "class prompts are empty"
     elif case == "empty-prompt":
-        args, expect = ["clip", "inspect", *base, "--images", str(pictures), "--prompts", "cat,,dog"], "is empty"
+        args, expect = ["clip", "inspect", *base, "--images", str(clip_pictures), "--prompts", "cat,,dog"], "is empty"
     elif case == "device":
         args, expect = ["clip", "inspect", *base, "--device", "cuda:7"], "cuda:7"
     elif case == "neuron":
@@ -287,14 +271,14 @@ def test_bad_input_is_one_line(case, capsys, tiny, pictures, tmp_path):
         concepts = tmp_path / "concepts"
         for name in ("cat", "日本"):
             (concepts / name).mkdir(parents=True)
-            (concepts / name / "a.png").write_bytes((pictures / "img0.png").read_bytes())
+            (concepts / name / "a.png").write_bytes((clip_pictures / "img0.png").read_bytes())
         args, expect = ["clip", "neurons", *base, "--concepts", str(concepts)], "no glyph"
     code, _, err = run_main(capsys, *args)
     assert code == 2
     assert_one_line_error(code, err, expect)
 
 
-def test_python_api_on_the_users_folders(tiny, pictures, tmp_path):
+def test_python_api_on_the_users_folders(tiny_clip, clip_pictures, tmp_path):
     """The Python API on a loaded bundle: concepts from the user's concept folders, top images from the user's
     folder, equal to the neuron's largest mean activations computed here directly; and the attack with a named
     neuron ablated."""
@@ -303,19 +287,19 @@ def test_python_api_on_the_users_folders(tiny, pictures, tmp_path):
     from mechscope.clip.models.views import ImageModel
     from mechscope.core.hooks import run_with_cache
 
-    b = C.load(tiny, device="cpu", dtype="float32")
+    b = C.load(tiny_clip, device="cpu", dtype="float32")
     concepts = tmp_path / "concepts"
     for i, name in enumerate(("cat", "dog")):
         (concepts / name).mkdir(parents=True)
         for j in range(3):
-            src = pictures / f"img{4 * i + j}.png"
+            src = clip_pictures / f"img{4 * i + j}.png"
             (concepts / name / src.name).write_bytes(src.read_bytes())
-    r = C.neurons(b, images=pictures, concepts=concepts, neurons=((1, 5),), read=1, steps=2, k=3, controls=10,
+    r = C.neurons(b, images=clip_pictures, concepts=concepts, neurons=((1, 5),), read=1, steps=2, k=3, controls=10,
                   words=("cat", "dog"))  # fmt: skip
     assert [c.concept for c in r.multimodality.concepts] == ["cat", "dog"]
     assert r.multimodality.n_pictures == 6 and r.n_dataset == 8
     rd = r.readings[0]
-    unit, names = read_folder(pictures, b.preprocess)
+    unit, names = read_folder(clip_pictures, b.preprocess)
     _, cache = run_with_cache(ImageModel(b.model, b.preprocess), unit, names=["vision.blocks.1.mlp.hook_post"])
     acts = cache["vision.blocks.1.mlp.hook_post"][:, :, 5].float().mean(1)
     order = acts.argsort(descending=True)[:3]
@@ -323,9 +307,9 @@ def test_python_api_on_the_users_folders(tiny, pictures, tmp_path):
     assert np.allclose(rd.top_values, acts[order].numpy(), atol=1e-5)
     assert "Each concept" in r._repr_html_()
 
-    probs = np.asarray(C.inspect(b, images=pictures, prompts=["a photo of cat", "a photo of dog"]).probabilities)
+    probs = np.asarray(C.inspect(b, images=clip_pictures, prompts=["a photo of cat", "a photo of dog"]).probabilities)
     true, other = ("cat", "dog") if (probs.argmax(1) == 0).sum() >= 4 else ("dog", "cat")
-    a = C.attack(b, images=pictures, true=true, word=other, classes=("cat", "dog"), prompt="a photo of {}", k=1,
+    a = C.attack(b, images=clip_pictures, true=true, word=other, classes=("cat", "dog"), prompt="a photo of {}", k=1,
                  candidates=2, controls=1, ablate=((0, 3),))  # fmt: skip
     s = a.finding.summary
     assert a.target == other and s.given == ("0.3",) and 0.0 <= s.given_success <= 1.0

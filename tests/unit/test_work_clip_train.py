@@ -16,41 +16,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch th
 transformers = pytest.importorskip("transformers")  # the tiny checkpoints are written with transformers
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.unit.test_clip_models import tiny_checkpoint
-
-    d = tmp_path_factory.mktemp("workclip") / "tiny-clip"
-    tiny_checkpoint(d, "clip")
-    return d
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    from tests.unit.test_clip_models import random_pictures
-
-    return random_pictures(tmp_path_factory.mktemp("workpictures"))
-
-
 def _both_towers(work, image_rows, text_rows):
     assert set(work) == {"image", "text"}
     assert work["image"]["unit"] == "images" and work["image"]["rows_per_pass"] == image_rows
     assert work["text"]["unit"] == "texts" and work["text"]["rows_per_pass"] == text_rows
 
 
-def test_work_counters_count_each_tower_and_follow_a_reloaded_copy(tiny):
+def test_work_counters_count_each_tower_and_follow_a_reloaded_copy(tiny_clip):
     from mechscope.clip.models.clip import report_work, work_counters
     from mechscope.clip.models.loading import load_clip
     from mechscope.core.torch_utils import counting
 
-    b = load_clip(tiny, device="cpu", dtype="float32")
+    b = load_clip(tiny_clip, device="cpu", dtype="float32")
     counters = work_counters(b.model)
     pixels = torch.rand(5, *b.model.vision.input_shape)
     with counting(counters), torch.no_grad():
         b.model.encode_image(pixels)  # 5 images through both blocks
         b.text_embeds(["a cat", "a dog", "a photo"])  # 3 texts
         b.model.vision.run_blocks(b.model.vision.embed(pixels[:2]), 1)  # half a pass of 2 images
-    again = load_clip(tiny, device="cpu", dtype="float32")
+    again = load_clip(tiny_clip, device="cpu", dtype="float32")
     with counting(work_counters(again.model, counters)), torch.no_grad():
         again.model.encode_image(pixels[:1])  # the same counters, on the reloaded copy
     b.model.encode_image(pixels)  # after the counting: no hooks left
@@ -59,13 +43,13 @@ def test_work_counters_count_each_tower_and_follow_a_reloaded_copy(tiny):
     assert work["text"]["forward_passes"] == 1.0 and work["text"]["backward_passes"] == 0.0
 
 
-def test_inspect_records_one_pass_of_each_tower(tiny, pictures, tmp_path, caplog):
+def test_inspect_records_one_pass_of_each_tower(tiny_clip, clip_pictures, tmp_path, caplog):
     from mechscope.clip.methods.evaluate import InspectResult
     from mechscope.clip.pipelines.inspect import inspect
 
     prompts = ["a photo of a cat", "a photo of a dog", "the cat"]
     with caplog.at_level(logging.INFO, logger="mechscope.core.torch_utils"):
-        out, r = inspect(tiny, tmp_path / "i", images=pictures, prompts=prompts, device="cpu")
+        out, r = inspect(tiny_clip, tmp_path / "i", images=clip_pictures, prompts=prompts, device="cpu")
     _both_towers(r.work, 8, 3)
     assert r.work["image"]["forward_passes"] == 1.0 and r.work["image"]["backward_passes"] == 0.0
     assert r.work["text"]["forward_passes"] == 1.0 and r.work["text"]["forward_texts"] == 3
@@ -73,20 +57,21 @@ def test_inspect_records_one_pass_of_each_tower(tiny, pictures, tmp_path, caplog
     assert InspectResult.load(out).work == r.work
     assert "clip inspect (image tower): 1.0 forward and 0.0 backward passes of 8 images" in caplog.messages
     assert "clip inspect (text tower): 1.0 forward and 0.0 backward passes of 3 texts" in caplog.messages
-    _, bare = inspect(tiny, tmp_path / "bare", device="cpu")  # no images: the model does not run
+    _, bare = inspect(tiny_clip, tmp_path / "bare", device="cpu")  # no images: the model does not run
     assert bare.work is None
 
 
-def test_attack_counts_the_algorithms_own_batches(tiny, pictures, tmp_path):
+def test_attack_counts_the_algorithms_own_batches(tiny_clip, clip_pictures, tmp_path):
     from mechscope.clip.methods.attack import AttackResult
     from mechscope.clip.pipelines.attack import AttackSettings, attack
     from mechscope.clip.pipelines.inspect import inspect
 
-    _, i = inspect(tiny, tmp_path / "i", images=pictures, prompts=["a photo of cat", "a photo of dog"], device="cpu")
+    prompts = ["a photo of cat", "a photo of dog"]
+    _, i = inspect(tiny_clip, tmp_path / "i", images=clip_pictures, prompts=prompts, device="cpu")
     true, other = ("cat", "dog") if (np.asarray(i.probabilities).argmax(1) == 0).sum() >= 4 else ("dog", "cat")
     s = AttackSettings(word=other, true=true, classes=("cat", "dog"), prompt="a photo of {}", k=2, candidates=4,
                        controls=3, label=True, ablate=((1, 5),))  # fmt: skip
-    out, r = attack(tiny, tmp_path / "attack", s, images=pictures, device="cpu")
+    out, r = attack(tiny_clip, tmp_path / "attack", s, images=clip_pictures, device="cpu")
     m = r.finding.summary
     n, d, h = m.n_images, m.n_discovery, m.n_heldout
     cands = r.finding.neurons
@@ -104,7 +89,7 @@ def test_attack_counts_the_algorithms_own_batches(tiny, pictures, tmp_path):
     assert AttackResult.load(out).work == r.work
 
 
-def test_neurons_counts_the_concepts_the_dataset_and_the_readings(tiny, pictures, tmp_path):
+def test_neurons_counts_the_concepts_the_dataset_and_the_readings(tiny_clip, clip_pictures, tmp_path):
     import mechscope.clip as C
     from mechscope.clip.methods.neurons import NeuronsResult
     from mechscope.clip.pipelines.neurons import NeuronSettings, neurons
@@ -113,11 +98,11 @@ def test_neurons_counts_the_concepts_the_dataset_and_the_readings(tiny, pictures
     for i, name in enumerate(("cat", "dog")):
         (concepts / name).mkdir(parents=True)
         for j in range(3):
-            src = pictures / f"img{4 * i + j}.png"
+            src = clip_pictures / f"img{4 * i + j}.png"
             (concepts / name / src.name).write_bytes(src.read_bytes())
-    b = C.load(tiny, device="cpu", dtype="float32")
+    b = C.load(tiny_clip, device="cpu", dtype="float32")
     # nothing read in full: the concepts' pictures and drawn names, then the dataset, each forward once
-    r = C.neurons(b, images=pictures, concepts=concepts, read=0, controls=10, words=("cat", "dog"))
+    r = C.neurons(b, images=clip_pictures, concepts=concepts, read=0, controls=10, words=("cat", "dog"))
     mm = r.multimodality
     _both_towers(r.work, 8, 2 * 3)
     assert r.work["image"]["forward_images"] == mm.n_pictures + mm.n_words + r.n_dataset
@@ -129,7 +114,7 @@ def test_neurons_counts_the_concepts_the_dataset_and_the_readings(tiny, pictures
     # the text tower embeds every probe word in every template once
     steps, k = 3, 3
     s = NeuronSettings(neurons=((1, 5),), read=1, steps=steps, k=k, controls=10, words=("cat", "dog"), diverse=4)
-    out, r = neurons(tiny, tmp_path / "n", s, images=pictures, concepts=concepts, device="cpu")
+    out, r = neurons(tiny_clip, tmp_path / "n", s, images=clip_pictures, concepts=concepts, device="cpu")
     assert len(r.readings) == 1 and len(r.readings[0].top_images) == k
     backward = (steps * 1 + steps * 4 + 32 * k) * 1  # images x blocks run backward
     assert r.work["image"]["layer_calls"]["backward"] == steps + steps + 1  # one block: each step's, IG's one chunk
