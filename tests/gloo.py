@@ -11,11 +11,26 @@ abort before the worker's ``done``, still fails the test.
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun(rank: int, world: int, port: int) -> None:
+    """Give this worker the environment ``torchrun`` would (rank, world size, rendezvous on ``port``)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
 
 
 def done(marks: str | Path, rank: int) -> None:

@@ -5,8 +5,6 @@ data-parallel over two CPU processes equal to one."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from mechscope.cnn.methods.sae import CnnSaeDashboards, CnnSaeEvaluation, CnnSae
 from mechscope.lm.methods.sae import LmSaeDashboards, LmSaeEvaluation, LmSaeHarvest, LmSaeTraining
 from tests.e2e.reports import check_report
 from tests.e2e.test_cli import assert_one_line_error, run_main
-from tests.gloo import done, spawn
+from tests.gloo import as_torchrun, done, free_port, spawn
 from tests.records import assert_round_trip
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
@@ -234,15 +232,8 @@ def test_resume_from_a_checkpoint_of_other_settings_is_refused(capsys, tmp_path,
 # ---- two processes ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _harvest_worker(rank: int, world: int, port: int, run: str, out: str, marks: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    as_torchrun(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -265,7 +256,7 @@ def test_harvest_on_two_processes_equals_one(tmp_path, quick_run):
     one = tmp_path / "one"
     sae_harvest_run(quick_run, one, limit=300, batch=64, shard_rows=1024, progress=False, distributed=False)
     two = tmp_path / "two"
-    spawn(_harvest_worker, (2, _free_port(), str(quick_run), str(two), str(tmp_path)), tmp_path)
+    spawn(_harvest_worker, (2, free_port(), str(quick_run), str(two), str(tmp_path)), tmp_path)
     m1 = json.loads((one / "store" / "manifest.json").read_text())
     m2 = json.loads((two / "store" / "manifest.json").read_text())
     assert m1["shards"] == m2["shards"] and m1["rows"] == 300 * 16

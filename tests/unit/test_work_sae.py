@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 from mechscope.cnn.pipelines import sae as CS
 from mechscope.core.torch_utils import torch_threads
 from mechscope.lm.pipelines import sae as LS
-from tests.gloo import done, spawn
+from tests.gloo import as_torchrun, done, free_port, spawn
 from tests.unit.test_sae_cnn import dataset, tiny_cnn
 from tests.unit.test_sae_lm import harvest_inputs
 
@@ -109,15 +107,8 @@ def test_cnn_show_is_one_pass_plus_stimuli_and_featvis(cnn_chain):
 # ---- two processes ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, model, data, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    as_torchrun(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -139,7 +130,7 @@ def test_two_processes_record_the_whole_jobs_work(tmp_path):
     CS.sae_train_run(tmp_path / "one" / "h", tmp_path / "one" / "sae", d_sae=24, k=3, batch_size=128, epochs=2,
                      progress=False)  # fmt: skip
     (tmp_path / "two").mkdir()
-    spawn(_worker, (2, _free_port(), model, data, str(tmp_path / "two")), tmp_path / "two")
+    spawn(_worker, (2, free_port(), model, data, str(tmp_path / "two")), tmp_path / "two")
     one, two = _json(tmp_path / "one" / "h" / "harvest.json"), _json(tmp_path / "two" / "h" / "harvest.json")
     assert json.loads((tmp_path / "two" / "h" / "harvest.json").read_text())["world_size"] == 2
     assert one["forward_images"] == 96 + 2 * PROBE_IMAGES
