@@ -30,7 +30,6 @@ def train_toy_run(
     check_target(out, force)  # before minutes of training
     with atomic_output(out, force) as tmp:  # checkpoints too: an interrupted run leaves nothing behind
         result = train_toy_and_control(config, text, tmp, progress, control)
-        series = result.series
         write_json(tmp / "training.json", result.to_dict())
-        write_training_report(series, tmp / "training.html")
+        write_training_report(result.series, tmp / "training.html")
     return out, result
