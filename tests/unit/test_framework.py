@@ -118,6 +118,27 @@ def test_random_baseline_is_about_one_over_root_d():
     assert abs(b.mean - 256**-0.5) < 0.01 and 0 < b.std < 0.01
 
 
+@pytest.mark.parametrize("d_model, d_head, samples", [(576, 64, 200), (256, 16, 100), (8, 2, 13), (7, 3, 10)])
+def test_random_baseline_drawn_in_blocks_is_the_whole_draw(d_model, d_head, samples):
+    """The baseline draws its factors a few samples at a time (memory): the same numbers, bit for bit, as drawing
+    each factor whole and using gram_left / gram_right, with blocks of unequal size (13 = 8 + 5) and where the
+    blocks cannot reproduce the whole draw (7 × 3 numbers a sample: drawn whole)."""
+    from mechscope.lm.methods.composition import Baseline, gram_left, gram_right
+
+    g = torch.Generator().manual_seed(3)
+
+    def draw():
+        return (torch.randn(samples, d_model, d_head, generator=g, dtype=torch.float64),
+                torch.randn(samples, d_head, d_model, generator=g, dtype=torch.float64))  # fmt: skip
+
+    left, right = gram_left(*draw()), gram_right(*draw())
+    num = (left @ right).pow(2).sum((-1, -2)).sqrt()
+    score = (num / (left.pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())).numpy()
+    whole = Baseline(mean=float(score.mean()), std=float(score.std()), samples=samples, seed=3)
+    random_baseline.cache_clear()
+    assert random_baseline(d_model, d_head, samples, seed=3) == whole
+
+
 def test_hand_built_circuit_reads_as_tokens():
     """Head 1.0 copies the token it attends to (identity OV); head 0.0 attends to the previous position."""
     view = analysis_weights(hand_built())

@@ -117,23 +117,59 @@ class Baseline(Result):
     seed: int
 
 
+BASELINE_BLOCK = 8  # samples drawn at a time: 34 MB of float64 factors for Pythia-1b's shapes, 2.4 MB for SmolLM2
+
+
 @functools.lru_cache(maxsize=16)  # depends only on the shapes and the seed, not on any weight
 def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0) -> Baseline:
     """Composition score of random matrices shaped like the model's (Gaussian factors, seeded).
 
     W_OV¹ = A¹ B¹ and W² = A² B² with A [d_model, d_head], B [d_head, d_model] independent; the
     score does not depend on the scale. About 1/√d_model for d_head ≪ d_model, with a small spread.
+
+    Each factor of every sample is drawn in that order (A¹, B¹, A², B²), a few samples at a time, and only the
+    float32 left factors and A² are kept whole: the float64 draws were 4 × 236 MB for SmolLM2's shapes and
+    4 × 839 MB for Pythia-1b's. The blocks are the same random numbers as one draw of each factor (a test checks
+    the baseline bit for bit against the whole computation), which torch's CPU generator gives when every block
+    holds a multiple of 16 numbers; otherwise each factor is drawn whole.
     """
     g = torch.Generator().manual_seed(seed)
+    sizes = _blocks(samples, d_model * d_head)
 
-    def draw():
-        return (torch.randn(samples, d_model, d_head, generator=g, dtype=torch.float64),
-                torch.randn(samples, d_head, d_model, generator=g, dtype=torch.float64))
+    def factor(*shape):  # one factor of every sample, block by block, in the order one whole draw makes them
+        return (torch.randn(n, *shape, generator=g, dtype=torch.float64) for n in sizes)
 
-    left, right = gram_left(*draw()), gram_right(*draw())  # [n, Dh, D], [n, D, Dh]
-    num = (left @ right).pow(2).sum((-1, -2)).sqrt()
-    score = (num / (left.pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())).numpy()
+    def rows(blocks):  # the blocks' results written into one tensor over the samples as they come
+        out = None
+        for (i, j), block in zip(_offsets(sizes), blocks, strict=True):
+            out = block.new_empty((samples, *block.shape[1:])) if out is None else out
+            out[i:j] = block
+        return out
+
+    roots = rows(sqrt_psd(a.transpose(-1, -2) @ a).float() for a in factor(d_model, d_head))  # (A¹ᵀA¹)^½
+    at = _offsets(sizes)
+    left = rows(roots[i:j] @ b.float() for (i, j), b in zip(at, factor(d_head, d_model), strict=True))  # gram_left
+    a2 = rows(a.float() for a in factor(d_model, d_head))
+    roots = rows(sqrt_psd(b @ b.transpose(-1, -2)).float() for b in factor(d_head, d_model))  # (B²B²ᵀ)^½
+    score = torch.empty(samples, dtype=torch.float32)
+    for i, j in at:  # right = gram_right(A², B²), a block at a time
+        right = a2[i:j] @ roots[i:j]
+        num = (left[i:j] @ right).pow(2).sum((-1, -2)).sqrt()
+        score[i:j] = num / (left[i:j].pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())
+    score = score.numpy()
     return Baseline(mean=float(score.mean()), std=float(score.std()), samples=samples, seed=seed)
+
+
+def _blocks(samples: int, per_sample: int) -> list[int]:
+    """Samples per block of :func:`random_baseline`'s draws: blocks of :data:`BASELINE_BLOCK` where every block
+    holds a multiple of 16 numbers (then the blocks draw what one whole draw does), else one block."""
+    sizes = [min(BASELINE_BLOCK, samples - i) for i in range(0, samples, BASELINE_BLOCK)]
+    return sizes if all(n * per_sample % 16 == 0 for n in sizes) else [samples]
+
+
+def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
+    ends = np.cumsum(sizes).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 DEFINITION = "‖W_OV¹ · W²‖_F / (‖W_OV¹‖_F ‖W²‖_F), W² = W_QK (Q), W_QKᵀ (K), W_OV (V); Elhage et al. 2021"
