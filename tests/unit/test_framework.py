@@ -118,12 +118,19 @@ def test_random_baseline_is_about_one_over_root_d():
     assert abs(b.mean - 256**-0.5) < 0.01 and 0 < b.std < 0.01
 
 
-@pytest.mark.parametrize("d_model, d_head, samples", [(576, 64, 200), (256, 16, 100), (8, 2, 13), (7, 3, 10)])
-def test_random_baseline_drawn_in_blocks_is_the_whole_draw(d_model, d_head, samples):
-    """The baseline draws its factors a few samples at a time (memory): the same numbers, bit for bit, as drawing
-    each factor whole and using gram_left / gram_right, with blocks of unequal size (13 = 8 + 5) and where the
+@pytest.mark.parametrize("d_model, d_head, samples, block", [
+    (576, 64, 200, 8), (576, 64, 200, 200), (256, 16, 100, 8), (8, 2, 13, 8), (7, 3, 10, 4),
+])  # fmt: skip
+def test_random_baseline_drawn_in_blocks_is_the_whole_draw(monkeypatch, d_model, d_head, samples, block):
+    """The baseline draws its factors a block of samples at a time (memory): the same numbers, bit for bit, as
+    drawing each factor whole and using gram_left / gram_right, with blocks of unequal size (13 = 8 + 5) and where
     blocks cannot reproduce the whole draw (7 × 3 numbers a sample: drawn whole)."""
+    from mechscope.lm.methods import composition
     from mechscope.lm.methods.composition import Baseline, gram_left, gram_right
+
+    monkeypatch.setattr(composition, "BASELINE_BLOCK_BYTES", block * d_model * d_head * 8)
+    assert composition._blocks(samples, d_model * d_head) == (
+        [samples] if d_model * d_head % 2 else [min(block, samples - i) for i in range(0, samples, block)])
 
     g = torch.Generator().manual_seed(3)
 

@@ -117,7 +117,10 @@ class Baseline(Result):
     seed: int
 
 
-BASELINE_BLOCK = 8  # samples drawn at a time: 34 MB of float64 factors for Pythia-1b's shapes, 2.4 MB for SmolLM2
+# Float64 factors drawn at a time: 16 samples for Pythia-1b's shapes, 128 for Pythia-410m's, all 200 for SmolLM2's.
+# Blocks of 32 MiB or more come from fresh pages that are handed back when freed; smaller ones (4 MB blocks were
+# tried) come from glibc's heap, which kept them: Pythia-410m's `lm heads` peaked 150-540 MiB higher.
+BASELINE_BLOCK_BYTES = 64 * 2**20
 
 
 @functools.lru_cache(maxsize=16)  # depends only on the shapes and the seed, not on any weight
@@ -127,11 +130,12 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
     W_OV¹ = A¹ B¹ and W² = A² B² with A [d_model, d_head], B [d_head, d_model] independent; the
     score does not depend on the scale. About 1/√d_model for d_head ≪ d_model, with a small spread.
 
-    Each factor of every sample is drawn in that order (A¹, B¹, A², B²), a few samples at a time, and only the
-    float32 left factors and A² are kept whole: the float64 draws were 4 × 236 MB for SmolLM2's shapes and
-    4 × 839 MB for Pythia-1b's. The blocks are the same random numbers as one draw of each factor (a test checks
-    the baseline bit for bit against the whole computation), which torch's CPU generator gives when every block
-    holds a multiple of 16 numbers; otherwise each factor is drawn whole.
+    Each factor of every sample is drawn in that order (A¹, B¹, A², B²), a block of samples at a time
+    (:data:`BASELINE_BLOCK_BYTES`), and only the float32 left factors and A² are kept whole: the four float64
+    draws were held at once before, 4 × 236 MB for SmolLM2's shapes and 4 × 839 MB for Pythia-1b's. The blocks
+    are the same random numbers as one draw of each factor (a test checks the baseline bit for bit against the
+    whole computation), which torch's CPU generator gives when every block holds a multiple of 16 numbers;
+    otherwise each factor is drawn whole.
     """
     g = torch.Generator().manual_seed(seed)
     sizes = _blocks(samples, d_model * d_head)
@@ -161,9 +165,11 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
 
 
 def _blocks(samples: int, per_sample: int) -> list[int]:
-    """Samples per block of :func:`random_baseline`'s draws: blocks of :data:`BASELINE_BLOCK` where every block
-    holds a multiple of 16 numbers (then the blocks draw what one whole draw does), else one block."""
-    sizes = [min(BASELINE_BLOCK, samples - i) for i in range(0, samples, BASELINE_BLOCK)]
+    """Samples per block of :func:`random_baseline`'s draws (``per_sample`` float64 numbers each): blocks of
+    :data:`BASELINE_BLOCK_BYTES` where every block holds a multiple of 16 numbers (then the blocks draw what one
+    whole draw does), else one block."""
+    k = max(1, BASELINE_BLOCK_BYTES // (8 * per_sample))
+    sizes = [min(k, samples - i) for i in range(0, samples, k)]
     return sizes if all(n * per_sample % 16 == 0 for n in sizes) else [samples]
 
 
