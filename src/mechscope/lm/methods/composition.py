@@ -118,8 +118,8 @@ class Baseline(Result):
 
 
 # Float64 factors drawn at a time: 16 samples for Pythia-1b's shapes, 128 for Pythia-410m's, all 200 for SmolLM2's.
-# Blocks of 32 MiB or more come from fresh pages that are handed back when freed; smaller ones (4 MB blocks were
-# tried) come from glibc's heap, which kept them: Pythia-410m's `lm heads` peaked 150-540 MiB higher.
+# Blocks of 32 MiB or more come from fresh pages that glibc hands back when they are freed; smaller ones come from
+# its heap, which may keep them (docs/development.md, "The composition baseline").
 BASELINE_BLOCK_BYTES = 64 * 2**20
 
 
