@@ -129,8 +129,8 @@ def test_random_baseline_drawn_in_blocks_is_the_whole_draw(monkeypatch, d_model,
     from mechscope.lm.methods.composition import Baseline, gram_left, gram_right
 
     monkeypatch.setattr(composition, "BASELINE_BLOCK_BYTES", block * d_model * d_head * 8)
-    assert composition._blocks(samples, d_model * d_head) == (
-        [samples] if d_model * d_head % 2 else [min(block, samples - i) for i in range(0, samples, block)])
+    assert composition._spans(samples, d_model * d_head) == (
+        [(0, samples)] if d_model * d_head % 2 else [(i, min(i + block, samples)) for i in range(0, samples, block)])
 
     g = torch.Generator().manual_seed(3)
 

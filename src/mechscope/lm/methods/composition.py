@@ -58,14 +58,24 @@ def gram_left(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
     The d_head-sized Gram matrix and its root in float64, the product with B in float32.
     """
-    A = A.double()
-    return sqrt_psd(A.transpose(-1, -2) @ A).float() @ B.float()
+    return left_root(A).float() @ B.float()
 
 
 def gram_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """A (B Bᵀ)^½ for A [..., D, Dh], B [..., Dh, D]: same Frobenius products as A B from the right."""
+    return A.float() @ right_root(B).float()
+
+
+def left_root(A: torch.Tensor) -> torch.Tensor:
+    """(AᵀA)^½ in float64 for A [..., D, Dh]: :func:`gram_left`'s root."""
+    A = A.double()
+    return sqrt_psd(A.transpose(-1, -2) @ A)
+
+
+def right_root(B: torch.Tensor) -> torch.Tensor:
+    """(B Bᵀ)^½ in float64 for B [..., Dh, D]: :func:`gram_right`'s root."""
     B = B.double()
-    return A.float() @ sqrt_psd(B @ B.transpose(-1, -2)).float()
+    return sqrt_psd(B @ B.transpose(-1, -2))
 
 
 def readers(w: AnalysisWeights, layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -138,25 +148,24 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
     otherwise each factor is drawn whole.
     """
     g = torch.Generator().manual_seed(seed)
-    sizes = _blocks(samples, d_model * d_head)
+    spans = _spans(samples, d_model * d_head)
 
     def factor(*shape):  # one factor of every sample, block by block, in the order one whole draw makes them
-        return (torch.randn(n, *shape, generator=g, dtype=torch.float64) for n in sizes)
+        return (torch.randn(j - i, *shape, generator=g, dtype=torch.float64) for i, j in spans)
 
     def rows(blocks):  # the blocks' results written into one tensor over the samples as they come
         out = None
-        for (i, j), block in zip(_offsets(sizes), blocks, strict=True):
+        for (i, j), block in zip(spans, blocks, strict=True):
             out = block.new_empty((samples, *block.shape[1:])) if out is None else out
             out[i:j] = block
         return out
 
-    roots = rows(sqrt_psd(a.transpose(-1, -2) @ a).float() for a in factor(d_model, d_head))  # (A¹ᵀA¹)^½
-    at = _offsets(sizes)
-    left = rows(roots[i:j] @ b.float() for (i, j), b in zip(at, factor(d_head, d_model), strict=True))  # gram_left
+    roots = rows(left_root(a).float() for a in factor(d_model, d_head))  # (A¹ᵀA¹)^½
+    left = rows(roots[i:j] @ b.float() for (i, j), b in zip(spans, factor(d_head, d_model), strict=True))  # gram_left
     a2 = rows(a.float() for a in factor(d_model, d_head))
-    roots = rows(sqrt_psd(b @ b.transpose(-1, -2)).float() for b in factor(d_head, d_model))  # (B²B²ᵀ)^½
+    roots = rows(right_root(b).float() for b in factor(d_head, d_model))  # (B²B²ᵀ)^½
     score = torch.empty(samples, dtype=torch.float32)
-    for i, j in at:  # right = gram_right(A², B²), a block at a time
+    for i, j in spans:  # right = gram_right(A², B²), a block at a time
         right = a2[i:j] @ roots[i:j]
         num = (left[i:j] @ right).pow(2).sum((-1, -2)).sqrt()
         score[i:j] = num / (left[i:j].pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())
@@ -164,18 +173,13 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
     return Baseline(mean=float(score.mean()), std=float(score.std()), samples=samples, seed=seed)
 
 
-def _blocks(samples: int, per_sample: int) -> list[int]:
-    """Samples per block of :func:`random_baseline`'s draws (``per_sample`` float64 numbers each): blocks of
-    :data:`BASELINE_BLOCK_BYTES` where every block holds a multiple of 16 numbers (then the blocks draw what one
-    whole draw does), else one block."""
+def _spans(samples: int, per_sample: int) -> list[tuple[int, int]]:
+    """The samples [i, j) of each block of :func:`random_baseline`'s draws (``per_sample`` float64 numbers each):
+    blocks of :data:`BASELINE_BLOCK_BYTES` where every block holds a multiple of 16 numbers (then the blocks draw
+    what one whole draw does), else one block."""
     k = max(1, BASELINE_BLOCK_BYTES // (8 * per_sample))
-    sizes = [min(k, samples - i) for i in range(0, samples, k)]
-    return sizes if all(n * per_sample % 16 == 0 for n in sizes) else [samples]
-
-
-def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
-    ends = np.cumsum(sizes).tolist()
-    return list(zip([0, *ends[:-1]], ends, strict=True))
+    spans = [(i, min(i + k, samples)) for i in range(0, samples, k)]
+    return spans if all((j - i) * per_sample % 16 == 0 for i, j in spans) else [(0, samples)]
 
 
 DEFINITION = "‖W_OV¹ · W²‖_F / (‖W_OV¹‖_F ‖W²‖_F), W² = W_QK (Q), W_QKᵀ (K), W_OV (V); Elhage et al. 2021"
