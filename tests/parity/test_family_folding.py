@@ -63,3 +63,15 @@ def test_post_ln_is_refused(tiny_family, one_thread):
     model, _ = load_model(path)
     with pytest.raises(MechscopeError, match="post-LN model"):
         analysis_weights(model)
+
+
+@pytest.mark.parametrize("name", RUNNABLE + sorted(SCALE_FREE))
+def test_per_layer_view_on_every_family(name, tiny_family, one_thread):
+    """The per-layer view (W_Q, W_K, W_V folded when read) has the stacked view's bits on every family: grouped
+    key/value heads, QK-norm and post-sublayer norms included."""
+    _, path = tiny_family(name)
+    model, _ = load_model(path)
+    full, lazy = analysis_weights(model, mlp=False), analysis_weights(model, mlp=False, per_layer=True)
+    for w in ("W_Q", "W_K", "W_V"):
+        assert torch.equal(getattr(lazy, w)[:], getattr(full, w))
+        assert all(torch.equal(getattr(lazy, w)[i], getattr(full, w)[i]) for i in range(model.cfg.n_layers))

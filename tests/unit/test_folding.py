@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.lm.models.folding import analysis_weights, folded_model, raw_weights
+from mechscope.lm.models.folding import LAZY, FoldedLayers, analysis_weights, folded_model, raw_weights
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
@@ -136,3 +136,24 @@ def test_view_without_the_mlps_keeps_every_other_weight(norm, gated):
     for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_E", "W_pos", "W_U", "b_U", "value_bias"):
         a, b = getattr(full, name), getattr(heads_only, name)
         assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_layer_view_is_the_stacked_view(case):
+    """``per_layer=True`` (what `lm heads` and `lm circuits` use) folds W_Q, W_K and W_V when read: every layer,
+    head and slice has the stacked view's bits, in any order of reading, and every other weight is the same."""
+    model = random_model(**CASES[case])
+    full, lazy = analysis_weights(model, mlp=False), analysis_weights(model, mlp=False, per_layer=True)
+    for name in LAZY:
+        w, want = getattr(lazy, name), getattr(full, name)
+        assert isinstance(w, FoldedLayers) and w.shape == want.shape and len(w) == 3 and w.dim() == 4
+        assert torch.equal(w[:], want) and torch.equal(w[1:], want[1:])
+        for layer in (2, 0, -1, 1, 1):
+            assert torch.equal(w[layer], want[layer]) and torch.equal(w[layer, 1], want[layer, 1])
+            assert torch.equal(w[layer, 3, :, 2], want[layer, 3, :, 2])
+        with pytest.raises(IndexError):
+            w[3]
+    for name in ("b_Q", "b_K", "b_V", "W_O", "b_O", "W_E", "W_pos", "W_U", "b_U", "value_bias"):
+        a, b = getattr(full, name), getattr(lazy, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert all(torch.equal(lazy.OV(i), full.OV(i)) and torch.equal(lazy.QK(i), full.QK(i)) for i in range(3))

@@ -252,3 +252,19 @@ def test_circuits_read_the_weights_once(monkeypatch):
     result = read_circuits(model, analysis_weights(model, mlp=False), "random")
     assert result.induction is not None and not calls
     assert read_circuits(model, raw_weights(model), "random").induction is not None and calls == [1]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weight_readings_are_the_same_on_the_per_layer_view(case):
+    """Composition, OV eigenvalues, OV copying, QK pairs and positional attention read the per-layer view (W_Q,
+    W_K, W_V folded when read) to the same bits as the stacked one."""
+    model = random_model(**CASES[case])
+    full, lazy = analysis_weights(model, mlp=False), analysis_weights(model, mlp=False, per_layer=True)
+    a, b = composition_scores(full), composition_scores(lazy)
+    assert all(torch.equal(a[m], b[m]) for m in "QKV")
+    assert np.array_equal(FW.ov_eigen_positivity(full), FW.ov_eigen_positivity(lazy))
+    heads = [(2, 1), (0, 3)]
+    assert FW.ov_copying(full, heads, sample=20).to_dict() == FW.ov_copying(lazy, heads, sample=20).to_dict()
+    assert FW.qk_token_pairs(full, heads, sample=20).to_dict() == FW.qk_token_pairs(lazy, heads, sample=20).to_dict()
+    if full.W_pos is not None:
+        assert np.array_equal(FW.positional_qk(full, n=8).patterns, FW.positional_qk(lazy, n=8).patterns)

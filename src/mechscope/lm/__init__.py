@@ -216,7 +216,7 @@ def circuits(model, heads=None, *, prompt=None, tokenizer=None, name: str = ""):
     heads = [check_head(model, *h) for h in heads] if heads else None
     ids = as_tokens(model, prompt, tokenizer)[0] if prompt is not None else None
     decoder = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
-    return read_circuits(model, analysis_weights(model, mlp=False), name or model.cfg.name, heads, ids,
+    return read_circuits(model, analysis_weights(model, mlp=False, per_layer=True), name or model.cfg.name, heads, ids,
                          token_range=default_token_range(model), decoder=decoder,
                          prompt_text=None if ids is None else _decode(tokenizer, ids))  # fmt: skip
 

@@ -67,7 +67,7 @@ class Capture:
 
     resid_pre: list[torch.Tensor]  # per layer [B, P, D]
     z: list[torch.Tensor]  # per layer [B, P, H, Dh]
-    grad: list[torch.Tensor]  # per layer ∂(Σ_b second-half loss_b)/∂z
+    grad: list[torch.Tensor] | None  # per layer ∂(Σ_b second-half loss_b)/∂z (None once the estimates are made)
     clean: torch.Tensor  # [B] second-half loss
 
 
@@ -335,10 +335,12 @@ def ablate_heads(
     kinds: tuple[str, ...] = KINDS,
     always: list[tuple[int, int]] = (),
     named: list[tuple[int, int]] = (),
+    estimates: dict[str, np.ndarray] | None = None,
 ) -> dict[str, HeadAblation]:
-    """Estimate every head under each kind; measure exactly the ``top`` heads by estimate (per
-    kind), the heads in ``always`` and, for mean-ablation (the kind the report's sentences use), every head
-    in ``named`` and a seeded sample of ``random`` others.
+    """Estimate every head under each kind (or take ``estimates``, kind -> [L, H, B], from a capture whose
+    gradients are freed); measure exactly the ``top`` heads by estimate (per kind), the heads in ``always`` and, for
+    mean-ablation (the kind the report's sentences use), every head in ``named`` and a seeded sample of ``random``
+    others.
 
     First-order estimates miss heads whose effect passes through a later head's saturated softmax (a
     previous-token head's does: its estimate can be ~0 where its exact cost is several nats), so every head
@@ -348,7 +350,7 @@ def ablate_heads(
     L, H = model.cfg.n_layers, model.cfg.n_heads
     out = {}
     for kind in kinds:
-        est = estimate(cap, kind)
+        est = estimate(cap, kind) if estimates is None else estimates[kind]
         mean = est.mean(-1).ravel()
         chosen = [divmod(int(i), H) for i in np.argsort(-np.abs(mean))[:top]]
         chosen += [lh for lh in always if lh not in chosen]

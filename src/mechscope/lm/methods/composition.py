@@ -102,7 +102,7 @@ def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> di
         if mode not in MODES:
             raise MechscopeError(f"composition mode must be one of Q, K, V, got {mode!r}")
     L, H, D, Dh = w.W_V.shape
-    src = gram_left(w.W_V, w.W_O)  # [L, H, Dh, D]
+    src = torch.stack([gram_left(w.W_V[i], w.W_O[i]) for i in range(L)])  # [L, H, Dh, D]: a layer's bits as all's
     norm_src = torch.linalg.vector_norm(src, dim=(-1, -2))  # ‖W_OV¹‖_F [L, H]
     out = torch.zeros(len(modes), L, H, L, H)
     per = max(1, PRODUCT_BYTES // (H * Dh * len(modes) * H * Dh * 4))  # source layers per product

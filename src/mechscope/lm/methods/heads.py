@@ -444,8 +444,8 @@ def find_induction_heads(
     timer = Timer("heads")
 
     say("folded weights")
-    with timer.section("folding"):  # the heads alone: no second copy of the MLPs
-        view = analysis_weights(model, mlp=False) if readings is None else readings.view
+    with timer.section("folding"):  # the heads alone: no second copy of the MLPs, W_Q, W_K, W_V folded when read
+        view = analysis_weights(model, mlp=False, per_layer=True) if readings is None else readings.view
     say("OV circuits")
     with timer.section("ov_circuits"):  # first, so that the embedding is freed before any activation is made
         eigen = ov_eigen_positivity(view) if readings is None else readings.eigen
@@ -480,10 +480,13 @@ def find_induction_heads(
     say("per-head ablations (attribution patching, then exact on every head the report names)")
     with timer.section("per_head_ablation"):
         cap = HA.capture(model, tokens, p.n)
+        estimates = {kind: HA.estimate(cap, kind) for kind in HA.KINDS}
+        cap = replace(cap, grad=None)  # read by the estimates only: one activation-sized tensor per layer freed
         top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
         always = by_induction[: p.top_k] if p.per_head_ablation else []
         named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups) if p.per_head_ablation else []
-        ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always, named=named)
+        ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always, named=named,
+                                   estimates=estimates)  # fmt: skip
         for kind, a in ablation.items():
             scores[ABLATION_SCORES[kind]] = a.best()
     say("top-k ablation")

@@ -270,8 +270,8 @@ def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> Po
     _need(view, "W_pos")
     n = min(n, view.W_pos.shape[0])
     pos = normalised(view.W_pos[:n], view.layernorm).float()  # [n, D]
-    q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q) + view.b_Q[:, :, None]
-    k = torch.einsum("pd,lhde->lhpe", pos, view.W_K) + view.b_K[:, :, None]
+    q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q[:]) + view.b_Q[:, :, None]  # [:] stacks a per-layer view
+    k = torch.einsum("pd,lhde->lhpe", pos, view.W_K[:]) + view.b_K[:, :, None]
     s = q @ k.transpose(-1, -2) / view.cfg.d_head**0.5  # [L, H, n, n]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     pat = s.masked_fill(~causal, float("-inf")).softmax(-1)

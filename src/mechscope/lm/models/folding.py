@@ -24,6 +24,11 @@ separate set of tensors (float32, query heads throughout: grouped key/value head
 expanded), and :func:`folded_model` turns it back into a model whose logits equal the
 original's up to a shift per position — the test that the view is the same function.
 
+With ``per_layer=True`` the view holds no second copy of the reading attention weights: ``W_Q``,
+``W_K`` and ``W_V`` are :class:`FoldedLayers`, folded from the model a layer at a time when read
+(one layer kept), with the same bits as the stacked view's slices. ``lm heads`` and ``lm circuits``
+use it: for Pythia-1b's shape the stacked copies are 800 MB.
+
 Shapes (TransformerLens' convention, row vectors: ``q = x W_Q + b_Q``)::
 
     W_Q, W_K, W_V [L, H, D, Dh]   b_Q, b_K, b_V [L, H, Dh]   W_O [L, H, Dh, D]   b_O [L, D]
@@ -41,16 +46,62 @@ from mechscope.core.errors import MechscopeError
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
+class FoldedLayers:
+    """One reading attention weight of every layer, ``[L, H, D, Dh]``, folded from the model a layer at a time when
+    read. ``w[layer]`` and ``w[layer, head, ...]`` give that layer's tensor (the stacked view's slice, bit for bit);
+    ``w[a:b]`` stacks the layers (for code that needs the whole stack); ``shape`` is the stack's."""
+
+    def __init__(self, folds: _LayerFolds, name: str, shape: torch.Size):
+        self._folds, self._name, self.shape = folds, name, shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if isinstance(first, slice):
+            stack = torch.stack([self._folds.layer(i)[self._name] for i in range(len(self))[first]])
+            return stack[(slice(None), *rest)]
+        layer = self._folds.layer(int(first))[self._name]
+        return layer[rest] if rest else layer
+
+
+class _LayerFolds:
+    """Folds one layer's attention weights at a time and keeps the last layer folded (readers sweep layer by layer,
+    reading several weights of each)."""
+
+    def __init__(self, model: HookedTransformer, fold: bool, center: bool):
+        self.model, self.fold, self.center = model, fold, center
+        self._last: tuple[int, dict] | None = None
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        n = self.model.cfg.n_layers
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} of a {n}-layer model")
+        i %= n
+        if self._last is None or self._last[0] != i:
+            self._last = (i, _attention(self.model, i, self.fold, self.center))
+        return self._last[1]
+
+
+# What the per-layer view folds when read. W_O stays stacked: the value biases' fold into b_O multiplies b_V by every
+# layer's W_O in one einsum, whose last bits a layer-by-layer product does not reproduce (measured).
+LAZY = ("W_Q", "W_K", "W_V")
+
+
 @dataclass(frozen=True)
 class AnalysisWeights:
     """The weights a circuit analysis reads; ``None`` where a partial checkpoint lacks them."""
 
     cfg: TransformerConfig
-    W_Q: torch.Tensor
+    W_Q: torch.Tensor | FoldedLayers
     b_Q: torch.Tensor
-    W_K: torch.Tensor
+    W_K: torch.Tensor | FoldedLayers
     b_K: torch.Tensor
-    W_V: torch.Tensor
+    W_V: torch.Tensor | FoldedLayers
     b_V: torch.Tensor  # zero once folded into b_O (value_bias keeps what was folded)
     W_O: torch.Tensor
     b_O: torch.Tensor
@@ -222,10 +273,13 @@ def analysis_weights(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
     mlp: bool = True,
+    per_layer: bool = False,
 ) -> AnalysisWeights:
     """The folded analysis view of ``model`` (all options on), or the raw weights (all off). ``mlp=False`` leaves
     the MLP weights out (``W_in`` ... ``b_out`` None; the attention and embedding weights are the same): for
-    analyses of the heads alone, which then hold no second copy of the MLPs."""
+    analyses of the heads alone, which then hold no second copy of the MLPs. ``per_layer=True`` folds ``W_Q``,
+    ``W_K`` and ``W_V`` when read (:class:`FoldedLayers`: the same values, no stacked copy); the view then reads
+    the model's weights, which must not change while it is in use."""
     cfg = model.cfg
     check_foldable(cfg)
     offloaded = [n for n, t in model.named_parameters() if t.is_meta and n not in model.missing_weights]
@@ -237,7 +291,11 @@ def analysis_weights(
     layernorm = cfg.norm == "layernorm"
     center_read = fold_ln and layernorm
     center_write = center_writing and layernorm
-    att = _stacked((_attention(model, i, fold_ln, center_read) for i in range(cfg.n_layers)), cfg.n_layers)
+    folds = _LayerFolds(model, fold_ln, center_read) if per_layer else None
+    att = _stacked((_attention(model, i, fold_ln, center_read) for i in range(cfg.n_layers)), cfg.n_layers,
+                   skip=LAZY if per_layer else ())  # fmt: skip
+    for name, shape in att.pop("shapes").items():
+        att[name] = FoldedLayers(folds, name, shape)
     with_mlp, mlp = mlp, {}
     mlps = [_mlp(model, i, fold_ln, center_read) for i in range(cfg.n_layers)] if with_mlp else []
     if mlps and all(mlps):
@@ -282,12 +340,16 @@ def analysis_weights(
     )
 
 
-def _stacked(layers, n: int) -> dict[str, torch.Tensor]:
+def _stacked(layers, n: int, skip: tuple[str, ...] = ()) -> dict:
     """Per-layer tensors (an iterator of dicts) written into [n, ...] ones as they come: no layer list beside the
-    stack (for SmolLM2 the attention weights would be held twice, 160 MB each)."""
-    out = {}
+    stack (for SmolLM2 the attention weights would be held twice, 160 MB each). The ``skip``ped ones are not kept;
+    ``shapes`` gives their stacks' shapes."""
+    out: dict = {"shapes": {}}
     for i, layer in enumerate(layers):
         for k, t in layer.items():
+            if k in skip:
+                out["shapes"][k] = torch.Size((n, *t.shape))
+                continue
             if i == 0:
                 out[k] = t.new_empty((n, *t.shape))
             out[k][i] = t

@@ -76,7 +76,7 @@ def circuits(
             prompt_ids = torch.tensor(ids)
     elif prompt is not None:
         model.check_complete()  # one line: a partial checkpoint cannot run the prompt
-    view = analysis_weights(model, mlp=False)  # the heads and the embeddings: no second copy of the MLPs
+    view = analysis_weights(model, mlp=False, per_layer=True)  # no second copy of the MLPs or of W_Q, W_K, W_V
     prompt_text = None if prompt_ids is None else [decode(int(i)) for i in prompt_ids]
     counter = work_counter(model)
     with counter.counting():
