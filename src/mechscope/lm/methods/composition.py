@@ -141,17 +141,19 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
     score does not depend on the scale. About 1/√d_model for d_head ≪ d_model, with a small spread.
 
     Each factor of every sample is drawn in that order (A¹, B¹, A², B²), a block of samples at a time
-    (:data:`BASELINE_BLOCK_BYTES`), and only the float32 left factors and A² are kept whole: the four float64
-    draws were held at once before, 4 × 236 MB for SmolLM2's shapes and 4 × 839 MB for Pythia-1b's. The blocks
-    are the same random numbers as one draw of each factor (a test checks the baseline bit for bit against the
-    whole computation), which torch's CPU generator gives when every block holds a multiple of 16 numbers;
-    otherwise each factor is drawn whole.
+    (:data:`BASELINE_BLOCK_BYTES`). Only the two d_head × d_head Gram roots are kept for every sample (float32):
+    the generator's states at the start of B¹ and of A² are saved as their draws are skipped, and the last loop
+    draws both again, a block at a time beside each other, to form each block's left and right factors. The four
+    float64 draws were held at once before (4 × 839 MB for Pythia-1b's shapes), then the float32 left factors and
+    A² (2 × 419 MB). The blocks are the same random numbers as one draw of each factor (a test checks the baseline
+    bit for bit against the whole computation), which torch's CPU generator gives when every block holds a multiple
+    of 16 numbers; otherwise each factor is drawn whole.
     """
     g = torch.Generator().manual_seed(seed)
     spans = _spans(samples, d_model * d_head)
 
-    def factor(*shape):  # one factor of every sample, block by block, in the order one whole draw makes them
-        return (torch.randn(j - i, *shape, generator=g, dtype=torch.float64) for i, j in spans)
+    def factor(gen, *shape):  # one factor of every sample, block by block, in the order one whole draw makes them
+        return (torch.randn(j - i, *shape, generator=gen, dtype=torch.float64) for i, j in spans)
 
     def rows(blocks):  # the blocks' results written into one tensor over the samples as they come
         out = None
@@ -160,15 +162,22 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
             out[i:j] = block
         return out
 
-    roots = rows(left_root(a).float() for a in factor(d_model, d_head))  # (A¹ᵀA¹)^½
-    left = rows(roots[i:j] @ b.float() for (i, j), b in zip(spans, factor(d_head, d_model), strict=True))  # gram_left
-    a2 = rows(a.float() for a in factor(d_model, d_head))
-    roots = rows(right_root(b).float() for b in factor(d_head, d_model))  # (B²B²ᵀ)^½
+    def skipped(*shape):  # the generator's state where this factor's draws start; then past them
+        state = g.get_state()
+        for _ in factor(g, *shape):
+            pass
+        return torch.Generator().set_state(state)
+
+    roots1 = rows(left_root(a).float() for a in factor(g, d_model, d_head))  # (A¹ᵀA¹)^½
+    b1, a2 = skipped(d_head, d_model), skipped(d_model, d_head)
+    roots2 = rows(right_root(b).float() for b in factor(g, d_head, d_model))  # (B²B²ᵀ)^½
     score = torch.empty(samples, dtype=torch.float32)
-    for i, j in spans:  # right = gram_right(A², B²), a block at a time
-        right = a2[i:j] @ roots[i:j]
-        num = (left[i:j] @ right).pow(2).sum((-1, -2)).sqrt()
-        score[i:j] = num / (left[i:j].pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())
+    blocks = zip(spans, factor(b1, d_head, d_model), factor(a2, d_model, d_head), strict=True)
+    for (i, j), b, a in blocks:  # left = gram_left(A¹, B¹), right = gram_right(A², B²), a block at a time
+        left = roots1[i:j] @ b.float()
+        right = a.float() @ roots2[i:j]
+        num = (left @ right).pow(2).sum((-1, -2)).sqrt()
+        score[i:j] = num / (left.pow(2).sum((-1, -2)).sqrt() * right.pow(2).sum((-1, -2)).sqrt())
     score = score.numpy()
     return Baseline(mean=float(score.mean()), std=float(score.std()), samples=samples, seed=seed)
 
