@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.lm.models.folding import LAZY, FoldedLayers, analysis_weights, folded_model, raw_weights
+from mechscope.lm.models.folding import LAZY, CentredRows, FoldedLayers, analysis_weights, folded_model, raw_weights
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
@@ -153,7 +153,12 @@ def test_per_layer_view_is_the_stacked_view(case):
             assert torch.equal(w[layer, 3, :, 2], want[layer, 3, :, 2])
         with pytest.raises(IndexError):
             w[3]
-    for name in ("b_Q", "b_K", "b_V", "W_O", "b_O", "W_E", "W_pos", "W_U", "b_U", "value_bias"):
+    for name in ("b_Q", "b_K", "b_V", "W_O", "b_O", "W_pos", "W_U", "b_U", "value_bias"):
         a, b = getattr(full, name), getattr(lazy, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert all(torch.equal(lazy.OV(i), full.OV(i)) and torch.equal(lazy.QK(i), full.QK(i)) for i in range(3))
+    want, w = full.W_E, lazy.W_E  # a LayerNorm model's centred W_E is centred as read
+    assert isinstance(w, CentredRows) == (model.cfg.norm == "layernorm") and w.shape == want.shape
+    ids = torch.tensor([7, 0, 49, 7])
+    for index in (slice(None), slice(3, 20), ids, 5, (slice(None), slice(2, 9)), (slice(10, 30), 4), (ids, 3)):
+        assert torch.equal(w[index], want[index]), index

@@ -268,3 +268,5 @@ def test_weight_readings_are_the_same_on_the_per_layer_view(case):
     assert FW.qk_token_pairs(full, heads, sample=20).to_dict() == FW.qk_token_pairs(lazy, heads, sample=20).to_dict()
     if full.W_pos is not None:
         assert np.array_equal(FW.positional_qk(full, n=8).patterns, FW.positional_qk(lazy, n=8).patterns)
+    assert np.array_equal(FW.bigrams(full).table, FW.bigrams(lazy).table)
+    assert FW.skip_trigrams(full, 1).to_dict() == FW.skip_trigrams(lazy, 1).to_dict()

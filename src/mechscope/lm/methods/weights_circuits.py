@@ -318,7 +318,7 @@ def _check_small_vocab(view: AnalysisWeights) -> None:
 def bigrams(view: AnalysisWeights) -> Bigrams:
     _need(view, "W_E", "W_U")
     _check_small_vocab(view)
-    emb = normalised(view.W_E, view.layernorm)
+    emb = normalised(view.W_E[:], view.layernorm)  # [:]: the whole matrix of a per-layer view
     return Bigrams(((emb @ view.W_U.double()) + view.b_U.double()).numpy())
 
 
@@ -352,7 +352,7 @@ def skip_trigrams(view: AnalysisWeights, layer: int = 0, k: int = 15) -> SkipTri
     """The strongest skip-trigrams of every head of ``layer`` (Elhage et al. 2021, one-layer models)."""
     _need(view, "W_E", "W_U")
     _check_small_vocab(view)
-    emb = normalised(view.W_E, view.layernorm)  # [V, D]
+    emb = normalised(view.W_E[:], view.layernorm)  # [V, D]
     heads, out = [], []
     for h in range(view.n_heads):
         q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()

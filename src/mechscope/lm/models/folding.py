@@ -26,8 +26,9 @@ original's up to a shift per position — the test that the view is the same fun
 
 With ``per_layer=True`` the view holds no second copy of the reading attention weights: ``W_Q``,
 ``W_K`` and ``W_V`` are :class:`FoldedLayers`, folded from the model a layer at a time when read
-(one layer kept), with the same bits as the stacked view's slices. ``lm heads`` and ``lm circuits``
-use it: for Pythia-1b's shape the stacked copies are 800 MB.
+(one layer kept), with the same bits as the stacked view's slices; and a LayerNorm model's centred
+``W_E`` is :class:`CentredRows`, centred as read. ``lm heads`` and ``lm circuits`` use it: for
+Pythia-1b's shape the copies are 800 MB and 412 MB.
 
 Shapes (TransformerLens' convention, row vectors: ``q = x W_Q + b_Q``)::
 
@@ -87,6 +88,24 @@ class _LayerFolds:
         return self._last[1]
 
 
+class CentredRows:
+    """A matrix ``[V, D]`` less each row's mean, subtracted when read: ``w[rows]`` and ``w[rows, cols]`` give the
+    centred copy's bits (each entry is the same subtraction) without holding the copy. The per-layer view's W_E of a
+    LayerNorm model (412 MB for Pythia-1b's shape)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._t, self._mean, self.shape = t, t.mean(-1, keepdim=True), t.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._t[index] - self._mean.expand(self.shape)[index]  # the means broadcast along each row, not copied
+
+
 # What the per-layer view folds when read. W_O stays stacked: the value biases' fold into b_O multiplies b_V by every
 # layer's W_O in one einsum, whose last bits a layer-by-layer product does not reproduce (measured).
 LAZY = ("W_Q", "W_K", "W_V")
@@ -105,7 +124,7 @@ class AnalysisWeights:
     b_V: torch.Tensor  # zero once folded into b_O (value_bias keeps what was folded)
     W_O: torch.Tensor
     b_O: torch.Tensor
-    W_E: torch.Tensor | None
+    W_E: torch.Tensor | CentredRows | None
     W_pos: torch.Tensor | None
     W_U: torch.Tensor | None
     b_U: torch.Tensor
@@ -278,8 +297,9 @@ def analysis_weights(
     """The folded analysis view of ``model`` (all options on), or the raw weights (all off). ``mlp=False`` leaves
     the MLP weights out (``W_in`` ... ``b_out`` None; the attention and embedding weights are the same): for
     analyses of the heads alone, which then hold no second copy of the MLPs. ``per_layer=True`` folds ``W_Q``,
-    ``W_K`` and ``W_V`` when read (:class:`FoldedLayers`: the same values, no stacked copy); the view then reads
-    the model's weights, which must not change while it is in use."""
+    ``W_K`` and ``W_V`` when read (:class:`FoldedLayers`: the same values, no stacked copy) and centres a LayerNorm
+    model's ``W_E`` as read (:class:`CentredRows`); the view then reads the model's weights, which must not change
+    while it is in use."""
     cfg = model.cfg
     check_foldable(cfg)
     offloaded = [n for n, t in model.named_parameters() if t.is_meta and n not in model.missing_weights]
@@ -317,7 +337,7 @@ def analysis_weights(
         att["b_V"] = torch.zeros_like(att["b_V"])
     if center_write:
         att["W_O"], att["b_O"] = _center_rows(att["W_O"], own=True), _center_rows(att["b_O"], own=True)
-        W_E, W_pos = _center_rows(W_E), _center_rows(W_pos)
+        W_E, W_pos = (CentredRows(W_E) if per_layer and W_E is not None else _center_rows(W_E)), _center_rows(W_pos)
         if mlp:
             mlp["W_out"], mlp["b_out"] = _center_rows(mlp["W_out"]), _center_rows(mlp["b_out"])
     if center_unembed and W_U is not None:
@@ -420,7 +440,7 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
         norm.w.fill_(1.0)
         if getattr(norm, "b", None) is not None:
             norm.b.zero_()
-    model.W_E.copy_(view.W_E)
+    model.W_E.copy_(view.W_E[:])
     if view.W_pos is not None:
         model.W_pos.copy_(view.W_pos)
     model.W_U_untied.copy_(view.W_U)
