@@ -47,19 +47,26 @@ from mechscope.core.errors import MechscopeError
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
-class FoldedLayers:
-    """One reading attention weight of every layer, ``[L, H, D, Dh]``, folded from the model a layer at a time when
-    read. ``w[layer]`` and ``w[layer, head, ...]`` give that layer's tensor (the stacked view's slice, bit for bit);
-    ``w[a:b]`` stacks the layers (for code that needs the whole stack); ``shape`` is the stack's."""
+class _ReadOnRead:
+    """A weight of the per-layer view that is computed when indexed; ``shape``, ``len`` and ``dim`` as a tensor's."""
 
-    def __init__(self, folds: _LayerFolds, name: str, shape: torch.Size):
-        self._folds, self._name, self.shape = folds, name, shape
+    shape: torch.Size
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def dim(self) -> int:
         return len(self.shape)
+
+
+class FoldedLayers(_ReadOnRead):
+    """One reading attention weight of every layer, ``[L, H, D, Dh]``, folded from the model a layer at a time when
+    read. ``w[layer]`` and ``w[layer, head, ...]`` give that layer's tensor (the stacked view's slice, bit for bit);
+    ``w[a:b]`` stacks the layers (for code that needs the whole stack); ``shape`` is the stack's."""
+
+    def __init__(self, folds: _LayerFolds, name: str):
+        self._folds, self._name = folds, name
+        self.shape = torch.Size((folds.model.cfg.n_layers, *folds.layer(0)[name].shape))
 
     def __getitem__(self, index):
         first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
@@ -88,19 +95,13 @@ class _LayerFolds:
         return self._last[1]
 
 
-class CentredRows:
+class CentredRows(_ReadOnRead):
     """A matrix ``[V, D]`` less each row's mean, subtracted when read: ``w[rows]`` and ``w[rows, cols]`` give the
     centred copy's bits (each entry is the same subtraction) without holding the copy. The per-layer view's W_E of a
     LayerNorm model (412 MB for Pythia-1b's shape)."""
 
     def __init__(self, t: torch.Tensor):
         self._t, self._mean, self.shape = t, t.mean(-1, keepdim=True), t.shape
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def dim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, index) -> torch.Tensor:
         return self._t[index] - self._mean.expand(self.shape)[index]  # the means broadcast along each row, not copied
@@ -314,8 +315,8 @@ def analysis_weights(
     folds = _LayerFolds(model, fold_ln, center_read) if per_layer else None
     att = _stacked((_attention(model, i, fold_ln, center_read) for i in range(cfg.n_layers)), cfg.n_layers,
                    skip=LAZY if per_layer else ())  # fmt: skip
-    for name, shape in att.pop("shapes").items():
-        att[name] = FoldedLayers(folds, name, shape)
+    if per_layer:
+        att |= {name: FoldedLayers(folds, name) for name in LAZY}
     with_mlp, mlp = mlp, {}
     mlps = [_mlp(model, i, fold_ln, center_read) for i in range(cfg.n_layers)] if with_mlp else []
     if mlps and all(mlps):
@@ -360,15 +361,13 @@ def analysis_weights(
     )
 
 
-def _stacked(layers, n: int, skip: tuple[str, ...] = ()) -> dict:
+def _stacked(layers, n: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Per-layer tensors (an iterator of dicts) written into [n, ...] ones as they come: no layer list beside the
-    stack (for SmolLM2 the attention weights would be held twice, 160 MB each). The ``skip``ped ones are not kept;
-    ``shapes`` gives their stacks' shapes."""
-    out: dict = {"shapes": {}}
+    stack (for SmolLM2 the attention weights would be held twice, 160 MB each). The ``skip``ped ones are not kept."""
+    out = {}
     for i, layer in enumerate(layers):
         for k, t in layer.items():
             if k in skip:
-                out["shapes"][k] = torch.Size((n, *t.shape))
                 continue
             if i == 0:
                 out[k] = t.new_empty((n, *t.shape))
