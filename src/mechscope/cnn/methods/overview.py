@@ -65,9 +65,6 @@ class Weights(Result):
     readout_templates: torch.Tensor | None  # [K, C, H, W] with a linear read-out, else None
     readout_class_channel_sum: torch.Tensor | None  # [K, C]
 
-    def connection_into(self, stage: str) -> Connection | None:
-        return next((c for c in self.connections if c.target == stage), None)
-
 
 def weights_view(model, spec) -> Weights:
     convs = [s.conv for s in spec.stages]

@@ -137,10 +137,6 @@ class Stage:
     def conv(self) -> nn.Conv2d:
         return self.layers[0].module
 
-    @property
-    def has_pool(self) -> bool:
-        return self.first("pool") is not None
-
     def describe(self) -> str:
         """``Conv2d 1→16 5×5, ReLU, MaxPool2d 2×2``."""
         c = self.conv

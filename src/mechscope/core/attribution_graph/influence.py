@@ -34,10 +34,6 @@ class Triplets:
     def mask(self, keep: torch.Tensor) -> Triplets:
         return Triplets(self.rows[keep], self.cols[keep], self.values[keep], self.n)
 
-    def restrict(self, nodes: torch.Tensor) -> Triplets:
-        """The entries whose row and column are both in ``nodes`` (a bool mask [n])."""
-        return self.mask(nodes[self.rows] & nodes[self.cols])
-
 
 def normalised(t: Triplets, min_norm: float = 1e-10) -> torch.Tensor:
     """``|A_ij| / Σ_j |A_ij|`` per stored entry (rows whose L1 norm is below ``min_norm`` give zeros)."""

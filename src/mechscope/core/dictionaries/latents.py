@@ -8,7 +8,7 @@ sample of N rows with mean L0 ``l`` holds ``N * l`` entries (12 bytes each) what
   when active, the top ``k`` rows, samples from activation *quantile bands* (not only the top: the rows whose
   activation lies in each band of ``(q_i, q_{i+1}]`` of the latent's nonzero activations, a seeded draw from
   each), and the histogram of its nonzero activations;
-- :func:`densities`, :func:`maxima`, :func:`class_means`: the same for every latent at once.
+- :func:`densities`, :func:`maxima`: the same for every latent at once.
 
 A wing maps a row back to what it was (image and position; sequence and token).
 """
@@ -64,9 +64,6 @@ class LatentActivations:
     n_rows: int
     d_sae: int
 
-    def _bounds(self) -> np.ndarray:
-        return np.searchsorted(self.latents, np.arange(self.d_sae + 1))
-
     def of(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, values) where ``latent`` fires."""
         if not 0 <= latent < self.d_sae:
@@ -93,18 +90,6 @@ def maxima(acts: LatentActivations) -> np.ndarray:
     if len(acts.values):
         np.maximum.at(out, acts.latents, acts.values.astype(np.float64))
     return out
-
-
-def group_means(acts: LatentActivations, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """[d_sae, n_groups]: each latent's mean activation over the rows of each group (``groups [n_rows]`` holds
-    each row's group: an image's class for the CNN), zeros counted."""
-    groups = np.asarray(groups)
-    if groups.shape != (acts.n_rows,):
-        raise MechscopeError(f"expected one group per row ({acts.n_rows}), got {groups.shape}")
-    sums = np.zeros((acts.d_sae, n_groups))
-    np.add.at(sums, (acts.latents, groups[acts.rows]), acts.values.astype(np.float64))
-    counts = np.bincount(groups, minlength=n_groups).astype(np.float64)
-    return sums / np.maximum(counts, 1)[None, :]
 
 
 @dataclass(frozen=True)

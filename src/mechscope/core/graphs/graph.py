@@ -127,9 +127,6 @@ class ComponentGraph(Result):
     def node(self, name: str) -> Node:
         return self.nodes[self.node_id(name)]
 
-    def sender_node(self, sender: int) -> int:
-        return self.senders[sender]
-
     def receiver_node(self, receiver: int) -> int:
         return self.receivers[receiver][0]
 
@@ -185,10 +182,6 @@ class ComponentGraph(Result):
     def readers_of(self, receiver: int) -> tuple[int, ...]:
         """Nodes other than its owner that read ``receiver`` (grouped-query attention's key/value inputs)."""
         return self._index["readers"].get(receiver, ())
-
-    def dependents_of(self, receiver: int) -> tuple[int, ...]:
-        """The receiver's owner and its readers: the nodes whose output its input reaches directly."""
-        return (self.receiver_node(receiver), *self.readers_of(receiver))
 
     def edges_into_inputs(self, node: int) -> np.ndarray:
         """Edges into every receiver the node depends on (its own and those it reads)."""

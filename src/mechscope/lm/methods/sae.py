@@ -33,7 +33,6 @@ on the repeat and not on the first copy reads "this token continues a sequence s
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -447,10 +446,6 @@ def neuron_comparison(model: HookedTransformer, dictionary: SparseDictionary, ho
         top = torch.argsort(d.abs(), descending=True)[:k]
         result[i] = [(f"{what} {int(j)}", float(d[j])) for j in top]
     return result
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else math.nan
 
 
 # ---- the records the commands write ------------------------------------------------------------------------

@@ -68,16 +68,6 @@ class MissingTensor:
         return f"MissingTensor({self.name!r})"
 
 
-class PartialState(dict):
-    """A state dict whose absent entries read as :class:`MissingTensor` (for partial checkpoints)."""
-
-    def __missing__(self, key: str) -> MissingTensor:
-        return MissingTensor(key)
-
-    def __contains__(self, key) -> bool:  # `name in state` stays truthful for optional tensors
-        return dict.__contains__(self, key)
-
-
 class DeferredTensor:
     """A tensor still in its file, with the indexing, transposes and reshapes asked of it so far.
 
@@ -137,8 +127,8 @@ class LazyState(Mapping):
     """Tensors by name as :class:`DeferredTensor` s, read and converted by ``convert`` when materialised.
 
     ``readers[name]`` is ``(read, meta)``: a function that reads the tensor and one that gives a
-    meta tensor of its shape and dtype. Absent names read as :class:`MissingTensor` (as
-    :class:`PartialState`); ``name in state`` tells what the file holds. Nothing is cached.
+    meta tensor of its shape and dtype. Absent names read as :class:`MissingTensor`;
+    ``name in state`` tells what the file holds. Nothing is cached.
     """
 
     def __init__(
@@ -174,7 +164,7 @@ class LazyState(Mapping):
 
 
 def strip_prefix(state, prefix: str):
-    """The same state dict (same type: a :class:`PartialState` stays one) without ``prefix`` on its names."""
+    """The same state dict (same type) without ``prefix`` on its names."""
     if isinstance(state, LazyState):
         return state.renamed(lambda k: k.removeprefix(prefix))
     return type(state)((k.removeprefix(prefix), v) for k, v in state.items())
@@ -346,9 +336,3 @@ def _check_index(directory: Path, files: list[Path], origin: dict[str, Path]) ->
     unlisted = sorted(set(origin) - set(weight_map))
     if unlisted:
         raise MechscopeError(f"{path}: does not list tensor {unlisted[0]} (in {origin[unlisted[0]].name})")
-
-
-def read_state_dict(directory: Path) -> StateDict:
-    """Every tensor of a directory, as stored (for tests and tools; loading reads lazily)."""
-    state = open_checkpoint(directory)
-    return {k: state[k].materialize() for k in state}

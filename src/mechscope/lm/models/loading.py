@@ -33,11 +33,9 @@ from mechscope.lm.models.checkpoint import (  # noqa: F401  (re-exported: the pa
     DeferredTensor,
     LazyState,
     MissingTensor,
-    PartialState,
     StateDict,
     materialize,
     open_checkpoint,
-    read_state_dict,
     strip_prefix,
 )
 from mechscope.lm.models.convert import CONVERTERS  # noqa: F401

@@ -20,9 +20,3 @@ def page(graph, slug: str = "graph") -> str:
     return graph_page(
         d, graph.to_circuit_tracer(slug), f"Attribution graph: {d['model']}", summary_html(d, lead), sections_html(d)
     )
-
-
-def write_page(graph, path, slug: str = "graph"):
-    from mechscope.core.outputs import write_text_atomic
-
-    return write_text_atomic(path, page(graph, slug))
