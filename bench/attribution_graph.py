@@ -51,7 +51,7 @@ def one(
     import torch
 
     from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph
-    from mechscope.lm.methods.replacement import Transcoders
+    from mechscope.lm.methods.transcoders import Transcoders
     from mechscope.lm.models.loading import load_model
 
     torch.set_num_threads(threads)

@@ -182,7 +182,7 @@ def test_lm_graph_cli_on_a_compiled_model(capsys, hist, tmp_path):
 )
 def test_lm_graph_bad_input(capsys, hist, tmp_path, extra, fragments):
     from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary
-    from mechscope.lm.methods.replacement import Transcoders
+    from mechscope.lm.methods.transcoders import Transcoders
 
     if "WRONG" in extra or "TWO" in extra:
         width = 16 if "WRONG" in extra else 20
@@ -214,7 +214,7 @@ def _gelu_toy(tmp_path: Path, layers: int) -> tuple[Path, Path]:
 def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
     """A 1-layer GELU toy (a few steps): `--train-transcoders` trains one here, the graph is exact against its own
     interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back)."""
-    from mechscope.lm.methods.replacement import Transcoders
+    from mechscope.lm.methods.transcoders import Transcoders
 
     run, text = _gelu_toy(tmp_path, layers=1)
     out = tmp_path / "g"

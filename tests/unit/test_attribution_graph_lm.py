@@ -23,7 +23,8 @@ from mechscope.lm.methods.attribution_graph import (
     intervene,
 )
 from mechscope.lm.methods.attribution_graph_qk import qk_attribution
-from mechscope.lm.methods.replacement import LocalReplacement, Transcoders
+from mechscope.lm.methods.replacement import LocalReplacement
+from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 FAMILIES = {

@@ -17,8 +17,9 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import attached_hooks, hooks
 from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph, edge_paths, intervene
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
-from mechscope.lm.methods.replacement import LocalReplacement, Transcoders
+from mechscope.lm.methods.replacement import LocalReplacement
 from mechscope.lm.methods.replacement_training import TranscoderTraining, fold_scales, train_transcoders
+from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer
 from tests.unit.test_attribution_graph_lm import TOKENS, randomise, sources, tiny
 

@@ -34,7 +34,8 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
-from mechscope.lm.methods.replacement import LocalReplacement, Transcoders
+from mechscope.lm.methods.replacement import LocalReplacement
+from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer
 
 log = logging.getLogger(__name__)

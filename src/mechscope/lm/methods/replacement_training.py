@@ -35,7 +35,7 @@ from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
-from mechscope.lm.methods.replacement import Transcoders
+from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer
 
 log = logging.getLogger(__name__)

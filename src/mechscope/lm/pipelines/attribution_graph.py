@@ -30,8 +30,8 @@ from mechscope.lm.methods.attribution_graph import (
 )
 from mechscope.lm.methods.attribution_graph_qk import qk_attribution
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
-from mechscope.lm.methods.replacement import Transcoders
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
+from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import work_counter
 
 log = logging.getLogger(__name__)
