@@ -255,6 +255,19 @@ def test_record_round_trip_annotations_and_circuit_tracer_export(tmp_path):
     assert all(set(link) == {"source", "target", "weight"} for link in ct["links"])
 
 
+def test_inputs_and_outputs_of_read_the_edge_list_both_ways():
+    g = small_graph()
+    for i, n in enumerate(g.nodes):
+        into = sorted((g.nodes[s]["id"], w) for s, t, w in g.edges if t == i)
+        out = sorted((g.nodes[t]["id"], w) for s, t, w in g.edges if s == i)
+        assert sorted((m["id"], w) for m, w in g.inputs_of(n["id"])) == into
+        assert sorted((m["id"], w) for m, w in g.outputs_of(n["id"])) == out
+        got = [abs(w) for _, w in g.outputs_of(n["id"])]
+        assert got == sorted(got, reverse=True)  # largest first
+        assert len(g.outputs_of(n["id"], 1)) == min(1, len(out))
+    assert any(g.outputs_of(n["id"]) for n in g.nodes) and any(g.inputs_of(n["id"]) for n in g.nodes)
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [

@@ -269,6 +269,7 @@ class AttributionGraph(Result):
         return sorted(out, key=lambda x: -abs(x[1]))[:n]
 
     def outputs_of(self, node_id: str, n: int | None = None) -> list[tuple[dict, float]]:
+        """The kept edges out of ``node_id``, largest first: (target node, weight)."""
         i = self.index_of(node_id)
         out = [(self.nodes[t], w) for s, t, w in self.edges if s == i]
         return sorted(out, key=lambda x: -abs(x[1]))[:n]

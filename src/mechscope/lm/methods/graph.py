@@ -166,12 +166,6 @@ class TransformerEdges:
     def edge_attribution(self, values, grads):
         return residual_edge_attribution(self.graph, values, grads)
 
-    # ---- names ----------------------------------------------------------------------------------
-
-    def head_label(self, name: str) -> str:
-        """``blocks.17.attn.h3`` -> ``17.3``; ``blocks.4.mlp`` -> ``MLP 4``; others as they are."""
-        return short_name(name)
-
 
 def short_name(name: str) -> str:
     parts = name.split(".")
