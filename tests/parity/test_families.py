@@ -18,9 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mechscope.core.hooks import attached_hooks, run_with_cache  # noqa: E402
-from mechscope.lm.models.layers import attention_mask  # noqa: E402
 from mechscope.lm.models.loading import load_model  # noqa: E402
-from mechscope.lm.models.transformer import HookedTransformer  # noqa: E402
+from mechscope.lm.models.transformer import HookedTransformer, attention_mask  # noqa: E402
 from tests.parity.families import configs, tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,8 +22,7 @@ from mechscope.lm.methods.neurons import (
     sample_windows,
     top_activations,
 )
-from mechscope.lm.models.config import solu
-from mechscope.lm.models.transformer import MLP, HookedTransformer, TransformerConfig
+from mechscope.lm.models.transformer import MLP, HookedTransformer, TransformerConfig, solu
 from mechscope.lm.toy import ToyConfig, load_toy, make_model, text_loss, train_toy
 
 TINY = dict(steps=30, d_model=32, n_heads=2, n_ctx=32, vocab=16, batch=8, checkpoints=6, min_span=4)

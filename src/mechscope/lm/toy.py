@@ -40,9 +40,8 @@ from mechscope.core.torch_utils import Timer, combine_work, evaluating
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
 from mechscope.lm.methods.composition import composition_scores
 from mechscope.lm.methods.scores import attention_scores, induction_mask, previous_token_mask
-from mechscope.lm.models.config import SOLU_LN
 from mechscope.lm.models.folding import analysis_weights
-from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.lm.models.transformer import SOLU_LN, HookedTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 

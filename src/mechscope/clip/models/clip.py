@@ -44,8 +44,7 @@ from torch import nn
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
-from mechscope.lm.models.layers import make_norm
-from mechscope.lm.models.transformer import MLP, Block, TransformerConfig
+from mechscope.lm.models.transformer import MLP, Block, TransformerConfig, make_norm
 
 
 @dataclass(frozen=True)

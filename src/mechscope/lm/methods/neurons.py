@@ -40,8 +40,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
-from mechscope.lm.models.config import SOLU_LN
-from mechscope.lm.models.transformer import HookedTransformer
+from mechscope.lm.models.transformer import SOLU_LN, HookedTransformer
 
 SITES = ("auto", "post", "mid")
 

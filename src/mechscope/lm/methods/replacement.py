@@ -43,8 +43,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, module_hooks
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.methods.transcoders import Transcoders
-from mechscope.lm.models.layers import LayerNorm, RMSNorm
-from mechscope.lm.models.transformer import HookedTransformer
+from mechscope.lm.models.transformer import HookedTransformer, LayerNorm, RMSNorm
 
 MODES = ("direct", "frozen", "recomputed", "model")
 

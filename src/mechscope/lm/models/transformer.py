@@ -1,7 +1,4 @@
-"""A hookable decoder-only transformer: GPT-2, Llama and the families that vary them, as one network.
-
-The network is here; its config (:class:`TransformerConfig`, re-exported here) is in
-:mod:`mechscope.lm.models.config`, its norms, rotary tables and masks in :mod:`mechscope.lm.models.layers`.
+"""A hookable decoder-only transformer: GPT-2, Llama and the families that vary them, in one file.
 
 Glossary of axis names (TransformerLens vocabulary):
     B batch, P position (query), K position (key), H query heads, G key/value heads,
@@ -57,6 +54,8 @@ block lives; ``embed`` and ``unembed`` move it to the embedding's and unembeddin
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,15 +63,257 @@ from torch import nn
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
 from mechscope.core.torch_utils import n_parameters
-from mechscope.lm.models.config import ACTIVATIONS, SOLU_LN, TransformerConfig
-from mechscope.lm.models.layers import (
-    LayerNorm,
-    apply_rotary,
-    attention_mask,
-    make_norm,
-    rotary_tables,
-    softcap,
-)
+
+
+def solu(x: torch.Tensor) -> torch.Tensor:
+    """SoLU(x) = x · softmax(x) over the MLP's hidden units (Elhage et al. 2022, "Softmax Linear Units")."""
+    return x * F.softmax(x, dim=-1)
+
+
+SOLU_LN = "solu_ln"  # SoLU followed by a LayerNorm over the hidden units, as the paper uses it (TransformerLens' name)
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP (OpenAI's QuickGELU)
+    SOLU_LN: solu,  # the MLP adds its LayerNorm (``mlp.ln``) after it
+}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    n_kv_heads: int | None = None  # None: as many as query heads
+    d_mlp: int | None = None
+    act: str = "gelu_new"
+    gated_mlp: bool = False
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    positional: str = "learned"  # learned | rotary | none
+    rotary_base: float = 10000.0
+    attn_bias: bool = True  # biases on Q, K, V
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    attn_only: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    family: str = "gpt2"
+    name: str = ""
+    # switches the other families need (defaults: GPT-2 / Llama behaviour)
+    parallel_attn_mlp: bool = False  # attention and MLP both read the block's input (GPT-NeoX, GPT-J)
+    norm_after_residual: bool = False  # post-LN: ln1/ln2 normalise the residual after each addition (OPT-350m)
+    final_norm: bool = True  # a norm before the unembedding (OPT-350m has none)
+    post_attn_mlp_norm: bool = False  # ln1_post/ln2_post normalise attention and MLP outputs (Gemma 2/3)
+    norm_weight_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    qk_norm: bool = False  # RMSNorm over d_head on queries and keys, before rotary (Qwen3, Gemma 3)
+    rotary_dim: int | None = None  # rotate the first rotary_dim dims of each head; None: all (NeoX, Phi-3)
+    rotary_interleaved: bool = False  # rotate adjacent pairs (GPT-J) instead of the two halves
+    rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3)
+    sliding_window: int | None = None  # a query sees the keys fewer than this many positions back
+    sliding_window_layers: tuple[int, ...] = ()  # the layers with the sliding window
+    attn_scale: float | None = None  # attention-score multiplier; None: d_head ** -0.5
+    attn_scores_float32: bool = False  # scores and softmax in float32 whatever the dtype (GPT-Neo, GPT-J)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embed_scale: float = 1.0  # token embeddings times this, rounded to the model's dtype (Gemma: sqrt(d_model))
+    unembed_bias: bool = False  # a bias b_U on the logits (GPT-J)
+    causal: bool = True  # False: every query sees every key (tracr's non-causal programs, vision transformers)
+    d_vocab_out: int | None = None  # logits over this many classes instead of the vocabulary (tracr); untied only
+
+    def __post_init__(self) -> None:  # JSON gives lists; keep the config hashable
+        object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def validate(self) -> None:
+        if self.act not in ACTIVATIONS:
+            raise MechscopeError(f"unsupported activation {self.act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.norm not in ("layernorm", "rmsnorm", "none"):
+            raise MechscopeError(f"unsupported norm {self.norm!r}; supported: layernorm, rmsnorm, none")
+        if self.d_vocab_out is not None and (self.tie_embeddings or self.d_vocab_out < 1):
+            raise MechscopeError("d_vocab_out needs an untied unembedding (tie_embeddings=False) and at least 1 class")
+        if not self.causal and self.sliding_window is not None:
+            raise MechscopeError("a sliding window needs causal attention")
+        if self.positional not in ("learned", "rotary", "none"):
+            raise MechscopeError(f"unsupported positional scheme {self.positional!r}")
+        if self.n_heads % self.kv_heads:
+            raise MechscopeError(f"{self.n_heads} query heads cannot share {self.kv_heads} key/value heads")
+        if not self.attn_only and not self.d_mlp:
+            raise MechscopeError("d_mlp is required unless attn_only")
+        if self.act == SOLU_LN and self.gated_mlp:
+            raise MechscopeError("the SoLU MLP (act='solu_ln') is not gated: gated_mlp must be False")
+        if self.positional == "rotary" and self.rotary_width % 2:
+            raise MechscopeError(f"rotary positions need an even number of rotated dims, got {self.rotary_width}")
+        if self.rotary_width > self.d_head:
+            raise MechscopeError(f"rotary_dim {self.rotary_dim} is larger than d_head {self.d_head}")
+        if (self.sliding_window is None) != (not self.sliding_window_layers):
+            raise MechscopeError("sliding_window and sliding_window_layers go together")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_window_layers):
+            raise MechscopeError(f"sliding_window_layers {self.sliding_window_layers} outside 0..{self.n_layers - 1}")
+        if self.norm_weight_plus_one and self.norm != "rmsnorm":
+            raise MechscopeError("norm_weight_plus_one needs norm='rmsnorm'")
+        if self.norm_after_residual and (self.parallel_attn_mlp or self.post_attn_mlp_norm):
+            raise MechscopeError("norm_after_residual cannot combine with parallel_attn_mlp or post_attn_mlp_norm")
+
+    @property
+    def n_logits(self) -> int:
+        """How many logits the model gives per position (the vocabulary, or ``d_vocab_out``)."""
+        return self.d_vocab if self.d_vocab_out is None else self.d_vocab_out
+
+    @property
+    def rotary_width(self) -> int:
+        """How many dims of each head the rotary embedding turns."""
+        return self.d_head if self.rotary_dim is None else self.rotary_dim
+
+    def variants(self) -> list[str]:
+        """The family switches set away from their defaults, as ``name=value``."""
+        names = [f.name for f in fields(self)]
+        switches = fields(self)[names.index("parallel_attn_mlp") :]
+        shown = [(f.name, getattr(self, f.name)) for f in switches if getattr(self, f.name) != f.default]
+        return [f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}" for n, v in shown]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MechscopeError(f"unknown transformer config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+        self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """The multiplier applied to the normalised stream [D]."""
+        return self.w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (
+            F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+            if not self.hook_normalized._forward_hooks
+            else self._explicit(x)
+        )
+
+    def _explicit(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(-1, keepdim=True)
+        x = self.hook_normalized(x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return x * self.w + self.b
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; ``plus_one`` (Gemma): the gain is 1 + w, applied in float32 before casting back."""
+
+    def __init__(self, d: int, eps: float, plus_one: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(d) if plus_one else torch.ones(d))
+        self.eps, self.plus_one = eps, plus_one
+        self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """The multiplier applied to the normalised stream [D] (1 + w for Gemma's norms)."""
+        return 1.0 + self.w if self.plus_one else self.w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # as transformers: normalise in float32, then back
+        x = self.hook_normalized(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        if self.plus_one:  # Gemma: (x * (1 + w)) in float32, then cast
+            return (x * (1.0 + self.w.float())).to(dtype)
+        return self.w * x.to(dtype)  # Llama: cast, then scale
+
+
+class NoNorm(nn.Module):
+    """No normalisation (``norm="none"``: tracr's compiled models): the identity, with the same hook point."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d = d
+        self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return torch.ones(self.d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(x)
+
+
+def make_norm(cfg: TransformerConfig, d: int | None = None) -> nn.Module:
+    d = d or cfg.d_model
+    if cfg.norm == "none":
+        return NoNorm(d)
+    if cfg.norm == "layernorm":
+        return LayerNorm(d, cfg.norm_eps)
+    return RMSNorm(d, cfg.norm_eps, cfg.norm_weight_plus_one)
+
+
+def rotary_tables(
+    cfg: TransformerConfig, n: int, device=None, base: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, R] for positions 0..n-1, R = the rotated dims (float32).
+
+    The layout matches the rotation: two halves (``[f0..f_{R/2-1}, f0..]``, transformers' "rotate
+    half") or adjacent pairs (``[f0, f0, f1, f1, ...]``, GPT-J's "rotate every two").
+    """
+    r = cfg.rotary_width
+    base = cfg.rotary_base if base is None else base
+    inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, dtype=torch.int64, device=device).float() / r))
+    freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]  # [n, R/2]
+    emb = freqs.repeat_interleave(2, -1) if cfg.rotary_interleaved else torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], -1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first R dims of ``x`` [B,P,N,Dh] by cos/sin [P,1,R] (float32); the rest pass."""
+    r = cos.shape[-1]
+    head, rest = x[..., :r], x[..., r:]
+    turned = (head * cos + (rotate_every_two(head) if interleaved else rotate_half(head)) * sin).to(x.dtype)
+    return torch.cat([turned, rest], -1) if rest.shape[-1] else turned
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attention_mask(p: int, window: int | None, device, causal: bool = True) -> torch.Tensor:
+    """Which keys each query sees [P,K] (True: seen): causal (or every key), and within the window if one is set."""
+    seen = torch.ones(p, p, dtype=torch.bool, device=device)
+    if not causal:
+        return seen
+    seen = seen.tril()
+    return seen if window is None else seen.triu(1 - window)
 
 
 class Attention(nn.Module):
@@ -392,6 +633,8 @@ class HookedTransformer(nn.Module):
             if stop_at_eos and self.cfg.eos_token_id is not None and (nxt == self.cfg.eos_token_id).all():
                 break
         return tokens
+
+
 
 
 def work_counter(model: HookedTransformer):

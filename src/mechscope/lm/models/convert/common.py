@@ -13,7 +13,7 @@ import torch
 
 from mechscope.core.errors import MechscopeError
 from mechscope.lm.models.checkpoint import MissingTensor, StateDict, strip_prefix  # noqa: F401
-from mechscope.lm.models.config import ACTIVATIONS
+from mechscope.lm.models.transformer import ACTIVATIONS
 
 # config fields that carry no numerics (training, dropout, bookkeeping): accepted and ignored
 BOOKKEEPING = {
