@@ -20,6 +20,7 @@ from mechscope.lm.methods.composition import Baseline, CompositionResult
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, circuit_rows
 from mechscope.lm.methods.path_patching import Criterion, PathPatch
 from mechscope.lm.report import heads as R
+from mechscope.lm.report import heads_figures as F
 
 L, H, B = 3, 4, 4
 
@@ -81,7 +82,7 @@ def make_result(**changes) -> HeadsResult:
         "resample": _ablation("resample", {(2, 3): 1.0}, {(2, 3): 0.9}),
     }
     for kind, a in ablation.items():
-        scores[R.ABLATION_SCORES[kind]] = a.best()
+        scores[F.ABLATION_SCORES[kind]] = a.best()
     patches = (
         _patch((0, 1), 1, 1, (0.7, 0.2), (0.2, 0.19), (0.1, 0.01), (True, False), loss=1.0),
         _patch((0, 3), 1, 1, (0.7, 0.2), (0.69, 0.2), (0.01, 0.01), (False, False)),
@@ -174,9 +175,9 @@ def test_a_path_effect_comes_with_the_total_effect(result):
 
 
 def test_a_key_value_node_is_named_by_the_heads_that_pass(result):
-    nodes, edges = R.circuit_graph(result)
-    assert R.node_text(("kv", 1, 1), result) == "1.2"  # not "1.2/3": 1.3 does not pass the criterion
-    assert R.node_text(("kv", 2, 0), result) == "2.0"
+    nodes, edges = F.circuit_graph(result)
+    assert F.node_text(("kv", 1, 1), result) == "1.2"  # not "1.2/3": 1.3 does not pass the criterion
+    assert F.node_text(("kv", 2, 0), result) == "2.0"
     assert [e["marginal"] for e in edges] == [False, True] and [e["marginal_heads"] for e in edges] == [[], [0]]
     line = one(R.summary(result), "Marginal passes")
     assert "0.0 → 2.0 (drop 0.060 against the threshold 0.050, standard error 0.020" in line
@@ -203,8 +204,8 @@ def test_tables_and_maps_mark_estimates(result):
     assert rows["2.0"]["ablation_value"] == "measured" and rows["2.0"]["measured"]
     assert rows["1.0"]["ablation_value"] == "estimate"
     for name in ("ablation_loss_increase", "zero_ablation_loss_increase", "resample_ablation_loss_increase"):
-        assert "estimates, except ● measured" in R.heatmap_title(name, result.ablation)
-    assert "estimate" not in R.heatmap_title("induction", result.ablation)
+        assert "estimates, except ● measured" in F.heatmap_title(name, result.ablation)
+    assert "estimate" not in F.heatmap_title("induction", result.ablation)
     assert result.ablation["mean"].measured_mask().sum() == len(MEASURED)
 
 

@@ -109,7 +109,7 @@ def neurons_page(result: NeuronsResult, full: bool = True) -> str:
 
 @renders(HeadScores, keep_open=("Heads ranked by induction score",))
 def head_scores_page(r: HeadScores, full: bool = True) -> str:
-    from mechscope.lm.report.heads import TITLES, layer_head_figure, loss_plot
+    from mechscope.lm.report.heads_figures import TITLES, layer_head_figure, loss_plot
 
     best = r.ranked("induction")[0]
     body = [

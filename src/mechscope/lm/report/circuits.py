@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from mechscope.core.render.html import figure_data_uri, render
 from mechscope.core.results import Saved
 from mechscope.lm.report import heads as HR
+from mechscope.lm.report import heads_figures as HF
 
 
 def composition_figure(comp, mode: str) -> str:
@@ -131,16 +132,16 @@ def report_context(result) -> dict:
     figures = {m: composition_figure(comp, m) for m in ("Q", "K", "V")} if many_layers else {}
     extra = {}
     if result.eigen_positivity is not None:
-        extra["eigen"] = HR.layer_head_figure(result.eigen_positivity, "OV eigenvalue positivity Σλ/Σ|λ| (folded)")
+        extra["eigen"] = HF.layer_head_figure(result.eigen_positivity, "OV eigenvalue positivity Σλ/Σ|λ| (folded)")
     if result.positional is not None and not isinstance(result.positional, Saved):
-        extra["previous_position"] = HR.layer_head_figure(
+        extra["previous_position"] = HF.layer_head_figure(
             result.positional.previous_token(), "attention to the previous position from positions alone", False
         )
         extra["positional_grid"] = positional_grid(result.positional)
     if result.dla is not None and not isinstance(result.dla, Saved):
         extra["dla"] = dla_figure(result.dla)
     if result.induction is not None and not isinstance(result.induction, Saved):
-        extra["circuit"] = HR.circuit_figure(result.induction)
+        extra["circuit"] = HF.circuit_figure(result.induction)
     lens_rows = []
     if d["logit_lens"] is not None and prompt_text:
         last = min(12, len(prompt_text))
@@ -157,7 +158,7 @@ def report_context(result) -> dict:
         r=d,
         summary=summary(result),
         high_composition=f"{HR.HIGH_COMPOSITION:g}",
-        marginal_se=f"{HR.MARGINAL_SE:g}",
+        marginal_se=f"{HF.MARGINAL_SE:g}",
         composition_figures=figures,
         figs=extra,
         lens_rows=lens_rows,
