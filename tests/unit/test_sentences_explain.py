@@ -188,3 +188,26 @@ def test_the_most_shared_channel_is_named_only_without_a_tie(lines):
     shared = S.summarise(replace(r, circuits=replace(r.circuits, circuits=circuits)))
     line = one(shared, "conv2 channel 1 is in the most circuits (2: classes cat, fox; no other channel is in more")
     assert "0 of 5 channels are in none" in line
+
+
+def test_the_size_range_names_every_class_at_each_end(lines):
+    line = one(lines, "Per-class circuits in conv2:")
+    assert "Sizes run from 1 channel (class fox) to 2 (classes cat and dog), mean 1.7 of 5." in line
+    r = make_result()
+    circuits = r.circuits.circuits[:2] + (replace(r.circuits.circuits[2], channels=(4, 1, 2)),)
+    line = one(S.summarise(replace(r, circuits=replace(r.circuits, circuits=circuits))), "Per-class circuits")
+    assert "Sizes run from 2 channels (classes cat and dog) to 3 (class fox), mean 2.3 of 5." in line
+
+
+def test_a_tie_for_the_costliest_channel_names_every_tied_channel(lines):
+    line = one(lines, "conv1, one channel mean-ablated at a time (measured)")
+    assert "every channel costs the same (0.1 points of test accuracy)" in line  # all four at -0.001
+    assert "is shared by 12 (channel, class) pairs" in line
+    r = make_result()
+    conv1 = _stage_ablation("conv1", 4, {(1, 0): 0.02, (3, 0): 0.02})
+    ablation = replace(r.ablation, stages=(conv1, r.ablation.stages[1]))
+    line = one(S.summarise(replace(r, ablation=ablation)), "conv1, one channel mean-ablated")
+    assert "the costliest are channels 1 and 3 (" in line and "points of test accuracy each)" in line
+    pairs = "channel 1 on class cat and channel 3 on class cat"
+    assert f"the largest cost to one class, 2.0 points each, is {pairs}" in line
+    assert "the costliest is channel 1 (" in one(lines, "conv2, one channel mean-ablated")

@@ -126,17 +126,42 @@ def _whole_stages(r, names, word) -> list[str]:
     return lines
 
 
+def _and(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _costliest(ov: np.ndarray) -> str:
+    """The channel(s) whose ablation costs the most overall; every one tied at the largest cost is named."""
+    tied = [str(c) for c in np.flatnonzero(ov == ov.min())]
+    cost = f"{_pts(-ov.min())} points of test accuracy"
+    if len(tied) == 1:
+        return f"the costliest is channel {tied[0]} ({cost})"
+    if len(tied) == len(ov):
+        return f"every channel costs the same ({cost})"
+    return f"the costliest are channels {_and(tied)} ({cost} each)"
+
+
+def _worst_pair(per: np.ndarray, names, word) -> str:
+    """The (channel, class) pair(s) with the largest cost to one class; ties named (up to three, else counted)."""
+    tied = list(zip(*np.nonzero(per == per.min()), strict=True))
+    cost = f"{_pts(-per.min())} points"
+    if len(tied) == 1:
+        c, k = tied[0]
+        return f"the largest cost to one {word} is channel {c} on {word} {names[k]} ({cost})"
+    if len(tied) <= 3:
+        pairs = _and([f"channel {c} on {word} {names[k]}" for c, k in tied])
+        return f"the largest cost to one {word}, {cost} each, is {pairs}"
+    return f"the largest cost to one {word}, {cost}, is shared by {len(tied)} (channel, {word}) pairs"
+
+
 def _per_stage_costs(r, names, word) -> list[str]:
     lines = []
     for st in r.ablation.stages:
         ov = st.mean_overall.numpy()
-        per = st.mean.numpy()
-        c = int(ov.argmin())
-        worst = np.unravel_index(per.argmin(), per.shape)
         lines.append(
-            f"{st.stage}, one channel mean-ablated at a time (measured): the costliest is channel {c} ({_pts(-ov[c])} "
-            f"points of test accuracy); the largest cost to one {word} is channel {worst[0]} on {word} "
-            f"{names[worst[1]]} ({_pts(-per[worst])} points); {int((ov > -NEGLIGIBLE).sum())} of {len(ov)} channels "
+            f"{st.stage}, one channel mean-ablated at a time (measured): {_costliest(ov)}; "
+            f"{_worst_pair(st.mean.numpy(), names, word)}; {int((ov > -NEGLIGIBLE).sum())} of {len(ov)} channels "
             f"cost under {100 * NEGLIGIBLE:.1f} points each."
         )
     return lines
@@ -162,6 +187,12 @@ def _specialists(r, names, word) -> list[str]:
     ]
 
 
+def _at_size(circ, size: int, names, word) -> str:
+    """Every class whose circuit has ``size`` channels: "digit 3", "digits 6, 8 and 9"."""
+    at = [str(names[c.target]) for c in circ if c.size == size]
+    return f"{word} {at[0]}" if len(at) == 1 else f"{plural(word)} {_and(at)}"
+
+
 def _circuits(r, names, word) -> list[str]:
     cs = r.circuits
     circ = cs.circuits
@@ -171,13 +202,12 @@ def _circuits(r, names, word) -> list[str]:
     n_ch = len(r.selectivity_of(stage).index)
     sizes = [c.size for c in circ]
     met = sum(c.meets_criterion for c in circ)
-    small, large = circ[int(np.argmin(sizes))], circ[int(np.argmax(sizes))]
     lines = [
         f"Per-{word} circuits in {stage}: {met} of {len(circ)} meet the criterion (with every other channel "
         f"mean-ablated, the {word}'s accuracy within {_pts(cs.tolerance)} points of the full model's and other "
         f"{plural(word)} not called that {word} more often than by the full model, within the same margin; no channel "
-        f"can be dropped and no two traded for one). Sizes run from {_n(small.size, 'channel')} "
-        f"({word} {names[small.target]}) to {large.size} ({word} {names[large.target]}), "
+        f"can be dropped and no two traded for one). Sizes run from {_n(min(sizes), 'channel')} "
+        f"({_at_size(circ, min(sizes), names, word)}) to {max(sizes)} ({_at_size(circ, max(sizes), names, word)}), "
         f"mean {np.mean(sizes):.1f} of {n_ch}."
     ]
     for c in circ:
