@@ -211,3 +211,14 @@ def test_a_tie_for_the_costliest_channel_names_every_tied_channel(lines):
     pairs = "channel 1 on class cat and channel 3 on class cat"
     assert f"the largest cost to one class, 2.0 points each, is {pairs}" in line
     assert "the costliest is channel 1 (" in one(lines, "conv2, one channel mean-ablated")
+
+
+def test_the_most_common_confusion_names_every_tie(lines):
+    assert "; the most common confusion is a cat read as a dog (2 images)." in lines[0]
+    r = make_result()
+    tied = replace(r.overview, confusion_matrix=((97, 2, 1), (2, 97, 1), (0, 1, 99)))
+    line = S.summarise(replace(r, overview=tied))[0]
+    both = "a cat read as a dog and a dog read as a cat"
+    assert line.endswith(f"; the most common confusions, 2 images each, are {both}.")
+    many = replace(r.overview, confusion_matrix=((98, 1, 1), (1, 98, 1), (1, 1, 98)))
+    assert S.summarise(replace(r, overview=many))[0].endswith("; 6 confusions tie as the most common, 1 image each.")

@@ -24,14 +24,6 @@ class Overview(Result):
     per_class_accuracy: tuple[float, ...]
     confusion_matrix: tuple[tuple[int, ...], ...]  # [true][predicted]
 
-    @property
-    def most_confused(self) -> tuple[int, int, int]:
-        """(true class, predicted class, count) of the most frequent error."""
-        conf = torch.tensor(self.confusion_matrix)
-        off = conf - torch.diag(conf.diag())
-        t, p = divmod(int(off.argmax()), conf.shape[1])
-        return t, p, int(off[t, p])
-
 
 def overview(model, spec, data, acts) -> Overview:
     k = data.n_classes

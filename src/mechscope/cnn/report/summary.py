@@ -86,13 +86,23 @@ def _accuracy(r, names) -> str:
     ov = r.overview
     conf = np.array(ov.confusion_matrix)
     errors = int(conf.sum() - np.trace(conf))
-    t, p, n = ov.most_confused
     if errors == 0:
         return f"Test accuracy {_pts(ov.test_accuracy)}% (no errors in {int(conf.sum()):,})."
-    return (
-        f"Test accuracy {_pts(ov.test_accuracy)}% ({errors} errors in {int(conf.sum()):,}); the most common "
-        f"confusion is {article(names[t])} read as {article(names[p])} ({n} images)."
-    )
+    total = f"{errors} errors in {int(conf.sum()):,}"
+    return f"Test accuracy {_pts(ov.test_accuracy)}% ({total}); {_confusions(conf, names)}."
+
+
+def _confusions(conf: np.ndarray, names) -> str:
+    """The most common confusion, or every one tied with it (up to three named, else counted)."""
+    off = conf.copy()
+    np.fill_diagonal(off, 0)
+    n = int(off.max())
+    tied = [f"{article(names[t])} read as {article(names[p])}" for t, p in zip(*np.nonzero(off == n), strict=True)]
+    if len(tied) == 1:
+        return f"the most common confusion is {tied[0]} ({_n(n, 'image')})"
+    if len(tied) <= 3:
+        return f"the most common confusions, {_n(n, 'image')} each, are {_and(tied)}"
+    return f"{len(tied)} confusions tie as the most common, {_n(n, 'image')} each"
 
 
 def _whole_stages(r, names, word) -> list[str]:
