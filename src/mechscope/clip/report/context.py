@@ -12,7 +12,6 @@ def footer() -> str:
 
 
 def train_summary(result) -> list[str]:
-    ev = {a.images: a for a in result.evaluation}
     lines = []
     for a in result.evaluation:
         lines.append(f"{a.images} classified with “{a.prompts}” prompts: {a.accuracy:.1%} of {a.n} (chance 10%).")
@@ -22,7 +21,6 @@ def train_summary(result) -> list[str]:
         lines.append(f"Across modalities the best is {best.accuracy:.1%} ({best.images}): "
                      + ("pictures and written names of a digit meet in the embedding space."
                         if best.accuracy > 0.3 else "the modalities stay mostly apart."))  # fmt: skip
-    del ev
     return lines
 
 
