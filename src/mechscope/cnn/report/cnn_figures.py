@@ -329,8 +329,8 @@ def circuits_fig(study, names, n_channels: int) -> str:
     c.set_xticks(range(n_channels))
     c.tick_params(axis="x", labelsize=6)
     c.set_xlabel(f"{study.stage} channel")
-    c.set_title("circuit membership (colour: the class's logit with the channel alone restored from its mean, minus "
-                "with none; measured)", fontsize=8)
+    c.set_title("circuit membership (colour: the class's logit with the channel alone\nrestored from its mean, "
+                "minus with none; measured)", fontsize=8)  # two lines: one is wider than the panel
     fig.colorbar(im, ax=c, shrink=0.8)
     return uri(fig)
 
