@@ -126,8 +126,8 @@ def test_the_cost_ranking_names_the_measured_previous_token_head_first_and_no_es
 def test_the_agreement_names_where_the_estimate_fails(result):
     line = one(R.summary(result), "On the 7 heads measured exactly")
     assert "2 of them previous-token heads" in line
-    assert "fails (off by ≥ 0.1 nats and ≥ 50% of the measured value) on 1 of them: 0.1 (previous-token): " \
-           "estimate -0.02, measured +4.55" in line.replace("−", "-")
+    assert "fails (off by ≥ 0.1 nats and ≥ 50% of the measured value) on 1 of them: 0.1 (previous-token; " \
+           "estimate -0.02, measured +4.55)." in line.replace("−", "-")
     good = make_result(ablation=result.ablation | {"mean": _ablation("mean", MEASURED, MEASURED)})
     assert "on none of them" in one(R.summary(good), "On the 7 heads measured exactly")
 

@@ -224,8 +224,8 @@ def agreement_sentence(result, ablation) -> str:
     if not bad:
         return head + f"; it fails (off by ≥ {lo} nats and ≥ {rel:.0%} of the measured value) on none of them."
     named = [
-        f"{_h(lh)}{' (previous-token)' if lh in prev else ''}: estimate {ablation.measured_estimate[lh]:+.2f}, "
-        f"measured {ablation.exact_mean[lh]:+.2f}"
+        f"{_h(lh)} ({'previous-token; ' if lh in prev else ''}estimate {ablation.measured_estimate[lh]:+.2f}, "
+        f"measured {ablation.exact_mean[lh]:+.2f})"
         for lh in bad
     ]
     return (
