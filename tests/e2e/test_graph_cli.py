@@ -170,6 +170,27 @@ def test_lm_graph_cli_on_a_compiled_model(capsys, hist, tmp_path):
     assert code == 0, err
 
 
+def test_a_compiled_model_reads_and_names_its_own_vocabularies(capsys, hist, tmp_path):
+    """tracr's hist: input words (BOS, PAD, a, b, c) for the prompt and the input nodes, output classes (the counts
+    0..6) for --target and the logit nodes; the same graph as the ids give."""
+    out, ref = tmp_path / "w", tmp_path / "ids"
+    args = ["lm", "graph", "--model", hist, "--neurons", "--logit-pos", "1", "--dashboards", "0", "--out"]
+    code, stdout, err = run_main(capsys, *args, str(out), "--prompt", "b a b b c", "--target", "3")
+    assert code == 0, err
+    assert "logits: '3'" in stdout  # 'b' occurs three times
+    code, _, err = run_main(capsys, *args, str(ref), "--tokens", "0,3,2,3,3,4", "--no-bos", "--target", "#3")
+    assert code == 0, err
+    g, r = load_graph(out / "graph.json", LmAttributionGraph), load_graph(ref / "graph.json", LmAttributionGraph)
+    assert g.input_labels == ("BOS", "b", "a", "b", "b", "c") and g.title == "BOS b a b b c"
+    assert g.settings["targets"] == r.settings["targets"] == [3] and g.edges == r.edges
+    assert [n["label"] for n in g.nodes if n["kind"] == "logit"] == ["3"]
+    for bad, fragment in (("b d", "'d' is not in the input vocabulary (BOS, PAD, a, b, c)"),):
+        code, _, err = run_main(capsys, *args, str(tmp_path / "x"), "--prompt", bad)
+        assert_one_line_error(code, err, fragment)
+    code, _, err = run_main(capsys, *args, str(tmp_path / "y"), "--prompt", "b a", "--target", "9")
+    assert_one_line_error(code, err, "'9' is not in the output vocabulary (0, 1, 2, 3, 4, 5, 6)")
+
+
 @pytest.mark.parametrize(
     "extra,fragments",
     [

@@ -97,6 +97,7 @@ def attribution_graph(
     tokens,
     *,
     tokenizer=None,
+    logit_tokenizer=None,
     targets=None,
     logit_pos: int | None = None,
     settings: GraphSettings | None = None,
@@ -106,7 +107,9 @@ def attribution_graph(
     """The attribution graph of ``tokens`` [P] and the local replacement model it was computed on.
 
     ``targets``: token ids whose logits to attribute (default: the salient ones); ``logit_pos``: where (default:
-    the last position). ``transcoders``: per-layer :class:`Transcoders` or one :class:`CrossLayerTranscoder`."""
+    the last position). ``transcoders``: per-layer :class:`Transcoders` or one :class:`CrossLayerTranscoder`.
+    ``tokenizer`` names the input tokens; ``logit_tokenizer`` the logits where they are not the input vocabulary
+    (a tracr model's output classes); without one such logits are named by their ids."""
     s = settings or GraphSettings()
     s.validate()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
@@ -150,12 +153,8 @@ def attribution_graph(
         rep.release()
     t2 = time.perf_counter()
     labels = token_texts(tokenizer, rep.tokens[0].tolist())
-    info = node_info(
-        rep,
-        labels,
-        token_texts(tokenizer, ids.tolist()) if model.cfg.d_vocab_out is None else [str(i) for i in ids.tolist()],
-        probs,
-    )
+    out_tok = logit_tokenizer if logit_tokenizer is not None else tokenizer if model.cfg.d_vocab_out is None else None
+    info = node_info(rep, labels, token_texts(out_tok, ids.tolist()), probs)
     fields = assemble(built, info, s.node_threshold, s.edge_threshold)
     timings["prune"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0

@@ -170,6 +170,7 @@ def graph_model(
     value); ``auto_intervention``: ablate the most influential feature too; ``dashboards``: top-example cards for
     the most influential feature nodes, from ``examples`` tokens of text; ``crosslayer``: with ``train_tokens``,
     train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own)."""
+    from mechscope.lm.models.convert.tracr import vocab_tokenizers
     from mechscope.lm.models.loading import load_model
     from mechscope.lm.models.transformer import HookedTransformer
 
@@ -188,8 +189,9 @@ def graph_model(
                 model, tok = load_model(spec)
         tokenizer = tokenizer or tok
         name = name or spec
-    ids = prompt_tokens(model, tokenizer, prompt, tokens, bos)
-    tgt = resolve_targets(model, tokenizer, targets)
+    in_words, out_words = vocab_tokenizers(model)  # a tracr model's vocabularies (None otherwise)
+    ids = prompt_tokens(model, tokenizer or in_words, prompt, tokens, bos)
+    tgt = resolve_targets(model, out_words or tokenizer, targets)
     work = PhaseWork(work_counter(model), timer)  # the blocks' passes, by phase (see PhaseWork for what they include)
 
     with work.counter.counting():
@@ -200,7 +202,8 @@ def graph_model(
                 model,
                 tcs,
                 ids,
-                tokenizer=tokenizer,
+                tokenizer=tokenizer or in_words,
+                logit_tokenizer=out_words,
                 targets=tgt,
                 logit_pos=logit_pos,
                 settings=settings,

@@ -44,6 +44,36 @@ class TracrInfo:
     max_seq_len: int
 
 
+class VocabTokenizer:
+    """A tracr vocabulary as a tokenizer: ``encode`` maps whitespace-separated words (``"a c b"``) to their ids,
+    ``decode`` ids to their words. Built from :class:`TracrInfo`'s input or (categorical) output vocabulary."""
+
+    def __init__(self, words, what: str = "vocabulary") -> None:
+        self.words = tuple(str(w) for w in words)
+        self.lookup = {w: i for i, w in enumerate(self.words)}
+        self.what = what
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        unknown = [w for w in text.split() if w not in self.lookup]
+        if unknown:
+            raise MechscopeError(f"{unknown[0]!r} is not in the {self.what} ({', '.join(self.words)}); separate "
+                                 "words with spaces")  # fmt: skip
+        return [self.lookup[w] for w in text.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.words[int(i)] if 0 <= int(i) < len(self.words) else f"#{int(i)}" for i in ids)
+
+
+def vocab_tokenizers(model) -> tuple[VocabTokenizer | None, VocabTokenizer | None]:
+    """(input, output) tokenizers of a tracr model (``model.tracr``; the output one for a categorical output
+    only), or (None, None) for any other model."""
+    info = getattr(model, "tracr", None)
+    if info is None:
+        return None, None
+    out = VocabTokenizer(info.output_vocab, "output vocabulary") if info.output_vocab is not None else None
+    return VocabTokenizer(info.input_vocab, "input vocabulary"), out
+
+
 @dataclass(frozen=True)
 class TracrExamples:
     """``examples.json``: token ids (BOS first, each its own length), the compiled model's outputs at positions
