@@ -177,7 +177,7 @@ def test_a_compiled_model_reads_and_names_its_own_vocabularies(capsys, hist, tmp
     args = ["lm", "graph", "--model", hist, "--neurons", "--logit-pos", "1", "--dashboards", "0", "--out"]
     code, stdout, err = run_main(capsys, *args, str(out), "--prompt", "b a b b c", "--target", "3")
     assert code == 0, err
-    assert "logits: '3'" in stdout  # 'b' occurs three times
+    assert "logits: '3'" in stdout and "inputs of '3' by the head that carried them" in stdout  # 'b' occurs 3 times
     code, _, err = run_main(capsys, *args, str(ref), "--tokens", "0,3,2,3,3,4", "--no-bos", "--target", "#3")
     assert code == 0, err
     g, r = load_graph(out / "graph.json", LmAttributionGraph), load_graph(ref / "graph.json", LmAttributionGraph)
