@@ -112,6 +112,25 @@ def test_hand_built_heads_are_found():
     assert attached_hooks(model) == []
 
 
+def test_without_per_head_ablations_only_the_confirmed_path_sources_are_measured():
+    """lm circuits' protocol: no per-head ablations but the source of each confirmed edge (0.0 here), measured as
+    the full protocol measures it; lm heads --no-ablation measures nothing."""
+    from dataclasses import replace
+
+    model = hand_built()
+    full = find_induction_heads(model, PROTOCOL)
+    circuits = find_induction_heads(model, replace(PROTOCOL, per_head_ablation=False, exact_path_sources=True))
+    none = find_induction_heads(model, replace(PROTOCOL, per_head_ablation=False))
+    assert [e["source"] for e in circuits.edges()] == ["0.0"]
+    mean = circuits.ablation["mean"]
+    assert list(mean.exact_mean) == [(0, 0)] and mean.exact_mean[(0, 0)] > 0.5
+    assert mean.exact_mean[(0, 0)] == full.ablation["mean"].exact_mean[(0, 0)]  # the same measurement, bit for bit
+    assert np.array_equal(mean.exact[(0, 0)], full.ablation["mean"].exact[(0, 0)])
+    assert circuits.scores["ablation_loss_increase"][0, 0] == mean.exact_mean[(0, 0)]
+    assert not circuits.ablation["zero"].exact_mean and not none.ablation["mean"].exact_mean
+    assert np.array_equal(mean.estimate_mean, none.ablation["mean"].estimate_mean)  # every estimate kept
+
+
 def repeated(seed: int, n: int = 20, b: int = 4) -> torch.Tensor:
     seq = torch.randint(1, V, (b, n), generator=torch.Generator().manual_seed(seed))
     return torch.cat([torch.zeros(b, 1, dtype=torch.long), seq, seq], 1)

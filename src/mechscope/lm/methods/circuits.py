@@ -6,9 +6,9 @@ heads (with the random baseline), OV eigenvalue positivity, the positional QK pa
 head (learned positions), copying tables and query→key token pairs for chosen heads; and, when
 the model can run a forward pass, direct logit attribution and the logit lens on a prompt and
 the induction circuit with path patching (:func:`~mechscope.lm.methods.heads.find_induction_heads`
-without the per-head exact ablations). Toy models get the bigram table of the direct path and,
-with one layer, skip-trigrams. What a checkpoint cannot support (a partial checkpoint has no
-token embedding; rotary models have no learned positions) is recorded with the reason.
+without the per-head exact ablations, except each confirmed edge's source, measured alone). Toy models get
+the bigram table of the direct path and, with one layer, skip-trigrams. What a checkpoint cannot support (a
+partial checkpoint has no token embedding; rotary models have no learned positions) is recorded with the reason.
 """
 
 from __future__ import annotations
@@ -216,14 +216,17 @@ def _readings(view: AnalysisWeights, eigen: np.ndarray | None, scores: dict) -> 
 
 def induction_protocol(model) -> HeadProtocol:
     """The protocol ``lm circuits`` reads the induction circuit with by default: ``lm heads``' without the exact
-    per-head ablations, its sequences shortened to fit the model's context."""
+    per-head ablations (but with each confirmed edge's source measured alone, the total its sentence cites), its
+    sequences shortened to fit the model's context."""
     n_ctx = model.cfg.n_ctx
     n = min(50, (n_ctx - 1) // 2)
-    return HeadProtocol(n=n, prefix_n=max(1, min(25, (n_ctx - 1) // 4)), per_head_ablation=False)
+    return HeadProtocol(n=n, prefix_n=max(1, min(25, (n_ctx - 1) // 4)), per_head_ablation=False,
+                        exact_path_sources=True)  # fmt: skip
 
 
 def _induction(model, protocol, timer: Timer, gaps, readings: WeightReadings | None = None) -> HeadsResult | None:
-    """The induction circuit with path patching; no exact per-head ablations (that is ``lm heads``)."""
+    """The induction circuit with path patching; of the exact per-head ablations only the confirmed edges'
+    sources (the rest is ``lm heads``)."""
     protocol = protocol or induction_protocol(model)
     if model.cfg.n_layers < 2:
         gaps["induction_circuit"] = "a one-layer model has no earlier head to compose with"

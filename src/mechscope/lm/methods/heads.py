@@ -111,6 +111,9 @@ class HeadProtocol:
     text_batch: int = 4
     text_len: int = 128
     per_head_ablation: bool = True  # exact per-head ablations (estimates are always made)
+    # without them: still measure (mean-ablation) each confirmed path-patching edge's source, whose total effect the
+    # circuit sentences set beside its path's (lm circuits; a previous-token head's estimate can miss by nats)
+    exact_path_sources: bool = False
     exact_top: int = 8  # heads measured exactly per ablation kind, by estimated effect
     exact_random: int = 8  # and a seeded random sample of other heads (mean-ablation)
     path_candidates: int = 3  # besides previous-token heads, the top-K-composition sources tested per target
@@ -495,6 +498,11 @@ def find_induction_heads(
     say("path patching")
     with timer.section("path_patching"):
         patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
+    if p.exact_path_sources and not p.per_head_ablation:
+        with timer.section("per_head_ablation"):
+            sources = sorted({pp.source for pp in patches if any(pp.confirmed)})
+            ablation["mean"] = HA.measure_also(model, cap, tokens, p.n, ablation["mean"], sources)
+            scores[ABLATION_SCORES["mean"]] = ablation["mean"].best()
 
     with timer.section("examples"):
         by_previous = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["previous_token"].flatten())]
