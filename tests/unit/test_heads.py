@@ -112,7 +112,7 @@ def test_hand_built_heads_are_found():
     assert attached_hooks(model) == []
 
 
-def test_without_per_head_ablations_only_the_confirmed_path_sources_are_measured():
+def test_without_per_head_ablations_only_the_confirmed_path_sources_are_measured(tmp_path):
     """lm circuits' protocol: no per-head ablations but the source of each confirmed edge (0.0 here), measured as
     the full protocol measures it; lm heads --no-ablation measures nothing."""
     from dataclasses import replace
@@ -129,6 +129,11 @@ def test_without_per_head_ablations_only_the_confirmed_path_sources_are_measured
     assert circuits.scores["ablation_loss_increase"][0, 0] == mean.exact_mean[(0, 0)]
     assert not circuits.ablation["zero"].exact_mean and not none.ablation["mean"].exact_mean
     assert np.array_equal(mean.estimate_mean, none.ablation["mean"].estimate_mean)  # every estimate kept
+    from mechscope.lm.report.heads import write_report
+
+    for result, says in ((circuits, "Only the source of each confirmed path-patching edge was ablated alone"),
+                         (none, "No head was ablated alone exactly in this run")):  # fmt: skip
+        assert says in write_report(result, tmp_path / "report.html").read_text()
 
 
 def repeated(seed: int, n: int = 20, b: int = 4) -> torch.Tensor:
