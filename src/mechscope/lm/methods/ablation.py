@@ -170,20 +170,6 @@ def exact(
     return (ablated - cap.clean[None]).cpu().numpy()
 
 
-def measure_also(
-    model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, ablation: HeadAblation, heads
-) -> HeadAblation:
-    """``ablation`` with ``heads`` [(layer, head)] measured exactly too (each alone, under its kind), beside the
-    heads it measured already; every estimate is kept."""
-    measured = dict(ablation.exact or {})
-    todo = [lh for lh in heads if lh not in measured]
-    for layer in sorted({lh[0] for lh in todo}):
-        hs = [h for (lay, h) in todo if lay == layer]
-        for h, row in zip(hs, exact(model, cap, tokens, n, layer, hs, ablation.kind), strict=True):
-            measured[(layer, h)] = row
-    return HeadAblation.measured(ablation.kind, ablation.estimate, measured)
-
-
 @torch.no_grad()
 def group_losses(model: HookedTransformer, cap: Capture, tokens: torch.Tensor, n: int, heads, kind: str = "mean"):
     """Second-half loss per sequence [B] with all ``heads`` [(layer, head)] ablated together."""

@@ -480,14 +480,22 @@ def find_induction_heads(
     kv_groups = cfg.n_heads // cfg.kv_heads
     tests = path_tests(labels, composition, kv_groups, p.path_candidates)
     by_induction = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["induction"].flatten())]
-    say("per-head ablations (attribution patching, then exact on every head the report names)")
+    say("per-head ablations (attribution patching)")
     with timer.section("per_head_ablation"):
         cap = HA.capture(model, tokens, p.n)
         estimates = {kind: HA.estimate(cap, kind) for kind in HA.KINDS}
         cap = replace(cap, grad=None)  # read by the estimates only: one activation-sized tensor per layer freed
+    say("path patching")
+    with timer.section("path_patching"):
+        patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
+    say("per-head ablations (exact, on every head the report names)")
+    with timer.section("per_head_ablation"):
         top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
         always = by_induction[: p.top_k] if p.per_head_ablation else []
-        named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups) if p.per_head_ablation else []
+        if p.per_head_ablation:
+            named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups)
+        else:  # lm circuits: only the confirmed edges' sources, whose totals its sentences cite
+            named = sorted({pp.source for pp in patches if any(pp.confirmed)}) if p.exact_path_sources else []
         ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always, named=named,
                                    estimates=estimates)  # fmt: skip
         for kind, a in ablation.items():
@@ -495,14 +503,6 @@ def find_induction_heads(
     say("top-k ablation")
     with timer.section("top_k_ablation"):
         top_k = _top_k(model, cap, tokens, p.n, scores, p.top_k, p.random_draws, g)
-    say("path patching")
-    with timer.section("path_patching"):
-        patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
-    if p.exact_path_sources and not p.per_head_ablation:
-        with timer.section("per_head_ablation"):
-            sources = sorted({pp.source for pp in patches if any(pp.confirmed)})
-            ablation["mean"] = HA.measure_also(model, cap, tokens, p.n, ablation["mean"], sources)
-            scores[ABLATION_SCORES["mean"]] = ablation["mean"].best()
 
     with timer.section("examples"):
         by_previous = [divmod(int(i), cfg.n_heads) for i in np.argsort(-scores["previous_token"].flatten())]
