@@ -190,7 +190,8 @@ def graph_model(
         tokenizer = tokenizer or tok
         name = name or spec
     in_words, out_words = vocab_tokenizers(model)  # a tracr model's vocabularies (None otherwise)
-    ids = prompt_tokens(model, tokenizer or in_words, prompt, tokens, bos)
+    words = tokenizer or in_words  # reads the prompt and names the input tokens
+    ids = prompt_tokens(model, words, prompt, tokens, bos)
     tgt = resolve_targets(model, out_words or tokenizer, targets)
     work = PhaseWork(work_counter(model), timer)  # the blocks' passes, by phase (see PhaseWork for what they include)
 
@@ -202,7 +203,7 @@ def graph_model(
                 model,
                 tcs,
                 ids,
-                tokenizer=tokenizer or in_words,
+                tokenizer=words,
                 logit_tokenizer=out_words,
                 targets=tgt,
                 logit_pos=logit_pos,
