@@ -261,6 +261,17 @@ def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
     assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
     assert g.dictionaries["source"] == "trained here" and g.dictionaries["quality"][0]["layer"] == 0
     assert Transcoders.load(out / "transcoders").widths == g.dictionaries["widths"]
+    # a prompt in the toy's characters is read as them; a character it never saw is refused, not dropped
+    known = TEXT[:6]
+    code, _, err = run_main(capsys, "lm", "graph", "--model", str(run), "--prompt", known, "--transcoders",
+                            str(out / "transcoders"), "--out", str(tmp_path / "p"))  # fmt: skip
+    assert code == 0, err
+    g = load_graph(tmp_path / "p" / "graph.json", LmAttributionGraph)
+    assert "".join(g.input_labels[1:]) == known, g.input_labels  # after the toy's BOS (token 0)
+    code, _, err = run_main(capsys, "lm", "graph", "--model", str(run), "--prompt", known + "Ж", "--transcoders",
+                            str(out / "transcoders"), "--out", str(tmp_path / "q"))  # fmt: skip
+    assert_one_line_error(code, err, "1 character the model was not trained on ('Ж')")
+    assert not (tmp_path / "q").exists()
 
 
 def test_lm_graph_cli_trains_and_loads_a_crosslayer_transcoder(capsys, tmp_path):

@@ -119,10 +119,14 @@ def test_neurons_empty_text_and_models_without_mlps(capsys, tmp_path, monkeypatc
     code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text", str(tmp_path / "empty.txt"),
                             "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(code, err, "the text file is empty")
-    (tmp_path / "foreign.txt").write_text("ЖЖЖЖЖЖ")  # none of these characters is in the toy's vocabulary
-    code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text", str(tmp_path / "foreign.txt"),
-                            "--out", str(tmp_path / "o"))  # fmt: skip
-    assert_one_line_error(code, err, "the text is empty once encoded")
+    # characters outside the toy's vocabulary are refused, not dropped (dropping joined the words around them)
+    for text, said in (("ЖЖЖЖЖЖ", "1 character the model was not trained on ('Ж')"),
+                       (TEXT[:500] + "Ж€" + TEXT[500:], "2 characters the model was not trained on ('Ж', '€')")):
+        (tmp_path / "foreign.txt").write_text(text)
+        code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text",
+                                str(tmp_path / "foreign.txt"), "--out", str(tmp_path / "o"))  # fmt: skip
+        assert_one_line_error(code, err, said)
+        assert not (tmp_path / "o").exists()
     _tiny_toy(monkeypatch)
     attn = tmp_path / "attn"
     text = tmp_path / "t.txt"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mechscope.lm.tokenizer import Tokenizer
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.tokenizer import CharTokenizer, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,36 @@ def test_smollm2_tokenizer(shakespeare):
     # rule); transformers' GGUF converter does not know that rule and keeps GPT-2's grouping
     digits = ours.encode("2024")
     assert [ours.decode([i]) for i in digits] == ["2", "0", "2", "4"]
+
+
+def test_char_tokenizer_round_trip_and_unknown_characters():
+    chars = sorted(set("to be or not to be\n"))
+    tok = CharTokenizer(chars)
+    text = "not to be\nor to be"
+    ids = tok.encode(text)
+    assert ids == [chars.index(c) for c in text] and tok.decode(ids) == text and tok.vocab_size == len(chars)
+    assert tok.decode([0, len(chars), -1]) == f"{chars[0]}#{len(chars)}#-1"  # ids outside shown, not dropped
+    with pytest.raises(MechscopeError, match=r"2 characters the model was not trained on \('!', 'x'\); its "
+                       r"vocabulary is the 8 characters"):
+        tok.encode("to bex!")  # dropping them would read "to be"
+    many = "".join(chr(0x400 + i) for i in range(7))
+    with pytest.raises(MechscopeError, match=r"7 characters .* and 2 more\)"):
+        tok.encode(many)
+
+
+def test_a_text_is_named_in_its_encoding_error_and_circuits_default_prompt_is_skipped(caplog):
+    from mechscope.lm.pipelines.circuits import DEFAULT_PROMPT, _prompt_ids
+    from mechscope.lm.tokenizer import encode_named
+
+    tok = CharTokenizer(sorted(set("abc ")))
+    assert encode_named(tok.encode, "cab", "the prompt") == [3, 1, 2]
+    with pytest.raises(MechscopeError, match=r"^data/t\.txt: 1 character the model was not trained on \('d'\)"):
+        encode_named(tok.encode, "abd", "data/t.txt")
+    with pytest.raises(MechscopeError, match=r"^the prompt: 1 character .*\('d'\)"):
+        _prompt_ids(tok.encode, "a d", 8)  # a prompt given is refused
+    assert _prompt_ids(tok.encode, "ab c", 8) == [1, 2, 0, 3]
+    with caplog.at_level("WARNING"):
+        assert _prompt_ids(tok.encode, None, 8) is None  # the default prompt, unreadable: no prompt, said
+    assert "no prompt read: the default prompt has" in caplog.text and "give one with --prompt" in caplog.text
+    full = CharTokenizer(sorted(set(DEFAULT_PROMPT)))
+    assert full.decode(_prompt_ids(full.encode, None, 8)) == DEFAULT_PROMPT[:8]

@@ -2,7 +2,8 @@
 
 * GPT-2 byte-level BPE from OpenAI's ``encoder.json`` + ``vocab.bpe`` (or a Hugging Face
   directory's ``vocab.json`` + ``merges.txt``, or its ``tokenizer.json``);
-* the tokenizer embedded in a GGUF file (``tokenizer.ggml.*``), for byte-level BPE vocabularies.
+* the tokenizer embedded in a GGUF file (``tokenizer.ggml.*``), for byte-level BPE vocabularies;
+* a text-trained toy's characters (:class:`CharTokenizer`).
 
 ``encode`` gives ids, ``decode`` text; for byte-level BPE, decode(encode(text)) == text.
 """
@@ -198,6 +199,47 @@ class Tokenizer:
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+
+class CharTokenizer:
+    """A text-trained toy's characters as a tokenizer: one id per character, in ``chars``' order.
+
+    ``encode`` refuses, in one line, a text with characters the toy never saw (dropping them would silently join
+    the words around them; callers put the text's name before the message); ``decode`` shows an id outside the
+    vocabulary as ``#ID``.
+    """
+
+    def __init__(self, chars) -> None:
+        self.chars = [str(c) for c in chars]
+        self.lookup = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        try:
+            return [self.lookup[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.lookup})
+            n = len(unknown)
+            shown = ", ".join(repr(c) for c in unknown[:5]) + (f" and {n - 5} more" if n > 5 else "")
+            raise MechscopeError(
+                f"{n} character{'s' if n != 1 else ''} the model was not trained on ({shown}); its vocabulary is "
+                f"the {len(self.chars)} characters of its training text"
+            ) from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] if 0 <= int(i) < len(self.chars) else f"#{int(i)}" for i in ids)
+
+
+def encode_named(encode, text: str, name: str, **kw) -> list[int]:
+    """``encode(text, **kw)`` (a tokenizer's ``encode``), its one-line error led by the text's ``name`` ("the
+    prompt", a file's path)."""
+    try:
+        return encode(text, **kw)
+    except MechscopeError as e:
+        raise MechscopeError(f"{name}: {e}") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -33,6 +33,7 @@ from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import work_counter
+from mechscope.lm.tokenizer import CharTokenizer, encode_named
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None
     if prompt is not None:
         if tokenizer is None:
             raise MechscopeError(f"{model.cfg.name or 'this model'} has no tokenizer: give --tokens")
-        ids = tokenizer.encode(prompt, add_bos=False)
+        ids = encode_named(tokenizer.encode, prompt, "the prompt", add_bos=False)
     else:
         ids = list(tokens)
     b = model.cfg.bos_token_id
@@ -84,20 +85,6 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
     return out
 
 
-class CharTokenizer:
-    """A text-trained toy's characters as a tokenizer (``encode``/``decode``, as the wing's tokenizers)."""
-
-    def __init__(self, chars: list[str]) -> None:
-        self.chars = list(chars)
-        self.lookup = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        return [self.lookup[c] for c in text if c in self.lookup]
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
-
-
 def get_transcoders(
     model, tokenizer, transcoders, train_tokens: int | None, text_file, progress=None, crosslayer: bool = False
 ):
@@ -130,7 +117,7 @@ def get_transcoders(
     text, name = read_text(text_file)
     r = train_transcoders(
         model,
-        tokenizer.encode(text, add_bos=False),
+        encode_named(tokenizer.encode, text, name, add_bos=False),
         TranscoderTraining(tokens=train_tokens, crosslayer=crosslayer),
         text_name=str(name),
         progress=progress,
@@ -295,11 +282,11 @@ def _dashboards(model, tcs, tokenizer, feats, examples: int, text_file) -> dict:
     from mechscope.lm.text import read_text
 
     try:
-        text, _ = read_text(text_file)
+        text, name = read_text(text_file)
+        ids = encode_named(tokenizer.encode, text[: examples * 8], name, add_bos=False)
     except MechscopeError as e:
         log.warning("no dashboards: %s", e)
         return {}
-    ids = tokenizer.encode(text[: examples * 8], add_bos=False)
     ctx = min(64, model.cfg.n_ctx)
     bos = model.cfg.bos_token_id
     body = ctx - (1 if bos is not None else 0)

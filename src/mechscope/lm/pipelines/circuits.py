@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.circuits import CircuitsResult, induction_protocol, read_circuits
 from mechscope.lm.methods.scores import check_heads, default_token_range
 from mechscope.lm.models.transformer import work_counter
+from mechscope.lm.tokenizer import CharTokenizer, encode_named
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
     "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that they were perfectly normal, thank you "
@@ -28,13 +32,25 @@ def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revisio
     if is_toy_run(spec):
         model, chars, name = load_toy(spec)
         if chars:
-            lookup = {c: i for i, c in enumerate(chars)}
-            return model, (lambda text: [lookup[c] for c in text if c in lookup]), (lambda i: chars[i]), name
+            tok = CharTokenizer(chars)
+            return model, tok.encode, (lambda i: tok.decode([i])), name
         return model, None, str, name
     model, tok = load_model(spec, dtype, True, device=device, device_map=device_map, revision=revision)
     if tok is None:
         return model, None, str, str(spec)
     return model, tok.encode, (lambda i: tok.decode([i])), str(spec)
+
+
+def _prompt_ids(encode, prompt: str | None, n_ctx: int) -> list[int] | None:
+    """The prompt's ids; without one, the default prompt's first ``n_ctx``, or None (logged) where a text-trained
+    toy cannot read it (a character outside its vocabulary: a given prompt is refused in one line instead)."""
+    if prompt is not None:
+        return encode_named(encode, prompt, "the prompt")
+    try:
+        return encode(DEFAULT_PROMPT)[:n_ctx]
+    except MechscopeError as e:
+        log.warning("no prompt read: the default prompt has %s; give one with --prompt", e)
+        return None
 
 
 def circuits(
@@ -65,10 +81,8 @@ def circuits(
     if not model.missing_weights:
         if prompt is not None and encode is None:
             raise MechscopeError(f"{model_spec}: no tokenizer to encode --prompt with")
-        if encode is not None:
-            ids = encode(prompt if prompt is not None else DEFAULT_PROMPT)
-            if prompt is None:
-                ids = ids[: model.cfg.n_ctx]  # the default prompt, cut to a short context
+        ids = _prompt_ids(encode, prompt, model.cfg.n_ctx) if encode is not None else None
+        if ids is not None:
             if not ids:
                 raise MechscopeError("the prompt is empty")
             if len(ids) > model.cfg.n_ctx:

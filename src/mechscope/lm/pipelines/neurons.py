@@ -20,6 +20,7 @@ from mechscope.core.torch_utils import Timer, torch_threads
 from mechscope.core.validate import check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.text import read_text
+from mechscope.lm.tokenizer import CharTokenizer, encode_named
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +80,21 @@ def load_text_model(spec: str, device=None, dtype=None, device_map=None, revisio
                 f"{spec}: a toy model trained on synthetic tokens has no text to read neurons on "
                 "(train it with --data text)"
             )
-        lookup = {c: i for i, c in enumerate(chars)}
-        return TextModel(model, lambda t: [lookup[c] for c in t if c in lookup], lambda i: chars[i], name)
+        tok = CharTokenizer(chars)
+        return TextModel(model, tok.encode, lambda i: tok.decode([i]), name)
     model, tok = load_model(spec, dtype, device=device, device_map=device_map, revision=revision)
     if tok is None:
         raise MechscopeError(f"{spec}: no tokenizer beside the weights (vocab.json + merges.txt or tokenizer.json)")
     return TextModel(model, tok.encode, lambda i: tok.decode([i]), str(spec), model.cfg.bos_token_id)
 
 
-def text_sample(tm: TextModel, text: str, settings: NeuronSettings, max_chars: int = 2_000_000) -> torch.Tensor:
-    """Seeded non-overlapping windows of the text as tokens [N, P] (BOS first where the model has one)."""
+def text_sample(tm: TextModel, text: str, settings: NeuronSettings, name: str = "the text",
+                max_chars: int = 2_000_000) -> torch.Tensor:  # fmt: skip
+    """Seeded non-overlapping windows of the text as tokens [N, P] (BOS first where the model has one); ``name``
+    goes before a one-line error about the text."""
     from mechscope.lm.methods.neurons import sample_windows
 
-    ids = tm.encode(text[:max_chars])
+    ids = encode_named(tm.encode, text[:max_chars], name)
     if not ids:
         raise MechscopeError("the text is empty once encoded (none of its characters is in the model's vocabulary)")
     room = tm.model.cfg.n_ctx - (tm.bos is not None)
@@ -158,7 +161,7 @@ def neurons(
     tm = load_text_model(model_spec, device, dtype, device_map, revision)
     check_neurons_asked(tm.model, settings)
     text, source = read_text(text_file)
-    tokens = text_sample(tm, text, settings)
+    tokens = text_sample(tm, text, settings, source)
     counter = work_counter(tm.model)
     with counter.counting():
         result = analyse(tm, tokens, settings, source, progress)

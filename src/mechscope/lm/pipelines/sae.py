@@ -51,6 +51,7 @@ from mechscope.core.validate import check_seed
 from mechscope.lm.methods import sae as S
 from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.text import read_text
+from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _text_model(model_spec, device=None, dtype=None):
 
 def _contexts(tm, text_file, context: int, bos: bool, limit: int | None, tail: bool = False):
     text, source = read_text(text_file)
-    ids = tm.encode(text)
+    ids = encode_named(tm.encode, text, source)
     b = tm.bos if bos else None
     length = min(context, tm.model.cfg.n_ctx)
     if tail:
