@@ -170,6 +170,32 @@ def test_lm_graph_cli_on_a_compiled_model(capsys, hist, tmp_path):
     assert code == 0, err
 
 
+def test_edge_paths_name_the_head_tracr_compiled_to_carry_the_token(capsys, tmp_path):
+    """tracr's reverse (4 layers): the output at position 1 of 'a b c b' is the token at position 4, which the
+    compiled program moves there with its last layer's head (3.0): the paths give that input alone, carried by 3.0,
+    in the CLI's line, graph.json and graph.html, the logit named by its class."""
+    from mechscope.lm.methods.attribution_graph import EdgePaths
+    from mechscope.lm.notebook.attribution_graph import paths_page
+
+    reverse = TRACR.parent / "reverse"
+    if not (reverse / "config.json").is_file():
+        pytest.skip(f"tracr's reverse not found at {reverse}")
+    out = tmp_path / "g"
+    code, stdout, err = run_main(capsys, "lm", "graph", "--model", str(reverse), "--prompt", "BOS a b c b", "--no-bos",
+                                 "--neurons", "--logit-pos", "1", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    assert "inputs of 'b' by the head that carried them: 3.0 +0.667" in stdout
+    g = load_graph(out / "graph.json", LmAttributionGraph)
+    p = EdgePaths.from_dict(g.paths[0])
+    assert (p.target, p.label, p.title()) == ("logit 1", "b", "'b'")
+    assert [(r["source"], list(r["via"])) for r in p.rows] == [("E_3_4", ["3.0"])]  # rounding-sized edges left out
+    assert p.rows[0]["edge"] == pytest.approx(2 / 3, abs=1e-5) and p.rows[0]["direct"] == 0
+    html = (out / "graph.html").read_text()
+    assert "Inputs of &#x27;b&#x27; by the head that carried them" in html
+    assert "&#x27;b&#x27; at position 4 (E_3_4)" in html
+    assert "Paths into &#x27;b&#x27;" in paths_page(p)  # the notebook's page names it so too
+
+
 def test_a_compiled_model_reads_and_names_its_own_vocabularies(capsys, hist, tmp_path):
     """tracr's hist: input words (BOS, PAD, a, b, c) for the prompt and the input nodes, output classes (the counts
     0..6) for --target and the logit nodes; the same graph as the ids give."""

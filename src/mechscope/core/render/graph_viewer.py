@@ -332,8 +332,41 @@ def summary_html(d: dict, lead: str = "") -> str:
     )
 
 
+def _paths_html(p: dict, nodes: list[dict]) -> str:
+    """One target's inputs split by the attention head that carried them (an ``EdgePaths`` record)."""
+    label = p.get("label") or p["target"]
+    name = H.escape(repr(label) if label != p["target"] else label)
+    by_id = {n["id"]: n for n in nodes}
+
+    def source(i: str) -> str:  # an input by its token, a feature or error by its label and the token it sits on
+        n = by_id.get(i)
+        if n is None:
+            return i
+        if n["kind"] == "input":
+            return f"{n.get('label', '')!r} at position {n['pos']} ({i})"
+        return f"{n.get('label', i)} at position {n['pos']}, {n.get('ctx_label', '')!r} ({i})"
+
+    heads = [[h["head"], h["total"], h["abs"]] for h in p["heads"] if h["abs"] > 0][:8]  # heads that carried any
+    rows = [
+        [source(r["source"]), r["edge"], r["direct"], "; ".join(f"{k} {v:+.3f}" for k, v in r["via"].items()) or "—"]
+        for r in p["rows"]
+    ]
+    return (
+        f"<h2>Inputs of {name} by the head that carried them</h2>"
+        "<p>Each input's edge into the target split exactly into the part written at the target's position "
+        "(direct) and the part each attention head carried there (its output at that position read through the "
+        "target's readout, one backward pass per head): edge = direct + the heads' parts (the table gives each "
+        "input's five largest). An input at another position has no direct part; the largest found is "
+        f"{_f(p['max_abs_residual'], 2)}.</p>"
+        "<div style='display:flex;gap:1em;flex-wrap:wrap'>"
+        f"<div><b>Heads, summed over every input</b>{_table(['head', 'total', 'sum of |parts|'], heads)}</div>"
+        f"<div><b>The strongest inputs</b>{_table(['input', 'edge', 'direct', 'via heads'], rows)}</div></div>"
+    )
+
+
 def sections_html(d: dict, extra: str = "") -> str:
-    """Interventions, QK attributions, dictionaries and settings of a graph record, as ``<h2>`` sections."""
+    """Interventions, QK attributions, edge paths, dictionaries and settings of a graph record, as ``<h2>``
+    sections."""
     out = []
     if d.get("checks"):
         rows = []
@@ -378,6 +411,7 @@ def sections_html(d: dict, extra: str = "") -> str:
             f"<div><b>Key side, by source</b>{side(q['key_sources'])}</div>"
             f"<div><b>Pairs of sources</b>{spairs}</div></div>"
         )
+    out += [_paths_html(p, d["nodes"]) for p in d.get("paths", [])]
     dic = d.get("dictionaries", {})
     if dic:
         rows = [

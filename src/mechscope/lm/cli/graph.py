@@ -180,10 +180,11 @@ def graph_cmd(
         typer.echo(GraphIntervention.from_dict(chk).summary())
     for q in g.qk:
         typer.echo(QKAttribution.from_dict(q).summary())
-    named = {f"logit {n['feature']}": repr(n["label"]) for n in logits}  # as the line above names the logit
-    for p in g.paths:
-        heads = ", ".join(f"{h['head']} {h['total']:+.3f}" for h in p["heads"][:4])
-        typer.echo(f"inputs of {named.get(p['target'], p['target'])} by the head that carried them: {heads}")
+    from mechscope.lm.methods.attribution_graph import EdgePaths
+
+    for p in map(EdgePaths.from_dict, g.paths):
+        heads = ", ".join(f"{h['head']} {h['total']:+.3f}" for h in p.heads[:4])
+        typer.echo(f"inputs of {p.title()} by the head that carried them: {heads}")
     typer.echo(f"graph.json, graph.html and graph-circuit-tracer.json written to {path} ({_total(g.seconds):.1f} s)")
 
 

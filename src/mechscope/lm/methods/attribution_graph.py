@@ -284,19 +284,27 @@ def intervene(
 class EdgePaths(Result):
     """The inputs of one target split by how they reach its position: ``direct`` (written at that position) or
     through attention head ``L.H`` (the last head that carried them there). ``rows``: per source, its edge and its
-    parts; ``heads``: each head's total over every source."""
+    parts; ``heads``: each head's total over every source. ``target``: "logit ID" or a feature node's id;
+    ``label``: what a person reads for it (a logit's token text; the id where none was given)."""
 
     target: str
     rows: tuple[dict, ...]
     heads: tuple[dict, ...]
     max_abs_residual: float
+    label: str = ""
+
+    def title(self) -> str:
+        """The target as a reader names it: a logit by its token text (quoted), a feature by its id."""
+        return repr(self.label) if self.label and self.label != self.target else self.target
 
 
-def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10) -> EdgePaths:
+def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str | None = None) -> EdgePaths:
     """Split the direct effects on ``target`` (an index into the attributed logits, or a feature node id) by how
     each source's contribution reaches the target's position: written there (``direct``) or carried there by
     attention head ``L.H`` (the last head on its way). Exact: ``edge = direct + Σ_heads via[head]``; each head's part
-    is the head's output at the target's position read through the target's readout (a backward pass per head)."""
+    is the head's output at the target's position read through the target's readout (a backward pass per head).
+    ``label``: the target's text (a logit's token), kept in the result. ``rows``: the ``n`` strongest sources with an
+    edge above a millionth of the largest (below it, float rounding: fewer rows where fewer have one)."""
     cfg = rep.cfg
     H = cfg.n_heads
     if cfg.norm_after_residual:
@@ -347,6 +355,7 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10) -> EdgePat
     via = torch.stack([r for _, r in per_head]) if per_head else torch.zeros(0, len(total))
     direct = total - via.sum(0)
     top = total.abs().argsort(descending=True)[:n]
+    top = top[total[top].abs() > 1e-6 * total.abs().max()]  # no edge, or float rounding's, is not among the strongest
     rows = []
     for src in top.tolist():
         parts = {name: float(via[k, src]) for k, (name, _) in enumerate(per_head) if abs(float(via[k, src])) > 1e-9}
@@ -362,7 +371,7 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10) -> EdgePat
     other = torch.ones(len(total), dtype=torch.bool)
     other[_at_position(rep, pos)] = False
     resid = float(direct[other].abs().max()) if other.any() else 0.0
-    return EdgePaths(target=tname, rows=tuple(rows), heads=tuple(heads), max_abs_residual=resid)
+    return EdgePaths(target=tname, rows=tuple(rows), heads=tuple(heads), max_abs_residual=resid, label=label or tname)
 
 
 def _at_position(rep: LocalReplacement, pos: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ def paths_page(r: EdgePaths, full: bool = True) -> str:
         + "<h2>Heads</h2>"
         + table_html(["head", "total", "sum of |parts|"], heads)
     )
-    return page(f"Paths into {r.target}", body)
+    return page(f"Paths into {r.title()}", body)
 
 
 @renders(TrainedTranscoders)

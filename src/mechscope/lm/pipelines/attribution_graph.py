@@ -211,7 +211,9 @@ def graph_model(
         path_rows = []
         if paths:
             with work.phase("paths"):
-                path_rows.append(edge_paths(rep, 0, n=paths))
+                top = int(rep.logit_targets[0])  # the label the graph gave this logit's node
+                label = next(n.get("label") for n in graph.nodes if n["kind"] == "logit" and n["feature"] == top)
+                path_rows.append(edge_paths(rep, 0, n=paths, label=label))
         dash = {}
         if dashboards and feats and tokenizer is not None and examples:
             with work.phase("dashboards"):
