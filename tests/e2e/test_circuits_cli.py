@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,25 @@ def test_circuits_on_a_model_whose_context_is_short(capsys, tmp_path):
     code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(model), "--out", str(tmp_path / "o"))
     assert code == 0, err
     assert_round_trip(tmp_path / "o" / "circuits.json", CircuitsResult)
+
+
+def test_circuits_and_heads_on_a_tracr_model(capsys, tmp_path):
+    """tracr's outputs are classes of their own (d_vocab_out), so the readings that set input tokens against outputs
+    are marked not available, not multiplied across two vocabularies (they raised a shape error); lm heads, whose
+    loss is a next-token loss, refuses the model in one line."""
+    import os
+
+    reverse = Path(os.environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "reverse"
+    if not (reverse / "config.json").is_file():
+        pytest.skip(f"tracr's reverse not found at {reverse}")
+    out = tmp_path / "c"
+    code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(reverse), "--out", str(out))
+    assert code == 0, err
+    d = json.loads((out / "circuits.json").read_text())
+    gone = d["unavailable"]
+    for key in ("ov_eigen_positivity", "ov_copying", "qk_token_pairs", "bigrams", "skip_trigrams", "induction_circuit"):
+        assert "classes of their own" in gone[key], key
+    assert d["composition"] and "not available: induction circuit" in stdout
+    code, _, err = run_main(capsys, "lm", "heads", "--model", str(reverse), "--out", str(tmp_path / "h"))
+    assert_one_line_error(code, err, "classes of their own, not next tokens")
+    assert not (tmp_path / "h").exists()

@@ -113,6 +113,9 @@ class CircuitsResult(Result):
         )  # fmt: skip
 
 
+CLASSES = "the model's outputs are classes of their own, not its input tokens: a compiled tracr model"
+
+
 def default_heads(composition: CompositionResult, induction: HeadsResult | None, eigen: np.ndarray | None,
                   k: int = 6) -> list[tuple[int, int]]:  # fmt: skip
     """Heads worth reading out when the user names none: the induction circuit's heads when it ran,
@@ -152,12 +155,15 @@ def read_circuits(
     say("composition")
     with timer.section("composition"):
         composition = all_composition(view, top_n=30)
-    has_embed = view.W_E is not None and view.W_U is not None
+    classes = model.cfg.d_vocab_out is not None  # logits over output classes, not the input tokens (tracr)
+    has_embed = view.W_E is not None and view.W_U is not None and not classes
     if has_embed:
         with timer.section("eigen_positivity"):
             got["eigen_positivity"] = FW.ov_eigen_positivity(view)
     else:
-        gaps["ov_eigen_positivity"] = gaps["ov_copying"] = gaps["qk_token_pairs"] = "needs the token embedding"
+        why = CLASSES if classes else "needs the token embedding"
+        gaps["ov_eigen_positivity"] = gaps["ov_copying"] = gaps["qk_token_pairs"] = gaps["bigrams"] = why
+        gaps["skip_trigrams"] = why
     if view.W_pos is not None:
         say("positional QK")
         with timer.section("positional_qk"):
@@ -165,9 +171,12 @@ def read_circuits(
     else:
         gaps["positional_qk"] = f"the model has {model.cfg.positional} positions, not learned ones"
     if not model.missing_weights:
-        say("induction circuit (path patching)")
-        readings = _readings(view, got.get("eigen_positivity"), composition.scores)
-        got["induction"] = _induction(model, protocol, timer, gaps, readings)
+        if classes:
+            gaps["induction_circuit"] = f"measures next-token loss on repeated tokens; {CLASSES}"
+        else:
+            say("induction circuit (path patching)")
+            readings = _readings(view, got.get("eigen_positivity"), composition.scores)
+            got["induction"] = _induction(model, protocol, timer, gaps, readings)
         if prompt is not None:
             say("direct logit attribution and logit lens")
             with timer.section("direct_logit_attribution"):
@@ -185,17 +194,15 @@ def read_circuits(
             got["ov"] = FW.ov_copying(view, heads, token_range=token_range)
         with timer.section("qk_token_pairs"):
             got["qk"] = FW.qk_token_pairs(view, heads, token_range=token_range)
-    got |= _tables(view, gaps, has_embed)
+    if has_embed:
+        got |= _tables(view, gaps)
     return CircuitsResult(name, view.describe(), composition, tuple(heads), unavailable=gaps,
                           seconds=dict(timer.seconds), decoder=decoder,
                           prompt_text=None if prompt_text is None else tuple(prompt_text), **got)  # fmt: skip
 
 
-def _tables(view: AnalysisWeights, gaps: dict, has_embed: bool) -> dict:
+def _tables(view: AnalysisWeights, gaps: dict) -> dict:
     """The token-by-token tables of a toy vocabulary: bigrams of the direct path, and skip-trigrams of one layer."""
-    if not has_embed:
-        gaps["bigrams"] = gaps["skip_trigrams"] = "needs the token embedding"
-        return {}
     if view.cfg.d_vocab > FW.MAX_TABLE_VOCAB:
         gaps["bigrams"] = gaps["skip_trigrams"] = "token-by-token tables are for small (toy) vocabularies"
         return {}

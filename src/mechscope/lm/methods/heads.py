@@ -127,6 +127,11 @@ class HeadProtocol:
 
 def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProtocol, tuple[int, int]]:
     """The protocol with its defaults resolved for this model, and the token range; or a clear error."""
+    if model.cfg.d_vocab_out is not None:
+        raise MechscopeError(
+            f"{model.cfg.name or 'this model'}: its outputs are classes of their own, not next tokens (a compiled "
+            "tracr model), so the induction protocol's loss means nothing; lm circuits, graph and discover read it"
+        )
     check_types(p)
     check_seed(p.seed)
     if p.prefix_n is None:
