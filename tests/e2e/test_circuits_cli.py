@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mechscope.lm.methods.circuits import CircuitsResult
 from tests.e2e.reports import check_report, render_in_chromium
@@ -84,6 +85,14 @@ def test_circuits_on_a_one_layer_toy_run(capsys, tmp_path, monkeypatch):
     ckpt = sorted((run / "checkpoints").glob("step_*.safetensors"))[0]
     code, _, err = run_main(capsys, "lm", "circuits", "--model", str(ckpt), "--out", str(tmp_path / "c0"))
     assert code == 0, err
+    # a toy's --device and --dtype are checked and used as any model's (they were silently ignored)
+    for extra, said in ((["--dtype", "int8"], "unsupported dtype 'int8'"), (["--device", "tpu"], "unknown device")):
+        code, _, err = run_main(capsys, "lm", "circuits", "--model", str(run), *extra, "--out", str(tmp_path / "x"))
+        assert_one_line_error(code, err, said)
+    code, _, err = run_main(capsys, "lm", "circuits", "--model", str(run), "--dtype", "bfloat16", "--out",
+                            str(tmp_path / "bf"))  # fmt: skip
+    assert code == 0, err
+    assert next(toy.load_toy(run, dtype="bfloat16")[0].parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(

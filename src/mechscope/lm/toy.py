@@ -408,10 +408,11 @@ def text_loss(model: HookedTransformer, ids: torch.Tensor, n_ctx: int | None = N
     return {"loss": total / y.numel(), "tokens": int(y.numel())}
 
 
-def load_toy(path: str | Path) -> tuple[HookedTransformer, list[str] | None, str]:
+def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransformer, list[str] | None, str]:
     """A trained toy model: a ``train-toy`` run directory (its last checkpoint), its ``control/``,
     or one checkpoint file under ``checkpoints/``. Returns the model, the characters by token id
-    (text data) and a name."""
+    (text data) and a name. ``device``/``dtype`` as ``load_model`` takes them, checked (default: the CPU,
+    float32)."""
     import json
 
     from safetensors.torch import load_file
@@ -436,6 +437,11 @@ def load_toy(path: str | Path) -> tuple[HookedTransformer, list[str] | None, str
         model.load_state_dict(load_file(str(ckpt)))
     except Exception as e:  # a corrupt file or another architecture
         raise MechscopeError(f"{ckpt}: cannot load ({type(e).__name__}: {e})") from None
+    if device is not None or dtype is not None:
+        from mechscope.lm.models.devices import resolve_device, resolve_dtype
+
+        dev = resolve_device(device or "cpu")
+        model = model.to(device=dev, dtype=resolve_dtype(dtype or torch.float32, dev))
     return model.eval(), info.get("chars"), f"{run.name}/{ckpt.stem}"
 
 

@@ -74,7 +74,7 @@ def hook_widths(model: HookedTransformer, names: list[str]) -> dict[str, int]:
     is a one-line :class:`HookError`."""
     known = hook_points(model)
     for n in names:
-        if n not in known:
+        if n not in known or not n:  # "" names the model itself among its modules, not a hook point
             from mechscope.core.hooks import describe_names
 
             raise HookError(f"unknown hook point {n!r}; valid names: {describe_names(known)}")

@@ -30,7 +30,7 @@ def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revisio
     from mechscope.lm.toy import is_toy_run, load_toy
 
     if is_toy_run(spec):
-        model, chars, name = load_toy(spec)
+        model, chars, name = load_toy(spec, device, dtype)
         if chars:
             tok = CharTokenizer(chars)
             return model, tok.encode, (lambda i: tok.decode([i])), name

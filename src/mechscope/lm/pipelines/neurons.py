@@ -74,7 +74,7 @@ def load_text_model(spec: str, device=None, dtype=None, device_map=None, revisio
     from mechscope.lm.toy import is_toy_run, load_toy
 
     if is_toy_run(spec):
-        model, chars, name = load_toy(spec)
+        model, chars, name = load_toy(spec, device, dtype)
         if not chars:
             raise MechscopeError(
                 f"{spec}: a toy model trained on synthetic tokens has no text to read neurons on "

@@ -79,6 +79,8 @@ class HarvestSettings:
     def validate(self) -> None:
         if not self.hooks and not self.transcoders:
             raise MechscopeError("expected a hook to harvest (--hook NAME) or a transcoder pair (--transcoder IN:OUT)")
+        if any(not str(h).strip() for h in (*self.hooks, *(h for pair in self.transcoders for h in pair))):
+            raise MechscopeError("a hook name is empty: give --hook NAME (blocks.0.hook_resid_pre, ...)")
         for name in ("context", "batch", "shard_rows", "buffer_shards"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -287,6 +289,9 @@ def sae_train(
 ):  # fmt: skip
     """Train a dictionary on a harvested store (an SAE on a hook, a transcoder on a pair) and save it in SAELens'
     layout into ``out`` (default ``STORE/../sae-ARCH``); returns ``(out, LmSaeTraining)``."""
+    from mechscope.lm.models.devices import resolve_device
+
+    device = None if device is None else str(resolve_device(device))  # one line for a device that is not there
     where, entry, record = _read_harvest(store)
     transcoder = entry["target"] is not None
     cfg = dictionary_config(
