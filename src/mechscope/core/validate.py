@@ -256,3 +256,15 @@ def check_types(settings, flags: dict[str, str] | None = None) -> None:
             check_int(value, name)
         elif kind.split(" |")[0] == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise MechscopeError(f"{name} must be a number, got {shown(value)}")
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """Integers separated by commas (or by spaces alone): ``"1,2,3"``, ``"1 2 3"``. An empty item (``"1,,3"``, a
+    trailing comma) is one line naming ``what``, not dropped (dropping it read "2,,4" as two ids)."""
+    parts = text.split(",") if "," in text else text.split()
+    if not parts or any(not p.strip() for p in parts):
+        raise MechscopeError(f"{what} expects integers separated by commas, with none empty, got {text!r}")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None

@@ -160,7 +160,7 @@ class CLIPConfig:
 
 
 def _check_tower(which: str, d: int, h: int, n: int, m: int) -> None:
-    if min(d, h, m) < 1 or n < 0:
+    if min(d, h, m, n) < 1:
         raise MechscopeError(f"{which} tower: sizes must be positive (d_model {d}, heads {h}, d_mlp {m}, layers {n})")
     if d % h:
         raise MechscopeError(f"{which} tower: d_model {d} is not divisible by {h} heads")

@@ -128,8 +128,11 @@ def _tower(raw: dict, key: str, kind: str, where: str) -> dict:
     merged = {**DEFAULTS[kind][key], **{k: v for k, v in sub.items() if v is not None}}
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         v = merged[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_hidden_layers" else 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise MechscopeError(f"{where}: {key}_config.{name} must be a positive integer, got {v!r}")
+    eps = merged.get("layer_norm_eps")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:  # a negative one gave NaN
+        raise MechscopeError(f"{where}: {key}_config.layer_norm_eps must be a small positive number, got {eps!r}")
     return merged
 
 

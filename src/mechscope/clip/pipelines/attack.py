@@ -62,8 +62,10 @@ class AttackSettings:
                 raise MechscopeError(f"{name} must be between 0 and 1 (a fraction of the image), got {v}")
         if self.ablation not in ("mean", "zero"):
             raise MechscopeError(f"--ablation must be mean or zero, got {self.ablation!r}")
-        if self.prompt is not None and "{}" not in self.prompt:
-            raise MechscopeError(f"--prompt {self.prompt!r} has no {{}} where the class goes")
+        if self.prompt is not None and self.prompt.count("{}") != 1:
+            raise MechscopeError(f"--prompt {self.prompt!r} must hold one {{}}, where the class goes")
+        if self.k > self.candidates:  # the top k of fewer candidates would be all of them, and so the controls
+            raise MechscopeError(f"--k {self.k} is more than the --candidates {self.candidates} ranked to choose from")
 
 
 def class_prompts(s: AttackSettings, bundle) -> tuple[list[str], list[str]]:
@@ -84,7 +86,7 @@ def class_prompts(s: AttackSettings, bundle) -> tuple[list[str], list[str]]:
         template = (
             s.prompt or (bundle.small.get("captions", {}).get("hand") if bundle.small else None) or GENERAL_PROMPT
         )
-        prompts = check_prompts([template.format(c) for c in classes])
+        prompts = check_prompts([template.replace("{}", c) for c in classes])  # other braces stay as typed
     return classes, prompts
 
 

@@ -9,6 +9,7 @@ where it fires, its text probe and the words its contribution aligns with.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class NeuronSettings:
                            "steps": "--steps", "seed": "--seed", "positions": "--positions",
                            "min_score": "--min-score"})  # fmt: skip
         check_count(self.read, "--read", 0, 64)
+        if not math.isfinite(self.min_score):
+            raise MechscopeError(f"--min-score must be a finite number, got {self.min_score}")
         check_count(self.per_digit, "--per-digit", 2, 1000)
         check_count(self.positions, "--positions", 1, 20)
         check_count(self.controls, "--controls", 1, 100_000)
@@ -67,8 +70,8 @@ class NeuronSettings:
         if self.words is not None and not [w for w in self.words if w.strip()]:
             raise MechscopeError("--words is empty; give at least one word to probe with")
         for t in self.templates or ():
-            if "{}" not in t:
-                raise MechscopeError(f"template {t!r} has no {{}} where the word goes")
+            if t.count("{}") != 1:
+                raise MechscopeError(f"template {t!r} must hold one {{}}, where the word goes")
 
 
 def neurons(model, out=None, settings: NeuronSettings | None = None, images=None, concepts=None, data_dir=None,
@@ -195,8 +198,8 @@ def _analyse(view, bundle, s: NeuronSettings, layers, style, words, templates, d
             wlab = torch.tensor([words.index(m["word"]) for m in wmeta])
             cols = [layers.index(x) * d_mlp + u for (x, u), _ in chosen]
             probe = N.text_probe(view, wimg, wlab, words, cols, layers, s.reduce)  # [W, n]
-            embeds = torch.stack([F.normalize(bundle.text_embeds([t.format(w) for t in templates]), dim=-1).mean(0)
-                                  for w in words])  # fmt: skip
+            embeds = torch.stack([F.normalize(bundle.text_embeds([t.replace("{}", w) for t in templates]),
+                                              dim=-1).mean(0) for w in words])  # fmt: skip
         with timer.section("readings"):
             for i, (((x, u), why), col) in enumerate(zip(chosen, cols, strict=True)):
                 top, vals = N.top_examples(da, col, s.k)

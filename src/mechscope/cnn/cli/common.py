@@ -29,13 +29,10 @@ RunDir = typer.Option(..., "--run", help="Run directory written by `mechscope cn
 
 def _ints(text: str | None, what: str) -> list[int] | None:
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import int_list
 
     if text is None:
         return None
-    try:
-        found = [int(u) for u in text.replace(",", " ").split()]
-    except ValueError:
-        raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
-    if not found:
+    if not text.strip():
         raise MechscopeError(f"{what} expects at least one integer, got {text!r}")
-    return found
+    return int_list(text, what)

@@ -73,13 +73,9 @@ def graph_cmd(
         check_sources=check,
     )
     settings.validate()
-    steers = []
-    for s in steer or []:
-        node, _, value = s.partition("=")
-        try:
-            steers.append((node.strip(), float(value)))
-        except ValueError:
-            raise MechscopeError(f"--steer expects NODE=VALUE (for example 1_12_5=3.0), got {s!r}") from None
+    from mechscope.core.attribution_graph import parse_steer
+
+    steers = [parse_steer(s, "1_12_5") for s in steer or []]
     path, g = graph_run(
         run,
         image,

@@ -365,8 +365,9 @@ def dataset_examples(
     out = {}
     for name in layers:
         values = torch.cat(per[name]).T  # [units, N]
-        top_v, top_i = values.topk(k, dim=1)
-        _, bot_i = values.topk(k, dim=1, largest=False)
+        kk = min(k, values.shape[1])  # a dataset of fewer images than k gives them all
+        top_v, top_i = values.topk(kk, dim=1)
+        _, bot_i = values.topk(kk, dim=1, largest=False)
         pos = None
         if where[name]:
             w = torch.cat(where[name]).transpose(0, 1)  # [units, N, 2]

@@ -17,7 +17,7 @@ from mechscope.cnn.methods.discovery import (
 )
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import check_method, check_threshold
+from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer, evaluating
 
@@ -74,6 +74,7 @@ def discover_run(
     from mechscope.cnn.runs import load_run
 
     check_method(method)
+    check_discovery_counts(seed, n_random)
     if threshold is not None:
         check_threshold(threshold)
     out = Path(out) if out is not None else Path(run_dir) / "discover"

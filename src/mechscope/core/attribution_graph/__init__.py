@@ -22,6 +22,7 @@ from mechscope.core.attribution_graph.checks import (
     asked_interventions,
     check_edges,
     intervene,
+    parse_steer,
     predict,
 )
 from mechscope.core.attribution_graph.graph import (
@@ -46,6 +47,7 @@ __all__ = [
     "Pruned",
     "Triplets",
     "asked_interventions",
+    "parse_steer",
     "assemble",
     "build",
     "check_edges",

@@ -162,10 +162,29 @@ def intervene(
     )
 
 
+STEER_LIMIT = 1e6  # far above any activation a graph reads; beyond it float32 arithmetic stops being meaningful
+
+
+def parse_steer(text: str, example: str) -> tuple[str, float]:
+    """``NODE=VALUE`` as (node, value), the value a finite number of at most :data:`STEER_LIMIT` in size; one line
+    (naming ``example``, a node id of the wing) otherwise. NaN set a node to NaN, which the propagation then read
+    as a cycle after minutes; inf could not be written to JSON."""
+    node, _, value = text.partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        raise MechscopeError(f"--steer expects NODE=VALUE (for example {example}=3.0), got {text!r}") from None
+    if not abs(v) <= STEER_LIMIT:
+        raise MechscopeError(f"--steer {text!r}: the value must be a finite number of at most {STEER_LIMIT:g} in size")
+    return node.strip(), v
+
+
 def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=None, steer=None) -> list:
     """The interventions a graph command was asked for, in order: with ``auto`` the graph's first feature ablated,
     then each group of ``ablate`` (node ids) ablated, then each ``(node, value)`` of ``steer`` set to its value.
     ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
+    for node, value in steer or []:  # the API's values, checked as the CLI's are, before any work
+        parse_steer(f"{node}={value}", str(node))
     checks = []
     if auto and features:
         checks.append(intervene_on([features[0]["id"]]))

@@ -43,6 +43,7 @@ from mechscope.core.dictionaries.sae import SparseDictionary
 from mechscope.core.dictionaries.stream import BatchStream
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
+from mechscope.core.validate import check_seed
 
 # TrainConfig fields that never change the weights: they may differ when resuming
 _FREE = ("max_steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every", "progress")
@@ -92,6 +93,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MechscopeError(f"expected {name} to be a positive integer or None, got {value!r}")
+        check_seed(self.seed)
         if self.lr_decay_steps and self.max_steps is None:
             raise MechscopeError("expected max_steps with lr_decay_steps (the decay ends at max_steps)")
         if self.checkpoint_every and not self.checkpoint_dir:
@@ -260,6 +262,9 @@ def _save(run: _Run, cfg: DictionaryConfig, tc: TrainConfig, group) -> str | Non
 def _finish(run: _Run, cfg: DictionaryConfig, tc: TrainConfig, group, seconds: float) -> TrainResult:
     if run.step == 0:
         raise MechscopeError("expected activation batches, got an empty stream")
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):  # nothing saved, nothing reported
+        raise MechscopeError(f"training diverged: the weights are not finite after {run.step} steps (lr {tc.lr:g}); "
+                             "train again with a smaller --lr")  # fmt: skip
     last = None
     if tc.checkpoint_dir and (not tc.checkpoint_every or run.step % tc.checkpoint_every):
         last = _save(run, cfg, tc, group)

@@ -39,6 +39,15 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_discovery_counts(seed, n_random) -> None:
+    """``--seed`` and ``--random`` (both wings' ``discover``), checked before any work whether or not the curve that
+    reads them runs (a negative seed was recorded; one beyond 64 bits raised an overflow)."""
+    from mechscope.core.validate import check_int, check_seed
+
+    check_seed(seed)
+    check_int(n_random, "--random", 0, 10_000)
+
+
 def check_threshold(threshold, what: str = "--threshold") -> float:
     """A finite number >= 0 (ACDC's tau; for the attribution methods a cut on |score|)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):

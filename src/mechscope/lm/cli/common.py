@@ -51,11 +51,9 @@ def check_device_map_option(device_map: str | None) -> None:
 
 def parse_tokens(text: str) -> list[int]:
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import int_list
 
-    try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise MechscopeError(f"--tokens expects integer ids separated by commas, got {text!r}") from None
+    ids = int_list(text, "--tokens")
     bad = [i for i in ids if not 0 <= i < 2**63]
     if bad:
         raise MechscopeError(f"--tokens: token id {bad[0]} is not a vocabulary index (0 or more, below 2**63)")

@@ -25,13 +25,9 @@ def _qk(text: str) -> tuple:
 
 
 def _steer(text: str) -> tuple[str, float]:
-    from mechscope.core.errors import MechscopeError
+    from mechscope.core.attribution_graph import parse_steer
 
-    node, _, value = text.partition("=")
-    try:
-        return node.strip(), float(value)
-    except ValueError:
-        raise MechscopeError(f"--steer expects NODE=VALUE (for example 3_1204_7=5.0), got {text!r}") from None
+    return parse_steer(text, "3_1204_7")
 
 
 @app.command("graph")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import check_method, check_threshold
+from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import (
@@ -69,6 +69,7 @@ def discover_model(
     from mechscope.lm.report.discovery import write_report
 
     check_method(method)
+    check_discovery_counts(seed, n_random)
     if threshold is not None:
         check_threshold(threshold)
     out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)

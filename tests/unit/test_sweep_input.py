@@ -1,0 +1,111 @@
+"""Bad input a new user's sweep found reaching a traceback or a silently wrong result (5 December 2026): each is one
+line now. The CLI paths are checked where they are cheap; the rest at the function every CLI calls."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mechscope.core.errors import MechscopeError
+from tests.e2e.test_cli import assert_one_line_error, run_main
+
+
+def test_integer_lists_refuse_empty_items():
+    from mechscope.core.validate import int_list
+
+    assert int_list("1,2,3", "--x") == int_list(" 1, 2,3 ", "--x") == int_list("1 2 3", "--x") == [1, 2, 3]
+    for bad in ("2,,4", "16,", ",16", "", " "):  # "2,,4" was read as [2, 4], "16," as [16]
+        with pytest.raises(MechscopeError, match="none empty"):
+            int_list(bad, "--channels")
+    with pytest.raises(MechscopeError, match="--tokens expects integers"):
+        int_list("1,x", "--tokens")
+
+
+def test_steer_values_are_finite_and_bounded():
+    from mechscope.core.attribution_graph import asked_interventions, parse_steer
+
+    assert parse_steer(" 1_2_3 = -2.5", "1_12_5") == ("1_2_3", -2.5)
+    for v in ("nan", "inf", "-inf", "1e400", "-1e308", "1e7"):
+        with pytest.raises(MechscopeError, match="finite number of at most 1e\\+06"):
+            parse_steer(f"1_2_3={v}", "1_12_5")
+    with pytest.raises(MechscopeError, match="NODE=VALUE"):
+        parse_steer("1_2_3", "1_12_5")
+    calls = []
+    with pytest.raises(MechscopeError, match="finite"):  # the API's values too, before any intervention
+        asked_interventions(lambda *a, **k: calls.append(a), [], False, steer=[("1_2_3", math.nan)])
+    assert not calls
+
+
+def test_discovery_seed_and_random_counts():
+    from mechscope.core.graphs import check_discovery_counts
+
+    check_discovery_counts(0, 0)
+    for seed, n_random, said in ((-1, 5, "--seed"), (2**70, 5, "--seed"), (0, -1, "--random"), (True, 5, "--seed")):
+        with pytest.raises(MechscopeError, match=said):
+            check_discovery_counts(seed, n_random)
+
+
+def test_dictionary_training_seed_and_divergence():
+    from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, train
+
+    with pytest.raises(MechscopeError, match="--seed must be an integer from 0 to 2\\*\\*63 - 1"):
+        TrainConfig(seed=10**20)  # it overflowed in torch's generator
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 4, generator=g) for _ in range(6)]
+    cfg = DictionaryConfig(d_in=4, d_sae=8, architecture="relu", l1_coefficient=1.0)
+    train(cfg, batches, TrainConfig(lr=1e-3, init_rows=32, progress=False))  # a sane rate trains
+    with pytest.raises(MechscopeError, match="training diverged: the weights are not finite after 6 steps"):
+        train(cfg, batches, TrainConfig(lr=1e30, init_rows=32, progress=False))
+
+
+def test_dataset_examples_with_fewer_images_than_k():
+    from mechscope.cnn.methods.featvis import dataset_examples
+    from mechscope.cnn.models.cnn import CNN
+
+    torch.manual_seed(0)
+    model = CNN().eval()
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ex = dataset_examples(model, images, ["conv1.hook_out"], k=8)["conv1.hook_out"]  # it raised "k out of range"
+    assert ex.top.shape == ex.bottom.shape == (16, 3) and sorted(ex.top[0].tolist()) == [0, 1, 2]
+
+
+def test_clip_configs_need_layers_and_a_positive_norm_eps():
+    from mechscope.clip.models.loading import clip_config
+
+    clip_config({}, "clip")  # the defaults load
+    with pytest.raises(MechscopeError, match="vision_config.num_hidden_layers must be a positive integer, got 0"):
+        clip_config({"vision_config": {"num_hidden_layers": 0}}, "clip")  # a KeyError on the weights before
+    for eps in (-1, 0, 2, "x", float("nan")):  # -1 gave NaN probabilities and exit 0
+        with pytest.raises(MechscopeError, match="text_config.layer_norm_eps must be a small positive number"):
+            clip_config({"text_config": {"layer_norm_eps": eps}}, "clip")
+
+
+def test_clip_attack_and_neuron_settings():
+    from mechscope.clip.pipelines.attack import AttackSettings
+    from mechscope.clip.pipelines.neurons import NeuronSettings
+
+    AttackSettings(prompt="a {} drawn", k=3, candidates=3).validate()
+    for prompt in ("{} {}", "{}{}{}", "no slot"):  # two slots raised an IndexError from str.format
+        with pytest.raises(MechscopeError, match="must hold one {}"):
+            AttackSettings(prompt=prompt).validate()
+    with pytest.raises(MechscopeError, match="--k 999 is more than the --candidates 3"):
+        AttackSettings(k=999, candidates=3).validate()  # it compared the whole tower with itself as the control
+    for v in (math.nan, math.inf, -math.inf):
+        with pytest.raises(MechscopeError, match="--min-score must be a finite number"):
+            NeuronSettings(min_score=v).validate()
+    with pytest.raises(MechscopeError, match="must hold one {}"):
+        NeuronSettings(templates=("a {} and {}",)).validate()
+
+
+def test_lm_options_checked_before_any_work(capsys, tmp_path):
+    """A device that is not there is one line in lm sae train (before the store is even read); an empty hook in
+    lm sae harvest is one line and leaves no folder (it raised KeyError and left OUT.partial)."""
+    code, _, err = run_main(capsys, "lm", "sae", "train", "--store", str(tmp_path / "none"), "--out",
+                            str(tmp_path / "s"), "--device", "tpu")  # fmt: skip
+    assert_one_line_error(code, err, "unknown device 'tpu'")
+    code, _, err = run_main(capsys, "lm", "sae", "harvest", "--model", str(tmp_path / "none"), "--hook", "", "--out",
+                            str(tmp_path / "h"))  # fmt: skip
+    assert_one_line_error(code, err, "a hook name is empty")
+    assert not list(tmp_path.iterdir())
