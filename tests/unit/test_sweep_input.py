@@ -109,3 +109,38 @@ def test_lm_options_checked_before_any_work(capsys, tmp_path):
                             str(tmp_path / "h"))  # fmt: skip
     assert_one_line_error(code, err, "a hook name is empty")
     assert not list(tmp_path.iterdir())
+
+
+def test_graph_settings_and_counts_are_named_by_their_options():
+    from mechscope.cnn.methods.attribution_graph import CnnGraphSettings
+    from mechscope.core.attribution_graph import check_counts
+    from mechscope.lm.methods.attribution_graph import GraphSettings
+
+    for cls in (GraphSettings, CnnGraphSettings):
+        with pytest.raises(MechscopeError, match=r"^--max-features \(max_feature_nodes\) must be"):
+            cls(max_feature_nodes=-1).validate()
+        with pytest.raises(MechscopeError, match=r"^--node-threshold \(node_threshold\) must be between 0 and 1"):
+            cls(node_threshold=2).validate()
+        with pytest.raises(MechscopeError, match=r"^--batch \(batch_size\)"):
+            cls(batch_size=0).validate()
+    check_counts(paths=0, dashboards=0, examples=4096)
+    for field in ("paths", "dashboards", "examples"):  # -1 was taken as none, with no word said
+        with pytest.raises(MechscopeError, match=f"^--{field} must be an integer from 0"):
+            check_counts(**{field: -1})
+
+
+def test_datasets_refuse_repeated_class_names_and_record_absolute_paths(tmp_path, monkeypatch):
+    import numpy as np
+
+    from mechscope.cnn.data.images import DataError, load_npz
+
+    g = np.random.default_rng(0)
+    arrays = {"x_train": g.integers(0, 255, (6, 8, 8), dtype=np.uint8), "y_train": np.array([0, 1, 2, 0, 1, 2]),
+              "x_test": g.integers(0, 255, (3, 8, 8), dtype=np.uint8), "y_test": np.array([0, 1, 2])}  # fmt: skip
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "small.npz", **arrays)
+    monkeypatch.chdir(tmp_path)
+    ds = load_npz("d/small.npz")
+    assert ds.source["file"] == str((tmp_path / "d" / "small.npz").resolve())  # it was "d/small.npz"
+    with pytest.raises(DataError, match="class name\\(s\\) 'a' given more than once"):
+        load_npz("d/small.npz", class_names=("a", "a", "b"))  # --target a silently meant class 0

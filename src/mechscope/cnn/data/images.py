@@ -171,6 +171,9 @@ def _class_names(ys: dict, class_names, where: str) -> tuple[str, ...]:
     if class_names is not None:
         names = tuple(str(c) for c in class_names)
         k = len(names)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # a class asked for by name would silently be the first of them
+            raise DataError(f"{where}: class name(s) {', '.join(map(repr, twice))} given more than once")
         for key, y in ys.items():
             if int(y.max()) >= k:
                 raise DataError(f"{where}: label {int(y.max())} in {key} out of range for {k} class names (0..{k - 1})")
@@ -280,7 +283,7 @@ def load_idx_folder(directory, class_names=None) -> ImageDataset:
             raise DataError(f"{paths[f'{split}_images']}: {img.ndim}-dimensional; expected images [N, H, W]")
         if lab.ndim != 1:
             raise DataError(f"{paths[f'{split}_labels']}: {lab.ndim}-dimensional; expected labels [N]")
-    source = {"kind": "idx", "directory": str(directory), "md5": {p.name: md5sum(p) for p in paths.values()}}
+    source = {"kind": "idx", "directory": str(directory.resolve()), "md5": {p.name: md5sum(p) for p in paths.values()}}
     return make_dataset(
         "idx", _writable(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
         _writable(arrays["test_images"]), arrays["test_labels"].astype(np.int64), class_names, source,
@@ -352,7 +355,7 @@ def load_npz(path, class_names=None) -> ImageDataset:
     for k, a in arrays.items():
         if a.dtype.kind not in "biuf":
             raise DataError(f"{p}: {k} holds {a.dtype} values; expected numbers (images uint8 or float)")
-    source = {"kind": "npz", "file": str(p), "sha256": sha256sum(p)}
+    source = {"kind": "npz", "file": str(p.resolve()), "sha256": sha256sum(p)}  # found again from any folder
     return make_dataset(p.stem, *(arrays[k] for k in NPZ_KEYS), class_names, source, where=str(p))
 
 

@@ -51,18 +51,9 @@ class CnnGraphSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        from mechscope.core.validate import check_int
+        from mechscope.core.attribution_graph import check_graph_settings
 
-        check_int(self.batch_size, "batch_size", 1, 4096)
-        check_int(self.check_sources, "check_sources", 0, 10**6)
-        if self.max_feature_nodes is not None:
-            check_int(self.max_feature_nodes, "max_feature_nodes", 0, 10**9)
-        if self.edges_per_row is not None:
-            check_int(self.edges_per_row, "edges_per_row", 1, 10**9)
-        for name in ("node_threshold", "edge_threshold"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise MechscopeError(f"{name} must be between 0 and 1, got {v!r}")
+        check_graph_settings(self)
 
 
 def cnn_attribution_graph(

@@ -27,7 +27,7 @@ from mechscope.cnn.methods.attribution_graph import (
 )
 from mechscope.cnn.methods.replacement import StageDictionaries
 from mechscope.cnn.models.spec import walk
-from mechscope.core.attribution_graph import PhaseWork, asked_interventions
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -61,6 +61,7 @@ def graph_model(
     :class:`StageDictionaries`, or None: small ones of ``kind`` trained here and saved in ``OUT/dictionaries``)."""
     from mechscope.cnn.runs import load_run, load_run_data
 
+    check_counts(dashboards=dashboards)
     if out is not None:
         check_target(out, force)
     if split not in ("train", "test"):

@@ -20,7 +20,9 @@ from mechscope.core.attribution_graph.build import Built, LinearSystem, build
 from mechscope.core.attribution_graph.checks import (
     GraphIntervention,
     asked_interventions,
+    check_counts,
     check_edges,
+    check_graph_settings,
     intervene,
     parse_steer,
     predict,
@@ -47,6 +49,8 @@ __all__ = [
     "Pruned",
     "Triplets",
     "asked_interventions",
+    "check_counts",
+    "check_graph_settings",
     "parse_steer",
     "assemble",
     "build",

@@ -162,6 +162,41 @@ def intervene(
     )
 
 
+FLAGS = {"batch_size": "--batch", "check_sources": "--check", "max_feature_nodes": "--max-features",
+         "edges_per_row": "--edges-per-row", "node_threshold": "--node-threshold", "edge_threshold": "--edge-threshold",
+         "max_n_logits": "max_n_logits", "desired_logit_prob": "desired_logit_prob"}  # fmt: skip
+
+
+def check_graph_settings(s, thresholds=("node_threshold", "edge_threshold")) -> None:
+    """The settings both wings' graphs share (``s``: their settings dataclass), one line naming the CLI's option
+    and the field (``--max-features (max_feature_nodes)``) when one is out of range."""
+    from mechscope.core.validate import check_int
+
+    def name(field: str) -> str:
+        flag = FLAGS[field]
+        return flag if flag == field else f"{flag} ({field})"
+
+    check_int(s.batch_size, name("batch_size"), 1, 4096)
+    check_int(s.check_sources, name("check_sources"), 0, 10**6)
+    if s.max_feature_nodes is not None:
+        check_int(s.max_feature_nodes, name("max_feature_nodes"), 0, 10**9)
+    if s.edges_per_row is not None:
+        check_int(s.edges_per_row, name("edges_per_row"), 1, 10**9)
+    for field in thresholds:
+        v = getattr(s, field)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise MechscopeError(f"{name(field)} must be between 0 and 1, got {v!r}")
+
+
+def check_counts(**counts: int) -> None:
+    """Counts a graph command takes (``paths``, ``dashboards``, ``examples``: 0 or more), each one line by its
+    option (``--dashboards -1`` was taken as none)."""
+    from mechscope.core.validate import check_int
+
+    for field, v in counts.items():
+        check_int(v, f"--{field}", 0, 10**9)
+
+
 STEER_LIMIT = 1e6  # far above any activation a graph reads; beyond it float32 arithmetic stops being meaningful
 
 

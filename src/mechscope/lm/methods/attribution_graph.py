@@ -70,19 +70,11 @@ class GraphSettings:
     seed: int = 0
 
     def validate(self) -> None:
+        from mechscope.core.attribution_graph import check_graph_settings
         from mechscope.core.validate import check_int
 
         check_int(self.max_n_logits, "max_n_logits", 1, 1000)
-        check_int(self.batch_size, "batch_size", 1, 4096)
-        check_int(self.check_sources, "check_sources", 0, 10**6)
-        if self.max_feature_nodes is not None:
-            check_int(self.max_feature_nodes, "max_feature_nodes", 0, 10**9)
-        if self.edges_per_row is not None:
-            check_int(self.edges_per_row, "edges_per_row", 1, 10**9)
-        for name in ("desired_logit_prob", "node_threshold", "edge_threshold"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise MechscopeError(f"{name} must be between 0 and 1, got {v!r}")
+        check_graph_settings(self, ("desired_logit_prob", "node_threshold", "edge_threshold"))
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.core.attribution_graph import PhaseWork, asked_interventions
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
@@ -161,6 +161,7 @@ def graph_model(
     from mechscope.lm.models.loading import load_model
     from mechscope.lm.models.transformer import HookedTransformer
 
+    check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
     if out is not None:
         check_target(out, force)
     timer = Timer("lm graph")
