@@ -85,6 +85,7 @@ def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
         ([str(quick_run), str(deep)], ("2 conv stages", "has 3", "same depth")),
         ([str(quick_run)], ("two or more runs",)),
         ([str(quick_run), str(tmp_path / "nope")], ("not found",)),
+        ([str(quick_run), str(quick_run / ".")], ("different runs", "given more than once")),  # itself: universal
     ]
     for runs, fragments in cases:
         out = tmp_path / "out"
@@ -93,9 +94,12 @@ def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
         assert code == 2
         assert_one_line_error(code, err, *fragments)
         assert not out.exists()
+    code, _, err = run_main(capsys, "cnn", "universality", "--runs", str(quick_run), str(fashion), "--test-limit", "1",
+                            "--out", str(tmp_path / "out"))  # fmt: skip
+    assert_one_line_error(code, err, "--test-limit must be at least 100 images")  # CKA over 1 image was NaN
     out = tmp_path / "taken"
     out.mkdir()
     (out / "x").write_text("x")
-    code, _, err = run_main(capsys, "cnn", "universality", "--runs", str(quick_run), str(quick_run),
+    code, _, err = run_main(capsys, "cnn", "universality", "--runs", str(quick_run), str(five),
                             "--out", str(out), *QUICK)  # fmt: skip
     assert_one_line_error(code, err, "--force")

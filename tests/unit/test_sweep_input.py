@@ -144,3 +144,15 @@ def test_datasets_refuse_repeated_class_names_and_record_absolute_paths(tmp_path
     assert ds.source["file"] == str((tmp_path / "d" / "small.npz").resolve())  # it was "d/small.npz"
     with pytest.raises(DataError, match="class name\\(s\\) 'a' given more than once"):
         load_npz("d/small.npz", class_names=("a", "a", "b"))  # --target a silently meant class 0
+
+
+def test_sae_counts_are_not_slices(tmp_path):
+    from mechscope.cnn.pipelines.sae import _images
+    from mechscope.lm.pipelines.sae import sae_show
+
+    for limit in (-1, 0):  # -1 read every image but the last
+        with pytest.raises(MechscopeError, match="--limit must be a positive integer"):
+            _images(object(), "test", limit)
+    for kw, said in (({"n_random": -1}, "--random"), ({"n_induction": -1}, "--induction")):
+        with pytest.raises(MechscopeError, match=f"{said} must be an integer from 0"):
+            sae_show("none", tmp_path / "none", tmp_path / "o", **kw)

@@ -56,6 +56,8 @@ def _positive(name: str, v) -> None:
 def _images(data, split: str, limit: int | None):
     if split not in ("train", "test"):
         raise MechscopeError(f"--split must be train or test, got {split!r}")
+    if limit is not None:
+        _positive("limit", limit)  # -1 was a slice: every image but the last
     x = data.train_float(limit) if split == "train" else data.test_float(limit)
     y = (data.train_labels if split == "train" else data.test_labels)[:limit]
     if len(x) == 0:

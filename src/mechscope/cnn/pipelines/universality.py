@@ -51,8 +51,11 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise MechscopeError(f"universality compares two or more runs (--runs R1 R2 ...), got {len(runs)}")
-    if test_limit is not None and test_limit < 1:
-        raise MechscopeError(f"--test-limit must be at least 1, got {test_limit}")
+    if test_limit is not None and test_limit < 100:  # CKA and correlations over 1 image are NaN ("conv1 nan")
+        raise MechscopeError(f"--test-limit must be at least 100 images, got {test_limit}")
+    same = sorted({str(r) for r in runs if sum(r.resolve() == q.resolve() for q in runs) > 1})
+    if same:  # a network matched with itself is universal by construction
+        raise MechscopeError(f"universality compares different runs; given more than once: {', '.join(same)}")
     out = Path(out) if out is not None else Path("runs") / "universality"
     check_target(out, force)
     loaded = [load_run(r) for r in runs]

@@ -47,7 +47,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, WorkCounter
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_int, check_seed
 from mechscope.lm.methods import sae as S
 from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.text import read_text
@@ -404,6 +404,8 @@ def sae_show(
     settings = settings or ReadSettings(contexts=256)
     settings.validate()
     check_seed(seed)
+    for name, v in (("--random", n_random), ("--induction", n_induction)):
+        check_int(v, name, 0, 100_000)  # -1 was a slice: all but the last
     out = Path(out) if out is not None else Path(dictionary) / "dashboards"
     check_target(out, force)
     sae, hook, target, _ = load_dictionary(dictionary, hook, target)
