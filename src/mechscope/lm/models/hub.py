@@ -85,6 +85,10 @@ def resolve_hub(model_id: str, revision: str | None = None) -> Path:
         pass
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
         raise MechscopeError(offline_message(model_id, repo, revision))
+    hub_log = logging.getLogger("huggingface_hub")  # its retries print two warnings a try; -v shows them
+    level = hub_log.level
+    if not log.isEnabledFor(logging.INFO):
+        hub_log.setLevel(logging.ERROR)
     try:
         log.info("downloading %s%s from the Hugging Face hub", repo, f" at {revision}" if revision else "")
         return Path(snapshot_download(repo, revision=revision, allow_patterns=_patterns(repo, revision)))
@@ -92,6 +96,8 @@ def resolve_hub(model_id: str, revision: str | None = None) -> Path:
         gated = "gated" in type(e).__name__.lower() or "401" in str(e)
         hint = "; it is gated: accept its licence on huggingface.co and run `hf auth login`" if gated else ""
         raise MechscopeError(offline_message(model_id, repo, revision) + f" ({type(e).__name__}){hint}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _patterns(repo: str, revision: str | None) -> list[str]:
