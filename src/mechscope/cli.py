@@ -133,6 +133,18 @@ def _terminate_as_interrupt():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+def _empty_option(args: list[str]) -> str | None:
+    """The first option given an empty string (``--out ""``, ``--out=``), None when there is none."""
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a.startswith("--") and a.endswith("=") and len(a) > 3:
+            return a[:-1]
+        if a.startswith("--") and "=" not in a and i + 1 < len(args) and args[i + 1] == "":
+            return a
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for the ``mechscope`` script and ``python -m mechscope``.
 
@@ -141,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     ``mechscope: interrupted`` and 130. Anything else is a bug and keeps its traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    empty = _empty_option(args)
+    if empty:  # '--out ""' meant the current folder, '--model ""' the folder '.': never what was asked
+        print(f"mechscope: error: {empty} is given an empty value", file=sys.stderr)
+        sys.exit(2)
     previous = _terminate_as_interrupt()
     command = typer.main.get_command(app)
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}

@@ -39,7 +39,7 @@ def test_circuits_on_partial_gpt2_small(capsys, partial, tmp_path):
     # a forward pass on the partial checkpoint: one line
     args = ["lm", "circuits", "--model", str(partial), "--prompt", "hi", "--out", str(tmp_path / "p")]
     code, _, err = run_main(capsys, *args)
-    assert_one_line_error(code, err, "partial checkpoint", "cannot run a forward pass")
+    assert_one_line_error(code, err, "--prompt needs a forward pass", "partial checkpoint", "leave --prompt out")
     code, _, err = run_main(capsys, "lm", "heads", "--model", str(partial), "--out", str(tmp_path / "h"))
     assert_one_line_error(code, err, "partial checkpoint", "lm circuits")
 

@@ -258,7 +258,7 @@ def test_bad_input_is_one_line(case, capsys, tiny_clip, clip_pictures, tmp_path)
     elif case == "no-glyph":
         args, expect = ["clip", "attack", *base, "--word", "日本"], "no glyph"
     elif case == "empty-classes":
-        args, expect = ["clip", "attack", *base, "--classes", ""], "class prompts are empty"
+        args, expect = ["clip", "attack", *base, "--classes", ""], "--classes is given an empty value"
     elif case == "empty-prompt":
         args, expect = ["clip", "inspect", *base, "--images", str(clip_pictures), "--prompts", "cat,,dog"], "is empty"
     elif case == "device":

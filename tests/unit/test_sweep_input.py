@@ -107,8 +107,15 @@ def test_lm_options_checked_before_any_work(capsys, tmp_path):
     assert_one_line_error(code, err, "unknown device 'tpu'")
     code, _, err = run_main(capsys, "lm", "sae", "harvest", "--model", str(tmp_path / "none"), "--hook", "", "--out",
                             str(tmp_path / "h"))  # fmt: skip
-    assert_one_line_error(code, err, "a hook name is empty")
+    assert_one_line_error(code, err, "--hook is given an empty value")  # the CLI refuses any empty value
     assert not list(tmp_path.iterdir())
+    from mechscope.lm.pipelines.sae import HarvestSettings
+
+    with pytest.raises(MechscopeError, match="a hook name is empty"):  # the API too
+        HarvestSettings(hooks=("blocks.0.hook_resid_pre", " ")).validate()
+    for args in (["--out", ""], ["--out="], ["--model", ""]):  # '--out ""' wrote into the current folder
+        code, _, err = run_main(capsys, "lm", "circuits", "--model", "x", *args)
+        assert_one_line_error(code, err, f"{args[0].rstrip('=')} is given an empty value")
 
 
 def test_graph_settings_and_counts_are_named_by_their_options():
@@ -156,3 +163,26 @@ def test_sae_counts_are_not_slices(tmp_path):
     for kw, said in (({"n_random": -1}, "--random"), ({"n_induction": -1}, "--induction")):
         with pytest.raises(MechscopeError, match=f"{said} must be an integer from 0"):
             sae_show("none", tmp_path / "none", tmp_path / "o", **kw)
+
+
+def test_lm_targets_token_ranges_and_toy_runs_are_named_plainly(tmp_path):
+    from mechscope.lm.methods.scores import token_range_of
+    from mechscope.lm.models.loading import read_config
+    from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
+    from mechscope.lm.pipelines.attribution_graph import resolve_targets
+
+    model = HookedTransformer(TransformerConfig(d_model=8, n_layers=1, n_heads=2, d_head=4, d_vocab=10, n_ctx=8,
+                                                attn_only=True))
+    assert resolve_targets(model, None, ["#3", 4]) == [3, 4]
+    with pytest.raises(MechscopeError, match="--target names logit 3 more than once"):  # a repeated graph node id
+        resolve_targets(model, None, ["#3", 3])
+    with pytest.raises(MechscopeError, match="target logit -1 outside the model's 0..9"):  # "not in the vocabulary"
+        resolve_targets(model, None, ["#-1"])
+    assert token_range_of(model, None) == (1, 10) and token_range_of(model, (2, 5)) == (2, 5)
+    with pytest.raises(MechscopeError, match=r"token range \[5, 3\) is empty: LOW must be below HIGH"):
+        token_range_of(model, (5, 3))
+    with pytest.raises(MechscopeError, match=r"outside the vocabulary 0..9"):
+        token_range_of(model, (0, 11))
+    (tmp_path / "training.json").write_text("{}")
+    with pytest.raises(MechscopeError, match="a train-toy run: lm circuits, neurons, graph"):
+        read_config(tmp_path)  # lm heads, generate and inspect said only "not a Hugging Face model directory"

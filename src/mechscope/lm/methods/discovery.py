@@ -66,7 +66,7 @@ from mechscope.core.scrub import (
 )
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.graph import Tokens, TransformerEdges, pad_sequences
-from mechscope.lm.methods.scores import default_token_range, repeated_tokens
+from mechscope.lm.methods.scores import repeated_tokens, token_range_of
 from mechscope.lm.models.transformer import HookedTransformer
 
 TASKS = ("induction", "tracr")
@@ -136,9 +136,7 @@ def induction_task(
             raise MechscopeError(f"the induction task needs {what} >= {low}, got {v!r}")
     if 1 + 2 * n > model.cfg.n_ctx:
         raise MechscopeError(f"BOS + 2 × {n} tokens do not fit the context of {model.cfg.n_ctx}")
-    lo, hi = token_range or default_token_range(model)
-    if not 0 <= lo < hi <= model.cfg.d_vocab:
-        raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
+    lo, hi = token_range_of(model, token_range)
     gen = torch.Generator().manual_seed(seed)
     if distinct:
         if hi - lo < n:

@@ -56,13 +56,13 @@ from mechscope.lm.methods.scores import (
     attention_scores,
     capture_patterns,
     check_heads,
-    default_token_range,
     induction_mask,
     model_device,
     prefix_mask,
     previous_token_mask,
     repeated_tokens,
     score_pass,
+    token_range_of,
 )
 from mechscope.lm.methods.weights_circuits import ov_eigen_positivity
 from mechscope.lm.models.folding import AnalysisWeights, analysis_weights
@@ -138,9 +138,7 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
         p = replace(p, prefix_n=max(1, min(25, (model.cfg.n_ctx - 1) // max(p.prefix_repeats, 1))))
     if p.top_k is None:
         p = replace(p, top_k=max(1, min(5, model.cfg.n_layers * model.cfg.n_heads // 2)))
-    lo, hi = p.token_range or default_token_range(model)
-    if not 0 <= lo < hi <= model.cfg.d_vocab:
-        raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
+    lo, hi = token_range_of(model, p.token_range)
     for name, value in (("n", p.n), ("batch", p.batch), ("prefix_n", p.prefix_n)):
         if value < 1:
             raise MechscopeError(f"{name} must be at least 1, got {value}")

@@ -36,6 +36,16 @@ def default_token_range(model: HookedTransformer) -> tuple[int, int]:
     return (1, v) if v > 1 else (0, v)
 
 
+def token_range_of(model: HookedTransformer, token_range: tuple[int, int] | None) -> tuple[int, int]:
+    """``token_range`` [LOW, HIGH) checked against the vocabulary (None: :func:`default_token_range`)."""
+    lo, hi = token_range or default_token_range(model)
+    if lo >= hi:
+        raise MechscopeError(f"token range [{lo}, {hi}) is empty: LOW must be below HIGH")
+    if not 0 <= lo < hi <= model.cfg.d_vocab:
+        raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
+    return lo, hi
+
+
 def repeated_tokens(
     model: HookedTransformer, n: int, batch: int, repeats: int, generator: torch.Generator, token_range
 ) -> torch.Tensor:

@@ -118,7 +118,9 @@ def read_config(directory: Path) -> dict:
 
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
-        raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing)")
+        toy = " (a train-toy run: lm circuits, neurons, graph, discover and sae read those)" if (
+            directory / "training.json").is_file() else ""  # fmt: skip
+        raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing){toy}")
     config = read_json_object(cfg_path, "Hugging Face config.json")
     check_types(config, cfg_path)
     return config

@@ -69,7 +69,7 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
         return None
     out = []
     for t in targets:
-        if isinstance(t, int) or (isinstance(t, str) and re.fullmatch(r"#\d+", t)):
+        if isinstance(t, int) or (isinstance(t, str) and re.fullmatch(r"#-?\d+", t)):  # '#-1': out of range below
             out.append(int(str(t).lstrip("#")))
             continue
         if tokenizer is None:
@@ -82,6 +82,9 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
     bad = [i for i in out if not 0 <= i < V]
     if bad:
         raise MechscopeError(f"target logit {bad[0]} outside the model's 0..{V - 1}")
+    twice = sorted({i for i in out if out.count(i) > 1})
+    if twice:  # the graph would hold the same logit node twice
+        raise MechscopeError(f"--target names logit {twice[0]} more than once ({', '.join(map(repr, targets))})")
     return out
 
 

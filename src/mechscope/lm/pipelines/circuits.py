@@ -88,8 +88,10 @@ def circuits(
             if len(ids) > model.cfg.n_ctx:
                 raise MechscopeError(f"the prompt is {len(ids)} tokens, longer than the context of {model.cfg.n_ctx}")
             prompt_ids = torch.tensor(ids)
-    elif prompt is not None:
-        model.check_complete()  # one line: a partial checkpoint cannot run the prompt
+    elif prompt is not None:  # a partial checkpoint cannot run the prompt
+        raise MechscopeError(f"{model_spec}: --prompt needs a forward pass, which a partial checkpoint cannot run "
+                             f"(it lacks {', '.join(model.missing_weights[:2])}...); leave --prompt out for the "
+                             "weights-only readings")  # fmt: skip
     view = analysis_weights(model, mlp=False, per_layer=True)  # no second copy of the MLPs or of W_Q, W_K, W_V
     prompt_text = None if prompt_ids is None else [decode(int(i)) for i in prompt_ids]
     counter = work_counter(model)
