@@ -30,6 +30,7 @@ from mechscope.cnn.models.spec import walk
 from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
+from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import densities, latent_summary, maxima
 from mechscope.core.dictionaries.staged import (
     checkpoints_of,
@@ -180,6 +181,8 @@ def sae_train_run(
 ):  # fmt: skip
     """Train an SAE on a ``cnn sae harvest`` store; saved in SAELens' layout into ``out`` (default
     ``HARVEST/../sae-ARCH``); returns ``(out, CnnSaeTraining)``."""
+    check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
+                  checkpoint_every=checkpoint_every, lr=lr)  # fmt: skip
     where, h = _read_harvest(store)
     if d_sae is None:
         expansion = 16 if expansion is None else expansion

@@ -153,3 +153,22 @@ def _check_method(cfg: DictionaryConfig) -> None:
         _positive_int("k", cfg.k)
         if cfg.k > cfg.d_sae:
             raise MechscopeError(f"expected k <= d_sae ({cfg.d_sae}), got k={cfg.k}")
+
+
+def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None, checkpoint_every=0, lr=None) -> None:
+    """Both wings' ``sae train`` options, each one line by its option before any work (the configs' own checks
+    name their fields: ``max_steps``, ``l1_coefficient``); ``--d-sae`` and ``--expansion`` both given is a conflict
+    (the expansion was ignored)."""
+    from mechscope.core.validate import check_int
+
+    if d_sae is not None and expansion is not None:
+        raise MechscopeError("give --d-sae or --expansion, not both (the width is d_in x expansion, or d_sae)")
+    for name, v, low in (("--d-sae", d_sae, 1), ("--expansion", expansion, 1), ("--steps", steps, 1)):
+        if v is not None:
+            check_int(v, name, low, 10**9)
+    check_int(checkpoint_every, "--checkpoint-every", 0, 10**9)
+    for name, v in (("--l1", l1_coefficient), ("--lr", lr)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise MechscopeError(f"{name} must be a finite number >= 0, got {v!r}")
+    if lr is not None and lr == 0:
+        raise MechscopeError("--lr must be above 0 (0 trains nothing)")

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
+from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import densities, latent_summary
 from mechscope.core.dictionaries.staged import (
     checkpoints_of,
@@ -292,6 +293,8 @@ def sae_train(
     from mechscope.lm.models.devices import resolve_device
 
     device = None if device is None else str(resolve_device(device))  # one line for a device that is not there
+    check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
+                  checkpoint_every=checkpoint_every, lr=lr)  # fmt: skip
     where, entry, record = _read_harvest(store)
     transcoder = entry["target"] is not None
     cfg = dictionary_config(
