@@ -186,3 +186,47 @@ def test_lm_targets_token_ranges_and_toy_runs_are_named_plainly(tmp_path):
     (tmp_path / "training.json").write_text("{}")
     with pytest.raises(MechscopeError, match="a train-toy run: lm circuits, neurons, graph"):
         read_config(tmp_path)  # lm heads, generate and inspect said only "not a Hugging Face model directory"
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["lm", "graph", "--model", "m", "--neurons", "--train-transcoders", "1000", "--tokens", "1"],
+         "give one of --transcoders, --neurons and --train-transcoders"),
+        (["lm", "train-toy", "--data", "synthetic", "--text", "t.txt"], "--text is read with --data text"),
+        (["lm", "discover", "--model", "m", "--method", "eap", "--size", "5", "--threshold", "0.1"],
+         "give --size or --threshold to cut the ranking, not both"),
+        (["cnn", "discover", "--run", "r", "--method", "eap-ig", "--size", "5", "--threshold", "0.1"], "not both"),
+    ],
+)  # fmt: skip
+def test_options_another_makes_meaningless_are_refused(capsys, tmp_path, monkeypatch, args, said):
+    """Each was accepted and one option silently ignored (nothing trained, the size or the threshold unused)."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "t.txt").write_text("some text")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    named = {"r", "t.txt"}
+    code, _, err = run_main(capsys, *(str(tmp_path / a) if a in named else a for a in args))
+    assert_one_line_error(code, err, said)
+    assert not list(work.iterdir())
+
+
+def test_view_and_kind_refuse_the_options_they_ignore(capsys, tmp_path, quick_run):
+    import os
+    from pathlib import Path
+
+    hist = Path(os.environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "hist"
+    if not (hist / "config.json").is_file():
+        pytest.skip("tracr's hist not found")
+    code, _, err = run_main(capsys, "lm", "graph", "--model", str(hist), "--prompt", "BOS a b", "--neurons", "--out",
+                            str(tmp_path / "g"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_main(capsys, "lm", "graph", "--view", str(tmp_path / "g" / "graph.json"), "--model", "m",
+                            "--tokens", "2,3", "--out", str(tmp_path / "v"))  # fmt: skip
+    assert_one_line_error(code, err, "--view re-renders a saved graph and takes only --out and --force, not --model, "
+                                     "--tokens")  # fmt: skip
+    code, _, err = run_main(capsys, "cnn", "graph", "--run", str(quick_run), "--channels", "--kind", "transcoder",
+                            "--out", str(tmp_path / "c"))  # fmt: skip
+    assert_one_line_error(code, err, "--kind chooses the dictionaries")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]

@@ -268,3 +268,20 @@ def int_list(text: str, what: str) -> list[int]:
         return [int(p) for p in parts]
     except ValueError:
         raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
+
+
+def typed_options(exclude=()) -> list[str]:
+    """The options of the running CLI command that the user typed (``--name``), but those named in ``exclude``
+    (parameter names); empty outside a command. For options another one makes meaningless, which should be refused
+    rather than silently ignored."""
+    import importlib
+
+    import typer  # its own copy of click (typer >= 0.24), or click itself: the one that runs the commands
+
+    core = importlib.import_module(typer.Context.__mro__[1].__module__)
+    ParameterSource = core.ParameterSource
+    ctx = importlib.import_module(core.__name__.rsplit(".", 1)[0] + ".globals").get_current_context(silent=True)
+    if ctx is None:
+        return []
+    return [p.opts[0] if getattr(p, "opts", None) else p.name for p in ctx.command.params
+            if p.name not in exclude and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]  # fmt: skip

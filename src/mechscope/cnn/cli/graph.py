@@ -50,17 +50,27 @@ def graph_cmd(
 
     if view is not None:
         from mechscope.cnn.pipelines.attribution_graph import view_run
+        from mechscope.core.validate import typed_options
 
+        other = typed_options(exclude=("view", "out", "force"))
+        if other:  # a re-render makes no graph: the options that build one would be silently ignored
+            raise MechscopeError(
+                f"--view re-renders a saved graph and takes only --out and --force, not {', '.join(other)}"
+            )
         path, g = view_run(view, out, force)
         typer.echo(
             f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
         )
         typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
         return
+    from mechscope.core.validate import typed_options
+
     if run is None:
         raise MechscopeError("give --run (or --view GRAPH_JSON)")
     if channels and dictionaries:
         raise MechscopeError("give --dictionaries or --channels, not both")
+    if (channels or dictionaries) and "--kind" in typed_options():  # --kind is what is trained when neither is given
+        raise MechscopeError("--kind chooses the dictionaries trained here: give it without --channels/--dictionaries")
     if kind not in ("sae", "transcoder"):
         raise MechscopeError(f"--kind must be sae or transcoder, got {kind!r}")
     from mechscope.cnn.methods.attribution_graph import CnnDictionaryTraining, CnnGraphSettings

@@ -75,6 +75,9 @@ def discover_run(
 
     check_method(method)
     check_discovery_counts(seed, n_random)
+    if threshold is not None and size is not None and method != "acdc":  # one cuts the ranking, the other was ignored
+        raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
+                             "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
     if threshold is not None:
         check_threshold(threshold)
     out = Path(out) if out is not None else Path(run_dir) / "discover"

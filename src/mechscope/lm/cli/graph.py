@@ -95,8 +95,14 @@ def graph_cmd(
     from mechscope.core.errors import MechscopeError
 
     if view is not None:
+        from mechscope.core.validate import typed_options
         from mechscope.lm.pipelines.attribution_graph import view_run
 
+        other = typed_options(exclude=("view", "out", "force"))
+        if other:  # a re-render makes no graph: the options that build one would be silently ignored
+            raise MechscopeError(
+                f"--view re-renders a saved graph and takes only --out and --force, not {', '.join(other)}"
+            )
         path, g = view_run(view, out, force)
         typer.echo(
             f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
@@ -109,8 +115,8 @@ def graph_cmd(
     from mechscope.lm.methods.attribution_graph import GraphSettings
     from mechscope.lm.pipelines.attribution_graph import graph_run
 
-    if neurons and transcoders:
-        raise MechscopeError("give --transcoders or --neurons, not both")
+    if sum(map(bool, (neurons, transcoders, train_tokens))) > 1:  # one source of features; the others were ignored
+        raise MechscopeError("give one of --transcoders, --neurons and --train-transcoders")
     if crosslayer and not train_tokens:
         raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     settings = GraphSettings(

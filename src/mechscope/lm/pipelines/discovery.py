@@ -70,6 +70,9 @@ def discover_model(
 
     check_method(method)
     check_discovery_counts(seed, n_random)
+    if threshold is not None and size is not None and method != "acdc":  # one cuts the ranking, the other was ignored
+        raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
+                             "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
     if threshold is not None:
         check_threshold(threshold)
     out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)

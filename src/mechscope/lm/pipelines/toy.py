@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.lm.toy import ToyConfig, ToyTraining, train_toy_and_control
 
@@ -24,6 +25,8 @@ def train_toy_run(
     from mechscope.lm.text import read_text
 
     config.validate()
+    if config.data == "synthetic" and text_file is not None:  # the text would be silently unread
+        raise MechscopeError("--text is read with --data text; synthetic data are drawn afresh, not read")
     text = read_text(text_file)[0] if config.data == "text" else None
     mlp = "" if config.mlp == "none" else f"-{config.mlp}"
     out = Path(out) if out is not None else Path("runs") / f"toy-{config.data}-{config.layers}L{mlp}"
