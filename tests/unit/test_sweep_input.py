@@ -230,3 +230,19 @@ def test_view_and_kind_refuse_the_options_they_ignore(capsys, tmp_path, quick_ru
                             "--out", str(tmp_path / "c"))  # fmt: skip
     assert_one_line_error(code, err, "--kind chooses the dictionaries")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+
+
+def test_cnn_messages_name_the_real_problem(tmp_path):
+    from mechscope.cnn.pipelines.attribute import parse_target
+    from mechscope.cnn.runs import load_run
+    from mechscope.core.errors import RunError
+
+    with pytest.raises(MechscopeError, match="target 'foo' is not a class name"):  # it said "out of range"
+        parse_target("foo", ("a", "b"))
+    with pytest.raises(MechscopeError, match="target '7' out of range"):
+        parse_target("7", ("a", "b"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunError, match="afile: is a file, not a run directory"):  # it said "not found"
+        load_run(tmp_path / "afile")
+    with pytest.raises(RunError, match="run directory not found"):
+        load_run(tmp_path / "nope")

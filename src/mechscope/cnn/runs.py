@@ -151,7 +151,7 @@ def load_run(path: str | Path) -> Run:
 
     run = Path(path)
     if not run.is_dir():
-        raise RunError(f"{run}: run directory not found")
+        raise RunError(f"{run}: {'is a file, not a run directory' if run.exists() else 'run directory not found'}")
     config = _read_json(run / CONFIG)
     if "kind" in config and config["kind"] not in KINDS:
         raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")

@@ -72,7 +72,8 @@ def patching_study(model, spec, data, acts, pair: tuple[int, int], n_pairs: int 
     if n == 0:
         names = data.class_names
         raise MechscopeError(
-            f"no correctly classified test images of {names[clean_cls]} and {names[corrupt_cls]} to patch between"
+            f"no correctly classified test images of {names[clean_cls]} and {names[corrupt_cls]} to patch between; "
+            "choose two classes the model gets right with --patch A,B"
         )
     clean_idx, corrupt_idx = clean_idx[:n], corrupt_idx[:n]
     lo = acts.logits

@@ -68,8 +68,9 @@ def parse_target(target: str, class_names) -> str:
         return str(list(class_names).index(target))
     if target.isascii() and target.isdecimal() and 0 <= int(target) < len(class_names):  # not "²", which isdigit
         return str(int(target))
+    what = "out of range" if target.lstrip("-").isdecimal() else "is not a class name"  # 'foo' is not a range
     raise MechscopeError(
-        f"target {target!r} out of range; expected pred, label or a class 0..{len(class_names) - 1} (or its name)"
+        f"target {target!r} {what}; expected pred, label or a class 0..{len(class_names) - 1} (or its name)"
     )
 
 

@@ -44,7 +44,7 @@ from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer, WorkCounter
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_int, check_seed
 
 STORE = "store"
 
@@ -284,6 +284,7 @@ def sae_show_model(
     """Latents against channels and dashboards (asked latents, the ``n_selective`` most class-selective, ``n_random``
     alive ones at random); returns ``(out, CnnSaeDashboards)``."""
     check_seed(seed)
+    check_int(featvis_steps, "--featvis-steps", 0, 100_000)  # 0: no feature visualisations
     for name, v in (("selective", n_selective), ("random", n_random)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise MechscopeError(f"--{name} must be an integer >= 0, got {v!r}")

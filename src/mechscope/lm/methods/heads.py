@@ -491,14 +491,16 @@ def find_induction_heads(
     say("path patching")
     with timer.section("path_patching"):
         patches = induction_edges(model, cap, tokens, p.n, tests, induction_mask(tokens.shape[1], p.n))
-    say("per-head ablations (exact, on every head the report names)")
     with timer.section("per_head_ablation"):
         top, rnd = (p.exact_top, p.exact_random) if p.per_head_ablation else (0, 0)
         always = by_induction[: p.top_k] if p.per_head_ablation else []
         if p.per_head_ablation:
             named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups)
+            say("per-head ablations (exact, on every head the report names)")
         else:  # lm circuits: only the confirmed edges' sources, whose totals its sentences cite
             named = sorted({pp.source for pp in patches if any(pp.confirmed)}) if p.exact_path_sources else []
+            if named:
+                say(f"exact ablations of the {len(named)} confirmed path sources")
         ablation = HA.ablate_heads(model, cap, tokens, p.n, top, rnd, g, always=always, named=named,
                                    estimates=estimates)  # fmt: skip
         for kind, a in ablation.items():
