@@ -246,3 +246,48 @@ def test_cnn_messages_name_the_real_problem(tmp_path):
         load_run(tmp_path / "afile")
     with pytest.raises(RunError, match="run directory not found"):
         load_run(tmp_path / "nope")
+
+
+def test_paths_of_the_wrong_kind_are_named(tmp_path):
+    import numpy as np
+
+    from mechscope.cnn.data.images import DataError, load_npz
+    from mechscope.lm.methods.transcoders import Transcoders
+    from mechscope.lm.pipelines.sae import _read_harvest
+    from mechscope.lm.text import read_text
+
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(DataError, match="d.npz: is a directory, not a .npz file"):
+        load_npz(tmp_path / "d.npz")
+    (tmp_path / "text.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match="text.npz: not a zip archive; a .npz dataset is the zip np.savez writes"):
+        load_npz(tmp_path / "text.npz")  # numpy's message spoke of pickled data
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(DataError, match="one.npz: a single .npy array"):  # a context-manager TypeError
+        load_npz(tmp_path / "one.npz")
+    with pytest.raises(MechscopeError, match="is a directory; expected a text file"):
+        read_text(tmp_path / "d.npz")  # "text file not found"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(MechscopeError, match="f: is a file, not a transcoder folder"):
+        Transcoders.load(tmp_path / "f")
+    with pytest.raises(MechscopeError, match="nope: not found"):
+        _read_harvest(tmp_path / "nope")  # "not an lm sae harvest"
+
+
+def test_options_a_task_or_architecture_does_not_read(capsys, tmp_path, quick_run, mnist_root):
+    import os
+    from pathlib import Path
+
+    reverse = Path(os.environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "reverse"
+    if (reverse / "config.json").is_file():
+        code, _, err = run_main(capsys, "lm", "discover", "--model", str(reverse), "--n", "5", "--distinct", "--out",
+                                str(tmp_path / "d"))  # fmt: skip
+        assert_one_line_error(code, err, "--n, --distinct: options of the induction task, not of tracr's examples")
+    code, _, err = run_main(capsys, "cnn", "attribute", "--run", str(quick_run), "--method", "saliency", "--layer",
+                            "conv1", "--data-dir", str(mnist_root), "--out", str(tmp_path / "a"))  # fmt: skip
+    assert_one_line_error(code, err, "--layer conv1 is Grad-CAM's")
+    code, _, err = run_main(capsys, "lm", "sae", "train", "--store", str(tmp_path), "--architecture", "relu", "--k",
+                            "8", "--l0", "2", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert_one_line_error(code, err, "--k, --l0 not read by --architecture relu")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "a").exists() and not (tmp_path / "s").exists()

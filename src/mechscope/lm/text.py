@@ -18,6 +18,6 @@ def read_text(text_file: str | Path | None) -> tuple[str, str]:
     from mechscope.core.validate import read_text_file
 
     path = Path(text_file) if text_file else default_text_path()
-    if not path.is_file():
-        raise MechscopeError(f"{path}: text file not found")
+    if not path.exists():
+        raise MechscopeError(f"{path}: text file not found")  # a folder or unreadable file: read_text_file says so
     return read_text_file(path), str(path)

@@ -304,8 +304,11 @@ def _check_npz_headers(p: Path) -> None:
 
     from numpy.lib import format as npf
 
-    if not zipfile.is_zipfile(p):
-        return  # np.load says what it is instead
+    if not zipfile.is_zipfile(p):  # np.savez always writes a zip; numpy's own errors name pickles or a context manager
+        with open(p, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        raise DataError(f"{p}: {'a single .npy array' if npy else 'not a zip archive'}; a .npz dataset is the zip "
+                        "np.savez writes, of x_train, y_train, x_test and y_test")  # fmt: skip
     with zipfile.ZipFile(p) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
@@ -335,7 +338,7 @@ def load_npz(path, class_names=None) -> ImageDataset:
     """A .npz with x_train, y_train, x_test, y_test (see the module docstring)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"{p}: file not found")
+        raise DataError(f"{p}: {'is a directory, not a .npz file' if p.is_dir() else 'file not found'}")
     try:
         _check_npz_headers(p)
         with np.load(p, allow_pickle=False) as z:

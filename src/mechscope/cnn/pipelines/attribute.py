@@ -89,6 +89,7 @@ def attribute_model(
         raise MechscopeError(f"ig_steps must be at least 1, got {ig_steps}")
     spec = walk(model, data.shape)
     net = spec.model
+    given_layer = layer
     layer = resolve_layer(net, layer or spec.last.hook_post)  # an unknown layer fails before any work
     conv_hooks = [h for s in spec.stages for h in (s.hook_pre, s.hook_post, s.hook_out)]
     if layer not in conv_hooks:
@@ -96,6 +97,8 @@ def attribute_model(
             f"--layer {layer}: Grad-CAM needs a conv stage's hook point [B, C, H, W]; valid: {', '.join(conv_hooks)}"
         )
     chosen, skipped = _methods(methods, spec, layer, ig_steps)
+    if given_layer is not None and not any(isinstance(m, GradCAM) for m in chosen.values()):
+        raise MechscopeError(f"--layer {given_layer} is Grad-CAM's, and none of the methods asked for reads it")
     target = parse_target(target, data.class_names)
     names = data.class_names
     digest = weights_hash(model)  # recorded, so that explain links these grids only for the same weights

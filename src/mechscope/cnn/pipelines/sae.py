@@ -169,6 +169,8 @@ def _read_harvest(store) -> tuple[Path, S.CnnSaeHarvest]:
         if (where / S.CnnSaeHarvest.FILE).is_file():
             h = S.CnnSaeHarvest.load(where / S.CnnSaeHarvest.FILE)
             return where / h.store, h
+    if not store.exists():
+        raise MechscopeError(f"{store}: not found (give a cnn sae harvest's folder)")
     raise MechscopeError(f"{store}: not a cnn sae harvest (no {S.CnnSaeHarvest.FILE} in it or its parent)")
 
 
@@ -182,7 +184,7 @@ def sae_train_run(
     """Train an SAE on a ``cnn sae harvest`` store; saved in SAELens' layout into ``out`` (default
     ``HARVEST/../sae-ARCH``); returns ``(out, CnnSaeTraining)``."""
     check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
-                  checkpoint_every=checkpoint_every, lr=lr)  # fmt: skip
+                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture)  # fmt: skip
     where, h = _read_harvest(store)
     if d_sae is None:
         expansion = 16 if expansion is None else expansion

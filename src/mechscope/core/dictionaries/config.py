@@ -155,7 +155,11 @@ def _check_method(cfg: DictionaryConfig) -> None:
             raise MechscopeError(f"expected k <= d_sae ({cfg.d_sae}), got k={cfg.k}")
 
 
-def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None, checkpoint_every=0, lr=None) -> None:
+ARCHITECTURE_OPTIONS = {"--k": ("topk", "batchtopk"), "--l1": ("relu",), "--l0": ("jumprelu",)}
+
+
+def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None, checkpoint_every=0, lr=None,
+                  architecture=None) -> None:  # fmt: skip
     """Both wings' ``sae train`` options, each one line by its option before any work (the configs' own checks
     name their fields: ``max_steps``, ``l1_coefficient``); ``--d-sae`` and ``--expansion`` both given is a conflict
     (the expansion was ignored)."""
@@ -172,3 +176,11 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
             raise MechscopeError(f"{name} must be a finite number >= 0, got {v!r}")
     if lr is not None and lr == 0:
         raise MechscopeError("--lr must be above 0 (0 trains nothing)")
+    if architecture is not None:  # an option typed for another architecture was silently unread
+        from mechscope.core.validate import typed_options
+
+        typed = typed_options()
+        wrong = [o for o, archs in ARCHITECTURE_OPTIONS.items() if o in typed and architecture not in archs]
+        if wrong:
+            raise MechscopeError(f"{', '.join(wrong)} not read by --architecture {architecture} (--k: topk and "
+                                 "batchtopk; --l1: relu; --l0: jumprelu)")  # fmt: skip

@@ -82,7 +82,8 @@ class Transcoders:
         or a hook name ``blocks.L.mlp.hook_in``), or the folder of a single one."""
         root = Path(path).expanduser()
         if not root.is_dir():
-            raise MechscopeError(f"{root}: transcoder folder not found")
+            what = "is a file, not a transcoder folder" if root.exists() else "transcoder folder not found"
+            raise MechscopeError(f"{root}: {what}")
         dirs = (
             [root] if (root / "cfg.json").is_file() else sorted(p for p in root.iterdir() if (p / "cfg.json").is_file())
         )

@@ -81,6 +81,12 @@ def discover_model(
     with timer.section("load"):
         model = load_any(model_spec, device, dtype)
         info = getattr(model, "tracr", None)
+        if (task or ("tracr" if info is not None else "induction")) == "tracr":
+            given = (("--n", n, 20), ("--batch", batch, 8), ("--tokens", token_range, None),
+                     ("--distinct", distinct, False))
+            asked = [name for name, v, default in given if v != default]
+            if asked:  # the tracr task runs the compiled model's stored examples; these were silently unread
+                raise MechscopeError(f"{', '.join(asked)}: options of the induction task, not of tracr's examples")
         known = check_circuit(info.directory, model.cfg) if info is not None else None
         hand = None
         if compare_heads is not None:

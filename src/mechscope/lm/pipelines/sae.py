@@ -278,6 +278,8 @@ def _read_harvest(store) -> tuple[Path, dict, dict]:
                 )
             if entries:
                 return where / entries[0]["directory"], entries[0], h.to_dict()
+    if not Path(store).exists():
+        raise MechscopeError(f"{store}: not found (give an lm sae harvest's folder or one of its stores)")
     raise MechscopeError(f"{store}: not an lm sae harvest (no {S.LmSaeHarvest.FILE} in it or its parent)")
 
 
@@ -294,7 +296,7 @@ def sae_train(
 
     device = None if device is None else str(resolve_device(device))  # one line for a device that is not there
     check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
-                  checkpoint_every=checkpoint_every, lr=lr)  # fmt: skip
+                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture)  # fmt: skip
     where, entry, record = _read_harvest(store)
     transcoder = entry["target"] is not None
     cfg = dictionary_config(
