@@ -291,3 +291,21 @@ def test_options_a_task_or_architecture_does_not_read(capsys, tmp_path, quick_ru
                             "8", "--l0", "2", "--out", str(tmp_path / "s"))  # fmt: skip
     assert_one_line_error(code, err, "--k, --l0 not read by --architecture relu")
     assert not (tmp_path / "d").exists() and not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
+def test_repeats_and_other_files_are_named():
+    from mechscope.clip.pipelines.neurons import NeuronSettings
+    from mechscope.cnn.pipelines.attribute import _methods
+    from mechscope.core.attribution_graph import asked_interventions, check_graph_record
+    from mechscope.core.scrub import _check_int
+
+    with pytest.raises(MechscopeError, match="--method saliency given more than once"):
+        _methods(["saliency", "gradcam", "saliency"], None, "conv2.hook_post", 8)
+    with pytest.raises(MechscopeError, match="--ablate 1_2_3,4_5_6 given more than once"):
+        asked_interventions(lambda *a, **k: None, [], False, ablate=[["1_2_3", "4_5_6"], ["4_5_6", "1_2_3"]])
+    with pytest.raises(MechscopeError, match="--words: 'one' given more than once"):
+        NeuronSettings(words=("one", "two", "one")).validate()
+    with pytest.raises(MechscopeError, match="not a graph JSON"):  # a run's config.json: "field 'model' ... type"
+        check_graph_record({"kind": "cnn", "model": {"channels": [16, 32]}})
+    with pytest.raises(MechscopeError, match="samples must be an integer from 1 to 100,000"):
+        _check_int(10**12, "samples", 1, 100_000)

@@ -69,6 +69,9 @@ class NeuronSettings:
             raise MechscopeError(f"--reduce must be mean, max or cls, got {self.reduce!r}")
         if self.words is not None and not [w for w in self.words if w.strip()]:
             raise MechscopeError("--words is empty; give at least one word to probe with")
+        twice = sorted({w for w in self.words or () if list(self.words).count(w) > 1})
+        if twice:  # a probe word twice is one row drawn twice
+            raise MechscopeError(f"--words: {twice[0]!r} given more than once")
         for t in self.templates or ():
             if t.count("{}") != 1:
                 raise MechscopeError(f"template {t!r} must hold one {{}}, where the word goes")

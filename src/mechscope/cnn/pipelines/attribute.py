@@ -42,6 +42,9 @@ def select_examples(labels, n: int, n_classes: int = 10) -> list[int]:
 
 
 def _methods(names, spec, layer: str, ig_steps: int) -> tuple[dict, dict]:
+    twice = sorted({n for n in names or () if list(names).count(n) > 1})
+    if twice:  # the second was silently the first again
+        raise MechscopeError(f"--method {twice[0]} given more than once")
     layers = [*(x for s in spec.stages for x in s.layers), *spec.readout.layers]
     acts = sorted({x.type for x in layers if x.kind == "act"})
     chosen, skipped = {}, {}

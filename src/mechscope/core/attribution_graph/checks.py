@@ -220,6 +220,10 @@ def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=N
     ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
     for node, value in steer or []:  # the API's values, checked as the CLI's are, before any work
         parse_steer(f"{node}={value}", str(node))
+    groups = [tuple(sorted(g)) for g in ablate or []]
+    twice = [g for i, g in enumerate(groups) if g in groups[:i]]
+    if twice:  # the same intervention twice: one more row of the same numbers
+        raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
     checks = []
     if auto and features:
         checks.append(intervene_on([features[0]["id"]]))
