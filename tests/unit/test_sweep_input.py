@@ -309,3 +309,28 @@ def test_repeats_and_other_files_are_named():
         check_graph_record({"kind": "cnn", "model": {"channels": [16, 32]}})
     with pytest.raises(MechscopeError, match="samples must be an integer from 1 to 100,000"):
         _check_int(10**12, "samples", 1, 100_000)
+
+
+def test_more_inputs_named_plainly(capsys, tmp_path):
+    import os
+    from pathlib import Path
+
+    from mechscope.clip.data.render import font_path
+    from mechscope.cnn.pipelines.solu_cnn import solu_compare_cnn
+    from mechscope.core.attribution_graph.checks import _source
+
+    class Rep:  # a replacement model that knows no such node, as a logit node is no source
+        def source_of(self, node):
+            raise MechscopeError("layer 5 outside 0..3")
+
+    with pytest.raises(MechscopeError, match="5_0_3: not a feature node of this graph .*only feature nodes"):
+        _source(Rep(), "5_0_3")
+    with pytest.raises(MechscopeError, match="--activations: relu given more than once"):
+        solu_compare_cnn(tmp_path / "s", ("relu", "relu"))  # "takes two or more of relu, gelu, solu"
+    with pytest.raises(MechscopeError, match="nope.ttf: font file not found"):  # "unknown font"
+        font_path(str(tmp_path / "nope.ttf"))
+    hist = Path(os.environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "hist"
+    if (hist / "config.json").is_file():
+        code, _, err = run_main(capsys, "lm", "graph", "--model", str(hist), "--prompt", "a b", "--no-bos", "--neurons",
+                                "--out", str(tmp_path / "g"))  # fmt: skip
+        assert_one_line_error(code, err, "a compiled tracr model reads BOS (id 0) at position 0")

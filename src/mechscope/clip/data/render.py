@@ -41,6 +41,8 @@ def font_path(font: str) -> Path:
 
         return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / FONTS[font]
     path = Path(font).expanduser()
+    if path.suffix.lower() in (".ttf", ".otf") and not path.is_file():
+        raise MechscopeError(f"{path}: font file not found")
     if path.suffix.lower() not in (".ttf", ".otf") or not path.is_file():
         raise MechscopeError(f"unknown font {font!r}; expected one of {', '.join(FONTS)} or a .ttf file")
     return path

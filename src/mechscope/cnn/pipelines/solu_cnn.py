@@ -45,6 +45,9 @@ def solu_compare_cnn(
     config.validate()
     shape = shape or CNNConfig()
     acts_asked = tuple(dict.fromkeys(activations))
+    if len(acts_asked) < len(activations):
+        twice = next(a for a in acts_asked if list(activations).count(a) > 1)
+        raise MechscopeError(f"--activations: {twice} given more than once")
     bad = [a for a in acts_asked if a not in ACTIVATIONS]
     if bad or len(acts_asked) < 2:
         raise MechscopeError(

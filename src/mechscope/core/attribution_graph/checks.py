@@ -130,7 +130,7 @@ def intervene(
         raise MechscopeError("expected at least one feature node to intervene on")
     if value is None and scale is None:
         raise MechscopeError("give a value or a scale")
-    sources = [rep.source_of(n) for n in nodes]
+    sources = [_source(rep, n) for n in nodes]
     bad = [n for n, s in zip(nodes, sources, strict=True) if s >= rep.n_features]
     if bad:
         raise MechscopeError(f"{bad[0]}: only feature nodes can be steered or ablated")
@@ -195,6 +195,15 @@ def check_counts(**counts: int) -> None:
 
     for field, v in counts.items():
         check_int(v, f"--{field}", 0, 10**9)
+
+
+def _source(rep, node: str) -> int:
+    """``rep.source_of(node)``; a node that is no source (a logit, another model's id) is named as not a feature."""
+    try:
+        return rep.source_of(node)
+    except MechscopeError as e:
+        raise MechscopeError(f"{node}: not a feature node of this graph ({e}); only feature nodes can be steered "
+                             "or ablated") from None  # fmt: skip
 
 
 STEER_LIMIT = 1e6  # far above any activation a graph reads; beyond it float32 arithmetic stops being meaningful

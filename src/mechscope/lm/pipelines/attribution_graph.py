@@ -54,6 +54,9 @@ def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None
     b = model.cfg.bos_token_id
     if bos and b is not None and (not ids or ids[0] != b):
         ids = [b, *ids]
+    if getattr(model, "tracr", None) is not None and ids and b is not None and ids[0] != b:  # --no-bos on tracr
+        raise MechscopeError(f"a compiled tracr model reads BOS (id {b}) at position 0: put it first or leave out "
+                             "--no-bos")  # fmt: skip
     if not ids:
         raise MechscopeError("the prompt is empty")
     if len(ids) > model.cfg.n_ctx:
