@@ -334,3 +334,11 @@ def test_more_inputs_named_plainly(capsys, tmp_path):
         code, _, err = run_main(capsys, "lm", "graph", "--model", str(hist), "--prompt", "a b", "--no-bos", "--neurons",
                                 "--out", str(tmp_path / "g"))  # fmt: skip
         assert_one_line_error(code, err, "a compiled tracr model reads BOS (id 0) at position 0")
+
+
+def test_clip_special_tokens_inside_the_vocabulary():
+    from mechscope.clip.models.loading import clip_config
+
+    with pytest.raises(MechscopeError, match="text_config.eos_token_id 999 is not a token of the 40-token vocabulary"):
+        clip_config({"text_config": {"vocab_size": 40, "eos_token_id": 999, "bos_token_id": 1, "pad_token_id": 0}},
+                    "clip")  # fmt: skip

@@ -130,6 +130,12 @@ def _tower(raw: dict, key: str, kind: str, where: str) -> dict:
         v = merged[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise MechscopeError(f"{where}: {key}_config.{name} must be a positive integer, got {v!r}")
+    if key == "text":  # special tokens inside the vocabulary (a wrong eos_token_id surfaced as a bad token range)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # as the config gives them (not defaults)
+            v = sub.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < merged["vocab_size"]):
+                raise MechscopeError(f"{where}: text_config.{name} {v!r} is not a token of the "
+                                     f"{merged['vocab_size']}-token vocabulary")  # fmt: skip
     eps = merged.get("layer_norm_eps")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:  # a negative one gave NaN
         raise MechscopeError(f"{where}: {key}_config.layer_norm_eps must be a small positive number, got {eps!r}")
