@@ -127,6 +127,10 @@ def test_neurons_empty_text_and_models_without_mlps(capsys, tmp_path, monkeypatc
                                 str(tmp_path / "foreign.txt"), "--out", str(tmp_path / "o"))  # fmt: skip
         assert_one_line_error(code, err, said)
         assert not (tmp_path / "o").exists()
+    (tmp_path / "tiny.txt").write_text(TEXT[:5])  # 5 tokens for the top 100 activations: every share was NaN
+    code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text", str(tmp_path / "tiny.txt"),
+                            "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(code, err, "5 tokens, fewer than the 100 top activations read per neuron (--k)")
     _tiny_toy(monkeypatch)
     attn = tmp_path / "attn"
     text = tmp_path / "t.txt"

@@ -342,3 +342,17 @@ def test_clip_special_tokens_inside_the_vocabulary():
     with pytest.raises(MechscopeError, match="text_config.eos_token_id 999 is not a token of the 40-token vocabulary"):
         clip_config({"text_config": {"vocab_size": 40, "eos_token_id": 999, "bos_token_id": 1, "pad_token_id": 0}},
                     "clip")  # fmt: skip
+
+
+def test_texts_a_user_gives_are_refused_when_unusable(capsys, tmp_path):
+    import os
+    from pathlib import Path
+
+    hist = Path(os.environ.get("MECHSCOPE_DATA", "../shared/data")) / "tracr" / "hist"
+    if not (hist / "config.json").is_file():
+        pytest.skip("tracr's hist not found")
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, _, err = run_main(capsys, "lm", "graph", "--model", str(hist), "--prompt", "BOS a b", "--neurons", "--text",
+                            str(tmp_path / "empty.txt"), "--out", str(tmp_path / "g"))  # fmt: skip
+    assert_one_line_error(code, err, "empty.txt")  # it only warned: no dashboards
+    assert not (tmp_path / "g").exists()

@@ -168,6 +168,10 @@ def graph_model(
     from mechscope.lm.models.transformer import HookedTransformer
 
     check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
+    if text_file is not None:  # a text the user gave is read before any work: missing, a folder, empty, binary
+        from mechscope.lm.text import read_text
+
+        read_text(text_file)
     if out is not None:
         check_target(out, force)
     timer = Timer("lm graph")
@@ -294,6 +298,8 @@ def _dashboards(model, tcs, tokenizer, feats, examples: int, text_file) -> dict:
         text, name = read_text(text_file)
         ids = encode_named(tokenizer.encode, text[: examples * 8], name, add_bos=False)
     except MechscopeError as e:
+        if text_file is not None:  # a text the user gave: refused, not passed over with a warning
+            raise
         log.warning("no dashboards: %s", e)
         return {}
     ctx = min(64, model.cfg.n_ctx)

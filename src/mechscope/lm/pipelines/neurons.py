@@ -162,6 +162,9 @@ def neurons(
     check_neurons_asked(tm.model, settings)
     text, source = read_text(text_file)
     tokens = text_sample(tm, text, settings, source)
+    if tokens.numel() < settings.k:  # the top-k shares were NaN: fewer tokens than activations read per neuron
+        raise MechscopeError(f"{source}: {tokens.numel():,} tokens, fewer than the {settings.k} top activations read "
+                             "per neuron (--k): give a longer text or a smaller --k")  # fmt: skip
     counter = work_counter(tm.model)
     with counter.counting():
         result = analyse(tm, tokens, settings, source, progress)
