@@ -356,3 +356,10 @@ def test_texts_a_user_gives_are_refused_when_unusable(capsys, tmp_path):
                             str(tmp_path / "empty.txt"), "--out", str(tmp_path / "g"))  # fmt: skip
     assert_one_line_error(code, err, "empty.txt")  # it only warned: no dashboards
     assert not (tmp_path / "g").exists()
+
+
+def test_repeated_names_each_repeat_once_sorted():
+    from mechscope.core.validate import repeated
+
+    assert repeated(["b", "a", "b", "c", "a", "b"]) == ["a", "b"] and repeated((3, 1, 2)) == []
+    assert repeated(tuple(sorted(g)) for g in (["y", "x"], ["x", "y"], ["z"])) == [("x", "y")]

@@ -258,6 +258,12 @@ def check_types(settings, flags: dict[str, str] | None = None) -> None:
             raise MechscopeError(f"{name} must be a number, got {shown(value)}")
 
 
+def repeated(items) -> list:
+    """The items given more than once, each named once, sorted (for "X given more than once" lines)."""
+    items = list(items)
+    return sorted({x for x in items if items.count(x) > 1})
+
+
 def int_list(text: str, what: str) -> list[int]:
     """Integers separated by commas (or by spaces alone): ``"1,2,3"``, ``"1 2 3"``. An empty item (``"1,,3"``, a
     trailing comma) is one line naming ``what``, not dropped (dropping it read "2,,4" as two ids)."""

@@ -43,7 +43,7 @@ def font_path(font: str) -> Path:
     path = Path(font).expanduser()
     if path.suffix.lower() in (".ttf", ".otf") and not path.is_file():
         raise MechscopeError(f"{path}: font file not found")
-    if path.suffix.lower() not in (".ttf", ".otf") or not path.is_file():
+    if path.suffix.lower() not in (".ttf", ".otf"):
         raise MechscopeError(f"unknown font {font!r}; expected one of {', '.join(FONTS)} or a .ttf file")
     return path
 

@@ -20,7 +20,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_count, check_seed, check_types
+from mechscope.core.validate import check_count, check_seed, check_types, repeated
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class NeuronSettings:
             raise MechscopeError(f"--reduce must be mean, max or cls, got {self.reduce!r}")
         if self.words is not None and not [w for w in self.words if w.strip()]:
             raise MechscopeError("--words is empty; give at least one word to probe with")
-        twice = sorted({w for w in self.words or () if list(self.words).count(w) > 1})
+        twice = repeated(self.words or ())
         if twice:  # a probe word twice is one row drawn twice
             raise MechscopeError(f"--words: {twice[0]!r} given more than once")
         for t in self.templates or ():

@@ -47,10 +47,10 @@ def graph_cmd(
 ) -> None:
     """Trace one image's logit through dictionary features at receptive-field positions: graph.json, graph.html."""
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import typed_options
 
     if view is not None:
         from mechscope.cnn.pipelines.attribution_graph import view_run
-        from mechscope.core.validate import typed_options
 
         other = typed_options(exclude=("view", "out", "force"))
         if other:  # a re-render makes no graph: the options that build one would be silently ignored
@@ -63,8 +63,6 @@ def graph_cmd(
         )
         typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
         return
-    from mechscope.core.validate import typed_options
-
     if run is None:
         raise MechscopeError("give --run (or --view GRAPH_JSON)")
     if channels and dictionaries:

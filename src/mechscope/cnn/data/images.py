@@ -28,6 +28,7 @@ import torch
 from mechscope.cnn.data import builtin as B
 from mechscope.cnn.data.idx import md5sum, read_idx, sha256sum, verify
 from mechscope.core.errors import DataError
+from mechscope.core.validate import repeated
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _class_names(ys: dict, class_names, where: str) -> tuple[str, ...]:
     if class_names is not None:
         names = tuple(str(c) for c in class_names)
         k = len(names)
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated(names)
         if twice:  # a class asked for by name would silently be the first of them
             raise DataError(f"{where}: class name(s) {', '.join(map(repr, twice))} given more than once")
         for key, y in ys.items():

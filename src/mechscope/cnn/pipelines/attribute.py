@@ -15,6 +15,7 @@ from mechscope.cnn.runs import load_run, load_run_data, weights_hash, write_json
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import repeated
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def select_examples(labels, n: int, n_classes: int = 10) -> list[int]:
 
 
 def _methods(names, spec, layer: str, ig_steps: int) -> tuple[dict, dict]:
-    twice = sorted({n for n in names or () if list(names).count(n) > 1})
+    twice = repeated(names or ())
     if twice:  # the second was silently the first again
         raise MechscopeError(f"--method {twice[0]} given more than once")
     layers = [*(x for s in spec.stages for x in s.layers), *spec.readout.layers]

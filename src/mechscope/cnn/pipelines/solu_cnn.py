@@ -13,6 +13,7 @@ from mechscope.cnn.models.cnn import ACTIVATIONS, CNNConfig
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
+from mechscope.core.validate import repeated
 
 
 def solu_compare_cnn(
@@ -44,10 +45,10 @@ def solu_compare_cnn(
     config = config or TrainConfig()
     config.validate()
     shape = shape or CNNConfig()
-    acts_asked = tuple(dict.fromkeys(activations))
-    if len(acts_asked) < len(activations):
-        twice = next(a for a in acts_asked if list(activations).count(a) > 1)
-        raise MechscopeError(f"--activations: {twice} given more than once")
+    twice = repeated(activations)
+    if twice:
+        raise MechscopeError(f"--activations: {twice[0]} given more than once")
+    acts_asked = tuple(activations)
     bad = [a for a in acts_asked if a not in ACTIVATIONS]
     if bad or len(acts_asked) < 2:
         raise MechscopeError(

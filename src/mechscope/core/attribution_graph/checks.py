@@ -21,6 +21,7 @@ from mechscope.core.attribution_graph.influence import Triplets
 from mechscope.core.attribution_graph.predict import propagate
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
+from mechscope.core.validate import check_int, repeated
 
 MEASURED = ("frozen", "recomputed", "model")
 
@@ -163,18 +164,15 @@ def intervene(
 
 
 FLAGS = {"batch_size": "--batch", "check_sources": "--check", "max_feature_nodes": "--max-features",
-         "edges_per_row": "--edges-per-row", "node_threshold": "--node-threshold", "edge_threshold": "--edge-threshold",
-         "max_n_logits": "max_n_logits", "desired_logit_prob": "desired_logit_prob"}  # fmt: skip
+         "edges_per_row": "--edges-per-row", "node_threshold": "--node-threshold", "edge_threshold": "--edge-threshold"}
 
 
 def check_graph_settings(s, thresholds=("node_threshold", "edge_threshold")) -> None:
     """The settings both wings' graphs share (``s``: their settings dataclass), one line naming the CLI's option
     and the field (``--max-features (max_feature_nodes)``) when one is out of range."""
-    from mechscope.core.validate import check_int
 
-    def name(field: str) -> str:
-        flag = FLAGS[field]
-        return flag if flag == field else f"{flag} ({field})"
+    def name(field: str) -> str:  # a field with no option of its own (desired_logit_prob) by its name alone
+        return f"{FLAGS[field]} ({field})" if field in FLAGS else field
 
     check_int(s.batch_size, name("batch_size"), 1, 4096)
     check_int(s.check_sources, name("check_sources"), 0, 10**6)
@@ -191,8 +189,6 @@ def check_graph_settings(s, thresholds=("node_threshold", "edge_threshold")) -> 
 def check_counts(**counts: int) -> None:
     """Counts a graph command takes (``paths``, ``dashboards``, ``examples``: 0 or more), each one line by its
     option (``--dashboards -1`` was taken as none)."""
-    from mechscope.core.validate import check_int
-
     for field, v in counts.items():
         check_int(v, f"--{field}", 0, 10**9)
 
@@ -229,8 +225,7 @@ def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=N
     ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
     for node, value in steer or []:  # the API's values, checked as the CLI's are, before any work
         parse_steer(f"{node}={value}", str(node))
-    groups = [tuple(sorted(g)) for g in ablate or []]
-    twice = [g for i, g in enumerate(groups) if g in groups[:i]]
+    twice = repeated(tuple(sorted(g)) for g in ablate or [])
     if twice:  # the same intervention twice: one more row of the same numbers
         raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
     checks = []

@@ -20,6 +20,7 @@ from mechscope.core.attribution_graph import PhaseWork, asked_interventions, che
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
 from mechscope.core.torch_utils import Timer
+from mechscope.core.validate import repeated
 from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
@@ -85,7 +86,7 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
     bad = [i for i in out if not 0 <= i < V]
     if bad:
         raise MechscopeError(f"target logit {bad[0]} outside the model's 0..{V - 1}")
-    twice = sorted({i for i in out if out.count(i) > 1})
+    twice = repeated(out)
     if twice:  # the graph would hold the same logit node twice
         raise MechscopeError(f"--target names logit {twice[0]} more than once ({', '.join(map(repr, targets))})")
     return out
