@@ -34,8 +34,8 @@ def _timed(fn, repeat: int = 1):
 
 def bench_transformer(model_spec: str, n: int, batch: int, steps: int) -> None:
     from mechscope.core.graphs import eap, eap_ig
-    from mechscope.lm.methods.discovery import induction_task
     from mechscope.lm.methods.graph import TransformerEdges
+    from mechscope.lm.methods.tasks import induction_task
     from mechscope.lm.pipelines.discovery import load_any
 
     model = load_any(model_spec)
@@ -68,8 +68,8 @@ def bench_transformer(model_spec: str, n: int, batch: int, steps: int) -> None:
 
 def bench_acdc(spec: str, label: str) -> None:
     from mechscope.core.graphs import acdc
-    from mechscope.lm.methods.discovery import make_task
     from mechscope.lm.methods.graph import TransformerEdges
+    from mechscope.lm.methods.tasks import make_task
     from mechscope.lm.pipelines.discovery import load_any
 
     model = load_any(spec)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechscope.cnn.methods.discovery import CNNDiscovery, CNNScrub
-from mechscope.lm.methods.discovery import LMDiscovery, LMScrub
+from mechscope.cnn.methods.discovery import CNNDiscovery
+from mechscope.cnn.methods.scrubbing import CNNScrub
+from mechscope.lm.methods.discovery import LMDiscovery
+from mechscope.lm.methods.scrubbing import LMScrub
 from tests.e2e.test_cli import assert_one_line_error, run_main
 from tests.unit.test_repr_html import check_fragment
 from tests.unit.test_tracr import tracr_root

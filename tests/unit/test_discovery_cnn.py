@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.cnn.methods.discovery import (
-    CNNDiscovery,
-    compare_channels,
-    discover,
-    feature_values,
-    image_task,
-    make_metric,
-    parse_hypothesis_file,
-    scrub_hypothesis,
-)
+from mechscope.cnn.methods.discovery import CNNDiscovery, compare_channels, discover, image_task, make_metric
 from mechscope.cnn.methods.graph import CNNEdges
+from mechscope.cnn.methods.scrubbing import feature_values, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError

@@ -13,17 +13,10 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import acdc, capture, eap, eap_ig, edge_patching, faithfulness_curve, receiver_gradients
 from mechscope.core.hooks import hooks
 from mechscope.core.scrub import scrub
-from mechscope.lm.methods.discovery import (
-    LMDiscovery,
-    compare_edges,
-    discover,
-    feature_values,
-    heads_edges,
-    induction_task,
-    parse_hypothesis_file,
-    scrub_hypothesis,
-)
+from mechscope.lm.methods.discovery import LMDiscovery, compare_edges, discover, heads_edges
 from mechscope.lm.methods.graph import TransformerEdges, pad_sequences
+from mechscope.lm.methods.scrubbing import parse_hypothesis_file, scrub_hypothesis
+from mechscope.lm.methods.tasks import feature_values, induction_task
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 

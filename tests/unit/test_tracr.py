@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mechscope.core.errors import MechscopeError
-from mechscope.lm.methods.discovery import discover, make_task
+from mechscope.lm.methods.discovery import discover
 from mechscope.lm.methods.graph import TransformerEdges
+from mechscope.lm.methods.tasks import make_task
 from mechscope.lm.models.convert.tracr import check_circuit, is_tracr_dir, read_examples
 from mechscope.lm.models.loading import load_model
 from tests.conftest import shared_data_root

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.cnn.methods.discovery import CNNDiscovery, CNNScrub
+from mechscope.cnn.methods.discovery import CNNDiscovery
+from mechscope.cnn.methods.scrubbing import CNNScrub
 from mechscope.cnn.methods.universality import UniversalityResult
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.cnn.runs import save_run
 from mechscope.core.torch_utils import WorkCounter
-from mechscope.lm.methods.discovery import LMDiscovery, LMScrub, make_task
+from mechscope.lm.methods.discovery import LMDiscovery
+from mechscope.lm.methods.scrubbing import LMScrub
+from mechscope.lm.methods.tasks import make_task
 from mechscope.lm.pipelines import discovery as lm_pipeline
 from tests.unit.test_discovery_lm import tiny
 

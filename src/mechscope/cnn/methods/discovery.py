@@ -1,4 +1,4 @@
-"""Circuit discovery and causal scrubbing on a CNN's channel graph: tasks, metrics, features, results.
+"""Circuit discovery on a CNN's channel graph: tasks, metrics, results (scrubbing: :mod:`.scrubbing`).
 
 A task (:class:`ImageTask`) is a clean batch of test images, a corrupted batch of the same size and a scalar
 metric of the logits on the clean batch. With a target class (``--class D``) the clean images are the class's
@@ -13,8 +13,7 @@ run; its gradient there is 0 too, so EAP scores nothing with it: use EAP-IG or A
 :func:`discover` runs EAP, EAP-IG, ACDC or exact edge patching through
 :class:`~mechscope.cnn.methods.graph.CNNEdges`, cuts a circuit and draws the faithfulness curve; given the
 channels ``cnn explain`` found for the class (``mechanisms.json``), it compares the discovered channels of the
-last stage with them. :func:`scrub_hypothesis` tests a hypothesis file's claims with the features of
-:data:`FEATURES`.
+last stage with them.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -50,25 +48,11 @@ from mechscope.core.graphs import (
 )
 from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
-from mechscope.core.scrub import (
-    ScrubResult,
-    hypothesis_file_claims,
-    hypothesis_file_sampling,
-    parse_hypothesis,
-    scrub,
-)
 from mechscope.core.torch_utils import evaluating
 
 METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
            "detect": "higher", "kl": "lower"}  # fmt: skip
 NOT_DIFFERENTIABLE = {"accuracy", "detect"}
-FEATURES = {
-    "class": "the image's class",
-    "prediction": "the class the model predicts for the image",
-    "image": "the image itself (recursively resampled: the same as no feature)",
-    "central_column": "the ink in the image's central column (quartile over the dataset)",
-    "ink": "the image's total ink (quartile over the dataset)",
-}
 
 
 @dataclass(frozen=True)
@@ -210,28 +194,6 @@ class CNNDiscovery(TopEdges, Result):
     work: dict | None = None
 
 
-@dataclass(frozen=True)
-class CNNScrub(Result):
-    """Causal scrubbing of one hypothesis on a CNN; ``scrub.json``."""
-
-    SCHEMA: ClassVar[str] = "mechscope.cnn_scrub/1"
-    FILE: ClassVar[str] = "scrub.json"
-
-    run: str
-    name: str
-    description: str
-    metric: str
-    better: str | None
-    target: int | None
-    settings: dict
-    features: dict[str, str]
-    scrub: ScrubResult
-    seconds: dict[str, float]
-    # forward passes, in passes over the scrubbed batch of settings["n"] test images (WorkCounter over the stages'
-    # convolutions): scrub.forward_passes and the one clean run that gives the predictions and the metric's logits
-    work: dict | None = None
-
-
 # ---- discovery -----------------------------------------------------------------------------------------
 
 
@@ -354,128 +316,4 @@ def discover(
         channel_scores=channel_scores(scores, spec),
         hand=compare_channels(scores, spec, hand) if hand else None,
         seconds=seconds,
-    )
-
-
-# ---- features and scrubbing ----------------------------------------------------------------------------
-
-
-def _quartiles(x: torch.Tensor) -> torch.Tensor:
-    q = torch.quantile(x.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return torch.bucketize(x.double(), q)
-
-
-def feature_values(name: str, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-    """One value per image of feature ``name`` (:data:`FEATURES`)."""
-    if name == "class":
-        return labels
-    if name == "prediction":
-        return predictions
-    if name == "image":
-        return torch.arange(len(images))
-    if name == "central_column":
-        return _quartiles(images[..., images.shape[-1] // 2].flatten(1).sum(1))
-    if name == "ink":
-        return _quartiles(images.flatten(1).sum(1))
-    raise MechscopeError(f"unknown feature {name!r}: the CNN features are {', '.join(FEATURES)}")
-
-
-HYPOTHESIS_KEYS = {"name", "description", "run", "wing", "metric", "target", "data", "claims", "samples", "seed",
-                   "sampling", "breakdown"}  # fmt: skip
-DATA_KEYS = {"n", "seed"}
-
-
-@dataclass(frozen=True)
-class HypothesisSpec:
-    name: str
-    description: str
-    run: str
-    metric: str
-    target: int | None
-    n: int
-    data_seed: int
-    claims: tuple
-    samples: int
-    seed: int
-    sampling: str
-    breakdown: bool = True
-
-
-def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpec:
-    """A CNN hypothesis (JSON object) checked for its keys and types; one line on any error."""
-    source_help = "'run' must name the run directory of `mechscope cnn train`"
-    claims = hypothesis_file_claims(data, where, HYPOTHESIS_KEYS, "run", source_help)
-    metric = data.get("metric", "accuracy")
-    if metric not in METRICS:
-        raise MechscopeError(f"{where}: unknown metric {metric!r}: one of {', '.join(METRICS)}")
-    target = data.get("target")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 0):
-        raise MechscopeError(f"{where}: target must be a class index, got {target!r}")
-    d = data.get("data", {})
-    if not isinstance(d, dict) or set(d) - DATA_KEYS:
-        raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
-    vals = {"n": d.get("n", 500), "data.seed": d.get("seed", 0), "samples": data.get("samples", 10),
-            "seed": data.get("seed", 0)}  # fmt: skip
-    for key, v in vals.items():
-        low = 2 if key == "n" else 1 if key == "samples" else 0
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
-    sampling, breakdown = hypothesis_file_sampling(data, where)
-    for c in claims:
-        f = c.get("feature") if isinstance(c, dict) else None
-        if f is not None and f not in FEATURES:
-            raise MechscopeError(f"{where}: unknown feature {f!r}; the CNN features: {', '.join(FEATURES)}")
-    return HypothesisSpec(
-        name=str(data.get("name", Path(where).stem)),
-        description=str(data.get("description", "")),
-        run=data["run"],
-        metric=metric,
-        target=target,
-        n=vals["n"],
-        data_seed=vals["data.seed"],
-        claims=tuple(claims),
-        samples=vals["samples"],
-        seed=vals["seed"],
-        sampling=sampling,
-        breakdown=breakdown,
-    )
-
-
-def scrub_hypothesis(spec: CNNSpec, images: torch.Tensor, labels: torch.Tensor, hyp: HypothesisSpec, *,
-                     name: str = "") -> CNNScrub:  # fmt: skip
-    """Causal scrubbing of ``hyp`` on ``n`` seeded test images of every class."""
-    t0 = time.perf_counter()
-    edges = CNNEdges(spec)
-    h = parse_hypothesis({"claims": list(hyp.claims)}, edges.graph)
-    if hyp.target is not None and not 0 <= hyp.target < spec.n_classes:
-        raise MechscopeError(f"target class {hyp.target} outside 0..{spec.n_classes - 1}")
-    g = torch.Generator().manual_seed(hyp.data_seed)
-    pick = torch.randperm(len(labels), generator=g)[: hyp.n]
-    x, y = images[pick], labels[pick]
-    with torch.no_grad(), evaluating(spec.model):
-        logits = spec.model(x)
-    pred = logits.argmax(1)
-    used = sorted({c.feature for c in h.claims if c.feature is not None})
-    feats = {f: feature_values(f, x, y, pred) for f in used}
-    metric = make_metric(hyp.metric, y, hyp.target, logits)
-    with evaluating(spec.model):
-        res = scrub(edges, x, metric=metric, hypothesis=h, features=feats, samples=hyp.samples, seed=hyp.seed,
-                    sampling=hyp.sampling, breakdown=hyp.breakdown)  # fmt: skip
-    return CNNScrub(
-        run=name,
-        name=hyp.name,
-        description=hyp.description,
-        metric=hyp.metric,
-        better=METRICS[hyp.metric],
-        target=hyp.target,
-        settings={
-            "n": len(pick),
-            "data_seed": hyp.data_seed,
-            "samples": hyp.samples,
-            "seed": hyp.seed,
-            "sampling": hyp.sampling,
-        },  # fmt: skip
-        features={f: FEATURES[f] for f in used},
-        scrub=res,
-        seconds={"scrub": time.perf_counter() - t0},
     )

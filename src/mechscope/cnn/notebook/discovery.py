@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from mechscope.cnn.methods.discovery import CNNDiscovery, CNNScrub
+from mechscope.cnn.methods.discovery import CNNDiscovery
+from mechscope.cnn.methods.scrubbing import CNNScrub
 from mechscope.core.show import renders
 
 

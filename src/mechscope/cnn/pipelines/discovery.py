@@ -7,14 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from mechscope.cnn.methods.discovery import (
-    CNNDiscovery,
-    CNNScrub,
-    discover,
-    image_task,
-    parse_hypothesis_file,
-    scrub_hypothesis,
-)
+from mechscope.cnn.methods.discovery import CNNDiscovery, discover, image_task
+from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from mechscope.core.show import renders
-from mechscope.lm.methods.discovery import LMDiscovery, LMScrub
+from mechscope.lm.methods.discovery import LMDiscovery
+from mechscope.lm.methods.scrubbing import LMScrub
 
 
 @renders(LMDiscovery, keep_open=("Summary", "The circuit", "Faithfulness"))

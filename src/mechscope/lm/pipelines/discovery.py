@@ -11,15 +11,9 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
-from mechscope.lm.methods.discovery import (
-    LMDiscovery,
-    LMScrub,
-    discover,
-    heads_edges,
-    make_task,
-    parse_hypothesis_file,
-    scrub_hypothesis,
-)
+from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
+from mechscope.lm.methods.scrubbing import LMScrub, parse_hypothesis_file, scrub_hypothesis
+from mechscope.lm.methods.tasks import make_task
 from mechscope.lm.models.transformer import work_counter
 
 

@@ -1,0 +1,279 @@
+"""The tasks of circuit discovery and causal scrubbing on transformers, their metrics, and features of the input.
+
+A **task** is a clean batch, a corrupted batch of the same shape and a scalar metric of the model's output on
+the clean batch (:class:`Task`):
+
+* ``induction`` (any model with a vocabulary): BOS + ``n`` random tokens + the same ``n`` again, ``batch``
+  sequences (seeded); corrupted = the other sequences (each row gets the next row's tokens). Metrics on the
+  second copy (positions n+1..2n−1, each predicting the next token, which the first copy gives away):
+  ``loss`` (cross-entropy, the default; lower is better), ``logprob`` (its negative), ``kl`` (KL divergence
+  from the clean run's predictions; zero with zero gradient at the clean run, so EAP cannot use it),
+  ``logit_diff`` (the correct token's logit minus the corrupted sequence's token's).
+* ``tracr`` (a tracr folder): every example of ``examples.json`` at its own length (padded, padded keys masked:
+  :class:`~mechscope.lm.methods.graph.Tokens`), corrupted = another example (a seeded derangement; lengths may
+  differ, which is what ``length`` and ``reverse`` depend on). Categorical outputs: ``logit_diff`` (default:
+  the expected class's logit minus the logit of the class the corrupted example's run predicts there),
+  ``logit``, ``logprob``, ``kl``, ``accuracy`` (not differentiable: ACDC and scrubbing only); numerical
+  outputs: ``projection`` (default: (y − y')·(y₀ − y')/|y₀ − y'|², 1 at the clean run and 0 at the corrupted
+  one) and ``mse`` (against the clean output). Positions 1..n only (BOS's output means nothing).
+
+:data:`FEATURES` are what a causal-scrubbing claim may say a component reads: values of the clean batch's
+input (:func:`feature_values`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.intervene import derangement
+from mechscope.core.torch_utils import evaluating
+from mechscope.lm.methods.graph import Tokens, TransformerEdges, pad_sequences
+from mechscope.lm.methods.scores import repeated_tokens, token_range_of
+from mechscope.lm.models.transformer import HookedTransformer
+
+TASKS = ("induction", "tracr")
+INDUCTION_METRICS = {"loss": "lower", "logprob": "higher", "kl": "lower", "logit_diff": "higher"}
+CATEGORICAL_METRICS = {"logit_diff": "higher", "logit": "higher", "logprob": "higher", "kl": "lower",
+                       "accuracy": "higher"}  # fmt: skip
+NUMERICAL_METRICS = {"projection": "higher", "mse": "lower"}
+NOT_DIFFERENTIABLE = {"accuracy"}
+
+
+# ---- tasks ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A clean batch, a corrupted batch and a metric of the output on the clean batch (see the module docstring)."""
+
+    kind: str
+    metric_name: str
+    better: str | None
+    clean: Any = field(repr=False)
+    corrupted: Any = field(repr=False)
+    metric: Callable = field(repr=False, compare=False)
+    description: str = ""
+    period: int | None = None  # repeated sequences: the repeat's length n
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.clean.ids if isinstance(self.clean, Tokens) else self.clean
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _check_metric(name: str | None, table: dict, kind: str) -> str:
+    name = next(iter(table)) if name is None else name
+    if name not in table:
+        raise MechscopeError(f"unknown metric {name!r} for the {kind} task: one of {', '.join(table)}")
+    return name
+
+
+def _run(model: HookedTransformer, inputs) -> torch.Tensor:
+    with torch.no_grad(), evaluating(model):
+        out, _ = TransformerEdges(model).forward(inputs)
+    return out.detach()
+
+
+def induction_task(
+    model: HookedTransformer,
+    metric: str | None = None,
+    *,
+    n: int = 20,
+    batch: int = 8,
+    seed: int = 0,
+    token_range: tuple[int, int] | None = None,
+    distinct: bool = False,
+) -> Task:
+    """Repeated random tokens (BOS + n + the same n); corrupted = each row's next row. ``distinct``: each copy's
+    n tokens all different (drawn without replacement: with a range of exactly n tokens, every row is a
+    permutation of the same tokens, so rows agree on the token at a position often enough for scrubbing's
+    per-position features)."""
+    name = _check_metric(metric, INDUCTION_METRICS, "induction")
+    for what, v, low in (("n", n, 2), ("batch", batch, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise MechscopeError(f"the induction task needs {what} >= {low}, got {v!r}")
+    if 1 + 2 * n > model.cfg.n_ctx:
+        raise MechscopeError(f"BOS + 2 × {n} tokens do not fit the context of {model.cfg.n_ctx}")
+    lo, hi = token_range_of(model, token_range)
+    gen = torch.Generator().manual_seed(seed)
+    if distinct:
+        if hi - lo < n:
+            raise MechscopeError(f"{n} distinct tokens need a token range of at least {n}, got [{lo}, {hi})")
+        seq = torch.stack([lo + torch.randperm(hi - lo, generator=gen)[:n] for _ in range(batch)])
+        bos = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else lo
+        clean = torch.cat([torch.full((batch, 1), bos), seq, seq], 1)
+    else:
+        clean = repeated_tokens(model, n, batch, 2, gen, (lo, hi))
+    corrupted = clean.roll(-1, 0)
+    q = torch.arange(n + 1, 2 * n)  # second-copy positions whose next token the first copy gives away
+    target, other = clean[:, q + 1], corrupted[:, q + 1]
+    clean_lp = F.log_softmax(_run(model, clean)[:, q].double(), -1)
+
+    def logprob(out):
+        lp = F.log_softmax(out[:, q].double(), -1)
+        return lp.gather(-1, target[..., None]).mean()
+
+    fns = {
+        "loss": lambda out: -logprob(out),
+        "logprob": logprob,
+        "kl": lambda out: (
+            F.kl_div(F.log_softmax(out[:, q].double(), -1), clean_lp, log_target=True, reduction="none").sum(-1).mean()
+        ),  # fmt: skip
+        "logit_diff": lambda out: (
+            (out[:, q].gather(-1, target[..., None]) - out[:, q].gather(-1, other[..., None])).double().mean()
+        ),
+    }
+    return Task("induction", name, INDUCTION_METRICS[name], clean, corrupted, fns[name],
+                f"second-copy {name} on BOS + {n} random{' distinct' if distinct else ''} tokens [{lo}, {hi}) "
+                f"repeated, {batch} sequences; "
+                "corrupted: another of the sequences", n,
+                {"n": n, "batch": batch, "seed": seed, "token_range": [lo, hi], "distinct": distinct})  # fmt: skip
+
+
+def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int = 0, limit: int | None = None) -> Task:
+    """Every example of the tracr model's ``examples.json`` (or the first ``limit``); corrupted = another example."""
+    from mechscope.lm.models.convert.tracr import read_examples
+
+    info = getattr(model, "tracr", None)
+    if info is None:
+        raise MechscopeError("the tracr task needs a tracr model (a folder of shared/data/tracr)")
+    numerical = info.output_type == "numerical"
+    table = NUMERICAL_METRICS if numerical else CATEGORICAL_METRICS
+    name = _check_metric(metric, table, f"tracr ({info.output_type} output)")
+    ex = read_examples(info.directory, info, model.cfg.d_vocab, model.cfg.n_logits)
+    ids = list(ex.ids)
+    outputs = list(ex.outputs)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+            raise MechscopeError(f"limit must be an integer >= 2, got {limit!r}")
+        ids, outputs = ids[:limit], outputs[:limit]
+    clean = pad_sequences(ids, info.pad_id if info.pad_id is not None else info.bos_id)
+    corrupted = clean[derangement(len(ids), torch.Generator().manual_seed(seed))]
+    valid = clean.valid()
+    valid[:, 0] = False  # BOS's output means nothing
+    clean_out = _run(model, clean)
+    corrupted_out = _run(model, corrupted)
+    if numerical:
+        y0, y1 = clean_out[..., 0].double(), corrupted_out[..., 0].double()
+        d = torch.where(valid, y0 - y1, torch.zeros_like(y0))
+        denom = float((d * d).sum())
+
+        def projection(out):
+            if denom == 0:
+                raise MechscopeError("the corrupted examples give the clean outputs: nothing to measure")
+            return ((out[..., 0].double() - y1) * d).sum() / denom
+
+        fns = {"projection": projection,
+               "mse": lambda out: ((out[..., 0].double() - y0)[valid] ** 2).mean()}  # fmt: skip
+    else:
+        target = torch.zeros_like(clean.ids)
+        for i, o in enumerate(outputs):
+            target[i, 1 : 1 + len(o)] = torch.tensor(o)
+        other = corrupted_out.argmax(-1)
+        clean_lp = F.log_softmax(clean_out.double(), -1)
+
+        def pick(out, cls):
+            return out.double().gather(-1, cls[..., None])[..., 0][valid]
+
+        fns = {
+            "logit_diff": lambda out: (pick(out, target) - pick(out, other)).mean(),
+            "logit": lambda out: pick(out, target).mean(),
+            "logprob": lambda out: pick(F.log_softmax(out.double(), -1), target).mean(),
+            "kl": lambda out: (
+                F.kl_div(F.log_softmax(out.double(), -1), clean_lp, log_target=True, reduction="none")
+                .sum(-1)[valid]
+                .mean()
+            ),  # fmt: skip
+            "accuracy": lambda out: (out.argmax(-1) == target)[valid].double().mean(),
+        }
+    return Task("tracr", name, table[name], clean, corrupted, fns[name],
+                f"{name} on the {len(ids)} examples of {info.name} (each at its own length); corrupted: another "
+                "example (a seeded derangement)", None,
+                {"seed": seed, "limit": limit, "examples": len(ids)})  # fmt: skip
+
+
+def make_task(model: HookedTransformer, task: str | None = None, metric: str | None = None, **settings) -> Task:
+    """The task a model suits (``tracr`` for tracr models, ``induction`` otherwise) or the one named."""
+    kind = task or ("tracr" if getattr(model, "tracr", None) is not None else "induction")
+    if kind not in TASKS:
+        raise MechscopeError(f"unknown task {kind!r}: one of {', '.join(TASKS)}")
+    if kind == "tracr":
+        return tracr_task(model, metric, **{k: v for k, v in settings.items() if k in ("seed", "limit")})
+    keep = ("n", "batch", "seed", "token_range", "distinct")
+    return induction_task(model, metric, **{k: v for k, v in settings.items() if k in keep and v is not None})
+
+
+# ---- features of the input (causal scrubbing) ---------------------------------------------------------
+
+FEATURES = {
+    "token": "the token at the position (per position)",
+    "prev_token": "the token one position back, i−1 (per position; -1 at position 0)",
+    "token[i-K]": "the token K positions back (per position), e.g. token[i-2]",
+    "token[i-n]": "the token one repeat back in a repeated sequence (per position; needs the induction task)",
+    "token[i-n+K]": "the token n−K positions back, e.g. token[i-n+1] (the token after the earlier copy)",
+    "position": "the position (per position: any row, same position)",
+    "length": "the sequence's length (per row: tracr's length-dependent programs)",
+    "sequence": "the row itself (per row; recursively resampled, so the same as no feature)",
+}
+_TOKEN = re.compile(r"^token\[i(?:(?P<sign>[+-])(?P<k>\d+)|-n(?:(?P<nsign>[+-])(?P<nk>\d+))?)?\]$")
+
+
+def _shifted(ids: torch.Tensor, back: int) -> torch.Tensor:
+    """The token ``back`` positions back (forward for negative), -1 where there is none."""
+    out = torch.full_like(ids, -1)
+    p = ids.shape[1]
+    if back >= 0 and back < p:
+        out[:, back:] = ids[:, : p - back]
+    elif back < 0 and -back < p:
+        out[:, : p + back] = ids[:, -back:]
+    return out
+
+
+def feature_values(name: str, task: Task) -> torch.Tensor:
+    """The values of feature ``name`` on the task's clean batch: [N] (per row) or [N, P] (per row and position)."""
+    ids = task.ids
+    lengths = task.clean.lengths if isinstance(task.clean, Tokens) else torch.full((len(ids),), ids.shape[1])
+    if name == "token":
+        return ids
+    if name == "prev_token":
+        return _shifted(ids, 1)
+    if name == "position":
+        return torch.arange(ids.shape[1]).expand_as(ids)
+    if name == "length":
+        return lengths
+    if name == "sequence":
+        return torch.arange(len(ids))
+    m = _TOKEN.match(name)
+    if m is None:
+        raise MechscopeError(f"unknown feature {name!r}: one of {', '.join(FEATURES)}")
+    if m["k"] is not None:
+        return _shifted(ids, int(m["k"]) * (1 if m["sign"] == "-" else -1))
+    if "-n" in name:
+        if task.period is None:
+            raise MechscopeError(f"feature {name!r} needs a repeated sequence (the induction task)")
+        k = int(m["nk"] or 0) * (1 if m["nsign"] == "-" else -1)
+        return _shifted(ids, task.period + k)
+    return ids
+
+
+def is_feature(name: str) -> bool:
+    """Whether ``name`` is a feature :func:`feature_values` reads (one of :data:`FEATURES` or a token offset)."""
+    return name in FEATURES or _TOKEN.match(name) is not None
+
+
+def describe_feature(name: str) -> str:
+    """The feature ``name`` in words, as a report gives it."""
+    if name in FEATURES:
+        return FEATURES[name]
+    return f"the token at that offset ({name})"
