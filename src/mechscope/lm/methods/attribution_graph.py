@@ -326,7 +326,7 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
         else:
             out_t = ps.mlp_in[layer]
             g = torch.zeros_like(out_t)
-            g[0, pos] = rep.encoder(layer, rep.feature_index[s][None].to(rep.device))[0].to(g.dtype)
+            g[0, pos] = rep.transcoders.encoder(layer, rep.feature_index[s][None].to(rep.device))[0].to(g.dtype)
         total, _ = rep.backward_rows([(out_t, g)], 1)
         r = torch.autograd.grad([out_t], [ps.captured[read]], [g], retain_graph=True)[0][0, pos]  # the readout [D]
         per_head = []

@@ -278,11 +278,11 @@ def writers(rep: LocalReplacement, layer: int, pos: int, labels: list[str]) -> t
             vecs.append(b_o.detach())
             labs.append(f"attention bias L{i}")
         if i < rep.L:  # the transcoder's writes into the MLP outputs below ``layer`` (a CLT's reach later ones)
-            f, reach = rep.acts[i][pos], [d for d in rep.reach(i) if d < layer]
+            f, reach = rep.acts[i][pos], [d for d in rep.transcoders.reach(i) if d < layer]
             for j in f.nonzero().squeeze(1).tolist():
-                vecs.append(f[j] * sum(rep.decoder(i, d)[j] for d in reach))
+                vecs.append(f[j] * sum(rep.transcoders.decoder(i, d)[j] for d in reach))
                 labs.append(f"L{i} #{j} @{pos} {labels[pos]!r}")
-            rest, skip = rep.constant_write(i, rep.mlp_in[i][pos])
+            rest, skip = rep.transcoders.constant_write(i, rep.mlp_in[i][pos])
             vecs.append(rest)
             labs.append(f"transcoder bias{' and skip' if skip else ''} L{i}")
             vecs.append(rep.errors[i, pos])

@@ -136,6 +136,23 @@ class CrossLayerTranscoder(nn.Module):
         """The decoder of layer ``src``'s features into layer ``dst``'s MLP output, ``[F, D]`` (``src <= dst``)."""
         return self.W_dec[src][:, dst - src]
 
+    crosslayer = True
+
+    def reach(self, src: int) -> range:
+        """The MLP layers layer ``src``'s features write to: it and every later one."""
+        return range(src, self.n_layers)
+
+    def encoder(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors ``[n, D]`` of features ``index`` of ``layer`` (the gradient of their pre-activation)."""
+        return self.W_enc[layer][:, index].T
+
+    def constant_write(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """What layer ``layer``'s reconstruction adds whatever the features (the decoder bias, and the skip path's
+        write for its input ``x [D]``), and whether there is a skip path."""
+        if not self.skip:
+            return self.b_dec[layer], False
+        return self.b_dec[layer] + x.to(self.W_enc.dtype) @ self.W_skip[layer], True
+
     def decode(self, layer: int, feats: Mapping[int, torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstruction of layer ``layer``'s MLP output from the features ``feats[j] [..., F]`` of every layer
         ``j <= layer`` (and its input ``x`` for the skip path)."""

@@ -93,13 +93,10 @@ class LocalReplacement:
         transcoders.check(model)
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
-        self.crosslayer = isinstance(transcoders, CrossLayerTranscoder)
-        if self.crosslayer:
-            self.transcoders = transcoders.to_model(self.device, self.dtype)
-            self.read_hook = transcoders.input_hook  # where the features read: mlp.hook_in or hook_mlp_in
-        else:
-            self.transcoders = transcoders.to(self.device, self.dtype)
-            self.read_hook = "mlp.hook_in"
+        # per-layer transcoders and a CLT answer the same layer-indexed calls (encode, decode, decoder, reach, ...)
+        self.transcoders = transcoders.to_model(self.device, self.dtype)
+        self.crosslayer = transcoders.crosslayer
+        self.read_hook = transcoders.input_hook  # where the features read: mlp.hook_in or hook_mlp_in
         self.tokens = tokens.to(self.device)
         self.cfg = model.cfg
         self.P = tokens.shape[1]
@@ -155,11 +152,11 @@ class LocalReplacement:
         self.acts: dict[int, torch.Tensor] = {}
         for i in range(L):
             x = self.mlp_in[i]
-            f = self._encode(i, x)  # [P, d_sae]
+            f = self.transcoders.encode(i, x)  # [P, d_sae]
             if self.skip_first:
                 f[0] = 0
             self.acts[i] = f
-            out = self._recon(i, self.acts, x)
+            out = self.transcoders.decode(i, self.acts, x)
             self.errors[i] = self.mlp_out[i] - out
             nz = f.nonzero()
             layers.append(torch.full((len(nz),), i, dtype=torch.long))
@@ -183,56 +180,7 @@ class LocalReplacement:
 
         return fn
 
-    def _decode(self, layer: int, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The transcoder's output for latents ``f`` [..., d_sae] and input ``x`` (the skip path's)."""
-        tc = self.transcoders.layers[layer]
-        out = f.to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec
-        return out + x @ tc.W_skip.T if tc.cfg.skip else out
-
-    def _encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``layer``'s latents [..., d_sae] of its input ``x`` [..., D]."""
-        if self.crosslayer:
-            return self.transcoders.encode(layer, x)
-        return self.transcoders.layers[layer].encode(x)
-
-    def _recon(self, layer: int, feats: dict[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction of layer ``layer``'s MLP output from the latents ``feats[j]`` (per-layer transcoders:
-        ``feats[layer]`` alone; a CLT: every ``j <= layer``) and its input ``x``."""
-        if self.crosslayer:
-            return self.transcoders.decode(layer, feats, x)
-        return self._decode(layer, feats[layer], x)
-
-    def decoder(self, src: int, dst: int) -> torch.Tensor:
-        """The decoder [d_sae, D] of layer ``src``'s latents into layer ``dst``'s MLP output (``dst`` in
-        :meth:`reach`)."""
-        if self.crosslayer:
-            return self.transcoders.decoder(src, dst)
-        return self.transcoders.layers[src].W_dec
-
-    def reach(self, src: int) -> range:
-        """The MLP layers layer ``src``'s latents write to: every later one for a CLT, its own otherwise."""
-        return range(src, self.L) if self.crosslayer else range(src, src + 1)
-
-    def constant_write(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """What layer ``layer``'s reconstruction adds whatever its latents (the decoder bias, and the skip path's
-        write for its input ``x`` [D]), and whether there is a skip path."""
-        if self.crosslayer:
-            clt = self.transcoders
-            skip = clt.W_skip[layer] if clt.skip else None
-            b, xs = clt.b_dec[layer], x.to(clt.W_enc.dtype)
-        else:
-            tc = self.transcoders.layers[layer]
-            skip = tc.W_skip.T if tc.cfg.skip else None
-            b, xs = tc.b_dec, x
-        return (b if skip is None else b + xs @ skip), skip is not None
-
     # ---- reading -------------------------------------------------------------------------------------------
-
-    def encoder(self, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """Encoder vectors [n, D] of features ``index`` of ``layer`` (the gradient of their pre-activation)."""
-        if self.crosslayer:
-            return self.transcoders.W_enc[layer][:, index].T
-        return self.transcoders.layers[layer].W_enc[:, index].T
 
     def pre_activations(self, mlp_in: dict[int, torch.Tensor]) -> torch.Tensor:
         """The pre-activation of every active feature [N] from transcoder inputs ``mlp_in[L]`` [P,D]."""
@@ -240,11 +188,7 @@ class LocalReplacement:
         for i in range(self.L):
             s, e = self.layer_start[i], self.layer_start[i + 1]
             if e > s:
-                if self.crosslayer:
-                    z = self.transcoders.pre_activations(i, mlp_in[i])  # [P, d_sae]
-                else:
-                    tc = self.transcoders.layers[i]
-                    z = tc.pre_activations(mlp_in[i].to(tc.W_enc.dtype))  # [P, d_sae]
+                z = self.transcoders.pre_activations(i, mlp_in[i])  # [P, d_sae]
                 out.append(z[self.feature_pos[s:e], self.feature_index[s:e]].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -347,19 +291,15 @@ class LocalReplacement:
         def replace(i):
             def fn(out, hook):
                 x = mlp_in[i]
-                if mode == "model":
-                    if self.crosslayer:  # every changed layer j <= i writes its change through its decoder into i
-                        for j in sorted(values):
-                            if j <= i:
-                                out = out + (values[j] - self.acts[j]).to(out.dtype) @ self.decoder(j, i)
-                        return out
-                    if i in values:
-                        return out + (values[i] - self.acts[i]).to(out.dtype) @ self.transcoders.layers[i].W_dec
+                if mode == "model":  # every changed layer j that writes into i adds its change through its decoder
+                    for j in sorted(values):
+                        if i in self.transcoders.reach(j):
+                            out = out + (values[j] - self.acts[j]).to(out.dtype) @ self.transcoders.decoder(j, i)
                     return out
                 if mode == "direct":
                     f = values.get(i, self.acts[i])
                 else:
-                    f = self._encode(i, x)
+                    f = self.transcoders.encode(i, x)
                     if self.skip_first:
                         f = f.clone()
                         f[:, 0] = 0
@@ -367,7 +307,7 @@ class LocalReplacement:
                         changed = values[i] != self.acts[i]
                         f = torch.where(changed, values[i].to(f.dtype), f)
                 cur[i] = f
-                base = self._recon(i, cur, x) + self.errors[i]
+                base = self.transcoders.decode(i, cur, x) + self.errors[i]
                 if error_delta is not None:
                     base = base + error_delta[i]
                 return base + sites[i] if sites is not None else base
@@ -503,7 +443,7 @@ class LocalReplacement:
             g = g[:b]
             s, e = self.layer_start[i], self.layer_start[i + 1]
             if e > s and not self.crosslayer:
-                proj = g @ self.transcoders.layers[i].W_dec.T  # [b,P,d_sae]
+                proj = g @ self.transcoders.decoder(i, i).T  # [b,P,d_sae]
                 vals = proj[:, self.feature_pos[s:e], self.feature_index[s:e]]
                 rows[:, s:e] = (vals * self.feature_activation[s:e].to(vals)).float().cpu()
             rows[:, nf + i * self.P : nf + (i + 1) * self.P] = (g * self.errors[i]).sum(-1).float().cpu()
@@ -520,11 +460,11 @@ class LocalReplacement:
                 continue
             pos, idx = self.feature_pos[s:e].to(self.device), self.feature_index[s:e].to(self.device)
             vals = None
-            for dst in self.reach(j):
+            for dst in self.transcoders.reach(j):
                 g = gsites[dst]
                 if g is None:
                     continue
-                w = self.decoder(j, dst)[idx]  # [n, D]
+                w = self.transcoders.decoder(j, dst)[idx]  # [n, D]
                 part = (g[:b, pos] * w.to(g.dtype)).sum(-1)  # [b, n]
                 vals = part if vals is None else vals + part
             if vals is not None:
@@ -539,7 +479,7 @@ class LocalReplacement:
             g = torch.zeros_like(ps.mlp_in[layer])
             rows = (layers == layer).nonzero().squeeze(1)
             f = idx[rows]
-            g[rows.to(self.device), self.feature_pos[f].to(self.device)] = self.encoder(
+            g[rows.to(self.device), self.feature_pos[f].to(self.device)] = self.transcoders.encoder(
                 layer, self.feature_index[f].to(self.device)
             ).to(g.dtype)
             inject.append((ps.mlp_in[layer], g))

@@ -63,6 +63,53 @@ class Transcoders:
             tuple(tc.to(device=device, dtype=dtype).eval() for tc in self.layers), self.source, self.paths
         )
 
+    # ---- the layer-indexed interface the replacement model reads (a CrossLayerTranscoder's too) ---------------
+
+    crosslayer = False
+    input_hook = "mlp.hook_in"  # where the features read
+
+    def to_model(self, device, dtype) -> Transcoders:
+        """These transcoders on ``device`` in ``dtype``, in eval mode (a copy)."""
+        return self.to(device, dtype)
+
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s pre-activations ``[..., d_sae]`` of its input ``x [..., D]``."""
+        tc = self.layers[layer]
+        return tc.pre_activations(x.to(tc.W_enc.dtype))
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s latents ``[..., d_sae]`` of its input ``x [..., D]``."""
+        return self.layers[layer].encode(x)
+
+    def decoder(self, src: int, dst: int) -> torch.Tensor:
+        """The decoder ``[d_sae, D]`` of layer ``src``'s latents into layer ``dst``'s MLP output (``dst == src``)."""
+        if dst != src:
+            raise MechscopeError(f"a per-layer transcoder writes to its own layer only ({src}), not to {dst}")
+        return self.layers[src].W_dec
+
+    def reach(self, src: int) -> range:
+        """The MLP layers layer ``src``'s latents write to: its own."""
+        return range(src, src + 1)
+
+    def encoder(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors ``[n, D]`` of latents ``index`` of ``layer`` (the gradient of their pre-activation)."""
+        return self.layers[layer].W_enc[:, index].T
+
+    def decode(self, layer: int, feats, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s reconstruction of its MLP output from its latents ``feats[layer] [..., d_sae]`` and
+        its input ``x`` (the skip path's)."""
+        tc = self.layers[layer]
+        out = feats[layer].to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec
+        return out + x @ tc.W_skip.T if tc.cfg.skip else out
+
+    def constant_write(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """What layer ``layer``'s reconstruction adds whatever its latents (the decoder bias, and the skip path's
+        write for its input ``x [D]``), and whether there is a skip path."""
+        tc = self.layers[layer]
+        if not tc.cfg.skip:
+            return tc.b_dec, False
+        return tc.b_dec + x @ tc.W_skip.T, True
+
     @classmethod
     def of(cls, dictionaries, source: str = "given") -> Transcoders:
         """Transcoders from a list of :class:`SparseDictionary` (normalisation folded in here)."""
