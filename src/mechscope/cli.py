@@ -19,6 +19,7 @@ import typer
 
 from mechscope.clip.cli import app as clip_app
 from mechscope.cnn.cli import app as cnn_app
+from mechscope.core.cli_options import ForceOpt
 from mechscope.core.errors import MechscopeError
 from mechscope.lm.cli import app as lm_app
 
@@ -45,7 +46,7 @@ def scrub_cmd(
     hypothesis: str = typer.Option(..., "--hypothesis", help="A hypothesis file (JSON): the model (\"model\": a "
                                    "transformer, or \"run\": a CNN run), the metric, the data and the claims."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/scrub/HYPOTHESIS)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    force: bool = ForceOpt,
 ) -> None:
     """Causal scrubbing of a hypothesis (transformer or CNN): scrub.json and a self-contained report.html."""
     from pathlib import Path

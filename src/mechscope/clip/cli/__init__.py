@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import DeviceOpt, DtypeOpt, ForceOpt
+
 app = typer.Typer(
     help="Image–text models (CLIP, SigLIP, a small model trained here): multimodal neurons and typographic attacks.",
     no_args_is_help=True,
@@ -12,11 +14,6 @@ app = typer.Typer(
 
 ModelOpt = typer.Option(..., "--model", help="A CLIP or SigLIP checkpoint directory (Hugging Face layout), or one "
                         "written by `mechscope clip train`.")  # fmt: skip
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the best one present).")
-DtypeOpt = typer.Option(
-    None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)."
-)
-ForceOpt = typer.Option(False, "--force", help="Replace the files this command writes in --out.")
 ThreadsOpt = typer.Option(1, "--threads", help="Torch threads (one is fastest on a busy machine).")
 DataOpt = typer.Option(None, "--data-dir", help="Data root holding mnist/ (default: $MECHSCOPE_DATA).")
 

@@ -6,6 +6,7 @@ import typer
 
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.models.cnn import CNNConfig
+from mechscope.core.cli_options import ForceOpt
 
 _D, _M = TrainConfig(), CNNConfig()  # the CLI's defaults are the library's defaults
 app = typer.Typer(help="Train and explain a small CNN on MNIST or any small image dataset.", no_args_is_help=True)
@@ -23,7 +24,7 @@ DataDir = typer.Option(
     "with --dataset idx, the folder of IDX files.",
 )
 ClassNames = typer.Option(None, "--class-names", help="A file with one class name per line (default: the dataset's).")
-Force = typer.Option(False, "--force", help="Overwrite an existing output directory's files.")
+Force = ForceOpt
 RunDir = typer.Option(..., "--run", help="Run directory written by `mechscope cnn train`.")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, RunDir, app
+from mechscope.core.cli_options import DistributedOpt
 
 sae_app = typer.Typer(
     help="Sparse autoencoders on a CNN stage's channel vectors: harvest activations, train, evaluate, show.",
@@ -14,11 +15,6 @@ sae_app = typer.Typer(
 )
 app.add_typer(sae_app, name="sae")
 
-Distributed = typer.Option(
-    None, "--distributed/--no-distributed",
-    help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "
-    "torchrun --nproc-per-node N -m mechscope -- COMMAND ...",
-)  # fmt: skip
 Sae = typer.Option(..., "--sae", help="A dictionary directory in SAELens' layout (cnn sae train's, or SAELens').")
 Hook = typer.Option(None, "--hook", help="Hook point (default: the last stage's hook_out; conv2.hook_post, ...).")
 
@@ -37,7 +33,7 @@ def harvest(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     force: bool = Force,
-    distributed: bool | None = Distributed,
+    distributed: bool | None = DistributedOpt,
 ) -> None:
     """Store the channel vector at every position of a hook over the images (one row per image position) as
     shuffled safetensors shards, memory bounded; an interrupted harvest resumes (OUT.partial)."""
@@ -74,7 +70,7 @@ def train(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial."),
     force: bool = Force,
-    distributed: bool | None = Distributed,
+    distributed: bool | None = DistributedOpt,
 ) -> None:
     """Train a sparse autoencoder on a harvested store; saved in SAELens' layout (cfg.json,
     sae_weights.safetensors) with training.json."""

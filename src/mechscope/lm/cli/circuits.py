@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, RevisionOpt, app, parse_head
+from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_head
 
 
 @app.command()
@@ -19,7 +19,7 @@ def circuits(
     prompt: str | None = typer.Option(
         None, "--prompt", help="Text for direct logit attribution and the logit lens."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace the files this command writes in --out."),
+    force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     device_map: str | None = DeviceMapOpt,

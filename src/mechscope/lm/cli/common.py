@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt  # noqa: F401 (the lm commands' options)
+
 app = typer.Typer(
     help="Load transformers (GPT-2, Llama, Pythia, GPT-Neo, GPT-J, OPT, Qwen, Mistral, Gemma, Phi-3) and look inside.",
     no_args_is_help=True,
@@ -15,10 +17,6 @@ ModelOpt = typer.Option(
     help="smollm2, a .gguf file, a Hugging Face model directory, or a hub id (gpt2, EleutherAI/pythia-70m, ...).",
 )
 # shared by every command that loads a model (lm circuits and later commands reuse them)
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the best one present).")
-DtypeOpt = typer.Option(
-    None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)."
-)
 DeviceMapOpt = typer.Option(
     None, "--device-map", help="auto: spread the blocks over every GPU, then CPU memory, then disk (accelerate)."
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ModelOpt, app
+from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, app
 
 
 def parse_range(text: str | None) -> tuple[int, int] | None:
@@ -59,7 +59,7 @@ def discover(
         None, "--compare-heads", help="heads.json of `lm heads` on this model: compare with its path-patched edges."
     ),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/discover/MODEL)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:

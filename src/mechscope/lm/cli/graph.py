@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import app
+from mechscope.lm.cli.common import ForceOpt, app
 
 
 def _qk(text: str) -> tuple:
@@ -89,7 +89,7 @@ def graph_cmd(
         None, "--view", help="Re-render a graph JSON (annotated in the viewer) without a model."
     ),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/graph/MODEL)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    force: bool = ForceOpt,
 ) -> None:
     """Trace one prompt through transcoder features: graph.json, graph.html (the viewer), graph-circuit-tracer.json."""
     from mechscope.core.errors import MechscopeError

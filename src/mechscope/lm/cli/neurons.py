@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, RevisionOpt, app, parse_pair
+from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_pair
 
 
 def parse_neuron(text: str) -> tuple[int, int]:
@@ -30,7 +30,7 @@ def neurons(
     length: int = typer.Option(64, "--length", help="Tokens per window (at most the model's context)."),
     contexts: int = typer.Option(5, "--contexts", help="Top contexts shown per neuron."),
     seed: int = typer.Option(0, "--seed"),
-    force: bool = typer.Option(False, "--force", help="Replace the files this command writes in --out."),
+    force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     device_map: str | None = DeviceMapOpt,
@@ -89,7 +89,7 @@ def solu_compare(
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(100, "--k", help="Top activations per neuron the figures count."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1: fastest on a shared 2-core CPU)."),
-    force: bool = typer.Option(False, "--force", help="Replace the files this command writes in --out."),
+    force: bool = ForceOpt,
 ) -> None:
     """Train the same toy transformer with GELU and with SoLU MLPs (same seed, data, steps) and compare
     held-out loss and how monosemantic their neurons are: compare.json and report.html."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, app
+from mechscope.lm.cli.common import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt, app
 
 sae_app = typer.Typer(
     help="Sparse autoencoders and transcoders on a transformer: harvest activations, train, evaluate, show.",
@@ -12,12 +12,6 @@ sae_app = typer.Typer(
 )
 app.add_typer(sae_app, name="sae")
 
-Force = typer.Option(False, "--force", help="Replace the files this command writes in --out.")
-Distributed = typer.Option(
-    None, "--distributed/--no-distributed",
-    help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "
-    "torchrun --nproc-per-node N -m mechscope -- COMMAND ...",
-)  # fmt: skip
 Text = typer.Option(None, "--text", help="Text file (default: tinyshakespeare under the data root).")
 Model = typer.Option(
     ..., "--model", help="A train-toy run, smollm2, a .gguf file, a Hugging Face directory or a hub id."
@@ -55,8 +49,8 @@ def harvest(
     buffer_shards: int = typer.Option(4, "--buffer-shards", help="Shards shuffled together in memory (the bound)."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start each context with the model's BOS (not harvested)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle."),
-    force: bool = Force,
-    distributed: bool | None = Distributed,
+    force: bool = ForceOpt,
+    distributed: bool | None = DistributedOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
@@ -96,8 +90,8 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial."),
-    force: bool = Force,
-    distributed: bool | None = Distributed,
+    force: bool = ForceOpt,
+    distributed: bool | None = DistributedOpt,
     device: str | None = typer.Option(None, "--device", help="cpu or cuda[:N] (default: cpu)."),
 ) -> None:
     """Train a sparse autoencoder (or, on a transcoder pair, a transcoder) on a harvested store; saved in
@@ -138,7 +132,7 @@ def evaluate(
     contexts: int = typer.Option(64, "--contexts", help="Contexts from the end of the text."),
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),
-    force: bool = Force,
+    force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:
@@ -172,7 +166,7 @@ def show(
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),
     seed: int = typer.Option(0, "--seed"),
-    force: bool = Force,
+    force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
 ) -> None:

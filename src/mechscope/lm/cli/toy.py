@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import app
+from mechscope.lm.cli.common import ForceOpt, app
 
 
 @app.command("train-toy")
@@ -22,7 +22,7 @@ def train_toy_cmd(
     ),
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the 1-layer control."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/toy-DATA-NL)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory's files."),
+    force: bool = ForceOpt,
     device: str | None = typer.Option("cpu", "--device", help="cpu (toy models train in seconds there)."),
     dtype: str | None = typer.Option("float32", "--dtype", help="float32 (training in lower precision: not yet)."),
 ) -> None:
