@@ -363,3 +363,19 @@ def test_repeated_names_each_repeat_once_sorted():
 
     assert repeated(["b", "a", "b", "c", "a", "b"]) == ["a", "b"] and repeated((3, 1, 2)) == []
     assert repeated(tuple(sorted(g)) for g in (["y", "x"], ["x", "y"], ["z"])) == [("x", "y")]
+
+
+def test_an_out_folder_where_nothing_can_be_made_is_refused_before_the_work(capsys, tmp_path):
+    """As root, access() says /proc is writable; lm circuits then failed after its work. The check now makes (and
+    removes) a folder beside the target."""
+    from pathlib import Path
+
+    from mechscope.core.errors import RunError
+    from mechscope.core.outputs import check_target
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    with pytest.raises(RunError, match="cannot .* in /proc"):
+        check_target("/proc/mechscope-out")
+    assert check_target(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind

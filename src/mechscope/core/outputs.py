@@ -173,6 +173,10 @@ def _check_writable(out: Path) -> None:
         raise RunError(f"cannot create {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunError(f"cannot write in {parent}: permission denied or a read-only file system")
+    try:  # access() says yes to root everywhere, /proc included: make (and remove) a folder there to be sure
+        os.rmdir(tempfile.mkdtemp(prefix=".mechscope-check-", dir=parent))
+    except OSError as e:
+        raise RunError(f"cannot write in {parent}: {e.strerror or e}") from None
 
 
 def _make_parent(out: Path) -> None:
