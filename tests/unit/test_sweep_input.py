@@ -379,3 +379,28 @@ def test_an_out_folder_where_nothing_can_be_made_is_refused_before_the_work(caps
         check_target("/proc/mechscope-out")
     assert check_target(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_a_run_whose_weights_are_a_folder_says_so(tmp_path):
+    import mechscope
+    from mechscope.cnn.models.cnn import CNN
+    from mechscope.cnn.runs import prepare_out_dir, save_run
+    from mechscope.core.errors import RunError
+
+    out = prepare_out_dir(tmp_path / "run")
+    save_run(out, CNN(), {"seed": 0}, {})
+    (out / "model.safetensors").unlink()
+    with pytest.raises(RunError, match="model.safetensors is missing"):
+        mechscope.load_run(out)
+    (out / "model.safetensors").mkdir()  # it said "missing"
+    with pytest.raises(RunError, match="model.safetensors is not a file"):
+        mechscope.load_run(out)
+
+
+def test_a_clip_config_without_a_tower_says_which_defaults_it_takes(caplog):
+    from mechscope.clip.models.loading import clip_config
+
+    cfg = clip_config({"text_config": {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2}}, "clip")  # fmt: skip
+    assert cfg.vision.image_size == 224  # transformers' CLIPVisionConfig default
+    assert "no vision_config: the vision tower takes clip's default sizes" in caplog.text

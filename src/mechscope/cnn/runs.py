@@ -162,7 +162,7 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{run / CONFIG}: invalid model config ({e})") from None
     weights = run / WEIGHTS
     if not weights.is_file():
-        raise RunError(f"{run}: {WEIGHTS} is missing")
+        raise RunError(f"{run}: {WEIGHTS} is " + ("not a file" if weights.exists() else "missing"))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:

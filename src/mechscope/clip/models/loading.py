@@ -125,6 +125,8 @@ def _tower(raw: dict, key: str, kind: str, where: str) -> dict:
     sub = raw.get(f"{key}_config") or {}
     if not isinstance(sub, dict):
         raise MechscopeError(f"{where}: {key}_config must be an object")
+    if not sub:  # transformers takes the defaults too; say so, or a later size mismatch comes unexplained
+        log.warning("%s: no %s_config: the %s tower takes %s's default sizes", where, key, key, kind)
     merged = {**DEFAULTS[kind][key], **{k: v for k, v in sub.items() if v is not None}}
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         v = merged[name]
