@@ -69,3 +69,40 @@ def test_load_model_from_the_fake_cache(fake_cache, tmp_path):
         torch.testing.assert_close(model(x), ref(x).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(MechscopeError, match="a revision .* needs a hub id"):
         load_model(fake_cache, revision="step3000")
+
+
+def test_offline_without_the_variable_is_one_line_at_once(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, no cache, and a hub host that does not resolve: huggingface_hub retried for ~25 s before
+    the one line; the line now comes before any connection is tried."""
+    import socket
+
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def no_dns(host, *a, **k):
+        asked.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def download(repo, **kw):
+        if not kw.get("local_files_only"):
+            pytest.fail("a download was tried")
+        raise FileNotFoundError(repo)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    with pytest.raises(MechscopeError, match=r"could not be downloaded.*\(offline: huggingface.co does not resolve\)"):
+        resolve_hub("no-such/model")
+    assert asked == ["huggingface.co"]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a proxy resolves the host: no early answer
+    from mechscope.lm.models.hub import hub_host_unresolved
+
+    assert hub_host_unresolved() == ""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mechscope.core.errors import MechscopeError
 
@@ -85,6 +87,9 @@ def resolve_hub(model_id: str, revision: str | None = None) -> Path:
         pass
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
         raise MechscopeError(offline_message(model_id, repo, revision))
+    host = hub_host_unresolved()
+    if host:  # huggingface_hub would retry a connection for about 25 s first
+        raise MechscopeError(offline_message(model_id, repo, revision) + f" (offline: {host} does not resolve)")
     hub_log = logging.getLogger("huggingface_hub")  # its retries print two warnings a try; -v shows them
     level = hub_log.level
     if not log.isEnabledFor(logging.INFO):
@@ -98,6 +103,20 @@ def resolve_hub(model_id: str, revision: str | None = None) -> Path:
         raise MechscopeError(offline_message(model_id, repo, revision) + f" ({type(e).__name__}){hint}") from None
     finally:
         hub_log.setLevel(level)
+
+
+def hub_host_unresolved() -> str:
+    """The hub's host name when it cannot be resolved and no proxy is set (offline), else ""."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""  # the proxy resolves it
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror:
+        return host
+    except (OSError, UnicodeError):
+        return ""
+    return ""
 
 
 def _patterns(repo: str, revision: str | None) -> list[str]:
