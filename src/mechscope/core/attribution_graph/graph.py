@@ -66,6 +66,12 @@ def node_id(kind: str, layer: int, index: int, pos: int, n_layers: int) -> str:
     return f"{n_layers + 1}_{index}_{pos}"
 
 
+def target_title(target: str, label: str = "") -> str:
+    """A target (a logit or a feature node) as a reader names it: a logit by its token text (quoted), a feature by
+    its id; the id where no label was given."""
+    return repr(label) if label and label != target else target
+
+
 def assemble(
     built: Built, info: NodeInfo, node_threshold: float = 0.8, edge_threshold: float = 0.98, all_inputs: bool = True
 ) -> dict:

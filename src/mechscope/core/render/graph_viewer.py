@@ -334,8 +334,9 @@ def summary_html(d: dict, lead: str = "") -> str:
 
 def _paths_html(p: dict, nodes: list[dict]) -> str:
     """One target's inputs split by the attention head that carried them (an ``EdgePaths`` record)."""
-    label = p.get("label") or p["target"]
-    name = H.escape(repr(label) if label != p["target"] else label)
+    from mechscope.core.attribution_graph.graph import target_title
+
+    name = H.escape(target_title(p["target"], p.get("label", "")))
     by_id = {n["id"]: n for n in nodes}
 
     def source(i: str) -> str:  # an input by its token, a feature or error by its label and the token it sits on

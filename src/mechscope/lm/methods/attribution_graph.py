@@ -30,6 +30,7 @@ import torch
 from mechscope.core.attribution_graph import AttributionGraph, GraphIntervention, NodeInfo, assemble, build
 from mechscope.core.attribution_graph import check_edges as core_check_edges
 from mechscope.core.attribution_graph import intervene as core_intervene
+from mechscope.core.attribution_graph.graph import target_title
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
@@ -287,7 +288,7 @@ class EdgePaths(Result):
 
     def title(self) -> str:
         """The target as a reader names it: a logit by its token text (quoted), a feature by its id."""
-        return repr(self.label) if self.label and self.label != self.target else self.target
+        return target_title(self.target, self.label)
 
 
 def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str | None = None) -> EdgePaths:
