@@ -81,7 +81,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise MechscopeError(f"expected lr > 0, got {self.lr!r}")
-        for name in ("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "checkpoint_every", "seed"):
+        for name in ("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise MechscopeError(f"expected {name} to be an integer >= 0, got {value!r}")
