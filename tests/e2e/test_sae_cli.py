@@ -84,6 +84,21 @@ def test_cnn_sae_chain(cnn_chain, quick_run):
     assert check_report(tmp / "sae" / "dashboards" / "report.html") >= 3
 
 
+def test_lm_context_defaults_to_the_models_and_is_refused_above_it(capsys, tmp_path, toy_run, text_file):
+    """The toy's context is 32 tokens: --context 33 was capped to 32 without a word; now refused. The default (128)
+    takes the model's 32; lm neurons' --length likewise (default 64)."""
+    base = ("--model", str(toy_run), "--text", str(text_file))
+    code, _, err = run_main(capsys, "lm", "sae", "harvest", *base, "--hook", "blocks.0.hook_resid_post", "--context",
+                            "33", "--out", str(tmp_path / "h33"))  # fmt: skip
+    assert_one_line_error(code, err, "--context 33 is longer than the model's context of 32 tokens")
+    code, _, err = run_main(capsys, "lm", "sae", "harvest", *base, "--hook", "blocks.0.hook_resid_post", "--contexts",
+                            "3", "--shard-rows", "64", "--out", str(tmp_path / "h"))  # fmt: skip
+    assert code == 0, err
+    assert assert_round_trip(tmp_path / "h" / "harvest.json", LmSaeHarvest)["context"] == 32
+    code, _, err = run_main(capsys, "lm", "neurons", *base, "--length", "40", "--out", str(tmp_path / "n"))
+    assert_one_line_error(code, err, "--length 40 is longer than the model's context of 32 tokens")
+
+
 def test_lm_sae_chain(capsys, tmp_path, toy_run, text_file):
     code, out, err = run_main(
         capsys, "lm", "sae", "harvest", "--model", str(toy_run), "--text", str(text_file), "--hook",

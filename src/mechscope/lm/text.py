@@ -21,3 +21,13 @@ def read_text(text_file: str | Path | None) -> tuple[str, str]:
     if not path.exists():
         raise MechscopeError(f"{path}: text file not found")  # a folder or unreadable file: read_text_file says so
     return read_text_file(path), str(path)
+
+
+def context_length(asked: int | None, n_ctx: int, default: int, flag: str) -> int:
+    """Tokens per context: ``asked`` (refused, in one line, above the model's context ``n_ctx``), or by default
+    ``default`` or the model's context where that is shorter (a toy's 64)."""
+    if asked is None:
+        return min(default, n_ctx)
+    if asked > n_ctx:
+        raise MechscopeError(f"{flag} {asked} is longer than the model's context of {n_ctx} tokens")
+    return asked

@@ -27,7 +27,9 @@ def neurons(
     ),
     k: int = typer.Option(100, "--k", help="Top activations per neuron the figures count."),
     sequences: int = typer.Option(512, "--sequences", help="Windows of text in the sample."),
-    length: int = typer.Option(64, "--length", help="Tokens per window (at most the model's context)."),
+    length: int | None = typer.Option(
+        None, "--length", help="Tokens per window (default 64, or the model's context if shorter; at most its context)."
+    ),
     contexts: int = typer.Option(5, "--contexts", help="Top contexts shown per neuron."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = ForceOpt,

@@ -12,6 +12,10 @@ sae_app = typer.Typer(
 )
 app.add_typer(sae_app, name="sae")
 
+Context = typer.Option(
+    None, "--context",
+    help="Tokens per context, BOS included (default: 128, or the model's context if shorter; at most the model's).",
+)
 Text = typer.Option(None, "--text", help="Text file (default: tinyshakespeare under the data root).")
 Model = typer.Option(
     ..., "--model", help="A train-toy run, smollm2, a .gguf file, a Hugging Face directory or a hub id."
@@ -42,7 +46,7 @@ def harvest(
                                                 "e.g. blocks.1.mlp.hook_in:blocks.1.hook_mlp_out."),  # fmt: skip
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/sae-harvest/MODEL)."),
     text: str | None = Text,
-    context: int = typer.Option(128, "--context", help="Tokens per context (BOS included), at most the model's."),
+    context: int | None = Context,
     contexts: int | None = typer.Option(None, "--contexts", help="At most this many contexts (default: all)."),
     batch: int = typer.Option(8, "--batch", help="Contexts per forward pass."),
     shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows per shard file."),
@@ -128,7 +132,7 @@ def evaluate(
     hook: str | None = typer.Option(None, "--hook", help="Splice at this hook (default: cfg.json's hook_name)."),
     target: str | None = typer.Option(None, "--target", help="A transcoder's output hook (default: hook_name_out)."),
     text: str | None = Text,
-    context: int = typer.Option(128, "--context"),
+    context: int | None = Context,
     contexts: int = typer.Option(64, "--contexts", help="Contexts from the end of the text."),
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),
@@ -161,7 +165,7 @@ def show(
     hook: str | None = typer.Option(None, "--hook", help="Read at this hook (default: cfg.json's hook_name)."),
     target: str | None = typer.Option(None, "--target", help="A transcoder's output hook (default: hook_name_out)."),
     text: str | None = Text,
-    context: int = typer.Option(128, "--context"),
+    context: int | None = Context,
     contexts: int = typer.Option(256, "--contexts", help="Contexts from the end of the text."),
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),

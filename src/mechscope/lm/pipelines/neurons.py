@@ -19,7 +19,7 @@ from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
 from mechscope.core.validate import check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
-from mechscope.lm.text import read_text
+from mechscope.lm.text import context_length, read_text
 from mechscope.lm.tokenizer import CharTokenizer, encode_named
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class NeuronSettings:
     site: str = "auto"
     k: int = 100
     sequences: int = 512
-    length: int = 64
+    length: int | None = None  # tokens per window: 64, or the model's context if shorter
     contexts: int = 5
     seed: int = 0
     min_count: int = 10
@@ -46,13 +46,13 @@ class NeuronSettings:
             raise MechscopeError(f"--k must be at least 1, got {self.k}")
         if self.sequences < 1:
             raise MechscopeError(f"--sequences must be at least 1, got {self.sequences}")
-        if self.length < 2:
+        if self.length is not None and self.length < 2:
             raise MechscopeError(f"--length must be at least 2, got {self.length}")
         if self.contexts < 0:
             raise MechscopeError(f"--contexts must be 0 or more, got {self.contexts}")
         for name, value, high in (("--k", self.k, 100_000), ("--sequences", self.sequences, 1_000_000),
                                   ("--length", self.length, 65_536), ("--contexts", self.contexts, 1_000)):  # fmt: skip
-            if value > high:
+            if value is not None and value > high:
                 raise MechscopeError(f"{name} must be at most {high:,}, got {value:,}")
         check_seed(self.seed)
 
@@ -98,7 +98,7 @@ def text_sample(tm: TextModel, text: str, settings: NeuronSettings, name: str = 
     if not ids:
         raise MechscopeError("the text is empty once encoded (none of its characters is in the model's vocabulary)")
     room = tm.model.cfg.n_ctx - (tm.bos is not None)
-    length = min(settings.length, tm.model.cfg.n_ctx) - (tm.bos is not None)
+    length = context_length(settings.length, tm.model.cfg.n_ctx, 64, "--length") - (tm.bos is not None)
     windows = sample_windows(torch.tensor(ids), settings.sequences, max(1, min(length, room)), settings.seed)
     if tm.bos is not None:
         windows = torch.cat([torch.full((len(windows), 1), tm.bos, dtype=torch.long), windows], 1)

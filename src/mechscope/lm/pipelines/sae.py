@@ -51,7 +51,7 @@ from mechscope.core.torch_utils import Timer, WorkCounter
 from mechscope.core.validate import check_int, check_seed
 from mechscope.lm.methods import sae as S
 from mechscope.lm.models.transformer import work_counter
-from mechscope.lm.text import read_text
+from mechscope.lm.text import context_length, read_text
 from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class HarvestSettings:
     """What to harvest: ``hooks`` (one store each) and ``transcoders`` ((input hook, target hook) pairs), from
-    contexts of ``context`` tokens (the model's BOS first when it has one and ``bos``), at most ``contexts`` of
+    contexts of ``context`` tokens (default 128, or the model's context if shorter; the model's BOS first when it
+    has one and ``bos``), at most ``contexts`` of
     them, ``batch`` contexts per forward pass; stores of ``shard_rows``-row shards shuffled in windows of
     ``buffer_shards`` shards (seed ``seed``)."""
 
     hooks: tuple[str, ...] = ()
     transcoders: tuple[tuple[str, str], ...] = ()
-    context: int = 128
+    context: int | None = None
     contexts: int | None = None
     batch: int = 8
     shard_rows: int = 65536
@@ -82,14 +83,13 @@ class HarvestSettings:
             raise MechscopeError("expected a hook to harvest (--hook NAME) or a transcoder pair (--transcoder IN:OUT)")
         if any(not str(h).strip() for h in (*self.hooks, *(h for pair in self.transcoders for h in pair))):
             raise MechscopeError("a hook name is empty: give --hook NAME (blocks.0.hook_resid_pre, ...)")
-        for name in ("context", "batch", "shard_rows", "buffer_shards"):
+        for name in ("batch", "shard_rows", "buffer_shards"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MechscopeError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.contexts is not None and self.contexts < 1:
             raise MechscopeError(f"--contexts must be a positive integer, got {self.contexts}")
-        if self.context < 2:
-            raise MechscopeError(f"--context must be at least 2 tokens, got {self.context}")
+        _check_context(self.context)
         check_seed(self.seed)
 
     def specs(self) -> list[S.HarvestSpec]:
@@ -103,20 +103,27 @@ class HarvestSettings:
 @dataclass(frozen=True)
 class ReadSettings:
     """The text an evaluation or a dashboard reads: ``contexts`` contexts of ``context`` tokens from the end of
-    the text file (the last contexts, so that a harvest of the first ones is held out), ``batch`` per pass."""
+    the text file (the last contexts, so that a harvest of the first ones is held out), ``batch`` per pass;
+    ``context`` by default 128, or the model's context if shorter."""
 
-    context: int = 128
+    context: int | None = None
     contexts: int = 64
     batch: int = 8
     bos: bool = True
 
     def validate(self) -> None:
-        for name in ("context", "contexts", "batch"):
+        for name in ("contexts", "batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MechscopeError(f"--{name} must be a positive integer, got {v!r}")
-        if self.context < 2:
-            raise MechscopeError(f"--context must be at least 2 tokens, got {self.context}")
+        _check_context(self.context)
+
+
+def _check_context(context: int | None) -> None:
+    if context is None:
+        return
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise MechscopeError(f"--context must be an integer of at least 2 tokens, got {context!r}")
 
 
 def dictionary_config(d_in: int, d_sae: int | None = None, expansion: int | None = None, *, d_out: int | None = None,
@@ -139,11 +146,11 @@ def _text_model(model_spec, device=None, dtype=None):
     return load_text_model(str(model_spec), device, dtype)
 
 
-def _contexts(tm, text_file, context: int, bos: bool, limit: int | None, tail: bool = False):
+def _contexts(tm, text_file, context: int | None, bos: bool, limit: int | None, tail: bool = False):
     text, source = read_text(text_file)
     ids = encode_named(tm.encode, text, source)
     b = tm.bos if bos else None
-    length = min(context, tm.model.cfg.n_ctx)
+    length = context_length(context, tm.model.cfg.n_ctx, 128, "--context")
     if tail:
         body = length - (b is not None)
         need = (limit or 1) * body
