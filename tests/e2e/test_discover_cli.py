@@ -40,6 +40,10 @@ def test_lm_discover_on_a_tracr_model(capsys, tmp_path):
                                  "--out", str(out), "--random", "2")  # fmt: skip
     assert code == 0, err
     assert "against circuit.json (primary): edge AUROC 1.000, node recall at size 1.00" in stdout
+    # ACDC's circuit is hist's known one: alone (every other edge patched) it does what the model does
+    assert "the circuit alone: logit_diff 0.7528, 100.0% of the way from the empty circuit" in stdout
+    assert "Alone (every other edge carries the corrupted input&#39;s value) it gives 0.7528: 100.0%" in (
+        out / "report.html").read_text()
     r = LMDiscovery.load(out)
     assert r.method == "acdc" and r.ground_truth["primary"].node_recall_at_size == 1.0 and r.faithfulness.n_random == 2
     _standalone(out / "report.html")

@@ -255,3 +255,28 @@ def test_the_circuit_layout_untangles_a_column_and_keeps_edges_off_other_nodes()
     for a, b in edges:
         others = [p for n, p in lay.pos.items() if n not in (a, b)]
         assert clearance(lay.pos[a], lay.pos[b], lay.bends[(a, b)], others) > lay.radius
+
+
+def test_the_summary_warns_where_the_scores_call_for_it():
+    """EAP whose largest score is a sliver of the clean-to-corrupted change (a saturated metric), and circuit edges
+    whose scores are float rounding: each gets a measured caveat; ordinary scores get none."""
+    from types import SimpleNamespace as NS
+
+    from mechscope.core.render.discovery import _caveats
+
+    class Circuit(list):
+        @property
+        def scores(self):
+            return [s for _, s in self]
+
+    def result(method, scores, clean, corrupted, kept):
+        return NS(method=method, scores=NS(scores=np.asarray(scores), metric_clean=clean, metric_corrupted=corrupted),
+                  circuit=Circuit((i, scores[i]) for i in kept))  # fmt: skip
+
+    saturated = _caveats(result("eap", [9e-4, -2e-4, 1e-5], -0.0003, -16.03, [0, 1]))
+    assert len(saturated) == 1 and saturated[0].startswith("EAP's largest |score| is 0.0009, 0.01% of the change")
+    assert _caveats(result("eap-ig", [9e-4, -2e-4, 1e-5], -0.0003, -16.03, [0, 1])) == []
+    ties = _caveats(result("acdc", [1.25, -0.8, 4e-12, 0.0], 0.67, -0.58, [0, 1, 2, 3]))
+    assert ties == ["2 of the circuit's 4 edges score at rounding level (|score| at most 1e-06 of the largest): which "
+                    "of those enter the circuit is arbitrary."]  # fmt: skip
+    assert _caveats(result("eap", [0.5, -0.2, 0.1], 0.9, -0.1, [0, 1])) == []

@@ -217,6 +217,21 @@ def test_discover_round_trips_and_compares_hand_edges(tmp_path):
     assert 0 <= c["auroc"] <= 1 and c["slots"] == ["k"]
 
 
+def test_the_drawn_circuit_alone_is_measured_as_the_curve_measures_it():
+    """The circuit the report draws, alone (every other edge patched), is one more forward pass: at a size the curve
+    also measures (top k by |score|), the two agree; the full model and empty circuit are the curve's."""
+    model = tiny("gpt2", layers=2, n_ctx=32)
+    task = induction_task(model, n=6, batch=4, seed=0, token_range=(3, 23))
+    first = discover(model, task, "eap", size=1, n_random=0)
+    k = first.faithfulness.edge_counts[6]
+    res = discover(model, task, "eap", size=k, n_random=0)
+    drawn, curve = res.circuit_faithfulness, res.faithfulness
+    assert drawn["edges"] == k and drawn["forward_passes"] == 2  # the corrupted run and the circuit
+    assert drawn["faithfulness"] == pytest.approx(curve.faithfulness_absolute[6], abs=1e-12)
+    assert (drawn["metric_full"], drawn["metric_empty"]) == (curve.metric_full, curve.metric_empty)
+    assert discover(model, task, "eap", size=k, curve=False).circuit_faithfulness is None
+
+
 def test_heads_edges_name_the_key_input_of_the_group():
     class PP:
         def __init__(self, source, layer, kv, ok):

@@ -31,6 +31,11 @@ STAGES = 3  # the tiny CNNs' conv stages
 N_TEST, N_TRAIN = 48, 60
 
 
+def method_passes(r) -> int:
+    """The discovery method's own forward passes: its scores, the faithfulness curve and the drawn circuit alone."""
+    return r.scores.forward_passes + r.faithfulness.forward_passes + r.circuit_faithfulness["forward_passes"]
+
+
 def noise_npz(where: Path) -> Path:
     """A 3-class dataset of seeded 16×16 noise images, N_TRAIN and N_TEST of them, in ``where``."""
     g = np.random.default_rng(0)
@@ -80,7 +85,7 @@ def test_cnn_discover_counts_what_the_methods_count(run_a, tmp_path, method, met
     out, r = discover_run(run_a, tmp_path / "d", method=method, metric=metric, n=16, steps=3, n_random=1)
     w = r.work
     assert w["unit"] == "images" and w["rows_per_pass"] == r.n_examples == 16
-    assert w["forward_passes"] == r.scores.forward_passes + r.faithfulness.forward_passes + extra
+    assert w["forward_passes"] == method_passes(r) + extra
     assert w["layer_calls"]["forward"] == STAGES * w["forward_passes"]
     assert w["layer_calls"]["backward"] == (STAGES - 1) * r.scores.backward_passes
     assert w["backward_passes"] == round(r.scores.backward_passes * (STAGES - 1) / STAGES, 3)
@@ -145,7 +150,7 @@ def test_lm_discover_counts_what_the_methods_count(tiny_lm, tmp_path, method, ex
                                         size=10, token_range=(3, 23))  # fmt: skip
     w = r.work
     assert w["unit"] == "tokens" and w["rows_per_pass"] == 4 * 13
-    assert w["forward_passes"] == r.scores.forward_passes + r.faithfulness.forward_passes + 1 + extra
+    assert w["forward_passes"] == method_passes(r) + 1 + extra
     assert w["backward_passes"] == r.scores.backward_passes == {"eap": 1, "eap-ig": 3}.get(method, 0)
     assert w["layer_calls"] == {"forward": 2 * w["forward_passes"], "backward": 2 * w["backward_passes"]}
     assert _json(out / LMDiscovery.FILE)["work"] == w and LMDiscovery.load(out).work == w
@@ -168,7 +173,7 @@ def test_lm_discover_on_tracr_counts_padded_tokens_and_both_task_runs(tmp_path):
     task = make_task(lm_pipeline.load_any(hist))
     w = r.work
     assert w["rows_per_pass"] == task.ids.numel() and r.n_examples == task.ids.shape[0]
-    assert w["forward_passes"] == r.scores.forward_passes + r.faithfulness.forward_passes + 2  # clean, corrupted
+    assert w["forward_passes"] == method_passes(r) + 2  # clean, corrupted
     assert w["backward_passes"] == r.scores.backward_passes == 2
 
 

@@ -41,6 +41,7 @@ from mechscope.core.graphs import (
     auroc,
     check_method,
     check_threshold,
+    circuit_faithfulness,
     eap,
     eap_ig,
     edge_patching,
@@ -187,11 +188,14 @@ class CNNDiscovery(TopEdges, Result):
     hand: dict | None  # against the circuit cnn explain found for the class
     seconds: dict[str, float]
     # forward and backward passes, in passes over the clean batch of n_examples images (WorkCounter over the stages'
-    # convolutions): the method's own forward_passes (scores and faithfulness), plus the clean logits of the metric
-    # kl and ACDC's two runs that set its default threshold. A backward of EAP/EAP-IG stops at the first stage's
-    # receivers, so it runs every stage's convolution but the first: backward_passes = (S - 1) / S per backward
-    # of scores.backward_passes (S stages); the edges' own linear maps (edge_mix, edge_attribution) are not counted.
+    # convolutions): the method's own forward_passes (scores, faithfulness curve, drawn circuit), plus the clean
+    # logits of the metric kl and ACDC's two runs that set its default threshold. A backward of EAP/EAP-IG stops at
+    # the first stage's receivers, so it runs every stage's convolution but the first: backward_passes = (S - 1) / S
+    # per backward of scores.backward_passes (S stages); the edges' own linear maps (edge_mix, edge_attribution) are
+    # not counted.
     work: dict | None = None
+    # the drawn circuit alone (every other edge ablated as for the curve): circuit_faithfulness's dict
+    circuit_faithfulness: dict | None = None
 
 
 # ---- discovery -----------------------------------------------------------------------------------------
@@ -292,12 +296,15 @@ def discover(
             circuit = scores.circuit(int(np.sum(np.abs(scores.scores) >= threshold)))
         else:
             circuit = scores.circuit(min(30, edges.graph.n_edges) if size is None else size)
-        faith = None
+        faith = drawn = None
         if curve:
             t1 = time.perf_counter()
+            faith_ablation = "patch" if method == "eap-ig" else ablation
             faith = faithfulness_curve(edges, scores, task.clean, task.corrupted, metric=task.metric,
-                                       ablation="patch" if method == "eap-ig" else ablation, n_random=n_random,
-                                       seed=seed, fractions=MIB_FRACTIONS, progress=progress)  # fmt: skip
+                                       ablation=faith_ablation, n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
+                                       progress=progress)  # fmt: skip
+            drawn = circuit_faithfulness(edges, circuit, task.clean, task.corrupted, metric=task.metric,
+                                         ablation=faith_ablation, curve=faith)  # fmt: skip
             seconds["faithfulness"] = time.perf_counter() - t1
     settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
                 "threshold": threshold, "n_random": n_random, **task.settings}  # fmt: skip
@@ -313,6 +320,7 @@ def discover(
         scores=scores,
         circuit=circuit,
         faithfulness=faith,
+        circuit_faithfulness=drawn,
         channel_scores=channel_scores(scores, spec),
         hand=compare_channels(scores, spec, hand) if hand else None,
         seconds=seconds,

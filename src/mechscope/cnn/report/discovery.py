@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from mechscope.core.render import layout as CL
-from mechscope.core.render.discovery import faithfulness_figure, scrub_figure, scrub_rows
+from mechscope.core.render.discovery import discovery_lines, faithfulness_figure, scrub_figure, scrub_rows
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
 
 KIND_COLOURS = {"input": "#555555", "channel": "#1b9e77", "output": "#d95f02"}
+SIGN_COLOURS = {True: "#2166ac", False: "#b2182b"}  # an edge's score: positive, negative
 
 
 def circuit_figure(result, max_edges: int = 60) -> str:
@@ -29,7 +30,7 @@ def circuit_figure(result, max_edges: int = 60) -> str:
     hand = set()
     if result.hand:
         hand = {f"{result.hand['stage']}.c{c}" for c in result.hand["hand"]}
-    edges = [{"a": s, "b": n, "width": abs(sc) / top, "colour": "#777"} for (s, n, _), sc in ranked]
+    edges = [{"a": s, "b": n, "width": abs(sc) / top, "colour": SIGN_COLOURS[sc >= 0]} for (s, n, _), sc in ranked]
     nodes = list(dict.fromkeys(n for e in edges for n in (e["a"], e["b"])))
     nodes.sort(key=lambda n: (g.node(n).layer, g.node(n).index))
     fig, ax = subplots(figsize=CL.circuit_figsize(nodes, lambda n: g.node(n).layer, 14, 12), layout="constrained")
@@ -44,7 +45,7 @@ def circuit_figure(result, max_edges: int = 60) -> str:
 
     CL.draw_circuit(ax, nodes, edges, lambda n: g.node(n).layer, label_of=lambda n: n.split(".")[-1],
                     node_colour=colour, column_labels=labels)  # fmt: skip
-    title = f"{result.method} circuit: {len(result.circuit)} edges; width: |score|"
+    title = f"{result.method} circuit: {len(result.circuit)} edges; width: |score|, blue: score > 0, red: < 0"
     if hand:
         title += "; pink: channels cnn explain found"
     ax.set_title(title, fontsize=8)
@@ -52,19 +53,7 @@ def circuit_figure(result, max_edges: int = 60) -> str:
 
 
 def summary(result) -> list[str]:
-    s = result.scores
-    out = [
-        f"{result.method} on {result.run}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
-        f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
-        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}.",
-        f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
-    ]
-    f = result.faithfulness
-    if f is not None:
-        out.append(
-            f"Faithfulness (MIB): CPR {f.cpr:.3f} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}), CMD "
-            f"{f.cmd:.3f} (random {f.random_cmd:.3f})."
-        )
+    out = discovery_lines(result, result.run)
     h = result.hand
     if h:
         out.append(

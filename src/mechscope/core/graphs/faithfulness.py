@@ -192,10 +192,13 @@ def _sd(a: np.ndarray):
 
 
 def circuit_faithfulness(
-    model, edges, clean: Any, corrupted: Any = None, *, metric, ablation: str = "patch"
+    model, edges, clean: Any, corrupted: Any = None, *, metric, ablation: str = "patch", curve=None
 ) -> dict[str, float]:
-    """``{"metric", "metric_full", "metric_empty", "faithfulness"}`` of one circuit, given as edge names
-    (``"s->n<slot>"`` or ``[s, n, slot]``), a :class:`~mechscope.core.graphs.results.Circuit`, or indices."""
+    """``{"metric", "metric_full", "metric_empty", "faithfulness", "edges", "forward_passes"}`` of one circuit,
+    given as edge names (``"s->n<slot>"`` or ``[s, n, slot]``), a :class:`~mechscope.core.graphs.results.Circuit`, or
+    indices.
+    ``curve``: a :class:`FaithfulnessCurve` made with the same ablation on the same batch, whose full model and empty
+    circuit are taken instead of being run again (one forward pass then, not three)."""
     check_model(model)
     g = model.graph
     if hasattr(edges, "edges") and not isinstance(edges, np.ndarray):
@@ -203,12 +206,18 @@ def circuit_faithfulness(
     ids = sorted({e for spec in edges for e in ((int(spec),) if _is_index(spec) else g.parse_edge(spec))})
     if any(not 0 <= e < g.n_edges for e in ids):
         raise MechscopeError(f"edge index out of range 0..{g.n_edges - 1}")
-    source, _, _ = ablation_values(model, clean, corrupted, ablation)
+    source, _, fwd = ablation_values(model, clean, corrupted, ablation)
     ev = _Evaluator(model, clean, metric, source)
-    m_full, m_empty = ev(np.arange(g.n_edges)), ev(np.zeros(0, dtype=np.int64))
+    if curve is not None and curve.ablation != ablation:
+        raise MechscopeError(f"the curve was made with {curve.ablation} ablation, not {ablation}")
+    if curve is None:
+        m_full, m_empty = ev(np.arange(g.n_edges)), ev(np.zeros(0, dtype=np.int64))
+    else:
+        m_full, m_empty = curve.metric_full, curve.metric_empty
     m = ev(np.asarray(ids, dtype=np.int64))
     f = normalised(m, m_full, m_empty) if m_full != m_empty else math.nan
-    return {"metric": m, "metric_full": m_full, "metric_empty": m_empty, "faithfulness": f}
+    return {"metric": m, "metric_full": m_full, "metric_empty": m_empty, "faithfulness": f, "edges": len(ids),
+            "forward_passes": fwd + ev.forwards}
 
 
 def _is_index(spec) -> bool:

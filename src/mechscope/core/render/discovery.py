@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import numpy as np
@@ -22,6 +23,75 @@ def faithfulness_figure(curve, title: str = "") -> str | None:
                          curve.faithfulness_absolute, label=curve.method)  # fmt: skip
     ax.set_title(title or f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
     return figure_data_uri(fig)
+
+
+ABLATED_VALUE = {"patch": "the corrupted input's value", "mean": "its mean over the batch", "zero": "zero"}
+ROUNDING = 1e-6  # a score at most this share of the largest is float rounding, not an effect
+
+
+def discovery_lines(result, name: str) -> list[str]:
+    """The summary lines both wings' discovery reports open with: what was scored, the drawn circuit and what it
+    does alone, the faithfulness areas (which curve each comes from), and caveats the numbers call for."""
+    s, f, drawn = result.scores, result.faithfulness, result.circuit_faithfulness
+    out = [
+        f"{result.method} on {name}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
+        f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
+        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}.",
+        f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
+    ]
+    if drawn is not None and f is not None:
+        out[-1] += (
+            f" Alone (every other edge carries {ABLATED_VALUE.get(f.ablation, f.ablation)}) it gives "
+            f"{drawn['metric']:.4g}: {drawn['faithfulness']:.1%} of the way from the empty circuit "
+            f"({drawn['metric_empty']:.4g}) to the full model ({drawn['metric_full']:.4g})."
+        )
+    if f is not None:
+        ranked = "by signed score" if f.cpr_ranking == "signed" else "by |score|"
+        out.append(
+            f"Faithfulness over circuit sizes (MIB): CPR {f.cpr:.3f}, the area under the curve of the edges ranked "
+            f"{ranked} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}); CMD {f.cmd:.3f}, the area "
+            f"between 1 and the curve of the edges ranked by |score| (random {f.random_cmd:.3f})."
+        )
+    return out + _caveats(result)
+
+
+def cli_lines(result) -> list[str]:
+    """What ``discover`` prints for both wings: the scores, the circuit (and what it does alone), the areas."""
+    s, f, drawn = result.scores, result.faithfulness, result.circuit_faithfulness
+    out = [
+        f"{result.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
+        f"{s.backward_passes} backward passes); {result.metric} clean {s.metric_clean:.4g}, corrupted "
+        f"{s.metric_corrupted:.4g}",
+        f"circuit: {len(result.circuit)} edges, {len(result.circuit.nodes)} nodes; strongest: "
+        + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in s.table(5)),
+    ]
+    if drawn is not None:
+        out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {drawn['faithfulness']:.1%} of the way "
+                   f"from the empty circuit ({drawn['metric_empty']:.4g}) to the full model "
+                   f"({drawn['metric_full']:.4g})")  # fmt: skip
+    if f is not None:
+        out.append(f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} "
+                   f"(random {f.random_cmd:.3f})")  # fmt: skip
+    return out
+
+
+def _caveats(result) -> list[str]:
+    s, out = result.scores, []
+    scores = np.abs(np.asarray(s.scores, dtype=float))
+    top, gap = float(scores.max(initial=0.0)), abs(s.metric_corrupted - s.metric_clean)
+    if result.method == "eap" and math.isfinite(gap) and gap > 0 and top < 0.01 * gap:
+        out.append(
+            f"EAP's largest |score| is {top:.2g}, {top / gap:.2%} of the change corrupting the input makes "
+            f"({gap:.4g}): its first-order estimate is far below the effects, as when the metric is saturated at the "
+            "clean run (its gradient near zero there); EAP-IG or ACDC measure them."
+        )
+    small = int(np.sum(np.abs(np.asarray(result.circuit.scores, dtype=float)) <= ROUNDING * top)) if top > 0 else 0
+    if small:
+        out.append(
+            f"{small} of the circuit's {len(result.circuit)} edges score at rounding level (|score| at most "
+            f"{ROUNDING:g} of the largest): which of those enter the circuit is arbitrary."
+        )
+    return out
 
 
 def scrub_figure(scrub, title: str = "") -> str:

@@ -73,17 +73,10 @@ def discover(
         distinct=distinct, curve=not no_curve, n_random=random, compare_heads=compare_heads, force=force,
         device=device, dtype=dtype,
     )  # fmt: skip
-    s = r.scores
-    typer.echo(f"{r.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
-               f"{s.backward_passes} backward passes); {r.metric} clean {s.metric_clean:.4g}, corrupted "
-               f"{s.metric_corrupted:.4g}")  # fmt: skip
-    typer.echo(f"circuit: {len(r.circuit)} edges, {len(r.circuit.nodes)} nodes; strongest: "
-               + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in r.scores.table(5)))  # fmt: skip
-    if r.faithfulness is not None:
-        f = r.faithfulness
-        typer.echo(
-            f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} (random {f.random_cmd:.3f})"
-        )
+    from mechscope.core.render.discovery import cli_lines
+
+    for line in cli_lines(r):
+        typer.echo(line)
     for name, sc in r.ground_truth.items():
         typer.echo(f"against circuit.json ({name}): edge AUROC {sc.edge_auroc:.3f}, node recall at size "
                    f"{sc.node_recall_at_size:.2f}, edge precision/recall "

@@ -27,6 +27,7 @@ from mechscope.core.graphs import (
     auroc,
     check_method,
     check_threshold,
+    circuit_faithfulness,
     eap,
     eap_ig,
     edge_patching,
@@ -71,6 +72,8 @@ class LMDiscovery(TopEdges, Result):
     # faithfulness), plus the task's clean run (induction; tracr: clean and corrupted) and ACDC's two runs that set
     # its default threshold
     work: dict | None = None
+    # the drawn circuit alone (every other edge ablated as for the curve): circuit_faithfulness's dict
+    circuit_faithfulness: dict | None = None
 
 
 # ---- discovery ----------------------------------------------------------------------------------------
@@ -134,12 +137,15 @@ def discover(
         seconds["discovery"] = time.perf_counter() - t0
         default = len(known.edge_set("primary")) if known is not None else 30
         circuit = _circuit(scores, method, size, threshold if method != "acdc" else None, default)
-        faith = None
+        faith = drawn = None
         if curve:
             t1 = time.perf_counter()
+            faith_ablation = "patch" if method == "eap-ig" else ablation
             faith = faithfulness_curve(edges, scores, task.clean, task.corrupted, metric=task.metric,
-                                       ablation="patch" if method == "eap-ig" else ablation, n_random=n_random,
-                                       seed=seed, fractions=MIB_FRACTIONS, progress=progress)  # fmt: skip
+                                       ablation=faith_ablation, n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
+                                       progress=progress)  # fmt: skip
+            drawn = circuit_faithfulness(edges, circuit, task.clean, task.corrupted, metric=task.metric,
+                                         ablation=faith_ablation, curve=faith)  # fmt: skip
             seconds["faithfulness"] = time.perf_counter() - t1
     truth = {}
     if known is not None:
@@ -158,6 +164,7 @@ def discover(
         scores=scores,
         circuit=circuit,
         faithfulness=faith,
+        circuit_faithfulness=drawn,
         ground_truth=truth,
         known_nodes=tuple(known.nodes) if known is not None else (),
         known_edges=tuple(known.edge_set("primary")) if known is not None else (),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechscope.core.render import layout as CL
-from mechscope.core.render.discovery import faithfulness_figure, scrub_figure, scrub_rows
+from mechscope.core.render.discovery import discovery_lines, faithfulness_figure, scrub_figure, scrub_rows
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
 from mechscope.lm.methods.graph import short_name
@@ -22,10 +22,10 @@ def circuit_figure(result, max_edges: int = 60) -> str:
     ranked = sorted(zip(result.circuit.edges, result.circuit.scores, strict=True), key=lambda es: -abs(es[1]))
     known = {tuple(e) for e in result.known_edges}
     for (s, n, slot), sc in ranked[:max_edges]:
-        p = pairs.setdefault((s, n), {"a": s, "b": n, "score": 0.0, "slots": [], "true": False})
+        p = pairs.setdefault((s, n), {"a": s, "b": n, "score": 0.0, "slots": [], "known": []})
         p["score"] = max(p["score"], abs(sc))
         p["slots"].append(slot)
-        p["true"] |= (s, n, slot) in known
+        p["known"].append((s, n, slot) in known)
     if not pairs:
         fig, ax = subplots(figsize=(6, 1.5), layout="constrained")
         ax.axis("off")
@@ -33,7 +33,7 @@ def circuit_figure(result, max_edges: int = 60) -> str:
         return figure_data_uri(fig)
     top = max(p["score"] for p in pairs.values()) or 1.0
     edges = [{"a": p["a"], "b": p["b"], "width": p["score"] / top,
-              "colour": ("#1b9e77" if p["true"] else "#d62728") if known else "#777",
+              "colour": _truth_colour(p["known"]) if known else "#777",
               "label": ",".join(sl for sl in p["slots"] if sl in ("q", "k", "v"))} for p in pairs.values()]  # fmt: skip
     nodes = list(dict.fromkeys(n for e in edges for n in (e["a"], e["b"])))
     nodes.sort(key=lambda n: (g.node(n).layer, g.node(n).index))
@@ -47,9 +47,14 @@ def circuit_figure(result, max_edges: int = 60) -> str:
         f" (the {max_edges} strongest drawn)" if len(ranked) > max_edges else ""
     )
     if known:
-        title += "; green: in the known circuit's primary edges, red: not"
+        title += "; green: in the known circuit's primary edges, red: not, orange: some of its slots"
     ax.set_title(title + "; width: |score|; labels: q/k/v slots", fontsize=8)
     return figure_data_uri(fig)
+
+
+def _truth_colour(known: list[bool]) -> str:
+    """Green when every slot of a drawn edge is in the known circuit, red when none is, orange when some are."""
+    return "#1b9e77" if all(known) else "#d62728" if not any(known) else "#e6ab02"
 
 
 def _layers(g) -> int:
@@ -62,26 +67,16 @@ def _label(name: str) -> str:
 
 
 def summary(result) -> list[str]:
-    s = result.scores
-    out = [
-        f"{result.method} on {result.model}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
-        f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
-        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}."
-    ]
-    out.append(f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.")
-    f = result.faithfulness
-    if f is not None:
-        out.append(
-            f"Faithfulness (MIB): CPR {f.cpr:.3f} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}), CMD "
-            f"{f.cmd:.3f} (random {f.random_cmd:.3f}); full model {f.metric_full:.4g}, empty circuit "
-            f"{f.metric_empty:.4g}."
-        )
+    out = discovery_lines(result, result.model)
     for name, sc in result.ground_truth.items():
         out.append(
             f"Against circuit.json ({name} edges, {sc.n_true_edges}): edge AUROC {sc.edge_auroc:.3f}, precision "
             f"{sc.edge_precision:.2f} and recall {sc.edge_recall:.2f} at {sc.size} edges; node AUROC "
             f"{sc.node_auroc:.3f}, node recall at the circuit's size ({sc.n_true_nodes}) {sc.node_recall_at_size:.2f}."
         )
+    if any(_fractional(sc.edge_precision * sc.size) for sc in result.ground_truth.values()):
+        out.append("Edges tied at the cut count as a random tie break would (the expected share), so precision and "
+                   "recall need not be whole counts.")  # fmt: skip
     c = result.comparison
     if c:
         out.append(
@@ -90,6 +85,10 @@ def summary(result) -> list[str]:
             f"{'/'.join(c['slots'])} inputs; {c['in_top']} of them in the top {c['top']}."
         )
     return out
+
+
+def _fractional(x: float) -> bool:
+    return abs(x - round(x)) > 1e-9
 
 
 def ground_truth_rows(result) -> list[list]:
