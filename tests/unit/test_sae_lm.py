@@ -216,3 +216,36 @@ def test_harvest_train_evaluate_round_trip(tmp_path):
         assert e.metrics["l0"] <= 4.0 and e.effect.tokens == 8 * 24
         assert_round_trip(tmp_path / d / "evaluation" / "evaluation.json", LmSaeEvaluation)
         assert "CE loss recovered" in e._repr_html_()
+
+
+def hand_board(latent: int, why: str, induction: dict | None) -> S.LmLatentDashboard:
+    return S.LmLatentDashboard(latent=latent, density=0.01, max=1.0, mean_when_active=0.5, top=(), band_edges=(),
+                               bands=(), hist_counts=(), hist_edges=(), promoted=(), suppressed=(), mixes=(),
+                               induction=induction, why=why)  # fmt: skip
+
+
+def test_dashboard_headings_call_induction_only_what_meets_the_pages_criterion():
+    """Latent 29 tops the induction ranking at +0.081 (0.159 -> 0.240, the audit's toy): under the 0.2 the summary
+    counts by, so its heading names its rank and difference; latent 4 (+0.4) is induction. The induction sequences'
+    BOS (a toy's "\\n") is shown as BOS, not as a newline."""
+    from mechscope.lm.report import sae as R
+
+    rates = ((0.159, 0.240), (0.1, 0.5))
+    ind = S.InductionLatents(n=2, sequences=1, seed=0, ranked=(29, 4), rate_first=(0.159, 0.1),
+                             rate_second=(0.240, 0.5), mean_first=(0.1, 0.1), mean_second=(0.2, 0.2),
+                             tokens=(0, 1, 2, 1, 2), activations=((0.0, 1.0, 0.0, 1.0, 0.0),) * 2)  # fmt: skip
+    boards = tuple(hand_board(i, "induction", {"rate_first": a, "rate_second": b, "mean_first": 0.1,
+                                               "mean_second": 0.2, "rank": j + 1})
+                   for j, (i, (a, b)) in enumerate(zip(ind.ranked, rates, strict=True)))  # fmt: skip
+    r = S.LmSaeDashboards(model="m", dictionary="d", hook="blocks.0.hook_resid_post", target=None,
+                          architecture="topk", d_in=4, d_sae=32, text="t", contexts=1, context=8, tokens=7,
+                          dead_fraction=0.0, logit_effect="none", induction=ind, induction_tokens=("\n", "a", "b", "a",
+                          "b"), latents=(*boards, hand_board(7, "random", None)), summary=(), seconds={})  # fmt: skip
+    html = R.dashboards_page(r)
+    assert 'Latent 29 <span class="muted">(top of the induction ranking: +0.081 on the repeat, under the 0.2 ' in html
+    assert 'Latent 4 <span class="muted">(induction)</span>' in html
+    assert 'Latent 7 <span class="muted">(random)</span>' in html
+    assert html.count("(induction)") == 1
+    assert "<span>⟨BOS⟩</span>" in html and "↵" not in html
+    summary = " ".join(LS.summary_lines(r))
+    assert f"1 with a firing rate at least {R.INDUCTION_MARGIN:g} higher on the repeat" in summary  # one criterion

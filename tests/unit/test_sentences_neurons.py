@@ -3,16 +3,23 @@ from hand-made results."""
 
 from __future__ import annotations
 
+import torch
+
+from mechscope.core.render.html import render_string
 from mechscope.lm.methods.neurons import Concentration, LayerNeurons, NeuronsResult
 from mechscope.lm.report import neurons as N
 
 BASELINE = {"entropy_mean": 3.2, "entropy_p05": 2.9, "entropy_p95": 3.5, "top_share_mean": 0.2, "k": 20, "draws": 8}
 
 
-def neurons(entropies, shares, n=20) -> NeuronsResult:
+SAMPLE = {"sequences": 1, "length": 4, "tokens": 4, "seed": 0, "source": "hand", "skip_first": 0}
+
+
+def neurons(entropies, shares, n=20, density=None) -> NeuronsResult:
     figs = tuple(Concentration(n, e, 1, s, 2, 0.1, (2, 1), 0.1) for e, s in zip(entropies, shares, strict=True))
-    lay = LayerNeurons(0, "blocks.0.mlp.hook_post", figs, (1.0,) * len(figs), (0.1,) * len(figs), ((),) * len(figs))
-    return NeuronsResult("hand-made", 20, 10, {}, BASELINE, (lay,))
+    density = tuple(density or (0.1,) * len(figs))
+    lay = LayerNeurons(0, "blocks.0.mlp.hook_post", figs, (1.0,) * len(figs), density, ((),) * len(figs))
+    return NeuronsResult("hand-made", 20, 10, SAMPLE, BASELINE, (lay,), tokens=torch.tensor([[1, 2, 1, 3]]))
 
 
 def test_the_distribution_sentences():
@@ -21,6 +28,20 @@ def test_the_distribution_sentences():
     assert "1.50 bits (quartiles 0.75–2.25); 20 positions at random: 3.20 bits (5–95%: 2.90–3.50)" in lines[1]
     assert lines[2].startswith("50% of the neurons have at least half of their top contexts on one token, 25% at least")
     assert N.summary_lines(neurons([0.0], [1.0], n=3)) == ["No neuron fired in at least 10 of its top 20 contexts."]
+
+
+def test_most_monosemantic_table_leaves_out_dense_neurons():
+    """Neurons 0.0 (0 bits, positive on 80% of the positions, like the audit's 0.7 at 0.63) and 0.2 (at the 0.5
+    threshold) are not ranked most monosemantic; the page and the summary say how many were left out and why."""
+    r = neurons([0.0, 0.5, 1.0, 2.0], [1.0, 0.9, 0.6, 0.4], density=[0.8, 0.2, 0.5, 0.1])
+    ctx = N.report_context(r, str)
+    assert [row["id"] for row in ctx["most"]] == ["0.1", "0.3"]
+    assert [row["id"] for row in ctx["least"]] == ["0.3", "0.2", "0.1", "0.0"]  # every counted neuron
+    assert N.summary_lines(r)[3].startswith("2 of the 4 counted neurons are positive on at least 50% of the positions")
+    html = render_string("mechscope.lm", "neurons.html.j2", **ctx)
+    assert "The 2 most monosemantic neurons" in html and "The 4 least monosemantic neurons" in html
+    assert "among the 2 counted neurons positive on less than 50% of the positions (density below 0.5)" in html
+    assert "The other 2 are left out" in html
 
 
 def row(label, loss, median, half, rare, neurons=50):

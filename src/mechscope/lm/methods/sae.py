@@ -305,6 +305,11 @@ def latent_activations(
     return acc.result()
 
 
+# an induction-like latent: its firing rate on the repeat of random tokens at least this much above its rate on the
+# first copy (the criterion the dashboards' summary and headings state)
+INDUCTION_MARGIN = 0.2
+
+
 @dataclass(frozen=True)
 class InductionLatents(Result):
     """Latents on repeated random tokens (BOS + n + the same n): firing rate and mean activation on each copy,

@@ -536,11 +536,11 @@ def summary_lines(r) -> list[str]:
         f"read on {r.tokens:,} positions of {r.text}: {100 * r.dead_fraction:.1f}% of the latents never fire",
     ]
     if r.induction is not None and r.induction.ranked:
-        i = r.induction
+        i, margin = r.induction, S.INDUCTION_MARGIN
+        n = sum(1 for a, b in zip(i.rate_first, i.rate_second, strict=True) if b - a >= margin)
         lines.append(
-            f"induction-like latents (fire on the repeat of random tokens, not on the first copy): "
-            f"{sum(1 for a, b in zip(i.rate_first, i.rate_second, strict=True) if b - a >= 0.2)} with a firing rate "
-            f"at least 0.2 higher on the repeat; the top one, {i.ranked[0]}, fires on {100 * i.rate_second[0]:.0f}% "
-            f"of repeated tokens and {100 * i.rate_first[0]:.0f}% of first-copy tokens"
+            f"induction-like latents (fire on the repeat of random tokens, not on the first copy): {n} with a firing "
+            f"rate at least {margin:g} higher on the repeat; the top one, {i.ranked[0]}, fires on "
+            f"{100 * i.rate_second[0]:.0f}% of repeated tokens and {100 * i.rate_first[0]:.0f}% of first-copy tokens"
         )
     return lines

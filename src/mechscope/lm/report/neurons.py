@@ -18,6 +18,9 @@ from mechscope.core.render.html import figure_data_uri, render
 from mechscope.lm.methods.neurons import NeuronsResult, max_entropy_bits
 
 MAX_LISTED = 4096  # neurons listed one by one in a report; beyond it, the ranked ones only
+# the most-monosemantic table ranks only neurons positive on less than this share of the positions: a neuron active on
+# most tokens responds to far more than its top contexts show, however concentrated they are
+DENSE = 0.5
 
 COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a")
 
@@ -85,10 +88,18 @@ def neuron_row(result: NeuronsResult, layer: int, neuron: int, decode: Decoder, 
     }
 
 
-def ranked(result: NeuronsResult, n: int, decode: Decoder, tokens: np.ndarray) -> tuple[list[dict], list[dict]]:
-    """The ``n`` most and ``n`` least monosemantic counted neurons (rows)."""
+def sparse(result: NeuronsResult, order: list[tuple[int, int]], dense: float = DENSE) -> list[tuple[int, int]]:
+    """The neurons of ``order`` whose density is below ``dense``, in order."""
+    return [(layer, i) for layer, i in order if result.layer(layer).density[i] < dense]
+
+
+def ranked(result: NeuronsResult, n: int, decode: Decoder, tokens: np.ndarray,
+           dense: float | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """The ``n`` most monosemantic counted neurons (rows), among those of density below ``dense`` when given, and the
+    ``n`` least monosemantic of all counted neurons."""
     order = result.ranking()
-    most = [neuron_row(result, *ln, decode, tokens) for ln in order[:n]]
+    top = order if dense is None else sparse(result, order, dense)
+    most = [neuron_row(result, *ln, decode, tokens) for ln in top[:n]]
     least = [neuron_row(result, *ln, decode, tokens) for ln in order[::-1][:n]]
     return most, least
 
@@ -149,7 +160,17 @@ def summary_lines(result: NeuronsResult) -> list[str]:
         f"{100 * s['share_one_token_ge_0.5']:.0f}% of the neurons have at least half of their top contexts on one "
         f"token, {100 * s['share_one_token_ge_0.9']:.0f}% at least 90%; counting the previous token as a pattern too, "
         f"{100 * s['share_pattern_ge_0.5']:.0f}% reach half.",
+        dense_line(result),
     ]
+
+
+def dense_line(result: NeuronsResult) -> str:
+    """How many counted neurons the most-monosemantic table leaves out for their density (:data:`DENSE`)."""
+    order = result.ranking()
+    left = len(order) - len(sparse(result, order))
+    return (f"{left:,} of the {len(order):,} counted neurons are positive on at least {100 * DENSE:.0f}% of the "
+            "positions (density): active on half the tokens or more, they are left out of the table of the most "
+            "monosemantic neurons, however concentrated their top contexts.")  # fmt: skip
 
 
 def write_neurons_report(
@@ -162,7 +183,8 @@ def report_context(result: NeuronsResult, decode: Callable[[int], str], asked: t
     """What neurons.html.j2 draws (the file report and the notebook fragment)."""
     dec = Decoder(decode)
     tokens = result.tokens.numpy()
-    most, least = ranked(result, n_ranked, dec, tokens)
+    most, least = ranked(result, n_ranked, dec, tokens, DENSE)
+    order = result.ranking()
     total = sum(len(lay.figures) for lay in result.layers)
     listed = []
     if total <= MAX_LISTED:
@@ -177,6 +199,9 @@ def report_context(result: NeuronsResult, decode: Callable[[int], str], asked: t
         asked=[neuron_row(result, layer, n, dec, tokens) for layer, n in asked],
         most=most,
         least=least,
+        dense=DENSE,
+        counted=len(order),
+        sparse=len(sparse(result, order)),
         listed=listed,
         total=total,
         max_listed=MAX_LISTED,

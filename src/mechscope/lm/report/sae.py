@@ -12,7 +12,10 @@ import numpy as np
 
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render_string
+from mechscope.lm.methods.sae import INDUCTION_MARGIN
 from mechscope.lm.report.neurons import label, shown_token
+
+BOS_SHOWN = "⟨BOS⟩"  # position 0 of the induction sequences (the page says "BOS + n random tokens + ...")
 
 
 def context_html(tokens, acts, focus: int, peak: float, value: float | None = None,
@@ -60,6 +63,19 @@ def density_uri(densities: np.ndarray | None,
     return figure_data_uri(fig, dpi=90)
 
 
+def why_shown(board) -> str:
+    """The heading's note: why the latent is shown. A latent picked from the induction ranking is called induction
+    only when it meets :data:`INDUCTION_MARGIN`; otherwise its place in the ranking and its measured difference."""
+    ind = board.induction
+    if board.why != "induction" or ind is None:
+        return board.why
+    gap = ind["rate_second"] - ind["rate_first"]
+    if gap >= INDUCTION_MARGIN:
+        return "induction"
+    where = "top of" if ind["rank"] == 1 else f"rank {ind['rank']} in"
+    return f"{where} the induction ranking: {gap:+.3f} on the repeat, under the {INDUCTION_MARGIN:g} criterion"
+
+
 def dashboard_context(board) -> dict:
     peak = board.max
     top = [context_html(e.tokens, e.acts, e.focus, peak, e.value) for e in board.top]
@@ -72,6 +88,7 @@ def dashboard_context(board) -> dict:
         })  # fmt: skip
     return {
         "b": board,
+        "why": why_shown(board),
         "top": top,
         "bands": list(reversed(bands)),
         "hist": histogram_uri(board.hist_counts, board.hist_edges,
@@ -85,16 +102,17 @@ def dashboards_page(result) -> str:
     ind = result.induction
     induction_rows, induction_ctx = [], []
     if ind is not None:
+        shown = (BOS_SHOWN, *result.induction_tokens[1:])
         for j, i in enumerate(ind.ranked[:15]):
             induction_rows.append((i, ind.rate_first[j], ind.rate_second[j], ind.mean_first[j], ind.mean_second[j]))
         for j, i in enumerate(ind.ranked[:3]):
             acts = ind.activations[j]
             peak = max(acts) if acts else 0.0
-            induction_ctx.append((i, context_html(result.induction_tokens, acts, -1, peak, wrap=True)))
+            induction_ctx.append((i, context_html(shown, acts, -1, peak, wrap=True)))
     return render_string(
         "mechscope.lm", "sae_dashboards.html.j2", r=result, density=density_uri(result.densities),
         boards=[dashboard_context(b) for b in result.latents], induction_rows=induction_rows,
-        induction_ctx=induction_ctx,
+        induction_ctx=induction_ctx, margin=INDUCTION_MARGIN,
     )  # fmt: skip
 
 
