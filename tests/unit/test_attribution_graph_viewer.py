@@ -129,3 +129,22 @@ def test_viewer_in_headless_chromium(tmp_path):
     back = load_graph(saved, LmAttributionGraph)
     assert back.edges == graph.edges and sorted(back.pinned) == sn["members"]
     assert [s["label"] for s in back.supernodes] == ["my supernode"]
+
+
+def test_the_page_says_where_the_linear_graph_and_the_model_part():
+    """An intervention whose graph prediction is ten times the model's measured change (a CNN's gates opening) gets
+    a sentence with the ratio; a sign flip too; agreement within 2x none."""
+    from mechscope.core.render.graph_viewer import SCOPE, _prediction_gaps
+
+    def check(pred, model):
+        return {"description": "ablate 1_9_1", "logits": [{"label": "7", "predicted_full": pred, "model": model}]}
+
+    gaps = _prediction_gaps([check(-1.541, -0.1524), check(0.5, -0.1), check(-1.0, -0.8), check(float("nan"), 1.0)])
+    assert gaps == [
+        "ablate 1_9_1: the graph predicts -1.541 for '7', the model moves -0.1524 (10.1× the measured change): the "
+        "frozen parts the graph holds fixed change under this intervention.",
+        "ablate 1_9_1: the graph predicts +0.5 for '7', the model moves -0.1 (the opposite sign): the frozen parts "
+        "the graph holds fixed change under this intervention.",
+    ]
+    assert "not what set their patterns (QK)" in SCOPE["lm"] and "--qk" in SCOPE["lm"]
+    assert "ReLU and max-pool gates are frozen" in SCOPE["cnn"]

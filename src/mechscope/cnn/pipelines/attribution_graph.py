@@ -128,7 +128,7 @@ def graph_model(
         dictionaries=dic,
         seconds={**graph.seconds, **{f"pipeline: {k}": v for k, v in timer.seconds.items()}},
         full=graph.full,
-        title=f"image {image} of {split} (label {r.class_names[int(labels[image])]}), " + graph.title,
+        title=f"image {image} of {split}, " + graph.title,  # the graph's title gives the class and the label
         work=work.report("cnn graph", 1, graph.counts, graph.settings["batch_size"], _not_counted(trained)),
     )
     if out is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html as H
 import json
+import math
 
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 1em; }
@@ -319,7 +320,8 @@ def summary_html(d: dict, lead: str = "") -> str:
     if "edges_max_abs_error" in e:
         exact.append(
             f"{e['edges_sources_checked']} sources scaled by 2 in the frozen model: every computed target "
-            f"moved by its edge to {_f(e['edges_max_abs_error'], 3)} (largest edge {_f(e['edges_largest'], 3)})"
+            f"moved by its edge to {_f(e['edges_max_abs_error'], 3)} (the largest of those sources' edges "
+            f"{_f(e['edges_largest'], 3)})"
         )
     return (
         f"{lead}<p><b>Attributed logits:</b> {tl}.</p>"
@@ -328,8 +330,45 @@ def summary_html(d: dict, lead: str = "") -> str:
         f"pruned to {c['nodes_pruned']:,} nodes and {c['edges_pruned']:,} edges (node threshold "
         f"{_f(d['settings'].get('node_threshold'))}, edge threshold {_f(d['settings'].get('edge_threshold'))}).</p>"
         + _table(["score", "whole graph", "pruned graph"], rows)
+        + f"<p class='muted'>{SCOPE.get(d.get('kind'), '')}</p>"
         + ("<p class='muted'>" + "; ".join(exact) + ".</p>" if exact else "")
     )
+
+
+# what a graph holds fixed, so what its scores cannot show (the completeness score counts error nodes, not this)
+SCOPE = {
+    "lm": "The graph is linear in its sources because the prompt's attention patterns and normalisation scales are "
+    "frozen: it traces what flows through the heads (OV), not what set their patterns (QK). The completeness score "
+    "measures the influence that error nodes do not carry, not whether the pattern-setting computation is here; lm "
+    "graph --qk attributes a head's pattern.",
+    "cnn": "The graph is linear in its sources because the image's ReLU and max-pool gates are frozen: an "
+    "intervention that opens or closes gates can move the model less (or more) than the graph predicts (the "
+    "interventions of --check, --ablate and --steer measure both).",
+}
+
+
+def _prediction_gaps(checks: list[dict], factor: float = 2.0) -> list[str]:
+    """A sentence for each intervention whose graph prediction of the first logit and the model's measured change
+    differ by more than ``factor`` (or in sign)."""
+    out = []
+    for chk in checks:
+        r = chk["logits"][0] if chk.get("logits") else {}
+        pred, model = r.get("predicted_full"), r.get("model")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (pred, model)) or pred == model == 0:
+            continue
+        if pred * model < 0 or max(abs(pred), abs(model)) > factor * min(abs(pred), abs(model)):
+            out.append(f"{chk['description']}: the graph predicts {pred:+.4g} for {r.get('label')!r}, the model "
+                       f"moves {model:+.4g} ({_ratio(pred, model)}): the frozen parts the graph holds fixed change "
+                       "under this intervention.")  # fmt: skip
+    return out
+
+
+def _ratio(pred: float, model: float) -> str:
+    if pred * model < 0:
+        return "the opposite sign"
+    if model == 0:
+        return "the model does not move"
+    return f"{abs(pred / model):.1f}× the measured change"
 
 
 def _paths_html(p: dict, nodes: list[dict]) -> str:
@@ -384,6 +423,7 @@ def sections_html(d: dict, extra: str = "") -> str:
                         r.get("model"),
                     ]
                 )
+        notes = "".join(f"<li>{H.escape(n)}</li>" for n in _prediction_gaps(d["checks"]))
         out.append(
             "<h2>Interventions</h2><p>Change of each attributed logit (minus the mean logit): predicted by the "
             "graph (every computed edge; the pruned graph alone) and measured (frozen: nonlinearities frozen, "
@@ -392,6 +432,7 @@ def sections_html(d: dict, extra: str = "") -> str:
             + _table(
                 ["intervention", "logit", "graph (all)", "graph (pruned)", "frozen", "recomputed", "model"], rows, 2
             )
+            + (f"<ul>{notes}</ul>" if notes else "")
         )
     for q in d.get("qk", []):
 
