@@ -96,7 +96,7 @@ rowNames.forEach((name, r) => {
 });
 ctxs.forEach((c) => {
   const any = nodes.find(n => n.ctx === c && (n.kind === "input" || n.kind === "feature" || n.kind === "error"));
-  const lab = any ? (any.kind === "input" && DATA.kind === "lm" ? any.label : (DATA.kind === "lm" ? any.ctx_label : "x=" + Number(c).toFixed(1))) : String(c);
+  const lab = any ? (any.kind === "input" && DATA.kind === "lm" ? any.label : (DATA.kind === "lm" ? any.ctx_label : "x=" + Number(c).toFixed(1))) : (nodes.some(n => n.ctx === c && n.kind === "logit") ? "logits" : String(c));
   const t = el("text", {x: left + colOf[c] * colW + colW / 2, y: Hh - 30, "font-size": 11, "text-anchor": "middle", fill: "#444"});
   t.textContent = (lab || "").slice(0, 14);
 });
@@ -123,6 +123,11 @@ const nodeEls = nodes.map((n, i) => {
   g.addEventListener("click", () => select(n.id));
   return g;
 });
+// open on the output: a graph wider than its frame scrolls so that the attributed logits are in view
+(() => {
+  const box = svg.parentElement, xs = nodes.map((n, i) => n.kind === "logit" ? pos[i][0] : null).filter(x => x !== null);
+  if (box && xs.length && W > box.clientWidth) box.scrollLeft = Math.max(0, (Math.min(...xs) + Math.max(...xs)) / 2 - box.clientWidth / 2);
+})();
 function light(i) {
   svg.classList.toggle("hovering", i !== null);
   edgeEls.forEach(p => p.classList.remove("lit")); nodeEls.forEach(g => g.classList.remove("lit"));
