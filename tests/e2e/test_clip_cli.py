@@ -209,6 +209,50 @@ def test_train_the_small_model_and_load_it_in_transformers(capsys, mnist_root, t
     assert diff.abs().max() < 1e-5
 
 
+def _accuracy(images: str, correct: int, n: int):
+    from mechscope.clip.methods.evaluate import Accuracy
+
+    k = 10  # a diagonal of ``correct`` hits spread over ten classes, the rest one class off
+    conf = np.zeros((k, k), dtype=int)
+    for i in range(n):
+        conf[i % k, i % k if i < correct else (i + 1) % k] += 1
+    return Accuracy(images, "the word {}", n, correct / n, tuple(tuple(int(v) for v in row) for row in conf))
+
+
+def test_train_page_prints_standard_errors_and_says_what_is_chance():
+    from mechscope.clip.methods.evaluate import TrainResult
+    from mechscope.clip.report.context import train_summary
+    from mechscope.clip.training import SmallSettings
+
+    near, far = _accuracy("numerals", 15, 120), _accuracy("words (across modalities)", 148, 1000)
+    lines = train_summary(TrainResult("m", {}, 1, (), (near, far), 1.0, {}))
+    # 15 of 120 = 12.5%, binomial standard error √(0.125 × 0.875 / 120) = 3.0 points; 12 expected by chance
+    assert "12.5% ± 3.0 of 120 (chance 10%; within two standard errors of chance)" in lines[0]
+    # against chance, the spread of a guess: (0.148 - 0.1) / √(0.1 × 0.9 / 1000) = 5.1
+    assert "14.8% ± 1.1 of 1000 (chance 10%; 5.1 standard errors above chance)" in lines[1]
+    assert lines[2].startswith("1 of 2 accuracies are within two standard errors of chance")
+    assert "meet only weakly" in lines[3] and "stay mostly apart" not in " ".join(lines)
+    across = train_summary(TrainResult("m", {}, 1, (), (_accuracy("words (across modalities)", 11, 120),), 1.0, {}))
+    assert "no sign that pictures and written names" in across[-1]
+    history = ({"step": 0, "loss": 2.0, "accuracy": 0.1}, {"step": 1, "loss": 1.0, "accuracy": 0.2})
+    settings = dict(SmallSettings().__dict__)
+    html = TrainResult("m", settings, 1, history, (near, far), 1.0, {})._repr_html_()
+    assert "12.5% ± 3.0" in html and "Chance (a uniform guess) is 10% in every row" in html
+
+
+def test_confusion_titles_are_whole_and_counts_are_read(monkeypatch):
+    from mechscope.clip.report import figures as F
+
+    seen = []
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig: seen.append(fig) or "uri")
+    title = "digit words in sans-oblique, serif-italic (across modalities), “a handwritten {}”:\n9.2% ± 2.6 of 120"
+    F.confusion_figure(_accuracy("x", 11, 120), [str(i) for i in range(10)], title)
+    ax, bar = seen[0].axes
+    assert ax.get_title().replace("\n", " ") == title.replace("\n", " ")  # wrapped, not cut
+    assert "share of the true class" in bar.get_ylabel()
+    assert sorted(int(t.get_text()) for t in ax.texts)[-1] == 11  # the counts, in their cells
+
+
 def test_train_is_deterministic(mnist_root):
     from mechscope.clip.training import SmallSettings, train
     from mechscope.cnn.data.mnist import load_mnist

@@ -222,3 +222,21 @@ def test_the_most_common_confusion_names_every_tie(lines):
     assert line.endswith(f"; the most common confusions, 2 images each, are {both}.")
     many = replace(r.overview, confusion_matrix=((98, 1, 1), (1, 98, 1), (1, 1, 98)))
     assert S.summarise(replace(r, overview=many))[0].endswith("; 6 confusions tie as the most common, 1 image each.")
+
+
+def test_the_ablation_matrix_prints_tenths_readably_and_names_its_axes(monkeypatch):
+    from importlib.resources import files
+
+    from mechscope.cnn.report import cnn_figures as F
+
+    figures = []
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig, dpi: figures.append(fig) or "")
+    # changes of -0.94, -1.84, -12.3 and -0.4 points: the last under the printing threshold
+    stages = (_stage_ablation("conv1", 4, {(0, 0): 0.0094, (1, 1): 0.0184, (2, 2): 0.123, (3, 0): 0.004}),)
+    F.ablation_fig(stages, "mean", NAMES)
+    ax = figures[0].axes[0]
+    printed = {t.get_text(): t.get_color() for t in ax.texts}
+    assert printed == {"-0.9": "black", "-1.8": "black", "-12": "white"}  # not "-1", "-2"; white on the dark cell
+    assert ax.get_xlabel() == "class" and ax.get_ylabel() == "conv1 channel"
+    template = (files("mechscope.cnn.report") / "templates" / "microscope.html.j2").read_text(encoding="utf-8")
+    assert f"Numbers are printed where |change| ≥ {F.PRINT_MIN:g} points, to one decimal below 10" in template

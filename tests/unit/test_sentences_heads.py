@@ -184,6 +184,50 @@ def test_a_key_value_node_is_named_by_the_heads_that_pass(result):
     assert "0.1 →" not in line
 
 
+def drawn(monkeypatch, draw, *args) -> list:
+    """The figures ``draw`` makes, drawn (not encoded)."""
+    figures = []
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig: figures.append(fig) or fig.draw_without_rendering() or "")
+    draw(*args)
+    return figures
+
+
+def _confirmed(source, layer, kv, heads) -> PathPatch:
+    n = len(heads)
+    return PathPatch(source, layer, kv, heads, (0.7,) * n, (0.2,) * n, (0.5,) * n, (0.1,) * n, (True,) * n, None, None)
+
+
+def test_circuit_edge_labels_print_the_drop_and_sit_clear_of_nodes_and_lines(result, monkeypatch):
+    from matplotlib.patches import Circle, FancyArrowPatch
+
+    _, edges = F.circuit_graph(result)
+    assert F.edge_label(edges[0], 2) == "1.2\ndrop 0.50"  # positive, as the text's "drop 0.50"; not "−0.50"
+    assert F.edge_label(edges[1], 1) == "2.0*\ndrop 0.06"
+    # the smollm2 report's circuit, three query heads per key/value head: a short edge into a node beside another
+    patches = (_confirmed((0, 0), 1, 1, (3, 4, 5)), _confirmed((0, 0), 2, 2, (6, 7)), _confirmed((1, 8), 2, 2, (6, 7)),
+               _confirmed((0, 0), 4, 2, (6,)), _confirmed((3, 3), 4, 2, (6,)))  # fmt: skip
+    (fig,) = drawn(monkeypatch, F.circuit_figure, make_result(path_patches=patches, kv_groups=3))
+    ax = fig.axes[0]
+    to_px = ax.transData.transform
+    discs = [(to_px(c.center), to_px((c.radius, 0))[0] - to_px((0, 0))[0]) for c in ax.patches if isinstance(c, Circle)]
+    lines = [a.get_transform().transform(a.get_path().vertices) for a in ax.patches if isinstance(a, FancyArrowPatch)]
+    labels = [t.get_window_extent() for t in ax.texts if t.get_bbox_patch() is not None]
+    assert len(labels) == len(lines) == 5 and len(discs) == 6
+    for box, line in zip(labels, lines, strict=True):
+        for centre, r in discs:
+            assert np.linalg.norm(np.clip(centre, [box.x0, box.y0], [box.x1, box.y1]) - centre) >= r, (box, centre)
+        assert not box.count_contains(line), box  # beside its own arrow, not on it
+    assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1 :])
+
+
+def test_ablation_maps_say_what_their_colours_are(result, monkeypatch):
+    figures = drawn(monkeypatch, F.heatmaps, result)
+    units = {fig.axes[0].get_title().split("\n")[0]: fig.axes[1].get_ylabel() for fig in figures}
+    assert units["mean-ablation: second-half loss increase"] == "second-half loss increase (nats, mean over sequences)"
+    assert units["zero-ablation: second-half loss increase"].endswith("(nats, mean over sequences)")
+    assert units["induction score (repeated random tokens)"] == ""
+
+
 def test_composition_is_called_high_only_at_twice_the_baseline(result):
     lines = R.summary(result)
     high = one(lines, "A high K-composition")

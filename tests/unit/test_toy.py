@@ -65,6 +65,22 @@ def test_short_run_measures_everything(tmp_path):
     assert again["series"][-1]["held_out_loss"] == row["held_out_loss"]  # seeded: the same run twice
 
 
+def test_progress_bar_shows_the_induction_score_the_final_line_reports(monkeypatch):
+    import mechscope.lm.toy as toy
+
+    bars = []
+
+    class Bar(toy.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(toy, "tqdm", Bar)
+    r = train_toy(ToyConfig(**TINY), progress=False)
+    final = r["final"]["max_induction_last_layer"]  # layer 1's best head, as the final line and the page say
+    assert bars[0].postfix.endswith(f"highest induction (layer 1)={final:.2f}"), bars[0].postfix
+
+
 def test_text_run_and_bad_input(tmp_path):
     text = "to be, or not to be: that is the question. " * 200
     r = train_toy(ToyConfig(**TINY, data="text"), text=text)

@@ -302,6 +302,7 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
     series: list[dict] = []
     running, count = 0.0, 0
     clock = Timer()  # seconds since the start of training
+    top_layer = cfg.layers - 1
 
     def record(step: int) -> None:
         row = {"step": step, "train_loss": running / count if count else None, **measure(model, held_out, probe)}
@@ -331,8 +332,9 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
             bar.update(1)
             if step in marks:
                 record(step)
+                best = max(series[-1]["induction"][top_layer])  # what the final line reports: the last layer's best
                 bar.set_postfix(
-                    loss=f"{running / count:.3f}", induction=f"{max(map(max, series[-1]['induction'])):.2f}"
+                    {"loss": f"{running / count:.3f}", f"highest induction (layer {top_layer})": f"{best:.2f}"}
                 )
                 running, count = 0.0, 0
     if data.chars is None:  # synthetic tokens are drawn afresh every step: a pass is one step's batch
@@ -341,7 +343,6 @@ def train_toy(cfg: ToyConfig, text: str | None = None, out: Path | None = None, 
         per, pass_over = len(data.train_ids), "the training split (the first 90% of the text)"
     work = counter.report(f"lm train-toy ({cfg.layers} layer{'s' * (cfg.layers > 1)})", per) | {"pass_over": pass_over}
     last = series[-1]
-    top_layer = cfg.layers - 1
     ind_series = [max(row["induction"][top_layer]) for row in series]
     phase = detect_phase_change([r["step"] for r in series], ind_series, [r["icl_score"] for r in series])
     result = {

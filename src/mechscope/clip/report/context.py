@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 
 from mechscope.clip.report import figures as F
@@ -11,27 +12,86 @@ def footer() -> str:
     return f"report made {date.today().isoformat()}"
 
 
+def chance(a) -> float:
+    """A uniform guess's accuracy: one over the number of classes (the side of the confusion matrix)."""
+    return 1 / max(len(a.confusion), 1)
+
+
+def standard_error(a) -> float:
+    """The binomial standard error of an accuracy measured on ``a.n`` items."""
+    return math.sqrt(a.accuracy * (1 - a.accuracy) / max(a.n, 1))
+
+
+def guess_error(a) -> float:
+    """The standard error of a uniform guess's accuracy on ``a.n`` items: the spread chance alone gives."""
+    c = chance(a)
+    return math.sqrt(c * (1 - c) / max(a.n, 1))
+
+
+def near_chance(a) -> bool:
+    """Whether the accuracy is within two standard errors of chance (a guess lands there one time in twenty)."""
+    return abs(a.accuracy - chance(a)) <= 2 * guess_error(a)
+
+
+def with_error(a) -> str:
+    """``12.5% ± 3.0 of 120``: the accuracy, its standard error in points and the count."""
+    return f"{a.accuracy:.1%} ± {100 * standard_error(a):.1f} of {a.n}"
+
+
+def versus_chance(a) -> str:
+    if near_chance(a):
+        return "within two standard errors of chance"
+    side = "above" if a.accuracy > chance(a) else "below"
+    return f"{abs(a.accuracy - chance(a)) / guess_error(a):.1f} standard errors {side} chance"
+
+
+def cross_verdict(best) -> str:
+    if near_chance(best):
+        return "no sign that pictures and written names of a digit meet in the embedding space."
+    if best.accuracy < chance(best):
+        return "below guessing, so the embedding does not match pictures with written names."
+    if best.accuracy > 0.3:
+        return "pictures and written names of a digit meet in the embedding space."
+    return "pictures and written names of a digit meet only weakly in the embedding space."
+
+
 def train_summary(result) -> list[str]:
-    lines = []
-    for a in result.evaluation:
-        lines.append(f"{a.images} classified with “{a.prompts}” prompts: {a.accuracy:.1%} of {a.n} (chance 10%).")
+    lines = [f"{a.images} classified with “{a.prompts}” prompts: {with_error(a)} (chance {chance(a):.0%}; "
+             f"{versus_chance(a)})." for a in result.evaluation]  # fmt: skip
+    near = [a for a in result.evaluation if near_chance(a)]
+    if near:
+        lines.append(f"{len(near)} of {len(result.evaluation)} accuracies are within two standard errors of chance "
+                     "(marked above): those rows are not told apart from guessing.")  # fmt: skip
     cross = [a for a in result.evaluation if "across" in a.images]
     if cross:
         best = max(cross, key=lambda a: a.accuracy)
-        lines.append(f"Across modalities the best is {best.accuracy:.1%} ({best.images}): "
-                     + ("pictures and written names of a digit meet in the embedding space."
-                        if best.accuracy > 0.3 else "the modalities stay mostly apart."))  # fmt: skip
+        lines.append(f"Across modalities the best is {with_error(best)} ({best.images}), {versus_chance(best)}: "
+                     + cross_verdict(best))  # fmt: skip
     return lines
+
+
+def chance_note(result) -> str:
+    levels = sorted({chance(a) for a in result.evaluation})
+    if len(levels) == 1:
+        return f"Chance (a uniform guess) is {levels[0]:.0%} in every row."
+    return "Chance (a uniform guess) is " + ", ".join(f"{c:.0%}" for c in levels) + " depending on the row."
+
+
+def confusion_title(a) -> str:
+    return f"{a.images}, “{a.prompts}”:\n{with_error(a)}"
 
 
 def train_context(result) -> dict:
     from mechscope.clip.data.digits import DIGIT_WORDS
 
+    rows = [{"a": a, "se": 100 * standard_error(a), "versus": versus_chance(a)} for a in result.evaluation]
     return {
         "result": result,
         "summary": train_summary(result),
+        "rows": rows,
+        "chance_note": chance_note(result),
         "history": F.history_figure(result.history),
-        "confusions": [F.confusion_figure(a, DIGIT_WORDS) for a in result.evaluation],
+        "confusions": [F.confusion_figure(a, DIGIT_WORDS, confusion_title(a)) for a in result.evaluation],
         "footer": footer(),
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mechscope.core.render.figures import subplots
+from mechscope.core.render.figures import subplots, text_colour
 from mechscope.core.render.html import array_uri, figure_data_uri
 
 
@@ -41,15 +41,27 @@ def history_figure(history) -> str:
     return figure_data_uri(fig)
 
 
-def confusion_figure(acc, names) -> str:
-    conf = np.asarray(acc.confusion, dtype=float)
-    fig, ax = subplots(figsize=(3.4, 3.0), layout="constrained")
-    ax.imshow(conf / np.maximum(conf.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+def confusion_figure(acc, names, title: str) -> str:
+    """Counts per true and predicted class, shaded by the share of the true class; each title line wrapped whole."""
+    import textwrap
+
+    import matplotlib
+
+    conf = np.asarray(acc.confusion, dtype=int)
+    share = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    cmap = matplotlib.colormaps["Blues"]
+    fig, ax = subplots(figsize=(3.8, 3.6), layout="constrained")
+    im = ax.imshow(share, cmap=cmap, vmin=0, vmax=1)
+    for i, j in zip(*np.nonzero(conf), strict=True):
+        ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=5, color=text_colour(cmap(share[i, j])))
     ax.set_xticks(range(len(names)), [n[:5] for n in names], fontsize=6, rotation=90)
     ax.set_yticks(range(len(names)), [n[:5] for n in names], fontsize=6)
     ax.set_xlabel("predicted", fontsize=7)
     ax.set_ylabel("true", fontsize=7)
-    ax.set_title(f"{acc.images[:40]}: {acc.accuracy:.0%}", fontsize=7)
+    ax.set_title("\n".join(textwrap.fill(line, 44) for line in title.split("\n")), fontsize=7)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("share of the true class (cells: counts)", fontsize=6)
+    bar.ax.tick_params(labelsize=6)
     return figure_data_uri(fig)
 
 

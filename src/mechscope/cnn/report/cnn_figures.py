@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from mechscope.cnn.report.summary import article, noun
+from mechscope.core.render.figures import text_colour
 from mechscope.core.render.html import figure_data_uri
 
 DPI = 80
@@ -175,19 +176,29 @@ def templates_fig(templates: np.ndarray, class_channel: np.ndarray, names, stage
 # ---- ablation, selectivity, patching ----------------------------------------------------------
 
 
+PRINT_MIN = 0.5  # points: the ablation matrices print a cell's number where |change| ≥ this (the caption says so)
+
+
+def points_text(v: float) -> str:
+    """A change in points: one decimal below 10 (-0.9, not -1), whole points above (-12)."""
+    return f"{v:.1f}" if abs(v) < 9.95 else f"{v:.0f}"
+
+
 def ablation_fig(stages, kind: str, names) -> str:
     """Heat maps of the accuracy change (points) per channel and class, one panel per stage."""
     mats = [(st.stage, st.of(kind).numpy() * 100) for st in stages]
     v = max(sym(m) for _, m in mats)
     tallest = max(m.shape[0] for _, m in mats)
-    fig = Figure(figsize=(max(5.0, 4.2 * len(mats) + 1.0), 0.18 * tallest + 1.8), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 4.2 * len(mats) + 1.0), 0.18 * tallest + 1.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(mats)))
     for ax, (name, mat) in zip(axes, mats, strict=True):
         im = ax.imshow(mat, cmap="RdBu", vmin=-v, vmax=v, aspect="auto")
         if mat.size <= 800:
-            for i, j in zip(*np.nonzero(np.abs(mat) >= 0.5), strict=True):
-                ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center", fontsize=5.5)
+            for i, j in zip(*np.nonzero(np.abs(mat) >= PRINT_MIN), strict=True):
+                ax.text(j, i, points_text(mat[i, j]), ha="center", va="center", fontsize=6.5,
+                        color=text_colour(im.cmap(im.norm(mat[i, j]))))  # fmt: skip
         class_ticks(ax, names, "x")
+        ax.set_xlabel(noun(names), fontsize=8)
         ax.set_ylabel(f"{name} channel")
         ax.set_yticks(range(mat.shape[0]))
         ax.tick_params(axis="y", labelsize=6)

@@ -28,9 +28,11 @@ TITLES = {
 MARGINAL_SE = 2.0  # a confirmed pass whose drop is within this many standard errors of the threshold is marginal
 
 
-def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None, measured=None) -> str:
+def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None, measured=None,
+                      unit: str = "") -> str:  # fmt: skip
     """A [layers, heads] map; diverging colours around 0 when the values are signed. ``measured`` [layers, heads]
-    (bool): the cells whose value is a measurement, marked with a black dot (the others are estimates)."""
+    (bool): the cells whose value is a measurement, marked with a black dot (the others are estimates). ``unit``:
+    the colour bar's label (the quantity and its unit)."""
     s = np.asarray(values, dtype=float)
     signed = bool(np.nanmin(s) < 0) if signed is None else signed
     fig = Figure(figsize=(max(4.0, 0.28 * s.shape[0] + 1.8), max(2.2, 0.3 * s.shape[1] + 1.2)), layout="constrained")
@@ -45,11 +47,14 @@ def layer_head_figure(values: np.ndarray, title: str, signed: bool | None = None
         ls, hs = np.nonzero(np.asarray(measured, dtype=bool))
         ax.scatter(ls, hs, s=9, c="black", marker="o", linewidths=0)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.9)
+    fig.colorbar(im, ax=ax, shrink=0.9).set_label(unit, fontsize=8)
     return figure_data_uri(fig)
 
 
 ABLATION_KINDS = {v: k for k, v in ABLATION_SCORES.items()}  # score name -> ablation kind
+# what an ablation map holds (HeadAblation.best): per head, the mean over the protocol's sequences of the rise in the
+# loss on the second copy of the repeated tokens when that head alone is ablated
+UNITS = dict.fromkeys(ABLATION_KINDS, "second-half loss increase (nats, mean over sequences)")
 
 
 def heatmap_title(name: str, ablation) -> str:
@@ -71,7 +76,8 @@ def heatmaps(result) -> list[tuple[str, str]]:
             continue
         a = result.ablation.get(ABLATION_KINDS.get(name, ""))
         title = heatmap_title(name, result.ablation)
-        out.append((title, layer_head_figure(scores[name], title, measured=a.measured_mask() if a else None)))
+        mask = a.measured_mask() if a else None
+        out.append((title, layer_head_figure(scores[name], title, measured=mask, unit=UNITS.get(name, ""))))
     return out
 
 
@@ -134,6 +140,56 @@ def node_text(node, result) -> str:
     return group_label(layer, heads or list(range(idx * g, (idx + 1) * g)))
 
 
+def edge_label(edge: dict, kv_groups: int) -> str:
+    """The query heads an edge passes for (when a key/value head serves several) over its drop, a positive number as
+    in the text ("drop 0.82": the target's induction score falls by 0.82)."""
+    heads = [f"{h}*" if h in edge["marginal_heads"] else str(h) for h in edge["confirmed"]]
+    who = f"{edge['patch'].layer}.{'/'.join(heads)}\n" if kv_groups > 1 or edge["marginal_heads"] else ""
+    return f"{who}drop {edge['drop']:.2f}"
+
+
+def label_spots(pts: np.ndarray, half: np.ndarray) -> list[np.ndarray]:
+    """Where an edge's label may go: at the middle of the edge and further along it, just beside it on either side
+    (its box clear of the line), then on it."""
+    out = []
+    for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
+        i = min(int(t * (len(pts) - 1)), len(pts) - 2)
+        d = pts[i + 1] - pts[i]
+        normal = np.array([-d[1], d[0]]) / (np.linalg.norm(d) or 1.0)
+        gap = float(np.abs(normal) @ half) + 0.06  # the box's reach across the line, and a margin
+        out += [pts[i] + normal * gap, pts[i] - normal * gap]
+    return out + [pts[len(pts) // 2]]
+
+
+def spot_cost(c, half, centres, radius, boxes, curves, limits) -> tuple:
+    """(nodes hit, labels hit, outside the axes, line points covered) for a label box centred at ``c``."""
+    near = np.clip(centres, c - half, c + half)  # each node centre's nearest point of the box
+    nodes = int((np.linalg.norm(near - centres, axis=1) < radius + 0.04).sum())
+    hits = sum(bool(np.all(np.abs(c - b) < half + h + 0.04)) for b, h in boxes)
+    (lo, hi) = limits
+    outside = bool(np.any(c - half < lo) or np.any(c + half > hi))
+    covered = sum(int(np.all(np.abs(p - c) < half, axis=1).sum()) for p in curves)
+    return nodes, hits, outside, covered
+
+
+def place_labels(ax, labels: list, curves: list[np.ndarray], centres: list, radius: float) -> None:
+    """Move each edge label to the first of its :func:`label_spots` whose box (measured as drawn) overlaps no node
+    and no label placed before it, stays inside the axes and covers the fewest lines; the least bad otherwise."""
+    fig = ax.get_figure()
+    fig.draw_without_rendering()  # the constrained layout, so that sizes in data units are the drawn ones
+    to_data = ax.transData.inverted()
+    limits = (np.array([ax.get_xlim()[0], ax.get_ylim()[0]]), np.array([ax.get_xlim()[1], ax.get_ylim()[1]]))
+    boxes: list = []
+    for text, pts in zip(labels, curves, strict=True):
+        ext = text.get_window_extent()
+        half = np.abs(to_data.transform([ext.x1, ext.y1]) - to_data.transform([ext.x0, ext.y0])) / 2 + 0.03
+        spots = label_spots(pts, half)
+        costs = [spot_cost(c, half, np.asarray(centres), radius, boxes, curves, limits) for c in spots]
+        best = spots[min(range(len(spots)), key=lambda i: (*costs[i], i))]
+        text.set_position(best)
+        boxes.append((best, half))
+
+
 def circuit_figure(result) -> str:
     """Path-patching-confirmed edges only; width = drop in the target's induction score."""
     nodes, edges = circuit_graph(result)
@@ -159,11 +215,9 @@ def circuit_figure(result) -> str:
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=12, lw=0.8 + 5 * e["drop"],
                                      color="#bbb" if e["marginal"] else "#777", alpha=0.85, zorder=1,
                                      linestyle="--" if e["marginal"] else "-"))  # fmt: skip
-        mid = pts[len(pts) // 2]
-        pp = e["patch"]
-        heads = [f"{h}*" if h in e["marginal_heads"] else str(h) for h in e["confirmed"]]
-        who = f"{pp.layer}.{'/'.join(heads)} " if result.kv_groups > 1 or e["marginal_heads"] else ""
-        ax.text(mid[0], mid[1] + 0.12, f"{who}−{e['drop']:.2f}", fontsize=7, ha="center", color="#444", zorder=2)
+    labels = [ax.text(0, 0, edge_label(e, result.kv_groups), fontsize=7, ha="center", va="center", color="#444",
+                      zorder=2, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+              for e in edges]  # fmt: skip
     for node, (x, y) in lay.pos.items():
         colour = "#1b9e77" if node[0] == "src" else "#d95f02"
         ax.add_patch(Circle((x, y), lay.radius, color=colour, zorder=3))
@@ -179,10 +233,11 @@ def circuit_figure(result) -> str:
         ax.spines[side].set_visible(False)
     ax.set_title(
         "edges confirmed by key-side path patching:\nsource head (green) → key/value head (orange), named by the query "
-        "heads that pass;\nlabel and width: drop in their induction score; * a head that passes within "
+        "heads that pass;\nlabel and width: drop in their induction score;\n* a head that passes within "
         f"{MARGINAL_SE:g} s.e. of the threshold (marginal); dashed: marginal for every head",
         fontsize=8,
     )
+    place_labels(ax, labels, curves, list(lay.pos.values()), lay.radius)  # last: measured in the final layout
     return figure_data_uri(fig)
 
 
