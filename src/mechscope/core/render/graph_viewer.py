@@ -311,6 +311,7 @@ def summary_html(d: dict, lead: str = "") -> str:
     """Scores, sizes and exactness of a graph record, in a few lines and one table."""
     s, c, e = d["scores"], d["counts"], d.get("exactness", {})
     targets = [n for n in d["nodes"] if n["kind"] == "logit"]
+    kept_errors = sum(n["kind"] == "error" for n in d["nodes"])
     tl = ", ".join(f"{H.escape(repr(n.get('label', '')))} (p={n.get('probability', 0):.3f})" for n in targets)
     rows = [
         ["replacement score", s.get("replacement"), s.get("replacement_pruned")],
@@ -331,7 +332,8 @@ def summary_html(d: dict, lead: str = "") -> str:
     return (
         f"{lead}<p><b>Attributed logits:</b> {tl}.</p>"
         f"<p>{c['active_features']:,} active features, {c['feature_nodes']:,} with rows ({c['rows']:,} rows in "
-        f"{c['backward_passes']:,} backward passes), {c['error_nodes']:,} error nodes, {c['input_nodes']:,} inputs; "
+        f"{c['backward_passes']:,} backward passes), {c['error_nodes']:,} error nodes ({kept_errors:,} kept by the "
+        f"pruning), {c['input_nodes']:,} inputs; "
         f"pruned to {c['nodes_pruned']:,} nodes and {c['edges_pruned']:,} edges (node threshold "
         f"{_f(d['settings'].get('node_threshold'))}, edge threshold {_f(d['settings'].get('edge_threshold'))}).</p>"
         + _table(["score", "whole graph", "pruned graph"], rows)
