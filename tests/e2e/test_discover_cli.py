@@ -174,7 +174,7 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
     for args, match in [
         (("--threshold", "-1", "--method", "acdc"), "--threshold must be >= 0"),
         (("--metric", "detect"), "needs a target class"),
-        (("--class", "12"), "class 12 outside"),
+        (("--class", "12"), "class 12 out of range: expected 0..9"),
         (("--explain", str(tmp_path)), "--explain compares a class's circuit"),
         (("--class", "1", "--explain", str(tmp_path)), "mechanisms.json: not found"),
     ]:

@@ -79,7 +79,7 @@ def test_cnn_graph_cli(capsys, quick_run, mnist_root, tmp_path):
     "extra,fragments",
     [
         (["--image", "100000"], ["image 100000 outside"]),
-        (["--image", "0", "--target", "10"], ["class 10 outside"]),
+        (["--image", "0", "--target", "10"], ["class 10 out of range: expected 0..9"]),
         (["--image", "0", "--dictionaries", "WRONG"], ["the stage has 16"]),
     ],
 )

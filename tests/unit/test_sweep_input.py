@@ -404,3 +404,23 @@ def test_a_clip_config_without_a_tower_says_which_defaults_it_takes(caplog):
                                        "num_hidden_layers": 1, "num_attention_heads": 2}}, "clip")  # fmt: skip
     assert cfg.vision.image_size == 224  # transformers' CLIPVisionConfig default
     assert "no vision_config: the vision tower takes clip's default sizes" in caplog.text
+
+
+def test_cnn_discover_and_graph_take_a_class_by_name(capsys, tmp_path, quick_run):
+    """The docs say a class is its index or its name; discover's --class and graph's --target took integers only
+    ("Input should be a valid integer" for 'dog'). One class_index resolves both, as explain's --class did."""
+    from mechscope.cnn.config import class_index
+
+    names = ("cat", "dog", "bird")
+    assert [class_index(c, names) for c in ("dog", "2", 0)] == [1, 2, 0]
+    with pytest.raises(MechscopeError, match="unknown class 'fish'; expected 0..2 or a class name"):
+        class_index("fish", names)
+    with pytest.raises(MechscopeError, match="class 3 out of range: expected 0..2"):
+        class_index("3", names)
+    code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--class", "seven", "--out",
+                            str(tmp_path / "d"))  # fmt: skip
+    assert_one_line_error(code, err, "unknown class 'seven'; expected 0..9 or a class name")
+    code, _, err = run_main(capsys, "cnn", "graph", "--run", str(quick_run), "--channels", "--target", "seven",
+                            "--out", str(tmp_path / "g"))  # fmt: skip
+    assert_one_line_error(code, err, "unknown class 'seven'; expected 0..9 or a class name")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "g").exists()

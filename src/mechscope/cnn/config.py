@@ -104,24 +104,25 @@ class ExplainSettings:
         """Classes given by name or index, as indices checked against ``class_names``."""
         from dataclasses import replace
 
-        k = len(class_names)
-
-        def index(c, what: str) -> int:
-            if isinstance(c, str) and c in class_names:
-                return list(class_names).index(c)
-            try:
-                i = int(c)
-            except (TypeError, ValueError):
-                raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name") from None
-            if not 0 <= i < k:
-                raise MechscopeError(f"{what} {i} out of range: expected 0..{k - 1}")
-            return i
-
-        classes = tuple(index(c, "class") for c in self.classes) if self.classes else None
-        patch = tuple(index(c, "patching class") for c in self.patch) if self.patch else None
+        classes = tuple(class_index(c, class_names) for c in self.classes) if self.classes else None
+        patch = tuple(class_index(c, class_names, "patching class") for c in self.patch) if self.patch else None
         if patch is not None and patch[0] == patch[1]:
             raise MechscopeError(f"patching needs two different classes, got {self.patch[0]} and {self.patch[1]}")
         return replace(self, classes=classes, patch=patch)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def class_index(c: int | str, class_names, what: str = "class") -> int:
+    """A class given by its name or its index, as an index checked against ``class_names``; one line otherwise."""
+    k = len(class_names)
+    if isinstance(c, str) and c in class_names:
+        return list(class_names).index(c)
+    try:
+        i = int(c)
+    except (TypeError, ValueError):
+        raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name") from None
+    if not 0 <= i < k:
+        raise MechscopeError(f"{what} {i} out of range: expected 0..{k - 1}")
+    return i

@@ -21,7 +21,9 @@ def discover(
         help="logprob (default), logit, logit_diff, loss, kl (to the clean run), accuracy, detect (accuracy and "
         "detect: acdc only).",
     ),
-    target: int | None = typer.Option(None, "--class", help="A class (index): its images, corrupted by others'."),
+    target: str | None = typer.Option(
+        None, "--class", help="A class (index or name): its images, corrupted by others'."
+    ),
     n: int = typer.Option(64, "--n", help="Test images."),
     corrupt: str = typer.Option(
         "resample",

@@ -27,8 +27,8 @@ def graph_cmd(
         "--kind",
         help="Dictionaries trained here: sae (on each stage's output) or transcoder (across each ReLU).",
     ),
-    target: int | None = typer.Option(
-        None, "--target", help="The class whose logit to trace (default: the predicted one)."
+    target: str | None = typer.Option(
+        None, "--target", help="The class (index or name) whose logit to trace (default: the predicted one)."
     ),
     max_features: int | None = typer.Option(None, "--max-features", help="Features that get a row (default: all)."),
     node_threshold: float = typer.Option(0.8, "--node-threshold"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mechscope.cnn.config import class_index
 from mechscope.cnn.methods.attribution_graph import (
     CnnAttributionGraph,
     CnnDictionaryTraining,
@@ -45,7 +46,7 @@ def graph_model(
     dictionaries=None,
     kind: str = "sae",
     training: CnnDictionaryTraining | None = None,
-    target: int | None = None,
+    target: int | str | None = None,
     settings: CnnGraphSettings | None = None,
     ablate: list[list[str]] | None = None,
     steer: list[tuple[str, float]] | None = None,
@@ -70,6 +71,7 @@ def graph_model(
     with timer.section("load"):
         r = load_run(run)
         data = load_run_data(r, dataset, data_dir)
+    target = None if target is None else class_index(target, data.class_names)
     images = data.test_float() if split == "test" else data.train_float()
     labels = data.test_labels if split == "test" else data.train_labels
     if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < len(images):

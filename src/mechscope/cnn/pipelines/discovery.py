@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from mechscope.cnn.config import class_index
 from mechscope.cnn.methods.discovery import CNNDiscovery, discover, image_task
 from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.spec import walk
@@ -47,7 +48,7 @@ def discover_run(
     *,
     method: str = "eap-ig",
     metric: str | None = None,
-    target: int | None = None,
+    target: int | str | None = None,
     n: int = 64,
     seed: int = 0,
     corrupt: str = "resample",
@@ -82,6 +83,7 @@ def discover_run(
     with timer.section("load"):
         run = load_run(run_dir)
         images, labels, data = _data(run, dataset, data_dir)
+        target = None if target is None else class_index(target, data.class_names)
         spec = walk(run.model, data.shape)
         hand = hand_circuit(explain, target) if explain is not None else None
         counter = spec.work_counter()
