@@ -34,6 +34,10 @@ def test_inspect_and_generate_random_gpt2(capsys, gpt2_dir):
     assert code == 0, err
     assert "family      gpt2" in out and "blocks.{0..1}.attn.hook_result" in out
     assert "blocks.1.attn.hook_pattern: shape [1, 2, 9, 9]" in out  # 9 tokens in the default prompt
+    # GPT-2's learned positions never call the rotary hooks: listed apart, since a hook that never fires is refused
+    listed = next(line for line in out.splitlines() if line.startswith("hook points: "))
+    assert "hook_rot_q" not in listed
+    assert "not computed by this model (their modules exist): blocks.{0..1}.attn.hook_rot_q" in out
     code, out, err = run_main(
         capsys, "lm", "generate", "--model", str(gpt2_dir), "--prompt", "Hello", "--max-new-tokens", "5"
     )

@@ -29,7 +29,7 @@ def inspect(
     """Architecture, parameter count, dtype, device and hook names (and, with --hook, activations)."""
     import torch
 
-    from mechscope.core.hooks import describe_names, hook_points, run_with_cache
+    from mechscope.core.hooks import describe_names, firing_hooks, hook_points, run_with_cache
     from mechscope.lm.models.transformer import describe
 
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
@@ -37,10 +37,15 @@ def inspect(
     if hook:  # before any output: a hook that does not fire for this model is an error, not an empty answer
         ids = tok.encode(prompt) if tok else list(range(1, 9))
         _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
+    probe = torch.zeros(1, min(4, m.cfg.n_ctx), dtype=torch.long)  # token 0 is in every vocabulary
+    alive = firing_hooks(m, probe)  # a name is valid only if it fires (see core.hooks)
+    silent = [n for n in hook_points(m) if n not in set(alive)]
     for key, value in describe(m).items():
         typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
     typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
-    typer.echo("hook points: " + describe_names(hook_points(m)))
+    typer.echo("hook points: " + describe_names(alive))
+    if silent:
+        typer.echo("not computed by this model (their modules exist): " + describe_names(silent))
     if hook:
         for name, act in cache.items():
             typer.echo(f"{name}: shape {list(act.shape)}, mean {act.float().mean():+.4f}, std {act.float().std():.4f}")
