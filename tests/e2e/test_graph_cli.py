@@ -217,6 +217,23 @@ def test_a_compiled_model_reads_and_names_its_own_vocabularies(capsys, hist, tmp
     assert_one_line_error(code, err, "'9' is not in the output vocabulary (0, 1, 2, 3, 4, 5, 6)")
 
 
+def test_lm_graph_loads_on_the_device_and_dtype_asked(capsys, hist, tmp_path):
+    """lm graph took no --device/--dtype/--revision though the docs say every command that loads a model does: in
+    bfloat16 the same graph's edges move by bfloat16's rounding (reported by its own exactness check)."""
+    args = ["lm", "graph", "--model", hist, "--neurons", "--prompt", "b a b b c", "--dashboards", "0", "--out"]
+    code, _, err = run_main(capsys, *args, str(tmp_path / "f32"), "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    code, _, err = run_main(capsys, *args, str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert code == 0, err
+    f32 = load_graph(tmp_path / "f32" / "graph.json", LmAttributionGraph)
+    bf16 = load_graph(tmp_path / "bf16" / "graph.json", LmAttributionGraph)
+    assert f32.exactness["edges_max_rel_error"] < 1e-5 < bf16.exactness["edges_max_rel_error"] < 1e-2
+    code, _, err = run_main(capsys, *args, str(tmp_path / "x"), "--device", "tpu")
+    assert_one_line_error(code, err, "tpu")
+    code, _, err = run_main(capsys, "lm", "graph", "--view", str(tmp_path / "f32" / "graph.json"), "--dtype", "float32")
+    assert_one_line_error(code, err, "--view re-renders a saved graph", "dtype")
+
+
 @pytest.mark.parametrize(
     "extra,fragments",
     [

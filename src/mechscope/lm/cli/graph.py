@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import ForceOpt, app
+from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 
 def _qk(text: str) -> tuple:
@@ -90,6 +90,9 @@ def graph_cmd(
     ),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/graph/MODEL)."),
     force: bool = ForceOpt,
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    revision: str | None = RevisionOpt,
 ) -> None:
     """Trace one prompt through transcoder features: graph.json, graph.html (the viewer), graph-circuit-tracer.json."""
     from mechscope.core.errors import MechscopeError
@@ -149,6 +152,9 @@ def graph_cmd(
         examples=examples,
         bos=not no_bos,
         progress=lambda m: typer.echo(f"  {m}", err=True),
+        device=device,
+        dtype=dtype,
+        revision=revision,
     )
     s, c, e = g.scores, g.counts, g.exactness
     logits = [n for n in g.nodes if n["kind"] == "logit"]

@@ -405,13 +405,7 @@ def feature_examples(
         by_layer.setdefault(layer, []).append(f)
     last = max(by_layer)
     dev = next(model.parameters()).device
-    crosslayer = isinstance(transcoders, CrossLayerTranscoder)
-    if crosslayer:
-        tcs = transcoders.to_model(dev, next(model.parameters()).dtype)
-        read = transcoders.input_hook
-    else:
-        tcs = transcoders.to(dev, next(model.parameters()).dtype)
-        read = "mlp.hook_in"
+    tcs, read = transcoders.to_model(dev, next(model.parameters()).dtype), transcoders.input_hook
     best = {k: torch.full((len(v), n), -math.inf) for k, v in by_layer.items()}
     where = {k: torch.zeros(len(v), n, 2, dtype=torch.long) for k, v in by_layer.items()}
     acts_keep: dict[tuple[int, int], torch.Tensor] = {}
@@ -435,7 +429,7 @@ def feature_examples(
             with contextlib.suppress(Stop):
                 model(batch)
         for layer, feats in by_layer.items():
-            enc = tcs.encode(layer, got[layer]) if crosslayer else tcs.layers[layer].encode(got[layer])
+            enc = tcs.encode(layer, got[layer])
             f = enc[..., torch.tensor(feats)].float().cpu()  # [b, T, F]
             f[:, 0] = 0
             val, pos = f.max(1)  # [b, F]

@@ -157,13 +157,17 @@ def graph_model(
     force: bool = False,
     progress=None,
     name: str = "",
+    device=None,
+    dtype=None,
+    revision: str | None = None,
 ) -> tuple[Path | None, LmAttributionGraph]:
     """The attribution graph of a prompt, checked, with interventions, QK attributions and dashboards; written to
     ``out`` when given. ``model``: a name (``smollm2``, a folder) or a ``HookedTransformer``; ``qk``: heads
     ``(layer, head[, query_pos[, key_pos]])``; ``ablate``: lists of node ids to ablate together; ``steer``: (node,
     value); ``auto_intervention``: ablate the most influential feature too; ``dashboards``: top-example cards for
     the most influential feature nodes, from ``examples`` tokens of text; ``crosslayer``: with ``train_tokens``,
-    train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own)."""
+    train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own);
+    ``device``, ``dtype``, ``revision``: as ``load_model`` takes them, for a model given by name."""
     from mechscope.lm.models.convert.tracr import vocab_tokenizers
     from mechscope.lm.models.loading import load_model
     from mechscope.lm.models.transformer import HookedTransformer
@@ -182,10 +186,12 @@ def graph_model(
         spec = str(model)
         with timer.section("load"):
             if Path(spec).expanduser().exists() and is_toy_run(spec):
-                model, chars, toy_name = load_toy(spec)
+                if revision is not None:
+                    raise MechscopeError("--revision picks a hub id's revision; a train-toy run has none")
+                model, chars, toy_name = load_toy(spec, device, dtype)
                 tok, name = (CharTokenizer(chars) if chars else None), name or toy_name
             else:
-                model, tok = load_model(spec)
+                model, tok = load_model(spec, dtype, device=device, revision=revision)
         tokenizer = tokenizer or tok
         name = name or spec
     in_words, out_words = vocab_tokenizers(model)  # a tracr model's vocabularies (None otherwise)

@@ -27,7 +27,7 @@ def load_any(spec: str, device=None, dtype=None):
     from mechscope.lm.toy import is_toy_run, load_toy
 
     if is_toy_run(spec):
-        model, _, _ = load_toy(spec)
+        model, _, _ = load_toy(spec, device, dtype)
         return model
     model, _ = load_model(spec, dtype, device=device)
     return model
