@@ -210,3 +210,26 @@ def test_train_toy_empty_text(capsys, tmp_path):
         capsys, "lm", "train-toy", "--data", "text", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")
     )
     assert_one_line_error(code, err, "the text file is empty")
+
+
+def test_lm_heads_reads_a_train_toy_run(capsys, tmp_path):
+    """lm heads refused a train-toy run ('not a Hugging Face model directory') although train-toy is where a student
+    watches induction heads form; it now reads the run with its characters as the tokenizer."""
+    from mechscope.lm.pipelines.toy import train_toy_run
+    from mechscope.lm.toy import ToyConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40)
+    toy = tmp_path / "toy"
+    train_toy_run(ToyConfig(layers=2, data="text", steps=5, d_model=32, n_heads=2, n_ctx=32, batch=8, checkpoints=2,
+                            min_span=4, warmup=1), toy, text, control=False, progress=False)  # fmt: skip
+    out = tmp_path / "heads"
+    code, stdout, err = run_main(capsys, "lm", "heads", "--model", str(toy), "--n", "10", "--batch", "4", "--text",
+                                 str(text), "--no-ablation", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    r = assert_round_trip(out / "heads.json", HeadsResult)
+    text_scores = np.asarray(r["scores"]["previous_token_text"], dtype=float)
+    assert text_scores.shape == (2, 2) and np.isfinite(text_scores).all()  # the text read through its characters
+    code, _, err = run_main(capsys, "lm", "heads", "--model", str(toy), "--revision", "step1", "--out",
+                            str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(code, err, "--revision and --device-map read a hub id or a model folder")
