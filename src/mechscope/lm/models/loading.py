@@ -118,7 +118,7 @@ def read_config(directory: Path) -> dict:
 
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
-        toy = " (a train-toy run: lm circuits, neurons, graph, discover and sae read those)" if (
+        toy = " (a train-toy run: lm heads, circuits, neurons, graph, discover and sae read those)" if (
             directory / "training.json").is_file() else ""  # fmt: skip
         raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing){toy}")
     config = read_json_object(cfg_path, "Hugging Face config.json")
