@@ -362,3 +362,15 @@ def test_trained_toy_model_graph_names_the_heads_lm_heads_finds(tmp_path):
     assert q.key_pos == 11
     assert q.key_writers[0]["label"] == f"head {prev['layer']}.{prev['head']}"
     assert math.isfinite(graph.scores["completeness"])
+    # lm heads reads the run itself; its top induction head is one the toy's own training measure (another probe)
+    # scores within 10% of its best in the last layer
+    import json
+
+    from mechscope.lm.pipelines.heads import induction_heads
+
+    protocol = HeadProtocol(n=20, batch=8, per_head_ablation=False, token_range=(1, 64))
+    _, found = induction_heads(str(tmp_path / "toy"), tmp_path / "heads", protocol)
+    own = json.loads((tmp_path / "toy" / "training.json").read_text())["series"][-1]["induction"][1]
+    top = found.ranked("induction", "induction")[0]
+    assert (top["layer"], top["head"]) == (ind["layer"], ind["head"]) and top["layer"] == 1
+    assert own[top["head"]] >= 0.9 * max(own) > 0.5
