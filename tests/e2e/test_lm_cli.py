@@ -230,6 +230,9 @@ def test_lm_heads_reads_a_train_toy_run(capsys, tmp_path):
     r = assert_round_trip(out / "heads.json", HeadsResult)
     text_scores = np.asarray(r["scores"]["previous_token_text"], dtype=float)
     assert text_scores.shape == (2, 2) and np.isfinite(text_scores).all()  # the text read through its characters
-    code, _, err = run_main(capsys, "lm", "heads", "--model", str(toy), "--revision", "step1", "--out",
-                            str(tmp_path / "r"))  # fmt: skip
-    assert_one_line_error(code, err, "--revision and --device-map read a hub id or a model folder")
+    # one loader for every lm command: the options a toy run has no use for are refused, not ignored (lm circuits
+    # and neurons ignored them)
+    for command in ("heads", "circuits", "neurons"):
+        code, _, err = run_main(capsys, "lm", command, "--model", str(toy), "--revision", "step1", "--out",
+                                str(tmp_path / f"rev-{command}"))  # fmt: skip
+        assert_one_line_error(code, err, "--revision and --device-map read a hub id or a model folder")

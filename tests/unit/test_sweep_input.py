@@ -184,8 +184,8 @@ def test_lm_targets_token_ranges_and_toy_runs_are_named_plainly(tmp_path):
     with pytest.raises(MechscopeError, match=r"outside the vocabulary 0..9"):
         token_range_of(model, (0, 11))
     (tmp_path / "training.json").write_text("{}")
-    with pytest.raises(MechscopeError, match="a train-toy run: lm circuits, neurons, graph"):
-        read_config(tmp_path)  # lm heads, generate and inspect said only "not a Hugging Face model directory"
+    with pytest.raises(MechscopeError, match="a train-toy run: lm heads, circuits, neurons, graph"):
+        read_config(tmp_path)  # lm generate and inspect said only "not a Hugging Face model directory"
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import work_counter
-from mechscope.lm.tokenizer import CharTokenizer, encode_named
+from mechscope.lm.pipelines.loading import load_lm
+from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,6 @@ def graph_model(
     train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own);
     ``device``, ``dtype``, ``revision``: as ``load_model`` takes them, for a model given by name."""
     from mechscope.lm.models.convert.tracr import vocab_tokenizers
-    from mechscope.lm.models.loading import load_model
     from mechscope.lm.models.transformer import HookedTransformer
 
     check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
@@ -181,19 +181,9 @@ def graph_model(
         check_target(out, force)
     timer = Timer("lm graph")
     if not isinstance(model, HookedTransformer):
-        from mechscope.lm.toy import is_toy_run, load_toy
-
-        spec = str(model)
         with timer.section("load"):
-            if Path(spec).expanduser().exists() and is_toy_run(spec):
-                if revision is not None:
-                    raise MechscopeError("--revision picks a hub id's revision; a train-toy run has none")
-                model, chars, toy_name = load_toy(spec, device, dtype)
-                tok, name = (CharTokenizer(chars) if chars else None), name or toy_name
-            else:
-                model, tok = load_model(spec, dtype, device=device, revision=revision)
-        tokenizer = tokenizer or tok
-        name = name or spec
+            model, tok, loaded_name = load_lm(model, device, dtype, revision=revision)
+        tokenizer, name = tokenizer or tok, name or loaded_name
     in_words, out_words = vocab_tokenizers(model)  # a tracr model's vocabularies (None otherwise)
     words = tokenizer or in_words  # reads the prompt and names the input tokens
     ids = prompt_tokens(model, words, prompt, tokens, bos)

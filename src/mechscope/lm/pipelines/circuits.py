@@ -13,7 +13,8 @@ from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.circuits import CircuitsResult, induction_protocol, read_circuits
 from mechscope.lm.methods.scores import check_heads, default_token_range
 from mechscope.lm.models.transformer import work_counter
-from mechscope.lm.tokenizer import CharTokenizer, encode_named
+from mechscope.lm.pipelines.loading import load_lm
+from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,11 @@ DEFAULT_PROMPT = (
 
 def _circuits_model(spec: str, device=None, dtype=None, device_map=None, revision=None):
     """A model for weights-only reading: a train-toy run (or one checkpoint), or anything load_model takes,
-    partial checkpoints included. Returns the model, an encoder, a decoder, and a name."""
-    from mechscope.lm.models.loading import load_model
-    from mechscope.lm.toy import is_toy_run, load_toy
-
-    if is_toy_run(spec):
-        model, chars, name = load_toy(spec, device, dtype)
-        if chars:
-            tok = CharTokenizer(chars)
-            return model, tok.encode, (lambda i: tok.decode([i])), name
-        return model, None, str, name
-    model, tok = load_model(spec, dtype, True, device=device, device_map=device_map, revision=revision)
+    partial checkpoints included (:func:`load_lm`). Returns the model, an encoder, a decoder, and a name."""
+    model, tok, name = load_lm(spec, device, dtype, device_map, revision, partial_ok=True)
     if tok is None:
-        return model, None, str, str(spec)
-    return model, tok.encode, (lambda i: tok.decode([i])), str(spec)
+        return model, None, str, name
+    return model, tok.encode, (lambda i: tok.decode([i])), name
 
 
 def _prompt_ids(encode, prompt: str | None, n_ctx: int) -> list[int] | None:

@@ -15,6 +15,7 @@ from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
 from mechscope.lm.methods.scrubbing import LMScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.lm.methods.tasks import make_task
 from mechscope.lm.models.transformer import work_counter
+from mechscope.lm.pipelines.loading import load_lm
 
 
 def _name(spec) -> str:
@@ -22,15 +23,8 @@ def _name(spec) -> str:
 
 
 def load_any(spec: str, device=None, dtype=None):
-    """A model for discovery: a train-toy run, a tracr folder, or anything ``load_model`` takes."""
-    from mechscope.lm.models.loading import load_model
-    from mechscope.lm.toy import is_toy_run, load_toy
-
-    if is_toy_run(spec):
-        model, _, _ = load_toy(spec, device, dtype)
-        return model
-    model, _ = load_model(spec, dtype, device=device)
-    return model
+    """A model for discovery: a train-toy run, a tracr folder, or anything ``load_model`` takes (:func:`load_lm`)."""
+    return load_lm(spec, device, dtype)[0]
 
 
 def discover_model(

@@ -13,8 +13,8 @@ from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, check_protocol, find_induction_heads
 from mechscope.lm.models.transformer import work_counter
+from mechscope.lm.pipelines.loading import load_lm
 from mechscope.lm.text import default_text_path
-from mechscope.lm.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: 
     return torch.stack([ids[s : s + length] for s in starts])
 
 
-def _heads_model(spec: str, device, dtype, device_map, revision):
-    """The model and its tokenizer: a train-toy run (its characters, or none for synthetic tokens), or anything
-    ``load_model`` takes."""
-    from mechscope.lm.models.loading import load_model
-    from mechscope.lm.toy import is_toy_run, load_toy
-
-    if not is_toy_run(spec):
-        return load_model(spec, dtype, device=device, device_map=device_map, revision=revision)
-    if revision is not None or device_map is not None:
-        raise MechscopeError("--revision and --device-map read a hub id or a model folder, not a train-toy run")
-    model, chars, _ = load_toy(spec, device, dtype)
-    return model, (CharTokenizer(chars) if chars else None)
-
-
 def induction_heads(
     model_spec: str,
     out: str | Path | None = None,
@@ -79,7 +65,7 @@ def induction_heads(
     check_target(out, force)  # before minutes of work
     timer = Timer("lm heads")
     with timer.section("load"):
-        model, tok = _heads_model(str(model_spec), device, dtype, device_map, revision)
+        model, tok, _ = load_lm(model_spec, device, dtype, device_map, revision)
     check_protocol(model, protocol)  # a bad setting is one line before anything else is looked for
     text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
     counter = work_counter(model)

@@ -19,8 +19,9 @@ from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
 from mechscope.core.validate import check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
+from mechscope.lm.pipelines.loading import load_lm
 from mechscope.lm.text import context_length, read_text
-from mechscope.lm.tokenizer import CharTokenizer, encode_named
+from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,18 @@ class TextModel:
 
 
 def load_text_model(spec: str, device=None, dtype=None, device_map=None, revision=None) -> TextModel:
-    """A train-toy run (or one of its checkpoints), or anything ``load_model`` takes."""
-    from mechscope.lm.models.loading import load_model
-    from mechscope.lm.toy import is_toy_run, load_toy
+    """A train-toy run (or one of its checkpoints), or anything ``load_model`` takes (:func:`load_lm`); a toy's
+    text is its characters, read without BOS as it was trained."""
+    from mechscope.lm.toy import is_toy_run
 
-    if is_toy_run(spec):
-        model, chars, name = load_toy(spec, device, dtype)
-        if not chars:
-            raise MechscopeError(
-                f"{spec}: a toy model trained on synthetic tokens has no text to read neurons on "
-                "(train it with --data text)"
-            )
-        tok = CharTokenizer(chars)
-        return TextModel(model, tok.encode, lambda i: tok.decode([i]), name)
-    model, tok = load_model(spec, dtype, device=device, device_map=device_map, revision=revision)
+    model, tok, name = load_lm(spec, device, dtype, device_map, revision)
+    toy = is_toy_run(spec)
+    if tok is None and toy:
+        raise MechscopeError(f"{spec}: a toy model trained on synthetic tokens has no text to read neurons on "
+                             "(train it with --data text)")  # fmt: skip
     if tok is None:
         raise MechscopeError(f"{spec}: no tokenizer beside the weights (vocab.json + merges.txt or tokenizer.json)")
-    return TextModel(model, tok.encode, lambda i: tok.decode([i]), str(spec), model.cfg.bos_token_id)
+    return TextModel(model, tok.encode, lambda i: tok.decode([i]), name, None if toy else model.cfg.bos_token_id)
 
 
 def text_sample(tm: TextModel, text: str, settings: NeuronSettings, name: str = "the text",
