@@ -148,3 +148,15 @@ def test_the_page_says_where_the_linear_graph_and_the_model_part():
     ]
     assert "not what set their patterns (QK)" in SCOPE["lm"] and "--qk" in SCOPE["lm"]
     assert "ReLU and max-pool gates are frozen" in SCOPE["cnn"]
+
+
+def test_a_cnn_graph_says_which_grid_its_positions_are_in_and_skips_empty_entries():
+    """Positions are in each stage's grid before pooling (conv2 8x8, where explain's shapes give 4x4): the page says
+    so; a dictionaries entry with nothing in it (no paths: built here) is not a row."""
+    from mechscope.cnn.report.attribution_graph import _grids
+    from mechscope.core.render.graph_viewer import sections_html
+
+    d = {"settings": {"grids": [[24, 24], [8, 8]]}, "layer_names": ["conv1", "conv2"]}
+    assert _grids(d).endswith("before pooling: conv1 24×24, conv2 8×8.")
+    html = sections_html({"nodes": [], "settings": {}, "dictionaries": {"kind": "channels", "paths": []}})
+    assert "channels" in html and "paths" not in html

@@ -466,7 +466,7 @@ def sections_html(d: dict, extra: str = "") -> str:
         rows = [
             [k, v if not isinstance(v, list) else ", ".join(map(str, v[:8])) + (" …" if len(v) > 8 else "")]
             for k, v in dic.items()
-            if k != "quality"
+            if k != "quality" and v not in ([], "", None)  # an empty entry (no paths: built here) says nothing
         ]
         q = dic.get("quality")
         qual = ""
