@@ -232,7 +232,8 @@ def test_lm_heads_reads_a_train_toy_run(capsys, tmp_path):
     assert text_scores.shape == (2, 2) and np.isfinite(text_scores).all()  # the text read through its characters
     # one loader for every lm command: the options a toy run has no use for are refused, not ignored (lm circuits
     # and neurons ignored them)
-    for command in ("heads", "circuits", "neurons"):
-        code, _, err = run_main(capsys, "lm", command, "--model", str(toy), "--revision", "step1", "--out",
-                                str(tmp_path / f"rev-{command}"))  # fmt: skip
+    for command in (["heads"], ["circuits"], ["neurons"], ["discover"], ["sae", "harvest", "--hook",
+                                                                         "blocks.0.hook_resid_post"]):
+        code, _, err = run_main(capsys, "lm", *command, "--model", str(toy), "--revision", "step1", "--out",
+                                str(tmp_path / f"rev-{command[0]}"))  # fmt: skip
         assert_one_line_error(code, err, "--revision and --device-map read a hub id or a model folder")

@@ -138,7 +138,7 @@ def test_json_without_work_still_loads(run_a, tmp_path):
 def tiny_lm(monkeypatch):
     """``lm discover`` and ``scrub`` on a 2-layer transformer, whatever the model's name."""
     model = tiny("gpt2", layers=2, n_ctx=32)
-    monkeypatch.setattr(lm_pipeline, "load_any", lambda spec, device=None, dtype=None: model)
+    monkeypatch.setattr(lm_pipeline, "load_any", lambda spec, *args, **kwargs: model)
     return model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, app
+from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, RevisionOpt, app
 
 
 def parse_range(text: str | None) -> tuple[int, int] | None:
@@ -62,6 +62,7 @@ def discover(
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
+    revision: str | None = RevisionOpt,
 ) -> None:
     """Discover a circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
     from mechscope.core.graphs import parse_size
@@ -71,7 +72,7 @@ def discover(
         model, out, method=method, task=task, metric=metric, size=parse_size(size), threshold=threshold,
         steps=steps, ablation=ablation, n=n, batch=batch, seed=seed, limit=limit, token_range=parse_range(tokens),
         distinct=distinct, curve=not no_curve, n_random=random, compare_heads=compare_heads, force=force,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, revision=revision,
     )  # fmt: skip
     from mechscope.core.render.discovery import cli_lines
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.lm.cli.common import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt, app
+from mechscope.lm.cli.common import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 sae_app = typer.Typer(
     help="Sparse autoencoders and transcoders on a transformer: harvest activations, train, evaluate, show.",
@@ -57,6 +57,7 @@ def harvest(
     distributed: bool | None = DistributedOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
+    revision: str | None = RevisionOpt,
 ) -> None:
     """Run a text through the model and store the activations at hook points (and transcoder input/target pairs)
     as shuffled safetensors shards, memory bounded; an interrupted harvest resumes (OUT.partial)."""
@@ -66,7 +67,8 @@ def harvest(
         hooks=tuple(hook or ()), transcoders=tuple(_pair(t) for t in transcoder or ()), context=context,
         contexts=contexts, batch=batch, shard_rows=shard_rows, buffer_shards=buffer_shards, seed=seed, bos=bos,
     )  # fmt: skip
-    path, r = sae_harvest(model, out, text, settings, force=force, distributed=distributed, device=device, dtype=dtype)
+    path, r = sae_harvest(model, out, text, settings, force=force, distributed=distributed, device=device, dtype=dtype,
+                          revision=revision)
     if r is None:
         return
     for s in r.stores:
@@ -139,13 +141,14 @@ def evaluate(
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
+    revision: str | None = RevisionOpt,
 ) -> None:
     """Splice the dictionary into the model: L0, explained variance, dead latents, CE loss recovered and KL to the
     clean model (evaluation.json, report.html)."""
     from mechscope.lm.pipelines.sae import sae_evaluate
 
     path, r = sae_evaluate(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
-                           force=force, device=device, dtype=dtype)  # fmt: skip
+                           force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
     m, e = r.metrics, r.effect
     _say(f"L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, dead {100 * m['dead_fraction']:.1f}% "
          f"over {m['tokens']:,} positions")  # fmt: skip
@@ -173,6 +176,7 @@ def show(
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
+    revision: str | None = RevisionOpt,
 ) -> None:
     """Dashboards of latents: top contexts coloured by activation, quantile samples, histogram and density, the
     tokens each promotes and suppresses, what it mixes, induction-like latents (dashboards.json, report.html)."""
@@ -180,7 +184,7 @@ def show(
 
     path, r = sae_show(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
                        latents=tuple(latent or ()), n_random=n_random, n_induction=n_induction, seed=seed,
-                       force=force, device=device, dtype=dtype)  # fmt: skip
+                       force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
     for line in r.summary:
         _say(line)
     _say(f"dashboards.json and report.html written to {path}")

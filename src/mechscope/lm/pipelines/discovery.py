@@ -22,9 +22,9 @@ def _name(spec) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(spec).rstrip("/").split("/")[-1] or str(spec))
 
 
-def load_any(spec: str, device=None, dtype=None):
+def load_any(spec: str, device=None, dtype=None, revision=None):
     """A model for discovery: a train-toy run, a tracr folder, or anything ``load_model`` takes (:func:`load_lm`)."""
-    return load_lm(spec, device, dtype)[0]
+    return load_lm(spec, device, dtype, revision=revision)[0]
 
 
 def discover_model(
@@ -50,6 +50,7 @@ def discover_model(
     force: bool = False,
     device=None,
     dtype=None,
+    revision: str | None = None,
     progress: bool = False,
 ) -> tuple[Path, LMDiscovery]:
     """Discover a transformer's circuit; write discovery.json and report.html. Returns (out, the result)."""
@@ -67,7 +68,7 @@ def discover_model(
     check_target(out, force)
     timer = Timer("lm discover")
     with timer.section("load"):
-        model = load_any(model_spec, device, dtype)
+        model = load_any(model_spec, device, dtype, revision)
         info = getattr(model, "tracr", None)
         if (task or ("tracr" if info is not None else "induction")) == "tracr":
             given = (("--n", n, 20), ("--batch", batch, 8), ("--tokens", token_range, None),

@@ -140,10 +140,10 @@ def dictionary_config(d_in: int, d_sae: int | None = None, expansion: int | None
 # ---- the model and its text ------------------------------------------------------------------------------
 
 
-def _text_model(model_spec, device=None, dtype=None):
+def _text_model(model_spec, device=None, dtype=None, revision=None):
     from mechscope.lm.pipelines.neurons import load_text_model
 
-    return load_text_model(str(model_spec), device, dtype)
+    return load_text_model(str(model_spec), device, dtype, revision=revision)
 
 
 def _contexts(tm, text_file, context: int | None, bos: bool, limit: int | None, tail: bool = False):
@@ -163,7 +163,8 @@ def _contexts(tm, text_file, context: int | None, bos: bool, limit: int | None, 
 
 def sae_harvest(
     model_spec, out=None, text_file=None, settings: HarvestSettings | None = None, *, force: bool = False,
-    progress: bool = True, distributed: bool | None = None, device=None, dtype=None, stop_early: bool = True,
+    progress: bool = True, distributed: bool | None = None, device=None, dtype=None, revision=None,
+    stop_early: bool = True,
     model=None,
 ):  # fmt: skip
     """Harvest the activations of ``settings.hooks`` / ``settings.transcoders`` over a text file (tinyshakespeare
@@ -179,7 +180,7 @@ def sae_harvest(
         check_target(out, force)
     timer = Timer("lm sae harvest")
     with timer.section("load"):
-        tm = model or _text_model(model_spec, device, dtype)
+        tm = model or _text_model(model_spec, device, dtype, revision)
     names = [n for s in specs for n in (s.hook, s.target) if n]
     counter = work_counter(tm.model)
     with counter.counting():
@@ -367,7 +368,7 @@ def load_dictionary(path, hook: str | None = None, target: str | None = None, no
 
 def sae_evaluate(
     model_spec, dictionary, out=None, text_file=None, settings: ReadSettings | None = None, *, hook=None, target=None,
-    force: bool = False, progress: bool = True, device=None, dtype=None, model=None,
+    force: bool = False, progress: bool = True, device=None, dtype=None, revision=None, model=None,
 ):  # fmt: skip
     """Splice the dictionary at ``dictionary`` (SAELens layout) into the model and measure it on the last
     contexts of the text; writes evaluation.json and report.html; returns ``(out, LmSaeEvaluation)``."""
@@ -377,7 +378,7 @@ def sae_evaluate(
     check_target(out, force)
     sae, hook, target, _ = load_dictionary(dictionary, hook, target)
     timer = Timer("lm sae evaluate")
-    tm = model or _text_model(model_spec, device, dtype)
+    tm = model or _text_model(model_spec, device, dtype, revision)
     counter, dict_counter = work_counter(tm.model), WorkCounter([sae], "rows")
     with counter.counting():
         S.check_dictionary(tm.model, sae, hook, target)
@@ -408,7 +409,7 @@ def sae_evaluate(
 def sae_show(
     model_spec, dictionary, out=None, text_file=None, settings: ReadSettings | None = None, *, hook=None, target=None,
     latents=(), n_random: int = 6, n_induction: int = 6, k: int = 8, seed: int = 0, force: bool = False,
-    progress: bool = True, device=None, dtype=None, model=None,
+    progress: bool = True, device=None, dtype=None, revision=None, model=None,
 ):  # fmt: skip
     """Dashboards of the dictionary's latents: those asked for, the ``n_induction`` most induction-like and
     ``n_random`` alive ones drawn at random (seeded); writes dashboards.json and report.html; returns
@@ -425,7 +426,7 @@ def sae_show(
         if not 0 <= int(i) < sae.cfg.d_sae:
             raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
     timer = Timer("lm sae show")
-    tm = model or _text_model(model_spec, device, dtype)
+    tm = model or _text_model(model_spec, device, dtype, revision)
     counter = work_counter(tm.model)
     with counter.counting():
         S.check_dictionary(tm.model, sae, hook, target)
