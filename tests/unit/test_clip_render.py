@@ -128,3 +128,25 @@ def test_a_word_too_wide_shrinks_to_fit():
     m = glyph_mask("three", "sans", 40)
     img = render_word("three", 32, 1, "sans", 40)
     assert m.shape[1] > 32 and float(img.sum()) > 0
+
+
+def test_neuron_readings_say_which_test_failed_and_what_the_values_are():
+    """A report audit: a neuron scoring 1.058 against the threshold 1.0 was called 'below the threshold' (it failed
+    the mismatched pairing, 1.076); 'aligns most with' ranked words whose values were all negative; a feature
+    visualisation that does not drive its neuron went unflagged."""
+    from types import SimpleNamespace as NS
+
+    from mechscope.clip.pipelines.neurons import _not_multimodal
+    from mechscope.clip.report.context import aligned_clause, featvis_clause
+
+    c = NS(concept="six", score=1.058, null_max=1.076)
+    assert _not_multimodal(c, 1.0) == ("best multimodality score for 'six', 1.06: not above the best mismatched "
+                                       "pairing 1.08")  # fmt: skip
+    assert _not_multimodal(NS(concept="two", score=0.5, null_max=0.4), 1.0).endswith(": below the threshold 1")
+    r = NS(aligned_words=("one", "zero"), aligned_values=(-0.00038, -0.0009), dataset_max=1.392,
+           featvis_response=-0.014)  # fmt: skip
+    assert aligned_clause(r) == ("its contribution points away from the text of every word; least of all from "
+                                 "one (-0.00038), zero (-0.0009).")  # fmt: skip
+    assert "does not drive the neuron" in featvis_clause(r)
+    r = NS(aligned_words=("six",), aligned_values=(0.3,), dataset_max=1.0, featvis_response=0.8)
+    assert aligned_clause(r) == "its contribution aligns most with the text of six (+0.3)." and featvis_clause(r) == ""

@@ -176,8 +176,7 @@ def _analyse(view, bundle, s: NeuronSettings, layers, style, words, templates, d
     chosen: list[tuple[tuple[int, int], str]] = [((x, u), "asked for") for x, u in s.neurons]
     ranked = sorted(mm.concepts, key=lambda c: -c.score)
     for c in ranked:
-        why = (f"most multimodal neuron for {c.concept!r}" if c.multimodal
-               else f"best multimodality score for {c.concept!r} (below the threshold)")  # fmt: skip
+        why = f"most multimodal neuron for {c.concept!r}" if c.multimodal else _not_multimodal(c, s.min_score)
         if len(chosen) < s.read and (c.layer, c.unit) not in [n for n, _ in chosen] and (c.multimodal or not chosen):
             chosen.append(((c.layer, c.unit), why))
     chosen = chosen[: max(s.read, len(s.neurons))]
@@ -229,3 +228,14 @@ def _machine() -> str:
     from mechscope.clip.pipelines.train import machine
 
     return machine()
+
+
+def _not_multimodal(c, min_score: float) -> str:
+    """Why the best neuron for a concept is not multimodal: the test it fails (the threshold, or a mismatched
+    pairing that scores as high)."""
+    fails = []
+    if c.score < min_score:
+        fails.append(f"below the threshold {min_score:g}")
+    if c.score <= c.null_max:
+        fails.append(f"not above the best mismatched pairing {c.null_max:.2f}")
+    return f"best multimodality score for {c.concept!r}, {c.score:.2f}: " + " and ".join(fails or ["not multimodal"])

@@ -117,8 +117,26 @@ def neurons_summary(result) -> list[str]:
                      f"mismatched pairing {c.null_max:.2f}.")  # fmt: skip
     for r in result.readings:
         lines.append(f"Neuron {r.neuron} ({r.why}): drawn words it responds to most: {', '.join(r.probe_words[:4])}; "
-                     f"its contribution aligns most with the text of {', '.join(r.aligned_words[:4])}.")  # fmt: skip
+                     + aligned_clause(r) + featvis_clause(r))  # fmt: skip
     return lines
+
+
+def aligned_clause(r) -> str:
+    """The words its contribution aligns with, with the values: when every value is negative the words are only
+    the least anti-aligned, and the sentence says so."""
+    words = ", ".join(f"{w} ({v:+.2g})" for w, v in zip(r.aligned_words[:4], r.aligned_values[:4], strict=False))
+    if r.aligned_values and max(r.aligned_values) < 0:
+        return f"its contribution points away from the text of every word; least of all from {words}."
+    return f"its contribution aligns most with the text of {words}."
+
+
+def featvis_clause(r, share: float = 0.1) -> str:
+    """A warning when the feature visualisation does not drive the neuron (under ``share`` of the dataset's
+    largest response): its images then show what the optimiser reached, not what the neuron detects."""
+    if r.dataset_max > 0 and r.featvis_response < share * r.dataset_max:
+        return (f" Its feature visualisation reaches {r.featvis_response:.3f} against the dataset's largest response "
+                f"{r.dataset_max:.3f}: it does not drive the neuron (more --steps may).")
+    return ""
 
 
 def neurons_context(result) -> dict:
