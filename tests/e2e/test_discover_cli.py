@@ -67,6 +67,7 @@ def test_lm_scrub_on_a_tracr_model(capsys, tmp_path):
     assert "100.0% ± 0.0% of the behaviour recovered" in stdout
     r = LMScrub.load(tmp_path / "s")
     assert r.scrub.recovered == pytest.approx(1.0) and r.features == {"length": r.features["length"]}
+    assert f": {r.task_description};" in (tmp_path / "s" / "report.html").read_text()  # the task and its examples
     _standalone(tmp_path / "s" / "report.html")
     check_fragment(r._repr_html_())
 
@@ -88,6 +89,11 @@ def test_cnn_discover_and_scrub(capsys, tmp_path, quick_run):
     assert code == 0, err
     scrubbed = CNNScrub.load(tmp_path / "s")
     assert scrubbed.scrub.recovered == pytest.approx(1.0)
+    # accuracy with a target reads the target's images only: the page says how many (each moves it by 1/k)
+    k = scrubbed.settings["metric_images"]
+    assert 0 < k < 60 and f"(60 test images, class 1; the metric averages over the {k} of class 1)" in (
+        tmp_path / "s" / "report.html").read_text()
+    assert scrubbed.scrub.metric_clean * k == pytest.approx(round(scrubbed.scrub.metric_clean * k))
     check_fragment(scrubbed._repr_html_())
 
 

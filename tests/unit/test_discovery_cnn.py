@@ -280,3 +280,9 @@ def test_the_summary_warns_where_the_scores_call_for_it():
     assert ties == ["2 of the circuit's 4 edges score at rounding level (|score| at most 1e-06 of the largest): which "
                     "of those enter the circuit is arbitrary."]  # fmt: skip
     assert _caveats(result("eap", [0.5, -0.2, 0.1], 0.9, -0.1, [0, 1])) == []
+
+
+def test_scrub_rows_print_rounding_sds_as_zero():
+    from mechscope.core.render.discovery import _pm
+
+    assert _pm(0.9655, 1.24e-16) == "0.9655 ± 0" and _pm(0.2894, 0.018) == "0.2894 ± 0.018"

@@ -71,6 +71,14 @@ class ImageTask:
     settings: dict = field(default_factory=dict)
 
 
+def metric_rows(name: str, labels: torch.Tensor, target: int | None) -> torch.Tensor:
+    """The images a metric averages over [N] (bool): with a target class, its images only, except for ``detect``
+    (every image: does "predicted D" agree with "is D"?) and ``kl`` (every image)."""
+    if target is None or name in ("detect", "kl"):
+        return torch.ones(len(labels), dtype=torch.bool)
+    return labels == target
+
+
 def make_metric(
     name: str, labels: torch.Tensor, target: int | None, clean_logits: torch.Tensor | None = None
 ) -> Callable:
@@ -86,7 +94,7 @@ def make_metric(
         clean_lp = F.log_softmax(clean_logits.detach().double(), -1)
         return lambda out: F.kl_div(F.log_softmax(out.double(), -1), clean_lp, log_target=True,
                                     reduction="none").sum(-1).mean()  # fmt: skip
-    rows = torch.ones(len(labels), dtype=torch.bool) if target is None or name == "detect" else labels == target
+    rows = metric_rows(name, labels, target)
     y = labels if target is None else torch.full_like(labels, target)
 
     def pick(out):

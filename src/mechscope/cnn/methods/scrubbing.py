@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mechscope.cnn.methods.discovery import METRICS, make_metric
+from mechscope.cnn.methods.discovery import METRICS, make_metric, metric_rows
 from mechscope.cnn.methods.graph import CNNEdges
 from mechscope.cnn.models.spec import CNNSpec
 from mechscope.core.errors import MechscopeError
@@ -173,6 +173,7 @@ def scrub_hypothesis(spec: CNNSpec, images: torch.Tensor, labels: torch.Tensor, 
             "samples": hyp.samples,
             "seed": hyp.seed,
             "sampling": hyp.sampling,
+            "metric_images": int(metric_rows(hyp.metric, y, hyp.target).sum()),  # what the metric averages over
         },  # fmt: skip
         features={f: FEATURES[f] for f in used},
         scrub=res,

@@ -119,8 +119,14 @@ def scrub_context(result) -> dict:
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} ({result.metric}{target})"),
         "rows": scrub_rows(s),
         "claims": claims,
-        "where": f"{result.run} ({result.settings['n']} test images{target})",
+        "where": f"{result.run} ({result.settings['n']} test images{target}{_read_by_metric(result)})",
     }
+
+
+def _read_by_metric(result) -> str:
+    """When the metric reads only the target class's images, how many: each one moves it by 1/k."""
+    k, n = result.settings.get("metric_images"), result.settings["n"]
+    return f"; the metric averages over the {k} of class {result.target}" if k is not None and k != n else ""
 
 
 def scrub_page(result) -> str:

@@ -96,7 +96,7 @@ def _caveats(result) -> list[str]:
 
 def scrub_figure(scrub, title: str = "") -> str:
     """Behaviour recovered: the hypothesis, each claim alone (the rest clean) and the unclaimed edges alone."""
-    names = ["hypothesis"] + [c.name for c in scrub.claims] + (["irrelevant edges"] if scrub.unclaimed else [])
+    names = ["hypothesis"] + [c.name for c in scrub.claims] + (["the unclaimed edges"] if scrub.unclaimed else [])
     vals = [scrub.recovered] + [c.recovered for c in scrub.claims] + (
         [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
     width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
@@ -115,12 +115,16 @@ def scrub_figure(scrub, title: str = "") -> str:
 
 def scrub_rows(scrub) -> list[list]:
     """The scrub table: the hypothesis, each claim alone, the unclaimed edges alone (metric ± sd, recovered)."""
-    rows = [["hypothesis (everything it does not claim resampled)", f"{scrub.metric_scrubbed:.4g} ± "
-             f"{scrub.metric_scrubbed_sd:.2g}", f"{scrub.recovered:.1%}"]]  # fmt: skip
-    rows += [[f"claim {c.name!r} alone (the rest clean)", f"{c.metric:.4g} ± {c.metric_sd:.2g}", f"{c.recovered:.1%}"]
+    whole = _pm(scrub.metric_scrubbed, scrub.metric_scrubbed_sd)
+    rows = [["hypothesis (everything it does not claim resampled)", whole, f"{scrub.recovered:.1%}"]]
+    rows += [[f"claim {c.name!r} alone (the rest clean)", _pm(c.metric, c.metric_sd), f"{c.recovered:.1%}"]
              for c in scrub.claims]  # fmt: skip
     if scrub.unclaimed:
         u = scrub.unclaimed
-        rows.append(["the unclaimed edges alone resampled", f"{u.metric:.4g} ± {u.metric_sd:.2g}",
-                     f"{u.recovered:.1%}"])  # fmt: skip
+        rows.append(["the unclaimed edges alone resampled", _pm(u.metric, u.metric_sd), f"{u.recovered:.1%}"])
     return rows
+
+
+def _pm(value: float, sd: float) -> str:
+    """``value ± sd``; an sd at float rounding of the value (1.2e-16 where every resampling gave the same) is 0."""
+    return f"{value:.4g} ± {0.0 if abs(sd) <= 1e-12 * max(1.0, abs(value)) else sd:.2g}"

@@ -141,7 +141,7 @@ def scrub_context(result) -> dict:
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} on {result.model}"),
         "rows": scrub_rows(s),
         "claims": claims,
-        "where": result.model,
+        "where": f"{result.model}: {result.task_description}",
     }
 
 
