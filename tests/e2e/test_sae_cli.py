@@ -131,6 +131,8 @@ def test_lm_sae_chain(capsys, tmp_path, toy_run, text_file):
         assert code == 0, err
         assert "recovered" in out
         assert_round_trip(tmp_path / d / "evaluation" / "evaluation.json", LmSaeEvaluation)
+        page = (tmp_path / d / "evaluation" / "report.html").read_text()
+        assert "KL recovered 1 − KL_spliced / KL_zero" in page and "dead: the share of the latents" in page
     code, out, err = run_main(capsys, "lm", "sae", "show", "--model", str(toy_run), "--sae", str(tmp_path / "sae"),
                               "--text", str(text_file), "--context", "32", "--contexts", "12", "--latent", "3",
                               "--random", "2", "--induction", "2")  # fmt: skip
