@@ -150,3 +150,11 @@ def test_neuron_readings_say_which_test_failed_and_what_the_values_are():
     assert "does not drive the neuron" in featvis_clause(r)
     r = NS(aligned_words=("six",), aligned_values=(0.3,), dataset_max=1.0, featvis_response=0.8)
     assert aligned_clause(r) == "its contribution aligns most with the text of six (+0.3)." and featvis_clause(r) == ""
+
+
+def test_settings_show_as_a_person_reads_them():
+    """clip inspect's tables printed Python reprs: "(0.5,)", "None", 0.00392156862745098, 218369."""
+    from mechscope.core.render.html import shown_value
+
+    shown = [shown_value(v) for v in (None, (0.5,), 0.00392156862745098, 218369, (32, 32), True, "bicubic")]
+    assert shown == ["—", "0.5", "0.003922", "218,369", "32, 32", "yes", "bicubic"]

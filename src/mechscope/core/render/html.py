@@ -62,7 +62,24 @@ def environment(package: str) -> jinja2.Environment:
     # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
     # so that no string in the data can close the script element
     env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(json.dumps(obj).replace("</", "<\\/"))
+    env.filters["shown"] = shown_value
     return env
+
+
+def shown_value(v) -> str:
+    """A setting as a person reads it: integers with thousands separators, floats to 4 significant figures,
+    tuples and lists as comma lists, None as a dash (not Python's reprs: "(0.5,)", "None", 0.00392156862745098)."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return ", ".join(shown_value(x) for x in v)
+    return str(v)
 
 
 def render_string(package: str, template: str, **context) -> str:
