@@ -8,6 +8,7 @@ import math
 import textwrap
 
 import numpy as np
+from matplotlib.ticker import PercentFormatter
 
 from mechscope.core.render import layout as CL
 from mechscope.core.render.figures import subplots
@@ -103,11 +104,16 @@ def scrub_figure(scrub, title: str = "") -> str:
     fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
     y = np.arange(len(names))[::-1]
     ax.barh(y, vals, color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1))
-    for yi, v in zip(y, vals, strict=True):
-        ax.text(v, yi, f" {v:.1%}", va="center", fontsize=8)
+    for yi, v in zip(y, vals, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
+        ax.text(v, yi, f" {v:.1%}" if v >= 0 else f"{v:.1%} ", va="center", ha="left" if v >= 0 else "right",
+                fontsize=8)  # fmt: skip
+    low, high = min(0.0, *vals), max(1.0, *vals)
+    ax.set_xlim(low - 0.15 * (high - low) * (low < 0), high + 0.12 * (high - low))  # room for the labels
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
     ax.axvline(1.0, color="#999", lw=0.8, ls=":")
+    ax.axvline(0.0, color="#555", lw=0.6)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))  # the bars' labels are percentages too
     ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled)", fontsize=8)
     ax.set_title(textwrap.fill(title or "causal scrubbing", 80), fontsize=9)
     return figure_data_uri(fig)
