@@ -158,3 +158,14 @@ def test_settings_show_as_a_person_reads_them():
 
     shown = [shown_value(v) for v in (None, (0.5,), 0.00392156862745098, 218369, (32, 32), True, "bicubic")]
     assert shown == ["—", "0.5", "0.003922", "218,369", "32, 32", "yes", "bicubic"]
+
+
+def test_a_neurons_page_says_why_it_read_fewer_neurons_than_asked():
+    from types import SimpleNamespace as NS
+
+    from mechscope.clip.report.context import neurons_summary
+
+    mm = NS(concepts=(), n_neurons=512, n_pictures=100, n_words=80)
+    r = NS(multimodality=mm, readings=(), settings={"read": 2})
+    assert neurons_summary(r)[-1].startswith("0 of the 2 neurons asked for (--read) are read in full: after the")
+    assert len(neurons_summary(NS(multimodality=mm, readings=(), settings={"read": 0}))) == 1

@@ -118,6 +118,11 @@ def neurons_summary(result) -> list[str]:
     for r in result.readings:
         lines.append(f"Neuron {r.neuron} ({r.why}): drawn words it responds to most: {', '.join(r.probe_words[:4])}; "
                      + aligned_clause(r) + featvis_clause(r))  # fmt: skip
+    asked = result.settings.get("read", len(result.readings))
+    if len(result.readings) < asked:  # the rest are read only when they are multimodal
+        lines.append(f"{len(result.readings)} of the {asked} neurons asked for (--read) are read in full: after the "
+                     "neurons named with --neuron (or, with none named, the best-scoring concept's neuron) only "
+                     "multimodal neurons are read, and too few concepts have one here.")  # fmt: skip
     return lines
 
 
