@@ -297,7 +297,9 @@ def test_repeats_and_other_files_are_named():
     from mechscope.clip.pipelines.neurons import NeuronSettings
     from mechscope.cnn.pipelines.attribute import _methods
     from mechscope.core.attribution_graph import asked_interventions, check_graph_record
-    from mechscope.core.scrub import _check_int
+    from mechscope.core.scrub import scrub
+    from mechscope.lm.methods.graph import TransformerEdges
+    from tests.unit.test_discovery_lm import tiny
 
     with pytest.raises(MechscopeError, match="--method saliency given more than once"):
         _methods(["saliency", "gradcam", "saliency"], None, "conv2.hook_post", 8)
@@ -308,7 +310,7 @@ def test_repeats_and_other_files_are_named():
     with pytest.raises(MechscopeError, match="not a graph JSON"):  # a run's config.json: "field 'model' ... type"
         check_graph_record({"kind": "cnn", "model": {"channels": [16, 32]}})
     with pytest.raises(MechscopeError, match="samples must be an integer from 1 to 100,000"):
-        _check_int(10**12, "samples", 1, 100_000)
+        scrub(TransformerEdges(tiny()), None, metric=None, hypothesis={"claims": []}, samples=10**12)
 
 
 def test_more_inputs_named_plainly(capsys, tmp_path):

@@ -42,6 +42,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.graph import ComponentGraph
 from mechscope.core.graphs.protocol import Term, capture, check_model, edge_weight, metric_value, run
 from mechscope.core.results import Result
+from mechscope.core.validate import check_int
 
 RANDOM, IDENTITY = -2, -1
 SAMPLINGS = ("edge", "sender")
@@ -414,10 +415,9 @@ def _features(hyp: Hypothesis, features: Mapping | None, n: int) -> tuple[list[s
     return names, [_Feature(name, features[name], n) for name in names]
 
 
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"from {low} to {high:,}"
-        raise MechscopeError(f"{name} must be an integer {span}, got {value!r}")
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MechscopeError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
 
 
@@ -442,7 +442,7 @@ def scrub(
     a forward then holds one value per sender, which is what a model with tens of thousands of edges can
     afford)."""
     check_model(model)
-    samples = _check_int(samples, "samples", 1, 100_000)  # each a forward pass per claim: 1e12 ran without end
+    samples = check_int(samples, "samples", 1, 100_000)  # each a forward pass per claim: 1e12 ran without end
     seed = _check_int(seed, "seed", 0)
     max_forwards = _check_int(max_forwards, "max_forwards", 1)
     if sampling not in SAMPLINGS:
