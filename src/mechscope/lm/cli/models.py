@@ -39,7 +39,8 @@ def inspect(
         _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
     probe = torch.zeros(1, min(4, m.cfg.n_ctx), dtype=torch.long)  # token 0 is in every vocabulary
     alive = firing_hooks(m, probe)  # a name is valid only if it fires (see core.hooks)
-    silent = [n for n in hook_points(m) if n not in set(alive)]
+    fired = set(alive)
+    silent = [n for n in hook_points(m) if n not in fired]
     for key, value in describe(m).items():
         typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
     typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")

@@ -89,7 +89,8 @@ class HarvestSettings:
                 raise MechscopeError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.contexts is not None and self.contexts < 1:
             raise MechscopeError(f"--contexts must be a positive integer, got {self.contexts}")
-        _check_context(self.context)
+        if self.context is not None:  # None: 128, or the model's context if shorter
+            check_int(self.context, "--context", 2)
         check_seed(self.seed)
 
     def specs(self) -> list[S.HarvestSpec]:
@@ -116,14 +117,8 @@ class ReadSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MechscopeError(f"--{name} must be a positive integer, got {v!r}")
-        _check_context(self.context)
-
-
-def _check_context(context: int | None) -> None:
-    if context is None:
-        return
-    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
-        raise MechscopeError(f"--context must be an integer of at least 2 tokens, got {context!r}")
+        if self.context is not None:  # None: 128, or the model's context if shorter
+            check_int(self.context, "--context", 2)
 
 
 def dictionary_config(d_in: int, d_sae: int | None = None, expansion: int | None = None, *, d_out: int | None = None,
