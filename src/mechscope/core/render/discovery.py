@@ -41,11 +41,8 @@ def discovery_lines(result, name: str) -> list[str]:
         f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
     ]
     if drawn is not None and f is not None:
-        out[-1] += (
-            f" Alone (every other edge carries {ABLATED_VALUE.get(f.ablation, f.ablation)}) it gives "
-            f"{drawn['metric']:.4g}: {drawn['faithfulness']:.1%} of the way from the empty circuit "
-            f"({drawn['metric_empty']:.4g}) to the full model ({drawn['metric_full']:.4g})."
-        )
+        out[-1] += (f" Alone (every other edge carries {ABLATED_VALUE.get(f.ablation, f.ablation)}) it gives "
+                    f"{drawn['metric']:.4g}: {_share(drawn)}.")  # fmt: skip
     if f is not None:
         ranked = "by signed score" if f.cpr_ranking == "signed" else "by |score|"
         out.append(
@@ -67,13 +64,17 @@ def cli_lines(result) -> list[str]:
         + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in s.table(5)),
     ]
     if drawn is not None:
-        out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {drawn['faithfulness']:.1%} of the way "
-                   f"from the empty circuit ({drawn['metric_empty']:.4g}) to the full model "
-                   f"({drawn['metric_full']:.4g})")  # fmt: skip
+        out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {_share(drawn)}")
     if f is not None:
         out.append(f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} "
                    f"(random {f.random_cmd:.3f})")  # fmt: skip
     return out
+
+
+def _share(drawn: dict) -> str:
+    """The drawn circuit's share of the way from the empty circuit to the full model, with both ends."""
+    return (f"{drawn['faithfulness']:.1%} of the way from the empty circuit ({drawn['metric_empty']:.4g}) to the full "
+            f"model ({drawn['metric_full']:.4g})")  # fmt: skip
 
 
 def _caveats(result) -> list[str]:
