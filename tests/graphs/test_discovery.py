@@ -13,9 +13,11 @@ from mechscope.core.graphs import (
     EdgeScores,
     acdc,
     capture,
+    cut_circuit,
     eap,
     eap_ig,
     edge_patching,
+    find_circuit,
     receiver_gradients,
     score_circuit,
 )
@@ -224,3 +226,49 @@ def test_user_errors_raise_one_line(call, match):
     with pytest.raises(MechscopeError, match=match) as e:
         call(m, c, x)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "edge-patching", "acdc"])
+def test_find_circuit_cuts_the_planted_circuit_and_measures_it_whole(method):
+    """One run as both wings' discover make it: at the planted size every method's circuit is the planted one, and
+    the drawn circuit alone recovers the full model's metric (faithfulness 1) where the empty circuit does not."""
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    cut = {"threshold": 1e-6} if method == "acdc" else {"size": len(PLANTED_EDGES)}  # ACDC cuts its own circuit
+    found = find_circuit(model, clean, corrupted, metric=logit_diff, better=None, metric_name="logit_diff",
+                         differentiable=True, method=method, n_random=2, **cut)  # fmt: skip
+    assert set(found.circuit.edges) == PLANTED_EDGES
+    drawn = found.circuit_faithfulness
+    assert drawn["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(drawn["metric_full"] - drawn["metric_empty"]) > 1
+    assert set(found.seconds) == {"discovery", "faithfulness"}
+
+
+def test_acdc_default_threshold_is_one_percent_of_the_metrics_change():
+    model, (clean, corrupted) = planted_residual("tanh"), batches()
+    found = find_circuit(model, clean, corrupted, metric=logit_diff, better="higher", metric_name="logit_diff",
+                         differentiable=True, method="acdc", curve=False)  # fmt: skip
+    change = abs(float(logit_diff(model.forward(clean)[0]) - logit_diff(model.forward(corrupted)[0])))
+    assert found.threshold == pytest.approx(0.01 * change, rel=1e-12) and found.scores.settings["threshold"] == (
+        found.threshold
+    )
+
+
+def test_find_circuit_cuts_by_threshold_or_default_size():
+    model, (clean, corrupted) = planted_residual("tanh"), batches()
+    kw = {"metric": logit_diff, "better": "higher", "metric_name": "logit_diff", "differentiable": True, "curve": False}
+    found = find_circuit(model, clean, corrupted, method="eap", threshold=1e-3, **kw)
+    assert len(found.circuit.edges) == int(np.sum(np.abs(found.scores.scores) >= 1e-3)) > 0
+    assert found.faithfulness is None and found.circuit_faithfulness is None
+    small = find_circuit(model, clean, corrupted, method="eap", default_size=2, **kw)
+    assert len(small.circuit.edges) == 2 == len(cut_circuit(small.scores, "eap", None, None, default=2).edges)
+
+
+@pytest.mark.parametrize(("method", "name", "differentiable", "match"), [
+    ("eap-ig", "accuracy", False, "needs a differentiable metric"),
+    ("eap", "kl", True, "gradient is 0 at the clean run"),
+])  # fmt: skip
+def test_find_circuit_refuses_a_method_its_metric_cannot_serve(method, name, differentiable, match):
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    with pytest.raises(MechscopeError, match=match):
+        find_circuit(model, clean, corrupted, metric=logit_diff, better="higher", metric_name=name,
+                     differentiable=differentiable, method=method)  # fmt: skip

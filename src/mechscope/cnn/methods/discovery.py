@@ -19,7 +19,6 @@ last stage with them.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -31,22 +30,7 @@ import torch.nn.functional as F
 from mechscope.cnn.methods.graph import CNNEdges
 from mechscope.cnn.models.spec import CNNSpec
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import (
-    MIB_FRACTIONS,
-    Circuit,
-    EdgeScores,
-    FaithfulnessCurve,
-    TopEdges,
-    acdc,
-    auroc,
-    check_method,
-    check_threshold,
-    circuit_faithfulness,
-    eap,
-    eap_ig,
-    edge_patching,
-    faithfulness_curve,
-)
+from mechscope.core.graphs import Circuit, EdgeScores, FaithfulnessCurve, TopEdges, auroc, find_circuit
 from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
@@ -272,50 +256,14 @@ def discover(
 ) -> CNNDiscovery:
     """Discover the channel circuit of ``task`` (see the module docstring); ``hand``: the last stage's channels
     ``cnn explain`` found for the task's class, to compare with."""
-    check_method(method)
-    threshold = None if threshold is None else check_threshold(threshold)
-    if method in ("eap", "eap-ig") and task.metric_name in NOT_DIFFERENTIABLE:
-        raise MechscopeError(f"{method} needs a differentiable metric; {task.metric_name!r} is not (use acdc)")
-    if method == "eap" and task.metric_name == "kl":
-        raise MechscopeError("eap scores nothing with kl: its gradient is 0 at the clean run (use eap-ig or acdc)")
-    edges = CNNEdges(spec)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    args = (edges, task.clean, task.corrupted)
-    kw = {"metric": task.metric, "better": task.better}
     with evaluating(spec.model):
-        if method == "eap":
-            scores = eap(*args, ablation=ablation, **kw)
-        elif method == "eap-ig":
-            scores = eap_ig(*args, steps=steps, **kw)
-        elif method == "edge-patching":
-            scores = edge_patching(*args, ablation=ablation, progress=progress, **kw)
-        else:
-            if threshold is None:
-                with torch.no_grad():
-                    m0 = float(task.metric(edges.forward(task.clean)[0]))
-                    m1 = float(task.metric(edges.forward(task.corrupted)[0]))
-                threshold = 0.01 * abs(m0 - m1)
-            scores = acdc(*args, threshold=threshold, ablation=ablation, progress=progress, **kw)
-        seconds["discovery"] = time.perf_counter() - t0
-        if method == "acdc" and size is None:
-            circuit = scores.circuit()
-        elif size is None and threshold is not None:
-            circuit = scores.circuit(int(np.sum(np.abs(scores.scores) >= threshold)))
-        else:
-            circuit = scores.circuit(min(30, edges.graph.n_edges) if size is None else size)
-        faith = drawn = None
-        if curve:
-            t1 = time.perf_counter()
-            faith_ablation = "patch" if method == "eap-ig" else ablation
-            faith = faithfulness_curve(edges, scores, task.clean, task.corrupted, metric=task.metric,
-                                       ablation=faith_ablation, n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
-                                       progress=progress)  # fmt: skip
-            drawn = circuit_faithfulness(edges, circuit, task.clean, task.corrupted, metric=task.metric,
-                                         ablation=faith_ablation, curve=faith)  # fmt: skip
-            seconds["faithfulness"] = time.perf_counter() - t1
+        found = find_circuit(CNNEdges(spec), task.clean, task.corrupted, metric=task.metric, better=task.better,
+                             metric_name=task.metric_name, differentiable=task.metric_name not in NOT_DIFFERENTIABLE,
+                             method=method, size=size, threshold=threshold, steps=steps, ablation=ablation,
+                             curve=curve, n_random=n_random, seed=seed, progress=progress)  # fmt: skip
+    scores = found.scores
     settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
-                "threshold": threshold, "n_random": n_random, **task.settings}  # fmt: skip
+                "threshold": found.threshold, "n_random": n_random, **task.settings}  # fmt: skip
     return CNNDiscovery(
         run=name,
         task_description=task.description,
@@ -326,10 +274,10 @@ def discover(
         settings=settings,
         n_examples=len(task.clean),
         scores=scores,
-        circuit=circuit,
-        faithfulness=faith,
-        circuit_faithfulness=drawn,
+        circuit=found.circuit,
+        faithfulness=found.faithfulness,
+        circuit_faithfulness=found.circuit_faithfulness,
         channel_scores=channel_scores(scores, spec),
         hand=compare_channels(scores, spec, hand) if hand else None,
-        seconds=seconds,
+        seconds=found.seconds,
     )

@@ -40,12 +40,14 @@ Methods
 :func:`eap` (2 forwards, 1 backward), :func:`eap_ig`, :func:`edge_patching` (exact, one forward per edge) and
 :func:`acdc` return :class:`EdgeScores` (``circuit(k or fraction)`` cuts a :class:`Circuit`);
 :func:`faithfulness_curve` gives the MIB CPR/CMD and a random baseline; :func:`score_circuit` scores against a
-known circuit, e.g. tracr's ``circuit.json`` via :func:`load_circuit`. Causal scrubbing lives in
+known circuit, e.g. tracr's ``circuit.json`` via :func:`load_circuit`. :func:`find_circuit` strings them together
+for both wings' ``discover`` (score, cut, curve, the drawn circuit alone). Causal scrubbing lives in
 :mod:`mechscope.core.scrub`. A metric is any callable on the model's output returning a scalar tensor.
 """
 
 from mechscope.core.graphs.acdc import acdc
 from mechscope.core.graphs.attribution import eap, eap_ig, edge_patching
+from mechscope.core.graphs.discovery import DEFAULT_SIZE, CircuitSearch, cut_circuit, find_circuit
 from mechscope.core.graphs.faithfulness import (
     MIB_FRACTIONS,
     FaithfulnessCurve,
@@ -79,6 +81,10 @@ from mechscope.core.graphs.results import (
 from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
 
 __all__ = [
+    "DEFAULT_SIZE",
+    "CircuitSearch",
+    "cut_circuit",
+    "find_circuit",
     "METHODS",
     "MIB_FRACTIONS",
     "Circuit",

@@ -8,30 +8,20 @@ by hand (:func:`heads_edges`: the heads report's path patching) among the discov
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import (
-    MIB_FRACTIONS,
+    DEFAULT_SIZE,
     Circuit,
     CircuitScore,
     EdgeScores,
     FaithfulnessCurve,
     TopEdges,
-    acdc,
     auroc,
-    check_method,
-    check_threshold,
-    circuit_faithfulness,
-    eap,
-    eap_ig,
-    edge_patching,
-    faithfulness_curve,
+    find_circuit,
     score_circuit,
 )
 from mechscope.core.results import Result
@@ -79,14 +69,6 @@ class LMDiscovery(TopEdges, Result):
 # ---- discovery ----------------------------------------------------------------------------------------
 
 
-def _circuit(scores: EdgeScores, method: str, size, threshold, default: int) -> Circuit:
-    if method == "acdc" and size is None:
-        return scores.circuit()
-    if size is None and threshold is not None:
-        return scores.circuit(int(np.sum(np.abs(scores.scores) >= threshold)))
-    return scores.circuit(min(default, scores.graph.n_edges) if size is None else size)
-
-
 def discover(
     model: HookedTransformer,
     task: Task,
@@ -109,49 +91,19 @@ def discover(
     ``threshold``: ACDC's tau (default 1% of |M(clean) − M(corrupted)|) or, for the others, a cut on |score|;
     ``known``: a :class:`~mechscope.core.graphs.KnownCircuit` to score against; ``hand_edges``: edges found by
     hand (the heads report's path patching) to compare with."""
-    check_method(method)
-    threshold = None if threshold is None else check_threshold(threshold)
-    if method in ("eap", "eap-ig") and task.metric_name in NOT_DIFFERENTIABLE:
-        raise MechscopeError(f"{method} needs a differentiable metric; {task.metric_name!r} is not (use acdc)")
-    if method == "eap" and task.metric_name == "kl":
-        raise MechscopeError("eap scores nothing with kl: its gradient is 0 at the clean run (use eap-ig or acdc)")
-    edges = TransformerEdges(model)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    args = (edges, task.clean, task.corrupted)
-    kw = {"metric": task.metric, "better": task.better}
+    default = len(known.edge_set("primary")) if known is not None else DEFAULT_SIZE
     with evaluating(model):
-        if method == "eap":
-            scores = eap(*args, ablation=ablation, **kw)
-        elif method == "eap-ig":
-            scores = eap_ig(*args, steps=steps, **kw)
-        elif method == "edge-patching":
-            scores = edge_patching(*args, ablation=ablation, progress=progress, **kw)
-        else:
-            if threshold is None:
-                with torch.no_grad():
-                    m0 = float(task.metric(edges.forward(task.clean)[0]))
-                    m1 = float(task.metric(edges.forward(task.corrupted)[0]))
-                threshold = 0.01 * abs(m0 - m1)
-            scores = acdc(*args, threshold=threshold, ablation=ablation, progress=progress, **kw)
-        seconds["discovery"] = time.perf_counter() - t0
-        default = len(known.edge_set("primary")) if known is not None else 30
-        circuit = _circuit(scores, method, size, threshold if method != "acdc" else None, default)
-        faith = drawn = None
-        if curve:
-            t1 = time.perf_counter()
-            faith_ablation = "patch" if method == "eap-ig" else ablation
-            faith = faithfulness_curve(edges, scores, task.clean, task.corrupted, metric=task.metric,
-                                       ablation=faith_ablation, n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
-                                       progress=progress)  # fmt: skip
-            drawn = circuit_faithfulness(edges, circuit, task.clean, task.corrupted, metric=task.metric,
-                                         ablation=faith_ablation, curve=faith)  # fmt: skip
-            seconds["faithfulness"] = time.perf_counter() - t1
+        found = find_circuit(TransformerEdges(model), task.clean, task.corrupted, metric=task.metric,
+                             better=task.better, metric_name=task.metric_name,
+                             differentiable=task.metric_name not in NOT_DIFFERENTIABLE, method=method, size=size,
+                             threshold=threshold, steps=steps, ablation=ablation, curve=curve, n_random=n_random,
+                             seed=seed, default_size=default, progress=progress)  # fmt: skip
+    scores = found.scores
     truth = {}
     if known is not None:
         truth = {s: score_circuit(scores, known, edge_set=s) for s in known.edge_sets}
     settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
-                "threshold": threshold, "n_random": n_random, "seed": seed, **task.settings}  # fmt: skip
+                "threshold": found.threshold, "n_random": n_random, "seed": seed, **task.settings}  # fmt: skip
     return LMDiscovery(
         model=name or model.cfg.name,
         task=task.kind,
@@ -162,14 +114,14 @@ def discover(
         settings=settings,
         n_examples=task.n_examples,
         scores=scores,
-        circuit=circuit,
-        faithfulness=faith,
-        circuit_faithfulness=drawn,
+        circuit=found.circuit,
+        faithfulness=found.faithfulness,
+        circuit_faithfulness=found.circuit_faithfulness,
         ground_truth=truth,
         known_nodes=tuple(known.nodes) if known is not None else (),
         known_edges=tuple(known.edge_set("primary")) if known is not None else (),
-        comparison=compare_edges(scores, hand_edges, len(circuit)) if hand_edges else None,
-        seconds=seconds,
+        comparison=compare_edges(scores, hand_edges, len(found.circuit)) if hand_edges else None,
+        seconds=found.seconds,
     )
 
 

@@ -1,0 +1,122 @@
+"""One discovery run on any :class:`~mechscope.core.graphs.protocol.EdgeModel`: the wings' ``discover`` share it.
+
+:func:`find_circuit` checks the method against the metric, scores the edges (EAP, EAP-IG, exact edge patching or
+ACDC, whose default threshold is 1% of |M(clean) - M(corrupted)|), cuts the circuit (:func:`cut_circuit`) and, if
+asked, draws the faithfulness curve and measures the drawn circuit alone. Each wing wraps the
+:class:`CircuitSearch` it returns in its own result with its own task and comparisons.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs.acdc import acdc
+from mechscope.core.graphs.attribution import eap, eap_ig, edge_patching
+from mechscope.core.graphs.faithfulness import (
+    MIB_FRACTIONS,
+    FaithfulnessCurve,
+    circuit_faithfulness,
+    faithfulness_curve,
+)
+from mechscope.core.graphs.results import Circuit, EdgeScores, check_method, check_threshold
+
+DEFAULT_SIZE = 30  # edges in a circuit cut from scores when neither --size nor --threshold says
+
+
+@dataclass(frozen=True)
+class CircuitSearch:
+    """What :func:`find_circuit` found: the scores, the circuit, the curve and the drawn circuit's own
+    faithfulness (``None`` without the curve), the threshold used (ACDC's default filled in) and seconds."""
+
+    scores: EdgeScores
+    circuit: Circuit
+    faithfulness: FaithfulnessCurve | None
+    circuit_faithfulness: dict | None
+    threshold: float | None
+    seconds: dict[str, float]
+
+
+def check_method_metric(method: str, metric_name: str, differentiable: bool) -> None:
+    """Refuse a method the metric cannot serve: EAP and EAP-IG need gradients; EAP's are all 0 under ``kl``."""
+    if method in ("eap", "eap-ig") and not differentiable:
+        raise MechscopeError(f"{method} needs a differentiable metric; {metric_name!r} is not (use acdc)")
+    if method == "eap" and metric_name == "kl":
+        raise MechscopeError("eap scores nothing with kl: its gradient is 0 at the clean run (use eap-ig or acdc)")
+
+
+def cut_circuit(scores: EdgeScores, method: str, size, threshold, default: int = DEFAULT_SIZE) -> Circuit:
+    """The circuit of ``scores``: ``size`` edges (or a fraction of them); without a size, ACDC's own edges, or
+    the edges whose |score| reaches ``threshold``, or the ``default`` top edges."""
+    if method == "acdc" and size is None:
+        return scores.circuit()
+    if size is None and threshold is not None:
+        return scores.circuit(int(np.sum(np.abs(scores.scores) >= threshold)))
+    return scores.circuit(min(default, scores.graph.n_edges) if size is None else size)
+
+
+def _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress):
+    args = (edges, clean, corrupted)
+    kw = {"metric": metric, "better": better}
+    if method == "eap":
+        return eap(*args, ablation=ablation, **kw), threshold
+    if method == "eap-ig":
+        return eap_ig(*args, steps=steps, **kw), threshold
+    if method == "edge-patching":
+        return edge_patching(*args, ablation=ablation, progress=progress, **kw), threshold
+    if threshold is None:
+        with torch.no_grad():
+            m0 = float(metric(edges.forward(clean)[0]))
+            m1 = float(metric(edges.forward(corrupted)[0]))
+        threshold = 0.01 * abs(m0 - m1)
+    return acdc(*args, threshold=threshold, ablation=ablation, progress=progress, **kw), threshold
+
+
+def find_circuit(
+    edges,
+    clean: Any,
+    corrupted: Any,
+    *,
+    metric: Callable,
+    better: str | None,
+    metric_name: str,
+    differentiable: bool,
+    method: str = "eap-ig",
+    size: int | float | None = None,
+    threshold: float | None = None,
+    steps: int = 5,
+    ablation: str = "patch",
+    curve: bool = True,
+    n_random: int = 5,
+    seed: int = 0,
+    default_size: int = DEFAULT_SIZE,
+    progress: bool = False,
+) -> CircuitSearch:
+    """Score ``edges`` (an EdgeModel) on clean against corrupted inputs by ``method``, cut the circuit and (``curve``)
+    measure the faithfulness curve and the drawn circuit; ``threshold``: ACDC's tau or, for the other methods, a cut
+    on |score| (ignored for ACDC's cut, which is its own); ``default_size``: the cut without size or threshold."""
+    check_method(method)
+    threshold = None if threshold is None else check_threshold(threshold)
+    check_method_metric(method, metric_name, differentiable)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
+    seconds["discovery"] = time.perf_counter() - t0
+    circuit = cut_circuit(scores, method, size, threshold if method != "acdc" else None, default_size)
+    faith = drawn = None
+    if curve:
+        t1 = time.perf_counter()
+        faith_ablation = "patch" if method == "eap-ig" else ablation
+        faith = faithfulness_curve(edges, scores, clean, corrupted, metric=metric, ablation=faith_ablation,
+                                   n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
+                                   progress=progress)  # fmt: skip
+        drawn = circuit_faithfulness(edges, circuit, clean, corrupted, metric=metric, ablation=faith_ablation,
+                                     curve=faith)  # fmt: skip
+        seconds["faithfulness"] = time.perf_counter() - t1
+    return CircuitSearch(scores, circuit, faith, drawn, threshold, seconds)
