@@ -145,6 +145,8 @@ def test_bad_runs_raise(planted):
         ({"hypothesis": hyp, "features": {"f": [object()] * 64}}, "compared"),
         ({"hypothesis": {"claims": []}, "samples": 0}, "samples"),
         ({"hypothesis": {"claims": []}, "seed": -1}, "seed"),
+        ({"hypothesis": {"claims": []}, "seed": 2**64}, "seed must be an integer from 0 to 2"),  # torch overflowed
+        ({"hypothesis": {"claims": []}, "max_forwards": 0}, "max_forwards must be an integer from 1"),
         ({"hypothesis": {"claims": []}, "metric": lambda o: o.sum() * 0}, "same metric"),
         ({"hypothesis": {"claims": []}, "metric": lambda o: o.mean(0)}, "scalar"),
         (

@@ -294,6 +294,9 @@ def test_hypothesis_files_are_checked_in_one_line():
         ({**good, "claims": [{"name": "a", "edges": ["embed->unembed"], "feature": "mood"}]}, "unknown feature"),
         ({**good, "samples": 0}, "samples"),
         ({**good, "data": {"n": 1}}, "data.n"),
+        ({**good, "data": {"seed": 2**64}}, "data.seed must be an integer from 0 to 2"),  # torch overflowed
+        ({**good, "seed": 2**64}, "seed must be an integer from 0 to 2"),
+        ({**good, "samples": 10**6}, "samples must be an integer from 1 to 100,000"),
         ({**good, "sampling": "row"}, "sampling"),
         ([], "JSON object"),
     ]:

@@ -42,7 +42,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.graph import ComponentGraph
 from mechscope.core.graphs.protocol import Term, capture, check_model, edge_weight, metric_value, run
 from mechscope.core.results import Result
-from mechscope.core.validate import check_int
+from mechscope.core.validate import check_int, check_seed
 
 RANDOM, IDENTITY = -2, -1
 SAMPLINGS = ("edge", "sender")
@@ -128,6 +128,21 @@ def hypothesis_file_sampling(data: dict, where: str) -> tuple[str, bool]:
     if not isinstance(data.get("breakdown", True), bool):
         raise MechscopeError(f"{where}: breakdown must be true or false")
     return sampling, data.get("breakdown", True)
+
+
+def hypothesis_file_ints(where: str, values: dict[str, tuple[Any, int]]) -> dict[str, int]:
+    """A hypothesis file's integer settings, ``key -> (value, lowest)``, checked: a key ending in ``seed`` is a seed
+    (0 to 2**63 - 1, what torch's generators take); ``samples`` at most 100,000 (a forward pass each per claim)."""
+    out = {}
+    for key, (v, low) in values.items():
+        if key.endswith("seed"):
+            check_seed(v, f"{where}: {key}")
+        elif key == "samples":
+            check_int(v, f"{where}: samples", low, 100_000)
+        elif isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+        out[key] = v
+    return out
 
 
 def _claim(entry: Any, i: int, graph: ComponentGraph) -> Claim:
@@ -415,12 +430,6 @@ def _features(hyp: Hypothesis, features: Mapping | None, n: int) -> tuple[list[s
     return names, [_Feature(name, features[name], n) for name in names]
 
 
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise MechscopeError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def scrub(
     model,
     inputs: Any,
@@ -443,8 +452,8 @@ def scrub(
     afford)."""
     check_model(model)
     samples = check_int(samples, "samples", 1, 100_000)  # each a forward pass per claim: 1e12 ran without end
-    seed = _check_int(seed, "seed", 0)
-    max_forwards = _check_int(max_forwards, "max_forwards", 1)
+    check_seed(seed, "seed")
+    max_forwards = check_int(max_forwards, "max_forwards", 1)
     if sampling not in SAMPLINGS:
         raise MechscopeError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     g = model.graph

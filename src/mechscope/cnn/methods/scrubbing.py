@@ -22,6 +22,7 @@ from mechscope.core.results import Result
 from mechscope.core.scrub import (
     ScrubResult,
     hypothesis_file_claims,
+    hypothesis_file_ints,
     hypothesis_file_sampling,
     parse_hypothesis,
     scrub,
@@ -113,12 +114,8 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     d = data.get("data", {})
     if not isinstance(d, dict) or set(d) - DATA_KEYS:
         raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
-    vals = {"n": d.get("n", 500), "data.seed": d.get("seed", 0), "samples": data.get("samples", 10),
-            "seed": data.get("seed", 0)}  # fmt: skip
-    for key, v in vals.items():
-        low = 2 if key == "n" else 1 if key == "samples" else 0
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+    vals = hypothesis_file_ints(where, {"n": (d.get("n", 500), 2), "data.seed": (d.get("seed", 0), 0),
+                                        "samples": (data.get("samples", 10), 1), "seed": (data.get("seed", 0), 0)})
     sampling, breakdown = hypothesis_file_sampling(data, where)
     for c in claims:
         f = c.get("feature") if isinstance(c, dict) else None

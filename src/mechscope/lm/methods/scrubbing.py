@@ -18,6 +18,7 @@ from mechscope.core.results import Result
 from mechscope.core.scrub import (
     ScrubResult,
     hypothesis_file_claims,
+    hypothesis_file_ints,
     hypothesis_file_sampling,
     parse_hypothesis,
     scrub,
@@ -81,19 +82,15 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     d = data.get("data", {})
     if not isinstance(d, dict) or set(d) - DATA_KEYS:
         raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
-    for key, low in (("n", 2), ("batch", 2), ("seed", 0), ("limit", 2)):
-        v = d.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise MechscopeError(f"{where}: data.{key} must be an integer >= {low}, got {v!r}")
+    hypothesis_file_ints(where, {f"data.{key}": (d[key], low) for key, low in (("n", 2), ("batch", 2), ("seed", 0),
+                                                                             ("limit", 2)) if d.get(key) is not None})
     if d.get("distinct") is not None and not isinstance(d["distinct"], bool):
         raise MechscopeError(f"{where}: data.distinct must be true or false")
     tr = d.get("token_range")
     if tr is not None and not (isinstance(tr, list) and len(tr) == 2 and all(isinstance(x, int) for x in tr)):
         raise MechscopeError(f"{where}: data.token_range must be [low, high)")
     samples, seed = data.get("samples", 10), data.get("seed", 0)
-    for key, v, low in (("samples", samples, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+    hypothesis_file_ints(where, {"samples": (samples, 1), "seed": (seed, 0)})
     for key in ("task", "metric", "name", "description", "sampling"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise MechscopeError(f"{where}: {key} must be a string")
