@@ -3,6 +3,7 @@ self-contained report.html, written atomically."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -71,9 +72,9 @@ def discover_model(
         model = load_any(model_spec, device, dtype, revision)
         info = getattr(model, "tracr", None)
         if (task or ("tracr" if info is not None else "induction")) == "tracr":
-            given = (("--n", n, 20), ("--batch", batch, 8), ("--tokens", token_range, None),
-                     ("--distinct", distinct, False))
-            asked = [name for name, v, default in given if v != default]
+            given = {"--n": ("n", n), "--batch": ("batch", batch), "--tokens": ("token_range", token_range),
+                     "--distinct": ("distinct", distinct)}  # fmt: skip
+            asked = [flag for flag, (arg, v) in given.items() if v != _DEFAULTS[arg].default]
             if asked:  # the tracr task runs the compiled model's stored examples; these were silently unread
                 raise MechscopeError(f"{', '.join(asked)}: options of the induction task, not of tracr's examples")
         known = check_circuit(info.directory, model.cfg) if info is not None else None
@@ -98,6 +99,9 @@ def discover_model(
         write_json(tmp / LMDiscovery.FILE, result.to_dict())
         write_report(result, tmp / "report.html")
     return out, result
+
+
+_DEFAULTS = inspect.signature(discover_model).parameters  # the induction task's options: set when not these
 
 
 def scrub_file(data: dict, where: str, out: str | Path | None = None, force: bool = False, device=None,
