@@ -275,12 +275,16 @@ def _gelu_toy(tmp_path: Path, layers: int) -> tuple[Path, Path]:
     return run, text
 
 
-def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
+def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path, monkeypatch):
     """A 1-layer GELU toy (a few steps): `--train-transcoders` trains one here, the graph is exact against its own
-    interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back)."""
+    interventions, and the transcoders are saved beside the graph in SAELens' layout (they load back). The text
+    (checked first, then read for the transcoders and the dashboards) is read once."""
+    import mechscope.core.validate as validate
     from mechscope.lm.methods.transcoders import Transcoders
 
     run, text = _gelu_toy(tmp_path, layers=1)
+    reads, read = [], validate.read_text_file
+    monkeypatch.setattr(validate, "read_text_file", lambda path, *a, **k: reads.append(path) or read(path, *a, **k))
     out = tmp_path / "g"
     code, stdout, err = run_main(
         capsys,
@@ -304,6 +308,7 @@ def test_lm_graph_cli_trains_transcoders_for_a_toy_with_mlps(capsys, tmp_path):
     assert g.exactness["logits_max_abs_diff"] < 1e-4 and g.exactness["edges_max_abs_error"] < 1e-4
     assert g.dictionaries["source"] == "trained here" and g.dictionaries["quality"][0]["layer"] == 0
     assert Transcoders.load(out / "transcoders").widths == g.dictionaries["widths"]
+    assert [str(p) for p in reads] == [str(text)] and g.dashboards  # the dashboards read the same text
     # a prompt in the toy's characters is read as them; a character it never saw is refused, not dropped
     known = TEXT[:6]
     code, _, err = run_main(capsys, "lm", "graph", "--model", str(run), "--prompt", known, "--transcoders",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -94,10 +94,11 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
 
 
 def get_transcoders(
-    model, tokenizer, transcoders, train_tokens: int | None, text_file, progress=None, crosslayer: bool = False
+    model, tokenizer, transcoders, train_tokens: int | None, text, progress=None, crosslayer: bool = False
 ):
     """(Transcoders or a CrossLayerTranscoder, training record or None) from a folder (a CLT's layout is detected),
-    ``"neurons"``, a :class:`Transcoders` or :class:`CrossLayerTranscoder`, or trained (``crosslayer``: one CLT)."""
+    ``"neurons"``, a :class:`Transcoders` or :class:`CrossLayerTranscoder`, or trained (``crosslayer``: one CLT) on
+    ``text()``'s (text, name)."""
     if crosslayer and (transcoders is not None or not train_tokens):
         raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     if model.cfg.attn_only:
@@ -120,12 +121,10 @@ def get_transcoders(
         )
     if tokenizer is None:
         raise MechscopeError("training transcoders needs a tokenizer (text)")
-    from mechscope.lm.text import read_text
-
-    text, name = read_text(text_file)
+    words, name = text()
     r = train_transcoders(
         model,
-        encode_named(tokenizer.encode, text, name, add_bos=False),
+        encode_named(tokenizer.encode, words, name, add_bos=False),
         TranscoderTraining(tokens=train_tokens, crosslayer=crosslayer),
         text_name=str(name),
         progress=progress,
@@ -171,12 +170,12 @@ def graph_model(
     ``device``, ``dtype``, ``revision``: as ``load_model`` takes them, for a model given by name."""
     from mechscope.lm.models.convert.tracr import vocab_tokenizers
     from mechscope.lm.models.transformer import HookedTransformer
+    from mechscope.lm.text import read_text
 
     check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
+    text = cache(partial(read_text, text_file))  # read once, when first needed (transcoders, dashboards)
     if text_file is not None:  # a text the user gave is read before any work: missing, a folder, empty, binary
-        from mechscope.lm.text import read_text
-
-        read_text(text_file)
+        text()
     if out is not None:
         check_target(out, force)
     timer = Timer("lm graph")
@@ -192,7 +191,7 @@ def graph_model(
 
     with work.counter.counting():
         with work.phase("transcoders"):
-            tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text_file, progress, crosslayer)
+            tcs, trained = get_transcoders(model, tokenizer, transcoders, train_tokens, text, progress, crosslayer)
         with work.phase("graph"):
             graph, rep = attribution_graph(
                 model,
@@ -226,7 +225,8 @@ def graph_model(
         if dashboards and feats and tokenizer is not None and examples:
             with work.phase("dashboards"):
                 dash = _dashboards(
-                    model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text_file
+                    model, tcs, tokenizer, [(f["layer"], f["feature"]) for f in feats[:dashboards]], examples, text,
+                    text_file is not None,
                 )
     if trained is not None:
         dic = dict(graph.dictionaries) | {
@@ -288,14 +288,12 @@ def write_outputs(graph, where: Path, slug: str = "graph") -> None:
         )
 
 
-def _dashboards(model, tcs, tokenizer, feats, examples: int, text_file) -> dict:
-    from mechscope.lm.text import read_text
-
+def _dashboards(model, tcs, tokenizer, feats, examples: int, text, given: bool) -> dict:
     try:
-        text, name = read_text(text_file)
-        ids = encode_named(tokenizer.encode, text[: examples * 8], name, add_bos=False)
+        words, name = text()
+        ids = encode_named(tokenizer.encode, words[: examples * 8], name, add_bos=False)
     except MechscopeError as e:
-        if text_file is not None:  # a text the user gave: refused, not passed over with a warning
+        if given:  # a text the user gave: refused, not passed over with a warning
             raise
         log.warning("no dashboards: %s", e)
         return {}
