@@ -33,11 +33,10 @@ from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import densities, latent_summary, maxima
 from mechscope.core.dictionaries.staged import (
-    checkpoints_of,
     claim_stage,
     clear_staging,
     staging,
-    train_from_store,
+    train_staged,
     training_fields,
 )
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
@@ -195,22 +194,14 @@ def sae_train_run(
                            l0_coefficient=l0_coefficient,
                            normalize_activations="expected_average_only_in" if normalize else "none",
                            **dictionary)  # fmt: skip
-    _positive("batch-size", batch_size)
-    _positive("epochs", epochs)
     out = Path(out) if out is not None else where.parent.parent / f"sae-{architecture}"
-    use_dist = P.init_from_env(distributed, device)
-    rank, _ = P.rank_world()
-    if rank == 0:
-        check_target(out, force)
-    tc = train_config or TrainConfig(lr=lr, seed=seed, max_steps=steps, progress=progress,
-                                     checkpoint_every=checkpoint_every,
-                                     checkpoint_dir=str(checkpoints_of(out)) if checkpoint_every else None)  # fmt: skip
-    counter = WorkCounter([], "rows")  # the training loop adds its passes through the dictionary (not the network)
-    trained = train_from_store(where, cfg, tc, out, batch_size=batch_size, epochs=epochs, resume=resume,
-                               distributed=use_dist, device=device, counter=counter)  # fmt: skip
-    work = counter.report("cnn sae train", h.rows) if rank == 0 else counter.summary(h.rows)
+    staged = train_staged(where, cfg, out, name="cnn sae train", rows=h.rows, force=force, batch_size=batch_size,
+                          epochs=epochs, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                          resume=resume, progress=progress, distributed=distributed, device=device,
+                          train_config=train_config)  # fmt: skip
+    trained, rank = staged.trained, staged.rank
     result = S.CnnSaeTraining(**training_fields(trained, model=h.run, hook=h.hook, target=None, store=str(where),
-                                                batch_size=batch_size, epochs=epochs), work=work)  # fmt: skip
+                                                batch_size=batch_size, epochs=epochs), work=staged.work)  # fmt: skip
     if rank == 0:
         layer = int(h.hook[4]) if h.hook.startswith("conv") and h.hook[4:5].isdigit() else 0
         with atomic_output(out, force) as tmp:

@@ -86,6 +86,46 @@ def train_from_store(
                  counter=counter)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StagedTraining:
+    """What :func:`train_staged` gives back: the training, its work record and this process's rank (0 writes)."""
+
+    trained: TrainResult
+    work: dict
+    rank: int
+
+
+def train_staged(
+    store, cfg: DictionaryConfig, out, *, name: str, rows: int, force: bool = False, batch_size: int = 4096,
+    epochs: int = 1, steps: int | None = None, lr: float = 4e-4, seed: int = 0, checkpoint_every: int = 0,
+    resume: bool = False, progress: bool = True, distributed: bool | None = None, device=None,
+    train_config: TrainConfig | None = None,
+) -> StagedTraining:  # fmt: skip
+    """Both wings' ``sae train`` after the dictionary is configured: ``--batch-size``/``--epochs`` checked, the
+    processes ``torchrun`` started joined (``distributed``), ``out`` checked on rank 0, and :func:`train_from_store`
+    run with a WorkCounter over the dictionary's rows (``rows``: the store's, the unit of a pass; ``name``: the
+    command, for the work record)."""
+    from mechscope.core.dictionaries import parallel as P
+    from mechscope.core.outputs import check_target
+    from mechscope.core.torch_utils import WorkCounter
+    from mechscope.core.validate import check_int
+
+    check_int(batch_size, "--batch-size", 1)
+    check_int(epochs, "--epochs", 1)
+    use_dist = P.init_from_env(distributed, device)
+    rank, _ = P.rank_world()
+    if rank == 0:
+        check_target(out, force)
+    tc = train_config or TrainConfig(lr=lr, seed=seed, max_steps=steps, progress=progress,
+                                     checkpoint_every=checkpoint_every,
+                                     checkpoint_dir=str(checkpoints_of(out)) if checkpoint_every else None)  # fmt: skip
+    counter = WorkCounter([], "rows")  # the training loop adds its passes through the dictionary (not the network)
+    trained = train_from_store(store, cfg, tc, out, batch_size=batch_size, epochs=epochs, resume=resume,
+                               distributed=use_dist, device=device, counter=counter)  # fmt: skip
+    work = counter.report(name, rows) if rank == 0 else counter.summary(rows)
+    return StagedTraining(trained, work, rank)
+
+
 def _check_stream(where: Path, stream: dict, resume: bool, checkpointing: bool) -> None:
     """The batch stream a checkpoint was made on (store, batch size, epochs) must be this run's to resume; the
     dictionary and training settings are compared by :func:`~mechscope.core.dictionaries.train.train`."""

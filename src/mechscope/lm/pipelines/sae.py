@@ -36,11 +36,10 @@ from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import densities, latent_summary
 from mechscope.core.dictionaries.staged import (
-    checkpoints_of,
     claim_stage,
     clear_staging,
     staging,
-    train_from_store,
+    train_staged,
     training_fields,
 )
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
@@ -309,24 +308,15 @@ def sae_train(
         normalize_activations="expected_average_only_in" if normalize else "none",
         **dictionary,
     )  # fmt: skip
-    for name, v in (("batch-size", batch_size), ("epochs", epochs)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise MechscopeError(f"--{name} must be a positive integer, got {v!r}")
     out = Path(out) if out is not None else Path("runs") / "sae" / f"{entry['name']}-{architecture}"
-    use_dist = P.init_from_env(distributed, device)
-    rank, _ = P.rank_world()
-    if rank == 0:
-        check_target(out, force)
-    tc = train_config or TrainConfig(lr=lr, seed=seed, max_steps=steps, progress=progress,
-                                     checkpoint_every=checkpoint_every,
-                                     checkpoint_dir=str(checkpoints_of(out)) if checkpoint_every else None)  # fmt: skip
-    counter = WorkCounter([], "rows")  # the training loop adds its passes through the dictionary (not the network)
-    trained = train_from_store(where, cfg, tc, out, batch_size=batch_size, epochs=epochs, resume=resume,
-                               distributed=use_dist, device=device, counter=counter)  # fmt: skip
-    work = counter.report("lm sae train", entry["rows"]) if rank == 0 else counter.summary(entry["rows"])
+    staged = train_staged(where, cfg, out, name="lm sae train", rows=entry["rows"], force=force,
+                          batch_size=batch_size, epochs=epochs, steps=steps, lr=lr, seed=seed,
+                          checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                          distributed=distributed, device=device, train_config=train_config)  # fmt: skip
+    trained, rank = staged.trained, staged.rank
     result = S.LmSaeTraining(**training_fields(trained, model=record["model"], hook=entry["hook"],
                                                target=entry["target"], store=str(where), batch_size=batch_size,
-                                               epochs=epochs), work=work)  # fmt: skip
+                                               epochs=epochs), work=staged.work)  # fmt: skip
     if rank == 0:
         from mechscope.lm.methods.sae import layer_of
 
