@@ -1,4 +1,5 @@
-"""Command-line options every wing's commands share, defined once (the wings' ``cli`` packages import them)."""
+"""Command-line options every wing's commands share, defined once (the wings' ``cli`` packages import them), and
+the one piece of command behaviour both graph commands share (``--view``)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,19 @@ DistributedOpt = typer.Option(
     help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "
     "torchrun --nproc-per-node N -m mechscope -- COMMAND ...",
 )  # fmt: skip
+
+
+def view_only(view_run, view: str, out, force: bool) -> None:
+    """A graph command's ``--view GRAPH_JSON``: re-render the saved graph with the wing's ``view_run`` and say what
+    was written; any option that builds a graph is refused (a re-render would silently ignore it)."""
+    from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import typed_options
+
+    other = typed_options(exclude=("view", "out", "force"))
+    if other:
+        raise MechscopeError(
+            f"--view re-renders a saved graph and takes only --out and --force, not {', '.join(other)}"
+        )
+    path, g = view_run(view, out, force)
+    typer.echo(f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes")
+    typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")

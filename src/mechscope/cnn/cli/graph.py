@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, app
+from mechscope.core.cli_options import view_only
 
 
 @app.command("graph")
@@ -52,17 +53,7 @@ def graph_cmd(
     if view is not None:
         from mechscope.cnn.pipelines.attribution_graph import view_run
 
-        other = typed_options(exclude=("view", "out", "force"))
-        if other:  # a re-render makes no graph: the options that build one would be silently ignored
-            raise MechscopeError(
-                f"--view re-renders a saved graph and takes only --out and --force, not {', '.join(other)}"
-            )
-        path, g = view_run(view, out, force)
-        typer.echo(
-            f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
-        )
-        typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
-        return
+        return view_only(view_run, view, out, force)
     if run is None:
         raise MechscopeError("give --run (or --view GRAPH_JSON)")
     if channels and dictionaries:

@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mechscope.cnn.config import class_index
 from mechscope.cnn.methods.attribution_graph import (
@@ -29,13 +28,15 @@ from mechscope.cnn.methods.attribution_graph import (
 from mechscope.cnn.methods.replacement import StageDictionaries
 from mechscope.cnn.models.spec import walk
 from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
+from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
-from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
+from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 
 log = logging.getLogger(__name__)
 
-CT_FILE = "graph-circuit-tracer.json"
+FULL_ABOUT = ("the unpruned graph: rows (targets), cols (sources), values (edges) over the node space "
+              "[features with rows | errors | pixels | logits]")
 
 
 def graph_model(
@@ -153,22 +154,11 @@ def _not_counted(trained) -> str:
 
 
 def write_outputs(graph, where: Path, slug: str = "graph") -> None:
+    """graph.json, graph.html, graph-circuit-tracer.json and (when the graph has it) graph_full.safetensors."""
     from mechscope.cnn.report.attribution_graph import page
 
-    write_json(where / graph.FILE, graph.to_dict())
-    write_json(where / CT_FILE, graph.to_circuit_tracer(slug), compact=True)
     img = np.asarray(graph.settings.get("image_pixels") or [[0.0]], dtype=float)
-    (where / "graph.html").write_text(page(graph, img, slug), encoding="utf-8")
-    f = graph.full
-    if f is not None:
-        save_tensors(
-            where / "graph_full.safetensors",
-            {k: v for k, v in f.items() if isinstance(v, torch.Tensor)},
-            metadata={
-                "about": "the unpruned graph: rows (targets), cols (sources), values (edges) over the "
-                "node space [features with rows | errors | pixels | logits]"
-            },
-        )
+    write_graph_files(graph, where, page(graph, img, slug), FULL_ABOUT, slug)
 
 
 def graph_run(run, image: int, out=None, force: bool = False, **kw) -> tuple[Path, CnnAttributionGraph]:
@@ -179,12 +169,4 @@ def graph_run(run, image: int, out=None, force: bool = False, **kw) -> tuple[Pat
 
 def view_run(graph_json, out=None, force: bool = False) -> tuple[Path, CnnAttributionGraph]:
     """Re-render a graph JSON (as written, or downloaded from the viewer with annotations)."""
-    from mechscope.core.attribution_graph import load_graph
-
-    graph = load_graph(graph_json, CnnAttributionGraph)
-    src = Path(graph_json)
-    out = Path(out) if out is not None else src.with_name(src.stem + "-view")
-    check_target(out, force)
-    with atomic_output(out, force) as tmp:
-        write_outputs(graph, tmp)
-    return out, graph
+    return view_graph(graph_json, CnnAttributionGraph, write_outputs, out, force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import view_only
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 
@@ -98,20 +99,9 @@ def graph_cmd(
     from mechscope.core.errors import MechscopeError
 
     if view is not None:
-        from mechscope.core.validate import typed_options
         from mechscope.lm.pipelines.attribution_graph import view_run
 
-        other = typed_options(exclude=("view", "out", "force"))
-        if other:  # a re-render makes no graph: the options that build one would be silently ignored
-            raise MechscopeError(
-                f"--view re-renders a saved graph and takes only --out and --force, not {', '.join(other)}"
-            )
-        path, g = view_run(view, out, force)
-        typer.echo(
-            f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes"
-        )
-        typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
-        return
+        return view_only(view_run, view, out, force)
     if model is None:
         raise MechscopeError("give --model (or --view GRAPH_JSON)")
     from mechscope.lm.cli.common import parse_tokens

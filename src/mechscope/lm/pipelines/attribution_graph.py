@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
+from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
-from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
+from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import repeated
 from mechscope.lm.methods.attribution_graph import (
@@ -39,7 +40,9 @@ from mechscope.lm.tokenizer import encode_named
 
 log = logging.getLogger(__name__)
 
-CT_FILE = "graph-circuit-tracer.json"
+FULL_ABOUT = ("the unpruned graph: rows (targets), cols (sources), values (edges) over the node space "
+              "[features with rows | errors | inputs | logits]; kind: 0 feature 1 error 2 input 3 logit; features: "
+              "their source index")
 
 
 def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None, bos: bool = True) -> torch.Tensor:
@@ -272,20 +275,7 @@ def write_outputs(graph, where: Path, slug: str = "graph") -> None:
     """graph.json, graph.html, graph-circuit-tracer.json and (when the graph has it) graph_full.safetensors."""
     from mechscope.lm.report.attribution_graph import page
 
-    write_json(where / graph.FILE, graph.to_dict())
-    write_json(where / CT_FILE, graph.to_circuit_tracer(slug), compact=True)
-    (where / "graph.html").write_text(page(graph, slug), encoding="utf-8")
-    f = graph.full
-    if f is not None:
-        save_tensors(
-            where / "graph_full.safetensors",
-            {k: v for k, v in f.items() if isinstance(v, torch.Tensor)},
-            metadata={
-                "about": "the unpruned graph: rows (targets), cols (sources), values (edges) over the "
-                "node space [features with rows | errors | inputs | logits]; kind: 0 feature 1 error "
-                "2 input 3 logit; features: their source index"
-            },
-        )
+    write_graph_files(graph, where, page(graph, slug), FULL_ABOUT, slug)
 
 
 def _dashboards(model, tcs, tokenizer, feats, examples: int, text, given: bool) -> dict:
@@ -323,12 +313,4 @@ def graph_run(model: str, prompt, out=None, force: bool = False, **kw) -> tuple[
 def view_run(graph_json, out=None, force: bool = False) -> tuple[Path, LmAttributionGraph]:
     """Re-render a graph JSON (as written, or downloaded from the viewer with annotations): graph.html, the
     circuit-tracer JSON and the checked graph.json itself, into ``out`` (default: beside it, ``FILE-view/``)."""
-    from mechscope.core.attribution_graph import load_graph
-
-    graph = load_graph(graph_json, LmAttributionGraph)
-    src = Path(graph_json)
-    out = Path(out) if out is not None else src.with_name(src.stem + "-view")
-    check_target(out, force)
-    with atomic_output(out, force) as tmp:
-        write_outputs(graph, tmp)
-    return out, graph
+    return view_graph(graph_json, LmAttributionGraph, write_outputs, out, force)
