@@ -169,3 +169,115 @@ def test_a_neurons_page_says_why_it_read_fewer_neurons_than_asked():
     r = NS(multimodality=mm, readings=(), settings={"read": 2})
     assert neurons_summary(r)[-1].startswith("0 of the 2 neurons asked for (--read) are read in full: after the")
     assert len(neurons_summary(NS(multimodality=mm, readings=(), settings={"read": 0}))) == 1
+
+
+def _neurons_result(patches, top_names=None):
+    """A small NeuronsResult from random responses (4 concepts, layers 0 and 1 of 6 neurons each) and one reading
+    whose top images have the ``patches`` given (None: the largest activation at the class token)."""
+    from mechscope.clip.methods import neurons as N
+
+    g = torch.Generator().manual_seed(0)
+    names = ["zero", "one", "two", "three"]
+    pa, wa = torch.randn(40, 12, generator=g), torch.randn(24, 12, generator=g)
+    mm = N.multimodality(pa, torch.arange(40) % 4, wa, torch.arange(24) % 4, names, [[n] for n in names], [0, 1], 6,
+                         n_controls=5, seed=0)  # fmt: skip
+    k = len(patches)
+    top_names = top_names or tuple(f"handwritten {names[i % 4]}" for i in range(k))
+    reading = N.NeuronReading(
+        "1.2", 1, 2, "asked for", 0.9, 0.8, tuple(top_names), tuple(0.9 - 0.1 * i for i in range(k)), tuple(patches),
+        ("three",), (0.5,), ("three",), (0.1,), featvis=np.zeros((1, 32, 32)), top_pixels=np.zeros((k, 1, 32, 32)),
+        top_attribution=np.zeros((k, 32, 32)),
+    )  # fmt: skip
+    return N.NeuronsResult("tiny", "clip", (0, 1), "mean", {"read": 1}, "random concepts", "random images", 10, mm,
+                           (reading,), ("three",), ("{}",), {})  # fmt: skip
+
+
+def _page(result) -> str:
+    from mechscope.clip.report.context import neurons_context
+    from mechscope.core.render.html import render_string
+
+    return render_string("mechscope.clip", "neurons.html.j2", **neurons_context(result))
+
+
+def test_a_top_image_whose_maximum_is_at_the_class_token_says_so_and_gets_no_box(monkeypatch):
+    """A report audit: one top image was drawn without the red box, and nothing said why (hot_patch gives no box
+    for an image whose largest activation is at the class token, which is no patch of the image)."""
+    import json
+
+    from mechscope.clip.methods.neurons import NeuronsResult
+    from mechscope.clip.report import figures as F
+    from mechscope.clip.report.context import CLS_NOTE, top_image_rows
+
+    result = _neurons_result([(8, 0, 16, 8), None, (0, 24, 8, 32)])
+    rows = top_image_rows(result.readings[0])
+    assert [r["cls"] for r in rows] == [False, True, False] and [r["note"] for r in rows] == ["", CLS_NOTE, ""]
+    assert rows[0]["box"] == (8, 0, 16, 8) and rows[1]["box"] is None
+    assert rows[0]["where"] == "patch at pixel rows 8–15, columns 0–7 (red box)"
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig: fig)  # the figure itself, to read what it draws
+    fig = F.reading_figure(result.readings[0])
+    tops = fig.axes[1:4]  # row 0: the feature visualisation, then the top images
+    assert [len(ax.patches) for ax in tops] == [1, 0, 1]  # no box on the image whose maximum is at CLS
+    box = tops[0].patches[0]
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (-0.5, 7.5, 8, 8)
+    assert [ax.get_xlabel() for ax in tops] == ["", CLS_NOTE, ""]
+    monkeypatch.undo()
+    html = _page(result)
+    assert "class token (CLS), no patch of the image: no box" in html
+    # neurons.json keeps the missing box as null: a result read back says the same
+    back = NeuronsResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert [r["cls"] for r in top_image_rows(back.readings[0])] == [False, True, False]
+    assert "no patch of the image" not in _page(_neurons_result([(8, 0, 16, 8), (0, 0, 8, 8)]))
+
+
+def test_top_image_names_are_wrapped_not_cut(monkeypatch):
+    """A report audit: top images' names were cut at 18 characters ("drawn 'seven' (san")."""
+    from mechscope.clip.report import figures as F
+
+    name = "drawn 'seven' (sans-oblique, 11px)"
+    long = "a_very_long_picture_file_name_from_a_folder_of_many_images_0042.png"
+    assert F.wrapped(name) == "drawn 'seven'\n(sans-oblique, 11px)"
+    cut = F.wrapped(long).split("\n")
+    assert len(cut) == 3 and all(len(line) <= 20 for line in cut) and cut[-1].endswith("…")
+    result = _neurons_result([(0, 0, 8, 8), None], top_names=(name, long))
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig: fig)
+    fig = F.reading_figure(result.readings[0])
+    assert fig.axes[1].get_title() == "drawn 'seven'\n(sans-oblique, 11px)\n0.90"
+    monkeypatch.undo()
+    html = _page(result)
+    assert f'<td class="l">{name.replace(chr(39), "&#39;")}</td>' in html and long in html  # in full beside it
+
+
+def test_the_z_column_and_the_scatter_plots_say_what_they_show(monkeypatch):
+    """A report audit: the concept table's z had no definition and the d′ scatter plots no caption. The sentences
+    are checked against the numbers: z is (score − controls' mean) / controls' sd and never below the highest
+    control's own z; the red point is the concept's best neuron."""
+    import dataclasses
+
+    from mechscope.clip.methods.neurons import column_neuron
+    from mechscope.clip.report import figures as F
+    from mechscope.clip.report.context import best_column
+
+    result = _neurons_result([(0, 0, 8, 8)])
+    mm = result.multimodality
+    controls = torch.randperm(mm.n_neurons, generator=torch.Generator().manual_seed(0))[: mm.n_controls]
+    for i, c in enumerate(mm.concepts):
+        assert c.z == pytest.approx((c.score - c.control_mean) / c.control_sd)
+        ctrl = mm.scores[i, controls].double()
+        assert c.control_mean == pytest.approx(float(ctrl.mean())) and c.control_sd == pytest.approx(
+            float(ctrl.std(unbiased=False)))  # fmt: skip
+        assert c.z >= float(((ctrl - ctrl.mean()) / ctrl.std(unbiased=False)).max()) - 1e-9
+        col = best_column(result, c)
+        assert column_neuron(col, list(result.layers), 6) == (c.layer, c.unit)
+        monkeypatch.setattr(F, "figure_data_uri", lambda fig: fig)
+        red = F.scatter_figure(mm, i, col).axes[0].collections[1].get_offsets()[0]
+        monkeypatch.undo()
+        assert tuple(red) == pytest.approx((c.picture_d, c.word_d), abs=1e-6)
+    html = _page(result)
+    assert "z: (score − controls' mean) / controls' sd" in html and "(population sd, dividing by 5)" in html
+    assert "each grey point is one of the 12 neurons (layers 0, 1)" in html
+    best = max(mm.concepts, key=lambda c: c.score)
+    assert (f"<figcaption class=\"muted\">{best.concept}: neuron {best.neuron} at d′ pictures {best.picture_d:.2f}, "
+            f"d′ name {best.word_d:.2f}</figcaption>") in html  # fmt: skip
+    flat = dataclasses.replace(mm.concepts[0], z=float("nan"), control_sd=0.0)
+    html = _page(dataclasses.replace(result, multimodality=dataclasses.replace(mm, concepts=(flat, *mm.concepts[1:]))))
+    assert "<td>—</td>" in html

@@ -8,7 +8,9 @@ from mechscope.core.render.figures import subplots, text_colour
 from mechscope.core.render.html import array_uri, figure_data_uri
 
 
-def _show(ax, pixels: np.ndarray, title: str = "", box=None) -> None:
+def _show(ax, pixels: np.ndarray, title: str = "", box=None, note: str = "") -> None:
+    """An image with ``title`` above it, a red ``box`` (top, left, bottom, right; pixels) on it, and a red ``note``
+    under it (what the box would say where there is no box to draw)."""
     img = np.asarray(pixels, dtype=float)
     img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
     ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
@@ -21,6 +23,20 @@ def _show(ax, pixels: np.ndarray, title: str = "", box=None) -> None:
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=7)
+    if note:
+        ax.set_xlabel(note, fontsize=7, color="#e33")
+
+
+def wrapped(text: str, width: int = 20, lines: int = 3) -> str:
+    """``text`` wrapped at ``width`` characters into at most ``lines`` lines, the last cut with "…" when more would
+    be needed (the report lists each name in full beside the figure)."""
+    import textwrap
+
+    parts = textwrap.wrap(str(text), width, break_on_hyphens=False) or [""]
+    if len(parts) > lines:
+        parts = parts[:lines]
+        parts[-1] = parts[-1][: width - 1] + "…"
+    return "\n".join(parts)
 
 
 def image_uri(pixels: np.ndarray, scale: int = 4) -> str:
@@ -81,14 +97,16 @@ def multimodality_figure(mm) -> str:
     return figure_data_uri(fig)
 
 
-def scatter_figure(mm, index: int) -> str | None:
+def scatter_figure(mm, index: int, column: int | None = None) -> str | None:
+    """Every neuron of concept ``index`` at (d′ pictures, d′ drawn name); red: the concept's best neuron, the one at
+    ``column`` (its column of ``mm.picture_d``; None: found again as the largest min(d′ pictures, d′ name))."""
     if mm.picture_d is None or mm.word_d is None:
         return None
     r = mm.concepts[index]
     pd, wd = np.asarray(mm.picture_d[index]), np.asarray(mm.word_d[index])
     fig, ax = subplots(figsize=(3.4, 3.2), layout="constrained")
     ax.scatter(pd, wd, s=4, color="#999")
-    col = int(np.argmax(np.minimum(pd, wd)))
+    col = int(np.argmax(np.minimum(pd, wd))) if column is None else int(column)
     ax.scatter([pd[col]], [wd[col]], s=30, color="#c33", label=f"neuron {r.neuron}")
     ax.axhline(0, color="#ccc", lw=0.6)
     ax.axvline(0, color="#ccc", lw=0.6)
@@ -99,16 +117,26 @@ def scatter_figure(mm, index: int) -> str | None:
 
 
 def reading_figure(reading) -> str | None:
+    """The feature visualisation, then each top image with its name (wrapped), its response and a red box on the
+    patch where the neuron fires most; an image whose largest activation is at the class token has no patch to box
+    and says so under it (:func:`mechscope.clip.report.context.top_image_rows`). Integrated gradients below."""
+    from mechscope.clip.report.context import top_image_rows
+
     if reading.featvis is None or reading.top_pixels is None:
         return None
     k = len(reading.top_pixels)
     attr = reading.top_attribution
     rows = 2 if attr is not None and len(attr) == k else 1
-    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.6 * rows), layout="constrained", squeeze=False)
+    tops = top_image_rows(reading)
+    titles = [f"{wrapped(t['name'])}\n{t['value']:.2f}" for t in tops]
+    lines = max([t.count("\n") + 1 for t in titles] + [2])
+    first = 1.25 + 0.14 * lines + (0.2 if any(t["cls"] for t in tops) else 0.0)  # image, title lines, note
+    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), first + 1.3 * (rows - 1)), layout="constrained",
+                         squeeze=False, gridspec_kw={"height_ratios": [first] + [1.3] * (rows - 1)})  # fmt: skip
     _show(axes[0, 0], reading.featvis, f"feature vis.\n{reading.featvis_response:.2f}")
     for i in range(k):
-        box = reading.top_patches[i] if i < len(reading.top_patches) else None
-        _show(axes[0, i + 1], reading.top_pixels[i], f"{reading.top_images[i][:18]}\n{reading.top_values[i]:.2f}", box)
+        t = tops[i] if i < len(tops) else {"box": None, "note": ""}
+        _show(axes[0, i + 1], reading.top_pixels[i], titles[i] if i < len(titles) else "", t["box"], t["note"])
     if rows == 2:
         axes[1, 0].axis("off")
         axes[1, 0].text(0.5, 0.5, "integrated\ngradients\n(red +, blue −)", ha="center", va="center", fontsize=7)
