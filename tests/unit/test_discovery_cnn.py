@@ -289,3 +289,14 @@ def test_scrub_rows_print_rounding_sds_as_zero():
     from mechscope.core.render.discovery import _pm
 
     assert _pm(0.9655, 1.24e-16) == "0.9655 ± 0" and _pm(0.2894, 0.018) == "0.2894 ± 0.018"
+
+
+def test_every_metric_of_either_wing_says_what_it_measures_and_in_what_unit():
+    from mechscope.cnn.methods.discovery import METRICS
+    from mechscope.core.render.discovery import METRIC_WORDS, metric_words
+    from mechscope.lm.methods.tasks import CATEGORICAL_METRICS, INDUCTION_METRICS, NUMERICAL_METRICS
+
+    every = set(METRICS) | set(INDUCTION_METRICS) | set(CATEGORICAL_METRICS) | set(NUMERICAL_METRICS)
+    assert every == set(METRIC_WORDS)
+    assert metric_words("loss", "lower") == "loss (cross-entropy of the right label, in nats; lower is better)"
+    assert metric_words("custom", None) == "custom (direction unknown)"

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from mechscope.core.render import layout as CL
-from mechscope.core.render.discovery import discovery_lines, faithfulness_figure, scrub_figure, scrub_rows
+from mechscope.core.render.discovery import (
+    discovery_lines,
+    faithfulness_figure,
+    metric_words,
+    scrub_figure,
+    scrub_rows,
+)
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
 
@@ -91,6 +97,7 @@ def top_rows(result, k: int = 30) -> list[list]:
 def discovery_context(result) -> dict:
     return {
         "result": result,
+        "metric": metric_words(result.metric, result.better),
         "summary": summary(result),
         "circuit_uri": circuit_figure(result),
         "channel_uri": channel_figure(result),
@@ -115,6 +122,7 @@ def scrub_context(result) -> dict:
     target = f", class {result.target}" if result.target is not None else ""
     return {
         "result": result,
+        "metric": metric_words(result.metric, result.better),
         "s": s,
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} ({result.metric}{target})"),
         "rows": scrub_rows(s),

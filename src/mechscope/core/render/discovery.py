@@ -14,6 +14,24 @@ from mechscope.core.render import layout as CL
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri
 
+METRIC_WORDS = {  # what each metric of either wing's tasks measures, and in what unit (natural logs: nats)
+    "loss": "cross-entropy of the right label, in nats",
+    "logprob": "log-probability of the right label, in nats",
+    "kl": "KL divergence of the output distribution from the clean run's, in nats",
+    "logit": "the right label's logit",
+    "logit_diff": "a difference of logits, in logit units",
+    "accuracy": "the fraction predicted right, 0 to 1",
+    "detect": "the fraction of images where \"predicted the class\" agrees with \"is the class\", 0 to 1",
+    "projection": "where the output lies from the corrupted run's (0) to the clean run's (1)",
+    "mse": "mean squared difference from the clean run's output, in the output's units squared",
+}
+
+
+def metric_words(name: str, better: str | None) -> str:
+    """``name`` (what it measures, its unit; which way is better), for a report's header."""
+    way = f"{better} is better" if better else "direction unknown"
+    return f"{name} ({METRIC_WORDS[name]}; {way})" if name in METRIC_WORDS else f"{name} ({way})"
+
 
 def faithfulness_figure(curve, title: str = "") -> str | None:
     """The metric with the top edges kept against random circuits (a data URI), or None without a curve."""

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechscope.core.render import layout as CL
-from mechscope.core.render.discovery import discovery_lines, faithfulness_figure, scrub_figure, scrub_rows
+from mechscope.core.render.discovery import (
+    discovery_lines,
+    faithfulness_figure,
+    metric_words,
+    scrub_figure,
+    scrub_rows,
+)
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
 from mechscope.lm.methods.graph import short_name
@@ -110,6 +116,7 @@ def top_rows(result, k: int = 30) -> list[list]:
 def discovery_context(result) -> dict:
     return {
         "result": result,
+        "metric": metric_words(result.metric, result.better),
         "summary": summary(result),
         "circuit_uri": circuit_figure(result),
         "faithfulness_uri": faithfulness_figure(result.faithfulness),
@@ -137,6 +144,7 @@ def scrub_context(result) -> dict:
                "edges": [f"{a} → {b}<{slot}>" for a, b, slot in c.edges]} for c in s.hypothesis.claims]  # fmt: skip
     return {
         "result": result,
+        "metric": metric_words(result.metric, result.better),
         "s": s,
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} on {result.model}"),
         "rows": scrub_rows(s),
