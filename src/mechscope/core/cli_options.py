@@ -19,6 +19,19 @@ DistributedOpt = typer.Option(
 )  # fmt: skip
 
 
+# ---- sae train (both wings): the dictionary and its training ----------------------------------------------------
+ArchitectureOpt = typer.Option("topk", "--architecture", help="relu (L1), topk, batchtopk or jumprelu.")
+L1Opt = typer.Option(5.0, "--l1", help="L1 coefficient (relu).")
+L0Opt = typer.Option(1.0, "--l0", help="L0 coefficient (jumprelu).")
+NormalizeOpt = typer.Option(True, "--normalize/--no-normalize", help="Scale inputs to mean squared norm d_in.")
+BatchSizeOpt = typer.Option(4096, "--batch-size", help="Rows per step.")
+EpochsOpt = typer.Option(1, "--epochs", help="Passes over the store.")
+StepsOpt = typer.Option(None, "--steps", help="Stop after this many steps.")
+LrOpt = typer.Option(4e-4, "--lr")
+SeedOpt = typer.Option(0, "--seed")
+CheckpointEveryOpt = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial.")
+
 def view_only(view_run, view: str, out, force: bool) -> None:
     """A graph command's ``--view GRAPH_JSON``: re-render the saved graph with the wing's ``view_run`` and say what
     was written; any option that builds a graph is refused (a re-render would silently ignore it)."""

@@ -7,7 +7,20 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, RunDir, app
-from mechscope.core.cli_options import DistributedOpt
+from mechscope.core.cli_options import (
+    ArchitectureOpt,
+    BatchSizeOpt,
+    CheckpointEveryOpt,
+    DistributedOpt,
+    EpochsOpt,
+    L0Opt,
+    L1Opt,
+    LrOpt,
+    NormalizeOpt,
+    ResumeOpt,
+    SeedOpt,
+    StepsOpt,
+)
 
 sae_app = typer.Typer(
     help="Sparse autoencoders on a CNN stage's channel vectors: harvest activations, train, evaluate, show.",
@@ -55,20 +68,20 @@ def harvest(
 def train(
     store: Path = typer.Option(..., "--store", help="A `cnn sae harvest` output folder."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/sae-ARCH)."),
-    architecture: str = typer.Option("topk", "--architecture", help="relu (L1), topk, batchtopk or jumprelu."),
+    architecture: str = ArchitectureOpt,
     d_sae: int | None = typer.Option(None, "--d-sae", help="Latents (default: --expansion x channels)."),
     expansion: int | None = typer.Option(None, "--expansion", help="Latents per channel (default 16)."),
     k: int = typer.Option(8, "--k", help="Active latents per position (topk, batchtopk)."),
-    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
-    l0: float = typer.Option(1.0, "--l0", help="L0 coefficient (jumprelu)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Scale inputs to mean squared norm d_in."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Rows per step."),
-    epochs: int = typer.Option(1, "--epochs", help="Passes over the store."),
-    steps: int | None = typer.Option(None, "--steps", help="Stop after this many steps."),
-    lr: float = typer.Option(4e-4, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial."),
+    l1: float = L1Opt,
+    l0: float = L0Opt,
+    normalize: bool = NormalizeOpt,
+    batch_size: int = BatchSizeOpt,
+    epochs: int = EpochsOpt,
+    steps: int | None = StepsOpt,
+    lr: float = LrOpt,
+    seed: int = SeedOpt,
+    checkpoint_every: int = CheckpointEveryOpt,
+    resume: bool = ResumeOpt,
     force: bool = Force,
     distributed: bool | None = DistributedOpt,
 ) -> None:

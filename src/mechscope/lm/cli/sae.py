@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import (
+    ArchitectureOpt,
+    BatchSizeOpt,
+    CheckpointEveryOpt,
+    EpochsOpt,
+    L0Opt,
+    L1Opt,
+    LrOpt,
+    NormalizeOpt,
+    ResumeOpt,
+    SeedOpt,
+    StepsOpt,
+)
 from mechscope.lm.cli.common import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 sae_app = typer.Typer(
@@ -81,21 +94,21 @@ def harvest(
 def train(
     store: str = typer.Option(..., "--store", help="A harvest's output folder (one store) or one of its stores."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/sae/STORE-ARCH)."),
-    architecture: str = typer.Option("topk", "--architecture", help="relu (L1), topk, batchtopk or jumprelu."),
+    architecture: str = ArchitectureOpt,
     d_sae: int | None = typer.Option(None, "--d-sae", help="Latents (default: --expansion x d_in)."),
     expansion: int | None = typer.Option(None, "--expansion", help="Latents per input dimension (default 8)."),
     k: int = typer.Option(32, "--k", help="Active latents per token (topk, batchtopk)."),
-    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
-    l0: float = typer.Option(1.0, "--l0", help="L0 coefficient (jumprelu)."),
+    l1: float = L1Opt,
+    l0: float = L0Opt,
     skip: bool = typer.Option(False, "--skip", help="A skip connection (transcoders)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Scale inputs to mean squared norm d_in."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Rows per step."),
-    epochs: int = typer.Option(1, "--epochs", help="Passes over the store."),
-    steps: int | None = typer.Option(None, "--steps", help="Stop after this many steps."),
-    lr: float = typer.Option(4e-4, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial."),
+    normalize: bool = NormalizeOpt,
+    batch_size: int = BatchSizeOpt,
+    epochs: int = EpochsOpt,
+    steps: int | None = StepsOpt,
+    lr: float = LrOpt,
+    seed: int = SeedOpt,
+    checkpoint_every: int = CheckpointEveryOpt,
+    resume: bool = ResumeOpt,
     force: bool = ForceOpt,
     distributed: bool | None = DistributedOpt,
     device: str | None = typer.Option(None, "--device", help="cpu or cuda[:N] (default: cpu)."),
