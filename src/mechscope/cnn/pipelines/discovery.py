@@ -12,7 +12,7 @@ from mechscope.cnn.methods.discovery import CNNDiscovery, discover, image_task
 from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold
+from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer, evaluating
 
@@ -68,13 +68,7 @@ def discover_run(
     from mechscope.cnn.report.discovery import write_report
     from mechscope.cnn.runs import load_run
 
-    check_method(method)
-    check_discovery_counts(seed, n_random)
-    if threshold is not None and size is not None and method != "acdc":  # one cuts the ranking, the other was ignored
-        raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
-                             "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
-    if threshold is not None:
-        check_threshold(threshold)
+    check_discovery_settings(method, seed, n_random, size, threshold)
     out = Path(out) if out is not None else Path(run_dir) / "discover"
     check_target(out, force)
     if explain is not None and target is None:

@@ -48,6 +48,19 @@ def check_discovery_counts(seed, n_random) -> None:
     check_int(n_random, "--random", 0, 10_000)
 
 
+def check_discovery_settings(method: str, seed, n_random, size, threshold) -> None:
+    """Both wings' ``discover`` settings, checked before any work: the method, ``--seed`` and ``--random``, and
+    ``--size`` with ``--threshold`` only for ACDC (for a method that ranks edges one cuts the ranking and the
+    other was ignored)."""
+    check_method(method)
+    check_discovery_counts(seed, n_random)
+    if threshold is not None and size is not None and method != "acdc":
+        raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
+                             "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
+    if threshold is not None:
+        check_threshold(threshold)
+
+
 def check_threshold(threshold, what: str = "--threshold") -> float:
     """A finite number >= 0 (ACDC's tau; for the attribution methods a cut on |score|)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import check_discovery_counts, check_method, check_threshold
+from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
@@ -58,13 +58,7 @@ def discover_model(
     from mechscope.lm.models.convert.tracr import check_circuit
     from mechscope.lm.report.discovery import write_report
 
-    check_method(method)
-    check_discovery_counts(seed, n_random)
-    if threshold is not None and size is not None and method != "acdc":  # one cuts the ranking, the other was ignored
-        raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
-                             "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
-    if threshold is not None:
-        check_threshold(threshold)
+    check_discovery_settings(method, seed, n_random, size, threshold)
     out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)
     check_target(out, force)
     timer = Timer("lm discover")
