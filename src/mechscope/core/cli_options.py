@@ -46,3 +46,15 @@ def view_only(view_run, view: str, out, force: bool) -> None:
     path, g = view_run(view, out, force)
     typer.echo(f"{len(g.nodes)} nodes, {len(g.edges)} edges, {len(g.pinned)} pinned, {len(g.supernodes)} supernodes")
     typer.echo(f"graph.html and graph-circuit-tracer.json written to {path}")
+
+
+def graph_check_lines(g) -> list[str]:
+    """A graph command's lines on its graph's scores and exactness (both wings print them)."""
+    s, e = g.scores, g.exactness
+    edges = (f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
+             if "edges_max_abs_error" in e else "")  # fmt: skip
+    return [
+        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
+        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})",
+        f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}{edges}",
+    ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, app
-from mechscope.core.cli_options import view_only
+from mechscope.core.cli_options import graph_check_lines, view_only
 
 
 @app.command("graph")
@@ -92,24 +92,14 @@ def graph_cmd(
         data_dir=data_dir,
         progress=lambda m: typer.echo(f"  {m}", err=True),
     )
-    s, c, e = g.scores, g.counts, g.exactness
+    c = g.counts
     typer.echo(g.title)
     typer.echo(
         f"{c['active_features']} active features, {c['backward_passes']} backward passes; pruned: "
         f"{c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
     )
-    typer.echo(
-        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
-        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
-    )
-    typer.echo(
-        f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}"
-        + (
-            f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
-            if "edges_max_abs_error" in e
-            else ""
-        )
-    )
+    for line in graph_check_lines(g):
+        typer.echo(line)
     logit = next(n for n in g.nodes if n["kind"] == "logit")
     top = g.inputs_of(logit["id"], 5)
     typer.echo(

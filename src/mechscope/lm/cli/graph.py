@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.core.cli_options import view_only
+from mechscope.core.cli_options import graph_check_lines, view_only
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 
@@ -146,25 +146,15 @@ def graph_cmd(
         dtype=dtype,
         revision=revision,
     )
-    s, c, e = g.scores, g.counts, g.exactness
+    c = g.counts
     logits = [n for n in g.nodes if n["kind"] == "logit"]
     typer.echo("logits: " + ", ".join(f"{n['label']!r} p={n['probability']:.3f}" for n in logits))
     typer.echo(
         f"{c['active_features']} active features, {c['feature_nodes']} with rows, {c['backward_passes']} backward "
         f"passes; pruned: {c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
     )
-    typer.echo(
-        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
-        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})"
-    )
-    typer.echo(
-        f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}"
-        + (
-            f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
-            if "edges_max_abs_error" in e
-            else ""
-        )
-    )
+    for line in graph_check_lines(g):
+        typer.echo(line)
     if logits:
         top = g.inputs_of(logits[0]["id"], 5)
         typer.echo(
