@@ -188,3 +188,21 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
                                 str(tmp_path / "o"), *args)  # fmt: skip
         assert_one_line_error(code, err, match)
         assert code == 2
+    # a mechanisms.json's channels are checked against the run's last stage (each was a traceback)
+    for i, (channels, match) in enumerate([
+        ([999], "channel 999 is not a channel index (0..31)"), ([-1], "channel -1 is not"),
+        ([2**64], "is not a channel index"), (["a"], "channel 'a' is not"), ([1.7], "channel 1.7 is not"),
+        ([True], "channel True is not"), ([[1]], "channel [1] is not"), (None, "non-empty list"),
+        ([], "non-empty list"), ([3, 3], "name a channel twice"),
+    ]):  # fmt: skip
+        folder = tmp_path / f"explain{i}"
+        folder.mkdir()
+        (folder / "mechanisms.json").write_text(json.dumps({"circuits": {"circuits": [{"target": 1,
+                                                                                       "channels": channels}]}}))
+        code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
+                                "--explain", str(folder), "--out", str(tmp_path / "o"))  # fmt: skip
+        assert_one_line_error(code, err, match)
+    (tmp_path / "explain0" / "mechanisms.json").write_text(json.dumps({"circuits": {"circuits": None}}))
+    code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
+                            "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(code, err, "circuits.circuits is not a list")

@@ -194,7 +194,12 @@ def test_features_and_hypothesis_files():
                        ({**good, "target": -1}, "target"), ({**good, "data": {"n": 1}}, "n must"),
                        ({**good, "data": {"seed": 2**64}}, "data.seed must be an integer from 0 to 2"),
                        ({**good, "seed": -1}, "seed must be an integer from 0"),
-                       ({**good, "samples": 10**6}, "samples must be an integer from 1 to 100,000")]:  # fmt: skip
+                       ({**good, "samples": 10**6}, "samples must be an integer from 1 to 100,000"),
+                       ({**good, "metric": ["accuracy"]}, "unknown metric"),  # unhashable: a TypeError traceback
+                       ({**good, "claims": [{"name": "a", "edges": ["*"], "feature": ["class"]}]}, "unknown feature"),
+                       ({**good, "claims": [{"name": "a", "edges": ["*"], "feature": {"a": 1}}]}, "unknown feature"),
+                       ({**good, "metric": "detect", "target": None}, "'detect' needs a target class \\('target'\\)"),
+                       ]:  # fmt: skip
         with pytest.raises(MechscopeError, match=match) as e:
             parse_hypothesis_file(bad)
         assert "\n" not in str(e.value)

@@ -204,10 +204,26 @@ def channel_scores(scores: EdgeScores, spec: CNNSpec) -> dict[str, list[float]]:
             for st in spec.stages}  # fmt: skip
 
 
+def check_hand(hand, spec: CNNSpec | None, where: str = "hand", stage: str | None = None) -> list[int]:
+    """Hand-found channels: a non-empty list of distinct channel indices (not bools or floats) of ``stage``'s
+    channels (default the last stage; unchecked against a stage without ``spec``)."""
+    if not isinstance(hand, (list, tuple)) or not hand:
+        raise MechscopeError(f"{where}: channels must be a non-empty list of channel indices, got {hand!r}")
+    n = (spec.stage(stage) if stage else spec.last).out_channels if spec is not None else None
+    for c in hand:
+        if type(c) is not int or c < 0 or (n is not None and c >= n):
+            span = f"0..{n - 1}" if n is not None else "0 or more"
+            raise MechscopeError(f"{where}: channel {c!r} is not a channel index ({span})")
+    if len(set(hand)) != len(hand):
+        raise MechscopeError(f"{where}: channels {list(hand)} name a channel twice")
+    return [int(c) for c in hand]
+
+
 def compare_channels(scores: EdgeScores, spec: CNNSpec, hand: list[int], stage: str | None = None) -> dict:
     """The discovered channels of ``stage`` (default the last) against the hand-found ``hand``: channels ranked
     by their read-out edge's |score| (the last stage) or their largest edge, the top ``len(hand)`` compared
     (recall = overlap / |hand|, Jaccard), AUROC of the hand set, each hand channel's rank."""
+    hand = check_hand(hand, spec, "hand", stage)
     st = spec.stage(stage) if stage else spec.last
     g = scores.graph
     last = st is spec.last

@@ -106,11 +106,13 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     source_help = "'run' must name the run directory of `mechscope cnn train`"
     claims = hypothesis_file_claims(data, where, HYPOTHESIS_KEYS, "run", source_help)
     metric = data.get("metric", "accuracy")
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise MechscopeError(f"{where}: unknown metric {metric!r}: one of {', '.join(METRICS)}")
     target = data.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 0):
         raise MechscopeError(f"{where}: target must be a class index, got {target!r}")
+    if metric == "detect" and target is None:
+        raise MechscopeError(f"{where}: the metric 'detect' needs a target class ('target')")
     d = data.get("data", {})
     if not isinstance(d, dict) or set(d) - DATA_KEYS:
         raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
@@ -119,7 +121,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     sampling, breakdown = hypothesis_file_sampling(data, where)
     for c in claims:
         f = c.get("feature") if isinstance(c, dict) else None
-        if f is not None and f not in FEATURES:
+        if f is not None and (not isinstance(f, str) or f not in FEATURES):
             raise MechscopeError(f"{where}: unknown feature {f!r}; the CNN features: {', '.join(FEATURES)}")
     return HypothesisSpec(
         name=str(data.get("name", Path(where).stem)),

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mechscope.cnn.config import class_index
-from mechscope.cnn.methods.discovery import CNNDiscovery, discover, image_task
+from mechscope.cnn.methods.discovery import CNNDiscovery, check_hand, discover, image_task
 from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
@@ -24,8 +24,9 @@ def _data(run, dataset=None, data_dir=None):
     return data.test_float(), data.test_labels.long(), data
 
 
-def hand_circuit(path: str | Path, target: int) -> list[int]:
-    """The last-stage channels ``cnn explain`` found for class ``target`` (its mechanisms.json, or the folder)."""
+def hand_circuit(path: str | Path, target: int, spec=None) -> list[int]:
+    """The last-stage channels ``cnn explain`` found for class ``target`` (its mechanisms.json, or the folder),
+    checked against ``spec``'s last stage when given."""
     path = Path(path)
     if path.is_dir():
         path = path / "mechanisms.json"
@@ -36,9 +37,12 @@ def hand_circuit(path: str | Path, target: int) -> list[int]:
         raise MechscopeError(f"{path}: not found") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MechscopeError(f"{path}: not a readable mechanisms.json ({type(e).__name__})") from None
+    if not isinstance(rows, list):
+        raise MechscopeError(f"{path}: not a readable mechanisms.json (circuits.circuits is not a list)")
     for row in rows:
-        if isinstance(row, dict) and row.get("target") == target:
-            return [int(c) for c in row["channels"]]
+        t = row.get("target") if isinstance(row, dict) else None
+        if type(t) is int and t == target:  # a float or bool target is not a class index
+            return check_hand(row.get("channels"), spec, f"{path}: circuit for class {target}")
     raise MechscopeError(f"{path}: cnn explain found no circuit for class {target}")
 
 
@@ -79,7 +83,7 @@ def discover_run(
         images, labels, data = _data(run, dataset, data_dir)
         target = None if target is None else class_index(target, data.class_names)
         spec = walk(run.model, data.shape)
-        hand = hand_circuit(explain, target) if explain is not None else None
+        hand = hand_circuit(explain, target, spec) if explain is not None else None
         counter = spec.work_counter()
         with evaluating(spec.model), counter.counting():
             task = image_task(images, labels, target=target, metric=metric, n=n, seed=seed, corrupt=corrupt,
