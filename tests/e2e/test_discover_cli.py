@@ -206,3 +206,27 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
     code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
                             "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(code, err, "circuits.circuits is not a list")
+
+
+def test_task_settings_a_file_gives_are_checked_against_its_task(capsys, tmp_path):
+    """A tracr hypothesis's induction settings were dropped without a word (data.n of 2**64 ran); the error names the
+    file. A tracr folder whose examples are all the same gave a meaningless all-zero circuit (and one example, a
+    'derangement' message)."""
+    claims = [{"name": "x", "edges": ["*"]}]
+    for data, match in [({"n": 5}, "n: not settings of the tracr task (it reads seed, limit)"),
+                        ({"n": 2**64}, "n: not settings of the tracr task"),
+                        ({"token_range": [3, 1]}, "token_range: not settings of the tracr task")]:  # fmt: skip
+        path = _hyp(tmp_path, claims=claims, data=data, samples=2)
+        code, _, err = run_main(capsys, "scrub", "--hypothesis", path, "--out", str(tmp_path / "o"))
+        assert_one_line_error(code, err, f"{path}: {match}")
+    d = tmp_path / "same"
+    shutil.copytree(tracr_root() / "hist", d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    ex = json.loads((d / "examples.json").read_text())
+    for n, match in ((20, "examples.json: every example is the same"), (1, "it needs two or more")):
+        ex["examples"] = [ex["examples"][3]] * n
+        (d / "examples.json").write_text(json.dumps(ex))
+        code, _, err = run_main(capsys, "lm", "discover", "--model", str(d), "--method", "eap", "--no-curve",
+                                "--out", str(tmp_path / "o"))  # fmt: skip
+        assert_one_line_error(code, err, match)

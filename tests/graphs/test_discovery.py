@@ -17,6 +17,7 @@ from mechscope.core.graphs import (
     eap,
     eap_ig,
     edge_patching,
+    faithfulness_curve,
     find_circuit,
     receiver_gradients,
     score_circuit,
@@ -272,3 +273,22 @@ def test_find_circuit_refuses_a_method_its_metric_cannot_serve(method, name, dif
     with pytest.raises(MechscopeError, match=match):
         find_circuit(model, clean, corrupted, metric=logit_diff, better="higher", metric_name=name,
                      differentiable=differentiable, method=method)  # fmt: skip
+
+
+def test_counts_without_an_end_are_refused_before_any_work():
+    """EAP-IG's steps and the curve's random orders are bounded (10**8 steps and 10**7 orders ran without end, 2**64
+    orders raised tqdm's OverflowError); the curve's seed is a 64-bit seed; find_circuit checks them first."""
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    with pytest.raises(MechscopeError, match="EAP-IG steps must be an integer from 1 to 1,000"):
+        eap_ig(model, clean, corrupted, metric=logit_diff, steps=10**8)
+    scores = eap(model, clean, corrupted, metric=logit_diff)
+    with pytest.raises(MechscopeError, match="n_random must be an integer from 0 to 10,000"):
+        faithfulness_curve(model, scores, clean, corrupted, metric=logit_diff, n_random=2**64)
+    with pytest.raises(MechscopeError, match="seed must be an integer from 0 to 2"):
+        faithfulness_curve(model, scores, clean, corrupted, metric=logit_diff, seed=2**64)
+    calls = []
+    counting = type("Counting", (), {"graph": model.graph, "forward": lambda s, *a, **k: calls.append(1)})()
+    with pytest.raises(MechscopeError, match="n_random must be an integer from 0 to 10,000"):
+        find_circuit(counting, clean, corrupted, metric=logit_diff, better=None, metric_name="m", differentiable=True,
+                     method="eap", n_random=10**7)  # fmt: skip
+    assert calls == []  # refused before the scoring ran a forward pass

@@ -16,7 +16,7 @@ from mechscope.core.scrub import scrub
 from mechscope.lm.methods.discovery import LMDiscovery, compare_edges, discover, heads_edges
 from mechscope.lm.methods.graph import TransformerEdges, pad_sequences
 from mechscope.lm.methods.scrubbing import parse_hypothesis_file, scrub_hypothesis
-from mechscope.lm.methods.tasks import feature_values, induction_task
+from mechscope.lm.methods.tasks import feature_values, induction_task, make_task
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 
 
@@ -327,3 +327,24 @@ def test_refused_models_and_metrics_in_one_line():
         discover(model, vector, "eap", curve=False)
     with pytest.raises(MechscopeError, match="threshold"):
         discover(model, task, "acdc", threshold=-1.0, curve=False)
+
+
+def test_task_settings_are_checked_not_dropped():
+    """make_task refused nothing: a setting the chosen task does not read was dropped, an unknown keyword swallowed,
+    a 64-bit-overflowing seed, a boolean token range and a batch of 2**64 were tracebacks, and a batch of a million
+    was killed for memory without a word."""
+    model = tiny("gpt2", layers=2, n_ctx=64)
+    for kwargs, match in [
+        ({"bogus": 5}, "unknown task setting 'bogus'"),
+        ({"limit": 3}, "limit: not settings of the induction task"),
+        ({"seed": 2**64}, "seed must be an integer from 0 to 2"),
+        ({"token_range": (True, 20)}, "a token range is two integers"),
+        ({"token_range": (1, 2, 3)}, "a token range is two integers"),
+        ({"batch": 2**64}, "GiB of the edge graph's activations"),
+        ({"batch": 10**6, "n": 6}, "GiB of the edge graph's activations"),
+        ({"distinct": "yes"}, "distinct must be true or false"),
+    ]:
+        with pytest.raises(MechscopeError, match=match) as e:
+            make_task(model, "induction", **kwargs)
+        assert "\n" not in str(e.value)
+    assert make_task(model, "induction", n=6, batch=4, limit=None).settings["batch"] == 4  # None: not given

@@ -32,6 +32,7 @@ import fnmatch
 import math
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -128,6 +129,18 @@ def hypothesis_file_sampling(data: dict, where: str) -> tuple[str, bool]:
     if not isinstance(data.get("breakdown", True), bool):
         raise MechscopeError(f"{where}: breakdown must be true or false")
     return sampling, data.get("breakdown", True)
+
+
+@contextmanager
+def about_file(where: str):
+    """A one-line error raised while a hypothesis file's claims, task and features are read against the model is
+    said to be about that file (``where: …``), as the file's own checks are."""
+    try:
+        yield
+    except MechscopeError as e:
+        if str(e).startswith(f"{where}:"):
+            raise
+        raise type(e)(f"{where}: {e}") from None
 
 
 def hypothesis_file_ints(where: str, values: dict[str, tuple[Any, int]]) -> dict[str, int]:

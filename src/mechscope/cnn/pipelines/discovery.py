@@ -14,6 +14,7 @@ from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.scrub import about_file
 from mechscope.core.torch_utils import Timer, evaluating
 
 
@@ -112,7 +113,7 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     images, labels, d = _data(run)
     spec = walk(run.model, d.shape)
     counter = spec.work_counter()
-    with counter.counting():
+    with counter.counting(), about_file(where):
         result = scrub_hypothesis(spec, images, labels, hyp, name=hyp.run)
     result = replace(result, work=counter.report("cnn scrub", result.settings["n"]))
     with atomic_output(out, force) as tmp:

@@ -20,12 +20,14 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.acdc import acdc
 from mechscope.core.graphs.attribution import eap, eap_ig, edge_patching
 from mechscope.core.graphs.faithfulness import (
+    MAX_RANDOM,
     MIB_FRACTIONS,
     FaithfulnessCurve,
     circuit_faithfulness,
     faithfulness_curve,
 )
 from mechscope.core.graphs.results import Circuit, EdgeScores, check_method, check_threshold
+from mechscope.core.validate import check_int, check_seed
 
 DEFAULT_SIZE = 30  # edges in a circuit cut from scores when neither --size nor --threshold says
 
@@ -104,6 +106,9 @@ def find_circuit(
     check_method(method)
     threshold = None if threshold is None else check_threshold(threshold)
     check_method_metric(method, metric_name, differentiable)
+    if curve:  # checked before the scoring, not after it
+        check_int(n_random, "n_random", 0, MAX_RANDOM)
+        check_seed(seed, "seed")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)

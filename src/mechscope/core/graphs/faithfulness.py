@@ -33,6 +33,9 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of
 from mechscope.core.graphs.results import EdgeScores, importance, top_order
 from mechscope.core.results import Result
+from mechscope.core.validate import check_int, check_seed
+
+MAX_RANDOM = 10_000  # random orders of the baseline (the CLI's --random has the same bound)
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -93,12 +96,6 @@ def _check_fractions(fractions) -> tuple[float, ...]:
     return fr
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MechscopeError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
 class _Evaluator:
     """M(C) of circuits given as kept-edge index arrays, counting forward passes."""
 
@@ -134,7 +131,8 @@ def faithfulness_curve(
     if not isinstance(scores, EdgeScores) or scores.graph != model.graph:
         raise MechscopeError("scores must be the EdgeScores of a discovery run on this model's graph")
     fr = _check_fractions(fractions)
-    n_random, seed = _check_count(n_random, "n_random"), _check_count(seed, "seed")
+    n_random = check_int(n_random, "n_random", 0, MAX_RANDOM)  # one curve per random order: 2**64 ran without end
+    check_seed(seed, "seed")
     t0 = time.perf_counter()
     source, _, fwd = ablation_values(model, clean, corrupted, ablation)
     ev = _Evaluator(model, clean, metric, source)

@@ -42,10 +42,11 @@ def check_method(method: str) -> str:
 def check_discovery_counts(seed, n_random) -> None:
     """``--seed`` and ``--random`` (both wings' ``discover``), checked before any work whether or not the curve that
     reads them runs (a negative seed was recorded; one beyond 64 bits raised an overflow)."""
+    from mechscope.core.graphs.faithfulness import MAX_RANDOM
     from mechscope.core.validate import check_int, check_seed
 
     check_seed(seed)
-    check_int(n_random, "--random", 0, 10_000)
+    check_int(n_random, "--random", 0, MAX_RANDOM)
 
 
 def check_discovery_settings(method: str, seed, n_random, size, threshold) -> None:

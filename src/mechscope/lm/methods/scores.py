@@ -38,6 +38,9 @@ def default_token_range(model: HookedTransformer) -> tuple[int, int]:
 
 def token_range_of(model: HookedTransformer, token_range: tuple[int, int] | None) -> tuple[int, int]:
     """``token_range`` [LOW, HIGH) checked against the vocabulary (None: :func:`default_token_range`)."""
+    if token_range is not None and not (isinstance(token_range, (tuple, list)) and len(token_range) == 2
+                                        and all(type(x) is int for x in token_range)):  # fmt: skip
+        raise MechscopeError(f"a token range is two integers [LOW, HIGH), got {token_range!r}")
     lo, hi = token_range or default_token_range(model)
     if lo >= hi:
         raise MechscopeError(f"token range [{lo}, {hi}) is empty: LOW must be below HIGH")

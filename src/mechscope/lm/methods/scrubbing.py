@@ -87,7 +87,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     if d.get("distinct") is not None and not isinstance(d["distinct"], bool):
         raise MechscopeError(f"{where}: data.distinct must be true or false")
     tr = d.get("token_range")
-    if tr is not None and not (isinstance(tr, list) and len(tr) == 2 and all(isinstance(x, int) for x in tr)):
+    if tr is not None and not (isinstance(tr, list) and len(tr) == 2 and all(type(x) is int for x in tr)):
         raise MechscopeError(f"{where}: data.token_range must be [low, high)")
     samples, seed = data.get("samples", 10), data.get("seed", 0)
     hypothesis_file_ints(where, {"samples": (samples, 1), "seed": (seed, 0)})

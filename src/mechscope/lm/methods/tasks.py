@@ -23,9 +23,11 @@ input (:func:`feature_values`).
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from mechscope.core.errors import MechscopeError
 from mechscope.core.intervene import derangement
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_seed
 from mechscope.lm.methods.graph import Tokens, TransformerEdges, pad_sequences
 from mechscope.lm.methods.scores import repeated_tokens, token_range_of
 from mechscope.lm.models.transformer import HookedTransformer
@@ -85,6 +88,21 @@ def _run(model: HookedTransformer, inputs) -> torch.Tensor:
     return out.detach()
 
 
+def _check_graph_memory(model: HookedTransformer, batch: int, positions: int) -> None:
+    """Refuse a batch whose edge graph would not fit: every sender's and receiver's activations on the clean and the
+    corrupted batch (an estimate, in float32; a batch of a million was killed for memory without a word)."""
+    from mechscope.lm.methods.heads import MEMORY_BUDGET
+
+    cfg = model.cfg
+    nodes = 2 + cfg.n_layers * (4 * cfg.n_heads + 2)  # embeddings, heads (out, q, k, v), MLPs (out, in)
+    need = 2 * nodes * batch * positions * cfg.d_model * 4
+    if need > MEMORY_BUDGET:
+        raise MechscopeError(
+            f"batch {batch} × {positions} positions would hold about {need / 2**30:.1f} GiB of the edge graph's "
+            f"activations (budget {MEMORY_BUDGET / 2**30:.0f} GiB); use a smaller batch or n"
+        )
+
+
 def induction_task(
     model: HookedTransformer,
     metric: str | None = None,
@@ -103,8 +121,12 @@ def induction_task(
     for what, v, low in (("n", n, 2), ("batch", batch, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise MechscopeError(f"the induction task needs {what} >= {low}, got {v!r}")
+    check_seed(seed, "seed")
     if 1 + 2 * n > model.cfg.n_ctx:
         raise MechscopeError(f"BOS + 2 × {n} tokens do not fit the context of {model.cfg.n_ctx}")
+    _check_graph_memory(model, batch, 1 + 2 * n)
+    if not isinstance(distinct, bool):
+        raise MechscopeError(f"distinct must be true or false, got {distinct!r}")
     lo, hi = token_range_of(model, token_range)
     gen = torch.Generator().manual_seed(seed)
     if distinct:
@@ -143,6 +165,7 @@ def induction_task(
 
 def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int = 0, limit: int | None = None) -> Task:
     """Every example of the tracr model's ``examples.json`` (or the first ``limit``); corrupted = another example."""
+    check_seed(seed, "seed")
     from mechscope.lm.models.convert.tracr import read_examples
 
     info = getattr(model, "tracr", None)
@@ -158,8 +181,14 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
             raise MechscopeError(f"limit must be an integer >= 2, got {limit!r}")
         ids, outputs = ids[:limit], outputs[:limit]
+    where = Path(info.directory) / "examples.json"
+    if len(ids) < 2:
+        raise MechscopeError(f"{where}: the tracr task corrupts each example into another: it needs two or more")
     clean = pad_sequences(ids, info.pad_id if info.pad_id is not None else info.bos_id)
     corrupted = clean[derangement(len(ids), torch.Generator().manual_seed(seed))]
+    if torch.equal(clean.ids, corrupted.ids):
+        raise MechscopeError(f"{where}: every example is the same, so each corrupted input is its clean one: "
+                             "nothing to attribute")  # fmt: skip
     valid = clean.valid()
     valid[:, 0] = False  # BOS's output means nothing
     clean_out = _run(model, clean)
@@ -208,10 +237,25 @@ def make_task(model: HookedTransformer, task: str | None = None, metric: str | N
     kind = task or ("tracr" if getattr(model, "tracr", None) is not None else "induction")
     if kind not in TASKS:
         raise MechscopeError(f"unknown task {kind!r}: one of {', '.join(TASKS)}")
-    if kind == "tracr":
-        return tracr_task(model, metric, **{k: v for k, v in settings.items() if k in ("seed", "limit")})
-    keep = ("n", "batch", "seed", "token_range", "distinct")
-    return induction_task(model, metric, **{k: v for k, v in settings.items() if k in keep and v is not None})
+    reads = _TASK_SETTINGS[kind]
+    unknown = sorted(set(settings) - {k for keys in _TASK_SETTINGS.values() for k in keys})
+    if unknown:
+        raise MechscopeError(f"unknown task setting {unknown[0]!r} (the tasks read {', '.join(sorted(_ALL))})")
+    ignored = sorted(k for k, v in settings.items() if k not in reads and v is not None and v != _UNREAD_DEFAULTS[k])
+    if ignored:  # they were dropped without a word
+        raise MechscopeError(f"{', '.join(ignored)}: not settings of the {kind} task (it reads {', '.join(reads)})")
+    kept = {k: v for k, v in settings.items() if k in reads and v is not None}
+    return tracr_task(model, metric, **kept) if kind == "tracr" else induction_task(model, metric, **kept)
+
+
+def _settings(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+_TASK_SETTINGS = {"tracr": tuple(_settings(tracr_task)), "induction": tuple(_settings(induction_task))}
+_ALL = {k for keys in _TASK_SETTINGS.values() for k in keys}
+# a setting the task does not read may be given at its default (the CLI passes every option)
+_UNREAD_DEFAULTS = _settings(tracr_task) | _settings(induction_task)
 
 
 # ---- features of the input (causal scrubbing) ---------------------------------------------------------

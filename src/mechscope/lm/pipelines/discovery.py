@@ -11,6 +11,7 @@ from pathlib import Path
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.scrub import about_file
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
 from mechscope.lm.methods.scrubbing import LMScrub, parse_hypothesis_file, scrub_hypothesis
@@ -107,7 +108,8 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     out = Path(out) if out is not None else Path("runs") / "scrub" / _name(Path(where).stem)
     check_target(out, force)
     model = load_any(spec.model, device, dtype)
-    result = scrub_hypothesis(model, spec, name=spec.model, counter=work_counter(model))
+    with about_file(where):
+        result = scrub_hypothesis(model, spec, name=spec.model, counter=work_counter(model))
     with atomic_output(out, force) as tmp:
         write_json(tmp / LMScrub.FILE, result.to_dict())
         write_scrub_report(result, tmp / "report.html")
