@@ -215,6 +215,20 @@ def test_discover_round_trips_and_compares_hand_edges(tmp_path):
     assert back.circuit.edges == res.circuit.edges and back.faithfulness.cpr == pytest.approx(res.faithfulness.cpr)
     c = compare_edges(res.scores, hand, 10)
     assert 0 <= c["auroc"] <= 1 and c["slots"] == ["k"]
+    # a record edited by hand: loads refused in one line naming the file (each loaded, then its report raised)
+    for i, (edit, match) in enumerate([
+        (lambda d: d.update(scores=None), "EdgeScores is null"),
+        (lambda d: d["circuit"].update(edges=[["a", "b", "c"]]), "a circuit of 1 edges with 10 scores"),
+        (lambda d: d["circuit"].update(edges=[["a"]] * 10), "1 items where 3 are expected"),
+        (lambda d: d["circuit"].update(nodes=None), "null where a tuple of values is expected"),
+    ]):  # fmt: skip
+        d = res.to_dict()
+        edit(d)
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(MechscopeError, match=match) as e:
+            LMDiscovery.load(path)
+        assert str(e.value).startswith(f"{path}:") and "\n" not in str(e.value)
 
 
 def test_the_drawn_circuit_alone_is_measured_as_the_curve_measures_it():

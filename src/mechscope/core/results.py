@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mechscope.core.errors import RunError
+from mechscope.core.errors import MechscopeError, RunError
 
 SCHEMA_KEY = "schema"
 
@@ -113,6 +113,8 @@ class Result:
             raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__})") from None
         try:
             return cls.from_dict(data)
+        except MechscopeError as e:  # the record's own checks: said of the file
+            raise RunError(str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__}: {e})") from None
 
@@ -173,6 +175,10 @@ def _rebuild(tp: Any, value: Any) -> Any:
     if value is None:
         if tp is float:
             return math.nan
+        if isinstance(tp, type) and is_dataclass(tp):  # a part that must be there (an optional one is a Union)
+            raise ValueError(f"{tp.__name__} is null")
+        if typing.get_origin(tp) in (tuple, list, dict):
+            raise ValueError(f"null where a {typing.get_origin(tp).__name__} of values is expected")
         return None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -194,7 +200,9 @@ def _rebuild(tp: Any, value: Any) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_rebuild(args[0], v) for v in value)
         if args:
-            return tuple(_rebuild(a, v) for a, v in zip(args, value, strict=False))
+            if len(value) != len(args):
+                raise ValueError(f"{len(value)} items where {len(args)} are expected: {value!r:.60}")
+            return tuple(_rebuild(a, v) for a, v in zip(args, value, strict=True))
         return tuple(value)
     if origin is list:
         return [_rebuild(args[0], v) for v in value] if args else list(value)

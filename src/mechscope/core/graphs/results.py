@@ -128,6 +128,10 @@ class Circuit(Result):
     nodes: tuple[str, ...]
     scores: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        if len(self.scores) != len(self.edges):  # a record edited by hand: its figures zip the two
+            raise MechscopeError(f"a circuit of {len(self.edges)} edges with {len(self.scores)} scores")
+
     def __len__(self) -> int:
         return len(self.edges)
 
