@@ -147,6 +147,14 @@ def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
     assert "<script>" in html and '"1.1"' in html  # the viewer has the head asked for
     code, _, err = run_main(capsys, "lm", "heads", "--model", str(gpt2_dir), "--n", "10", "--out", str(out))
     assert_one_line_error(code, err, "already exists", "--force")
+    # lm discover --compare-heads reads a report of a model of this shape only (kv_groups 0 put every edge on h0)
+    record = json.loads((out / "heads.json").read_text())
+    for i, change in enumerate(({"kv_groups": 0}, {"scores": {**record["scores"], "induction": [[0.0]]}})):
+        bad = tmp_path / f"heads{i}.json"
+        bad.write_text(json.dumps(record | change))
+        code, _, err = run_main(capsys, "lm", "discover", "--model", str(gpt2_dir), "--compare-heads", str(bad),
+                                "--out", str(tmp_path / "d"))  # fmt: skip
+        assert_one_line_error(code, err, f"{bad}: a heads report of a model with")
 
 
 @pytest.mark.parametrize(

@@ -73,13 +73,7 @@ def discover_model(
             if asked:  # the tracr task runs the compiled model's stored examples; these were silently unread
                 raise MechscopeError(f"{', '.join(asked)}: options of the induction task, not of tracr's examples")
         known = check_circuit(info.directory, model.cfg) if info is not None else None
-        hand = None
-        if compare_heads is not None:
-            from mechscope.lm.methods.heads import HeadsResult
-
-            hand = heads_edges(HeadsResult.load(compare_heads))
-            if not hand:
-                raise MechscopeError(f"{compare_heads}: the heads report confirmed no edge to compare with")
+        hand = _hand_edges(compare_heads, model) if compare_heads is not None else None
         counter = work_counter(model)
         with counter.counting():
             t = make_task(model, task, metric, n=n, batch=batch, seed=seed, limit=limit, token_range=token_range,
@@ -94,6 +88,29 @@ def discover_model(
         write_json(tmp / LMDiscovery.FILE, result.to_dict())
         write_report(result, tmp / "report.html")
     return out, result
+
+
+def _hand_edges(path, model) -> list[tuple[str, str, str]]:
+    """The edges a heads report (``--compare-heads``) confirmed, from a report of a model of this one's shape (one
+    of another shape was read as this one's: heads renamed, every edge on h0 with kv_groups 0)."""
+    import numpy as np
+
+    from mechscope.lm.methods.heads import HeadsResult
+
+    heads = HeadsResult.load(path)
+    cfg = model.cfg
+    shape = tuple(np.shape(heads.scores.get("induction")))
+    groups = cfg.n_heads // cfg.kv_heads
+    if shape != (cfg.n_layers, cfg.n_heads) or heads.kv_groups != groups:
+        raise MechscopeError(
+            f"{path}: a heads report of a model with {' × '.join(map(str, shape))} layers × heads and "
+            f"{heads.kv_groups!r} query heads per key/value head; this model has {cfg.n_layers} × {cfg.n_heads} and "
+            f"{groups}"
+        )
+    hand = heads_edges(heads)
+    if not hand:
+        raise MechscopeError(f"{path}: the heads report confirmed no edge to compare with")
+    return hand
 
 
 _DEFAULTS = inspect.signature(discover_model).parameters  # the induction task's options: set when not these
