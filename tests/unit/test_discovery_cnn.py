@@ -225,6 +225,13 @@ def test_bad_settings_are_one_line():
         (lambda: image_task(x, y, metric="f1"), "unknown metric"),
         (lambda: image_task(x, y, target=5, n_classes=2), "class 5"),
         (lambda: image_task(x, y, metric="detect"), "target"),
+        (lambda: image_task(x, y, seed=2**64), "seed must be an integer from 0 to 2"),  # torch's overflow
+        (lambda: image_task(x, y, seed=1.5), "seed must be an integer"),
+        (lambda: image_task(x, y, target="1"), "class '1' outside"),
+        (lambda: image_task(x, y, target=True), "class True outside"),
+        (lambda: image_task(x, y, metric=["logit"]), "unknown metric"),
+        (lambda: image_task(x, y[:10]), "one label per image"),
+        (lambda: image_task(x, y, n_classes=1), "does not cover the labels"),
         (lambda: discover(walk(model), image_task(x, y, metric="accuracy"), "eap", curve=False), "differentiable"),
         (lambda: discover(walk(model), image_task(x, y), "acdc", threshold=float("nan"), curve=False), "threshold"),
         (lambda: discover(walk(model), image_task(x, y), "gradcam", curve=False), "unknown method"),

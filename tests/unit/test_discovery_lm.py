@@ -199,6 +199,12 @@ def test_induction_task_metrics_and_features():
     assert feature_values("sequence", task).shape == (4,)
     with pytest.raises(MechscopeError, match="unknown feature"):
         feature_values("colour", task)
+    for far in ("token[i-13]", "token[i-18446744073709551616]", "token[i-n+100]"):  # -1 everywhere: a constant
+        with pytest.raises(MechscopeError, match="is beyond the 13 positions"):
+            feature_values(far, task)
+    assert torch.equal(feature_values("token[i-12]", task)[:, 12], ids[:, 0])
+    with pytest.raises(MechscopeError, match="named by a string"):
+        feature_values(5, task)
     with pytest.raises(MechscopeError, match="unknown metric"):
         induction_task(model, "accuracy")
 

@@ -34,6 +34,7 @@ from mechscope.core.graphs import Circuit, EdgeScores, FaithfulnessCurve, TopEdg
 from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_seed
 
 METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
            "detect": "higher", "kl": "lower"}  # fmt: skip
@@ -110,15 +111,21 @@ def image_task(
     """``n`` seeded test images (of the target class, when given) and their corruption (see the docstring);
     ``model`` (images -> logits) gives the clean logits the metric ``kl`` compares with."""
     metric = metric or "logprob"
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise MechscopeError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise MechscopeError(f"--n must be an integer >= 2, got {n!r}")
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
-    k = n_classes or int(labels.max()) + 1
-    if target is not None and not 0 <= target < k:
-        raise MechscopeError(f"class {target} outside 0..{k - 1}")
+    check_seed(seed, "seed")
+    if len(images) != len(labels) or len(labels) < 2:
+        raise MechscopeError(f"{len(images)} images and {len(labels)} labels: one label per image, two or more")
+    k = n_classes if n_classes is not None else int(labels.max()) + 1
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= int(labels.max()):
+        raise MechscopeError(f"n_classes {k!r} does not cover the labels 0..{int(labels.max())}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))
+                               or not 0 <= target < k):  # fmt: skip
+        raise MechscopeError(f"class {target!r} outside 0..{k - 1}")
     g = torch.Generator().manual_seed(seed)
     every = target is None or metric == "detect"
     pool = torch.arange(len(labels)) if every else torch.nonzero(labels == target).flatten()

@@ -286,6 +286,8 @@ def _shifted(ids: torch.Tensor, back: int) -> torch.Tensor:
 
 def feature_values(name: str, task: Task) -> torch.Tensor:
     """The values of feature ``name`` on the task's clean batch: [N] (per row) or [N, P] (per row and position)."""
+    if not isinstance(name, str):
+        raise MechscopeError(f"a feature is named by a string, got {name!r}")
     ids = task.ids
     lengths = task.clean.lengths if isinstance(task.clean, Tokens) else torch.full((len(ids),), ids.shape[1])
     if name == "token":
@@ -302,13 +304,21 @@ def feature_values(name: str, task: Task) -> torch.Tensor:
     if m is None:
         raise MechscopeError(f"unknown feature {name!r}: one of {', '.join(FEATURES)}")
     if m["k"] is not None:
-        return _shifted(ids, int(m["k"]) * (1 if m["sign"] == "-" else -1))
+        return _within(name, ids, int(m["k"]) * (1 if m["sign"] == "-" else -1))
     if "-n" in name:
         if task.period is None:
             raise MechscopeError(f"feature {name!r} needs a repeated sequence (the induction task)")
         k = int(m["nk"] or 0) * (1 if m["nsign"] == "-" else -1)
-        return _shifted(ids, task.period + k)
+        return _within(name, ids, task.period + k)
     return ids
+
+
+def _within(name: str, ids: torch.Tensor, back: int) -> torch.Tensor:
+    """The token ``back`` positions away, refused when that is beyond every sequence (it was -1 everywhere, a
+    constant feature that scrubbing read as a claim)."""
+    if abs(back) >= ids.shape[1]:
+        raise MechscopeError(f"feature {name!r}: an offset of {abs(back)} is beyond the {ids.shape[1]} positions")
+    return _shifted(ids, back)
 
 
 def is_feature(name: str) -> bool:
