@@ -147,6 +147,7 @@ def test_bad_runs_raise(planted):
         ({"hypothesis": {"claims": []}, "seed": -1}, "seed"),
         ({"hypothesis": {"claims": []}, "seed": 2**64}, "seed must be an integer from 0 to 2"),  # torch overflowed
         ({"hypothesis": {"claims": []}, "max_forwards": 0}, "max_forwards must be an integer from 1"),
+        ({"hypothesis": {"claims": []}, "breakdown": "no"}, "breakdown must be True or False"),
         ({"hypothesis": {"claims": []}, "metric": lambda o: o.sum() * 0}, "same metric"),
         ({"hypothesis": {"claims": []}, "metric": lambda o: o.mean(0)}, "scalar"),
         (

@@ -467,6 +467,8 @@ def scrub(
     samples = check_int(samples, "samples", 1, 100_000)  # each a forward pass per claim: 1e12 ran without end
     check_seed(seed, "seed")
     max_forwards = check_int(max_forwards, "max_forwards", 1)
+    if not isinstance(breakdown, bool):  # "no" was truthy: the breakdown ran
+        raise MechscopeError(f"breakdown must be True or False, got {breakdown!r}")
     if sampling not in SAMPLINGS:
         raise MechscopeError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     g = model.graph
