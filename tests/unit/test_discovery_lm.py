@@ -221,6 +221,7 @@ def test_discover_round_trips_and_compares_hand_edges(tmp_path):
     assert back.circuit.edges == res.circuit.edges and back.faithfulness.cpr == pytest.approx(res.faithfulness.cpr)
     c = compare_edges(res.scores, hand, 10)
     assert 0 <= c["auroc"] <= 1 and c["slots"] == ["k"]
+    assert compare_edges(res.scores, ["blocks.0.attn.h1->blocks.1.attn.h2<k>"], 10) == c  # the string form too
     # a record edited by hand: loads refused in one line naming the file (each loaded, then its report raised)
     for i, (edit, match) in enumerate([
         (lambda d: d.update(scores=None), "EdgeScores is null"),

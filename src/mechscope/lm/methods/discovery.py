@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import (
     DEFAULT_SIZE,
     Circuit,
@@ -134,7 +135,9 @@ def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int
     order = np.argsort(-key, kind="stable")
     rank = np.empty(len(key), dtype=np.int64)
     rank[order] = np.arange(1, len(key) + 1)
-    ids = [g.edge_id(*e) for e in hand]
+    if not isinstance(hand, (list, tuple)) or not hand:
+        raise MechscopeError(f"hand edges must be a non-empty list of edges, got {hand!r}")
+    ids = list(dict.fromkeys(i for e in hand for i in g.parse_edge(e)))  # a triple or "s->n<slot>"
     slots = {g.edges[e][2] for e in ids}
     same = np.asarray([g.edges[e][2] in slots for e in range(g.n_edges)], dtype=bool)
     labels = np.zeros(g.n_edges, dtype=bool)
