@@ -19,7 +19,7 @@ from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
 from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
 from mechscope.core.validate import field as check_field
-from mechscope.core.validate import read_json_object
+from mechscope.core.validate import read_json_object, shown, usable_path
 
 KIND = "cnn"
 KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
@@ -101,6 +101,7 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, f"run's {path.name}", RunError)
 
 
+NORM_MAX = 1000  # the largest |mean| and std a run's normalisation may hold (pixels are in [0, 1])
 MAX_SIZE = 4096  # widths, image sizes, classes beyond this in a run's config: a corrupt file
 
 
@@ -129,10 +130,16 @@ def check_run_config(config: dict, where: Path) -> dict:
     check_field(model, "hidden", "int", f, error=RunError, nullable=True, default=None, label="model.hidden",
                 lo=1, hi=1 << 20)  # fmt: skip
     get("n_classes", "int", lo=2, hi=1 << 20)
-    get("mean", "numbers")
-    std = get("std", "numbers")
-    if std is not None and any(v == 0 for v in (std if isinstance(std, list) else [std])):
-        raise RunError(f"{where}: field 'model.std' is 0; expected a nonzero standard deviation")
+    for key in ("mean", "std"):  # pixels are scaled to [0, 1]: a mean or std past 1,000 makes NaN logits
+        value = get(key, "numbers")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if key == "std" and 0 in values:
+            raise RunError(f"{where}: field 'model.std' is 0; expected a nonzero standard deviation")
+        lo = 0 if key == "std" else -NORM_MAX
+        if any(not lo <= v <= NORM_MAX for v in values):
+            want = f"above 0 and at most {NORM_MAX:,}" if key == "std" else f"from -{NORM_MAX:,} to {NORM_MAX:,}"
+            raise RunError(f"{where}: field 'model.{key}' is {shown(value)}; expected a finite number (or one per "
+                           f"channel) {want}: the {key} of pixels scaled to [0, 1]")  # fmt: skip
     data = check_field(config, "data", "object", where, error=RunError, default={}, nullable=True) or {}
     for key in ("name", "kind", "directory", "file"):
         if key in data:
@@ -150,6 +157,7 @@ def load_run(path: str | Path) -> Run:
     from safetensors.torch import load_file
 
     run = Path(path)
+    usable_path(run, "run")  # a name the file system refuses (too long): one line, not an OSError
     if not run.is_dir():
         raise RunError(f"{run}: {'is a file, not a run directory' if run.exists() else 'run directory not found'}")
     config = _read_json(run / CONFIG)

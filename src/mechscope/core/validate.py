@@ -176,6 +176,30 @@ def read_text_file(path: Path, what: str = "text") -> str:
     return text
 
 
+def usable_path(path: str | Path, what: str = "path") -> Path:
+    """``path`` (``~`` expanded) once the file system accepts its name, whether or not it exists: a name it cannot
+    even look up (a component longer than 255 bytes, a NUL byte, a folder it may not search) is one line naming
+    ``what``, not an ``OSError`` from the first ``exists()``. Call it where a user's path is first probed."""
+    import errno
+    import os
+
+    text = str(path)
+    short = text if len(text) <= 80 else text[:60] + "..." + text[-10:]
+    try:
+        p = Path(text).expanduser()
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return p
+    except ValueError:  # an embedded NUL byte
+        raise MechscopeError(f"{what} {short!r}: not a usable path (it holds a NUL byte)") from None
+    except RuntimeError:  # ~user of no such user
+        raise MechscopeError(f"{what} {short!r}: not a usable path (no such home directory)") from None
+    except OSError as e:
+        reason = "file name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or str(e)).lower()
+        raise MechscopeError(f"{what} {short!r}: not a usable path ({reason})") from None
+    return p
+
+
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; room is left for the seed + k a run derives
 LR_MAX = 10.0  # a peak learning rate above this only diverges
 

@@ -86,6 +86,12 @@ class CNNConfig:
             v = getattr(self, name)
             if isinstance(v, tuple) and len(v) != self.in_channels:
                 raise MechscopeError(f"{name} has {len(v)} values for {self.in_channels} input channels")
+            for x in v if isinstance(v, tuple) else (v,):  # pixels are in [0, 1]: past 1,000, NaN logits
+                ok = isinstance(x, (int, float)) and not isinstance(x, bool) and -1e3 <= x <= 1e3
+                if not ok or (name == "std" and x <= 0):
+                    want = "above 0 and at most 1,000" if name == "std" else "from -1,000 to 1,000"
+                    raise MechscopeError(f"{name} {x!r}: expected a finite number {want} (the {name} of pixels "
+                                         "scaled to [0, 1])")  # fmt: skip
         self.stage_sizes()
 
     def validate_shape(self) -> None:

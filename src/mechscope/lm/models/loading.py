@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.validate import usable_path
 from mechscope.lm.models.checkpoint import (  # noqa: F401  (re-exported: the partial-checkpoint contract)
     DeferredTensor,
     LazyState,
@@ -321,6 +322,7 @@ def load_model(
     place = {"device": dev if device_map is None else None, "device_map": device_map}
     place.update(max_memory=max_memory, offload_dir=offload_dir)
     text = str(spec)
+    usable_path(text, "model")  # a name the file system refuses (too long): one line, not an OSError
     local = text.lower() == "smollm2" or Path(text).expanduser().exists() or text.endswith(".gguf")
     if revision is not None and local:
         raise MechscopeError(f"a revision ({revision!r}) needs a hub id, not {text!r}")

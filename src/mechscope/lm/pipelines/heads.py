@@ -10,7 +10,7 @@ from pathlib import Path
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_seed, read_text_file
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, check_protocol, find_induction_heads
 from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.pipelines.loading import load_lm
@@ -19,22 +19,23 @@ from mechscope.lm.text import default_text_path
 log = logging.getLogger(__name__)
 
 
-def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: int):
-    """Seeded windows of real text for the previous-token protocol; None when no text is at hand."""
+def _text_tokens(tokenizer, text_file: Path | None, protocol, n_ctx: int, seed: int, text: str | None = None):
+    """Seeded windows of real text for the previous-token protocol; None when no text is at hand. ``text``: the
+    contents of ``text_file``, already read (:func:`induction_heads` reads a given file before any work)."""
     import torch
 
-    from mechscope.core.validate import read_text_file
-
-    if tokenizer is None:
+    if tokenizer is None:  # (a text_file given is refused before: induction_heads)
         log.warning("no tokenizer: the real-text previous-token score is not measured")
         return None
     path = Path(text_file) if text_file else default_text_path()
-    if not path.is_file():
-        if text_file:
-            raise MechscopeError(f"{path}: text file not found")
-        log.warning("%s not found: the real-text previous-token score is not measured", path)
-        return None
-    ids = torch.tensor(tokenizer.encode(read_text_file(path)[:300_000]))
+    if text is None:
+        if not path.is_file():
+            if text_file:
+                raise MechscopeError(f"{path}: text file not found")
+            log.warning("%s not found: the real-text previous-token score is not measured", path)
+            return None
+        text = read_text_file(path)
+    ids = torch.tensor(tokenizer.encode(text[:300_000]))
     length = min(protocol.text_len, n_ctx)
     if len(ids) < length + 1:
         raise MechscopeError(f"{path}: {len(ids)} tokens, too short for windows of {length}")
@@ -63,11 +64,14 @@ def induction_heads(
     check_seed(protocol.seed)
     out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
     check_target(out, force)  # before minutes of work
+    given = read_text_file(Path(text_file)) if text_file else None  # missing, a folder, empty, binary
     timer = Timer("lm heads")
     with timer.section("load"):
         model, tok, _ = load_lm(model_spec, device, dtype, device_map, revision)
+    if text_file and tok is None:
+        raise MechscopeError(f"--text needs a tokenizer; {model_spec} has none")  # its inputs are token ids
     check_protocol(model, protocol)  # a bad setting is one line before anything else is looked for
-    text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed)
+    text = _text_tokens(tok, text_file, protocol, model.cfg.n_ctx, protocol.seed, given)
     counter = work_counter(model)
     with counter.counting():
         result = find_induction_heads(model, protocol, text, name=str(model_spec), show=show, progress=progress)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.validate import usable_path
 from mechscope.lm.tokenizer import CharTokenizer
 
 
@@ -18,7 +19,7 @@ def load_lm(spec: str | Path, device=None, dtype=None, device_map=None, revision
     from mechscope.lm.toy import is_toy_run, load_toy
 
     spec = str(spec)
-    if Path(spec).expanduser().exists() and is_toy_run(spec):
+    if usable_path(spec, "model").exists() and is_toy_run(spec):  # a name too long to look up: one line
         if revision is not None or device_map is not None:
             raise MechscopeError("--revision and --device-map read a hub id or a model folder, not a train-toy run")
         model, chars, name = load_toy(spec, device, dtype)

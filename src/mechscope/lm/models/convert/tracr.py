@@ -118,6 +118,83 @@ def _int(config: dict, key: str, where: Path, low: int = 1) -> int:
     return v
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _refuse(path: Path, key: str, value, want: str):
+    from mechscope.core.validate import shown
+
+    raise MechscopeError(f"{path}: field {key!r} is {shown(value)}; {want}")
+
+
+def check_claims(config: dict, path: Path) -> None:
+    """What config.json says the model is beyond its sizes, against what :func:`tracr_config` builds: no LayerNorm,
+    ReLU MLPs, BOS and PAD named in the input vocabulary, a distinct name per token and per class. A folder that
+    claims another model is one line naming the file and the field, not run as something else. A field left out
+    is not required. (What depends on the sizes is :func:`check_block_claims`, once the weights match them.)"""
+    from mechscope.core.validate import repeated
+
+    for key in ("attention", "mlp", "head_widths", "tensors"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            _refuse(path, key, config[key], "expected a JSON object")
+    if config.get("layer_norm", False) is not False:
+        _refuse(path, "layer_norm", config["layer_norm"], "tracr models have no LayerNorm and mechscope builds none "
+                "(false)")  # fmt: skip
+    act = (config.get("mlp") or {}).get("activation", "relu")
+    if act != "relu":
+        _refuse(path, "mlp.activation", act, 'tracr MLPs are ReLU and mechscope builds them so ("relu")')
+    vocab = config["input_vocab"]
+    if not all(isinstance(t, str) for t in vocab) or repeated(vocab):
+        _refuse(path, "input_vocab", vocab, "expected distinct token strings, the token with id i at index i")
+    for key, id_key in (("bos_token", "bos_id"), ("pad_token", "pad_id")):
+        token, i = config.get(key), config.get(id_key)
+        if key in config and (token not in vocab or (i is not None and token != vocab[i])):
+            said = f"input_vocab[{id_key} = {i}] is {vocab[i]!r}" if i is not None else "it is not in input_vocab"
+            _refuse(path, key, token, said)
+    out = config["output"]
+    if out["type"] == "categorical" and (
+        not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in out["vocab"])
+        or repeated(str(c) for c in out["vocab"])
+    ):  # fmt: skip
+        _refuse(path, "output.vocab", out["vocab"], "expected a distinct name (a string or a number) for every class")
+
+
+def check_block_claims(config: dict, path: Path) -> None:
+    """config.json's per-block and per-head fields against its sizes (checked against model.safetensors first):
+    one presence flag and MLP width per block, a head width per head at most ``d_head``, the tensor shapes the
+    weights have, one residual label per dimension. A field left out is not required."""
+    L, H, Dh, M, D = config["n_layers"], config["n_heads"], config["d_head"], config["d_mlp"], config["d_model"]
+    for key in ("attn_present", "mlp_present"):
+        flags = config.get(key, [True] * L)
+        if not isinstance(flags, list) or len(flags) != L or not all(isinstance(x, bool) for x in flags):
+            _refuse(path, key, flags, f"expected n_layers = {L} flags (true or false), one per block")
+    widths = config.get("mlp_widths", [0] * L)
+    if not isinstance(widths, list) or len(widths) != L or not all(_is_int(w) and 0 <= w <= M for w in widths):
+        _refuse(path, "mlp_widths", widths, f"expected n_layers = {L} widths from 0 to d_mlp = {M}, one per block")
+    for kind in ("qk", "ov"):
+        widths = (config.get("head_widths") or {}).get(kind, [[0] * H] * L)
+        if not isinstance(widths, list) or len(widths) != L or not all(
+            isinstance(row, list) and len(row) == H and all(_is_int(w) and 0 <= w <= Dh for w in row) for row in widths
+        ):
+            _refuse(path, f"head_widths.{kind}", widths, f"expected [{L} blocks][{H} heads] widths from 0 to d_head "
+                    f"= {Dh}")  # fmt: skip
+    if config.get("tensors") is not None:
+        expected = expected_shapes(config)
+        for name, shape in config["tensors"].items():
+            if name not in expected:
+                _refuse(path, f"tensors.{name}", shape, f"the model has no such tensor ({L} blocks)")
+            if shape != list(expected[name]):
+                _refuse(path, f"tensors.{name}", shape, f"model.safetensors holds {list(expected[name])}")
+        missing = sorted(set(expected) - set(config["tensors"]))
+        if missing:
+            raise MechscopeError(f"{path}: field 'tensors' lacks {missing[0]}, a tensor of this model")
+    for key in ("residual_labels", "residual_dims"):
+        dims = config.get(key, [None] * D)
+        if not isinstance(dims, list) or len(dims) != D:
+            _refuse(path, key, dims, f"expected d_model = {D} entries, one per residual dimension")
+
+
 def read_config(directory: Path) -> tuple[dict, TracrInfo]:
     """config.json, checked: the sizes, the vocabularies, BOS, the output and the attention scale."""
     from mechscope.core.validate import read_json_object
@@ -132,6 +209,11 @@ def read_config(directory: Path) -> tuple[dict, TracrInfo]:
     bos = _int(config, "bos_id", path, 0)
     if bos >= config["d_vocab"]:
         raise MechscopeError(f"{path}: bos_id {bos} outside the vocabulary 0..{config['d_vocab'] - 1}")
+    pad = config.get("pad_id")
+    if pad is not None:  # tasks pad batches with it: like bos_id, a token of the vocabulary
+        pad = _int(config, "pad_id", path, 0)
+        if pad >= config["d_vocab"]:
+            raise MechscopeError(f"{path}: pad_id {pad} outside the vocabulary 0..{config['d_vocab'] - 1}")
     out = config.get("output")
     if not isinstance(out, dict) or out.get("type") not in ("categorical", "numerical"):
         raise MechscopeError(f"{path}: output.type must be 'categorical' or 'numerical'")
@@ -141,6 +223,7 @@ def read_config(directory: Path) -> tuple[dict, TracrInfo]:
                              f"{config['d_vocab_out']} classes")  # fmt: skip
     if out["type"] == "numerical" and config["d_vocab_out"] != 1:
         raise MechscopeError(f"{path}: a numerical output has d_vocab_out 1, got {config['d_vocab_out']}")
+    check_claims(config, path)
     if not isinstance(config.get("causal"), bool):
         raise MechscopeError(f"{path}: field 'causal' must be true or false")
     scale = (config.get("attention") or {}).get("scale", config["d_head"] ** -0.5)
@@ -149,13 +232,12 @@ def read_config(directory: Path) -> tuple[dict, TracrInfo]:
     max_len = config.get("max_seq_len", config["n_ctx"] - 1)
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len < config["n_ctx"]:
         raise MechscopeError(f"{path}: max_seq_len {max_len!r} must be below n_ctx {config['n_ctx']} (BOS + tokens)")
-    pad = config.get("pad_id")
     info = TracrInfo(
         name=str(config.get("name", directory.name)),
         directory=str(directory),
         input_vocab=tuple(str(t) for t in vocab),
         bos_id=bos,
-        pad_id=pad if isinstance(pad, int) and not isinstance(pad, bool) else None,
+        pad_id=pad,
         output_type=out["type"],
         output_vocab=tuple(out["vocab"]) if out["type"] == "categorical" else None,
         causal=config["causal"],
@@ -250,7 +332,9 @@ def read_tracr(directory: str | Path) -> tuple[TransformerConfig, dict, TracrInf
     the inputs are token ids, ``info.input_vocab`` names them)."""
     directory = Path(directory)
     config, info = read_config(directory)
-    cfg, ours = convert_tracr(config, read_weights(directory, config))
+    state = read_weights(directory, config)
+    check_block_claims(config, directory / "config.json")
+    cfg, ours = convert_tracr(config, state)
     return cfg, ours, info
 
 
