@@ -232,3 +232,21 @@ def test_heads_text_is_checked_before_the_model_is_loaded(tmp_path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_json_objects_are_strict_about_repeated_keys_and_plain_about_a_bom(tmp_path):
+    """Python's json kept the last of two equal keys (a hypothesis ran with the second "samples" silently); a
+    byte-order mark was "Unexpected UTF-8 BOM (decode using utf-8-sig)"; a 5,000-digit number was advice to call
+    sys.set_int_max_str_digits()."""
+    from mechscope.core.validate import read_json_object
+
+    path = tmp_path / "h.json"
+    path.write_text('{"samples": 2, "nested": {"a": 1, "a": 2}}')
+    with pytest.raises(MechscopeError, match="key 'a' appears twice in one object"):
+        read_json_object(path, "hypothesis")
+    path.write_bytes(b'\xef\xbb\xbf{"samples": 2}')
+    assert read_json_object(path) == {"samples": 2}
+    path.write_text('{"samples": ' + "1" * 5000 + "}")
+    with pytest.raises(MechscopeError, match=r"corrupt JSON \(a number of more than 4,300 digits\)") as e:
+        read_json_object(path)
+    assert "set_int_max_str_digits" not in str(e.value)

@@ -116,7 +116,7 @@ def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError]
     """A JSON file that must hold one object: one line naming the file when it is unreadable, not UTF-8,
     not JSON, or another JSON type."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark some editors write is not content
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -126,9 +126,10 @@ def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError]
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
-        raise error(f"{path}: corrupt JSON ({e}); expected a {what} file") from None
+        why = "a number of more than 4,300 digits" if "integer string conversion" in str(e) else e
+        raise error(f"{path}: corrupt JSON ({why}); expected a {what} file") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: holds a JSON {_json_type(obj)}; expected an object ({what})")
     return obj
@@ -145,6 +146,16 @@ def read_safetensors(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def _no_repeats(pairs: list) -> dict:
+    """A JSON object whose keys are all different (Python keeps the last of two, so one was silently read)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
 
 
 def _no_constant(name: str):
