@@ -206,7 +206,7 @@ def test_a_top_image_whose_maximum_is_at_the_class_token_says_so_and_gets_no_box
 
     from mechscope.clip.methods.neurons import NeuronsResult
     from mechscope.clip.report import figures as F
-    from mechscope.clip.report.context import CLS_NOTE, top_image_rows
+    from mechscope.clip.report.figures import CLS_NOTE, top_image_rows
 
     result = _neurons_result([(8, 0, 16, 8), None, (0, 24, 8, 32)])
     rows = top_image_rows(result.readings[0])

@@ -144,29 +144,6 @@ def featvis_clause(r, share: float = 0.1) -> str:
     return ""
 
 
-CLS_NOTE = "max at CLS token"
-
-
-def top_image_rows(r) -> list[dict]:
-    """Per top image of a reading: its name, its response, the pixel box (top, left, bottom, right) of the patch
-    where the neuron fires most, and that place in words. :func:`mechscope.clip.methods.neurons.hot_patch` gives no
-    box (None) for an image whose largest activation at the neuron's layer is at the class token (CLS), which is no
-    patch of the image: nothing is boxed there, and ``note`` (drawn under the image) says where the maximum is."""
-    patches = list(r.top_patches or ())
-    rows = []
-    for i, (name, value) in enumerate(zip(r.top_images, r.top_values, strict=False)):
-        recorded = i < len(patches)
-        box = tuple(int(v) for v in patches[i]) if recorded and patches[i] is not None else None
-        cls = recorded and box is None
-        if box is not None:
-            where = f"patch at pixel rows {box[0]}–{box[2] - 1}, columns {box[1]}–{box[3] - 1} (red box)"
-        else:
-            where = "class token (CLS), no patch of the image: no box" if cls else "not recorded"
-        rows.append({"rank": i + 1, "name": name, "value": value, "box": box, "cls": cls,
-                     "note": CLS_NOTE if cls else "", "where": where})  # fmt: skip
-    return rows
-
-
 def reduce_words(reduce: str) -> str:
     """An image's response to a neuron in words (``reduce`` of :func:`mechscope.clip.methods.neurons.activations`)."""
     return {"mean": "the mean of its activation over the image's tokens",
@@ -193,13 +170,13 @@ def neurons_context(result) -> dict:
         if uri:
             scatters.append({"uri": uri, "concept": c})
     readings = [{
-        "reading": r, "figure": F.reading_figure(r), "diverse": F.diverse_figure(r), "tops": top_image_rows(r),
+        "reading": r, "figure": F.reading_figure(r), "diverse": F.diverse_figure(r), "tops": F.top_image_rows(r),
         "probe": F.bars_figure(r.probe_words, r.probe_values, f"{r.neuron}: response to drawn words"),
         "align": F.bars_figure(r.aligned_words, r.aligned_values, f"{r.neuron}: contribution · text embedding"),
     } for r in result.readings]  # fmt: skip
     return {"result": result, "summary": neurons_summary(result), "mm_figure": F.multimodality_figure(mm),
             "scatters": scatters, "readings": readings, "response": reduce_words(result.reduce),
-            "cls_note": CLS_NOTE, "footer": footer()}  # fmt: skip
+            "cls_note": F.CLS_NOTE, "footer": footer()}  # fmt: skip
 
 
 def attack_summary(result) -> list[str]:

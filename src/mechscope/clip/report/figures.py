@@ -116,12 +116,33 @@ def scatter_figure(mm, index: int, column: int | None = None) -> str | None:
     return figure_data_uri(fig)
 
 
+CLS_NOTE = "max at CLS token"
+
+
+def top_image_rows(r) -> list[dict]:
+    """Per top image of a reading: its name, its response, the pixel box (top, left, bottom, right) of the patch
+    where the neuron fires most, and that place in words. :func:`mechscope.clip.methods.neurons.hot_patch` gives no
+    box (None) for an image whose largest activation at the neuron's layer is at the class token (CLS), which is no
+    patch of the image: nothing is boxed there, and ``note`` (drawn under the image) says where the maximum is."""
+    patches = list(r.top_patches or ())
+    rows = []
+    for i, (name, value) in enumerate(zip(r.top_images, r.top_values, strict=False)):
+        recorded = i < len(patches)
+        box = tuple(int(v) for v in patches[i]) if recorded and patches[i] is not None else None
+        cls = recorded and box is None
+        if box is not None:
+            where = f"patch at pixel rows {box[0]}–{box[2] - 1}, columns {box[1]}–{box[3] - 1} (red box)"
+        else:
+            where = "class token (CLS), no patch of the image: no box" if cls else "not recorded"
+        rows.append({"rank": i + 1, "name": name, "value": value, "box": box, "cls": cls,
+                     "note": CLS_NOTE if cls else "", "where": where})  # fmt: skip
+    return rows
+
+
 def reading_figure(reading) -> str | None:
     """The feature visualisation, then each top image with its name (wrapped), its response and a red box on the
     patch where the neuron fires most; an image whose largest activation is at the class token has no patch to box
-    and says so under it (:func:`mechscope.clip.report.context.top_image_rows`). Integrated gradients below."""
-    from mechscope.clip.report.context import top_image_rows
-
+    and says so under it (:func:`top_image_rows`). Integrated gradients below."""
     if reading.featvis is None or reading.top_pixels is None:
         return None
     k = len(reading.top_pixels)

@@ -20,13 +20,12 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.acdc import acdc
 from mechscope.core.graphs.attribution import eap, eap_ig, edge_patching
 from mechscope.core.graphs.faithfulness import (
-    MAX_RANDOM,
     MIB_FRACTIONS,
     FaithfulnessCurve,
     circuit_faithfulness,
     faithfulness_curve,
 )
-from mechscope.core.graphs.results import Circuit, EdgeScores, check_method, check_threshold
+from mechscope.core.graphs.results import MAX_RANDOM, Circuit, EdgeScores, check_method, check_threshold
 from mechscope.core.validate import check_int, check_seed
 
 DEFAULT_SIZE = 30  # edges in a circuit cut from scores when neither --size nor --threshold says

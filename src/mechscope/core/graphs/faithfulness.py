@@ -31,11 +31,9 @@ from tqdm.auto import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of
-from mechscope.core.graphs.results import EdgeScores, importance, top_order
+from mechscope.core.graphs.results import MAX_RANDOM, EdgeScores, importance, top_order
 from mechscope.core.results import Result
 from mechscope.core.validate import check_int, check_seed
-
-MAX_RANDOM = 10_000  # random orders of the baseline (the CLI's --random has the same bound)
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 

@@ -29,6 +29,7 @@ def check_better(better) -> None:
         raise MechscopeError(f"better must be 'higher', 'lower' or None, got {better!r}")
 
 
+MAX_RANDOM = 10_000  # random orders of a faithfulness curve's baseline (the CLI's --random has the same bound)
 METHODS = ("eap", "eap-ig", "acdc", "edge-patching")
 
 
@@ -42,7 +43,6 @@ def check_method(method: str) -> str:
 def check_discovery_counts(seed, n_random) -> None:
     """``--seed`` and ``--random`` (both wings' ``discover``), checked before any work whether or not the curve that
     reads them runs (a negative seed was recorded; one beyond 64 bits raised an overflow)."""
-    from mechscope.core.graphs.faithfulness import MAX_RANDOM
     from mechscope.core.validate import check_int, check_seed
 
     check_seed(seed)
