@@ -292,3 +292,6 @@ def test_counts_without_an_end_are_refused_before_any_work():
         find_circuit(counting, clean, corrupted, metric=logit_diff, better=None, metric_name="m", differentiable=True,
                      method="eap", n_random=10**7)  # fmt: skip
     assert calls == []  # refused before the scoring ran a forward pass
+    with pytest.raises(MechscopeError, match="seed must be an integer from 0 to 2"):  # with or without the curve
+        find_circuit(counting, clean, corrupted, metric=logit_diff, better=None, metric_name="m", differentiable=True,
+                     method="eap", curve=False, seed=2**64)  # fmt: skip

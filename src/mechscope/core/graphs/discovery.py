@@ -105,9 +105,8 @@ def find_circuit(
     check_method(method)
     threshold = None if threshold is None else check_threshold(threshold)
     check_method_metric(method, metric_name, differentiable)
-    if curve:  # checked before the scoring, not after it
-        check_int(n_random, "n_random", 0, MAX_RANDOM)
-        check_seed(seed, "seed")
+    check_int(n_random, "n_random", 0, MAX_RANDOM)  # before the scoring, and whether or not the curve reads them
+    check_seed(seed, "seed")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
