@@ -1,5 +1,5 @@
 """Command-line options every wing's commands share, defined once (the wings' ``cli`` packages import them), and
-the one piece of command behaviour both graph commands share (``--view``)."""
+what both graph commands do the same way (``--view``, their check lines)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ LrOpt = typer.Option(4e-4, "--lr")
 SeedOpt = typer.Option(0, "--seed")
 CheckpointEveryOpt = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (OUT.partial).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from the checkpoints in OUT.partial.")
+
 
 def view_only(view_run, view: str, out, force: bool) -> None:
     """A graph command's ``--view GRAPH_JSON``: re-render the saved graph with the wing's ``view_run`` and say what

@@ -8,6 +8,8 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class MechscopeError(Exception):
     """A problem with the user's input, described in one line.
@@ -47,3 +49,17 @@ def user_errors(fn):
             raise e.with_traceback(None) from None
 
     return call
+
+
+@contextmanager
+def about(where, error: type[MechscopeError] | None = None):
+    """A one-line error raised inside is said of ``where`` (``where: …``, once): a file whose contents it is about.
+    ``error``: the type it is raised as (by default its own)."""
+    try:
+        yield
+    except MechscopeError as e:
+        kind = error or type(e)
+        said = str(e) if str(e).startswith(f"{where}:") else f"{where}: {e}"
+        if said == str(e) and isinstance(e, kind):
+            raise
+        raise kind(said) from None

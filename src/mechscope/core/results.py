@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mechscope.core.errors import MechscopeError, RunError
+from mechscope.core.errors import RunError, about
 
 SCHEMA_KEY = "schema"
 
@@ -112,9 +112,8 @@ class Result:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__})") from None
         try:
-            return cls.from_dict(data)
-        except MechscopeError as e:  # the record's own checks: said of the file
-            raise RunError(str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}") from None
+            with about(path, RunError):  # the record's own checks: said of the file
+                return cls.from_dict(data)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__}: {e})") from None
 

@@ -32,7 +32,6 @@ import fnmatch
 import math
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -131,18 +130,6 @@ def hypothesis_file_sampling(data: dict, where: str) -> tuple[str, bool]:
     return sampling, data.get("breakdown", True)
 
 
-@contextmanager
-def about_file(where: str):
-    """A one-line error raised while a hypothesis file's claims, task and features are read against the model is
-    said to be about that file (``where: …``), as the file's own checks are."""
-    try:
-        yield
-    except MechscopeError as e:
-        if str(e).startswith(f"{where}:"):
-            raise
-        raise type(e)(f"{where}: {e}") from None
-
-
 def hypothesis_file_ints(where: str, values: dict[str, tuple[Any, int]]) -> dict[str, int]:
     """A hypothesis file's integer settings, ``key -> (value, lowest)``, checked: a key ending in ``seed`` is a seed
     (0 to 2**63 - 1, what torch's generators take); ``samples`` at most 100,000 (a forward pass each per claim)."""
@@ -152,8 +139,8 @@ def hypothesis_file_ints(where: str, values: dict[str, tuple[Any, int]]) -> dict
             check_seed(v, f"{where}: {key}")
         elif key == "samples":
             check_int(v, f"{where}: samples", low, 100_000)
-        elif isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise MechscopeError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+        else:
+            check_int(v, f"{where}: {key}", low)
         out[key] = v
     return out
 

@@ -11,10 +11,9 @@ from mechscope.cnn.config import class_index
 from mechscope.cnn.methods.discovery import CNNDiscovery, check_hand, discover, image_task
 from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.cnn.models.spec import walk
-from mechscope.core.errors import MechscopeError
+from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
-from mechscope.core.scrub import about_file
 from mechscope.core.torch_utils import Timer, evaluating
 
 
@@ -113,7 +112,7 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     images, labels, d = _data(run)
     spec = walk(run.model, d.shape)
     counter = spec.work_counter()
-    with counter.counting(), about_file(where):
+    with counter.counting(), about(where):
         result = scrub_hypothesis(spec, images, labels, hyp, name=hyp.run)
     result = replace(result, work=counter.report("cnn scrub", result.settings["n"]))
     with atomic_output(out, force) as tmp:

@@ -238,14 +238,20 @@ def make_task(model: HookedTransformer, task: str | None = None, metric: str | N
     if kind not in TASKS:
         raise MechscopeError(f"unknown task {kind!r}: one of {', '.join(TASKS)}")
     reads = _TASK_SETTINGS[kind]
-    unknown = sorted(set(settings) - {k for keys in _TASK_SETTINGS.values() for k in keys})
+    unknown = sorted(set(settings) - _ALL)
     if unknown:
         raise MechscopeError(f"unknown task setting {unknown[0]!r} (the tasks read {', '.join(sorted(_ALL))})")
-    ignored = sorted(k for k, v in settings.items() if k not in reads and v is not None and v != _UNREAD_DEFAULTS[k])
+    ignored = unread_settings(kind, settings)
     if ignored:  # they were dropped without a word
         raise MechscopeError(f"{', '.join(ignored)}: not settings of the {kind} task (it reads {', '.join(reads)})")
     kept = {k: v for k, v in settings.items() if k in reads and v is not None}
     return tracr_task(model, metric, **kept) if kind == "tracr" else induction_task(model, metric, **kept)
+
+
+def unread_settings(kind: str, settings: dict) -> list[str]:
+    """The settings given (not None, not at their default) that the task ``kind`` does not read, sorted."""
+    reads = _TASK_SETTINGS[kind]
+    return sorted(k for k, v in settings.items() if k not in reads and v is not None and v != _UNREAD_DEFAULTS[k])
 
 
 def _settings(fn) -> dict:

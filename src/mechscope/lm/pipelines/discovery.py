@@ -3,19 +3,17 @@ self-contained report.html, written atomically."""
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import replace
 from pathlib import Path
 
-from mechscope.core.errors import MechscopeError
+from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
-from mechscope.core.scrub import about_file
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
 from mechscope.lm.methods.scrubbing import LMScrub, parse_hypothesis_file, scrub_hypothesis
-from mechscope.lm.methods.tasks import make_task
+from mechscope.lm.methods.tasks import make_task, unread_settings
 from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.pipelines.loading import load_lm
 
@@ -67,9 +65,9 @@ def discover_model(
         model = load_any(model_spec, device, dtype, revision)
         info = getattr(model, "tracr", None)
         if (task or ("tracr" if info is not None else "induction")) == "tracr":
-            given = {"--n": ("n", n), "--batch": ("batch", batch), "--tokens": ("token_range", token_range),
-                     "--distinct": ("distinct", distinct)}  # fmt: skip
-            asked = [flag for flag, (arg, v) in given.items() if v != _DEFAULTS[arg].default]
+            flags = {"n": "--n", "batch": "--batch", "token_range": "--tokens", "distinct": "--distinct"}
+            given = {"n": n, "batch": batch, "token_range": token_range, "distinct": distinct}
+            asked = [flags[k] for k in flags if k in unread_settings("tracr", given)]  # in the order of the flags
             if asked:  # the tracr task runs the compiled model's stored examples; these were silently unread
                 raise MechscopeError(f"{', '.join(asked)}: options of the induction task, not of tracr's examples")
         known = check_circuit(info.directory, model.cfg) if info is not None else None
@@ -113,9 +111,6 @@ def _hand_edges(path, model) -> list[tuple[str, str, str]]:
     return hand
 
 
-_DEFAULTS = inspect.signature(discover_model).parameters  # the induction task's options: set when not these
-
-
 def scrub_file(data: dict, where: str, out: str | Path | None = None, force: bool = False, device=None,
                dtype=None) -> tuple[Path, LMScrub]:  # fmt: skip
     """Causal scrubbing of a transformer hypothesis (the parsed JSON of ``where``); scrub.json and report.html."""
@@ -125,7 +120,7 @@ def scrub_file(data: dict, where: str, out: str | Path | None = None, force: boo
     out = Path(out) if out is not None else Path("runs") / "scrub" / _name(Path(where).stem)
     check_target(out, force)
     model = load_any(spec.model, device, dtype)
-    with about_file(where):
+    with about(where):
         result = scrub_hypothesis(model, spec, name=spec.model, counter=work_counter(model))
     with atomic_output(out, force) as tmp:
         write_json(tmp / LMScrub.FILE, result.to_dict())
