@@ -19,9 +19,10 @@ last stage with them.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,7 +31,15 @@ import torch.nn.functional as F
 from mechscope.cnn.methods.graph import CNNEdges
 from mechscope.cnn.models.spec import CNNSpec
 from mechscope.core.errors import MechscopeError
-from mechscope.core.graphs import Circuit, EdgeScores, FaithfulnessCurve, TopEdges, auroc, find_circuit
+from mechscope.core.graphs import (
+    Circuit,
+    EdgeScores,
+    FaithfulnessCurve,
+    TopEdges,
+    auroc,
+    check_task_model,
+    find_circuit,
+)
 from mechscope.core.intervene import derangement
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
@@ -54,6 +63,23 @@ class ImageTask:
     target: int | None = None
     description: str = ""
     settings: dict = field(default_factory=dict)
+    made_on: Any = field(default=None, repr=False, compare=False)  # kl: a weak reference to the model whose clean
+    # logits the metric holds; None: any model of these images and classes will do
+
+
+def check_task_fits(task: ImageTask, spec: CNNSpec) -> None:
+    """Refuse a task that is not of ``spec``'s model: images of another shape, classes it does not have, or a
+    metric that holds another model's logits."""
+    for what, x in (("clean", task.clean), ("corrupted", task.corrupted)):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(spec.input_shape):
+            shape = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MechscopeError(f"the task's {what} images are shaped {shape}; the model takes "
+                                 f"{list(spec.input_shape)}")  # fmt: skip
+    top = max(int(task.labels.max()), -1 if task.target is None else task.target)
+    if top >= spec.n_classes:
+        raise MechscopeError(f"the task has class {top}; the model has {spec.n_classes} classes "
+                             f"(0..{spec.n_classes - 1})")  # fmt: skip
+    check_task_model(task.made_on, spec.model)
 
 
 def metric_rows(name: str, labels: torch.Tensor, target: int | None) -> torch.Tensor:
@@ -114,7 +140,7 @@ def image_task(
     if not isinstance(metric, str) or metric not in METRICS:
         raise MechscopeError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise MechscopeError(f"--n must be an integer >= 2, got {n!r}")
+        raise MechscopeError(f"n must be an integer >= 2, got {n!r}")
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
     check_seed(seed, "seed")
@@ -159,6 +185,7 @@ def image_task(
         + (f" of class {target}" if target is not None and metric != "detect" else "")
         + f"; corrupted: {how}",  # fmt: skip
         settings={"n": len(pick), "seed": seed, "target": target},
+        made_on=weakref.ref(model) if metric == "kl" else None,
     )
 
 
@@ -279,6 +306,7 @@ def discover(
 ) -> CNNDiscovery:
     """Discover the channel circuit of ``task`` (see the module docstring); ``hand``: the last stage's channels
     ``cnn explain`` found for the task's class, to compare with."""
+    check_task_fits(task, spec)
     with evaluating(spec.model):
         found = find_circuit(CNNEdges(spec), task.clean, task.corrupted, metric=task.metric, better=task.better,
                              metric_name=task.metric_name, differentiable=task.metric_name not in NOT_DIFFERENTIABLE,

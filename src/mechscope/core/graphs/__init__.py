@@ -47,7 +47,7 @@ for both wings' ``discover`` (score, cut, curve, the drawn circuit alone). Causa
 
 from mechscope.core.graphs.acdc import acdc
 from mechscope.core.graphs.attribution import eap, eap_ig, edge_patching
-from mechscope.core.graphs.discovery import DEFAULT_SIZE, CircuitSearch, cut_circuit, find_circuit
+from mechscope.core.graphs.discovery import DEFAULT_SIZE, CircuitSearch, check_task_model, cut_circuit, find_circuit
 from mechscope.core.graphs.faithfulness import (
     MIB_FRACTIONS,
     FaithfulnessCurve,
@@ -56,7 +56,7 @@ from mechscope.core.graphs.faithfulness import (
     mib_areas,
 )
 from mechscope.core.graphs.graph import ComponentGraph, Node, transformer_graph
-from mechscope.core.graphs.ground_truth import KnownCircuit, load_circuit
+from mechscope.core.graphs.ground_truth import KnownCircuit, check_known, load_circuit
 from mechscope.core.graphs.protocol import (
     EdgeModel,
     Term,
@@ -84,6 +84,8 @@ from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
 __all__ = [
     "DEFAULT_SIZE",
     "CircuitSearch",
+    "check_known",
+    "check_task_model",
     "cut_circuit",
     "find_circuit",
     "METHODS",

@@ -52,6 +52,15 @@ def check_method_metric(method: str, metric_name: str, differentiable: bool) -> 
         raise MechscopeError("eap scores nothing with kl: its gradient is 0 at the clean run (use eap-ig or acdc)")
 
 
+def check_task_model(made_on, model) -> None:
+    """Refuse a task made on another model: its metric holds that model's outputs (clean log-probabilities, the
+    corrupted run's predictions). ``made_on``: the weak reference such a task keeps (None: its metric reads no
+    model's outputs)."""
+    if made_on is not None and made_on() is not model:
+        raise MechscopeError("the task was made on another model (its metric compares with that model's outputs): "
+                             "make it on this one")  # fmt: skip
+
+
 def cut_circuit(scores: EdgeScores, method: str, size, threshold, default: int = DEFAULT_SIZE) -> Circuit:
     """The circuit of ``scores``: ``size`` edges (or a fraction of them); without a size, ACDC's own edges, or
     the edges whose |score| reaches ``threshold``, or the ``default`` top edges."""

@@ -51,6 +51,23 @@ class KnownCircuit(Result):
         return self.edge_sets[which]
 
 
+def check_known(known, graph: ComponentGraph, model: str = "the model") -> None:
+    """Refuse a known circuit whose components or edges are not in ``graph`` (``model``'s): one of another model.
+    ``None`` passes."""
+    if known is None:
+        return
+    if not isinstance(known, KnownCircuit):
+        raise MechscopeError(f"known must be a KnownCircuit (load_circuit reads one), got {type(known).__name__}")
+    try:
+        for name in known.nodes:
+            graph.node_id(name)
+        for edges in known.edge_sets.values():
+            for edge in edges:
+                graph.parse_edge(list(edge))
+    except MechscopeError as e:
+        raise MechscopeError(f"the known circuit {known.name!r} is of another model than {model}: {e}") from None
+
+
 def load_circuit(path) -> KnownCircuit:
     """The ``circuit.json`` at ``path`` (the file, or the model's folder), checked against its own graph."""
     path = Path(path)

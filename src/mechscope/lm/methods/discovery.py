@@ -22,6 +22,8 @@ from mechscope.core.graphs import (
     FaithfulnessCurve,
     TopEdges,
     auroc,
+    check_known,
+    check_task_model,
     find_circuit,
     score_circuit,
 )
@@ -92,9 +94,12 @@ def discover(
     ``threshold``: ACDC's tau (default 1% of |M(clean) − M(corrupted)|) or, for the others, a cut on |score|;
     ``known``: a :class:`~mechscope.core.graphs.KnownCircuit` to score against; ``hand_edges``: edges found by
     hand (the heads report's path patching) to compare with."""
+    check_task_model(task.made_on, model)
+    edges = TransformerEdges(model)
+    check_known(known, edges.graph, name or model.cfg.name)
     default = len(known.edge_set("primary")) if known is not None else DEFAULT_SIZE
     with evaluating(model):
-        found = find_circuit(TransformerEdges(model), task.clean, task.corrupted, metric=task.metric,
+        found = find_circuit(edges, task.clean, task.corrupted, metric=task.metric,
                              better=task.better, metric_name=task.metric_name,
                              differentiable=task.metric_name not in NOT_DIFFERENTIABLE, method=method, size=size,
                              threshold=threshold, steps=steps, ablation=ablation, curve=curve, n_random=n_random,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class Task:
     description: str = ""
     period: int | None = None  # repeated sequences: the repeat's length n
     settings: dict = field(default_factory=dict)
+    made_on: Any = field(default=None, repr=False, compare=False)  # a weak reference to the model whose outputs
+    # the metric holds (kl's clean predictions, every tracr metric); None: any model of the vocabulary will do
 
     @property
     def ids(self) -> torch.Tensor:
@@ -160,7 +163,8 @@ def induction_task(
                 f"second-copy {name} on BOS + {n} random{' distinct' if distinct else ''} tokens [{lo}, {hi}) "
                 f"repeated, {batch} sequences; "
                 "corrupted: another of the sequences", n,
-                {"n": n, "batch": batch, "seed": seed, "token_range": [lo, hi], "distinct": distinct})  # fmt: skip
+                {"n": n, "batch": batch, "seed": seed, "token_range": [lo, hi], "distinct": distinct},
+                weakref.ref(model) if name == "kl" else None)  # fmt: skip
 
 
 def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int = 0, limit: int | None = None) -> Task:
@@ -229,7 +233,7 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
     return Task("tracr", name, table[name], clean, corrupted, fns[name],
                 f"{name} on the {len(ids)} examples of {info.name} (each at its own length); corrupted: another "
                 "example (a seeded derangement)", None,
-                {"seed": seed, "limit": limit, "examples": len(ids)})  # fmt: skip
+                {"seed": seed, "limit": limit, "examples": len(ids)}, weakref.ref(model))  # fmt: skip
 
 
 def make_task(model: HookedTransformer, task: str | None = None, metric: str | None = None, **settings) -> Task:

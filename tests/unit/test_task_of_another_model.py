@@ -1,0 +1,105 @@
+"""A task or a known circuit handed to ``discover`` must be of the model it runs on: a tracr task's metric holds
+the outputs of the model it was made on, a kl task the clean run's predictions, a known circuit names another
+graph's components, a CNN task another shape of image or more classes. Each was accepted (a silently wrong search)
+or died in a shape or index error; each is one line now, before the search."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mechscope.cnn.methods.discovery import discover as cnn_discover
+from mechscope.cnn.methods.discovery import image_task
+from mechscope.cnn.models.spec import walk
+from mechscope.core.errors import MechscopeError
+from mechscope.lm.methods.discovery import discover
+from mechscope.lm.methods.tasks import make_task
+from tests.conftest import shared_data_root
+from tests.unit.test_discovery_cnn import stroke_cnn, strokes
+
+
+@pytest.fixture(scope="module")
+def tracr():
+    from mechscope.lm.models.convert.tracr import check_circuit
+    from mechscope.lm.models.loading import load_model
+
+    root = shared_data_root()
+    if root is None or not (root / "tracr" / "hist" / "config.json").is_file():
+        pytest.skip("tracr models not found in $MECHSCOPE_DATA or ../shared/data")
+    models = {name: load_model(str(root / "tracr" / name))[0] for name in ("reverse", "hist")}
+    return models, {name: check_circuit(m.tracr.directory, m.cfg) for name, m in models.items()}
+
+
+def test_a_tracr_task_runs_only_on_its_own_model(tracr):
+    """The reverse task on hist ran and returned a circuit (hist's vocabulary holds reverse's ids)."""
+    (models, _) = tracr
+    with pytest.raises(MechscopeError, match="^the task was made on another model"):
+        discover(models["hist"], make_task(models["reverse"]), "eap", curve=False)
+    again = discover(models["reverse"], make_task(models["reverse"]), "eap", curve=False)  # its own model: as before
+    assert len(again.circuit.edges) > 0
+
+
+def test_a_known_circuit_of_another_model_is_refused_before_the_search(tracr, monkeypatch):
+    (models, known) = tracr
+    import mechscope.lm.methods.discovery as d
+
+    monkeypatch.setattr(d, "find_circuit", lambda *a, **k: pytest.fail("the search ran"))
+    with pytest.raises(MechscopeError, match="known circuit 'reverse' is of another model than tracr/hist: "
+                                             "unknown component"):  # fmt: skip
+        discover(models["hist"], make_task(models["hist"]), "eap", known=known["reverse"], curve=False)
+    with pytest.raises(MechscopeError, match="^known must be a KnownCircuit .* got dict"):
+        discover(models["hist"], make_task(models["hist"]), "eap", known={"nodes": []}, curve=False)
+
+
+def test_an_induction_task_is_tied_to_its_model_only_under_kl():
+    """loss, logprob and logit_diff read the tokens only (any model of the vocabulary will do); kl holds the clean
+    run's predictions."""
+    from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
+
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_vocab=50, n_ctx=32, attn_only=True)
+    a, b = HookedTransformer(cfg), HookedTransformer(cfg)
+    b.init_weights(torch.Generator().manual_seed(1))
+    loss = make_task(a, "induction", "loss", n=4, batch=2)
+    assert loss.made_on is None
+    discover(b, loss, "eap", curve=False)
+    kl = make_task(a, "induction", "kl", n=4, batch=2)
+    with pytest.raises(MechscopeError, match="made on another model"):
+        discover(b, kl, "eap-ig", curve=False)
+    discover(a, kl, "eap-ig", curve=False)
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "kw", "said"),
+    [
+        (torch.rand(8, 1, 6, 6), torch.arange(8) % 2, {}, r"clean images are shaped \[1, 6, 6\]; the model takes"),
+        (torch.rand(8, 3, 8, 8), torch.arange(8) % 2, {}, r"shaped \[3, 8, 8\]"),
+        (torch.rand(8, 1, 8, 8), torch.arange(8) % 3, {"target": 2}, r"the task has class 2; the model has 2 classes"),
+        (torch.rand(8, 1, 8, 8), torch.arange(8) % 3, {}, r"the task has class 2"),
+    ],
+)  # fmt: skip
+def test_a_cnn_task_of_other_images_or_classes_is_one_line(images, labels, kw, said):
+    """A RuntimeError of the convolution or the linear layer, or an IndexError of the metric, before."""
+    task = image_task(images, labels, n=8, **kw)
+    with pytest.raises(MechscopeError, match=said):
+        cnn_discover(walk(stroke_cnn()), task, "eap", curve=False)
+
+
+def test_a_cnn_kl_task_runs_only_on_the_model_whose_logits_it_holds():
+    model = stroke_cnn()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.weight.mul_(0.5)
+    x, y = strokes()
+    task = image_task(x, y, metric="kl", n=16, model=model)
+    with pytest.raises(MechscopeError, match="made on another model"):
+        cnn_discover(walk(other), task, "eap-ig", curve=False)
+    assert cnn_discover(walk(model), task, "eap-ig", curve=False).scores.metric_clean == pytest.approx(0, abs=1e-12)
+    assert image_task(x, y, n=16, model=model).made_on is None  # logprob reads the logits it is given
+
+
+def test_the_api_names_the_setting_not_a_cli_flag():
+    x, y = strokes()
+    with pytest.raises(MechscopeError, match="^n must be an integer >= 2, got 1$"):
+        image_task(x, y, n=1)
