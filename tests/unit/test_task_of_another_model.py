@@ -1,7 +1,8 @@
-"""A task or a known circuit handed to ``discover`` must be of the model it runs on: a tracr task's metric holds
-the outputs of the model it was made on, a kl task the clean run's predictions, a known circuit names another
-graph's components, a CNN task another shape of image or more classes. Each was accepted (a silently wrong search)
-or died in a shape or index error; each is one line now, before the search."""
+"""What ``discover`` is handed must be of the model it runs on: a tracr task's metric holds the outputs of the
+model it was made on, a kl task the clean run's predictions; a known circuit or a heads report's edges name
+components of a graph; a CNN task has its images' shape and classes. Each was accepted (a silently wrong search),
+refused only after the search, read truncated, or died in a shape or index error; each is one line now, before
+the search."""
 
 from __future__ import annotations
 
@@ -103,3 +104,42 @@ def test_the_api_names_the_setting_not_a_cli_flag():
     x, y = strokes()
     with pytest.raises(MechscopeError, match="^n must be an integer >= 2, got 1$"):
         image_task(x, y, n=1)
+
+
+def _patch_record(**change) -> dict:
+    record = {"source": "0.1", "target_layer": 1, "kv_head": 0, "query_heads": ["1.0"], "induction_clean": [0.5],
+              "induction_patched": [0.1], "drop": [0.4], "drop_std": [0.1], "confirmed": [True]}  # fmt: skip
+    return record | change
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"target_layer": 1.5}, "target_layer must be an integer, got 1.5"),
+        ({"target_layer": -1}, "target_layer must be an integer from 0"),
+        ({"kv_head": True}, "kv_head must be an integer, got true"),
+        ({"source": "3"}, "source must be a head 'layer.head', got .3."),
+    ],
+)
+def test_a_heads_reports_path_patches_are_read_whole_not_truncated(tmp_path, change, said):
+    """A target layer of 1.5 was read as 1 (and --compare-heads compared with the edges of layer 1)."""
+    from mechscope.core.errors import RunError
+    from mechscope.lm.methods.path_patching import PathPatch
+
+    assert PathPatch.from_dict(_patch_record()).layer == 1
+    with pytest.raises(MechscopeError, match=said):
+        PathPatch.from_dict(_patch_record(**change))
+    assert issubclass(RunError, MechscopeError)
+
+
+def test_hand_edges_are_checked_against_the_graph_before_the_search(tracr, monkeypatch):
+    """An edge a heads report names but the model lacks (a layer past the last) was found only after the search."""
+    (models, _) = tracr
+    import mechscope.lm.methods.discovery as d
+
+    monkeypatch.setattr(d, "find_circuit", lambda *a, **k: pytest.fail("the search ran"))
+    model = models["reverse"]
+    with pytest.raises(MechscopeError, match="unknown component 'blocks.9.attn.h0'"):
+        discover(model, make_task(model), "eap", hand_edges=[("blocks.0.attn.h0", "blocks.9.attn.h0", "k")])
+    with pytest.raises(MechscopeError, match="hand edges must be a non-empty list"):
+        discover(model, make_task(model), "eap", hand_edges="blocks.0.attn.h0->blocks.1.mlp<in>")

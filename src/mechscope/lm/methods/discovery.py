@@ -97,6 +97,8 @@ def discover(
     check_task_model(task.made_on, model)
     edges = TransformerEdges(model)
     check_known(known, edges.graph, name or model.cfg.name)
+    if hand_edges:
+        hand_edge_ids(edges.graph, hand_edges)  # before the search, not after it
     default = len(known.edge_set("primary")) if known is not None else DEFAULT_SIZE
     with evaluating(model):
         found = find_circuit(edges, task.clean, task.corrupted, metric=task.metric,
@@ -140,9 +142,7 @@ def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int
     order = np.argsort(-key, kind="stable")
     rank = np.empty(len(key), dtype=np.int64)
     rank[order] = np.arange(1, len(key) + 1)
-    if not isinstance(hand, (list, tuple)) or not hand:
-        raise MechscopeError(f"hand edges must be a non-empty list of edges, got {hand!r}")
-    ids = list(dict.fromkeys(i for e in hand for i in g.parse_edge(e)))  # a triple or "s->n<slot>"
+    ids = hand_edge_ids(g, hand)
     slots = {g.edges[e][2] for e in ids}
     same = np.asarray([g.edges[e][2] in slots for e in range(g.n_edges)], dtype=bool)
     labels = np.zeros(g.n_edges, dtype=bool)
@@ -167,6 +167,14 @@ def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int
         "top": top,
         "in_top": int(sum(rank[e] <= top for e in ids)),
     }
+
+
+def hand_edge_ids(graph, hand) -> list[int]:
+    """The graph's indices of edges found by hand (triples or ``"s->n<slot>"``), each once; one line for a
+    list that is empty or names what is not an edge of this graph."""
+    if not isinstance(hand, (list, tuple)) or not hand:
+        raise MechscopeError(f"hand edges must be a non-empty list of edges, got {hand!r}")
+    return list(dict.fromkeys(i for e in hand for i in graph.parse_edge(e)))
 
 
 def heads_edges(heads, kv_groups: int | None = None) -> list[tuple[str, str, str]]:

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
+from mechscope.core.validate import check_int, shown
 from mechscope.lm.methods.ablation import SETS_PER_RUN, Capture, replacement, second_half_loss
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -103,9 +105,12 @@ class PathPatch(Result):
 
     @classmethod
     def from_dict(cls, d: dict) -> PathPatch:
-        src = tuple(int(x) for x in d["source"].split("."))
+        src = tuple(int(x) for x in d["source"].split("."))  # "layer.head"
+        if len(src) != 2:
+            raise MechscopeError(f"source must be a head 'layer.head', got {shown(d['source'])}")
         heads = tuple(int(q.split(".")[1]) for q in d["query_heads"])
-        return cls(src, int(d["target_layer"]), int(d["kv_head"]), heads, tuple(d["induction_clean"]),
+        layer, kv = check_int(d["target_layer"], "target_layer", 0), check_int(d["kv_head"], "kv_head", 0)
+        return cls(src, layer, kv, heads, tuple(d["induction_clean"]),
                    tuple(d["induction_patched"]), tuple(d["drop"]), tuple(d["drop_std"]), tuple(d["confirmed"]),
                    d.get("loss_increase"), d.get("loss_increase_std"))  # fmt: skip
 
