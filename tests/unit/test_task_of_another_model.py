@@ -82,7 +82,7 @@ def test_an_induction_task_is_tied_to_its_model_only_under_kl():
 )  # fmt: skip
 def test_a_cnn_task_of_other_images_or_classes_is_one_line(images, labels, kw, said):
     """A RuntimeError of the convolution or the linear layer, or an IndexError of the metric, before."""
-    task = image_task(images, labels, n=8, **kw)
+    task = image_task(images, labels, **kw)  # n: every image there is (8, or the class's 2)
     with pytest.raises(MechscopeError, match=said):
         cnn_discover(walk(stroke_cnn()), task, "eap", curve=False)
 
@@ -143,3 +143,25 @@ def test_hand_edges_are_checked_against_the_graph_before_the_search(tracr, monke
         discover(model, make_task(model), "eap", hand_edges=[("blocks.0.attn.h0", "blocks.9.attn.h0", "k")])
     with pytest.raises(MechscopeError, match="hand edges must be a non-empty list"):
         discover(model, make_task(model), "eap", hand_edges="blocks.0.attn.h0->blocks.1.mlp<in>")
+
+
+def test_more_images_than_there_are_is_refused_not_shrunk():
+    """``n`` above the images there are (of the class, with a target) gave fewer without a word; without n, 64 or
+    every one there is."""
+    x, y = strokes(16)
+    assert image_task(x, y).settings["n"] == 16 and image_task(x, y, target=0).settings["n"] == 8
+    with pytest.raises(MechscopeError, match="^n is 17: there are 16 test images$"):
+        image_task(x, y, n=17)
+    with pytest.raises(MechscopeError, match="^n is 9: class 1 has 8 test images$"):
+        image_task(x, y, n=9, target=1)
+    assert image_task(*strokes(100), n=70).settings["n"] == 70 and image_task(*strokes(100)).settings["n"] == 64
+
+
+def test_a_scrub_hypothesis_asking_for_more_test_images_than_there_are_is_refused():
+    from mechscope.cnn.methods.scrubbing import parse_hypothesis_file, scrub_hypothesis
+
+    x, y = strokes(16)
+    claims = [{"name": "a", "edges": ["input->conv1.*"], "feature": "class"}]
+    hyp = parse_hypothesis_file({"run": "r", "data": {"n": 17}, "claims": claims}, "h.json")
+    with pytest.raises(MechscopeError, match="^data.n is 17: there are 16 test images$"):
+        scrub_hypothesis(walk(stroke_cnn()), x, y, hyp)

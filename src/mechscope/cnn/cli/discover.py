@@ -24,7 +24,7 @@ def discover(
     target: str | None = typer.Option(
         None, "--class", help="A class (index or name): its images, corrupted by others'."
     ),
-    n: int = typer.Option(64, "--n", help="Test images."),
+    n: int | None = typer.Option(None, "--n", help="Test images (default: 64, or every one there is when fewer)."),
     corrupt: str = typer.Option(
         "resample",
         "--corrupt",

@@ -48,6 +48,7 @@ from mechscope.core.validate import check_seed
 METRICS = {"logprob": "higher", "logit": "higher", "logit_diff": "higher", "loss": "lower", "accuracy": "higher",
            "detect": "higher", "kl": "lower"}  # fmt: skip
 NOT_DIFFERENTIABLE = {"accuracy", "detect"}
+DEFAULT_N = 64  # images of a task when n is not given (or every one there is, when fewer)
 
 
 @dataclass(frozen=True)
@@ -128,18 +129,19 @@ def image_task(
     *,
     target: int | None = None,
     metric: str | None = None,
-    n: int = 64,
+    n: int | None = None,
     seed: int = 0,
     corrupt: str = "resample",
     n_classes: int | None = None,
     model: Callable | None = None,
 ) -> ImageTask:
-    """``n`` seeded test images (of the target class, when given) and their corruption (see the docstring);
-    ``model`` (images -> logits) gives the clean logits the metric ``kl`` compares with."""
+    """``n`` seeded test images (of the target class, when given; default 64, or every one there is when fewer)
+    and their corruption (see the docstring); ``model`` (images -> logits) gives the clean logits the metric ``kl``
+    compares with."""
     metric = metric or "logprob"
     if not isinstance(metric, str) or metric not in METRICS:
         raise MechscopeError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise MechscopeError(f"n must be an integer >= 2, got {n!r}")
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
@@ -157,6 +159,9 @@ def image_task(
     pool = torch.arange(len(labels)) if every else torch.nonzero(labels == target).flatten()
     if len(pool) < 2:
         raise MechscopeError(f"only {len(pool)} test image(s) of class {target}")
+    if n is not None and n > len(pool):  # taken as a cap, it gave fewer images than asked for without a word
+        raise MechscopeError(f"n is {n:,}: {'there are' if every else f'class {target} has'} {len(pool):,} test images")
+    n = min(DEFAULT_N, len(pool)) if n is None else n
     pick = pool[torch.randperm(len(pool), generator=g)[:n]]
     if target is not None and metric != "detect":
         others = torch.nonzero(labels != target).flatten()

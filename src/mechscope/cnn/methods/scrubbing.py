@@ -147,6 +147,8 @@ def scrub_hypothesis(spec: CNNSpec, images: torch.Tensor, labels: torch.Tensor, 
     h = parse_hypothesis({"claims": list(hyp.claims)}, edges.graph)
     if hyp.target is not None and not 0 <= hyp.target < spec.n_classes:
         raise MechscopeError(f"target class {hyp.target} outside 0..{spec.n_classes - 1}")
+    if hyp.n > len(labels):
+        raise MechscopeError(f"data.n is {hyp.n:,}: there are {len(labels):,} test images")
     g = torch.Generator().manual_seed(hyp.data_seed)
     pick = torch.randperm(len(labels), generator=g)[: hyp.n]
     x, y = images[pick], labels[pick]

@@ -53,7 +53,7 @@ def discover_run(
     method: str = "eap-ig",
     metric: str | None = None,
     target: int | str | None = None,
-    n: int = 64,
+    n: int | None = None,
     seed: int = 0,
     corrupt: str = "resample",
     size: int | float | None = None,
