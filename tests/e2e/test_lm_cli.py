@@ -155,6 +155,15 @@ def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
         code, _, err = run_main(capsys, "lm", "discover", "--model", str(gpt2_dir), "--compare-heads", str(bad),
                                 "--out", str(tmp_path / "d"))  # fmt: skip
         assert_one_line_error(code, err, f"{bad}: a heads report of a model with")
+    edge = {"source": "0.1", "target_layer": 9, "kv_head": 0, "query_heads": ["9.0"], "induction_clean": [0.5],
+            "induction_patched": [0.1], "drop": [0.4], "drop_std": [0.1], "confirmed": [True]}  # fmt: skip
+    for change, said in (({"target_layer": 9}, "unknown component 'blocks.9.attn.h0'"),
+                         ({"target_layer": 1.5}, "target_layer must be an integer, got 1.5")):  # fmt: skip
+        bad = tmp_path / "heads_edge.json"
+        bad.write_text(json.dumps(record | {"edges": [edge | change]}))
+        code, _, err = run_main(capsys, "lm", "discover", "--model", str(gpt2_dir), "--compare-heads", str(bad),
+                                "--out", str(tmp_path / "d"))  # fmt: skip
+        assert_one_line_error(code, err, f"{bad}: {said}")
 
 
 @pytest.mark.parametrize(

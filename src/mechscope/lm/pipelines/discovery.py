@@ -11,7 +11,8 @@ from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
-from mechscope.lm.methods.discovery import LMDiscovery, discover, heads_edges
+from mechscope.lm.methods.discovery import LMDiscovery, discover, hand_edge_ids, heads_edges
+from mechscope.lm.methods.graph import TransformerEdges
 from mechscope.lm.methods.scrubbing import LMScrub, parse_hypothesis_file, scrub_hypothesis
 from mechscope.lm.methods.tasks import make_task, unread_settings
 from mechscope.lm.models.transformer import work_counter
@@ -108,6 +109,8 @@ def _hand_edges(path, model) -> list[tuple[str, str, str]]:
     hand = heads_edges(heads)
     if not hand:
         raise MechscopeError(f"{path}: the heads report confirmed no edge to compare with")
+    with about(path):  # an edge this model's graph lacks (a hand-edited layer past the last), said of the file
+        hand_edge_ids(TransformerEdges(model).graph, hand)
     return hand
 
 
