@@ -19,7 +19,7 @@ import torch
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.pipelines.train import train
 from mechscope.cnn.pipelines.universality import universality
-from mechscope.lm.models.devices import torch_threads
+from mechscope.core.torch_utils import torch_threads
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import typer
 
 from mechscope.clip.cli import app as clip_app
 from mechscope.cnn.cli import app as cnn_app
-from mechscope.core.cli_options import ForceOpt
+from mechscope.core.cli_options import ForceOpt, ThreadsOpt
 from mechscope.core.errors import MechscopeError
 from mechscope.lm.cli import app as lm_app
 
@@ -47,8 +47,18 @@ def scrub_cmd(
                                    "transformer, or \"run\": a CNN run), the metric, the data and the claims."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/scrub/HYPOTHESIS)."),
     force: bool = ForceOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Causal scrubbing of a hypothesis (transformer or CNN): scrub.json and a self-contained report.html."""
+    from mechscope.core.torch_utils import torch_threads
+
+    with torch_threads(threads):
+        where, r, whom = _scrub(hypothesis, out, force)
+    _say_scrub(where, r, whom)
+
+
+def _scrub(hypothesis: str, out, force: bool):
+    """(where, result, whom it scrubbed) of the hypothesis file, by its wing."""
     from pathlib import Path
 
     from mechscope.core.validate import read_json_object
@@ -62,12 +72,14 @@ def scrub_cmd(
         from mechscope.cnn.pipelines.discovery import scrub_file as cnn_scrub
 
         where, r = cnn_scrub(data, str(path), out, force)
-        whom = f"{r.run}, {r.metric}" + (f" (class {r.target})" if r.target is not None else "")
-    else:
-        from mechscope.lm.pipelines.discovery import scrub_file as lm_scrub
+        return where, r, f"{r.run}, {r.metric}" + (f" (class {r.target})" if r.target is not None else "")
+    from mechscope.lm.pipelines.discovery import scrub_file as lm_scrub
 
-        where, r = lm_scrub(data, str(path), out, force)
-        whom = f"{r.model}, {r.metric}"
+    where, r = lm_scrub(data, str(path), out, force)
+    return where, r, f"{r.model}, {r.metric}"
+
+
+def _say_scrub(where, r, whom: str) -> None:
     s = r.scrub
     typer.echo(f"{r.name} on {whom}: clean {s.metric_clean:.4g}, resampled {s.metric_random:.4g}, scrubbed "
                f"{s.metric_scrubbed:.4g}: {s.recovered:.1%} ± {s.recovered_sd:.1%} of the behaviour recovered")

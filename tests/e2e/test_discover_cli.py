@@ -62,8 +62,11 @@ def test_lm_scrub_on_a_tracr_model(capsys, tmp_path):
                        "edges": ["blocks.0.attn.h0->blocks.0.mlp<in>"], "feature": "length"}]}  # fmt: skip
     path = tmp_path / "length.json"
     path.write_text(json.dumps(hyp))
-    code, stdout, err = run_main(capsys, "scrub", "--hypothesis", str(path), "--out", str(tmp_path / "s"))
+    threads = torch.get_num_threads()
+    code, stdout, err = run_main(capsys, "scrub", "--hypothesis", str(path), "--out", str(tmp_path / "s"),
+                                 "--threads", "2")  # fmt: skip
     assert code == 0, err
+    assert torch.get_num_threads() == threads  # --threads holds for the command only
     assert "100.0% ± 0.0% of the behaviour recovered" in stdout
     r = LMScrub.load(tmp_path / "s")
     assert r.scrub.recovered == pytest.approx(1.0) and r.features == {"length": r.features["length"]}
@@ -144,6 +147,7 @@ def test_unreadable_hypothesis_files_are_one_line(capsys, tmp_path):
         (("--size", "2.5"), "--size as a fraction"),
         (("--size", "many"), "--size expects"),
         (("--task", "ioi"), "unknown task"),
+        (("--threads", "0"), "--threads must be an integer from 1"),
     ],
 )
 def test_bad_lm_discover_settings_are_one_line(capsys, tmp_path, args, match):
@@ -183,6 +187,9 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
         (("--class", "12"), "class 12 out of range: expected 0..9"),
         (("--explain", str(tmp_path)), "--explain compares a class's circuit"),
         (("--class", "1", "--explain", str(tmp_path)), "mechanisms.json: not found"),
+        (("--threads", "-1"), "--threads must be an integer from 1"),
+        (("--n", "20000"), "n is 20,000: there are 10,000 test images"),
+        (("--n", "2000", "--class", "3"), "n is 2,000: class 3 has"),
     ]:
         code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--out",
                                 str(tmp_path / "o"), *args)  # fmt: skip

@@ -12,6 +12,10 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (defau
 DtypeOpt = typer.Option(
     None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)."
 )
+ThreadsOpt = typer.Option(
+    None, "--threads",
+    help="Torch threads (default: torch's own, one per core; 1 is far faster for small models on a busy machine).",
+)  # fmt: skip
 DistributedOpt = typer.Option(
     None, "--distributed/--no-distributed",
     help="Data-parallel over the processes torchrun started (default: when launched by torchrun); launch as "

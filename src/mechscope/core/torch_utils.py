@@ -34,12 +34,15 @@ def evaluating(*models: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch threads, restored afterwards. One thread: on a 2-core machine that
-    anything else is using, two threads make small models 10-20 times slower (measured: 45 against
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch threads, restored afterwards (``None``: as they are). One thread: on a 2-core
+    machine that anything else is using, two threads make small models 10-20 times slower (measured: 45 against
     900 ms per training step of the toy transformer), and one thread is never much slower."""
     from mechscope.core.validate import check_threads
 
+    if n is None:
+        yield
+        return
     check_threads(n)  # a huge count crashes OpenMP (a segmentation fault, not an error)
     before = torch.get_num_threads()
     torch.set_num_threads(n)

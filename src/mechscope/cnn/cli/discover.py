@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, RunDir, app
+from mechscope.core.cli_options import ThreadsOpt
 
 
 @app.command()
@@ -52,16 +53,19 @@ def discover(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     force: bool = Force,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Discover a channel circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
     from mechscope.cnn.pipelines.discovery import discover_run
     from mechscope.core.graphs import parse_size
+    from mechscope.core.torch_utils import torch_threads
 
-    path, r = discover_run(
-        run, out, method=method, metric=metric, target=target, n=n, seed=seed, corrupt=corrupt,
-        size=parse_size(size), threshold=threshold, steps=steps, ablation=ablation, curve=not no_curve,
-        n_random=random, explain=explain, dataset=dataset, data_dir=data_dir, force=force,
-    )  # fmt: skip
+    with torch_threads(threads):
+        path, r = discover_run(
+            run, out, method=method, metric=metric, target=target, n=n, seed=seed, corrupt=corrupt,
+            size=parse_size(size), threshold=threshold, steps=steps, ablation=ablation, curve=not no_curve,
+            n_random=random, explain=explain, dataset=dataset, data_dir=data_dir, force=force,
+        )  # fmt: skip
     from mechscope.core.render.discovery import cli_lines
 
     for line in cli_lines(r):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOpt
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, ModelOpt, RevisionOpt, app
 
 
@@ -63,17 +64,20 @@ def discover(
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     revision: str | None = RevisionOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Discover a circuit (EAP, EAP-IG or ACDC): discovery.json and a self-contained report.html."""
     from mechscope.core.graphs import parse_size
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.pipelines.discovery import discover_model
 
-    path, r = discover_model(
-        model, out, method=method, task=task, metric=metric, size=parse_size(size), threshold=threshold,
-        steps=steps, ablation=ablation, n=n, batch=batch, seed=seed, limit=limit, token_range=parse_range(tokens),
-        distinct=distinct, curve=not no_curve, n_random=random, compare_heads=compare_heads, force=force,
-        device=device, dtype=dtype, revision=revision,
-    )  # fmt: skip
+    with torch_threads(threads):
+        path, r = discover_model(
+            model, out, method=method, task=task, metric=metric, size=parse_size(size), threshold=threshold,
+            steps=steps, ablation=ablation, n=n, batch=batch, seed=seed, limit=limit, token_range=parse_range(tokens),
+            distinct=distinct, curve=not no_curve, n_random=random, compare_heads=compare_heads, force=force,
+            device=device, dtype=dtype, revision=revision,
+        )  # fmt: skip
     from mechscope.core.render.discovery import cli_lines
 
     for line in cli_lines(r):

@@ -36,7 +36,7 @@ import torch
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, figure_data
-from mechscope.lm.models.devices import torch_threads
+from mechscope.core.torch_utils import torch_threads
 from mechscope.lm.models.folding import AnalysisWeights
 
 MODES = ("Q", "K", "V")

@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from contextlib import contextmanager
 
 import torch
 
@@ -189,16 +188,3 @@ def dispatch(model, plan: dict[str, str], offload_dir: str | None = None):
         acc_log.setLevel(level)
     log.info("model spread over %s", ", ".join(sorted(set(plan.values()))))
     return model
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run a block with ``n`` torch threads, restored afterwards. One thread: on a 2-core machine that
-    anything else is using, two threads make these small models 10-20 times slower (measured:
-    45 against 900 ms per training step), and one thread is never much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
