@@ -85,10 +85,14 @@ def to_rows(act: torch.Tensor) -> torch.Tensor:
 
 
 def from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_rows`, in ``like``'s dtype, device and memory layout: the layers after a splice see
+    the layout they would have seen (a permuted view sent a convolution down another kernel, whose sums differ in
+    the last bits on some CPUs)."""
+    out = torch.empty_like(like)
     if like.dim() == 4:
         b, c, h, w = like.shape
-        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2).to(like.dtype)
-    return rows.reshape(like.shape).to(like.dtype)
+        return out.copy_(rows.reshape(b, h, w, c).permute(0, 3, 1, 2))
+    return out.copy_(rows.reshape(like.shape))
 
 
 def check_dictionary(spec, dictionary: SparseDictionary, hook: str) -> tuple[int, ...]:
