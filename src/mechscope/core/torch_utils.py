@@ -37,7 +37,8 @@ def evaluating(*models: nn.Module) -> Iterator[nn.Module]:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run a block with ``n`` torch threads, restored afterwards (``None``: as they are). One thread: on a 2-core
     machine that anything else is using, two threads make small models 10-20 times slower (measured: 45 against
-    900 ms per training step of the toy transformer), and one thread is never much slower."""
+    900 ms per training step of the toy transformer); on a quiet machine one thread can cost a third more (``cnn
+    visualize`` on the default run: 102 s against 74 s)."""
     from mechscope.core.validate import check_threads
 
     if n is None:
