@@ -165,3 +165,12 @@ def test_a_scrub_hypothesis_asking_for_more_test_images_than_there_are_is_refuse
     hyp = parse_hypothesis_file({"run": "r", "data": {"n": 17}, "claims": claims}, "h.json")
     with pytest.raises(MechscopeError, match="^data.n is 17: there are 16 test images$"):
         scrub_hypothesis(walk(stroke_cnn()), x, y, hyp)
+
+
+def test_cnn_hand_channels_are_checked_before_the_search(monkeypatch):
+    import mechscope.cnn.methods.discovery as d
+
+    monkeypatch.setattr(d, "find_circuit", lambda *a, **k: pytest.fail("the search ran"))
+    x, y = strokes(16)
+    with pytest.raises(MechscopeError, match="channel 7 is not a channel index"):
+        cnn_discover(walk(stroke_cnn()), image_task(x, y), "eap", hand=[7], curve=False)

@@ -312,6 +312,8 @@ def discover(
     """Discover the channel circuit of ``task`` (see the module docstring); ``hand``: the last stage's channels
     ``cnn explain`` found for the task's class, to compare with."""
     check_task_fits(task, spec)
+    if hand:
+        check_hand(hand, spec)  # before the search, not after it
     with evaluating(spec.model):
         found = find_circuit(CNNEdges(spec), task.clean, task.corrupted, metric=task.metric, better=task.better,
                              metric_name=task.metric_name, differentiable=task.metric_name not in NOT_DIFFERENTIABLE,
