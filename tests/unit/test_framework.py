@@ -61,9 +61,9 @@ def test_double_product_in_blocks_is_the_whole_product(monkeypatch):
 def test_ov_copying_in_blocks_is_the_whole_computation(monkeypatch, norm):
     """ov_copying normalises the embedding, multiplies out W_O W_U and ranks the sampled rows a block at a time
     (memory): the whole float64 computation written out, from one row per block to all of them. The same bits where
-    the BLAS sums each entry of a product the same way whatever the product's shape (MKL on the Intel machines of
-    4-5 December 2026); on an AMD EPYC (6 December) a block's entries differ from the whole product's by an ulp or
-    two, so the values are compared to 1e-14 and the tokens and ranks exactly."""
+    the BLAS sums each entry of a product the same way whatever the product's shape (MKL on the machines of 4-5
+    December 2026, whose CPU was not recorded); on an AMD EPYC (6 December) a block's entries differ from the whole
+    product's by an ulp or two, so the values are compared to 1e-14 and the tokens and ranks exactly."""
     view = analysis_weights(random_model(norm))
     heads, ids = [(0, 1), (2, 3)], FW.token_sample(50, 20, 0)
     emb, wu = FW.normalised(view.W_E, view.layernorm), view.W_U.double()

@@ -60,7 +60,8 @@ def double_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     blocks cost time (0.6 s against 0.3 s for SmolLM2's W_U W_E).
 
     Each output entry is the same sum over all of K. The blocks give the whole product's bits where the BLAS sums an
-    entry the same way whatever the product's shape (MKL on Intel); on an AMD EPYC they differ by an ulp or two.
+    entry the same way whatever the product's shape (the machines of 4-5 December 2026); on an AMD EPYC they differ
+    by an ulp or two.
     """
     rows, cols = per_block(a.shape[1]), per_block(b.shape[0])
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float64)
