@@ -160,6 +160,7 @@ def test_planted_feature_is_the_top_latent_and_its_dashboard_shows_it(tmp_path):
     tm = text_model(model)
     _, r = LS.sae_show("tiny", sae_dir, tmp_path / "dash", text, LS.ReadSettings(context=24, contexts=20), model=tm,
                        latents=(5,), n_random=2, n_induction=1, progress=False)  # fmt: skip
+    assert r.trained_on == ""  # save_saelens was given no model_name: nothing said
     board = next(b for b in r.latents if b.latent == 5)
     assert board.why == "asked" and board.top
     assert all(e.tokens[e.focus] == "q" for e in board.top)
@@ -216,6 +217,8 @@ def test_harvest_train_evaluate_round_trip(tmp_path):
         assert e.metrics["l0"] <= 4.0 and e.effect.tokens == 8 * 24
         assert_round_trip(tmp_path / d / "evaluation" / "evaluation.json", LmSaeEvaluation)
         assert "CE loss recovered" in e._repr_html_()
+        # the model the dictionary's cfg.json names (the harvest's --model) is recorded and said in the report
+        assert e.trained_on == "tiny" and "names the model it was trained on: tiny" in e._repr_html_()
 
 
 def hand_board(latent: int, why: str, induction: dict | None) -> S.LmLatentDashboard:

@@ -514,6 +514,7 @@ class LmSaeEvaluation(Result):
     metrics: dict  # DictionaryMetrics.to_dict() (l0, mse, explained_variance, ... dead_fraction)
     seconds: float
     latent_frequency: np.ndarray | None = figure_data()
+    trained_on: str = ""  # the model its cfg.json names (SAELens' model_name; "" when it names none)
     # forward and backward passes through the blocks, in passes over the tokens evaluated (``contexts x context``,
     # BOS included): three per batch (clean, spliced, zero-ablated) and a two-token probe of the hooks' widths
     # (WorkCounter); ``work["dictionary"]``: the dictionary's own forwards, in passes over its rows (the positions
@@ -577,6 +578,7 @@ class LmSaeDashboards(Result):
     summary: tuple[str, ...]
     seconds: dict
     densities: np.ndarray | None = figure_data()
+    trained_on: str = ""  # the model its cfg.json names (SAELens' model_name; "" when it names none)
     # forward and backward passes through the blocks, in passes over the tokens read (``contexts x context``, BOS
     # included; WorkCounter): each forward stops after the hook (the blocks up to it), plus the induction sequences
     # and a two-token probe; the dictionary's encoder on the hook's rows is not counted (``encode``, not the network)

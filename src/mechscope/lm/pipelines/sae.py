@@ -351,6 +351,12 @@ def load_dictionary(path, hook: str | None = None, target: str | None = None, no
     return loaded.model, hook, target if loaded.model.cfg.transcoder else target, meta
 
 
+def trained_on(meta: dict) -> str:
+    """The model a dictionary's cfg.json says it was trained on ("" when it names none, or not as a string)."""
+    name = meta.get("model_name")
+    return name if isinstance(name, str) else ""
+
+
 def sae_evaluate(
     model_spec, dictionary, out=None, text_file=None, settings: ReadSettings | None = None, *, hook=None, target=None,
     force: bool = False, progress: bool = True, device=None, dtype=None, revision=None, model=None,
@@ -361,7 +367,7 @@ def sae_evaluate(
     settings.validate()
     out = Path(out) if out is not None else Path(dictionary) / "evaluation"
     check_target(out, force)
-    sae, hook, target, _ = load_dictionary(dictionary, hook, target)
+    sae, hook, target, meta = load_dictionary(dictionary, hook, target)
     timer = Timer("lm sae evaluate")
     tm = model or _text_model(model_spec, device, dtype, revision)
     counter, dict_counter = work_counter(tm.model), WorkCounter([sae], "rows")
@@ -383,7 +389,7 @@ def sae_evaluate(
         model=str(model_spec), dictionary=str(dictionary), hook=hook, target=target,
         architecture=sae.cfg.architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, text=source, contexts=len(tokens),
         context=tokens.shape[1], skip_first=skip, effect=effect, metrics=metrics.to_dict(), seconds=timer.total(),
-        latent_frequency=metrics.latent_frequency, work=work,
+        latent_frequency=metrics.latent_frequency, work=work, trained_on=trained_on(meta),
     )  # fmt: skip
     with atomic_output(out, force) as tmp:
         write_json(tmp / S.LmSaeEvaluation.FILE, result.to_dict())
@@ -406,7 +412,7 @@ def sae_show(
         check_int(v, name, 0, 100_000)  # -1 was a slice: all but the last
     out = Path(out) if out is not None else Path(dictionary) / "dashboards"
     check_target(out, force)
-    sae, hook, target, _ = load_dictionary(dictionary, hook, target)
+    sae, hook, target, meta = load_dictionary(dictionary, hook, target)
     for i in latents:
         if not 0 <= int(i) < sae.cfg.d_sae:
             raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
@@ -447,7 +453,7 @@ def sae_show(
         contexts=len(tokens), context=tokens.shape[1], tokens=acts.n_rows, dead_fraction=float((dens == 0).mean()),
         logit_effect=how, induction=ind, induction_tokens=tuple(decode(t) for t in ind.tokens),
         latents=tuple(dashboards), summary=(), seconds=dict(timer.seconds), densities=dens,
-        work=counter.report("lm sae show", int(tokens.numel())),
+        work=counter.report("lm sae show", int(tokens.numel())), trained_on=trained_on(meta),
     )  # fmt: skip
     result = replace(result, summary=tuple(summary_lines(result)))
     with atomic_output(out, force) as tmp:
