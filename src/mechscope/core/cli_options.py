@@ -12,9 +12,25 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (defau
 DtypeOpt = typer.Option(
     None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)."
 )
+
+
+def _threads(value: int | None) -> int | None:
+    """``--threads`` is checked as the command line is read, before anything loads (a count past what OpenMP can
+    start crashes it: a segmentation fault, not an error)."""
+    if value is not None:
+        from mechscope.core.validate import check_threads
+
+        check_threads(value)
+    return value
+
+
 ThreadsOpt = typer.Option(
-    None, "--threads",
+    None, "--threads", callback=_threads,
     help="Torch threads (default: torch's own, one per core; 1 is far faster for small models on a busy machine).",
+)  # fmt: skip
+ThreadsOneOpt = typer.Option(  # commands whose models are small enough that one thread is the fastest default
+    1, "--threads", callback=_threads,
+    help="Torch threads (default 1: the fastest on a busy machine; more can help a large model on a quiet one).",
 )  # fmt: skip
 DistributedOpt = typer.Option(
     None, "--distributed/--no-distributed",

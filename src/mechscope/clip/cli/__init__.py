@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.core.cli_options import DeviceOpt, DtypeOpt, ForceOpt
+from mechscope.core.cli_options import DeviceOpt, DtypeOpt, ForceOpt, ThreadsOneOpt
 
 app = typer.Typer(
     help="Image–text models (CLIP, SigLIP, a small model trained here): multimodal neurons and typographic attacks.",
@@ -14,7 +14,6 @@ app = typer.Typer(
 
 ModelOpt = typer.Option(..., "--model", help="A CLIP or SigLIP checkpoint directory (Hugging Face layout), or one "
                         "written by `mechscope clip train`.")  # fmt: skip
-ThreadsOpt = typer.Option(1, "--threads", help="Torch threads (one is fastest on a busy machine).")
 DataOpt = typer.Option(None, "--data-dir", help="Data root holding mnist/ (default: $MECHSCOPE_DATA).")
 
 
@@ -33,7 +32,7 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     train_limit: int = typer.Option(60000, "--train-limit", help="MNIST training digits used."),
     data_dir: str | None = DataOpt,
-    threads: int = ThreadsOpt,
+    threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Train the small image–text model (MNIST digits, drawn digit words and numerals, and their captions) here."""
@@ -58,7 +57,7 @@ def inspect(
     prompts: str | None = typer.Option(None, "--prompts", help="Class prompts, separated by commas."),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
-    threads: int = ThreadsOpt,
+    threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Architecture, hook points, preprocessing and tokenizer (and zero-shot probabilities of --images)."""
@@ -107,7 +106,7 @@ def neurons(
     data_dir: str | None = DataOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
-    threads: int = ThreadsOpt,
+    threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Multimodal neurons of the image tower (pictures and written names of a concept), against random control
@@ -164,7 +163,7 @@ def attack(
     data_dir: str | None = DataOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
-    threads: int = ThreadsOpt,
+    threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
 ) -> None:
     """A typographic attack on zero-shot classification and the image-tower neurons that carry it (ablating them

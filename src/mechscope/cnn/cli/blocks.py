@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import ClassNames, DataDir, Dataset, Force, RunDir, app
+from mechscope.core.cli_options import ThreadsOneOpt
 
 
 @app.command("blocks")
@@ -25,7 +26,7 @@ def blocks(
     steps: int = typer.Option(256, "--steps", help="Feature visualisation steps."),
     grid: int = typer.Option(12, "--grid", help="Activation grid: at most this many cells a side (cells averaged)."),
     seed: int = typer.Option(0, "--seed", help="Seed of NMF and the feature visualisations."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a busy small machine)."),
+    threads: int = ThreadsOneOpt,
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/blocks)."),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,

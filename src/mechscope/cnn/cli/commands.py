@@ -9,6 +9,7 @@ import typer
 from mechscope.cnn.cli.common import _D, _M, ClassNames, DataDir, Dataset, Force, RunDir, _ints, app
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.models.cnn import CNNConfig
+from mechscope.core.cli_options import ThreadsOpt
 
 
 @app.command()
@@ -34,11 +35,13 @@ def train(
     malloc_tuning: bool = typer.Option(
         True, "--malloc-tuning/--no-malloc-tuning", help="Keep freed memory in glibc for speed (this process only)."
     ),
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Train the CNN and write model.safetensors, config.json and metrics.json."""
     from mechscope.cnn.pipelines.train import train as train_pipeline
     from mechscope.cnn.training import keep_freed_memory
+    from mechscope.core.torch_utils import torch_threads
 
     if malloc_tuning:
         keep_freed_memory()  # the CLI's explicit opt-in: the library never changes the allocator
@@ -51,7 +54,8 @@ def train(
         max_steps=max_steps,
     )  # fmt: skip
     out = out if out is not None else Path("runs") / Path(dataset).stem
-    path, metrics = train_pipeline(out, config, shape, dataset, data_dir, class_names, force=force)
+    with torch_threads(threads):
+        path, metrics = train_pipeline(out, config, shape, dataset, data_dir, class_names, force=force)
     typer.echo(
         f"test accuracy {metrics.test_accuracy:.4f} after {metrics.train_seconds:.1f} s of training "
         f"({metrics.n_parameters:,} parameters)"
@@ -65,14 +69,17 @@ def evaluate(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     class_names: Path | None = ClassNames,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Reload a run and measure its accuracy on its test images."""
     from mechscope.cnn.runs import load_run, load_run_data
     from mechscope.cnn.training import evaluate as evaluate_model
+    from mechscope.core.torch_utils import torch_threads
 
     loaded = load_run(run)
     data = load_run_data(loaded, dataset, data_dir, class_names)
-    ev = evaluate_model(loaded.model, data.test_float(), data.test_labels, data.n_classes)
+    with torch_threads(threads):
+        ev = evaluate_model(loaded.model, data.test_float(), data.test_labels, data.n_classes)
     typer.echo(f"test accuracy {ev.accuracy:.4f} (loss {ev.loss:.4f})")
     per = zip(data.class_names, ev.per_class_accuracy, strict=True)
     typer.echo("per class: " + "  ".join(f"{n}:{a:.3f}" for n, a in per))
@@ -92,14 +99,17 @@ def attribute(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     class_names: Path | None = ClassNames,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Attribution grids (PNG) per method and faithfulness.json ranking the methods."""
     from mechscope.cnn.pipelines.attribute import attribute_run
+    from mechscope.core.torch_utils import torch_threads
 
-    path, result = attribute_run(
-        run, out, method, n, n_faithfulness, dataset, data_dir, class_names, force, target=target, layer=layer
-    )
+    with torch_threads(threads):
+        path, result = attribute_run(
+            run, out, method, n, n_faithfulness, dataset, data_dir, class_names, force, target=target, layer=layer
+        )
     rep = result.faithfulness
     typer.echo(
         f"faithfulness on {rep.n_inputs} test images (random pixel order: deletion AUC "
@@ -135,16 +145,19 @@ def visualize(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     class_names: Path | None = ClassNames,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Feature visualisation of every unit beside its top test images; featvis.json with honesty figures."""
     from mechscope.cnn.pipelines.visualize import visualize_run
+    from mechscope.core.torch_utils import torch_threads
 
     unit_list = _ints(units, "--units")
-    path, result = visualize_run(
-        run, out, layer, unit_list, steps, param, seed, dataset=dataset, data_dir=data_dir,
-        class_names=class_names, force=force,
-    )  # fmt: skip
+    with torch_threads(threads):
+        path, result = visualize_run(
+            run, out, layer, unit_list, steps, param, seed, dataset=dataset, data_dir=data_dir,
+            class_names=class_names, force=force,
+        )  # fmt: skip
     s = result.summary
     typer.echo(
         f"{s.units} units visualised; {s.exceed_dataset_max} exceed their maximum over the test images "
@@ -182,12 +195,14 @@ def explain(
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
     class_names: Path | None = ClassNames,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Ablations, weights, selectivity, patching and per-class circuits: mechanisms.json and report.html."""
     from mechscope.cnn.config import ExplainSettings
     from mechscope.cnn.pipelines.explain import explain_run
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.torch_utils import torch_threads
 
     pair = None
     if patch is not None:
@@ -198,7 +213,10 @@ def explain(
         classes=tuple(classes) if classes else None, patch=pair, n_pairs=pairs, tolerance=tolerance,
         test_limit=test_limit, circuit_layer=circuit_layer,
     )  # fmt: skip
-    path, r = explain_run(run, out, settings, dataset=dataset, data_dir=data_dir, class_names=class_names, force=force)
+    with torch_threads(threads):
+        path, r = explain_run(
+            run, out, settings, dataset=dataset, data_dir=data_dir, class_names=class_names, force=force
+        )
     names = r.class_names
     whole = ", ".join(f"all of {s} {r.ablation.whole_stage(s, 'mean').test_accuracy:.4f}" for s in r.stage_names)
     typer.echo(f"test accuracy {r.overview.test_accuracy:.4f}; mean-ablating {whole}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, app
-from mechscope.core.cli_options import graph_check_lines, view_only
+from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, view_only
 
 
 @app.command("graph")
@@ -44,6 +44,7 @@ def graph_cmd(
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/graph-IMAGE)."),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Trace one image's logit through dictionary features at receptive-field positions: graph.json, graph.html."""
@@ -73,25 +74,17 @@ def graph_cmd(
     )
     settings.validate()
     from mechscope.core.attribution_graph import parse_steer
+    from mechscope.core.torch_utils import torch_threads
 
     steers = [parse_steer(s, "1_12_5") for s in steer or []]
-    path, g = graph_run(
-        run,
-        image,
-        out,
-        force,
-        split=split,
-        dictionaries="channels" if channels else dictionaries,
-        training=CnnDictionaryTraining(kind=kind),
-        target=target,
-        settings=settings,
-        ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
-        steer=steers,
-        dashboards=dashboards,
-        dataset=dataset,
-        data_dir=data_dir,
-        progress=lambda m: typer.echo(f"  {m}", err=True),
-    )
+    with torch_threads(threads):
+        path, g = graph_run(
+            run, image, out, force, split=split, dictionaries="channels" if channels else dictionaries,
+            training=CnnDictionaryTraining(kind=kind), target=target, settings=settings,
+            ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []], steer=steers,
+            dashboards=dashboards, dataset=dataset, data_dir=data_dir,
+            progress=lambda m: typer.echo(f"  {m}", err=True),
+        )  # fmt: skip
     c = g.counts
     typer.echo(g.title)
     typer.echo(

@@ -20,6 +20,7 @@ from mechscope.core.cli_options import (
     ResumeOpt,
     SeedOpt,
     StepsOpt,
+    ThreadsOpt,
 )
 
 sae_app = typer.Typer(
@@ -45,16 +46,19 @@ def harvest(
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle."),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
     distributed: bool | None = DistributedOpt,
 ) -> None:
     """Store the channel vector at every position of a hook over the images (one row per image position) as
     shuffled safetensors shards, memory bounded; an interrupted harvest resumes (OUT.partial)."""
     from mechscope.cnn.pipelines.sae import sae_harvest_run
+    from mechscope.core.torch_utils import torch_threads
 
-    path, r = sae_harvest_run(run, out, hook, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
-                              batch=batch, shard_rows=shard_rows, buffer_shards=buffer_shards, seed=seed, force=force,
-                              distributed=distributed)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_harvest_run(run, out, hook, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
+                                  batch=batch, shard_rows=shard_rows, buffer_shards=buffer_shards, seed=seed,
+                                  force=force, distributed=distributed)  # fmt: skip
     if r is None:
         return
     typer.echo(f"{r.hook} {list(r.activation_shape)}: {r.rows:,} rows of width {r.width} from {r.images:,} images "
@@ -82,6 +86,7 @@ def train(
     seed: int = SeedOpt,
     checkpoint_every: int = CheckpointEveryOpt,
     resume: bool = ResumeOpt,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
     distributed: bool | None = DistributedOpt,
 ) -> None:
@@ -89,11 +94,13 @@ def train(
     sae_weights.safetensors) with training.json."""
     from mechscope.cnn.pipelines.sae import sae_train_run
     from mechscope.core.dictionaries.parallel import is_main
+    from mechscope.core.torch_utils import torch_threads
 
-    path, r = sae_train_run(store, out, architecture=architecture, d_sae=d_sae, expansion=expansion, k=k,
-                            l1_coefficient=l1, l0_coefficient=l0, normalize=normalize, batch_size=batch_size,
-                            epochs=epochs, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                            resume=resume, force=force, distributed=distributed)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_train_run(store, out, architecture=architecture, d_sae=d_sae, expansion=expansion, k=k,
+                                l1_coefficient=l1, l0_coefficient=l0, normalize=normalize, batch_size=batch_size,
+                                epochs=epochs, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                                resume=resume, force=force, distributed=distributed)  # fmt: skip
     if not is_main():
         return
     f = r.final
@@ -114,13 +121,17 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", help="Only the first N test images."),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Splice the SAE into the CNN: L0, explained variance, dead latents, test accuracy recovered and logit KL
     (evaluation.json, report.html)."""
     from mechscope.cnn.pipelines.sae import sae_evaluate_run
+    from mechscope.core.torch_utils import torch_threads
 
-    path, r = sae_evaluate_run(run, sae, out, dataset=dataset, data_dir=data_dir, hook=hook, limit=limit, force=force)
+    with torch_threads(threads):
+        path, r = sae_evaluate_run(run, sae, out, dataset=dataset, data_dir=data_dir, hook=hook, limit=limit,
+                                   force=force)  # fmt: skip
     m, e = r.metrics, r.effect
     typer.echo(f"L0 {m['l0']:.2f}, explained variance {m['explained_variance']:.3f}, dead "
                f"{100 * m['dead_fraction']:.1f}% over {m['tokens']:,} positions")  # fmt: skip
@@ -145,16 +156,20 @@ def show(
     seed: int = typer.Option(0, "--seed"),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Latents against channels (class selectivity, stroke tuning) and a dashboard per latent: top image patches
     at the receptive field, quantile samples, histogram, class profile and effect, feature visualisation
     (dashboards.json, report.html)."""
     from mechscope.cnn.pipelines.sae import sae_show_run
+    from mechscope.core.torch_utils import torch_threads
 
-    path, r = sae_show_run(run, sae, out, dataset=dataset, data_dir=data_dir, hook=hook, latents=tuple(latent or ()),
-                           n_selective=n_selective, n_random=n_random, limit=limit, tuning=tuning,
-                           featvis_steps=featvis_steps, seed=seed, force=force)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_show_run(run, sae, out, dataset=dataset, data_dir=data_dir, hook=hook,
+                               latents=tuple(latent or ()), n_selective=n_selective, n_random=n_random, limit=limit,
+                               tuning=tuning,
+                               featvis_steps=featvis_steps, seed=seed, force=force)  # fmt: skip
     for line in r.summary:
         typer.echo(line)
     typer.echo(f"dashboards.json and report.html written to {path}")

@@ -8,6 +8,7 @@ import typer
 
 from mechscope.cnn.cli.common import ClassNames, DataDir, Dataset, Force, app
 from mechscope.cnn.config import TrainConfig
+from mechscope.core.cli_options import ThreadsOpt
 
 _D = TrainConfig()
 
@@ -27,18 +28,21 @@ def solu_compare(
     test_limit: int | None = typer.Option(
         None, "--test-limit", help="Measure selectivity on the first N test images."
     ),
+    threads: int | None = ThreadsOpt,
     force: bool = Force,
 ) -> None:
     """Train the default CNN once per activation (same seed, data, steps) and compare test accuracy and the
     class selectivity of the conv channels: compare.json, report.html and one run directory per activation."""
     from mechscope.cnn.pipelines.solu_cnn import solu_compare_cnn
+    from mechscope.core.torch_utils import torch_threads
 
     config = TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, train_limit=train_limit, max_steps=max_steps)
     acts = tuple(a.strip() for a in activations.split(",") if a.strip())
-    path, result = solu_compare_cnn(
-        out, acts, config, dataset=dataset, data_dir=data_dir, class_names=class_names, test_limit=test_limit,
-        force=force, progress=lambda s: typer.echo(f"  {s}...", err=True),
-    )  # fmt: skip
+    with torch_threads(threads):
+        path, result = solu_compare_cnn(
+            out, acts, config, dataset=dataset, data_dir=data_dir, class_names=class_names, test_limit=test_limit,
+            force=force, progress=lambda s: typer.echo(f"  {s}...", err=True),
+        )  # fmt: skip
     for line in result.summary:
         typer.echo(line)
     typer.echo(f"compare.json and report.html written to {path} ({result.seconds['total']:.0f} s)")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Force, app
+from mechscope.core.cli_options import ThreadsOneOpt
 
 
 @app.command("universality")
@@ -21,9 +22,7 @@ def universality(
     vis_steps: int = typer.Option(
         128, "--vis-steps", help="Optimisation steps of the feature visualisations made here (no RUN/featvis)."
     ),
-    threads: int = typer.Option(
-        1, "--threads", help="torch threads (1 is fastest for these small networks on a busy machine)."
-    ),
+    threads: int = ThreadsOneOpt,
     force: bool = Force,
 ) -> None:
     """Match units across networks (best-match correlation, Hungarian one-to-one matching, linear CKA), each

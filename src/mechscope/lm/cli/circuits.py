@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOpt
 from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_head
 
 
@@ -19,6 +20,7 @@ def circuits(
     prompt: str | None = typer.Option(
         None, "--prompt", help="Text for direct logit attribution and the logit lens."
     ),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -27,23 +29,25 @@ def circuits(
 ) -> None:
     """Composition, OV/QK circuits, positional attention, direct logit attribution, the logit lens and the
     induction circuit by path patching: circuits.json and a self-contained report.html."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.cli.common import check_device_map_option
     from mechscope.lm.pipelines.circuits import circuits as run
 
     check_device_map_option(device_map)
     heads = [parse_head(h) for h in head or []]
-    path, r = run(
-        model,
-        out,
-        heads or None,
-        prompt,
-        force,
-        progress=lambda step: typer.echo(f"  {step}...", err=True),
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        revision=revision,
-    )
+    with torch_threads(threads):
+        path, r = run(
+            model,
+            out,
+            heads or None,
+            prompt,
+            force,
+            progress=lambda step: typer.echo(f"  {step}...", err=True),
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+        )
     k = r.composition.top_pairs("K", 3)
     base = r.composition.baseline.mean
     typer.echo(

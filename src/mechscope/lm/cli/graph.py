@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.core.cli_options import graph_check_lines, view_only
+from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, view_only
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 
@@ -90,6 +90,7 @@ def graph_cmd(
         None, "--view", help="Re-render a graph JSON (annotated in the viewer) without a model."
     ),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/graph/MODEL)."),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -104,6 +105,7 @@ def graph_cmd(
         return view_only(view_run, view, out, force)
     if model is None:
         raise MechscopeError("give --model (or --view GRAPH_JSON)")
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.cli.common import parse_tokens
     from mechscope.lm.methods.attribution_graph import GraphSettings
     from mechscope.lm.pipelines.attribution_graph import graph_run
@@ -121,31 +123,32 @@ def graph_cmd(
         check_sources=check,
     )
     settings.validate()
-    path, g = graph_run(
-        model,
-        prompt,
-        out,
-        force,
-        tokens=parse_tokens(tokens) if tokens else None,
-        transcoders="neurons" if neurons else transcoders,
-        train_tokens=train_tokens,
-        crosslayer=crosslayer,
-        text_file=text,
-        targets=list(target or []),
-        logit_pos=logit_pos,
-        settings=settings,
-        qk=[_qk(q) for q in qk or []],
-        ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
-        steer=[_steer(s) for s in steer or []],
-        paths=paths,
-        dashboards=dashboards,
-        examples=examples,
-        bos=not no_bos,
-        progress=lambda m: typer.echo(f"  {m}", err=True),
-        device=device,
-        dtype=dtype,
-        revision=revision,
-    )
+    with torch_threads(threads):
+        path, g = graph_run(
+            model,
+            prompt,
+            out,
+            force,
+            tokens=parse_tokens(tokens) if tokens else None,
+            transcoders="neurons" if neurons else transcoders,
+            train_tokens=train_tokens,
+            crosslayer=crosslayer,
+            text_file=text,
+            targets=list(target or []),
+            logit_pos=logit_pos,
+            settings=settings,
+            qk=[_qk(q) for q in qk or []],
+            ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
+            steer=[_steer(s) for s in steer or []],
+            paths=paths,
+            dashboards=dashboards,
+            examples=examples,
+            bos=not no_bos,
+            progress=lambda m: typer.echo(f"  {m}", err=True),
+            device=device,
+            dtype=dtype,
+            revision=revision,
+        )
     c = g.counts
     logits = [n for n in g.nodes if n["kind"] == "logit"]
     typer.echo("logits: " + ", ".join(f"{n['label']!r} p={n['probability']:.3f}" for n in logits))

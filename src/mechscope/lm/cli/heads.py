@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOpt
 from mechscope.lm.cli.common import (
     DeviceMapOpt,
     DeviceOpt,
@@ -30,6 +31,7 @@ def heads(
     show: list[str] | None = typer.Option(None, "--show", help="A head (LAYER.HEAD) for the pattern viewer."),
     text: str | None = typer.Option(None, "--text", help="Real text for the previous-token score."),
     no_ablation: bool = typer.Option(False, "--no-ablation", help="Skip the per-head ablations (the slow part)."),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -37,25 +39,27 @@ def heads(
     revision: str | None = RevisionOpt,
 ) -> None:
     """Find the induction heads: write heads.json and a self-contained report.html."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.methods.heads import HeadProtocol
     from mechscope.lm.pipelines.heads import induction_heads
 
     check_device_map_option(device_map)
     protocol = HeadProtocol(n=n, batch=batch, seed=seed, top_k=top_k, per_head_ablation=not no_ablation)
     shown = [parse_head(h) for h in show or []]
-    path, r = induction_heads(
-        model,
-        out,
-        protocol,
-        text_file=text,
-        show=shown,
-        force=force,
-        progress=lambda step: typer.echo(f"  {step}...", err=True),
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        revision=revision,
-    )
+    with torch_threads(threads):
+        path, r = induction_heads(
+            model,
+            out,
+            protocol,
+            text_file=text,
+            show=shown,
+            force=force,
+            progress=lambda step: typer.echo(f"  {step}...", err=True),
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+        )
     typer.echo(
         f"loss on repeated random tokens: first copy {r.loss_first_half:.3f}, second copy {r.loss_second_half:.3f}"
     )

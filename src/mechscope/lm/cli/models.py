@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOpt
 from mechscope.lm.cli.common import (
     DeviceMapOpt,
     DeviceOpt,
@@ -62,11 +63,13 @@ def generate(
     dtype: str | None = DtypeOpt,
     device_map: str | None = DeviceMapOpt,
     revision: str | None = RevisionOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Continue a prompt greedily and print prompt + continuation."""
     import torch
 
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.torch_utils import torch_threads
 
     if max_new_tokens < 0:
         raise MechscopeError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
@@ -83,5 +86,6 @@ def generate(
         ids = tok.encode(prompt)
     if not ids:
         raise MechscopeError("the prompt is empty")
-    out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
+    with torch_threads(threads):
+        out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
     typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))

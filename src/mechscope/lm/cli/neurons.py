@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOneOpt, ThreadsOpt
 from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_pair
 
 
@@ -32,6 +33,7 @@ def neurons(
     ),
     contexts: int = typer.Option(5, "--contexts", help="Top contexts shown per neuron."),
     seed: int = typer.Option(0, "--seed"),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -40,6 +42,7 @@ def neurons(
 ) -> None:
     """Every MLP neuron's top-activating contexts and how concentrated they are on one token:
     neurons.json and a self-contained report.html."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.cli.common import check_device_map_option
     from mechscope.lm.pipelines.neurons import NeuronSettings
     from mechscope.lm.pipelines.neurons import neurons as run
@@ -55,18 +58,19 @@ def neurons(
         contexts=contexts,
         seed=seed,
     )
-    path, result = run(
-        model,
-        out,
-        text,
-        settings,
-        force,
-        progress=lambda step: typer.echo(f"  {step}...", err=True),
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        revision=revision,
-    )
+    with torch_threads(threads):
+        path, result = run(
+            model,
+            out,
+            text,
+            settings,
+            force,
+            progress=lambda step: typer.echo(f"  {step}...", err=True),
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+        )
     for line in _summary(result):
         typer.echo(line)
     typer.echo(f"neurons.json and report.html written to {path}")
@@ -90,7 +94,7 @@ def solu_compare(
     batch: int = typer.Option(32, "--batch"),
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(100, "--k", help="Top activations per neuron the figures count."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads (1: fastest on a shared 2-core CPU)."),
+    threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Train the same toy transformer with GELU and with SoLU MLPs (same seed, data, steps) and compare

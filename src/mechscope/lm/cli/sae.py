@@ -16,6 +16,7 @@ from mechscope.core.cli_options import (
     ResumeOpt,
     SeedOpt,
     StepsOpt,
+    ThreadsOpt,
 )
 from mechscope.lm.cli.common import DeviceOpt, DistributedOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
@@ -66,6 +67,7 @@ def harvest(
     buffer_shards: int = typer.Option(4, "--buffer-shards", help="Shards shuffled together in memory (the bound)."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start each context with the model's BOS (not harvested)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle."),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     distributed: bool | None = DistributedOpt,
     device: str | None = DeviceOpt,
@@ -74,14 +76,16 @@ def harvest(
 ) -> None:
     """Run a text through the model and store the activations at hook points (and transcoder input/target pairs)
     as shuffled safetensors shards, memory bounded; an interrupted harvest resumes (OUT.partial)."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.pipelines.sae import HarvestSettings, sae_harvest
 
     settings = HarvestSettings(
         hooks=tuple(hook or ()), transcoders=tuple(_pair(t) for t in transcoder or ()), context=context,
         contexts=contexts, batch=batch, shard_rows=shard_rows, buffer_shards=buffer_shards, seed=seed, bos=bos,
     )  # fmt: skip
-    path, r = sae_harvest(model, out, text, settings, force=force, distributed=distributed, device=device, dtype=dtype,
-                          revision=revision)
+    with torch_threads(threads):
+        path, r = sae_harvest(model, out, text, settings, force=force, distributed=distributed, device=device,
+                              dtype=dtype, revision=revision)  # fmt: skip
     if r is None:
         return
     for s in r.stores:
@@ -109,6 +113,7 @@ def train(
     seed: int = SeedOpt,
     checkpoint_every: int = CheckpointEveryOpt,
     resume: bool = ResumeOpt,
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     distributed: bool | None = DistributedOpt,
     device: str | None = typer.Option(None, "--device", help="cpu or cuda[:N] (default: cpu)."),
@@ -116,12 +121,14 @@ def train(
     """Train a sparse autoencoder (or, on a transcoder pair, a transcoder) on a harvested store; saved in
     SAELens' layout (cfg.json, sae_weights.safetensors) with training.json."""
     from mechscope.core.dictionaries.parallel import is_main
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.pipelines.sae import sae_train
 
-    path, r = sae_train(store, out, architecture=architecture, d_sae=d_sae, expansion=expansion, k=k,
-                        l1_coefficient=l1, l0_coefficient=l0, skip=skip, normalize=normalize, batch_size=batch_size,
-                        epochs=epochs, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                        resume=resume, force=force, distributed=distributed, device=device)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_train(store, out, architecture=architecture, d_sae=d_sae, expansion=expansion, k=k,
+                            l1_coefficient=l1, l0_coefficient=l0, skip=skip, normalize=normalize, batch_size=batch_size,
+                            epochs=epochs, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                            resume=resume, force=force, distributed=distributed, device=device)  # fmt: skip
     if not is_main():
         return
     f = r.final
@@ -151,6 +158,7 @@ def evaluate(
     contexts: int = typer.Option(64, "--contexts", help="Contexts from the end of the text."),
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -158,10 +166,12 @@ def evaluate(
 ) -> None:
     """Splice the dictionary into the model: L0, explained variance, dead latents, CE loss recovered and KL to the
     clean model (evaluation.json, report.html)."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.pipelines.sae import sae_evaluate
 
-    path, r = sae_evaluate(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
-                           force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_evaluate(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
+                               force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
     m, e = r.metrics, r.effect
     _say(f"L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, dead {100 * m['dead_fraction']:.1f}% "
          f"over {m['tokens']:,} positions")  # fmt: skip
@@ -186,6 +196,7 @@ def show(
     batch: int = typer.Option(8, "--batch"),
     bos: bool = typer.Option(True, "--bos/--no-bos"),
     seed: int = typer.Option(0, "--seed"),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -193,11 +204,13 @@ def show(
 ) -> None:
     """Dashboards of latents: top contexts coloured by activation, quantile samples, histogram and density, the
     tokens each promotes and suppresses, what it mixes, induction-like latents (dashboards.json, report.html)."""
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.pipelines.sae import sae_show
 
-    path, r = sae_show(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
-                       latents=tuple(latent or ()), n_random=n_random, n_induction=n_induction, seed=seed,
-                       force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
+    with torch_threads(threads):
+        path, r = sae_show(model, sae, out, text, _read(context, contexts, batch, bos), hook=hook, target=target,
+                           latents=tuple(latent or ()), n_random=n_random, n_induction=n_induction, seed=seed,
+                           force=force, device=device, dtype=dtype, revision=revision)  # fmt: skip
     for line in r.summary:
         _say(line)
     _say(f"dashboards.json and report.html written to {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mechscope.core.cli_options import ThreadsOpt
 from mechscope.lm.cli.common import ForceOpt, app
 
 
@@ -22,6 +23,7 @@ def train_toy_cmd(
     ),
     control: bool = typer.Option(True, "--control/--no-control", help="Also train the 1-layer control."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: runs/toy-DATA-NL)."),
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
     device: str | None = typer.Option("cpu", "--device", help="cpu (toy models train in seconds there)."),
     dtype: str | None = typer.Option("float32", "--dtype", help="float32 (training in lower precision: not yet)."),
@@ -30,6 +32,7 @@ def train_toy_cmd(
     import torch
 
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.lm.models.devices import resolve_device, resolve_dtype
     from mechscope.lm.pipelines.toy import train_toy_run
     from mechscope.lm.toy import ToyConfig
@@ -39,7 +42,8 @@ def train_toy_cmd(
         raise MechscopeError(f"lm train-toy trains on the CPU in float32 only, not {where} in {dtype}")
 
     config = ToyConfig(layers=layers, data=data, steps=steps, seed=seed, mlp=mlp, d_mlp=d_mlp)
-    path, result = train_toy_run(config, out, text, control, force)
+    with torch_threads(threads):
+        path, result = train_toy_run(config, out, text, control, force)
     r = result.series
     p, f = r["phase_change"], r["final"]
     if p.get("detected"):
