@@ -55,10 +55,12 @@ def assert_round_trip(path, result_type):
     import json
     from pathlib import Path
 
-    from mechscope.core.outputs import NON_FINITE, finite_json
+    from mechscope.core.outputs import NON_FINITE, VERSIONS, finite_json, versions
 
     saved = json.loads(Path(path).read_text(encoding="utf-8"))
     saved.pop(NON_FINITE, None)
+    if "schema" in saved:  # a record says what made it, beside its fields
+        assert saved.pop(VERSIONS) == versions(), f"{path}: its versions are not this install's"
     again, _ = finite_json(result_type.load(path).to_dict())
     assert again == saved, f"{path}: load then to_dict differs from the file"
     return saved

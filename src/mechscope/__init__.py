@@ -20,8 +20,7 @@ import sys
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from mechscope.core.errors import MechscopeError  # noqa: E402  (after MKL's setting)
-
-__version__ = "0.1.0"
+from mechscope.core.version import VERSION as __version__  # noqa: E402
 
 __all__ = [
     "HookPoint",

@@ -90,9 +90,22 @@ def _say_scrub(where, r, whom: str) -> None:
     typer.echo(f"scrub.json and report.html written to {where} ({s.forward_passes} forward passes, {s.seconds:.1f} s)")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mechscope.core.outputs import versions
+
+        v = versions()
+        typer.echo(f"mechscope {v.pop('mechscope')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does (downloads, sizes)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the versions of mechscope, Python and "
+        "the libraries its numbers depend on (what every JSON record's `versions` holds), and exit.",
+    ),  # fmt: skip
 ) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)

@@ -279,6 +279,9 @@ def test_inputs_and_outputs_of_read_the_edge_list_both_ways():
         (lambda d: d.__setitem__("supernodes", [{"label": "x", "members": ["nope"]}]), "names 'nope'"),
         (lambda d: d["nodes"][0].__setitem__("kind", "weird"), "kind must be one of"),
         (lambda d: d.__setitem__("kind", "rnn"), "'lm' or 'cnn'"),
+        # Python's json writes NaN and Infinity, which the viewer's own JSON could not hold (a traceback in --view)
+        (lambda d: d["nodes"][0].__setitem__("activation", float("nan")), "NaN is not JSON"),
+        (lambda d: d["settings"].__setitem__("node_threshold", float("inf")), "Infinity is not JSON"),
     ],
 )
 def test_invalid_graph_json_is_one_line(tmp_path, damage, message):

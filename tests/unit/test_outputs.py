@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +108,54 @@ def test_empty_existing_directory_is_fine(tmp_path):
     with atomic_output(out) as tmp:
         (tmp / "x").write_text("1")
     assert (out / "x").read_text() == "1"
+
+
+def test_a_record_says_what_made_it(tmp_path, capsys):
+    """A JSON record (an object with a schema) carries the versions that computed it, after its schema; other JSON
+    (a circuit-tracer graph, a config a user reads elsewhere) is written as given."""
+    from importlib import metadata
+
+    import numpy
+    import torch
+
+    import mechscope
+    from mechscope.cli import main
+    from mechscope.core.outputs import versions, write_json
+
+    write_json(tmp_path / "r.json", {"schema": "mechscope.x/1", "a": 1})
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert list(data) == ["schema", "versions", "a"]
+    v = data["versions"]
+    assert v["mechscope"] == mechscope.__version__ and v["torch"] == torch.__version__
+    pyproject = Path(mechscope.__file__).resolve().parents[2] / "pyproject.toml"
+    assert f'\nversion = "{mechscope.__version__}"\n' in pyproject.read_text()  # one version, said twice
+    assert v["numpy"] == numpy.__version__ and v["scikit-learn"] == metadata.version("scikit-learn")
+    write_json(tmp_path / "g.json", {"nodes": []})
+    assert json.loads((tmp_path / "g.json").read_text()) == {"nodes": []}
+    write_json(tmp_path / "k.json", {"schema": "s", "versions": {"mechscope": "0.0"}})  # a record's own: kept
+    assert json.loads((tmp_path / "k.json").read_text())["versions"] == {"mechscope": "0.0"}
+    main(["--version"])  # exit status 0: main returns
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"mechscope {mechscope.__version__} (python ") and f"torch {versions()['torch']}" in line
+
+
+def test_a_record_is_read_as_strict_json(tmp_path):
+    """What write_json never writes is refused when a record is read back, in one line naming the file: NaN and
+    Infinity (Python's reader takes them), a key given twice (Python keeps the last)."""
+    from dataclasses import dataclass
+
+    from mechscope.core.results import Result
+
+    @dataclass(frozen=True)
+    class Rec(Result):
+        SCHEMA = "mechscope.test-record/1"
+        value: float
+
+    (tmp_path / "ok.json").write_text('{"schema": "mechscope.test-record/1", "value": 1.5}')
+    assert Rec.load(tmp_path / "ok.json").value == 1.5
+    for text, why in (('{"value": NaN}', "NaN is not JSON"), ('{"value": -Infinity}', "-Infinity is not JSON"),
+                      ('{"value": 1, "value": 2}', "key 'value' appears twice")):  # fmt: skip
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(RunError, match="bad.json: not a readable Rec record") as e:
+            Rec.load(tmp_path / "bad.json")
+        assert why in str(e.value) and "\n" not in str(e.value)

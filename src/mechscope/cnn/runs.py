@@ -9,7 +9,6 @@ seconds, parameter count). Runs written before the CNN took other shapes and dat
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,28 +16,13 @@ import torch
 
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
-from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, versions, weights_hash, write_json  # noqa: F401  (used here; re-exported)
 from mechscope.core.validate import field as check_field
 from mechscope.core.validate import read_json_object, shown, usable_path
 
 KIND = "cnn"
 KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    from mechscope import __version__
-
-    return {
-        "mechscope": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def check_out_dir(path: str | Path, force: bool = False) -> Path:
@@ -233,7 +217,8 @@ def load_run_data(run: Run, dataset: str | None = None, data_dir=None, class_nam
     try:
         data = load_dataset(dataset, data_dir, names)
     except DataError as e:
-        if from_record and str(run.path) not in str(e):  # say where the dataset's name came from
+        # say where the dataset's name came from (not when the user's own class names file is what failed)
+        if from_record and class_names is None and str(run.path) not in str(e):
             raise DataError(f"{run.path / CONFIG}: the data it records: {e}") from None
         raise
     check_recorded(data, recorded)

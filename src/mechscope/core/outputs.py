@@ -17,7 +17,8 @@ created there at once.
 
 :func:`write_json` is the one JSON writer of every command: strict JSON, never ``NaN`` or
 ``Infinity`` (a non-finite number becomes ``null`` and the object's ``non_finite`` entry says
-which field held what).
+which field held what). A record (a JSON object with a ``schema``) says what made it: its ``versions``
+entry holds mechscope's, Python's and the libraries' versions (:func:`versions`).
 """
 
 from __future__ import annotations
@@ -93,11 +94,36 @@ def finite_json(obj: Any) -> tuple[Any, dict[str, str]]:
     return walk(_plain(obj), ""), replaced
 
 
+VERSIONS = "versions"
+
+
+NUMERIC_LIBRARIES = ("torch", "numpy", "safetensors", "scikit-learn")  # what the numbers depend on (NMF: blocks)
+
+
+def versions() -> dict[str, str]:
+    """The versions of what computed a result: mechscope, Python and the libraries its numbers depend on (from the
+    installed packages' metadata: nothing is imported)."""
+    import platform
+    from importlib import metadata
+
+    from mechscope.core.version import VERSION
+
+    out = {"mechscope": VERSION, "python": platform.python_version()}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # run from a source tree without that package's metadata
+            continue
+    return out
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> dict[str, str]:
     """Write ``obj`` as strict JSON, never ``NaN`` or ``Infinity``: each non-finite number becomes null, the
     object's ``non_finite`` entry names the field and what it held, and a warning is logged. Returns those
     fields (path -> what it held). ``compact``: no indentation (large files)."""
     value, replaced = finite_json(obj)
+    if isinstance(value, dict) and "schema" in value and VERSIONS not in value:  # a record: what made it
+        value = {"schema": value["schema"], VERSIONS: versions(), **value}
     if replaced:
         shown = ", ".join(f"{k} ({v})" for k, v in list(replaced.items())[:5])
         more = f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""

@@ -14,7 +14,6 @@ Rendering is not imported here: ``_repr_html_`` and ``save_html`` look the resul
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -105,12 +104,14 @@ class Result:
         path = Path(path)
         if path.is_dir():
             path = path / getattr(cls, "FILE", "result.json")
+        from mechscope.core.validate import strict_loads
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = strict_loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RunError(f"{path}: not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__})") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # NaN, Infinity, a key given twice
+            raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__}: {e})") from None
         try:
             with about(path, RunError):  # the record's own checks: said of the file
                 return cls.from_dict(data)

@@ -126,7 +126,7 @@ def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError]
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
+        obj = strict_loads(text)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         why = "a number of more than 4,300 digits" if "integer string conversion" in str(e) else e
         raise error(f"{path}: corrupt JSON ({why}); expected a {what} file") from None
@@ -146,6 +146,12 @@ def read_safetensors(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def strict_loads(text: str) -> Any:
+    """JSON as the standard has it: ``NaN`` and ``Infinity`` (which Python's reader takes and writer writes) and a
+    key given twice in one object are a ``ValueError``."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
 
 
 def _no_repeats(pairs: list) -> dict:
@@ -309,6 +315,16 @@ def int_list(text: str, what: str) -> list[int]:
         return [int(p) for p in parts]
     except ValueError:
         raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
+
+
+def name_list(text: str, what: str) -> tuple[str, ...]:
+    """Names separated by commas, each stripped: ``"relu, gelu"``. An empty item (``"a,,b"``, a trailing comma) is
+    one line naming ``what``, not dropped."""
+    parts = [p.strip() for p in text.split(",")]
+    empty = next((i for i, p in enumerate(parts) if not p), None)
+    if empty is not None:
+        raise MechscopeError(f"{what}: item {empty + 1} of {len(parts)} is empty in {text!r}")
+    return tuple(parts)
 
 
 def typed_options(exclude=()) -> list[str]:

@@ -74,7 +74,8 @@ class ToyTraining(Result):
 
     @classmethod
     def from_dict(cls, d: dict) -> ToyTraining:
-        return cls({k: v for k, v in d.items() if k not in ("schema", "work")}, d.get("work"))
+        # ``versions``: what made the file (core.outputs.write_json), not a series
+        return cls({k: v for k, v in d.items() if k not in ("schema", "work", "versions")}, d.get("work"))
 
     def __repr__(self) -> str:
         p = self.series.get("phase_change", {})

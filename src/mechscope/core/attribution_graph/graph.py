@@ -13,7 +13,6 @@ receptive field's centre column in pixels). Every number a node shows is a field
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -518,12 +517,14 @@ def load_graph(path, cls: type[AttributionGraph] = AttributionGraph) -> Attribut
     p = Path(path)
     if p.is_dir():
         p = p / AttributionGraph.FILE
+    from mechscope.core.validate import strict_loads
+
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = strict_loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunError(f"{p}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise RunError(f"{p}: not a readable graph JSON ({type(e).__name__})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # NaN, Infinity, a key given twice
+        raise RunError(f"{p}: not a readable graph JSON ({type(e).__name__}: {e})") from None
     try:
         check_graph_record(data, str(p), cls.SCHEMA)
         return cls.from_dict(data)
