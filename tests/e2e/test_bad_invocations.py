@@ -131,6 +131,7 @@ CNN_BAD = [
     ("cnn", "explain", "--run", f"{W}/run_model_null", "--out", f"{W}/o"),
     # cnn solu-compare
     ("cnn", "solu-compare", "--activations", "relu,tanh", "--out", f"{W}/o"),
+    ("cnn", "solu-compare", "--activations", "relu,,gelu", "--out", f"{W}/o"),  # the empty item was dropped
     ("cnn", "solu-compare", "--epochs", "0", "--out", f"{W}/o"),
     ("cnn", "solu-compare", "--out", f"{W}/full"),
     ("cnn", "solu-compare", "--epochs", "99999999", "--out", f"{W}/o"),
@@ -206,6 +207,7 @@ LM_BAD = [
     ("lm", "generate", "--model", HF, "--prompt", "a", "--max-new-tokens", "-1"),
     ("lm", "generate", "--model", HF, "--prompt", ""),
     ("lm", "generate", "--model", HF, "--prompt", "a" * 40),
+    ("lm", "generate", "--model", HF, "--tokens", "1,2", "--max-new-tokens", "1000"),  # cut at the context, silently
     ("lm", "generate", "--model", GG, "--tokens", "1,2", "--max-new-tokens", "abc"),
     # lm heads
     ("lm", "heads", "--model", HF, "--batch", "1000000000", "--out", f"{W}/o"),
@@ -252,6 +254,7 @@ LM_BAD = [
     ("lm", "neurons", "--model", HF, "--out", f"{W}/full"),
     # lm solu-compare
     ("lm", "solu-compare", "--steps", "0", "--out", f"{W}/o"),
+    ("lm", "solu-compare", "--k", "999999", "--out", f"{W}/o"),  # every position a "top" one: 0% monosemantic
     ("lm", "solu-compare", "--layers", "9", "--out", f"{W}/o"),
     ("lm", "solu-compare", "--text", f"{W}/missing.txt", "--out", f"{W}/o"),
     ("lm", "solu-compare", "--out", f"{W}/full"),

@@ -106,7 +106,8 @@ def test_blocks_other_networks_and_data(capsys, tmp_path, name, args, rgb):
         (["--typical", "0"], ["--typical must be at least 1"]),
         (["--typical", "1", "--image", "2"], ["exclude each other"]),
         (["--steps", "0"], ["--steps must be at least 1"]),
-        (["--grid", "0", "--threads", "0"], ["--grid must be at least 1"]),
+        (["--grid", "0"], ["--grid must be at least 1"]),
+        (["--threads", "0"], ["--threads must be an integer from 1"]),
     ],
 )
 def test_blocks_bad_input(capsys, quick_run, mnist_root, tmp_path, extra, fragments):

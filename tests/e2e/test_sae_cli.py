@@ -133,6 +133,18 @@ def test_lm_sae_chain(capsys, tmp_path, toy_run, text_file):
         assert_round_trip(tmp_path / d / "evaluation" / "evaluation.json", LmSaeEvaluation)
         page = (tmp_path / d / "evaluation" / "report.html").read_text()
         assert "KL recovered 1 − KL_spliced / KL_zero" in page and "dead: the share of the latents" in page
+    # a transcoder's target before its input, or the input itself: a KeyError traceback, or a splice of nothing
+    read = ("--model", str(toy_run), "--text", str(text_file), "--context", "32", "--contexts", "4")
+    for target, fragment in (("blocks.0.hook_resid_pre", "blocks.0.hook_resid_pre runs before blocks.0.mlp.hook_in"),
+                             ("blocks.0.mlp.hook_in", "another hook than its input")):
+        for command in ("evaluate", "show"):
+            code, _, err = run_main(capsys, "lm", "sae", command, *read, "--sae", str(tmp_path / "tc"), "--target",
+                                    target, "--out", str(tmp_path / f"bad-{command}"))  # fmt: skip
+            assert_one_line_error(code, err, fragment)
+            assert code == 2 and not (tmp_path / f"bad-{command}").exists()
+    code, _, err = run_main(capsys, "lm", "sae", "harvest", *read, "--transcoder",
+                            "blocks.0.hook_mlp_out:blocks.0.mlp.hook_in", "--out", str(tmp_path / "bad-h"))  # fmt: skip
+    assert_one_line_error(code, err, "blocks.0.mlp.hook_in runs before blocks.0.hook_mlp_out")
     code, out, err = run_main(capsys, "lm", "sae", "show", "--model", str(toy_run), "--sae", str(tmp_path / "sae"),
                               "--text", str(text_file), "--context", "32", "--contexts", "12", "--latent", "3",
                               "--random", "2", "--induction", "2")  # fmt: skip
@@ -195,6 +207,13 @@ def test_bad_input_is_one_line(capsys, tmp_path, quick_run, cnn_chain, toy_run, 
          "--batch-size must be an integer from 1"),
         (["cnn", "sae", "train", "--store", str(cnn_chain / "h"), "--epochs", "0"],
          "--epochs must be an integer from 1"),
+        (["cnn", "sae", "train", "--store", str(cnn_chain / "h"), "--lr", "1e39"],  # overflowed in Adam: traceback
+         "--lr must be in (0, 10], got 1e+39"),
+        (["cnn", "sae", "train", "--store", str(cnn_chain / "h"), "--lr", "0"], "--lr must be in (0, 10], got 0.0"),
+        (["cnn", "sae", "show", "--run", str(quick_run), "--sae", str(sae), "--random", "99999"],  # showed the alive
+         "--random 99,999: the dictionary has"),
+        (["cnn", "sae", "show", "--run", str(quick_run), "--sae", str(sae), "--random", "0", "--selective", "0"],
+         "nothing to show: give --latent I or one of --selective, --random above 0"),  # an empty page
         (["lm", "sae", "harvest", "--model", str(toy_run), "--text", str(tmp_path / "empty.txt"), "--hook",
           "blocks.0.hook_resid_post"], "empty"),
     ]  # fmt: skip

@@ -236,3 +236,27 @@ def test_unsupported_directories_are_one_line(case, tmp_path, tiny_clip):
         "missing-weights": "no weights",
     }[case]
     assert expected in msg
+
+
+def test_texts_the_tokenizer_cannot_tell_apart_are_refused(tiny_clip, tiny_siglip):
+    """The small model's characters: '名前' and '数字' were both read as unknown tokens, and `clip inspect` scored
+    every image 50/50 between two identical prompts. Class prompts a tokenizer reads alike are refused too."""
+    from mechscope.clip.methods.evaluate import zero_shot_model
+    from mechscope.clip.models.loading import load_clip
+    from mechscope.clip.models.tokenizer import ClipTokenizer, char_ids, char_tokenizer
+
+    ids = char_ids()
+    tok = ClipTokenizer(char_tokenizer(), 32, ids["bos"], ids["eos"], ids["eos"])
+    assert tok.encode("A handwritten 3") == tok.encode("a handwritten 3")  # lower-cased, every character known
+    for text, chars in (("名前", "'前', '名'"), ("hello, world!", "'!', ','")):
+        with pytest.raises(MechscopeError, match=f"has {chars} outside this model's vocabulary"):
+            tok.encode(text)
+    for model in (tiny_clip[0], tiny_siglip[0]):  # byte-level BPE and SentencePiece: none unknown in these texts
+        b = load_clip(model, device="cpu")
+        assert len(b.tokenizer.encode("名前 cat!")) > 2
+    b = load_clip(tiny_clip[0], device="cpu")
+    with pytest.raises(MechscopeError, match="'Cat' and 'cat' are the same tokens to this model$"):
+        zero_shot_model(b, ["dog", "Cat", "cat"])
+    with pytest.raises(MechscopeError, match=r"the same tokens to this model \(cut to its context of 16 tokens\)"):
+        zero_shot_model(b, ["a " * 30 + "cat", "a " * 30 + "dog"])
+    zero_shot_model(b, ["dog", "cat"])

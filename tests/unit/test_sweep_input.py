@@ -57,7 +57,9 @@ def test_dictionary_training_seed_and_divergence():
     cfg = DictionaryConfig(d_in=4, d_sae=8, architecture="relu", l1_coefficient=1.0)
     train(cfg, batches, TrainConfig(lr=1e-3, init_rows=32, progress=False))  # a sane rate trains
     with pytest.raises(MechscopeError, match="training diverged: the weights are not finite after 6 steps"):
-        train(cfg, batches, TrainConfig(lr=1e30, init_rows=32, progress=False))
+        train(cfg, [b * 1e20 for b in batches], TrainConfig(lr=1e-3, init_rows=32, progress=False))  # squares overflow
+    with pytest.raises(MechscopeError, match=r"lr must be in \(0, 10\], got 1e\+30"):  # overflowed inside Adam
+        TrainConfig(lr=1e30)
 
 
 def test_dataset_examples_with_fewer_images_than_k():

@@ -164,3 +164,14 @@ def test_an_inconsistent_circuit_is_refused(tmp_path):
     (d / "circuit.json").write_text(json.dumps(src))  # another model's circuit: 4 blocks
     with pytest.raises(MechscopeError, match="4 blocks"):
         check_circuit(d, model.cfg)
+
+
+def test_generate_refuses_a_tracr_model(capsys):
+    """Its outputs are another vocabulary's ids, read over the whole input (reverse is not causal): `lm generate`
+    fed them back as inputs and printed '2 3 0 0 0 0 0' without a word."""
+    from tests.e2e.test_cli import assert_one_line_error, run_main
+
+    for name in ("frac_prevs", "reverse"):
+        code, out, err = run_main(capsys, "lm", "generate", "--model", str(tracr_root() / name), "--tokens", "1,2")
+        assert_one_line_error(code, err, "a tracr model maps a whole input to an output in another vocabulary")
+        assert code == 2 and out == ""

@@ -17,10 +17,10 @@ ModelOpt = typer.Option(..., "--model", help="A CLIP or SigLIP checkpoint direct
 DataOpt = typer.Option(None, "--data-dir", help="Data root holding mnist/ (default: $MECHSCOPE_DATA).")
 
 
-def _split(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    return tuple(t.strip() for t in text.split(","))
+def _split(text: str | None, what: str) -> tuple[str, ...] | None:
+    from mechscope.core.validate import name_list
+
+    return None if text is None else name_list(text, what)
 
 
 @app.command()
@@ -63,7 +63,7 @@ def inspect(
     """Architecture, hook points, preprocessing and tokenizer (and zero-shot probabilities of --images)."""
     from mechscope.clip.pipelines.inspect import inspect as run
 
-    path, r = run(model, out, images, _split(prompts), device, dtype, force, threads)
+    path, r = run(model, out, images, _split(prompts, "--prompts"), device, dtype, force, threads)
     typer.echo(f"{r.model} ({r.family})")
     for k, v in r.architecture.items():
         typer.echo(f"  {k}: {v}")
@@ -117,7 +117,7 @@ def neurons(
 
     s = NeuronSettings(layers=tuple(layer) if layer else None, neurons=tuple(parse_neuron(n) for n in neuron or []),
                        read=read, reduce=reduce, per_digit=per_digit, controls=controls, min_score=min_score, k=k,
-                       steps=steps, featvis_param=param, diverse=diverse, words=_split(words),
+                       steps=steps, featvis_param=param, diverse=diverse, words=_split(words, "--words"),
                        seed=seed)  # fmt: skip
     path, r = run(model, out, s, images, concepts, data_dir, device, dtype, force, threads)
     mm = r.multimodality
@@ -172,8 +172,9 @@ def attack(
     from mechscope.clip.pipelines.attack import AttackSettings
     from mechscope.clip.pipelines.attack import attack as run
 
-    s = AttackSettings(word=word, target=target, true=true, classes=_split(classes), prompt=prompt,
-                       prompts=_split(prompts), n=n, layers=tuple(layer) if layer else None, k=k, candidates=candidates,
+    s = AttackSettings(word=word, target=target, true=true, classes=_split(classes, "--classes"), prompt=prompt,
+                       prompts=_split(prompts, "--prompts"), n=n, layers=tuple(layer) if layer else None, k=k,
+                       candidates=candidates,
                        font=font, size=size, x=x, y=y, label=label, ablation=ablation, controls=controls,
                        seed=seed, ablate=tuple(parse_neuron(a) for a in ablate or []))  # fmt: skip
     path, r = run(model, out, s, images, data_dir, device, dtype, force, threads)

@@ -38,6 +38,14 @@ def check_prompts(prompts) -> list[str]:
 def zero_shot_model(bundle, prompts: list[str]) -> ZeroShot:
     """A :class:`ZeroShot` view of the bundle's model over ``prompts`` (one per class)."""
     prompts = check_prompts(prompts)
+    seen: dict[tuple[int, ...], str] = {}
+    for p in prompts:  # two prompts the tokenizer reads alike ("Three", "three"; past the context) are one class
+        ids = tuple(bundle.tokenizer.encode(p))
+        if ids in seen:
+            cut = len(ids) >= bundle.tokenizer.n_ctx
+            raise MechscopeError(f"class prompts {seen[ids]!r} and {p!r} are the same tokens to this model"
+                                 + (f" (cut to its context of {bundle.tokenizer.n_ctx} tokens)" if cut else ""))
+        seen[ids] = p
     return ZeroShot(bundle.model, bundle.preprocess, bundle.text_embeds(prompts)).to(bundle.device)
 
 

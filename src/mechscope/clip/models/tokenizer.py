@@ -39,7 +39,14 @@ class ClipTokenizer:
         """One text's ids, with the start and end tokens, truncated to the context (the end token kept)."""
         if not isinstance(text, str):
             raise MechscopeError(f"expected a text, got {type(text).__name__}")
-        ids = list(self.backend.encode(text, add_special_tokens=True).ids)
+        enc = self.backend.encode(text, add_special_tokens=True)
+        ids = list(enc.ids)
+        unk = self._unknown_id()
+        if unk is not None and unk in ids:  # the text reads as another one: "名前" and "数字" were one prompt
+            chars = sorted({text[a:b] for (a, b), i in zip(enc.offsets, ids, strict=True) if i == unk and b > a})
+            shown = ", ".join(repr(c) for c in chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
+            raise MechscopeError(f"{text!r} has {shown or 'characters'} outside this model's vocabulary: each would "
+                                 "be read as the same unknown token")  # fmt: skip
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         if self.eos_id is not None and ids[-1:] != [self.eos_id]:
@@ -47,6 +54,13 @@ class ClipTokenizer:
         if len(ids) > self.n_ctx:
             ids = ids[: self.n_ctx - 1] + ids[-1:] if self.eos_id is not None else ids[: self.n_ctx]
         return ids
+
+    def _unknown_id(self) -> int | None:
+        """The id the tokenizer gives what its vocabulary lacks (None: it has none, as a byte-level BPE's, or it
+        is a special token the texts carry anyway)."""
+        name = getattr(self.backend.model, "unk_token", None)
+        i = self.backend.token_to_id(name) if isinstance(name, str) else None
+        return None if i in (None, self.bos_id, self.eos_id, self.pad_id) else i
 
     def batch(self, texts: list[str]) -> torch.Tensor:
         """Token ids [B,P], padded on the right (to the whole context for SigLIP)."""

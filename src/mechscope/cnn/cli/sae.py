@@ -71,7 +71,10 @@ def harvest(
 @sae_app.command("train")
 def train(
     store: Path = typer.Option(..., "--store", help="A `cnn sae harvest` output folder."),
-    out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/sae-ARCH)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output directory (default: sae-ARCH beside the harvest folder; RUN/sae-ARCH for a harvest "
+        "in its default place).",
+    ),  # fmt: skip
     architecture: str = ArchitectureOpt,
     d_sae: int | None = typer.Option(None, "--d-sae", help="Latents (default: --expansion x channels)."),
     expansion: int | None = typer.Option(None, "--expansion", help="Latents per channel (default 16)."),

@@ -35,9 +35,10 @@ def solu_compare(
     class selectivity of the conv channels: compare.json, report.html and one run directory per activation."""
     from mechscope.cnn.pipelines.solu_cnn import solu_compare_cnn
     from mechscope.core.torch_utils import torch_threads
+    from mechscope.core.validate import name_list
 
     config = TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, train_limit=train_limit, max_steps=max_steps)
-    acts = tuple(a.strip() for a in activations.split(",") if a.strip())
+    acts = name_list(activations, "--activations")
     with torch_threads(threads):
         path, result = solu_compare_cnn(
             out, acts, config, dataset=dataset, data_dir=data_dir, class_names=class_names, test_limit=test_limit,

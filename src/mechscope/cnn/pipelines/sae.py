@@ -31,7 +31,7 @@ from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
-from mechscope.core.dictionaries.latents import densities, latent_summary, maxima
+from mechscope.core.dictionaries.latents import check_shown, densities, latent_summary, maxima
 from mechscope.core.dictionaries.staged import (
     claim_stage,
     clear_staging,
@@ -287,9 +287,7 @@ def sae_show_model(
     counter = spec.work_counter()
     with counter.counting():
         shape = S.check_dictionary(spec, sae, hook)
-        for i in latents:
-            if not 0 <= int(i) < sae.cfg.d_sae:
-                raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
+        check_shown(latents, {"--selective": n_selective, "--random": n_random}, sae.cfg.d_sae)
         x, y = _images(data, "test", limit)
         kk = data.n_classes
         timer = Timer("cnn sae show")

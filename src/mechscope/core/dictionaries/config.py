@@ -163,7 +163,7 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
     """Both wings' ``sae train`` options, each one line by its option before any work (the configs' own checks
     name their fields: ``max_steps``, ``l1_coefficient``); ``--d-sae`` and ``--expansion`` both given is a conflict
     (the expansion was ignored)."""
-    from mechscope.core.validate import check_int
+    from mechscope.core.validate import check_int, check_lr
 
     if d_sae is not None and expansion is not None:
         raise MechscopeError("give --d-sae or --expansion, not both (the width is d_in x expansion, or d_sae)")
@@ -171,11 +171,11 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
         if v is not None:
             check_int(v, name, low, 10**9)
     check_int(checkpoint_every, "--checkpoint-every", 0, 10**9)
-    for name, v in (("--l1", l1_coefficient), ("--lr", lr)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            raise MechscopeError(f"{name} must be a finite number >= 0, got {v!r}")
-    if lr is not None and lr == 0:
-        raise MechscopeError("--lr must be above 0 (0 trains nothing)")
+    v = l1_coefficient
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+        raise MechscopeError(f"--l1 must be a finite number >= 0, got {v!r}")
+    if lr is not None:  # 1e39 overflowed inside Adam's step (a traceback), 0 trains nothing
+        check_lr(lr)
     if architecture is not None:  # an option typed for another architecture was silently unread
         from mechscope.core.validate import typed_options
 

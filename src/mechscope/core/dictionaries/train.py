@@ -43,7 +43,7 @@ from mechscope.core.dictionaries.sae import SparseDictionary
 from mechscope.core.dictionaries.stream import BatchStream
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_lr, check_seed
 
 # TrainConfig fields that never change the weights: they may differ when resuming
 _FREE = ("max_steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every", "progress")
@@ -79,8 +79,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise MechscopeError(f"expected lr > 0, got {self.lr!r}")
+        check_lr(self.lr, "lr")
         for name in ("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -76,6 +76,9 @@ def generate(
     if (prompt is None) == (tokens is None):
         raise MechscopeError("give exactly one of --prompt and --tokens")
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
+    if getattr(m, "tracr", None) is not None:  # its outputs are another vocabulary's, read all at once: no next token
+        raise MechscopeError(f"{model}: a tracr model maps a whole input to an output in another vocabulary, not to "
+                             "a next token; it does not generate (lm discover and lm graph read it)")  # fmt: skip
     if tokens is not None:
         ids = parse_tokens(tokens)
     else:
@@ -86,6 +89,9 @@ def generate(
         ids = tok.encode(prompt)
     if not ids:
         raise MechscopeError("the prompt is empty")
+    if len(ids) + max_new_tokens > m.cfg.n_ctx:  # generation stopped at the context without a word
+        raise MechscopeError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(ids)} tokens and {max_new_tokens} "
+                             f"new ones exceed the model's context of {m.cfg.n_ctx} tokens")  # fmt: skip
     with torch_threads(threads):
         out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
     typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))

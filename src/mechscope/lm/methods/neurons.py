@@ -109,6 +109,16 @@ class TopActivations(Result):
     density: torch.Tensor  # [L, M] share of counted positions where the activation is positive
 
 
+def check_k(k: int, tokens: torch.Tensor, skip_first: int = 0) -> None:
+    """A neuron's top ``k`` activations are fewer than the sample's positions: with as many, every position is a
+    "top" one and every figure read off them is the sample's own (0% monosemantic, silently)."""
+    n, p = tokens.shape
+    if k > n * (p - skip_first):
+        raise MechscopeError(f"k is {k:,}: the sample has {n * (p - skip_first):,} positions ({n:,} sequences of "
+                             f"{p - skip_first:,}); a neuron's top activations must be fewer (a smaller k, more "
+                             "text)")  # fmt: skip
+
+
 @torch.no_grad()
 def top_activations(
     model: HookedTransformer,
@@ -124,7 +134,7 @@ def top_activations(
     largest activations and where they are; positions before ``skip_first`` (a BOS) are not counted."""
     n, p = tokens.shape
     hooks = [site_hook(model, layer, site) for layer in layers]
-    k = min(k, n * (p - skip_first))
+    check_k(k, tokens, skip_first)
     best_v: list[torch.Tensor | None] = [None] * len(layers)
     best_i: list[torch.Tensor | None] = [None] * len(layers)
     total = [None] * len(layers)
@@ -466,6 +476,7 @@ def read_neurons(
         raise MechscopeError(
             f"--k and --min-count must be at least 1 and --contexts at least 0, got {k}, {min_count}, {n_contexts}"
         )
+    check_k(k, tokens, skip_first)
     say = progress or (lambda _: None)
     say(f"top {k} activations of {sum(model.cfg.d_mlp for _ in layers):,} neurons over {tokens.numel():,} tokens")
     with evaluating(model):

@@ -83,8 +83,26 @@ def hook_widths(model: HookedTransformer, names: list[str]) -> dict[str, int]:
     return {n: int(np.prod(cache[n].shape[2:])) for n in names}
 
 
+def check_pair(model: HookedTransformer, hook: str, target: str) -> None:
+    """A transcoder's target hook runs after its input hook in the forward pass (it replaces what the target carries
+    by a function of what the input hook saw); one line when not."""
+    order: list[str] = []
+
+    def seen(x, h) -> None:
+        if h.name not in order:
+            order.append(h.name)
+
+    if hook == target:
+        raise MechscopeError(f"a transcoder's target must be another hook than its input, after it; got {hook} twice")
+    with evaluating(model), torch.no_grad(), hooks(model, fwd=[(hook, seen), (target, seen)]):
+        model(probe_tokens(model))
+    if order != [hook, target]:
+        raise MechscopeError(f"a transcoder's target must run after its input hook: {target} runs before {hook}")
+
+
 def check_dictionary(model: HookedTransformer, dictionary: SparseDictionary, hook: str, target: str | None) -> None:
-    """A dictionary fits its hook(s): d_in is the hook's width (d_out the target's); one line when not."""
+    """A dictionary fits its hook(s): d_in is the hook's width (d_out the target's), a transcoder's target runs
+    after its input; one line when not."""
     widths = hook_widths(model, [hook] + ([target] if target else []))
     cfg = dictionary.cfg
     if cfg.transcoder and not target:
@@ -97,6 +115,8 @@ def check_dictionary(model: HookedTransformer, dictionary: SparseDictionary, hoo
         raise MechscopeError(
             f"the dictionary writes d_out={cfg.d_out}; {target} of this model has width {widths[target]}"
         )
+    if target:
+        check_pair(model, hook, target)
 
 
 # ---- contexts ------------------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def solu_compare_run(
     from dataclasses import asdict
 
     from mechscope.core.torch_utils import combine_work
-    from mechscope.lm.methods.neurons import sample_windows
+    from mechscope.lm.methods.neurons import check_k, sample_windows
     from mechscope.lm.report.neurons import compare_lines, write_compare_report
     from mechscope.lm.toy import Data
 
@@ -262,6 +262,7 @@ def solu_compare_run(
     text, source = read_text(text_file)
     data = Data(settings.toy("gelu"), text)  # the split both models train and are measured on
     tokens = sample_windows(data.val_ids, settings.sequences, settings.n_ctx, settings.seed)
+    check_k(settings.k, tokens)  # before the training, not after the first model's
     timer = Timer("solu-compare")
     models, results, parts = [], {}, {}
     with atomic_output(out, force) as tmp, torch_threads(settings.threads):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
-from mechscope.core.dictionaries.latents import densities, latent_summary
+from mechscope.core.dictionaries.latents import check_shown, densities, latent_summary
 from mechscope.core.dictionaries.staged import (
     claim_stage,
     clear_staging,
@@ -179,6 +179,9 @@ def sae_harvest(
     counter = work_counter(tm.model)
     with counter.counting():
         widths = S.hook_widths(tm.model, names)
+        for s in specs:
+            if s.target:
+                S.check_pair(tm.model, s.hook, s.target)
     tokens, source = _contexts(tm, text_file, settings.context, settings.bos, settings.contexts)
     skip = int(tm.bos is not None and settings.bos)
     per_context = tokens.shape[1] - skip
@@ -413,9 +416,7 @@ def sae_show(
     out = Path(out) if out is not None else Path(dictionary) / "dashboards"
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
-    for i in latents:
-        if not 0 <= int(i) < sae.cfg.d_sae:
-            raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{sae.cfg.d_sae - 1}")
+    check_shown(latents, {"--random": n_random, "--induction": n_induction}, sae.cfg.d_sae)
     timer = Timer("lm sae show")
     tm = model or _text_model(model_spec, device, dtype, revision)
     counter = work_counter(tm.model)
