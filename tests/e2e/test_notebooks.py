@@ -25,6 +25,9 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch):
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)  # saved without outputs
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= len(code) // 2  # a tutorial: prose between steps
     monkeypatch.setenv("MECHSCOPE_NOTEBOOK_FAST", "1")  # the kernel inherits the environment
+    # out=None (the notebooks' own choice) writes into a new temporary directory: in the test's, not left in /tmp
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})  # fmt: skip
     t = time.perf_counter()
