@@ -130,7 +130,10 @@ def test_neurons_empty_text_and_models_without_mlps(capsys, tmp_path, monkeypatc
     (tmp_path / "tiny.txt").write_text(TEXT[:5])  # 5 tokens for the top 100 activations: every share was NaN
     code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text", str(tmp_path / "tiny.txt"),
                             "--out", str(tmp_path / "o"))  # fmt: skip
-    assert_one_line_error(code, err, "5 tokens, fewer than the 100 top activations read per neuron (--k)")
+    assert_one_line_error(code, err, "tiny.txt: 5 positions (1 sequence of 5), not more than the 100 top activations")
+    code, _, err = run_main(capsys, "lm", "neurons", "--model", str(solu_run), "--text", str(tmp_path / "tiny.txt"),
+                            "--k", "5", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(code, err, "5 positions (1 sequence of 5), not more than the 5 top")  # all five: "top"
     _tiny_toy(monkeypatch)
     attn = tmp_path / "attn"
     text = tmp_path / "t.txt"

@@ -212,8 +212,6 @@ def test_bad_input_is_one_line(capsys, tmp_path, quick_run, cnn_chain, toy_run, 
         (["cnn", "sae", "train", "--store", str(cnn_chain / "h"), "--lr", "0"], "--lr must be in (0, 10], got 0.0"),
         (["cnn", "sae", "show", "--run", str(quick_run), "--sae", str(sae), "--random", "99999"],  # showed the alive
          "--random 99,999: the dictionary has"),
-        (["cnn", "sae", "show", "--run", str(quick_run), "--sae", str(sae), "--random", "0", "--selective", "0"],
-         "nothing to show: give --latent I or one of --selective, --random above 0"),  # an empty page
         (["lm", "sae", "harvest", "--model", str(toy_run), "--text", str(tmp_path / "empty.txt"), "--hook",
           "blocks.0.hook_resid_post"], "empty"),
     ]  # fmt: skip

@@ -251,9 +251,20 @@ def test_texts_the_tokenizer_cannot_tell_apart_are_refused(tiny_clip, tiny_sigli
     for text, chars in (("名前", "'前', '名'"), ("hello, world!", "'!', ','")):
         with pytest.raises(MechscopeError, match=f"has {chars} outside this model's vocabulary"):
             tok.encode(text)
-    for model in (tiny_clip[0], tiny_siglip[0]):  # byte-level BPE and SentencePiece: none unknown in these texts
+    for model in (tiny_clip[0], tiny_siglip[0]):  # byte-level BPE (both): its unknown token is the end token
         b = load_clip(model, device="cpu")
         assert len(b.tokenizer.encode("名前 cat!")) > 2
+    # SentencePiece (Unigram, SigLIP's kind) keeps only an unk_id: read from the tokenizer's JSON
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import Unigram
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), ("c", -2.0), ("a", -2.0), ("t", -2.0)]
+    unigram = Tokenizer(Unigram(pieces, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp = ClipTokenizer(unigram, 16, None, 1, 0, pad_to_context=True)
+    assert sp.encode("cat")[-1] == 1 and 2 not in sp.encode("cat")
+    with pytest.raises(MechscopeError, match="has '名前' outside this model's vocabulary"):
+        sp.encode("cat 名前")
     b = load_clip(tiny_clip[0], device="cpu")
     with pytest.raises(MechscopeError, match="'Cat' and 'cat' are the same tokens to this model$"):
         zero_shot_model(b, ["dog", "Cat", "cat"])

@@ -128,8 +128,7 @@ def read_json_object(path: Path, what: str = "JSON", error: type[MechscopeError]
     try:
         obj = strict_loads(text)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
-        why = "a number of more than 4,300 digits" if "integer string conversion" in str(e) else e
-        raise error(f"{path}: corrupt JSON ({why}); expected a {what} file") from None
+        raise error(f"{path}: corrupt JSON ({json_why(e)}); expected a {what} file") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: holds a JSON {_json_type(obj)}; expected an object ({what})")
     return obj
@@ -146,6 +145,11 @@ def read_safetensors(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MechscopeError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def json_why(e: Exception) -> str:
+    """What :func:`strict_loads` refused, in a few words (Python's own text for a huge number is a paragraph)."""
+    return "a number of more than 4,300 digits" if "integer string conversion" in str(e) else str(e)
 
 
 def strict_loads(text: str) -> Any:

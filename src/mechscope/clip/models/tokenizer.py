@@ -58,9 +58,11 @@ class ClipTokenizer:
     def _unknown_id(self) -> int | None:
         """The id the tokenizer gives what its vocabulary lacks (None: it has none, as a byte-level BPE's, or it
         is a special token the texts carry anyway)."""
-        name = getattr(self.backend.model, "unk_token", None)
+        name = getattr(self.backend.model, "unk_token", None)  # WordLevel, BPE, WordPiece
         i = self.backend.token_to_id(name) if isinstance(name, str) else None
-        return None if i in (None, self.bos_id, self.eos_id, self.pad_id) else i
+        if i is None and not hasattr(self.backend.model, "unk_token"):  # Unigram (SentencePiece) keeps an id only
+            i = json.loads(self.backend.to_str()).get("model", {}).get("unk_id")
+        return None if i in (None, self.bos_id, self.eos_id, self.pad_id) else int(i)
 
     def batch(self, texts: list[str]) -> torch.Tensor:
         """Token ids [B,P], padded on the right (to the whole context for SigLIP)."""

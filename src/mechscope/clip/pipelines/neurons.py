@@ -127,6 +127,9 @@ def read_model(bundle, s: NeuronSettings, images=None, concepts=None, data_dir=N
         templates = tuple(bundle.small.get("captions", {}).values()) or GENERAL_TEMPLATES
     else:
         templates = GENERAL_TEMPLATES
+    for t in templates:  # a word the tokenizer cannot read is refused now, not after the feature visualisations
+        for w in words:
+            bundle.tokenizer.encode(t.replace("{}", w))
     with timer.section("dataset"):  # first: a bad folder is refused before any long step
         if images is not None:
             data, names = read_folder(images, bundle.preprocess)

@@ -75,13 +75,14 @@ def graph_cmd(
     settings.validate()
     from mechscope.core.attribution_graph import parse_steer
     from mechscope.core.torch_utils import torch_threads
+    from mechscope.core.validate import name_list
 
     steers = [parse_steer(s, "1_12_5") for s in steer or []]
     with torch_threads(threads):
         path, g = graph_run(
             run, image, out, force, split=split, dictionaries="channels" if channels else dictionaries,
             training=CnnDictionaryTraining(kind=kind), target=target, settings=settings,
-            ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []], steer=steers,
+            ablate=[list(name_list(a, "--ablate")) for a in ablate or []], steer=steers,
             dashboards=dashboards, dataset=dataset, data_dir=data_dir,
             progress=lambda m: typer.echo(f"  {m}", err=True),
         )  # fmt: skip

@@ -80,17 +80,18 @@ class LatentActivations:
 
 
 def check_shown(latents, counts: dict[str, int], d_sae: int) -> None:
-    """What a ``sae show`` is asked to show, before any work: each latent asked is one of the ``d_sae``, no count
-    (``{"--random": 6, ...}``) is above them (99,999 random latents showed the 509 alive, silently), and something is
-    asked for (all counts 0 and no latent wrote an empty page)."""
+    """What a ``sae show`` is asked to show, before any work: each latent asked is one of the ``d_sae``, and no count
+    typed on the command line (``{"--random": 6, ...}``) is above them (99,999 random latents showed the 509 alive,
+    silently). A default count is "up to": a dictionary of 4 latents shows 4 of the default 6."""
+    from mechscope.core.validate import typed_options
+
     for i in latents:
         if not 0 <= int(i) < d_sae:
             raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{d_sae - 1}")
+    typed = typed_options()
     for name, n in counts.items():
-        if n > d_sae:
+        if name in typed and n > d_sae:
             raise MechscopeError(f"{name} {n:,}: the dictionary has {d_sae:,} latents")
-    if not latents and not any(counts.values()):
-        raise MechscopeError(f"nothing to show: give --latent I or one of {', '.join(counts)} above 0")
 
 
 def densities(acts: LatentActivations) -> np.ndarray:

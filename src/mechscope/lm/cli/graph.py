@@ -106,6 +106,7 @@ def graph_cmd(
     if model is None:
         raise MechscopeError("give --model (or --view GRAPH_JSON)")
     from mechscope.core.torch_utils import torch_threads
+    from mechscope.core.validate import name_list
     from mechscope.lm.cli.common import parse_tokens
     from mechscope.lm.methods.attribution_graph import GraphSettings
     from mechscope.lm.pipelines.attribution_graph import graph_run
@@ -138,7 +139,7 @@ def graph_cmd(
             logit_pos=logit_pos,
             settings=settings,
             qk=[_qk(q) for q in qk or []],
-            ablate=[[x.strip() for x in a.split(",") if x.strip()] for a in ablate or []],
+            ablate=[list(name_list(a, "--ablate")) for a in ablate or []],
             steer=[_steer(s) for s in steer or []],
             paths=paths,
             dashboards=dashboards,

@@ -66,8 +66,6 @@ def generate(
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Continue a prompt greedily and print prompt + continuation."""
-    import torch
-
     from mechscope.core.errors import MechscopeError
     from mechscope.core.torch_utils import torch_threads
 
@@ -75,6 +73,17 @@ def generate(
         raise MechscopeError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if (prompt is None) == (tokens is None):
         raise MechscopeError("give exactly one of --prompt and --tokens")
+    with torch_threads(threads):  # the load (a GGUF's dequantisation) and the decoding
+        out, tok = _generate(model, prompt, tokens, max_new_tokens, device, dtype, device_map, revision)
+    typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))
+
+
+def _generate(model, prompt, tokens, max_new_tokens, device, dtype, device_map, revision):
+    """(prompt + continuation ids, the tokenizer or None) of ``lm generate``."""
+    import torch
+
+    from mechscope.core.errors import MechscopeError
+
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
     if getattr(m, "tracr", None) is not None:  # its outputs are another vocabulary's, read all at once: no next token
         raise MechscopeError(f"{model}: a tracr model maps a whole input to an output in another vocabulary, not to "
@@ -89,9 +98,8 @@ def generate(
         ids = tok.encode(prompt)
     if not ids:
         raise MechscopeError("the prompt is empty")
+    m.check_tokens(torch.tensor([ids]))  # ids the vocabulary has, a prompt the context holds
     if len(ids) + max_new_tokens > m.cfg.n_ctx:  # generation stopped at the context without a word
         raise MechscopeError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(ids)} tokens and {max_new_tokens} "
                              f"new ones exceed the model's context of {m.cfg.n_ctx} tokens")  # fmt: skip
-    with torch_threads(threads):
-        out = m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist()
-    typer.echo(tok.decode(out) if tok else " ".join(map(str, out)))
+    return m.generate(torch.tensor([ids]), max_new_tokens)[0].tolist(), tok

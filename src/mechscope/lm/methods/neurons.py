@@ -109,14 +109,15 @@ class TopActivations(Result):
     density: torch.Tensor  # [L, M] share of counted positions where the activation is positive
 
 
-def check_k(k: int, tokens: torch.Tensor, skip_first: int = 0) -> None:
-    """A neuron's top ``k`` activations are fewer than the sample's positions: with as many, every position is a
-    "top" one and every figure read off them is the sample's own (0% monosemantic, silently)."""
+def check_k(k: int, tokens: torch.Tensor, skip_first: int = 0, what: str = "the sample") -> None:
+    """A neuron's top ``k`` activations are fewer than the sample's positions (a BOS not counted): with as many,
+    every position is a "top" one and every figure read off them is the sample's own (0% monosemantic, silently)."""
     n, p = tokens.shape
-    if k > n * (p - skip_first):
-        raise MechscopeError(f"k is {k:,}: the sample has {n * (p - skip_first):,} positions ({n:,} sequences of "
-                             f"{p - skip_first:,}); a neuron's top activations must be fewer (a smaller k, more "
-                             "text)")  # fmt: skip
+    if k >= n * (p - skip_first):
+        raise MechscopeError(f"{what}: {n * (p - skip_first):,} positions ({n:,} sequence{'s' * (n != 1)} of "
+                             f"{p - skip_first:,}), "
+                             f"not more than the {k:,} top activations read per neuron (k): a neuron's top "
+                             "activations must be fewer (a smaller k, more text)")  # fmt: skip
 
 
 @torch.no_grad()

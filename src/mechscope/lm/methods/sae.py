@@ -83,6 +83,12 @@ def hook_widths(model: HookedTransformer, names: list[str]) -> dict[str, int]:
     return {n: int(np.prod(cache[n].shape[2:])) for n in names}
 
 
+def check_distinct(hook: str, target: str | None) -> None:
+    """A transcoder's target is another hook than its input (checked from the names alone, before a model loads)."""
+    if target is not None and hook == target:
+        raise MechscopeError(f"a transcoder's target must be another hook than its input, after it; got {hook} twice")
+
+
 def check_pair(model: HookedTransformer, hook: str, target: str) -> None:
     """A transcoder's target hook runs after its input hook in the forward pass (it replaces what the target carries
     by a function of what the input hook saw); one line when not."""
@@ -92,8 +98,7 @@ def check_pair(model: HookedTransformer, hook: str, target: str) -> None:
         if h.name not in order:
             order.append(h.name)
 
-    if hook == target:
-        raise MechscopeError(f"a transcoder's target must be another hook than its input, after it; got {hook} twice")
+    check_distinct(hook, target)
     with evaluating(model), torch.no_grad(), hooks(model, fwd=[(hook, seen), (target, seen)]):
         model(probe_tokens(model))
     if order != [hook, target]:

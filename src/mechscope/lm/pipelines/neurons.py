@@ -148,6 +148,7 @@ def neurons(
 ):
     """Every MLP neuron's top contexts and monosemanticity figures: neurons.json and report.html. ``work``: the
     passes through the blocks, in passes over the text sample (its sequences x positions, a BOS included)."""
+    from mechscope.lm.methods.neurons import check_k
     from mechscope.lm.models.transformer import work_counter
 
     settings = settings or NeuronSettings()
@@ -158,9 +159,7 @@ def neurons(
     check_neurons_asked(tm.model, settings)
     text, source = read_text(text_file)
     tokens = text_sample(tm, text, settings, source)
-    if tokens.numel() < settings.k:  # the top-k shares were NaN: fewer tokens than activations read per neuron
-        raise MechscopeError(f"{source}: {tokens.numel():,} tokens, fewer than the {settings.k} top activations read "
-                             "per neuron (--k): give a longer text or a smaller --k")  # fmt: skip
+    check_k(settings.k, tokens, int(tm.bos is not None), source)  # the top-k shares were NaN with fewer tokens
     counter = work_counter(tm.model)
     with counter.counting():
         result = analyse(tm, tokens, settings, source, progress)

@@ -91,6 +91,8 @@ class HarvestSettings:
         if self.context is not None:  # None: 128, or the model's context if shorter
             check_int(self.context, "--context", 2)
         check_seed(self.seed)
+        for hook, target in self.transcoders:
+            S.check_distinct(hook, target)
 
     def specs(self) -> list[S.HarvestSpec]:
         out = [S.HarvestSpec(h) for h in self.hooks] + [S.HarvestSpec(i, o) for i, o in self.transcoders]
@@ -371,6 +373,7 @@ def sae_evaluate(
     out = Path(out) if out is not None else Path(dictionary) / "evaluation"
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
+    S.check_distinct(hook, target)  # before the model loads
     timer = Timer("lm sae evaluate")
     tm = model or _text_model(model_spec, device, dtype, revision)
     counter, dict_counter = work_counter(tm.model), WorkCounter([sae], "rows")
@@ -416,6 +419,7 @@ def sae_show(
     out = Path(out) if out is not None else Path(dictionary) / "dashboards"
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
+    S.check_distinct(hook, target)  # before the model loads
     check_shown(latents, {"--random": n_random, "--induction": n_induction}, sae.cfg.d_sae)
     timer = Timer("lm sae show")
     tm = model or _text_model(model_spec, device, dtype, revision)
