@@ -142,6 +142,9 @@ def test_lm_sae_chain(capsys, tmp_path, toy_run, text_file):
                                     target, "--out", str(tmp_path / f"bad-{command}"))  # fmt: skip
             assert_one_line_error(code, err, fragment)
             assert code == 2 and not (tmp_path / f"bad-{command}").exists()
+    code, _, err = run_main(capsys, "lm", "sae", "show", *read, "--sae", str(tmp_path / "sae"), "--induction", "65",
+                            "--out", str(tmp_path / "bad-show"))  # fmt: skip
+    assert_one_line_error(code, err, "--induction 65: the dictionary has 64 latents")
     code, _, err = run_main(capsys, "lm", "sae", "harvest", *read, "--transcoder",
                             "blocks.0.hook_mlp_out:blocks.0.mlp.hook_in", "--out", str(tmp_path / "bad-h"))  # fmt: skip
     assert_one_line_error(code, err, "blocks.0.mlp.hook_in runs before blocks.0.hook_mlp_out")
