@@ -142,6 +142,10 @@ def test_lm_sae_chain(capsys, tmp_path, toy_run, text_file):
                                     target, "--out", str(tmp_path / f"bad-{command}"))  # fmt: skip
             assert_one_line_error(code, err, fragment)
             assert code == 2 and not (tmp_path / f"bad-{command}").exists()
+    for command, what in (("harvest", ("--hook", "blocks.0.hook_resid_post")), ("evaluate", ("--sae", str(tmp_path
+                          / "sae")))):  # --bos and --no-bos gave the same activations: the toy reads no BOS
+        code, _, err = run_main(capsys, "lm", "sae", command, *read, *what, "--bos", "--out", str(tmp_path / "b"))
+        assert_one_line_error(code, err, "its text is read without a BOS token here")
     code, _, err = run_main(capsys, "lm", "sae", "show", *read, "--sae", str(tmp_path / "sae"), "--induction", "65",
                             "--out", str(tmp_path / "bad-show"))  # fmt: skip
     assert_one_line_error(code, err, "--induction 65: the dictionary has 64 latents")

@@ -143,6 +143,11 @@ def _text_model(model_spec, device=None, dtype=None, revision=None):
 
 
 def _contexts(tm, text_file, context: int | None, bos: bool, limit: int | None, tail: bool = False):
+    from mechscope.core.validate import typed_options
+
+    if tm.bos is None and bos and "--bos" in typed_options():  # read without one, whatever was typed
+        raise MechscopeError(f"{tm.name}: its text is read without a BOS token here (a train-toy run learnt text "
+                             "without one), so --bos would be ignored: leave it out")  # fmt: skip
     text, source = read_text(text_file)
     ids = encode_named(tm.encode, text, source)
     b = tm.bos if bos else None
