@@ -116,7 +116,7 @@ class Result:
             with about(path, RunError):  # the record's own checks: said of the file
                 return cls.from_dict(data)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise RunError(f"{path}: not a readable {cls.__name__} record ({json_why(e)})") from None
+            raise RunError(f"{path}: not a readable {cls.__name__} record ({type(e).__name__}: {e})") from None
 
     # ---- showing ----------------------------------------------------------------------------
 

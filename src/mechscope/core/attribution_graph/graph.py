@@ -531,4 +531,4 @@ def load_graph(path, cls: type[AttributionGraph] = AttributionGraph) -> Attribut
     except RunError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise RunError(f"{p}: not a readable graph JSON ({json_why(e)})") from None
+        raise RunError(f"{p}: not a readable graph JSON ({type(e).__name__}: {e})") from None
