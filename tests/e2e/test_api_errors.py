@@ -108,3 +108,22 @@ def test_explain_unknown_class(inputs, capsys, tmp_path):
     run = mechscope.load_run(inputs["run"])
     api = api_line(lambda: mechscope.explain(run.model, inputs["npz"], out=tmp_path / "e", classes=[7]))
     assert api == cli_line(capsys, "cnn", "explain", "--run", inputs["run"], "--class", "7", "--out", tmp_path / "e")
+
+
+def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
+    """A notebook's shortcuts: target=3 (an AttributeError on int.isascii), methods="saliency" (read as the methods
+    's', 'a', ...), layers="conv1" and units=0 (a TypeError), patch=(1,) (an IndexError)."""
+    model = mechscope.load_run(inputs["run"]).model
+    a = mechscope.attribute(model, inputs["npz"], out=tmp_path / "a", methods="saliency", n=2, n_faithfulness=2,
+                            target=1)  # fmt: skip
+    assert [m.method for m in a.faithfulness.methods] == ["saliency"] and a.target == "1"
+    for target, said in ((12, "target 12 out of range: expected 0..2"), (1.5, "target must be pred, label or a")):
+        assert said in api_line(lambda t=target: mechscope.attribute(model, inputs["npz"], out=tmp_path / "b", n=2,
+                                                                      n_faithfulness=2, methods="saliency",
+                                                                      target=t))  # fmt: skip
+    v = mechscope.visualize(model, inputs["npz"], out=tmp_path / "v", layers="conv1", units=0, steps=2)
+    assert [(u.layer, u.unit) for u in v.units] == [("conv1.hook_post", 0)]
+    said = api_line(lambda: mechscope.explain(model, inputs["npz"], out=tmp_path / "e", patch=(1,)))
+    assert "patch expects two classes (clean, corrupted), got (1,)" in said
+    assert "methods must be a list (or one item), got dict" in api_line(
+        lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "d", methods={"saliency": 1}))

@@ -5,6 +5,7 @@ scrubbing against what the construction predicts, refusals in one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -312,3 +313,25 @@ def test_every_metric_of_either_wing_says_what_it_measures_and_in_what_unit():
     assert every == set(METRIC_WORDS)
     assert metric_words("loss", "lower") == "loss (cross-entropy of the right label, in nats; lower is better)"
     assert metric_words("custom", None) == "custom (direction unknown)"
+
+
+def test_a_notebook_users_slips_are_one_line():
+    """What a Python user gets wrong gives a MechscopeError, not a circuit of NaN scores or an error from deep inside
+    (each was one: a circuit; torch's dtype RuntimeError; 2-D labels kept; TypeError; AttributeError twice)."""
+    spec = walk(stroke_cnn(), (1, 8, 8))
+    x, y = strokes(32)
+    for images, labels, said in (
+        (torch.full_like(x, float("nan")), y, "image_task: 2048 pixel(s) not finite (nan in image 0)"),
+        ((x * 255).to(torch.uint8), y, "images must be a floating-point tensor [N, C, H, W] in the model's own"),
+        (x.tolist(), y, "images must be a floating-point tensor [N, C, H, W] in the model's own input range, got list"),
+        (x, y[:, None], "image_task: labels shaped [32, 1]; expected one integer label per image"),
+    ):
+        with pytest.raises(MechscopeError, match=re.escape(said)):
+            image_task(images, labels, target=1, n=4)
+    task = image_task(x, y, target=1, n=4)
+    with pytest.raises(MechscopeError, match=r"discover takes the model's spec, walk\(model, image_shape\), not a CNN"):
+        discover(spec.model, task, "eap")
+    with pytest.raises(MechscopeError, match="discover takes an image_task"):
+        discover(spec, (x, y), "eap")
+    double = discover(spec, image_task(x.double(), y, target=1, n=4), "eap", curve=False, n_random=0)  # float32 now
+    assert double.circuit == discover(spec, task, "eap", curve=False, n_random=0).circuit

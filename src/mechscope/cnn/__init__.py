@@ -61,10 +61,12 @@ def explain(
     """
     from mechscope.cnn.config import ExplainSettings
     from mechscope.cnn.pipelines.explain import explain_model
+    from mechscope.core.validate import as_items
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
+    classes, patch = as_items(classes, "classes"), as_items(patch, "patch")
     settings = ExplainSettings(
-        classes=tuple(classes) if classes else None, patch=tuple(patch) if patch else None, n_pairs=n_pairs,
+        classes=classes or None, patch=patch or None, n_pairs=n_pairs,
         tolerance=tolerance, test_limit=test_limit, circuit_layer=circuit_layer,
     )  # fmt: skip
     return explain_model(model, data, _out(out, "explain"), settings, force=force)[1]
@@ -78,8 +80,10 @@ def attribute(
     """Attribution grids per method and faithfulness.json in ``out`` (None: a temporary directory); returns the
     AttributionResult (in a notebook it shows the faithfulness table, the curves and the grids)."""
     from mechscope.cnn.pipelines.attribute import attribute_model
+    from mechscope.core.validate import as_items
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
+    methods = as_items(methods, "methods")
     return attribute_model(model, data, _out(out, "attribution"), methods, n, n_faithfulness, force, 64, target,
                            layer)[1]  # fmt: skip
 
@@ -92,6 +96,8 @@ def visualize(
     """Feature visualisations of every unit beside its top test images, featvis.json in ``out`` (None: a temporary
     directory); returns the FeatvisResult (in a notebook it shows the summary, the grids and every unit)."""
     from mechscope.cnn.pipelines.visualize import visualize_model
+    from mechscope.core.validate import as_items
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
+    layers, units = as_items(layers, "layers"), as_items(units, "units")
     return visualize_model(model, data, _out(out, "featvis"), layers, units, steps, param, seed, force=force)[1]

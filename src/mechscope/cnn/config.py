@@ -105,6 +105,8 @@ class ExplainSettings:
         from dataclasses import replace
 
         classes = tuple(class_index(c, class_names) for c in self.classes) if self.classes else None
+        if self.patch and len(self.patch) != 2:  # (1,) was an IndexError
+            raise MechscopeError(f"patch expects two classes (clean, corrupted), got {self.patch!r}")
         patch = tuple(class_index(c, class_names, "patching class") for c in self.patch) if self.patch else None
         if patch is not None and patch[0] == patch[1]:
             raise MechscopeError(f"patching needs two different classes, got {self.patch[0]} and {self.patch[1]}")

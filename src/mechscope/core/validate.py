@@ -321,6 +321,20 @@ def int_list(text: str, what: str) -> list[int]:
         raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
 
 
+def as_items(value, what: str) -> tuple | None:
+    """A list a notebook user may give as one item: None stays None, a string or a number is one item (a string was
+    read character by character: "saliency" as the methods 's', 'a', ...), a list or tuple its items."""
+    import numbers
+
+    if value is None:
+        return None
+    if isinstance(value, (str, numbers.Number)) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise MechscopeError(f"{what} must be a list (or one item), got {type(value).__name__}")
+
+
 def name_list(text: str, what: str) -> tuple[str, ...]:
     """Names separated by commas, each stripped: ``"relu, gelu"``. An empty item (``"a,,b"``, a trailing comma) is
     one line naming ``what``, not dropped."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mechscope.cnn.data.images import as_labels
 from mechscope.cnn.methods.graph import CNNEdges
 from mechscope.cnn.models.spec import CNNSpec
 from mechscope.core.errors import MechscopeError
@@ -71,6 +72,11 @@ class ImageTask:
 def check_task_fits(task: ImageTask, spec: CNNSpec) -> None:
     """Refuse a task that is not of ``spec``'s model: images of another shape, classes it does not have, or a
     metric that holds another model's logits."""
+    if not isinstance(spec, CNNSpec):  # a bare model gave "'CNN' object has no attribute 'n_classes'"
+        raise MechscopeError(f"discover takes the model's spec, walk(model, image_shape), not a "
+                             f"{type(spec).__name__}")  # fmt: skip
+    if not isinstance(task, ImageTask):  # (images, labels) gave "'tuple' object has no attribute 'clean'"
+        raise MechscopeError(f"discover takes an image_task(images, labels, ...), not a {type(task).__name__}")
     for what, x in (("clean", task.clean), ("corrupted", task.corrupted)):
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(spec.input_shape):
             shape = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -123,6 +129,18 @@ def make_metric(
     return fns[name]
 
 
+def _checked_images(images) -> torch.Tensor:
+    """Images [N, C, H, W] in the model's own input range: floating point (0..255 integers are another range) and
+    finite (NaN images gave a circuit of NaN scores), as float32."""
+    from mechscope.cnn.data.images import as_nchw  # beside as_labels: the dataset's own checks
+
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise MechscopeError(f"images must be a floating-point tensor [N, C, H, W] in the model's own input range, "
+                             f"got {got}")  # fmt: skip
+    return as_nchw(images, "image_task")
+
+
 def image_task(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -146,6 +164,7 @@ def image_task(
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
     check_seed(seed, "seed")
+    images, labels = _checked_images(images), as_labels(labels, "image_task")
     if len(images) != len(labels) or len(labels) < 2:
         raise MechscopeError(f"{len(images)} images and {len(labels)} labels: one label per image, two or more")
     k = n_classes if n_classes is not None else int(labels.max()) + 1

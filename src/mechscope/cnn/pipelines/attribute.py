@@ -65,7 +65,16 @@ def _methods(names, spec, layer: str, ig_steps: int) -> tuple[dict, dict]:
     return chosen, skipped
 
 
-def parse_target(target: str, class_names) -> str:
+def parse_target(target: str | int, class_names) -> str:
+    """pred, label, or a class by its name or its index (a string on the command line; an int in Python too)."""
+    import numbers
+
+    from mechscope.cnn.config import class_index
+
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # 3 was an AttributeError
+        return str(class_index(int(target), class_names, "target"))
+    if not isinstance(target, str):
+        raise MechscopeError(f"target must be pred, label or a class (index or name), got {target!r}")
     if target in ("pred", "label"):
         return target
     if target in class_names:
