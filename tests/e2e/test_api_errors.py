@@ -127,3 +127,20 @@ def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
     assert "patch expects two classes (clean, corrupted), got (1,)" in said
     assert "methods must be a list (or one item), got dict" in api_line(
         lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "d", methods={"saliency": 1}))
+
+
+def test_pipelines_say_what_data_and_out_they_need(inputs, tmp_path):
+    """The pipelines take an ImageDataset and an output folder: the (images, labels) tuples explain takes, and
+    out=None, gave an AttributeError and pathlib's TypeError."""
+    from mechscope.cnn.pipelines.blocks import blocks_model
+    from mechscope.cnn.pipelines.sae import sae_harvest_model
+
+    model = mechscope.load_run(inputs["run"]).model
+    data = mechscope.load_dataset(str(inputs["npz"]))
+    pair = (data.test_float(), data.test_labels)
+    assert "data must be an ImageDataset (mechscope.load_dataset(NAME)" in api_line(
+        lambda: blocks_model(model, pair, tmp_path / "b", image=0))
+    assert "data must be an ImageDataset" in api_line(lambda: sae_harvest_model(model, pair, tmp_path / "h"))
+    said = api_line(lambda: blocks_model(model, data, None, image=0))
+    assert "an output folder is needed (out=...), got None" in said
+    assert not (tmp_path / "b").exists() and not (tmp_path / "h").exists()

@@ -179,6 +179,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 def check_target(path: str | os.PathLike, force: bool = False) -> Path:
     """The target as an absolute path; raise unless it can be written (absent, empty, or ``force``)."""
+    if not isinstance(path, (str, os.PathLike)):  # out=None in Python was a TypeError from pathlib
+        raise RunError(f"an output folder is needed (out=...), got {path!r}")
     out = Path(path).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")

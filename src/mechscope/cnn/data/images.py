@@ -140,6 +140,14 @@ def as_labels(y, source: str) -> torch.Tensor:
     return y.long()
 
 
+def check_dataset(data) -> None:
+    """``data`` is an :class:`ImageDataset` (a pipeline's argument; the tuples a notebook passes to ``explain``
+    gave an AttributeError here)."""
+    if not isinstance(data, ImageDataset):
+        raise DataError(f"data must be an ImageDataset (mechscope.load_dataset(NAME), or mechscope.cnn.as_dataset("
+                        f"(train_images, train_labels), (test_images, test_labels))), got {type(data).__name__}")
+
+
 def make_dataset(
     name: str, x_train, y_train, x_test, y_test, class_names=None, source: dict | None = None, where: str = ""
 ) -> ImageDataset:

@@ -60,6 +60,9 @@ def blocks_model(model, data, out, *, threads: int = 1, **kw):
     ``threads``: torch threads for the work (one by default: on a small machine anything else is
     using, more threads make these small models many times slower; see ``pipelines.neurons``).
     """
+    from mechscope.cnn.data.images import check_dataset
+
+    check_dataset(data)
     check_settings({**kw, "threads": threads})
     with torch_threads(threads):
         return _blocks(model, data, out, **kw)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.cnn.data.images import check_dataset
 from mechscope.cnn.methods import sae as S
 from mechscope.cnn.models.spec import walk
 from mechscope.cnn.runs import load_run, load_run_data
@@ -79,6 +80,7 @@ def sae_harvest_model(
     if limit is not None:
         _positive("limit", limit)
     check_seed(seed)
+    check_dataset(data)
     spec = walk(model, data.shape)
     hook = hook or spec.last.hook_out
     counter = spec.work_counter()
@@ -230,6 +232,7 @@ def sae_evaluate_model(model, data, dictionary, out, *, hook: str | None = None,
     """Splice the SAE at ``dictionary`` into ``model`` and measure it on the test images; returns
     ``(out, CnnSaeEvaluation)``."""
     check_target(out, force)
+    check_dataset(data)
     sae, hook = load_dictionary(dictionary, hook)
     spec = walk(model, data.shape)
     counter, dict_counter = spec.work_counter(), WorkCounter([sae], "rows")
@@ -282,6 +285,7 @@ def sae_show_model(
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise MechscopeError(f"--{name} must be an integer >= 0, got {v!r}")
     check_target(out, force)
+    check_dataset(data)
     sae, hook = load_dictionary(dictionary, hook)
     spec = walk(model, data.shape)
     counter = spec.work_counter()
