@@ -123,6 +123,10 @@ def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
                                                                       target=t))  # fmt: skip
     v = mechscope.visualize(model, inputs["npz"], out=tmp_path / "v", layers="conv1", units=0, steps=2)
     assert [(u.layer, u.unit) for u in v.units] == [("conv1.hook_post", 0)]
+    assert "--n must be an integer, got 2.5" in api_line(
+        lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "f", methods="saliency", n=2.5))
+    assert "--steps must be an integer, got 2.5" in api_line(
+        lambda: mechscope.visualize(model, inputs["npz"], out=tmp_path / "w", layers="conv1", units=0, steps=2.5))
     said = api_line(lambda: mechscope.explain(model, inputs["npz"], out=tmp_path / "e", patch=(1,)))
     assert "patch expects two classes (clean, corrupted), got (1,)" in said
     assert "methods must be a list (or one item), got dict" in api_line(

@@ -15,7 +15,7 @@ from mechscope.cnn.runs import load_run, load_run_data, weights_hash, write_json
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output
 from mechscope.core.torch_utils import evaluating
-from mechscope.core.validate import repeated
+from mechscope.core.validate import check_int, repeated
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,10 @@ def attribute_model(
 
     n_test = len(data.test_labels)
     for option, value in (("--n", n), ("--n-faithfulness", n_faithfulness)):
+        check_int(value, option)  # 2.5 was a TypeError from range()
         if not 1 <= value <= n_test:
             raise MechscopeError(f"{option} must be between 1 and the {n_test:,} test images, got {value}")
-    if ig_steps < 1:
-        raise MechscopeError(f"ig_steps must be at least 1, got {ig_steps}")
+    check_int(ig_steps, "ig_steps", 1)
     spec = walk(model, data.shape)
     net = spec.model
     given_layer = layer

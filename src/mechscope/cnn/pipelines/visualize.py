@@ -17,12 +17,13 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.outputs import atomic_output
 from mechscope.core.torch_utils import evaluating
-from mechscope.core.validate import check_seed
+from mechscope.core.validate import check_int, check_seed
 
 log = logging.getLogger(__name__)
 
 
 def _check(spec, layers, units, steps, seed=0) -> tuple[list[str], dict[str, int]]:
+    check_int(steps, "--steps")  # 2.5 was a TypeError from range()
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1, got {steps}")
     if steps > 100_000:
