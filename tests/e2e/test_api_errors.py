@@ -148,3 +148,24 @@ def test_pipelines_say_what_data_and_out_they_need(inputs, tmp_path):
     said = api_line(lambda: blocks_model(model, data, None, image=0))
     assert "an output folder is needed (out=...), got None" in said
     assert not (tmp_path / "b").exists() and not (tmp_path / "h").exists()
+
+
+def test_a_run_folder_for_a_model_and_unknown_settings(inputs, tmp_path):
+    """A run folder where a model goes is loaded (it was an AttributeError deep inside); something else is refused;
+    an unknown keyword of a **settings function names the known ones (a dataclass TypeError before)."""
+    import mechscope.clip as C
+    from mechscope.lm import train_toy
+
+    run = mechscope.load_run(inputs["run"])
+    by_path = mechscope.attribute(inputs["run"], inputs["npz"], out=tmp_path / "p", methods="saliency", n=2,
+                                  n_faithfulness=2)  # fmt: skip
+    by_model = mechscope.attribute(run.model, inputs["npz"], out=tmp_path / "m", methods="saliency", n=2,
+                                   n_faithfulness=2)  # fmt: skip
+    assert by_path.faithfulness.to_dict() == by_model.faithfulness.to_dict()
+    assert "model must be a torch nn.Module or a run folder, got dict" in api_line(
+        lambda: mechscope.explain({}, inputs["npz"], out=tmp_path / "e"))
+    for call, said in ((lambda: C.train_small(foo=1), "unknown clip.train_small setting 'foo'; the settings are"),
+                       (lambda: C.neurons("x", foo=1), "unknown clip.neurons setting 'foo'"),
+                       (lambda: C.attack("x", foo=1), "unknown clip.attack setting 'foo'"),
+                       (lambda: train_toy(foo=1), "unknown toy setting 'foo'; the settings are layers, data")):
+        assert said in api_line(call)

@@ -36,9 +36,11 @@ def test_char_tokenizer():
 
     ids = char_ids()
     tok = ClipTokenizer(char_tokenizer(), 32, ids["bos"], ids["eos"], ids["eos"])
-    enc = tok.encode("A three!")
-    assert enc[0] == ids["bos"] and enc[-1] == ids["eos"] and len(enc) == 10
-    assert enc[1] == CHARS.index("a") and enc[-2] == ids["unk"]  # lower-cased; "!" unknown
+    enc = tok.encode("A three")
+    assert enc[0] == ids["bos"] and enc[-1] == ids["eos"] and len(enc) == 9
+    assert enc[1] == CHARS.index("a") and enc[-2] == CHARS.index("e")  # lower-cased
+    with pytest.raises(MechscopeError, match="'A three!' has '!' outside this model's vocabulary"):
+        tok.encode("A three!")  # read as the unknown token, as any other character it lacks would be
     batch = tok.batch(["three", "a handwritten three"])
     assert batch.shape == (2, 21) and (batch[0, 7:] == ids["eos"]).all()
     long = tok.encode("x" * 100)

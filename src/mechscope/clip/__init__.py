@@ -18,6 +18,7 @@ report and JSON, returning ``(path, result)``).
 from __future__ import annotations
 
 from mechscope.core.errors import user_errors
+from mechscope.core.validate import known_settings
 
 __all__ = ["attack", "inspect", "load", "neurons", "render_word", "train_small"]
 
@@ -36,6 +37,7 @@ def train_small(out=None, force: bool = False, data_dir=None, threads: int = 1, 
     from mechscope.clip.pipelines.train import train_small as run
     from mechscope.clip.training import SmallSettings
 
+    known_settings(SmallSettings, settings, "clip.train_small")
     return run(out, SmallSettings(**settings), data_dir, force, threads)
 
 
@@ -47,6 +49,7 @@ def neurons(model, out=None, images=None, concepts=None, data_dir=None, device=N
     from mechscope.clip.pipelines.neurons import NeuronSettings, read_model
     from mechscope.clip.pipelines.neurons import neurons as run
 
+    known_settings(NeuronSettings, settings, "clip.neurons")
     s = NeuronSettings(**settings)
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         from mechscope.core.torch_utils import torch_threads
@@ -63,6 +66,7 @@ def attack(model, out=None, images=None, data_dir=None, device=None, dtype=None,
     from mechscope.clip.pipelines.attack import AttackSettings, attack_model
     from mechscope.clip.pipelines.attack import attack as run
 
+    known_settings(AttackSettings, settings, "clip.attack")
     s = AttackSettings(**settings)
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         from mechscope.core.torch_utils import torch_threads

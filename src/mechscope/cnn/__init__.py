@@ -30,6 +30,24 @@ def _out(out, name: str) -> Path:
     return Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"mechscope-{name}-"))
 
 
+def _model(model):
+    """The network to explain: an ``nn.Module``, or a run folder of ``mechscope cnn train`` (a path gave an
+    AttributeError deep inside)."""
+    import os
+
+    import torch.nn as nn
+
+    from mechscope.core.errors import MechscopeError
+
+    if isinstance(model, (str, os.PathLike)):
+        from mechscope.cnn.runs import load_run
+
+        return load_run(model).model
+    if not isinstance(model, nn.Module):
+        raise MechscopeError(f"model must be a torch nn.Module or a run folder, got {type(model).__name__}")
+    return model
+
+
 def as_dataset(train_data, test_data=None, class_names=None, data_dir=None):
     """An :class:`~mechscope.cnn.data.images.ImageDataset` from a name or path, an ImageDataset, or (images,
     labels) tensors for each split."""
@@ -54,7 +72,8 @@ def explain(
     model, train_data, test_data=None, out="explain", *, class_names=None, classes=None, patch=None,
     circuit_layer=None, test_limit=None, tolerance=0.01, n_pairs=16, force=False, data_dir=None,
 ):  # fmt: skip
-    """Explain ``model`` on the data: mechanisms.json and the microscope report.html in ``out``.
+    """Explain ``model`` (an ``nn.Module``, or a run folder) on the data: mechanisms.json and the microscope
+    report.html in ``out``.
 
     Returns the :class:`~mechscope.cnn.methods.explained.ExplainResult`, which shows itself in a notebook;
     ``result.save_html(path)`` writes the report again. ``out=None``: a new temporary directory.
@@ -69,7 +88,7 @@ def explain(
         classes=classes or None, patch=patch or None, n_pairs=n_pairs,
         tolerance=tolerance, test_limit=test_limit, circuit_layer=circuit_layer,
     )  # fmt: skip
-    return explain_model(model, data, _out(out, "explain"), settings, force=force)[1]
+    return explain_model(_model(model), data, _out(out, "explain"), settings, force=force)[1]
 
 
 @user_errors
@@ -77,14 +96,15 @@ def attribute(
     model, train_data, test_data=None, out="attribution", *, methods=None, n=16, n_faithfulness=64, target="pred",
     layer=None, class_names=None, force=False, data_dir=None,
 ):  # fmt: skip
-    """Attribution grids per method and faithfulness.json in ``out`` (None: a temporary directory); returns the
-    AttributionResult (in a notebook it shows the faithfulness table, the curves and the grids)."""
+    """Attribution grids per method of ``model`` (an ``nn.Module``, or a run folder) and faithfulness.json in
+    ``out`` (None: a temporary directory); returns the AttributionResult (in a notebook it shows the faithfulness
+    table, the curves and the grids)."""
     from mechscope.cnn.pipelines.attribute import attribute_model
     from mechscope.core.validate import as_items
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
     methods = as_items(methods, "methods")
-    return attribute_model(model, data, _out(out, "attribution"), methods, n, n_faithfulness, force, 64, target,
+    return attribute_model(_model(model), data, _out(out, "attribution"), methods, n, n_faithfulness, force, 64, target,
                            layer)[1]  # fmt: skip
 
 
@@ -93,11 +113,12 @@ def visualize(
     model, train_data, test_data=None, out="featvis", *, layers=None, units=None, steps=512, param="fourier",
     seed=0, class_names=None, force=False, data_dir=None,
 ):  # fmt: skip
-    """Feature visualisations of every unit beside its top test images, featvis.json in ``out`` (None: a temporary
-    directory); returns the FeatvisResult (in a notebook it shows the summary, the grids and every unit)."""
+    """Feature visualisations of every unit of ``model`` (an ``nn.Module``, or a run folder) beside its top test
+    images, featvis.json in ``out`` (None: a temporary directory); returns the FeatvisResult (in a notebook it shows
+    the summary, the grids and every unit)."""
     from mechscope.cnn.pipelines.visualize import visualize_model
     from mechscope.core.validate import as_items
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
     layers, units = as_items(layers, "layers"), as_items(units, "units")
-    return visualize_model(model, data, _out(out, "featvis"), layers, units, steps, param, seed, force=force)[1]
+    return visualize_model(_model(model), data, _out(out, "featvis"), layers, units, steps, param, seed, force=force)[1]

@@ -321,6 +321,17 @@ def int_list(text: str, what: str) -> list[int]:
         raise MechscopeError(f"{what} expects integers separated by commas, got {text!r}") from None
 
 
+def known_settings(cls, settings: dict, what: str) -> None:
+    """Every keyword a Python user gives to a function taking ``**settings`` is a field of the settings dataclass
+    ``cls``: one line naming the unknown one and the known ones (a TypeError from the dataclass before)."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in settings if k not in names]
+    if unknown:
+        raise MechscopeError(f"unknown {what} setting {unknown[0]!r}; the settings are {', '.join(names)}")
+
+
 def as_items(value, what: str) -> tuple | None:
     """A list a notebook user may give as one item: None stays None, a string or a number is one item (a string was
     read character by character: "saliency" as the methods 's', 'a', ...), a list or tuple its items."""

@@ -230,11 +230,10 @@ def train_toy(config=None, *, text: str | None = None, control: bool = False, ou
     from dataclasses import replace
     from pathlib import Path
 
+    from mechscope.core.validate import known_settings
     from mechscope.lm.toy import ToyConfig, train_toy_and_control
 
-    try:
-        config = replace(config or ToyConfig(), **settings)
-    except TypeError as e:
-        raise MechscopeError(f"unknown toy setting: {e}") from None
+    known_settings(ToyConfig, settings, "toy")
+    config = replace(config or ToyConfig(), **settings)
     config.validate()
     return train_toy_and_control(config, text, Path(out) if out is not None else None, progress, control)
