@@ -143,7 +143,8 @@ CHAR_SPECIALS = ("<unk>", BOS, EOS)  # after the characters: the end token has t
 
 
 def char_tokenizer(chars: str = CHARS):
-    """A character-level ``tokenizers`` tokenizer (lowercased; unknown characters -> ``<unk>``) that adds the start
+    """A character-level ``tokenizers`` tokenizer (lowercased; unknown characters -> ``<unk>``, which
+    :class:`ClipTokenizer` refuses) that adds the start
     and end tokens: the small image–text model's vocabulary. Returns the backend (``.save(path)`` writes it)."""
     from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
