@@ -341,8 +341,8 @@ def as_items(value, what: str) -> tuple | None:
         return None
     if isinstance(value, (str, numbers.Number)) and not isinstance(value, bool):
         return (value,)
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (bytes, dict))):
+        return tuple(value)  # an array or a tensor of classes, as before
     raise MechscopeError(f"{what} must be a list (or one item), got {type(value).__name__}")
 
 
