@@ -2,7 +2,7 @@
 the command only.
 
 docs/getting-started.md tells users on a shared machine to pass ``--threads 1`` (two threads spinning for cores
-another process holds make small models 10-20 times slower); before, 22 of the 31 commands that run a model said
+another process holds make small models 10-20 times slower); before, 22 of the 32 commands that run a model said
 "No such option: --threads".
 """
 
