@@ -195,9 +195,7 @@ def test_lm_harvest_is_one_pass_over_its_tokens(lm_chain, tmp_path):
     assert w == h.work
     n = h.contexts * h.context
     assert w["unit"] == "tokens" and w["rows_per_pass"] == h.tokens == n
-    # the hooks are in the last block: whole passes; three probes (hook widths, and check_pair's order of the
-    # transcoder's two hooks)
-    assert w["forward_tokens"] == n + 3 * PROBE_TOKENS
+    assert w["forward_tokens"] == n + 2 * PROBE_TOKENS  # the hooks are in the last block: whole passes
     # a hook in block 0 of 2: the forward stops there, half a pass (the probes run whole)
     settings = LS.HarvestSettings(hooks=("blocks.0.hook_resid_post",), context=24, shard_rows=256, batch=8)
     _, h0 = LS.sae_harvest("tiny", tmp_path / "h0", text, settings, model=tm, progress=False)

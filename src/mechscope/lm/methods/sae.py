@@ -70,8 +70,8 @@ def probe_tokens(model: HookedTransformer) -> torch.Tensor:
 
 
 def hook_widths(model: HookedTransformer, names: list[str]) -> dict[str, int]:
-    """The row width of each hook (the product of its dimensions after [B, P]); an unknown or non-firing hook
-    is a one-line :class:`HookError`."""
+    """The row width of each hook (the product of its dimensions after [B, P]), in the order the hooks fire in the
+    forward pass; an unknown or non-firing hook is a one-line :class:`HookError`."""
     known = hook_points(model)
     for n in names:
         if n not in known or not n:  # "" names the model itself among its modules, not a hook point
@@ -80,7 +80,7 @@ def hook_widths(model: HookedTransformer, names: list[str]) -> dict[str, int]:
             raise HookError(f"unknown hook point {n!r}; valid names: {describe_names(known)}")
     with evaluating(model):
         _, cache = run_with_cache(model, probe_tokens(model), names=list(dict.fromkeys(names)))
-    return {n: int(np.prod(cache[n].shape[2:])) for n in names}
+    return {n: int(np.prod(x.shape[2:])) for n, x in cache.items()}  # the cache fills as the hooks fire
 
 
 def check_distinct(hook: str, target: str | None) -> None:
@@ -89,19 +89,11 @@ def check_distinct(hook: str, target: str | None) -> None:
         raise MechscopeError(f"a transcoder's target must be another hook than its input, after it; got {hook} twice")
 
 
-def check_pair(model: HookedTransformer, hook: str, target: str) -> None:
+def check_pair(fired: list[str], hook: str, target: str) -> None:
     """A transcoder's target hook runs after its input hook in the forward pass (it replaces what the target carries
-    by a function of what the input hook saw); one line when not."""
-    order: list[str] = []
-
-    def seen(x, h) -> None:
-        if h.name not in order:
-            order.append(h.name)
-
+    by a function of what the input hook saw); ``fired``: hook names in firing order (:func:`hook_widths`' keys)."""
     check_distinct(hook, target)
-    with evaluating(model), torch.no_grad(), hooks(model, fwd=[(hook, seen), (target, seen)]):
-        model(probe_tokens(model))
-    if order != [hook, target]:
+    if fired.index(target) < fired.index(hook):
         raise MechscopeError(f"a transcoder's target must run after its input hook: {target} runs before {hook}")
 
 
@@ -121,7 +113,7 @@ def check_dictionary(model: HookedTransformer, dictionary: SparseDictionary, hoo
             f"the dictionary writes d_out={cfg.d_out}; {target} of this model has width {widths[target]}"
         )
     if target:
-        check_pair(model, hook, target)
+        check_pair(list(widths), hook, target)
 
 
 # ---- contexts ------------------------------------------------------------------------------------------

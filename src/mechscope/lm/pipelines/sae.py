@@ -188,7 +188,7 @@ def sae_harvest(
         widths = S.hook_widths(tm.model, names)
         for s in specs:
             if s.target:
-                S.check_pair(tm.model, s.hook, s.target)
+                S.check_pair(list(widths), s.hook, s.target)
     tokens, source = _contexts(tm, text_file, settings.context, settings.bos, settings.contexts)
     skip = int(tm.bos is not None and settings.bos)
     per_context = tokens.shape[1] - skip
