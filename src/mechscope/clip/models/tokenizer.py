@@ -12,6 +12,7 @@ kept last, padded on the right (CLIP) or to the whole context (SigLIP).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class ClipTokenizer:
             raise MechscopeError(f"expected a text, got {type(text).__name__}")
         enc = self.backend.encode(text, add_special_tokens=True)
         ids = list(enc.ids)
-        unk = self._unknown_id()
+        unk = self.unknown_id
         if unk is not None and unk in ids:  # the text reads as another one: "名前" and "数字" were one prompt
             chars = sorted({text[a:b] for (a, b), i in zip(enc.offsets, ids, strict=True) if i == unk and b > a})
             shown = ", ".join(repr(c) for c in chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
@@ -55,9 +56,10 @@ class ClipTokenizer:
             ids = ids[: self.n_ctx - 1] + ids[-1:] if self.eos_id is not None else ids[: self.n_ctx]
         return ids
 
-    def _unknown_id(self) -> int | None:
+    @functools.cached_property
+    def unknown_id(self) -> int | None:
         """The id the tokenizer gives what its vocabulary lacks (None: it has none, as a byte-level BPE's, or it
-        is a special token the texts carry anyway)."""
+        is a special token the texts carry anyway); found once (a Unigram's means serialising the tokenizer)."""
         name = getattr(self.backend.model, "unk_token", None)  # WordLevel, BPE, WordPiece
         i = self.backend.token_to_id(name) if isinstance(name, str) else None
         if i is None and not hasattr(self.backend.model, "unk_token"):  # Unigram (SentencePiece) keeps an id only
