@@ -104,14 +104,9 @@ class Result:
         path = Path(path)
         if path.is_dir():
             path = path / getattr(cls, "FILE", "result.json")
-        from mechscope.core.validate import json_why, strict_loads
+        from mechscope.core.validate import read_strict_json
 
-        try:
-            data = strict_loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunError(f"{path}: not found") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # NaN, Infinity, a key given twice
-            raise RunError(f"{path}: not a readable {cls.__name__} record ({json_why(e)})") from None
+        data = read_strict_json(path, f"{cls.__name__} record")
         try:
             with about(path, RunError):  # the record's own checks: said of the file
                 return cls.from_dict(data)

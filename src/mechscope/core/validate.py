@@ -158,6 +158,19 @@ def strict_loads(text: str) -> Any:
     return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
 
 
+def read_strict_json(path: Path, what: str) -> Any:
+    """A file a command wrote, read as :func:`strict_loads`: a :class:`RunError` naming the file when it is missing
+    (``not found``) or not strict JSON (``not a readable WHAT``)."""
+    from mechscope.core.errors import RunError
+
+    try:
+        return strict_loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: not found") from None
+    except (OSError, ValueError, RecursionError) as e:  # UTF-8, NaN, Infinity, a key given twice
+        raise RunError(f"{path}: not a readable {what} ({json_why(e)})") from None
+
+
 def _no_repeats(pairs: list) -> dict:
     """A JSON object whose keys are all different (Python keeps the last of two, so one was silently read)."""
     out: dict = {}

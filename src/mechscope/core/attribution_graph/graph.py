@@ -517,14 +517,9 @@ def load_graph(path, cls: type[AttributionGraph] = AttributionGraph) -> Attribut
     p = Path(path)
     if p.is_dir():
         p = p / AttributionGraph.FILE
-    from mechscope.core.validate import json_why, strict_loads
+    from mechscope.core.validate import read_strict_json
 
-    try:
-        data = strict_loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{p}: not found") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # NaN, Infinity, a key given twice
-        raise RunError(f"{p}: not a readable graph JSON ({json_why(e)})") from None
+    data = read_strict_json(p, "graph JSON")
     try:
         check_graph_record(data, str(p), cls.SCHEMA)
         return cls.from_dict(data)
