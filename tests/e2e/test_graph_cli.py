@@ -98,6 +98,25 @@ def test_cnn_graph_bad_input(capsys, quick_run, mnist_root, tmp_path, extra, fra
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--ablate", "1_x_2"], ["--ablate '1_x_2': only feature nodes", "LAYER_FEATURE_POS"]),
+        (["--ablate", "0_-1_3"], ["--ablate '0_-1_3': only feature nodes"]),  # an error node
+        (["--steer", "E_0_4=2"], ["--steer 'E_0_4': only feature nodes"]),  # a pixel
+        (["--ablate", "0_1_2,0_3_4", "--ablate", "0_3_4,0_1_2"], ["--ablate 0_1_2,0_3_4 given more than once"]),
+    ],
+)
+def test_graph_interventions_are_checked_before_dictionaries_are_trained(capsys, quick_run, mnist_root, tmp_path,
+                                                                         extra, fragments):  # fmt: skip
+    """A malformed node id was named only after the dictionaries were trained here (two progress lines, a minute);
+    now the one error line comes first."""
+    base = ["cnn", "graph", "--run", str(quick_run), "--data-dir", str(mnist_root), "--dashboards", "0"]
+    code, _, err = run_main(capsys, *base, *extra, "--out", str(tmp_path / "g"))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "g").exists()
+
+
 @pytest.mark.parametrize("kind", ["cnn", "lm"])
 @pytest.mark.parametrize("damage", ["not json", "edge", "schema"])
 def test_view_refuses_an_invalid_graph_json(capsys, tmp_path, kind, damage):
@@ -240,6 +259,7 @@ def test_lm_graph_loads_on_the_device_and_dtype_asked(capsys, hist, tmp_path):
         (["--tokens", "0,2,3,2,2,4,2,3", "--neurons"], ["longer than the context"]),
         (["--tokens", "0,2,3", "--neurons", "--target", "#7"], ["outside the model's 0..6"]),
         (["--tokens", "0,2,3", "--neurons", "--logit-pos", "5"], ["logit position 5 outside"]),
+        (["--tokens", "0,2,3", "--neurons", "--ablate", "L0F3"], ["--ablate 'L0F3': only feature nodes"]),
         (["--tokens", "0,2,3", "--transcoders", "WRONG"], ["d_model 20"]),
         (["--tokens", "0,2,3", "--transcoders", "TWO"], ["2 transcoders", "1 MLP layers"]),
     ],

@@ -27,7 +27,7 @@ from mechscope.cnn.methods.attribution_graph import (
 )
 from mechscope.cnn.methods.replacement import StageDictionaries
 from mechscope.cnn.models.spec import walk
-from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_asked, check_counts
 from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
@@ -64,6 +64,7 @@ def graph_model(
     from mechscope.cnn.runs import load_run, load_run_data
 
     check_counts(dashboards=dashboards)
+    check_asked(ablate, steer)
     if out is not None:
         check_target(out, force)
     if split not in ("train", "test"):

@@ -20,6 +20,7 @@ from mechscope.core.attribution_graph.build import Built, LinearSystem, build
 from mechscope.core.attribution_graph.checks import (
     GraphIntervention,
     asked_interventions,
+    check_asked,
     check_counts,
     check_edges,
     check_graph_settings,
@@ -49,6 +50,7 @@ __all__ = [
     "Pruned",
     "Triplets",
     "asked_interventions",
+    "check_asked",
     "check_counts",
     "check_graph_settings",
     "parse_steer",

@@ -10,6 +10,7 @@ Both wings call these with small callables over their local replacement model:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,15 +220,31 @@ def parse_steer(text: str, example: str) -> tuple[str, float]:
     return node.strip(), v
 
 
+FEATURE_ID = re.compile(r"\d+_\d+_\d+")  # LAYER_FEATURE_POS (node_id's feature form; errors have feature -1)
+
+
+def check_asked(ablate=None, steer=None) -> None:
+    """The interventions a graph command is asked for, checked before any work (a wing's graph trains its
+    dictionaries first, which took minutes before a typo was named): each node a feature node's id, each steering
+    value finite and in range, no group of ``ablate`` given twice. Whether the feature is active is for the graph."""
+    for node, value in steer or []:  # the API's values, checked as the CLI's are
+        parse_steer(f"{node}={value}", str(node))
+    for opt, nodes in [("--ablate", n) for g in ablate or [] for n in ([g] if isinstance(g, str) else g)] + [
+        ("--steer", node) for node, _ in steer or []
+    ]:
+        if not isinstance(nodes, str) or not FEATURE_ID.fullmatch(nodes.strip()):
+            raise MechscopeError(f"{opt} {nodes!r}: only feature nodes can be steered or ablated; expected a feature "
+                                 "node's id LAYER_FEATURE_POS (for example 1_12_5)")  # fmt: skip
+    twice = repeated(tuple(sorted(g)) for g in ablate or [])
+    if twice:  # the same intervention twice: one more row of the same numbers
+        raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
+
+
 def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=None, steer=None) -> list:
     """The interventions a graph command was asked for, in order: with ``auto`` the graph's first feature ablated,
     then each group of ``ablate`` (node ids) ablated, then each ``(node, value)`` of ``steer`` set to its value.
     ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
-    for node, value in steer or []:  # the API's values, checked as the CLI's are, before any work
-        parse_steer(f"{node}={value}", str(node))
-    twice = repeated(tuple(sorted(g)) for g in ablate or [])
-    if twice:  # the same intervention twice: one more row of the same numbers
-        raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
+    check_asked(ablate, steer)
     checks = []
     if auto and features:
         checks.append(intervene_on([features[0]["id"]]))

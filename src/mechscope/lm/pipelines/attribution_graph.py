@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_counts
+from mechscope.core.attribution_graph import PhaseWork, asked_interventions, check_asked, check_counts
 from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
@@ -176,6 +176,7 @@ def graph_model(
     from mechscope.lm.text import read_text
 
     check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
+    check_asked(ablate, steer)
     text = cache(partial(read_text, text_file))  # read once, when first needed (transcoders, dashboards)
     if text_file is not None:  # a text the user gave is read before any work: missing, a folder, empty, binary
         text()
