@@ -156,20 +156,70 @@ def test_a_feeder_share_says_of_what_and_that_it_is_an_estimate(lines):
 
 def test_the_named_channel_is_the_costliest_and_the_threshold_is_stated(lines):
     line = one(lines, "conv2 channel 1: mean-ablating it costs class cat 2.0 points")
-    assert "(named: a cost of at least 0.5 points to one class, largest first)" in line
+    assert "(named: the only channel costing one class at least 0.5 points, largest first)" in line
     assert not any(s.startswith("conv2 channel 0:") for s in lines)  # 0.1 points: under the threshold
     assert "the costliest is channel 1" in one(lines, "conv2, one channel mean-ablated at a time (measured)")
+    assert not any(s.startswith("The other ") for s in lines)
+
+
+def test_channels_past_the_named_three_are_listed_not_dropped():
+    """Five channels cost a class at least 0.5 points: three get a sentence, the other two are listed (the
+    sentences said "named: a cost of at least 0.5 points" and named three of eight)."""
+    r = make_result()
+    costs = {(0, 1): 0.009, (1, 0): 0.02, (2, 2): 0.006, (3, 1): 0.012, (4, 0): 0.005}
+    stages = (r.ablation.stages[0], _stage_ablation("conv2", 5, costs))
+    lines = S.summarise(replace(r, ablation=replace(r.ablation, stages=stages)))
+    named = [s for s in lines if s.startswith("conv2 channel ") and "mean-ablating it costs" in s]
+    assert [s.split(":")[0] for s in named] == ["conv2 channel 1", "conv2 channel 3", "conv2 channel 0"]
+    assert all("(named: the 3 largest of the 5 channels costing one class at least 0.5 points" in s for s in named)
+    line = one(lines, "The other 2 conv2 channels costing one class at least 0.5 points:")
+    assert line.endswith(": 2 (class fox, 0.6); 4 (class cat, 0.5).")
+
+
+def test_the_preferred_class_comes_with_the_next_one(lines):
+    """A channel whose class means are all alike does not read as preferring one: the next class's mean is given."""
+    sel = make_result().selectivity[1]
+    means = sel.class_means[1]
+    first, second = means.argsort(descending=True)[:2].tolist()
+    line = one(lines, "conv2 channel 1: mean-ablating it costs class cat")
+    assert (f"its mean activation is highest on class {NAMES[first]} (mean {float(means[first]):.2f}; next class "
+            f"{NAMES[second]}, {float(means[second]):.2f}; selectivity 0.30)") in line  # fmt: skip
 
 
 def test_resample_against_mean_says_which_donors(lines):
     line = one(lines, "Resample-ablating a circuit (donors from the data distribution) leaves")
-    assert "for 3 of 3 classes" in line and "for more than half of them" in line
+    assert "for 3 of 3 classes (median 20.0% against 50.0%). Neither is a neutral 'off'" in line
+    assert "66.7% of them of another class" in line and "for more than half" not in line
 
 
 def test_patching_says_it_is_measured_and_what_the_share_is_of(lines):
     line = one(lines, "Activation patching from a cat into a dog")
     assert "measured" in line and "of the gap between the two images' logit differences restored" in line
-    assert "the whole channel that moves it most is 1 (-60%)" in line.replace("−", "-")
+    assert "the whole channels that move it most, one stage at a time: conv2 channel 1 (-60% ± 0)" in line
+
+
+def test_held_out_images_are_judged_by_the_same_criterion():
+    """The circuits are searched on the test images, where they pass narrowly by design; the held-out images give
+    the criterion's verdict on data the search never saw (both halves, the same tolerance)."""
+    r = make_result()
+    held = dict(held_out_full_accuracy=0.99, held_out_other_classes_called_full=0.001)
+    circuits = (
+        replace(r.circuits.circuits[0], margin=0.002, held_out_sufficiency=0.985,  # both halves hold
+                held_out_other_classes_called_circuit=0.005, **held),
+        replace(r.circuits.circuits[1], margin=0.004, held_out_sufficiency=0.97,  # accuracy 2 points short
+                held_out_other_classes_called_circuit=0.005, **held),
+        replace(r.circuits.circuits[2], margin=0.001, held_out_sufficiency=0.99,  # other classes called fox
+                held_out_other_classes_called_circuit=0.02, **held),
+    )  # fmt: skip
+    study = replace(r.circuits, circuits=circuits, held_out_check="training images 100-200, not used for the means")
+    assert [study.held_out_met(c) for c in circuits] == [True, False, False]
+    assert make_result().circuits.held_out_met(r.circuits.circuits[0]) is None  # no held-out images: no verdict
+    line = one(S.summarise(replace(r, circuits=study)), "These are the smallest sets for the test images")
+    assert "the margin is at most 0.4 points" in line
+    assert "(training images 100-200, not used for the means), 1 of 3 meet the criterion (class cat)" in line
+    assert "accuracy there is 0.0 to 2.0 points below the full model's (class dog the most)" in line
+    assert "called it up to 1.9 points more often" in line
+    assert not any(s.startswith("These are the smallest") for s in S.summarise(r))
 
 
 def test_the_donor_field_survives_json():

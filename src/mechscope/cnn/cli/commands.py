@@ -222,6 +222,10 @@ def explain(
     typer.echo(f"test accuracy {r.overview.test_accuracy:.4f}; mean-ablating {whole}")
     for c in r.circuits.circuits:
         flag = "" if c.meets_criterion else "  (criterion NOT met)"
+        held = r.circuits.held_out_met(c)
+        if held is not None:
+            flag += (f"; held-out alone {c.held_out_sufficiency:.3f} (full {c.held_out_full_accuracy:.3f})"
+                     + ("" if held else ", criterion NOT met"))  # fmt: skip
         typer.echo(
             f"{names[c.target]}: {c.size:>2} {r.circuits.stage} channels {list(c.channels)}: alone {c.sufficiency:.3f} "
             f"(full {c.full_accuracy:.3f}), mean-ablated {c.necessity:.3f}, "

@@ -109,6 +109,15 @@ class CircuitStudy(Result):
     def of(self, target: int) -> ClassCircuit | None:
         return next((c for c in self.circuits if c.target == target), None)
 
+    def held_out_met(self, c: ClassCircuit) -> bool | None:
+        """The criterion (both halves, the same tolerance) on the held-out images the search never saw; None
+        without them. The circuits are searched on the test images, so their margin there is small by design."""
+        if c.held_out_sufficiency is None or c.held_out_full_accuracy is None:
+            return None
+        tol = self.tolerance
+        return bool(c.held_out_sufficiency >= c.held_out_full_accuracy - tol
+                    and c.held_out_other_classes_called_circuit <= c.held_out_other_classes_called_full + tol)  # fmt: skip
+
 
 class _Keeper:
     """Logits with only some channels of a stage kept (the others at their mean), on a set of activations."""

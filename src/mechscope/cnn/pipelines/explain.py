@@ -73,7 +73,7 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
             patching = patching_study(model, spec, ed, acts, pair, s.n_pairs, s.batch_size)
         with timer.section("circuits"):
             n_ref, n_held = len(ed.x_ref), len(ed.y_held)
-            held = f"training images {n_ref:,}-{n_ref + n_held:,} (not used for the means)" if n_held else "none"
+            held = f"training images {n_ref:,}-{n_ref + n_held:,}, not used for the means" if n_held else "none"
             classes = list(dict.fromkeys(s.classes)) if s.classes else list(range(ed.n_classes))
             circuits = circuit_study(
                 model, spec, ed, acts, classes, s.circuit_layer, s.tolerance, s.resample_seed, s.batch_size, held

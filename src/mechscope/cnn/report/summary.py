@@ -31,6 +31,7 @@ def _pts(v: float) -> str:
 # The thresholds behind the summary's words (stated in the sentences that use them).
 READS_AS_MIN = 0.5  # a replacement "reads as" a class when the network calls at least this share of images that class
 SPECIALIST_MIN = 0.005  # a channel is named when mean-ablating it costs one class at least 0.5 points
+SPECIALISTS_SHOWN = 3  # the largest that get a sentence; the others are listed in one
 NEGLIGIBLE = 0.001  # a channel whose mean-ablation costs under 0.1 points of test accuracy
 
 
@@ -187,20 +188,64 @@ def _specialists(r, names, word) -> list[str]:
         rest = np.delete(cost[c], d).max() if cost.shape[1] > 1 else 0.0
         if cost[c, d] >= SPECIALIST_MIN:
             found.append((cost[c, d], c, d, rest))
-    return [
+    found.sort(reverse=True)
+    shown, more = found[:SPECIALISTS_SHOWN], found[SPECIALISTS_SHOWN:]
+    m = len(found)
+    which = f"the {len(shown)} largest of the {m} channels" if more else {1: "the only channel", 2: "both channels"}.get(
+        m, f"all {m} channels"
+    )
+    lines = [
         f"{last.stage} channel {c}: mean-ablating it costs {word} {names[d]} {_pts(value)} points of its accuracy and "
-        f"no other {word} more than {_pts(max(rest, 0.0) + 0.0)} (named: a cost of at least {100 * SPECIALIST_MIN:.1f} "
-        f"points to one {word}, largest first); its mean activation is highest on {word} "
-        f"{names[sel.preferred_class[c]]} (selectivity {float(sel.index[c]):.2f}), with the centre of mass of its map "
-        f"on those images in the {sel.region_on_preferred_class[c]} of the image."
-        for value, c, d, rest in sorted(found, reverse=True)[:3]
+        f"no other {word} more than {_pts(max(rest, 0.0) + 0.0)} (named: {which} costing one {word} at least "
+        f"{100 * SPECIALIST_MIN:.1f} points, largest first); its mean activation is highest on {word} "
+        f"{_runner_up(sel, c, names, word)}, with the centre of mass of its map on those images in the "
+        f"{sel.region_on_preferred_class[c]} of the image."
+        for value, c, d, rest in shown
     ]
+    if more:
+        lines.append(
+            f"The other {len(more)} {last.stage} channels costing one {word} at least {100 * SPECIALIST_MIN:.1f} "
+            "points: " + "; ".join(f"{c} ({word} {names[d]}, {_pts(value)})" for value, c, d, _ in more) + "."
+        )
+    return lines
+
+
+def _runner_up(sel, c: int, names, word) -> str:
+    """'3 (mean 1.71; next 4, 1.69; selectivity 0.26)': the preferred class beside the next one, so that a channel
+    whose classes are all alike does not read as preferring one."""
+    means = sel.class_means[c].float()
+    first, second = means.argsort(descending=True)[:2].tolist() if len(means) > 1 else (int(means.argmax()), None)
+    nxt = "" if second is None else f"; next {word} {names[second]}, {float(means[second]):.2f}"
+    return f"{names[first]} (mean {float(means[first]):.2f}{nxt}; selectivity {float(sel.index[c]):.2f})"
 
 
 def _at_size(circ, size: int, names, word) -> str:
     """Every class whose circuit has ``size`` channels: "digit 3", "digits 6, 8 and 9"."""
     at = [str(names[c.target]) for c in circ if c.size == size]
     return f"{word} {at[0]}" if len(at) == 1 else f"{plural(word)} {_and(at)}"
+
+
+def _held_out(cs, names, word) -> str:
+    """The criterion on the held-out images beside its margin on the test images the search chose the circuits on
+    (a search that stops as soon as the criterion holds passes it narrowly there by design)."""
+    held = [(c, cs.held_out_met(c)) for c in cs.circuits if cs.held_out_met(c) is not None]
+    if not held:
+        return ""
+    met = [str(names[c.target]) for c, ok in held if ok]
+    short = [(c.held_out_full_accuracy - c.held_out_sufficiency, c) for c, _ in held]
+    worst = max(short, key=lambda x: x[0])
+    over = max(c.held_out_other_classes_called_circuit - c.held_out_other_classes_called_full for c, _ in held)
+    margins = [c.margin for c in cs.circuits if c.meets_criterion]
+    on_test = f"where the margin is at most {_pts(max(margins))} points; " if margins else ""
+    which = f" ({plural(word)} {_and(met)})" if len(met) > 1 else (f" ({word} {met[0]})" if met else "")
+    return (
+        f"These are the smallest sets for the test images the search ran on, {on_test}on held-out images the "
+        f"search never saw ({cs.held_out_check}), {len(met)} of {len(held)} meet "
+        f"the criterion{which}: "
+        f"with only the circuit, a {word}'s accuracy there is {_pts(min(s for s, _ in short))} to "
+        f"{_pts(worst[0])} points below the full model's ({word} {names[worst[1].target]} the most), and other "
+        f"{plural(word)} are called it up to {_pts(max(over, 0.0))} points more often."
+    )
 
 
 def _circuits(r, names, word) -> list[str]:
@@ -220,6 +265,7 @@ def _circuits(r, names, word) -> list[str]:
         f"({_at_size(circ, min(sizes), names, word)}) to {max(sizes)} ({_at_size(circ, max(sizes), names, word)}), "
         f"mean {np.mean(sizes):.1f} of {n_ch}."
     ]
+    lines += [x for x in [_held_out(cs, names, word)] if x]
     for c in circ:
         lines.append(
             f"{word.capitalize()} {names[c.target]}: {stage} channels {', '.join(map(str, c.channels))} alone keep "
@@ -231,17 +277,15 @@ def _circuits(r, names, word) -> list[str]:
     resampled = [c.necessity_resample for c in circ]
     meaned = [c.necessity for c in circ]
     lower = sum(a < b for a, b in zip(resampled, meaned, strict=True))
-    verdict = (
-        f": for more than half of them, so by this measure mean-ablation understates how much the {plural(word)} "
-        "need their circuits"
-        if 2 * lower > len(circ)
-        else ""
-    )
     donors = "donors from the data distribution" if cs.resample_donors == "data" else f"donors of other {plural(word)}"
+    share = cs.resample_same_class_share
+    other = "" if share is None else f", {_pts(1 - share)}% of them of another {word},"
     lines.append(
         f"Resample-ablating a circuit ({donors}) leaves its {word} less accuracy than mean-ablating it for {lower} of "
         f"{len(circ)} {plural(word)} (median {_pts(float(np.median(resampled)))}% against "
-        f"{_pts(float(np.median(meaned)))}%){verdict}."
+        f"{_pts(float(np.median(meaned)))}%). Neither is a neutral 'off': mean-ablation puts one fixed map in its "
+        f"place (what it reads as is above) and resampling another image's values{other} with that image's "
+        f"evidence; how much a {word} needs its circuit depends on what replaces it."
     )
     lines += [x for x in [vacuous_sentence(r, names, word)] if x]
     shared = cs.membership()
@@ -321,13 +365,16 @@ def _patching(r, names) -> str:
     pt = r.patching
     last = pt.stages[-1]
     u = last.top_units[0]
-    ch = last.channel_mean.numpy()
-    best = int(np.abs(ch).argmax())
+    whole = []
+    for st in pt.stages:
+        ch, sd = st.channel_mean.numpy(), st.channel_std.numpy()
+        b = int(np.abs(ch).argmax())
+        whole.append(f"{st.stage} channel {b} ({100 * ch[b]:.0f}% ± {100 * sd[b]:.0f})")
     return (
         f"Activation patching from {article(names[pt.clean_class])} into {article(names[pt.corrupted_class])} "
         f"({pt.pairs} pairs; one unit or channel of the {names[pt.clean_class]} image put into the "
         f"{names[pt.corrupted_class]} image's forward pass, measured): the single {last.stage} unit that moves the "
         f"logit difference most is channel {u.channel} at ({u.y}, {u.x}) ({100 * u.recovered:.0f}% of the gap between "
-        f"the two images' logit differences restored, mean over pairs); the whole channel that moves it most is "
-        f"{best} ({100 * ch[best]:.0f}%)."
+        f"the two images' logit differences restored, mean over pairs); the whole channels that move it most, one "
+        f"stage at a time: {_and(whole[::-1])}, ± the sd over pairs."
     )
