@@ -115,8 +115,8 @@ class CircuitStudy(Result):
         if c.held_out_sufficiency is None or c.held_out_full_accuracy is None:
             return None
         tol = self.tolerance
-        return bool(c.held_out_sufficiency >= c.held_out_full_accuracy - tol
-                    and c.held_out_other_classes_called_circuit <= c.held_out_other_classes_called_full + tol)  # fmt: skip
+        accuracy = c.held_out_sufficiency >= c.held_out_full_accuracy - tol
+        return bool(accuracy and c.held_out_other_classes_called_circuit <= c.held_out_other_classes_called_full + tol)
 
 
 class _Keeper:

@@ -191,9 +191,8 @@ def _specialists(r, names, word) -> list[str]:
     found.sort(reverse=True)
     shown, more = found[:SPECIALISTS_SHOWN], found[SPECIALISTS_SHOWN:]
     m = len(found)
-    which = f"the {len(shown)} largest of the {m} channels" if more else {1: "the only channel", 2: "both channels"}.get(
-        m, f"all {m} channels"
-    )
+    every = {1: "the only channel", 2: "both channels"}.get(m, f"all {m} channels")
+    which = f"the {len(shown)} largest of the {m} channels" if more else every
     lines = [
         f"{last.stage} channel {c}: mean-ablating it costs {word} {names[d]} {_pts(value)} points of its accuracy and "
         f"no other {word} more than {_pts(max(rest, 0.0) + 0.0)} (named: {which} costing one {word} at least "
