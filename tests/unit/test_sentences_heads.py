@@ -232,7 +232,10 @@ def test_composition_is_called_high_only_at_twice_the_baseline(result):
     lines = R.summary(result)
     high = one(lines, "A high K-composition")
     assert "0.2 → 2.0 (K-composition 0.100, 2.5× the baseline" in high and "0.3 →" not in high
-    low = one(lines, "Path patching also rejects some of the induction heads' two strongest K-composition sources")
+    assert "is not by itself evidence of use" in high and "does not pass the edge criterion" in high
+    assert "induction 0.850 → 0.840, drop 0.010 against the threshold 0.170)" in high  # 20% of 0.85, above 0.05
+    assert "for one pair: 0.2 → 2.0" in high and "more in the tables below" not in high
+    low = one(lines, "Path patching also rejects one pair of the induction heads' two strongest K-composition sources")
     assert "0.3 → 1.2 (K-composition 0.060, 1.5× the baseline" in low and "0.2 →" not in low
 
 
@@ -259,3 +262,26 @@ def test_the_page_renders_with_every_sentence(result, tmp_path):
     for line in R.summary(result):
         assert line.replace("&", "&amp;").replace("'", "&#39;").replace(">", "&gt;") in html
     assert "the estimate fails on 0.1" in html
+
+
+def test_the_estimate_is_compared_not_said_to_agree(result):
+    """r = 0.15 read as "agrees" in the demo; the sentence gives Pearson's r beside Spearman's ρ (one head far off
+    moves r alone) and the median error beside the median measured effect it is to be read against."""
+    mean = result.ablation["mean"]
+    ag = mean.agreement()
+    keys = sorted(mean.exact_mean)
+    est = np.array([mean.measured_estimate[k] for k in keys])
+    ex = np.array([mean.exact_mean[k] for k in keys])
+    from scipy import stats
+
+    assert ag["spearman"] == pytest.approx(stats.spearmanr(est, ex).statistic, abs=1e-6)
+    assert ag["median_abs_measured"] == pytest.approx(float(np.median(np.abs(ex))), abs=1e-6)
+    line = one(R.summary(result), "On the 7 heads measured exactly")
+    assert f"compared with the measurement: Pearson r = {ag['pearson']:.2f}, Spearman ρ = {ag['spearman']:.2f}" in line
+    assert f"against a median |measured effect| of {ag['median_abs_measured']:.3f} nats" in line
+    assert "agrees" not in line
+
+
+def test_a_path_larger_than_its_heads_total_says_how_much_is_offset(result):
+    line = one(R.summary(result), "Path patching 0.0 → 2.0")
+    assert "offsets 92% of the key path's effect (inferred from the two measurements)" in line  # (1.87 − 0.15) / 1.87

@@ -34,6 +34,7 @@ import torch
 from mechscope.core.hooks import hooks
 from mechscope.core.intervene import intervene
 from mechscope.core.results import Result, figure_data
+from mechscope.core.stats import spearman
 from mechscope.lm.methods.scores import sequences_per_chunk, token_losses
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -259,12 +260,16 @@ class HeadAblation(Result):
         keys = sorted(self.exact_mean)
         est = np.array([self.measured_estimate[lh] for lh in keys], dtype=np.float32)  # as measured: float32
         ex = np.array([self.exact_mean[lh] for lh in keys], dtype=np.float32)
-        corr = float(np.corrcoef(est, ex)[0, 1]) if est.std() > 0 and ex.std() > 0 else None
+        varied = est.std() > 0 and ex.std() > 0
+        corr = float(np.corrcoef(est, ex)[0, 1]) if varied else None
+        rho = float(spearman(torch.from_numpy(est)[None].double(), torch.from_numpy(ex)[None].double())[0])
         return {
             "heads": len(keys),
             "pearson": corr,
+            "spearman": rho if varied else None,  # one head far off moves Pearson's r alone
             "max_abs_error": float(np.abs(est - ex).max()),
             "median_abs_error": float(np.median(np.abs(est - ex))),
+            "median_abs_measured": float(np.median(np.abs(ex))),  # what an error of that size is against
         }
 
     def to_dict(self) -> dict:

@@ -74,6 +74,16 @@ def _list(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def _listed(items: list[str], n: int = 3) -> str:
+    """Items that hold commas themselves, joined by semicolons; past ``n``, how many more (in the tables below)."""
+    more = f"; and {len(items) - n} more in the tables below" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def _n_of(items: list) -> str:
+    return "one pair" if len(items) == 1 else f"{len(items)} pairs"
+
+
 def summary(result) -> list[str]:
     """Sentences written from the result's fields (each states its intervention, path and baseline)."""
     lines = [loss_sentence(result)]
@@ -191,8 +201,8 @@ def ablation_sentences(result) -> list[str]:
     lines.append(
         f"One head at a time, mean-ablation (each position's output replaced by its mean over the {b} sequences) "
         f"costs most, among the {len(mean.exact_mean)} heads measured exactly, for {top} nats of second-half loss "
-        f"(mean ± sd over the sequences). Measured: every head this report names (labelled heads, path-patching "
-        f"sources and targets, the table's rows), the {p.get('exact_top', 0)} with the largest estimated effects and "
+        f"(mean ± sd over the sequences). Measured: the labelled heads, the path-patching sources and targets, the "
+        f"ranked table's rows, the {p.get('exact_top', 0)} with the largest estimated effects and "
         f"{p.get('exact_random', 0)} random others; the other {n_heads - len(mean.exact_mean)} heads have only an "
         "attribution-patching estimate and are not ranked."
     )
@@ -215,12 +225,16 @@ def agreement_sentence(result, ablation) -> str:
     with_prev = f", {len(prev)} of them previous-token heads" if prev else ""
     if n < 2:
         return f"Only {n} head was measured exactly, too few to judge the attribution-patching estimate."
-    corr = "" if ag.get("pearson") is None else f"Pearson r = {ag['pearson']:.2f} and "
+    corr = "" if ag.get("pearson") is None else f"Pearson r = {ag['pearson']:.2f}, "
+    if ag.get("spearman") is not None:
+        corr += f"Spearman ρ = {ag['spearman']:.2f}, "
+    m = ag.get("median_abs_measured")  # not in a heads.json written before it
+    against = "" if m is None else f" against a median |measured effect| of {m:.3f} nats"
     bad = estimate_failures(ablation)
     lo, rel = ESTIMATE_FAILS
     head = (f"On the {n} heads measured exactly{with_prev}, the attribution-patching estimate of {ablation.kind}-"
-            f"ablation agrees with the measurement with {corr}median error "
-            f"{ag['median_abs_error']:.3f} nats")  # fmt: skip
+            f"ablation compared with the measurement: {corr}median |error| "
+            f"{ag['median_abs_error']:.3f} nats{against}")  # fmt: skip
     if not bad:
         return head + f"; it fails (off by ≥ {lo} nats and ≥ {rel:.0%} of the measured value) on none of them."
     named = [
@@ -257,7 +271,7 @@ def circuit_sentences(result) -> list[str]:
         keys = f"the keys of {group}" if g > 1 else f"the keys of {pp.layer}.{pp.query_heads[0]}"
         one_test = "; one test for the group" if g > 1 else ""
         change = "; ".join(
-            f"{pp.layer}.{h} {c:.2f} → {q:.2f} (drop {d:.2f})"
+            f"{pp.layer}.{h} {c:.3f} → {q:.3f} (drop {d:.3f})"
             for h, c, q, d, ok in zip(pp.query_heads, pp.induction_clean, pp.induction_patched, pp.drop,
                                       pp.confirmed, strict=True)
             if ok
@@ -273,8 +287,9 @@ def circuit_sentences(result) -> list[str]:
             text += f"; this one path raises the second-half loss by {e['loss']:.2f}{sd} nats"
             text += f", while mean-ablating {src} on every path costs {total}"
             if pp.source in mean.exact_mean and mean.exact_mean[pp.source] < e["loss"]:
+                offset = (e["loss"] - mean.exact_mean[pp.source]) / e["loss"] if e["loss"] > 0 else 0.0
                 text += (f": less than this path alone, so ablating {src}'s other paths at the same time offsets "
-                         "part of the key path's effect")  # fmt: skip
+                         f"{offset:.0%} of the key path's effect (inferred from the two measurements)")  # fmt: skip
         lines.append(text + ".")
     marginal = [(e, h) for e in edges for h in e["marginal_heads"]]
     if marginal:
@@ -316,23 +331,25 @@ def composition_sentences(result) -> list[str]:
             if test is None or test["confirmed"]:
                 continue
             ratio = top["k_composition"] / base if base > 0 else float("inf")
+            threshold = max(crit.min_drop, crit.min_share * test["induction_clean"])
             text = (f"{top['head']} → {ih['layer']}.{ih['head']} (K-composition {top['k_composition']:.3f}, "
-                    f"{ratio:.1f}× the baseline; induction {test['induction_clean']:.2f} → "
-                    f"{test['induction_patched']:.2f}, drop {test['drop']:.3f})")  # fmt: skip
+                    f"{ratio:.1f}× the baseline; induction {test['induction_clean']:.3f} → "
+                    f"{test['induction_patched']:.3f}, drop {test['drop']:.3f} against the threshold "
+                    f"{threshold:.3f})")  # fmt: skip
             (high if ratio >= HIGH_COMPOSITION else low).append(text)
     lines = []
     rejects = (f"mean-ablating the source only on the path into the target's keys does not pass the edge criterion "
                f"(drop ≥ {crit.min_drop} and ≥ {crit.min_share:.0%} of the clean score) for")  # fmt: skip
     if high:
         lines.append(
-            f"A high K-composition (≥ {HIGH_COMPOSITION:g}× the random baseline {base:.3f}) is not evidence of use: "
-            f"{rejects} " + "; ".join(high[:3]) + "."
+            f"A high K-composition (≥ {HIGH_COMPOSITION:g}× the random baseline {base:.3f}) is not by itself "
+            f"evidence of use: {rejects} {_n_of(high)}: " + _listed(high) + "."
         )
     if low:
         lines.append(
-            f"Path patching also rejects some of the induction heads' two strongest K-composition sources whose scores "
-            f"are not high (under "
-            f"{HIGH_COMPOSITION:g}× the random baseline {base:.3f}): " + "; ".join(low[:3]) + "."
+            f"Path patching also rejects {_n_of(low)} of the induction heads' two strongest K-composition sources "
+            f"whose scores are not high (under {HIGH_COMPOSITION:g}× the random baseline {base:.3f}): "
+            + _listed(low) + "."
         )
     return lines
 

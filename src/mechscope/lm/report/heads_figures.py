@@ -142,7 +142,8 @@ def node_text(node, result) -> str:
 
 def edge_label(edge: dict, kv_groups: int) -> str:
     """The query heads an edge passes for (when a key/value head serves several) over its drop, a positive number as
-    in the text ("drop 0.82": the target's induction score falls by 0.82)."""
+    in the text ("drop 0.82": the target's induction score falls by 0.82); for several heads the largest of their
+    drops (the text gives each), as the figure's title says."""
     heads = [f"{h}*" if h in edge["marginal_heads"] else str(h) for h in edge["confirmed"]]
     who = f"{edge['patch'].layer}.{'/'.join(heads)}\n" if kv_groups > 1 or edge["marginal_heads"] else ""
     return f"{who}drop {edge['drop']:.2f}"
@@ -233,7 +234,7 @@ def circuit_figure(result) -> str:
         ax.spines[side].set_visible(False)
     ax.set_title(
         "edges confirmed by key-side path patching:\nsource head (green) → key/value head (orange), named by the query "
-        "heads that pass;\nlabel and width: drop in their induction score;\n* a head that passes within "
+        "heads that pass;\nlabel and width: the largest drop in their induction score;\n* a head that passes within "
         f"{MARGINAL_SE:g} s.e. of the threshold (marginal); dashed: marginal for every head",
         fontsize=8,
     )

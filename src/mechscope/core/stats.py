@@ -1,0 +1,30 @@
+"""Rank statistics on tensors, for both wings: ranks with ties averaged (as scipy.stats.rankdata) and Spearman's
+rank correlation, row by row (tests check both against scipy)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dimension, ties sharing their average rank (as scipy.stats.rankdata)."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+    for i, row in enumerate(flat_x):
+        values, order = torch.sort(row, stable=True)
+        _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        average = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
+        ranks = torch.empty(len(row), dtype=torch.float64)
+        ranks[order] = average[inverse]
+        flat_out[i] = ranks
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``: [B]."""
+    ra, rb = rankdata(a.flatten(1)), rankdata(b.flatten(1))
+    ra = ra - ra.mean(1, keepdim=True)
+    rb = rb - rb.mean(1, keepdim=True)
+    denom = (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)
+    return (ra * rb).sum(1) / denom
