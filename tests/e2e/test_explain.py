@@ -90,6 +90,10 @@ def test_writes_report_and_mechanisms(explained):
     html = (out / "report.html").read_text()
     assert 'alt="feature visualisation of conv2 channel 5"' in html
     assert 'alt="saliency"' in html
+    # the order's two keys, each method's verdict and gap (saliency ranked first by passing, not by its gap)
+    assert "first those that pass the model-randomisation check (|Spearman ρ| under 0.5" in html
+    assert ": saliency (passes; gap 0.80). A method that passes can still rank" in html
+    assert "criterion on held-out images</th>" in html  # the circuits' criterion on images the search never saw
     for line in r.summary:  # the summary in the page is the result's, word for word
         assert str(markupsafe.escape(line)) in html
 

@@ -138,10 +138,25 @@ def linked_outputs(run: Path, digest: str | None = None) -> dict:
     found, why = read_linked(at / AttributionResult.FILE, AttributionResult, digest)
     if found is not None:
         pngs = {p.stem: p for p in sorted(at.glob("*.png"))}
-        linked["attribution"] = {"dir": at, "ranking": [m.method for m in found.faithfulness.ranking()], "pngs": pngs}
+        f = found.faithfulness
+        order = f.ranking()
+        checks = [
+            {"method": m.method, "gap": m.gap, "passes": f.passes(m),
+             "rho": _last(m.randomisation), "rho_on_input": _last(m.randomisation_on_input)}
+            for m in order
+        ]  # fmt: skip
+        linked["attribution"] = {
+            "dir": at, "ranking": [m.method for m in order], "checks": checks, "threshold": f.sanity_threshold,
+            "pngs": pngs,
+        }  # fmt: skip
     elif why:
         _note(linked, at, why)
     return linked
+
+
+def _last(by_layer: dict) -> float | None:
+    """The Spearman ρ after the whole cascade (every layer re-initialised), as the check reads it."""
+    return list(by_layer.values())[-1] if by_layer else None
 
 
 def _note(linked: dict, where: Path, why: str) -> None:

@@ -151,6 +151,8 @@ def report_context(r, linked: dict, vrange: tuple[float, float] = (0.0, 1.0), ch
         attribution = {
             "dir": str(at["dir"]),
             "ranking": at["ranking"],
+            "checks": at.get("checks", []),
+            "threshold": at.get("threshold"),
             "figures": [(name, file_uri(at["pngs"][name])) for name in shown],
         }
     fv = (linked or {}).get("featvis")
