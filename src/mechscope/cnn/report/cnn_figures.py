@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from mechscope.cnn.report.summary import article, noun
 from mechscope.core.render.figures import text_colour
@@ -304,6 +305,7 @@ def circuits_fig(study, names, n_channels: int) -> str:
     for ci in circ:
         a.plot([p.size for p in ci.growth], [100 * p.accuracy for p in ci.growth], marker=".", label=names[ci.target])
     a.set_xlabel("channels kept (greedy order)")
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count of channels: no "2.5"
     a.set_ylabel("class accuracy, others mean-ablated (%)")
     a.set_title("greedy growth (before pruning)", fontsize=8)
     if len(circ) <= 12:

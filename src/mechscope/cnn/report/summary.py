@@ -90,7 +90,7 @@ def _accuracy(r, names) -> str:
     if errors == 0:
         return f"Test accuracy {_pts(ov.test_accuracy)}% (no errors in {int(conf.sum()):,})."
     total = f"{errors} errors in {int(conf.sum()):,}"
-    return f"Test accuracy {_pts(ov.test_accuracy)}% ({total}); {_confusions(conf, names)}."
+    return f"Test accuracy {100 * ov.test_accuracy:.2f}% ({total}); {_confusions(conf, names)}."  # as the overview
 
 
 def _confusions(conf: np.ndarray, names) -> str:

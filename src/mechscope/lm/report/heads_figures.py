@@ -55,6 +55,10 @@ ABLATION_KINDS = {v: k for k, v in ABLATION_SCORES.items()}  # score name -> abl
 # what an ablation map holds (HeadAblation.best): per head, the mean over the protocol's sequences of the rise in the
 # loss on the second copy of the repeated tokens when that head alone is ablated
 UNITS = dict.fromkeys(ABLATION_KINDS, "second-half loss increase (nats, mean over sequences)")
+ATTENTION = "attention on the score's keys (mean over queries and sequences)"
+UNITS |= dict.fromkeys(("induction", "prefix_matching", "previous_token", "previous_token_text", "duplicate_token"),
+                       ATTENTION)  # fmt: skip
+UNITS |= {"copying": "logit, centred over the vocabulary (mean over positions)", "ov_eigen_positivity": "Σλ/Σ|λ|"}
 
 
 def heatmap_title(name: str, ablation) -> str:
