@@ -29,13 +29,24 @@ def check_report(path: Path) -> int:
             if tag == "img":
                 img_srcs.extend(v for k, v in attrs if k == "src")
 
-    Collect().feed(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    Collect().feed(text)
     assert not [r for r in refs if r.startswith(("http:", "https:", "//"))]
+    assert_made_by(text)
     assert img_srcs and all(s.startswith("data:image/png;base64,") for s in img_srcs)  # nothing to fetch
     for uri in img_srcs:
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
             img.load()
     return len(img_srcs)
+
+
+def assert_made_by(text: str) -> None:
+    """The page ends with the footer that says what made it, as its JSON record's ``versions`` entry does."""
+    from mechscope.core.outputs import versions
+
+    footer = re.search(r'<footer class="made-by"[^>]*>Made by (.*?)\.</footer>\s*</body>', text, re.S)
+    assert footer, "no made-by footer before </body>"
+    assert html.unescape(footer.group(1)) == " · ".join(f"{k} {v}" for k, v in versions().items())
 
 
 PROBE = """<script>

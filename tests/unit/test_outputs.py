@@ -159,3 +159,17 @@ def test_a_record_is_read_as_strict_json(tmp_path):
         with pytest.raises(RunError, match="bad.json: not a readable Rec record") as e:
             Rec.load(tmp_path / "bad.json")
         assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_report_page_says_what_made_it():
+    """The footer (the JSON records' versions, as a person reads them) goes before the last </body>; a page without
+    one gets it at the end; a template's own text is untouched."""
+    from mechscope.core.outputs import versions
+    from mechscope.core.render.html import with_footer
+    from tests.e2e.reports import assert_made_by
+
+    page = with_footer("<html><body><p>a</p></body></html>")
+    assert page.startswith("<html><body><p>a</p><footer class=\"made-by\"") and page.endswith("</body></html>")
+    assert_made_by(page)
+    assert f"mechscope {versions()['mechscope']} · python " in page
+    assert with_footer("<p>fragment</p>").startswith("<p>fragment</p><footer")  # (every page's file: check_report)

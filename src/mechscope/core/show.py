@@ -182,6 +182,7 @@ def to_html(obj, max_chars: int = MAX_CHARS) -> str:
 def save_html(obj, path) -> Path:
     """Write ``obj``'s whole report page (every section; one self-contained file) to ``path``."""
     from mechscope.core.outputs import write_text_atomic
+    from mechscope.core.render.html import with_footer
 
     text, _, _ = _page(obj, full=True)
-    return write_text_atomic(path, text)
+    return write_text_atomic(path, with_footer(text))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mechscope.core.outputs import atomic_output, check_target, save_tensors, write_json
+from mechscope.core.render.html import with_footer
 
 CT_FILE = "graph-circuit-tracer.json"
 
@@ -17,7 +18,7 @@ def write_graph_files(graph, where: Path, html: str, full_about: str, slug: str 
     in graph_full.safetensors (``full_about``: its metadata, saying what its node space is)."""
     write_json(where / graph.FILE, graph.to_dict())
     write_json(where / CT_FILE, graph.to_circuit_tracer(slug), compact=True)
-    (where / "graph.html").write_text(html, encoding="utf-8")
+    (where / "graph.html").write_text(with_footer(html), encoding="utf-8")
     f = graph.full
     if f is not None:
         tensors = {k: v for k, v in f.items() if isinstance(v, torch.Tensor)}

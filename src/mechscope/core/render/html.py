@@ -88,6 +88,26 @@ def render_string(package: str, template: str, **context) -> str:
 
 
 def render(package: str, template: str, out: Path, **context) -> Path:
-    """Render ``template`` of ``package`` into the file ``out``."""
-    out.write_text(render_string(package, template, **context), encoding="utf-8")
+    """Render ``template`` of ``package`` into the file ``out``, with the footer that says what made it."""
+    out.write_text(with_footer(render_string(package, template, **context)), encoding="utf-8")
     return out
+
+
+FOOTER_STYLE = "margin: 2.5em 0 1em; color: #777; font-size: 12px"
+
+
+def made_by() -> str:
+    """The footer of a report page: what made it (mechscope, Python and the numeric libraries, as every JSON record's
+    ``versions`` entry says them)."""
+    from mechscope.core.outputs import versions
+
+    shown = " · ".join(f"{name} {v}" for name, v in versions().items())
+    return f'<footer class="made-by" style="{FOOTER_STYLE}">Made by {markupsafe.escape(shown)}.</footer>'
+
+
+def with_footer(page: str) -> str:
+    """A whole page with :func:`made_by` before its closing ``</body>`` (at the end when it has none)."""
+    head, body_end, tail = page.rpartition("</body>")
+    if not body_end:
+        return page + made_by()
+    return f"{head}{made_by()}\n{body_end}{tail}"
