@@ -72,3 +72,11 @@ def test_randomisation_check_separates_model_from_input(trained):
     # the model is untouched by the check
     with torch.no_grad():
         assert torch.equal(m(x).argmax(1), t)
+
+
+def test_sample_sd_is_numpys_with_one_degree_of_freedom():
+    from mechscope.core.stats import sample_sd
+
+    x = np.random.default_rng(0).normal(size=(3, 8))
+    np.testing.assert_allclose(sample_sd(x), np.std(x, axis=-1, ddof=1))
+    assert float(sample_sd([2.0])) == 0.0 and sample_sd(np.ones((4, 1))).shape == (4,)

@@ -118,7 +118,7 @@ def one(lines: list[str], start: str) -> str:
 
 def test_the_cost_ranking_names_the_measured_previous_token_head_first_and_no_estimate(result):
     line = one(R.summary(result), "One head at a time")
-    assert "costs most, among the 7 heads measured exactly, for 0.1 (+4.55 ± 0.08)" in line
+    assert "costs most, among the 7 heads measured exactly, for 0.1 (+4.55 ± 0.09)"  # the sample sd of ±0.1, ±0.05 in line
     assert "2.3" not in line  # its estimate (+9.0) is the largest of all, but it was never measured
     assert "the other 5 heads have only an attribution-patching estimate and are not ranked" in line
 
@@ -168,10 +168,10 @@ def test_a_path_effect_comes_with_the_total_effect(result):
     line = one(lines, "Path patching 0.0 →")
     assert "mean-ablated only on the path into the keys of key/value head 0 of layer 2" in line
     assert "this one path raises the second-half loss by 1.87 ± 0.10 nats" in line
-    assert "mean-ablating 0.0 on every path costs +0.15 ± 0.08 nats (measured)" in line
+    assert "mean-ablating 0.0 on every path costs +0.15 ± 0.09 nats (measured)" in line
     assert "less than this path alone" in line
     line = one(lines, "Path patching 0.1 →")  # total 4.55 > path 1.00: no such clause
-    assert "costs +4.55 ± 0.08 nats (measured)" in line and "less than this path" not in line
+    assert "costs +4.55 ± 0.09 nats (measured)" in line and "less than this path" not in line
 
 
 def test_a_key_value_node_is_named_by_the_heads_that_pass(result):

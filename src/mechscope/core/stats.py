@@ -28,3 +28,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rb = rb - rb.mean(1, keepdim=True)
     denom = (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)
     return (ra * rb).sum(1) / denom
+
+
+def sample_sd(x, axis: int = -1):
+    """The sample standard deviation (ddof 1, as a ± sd or a standard error over a few sequences needs) along
+    ``axis`` of an array; 0 where there is one value. NumPy's default (ddof 0) is about 7% small over 8 values."""
+    import numpy as np
+
+    a = np.asarray(x, dtype=np.float64)
+    if a.shape[axis] < 2:
+        return np.zeros_like(a.mean(axis=axis))
+    return a.std(axis=axis, ddof=1)

@@ -34,7 +34,7 @@ import torch
 from mechscope.core.hooks import hooks
 from mechscope.core.intervene import intervene
 from mechscope.core.results import Result, figure_data
-from mechscope.core.stats import spearman
+from mechscope.core.stats import sample_sd, spearman
 from mechscope.lm.methods.scores import sequences_per_chunk, token_losses
 from mechscope.lm.models.transformer import HookedTransformer
 
@@ -223,8 +223,9 @@ class HeadAblation(Result):
     def measured(cls, kind: str, estimate: np.ndarray, exact: dict[tuple[int, int], np.ndarray]) -> HeadAblation:
         """From the per-sequence estimate [L, H, B] and measurements {(layer, head): [B]}."""
         return cls(
-            kind, estimate.mean(-1), estimate.std(-1), {lh: float(np.mean(v)) for lh, v in exact.items()},
-            {lh: float(np.std(v)) for lh, v in exact.items()}, {lh: float(estimate[lh].mean()) for lh in exact},
+            kind, estimate.mean(-1), sample_sd(estimate).astype(estimate.dtype),
+            {lh: float(np.mean(v)) for lh, v in exact.items()},
+            {lh: float(sample_sd(v)) for lh, v in exact.items()}, {lh: float(estimate[lh].mean()) for lh in exact},
             estimate, exact,
         )  # fmt: skip
 

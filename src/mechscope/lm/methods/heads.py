@@ -46,6 +46,7 @@ import torch
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, figure_data
+from mechscope.core.stats import sample_sd
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed, check_types
 from mechscope.lm.methods import ablation as HA
@@ -412,7 +413,7 @@ def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
         "ablation": "mean (per position, over the batch)",
         "induction_heads_loss_increase": HA.group(model, cap, tokens, n, top),
         "random_heads_loss_increase_mean": float(np.mean(rnd)),
-        "random_heads_loss_increase_std": float(np.std(rnd)),
+        "random_heads_loss_increase_std": float(sample_sd(rnd)),
         "random_draws": rnd,
     }
 

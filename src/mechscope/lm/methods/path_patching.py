@@ -31,6 +31,7 @@ import torch
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
+from mechscope.core.stats import sample_sd
 from mechscope.core.validate import check_int, shown
 from mechscope.lm.methods.ablation import SETS_PER_RUN, Capture, replacement, second_half_loss
 from mechscope.lm.models.transformer import HookedTransformer
@@ -81,8 +82,9 @@ class PathPatch(Result):
         return cls(
             tuple(source), layer, kv_head, tuple(query_heads),
             tuple(float(x) for x in clean.mean(-1)), tuple(float(x) for x in patched.mean(-1)),
-            tuple(float(x) for x in (clean - patched).mean(-1)), tuple(float(x) for x in (clean - patched).std(-1)),
-            tuple(confirmed), None if loss is None else float(loss.mean()), None if loss is None else float(loss.std()),
+            tuple(float(x) for x in (clean - patched).mean(-1)), tuple(float(x) for x in sample_sd(clean - patched)),
+            tuple(confirmed), None if loss is None else float(loss.mean()),
+            None if loss is None else float(sample_sd(loss)),
             clean, patched, loss,
         )  # fmt: skip
 
