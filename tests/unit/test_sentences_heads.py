@@ -118,7 +118,8 @@ def one(lines: list[str], start: str) -> str:
 
 def test_the_cost_ranking_names_the_measured_previous_token_head_first_and_no_estimate(result):
     line = one(R.summary(result), "One head at a time")
-    assert "costs most, among the 7 heads measured exactly, for 0.1 (+4.55 ± 0.09)"  # the sample sd of ±0.1, ±0.05 in line
+    # ± the sample sd (ddof 1) of the measurements ±0.1, ±0.05 around the mean
+    assert "costs most, among the 7 heads measured exactly, for 0.1 (+4.55 ± 0.09)" in line
     assert "2.3" not in line  # its estimate (+9.0) is the largest of all, but it was never measured
     assert "the other 5 heads have only an attribution-patching estimate and are not ranked" in line
 
