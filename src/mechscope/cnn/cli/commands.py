@@ -224,8 +224,11 @@ def explain(
         flag = "" if c.meets_criterion else "  (criterion NOT met)"
         held = r.circuits.held_out_met(c)
         if held is not None:
-            flag += (f"; held-out alone {c.held_out_sufficiency:.3f} (full {c.held_out_full_accuracy:.3f})"
-                     + ("" if held else ", criterion NOT met"))  # fmt: skip
+            flag += (
+                f"; held-out alone {c.held_out_sufficiency:.3f} (full {c.held_out_full_accuracy:.3f}), others called "
+                f"{names[c.target]} {c.held_out_other_classes_called_circuit:.3f} (full "
+                f"{c.held_out_other_classes_called_full:.3f})" + ("" if held else ": criterion NOT met")
+            )
         typer.echo(
             f"{names[c.target]}: {c.size:>2} {r.circuits.stage} channels {list(c.channels)}: alone {c.sufficiency:.3f} "
             f"(full {c.full_accuracy:.3f}), mean-ablated {c.necessity:.3f}, "
