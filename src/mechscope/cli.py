@@ -135,7 +135,8 @@ def error_line(e: BaseException) -> str | None:
         isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
     ):
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        text = "out of memory" + (f" ({detail})" if detail else "") + "; try smaller settings (--batch, --n, ...)"
+        text = "out of memory" + (f" ({detail})" if detail else "")
+        text += "; try smaller settings (a smaller batch, fewer examples, a narrower model)"  # each command's own
     elif isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
         where = f"{e.filename}: " if e.filename else ""
         text = f"{where}{ENVIRONMENT_ERRNOS[e.errno]}"

@@ -43,6 +43,9 @@ CNN_BAD = [
     ("cnn", "train", "--kernel-size", "0", "--out", f"{W}/o"),
     ("cnn", "train", "--kernel-size", "99", "--out", f"{W}/o"),
     ("cnn", "train", "--padding", "-1", "--out", f"{W}/o"),
+    ("cnn", "train", "--padding", "5", "--out", f"{W}/o"),  # --padding 100 ran until the kernel killed it
+    ("cnn", "train", "--channels", "4100", "--out", f"{W}/o"),  # written, then refused by every command reading it
+    ("cnn", "train", "--hidden", "1048577", "--out", f"{W}/o"),
     ("cnn", "train", "--pool", "0", "--out", f"{W}/o"),
     ("cnn", "train", "--activation", "tanh", "--out", f"{W}/o"),
     ("cnn", "train", "--hidden", "0", "--out", f"{W}/o"),
@@ -213,6 +216,8 @@ LM_BAD = [
     ("lm", "heads", "--model", HF, "--batch", "1000000000", "--out", f"{W}/o"),
     ("lm", "heads", "--model", HF, "--batch", "0", "--out", f"{W}/o"),
     ("lm", "heads", "--model", HF, "--n", "0", "--out", f"{W}/o"),
+    ("lm", "heads", "--model", HF, "--n", "1", "--out", f"{W}/o"),  # no second-copy loss: a report of NaN
+    ("lm", "heads", "--model", HF, "--batch", "1", "--out", f"{W}/o"),
     ("lm", "heads", "--model", HF, "--n", "100000", "--out", f"{W}/o"),
     ("lm", "heads", "--model", HF, "--seed", "99999999999999999999999", "--out", f"{W}/o"),
     ("lm", "heads", "--model", HF, "--show", "9.9", "--out", f"{W}/o"),

@@ -41,6 +41,8 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
 
 ACTIVATIONS = ("relu", "gelu", "solu")
+MAX_WIDTH = 4096  # a stage's channels, as a run's config may hold them (cnn.runs.MAX_SIZE)
+MAX_HIDDEN = 1 << 20  # the hidden layer's width, likewise
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ class CNNConfig:
 
     def validate_shape(self) -> None:
         """The network's own options (not those that come from the data)."""
-        if not 1 <= len(self.channels) <= 4 or any(c < 1 for c in self.channels):
-            raise MechscopeError(f"channels must be 1 to 4 positive widths, got {list(self.channels)}")
+        if not 1 <= len(self.channels) <= 4 or any(not 1 <= c <= MAX_WIDTH for c in self.channels):
+            raise MechscopeError(f"channels must be 1 to 4 widths of 1 to {MAX_WIDTH:,}, got {list(self.channels)}")
         if self.kernel_size < 1 or self.padding < 0 or self.pool < 1:
             raise MechscopeError(
                 f"kernel size and pool must be at least 1 and padding at least 0, got kernel "
@@ -105,8 +107,8 @@ class CNNConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise MechscopeError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-        if self.hidden is not None and self.hidden < 1:
-            raise MechscopeError(f"hidden width must be at least 1, got {self.hidden}")
+        if self.hidden is not None and not 1 <= self.hidden <= MAX_HIDDEN:
+            raise MechscopeError(f"hidden width must be 1 to {MAX_HIDDEN:,}, got {self.hidden}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,6 +9,7 @@ from mechscope.cnn.data.images import load_dataset
 from mechscope.cnn.models.cnn import CNNConfig
 from mechscope.cnn.runs import save_run
 from mechscope.cnn.training import RunMetrics, model_config_for, train_cnn
+from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output
 
 
@@ -31,6 +32,10 @@ def train(
     config.validate()
     if model_config is not None:
         model_config.validate_shape()  # before the data are read
+        k, pad = model_config.kernel_size, model_config.padding
+        if pad >= k:  # past k - 1 (a "full" convolution) the border sees only zeros; --padding 100 ran out of memory
+            raise MechscopeError(f"--padding {pad} must be less than the kernel size {k} (at most {k - 1}: a "
+                                 "wider border sees only zeros)")  # fmt: skip
     with atomic_output(out, force) as tmp:
         data = load_dataset(dataset, data_dir, class_names)
         fitted = model_config_for(data, model_config)

@@ -140,14 +140,15 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
     if p.top_k is None:
         p = replace(p, top_k=max(1, min(5, model.cfg.n_layers * model.cfg.n_heads // 2)))
     lo, hi = token_range_of(model, p.token_range)
-    for name, value in (("n", p.n), ("batch", p.batch), ("prefix_n", p.prefix_n)):
-        if value < 1:
-            raise MechscopeError(f"{name} must be at least 1, got {value}")
+    if p.n < 2:  # the second copy's loss is over the positions that predict a token inside it: none with n = 1
+        raise MechscopeError(f"n must be at least 2 (the second copy's loss needs a token to predict), got {p.n}")
+    if p.batch < 2:
+        raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {p.batch}")
+    if p.prefix_n < 1:
+        raise MechscopeError(f"prefix_n must be at least 1, got {p.prefix_n}")
     for name, value in (("exact_top", p.exact_top), ("exact_random", p.exact_random)):
         if value < 0:
             raise MechscopeError(f"{name} must be 0 or more, got {value}")
-    if p.batch < 2:
-        raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {p.batch}")
     cfg = model.cfg
     need = 3 * cfg.n_layers * p.batch * (1 + 2 * p.n) * max(cfg.d_model, cfg.n_heads * cfg.d_head) * 4
     if need > MEMORY_BUDGET:
