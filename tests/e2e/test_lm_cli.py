@@ -29,6 +29,24 @@ def gpt2_dir(tmp_path_factory, mnist_root):
     return path
 
 
+def test_inspect_runs_the_prompt_or_the_tokens_asked_for(capsys, gpt2_dir, tmp_path):
+    """Without a tokenizer, --hook ran token ids 1..8 whatever --prompt said (exit 0); now --tokens runs ids and a
+    prompt needs a tokenizer."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in gpt2_dir.iterdir():
+        if f.name not in ("vocab.json", "merges.txt"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    hook = ("--hook", "blocks.0.hook_resid_pre")
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(bare), *hook, "--prompt", "zzz")
+    assert_one_line_error(code, err, "no tokenizer to read --prompt with; give --tokens")
+    code, out, err = run_main(capsys, "lm", "inspect", "--model", str(bare), *hook, "--tokens", "5,6,7")
+    assert code == 0, err
+    assert "blocks.0.hook_resid_pre: shape [1, 3, " in out
+    code, _, err = run_main(capsys, "lm", "inspect", "--model", str(bare), *hook, "--tokens", "1,2", "--prompt", "a")
+    assert_one_line_error(code, err, "give --prompt or --tokens, not both")
+
+
 def test_inspect_and_generate_random_gpt2(capsys, gpt2_dir):
     code, out, err = run_main(capsys, "lm", "inspect", "--model", str(gpt2_dir), "--hook", "blocks.1.attn.hook_pattern")
     assert code == 0, err

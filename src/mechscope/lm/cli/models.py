@@ -22,6 +22,7 @@ def inspect(
     model: str = ModelOpt,
     hook: list[str] | None = typer.Option(None, "--hook", help="Also run a prompt and show this activation."),
     prompt: str = typer.Option("The quick brown fox jumps over the lazy dog", "--prompt"),
+    tokens: str | None = typer.Option(None, "--tokens", help="Token ids to run instead of the prompt, e.g. 1,2,3."),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     device_map: str | None = DeviceMapOpt,
@@ -33,10 +34,20 @@ def inspect(
     from mechscope.core.hooks import describe_names, firing_hooks, hook_points, run_with_cache
     from mechscope.lm.models.transformer import describe
 
+    from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import typed_options
+
+    if tokens is not None and "--prompt" in typed_options():
+        raise MechscopeError("give --prompt or --tokens, not both")
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
     cache = {}
     if hook:  # before any output: a hook that does not fire for this model is an error, not an empty answer
-        ids = tok.encode(prompt) if tok else list(range(1, 9))
+        if tokens is None and tok is None:  # it ran token ids 1..8 whatever the prompt said
+            raise MechscopeError(f"{model}: no tokenizer to read --prompt with; give --tokens IDS to run")
+        ids = parse_tokens(tokens) if tokens is not None else tok.encode(prompt)
+        if not ids:
+            raise MechscopeError("the prompt is empty")
+        m.check_tokens(torch.tensor([ids]))  # ids the vocabulary has, a prompt the context holds
         _, cache = run_with_cache(m, torch.tensor([ids]), names=hook)
     probe = torch.zeros(1, min(4, m.cfg.n_ctx), dtype=torch.long)  # token 0 is in every vocabulary
     alive = firing_hooks(m, probe)  # a name is valid only if it fires (see core.hooks)
