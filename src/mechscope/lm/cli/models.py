@@ -31,11 +31,10 @@ def inspect(
     """Architecture, parameter count, dtype, device and hook names (and, with --hook, activations)."""
     import torch
 
-    from mechscope.core.hooks import describe_names, firing_hooks, hook_points, run_with_cache
-    from mechscope.lm.models.transformer import describe
-
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.hooks import describe_names, firing_hooks, hook_points, run_with_cache
     from mechscope.core.validate import typed_options
+    from mechscope.lm.models.transformer import describe
 
     if tokens is not None and "--prompt" in typed_options():
         raise MechscopeError("give --prompt or --tokens, not both")
