@@ -121,6 +121,10 @@ def induction_task(
     permutation of the same tokens, so rows agree on the token at a position often enough for scrubbing's
     per-position features)."""
     name = _check_metric(metric, INDUCTION_METRICS, "induction")
+    if model.cfg.d_vocab_out is not None:  # clean and corrupted scored the same and every edge +0, exit 0
+        raise MechscopeError(f"{model.cfg.name or 'this model'}: its outputs are classes of their own, not next "
+                             "tokens (a compiled tracr model), so the induction task's loss means nothing; its own "
+                             "task is tracr (the default for it)")  # fmt: skip
     for what, v, low in (("n", n, 2), ("batch", batch, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise MechscopeError(f"the induction task needs {what} >= {low}, got {v!r}")
