@@ -295,3 +295,13 @@ def test_counts_without_an_end_are_refused_before_any_work():
     with pytest.raises(MechscopeError, match="seed must be an integer from 0 to 2"):  # with or without the curve
         find_circuit(counting, clean, corrupted, metric=logit_diff, better=None, metric_name="m", differentiable=True,
                      method="eap", curve=False, seed=2**64)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["eap", "acdc"])
+def test_find_circuit_refuses_inputs_its_metric_cannot_tell_apart(method):
+    """Clean and corrupted with the same metric (cnn discover --metric detect on a class both batches were called)
+    scored every edge 0 and wrote a circuit of nothing at threshold 0; scrub already refused the same case."""
+    model, (clean, _) = planted_residual("linear"), batches()
+    with pytest.raises(MechscopeError, match="the clean and the corrupted inputs give the same logit_diff .*nothing to"):
+        find_circuit(model, clean, clean.clone(), metric=logit_diff, better="higher", metric_name="logit_diff",
+                     differentiable=True, method=method, curve=False)  # fmt: skip

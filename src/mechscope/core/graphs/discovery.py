@@ -8,6 +8,7 @@ asked, draws the faithfulness curve and measures the drawn circuit alone. Each w
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ def find_circuit(
     t0 = time.perf_counter()
     scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
     seconds["discovery"] = time.perf_counter() - t0
+    m0, m1 = scores.metric_clean, scores.metric_corrupted
+    if math.isfinite(m0) and m0 == m1:  # every score is 0 (ACDC's threshold too): a circuit of nothing, exit 0
+        raise MechscopeError(f"the clean and the corrupted inputs give the same {metric_name} ({m0:g}): nothing to "
+                             "recover; choose inputs or a metric that tell them apart")  # fmt: skip
     circuit = cut_circuit(scores, method, size, threshold if method != "acdc" else None, default_size)
     faith = drawn = None
     if curve:
