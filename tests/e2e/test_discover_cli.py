@@ -147,7 +147,7 @@ def test_unreadable_hypothesis_files_are_one_line(capsys, tmp_path):
         (("--size", "2.5"), "--size as a fraction"),
         (("--size", "many"), "--size expects"),
         (("--task", "ioi"), "unknown task"),
-        (("--task", "induction", "--n", "3", "--batch", "2"), "not next tokens (a compiled tracr model)"),  # ran: +0 edges
+        (("--task", "induction", "--n", "3", "--batch", "2"), "not next tokens (a compiled tracr model)"),
         (("--threads", "0"), "--threads must be an integer from 1"),
     ],
 )

@@ -302,6 +302,6 @@ def test_find_circuit_refuses_inputs_its_metric_cannot_tell_apart(method):
     """Clean and corrupted with the same metric (cnn discover --metric detect on a class both batches were called)
     scored every edge 0 and wrote a circuit of nothing at threshold 0; scrub already refused the same case."""
     model, (clean, _) = planted_residual("linear"), batches()
-    with pytest.raises(MechscopeError, match="the clean and the corrupted inputs give the same logit_diff .*nothing to"):
+    with pytest.raises(MechscopeError, match="the clean and the corrupted inputs give the same logit_diff"):
         find_circuit(model, clean, clean.clone(), metric=logit_diff, better="higher", metric_name="logit_diff",
                      differentiable=True, method=method, curve=False)  # fmt: skip
