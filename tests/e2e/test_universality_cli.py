@@ -79,6 +79,8 @@ def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
     deep = tmp_path / "deep"
     deep.mkdir()
     save_run(deep, CNN(CNNConfig(channels=(4, 4, 4), kernel_size=3, padding=1)), config, {})
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy)
     cases = [
         ([str(quick_run), str(fashion)], ("fashion-mnist", "same dataset")),
         ([str(quick_run), str(five)], ("10 classes", "has 5")),
@@ -86,6 +88,7 @@ def test_universality_bad_input(capsys, quick_run, mnist_root, tmp_path):
         ([str(quick_run)], ("two or more runs",)),
         ([str(quick_run), str(tmp_path / "nope")], ("not found",)),
         ([str(quick_run), str(quick_run / ".")], ("different runs", "given more than once")),  # itself: universal
+        ([str(quick_run), str(copy)], ("different networks; the same weights are in", "copy")),  # a byte copy
     ]
     for runs, fragments in cases:
         out = tmp_path / "out"

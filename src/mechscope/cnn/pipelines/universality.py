@@ -60,6 +60,10 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
     check_target(out, force)
     loaded = [load_run(r) for r in runs]
     check_compatible(loaded)
+    digests = [r.weights_sha256 for r in loaded]
+    alike = sorted({str(r) for r, d in zip(runs, digests, strict=True) if digests.count(d) > 1})
+    if alike:  # a copied run: correlation and CKA 1.00 reported as a finding
+        raise MechscopeError(f"universality compares different networks; the same weights are in {', '.join(alike)}")
     data = load_run_data(loaded[0], data_dir=data_dir)
     x, y = data.test_float(test_limit), data.test_labels[:test_limit]
     labels = run_labels(runs)
