@@ -4,7 +4,9 @@ figures on neurons built to have a known answer."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -146,6 +148,19 @@ def test_toy_with_mlps_trains_and_loads(tmp_path, one_thread):
         assert model.blocks[0].mlp is not None and (model.blocks[0].mlp.ln is not None) == (mlp == "solu")
         assert chars == sorted(set(text))
     assert make_model(ToyConfig(**TINY, mlp="gelu", d_mlp=24), 16).cfg.d_mlp == 24
+    # training.json's model fields edited by hand: one line naming the file, not a traceback from inside torch
+    out = tmp_path / "solu"  # r is the last run's record
+    for field, value, said in (("n_heads", "4", "'n_heads' is '4'; expected int"),
+                               ("n_ctx", -5, "'n_ctx' is -5; expected at least 1"),
+                               ("norm_eps", "x", "'norm_eps' is 'x'; expected float"),
+                               ("d_model", None, "'d_model' is None; expected int"),
+                               ("n_heads", 4.0, "'n_heads' is 4.0; expected int")):  # fmt: skip
+        edited = json.loads(json.dumps(r))
+        edited["model"][field] = value
+        (out / "training.json").write_text(json.dumps(edited))
+        said = re.escape(f"{out / 'training.json'}: transformer config field {said}")
+        with pytest.raises(MechscopeError, match=said):
+            load_toy(out)
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,7 @@ block lives; ``embed`` and ``unembed`` move it to the embedding's and unembeddin
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -81,6 +82,10 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP (OpenAI's QuickGELU)
     SOLU_LN: solu,  # the MLP adds its LayerNorm (``mlp.ln``) after it
 }
+
+
+SIZES = ("d_model", "n_layers", "n_heads", "d_head", "d_vocab", "n_ctx", "n_kv_heads", "d_mlp", "rotary_dim",
+         "sliding_window", "d_vocab_out")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,27 @@ class TransformerConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    def check_types(self) -> None:
+        """Each field of its declared type, sizes at least 1 (a train-toy record edited by hand gave tracebacks from
+        deep inside torch: n_heads "4", n_ctx -5, norm_eps "x", d_model null)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), str(f.type).replace(" ", "")
+            if v is None and kind.endswith("|None"):
+                continue
+            kind = kind.removesuffix("|None")
+            ok = {
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "bool": isinstance(v, bool),
+                "str": isinstance(v, str),
+            }.get(kind, True)  # tuple[int, ...]: checked by validate against n_layers
+            if not ok:
+                raise MechscopeError(f"transformer config field {f.name!r} is {v!r}; expected {str(f.type)}")
+            if f.name in SIZES and v < 1:
+                raise MechscopeError(f"transformer config field {f.name!r} is {v}; expected at least 1")
+
     def validate(self) -> None:
+        self.check_types()
         if self.act not in ACTIVATIONS:
             raise MechscopeError(f"unsupported activation {self.act!r}; supported: {', '.join(ACTIVATIONS)}")
         if self.norm not in ("layernorm", "rmsnorm", "none"):
