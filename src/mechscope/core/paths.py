@@ -18,5 +18,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def model_out(command: str, model_spec) -> Path:
-    """A command's default output directory for a model: runs/COMMAND/MODEL (the spec made a safe name)."""
-    return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec).rstrip("/"))
+    """A command's default output directory for a model: runs/COMMAND/MODEL, MODEL the folder's or file's own name
+    for a local path however it is spelled (``../toy``, ``./toy``, ``toy/``: ``toy``; they were three folders, two
+    of them hidden), else the name or hub id made a safe name."""
+    spec = str(model_spec)
+    local = Path(spec).expanduser()
+    name = local.resolve().name if local.exists() else spec.rstrip("/")
+    return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", name or spec)

@@ -20,6 +20,7 @@ from mechscope.core.attribution_graph import PhaseWork, asked_interventions, che
 from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import repeated
 from mechscope.lm.methods.attribution_graph import (
@@ -306,7 +307,7 @@ def _dashboards(model, tcs, tokenizer, feats, examples: int, text, given: bool) 
 
 def graph_run(model: str, prompt, out=None, force: bool = False, **kw) -> tuple[Path, LmAttributionGraph]:
     """The CLI's call: the default output folder is ``runs/graph/MODEL``."""
-    out = Path(out) if out is not None else Path("runs") / "graph" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model))
+    out = Path(out) if out is not None else model_out("graph", model)
     path, graph = graph_model(model, prompt, out=out, force=force, **kw)
     return path, graph
 

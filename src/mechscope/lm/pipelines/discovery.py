@@ -10,6 +10,7 @@ from pathlib import Path
 from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
 from mechscope.lm.methods.discovery import LMDiscovery, discover, hand_edge_ids, heads_edges
 from mechscope.lm.methods.graph import TransformerEdges
@@ -59,7 +60,7 @@ def discover_model(
     from mechscope.lm.report.discovery import write_report
 
     check_discovery_settings(method, seed, n_random, size, threshold)
-    out = Path(out) if out is not None else Path("runs") / "discover" / _name(model_spec)
+    out = Path(out) if out is not None else model_out("discover", model_spec)
     check_target(out, force)
     timer = Timer("lm discover")
     with timer.section("load"):

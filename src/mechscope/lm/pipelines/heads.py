@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
 from mechscope.core.validate import check_seed, read_text_file
 from mechscope.lm.methods.heads import HeadProtocol, HeadsResult, check_protocol, find_induction_heads
@@ -62,7 +62,7 @@ def induction_heads(
 
     protocol = protocol or HeadProtocol()
     check_seed(protocol.seed)
-    out = Path(out) if out is not None else Path("runs") / "heads" / re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_spec))
+    out = Path(out) if out is not None else model_out("heads", model_spec)
     check_target(out, force)  # before minutes of work
     given = read_text_file(Path(text_file)) if text_file else None  # missing, a folder, empty, binary
     timer = Timer("lm heads")
