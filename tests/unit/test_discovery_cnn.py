@@ -296,6 +296,11 @@ def test_the_summary_warns_where_the_scores_call_for_it():
     assert ties == ["2 of the circuit's 4 edges score at rounding level (|score| at most 1e-06 of the largest): which "
                     "of those enter the circuit is arbitrary."]  # fmt: skip
     assert _caveats(result("eap", [0.5, -0.2, 0.1], 0.9, -0.1, [0, 1])) == []
+    # EAP-IG scored tracr's reverse chain 1e-5 to 1e-13 where edge patching measures -0.48 on each edge: from a
+    # gradient a rounding-level score is not called an effect-free tie, and the measuring methods are named
+    (grad,) = _caveats(result("eap-ig", [1.25, -0.8, 4e-12, 0.0], 0.67, -0.58, [0, 1, 2, 3]))
+    assert grad.startswith("2 of the circuit's 4 edges score at rounding level") and "not a measurement" in grad
+    assert grad.endswith("--method edge-patching or acdc ablate each edge and measure it.")
 
 
 def test_scrub_rows_print_rounding_sds_as_zero():

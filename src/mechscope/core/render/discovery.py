@@ -106,7 +106,15 @@ def _caveats(result) -> list[str]:
             "clean run (its gradient near zero there); EAP-IG or ACDC measure them."
         )
     small = int(np.sum(np.abs(np.asarray(result.circuit.scores, dtype=float)) <= ROUNDING * top)) if top > 0 else 0
-    if small:
+    if small and result.method in ("eap", "eap-ig"):  # a gradient's estimate, not a measurement of the edge
+        out.append(
+            f"{small} of the circuit's {len(result.circuit)} edges score at rounding level (|score| at most "
+            f"{ROUNDING:g} of the largest). From a gradient that is not a measurement: an edge the metric needs can "
+            "score so where attention or an activation is saturated (tracr's compiled layers are), and so can an "
+            "edge with no effect; which of them enter the circuit, and how the ranking scores below order them, is "
+            "arbitrary. --method edge-patching or acdc ablate each edge and measure it."
+        )
+    elif small:
         out.append(
             f"{small} of the circuit's {len(result.circuit)} edges score at rounding level (|score| at most "
             f"{ROUNDING:g} of the largest): which of those enter the circuit is arbitrary."
