@@ -70,7 +70,9 @@ def test_lm_scrub_on_a_tracr_model(capsys, tmp_path):
     assert "100.0% ± 0.0% of the behaviour recovered" in stdout
     r = LMScrub.load(tmp_path / "s")
     assert r.scrub.recovered == pytest.approx(1.0) and r.features == {"length": r.features["length"]}
-    assert f": {r.task_description};" in (tmp_path / "s" / "report.html").read_text()  # the task and its examples
+    page = (tmp_path / "s" / "report.html").read_text()
+    task = r.task_description.split("; corrupted:")[0]  # discovery's corrupted input is not what scrubbing runs
+    assert f": {task};" in page and "derangement" not in page  # the task and its examples
     _standalone(tmp_path / "s" / "report.html")
     check_fragment(r._repr_html_())
 

@@ -149,7 +149,8 @@ def scrub_context(result) -> dict:
         "figure_uri": scrub_figure(s, f"causal scrubbing of {result.name!r} on {result.model}"),
         "rows": scrub_rows(s),
         "claims": claims,
-        "where": f"{result.model}: {result.task_description}",
+        # the task's corrupted input is discovery's; scrubbing resamples inputs by the hypothesis instead
+        "where": f"{result.model}: {result.task_description.split('; corrupted:')[0]}",
     }
 
 
