@@ -27,7 +27,9 @@ def test_the_distribution_sentences():
     assert lines[0] == "4 neurons counted (0 rarely active: fewer than 10 positive activations in the sample)."
     assert "1.50 bits (quartiles 0.75–2.25); 20 positions at random: 3.20 bits (5–95%: 2.90–3.50)" in lines[1]
     assert lines[2].startswith("50% of the neurons have at least half of their top contexts on one token, 25% at least")
-    assert N.summary_lines(neurons([0.0], [1.0], n=3)) == ["No neuron fired in at least 10 of its top 20 contexts."]
+    assert N.summary_lines(neurons([0.0], [1.0], n=3)) == [
+        "No neuron has 10 or more positive activations in the sample: every one is rarely active, and none is counted."
+    ]
 
 
 def test_most_monosemantic_table_leaves_out_dense_neurons():

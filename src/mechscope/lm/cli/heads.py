@@ -74,8 +74,8 @@ def heads(
     )
     k = r.top_k_ablation
     typer.echo(
-        f"ablating the top {k['k']} induction heads: +{k['induction_heads_loss_increase']:.3f} loss; "
-        f"{k['k']} random heads: +{k['random_heads_loss_increase_mean']:.3f} "
+        f"ablating the {k['k']} heads with the highest induction scores: {k['induction_heads_loss_increase']:+.3f} "
+        f"loss; {k['k']} random heads: {k['random_heads_loss_increase_mean']:+.3f} "
         f"± {k['random_heads_loss_increase_std']:.3f}"
     )
     typer.echo(f"heads.json and report.html written to {path} ({sum(r.seconds.values()):.0f} s)")

@@ -149,7 +149,8 @@ def summary_lines(result: NeuronsResult) -> list[str]:
     s = result.summary()["all"]
     b = result.baseline
     if not s.get("neurons"):
-        return [f"No neuron fired in at least {result.min_count} of its top {result.k} contexts."]
+        return [f"No neuron has {result.min_count} or more positive activations in the sample: every one is rarely "
+                "active, and none is counted."]
     return [
         f"{s['neurons']:,} neurons counted ({s['rarely_active']:,} rarely active: fewer than {result.min_count} "
         f"positive activations in the sample).",
