@@ -216,6 +216,12 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
     code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
                             "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(code, err, "circuits.circuits is not a list")
+    # another run's explanation (channel numbers of other weights) is refused where the file records its weights
+    other = {"model": {"weights_sha256": "0" * 64}, "circuits": {"circuits": [{"target": 1, "channels": [3]}]}}
+    (tmp_path / "explain0" / "mechanisms.json").write_text(json.dumps(other))
+    code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
+                            "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(code, err, "not this run's explanation: it was made from other weights (sha256 000000000000")
 
 
 def test_task_settings_a_file_gives_are_checked_against_its_task(capsys, tmp_path):

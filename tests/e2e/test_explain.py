@@ -82,6 +82,9 @@ def test_writes_report_and_mechanisms(explained):
     assert r.patching.clean_class == 8 and r.patching.corrupted_class == 3
     assert r.summary and all(isinstance(s, str) for s in r.summary)
     assert set(r.seconds) >= {"ablation", "patching", "circuits", "report"}
+    from mechscope.cnn.runs import load_run
+
+    assert r.model["weights_sha256"] == load_run(run).weights_sha256  # cnn discover --explain checks it
     saved = assert_round_trip(out / "mechanisms.json", ExplainResult)
     assert saved["schema"] == "mechscope.explain/3"
     assert saved == json.loads(json.dumps(r.to_dict()))  # the JSON is to_dict() of the result

@@ -13,7 +13,7 @@ from mechscope.cnn.methods.scrubbing import CNNScrub, parse_hypothesis_file, scr
 from mechscope.cnn.models.spec import walk
 from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
-from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, check_target, same_weights, write_json
 from mechscope.core.torch_utils import Timer, evaluating
 
 
@@ -24,9 +24,10 @@ def _data(run, dataset=None, data_dir=None):
     return data.test_float(), data.test_labels.long(), data
 
 
-def hand_circuit(path: str | Path, target: int, spec=None) -> list[int]:
+def hand_circuit(path: str | Path, target: int, spec=None, digest: str | None = None) -> list[int]:
     """The last-stage channels ``cnn explain`` found for class ``target`` (its mechanisms.json, or the folder),
-    checked against ``spec``'s last stage when given."""
+    checked against ``spec``'s last stage when given, and (``digest``) made from those weights when the file says
+    which it was made from (a mechanisms.json before the hash was recorded does not)."""
     path = Path(path)
     if path.is_dir():
         path = path / "mechanisms.json"
@@ -39,6 +40,11 @@ def hand_circuit(path: str | Path, target: int, spec=None) -> list[int]:
         raise MechscopeError(f"{path}: not a readable mechanisms.json ({type(e).__name__})") from None
     if not isinstance(rows, list):
         raise MechscopeError(f"{path}: not a readable mechanisms.json (circuits.circuits is not a list)")
+    model = data.get("model")
+    if digest is not None and isinstance(model, dict) and WEIGHTS_KEY in model:  # another run's channel numbers
+        ok, why = same_weights(model, digest)
+        if not ok:
+            raise MechscopeError(f"{path}: not this run's explanation: {why}")
     for row in rows:
         t = row.get("target") if isinstance(row, dict) else None
         if type(t) is int and t == target:  # a float or bool target is not a class index
@@ -83,7 +89,7 @@ def discover_run(
         images, labels, data = _data(run, dataset, data_dir)
         target = None if target is None else class_index(target, data.class_names)
         spec = walk(run.model, data.shape)
-        hand = hand_circuit(explain, target, spec) if explain is not None else None
+        hand = hand_circuit(explain, target, spec, run.weights_sha256) if explain is not None else None
         counter = spec.work_counter()
         with evaluating(spec.model), counter.counting():
             task = image_task(images, labels, target=target, metric=metric, n=n, seed=seed, corrupt=corrupt,

@@ -26,7 +26,7 @@ from mechscope.cnn.pipelines.blocks import blocks_link
 from mechscope.cnn.pipelines.tuning import linked_tuning
 from mechscope.cnn.runs import load_run, load_run_data, write_json
 from mechscope.core.errors import MechscopeError
-from mechscope.core.outputs import atomic_output, read_linked
+from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, read_linked, weights_hash
 from mechscope.core.results import plain
 from mechscope.core.torch_utils import Timer, n_parameters
 
@@ -82,7 +82,8 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
             examples = unit_examples(model, spec, ed)
         result = ExplainResult(
             run=str(run) if run is not None else None,
-            model={**spec.to_dict(), "architecture": spec.architecture(), "n_parameters": n_parameters(model)},
+            model={**spec.to_dict(), "architecture": spec.architecture(), "n_parameters": n_parameters(model),
+                   WEIGHTS_KEY: weights_hash(model)},  # what cnn discover --explain checks its run against
             data={**_describe(data), "test_images": len(ed.y)},
             class_names=tuple(ed.class_names),
             settings={**s.to_dict(), "patch": list(pair), "description": ed.description},
