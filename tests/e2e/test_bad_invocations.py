@@ -79,6 +79,7 @@ CNN_BAD = [
     ("cnn", "evaluate", "--run", f"{W}/run_config_latin1"),
     ("cnn", "evaluate", "--run", f"{W}/run_channels_str"),
     ("cnn", "evaluate", "--run", f"{W}/run_no_weights"),
+    ("cnn", "evaluate", "--run", f"{W}/run_other_weights"),  # read another run's weights: 0.7446 beside 0.79
     ("cnn", "evaluate", "--run", f"{W}/run_cut_weights"),
     ("cnn", "evaluate", "--run", f"{W}/run_nan_weights"),
     ("cnn", "evaluate", "--run", f"{W}/run_kind"),
@@ -333,6 +334,7 @@ def work(tmp_path_factory, quick_run) -> dict[str, str]:
     _write_run_variant(run, w / "run_channels_str", _set_config(**{"model.channels": "16,32"}))
     _write_run_variant(run, w / "run_kind", _set_config(kind="toy"))
     _write_run_variant(run, w / "run_no_weights", lambda r: (r / "model.safetensors").unlink())
+    _write_run_variant(run, w / "run_other_weights", _set_config(weights_sha256="0" * 64))  # weights swapped in
 
     def cut(r: Path) -> None:
         raw = (r / "model.safetensors").read_bytes()
@@ -345,6 +347,13 @@ def work(tmp_path_factory, quick_run) -> dict[str, str]:
         first = sorted(state)[0]
         state[first].view(-1)[0] = float("nan")
         save_file(state, str(r / "model.safetensors"))
+        from types import SimpleNamespace
+
+        from mechscope.core.outputs import weights_hash
+
+        cfg = json.loads((r / "config.json").read_text())  # the record says these weights: the NaN is what is wrong
+        cfg["weights_sha256"] = weights_hash(SimpleNamespace(state_dict=lambda: state))
+        (r / "config.json").write_text(json.dumps(cfg))
 
     _write_run_variant(run, w / "run_nan_weights", nan)
 

@@ -163,7 +163,12 @@ def load_run(path: str | Path) -> Run:
     model.load_state_dict(state)
     model.eval()
     metrics = _read_json(run / METRICS) if (run / METRICS).exists() else {}
-    return Run(run, model, config, metrics, weights_hash(model))
+    digest = weights_hash(model)
+    recorded = config.get(WEIGHTS_KEY)
+    if isinstance(recorded, str) and recorded != digest:  # another run's weights read with this run's record
+        raise RunError(f"{weights}: not the weights {CONFIG} records (sha256 {digest[:12]}, recorded "
+                       f"{recorded[:12]}): the run's files come from different trainings; copy a run whole")  # fmt: skip
+    return Run(run, model, config, metrics, digest)
 
 
 def _check_state(weights: Path, expected: dict, state: dict) -> None:
