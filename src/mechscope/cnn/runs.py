@@ -167,7 +167,7 @@ def load_run(path: str | Path) -> Run:
     recorded = config.get(WEIGHTS_KEY)
     if isinstance(recorded, str) and recorded != digest:  # another run's weights read with this run's record
         raise RunError(f"{weights}: not the weights {CONFIG} records (sha256 {digest[:12]}, recorded "
-                       f"{recorded[:12]}): the run's files come from different trainings; copy a run whole")  # fmt: skip
+                       f"{recorded[:12]}): the run's files come from different trainings")  # fmt: skip
     return Run(run, model, config, metrics, digest)
 
 
