@@ -247,6 +247,7 @@ LM_BAD = [
     # lm circuits
     ("lm", "circuits", "--model", HF, "--head", "9.0", "--out", f"{W}/o"),
     ("lm", "circuits", "--model", HF, "--head", "zero", "--out", f"{W}/o"),
+    ("lm", "circuits", "--model", HF, "--head", "-0.1", "--out", f"{W}/o"),  # int("-0") is 0: read as head 0.1
     ("lm", "circuits", "--model", f"{W}/nowhere", "--out", f"{W}/o"),
     ("lm", "circuits", "--model", HF, "--out", f"{W}/full"),
     # lm neurons

@@ -60,6 +60,8 @@ def check_discovery_settings(method: str, seed, n_random, size, threshold) -> No
                              "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
     if threshold is not None:
         check_threshold(threshold)
+    if type(size) is int and size < 1:  # a circuit of no edge was written (the curve measures the empty one already)
+        raise MechscopeError(f"--size as an edge count must be at least 1, got {size}")
 
 
 def check_threshold(threshold, what: str = "--threshold") -> float:

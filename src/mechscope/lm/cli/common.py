@@ -64,6 +64,8 @@ def parse_pair(text: str, what: str = "head", example: str = "5.1") -> tuple[int
 
     try:
         layer, index = text.split(".")
+        if not (layer.strip().isdigit() and index.strip().isdigit()):  # int("-0") is 0: "-0.3" was read as 0.3
+            raise ValueError(text)
         return int(layer), int(index)
     except ValueError:
         raise MechscopeError(
