@@ -111,7 +111,7 @@ def test_images_too_small_for_the_network(capsys, data, tmp_path):
     "args, fragment",
     [
         (["--dataset", "cifar10"], "unknown dataset 'cifar10'; expected one of mnist, fashion-mnist"),
-        (["--channels", "4,8,8,8,8"], "channels must be 1 to 4 positive widths"),
+        (["--channels", "4,8,8,8,8"], "channels must be 1 to 4 widths of 1 to 4,096"),
         (["--activation", "tanh"], "unknown activation 'tanh'; expected one of relu, gelu, solu"),
         (["--dataset", "{root}/nokey.npz"], "missing y_test; a .npz dataset holds x_train, y_train, x_test, y_test"),
         (["--dataset", "{root}/short.npz"], "320 images but 300 labels in the train split"),

@@ -4,6 +4,7 @@ weights they were made from (a small three-stage RGB network, fast to explain)."
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -93,6 +94,8 @@ def rgb_data(tmp_path_factory):
 
 
 def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_data):
+    from types import SimpleNamespace
+
     from safetensors.torch import load_file, save_file
 
     from mechscope.cnn.runs import load_run, weights_hash
@@ -128,6 +131,9 @@ def test_microscope_shows_curves_of_the_same_weights_only(capsys, tmp_path, rgb_
     state = load_file(str(run / "model.safetensors"))
     state["conv1.conv.weight"] = state["conv1.conv.weight"] * 1.5
     save_file(state, str(run / "model.safetensors"), metadata={"kind": "cnn"})
+    config = json.loads((run / "config.json").read_text())  # new weights with their record, as a retraining leaves
+    config["weights_sha256"] = weights_hash(SimpleNamespace(state_dict=lambda: state))
+    (run / "config.json").write_text(json.dumps(config))
     other = linked_tuning(run, load_run(run).model)
     assert "made from other weights" in other["stale"] and "units" not in other
     assert not any(s.startswith("Tuning curves on synthetic stimuli") for s in summarise(result, {"tuning": other}))

@@ -23,5 +23,8 @@ def model_out(command: str, model_spec) -> Path:
     of them hidden), else the name or hub id made a safe name."""
     spec = str(model_spec)
     local = Path(spec).expanduser()
-    name = local.resolve().name if local.exists() else spec.rstrip("/")
+    try:
+        name = local.resolve().name if local.exists() else spec.rstrip("/")
+    except OSError:  # a name the file system refuses (too long): the command's own check says so
+        name = spec.rstrip("/")
     return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", name or spec)
