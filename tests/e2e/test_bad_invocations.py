@@ -124,6 +124,7 @@ CNN_BAD = [
     # cnn explain
     ("cnn", "explain", "--run", R, "--class", "42", "--out", f"{W}/o"),
     ("cnn", "explain", "--run", R, "--class", "banana", "--out", f"{W}/o"),
+    ("cnn", "explain", "--run", R, "--class", "1", "--class", "1", "--out", f"{W}/o"),  # recorded [1, 1], ran one
     ("cnn", "explain", "--run", R, "--patch", "3", "--out", f"{W}/o"),
     ("cnn", "explain", "--run", R, "--patch", "3,3", "--out", f"{W}/o"),
     ("cnn", "explain", "--run", R, "--pairs", "0", "--out", f"{W}/o"),

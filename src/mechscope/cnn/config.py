@@ -105,6 +105,9 @@ class ExplainSettings:
         from dataclasses import replace
 
         classes = tuple(class_index(c, class_names) for c in self.classes) if self.classes else None
+        twice = sorted({c for c in classes or () if classes.count(c) > 1})
+        if twice:  # one circuit was searched and the settings recorded it twice
+            raise MechscopeError(f"--class {class_names[twice[0]]} given more than once")
         if self.patch and len(self.patch) != 2:  # (1,) was an IndexError
             raise MechscopeError(f"patch expects two classes (clean, corrupted), got {self.patch!r}")
         patch = tuple(class_index(c, class_names, "patching class") for c in self.patch) if self.patch else None
