@@ -313,3 +313,16 @@ def test_asked_interventions_in_order_auto_then_ablations_then_steering():
     assert out == [1, 2, 3]
     assert calls == [(["1_7_3"], {}), (["0_2_1", "1_7_3"], {}), (["1_7_3"], {"value": 5.0, "scale": None})]
     assert asked_interventions(intervene_on, [], True) == [] and len(calls) == 3  # no feature: nothing to ablate
+
+
+def test_asked_interventions_take_a_group_as_one_id_or_a_list():
+    """A group given as one id (as intervene takes it) had its characters sorted for the repeat check: ids with the
+    same characters ('1_12_5', '1_21_5') read as the same group."""
+    from mechscope.core.attribution_graph import check_asked
+
+    check_asked(["1_12_5", "1_21_5"])
+    check_asked([["1_12_5", "0_3_1"], "1_15_2"], [("2_4_0", 3.0)])
+    with pytest.raises(MechscopeError, match="--ablate 1_12_5 given more than once"):
+        check_asked(["1_12_5", ["1_12_5"]])
+    with pytest.raises(MechscopeError, match="--ablate '1_-1_5': only feature nodes"):
+        check_asked([["1_-1_5"]])

@@ -173,3 +173,21 @@ def test_every_report_page_says_what_made_it():
     assert_made_by(page)
     assert f"mechscope {versions()['mechscope']} · python " in page
     assert with_footer("<p>fragment</p>").startswith("<p>fragment</p><footer")  # (every page's file: check_report)
+
+
+def test_a_models_default_folder_is_its_path_however_spelled(tmp_path, monkeypatch):
+    """``--model ../toy``, ``./toy`` and ``toy/`` wrote to runs/heads/.._toy, runs/heads/._toy (hidden) and
+    runs/heads/toy: three folders for one model, past the no-overwrite guard. Folders on the path are kept, so two
+    runs' ``control/`` (or checkpoints of one name) stay apart; a hub id or name is made a safe name."""
+    from mechscope.core.paths import model_out
+
+    for d in ("toy", "a/control", "b/control"):
+        (tmp_path / "work" / d).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "toy")
+    assert {model_out("heads", s) for s in ("../toy", "../toy/", "./../toy")} == {Path("runs/heads/toy")}
+    monkeypatch.chdir(tmp_path / "work")
+    assert model_out("heads", "./toy/") == model_out("heads", "toy") == Path("runs/heads/toy")
+    assert model_out("heads", "a/control") == Path("runs/heads/a_control") != model_out("heads", "b/control")
+    assert model_out("heads", "HuggingFaceTB/SmolLM2-135M") == Path("runs/heads/HuggingFaceTB_SmolLM2-135M")
+    assert model_out("heads", "smollm2") == Path("runs/heads/smollm2")
+    assert model_out("heads", "x" * 5000).name.startswith("xxx")  # too long for the file system: no OSError here

@@ -3,6 +3,8 @@ from hand-made results."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from mechscope.core.render.html import render_string
@@ -24,12 +26,16 @@ def neurons(entropies, shares, n=20, density=None) -> NeuronsResult:
 
 def test_the_distribution_sentences():
     lines = N.summary_lines(neurons([0.0, 1.0, 2.0, 3.0], [1.0, 0.6, 0.4, 0.2]))
-    assert lines[0] == "4 neurons counted (0 rarely active: fewer than 10 positive activations in the sample)."
+    assert lines[0] == "4 neurons counted (0 rarely active: fired in fewer than 10 of their top 20 contexts)."
     assert "1.50 bits (quartiles 0.75–2.25); 20 positions at random: 3.20 bits (5–95%: 2.90–3.50)" in lines[1]
     assert lines[2].startswith("50% of the neurons have at least half of their top contexts on one token, 25% at least")
     assert N.summary_lines(neurons([0.0], [1.0], n=3)) == [
-        "No neuron has 10 or more positive activations in the sample: every one is rarely active, and none is counted."
+        "No neuron fired (a positive activation) in at least 10 of its top 20 contexts: every one is rarely active, "
+        "and none is counted."
     ]
+    few = N.summary_lines(replace(neurons([0.0], [1.0], n=3), k=5))  # --k 5: "at least 10 of its top 5" read oddly
+    assert few == ["No neuron is counted: one counts when it fires (a positive activation) in at least 10 of its top "
+                   "contexts, and only the top 5 were read (--k)."]  # fmt: skip
 
 
 def test_most_monosemantic_table_leaves_out_dense_neurons():

@@ -18,13 +18,17 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def model_out(command: str, model_spec) -> Path:
-    """A command's default output directory for a model: runs/COMMAND/MODEL, MODEL the folder's or file's own name
-    for a local path however it is spelled (``../toy``, ``./toy``, ``toy/``: ``toy``; they were three folders, two
-    of them hidden), else the name or hub id made a safe name."""
+    """A command's default output directory for a model: runs/COMMAND/MODEL, MODEL the spec made a safe name; a
+    local path without its leading ``./``, ``../`` and ``/`` (``../toy``, ``./toy``, ``toy/``: ``toy``; they were
+    three folders, two of them hidden), its folders kept (``a/control`` and ``b/control`` stay apart)."""
     spec = str(model_spec)
     local = Path(spec).expanduser()
     try:
-        name = local.resolve().name if local.exists() else spec.rstrip("/")
+        exists = local.exists()
     except OSError:  # a name the file system refuses (too long): the command's own check says so
-        name = spec.rstrip("/")
+        exists = False
+    name = spec.rstrip("/")
+    if exists:  # as spelled, without its leading ./, ../ and /: models in two folders keep two names (no symlink
+        parts = [p for p in Path(os.path.normpath(local)).parts if p not in ("/", ".", "..")]  # is followed)
+        name = "/".join(parts) or Path(os.path.abspath(local)).name
     return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", name or spec)

@@ -229,13 +229,12 @@ def check_asked(ablate=None, steer=None) -> None:
     value finite and in range, no group of ``ablate`` given twice. Whether the feature is active is for the graph."""
     for node, value in steer or []:  # the API's values, checked as the CLI's are
         parse_steer(f"{node}={value}", str(node))
-    for opt, nodes in [("--ablate", n) for g in ablate or [] for n in ([g] if isinstance(g, str) else g)] + [
-        ("--steer", node) for node, _ in steer or []
-    ]:
+    groups = [[g] if isinstance(g, str) else list(g) for g in ablate or []]  # a group may be one id (as intervene)
+    for opt, nodes in [("--ablate", n) for g in groups for n in g] + [("--steer", node) for node, _ in steer or []]:
         if not isinstance(nodes, str) or not FEATURE_ID.fullmatch(nodes.strip()):
             raise MechscopeError(f"{opt} {nodes!r}: only feature nodes can be steered or ablated; expected a feature "
                                  "node's id LAYER_FEATURE_POS (for example 1_12_5)")  # fmt: skip
-    twice = repeated(tuple(sorted(g)) for g in ablate or [])
+    twice = repeated(tuple(sorted(g)) for g in groups)
     if twice:  # the same intervention twice: one more row of the same numbers
         raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
 

@@ -149,11 +149,14 @@ def summary_lines(result: NeuronsResult) -> list[str]:
     s = result.summary()["all"]
     b = result.baseline
     if not s.get("neurons"):
-        return [f"No neuron has {result.min_count} or more positive activations in the sample: every one is rarely "
-                "active, and none is counted."]
+        if result.k < result.min_count:  # none can be: say why rather than "at least 10 of its top 5"
+            return [f"No neuron is counted: one counts when it fires (a positive activation) in at least "
+                    f"{result.min_count} of its top contexts, and only the top {result.k} were read (--k)."]
+        return [f"No neuron fired (a positive activation) in at least {result.min_count} of its top {result.k} "
+                "contexts: every one is rarely active, and none is counted."]
     return [
-        f"{s['neurons']:,} neurons counted ({s['rarely_active']:,} rarely active: fewer than {result.min_count} "
-        f"positive activations in the sample).",
+        f"{s['neurons']:,} neurons counted ({s['rarely_active']:,} rarely active: fired in fewer than "
+        f"{result.min_count} of their top {result.k} contexts).",
         f"Median entropy of the current token over each neuron's top {result.k} activations: "
         f"{s['entropy_median']:.2f} bits (quartiles {s['entropy_quartiles'][0]:.2f}–{s['entropy_quartiles'][1]:.2f}); "
         f"{result.k} positions at random: {b['entropy_mean']:.2f} bits (5–95%: {b['entropy_p05']:.2f}–"
