@@ -329,3 +329,18 @@ def test_shifted_selectivity_index_by_hand():
     # one class only: 1; all alike: 0; [0, 1, 2] after the shift: (2 - 0.5) / (2 + 0.5) = 0.6;
     # [0, 0, 1.5] after the shift: 1
     assert shifted_index(means).tolist() == pytest.approx([1.0, 0.0, 0.6, 1.0])
+
+
+def test_a_transformer_config_takes_numpy_numbers_and_listed_token_ids():
+    """What loaded before the type checks still loads: NumPy scalars from the Python API (as Python numbers), a
+    config.json's list of eos ids (Llama 3 lists two: the first is kept); a number past a float's range is one line."""
+    from mechscope.lm.models.transformer import TransformerConfig
+
+    base = dict(d_model=8, n_layers=1, n_heads=2, d_head=4, d_vocab=10, n_ctx=8, d_mlp=16)
+    c = TransformerConfig(**base | {"d_model": np.int64(8), "norm_eps": np.float32(1e-5), "attn_bias": np.bool_(True),
+                                    "eos_token_id": [3, 4], "bos_token_id": [0]})  # fmt: skip
+    c.validate()
+    assert (type(c.d_model), type(c.norm_eps), type(c.attn_bias)) == (int, float, bool)
+    assert (c.eos_token_id, c.bos_token_id) == (3, 0)
+    with pytest.raises(MechscopeError, match="'norm_eps' is 1000"):
+        TransformerConfig(**base | {"norm_eps": 10**400}).validate()

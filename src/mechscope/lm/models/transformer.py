@@ -84,6 +84,13 @@ ACTIVATIONS = {
 }
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past a float's range (10**400 in a hand-edited record)
+        return False
+
+
 SIZES = ("d_model", "n_layers", "n_heads", "d_head", "d_vocab", "n_ctx", "n_kv_heads", "d_mlp", "rotary_dim",
          "sliding_window", "d_vocab_out")  # fmt: skip
 
@@ -136,6 +143,14 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:  # JSON gives lists; keep the config hashable
         object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        for name in ("bos_token_id", "eos_token_id"):  # a config.json may list several (Llama 3's eos): the first
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)) and v:
+                object.__setattr__(self, name, v[0])
+        for f in fields(self):  # NumPy scalars from the Python API as the Python numbers JSON and checks expect
+            v = getattr(self, f.name)
+            if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:  # np.int64, np.float32, np.bool_
+                object.__setattr__(self, f.name, v.item())
 
     @property
     def kv_heads(self) -> int:
@@ -151,7 +166,7 @@ class TransformerConfig:
             kind = kind.removesuffix("|None")
             ok = {
                 "int": isinstance(v, int) and not isinstance(v, bool),
-                "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
                 "bool": isinstance(v, bool),
                 "str": isinstance(v, str),
             }.get(kind, True)  # tuple[int, ...]: checked by validate against n_layers
