@@ -287,3 +287,12 @@ def test_the_estimate_is_compared_not_said_to_agree(result):
 def test_a_path_larger_than_its_heads_total_says_how_much_is_offset(result):
     line = one(R.summary(result), "Path patching 0.0 → 2.0")
     assert "offsets 92% of the key path's effect (inferred from the two measurements)" in line  # (1.87 − 0.15) / 1.87
+
+
+def test_the_measured_set_follows_the_protocol(result):
+    """lm circuits' protocol measures only the confirmed edges' sources: its summary (a HeadsResult shown in a
+    notebook) listed the labelled heads, the table's rows and random others as measured."""
+    protocol = result.protocol | {"per_head_ablation": False, "exact_path_sources": True}
+    line = one(R.summary(make_result(protocol=protocol)), "One head at a time")
+    assert "Measured: the source of each confirmed path-patching edge; the other" in line
+    assert "random others" not in line and "random others" in one(R.summary(result), "One head at a time")

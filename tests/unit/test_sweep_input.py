@@ -428,3 +428,16 @@ def test_cnn_discover_and_graph_take_a_class_by_name(capsys, tmp_path, quick_run
                             "--out", str(tmp_path / "g"))  # fmt: skip
     assert_one_line_error(code, err, "unknown class 'seven'; expected 0..9 or a class name")
     assert not (tmp_path / "d").exists() and not (tmp_path / "g").exists()
+
+
+def test_a_signed_index_pair_is_refused_not_read_without_its_sign():
+    """int("-0") is 0: "-0.5" was read as neuron 0.5 (clip neurons) and "-0.1" as head 0.1 (lm graph --qk)."""
+    from mechscope.clip.methods.neurons import parse_neuron
+    from mechscope.lm.cli.common import parse_pair
+    from mechscope.lm.cli.graph import _qk
+
+    assert parse_neuron("1.37") == (1, 37) and _qk("1.2@3:1") == (1, 2, 3, 1) and parse_pair("0.3") == (0, 3)
+    bad = ((parse_neuron, "-0.5"), (_qk, "-0.1"), (_qk, "1.2@-0"), (parse_pair, "-0.3"), (parse_pair, "0.+3"))
+    for parse, text in bad:
+        with pytest.raises(MechscopeError, match=f"got {text!r}".replace("+", r"\+").replace(".", r"\.")):
+            parse(text)

@@ -50,6 +50,8 @@ def layer_name(layer: int) -> str:
 def parse_neuron(text: str) -> tuple[int, int]:
     try:
         layer, unit = str(text).split(".")
+        if not (layer.strip().isdigit() and unit.strip().isdigit()):  # int("-0") is 0: "-0.5" was neuron 0.5
+            raise ValueError(text)
         return int(layer), int(unit)
     except ValueError:
         raise MechscopeError(f"expected a neuron as LAYER.UNIT (for example 1.37), got {text!r}") from None

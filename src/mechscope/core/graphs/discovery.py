@@ -122,7 +122,8 @@ def find_circuit(
     scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
     seconds["discovery"] = time.perf_counter() - t0
     m0, m1 = scores.metric_clean, scores.metric_corrupted
-    if math.isfinite(m0) and m0 == m1:  # every score is 0 (ACDC's threshold too): a circuit of nothing, exit 0
+    if math.isfinite(m0) and m0 == m1:  # no gap to recover (the curve divides by it; ACDC's threshold was 0): a
+        # circuit of nothing was written, exit 0. Checked after the scoring, whose own passes measure the two
         raise MechscopeError(f"the clean and the corrupted inputs give the same {metric_name} ({m0:g}): nothing to "
                              "recover; choose inputs or a metric that tell them apart")  # fmt: skip
     circuit = cut_circuit(scores, method, size, threshold if method != "acdc" else None, default_size)

@@ -14,6 +14,9 @@ def _qk(text: str) -> tuple:
 
     head, _, at = text.partition("@")
     try:
+        parts = [*head.split("."), *at.replace(":", ".").split(".")] if at else head.split(".")
+        if not all(x.strip().isdigit() for x in parts):  # int("-0") is 0: "-0.1" was head 0.1
+            raise ValueError(text)
         layer, h = (int(x) for x in head.split("."))
         if not at:
             return (layer, h)

@@ -15,6 +15,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.render.html import render_string
 from mechscope.core.render.viewer import AttentionViewer, Table
 from mechscope.core.show import img, page, renders, table_html, views
+from mechscope.core.stats import sample_sd
 from mechscope.lm.methods.ablation import HeadAblationResult
 from mechscope.lm.methods.circuits import CircuitsResult
 from mechscope.lm.methods.composition import CompositionResult
@@ -154,7 +155,7 @@ def head_scores_show(r: HeadScores, layer: int, head: int, model=None) -> Attent
 @renders(HeadAblationResult)
 def ablation_page(r: HeadAblationResult, full: bool = True) -> str:
     heads = ", ".join(f"{layer}.{h}" for layer, h in r.heads)
-    sd = float(np.std(r.per_sequence))
+    sd = float(sample_sd(r.per_sequence))  # over the sequences, as lm heads' ± values
     body = [
         "<h2>Loss on the second copy</h2>",
         table_html(

@@ -198,13 +198,14 @@ def ablation_sentences(result) -> list[str]:
     best = sorted(mean.exact_mean.items(), key=lambda kv: -kv[1])[:RANKED]
     top = ", ".join(f"{_h(lh)} ({v:+.2f} ± {mean.exact_std[lh]:.2f})" for lh, v in best)
     p = result.protocol
+    measured = (f"the labelled heads, the path-patching sources and targets, the ranked table's rows, the "
+                f"{p.get('exact_top', 0)} with the largest estimated effects and {p.get('exact_random', 0)} random "
+                "others") if p.get("per_head_ablation", True) else "the source of each confirmed path-patching edge"
     lines.append(
         f"One head at a time, mean-ablation (each position's output replaced by its mean over the {b} sequences) "
         f"costs most, among the {len(mean.exact_mean)} heads measured exactly, for {top} nats of second-half loss "
-        f"(mean ± sd over the sequences). Measured: the labelled heads, the path-patching sources and targets, the "
-        f"ranked table's rows, the {p.get('exact_top', 0)} with the largest estimated effects and "
-        f"{p.get('exact_random', 0)} random others; the other {n_heads - len(mean.exact_mean)} heads have only an "
-        "attribution-patching estimate and are not ranked."
+        f"(mean ± sd over the sequences). Measured: {measured}; the other {n_heads - len(mean.exact_mean)} heads "
+        "have only an attribution-patching estimate and are not ranked."
     )
     lines.append(agreement_sentence(result, mean))
     return lines
