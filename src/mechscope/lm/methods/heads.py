@@ -498,7 +498,7 @@ def find_induction_heads(
         always = by_induction[: p.top_k] if p.per_head_ablation else []
         if p.per_head_ablation:
             named = named_heads(labels, tests, by_induction[:TABLE_ROWS], kv_groups)
-            say("per-head ablations (exact, on every head the report names)")
+            say("per-head ablations (exact: the labelled heads, path-patching heads, table rows, largest estimates)")
         else:  # lm circuits: only the confirmed edges' sources, whose totals its sentences cite
             named = sorted({pp.source for pp in patches if any(pp.confirmed)}) if p.exact_path_sources else []
             if named:
