@@ -322,6 +322,15 @@ def repeated(items) -> list:
     return sorted({x for x in items if items.count(x) > 1})
 
 
+def indices(text: str, n: int = 2, sep: str = ".") -> tuple[int, ...]:
+    """``text`` as ``n`` indices separated by ``sep`` (``"5.1"``), each digits only; a ValueError otherwise, for the
+    caller's own message (``int("-0")`` is 0: "-0.3" was read as the pair 0.3)."""
+    parts = text.split(sep)
+    if len(parts) != n or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(text)
+    return tuple(int(p) for p in parts)
+
+
 def int_list(text: str, what: str) -> list[int]:
     """Integers separated by commas (or by spaces alone): ``"1,2,3"``, ``"1 2 3"``. An empty item (``"1,,3"``, a
     trailing comma) is one line naming ``what``, not dropped (dropping it read "2,,4" as two ids)."""

@@ -38,6 +38,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import indices
 
 SITE = "mlp.hook_post"
 REDUCE = ("mean", "max", "cls")
@@ -49,10 +50,7 @@ def layer_name(layer: int) -> str:
 
 def parse_neuron(text: str) -> tuple[int, int]:
     try:
-        layer, unit = str(text).split(".")
-        if not (layer.strip().isdigit() and unit.strip().isdigit()):  # int("-0") is 0: "-0.5" was neuron 0.5
-            raise ValueError(text)
-        return int(layer), int(unit)
+        return indices(str(text))
     except ValueError:
         raise MechscopeError(f"expected a neuron as LAYER.UNIT (for example 1.37), got {text!r}") from None
 

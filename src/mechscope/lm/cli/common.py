@@ -61,12 +61,10 @@ def parse_tokens(text: str) -> list[int]:
 def parse_pair(text: str, what: str = "head", example: str = "5.1") -> tuple[int, int]:
     """``LAYER.HEAD`` (or ``LAYER.NEURON``, ...) as two integers; anything else is a one-line error."""
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import indices
 
     try:
-        layer, index = text.split(".")
-        if not (layer.strip().isdigit() and index.strip().isdigit()):  # int("-0") is 0: "-0.3" was read as 0.3
-            raise ValueError(text)
-        return int(layer), int(index)
+        return indices(text)
     except ValueError:
         raise MechscopeError(
             f"expected a {what} as LAYER.{what.upper()} (for example {example}), got {text!r}"

@@ -11,17 +11,15 @@ from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, 
 def _qk(text: str) -> tuple:
     """``L.H`` or ``L.H@Q`` or ``L.H@Q:K``."""
     from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import indices
 
     head, _, at = text.partition("@")
     try:
-        parts = [*head.split("."), *at.replace(":", ".").split(".")] if at else head.split(".")
-        if not all(x.strip().isdigit() for x in parts):  # int("-0") is 0: "-0.1" was head 0.1
-            raise ValueError(text)
-        layer, h = (int(x) for x in head.split("."))
+        layer, h = indices(head)
         if not at:
             return (layer, h)
         q, _, k = at.partition(":")
-        return (layer, h, int(q)) if not k else (layer, h, int(q), int(k))
+        return (layer, h, *indices(q, 1)) if not k else (layer, h, *indices(q, 1), *indices(k, 1))
     except ValueError:
         raise MechscopeError(
             f"--qk expects LAYER.HEAD, LAYER.HEAD@QUERY or LAYER.HEAD@QUERY:KEY, got {text!r}"
