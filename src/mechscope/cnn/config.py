@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mechscope.core.errors import MechscopeError
-from mechscope.core.validate import check_lr, check_seed, check_types
+from mechscope.core.validate import check_lr, check_seed, check_types, repeated
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class ExplainSettings:
         from dataclasses import replace
 
         classes = tuple(class_index(c, class_names) for c in self.classes) if self.classes else None
-        twice = sorted({c for c in classes or () if classes.count(c) > 1})
+        twice = repeated(classes or ())
         if twice:  # one circuit was searched and the settings recorded it twice
             raise MechscopeError(f"--class {class_names[twice[0]]} given more than once")
         if self.patch and len(self.patch) != 2:  # (1,) was an IndexError

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mechscope.core.errors import MechscopeError
+from mechscope.core.errors import MechscopeError, about
 from mechscope.core.outputs import save_tensors
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import Timer, combine_work, evaluating
@@ -428,12 +428,11 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
     try:
         info = json.loads(meta.read_text())
         info = info["control"] if control else info
-        cfg = TransformerConfig.from_dict(info["model"])
-        cfg.validate()
+        with about(meta):  # a field of the wrong type or range, edited by hand: said of the file
+            cfg = TransformerConfig.from_dict(info["model"])
+            cfg.validate()
     except (ValueError, KeyError, TypeError) as e:
         raise MechscopeError(f"{meta}: not a readable train-toy record ({type(e).__name__}: {e})") from None
-    except MechscopeError as e:  # a field of the wrong type or range, edited by hand
-        raise MechscopeError(f"{meta}: {e}") from None
     ckpt = path if path.is_file() else max((run / "checkpoints").glob("step_*.safetensors"), default=None)
     if ckpt is None:
         raise MechscopeError(f"{run}: no checkpoints/step_*.safetensors")

@@ -43,9 +43,12 @@ def check_settings(settings: ExplainSettings, spec, class_names) -> ExplainSetti
     return settings.resolve(class_names)
 
 
-def explain_model(model, data, out, settings: ExplainSettings | None = None, *, run=None, linked=None, force=False):
+def explain_model(
+    model, data, out, settings: ExplainSettings | None = None, *, run=None, linked=None, force=False, digest=None
+):  # fmt: skip
     """Explain ``model`` on ``data`` (an :class:`~mechscope.cnn.data.images.ImageDataset`); write mechanisms.json
-    and report.html into ``out`` atomically. Returns (``out``, the :class:`ExplainResult`)."""
+    and report.html into ``out`` atomically. Returns (``out``, the :class:`ExplainResult`). ``digest``: the model's
+    :func:`~mechscope.core.outputs.weights_hash` when the caller has it (a loaded run's), else computed here."""
     from mechscope.cnn.report.microscope import write_report
     from mechscope.cnn.report.summary import summarise
 
@@ -83,7 +86,7 @@ def explain_model(model, data, out, settings: ExplainSettings | None = None, *, 
         result = ExplainResult(
             run=str(run) if run is not None else None,
             model={**spec.to_dict(), "architecture": spec.architecture(), "n_parameters": n_parameters(model),
-                   WEIGHTS_KEY: weights_hash(model)},  # what cnn discover --explain checks its run against
+                   WEIGHTS_KEY: digest or weights_hash(model)},  # what cnn discover --explain checks against
             data={**_describe(data), "test_images": len(ed.y)},
             class_names=tuple(ed.class_names),
             settings={**s.to_dict(), "patch": list(pair), "description": ed.description},
@@ -113,7 +116,9 @@ def explain_run(run, out=None, settings=None, *, dataset=None, data_dir=None, cl
     linked = linked_outputs(Path(run), loaded.weights_sha256)
     linked["blocks"] = blocks_link(Path(run), out, loaded.model)  # RUN/blocks/report.html of these weights
     linked["tuning"] = linked_tuning(Path(run), loaded.model)  # RUN/tuning/tuning.json of these weights
-    return explain_model(loaded.model, data, out, settings, run=run, linked=linked, force=force)
+    return explain_model(
+        loaded.model, data, out, settings, run=run, linked=linked, force=force, digest=loaded.weights_sha256
+    )
 
 
 def linked_outputs(run: Path, digest: str | None = None) -> dict:

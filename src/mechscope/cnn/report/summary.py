@@ -227,7 +227,7 @@ def _at_size(circ, size: int, names, word) -> str:
 def _held_out(cs, names, word) -> str:
     """The criterion on the held-out images beside its margin on the test images the search chose the circuits on
     (a search that stops as soon as the criterion holds passes it narrowly there by design)."""
-    held = [(c, cs.held_out_met(c)) for c in cs.circuits if cs.held_out_met(c) is not None]
+    held = [(c, ok) for c in cs.circuits if (ok := cs.held_out_met(c)) is not None]
     if not held:
         return ""
     met = [str(names[c.target]) for c, ok in held if ok]
