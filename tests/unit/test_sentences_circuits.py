@@ -49,3 +49,24 @@ def test_with_the_induction_circuit_the_totals_are_estimates_and_say_so(tmp_path
     assert "less than this path alone" not in path  # an estimate is not compared as if measured
     html = C.write_report(r, tmp_path / "r.html").read_text()
     assert "(path patching, below, tests that for the induction circuit)" in html
+
+
+def test_circuits_json_holds_the_numbers_its_induction_sentences_cite():
+    import re
+
+    r = circuits(induction=make_result())
+    d = r.to_dict()["induction_circuit"]
+    rows = {row["head"]: row for row in d["prefix_matching_heads"]}
+    lines = C.summary(r)
+    label = re.compile(r"(\d+\.\d+) \(prefix matching ([\d.]+), copying ([+-][\d.]+)\)")
+    cited = [(h, float(pm), float(cp)) for s in lines for h, pm, cp in label.findall(s)]
+    assert cited  # the hand-made result has induction heads
+    for h, pm, cp in cited:
+        assert round(rows[h]["prefix_matching"], 2) == pm and round(rows[h]["copying"], 2) == cp
+    measured = {row["head"]: row for row in d["ablation"]["measured"]}
+    total = re.compile(r"mean-ablating (\d+\.\d+) on every path costs ([+-][\d.]+) ± ([\d.]+) nats")
+    totals = [(h, float(m), float(sd)) for s in lines for h, m, sd in total.findall(s)]
+    assert totals  # the confirmed edges' sources were measured
+    for h, m, sd in totals:
+        assert round(measured[h]["mean"], 2) == m and round(measured[h]["std"], 2) == sd
+    assert d["thresholds"] == r.induction.protocol["thresholds"]

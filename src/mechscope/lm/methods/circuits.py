@@ -97,6 +97,9 @@ class CircuitsResult(Result):
             "criterion": r.criterion.to_dict(),
             "induction_heads": r.ranked("induction", "induction"),
             "previous_token_heads": r.ranked("previous_token", "previous_token"),
+            "thresholds": r.protocol["thresholds"],
+            "prefix_matching_heads": _prefix_matching_rows(r),
+            "ablation": r.ablation["mean"].to_dict(),  # the confirmed edges' sources, mean-ablated alone (measured)
         }
 
     @classmethod
@@ -111,6 +114,21 @@ class CircuitsResult(Result):
             saved(d.get("skip_trigrams")), dict(d.get("unavailable") or {}), dict(d.get("seconds") or {}),
             d.get("work"),
         )  # fmt: skip
+
+
+def _prefix_matching_rows(r: HeadsResult) -> list[dict]:
+    """Every head at or above the prefix-matching threshold with the scores its label rests on (the summary's
+    numbers), highest prefix-matching score first."""
+    s = r.scores
+    pm = np.asarray(s["prefix_matching"], dtype=float)
+    eig = s.get("ov_eigen_positivity")
+    rows = [
+        {"head": f"{layer}.{h}", "label": r.labels[layer][h], "prefix_matching": float(pm[layer, h]),
+         "copying": float(s["copying"][layer, h]),
+         "ov_eigen_positivity": None if eig is None or not np.isfinite(eig[layer, h]) else float(eig[layer, h])}
+        for layer, h in zip(*np.nonzero(pm >= r.protocol["thresholds"]["induction"]), strict=True)
+    ]  # fmt: skip
+    return sorted(rows, key=lambda row: -row["prefix_matching"])
 
 
 CLASSES = "the model's outputs are classes of their own, not its input tokens: a compiled tracr model"
