@@ -99,7 +99,7 @@ def make_result(**changes) -> HeadsResult:
                         "induction_heads_loss_increase": 2.5, "random_heads_loss_increase_mean": 0.1,
                         "random_heads_loss_increase_std": 0.05, "random_draws": [0.1] * 8},
         ablation=ablation, composition=comp, path_patches=patches,
-        circuit_rows=circuit_rows(scores, LABELS, comp, patches, 2), criterion=Criterion(), kv_groups=2,
+        circuit_rows=circuit_rows(scores, LABELS, comp, patches, 2, B), criterion=Criterion(), kv_groups=2,
         seconds={"total": 1.0},
     )  # fmt: skip
     return HeadsResult(**(fields | changes))
@@ -183,6 +183,23 @@ def test_a_key_value_node_is_named_by_the_heads_that_pass(result):
     line = one(R.summary(result), "Marginal passes")
     assert "0.0 → 2.0 (drop 0.060 against the threshold 0.050, standard error 0.020" in line
     assert "0.1 →" not in line
+    assert not any(s.startswith("Marginal fails") for s in R.summary(result))  # 0.3 → 1.2 fails by 26 s.e.
+
+
+def test_a_marginal_fail_is_said_and_marked_in_the_tables(tmp_path):
+    # 0.3 → 1.2: drop 0.12 against a threshold of 0.14 (20% of 0.7), standard error 0.04 / √4 = 0.02: −1.0 s.e.
+    near = _patch((0, 3), 1, 1, (0.7, 0.2), (0.58, 0.2), (0.04, 0.01), (False, False))
+    base = make_result()
+    patches = (base.path_patches[0], near, *base.path_patches[2:])
+    r = make_result(path_patches=patches, circuit_rows=circuit_rows(base.scores, LABELS, base.composition,
+                                                                     patches, 2, B))  # fmt: skip
+    line = one(R.summary(r), "Marginal fails")
+    assert "0.3 → 1.2 (drop 0.120 against the threshold 0.140, standard error 0.020, -1.0 standard errors)" in line
+    assert "1.3" not in line  # not an induction head
+    row = next(t for t in r.circuit()[0]["path_patching"] if t["source"] == "0.3")
+    assert row["margin_se"] == pytest.approx(-1.0) and row["drop_std"] == pytest.approx(0.04)
+    html = R.write_report(r, tmp_path / "r.html").read_text()
+    assert "<td class=\"l\">no*</td><td>-1.0</td>" in html
 
 
 def drawn(monkeypatch, draw, *args) -> list:

@@ -256,16 +256,9 @@ class HeadsResult(Result):
         return list(self.circuit_rows)
 
     def edge_margin(self, pp: PathPatch) -> tuple[float, ...]:
-        """Per query head of a path patch: how far its drop lies from the criterion's threshold (the larger of
-        ``min_drop`` and ``min_share`` × the clean score), in standard errors of the drop over the protocol's
-        sequences (sd / √batch); positive above the threshold. ±inf where the drop has no spread."""
-        crit, n = self.criterion, max(int(self.protocol.get("batch", 1)), 1)
-        out = []
-        for clean, drop, sd in zip(pp.induction_clean, pp.drop, pp.drop_std, strict=True):
-            gap = drop - max(crit.min_drop, crit.min_share * clean)
-            se = sd / np.sqrt(n)
-            out.append(float(gap / se) if se > 0 else float(np.copysign(np.inf, gap)))
-        return tuple(out)
+        """Per query head of a path patch: its drop's distance from the criterion's threshold in standard errors
+        over the protocol's sequences (:meth:`Criterion.margins`)."""
+        return self.criterion.margins(pp, self.protocol.get("batch", 1))
 
     def induction_heads(self) -> list[tuple[int, int]]:
         return [(layer, h) for layer, row in enumerate(self.labels) for h, lab in enumerate(row) if lab == "induction"]
@@ -318,14 +311,17 @@ class HeadsResult(Result):
         )  # fmt: skip
 
 
-def circuit_rows(scores, labels, composition: CompositionResult, patches, kv_groups: int) -> tuple[dict, ...]:
-    """Per induction head (layer > 0): the strongest K-composition sources (folded) and every path-patching test."""
+def circuit_rows(scores, labels, composition: CompositionResult, patches, kv_groups: int, batch: int,
+                 criterion: Criterion | None = None) -> tuple[dict, ...]:  # fmt: skip
+    """Per induction head (layer > 0): the strongest K-composition sources (folded) and every path-patching test,
+    each with its drop's distance from the criterion's threshold in standard errors over ``batch`` sequences."""
     heads = [(layer, h) for layer, row in enumerate(labels) for h, lab in enumerate(row) if lab == "induction"]
-    return tuple(_circuit_row(scores, labels, composition, patches, kv_groups, layer, h) for layer, h in heads
-                 if layer > 0)  # fmt: skip
+    margins = {id(pp): (criterion or Criterion()).margins(pp, batch) for pp in patches}
+    return tuple(_circuit_row(scores, labels, composition, patches, margins, kv_groups, layer, h)
+                 for layer, h in heads if layer > 0)  # fmt: skip
 
 
-def _circuit_row(scores, labels, comp: CompositionResult, patches, g: int, layer: int, h: int) -> dict:
+def _circuit_row(scores, labels, comp: CompositionResult, patches, margins, g: int, layer: int, h: int) -> dict:
     k = comp.into("K", layer, h)
     H = k.shape[1]
     first = h - h % g  # the first query head of this key/value head's group
@@ -343,6 +339,9 @@ def _circuit_row(scores, labels, comp: CompositionResult, patches, g: int, layer
             "induction_clean": float(pp.clean[i].mean()) if pp.clean is not None else pp.induction_clean[i],
             "induction_patched": float(pp.patched[i].mean()) if pp.patched is not None else pp.induction_patched[i],
             "drop": float(pp.drop[i]),
+            "drop_std": float(pp.drop_std[i]),  # over the sequences
+            # drop − threshold, in standard errors (sd / √sequences); None where the drop has no spread
+            "margin_se": margins[id(pp)][i] if np.isfinite(margins[id(pp)][i]) else None,
             "k_composition": float(comp.scores["K"][ls, hs, layer, h]),
             "confirmed": pp.confirmed[i],
             "loss_increase": pp.loss_increase,
@@ -534,7 +533,7 @@ def find_induction_heads(
         ablation=ablation,
         composition=composition,
         path_patches=tuple(patches),
-        circuit_rows=circuit_rows(scores, labels, composition, patches, kv_groups),
+        circuit_rows=circuit_rows(scores, labels, composition, patches, kv_groups, p.batch),
         criterion=Criterion(),
         kv_groups=kv_groups,
         seconds=dict(timer.seconds),

@@ -50,6 +50,17 @@ class Criterion(Result):
         drop, base = (clean - patched).mean(-1), clean.mean(-1)
         return tuple(bool(d >= self.min_drop and d >= self.min_share * c) for d, c in zip(drop, base, strict=True))
 
+    def margins(self, pp: PathPatch, batch: int) -> tuple[float, ...]:
+        """Per query head of a path patch: how far its drop lies from this criterion's threshold (the larger of
+        ``min_drop`` and ``min_share`` × the clean score), in standard errors of the drop over ``batch`` sequences
+        (sd / √batch); positive above the threshold. ±inf where the drop has no spread."""
+        n, out = max(int(batch), 1), []
+        for clean, drop, sd in zip(pp.induction_clean, pp.drop, pp.drop_std, strict=True):
+            gap = drop - max(self.min_drop, self.min_share * clean)
+            se = sd / np.sqrt(n)
+            out.append(float(gap / se) if se > 0 else float(np.copysign(np.inf, gap)))
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class PathPatch(Result):

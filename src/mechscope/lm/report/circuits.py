@@ -158,7 +158,7 @@ def report_context(result) -> dict:
         r=d,
         summary=summary(result),
         high_composition=f"{HR.HIGH_COMPOSITION:g}",
-        marginal_se=f"{HF.MARGINAL_SE:g}",
+        marginal_se=HF.MARGINAL_SE,
         composition_figures=figures,
         figs=extra,
         lens_rows=lens_rows,

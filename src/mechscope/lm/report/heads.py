@@ -60,9 +60,10 @@ def thresholds_text() -> dict[str, str]:
         "baseline's mean",
         "estimate_fails": f"the attribution-patching estimate fails on a head when it is off by at least {lo} nats and "
         f"by at least {rel:.0%} of the measured value",
-        "marginal": f"a query head passes the edge criterion marginally when its drop is within {MARGINAL_SE:g} "
-        "standard errors (sd / √sequences) of the criterion's threshold (in the figure: * after the head; the edge "
-        "dashed when every head it passes for is marginal)",
+        "marginal": f"a query head passes (or fails) the edge criterion marginally when its drop is within "
+        f"{MARGINAL_SE:g} standard errors (sd / √sequences) of the criterion's threshold (in the figure: * after a "
+        "head that passes marginally, the edge dashed when every head it passes for is marginal; in the tables: * "
+        "after yes or no)",
     }
 
 
@@ -292,13 +293,19 @@ def circuit_sentences(result) -> list[str]:
                 text += (f": less than this path alone, so ablating {src}'s other paths at the same time offsets "
                          f"{offset:.0%} of the key path's effect (inferred from the two measurements)")  # fmt: skip
         lines.append(text + ".")
-    marginal = [(e, h) for e in edges for h in e["marginal_heads"]]
+    marginal = [(e["patch"], h) for e in edges for h in e["marginal_heads"]]
     if marginal:
         lines.append(
-            f"Marginal passes (drop within {MARGINAL_SE:g} standard errors of the threshold; * in the figure, the edge "
-            "dashed where every head it passes for is marginal): "
-            + "; ".join(_marginal_text(result, e, h) for e, h in marginal)
+            f"Marginal passes (drop within {MARGINAL_SE:g} standard errors of the threshold; * in the figure and the "
+            "tables, the edge dashed where every head it passes for is marginal): "
+            + "; ".join(_marginal_text(result, pp, h) for pp, h in marginal)
             + "."
+        )
+    fails = marginal_fails(result)
+    if fails:
+        lines.append(
+            f"Marginal fails (drop below the threshold by less than {MARGINAL_SE:g} standard errors, so not drawn; * "
+            "in the tables): " + "; ".join(_marginal_text(result, pp, h) for pp, h in fails) + "."
         )
     lines += composition_sentences(result)
     lines.append(
@@ -308,8 +315,18 @@ def circuit_sentences(result) -> list[str]:
     return lines
 
 
-def _marginal_text(result, e, head: int) -> str:
-    pp = e["patch"]
+def marginal_fails(result) -> list[tuple]:
+    """(path patch, query head) where an induction head's drop falls short of the criterion's threshold by less than
+    MARGINAL_SE standard errors: a test that did not confirm the edge but could not rule it out either."""
+    out = []
+    for pp in result.path_patches:
+        for h, m, ok in zip(pp.query_heads, result.edge_margin(pp), pp.confirmed, strict=True):
+            if not ok and -MARGINAL_SE < m < 0 and result.labels[pp.layer][h] == "induction":
+                out.append((pp, h))
+    return out
+
+
+def _marginal_text(result, pp, head: int) -> str:
     crit = result.criterion
     margin = result.edge_margin(pp)
     i = pp.query_heads.index(head)
@@ -400,6 +417,7 @@ def report_context(result, token_text: dict[str, list[str]] | None = None) -> di
         result=d,
         summary=summary(result),
         definitions=thresholds_text(),
+        marginal_se=MARGINAL_SE,
         failures={kind: [_h(lh) for lh in estimate_failures(a)] for kind, a in result.ablation.items()},
         heatmaps=heatmaps(result),
         loss_png=loss_plot(result.loss_per_position, result.protocol["n"]),
