@@ -366,6 +366,8 @@ def sae_show_model(
         summary=(), seconds=dict(timer.seconds), densities=dens, example_images={i: x[i] for i in shown},
         work=counter.report("cnn sae show", len(x)),
     )  # fmt: skip
+    from mechscope.cnn.report.sae import summary_lines
+
     result = replace(result, summary=tuple(summary_lines(result)))
     with atomic_output(out, force) as tmp:
         write_json(tmp / S.CnnSaeDashboards.FILE, result.to_dict())
@@ -445,31 +447,3 @@ def _dashboard(lat, i, why, labels, hw, rf, input_shape, means, sel, tuning, eff
         class_effect=tuple(float(v) for v in effects[i]) if effects is not None else None,
         mixes=tuple((int(c), float(dec[c])) for c in order), why=why,
     )  # fmt: skip
-
-
-def summary_lines(r) -> list[str]:
-    c = r.comparison
-    ch, lt = c["channels"], c["latents"]
-    lines = [
-        f"{r.architecture} SAE of {r.d_sae:,} latents on {r.hook} ({r.d_in} channels): "
-        f"{100 * r.dead_fraction:.1f}% never fire on {r.images:,} test images",
-        f"class-selective (index >= {c['threshold']}): {lt['selective']} of {lt['units']} alive latents "
-        f"({100 * lt['selective'] / max(lt['units'], 1):.0f}%) against {ch['selective']} of {ch['units']} channels "
-        f"({100 * ch['selective'] / max(ch['units'], 1):.0f}%); median index {lt['median_index']:.2f} against "
-        f"{ch['median_index']:.2f}",
-    ]
-    rc = c.get("random_sparse")
-    if rc:
-        lines.append(
-            f"control, an untrained TopK dictionary of the same size and L0 ({rc['k']}): {rc['selective']} of "
-            f"{rc['units']} alive latents class-selective (median {rc['median_index']:.2f})"
-            + (f", {rc['tuned']} stroke-tuned" if "tuned" in rc else "")
-            + ": sparsity alone accounts for much of the difference"
-        )
-    if "tuned" in lt:
-        lines.append(
-            f"stroke-tuned (a tuning label): {lt['tuned']} latents ({100 * lt['tuned'] / max(lt['units'], 1):.0f}%) "
-            f"against {ch['tuned']} channels ({100 * ch['tuned'] / max(ch['units'], 1):.0f}%); selective or tuned: "
-            f"{lt['selective_or_tuned']} latents, {ch['selective_or_tuned']} channels"
-        )
-    return lines

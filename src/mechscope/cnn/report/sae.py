@@ -163,3 +163,55 @@ def training_page(result) -> str:
         curve = uri(fig)
     return render_string("mechscope.cnn", "sae_training.html.j2", r=result, curve=curve)
 
+
+
+def _share(n: int, of: int) -> str:
+    return f"{100 * n / max(of, 1):.1f}%"
+
+
+def summary_lines(r) -> list[str]:
+    """``cnn sae show``'s summary: the dictionary's latents against the stage's channels and, where it was measured,
+    the untrained control, with what the control's numbers say about the gain."""
+    c = r.comparison
+    ch, lt = c["channels"], c["latents"]
+    lines = [
+        f"{r.architecture} SAE of {r.d_sae:,} latents on {r.hook} ({r.d_in} channels): "
+        f"{100 * r.dead_fraction:.1f}% never fire on {r.images:,} test images",
+        f"class-selective (index >= {c['threshold']}): {lt['selective']} of {lt['units']} alive latents "
+        f"({_share(lt['selective'], lt['units'])}) against {ch['selective']} of {ch['units']} channels "
+        f"({_share(ch['selective'], ch['units'])}); median index {lt['median_index']:.2f} against "
+        f"{ch['median_index']:.2f}",
+    ]
+    rc = c.get("random_sparse")
+    if rc:
+        lines.append(
+            f"control, an untrained TopK dictionary of the same size and L0 ({rc['k']}): {rc['selective']} of "
+            f"{rc['units']} alive latents class-selective ({_share(rc['selective'], rc['units'])}, median index "
+            f"{rc['median_index']:.2f})" + (f", {rc['tuned']} stroke-tuned" if "tuned" in rc else "")
+            + ": " + control_verdict(ch, lt, rc)
+        )
+    if "tuned" in lt:
+        lines.append(
+            f"stroke-tuned (a tuning label): {lt['tuned']} latents ({_share(lt['tuned'], lt['units'])}) "
+            f"against {ch['tuned']} channels ({_share(ch['tuned'], ch['units'])}); selective or tuned: "
+            f"{lt['selective_or_tuned']} latents, {ch['selective_or_tuned']} channels"
+        )
+    return lines
+
+
+def control_verdict(ch: dict, lt: dict, rc: dict) -> str:
+    """What the untrained control says about the trained dictionary's gain over the channels in the share of
+    class-selective units: all of it (the control matches or beats it), part of it (the share it reaches), or
+    none (the control is no more selective than the channels)."""
+    share = {k: d["selective"] / max(d["units"], 1) for k, d in (("ch", ch), ("lt", lt), ("rc", rc))}
+    gain, control_gain = share["lt"] - share["ch"], share["rc"] - share["ch"]
+    if share["rc"] >= share["lt"]:
+        return ("the untrained control is at least as selective as the trained dictionary, so by this measure "
+                "sparsity alone accounts for the latents' selectivity and training adds none")  # fmt: skip
+    if gain <= 0:
+        return "the trained dictionary is no more selective than the channels, so there is no gain to account for"
+    if control_gain <= 0:
+        return ("the control is no more selective than the channels, so the trained dictionary's gain "
+                f"({100 * gain:+.1f} points) comes from training, not from sparsity alone")  # fmt: skip
+    return (f"sparsity alone gives {control_gain / gain:.0%} of the trained dictionary's gain over the channels "
+            f"({100 * control_gain:+.1f} of {100 * gain:+.1f} points of selective share); training adds the rest")
