@@ -60,3 +60,30 @@ def test_the_microscope_sentence():
     assert T.microscope_sentence(linked) == (
         "Tuning curves on synthetic stimuli (from RUN/tuning): 1 of 2 units tuned, sharpest first: "
         "conv1 0 edge (CV 0.10).")
+
+
+def test_labels_driven_harder_by_another_family_are_counted_and_said():
+    from dataclasses import replace
+
+    cv = "circular variance"
+    best = {"edge": {"response": 0.74, "drive": 0.74, "sharpness": 0.2, "sharpness_kind": cv, "sharp": True},
+            "corner": {"response": 1.03, "drive": 1.03, "sharpness": 0.62, "sharpness_kind": cv, "sharp": False},
+            "arc": {"response": 0.96, "drive": 0.96, "sharpness": 0.5, "sharpness_kind": cv, "sharp": False}}
+    r = make_result()
+    units = (replace(r.stages[0].units[0], family_best=best, drive=0.74), *r.stages[0].units[1:])
+    r = replace(r, stages=(replace(r.stages[0], units=units),))
+    assert units[0].stronger() == ["corner", "arc"] and units[1].stronger() == []
+    line = next(s for s in T.summary_lines(r) if "respond more strongly" in s)
+    assert line.startswith("1 of the 2 labelled units respond more strongly to a family they are not sharply tuned to")
+    assert line.endswith(": conv1 0 (edge 0.74 against corner 1.03).")
+
+
+def test_the_microscope_sentence_counts_labels_driven_harder_elsewhere():
+    linked = {"dir": "RUN/tuning", "units": {
+        "conv1_0": {"tuned": True, "stage": "conv1", "channel": 0, "label": "edge", "stronger": ["corner"],
+                    "sharpness_kind": "circular variance", "sharpness": 0.1},
+        "conv1_1": {"tuned": True, "stage": "conv1", "channel": 1, "label": "line", "stronger": [],
+                    "sharpness_kind": "circular variance", "sharpness": 0.2}}}  # fmt: skip
+    assert T.microscope_sentence(linked).endswith(
+        " 1 of the 2 respond more strongly to a family they are not sharply tuned to (their sections say which), so a "
+        "label is the sharpest well-driven tuning, not the strongest response.")

@@ -114,6 +114,12 @@ class UnitTuning(Result):
     def name(self) -> str:
         return f"{self.stage}_{self.channel}"
 
+    def stronger(self) -> list[str]:
+        """Families whose best image drives a labelled unit more than its labelled family's does (none of them
+        passes the label's tests, or it would be the label), strongest first: the label names the unit's sharpest
+        driven tuning, not its strongest response."""
+        return stronger_families(self.family_best, self.label_family)
+
 
 @dataclass(frozen=True)
 class StageTuning(Result):
@@ -302,6 +308,25 @@ def label_text(st: Stimulus) -> str:
     raise MechscopeError(f"unknown stimulus family {f!r}")
 
 
+def stronger_families(family_best: dict, family: str | None) -> list[str]:
+    """The families whose best response exceeds ``family``'s, strongest first (none when ``family`` is None or
+    not measured)."""
+    if family not in family_best:
+        return []
+    own = family_best[family]["response"]
+    return sorted((f for f, d in family_best.items() if d["response"] > own), key=lambda f: -family_best[f]["response"])
+
+
+def _stronger_text(family_best: dict, family: str) -> str:
+    more = stronger_families(family_best, family)
+    if not more:
+        return ""
+    return "; driven more by families it is not labelled for: " + ", ".join(
+        f"{f} (drive {family_best[f]['drive']:.2f}, {family_best[f]['sharpness_kind']} "
+        f"{family_best[f]['sharpness']:.2f})" for f in more
+    )
+
+
 def unit_tuning(stage: str, c: int, stim: StimulusSet, grid: _Settings, r_max, r_centre, blank: float,
                 dmax: float, means=None) -> UnitTuning:  # fmt: skip
     """One unit's curves, preferred stimulus and label from its responses [N, C] (see the module docstring).
@@ -340,7 +365,7 @@ def unit_tuning(stage: str, c: int, stim: StimulusSet, grid: _Settings, r_max, r
         st = stim.stimuli[fb["image"]]
         label = label_text(st)
         reason = (f"{chosen}: {fb['sharpness_kind']} {fb['sharpness']:.2f}, best image reaches "
-                  f"{fb['drive']:.2f} of the test-set maximum")  # fmt: skip
+                  f"{fb['drive']:.2f} of the test-set maximum" + _stronger_text(family_best, chosen))  # fmt: skip
     else:
         st = None
         label = NOT_TUNED

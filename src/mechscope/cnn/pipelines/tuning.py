@@ -90,5 +90,5 @@ def linked_tuning(run: Path, model) -> dict | None:
             png = where / "units" / f"{name}.png"
             units[name] = {"png": png if png.is_file() else None, "stage": stage.stage, "channel": u.channel,
                            **{k: getattr(u, k) for k in ("label", "tuned", "reason", "sharpness", "sharpness_kind",
-                                                         "drive")}}  # fmt: skip
+                                                         "drive")}, "stronger": u.stronger()}  # fmt: skip
     return {"dir": where, "stale": None, "units": units, "cv_max": CV_MAX}

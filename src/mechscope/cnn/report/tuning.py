@@ -169,6 +169,7 @@ def summary_lines(r, n_named: int = 10) -> list[str]:
             fams[u.label_family] = fams.get(u.label_family, 0) + 1
         lines.append("Labels by family: " + ", ".join(f"{NAMES[f]} {n}" for f, n in sorted(
             fams.items(), key=lambda p: -p[1])) + ".")  # fmt: skip
+        lines += _stronger_sentence(order, n_named)
     untuned = [u for u in units if not u.tuned]
     if untuned:
         broad = sum(1 for u in untuned if u.sharpness is not None and not _is_sharp(u))
@@ -182,10 +183,31 @@ def summary_lines(r, n_named: int = 10) -> list[str]:
             + "."
         )
     lines.append(
-        f"{len(r.stimuli):,} stimuli of {r.stimuli.size[0]}×{r.stimuli.size[1]} pixels ({len(r.stimuli.offsets)} "
-        f"positions each, seed {r.stimuli.seed}), every unit read at hook_post."
+        f"{len(r.stimuli):,} stimulus images of {r.stimuli.size[0]}×{r.stimuli.size[1]} pixels "
+        f"({len(r.stimuli) // max(len(r.stimuli.offsets), 1):,} shapes, each drawn at {len(r.stimuli.offsets)} "
+        f"positions; seed {r.stimuli.seed}), every unit read at hook_post."
     )
     return lines
+
+
+def _stronger_sentence(tuned, n_named: int) -> list[str]:
+    """Labelled units that another, broadly tuned family drives harder: a label is not the unit's strongest
+    response."""
+    more = [u for u in tuned if u.stronger()]
+    if not more:
+        return []
+
+    def one(u) -> str:
+        f = u.stronger()[0]
+        return (f"{u.stage} {u.channel} ({u.label_family} {u.drive:.2f} against {f.replace('_', ' ')} "
+                f"{u.family_best[f]['drive']:.2f})")
+
+    rest = f" and {len(more) - n_named} more" if len(more) > n_named else ""
+    return [
+        f"{len(more)} of the {len(tuned)} labelled units respond more strongly to a family they are not sharply "
+        "tuned to, so a label names the unit's sharpest well-driven tuning, not what drives it most (drive of the "
+        "labelled family against the strongest other): " + "; ".join(one(u) for u in more[:n_named]) + rest + "."
+    ]
 
 
 def _sharpest_first(u) -> tuple:
@@ -237,7 +259,11 @@ def microscope_sentence(linked: dict, n_named: int = 6) -> str | None:
 
     named = "; ".join(words(u) for u in tuned[:n_named])
     more = f"; {len(tuned) - n_named} more in their sections" if len(tuned) > n_named else ""
-    return f"{text}, sharpest first: {named}{more}."
+    harder = sum(1 for u in tuned if u.get("stronger"))
+    harder = (f" {harder} of the {len(tuned)} respond more strongly to a family they are not sharply tuned to (their "
+              "sections say which), so a label is the sharpest well-driven tuning, not the strongest response."
+              ) if harder else ""  # fmt: skip
+    return f"{text}, sharpest first: {named}{more}.{harder}"
 
 
 def _sharpest_first_row(u: dict) -> tuple:
