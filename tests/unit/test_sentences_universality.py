@@ -6,6 +6,7 @@ correlations 0.9, 0.8, 0.7), the twins' badly (0.2); class circuits overlap 2 ag
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mechscope.cnn.methods.universality import (
@@ -41,10 +42,16 @@ def make_result(trained_best: float = 0.9) -> UniversalityResult:
 
 def test_the_best_match_verdict_follows_the_numbers_it_shows():
     line = U.summary_lines(make_result())[1]
+    # 6 trained best matches (0.9, 0.8, 0.7 twice) against 12 random ones (all 0.2): every pair won, U = 72 of 72
     assert line.startswith("conv1: median best-match correlation 0.80 between trained networks against 0.20 with a "
-                           "random network (above that baseline)")
-    low = U.summary_lines(make_result(trained_best=0.3))[1]  # 0.2 against 0.2
-    assert "median best-match correlation 0.20 between trained networks against 0.20" in low and "not above" in low
+                           "random network (above that baseline: one-sided Mann–Whitney p = ")
+    assert "probability that a trained unit's best match beats a random one's 1.00, over 6 and 12 units;" in line
+    p = float(line.split("Mann–Whitney p = ")[1].split(",")[0])
+    assert p < 1e-4  # the normal approximation (the 12 baseline values tie); exact, without ties: 1 / C(18, 6)
+    low = U.summary_lines(make_result(trained_best=0.3))[1]  # 0.3, 0.2, 0.1 against 0.2: U = 36 of 72 (ties half)
+    assert "median best-match correlation 0.20 between trained networks against 0.20" in low
+    assert "(not clearly above that baseline: one-sided Mann–Whitney p = 0.5" in low
+    assert "beats a random one's 0.50" in low
 
 
 def test_cka_and_circuits_are_stated_with_chance():
@@ -54,3 +61,13 @@ def test_cka_and_circuits_are_stated_with_chance():
                          "through the one-to-one matching, 2 land in the second network's circuit for the same class, "
                          "against 1.0 expected by chance (2.0×); 1 of 2 class × pair cases have p < 0.05 "
                          "(hypergeometric).")
+
+
+def test_each_directions_median_is_numpys_over_live_units_as_the_summary_takes_it():
+    from dataclasses import replace
+
+    m = replace(matching(0.9, 0.1), best_a=torch.tensor([0.9, 0.8, 0.6, 0.0]), dead_a=(3,),
+                best_b=torch.tensor([0.9, 0.8, 0.6, 0.5]))  # fmt: skip
+    assert m.best_b.median().item() == pytest.approx(0.6)  # torch's median: the lower middle value
+    # the mean of the middle two; dead unit 3 left out
+    assert m.median_best_b == pytest.approx(0.7) and m.median_best_a == pytest.approx(0.8)

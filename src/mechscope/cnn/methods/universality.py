@@ -106,6 +106,11 @@ class MatchedPair(Result):
     correlation: float
 
 
+def _median_live(best, dead) -> float:
+    v = np.delete(np.asarray(best, dtype=float), np.asarray(dead, dtype=int))
+    return float(np.median(v)) if len(v) else float("nan")
+
+
 @dataclass(frozen=True)
 class UnitMatching(Result):
     """Stage ``stage`` of network A against the same stage of network B."""
@@ -137,6 +142,16 @@ class UnitMatching(Result):
     def median_best(self) -> float:
         v = self.best_matches()
         return float(np.median(v)) if len(v) else float("nan")
+
+    @property
+    def median_best_a(self) -> float:
+        """The median best match of A's live channels in B (numpy's median: the mean of the two middle values)."""
+        return _median_live(self.best_a, self.dead_a)
+
+    @property
+    def median_best_b(self) -> float:
+        """The median best match of B's live channels in A."""
+        return _median_live(self.best_b, self.dead_b)
 
     @property
     def median_matched(self) -> float:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mechscope.cnn.methods.circuits import class_means
 from mechscope.cnn.report.figures import to_display
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import array_uri, figure_data_uri, file_uri, render
+
+P_ABOVE = 0.05  # a stage's trained best matches are "above" the random baseline at this one-sided p
 
 TRAINED, BASELINE = "#1f77b4", "#999999"
 
@@ -38,8 +39,30 @@ def stage_numbers(result) -> list[dict]:
                 "share_matched_ge_0.5": _median([[float(np.mean(v >= 0.5))] for v in map(_live, ms) if len(v)]),
                 "cka": [m.cka for m in ms],
             }
+        row["test"] = best_match_test([c.stage(st).best_matches() for c in result.trained()],
+                                      [c.stage(st).best_matches() for c in result.baseline()])  # fmt: skip
         rows.append(row)
     return rows
+
+
+def best_match_test(trained, baseline) -> dict:
+    """Whether the trained pairs' best-match correlations (live units, both directions, pooled) are larger than the
+    random baseline's: one-sided Mann–Whitney U, with the probability of superiority U / (n m) as the effect size
+    (0.5: no difference). A unit's best match is not independent of its network's other units', so p is a guide."""
+    from scipy.stats import mannwhitneyu
+
+    a = np.concatenate([np.asarray(v, dtype=float) for v in trained]) if trained else np.array([])
+    b = np.concatenate([np.asarray(v, dtype=float) for v in baseline]) if baseline else np.array([])
+    if not len(a) or not len(b):
+        return {"p": float("nan"), "superiority": float("nan"), "n": len(a), "m": len(b)}
+    u, p = mannwhitneyu(a, b, alternative="greater")
+    return {"p": float(p), "superiority": float(u) / (len(a) * len(b)), "n": len(a), "m": len(b)}
+
+
+def _verdict(test: dict) -> str:
+    if not test["p"] < P_ABOVE:
+        return f"not clearly above that baseline: one-sided Mann–Whitney p = {test['p']:.2g}"
+    return f"above that baseline: one-sided Mann–Whitney p = {test['p']:.2g}"
 
 
 def circuit_totals(result) -> dict | None:
@@ -79,10 +102,12 @@ def summary_lines(result) -> list[str]:
              "each network also against a randomly initialised network of its own shape."]  # fmt: skip
     for row in stage_numbers(result):
         t, b = row["trained"], row["baseline"]
-        verdict = "above" if t["median_best"] > b["median_best"] else "not above"  # any margin: both numbers shown
+        test = row["test"]
         lines.append(
             f"{row['stage']}: median best-match correlation {t['median_best']:.2f} between trained networks against "
-            f"{b['median_best']:.2f} with a random network ({verdict} that baseline); one-to-one (Hungarian) pairs "
+            f"{b['median_best']:.2f} with a random network ({_verdict(test)}, probability that a trained unit's best "
+            f"match beats a random one's {test['superiority']:.2f}, over {test['n']} and {test['m']} units; units of "
+            "one network are not independent, so p is a guide); one-to-one (Hungarian) pairs "
             f"median {t['median_matched']:.2f} against {b['median_matched']:.2f}, "
             f"{100 * t['share_matched_ge_0.5']:.0f}% of pairs ≥ 0.5 against {100 * b['share_matched_ge_0.5']:.0f}%; "
             f"linear CKA {_range(t['cka'])} against {_range(b['cka'])}."
@@ -118,16 +143,11 @@ def _width_lines(result) -> list[str]:
     for c in result.trained():
         if width[c.a] == width[c.b]:
             continue
-        parts = [f"{m.stage} {_med(m.best_a, m.dead_a):.2f} / {_med(m.best_b, m.dead_b):.2f}" for m in c.stages]
+        parts = [f"{m.stage} {m.median_best_a:.2f} / {m.median_best_b:.2f}" for m in c.stages]
         wa, wb = "×".join(map(str, width[c.a])), "×".join(map(str, width[c.b]))
         out.append(f"{c.a} ({wa}) against {c.b} ({wb}), median best match of {c.a}'s units in {c.b} / of {c.b}'s "
                    f"in {c.a}: " + "; ".join(parts) + ".")  # fmt: skip
     return out
-
-
-def _med(best: torch.Tensor, dead) -> float:
-    live = np.setdiff1d(np.arange(len(best)), dead)
-    return float(np.median(best.numpy()[live])) if len(live) else float("nan")
 
 
 # ---- figures --------------------------------------------------------------------------------------------------
