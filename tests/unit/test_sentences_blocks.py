@@ -40,11 +40,12 @@ def test_a_group_share_says_of_what():
 def test_exact_and_estimated_flows_say_which():
     lines = B.summary_lines(make_result())
     cat = next(s for s in lines if s.startswith("Logit cat"))
-    assert "(exact here: groups + residual equal the measured change)" in cat
-    assert "conv2 group 1 +2.00 (removed alone, measured: +2.00)" in cat
+    assert "(exact here: groups + residual equal the measured contribution)" in cat
+    assert "conv2 group 1 +2.00 (measured, as is minus removed alone: +2.00)" in cat
+    assert "(the logit as it is minus the logit with conv2 set to zero;" in cat  # a positive contribution raises it
     pair = next(s for s in lines if s.startswith("conv1 → conv2, by gradient × activation"))
     assert "(a first-order estimate, not an ablation)" in pair and "strongest" not in pair
-    assert "group 1 → group 1 +0.50 (group 1 removed alone, measured: +0.80)" in pair
+    assert "group 1 → group 1 +0.50 (measured, as is minus group 1 removed alone: +0.80)" in pair
     gap = next(s for s in lines if s.startswith("conv1 → conv2: groups + residual"))
     assert "largest gap 0.200" in gap and "a first-order estimate" in gap
     exact = next(s for s in lines if s.startswith("conv2 → logits: groups + residual equal"))

@@ -67,20 +67,23 @@ def class_flow_line(r, c: int) -> str:
     f = _flow_to_classes(r)
     col = f.attribution[:, c]
     order = np.argsort(-np.abs(col), kind="stable")[:3]
-    parts = ", ".join(f"{f.source} group {g + 1} {col[g]:+.2f} (removed alone, measured: {f.removal[g, c]:+.2f})"
-                      for g in order)  # fmt: skip
-    how = ("exact here: groups + residual equal the measured change" if is_exact(f)
+    parts = ", ".join(f"{f.source} group {g + 1} {col[g]:+.2f} (measured, as is minus removed alone: "
+                      f"{f.removal[g, c]:+.2f})" for g in order)  # fmt: skip
+    how = ("exact here: groups + residual equal the measured contribution" if is_exact(f)
            else "a first-order estimate through the non-linearities")  # fmt: skip
     return (f"Logit {r.class_names[c]}, by gradient × activation along each group ({how}): {f.source}'s groups "
-            f"contribute {col.sum():+.2f} of the change {f.actual_change[c]:+.2f} (measured) from zeroing {f.source} "
-            f"(the rest, {f.residual[c]:+.2f}, outside the groups); largest by |contribution|: {parts}.")  # fmt: skip
+            f"contribute {col.sum():+.2f} of {f.source}'s measured contribution {f.actual_change[c]:+.2f} (the logit "
+            f"as it is minus the logit with {f.source} set to zero; the rest, {f.residual[c]:+.2f}, outside the "
+            f"groups); largest by |contribution|: {parts}. A contribution is as is minus without: positive raises "
+            "the logit.")  # fmt: skip
 
 
 def pair_line(f) -> str:
     a = f.attribution
     flat = np.argsort(-np.abs(a), axis=None, kind="stable")[:3]
-    parts = ", ".join(f"group {i + 1} → {f.targets[j]} {a[i, j]:+.2f} (group {i + 1} removed alone, measured: "
-                      f"{f.removal[i, j]:+.2f})" for i, j in (np.unravel_index(k, a.shape) for k in flat))  # fmt: skip
+    cells = [np.unravel_index(k, a.shape) for k in flat]
+    parts = ", ".join(f"group {i + 1} → {f.targets[j]} {a[i, j]:+.2f} (measured, as is minus group {i + 1} removed "
+                      f"alone: {f.removal[i, j]:+.2f})" for i, j in cells)  # fmt: skip
     how = "exact" if is_exact(f) else "a first-order estimate, not an ablation"
     return f"{f.source} → {f.target}, by gradient × activation ({how}): largest links by |attribution| {parts}."
 
@@ -90,12 +93,13 @@ def completeness_line(f) -> str:
     scale = max(float(np.abs(f.actual_change).max()), 1e-12)
     if f.target == "logits" and is_exact(f):
         return (
-            f"{f.source} → logits: groups + residual equal the actual change from zeroing {f.source} for every "
-            f"class (largest gap {gap.max():.1e}; the read-out is linear, so gradient × activation is exact)."
+            f"{f.source} → logits: groups + residual equal {f.source}'s measured contribution (as is minus set to "
+            f"zero) for every class (largest gap {gap.max():.1e}; the read-out is linear, so gradient × activation is "
+            "exact)."
         )
-    return (f"{f.source} → {f.target}: groups + residual = gradient × activation, against the actual change from "
-            f"zeroing {f.source}: largest gap {gap.max():.3f} ({_pct(gap.max() / scale)} of the largest change), a "
-            "first-order estimate through the non-linearities.")  # fmt: skip
+    return (f"{f.source} → {f.target}: groups + residual = gradient × activation, against {f.source}'s measured "
+            f"contribution (as is minus set to zero): largest gap {gap.max():.3f} ({_pct(gap.max() / scale)} of the "
+            "largest contribution), a first-order estimate through the non-linearities.")  # fmt: skip
 
 
 def summary_lines(r) -> list[str]:
