@@ -120,7 +120,7 @@ def distribution_figure(results: dict[str, NeuronsResult], vocab: int) -> str:
         axes[1].plot(xs, 1 - np.arange(len(xs)) / max(len(xs), 1), color=colour, lw=2, label=label)
     b = first.baseline
     axes[0].axvspan(b["entropy_p05"], b["entropy_p95"], color="#999", alpha=0.3, lw=0, label="random positions (5–95%)")
-    axes[0].set_xlabel(f"entropy of the current token over the top {k} activations (bits)")
+    axes[0].set_xlabel(f"entropy of the current token over the firing contexts among the top {k} (bits)")
     axes[0].set_ylabel("neurons")
     axes[0].set_title("lower = more monosemantic (0: one token)")
     axes[0].legend(fontsize=8)
@@ -157,7 +157,8 @@ def summary_lines(result: NeuronsResult) -> list[str]:
     return [
         f"{s['neurons']:,} neurons counted ({s['rarely_active']:,} rarely active: fired in fewer than "
         f"{result.min_count} of their top {result.k} contexts).",
-        f"Median entropy of the current token over each neuron's top {result.k} activations: "
+        f"Median entropy of the current token over each neuron's firing contexts (the positive ones among its top "
+        f"{result.k} activations): "
         f"{s['entropy_median']:.2f} bits (quartiles {s['entropy_quartiles'][0]:.2f}–{s['entropy_quartiles'][1]:.2f}); "
         f"{result.k} positions at random: {b['entropy_mean']:.2f} bits (5–95%: {b['entropy_p05']:.2f}–"
         f"{b['entropy_p95']:.2f}).",
