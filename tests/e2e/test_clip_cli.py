@@ -176,10 +176,12 @@ def test_attack_on_a_tiny_clip(capsys, tiny_clip, clip_pictures, tmp_path):
     )
     assert code == 0, err
     assert "attack success" in text and "given neurons 1.5 ablated" in text
+    assert "2 random sets of 2 neurons: mean success" in text and "before any ablation, by selection" in text
     r = AttackResult.load(out)
     assert r.target == other and r.finding.summary.k == 2 and len(r.finding.neurons) == 4
     assert r.finding.summary.given == ("1.5",) and 0.0 <= r.finding.summary.given_success <= 1.0
     assert "ablated instead" in (out / "report.html").read_text()
+    assert "Control: 2 random sets of 2 neurons" in (out / "report.html").read_text()
     assert_round_trip(out / "attack.json", AttackResult)
     assert "Typographic attack" in (out / "report.html").read_text()
     assert "Neurons, ranked" in r._repr_html_()

@@ -144,12 +144,44 @@ def test_neuron_readings_say_which_test_failed_and_what_the_values_are():
                                        "pairing 1.08")  # fmt: skip
     assert _not_multimodal(NS(concept="two", score=0.5, null_max=0.4), 1.0).endswith(": below the threshold 1")
     r = NS(aligned_words=("one", "zero"), aligned_values=(-0.00038, -0.0009), dataset_max=1.392,
-           featvis_response=-0.014)  # fmt: skip
-    assert aligned_clause(r) == ("its contribution points away from the text of every word; least of all from "
-                                 "one (-0.00038), zero (-0.0009).")  # fmt: skip
+           featvis_response=-0.014, top_images=("a", "b"))  # fmt: skip
+    assert aligned_clause(r).endswith("over all 2 words; it points away from the text of every word, least of all "
+                                      "from one (-0.00038), zero (-0.0009).")  # fmt: skip
     assert "does not drive the neuron" in featvis_clause(r)
-    r = NS(aligned_words=("six",), aligned_values=(0.3,), dataset_max=1.0, featvis_response=0.8)
-    assert aligned_clause(r) == "its contribution aligns most with the text of six (+0.3)." and featvis_clause(r) == ""
+    r = NS(aligned_words=("six",), aligned_values=(0.3,), dataset_max=1.0, featvis_response=0.8, top_images=("a",))
+    assert aligned_clause(r).endswith("it aligns most with six (+0.3).") and featvis_clause(r) == ""
+    assert aligned_clause(r, ("six",)).endswith("it aligns most with six (+0.3). 'six' ranks 1st of 1 (+0.3).")
+
+
+def test_a_readings_aligned_words_come_with_their_scale_image_set_and_own_concepts_rank():
+    """A report audit: "Neuron 1.42 (most multimodal neuron for 'seven'): … aligns most with the text of five
+    (+0.004), six (+0.0029)…" gave no scale for values near 0.004, did not say they are measured on the neuron's 8
+    top images only, and left 'seven' out although it ranks 25th of 28 (−0.0016): the sentence read as alignment
+    with its own concept."""
+    from types import SimpleNamespace as NS
+
+    from mechscope.clip.report.context import neurons_summary, probe_clause
+
+    words = ("five", "six", "cat", "two", "seven", "one")
+    values = (0.004, 0.0029, 0.0028, 0.0025, -0.0016, -0.0022)
+    r = NS(neuron="1.42", why="most multimodal neuron for 'seven'", aligned_words=words, aligned_values=values,
+           probe_words=("seven", "one", "house", "3", "five", "six"), probe_values=(0.67, 0.55, 0.5, 0.46, 0.1, 0.02),
+           top_images=("handwritten seven",) * 8, dataset_max=1.6, featvis_response=0.8)  # fmt: skip
+    seven = NS(concept="seven", neuron="1.42", forms=("seven",), multimodal=False)  # its summary line is not read
+    mm = NS(concepts=(seven,), n_neurons=512, n_pictures=200, n_words=80, n_controls=50)
+    line = neurons_summary(NS(multimodality=mm, readings=(r,), settings={"read": 1}))[-1]
+    assert "averaged over its 8 top dataset images" in line
+    assert "runs from -0.0022 to +0.004 over all 6 words" in line  # the scale: the spread over every word
+    assert line.endswith("'seven' ranks 5th of 6 (-0.0016), at or below zero: the contribution does not point "
+                         "towards its own concept's text.")  # fmt: skip
+    assert "of 6 drawn words (mean responses from 0.02 to 0.67) it responds most to seven (0.67)" in line
+    assert "'seven' ranks 1st of 6." in line
+    # a neuron read only because it was asked for has no concept of its own: no rank, no verdict
+    assert "ranks" not in probe_clause(r) and "own concept" not in neurons_summary(
+        NS(multimodality=NS(**{**vars(mm), "concepts": ()}), readings=(r,), settings={"read": 1}))[-1]  # fmt: skip
+    low = NS(**{**vars(r), "aligned_values": (0.004, 0.0029, 0.0028, 0.0025, 0.001, -0.0022)})
+    assert "in the lower half: the contribution does not single out" in neurons_summary(
+        NS(multimodality=mm, readings=(low,), settings={"read": 1}))[-1]  # fmt: skip
 
 
 def test_settings_show_as_a_person_reads_them():
@@ -165,7 +197,7 @@ def test_a_neurons_page_says_why_it_read_fewer_neurons_than_asked():
 
     from mechscope.clip.report.context import neurons_summary
 
-    mm = NS(concepts=(), n_neurons=512, n_pictures=100, n_words=80)
+    mm = NS(concepts=(), n_neurons=512, n_pictures=100, n_words=80, n_controls=50)
     r = NS(multimodality=mm, readings=(), settings={"read": 2})
     assert neurons_summary(r)[-1].startswith("0 of the 2 neurons asked for (--read) are read in full: after the")
     assert len(neurons_summary(NS(multimodality=mm, readings=(), settings={"read": 0}))) == 1
@@ -281,3 +313,121 @@ def test_the_z_column_and_the_scatter_plots_say_what_they_show(monkeypatch):
     flat = dataclasses.replace(mm.concepts[0], z=float("nan"), control_sd=0.0)
     html = _page(dataclasses.replace(result, multimodality=dataclasses.replace(mm, concepts=(flat, *mm.concepts[1:]))))
     assert "<td>—</td>" in html
+
+
+def _attack_result(**changes):
+    """An attack result with the numbers of a review run (``clip attack --n 100 --candidates 12 --controls 6``)."""
+    from types import SimpleNamespace as NS
+
+    from mechscope.clip.methods.attack import AttackNeuron, AttackSummary
+    from mechscope.core.stats import sample_sd
+
+    each = (0.4375, 0.5, 0.5625, 0.6875, 0.75, 0.8333)
+    numbers = dict(n_images=100, n_counted=96, clean_accuracy=0.96, attacked_accuracy=0.1, success_rate=0.5833,
+                   success_rate_any=0.906, margin_clean=-6.02, margin_attacked=1.03, n_discovery=48, n_heldout=48,
+                   heldout_success=0.479, heldout_success_ablated=0.0, heldout_clean_accuracy_ablated=1.0,
+                   margin_ablated=-1.37, undone=0.34, control_success_mean=float(np.mean(each)),
+                   control_success_sd=float(sample_sd(each)), control_undone_mean=-0.03, k=5, heldout_accuracy=0.104,
+                   heldout_accuracy_ablated=0.604, heldout_clean_accuracy=1.0, control_successes=each)  # fmt: skip
+    summary = AttackSummary(**{**numbers, **changes})
+    neurons = tuple(AttackNeuron(f"1.{i}", 1, i, -0.3, -0.3) for i in range(5))
+    return NS(finding=NS(summary=summary, neurons=neurons), classes=("seven", "three"), true_classes=(0,) * 100,
+              word="three", target="three", settings={"controls": len(summary.control_successes)})  # fmt: skip
+
+
+def test_the_held_out_clean_accuracy_under_ablation_is_read_against_its_100_percent_by_selection():
+    """A report audit: "clean accuracy with them ablated 100.0%" stood under "Clean accuracy 96.0% of 100" as if
+    ablating had raised it; the held-out images are chosen among those classified correctly before the attack, so
+    theirs is 100% before any ablation by construction."""
+    from mechscope.clip.report.context import attack_summary, heldout_clean_ablated
+
+    lines = attack_summary(_attack_result())
+    assert lines[0].startswith("Clean accuracy (all 100 images, before the attack) 96.0%")
+    assert ("on the held-out half (48 of the counted images, all classified correctly before the attack)" in lines[2]
+            and lines[2].endswith("their clean accuracy with the 5 ablated 100.0% (against 100.0% before any "
+                                  "ablation, by selection)."))  # fmt: skip
+    assert heldout_clean_ablated(_attack_result()) == "100.0% ablated, 100.0% before any ablation, by selection"
+    # a result written before heldout_clean_accuracy was recorded: still 100% by selection
+    assert "(against 100.0% before any ablation, by selection)" in attack_summary(
+        _attack_result(heldout_clean_accuracy=float("nan")))[2]  # fmt: skip
+    named = attack_summary(_attack_result(given=("1.7",), given_success=0.4, given_accuracy=0.2,
+                                          given_clean_accuracy=0.9375, given_undone=0.1))[-1]  # fmt: skip
+    assert named.endswith("clean accuracy of the held-out images with them ablated 93.8% (against 100.0% before any "
+                          "ablation, by selection).")  # fmt: skip
+
+
+def test_the_attack_control_states_its_sets_its_sd_and_when_it_raises_success(monkeypatch):
+    """A report audit: "Control: 5 random neurons ablated: success 62.8% ± 17.1%, -3% of the shift undone" was 6
+    random sets, a population sd, and the number of sets was not stated (nor on the bar chart); nothing said that the
+    random ablations raised the success above the 47.9% of the unablated held-out images."""
+    from mechscope.clip.report import figures as F
+    from mechscope.clip.report.context import control_line, control_sd_kind, control_sets, control_words
+    from mechscope.core.stats import sample_sd
+
+    r = _attack_result()
+    s = r.finding.summary
+    assert s.control_success_sd == pytest.approx(float(np.std(s.control_successes, ddof=1)))  # the sample sd
+    line = control_line(r)
+    assert line.startswith(f"Control: 6 random sets of 5 neurons from the same layers, each ablated instead of the top "
+                           f"5: success 62.8% ± {s.control_success_sd:.1%} (mean ± sample sd over the 6 sets), -3% of "
+                           "the shift undone.")  # fmt: skip
+    assert ("On average the random ablations raised the attack's success above the 47.9% it has on these images with "
+            "nothing ablated (above it in 5 of the 6 sets), and widened the margin shift") in line
+    assert line.endswith("The top 5 ablated (0.0%) are below 6 of the 6 sets (their lowest 43.8%).")
+    sd = f"{s.control_success_sd:.1%}"
+    assert control_words(r) == f"6 random sets of 5 neurons: mean success 62.8% ± {sd} (sample sd)"
+    # random ablations that lower the success: no "raised" sentence
+    low = _attack_result(control_successes=(0.3, 0.4), control_success_mean=0.35,
+                         control_success_sd=float(sample_sd([0.3, 0.4])), control_undone_mean=0.1)  # fmt: skip
+    assert "raised" not in control_line(low) and "(mean ± sample sd over the 2 sets)" in control_line(low)
+    # a result written before the sets were recorded: the number from the settings, the sd named as population sd
+    old = _attack_result(control_successes=())
+    old.settings = {"controls": 6}
+    assert control_sets(old) == 6 and control_sd_kind(old.finding.summary) == "population sd"
+    assert "(mean ± population sd over the 6 sets)" in control_line(old)
+    none = _attack_result(control_successes=(), control_success_mean=float("nan"), control_success_sd=float("nan"))
+    none.settings = {"controls": 0}
+    assert control_line(none).startswith("No random control was run (--controls 0)")
+    monkeypatch.setattr(F, "figure_data_uri", lambda fig: fig)
+    ticks = [t.get_text() for t in F.attack_summary_figure(s, 5, 6, "sample sd").axes[0].get_xticklabels()]
+    assert ticks[2] == "5 random neurons\nablated (6 sets,\nmean ± sample sd)"
+    assert len(F.attack_summary_figure(none.finding.summary, 5, 0).axes[0].patches) == 2  # no control, no bar
+
+
+def test_the_mismatched_caption_says_the_best_of_every_neuron_as_the_code_takes_it():
+    """A report audit: the caption called the mismatched score "the best neuron's score when the concept's pictures
+    are paired with another concept's name"; the code takes, for each other name, the highest score of any neuron."""
+    result = _neurons_result([(0, 0, 8, 8)])
+    mm = result.multimodality
+    pd, wd = mm.picture_d.double(), mm.word_d.double()
+    differs = False
+    for i, c in enumerate(mm.concepts):
+        best = int(mm.scores[i].argmax())
+        others = [j for j in range(len(mm.concepts)) if j != i]
+        each = [float(torch.minimum(pd[i], wd[j]).max()) for j in others]
+        assert c.null_max == pytest.approx(max(each), abs=1e-6)
+        assert c.null_mean == pytest.approx(np.mean(each), abs=1e-6)
+        differs |= max(each) > max(float(torch.minimum(pd[i, best], wd[j, best])) for j in others) + 1e-6
+    assert differs  # the best neuron's own mismatched scores are not what the column shows
+    html = _page(result)
+    assert ("Mismatched: for each of the 3 other concepts' names, the highest score any of the 12 neurons reaches when "
+            "this concept's pictures are paired with that name") in html  # fmt: skip
+    assert "the best neuron's score when the concept's pictures are paired" not in html
+
+
+def test_diverse_visualisations_that_do_not_drive_the_neuron_are_named():
+    """A report audit: neuron 1.198's two diverse feature visualisations reached −0.03 and −0.04 against a dataset
+    maximum of 1.722 and stood under "each with the neuron's response to it" with no warning."""
+    import dataclasses
+
+    from mechscope.clip.report.context import diverse_note
+
+    r = _neurons_result([(0, 0, 8, 8)])
+    reading = dataclasses.replace(r.readings[0], dataset_max=1.722, diverse_responses=(-0.03, 1.5, -0.04),
+                                  diverse=np.zeros((3, 1, 32, 32)))  # fmt: skip
+    assert diverse_note(reading) == ("Diverse 1 (-0.03), 3 (-0.04) reach under a tenth of the dataset's largest "
+                                     "response (1.722): they do not drive the neuron and show what the optimiser "
+                                     "reached, not a facet of the neuron.")  # fmt: skip
+    assert diverse_note(dataclasses.replace(reading, diverse_responses=(1.2, 1.5))) == ""
+    html = _page(dataclasses.replace(r, readings=(reading,)))
+    assert "Diverse 1 (-0.03), 3 (-0.04) reach under a tenth" in html

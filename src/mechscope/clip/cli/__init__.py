@@ -171,6 +171,7 @@ def attack(
     from mechscope.clip.methods.neurons import parse_neuron
     from mechscope.clip.pipelines.attack import AttackSettings
     from mechscope.clip.pipelines.attack import attack as run
+    from mechscope.clip.report.context import control_words, heldout_clean_ablated
 
     s = AttackSettings(word=word, target=target, true=true, classes=_split(classes, "--classes"), prompt=prompt,
                        prompts=_split(prompts, "--prompts"), n=n, layers=tuple(layer) if layer else None, k=k,
@@ -185,12 +186,11 @@ def attack(
     top = ", ".join(nn.neuron for nn in r.finding.neurons[: sm.k])
     typer.echo(f"  top {sm.k} neurons {top}: held-out success {sm.heldout_success:.1%} -> "
                f"{sm.heldout_success_ablated:.1%} ablated ({sm.undone:.0%} of the margin shift undone; clean accuracy "
-               f"{sm.heldout_clean_accuracy_ablated:.1%}); {sm.k} random neurons: {sm.control_success_mean:.1%} ± "
-               f"{sm.control_success_sd:.1%}")  # fmt: skip
+               f"{heldout_clean_ablated(r)}); {control_words(r)}")  # fmt: skip
     typer.echo(f"  held-out attacked images classified as {s.true!r}: {sm.heldout_accuracy:.1%} -> "
                f"{sm.heldout_accuracy_ablated:.1%} with the top {sm.k} ablated")  # fmt: skip
     if sm.given:
         typer.echo(f"  given neurons {', '.join(sm.given)} ablated: held-out success {sm.heldout_success:.1%} -> "
                    f"{sm.given_success:.1%}, classified as {s.true!r} {sm.given_accuracy:.1%} ({sm.given_undone:.0%} "
-                   f"of the margin shift undone; clean accuracy {sm.given_clean_accuracy:.1%})")  # fmt: skip
+                   f"of the margin shift undone; clean accuracy {sm.given_clean_accuracy:.1%} ablated)")  # fmt: skip
     typer.echo(f"attack.json and report.html written to {path}")

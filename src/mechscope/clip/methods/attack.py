@@ -15,7 +15,8 @@ times the change that ablating the neuron would make, summed over tokens), the b
 by one for real (:func:`mechscope.core.intervene.intervene`) and ranked by how far each alone lowers the margin.
 The top ``k`` are ablated together (through :func:`mechscope.core.hooks.hooks`) on the held-out half: the success
 rate after, the clean accuracy after (an ablation that breaks the model would "undo" any attack), the fraction of
-the attack's margin undone, and the same for ``k`` neurons drawn at random from the same layers (the control).
+the attack's margin undone, and the same for ``controls`` sets of ``k`` neurons drawn at random from the same layers
+(the control: each set's success, their mean and sample sd).
 Ablation replaces a neuron's activation by its mean over the clean images at each token (``mean``) or by 0
 (``zero``).
 """
@@ -35,6 +36,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, run_with_cache
 from mechscope.core.intervene import intervene
 from mechscope.core.results import Result, figure_data
+from mechscope.core.stats import sample_sd
 from mechscope.core.torch_utils import evaluating
 
 ABLATIONS = ("mean", "zero")
@@ -65,11 +67,12 @@ class AttackSummary(Result):
     n_heldout: int
     heldout_success: float  # held-out half, before ablation
     heldout_success_ablated: float  # held-out half, the top k neurons ablated
-    heldout_clean_accuracy_ablated: float  # clean held-out images, the top k ablated (the model still works?)
+    heldout_clean_accuracy_ablated: float  # clean held-out images, the top k ablated (the model still works?); read
+    # it against heldout_clean_accuracy, which is 1 by selection (only correctly classified images are counted)
     margin_ablated: float  # held-out attacked images with the top k ablated
     undone: float  # fraction of the attack's margin shift undone by the ablation (held-out)
-    control_success_mean: float  # k random neurons ablated instead (held-out)
-    control_success_sd: float
+    control_success_mean: float  # k random neurons ablated instead (held-out), mean over the random sets
+    control_success_sd: float  # sample sd (ddof 1) over the sets (results written before control_successes: ddof 0)
     control_undone_mean: float
     k: int
     heldout_accuracy: float = float("nan")  # attacked held-out images still classified as their true class
@@ -79,6 +82,8 @@ class AttackSummary(Result):
     given_accuracy: float = float("nan")  # held-out attacked images classified as their true class, given ablated
     given_clean_accuracy: float = float("nan")  # clean held-out images, given ablated
     given_undone: float = float("nan")  # fraction of the margin shift undone by ablating the given neurons
+    heldout_clean_accuracy: float = float("nan")  # clean held-out images, nothing ablated: 1 by selection
+    control_successes: tuple[float, ...] = ()  # held-out success with each random set of k neurons ablated
 
 
 def attack_images(unit: torch.Tensor, word: str, font: str = "sans", size: int = 10,
@@ -262,10 +267,11 @@ def typographic_attack(zs: ZeroShot, unit: torch.Tensor, true: torch.Tensor, tar
         heldout_clean_accuracy_ablated=float((ab_clean.argmax(1) == t).float().mean()),
         margin_ablated=float(m_ab.mean()), undone=undone,
         control_success_mean=float(np.mean(ctrl_success)) if ctrl_success else float("nan"),
-        control_success_sd=float(np.std(ctrl_success)) if ctrl_success else float("nan"),
+        control_success_sd=float(sample_sd(ctrl_success)) if ctrl_success else float("nan"),
         control_undone_mean=float(np.mean(ctrl_undone)) if ctrl_undone else float("nan"), k=len(chosen),
         heldout_accuracy=float((pa[heldout] == t).float().mean()),
         heldout_accuracy_ablated=float((ab_logits[heldout].argmax(1) == t).float().mean()), **given_row,
+        heldout_clean_accuracy=float((pc[heldout] == t).float().mean()), control_successes=tuple(ctrl_success),
     )  # fmt: skip
     shown = heldout[:n_examples]
     probs = torch.stack([clean_logits[shown], attacked_logits[shown], ab_logits[shown]], 1).softmax(-1)

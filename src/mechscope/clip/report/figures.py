@@ -84,16 +84,17 @@ def confusion_figure(acc, names, title: str) -> str:
 def multimodality_figure(mm) -> str:
     rows = mm.concepts
     x = np.arange(len(rows))
-    fig, ax = subplots(figsize=(max(5, 0.6 * len(rows) + 2), 3.2), layout="constrained")
+    fig, ax = subplots(figsize=(max(5, 0.6 * len(rows) + 2) + 2.6, 3.2), layout="constrained")
     ax.bar(x - 0.25, [r.score for r in rows], 0.25, color=["#c33" if r.multimodal else "#e99" for r in rows],
            label="best neuron")  # fmt: skip
-    ax.bar(x, [r.null_max for r in rows], 0.25, color="#999", label="best neuron, mismatched name (max)")
+    ax.bar(x, [r.null_max for r in rows], 0.25, color="#999",
+           label="mismatched name: highest score of any neuron (max over names)")  # fmt: skip
     ax.bar(x + 0.25, [r.control_mean for r in rows], 0.25, yerr=[r.control_sd for r in rows], color="#6a9",
-           label="random control neurons (mean ± sd)")  # fmt: skip
-    ax.axhline(mm.min_score, color="#333", lw=0.8, ls="--")
+           label=f"{mm.n_controls} random control neurons (mean ± population sd)")  # fmt: skip
+    ax.axhline(mm.min_score, color="#333", lw=0.8, ls="--", label=f"least score to count ({mm.min_score:g})")
     ax.set_xticks(x, [r.concept for r in rows], fontsize=8, rotation=30)
     ax.set_ylabel("multimodality: min(d′ pictures, d′ name)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     return figure_data_uri(fig)
 
 
@@ -208,24 +209,26 @@ def attack_examples_figure(finding, classes) -> str | None:
     return figure_data_uri(fig)
 
 
-def attack_summary_figure(summary, k: int) -> str:
+def attack_summary_figure(summary, k: int, sets: int = 0, sd: str = "sd") -> str:
+    """Held-out attack success: nothing ablated, the top ``k`` ablated, ``sets`` random sets of ``k`` ablated (their
+    mean, the error bar the ``sd`` named; no bar without a control) and the neurons the user named."""
     s = summary
-    labels = ["held out,\nattacked", f"top {k} neurons\nablated", f"{k} random\nneurons ablated"]
-    values = [s.heldout_success, s.heldout_success_ablated, s.control_success_mean]
-    errors = [0, 0, s.control_success_sd if s.control_success_sd == s.control_success_sd else 0]
-    colours = ["#c33", "#36c", "#999"]
+    bars = [("held out,\nattacked", s.heldout_success, 0.0, "#c33"),
+            (f"top {k} neurons\nablated", s.heldout_success_ablated, 0.0, "#36c")]  # fmt: skip
+    if sets > 0 and s.control_success_mean == s.control_success_mean:
+        spread = f"{sets} sets,\nmean ± {sd}" if sets > 1 else "1 set"
+        err = s.control_success_sd if sets > 1 and s.control_success_sd == s.control_success_sd else 0.0
+        bars.append((f"{k} random neurons\nablated ({spread})", s.control_success_mean, err, "#999"))
     if s.given:  # the neurons the user named (--ablate)
         names = ", ".join(s.given[:3]) + (" ..." if len(s.given) > 3 else "")
-        labels.append(f"asked for\n({names})\nablated")
-        values.append(s.given_success)
-        errors.append(0)
-        colours.append("#e90")
-    fig, ax = subplots(figsize=(1.05 * len(values) + 1.0, 2.8), layout="constrained")
-    bars = ax.bar(range(len(values)), values, yerr=errors, color=colours)
-    ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7, padding=2)
+        bars.append((f"asked for\n({names})\nablated", s.given_success, 0.0, "#e90"))
+    labels, values, errors, colours = (list(c) for c in zip(*bars, strict=True))
+    fig, ax = subplots(figsize=(1.15 * len(values) + 1.0, 2.9), layout="constrained")
+    drawn = ax.bar(range(len(values)), values, yerr=errors, color=colours)
+    ax.bar_label(drawn, labels=[f"{v:.0%}" for v in values], fontsize=7, padding=2)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("attack success rate")
+    ax.set_ylabel("attack success rate (held-out half)", fontsize=8)
     return figure_data_uri(fig)
 
 
@@ -238,6 +241,6 @@ def effects_figure(neurons, n: int = 15) -> str | None:
     ax.barh(y + 0.2, [r.effect for r in rows], 0.4, color="#36c", label="measured")
     ax.barh(y - 0.2, [r.estimated for r in rows], 0.4, color="#9bd", label="attribution estimate")
     ax.set_yticks(y, [r.neuron for r in rows], fontsize=7)
-    ax.set_xlabel("margin change when ablated alone", fontsize=8)
+    ax.set_xlabel("margin change when ablated alone (discovery half)", fontsize=8)
     ax.legend(fontsize=7)
     return figure_data_uri(fig)
