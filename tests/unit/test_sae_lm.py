@@ -4,6 +4,7 @@ rows of every hook kind, the direct logit effect, and one-line errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,7 @@ def hand_board(latent: int, why: str, induction: dict | None) -> S.LmLatentDashb
 def test_dashboard_headings_call_induction_only_what_meets_the_pages_criterion():
     """Latent 29 tops the induction ranking at +0.081 (0.159 -> 0.240, the audit's toy): under the 0.2 the summary
     counts by, so its heading names its rank and difference; latent 4 (+0.4) is induction. The induction sequences'
-    BOS (a toy's "\\n") is shown as BOS, not as a newline."""
+    BOS is shown as BOS; a toy, read without one, shows its first character."""
     from mechscope.lm.report import sae as R
 
     rates = ((0.159, 0.240), (0.1, 0.5))
@@ -250,5 +251,10 @@ def test_dashboard_headings_call_induction_only_what_meets_the_pages_criterion()
     assert 'Latent 7 <span class="muted">(random)</span>' in html
     assert html.count("(induction)") == 1
     assert "<span>⟨BOS⟩</span>" in html and "↵" not in html
+    assert "The table lists the 2 highest in that ranking: 1 of them meet the criterion (in bold)." in html
+    assert '<tr style="font-weight:bold"><td>4</td>' in html and "<tr><td>29</td>" in html
+    # a toy is read without a BOS (it was trained without one): position 0 is its first character, and says so
+    toy = R.dashboards_page(replace(r, induction_bos=False))
+    assert "<span>⟨BOS⟩</span>" not in toy and "On a start token (↵: this model has no BOS) + 2 random tokens" in toy
     summary = " ".join(LS.summary_lines(r))
     assert f"1 with a firing rate at least {R.INDUCTION_MARGIN:g} higher on the repeat" in summary  # one criterion

@@ -600,3 +600,4 @@ class LmSaeDashboards(Result):
     # included; WorkCounter): each forward stops after the hook (the blocks up to it), plus the induction sequences
     # and a two-token probe; the dictionary's encoder on the hook's rows is not counted (``encode``, not the network)
     work: dict | None = None
+    induction_bos: bool = True  # position 0 of the induction sequences is the model's BOS (else its first token id)

@@ -464,6 +464,7 @@ def sae_show(
         logit_effect=how, induction=ind, induction_tokens=tuple(decode(t) for t in ind.tokens),
         latents=tuple(dashboards), summary=(), seconds=dict(timer.seconds), densities=dens,
         work=counter.report("lm sae show", int(tokens.numel())), trained_on=trained_on(meta),
+        induction_bos=tm.model.cfg.bos_token_id is not None and tm.bos is not None,
     )  # fmt: skip
     result = replace(result, summary=tuple(summary_lines(result)))
     with atomic_output(out, force) as tmp:

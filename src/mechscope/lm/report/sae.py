@@ -15,7 +15,7 @@ from mechscope.core.render.html import figure_data_uri, render_string
 from mechscope.lm.methods.sae import INDUCTION_MARGIN
 from mechscope.lm.report.neurons import label, shown_token
 
-BOS_SHOWN = "⟨BOS⟩"  # position 0 of the induction sequences (the page says "BOS + n random tokens + ...")
+BOS_SHOWN = "⟨BOS⟩"  # position 0 of the induction sequences, when it is the model's BOS
 
 
 def context_html(tokens, acts, focus: int, peak: float, value: float | None = None,
@@ -102,9 +102,11 @@ def dashboards_page(result) -> str:
     ind = result.induction
     induction_rows, induction_ctx = [], []
     if ind is not None:
-        shown = (BOS_SHOWN, *result.induction_tokens[1:])
+        first = BOS_SHOWN if result.induction_bos else shown_token(result.induction_tokens[0])
+        shown = (first, *result.induction_tokens[1:])
         for j, i in enumerate(ind.ranked[:15]):
-            induction_rows.append((i, ind.rate_first[j], ind.rate_second[j], ind.mean_first[j], ind.mean_second[j]))
+            induction_rows.append((i, ind.rate_first[j], ind.rate_second[j], ind.mean_first[j], ind.mean_second[j],
+                                   ind.rate_second[j] - ind.rate_first[j] >= INDUCTION_MARGIN))  # fmt: skip
         for j, i in enumerate(ind.ranked[:3]):
             acts = ind.activations[j]
             peak = max(acts) if acts else 0.0
@@ -112,7 +114,9 @@ def dashboards_page(result) -> str:
     return render_string(
         "mechscope.lm", "sae_dashboards.html.j2", r=result, density=density_uri(result.densities),
         boards=[dashboard_context(b) for b in result.latents], induction_rows=induction_rows,
-        induction_ctx=induction_ctx, margin=INDUCTION_MARGIN,
+        induction_ctx=induction_ctx, margin=INDUCTION_MARGIN, meeting=sum(row[-1] for row in induction_rows),
+        start="BOS" if result.induction_bos else f"a start token ({label(shown_token(result.induction_tokens[0]))}: "
+        "this model has no BOS)",
     )  # fmt: skip
 
 
