@@ -73,6 +73,8 @@ def test_lm_scrub_on_a_tracr_model(capsys, tmp_path):
     page = (tmp_path / "s" / "report.html").read_text()
     task = r.task_description.split("; corrupted:")[0]  # discovery's corrupted input is not what scrubbing runs
     assert f": {task};" in page and "derangement" not in page  # the task and its examples
+    passes = f"{r.scrub.forward_passes:,} forward passes of the scrubbing in "  # the shared page: core/render
+    assert passes in page and f"({r.work['forward_passes']:,.0f} with the clean runs" in page
     _standalone(tmp_path / "s" / "report.html")
     check_fragment(r._repr_html_())
 

@@ -53,9 +53,11 @@ def array_uri(img: np.ndarray, scale: int = 3) -> str:
 
 @functools.lru_cache(maxsize=8)
 def environment(package: str) -> jinja2.Environment:
-    """The Jinja2 environment of one package's ``report/templates`` (``mechscope.cnn`` or ``mechscope.lm``)."""
+    """The Jinja2 environment of one package's ``report/templates`` (``mechscope.cnn`` or ``mechscope.lm``), then
+    the pages both wings draw the same way (``mechscope/core/render/templates``: causal scrubbing's)."""
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader(package, "report/templates"),
+        loader=jinja2.ChoiceLoader([jinja2.PackageLoader(package, "report/templates"),
+                                    jinja2.PackageLoader("mechscope.core.render", "templates")]),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
