@@ -42,3 +42,17 @@ def test_a_control_no_better_than_the_channels_leaves_the_gain_to_training():
 
 def test_shares_round_to_a_tenth_not_half_to_even():
     assert "against 4 of 32 channels (12.5%)" in R.summary_lines(result(242))[1]
+
+
+def test_the_evaluation_reads_a_poor_reconstruction_beside_a_good_splice():
+    mt = SimpleNamespace(explained_variance=0.3052, cosine_similarity=0.824, l2_ratio=1.362)
+    e = SimpleNamespace(accuracy_recovered=0.980, acc_spliced=0.9758, acc_clean=0.9935, acc_ablated=0.0982,
+                        kl_recovered=0.974)  # fmt: skip
+    lines = R.evaluation_lines(mt, e)
+    assert lines[0].startswith("The reconstruction keeps 30.5% of the activation's variance about its mean (cosine "
+                               "0.824); its norm is 1.36× the activation's")
+    assert lines[1].startswith("Spliced in, it keeps 98.0% of the test accuracy that zeroing the activation loses "
+                               "(97.58% against 99.35% clean and 9.82% zeroed)")
+    assert lines[2].startswith("So the model's answer survives a reconstruction that misses 69% of the activation's")
+    good = R.evaluation_lines(SimpleNamespace(explained_variance=0.9, cosine_similarity=0.95, l2_ratio=1.0), e)
+    assert len(good) == 2  # no caution where the reconstruction is close

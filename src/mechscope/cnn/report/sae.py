@@ -146,7 +146,31 @@ def dashboards_page(result) -> str:
 
 
 def evaluation_page(result) -> str:
-    return render_string("mechscope.cnn", "sae_evaluation.html.j2", r=result, mt=result.metrics, e=result.effect)
+    return render_string("mechscope.cnn", "sae_evaluation.html.j2", r=result, mt=result.metrics, e=result.effect,
+                         summary=evaluation_lines(result.metrics, result.effect))  # fmt: skip
+
+
+LOW_VARIANCE = 0.5  # below this explained variance the reconstruction misses most of the activation
+
+
+def evaluation_lines(mt, e) -> list[str]:
+    """The evaluation page's reading of its two tables: how close the reconstruction is, and what splicing it in
+    keeps, with the caution where the two disagree."""
+    lines = [
+        f"The reconstruction keeps {mt.explained_variance:.1%} of the activation's variance about its mean (cosine "
+        f"{mt.cosine_similarity:.3f}); its norm is {mt.l2_ratio:.2f}× the activation's on average over positions "
+        "(1: the same size; a position with a small activation weighs as much as a large one).",
+        f"Spliced in, it keeps {e.accuracy_recovered:.1%} of the test accuracy that zeroing the activation loses "
+        f"({e.acc_spliced:.2%} against {e.acc_clean:.2%} clean and {e.acc_ablated:.2%} zeroed); KL recovered "
+        f"{e.kl_recovered:.1%} (1 − the logits' KL to clean spliced in / zeroed).",
+    ]
+    if mt.explained_variance < LOW_VARIANCE and e.accuracy_recovered >= 0.9:
+        lines.append(
+            f"So the model's answer survives a reconstruction that misses {1 - mt.explained_variance:.0%} of the "
+            "activation's variance: the layers after the hook tolerate the error. The accuracy measures the "
+            "dictionary's use to the answer, not how well its latents describe the activation."
+        )
+    return lines
 
 
 def training_page(result) -> str:
