@@ -34,6 +34,14 @@ window.addEventListener("load", () => {
     out.lit = [...svg.querySelectorAll("path.agv-edge.lit")].map(p => Number(p.dataset.k)).sort((a, b) => a - b);
     out.hovering = svg.classList.contains("hovering");
     out.edge_titles = [...svg.querySelectorAll("path.agv-edge > title")].map(t => t.textContent);
+    out.node_titles = Object.fromEntries([...svg.querySelectorAll("g.agv-node")]
+      .map(n => [n.dataset.id, n.querySelector("title").textContent]));
+    out.logit_labels = [...svg.querySelectorAll("text.agv-logit-label")].map(t => t.textContent);
+    // the row labels follow the frame when it scrolls (a graph opens scrolled to its logits)
+    const box = svg.parentElement;
+    box.style.maxWidth = "120px"; box.scrollLeft = 40; box.dispatchEvent(new Event("scroll"));
+    out.scroll = box.scrollLeft;
+    out.row_labels = svg.querySelector("g.agv-rowlabels").getAttribute("transform");
     g.dispatchEvent(new MouseEvent("mouseleave"));
     // click it: its card, with its dashboard
     g.dispatchEvent(new MouseEvent("click"));
@@ -115,6 +123,17 @@ def test_viewer_in_headless_chromium(tmp_path):
     a, b, w = graph.edges[mine[0]]
     assert f"{graph.nodes[a]['id']} → {graph.nodes[b]['id']}: weight" in out["edge_titles"][mine[0]]
     assert feat["label"] in out["card"] and "Strongest inputs" in out["card"] and "made up here" in out["card"]
+    # the node's own influence, and the cumulative share (lower: more influential) labelled as such
+    assert "cumulative influence share" in out["card"] and "(lower: more influential)" in out["card"]
+    title = out["node_titles"][feat["id"]]
+    own = re.search(r"\] influence ([-0-9.e]+), cumulative influence share ([-0-9.e]+) \(lower", title)
+    assert own, title
+    assert float(own.group(1)) == pytest.approx(feat["influence_raw"], rel=1e-2)
+    assert float(own.group(2)) == pytest.approx(feat["influence"], rel=1e-2, abs=1e-3)
+    logits = [n for n in graph.nodes if n["kind"] == "logit"]
+    assert len(out["logit_labels"]) == len(logits) and "probability" in out["node_titles"][logits[0]["id"]]
+    assert all(lab.startswith('"') for lab in out["logit_labels"])
+    assert out["scroll"] > 0 and out["row_labels"] == f"translate({out['scroll']},0)"
     assert "b<c" in out["card"]  # the dashboard's tokens, escaped into text
     sn = {"label": "my supernode", "members": sorted([feat["id"], other])}
     assert sorted(out["state"]["pinned"]) == sn["members"]
@@ -132,31 +151,33 @@ def test_viewer_in_headless_chromium(tmp_path):
 
 
 def test_the_page_says_where_the_linear_graph_and_the_model_part():
-    """An intervention whose graph prediction is ten times the model's measured change (a CNN's gates opening) gets
-    a sentence with the ratio; a sign flip too; agreement within 2x none."""
-    from mechscope.core.render.graph_viewer import SCOPE, _prediction_gaps
+    """A record with only the graph's prediction and the model's change (a CNN's gates opening: 10x) gets a line
+    with the ratio; a sign flip too; agreement within 2x none; the pair gets the general diagnosis once."""
+    from mechscope.core.render.graph_sections import _gap_reason, _prediction_gaps
 
     def check(pred, model):
         return {"description": "ablate 1_9_1", "logits": [{"label": "7", "predicted_full": pred, "model": model}]}
 
-    gaps = _prediction_gaps([check(-1.541, -0.1524), check(0.5, -0.1), check(-1.0, -0.8), check(float("nan"), 1.0)])
-    assert gaps == [
-        "ablate 1_9_1: the graph predicts -1.541 for '7', the model moves -0.1524 (10.1× the measured change): the "
-        "frozen parts the graph holds fixed change under this intervention.",
-        "ablate 1_9_1: the graph predicts +0.5 for '7', the model moves -0.1 (the opposite sign): the frozen parts "
-        "the graph holds fixed change under this intervention.",
+    checks = [check(-1.541, -0.1524), check(0.5, -0.1), check(-1.0, -0.8), check(float("nan"), 1)]
+    lines, steps = _prediction_gaps(checks)
+    assert lines == [
+        "ablate 1_9_1, logit '7': the graph (all edges) -1.541 vs the model -0.1524 (10.1× as large).",
+        "ablate 1_9_1, logit '7': the graph (all edges) +0.5 vs the model -0.1 (the opposite sign).",
     ]
-    assert "not what set their patterns (QK)" in SCOPE["lm"] and "--qk" in SCOPE["lm"]
-    assert "ReLU and max-pool gates are frozen" in SCOPE["cnn"]
+    assert steps == [("predicted_full", "model")]
+    assert "the parts the graph holds fixed change under this intervention" in _gap_reason(steps[0], "cnn", {})
 
 
 def test_a_cnn_graph_says_which_grid_its_positions_are_in_and_skips_empty_entries():
-    """Positions are in each stage's grid before pooling (conv2 8x8, where explain's shapes give 4x4): the page says
-    so; a dictionaries entry with nothing in it (no paths: built here) is not a row."""
+    """With the channels (or a transcoder) positions are in each stage's grid before pooling (conv2 8x8, where
+    explain's shapes give 4x4): the page says so; a dictionaries entry with nothing in it (no paths: built here) is
+    not a row."""
     from mechscope.cnn.report.attribution_graph import _grids
-    from mechscope.core.render.graph_viewer import sections_html
+    from mechscope.core.render.graph_sections import sections_html
 
-    d = {"settings": {"grids": [[24, 24], [8, 8]]}, "layer_names": ["conv1", "conv2"]}
-    assert _grids(d).endswith("before pooling: conv1 24×24, conv2 8×8.")
+    grids = [[24, 24], [8, 8]]
+    d = {"settings": {"grids": grids}, "layer_names": ["conv1", "conv2"], "dictionaries": {"kind": "channels"}}
+    assert _grids(d).endswith("before its ReLU and max-pool (conv{i}.hook_pre, where the stage's own channels are "
+                              "read): conv1 24×24, conv2 8×8.")  # fmt: skip
     html = sections_html({"nodes": [], "settings": {}, "dictionaries": {"kind": "channels", "paths": []}})
     assert "channels" in html and "paths" not in html

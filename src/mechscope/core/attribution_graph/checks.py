@@ -10,9 +10,11 @@ Both wings call these with small callables over their local replacement model:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -25,6 +27,27 @@ from mechscope.core.results import Result
 from mechscope.core.validate import check_int, repeated
 
 MEASURED = ("frozen", "recomputed", "model")
+# the prediction and the measurements in the order that each releases one more thing the one before holds fixed:
+# the graph holds each dictionary's active set fixed, the frozen run re-encodes the features downstream, the
+# recomputed run lets the attention patterns and norms (a CNN's ReLU masks and max-pool choices) move too, and the
+# model runs the layers the dictionaries replace (their error nodes no longer fixed)
+STEPS = ("predicted_full", *MEASURED)
+GAP_FACTOR = 2.0  # two steps disagree when they differ in sign or one is more than this times the other
+GAP_FLOOR = 1e-3  # ... and by more than this (in logits): float noise around zero is no disagreement
+
+
+def disagree(a: float, b: float, factor: float = GAP_FACTOR, floor: float = GAP_FLOOR) -> bool:
+    """Whether two changes of a logit disagree: in sign or by more than ``factor``, and by more than ``floor``."""
+    if abs(a - b) <= floor:
+        return False
+    return a * b <= 0 or max(abs(a), abs(b)) > factor * min(abs(a), abs(b))
+
+
+def gaps(row: dict, factor: float = GAP_FACTOR, floor: float = GAP_FLOOR) -> list[tuple[str, str]]:
+    """The neighbouring steps of :data:`STEPS` that disagree (:func:`disagree`) on one logit's row of a
+    :class:`GraphIntervention`, as (step, next step); a step with no finite number in ``row`` is passed over."""
+    have = [k for k in STEPS if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])]
+    return [(a, b) for a, b in pairwise(have) if disagree(row[a], row[b], factor, floor)]
 
 
 def check_edges(built: Built, measure_direct: Callable, n: int, seed: int = 0) -> dict:
@@ -61,9 +84,12 @@ def check_edges(built: Built, measure_direct: Callable, n: int, seed: int = 0) -
 class GraphIntervention(Result):
     """Features set to new values (``changes``: node id -> [old, new]) and the change of each attributed logit
     (minus the mean logit): ``predicted_full`` through every computed edge, ``predicted_pruned`` through the pruned
-    graph alone, then measured: ``frozen`` (nonlinearities frozen, features downstream re-encoded from their inputs,
-    errors fixed), ``recomputed`` (nonlinearities live too) and ``model`` (the original network, the decoder change
-    added where the dictionary writes)."""
+    graph alone (both hold every dictionary's active set fixed), then measured: ``frozen`` (attention patterns and
+    norm scales, or a CNN's ReLU masks and max-pool choices, and the error nodes held at their values on the input;
+    every dictionary's features downstream re-encoded from their inputs, so they can switch on or off),
+    ``recomputed`` (the same with the attention and norms, or the masks and pools, live; errors still fixed) and
+    ``model`` (the original network, the decoder change added where the dictionary writes). :meth:`summary` names
+    the neighbouring steps that disagree (:func:`gaps`) on the first logit."""
 
     description: str
     changes: dict
@@ -71,11 +97,34 @@ class GraphIntervention(Result):
 
     def summary(self) -> str:
         top = self.logits[0]
+        flags = "".join(
+            f"; {a.replace('predicted_full', 'graph')} vs {b} disagree ({_how(top[a], top[b])}): "
+            + GAP_SUMMARY.get((a, b), "what the graph holds fixed changes")
+            for a, b in gaps(top)
+        )
         return (
             f"{self.description}: logit {top['label']!r} moves {top['frozen']:+.3f} (frozen), "
             f"{top['recomputed']:+.3f} (recomputed), {top['model']:+.3f} (model); the graph predicts "
-            f"{top['predicted_full']:+.3f} (all edges), {top['predicted_pruned']:+.3f} (pruned graph)"
+            f"{top['predicted_full']:+.3f} (all edges), {top['predicted_pruned']:+.3f} (pruned graph){flags}"
         )
+
+
+GAP_SUMMARY = {  # the CLI line's short diagnosis of each step that disagrees (the page says more)
+    ("predicted_full", "frozen"): "features downstream switch on or off (or have no row), which the linear graph "
+    "holds fixed",
+    ("frozen", "recomputed"): "what the frozen run freezes changes (a transformer's attention and norms, a CNN's "
+    "ReLU masks and max pools)",
+    ("recomputed", "model"): "the error nodes change (the layers the dictionaries replace respond otherwise)",
+}
+
+
+def _how(a: float, b: float) -> str:
+    """How the change ``a`` of one step differs from ``b`` of the next: in sign, or by a ratio."""
+    if a * b < 0:
+        return "opposite signs"
+    if a == 0 or b == 0:
+        return "one does not move"
+    return f"ratio {abs(a / b):.2g}"
 
 
 def predict(

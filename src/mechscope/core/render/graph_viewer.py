@@ -2,10 +2,12 @@
 
 The page draws the pruned graph as SVG with no library and no network: rows are layers (inputs at the bottom,
 logits at the top), columns are positions (a prompt's tokens; a CNN's receptive-field centre columns), edges are
-blue (positive) or red (negative) with their width by weight. Hovering a node lights its edges and names it;
-hovering an edge shows its weight. Clicking a node opens its card: its numbers, its strongest inputs and outputs,
-and its dashboard (top text contexts or top image patches) when the graph carries one. Nodes can be pinned and
-pinned nodes grouped into labelled supernodes; the annotated graph downloads as mechscope's graph JSON (which
+blue (positive) or red (negative) with their width by weight; the row labels stay at the frame's left edge when it
+scrolls (it opens scrolled to the logits), and each logit's box carries its token. Hovering a node lights its edges
+and names it with its own influence (``influence_raw``) and its cumulative share (``influence``, lower is more
+influential); hovering an edge shows its weight. Clicking a node opens its card: its numbers, its strongest inputs
+and outputs, and its dashboard (top text contexts or top image patches) when the graph carries one. Nodes can be
+pinned and pinned nodes grouped into labelled supernodes; the annotated graph downloads as mechscope's graph JSON (which
 ``AttributionGraph.load`` and the CLI's ``--view`` read back) or as circuit-tracer's graph JSON, and a saved JSON's
 annotations load back into the page.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import html as H
 import json
-import math
 
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 1em; }
@@ -67,6 +68,8 @@ const byId = {}; nodes.forEach((n, i) => { byId[n.id] = i; });
 const ins = nodes.map(() => []), outs = nodes.map(() => []);
 edges.forEach((e, k) => { outs[e[0]].push(k); ins[e[1]].push(k); });
 const esc = (s) => String(s == null ? "" : s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+// a node's own influence on the logits and, labelled, the share of the total held by nodes at least as influential
+const influenceText = (n) => n.kind === "logit" ? `probability ${fmt(n.probability)}` : (n.influence_raw != null ? `influence ${fmt(n.influence_raw)}, ` : "") + `cumulative influence share ${fmt(n.influence)} (lower: more influential)`;
 const fmt = (x) => (x == null ? "—" : (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3)));
 
 // ---- layout: rows by layer, columns by position ----
@@ -78,7 +81,7 @@ const cells = {};
 nodes.forEach((n, i) => { const key = rowOf(n) + ":" + n.ctx; (cells[key] = cells[key] || []).push(i); });
 const perCol = Math.max(1, ...ctxs.map(c => Math.max(...Object.keys(cells).filter(k => k.endsWith(":" + c)).map(k => cells[k].length))));
 const colW = Math.max(56, Math.min(160, 14 * perCol + 16)), rowH = L > 16 ? 26 : 44;
-const left = 70, topM = 30, W = left + colW * ctxs.length + 20, Hh = topM + rowH * (L + 2) + 60;
+const left = 70, topM = 64, W = left + colW * ctxs.length + 20, Hh = topM + rowH * (L + 2) + 60;
 const pos = nodes.map(() => [0, 0]);
 Object.entries(cells).forEach(([key, list]) => {
   const [r, c] = key.split(":");
@@ -89,14 +92,11 @@ Object.entries(cells).forEach(([key, list]) => {
 svg.setAttribute("width", W); svg.setAttribute("height", Hh);
 function el(tag, attrs, parent) { const e = document.createElementNS(NS, tag); for (const k in attrs) e.setAttribute(k, attrs[k]); (parent || svg).appendChild(e); return e; }
 const rowNames = ["inputs", ...DATA.layer_names.map(String), "logits"];
-rowNames.forEach((name, r) => {
-  const y = topM + (L + 1 - r) * rowH + rowH / 2;
-  el("line", {x1: left - 5, x2: W, y1: y, y2: y, stroke: "#f0f0f0"});
-  el("text", {x: 4, y: y + 4, "font-size": 11, fill: "#888"}).textContent = name;
-});
+const rowY = (r) => topM + (L + 1 - r) * rowH + rowH / 2;
+rowNames.forEach((name, r) => el("line", {x1: left - 5, x2: W, y1: rowY(r), y2: rowY(r), stroke: "#f0f0f0"}));
 ctxs.forEach((c) => {
   const any = nodes.find(n => n.ctx === c && (n.kind === "input" || n.kind === "feature" || n.kind === "error"));
-  const lab = any ? (any.kind === "input" && DATA.kind === "lm" ? any.label : (DATA.kind === "lm" ? any.ctx_label : "x=" + Number(c).toFixed(1))) : (nodes.some(n => n.ctx === c && n.kind === "logit") ? "logits" : String(c));
+  const lab = any ? (any.kind === "input" && DATA.kind === "lm" ? any.label : (DATA.kind === "lm" ? any.ctx_label : Number(c).toFixed(1) + " px")) : (nodes.some(n => n.ctx === c && n.kind === "logit") ? "logits" : String(c));
   const t = el("text", {x: left + colOf[c] * colW + colW / 2, y: Hh - 30, "font-size": 11, "text-anchor": "middle", fill: "#444"});
   t.textContent = (lab || "").slice(0, 14);
 });
@@ -117,16 +117,29 @@ const nodeEls = nodes.map((n, i) => {
   else if (n.kind === "error") el("rect", {x: -5, y: -5, width: 10, height: 10, fill: "#ccc", stroke: "#666"}, g);
   else if (n.kind === "input") el("rect", {x: -5, y: -4, width: 10, height: 8, rx: 2, fill: "#ffe9a8", stroke: "#a80"}, g);
   else el("rect", {x: -7, y: -6, width: 14, height: 12, fill: "#b8e0b8", stroke: "#383"}, g);
-  el("title", {}, g).textContent = `${n.label || n.id} [${n.id}] influence ${fmt(n.influence)}` + (n.activation != null ? `, activation ${fmt(n.activation)}` : "");
+  el("title", {}, g).textContent = `${n.label || n.id} [${n.id}] ${influenceText(n)}` + (n.activation != null ? `, activation ${fmt(n.activation)}` : "");
+  if (n.kind === "logit") {  // the logit's token above its box, slanted so that neighbours do not overlap
+    const lab = JSON.stringify(String(n.label == null ? n.id : n.label)), [x, y] = pos[i];
+    el("text", {x: x - 2, y: y - 9, "font-size": 11, fill: "#252", transform: `rotate(-60 ${x - 2} ${y - 9})`, class: "agv-logit-label"}, gN).textContent = lab.length > 10 ? lab.slice(0, 9) + "…" : lab;
+  }
   g.addEventListener("mouseenter", () => light(i));
   g.addEventListener("mouseleave", () => light(null));
   g.addEventListener("click", () => select(n.id));
   return g;
 });
+// the row labels stay at the frame's left edge however far it scrolls (drawn last: over the nodes)
+const gRows = el("g", {class: "agv-rowlabels", "pointer-events": "none"});
+rowNames.forEach((name, r) => {
+  el("rect", {x: 0, y: rowY(r) - 8, width: left - 8, height: 16, fill: "#fff", opacity: 0.85}, gRows);
+  el("text", {x: 4, y: rowY(r) + 4, "font-size": 11, fill: "#666"}, gRows).textContent = name;
+});
+const box = svg.parentElement, stick = () => gRows.setAttribute("transform", `translate(${box.scrollLeft},0)`);
+box.addEventListener("scroll", stick);
 // open on the output: a graph wider than its frame scrolls so that the attributed logits are in view
 (() => {
-  const box = svg.parentElement, xs = nodes.map((n, i) => n.kind === "logit" ? pos[i][0] : null).filter(x => x !== null);
-  if (box && xs.length && W > box.clientWidth) box.scrollLeft = Math.max(0, (Math.min(...xs) + Math.max(...xs)) / 2 - box.clientWidth / 2);
+  const xs = nodes.map((n, i) => n.kind === "logit" ? pos[i][0] : null).filter(x => x !== null);
+  if (xs.length && W > box.clientWidth) box.scrollLeft = Math.max(0, (Math.min(...xs) + Math.max(...xs)) / 2 - box.clientWidth / 2);
+  stick();
 })();
 function light(i) {
   svg.classList.toggle("hovering", i !== null);
@@ -169,7 +182,7 @@ function select(id) {
     .map(k => `<tr><td class="l">${esc(nodes[edges[k][end]].label || nodes[edges[k][end]].id)}</td><td>${fmt(edges[k][2])}</td></tr>`).join("");
   const isPinned = pinned.includes(id);
   side.innerHTML = `<div class="card"><b>${esc(n.label || n.id)}</b><div class="muted">${esc(n.id)} · ${n.kind} · layer ${esc(n.kind === "input" ? "inputs" : n.kind === "logit" ? "logits" : DATA.layer_names[n.layer])} · position ${esc(n.ctx_label || n.pos)}</div>
-    <table><tr><th class="l">activation</th><td>${fmt(n.activation)}</td></tr><tr><th class="l">influence (cumulative)</th><td>${fmt(n.influence)}</td></tr>
+    <table><tr><th class="l">activation</th><td>${fmt(n.activation)}</td></tr>${n.kind === "logit" ? "" : (n.influence_raw != null ? `<tr><th class="l">influence</th><td>${fmt(n.influence_raw)}</td></tr>` : "") + `<tr><th class="l">cumulative influence share (lower: more influential)</th><td>${fmt(n.influence)}</td></tr>`}
     ${n.probability != null ? `<tr><th class="l">probability</th><td>${fmt(n.probability)}</td></tr>` : ""}</table>
     <button id="agv-pinbtn">${isPinned ? "Unpin" : "Pin"}</button></div>
     <div class="card"><b>Strongest inputs</b><table>${list(ins[i], 0) || "<tr><td class='l muted'>none kept</td></tr>"}</table>
@@ -250,6 +263,16 @@ sync();
 """  # noqa: E501
 
 
+AXES = {  # what the drawing's rows and columns are, under it
+    "lm": "Rows: layers (token embeddings at the bottom, logits at the top); columns: token positions. Nodes in a "
+    "cell are ordered by influence, the most influential on the left; hover a node for its influence, click it for "
+    "its card.",
+    "cnn": "Rows: stages (pixels at the bottom, the logit at the top); columns: the x of each node's receptive-field "
+    "centre, in pixels of the input image (px). Nodes in a cell are ordered by influence, the most influential on the "
+    "left; hover a node for its influence, click it for its card.",
+}
+
+
 def graph_page(data: dict, circuit_tracer: dict, title: str, summary_html: str = "", sections_html: str = "") -> str:
     """The whole viewer page for a graph record ``data`` (mechscope's graph JSON) and its circuit-tracer export.
     ``summary_html`` goes above the drawing, ``sections_html`` (``<h2>`` sections: scores, checks...) below it."""
@@ -277,6 +300,7 @@ def graph_page(data: dict, circuit_tracer: dict, title: str, summary_html: str =
 <input id="agv-label" placeholder="supernode label"> <button id="agv-group">Group ticked nodes</button>
 <div id="agv-msg" class="agv-err"></div></div></div>
 </div>
+<p class="muted">{AXES.get(data.get("kind"), "")}</p>
 <pre id="agv-state" hidden></pre>
 </div>
 {sections_html}
@@ -288,7 +312,7 @@ def graph_page(data: dict, circuit_tracer: dict, title: str, summary_html: str =
 # ---- the sections around the drawing (both wings) -------------------------------------------------------
 
 
-def _f(x, digits: int = 4) -> str:
+def number_text(x, digits: int = 4) -> str:
     if x is None:
         return "—"
     if isinstance(x, float):
@@ -298,10 +322,11 @@ def _f(x, digits: int = 4) -> str:
     return H.escape(str(x))
 
 
-def _table(cols: list[str], rows: list[list], left: int = 1) -> str:
+def table_html(cols: list[str], rows: list[list], left: int = 1) -> str:
     head = "".join(f'<th class="{"l" if i < left else ""}">{H.escape(c)}</th>' for i, c in enumerate(cols))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_f(v)}</td>' for i, v in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{number_text(v)}</td>' for i, v in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -320,14 +345,14 @@ def summary_html(d: dict, lead: str = "") -> str:
     exact = []
     if "logits_max_abs_diff" in e:
         exact.append(
-            f"replacement model's logits vs the model's: max |difference| {_f(e['logits_max_abs_diff'], 3)} "
-            f"(largest logit {_f(e.get('logit_scale'), 3)})"
+            f"replacement model's logits vs the model's: max |difference| {number_text(e['logits_max_abs_diff'], 3)} "
+            f"(largest |logit| {number_text(e.get('logit_scale'), 3)})"
         )
     if "edges_max_abs_error" in e:
         exact.append(
             f"{e['edges_sources_checked']} sources scaled by 2 in the frozen model: every computed target "
-            f"moved by its edge to {_f(e['edges_max_abs_error'], 3)} (the largest of those sources' edges "
-            f"{_f(e['edges_largest'], 3)})"
+            f"moved by its edge to {number_text(e['edges_max_abs_error'], 3)} (the largest of those sources' edges "
+            f"{number_text(e['edges_largest'], 3)})"
         )
     return (
         f"{lead}<p><b>Attributed logits:</b> {tl}.</p>"
@@ -335,8 +360,9 @@ def summary_html(d: dict, lead: str = "") -> str:
         f"{c['backward_passes']:,} backward passes), {c['error_nodes']:,} error nodes ({kept_errors:,} kept by the "
         f"pruning), {c['input_nodes']:,} inputs; "
         f"pruned to {c['nodes_pruned']:,} nodes and {c['edges_pruned']:,} edges (node threshold "
-        f"{_f(d['settings'].get('node_threshold'))}, edge threshold {_f(d['settings'].get('edge_threshold'))}).</p>"
-        + _table(["score", "whole graph", "pruned graph"], rows)
+        f"{number_text(d['settings'].get('node_threshold'))}, edge threshold "
+        f"{number_text(d['settings'].get('edge_threshold'))}).</p>"
+        + table_html(["score", "whole graph", "pruned graph"], rows)
         + f"<p class='muted'>{SCOPE.get(d.get('kind'), '')}</p>"
         + ("<p class='muted'>" + "; ".join(exact) + ".</p>" if exact else "")
     )
@@ -345,136 +371,15 @@ def summary_html(d: dict, lead: str = "") -> str:
 # what a graph holds fixed, so what its scores cannot show (the completeness score counts error nodes, not this)
 SCOPE = {
     "lm": "The graph is linear in its sources because the prompt's attention patterns and normalisation scales are "
-    "frozen: it traces what flows through the heads (OV), not what set their patterns (QK). The completeness score "
-    "measures the influence that error nodes do not carry, not whether the pattern-setting computation is here; lm "
-    "graph --qk attributes a head's pattern.",
-    "cnn": "The graph is linear in its sources because the image's ReLU and max-pool gates are frozen: an "
-    "intervention that opens or closes gates can move the model less (or more) than the graph predicts (the "
-    "interventions of --check, --ablate and --steer measure both).",
+    "frozen, the error nodes fixed and each transcoder's active set (which of its features are active on the prompt) "
+    "held fixed: an intervention that switches features downstream on or off, moves where heads attend or changes "
+    "the error nodes can move the model less (or more, or the other way) than the graph predicts (the Interventions "
+    "section measures each in turn). The graph traces what flows through the heads (OV), not what set their patterns "
+    "(QK). The completeness score measures the influence that error nodes do not carry, not whether the "
+    "pattern-setting computation is here; lm graph --qk attributes a head's pattern.",
+    "cnn": "The graph is linear in its sources because the image's ReLU and max-pool gates are frozen, the error nodes "
+    "fixed and each dictionary's active set (which of its features are active on the image) held fixed: an "
+    "intervention that opens or closes gates, switches features downstream on or off or changes the error nodes can "
+    "move the model less (or more, or the other way) than the graph predicts (the Interventions section measures "
+    "each in turn).",
 }
-
-
-def _prediction_gaps(checks: list[dict], factor: float = 2.0) -> list[str]:
-    """A sentence for each intervention whose graph prediction of the first logit and the model's measured change
-    differ by more than ``factor`` (or in sign)."""
-    out = []
-    for chk in checks:
-        r = chk["logits"][0] if chk.get("logits") else {}
-        pred, model = r.get("predicted_full"), r.get("model")
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (pred, model)) or pred == model == 0:
-            continue
-        if pred * model < 0 or max(abs(pred), abs(model)) > factor * min(abs(pred), abs(model)):
-            out.append(f"{chk['description']}: the graph predicts {pred:+.4g} for {r.get('label')!r}, the model "
-                       f"moves {model:+.4g} ({_ratio(pred, model)}): the frozen parts the graph holds fixed change "
-                       "under this intervention.")  # fmt: skip
-    return out
-
-
-def _ratio(pred: float, model: float) -> str:
-    if pred * model < 0:
-        return "the opposite sign"
-    if model == 0:
-        return "the model does not move"
-    return f"{abs(pred / model):.1f}× the measured change"
-
-
-def _paths_html(p: dict, nodes: list[dict]) -> str:
-    """One target's inputs split by the attention head that carried them (an ``EdgePaths`` record)."""
-    from mechscope.core.attribution_graph.graph import target_title
-
-    name = H.escape(target_title(p["target"], p.get("label", "")))
-    by_id = {n["id"]: n for n in nodes}
-
-    def source(i: str) -> str:  # an input by its token, a feature or error by its label and the token it sits on
-        n = by_id.get(i)
-        if n is None:
-            return i
-        if n["kind"] == "input":
-            return f"{n.get('label', '')!r} at position {n['pos']} ({i})"
-        return f"{n.get('label', i)} at position {n['pos']}, {n.get('ctx_label', '')!r} ({i})"
-
-    heads = [[h["head"], h["total"], h["abs"]] for h in p["heads"] if h["abs"] > 0][:8]  # heads that carried any
-    rows = [
-        [source(r["source"]), r["edge"], r["direct"], "; ".join(f"{k} {v:+.3f}" for k, v in r["via"].items()) or "—"]
-        for r in p["rows"]
-    ]
-    return (
-        f"<h2>Inputs of {name} by the head that carried them</h2>"
-        "<p>Each input's edge into the target split exactly into the part written at the target's position "
-        "(direct) and the part each attention head carried there (its output at that position read through the "
-        "target's readout, one backward pass per head): edge = direct + the heads' parts (the table gives each "
-        "input's five largest). An input at another position has no direct part; the largest found is "
-        f"{_f(p['max_abs_residual'], 2)}.</p>"
-        "<div style='display:flex;gap:1em;flex-wrap:wrap'>"
-        f"<div><b>Heads, summed over every input</b>{_table(['head', 'total', 'sum of |parts|'], heads)}</div>"
-        f"<div><b>The strongest inputs</b>{_table(['input', 'edge', 'direct', 'via heads'], rows)}</div></div>"
-    )
-
-
-def sections_html(d: dict, extra: str = "") -> str:
-    """Interventions, QK attributions, edge paths, dictionaries and settings of a graph record, as ``<h2>``
-    sections."""
-    out = []
-    if d.get("checks"):
-        rows = []
-        for chk in d["checks"]:
-            for r in chk["logits"][:3]:
-                rows.append(
-                    [
-                        chk["description"],
-                        r.get("label"),
-                        r.get("predicted_full"),
-                        r.get("predicted_pruned"),
-                        r.get("frozen"),
-                        r.get("recomputed"),
-                        r.get("model"),
-                    ]
-                )
-        notes = "".join(f"<li>{H.escape(n)}</li>" for n in _prediction_gaps(d["checks"]))
-        out.append(
-            "<h2>Interventions</h2><p>Change of each attributed logit (minus the mean logit): predicted by the "
-            "graph (every computed edge; the pruned graph alone) and measured (frozen: nonlinearities frozen, "
-            "features downstream re-encoded; recomputed: everything live; model: the original network with the "
-            "decoder change added).</p>"
-            + _table(
-                ["intervention", "logit", "graph (all)", "graph (pruned)", "frozen", "recomputed", "model"], rows, 2
-            )
-            + (f"<ul>{notes}</ul>" if notes else "")
-        )
-    for q in d.get("qk", []):
-
-        def side(items):
-            return _table(["part", "score"], [[i["label"], i["score"]] for i in items])
-
-        wpairs = _table(["query", "key", "score"], [[p["query"], p["key"], p["score"]] for p in q["writer_pairs"]], 2)
-        spairs = _table(["query", "key", "score"], [[p["query"], p["key"], p["score"]] for p in q["pairs"]], 2)
-        out.append(
-            f"<h2>QK attribution: head {q['layer']}.{q['head']}, query {q['query_pos']} → key {q['key_pos']}</h2>"
-            f"<p>Attention {q['pattern']:.3f}, score {q['score']:.3f} (scaled q·k); the parts and the bias terms "
-            f"add up to it within {_f(q['max_abs_residual'], 2)}.</p>"
-            "<div style='display:flex;gap:1em;flex-wrap:wrap'>"
-            f"<div><b>Query side, by writer</b>{side(q['query_writers'])}</div>"
-            f"<div><b>Key side, by writer</b>{side(q['key_writers'])}</div>"
-            f"<div><b>Pairs of writers</b>{wpairs}</div>"
-            f"<div><b>Query side, by source</b>{side(q['query_sources'])}</div>"
-            f"<div><b>Key side, by source</b>{side(q['key_sources'])}</div>"
-            f"<div><b>Pairs of sources</b>{spairs}</div></div>"
-        )
-    out += [_paths_html(p, d["nodes"]) for p in d.get("paths", [])]
-    dic = d.get("dictionaries", {})
-    if dic:
-        rows = [
-            [k, v if not isinstance(v, list) else ", ".join(map(str, v[:8])) + (" …" if len(v) > 8 else "")]
-            for k, v in dic.items()
-            if k != "quality" and v not in ([], "", None)  # an empty entry (no paths: built here) says nothing
-        ]
-        q = dic.get("quality")
-        qual = ""
-        if q:
-            qual = _table(list(q[0].keys()), [list(r.values()) for r in q], 1)
-        out.append("<h2>Dictionaries</h2>" + _table(["", ""], rows) + qual)
-    out.append(extra)
-    st = [[k, v if not isinstance(v, (list, dict)) else str(v)[:80]] for k, v in d["settings"].items()]
-    st += [[f"seconds: {k}", v] for k, v in d.get("seconds", {}).items()]
-    out.append("<h2>Settings and timings</h2>" + _table(["", ""], st))
-    return "".join(out)

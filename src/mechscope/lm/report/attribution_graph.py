@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import html as H
 
-from mechscope.core.render.graph_viewer import graph_page, sections_html, summary_html
+from mechscope.core.render.graph_sections import sections_html
+from mechscope.core.render.graph_viewer import graph_page, summary_html
 
 
 def page(graph, slug: str = "graph") -> str:
