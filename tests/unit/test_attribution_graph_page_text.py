@@ -165,3 +165,13 @@ def test_the_settings_leave_the_image_pixels_to_the_json():
     text = gs.sections_html({"nodes": [], "settings": {"image_pixels": pixels, "grids": [[12, 12]]}})
     assert "0.0, 0.0" not in text and "the image above (its grey values are in graph.json)" in text
     assert "[[12, 12]]" in text
+
+
+def test_a_graph_checks_itself_through_the_nonlinearities_too():
+    from mechscope.core.attribution_graph.checks import asked_interventions, auto_features
+
+    feats = [{"id": "1_18_4", "layer": 1}, {"id": "1_3_2", "layer": 1}, {"id": "0_7_5", "layer": 0}]
+    assert auto_features(feats) == ["1_18_4", "0_7_5"]  # the last stage's reaches the logit linearly: exact
+    assert auto_features(feats[2:]) == ["0_7_5"] and auto_features([]) == []
+    done = asked_interventions(lambda nodes, **kw: nodes, feats, True, ablate=[["1_3_2"]])
+    assert done == [["1_18_4"], ["0_7_5"], ["1_3_2"]]

@@ -288,14 +288,30 @@ def check_asked(ablate=None, steer=None) -> None:
         raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")
 
 
+def auto_features(features: list[dict]) -> list[str]:
+    """The features a graph checks itself on unasked (``features`` most influential first): the most influential,
+    and, where that one is not in the earliest layer with features, that layer's most influential too. A feature of
+    the last layer reaches the logits through a linear read-out, where the graph is exact by construction; one of
+    the first layer reaches them through every later nonlinearity, which the graph holds fixed, so only it can
+    disagree."""
+    if not features:
+        return []
+    first = min(f["layer"] for f in features)
+    picks = [features[0]["id"]]
+    if features[0]["layer"] != first:
+        picks.append(next(f["id"] for f in features if f["layer"] == first))
+    return picks
+
+
 def asked_interventions(intervene_on, features: list[dict], auto: bool, ablate=None, steer=None) -> list:
-    """The interventions a graph command was asked for, in order: with ``auto`` the graph's first feature ablated,
-    then each group of ``ablate`` (node ids) ablated, then each ``(node, value)`` of ``steer`` set to its value.
-    ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on its graph and replacement model."""
+    """The interventions a graph command was asked for, in order: with ``auto`` the features of
+    :func:`auto_features` ablated one at a time, then each group of ``ablate`` (node ids) ablated, then each
+    ``(node, value)`` of ``steer`` set to its value. ``intervene_on(nodes, **kw)`` is the wing's :func:`intervene` on
+    its graph and replacement model."""
     check_asked(ablate, steer)
     checks = []
-    if auto and features:
-        checks.append(intervene_on([features[0]["id"]]))
+    for node in auto_features(features) if auto else []:
+        checks.append(intervene_on([node]))
     for group in ablate or []:
         checks.append(intervene_on(group))
     for node, value in steer or []:

@@ -168,9 +168,10 @@ def graph_model(
     """The attribution graph of a prompt, checked, with interventions, QK attributions and dashboards; written to
     ``out`` when given. ``model``: a name (``smollm2``, a folder) or a ``HookedTransformer``; ``qk``: heads
     ``(layer, head[, query_pos[, key_pos]])``; ``ablate``: lists of node ids to ablate together; ``steer``: (node,
-    value); ``auto_intervention``: ablate the most influential feature too; ``dashboards``: top-example cards for
-    the most influential feature nodes, from ``examples`` tokens of text; ``crosslayer``: with ``train_tokens``,
-    train one cross-layer transcoder instead of per-layer ones (a folder's CLT layout is detected on its own);
+    value); ``auto_intervention``: ablate the most influential feature (and the first layer's) too;
+    ``dashboards``: top-example cards for the most influential feature nodes, from ``examples`` tokens of text;
+    ``crosslayer``: with ``train_tokens``, train one cross-layer transcoder instead of per-layer ones (a folder's
+    CLT layout is detected on its own);
     ``device``, ``dtype``, ``revision``: as ``load_model`` takes them, for a model given by name."""
     from mechscope.lm.models.convert.tracr import vocab_tokenizers
     from mechscope.lm.models.transformer import HookedTransformer
