@@ -161,30 +161,21 @@ def test_circuit_channels_meet_explains_criterion_and_are_one_minimal():
         assert all(margin([c for c in chosen if c != drop], d) < 0 for drop in chosen) or len(chosen) == 1
 
 
-def test_featvis_panels_reused_only_from_the_same_weights(tmp_path):
-    from mechscope.cnn.methods import featvis as FV
-    from mechscope.cnn.pipelines.universality import featvis_panels
-    from mechscope.core.outputs import write_json
-    from tests.records import featvis_record
-
-    net, x = _net(2), _images(30)
-    spec = walk(net)
-    maxima = FV.dataset_means_max(net, x, ["conv1.hook_post"])["conv1.hook_post"]
-    fv = tmp_path / "featvis"
-    (fv / "units").mkdir(parents=True)
-    (fv / "units" / "conv1_0.png").write_bytes(b"png")
-    rows = [("conv1.hook_post", u, float(maxima[u])) for u in range(2)]
-    write_json(fv / "featvis.json", featvis_record(rows).to_dict())
-    assert featvis_panels(fv, spec, x) == {("conv1", 0): fv / "units" / "conv1_0.png"}  # unit 1 has no PNG
-    assert featvis_panels(fv, walk(_net(3)), x) == {}  # other weights: rendered instead
-    assert featvis_panels(tmp_path / "none", spec, x) == {}
-    # with the weights hash cnn visualize records, the hash decides
+def test_featvis_images_reused_only_from_the_same_weights_and_whole_stages(tmp_path):
+    from mechscope.cnn.methods import blocks_vis as V
+    from mechscope.cnn.pipelines.universality import featvis_images
     from mechscope.cnn.runs import weights_hash
 
-    rows[0] = ("conv1.hook_post", 0, 123.0)
-    write_json(fv / "featvis.json", featvis_record(rows, weights_hash(net)).to_dict())
-    assert featvis_panels(fv, spec, x, weights_hash(net)) == {("conv1", 0): fv / "units" / "conv1_0.png"}
-    assert featvis_panels(fv, spec, x, weights_hash(_net(3))) == {}
+    net = _net(2)
+    spec = walk(net)
+    fv = tmp_path / "featvis"
+    fv.mkdir()
+    imgs = torch.rand(6, 1, 28, 28)
+    V.save_channel_images(fv / V.CHANNEL_IMAGES, weights_hash(net), {"conv1.hook_post": imgs})  # conv1 only
+    found = featvis_images(fv, spec, weights_hash(net))
+    assert set(found) == {("conv1", u) for u in range(6)} and torch.equal(found[("conv1", 5)], imgs[5])  # conv2: here
+    assert featvis_images(fv, spec, weights_hash(_net(3))) == {}  # other weights: rendered instead
+    assert featvis_images(tmp_path / "none", spec, weights_hash(net)) == {} and featvis_images(fv, spec, "") == {}
 
 
 def test_explain_circuits_reused_only_from_the_same_weights_and_images(tmp_path):

@@ -21,7 +21,7 @@ from mechscope.cnn.models.cnn import CNN
 from mechscope.cnn.models.spec import walk
 from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.errors import MechscopeError
-from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, check_target, read_linked, same_weights, write_json
+from mechscope.core.outputs import atomic_output, check_target, read_linked, write_json
 from mechscope.core.torch_utils import Timer, counting, torch_threads
 from mechscope.core.validate import check_threads
 
@@ -226,14 +226,14 @@ def unit_images(shown, specs, loaded, labels, data, feats, steps: int) -> tuple[
     vrange = (min(0.0, float(x_all.min())), max(1.0, float(x_all.max())))
     images, sources = {}, {}
     for lab, run in zip(labels, loaded, strict=True):
-        panels = featvis_panels(run.path / "featvis", specs[lab], x_all, getattr(run, "weights_sha256", ""))
+        panels = featvis_images(run.path / "featvis", specs[lab], getattr(run, "weights_sha256", ""))
         todo = sorted(u for u in need[lab] if u not in panels)
-        images.update({(lab, *u): ("png", panels[u]) for u in need[lab] if u in panels})
+        images.update({(lab, *u): panels[u] for u in need[lab] if u in panels})
         if todo:
             assign = [(f"{st}.hook_post", u) for st, u in todo]
             obj = FV.units_objective(assign) - FV.total_variation()
             rendered = FV.render(specs[lab].model, obj, len(assign), steps, "fourier", seed=0, value_range=vrange)
-            images.update({(lab, *u): ("image", rendered.images[i]) for i, u in enumerate(todo)})
+            images.update({(lab, *u): rendered.images[i] for i, u in enumerate(todo)})
         sources[lab] = (
             "cnn visualize (RUN/featvis)"
             if panels and not todo
@@ -242,34 +242,17 @@ def unit_images(shown, specs, loaded, labels, data, feats, steps: int) -> tuple[
     return images, sources
 
 
-def featvis_panels(fv: Path, spec, x_all, digest: str = "") -> dict:
-    """(stage, unit) -> the unit's panel PNG of `cnn visualize`, when it was made from these weights: by the weights
-    hash featvis.json records, or (older outputs without one) by its maxima over the test images."""
-    from mechscope.cnn.methods.visualised import FeatvisResult
+def featvis_images(fv: Path, spec, digest: str) -> dict:
+    """(stage, unit) -> the unit's maximising image from ``cnn visualize`` (its ``channel_images.npz``, saved for the
+    stages it visualised whole), when made from these weights: the same kind of image as one rendered here, so the
+    two networks' columns compare (its whole panel, beside its top images, is unreadable at this size)."""
+    from mechscope.cnn.methods import blocks_vis as V
 
-    found, why = read_linked(fv / FeatvisResult.FILE, FeatvisResult)
-    if found is None:
-        return {}
-    rows = [u for u in found.units if u.layer.startswith("conv")]
-    layers = sorted({u.layer for u in rows})
-    if not rows or any(lay not in spec.hook_names() for lay in layers):
-        return {}
-    if digest and found.weights_sha256 is not None:
-        ok, why = same_weights({WEIGHTS_KEY: found.weights_sha256}, digest)
-    else:
-        maxima = FV.dataset_means_max(spec.model, x_all, layers)
-        ok = all(abs(float(maxima[u.layer][u.unit]) - u.dataset_max) <= 1e-4 * max(1.0, abs(u.dataset_max))
-                 for u in rows)  # fmt: skip
-        why = "its maxima over the test images are another network's"
-    if not ok:
-        log.warning("%s: not made from these weights (%s); feature visualisations are rendered here", fv, why)
-        return {}
     out = {}
-    for u in rows:
-        stage = u.layer.split(".")[0]
-        png = fv / "units" / f"{stage}_{u.unit}.png"
-        if png.is_file():
-            out[(stage, u.unit)] = png
+    for s in spec.stages:
+        found = V.load_channel_images(fv / V.CHANNEL_IMAGES, digest, {s.hook_post: s.out_channels}) if digest else None
+        if found:
+            out.update({(s.name, u): img for u, img in enumerate(found[s.hook_post])})
     return out
 
 

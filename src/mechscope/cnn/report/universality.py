@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from mechscope.cnn.methods.circuits import class_means
+from mechscope.cnn.methods.circuits import class_means, selectivity_index
 from mechscope.cnn.report.figures import to_display
 from mechscope.core.render.figures import subplots
-from mechscope.core.render.html import array_uri, figure_data_uri, file_uri, render
+from mechscope.core.render.html import array_uri, figure_data_uri, render
 
 P_ABOVE = 0.05  # a stage's trained best matches are "above" the random baseline at this one-sided p
 
@@ -193,18 +194,18 @@ def cka_figure(result) -> str:
 
 
 def unit_view(label, stage, unit, vis, feats, x, y, class_names, vrange, k: int = 4) -> dict:
-    kind, value = vis[(label, stage, unit)]
-    vis_uri = file_uri(value) if kind == "png" else array_uri(to_display(value[None], vrange)[0], 3)
+    vis_uri = array_uri(to_display(vis[(label, stage, unit)][None], vrange)[0], 3)
     top = feats[label].maxima[stage][:, unit].topk(min(k, len(y))).indices
     strip = np.concatenate(list(to_display(x[top], vrange)), axis=1)  # side by side
     profile = class_means(feats[label].means[stage][:, unit : unit + 1], y, len(class_names))[0].numpy()
     top_abs = float(np.abs(profile).max()) or 1.0
     return {
-        "label": label, "stage": stage, "unit": unit, "vis": vis_uri, "vis_panel": kind == "png",
+        "label": label, "stage": stage, "unit": unit, "vis": vis_uri,
         "examples": array_uri(strip, 2), "example_labels": [class_names[int(y[i])] for i in top],
         "profile": [{"name": n, "value": float(v), "height": round(100 * abs(float(v)) / top_abs, 1)}
                     for n, v in zip(class_names, profile, strict=True)],
         "preferred": class_names[int(profile.argmax())],
+        "selectivity": float(selectivity_index(torch.as_tensor(profile)[None])[0]),
     }  # fmt: skip
 
 
