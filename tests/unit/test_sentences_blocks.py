@@ -40,6 +40,8 @@ def test_a_group_share_says_of_what():
 def test_exact_and_estimated_flows_say_which():
     lines = B.summary_lines(make_result())
     cat = next(s for s in lines if s.startswith("Logit cat"))
+    why = next(s for s in lines if s.startswith("Logits followed"))
+    assert "the 2 that conv2 contributes most to (measured, as is minus set to zero): " in why  # why these logits
     assert "(exact here: groups + residual equal the measured contribution)" in cat
     assert "conv2 group 1 +2.00 (measured, as is minus removed alone: +2.00)" in cat
     assert "(the logit as it is minus the logit with conv2 set to zero;" in cat  # a positive contribution raises it

@@ -105,12 +105,16 @@ def completeness_line(f) -> str:
 def summary_lines(r) -> list[str]:
     lines = [selection_line(r)] + [layer_line(lb) for lb in r.layers]
     if not r.settings.get("typical"):
-        lines += [class_flow_line(r, c) for c in shown_classes(r)]
+        f, shown = _flow_to_classes(r), shown_classes(r)
+        lines.append(f"Logits followed here and in the flow figure: the {len(shown)} that {f.source} contributes most "
+                     "to (measured, as is minus set to zero): "
+                     + ", ".join(f"{r.class_names[c]} {f.actual_change[c]:+.2f}" for c in shown) + ".")
+        lines += [class_flow_line(r, c) for c in shown]
     else:
         lines.append("Towards each class (mean over its typical images): " + "; ".join(
             f"{r.class_names[c]}: {_top_group(r, c)}" for c in range(len(r.class_names)))
             + " (the group with the largest gradient × activation towards each class; "
-            + ("exact here: groups + residual equal the measured change)." if is_exact(_flow_to_classes(r))
+            + ("exact here: groups + residual equal the measured contribution)." if is_exact(_flow_to_classes(r))
                else "a first-order estimate through the non-linearities)."))  # fmt: skip
     lines += [pair_line(f) for f in r.flows if f.target != "logits"]
     lines += [completeness_line(f) for f in r.flows]
@@ -172,7 +176,7 @@ def group_rows(r, spec, lb, x_test, vrange) -> list[dict]:
         ex = BF._disp(x_test[lb.example_images[k]], vrange)
         chans = ", ".join(f"ch {int(t)}" for t in top)
         heat = to_input(maps[..., k], spec.stage(lb.stage), x_test.shape[2:])
-        rows.append({"label": f"group {k + 1}\n{_pct(g.share[k])}\n{chans}", "image": imgs[k], "map": heat,
+        rows.append({"label": f"group {k + 1}\n{_pct(g.share[k])} of the norm²\n{chans}", "image": imgs[k], "map": heat,
                      "examples": ex, "boxes": lb.example_boxes[k].tolist()})  # fmt: skip
     return rows
 
@@ -192,7 +196,8 @@ def flow_figure(r, vrange) -> str:
             if abs(a[i, j]) >= LINK_MIN * top:
                 links.append({"col": col, "src": i, "dst": j, "value": float(a[i, j]), "width": abs(a[i, j]) / top})
     title = ("attribution (gradient × activation along each group) between the groups of adjacent stages and to the "
-             "classes; red for, blue against; widths scaled per column pair")  # fmt: skip
+             f"classes\nred for, blue against; widths scaled per column pair; links under {LINK_MIN:.0%} of the "
+             "pair's strongest left out")  # fmt: skip
     return BF.flow_fig(columns, links, title)
 
 

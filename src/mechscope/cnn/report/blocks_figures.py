@@ -55,7 +55,9 @@ def grid_fig(rows: list[dict], grid, stage: str, crop, size: int = 224) -> str:
         panels.append([image, np.asarray(big, dtype=np.float64) / 255])
         labels.append(row["label"])
     y0, y1, x0, x1 = crop
-    titles = [["input, split into the grid's cells", "activation grid"]] + [[]] * (len(rows) - 1)
+    first = "input in equal parts, one per cell\n(a guide: receptive fields are larger and overlap)"
+    titles = [[first, "activation grid"]]
+    titles += [[]] * (len(rows) - 1)
     return panel_fig(panels, labels, titles, f"{stage}: each cell's activation vector visualised\n"
                      f"({y1 - y0}×{x1 - x0}-pixel receptive field; faded by ‖vector‖)", label_width=0.9,
                      panel_inches=3.2)  # fmt: skip
