@@ -87,3 +87,16 @@ def test_the_microscope_sentence_counts_labels_driven_harder_elsewhere():
     assert T.microscope_sentence(linked).endswith(
         " 1 of the 2 respond more strongly to a family they are not sharply tuned to (their sections say which), so a "
         "label is the sharpest well-driven tuning, not the strongest response.")
+
+
+def test_a_size_unit_peaking_at_the_largest_radius_says_the_stimuli_end_first():
+    from dataclasses import replace
+
+    r = make_result()
+    blob = {"blob": {"response": 0.9, "drive": 0.9, "sharpness": 0.0, "sharpness_kind": "size fall-off",
+                     "sharp": False, "at_largest_radius": True}}  # fmt: skip
+    unit3 = replace(r.stages[0].units[3], preferred=Stimulus("blob", radius=6.5), family_best=blob)
+    r = replace(r, stages=(replace(r.stages[0], units=(*r.stages[0].units[:3], unit3)),))
+    line = next(s for s in T.summary_lines(r) if "not tuned to these stimuli:" in s)
+    assert line.endswith("; 1 of them respond most to a blob or loop at the largest radius drawn, so the stimuli end "
+                         "before any fall-off could show.")

@@ -351,11 +351,14 @@ def unit_tuning(stage: str, c: int, stim: StimulusSet, grid: _Settings, r_max, r
             k = size.x.index(stim.stimuli[i].radius)
             kind, sharp_v = "size fall-off", size_falloff(size.response, k)
             sharp = sharp_v >= FALLOFF_MIN
+            largest = k == len(size.x) - 1  # no larger radius drawn: the fall-off is 0 by definition
         else:
             kind, sharp_v = "circular variance", next(cv for cv in fc if cv.axis == "angle").circular_variance
             sharp = sharp_v <= CV_MAX
         family_best[family] = {"response": value, "drive": drive, "sharpness": sharp_v, "sharpness_kind": kind,
                                "sharp": bool(sharp), "image": i}  # fmt: skip
+        if family in SIZE_FAMILIES:
+            family_best[family]["at_largest_radius"] = bool(largest)
     top = max(families, key=lambda f: family_best[f]["response"])
     passing = [f for f in families if family_best[f]["sharp"] and family_best[f]["drive"] >= DRIVE_MIN]
     chosen = max(passing, key=lambda f: family_best[f]["response"]) if passing else None
@@ -376,7 +379,9 @@ def unit_tuning(stage: str, c: int, stim: StimulusSet, grid: _Settings, r_max, r
             if not fb["sharp"]:
                 op = ">" if fb["sharpness_kind"] == "circular variance" else "<"
                 limit = CV_MAX if fb["sharpness_kind"] == "circular variance" else FALLOFF_MIN
-                fails.append(f"{fb['sharpness_kind']} {fb['sharpness']:.2f} {op} {limit}")
+                fails.append(f"{fb['sharpness_kind']} {fb['sharpness']:.2f} {op} {limit}"
+                             + (" (it responds most at the largest radius drawn: bigger is better up to there)"
+                                if fb.get("at_largest_radius") else ""))  # fmt: skip
             if fb["drive"] < DRIVE_MIN:
                 fails.append(f"drive {fb['drive']:.3f} < {DRIVE_MIN}")
             reason = f"preferred family {top}: " + ", ".join(fails)

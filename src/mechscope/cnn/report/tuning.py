@@ -180,6 +180,7 @@ def summary_lines(r, n_named: int = 10) -> list[str]:
             f"tuned (circular variance above {CV_MAX} or size fall-off below {FALLOFF_MIN}) and {weak} are driven to "
             f"less than {DRIVE_MIN:g} of their test-set maximum (a unit can be both)"
             + (f"; {silent} never respond to a test image" if silent else "")
+            + _largest_radius(untuned)
             + "."
         )
     lines.append(
@@ -208,6 +209,14 @@ def _stronger_sentence(tuned, n_named: int) -> list[str]:
         "tuned to, so a label names the unit's sharpest well-driven tuning, not what drives it most (drive of the "
         "labelled family against the strongest other): " + "; ".join(one(u) for u in more[:n_named]) + rest + "."
     ]
+
+
+def _largest_radius(untuned) -> str:
+    """Untuned units whose preferred family is a size one and peaks at the largest radius drawn (fall-off 0 by
+    definition: the stimuli stop before the unit's response does)."""
+    n = sum(1 for u in untuned if (u.family_best.get(u.preferred.family) or {}).get("at_largest_radius"))
+    return (f"; {n} of them respond most to a blob or loop at the largest radius drawn, so the stimuli end before "
+            "any fall-off could show") if n else ""
 
 
 def _sharpest_first(u) -> tuple:
