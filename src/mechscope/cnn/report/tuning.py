@@ -98,7 +98,7 @@ def unit_figure(u) -> Figure:
 
 def stage_figure(stage) -> Figure:
     """Sharpness against drive for every unit of a stage, with the thresholds: the labelled corner shaded."""
-    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
+    fig = Figure(figsize=(6.0, 3.4), layout="constrained")
     ax = fig.add_subplot()
     for u in stage.units:
         fb = u.family_best[u.label_family or u.preferred.family]
@@ -120,7 +120,7 @@ def stage_figure(stage) -> Figure:
     ax.set_title(f"{stage.stage}, oriented families: sharpness and drive (labelled: outlined)", fontsize=9)
     handles = [ax.scatter([], [], color=c, s=20, label=NAMES[f]) for f, c in COLOURS.items()
                if f not in ("blob", "ring")]  # fmt: skip
-    ax.legend(handles=handles, fontsize=6, loc="upper left", frameon=False)
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # beside
     return fig
 
 
