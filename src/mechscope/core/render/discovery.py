@@ -127,10 +127,13 @@ def scrub_figure(scrub, title: str = "") -> str:
     names = ["hypothesis"] + [c.name for c in scrub.claims] + (["the unclaimed edges"] if scrub.unclaimed else [])
     vals = [scrub.recovered] + [c.recovered for c in scrub.claims] + (
         [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
+    span = abs(scrub.metric_clean - scrub.metric_random)
+    parts = list(scrub.claims) + ([scrub.unclaimed] if scrub.unclaimed else [])
+    errs = [scrub.recovered_sd] + [c.metric_sd / span if span > 0 else 0.0 for c in parts]  # the table's ± as shares
     width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
     fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
     y = np.arange(len(names))[::-1]
-    ax.barh(y, vals, color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1))
+    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1), ecolor="#333", capsize=2)
     for yi, v in zip(y, vals, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
         ax.text(v, yi, f" {v:.1%}" if v >= 0 else f"{v:.1%} ", va="center", ha="left" if v >= 0 else "right",
                 fontsize=8)  # fmt: skip
@@ -141,7 +144,8 @@ def scrub_figure(scrub, title: str = "") -> str:
     ax.axvline(1.0, color="#999", lw=0.8, ls=":")
     ax.axvline(0.0, color="#555", lw=0.6)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))  # the bars' labels are percentages too
-    ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled)", fontsize=8)
+    ax.set_xlabel("recovered = (scrubbed − resampled) / (clean − resampled); ± sd over the resamplings",
+                  fontsize=8)  # fmt: skip
     ax.set_title(textwrap.fill(title or "causal scrubbing", 80), fontsize=9)
     return figure_data_uri(fig)
 
