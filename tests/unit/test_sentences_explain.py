@@ -196,6 +196,15 @@ def test_patching_says_it_is_measured_and_what_the_share_is_of(lines):
     line = one(lines, "Activation patching from a cat into a dog")
     assert "measured" in line and "of the gap between the two images' logit differences restored" in line
     assert "the whole channels that move it most, one stage at a time: conv2 channel 1 (-60% ± 0)" in line
+    assert "pairs, all there are" not in line  # no --pairs asked for more
+
+
+def test_patching_says_when_there_were_fewer_pairs_than_asked():
+    r = make_result()
+    line = one(S.summarise(replace(r, settings={"n_pairs": 40})), "Activation patching from a cat into a dog")
+    assert (f"({r.patching.pairs} pairs, all there are of correctly classified images of the two classes (--pairs "
+            "asked for 40);") in line
+    assert "all there are" not in one(S.summarise(replace(r, settings={"n_pairs": r.patching.pairs})), "Activation")
 
 
 def test_held_out_images_are_judged_by_the_same_criterion():

@@ -369,9 +369,12 @@ def _patching(r, names) -> str:
         ch, sd = st.channel_mean.numpy(), st.channel_std.numpy()
         b = int(np.abs(ch).argmax())
         whole.append(f"{st.stage} channel {b} ({100 * ch[b]:.0f}% ± {100 * sd[b]:.0f})")
+    asked = (r.settings or {}).get("n_pairs")
+    fewer = (f", all there are of correctly classified images of the two classes (--pairs asked for {asked})"
+             if asked is not None and pt.pairs < asked else "")  # fmt: skip
     return (
         f"Activation patching from {article(names[pt.clean_class])} into {article(names[pt.corrupted_class])} "
-        f"({pt.pairs} pairs; one unit or channel of the {names[pt.clean_class]} image put into the "
+        f"({pt.pairs} pairs{fewer}; one unit or channel of the {names[pt.clean_class]} image put into the "
         f"{names[pt.corrupted_class]} image's forward pass, measured): the single {last.stage} unit that moves the "
         f"logit difference most is channel {u.channel} at ({u.y}, {u.x}) ({100 * u.recovered:.0f}% of the gap between "
         f"the two images' logit differences restored, mean over pairs); the whole channels that move it most, one "

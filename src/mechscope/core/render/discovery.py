@@ -133,7 +133,8 @@ def scrub_figure(scrub, title: str = "") -> str:
     width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
     fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
     y = np.arange(len(names))[::-1]
-    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1), ecolor="#333", capsize=2)
+    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1), ecolor="#333",
+            capsize=2)  # fmt: skip
     for yi, v in zip(y, vals, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
         ax.text(v, yi, f" {v:.1%}" if v >= 0 else f"{v:.1%} ", va="center", ha="left" if v >= 0 else "right",
                 fontsize=8)  # fmt: skip
