@@ -249,3 +249,15 @@ def test_task_settings_a_file_gives_are_checked_against_its_task(capsys, tmp_pat
         code, _, err = run_main(capsys, "lm", "discover", "--model", str(d), "--method", "eap", "--no-curve",
                                 "--out", str(tmp_path / "o"))  # fmt: skip
         assert_one_line_error(code, err, match)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--method", "eap", "--steps", "3"], "--steps is EAP-IG's interpolation steps; --method eap does not read it"),
+    (["--method", "acdc", "--steps", "0"], "--method acdc does not read it"),
+    (["--no-curve", "--random", "3"], "which --no-curve skips"),
+])  # fmt: skip
+def test_discover_refuses_settings_its_other_settings_leave_unread(capsys, tmp_path, args, match):
+    for wing, model in (("lm", ["--model", str(tracr_root() / "length")]), ("cnn", ["--run", str(tmp_path / "no")])):
+        code, _, err = run_main(capsys, wing, "discover", *model, *args, "--out", str(tmp_path / wing))
+        assert_one_line_error(code, err, match)  # before the model or the run is read
+        assert not (tmp_path / wing).exists()

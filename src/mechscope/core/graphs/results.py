@@ -49,12 +49,23 @@ def check_discovery_counts(seed, n_random) -> None:
     check_int(n_random, "--random", 0, MAX_RANDOM)
 
 
-def check_discovery_settings(method: str, seed, n_random, size, threshold) -> None:
-    """Both wings' ``discover`` settings, checked before any work: the method, ``--seed`` and ``--random``, and
+DEFAULT_STEPS, DEFAULT_RANDOM = 5, 5  # both wings' defaults of --steps and --random
+
+
+def check_discovery_settings(method: str, seed, n_random, size, threshold, steps=DEFAULT_STEPS,
+                             curve: bool = True) -> None:  # fmt: skip
+    """Both wings' ``discover`` settings, checked before any work: the method, ``--seed`` and ``--random``,
     ``--size`` with ``--threshold`` only for ACDC (for a method that ranks edges one cuts the ranking and the
-    other was ignored)."""
+    other was ignored), and no setting another makes unread (``--steps`` other than its default for a method
+    other than EAP-IG, ``--random`` with ``--no-curve``: both were silently ignored)."""
     check_method(method)
     check_discovery_counts(seed, n_random)
+    if steps != DEFAULT_STEPS and method != "eap-ig":
+        raise MechscopeError(f"--steps is EAP-IG's interpolation steps; --method {method} does not read it: "
+                             "leave it out")  # fmt: skip
+    if n_random != DEFAULT_RANDOM and not curve:
+        raise MechscopeError("--random is the number of random circuits of the faithfulness curve's baseline, "
+                             "which --no-curve skips: leave one of them out")  # fmt: skip
     if threshold is not None and size is not None and method != "acdc":
         raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
                              "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
