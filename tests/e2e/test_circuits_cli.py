@@ -140,3 +140,12 @@ def test_circuits_and_heads_on_a_tracr_model(capsys, tmp_path):
     code, _, err = run_main(capsys, "lm", "heads", "--model", str(reverse), "--out", str(tmp_path / "h"))
     assert_one_line_error(code, err, "classes of their own, not next tokens")
     assert not (tmp_path / "h").exists()
+
+
+def test_a_head_given_twice_is_refused_before_the_model_is_read(capsys, tmp_path):
+    for cmd, flag in (("circuits", "--head"), ("heads", "--show")):
+        out = tmp_path / cmd
+        code, _, err = run_main(capsys, "lm", cmd, "--model", str(tmp_path / "none"), flag, "1.0", flag, "0.1",
+                                flag, "1.0", "--out", str(out))  # fmt: skip
+        assert_one_line_error(code, err, f"{flag} given more than once for head 1.0")
+        assert not out.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from mechscope.core.cli_options import ThreadsOpt
-from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_head
+from mechscope.lm.cli.common import DeviceMapOpt, DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app, parse_heads
 
 
 @app.command()
@@ -34,7 +34,7 @@ def circuits(
     from mechscope.lm.pipelines.circuits import circuits as run
 
     check_device_map_option(device_map)
-    heads = [parse_head(h) for h in head or []]
+    heads = parse_heads(head, "--head")
     with torch_threads(threads):
         path, r = run(
             model,

@@ -73,3 +73,15 @@ def parse_pair(text: str, what: str = "head", example: str = "5.1") -> tuple[int
 
 def parse_head(text: str) -> tuple[int, int]:
     return parse_pair(text, "head", "5.1")
+
+
+def parse_heads(texts, flag: str) -> list[tuple[int, int]]:
+    """Every ``flag`` value as a head, refusing one given twice (it was read out, or shown, twice)."""
+    from mechscope.core.errors import MechscopeError
+    from mechscope.core.validate import repeated
+
+    heads = [parse_head(t) for t in texts or []]
+    twice = repeated(heads)
+    if twice:
+        raise MechscopeError(f"{flag} given more than once for head {', '.join(f'{a}.{b}' for a, b in twice)}")
+    return heads

@@ -14,7 +14,7 @@ from mechscope.lm.cli.common import (
     RevisionOpt,
     app,
     check_device_map_option,
-    parse_head,
+    parse_heads,
 )
 
 
@@ -45,7 +45,7 @@ def heads(
 
     check_device_map_option(device_map)
     protocol = HeadProtocol(n=n, batch=batch, seed=seed, top_k=top_k, per_head_ablation=not no_ablation)
-    shown = [parse_head(h) for h in show or []]
+    shown = parse_heads(show, "--show")
     with torch_threads(threads):
         path, r = induction_heads(
             model,
