@@ -305,3 +305,13 @@ def test_find_circuit_refuses_inputs_its_metric_cannot_tell_apart(method):
     with pytest.raises(MechscopeError, match="the clean and the corrupted inputs give the same logit_diff"):
         find_circuit(model, clean, clean.clone(), metric=logit_diff, better="higher", metric_name="logit_diff",
                      differentiable=True, method=method, curve=False)  # fmt: skip
+
+
+def test_the_summary_says_mean_or_zero_ablation_runs_no_corrupted_input():
+    from types import SimpleNamespace
+
+    from mechscope.core.render.discovery import _ends
+
+    assert _ends(SimpleNamespace(metric_clean=1.0, metric_corrupted=0.25)) == "clean 1, corrupted 0.25"
+    mean = _ends(SimpleNamespace(metric_clean=1.0, metric_corrupted=float("nan")))
+    assert mean == "clean 1 (no corrupted input run: removed edges carry a mean or zero)" and "nan" not in mean

@@ -55,7 +55,7 @@ def discovery_lines(result, name: str) -> list[str]:
     out = [
         f"{result.method} on {name}: {s.graph.n_edges:,} edges scored for the {result.metric} metric "
         f"({result.task_description}) in {s.seconds:.1f} s ({s.forward_passes} forward, {s.backward_passes} "
-        f"backward passes); clean {s.metric_clean:.4g}, corrupted {s.metric_corrupted:.4g}.",
+        f"backward passes); {_ends(s)}.",
         f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
     ]
     if drawn is not None and f is not None:
@@ -76,8 +76,7 @@ def cli_lines(result) -> list[str]:
     s, f, drawn = result.scores, result.faithfulness, result.circuit_faithfulness
     out = [
         f"{result.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
-        f"{s.backward_passes} backward passes); {result.metric} clean {s.metric_clean:.4g}, corrupted "
-        f"{s.metric_corrupted:.4g}",
+        f"{s.backward_passes} backward passes); {result.metric} {_ends(s)}",
         f"circuit: {len(result.circuit)} edges, {len(result.circuit.nodes)} nodes; strongest: "
         + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in s.table(5)),
     ]
@@ -87,6 +86,14 @@ def cli_lines(result) -> list[str]:
         out.append(f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} "
                    f"(random {f.random_cmd:.3f})")  # fmt: skip
     return out
+
+
+def _ends(s) -> str:
+    """The metric on the clean input and on the corrupted one; mean or zero ablation runs no corrupted input."""
+    clean = f"clean {s.metric_clean:.4g}"
+    if math.isfinite(s.metric_corrupted):
+        return f"{clean}, corrupted {s.metric_corrupted:.4g}"
+    return f"{clean} (no corrupted input run: removed edges carry a mean or zero)"
 
 
 def _share(drawn: dict) -> str:
