@@ -160,9 +160,11 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
         raise MechscopeError(f"prefix_repeats must be at least 2, got {p.prefix_repeats}")
     longest = max(1 + 2 * p.n, 1 + p.prefix_repeats * p.prefix_n)
     if longest > model.cfg.n_ctx:
+        fix = (f": use --n {(model.cfg.n_ctx - 1) // 2} or fewer" if 1 + 2 * p.n > model.cfg.n_ctx
+               else ": use a shorter prefix protocol (prefix_n × prefix_repeats below the context)")  # fmt: skip
         raise MechscopeError(
             f"N = {p.n} needs {1 + 2 * p.n} positions and the prefix protocol {1 + p.prefix_repeats * p.prefix_n}; "
-            f"the model's context is {model.cfg.n_ctx}"
+            f"the model's context is {model.cfg.n_ctx}{fix}"
         )
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     if not 1 <= p.top_k <= n_heads:
