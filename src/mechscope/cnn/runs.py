@@ -17,6 +17,7 @@ import torch
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
 from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, versions, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.paths import other_wing
 from mechscope.core.validate import field as check_field
 from mechscope.core.validate import read_json_object, shown, usable_path
 
@@ -144,6 +145,8 @@ def load_run(path: str | Path) -> Run:
     usable_path(run, "run")  # a name the file system refuses (too long): one line, not an OSError
     if not run.is_dir():
         raise RunError(f"{run}: {'is a file, not a run directory' if run.exists() else 'run directory not found'}")
+    if other_wing(run, "cnn"):  # another wing's model: say which commands take it
+        raise RunError(f"{run}: not a CNN run{other_wing(run, 'cnn')}")
     config = _read_json(run / CONFIG)
     if "kind" in config and config["kind"] not in KINDS:
         raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")

@@ -32,3 +32,46 @@ def model_out(command: str, model_spec) -> Path:
         parts = [p for p in Path(os.path.normpath(local)).parts if p not in ("/", ".", "..")]  # is followed)
         name = "/".join(parts) or Path(os.path.abspath(local)).name
     return Path("runs") / command / re.sub(r"[^A-Za-z0-9_.-]+", "_", name or spec)
+
+
+# what each wing takes a folder as, for the line a command of another wing prints when it cannot read it
+_TAKEN_BY = {
+    "cnn": "a CNN run: the cnn commands take it with --run",
+    "toy": "a train-toy run: the lm commands take it with --model",
+    "tracr": "a tracr-compiled transformer: lm discover, lm circuits, lm graph and scrub take it with --model",
+    "clip": "an image–text model: the clip commands take it with --model",
+    "lm": "a transformer checkpoint: the lm commands take it with --model",
+}
+_WING = {"cnn": "cnn", "toy": "lm", "tracr": "lm", "clip": "clip", "lm": "lm"}
+
+
+def folder_kind(path) -> str | None:
+    """What a folder holds, from its files alone: "cnn", "toy", "tracr", "clip", "lm" (a Hugging Face causal language
+    model: its ``architectures`` end in ForCausalLM or LMHeadModel) or None."""
+    import json
+
+    p = Path(path)
+    try:
+        if (p / "training.json").is_file() and (p / "checkpoints").is_dir():
+            return "toy"
+        if (p / "circuit.json").is_file() and (p / "examples.json").is_file():
+            return "tracr"
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8")) if (p / "config.json").is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if cfg.get("kind") in ("cnn", "mnist-cnn"):
+        return "cnn"
+    if cfg.get("model_type") in ("clip", "siglip"):
+        return "clip"
+    arch = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    causal = any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch)
+    return "lm" if isinstance(cfg.get("model_type"), str) and causal else None
+
+
+def other_wing(path, here: str) -> str:
+    """" (it is a CNN run: the cnn commands take it with --run)" when ``path`` holds what another wing than ``here``
+    ("cnn", "lm", "clip") takes, else "": for the end of a line refusing it."""
+    kind = folder_kind(path)
+    return f" (it is {_TAKEN_BY[kind]})" if kind is not None and _WING[kind] != here else ""

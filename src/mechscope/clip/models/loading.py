@@ -108,12 +108,18 @@ def read_config(directory: Path) -> tuple[CLIPConfig, dict]:
         raise MechscopeError(f"{directory}: not a directory (expected a CLIP checkpoint directory with config.json)")
     path = directory / "config.json"
     if not path.is_file():
-        raise MechscopeError(f"{directory}: not a CLIP checkpoint (no config.json)")
+        from mechscope.core.paths import other_wing
+
+        raise MechscopeError(f"{directory}: not a CLIP checkpoint (no config.json){other_wing(directory, 'clip')}")
     raw = read_json_object(path, "model config")
     kind = raw.get("model_type")
     if kind in REFUSED:
         raise MechscopeError(f"{path}: unsupported variant: {REFUSED[kind]}")
     if kind not in SUPPORTED:
+        from mechscope.core.paths import other_wing
+
+        if other_wing(directory, "clip"):
+            raise MechscopeError(f"{directory}: not an image–text model{other_wing(directory, 'clip')}")
         raise MechscopeError(f"{path}: model_type {kind!r} is not a supported image–text model; supported: "
                              f"{', '.join(SUPPORTED)} (Hugging Face CLIPModel, SiglipModel)")  # fmt: skip
     small = read_json_object(directory / SMALL_FILE, "small-model record") if (directory / SMALL_FILE).is_file() else {}

@@ -186,6 +186,11 @@ def _load_hf_dir(directory: Path, dtype, partial_ok, device, device_map, **optio
     config = read_config(directory)
     kind = config.get("model_type")
     if not isinstance(kind, str) or kind not in CONVERTERS:
+        from mechscope.core.paths import other_wing
+
+        elsewhere = other_wing(directory, "lm")
+        if elsewhere:
+            raise MechscopeError(f"{directory}: not a transformer the lm commands read{elsewhere}")
         raise MechscopeError(
             f"unsupported architecture {kind!r} in {directory / 'config.json'}; supported: {', '.join(CONVERTERS)}"
         )

@@ -1,0 +1,55 @@
+"""A folder given to the wrong wing: what it holds is read from its files alone, and the refusal names the commands
+that take it (core/paths.py: folder_kind, other_wing; the three loaders)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mechscope.core.errors import MechscopeError
+from mechscope.core.paths import folder_kind, other_wing
+from tests.unit.test_tracr import tracr_root
+
+
+def _folder(tmp_path, name, files: dict):
+    d = tmp_path / name
+    d.mkdir()
+    for f, content in files.items():
+        if f.endswith("/"):
+            (d / f).mkdir()
+        else:
+            (d / f).write_text(json.dumps(content) if not isinstance(content, str) else content)
+    return d
+
+
+def test_each_kind_is_read_from_its_files(tmp_path):
+    cnn = _folder(tmp_path, "cnn", {"config.json": {"kind": "cnn", "model": {}}})
+    toy = _folder(tmp_path, "toy", {"training.json": {}, "checkpoints/": None})
+    clip = _folder(tmp_path, "clip", {"config.json": {"model_type": "clip"}})
+    lm = _folder(tmp_path, "lm", {"config.json": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}})
+    bad = _folder(tmp_path, "bad", {"config.json": "{not json"})
+    bert = _folder(tmp_path, "bert", {"config.json": {"model_type": "bert", "architectures": ["BertModel"]}})
+    kinds = [folder_kind(p) for p in (cnn, toy, clip, lm, bert, bad, tmp_path / "none")]
+    assert kinds == ["cnn", "toy", "clip", "lm", None, None, None]
+    assert folder_kind(tracr_root() / "length") == "tracr"
+    assert other_wing(cnn, "cnn") == "" and other_wing(lm, "lm") == "" and other_wing(bad, "lm") == ""
+    assert other_wing(cnn, "lm") == " (it is a CNN run: the cnn commands take it with --run)"
+    assert other_wing(toy, "clip") == " (it is a train-toy run: the lm commands take it with --model)"
+
+
+def test_the_loaders_name_the_commands_that_take_another_wings_folder(tmp_path):
+    from mechscope.clip.models.loading import load_clip
+    from mechscope.cnn.runs import load_run
+    from mechscope.lm.models.loading import load_model
+
+    cnn = _folder(tmp_path, "cnn", {"config.json": {"kind": "cnn", "model": {}}})
+    clip = _folder(tmp_path, "clip", {"config.json": {"model_type": "clip"}})
+    with pytest.raises(MechscopeError, match="not a transformer the lm commands read .it is a CNN run: the cnn"):
+        load_model(str(cnn))
+    with pytest.raises(MechscopeError, match="not a CNN run .it is an image–text model: the clip commands"):
+        load_run(clip)
+    with pytest.raises(MechscopeError, match="not an image–text model .it is a CNN run"):
+        load_clip(cnn)
+    with pytest.raises(MechscopeError, match="not a CNN run .it is a tracr-compiled transformer"):
+        load_run(tracr_root() / "length")
