@@ -80,3 +80,24 @@ def test_sample_sd_is_numpys_with_one_degree_of_freedom():
     x = np.random.default_rng(0).normal(size=(3, 8))
     np.testing.assert_allclose(sample_sd(x), np.std(x, axis=-1, ddof=1))
     assert float(sample_sd([2.0])) == 0.0 and sample_sd(np.ones((4, 1))).shape == (4,)
+
+
+def test_background_pixels_neither_help_nor_hurt_a_map(trained):
+    """Deleting a pixel already at the baseline changes nothing: the curves run over the other pixels, so a map that
+    ranks the black background first scores as the same map without it (over every pixel it lost area)."""
+    m, x, t = trained
+    scores = F.pixel_scores(A.Saliency().attribute(m, x, t))
+    background = (x.sum(1).flatten(1) == 0)
+    loud = torch.where(background, scores + 1e6, scores)  # the background ranked first
+    a, b = F.deletion_insertion(m, x, t, scores, steps=14), F.deletion_insertion(m, x, t, loud, steps=14)
+    torch.testing.assert_close(a.deletion, b.deletion)
+    torch.testing.assert_close(a.insertion, b.insertion)
+    np.testing.assert_allclose(a.fractions.numpy(), np.arange(15) / 14)
+
+
+def test_the_randomisation_check_is_judged_on_the_input_pixels():
+    tied = F.MethodFaithfulness("tied", 0.2, 0.8, {"fc": 0.99, "conv1": 0.99}, {"fc": 0.5, "conv1": 0.3})
+    model_blind = F.MethodFaithfulness("copy", 0.2, 0.8, {"conv1": 1.0}, {"conv1": 1.0})
+    old = F.MethodFaithfulness("old record", 0.2, 0.8, {"conv1": 0.99})  # no foreground ρ: the whole image's
+    report = F.FaithfulnessReport([tied, model_blind, old], 0.5, 0.5, ["fc", "conv1"], 8, 28)
+    assert [report.passes(x) for x in (tied, model_blind, old)] == [True, False, False]

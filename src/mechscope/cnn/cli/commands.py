@@ -127,8 +127,9 @@ def attribute(
     for name, why in result.skipped.items():
         typer.echo(f"skipped {name}: {why}")
     typer.echo(
-        f"ranking: methods passing the randomisation check (whole-image |ρ| < {rep.sanity_threshold}) "
-        "first, then by insertion − deletion area"
+        f"ranking: methods passing the randomisation check (|ρ| < {rep.sanity_threshold} on the foreground pixels "
+        "after the last layer randomised: the black background agrees for free) first, then by insertion − deletion "
+        "area (curves over the pixels that differ from the baseline)"
     )
     typer.echo(f"grids and faithfulness.json written to {path}")
 

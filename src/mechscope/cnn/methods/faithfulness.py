@@ -4,12 +4,18 @@
   attribution order (most important first), or add them to a blank image, and follow the
   target class probability. A faithful map makes the deletion curve fall fast (small area)
   and the insertion curve rise fast (large area). Each method is compared with the same
-  curves for a random pixel order.
+  curves for a random pixel order. Pixels already at the baseline (MNIST's black background)
+  cannot be removed or revealed, so the steps run over the other pixels: a map's values on the
+  background neither help nor hurt it (over every pixel, a method that spent its first steps on
+  the background lost area for nothing).
 * Model randomisation (Adebayo et al. 2018, "Sanity Checks for Saliency Maps"): re-initialise
   the layers from the top down, cascading, and compare the attributions of the randomised
   model with those of the trained one (Spearman rank correlation of |attribution|). A method
   that explains the model must change when the model's weights are destroyed: low
-  correlation passes, high correlation means the map shows the input, not the model.
+  correlation passes, high correlation means the map shows the input, not the model. The
+  check is judged on the input's non-zero pixels: on the background, methods that multiply by
+  the input give 0 and occluding changes nothing, for the trained and the random model alike,
+  and those tied zeros alone lifted the whole-image ρ to 0.93-0.99 (it is kept beside).
 """
 
 from __future__ import annotations
@@ -60,18 +66,22 @@ def deletion_insertion(
 ) -> Curves:
     """Deletion and insertion curves for pixel ``scores`` [B, H*W] (higher = more important).
 
-    Step k removes (deletion) or reveals (insertion) the ``round(k/steps · H*W)`` top pixels;
-    removed pixels take the ``baseline`` value. Ties keep pixel order.
+    Only pixels that differ from the ``baseline`` (on some channel) can change: step k removes
+    (deletion) or reveals (insertion) the ``round(k/steps · m)`` top ones of an image's m such
+    pixels; removed pixels take the ``baseline`` value. Ties keep pixel order.
     """
     check_inputs(model, inputs)
     t = as_target(model, inputs, target)
     b, c, h, w = inputs.shape
     n = h * w
+    changeable = (inputs - baseline).abs().sum(1).flatten(1) > 0  # [B, n]
+    scores = torch.where(changeable, scores.to(torch.float64), torch.tensor(-torch.inf, dtype=torch.float64))
     order = scores.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n).expand(b, n))  # rank[b, p] = position of pixel p
-    counts = torch.round(torch.linspace(0, n, steps + 1)).long()  # pixels affected at each step
-    keep = (rank.unsqueeze(1) < counts.view(1, -1, 1)).to(inputs.dtype)  # [B, S+1, n] 1 = top-k pixel
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    counts = torch.round(fractions[None] * changeable.sum(1, keepdim=True)).long()  # [B, S+1] pixels affected
+    keep = (rank.unsqueeze(1) < counts.unsqueeze(-1)).to(inputs.dtype)  # [B, S+1, n] 1 = top-k pixel
     keep = keep.view(b, steps + 1, 1, h, w)
     x = inputs.unsqueeze(1)
     deleted = x * (1 - keep) + baseline * keep
@@ -88,7 +98,7 @@ def deletion_insertion(
                 ]
             )
             curves.append(probs.view(b, steps + 1))
-    return Curves(counts.double() / n, curves[0], curves[1])
+    return Curves(fractions, curves[0], curves[1])
 
 
 def random_scores(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -168,10 +178,12 @@ class FaithfulnessReport:
         return sorted(self.methods, key=key)
 
     def passes(self, m: MethodFaithfulness) -> bool:
-        """Full cascade: |Spearman| below the threshold."""
-        if not m.randomisation:
+        """After the full cascade, |Spearman| below the threshold on the input's non-zero pixels (over the whole
+        image for a record without them)."""
+        rho = m.randomisation_on_input or m.randomisation
+        if not rho:
             return True
-        return abs(list(m.randomisation.values())[-1]) < self.sanity_threshold
+        return abs(list(rho.values())[-1]) < self.sanity_threshold
 
     def to_dict(self) -> dict:
         return {
@@ -186,6 +198,8 @@ class FaithfulnessReport:
             },
             "randomisation_layers_top_down": self.layers,
             "sanity_threshold": self.sanity_threshold,
+            "sanity_check_on": "the input's non-zero pixels, after the full cascade",
+            "curves_over": "the pixels that differ from the baseline",
             "methods": {
                 m.method: {
                     "deletion_auc": m.deletion_auc,
