@@ -212,7 +212,7 @@ def test_random_model_has_no_induction_heads():
         (HeadProtocol(n=40), None, "N = 40 needs 81 positions"),
         (PROTOCOL, [(2, 0)], r"head 2.0 out of range: layers 0..1, heads 0..1"),
         (HeadProtocol(n=20, prefix_n=10, token_range=(0, 500)), None, r"token range \[0, 500\) outside"),
-        (HeadProtocol(n=20, prefix_n=10, top_k=9), None, "top_k must be between 1 and 4"),
+        (HeadProtocol(n=20, prefix_n=10, top_k=9), None, "top_k must be between 1 and 2 .half the 4 heads"),
     ],
 )
 def test_bad_protocols(protocol, show, message):
@@ -341,3 +341,18 @@ def _no_scoring(all_composition):
         return all_composition(view, *a, scores=scores, **k)
 
     return wrapped
+
+
+def test_the_random_heads_control_draws_from_the_other_heads(monkeypatch):
+    from types import SimpleNamespace
+
+    from mechscope.lm.methods import heads as HM
+
+    drawn = []
+    monkeypatch.setattr(HM.HA, "group", lambda model, cap, tokens, n, heads: drawn.append(list(heads)) or 0.0)
+    model = SimpleNamespace(cfg=SimpleNamespace(n_heads=2))
+    scores = {"induction": np.array([[0.1, 0.9], [0.8, 0.2]])}  # 4 heads; the top 2: 0.1 and 1.0
+    out = HM._top_k(model, None, None, 5, scores, 2, 20, torch.Generator().manual_seed(0))
+    assert out["heads"] == [{"layer": 0, "head": 1}, {"layer": 1, "head": 0}]
+    assert len(drawn) == 21 and sorted(drawn[-1]) == [(0, 1), (1, 0)]  # the top k, measured after the draws
+    assert all(sorted(d) == [(0, 0), (1, 1)] for d in drawn[:-1])  # every random draw: the two other heads

@@ -313,3 +313,27 @@ def test_the_measured_set_follows_the_protocol(result):
     line = one(R.summary(make_result(protocol=protocol)), "One head at a time")
     assert "Measured: the source of each confirmed path-patching edge; the other" in line
     assert "random others" not in line and "random others" in one(R.summary(result), "One head at a time")
+
+
+def test_a_model_without_induction_heads_is_not_read_as_having_them(tmp_path):
+    """A random model (the review's tiny Llama): the loss rose, no head is labelled, no pair was tested, and every
+    head's measured cost is noise around zero; the page says each of these instead of ranking it."""
+    none = [["none"] * H for _ in range(L)]
+    rng = np.random.default_rng(1)
+    est = rng.normal(0, 1e-4, (L, H, B))
+    exact = {(layer, h): rng.normal(0, 1e-3, B) for layer in range(L) for h in range(H)}
+    mean = HeadAblation.measured("mean", est, exact)
+    top_k = make_result().top_k_ablation | {"induction_heads_loss_increase": -0.001}
+    ablation = make_result().ablation | {"mean": mean}
+    r = make_result(labels=none, loss_first_half=10.7959, loss_second_half=10.8055, path_patches=(),
+                    circuit_rows=(), ablation=ablation, top_k_ablation=top_k)  # fmt: skip
+    lines = R.summary(r)
+    assert lines[0].startswith("On repeated random tokens the model's loss rises from 10.80 nats")
+    assert "(no head is labelled induction: these are the highest scores)" in one(lines, "Mean-ablating")
+    assert "leaves the second-half loss within 0.005 nats (-0.001)" in one(lines, "Mean-ablating")
+    noise = one(lines, "No head's cost, mean-ablated alone, is told from zero")
+    assert f"among the {L * H} heads measured exactly" in noise
+    assert not any(s.startswith("One head at a time") or s.startswith(f"On the {L * H} heads") for s in lines)
+    assert lines[-1].startswith("No pair was tested by path patching")
+    html = R.write_report(r, tmp_path / "r.html").read_text()
+    assert "the tables below list every pair tested" not in html

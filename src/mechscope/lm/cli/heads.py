@@ -26,7 +26,8 @@ def heads(
     batch: int = typer.Option(8, "--batch", help="Repeated sequences."),
     seed: int = typer.Option(0, "--seed"),
     top_k: int | None = typer.Option(
-        None, "--top-k", help="Induction heads ablated together against as many random heads (default 5)."
+        None, "--top-k", help="Induction heads ablated together against as many random other heads (default 5, at most "
+        "half the heads)."
     ),
     show: list[str] | None = typer.Option(None, "--show", help="A head (LAYER.HEAD) for the pattern viewer."),
     text: str | None = typer.Option(None, "--text", help="Real text for the previous-token score."),
@@ -75,7 +76,7 @@ def heads(
     k = r.top_k_ablation
     typer.echo(
         f"ablating the {k['k']} heads with the highest induction scores: {k['induction_heads_loss_increase']:+.3f} "
-        f"loss; {k['k']} random heads: {k['random_heads_loss_increase_mean']:+.3f} "
+        f"loss; {k['k']} random other heads: {k['random_heads_loss_increase_mean']:+.3f} "
         f"± {k['random_heads_loss_increase_std']:.3f}"
     )
     typer.echo(f"heads.json and report.html written to {path} ({sum(r.seconds.values()):.0f} s)")

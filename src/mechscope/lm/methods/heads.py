@@ -167,8 +167,9 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
             f"the model's context is {model.cfg.n_ctx}{fix}"
         )
     n_heads = model.cfg.n_layers * model.cfg.n_heads
-    if not 1 <= p.top_k <= n_heads:
-        raise MechscopeError(f"top_k must be between 1 and {n_heads}, got {p.top_k}")
+    if not 1 <= p.top_k <= n_heads // 2:  # the random control draws as many from the other heads
+        raise MechscopeError(f"top_k must be between 1 and {n_heads // 2} (half the {n_heads} heads: the random "
+                             f"control draws as many from the others), got {p.top_k}")  # fmt: skip
     return p, (lo, hi)
 
 
@@ -401,13 +402,16 @@ def named_heads(labels, tests: dict, table: list[tuple[int, int]], kv_groups: in
 
 
 def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
-    """The top-k heads by induction score mean-ablated together, against k random heads."""
+    """The top-k heads by induction score mean-ablated together, against k random heads drawn from the others (a
+    draw over every head shared half its heads with the top k in a small model)."""
     cfg = model.cfg
     flat = scores["induction"].flatten()
-    top = [divmod(int(i), cfg.n_heads) for i in np.argsort(-flat)[:k]]
+    order = np.argsort(-flat)
+    top = [divmod(int(i), cfg.n_heads) for i in order[:k]]
+    rest = torch.as_tensor(np.sort(order[k:]).copy())
     rnd = []
     for _ in range(draws):
-        pick = torch.randperm(len(flat), generator=g)[:k].tolist()
+        pick = rest[torch.randperm(len(rest), generator=g)[:k]].tolist()
         rnd.append(HA.group(model, cap, tokens, n, [divmod(i, cfg.n_heads) for i in pick]))
     return {
         "k": k,

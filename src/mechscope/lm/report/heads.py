@@ -100,8 +100,9 @@ def loss_sentence(result) -> str:
     uses = ratio < USES_EARLIER_COPY
     verdict = ("it uses the earlier copy to predict the next token" if uses
                else "by this measure it does not use the earlier copy much")  # fmt: skip
+    moves = "falls" if sec < f else "rises" if sec > f else "stays"
     return (
-        f"On repeated random tokens the model's loss falls from {f:.2f} nats on the first copy to {sec:.2f} on the "
+        f"On repeated random tokens the model's loss {moves} from {f:.2f} nats on the first copy to {sec:.2f} on the "
         f"second ({ratio:.0%} of the first; below {USES_EARLIER_COPY:.0%} counts as using it): {verdict}."
     )
 
@@ -181,12 +182,12 @@ def copying_agreement_sentence(heads, copying, eigen, threshold) -> str | None:
 def ablation_sentences(result) -> list[str]:
     k = result.top_k_ablation
     b = result.protocol["batch"]
+    none = "" if result.induction_heads() else " (no head is labelled induction: these are the highest scores)"
     lines = [
-        f"Mean-ablating the {k['k']} heads with the highest induction scores together (each position's output "
-        f"replaced by its mean over the {b} sequences; measured) raises the second-half loss by "
-        f"{k['induction_heads_loss_increase']:.2f} nats; {k['k']} random heads raise it by "
-        f"{k['random_heads_loss_increase_mean']:.2f} ± {k['random_heads_loss_increase_std']:.2f} "
-        f"(mean ± sd over {len(k['random_draws'])} draws)."
+        f"Mean-ablating the {k['k']} heads with the highest induction scores together{none} (each position's output "
+        f"replaced by its mean over the {b} sequences; measured) {_change(k['induction_heads_loss_increase'])}; "
+        f"{k['k']} random heads {RANDOM_FROM} change it by {k['random_heads_loss_increase_mean']:+.2f} ± "
+        f"{k['random_heads_loss_increase_std']:.2f} (mean ± sd over {len(k['random_draws'])} draws)."
     ]
     mean = result.ablation["mean"]
     n_heads = int(np.size(mean.estimate_mean))
@@ -196,12 +197,18 @@ def ablation_sentences(result) -> list[str]:
             "estimate (first order), and no head is ranked by its cost."
         )
         return lines
+    noise = _indistinct(mean, b)
+    if noise:
+        return lines + [noise]
     best = sorted(mean.exact_mean.items(), key=lambda kv: -kv[1])[:RANKED]
     top = ", ".join(f"{_h(lh)} ({v:+.2f} ± {mean.exact_std[lh]:.2f})" for lh, v in best)
     p = result.protocol
-    measured = (f"the labelled heads, the path-patching sources and targets, the ranked table's rows, the "
-                f"{p.get('exact_top', 0)} with the largest estimated effects and {p.get('exact_random', 0)} random "
-                "others") if p.get("per_head_ablation", True) else "the source of each confirmed path-patching edge"
+    measured = (f"the labelled heads, the path-patching sources and targets, the ranked table's rows, up to "
+                f"{p.get('exact_top', 0)} with the largest estimated effects and up to {p.get('exact_random', 0)} "
+                "random others") if p.get("per_head_ablation", True) else (
+                "the source of each confirmed path-patching edge")  # fmt: skip
+    if len(mean.exact_mean) == n_heads:
+        measured = f"every head ({n_heads})"
     lines.append(
         f"One head at a time, mean-ablation (each position's output replaced by its mean over the {b} sequences) "
         f"costs most, among the {len(mean.exact_mean)} heads measured exactly, for {top} nats of second-half loss "
@@ -210,6 +217,31 @@ def ablation_sentences(result) -> list[str]:
     )
     lines.append(agreement_sentence(result, mean))
     return lines
+
+
+RANDOM_FROM = "drawn from the other heads"
+DISTINCT_SE = 2.0  # a measured cost is told from zero when it is at least this many standard errors from it
+
+
+def _change(x: float) -> str:
+    """A loss change in words that match its sign (a change under 0.005 nats is none at two decimals)."""
+    if abs(x) < 0.005:
+        return f"leaves the second-half loss within 0.005 nats ({x:+.3f})"
+    return f"{'raises' if x > 0 else 'lowers'} the second-half loss by {abs(x):.2f} nats"
+
+
+def _indistinct(ablation, batch: int) -> str | None:
+    """A sentence when no head's measured cost is told from zero (every |mean| under DISTINCT_SE standard errors
+    of the mean over the sequences): ranking those costs, or judging the estimate against them, ranks noise."""
+    n = max(int(batch), 1)
+    se = {lh: ablation.exact_std[lh] / np.sqrt(n) for lh in ablation.exact_mean}
+    if any(abs(v) >= DISTINCT_SE * se[lh] and abs(v) >= 0.005 for lh, v in ablation.exact_mean.items()):
+        return None
+    lh, v = max(ablation.exact_mean.items(), key=lambda kv: abs(kv[1]))
+    return (f"No head's cost, mean-ablated alone, is told from zero: the largest |mean| among the "
+            f"{len(ablation.exact_mean)} heads measured exactly is {abs(v):.4f} nats ({_h(lh)}), against a standard "
+            f"error of {se[lh]:.4f} (sd over the {n} sequences / √{n}); no head is ranked by its cost and the "
+            "attribution-patching estimate is not judged against these.")
 
 
 def estimate_failures(ablation) -> list[tuple[int, int]]:
@@ -308,6 +340,10 @@ def circuit_sentences(result) -> list[str]:
             "in the tables): " + "; ".join(_marginal_text(result, pp, h) for pp, h in fails) + "."
         )
     lines += composition_sentences(result)
+    if not result.path_patches:
+        lines.append("No pair was tested by path patching: a test needs an induction head as its target, and no head "
+                     "is labelled induction.")  # fmt: skip
+        return lines
     lines.append(
         f"An edge is drawn only when the target's induction score drops by at least {crit.min_drop} and by at least "
         f"{crit.min_share:.0%} of its clean value; the tables below list every pair tested, confirmed or not."

@@ -202,7 +202,9 @@ def circuit_figure(result) -> str:
         fig = Figure(figsize=(6, 1.5), layout="constrained")
         ax = fig.subplots()
         ax.axis("off")
-        ax.text(0.5, 0.5, "no edge confirmed by path patching", ha="center", va="center")
+        why = ("no edge confirmed by path patching" if result.path_patches
+               else "no path-patching test: no head is labelled induction, and a test needs one as its target")
+        ax.text(0.5, 0.5, why, ha="center", va="center")
         return figure_data_uri(fig)
     lay = CL.layout(nodes, [(e["a"], e["b"]) for e in edges], layer_of=lambda n: n[1])
     curves = [
