@@ -50,6 +50,10 @@ def test_most_monosemantic_table_leaves_out_dense_neurons():
     assert "The 2 most monosemantic neurons" in html and "The 4 least monosemantic neurons" in html
     assert "among the 2 counted neurons positive on less than 50% of the positions (density below 0.5)" in html
     assert "The other 2 are left out" in html
+    # solu-compare's JSON ranks them the same way (it listed dense neurons the neurons page leaves out)
+    from mechscope.lm.pipelines.neurons import _entry
+
+    assert _entry({"label": "gelu"}, r)["most_monosemantic"] == ["0.1", "0.3"]
 
 
 def row(label, loss, median, half, rare, neurons=50):

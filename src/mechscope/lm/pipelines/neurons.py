@@ -20,6 +20,7 @@ from mechscope.core.torch_utils import Timer, torch_threads
 from mechscope.core.validate import check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.pipelines.loading import load_lm
+from mechscope.lm.report.neurons import DENSE, sparse
 from mechscope.lm.text import context_length, read_text
 from mechscope.lm.tokenizer import encode_named
 
@@ -345,7 +346,7 @@ def _entry(model: dict, result) -> dict:
         "baseline": result.baseline,
         "min_count": result.min_count,
         "hooks": [lay.hook for lay in result.layers],
-        "most_monosemantic": _ids(result.ranking()[:20]),
+        "most_monosemantic": _ids(sparse(result, result.ranking(), DENSE)[:20]),  # as the lm neurons page ranks
         "least_monosemantic": _ids(result.ranking()[::-1][:20]),
     }
 

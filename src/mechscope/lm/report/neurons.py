@@ -264,7 +264,7 @@ def write_compare_report(result, out: Path) -> Path:
     rows = []
     for e in entries:
         r = results[e["label"]]
-        most, least = ranked(r, 20, dec, r.tokens.numpy())
+        most, least = ranked(r, 20, dec, r.tokens.numpy(), DENSE)  # as lm neurons ranks them
         rows.append(e | {"most": most, "least": least})
     first = next(iter(results.values()))
     vocab = len(set(first.tokens.numpy().reshape(-1).tolist()))
