@@ -239,7 +239,7 @@ def test_composition_circuits_toy_render(model, heads):
 def test_toy_training_renders(tmp_path):
     toy = mechscope.lm.train_toy(steps=6, checkpoints=2, batch=4, d_model=16, n_heads=2, n_ctx=32, vocab=16)
     html = check_twice(toy)
-    assert "Watching induction heads form" in html and "ToyTraining(2 layers" in repr(toy)
+    assert "Watching for induction heads" in html and "ToyTraining(2 layers" in repr(toy)
     page = toy.save_html(tmp_path / "training.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
 

@@ -63,3 +63,18 @@ def test_the_control_and_the_page():
     html = ToyTraining(s)._repr_html_()
     for line in T.summary_lines(s):
         assert line.replace("&", "&amp;") in html
+
+
+def test_a_measure_that_moved_most_in_another_interval_is_said():
+    """The phase-change interval is where both moved together; the review's run had the induction score's own
+    largest rise one checkpoint earlier, hidden behind the band. Here the ICL score falls most after it."""
+    lines = T.summary_lines(series(True))
+    assert lines[1] == ("The in-context-learning score fell most in another interval, steps 100–1000 (0.50, 56% of "
+                        "its range), against 0.30 in the phase-change interval.")
+    assert not any(s.startswith("The highest induction score rose most") for s in lines)  # 10–100 is its own
+
+
+def test_no_phase_change_says_which_condition_failed():
+    s = series(False)
+    s["phase_change"] |= {"share_of_range": 0.45, "induction_jump": 0.01}
+    assert "45% of their range, induction +0.01, under the 0.1 the induction score must rise)." in T.summary_lines(s)[0]

@@ -28,17 +28,20 @@ def run_figure(result: dict, title: str) -> str:
     ax.plot(x[1:], [r["train_loss"] for r in s[1:]], label="train")
     ax.plot(x, [r["held_out_loss"] for r in s], label="held out")
     ax.set_title("loss")
+    ax.set_ylabel("nats per token")
     ax.legend(fontsize=8)
     ax = axes[1]
     ax.plot(x, [r["icl_score"] for r in s], color="black")
     ax.set_title("in-context learning score (late − early loss)")
+    ax.set_ylabel("nats (negative: learns in context)")
     ax = axes[2]
     for h in range(len(s[0]["induction"][0])):
         ax.plot(x, [r["induction"][layers - 1][h] for r in s], label=f"induction {layers - 1}.{h}")
         ax.plot(x, [r["previous_token"][0][h] for r in s], ls="--", label=f"prev-token 0.{h}")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("head scores on repeated random tokens")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("attention on the score's keys")
+    ax.legend(fontsize=7, ncol=2)
     if layers >= 2:
         ax = axes[3]
         comp = np.array([r["k_composition"] for r in s])  # [T, H1, H0]
@@ -55,10 +58,11 @@ def run_figure(result: dict, title: str) -> str:
                     zorder=3 if strong else 1,
                 )
         ax.set_title("K-composition layer 0 → layer 1")
+        ax.set_ylabel("K-composition (weights)")
         ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (log; step 0 drawn at 0.8)")
         ax.grid(alpha=0.3)
         _mark(ax, phase)
     fig.suptitle(
@@ -71,6 +75,26 @@ def run_figure(result: dict, title: str) -> str:
         fontsize=11,
     )
     return figure_data_uri(fig)
+
+
+def _own_largest(result: dict) -> list[str]:
+    """Where each of the two measures moved most on its own, when that is not the phase-change interval: the
+    interval is where both moved together, and one can lead the other by a checkpoint."""
+    s, p, top = result["series"], result["phase_change"], result["config"]["layers"] - 1
+    steps = [r["step"] for r in s]
+    ind = np.array([max(r["induction"][top]) for r in s])
+    icl = np.array([r["icl_score"] for r in s])
+    out = []
+    for name, v, sign in (("highest induction score", ind, 1), ("in-context-learning score", icl, -1)):
+        moves = sign * np.diff(v)
+        i = int(np.argmax(moves))
+        span = float(v.max() - v.min()) or 1.0
+        if [steps[i], steps[i + 1]] != list(p["window"]):
+            a, b = (steps.index(w) for w in p["window"])
+            out.append(f"The {name} {'rose' if sign > 0 else 'fell'} most in another interval, steps "
+                       f"{steps[i]}–{steps[i + 1]} ({moves[i]:.2f}, {moves[i] / span:.0%} of its range), against "
+                       f"{sign * (v[b] - v[a]):.2f} in the phase-change interval.")  # fmt: skip
+    return out
 
 
 PHASE_SHARE, PHASE_JUMP = 0.2, 0.1  # lm.toy.detect_phase_change's criterion, as the page states it
@@ -86,13 +110,16 @@ def summary_lines(result: dict) -> list[str]:
             f"highest layer-{top} induction score rose by {p['induction_jump']:.2f} and the in-context-learning score "
             f"fell by {-p['icl_jump']:.2f} nats, each at least {PHASE_SHARE:.0%} of its range over the run (and the "
             f"induction score by at least {PHASE_JUMP})."
-        ]
+        ] + _own_largest(result)
     elif "share_of_range" in p:
         lines = [
             f"No phase change was detected: in no checkpoint interval did the induction score and the "
             f"in-context-learning score both move at least {PHASE_SHARE:.0%} of their range with the induction score "
             f"rising by at least {PHASE_JUMP} (the interval where both moved most together: "
-            f"{p['share_of_range']:.0%} of their range, induction {p['induction_jump']:+.2f})."
+            f"{p['share_of_range']:.0%} of their range, induction {p['induction_jump']:+.2f}"
+            + (f", under the {PHASE_JUMP} the induction score must rise" if p["induction_jump"] < PHASE_JUMP
+               and p["share_of_range"] >= PHASE_SHARE else "")
+            + ")."
         ]
     else:
         lines = [f"No phase change was looked for: {p.get('reason', 'too few checkpoints')}."]
