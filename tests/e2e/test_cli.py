@@ -294,6 +294,7 @@ def test_visualize_writes_grids_and_honesty(capsys, quick_run, mnist_root, tmp_p
             assert u["ratio_to_dataset_max"] is None
         assert len(u["top_test_images"]) == 8
     assert all("assigned_class" in u for u in result["units"] if u["layer"] == "hook_logits")
+    assert len({u["objective_first"] for u in result["units"]}) == 4  # each unit's own (a batch mean was copied)
     for name in ("conv2", "logits", "units/conv2_1", "units/logits_0"):
         with Image.open(out / f"{name}.png") as img:
             img.load()

@@ -128,7 +128,7 @@ def attribute(
         typer.echo(f"skipped {name}: {why}")
     typer.echo(
         f"ranking: methods passing the randomisation check (|ρ| < {rep.sanity_threshold} on the foreground pixels "
-        "after the last layer randomised: the black background agrees for free) first, then by insertion − deletion "
+        "with every layer randomised: the black background agrees for free) first, then by insertion − deletion "
         "area (curves over the pixels that differ from the baseline)"
     )
     typer.echo(f"grids and faithfulness.json written to {path}")

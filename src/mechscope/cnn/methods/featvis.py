@@ -247,6 +247,7 @@ class Render:
     images: torch.Tensor  # [B, C, H, W] in [0, 1]
     history: list[float] = field(default_factory=list)  # mean objective per logged step
     final: torch.Tensor | None = None  # objective per image on the final, untransformed images
+    first: torch.Tensor | None = None  # objective per image at step 0 (its starting image, transformed)
 
 
 def render(
@@ -289,6 +290,7 @@ def render(
 
 def _optimise(model, objective, t, image_fn, params, lr, steps, g, log_every) -> Render:
     history: list[float] = []
+    first = None
     opt = torch.optim.Adam(params, lr=lr)
     acts: dict[str, torch.Tensor] = {}
 
@@ -304,6 +306,8 @@ def _optimise(model, objective, t, image_fn, params, lr, steps, g, log_every) ->
                 opt.zero_grad(set_to_none=True)
                 (-value.sum()).backward()
                 opt.step()
+                if step == 0:
+                    first = value.detach().clone()
                 if step % log_every == 0 or step == steps - 1:
                     history.append(value.mean().item())
             with torch.no_grad():
@@ -313,7 +317,7 @@ def _optimise(model, objective, t, image_fn, params, lr, steps, g, log_every) ->
                 final = objective(acts).detach()
     finally:
         acts.clear()
-    return Render(images, history, final)
+    return Render(images, history, final, first)
 
 
 # ---- dataset examples ---------------------------------------------------------------------

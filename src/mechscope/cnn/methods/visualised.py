@@ -15,7 +15,7 @@ class UnitVis(Result):
     dataset_max: float  # its maximum over the test images
     ratio_to_dataset_max: float | None  # None: never active on the test set
     exceeds_dataset_max: bool
-    objective_first: float
+    objective_first: float  # its objective (activation less the regulariser) on its starting image, step 0
     top_test_images: tuple[int, ...]
     bottom_test_images: tuple[int, ...]
     top_receptive_fields: tuple[tuple[int, int, int, int], ...] | None  # (y0, y1, x0, x1) per top image

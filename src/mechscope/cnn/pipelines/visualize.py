@@ -64,7 +64,7 @@ def visualize_model(
             logits, cache = run_with_cache(net, renders["positive"].images, names=names)
             reached = FV.units_objective(assign)(cache)
             probs = torch.softmax(logits, 1)
-        rows = [_unit(spec, ex, name, u, float(reached[i]), renders["positive"].history[0], probs[i])
+        rows = [_unit(spec, ex, name, u, float(reached[i]), float(renders["positive"].first[i]), probs[i])
                 for i, (name, u) in enumerate(assign)]  # fmt: skip
         _figures(tmp, spec, assign, rows, renders, ex, x_test, n_diverse, (lo, hi), data.class_names)
         result = FeatvisResult(_settings(steps, param, seed, n_diverse, spec), _summary(rows), tuple(rows),

@@ -129,10 +129,13 @@ def featvis_grid(
                 y0, y1, x0, x1 = boxes[i][j - 2 - d]
                 ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#ff7f0e", lw=1))
         axes[i, 0].set_ylabel(row["label"], fontsize=7, rotation=0, ha="right", va="center")
+    spatial = boxes is not None
     fig.suptitle(
-        f"{layer}: feature visualisation beside the most activating test images "
-        "(orange: receptive field of the most active position)",
-        fontsize=9,
+        f"{layer}: feature visualisation beside the test images it is largest on"
+        + (" (at any position; orange: that position's receptive field)" if spatial else "")
+        + "\n×: the unit's value on the visualisation over its largest on a test image"
+        + (" (both its mean over positions)" if spatial else ""),
+        fontsize=8,
     )
-    fig.subplots_adjust(left=0.14, right=0.99, top=1 - 0.45 / (0.95 * n + 0.8), bottom=0.01, wspace=0.05, hspace=0.15)
+    fig.subplots_adjust(left=0.14, right=0.99, top=1 - 0.75 / (0.95 * n + 0.8), bottom=0.01, wspace=0.05, hspace=0.15)
     return fig
