@@ -48,7 +48,8 @@ def attribution_grid(
     n = len(images)
     vmax = _robust_max(attributions)
     fig, axes = subplots(4, n, figsize=(1.25 * n + 1.2, 5.6), squeeze=False, layout="constrained")
-    row_names = ["input", "|attribution|", "overlay", "signed"]
+    unsigned = float(np.min(attributions)) >= 0  # saliency, SmoothGrad: |gradient|, no sign to show
+    row_names = ["input", "|attribution|", "overlay", "signed\n(none below 0)" if unsigned else "signed"]
     signed_im = heat_im = None
     for j in range(n):
         img, att = images[j], attributions[j]
@@ -65,7 +66,7 @@ def attribution_grid(
         axes[i, 0].set_ylabel(name, fontsize=8)
     fig.colorbar(heat_im, ax=axes[1, :].tolist(), shrink=0.9, pad=0.01)
     bar = fig.colorbar(signed_im, ax=axes[3, :].tolist(), shrink=0.9, pad=0.01)
-    bar.set_label("red: for the target, blue: against", fontsize=7)
+    bar.set_label("red: for the target\nblue: against", fontsize=7)
     fig.suptitle(f"{method}" + (f" — {subtitle}" if subtitle else ""), fontsize=11)
     return fig
 
