@@ -25,10 +25,11 @@ def summary_lines(result: dict) -> list[str]:
             if s["median"] is None:
                 parts.append(f"{r['activation']}: every channel silent")
                 continue
+            live = st["channels"] - s["silent"]
+            of = f"of the {live} that respond" if s["silent"] else f"of the {live}"
             parts.append(
-                f"{r['activation']} median {s['median']:.2f} ({100 * s['share_ge_0.5']:.0f}% ≥ 0.5"
-                + (f", {s['silent']} silent" if s["silent"] else "")
-                + ")"
+                f"{r['activation']} median {s['median']:.2f} ({round(s['share_ge_0.5'] * live)} {of} ≥ 0.5, "
+                f"{100 * s['share_ge_0.5']:.0f}%" + (f"; {s['silent']} silent, left out" if s["silent"] else "") + ")"
             )
         lines.append(f"Class selectivity of {st['stage']}'s {st['channels']} channels: " + "; ".join(parts) + ".")
     return lines
