@@ -245,6 +245,7 @@ def test_cnn_solu_compare(capsys, tmp_path, shapes_npz):
     assert solu["index"][3] == pytest.approx(float(by_hand), abs=1e-5)
     assert check_report(out / "report.html") == 2
     assert render_in_chromium(out / "report.html", tmp_path) == {"images": 2, "broken": []}
+    assert data["test_set"] == data["test_images"] and "(--test-limit)" not in (out / "report.html").read_text()
     code, _, err = run_main(capsys, "cnn", "solu-compare", "--activations", "solu", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "--activations takes two or more of relu, gelu, solu, got solu")
     code, _, err = run_main(capsys, "cnn", "solu-compare", "--activations", "relu,tanh", "--out", str(tmp_path / "o"))

@@ -83,3 +83,4 @@ class ActivationComparison(Result):
     stages: dict | None = figure_data()
     work: dict | None = None  # forward and backward passes of the selectivity readings, all networks together, in
     # passes over the test_images (WorkCounter; ``parts``: each network's); the trainings are not counted
+    test_set: int | None = None  # the dataset's test images (test accuracy: all of them; test_images: --test-limit)

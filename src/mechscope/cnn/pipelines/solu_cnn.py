@@ -92,6 +92,7 @@ def solu_compare_cnn(
             dataset=data.name, class_names=list(data.class_names), test_images=len(ed.y), training=config.to_dict(),
             shape=kept, models=rows, channels={act: [plain(s) for s in found] for act, found in stages.items()},
             seconds=dict(timer.seconds) | {"total": timer.total()}, stages=stages, work=_work(counts, len(ed.y)),
+            test_set=len(data.test_labels),
         )  # fmt: skip
         result = replace(result, summary=summary_lines(result.to_dict()))
         write_json(tmp / "compare.json", result.to_dict())
