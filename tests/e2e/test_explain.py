@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import markupsafe
@@ -93,9 +94,11 @@ def test_writes_report_and_mechanisms(explained):
     html = (out / "report.html").read_text()
     assert 'alt="feature visualisation of conv2 channel 5"' in html
     assert 'alt="saliency"' in html
-    # the order's two keys, each method's verdict and gap (saliency ranked first by passing, not by its gap)
+    # the order's two keys, each method's verdict, rho and gap
     assert "first those that pass the model-randomisation check (|Spearman ρ| under 0.5" in html
-    assert ": saliency (passes; gap 0.80). A method that passes can still rank" in html
+    rho = r"ρ -?\d\.\d\d on the non-zero pixels, -?\d\.\d\d over the image"
+    verdict = rf": saliency \(passes, {rho}; gap -?\d\.\d\d\)\. "
+    assert re.search(verdict + "A method that passes can still rank", html)
     assert "criterion on held-out images</th>" in html  # the circuits' criterion on images the search never saw
     for line in r.summary:  # the summary in the page is the result's, word for word
         assert str(markupsafe.escape(line)) in html

@@ -155,7 +155,11 @@ LOW_VARIANCE = 0.5  # below this explained variance the reconstruction misses mo
 
 def evaluation_lines(mt, e) -> list[str]:
     """The evaluation page's reading of its two tables: how close the reconstruction is, and what splicing it in
-    keeps, with the caution where the two disagree."""
+    keeps, with the caution where the two disagree. ``mt`` and ``e``: the result's metrics and effect (objects or
+    the dicts a record holds)."""
+    from types import SimpleNamespace
+
+    mt, e = (SimpleNamespace(**x) if isinstance(x, dict) else x for x in (mt, e))
     lines = [
         f"The reconstruction keeps {mt.explained_variance:.1%} of the activation's variance about its mean (cosine "
         f"{mt.cosine_similarity:.3f}); its norm is {mt.l2_ratio:.2f}× the activation's on average over positions "

@@ -296,8 +296,10 @@ def auto_features(features: list[dict]) -> list[str]:
     disagree."""
     if not features:
         return []
-    first = min(f["layer"] for f in features)
     picks = [features[0]["id"]]
+    if any("layer" not in f for f in features):  # a hand-made list without layers: its first feature only
+        return picks
+    first = min(f["layer"] for f in features)
     if features[0]["layer"] != first:
         picks.append(next(f["id"] for f in features if f["layer"] == first))
     return picks
