@@ -7,7 +7,7 @@ few fields a test is about set and every other field a plain, valid value.
 from __future__ import annotations
 
 from mechscope.cnn.methods.attributed import AttributionResult
-from mechscope.cnn.methods.faithfulness import FaithfulnessReport, MethodFaithfulness
+from mechscope.cnn.methods.faithfulness import CURVES_OVER, FaithfulnessReport, MethodFaithfulness
 from mechscope.cnn.methods.visualised import FeatvisResult, FeatvisSummary, UnitVis
 
 
@@ -26,7 +26,7 @@ def featvis_record(units: list[tuple[str, int, float]], weights: str | None = No
 def attribution_record(methods: list[str], weights: str | None = None) -> AttributionResult:
     report = FaithfulnessReport(
         [MethodFaithfulness(m, 0.1, 0.9, {"all": 0.0}, {"all": 0.0}, [0.5, 0.1], [0.5, 0.9]) for m in methods],
-        0.5, 0.5, ["all"], 1, 2, [0.0, 1.0], [0.5, 0.5], [0.5, 0.5],
+        0.5, 0.5, ["all"], 1, 2, [0.0, 1.0], [0.5, 0.5], [0.5, 0.5], curves_over=CURVES_OVER,
     )  # fmt: skip
     return AttributionResult("pred", "conv1.hook_post", ("0", "1"), (0,), (0,), (0,), report, None, {}, weights)
 

@@ -99,5 +99,23 @@ def test_the_randomisation_check_is_judged_on_the_input_pixels():
     tied = F.MethodFaithfulness("tied", 0.2, 0.8, {"fc": 0.99, "conv1": 0.99}, {"fc": 0.5, "conv1": 0.3})
     model_blind = F.MethodFaithfulness("copy", 0.2, 0.8, {"conv1": 1.0}, {"conv1": 1.0})
     old = F.MethodFaithfulness("old record", 0.2, 0.8, {"conv1": 0.99})  # no foreground ρ: the whole image's
-    report = F.FaithfulnessReport([tied, model_blind, old], 0.5, 0.5, ["fc", "conv1"], 8, 28)
-    assert [report.passes(x) for x in (tied, model_blind, old)] == [True, False, False]
+    blank = F.MethodFaithfulness("no foreground", 0.2, 0.8, {"conv1": 0.9}, {"conv1": float("nan")})  # blank images
+    report = F.FaithfulnessReport([tied, model_blind, old, blank], 0.5, 0.5, ["fc", "conv1"], 8, 28)
+    assert [report.passes(x) for x in (tied, model_blind, old, blank)] == [True, False, False, False]
+
+
+def test_a_record_of_an_older_mechscope_is_told_apart_and_not_linked_by_explain(tmp_path):
+    from mechscope.cnn.pipelines.explain import linked_outputs
+    from mechscope.core.outputs import write_json
+    from tests.records import attribution_record
+
+    new = attribution_record(["saliency"], "abc")
+    d = new.to_dict()
+    assert F.FaithfulnessReport.from_dict(d).curves_over == F.CURVES_OVER
+    old = {k: v for k, v in d.items() if k not in ("curves_over", "sanity_check_on")}
+    assert F.FaithfulnessReport.from_dict(old).curves_over is None
+    run = tmp_path / "run"
+    (run / "attribution").mkdir(parents=True)
+    write_json(run / "attribution" / "faithfulness.json", old)
+    linked = linked_outputs(run, "abc")
+    assert linked["attribution"] is None and "an older mechscope's, over the whole image" in linked["notes"][0]

@@ -142,6 +142,9 @@ def linked_outputs(run: Path, digest: str | None = None) -> dict:
     elif why:
         _note(linked, fv, why)
     found, why = read_linked(at / AttributionResult.FILE, AttributionResult, digest)
+    if found is not None and found.faithfulness.curves_over is None:  # an older mechscope's: the background too
+        found, why = None, ("its faithfulness checks are an older mechscope's, over the whole image (the black "
+                            "background made their ranking); `mechscope cnn attribute --force` remakes them")
     if found is not None:
         pngs = {p.stem: p for p in sorted(at.glob("*.png"))}
         f = found.faithfulness
