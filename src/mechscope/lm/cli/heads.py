@@ -73,10 +73,8 @@ def heads(
         f"previous-token heads ({len(prev)}): "
         + ", ".join(f"{h['layer']}.{h['head']} ({h['score']:.2f})" for h in prev[:10])
     )
+    from mechscope.lm.report.heads import top_k_text
+
     k = r.top_k_ablation
-    typer.echo(
-        f"ablating the {k['k']} heads with the highest induction scores: {k['induction_heads_loss_increase']:+.3f} "
-        f"loss; {k['k']} random other heads: {k['random_heads_loss_increase_mean']:+.3f} "
-        f"± {k['random_heads_loss_increase_std']:.3f}"
-    )
+    typer.echo(f"mean-ablating the {k['k']} heads with the highest induction scores together {top_k_text(k)}")
     typer.echo(f"heads.json and report.html written to {path} ({sum(r.seconds.values()):.0f} s)")

@@ -167,9 +167,10 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
             f"the model's context is {model.cfg.n_ctx}{fix}"
         )
     n_heads = model.cfg.n_layers * model.cfg.n_heads
-    if not 1 <= p.top_k <= n_heads // 2:  # the random control draws as many from the other heads
-        raise MechscopeError(f"top_k must be between 1 and {n_heads // 2} (half the {n_heads} heads: the random "
-                             f"control draws as many from the others), got {p.top_k}")  # fmt: skip
+    most = max(1, n_heads // 2)  # the random control draws as many from the other heads (none with one head)
+    if not 1 <= p.top_k <= most:
+        raise MechscopeError(f"top_k must be between 1 and {most} (half the {n_heads} heads: the random control "
+                             f"draws as many from the others), got {p.top_k}")  # fmt: skip
     return p, (lo, hi)
 
 
@@ -410,7 +411,7 @@ def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
     top = [divmod(int(i), cfg.n_heads) for i in order[:k]]
     rest = torch.as_tensor(np.sort(order[k:]).copy())
     rnd = []
-    for _ in range(draws):
+    for _ in range(draws if len(rest) >= k else 0):  # a one-head model has no other head to draw from
         pick = rest[torch.randperm(len(rest), generator=g)[:k]].tolist()
         rnd.append(HA.group(model, cap, tokens, n, [divmod(i, cfg.n_heads) for i in pick]))
     return {
@@ -418,8 +419,8 @@ def _top_k(model, cap, tokens, n, scores, k, draws, g) -> dict:
         "heads": [{"layer": layer, "head": h} for layer, h in top],
         "ablation": "mean (per position, over the batch)",
         "induction_heads_loss_increase": HA.group(model, cap, tokens, n, top),
-        "random_heads_loss_increase_mean": float(np.mean(rnd)),
-        "random_heads_loss_increase_std": float(sample_sd(rnd)),
+        "random_heads_loss_increase_mean": float(np.mean(rnd)) if rnd else float("nan"),
+        "random_heads_loss_increase_std": float(sample_sd(rnd)) if rnd else float("nan"),
         "random_draws": rnd,
     }
 

@@ -185,9 +185,7 @@ def ablation_sentences(result) -> list[str]:
     none = "" if result.induction_heads() else " (no head is labelled induction: these are the highest scores)"
     lines = [
         f"Mean-ablating the {k['k']} heads with the highest induction scores together{none} (each position's output "
-        f"replaced by its mean over the {b} sequences; measured) {_change(k['induction_heads_loss_increase'])}; "
-        f"{k['k']} random heads {RANDOM_FROM} change it by {k['random_heads_loss_increase_mean']:+.2f} ± "
-        f"{k['random_heads_loss_increase_std']:.2f} (mean ± sd over {len(k['random_draws'])} draws)."
+        f"replaced by its mean over the {b} sequences; measured) {top_k_text(k, 2)}."
     ]
     mean = result.ablation["mean"]
     n_heads = int(np.size(mean.estimate_mean))
@@ -212,22 +210,33 @@ def ablation_sentences(result) -> list[str]:
     lines.append(
         f"One head at a time, mean-ablation (each position's output replaced by its mean over the {b} sequences) "
         f"costs most, among the {len(mean.exact_mean)} heads measured exactly, for {top} nats of second-half loss "
-        f"(mean ± sd over the sequences). Measured: {measured}; the other {n_heads - len(mean.exact_mean)} heads "
-        "have only an attribution-patching estimate and are not ranked."
+        f"(mean ± sd over the sequences). Measured: {measured}"
+        + (f"; the other {n_heads - len(mean.exact_mean)} heads have only an attribution-patching estimate and are not "
+           "ranked." if len(mean.exact_mean) < n_heads else ".")
     )
     lines.append(agreement_sentence(result, mean))
     return lines
 
 
 RANDOM_FROM = "drawn from the other heads"
+
+
+def top_k_text(k: dict, digits: int = 3) -> str:
+    """The top-k ablation's loss change and its random control, in words that match their signs (the summary's
+    sentence and the ablation section's)."""
+    x = _change(k["induction_heads_loss_increase"], digits)
+    if not k["random_draws"]:
+        return f"{x}; no random control (no other heads to draw {k['k']} from)"
+    return (f"{x}; {k['k']} random heads {RANDOM_FROM} change it by {k['random_heads_loss_increase_mean']:+.{digits}f}"
+            f" ± {k['random_heads_loss_increase_std']:.{digits}f} (mean ± sd over {len(k['random_draws'])} draws)")
 DISTINCT_SE = 2.0  # a measured cost is told from zero when it is at least this many standard errors from it
 
 
-def _change(x: float) -> str:
-    """A loss change in words that match its sign (a change under 0.005 nats is none at two decimals)."""
-    if abs(x) < 0.005:
-        return f"leaves the second-half loss within 0.005 nats ({x:+.3f})"
-    return f"{'raises' if x > 0 else 'lowers'} the second-half loss by {abs(x):.2f} nats"
+def _change(x: float, digits: int = 2) -> str:
+    """A loss change in words that match its sign (a change under half the last digit shown is none)."""
+    if abs(x) < 0.5 * 10**-digits:
+        return f"leaves the second-half loss within {0.5 * 10**-digits:g} nats ({x:+.{digits + 1}f})"
+    return f"{'raises' if x > 0 else 'lowers'} the second-half loss by {abs(x):.{digits}f} nats"
 
 
 def _indistinct(ablation, batch: int) -> str | None:
@@ -449,16 +458,21 @@ def report_context(result, token_text: dict[str, list[str]] | None = None) -> di
         if name in ("repeated", "text")
     }
     d = result.to_dict()
+    noise = {kind: _indistinct(a, result.protocol["batch"]) if a.exact_mean else None
+             for kind, a in result.ablation.items()}  # fmt: skip
     return dict(
         result=d,
         summary=summary(result),
         definitions=thresholds_text(),
         marginal_se=MARGINAL_SE,
-        failures={kind: [_h(lh) for lh in estimate_failures(a)] for kind, a in result.ablation.items()},
+        failures={kind: [] if noise[kind] else [_h(lh) for lh in estimate_failures(a)]
+                  for kind, a in result.ablation.items()},  # fmt: skip
+        noise=noise,
+        topk=top_k_text(result.top_k_ablation),
         heatmaps=heatmaps(result),
         loss_png=loss_plot(result.loss_per_position, result.protocol["n"]),
         circuit_png=circuit_figure(result),
-        agreement_png=agreement_figure(result.ablation["mean"]),
+        agreement_png=None if noise.get("mean") else agreement_figure(result.ablation["mean"]),
         kinds=KIND_TEXT,
         rows=table_rows(result),
         table_scores=TABLE_SCORES,
