@@ -40,7 +40,7 @@ def test_a_control_no_better_than_the_channels_leaves_the_gain_to_training():
     assert "the trained dictionary's gain (+29.9 points) comes from training" in line
 
 
-def test_shares_round_to_a_tenth_not_half_to_even():
+def test_shares_are_to_a_tenth_of_a_percent():
     assert "against 4 of 32 channels (12.5%)" in R.summary_lines(result(242))[1]
 
 
@@ -56,3 +56,11 @@ def test_the_evaluation_reads_a_poor_reconstruction_beside_a_good_splice():
     assert lines[2].startswith("So the model's answer survives a reconstruction that misses 69% of the activation's")
     good = R.evaluation_lines(SimpleNamespace(explained_variance=0.9, cosine_similarity=0.95, l2_ratio=1.0), e)
     assert len(good) == 2  # no caution where the reconstruction is close
+
+
+def test_the_evaluation_says_when_zeroing_changes_nothing():
+    mt = SimpleNamespace(explained_variance=0.9, cosine_similarity=0.95, l2_ratio=1.0)
+    e = {"accuracy_recovered": float("nan"), "acc_spliced": 0.5, "acc_clean": 0.5, "acc_ablated": 0.5,
+         "kl_recovered": float("nan")}  # a record's dict, as the page gets it
+    line = R.evaluation_lines(mt, e)[1]
+    assert line.startswith("Zeroing the activation does not change the test accuracy (50.00%)") and "nan" not in line

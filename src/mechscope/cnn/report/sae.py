@@ -150,6 +150,20 @@ def evaluation_page(result) -> str:
                          summary=evaluation_lines(result.metrics, result.effect))  # fmt: skip
 
 
+def _splice_line(e) -> str:
+    """What splicing the reconstruction in keeps; a share of nothing (zeroing the activation changes neither the
+    accuracy nor the logits) is said as such, not printed as nan%."""
+    import math
+
+    if not math.isfinite(e.accuracy_recovered):
+        return (f"Zeroing the activation does not change the test accuracy ({e.acc_clean:.2%}), so no share of it can "
+                f"be recovered; spliced in: {e.acc_spliced:.2%}.")  # fmt: skip
+    kl = (f"KL recovered {e.kl_recovered:.1%} (1 − the logits' KL to clean spliced in / zeroed)"
+          if math.isfinite(e.kl_recovered) else "zeroing leaves the logits' KL at 0, so no KL share")  # fmt: skip
+    return (f"Spliced in, it keeps {e.accuracy_recovered:.1%} of the test accuracy that zeroing the activation loses "
+            f"({e.acc_spliced:.2%} against {e.acc_clean:.2%} clean and {e.acc_ablated:.2%} zeroed); {kl}.")
+
+
 LOW_VARIANCE = 0.5  # below this explained variance the reconstruction misses most of the activation
 
 
@@ -164,11 +178,9 @@ def evaluation_lines(mt, e) -> list[str]:
         f"The reconstruction keeps {mt.explained_variance:.1%} of the activation's variance about its mean (cosine "
         f"{mt.cosine_similarity:.3f}); its norm is {mt.l2_ratio:.2f}× the activation's on average over positions "
         "(1: the same size; a position with a small activation weighs as much as a large one).",
-        f"Spliced in, it keeps {e.accuracy_recovered:.1%} of the test accuracy that zeroing the activation loses "
-        f"({e.acc_spliced:.2%} against {e.acc_clean:.2%} clean and {e.acc_ablated:.2%} zeroed); KL recovered "
-        f"{e.kl_recovered:.1%} (1 − the logits' KL to clean spliced in / zeroed).",
+        _splice_line(e),
     ]
-    if mt.explained_variance < LOW_VARIANCE and e.accuracy_recovered >= 0.9:
+    if mt.explained_variance < LOW_VARIANCE and e.accuracy_recovered >= 0.9:  # NaN: False
         lines.append(
             f"So the model's answer survives a reconstruction that misses {1 - mt.explained_variance:.0%} of the "
             "activation's variance: the layers after the hook tolerate the error. The accuracy measures the "
