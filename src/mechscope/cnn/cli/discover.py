@@ -42,13 +42,15 @@ def discover(
         "--threshold",
         help="ACDC's tau (default: 1% of |metric clean - corrupted|); for eap/eap-ig a cut on |score|.",
     ),
-    steps: int = typer.Option(5, "--steps", help="EAP-IG's interpolation steps."),
+    steps: int | None = typer.Option(None, "--steps", help="EAP-IG's interpolation steps (default 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the images, the corruption and the random baseline."),
     explain: str | None = typer.Option(
         None, "--explain", help="mechanisms.json of `cnn explain`: compare with its circuit for --class."
     ),
     no_curve: bool = typer.Option(False, "--no-curve", help="Skip the faithfulness curve."),
-    random: int = typer.Option(5, "--random", help="Random circuits of the faithfulness baseline."),
+    random: int | None = typer.Option(
+        None, "--random", help="Random circuits of the faithfulness baseline (default 5)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN/discover)."),
     dataset: str | None = Dataset,
     data_dir: Path | None = DataDir,

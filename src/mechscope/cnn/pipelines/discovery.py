@@ -64,10 +64,10 @@ def discover_run(
     corrupt: str = "resample",
     size: int | float | None = None,
     threshold: float | None = None,
-    steps: int = 5,
+    steps: int | None = None,
     ablation: str = "patch",
     curve: bool = True,
-    n_random: int = 5,
+    n_random: int | None = None,
     explain: str | Path | None = None,
     dataset: str | None = None,
     data_dir=None,
@@ -78,7 +78,7 @@ def discover_run(
     from mechscope.cnn.report.discovery import write_report
     from mechscope.cnn.runs import load_run
 
-    check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
+    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
     out = Path(out) if out is not None else Path(run_dir) / "discover"
     check_target(out, force)
     if explain is not None and target is None:

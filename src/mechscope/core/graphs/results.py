@@ -52,20 +52,23 @@ def check_discovery_counts(seed, n_random) -> None:
 DEFAULT_STEPS, DEFAULT_RANDOM = 5, 5  # both wings' defaults of --steps and --random
 
 
-def check_discovery_settings(method: str, seed, n_random, size, threshold, steps=DEFAULT_STEPS,
-                             curve: bool = True) -> None:  # fmt: skip
+def check_discovery_settings(method: str, seed, n_random, size, threshold, steps=None,
+                             curve: bool = True) -> tuple[int, int]:  # fmt: skip
     """Both wings' ``discover`` settings, checked before any work: the method, ``--seed`` and ``--random``,
     ``--size`` with ``--threshold`` only for ACDC (for a method that ranks edges one cuts the ranking and the
-    other was ignored), and no setting another makes unread (``--steps`` other than its default for a method
-    other than EAP-IG, ``--random`` with ``--no-curve``: both were silently ignored)."""
+    other was ignored), and no setting given that another makes unread (``--steps`` for a method other than
+    EAP-IG, ``--random`` with ``--no-curve``: both were silently ignored). Returns (steps, n_random) with their
+    defaults for those not given (None)."""
     check_method(method)
-    check_discovery_counts(seed, n_random)
-    if steps != DEFAULT_STEPS and method != "eap-ig":
+    if steps is not None and method != "eap-ig":
         raise MechscopeError(f"--steps is EAP-IG's interpolation steps; --method {method} does not read it: "
                              "leave it out")  # fmt: skip
-    if n_random != DEFAULT_RANDOM and not curve:
+    if n_random is not None and not curve:
         raise MechscopeError("--random is the number of random circuits of the faithfulness curve's baseline, "
                              "which --no-curve skips: leave one of them out")  # fmt: skip
+    steps = DEFAULT_STEPS if steps is None else steps
+    n_random = DEFAULT_RANDOM if n_random is None else n_random
+    check_discovery_counts(seed, n_random)
     if threshold is not None and size is not None and method != "acdc":
         raise MechscopeError(f"{method} ranks edges: give --size or --threshold to cut the ranking, not both "
                              "(ACDC takes both: its threshold prunes, the size cuts what is left)")  # fmt: skip
@@ -73,6 +76,7 @@ def check_discovery_settings(method: str, seed, n_random, size, threshold, steps
         check_threshold(threshold)
     if type(size) is int and size < 1:  # a circuit of no edge was written (the curve measures the empty one already)
         raise MechscopeError(f"--size as an edge count must be at least 1, got {size}")
+    return steps, n_random
 
 
 def check_threshold(threshold, what: str = "--threshold") -> float:

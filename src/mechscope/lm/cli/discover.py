@@ -44,7 +44,7 @@ def discover(
         help="ACDC's tau (default: 1% of |metric clean - corrupted|); for eap/eap-ig a cut on "
         "|score| (the circuit: every edge at or above it).",
     ),
-    steps: int = typer.Option(5, "--steps", help="EAP-IG's interpolation steps."),
+    steps: int | None = typer.Option(None, "--steps", help="EAP-IG's interpolation steps (default 5)."),
     ablation: str = typer.Option(
         "patch", "--ablation", help="What a removed edge carries: patch (the corrupted input's value), mean or zero."
     ),
@@ -55,7 +55,9 @@ def discover(
     limit: int | None = typer.Option(None, "--limit", help="tracr: the first N examples (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the corruption and the random baseline."),
     no_curve: bool = typer.Option(False, "--no-curve", help="Skip the faithfulness curve."),
-    random: int = typer.Option(5, "--random", help="Random circuits of the faithfulness baseline."),
+    random: int | None = typer.Option(
+        None, "--random", help="Random circuits of the faithfulness baseline (default 5)."
+    ),
     compare_heads: str | None = typer.Option(
         None, "--compare-heads", help="heads.json of `lm heads` on this model: compare with its path-patched edges."
     ),

@@ -38,7 +38,7 @@ def discover_model(
     metric: str | None = None,
     size: int | float | None = None,
     threshold: float | None = None,
-    steps: int = 5,
+    steps: int | None = None,
     ablation: str = "patch",
     n: int = 20,
     batch: int = 8,
@@ -47,7 +47,7 @@ def discover_model(
     token_range: tuple[int, int] | None = None,
     distinct: bool = False,
     curve: bool = True,
-    n_random: int = 5,
+    n_random: int | None = None,
     compare_heads: str | Path | None = None,
     force: bool = False,
     device=None,
@@ -59,7 +59,7 @@ def discover_model(
     from mechscope.lm.models.convert.tracr import check_circuit
     from mechscope.lm.report.discovery import write_report
 
-    check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
+    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
     out = Path(out) if out is not None else model_out("discover", model_spec)
     check_target(out, force)
     timer = Timer("lm discover")
