@@ -38,6 +38,10 @@ def test_universality_report_json_and_baseline(capsys, quick_run, second_run, mn
     assert d["test_images"] == 300 and [r["label"] for r in d["runs"]] == ["quick", "quick-seed1"]
     kinds = [c["kind"] for c in d["comparisons"]]
     assert kinds == ["trained", "baseline", "baseline"]
+    tests = d["best_match_tests"]  # the summary's test, in the JSON too
+    assert set(tests) == {s["stage"] for s in d["comparisons"][0]["stages"]}
+    assert all(0 <= t["p"] <= 1 and 0 <= t["superiority"] <= 1 for t in tests.values())
+    assert all(f"p = {t['p']:.2g}" in " ".join(d["summary"]) for t in tests.values())
     trained, baselines = d["comparisons"][0], d["comparisons"][1:]
     for i, stage in enumerate(trained["stages"]):  # trained against trained beats trained against random
         assert stage["cka"] > max(b["stages"][i]["cka"] for b in baselines) or i == 0

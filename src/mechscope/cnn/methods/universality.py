@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -370,13 +370,16 @@ class UniversalityResult(Result):
     settings: dict
     summary: tuple[str, ...] = ()
     seconds: dict | None = None
+    # per stage: the summary's test of trained against random best matches (one-sided Mann-Whitney p, the
+    # probability of superiority U / (n m), n and m; cnn.report.universality.best_match_test)
+    best_match_tests: dict = field(default_factory=dict)
     # per network (each run's label, and "random <label>" for its baseline): forward and backward passes, in passes
     # over the test_images (WorkCounter over the network's stages' convolutions): the one pass over the test images
     # every network makes; for a run, what else ran it: the class circuits' search when RUN/explain could not be
-    # reused (the last stage's mean over training images, a second pass over the test images), the check of
-    # RUN/featvis by its maxima (older outputs: a pass over every test image, past --test-limit) and the feature
-    # visualisations rendered here (feature_visualisation_steps + 1 forward and that many backward passes of a batch
-    # of one image per unit rendered, the backward through the stages up to the deepest such unit's)
+    # reused (the last stage's mean over training images, a second pass over the test images) and the feature
+    # visualisations rendered here, none where RUN/featvis holds these weights' channel images
+    # (feature_visualisation_steps + 1 forward and that many backward passes of a batch of one image per unit
+    # rendered, the backward through the stages up to the deepest such unit's)
     work: dict | None = None
 
     def trained(self) -> list[Comparison]:

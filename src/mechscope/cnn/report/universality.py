@@ -61,9 +61,13 @@ def best_match_test(trained, baseline) -> dict:
 
 
 def _verdict(test: dict) -> str:
-    if not test["p"] < P_ABOVE:
-        return f"not clearly above that baseline: one-sided Mann–Whitney p = {test['p']:.2g}"
-    return f"above that baseline: one-sided Mann–Whitney p = {test['p']:.2g}"
+    """The best-match test in words: the verdict, p, the effect size and what they rest on."""
+    if not (test["n"] and test["m"]):
+        return "no test: a side has no live unit"
+    head = "above that baseline" if test["p"] < P_ABOVE else "not clearly above that baseline"
+    return (f"{head}: one-sided Mann–Whitney p = {test['p']:.2g}, probability that a trained unit's best match beats "
+            f"a random one's {test['superiority']:.2f}, over {test['n']} and {test['m']} units; units of one network "
+            "are not independent, so p is a guide")
 
 
 def circuit_totals(result) -> dict | None:
@@ -106,9 +110,7 @@ def summary_lines(result) -> list[str]:
         test = row["test"]
         lines.append(
             f"{row['stage']}: median best-match correlation {t['median_best']:.2f} between trained networks against "
-            f"{b['median_best']:.2f} with a random network ({_verdict(test)}, probability that a trained unit's best "
-            f"match beats a random one's {test['superiority']:.2f}, over {test['n']} and {test['m']} units; units of "
-            "one network are not independent, so p is a guide); one-to-one (Hungarian) pairs "
+            f"{b['median_best']:.2f} with a random network ({_verdict(test)}); one-to-one (Hungarian) pairs "
             f"median {t['median_matched']:.2f} against {b['median_matched']:.2f}, "
             f"{100 * t['share_matched_ge_0.5']:.0f}% of pairs ≥ 0.5 against {100 * b['share_matched_ge_0.5']:.0f}%; "
             f"linear CKA {_range(t['cka'])} against {_range(b['cka'])}."
