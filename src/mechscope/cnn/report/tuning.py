@@ -200,7 +200,7 @@ def _stronger_sentence(tuned, n_named: int) -> list[str]:
 
     def one(u) -> str:
         f = u.stronger()[0]
-        return (f"{u.stage} {u.channel} ({u.label_family} {u.drive:.2f} against {f.replace('_', ' ')} "
+        return (f"{u.stage} {u.channel} ({NAMES[u.label_family]} {u.drive:.2f} against {NAMES[f]} "
                 f"{u.family_best[f]['drive']:.2f})")
 
     rest = f" and {len(more) - n_named} more" if len(more) > n_named else ""

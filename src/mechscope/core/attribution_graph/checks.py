@@ -292,8 +292,8 @@ def auto_features(features: list[dict]) -> list[str]:
     """The features a graph checks itself on unasked (``features`` most influential first): the most influential,
     and, where that one is not in the earliest layer with features, that layer's most influential too. A feature of
     the last layer reaches the logits through a linear read-out, where the graph is exact by construction; one of
-    the first layer reaches them through every later nonlinearity, which the graph holds fixed, so only it can
-    disagree."""
+    the first layer reaches them through every later nonlinearity, which the graph holds fixed: the most the
+    check can find."""
     if not features:
         return []
     picks = [features[0]["id"]]
