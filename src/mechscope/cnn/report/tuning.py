@@ -200,8 +200,8 @@ def _stronger_sentence(tuned, n_named: int) -> list[str]:
 
     def one(u) -> str:
         f = u.stronger()[0]
-        return (f"{u.stage} {u.channel} ({NAMES[u.label_family]} {u.drive:.2f} against {NAMES[f]} "
-                f"{u.family_best[f]['drive']:.2f})")
+        return (f"{u.stage} {u.channel} ({u.label_family.replace('_', ' ')} {u.drive:.2f} against "
+                f"{f.replace('_', ' ')} {u.family_best[f]['drive']:.2f})")
 
     rest = f" and {len(more) - n_named} more" if len(more) > n_named else ""
     return [
