@@ -211,6 +211,7 @@ def test_random_model_has_no_induction_heads():
     [
         (HeadProtocol(n=40), None, "N = 40 needs 81 positions"),
         (PROTOCOL, [(2, 0)], r"head 2.0 out of range: layers 0..1, heads 0..1"),
+        (PROTOCOL, [(1, 0), (0, 1), (1, 0)], r"head 1.0 given more than once"),  # the API, as the CLI refuses it
         (HeadProtocol(n=20, prefix_n=10, token_range=(0, 500)), None, r"token range \[0, 500\) outside"),
         (HeadProtocol(n=20, prefix_n=10, top_k=9), None, "top_k must be between 1 and 2 .half the 4 heads"),
     ],

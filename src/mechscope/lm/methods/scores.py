@@ -314,7 +314,13 @@ def check_head(model: HookedTransformer, layer, head) -> tuple[int, int]:
 
 
 def check_heads(model: HookedTransformer, heads) -> None:
+    """Each head in range, and none given twice (it was read out, or shown, twice)."""
+    from mechscope.core.validate import repeated
+
     cfg = model.cfg
+    twice = repeated(tuple(h) for h in heads or [])
+    if twice:
+        raise MechscopeError(f"head {', '.join(f'{a}.{b}' for a, b in twice)} given more than once")
     for layer, h in heads or []:
         if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
             raise MechscopeError(
