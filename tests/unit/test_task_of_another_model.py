@@ -174,3 +174,14 @@ def test_cnn_hand_channels_are_checked_before_the_search(monkeypatch):
     x, y = strokes(16)
     with pytest.raises(MechscopeError, match="channel 7 is not a channel index"):
         cnn_discover(walk(stroke_cnn()), image_task(x, y), "eap", hand=[7], curve=False)
+
+
+def test_a_limit_above_the_examples_says_all_there_are(tracr):
+    models, _ = tracr
+    every = make_task(models["hist"])
+    n = every.settings["examples"]
+    assert "all there are" not in every.description
+    assert "all there are" not in make_task(models["hist"], limit=2).description
+    more = make_task(models["hist"], limit=n + 50)
+    assert more.settings["examples"] == n
+    assert f"on the {n} examples of hist, all there are (--limit asked for {n + 50})" in more.description
