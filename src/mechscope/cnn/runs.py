@@ -145,12 +145,16 @@ def load_run(path: str | Path) -> Run:
     usable_path(run, "run")  # a name the file system refuses (too long): one line, not an OSError
     if not run.is_dir():
         raise RunError(f"{run}: {'is a file, not a run directory' if run.exists() else 'run directory not found'}")
-    if other_wing(run, "cnn"):  # another wing's model: say which commands take it
-        raise RunError(f"{run}: not a CNN run{other_wing(run, 'cnn')}")
-    config = _read_json(run / CONFIG)
-    if "kind" in config and config["kind"] not in KINDS:
-        raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
-    fields = check_run_config(config, run / CONFIG)
+    try:
+        config = _read_json(run / CONFIG)
+        if "kind" in config and config["kind"] not in KINDS:
+            raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
+        fields = check_run_config(config, run / CONFIG)
+    except RunError:
+        elsewhere = other_wing(run, "cnn")  # read only when the run's config does not load
+        if elsewhere:  # another wing's model: say which commands take it
+            raise RunError(f"{run}: not a CNN run{elsewhere}") from None
+        raise
     try:
         model = CNN(CNNConfig.from_dict(fields))
     except (TypeError, ValueError, MechscopeError) as e:

@@ -118,8 +118,9 @@ def read_config(directory: Path) -> tuple[CLIPConfig, dict]:
     if kind not in SUPPORTED:
         from mechscope.core.paths import other_wing
 
-        if other_wing(directory, "clip"):
-            raise MechscopeError(f"{directory}: not an image–text model{other_wing(directory, 'clip')}")
+        elsewhere = other_wing(directory, "clip")
+        if elsewhere:
+            raise MechscopeError(f"{directory}: not an image–text model{elsewhere}")
         raise MechscopeError(f"{path}: model_type {kind!r} is not a supported image–text model; supported: "
                              f"{', '.join(SUPPORTED)} (Hugging Face CLIPModel, SiglipModel)")  # fmt: skip
     small = read_json_object(directory / SMALL_FILE, "small-model record") if (directory / SMALL_FILE).is_file() else {}
