@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mechscope.cnn.methods.attributed import AttributionResult
 from mechscope.cnn.methods.explained import ExplainResult
+from mechscope.cnn.methods.faithfulness import final_rho
 from mechscope.cnn.methods.featvis import short_layer_name
 from mechscope.cnn.methods.visualised import FeatvisResult
 from mechscope.cnn.report import figures
@@ -31,8 +32,8 @@ def attribution_page(r: AttributionResult, full: bool = True) -> str:
     rep = r.faithfulness
     rows = []
     for m in rep.ranking():
-        rho = list(m.randomisation.values())[-1] if m.randomisation else float("nan")
-        fg = list(m.randomisation_on_input.values())[-1] if m.randomisation_on_input else float("nan")
+        rho, fg = (float("nan") if v is None else v for v in (final_rho(m.randomisation),
+                                                               final_rho(m.randomisation_on_input)))  # fmt: skip
         rows.append([m.method, m.deletion_auc, m.insertion_auc, m.gap, fg, rho, "yes" if rep.passes(m) else "no"])
     rows.append(["random order", rep.random_deletion_auc, rep.random_insertion_auc,
                  rep.random_insertion_auc - rep.random_deletion_auc, float("nan"), float("nan"), ""])  # fmt: skip

@@ -17,6 +17,7 @@ from mechscope.cnn.methods.ablation_study import ablation_study
 from mechscope.cnn.methods.activations import ExplainData, collect
 from mechscope.cnn.methods.circuit_study import circuit_study
 from mechscope.cnn.methods.explained import ExplainResult
+from mechscope.cnn.methods.faithfulness import final_rho
 from mechscope.cnn.methods.overview import overview, weights_view
 from mechscope.cnn.methods.patching import default_pair, patching_study
 from mechscope.cnn.methods.selectivity import selectivity
@@ -151,7 +152,7 @@ def linked_outputs(run: Path, digest: str | None = None) -> dict:
         order = f.ranking()
         checks = [
             {"method": m.method, "gap": m.gap, "passes": f.passes(m),
-             "rho": _last(m.randomisation), "rho_on_input": _last(m.randomisation_on_input)}
+             "rho": final_rho(m.randomisation), "rho_on_input": final_rho(m.randomisation_on_input)}
             for m in order
         ]  # fmt: skip
         linked["attribution"] = {
@@ -161,11 +162,6 @@ def linked_outputs(run: Path, digest: str | None = None) -> dict:
     elif why:
         _note(linked, at, why)
     return linked
-
-
-def _last(by_layer: dict) -> float | None:
-    """The Spearman ρ after the whole cascade (every layer re-initialised), as the check reads it."""
-    return list(by_layer.values())[-1] if by_layer else None
 
 
 def _note(linked: dict, where: Path, why: str) -> None:
