@@ -326,10 +326,16 @@ def heldout_clean_ablated(result) -> str:
     return f"{s.heldout_clean_accuracy_ablated:.1%} ablated, {heldout_clean(s)}"
 
 
+def control_ran(result) -> bool:
+    """Whether the attack ran its random control (--controls above 0: a mean success to compare with)."""
+    s = result.finding.summary
+    return control_sets(result) > 0 and s.control_success_mean == s.control_success_mean  # NaN: none
+
+
 def control_words(result) -> str:
     """The CLI's short form of the control: how many random sets, their mean success and which sd."""
     s, n = result.finding.summary, control_sets(result)
-    if n == 0 or s.control_success_mean != s.control_success_mean:
+    if not control_ran(result):
         return "no random control (--controls 0)"
     sd = f" ± {s.control_success_sd:.1%} ({control_sd_kind(s)})" if n > 1 else ""
     return f"{n} random set{'s' if n > 1 else ''} of {s.k} neurons: mean success {s.control_success_mean:.1%}{sd}"
@@ -337,7 +343,7 @@ def control_words(result) -> str:
 
 def control_line(result) -> str:
     s, n = result.finding.summary, control_sets(result)
-    if n == 0 or s.control_success_mean != s.control_success_mean:
+    if not control_ran(result):
         return f"No random control was run (--controls 0): nothing to compare the top {s.k}'s ablation with."
     spread = (f"{s.control_success_mean:.1%} ± {s.control_success_sd:.1%} (mean ± {control_sd_kind(s)} over the "
               f"{n} sets)" if n > 1 else f"{s.control_success_mean:.1%} (one set: no sd)")  # fmt: skip
