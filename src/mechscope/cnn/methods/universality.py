@@ -371,7 +371,7 @@ class UniversalityResult(Result):
     summary: tuple[str, ...] = ()
     seconds: dict | None = None
     # per stage: the summary's test of trained against random best matches (one-sided Mann-Whitney p, the
-    # probability of superiority U / (n m), n and m; cnn.report.universality.best_match_test)
+    # probability of superiority U / (n m), n and m; best_match_test)
     best_match_tests: dict = field(default_factory=dict)
     # per network (each run's label, and "random <label>" for its baseline): forward and backward passes, in passes
     # over the test_images (WorkCounter over the network's stages' convolutions): the one pass over the test images
@@ -391,3 +391,25 @@ class UniversalityResult(Result):
     @property
     def stage_names(self) -> list[str]:
         return [s.stage for s in self.comparisons[0].stages]
+
+    def stage_tests(self) -> dict:
+        """Per stage, the best-match test: the recorded ones, or computed from the comparisons where none are."""
+        if self.best_match_tests:
+            return self.best_match_tests
+        return {st: best_match_test([c.stage(st).best_matches() for c in self.trained()],
+                                    [c.stage(st).best_matches() for c in self.baseline()])
+                for st in self.stage_names}  # fmt: skip
+
+
+def best_match_test(trained, baseline) -> dict:
+    """Whether the trained pairs' best-match correlations (live units, both directions, pooled) are larger than the
+    random baseline's: one-sided Mann–Whitney U, with the probability of superiority U / (n m) as the effect size
+    (0.5: no difference). A unit's best match is not independent of its network's other units', so p is a guide."""
+    from scipy.stats import mannwhitneyu
+
+    a = np.concatenate([np.asarray(v, dtype=float) for v in trained]) if trained else np.array([])
+    b = np.concatenate([np.asarray(v, dtype=float) for v in baseline]) if baseline else np.array([])
+    if not len(a) or not len(b):
+        return {"p": float("nan"), "superiority": float("nan"), "n": len(a), "m": len(b)}
+    u, p = mannwhitneyu(a, b, alternative="greater")
+    return {"p": float(p), "superiority": float(u) / (len(a) * len(b)), "n": len(a), "m": len(b)}

@@ -44,7 +44,7 @@ def universality(
 
 
 def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size, data_dir):
-    from mechscope.cnn.report.universality import stage_numbers, summary_lines, write_report
+    from mechscope.cnn.report.universality import summary_lines, write_report
 
     say = progress or (lambda _: None)
     timer = Timer("universality")
@@ -109,8 +109,8 @@ def _universality(runs, out, test_limit, force, progress, vis_steps, batch_size,
                       "observations": "each stage's output (after the activation and pooling); unit correlations "
                       "and per-stage CKA over images × positions, the CKA matrix over each image's channel means"},
         )  # fmt: skip
-        tests = {row["stage"]: row["test"] for row in stage_numbers(result)}
-        result = replace(result, summary=tuple(summary_lines(result)), best_match_tests=tests)
+        result = replace(result, best_match_tests=result.stage_tests())
+        result = replace(result, summary=tuple(summary_lines(result)))
         with timer.section("report"):
             write_report(result, shown, vis, feats, x, y, tmp / "report.html")
         work = {k: c.report(f"cnn universality, {k}", len(y)) for k, c in counters.items()}

@@ -29,7 +29,7 @@ def _live(m) -> np.ndarray:
 
 def stage_numbers(result) -> list[dict]:
     """Per stage: medians of the best-match and matched correlations and the CKA, trained pairs and baseline."""
-    rows = []
+    rows, tests = [], result.stage_tests()
     for st in result.stage_names:
         row = {"stage": st}
         for kind, comps in (("trained", result.trained()), ("baseline", result.baseline())):
@@ -40,24 +40,9 @@ def stage_numbers(result) -> list[dict]:
                 "share_matched_ge_0.5": _median([[float(np.mean(v >= 0.5))] for v in map(_live, ms) if len(v)]),
                 "cka": [m.cka for m in ms],
             }
-        row["test"] = best_match_test([c.stage(st).best_matches() for c in result.trained()],
-                                      [c.stage(st).best_matches() for c in result.baseline()])  # fmt: skip
+        row["test"] = tests[st]
         rows.append(row)
     return rows
-
-
-def best_match_test(trained, baseline) -> dict:
-    """Whether the trained pairs' best-match correlations (live units, both directions, pooled) are larger than the
-    random baseline's: one-sided Mann–Whitney U, with the probability of superiority U / (n m) as the effect size
-    (0.5: no difference). A unit's best match is not independent of its network's other units', so p is a guide."""
-    from scipy.stats import mannwhitneyu
-
-    a = np.concatenate([np.asarray(v, dtype=float) for v in trained]) if trained else np.array([])
-    b = np.concatenate([np.asarray(v, dtype=float) for v in baseline]) if baseline else np.array([])
-    if not len(a) or not len(b):
-        return {"p": float("nan"), "superiority": float("nan"), "n": len(a), "m": len(b)}
-    u, p = mannwhitneyu(a, b, alternative="greater")
-    return {"p": float(p), "superiority": float(u) / (len(a) * len(b)), "n": len(a), "m": len(b)}
 
 
 def _verdict(test: dict) -> str:
