@@ -115,6 +115,18 @@ def test_a_kl_to_the_clean_run_finds_the_planted_circuit_too():
         discover(walk(model), task, "eap", curve=False)
 
 
+def test_other_class_corruption_pairs_every_image_with_another_class():
+    x, y = strokes()
+    mixed = image_task(x, y, metric="logit_diff", n=64, seed=0)
+    other = image_task(x, y, metric="logit_diff", n=64, seed=0, corrupt="other-class")
+    assert torch.equal(other.clean, mixed.clean) and other.settings["corrupt"] == "other-class"
+    donor_class = [int(y[(x == c).flatten(1).all(1)][0]) for c in other.corrupted]  # each donor found among x
+    assert all(d != int(lab) for d, lab in zip(donor_class, other.labels, strict=True))
+    assert "another class" in other.description and mixed.settings["corrupt"] == "resample"
+    assert torch.equal(other.corrupted, image_task(x, y, metric="logit_diff", n=64, seed=0,
+                                                   corrupt="other-class").corrupted)  # seeded  # fmt: skip
+
+
 def test_one_class_has_its_own_circuit():
     model = stroke_cnn()
     x, y = strokes()

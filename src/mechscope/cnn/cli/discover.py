@@ -29,7 +29,8 @@ def discover(
     corrupt: str = typer.Option(
         "resample",
         "--corrupt",
-        help="Corrupted images: resample (other images; with --class, images of other classes) or other-class.",
+        help="Corrupted images: resample (the same images, shuffled; with --class, images of other classes) or "
+        "other-class (each image against one of the others of another class).",
     ),
     ablation: str = typer.Option(
         "patch", "--ablation", help="What a removed edge carries: patch (the corrupted image's value), mean or zero."

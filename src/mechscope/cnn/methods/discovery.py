@@ -3,7 +3,9 @@
 A task (:class:`ImageTask`) is a clean batch of test images, a corrupted batch of the same size and a scalar
 metric of the logits on the clean batch. With a target class (``--class D``) the clean images are the class's
 and the corrupted ones are seeded images of other classes; without one, a seeded sample of every class and,
-corrupted, the same images in a seeded derangement. Metrics (labels = the images' classes, or the target):
+corrupted, the same images in a seeded derangement (``corrupt="resample"``) or, for each image, a seeded one of
+them of another class (``corrupt="other-class"``; a derangement can pair two images of one class). Metrics
+(labels = the images' classes, or the target):
 ``logprob`` (mean log-softmax of the label; default), ``logit`` (the label's logit), ``logit_diff`` (the label's
 logit minus the mean of the others), ``loss`` (cross-entropy), ``accuracy`` and ``detect`` (with a target:
 how often "predicted D" agrees with "is D", over images of every class; not differentiable: ACDC and scrubbing
@@ -41,7 +43,7 @@ from mechscope.core.graphs import (
     check_task_model,
     find_circuit,
 )
-from mechscope.core.intervene import derangement
+from mechscope.core.intervene import derangement, resample_donors
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
 from mechscope.core.validate import check_seed
@@ -186,6 +188,9 @@ def image_task(
         others = torch.nonzero(labels != target).flatten()
         donors = others[torch.randint(len(others), (len(pick),), generator=g)]
         how = f"seeded images of other classes than {target}"
+    elif corrupt == "other-class":
+        donors = pick[resample_donors(labels[pick], seed, other_class=True)]
+        how = "for each image, a seeded one of the others of another class"
     else:
         perm = derangement(len(pick), g)
         donors = pick[perm]
@@ -208,7 +213,7 @@ def image_task(
         description=f"{metric} on {len(pick)} test images"
         + (f" of class {target}" if target is not None and metric != "detect" else "")
         + f"; corrupted: {how}",  # fmt: skip
-        settings={"n": len(pick), "seed": seed, "target": target},
+        settings={"n": len(pick), "seed": seed, "target": target, "corrupt": corrupt},
         made_on=weakref.ref(model) if metric == "kl" else None,
     )
 
