@@ -255,6 +255,9 @@ def test_task_settings_a_file_gives_are_checked_against_its_task(capsys, tmp_pat
     (["--method", "eap", "--steps", "5"], "--steps is EAP-IG's interpolation steps; --method eap does not read it"),
     (["--method", "acdc", "--steps", "0"], "--method acdc does not read it"),
     (["--no-curve", "--random", "5"], "which --no-curve skips"),  # its default value, given: refused too
+    (["--method", "eap-ig", "--ablation", "zero"], "eap-ig integrates from the corrupted input's activations: it "
+                                                   "does not read --ablation zero"),  # recorded, never applied
+    (["--method", "acdc", "--ablation", "half"], "unknown ablation 'half': one of patch, mean, zero"),
 ])  # fmt: skip
 def test_discover_refuses_settings_its_other_settings_leave_unread(capsys, tmp_path, args, match):
     for wing, model in (("lm", ["--model", str(tracr_root() / "length")]), ("cnn", ["--run", str(tmp_path / "no")])):

@@ -264,6 +264,21 @@ def test_find_circuit_cuts_by_threshold_or_default_size():
     assert len(small.circuit.edges) == 2 == len(cut_circuit(small.scores, "eap", None, None, default=2).edges)
 
 
+def test_a_size_cuts_acdcs_kept_edges_and_never_adds_a_pruned_one():
+    model, (clean, corrupted) = planted_residual("tanh"), batches()
+    kw = {"metric": logit_diff, "better": "higher", "metric_name": "logit_diff", "differentiable": True, "curve": False}
+    found = find_circuit(model, clean, corrupted, method="acdc", **kw)
+    kept = found.scores.kept
+    assert 1 < len(kept) < model.graph.n_edges
+    smaller = cut_circuit(found.scores, "acdc", len(kept) - 1, None)
+    ids = {model.graph.edges.index(e) for e in smaller.edges}
+    assert len(ids) == len(kept) - 1 and ids <= set(kept)
+    with pytest.raises(MechscopeError, match=f"acdc kept {len(kept)} edges: a circuit of {len(kept) + 1} would add"):
+        cut_circuit(found.scores, "acdc", len(kept) + 1, None)
+    with pytest.raises(MechscopeError, match="eap-ig integrates from the corrupted input's activations"):
+        find_circuit(model, clean, corrupted, method="eap-ig", ablation="mean", **kw)
+
+
 @pytest.mark.parametrize(("method", "name", "differentiable", "match"), [
     ("eap-ig", "accuracy", False, "needs a differentiable metric"),
     ("eap", "kl", True, "gradient is 0 at the clean run"),

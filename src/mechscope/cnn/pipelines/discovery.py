@@ -78,7 +78,8 @@ def discover_run(
     from mechscope.cnn.report.discovery import write_report
     from mechscope.cnn.runs import load_run
 
-    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
+    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve,
+                                                 ablation)
     out = Path(out) if out is not None else Path(run_dir) / "discover"
     check_target(out, force)
     if explain is not None and target is None:

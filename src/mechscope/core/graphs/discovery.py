@@ -26,7 +26,14 @@ from mechscope.core.graphs.faithfulness import (
     circuit_faithfulness,
     faithfulness_curve,
 )
-from mechscope.core.graphs.results import MAX_RANDOM, Circuit, EdgeScores, check_method, check_threshold
+from mechscope.core.graphs.results import (
+    MAX_RANDOM,
+    Circuit,
+    EdgeScores,
+    check_method,
+    check_method_ablation,
+    check_threshold,
+)
 from mechscope.core.validate import check_int, check_seed
 
 DEFAULT_SIZE = 30  # edges in a circuit cut from scores when neither --size nor --threshold says
@@ -113,6 +120,7 @@ def find_circuit(
     measure the faithfulness curve and the drawn circuit; ``threshold``: ACDC's tau or, for the other methods, a cut
     on |score| (ignored for ACDC's cut, which is its own); ``default_size``: the cut without size or threshold."""
     check_method(method)
+    check_method_ablation(method, ablation)
     threshold = None if threshold is None else check_threshold(threshold)
     check_method_metric(method, metric_name, differentiable)
     check_int(n_random, "n_random", 0, MAX_RANDOM)  # before the scoring, and whether or not the curve reads them
@@ -130,11 +138,10 @@ def find_circuit(
     faith = drawn = None
     if curve:
         t1 = time.perf_counter()
-        faith_ablation = "patch" if method == "eap-ig" else ablation
-        faith = faithfulness_curve(edges, scores, clean, corrupted, metric=metric, ablation=faith_ablation,
+        faith = faithfulness_curve(edges, scores, clean, corrupted, metric=metric, ablation=ablation,
                                    n_random=n_random, seed=seed, fractions=MIB_FRACTIONS,
                                    progress=progress)  # fmt: skip
-        drawn = circuit_faithfulness(edges, circuit, clean, corrupted, metric=metric, ablation=faith_ablation,
+        drawn = circuit_faithfulness(edges, circuit, clean, corrupted, metric=metric, ablation=ablation,
                                      curve=faith)  # fmt: skip
         seconds["faithfulness"] = time.perf_counter() - t1
     return CircuitSearch(scores, circuit, faith, drawn, threshold, seconds)

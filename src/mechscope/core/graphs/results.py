@@ -18,6 +18,7 @@ import numpy as np
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.graph import ComponentGraph
+from mechscope.core.graphs.protocol import ABLATIONS
 from mechscope.core.results import Result
 
 RANKINGS = ("absolute", "signed")
@@ -52,14 +53,26 @@ def check_discovery_counts(seed, n_random) -> None:
 DEFAULT_STEPS, DEFAULT_RANDOM = 5, 5  # both wings' defaults of --steps and --random
 
 
+def check_method_ablation(method: str, ablation: str) -> None:
+    """Refuse an ablation the method does not read: EAP-IG integrates from the corrupted input's activations to the
+    clean ones and its curve patches them, so a mean or zero ablation was recorded but never applied."""
+    if ablation not in ABLATIONS:
+        raise MechscopeError(f"unknown ablation {ablation!r}: one of {', '.join(ABLATIONS)}")
+    if method == "eap-ig" and ablation != "patch":
+        raise MechscopeError(f"eap-ig integrates from the corrupted input's activations: it does not read --ablation "
+                             f"{ablation} (eap, acdc and edge-patching take a mean or zero ablation)")  # fmt: skip
+
+
 def check_discovery_settings(method: str, seed, n_random, size, threshold, steps=None,
-                             curve: bool = True) -> tuple[int, int]:  # fmt: skip
+                             curve: bool = True, ablation: str = "patch") -> tuple[int, int]:  # fmt: skip
     """Both wings' ``discover`` settings, checked before any work: the method, ``--seed`` and ``--random``,
     ``--size`` with ``--threshold`` only for ACDC (for a method that ranks edges one cuts the ranking and the
     other was ignored), and no setting given that another makes unread (``--steps`` for a method other than
-    EAP-IG, ``--random`` with ``--no-curve``: both were silently ignored). Returns (steps, n_random) with their
+    EAP-IG, ``--random`` with ``--no-curve``, ``--ablation`` other than patch with EAP-IG: all were silently
+    ignored). Returns (steps, n_random) with their
     defaults for those not given (None)."""
     check_method(method)
+    check_method_ablation(method, ablation)
     if steps is not None and method != "eap-ig":
         raise MechscopeError(f"--steps is EAP-IG's interpolation steps; --method {method} does not read it: "
                              "leave it out")  # fmt: skip
@@ -194,13 +207,20 @@ class EdgeScores(Result):
 
     def circuit(self, size: int | float | None = None, *, ranking: str = "absolute") -> Circuit:
         """The top ``size`` edges (an int), the top fraction (a float in (0, 1]), or (None) the edges the
-        method kept (ACDC)."""
+        method kept (ACDC). For a method that keeps edges, the top ``size`` of those it kept: the others it pruned
+        (an untried edge scores 0, so a ranking of every edge would bring them back)."""
         if size is None:
             if self.kept is None:
                 raise MechscopeError(f"{self.method} keeps no edge set of its own: pass a size (edges or fraction)")
             ids = np.asarray(sorted(self.kept), dtype=np.int64)
         else:
             ids = self.order(ranking)[: self._count(size)]
+            if self.kept is not None:
+                if len(ids) > len(self.kept):
+                    raise MechscopeError(f"{self.method} kept {len(self.kept)} edges: a circuit of {len(ids)} would "
+                                         f"add edges it pruned (give a size of at most {len(self.kept)}, or none)")
+                kept = set(self.kept)
+                ids = np.asarray([e for e in self.order(ranking) if e in kept][: len(ids)], dtype=np.int64)
         return self._circuit(ids, ranking)
 
     def _count(self, size) -> int:

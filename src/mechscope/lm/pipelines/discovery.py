@@ -59,7 +59,8 @@ def discover_model(
     from mechscope.lm.models.convert.tracr import check_circuit
     from mechscope.lm.report.discovery import write_report
 
-    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve)
+    steps, n_random = check_discovery_settings(method, seed, n_random, size, threshold, steps, curve,
+                                                 ablation)
     out = Path(out) if out is not None else model_out("discover", model_spec)
     check_target(out, force)
     timer = Timer("lm discover")
