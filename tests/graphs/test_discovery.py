@@ -175,6 +175,42 @@ def test_circuit_sizes_and_json_round_trip():
     assert EdgeScores.from_dict(json.loads(json.dumps(kept.to_dict()))).kept == kept.kept
 
 
+def test_on_path_finds_the_edges_that_join_the_input_to_the_output():
+    g = planted_residual("tanh").graph
+    ids = [g.edge_id(*e) for e in sorted(PLANTED_EDGES)]
+    assert g.on_path(ids).all()  # the planted circuit: embed -> h0 -> h1 -> h2 -> logits, embed -> h2
+    cut = [g.edge_id("embed", "blocks.0.h0", "q"), g.edge_id("blocks.2.h0", "logits", "in")]
+    assert not g.on_path(cut).any()  # the two ends, nothing between them (what a top-k cut can give)
+    dangling = ids + [g.edge_id("embed", "blocks.1.h0", "k")]  # h1 is on the path, so this joins up
+    assert g.on_path(dangling).all()
+    mixed = [g.edge_id("embed", "blocks.2.h0", "k"), g.edge_id("blocks.2.h0", "logits", "in"),
+             g.edge_id("embed", "blocks.0.h0", "q")]  # fmt: skip
+    assert g.on_path(mixed).tolist() == [True, True, False]  # h0 feeds nothing here
+    assert g.on_path([]).shape == (0,)
+
+
+def test_the_summary_says_when_the_cut_does_not_join_up():
+    from types import SimpleNamespace
+
+    from mechscope.core.render.discovery import cli_lines, discovery_lines
+
+    g = planted_residual("tanh").graph
+    v = np.zeros(g.n_edges)
+    v[[g.edge_id("embed", "blocks.0.h0", "q"), g.edge_id("blocks.2.h0", "logits", "in")]] = [2.0, 1.0]
+    scores = EdgeScores(method="eap", graph=g, scores=v, seconds=0.1)
+    result = SimpleNamespace(scores=scores, circuit=scores.circuit(2), faithfulness=None, circuit_faithfulness=None,
+                             method="eap", metric="logit_diff", task_description="a toy")  # fmt: skip
+    line = discovery_lines(result, "toy")[1]
+    assert line == ("The circuit: 2 edges over 4 nodes. None of its edges lies on a path from the input to the "
+                    "output: they do not join up, so alone it passes nothing of the input on (a larger --size may "
+                    "join them).")  # fmt: skip
+    assert cli_lines(result)[1].startswith("circuit: 2 edges (0 on a path from the input to the output), 4 nodes")
+    v = v.copy()
+    v[g.edge_id("blocks.0.h0", "blocks.2.h0", "q")] = 1.5  # the edge between them
+    joined = SimpleNamespace(**{**vars(result), "circuit": EdgeScores(method="eap", graph=g, scores=v).circuit(3)})
+    assert discovery_lines(joined, "toy")[1] == "The circuit: 3 edges over 4 nodes."
+
+
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_mean_and_zero_ablation_eap_is_exact_in_the_linear_case(ablation):
     model, (clean, _) = planted_residual("linear"), batches()

@@ -202,6 +202,21 @@ class ComponentGraph(Result):
         """Node indices ``(from, to)`` of every edge."""
         return self._edge_nodes
 
+    def on_path(self, edge_ids: Iterable[int]) -> np.ndarray:
+        """For each of ``edge_ids``, whether it lies on a path of those edges from an input node to an output node
+        (its sender reached from an input, the node it feeds, or one reading its receiver, reaching an output)."""
+        send, recv = self.edge_nodes()
+        hops = [(int(send[e]), {int(recv[e]), *self.readers_of(int(self.edge_receiver[e]))}) for e in edge_ids]
+        fwd, back = set(self.input_nodes()), set(self.output_nodes())
+        for _ in range(len(self.nodes)):  # a fixed point: each round reaches at least one node further, or stops
+            before = len(fwd) + len(back)
+            for s, to in hops:
+                fwd |= to if s in fwd else set()
+                back |= {s} if to & back else set()
+            if len(fwd) + len(back) == before:
+                break
+        return np.asarray([s in fwd and bool(to & back) for s, to in hops], dtype=bool)
+
     # ---- parsing names ------------------------------------------------------------------------
 
     def parse_receiver(self, spec: str) -> tuple[int, tuple[str, ...]]:

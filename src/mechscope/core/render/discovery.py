@@ -58,6 +58,7 @@ def discovery_lines(result, name: str) -> list[str]:
         f"backward passes); {_ends(s)}.",
         f"The circuit: {len(result.circuit)} edges over {len(result.circuit.nodes)} nodes.",
     ]
+    out[-1] += _dangling(result)
     if drawn is not None and f is not None:
         out[-1] += (f" Alone (every other edge carries {ABLATED_VALUE.get(f.ablation, f.ablation)}) it gives "
                     f"{drawn['metric']:.4g}: {_share(drawn)}.")  # fmt: skip
@@ -77,7 +78,8 @@ def cli_lines(result) -> list[str]:
     out = [
         f"{result.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
         f"{s.backward_passes} backward passes); {result.metric} {_ends(s)}",
-        f"circuit: {len(result.circuit)} edges, {len(result.circuit.nodes)} nodes; strongest: "
+        f"circuit: {len(result.circuit)} edges ({int(_on_path(result).sum())} on a path from the input to the output), "
+        f"{len(result.circuit.nodes)} nodes; strongest: "
         + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in s.table(5)),
     ]
     if drawn is not None:
@@ -86,6 +88,24 @@ def cli_lines(result) -> list[str]:
         out.append(f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} "
                    f"(random {f.random_cmd:.3f})")  # fmt: skip
     return out
+
+
+def _on_path(result) -> np.ndarray:
+    """Whether each of the circuit's edges lies on a path of its edges from the input to the output (a cut of the
+    ranking need not join up: the top edges can all be of two kinds with none between them)."""
+    g = result.scores.graph
+    return g.on_path([g.edge_id(*e) for e in result.circuit.edges])
+
+
+def _dangling(result) -> str:
+    on = _on_path(result)
+    if on.all():
+        return ""
+    if not on.any():
+        return (" None of its edges lies on a path from the input to the output: they do not join up, so alone it "
+                "passes nothing of the input on (a larger --size may join them).")
+    return (f" {int((~on).sum())} of its edges lie on no path from the input to the output (they join nothing up, so "
+            "alone they pass nothing of the input on).")
 
 
 def _ends(s) -> str:
