@@ -10,11 +10,14 @@ import numpy as np
 
 from mechscope.core.render import layout as CL
 from mechscope.core.render.discovery import (
+    curve_words,
     discovery_lines,
     faithfulness_figure,
     metric_words,
+    score_words,
     scrub_figure,
     scrub_rows,
+    strongest,
 )
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
@@ -90,8 +93,8 @@ def channel_figure(result) -> str:
 
 def top_rows(result, k: int = 30) -> list[list]:
     g = result.scores.graph
-    return [[f"{g.edges[int(e)][0]} → {g.edges[int(e)][1]}", f"{result.scores.scores[e]:+.4g}"]
-            for e in result.scores.order()[:k]]  # fmt: skip
+    return [[f"{g.edges[e][0]} → {g.edges[e][1]}", f"{result.scores.scores[e]:+.4g}"]
+            for e in strongest(result.scores, k)[0]]  # fmt: skip
 
 
 def discovery_context(result) -> dict:
@@ -102,6 +105,9 @@ def discovery_context(result) -> dict:
         "circuit_uri": circuit_figure(result),
         "channel_uri": channel_figure(result),
         "faithfulness_uri": faithfulness_figure(result.faithfulness),
+        "curve_words": curve_words(result.faithfulness) if result.faithfulness is not None else "",
+        "score_words": score_words(result),
+        "zero_note": strongest(result.scores)[1],
         "top_rows": top_rows(result),
         "settings": {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.settings.items() if v is not None},
     }

@@ -79,7 +79,7 @@ from mechscope.core.graphs.results import (
     check_threshold,
     parse_size,
 )
-from mechscope.core.graphs.scoring import CircuitScore, auroc, score_circuit
+from mechscope.core.graphs.scoring import CircuitScore, auroc, drawn_against_truth, score_circuit
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -103,6 +103,7 @@ __all__ = [
     "auroc",
     "capture",
     "circuit_faithfulness",
+    "drawn_against_truth",
     "eap",
     "eap_ig",
     "edge_attribution",

@@ -173,6 +173,16 @@ def score_circuit(
     )
 
 
+def drawn_against_truth(scores: EdgeScores, circuit, truth, edge_set: str = "primary") -> dict:
+    """The drawn circuit's own edges against ``truth`` (a KnownCircuit's ``edge_set``, or the true edges): how many
+    it has, how many are true, its precision and recall (:func:`score_circuit` takes them at the true set's size)."""
+    true_edges = truth.edge_set(edge_set) if hasattr(truth, "edge_set") else list(truth)
+    positives = _truth_edges(scores, true_edges, "edge")
+    hits = sum(tuple(e) in positives for e in circuit.edges)
+    return {"edges": len(circuit.edges), "true": hits, "n_true_edges": len(positives),
+            "precision": _ratio(hits, len(circuit.edges)), "recall": _ratio(hits, len(positives))}  # fmt: skip
+
+
 def _circuit_nodes(scores: EdgeScores, key: np.ndarray, k: int, level: str) -> set[int]:
     """Nodes touched by the top ``k`` candidates (edges or pairs), in a stable order."""
     g = scores.graph

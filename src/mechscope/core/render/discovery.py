@@ -39,12 +39,57 @@ def faithfulness_figure(curve, title: str = "") -> str | None:
         return None
     fig, ax = subplots(figsize=(6.5, 3.6), layout="constrained")
     CL.draw_faithfulness(ax, curve.fractions, curve.faithfulness, curve.random_mean, curve.random_sd,
-                         curve.faithfulness_absolute, label=curve.method)  # fmt: skip
+                         curve.faithfulness_absolute, label=f"{curve.method}, ranked by "
+                         + ("signed score" if curve.cpr_ranking == "signed" else "|score|"))  # fmt: skip
     ax.set_title(title or f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
     return figure_data_uri(fig)
 
 
 ABLATED_VALUE = {"patch": "the corrupted input's value", "mean": "its mean over the batch", "zero": "zero"}
+
+
+def strongest(scores, k: int = 30) -> tuple[list[int], str]:
+    """The ``k`` edges of the largest |score| that score at all, and a note on those left out for scoring 0 (an
+    edge ACDC never tried, one no gradient reaches)."""
+    ids = [int(e) for e in scores.order()[:k] if scores.scores[e] != 0]
+    zero = int(np.sum(np.asarray(scores.scores) == 0))
+    return ids, (f"{zero:,} of the {scores.graph.n_edges:,} edges score exactly 0 and are not listed." if zero else "")
+
+
+def score_words(result) -> str:
+    """What an edge's score is, for the caption under the circuit figure (ACDC's depends on its search order)."""
+    value = ABLATED_VALUE.get(result.settings.get("ablation"), "the corrupted input's value")
+    if result.method == "acdc":
+        return (f"ACDC's measured change of the metric when it removed that edge (it then carries {value}) with every "
+                "edge it had removed before it already removed, so it depends on the search order; an edge ACDC "
+                "never tried (its receiver no longer mattered) scores 0")  # fmt: skip
+    how = "measured" if result.method == "edge-patching" else "estimated, to first order,"
+    return f"the {how} change of the metric when that edge alone carries {value}"
+
+
+def curve_words(curve) -> str:
+    """The caption of the faithfulness figure: what is drawn, the axis, what CPR and CMD are areas over."""
+    value = ABLATED_VALUE.get(curve.ablation, curve.ablation)
+    same = np.allclose(np.asarray(curve.faithfulness, float), np.asarray(curve.faithfulness_absolute, float),
+                       equal_nan=True)  # fmt: skip
+    drawn = ("the two rankings give one curve, drawn once" if same else
+             "both curves are drawn, so the two areas need not add to 1")  # fmt: skip
+    return (f"The metric with only the top k% of edges kept (every other edge carries {value}), normalised so that "
+            "the full model is 1 and the empty circuit 0; the x axis is logarithmic. CPR is the area under the curve "
+            "of the edges ranked as the method scores them (by signed score where the metric has a better direction), "
+            "CMD the area between 1 and the curve of the edges ranked by |score| (MIB's convention; " + drawn + "). "
+            "Both areas are taken over the fraction of edges on a linear scale, as MIB takes them" + _weight(curve)
+            + f"; the random baseline ranks the edges in {curve.n_random} seeded random orders.")
+
+
+def _weight(curve) -> str:
+    """How much of the areas' width the plot's points from 10% up make, against their share of the log axis."""
+    lo, hi = min(curve.fractions), max(curve.fractions)
+    if not 0 < lo < 0.1 < hi:
+        return ""
+    plot, width = math.log(hi / 0.1) / math.log(hi / lo), (hi - 0.1) / (hi - lo)
+    return (f", so the points from 10% up, {plot:.0%} of the plot's width, make {width:.0%} of the width the areas "
+            "are taken over")
 ROUNDING = 1e-6  # a score at most this share of the largest is float rounding, not an effect
 
 

@@ -197,7 +197,7 @@ def draw_faithfulness(ax, fractions, faithfulness, random_mean=None, random_sd=N
     ax.plot(x, faithfulness, "o-", color="#1b9e77", label=label, zorder=3)
     if absolute is not None and not np.allclose(np.asarray(absolute, float), np.asarray(faithfulness, float),
                                                 equal_nan=True):  # fmt: skip
-        ax.plot(x, absolute, "s--", color="#7570b3", label=f"{label}, ranked by |score|", zorder=2)
+        ax.plot(x, absolute, "s--", color="#7570b3", label=f"{label.split(',')[0]}, ranked by |score|", zorder=2)
     if random_mean is not None and len(random_mean) == len(x) and np.isfinite(np.asarray(random_mean, float)).any():
         m = np.asarray(random_mean, dtype=float)
         ax.plot(x, m, "^-", color="#d95f02", label="random circuits", zorder=2)
@@ -207,6 +207,6 @@ def draw_faithfulness(ax, fractions, faithfulness, random_mean=None, random_sd=N
     ax.axhline(1.0, color="#999", lw=0.8, ls=":")
     ax.axhline(0.0, color="#999", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("edges kept (%)")
+    ax.set_xlabel("edges kept (%, log scale)")
     ax.set_ylabel("faithfulness (1 = full model, 0 = empty circuit)")
     ax.legend(fontsize=7)

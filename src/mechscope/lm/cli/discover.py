@@ -84,10 +84,10 @@ def discover(
 
     for line in cli_lines(r):
         typer.echo(line)
-    for name, sc in r.ground_truth.items():
-        typer.echo(f"against circuit.json ({name}): edge AUROC {sc.edge_auroc:.3f}, node recall at size "
-                   f"{sc.node_recall_at_size:.2f}, edge precision/recall "
-                   f"{sc.edge_precision:.2f}/{sc.edge_recall:.2f}")  # fmt: skip
+    from mechscope.lm.report.discovery import truth_sentence
+
+    for name in r.ground_truth:
+        typer.echo(truth_sentence(r, name))
     if r.comparison:
         c = r.comparison
         typer.echo(f"path-patched edges: AUROC {c['auroc']:.3f} (among {'/'.join(c['slots'])} inputs "

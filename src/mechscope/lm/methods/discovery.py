@@ -24,6 +24,7 @@ from mechscope.core.graphs import (
     auroc,
     check_known,
     check_task_model,
+    drawn_against_truth,
     find_circuit,
     score_circuit,
 )
@@ -67,6 +68,9 @@ class LMDiscovery(TopEdges, Result):
     work: dict | None = None
     # the drawn circuit alone (every other edge ablated as for the curve): circuit_faithfulness's dict
     circuit_faithfulness: dict | None = None
+    # edge set -> the drawn circuit's own edges against it (tracr): edges, true, n_true_edges, precision, recall
+    # (ground_truth's precision and recall are at the set's size; drawn_against_truth)
+    drawn_vs_truth: dict[str, dict] | None = None
 
 
 # ---- discovery ----------------------------------------------------------------------------------------
@@ -107,9 +111,10 @@ def discover(
                              threshold=threshold, steps=steps, ablation=ablation, curve=curve, n_random=n_random,
                              seed=seed, default_size=default, progress=progress)  # fmt: skip
     scores = found.scores
-    truth = {}
+    truth, drawn = {}, None
     if known is not None:
         truth = {s: score_circuit(scores, known, edge_set=s) for s in known.edge_sets}
+        drawn = {s: drawn_against_truth(scores, found.circuit, known, edge_set=s) for s in known.edge_sets}
     settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
                 "threshold": found.threshold, "n_random": n_random, "seed": seed, **task.settings}  # fmt: skip
     return LMDiscovery(
@@ -126,6 +131,7 @@ def discover(
         faithfulness=found.faithfulness,
         circuit_faithfulness=found.circuit_faithfulness,
         ground_truth=truth,
+        drawn_vs_truth=drawn,
         known_nodes=tuple(known.nodes) if known is not None else (),
         known_edges=tuple(known.edge_set("primary")) if known is not None else (),
         comparison=compare_edges(scores, hand_edges, len(found.circuit)) if hand_edges else None,

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from mechscope.core.render import layout as CL
 from mechscope.core.render.discovery import (
+    curve_words,
     discovery_lines,
     faithfulness_figure,
     metric_words,
+    score_words,
     scrub_figure,
     scrub_rows,
+    strongest,
 )
 from mechscope.core.render.figures import subplots
 from mechscope.core.render.html import figure_data_uri, render, render_string
@@ -74,12 +77,7 @@ def _label(name: str) -> str:
 
 def summary(result) -> list[str]:
     out = discovery_lines(result, result.model)
-    for name, sc in result.ground_truth.items():
-        out.append(
-            f"Against circuit.json ({name} edges, {sc.n_true_edges}): edge AUROC {sc.edge_auroc:.3f}, precision "
-            f"{sc.edge_precision:.2f} and recall {sc.edge_recall:.2f} at {sc.size} edges; node AUROC "
-            f"{sc.node_auroc:.3f}, node recall at the circuit's size ({sc.n_true_nodes}) {sc.node_recall_at_size:.2f}."
-        )
+    out += [truth_sentence(result, name) for name in result.ground_truth]
     if any(_fractional(sc.edge_precision * sc.size) for sc in result.ground_truth.values()):
         out.append("Edges tied at the cut count as a random tie break would (the expected share), so precision and "
                    "recall need not be whole counts.")  # fmt: skip
@@ -93,21 +91,47 @@ def summary(result) -> list[str]:
     return out
 
 
+def truth_sentence(result, name: str) -> str:
+    """One edge set of circuit.json against the scores (at the set's own size) and against the drawn circuit."""
+    sc = result.ground_truth[name]
+    d = (result.drawn_vs_truth or {}).get(name)
+    drawn = (f" The drawn circuit's {d['edges']} edges hold {d['true']} of them (precision {d['precision']:.2f}, "
+             f"recall {d['recall']:.2f}).") if d else ""  # fmt: skip
+    return (f"Against circuit.json ({name} edges, {sc.n_true_edges}): edge AUROC {sc.edge_auroc:.3f}; precision "
+            f"{sc.edge_precision:.2f} and recall {sc.edge_recall:.2f} of the top {sc.size} edges (as many as the set "
+            f"has); node AUROC {_node_auroc(sc)}, node recall of the top {sc.n_true_nodes} nodes (as many as it "
+            f"has) {sc.node_recall_at_size:.2f}." + drawn)
+
+
+def _node_auroc(sc) -> str:
+    """The node AUROC, or why there is none (every candidate node is in the known circuit: nothing to rank below)."""
+    if sc.node_auroc == sc.node_auroc:
+        return f"{sc.node_auroc:.3f}"
+    return "undefined (every head and MLP is in the known circuit)" if sc.n_true_nodes == sc.n_node_candidates else (
+        "undefined")  # fmt: skip
+
+
 def _fractional(x: float) -> bool:
     return abs(x - round(x)) > 1e-9
 
 
 def ground_truth_rows(result) -> list[list]:
     return [[name, sc.n_true_edges, f"{sc.edge_auroc:.3f}", f"{sc.edge_precision:.2f}", f"{sc.edge_recall:.2f}",
-             f"{sc.node_auroc:.3f}", f"{sc.node_precision:.2f}", f"{sc.node_recall:.2f}",
-             f"{sc.node_recall_at_size:.2f}"] for name, sc in result.ground_truth.items()]  # fmt: skip
+             _node_auroc(sc).split(" (")[0], f"{sc.node_precision:.2f}", f"{sc.node_recall:.2f}",
+             f"{sc.node_recall_at_size:.2f}", _drawn_cell(result, name)]
+            for name, sc in result.ground_truth.items()]  # fmt: skip
+
+
+def _drawn_cell(result, name: str) -> str:
+    d = (result.drawn_vs_truth or {}).get(name)
+    return f"{d['true']} of {d['edges']} ({d['precision']:.2f} / {d['recall']:.2f})" if d else "–"
 
 
 def top_rows(result, k: int = 30) -> list[list]:
     known = {tuple(e) for e in result.known_edges}
     rows = []
-    for e in result.scores.order()[:k]:
-        s, n, slot = result.scores.graph.edges[int(e)]
+    for e in strongest(result.scores, k)[0]:
+        s, n, slot = result.scores.graph.edges[e]
         rows.append([f"{s} → {n}<{slot}>", f"{result.scores.scores[e]:+.4g}",
                      ("yes" if (s, n, slot) in known else "no") if known else ""])  # fmt: skip
     return rows
@@ -120,6 +144,9 @@ def discovery_context(result) -> dict:
         "summary": summary(result),
         "circuit_uri": circuit_figure(result),
         "faithfulness_uri": faithfulness_figure(result.faithfulness),
+        "curve_words": curve_words(result.faithfulness) if result.faithfulness is not None else "",
+        "score_words": score_words(result),
+        "zero_note": strongest(result.scores)[1],
         "truth_rows": ground_truth_rows(result),
         "top_rows": top_rows(result),
         "comparison": result.comparison,
