@@ -63,7 +63,9 @@ def score_words(result) -> str:
         return (f"ACDC's measured change of the metric when it removed that edge (it then carries {value}) with every "
                 "edge it had removed before it already removed, so it depends on the search order; an edge ACDC "
                 "never tried (its receiver no longer mattered) scores 0")  # fmt: skip
-    how = "measured" if result.method == "edge-patching" else "estimated, to first order,"
+    how = {"edge-patching": "measured", "eap": "estimated, to first order,",
+           "eap-ig": "estimated (gradients averaged from the corrupted input to the clean one)"}.get(
+        result.method, "estimated")  # fmt: skip
     return f"the {how} change of the metric when that edge alone carries {value}"
 
 
