@@ -194,6 +194,7 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
         (("--threshold", "-1", "--method", "acdc"), "--threshold must be >= 0"),
         (("--metric", "detect"), "needs a target class"),
         (("--class", "12"), "class 12 out of range: expected 0..9"),
+        (("--digit", "12"), "class 12 out of range: expected 0..9"),  # the mnist group's name, as cnn explain takes
         (("--explain", str(tmp_path)), "--explain compares a class's circuit"),
         (("--class", "1", "--explain", str(tmp_path)), "mechanisms.json: not found"),
         (("--threads", "-1"), "--threads must be an integer from 1"),

@@ -15,8 +15,6 @@ import typer
 from mechscope.cli import app
 from tests.e2e.test_cli import assert_one_line_error, run_main
 
-NO_MODEL_RUN = {("lm", "inspect")}  # prints a checkpoint's layout and hooks: one forward of a few tokens at most
-
 
 def _commands(group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
     out = []
@@ -35,7 +33,7 @@ COMMANDS = _commands(typer.main.get_command(app))
 
 def test_every_command_that_runs_a_model_takes_threads():
     assert len(COMMANDS) >= 30  # the walk found the tree (a walk that finds nothing would pass below)
-    lacking = [" ".join(p) for p, c in COMMANDS if p not in NO_MODEL_RUN and not _has_threads(c)]
+    lacking = [" ".join(p) for p, c in COMMANDS if not _has_threads(c)]  # lm inspect too: a GGUF's load, --hook's run
     assert not lacking, f"without --threads: {lacking}"
 
 

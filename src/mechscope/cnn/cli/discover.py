@@ -23,7 +23,7 @@ def discover(
         "detect: acdc only).",
     ),
     target: str | None = typer.Option(
-        None, "--class", help="A class (index or name): its images, corrupted by others'."
+        None, "--class", "--digit", help="A class (index or name): its images, corrupted by others'."
     ),
     n: int | None = typer.Option(None, "--n", help="Test images (default: 64, or every one there is when fewer)."),
     corrupt: str = typer.Option(

@@ -27,17 +27,37 @@ def inspect(
     dtype: str | None = DtypeOpt,
     device_map: str | None = DeviceMapOpt,
     revision: str | None = RevisionOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Architecture, parameter count, dtype, device and hook names (and, with --hook, activations)."""
-    import torch
-
     from mechscope.core.errors import MechscopeError
-    from mechscope.core.hooks import describe_names, firing_hooks, hook_points, run_with_cache
+    from mechscope.core.hooks import describe_names
+    from mechscope.core.torch_utils import torch_threads
     from mechscope.core.validate import typed_options
     from mechscope.lm.models.transformer import describe
 
     if tokens is not None and "--prompt" in typed_options():
         raise MechscopeError("give --prompt or --tokens, not both")
+    with torch_threads(threads):  # the load (a GGUF's dequantisation), the prompt's run and the hooks' probe
+        m, tok, cache, alive, silent = _inspect(model, hook, prompt, tokens, device, dtype, device_map, revision)
+    for key, value in describe(m).items():
+        typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
+    typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
+    typer.echo("hook points: " + describe_names(alive))
+    if silent:
+        typer.echo("not computed by this model (their modules exist): " + describe_names(silent))
+    if hook:
+        for name, act in cache.items():
+            typer.echo(f"{name}: shape {list(act.shape)}, mean {act.float().mean():+.4f}, std {act.float().std():.4f}")
+
+
+def _inspect(model, hook, prompt, tokens, device, dtype, device_map, revision):
+    """The model, its tokenizer, the --hook activations, the hook names that fire and those that do not."""
+    import torch
+
+    from mechscope.core.errors import MechscopeError
+    from mechscope.core.hooks import firing_hooks, hook_points, run_with_cache
+
     m, tok = load_for_command(model, device, dtype, device_map, revision=revision)
     cache = {}
     if hook:  # before any output: a hook that does not fire for this model is an error, not an empty answer
@@ -52,15 +72,7 @@ def inspect(
     alive = firing_hooks(m, probe)  # a name is valid only if it fires (see core.hooks)
     fired = set(alive)
     silent = [n for n in hook_points(m) if n not in fired]
-    for key, value in describe(m).items():
-        typer.echo(f"{key:<12}{value:,}" if isinstance(value, int) else f"{key:<12}{value}")
-    typer.echo(f"{'tokenizer':<12}{'yes, ' + format(tok.vocab_size, ',') + ' tokens' if tok else 'none found'}")
-    typer.echo("hook points: " + describe_names(alive))
-    if silent:
-        typer.echo("not computed by this model (their modules exist): " + describe_names(silent))
-    if hook:
-        for name, act in cache.items():
-            typer.echo(f"{name}: shape {list(act.shape)}, mean {act.float().mean():+.4f}, std {act.float().std():.4f}")
+    return m, tok, cache, alive, silent
 
 
 @app.command()
