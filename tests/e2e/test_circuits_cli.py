@@ -74,8 +74,10 @@ def test_circuits_on_a_one_layer_toy_run(capsys, tmp_path, monkeypatch):
     code, _, err = run_main(capsys, "lm", "train-toy", "--layers", "1", "--steps", "6", "--out", str(run))
     assert code == 0, err
     out = tmp_path / "c"
-    code, _, err = run_main(capsys, "lm", "circuits", "--model", str(run), "--out", str(out))
+    code, stdout, err = run_main(capsys, "lm", "circuits", "--model", str(run), "--out", str(out))
     assert code == 0, err
+    assert "K-composition: no pair of heads to score (one layer" in stdout  # it printed an empty list
+    assert "No pair of heads to score:</b> every head is in the one layer" in (out / "report.html").read_text()
     data = assert_round_trip(out / "circuits.json", CircuitsResult)
     assert len(data["bigrams"]["top"]) == 20
     assert [h["head"] for h in data["skip_trigrams"]["heads"]] == ["0.0", "0.1"]

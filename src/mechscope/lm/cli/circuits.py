@@ -53,6 +53,7 @@ def circuits(
     typer.echo(
         "strongest K-composition: " + ", ".join(f"{p['source']}→{p['target']} ({p['score']:.3f})" for p in k)
         + f"; random baseline {base:.3f}"
+        if k else "K-composition: no pair of heads to score (one layer: no head reads another's output)"
     )
     if r.induction is not None:
         edges = r.induction.edges()
