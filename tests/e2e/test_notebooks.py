@@ -47,6 +47,8 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch):
         assert len(nbformat.writes(nbformat.v4.new_notebook(cells=[c]))) < 1_100_000
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors[0].get("evalue")
+    stderr = "".join(o.get("text", "") for c in code for o in c.outputs if o.get("name") == "stderr")
+    assert "Warning" not in stderr, stderr[:500]  # tqdm.auto's "IProgress not found" without ipywidgets, and others
     assert all(c.execution_count for c in code)  # every cell ran, in order
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     html = [(i, o.data["text/html"]) for i, c in enumerate(code) for o in c.outputs if "text/html" in o.get("data", {})]

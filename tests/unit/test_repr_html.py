@@ -148,6 +148,11 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.ablate_heads(m, t, [(1, 9)]), "head 1.9 out of range"),
         (lambda m, t: mechscope.lm.ablate_heads(m, t, [(1, 0)], kind="half"), "kind must be mean, zero or resample"),
         (lambda m, t: mechscope.lm.ablate_heads(m, t[:1], [(1, 0)]), "batch must be at least 2"),
+        (lambda m, t: mechscope.lm.ablate_heads(m, t, (1, 0)), "heads must be a list of (layer, head) pairs: for one "
+                                                               "head give [(1, 0)]"),  # was a TypeError from *h
+        (lambda m, t: mechscope.lm.ablate_heads(m, t, ["1.0"]), "each head must be a (layer, head) pair, e.g. (17, 3), "
+                                                                "got '1.0'"),
+        (lambda m, t: mechscope.lm.head_scores(m, t).ranked("nosuch"), "unknown score 'nosuch': one of induction"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, n=40), "N = 40 needs 81 positions; the model's context is 64"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, n=40), "N = 40 needs 81 positions"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, show=[(3, 0)], protocol=PROTOCOL), "head 3.0 out of range"),
@@ -164,6 +169,21 @@ def test_bad_input_is_one_line_from_the_call(model, tokens, call, message):
     package = Path(mechscope.__file__).resolve().parent  # the package, not any folder named mechscope (a checkout)
     inside = [f for f in files if Path(f).resolve().is_relative_to(package)]
     assert inside == [f for f in inside if f.endswith("errors.py")] and len(inside) == 1, files
+
+
+def test_a_views_bad_head_is_one_line_from_the_view(model, tokens):
+    s = mechscope.lm.head_scores(model, tokens)
+    with pytest.raises(MechscopeError, match=r"head 5\.0 out of range") as e:
+        s.show(5, 0)
+    files = [f.filename for f in traceback.extract_tb(e.value.__traceback__)]
+    package = Path(mechscope.__file__).resolve().parent
+    inside = [Path(f).name for f in files if Path(f).resolve().is_relative_to(package)]
+    assert inside == ["scores.py", "errors.py"], files  # show, then the wrapper: not show's machinery (8 frames)
+
+
+def test_attention_viewer_saves_a_page(model, tokens, tmp_path):
+    page = mechscope.attention(model, tokens[2], 1, 0).save_html(tmp_path / "head.html").read_text()
+    assert page.startswith("<!doctype html>") and "const pat = " in page and "<title>head 1.0</title>" in page
 
 
 def test_head_scores_table_show_and_render(model, tokens):

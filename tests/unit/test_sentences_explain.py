@@ -114,6 +114,14 @@ def one(lines: list[str], start: str) -> str:
     return found[0]
 
 
+def test_a_class_the_study_did_not_search_is_one_line():
+    from mechscope.core.errors import MechscopeError
+
+    assert _study().of(1).channels == (0, 3)
+    with pytest.raises(MechscopeError, match="no circuit for class 7: this study searched class"):
+        _study().of(7)  # it returned None, and `.channels` failed on it
+
+
 def test_the_mean_bias_and_the_donors_are_stated(lines):
     line = one(lines, "Mean-ablation is not neutral here")
     assert "the network calls every test image a fox (at least 50% counts as the mean conv2 map reading" in line

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.data.images import ImageDataset

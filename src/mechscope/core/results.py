@@ -1,7 +1,9 @@
 """Typed results: every analysis returns a frozen :class:`Result`; its JSON is ``to_dict()``.
 
-A result is a frozen dataclass that subclasses :class:`Result`. It is never changed after construction
-(``dataclasses.replace`` makes a new one). ``to_dict()`` turns it into plain JSON values: tensors and arrays
+A result is a frozen dataclass that subclasses :class:`Result`: its fields cannot be reassigned
+(``dataclasses.replace`` makes a new one). The arrays, tensors, dicts and lists it holds are not copied, so
+writing into one (``r.scores["induction"][0, 0] = 1``) changes the result and every view of it: copy first
+(``.copy()``, ``.clone()``) to experiment. ``to_dict()`` turns it into plain JSON values: tensors and arrays
 become nested lists, tuples lists, nested results dicts, NaN ``None``; fields declared with
 :func:`figure_data` feed figures only and stay out of the JSON. A result that other commands read back has
 a ``SCHEMA`` (``"mechscope.<kind>/<version>"``), written as the ``schema`` header of its JSON, and
@@ -24,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mechscope.core.errors import RunError, about
+from mechscope.core.errors import RunError, about, user_errors
 
 SCHEMA_KEY = "schema"
 
@@ -126,6 +128,7 @@ class Result:
 
         return save_html(self, path)
 
+    @user_errors  # a bad head or unit surfaces from the view's call, not through show's machinery
     def render_view(self, name: str, *args, **kwargs):
         """A named view of this result registered by its wing's notebook module (``table``, ``show``...)."""
         from mechscope.core.show import view

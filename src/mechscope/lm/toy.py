@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError, about
 from mechscope.core.outputs import save_tensors

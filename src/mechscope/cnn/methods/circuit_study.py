@@ -26,6 +26,7 @@ from mechscope.cnn.methods import circuits as C
 from mechscope.cnn.methods.activations import logits_and_activations
 from mechscope.cnn.methods.layer_attribution import class_channel_to_channel
 from mechscope.core import intervene as A
+from mechscope.core.errors import MechscopeError
 from mechscope.core.kept_sum import KeptSum, Rates
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
@@ -106,8 +107,13 @@ class CircuitStudy(Result):
         """Channel -> the classes whose circuit holds it."""
         return C.circuit_membership([{"channels": c.channels, "digit": c.target} for c in self.circuits])
 
-    def of(self, target: int) -> ClassCircuit | None:
-        return next((c for c in self.circuits if c.target == target), None)
+    def of(self, target: int) -> ClassCircuit:
+        """The circuit found for class ``target``; a one-line error for a class the study did not search."""
+        found = next((c for c in self.circuits if c.target == target), None)
+        if found is None:
+            have = ", ".join(str(c.target) for c in self.circuits) or "none"
+            raise MechscopeError(f"no circuit for class {target!r}: this study searched class(es) {have}")
+        return found
 
     def held_out_met(self, c: ClassCircuit) -> bool | None:
         """The criterion (both halves, the same tolerance) on the held-out images the search never saw; None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.cnn.data.images import check_dataset
 from mechscope.cnn.methods import sae as S

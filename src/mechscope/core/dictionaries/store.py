@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result

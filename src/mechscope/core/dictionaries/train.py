@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.dictionaries import checkpoint as ckpt
 from mechscope.core.dictionaries.config import DictionaryConfig

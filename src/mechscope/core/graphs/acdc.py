@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of, metric_value
 from mechscope.core.graphs.results import EdgeScores, check_better, check_threshold

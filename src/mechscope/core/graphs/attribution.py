@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import (

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of

@@ -44,6 +44,16 @@ class AttentionViewer:
         """The attention from position ``query`` to every position (0 after it)."""
         return self.pattern[query]
 
+    def save_html(self, path):
+        """Write the viewer as one self-contained page (its inline script; no network) to ``path``."""
+        from mechscope.core.outputs import write_text_atomic
+        from mechscope.core.render.html import with_footer
+
+        title = markupsafe.escape(self.title)
+        page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head><body>'
+                f"{self._repr_html_()}</body></html>")  # fmt: skip
+        return write_text_atomic(path, with_footer(page))
+
     def _repr_html_(self) -> str:
         uid = new_uid()
         n = min(len(self.tokens), MAX_POSITIONS)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mechscope.core.errors import MechscopeError
+from mechscope.core.errors import MechscopeError, user_errors
 from mechscope.core.hooks import hooks, run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.lm.models.folding import AnalysisWeights
@@ -291,7 +291,11 @@ class HeadScores(Result):
     patterns: dict[str, np.ndarray]
     model_ref: Any = figure_data()  # a weak reference to the model, for heads whose pattern was not kept
 
+    @user_errors
     def ranked(self, score: str = "induction") -> list[tuple[int, int]]:
+        """Every (layer, head), highest ``score`` first (one of :attr:`scores`' names)."""
+        if score not in self.scores:
+            raise MechscopeError(f"unknown score {score!r}: one of {', '.join(self.scores)}")
         s = self.scores[score]
         return [divmod(int(i), s.shape[1]) for i in np.argsort(-s.ravel(), kind="stable")]
 
@@ -313,11 +317,29 @@ def check_head(model: HookedTransformer, layer, head) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def _check_pairs(heads) -> None:
+    """A list of (layer, head) pairs of integers: one head given alone, or as "17.3", is refused in one line."""
+    if heads is None:
+        return
+    if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+        raise MechscopeError(f"heads must be a list of (layer, head) pairs, e.g. [(17, 3)], got {heads!r}")
+    heads = list(heads)
+    if len(heads) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in heads):
+        raise MechscopeError(f"heads must be a list of (layer, head) pairs: for one head give [{tuple(heads)}]")
+    for h in heads:
+        if isinstance(h, (str, bytes)) or not hasattr(h, "__len__") or len(h) != 2:
+            raise MechscopeError(f"each head must be a (layer, head) pair, e.g. (17, 3), got {h!r}")
+        for v in h:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise MechscopeError(f"each head must be a (layer, head) pair of integers, got {tuple(h)!r}")
+
+
 def check_heads(model: HookedTransformer, heads) -> None:
     """Each head in range, and none given twice (it was read out, or shown, twice)."""
     from mechscope.core.validate import repeated
 
     cfg = model.cfg
+    _check_pairs(heads)
     twice = repeated(tuple(h) for h in heads or [])
     if twice:
         raise MechscopeError(f"head {', '.join(f'{a}.{b}' for a, b in twice)} given more than once")

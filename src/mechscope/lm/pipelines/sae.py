@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_saelens, save_saelens
 from mechscope.core.dictionaries import parallel as P
