@@ -133,6 +133,18 @@ def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
         lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "d", methods={"saliency": 1}))
 
 
+def test_a_refused_call_with_out_none_leaves_no_temporary_folder(inputs, tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)  # read TMPDIR again
+    model = mechscope.load_run(inputs["run"]).model
+    for call in (lambda: mechscope.attribute(model, inputs["npz"], out=None, methods="nosuch"),
+                 lambda: mechscope.explain(model, inputs["npz"], out=None, classes=[42]),
+                 lambda: mechscope.visualize(model, inputs["npz"], out=None, layers="conv1", units=99)):  # fmt: skip
+        api_line(call)
+    assert list((tmp_path / "tmp").iterdir()) == []  # each left an empty mechscope-*-XXXX folder
+
+
 def test_pipelines_say_what_data_and_out_they_need(inputs, tmp_path):
     """The pipelines take an ImageDataset and an output folder: the (images, labels) tuples explain takes, and
     out=None, gave an AttributeError and pathlib's TypeError."""

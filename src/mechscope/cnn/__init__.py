@@ -18,16 +18,28 @@ left as it was (weights, hooks, train/eval mode).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from mechscope.core.errors import user_errors
 
 
-def _out(out, name: str) -> Path:
-    """``out``, or with ``out=None`` a new temporary directory (a notebook that only wants the result)."""
+@contextmanager
+def _out(out, name: str):
+    """``out``, or with ``out=None`` a new temporary directory (a notebook that only wants the result), removed
+    again when the call fails (a refused setting left an empty one behind each time)."""
+    import shutil
     import tempfile
 
-    return Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"mechscope-{name}-"))
+    if out is not None:
+        yield Path(out)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"mechscope-{name}-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made here, by this call, for this call's output only
+        raise
 
 
 def _model(model):
@@ -88,7 +100,8 @@ def explain(
         classes=classes or None, patch=patch or None, n_pairs=n_pairs,
         tolerance=tolerance, test_limit=test_limit, circuit_layer=circuit_layer,
     )  # fmt: skip
-    return explain_model(_model(model), data, _out(out, "explain"), settings, force=force)[1]
+    with _out(out, "explain") as where:
+        return explain_model(_model(model), data, where, settings, force=force)[1]
 
 
 @user_errors
@@ -104,8 +117,8 @@ def attribute(
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
     methods = as_items(methods, "methods")
-    return attribute_model(_model(model), data, _out(out, "attribution"), methods, n, n_faithfulness, force, 64, target,
-                           layer)[1]  # fmt: skip
+    with _out(out, "attribution") as where:
+        return attribute_model(_model(model), data, where, methods, n, n_faithfulness, force, 64, target, layer)[1]
 
 
 @user_errors
@@ -121,4 +134,5 @@ def visualize(
 
     data = as_dataset(train_data, test_data, class_names, data_dir)
     layers, units = as_items(layers, "layers"), as_items(units, "units")
-    return visualize_model(_model(model), data, _out(out, "featvis"), layers, units, steps, param, seed, force=force)[1]
+    with _out(out, "featvis") as where:
+        return visualize_model(_model(model), data, where, layers, units, steps, param, seed, force=force)[1]
