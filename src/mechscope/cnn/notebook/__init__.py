@@ -89,16 +89,16 @@ def featvis_page(r: FeatvisResult, full: bool = True) -> str:
             p = Path(r.out) / f"{short_layer_name(layer)}.png"
             if p.is_file():
                 body += [f"<h2>{esc(layer)}</h2>", img(file_uri(p), f"{layer} feature visualisations")]
+    classified = any(u.assigned_class is not None for u in r.units)  # the logits' visualisations only
     rows = [
         [u.layer, u.unit, u.activation, u.dataset_max,
-         float("nan") if u.ratio_to_dataset_max is None else u.ratio_to_dataset_max,
-         "" if u.assigned_class is None else f"{r.class_names[u.assigned_class]} ({u.assigned_probability:.2f})"]
+         float("nan") if u.ratio_to_dataset_max is None else u.ratio_to_dataset_max]
+        + ([] if not classified else ["—" if u.assigned_class is None else
+                                      f"{r.class_names[u.assigned_class]} ({u.assigned_probability:.2f})"])
         for u in r.units
     ]  # fmt: skip
-    body += [
-        "<h2>Every unit</h2>",
-        table_html(["layer", "unit", "on its visualisation", "test-set max", "ratio", "classified as"], rows),
-    ]
+    head = ["layer", "unit", "on its visualisation", "test-set max", "ratio"]
+    body += ["<h2>Every unit</h2>", table_html(head + (["classified as (logit units)"] if classified else []), rows)]
     return page("Feature visualisation", "\n".join(body))
 
 # the renderers of the other results, each module registering its own
