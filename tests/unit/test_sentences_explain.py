@@ -117,7 +117,7 @@ def one(lines: list[str], start: str) -> str:
 def test_a_class_the_study_did_not_search_is_one_line():
     from mechscope.core.errors import MechscopeError
 
-    assert _study().of(1).channels == (0, 3)
+    assert _study().of(1).channels == (0, 3) and _study().get(7) is None
     with pytest.raises(MechscopeError, match="no circuit for class 7: this study searched class"):
         _study().of(7)  # it returned None, and `.channels` failed on it
 

@@ -107,9 +107,13 @@ class CircuitStudy(Result):
         """Channel -> the classes whose circuit holds it."""
         return C.circuit_membership([{"channels": c.channels, "digit": c.target} for c in self.circuits])
 
+    def get(self, target: int) -> ClassCircuit | None:
+        """The circuit found for class ``target``, or None for a class the study did not search."""
+        return next((c for c in self.circuits if c.target == target), None)
+
     def of(self, target: int) -> ClassCircuit:
         """The circuit found for class ``target``; a one-line error for a class the study did not search."""
-        found = next((c for c in self.circuits if c.target == target), None)
+        found = self.get(target)
         if found is None:
             have = ", ".join(str(c.target) for c in self.circuits) or "none"
             raise MechscopeError(f"no circuit for class {target!r}: this study searched class(es) {have}")

@@ -327,7 +327,7 @@ def vacuous_sentence(r, names, word) -> str | None:
     stage = cs.stage
     w = r.ablation.whole_stage(stage, "mean")
     k = w.reads_as
-    c = cs.of(k)
+    c = cs.get(k)
     share = float(w.predicted_share[k])
     if c is None or share < READS_AS_MIN:
         return None
