@@ -154,6 +154,7 @@ def test_unreadable_hypothesis_files_are_one_line(capsys, tmp_path):
         (("--size", "2.5"), "--size as a fraction"),
         (("--size", "many"), "--size expects"),
         (("--size", "0"), "--size as an edge count must be at least 1, got 0"),  # wrote a circuit of no edge
+        (("--size", "1000"), "circuit size 1000 is more than the graph's 13 edges"),  # was after the scoring
         (("--task", "ioi"), "unknown task"),
         (("--task", "induction", "--n", "3", "--batch", "2"), "not next tokens (a compiled tracr model)"),
         (("--threads", "0"), "--threads must be an integer from 1"),

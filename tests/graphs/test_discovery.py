@@ -251,7 +251,7 @@ def _model_and_data():
         (lambda m, c, x: acdc(m, c, x, metric=lambda o: o[:, 0], threshold=0.1), "scalar"),
         (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(), "pass a size"),
         (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(1.5), "fraction"),
-        (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(44), "between 0 and 43"),
+        (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(44), "circuit size 44 is more than the"),
         (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit("7"), "edge count"),
         (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(3, ranking="signed"), "better"),
         (lambda m, c, x: eap(m, c, x, metric=logit_diff).circuit(3, ranking="best"), "unknown ranking"),

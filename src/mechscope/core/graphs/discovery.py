@@ -33,6 +33,7 @@ from mechscope.core.graphs.results import (
     check_method,
     check_method_ablation,
     check_threshold,
+    edge_count,
 )
 from mechscope.core.validate import check_int, check_seed
 
@@ -121,6 +122,8 @@ def find_circuit(
     on |score| (ignored for ACDC's cut, which is its own); ``default_size``: the cut without size or threshold."""
     check_method(method)
     check_method_ablation(method, ablation)
+    if size is not None:
+        edge_count(size, edges.graph.n_edges)  # before the scoring, not after it
     threshold = None if threshold is None else check_threshold(threshold)
     check_method_metric(method, metric_name, differentiable)
     check_int(n_random, "n_random", 0, MAX_RANDOM)  # before the scoring, and whether or not the curve reads them

@@ -119,6 +119,20 @@ def parse_size(text: str | None):
     return f
 
 
+def edge_count(size, n: int) -> int:
+    """A circuit size (an edge count, or a fraction in [0, 1]) as a count of the graph's ``n`` edges."""
+    if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+        raise MechscopeError(f"circuit size must be an edge count or a fraction, got {size!r}")
+    if isinstance(size, (float, np.floating)):
+        if not 0.0 <= size <= 1.0:
+            raise MechscopeError(f"circuit fraction must be in [0, 1], got {size}")
+        return int(size * n)
+    if not 0 <= size <= n:
+        raise MechscopeError(f"circuit size {size} is more than the graph's {n:,} edges" if size > n else
+                             f"circuit size must be at least 0 edges, got {size}")  # fmt: skip
+    return int(size)
+
+
 class TopEdges:
     """For a result with a ``scores`` field (:class:`EdgeScores`): its 30 strongest edges written into its JSON, and
     :meth:`table`."""
@@ -224,16 +238,7 @@ class EdgeScores(Result):
         return self._circuit(ids, ranking)
 
     def _count(self, size) -> int:
-        n = self.graph.n_edges
-        if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
-            raise MechscopeError(f"circuit size must be an edge count or a fraction, got {size!r}")
-        if isinstance(size, (float, np.floating)):
-            if not 0.0 <= size <= 1.0:
-                raise MechscopeError(f"circuit fraction must be in [0, 1], got {size}")
-            return int(size * n)
-        if not 0 <= size <= n:
-            raise MechscopeError(f"circuit size must be between 0 and {n} edges, got {size}")
-        return int(size)
+        return edge_count(size, self.graph.n_edges)
 
     def _circuit(self, ids: np.ndarray, ranking: str) -> Circuit:
         g = self.graph

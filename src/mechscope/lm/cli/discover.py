@@ -22,7 +22,10 @@ def parse_range(text: str | None) -> tuple[int, int] | None:
 
 @app.command()
 def discover(
-    model: str = ModelOpt,
+    model: str = typer.Option(
+        ..., "--model", help=ModelOpt.help.rstrip(".") + "; or a tracr-compiled model's folder (the tracr task, scored "
+        "against its circuit.json).",
+    ),
     method: str = typer.Option(
         "eap-ig", "--method", help="eap, eap-ig, acdc or edge-patching (exact, one pass per edge)."
     ),
