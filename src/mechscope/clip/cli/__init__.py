@@ -155,9 +155,12 @@ def attack(
     y: float = typer.Option(0.75, "--y", help="Centre of the word, a fraction of the height."),
     label: bool = typer.Option(False, "--label", help="Write the word on a label of plain background."),
     ablation: str = typer.Option("mean", "--ablation", help="mean or zero."),
-    controls: int = typer.Option(10, "--controls", help="Random sets of k neurons ablated as a control."),
+    controls: int = typer.Option(
+        10, "--controls", help="Random sets of k neurons (never the found ones) ablated as a control."
+    ),
     ablate: list[str] | None = typer.Option(
-        None, "--ablate", help="A neuron LAYER.UNIT to ablate as well, e.g. a multimodal one (repeatable)."
+        None, "--ablate", help="A neuron LAYER.UNIT, e.g. a multimodal one (repeatable): the named neurons are "
+        "ablated together on the held-out half, a measurement of their own beside the found top k's."
     ),
     seed: int = typer.Option(0, "--seed"),
     data_dir: str | None = DataOpt,
