@@ -127,7 +127,7 @@ def cli_lines(result) -> list[str]:
         f"{s.backward_passes} backward passes); {result.metric} {_ends(s)}",
         f"circuit: {len(result.circuit)} edges ({int(_on_path(result).sum())} on a path from the input to the output), "
         f"{len(result.circuit.nodes)} nodes; strongest: "
-        + ", ".join(f"{a}->{b} {v:+.3g}" for a, b, v in s.table(5)),
+        + ", ".join(f"{a}->{b} {v:+.4g}" for a, b, v in s.table(5)),
     ]
     if drawn is not None:
         out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {_share(drawn)}")
