@@ -159,7 +159,8 @@ def ablation_page(r: HeadAblationResult, full: bool = True) -> str:
     body = [
         "<h2>Loss on the second copy</h2>",
         table_html(
-            ["heads", "ablation", "clean loss", "ablated loss", "increase (mean ± sd over sequences)"],
+            ["heads", "ablation", "clean loss (nats)", "ablated loss (nats)",
+             "increase, nats (mean ± sd over sequences)"],
             [[heads, r.kind, r.clean_loss, r.ablated_loss, f"{r.loss_increase:+.3f} ± {sd:.3f}"]],
         ),  # fmt: skip
     ]
