@@ -151,6 +151,11 @@ def graph_cmd(
             dtype=dtype,
             revision=revision,
         )
+    _echo(g, path)
+
+
+def _echo(g, path) -> None:
+    """What ``lm graph`` prints: the logits, the counts, the checks, each intervention, QK attribution and path."""
     c = g.counts
     logits = [n for n in g.nodes if n["kind"] == "logit"]
     typer.echo("logits: " + ", ".join(f"{n['label']!r} p={n['probability']:.3f}" for n in logits))
