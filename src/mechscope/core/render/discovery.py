@@ -179,7 +179,7 @@ def _caveats(result) -> list[str]:
             f"({gap:.4g}): its first-order estimate is far below the effects, as when the metric is saturated at the "
             "clean run (its gradient near zero there); EAP-IG or ACDC measure them."
         )
-    small = int(np.sum(np.abs(np.asarray(result.circuit.scores, dtype=float)) <= ROUNDING * top)) if top > 0 else 0
+    small = rounding_level(result)
     if small and result.method in ("eap", "eap-ig"):  # a gradient's estimate, not a measurement of the edge
         out.append(
             f"{small} of the circuit's {len(result.circuit)} edges score at rounding level (|score| at most "
@@ -194,6 +194,13 @@ def _caveats(result) -> list[str]:
             f"{ROUNDING:g} of the largest): which of those enter the circuit is arbitrary."
         )
     return out
+
+
+def rounding_level(result) -> int:
+    """How many of the circuit's edges score at rounding level (|score| at most ROUNDING of the largest)."""
+    top = float(np.abs(np.asarray(result.scores.scores, dtype=float)).max(initial=0.0))
+    circuit = np.abs(np.asarray(result.circuit.scores, dtype=float))
+    return int(np.sum(circuit <= ROUNDING * top)) if top > 0 else 0
 
 
 def scrub_figure(scrub, title: str = "") -> str:

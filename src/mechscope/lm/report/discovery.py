@@ -11,6 +11,7 @@ from mechscope.core.render.discovery import (
     discovery_lines,
     faithfulness_figure,
     metric_words,
+    rounding_level,
     score_words,
     scrub_figure,
     scrub_rows,
@@ -95,8 +96,10 @@ def truth_sentence(result, name: str) -> str:
     """One edge set of circuit.json against the scores (at the set's own size) and against the drawn circuit."""
     sc = result.ground_truth[name]
     d = (result.drawn_vs_truth or {}).get(name)
+    small = rounding_level(result) if d else 0
+    luck = f"; {small} of its edges score at rounding level, so which of them it holds is arbitrary" if small else ""
     drawn = (f" The drawn circuit's {d['edges']} edges hold {d['true']} of them (precision {d['precision']:.2f}, "
-             f"recall {d['recall']:.2f}).") if d else ""  # fmt: skip
+             f"recall {d['recall']:.2f}{luck}).") if d else ""  # fmt: skip
     return (f"Against circuit.json ({name} edges, {sc.n_true_edges}): edge AUROC {sc.edge_auroc:.3f}; precision "
             f"{sc.edge_precision:.2f} and recall {sc.edge_recall:.2f} of the top {sc.size} edges (as many as the set "
             f"has); node AUROC {_node_auroc(sc)}, node recall of the top {sc.n_true_nodes} nodes (as many as it "
