@@ -189,6 +189,18 @@ def test_on_path_finds_the_edges_that_join_the_input_to_the_output():
     assert g.on_path([]).shape == (0,)
 
 
+def test_on_path_counts_a_shared_key_or_value_through_the_heads_that_read_it():
+    from mechscope.core.graphs import transformer_graph
+
+    g = transformer_graph(2, 2, n_kv_heads=1, mlp=False, pos_embed=False)  # h1 reads h0's k and v (grouped query)
+    e = g.edge_id
+    into_shared = e("embed", "blocks.0.attn.h0", "k")
+    assert g.on_path([into_shared, e("blocks.0.attn.h1", "unembed", "out")]).all()  # through the reader h1
+    chain = [e("embed", "blocks.0.attn.h0", "q"), e("blocks.0.attn.h0", "blocks.1.attn.h0", "v"),
+             e("blocks.1.attn.h1", "unembed", "out")]  # fmt: skip
+    assert g.on_path(chain).all() and not g.on_path(chain[1:]).any()  # without its input edge, nothing joins
+
+
 def test_the_summary_says_when_the_cut_does_not_join_up():
     from types import SimpleNamespace
 
@@ -365,4 +377,5 @@ def test_the_summary_says_mean_or_zero_ablation_runs_no_corrupted_input():
 
     assert _ends(SimpleNamespace(metric_clean=1.0, metric_corrupted=0.25)) == "clean 1, corrupted 0.25"
     mean = _ends(SimpleNamespace(metric_clean=1.0, metric_corrupted=float("nan")))
-    assert mean == "clean 1 (no corrupted input run: removed edges carry a mean or zero)" and "nan" not in mean
+    assert mean == "clean 1 (no corrupted metric: removed edges carry the corrupted batch's mean, or zero)"
+    assert "nan" not in mean

@@ -153,6 +153,9 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.ablate_heads(m, t, ["1.0"]), "each head must be a (layer, head) pair, e.g. (17, 3), "
                                                                 "got '1.0'"),
         (lambda m, t: mechscope.lm.head_scores(m, t).ranked("nosuch"), "unknown score 'nosuch': one of induction"),
+        (lambda m, t: mechscope.lm.ablate_heads(m, t, np.array([1, 0])), "heads must be a list of (layer, head) "
+                                                                        "pairs: for one head give [(1, 0)]"),
+        (lambda m, t: mechscope.lm.ablate_heads(m, t, [(1, 0), (1, 0)]), "head 1.0 given more than once"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, n=40), "N = 40 needs 81 positions; the model's context is 64"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, n=40), "N = 40 needs 81 positions"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, show=[(3, 0)], protocol=PROTOCOL), "head 3.0 out of range"),
@@ -179,6 +182,12 @@ def test_a_views_bad_head_is_one_line_from_the_view(model, tokens):
     package = Path(mechscope.__file__).resolve().parent
     inside = [Path(f).name for f in files if Path(f).resolve().is_relative_to(package)]
     assert inside == ["scores.py", "errors.py"], files  # show, then the wrapper: not show's machinery (8 frames)
+
+
+def test_ablate_heads_takes_any_list_of_pairs(model, tokens):
+    want = mechscope.lm.ablate_heads(model, tokens, [(1, 0), (0, 1)]).ablated_loss
+    for heads in (zip([1, 0], [0, 1], strict=True), np.array([[1, 0], [0, 1]]), [[1, 0], [0, 1]], ((1, 0), (0, 1))):
+        assert mechscope.lm.ablate_heads(model, tokens, heads).ablated_loss == want  # a zip read once, numpy rows
 
 
 def test_attention_viewer_saves_a_page(model, tokens, tmp_path):

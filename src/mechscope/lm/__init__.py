@@ -167,12 +167,11 @@ def ablate_heads(model, tokens, heads, kind: str = "mean"):
     ``mean`` (each position's output replaced by its mean over the batch), ``zero`` or ``resample``. A
     :class:`~mechscope.lm.methods.ablation.HeadAblationResult`."""
     from mechscope.lm.methods.ablation import ablate_together
-    from mechscope.lm.methods.scores import check_head, check_heads, model_device
+    from mechscope.lm.methods.scores import check_heads, model_device
 
     if kind not in ("mean", "zero", "resample"):
         raise MechscopeError(f"kind must be mean, zero or resample, got {kind!r}")
-    check_heads(model, heads)
-    heads = [check_head(model, *h) for h in heads]
+    heads = check_heads(model, heads)
     if not heads:
         raise MechscopeError("no heads to ablate")
     tokens = as_tokens(model, tokens)

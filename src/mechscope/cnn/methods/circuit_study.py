@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mechscope.cnn.methods import circuits as C
@@ -116,7 +117,8 @@ class CircuitStudy(Result):
         found = self.get(target)
         if found is None:
             have = ", ".join(str(c.target) for c in self.circuits) or "none"
-            raise MechscopeError(f"no circuit for class {target!r}: this study searched class(es) {have}")
+            shown = int(target) if isinstance(target, (int, np.integer)) else repr(target)
+            raise MechscopeError(f"no circuit for class {shown}: this study searched class(es) {have}")
         return found
 
     def held_out_met(self, c: ClassCircuit) -> bool | None:

@@ -340,12 +340,17 @@ def capture(model: EdgeModel, inputs: Any):
     return run(model, inputs)
 
 
+def check_ablation(ablation) -> None:
+    """One of :data:`ABLATIONS`, or a one-line error naming them."""
+    if ablation not in ABLATIONS:
+        raise MechscopeError(f"unknown ablation {ablation!r}: one of {', '.join(ABLATIONS)}")
+
+
 def ablation_values(model: EdgeModel, clean: Any, corrupted: Any, ablation: str):
     """What a removed edge carries: the sender outputs on ``corrupted`` (``patch``), their batch mean
     (``mean``, over ``corrupted`` or else ``clean``), or zeros (``zero``). Returns (values, output on corrupted or
     None, forward passes made)."""
-    if ablation not in ABLATIONS:
-        raise MechscopeError(f"unknown ablation {ablation!r}: one of {', '.join(ABLATIONS)}")
+    check_ablation(ablation)
     if ablation == "patch" and corrupted is None:
         raise MechscopeError("ablation 'patch' needs corrupted inputs (or use ablation 'mean' or 'zero')")
     source = corrupted if corrupted is not None else clean

@@ -18,7 +18,7 @@ import numpy as np
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.graph import ComponentGraph
-from mechscope.core.graphs.protocol import ABLATIONS
+from mechscope.core.graphs.protocol import check_ablation
 from mechscope.core.results import Result
 
 RANKINGS = ("absolute", "signed")
@@ -56,8 +56,7 @@ DEFAULT_STEPS, DEFAULT_RANDOM = 5, 5  # both wings' defaults of --steps and --ra
 def check_method_ablation(method: str, ablation: str) -> None:
     """Refuse an ablation the method does not read: EAP-IG integrates from the corrupted input's activations to the
     clean ones and its curve patches them, so a mean or zero ablation was recorded but never applied."""
-    if ablation not in ABLATIONS:
-        raise MechscopeError(f"unknown ablation {ablation!r}: one of {', '.join(ABLATIONS)}")
+    check_ablation(ablation)
     if method == "eap-ig" and ablation != "patch":
         raise MechscopeError(f"eap-ig integrates from the corrupted input's activations: it does not read --ablation "
                              f"{ablation} (eap, acdc and edge-patching take a mean or zero ablation)")  # fmt: skip

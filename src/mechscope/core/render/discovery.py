@@ -45,7 +45,7 @@ def faithfulness_figure(curve, title: str = "") -> str | None:
     return figure_data_uri(fig)
 
 
-ABLATED_VALUE = {"patch": "the corrupted input's value", "mean": "its mean over the batch", "zero": "zero"}
+ABLATED_VALUE = {"patch": "the corrupted input's value", "mean": "its mean over the corrupted batch", "zero": "zero"}
 
 
 def strongest(scores, k: int = 30) -> tuple[list[int], str]:
@@ -122,12 +122,14 @@ def discovery_lines(result, name: str) -> list[str]:
 def cli_lines(result) -> list[str]:
     """What ``discover`` prints for both wings: the scores, the circuit (and what it does alone), the areas."""
     s, f, drawn = result.scores, result.faithfulness, result.circuit_faithfulness
+    g = s.graph
     out = [
         f"{result.method}: {s.graph.n_edges:,} edges scored in {s.seconds:.1f} s ({s.forward_passes} forward, "
         f"{s.backward_passes} backward passes); {result.metric} {_ends(s)}",
         f"circuit: {len(result.circuit)} edges ({int(_on_path(result).sum())} on a path from the input to the output), "
         f"{len(result.circuit.nodes)} nodes; strongest: "
-        + ", ".join(f"{a}->{b} {v:+.4g}" for a, b, v in s.table(5)),
+        + (", ".join(f"{g.edges[e][0]}->{g.receiver_name(int(g.edge_receiver[e]))} {s.scores[e]:+.4g}"
+                     for e in strongest(s, 5)[0]) or "none (every edge scores 0)"),
     ]
     if drawn is not None:
         out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {_share(drawn)}")
@@ -149,8 +151,10 @@ def _dangling(result) -> str:
     if on.all():
         return ""
     if not on.any():
+        hint = ("ACDC pruned the edges between them; a lower --threshold keeps more" if result.method == "acdc"
+                else "a larger --size may join them")  # fmt: skip
         return (" None of its edges lies on a path from the input to the output: they do not join up, so alone it "
-                "passes nothing of the input on (a larger --size may join them).")
+                f"passes nothing of the input on ({hint}).")
     return (f" {int((~on).sum())} of its edges lie on no path from the input to the output (they join nothing up, so "
             "alone they pass nothing of the input on).")
 
@@ -160,7 +164,7 @@ def _ends(s) -> str:
     clean = f"clean {s.metric_clean:.4g}"
     if math.isfinite(s.metric_corrupted):
         return f"{clean}, corrupted {s.metric_corrupted:.4g}"
-    return f"{clean} (no corrupted input run: removed edges carry a mean or zero)"
+    return f"{clean} (no corrupted metric: removed edges carry the corrupted batch's mean, or zero)"
 
 
 def _share(drawn: dict) -> str:

@@ -450,7 +450,7 @@ def find_induction_heads(
     weight-only scores, computed once per load by a caller that has them (then not computed again here)."""
     model.check_complete()
     p, token_range = check_protocol(model, protocol or HeadProtocol())
-    check_heads(model, show)
+    show = check_heads(model, show) if show is not None else None  # a zip is read once, here
     cfg = model.cfg
     dev = model_device(model)
     g = torch.Generator().manual_seed(p.seed)

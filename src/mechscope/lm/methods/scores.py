@@ -317,37 +317,40 @@ def check_head(model: HookedTransformer, layer, head) -> tuple[int, int]:
     return int(layer), int(head)
 
 
-def _check_pairs(heads) -> None:
-    """A list of (layer, head) pairs of integers: one head given alone, or as "17.3", is refused in one line."""
+def _as_pairs(heads) -> list[tuple[int, int]]:
+    """A list (any iterable: a zip, a numpy array of rows) of (layer, head) pairs of integers, as int tuples; one
+    head given alone, or as "17.3", is refused in one line. None: no heads."""
     if heads is None:
-        return
+        return []
     if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
         raise MechscopeError(f"heads must be a list of (layer, head) pairs, e.g. [(17, 3)], got {heads!r}")
     heads = list(heads)
     if len(heads) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in heads):
-        raise MechscopeError(f"heads must be a list of (layer, head) pairs: for one head give [{tuple(heads)}]")
+        raise MechscopeError(f"heads must be a list of (layer, head) pairs: for one head give "
+                             f"[({int(heads[0])}, {int(heads[1])})]")  # fmt: skip
     for h in heads:
         if isinstance(h, (str, bytes)) or not hasattr(h, "__len__") or len(h) != 2:
             raise MechscopeError(f"each head must be a (layer, head) pair, e.g. (17, 3), got {h!r}")
-        for v in h:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise MechscopeError(f"each head must be a (layer, head) pair of integers, got {tuple(h)!r}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in h):
+            raise MechscopeError(f"each head must be a (layer, head) pair of integers, got {tuple(h)!r}")
+    return [(int(a), int(b)) for a, b in heads]
 
 
-def check_heads(model: HookedTransformer, heads) -> None:
-    """Each head in range, and none given twice (it was read out, or shown, twice)."""
+def check_heads(model: HookedTransformer, heads) -> list[tuple[int, int]]:
+    """Each head in range, and none given twice (it was read out, or shown, twice): the heads as int pairs."""
     from mechscope.core.validate import repeated
 
     cfg = model.cfg
-    _check_pairs(heads)
-    twice = repeated(tuple(h) for h in heads or [])
+    heads = _as_pairs(heads)
+    twice = repeated(heads)
     if twice:
         raise MechscopeError(f"head {', '.join(f'{a}.{b}' for a, b in twice)} given more than once")
-    for layer, h in heads or []:
+    for layer, h in heads:
         if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
             raise MechscopeError(
                 f"head {layer}.{h} out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}"
             )
+    return heads
 
 
 def head_scores(model: HookedTransformer, tokens: torch.Tensor, token_text: list[str], name: str) -> HeadScores:

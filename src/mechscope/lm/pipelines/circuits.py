@@ -68,7 +68,7 @@ def circuits(
     timer = Timer("lm circuits")
     with timer.section("load"):
         model, encode, decode, label = _circuits_model(model_spec, device, dtype, device_map, revision)
-    check_heads(model, heads)
+    heads = check_heads(model, heads) if heads is not None else None  # a zip is read once, here
     prompt_ids = None
     if not model.missing_weights:
         if prompt is not None and encode is None:
