@@ -92,6 +92,8 @@ def _weight(curve) -> str:
     plot, width = math.log(hi / 0.1) / math.log(hi / lo), (hi - 0.1) / (hi - lo)
     return (f", so the points from 10% up, {plot:.0%} of the plot's width, make {width:.0%} of the width the areas "
             "are taken over")
+
+
 ROUNDING = 1e-6  # a score at most this share of the largest is float rounding, not an effect
 
 
@@ -160,7 +162,8 @@ def _dangling(result) -> str:
 
 
 def _ends(s) -> str:
-    """The metric on the clean input and on the corrupted one; mean or zero ablation runs no corrupted input."""
+    """The metric on the clean input and on the corrupted one; under mean or zero ablation the corrupted inputs give
+    only the mean (or the shapes), and no metric is taken on them."""
     clean = f"clean {s.metric_clean:.4g}"
     if math.isfinite(s.metric_corrupted):
         return f"{clean}, corrupted {s.metric_corrupted:.4g}"
