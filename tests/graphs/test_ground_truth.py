@@ -131,3 +131,15 @@ def test_missing_file_raises(tmp_path):
         load_circuit(tmp_path / "nope.json")
     with pytest.raises(MechscopeError, match="circuit.json: not found"):
         load_circuit(tmp_path)
+    with pytest.raises(MechscopeError, match="load_circuit takes a path .*not NoneType"):  # pathlib's TypeError
+        load_circuit(None)
+
+
+def test_a_smaller_models_circuit_is_refused(root):
+    """hist's circuit (1 block, 1 head) names only components reverse (4 blocks) has too: every name resolved, so it
+    was scored against reverse's edges without a word (node recall 0.0)."""
+    hist, reverse = load_circuit(root / "hist"), load_circuit(root / "reverse")
+    scores = EdgeScores(method="eap", graph=reverse.graph(), scores=np.ones(reverse.graph().n_edges))
+    with pytest.raises(MechscopeError, match="the known circuit 'hist' is of another model .* 1 block"):
+        score_circuit(scores, hist)
+    assert score_circuit(scores, reverse).n_true_edges == len(reverse.edge_set("primary"))

@@ -222,6 +222,19 @@ def test_features_and_hypothesis_files():
     spec = parse_hypothesis_file({"run": "r", "claims": [{"name": "a", "path": ["logits", "conv2.c0"]}]})
     with pytest.raises(MechscopeError, match="no edge"):
         scrub_hypothesis(walk(stroke_cnn()), x, y, spec)
+    good_spec = parse_hypothesis_file({"run": "r", "claims": [{"name": "a", "edges": ["*"]}]})
+    for call, match in [  # each ran, or failed inside torch, before the inputs were checked
+        (lambda: scrub_hypothesis(walk(stroke_cnn()), x, y[: len(y) // 2], good_spec), "one label per image"),
+        (lambda: scrub_hypothesis(walk(stroke_cnn()), (x * 255).to(torch.uint8), y, good_spec), "floating-point"),
+        (lambda: scrub_hypothesis(stroke_cnn(), x, y, good_spec), "takes the model's spec"),
+        (lambda: scrub_hypothesis(walk(stroke_cnn()), x, y, {"claims": []}), "expected a HypothesisSpec"),
+        (lambda: image_task(x, y - 1), "labels must be class indices 0 or more, got -1"),
+        (lambda: walk("model", (1, 8, 8)), "walk takes a torch nn.Module, got str"),
+        (lambda: walk(stroke_cnn(), (1, 8.0, 8)), "must be positive integers"),
+    ]:
+        with pytest.raises(MechscopeError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(("extra", "match"), [({"hidden": 8}, "linear read-out"), ({"activation": "solu"}, "mixes")])

@@ -350,6 +350,16 @@ def test_refused_models_and_metrics_in_one_line():
         discover(model, vector, "eap", curve=False)
     with pytest.raises(MechscopeError, match="threshold"):
         discover(model, task, "acdc", threshold=-1.0, curve=False)
+    from mechscope.lm.methods.tasks import make_task
+
+    for call, match in [  # AttributeErrors from inside, before
+        (lambda: make_task((model, None)), "the \\(model, tokenizer\\) pair mechscope.lm.load_model returns"),
+        (lambda: make_task(None), "expected a HookedTransformer"),
+        (lambda: discover(model, None), "expected a Task"),
+        (lambda: discover("toy", task), "expected a HookedTransformer .*got str"),
+    ]:
+        with pytest.raises(MechscopeError, match=match):
+            call()
 
 
 def test_task_settings_are_checked_not_dropped():

@@ -131,7 +131,7 @@ def make_metric(
     return fns[name]
 
 
-def _checked_images(images) -> torch.Tensor:
+def checked_images(images, source: str = "image_task") -> torch.Tensor:
     """Images [N, C, H, W] in the model's own input range: floating point (0..255 integers are another range) and
     finite (NaN images gave a circuit of NaN scores), as float32."""
     from mechscope.cnn.data.images import as_nchw  # beside as_labels: the dataset's own checks
@@ -140,7 +140,7 @@ def _checked_images(images) -> torch.Tensor:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise MechscopeError(f"images must be a floating-point tensor [N, C, H, W] in the model's own input range, "
                              f"got {got}")  # fmt: skip
-    return as_nchw(images, "image_task")
+    return as_nchw(images, source)
 
 
 def image_task(
@@ -166,9 +166,11 @@ def image_task(
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
     check_seed(seed, "seed")
-    images, labels = _checked_images(images), as_labels(labels, "image_task")
+    images, labels = checked_images(images), as_labels(labels, "image_task")
     if len(images) != len(labels) or len(labels) < 2:
         raise MechscopeError(f"{len(images)} images and {len(labels)} labels: one label per image, two or more")
+    if int(labels.min()) < 0:  # index -1 reached the logits' gather as "out of bounds"
+        raise MechscopeError(f"labels must be class indices 0 or more, got {int(labels.min())}")
     k = n_classes if n_classes is not None else int(labels.max()) + 1
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= int(labels.max()):
         raise MechscopeError(f"n_classes {k!r} does not cover the labels 0..{int(labels.max())}")

@@ -348,9 +348,15 @@ def walk(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> C
     needs it from the data. Raises :class:`MechscopeError` for a layer the walk cannot read, an
     image too small for the network, or a forward that is not the layers applied in order.
     """
-    shape = tuple(input_shape or getattr(model, "input_shape", None) or ())
+    if not isinstance(model, nn.Module):
+        raise MechscopeError(f"walk takes a torch nn.Module, got {type(model).__name__}")
+    shape = tuple(input_shape) if input_shape is not None else ()
+    shape = shape or tuple(getattr(model, "input_shape", None) or ())
     if len(shape) != 3:
         raise MechscopeError("the images' shape [channels, height, width] is needed to walk the model")
+    if not all(hasattr(v, "__index__") and not isinstance(v, bool) and int(v) > 0 for v in shape):
+        raise MechscopeError(f"the images' shape [channels, height, width] must be positive integers, got {shape}")
+    shape = tuple(int(v) for v in shape)
     layers = leaves(model)
     structural = [layer for layer in layers if layer.kind != "hook"]
     pre, stage_layers, readout_layers = _split(structural)

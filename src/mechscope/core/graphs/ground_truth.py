@@ -12,6 +12,7 @@ positives of :func:`~mechscope.core.graphs.scoring.score_circuit`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,17 @@ def check_known(known, graph: ComponentGraph, model: str = "the model") -> None:
                 graph.parse_edge(list(edge))
     except MechscopeError as e:
         raise MechscopeError(f"the known circuit {known.name!r} is of another model than {model}: {e}") from None
+    theirs, ours = {n.name for n in known.graph().nodes}, {n.name for n in graph.nodes}
+    if theirs != ours:  # every name exists in a larger model: its own circuit names only some of them
+        raise MechscopeError(f"the known circuit {known.name!r} is of another model than {model}: its model has "
+                             f"{known.n_layers} block(s) of {known.n_heads} head(s), {len(theirs)} components against "
+                             f"{len(ours)} here")  # fmt: skip
 
 
 def load_circuit(path) -> KnownCircuit:
     """The ``circuit.json`` at ``path`` (the file, or the model's folder), checked against its own graph."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise MechscopeError(f"load_circuit takes a path (a tracr folder, its circuit.json), not {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         path = path / "circuit.json"

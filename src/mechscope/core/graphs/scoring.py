@@ -21,6 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.graphs.ground_truth import check_known
 from mechscope.core.graphs.results import EdgeScores, importance, top_order
 from mechscope.core.results import Result
 
@@ -129,6 +130,7 @@ def score_circuit(
         raise MechscopeError(f"expected an EdgeScores, got {type(scores).__name__}")
     g = scores.graph
     if hasattr(truth, "edge_set") and hasattr(truth, "nodes"):
+        check_known(truth, g, "the scores' model")  # a smaller model's circuit names only edges a larger one has
         true_edges, nodes = truth.edge_set(edge_set), truth.nodes if nodes is None else nodes
     else:
         true_edges = list(truth)

@@ -31,7 +31,7 @@ from mechscope.core.graphs import (
 from mechscope.core.results import Result
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.graph import TransformerEdges
-from mechscope.lm.methods.tasks import NOT_DIFFERENTIABLE, Task
+from mechscope.lm.methods.tasks import NOT_DIFFERENTIABLE, Task, check_model, check_task
 from mechscope.lm.models.transformer import HookedTransformer
 
 # ---- results --------------------------------------------------------------------------------------------
@@ -98,6 +98,8 @@ def discover(
     ``threshold``: ACDC's tau (default 1% of |M(clean) − M(corrupted)|) or, for the others, a cut on |score|;
     ``known``: a :class:`~mechscope.core.graphs.KnownCircuit` to score against; ``hand_edges``: edges found by
     hand (the heads report's path patching) to compare with."""
+    check_model(model)
+    check_task(task)
     check_task_model(task.made_on, model)
     edges = TransformerEdges(model)
     check_known(known, edges.graph, name or model.cfg.name)

@@ -42,6 +42,7 @@ import torch
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, module_hooks
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
+from mechscope.lm.methods.tasks import check_model
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer, LayerNorm, RMSNorm
 
@@ -81,8 +82,7 @@ class LocalReplacement:
         skip_first: bool = False,
         batch_size: int = 32,
     ) -> None:
-        if not isinstance(model, HookedTransformer):
-            raise MechscopeError(f"expected a HookedTransformer, got {type(model).__name__}")
+        check_model(model)
         if not isinstance(transcoders, (Transcoders, CrossLayerTranscoder)):
             raise MechscopeError(f"expected Transcoders or a CrossLayerTranscoder, got {type(transcoders).__name__}")
         tokens = torch.as_tensor(tokens)

@@ -25,7 +25,14 @@ from mechscope.core.scrub import (
 )
 from mechscope.core.torch_utils import evaluating
 from mechscope.lm.methods.graph import TransformerEdges
-from mechscope.lm.methods.tasks import FEATURES, describe_feature, feature_values, is_feature, make_task
+from mechscope.lm.methods.tasks import (
+    FEATURES,
+    check_model,
+    describe_feature,
+    feature_values,
+    is_feature,
+    make_task,
+)
 from mechscope.lm.models.transformer import HookedTransformer
 
 
@@ -118,6 +125,9 @@ def scrub_hypothesis(model: HookedTransformer, spec: HypothesisSpec, *, name: st
     """Causal scrubbing of the hypothesis ``spec`` on ``model`` (its task's clean batch is the dataset).
     ``counter``: a :class:`~mechscope.core.torch_utils.WorkCounter` over ``model`` that counts while the task is
     made and scrubbed; the result's ``work`` is its report, in passes over the task's clean tokens."""
+    check_model(model)
+    if not isinstance(spec, HypothesisSpec):
+        raise MechscopeError(f"expected a HypothesisSpec (parse_hypothesis_file reads one), got {type(spec).__name__}")
     t0 = time.perf_counter()
     settings = {k: v for k, v in spec.data.items() if k != "token_range"}
     if spec.data.get("token_range") is not None:

@@ -241,8 +241,23 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
                 {"seed": seed, "limit": limit, "examples": len(ids)}, weakref.ref(model))  # fmt: skip
 
 
+def check_model(model) -> None:
+    """A HookedTransformer, or a one-line error (the (model, tokenizer) pair load_model returns named as such)."""
+    if isinstance(model, tuple) and model and isinstance(model[0], HookedTransformer):
+        raise MechscopeError("model is the (model, tokenizer) pair mechscope.lm.load_model returns: pass its model")
+    if not isinstance(model, HookedTransformer):
+        raise MechscopeError(f"expected a HookedTransformer (mechscope.lm.load_model), got {type(model).__name__}")
+
+
+def check_task(task) -> None:
+    """A :class:`Task` (make_task), or a one-line error."""
+    if not isinstance(task, Task):
+        raise MechscopeError(f"expected a Task (mechscope.lm.methods.tasks.make_task), got {type(task).__name__}")
+
+
 def make_task(model: HookedTransformer, task: str | None = None, metric: str | None = None, **settings) -> Task:
     """The task a model suits (``tracr`` for tracr models, ``induction`` otherwise) or the one named."""
+    check_model(model)
     kind = task or ("tracr" if getattr(model, "tracr", None) is not None else "induction")
     if kind not in TASKS:
         raise MechscopeError(f"unknown task {kind!r}: one of {', '.join(TASKS)}")
