@@ -71,19 +71,28 @@ class ImageTask:
     # logits the metric holds; None: any model of these images and classes will do
 
 
+def check_spec(spec, caller: str) -> None:
+    """A :class:`CNNSpec` (a bare model gave "'CNN' object has no attribute 'n_classes'"), or one line."""
+    if not isinstance(spec, CNNSpec):
+        raise MechscopeError(f"{caller} takes the model's spec, walk(model, image_shape), not a "
+                             f"{type(spec).__name__}")  # fmt: skip
+
+
+def check_images_fit(x, spec: CNNSpec, what: str) -> None:
+    """Images shaped as ``spec``'s model takes them, or one line naming ``what`` they are."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(spec.input_shape):
+        shape = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise MechscopeError(f"{what} are shaped {shape}; the model takes {list(spec.input_shape)}")
+
+
 def check_task_fits(task: ImageTask, spec: CNNSpec) -> None:
     """Refuse a task that is not of ``spec``'s model: images of another shape, classes it does not have, or a
     metric that holds another model's logits."""
-    if not isinstance(spec, CNNSpec):  # a bare model gave "'CNN' object has no attribute 'n_classes'"
-        raise MechscopeError(f"discover takes the model's spec, walk(model, image_shape), not a "
-                             f"{type(spec).__name__}")  # fmt: skip
+    check_spec(spec, "discover")
     if not isinstance(task, ImageTask):  # (images, labels) gave "'tuple' object has no attribute 'clean'"
         raise MechscopeError(f"discover takes an image_task(images, labels, ...), not a {type(task).__name__}")
     for what, x in (("clean", task.clean), ("corrupted", task.corrupted)):
-        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(spec.input_shape):
-            shape = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MechscopeError(f"the task's {what} images are shaped {shape}; the model takes "
-                                 f"{list(spec.input_shape)}")  # fmt: skip
+        check_images_fit(x, spec, f"the task's {what} images")
     top = max(int(task.labels.max()), -1 if task.target is None else task.target)
     if top >= spec.n_classes:
         raise MechscopeError(f"the task has class {top}; the model has {spec.n_classes} classes "

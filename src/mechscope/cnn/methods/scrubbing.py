@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from mechscope.cnn.methods.discovery import METRICS, checked_images, make_metric, metric_rows
+from mechscope.cnn.methods.discovery import (
+    METRICS,
+    check_images_fit,
+    check_spec,
+    checked_images,
+    make_metric,
+    metric_rows,
+)
 from mechscope.cnn.methods.graph import CNNEdges
 from mechscope.cnn.models.spec import CNNSpec
 from mechscope.core.errors import MechscopeError
@@ -143,16 +150,13 @@ def _checked_data(spec, images, labels, hyp) -> tuple[torch.Tensor, torch.Tensor
     """The spec, the hypothesis, and images and labels the model takes, one label per image; one line otherwise."""
     from mechscope.cnn.data.images import as_labels
 
-    if not isinstance(spec, CNNSpec):
-        raise MechscopeError(f"scrub_hypothesis takes the model's spec, walk(model, image_shape), not a "
-                             f"{type(spec).__name__}")  # fmt: skip
+    check_spec(spec, "scrub_hypothesis")
     if not isinstance(hyp, HypothesisSpec):
         raise MechscopeError(f"expected a HypothesisSpec (parse_hypothesis_file reads one), got {type(hyp).__name__}")
     images, labels = checked_images(images, "scrub_hypothesis"), as_labels(labels, "scrub_hypothesis")
     if len(images) != len(labels):
         raise MechscopeError(f"{len(images):,} images and {len(labels):,} labels: one label per image")
-    if tuple(images.shape[1:]) != tuple(spec.input_shape):
-        raise MechscopeError(f"images shaped {list(images.shape[1:])}; the model takes {list(spec.input_shape)}")
+    check_images_fit(images, spec, "the images")
     return images, labels
 
 
