@@ -39,8 +39,8 @@ def faithfulness_figure(curve, title: str = "") -> str | None:
         return None
     fig, ax = subplots(figsize=(6.5, 3.6), layout="constrained")
     CL.draw_faithfulness(ax, curve.fractions, curve.faithfulness, curve.random_mean, curve.random_sd,
-                         curve.faithfulness_absolute, label=f"{curve.method}, ranked by "
-                         + ("signed score" if curve.cpr_ranking == "signed" else "|score|"))  # fmt: skip
+                         curve.faithfulness_absolute, label=curve.method,
+                         ranked="signed score" if curve.cpr_ranking == "signed" else "|score|")  # fmt: skip
     ax.set_title(title or f"faithfulness of the top edges ({curve.method}, {curve.ablation} ablation)", fontsize=9)
     return figure_data_uri(fig)
 
@@ -72,10 +72,9 @@ def score_words(result) -> str:
 def curve_words(curve) -> str:
     """The caption of the faithfulness figure: what is drawn, the axis, what CPR and CMD are areas over."""
     value = ABLATED_VALUE.get(curve.ablation, curve.ablation)
-    same = np.allclose(np.asarray(curve.faithfulness, float), np.asarray(curve.faithfulness_absolute, float),
-                       equal_nan=True)  # fmt: skip
-    drawn = ("the two rankings give one curve, drawn once" if same else
-             "both curves are drawn, so the two areas need not add to 1")  # fmt: skip
+    one = CL.same_curve(curve.faithfulness, curve.faithfulness_absolute)  # as the figure draws them
+    drawn = ("the two rankings give one curve, drawn once" if one
+             else "both curves are drawn, so the two areas need not add to 1")  # fmt: skip
     return (f"The metric with only the top k% of edges kept (every other edge carries {value}), normalised so that "
             "the full model is 1 and the empty circuit 0; the x axis is logarithmic. CPR is the area under the curve "
             "of the edges ranked as the method scores them (by signed score where the metric has a better direction), "

@@ -189,15 +189,20 @@ def circuit_extent(nodes: list, layer_of) -> tuple[int, int]:
     return len(per), max(per.values()) if per else 0
 
 
+def same_curve(a, b) -> bool:
+    """Whether two faithfulness curves coincide (then the |score| ranking's is not drawn beside the method's)."""
+    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), equal_nan=True))
+
+
 def draw_faithfulness(ax, fractions, faithfulness, random_mean=None, random_sd=None, absolute=None,
-                      label: str = "circuit") -> None:  # fmt: skip
+                      label: str = "circuit", ranked: str | None = None) -> None:  # fmt: skip
     """A faithfulness curve over the fraction of edges kept (log axis): the circuit, by |score| when different,
     and the random baseline's mean ± sd; 1 = the full model, 0 = the empty circuit."""
     x = np.asarray(fractions, dtype=float) * 100
-    ax.plot(x, faithfulness, "o-", color="#1b9e77", label=label, zorder=3)
-    if absolute is not None and not np.allclose(np.asarray(absolute, float), np.asarray(faithfulness, float),
-                                                equal_nan=True):  # fmt: skip
-        ax.plot(x, absolute, "s--", color="#7570b3", label=f"{label.split(',')[0]}, ranked by |score|", zorder=2)
+    ax.plot(x, faithfulness, "o-", color="#1b9e77", label=f"{label}, ranked by {ranked}" if ranked else label,
+            zorder=3)
+    if absolute is not None and not same_curve(absolute, faithfulness):
+        ax.plot(x, absolute, "s--", color="#7570b3", label=f"{label}, ranked by |score|", zorder=2)
     if random_mean is not None and len(random_mean) == len(x) and np.isfinite(np.asarray(random_mean, float)).any():
         m = np.asarray(random_mean, dtype=float)
         ax.plot(x, m, "^-", color="#d95f02", label="random circuits", zorder=2)

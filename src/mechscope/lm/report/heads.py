@@ -229,6 +229,8 @@ def top_k_text(k: dict, digits: int = 3) -> str:
         return f"{x}; no random control (no other heads to draw {k['k']} from)"
     return (f"{x}; {k['k']} random heads {RANDOM_FROM} change it by {k['random_heads_loss_increase_mean']:+.{digits}f}"
             f" ± {k['random_heads_loss_increase_std']:.{digits}f} (mean ± sd over {len(k['random_draws'])} draws)")
+
+
 DISTINCT_SE = 2.0  # a measured cost is told from zero when it is at least this many standard errors from it
 
 
