@@ -323,8 +323,21 @@ def test_a_size_cuts_acdcs_kept_edges_and_never_adds_a_pruned_one():
     assert len(ids) == len(kept) - 1 and ids <= set(kept)
     with pytest.raises(MechscopeError, match=f"acdc kept {len(kept)} edges: a circuit of {len(kept) + 1} would add"):
         cut_circuit(found.scores, "acdc", len(kept) + 1, None)
-    with pytest.raises(MechscopeError, match="eap-ig integrates from the corrupted input's activations"):
+    with pytest.raises(MechscopeError, match="eap-ig integrates from the corrupted input's activations: it does not "
+                                             "read ablation='mean'"):  # the Python argument, not the CLI's option
         find_circuit(model, clean, corrupted, method="eap-ig", ablation="mean", **kw)
+
+
+def test_steps_are_read_by_eap_ig_only():
+    """``steps`` given to another method was silently unread through the Python API (the CLI refused it); EAP-IG's
+    default is 5 and the settings record what ran."""
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    kw = {"metric": logit_diff, "better": "higher", "metric_name": "logit_diff", "differentiable": True, "curve": False}
+    with pytest.raises(MechscopeError, match="steps is EAP-IG's interpolation steps; method='eap' does not read it"):
+        find_circuit(model, clean, corrupted, method="eap", steps=3, **kw)
+    assert find_circuit(model, clean, corrupted, method="eap-ig", **kw).scores.settings["steps"] == 5
+    assert find_circuit(model, clean, corrupted, method="eap-ig", steps=2, **kw).scores.settings["steps"] == 2
+    assert "steps" not in find_circuit(model, clean, corrupted, method="eap", **kw).scores.settings
 
 
 @pytest.mark.parametrize(("method", "name", "differentiable", "match"), [

@@ -335,7 +335,7 @@ def discover(
     *,
     size: int | float | None = None,
     threshold: float | None = None,
-    steps: int = 5,
+    steps: int | None = None,
     ablation: str = "patch",
     curve: bool = True,
     n_random: int = 5,
@@ -355,7 +355,7 @@ def discover(
                              method=method, size=size, threshold=threshold, steps=steps, ablation=ablation,
                              curve=curve, n_random=n_random, seed=seed, progress=progress)  # fmt: skip
     scores = found.scores
-    settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
+    settings = {"steps": found.scores.settings.get("steps"), "ablation": ablation, "size": size,
                 "threshold": found.threshold, "n_random": n_random, **task.settings}  # fmt: skip
     return CNNDiscovery(
         run=name,

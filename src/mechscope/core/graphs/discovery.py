@@ -32,6 +32,7 @@ from mechscope.core.graphs.results import (
     EdgeScores,
     check_method,
     check_method_ablation,
+    check_method_steps,
     check_threshold,
     edge_count,
 )
@@ -109,7 +110,7 @@ def find_circuit(
     method: str = "eap-ig",
     size: int | float | None = None,
     threshold: float | None = None,
-    steps: int = 5,
+    steps: int | None = None,
     ablation: str = "patch",
     curve: bool = True,
     n_random: int = 5,
@@ -119,9 +120,11 @@ def find_circuit(
 ) -> CircuitSearch:
     """Score ``edges`` (an EdgeModel) on clean against corrupted inputs by ``method``, cut the circuit and (``curve``)
     measure the faithfulness curve and the drawn circuit; ``threshold``: ACDC's tau or, for the other methods, a cut
-    on |score| (ignored for ACDC's cut, which is its own); ``default_size``: the cut without size or threshold."""
+    on |score| (ignored for ACDC's cut, which is its own); ``steps``: EAP-IG's (None: 5; refused for the other
+    methods); ``default_size``: the cut without size or threshold."""
     check_method(method)
-    check_method_ablation(method, ablation)
+    check_method_ablation(method, ablation, cli=False)
+    steps = check_method_steps(method, steps, cli=False)
     if size is not None:
         edge_count(size, edges.graph.n_edges)  # before the scoring, not after it
     threshold = None if threshold is None else check_threshold(threshold)

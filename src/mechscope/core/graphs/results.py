@@ -53,13 +53,24 @@ def check_discovery_counts(seed, n_random) -> None:
 DEFAULT_STEPS, DEFAULT_RANDOM = 5, 5  # both wings' defaults of --steps and --random
 
 
-def check_method_ablation(method: str, ablation: str) -> None:
+def check_method_ablation(method: str, ablation: str, cli: bool = True) -> None:
     """Refuse an ablation the method does not read: EAP-IG integrates from the corrupted input's activations to the
-    clean ones and its curve patches them, so a mean or zero ablation was recorded but never applied."""
+    clean ones and its curve patches them, so a mean or zero ablation was recorded but never applied. ``cli``: the
+    message names the command's option, else the Python argument."""
     check_ablation(ablation)
     if method == "eap-ig" and ablation != "patch":
-        raise MechscopeError(f"eap-ig integrates from the corrupted input's activations: it does not read --ablation "
-                             f"{ablation} (eap, acdc and edge-patching take a mean or zero ablation)")  # fmt: skip
+        given = f"--ablation {ablation}" if cli else f"ablation={ablation!r}"
+        raise MechscopeError(f"eap-ig integrates from the corrupted input's activations: it does not read {given} "
+                             "(eap, acdc and edge-patching take a mean or zero ablation)")  # fmt: skip
+
+
+def check_method_steps(method: str, steps, cli: bool = True) -> int | None:
+    """EAP-IG's interpolation steps (None: the default), refused for a method that does not read them (they were
+    recorded as unread, silently); returns the steps for EAP-IG, else None."""
+    if steps is not None and method != "eap-ig":
+        given, by = ("--steps", f"--method {method}") if cli else ("steps", f"method={method!r}")
+        raise MechscopeError(f"{given} is EAP-IG's interpolation steps; {by} does not read it: leave it out")
+    return (DEFAULT_STEPS if steps is None else steps) if method == "eap-ig" else None
 
 
 def check_discovery_settings(method: str, seed, n_random, size, threshold, steps=None,
@@ -69,16 +80,13 @@ def check_discovery_settings(method: str, seed, n_random, size, threshold, steps
     other was ignored), and no setting given that another makes unread (``--steps`` for a method other than
     EAP-IG, ``--random`` with ``--no-curve``, ``--ablation`` other than patch with EAP-IG: all were silently
     ignored). Returns (steps, n_random) with their
-    defaults for those not given (None)."""
+    defaults for those not given (None; steps stays None for a method other than EAP-IG)."""
     check_method(method)
     check_method_ablation(method, ablation)
-    if steps is not None and method != "eap-ig":
-        raise MechscopeError(f"--steps is EAP-IG's interpolation steps; --method {method} does not read it: "
-                             "leave it out")  # fmt: skip
+    steps = check_method_steps(method, steps)
     if n_random is not None and not curve:
         raise MechscopeError("--random is the number of random circuits of the faithfulness curve's baseline, "
                              "which --no-curve skips: leave one of them out")  # fmt: skip
-    steps = DEFAULT_STEPS if steps is None else steps
     n_random = DEFAULT_RANDOM if n_random is None else n_random
     check_discovery_counts(seed, n_random)
     if threshold is not None and size is not None and method != "acdc":

@@ -83,7 +83,7 @@ def discover(
     *,
     size: int | float | None = None,
     threshold: float | None = None,
-    steps: int = 5,
+    steps: int | None = None,
     ablation: str = "patch",
     curve: bool = True,
     n_random: int = 5,
@@ -117,7 +117,7 @@ def discover(
     if known is not None:
         truth = {s: score_circuit(scores, known, edge_set=s) for s in known.edge_sets}
         drawn = {s: drawn_against_truth(scores, found.circuit, known, edge_set=s) for s in known.edge_sets}
-    settings = {"steps": steps if method == "eap-ig" else None, "ablation": ablation, "size": size,
+    settings = {"steps": found.scores.settings.get("steps"), "ablation": ablation, "size": size,
                 "threshold": found.threshold, "n_random": n_random, "seed": seed, **task.settings}  # fmt: skip
     return LMDiscovery(
         model=name or model.cfg.name,
