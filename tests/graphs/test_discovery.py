@@ -392,3 +392,10 @@ def test_the_summary_says_mean_or_zero_ablation_runs_no_corrupted_input():
     mean = _ends(SimpleNamespace(metric_clean=1.0, metric_corrupted=float("nan")))
     assert mean == "clean 1 (no corrupted metric: removed edges carry the corrupted batch's mean, or zero)"
     assert "nan" not in mean
+
+
+def test_python_arguments_are_named_as_python_names_them():
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    with pytest.raises(MechscopeError, match="^threshold must be >= 0, got -1"):  # the CLI's check says --threshold
+        find_circuit(model, clean, corrupted, metric=logit_diff, better="higher", metric_name="logit_diff",
+                     differentiable=True, method="acdc", threshold=-1.0)  # fmt: skip

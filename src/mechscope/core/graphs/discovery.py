@@ -127,7 +127,7 @@ def find_circuit(
     steps = check_method_steps(method, steps, cli=False)
     if size is not None:
         edge_count(size, edges.graph.n_edges)  # before the scoring, not after it
-    threshold = None if threshold is None else check_threshold(threshold)
+    threshold = None if threshold is None else check_threshold(threshold, "threshold")
     check_method_metric(method, metric_name, differentiable)
     check_int(n_random, "n_random", 0, MAX_RANDOM)  # before the scoring, and whether or not the curve reads them
     check_seed(seed, "seed")
