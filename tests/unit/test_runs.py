@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import mechscope
 from mechscope.cnn.models.cnn import CNN
 from mechscope.cnn.runs import check_out_dir, prepare_out_dir, save_run
-from mechscope.core.errors import RunError
+from mechscope.core.errors import MechscopeError, RunError
 
 
 @pytest.fixture()
@@ -19,7 +19,8 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     model = CNN()
     out = prepare_out_dir(tmp_path / "run")
-    save_run(out, model, {"training": {"seed": 0}, "seed": 0}, {"test_accuracy": 0.1})
+    config = {"training": {"seed": 0}, "seed": 0, "data": {"name": "mnist", "kind": "builtin"}}
+    save_run(out, model, config, {"test_accuracy": 0.1})
     return out, model
 
 
@@ -88,6 +89,7 @@ def test_run_written_before_other_shapes_loads(run_dir):
     path, model = run_dir
     cfg = json.loads((path / "config.json").read_text())
     cfg["kind"] = "mnist-cnn"
+    del cfg["data"]
     cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in ("channels", "batchnorm", "activation",
                                                                        "hidden", "padding")}  # fmt: skip
     cfg["model"].update(conv1_channels=16, conv2_channels=32)
@@ -107,3 +109,16 @@ def test_no_overwrite_without_force(run_dir):
     (path / "keep.txt").write_text("user file")
     prepare_out_dir(path, force=True)
     assert (path / "keep.txt").read_text() == "user file"  # --force replaces our files, deletes nothing
+
+
+def test_a_cnn_run_without_its_data_is_refused(run_dir, tmp_path):
+    """A run of kind cnn always records its data; without it the run read as MNIST, and a run of other 28×28
+    grey images (Fashion-MNIST from a folder) was scored on MNIST's test set without a word."""
+    path, _ = run_dir
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["data"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunError, match="field 'data' is missing; a cnn run records the dataset it was trained on"):
+        mechscope.load_run(path)
+    with pytest.raises(MechscopeError, match=r"save_run: config\['data'\] must name the dataset"):
+        save_run(tmp_path, CNN(), {"seed": 0}, {})

@@ -139,7 +139,7 @@ def cnn_run(tmp_path) -> Path:
 
     out = tmp_path / "run"
     out.mkdir()
-    save_run(out, CNN(CNNConfig(channels=(4, 8))), {"seed": 0}, {})
+    save_run(out, CNN(CNNConfig(channels=(4, 8))), {"seed": 0, "data": {"name": "mnist", "kind": "builtin"}}, {})
     return out
 
 

@@ -392,7 +392,7 @@ def test_a_run_whose_weights_are_a_folder_says_so(tmp_path):
     from mechscope.core.errors import RunError
 
     out = prepare_out_dir(tmp_path / "run")
-    save_run(out, CNN(), {"seed": 0}, {})
+    save_run(out, CNN(), {"seed": 0, "data": {"name": "mnist", "kind": "builtin"}}, {})
     (out / "model.safetensors").unlink()
     with pytest.raises(RunError, match="model.safetensors is missing"):
         mechscope.load_run(out)

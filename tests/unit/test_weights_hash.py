@@ -16,7 +16,7 @@ def _run(tmp_path, seed=0):
     torch.manual_seed(seed)
     model = CNN()
     out = prepare_out_dir(tmp_path / f"run{seed}")
-    save_run(out, model, {"seed": seed}, {})
+    save_run(out, model, {"seed": seed, "data": {"name": "mnist", "kind": "builtin"}}, {})
     return out, model
 
 

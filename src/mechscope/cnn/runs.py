@@ -51,7 +51,11 @@ def prepare_out_dir(path: str | Path, force: bool = False) -> Path:
 
 
 def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
-    """Write a run directory into ``out`` (an existing directory, e.g. from :func:`outputs.atomic_output`)."""
+    """Write a run directory into ``out`` (an existing directory, e.g. from :func:`outputs.atomic_output`);
+    ``config["data"]``: the dataset the model was trained on (``ImageData.describe()``), which loading reads."""
+    if not isinstance(config.get("data"), dict) or not config["data"].get("name"):
+        raise MechscopeError("save_run: config['data'] must name the dataset the model was trained on "
+                             "(ImageData.describe(), or {'name': 'mnist', 'kind': 'builtin'})")  # fmt: skip
     save_tensors(out / WEIGHTS, model.state_dict(), metadata={"kind": KIND})
     record = {"kind": KIND, "model": model.config.to_dict(), **config, WEIGHTS_KEY: weights_hash(model)}
     write_json(out / CONFIG, {**record, "versions": versions()})
@@ -68,7 +72,7 @@ class Run:
 
     @property
     def data(self) -> dict:
-        """The dataset the run was trained on, as config.json records it (runs from before: MNIST)."""
+        """The dataset the run was trained on, as config.json records it (runs of kind mnist-cnn: MNIST)."""
         recorded = dict(self.config.get("data") or {})
         recorded.setdefault("name", "mnist")
         recorded.setdefault("kind", "builtin")
@@ -125,6 +129,9 @@ def check_run_config(config: dict, where: Path) -> dict:
             want = f"above 0 and at most {NORM_MAX:,}" if key == "std" else f"from -{NORM_MAX:,} to {NORM_MAX:,}"
             raise RunError(f"{where}: field 'model.{key}' is {shown(value)}; expected a finite number (or one per "
                            f"channel) {want}: the {key} of pixels scaled to [0, 1]")  # fmt: skip
+    if config["kind"] == KIND and not config.get("data"):  # read as MNIST, a run of other data was scored on MNIST
+        raise RunError(f"{where}: field 'data' is missing; a {KIND} run records the dataset it was trained on "
+                       "(only runs of kind mnist-cnn, from before other data, go without it)")  # fmt: skip
     data = check_field(config, "data", "object", where, error=RunError, default={}, nullable=True) or {}
     for key in ("name", "kind", "directory", "file"):
         if key in data:
