@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,34 @@ def test_a_false_claim_recovers_what_the_construction_predicts():
     assert again.recovered == res.recovered
     back = ScrubResult.from_dict(json.loads(json.dumps(res.to_dict())))
     assert back.hypothesis == res.hypothesis and back.claims == res.claims
+
+
+def test_each_sd_is_the_spread_of_its_own_resamplings():
+    """Every ± is the sd (ddof 1) over the seeded resamplings of its own measurement, in the order scrub makes them
+    (clean, random, scrubbed, each claim, the unclaimed edges), and of the size the construction predicts: scrubbed,
+    each of the 400 rows' A value is wrong with probability 1/2, so the MSE is u²·Bin(400, 1/2)/400 with sd
+    u²·√(400/4)/400 = 0.025 (a permutation of donors gives the same 10/400); fully resampled, B's v² term adds
+    sd v²·0.025 beside it: √(u⁴ + v⁴)·0.025 = 0.103. Twenty samples estimate an sd to about 16%."""
+    u, v = 1.0, 2.0
+    model, ab, mse, b = two_paths(u, v)
+    seen = []
+    metric = lambda out: seen.append(float(mse(out))) or seen[-1]  # noqa: E731
+    a_path, b_path = ["embed", "blocks.0.h0<q>", "logits"], ["embed", "blocks.0.h1<q>", "logits"]
+    hyp = {"claims": [{"name": "A carries b", "path": a_path, "feature": "b"},
+                      {"name": "B carries b", "path": b_path, "feature": "b"}]}  # fmt: skip
+    n = 20
+    res = scrub(model, ab, metric=metric, hypothesis=hyp, features={"b": b}, samples=n, seed=1)
+    assert len(seen) == 1 + 5 * n  # clean, then random, scrubbed, two claims, the unclaimed edges
+    blocks = [seen[1 + i * n: 1 + (i + 1) * n] for i in range(5)]
+    sds = [float(np.std(x, ddof=1)) for x in blocks]
+    assert res.metric_random_sd == pytest.approx(sds[0], rel=1e-12)
+    assert res.metric_scrubbed_sd == pytest.approx(sds[1], rel=1e-12)
+    assert [c.metric_sd for c in res.claims] == pytest.approx(sds[2:4], rel=1e-12)
+    assert res.unclaimed.metric_sd == pytest.approx(sds[4], rel=1e-12)
+    assert res.recovered_sd == pytest.approx(sds[1] / abs(res.metric_clean - res.metric_random), rel=1e-12)
+    assert 0.025 * 0.5 < res.metric_scrubbed_sd < 0.025 * 1.5
+    assert 0.103 * 0.5 < res.metric_random_sd < 0.103 * 1.5
+    assert res.claims[1].metric_sd == 0.0  # "B carries b" is true: every resampling keeps B's value
 
 
 def test_no_claims_recovers_nothing():

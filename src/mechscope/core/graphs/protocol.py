@@ -377,7 +377,7 @@ def metric_value(metric: Callable[[Any], Any], output: Any, *, grad: bool = Fals
         raise MechscopeError(f"the metric must be a callable on the model's output, got {type(metric).__name__}")
     m = metric(output)
     if isinstance(m, (int, float)) and not isinstance(m, bool) and not grad:
-        return torch.tensor(float(m))
+        return torch.tensor(float(m), dtype=torch.float64)  # a Python float, not rounded to float32
     if not torch.is_tensor(m):
         raise MechscopeError(f"the metric must return a scalar tensor, got {type(m).__name__}")
     if m.numel() != 1:
