@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -71,6 +72,28 @@ def test_mib_defaults_and_pass_count(setup):
     assert other.random_mean != curve.random_mean
     back = FaithfulnessCurve.from_dict(json.loads(json.dumps(curve.to_dict())))
     assert back.cpr == curve.cpr and back.fractions == curve.fractions
+
+
+def test_the_random_baseline_replayed_edge_set_by_edge_set(setup):
+    """The random baseline's mean, sd and areas, recomputed from its seeded orders one circuit at a time with
+    circuit_faithfulness and statistics' stdev (only the last fraction's sd was checked, 0 by construction: every
+    order's whole set is the full model)."""
+    model, clean, corrupted, scores = setup
+    fractions, seed, n_random = (0.1, 0.3, 0.6, 1.0), 3, 4
+    curve = faithfulness_curve(model, scores, clean, corrupted, metric=logit_diff, fractions=fractions,
+                               n_random=n_random, seed=seed)  # fmt: skip
+    rng, n = np.random.default_rng(seed), model.graph.n_edges
+    orders = [rng.permutation(n) for _ in range(n_random)]
+    f = np.array([[circuit_faithfulness(model, list(o[:k]), clean, corrupted, metric=logit_diff)["faithfulness"]
+                   for k in curve.edge_counts] for o in orders])  # fmt: skip
+    assert curve.random_mean == pytest.approx([statistics.fmean(col) for col in f.T], abs=1e-12)
+    assert curve.random_sd == pytest.approx([statistics.stdev(col) for col in f.T], abs=1e-12)
+    assert curve.random_sd[2] > 0.05  # random circuits of 60% of the edges differ (fewer hold no whole planted path)
+    cpr = [np.trapezoid(row, fractions) for row in f]
+    cmd = [np.trapezoid(np.abs(1 - row), fractions) for row in f]
+    assert (curve.random_cpr, curve.random_cpr_sd) == pytest.approx((statistics.fmean(cpr), statistics.stdev(cpr)))
+    assert (curve.random_cmd, curve.random_cmd_sd) == pytest.approx((statistics.fmean(cmd), statistics.stdev(cmd)))
+    assert curve.random_cpr_sd > 0 and curve.random_cmd_sd > 0
 
 
 def test_acdc_scores_share_one_order_and_no_random_baseline_is_nan():
