@@ -74,6 +74,22 @@ def test_k_from_threshold_and_negative_share():
         nmf_groups(a, "layer", k=13)
 
 
+def test_explained_variance_of_an_imperfect_fit_is_the_outside_formula():
+    """At k = 1 the best non-negative fit of a non-negative matrix is its leading singular pair (Perron-Frobenius),
+    so the curve's first value is s₁² / Σ s²: strictly between 0 and 1 on the planted rank-4 matrix; the chosen k is
+    the first reaching the threshold (k ≥ 2 here), and the groups' product explains what the curve says."""
+    w, h = planted(seed=3)
+    a = w @ h
+    s = np.linalg.svd(a, compute_uv=False)
+    g = nmf_groups(a, "layer", threshold=0.99, seed=0)
+    assert 0.2 < g.curve[0] < 0.99 and g.curve[0] == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-6)
+    assert g.k >= 2 and g.curve[g.k - 2] < 0.99 <= g.curve[g.k - 1]
+    residual = np.linalg.norm(a - g.spatial @ g.directions) ** 2 / np.linalg.norm(a) ** 2
+    assert g.explained == pytest.approx(1 - residual, abs=1e-12) and g.explained == g.curve[g.k - 1]
+    one = nmf_groups(a, "layer", k=1, seed=0)
+    assert one.explained == pytest.approx(s[0] ** 2 / (s**2).sum(), abs=1e-6)
+
+
 def test_group_attribution_linear_case_is_the_closed_form():
     g = torch.Generator().manual_seed(0)
     c, hh, ww, t, k = 3, 4, 5, 6, 2
