@@ -57,6 +57,23 @@ def test_double_product_in_blocks_is_the_whole_product(monkeypatch):
     assert np.array_equal(FW.ov_eigen_positivity(view), want)
 
 
+def test_eigenvalue_positivity_is_that_of_the_whole_vocabulary_circuit():
+    """Σλ / Σ|λ| of each head's V×V circuit W_E W_V W_O W_U, decomposed whole with numpy (ov_eigen_positivity
+    decomposes the d_head × d_head product in torch), on random heads whose eigenvalues are complex, so the modulus
+    matters (the only other check was a pure copier's 1.0)."""
+    view = analysis_weights(random_model("layernorm"))
+    e, u = view.W_E.double().numpy(), view.W_U.double().numpy()
+    got = FW.ov_eigen_positivity(view)
+    complex_seen = 0
+    for layer in range(view.n_layers):
+        for h in range(view.n_heads):
+            full = e @ view.W_V[layer][h].double().numpy() @ view.W_O[layer][h].double().numpy() @ u  # [V, V]
+            lam = np.linalg.eigvals(full)
+            complex_seen += int((np.abs(lam.imag) > 1e-6 * np.abs(lam).max()).sum())
+            assert got[layer, h] == pytest.approx(lam.sum().real / np.abs(lam).sum(), abs=1e-8), (layer, h)
+    assert complex_seen > 0 and np.abs(got).max() < 0.99  # random heads: neither copiers nor anti-copiers
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_ov_copying_in_blocks_is_the_whole_computation(monkeypatch, norm):
     """ov_copying normalises the embedding, multiplies out W_O W_U and ranks the sampled rows a block at a time
