@@ -201,7 +201,7 @@ def bad_cases():
     yield "no d_sae", {k: v for k, v in base.items() if k != "d_sae"}, w, "expansion_factor"
     yield "bad d_in", base | {"d_in": -4}, w, "d_in"
     yield "string d_in", base | {"d_in": "4"}, w, "d_in"
-    yield "topk without k", base | {"architecture": "topk"}, w, "k"
+    yield "topk without k", base | {"architecture": "topk"}, w, "expected k (active latents"
     yield "k > d_sae", base | {"architecture": "topk", "k": 9}, w, "k <= d_sae"
     yield "other activation", base | {"activation_fn_str": "tanh-relu"}, w, "tanh-relu"
     yield "bad dtype name", base | {"dtype": "int8"}, w, "dtype"

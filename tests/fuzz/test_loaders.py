@@ -1,8 +1,9 @@
 """Every input format corrupted at random and read by the real loaders.
 
-A loader either returns what a valid file gives or raises :class:`MechscopeError` with one line
-that names the file; any other exception (a traceback at the command line) fails the test, and
-Hypothesis shrinks it to the smallest corruption that shows it. ``HYPOTHESIS_PROFILE=campaign``
+A loader either returns or raises :class:`MechscopeError` with one line that names the file; any other
+exception (a traceback at the command line) fails the test, and Hypothesis shrinks it to the smallest
+corruption that shows it. What a loader returns is not judged here (a corrupted byte often leaves a valid
+file of other content); the format's own tests check what valid files give. ``HYPOTHESIS_PROFILE=campaign``
 (``make test-fuzz``) runs 10,000 examples per format.
 """
 

@@ -99,16 +99,21 @@ def greedy_reference(ref, x, n):
     return out
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_greedy_generation_matches(which, gpt2, llama):
-    ref, path = gpt2 if which == "gpt2" else llama
+def test_greedy_generation_matches_gpt2(gpt2):
+    ref, path = gpt2
     model, _ = load_model(path)
     x = tokens(300, n=1, p=6, seed=3)
-    ours = model.generate(x, 20, stop_at_eos=False)
-    assert torch.equal(ours, greedy_reference(ref, x, 20))
+    assert torch.equal(model.generate(x, 20, stop_at_eos=False), greedy_reference(ref, x, 20))
 
 
-def test_per_head_weights_match_reference(gpt2, llama):
+def test_greedy_generation_matches_llama(llama):
+    ref, path = llama
+    model, _ = load_model(path)
+    x = tokens(300, n=1, p=6, seed=3)
+    assert torch.equal(model.generate(x, 20, stop_at_eos=False), greedy_reference(ref, x, 20))
+
+
+def test_per_head_weights_match_reference_gpt2(gpt2):
     ref, path = gpt2
     model, _ = load_model(path)
     attn = model.blocks[1].attn
@@ -116,10 +121,26 @@ def test_per_head_weights_match_reference(gpt2, llama):
     torch.testing.assert_close(attn.W_Q[2], w[:, 2 * 16 : 3 * 16])  # head 2 of 4, d_head 16
     torch.testing.assert_close(attn.W_O[3], ref.transformer.h[1].attn.c_proj.weight[3 * 16 : 4 * 16])
     assert attn.W_K.shape == (4, 64, 16) and attn.W_O.shape == (4, 16, 64)
-    lref, lpath = llama
-    lm, _ = load_model(lpath)
-    g = lm.cfg.kv_heads
-    assert lm.blocks[0].attn.W_K.shape == (g, 64, 16) and lm.W_U.shape == (64, 300)
+
+
+def test_per_head_weights_match_reference_llama(llama):
+    """Every head's W_Q and W_O, and every key/value group's W_K and W_V, value by value against the projections'
+    rows (nn.Linear: x @ weight.T), so a wrong grouping of the key/value heads shows here, not only in the logits."""
+    ref, path = llama
+    model, _ = load_model(path)
+    g = model.cfg.kv_heads
+    for layer, (ours, theirs) in enumerate(zip(model.blocks, ref.model.layers, strict=True)):
+        a, r = ours.attn, theirs.self_attn
+        assert a.W_K.shape == a.W_V.shape == (g, 64, 16), layer
+        for h in range(4):
+            rows = slice(16 * h, 16 * (h + 1))
+            torch.testing.assert_close(a.W_Q[h], r.q_proj.weight[rows].T, rtol=0, atol=0)
+            torch.testing.assert_close(a.W_O[h], r.o_proj.weight[:, rows].T, rtol=0, atol=0)
+        for k in range(g):
+            rows = slice(16 * k, 16 * (k + 1))
+            torch.testing.assert_close(a.W_K[k], r.k_proj.weight[rows].T, rtol=0, atol=0)
+            torch.testing.assert_close(a.W_V[k], r.v_proj.weight[rows].T, rtol=0, atol=0)
+    assert model.W_U.shape == (64, 300)
 
 
 def test_hooks_on_transformer(gpt2):
