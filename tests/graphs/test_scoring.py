@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import CircuitScore, EdgeScores, auroc, score_circuit
-from mechscope.core.graphs.scoring import expected_hits
+from mechscope.core.graphs.scoring import drawn_against_truth, expected_hits
 from tests.graphs.toys import PLANTED_EDGES, PLANTED_NODES, planted_residual
 
 
@@ -67,6 +67,30 @@ def test_perfect_and_partial_scores():
     assert pairs.n_true_edges == 6 and pairs.n_candidates == 25  # 7 + 2·5 + 2·3 + 2 (sender, node) pairs
     back = CircuitScore.from_dict(json.loads(json.dumps(perfect.to_dict())))
     assert back == perfect
+
+
+def test_node_scores_and_the_drawn_circuit_by_hand():
+    """Node AUROC, node recall at size, node precision/recall and the drawn circuit's precision/recall, worked by
+    hand on distinct scores (only the perfect case checked them: recall over every candidate, swapped precision and
+    recall, an AUROC of 1 passed). A node's key is the largest |score| of its edges: 0.h0 5, 1.h0 4, 1.h1 3,
+    2.h0 2, 0.h1 1, 2.h1 0; the h0s are the true nodes."""
+    values = {("embed", "blocks.0.h0", "q"): 5.0, ("blocks.0.h0", "blocks.1.h0", "q"): -4.0,
+              ("embed", "blocks.1.h1", "q"): 3.0, ("blocks.1.h0", "blocks.2.h0", "q"): 2.0,
+              ("embed", "blocks.0.h1", "k"): 1.0}  # fmt: skip
+    scores = _scores(values)
+    res = score_circuit(scores, PLANTED_EDGES, size=3)
+    # top 3 edges: 5, 4 (true) and 3 (false); they touch 0.h0, 1.h0 (true) and 1.h1
+    assert (res.edge_precision, res.edge_recall) == (pytest.approx(2 / 3), pytest.approx(2 / 7))
+    assert (res.node_precision, res.node_recall) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    # true nodes 5, 4, 2 against false 3, 1, 0: 8 of the 9 pairs ordered right; the top 3 nodes hold 2 true ones
+    assert res.node_auroc == pytest.approx(8 / 9) and res.node_recall_at_size == pytest.approx(2 / 3)
+    keys, truth = [5, 1, 4, 3, 2, 0], [True, False, True, False, True, False]  # 0.h0, 0.h1, 1.h0, 1.h1, 2.h0, 2.h1
+    assert res.node_auroc == pytest.approx(roc_auc_score(truth, keys))
+    g = scores.graph
+    is_true = [e in PLANTED_EDGES for e in g.edges]
+    assert res.edge_auroc == pytest.approx(roc_auc_score(is_true, np.abs(scores.scores)))
+    drawn = drawn_against_truth(scores, scores.circuit(4), PLANTED_EDGES)  # 5, 4, 3, 2: three true of four
+    assert drawn == {"edges": 4, "true": 3, "n_true_edges": 7, "precision": 0.75, "recall": pytest.approx(3 / 7)}
 
 
 def _touched(values) -> set:
