@@ -344,7 +344,14 @@ class _Scrubber:
             return run(self.model, self.inputs, self._shared_terms(list(range(self.graph.n_receivers)), rows))
         receivers = list(dict.fromkeys(r for node in nodes for r in self.graph.inputs_of(node)))
         terms = [self._term(r, rows) for r in receivers]
-        return run(self.model, self.inputs, terms)
+        return run(self.model, self._rows(rows), terms)
+
+    def _rows(self, rows: torch.Tensor):
+        """The inputs of ``rows``, in their order: a node computed for them reads their attention masks too (with
+        the batch's own order, a padded donor of another length was masked as the row it stood in for)."""
+        if torch.equal(rows, torch.arange(self.n)):
+            return self.inputs
+        return self.inputs[rows]
 
     def _shared_terms(self, receivers: list[int], rows: torch.Tensor) -> list[Term]:
         """``sampling="sender"``: the whole treeified output in one forward. Every sender is resampled once per
