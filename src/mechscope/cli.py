@@ -83,10 +83,11 @@ def _say_scrub(where, r, whom: str) -> None:
     s = r.scrub
     typer.echo(f"{r.name} on {whom}: clean {s.metric_clean:.4g}, resampled {s.metric_random:.4g}, scrubbed "
                f"{s.metric_scrubbed:.4g}: {s.recovered:.1%} ± {s.recovered_sd:.1%} of the behaviour recovered")
+    built = " (the clean model by construction, not run)"
     for c in s.claims:
-        typer.echo(f"  claim {c.name!r} alone: {c.recovered:.1%}")
+        typer.echo(f"  claim {c.name!r} alone: {c.recovered:.1%}" + ("" if c.measured else built))
     if s.unclaimed is not None:
-        typer.echo(f"  unclaimed edges alone: {s.unclaimed.recovered:.1%}")
+        typer.echo(f"  unclaimed edges alone: {s.unclaimed.recovered:.1%}" + ("" if s.unclaimed.measured else built))
     typer.echo(f"scrub.json and report.html written to {where} ({s.forward_passes} forward passes, {s.seconds:.1f} s)")
 
 

@@ -106,6 +106,32 @@ def test_each_sd_is_the_spread_of_its_own_resamplings():
     assert res.claims[1].metric_sd == 0.0  # "B carries b" is true: every resampling keeps B's value
 
 
+def test_parts_that_are_the_clean_model_by_construction_are_not_run(monkeypatch):
+    """A claim without a feature, alone (its edges as they are, the rest clean), and the unclaimed edges alone when
+    no edge is left unclaimed, are the clean model: reported as such (not measured, 100%), without their passes."""
+    model, ab, mse, b = two_paths()
+    a_path, b_path = ["embed", "blocks.0.h0<q>", "logits"], ["embed", "blocks.0.h1<q>", "logits"]
+    hyp = {"claims": [{"name": "A as it is", "path": a_path}, {"name": "B carries b", "path": b_path, "feature": "b"},
+                      {"name": "the rest", "rest": True}]}  # fmt: skip
+    from mechscope.core import scrub as S
+
+    measured = []
+    real = S._measure
+    monkeypatch.setattr(S, "_measure", lambda *a: measured.append(a[2].copy()) or real(*a))
+    res = scrub(model, ab, metric=mse, hypothesis=hyp, features={"b": b}, samples=4)
+    assert len(measured) == 3  # the random baseline, the hypothesis, the one claim with a feature
+    a, bb, rest = res.claims
+    assert (a.measured, bb.measured, rest.measured, res.unclaimed.measured) == (False, True, False, False)
+    assert a.metric == res.metric_clean and a.recovered == 1.0 and a.metric_sd == 0.0
+    assert bb.recovered == pytest.approx(1.0, abs=1e-12)  # measured: B's value depends only on b
+    back = ScrubResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.claims == res.claims and back.unclaimed == res.unclaimed
+    old = res.to_dict()
+    for c in old["claims"]:
+        c.pop("measured")  # a scrub.json written before the field: every part was measured
+    assert all(c.measured for c in ScrubResult.from_dict(old).claims)
+
+
 def test_no_claims_recovers_nothing():
     model, ab, mse, _ = two_paths()
     res = scrub(model, ab, metric=mse, hypothesis={"claims": []}, samples=20)

@@ -302,8 +302,10 @@ def test_sender_sampling_is_one_forward_per_output_and_the_buffered_mix_gathers_
     a, b = scrub(fast, task.clean, **kw), scrub(slow, task.clean, **kw)
     assert a.metric_scrubbed == pytest.approx(b.metric_scrubbed, rel=1e-9, abs=1e-12)
     assert [c.metric for c in a.claims] == pytest.approx([c.metric for c in b.claims], rel=1e-9, abs=1e-12)
-    # the capture, then one forward per scrubbed output: resampled, scrubbed, 3 claims alone, unclaimed alone
-    assert a.forward_passes == 1 + 2 * (1 + 1 + 3 + 1)
+    # the capture, then one forward per scrubbed output: resampled, scrubbed, the 2 claims with a feature alone
+    # ("heads" alone and the unclaimed edges alone, with "rest" claiming them all, are the clean model: not run)
+    assert a.forward_passes == 1 + 2 * (1 + 1 + 2)
+    assert [c.measured for c in a.claims] == [False, True, True] and not a.unclaimed.measured
     assert np.isfinite(a.recovered) and a.metric_scrubbed != pytest.approx(a.metric_clean)
 
 

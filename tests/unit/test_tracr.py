@@ -201,3 +201,21 @@ def test_a_node_computed_for_donor_rows_reads_their_attention_masks(loaded, head
     assert not torch.equal(task.clean.lengths[donors], task.clean.lengths)  # donors of other lengths
     assert not sc.exact[node]  # computed by a forward, not read from the cache
     torch.testing.assert_close(sc._value(node, donors), cache[g.sender_of(node)][donors], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["position", "token", "prev_token", "token[i+1]"])
+def test_a_real_position_never_draws_a_donor_at_its_padding(loaded, name):
+    """Per-position features read PADDED at a row's padding, so a real position's donors are real there too: the
+    position feature drew among every row at a position, a shorter row's padding included (15% of the scored
+    positions of reverse's position claim read PAD, which tracr's heads read as zeros; argmax ties then made the
+    docs' false claim -7.6% where the exact expectation was about 0%, review35)."""
+    from mechscope.core.scrub import _Feature
+    from mechscope.lm.methods.tasks import PADDED, feature_values
+
+    task = make_task(loaded["reverse"], None, "accuracy")
+    valid, n = task.clean.valid(), len(task.clean)
+    assert not valid.all()  # a padded batch
+    values = feature_values(name, task)
+    assert (values[~valid] == PADDED).all() and (values[valid] != PADDED).all()
+    donors = _Feature(name, values, n).sample(torch.arange(n).repeat(20), torch.Generator().manual_seed(0))
+    assert valid[donors, torch.arange(valid.shape[1])].reshape(20, n, -1)[:, valid].all()

@@ -220,12 +220,15 @@ def _check_consistent(claims: tuple[Claim, ...]) -> None:
 
 @dataclass(frozen=True)
 class ClaimScrub(Result):
-    """The metric with one part of the hypothesis scrubbed, and the behaviour it recovers."""
+    """The metric with one part of the hypothesis scrubbed, and the behaviour it recovers. ``measured`` False: the
+    part is the clean model by construction (a claim without a feature keeps its edges as they are; no edge is
+    left unclaimed), so it was not run and reads the clean metric."""
 
     name: str
     metric: float
     metric_sd: float
     recovered: float
+    measured: bool = True
 
 
 @dataclass(frozen=True)
@@ -484,12 +487,20 @@ def scrub(
     parts: list[ClaimScrub] = []
     unclaimed = None
     if breakdown:
+        clean = lambda name: ClaimScrub(name, m_clean, 0.0, 1.0, measured=False)  # noqa: E731
         for c in hyp.claims:
+            if c.feature is None:  # its edges as they are, the rest clean: the clean model
+                parts.append(clean(c.name))
+                continue
             m, sd = measure(_assignment(g, [c], names, IDENTITY))
             parts.append(ClaimScrub(c.name, m, sd, frac(m)))
         as_they_are = [Claim(c.name, c.edges, None) for c in hyp.claims]
-        m, sd = measure(_assignment(g, as_they_are, names, RANDOM))
-        unclaimed = ClaimScrub("irrelevant edges", m, sd, frac(m))
+        rest = _assignment(g, as_they_are, names, RANDOM)
+        if not (rest == RANDOM).any():
+            unclaimed = clean("irrelevant edges")
+        else:
+            m, sd = measure(rest)
+            unclaimed = ClaimScrub("irrelevant edges", m, sd, frac(m))
     return ScrubResult(
         hypothesis=hyp,
         metric_clean=m_clean,

@@ -217,14 +217,16 @@ def scrub_figure(scrub, title: str = "") -> str:
     span = abs(scrub.metric_clean - scrub.metric_random)
     parts = list(scrub.claims) + ([scrub.unclaimed] if scrub.unclaimed else [])
     errs = [scrub.recovered_sd] + [c.metric_sd / span if span > 0 else 0.0 for c in parts]  # the table's ± as shares
+    built = [False] + [not c.measured for c in parts]  # the clean model by construction: drawn hollow, not run
     width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
     fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
     y = np.arange(len(names))[::-1]
-    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=["#1b9e77"] + ["#7570b3"] * (len(names) - 1), ecolor="#333",
-            capsize=2)  # fmt: skip
-    for yi, v in zip(y, vals, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
-        ax.text(v, yi, f" {v:.1%}" if v >= 0 else f"{v:.1%} ", va="center", ha="left" if v >= 0 else "right",
-                fontsize=8)  # fmt: skip
+    colors = ["#1b9e77"] + ["none" if b else "#7570b3" for b in built[1:]]
+    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=colors, edgecolor=["#7570b3" if b else "none" for b in built],
+            ecolor="#333", capsize=2)  # fmt: skip
+    for yi, v, b in zip(y, vals, built, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
+        text = " 100% by construction (not run)" if b else f" {v:.1%}" if v >= 0 else f"{v:.1%} "
+        ax.text(v, yi, text, va="center", ha="left" if v >= 0 else "right", fontsize=8)
     low, high = min(0.0, *vals), max(1.0, *vals)
     ax.set_xlim(low - 0.15 * (high - low) * (low < 0), high + 0.12 * (high - low))  # room for the labels
     ax.set_yticks(y)
@@ -242,12 +244,18 @@ def scrub_rows(scrub) -> list[list]:
     """The scrub table: the hypothesis, each claim alone, the unclaimed edges alone (metric ± sd, recovered)."""
     whole = _pm(scrub.metric_scrubbed, scrub.metric_scrubbed_sd)
     rows = [["hypothesis (everything it does not claim resampled)", whole, f"{scrub.recovered:.1%}"]]
-    rows += [[f"claim {c.name!r} alone (the rest clean)", _pm(c.metric, c.metric_sd), f"{c.recovered:.1%}"]
-             for c in scrub.claims]  # fmt: skip
+    rows += [[f"claim {c.name!r} alone (the rest clean)", *_part(c, "a claim without a feature keeps its edges as "
+                                                                 "they are")] for c in scrub.claims]  # fmt: skip
     if scrub.unclaimed:
-        u = scrub.unclaimed
-        rows.append(["the unclaimed edges alone resampled", _pm(u.metric, u.metric_sd), f"{u.recovered:.1%}"])
+        rows.append(["the unclaimed edges alone resampled", *_part(scrub.unclaimed, "no edge is left unclaimed")])
     return rows
+
+
+def _part(c, why: str) -> list[str]:
+    """A breakdown row's metric and recovered share, or why it is the clean model without being run."""
+    if not c.measured:
+        return ["the clean model (not run)", f"100% by construction: {why}"]
+    return [_pm(c.metric, c.metric_sd), f"{c.recovered:.1%}"]
 
 
 def _pm(value: float, sd: float) -> str:

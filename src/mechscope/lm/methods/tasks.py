@@ -314,8 +314,21 @@ def _shifted(ids: torch.Tensor, back: int) -> torch.Tensor:
     return out
 
 
+PADDED = -2  # a positional feature's value at a row's padding: no real position has it, so none draws from there
+
+
 def feature_values(name: str, task: Task) -> torch.Tensor:
-    """The values of feature ``name`` on the task's clean batch: [N] (per row) or [N, P] (per row and position)."""
+    """The values of feature ``name`` on the task's clean batch: [N] (per row) or [N, P] (per row and position).
+    At a padded position a per-position feature reads :data:`PADDED`: a real position of one row drew its donor
+    among every row at that position, padding included (a shorter row's PAD there, which tracr's heads read as
+    zeros: 15% of the scored positions of reverse's ``position`` claim, ties in the argmax)."""
+    values = _feature_values(name, task)
+    if values.dim() == 2 and isinstance(task.clean, Tokens):
+        values = torch.where(task.clean.valid(), values, PADDED)
+    return values
+
+
+def _feature_values(name: str, task: Task) -> torch.Tensor:
     if not isinstance(name, str):
         raise MechscopeError(f"a feature is named by a string, got {name!r}")
     ids = task.ids
