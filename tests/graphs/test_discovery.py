@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from mechscope.core.graphs import (
     EdgeScores,
     acdc,
     capture,
+    circuit_faithfulness,
     cut_circuit,
     eap,
     eap_ig,
@@ -32,6 +34,8 @@ from tests.graphs.toys import (
     logit_diff,
     planted_conv,
     planted_residual,
+    redundant_or,
+    small_contributions,
 )
 
 
@@ -130,6 +134,29 @@ def test_acdc_recovers_the_planted_circuit_exactly(act, ablation):
     assert set(circuit.edges) == PLANTED_EDGES
     assert set(circuit.nodes) == PLANTED_NODES | {"embed", "logits"}
     assert res.settings["metric_circuit"] == pytest.approx(res.metric_clean, abs=1e-12)
+
+
+def test_acdc_judges_each_removal_against_the_circuit_so_far():
+    """ACDC's defining step: a removal is judged against the current circuit, not the clean model. Of two heads
+    that each alone carry the signal into a saturating reader, removing the first changes the metric by 1e-4 (the
+    other still carries it); removing the second then loses everything, so one path is kept whole. And small
+    removals add up (the planted CNN and residual circuits, with every other edge exactly 0, could not tell: judging
+    against the clean model passed every ACDC test, review36)."""
+    model, clean, corrupted, metric = redundant_or()
+    scores = acdc(model, clean, corrupted, metric=metric, threshold=0.01)
+    kept = {model.graph.edges[e] for e in scores.kept}
+    paths = [{("embed", f"blocks.0.h{h}", "q"), (f"blocks.0.h{h}", "blocks.1.h0", "q")} for h in (0, 1)]
+    assert sum(p <= kept for p in paths) == 1 and ("blocks.1.h0", "logits", "in") in kept
+    again = circuit_faithfulness(model, list(scores.kept), clean, corrupted, metric=metric)
+    assert scores.settings["metric_circuit"] == pytest.approx(again["metric"], abs=1e-12)
+    assert again["metric"] == pytest.approx(math.tanh(5 * math.tanh(9)), abs=1e-9)  # one path: g = tanh(5·tanh(9))
+    # and small removals add up: five heads each worth 0.004 all go at tau 0.01, each judged against the circuit
+    # left by the removals before it (judged against the clean model, the third would be kept: 0.012 > tau)
+    model, clean, corrupted, metric = small_contributions()
+    scores = acdc(model, clean, corrupted, metric=metric, threshold=0.01)
+    assert not {e for e in scores.kept if model.graph.edges[e][0].startswith("blocks.0")}
+    assert scores.settings["metric_circuit"] == pytest.approx(0.0, abs=1e-12)
+    assert scores.metric_clean == pytest.approx(0.02, abs=1e-15)
 
 
 def test_acdc_recovers_the_planted_cnn_circuit():

@@ -205,3 +205,30 @@ def two_paths(u: float = 1.0, v: float = 2.0):
     ab = torch.tensor([[a, b] for a in (0, 1) for b in (0, 1)], dtype=torch.float64).repeat(100, 1)
     target = u * ab[:, 0] + v * ab[:, 1]
     return ResidualToy(W_E, heads, W_U), ab, lambda out: ((out[:, 0] - target) ** 2).mean(), ab[:, 1]
+
+
+def redundant_or():
+    """Two heads that each alone carry the input's signal to a saturating reader (an OR): h0 and h1 both write
+    tanh(3·x0) (dims 2 and 3), g = tanh(5·(dim 2 + dim 3)) writes dim 4, read by the logits. Clean x0 = 3 gives
+    g ≈ tanh(10); patching one of h0 or h1 to the corrupted x0 = 0 leaves g ≈ tanh(5) (a change of 1e-4), both
+    g = 0. Returns (model, clean, corrupted, metric: the mean logit)."""
+    d = 5
+    W_E = torch.eye(2, d, dtype=torch.float64)
+    heads = [[_head(d, q=[(0, 3.0)], o=[(2, 1.0)]), _head(d, q=[(0, 3.0)], o=[(3, 1.0)])],
+             [_head(d, q=[(2, 5.0), (3, 5.0)], o=[(4, 1.0)])]]  # fmt: skip
+    W_U = torch.zeros(d, 1, dtype=torch.float64)
+    W_U[4, 0] = 1.0
+    clean = torch.tensor([[3.0, 0.0]] * 4, dtype=torch.float64)
+    return ResidualToy(W_E, heads, W_U, "tanh"), clean, torch.zeros_like(clean), lambda out: out[:, 0].mean()
+
+
+def small_contributions(n: int = 5, c: float = 0.004):
+    """``n`` heads that each add ``c``·x0 to the one logit (linear): clean x0 = 1, corrupted 0, so removing any one
+    head's path costs ``c`` and all of them n·c. Returns (model, clean, corrupted, metric: the mean logit)."""
+    d = 3
+    W_E = torch.eye(2, d, dtype=torch.float64)
+    heads = [[_head(d, q=[(0, 1.0)], o=[(2, c)]) for _ in range(n)]]
+    W_U = torch.zeros(d, 1, dtype=torch.float64)
+    W_U[2, 0] = 1.0
+    clean = torch.tensor([[1.0, 0.0]] * 4, dtype=torch.float64)
+    return ResidualToy(W_E, heads, W_U), clean, torch.zeros_like(clean), lambda out: out[:, 0].mean()
