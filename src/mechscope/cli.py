@@ -65,7 +65,7 @@ def _scrub(hypothesis: str, out, force: bool):
 
     path = Path(hypothesis)
     data = read_json_object(path, "hypothesis")
-    wing = data.get("wing") or ("cnn" if "run" in data and "model" not in data else "lm")
+    wing = data.get("wing", "cnn" if "run" in data and "model" not in data else "lm")
     if wing not in ("lm", "cnn"):
         raise MechscopeError(f"{path}: 'wing' must be 'lm' or 'cnn', got {wing!r}")
     if wing == "cnn":

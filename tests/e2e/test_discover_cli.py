@@ -140,6 +140,9 @@ def test_unreadable_hypothesis_files_are_one_line(capsys, tmp_path):
     assert_one_line_error(code, err, "not found")
     code, _, err = run_main(capsys, "scrub", "--hypothesis", _hyp(tmp_path, claims=[], colour=1))
     assert_one_line_error(code, err, "unknown key 'colour'")
+    for wing in ("", False, 0, None):  # falsy: it fell back to guessing the wing, where 5 was refused
+        code, _, err = run_main(capsys, "scrub", "--hypothesis", _hyp(tmp_path, claims=[], wing=wing))
+        assert_one_line_error(code, err, f"'wing' must be 'lm' or 'cnn', got {wing!r}")
 
 
 @pytest.mark.parametrize(

@@ -204,7 +204,8 @@ def test_features_and_hypothesis_files():
     assert parse_hypothesis_file(good).target == 0
     for bad, match in [({**good, "model": "x"}, "unknown key"), ({**good, "metric": "f1"}, "unknown metric"),
                        ({**good, "claims": [{"name": "a", "edges": ["*"], "feature": "mood"}]}, "unknown feature"),
-                       ({**good, "target": -1}, "target"), ({**good, "data": {"n": 1}}, "n must"),
+                       ({**good, "target": -1}, "target"),
+                       ({**good, "data": {"n": 1}}, "data.n must be an integer from 2 upwards"),
                        ({**good, "data": {"seed": 2**64}}, "data.seed must be an integer from 0 to 2"),
                        ({**good, "seed": -1}, "seed must be an integer from 0"),
                        ({**good, "samples": 10**6}, "samples must be an integer from 1 to 100,000"),

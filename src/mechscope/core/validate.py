@@ -294,8 +294,9 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
         raise MechscopeError(f"{name} must be an integer, got {shown(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"from {low:,}" if low is not None else "up"
-        span += f" to {high:,}" if high is not None else " or more"
+        span = f"from {low:,}" if low is not None else ""
+        span += f" to {high:,}" if low is not None and high is not None else " upwards" if low is not None else (
+            f"up to {high:,}")  # fmt: skip
         raise MechscopeError(f"{name} must be an integer {span}, got {value:,}")
     return value
 

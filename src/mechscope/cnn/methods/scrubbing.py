@@ -123,7 +123,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
     d = data.get("data", {})
     if not isinstance(d, dict) or set(d) - DATA_KEYS:
         raise MechscopeError(f"{where}: 'data' must be an object with keys among {', '.join(sorted(DATA_KEYS))}")
-    vals = hypothesis_file_ints(where, {"n": (d.get("n", 500), 2), "data.seed": (d.get("seed", 0), 0),
+    vals = hypothesis_file_ints(where, {"data.n": (d.get("n", 500), 2), "data.seed": (d.get("seed", 0), 0),
                                         "samples": (data.get("samples", 10), 1), "seed": (data.get("seed", 0), 0)})
     sampling, breakdown = hypothesis_file_sampling(data, where)
     for c in claims:
@@ -136,7 +136,7 @@ def parse_hypothesis_file(data: Any, where: str = "hypothesis") -> HypothesisSpe
         run=data["run"],
         metric=metric,
         target=target,
-        n=vals["n"],
+        n=vals["data.n"],
         data_seed=vals["data.seed"],
         claims=tuple(claims),
         samples=vals["samples"],

@@ -234,7 +234,7 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
             ),  # fmt: skip
             "accuracy": lambda out: (out.argmax(-1) == target)[valid].double().mean(),
         }
-    fewer = f", all there are (--limit asked for {limit})" if limit is not None and limit > len(ids) else ""
+    fewer = f", all there are ({limit} asked for)" if limit is not None and limit > len(ids) else ""
     return Task("tracr", name, table[name], clean, corrupted, fns[name],
                 f"{name} on the {len(ids)} examples of {info.name}{fewer} (each at its own length); corrupted: "
                 "another example (a seeded derangement)", None,
@@ -296,7 +296,7 @@ FEATURES = {
     "token[i-K]": "the token K positions back (per position), e.g. token[i-2]",
     "token[i-n]": "the token one repeat back in a repeated sequence (per position; needs the induction task)",
     "token[i-n+K]": "the token n−K positions back, e.g. token[i-n+1] (the token after the earlier copy)",
-    "position": "the position (per position: any row, same position)",
+    "position": "the position (per position: any row that is real there, same position)",
     "length": "the sequence's length (per row: tracr's length-dependent programs)",
     "sequence": "the row itself (per row; recursively resampled, so the same as no feature)",
 }
