@@ -120,6 +120,7 @@ def main() -> None:
         f"{'edges':>9} {'peak f+b MB':>11} {'peak graph MB':>13} {'dense N² MB':>11}  load"
     )
     print(head, flush=True)
+    failed = 0
     for n in a.lengths:
         cmd = [sys.executable, __file__, "--transcoders", a.transcoders, "--repeats", str(a.repeats), "--one", str(n)]
         cmd += ["--threads", str(a.threads)] + (["--max-features", str(a.max_features)] if a.max_features else [])
@@ -127,6 +128,7 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{n:>6} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            failed += 1
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(
@@ -135,6 +137,8 @@ def main() -> None:
             f"{r['peak_graph_mb']:>13.0f} {r['dense_adjacency_mb']:>11.0f}  {r['load']}",
             flush=True,
         )
+    if failed == len(a.lengths):
+        raise SystemExit(f"every length failed ({failed} of {len(a.lengths)})")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ widths (16, 32) plus a third 32-channel stage: --channels 16,32,32 --kernel-size
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -20,6 +21,11 @@ from mechscope.cnn.pipelines.train import train
 from mechscope.cnn.training import keep_freed_memory
 
 THREE_STAGES = CNNConfig(channels=(16, 32, 32), kernel_size=3, padding=1)
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def explain_timed(run: str, out: str) -> tuple[float, object]:
@@ -43,6 +49,7 @@ def main() -> None:
             acc, n = m["test_accuracy"], m["n_parameters"]
             print(f"trained {name}: test accuracy {acc:.4f}, {n:,} parameters", flush=True)
     seconds = {}
+    print(f"{load()} at the start", flush=True)
     for name, run in runs.items():
         total, result = explain_timed(run, f"{tmp}/{name}-explain")
         seconds[name] = total
@@ -55,7 +62,7 @@ def main() -> None:
             flush=True,
         )
     ratio = seconds["3-stage"] / seconds["default"]
-    print(f"3-stage / default: {ratio:.2f} (target <= 2) {'PASS' if ratio <= 2 else 'FAIL'}")
+    print(f"3-stage / default: {ratio:.2f} (target <= 2) {'PASS' if ratio <= 2 else 'FAIL'}; {load()} at the end")
 
 
 if __name__ == "__main__":

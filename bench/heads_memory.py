@@ -10,7 +10,7 @@ unreturned pages), and at the end the fitted growth of both in MiB per measured 
 from run to run with the same work (glibc's heap: 1,441 to 1,753 MiB in three runs of 405 pairs on SmolLM2), so run it
 more than once before reading a slope.
 
-    python bench/heads_memory.py [--model smollm2] [--top 0,16,64] [--work DIR]
+    python bench/heads_memory.py [--model smollm2] [--top 0,32,128] [--work DIR]
 
 Quote the load average it prints beside the figures.
 """
@@ -69,7 +69,7 @@ json.dump({"exact_top": top, "measured": measured, "wall_s": wall, "baseline_mib
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--top", default="0,16,64", help="exact_top values, comma-separated")
+    p.add_argument("--top", default="0,32,128", help="exact_top values, comma-separated")
     p.add_argument("--work", default="runs/bench-heads-memory")
     args = p.parse_args()
     work = Path(args.work).absolute()
@@ -98,6 +98,10 @@ def main() -> None:
         print(f"peak memory grows by {slope:.2f} MiB per measured pair ({slope * span:.0f} MiB over {span} more "
               f"pairs); the same work varies by up to 300 MiB from run to run. What is allocated and not freed "
               f"grows by {live:.2f} MiB per pair ({live * span:.0f} MiB)")  # fmt: skip
+        # target from docs/development.md: "no growth with the heads analysed", judged on what is allocated (the
+        # resident peak varies by up to 300 MiB run to run); tolerance 0.1 MiB per pair, chosen here: twice the
+        # +-0.05 MiB per pair the docs measured within the sampling's spread
+        print(f"no growth of what is allocated (slope <= 0.1 MiB per pair): {'PASS' if live <= 0.1 else 'FAIL'}")
     summary = {"model": args.model, "rows": rows, "load_average": load, "cores": os.cpu_count()}
     (work / "heads_memory.json").write_text(json.dumps(summary, indent=2))
     print(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} cores; "

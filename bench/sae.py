@@ -74,9 +74,10 @@ def bench_cnn_harvest(repeats: int) -> None:
                          shard_rows=32768, progress=False)  # fmt: skip
 
     t = interleaved({"forward": forward, "harvest": harvest}, repeats)
+    ratio = t["forward"] / t["harvest"]  # target from docs/development.md: harvest >= 0.8
     print(f"CNN harvest conv2.hook_out, 10,000 images: forward {len(x) / t['forward']:,.0f} img/s, harvest "
-          f"{len(x) / t['harvest']:,.0f} img/s: ratio {t['forward'] / t['harvest']:.2f} (target >= 0.8); "
-          f"{load()}")  # fmt: skip
+          f"{len(x) / t['harvest']:,.0f} img/s: ratio {ratio:.2f} (target >= 0.8: "
+          f"{'PASS' if ratio >= 0.8 else 'FAIL'}); {load()}")  # fmt: skip
 
 
 def lm_model(spec: str | None):
@@ -119,12 +120,14 @@ def bench_lm_harvest(spec: str | None, repeats: int) -> None:
     t = interleaved({"forward": forward, "full": harvest(last, stop=False), "last": harvest(last),
                      "middle": harvest(middle)}, repeats)  # fmt: skip
     tok = tokens.numel()
+    worst = min(t["forward"] / t[k] for k in ("full", "last", "middle"))  # docs/development.md: harvest >= 0.8
     print(f"LM harvest ({name}), {tok:,} tokens: forward {tok / t['forward']:,.0f} tok/s; "
           f"blocks.{last}.hook_resid_post without stopping (the whole forward and the store: the overhead alone) "
           f"{tok / t['full']:,.0f} tok/s, ratio {t['forward'] / t['full']:.2f}; stopped after it (no final norm and "
           f"unembedding) {tok / t['last']:,.0f} tok/s, ratio {t['forward'] / t['last']:.2f}; "
           f"blocks.{middle}.hook_resid_post (forward stopped after it) {tok / t['middle']:,.0f} tok/s, ratio "
-          f"{t['forward'] / t['middle']:.2f} (target >= 0.8); {load()}")  # fmt: skip
+          f"{t['forward'] / t['middle']:.2f} (target >= 0.8 for all three: {'PASS' if worst >= 0.8 else 'FAIL'}); "
+          f"{load()}")  # fmt: skip
 
 
 # ---- 2. training against sparsify ------------------------------------------------------------------------------
@@ -168,10 +171,11 @@ def bench_training(repeats: int, d_in: int = 256, steps: int = 20) -> None:
     ours()  # warm-up: first-call imports (torch's optimiser machinery)
     theirs()
     t = interleaved({"ours": ours, "sparsify": theirs}, repeats)
-    rows = steps * batch
+    rows = steps * batch  # target from docs/development.md: training ratio >= 1.0
     print(f"training TopK {d_in} -> {d_sae}, k={k}, batch {batch}, {steps} steps, 1 thread: ours "
           f"{rows / t['ours']:,.0f} rows/s, sparsify 1.3.3 {rows / t['sparsify']:,.0f} rows/s: ratio "
-          f"{t['sparsify'] / t['ours']:.2f} (target >= 1.0); {load()}")  # fmt: skip
+          f"{t['sparsify'] / t['ours']:.2f} (target >= 1.0: {'PASS' if t['sparsify'] >= t['ours'] else 'FAIL'}); "
+          f"{load()}")  # fmt: skip
 
 
 # ---- 3. memory ------------------------------------------------------------------------------------------------------
@@ -197,20 +201,24 @@ def bench_memory(budget_mb: int) -> None:
     marks = {int(n_batches * f): f for f in (0.1, 0.5, 1.0)}
     before = current_rss_mb()
     seen: list[str] = []
+    over: list[float] = []  # RSS over the start at each mark, MiB
 
     def batches():
         g = torch.Generator().manual_seed(0)
         for i in range(1, n_batches + 1):
             yield torch.randn(rows_per_batch, width, generator=g)
             if i in marks:
-                seen.append(f"{int(100 * marks[i])}%: RSS {current_rss_mb() - before:+.0f} MiB")
+                over.append(current_rss_mb() - before)
+                seen.append(f"{int(100 * marks[i])}%: RSS {over[-1]:+.0f} MiB")
 
     with tempfile.TemporaryDirectory() as tmp:
         r = harvest(batches(), f"{tmp}/s", shard_rows=shard_rows, progress=False)
     print(f"memory: {r.rows:,} rows x {width} float32 = {r.rows * width * 4 / 2**20:,.0f} MiB of activations "
           f"(10 x a {budget_mb} MiB budget) in {r.shards} shards, shuffle buffer "
           f"{4 * shard_rows * width * 4 / 2**20:.0f} "
-          f"MiB; RSS over the start: {', '.join(seen)}; peak RSS {rss_mb():,.0f} MiB; {load()}")  # fmt: skip
+          f"MiB; RSS over the start: {', '.join(seen)} (target: within the {budget_mb} MiB budget: "
+          f"{'PASS' if max(over) <= budget_mb else 'FAIL'}); peak RSS {rss_mb():,.0f} MiB; {load()}")  # fmt: skip
+    # (target from docs/development.md: memory within the budget)
 
 
 def main() -> None:

@@ -180,6 +180,11 @@ def same_weights(a: Path, b: Path) -> list[str]:
             x[k].shape == y[k].shape and bool((x[k] == y[k]).all()))]  # fmt: skip
 
 
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="git revision of the version to compare against")
@@ -191,12 +196,14 @@ def main() -> int:
     work = Path(args.work).absolute()
     steps = GROUPS[args.only] if args.only else tuple(OUTPUTS)
     sides = {"before": worktree(args.before, work / "tree-before"), "after": ROOT / "src"}
+    print(f"{load()} at the start", flush=True)
     for name, src in sides.items():
         if args.side in (None, name):
             check_stamp(name, src, work / name)
             times = run_side(src, work / name, steps)
             if times:
                 print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(f"{load()} at the end", flush=True)
     if args.side:
         return 0
     problems = []

@@ -9,6 +9,7 @@ Target (issue 2): test accuracy >= 0.992 in <= 60 s of training on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -19,6 +20,11 @@ from mechscope.cnn.training import keep_freed_memory, train_cnn
 from mechscope.core.torch_utils import n_parameters
 
 
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[TrainConfig().seed])
@@ -26,7 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as `mechscope cnn train` does: the library itself never changes the allocator
     data = load_mnist(args.data_dir)
-    print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{load()} at the start"
+    )
     results = []
     for seed in args.seeds:
         r = train_cnn(data, TrainConfig(seed=seed), progress=False)
@@ -41,7 +50,7 @@ def main() -> None:
     ok = worst_acc >= 0.992 and worst_sec <= 60
     print(
         f"worst: test_accuracy {worst_acc:.4f} (target >= 0.992)  train_seconds {worst_sec:.1f} (target <= 60)  "
-        f"{'PASS' if ok else 'FAIL'}"
+        f"{'PASS' if ok else 'FAIL'}; {load()} at the end"
     )
 
 
