@@ -51,7 +51,7 @@ from mechscope.lm.models.folding import analysis_weights  # noqa: E402
 from mechscope.lm.models.loading import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO.parent / "shared" / "data" / "gpt2-small-partial"
+DEFAULT_MODEL = Path(os.environ.get("MECHSCOPE_DATA", REPO.parent / "shared" / "data")) / "gpt2-small-partial"
 INDUCTION = {(5, 1), (5, 5), (6, 9), (7, 2), (7, 10)}  # published induction heads of GPT-2 small
 PREVIOUS = (4, 11)  # published previous-token head
 

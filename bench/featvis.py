@@ -3,7 +3,7 @@
 Target (issue 4): at most 60 s on a 2-core CPU, batched across units. Prints the seconds, the
 number of units, and how many visualisations exceed their unit's maximum over the test set.
 
-    python bench/featvis.py [--run DIR]
+    python bench/featvis.py [--run DIR] [--steps 512]
 """
 
 from __future__ import annotations
