@@ -90,11 +90,14 @@ def _head(where: Path) -> str:
 
 
 def stamp(name: str, src: Path) -> str:
-    """What a side's outputs were made by: the before side's commit; this checkout's HEAD and uncommitted diff."""
+    """What a side's outputs were made by: the before side's commit; this checkout's HEAD, its uncommitted diff and
+    its untracked source files (a new module the diff does not show)."""
     if name == "before":
         return _head(src.parent)
-    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "HEAD"], check=True, capture_output=True).stdout
-    return f"{git('rev-parse', 'HEAD')} {hashlib.sha256(diff).hexdigest()[:16]}"
+    h = hashlib.sha256(subprocess.run(["git", "-C", str(ROOT), "diff", "HEAD"], check=True, capture_output=True).stdout)
+    for path in sorted(git("ls-files", "--others", "--exclude-standard", "--", "src").splitlines()):
+        h.update(path.encode() + b"\0" + (ROOT / path).read_bytes())
+    return f"{git('rev-parse', 'HEAD')} {h.hexdigest()[:16]}"
 
 
 def check_stamp(name: str, src: Path, side: Path) -> None:
