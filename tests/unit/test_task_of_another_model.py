@@ -184,4 +184,4 @@ def test_a_limit_above_the_examples_says_all_there_are(tracr):
     assert "all there are" not in make_task(models["hist"], limit=2).description
     more = make_task(models["hist"], limit=n + 50)
     assert more.settings["examples"] == n
-    assert f"on the {n} examples of hist, all there are (--limit asked for {n + 50})" in more.description
+    assert f"on the {n} examples of hist, all there are of the {n + 50} asked for (each" in more.description

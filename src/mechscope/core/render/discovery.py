@@ -224,10 +224,12 @@ def scrub_figure(scrub, title: str = "") -> str:
     colors = ["#1b9e77"] + ["none" if b else "#7570b3" for b in built[1:]]
     ax.barh(y, vals, xerr=np.nan_to_num(errs), color=colors, edgecolor=["#7570b3" if b else "none" for b in built],
             ecolor="#333", capsize=2)  # fmt: skip
-    for yi, v, b in zip(y, vals, built, strict=True):  # beside the bar's end, outside the bar (left of a negative one)
+    bars = zip(y, vals, np.nan_to_num(errs), built, strict=True)
+    for yi, v, e, b in bars:  # beyond the bar's end and its error bar (left of a negative one)
         text = " 100% by construction (not run)" if b else f" {v:.1%}" if v >= 0 else f"{v:.1%} "
-        ax.text(v, yi, text, va="center", ha="left" if v >= 0 else "right", fontsize=8)
-    low, high = min(0.0, *vals), max(1.0, *vals)
+        ax.text(v + e if v >= 0 else v - e, yi, text, va="center", ha="left" if v >= 0 else "right", fontsize=8)
+    ends = [v - e if v < 0 else v + e for v, e in zip(vals, np.nan_to_num(errs), strict=True)]
+    low, high = min(0.0, *ends), max(1.0, *ends)
     ax.set_xlim(low - 0.15 * (high - low) * (low < 0), high + 0.12 * (high - low))  # room for the labels
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)

@@ -234,7 +234,7 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
             ),  # fmt: skip
             "accuracy": lambda out: (out.argmax(-1) == target)[valid].double().mean(),
         }
-    fewer = f", all there are ({limit} asked for)" if limit is not None and limit > len(ids) else ""
+    fewer = f", all there are of the {limit} asked for" if limit is not None and limit > len(ids) else ""
     return Task("tracr", name, table[name], clean, corrupted, fns[name],
                 f"{name} on the {len(ids)} examples of {info.name}{fewer} (each at its own length); corrupted: "
                 "another example (a seeded derangement)", None,
