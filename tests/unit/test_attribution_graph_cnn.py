@@ -132,6 +132,47 @@ def test_graph_checks_itself_prunes_and_round_trips(tmp_path):
     assert "<svg" in graph._repr_html_() or "agv-svg" in graph._repr_html_()
 
 
+def test_the_model_step_is_the_network_with_the_decoder_change_added_by_a_plain_hook():
+    """A feature's ablation, the "model" step: the CNN itself (every ReLU and max pool live, no error held) with
+    −activation × the feature's decoder row added at its position of the stage's hook_post (where a channel
+    transcoder writes), by a plain torch hook; the demeaned logits against the report's row, for every feature."""
+    model = tiny_cnn("plain", seed=4)
+    dicts = random_dicts(model, "transcoder")
+    x = image(model)
+    graph, rep = cnn_attribution_graph(model, dicts, x, settings=CnnGraphSettings(batch_size=16, check_sources=0))
+    shapes = {}
+    handles = [model.get_submodule(f"conv{i}.hook_post").register_forward_hook(
+        lambda m, a, out, i=i: shapes.__setitem__(f"conv{i}", out.shape)) for i in (1, 2)]  # fmt: skip
+    with torch.no_grad():
+        model(x[None])
+    for h in handles:
+        h.remove()
+    for feat in graph.features():
+        iv = intervene(graph, rep, [feat["id"]])
+        stage = f"conv{feat['layer'] + 1}"
+        y, x0 = divmod(feat["pos"], shapes[stage][-1])  # positions are y * width + x in the stage's own map
+        change = -feat["activation"] * dicts.layers[feat["layer"]].W_dec[feat["feature"]].detach()
+
+        def logits(add: bool, stage=stage, y=y, x0=x0, change=change):
+            def edit(mod, args, out):
+                if not add:
+                    return None
+                out = out.clone()
+                out[0, :, y, x0] += change
+                return out
+
+            handle = model.get_submodule(f"{stage}.hook_post").register_forward_hook(edit)
+            try:
+                with torch.no_grad():
+                    out = model(x[None])[0]
+            finally:
+                handle.remove()
+            return out[rep.logit_targets] - out.mean()
+
+        moved = (logits(True) - logits(False)).tolist()
+        assert [row["model"] for row in iv.logits] == pytest.approx(moved, abs=1e-5)
+
+
 def test_interventions_match_the_graph_for_small_steps():
     model = tiny_cnn("plain", seed=4)
     graph, rep = cnn_attribution_graph(
