@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import warnings
 
 import torch
 
+from benchlib import load
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.data.mnist import MNIST, load_mnist
 from mechscope.cnn.methods.attribution import IntegratedGradients
@@ -50,11 +50,6 @@ IntegratedGradients(n_steps=64, batch_size=chunk).attribute(model, x, t)
 after = hwm()
 print(before, after)
 """
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def best_interleaved(fns, repeats: int) -> list[float]:

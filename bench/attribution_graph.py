@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
+from benchlib import load
 
 
 def rss_mb() -> float:

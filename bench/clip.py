@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,12 +28,9 @@ from pathlib import Path
 
 import torch
 
+from benchlib import load
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def parity() -> dict:

@@ -11,21 +11,16 @@ widths (16, 32) plus a third 32-channel stage: --channels 16,32,32 --kernel-size
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
+from benchlib import load
 from mechscope.cnn.models.cnn import CNNConfig
 from mechscope.cnn.pipelines.explain import explain_run
 from mechscope.cnn.pipelines.train import train
 from mechscope.cnn.training import keep_freed_memory
 
 THREE_STAGES = CNNConfig(channels=(16, 32, 32), kernel_size=3, padding=1)
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def explain_timed(run: str, out: str) -> tuple[float, object]:

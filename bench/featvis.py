@@ -9,23 +9,18 @@ number of units, and how many visualisations exceed their unit's maximum over th
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import torch
 
+from benchlib import load
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.data.mnist import MNIST, load_mnist
 from mechscope.cnn.methods import featvis as FV
 from mechscope.cnn.pipelines.train import train
 from mechscope.cnn.runs import load_run
 from mechscope.core.hooks import run_with_cache
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def main() -> None:

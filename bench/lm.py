@@ -18,7 +18,6 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from benchlib import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.parity.families: the family configs
 
@@ -76,11 +77,6 @@ size = sum(p.numel() * p.element_size() for p in model.parameters())
 print(base, hwm(), size, sum(p.numel() for p in model.parameters()))
 """
 )
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def best_interleaved(fns, repeats):

@@ -31,10 +31,7 @@ import time
 
 import torch
 
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
+from benchlib import load
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import load
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 IGNORED = {"seconds", "train_seconds", "versions", "library_versions", "created", "path", "paths", "run", "out",
@@ -181,11 +183,6 @@ def same_weights(a: Path, b: Path) -> list[str]:
         return [f"model.safetensors: tensors {sorted(set(x) ^ set(y))} differ"]
     return [f"model.safetensors: {k} differs" for k in sorted(x) if not (x[k].dtype == y[k].dtype and
             x[k].shape == y[k].shape and bool((x[k] == y[k]).all()))]  # fmt: skip
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def main() -> int:

@@ -9,20 +9,15 @@ Target (issue 2): test accuracy >= 0.992 in <= 60 s of training on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 
 import torch
 
+from benchlib import load
 from mechscope.cnn.config import TrainConfig
 from mechscope.cnn.data.mnist import load_mnist
 from mechscope.cnn.training import keep_freed_memory, train_cnn
 from mechscope.core.torch_utils import n_parameters
-
-
-def load() -> str:
-    a, b, c = os.getloadavg()
-    return f"load {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
 
 
 def main() -> None:
