@@ -294,9 +294,10 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
         raise MechscopeError(f"{name} must be an integer, got {shown(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"from {low:,}" if low is not None else ""
-        span += f" to {high:,}" if low is not None and high is not None else " upwards" if low is not None else (
-            f"up to {high:,}")  # fmt: skip
+        if low is not None and high is not None:
+            span = f"from {low:,} to {high:,}"
+        else:
+            span = f"from {low:,} upwards" if low is not None else f"up to {high:,}"
         raise MechscopeError(f"{name} must be an integer {span}, got {value:,}")
     return value
 

@@ -216,19 +216,18 @@ def scrub_figure(scrub, title: str = "") -> str:
         [scrub.unclaimed.recovered] if scrub.unclaimed else [])  # fmt: skip
     span = abs(scrub.metric_clean - scrub.metric_random)
     parts = list(scrub.claims) + ([scrub.unclaimed] if scrub.unclaimed else [])
-    errs = [scrub.recovered_sd] + [c.metric_sd / span if span > 0 else 0.0 for c in parts]  # the table's ± as shares
+    errs = np.nan_to_num([scrub.recovered_sd] + [c.metric_sd / span if span > 0 else 0.0 for c in parts])  # as shares
     built = [False] + [not c.measured for c in parts]  # the clean model by construction: drawn hollow, not run
     width = 5.0 + 0.065 * max(len(n) for n in names)  # room for the claims' names beside the bars
     fig, ax = subplots(figsize=(width, 0.9 + 0.38 * len(names)), layout="constrained")
     y = np.arange(len(names))[::-1]
     colors = ["#1b9e77"] + ["none" if b else "#7570b3" for b in built[1:]]
-    ax.barh(y, vals, xerr=np.nan_to_num(errs), color=colors, edgecolor=["#7570b3" if b else "none" for b in built],
-            ecolor="#333", capsize=2)  # fmt: skip
-    bars = zip(y, vals, np.nan_to_num(errs), built, strict=True)
-    for yi, v, e, b in bars:  # beyond the bar's end and its error bar (left of a negative one)
+    ax.barh(y, vals, xerr=errs, color=colors, edgecolor=["#7570b3" if b else "none" for b in built], ecolor="#333",
+            capsize=2)  # fmt: skip
+    ends = [v - e if v < 0 else v + e for v, e in zip(vals, errs, strict=True)]  # each bar's end beyond its error bar
+    for yi, v, end, b in zip(y, vals, ends, built, strict=True):  # labels there (left of a negative bar)
         text = " 100% by construction (not run)" if b else f" {v:.1%}" if v >= 0 else f"{v:.1%} "
-        ax.text(v + e if v >= 0 else v - e, yi, text, va="center", ha="left" if v >= 0 else "right", fontsize=8)
-    ends = [v - e if v < 0 else v + e for v, e in zip(vals, np.nan_to_num(errs), strict=True)]
+        ax.text(end, yi, text, va="center", ha="left" if v >= 0 else "right", fontsize=8)
     low, high = min(0.0, *ends), max(1.0, *ends)
     ax.set_xlim(low - 0.15 * (high - low) * (low < 0), high + 0.12 * (high - low))  # room for the labels
     ax.set_yticks(y)
