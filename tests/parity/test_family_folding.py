@@ -10,7 +10,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.lm.methods.direct import direct_logit_attribution
 from mechscope.lm.models.folding import analysis_weights, folded_model
 from mechscope.lm.models.loading import load_model
-from tests.parity.families import tokens
+from tests.parity.families import SEQ, tokens
 
 pytest.importorskip("transformers")
 
@@ -75,3 +75,60 @@ def test_per_layer_view_on_every_family(name, tiny_family, one_thread):
     for w in ("W_Q", "W_K", "W_V"):
         assert torch.equal(getattr(lazy, w)[:], getattr(full, w))
         assert all(torch.equal(getattr(lazy, w)[i], getattr(full, w)[i]) for i in range(model.cfg.n_layers))
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_FREE))
+def test_scale_free_folds_point_where_transformers_does(name, tiny_family, one_thread):
+    """Outside truth for the folds that hold only as directions: transformers' own tensors after each norm the view
+    folds past. Its QK-norm outputs are parallel, position by position and head by head, to the view's queries and
+    keys read from ln1's input normalised with unit gain (x / rms x); its post-attention and post-MLP norm outputs
+    are parallel to what the view's W_O and W_out write from the heads' z and the MLP's hidden units. Each gain
+    (about 1 ± 0.1 in the tiny checkpoints) left unfolded turns the smallest cosine to 0.989-0.994 (measured)."""
+    hf, path = tiny_family(name)
+    model, _ = load_model(path)
+    view = analysis_weights(model)
+    layer, seen = hf.model.layers[1], {}
+
+    def keep(key, pre=False):
+        if pre:
+            return lambda m, args: seen.__setitem__(key, args[0].detach())
+        return lambda m, args, out: seen.__setitem__(key, (out[0] if isinstance(out, tuple) else out).detach())
+
+    def heads_third(t):  # [B, P, heads, Dh]: Gemma 3 normalises queries and keys after moving heads forward
+        return t if t.shape[1] == SEQ else t.transpose(1, 2)
+
+    hooks = [layer.input_layernorm.register_forward_pre_hook(keep("x", pre=True)),
+             layer.self_attn.o_proj.register_forward_pre_hook(keep("z", pre=True)),
+             layer.mlp.down_proj.register_forward_pre_hook(keep("h", pre=True))]  # fmt: skip
+    if "qk_norm" in view.scale_free:
+        hooks += [layer.self_attn.q_norm.register_forward_hook(keep("q")),
+                  layer.self_attn.k_norm.register_forward_hook(keep("k"))]  # fmt: skip
+    if "post_attn_mlp_norm" in view.scale_free:
+        hooks += [layer.post_attention_layernorm.register_forward_hook(keep("attn")),
+                  layer.post_feedforward_layernorm.register_forward_hook(keep("mlp"))]  # fmt: skip
+    try:
+        with torch.no_grad():
+            hf(tokens())
+    finally:
+        for h in hooks:
+            h.remove()
+    x = seen["x"].float()
+    unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps)
+    groups = model.cfg.n_heads // model.cfg.kv_heads
+    want = {}
+    if "qk_norm" in view.scale_free:
+        read = {w: torch.einsum("bpd,hde->bphe", unit, getattr(view, f"W_{w}")[1]) + getattr(view, f"b_{w}")[1]
+                for w in "QK"}  # fmt: skip
+        want["q"] = (heads_third(seen["q"]), read["Q"])
+        want["k"] = (heads_third(seen["k"]).repeat_interleave(groups, 2), read["K"])
+    if "post_attn_mlp_norm" in view.scale_free:
+        z = seen["z"].unflatten(-1, (model.cfg.n_heads, model.cfg.d_head))
+        want["attn"] = (seen["attn"], torch.einsum("bphe,hed->bpd", z, view.W_O[1]) + view.b_O[1])
+        want["mlp"] = (seen["mlp"], seen["h"] @ view.W_out[1] + view.b_out[1])
+    assert len(want) == 2 * len(view.scale_free)
+    for key, (theirs, ours) in want.items():
+        assert _cos(theirs, ours).min() > 1 - 1e-6, key
