@@ -143,3 +143,19 @@ def test_unit_ablation_accuracy_equals_the_reference():
     assert torch.equal(A.readout_intervene(w, None, acts, masks, replacement, reduce, logits=logits), want)
     logits[0, 0] = float("nan")
     assert unit_ablation_accuracy(logits, diff, w, units, labels, k) is None  # the caller runs the reference
+
+
+def test_the_band_is_four_gamma_t_as_documented():
+    """The band's width by hand: one kept channel (m = 2 terms: the base and the channel), class 0 at 0.5 + g and
+    class 1 at 0.5, so T = 0.5 + g and γ = 2u/(1 − 2u). A gap g = 3·2⁻²⁴ (1.8e-7) lies between 2γT (1.2e-7) and 4γT:
+    the fast sum may not decide it, so predict, hits and hits_each fall back; g = 2⁻²¹ (4.8e-7) lies outside and
+    is decided without the reference. A band of γT or 2γT (a tighter bound than any summation order guarantees)
+    passed the near-tie tests above; it fails here."""
+    for g, falls_back in ((3 * 2.0**-24, True), (2.0**-21, False)):
+        contrib = torch.tensor([[[0.5 + g, 0.5]]])  # [N=1, C=1, K=2]
+        gamma_t = 2 * 2.0**-24 / (1 - 2 * 2.0**-24) * (0.5 + g)
+        assert (2 * 1.01 * gamma_t < g < 4 * gamma_t) == falls_back
+        ks = KeptSum(torch.zeros(2), contrib)
+        assert ks.predict([0]).tolist() == [0] and ks.hits([0], 0).tolist() == [True]
+        assert ks.hits_each([], [0], 0).tolist() == [[True]]
+        assert (ks.calls, ks.fallbacks) == (3, 3 if falls_back else 0), g
