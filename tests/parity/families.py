@@ -60,6 +60,7 @@ def configs(transformers, d: int = 64, layers: int = 2, vocab: int = V, ff: int 
         "opt-postln-projected": t.OPTConfig(
             **common, ffn_dim=ff, do_layer_norm_before=False, word_embed_proj_dim=d // 2, activation_function="gelu"
         ),
+        "llama-biases": t.LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True),  # every Linear's bias
         "qwen2": t.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=window, max_window_layers=1),
         "qwen3": t.Qwen3Config(**llama_like, head_dim=dh, rope_theta=20000.0, tie_word_embeddings=True),
         "mistral": t.MistralConfig(**llama_like, sliding_window=window),

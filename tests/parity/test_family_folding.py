@@ -14,7 +14,8 @@ from tests.parity.families import SEQ, tokens
 
 pytest.importorskip("transformers")
 
-RUNNABLE = ["gpt_neox-parallel", "gpt_neox-sequential", "gpt_neo", "gptj", "opt", "qwen2", "mistral", "gemma", "phi3"]
+RUNNABLE = ["gpt_neox-parallel", "gpt_neox-sequential", "gpt_neo", "gptj", "opt", "llama-biases", "qwen2", "mistral",
+            "gemma", "phi3"]  # fmt: skip
 SCALE_FREE = {"qwen3": ("qk_norm",), "gemma2": ("post_attn_mlp_norm",), "gemma3": ("qk_norm", "post_attn_mlp_norm")}
 
 
