@@ -139,6 +139,15 @@ def write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> d
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (setting it to 0 for a moment to read it
+    gave a file another thread made in that moment mode 0666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
