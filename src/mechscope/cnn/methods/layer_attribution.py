@@ -93,7 +93,7 @@ def layer_integrated_gradients(
     per_chunk = max(1, (batch_size or b * n_steps) // b)
     for s0, s1 in _chunks(n_steps, per_chunk):
         k = s1 - s0
-        al = torch.tensor(alphas[s0:s1], dtype=a.dtype).view((k,) + (1,) * a.dim())
+        al = torch.tensor(alphas[s0:s1], dtype=a.dtype, device=a.device).view((k,) + (1,) * a.dim())
         path = (a_ref.unsqueeze(0) + al * diff.unsqueeze(0)).reshape(k * b, *a.shape[1:]).requires_grad_(True)
 
         def replace(act, hook, path=path):
@@ -102,7 +102,7 @@ def layer_integrated_gradients(
         with hooks(model, fwd=[(name, replace)]), torch.enable_grad():
             out = model(inputs.repeat(k, *([1] * (inputs.dim() - 1))))
             (g,) = torch.autograd.grad(out.gather(1, t.repeat(k)[:, None]).sum(), path)
-        w = torch.tensor(weights[s0:s1], dtype=a.dtype).view((k,) + (1,) * a.dim())
+        w = torch.tensor(weights[s0:s1], dtype=a.dtype, device=a.device).view((k,) + (1,) * a.dim())
         total += (g.view(k, *a.shape) * w).sum(0)
     attr = diff * total
     gap = f_x.gather(1, t[:, None]).squeeze(1) - f_b.gather(1, t[:, None]).squeeze(1)
@@ -135,7 +135,7 @@ def channel_to_channel(
                 raise MechscopeError(f"target layer {tgt} has no spatial positions; use a conv layer")
             totals = t.flatten(2).sum(2)  # [b, C_t]
             c_t = totals.shape[1]
-            eye = torch.eye(c_t, dtype=totals.dtype).unsqueeze(1).expand(c_t, *totals.shape)
+            eye = torch.eye(c_t, dtype=totals.dtype, device=totals.device).unsqueeze(1).expand(c_t, *totals.shape)
             (g,) = torch.autograd.grad(
                 totals, a, grad_outputs=eye, is_grads_batched=True, allow_unused=True
             )  # [C_t, b, C_s, H, W]
@@ -155,7 +155,7 @@ def class_channel_to_channel(
 ) -> torch.Tensor:
     """:func:`channel_to_channel` averaged over the images of each class: [classes, C_t, C_s]."""
     per_input = channel_to_channel(model, images, source, target_layer)
-    out = torch.zeros(n_classes, *per_input.shape[1:], dtype=per_input.dtype)
+    out = torch.zeros(n_classes, *per_input.shape[1:], dtype=per_input.dtype, device=per_input.device)
     for k in range(n_classes):
         sel = labels == k
         if sel.any():
