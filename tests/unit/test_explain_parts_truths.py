@@ -107,6 +107,23 @@ def test_best_matches_leave_out_network_bs_dead_channel():
     assert np.allclose(got, want, atol=1e-6)
 
 
+def test_a_dead_channel_is_no_ones_partner():
+    """Truth: numpy's corrcoef over the live channels. A's channel 0 anticorrelates with B's only live channel (r ≈
+    −0.995): its best match is that, not the 0 of B's dead channel 1; and the one-to-one pairing (scipy's
+    linear_sum_assignment on the live block, here 2 × 1) pairs B's live channel with the A channel that gives the
+    larger correlation, never with a dead one."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    b = torch.zeros(500, 2, dtype=torch.float64)
+    b[:, 0] = -a[:, 0] + 0.1 * torch.randn(500, generator=g, dtype=torch.float64)  # b[:, 1] dead
+    m = U.match_units(U.Moments.of(a, b), "s", "image × position")
+    r = np.corrcoef(a.numpy().T, b[:, 0].numpy())[:2, 2]  # A's channels against B's live one
+    assert m.dead_b == (1,) and r[0] < -0.99
+    assert np.allclose(m.best_a.numpy(), r, atol=1e-6) and m.best_a_partner.tolist() == [0, 0]
+    assert [(p.a, p.b) for p in m.matched] == [(int(np.argmax(r)), 0)]
+    assert m.matched[0].correlation == pytest.approx(r.max(), abs=1e-6)
+
+
 # ---- selectivity -----------------------------------------------------------------------------------------------
 
 

@@ -122,7 +122,7 @@ class UnitMatching(Result):
     best_a_partner: torch.Tensor  # [Ca]
     best_b: torch.Tensor  # [Cb]
     best_b_partner: torch.Tensor  # [Cb]
-    matched: tuple[MatchedPair, ...]  # Hungarian pairs, strongest first
+    matched: tuple[MatchedPair, ...]  # Hungarian pairs of live channels, strongest first
     dead_a: tuple[int, ...]
     dead_b: tuple[int, ...]
     cka: float
@@ -163,12 +163,33 @@ class UnitMatching(Result):
         return {p.a: p.b for p in self.matched}
 
 
+def _best_live(corr: torch.Tensor, dead_other: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best correlation with a live column, and that column. A dead channel's 0 is no match: a channel
+    whose correlations with every live channel are negative has that negative best (0 and column 0 where every
+    column is dead)."""
+    live = corr.clone()
+    live[:, list(dead_other)] = float("-inf")
+    best, partner = live.max(1)
+    none = torch.isinf(best)
+    return torch.where(none, torch.zeros_like(best), best), torch.where(none, torch.zeros_like(partner), partner)
+
+
+def _live_pairs(corr: torch.Tensor, dead_a: tuple[int, ...], dead_b: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The Hungarian pairing of the live channels only (a dead channel's 0 would outbid every negative pair)."""
+    la = [i for i in range(corr.shape[0]) if i not in dead_a]
+    lb = [j for j in range(corr.shape[1]) if j not in dead_b]
+    if not la or not lb:
+        return []
+    return [(la[i], lb[j]) for i, j in hungarian(corr[la][:, lb])]
+
+
 def match_units(m: Moments, stage: str, observations: str) -> UnitMatching:
     corr = m.correlation().float()
     dead_a, dead_b = m.dead()
-    best_a, part_a = corr.max(1)
-    best_b, part_b = corr.max(0)
-    pairs = sorted((MatchedPair(a, b, float(corr[a, b])) for a, b in hungarian(corr)), key=lambda p: -p.correlation)
+    best_a, part_a = _best_live(corr, dead_b)
+    best_b, part_b = _best_live(corr.T, dead_a)
+    pairs = sorted((MatchedPair(a, b, float(corr[a, b])) for a, b in _live_pairs(corr, dead_a, dead_b)),
+                   key=lambda p: -p.correlation)  # fmt: skip
     return UnitMatching(stage, observations, m.n, best_a, part_a, best_b, part_b, tuple(pairs), dead_a, dead_b,
                         m.cka(), corr)  # fmt: skip
 
