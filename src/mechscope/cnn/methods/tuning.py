@@ -255,7 +255,7 @@ class _Settings:
         return [j for j in self.by_family[family] if all(self.keys[j][pos[n]] == v for n, v in fixed.items())]
 
 
-def _curve(grid: _Settings, family: str, axis: str, mean_m, mean_c, blank: float, c: int, fixed: dict) -> Curve:
+def _curve(grid: _Settings, family: str, axis: str, mean_m, mean_c, c: int, fixed: dict) -> Curve:
     rows = grid.rows(family, **fixed)
     param = {"curvature": "radius"}.get(axis, axis)
     pairs = [(grid.keys[j][("family", "angle", "radius", "opening").index(param)], j) for j in rows]
@@ -271,12 +271,12 @@ def _curve(grid: _Settings, family: str, axis: str, mean_m, mean_c, blank: float
     return Curve(family, axis, x, y, yc, fixed, cv)
 
 
-def _family_curves(grid, family, mean_m, mean_c, blank, c) -> tuple[list[Curve], int]:
+def _family_curves(grid, family, mean_m, mean_c, c) -> tuple[list[Curve], int]:
     """The unit's curves for one family, and the setting row of the family's best (mean over positions)."""
     rows = grid.rows(family)
     best = max(rows, key=lambda j: float(mean_m[j, c]))
     _, angle, radius, opening = grid.keys[best]
-    args = (mean_m, mean_c, blank, c)
+    args = (mean_m, mean_c, c)
     if family in ("line", "edge", "line_end"):
         return [_curve(grid, family, "angle", *args, {})], best
     if family == "curve":
@@ -339,7 +339,7 @@ def unit_tuning(stage: str, c: int, stim: StimulusSet, grid: _Settings, r_max, r
     family_best: dict[str, dict] = {}
     families = list(dict.fromkeys(grid.family))
     for family in families:
-        fc, row = _family_curves(grid, family, mean_m, mean_c, blank, c)
+        fc, row = _family_curves(grid, family, mean_m, mean_c, c)
         curves += fc
         members = grid.members[row, : int(grid.counts[row])]
         i = int(members[int(r_max[members, c].argmax())])  # the best of the best setting's positions
