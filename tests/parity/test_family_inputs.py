@@ -55,6 +55,8 @@ def test_unknown_config_field_is_named(name, tiny_family, tmp_path):
         ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
         ("gptj", {"rotary": False}, "rotary=False"),
         ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+        ("gemma3", {"rope_parameters": None, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope scaling 'linear'"),  # older fields
         ("qwen2", {"use_mrope": True}, "use_mrope=True"),
         ("opt", {"activation_function": "swiglu"}, "activation_function='swiglu'"),
         ("gpt_neo", {"attention_layers": ["global", "sparse"]}, "attention layers"),
