@@ -15,14 +15,9 @@ import pytest
 import torch
 
 from mechscope.lm.tokenizer import Tokenizer, bytes_to_unicode
+from tests.unit import test_tokenizer
 
-
-@pytest.fixture(scope="module")
-def gpt2_dir(mnist_root):
-    d = mnist_root / "gpt2-tokenizer"
-    if not (d / "encoder.json").exists():
-        pytest.skip("GPT-2 tokenizer files not found in the data directory")
-    return d
+gpt2_dir = test_tokenizer.gpt2_files  # the GPT-2 tokenizer folder of the data directory (skips where absent)
 
 
 def _openai_bpe(word: str, ranks: dict) -> list[str]:
