@@ -23,19 +23,11 @@ from mechscope.core.errors import MechscopeError  # noqa: E402
 from mechscope.lm.models.loading import load_model  # noqa: E402
 from tests.conftest import shared_data_root  # noqa: E402
 from tests.parity.families import V, save_random, tokens  # noqa: E402
+from tests.parity.test_family_inputs import edited  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 warnings.filterwarnings("ignore", module="transformers")
 transformers.logging.set_verbosity_error()
-
-
-def edited(src, dst, drop=(), **changes):
-    """A copy of a checkpoint folder with config.json fields removed (``drop``) and changed."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if k not in drop} | changes
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def max_diff(path) -> float:
@@ -47,14 +39,13 @@ def max_diff(path) -> float:
         return (model(x) - ref(x).logits).abs().max().item()
 
 
-# (tiny family, fields removed, fields set); the hub config each one mirrors in its comment
+# (tiny family, config.json fields set; None: removed); the hub config each one mirrors in its comment
 EDITS = {
     # google/gemma-2b: hidden_act "gelu", which transformers' Gemma runs as the tanh approximation
-    "gemma-hidden_act-gelu": ("gemma", (), {"hidden_act": "gelu"}),
+    "gemma-hidden_act-gelu": ("gemma", {"hidden_act": "gelu"}),
     # Gemma 3's local layers with their own rotary base (rope_parameters per layer type)
     "gemma3-sliding-rope_theta": (
         "gemma3",
-        (),
         {
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
@@ -65,21 +56,20 @@ EDITS = {
     # hub Gemma 3 configs: no layer_types, sliding_window_pattern; every pattern-th layer global (layer 1 of 2)
     "gemma3-sliding_window_pattern": (
         "gemma3",
-        ("layer_types", "_sliding_window_pattern"),
-        {"sliding_window_pattern": 2},
+        {"layer_types": None, "_sliding_window_pattern": None, "sliding_window_pattern": 2},
     ),
     # hub Gemma 2 configs: no layer_types; odd layers global
-    "gemma2-no-layer_types": ("gemma2", ("layer_types",), {}),
+    "gemma2-no-layer_types": ("gemma2", {"layer_types": None}),
     # Pythia's config.json: rotary_pct and rotary_emb_base, no rope_parameters
     "neox-legacy-rotary": (
         "gpt_neox-parallel",
-        ("rope_parameters", "rope_theta", "partial_rotary_factor"),
-        {"rotary_pct": 0.5, "rotary_emb_base": 5000},
+        {"rope_parameters": None, "rope_theta": None, "partial_rotary_factor": None, "rotary_pct": 0.5,
+         "rotary_emb_base": 5000},
     ),
     # non-default LayerNorm epsilons under each family's own key
-    "neox-layer_norm_eps": ("gpt_neox-parallel", (), {"layer_norm_eps": 0.01}),
-    "gpt_neo-layer_norm_epsilon": ("gpt_neo", (), {"layer_norm_epsilon": 0.01}),
-    "gptj-layer_norm_epsilon": ("gptj", (), {"layer_norm_epsilon": 0.01}),
+    "neox-layer_norm_eps": ("gpt_neox-parallel", {"layer_norm_eps": 0.01}),
+    "gpt_neo-layer_norm_epsilon": ("gpt_neo", {"layer_norm_epsilon": 0.01}),
+    "gptj-layer_norm_epsilon": ("gptj", {"layer_norm_epsilon": 0.01}),
 }
 
 # measured: 2.4e-6 for gemma with hidden_act "gelu" against 3.9e-4 if it ran as the exact erf GELU, and the
@@ -90,9 +80,9 @@ TOL = 3e-5
 @pytest.mark.parametrize("case", EDITS)
 def test_edited_config_matches_transformers(case, tiny_family, tmp_path):
     """Outside truth: transformers' logits on the same edited folder (its config class reads the legacy fields)."""
-    name, drop, changes = EDITS[case]
+    name, changes = EDITS[case]
     _, path = tiny_family(name)
-    diff = max_diff(edited(path, tmp_path / "edited", drop, **changes))
+    diff = max_diff(edited(path, tmp_path / "edited", **changes))
     assert diff < TOL, f"{case}: max |diff| {diff:.2e}"
 
 
