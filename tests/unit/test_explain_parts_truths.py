@@ -31,7 +31,7 @@ def _tiny(seed: int = 0, kernel: int = 3) -> CNN:
     return CNN(CNNConfig(channels=(3, 4), image_size=16, kernel_size=kernel, n_classes=3)).eval()
 
 
-def _hand(model: CNN, x: torch.Tensor, edit1=None, edit2=None) -> dict[str, torch.Tensor]:
+def hand_forward(model: CNN, x: torch.Tensor, edit1=None, edit2=None) -> dict[str, torch.Tensor]:
     """The forward written out by hand (no hooks): each stage's post-activation map and output, and the logits,
     with optional edits of the stage outputs."""
     out = {}
@@ -156,7 +156,7 @@ def test_a_dead_channel_is_silent_with_index_zero(world):
     dead = copy.deepcopy(model)
     with torch.no_grad():
         dead.conv1.conv.bias[0] = -100.0
-    assert (_hand(dead, x)["conv1"][:, 0] == 0).all()
+    assert (hand_forward(dead, x)["conv1"][:, 0] == 0).all()
     spec = walk(dead)
     data = out["unbalanced"][0]
     st = channel_selectivity(dead, spec, data, collect(dead, spec, data))[0]
@@ -170,7 +170,7 @@ def test_collected_maps_are_class_means_of_the_post_activation():
     x = torch.rand(60, 1, 16, 16, generator=torch.Generator().manual_seed(7))
     y = torch.tensor([0] * 40 + [1] * 15 + [2] * 5)
     acts = collect(model, walk(model), ExplainData(x, y, x[:10], x[:0], y[:0], NAMES), batch_size=25)
-    hand = _hand(model, x)
+    hand = hand_forward(model, x)
     for stage in ("conv1", "conv2"):
         for k in range(3):
             want = hand[f"{stage}.post"][y == k].double().mean(0).float()
@@ -210,7 +210,7 @@ def test_last_stage_shares_are_the_readouts_closed_form_and_add_up_to_one(world,
     model, _, x, _ = world
     r = patched
     assert r.pairs >= 4
-    hand = _hand(model, x)
+    hand = hand_forward(model, x)
     a, lo = hand["conv2"].flatten(1).double(), hand["logits"].double()
     ci, ki = list(r.clean_test_indices), list(r.corrupted_test_indices)
     dw = (model.fc.weight[0] - model.fc.weight[1]).detach().double()
@@ -254,7 +254,7 @@ def test_overall_change_weights_classes_by_their_image_counts(world, ablated):
     on labels 54/27/9 (a plain mean over classes would differ)."""
     model, _, x, out = world
     y = out["unbalanced"][0].y
-    base = (_hand(model, x)["logits"].argmax(1) == y).double().mean()
+    base = (hand_forward(model, x)["logits"].argmax(1) == y).double().mean()
     per_class_mean = []
     for c in range(3):
 
@@ -262,7 +262,7 @@ def test_overall_change_weights_classes_by_their_image_counts(world, ablated):
             a[:, c] = 0.0
             return a
 
-        pred = _hand(model, x, edit1=zero)["logits"].argmax(1)
+        pred = hand_forward(model, x, edit1=zero)["logits"].argmax(1)
         want = float((pred == y).double().mean() - base)
         assert float(ablated.stage("conv1").zero_overall[c]) == pytest.approx(want, abs=1e-9)
         per_class_mean.append(float(torch.stack([(pred[y == k] == k).double().mean() for k in range(3)]).mean()))
@@ -275,7 +275,7 @@ def test_readout_zero_rows_zero_one_unit_through_the_fc_by_hand(world, ablated):
     model, _, x, out = world
     data, acts = out["unbalanced"]
     y = data.y
-    hand = _hand(model, x)
+    hand = hand_forward(model, x)
     a = hand["conv2"].flatten(1)
 
     def per_class(logits):

@@ -15,6 +15,7 @@ from mechscope.cnn.methods.group_attribution import GroupFlow, average_flows, gr
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core import intervene as ivn
 from mechscope.core.hooks import attached_hooks, run_with_cache
+from tests.unit.test_explain_parts_truths import hand_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one torch thread
 
@@ -31,30 +32,20 @@ def x():
     return torch.rand(24, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-def hand_conv1(model, x):
-    """conv1's output without hooks: normalise, conv, ReLU, 2x2 max-pool."""
-    z = F.conv2d((x - model.config.mean) / model.config.std, model.conv1.conv.weight, model.conv1.conv.bias)
-    return F.max_pool2d(F.relu(z), 2)
-
-
-def hand_rest(model, a1):
-    """The network after conv1.hook_out, written out by hand."""
-    z = F.conv2d(a1, model.conv2.conv.weight, model.conv2.conv.bias)
-    return F.linear(F.max_pool2d(F.relu(z), 2).flatten(1), model.fc.weight, model.fc.bias)
-
-
 def test_per_input_patch_in_chunks_uses_each_chunks_own_donors(tiny, x):
     """Outside truth: a hand forward with channel c of conv1's output replaced by the donor's; inputs split into chunks
     of 5 (24 inputs) must give the same as one batch, each input patched from its own donor."""
     donors = torch.rand(24, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        clean, donor = hand_conv1(tiny, x), hand_conv1(tiny, donors)
-        expected = []
-        for c in (1, 3):
-            a1 = clean.clone()
+    donor = hand_forward(tiny, donors)["conv1"]
+
+    def patched(c):
+        def edit(a1):
             a1[:, c] = donor[:, c]
-            expected.append(hand_rest(tiny, a1))
-        plain = hand_rest(tiny, clean)
+            return a1
+
+        return hand_forward(tiny, x, edit1=edit)["logits"]
+
+    expected, plain = [patched(1), patched(3)], hand_forward(tiny, x)["logits"]
     masks = ivn.channel_masks((4, 7, 7), [1, 3])
     chunked = ivn.intervene(tiny, x, "conv1.hook_out", masks, donor, batch_size=5)
     whole = ivn.intervene(tiny, x, "conv1.hook_out", masks, donor, batch_size=2048)
@@ -131,7 +122,7 @@ def test_class_channel_to_channel_is_the_class_mean_of_a_hand_decomposition(tiny
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2, 0, 1] + [2] * 14)  # counts 6, 2, 16; class 3 has none
     per_class = L.class_channel_to_channel(tiny, x, labels, "conv1.hook_out", "conv2.hook_pre", n_classes=4)
     with torch.no_grad():
-        a1 = hand_conv1(tiny, x)
+        a1 = hand_forward(tiny, x)["conv1"]
         w2 = tiny.conv2.conv.weight
         hand = torch.stack([F.conv2d(a1[:, i : i + 1], w2[:, i : i + 1]).sum((2, 3)) for i in range(4)], 2)  # [B, 6, 4]
     hand, lab = hand.double().numpy(), labels.numpy()
