@@ -154,14 +154,17 @@ ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 def rope(config: dict, family: str, base: float = 10000.0, params: dict | None = None) -> tuple[float, float]:
     """(base, partial rotary factor) from ``rope_parameters`` (transformers 5) or the older fields.
 
-    Only unscaled RoPE: a scaling type (linear, dynamic, yarn, longrope, llama3) is an error.
+    Only unscaled RoPE: a scaling type (linear, dynamic, yarn, longrope, llama3) is an error, in ``params`` or in
+    the config's ``rope_scaling`` (also where ``params`` are given: Gemma 3's per-layer-type parameters).
     """
+    scaling = config.get("rope_scaling") or {}
     if params is None:  # as transformers: a rope_scaling dict replaces rope_parameters
-        params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        params = scaling or config.get("rope_parameters") or {}
     params = dict(params)
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise MechscopeError(f"unsupported {family} config: rope scaling {kind!r} (only unscaled RoPE)")
+    for given in (params, scaling):
+        kind = given.get("rope_type", given.get("type", "default"))
+        if kind != "default":
+            raise MechscopeError(f"unsupported {family} config: rope scaling {kind!r} (only unscaled RoPE)")
     extra = sorted(set(params) - ROPE_KEYS)
     if extra:
         raise MechscopeError(f"unsupported {family} config: rope parameter {extra[0]!r}")

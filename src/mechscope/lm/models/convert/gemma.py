@@ -96,8 +96,6 @@ def convert_gemma3_text(config: dict, state: StateDict) -> tuple[TransformerConf
     act = activation(config.get("hidden_activation") or "gelu_pytorch_tanh", "Gemma3", "hidden_activation")
     params = config.get("rope_parameters") or {}
     per_type = "full_attention" in params or "sliding_attention" in params
-    if config.get("rope_scaling"):  # the older field, which transformers applies to the full-attention layers
-        rope({}, "Gemma3", 1_000_000.0, config["rope_scaling"])  # refused unless unscaled (it was ignored)
     flat = {k: v for k, v in config.items() if k not in ("rope_parameters",)}
     global_base, _ = rope(flat, "Gemma3", 1_000_000.0, params.get("full_attention") if per_type else params)
     local = params.get("sliding_attention") if per_type else {"rope_theta": config.get("rope_local_base_freq", 1e4)}
