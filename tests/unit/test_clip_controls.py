@@ -14,6 +14,7 @@ its mean over the clean images. Every expected number below is computed with num
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 
 import numpy as np
@@ -264,3 +265,21 @@ def test_control_above_counts_the_drawn_controls_at_or_above_the_best():
             if ci == 0:
                 seen_above.add(above)
     assert 0 in seen_above and max(seen_above) >= 1  # the seeds exercise both cases
+
+
+def test_an_attack_that_moves_no_margin_leaves_every_share_undone_undefined(monkeypatch):
+    """Truth: a share of a zero shift is 0/0. With the word written as nothing (the attacked images are the clean
+    ones), the top k's, the given neurons' and every control's share undone are all NaN alike (the given neurons and
+    the controls once read 0.0 beside the top k's NaN), and the report says there was nothing to undo."""
+    from mechscope.clip.report.context import undone_text
+
+    monkeypatch.setattr(attack_module, "write_on", lambda x, *a, **k: x.clone())
+    zs = zero_shot_model(two_carrier_bundle(), ["a", "b"])
+    clean, _, true = attack_case()
+    f = typographic_attack(zs, clean, true, 0, WORD, [0, 1], k=1, candidates=8, font=FONT, size=SIZE, where=WHERE,
+                           fg=FG, controls=3, seed=0, n_examples=len(clean), given=((0, 1),))  # fmt: skip
+    s = f.summary
+    assert s.margin_clean == s.margin_attacked  # the case: nothing moved
+    assert all(math.isnan(v) for v in (s.undone, s.given_undone, s.control_undone_mean))
+    assert undone_text(s.undone) == "nothing of the shift to undo (the attack moved no margin)"
+    assert undone_text(0.34) == "34% of the shift undone"

@@ -138,6 +138,12 @@ def margins(logits: torch.Tensor, true: torch.Tensor, target: int) -> torch.Tens
     return logits[:, target] - logits[torch.arange(len(logits), device=logits.device), true]
 
 
+def share_undone(m_attacked: torch.Tensor, m_ablated: torch.Tensor, shift: float) -> float:
+    """The fraction of the attack's mean margin shift that an ablation takes back; NaN where the attack shifted no
+    margin (nothing to undo), for the top k, the given neurons and every control alike."""
+    return float((m_attacked - m_ablated).mean()) / shift if abs(shift) > 1e-12 else float("nan")
+
+
 def attribution_scores(zs: ZeroShot, attacked: torch.Tensor, true: torch.Tensor, target: int, layers: list[int],
                        means: dict[int, torch.Tensor] | None) -> torch.Tensor:  # fmt: skip
     """Estimated margin change of ablating each neuron alone [L, M] (attribution patching, mean over images)."""
@@ -230,7 +236,7 @@ def typographic_attack(zs: ZeroShot, unit: torch.Tensor, true: torch.Tensor, tar
         ab_clean = logits_of(zs, unit[heldout])
     m_ab = margins(ab_logits[heldout], t, target)
     shift = float((m_att - m_clean).mean())
-    undone = float((m_att - m_ab).mean()) / shift if abs(shift) > 1e-12 else float("nan")
+    undone = share_undone(m_att, m_ab, shift)
 
     given_row: dict = {}
     if given:
@@ -242,7 +248,7 @@ def typographic_attack(zs: ZeroShot, unit: torch.Tensor, true: torch.Tensor, tar
             "given_success": float((gl.argmax(1) == target).float().mean()),
             "given_accuracy": float((gl.argmax(1) == t).float().mean()),
             "given_clean_accuracy": float((gc.argmax(1) == t).float().mean()),
-            "given_undone": float((m_att - margins(gl, t, target)).mean()) / shift if abs(shift) > 1e-12 else 0.0,
+            "given_undone": share_undone(m_att, margins(gl, t, target), shift),
         }
 
     ctrl_success, ctrl_undone = [], []
@@ -252,7 +258,7 @@ def typographic_attack(zs: ZeroShot, unit: torch.Tensor, true: torch.Tensor, tar
         with ablated(zs, pick, means):
             cl = logits_of(zs, attacked[heldout])
         ctrl_success.append(float((cl.argmax(1) == target).float().mean()))
-        ctrl_undone.append(float((m_att - margins(cl, t, target)).mean()) / shift if abs(shift) > 1e-12 else 0.0)
+        ctrl_undone.append(share_undone(m_att, margins(cl, t, target), shift))
 
     summary = AttackSummary(
         n_images=len(unit), n_counted=len(counted), clean_accuracy=float((pc == true).float().mean()),

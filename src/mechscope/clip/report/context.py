@@ -282,10 +282,20 @@ def attack_summary(result) -> list[str]:
                         f"{s.heldout_accuracy_ablated:.1%} with the top {s.k} ablated.")  # fmt: skip
     if s.given:
         lines.append(f"The neurons asked for ({', '.join(s.given)}) ablated instead: success {s.heldout_success:.1%} → "
-                     f"{s.given_success:.1%}, classified as {true!r} {s.given_accuracy:.1%}, {s.given_undone:.0%} of "
-                     f"the shift undone; clean accuracy of the held-out images with them ablated "
+                     f"{s.given_success:.1%}, classified as {true!r} {s.given_accuracy:.1%}, "
+                     f"{undone_text(s.given_undone)}; clean accuracy of the held-out images with them ablated "
                      f"{clean_against(s, s.given_clean_accuracy)}.")  # fmt: skip
     return lines
+
+
+ATTACK_SHIFT = "the attack's margin shift"
+
+
+def undone_text(share: float, what: str = "the shift") -> str:
+    """"34% of the shift undone", or words where the attack moved no margin (the share is NaN: nothing to undo)."""
+    if share != share:
+        return f"nothing of {what} to undo (the attack moved no margin)"
+    return f"{share:.0%} of {what} undone"
 
 
 def heldout_clean(s) -> str:
@@ -305,7 +315,7 @@ def ablated_line(result) -> str:
     top = ", ".join(n.neuron for n in result.finding.neurons[: s.k])
     return (f"Ablating the top {s.k} neurons ({top}) on the held-out half ({s.n_heldout} of the counted images, all "
             f"classified correctly before the attack): success {s.heldout_success:.1%} → "
-            f"{s.heldout_success_ablated:.1%}, {s.undone:.0%} of the attack's margin shift undone; their clean "
+            f"{s.heldout_success_ablated:.1%}, {undone_text(s.undone, ATTACK_SHIFT)}; their clean "
             f"accuracy with the {s.k} ablated {clean_against(s, s.heldout_clean_accuracy_ablated)}.")  # fmt: skip
 
 
@@ -348,7 +358,7 @@ def control_line(result) -> str:
     spread = (f"{s.control_success_mean:.1%} ± {s.control_success_sd:.1%} (mean ± {control_sd_kind(s)} over the "
               f"{n} sets)" if n > 1 else f"{s.control_success_mean:.1%} (one set: no sd)")  # fmt: skip
     line = (f"Control: {n} random set{'s' if n > 1 else ''} of {s.k} neurons from the same layers, each ablated "
-            f"instead of the top {s.k}: success {spread}, {s.control_undone_mean:.0%} of the shift undone")
+            f"instead of the top {s.k}: success {spread}, {undone_text(s.control_undone_mean)}")
     if s.control_success_mean > s.heldout_success:
         line += (f". On average the random ablations raised the attack's success above the {s.heldout_success:.1%} "
                  "it has on these images with nothing ablated")
