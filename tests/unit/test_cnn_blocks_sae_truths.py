@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -298,3 +299,45 @@ def test_receptive_centres_by_hand_and_by_the_walked_fields(config, sae, transco
     for s, (start, jump, size) in zip(spec.stages, sae, strict=True):
         rf = s.rf_out
         assert rf.start[0] + (rf.size[0] - 1) / 2 == start and rf.jump[0] == jump and s.shape_out[1] == size
+
+
+@pytest.mark.parametrize("hook", ["conv2.hook_out", "conv1.hook_post"])
+def test_tuning_labels_read_each_units_strongest_position_and_the_blank_image(monkeypatch, hook):
+    """Truth: plain forward hooks on the stage's own module and numpy. A unit's response to a stimulus is its
+    largest value over the map's positions (not the mean over them) and its response to a blank image the same on
+    zeros; for an identity dictionary (±channels) unit u < C is ReLU(channel u) and u ≥ C is ReLU(−channel u − C).
+    The centre response is the unit at the position centre_positions names."""
+    from mechscope.cnn.methods import tuning as T
+    from mechscope.cnn.methods.stimuli import draw_stimuli
+
+    model = tiny_cnn()
+    spec = walk(model)
+    sae = identity_sae(S.hook_shape(spec, hook)[0])
+    stim = draw_stimuli(spec.input_shape[1:], 0, families=("edge",))
+    seen = []
+    real = T.unit_tuning
+    monkeypatch.setattr(T, "unit_tuning", lambda *a, **k: seen.append(a) or real(*a, **k))
+    S.tuning_labels(spec, hook, lambda r: sae.encode(r), stim, torch.ones(sae.cfg.d_sae), batch=7)
+
+    stage, where = hook.split(".")
+    module = getattr(getattr(model, stage), "pool" if where == "hook_out" else "act")  # torch's own modules
+    out = []
+    handle = module.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+    try:
+        with torch.no_grad():
+            model(stim.images)
+            model(torch.zeros(1, *spec.input_shape))
+    finally:
+        handle.remove()
+    act, blank_act = out
+    a = act.double().numpy()
+    units = np.concatenate([np.maximum(a, 0), np.maximum(-a, 0)], 1)  # [N, 2C, H, W]
+    b = blank_act.double().numpy()
+    blank_units = np.concatenate([np.maximum(b, 0), np.maximum(-b, 0)], 1)
+    r_max, r_centre = seen[0][4].double().numpy(), seen[0][5].double().numpy()
+    np.testing.assert_allclose(r_max, units.reshape(len(a), units.shape[1], -1).max(2), atol=1e-5)
+    assert [s[6] for s in seen] == pytest.approx(list(blank_units[0].reshape(units.shape[1], -1).max(1)), abs=1e-5)
+    pos = T.centre_positions(SimpleNamespace(rf_post=spec.stage(hook).rf_out if where == "hook_out" else
+                                             spec.stage(hook).rf_post), stim.stimuli, a.shape[2:])  # fmt: skip
+    np.testing.assert_allclose(r_centre, units[np.arange(len(a)), :, pos[:, 0], pos[:, 1]], atol=1e-5)
+    assert not np.allclose(r_max, units.reshape(len(a), units.shape[1], -1).mean(2), atol=1e-3)  # the case
