@@ -341,3 +341,25 @@ def test_tuning_labels_read_each_units_strongest_position_and_the_blank_image(mo
                                              spec.stage(hook).rf_post), stim.stimuli, a.shape[2:])  # fmt: skip
     np.testing.assert_allclose(r_centre, units[np.arange(len(a)), :, pos[:, 0], pos[:, 1]], atol=1e-5)
     assert not np.allclose(r_max, units.reshape(len(a), units.shape[1], -1).mean(2), atol=1e-3)  # the case
+
+
+def test_a_fresh_fit_worse_than_the_last_k_falls_back_to_a_warm_start(monkeypatch):
+    """Truth: the documented contract (explained variance non-decreasing in k) and _grow's bound (a start from the
+    k − 1 fit plus the residual's non-negative rank-1 part is no worse than that fit). A fresh fit at k = 2 forced to
+    a useless local optimum (all zeros: explained variance 0) must be replaced by the warm start, which explains
+    at least what k = 1 did, measured with numpy's own ‖A − WH‖² / ‖A‖²."""
+    from mechscope.cnn.methods import nmf_groups as G
+
+    a = np.abs(np.random.default_rng(4).normal(size=(12, 6)))
+    real = G._fit
+
+    def fit(a_, k, seed, init=None, max_iter=1000):
+        if init is None and k == 2:
+            return np.zeros((a_.shape[0], 2)), np.zeros((2, a_.shape[1]))
+        return real(a_, k, seed, init=init, max_iter=max_iter)
+
+    monkeypatch.setattr(G, "_fit", fit)
+    fits = G.nmf_curve(a, k_max=3)
+    ev = [1 - ((a - w @ h) ** 2).sum() / (a**2).sum() for w, h in fits]
+    assert ev[0] > 0.5 and ev[1] >= ev[0] - 1e-12 and ev[2] >= ev[1] - 1e-12
+    assert fits[1][0].shape == (12, 2) and (fits[1][0] >= 0).all() and (fits[1][1] >= 0).all()
