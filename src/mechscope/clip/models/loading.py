@@ -22,7 +22,7 @@ import torch
 
 from mechscope.clip.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from mechscope.clip.models.preprocess import Preprocessor, read_preprocessor
-from mechscope.clip.models.tokenizer import ClipTokenizer
+from mechscope.clip.models.tokenizer import ClipTokenizer, own_special_tokens
 from mechscope.clip.models.tokenizer import from_dir as tokenizer_from_dir
 from mechscope.core.errors import MechscopeError
 
@@ -298,6 +298,8 @@ def load_clip(path, device=None, dtype=None) -> ClipBundle:
     t = cfg.text
     tok = tokenizer_from_dir(directory, t.n_ctx, t.bos_token_id if t.causal else None, t.eos_token_id,
                              t.pad_token_id, t.pad_to_context)  # fmt: skip
+    if t.pooling == "argmax":  # an old config (eos_token_id 2, bos 0, pad 1: openai/clip-vit-base-patch32's) names
+        tok = own_special_tokens(tok, directory)  # no token of this vocabulary; the tokenizer's own are used
     if tok.vocab_size > t.d_vocab:
         raise MechscopeError(f"{directory}: the tokenizer has {tok.vocab_size} tokens but the model {t.d_vocab}")
     sd = convert_state_dict(read_weights(directory), cfg)

@@ -161,12 +161,13 @@ def resize(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
 
 
 def center_crop(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Centre crop [C,H,W] to ``hw`` as transformers' processors do (padding with zeros where the image is smaller)."""
+    """Centre crop [C,H,W] to ``hw`` as transformers' processors do (padding with zeros where the image is smaller,
+    the image ceil(padding / 2) from the top and left, as ``transformers.image_transforms.center_crop`` puts it)."""
     ch, cw = hw
     h, w = x.shape[-2:]
     if h < ch or w < cw:
         ph, pw = max(ch - h, 0), max(cw - w, 0)
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = F.pad(x, (pw - pw // 2, pw // 2, ph - ph // 2, ph // 2))  # the odd pixel before: ceil(pad / 2)
         h, w = x.shape[-2:]
     top, left = (h - ch) // 2, (w - cw) // 2
     return x[:, top : top + ch, left : left + cw]

@@ -100,6 +100,18 @@ def from_dir(directory: Path, n_ctx: int, bos_id, eos_id, pad_id, pad_to_context
     return ClipTokenizer(backend, n_ctx, bos_id, eos_id, pad_id, pad_to_context)
 
 
+def own_special_tokens(tok: ClipTokenizer, where) -> ClipTokenizer:
+    """``tok`` with the start, end and padding ids its own vocabulary gives ``<|startoftext|>`` and
+    ``<|endoftext|>`` (padding with the end token, as transformers' CLIPTokenizer does), for configs whose special
+    ids are not this vocabulary's (old CLIP configs: bos 0, eos 2, pad 1)."""
+    bos, eos = (tok.backend.token_to_id(s) for s in (BOS, EOS))
+    if bos is None or eos is None:
+        missing = BOS if bos is None else EOS
+        raise MechscopeError(f"{where}: the config's text special tokens are the old placeholders (eos_token_id 2) "
+                             f"and the tokenizer has no {missing} token to use instead")  # fmt: skip
+    return ClipTokenizer(tok.backend, tok.n_ctx, bos, eos, eos, tok.pad_to_context)
+
+
 def clip_bpe(vocab_file: Path, merges_file: Path):
     """CLIP's tokenizer from its vocabulary and merges, as transformers' ``CLIPConverter`` builds it."""
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
