@@ -293,6 +293,10 @@ def test_empty_configs_take_transformers_defaults():
     assert pre.crop_hw == (proc.crop_size["height"], proc.crop_size["width"])
     assert pre.resample == {3: "bicubic", 2: "bilinear"}[int(proc.resample)]
     assert pre.mean == pytest.approx(tuple(proc.image_mean)) and pre.std == pytest.approx(tuple(proc.image_std))
+    siglip = transformers.SiglipImageProcessorPil()  # SigLIP's (bicubic in transformers 5; bilinear in 4)
+    pre = Preprocessor.from_config({}, 224, 3, "siglip")
+    assert pre.resample == {3: "bicubic", 2: "bilinear"}[int(siglip.resample)]
+    assert pre.crop_hw is None and pre.mean == pytest.approx(tuple(siglip.image_mean))
 
 
 def test_a_sharded_checkpoint_loads_every_shard(tmp_path):

@@ -81,7 +81,7 @@ class Preprocessor:
                 _positive(c["height"], f"{where}crop_size.height"),
                 _positive(c["width"], f"{where}crop_size.width"),
             )
-        resample = RESAMPLE.get(cfg.get("resample", 2 if siglip else 3))
+        resample = RESAMPLE.get(cfg.get("resample", 3))  # bicubic where absent (transformers 5 for SigLIP too)
         if resample is None:
             raise MechscopeError(f"{where}resample: unsupported {cfg.get('resample')!r} (0, 2 or 3: nearest, bilinear, "
                                  "bicubic)")  # fmt: skip
