@@ -83,7 +83,7 @@ def test_ov_copying_in_blocks_is_the_whole_computation(monkeypatch, norm):
     product's by an ulp or two, so the values are compared to 1e-14 and the tokens and ranks exactly."""
     view = analysis_weights(random_model(norm))
     heads, ids = [(0, 1), (2, 3)], FW.token_sample(50, 20, 0)
-    emb, wu = FW.normalised(view.W_E, view.layernorm), view.W_U.double()
+    emb, wu = FW.normalised(view.W_E, view), view.W_U.double()
     for size in (8, 8 * 32 * 7, 2**40):
         monkeypatch.setattr(FW, "OPERAND_BYTES", size)
         got = FW.ov_copying(view, heads, k=5, sample=20)

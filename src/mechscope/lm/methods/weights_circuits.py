@@ -38,12 +38,15 @@ def _need(view: AnalysisWeights, *names: str) -> None:
         raise MechscopeError(f"this analysis needs {', '.join(missing)}, which the checkpoint does not hold")
 
 
-def normalised(x: torch.Tensor, layernorm: bool, eps: float = 1e-5) -> torch.Tensor:
-    """Rows as a norm layer without its gain would output them ([..., D])."""
+def normalised(x: torch.Tensor, view: AnalysisWeights) -> torch.Tensor:
+    """Rows as the model's norm layer without its gain would output them ([..., D]): LayerNorm or RMSNorm with the
+    model's own epsilon (a fixed 1e-5 was 0.64 off an RMSNorm model's logits at eps 1e-2), unchanged without norms."""
     x = x.double()
-    if layernorm:
+    if view.cfg.norm == "none":
+        return x
+    if view.layernorm:
         x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return x / (x.pow(2).mean(-1, keepdim=True) + view.cfg.norm_eps).sqrt()
 
 
 OPERAND_BYTES = 32 * 2**20  # float64 rows of a (or columns of b) converted at a time by double_product
@@ -166,7 +169,7 @@ def _embedded_values(view: AnalysisWeights, w_v: torch.Tensor) -> torch.Tensor:
     rows = per_block(view.W_E.shape[1])
     out = torch.empty(view.W_E.shape[0], w_v.shape[1], dtype=torch.float64)
     for i in range(0, view.W_E.shape[0], rows):
-        out[i : i + rows] = normalised(view.W_E[i : i + rows], view.layernorm) @ w_v
+        out[i : i + rows] = normalised(view.W_E[i : i + rows], view) @ w_v
     return out
 
 
@@ -223,7 +226,7 @@ def qk_token_pairs(
     among ``sample`` seeded tokens (as query and as key), scaled by 1/√d_head."""
     _need(view, "W_E")
     ids = token_sample(view.cfg.d_vocab, sample, seed, token_range)
-    emb = normalised(view.W_E[ids], view.layernorm)  # [S, D]
+    emb = normalised(view.W_E[ids], view)  # [S, D]
     out = []
     for layer, h in heads:
         q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()
@@ -271,7 +274,7 @@ def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> Po
     """Positional attention of every head (learned positions only)."""
     _need(view, "W_pos")
     n = min(n, view.W_pos.shape[0])
-    pos = normalised(view.W_pos[:n], view.layernorm).float()  # [n, D]
+    pos = normalised(view.W_pos[:n], view).float()  # [n, D]
     q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q[:]) + view.b_Q[:, :, None]  # [:] stacks a per-layer view
     k = torch.einsum("pd,lhde->lhpe", pos, view.W_K[:]) + view.b_K[:, :, None]
     s = q @ k.transpose(-1, -2) / view.cfg.d_head**0.5  # [L, H, n, n]
@@ -320,7 +323,7 @@ def _check_small_vocab(view: AnalysisWeights) -> None:
 def bigrams(view: AnalysisWeights) -> Bigrams:
     _need(view, "W_E", "W_U")
     _check_small_vocab(view)
-    emb = normalised(view.W_E[:], view.layernorm)  # [:]: the whole matrix of a per-layer view
+    emb = normalised(view.W_E[:], view)  # [:]: the whole matrix of a per-layer view
     return Bigrams(((emb @ view.W_U.double()) + view.b_U.double()).numpy())
 
 
@@ -354,7 +357,7 @@ def skip_trigrams(view: AnalysisWeights, layer: int = 0, k: int = 15) -> SkipTri
     """The strongest skip-trigrams of every head of ``layer`` (Elhage et al. 2021, one-layer models)."""
     _need(view, "W_E", "W_U")
     _check_small_vocab(view)
-    emb = normalised(view.W_E[:], view.layernorm)  # [V, D]
+    emb = normalised(view.W_E[:], view)  # [V, D]
     heads, out = [], []
     for h in range(view.n_heads):
         q = emb @ view.W_Q[layer, h].double() + view.b_Q[layer, h].double()
