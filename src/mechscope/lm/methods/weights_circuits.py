@@ -104,7 +104,7 @@ class OVCopying:
     top_tokens: list[list[tuple[int, float]]]  # per head: (token, raise of its own logit), largest first
     top1: np.ndarray  # per head: share of sampled tokens whose own logit tops their row
     top5: np.ndarray
-    median_rank: np.ndarray  # 0 = own logit highest
+    median_rank: np.ndarray  # 0 = own logit highest; the lower median of an even sample (torch.median)
     diagonal_mean: np.ndarray  # mean raise of a token's own logit over the vocabulary
     sample: int
 
