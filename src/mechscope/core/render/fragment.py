@@ -59,7 +59,7 @@ def scoped_script(js: str, idmap: dict[str, str]) -> str:
     return "(function () {\n" + js.strip() + "\n})();"
 
 
-_TAG_ID = re.compile(r"""\bid=(["'])([^"']+)\1""")
+_TAG_ID = re.compile(r"""(?<![\w-])id=(["'])([^"']+)\1""")  # not data-id= (\b matched after its "-")
 
 
 def rename_ids(body: str, uid: str) -> tuple[str, dict[str, str]]:

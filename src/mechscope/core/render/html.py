@@ -73,12 +73,12 @@ def shown_value(v) -> str:
     tuples and lists as comma lists, None as a dash (not Python's reprs: "(0.5,)", "None", 0.00392156862745098)."""
     if v is None:
         return "—"
-    if isinstance(v, bool):
+    if isinstance(v, (bool, np.bool_)):
         return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:.4g}"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
     if isinstance(v, (tuple, list)):
         return ", ".join(shown_value(x) for x in v)
     return str(v)
