@@ -197,6 +197,8 @@ def image_task(
     pick = pool[torch.randperm(len(pool), generator=g)[:n]]
     if target is not None and metric != "detect":
         others = torch.nonzero(labels != target).flatten()
+        if not len(others):
+            raise MechscopeError(f"every test image is of class {target}: no image of another class to corrupt with")
         donors = others[torch.randint(len(others), (len(pick),), generator=g)]
         how = f"seeded images of other classes than {target}"
     elif corrupt == "other-class":
