@@ -171,8 +171,10 @@ class SparseDictionary(nn.Module):
     @torch.no_grad()
     def folded(self) -> SparseDictionary:
         """A copy that reads and writes raw activations with no scaling: ``W_enc <- s_in W_enc``, ``W_dec <-
-        W_dec / s_out``, ``b_dec <- b_dec / s`` (``s_out``, and ``s_in`` where it is subtracted from x), ``W_skip
-        <- W_skip s_in / s_out`` (SAELens' ``fold_activation_norm_scaling_factor``); the latents are unchanged."""
+        W_dec / s_out``, ``b_dec <- b_dec / s_out``, ``W_skip <- W_skip s_in / s_out`` (SAELens'
+        ``fold_activation_norm_scaling_factor``); where b_dec is also subtracted from the input and the two scales
+        differ (set by hand: training and SAELens files give an SAE one scale), ``b_enc`` takes up the difference,
+        ``(s_in / s_out - 1) b_dec W_enc``. The latents are unchanged."""
         import dataclasses
 
         cfg = dataclasses.replace(self.cfg, normalize_activations="none")
@@ -183,6 +185,9 @@ class SparseDictionary(nn.Module):
             state["W_enc"] = (state["W_enc"].double() * s_in).to(state["W_enc"].dtype)
             state["W_dec"] = (state["W_dec"].double() / s_out).to(state["W_dec"].dtype)
             state["b_dec"] = (state["b_dec"].double() / s_out).to(state["b_dec"].dtype)
+            if cfg.apply_b_dec_to_input and s_in != s_out:  # x - b_dec/s_out read at s_in: b_enc takes the difference
+                shift = (s_in / s_out - 1) * (self.b_dec.double() @ self.W_enc.double())
+                state["b_enc"] = (state["b_enc"].double() + shift).to(state["b_enc"].dtype)
             if cfg.skip:
                 state["W_skip"] = (state["W_skip"].double() * (s_in / s_out)).to(state["W_skip"].dtype)
             state["in_scale"] = torch.ones((), dtype=torch.float64)
