@@ -367,3 +367,20 @@ def test_old_config_ids_with_a_tokenizer_lacking_clips_special_tokens_are_refuse
     tok = ClipTokenizer(Tokenizer(WordLevel({"<unk>": 0, "a": 1, "cat": 2}, unk_token="<unk>")), 16, 0, 2, 1)
     with pytest.raises(MechscopeError, match=r"^ckpt: .*old placeholders .*no <\|startoftext\|> token"):
         own_special_tokens(tok, "ckpt")
+
+
+def test_a_grey_model_reads_an_rgb_tensor_as_pil_reads_the_same_picture():
+    """Truth: PIL's convert("L") (ITU-R 601-2 luma, rounded to whole levels) of the same RGB picture: a tensor and a
+    PIL image of it give the same unit pixels (within PIL's rounding), pure red ~0.299, not a plain mean's 0.333."""
+    from PIL import Image
+
+    from mechscope.clip.models.preprocess import Preprocessor
+
+    pre = Preprocessor.from_config({"do_resize": False, "do_center_crop": False, "do_normalize": False}, 8, 1, "clip")
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    from_pil = pre.to_unit([Image.fromarray(rgb)])
+    from_tensor = pre.to_unit(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None])
+    assert from_tensor.shape == from_pil.shape == (1, 1, 8, 8)
+    assert (from_tensor - from_pil).abs().max().item() <= 0.5 / 255 + 1e-6
+    assert from_tensor[0, 0, 0, 0].item() == pytest.approx(0.299, abs=1e-6)

@@ -126,7 +126,7 @@ class Preprocessor:
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.channels:
-            x = x.mean(0, keepdim=True) if self.channels == 1 else x.expand(self.channels, -1, -1)
+            x = grey(x) if self.channels == 1 else x.expand(self.channels, -1, -1)
         h, w = x.shape[-2:]
         target = None
         if self.shortest_edge is not None:
@@ -171,6 +171,17 @@ def center_crop(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         h, w = x.shape[-2:]
     top, left = (h - ch) // 2, (w - cw) // 2
     return x[:, top : top + ch, left : left + cw]
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """[C,H,W] -> [1,H,W]: RGB as PIL's convert("L") weighs it (so a tensor and the same picture as a PIL image
+    read alike; a plain mean made pure red 0.333 against PIL's 0.299), other channel counts averaged."""
+    if x.shape[0] == 3:
+        return torch.einsum("c,chw->hw", torch.tensor(LUMA, dtype=x.dtype, device=x.device), x)[None]
+    return x.mean(0, keepdim=True)
 
 
 def _positive(v, what: str) -> int:
