@@ -36,7 +36,7 @@ from mechscope.core.dictionaries.store import stored_rows
 from mechscope.core.errors import MechscopeError
 
 from .conftest import one_line_error
-from .test_store import corpus
+from .test_store import corpus, interrupted
 
 
 def np64(t: torch.Tensor) -> np.ndarray:
@@ -273,13 +273,6 @@ def test_every_row_once_per_epoch_across_shard_groups(tmp_path):
 def test_a_caller_resumed_harvest_with_input_offset_stores_every_row_once(tmp_path):
     """Interrupted after 1300 rows (two 512-row windows written), resumed by a caller that replays the input from
     row 1000 (``input_offset=1000``): the store ends with ids 0..2499 each exactly once (planted ids)."""
-
-    def interrupted():
-        for i, batch in enumerate(corpus(25)):
-            if i == 13:
-                raise KeyboardInterrupt
-            yield batch
-
     with pytest.raises(KeyboardInterrupt):
         harvest(interrupted(), tmp_path, shard_rows=256, buffer_rows=512, seed=1, progress=False)
     assert stored_rows(tmp_path) == 1024

@@ -37,14 +37,16 @@ def test_harvest_writes_every_row_once_shuffled(tmp_path):
     assert r.to_dict()["schema"] == "mechscope.harvest/1"
 
 
+def interrupted(n: int = 25, at: int = 13):
+    """corpus(n), interrupted (KeyboardInterrupt) when batch ``at`` is asked for."""
+    for i, batch in enumerate(corpus(n)):
+        if i == at:
+            raise KeyboardInterrupt
+        yield batch
+
+
 def test_interrupted_harvest_resumes_to_the_same_shards(tmp_path):
     whole = harvest(corpus(25), tmp_path / "whole", shard_rows=256, buffer_rows=512, seed=1, progress=False)
-
-    def interrupted():
-        for i, batch in enumerate(corpus(25)):
-            if i == 13:
-                raise KeyboardInterrupt
-            yield batch
 
     with pytest.raises(KeyboardInterrupt):
         harvest(interrupted(), tmp_path / "cut", shard_rows=256, buffer_rows=512, seed=1, progress=False)
