@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.unit.test_clip_models import clip_bpe_vocab, tiny_checkpoint, tiny_clip  # noqa: F401 (fixture)
+from tests.unit.test_data_truths import openai_bpe  # the merge loop of OpenAI's bpe(), the same in CLIP's
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,22 +157,7 @@ def _openai_bpe(text: str, vocab: dict[str, int], merges: list[str]) -> list[int
     ids = [vocab["<|startoftext|>"]]
     for piece in pat.findall(text):
         chars = "".join(alphabet[b] for b in piece.encode("utf-8"))
-        word = [*chars[:-1], chars[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda p: ranks.get(p, math.inf))
-            if best not in ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        ids += [vocab[w] for w in word]
+        ids += [vocab[w] for w in openai_bpe([*chars[:-1], chars[-1] + "</w>"], ranks)]
     return ids + [vocab["<|endoftext|>"]]
 
 

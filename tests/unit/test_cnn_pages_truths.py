@@ -304,20 +304,17 @@ def test_each_channel_names_its_own_patching_share_and_strongest_connections(pag
     r = page.r
     conn = r.weights.connections[0]
     norm, ssum = conn.kernel_norm.numpy(), conn.kernel_sum.numpy()
-    for c in range(5):
-        text = " ".join("".join(page.details[f"conv2-{c}"]).split())
-        share = 100 * float(r.patching.stage("conv2").channel_mean[c])
-        assert f"recovers {share:.1f}% of the logit-difference gap" in text
-        top = sorted(range(4), key=lambda i: -norm[c, i])[:5]
-        links = ", ".join(f"conv1 {i} ({norm[c, i]:.2f}, {ssum[c, i]:+.2f})" for i in top)
-        assert f"Strongest incoming connections (kernel norm, signed sum): {links}." in text, text
-    for c in range(4):
-        text = " ".join("".join(page.details[f"conv1-{c}"]).split())
-        share = 100 * float(r.patching.stage("conv1").channel_mean[c])
-        assert f"recovers {share:.1f}% of the logit-difference gap" in text
-        top = sorted(range(5), key=lambda j: -norm[j, c])[:5]
-        links = ", ".join(f"conv2 {j} ({norm[j, c]:.2f}, {ssum[j, c]:+.2f})" for j in top)
-        assert f"Strongest outgoing connections (kernel norm, signed sum): {links}." in text, text
+    # (stage, its channels, the other stage, its channels, direction, the [conv2, conv1] index of a link c–o)
+    sides = [("conv2", 5, "conv1", 4, "incoming", lambda c, o: (c, o)),
+             ("conv1", 4, "conv2", 5, "outgoing", lambda c, o: (o, c))]  # fmt: skip
+    for stage, n, other, n_other, direction, at in sides:
+        for c in range(n):
+            text = " ".join("".join(page.details[f"{stage}-{c}"]).split())
+            share = 100 * float(r.patching.stage(stage).channel_mean[c])
+            assert f"recovers {share:.1f}% of the logit-difference gap" in text
+            top = sorted(range(n_other), key=lambda o: -norm[at(c, o)])[:5]
+            links = ", ".join(f"{other} {o} ({norm[at(c, o)]:.2f}, {ssum[at(c, o)]:+.2f})" for o in top)
+            assert f"Strongest {direction} connections (kernel norm, signed sum): {links}." in text, text
 
 
 def test_the_patching_table_lists_each_units_position_and_share(page):

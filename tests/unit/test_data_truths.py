@@ -20,8 +20,9 @@ from tests.unit import test_tokenizer
 gpt2_dir = test_tokenizer.gpt2_files  # the GPT-2 tokenizer folder of the data directory (skips where absent)
 
 
-def _openai_bpe(word: str, ranks: dict) -> list[str]:
-    """OpenAI's ``encoder.py`` ``bpe``: repeatedly merge the lowest-ranked adjacent pair."""
+def openai_bpe(word, ranks: dict) -> list[str]:
+    """OpenAI's ``encoder.py`` ``bpe``: repeatedly merge the lowest-ranked adjacent pair of ``word``'s symbols (a
+    string, one symbol per character, or a list of symbols)."""
     parts = list(word)
     while len(parts) > 1:
         pairs = set(zip(parts, parts[1:], strict=False))
@@ -62,7 +63,7 @@ def test_gpt2_bpe_follows_openais_merge_order_to_the_last_merge(gpt2_dir):
             text = bytes(to_byte[c] for c in a + b).decode("utf-8")
         except UnicodeDecodeError:
             continue
-        expected = [encoder[t] for piece, _ in pre.pre_tokenize_str(text) for t in _openai_bpe(piece, ranks)]
+        expected = [encoder[t] for piece, _ in pre.pre_tokenize_str(text) for t in openai_bpe(piece, ranks)]
         assert ours.encode(text) == expected, (a, b, text)
         checked += 1
     assert checked > 200

@@ -16,7 +16,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.lm.methods import sae as S
 from mechscope.lm.methods.graph import TransformerEdges
 from tests.unit.test_sae_lm import tiny_model, tokens
-from tests.unit.test_sae_outside_truths import forward_with, hand_metrics, kl_rows, log_softmax, module
+from tests.unit.test_sae_outside_truths import after_bos, forward_with, hand_metrics, kl_rows, log_softmax, module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,18 +63,8 @@ def test_transcoder_splice_effect_and_metrics_against_numpy_and_plain_hooks():
     tc = random_transcoder(16, 24, 16, seed=5)
     y_hat, f = np_transcoder(tc)(x)
     assert 0 < (f > 0).mean() < 1 and np.abs(y - y_hat).max() > 0.1
-
-    def splice(out):
-        new = out.clone()
-        new[:, 1:] = torch.from_numpy(y_hat.reshape(out[:, 1:].shape)).to(out.dtype)
-        return new
-
-    def zero(out):
-        new = out.clone()
-        new[:, 1:] = 0
-        return new
-
-    spliced, zeroed = forward_with(model, toks, target, splice), forward_with(model, toks, target, zero)
+    spliced = forward_with(model, toks, target, after_bos(y_hat))
+    zeroed = forward_with(model, toks, target, after_bos())
     effect, metrics = S.splice_effect(model, toks, tc, hook, target, skip_first=1, batch=3)
 
     expected = hand_metrics(y, y_hat, f)

@@ -55,6 +55,18 @@ def module(model, name: str) -> torch.nn.Module:
     return model.get_submodule(name)
 
 
+def after_bos(values: np.ndarray | None = None):
+    """A ``replace`` for :func:`forward_with`: the output at positions 1.. set to ``values`` (reshaped to them) or
+    to zero, the BOS position kept."""
+
+    def replace(out):
+        new = out.clone()
+        new[:, 1:] = 0 if values is None else torch.from_numpy(values.reshape(out[:, 1:].shape)).to(out.dtype)
+        return new
+
+    return replace
+
+
 def forward_with(model, inputs, name: str | None = None, replace=None, record: list | None = None):
     """Run ``model`` with a plain torch forward hook on the module ``name``: ``record`` gets its output,
     ``replace(out) -> new`` substitutes it. Returns the logits (float64 numpy)."""
@@ -111,18 +123,7 @@ def test_lm_splice_effect_against_numpy_sae_and_hand_kl(hook):
     sae = random_relu_sae(16, 40, seed=3)
     x_hat, f = np_sae(sae)(x)
     assert 0 < (f > 0).mean() < 1 and np.abs(x - x_hat).max() > 0.1  # sparse, and far from the identity
-
-    def splice(out):
-        new = out.clone()
-        new[:, 1:] = torch.from_numpy(x_hat.reshape(out[:, 1:].shape)).to(out.dtype)
-        return new
-
-    def zero(out):
-        new = out.clone()
-        new[:, 1:] = 0
-        return new
-
-    spliced, zeroed = forward_with(model, toks, hook, splice), forward_with(model, toks, hook, zero)
+    spliced, zeroed = forward_with(model, toks, hook, after_bos(x_hat)), forward_with(model, toks, hook, after_bos())
     effect, metrics = S.splice_effect(model, toks, sae, hook, None, skip_first=1, batch=2)
 
     assert_metrics(metrics, hand_metrics(x, x_hat, f))
