@@ -80,7 +80,9 @@ def test_unpermute_inverts_llama_cpp():
     np.testing.assert_array_equal(unpermute_rope(permute_like_llama_cpp(w, 6), 6), w)
 
 
-def test_llama_written_as_gguf_matches_transformers(tmp_path):
+def llama_as_gguf(path, head_dim: int | None = None, meta_extra: dict | None = None):
+    """A tiny random transformers Llama (``head_dim`` None: hidden / heads) and its weights written as llama.cpp
+    writes them (Q/K rows permuted), with ``meta_extra`` added to the metadata."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         num_hidden_layers=2,
@@ -93,6 +95,7 @@ def test_llama_written_as_gguf_matches_transformers(tmp_path):
         rope_theta=10000.0,
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(cfg).eval()
@@ -134,12 +137,47 @@ def test_llama_written_as_gguf_matches_transformers(tmp_path):
         "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 2,
     }
-    write(tmp_path / "tiny.gguf", tensors, meta)
+    write(path, tensors, meta | (meta_extra or {}))
+    return ref
+
+
+@pytest.mark.parametrize(
+    "head_dim, extra",
+    [
+        (None, {}),
+        (32, {"llama.attention.key_length": 32, "llama.attention.value_length": 32, "llama.rope.dimension_count": 32}),
+        (32, {"llama.attention.key_length": 32}),  # llama.cpp: values and rotation default to the key head size
+    ],
+    ids=["hidden-over-heads", "explicit-head-dim", "key-length-only"],
+)
+def test_llama_written_as_gguf_matches_transformers(tmp_path, head_dim, extra):
+    """Truth: transformers' LlamaForCausalLM on the same weights, including a head size that is not hidden / heads
+    (Llama's ``head_dim``; llama.cpp writes it as ``attention.key_length``)."""
+    ref = llama_as_gguf(tmp_path / "tiny.gguf", head_dim, extra)
     model, tok = load_model(tmp_path / "tiny.gguf")
     assert model.cfg.kv_heads == 2 and not model.cfg.tie_embeddings and tok.vocab_size >= 256
+    assert model.cfg.d_head == (head_dim or 16)
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"llama.attention.key_length": 32, "llama.rope.dimension_count": 16}, "rope.dimension_count is 16"),
+        ({"llama.attention.key_length": 32, "llama.attention.value_length": 16}, "value_length is 16"),
+        ({"llama.rope.dimension_count": 32}, "rope.dimension_count is 32 but the key head size is 16"),
+        ({"llama.attention.key_length": 3}, "head size 3"),
+    ],
+)
+def test_head_sizes_it_cannot_model_are_refused(tmp_path, extra, says):
+    """A partial rotation (llama.cpp rotates the first rope.dimension_count of each head, after a whole-head row
+    permutation we cannot undo for part of it) or values of another size: one line naming the key, not a shape
+    error or a wrong model."""
+    llama_as_gguf(tmp_path / "t.gguf", 32 if "llama.attention.key_length" in extra else None, extra)
+    with pytest.raises(MechscopeError, match=says):
+        load_model(tmp_path / "t.gguf")
 
 
 def test_unsupported_architecture(tmp_path):

@@ -77,10 +77,7 @@ def gguf_config(g, path: Path) -> TransformerConfig:
     kv = get("attention.head_count_kv", default=h)
     if kv > h or h % kv:
         raise MechscopeError(f"{path}: {h} attention heads cannot share {kv} key/value heads (llama.attention.*)")
-    d_head = get("rope.dimension_count", default=d // h if d % h == 0 else 0)
-    if d_head < 1 or d_head % 2:
-        raise MechscopeError(f"{path}: GGUF head size {d_head} (llama.rope.dimension_count or embedding_length / "
-                             "head_count); expected an even integer ≥ 2")  # fmt: skip
+    d_head = _head_size(get, d, h, path)
     ids = {}
     for key in ("bos_token_id", "eos_token_id"):
         v = g.meta.get("tokenizer.ggml." + key)
@@ -113,6 +110,21 @@ def gguf_config(g, path: Path) -> TransformerConfig:
         family="llama",
         name=name if isinstance(name, str) else path.stem,
     )
+
+
+def _head_size(get, d: int, h: int, path: Path) -> int:
+    """The head size as llama.cpp reads it: ``attention.key_length`` (default embedding_length / head_count), the
+    same for values, rotated whole (``rope.dimension_count``, default the head size: llama.cpp's Llama permutes each
+    head's rows whole, so a partial rotation cannot be undone)."""
+    d_head = get("attention.key_length", default=d // h if d % h == 0 else 0, lo=0)
+    if d_head < 2 or d_head % 2:
+        raise MechscopeError(f"{path}: GGUF head size {d_head} (llama.attention.key_length, or embedding_length / "
+                             "head_count); expected an even integer ≥ 2")  # fmt: skip
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if get(key, default=d_head) != d_head:
+            raise MechscopeError(f"{path}: GGUF metadata key llama.{key} is {get(key)} but the key head size is "
+                                 f"{d_head}; supported: values and rotary embeddings over the whole head")  # fmt: skip
+    return d_head
 
 
 def expected_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
