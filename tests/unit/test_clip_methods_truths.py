@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mechscope.clip.methods import neurons as N
+from mechscope.core.errors import MechscopeError
 from tests.unit.test_clip_controls import (
     FG,
     FONT,
@@ -193,6 +194,16 @@ def test_text_probe_is_each_words_mean_response():
     got = N.text_probe(view, unit, labels, ["x", "y"], [1, 2], [0]).double().numpy()
     want = np.array([[ink(w0, "TL").mean() / 5, 0.0], [0.0, ink(w1, "TR").mean() / 5]])
     assert np.allclose(got, want, atol=1e-6)
+
+
+def test_text_probe_refuses_a_word_without_drawings():
+    """Truth: a mean over no drawings has no value; one line naming the word instead of a row of NaN."""
+    _, view = planted_view()
+    unit = images_with_ink("TL", 3, 40)
+    with pytest.raises(MechscopeError, match="no drawing of 'y'"):
+        N.text_probe(view, unit, torch.zeros(3, dtype=torch.long), ["x", "y"], [1, 2], [0])
+    with pytest.raises(MechscopeError, match="2 labels for 3 drawings"):
+        N.text_probe(view, unit, torch.zeros(2, dtype=torch.long), ["x"], [1, 2], [0])
 
 
 def test_text_alignment_by_hand_with_unnormalised_word_embeddings():

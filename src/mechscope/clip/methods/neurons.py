@@ -240,6 +240,12 @@ def hot_patch(view: ImageModel, unit: torch.Tensor, layer: int, neuron: int) -> 
 def text_probe(view: ImageModel, word_unit: torch.Tensor, word_labels: torch.Tensor, words: list[str],
                columns: list[int], layers: list[int], reduce: str = "mean") -> torch.Tensor:  # fmt: skip
     """Mean response of each neuron (``columns``) to each word's drawings: [len(words), len(columns)]."""
+    if len(word_labels) != len(word_unit):
+        raise MechscopeError(f"text_probe: {len(word_labels)} labels for {len(word_unit)} drawings")
+    undrawn = [w for i, w in enumerate(words) if not bool((word_labels == i).any())]
+    if undrawn:  # a mean over no drawings is NaN
+        raise MechscopeError(f"text_probe: no drawing of {', '.join(map(repr, undrawn[:3]))}"
+                             + (f" and {len(undrawn) - 3} more" if len(undrawn) > 3 else ""))  # fmt: skip
     acts = activations(view, word_unit, layers, reduce)[:, columns]
     out = torch.zeros(len(words), len(columns))
     for i in range(len(words)):
