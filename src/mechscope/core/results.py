@@ -47,7 +47,7 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return plain(obj.tolist())
     if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
+        return {_key_text(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
@@ -208,6 +208,11 @@ def _rebuild(tp: Any, value: Any) -> Any:
         kt, vt = args if args else (Any, Any)
         return {_key(kt, k): _rebuild(vt, v) for k, v in value.items()}
     return value
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as JSON's string: a tuple of ints as "1.2" (what :func:`_key` reads back), others ``str``."""
+    return ".".join(str(int(k)) for k in key) if isinstance(key, tuple) else str(key)
 
 
 def _key(tp: Any, key: str) -> Any:
