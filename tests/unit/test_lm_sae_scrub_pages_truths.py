@@ -236,7 +236,7 @@ def test_the_evaluation_tables_put_each_metric_and_loss_under_its_header(monkeyp
     p = Page(html)
     assert p.table("positions") == [{"positions": "12,345", "L0": "31.26", "explained variance": "0.8123",
                                      "MSE": "0.004567", "cosine": "0.9345", "l2 ratio": "0.8765", "dead": "6.2%",
-                                     "dense (> 0.1)": "1.2%"}]  # fmt: skip
+                                     "dense (> 10%)": "1.2%"}]  # fmt: skip
     assert p.table("") == [
         {"": "clean", "next-token loss (nats)": "2.5000", "KL to clean (nats)": "0"},
         {"": "dictionary spliced in", "next-token loss (nats)": "2.7500", "KL to clean (nats)": "0.3125"},

@@ -243,6 +243,8 @@ def control_verdict(ch: dict, lt: dict, rc: dict) -> str:
     """What the untrained control says about the trained dictionary's gain over the channels in the share of
     class-selective units: all of it (the control matches or beats it), part of it (the share it reaches), or
     none (the control is no more selective than the channels)."""
+    if not lt["units"]:
+        return "the trained dictionary has no alive latent, so there is no selectivity to account for"
     share = {k: d["selective"] / max(d["units"], 1) for k, d in (("ch", ch), ("lt", lt), ("rc", rc))}
     gain, control_gain = share["lt"] - share["ch"], share["rc"] - share["ch"]
     if share["rc"] >= share["lt"]:
