@@ -13,13 +13,15 @@ def _qk(text: str) -> tuple:
     from mechscope.core.errors import MechscopeError
     from mechscope.core.validate import indices
 
-    head, _, at = text.partition("@")
+    head, has_at, at = text.partition("@")
     try:
         layer, h = indices(head)
-        if not at:
+        if not has_at:
             return (layer, h)
-        q, _, k = at.partition(":")
-        return (layer, h, *indices(q, 1)) if not k else (layer, h, *indices(q, 1), *indices(k, 1))
+        q, has_k, k = at.partition(":")
+        if not q or (has_k and not k):  # "1.2@" or "1.2@3:": a position left empty
+            raise ValueError(text)
+        return (layer, h, *indices(q, 1)) if not has_k else (layer, h, *indices(q, 1), *indices(k, 1))
     except ValueError:
         raise MechscopeError(
             f"--qk expects LAYER.HEAD, LAYER.HEAD@QUERY or LAYER.HEAD@QUERY:KEY, got {text!r}"
