@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mechscope.cnn.methods.sae import CnnSaeDashboards, CnnSaeEvaluation, CnnSaeHarvest, CnnSaeTraining
-from mechscope.core.show import page, renders, table_html
+from mechscope.core.show import esc, page, renders, table_html
 
 
 @renders(CnnSaeDashboards, keep_open=("Summary", "Dashboards"))
@@ -31,7 +31,7 @@ def training_page(result: CnnSaeTraining, full: bool = True) -> str:
 def harvest_page(result: CnnSaeHarvest, full: bool = True) -> str:
     rows = [[result.hook, str(list(result.activation_shape)), result.images, result.rows, result.width, result.shards]]
     body = (
-        f"<p>{result.dataset} {result.split}: {result.images:,} images in {result.seconds:.1f} s "
+        f"<p>{esc(result.dataset)} {esc(result.split)}: {result.images:,} images in {result.seconds:.1f} s "
         f"({result.images_per_second:,.0f} images/s, {result.world_size} process(es)).</p><h2>Store</h2>"
         + table_html(["hook", "activation", "images", "rows", "width", "shards"], rows)
     )

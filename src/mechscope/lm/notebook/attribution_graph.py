@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mechscope.core.show import page, renders, table_html
+from mechscope.core.show import esc, page, renders, table_html
 from mechscope.lm.methods.attribution_graph import EdgePaths, LmAttributionGraph
 from mechscope.lm.methods.attribution_graph_qk import QKAttribution
 from mechscope.lm.methods.replacement_training import TrainedTranscoders
@@ -21,7 +21,7 @@ def qk_page(q: QKAttribution, full: bool = True) -> str:
         return table_html(["part", "score"], [[i["label"], i["score"]] for i in items])
 
     body = (
-        f"<p>{q.summary()}</p><h2>Writers</h2>"
+        f"<p>{esc(q.summary())}</p><h2>Writers</h2>"
         + side(q.query_writers)
         + side(q.key_writers)
         + table_html(["query", "key", "score"], [[p["query"], p["key"], p["score"]] for p in q.writer_pairs])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mechscope.core.show import page, renders, table_html
+from mechscope.core.show import esc, page, renders, table_html
 from mechscope.lm.methods.sae import LmSaeDashboards, LmSaeEvaluation, LmSaeHarvest, LmSaeTraining
 
 
@@ -31,7 +31,7 @@ def training_page(result: LmSaeTraining, full: bool = True) -> str:
 def harvest_page(result: LmSaeHarvest, full: bool = True) -> str:
     rows = [[s["name"], s["rows"], s["width"], s["shards"]] for s in result.stores]
     body = (
-        f"<p>{result.model} on {result.text}: {result.contexts:,} contexts of {result.context} tokens "
+        f"<p>{esc(result.model)} on {esc(result.text)}: {result.contexts:,} contexts of {result.context} tokens "
         f"({result.tokens:,} tokens) in {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s, "
         f"{result.world_size} process(es).</p><h2>Stores</h2>"
         + table_html(["store", "rows", "width", "shards"], rows)
