@@ -194,6 +194,20 @@ class Functional(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))  # a functional ReLU the walk cannot see
 
 
+class ReusedReLU(nn.Module):
+    """One nn.ReLU after both convolutions (a common way to write a forward): registered once, called twice."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv1, self.conv2, self.act = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.ReLU()
+            self.fc = nn.Linear(2 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).flatten(1))
+
+
 @pytest.mark.parametrize(
     "net, shape, message",
     [
@@ -208,12 +222,14 @@ class Functional(nn.Module):
         (nn.Sequential(nn.Conv2d(1, 2, 5), nn.MaxPool2d(2), nn.Conv2d(2, 2, 5), nn.Flatten(), nn.Linear(8, 2)),
          (1, 10, 10), "images of 10×10 do not fit the network: 2 (Conv2d) fails on [2, 3, 3]"),
         (Functional(), (1, 8, 8), "not its layers applied in order"),
+        (ReusedReLU(), (1, 8, 8), "act is called 2 times in forward (give each use its own module"),
     ],
-    ids=["lstm", "custom", "no-conv", "conv-after-linear", "channels", "too-small", "functional"],
+    ids=["lstm", "custom", "no-conv", "conv-after-linear", "channels", "too-small", "functional", "reused"],
 )
 def test_what_the_walk_refuses(net, shape, message):
     with pytest.raises(MechscopeError, match=re_escape(message)):
         walk(net, shape)
+    assert not any(m._forward_hooks for m in net.modules())  # the call counter's hooks are gone
 
 
 def re_escape(text: str) -> str:
