@@ -321,6 +321,7 @@ def test_qk_page_shows_each_side_in_its_own_table_escaped():
     assert got == [[x["label"] for x in qw], [x["label"] for x in kw], ["qw<0>"],
                    [x["label"] for x in qs], [x["label"] for x in ks], ["qs<0>", "qs<0>"]]  # fmt: skip
     assert [row[1:] for row in p.tables[5][1:]] == [["ks<1>", "-0.500"], ["ks<0>", "0.125"]]
+    assert [t[0][0] for t in p.tables] == ["query writer", "key writer", "query", "query source", "key source", "query"]
     assert _h1(r._repr_html_()) == "QK attribution of head 2.3"
 
 

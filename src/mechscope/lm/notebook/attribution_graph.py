@@ -17,17 +17,17 @@ def graph_page(result: LmAttributionGraph, full: bool = True) -> str:
 
 @renders(QKAttribution)
 def qk_page(q: QKAttribution, full: bool = True) -> str:
-    def side(items):
-        return table_html(["part", "score"], [[i["label"], i["score"]] for i in items])
+    def side(items, what: str):
+        return table_html([what, "score"], [[i["label"], i["score"]] for i in items])
 
     body = (
         f"<p>{esc(q.summary())}</p><h2>Writers</h2>"
-        + side(q.query_writers)
-        + side(q.key_writers)
+        + side(q.query_writers, "query writer")
+        + side(q.key_writers, "key writer")
         + table_html(["query", "key", "score"], [[p["query"], p["key"], p["score"]] for p in q.writer_pairs])
         + "<h2>Sources</h2>"
-        + side(q.query_sources)
-        + side(q.key_sources)
+        + side(q.query_sources, "query source")
+        + side(q.key_sources, "key source")
         + table_html(["query", "key", "score"], [[p["query"], p["key"], p["score"]] for p in q.pairs])
     )
     return page(f"QK attribution of head {q.layer}.{q.head}", body)
