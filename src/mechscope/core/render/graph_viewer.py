@@ -19,7 +19,8 @@ Scripts find their elements with ``document.getElementById("…")`` only (notebo
 from __future__ import annotations
 
 import html as H
-import json
+
+from mechscope.core.render.html import script_json
 
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 1em; }
@@ -277,8 +278,8 @@ def graph_page(data: dict, circuit_tracer: dict, title: str, summary_html: str =
     """The whole viewer page for a graph record ``data`` (mechscope's graph JSON) and its circuit-tracer export.
     ``summary_html`` goes above the drawing, ``sections_html`` (``<h2>`` sections: scores, checks...) below it."""
 
-    def js(obj) -> str:  # JSON inside a script: no "</script>" can close it early
-        return json.dumps(obj, allow_nan=False).replace("</", "<\\/")
+    def js(obj) -> str:
+        return script_json(obj, allow_nan=False)
 
     script = SCRIPT.replace("__DATA__", js(data)).replace("__CT__", js(circuit_tracer))
     return f"""<!DOCTYPE html>

@@ -17,6 +17,14 @@ import markupsafe
 import numpy as np
 from matplotlib.figure import Figure
 
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def script_json(obj, allow_nan: bool = True) -> str:
+    """``obj`` as JSON to put inside a ``<script>``: <, > and & written as \\u escapes (the same values once parsed),
+    so no text in it (a token "</script>", "<!--<script>") can close the script or change how HTML reads it."""
+    return json.dumps(obj, allow_nan=allow_nan).translate(_SCRIPT_SAFE)
+
 
 def png_uri(png: bytes) -> str:
     """PNG bytes as a ``data:`` URI (the page needs no file beside it)."""
@@ -63,7 +71,7 @@ def environment(package: str) -> jinja2.Environment:
     )
     # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
     # so that no string in the data can close the script element
-    env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(json.dumps(obj).replace("</", "<\\/"))
+    env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(script_json(obj))
     env.filters["shown"] = shown_value
     return env
 

@@ -6,13 +6,13 @@ no widget extension, no CDN; Jupyter, JupyterLab, VS Code and Colab draw them as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import markupsafe
 import numpy as np
 
 from mechscope.core.render.fragment import new_uid
+from mechscope.core.render.html import script_json
 
 MAX_POSITIONS = 256  # the viewer's pattern grows with positions²; longer sequences show their first 256
 
@@ -67,7 +67,7 @@ class AttentionViewer:
             if n < len(self.tokens)
             else ""
         )
-        data = json.dumps(rows).replace("</", "<\\/")
+        data = script_json(rows)
         return f"""<div class="mechscope ms-attn" id="{uid}">
 <style>
 #{uid} {{ font-family: system-ui, sans-serif; color: #222; margin: .4em 0; }}
