@@ -20,6 +20,14 @@ from tests.unit.test_attribution_graph_lm import TOKENS, random_transcoders, tin
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
+REPORT_OUT = """  const pre = document.createElement("pre");
+  pre.id = "viewer-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""  # a probe's end: its ``out`` written where run_in_chromium reads it
+
+
 PROBE = """<script>
 window.addEventListener("load", () => {
   const out = {};
@@ -64,12 +72,8 @@ window.addEventListener("load", () => {
     try { G.load({nodes: [], pinned: ["nope"], supernodes: []}); out.refused = false; }
     catch (e) { out.refused = e.message; }
   } catch (e) { out.error = String(e && e.stack || e); }
-  const pre = document.createElement("pre");
-  pre.id = "viewer-check";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
+"""
+PROBE += REPORT_OUT
 
 
 def run_in_chromium(page: str, tmp_path) -> dict:

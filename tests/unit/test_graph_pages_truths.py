@@ -18,7 +18,7 @@ from mechscope.cnn.report.attribution_graph import page as cnn_page
 from mechscope.core.render import graph_sections as gs
 from mechscope.lm.report.attribution_graph import page as lm_page
 from tests.graphs.test_attribution_graph_truths import EDGES, F0, F1, F2, IDS, IN0, IN1, L0, E, graph
-from tests.unit.test_attribution_graph_viewer import run_in_chromium
+from tests.unit.test_attribution_graph_viewer import REPORT_OUT, run_in_chromium
 from tests.unit.test_cnn_pages_truths import Page
 
 TOKENS = {IN0: '<i>a&"', IN1: "</script>b"}  # what a user typed: the prompt's two tokens
@@ -49,12 +49,8 @@ window.addEventListener("load", () => {
     };
     out.cards = {feature: card(FEATURE), input: card(INPUT)};
   } catch (e) { out.error = String(e && e.stack || e); }
-  const pre = document.createElement("pre");
-  pre.id = "viewer-check";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
+"""
+PROBE += REPORT_OUT
 
 
 def labelled(kind: str = "lm"):
