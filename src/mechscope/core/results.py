@@ -211,8 +211,9 @@ def _rebuild(tp: Any, value: Any) -> Any:
 
 
 def _key_text(key: Any) -> str:
-    """A dict key as JSON's string: a tuple of ints as "1.2" (what :func:`_key` reads back), others ``str``."""
-    return ".".join(str(int(k)) for k in key) if isinstance(key, tuple) else str(key)
+    """A dict key as JSON's string: a tuple joined with dots ("1.2", what :func:`_key` reads back for ints), others
+    ``str``."""
+    return ".".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 def _key(tp: Any, key: str) -> Any:

@@ -121,17 +121,17 @@ def check_replay(model: nn.Module, spec, readable: str) -> None:
         ours = spec.model(x)
         with module_hooks(model, (nn.Module,), forward=count):
             theirs = model(x)
-    why = _reused(model, calls)
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
         raise MechscopeError(
             f"the model returns {getattr(theirs, 'shape', type(theirs).__name__)}; its layers in order give "
-            f"{list(ours.shape)}: mechscope reads models whose forward applies their layers in order{why}"
+            f"{list(ours.shape)}: mechscope reads models whose forward applies their layers in order"
+            + _reused(model, calls)
         )
     scale = float(theirs.abs().max()) or 1.0
     gap = float((ours - theirs).abs().max())
     if gap > 1e-4 * scale:
-        why = why or (f"; mechscope reads {readable} applied in registration order (functional calls such as F.relu "
-                      "in forward are invisible to it)")  # fmt: skip
+        why = _reused(model, calls) or (f"; mechscope reads {readable} applied in registration order (functional "
+                                         "calls such as F.relu in forward are invisible to it)")  # fmt: skip
         raise MechscopeError(f"the model's forward is not its layers applied in order (they differ by {gap:.3g}){why}")
 
 

@@ -278,10 +278,9 @@ def graph_page(data: dict, circuit_tracer: dict, title: str, summary_html: str =
     """The whole viewer page for a graph record ``data`` (mechscope's graph JSON) and its circuit-tracer export.
     ``summary_html`` goes above the drawing, ``sections_html`` (``<h2>`` sections: scores, checks...) below it."""
 
-    def js(obj) -> str:
-        return script_json(obj, allow_nan=False)
-
-    script = SCRIPT.replace("__DATA__", js(data)).replace("__CT__", js(circuit_tracer))
+    script = SCRIPT.replace("__DATA__", script_json(data, allow_nan=False)).replace(
+        "__CT__", script_json(circuit_tracer, allow_nan=False)
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{H.escape(title)}</title><style>{STYLE}</style></head>
 <body>

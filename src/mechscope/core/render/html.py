@@ -69,8 +69,7 @@ def environment(package: str) -> jinja2.Environment:
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
-    # JSON for a <script> block: not HTML-escaped (quotes must stay quotes), but "</" is broken up
-    # so that no string in the data can close the script element
+    # JSON for a <script> block: not HTML-escaped (quotes must stay quotes); script_json escapes <, > and &
     env.filters["tojson_safe"] = lambda obj: markupsafe.Markup(script_json(obj))
     env.filters["shown"] = shown_value
     return env
