@@ -8,7 +8,6 @@ import inspect
 import re
 import statistics
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from mechscope.core.errors import MechscopeError
 from tests.e2e.test_cli_options_truths import Called, record
 from tests.unit.test_cnn_pages_truths import Page
 from tests.unit.test_heads import hand_built
+from tests.unit.test_render_truths import Doc
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -325,16 +325,6 @@ def test_qk_page_shows_each_side_in_its_own_table_escaped():
     assert _h1(r._repr_html_()) == "QK attribution of head 2.3"
 
 
-class _Text(HTMLParser):
-    def __init__(self, html: str):
-        super().__init__()
-        self.text: list[str] = []
-        self.feed(html)
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
 def test_sentences_keep_token_text_and_names_as_text():
     """Truth: html.parser's text of the page: the QK summary names the query source's label as written (_src_label
     puts a token's repr in it, e.g. embedding @0 '<s>' for a Llama BOS; it became a <s> tag), and the harvest pages
@@ -345,11 +335,11 @@ def test_sentences_keep_token_text_and_names_as_text():
 
     src = ({"id": "e0", "label": "embedding @0 '<s>'", "score": 1.0},)
     r = QKAttribution(0, 0, 1, 0, 1.0, 0.5, src, src, (), src, src, (), {}, 0.0)
-    assert "query side embedding @0 '<s>'" in "".join(_Text(r._repr_html_()).text)
+    assert "query side embedding @0 '<s>'" in Doc(r._repr_html_()).joined()
     lm = LmSaeHarvest("m<b>", "<i>t", 32, 1, 0, 1500, 48000, 1234, (), 12.5, 3840.0, 2, 0, {})
-    assert "m<b> on <i>t: 1,500 contexts" in "".join(_Text(lm._repr_html_()).text)
+    assert "m<b> on <i>t: 1,500 contexts" in Doc(lm._repr_html_()).joined()
     cnn = CnnSaeHarvest("r", "<u>d", "<s>", "h", (1,), 6, 15, 16, 4, "s", 3.0, 2.0, 5.0, 1, 0, {})
-    assert "<u>d <s>: 6 images" in "".join(_Text(cnn._repr_html_()).text)
+    assert "<u>d <s>: 6 images" in Doc(cnn._repr_html_()).joined()
 
 
 def test_edge_paths_page_lists_each_source_and_the_first_twelve_heads():
