@@ -87,6 +87,17 @@ def test_the_stimuli_mosaic_shows_each_familys_centred_stimuli_evenly_picked():
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["edges", "lines"]
 
 
+def test_a_one_stimulus_mosaic_shows_each_familys_first_centred_stimulus():
+    """Truth: one per family is the first centred one (edge 0 is the constant image 0.0, line 0 is 0.40); the even
+    spacing k·(n-1)/(per-1) has no spacing to divide by at per = 1 (it divided by zero)."""
+    stims = [Stimulus("edge", position=0)] * 3 + [Stimulus("line", position=0)] * 2
+    images = torch.tensor([0.0, 0.1, 0.2, 0.40, 0.41]).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    fig = T.stimuli_figure(SimpleNamespace(stimuli=stims, size=(8, 8), images=images), n_per_family=1)
+    m = fig.axes[0].get_images()[0].get_array()
+    assert m.shape == (2 * 8 + 1, 8)
+    np.testing.assert_allclose([m[0, 0], m[9, 0]], [0.0, 0.40], atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:No artists with labels")
 def test_the_unit_figure_size_and_curvature_panels_divide_by_the_test_max():
     """Truth: curvature (curve family) and radius curves plotted as response / dataset_max = / 4 by hand, each in its

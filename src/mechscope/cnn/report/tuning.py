@@ -132,7 +132,7 @@ def stimuli_figure(stim, n_per_family: int = 8) -> Figure:
     mosaic = np.full((len(fams) * (h + pad) - pad, n_per_family * (w + pad) - pad), 0.35, dtype=np.float32)
     for i, f in enumerate(fams):
         idx = [j for j, s in enumerate(stim.stimuli) if s.family == f and s.position == 0]
-        pick = idx if len(idx) <= n_per_family else [idx[round(k * (len(idx) - 1) / (n_per_family - 1))]
+        pick = idx if len(idx) <= n_per_family else [idx[round(k * (len(idx) - 1) / max(n_per_family - 1, 1))]
                                                        for k in range(n_per_family)]  # fmt: skip
         for k, j in enumerate(pick):
             y, x = i * (h + pad), k * (w + pad)
