@@ -131,7 +131,7 @@ def convert_mistral(config: dict, state: StateDict) -> tuple[TransformerConfig, 
 def _qwen_windows(config: dict, family: str) -> dict:
     n = config["num_hidden_layers"]
     window = config.get("sliding_window") if config.get("use_sliding_window", False) else None
-    start = config.get("max_window_layers", n)
+    start = config.get("max_window_layers", 28)  # transformers' Qwen2Config / Qwen3Config default
     default = ["sliding_attention" if window is not None and i >= start else "full_attention" for i in range(n)]
     window, layers = window_layers(config, n, window, default, family)
     return {"sliding_window": window, "sliding_window_layers": layers}
