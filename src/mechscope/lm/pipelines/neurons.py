@@ -227,7 +227,8 @@ class CompareSettings:
         if self.d_model % self.n_heads:
             raise MechscopeError(f"--d-model {self.d_model} is not a multiple of {self.n_heads} heads")
         if self.batch < 1 or self.k < 1 or self.sequences < 1:
-            raise MechscopeError(f"--batch, --k and sequences must be at least 1, got {self.batch}, {self.k}")
+            raise MechscopeError(f"--batch, --k and sequences must be at least 1, got {self.batch}, {self.k}, "
+                                 f"{self.sequences}")
         if self.n_ctx < 2:
             raise MechscopeError(f"--n-ctx must be at least 2, got {self.n_ctx}")
         check_threads(self.threads)
