@@ -66,6 +66,19 @@ def test_dense_is_strictly_above_ten_percent_by_default():
     np.testing.assert_allclose(r.latent_frequency, [c / 100 for c in counts])
 
 
+def test_relative_reconstruction_bias_is_nan_when_x_and_x_hat_never_align():
+    """Rajamanoharan et al. 2024a, eq. 10: mean ||x_hat||^2 / mean <x, x_hat>. By hand: x_hat = x / 2 gives
+    0.25 / 0.5 = 0.5; an x_hat orthogonal to x (or all zero, a dead dictionary) has nothing to divide by: NaN in the
+    batch function as in the streaming sums (the batch one gave inf and NaN)."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    cases = {"half": (x / 2, 0.5), "orthogonal": (x.flip(1) * torch.tensor([1.0, -1.0]), None), "zero": (0 * x, None)}
+    for name, (x_hat, want) in cases.items():
+        acc = M.StreamingMetrics(2, 1)
+        acc.update(x, x_hat, torch.zeros(2, 1))
+        for got in (M.relative_reconstruction_bias(x, x_hat), acc.result().relative_reconstruction_bias):
+            assert np.isnan(got) if want is None else got == pytest.approx(want), (name, got)
+
+
 def test_evaluate_a_transcoder_scores_its_output_against_the_target(random_model):
     """A transcoder 6 -> 4 on pairs (x, y): every metric is a plain loop over (y, output), not over x; the mse is
     per element of the 4-wide output; the dense threshold asked (0.45) is the one used (numpy frequencies)."""

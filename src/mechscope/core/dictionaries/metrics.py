@@ -86,9 +86,11 @@ def l2_ratio(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def relative_reconstruction_bias(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """``mean ||x_hat||^2 / mean <x, x_hat>`` (1 for an unbiased reconstruction, below 1 for shrinkage)."""
+    """``mean ||x_hat||^2 / mean <x, x_hat>`` (1 for an unbiased reconstruction, below 1 for shrinkage; NaN where
+    ``mean <x, x_hat>`` is 0)."""
     x, x_hat = _pair(x, x_hat)
-    return float(x_hat.pow(2).sum(-1).mean() / (x * x_hat).sum(-1).mean())
+    dot = (x * x_hat).sum(-1).mean()
+    return float(x_hat.pow(2).sum(-1).mean() / dot) if dot != 0 else math.nan  # as the streaming sums do
 
 
 def _cosines(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
