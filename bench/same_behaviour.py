@@ -158,6 +158,8 @@ def differences(a, b, where: str = "", rtol: float = 0.0, top: bool = True) -> l
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             out += differences(x, y, f"{where}[{i}]", rtol, False)
         return out
+    if isinstance(a, bool) != isinstance(b, bool):  # true and 1 are equal in Python, not in a JSON file
+        return [f"{where}: {a!r} != {b!r}"]
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         if a == b or (math.isnan(a) and math.isnan(b)):
             return []
