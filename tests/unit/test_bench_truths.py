@@ -21,6 +21,7 @@ import torch
 
 if importlib.util.find_spec("benchlib") is None:
     sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
+_PATH = list(sys.path)  # lm.py and speed_targets.py put their folders first when imported: undone below
 
 benchlib = importlib.import_module("benchlib")
 bench_sae = importlib.import_module("sae")
@@ -31,6 +32,7 @@ scaling = importlib.import_module("scaling")
 speed = importlib.import_module("speed_targets")
 explain = importlib.import_module("explain")
 heads = importlib.import_module("heads")
+sys.path[:] = _PATH
 
 
 class Clock:
