@@ -81,7 +81,7 @@ class SmallSettings:
                                  f"{self.patch_size}")  # fmt: skip
         if not 0.0 <= self.bare <= 1.0:
             raise MechscopeError(f"bare must be a fraction from 0 to 1, got {self.bare}")
-        if len(self.mix) != 4 or min(self.mix) < 0 or sum(self.mix) <= 0:
+        if len(self.mix) != 4 or not all(math.isfinite(w) and w >= 0 for w in self.mix) or sum(self.mix) <= 0:
             raise MechscopeError(f"mix must be four non-negative weights (handwritten, word, numeral, scene), got "
                                  f"{self.mix}")  # fmt: skip
 
