@@ -166,3 +166,32 @@ def test_average_flows_towards_a_class_average_over_that_class_only():
         [[flow("logits", [[1.0, 0.0]], ("a", "b"))], [flow("logits", [[0.0, 5.0]], ("a", "b"))]], [0, 1]
     )
     np.testing.assert_allclose(two[0].attribution, [[1.0, 5.0]])
+
+
+class SharedReLU(nn.Module):
+    """One nn.ReLU used after both convolutions (``separate``: the same network with one ReLU per use)."""
+
+    def __init__(self, separate: bool = False):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)
+            self.pool, self.relu, self.fc = nn.MaxPool2d(2), nn.ReLU(), nn.Linear(4 * 2 * 2, 3)
+        self.relu2 = nn.ReLU() if separate else self.relu
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu2(self.conv2(self.pool(self.relu(self.conv1(x))))), 1))
+
+
+def test_deeplift_on_a_relu_module_called_twice_equals_one_relu_per_use():
+    """Truth: the same network with its two ReLU uses as two modules (DeepLIFT's multipliers are per use, each from
+    its own input and reference); and completeness: the attributions sum to f(x) - f(0) (Shrikumar et al. 2017).
+    It kept one saved activation per module: the second use's overwrote the first's and the backward raised."""
+    x = torch.rand(5, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    shared, separate = SharedReLU(), SharedReLU(separate=True)
+    got = A.DeepLift().attribute(shared, x, t)
+    torch.testing.assert_close(got, A.DeepLift().attribute(separate, x, t))
+    with torch.no_grad():
+        gap = (shared(x) - shared(torch.zeros_like(x))).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(got.flatten(1).sum(1), gap, rtol=1e-4, atol=1e-5)

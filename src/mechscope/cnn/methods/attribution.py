@@ -422,13 +422,13 @@ class DeepLift(Attribution):
         if bad:
             raise MechscopeError(f"DeepLift here supports ReLU and max-pooling only; the model has {bad[0]}")
         base = _baseline_like(self.baseline, inputs)
-        saved: dict[nn.Module, _Saved] = {}
+        saved: dict[nn.Module, list[_Saved]] = {}  # per call: a ReLU module may be called more than once
 
         def forward(module, args, output):
-            saved[module] = _Saved(args[0].detach(), output.detach())
+            saved.setdefault(module, []).append(_Saved(args[0].detach(), output.detach()))
 
-        def rescale(module, grad_input, grad_output):
-            s = saved[module]
+        def rescale(module, grad_input, grad_output):  # calls come back in reverse order: the last call first
+            s = saved[module].pop()
             x, x_ref = s.input.chunk(2)
             y, y_ref = s.output.chunk(2)
             delta_in, delta_out = torch.cat(2 * [x - x_ref]), torch.cat(2 * [y - y_ref])
