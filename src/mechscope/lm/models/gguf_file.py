@@ -82,7 +82,7 @@ class _Cursor:
                     )
                 arr = np.frombuffer(self.buf, dtype=_SCALARS[itype][1], count=n, offset=self.pos)
                 self.pos += arr.nbytes
-                return arr.tolist()
+                return arr.astype(bool).tolist() if itype == 7 else arr.tolist()  # BOOL: as the scalar reads
             if depth >= 4 or itype not in (_STRING, _ARRAY):
                 raise MechscopeError(f"{self.path}: GGUF array of unknown value type {itype} (corrupt file?)")
             if n > len(self.buf) - self.pos:  # every item takes at least one byte

@@ -85,7 +85,7 @@ def resolve_hub(model_id: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=PATTERNS, local_files_only=True))
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's reading
         raise MechscopeError(offline_message(model_id, repo, revision))
     host = hub_host_unresolved()
     if host:  # huggingface_hub would retry a connection for about 25 s first
