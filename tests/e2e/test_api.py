@@ -189,3 +189,58 @@ def test_a_plain_sequential_with_a_hidden_layer(tmp_path):
     assert check_report(tmp_path / "e" / "report.html") >= 5 + 6 + 2
     a = mechscope.attribute(net, (x, y), (xt, yt), out=tmp_path / "a", n=2, n_faithfulness=2)
     assert set(a.skipped) == {"deeplift", "guided_backprop"} and "GELU" in a.skipped["deeplift"]
+
+
+class SharedModules(nn.Module):
+    """As PyTorch's tutorial writes a CNN: one nn.ReLU and one nn.MaxPool2d module used after both convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.relu, self.pool, self.fc = nn.ReLU(), nn.MaxPool2d(2), nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_a_model_calling_one_relu_and_one_pool_module_after_every_convolution(tmp_path):
+    """Read in the order forward calls its modules (it was refused): the explain report's stage-1 mean ablation
+    against a forward written out from the model's own modules; DeepLIFT equal to it on the same modules laid out
+    once per use in an nn.Sequential."""
+    s = splits(n_train=240, n_test=120, seed=5)
+    x, xt = (torch.tensor(s[k]).float().div(255).unsqueeze(1) for k in ("x_train", "x_test"))
+    y, yt = torch.tensor(s["y_train"]).long(), torch.tensor(s["y_test"]).long()
+    torch.manual_seed(2)
+    net = SharedModules()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    r = mechscope.explain(net, (x, y), (xt, yt), out=tmp_path / "e", class_names=CLASS_NAMES, classes=[0])
+    assert r.model["stages"][1]["modules"] == {"conv2": "Conv2d", "relu": "ReLU", "pool": "MaxPool2d"}
+    assert check_report(tmp_path / "e" / "report.html") >= 5
+    with torch.no_grad():
+        a1 = net.pool(net.relu(net.conv1(xt)))
+        mean1 = net.pool(net.relu(net.conv1(x[: len(y) // 2]))).double().mean(0).float()
+        full = net(xt).argmax(1)
+        ablated = a1.clone()
+        ablated[:, 4] = mean1[4]
+        pred = net.fc(net.pool(net.relu(net.conv2(ablated))).flatten(1)).argmax(1)
+    for d in range(4):
+        change = float((pred[yt == d] == d).double().mean() - (full[yt == d] == d).double().mean())
+        assert abs(change - float(r.ablation.stage("conv1").mean[4, d])) < 1e-9
+    a = mechscope.attribute(net, (x, y), (xt, yt), out=tmp_path / "a", methods=["deeplift", "guided_backprop"], n=2,
+                            n_faithfulness=4)  # fmt: skip
+    assert sorted(m.method for m in a.faithfulness.methods) == ["deeplift", "guided_backprop"]
+    from mechscope.cnn.methods.attribution import DeepLift
+
+    once = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         net.fc)  # fmt: skip
+    t = full[:8]
+    torch.testing.assert_close(DeepLift().attribute(net, xt[:8], t), DeepLift().attribute(once, xt[:8], t))
+    assert attached_hooks(net) == []

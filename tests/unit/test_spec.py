@@ -194,18 +194,58 @@ class Functional(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))  # a functional ReLU the walk cannot see
 
 
-class ReusedReLU(nn.Module):
-    """One nn.ReLU after both convolutions (a common way to write a forward): registered once, called twice."""
+class Tutorial(nn.Module):
+    """As PyTorch's tutorial writes a CNN: one nn.ReLU and one nn.MaxPool2d used after both convolutions and in the
+    head, torch.flatten in forward, and a Dropout registered but never called."""
 
     def __init__(self):
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            self.conv1, self.conv2, self.act = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.ReLU()
-            self.fc = nn.Linear(2 * 4 * 4, 2)
+            self.conv1, self.pool, self.conv2 = nn.Conv2d(1, 3, 5), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3)
+            self.relu, self.unused = nn.ReLU(), nn.Dropout(0.5)
+            self.fc1, self.fc2 = nn.Linear(4 * 2 * 2, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).flatten(1))
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        return self.fc2(self.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_layers_called_more_than_once_are_read_in_the_order_forward_calls_them():
+    """Truth: the model's own modules applied by hand in its forward's order: each stage's hook points hold
+    relu(conv(x)) and pool(relu(conv(x))) of its own convolution, the logits are the model's, the receptive fields
+    follow Araujo et al.'s recurrence through conv 5, pool 2, conv 3, pool 2 (5, then 6 jump 2, then 10 jump 2,
+    then 12 jump 4), and the uncalled Dropout is in no stage. The trace leaves no hook behind."""
+    m = Tutorial().eval()
+    s = walk(m, (1, 16, 16))
+    assert [[layer.path for layer in st.layers] for st in s.stages] == [["conv1", "relu", "pool"],
+                                                                         ["conv2", "relu", "pool"]]  # fmt: skip
+    assert [layer.path for layer in s.readout.layers] == ["fc1", "relu", "fc2"] and s.readout.hidden == 6
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    names = [f"conv{i}.hook_{h}" for i in (1, 2) for h in ("post", "out")]
+    logits, cache = run_with_cache(s.model, x, names=names)
+    with torch.no_grad():
+        post1 = torch.relu(m.conv1(x))
+        out1 = nn.functional.max_pool2d(post1, 2)
+        post2 = torch.relu(m.conv2(out1))
+        out2 = nn.functional.max_pool2d(post2, 2)
+        theirs = m.fc2(torch.relu(m.fc1(out2.flatten(1))))
+    for name, want in zip(names, (post1, out1, post2, out2), strict=True):
+        torch.testing.assert_close(cache[name], want)
+    torch.testing.assert_close(logits, theirs)
+    rf = [(st.rf_post.size, st.rf_post.jump, st.rf_out.size, st.rf_out.jump) for st in s.stages]
+    assert rf == [((5, 5), (1, 1), (6, 6), (2, 2)), ((10, 10), (2, 2), (12, 12), (4, 4))]
+    assert not any(mod._forward_hooks for mod in m.modules())
+
+
+class WeightsTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 1, 3, padding=1), nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(self.conv(x)).flatten(1))
 
 
 @pytest.mark.parametrize(
@@ -222,14 +262,14 @@ class ReusedReLU(nn.Module):
         (nn.Sequential(nn.Conv2d(1, 2, 5), nn.MaxPool2d(2), nn.Conv2d(2, 2, 5), nn.Flatten(), nn.Linear(8, 2)),
          (1, 10, 10), "images of 10×10 do not fit the network: 2 (Conv2d) fails on [2, 3, 3]"),
         (Functional(), (1, 8, 8), "not its layers applied in order"),
-        (ReusedReLU(), (1, 8, 8), "act is called 2 times in forward (give each use its own module"),
+        (WeightsTwice(), (1, 8, 8), "layer conv (Conv2d) holds weights and is called 2 times in forward"),
     ],
-    ids=["lstm", "custom", "no-conv", "conv-after-linear", "channels", "too-small", "functional", "reused"],
+    ids=["lstm", "custom", "no-conv", "conv-after-linear", "channels", "too-small", "functional", "weights-twice"],
 )
 def test_what_the_walk_refuses(net, shape, message):
     with pytest.raises(MechscopeError, match=re_escape(message)):
         walk(net, shape)
-    assert not any(m._forward_hooks for m in net.modules())  # the call counter's hooks are gone
+    assert not any(m._forward_hooks for m in net.modules())  # the call-order trace's hooks are gone
 
 
 def re_escape(text: str) -> str:

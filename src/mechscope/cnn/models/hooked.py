@@ -12,7 +12,7 @@ from torch import nn
 
 from mechscope.cnn.models.cnn import check_image_input
 from mechscope.core.errors import MechscopeError
-from mechscope.core.hooks import HookPoint, module_hooks
+from mechscope.core.hooks import HookPoint
 from mechscope.core.torch_utils import evaluating
 
 
@@ -112,33 +112,18 @@ def wrap(model, pre, stage_layers, readout_layers, shape) -> tuple[HookedCNN, li
 def check_replay(model: nn.Module, spec, readable: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, *spec.input_shape, generator=g)
-    calls: dict[nn.Module, int] = {}
-
-    def count(module, args, output):
-        calls[module] = calls.get(module, 0) + 1
-
     with evaluating(model), torch.no_grad():
-        ours = spec.model(x)
-        with module_hooks(model, (nn.Module,), forward=count):
-            theirs = model(x)
+        ours, theirs = spec.model(x), model(x)
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
         raise MechscopeError(
             f"the model returns {getattr(theirs, 'shape', type(theirs).__name__)}; its layers in order give "
             f"{list(ours.shape)}: mechscope reads models whose forward applies their layers in order"
-            + _reused(model, calls)
         )
     scale = float(theirs.abs().max()) or 1.0
     gap = float((ours - theirs).abs().max())
     if gap > 1e-4 * scale:
-        why = _reused(model, calls) or (f"; mechscope reads {readable} applied in registration order (functional "
-                                         "calls such as F.relu in forward are invisible to it)")  # fmt: skip
-        raise MechscopeError(f"the model's forward is not its layers applied in order (they differ by {gap:.3g}){why}")
-
-
-def _reused(model: nn.Module, calls: dict) -> str:
-    """Why the replay differs when a layer (a module without children) is called more than once in forward."""
-    for name, m in model.named_modules():
-        if name and calls.get(m, 0) > 1 and not any(m.children()):
-            return (f"; {name} is called {calls[m]} times in forward (give each use its own module, e.g. one nn.ReLU "
-                    "per layer)")  # fmt: skip
-    return ""
+        raise MechscopeError(
+            f"the model's forward is not its layers applied in order (they differ by {gap:.3g}); mechscope reads "
+            f"{readable} applied in the order forward calls them (functional calls such as F.relu in forward are "
+            "invisible to it)"
+        )

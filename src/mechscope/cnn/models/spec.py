@@ -2,7 +2,8 @@
 
 :func:`walk` turns a model into a :class:`CNNSpec`, the one description every CNN analysis
 works from (as TransformerLens' config drives its transformer analyses). It reads the model's
-leaf modules in the order they were registered:
+leaf modules in the order its forward calls them (traced once on blank images; a layer without weights may be
+called more than once, as one ``nn.ReLU`` after every convolution is; a layer never called is left out):
 
 * ``Conv2d`` starts a **stage**; the norms (``BatchNorm2d``...), activation and pooling that
   follow it belong to it, until the next ``Conv2d`` or the read-out;
@@ -36,7 +37,8 @@ from torch import nn
 from mechscope.cnn.models.cnn import CNN, ChannelNorm, Normalize, SoLU
 from mechscope.cnn.models.hooked import apply_layer, check_replay, hook_positions, probe_shapes, wrap
 from mechscope.core.errors import MechscopeError
-from mechscope.core.hooks import HookPoint
+from mechscope.core.hooks import HookPoint, module_hooks
+from mechscope.core.torch_utils import evaluating
 
 CONV = (nn.Conv2d,)
 NORM = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, ChannelNorm)
@@ -278,7 +280,8 @@ class CNNSpec:
 
 
 def leaves(model: nn.Module) -> list[Layer]:
-    """The model's layers in registration order; an unreadable one raises naming its path and type."""
+    """The model's layers in registration order (:func:`in_call_order` then orders them as forward calls them); an
+    unreadable one raises naming its path and type."""
     if list(model.named_parameters(recurse=False)):
         raise MechscopeError(
             f"cannot read the model ({type(model).__name__}): it holds parameters of its own; "
@@ -303,6 +306,33 @@ def leaves(model: nn.Module) -> list[Layer]:
 
     visit("", model)
     return out
+
+
+def in_call_order(model: nn.Module, layers: list[Layer], shape: tuple[int, int, int]) -> list[Layer]:
+    """``layers`` in the order the model's forward calls them, traced once on blank images: a layer without weights
+    may be called more than once (one ``nn.ReLU`` after every convolution) and a layer never called is left out.
+    Registration order when the forward fails on blank images (the walk then says why); a layer with weights called
+    twice is refused (two stages would share its weights)."""
+    by_module = {id(layer.module): layer for layer in layers}
+    seen: list[Layer] = []
+
+    def record(module, args, output) -> None:
+        if id(module) in by_module:
+            seen.append(by_module[id(module)])
+
+    try:
+        with evaluating(model), torch.no_grad(), module_hooks(model, (nn.Module,), forward=record):
+            model(torch.zeros(2, *shape))
+    except Exception:  # noqa: BLE001  (whatever the forward raises, the walk's own checks name it)
+        return layers
+    for layer in dict.fromkeys(seen):
+        n = seen.count(layer)
+        if n > 1 and any(True for _ in layer.module.parameters()):
+            raise MechscopeError(
+                f"layer {layer.path} ({layer.type}) holds weights and is called {n} times in forward; mechscope "
+                "reads a weighted layer once (give each use its own module)"
+            )
+    return seen or layers
 
 
 def _split(layers: list[Layer]) -> tuple[list[Layer], list[list[Layer]], list[Layer]]:
@@ -358,6 +388,8 @@ def walk(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> C
         raise MechscopeError(f"the images' shape [channels, height, width] must be positive integers, got {shape}")
     shape = tuple(int(v) for v in shape)
     layers = leaves(model)
+    if not isinstance(model, CNN):
+        layers = in_call_order(model, layers, shape)
     structural = [layer for layer in layers if layer.kind != "hook"]
     pre, stage_layers, readout_layers = _split(structural)
     first = stage_layers[0][0].module
