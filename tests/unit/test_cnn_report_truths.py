@@ -285,6 +285,19 @@ def test_held_out_shortfalls_run_from_the_smallest_to_the_largest():
     assert "accuracy there is 0.0 to 2.0 points below the full model's (class dog the most)" in line
 
 
+def test_held_out_shortfalls_all_equal_name_no_class_as_the_most():
+    """Truth: every class 0.99 - 0.99 = 0.0 points short: one figure for each class, and no class 'the most' (it
+    read 'from 0.0 to 0.0 points ... (class cat the most)')."""
+    r = explain_fixture.make_result()
+    held = dict(held_out_full_accuracy=0.99, held_out_sufficiency=0.99, held_out_other_classes_called_full=0.001,
+                held_out_other_classes_called_circuit=0.001)  # fmt: skip
+    circ = tuple(replace(c, **held) for c in r.circuits.circuits)
+    r = replace(r, circuits=replace(r.circuits, circuits=circ, held_out_check="held"))
+    line = next(s for s in S.summarise(r) if s.startswith("These are the smallest sets"))
+    assert "accuracy there is 0.0 points below the full model's for each class, and other" in line
+    assert "the most" not in line
+
+
 # ---- SAE ------------------------------------------------------------------------------------------------------
 
 

@@ -237,12 +237,15 @@ def _held_out(cs, names, word) -> str:
     margins = [c.margin for c in cs.circuits if c.meets_criterion]
     on_test = f"where the margin is at most {_pts(max(margins))} points; " if margins else ""
     which = f" ({plural(word)} {_and(met)})" if len(met) > 1 else (f" ({word} {met[0]})" if met else "")
+    lo, hi = _pts(min(s for s, _ in short)), _pts(worst[0])
+    if lo != hi:
+        below = f"{lo} to {hi} points below the full model's ({word} {names[worst[1].target]} the most)"
+    else:  # one figure for every class: no class is "the most"
+        below = f"{hi} points below the full model's" + (f" for each {word}" if len(held) > 1 else "")
     return (
         f"These are the smallest sets for the test images the search ran on, {on_test}on held-out images the "
         f"search never saw ({cs.held_out_check}), {len(met)} of {len(held)} meet "
-        f"the criterion{which}: "
-        f"with only the circuit, a {word}'s accuracy there is {_pts(min(s for s, _ in short))} to "
-        f"{_pts(worst[0])} points below the full model's ({word} {names[worst[1].target]} the most), and other "
+        f"the criterion{which}: with only the circuit, a {word}'s accuracy there is {below}, and other "
         f"{plural(word)} are called it up to {_pts(max(over, 0.0))} points more often."
     )
 
