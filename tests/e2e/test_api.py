@@ -167,6 +167,16 @@ def test_bad_input_through_the_api(trained, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def full_batch_adam(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """Plain PyTorch training, no mechscope code: Adam at 1e-2 on the whole training set."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_a_plain_sequential_with_a_hidden_layer(tmp_path):
     """nn.Sequential, GELU, a non-linear read-out: circuits are searched with forward passes, not the closed form."""
     s = splits(n_train=240, n_test=120, seed=4, rgb=True)
@@ -176,12 +186,7 @@ def test_a_plain_sequential_with_a_hidden_layer(tmp_path):
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 6, 5), nn.GELU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 6 * 6, 12),
                         nn.GELU(), nn.Linear(12, 4))  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(120):
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    full_batch_adam(net, x, y, 120)
     r = mechscope.explain(net.eval(), (x, y), (xt, yt), out=tmp_path / "e", class_names=CLASS_NAMES, classes=[0, 3])
     assert r.stage_names == ["conv1"] and not r.circuits.closed_form and r.weights.readout_templates is None
     assert r.ablation.readout is None  # no closed form through a hidden layer
@@ -214,12 +219,7 @@ def test_a_model_calling_one_relu_and_one_pool_module_after_every_convolution(tm
     y, yt = torch.tensor(s["y_train"]).long(), torch.tensor(s["y_test"]).long()
     torch.manual_seed(2)
     net = SharedModules()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(100):
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    full_batch_adam(net, x, y, 100)
     net.eval()
     r = mechscope.explain(net, (x, y), (xt, yt), out=tmp_path / "e", class_names=CLASS_NAMES, classes=[0])
     assert r.model["stages"][1]["modules"] == {"conv2": "Conv2d", "relu": "ReLU", "pool": "MaxPool2d"}

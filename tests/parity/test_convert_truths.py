@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from mechscope.lm.models.devices import _expand, _normalise, placement  # noqa: E402
 from mechscope.lm.models.loading import load_model  # noqa: E402
 from tests.parity.families import V, save_random, tokens  # noqa: E402
-from tests.parity.test_family_configs_truths import TOL, max_diff  # noqa: E402
+from tests.parity.test_family_configs_truths import TOL, check_edited, max_diff  # noqa: E402
 from tests.parity.test_family_inputs import edited  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,10 +102,7 @@ EDITS = {
 @pytest.mark.parametrize("case", EDITS)
 def test_legacy_config_matches_transformers(case, tiny_family, tmp_path):
     """Outside truth: transformers' logits on the same edited folder (its config class reads the older fields)."""
-    name, changes = EDITS[case]
-    _, path = tiny_family(name)
-    diff = max_diff(edited(path, tmp_path / "edited", **changes))
-    assert diff < TOL, f"{case}: max |diff| {diff:.2e}"
+    check_edited(case, *EDITS[case], tiny_family, tmp_path)
 
 
 def test_qwen2_window_starts_at_max_window_layers(tmp_path):

@@ -80,7 +80,11 @@ TOL = 3e-5
 @pytest.mark.parametrize("case", EDITS)
 def test_edited_config_matches_transformers(case, tiny_family, tmp_path):
     """Outside truth: transformers' logits on the same edited folder (its config class reads the legacy fields)."""
-    name, changes = EDITS[case]
+    check_edited(case, *EDITS[case], tiny_family, tmp_path)
+
+
+def check_edited(case: str, name: str, changes: dict, tiny_family, tmp_path) -> None:
+    """Tiny family ``name`` with its config.json edited by ``changes``: our logits within TOL of transformers'."""
     _, path = tiny_family(name)
     diff = max_diff(edited(path, tmp_path / "edited", **changes))
     assert diff < TOL, f"{case}: max |diff| {diff:.2e}"
