@@ -309,7 +309,9 @@ def check_types(settings, flags: dict[str, str] | None = None) -> None:
 
     for f in dataclasses.fields(settings):
         value, name = getattr(settings, f.name), (flags or {}).get(f.name, f.name)
-        kind = str(f.type).replace("Optional[", "").replace("]", "")
+        kind = str(f.type)
+        if kind.startswith(("Optional[", "typing.Optional[")):  # the older spelling of "int | None"
+            kind = kind.split("[", 1)[1].removesuffix("]") + " | None"
         if value is None and "None" in kind:
             continue
         if kind.split(" |")[0] == "int":

@@ -61,9 +61,17 @@ def draw_all(fn: Callable, jobs: Sequence[tuple], meanwhile: Callable[[], Any] =
     thread = threading.Thread(target=feed, daemon=True) if helper else None
     if thread:
         thread.start()
-    other = meanwhile()
-    while (i := claim(front=False)) is not None:
-        results[i], done[i] = fn(*jobs[i]), True
+    try:
+        other = meanwhile()
+        while (i := claim(front=False)) is not None:
+            results[i], done[i] = fn(*jobs[i]), True
+    except BaseException:  # an error here surfaces as itself; the helper is stopped first, not left running
+        if thread:
+            with lock:
+                span[0] = span[1]  # nothing more for the helper to claim
+            helper.close()
+            thread.join()
+        raise
     if thread:
         thread.join(timeout=120)  # one figure; a helper that hangs is stopped and its figure drawn here
         helper.close()
