@@ -400,7 +400,10 @@ class DeepLift(Attribution):
     The input and the baseline run as one batch. At every ReLU the gradient is replaced by the
     multiplier Δout/Δin (the plain gradient where |Δin| < eps); max-pooling passes the
     gradient to the winning input, the DeepLIFT authors' default for max-pooling. Attribution
-    = (x − x') · multiplier, which sums to f(x) − f(x').
+    = (x − x') · multiplier, which sums to f(x) − f(x') through ReLUs and linear layers; through
+    a max-pool only where the baseline's window is flat (its maximum is then wherever the input's
+    is): a padded convolution before a pool breaks that at the image's edges, and the sum is then
+    close, not exact.
 
     This equals Captum's DeepLift on this model to the last bit: Captum defines a rescale rule
     for max-pooling too, but when a ReLU feeds a max-pool directly its ReLU hook records the
