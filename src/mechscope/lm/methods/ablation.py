@@ -9,7 +9,7 @@ measuring the change in the model's loss on the second copy of repeated random t
   several times.
 * **zero-ablation**: z becomes 0 (often off-distribution; shown for comparison).
 * **resample-ablation**: z becomes the head's z on another sequence of the batch at the same
-  position (sequence b takes sequence b + 1's), which keeps it on the data.
+  position (sequence b takes sequence b − 1's, sequence 0 the last one's), which keeps it on the data.
 
 Every number is per sequence, then averaged, with its spread.
 
