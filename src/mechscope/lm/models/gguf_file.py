@@ -30,7 +30,7 @@ _SCALARS = {
     4: ("<I", "<u4"),
     5: ("<i", "<i4"),
     6: ("<f", "<f4"),
-    7: ("<B", "<u1"),
+    7: ("<?", "?"),  # BOOL: read as booleans, scalar and array alike
     10: ("<Q", "<u8"),
     11: ("<q", "<i8"),
     12: ("<d", "<f8"),
@@ -68,8 +68,7 @@ class _Cursor:
 
     def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
-            v = self.take(_SCALARS[vtype][0])
-            return bool(v) if vtype == 7 else v
+            return self.take(_SCALARS[vtype][0])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
@@ -82,7 +81,7 @@ class _Cursor:
                     )
                 arr = np.frombuffer(self.buf, dtype=_SCALARS[itype][1], count=n, offset=self.pos)
                 self.pos += arr.nbytes
-                return arr.astype(bool).tolist() if itype == 7 else arr.tolist()  # BOOL: as the scalar reads
+                return arr.tolist()
             if depth >= 4 or itype not in (_STRING, _ARRAY):
                 raise MechscopeError(f"{self.path}: GGUF array of unknown value type {itype} (corrupt file?)")
             if n > len(self.buf) - self.pos:  # every item takes at least one byte
