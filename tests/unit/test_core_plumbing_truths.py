@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -291,6 +292,17 @@ def test_rank_statistics_of_many_rows_at_once_are_scipys_row_by_row():
         assert rho[i].item() == pytest.approx(
             stats.spearmanr(a[i].flatten().numpy(), b[i].numpy()).statistic, abs=1e-12
         )
+
+
+def test_spearman_of_rows_with_fewer_than_two_values_is_nan():
+    """Truth: scipy.stats.spearmanr of one pair is NaN (no ranks to correlate); an empty row has none either."""
+    stats = pytest.importorskip("scipy.stats")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(stats.spearmanr([1.0], [2.0]).statistic)
+    for n in (0, 1):
+        rho = spearman(torch.ones(3, n), torch.ones(3, n))
+        assert rho.shape == (3,) and rho.isnan().all()
 
 
 def test_sample_sd_of_two_values_is_their_gap_over_root_two():

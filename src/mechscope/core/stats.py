@@ -22,7 +22,10 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b``: [B]."""
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``: [B]; NaN for rows of fewer than 2
+    values (no ranks to correlate, as scipy gives NaN)."""
+    if a.flatten(1).shape[1] < 2:
+        return torch.full((len(a),), float("nan"), dtype=torch.float64)
     ra, rb = rankdata(a.flatten(1)), rankdata(b.flatten(1))
     ra = ra - ra.mean(1, keepdim=True)
     rb = rb - rb.mean(1, keepdim=True)

@@ -109,13 +109,9 @@ def random_scores(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
 
 def spearman_within(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Spearman correlation per row over the positions where ``mask`` [B, N] is true: [B]; NaN for a row of under 2
-    such positions (no ranks to correlate, as scipy gives NaN for one pair)."""
+    such positions (as :func:`~mechscope.core.stats.spearman` gives)."""
     a, b = a.flatten(1), b.flatten(1)
-    out = torch.full((len(a),), float("nan"), dtype=torch.float64)
-    for i in range(len(a)):
-        if int(mask[i].sum()) >= 2:
-            out[i] = spearman(a[i][mask[i]][None], b[i][mask[i]][None])[0]
-    return out
+    return torch.stack([spearman(a[i][mask[i]][None], b[i][mask[i]][None])[0] for i in range(len(a))])
 
 
 def randomise_cascading(model: nn.Module, layers: list, seed: int = 0):
