@@ -65,17 +65,15 @@ def draw_all(fn: Callable, jobs: Sequence[tuple], meanwhile: Callable[[], Any] =
         other = meanwhile()
         while (i := claim(front=False)) is not None:
             results[i], done[i] = fn(*jobs[i]), True
-    except BaseException:  # an error here surfaces as itself; the helper is stopped first, not left running
+    except BaseException:  # an error here surfaces as itself, once the helper has stopped (finally)
+        with lock:
+            span[0] = span[1]  # nothing more for the helper to claim
+        raise
+    finally:
         if thread:
-            with lock:
-                span[0] = span[1]  # nothing more for the helper to claim
+            thread.join(timeout=120)  # one figure; a helper that hangs is stopped and its figure drawn here
             helper.close()
             thread.join()
-        raise
-    if thread:
-        thread.join(timeout=120)  # one figure; a helper that hangs is stopped and its figure drawn here
-        helper.close()
-        thread.join()
     for i in (i for i, d in enumerate(done) if not d):
         results[i] = fn(*jobs[i])
     return results, other
