@@ -29,6 +29,7 @@ earlier. A layer the walk cannot read is an error naming its module path and typ
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -313,20 +314,19 @@ def in_call_order(model: nn.Module, layers: list[Layer], shape: tuple[int, int, 
     may be called more than once (one ``nn.ReLU`` after every convolution) and a layer never called is left out.
     Registration order when the forward fails on blank images (the walk then says why); a layer with weights called
     twice is refused (two stages would share its weights)."""
-    by_module = {id(layer.module): layer for layer in layers}
+    by_module = {layer.module: layer for layer in layers}
     seen: list[Layer] = []
 
     def record(module, args, output) -> None:
-        if id(module) in by_module:
-            seen.append(by_module[id(module)])
+        if module in by_module:
+            seen.append(by_module[module])
 
     try:
         with evaluating(model), torch.no_grad(), module_hooks(model, (nn.Module,), forward=record):
             model(torch.zeros(2, *shape))
     except Exception:  # noqa: BLE001  (whatever the forward raises, the walk's own checks name it)
         return layers
-    for layer in dict.fromkeys(seen):
-        n = seen.count(layer)
+    for layer, n in Counter(seen).items():
         if n > 1 and any(True for _ in layer.module.parameters()):
             raise MechscopeError(
                 f"layer {layer.path} ({layer.type}) holds weights and is called {n} times in forward; mechscope "
