@@ -76,7 +76,11 @@ def graph_model(
     target = None if target is None else class_index(target, data.class_names)
     images = data.test_float() if split == "test" else data.train_float()
     labels = data.test_labels if split == "test" else data.train_labels
-    if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < len(images):
+    if isinstance(image, np.integer):  # np.argmax gives one
+        image = int(image)
+    if not isinstance(image, int) or isinstance(image, bool):
+        raise MechscopeError(f"image must be an integer index, got {image!r}")
+    if not 0 <= image < len(images):
         raise MechscopeError(f"image {image} outside the {split} split's 0..{len(images) - 1}")
     model = r.model
     trained = None
