@@ -295,7 +295,8 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
     """Split the direct effects on ``target`` (an index into the attributed logits, or a feature node id) by how
     each source's contribution reaches the target's position: written there (``direct``) or carried there by
     attention head ``L.H`` (the last head on its way). Exact: ``edge = direct + Σ_heads via[head]``; each head's part
-    is the head's output at the target's position read through the target's readout (a backward pass per head).
+    is the head's output at the target's position read through everything between it and the target there but later
+    heads (the residual stream, the MLPs' skip paths, a post-attention norm), a backward pass per head.
     ``label``: the target's text (a logit's token), kept in the result. ``rows``: the ``n`` strongest sources with an
     edge above a millionth of the largest (below it, float rounding: fewer rows where fewer have one)."""
     cfg = rep.cfg
@@ -316,8 +317,13 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
         layers = list(range(layer if cfg.parallel_attn_mlp else layer + 1))
         read = f"blocks.{layer}.hook_mlp_in"
         tname = target
+    # the residual after each layer's heads, where their parts are read (a feature's own layer: its MLP input)
+    outs = {i: f"blocks.{i}.hook_resid_post" for i in layers}
+    if not isinstance(target, int) and layer in outs:
+        outs[layer] = read
     rep.release()
-    rep._capture = (*(f"blocks.{i}.attn.hook_result" for i in layers), read)
+    rep._capture = (*(f"blocks.{i}.{n}" for i in layers for n in ("attn.hook_result", "hook_mlp_in")), *outs.values(),
+                    read)  # fmt: skip
     try:
         ps = rep._ensure_pass()
         if isinstance(target, int):
@@ -330,6 +336,7 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
             g[0, pos] = rep.transcoders.encoder(layer, rep.feature_index[s][None].to(rep.device))[0].to(g.dtype)
         total, _ = rep.backward_rows([(out_t, g)], 1)
         r = torch.autograd.grad([out_t], [ps.captured[read]], [g], retain_graph=True)[0][0, pos]  # the readout [D]
+        readouts = _head_readouts(rep, ps, outs, r, pos)
         per_head = []
         B = ps.batch
         for i in layers:
@@ -338,7 +345,7 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
                 hs = list(range(h0, min(H, h0 + B)))
                 inj = torch.zeros_like(res)
                 for k, h in enumerate(hs):
-                    inj[k, pos, h] = r
+                    inj[k, pos, h] = readouts[i][h]
                 rows, _ = rep.backward_rows([(res, inj)], len(hs))
                 per_head += [(f"{i}.{h}", rows[k]) for k, h in enumerate(hs)]
     finally:
@@ -365,6 +372,40 @@ def edge_paths(rep: LocalReplacement, target: str | int, n: int = 10, label: str
     other[_at_position(rep, pos)] = False
     resid = float(direct[other].abs().max()) if other.any() else 0.0
     return EdgePaths(target=tname, rows=tuple(rows), heads=tuple(heads), max_abs_residual=resid, label=label or tname)
+
+
+def _head_readouts(rep: LocalReplacement, ps, outs: dict[int, str], r: torch.Tensor, pos: int) -> dict:
+    """Each layer's heads' readouts [H, D] at ``pos``: the gradient of the target at each head's output through the
+    paths that pass no later head. ``r``: the readout at the top layer's ``outs`` (the residual after its heads);
+    going down a layer, the residual before its heads is read as ``r`` plus what its MLP's skip path reads from it
+    (the features are fixed; nothing for a feature's own layer, read before its MLP)."""
+    got = {}
+    for i in sorted(outs, reverse=True):
+        out = ps.captured[outs[i]]
+        v = torch.zeros_like(out)
+        v[0, pos] = r
+        res = ps.captured[f"blocks.{i}.attn.hook_result"]
+        got[i] = torch.autograd.grad([out], [res], [v], retain_graph=True)[0][0, pos]
+        if outs[i].endswith("hook_resid_post") and i in ps.mlp_in:
+            r = r + _skip_readout(rep, ps, i, r, pos)
+    return got
+
+
+def _skip_readout(rep: LocalReplacement, ps, i: int, r: torch.Tensor, pos: int) -> torch.Tensor:
+    """What layer ``i``'s MLP, its features fixed, reads from the residual at ``pos`` [D] for a readout ``r`` of its
+    output: the skip path's transpose, then the frozen norm before it (zero without a skip path)."""
+    x = ps.mlp_in[i][0, pos].detach().requires_grad_(True)
+    with torch.enable_grad():
+        write, skip = rep.transcoders.constant_write(i, x)
+        if not skip:
+            return torch.zeros_like(r)
+        u = torch.autograd.grad([write], [x], [r.to(write.dtype)])[0]
+    if rep.read_hook == "hook_mlp_in":  # the features read the residual itself
+        return u.to(r.dtype)
+    back = torch.zeros_like(ps.mlp_in[i])
+    back[0, pos] = u.to(back.dtype)
+    resid = ps.captured[f"blocks.{i}.hook_mlp_in"]
+    return torch.autograd.grad([ps.mlp_in[i]], [resid], [back], retain_graph=True)[0][0, pos]
 
 
 def _at_position(rep: LocalReplacement, pos: int) -> torch.Tensor:
