@@ -193,7 +193,7 @@ def test_edge_paths_name_the_head_tracr_compiled_to_carry_the_token(capsys, tmp_
     """tracr's reverse (4 layers): the output at position 1 of 'a b c b' is the token at position 4, which the
     compiled program moves there with its last layer's head (3.0): the paths give that input alone, carried by 3.0,
     in the CLI's line, graph.json and graph.html, the logit named by its class."""
-    from mechscope.lm.methods.attribution_graph import EdgePaths
+    from mechscope.lm.methods.edge_paths import EdgePaths
     from mechscope.lm.notebook.attribution_graph import paths_page
 
     reverse = TRACR.parent / "reverse"

@@ -345,7 +345,7 @@ def test_sentences_keep_token_text_and_names_as_text():
 def test_edge_paths_page_lists_each_source_and_the_first_twelve_heads():
     """Truth: hand-made rows and 14 heads: every row, the heads table cut at 12 (the renderer's documented cap), each
     via part written signed to 3 places."""
-    from mechscope.lm.methods.attribution_graph import EdgePaths
+    from mechscope.lm.methods.edge_paths import EdgePaths
 
     rows = ({"source": "a", "edge": 0.5, "direct": 0.25, "via": {"1.0": 0.125, "0.1": 0.125}},
             {"source": "b", "edge": -0.75, "direct": -1.0, "via": {"1.1": 0.25}})  # fmt: skip

@@ -18,8 +18,9 @@ from mechscope.core.attribution_graph.graph import PhaseWork
 from mechscope.core.attribution_graph.influence import normalised
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks
-from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph, edge_paths, feature_examples
+from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph, feature_examples
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
+from mechscope.lm.methods.edge_paths import edge_paths
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
 from tests.graphs.test_attribution_graph_truths import graph as hand_graph

@@ -20,10 +20,10 @@ from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
     attribution_graph,
-    edge_paths,
     intervene,
 )
 from mechscope.lm.methods.attribution_graph_qk import qk_attribution
+from mechscope.lm.methods.edge_paths import edge_paths
 from mechscope.lm.methods.replacement import LocalReplacement
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig

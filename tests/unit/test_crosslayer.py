@@ -15,8 +15,9 @@ from mechscope.core.attribution_graph import build
 from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import attached_hooks, hooks
-from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph, edge_paths, intervene
+from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph, intervene
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
+from mechscope.lm.methods.edge_paths import edge_paths
 from mechscope.lm.methods.replacement import LocalReplacement
 from mechscope.lm.methods.replacement_training import TranscoderTraining, fold_scales, train_transcoders
 from mechscope.lm.methods.transcoders import Transcoders

@@ -180,7 +180,7 @@ def _echo(g, path) -> None:
         typer.echo(GraphIntervention.from_dict(chk).summary())
     for q in g.qk:
         typer.echo(QKAttribution.from_dict(q).summary())
-    from mechscope.lm.methods.attribution_graph import EdgePaths
+    from mechscope.lm.methods.edge_paths import EdgePaths
 
     for p in map(EdgePaths.from_dict, g.paths):
         heads = ", ".join(f"{h['head']} {h['total']:+.3f}" for h in p.heads[:4])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from mechscope.core.show import esc, page, renders, table_html
-from mechscope.lm.methods.attribution_graph import EdgePaths, LmAttributionGraph
+from mechscope.lm.methods.attribution_graph import LmAttributionGraph
 from mechscope.lm.methods.attribution_graph_qk import QKAttribution
+from mechscope.lm.methods.edge_paths import EdgePaths
 from mechscope.lm.methods.replacement_training import TrainedTranscoders
 
 

@@ -27,12 +27,12 @@ from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
     attribution_graph,
-    edge_paths,
     feature_examples,
     intervene,
 )
 from mechscope.lm.methods.attribution_graph_qk import qk_attribution
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder, is_crosslayer
+from mechscope.lm.methods.edge_paths import edge_paths
 from mechscope.lm.methods.replacement_training import TranscoderTraining, train_transcoders
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import work_counter
