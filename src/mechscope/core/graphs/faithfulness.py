@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs.protocol import Term, ablation_values, check_model, edge_weight, metric_of
-from mechscope.core.graphs.results import MAX_RANDOM, EdgeScores, importance, top_order
+from mechscope.core.graphs.results import MAX_RANDOM, EdgeScores, fraction_count, importance, top_order
 from mechscope.core.results import Result
 from mechscope.core.validate import check_int, check_seed
 
@@ -140,7 +140,7 @@ def faithfulness_curve(
         raise MechscopeError(
             f"the full model and the empty circuit give the same metric ({m_full:g}): faithfulness is undefined"
         )
-    counts = [int(f * n) for f in fr]
+    counts = [fraction_count(f, n) for f in fr]
     norm = lambda ms: [normalised(m, m_full, m_empty) for m in ms]  # noqa: E731
     cpr_ranking = "signed" if scores.better is not None else "absolute"
     abs_order = top_order(importance(scores.scores, "absolute", None))
