@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from mechscope.core.errors import MechscopeError
 from mechscope.core.graphs import (
     ComponentGraph,
     EdgeScores,
@@ -268,3 +269,18 @@ def test_the_faithfulness_curve_counts_edges_as_the_circuit_does(f, n, want):
     """Outside truth: floor of the exact product by hand (0.29 of 100 is 29, 5/11 of 11 is 5, half of 3 is 1); the
     faithfulness curve's edge counts and ``circuit(size)`` share this one rule."""
     assert fraction_count(f, n) == want
+
+
+@pytest.mark.parametrize("name, want", [("reverse-3", "reverse-3"), (None, "fold"), ("", "fold")])
+def test_a_circuit_without_a_name_is_named_by_its_folder(tmp_path, name, want):
+    """Outside truth: the folder the file lies in (``fold``), when "name" is null or empty as when it is absent; a
+    null was read as the name "None"."""
+    (tmp_path / "fold").mkdir()
+    path = _write(tmp_path / "fold", {**_minimal(), "name": name})
+    assert load_circuit(path).name == want
+
+
+def test_a_circuit_name_that_is_not_text_is_refused(tmp_path):
+    """Outside truth: circuit.json's "name" is a string (the tracr files' own); a number is named as the wrong type."""
+    with pytest.raises(MechscopeError, match="'name' must be a str, got int"):
+        load_circuit(_write(tmp_path, {**_minimal(), "name": 3}))

@@ -168,8 +168,10 @@ def _parse(data: dict, path: Path) -> KnownCircuit:
             raise MechscopeError(f"edge_sets.{key} lists {'->'.join(extra[0][:2])}<{extra[0][2]}>, which edges lacks")
     if "primary" not in sets:
         raise MechscopeError("edge_sets has no 'primary' set")
+    if not isinstance(data.get("name") or "", str):
+        raise MechscopeError(f"'name' must be a str, got {type(data['name']).__name__}")
     return KnownCircuit(
-        name=str(data.get("name", path.parent.name)),
+        name=data.get("name") or path.parent.name,  # absent, null or empty: the folder's name
         n_layers=n_layers,
         n_heads=n_heads,
         pos_embed=pos,
