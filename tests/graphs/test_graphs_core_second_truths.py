@@ -21,6 +21,7 @@ from mechscope.core.graphs import (
     Node,
     TopEdges,
     cut_circuit,
+    drawn_against_truth,
     eap_ig,
     edge_patching,
     load_circuit,
@@ -31,6 +32,7 @@ from mechscope.core.graphs.results import fraction_count, parse_size
 from tests.graphs.test_discovery_core_truths import _by_hand, plain
 from tests.graphs.test_ground_truth import _minimal, _write
 from tests.graphs.toys import batches, logit_diff, planted_residual
+from tests.unit.test_tracr import tracr_root
 
 
 def _rng_scores(g, seed: int, better=None, ties: bool = False) -> EdgeScores:
@@ -284,3 +286,17 @@ def test_a_circuit_name_that_is_not_text_is_refused(tmp_path):
     """Outside truth: circuit.json's "name" is a string (the tracr files' own); a number is named as the wrong type."""
     with pytest.raises(MechscopeError, match="'name' must be a str, got int"):
         load_circuit(_write(tmp_path, {**_minimal(), "name": 3}))
+
+
+def test_a_drawn_circuit_is_not_scored_against_a_smaller_models_truth():
+    """Outside truth: hist's circuit.json (1 block, 1 head) is of another model than reverse's (4 blocks), as
+    score_circuit already says; every name of hist's resolves in reverse's graph, so without the check the drawn
+    circuit was scored against it without a word."""
+    root = tracr_root()
+    if root is None:
+        pytest.skip("tracr circuit.json files not found in $MECHSCOPE_DATA or ../shared/data")
+    hist, reverse = load_circuit(root / "hist"), load_circuit(root / "reverse")
+    scores = EdgeScores(method="eap", graph=reverse.graph(), scores=np.arange(reverse.graph().n_edges, dtype=float))
+    with pytest.raises(MechscopeError, match="the known circuit 'hist' is of another model"):
+        drawn_against_truth(scores, scores.circuit(5), hist)
+    assert drawn_against_truth(scores, scores.circuit(5), reverse)["edges"] == 5

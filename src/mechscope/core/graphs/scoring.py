@@ -178,6 +178,8 @@ def score_circuit(
 def drawn_against_truth(scores: EdgeScores, circuit, truth, edge_set: str = "primary") -> dict:
     """The drawn circuit's own edges against ``truth`` (a KnownCircuit's ``edge_set``, or the true edges): how many
     it has, how many are true, its precision and recall (:func:`score_circuit` takes them at the true set's size)."""
+    if hasattr(truth, "edge_set") and hasattr(truth, "nodes"):
+        check_known(truth, scores.graph, "the scores' model")  # as score_circuit: a smaller model's circuit
     true_edges = truth.edge_set(edge_set) if hasattr(truth, "edge_set") else list(truth)
     positives = _truth_edges(scores, true_edges, "edge")
     hits = sum(tuple(e) in positives for e in circuit.edges)
