@@ -196,6 +196,8 @@ def test_node_ids_by_hand_from_the_stage_sizes():
     for bad in ("E_0_144", "0_-1_25", "1_-1_1", "2_-1_0"):
         with pytest.raises(MechscopeError):
             rep.source_of(bad)
+    with pytest.raises(MechscopeError, match="a pixel's id is E_0_POS"):  # source_id never writes another middle
+        rep.source_of("E_3_5")
 
 
 def test_targets_are_demeaned_one_hots_and_the_last_class_is_allowed():

@@ -521,6 +521,8 @@ class CnnReplacement:
             raise MechscopeError(f"expected a node id STAGE_FEATURE_POS (E_0_POS for a pixel), got {node!r}")
         a, b, c = m.group(1), int(m.group(2)), int(m.group(3))
         if a == "E":
+            if b != 0:
+                raise MechscopeError(f"node {node}: a pixel's id is E_0_POS")
             if not 0 <= c < self.n_inputs:
                 raise MechscopeError(f"node {node}: pixel {c} outside 0..{self.n_inputs - 1}")
             return self.n_features + self.n_errors + c
