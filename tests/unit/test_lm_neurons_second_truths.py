@@ -280,3 +280,12 @@ def test_the_largest_settings_pass():
     NeuronSettings(k=100_000).validate()
     with pytest.raises(MechscopeError, match="at most 100,000"):
         NeuronSettings(k=100_001).validate()
+
+
+def test_a_length_that_leaves_one_text_token_after_the_bos_is_named_so():
+    """Outside truth: a window of 2 with the model's BOS first holds 1 token of the text, and a neuron's context needs
+    2; the message names what --length 2 leaves (it read "windows of at least 2 tokens, got 5 of 1"), and 3 works."""
+    with pytest.raises(MechscopeError, match=r"windows of 2 tokens leave 1 of the text after the model's BOS"):
+        text_sample(text_model(7), TEXT, NeuronSettings(length=2, sequences=5, seed=1))
+    assert text_sample(text_model(7), TEXT, NeuronSettings(length=3, sequences=5, seed=1)).shape == (5, 3)
+    assert text_sample(text_model(None), TEXT, NeuronSettings(length=2, sequences=5, seed=1)).shape == (5, 2)

@@ -95,8 +95,11 @@ def text_sample(tm: TextModel, text: str, settings: NeuronSettings, name: str = 
     if not ids:
         raise MechscopeError("the text is empty once encoded (none of its characters is in the model's vocabulary)")
     room = tm.model.cfg.n_ctx - (tm.bos is not None)
-    length = context_length(settings.length, tm.model.cfg.n_ctx, 64, "--length") - (tm.bos is not None)
-    windows = sample_windows(torch.tensor(ids), settings.sequences, max(1, min(length, room)), settings.seed)
+    length = min(context_length(settings.length, tm.model.cfg.n_ctx, 64, "--length") - (tm.bos is not None), room)
+    if length < 2:
+        raise MechscopeError(f"windows of {length + 1} tokens leave {length} of the text after the model's BOS; "
+                             "neurons need at least 2 (--length 3 or more, and a model context to hold them)")
+    windows = sample_windows(torch.tensor(ids), settings.sequences, length, settings.seed)
     if tm.bos is not None:
         windows = torch.cat([torch.full((len(windows), 1), tm.bos, dtype=torch.long), windows], 1)
     return windows
