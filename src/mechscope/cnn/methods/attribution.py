@@ -172,7 +172,7 @@ def path_points(n_steps: int, method: str) -> tuple[list[float], list[float]]:
 def _baseline_like(baseline: float | torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     b = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     try:
-        return b.expand_as(inputs) if b.dim() < inputs.dim() or b.shape[0] == 1 else b
+        return b.expand_as(inputs)  # a full batch stays as it is; one of another size is refused
     except RuntimeError:
         raise MechscopeError(
             f"baseline of shape {list(b.shape)} does not match inputs of shape {list(inputs.shape)}"
