@@ -253,3 +253,15 @@ def test_a_baseline_batch_that_does_not_match_the_inputs_is_refused_plainly(meth
     x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(MechscopeError, match=r"baseline of shape \[2, 1, 4, 4\] does not match"):
         method(baseline=torch.zeros(2, 1, 4, 4)).attribute(model, x, 0)
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_label_outside_the_classes_is_refused_not_dropped(label):
+    """Outside truth: 3 classes are 0..2; a label 3 (or -1) has no row of [classes, C_t, C_s] to average into, so
+    it is named instead of its images being left out of every class's mean without a word."""
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, label])
+    with pytest.raises(MechscopeError, match=rf"label {label} outside the 3 classes 0..2"):
+        L.class_channel_to_channel(_tiny(3), x, labels, "conv1.hook_out", "conv2.hook_pre", n_classes=3)
+    ok = L.class_channel_to_channel(_tiny(3), x, torch.tensor([0, 1, 2, 2]), "conv1.hook_out", "conv2.hook_pre", 3)
+    assert ok.shape == (3, 4, 3)

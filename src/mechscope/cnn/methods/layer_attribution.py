@@ -154,6 +154,10 @@ def class_channel_to_channel(
     n_classes: int = 10,
 ) -> torch.Tensor:
     """:func:`channel_to_channel` averaged over the images of each class: [classes, C_t, C_s]."""
+    labels = torch.as_tensor(labels)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        bad = int(labels.max()) if int(labels.max()) >= n_classes else int(labels.min())
+        raise MechscopeError(f"label {bad} outside the {n_classes} classes 0..{n_classes - 1}")
     per_input = channel_to_channel(model, images, source, target_layer)
     out = torch.zeros(n_classes, *per_input.shape[1:], dtype=per_input.dtype, device=per_input.device)
     for k in range(n_classes):
