@@ -18,6 +18,7 @@ from mechscope.core import intervene as ivn
 from mechscope.core.errors import HookError, MechscopeError
 from mechscope.core.hooks import HookPoint, describe_names, hooks, run_with_cache
 from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
+from tests.unit.test_attribution_graph_lm import tiny
 from tests.unit.test_core_plumbing_truths import B2, W2, Tiny, by_hand, no_hooks_left, xt
 
 H, DH, D, M, V, CTX = 2, 4, 16, 24, 11, 8
@@ -298,3 +299,17 @@ def test_head_masks_on_z_in_shared_forwards_equal_a_loop_of_numpy_forwards(gpt):
     for i, m in enumerate(masks.numpy()):
         _, want = np_gpt2(params(gpt), TOKENS, {"blocks.0.attn.hook_z": lambda z, m=m: np.where(m, 0.0, z)})
         np.testing.assert_allclose(got[i], want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_hooking_the_pattern_of_a_float64_model_leaves_its_logits(family):
+    """Outside truth: a hook that returns nothing is the identity, so the float64 logits with hook_pattern hooked (the
+    explicit softmax path) equal those of PyTorch's fused attention without it, to float64 rounding; the softmax ran
+    in float32 there and moved them by 2e-7 to 1e-6."""
+    model = tiny(family).double()
+    x = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+        with hooks(model, fwd=[("blocks.0.attn.hook_pattern", lambda t, hook: None)]):
+            hooked = model(x)
+    assert (plain - hooked).abs().max().item() < 1e-12

@@ -457,7 +457,8 @@ class Attention(nn.Module):
             scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, cfg.attn_logit_softcap)  # [B,H,P,K]
             seen = attention_mask(p, self.window, x.device, cfg.causal)
             scores = self.hook_attn_scores(scores.masked_fill(~seen, float("-inf")))
-            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
+            soft = torch.promote_types(scores.dtype, torch.float32)  # float32 at least (float64 stays float64)
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=soft).to(v.dtype))
             z = torch.matmul(pattern, v)  # [B,H,P,Dh]
         else:
             seen = None if self.window is None else attention_mask(p, self.window, x.device)
