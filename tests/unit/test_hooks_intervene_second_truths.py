@@ -313,3 +313,13 @@ def test_hooking_the_pattern_of_a_float64_model_leaves_its_logits(family):
         with hooks(model, fwd=[("blocks.0.attn.hook_pattern", lambda t, hook: None)]):
             hooked = model(x)
     assert (plain - hooked).abs().max().item() < 1e-12
+
+
+def test_no_masks_at_all_is_named_in_one_line():
+    """Outside truth: zero masks is zero interventions, a caller's slip; the message says so (it was torch.cat's
+    "expected a non-empty list of Tensors")."""
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(MechscopeError, match="no masks for hook_bn: give at least one"):
+        ivn.intervene(BNNet().eval(), x, "hook_bn", torch.zeros(0, 3, dtype=torch.bool), 0.0)
+    with pytest.raises(MechscopeError, match="no masks: give at least one"):
+        ivn.readout_intervene(torch.ones(2, 3), None, torch.ones(4, 3), torch.zeros(0, 3, dtype=torch.bool), 0.0)

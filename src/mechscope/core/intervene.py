@@ -119,6 +119,8 @@ def intervene(
             f"masks for {name} must be boolean and shaped [N, {', '.join(map(str, unit_shape))}], "
             f"got {masks.dtype} {list(masks.shape)}"
         )
+    if len(masks) == 0:
+        raise MechscopeError(f"no masks for {name}: give at least one")
     rep = torch.as_tensor(replacement, dtype=probe[name].dtype)
     per_input = rep.dim() == len(unit_shape) + 1
     if per_input and rep.shape[0] != b:
@@ -227,6 +229,8 @@ def readout_intervene(
     """
     if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != acts.shape[1]:
         raise MechscopeError(f"masks must be boolean [N, {acts.shape[1]}], got {masks.dtype} {list(masks.shape)}")
+    if len(masks) == 0:
+        raise MechscopeError("no masks: give at least one")
     if logits is None:
         logits = nn.functional.linear(acts, weight, bias)
     diff = (torch.as_tensor(replacement, dtype=acts.dtype) - acts).expand_as(acts)  # [B, D]
