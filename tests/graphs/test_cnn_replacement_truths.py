@@ -374,5 +374,5 @@ def test_an_sae_file_reading_the_pre_activation_is_refused(tmp_path):
 def test_an_image_index_that_is_not_an_integer_is_named_as_such(noise_run, image):
     """Truth: 1.0 and "1" are not indices by Python's own rule (a list refuses them); True is refused as everywhere
     in mechscope's checks (bool is not an integer field); none of them is "outside" 0..47."""
-    with pytest.raises(MechscopeError, match=r"image must be an integer index, got"):
+    with pytest.raises(MechscopeError, match=r"image must be an integer, got"):
         graph_model(noise_run[0], image, dictionaries="channels", dashboards=0)

@@ -32,6 +32,7 @@ from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
+from mechscope.core.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ def graph_model(
     target = None if target is None else class_index(target, data.class_names)
     images = data.test_float() if split == "test" else data.train_float()
     labels = data.test_labels if split == "test" else data.train_labels
-    if isinstance(image, np.integer):  # np.argmax gives one
-        image = int(image)
-    if not isinstance(image, int) or isinstance(image, bool):
-        raise MechscopeError(f"image must be an integer index, got {image!r}")
+    image = check_int(image, "image")  # a numpy integer (np.argmax gives one) too; not a bool or a float
     if not 0 <= image < len(images):
         raise MechscopeError(f"image {image} outside the {split} split's 0..{len(images) - 1}")
     model = r.model
