@@ -148,11 +148,10 @@ class StageDictionaries:
                     "(transcoder to conv<i>.hook_post)"
                 )
             stage = int(m.group(1)) - 1
-            kind = "transcoder" if loaded.model.cfg.transcoder else "sae"
-            if (kind == "sae") != (m.group(2) == "hook_out"):
-                want = f"conv{stage + 1}.hook_pre" if kind == "transcoder" else f"conv{stage + 1}.hook_out"
-                raise MechscopeError(f"{d}: {'a transcoder' if kind == 'transcoder' else 'an SAE'} reads {want}, "
-                                     f"not {hook}")  # fmt: skip
+            kind, reads = ("transcoder", "hook_pre") if loaded.model.cfg.transcoder else ("sae", "hook_out")
+            if m.group(2) != reads:
+                raise MechscopeError(f"{d}: {'a transcoder' if kind == 'transcoder' else 'an SAE'} reads "
+                                     f"conv{stage + 1}.{reads}, not {hook}")  # fmt: skip
             if kind == "transcoder" and (loaded.metadata.get("hook_name_out") or "") != f"conv{stage + 1}.hook_post":
                 raise MechscopeError(f"{d}: a transcoder must write conv{stage + 1}.hook_post")
             if stage in found:
