@@ -34,6 +34,16 @@ def test_round_trip(run_dir):
     assert not run.model.training
 
 
+def test_load_run_leaves_the_global_rng_alone(run_dir):
+    """Loading replaces the initial weights, so it draws nothing the caller sees: the numbers drawn after a seed
+    are the same with and without a load_run between (outside truth: the same draws with no load)."""
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    torch.manual_seed(7)
+    mechscope.load_run(run_dir[0])
+    torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(RunError, match="run directory not found"):
         mechscope.load_run(tmp_path / "nothing")

@@ -163,7 +163,8 @@ def load_run(path: str | Path) -> Run:
             raise RunError(f"{run}: not a CNN run{elsewhere}") from None
         raise
     try:
-        model = CNN(CNNConfig.from_dict(fields))
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+            model = CNN(CNNConfig.from_dict(fields))
     except (TypeError, ValueError, MechscopeError) as e:
         raise RunError(f"{run / CONFIG}: invalid model config ({e})") from None
     weights = run / WEIGHTS

@@ -436,7 +436,8 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
     ckpt = path if path.is_file() else max((run / "checkpoints").glob("step_*.safetensors"), default=None)
     if ckpt is None:
         raise MechscopeError(f"{run}: no checkpoints/step_*.safetensors")
-    model = HookedTransformer(cfg)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+        model = HookedTransformer(cfg)
     try:
         model.load_state_dict(load_file(str(ckpt)))
     except Exception as e:  # a corrupt file or another architecture

@@ -178,7 +178,7 @@ class SparseDictionary(nn.Module):
         import dataclasses
 
         cfg = dataclasses.replace(self.cfg, normalize_activations="none")
-        out = SparseDictionary(cfg)
+        out = SparseDictionary(cfg, generator=torch.Generator())  # overwritten below: no draw from the global RNG
         state = {k: v.clone() for k, v in self.state_dict().items()}
         s_in, s_out = self.in_scale.item(), self.out_scale.item()
         if self._scaled:

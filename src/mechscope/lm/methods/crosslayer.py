@@ -267,7 +267,8 @@ class CrossLayerTranscoder(nn.Module):
             raise MechscopeError(f"{root}: writes {out_hook!r}; an attribution graph needs hook_mlp_out")
         skip = bool(cfg.get("skip", "W_skip_0" in enc0))
         try:
-            clt = cls(L, D, F, arch, cfg.get("k"), skip=skip, input_hook=INPUT_HOOKS[short], source=str(root))
+            clt = cls(L, D, F, arch, cfg.get("k"), skip=skip, input_hook=INPUT_HOOKS[short], source=str(root),
+                      generator=torch.Generator())  # overwritten below: no draw from the global RNG
         except MechscopeError as e:
             raise MechscopeError(f"{root}/cfg.json: {e}") from None
         state, encs = {}, []
