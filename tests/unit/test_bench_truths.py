@@ -101,6 +101,17 @@ def test_lm_forward_ratio_is_reference_over_ours(clock, capsys):
     assert "max |logit difference| 2.5e-01" in out
 
 
+def test_lm_forward_ratio_judges_the_logit_difference_against_its_tolerance(clock, capsys):
+    """Outside truth: the hand-built logits differ by 0.25 at one place, above float32's 1e-3 (FAIL however fast);
+    the same outputs within 0.5 PASS, and a half-precision run is not judged."""
+    logits = torch.zeros(2, 3, 5)
+    ours = logits + torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25])
+    for tol, verdict in ((1e-3, "(target <= 1e-03: FAIL)"), (0.5, "(target <= 5e-01: PASS)"), (None, "(not judged")):
+        ref = clock.work([9, 1.0, 1.0, 1.0], SimpleNamespace(logits=logits))
+        bench_lm.forward_ratio("toy", clock.work([9, 0.5, 0.5, 0.5], ours), ref, 5, 2, 3, 3, tol=tol)
+        assert f"max |logit difference| 2.5e-01 {verdict}" in capsys.readouterr().out
+
+
 def test_lm_forward_ratio_fails_when_ours_is_slower_and_passes_at_exactly_one(clock, capsys):
     """Outside truth: 1 s against 0.25 s is a ratio of 0.25 (FAIL); equal times are a ratio of 1 (target >= 1: PASS)."""
     out = _forward_ratio(clock, capsys, [0] + [1.0] * 3, [0] + [0.25] * 3)[1]
@@ -393,7 +404,7 @@ def test_attribution_main_ratio_is_captum_over_ours(monkeypatch, tmp_path, capsy
     bench_attr.main()
     out = capsys.readouterr().out
     assert "mechscope 250 ms, captum 750 ms, ratio captum/mechscope 3.00 (target >= 1.0): PASS" in out
-    assert "max |difference| 5.0e-01" in out
+    assert "max |difference| 5.0e-01 (target <= 1e-04: FAIL)" in out
     assert "MiB; 1 before the attribution starts): no chunking 4, batch_size 4096 3, batch_size 512 2" in out
     assert json.loads(out.strip().splitlines()[-1])["ig_ratio_vs_captum"] == 3.0
 
