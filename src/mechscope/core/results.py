@@ -87,8 +87,12 @@ class Result:
         if not isinstance(data, dict):
             raise RunError(f"expected a {cls.__name__} record (a JSON object), got {type(data).__name__}")
         schema = data.get(SCHEMA_KEY)
-        if cls.SCHEMA and isinstance(schema, str) and schema.split("/")[0] != cls.SCHEMA.split("/")[0]:
-            raise RunError(f"expected a {cls.SCHEMA} record, got {schema}")
+        if cls.SCHEMA and isinstance(schema, str):
+            (kind, _, version), (ours, _, our_version) = schema.partition("/"), cls.SCHEMA.partition("/")
+            if kind != ours:
+                raise RunError(f"expected a {cls.SCHEMA} record, got {schema}")
+            if version.isdigit() and our_version.isdigit() and int(version) > int(our_version):
+                raise RunError(f"a {schema} record, newer than this mechscope reads ({cls.SCHEMA}): upgrade mechscope")
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in fields(cls):
