@@ -191,6 +191,17 @@ def test_expected_average_only_in_needs_the_factor(tmp_path):
     torch.testing.assert_close(model(x).output, model.folded()(x).output, rtol=1e-5, atol=1e-5)
 
 
+def test_a_factor_for_a_file_without_normalisation_is_refused(tmp_path):
+    """A file that says normalize_activations none holds its normalisation in the weights (save_saelens folds it):
+    a factor given with it would be silently ignored, so it is refused; the same file loads without one."""
+    cfg = {"d_in": 4, "d_sae": 8, "architecture": "standard", "dtype": "float32", "normalize_activations": "none"}
+    path = write_dir(tmp_path, cfg, weights())
+    with pytest.raises(MechscopeError) as e:
+        load_saelens(path, norm_scaling_factor=2.0)
+    assert "takes no norm_scaling_factor" in one_line_error(e)
+    assert load_saelens(path).model.cfg.normalize_activations == "none"
+
+
 def bad_cases():
     base = {"d_in": 4, "d_sae": 8, "architecture": "standard", "dtype": "float32"}
     w = weights()
@@ -217,6 +228,10 @@ def bad_cases():
     yield "dtype says float16", base | {"dtype": "float16"}, w, "float32"
     yield "finetuning scale", base, w | {"scaling_factor": torch.full((8,), 2.0)}, "scaling_factor"
     yield "transcoder without d_out", base | {"architecture": "transcoder"}, w, "d_out"
+    topk = base | {"architecture": "topk", "k": 3}
+    yield "k disagrees", topk | {"activation_fn_kwargs": {"k": 2}}, w, "k is 3 but activation_fn_kwargs.k is 2"
+    meta = {"metadata": {"hook_point": "blocks.2.hook_resid_pre"}}
+    yield "metadata disagrees", base | {"hook_name": "blocks.1.hook_resid_pre"} | meta, w, "but metadata.hook_point"
 
 
 @pytest.mark.parametrize("name, cfg, tensors, expected", list(bad_cases()), ids=[c[0] for c in bad_cases()])

@@ -38,7 +38,7 @@ def test_saelens_file_and_folded_copy(tmp_path):
     cfg = DictionaryConfig(d_in=6, d_sae=10, normalize_activations="expected_average_only_in")
     d = SparseDictionary(cfg, generator=torch.Generator().manual_seed(3))
     save_saelens(d, tmp_path / "sae", hook_name="blocks.0.hook_resid_post")
-    leaves_rng(lambda: load_saelens(tmp_path / "sae", norm_scaling_factor=2.5))
+    leaves_rng(lambda: load_saelens(tmp_path / "sae"))
     leaves_rng(d.folded)
 
 

@@ -153,7 +153,9 @@ def load_saelens(path, *, norm_scaling_factor: float | None = None) -> LoadedDic
     """Read a dictionary saved by :func:`save_saelens` or by SAELens (current and older ``cfg.json`` keys).
 
     norm_scaling_factor: the factor of an ``expected_average_only_in`` dictionary (SAELens keeps it outside
-    the directory). Every field and tensor is checked; anything wrong is a one-line :class:`MechscopeError`.
+    the directory; refused for a file without normalisation, whose weights hold it). Every field and tensor is
+    checked; anything wrong is a one-line :class:`MechscopeError`, as is a key whose flat and ``metadata`` values
+    differ or a flat ``k`` that differs from ``activation_fn_kwargs.k`` (no rule says which one wins).
     """
     path = Path(path)
     raw = _read_cfg(path)
@@ -183,7 +185,10 @@ def _read_cfg(path: Path) -> dict:
     nested = raw.get("metadata")
     if isinstance(nested, dict):
         for k, v in nested.items():
-            flat.setdefault(_RENAMED.get(k, k), v)
+            key = _RENAMED.get(k, k)
+            if flat.get(key) is not None and v is not None and flat[key] != v:  # no rule says which one wins
+                raise MechscopeError(f"{where}: {key} is {flat[key]!r} but metadata.{k} is {v!r}")
+            flat.setdefault(key, v)
     return flat
 
 
@@ -213,6 +218,8 @@ def _architecture(where: Path, raw: dict) -> tuple[str, bool, bool, int | None]:
     fn = raw.get("activation_fn")
     kwargs = raw.get("activation_fn_kwargs") or {}
     k = raw.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+    if isinstance(kwargs, dict) and None not in (raw.get("k"), kwargs.get("k")) and raw["k"] != kwargs["k"]:
+        raise MechscopeError(f"{where}: k is {raw['k']!r} but activation_fn_kwargs.k is {kwargs['k']!r}")
     if name == "standard" and fn == "topk":  # SAELens 3-5 wrote TopK SAEs as standard + activation_fn topk
         name = "topk"
     if name not in _READ_ARCH:
@@ -263,6 +270,8 @@ def _dictionary_config(path: Path, raw: dict, norm_scaling_factor) -> tuple[Dict
 
 def _normalisation(where: Path, value, factor) -> str:
     if value is None or value is False or value == "none":
+        if factor is not None:  # the weights hold any normalisation already: a factor here would be a mistake
+            raise MechscopeError(f"{where}: normalize_activations is none, so the file takes no norm_scaling_factor")
         return "none"
     if value is True or value == "expected_average_only_in":
         if factor is None or not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
