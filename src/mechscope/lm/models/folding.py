@@ -436,7 +436,8 @@ def folded_model(view: AnalysisWeights) -> tuple[HookedTransformer, torch.Tensor
                 block.mlp.ln.load_state_dict(view.mlp_inner_norms[i])
     norms = [m for b in model.blocks for m in (b.ln1, b.ln2) if m is not None]
     for norm in norms + ([model.ln_final] if model.ln_final is not None else []):
-        norm.w.fill_(1.0)
+        if getattr(norm, "w", None) is not None:  # norm="none" (tracr) has no gain
+            norm.w.fill_(1.0)
         if getattr(norm, "b", None) is not None:
             norm.b.zero_()
     model.W_E.copy_(view.W_E[:])
