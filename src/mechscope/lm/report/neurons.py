@@ -104,6 +104,15 @@ def ranked(result: NeuronsResult, n: int, decode: Decoder, tokens: np.ndarray,
     return most, least
 
 
+def _colours(n: int) -> tuple:
+    """One colour per model or layer: the four of COLOURS, or viridis from first to last where there are more."""
+    if n <= len(COLOURS):
+        return COLOURS[:n]
+    from matplotlib import colormaps
+
+    return tuple(colormaps["viridis"](i / (n - 1)) for i in range(n))
+
+
 def distribution_figure(results: dict[str, NeuronsResult], vocab: int) -> str:
     """Histograms of the current-token entropy and of the top share, one colour per model (or layer)."""
     fig, axes = subplots(1, 2, figsize=(12, 3.6), layout="constrained")
@@ -111,7 +120,7 @@ def distribution_figure(results: dict[str, NeuronsResult], vocab: int) -> str:
     k = first.k
     top = max_entropy_bits(k, vocab)
     bins = np.linspace(0, max(top, first.baseline["entropy_p95"]) + 0.05, 31)
-    for (label, r), colour in zip(results.items(), COLOURS, strict=False):
+    for (label, r), colour in zip(results.items(), _colours(len(results)), strict=True):
         ent = np.concatenate([lay.entropy()[lay.counted(r.min_count)] for lay in r.layers])
         share = np.concatenate([lay.top_share()[lay.counted(r.min_count)] for lay in r.layers])
         median = f"median {np.median(ent):.2f}" if len(ent) else f"no neuron with {r.min_count}+ firing contexts"
@@ -123,14 +132,14 @@ def distribution_figure(results: dict[str, NeuronsResult], vocab: int) -> str:
     axes[0].set_xlabel(f"entropy of the current token over the firing contexts among the top {k} (bits)")
     axes[0].set_ylabel("neurons")
     axes[0].set_title("lower = more monosemantic (0: one token)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, ncol=1 + len(results) // 8)
     axes[1].axvline(b["top_share_mean"], color="#999", ls="--", label="random positions (mean)")
     axes[1].set_xlabel("share of the most common token among the top activations")
     axes[1].set_ylabel("share of neurons with at least this")
     axes[1].set_xlim(0, 1.01)
     axes[1].set_ylim(0, 1.01)
     axes[1].set_title("higher = more monosemantic (1: one token)")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, ncol=1 + len(results) // 8)
     for ax in axes:
         ax.grid(alpha=0.3)
     return figure_data_uri(fig)
