@@ -480,3 +480,18 @@ def test_every_layer_of_a_six_layer_model_is_drawn(monkeypatch):
     curves = [ln for ln in figs[0].axes[1].get_lines() if ln.get_label().startswith("layer")]
     assert [ln.get_label() for ln in curves] == [f"layer {i}" for i in range(6)]
     assert len({to_hex(ln.get_color()) for ln in curves}) == 6
+
+
+@pytest.mark.parametrize(
+    "n_edges, tail", [(8, None), (9, "One more confirmed path is"), (10, "2 more confirmed paths are")]
+)
+def test_past_eight_confirmed_paths_the_rest_are_counted(n_edges, tail):
+    """Truth: edges counted by hand: sources 0.0-0.3 into the four key/value heads of layers 1 and 2, every test
+    confirmed: eight told one sentence each, the rest counted (none when there are exactly eight)."""
+    pairs = [((0, h), layer, kv) for layer in (1, 2) for kv in (0, 1) for h in range(4)][:n_edges]
+    patches = tuple(_patch(s, layer, kv, (0.8, 0.8), (0.1, 0.1), (0.01, 0.01), (True, True)) for s, layer, kv in pairs)
+    lines = R.circuit_sentences(make_result(path_patches=patches))
+    assert sum(s.startswith("Path patching 0.") for s in lines) == 8  # one per told edge (sources 0.x)
+    counted = [s for s in lines if "drawn in the circuit figure" in s]
+    assert counted == ([] if tail is None else [f"{tail} drawn in the circuit figure and listed in the path-patching "
+                                                "tables below."])  # fmt: skip

@@ -47,6 +47,7 @@ WEAK_COPYING = 0.1  # a positive copying score below this (centred logit) is wea
 HIGH_COMPOSITION = 2.0  # a composition score at least this many times the random baseline is "high"
 ESTIMATE_FAILS = (0.1, 0.5)  # |estimate − measured| ≥ 0.1 nats and ≥ 50% of |measured|: the estimate fails
 RANKED = 3  # heads named in the single-head cost ranking
+SAID_EDGES = 8  # confirmed path-patching edges told in a sentence each (the rest: a count, the figure, the tables)
 
 
 def thresholds_text() -> dict[str, str]:
@@ -308,7 +309,7 @@ def circuit_sentences(result) -> list[str]:
     _, edges = circuit_graph(result)
     g = result.kv_groups
     mean = result.ablation["mean"]
-    for e in edges[:8]:
+    for e in edges[:SAID_EDGES]:
         pp = e["patch"]
         src = _h(pp.source)
         group = (f"key/value head {pp.kv_head} of layer {pp.layer}, shared by query heads "
@@ -336,6 +337,10 @@ def circuit_sentences(result) -> list[str]:
                 text += (f": less than this path alone, so ablating {src}'s other paths at the same time offsets "
                          f"{offset:.0%} of the key path's effect (inferred from the two measurements)")  # fmt: skip
         lines.append(text + ".")
+    if len(edges) > SAID_EDGES:
+        more = len(edges) - SAID_EDGES
+        said = "One more confirmed path is" if more == 1 else f"{more} more confirmed paths are"
+        lines.append(f"{said} drawn in the circuit figure and listed in the path-patching tables below.")
     marginal = [(e["patch"], h) for e in edges for h in e["marginal_heads"]]
     if marginal:
         lines.append(
