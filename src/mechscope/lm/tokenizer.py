@@ -85,8 +85,10 @@ class Tokenizer:
 
     @classmethod
     def _byte_level_bpe(
-        cls, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str], pre=None, **kw
+        cls, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str], pre=None, user=(), **kw
     ) -> Tokenizer:
+        """``specials``: control tokens, matched whole; ``user``: user-defined tokens, matched whole too (as
+        llama.cpp and transformers match them) but ordinary text, not special."""
         from tokenizers import AddedToken, decoders, models, processors
         from tokenizers import Tokenizer as Backend
 
@@ -99,6 +101,8 @@ class Tokenizer:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
         if specials:
             backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+        if user:
+            backend.add_tokens([AddedToken(s, special=False, normalized=False) for s in user])
         return cls(backend, **kw)
 
     @classmethod
@@ -189,11 +193,15 @@ class Tokenizer:
             vocab.setdefault(spelled, i)
         merges = [tuple(m.split(" ", 1)) for m in merge_list]
         types = types or [1] * len(tokens)
-        specials = [t for t, ty in zip(tokens, types, strict=False) if ty == 3 and set(t) <= alphabet]  # 3: control
+        # token types 3 (control) and 4 (user-defined) are matched whole; a token spelled outside the byte alphabet is
+        # left out, as transformers leaves it (a mislabel of llama.cpp's)
+        typed = [(t, ty) for t, ty in zip(tokens, types, strict=False) if set(t) <= alphabet]
+        whole = {kind: [t for t, ty in typed if ty == kind] for kind in (3, 4)}
         return cls._byte_level_bpe(
             vocab,
             merges,
-            specials,
+            whole[3],
+            user=whole[4],
             pre=_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
