@@ -17,6 +17,7 @@ No network: the pages inline their figures as ``data:`` URIs and carry no extern
 
 from __future__ import annotations
 
+import html as html_lib
 import itertools
 import re
 import uuid
@@ -121,7 +122,7 @@ def page_to_fragment(
     size = len(head) + len(styles) + sum(len(s) for s in scripts) + 2000
     left_out = list(omitted or [])
     for i, sec in enumerate(sections):
-        if i < open_sections or text_of(sec["title"]) in keep_open:
+        if i < open_sections or html_lib.unescape(text_of(sec["title"])) in keep_open:  # titles as read
             piece = sec["html"]
         else:
             ident = f' id="{sec["id"]}"' if sec["id"] else ""
