@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -433,7 +434,7 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
             cfg.validate()
     except (ValueError, KeyError, TypeError) as e:
         raise MechscopeError(f"{meta}: not a readable train-toy record ({type(e).__name__}: {e})") from None
-    ckpt = path if path.is_file() else max((run / "checkpoints").glob("step_*.safetensors"), default=None)
+    ckpt = path if path.is_file() else _last_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise MechscopeError(f"{run}: no checkpoints/step_*.safetensors")
     with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
@@ -448,6 +449,14 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
         dev = resolve_device(device or "cpu")
         model = model.to(device=dev, dtype=resolve_dtype(dtype or torch.float32, dev))
     return model.eval(), info.get("chars"), f"{run.name}/{ckpt.stem}"
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of the highest step (by number: step_1000000 comes after step_999999, which a text sort puts
+    first once the six digits of the name's padding run out)."""
+    found = ((re.fullmatch(r"step_(\d+)", p.stem), p) for p in folder.glob("step_*.safetensors"))
+    steps = {int(m.group(1)): p for m, p in found if m}
+    return steps[max(steps)] if steps else None
 
 
 def is_toy_run(path: str | Path) -> bool:
