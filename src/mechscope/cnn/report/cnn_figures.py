@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from mechscope.cnn.report.summary import article, noun
+from mechscope.cnn.report.summary import article, noun, plural
 from mechscope.core.render.figures import text_colour
 from mechscope.core.render.html import figure_data_uri
 
@@ -367,7 +367,7 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
             clean(ax)
     name = names[ci.target]
     below = f" and read-out weights to {name} (bottom)" if templates_d is not None else ""
-    fig.text(0.03, 0.875, f"mean activation on the {name}s (top){below}", fontsize=7)
+    fig.text(0.03, 0.875, f"mean activation on the {plural(name)} (top){below}", fontsize=7)
     ax = fig.add_subplot(gs[:, n + 1 :])
     xs = np.arange(len(names))
     bars = (
@@ -383,7 +383,8 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("test accuracy per class (%)", fontsize=8)
     ax.legend(fontsize=6, loc="upper center", ncol=3, handlelength=1, columnspacing=0.6)
-    fig.suptitle(f"{noun(names)} {name}: {n} {study.stage} channels", fontsize=9, x=0.03, ha="left")
+    channels = f"{n} {study.stage} channel{'' if n == 1 else 's'}"
+    fig.suptitle(f"{noun(names)} {name}: {channels}", fontsize=9, x=0.03, ha="left")
     return uri(fig)
 
 
