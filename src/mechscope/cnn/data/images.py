@@ -204,10 +204,10 @@ def _class_names(ys: dict, class_names, where: str) -> tuple[str, ...]:
 
 
 def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
-    """One class name per line (blank lines at the end ignored)."""
+    """One class name per line (blank lines at the end ignored; a byte-order mark, as Windows editors write, too)."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read the class names ({getattr(e, 'strerror', None) or e})") from None
     while lines and not lines[-1].strip():

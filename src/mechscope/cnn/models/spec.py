@@ -449,6 +449,9 @@ def _through(rf: ReceptiveField, layer: Layer, in_shape: tuple | None) -> Recept
             p = tuple(d[a] * (k[a] - 1) // 2 for a in range(2)) if m.padding == "same" else (0, 0)
         else:
             p = _pair(m.padding)
+        if m.padding_mode == "circular" and any(p):  # reflect/replicate read inside the box; circular wraps round
+            raise MechscopeError(f"cannot read layer {layer.path} ({layer.type}) with circular padding: a unit at the "
+                                 "edge reads the opposite edge, which a receptive-field box cannot show")  # fmt: skip
         return rf.through(k, _pair(m.stride), p, d)
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         k = _pair(m.kernel_size)
