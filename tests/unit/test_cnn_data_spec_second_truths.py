@@ -388,3 +388,13 @@ def test_a_class_names_file_with_a_byte_order_mark_reads_its_first_name_plainly(
     p.write_bytes(b"\xef\xbb\xbfcat\ndog\n")
     assert p.read_bytes().decode("utf-8-sig").splitlines() == ["cat", "dog"]
     assert read_class_names(p) == ("cat", "dog")
+
+
+@pytest.mark.parametrize("bad, said", [(float("inf"), "whole numbers"), (1e30, "label 1e+30 is not a class index")])
+def test_float_labels_past_any_class_are_refused_as_given(bad, said):
+    """Outside truth: IEEE arithmetic: inf is not a whole number, and 1e30 (a whole float) exceeds int64's largest
+    value (numpy's iinfo), so converting it would wrap round; each is refused naming the value as given."""
+    assert np.iinfo(np.int64).max < 1e30
+    x = np.zeros((3, 8, 8), np.uint8)
+    with pytest.raises(DataError, match=re.escape(said)):
+        make_dataset("t", x, np.array([0.0, 1.0, bad]), x, np.array([0.0, 1.0, 0.0]))

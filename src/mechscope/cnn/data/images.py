@@ -133,8 +133,11 @@ def as_labels(y, source: str) -> torch.Tensor:
     if y.dim() != 1:
         raise DataError(f"{source}: labels shaped {list(y.shape)}; expected one integer label per image")
     if y.is_floating_point():
-        if not torch.equal(y, y.round()):
+        if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
             raise DataError(f"{source}: labels must be whole numbers (class indices)")
+        big = y.abs() > 2**62  # past int64 once converted: said as given, not as the number it would wrap to
+        if big.any():
+            raise DataError(f"{source}: label {y[big][0].item():g} is not a class index")
     elif y.dtype == torch.bool or y.is_complex():
         raise DataError(f"{source}: labels must be integer class indices, got {y.dtype}")
     return y.long()
