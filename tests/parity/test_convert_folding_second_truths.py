@@ -17,25 +17,17 @@ import torch
 
 from mechscope.lm.models.folding import analysis_weights
 from mechscope.lm.models.transformer import HookedTransformer
+from tests.parity.test_loading_folding_truths import _cosines, gains_model
 from tests.unit.test_folding import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def _post_norm_model() -> HookedTransformer:
     """An RMSNorm model with post-attention and post-MLP norms and biases on every Linear (gains 1 ± 0.5)."""
     base = random_model("rmsnorm", kv_heads=2, gated=True)
     cfg = replace(base.cfg, post_attn_mlp_norm=True, attn_bias=True, attn_out_bias=True, mlp_bias=True)
-    torch.manual_seed(11)
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith(".w") else torch.randn_like(p) * 0.3)
-    return model.eval()
+    return gains_model(cfg, 11)
 
 
 def test_post_mlp_norm_gain_scales_the_mlp_output_bias():

@@ -241,6 +241,16 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
+def gains_model(cfg, seed: int) -> HookedTransformer:
+    """A model of ``cfg`` with gains 1 ± 0.5 and every other weight N(0, 0.3²), seeded."""
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith(".w") else torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
 def test_scale_free_gains_scale_the_biases_too():
     """Truth: RMSNorm(v)·g ∝ v⊙g, so a query after QK-norm points along (ln1(x) W_Q + b_Q)⊙g and an attention output
     after ln1_post along (Σ_h z_h W_O + b_O)⊙g (z_h holding the value bias): numpy cosines of 1 between the model's
@@ -248,12 +258,8 @@ def test_scale_free_gains_scale_the_biases_too():
     allows)."""
     model = random_model("rmsnorm", kv_heads=2, gated=True)
     cfg = replace(model.cfg, qk_norm=True, post_attn_mlp_norm=True, attn_bias=True, attn_out_bias=True)
-    torch.manual_seed(6)
-    qk = HookedTransformer(cfg)
-    with torch.no_grad():
-        for name, p in qk.named_parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith(".w") else torch.randn_like(p) * 0.3)
-    view, block = analysis_weights(qk.eval()), qk.blocks[0]
+    qk = gains_model(cfg, 6)
+    view, block = analysis_weights(qk), qk.blocks[0]
     x, z = torch.randn(cfg.d_model), torch.randn(cfg.n_heads, cfg.d_head)
     with torch.no_grad():
         q_model = block.attn.q_norm(block.attn.q(block.ln1(x)).view(cfg.n_heads, cfg.d_head)).numpy()
