@@ -95,8 +95,7 @@ class StageDictionaries:
         """Each stage's channels as an exact transcoder across its ReLU."""
         out = []
         for c in model.config.channels:
-            cfg = DictionaryConfig(d_in=c, d_sae=c, architecture="relu", transcoder=True, d_out=c)
-            d = SparseDictionary(cfg, generator=torch.Generator())  # overwritten below: no draw from the global RNG
+            d = SparseDictionary.blank(DictionaryConfig(d_in=c, d_sae=c, architecture="relu", transcoder=True, d_out=c))
             with torch.no_grad():
                 d.W_enc.copy_(torch.eye(c))
                 d.W_dec.copy_(torch.eye(c))

@@ -77,6 +77,12 @@ class SparseDictionary(nn.Module):
         self.register_buffer("in_scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float64))
 
+    @classmethod
+    def blank(cls, cfg: DictionaryConfig) -> SparseDictionary:
+        """A dictionary whose weights the caller overwrites (a file's, a model's own): its throwaway initial weights
+        come from a generator of its own, so building it draws nothing from the caller's global one."""
+        return cls(cfg, generator=torch.Generator())
+
     # ---- the forward pass in normalised space ---------------------------------------------------
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +184,7 @@ class SparseDictionary(nn.Module):
         import dataclasses
 
         cfg = dataclasses.replace(self.cfg, normalize_activations="none")
-        out = SparseDictionary(cfg, generator=torch.Generator())  # overwritten below: no draw from the global RNG
+        out = SparseDictionary.blank(cfg)
         state = {k: v.clone() for k, v in self.state_dict().items()}
         s_in, s_out = self.in_scale.item(), self.out_scale.item()
         if self._scaled:

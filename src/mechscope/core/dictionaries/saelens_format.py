@@ -161,7 +161,7 @@ def load_saelens(path, *, norm_scaling_factor: float | None = None) -> LoadedDic
     raw = _read_cfg(path)
     cfg, meta = _dictionary_config(path, raw, norm_scaling_factor)
     tensors = _read_tensors(path, cfg, raw)
-    model = SparseDictionary(cfg, generator=torch.Generator())  # overwritten below: no draw from the global RNG
+    model = SparseDictionary.blank(cfg)
     state = model.state_dict()
     for name, t in tensors.items():
         state[name] = t

@@ -207,11 +207,10 @@ class Transcoders:
         out = []
         for block in model.blocks:
             mlp = block.mlp
-            d = SparseDictionary(
+            d = SparseDictionary.blank(
                 DictionaryConfig(
                     d_in=cfg.d_model, d_sae=cfg.d_mlp, architecture="relu", transcoder=True, d_out=cfg.d_model
-                ),
-                generator=torch.Generator(),  # overwritten below: no draw from the global RNG
+                )
             )
             with torch.no_grad():
                 d.W_enc.copy_(mlp.up.weight.T.float())
@@ -225,7 +224,7 @@ class Transcoders:
 def empty_transcoder(d_model: int) -> SparseDictionary:
     """A transcoder that never fires and outputs zero: a layer left entirely to its error node."""
     cfg = DictionaryConfig(d_in=d_model, d_sae=1, architecture="relu", transcoder=True, d_out=d_model)
-    d = SparseDictionary(cfg, generator=torch.Generator())  # overwritten below: no draw from the global RNG
+    d = SparseDictionary.blank(cfg)
     with torch.no_grad():
         for t in (d.W_enc, d.W_dec, d.b_dec):
             t.zero_()
