@@ -358,7 +358,7 @@ def load_dictionary(path, hook: str | None = None, target: str | None = None, no
         target = target or meta.get("hook_name_out")
         if not target:
             raise MechscopeError(f"{path}: a transcoder whose cfg.json names no hook_name_out; pass --target")
-    return loaded.model, hook, target if loaded.model.cfg.transcoder else target, meta
+    return loaded.model, hook, target, meta
 
 
 def trained_on(meta: dict) -> str:
