@@ -233,8 +233,8 @@ def _remove(path: Path) -> None:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished entries of ``tmp`` into ``out``."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    """Move the finished entries of ``tmp`` into ``out`` (through it where it is a link to a folder)."""
+    if not out.exists() or (not out.is_symlink() and out.is_dir() and not any(out.iterdir())):
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -246,7 +246,7 @@ def check_seed(seed: int, name: str = "--seed") -> None:
 
 def check_lr(lr: float, name: str = "--lr") -> None:
     """A learning rate must be in (0, 10]: zero trains nothing, NaN and infinity make NaN weights."""
-    if not isinstance(lr, (int, float)) or not 0 < lr <= LR_MAX:
+    if not _is_number(lr) or not 0 < lr <= LR_MAX:  # a bool is not a rate (True would train at 1)
         raise MechscopeError(f"{name} must be in (0, {LR_MAX:g}], got {lr!r}")
 
 
