@@ -9,7 +9,8 @@ linearly, so each component's share of a logit is exact: ``component · W_U[:, t
 Both read the folded analysis view: the final norm's gain is in ``W_U``, the unembedding is
 centred over the vocabulary (so a share is of the logit *relative to the mean logit*, which is
 what softmax sees), and a head's output excludes its value bias, which is folded into ``b_O``.
-The shares add up to the centred logit exactly (checked in the result).
+The shares add up to the centred logit exactly: the result records both (``centred_logit`` and
+``sum_of_shares``), and tests hold them equal on every family.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from mechscope.core.hooks import run_with_cache
+from mechscope.core.validate import check_int
 from mechscope.lm.methods.scores import post_norm_scale, sequences_per_chunk
 from mechscope.lm.models.folding import AnalysisWeights
 from mechscope.lm.models.transformer import HookedTransformer
@@ -86,12 +88,13 @@ def direct_logit_attribution(
 ) -> DirectLogitAttribution:
     """Shares of the centred logit of ``target`` (default: the model's prediction) at one position.
 
-    ``tokens`` [P] or [1, P].
+    ``tokens`` [P] or [1, P]; ``position`` counts from the end when negative, as Python's indices do; a position
+    outside the tokens, or a target outside the vocabulary, is refused in one line.
     """
     cfg = model.cfg
     tokens = tokens.reshape(1, -1).to(model.W_E.device)
     p = tokens.shape[1]
-    pos = position % p
+    pos = check_int(position, "position", low=-p, high=p - 1) % p
     names = ["hook_embed", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     names += [f"blocks.{i}.attn.hook_z" for i in range(cfg.n_layers)]
     if cfg.positional == "learned":
@@ -101,7 +104,7 @@ def direct_logit_attribution(
     logits, cache = run_with_cache(model, tokens, names=names)
     final = cache[names[1]][0, pos]
     row = logits[0, pos].float()
-    target = int(row.argmax()) if target is None else int(target)
+    target = int(row.argmax()) if target is None else check_int(target, "target", low=0, high=row.shape[0] - 1)
     linear = _linear_logits(model, final)  # before any final soft-capping (Gemma 2): what the shares add up to
     scale = final_scale(model, final)
     direction = view.W_U[:, target].to(row.device) / scale  # [D]
