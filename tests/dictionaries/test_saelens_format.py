@@ -229,6 +229,7 @@ def bad_cases():
     yield "finetuning scale", base, w | {"scaling_factor": torch.full((8,), 2.0)}, "scaling_factor"
     yield "transcoder without d_out", base | {"architecture": "transcoder"}, w, "d_out"
     topk = base | {"architecture": "topk", "k": 3}
+    yield "architecture a list", base | {"architecture": ["topk"]}, w, "expected architecture to be a string"
     yield "k disagrees", topk | {"activation_fn_kwargs": {"k": 2}}, w, "k is 3 but activation_fn_kwargs.k is 2"
     meta = {"metadata": {"hook_point": "blocks.2.hook_resid_pre"}}
     yield "metadata disagrees", base | {"hook_name": "blocks.1.hook_resid_pre"} | meta, w, "but metadata.hook_point"

@@ -314,3 +314,26 @@ def test_a_link_to_an_empty_folder_is_written_through_like_a_link_to_a_full_one(
         with O.atomic_output(tmp_path / f"{name}-link", force=force) as tmp:
             (tmp / "a.txt").write_text("x")
         assert "a.txt" in os.listdir(tmp_path / name) and leftovers(tmp_path) == [], name
+
+
+def test_a_broken_link_as_the_output_folder_is_refused_before_any_work(tmp_path):
+    """Truth: os.readlink and os.path.exists: a link to nothing exists as a link only, so the outputs could never
+    move in; check_target (which every command calls first) refuses it in one line naming the link's target."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert os.path.islink(tmp_path / "dangling") and not os.path.exists(tmp_path / "dangling")
+    with pytest.raises(O.RunError, match=r"dangling: a broken link \(to .*nowhere\); remove it"):
+        O.check_target(tmp_path / "dangling")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_config_nested_past_pythons_recursion_limit_is_not_another_wings_folder(tmp_path):
+    """Truth: json.loads itself raises RecursionError on 100,000 nested brackets (CPython's limit is far lower); the
+    folder is then of no known kind (None), and is not a tracr folder, instead of the error escaping."""
+    from mechscope.core.paths import folder_kind
+    from mechscope.lm.models.convert.tracr import is_tracr_dir
+
+    text = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(RecursionError):
+        json.loads(text)
+    (tmp_path / "config.json").write_text(text)
+    assert folder_kind(tmp_path) is None and is_tracr_dir(tmp_path) is False

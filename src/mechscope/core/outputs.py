@@ -191,6 +191,8 @@ def check_target(path: str | os.PathLike, force: bool = False) -> Path:
     if not isinstance(path, (str, os.PathLike)):  # out=None in Python was a TypeError from pathlib
         raise RunError(f"an output folder is needed (out=...), got {path!r}")
     out = Path(path).expanduser().absolute()
+    if out.is_symlink() and not out.exists():  # refused now, not after the work when the outputs cannot move in
+        raise RunError(f"{out}: a broken link (to {os.readlink(out)}); remove it or give another folder")
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -57,7 +57,7 @@ def folder_kind(path) -> str | None:
         if (p / "circuit.json").is_file() and (p / "examples.json").is_file():
             return "tracr"
         cfg = json.loads((p / "config.json").read_text(encoding="utf-8")) if (p / "config.json").is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict):
         return None

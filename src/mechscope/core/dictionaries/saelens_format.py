@@ -215,6 +215,8 @@ def _d_sae(where: Path, raw: dict, d_in: int) -> int:
 
 def _architecture(where: Path, raw: dict) -> tuple[str, bool, bool, int | None]:
     name = raw.get("architecture", "standard")
+    if not isinstance(name, str):
+        raise MechscopeError(f"{where}: expected architecture to be a string, got {name!r}")
     fn = raw.get("activation_fn")
     kwargs = raw.get("activation_fn_kwargs") or {}
     k = raw.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)

@@ -98,7 +98,7 @@ def is_tracr_dir(path: str | Path) -> bool:
         import json
 
         data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # not tracr's: the loader says what it is
         return False
     source = data.get("source") if isinstance(data, dict) else None
     return isinstance(source, dict) and str(source.get("compiler", "")).lower().startswith("tracr")
