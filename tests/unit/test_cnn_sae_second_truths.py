@@ -17,7 +17,7 @@ from mechscope.cnn.methods import sae as S
 from mechscope.cnn.models.spec import walk
 from mechscope.cnn.pipelines import sae as CS
 from mechscope.core.dictionaries import DictionaryConfig, SparseDictionary, save_saelens
-from tests.unit.test_sae_cnn import images, tiny_cnn
+from tests.unit.test_sae_cnn import images, interrupt_harvest_after, tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,15 +188,7 @@ def test_a_resumed_harvest_counts_its_speed_over_the_images_it_ran(tmp_path, mon
     images that run harvested, not the whole split)."""
     model = tiny_cnn(5)
     data = labelled(model, n_train=40)
-    original = S.harvest_batches
-
-    def broken(*a, **k):
-        for i, rows in enumerate(original(*a, **k)):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield rows
-
-    monkeypatch.setattr(S, "harvest_batches", broken)
+    original = interrupt_harvest_after(monkeypatch, 3)
     kw = dict(batch=4, shard_rows=16, buffer_shards=1, progress=False)
     with pytest.raises(KeyboardInterrupt):
         CS.sae_harvest_model(model, data, tmp_path / "h", **kw)

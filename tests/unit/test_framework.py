@@ -184,11 +184,11 @@ def test_hand_built_circuit_reads_as_tokens():
     assert composition_scores(view)["K"][0, 0, 1, 0] > 0.05
 
 
-def one_layer_skip_trigram_model() -> HookedTransformer:
-    """One head: token 3 attends to earlier 7s (QK), and attending to a 7 raises token 9 (OV)."""
-    v, d = 16, 16
+def blank_one_head(v: int, n_ctx: int) -> HookedTransformer:
+    """One attention-only RMSNorm layer of one head, d_model = d_head = vocabulary ``v``: every weight zero, the
+    norm gains one (a hand-built model's starting point: the caller writes the weights its answer needs)."""
     cfg = TransformerConfig(
-        d_model=d, n_layers=1, n_heads=1, d_head=d, d_vocab=v, n_ctx=8, attn_only=True, norm="rmsnorm",
+        d_model=v, n_layers=1, n_heads=1, d_head=v, d_vocab=v, n_ctx=n_ctx, attn_only=True, norm="rmsnorm",
         positional="learned", attn_bias=False, attn_out_bias=False, tie_embeddings=False,
     )
     m = HookedTransformer(cfg)
@@ -197,6 +197,14 @@ def one_layer_skip_trigram_model() -> HookedTransformer:
             p.zero_()
         for norm in (m.blocks[0].ln1, m.ln_final):
             norm.w.fill_(1.0)
+    return m
+
+
+def one_layer_skip_trigram_model() -> HookedTransformer:
+    """One head: token 3 attends to earlier 7s (QK), and attending to a 7 raises token 9 (OV)."""
+    v = 16
+    m = blank_one_head(v, 8)
+    with torch.no_grad():
         m.W_E.copy_(torch.eye(v) * 4)
         a = m.blocks[0].attn
         a.W_Q[0][3, 0] = 5.0  # query of token 3 ...

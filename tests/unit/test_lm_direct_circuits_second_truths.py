@@ -16,10 +16,10 @@ from mechscope.lm.methods import weights_circuits as FW
 from mechscope.lm.methods.circuits import CircuitsResult, _prefix_matching_rows, _readings
 from mechscope.lm.methods.direct import direct_logit_attribution, logit_lens
 from mechscope.lm.models.folding import analysis_weights
-from mechscope.lm.models.transformer import HookedTransformer, TransformerConfig
+from mechscope.lm.models.transformer import HookedTransformer
 from tests.parity.test_convert_folding_second_truths import _post_norm_model
 from tests.unit.test_folding import random_model
-from tests.unit.test_framework import one_layer_skip_trigram_model
+from tests.unit.test_framework import blank_one_head, one_layer_skip_trigram_model
 from tests.unit.test_lm_composition_truths import hand_result
 from tests.unit.test_lm_weights_truths import _centred_direction
 from tests.unit.test_sentences_heads import make_result
@@ -86,8 +86,6 @@ def test_dla_dict_keeps_embed_position_and_heads_apart():
 def test_dla_refuses_a_position_outside_the_tokens_and_a_target_outside_the_vocabulary():
     """Python's own indexing of 11 tokens: -11 is the first position and 10 the last; 11 and -12 are outside (the code
     before wrapped 11 to position 0 without a word); the vocabulary has 50 tokens, so target 50 is outside."""
-    from mechscope.core.errors import MechscopeError
-
     model = random_model("layernorm")
     view = analysis_weights(model)
     tokens = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(8))
@@ -139,16 +137,8 @@ def diagonal_copier() -> HookedTransformer:
     """One head whose full OV circuit is known in closed form: W_E = 2 I (so RMSNorm gives √(4/(4/V + eps))·… of
     e_t), W_V = diag(GAINS), W_O = W_U = I. Attending to t writes GAINS[t] e_t, so the centred circuit's row t is
     k·GAINS[t]·(e_t − 1/V): token t's own logit tops its row if GAINS[t] > 0 and is the lowest if GAINS[t] < 0."""
-    cfg = TransformerConfig(
-        d_model=V_COPY, n_layers=1, n_heads=1, d_head=V_COPY, d_vocab=V_COPY, n_ctx=4, attn_only=True, norm="rmsnorm",
-        positional="learned", attn_bias=False, attn_out_bias=False, tie_embeddings=False,
-    )  # fmt: skip
-    m = HookedTransformer(cfg)
+    m = blank_one_head(V_COPY, 4)
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        for norm in (m.blocks[0].ln1, m.ln_final):
-            norm.w.fill_(1.0)
         m.W_E.copy_(2 * torch.eye(V_COPY))
         m.blocks[0].attn.W_V[0].copy_(torch.diag(torch.tensor(GAINS)))
         m.blocks[0].attn.W_O[0].copy_(torch.eye(V_COPY))

@@ -179,6 +179,21 @@ def test_python_api_end_to_end(tmp_path):
         assert title in result._repr_html_()
 
 
+def interrupt_harvest_after(monkeypatch, batches: int):
+    """Make the harvest's batches stop with a KeyboardInterrupt (Ctrl-C) after ``batches``; returns the original
+    ``harvest_batches`` to put back."""
+    original = S.harvest_batches
+
+    def broken(*a, **k):
+        for i, rows in enumerate(original(*a, **k)):
+            if i == batches:
+                raise KeyboardInterrupt
+            yield rows
+
+    monkeypatch.setattr(S, "harvest_batches", broken)
+    return original
+
+
 def test_an_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch):
     """A harvest stopped after three batches leaves OUT.partial; the same command continues from the images
     already stored and writes the shards an uninterrupted harvest writes."""
@@ -188,15 +203,7 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch)
     data = dataset(model, n_train=200)
     kw = dict(shard_rows=160, buffer_shards=2, batch=16, progress=False)
     CS.sae_harvest_model(model, data, tmp_path / "whole", **kw)
-    original = S.harvest_batches
-
-    def broken(*a, **k):
-        for i, rows in enumerate(original(*a, **k)):
-            if i == 12:
-                raise KeyboardInterrupt
-            yield rows
-
-    monkeypatch.setattr(S, "harvest_batches", broken)
+    original = interrupt_harvest_after(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         CS.sae_harvest_model(model, data, tmp_path / "resumed", **kw)
     assert (tmp_path / "resumed.partial").is_dir() and not (tmp_path / "resumed").exists()
