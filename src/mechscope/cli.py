@@ -173,6 +173,33 @@ def _empty_option(args: list[str]) -> str | None:
     return None
 
 
+class _LineEnd:
+    """Stderr while a command runs: every write passes through, and it remembers whether the text so far ends a line.
+
+    A progress bar redraws its line with carriage returns and leaves it open when the work stops, so the error (or
+    "interrupted") line written after it starts a line of its own, where ``grep '^mechscope: error:'`` finds it.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.open_line = stream, False
+
+    def write(self, text):
+        written = self.stream.write(text)
+        if isinstance(text, str) and text:
+            self.open_line = not text.endswith("\n")
+        return written
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...: the stream's own
+        return getattr(self.stream, name)
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr, on a line of its own."""
+    if isinstance(sys.stderr, _LineEnd) and sys.stderr.open_line:
+        sys.stderr.write("\n")
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for the ``mechscope`` script and ``python -m mechscope``.
 
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = _terminate_as_interrupt()
     command = typer.main.get_command(app)
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    sys.stderr = _LineEnd(sys.stderr)
     try:
         with warnings.catch_warnings(), command.make_context("mechscope", args) as ctx:
             command.invoke(ctx)
@@ -199,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except click_errors.UsageError as e:  # a value that does not parse, an unknown or a missing option
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        print("mechscope: error: " + " ".join(e.format_message().split()).rstrip(".") + hint, file=sys.stderr)
+        _say("mechscope: error: " + " ".join(e.format_message().split()).rstrip(".") + hint)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        print("mechscope: interrupted", file=sys.stderr)
+        _say("mechscope: interrupted")
         sys.exit(130)
     except BrokenPipeError:  # `mechscope ... | head`: the reader left; stop quietly, as `cat` does
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -212,9 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         line = error_line(e)
         if line is None:
             raise
-        print(line, file=sys.stderr)
+        _say(line)
         sys.exit(2)
     finally:
+        if isinstance(sys.stderr, _LineEnd):
+            sys.stderr = sys.stderr.stream
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         if previous is not None:
