@@ -233,6 +233,8 @@ def bad_cases():
     yield "k disagrees", topk | {"activation_fn_kwargs": {"k": 2}}, w, "k is 3 but activation_fn_kwargs.k is 2"
     meta = {"metadata": {"hook_point": "blocks.2.hook_resid_pre"}}
     yield "metadata disagrees", base | {"hook_name": "blocks.1.hook_resid_pre"} | meta, w, "but metadata.hook_point"
+    yield "metadata a list", base | {"metadata": [{"hook_name": "blocks.1.hook_resid_pre"}]}, w, "metadata to be"
+    yield "kwargs a list", topk | {"activation_fn_kwargs": [2]}, w, "activation_fn_kwargs to be a JSON object"
 
 
 @pytest.mark.parametrize("name, cfg, tensors, expected", list(bad_cases()), ids=[c[0] for c in bad_cases()])

@@ -183,6 +183,8 @@ def _read_cfg(path: Path) -> dict:
         raise MechscopeError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     flat = {_RENAMED.get(k, k): v for k, v in raw.items()}
     nested = raw.get("metadata")
+    if nested is not None and not isinstance(nested, dict):  # SAELens 6 writes an object; anything else is lost keys
+        raise MechscopeError(f"{where}: expected metadata to be a JSON object, got {type(nested).__name__}")
     if isinstance(nested, dict):
         for k, v in nested.items():
             key = _RENAMED.get(k, k)
@@ -218,9 +220,12 @@ def _architecture(where: Path, raw: dict) -> tuple[str, bool, bool, int | None]:
     if not isinstance(name, str):
         raise MechscopeError(f"{where}: expected architecture to be a string, got {name!r}")
     fn = raw.get("activation_fn")
-    kwargs = raw.get("activation_fn_kwargs") or {}
-    k = raw.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
-    if isinstance(kwargs, dict) and None not in (raw.get("k"), kwargs.get("k")) and raw["k"] != kwargs["k"]:
+    kwargs = raw.get("activation_fn_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise MechscopeError(f"{where}: expected activation_fn_kwargs to be a JSON object, got {type(kwargs).__name__}")
+    k = raw.get("k", kwargs.get("k"))
+    if None not in (raw.get("k"), kwargs.get("k")) and raw["k"] != kwargs["k"]:
         raise MechscopeError(f"{where}: k is {raw['k']!r} but activation_fn_kwargs.k is {kwargs['k']!r}")
     if name == "standard" and fn == "topk":  # SAELens 3-5 wrote TopK SAEs as standard + activation_fn topk
         name = "topk"
