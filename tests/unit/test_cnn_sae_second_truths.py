@@ -6,6 +6,7 @@ recomputations of a planted dictionary on a tiny CNN (rows unfolded by a plain l
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -206,6 +207,18 @@ def test_train_defaults_expansion_16_and_saves_the_hooks_layer(chain):
     assert chain.t.d_sae == 96 and cfg["d_sae"] == 96 and cfg["d_in"] == 6
     assert (cfg["hook_name"], cfg["hook_layer"]) == (HOOK, 2)
     assert chain.t.config["normalize_activations"] == "expected_average_only_in"
+
+
+def test_a_stage_numbered_past_nine_saves_its_whole_number_as_the_layer(chain, tmp_path):
+    """Truth: SAELens' hook_layer is the stage's number as written in the hook name ("conv12" is stage 12, not 1);
+    the harvest record is edited by hand to name a twelfth stage."""
+    shutil.copytree(chain.tmp / "h", tmp_path / "h")
+    record = tmp_path / "h" / S.CnnSaeHarvest.FILE
+    raw = json.loads(record.read_text())
+    record.write_text(json.dumps(raw | {"hook": "conv12.hook_post"}))
+    CS.sae_train_run(tmp_path / "h", tmp_path / "sae", k=2, batch_size=64, steps=1, progress=False)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert (cfg["hook_name"], cfg["hook_layer"]) == ("conv12.hook_post", 12)
 
 
 def test_evaluate_counts_the_dictionarys_rows_and_images(chain):

@@ -16,6 +16,7 @@ stages for harvest, evaluate and show (see each result's field), through the dic
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -205,7 +206,8 @@ def sae_train_run(
     result = S.CnnSaeTraining(**training_fields(trained, model=h.run, hook=h.hook, target=None, store=str(where),
                                                 batch_size=batch_size, epochs=epochs), work=staged.work)  # fmt: skip
     if rank == 0:
-        layer = int(h.hook[4]) if h.hook.startswith("conv") and h.hook[4:5].isdigit() else 0
+        stage = re.match(r"conv(\d+)", h.hook)  # SAELens' hook_layer: the stage's number (conv12: 12), else 0
+        layer = int(stage.group(1)) if stage else 0
         with atomic_output(out, force) as tmp:
             save_saelens(trained.model, tmp, hook_name=h.hook, hook_layer=layer, model_name=h.run,
                          dataset_path=f"{h.dataset} {h.split}")  # fmt: skip
