@@ -94,6 +94,33 @@ def test_other_kind(run_dir):
         mechscope.load_run(path)
 
 
+def _with_schema(path, schema):
+    cfg = json.loads((path / "config.json").read_text())
+    if schema is None:
+        del cfg["schema"]
+    else:
+        cfg["schema"] = schema
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_run_records_its_layout_and_a_newer_one_is_refused(run_dir):
+    """Truth: the config.json read back with json names its layout, mechscope.cnn_run/1; a run from before the
+    header (none) loads as version 1; a /2 (or /10: numbers, not text) run comes from a newer mechscope whose fields
+    this one may read wrongly, and another layout or a header that is not text is no run of ours."""
+    path, _ = run_dir
+    assert json.loads((path / "config.json").read_text())["schema"] == "mechscope.cnn_run/1"
+    _with_schema(path, None)
+    assert mechscope.load_run(path).config["kind"] == "cnn"
+    for schema, message in [("mechscope.cnn_run/2", "newer than this mechscope reads"),
+                            ("mechscope.cnn_run/10", "newer than this mechscope reads"),
+                            ("mechscope.toy/1", "expected a mechscope.cnn_run/1 record"),
+                            (3, "field 'schema'")]:  # fmt: skip
+        _with_schema(path, schema)
+        with pytest.raises(RunError, match=message) as e:
+            mechscope.load_run(path)
+        assert "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
 def test_run_written_before_other_shapes_loads(run_dir):
     """A run from before the shape options (kind mnist-cnn, conv1/conv2_channels, no data record) loads as MNIST."""
     path, model = run_dir

@@ -1,10 +1,11 @@
 """Run directories: what a training run writes, and loading it back.
 
-A run directory holds ``model.safetensors`` (the weights), ``config.json`` (architecture,
-training settings, seed, the dataset with its checksums, shape and class names, library
-versions) and ``metrics.json`` (test accuracy, per-class accuracy, confusion matrix, training
+A run directory holds ``model.safetensors`` (the weights), ``config.json`` (its layout,
+``mechscope.cnn_run/1``; architecture, training settings, seed, the dataset with its checksums, shape and class
+names, library versions) and ``metrics.json`` (test accuracy, per-class accuracy, confusion matrix, training
 seconds, parameter count). Runs written before the CNN took other shapes and data (kind
-``mnist-cnn``, ``conv1_channels``/``conv2_channels``, MNIST only) load as they are.
+``mnist-cnn``, ``conv1_channels``/``conv2_channels``, MNIST only) and runs without the layout header load as
+they are; a run of a newer layout (written by a newer mechscope) is refused.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
-from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, versions, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
 from mechscope.core.paths import other_wing
+from mechscope.core.results import check_schema
 from mechscope.core.validate import field as check_field
 from mechscope.core.validate import read_json_object, shown, usable_path
 
 KIND = "cnn"
+SCHEMA = "mechscope.cnn_run/1"  # config.json's layout; runs written before it carry none and load as version 1
 KINDS = (KIND, "mnist-cnn")  # mnist-cnn: runs written before the CNN half took other data
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
@@ -57,8 +60,8 @@ def save_run(out: Path, model: CNN, config: dict, metrics: dict) -> None:
         raise MechscopeError("save_run: config['data'] must name the dataset the model was trained on "
                              "(ImageData.describe(), or {'name': 'mnist', 'kind': 'builtin'})")  # fmt: skip
     save_tensors(out / WEIGHTS, model.state_dict(), metadata={"kind": KIND})
-    record = {"kind": KIND, "model": model.config.to_dict(), **config, WEIGHTS_KEY: weights_hash(model)}
-    write_json(out / CONFIG, {**record, "versions": versions()})
+    record = {"schema": SCHEMA, "kind": KIND, "model": model.config.to_dict(), **config}
+    write_json(out / CONFIG, record | {WEIGHTS_KEY: weights_hash(model)})  # write_json adds the versions
     write_json(out / METRICS, metrics)
 
 
@@ -96,6 +99,8 @@ MAX_SIZE = 4096  # widths, image sizes, classes beyond this in a run's config: a
 
 def check_run_config(config: dict, where: Path) -> dict:
     """The run config's fields that loading uses, checked one by one; returns the model fields."""
+    if "schema" in config:  # a run written by a newer mechscope is refused, not read by this one's rules
+        check_schema(check_field(config, "schema", "str", where, error=RunError), SCHEMA, str(where))
     check_field(config, "kind", "str", where, choices=KINDS, error=RunError)
     model = check_field(config, "model", "object", where, error=RunError)
     f = f"{where} model"

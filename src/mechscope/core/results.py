@@ -61,6 +61,17 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+def check_schema(schema: str, ours: str, where: str = "") -> None:
+    """Refuse a record of another layout, or of a newer version of ours (``"mechscope.<kind>/<version>"``): it was
+    written by a newer mechscope, whose fields this one may read wrongly. ``where`` prefixes the message."""
+    (kind, _, version), (our_kind, _, our_version) = schema.partition("/"), ours.partition("/")
+    prefix = f"{where}: " if where else ""
+    if kind != our_kind:
+        raise RunError(f"{prefix}expected a {ours} record, got {schema}")
+    if version.isdigit() and our_version.isdigit() and int(version) > int(our_version):
+        raise RunError(f"{prefix}a {schema} record, newer than this mechscope reads ({ours}): upgrade mechscope")
+
+
 class Result:
     """Base of every public result: a frozen dataclass with ``to_dict``, ``from_dict``, ``load`` and rendering.
 
@@ -88,11 +99,7 @@ class Result:
             raise RunError(f"expected a {cls.__name__} record (a JSON object), got {type(data).__name__}")
         schema = data.get(SCHEMA_KEY)
         if cls.SCHEMA and isinstance(schema, str):
-            (kind, _, version), (ours, _, our_version) = schema.partition("/"), cls.SCHEMA.partition("/")
-            if kind != ours:
-                raise RunError(f"expected a {cls.SCHEMA} record, got {schema}")
-            if version.isdigit() and our_version.isdigit() and int(version) > int(our_version):
-                raise RunError(f"a {schema} record, newer than this mechscope reads ({cls.SCHEMA}): upgrade mechscope")
+            check_schema(schema, cls.SCHEMA)
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in fields(cls):
