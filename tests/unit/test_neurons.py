@@ -161,6 +161,13 @@ def test_toy_with_mlps_trains_and_loads(tmp_path, one_thread):
         said = re.escape(f"{out / 'training.json'}: transformer config field {said}")
         with pytest.raises(MechscopeError, match=said):
             load_toy(out)
+    # a record of a newer layout (written by a newer mechscope) is refused; one of this layout or none loads
+    for schema in ("mechscope.toy/1", None):
+        (out / "training.json").write_text(json.dumps({**r, "schema": schema}))
+        assert load_toy(out)[0].cfg.d_model == 32
+    (out / "training.json").write_text(json.dumps({**r, "schema": "mechscope.toy/2"}))
+    with pytest.raises(MechscopeError, match="mechscope.toy/2 record, newer than this mechscope reads"):
+        load_toy(out)
 
 
 @pytest.mark.parametrize(

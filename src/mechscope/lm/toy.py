@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError, about
 from mechscope.core.outputs import save_tensors
-from mechscope.core.results import Result
+from mechscope.core.results import Result, check_schema
 from mechscope.core.torch_utils import Timer, combine_work, evaluating
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
 from mechscope.lm.methods.composition import composition_scores
@@ -428,6 +428,8 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
         raise MechscopeError(f"{path}: not a train-toy run (no training.json in {run})")
     try:
         info = json.loads(meta.read_text())
+        if isinstance(info, dict) and isinstance(info.get("schema"), str):  # a newer record: refused, not misread
+            check_schema(info["schema"], ToyTraining.SCHEMA, str(meta))
         info = info["control"] if control else info
         with about(meta):  # a field of the wrong type or range, edited by hand: said of the file
             cfg = TransformerConfig.from_dict(info["model"])
