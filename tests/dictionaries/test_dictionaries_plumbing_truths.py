@@ -184,6 +184,18 @@ def test_checkpoints_keep_the_newest_by_step_number(tmp_path):
     refused(lambda: ck.load_checkpoint(newest), "expected a mechscope.dictionary_checkpoint/1 record")
 
 
+def test_checkpoints_past_a_billion_steps_stay_in_step_order(tmp_path):
+    """Truth: step numbers compared as numbers. Past 10^9 steps the name's nine digits of padding run out, so the
+    names of steps 999,999,999 and 1,000,000,000 sort the other way as text: the newest is still the larger step,
+    and keep=1 removes the smaller."""
+    for step in (999_999_999, 1_000_000_000):
+        ck.save_checkpoint(tmp_path, step, {}, {"model.W": torch.full((2,), float(step % 7))}, keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1000000000"]
+    ck.save_checkpoint(tmp_path / "both", 999_999_999, {}, {"model.W": torch.zeros(2)}, keep=0)
+    ck.save_checkpoint(tmp_path / "both", 1_000_000_000, {}, {"model.W": torch.zeros(2)}, keep=0)
+    assert json.loads((ck.find_checkpoint(tmp_path / "both") / "checkpoint.json").read_text())["step"] == 10**9
+
+
 def test_a_setting_only_this_run_has_refuses_to_resume():
     """A key the checkpoint lacks (saved None) but this run sets is a difference, as is a changed value."""
     ck.check_same_settings("ck", {"lr": 1e-3}, {"lr": 1e-3}, "training")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def save_checkpoint(root: Path, step: int, meta: dict, tensors: dict[str, torch.
 
 
 def _complete(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step-*") if (p / META_FILE).is_file())
+    """The complete checkpoints under ``root``, oldest first by step number (past 10^9 steps the nine digits of the
+    name's padding run out, and a text sort would put step-1000000000 before step-999999999)."""
+    found = ((re.fullmatch(r"step-(\d+)", p.name), p) for p in root.glob("step-*") if (p / META_FILE).is_file())
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found if m)]
 
 
 def find_checkpoint(path) -> Path:
