@@ -15,7 +15,7 @@ import torch
 from matplotlib.colors import to_hex
 from matplotlib.container import BarContainer
 
-from mechscope.cnn.methods.ablation_study import ReadoutAblation, WholeStage
+from mechscope.cnn.methods.ablation_study import ReadoutAblation, StageAblation, WholeStage
 from mechscope.cnn.methods.overview import Overview
 from mechscope.cnn.report import blocks_figures as BF
 from mechscope.cnn.report import cnn_figures as F
@@ -116,6 +116,19 @@ def test_the_costliest_channel_states_its_own_cost_and_three_tied_pairs_are_name
             "channel 3 on class fox;") in line  # fmt: skip
 
 
+def test_a_stage_whose_every_ablation_raises_accuracy_states_no_negative_cost():
+    """Truth: every one of conv1's channels raises test accuracy when mean-ablated (by 0.2 to 0.5 points overall,
+    at least 0.1 on every class): no channel costs accuracy, and no cost below zero is printed."""
+    r = X.make_result()
+    mean = torch.tensor([[0.002, 0.003, 0.001], [0.005, 0.005, 0.005], [0.004, 0.002, 0.003], [0.003, 0.003, 0.003]])
+    gain = StageAblation("conv1", "conv1.hook_out", "hand-made", mean, mean, mean.mean(1), mean.mean(1))
+    line = X.one(
+        S.summarise(replace(r, ablation=replace(r.ablation, stages=(gain, r.ablation.stages[1])))), "conv1, one"
+    )
+    assert "no channel costs test accuracy (each one's ablation raises it, by at least 0.2 points)" in line
+    assert "no channel costs any one class accuracy;" in line and "-0." not in line and "costliest" not in line
+
+
 def test_two_specialists_are_both_channels_with_their_own_region_and_no_negative_rest():
     """Truth: channels 1 (2.0 points on cat) and 3 (1.0 on fox) cost a class at least 0.5 points: "both channels";
     channel 3 raises the cats' and dogs' accuracy, so no other class loses more than 0.0 points; each channel's
@@ -179,6 +192,11 @@ def test_articles_plurals_and_the_digit_noun_follow_english():
     got = [S.article(n) for n in ("8", "11", "18", "80", "1", "7", "Ankle boot", "Shirt")]
     assert got == ["an 8", "an 11", "an 18", "an 80", "a 1", "a 7", "an Ankle boot", "a Shirt"]
     assert [S.plural(w) for w in ("box", "fox", "cat", "class")] == ["boxes", "foxes", "cats", "classes"]
+    words = ("butterfly", "Puppy", "key", "deer", "sheep", "person", "Mouse", "Ankle boot", "sports car", "y")
+    assert [S.plural(w) for w in words] == ["butterflies", "Puppies", "keys", "deer", "sheep", "people", "Mice",
+                                             "Ankle boots", "sports cars", "ys"]  # fmt: skip
+    got = [S.article(n) for n in ("unicorn", "umbrella", "user", "European", "hourglass", "horse", "egg")]
+    assert got == ["a unicorn", "an umbrella", "a user", "a European", "an hourglass", "a horse", "an egg"]
     assert S.noun(tuple("0123456789")) == "digit" and S.noun(("0", "1")) == "class" and S.noun(NAMES) == "class"
 
 

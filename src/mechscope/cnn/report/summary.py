@@ -13,14 +13,35 @@ def noun(class_names) -> str:
     return "digit" if tuple(class_names) == tuple("0123456789") else "class"
 
 
+_SAME_PLURAL = frozenset({"deer", "sheep", "fish", "moose", "bison", "series", "species", "aircraft"})
+_IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+              "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen"}  # fmt: skip
+_A_BEFORE_VOWEL = ("uni", "use", "usu", "uti", "ure", "eu", "one", "once", "ewe")  # a unicorn, a user, a ewe
+_AN_BEFORE_H = ("hour", "honest", "honor", "honour", "heir")  # an hour
+
+
 def plural(word: str) -> str:
-    return f"{word}es" if str(word).endswith(("s", "x", "z", "ch", "sh")) else f"{word}s"
+    """English plurals of class names: 'boxes', 'cats', 'butterflies', 'deer', 'people', 'Ankle boots'."""
+    word = str(word)
+    head, _, last = word.rpartition(" ")
+    low = last.lower()
+    if low in _SAME_PLURAL:
+        return word
+    if low in _IRREGULAR:
+        many = _IRREGULAR[low]
+        return word[: len(word) - len(last)] + (many.capitalize() if last[:1].isupper() else many)
+    if len(low) > 1 and low.endswith("y") and low[-2] not in "aeiou":
+        return f"{word[:-1]}ies"
+    return f"{word}es" if low.endswith(("s", "x", "z", "ch", "sh")) else f"{word}s"
 
 
 def article(name: str) -> str:
-    """'an 8', 'a 3', 'an Ankle boot', 'a Shirt'."""
+    """'an 8', 'a 3', 'an Ankle boot', 'a Shirt', 'a unicorn', 'an hourglass'."""
     s = str(name).lower()
-    vowel = s[:1] in "aeiou" if not s[:1].isdigit() else (s.startswith("8") or s in ("11", "18"))
+    if s[:1].isdigit():
+        vowel = s.startswith("8") or s in ("11", "18")
+    else:
+        vowel = (s[:1] in "aeiou" and not s.startswith(_A_BEFORE_VOWEL)) or s.startswith(_AN_BEFORE_H)
     return f"{'an' if vowel else 'a'} {name}"
 
 
@@ -144,6 +165,8 @@ def _and(items: list[str]) -> str:
 
 def _costliest(ov: np.ndarray) -> str:
     """The channel(s) whose ablation costs the most overall; every one tied at the largest cost is named."""
+    if ov.min() > 0:
+        return f"no channel costs test accuracy (each one's ablation raises it, by at least {_pts(ov.min())} points)"
     tied = [str(c) for c in np.flatnonzero(ov == ov.min())]
     cost = f"{_pts(-ov.min())} points of test accuracy"
     if len(tied) == 1:
@@ -155,6 +178,8 @@ def _costliest(ov: np.ndarray) -> str:
 
 def _worst_pair(per: np.ndarray, names, word) -> str:
     """The (channel, class) pair(s) with the largest cost to one class; ties named (up to three, else counted)."""
+    if per.min() > 0:
+        return f"no channel costs any one {word} accuracy"
     tied = list(zip(*np.nonzero(per == per.min()), strict=True))
     cost = f"{_pts(-per.min())} points"
     if len(tied) == 1:
