@@ -19,7 +19,7 @@ from torch import nn
 
 from mechscope.core import intervene as ivn
 from mechscope.core import show
-from mechscope.core.cli_options import ThreadsOneOpt, _threads, graph_check_lines
+from mechscope.core.cli_options import ThreadsOneOpt, _threads, graph_check_lines, strongest_inputs
 from mechscope.core.errors import HookError, MechscopeError, RunError
 from mechscope.core.hooks import (
     HookPoint,
@@ -406,6 +406,24 @@ def test_graph_check_lines_put_each_number_after_its_own_words():
     assert (float(m[1]), float(m[2]), int(m[3])) == (1.5e-6, 2.5e-4, 17)
     lines = graph_check_lines(SimpleNamespace(scores=scores, exactness={"logits_max_abs_diff": 3e-7}))
     assert lines[1] == "exactness: logits max |diff| 3.00e-07"
+
+
+def test_a_graph_whose_logits_no_source_reaches_says_its_scores_are_undefined():
+    """Truth: circuit-tracer's replacement score is a share of the logits' influence, 0/0 where no input or error
+    node reaches them (a graph limited to the logits' rows: NaN in memory, null once read back from graph.json); the
+    line says so rather than print "nan", and an empty list of inputs is said in words."""
+    for missing in (float("nan"), None):
+        scores = {
+            "replacement": missing,
+            "replacement_pruned": missing,
+            "completeness": 1.0,
+            "completeness_pruned": 1.0,
+        }
+        line = graph_check_lines(SimpleNamespace(scores=scores, exactness={"logits_max_abs_diff": 0.0}))[0]
+        assert line.startswith("replacement score undefined (pruned undefined), completeness 1.000 (pruned 1.000) (")
+        assert "nan" not in line and "too few features with rows" in line
+    assert strongest_inputs([], str) == "none in the pruned graph"
+    assert strongest_inputs([({"id": "a"}, 0.5), ({"id": "b"}, -0.25)], lambda n: n["id"]) == "a +0.500, b -0.250"
 
 
 def test_the_threads_options_check_and_default_as_their_help_says():

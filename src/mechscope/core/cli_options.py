@@ -74,8 +74,25 @@ def graph_check_lines(g) -> list[str]:
     s, e = g.scores, g.exactness
     edges = (f", edges max |error| {e['edges_max_abs_error']:.2e} over {e['edges_sources_checked']} sources"
              if "edges_max_abs_error" in e else "")  # fmt: skip
+    undefined = not _defined(s["replacement"])
+    why = " (no influence of an input or an error node reaches the logits: too few features with rows?)"
     return [
-        f"replacement score {s['replacement']:.3f} (pruned {s['replacement_pruned']:.3f}), completeness "
-        f"{s['completeness']:.3f} (pruned {s['completeness_pruned']:.3f})",
+        f"replacement score {_score(s['replacement'])} (pruned {_score(s['replacement_pruned'])}), completeness "
+        f"{_score(s['completeness'])} (pruned {_score(s['completeness_pruned'])}){why if undefined else ''}",
         f"exactness: logits max |diff| {e['logits_max_abs_diff']:.2e}{edges}",
     ]
+
+
+def _defined(v) -> bool:
+    return v is not None and v == v  # a score of no influence at all is NaN in memory, null in graph.json
+
+
+def _score(v) -> str:
+    return f"{v:.3f}" if _defined(v) else "undefined"
+
+
+def strongest_inputs(top, label) -> str:
+    """The "strongest inputs of ..." line of a graph command: ``top`` as ``Graph.inputs_of`` gives them, each as
+    ``label(node)``; "none in the pruned graph" when nothing is left."""
+    listed = ", ".join(f"{label(n)} {w:+.3f}" for n, w in top)
+    return listed or "none in the pruned graph"

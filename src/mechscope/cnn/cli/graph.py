@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from mechscope.cnn.cli.common import DataDir, Dataset, Force, app
-from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, view_only
+from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, strongest_inputs, view_only
 
 
 @app.command("graph")
@@ -96,10 +96,8 @@ def graph_cmd(
         typer.echo(line)
     logit = next(n for n in g.nodes if n["kind"] == "logit")
     top = g.inputs_of(logit["id"], 5)
-    typer.echo(
-        f"strongest inputs of class {logit['label']}: "
-        + ", ".join(f"{n.get('label', n['id'])} {w:+.3f}" for n, w in top)
-    )
+    shown = strongest_inputs(top, lambda n: n.get("label", n["id"]))
+    typer.echo(f"strongest inputs of class {logit['label']}: {shown}")
     from mechscope.core.attribution_graph import GraphIntervention
 
     for chk in g.checks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, view_only
+from mechscope.core.cli_options import ThreadsOpt, graph_check_lines, strongest_inputs, view_only
 from mechscope.lm.cli.common import DeviceOpt, DtypeOpt, ForceOpt, RevisionOpt, app
 
 
@@ -169,10 +169,8 @@ def _echo(g, path) -> None:
         typer.echo(line)
     if logits:
         top = g.inputs_of(logits[0]["id"], 5)
-        typer.echo(
-            f"strongest inputs of {logits[0]['label']!r}: "
-            + ", ".join(f"{n.get('label', n['id'])} [{n['id']}] {w:+.3f}" for n, w in top)
-        )
+        typer.echo(f"strongest inputs of {logits[0]['label']!r}: "
+                   + strongest_inputs(top, lambda n: f"{n.get('label', n['id'])} [{n['id']}]"))  # fmt: skip
     from mechscope.core.attribution_graph import GraphIntervention
     from mechscope.lm.methods.attribution_graph_qk import QKAttribution
 
