@@ -22,15 +22,28 @@ def norm_scale(sample: torch.Tensor) -> float:
 def geometric_median(points: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-7) -> torch.Tensor:
     """The point minimising ``sum_n ||p_n - m||``, by Weiszfeld's iterations from the mean.
 
-    ``m_{t+1} = sum_n w_n p_n / sum_n w_n`` with ``w_n = 1 / max(||p_n - m_t||, 1e-12)``, stopped when
+    ``m_{t+1} = sum_n w_n p_n / sum_n w_n`` with ``w_n = 1 / ||p_n - m_t||``, stopped when
     ``||m_{t+1} - m_t|| <= tol * (1 + ||m_t||)`` or after ``max_iter`` steps (Weiszfeld 1937; Bricken et al.
-    2023 and Gao et al. 2024 start the decoder bias here). points: ``[M, d]`` -> ``[d]`` float64.
+    2023 and Gao et al. 2024 start the decoder bias here). Where ``m_t`` is itself one of the points (the mean can
+    be), the step is Vardi and Zhang's (2000): stop if the pull of the other points, ``||sum (p_n - m)/||p_n - m||||``,
+    is at most the number of points at ``m`` (then ``m`` is the minimiser), else move part way to their Weiszfeld
+    point (plain Weiszfeld would stay stuck there). points: ``[M, d]`` -> ``[d]`` float64.
     """
     p = points.double()
     m = p.mean(0)
     for _ in range(max_iter):
-        w = 1.0 / (p - m).norm(dim=1).clamp_min(1e-12)
+        dist = (p - m).norm(dim=1)
+        at = dist <= 1e-12 * (1 + m.norm())  # points at m: no direction, no weight
+        if bool(at.all()):
+            break
+        w = torch.where(at, torch.zeros_like(dist), 1.0 / dist.clamp_min(1e-300))
         new = (w[:, None] * p).sum(0) / w.sum()
+        if bool(at.any()):
+            pull = float((w[:, None] * (p - m)).sum(0).norm())
+            here = int(at.sum())
+            if pull <= here:
+                break
+            new = (1 - here / pull) * new + (here / pull) * m
         done = (new - m).norm() <= tol * (1 + m.norm())
         m = new
         if done:
