@@ -25,6 +25,7 @@ from mechscope.core.dictionaries.initialisation import decoder_bias_init, norm_s
 from mechscope.core.dictionaries.latents import LatentCollector, densities, latent_summary, maxima
 from mechscope.core.dictionaries.losses import step_loss
 from mechscope.core.dictionaries.synthetic import _greedy_matching
+from mechscope.core.errors import MechscopeError
 
 from .test_outside_truths import np64
 
@@ -327,6 +328,16 @@ def test_norm_scale_makes_the_mean_squared_norm_the_width():
     x = torch.randn(50, 7, generator=torch.Generator().manual_seed(3)) * 2.5 + 0.4
     s = norm_scale(x)
     assert float(((s * np64(x)) ** 2).sum(1).mean()) == pytest.approx(7.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e200])
+def test_norm_scale_of_non_finite_activations_is_refused_saying_so(bad):
+    """A NaN gives no factor (it was refused as "no non-zero norm"), an infinite value gave a factor of 0 without a
+    word, and 1e200 squares past float64 (1e400 > 1.8e308) to the same: each is one line naming the cause."""
+    x = torch.ones(4, 3, dtype=torch.float64)
+    x[2, 1] = bad
+    with pytest.raises(MechscopeError, match="expected finite activations"):
+        norm_scale(x)
 
 
 def test_decoder_bias_mean_and_zeros_are_numpys():

@@ -5,6 +5,8 @@ Both read a sample of rows taken from the first training batches (``[M, d]``), i
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mechscope.core.errors import MechscopeError
@@ -14,6 +16,9 @@ def norm_scale(sample: torch.Tensor) -> float:
     """The factor ``s = sqrt(d / mean_n ||x_n||^2)`` that makes the mean squared norm of ``s x`` equal ``d``
     (Anthropic's April 2024 update; SAELens' ``expected_average_only_in``). sample: ``[M, d]``."""
     mean_sq = float(sample.double().pow(2).sum(-1).mean())
+    if not math.isfinite(mean_sq):  # NaN or infinite activations (or squares past float64): no factor to estimate
+        raise MechscopeError("expected finite activations to estimate the normalisation factor, got NaN or infinite "
+                             "values (or values too large to square)")  # fmt: skip
     if not mean_sq > 0:
         raise MechscopeError("expected activations with a non-zero norm to estimate the normalisation factor")
     return (sample.shape[-1] / mean_sq) ** 0.5
