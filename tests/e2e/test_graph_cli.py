@@ -398,6 +398,9 @@ def test_lm_graph_cli_trains_and_loads_a_crosslayer_transcoder(capsys, tmp_path)
     "extra,fragments",
     [
         (["--tokens", "0,2,3", "--crosslayer"], ["--crosslayer trains", "--train-transcoders"]),
+        (["--tokens", "0,2,3", "--train-transcoders", "0"], ["--train-transcoders", "from 256", "got 0"]),
+        (["--tokens", "0,2,3", "--neurons", "--train-transcoders", "0"], ["give one of"]),  # 0 was taken as not given
+        (["--tokens", "0,2,3", "--crosslayer", "--train-transcoders", "0"], ["--train-transcoders", "got 0"]),
         (["--tokens", "0,2,3", "--transcoders", "CLT16"], ["d_model is 20"]),
         (["--tokens", "0,2,3", "--transcoders", "CLT2"], ["over 2 layers", "1 MLP layers"]),
     ],

@@ -114,9 +114,9 @@ def graph_cmd(
     from mechscope.lm.methods.attribution_graph import GraphSettings
     from mechscope.lm.pipelines.attribution_graph import graph_run
 
-    if sum(map(bool, (neurons, transcoders, train_tokens))) > 1:  # one source of features; the others were ignored
+    if sum(map(bool, (neurons, transcoders, train_tokens is not None))) > 1:  # one source of features (0 tokens too)
         raise MechscopeError("give one of --transcoders, --neurons and --train-transcoders")
-    if crosslayer and not train_tokens:
+    if crosslayer and train_tokens is None:
         raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     settings = GraphSettings(
         max_feature_nodes=max_features,

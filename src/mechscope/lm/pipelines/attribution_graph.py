@@ -22,7 +22,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
-from mechscope.core.validate import repeated
+from mechscope.core.validate import check_int, repeated
 from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
@@ -103,6 +103,8 @@ def get_transcoders(
     """(Transcoders or a CrossLayerTranscoder, training record or None) from a folder (a CLT's layout is detected),
     ``"neurons"``, a :class:`Transcoders` or :class:`CrossLayerTranscoder`, or trained (``crosslayer``: one CLT) on
     ``text()``'s (text, name)."""
+    if train_tokens is not None:  # 0 is a count to refuse, not "not given"
+        check_int(train_tokens, "--train-transcoders (train_tokens)", 256, 10**9)
     if crosslayer and (transcoders is not None or not train_tokens):
         raise MechscopeError("--crosslayer trains a cross-layer transcoder: give it with --train-transcoders TOKENS")
     if model.cfg.attn_only:
