@@ -17,7 +17,7 @@ from mechscope.cnn.runs import load_run, load_run_data
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, read_linked, weights_hash, write_json
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_seed, check_threads
+from mechscope.core.validate import check_int, check_seed, check_threads
 
 
 def check_settings(kw: dict) -> None:
@@ -39,6 +39,9 @@ def check_settings(kw: dict) -> None:
         raise MechscopeError(f"--grid must be at least 1, got {kw['max_side']}")
     if not 0 < kw.get("threshold", 0.9) <= 1:
         raise MechscopeError(f"--threshold must be in (0, 1], got {kw['threshold']}")
+    for key in ("n_top", "n_examples"):  # Python-only settings: 0 gave rows with no channel and groups with no image
+        if key in kw:
+            check_int(kw[key], key, 1, 10_000)
     check_threads(kw.get("threads", 1))
     check_seed(kw.get("seed", 0))
 
