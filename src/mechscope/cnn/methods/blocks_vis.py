@@ -142,7 +142,7 @@ def visualise_blocks(spec, layers, steps: int, seed: int, vrange, channels: dict
                      min_norm: float = 1e-3) -> dict:  # fmt: skip
     """Every cell vector (``cells``), group direction (``groups``) and, unless given, channel (``channels``).
 
-    Returns {"cells": {stage: [shown, cells, C_in, h, w] crops, zeros for a cell of norm below ``min_norm`` of
+    Returns {"cells": {stage: [shown, cells, C_in, h, w] crops, zeros for a cell of norm at most ``min_norm`` of
     the layer's largest}, "groups": {stage: [k, C_in, H, W]}, "channels": {stage: [C, C_in, H, W]}}. One
     optimisation per stage, through the network up to that stage only; equal cell vectors visualised once.
     """
