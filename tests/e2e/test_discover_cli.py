@@ -227,6 +227,14 @@ def test_bad_cnn_discover_settings_are_one_line(capsys, tmp_path, quick_run):
     code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
                             "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(code, err, "circuits.circuits is not a list")
+    for text, said in (("[1, 2]", "holds a JSON list; expected an object (cnn explain mechanisms.json)"),
+                       ('{"circuits": [1]}', "circuits.circuits is not a list"),
+                       ('{"circuits": {"circuits": [], "circuits": []}}', "corrupt JSON")):  # fmt: skip
+        (tmp_path / "explain0" / "mechanisms.json").write_text(text)
+        code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--n", "8", "--class", "1",
+                                "--explain", str(tmp_path / "explain0"), "--out", str(tmp_path / "o"))  # fmt: skip
+        assert_one_line_error(code, err, said)
+        assert "TypeError" not in err
     # another run's explanation (channel numbers of other weights) is refused where the file records its weights
     other = {"model": {"weights_sha256": "0" * 64}, "circuits": {"circuits": [{"target": 1, "channels": [3]}]}}
     (tmp_path / "explain0" / "mechanisms.json").write_text(json.dumps(other))

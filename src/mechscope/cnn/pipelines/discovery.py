@@ -3,7 +3,6 @@ self-contained report.html, written atomically."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mechscope.core.errors import MechscopeError, about
 from mechscope.core.graphs import check_discovery_settings
 from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, check_target, same_weights, write_json
 from mechscope.core.torch_utils import Timer, evaluating
+from mechscope.core.validate import read_json_object
 
 
 def _data(run, dataset=None, data_dir=None):
@@ -31,13 +31,11 @@ def hand_circuit(path: str | Path, target: int, spec=None, digest: str | None = 
     path = Path(path)
     if path.is_dir():
         path = path / "mechanisms.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["circuits"]["circuits"]
-    except FileNotFoundError:
-        raise MechscopeError(f"{path}: not found") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MechscopeError(f"{path}: not a readable mechanisms.json ({type(e).__name__})") from None
+    if not path.exists():
+        raise MechscopeError(f"{path}: not found")
+    data = read_json_object(path, "cnn explain mechanisms.json")
+    circuits = data.get("circuits")
+    rows = circuits.get("circuits") if isinstance(circuits, dict) else None
     if not isinstance(rows, list):
         raise MechscopeError(f"{path}: not a readable mechanisms.json (circuits.circuits is not a list)")
     model = data.get("model")
