@@ -285,6 +285,35 @@ def test_a_record_newer_than_its_class_is_refused(tmp_path):
             Rec.from_dict(d | {"schema": f"mechscope.plumbing/{version}"})
 
 
+@dataclass(frozen=True)
+class OwnReader(Result):
+    """A result that rebuilds itself (as HeadsResult, NeuronsResult... do): from_dict reads its fields by hand."""
+
+    SCHEMA = "mechscope.own/2"
+    count: int
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["count"])
+
+
+def test_a_result_with_its_own_reader_loads_only_records_of_its_layout(tmp_path):
+    """Truth: files written by hand. A class whose from_dict reads fields itself skipped the base checks: a list was
+    'not readable (TypeError: list indices must be integers...)', another layout or a newer version was read by this
+    one's rules. load() checks the record first, naming the file; /1, /2 and no schema load."""
+    path = tmp_path / "own.json"
+    for record in ({"schema": "mechscope.own/1", "count": 4}, {"schema": "mechscope.own/2", "count": 4}, {"count": 4}):
+        path.write_text(json.dumps(record))
+        assert OwnReader.load(path).count == 4
+    for text, said in (("[1, 2]", "expected a OwnReader record (a JSON object), got list"),
+                       ('{"schema": "mechscope.own/3", "count": 4}', "a mechscope.own/3 record, newer than this"),
+                       ('{"schema": "mechscope.toy/1", "count": 4}', "expected a mechscope.own/2 record, got "
+                        "mechscope.toy/1")):  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(RunError, match=re.escape(f"{path}: {said}")):
+            OwnReader.load(path)
+
+
 # ---- statistics ---------------------------------------------------------------------------------------------------
 
 

@@ -93,13 +93,20 @@ class Result:
         return {}
 
     @classmethod
-    def from_dict(cls, data: dict):
-        """The result ``to_dict`` wrote, rebuilt from the field types (figure-only fields take their defaults)."""
+    def check_record(cls, data) -> None:
+        """A JSON object of this class's layout, or of an older version of it (:func:`check_schema`); a record
+        without a schema is read as this version. :meth:`load` checks it before any ``from_dict``, a subclass's
+        own included."""
         if not isinstance(data, dict):
             raise RunError(f"expected a {cls.__name__} record (a JSON object), got {type(data).__name__}")
         schema = data.get(SCHEMA_KEY)
         if cls.SCHEMA and isinstance(schema, str):
             check_schema(schema, cls.SCHEMA)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The result ``to_dict`` wrote, rebuilt from the field types (figure-only fields take their defaults)."""
+        cls.check_record(data)
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in fields(cls):
@@ -120,6 +127,8 @@ class Result:
         from mechscope.core.validate import read_strict_json
 
         data = read_strict_json(path, f"{cls.__name__} record")
+        with about(path, RunError):
+            cls.check_record(data)
         try:
             with about(path, RunError):  # the record's own checks: said of the file
                 return cls.from_dict(data)
