@@ -30,7 +30,7 @@ def train(
     batch: int = typer.Option(128, "--batch", help="Image–caption pairs per step."),
     lr: float = typer.Option(4e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     seed: int = typer.Option(0, "--seed"),
-    train_limit: int = typer.Option(60000, "--train-limit", help="MNIST training digits used."),
+    train_limit: int = typer.Option(60000, "--train-limit", help="MNIST training digits used (100 to 60,000)."),
     data_dir: str | None = DataOpt,
     threads: int = ThreadsOneOpt,
     force: bool = ForceOpt,
