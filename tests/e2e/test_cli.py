@@ -167,7 +167,7 @@ def test_unreadable_data_dir_is_one_line(capsys, tmp_path):
     [
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--lr", "-1"], "--lr must be in (0, 10]"),
-        (["--max-steps", "0"], "max steps must be at least 1"),
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
     ],
 )
 def test_bad_settings_are_one_line(capsys, tmp_path, args, fragment):

@@ -277,19 +277,19 @@ def test_legacy_configs_and_round_trips():
 
 
 TRAIN = [
-    ("epochs", 1, 0, "epochs must be at least 1"),
+    ("epochs", 1, 0, "--epochs must be at least 1"),
     ("epochs", 10_000, 10_001, "--epochs must be at most"),
-    ("batch_size", 1, 0, "batch size must be at least 1"),
+    ("batch_size", 1, 0, "--batch-size must be at least 1"),
     ("batch_size", 65_536, 65_537, "--batch-size must"),
     ("warmup_fraction", 0.0, -0.01, "warm-up fraction"),
     ("warmup_fraction", 0.99, 1.0, "warm-up fraction"),
     ("weight_decay", 0.0, 1.0, "weight decay"),
     ("label_smoothing", 0.0, 1.0, "label smoothing"),
     ("label_smoothing", 0.0, -0.1, "label smoothing"),
-    ("train_limit", 1, 0, "train limit"),
-    ("shift", 0, -1, "shift must be 0 or more"),
+    ("train_limit", 1, 0, "--train-limit must be at least 1"),
+    ("shift", 0, -1, "--shift must be 0 or more"),
     ("shift", 64, 65, "--shift must be at most 64"),
-    ("max_steps", 1, 0, "max steps must"),
+    ("max_steps", 1, 0, "--max-steps must"),
     ("max_steps", 10**8, 10**8 + 1, "--max-steps must be at most"),
 ]
 

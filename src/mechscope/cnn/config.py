@@ -35,9 +35,9 @@ class TrainConfig:
             "max_steps": "--max-steps",
         })
         if self.epochs < 1:
-            raise MechscopeError(f"epochs must be at least 1, got {self.epochs}")
+            raise MechscopeError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise MechscopeError(f"batch size must be at least 1, got {self.batch_size}")
+            raise MechscopeError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_lr(self.lr)
         check_seed(self.seed)
         if not 0 <= self.warmup_fraction < 1:
@@ -47,11 +47,11 @@ class TrainConfig:
                 f"weight decay and label smoothing must be in [0, 1), got {self.weight_decay}, {self.label_smoothing}"
             )
         if self.train_limit is not None and self.train_limit < 1:
-            raise MechscopeError(f"train limit must be at least 1, got {self.train_limit}")
+            raise MechscopeError(f"--train-limit must be at least 1, got {self.train_limit}")
         if self.shift < 0:
-            raise MechscopeError(f"shift must be 0 or more pixels, got {self.shift}")
+            raise MechscopeError(f"--shift must be 0 or more pixels, got {self.shift}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise MechscopeError(f"max steps must be at least 1, got {self.max_steps}")
+            raise MechscopeError(f"--max-steps must be at least 1, got {self.max_steps}")
         for name, value, high in (("--epochs", self.epochs, 10_000), ("--batch-size", self.batch_size, 65_536),
                                   ("--max-steps", self.max_steps, 10**8), ("--shift", self.shift, 64)):  # fmt: skip
             if value is not None and value > high:
