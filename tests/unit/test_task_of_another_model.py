@@ -102,7 +102,7 @@ def test_a_cnn_kl_task_runs_only_on_the_model_whose_logits_it_holds():
 
 def test_the_api_names_the_setting_not_a_cli_flag():
     x, y = strokes()
-    with pytest.raises(MechscopeError, match="^n must be an integer >= 2, got 1$"):
+    with pytest.raises(MechscopeError, match=r"^--n \(n\) must be an integer >= 2, got 1$"):
         image_task(x, y, n=1)
 
 

@@ -171,7 +171,7 @@ def image_task(
     if not isinstance(metric, str) or metric not in METRICS:
         raise MechscopeError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-        raise MechscopeError(f"n must be an integer >= 2, got {n!r}")
+        raise MechscopeError(f"--n (n) must be an integer >= 2, got {n!r}")
     if corrupt not in ("resample", "other-class"):
         raise MechscopeError(f"unknown corruption {corrupt!r}: resample or other-class")
     check_seed(seed, "seed")

@@ -187,7 +187,7 @@ def tracr_task(model: HookedTransformer, metric: str | None = None, *, seed: int
     outputs = list(ex.outputs)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
-            raise MechscopeError(f"limit must be an integer >= 2, got {limit!r}")
+            raise MechscopeError(f"--limit (limit) must be an integer >= 2, got {limit!r}")
         ids, outputs = ids[:limit], outputs[:limit]
     where = Path(info.directory) / "examples.json"
     if len(ids) < 2:
