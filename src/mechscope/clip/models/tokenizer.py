@@ -78,7 +78,12 @@ class ClipTokenizer:
         return out
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        """The text of token ids as transformers decodes it: the start, end and padding tokens left out (whether or
+        not the backend registers them as special), CLIP's ``</w>`` word ends read as spaces."""
+        special = {self.bos_id, self.eos_id, self.pad_id} - {None}
+        text = self.backend.decode([int(i) for i in ids if int(i) not in special], skip_special_tokens=True)
+        suffix = getattr(self.backend.model, "end_of_word_suffix", None)
+        return text.replace(suffix, " ").strip() if suffix else text
 
 
 def from_dir(directory: Path, n_ctx: int, bos_id, eos_id, pad_id, pad_to_context: bool = False) -> ClipTokenizer:
