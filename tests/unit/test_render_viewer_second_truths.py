@@ -211,6 +211,12 @@ def test_the_summary_puts_every_count_score_and_check_where_the_record_has_it():
         "largest of those sources' edges 2.25)" in text
     )
     assert "ReLU and max-pool gates are frozen" in text and "attention patterns" not in text
+    ones = dict.fromkeys(COUNTS, 1)
+    one = Doc(gv.summary_html({**_record(), "counts": ones, "scores": dict.fromkeys(_record()["scores"])})).joined()
+    assert (
+        "1 active feature, 1 with rows (1 row in 1 backward pass), 1 error node (0 kept by the pruning), 1 input; "
+        "pruned to 1 node and 1 edge (" in one
+    )
 
 
 def test_the_ratio_of_two_steps_names_which_one_does_not_move():
