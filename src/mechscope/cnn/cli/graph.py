@@ -88,9 +88,12 @@ def graph_cmd(
         )  # fmt: skip
     c = g.counts
     typer.echo(g.title)
+    from mechscope.core.render.html import counted
+
     typer.echo(
-        f"{c['active_features']} active features, {c['backward_passes']} backward passes; pruned: "
-        f"{c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
+        f"{counted(c['active_features'], 'active feature')}, "
+        f"{counted(c['backward_passes'], 'backward pass', 'backward passes')}; pruned: "
+        f"{counted(c['nodes_pruned'], 'node')}, {counted(c['edges_pruned'], 'edge')}"
     )
     for line in graph_check_lines(g):
         typer.echo(line)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mechscope.core.render.html import counted
+
 
 def noun(class_names) -> str:
     return "digit" if tuple(class_names) == tuple("0123456789") else "class"
@@ -54,10 +56,6 @@ READS_AS_MIN = 0.5  # a replacement "reads as" a class when the network calls at
 SPECIALIST_MIN = 0.005  # a channel is named when mean-ablating it costs one class at least 0.5 points
 SPECIALISTS_SHOWN = 3  # the largest that get a sentence; the others are listed in one
 NEGLIGIBLE = 0.001  # a channel whose mean-ablation costs under 0.1 points of test accuracy
-
-
-def _n(n: int, thing: str) -> str:
-    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 def _called(share: float) -> str:
@@ -121,10 +119,10 @@ def _confusions(conf: np.ndarray, names) -> str:
     n = int(off.max())
     tied = [f"{article(names[t])} read as {article(names[p])}" for t, p in zip(*np.nonzero(off == n), strict=True)]
     if len(tied) == 1:
-        return f"the most common confusion is {tied[0]} ({_n(n, 'image')})"
+        return f"the most common confusion is {tied[0]} ({counted(n, 'image')})"
     if len(tied) <= 3:
-        return f"the most common confusions, {_n(n, 'image')} each, are {_and(tied)}"
-    return f"{len(tied)} confusions tie as the most common, {_n(n, 'image')} each"
+        return f"the most common confusions, {counted(n, 'image')} each, are {_and(tied)}"
+    return f"{len(tied)} confusions tie as the most common, {counted(n, 'image')} each"
 
 
 def _whole_stages(r, names, word) -> list[str]:
@@ -288,7 +286,7 @@ def _circuits(r, names, word) -> list[str]:
         f"Per-{word} circuits in {stage}: {met} of {len(circ)} meet the criterion (with every other channel "
         f"mean-ablated, the {word}'s accuracy within {_pts(cs.tolerance)} points of the full model's and other "
         f"{plural(word)} not called that {word} more often than by the full model, within the same margin; no channel "
-        f"can be dropped and no two traded for one). Sizes run from {_n(min(sizes), 'channel')} "
+        f"can be dropped and no two traded for one). Sizes run from {counted(min(sizes), 'channel')} "
         f"({_at_size(circ, min(sizes), names, word)}) to {max(sizes)} ({_at_size(circ, max(sizes), names, word)}), "
         f"mean {np.mean(sizes):.1f} of {n_ch}."
     ]
@@ -375,7 +373,7 @@ def vacuous_sentence(r, names, word) -> str | None:
         f"mean-ablating its channels pushes images towards {names[k]}, so the {_pts(c.necessity)}% it leaves cannot "
         f"show that the {plural(names[k])} need them."
         + (
-            f" With the accuracy half met by no channel at all, the circuit's {_n(c.size, 'channel')} "
+            f" With the accuracy half met by no channel at all, the circuit's {counted(c.size, 'channel')} "
             f"{'meets' if c.size == 1 else 'meet'} the other "
             f"half: keeping the other {plural(word)} from being called {names[k]} "
             f"({_pts(c.other_classes_called_circuit)}% "

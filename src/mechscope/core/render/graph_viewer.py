@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import html as H
 
-from mechscope.core.render.html import script_json
+from mechscope.core.render.html import counted, script_json
 
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 1em; }
@@ -332,11 +332,6 @@ def table_html(cols: list[str], rows: list[list], left: int = 1) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _count(n: int, one: str, many: str | None = None) -> str:
-    """'1 row', '2 rows', '1,024 backward passes'."""
-    return f"{n:,} {one if n == 1 else (many or one + 's')}"
-
-
 def summary_html(d: dict, lead: str = "") -> str:
     """Scores, sizes and exactness of a graph record, in a few lines and one table."""
     s, c, e = d["scores"], d["counts"], d.get("exactness", {})
@@ -361,11 +356,11 @@ def summary_html(d: dict, lead: str = "") -> str:
         )
     return (
         f"{lead}<p><b>Attributed logits:</b> {tl}.</p>"
-        f"<p>{_count(c['active_features'], 'active feature')}, {c['feature_nodes']:,} with rows "
-        f"({_count(c['rows'], 'row')} in {_count(c['backward_passes'], 'backward pass', 'backward passes')}), "
-        f"{_count(c['error_nodes'], 'error node')} ({kept_errors:,} kept by the pruning), "
-        f"{_count(c['input_nodes'], 'input')}; pruned to {_count(c['nodes_pruned'], 'node')} and "
-        f"{_count(c['edges_pruned'], 'edge')} (node threshold "
+        f"<p>{counted(c['active_features'], 'active feature')}, {c['feature_nodes']:,} with rows "
+        f"({counted(c['rows'], 'row')} in {counted(c['backward_passes'], 'backward pass', 'backward passes')}), "
+        f"{counted(c['error_nodes'], 'error node')} ({kept_errors:,} kept by the pruning), "
+        f"{counted(c['input_nodes'], 'input')}; pruned to {counted(c['nodes_pruned'], 'node')} and "
+        f"{counted(c['edges_pruned'], 'edge')} (node threshold "
         f"{number_text(d['settings'].get('node_threshold'))}, edge threshold "
         f"{number_text(d['settings'].get('edge_threshold'))}).</p>"
         + table_html(["score", "whole graph", "pruned graph"], rows)

@@ -75,6 +75,12 @@ def environment(package: str) -> jinja2.Environment:
     return env
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """A count and its noun, singular for one: '1 row', '2 rows', '1,024 backward passes' (``many``: an irregular
+    plural; by default ``one`` + "s")."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
 def shown_value(v) -> str:
     """A setting as a person reads it: integers with thousands separators, floats to 4 significant figures,
     tuples and lists as comma lists, None as a dash (not Python's reprs: "(0.5,)", "None", 0.00392156862745098)."""

@@ -161,9 +161,12 @@ def _echo(g, path) -> None:
     c = g.counts
     logits = [n for n in g.nodes if n["kind"] == "logit"]
     typer.echo("logits: " + ", ".join(f"{n['label']!r} p={n['probability']:.3f}" for n in logits))
+    from mechscope.core.render.html import counted
+
     typer.echo(
-        f"{c['active_features']} active features, {c['feature_nodes']} with rows, {c['backward_passes']} backward "
-        f"passes; pruned: {c['nodes_pruned']} nodes, {c['edges_pruned']} edges"
+        f"{counted(c['active_features'], 'active feature')}, {c['feature_nodes']:,} with rows, "
+        f"{counted(c['backward_passes'], 'backward pass', 'backward passes')}; pruned: "
+        f"{counted(c['nodes_pruned'], 'node')}, {counted(c['edges_pruned'], 'edge')}"
     )
     for line in graph_check_lines(g):
         typer.echo(line)
