@@ -211,7 +211,8 @@ def test_find_circuit_draws_the_curve_at_mibs_fractions():
 
 def test_compare_edges_ranks_tied_scores_as_scipy_does():
     """Outside truth: scipy.stats.rankdata with method='min' (tied edges share the best rank: 1 + how many are
-    strictly larger) of -|score| over the edges into the hand edges' slots, on scores with many ties; and
+    strictly larger) of -|score| over the edges into the hand edges' slots and over every edge (the rank and the
+    count in the top 5), on scores with many ties; and
     sklearn's roc_auc_score of |score| within those slots."""
     stats = pytest.importorskip("scipy.stats")
     metrics = pytest.importorskip("sklearn.metrics")
@@ -228,6 +229,9 @@ def test_compare_edges_ranks_tied_scores_as_scipy_does():
     ranks = stats.rankdata(-np.abs(values[in_slot]), method="min")
     want = [int(ranks[list(in_slot).index(e)]) for e in hand]
     assert [row["rank_in_slot"] for row in c["edges"]] == want
+    overall = stats.rankdata(-np.abs(values), method="min")  # among every edge: the same rule, not graph order
+    assert [row["rank"] for row in c["edges"]] == [int(overall[e]) for e in hand]
+    assert c["in_top"] == sum(int(overall[e]) <= 5 for e in hand)
     assert len(set(np.abs(values[in_slot]).tolist())) < len(in_slot)  # not vacuous: the slot has ties
     labels = np.isin(in_slot, hand)
     assert c["auroc_in_slot"] == pytest.approx(metrics.roc_auc_score(labels, np.abs(values[in_slot])), abs=1e-12)

@@ -143,14 +143,13 @@ def discover(
 
 def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int) -> dict:
     """Where edges found by hand rank among the discovered scores: rank of each (by |score|, 1 = first, among
-    every edge and among the edges into the same kind of slot), AUROC of the hand edges against every other
+    every edge and among the edges into the same kind of slot; tied edges share the best rank, 1 + how many score
+    more), AUROC of the hand edges against every other
     edge and against the other edges into the same slots, and how many sit in the top ``top``."""
     g = scores.graph
     key = np.abs(scores.scores)
-    order = np.argsort(-key, kind="stable")
-    rank = np.empty(len(key), dtype=np.int64)
-    rank[order] = np.arange(1, len(key) + 1)
     ids = hand_edge_ids(g, hand)
+    rank = {e: int(np.sum(key > key[e])) + 1 for e in ids}  # tied edges share the best rank, as in the slot
     slots = {g.edges[e][2] for e in ids}
     same = np.asarray([g.edges[e][2] in slots for e in range(g.n_edges)], dtype=bool)
     labels = np.zeros(g.n_edges, dtype=bool)
@@ -162,7 +161,7 @@ def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int
             {
                 "edge": g.edge_name(e),
                 "score": float(scores.scores[e]),
-                "rank": int(rank[e]),
+                "rank": rank[e],
                 "rank_in_slot": slot_rank[e],
             }
             for e in ids
