@@ -149,9 +149,10 @@ def histogram_figure(result) -> str:
         ax = axes[0, j]
         for kind, comps, colour in (("trained vs trained", result.trained(), TRAINED),
                                     ("trained vs random", result.baseline(), BASELINE)):  # fmt: skip
-            v = np.concatenate([c.stage(st).best_matches() for c in comps])
-            ax.hist(np.clip(v, -0.2, 1), bins=bins, histtype="stepfilled" if colour == BASELINE else "step", lw=2,
-                    color=colour, alpha=0.5 if colour == BASELINE else 1, density=True,
+            v = np.concatenate([c.stage(st).best_matches() for c in comps]).astype(np.float64)
+            shown = np.clip(v, bins[0], bins[-1])  # in float64: float32's -0.2 lies below the first edge, outside
+            ax.hist(shown, bins=bins, histtype="stepfilled" if colour == BASELINE else "step", lw=2, color=colour,
+                    alpha=0.5 if colour == BASELINE else 1, density=True,
                     label=f"{kind} (median {np.median(v):.2f}, {len(v)} units)")  # fmt: skip
         ax.set_title(f"{st}: each unit's best-match correlation")
         ax.set_xlabel("Pearson r with the best partner (images × positions)")
