@@ -82,6 +82,17 @@ def test_counts_equal_plain_torch_hooks_and_every_hook_is_gone_after():
     assert work["backward_rows"] == 7 and work["backward_passes"] == 1.0
 
 
+def test_a_layer_called_by_keyword_counts_its_forward_as_its_backward():
+    """Truth: the test's own count, by hand: a block called as ``block(input=x)`` (torch passes it as a keyword) runs
+    a forward of 6 rows and, with the backward, a backward of 6; before, only the backward was counted."""
+    block = nn.Linear(4, 4)
+    counter = tu.WorkCounter([block], "rows")
+    with counter.counting():
+        block(input=torch.randn(6, 4, requires_grad=True)).sum().backward()
+    assert (counter.forward_calls, counter.forward_rows) == (1, 6)
+    assert (counter.backward_calls, counter.backward_rows) == (1, 6)
+
+
 def test_a_summary_over_no_rows_keeps_zero_and_does_not_divide_by_it():
     """Truth: the documented record: rows_per_pass is what was given (0 for an empty input); the passes divide by
     at least one row (6 rows through 2 layers: 3 rows, 3.0)."""

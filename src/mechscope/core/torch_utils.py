@@ -113,10 +113,11 @@ class WorkCounter:
     def counting(self) -> Iterator[WorkCounter]:
         active = [True]
 
-        def on_forward(module, args):
-            if args and isinstance(args[0], torch.Tensor):
+        def on_forward(module, args, kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)  # a layer called by keyword counts too
+            if isinstance(first, torch.Tensor):
                 self.forward_calls += 1
-                self.forward_rows += self.rows(args[0])
+                self.forward_rows += self.rows(first)
 
         def on_backward(grad: torch.Tensor) -> None:
             if active[0]:  # a graph kept beyond the counting counts nothing more
@@ -134,7 +135,7 @@ class WorkCounter:
         handles = []
         try:
             for m in self.layers:
-                handles.append(m.register_forward_pre_hook(on_forward))
+                handles.append(m.register_forward_pre_hook(on_forward, with_kwargs=True))
                 handles.append(m.register_forward_hook(on_output))
             yield self
         finally:
