@@ -255,7 +255,7 @@ def test_the_summary_reads_the_records_scores_counts_and_thresholds():
     assert rows == [{"score": "replacement score", "whole graph": "0.625", "pruned graph": "0.5"},
                     {"score": "completeness score", "whole graph": "0.875", "pruned graph": "0.75"}]  # fmt: skip
     text = Text(page).joined()
-    assert "1 error nodes (1 kept by the pruning), 2 inputs; pruned to 7 nodes and 11 edges" in text
+    assert "1 error node (1 kept by the pruning), 2 inputs; pruned to 7 nodes and 11 edges" in text
     assert "(node threshold 0.8, edge threshold 0.98)" in text
     assert "Attributed logits: 'x' (p=0.700), 'y' (p=0.300)." in text
 
