@@ -25,7 +25,7 @@ _AN_BEFORE_H = ("hour", "honest", "honor", "honour", "heir")  # an hour
 def plural(word: str) -> str:
     """English plurals of class names: 'boxes', 'cats', 'butterflies', 'deer', 'people', 'Ankle boots'."""
     word = str(word)
-    head, _, last = word.rpartition(" ")
+    last = word.rpartition(" ")[2]
     low = last.lower()
     if low in _SAME_PLURAL:
         return word
