@@ -144,8 +144,8 @@ def discover(
 def compare_edges(scores: EdgeScores, hand: list[tuple[str, str, str]], top: int) -> dict:
     """Where edges found by hand rank among the discovered scores: rank of each (by |score|, 1 = first, among
     every edge and among the edges into the same kind of slot; tied edges share the best rank, 1 + how many score
-    more), AUROC of the hand edges against every other
-    edge and against the other edges into the same slots, and how many sit in the top ``top``."""
+    more), AUROC of the hand edges against every other edge and against the other edges into the same slots, and
+    how many sit in the top ``top``."""
     g = scores.graph
     key = np.abs(scores.scores)
     ids = hand_edge_ids(g, hand)
