@@ -140,7 +140,10 @@ def _tower(raw: dict, key: str, kind: str, where: str) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise MechscopeError(f"{where}: {key}_config.{name} must be a positive integer, got {v!r}")
     if key == "text":  # special tokens inside the vocabulary (a wrong eos_token_id surfaced as a bad token range)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # as the config gives them (not defaults)
+        # as the config gives them (not defaults); SigLIP's bidirectional tower never reads a start token, and
+        # transformers 5 saves its default 49406 whatever the vocabulary (it loads such a file, warning only)
+        read = ("bos_token_id", "eos_token_id", "pad_token_id") if kind == "clip" else ("eos_token_id", "pad_token_id")
+        for name in read:
             v = sub.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < merged["vocab_size"]):
                 raise MechscopeError(f"{where}: text_config.{name} {v!r} is not a token of the "
