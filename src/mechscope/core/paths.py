@@ -45,6 +45,13 @@ _TAKEN_BY = {
 _WING = {"cnn": "cnn", "toy": "lm", "tracr": "lm", "clip": "clip", "lm": "lm"}
 
 
+def by_step(paths, pattern: str) -> list[Path]:
+    """The paths whose whole name matches ``pattern``, whose one group is a step number, in step order: by number,
+    not by name (a text sort puts step 1000000 before step 999999 once the padding's digits run out)."""
+    found = ((re.fullmatch(pattern, Path(p).name), Path(p)) for p in paths)
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found if m)]
+
+
 def folder_kind(path) -> str | None:
     """What a folder holds, from its files alone: "cnn", "toy", "tracr", "clip", "lm" (a Hugging Face causal language
     model: its ``architectures`` end in ForCausalLM or LMHeadModel) or None."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from mechscope.core.errors import MechscopeError, about
 from mechscope.core.outputs import save_tensors
+from mechscope.core.paths import by_step
 from mechscope.core.results import Result, check_schema
 from mechscope.core.torch_utils import Timer, combine_work, evaluating
 from mechscope.core.validate import check_count, check_lr, check_seed, check_types
@@ -454,11 +454,9 @@ def load_toy(path: str | Path, device=None, dtype=None) -> tuple[HookedTransform
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint of the highest step (by number: step_1000000 comes after step_999999, which a text sort puts
-    first once the six digits of the name's padding run out)."""
-    found = ((re.fullmatch(r"step_(\d+)", p.stem), p) for p in folder.glob("step_*.safetensors"))
-    steps = {int(m.group(1)): p for m, p in found if m}
-    return steps[max(steps)] if steps else None
+    """The checkpoint of the highest step, by number (:func:`~mechscope.core.paths.by_step`)."""
+    steps = by_step(folder.glob("step_*.safetensors"), r"step_(\d+)\.safetensors")
+    return steps[-1] if steps else None
 
 
 def is_toy_run(path: str | Path) -> bool:

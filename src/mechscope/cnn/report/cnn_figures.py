@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mechscope.cnn.report.summary import article, noun, plural
 from mechscope.core.render.figures import text_colour
-from mechscope.core.render.html import figure_data_uri
+from mechscope.core.render.html import counted, figure_data_uri
 
 DPI = 80
 
@@ -383,8 +383,7 @@ def class_circuit_fig(ci, study, names, maps_d: np.ndarray, templates_d: np.ndar
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("test accuracy per class (%)", fontsize=8)
     ax.legend(fontsize=6, loc="upper center", ncol=3, handlelength=1, columnspacing=0.6)
-    channels = f"{n} {study.stage} channel{'' if n == 1 else 's'}"
-    fig.suptitle(f"{noun(names)} {name}: {channels}", fontsize=9, x=0.03, ha="left")
+    fig.suptitle(f"{noun(names)} {name}: {counted(n, f'{study.stage} channel')}", fontsize=9, x=0.03, ha="left")
     return uri(fig)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.paths import by_step
 from mechscope.core.validate import read_safetensors
 
 SCHEMA = "mechscope.dictionary_checkpoint/1"
@@ -46,8 +46,7 @@ def save_checkpoint(root: Path, step: int, meta: dict, tensors: dict[str, torch.
 def _complete(root: Path) -> list[Path]:
     """The complete checkpoints under ``root``, oldest first by step number (past 10^9 steps the nine digits of the
     name's padding run out, and a text sort would put step-1000000000 before step-999999999)."""
-    found = ((re.fullmatch(r"step-(\d+)", p.name), p) for p in root.glob("step-*") if (p / META_FILE).is_file())
-    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found if m)]
+    return by_step((p for p in root.glob("step-*") if (p / META_FILE).is_file()), r"step-(\d+)")
 
 
 def find_checkpoint(path) -> Path:
