@@ -28,6 +28,7 @@ from mechscope.cnn.training import Evaluation, RunMetrics, evaluate, model_confi
 from mechscope.core.errors import DataError, MechscopeError, RunError
 from mechscope.core.torch_utils import torch_threads
 from tests.unit.test_data_truths import _one_cycle
+from tests.unit.test_text_training_truths import _hand_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ("ant", "bee", "cat")
@@ -51,37 +52,14 @@ def toy_data(n_train: int = 50, n_test: int = 30, seed: int = 0) -> ImageDataset
 
 
 def hand_training(data: ImageDataset, cfg: TrainConfig, total: int):
-    """The documented loop, written out: same seeded initial weights, ``torch.randperm`` batches of a generator
-    seeded with the seed (ragged batch dropped), torch's AdamW and OneCycleLR with their defaults, cross-entropy with
-    label smoothing; returns the model and the per-epoch (epoch, step, mean loss)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = CNN(TINY)
-    model = model.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = data.train_images[: cfg.train_limit].float() / 255.0
-    y = data.train_labels[: cfg.train_limit]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_fraction)
-    per_epoch, step = len(x) // cfg.batch_size, 0
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        order, losses = torch.randperm(len(x), generator=g), []
-        for i in range(per_epoch):
-            if step == total:
-                break
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            batch = random_shift(x[idx], cfg.shift, g) if cfg.shift else x[idx]
-            loss = F.cross_entropy(model(batch), y[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-        if losses:
-            history.append((epoch, step, sum(losses) / len(losses)))
-    return model.eval(), history
+    """The documented loop, written out (test_text_training_truths' hand loop: same seeded initial weights,
+    ``torch.randperm`` batches of a generator seeded with the seed, ragged batch dropped, each batch shifted at
+    random, torch's AdamW and OneCycleLR with their defaults, cross-entropy with label smoothing); returns the model
+    and the per-epoch (epoch, step, mean loss) of the epochs that ran a step."""
+    model, losses = _hand_loop(data, cfg, TINY, total)
+    steps = np.cumsum([len(epoch) for epoch in losses])
+    history = [(e + 1, int(steps[e]), sum(epoch) / len(epoch)) for e, epoch in enumerate(losses) if epoch]
+    return model, history
 
 
 # 50 images in batches of 16: 3 steps an epoch (2 images dropped); 3 epochs would be 9 steps, --max-steps stops at 7

@@ -270,13 +270,17 @@ def test_evaluate_per_class_accuracy_divides_by_the_true_class_count():
 
 
 def _hand_loop(data, cfg, mcfg, total):
-    """The training written out: seeded init, randperm batches, AdamW + one-cycle, mean losses per epoch."""
+    """The training written out: seeded init, randperm batches (each shifted at random when ``cfg.shift``: the
+    batches' own generator), AdamW + one-cycle, cross-entropy with label smoothing; the losses of each epoch."""
     from mechscope.cnn.models.cnn import CNN
+    from mechscope.cnn.training import random_shift
 
-    torch.manual_seed(cfg.seed)
-    model = CNN(mcfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = CNN(mcfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = data.train_images[: cfg.train_limit].float().div(255).unsqueeze(1), data.train_labels[: cfg.train_limit]
+    x, y = data.train_images[: cfg.train_limit].float().div(255), data.train_labels[: cfg.train_limit]
+    x = x if x.dim() == 4 else x.unsqueeze(1)  # [N, C, H, W], or grey [N, H, W]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_fraction)
     losses, step = [], 0
@@ -286,7 +290,8 @@ def _hand_loop(data, cfg, mcfg, total):
             if step == total:
                 break
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+            batch = random_shift(x[idx], cfg.shift, gen) if cfg.shift else x[idx]
+            loss = nn.functional.cross_entropy(model(batch), y[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
