@@ -305,7 +305,7 @@ def test_a_result_with_its_own_reader_loads_only_records_of_its_layout(tmp_path)
     for record in ({"schema": "mechscope.own/1", "count": 4}, {"schema": "mechscope.own/2", "count": 4}, {"count": 4}):
         path.write_text(json.dumps(record))
         assert OwnReader.load(path).count == 4
-    for text, said in (("[1, 2]", "expected a OwnReader record (a JSON object), got list"),
+    for text, said in (("[1, 2]", "expected an OwnReader record (a JSON object), got list"),
                        ('{"schema": "mechscope.own/3", "count": 4}', "a mechscope.own/3 record, newer than this"),
                        ('{"schema": "mechscope.toy/1", "count": 4}', "expected a mechscope.own/2 record, got "
                         "mechscope.toy/1")):  # fmt: skip

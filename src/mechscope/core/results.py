@@ -98,7 +98,9 @@ class Result:
         without a schema is read as this version. :meth:`load` checks it before any ``from_dict``, a subclass's
         own included."""
         if not isinstance(data, dict):
-            raise RunError(f"expected a {cls.__name__} record (a JSON object), got {type(data).__name__}")
+            name = cls.__name__
+            raise RunError(f"expected {'an' if name[0] in 'AEIOU' else 'a'} {name} record (a JSON object), "
+                           f"got {type(data).__name__}")  # fmt: skip
         schema = data.get(SCHEMA_KEY)
         if cls.SCHEMA and isinstance(schema, str):
             check_schema(schema, cls.SCHEMA)
