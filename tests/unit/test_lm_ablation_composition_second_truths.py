@@ -167,6 +167,26 @@ def test_the_random_sample_holds_exactly_the_asked_number_of_other_heads_in_the_
     assert sorted(out["mean"].exact_mean) == sorted([(0, 1), *sample])
 
 
+def test_a_head_listed_twice_is_measured_once(monkeypatch):
+    """Truth: the heads handed to the exact ablation, recorded by a wrapper. A head in ``always`` twice and again in
+    ``named`` (and a list instead of a tuple) was measured as often as it was listed; each head is one exact
+    ablation, under each kind."""
+    model, tokens = hand_built(), repeated(5)
+    cap = HA.capture(model, tokens, N)
+    est = np.zeros((2, 2, 4))
+    asked, exact = [], HA.exact
+
+    def recording(model, cap, tokens, n, layer, heads, kind):
+        asked.extend((kind, layer, h) for h in heads)
+        return exact(model, cap, tokens, n, layer, heads, kind)
+
+    monkeypatch.setattr(HA, "exact", recording)
+    estimates = {"zero": est, "mean": est}
+    HA.ablate_heads(model, cap, tokens, N, 0, 0, torch.Generator().manual_seed(0), kinds=("zero", "mean"),
+                    always=[(1, 0), (1, 0), [1, 0]], named=[(1, 0), (0, 1)], estimates=estimates)  # fmt: skip
+    assert sorted(asked) == [("mean", 0, 1), ("mean", 1, 0), ("zero", 1, 0)]
+
+
 # ---- key-side path patching --------------------------------------------------------------------------------------
 
 

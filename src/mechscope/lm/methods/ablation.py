@@ -359,9 +359,8 @@ def ablate_heads(
         est = estimate(cap, kind) if estimates is None else estimates[kind]
         mean = est.mean(-1).ravel()
         chosen = [divmod(int(i), H) for i in np.argsort(-np.abs(mean))[:top]]
-        chosen += [lh for lh in always if lh not in chosen]
-        if kind == "mean":
-            chosen += [lh for lh in named if lh not in chosen]
+        extra = [*always, *named] if kind == "mean" else list(always)
+        chosen = list(dict.fromkeys(chosen + [tuple(lh) for lh in extra]))  # each head once, in order
         if kind == "mean" and random:
             rest = [i for i in torch.randperm(L * H, generator=generator).tolist() if divmod(i, H) not in chosen]
             chosen += [divmod(i, H) for i in rest[:random]]
