@@ -129,7 +129,10 @@ class PathPatch(Result):
 
 
 def per_sequence_score(pattern: torch.Tensor, target: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Attention mass on the target keys, averaged over the queries of each sequence: [B, H]."""
+    """Attention mass on the target keys [P, K], averaged over the query positions ``queries`` [P] (one mask for
+    every sequence: the divisor is its count) of pattern [B, H, P, K]: [B, H]."""
+    if queries.dim() != 1:
+        raise ValueError(f"queries is one mask [P] for every sequence, got shape {tuple(queries.shape)}")
     target, queries = target.to(pattern.device), queries.to(pattern.device)
     mass = (pattern.float() * target.float()).sum(-1)  # [B, H, P]
     w = queries.float()
