@@ -263,6 +263,9 @@ def test_loss_sentence_uses_its_threshold(result):
     weak = make_result(loss_second_half=4.0)
     line = R.loss_sentence(weak)
     assert "(80% of the first" in line and "does not use the earlier copy much" in line
+    perfect = R.loss_sentence(make_result(loss_first_half=0.0, loss_second_half=0.0))
+    assert "nan" not in perfect and perfect.endswith("this measure cannot tell.")  # was "(nan% of the first...)"
+    assert "loss is 0.00 nats on the first copy and 0.00 on the second:" in perfect
 
 
 def test_tables_and_maps_mark_estimates(result):

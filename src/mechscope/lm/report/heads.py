@@ -97,15 +97,14 @@ def summary(result) -> list[str]:
 
 def loss_sentence(result) -> str:
     f, sec = result.loss_first_half, result.loss_second_half
-    ratio = sec / f if f > 0 else float("nan")
-    uses = ratio < USES_EARLIER_COPY
+    moves, to = ("falls from", "to") if sec < f else ("rises from", "to") if sec > f else ("is", "and")
+    said = f"On repeated random tokens the model's loss {moves} {f:.2f} nats on the first copy {to} {sec:.2f} on the"
+    if not f > 0:  # a model that already predicts random tokens perfectly: no ratio to read
+        return said + " second: with nothing left to predict on the first copy, this measure cannot tell."
+    uses = sec / f < USES_EARLIER_COPY
     verdict = ("it uses the earlier copy to predict the next token" if uses
                else "by this measure it does not use the earlier copy much")  # fmt: skip
-    moves = "falls" if sec < f else "rises" if sec > f else "stays"
-    return (
-        f"On repeated random tokens the model's loss {moves} from {f:.2f} nats on the first copy to {sec:.2f} on the "
-        f"second ({ratio:.0%} of the first; below {USES_EARLIER_COPY:.0%} counts as using it): {verdict}."
-    )
+    return said + f" second ({sec / f:.0%} of the first; below {USES_EARLIER_COPY:.0%} counts as using it): {verdict}."
 
 
 def _pm_heads(result) -> list[tuple[int, int]]:
