@@ -99,6 +99,21 @@ def test_offline_message_names_dir_and_files(tmp_path):
     assert not list((tmp_path / "mnist").glob("*.part"))
 
 
+def test_a_failed_download_takes_back_the_folders_it_made_and_names_each_cause_once(tmp_path):
+    """Truth: the folder tree before and after. A --data-dir that did not exist was left behind as DIR/mnist/ (empty)
+    after the error; and an offline machine's one cause was repeated for each of the addresses tried (a line of about
+    1,000 characters): now each cause once, with how many addresses gave it. A folder that was there stays."""
+    with pytest.raises(DataError) as err:
+        M.load_mnist(tmp_path / "new" / "root")
+    assert list(tmp_path.iterdir()) == []
+    text = str(err.value)
+    assert text.count("Connection refused") == 1 and "at all 4 addresses, e.g. http://127.0.0.1:9/" in text
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError):
+        M.load_mnist(tmp_path / "mine")
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine"]
+
+
 def test_unreadable_directory(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")

@@ -144,6 +144,9 @@ def check_dir(directory: Path, what: str) -> None:
             raise DataError(f"{directory}: directory is not readable") from None
 
 
+Failures = list[tuple[str, str]]  # (address, what went wrong) of each failed try
+
+
 def _fetch(url: str, dest: Path, timeout: float) -> None:
     with open(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
         shutil.copyfileobj(resp, out)
@@ -154,11 +157,12 @@ def download(ds: Builtin, directory: Path, names: tuple[str, ...], mirror: str |
     chosen = mirror or os.environ.get(ds.mirror_env) or os.environ.get("MECHSCOPE_MIRROR")
     mirrors = [m if m.endswith("/") else m + "/" for m in ([chosen] if chosen else list(ds.mirrors))]
     by_name = {f.name: f for f in ds.files.values()}
+    made = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {ds.title} directory {directory}: {e.strerror or e}") from None
-    errors: list[str] = []
+    errors: Failures = []
     left = []
     for name in names:
         if not any(_try_file(base + name, directory, name, by_name[name].md5, errors, timeout) for base in mirrors):
@@ -166,14 +170,33 @@ def download(ds: Builtin, directory: Path, names: tuple[str, ...], mirror: str |
     if left and ds.archive is not None and not chosen:
         left = _from_archive(ds, directory, left, errors, timeout)
     if left:
+        _remove_empty(made)
         raise DataError(
             f"{ds.title} files missing from {directory} (expected {', '.join(ds.file_names)}) "
-            f"and the download failed ({'; '.join(errors) or 'no mirror'}); put the four files there, "
+            f"and the download failed ({_failures(errors)}); put the four files there, "
             "or point --data-dir / MECHSCOPE_DATA at a directory that has them"
         )
 
 
-def _try_file(url: str, directory: Path, name: str, md5: str, errors: list[str], timeout: float) -> bool:
+def _remove_empty(made: list[Path]) -> None:
+    """Take back the folders a failed download made (deepest first), where they are still empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _failures(errors: Failures) -> str:
+    """What went wrong, each cause once: an offline machine's eight addresses are one cause, not eight."""
+    by_cause: dict[str, list[str]] = {}
+    for url, cause in errors:
+        by_cause.setdefault(cause, []).append(url)
+    return "; ".join(f"{urls[0]}: {cause}" if len(urls) == 1 else f"{cause} at all {len(urls)} addresses, "
+                     f"e.g. {urls[0]}" for cause, urls in by_cause.items()) or "no mirror"  # fmt: skip
+
+
+def _try_file(url: str, directory: Path, name: str, md5: str, errors: Failures, timeout: float) -> bool:
     log.info("downloading %s", url)
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
     os.close(fd)
@@ -182,18 +205,18 @@ def _try_file(url: str, directory: Path, name: str, md5: str, errors: list[str],
         _fetch(url, tmp, timeout)
         got = md5sum(tmp)
         if got != md5:
-            errors.append(f"{url}: MD5 {got}, expected {md5}")
+            errors.append((url, f"MD5 {got}, expected {md5}"))
             return False
         tmp.replace(directory / name)
         return True
     except (urllib.error.URLError, OSError, ValueError) as e:
-        errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+        errors.append((url, str(getattr(e, "reason", None) or e)))
         return False
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _from_archive(ds: Builtin, directory: Path, names: list[str], errors: list[str], timeout: float) -> list[str]:
+def _from_archive(ds: Builtin, directory: Path, names: list[str], errors: Failures, timeout: float) -> list[str]:
     """Fetch the dataset's zip (verified), take ``names`` out of it (each verified); return those still missing."""
     arc = ds.archive
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".archive.", suffix=".zip.part")
@@ -205,7 +228,7 @@ def _from_archive(ds: Builtin, directory: Path, names: list[str], errors: list[s
         _fetch(arc.url, tmp, timeout)
         got = md5sum(tmp)
         if got != arc.md5:
-            errors.append(f"{arc.url}: MD5 {got}, expected {arc.md5}")
+            errors.append((arc.url, f"MD5 {got}, expected {arc.md5}"))
             return left
         by_name = {f.name: f for f in ds.files.values()}
         with zipfile.ZipFile(tmp) as z:
@@ -215,16 +238,16 @@ def _from_archive(ds: Builtin, directory: Path, names: list[str], errors: list[s
                     with z.open(arc.prefix + name) as src, open(part, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                     if md5sum(part) != by_name[name].md5:
-                        errors.append(f"{arc.url}: {name} inside has MD5 {md5sum(part)}, expected {by_name[name].md5}")
+                        errors.append((arc.url, f"{name} inside has MD5 {md5sum(part)}, expected {by_name[name].md5}"))
                         continue
                     part.replace(directory / name)
                     left.remove(name)
                 except KeyError:
-                    errors.append(f"{arc.url}: no {arc.prefix + name} inside")
+                    errors.append((arc.url, f"no {arc.prefix + name} inside"))
                 finally:
                     part.unlink(missing_ok=True)
     except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as e:
-        errors.append(f"{arc.url}: {getattr(e, 'reason', None) or e}")
+        errors.append((arc.url, str(getattr(e, "reason", None) or e)))
     finally:
         tmp.unlink(missing_ok=True)
     return left
