@@ -213,7 +213,9 @@ def test_random_model_has_no_induction_heads():
         (PROTOCOL, [(2, 0)], r"head 2.0 out of range: layers 0..1, heads 0..1"),
         (PROTOCOL, [(1, 0), (0, 1), (1, 0)], r"head 1.0 given more than once"),  # the API, as the CLI refuses it
         (HeadProtocol(n=20, prefix_n=10, token_range=(0, 500)), None, r"token range \[0, 500\) outside"),
-        (HeadProtocol(n=20, prefix_n=10, top_k=9), None, "top_k must be between 1 and 2 .half the 4 heads"),
+        (HeadProtocol(n=20, prefix_n=10, top_k=9), None, r"--top-k \(top_k\) must be between 1 and 2 .half the 4"),
+        (HeadProtocol(n=1, prefix_n=10), None, r"^--n \(n\) must be at least 2 \(the second copy"),  # the flag too
+        (HeadProtocol(n=20, prefix_n=10, batch=1), None, r"^--batch \(batch\) must be at least 2 \(mean- and"),
     ],
 )
 def test_bad_protocols(protocol, show, message):

@@ -374,6 +374,17 @@ def test_compare_toy_is_plain_text_of_the_mlp_asked():
         CompareSettings(n_ctx=1).validate()
 
 
+@pytest.mark.parametrize("field, flag", [("d_model", "--d-model"), ("d_mlp", "--d-mlp"), ("batch", "--batch"),
+                                         ("k", "--k"), ("layers", "--layers"), ("sequences", "sequences")])  # fmt: skip
+def test_compare_settings_name_the_option_given_zero(field, flag):
+    """Truth: the command's own option names (`lm solu-compare --help`). --d-model 0 was refused as 'd_model must be
+    at least 1' (the toy's field), --batch 0 as '--batch, --k and sequences must be...' (sequences is no option)."""
+    from mechscope.lm.pipelines.neurons import CompareSettings
+
+    with pytest.raises(MechscopeError, match=f"^{flag} must be at least 1, got 0$"):
+        CompareSettings(**{field: 0}).validate()
+
+
 def test_compare_neuron_ids_read_back_as_the_neurons():
     """Outside truth: compare.json's neuron ids are in --neuron's LAYER.NEURON form: parse_neuron reads each back."""
     from mechscope.lm.cli.neurons import parse_neuron

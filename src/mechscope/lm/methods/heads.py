@@ -141,9 +141,10 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
         p = replace(p, top_k=max(1, min(5, model.cfg.n_layers * model.cfg.n_heads // 2)))
     lo, hi = token_range_of(model, p.token_range)
     if p.n < 2:  # the second copy's loss is over the positions that predict a token inside it: none with n = 1
-        raise MechscopeError(f"n must be at least 2 (the second copy's loss needs a token to predict), got {p.n}")
+        raise MechscopeError(f"--n (n) must be at least 2 (the second copy's loss needs a token to predict), got {p.n}")
     if p.batch < 2:
-        raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {p.batch}")
+        raise MechscopeError(f"--batch (batch) must be at least 2 (mean- and resample-ablation need others), "
+                             f"got {p.batch}")  # fmt: skip
     if p.prefix_n < 1:
         raise MechscopeError(f"prefix_n must be at least 1, got {p.prefix_n}")
     for name, value in (("exact_top", p.exact_top), ("exact_random", p.exact_random)):
@@ -169,8 +170,8 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     most = max(1, n_heads // 2)  # the random control draws as many from the other heads (none with one head)
     if not 1 <= p.top_k <= most:
-        raise MechscopeError(f"top_k must be between 1 and {most} (half the {n_heads} heads: the random control "
-                             f"draws as many from the others), got {p.top_k}")  # fmt: skip
+        raise MechscopeError(f"--top-k (top_k) must be between 1 and {most} (half the {n_heads} heads: the random "
+                             f"control draws as many from the others), got {p.top_k}")  # fmt: skip
     return p, (lo, hi)
 
 

@@ -17,7 +17,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_seed, check_threads, check_types
+from mechscope.core.validate import check_count, check_seed, check_threads, check_types
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.pipelines.loading import load_lm
 from mechscope.lm.report.neurons import DENSE, sparse
@@ -227,11 +227,11 @@ class CompareSettings:
             "steps": "--steps", "batch": "--batch", "k": "--k", "seed": "--seed",
             "threads": "--threads", "layers": "--layers",
         })
+        for flag, value in (("--layers", self.layers), ("--d-model", self.d_model), ("--d-mlp", self.d_mlp),
+                            ("--batch", self.batch), ("--k", self.k), ("sequences", self.sequences)):  # fmt: skip
+            check_count(value, flag)
         if self.d_model % self.n_heads:
             raise MechscopeError(f"--d-model {self.d_model} is not a multiple of {self.n_heads} heads")
-        if self.batch < 1 or self.k < 1 or self.sequences < 1:
-            raise MechscopeError(f"--batch, --k and sequences must be at least 1, got {self.batch}, {self.k}, "
-                                 f"{self.sequences}")
         if self.n_ctx < 2:
             raise MechscopeError(f"--n-ctx must be at least 2, got {self.n_ctx}")
         check_threads(self.threads)
