@@ -187,6 +187,7 @@ def test_config_fields_fail_loudly(gpt2, tmp_path):
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
         ({"some_new_trick": 1}, "unsupported GPT-2 config field 'some_new_trick'"),
         ({"model_type": "bert"}, "unsupported architecture 'bert'"),
+        ({"model_type": None}, r"^no model_type \(the architecture\) in .*config.json; supported: gpt2,"),  # not 'None'
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(MechscopeError, match=message):

@@ -39,7 +39,7 @@ def train_toy_cmd(
 
     where = resolve_device(device)  # a device that is not there, or a dtype it cannot do: one line
     if where.type != "cpu" or resolve_dtype(dtype, where) != torch.float32:
-        raise MechscopeError(f"lm train-toy trains on the CPU in float32 only, not {where} in {dtype}")
+        raise MechscopeError(f"lm train-toy trains on the CPU in float32 only (got --device {where} --dtype {dtype})")
 
     config = ToyConfig(layers=layers, data=data, steps=steps, seed=seed, mlp=mlp, d_mlp=d_mlp)
     with torch_threads(threads):

@@ -191,9 +191,8 @@ def _load_hf_dir(directory: Path, dtype, partial_ok, device, device_map, **optio
         elsewhere = other_wing(directory, "lm")
         if elsewhere:
             raise MechscopeError(f"{directory}: not a transformer the lm commands read{elsewhere}")
-        raise MechscopeError(
-            f"unsupported architecture {kind!r} in {directory / 'config.json'}; supported: {', '.join(CONVERTERS)}"
-        )
+        said = "no model_type (the architecture)" if kind is None else f"unsupported architecture {kind!r}"
+        raise MechscopeError(f"{said} in {directory / 'config.json'}; supported: {', '.join(CONVERTERS)}")
     state = open_checkpoint(directory, dtype, "cpu" if device_map is not None else device)
     for key in LAYER_COUNTS:  # every layer has tensors: more layers than tensors is a corrupt config
         if isinstance(config.get(key), int) and config[key] > len(state):
