@@ -18,7 +18,7 @@ import torch
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
 from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
-from mechscope.core.paths import other_wing
+from mechscope.core.paths import dictionary_note, other_wing
 from mechscope.core.results import check_schema
 from mechscope.core.validate import field as check_field
 from mechscope.core.validate import read_json_object, shown, usable_path
@@ -163,7 +163,7 @@ def load_run(path: str | Path) -> Run:
             raise RunError(f"{run}: a run of kind {config.get('kind')!r}; expected {KIND!r}")
         fields = check_run_config(config, run / CONFIG)
     except RunError:
-        elsewhere = other_wing(run, "cnn")  # read only when the run's config does not load
+        elsewhere = other_wing(run, "cnn") or dictionary_note(run)  # read only when the run's config does not load
         if elsewhere:  # another wing's model: say which commands take it
             raise RunError(f"{run}: not a CNN run{elsewhere}") from None
         raise

@@ -41,8 +41,11 @@ _TAKEN_BY = {
     "tracr": "a tracr-compiled transformer: lm discover, lm circuits, lm graph and scrub take it with --model",
     "clip": "an image–text model: the clip commands take it with --model",
     "lm": "a transformer checkpoint: the lm commands take it with --model",
+    "cnn-sae": "a sparse dictionary of a CNN: cnn sae evaluate and cnn sae show take it with --sae",
+    "lm-sae": "a sparse dictionary of a transformer: lm sae evaluate and lm sae show take it with --sae",
 }
-_WING = {"cnn": "cnn", "toy": "lm", "tracr": "lm", "clip": "clip", "lm": "lm"}
+_WING = {"cnn": "cnn", "toy": "lm", "tracr": "lm", "clip": "clip", "lm": "lm", "cnn-sae": "cnn", "lm-sae": "lm"}
+DICTIONARIES = ("cnn-sae", "lm-sae")  # the kinds that are dictionaries, not models
 
 
 def by_step(paths, pattern: str) -> list[Path]:
@@ -54,11 +57,18 @@ def by_step(paths, pattern: str) -> list[Path]:
 
 def folder_kind(path) -> str | None:
     """What a folder holds, from its files alone: "cnn", "toy", "tracr", "clip", "lm" (a Hugging Face causal language
-    model: its ``architectures`` end in ForCausalLM or LMHeadModel) or None."""
+    model: its ``architectures`` end in ForCausalLM or LMHeadModel), "cnn-sae" or "lm-sae" (a dictionary that
+    ``cnn sae train`` or ``lm sae train`` wrote: cfg.json beside a training.json of that layout) or None."""
     import json
 
     p = Path(path)
     try:
+        if (p / "cfg.json").is_file() and (p / "training.json").is_file():
+            schema = json.loads((p / "training.json").read_text(encoding="utf-8"))
+            schema = schema.get("schema") if isinstance(schema, dict) else None
+            for kind in DICTIONARIES:
+                if isinstance(schema, str) and schema.startswith(f"mechscope.{kind}-training/"):
+                    return kind
         if (p / "training.json").is_file() and (p / "checkpoints").is_dir():
             return "toy"
         if (p / "circuit.json").is_file() and (p / "examples.json").is_file():
@@ -82,3 +92,10 @@ def other_wing(path, here: str) -> str:
     ("cnn", "lm", "clip") takes, else "": for the end of a line refusing it."""
     kind = folder_kind(path)
     return f" (it is {_TAKEN_BY[kind]})" if kind is not None and _WING[kind] != here else ""
+
+
+def dictionary_note(path) -> str:
+    """" (it is a sparse dictionary of a CNN: ...)" when ``path`` holds a dictionary, else "": for the end of a line
+    refusing it where a model was asked for, of either wing."""
+    kind = folder_kind(path)
+    return f" (it is {_TAKEN_BY[kind]})" if kind in DICTIONARIES else ""

@@ -44,6 +44,7 @@ from mechscope.core.dictionaries.staged import (
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
+from mechscope.core.paths import other_wing
 from mechscope.core.torch_utils import Timer, WorkCounter
 from mechscope.core.validate import check_int, check_seed
 
@@ -222,6 +223,9 @@ def sae_train_run(
 
 def load_dictionary(path, hook: str | None = None):
     """(SAE, hook) of a SAELens-format directory (``hook`` overrides its ``hook_name``)."""
+    elsewhere = other_wing(path, "cnn")
+    if elsewhere:
+        raise MechscopeError(f"{path}: not a dictionary the cnn commands read{elsewhere}")
     loaded = load_saelens(path)
     hook = hook or loaded.metadata.get("hook_name")
     if not hook:

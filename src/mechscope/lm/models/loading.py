@@ -119,9 +119,12 @@ def read_config(directory: Path) -> dict:
 
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
+        from mechscope.core.paths import dictionary_note
+
         toy = " (a train-toy run: lm heads, circuits, neurons, graph, discover and sae read those)" if (
             directory / "training.json").is_file() else ""  # fmt: skip
-        raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing){toy}")
+        note = dictionary_note(directory) or toy
+        raise MechscopeError(f"{directory}: not a Hugging Face model directory (config.json is missing){note}")
     config = read_json_object(cfg_path, "Hugging Face config.json")
     check_types(config, cfg_path)
     return config

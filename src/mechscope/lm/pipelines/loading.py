@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechscope.core.errors import MechscopeError
+from mechscope.core.paths import dictionary_note
 from mechscope.core.validate import usable_path
 from mechscope.lm.tokenizer import CharTokenizer
 
@@ -19,6 +20,8 @@ def load_lm(spec: str | Path, device=None, dtype=None, device_map=None, revision
     from mechscope.lm.toy import is_toy_run, load_toy
 
     spec = str(spec)
+    if usable_path(spec, "model").exists() and dictionary_note(spec):  # its training.json is not a toy run's
+        raise MechscopeError(f"{spec}: not a model{dictionary_note(spec)}")
     if usable_path(spec, "model").exists() and is_toy_run(spec):  # a name too long to look up: one line
         if revision is not None or device_map is not None:
             raise MechscopeError("--revision and --device-map read a hub id or a model folder, not a train-toy run")

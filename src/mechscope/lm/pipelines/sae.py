@@ -45,7 +45,7 @@ from mechscope.core.dictionaries.staged import (
 from mechscope.core.dictionaries.store import harvest_many, stored_rows
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
-from mechscope.core.paths import model_out
+from mechscope.core.paths import model_out, other_wing
 from mechscope.core.torch_utils import Timer, WorkCounter
 from mechscope.core.validate import check_int, check_seed
 from mechscope.lm.methods import sae as S
@@ -349,6 +349,9 @@ def sae_train(
 def load_dictionary(path, hook: str | None = None, target: str | None = None, norm_scaling_factor=None):
     """(dictionary, hook, target, metadata) of a SAELens-format directory; ``hook``/``target`` override its
     ``hook_name``/``hook_name_out``."""
+    elsewhere = other_wing(path, "lm")
+    if elsewhere:
+        raise MechscopeError(f"{path}: not a dictionary the lm commands read{elsewhere}")
     loaded = load_saelens(path, norm_scaling_factor=norm_scaling_factor)
     meta = loaded.metadata
     hook = hook or meta.get("hook_name")
