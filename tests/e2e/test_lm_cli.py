@@ -187,8 +187,8 @@ def test_heads_cli_writes_json_and_report(capsys, gpt2_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--n", "50"], "N = 50 needs 101 positions and the prefix protocol 29; the model's context is 32: use --n 15 "
-                        "or fewer"),
+        (["--n", "50"], "--n (n) 50 needs 101 positions (a BOS and two copies of 50 tokens); the model's context "
+                        "is 32: use --n 15 or fewer"),
         (["--n", "10", "--show", "2.0"], "head 2.0 out of range: layers 0..1, heads 0..1"),
         (["--n", "10", "--show", "x"], "expected a head as LAYER.HEAD"),
         (["--n", "10", "--text", "/no/such/file.txt"], "text file not found"),

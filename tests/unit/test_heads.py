@@ -209,7 +209,10 @@ def test_random_model_has_no_induction_heads():
 @pytest.mark.parametrize(
     "protocol, show, message",
     [
-        (HeadProtocol(n=40), None, "N = 40 needs 81 positions"),
+        (HeadProtocol(n=40), None, r"^--n \(n\) 40 needs 81 positions \(a BOS and two copies of 40 tokens\); the "
+                                   "model's context is 64: use --n 31 or fewer$"),
+        (HeadProtocol(n=20, prefix_n=30), None, r"^the prefix-matching test needs 121 positions \(a BOS and 4 "
+                                                 r"copies of prefix_n = 30 tokens\); the model's context is 64"),
         (PROTOCOL, [(2, 0)], r"head 2.0 out of range: layers 0..1, heads 0..1"),
         (PROTOCOL, [(1, 0), (0, 1), (1, 0)], r"head 1.0 given more than once"),  # the API, as the CLI refuses it
         (HeadProtocol(n=20, prefix_n=10, token_range=(0, 500)), None, r"token range \[0, 500\) outside"),

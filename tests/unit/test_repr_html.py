@@ -156,8 +156,9 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.ablate_heads(m, t, np.array([1, 0])), "heads must be a list of (layer, head) "
                                                                         "pairs: for one head give [(1, 0)]"),
         (lambda m, t: mechscope.lm.ablate_heads(m, t, [(1, 0), (1, 0)]), "head 1.0 given more than once"),
-        (lambda m, t: mechscope.lm.repeated_tokens(m, n=40), "N = 40 needs 81 positions; the model's context is 64"),
-        (lambda m, t: mechscope.lm.find_induction_heads(m, n=40), "N = 40 needs 81 positions"),
+        (lambda m, t: mechscope.lm.repeated_tokens(m, n=40), "n = 40 needs 81 positions (a BOS and two copies of 40 "
+                                                              "tokens); the model's context is 64"),
+        (lambda m, t: mechscope.lm.find_induction_heads(m, n=40), "--n (n) 40 needs 81 positions"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, show=[(3, 0)], protocol=PROTOCOL), "head 3.0 out of range"),
         (lambda m, t: mechscope.lm.circuits(m, heads=[(0, 7)]), "head 0.7 out of range"),
         (lambda m, t: mechscope.lm.train_toy(steps=0), "--steps must be at least 1, got 0"),

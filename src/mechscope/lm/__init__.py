@@ -141,7 +141,8 @@ def repeated_tokens(model, n: int = 50, batch: int = 8, seed: int = 0, token_ran
         if v < 1:
             raise MechscopeError(f"{name} must be at least 1, got {v}")
     if 1 + 2 * n > model.cfg.n_ctx:
-        raise MechscopeError(f"N = {n} needs {1 + 2 * n} positions; the model's context is {model.cfg.n_ctx}")
+        raise MechscopeError(f"n = {n} needs {1 + 2 * n} positions (a BOS and two copies of {n} tokens); the model's "
+                             f"context is {model.cfg.n_ctx}")  # fmt: skip
     lo, hi = token_range or default_token_range(model)
     if not 0 <= lo < hi <= model.cfg.d_vocab:
         raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")

@@ -159,13 +159,16 @@ def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProto
         )
     if p.prefix_repeats < 2:
         raise MechscopeError(f"prefix_repeats must be at least 2, got {p.prefix_repeats}")
-    longest = max(1 + 2 * p.n, 1 + p.prefix_repeats * p.prefix_n)
-    if longest > model.cfg.n_ctx:
-        fix = (f": use --n {(model.cfg.n_ctx - 1) // 2} or fewer" if 1 + 2 * p.n > model.cfg.n_ctx
-               else ": use a shorter prefix protocol (prefix_n × prefix_repeats below the context)")  # fmt: skip
+    ctx, most_n = model.cfg.n_ctx, (model.cfg.n_ctx - 1) // 2
+    if 1 + 2 * p.n > ctx:
+        fix = f"use --n {most_n} or fewer" if most_n >= 2 else "the induction test needs at least 5"
+        raise MechscopeError(f"--n (n) {p.n} needs {1 + 2 * p.n} positions (a BOS and two copies of {p.n} tokens); "
+                             f"the model's context is {ctx}: {fix}")  # fmt: skip
+    if 1 + p.prefix_repeats * p.prefix_n > ctx:
         raise MechscopeError(
-            f"N = {p.n} needs {1 + 2 * p.n} positions and the prefix protocol {1 + p.prefix_repeats * p.prefix_n}; "
-            f"the model's context is {model.cfg.n_ctx}{fix}"
+            f"the prefix-matching test needs {1 + p.prefix_repeats * p.prefix_n} positions (a BOS and "
+            f"{p.prefix_repeats} copies of prefix_n = {p.prefix_n} tokens); the model's context is {ctx}: use a "
+            "smaller prefix_n or prefix_repeats"
         )
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     most = max(1, n_heads // 2)  # the random control draws as many from the other heads (none with one head)
