@@ -156,6 +156,8 @@ def test_train_options_at_and_just_past_their_limits(monkeypatch):
     check_options(d_sae=1, steps=1, l1_coefficient=0.0, checkpoint_every=0)
     refused(lambda: check_options(steps=0), "--steps")
     refused(lambda: check_options(d_sae=0), "--d-sae")
+    check_options(k=1)
+    refused(lambda: check_options(k=0), "--k must be")  # was the config's own 'expected k to be...', no option named
     refused(lambda: check_options(l1_coefficient=-0.5), "--l1")
     refused(lambda: check_options(checkpoint_every=-1), "--checkpoint-every")
     refused(lambda: check_options(d_sae=64, expansion=4), "not both")

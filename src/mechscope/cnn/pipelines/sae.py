@@ -187,7 +187,7 @@ def sae_train_run(
     """Train an SAE on a ``cnn sae harvest`` store; saved in SAELens' layout into ``out`` (default
     ``HARVEST/../sae-ARCH``); returns ``(out, CnnSaeTraining)``."""
     check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
-                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture)  # fmt: skip
+                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture, k=k)  # fmt: skip
     where, h = _read_harvest(store)
     if d_sae is None:
         expansion = 16 if expansion is None else expansion

@@ -159,7 +159,7 @@ ARCHITECTURE_OPTIONS = {"--k": ("topk", "batchtopk"), "--l1": ("relu",), "--l0":
 
 
 def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None, checkpoint_every=0, lr=None,
-                  architecture=None) -> None:  # fmt: skip
+                  architecture=None, k=None) -> None:  # fmt: skip
     """Both wings' ``sae train`` options, each one line by its option before any work (the configs' own checks
     name their fields: ``max_steps``, ``l1_coefficient``); ``--d-sae`` and ``--expansion`` both given is a conflict
     (the expansion was ignored)."""
@@ -167,7 +167,7 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
 
     if d_sae is not None and expansion is not None:
         raise MechscopeError("give --d-sae or --expansion, not both (the width is d_in x expansion, or d_sae)")
-    for name, v, low in (("--d-sae", d_sae, 1), ("--expansion", expansion, 1), ("--steps", steps, 1)):
+    for name, v, low in (("--d-sae", d_sae, 1), ("--expansion", expansion, 1), ("--steps", steps, 1), ("--k", k, 1)):
         if v is not None:
             check_int(v, name, low, 10**9)
     check_int(checkpoint_every, "--checkpoint-every", 0, 10**9)

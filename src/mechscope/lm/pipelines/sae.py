@@ -308,7 +308,7 @@ def sae_train(
 
     device = None if device is None else str(resolve_device(device))  # one line for a device that is not there
     check_options(d_sae=d_sae, expansion=expansion, l1_coefficient=l1_coefficient, steps=steps,
-                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture)  # fmt: skip
+                  checkpoint_every=checkpoint_every, lr=lr, architecture=architecture, k=k)  # fmt: skip
     where, entry, record = _read_harvest(store)
     transcoder = entry["target"] is not None
     cfg = dictionary_config(
