@@ -64,6 +64,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
     with pytest.raises(MechscopeError, match="truncated"):
         GGUFFile.open(tmp_path / "cut.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")  # was "cannot read (cannot mmap an empty file)"
+    with pytest.raises(MechscopeError, match=r"empty.gguf: not a GGUF file \(it is empty\)$"):
+        GGUFFile.open(tmp_path / "empty.gguf")
+    (tmp_path / "head.gguf").write_bytes(data[:9])  # was "not a GGUF file (bad magic number)"
+    with pytest.raises(MechscopeError, match=r"head.gguf: a truncated GGUF file \(9 bytes; its header alone"):
+        GGUFFile.open(tmp_path / "head.gguf")
     (tmp_path / "cut2.gguf").write_bytes(data[:40])
     with pytest.raises(MechscopeError, match="cut short|truncated"):
         GGUFFile.open(tmp_path / "cut2.gguf")

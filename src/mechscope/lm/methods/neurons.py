@@ -115,9 +115,8 @@ def check_k(k: int, tokens: torch.Tensor, skip_first: int = 0, what: str = "the 
     n, p = tokens.shape
     if k >= n * (p - skip_first):
         raise MechscopeError(f"{what}: {n * (p - skip_first):,} positions ({n:,} sequence{'s' * (n != 1)} of "
-                             f"{p - skip_first:,}), "
-                             f"not more than the {k:,} top activations read per neuron (k): a neuron's top "
-                             "activations must be fewer (a smaller k, more text)")  # fmt: skip
+                             f"{p - skip_first:,}), not more than the {k:,} top activations kept per neuron (--k): "
+                             "every position would be a top one; use a smaller --k or more text")  # fmt: skip
 
 
 @torch.no_grad()

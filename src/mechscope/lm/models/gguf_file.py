@@ -102,12 +102,16 @@ class GGUFFile:
         path = Path(path)
         if not path.is_file():
             raise MechscopeError(f"{path}: GGUF file not found")
+        if path.stat().st_size == 0:  # numpy cannot map an empty file: "cannot mmap an empty file" said less
+            raise MechscopeError(f"{path}: not a GGUF file (it is empty)")
         try:
             data = np.memmap(path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
             raise MechscopeError(f"{path}: cannot read ({e})") from None
-        if len(data) < 24 or bytes(data[:4]) != b"GGUF":
+        if bytes(data[:4]) != b"GGUF":
             raise MechscopeError(f"{path}: not a GGUF file (bad magic number)")
+        if len(data) < 24:
+            raise MechscopeError(f"{path}: a truncated GGUF file ({len(data)} bytes; its header alone takes 24)")
         cur = _Cursor(memoryview(data), path)
         cur.pos = 4
         version, n_tensors, n_kv = cur.take("<I"), cur.take("<Q"), cur.take("<Q")
