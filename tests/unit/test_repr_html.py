@@ -161,6 +161,13 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.find_induction_heads(m, n=40), "--n (n) 40 needs 81 positions"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, show=[(3, 0)], protocol=PROTOCOL), "head 3.0 out of range"),
         (lambda m, t: mechscope.lm.circuits(m, heads=[(0, 7)]), "head 0.7 out of range"),
+        (lambda m, t: mechscope.lm.circuits(m, heads=(0, 1)), "heads must be a list of (layer, head) pairs: for one "
+                                                              "head give [(0, 1)]"),  # was a TypeError from *h
+        (lambda m, t: mechscope.lm.circuits(m, heads=["0.1"]), "each head must be a (layer, head) pair"),
+        (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=(0.5, 9.5)), "a token range is two integers"),
+        (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=5), "a token range is two integers [LOW, HIGH)"),
+        (lambda m, t: mechscope.lm.circuits(_nan(m)), "1 weight tensor holds NaN or infinite values (W_E)"),  # crashed
+        (lambda m, t: mechscope.lm.head_scores(_nan(m), t), "the model's loss on the repeated tokens is not finite"),
         (lambda m, t: mechscope.lm.train_toy(steps=0), "--steps must be at least 1, got 0"),
     ],
 )
@@ -173,6 +180,41 @@ def test_bad_input_is_one_line_from_the_call(model, tokens, call, message):
     package = Path(mechscope.__file__).resolve().parent  # the package, not any folder named mechscope (a checkout)
     inside = [f for f in files if Path(f).resolve().is_relative_to(package)]
     assert inside == [f for f in inside if f.endswith("errors.py")] and len(inside) == 1, files
+
+
+def _nan(model):
+    """A copy of ``model`` with one embedding column NaN (lm.circuits' eigendecomposition took the process down)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.W_E[:, 0] = float("nan")
+    return model
+
+
+def test_what_the_model_cannot_do_is_said_before_the_numbers(model, tokens):
+    """Truths: the model's config and the table's own rows. A BOS id outside the vocabulary (transformers' GPT-2
+    config keeps 50256 whatever its size) was put into the tokens and blamed on them by the next call; a tracr model
+    (outputs of its own classes) was 'IndexError: Target 4 is out of bounds'; table(-1) dropped the last head."""
+    import copy
+    import dataclasses
+
+    from tests.unit.test_tracr import tracr_root
+
+    odd = copy.deepcopy(model)
+    odd.cfg = dataclasses.replace(model.cfg, bos_token_id=V + 7)
+    with pytest.raises(MechscopeError, match=f"BOS token id {V + 7} .bos_token_id in its config. is outside its "):
+        mechscope.lm.repeated_tokens(odd, 3)
+    tracr, _ = mechscope.lm.load_model(tracr_root() / "reverse")
+    for call in (lambda: mechscope.lm.head_scores(tracr, n=2, batch=2),
+                 lambda: mechscope.lm.ablate_heads(tracr, [[1, 2, 3, 2, 3]] * 2, [(0, 0)])):  # fmt: skip
+        with pytest.raises(MechscopeError, match="its outputs are classes of their own, not next tokens"):
+            call()
+    s = mechscope.lm.head_scores(model, tokens)
+    assert len(s.table(3).rows) == 3 and len(s.table(None).rows) == 4
+    for n in (-1, 0, 2.5):
+        with pytest.raises(MechscopeError, match=r"^n \(the rows shown; None: every head\) must be an integer"):
+            s.table(n)
 
 
 def test_a_views_bad_head_is_one_line_from_the_view(model, tokens):

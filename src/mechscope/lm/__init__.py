@@ -132,8 +132,8 @@ def attention(model, tokens, layer: int, head: int, *, tokenizer=None, index: in
 def repeated_tokens(model, n: int = 50, batch: int = 8, seed: int = 0, token_range=None) -> torch.Tensor:
     """[batch, 1 + 2n]: BOS, then n seeded random tokens, then the same n again (the induction protocol)."""
     from mechscope.core.validate import check_int, check_seed
-    from mechscope.lm.methods.scores import default_token_range
     from mechscope.lm.methods.scores import repeated_tokens as _rep
+    from mechscope.lm.methods.scores import token_range_of
 
     check_seed(seed)
     for name, v in (("n", n), ("batch", batch)):
@@ -143,9 +143,7 @@ def repeated_tokens(model, n: int = 50, batch: int = 8, seed: int = 0, token_ran
     if 1 + 2 * n > model.cfg.n_ctx:
         raise MechscopeError(f"n = {n} needs {1 + 2 * n} positions (a BOS and two copies of {n} tokens); the model's "
                              f"context is {model.cfg.n_ctx}")  # fmt: skip
-    lo, hi = token_range or default_token_range(model)
-    if not 0 <= lo < hi <= model.cfg.d_vocab:
-        raise MechscopeError(f"token range [{lo}, {hi}) outside the vocabulary 0..{model.cfg.d_vocab - 1}")
+    lo, hi = token_range_of(model, token_range)  # two integers inside the vocabulary, LOW below HIGH
     return _rep(model, n, batch, 2, torch.Generator().manual_seed(seed), (lo, hi))
 
 
@@ -154,8 +152,10 @@ def head_scores(model, tokens=None, *, n: int = 50, batch: int = 8, seed: int = 
     """Induction, previous-token and duplicate-token scores of every head from one pass over repeated random
     tokens (``tokens`` from :func:`repeated_tokens`, or made here from ``n``, ``batch``, ``seed``): a
     :class:`~mechscope.lm.methods.scores.HeadScores`."""
+    from mechscope.lm.methods.scores import check_next_token_model
     from mechscope.lm.methods.scores import head_scores as _scores
 
+    check_next_token_model(model)
     if tokens is None:
         tokens = repeated_tokens(model, n, batch, seed)
     tokens = _repeated(model, tokens)
@@ -168,10 +168,11 @@ def ablate_heads(model, tokens, heads, kind: str = "mean"):
     ``mean`` (each position's output replaced by its mean over the batch), ``zero`` or ``resample``. A
     :class:`~mechscope.lm.methods.ablation.HeadAblationResult`."""
     from mechscope.lm.methods.ablation import ablate_together
-    from mechscope.lm.methods.scores import check_heads, model_device
+    from mechscope.lm.methods.scores import check_heads, check_next_token_model, model_device
 
     if kind not in ("mean", "zero", "resample"):
         raise MechscopeError(f"kind must be mean, zero or resample, got {kind!r}")
+    check_next_token_model(model)
     heads = check_heads(model, heads)
     if not heads:
         raise MechscopeError("no heads to ablate")
@@ -211,10 +212,10 @@ def circuits(model, heads=None, *, prompt=None, tokenizer=None, name: str = ""):
     """The Mathematical Framework toolkit (``mechscope lm circuits``) on ``model``: a
     :class:`~mechscope.lm.methods.circuits.CircuitsResult`."""
     from mechscope.lm.methods.circuits import read_circuits
-    from mechscope.lm.methods.scores import check_head, default_token_range
+    from mechscope.lm.methods.scores import check_heads, default_token_range
     from mechscope.lm.models.folding import analysis_weights
 
-    heads = [check_head(model, *h) for h in heads] if heads else None
+    heads = check_heads(model, heads) or None  # pairs of integers in range, none twice
     ids = as_tokens(model, prompt, tokenizer)[0] if prompt is not None else None
     decoder = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
     return read_circuits(model, analysis_weights(model, mlp=False, per_layer=True), name or model.cfg.name, heads, ids,

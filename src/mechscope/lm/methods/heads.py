@@ -57,6 +57,7 @@ from mechscope.lm.methods.scores import (
     attention_scores,
     capture_patterns,
     check_heads,
+    check_next_token_model,
     induction_mask,
     model_device,
     prefix_mask,
@@ -128,11 +129,7 @@ class HeadProtocol:
 
 def check_protocol(model: HookedTransformer, p: HeadProtocol) -> tuple[HeadProtocol, tuple[int, int]]:
     """The protocol with its defaults resolved for this model, and the token range; or a clear error."""
-    if model.cfg.d_vocab_out is not None:
-        raise MechscopeError(
-            f"{model.cfg.name or 'this model'}: its outputs are classes of their own, not next tokens (a compiled "
-            "tracr model), so the induction protocol's loss means nothing; lm circuits, graph and discover read it"
-        )
+    check_next_token_model(model)
     check_types(p)
     check_seed(p.seed)
     if p.prefix_n is None:

@@ -56,7 +56,19 @@ def repeated_tokens(
     lo, hi = token_range
     seq = torch.randint(lo, hi, (batch, n), generator=generator)
     bos = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else lo
+    if not 0 <= bos < model.cfg.d_vocab:  # transformers' GPT-2 config keeps 50256 whatever the vocabulary's size
+        raise MechscopeError(f"the model's BOS token id {bos} (bos_token_id in its config) is outside its vocabulary "
+                             f"0..{model.cfg.d_vocab - 1}: set it to a token the model has")  # fmt: skip
     return torch.cat([torch.full((batch, 1), bos), seq.repeat(1, repeats)], 1)
+
+
+def check_next_token_model(model: HookedTransformer) -> None:
+    """The induction protocol reads a next-token loss: a tracr model's outputs are classes of its own."""
+    if model.cfg.d_vocab_out is not None:
+        raise MechscopeError(
+            f"{model.cfg.name or 'this model'}: its outputs are classes of their own, not next tokens (a compiled "
+            "tracr model), so the induction protocol's loss means nothing; lm circuits, graph and discover read it"
+        )
 
 
 def model_device(model: HookedTransformer) -> torch.device:
@@ -224,6 +236,10 @@ def score_pass(
     with torch.no_grad(), hooks(model, fwd=fwd):
         resid = model.run_blocks(model.embed(tokens))  # the final residual stream
         loss = token_losses(model, resid, tokens, slice(0, p - 1))
+    if not bool(torch.isfinite(loss).all()):  # every score read off this pass would be NaN without a word
+        dtype = str(model.W_E.dtype).removeprefix("torch.")
+        raise MechscopeError(f"the model's loss on the repeated tokens is not finite (NaN or infinity): its weights "
+                             f"hold non-finite values, or its activations overflow in {dtype}")  # fmt: skip
     if view is not None:
         scores["copying"] = _copying(cfg, resid[:, second].float(), copy_num)
     return ScorePass(loss.mean(0).cpu(), scores, kept)

@@ -178,6 +178,17 @@ class AnalysisWeights:
         return self.cfg.norm == "layernorm"
 
 
+def check_finite_weights(model: HookedTransformer) -> None:
+    """Every weight in memory finite: an eigendecomposition of a NaN matrix crashed the process (oneMKL's DGEBAL
+    refuses it and torch goes on), an infinite one raised LinAlgError, and every score of either is NaN."""
+    bad = [n for n, t in model.named_parameters() if not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        tensors = "1 weight tensor holds" if len(bad) == 1 else f"{len(bad)} weight tensors hold"
+        raise MechscopeError(f"{tensors} NaN or infinite values "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): no score can be read "
+                             "from them")  # fmt: skip
+
+
 def _present(t: torch.Tensor | None) -> torch.Tensor | None:
     """A float32 CPU copy of a weight; None where a partial checkpoint lacks it (the view lives on the CPU)."""
     return None if t is None or t.is_meta else t.detach().float().cpu()
@@ -309,6 +320,7 @@ def analysis_weights(
             f"{len(offloaded)} weights ({offloaded[0]}, ...) are offloaded to disk by the device map: weights-only "
             "analyses need every weight in memory (load without --device-map, or give it more memory)"
         )
+    check_finite_weights(model)
     layernorm = cfg.norm == "layernorm"
     center_read = fold_ln and layernorm
     center_write = center_writing and layernorm

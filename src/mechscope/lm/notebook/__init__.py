@@ -32,12 +32,19 @@ def heads_page(result: HeadsResult, full: bool = True) -> str:
     return render_string("mechscope.lm", "heads.html.j2", **report_context(result))
 
 
+def _rows(n) -> int:
+    """A table's row count: an integer from 1 (-1 was a slice that dropped the last head; 0 an empty table)."""
+    from mechscope.core.validate import check_int
+
+    return check_int(n, "n (the rows shown; None: every head)", 1)
+
+
 @views(HeadsResult, "table")
 def heads_table(result: HeadsResult, n: int | None = 20) -> Table:
     from mechscope.lm.report.heads import TABLE_SCORES, table_rows
 
     total = result.scores["induction"].size
-    rows = table_rows(result, total if n is None else n)
+    rows = table_rows(result, total if n is None else _rows(n))
     cols = ["head", "label", *TABLE_SCORES, "ablation_sd", "measured"]
     return Table(rows, cols, title=f"{result.model}: heads ranked by induction score")
 
@@ -134,7 +141,7 @@ def head_scores_page(r: HeadScores, full: bool = True) -> str:
 def head_scores_table(r: HeadScores, n: int | None = 20) -> Table:
     rows = [
         {"head": f"{layer}.{h}", **{k: float(v[layer, h]) for k, v in r.scores.items()}}
-        for layer, h in r.ranked("induction")[:n]
+        for layer, h in r.ranked("induction")[: None if n is None else _rows(n)]
     ]
     return Table(rows, title=f"{r.model}: heads ranked by induction score (repeated random tokens)")
 
