@@ -421,6 +421,10 @@ def test_cnn_discover_and_graph_take_a_class_by_name(capsys, tmp_path, quick_run
         class_index("fish", names)
     with pytest.raises(MechscopeError, match="class 3 out of range: expected 0..2"):
         class_index("3", names)
+    for odd in (1.7, True, "1.5", None):  # int(1.7) was class 1 without a word, int(True) class 1
+        with pytest.raises(MechscopeError, match=f"^unknown class {odd!r}; expected 0..2 or a class name$"):
+            class_index(odd, names)
+    assert class_index(__import__("numpy").int64(2), names) == 2
     code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--class", "seven", "--out",
                             str(tmp_path / "d"))  # fmt: skip
     assert_one_line_error(code, err, "unknown class 'seven'; expected 0..9 or a class name")

@@ -121,13 +121,15 @@ class ExplainSettings:
 
 def class_index(c: int | str, class_names, what: str = "class") -> int:
     """A class given by its name or its index, as an index checked against ``class_names``; one line otherwise."""
+    import numbers
+
     k = len(class_names)
     if isinstance(c, str) and c in class_names:
         return list(class_names).index(c)
-    try:
-        i = int(c)
-    except (TypeError, ValueError):
-        raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name") from None
+    whole = isinstance(c, numbers.Integral) and not isinstance(c, bool)  # int(3.7) was class 3, int(True) class 1
+    if not (whole or (isinstance(c, str) and c.strip().isdigit())):
+        raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name")
+    i = int(c)
     if not 0 <= i < k:
         raise MechscopeError(f"{what} {i} out of range: expected 0..{k - 1}")
     return i
