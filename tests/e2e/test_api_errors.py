@@ -127,6 +127,11 @@ def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
         lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "f", methods="saliency", n=2.5))
     assert "--steps must be an integer, got 2.5" in api_line(
         lambda: mechscope.visualize(model, inputs["npz"], out=tmp_path / "w", layers="conv1", units=0, steps=2.5))
+    for unit, shown in ((0.5, "0.5"), ("a", '"a"'), (True, "true")):  # an IndexError, a TypeError, a mask before
+        assert f"--units: each unit must be an integer, got {shown}" in api_line(
+            lambda u=unit: mechscope.visualize(model, inputs["npz"], out=tmp_path / "u", layers="conv1", units=[u]))
+    assert "unknown class 1.5; expected 0..2 or a class name" in api_line(
+        lambda: mechscope.explain(model, inputs["npz"], out=tmp_path / "c", classes=[1.5]))  # was class 1
     said = api_line(lambda: mechscope.explain(model, inputs["npz"], out=tmp_path / "e", patch=(1,)))
     assert "patch expects two classes (clean, corrupted), got (1,)" in said
     assert "methods must be a list (or one item), got dict" in api_line(

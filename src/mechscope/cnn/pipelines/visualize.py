@@ -35,6 +35,8 @@ def _check(spec, layers, units, steps, seed=0) -> tuple[list[str], dict[str, int
     size = {name: probe[name].shape[1] for name in names}
     if units is not None and not len(units):
         raise MechscopeError("--units: expected at least one unit")
+    for u in units or []:  # 0.5 was an IndexError from torch, 'a' a TypeError, True a mask
+        check_int(u, "--units: each unit")
     if units is not None and len(set(units)) != len(units):
         raise MechscopeError(f"--units: a unit given twice ({', '.join(map(str, units))})")
     for name in names:
