@@ -238,6 +238,23 @@ def test_attention_viewer_saves_a_page(model, tokens, tmp_path):
     assert page.startswith("<!doctype html>") and "const pat = " in page and "<title>head 1.0</title>" in page
 
 
+def test_a_page_path_that_cannot_be_a_file_is_one_line(model, tokens, tmp_path):
+    """Truth: the file system. A folder given as the page (IsADirectoryError naming a temporary file), a file where a
+    folder above it should be (FileExistsError), no path (TypeError): one line each, nothing written; a folder that
+    does not exist yet is made."""
+    (tmp_path / "a.txt").write_text("mine")
+    scores, viewer = mechscope.lm.head_scores(model, tokens), mechscope.attention(model, tokens[2], 1, 0)
+    for obj in (scores, viewer):
+        for path, said in ((tmp_path, f"{tmp_path} is a folder: give the page a file name"),
+                           (tmp_path / "a.txt" / "p.html", f"{tmp_path / 'a.txt'} is a file, not a folder"),
+                           (None, "expected a file path for the page (e.g. 'report.html'), got NoneType")):  # fmt: skip
+            with pytest.raises(MechscopeError) as e:
+                obj.save_html(path)
+            assert str(e.value).startswith(said) and "\n" not in str(e.value)
+        assert obj.save_html(tmp_path / "new" / "p.html").is_file()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "new", "p.html"]
+
+
 def test_head_scores_table_show_and_render(model, tokens):
     s = mechscope.lm.head_scores(model, tokens)
     assert s.ranked("induction")[0] == (1, 0) and s.ranked("previous_token")[0] == (0, 0)

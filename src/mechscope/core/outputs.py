@@ -158,6 +158,21 @@ def _usual_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
+def page_path(path) -> Path:
+    """``path`` as a file a page can be written to (for ``save_html``): a folder there, a file where a folder above
+    it should be, or no path at all, one line each (IsADirectoryError naming a temporary file, FileExistsError and
+    TypeError before)."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise RunError(f"expected a file path for the page (e.g. 'report.html'), got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path} is a folder: give the page a file name (e.g. {path / 'report.html'})")
+    above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise RunError(f"{above} is a file, not a folder: the page {path} cannot be written under it")
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to the file ``path`` all at once: into a temporary file beside it, then renamed over it (an
     error or Ctrl-C leaves the old file, never half a new one)."""

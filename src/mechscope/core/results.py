@@ -144,6 +144,7 @@ class Result:
 
         return to_html(self)
 
+    @user_errors  # a bad path is one line from the call
     def save_html(self, path) -> Path:
         """Write this result's self-contained HTML report to ``path``; returns the path."""
         from mechscope.core.show import save_html

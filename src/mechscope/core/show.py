@@ -181,8 +181,9 @@ def to_html(obj, max_chars: int = MAX_CHARS) -> str:
 
 def save_html(obj, path) -> Path:
     """Write ``obj``'s whole report page (every section; one self-contained file) to ``path``."""
-    from mechscope.core.outputs import write_text_atomic
+    from mechscope.core.outputs import page_path, write_text_atomic
     from mechscope.core.render.html import with_footer
 
+    path = page_path(path)  # before the page is rendered
     text, _, _ = _page(obj, full=True)
     return write_text_atomic(path, with_footer(text))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import markupsafe
 import numpy as np
 
+from mechscope.core.errors import user_errors
 from mechscope.core.render.fragment import new_uid
 from mechscope.core.render.html import script_json
 
@@ -44,11 +45,13 @@ class AttentionViewer:
         """The attention from position ``query`` to every position (0 after it)."""
         return self.pattern[query]
 
+    @user_errors
     def save_html(self, path):
         """Write the viewer as one self-contained page (its inline script; no network) to ``path``."""
-        from mechscope.core.outputs import write_text_atomic
+        from mechscope.core.outputs import page_path, write_text_atomic
         from mechscope.core.render.html import with_footer
 
+        path = page_path(path)
         title = markupsafe.escape(self.title)
         page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head><body>'
                 f"{self._repr_html_()}</body></html>")  # fmt: skip
