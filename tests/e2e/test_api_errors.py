@@ -186,3 +186,13 @@ def test_a_run_folder_for_a_model_and_unknown_settings(inputs, tmp_path):
                        (lambda: C.attack("x", foo=1), "unknown clip.attack setting 'foo'"),
                        (lambda: train_toy(foo=1), "unknown toy setting 'foo'; the settings are layers, data")):
         assert said in api_line(call)
+    (tmp_path / "a.txt").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    tiny = dict(steps=1, checkpoints=1, batch=2, d_model=8, n_heads=2, n_ctx=16)
+    for call, said in ((lambda: train_toy("x"), "config must be a ToyConfig (or None, with its fields as keywords)"),
+                       (lambda: train_toy(**tiny, vocab=1), "vocab must be at least 2, got 1"),  # a RuntimeError
+                       (lambda: train_toy(**tiny, out=tmp_path / "a.txt"), "a.txt: exists and is not a directory"),
+                       (lambda: train_toy(**tiny, out=tmp_path / "full"), "full: already exists and is not empty")):
+        assert said in api_line(call)
+    assert (tmp_path / "a.txt").read_text() == "mine" and (tmp_path / "full" / "x").read_text() == "mine"

@@ -225,17 +225,22 @@ def circuits(model, heads=None, *, prompt=None, tokenizer=None, name: str = ""):
 
 @user_errors
 def train_toy(config=None, *, text: str | None = None, control: bool = False, out=None, progress: bool = False,
-              **settings):  # fmt: skip
+              force: bool = False, **settings):  # fmt: skip
     """Train ``lm train-toy``'s attention-only model (a :class:`~mechscope.lm.toy.ToyConfig`, or its fields as
     keywords: ``layers``, ``steps``, ``seed``, ``data``...) and measure it at every checkpoint: a
-    :class:`~mechscope.lm.toy.ToyTraining`."""
+    :class:`~mechscope.lm.toy.ToyTraining`. ``out``: a folder for the checkpoints, absent or empty unless
+    ``force``."""
     from dataclasses import replace
-    from pathlib import Path
 
+    from mechscope.core.outputs import check_target
     from mechscope.core.validate import known_settings
     from mechscope.lm.toy import ToyConfig, train_toy_and_control
 
     known_settings(ToyConfig, settings, "toy")
+    if config is not None and not isinstance(config, ToyConfig):
+        raise MechscopeError(f"config must be a ToyConfig (or None, with its fields as keywords), got "
+                             f"{type(config).__name__}")  # fmt: skip
     config = replace(config or ToyConfig(), **settings)
     config.validate()
-    return train_toy_and_control(config, text, Path(out) if out is not None else None, progress, control)
+    out = check_target(out, force) if out is not None else None  # a file there was a NotADirectoryError
+    return train_toy_and_control(config, text, out, progress, control)

@@ -130,7 +130,7 @@ class ToyConfig:
         check_lr(self.lr, "lr")
         for name, high in (("d_model", MAX_WIDTH), ("n_heads", 1024), ("n_ctx", 65_536), ("vocab", 1_000_000),
                            ("batch", 65_536), ("checkpoints", 10_000)):  # fmt: skip
-            check_count(getattr(self, name), name, 1, high)
+            check_count(getattr(self, name), name, 2 if name == "vocab" else 1, high)  # tokens are drawn from 1
         if self.d_model % self.n_heads:
             raise MechscopeError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if self.warmup < 1 or not 0 <= self.repeat_fraction <= 1:
