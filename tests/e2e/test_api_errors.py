@@ -136,6 +136,10 @@ def test_one_item_for_a_list_and_an_int_class(inputs, tmp_path):
     assert "patch expects two classes (clean, corrupted), got (1,)" in said
     assert "methods must be a list (or one item), got dict" in api_line(
         lambda: mechscope.attribute(model, inputs["npz"], out=tmp_path / "d", methods={"saliency": 1}))
+    for bad, said in (({"methods": ["bogus"]}, "bogus"), ({"target": "foo"}, "foo"), ({"layer": "nope"}, "nope"),
+                      ({}, "--n-faithfulness must be between 1 and the")):  # fmt: skip
+        line = api_line(lambda b=bad: mechscope.attribute(model, inputs["npz"], out=tmp_path / "g", **b))
+        assert said in line and ("n-faithfulness" in line) == (not bad)  # the default 64 was said first, for each
 
 
 def test_a_refused_call_with_out_none_leaves_no_temporary_folder(inputs, tmp_path, monkeypatch):

@@ -97,8 +97,6 @@ def attribute_model(
     n_test = len(data.test_labels)
     for option, value in (("--n", n), ("--n-faithfulness", n_faithfulness)):
         check_int(value, option)  # 2.5 was a TypeError from range()
-        if not 1 <= value <= n_test:
-            raise MechscopeError(f"{option} must be between 1 and the {n_test:,} test images, got {value}")
     check_int(ig_steps, "ig_steps", 1)
     spec = walk(model, data.shape)
     net = spec.model
@@ -113,6 +111,9 @@ def attribute_model(
     if given_layer is not None and not any(isinstance(m, GradCAM) for m in chosen.values()):
         raise MechscopeError(f"--layer {given_layer} is Grad-CAM's, and none of the methods asked for reads it")
     target = parse_target(target, data.class_names)
+    for option, value in (("--n", n), ("--n-faithfulness", n_faithfulness)):  # after the methods, target and layer:
+        if not 1 <= value <= n_test:  # a default 64 with fewer test images hid a misspelt method
+            raise MechscopeError(f"{option} must be between 1 and the {n_test:,} test images, got {value}")
     names = data.class_names
     digest = weights_hash(model)  # recorded, so that explain links these grids only for the same weights
     counter = spec.work_counter()
