@@ -19,7 +19,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,6 +115,13 @@ class Result:
             if not f.init or not f.metadata.get("json", True) or f.name not in data:
                 continue
             kwargs[f.name] = _rebuild(hints.get(f.name, Any), data[f.name])
+        missing = [f.name for f in fields(cls) if f.init and f.name not in kwargs and f.default is MISSING
+                   and f.default_factory is MISSING]  # fmt: skip
+        if missing:  # named here: Python's "__init__() missing 12 required positional arguments: ..." before
+            if not kwargs:
+                raise RunError(f"not {'an' if cls.__name__[0] in 'AEIOU' else 'a'} {cls.__name__} record: it holds "
+                               "none of its fields")  # fmt: skip
+            raise RunError(f"not a complete {cls.__name__} record: {', '.join(missing)} missing")
         try:
             return cls(**kwargs)
         except TypeError as e:
