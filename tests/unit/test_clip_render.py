@@ -431,3 +431,24 @@ def test_diverse_visualisations_that_do_not_drive_the_neuron_are_named():
     assert diverse_note(dataclasses.replace(reading, diverse_responses=(1.2, 1.5))) == ""
     html = _page(dataclasses.replace(r, readings=(reading,)))
     assert "Diverse 1 (-0.03), 3 (-0.04) reach under a tenth" in html
+
+
+def test_render_words_arguments_are_checked_in_one_line():
+    """Truth: the docstring's unit pixels [C,S,S] and the arguments' meanings. fg=2.0 drew pixels of 2, channels=0
+    an empty image, x=nan a ValueError from int(), 'red' a TypeError, size 0 PIL's "font size must be greater than
+    0", 32.5 a TypeError from torch.zeros, 123 'renders to nothing'."""
+    import mechscope.clip as C
+
+    for kwargs, said in (({"fg": 2.0}, "a colour's values must be in [0, 1]"), ({"bg": -0.1}, "in [0, 1]"),
+                         ({"fg": float("nan")}, "in [0, 1]"), ({"fg": "red"}, "a colour is a number in [0, 1]"),
+                         ({"channels": 0}, "channels must be an integer from 1 to 4"),
+                         ({"x": float("nan")}, "x must be a fraction of the image in [0, 1]"),
+                         ({"y": 1.5}, "y must be"),
+                         ({"size": 0}, "size must be an integer from 1"),
+                         ({"image_size": 32.5}, "image_size must be an integer"),
+                         ({"word": 123}, "word must be a string, got int")):  # fmt: skip
+        with pytest.raises(MechscopeError) as e:
+            C.render_word(**({"word": "cat"} | kwargs))
+        assert said in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
+    img = C.render_word("cat", 32, 3, fg=(1.0, 0.5, 0.0), bg=0.25, x=0.0, y=1.0)
+    assert img.shape == (3, 32, 32) and float(img.min()) >= 0 and float(img.max()) <= 1

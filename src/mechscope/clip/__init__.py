@@ -17,7 +17,7 @@ report and JSON, returning ``(path, result)``).
 
 from __future__ import annotations
 
-from mechscope.core.errors import user_errors
+from mechscope.core.errors import MechscopeError, user_errors
 from mechscope.core.validate import known_settings
 
 __all__ = ["attack", "inspect", "load", "neurons", "render_word", "train_small"]
@@ -91,7 +91,18 @@ def inspect(model, out=None, images=None, prompts=None, device=None, dtype=None,
 def render_word(word: str, image_size: int = 64, channels: int = 1, font: str = "sans", size: int = 16, x=0.5, y=0.5,
                 fg=1.0, bg=0.0):  # fmt: skip
     """``word`` drawn on a plain background: unit pixels [C,S,S]."""
+    import math
+
     from mechscope.clip.data.render import Placement
     from mechscope.clip.data.render import render_word as draw
+    from mechscope.core.validate import check_int
 
+    if not isinstance(word, str):
+        raise MechscopeError(f"word must be a string, got {type(word).__name__}")
+    check_int(image_size, "image_size", 8, 4096)
+    check_int(channels, "channels", 1, 4)
+    check_int(size, "size", 1, 1024)
+    for name, v in (("x", x), ("y", y)):  # the word's centre, as fractions of the image
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
+            raise MechscopeError(f"{name} must be a fraction of the image in [0, 1], got {v!r}")
     return draw(word, image_size, channels, font, size, Placement(x, y), fg, bg)

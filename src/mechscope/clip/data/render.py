@@ -129,7 +129,14 @@ def place(mask: np.ndarray, image_size: int, where: Placement) -> tuple[int, int
 
 
 def _colour(value, channels: int) -> torch.Tensor:
-    v = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    """A colour of unit values (one, or one per channel) as [C, 1, 1]; a name, NaN or a value past [0, 1] refused
+    (fg=2.0 drew pixels above 1, 'red' was a TypeError)."""
+    try:
+        v = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise MechscopeError(f"a colour is a number in [0, 1] or one per channel, got {value!r}") from None
+    if not v.numel() or not bool(((v >= 0) & (v <= 1)).all()):
+        raise MechscopeError(f"a colour's values must be in [0, 1] (unit pixels), got {value!r}")
     if v.numel() == 1:
         v = v.expand(channels)
     elif v.numel() != channels:
