@@ -147,3 +147,18 @@ def test_run_with_cache_cleans_up_when_forward_fails(model):
 def test_describe_names_collapses_layers():
     names = [f"blocks.{i}.attn.hook_q" for i in range(12)] + ["hook_embed", "blocks.0.hook_resid_pre"]
     assert describe_names(names) == "blocks.{0..11}.attn.hook_q, hook_embed, blocks.0.hook_resid_pre"
+
+
+def test_hooks_and_names_of_the_wrong_shape_are_one_line(model, x):
+    """Truth: the signatures' documented forms. Names without functions were "too many values to unpack", an int for
+    names "'int' object is not iterable"; nothing is attached either way."""
+    for fwd, said in ((["conv1.hook_out"], "each hook is a .name, function. pair"),
+                      ([("conv1.hook_out", None)], "each hook is a .name, function. pair"),
+                      ([(3, lambda a, hp: a)], "each hook is a .name, function. pair")):  # fmt: skip
+        with pytest.raises(HookError, match=said):
+            with hooks(model, fwd=fwd):
+                pass
+    for names, said in ((5, "names: a hook point's name, a list of them"), ([5], "named by a string, got 5")):
+        with pytest.raises(HookError, match=said):
+            run_with_cache(model, x, names=names)
+    assert attached_hooks(model) == []

@@ -166,6 +166,8 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.circuits(m, heads=["0.1"]), "each head must be a (layer, head) pair"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=(0.5, 9.5)), "a token range is two integers"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=5), "a token range is two integers [LOW, HIGH)"),
+        (lambda m, t: mechscope.lm.find_induction_heads(m, protocol="x"), "protocol must be a HeadProtocol, got str"),
+        (lambda m, t: mechscope.lm.ablate_heads(m, t[:, :11], [(1, 0)]), "expected repeated tokens"),  # ran before
         (lambda m, t: mechscope.lm.circuits(_nan(m)), "1 weight tensor holds NaN or infinite values (W_E)"),  # crashed
         (lambda m, t: mechscope.lm.head_scores(_nan(m), t), "the model's loss on the repeated tokens is not finite"),
         (lambda m, t: mechscope.lm.train_toy(steps=0), "--steps must be at least 1, got 0"),

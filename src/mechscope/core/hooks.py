@@ -91,8 +91,12 @@ def select(model: nn.Module, names: NameFilter) -> dict[str, HookPoint]:
         return {n: p for n, p in points.items() if names(n)}
     if isinstance(names, str):
         names = [names]
+    if not hasattr(names, "__iter__"):  # 5 was "'int' object is not iterable"
+        raise HookError(f"names: a hook point's name, a list of them, a predicate or None, got {names!r}")
     chosen: dict[str, HookPoint] = {}
     for name in names:
+        if not isinstance(name, str):
+            raise HookError(f"a hook point is named by a string, got {name!r}")
         if name not in points:
             raise HookError(f"unknown hook point {name!r}; valid names: {describe_names(points)}")
         chosen[name] = points[name]
@@ -112,6 +116,10 @@ def hooks(
     backward hook on a tensor that outlives the block stops acting when the block exits.
     """
     fwd, bwd = list(fwd), list(bwd)
+    for pair in fwd + bwd:  # names without functions were "too many values to unpack"
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) and callable(pair[1])):
+            raise HookError(f"each hook is a (name, function) pair, e.g. ('blocks.0.hook_resid_post', fn), got "
+                            f"{pair!r}")  # fmt: skip
     # Resolve every name before attaching anything, so an unknown name attaches nothing.
     points = select(model, [n for n, _ in fwd] + [n for n, _ in bwd])
     handles: list[Any] = []

@@ -176,9 +176,7 @@ def ablate_heads(model, tokens, heads, kind: str = "mean"):
     heads = check_heads(model, heads)
     if not heads:
         raise MechscopeError("no heads to ablate")
-    tokens = as_tokens(model, tokens)
-    if tokens.shape[1] % 2 == 0 or tokens.shape[1] < 3:
-        raise MechscopeError(f"expected repeated tokens [batch, 1 + 2n], got {list(tokens.shape)}")
+    tokens = _repeated(model, tokens)  # the second copy's loss means nothing on tokens that are not repeated
     if kind != "zero" and tokens.shape[0] < 2:
         b = tokens.shape[0]
         raise MechscopeError(f"batch must be at least 2 (mean- and resample-ablation need others), got {b}")
@@ -199,6 +197,8 @@ def find_induction_heads(
     from mechscope.lm.methods.heads import HeadProtocol
     from mechscope.lm.methods.heads import find_induction_heads as _find
 
+    if protocol is not None and not isinstance(protocol, HeadProtocol):
+        raise MechscopeError(f"protocol must be a HeadProtocol, got {type(protocol).__name__}")
     protocol = protocol or HeadProtocol(n=n, batch=batch, seed=seed, per_head_ablation=ablation)
     check_seed(protocol.seed)
     text_tokens = as_tokens(model, text) if text is not None else None
