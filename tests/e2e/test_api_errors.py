@@ -200,3 +200,11 @@ def test_a_run_folder_for_a_model_and_unknown_settings(inputs, tmp_path):
                        (lambda: train_toy(**tiny, out=tmp_path / "full"), "full: already exists and is not empty")):
         assert said in api_line(call)
     assert (tmp_path / "a.txt").read_text() == "mine" and (tmp_path / "full" / "x").read_text() == "mine"
+    from mechscope.lm.methods.scores import HeadScores
+
+    for call, said in ((lambda: mechscope.load_run(None), "run must be a path (a string or a pathlib.Path), got "
+                        "NoneType"), (lambda: mechscope.load_run(123), "run must be a path"),
+                       (lambda: HeadScores.load(None), "HeadScores record must be a path"),
+                       (lambda: C.load(None), "model must be a path"), (lambda: C.inspect(None), "model must be"),
+                       (lambda: C.neurons(123), "model must be a path (a string or a pathlib.Path), got int")):
+        assert said in api_line(call)  # pathlib's "expected str, bytes or os.PathLike object, not NoneType" before

@@ -153,8 +153,8 @@ def load_run(path: str | Path) -> Run:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    usable_path(path, "run")  # a name the file system refuses (too long), or no path: one line, not an OSError
     run = Path(path)
-    usable_path(run, "run")  # a name the file system refuses (too long): one line, not an OSError
     if not run.is_dir():
         raise RunError(f"{run}: {'is a file, not a run directory' if run.exists() else 'run directory not found'}")
     try:

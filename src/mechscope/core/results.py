@@ -130,10 +130,11 @@ class Result:
     @classmethod
     def load(cls, path):
         """The result saved as JSON at ``path`` (a file, or a directory holding ``cls.FILE``)."""
-        path = Path(path)
+        from mechscope.core.validate import read_strict_json, usable_path
+
+        path = usable_path(path, f"{cls.__name__} record")  # None was pathlib's TypeError
         if path.is_dir():
             path = path / getattr(cls, "FILE", "result.json")
-        from mechscope.core.validate import read_strict_json
 
         data = read_strict_json(path, f"{cls.__name__} record")
         with about(path, RunError):

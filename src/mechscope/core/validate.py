@@ -217,6 +217,8 @@ def usable_path(path: str | Path, what: str = "path") -> Path:
     import errno
     import os
 
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):  # None was pathlib's TypeError
+        raise MechscopeError(f"{what} must be a path (a string or a pathlib.Path), got {type(path).__name__}")
     text = str(path)
     short = text if len(text) <= 80 else text[:60] + "..." + text[-10:]
     try:

@@ -289,9 +289,10 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_clip(path, device=None, dtype=None) -> ClipBundle:
     """A CLIP or SigLIP checkpoint directory as a :class:`ClipBundle` on ``device`` in ``dtype`` (as ``--device``
     and ``--dtype`` of the lm commands: default the best device present, float32 on the CPU)."""
+    from mechscope.core.validate import usable_path
     from mechscope.lm.models.devices import resolve_device, resolve_dtype
 
-    directory = Path(path).expanduser()
+    directory = usable_path(path, "model")
     cfg, small = read_config(directory)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -11,6 +11,7 @@ from mechscope.clip.methods.evaluate import InspectResult
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import torch_threads
+from mechscope.core.validate import usable_path
 
 
 def inspect_bundle(bundle, images=None, prompts=None) -> InspectResult:
@@ -53,6 +54,7 @@ def inspect(model, out=None, images=None, prompts=None, device=None, dtype=None,
     """``clip inspect``: inspect.json and report.html in ``out``."""
     from mechscope.clip.models.loading import load_clip
 
+    usable_path(model, "model")  # before a default folder is named after it
     out = check_target(out or model_out("clip-inspect", model), force)
     with torch_threads(threads):
         bundle = load_clip(model, device, dtype)

@@ -20,7 +20,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_count, check_seed, check_types, repeated
+from mechscope.core.validate import check_count, check_seed, check_types, repeated, usable_path
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def neurons(model, out=None, settings: NeuronSettings | None = None, images=None
 
     s = settings or NeuronSettings()
     s.validate()
+    usable_path(model, "model")  # before a default folder is named after it
     out = check_target(out or model_out("clip-neurons", model), force)
     with torch_threads(threads):
         timer = Timer("clip neurons")
