@@ -162,3 +162,13 @@ def test_hooks_and_names_of_the_wrong_shape_are_one_line(model, x):
         with pytest.raises(HookError, match=said):
             run_with_cache(model, x, names=names)
     assert attached_hooks(model) == []
+
+
+def test_integer_pixels_are_refused_not_read_as_unit_pixels(model, x):
+    """Truth: the CNN's input contract, float pixels in [0, 1]. uint8 images (0..255) ran, normalised as if in
+    [0, 1] (logits near -135); the same images as floats in [0, 1] run."""
+    from mechscope.core.errors import MechscopeError
+
+    with pytest.raises(MechscopeError, match="expected a floating-point input in .0, 1., got dtype torch.uint8"):
+        run_with_cache(model, (x * 255).to(torch.uint8))
+    assert run_with_cache(model, x)[0].shape[0] == x.shape[0]

@@ -275,6 +275,8 @@ class CNN(nn.Module):
         check_image_input(x, self.input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # uint8 pixels 0..255 ran, normalised as if in [0, 1] (logits near -135)
+            check_image_input(x, self.input_shape)
         x = self.hook_input(x)  # [B, C, H, W], pixels in [0, 1]
         x = self.normalize(x)
         for block in self.stages:
