@@ -166,6 +166,9 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.circuits(m, heads=["0.1"]), "each head must be a (layer, head) pair"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=(0.5, 9.5)), "a token range is two integers"),
         (lambda m, t: mechscope.lm.repeated_tokens(m, 3, token_range=5), "a token range is two integers [LOW, HIGH)"),
+        (lambda m, t: mechscope.attention(m, [], 0, 0), "expected at least one token, got none (shape [0])"),
+        (lambda m, t: mechscope.lm.circuits(m, prompt=t[:0]), "expected at least one token, got none (shape [0, 41])"),
+        (lambda m, t: mechscope.lm.load_model(123), "model must be a path (a string or a pathlib.Path), got int"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, protocol="x"), "protocol must be a HeadProtocol, got str"),
         (lambda m, t: mechscope.lm.ablate_heads(m, t[:, :11], [(1, 0)]), "expected repeated tokens"),  # ran before
         (lambda m, t: mechscope.lm.circuits(_nan(m)), "1 weight tensor holds NaN or infinite values (W_E)"),  # crashed

@@ -86,6 +86,8 @@ def as_tokens(model, tokens, tokenizer=None) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             what = type(tokens).__name__
             raise MechscopeError(f"expected token ids (a tensor or list of ints), got {what}") from None
+    if tokens.numel() == 0:  # [] was "expected integer token ids" (an empty list reads as floats)
+        raise MechscopeError(f"expected at least one token, got none (shape {list(tokens.shape)})")
     if tokens.ndim == 1:
         tokens = tokens[None]
     model.check_tokens(tokens)  # integer ids [batch, position] inside the vocabulary and the context

@@ -328,8 +328,8 @@ def load_model(
     dtype = resolve_dtype(dtype, dev)
     place = {"device": dev if device_map is None else None, "device_map": device_map}
     place.update(max_memory=max_memory, offload_dir=offload_dir)
+    usable_path(spec, "model")  # no path or name (123 was looked up as a hub id), or one the file system refuses
     text = str(spec)
-    usable_path(text, "model")  # a name the file system refuses (too long): one line, not an OSError
     local = text.lower() == "smollm2" or Path(text).expanduser().exists() or text.endswith(".gguf")
     if revision is not None and local:
         raise MechscopeError(f"a revision ({revision!r}) needs a hub id, not {text!r}")
