@@ -131,6 +131,11 @@ def test_check_shown_accepts_up_to_d_sae(monkeypatch):
     check_shown([0, 7], {"--random": 8, "--selective": 99}, 8)
     refused(lambda: check_shown([8], {"--random": 1}, 8), "out of range")
     refused(lambda: check_shown([], {"--random": 9}, 8), "--random 9")
+    for bad, said in (([1.5], "--latent must be an integer, got 1.5"), (["3"], '--latent must be an integer, got "3"'),
+                      (3, "latents must be a list of latent indices (--latent, repeatable), got 3")):  # fmt: skip
+        refused(lambda b=bad: check_shown(b, {}, 8), said)  # 1.5 drew latent 1, "3" latent 3, 3 was a TypeError
+    refused(lambda: check_shown([1], {}, 8, k=0), "--k must be an integer from 1")  # empty dashboards
+    check_shown((np.int64(2),), {}, 8, k=1)
 
 
 # ---- config limits ------------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def sae_show_model(
     counter = spec.work_counter()
     with counter.counting():
         shape = S.check_dictionary(spec, sae, hook)
-        check_shown(latents, {"--selective": n_selective, "--random": n_random}, sae.cfg.d_sae)
+        check_shown(latents, {"--selective": n_selective, "--random": n_random}, sae.cfg.d_sae, k)
         x, y = _images(data, "test", limit)
         kk = data.n_classes
         timer = Timer("cnn sae show")

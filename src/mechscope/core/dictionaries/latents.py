@@ -79,15 +79,19 @@ class LatentActivations:
         return out
 
 
-def check_shown(latents, counts: dict[str, int], d_sae: int) -> None:
-    """What a ``sae show`` is asked to show, before any work: each latent asked is one of the ``d_sae``, and no count
-    typed on the command line (``{"--random": 6, ...}``) is above them (99,999 random latents showed the 509 alive,
-    silently). A default count is "up to": a dictionary of 4 latents shows 4 of the default 6."""
-    from mechscope.core.validate import typed_options
+def check_shown(latents, counts: dict[str, int], d_sae: int, k: int = 1) -> None:
+    """What a ``sae show`` is asked to show, before any work: each latent asked is one of the ``d_sae`` (an integer:
+    1.5 was latent 1, "3" latent 3), no count typed on the command line (``{"--random": 6, ...}``) is above them
+    (99,999 random latents showed the 509 alive, silently), and ``k`` top examples are at least 1 (0 drew empty
+    dashboards). A default count is "up to": a dictionary of 4 latents shows 4 of the default 6."""
+    from mechscope.core.validate import check_int, typed_options
 
+    if isinstance(latents, (str, bytes)) or not hasattr(latents, "__iter__"):
+        raise MechscopeError(f"latents must be a list of latent indices (--latent, repeatable), got {latents!r}")
     for i in latents:
-        if not 0 <= int(i) < d_sae:
+        if not 0 <= check_int(i, "--latent") < d_sae:
             raise MechscopeError(f"latent {i} out of range: the dictionary has latents 0..{d_sae - 1}")
+    check_int(k, "--k", 1)
     typed = typed_options()
     for name, n in counts.items():
         if name in typed and n > d_sae:

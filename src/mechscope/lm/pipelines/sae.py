@@ -428,7 +428,7 @@ def sae_show(
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
     S.check_distinct(hook, target)  # before the model loads
-    check_shown(latents, {"--random": n_random, "--induction": n_induction}, sae.cfg.d_sae)
+    check_shown(latents, {"--random": n_random, "--induction": n_induction}, sae.cfg.d_sae, k)
     timer = Timer("lm sae show")
     tm = model or _text_model(model_spec, device, dtype, revision)
     counter = work_counter(tm.model)
