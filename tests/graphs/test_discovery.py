@@ -249,6 +249,30 @@ def test_the_summary_says_when_the_cut_does_not_join_up():
     assert discovery_lines(joined, "toy")[1] == "The circuit: 3 edges over 4 nodes."
 
 
+def test_the_random_baseline_is_said_as_its_draws_allow():
+    """Truth: the sample sd of one draw is undefined and of none there is no mean. --random 1 printed "random circuits
+    0.325 ± nan", --random 0 "(random nan)"; two draws give mean ± sd."""
+    from types import SimpleNamespace
+
+    from mechscope.core.render.discovery import _random_cpr, cli_lines
+
+    g = planted_residual("tanh").graph
+    scores = EdgeScores(method="eap", graph=g, scores=np.arange(g.n_edges, dtype=float), seconds=0.1)
+
+    def curve(n, mean, sd):
+        return SimpleNamespace(n_random=n, cpr=0.9, cmd=0.1, random_cpr=mean, random_cpr_sd=sd, random_cmd=mean)
+
+    said = {n: (_random_cpr(curve(n, m, sd)), cli_lines(SimpleNamespace(
+        scores=scores, circuit=scores.circuit(2), faithfulness=curve(n, m, sd), circuit_faithfulness=None,
+        method="eap", metric="logit_diff"))[-1]) for n, m, sd in ((0, math.nan, math.nan), (1, 0.325, math.nan),
+                                                               (2, 0.325, 0.05))}  # fmt: skip
+    assert said[0] == ("no random circuits drawn", "faithfulness: CPR 0.900, CMD 0.100 (no random baseline drawn)")
+    assert said[1] == ("one random circuit 0.325, no spread from one",
+                       "faithfulness: CPR 0.900 (random 0.325), CMD 0.100 (random 0.325)")  # fmt: skip
+    assert said[2][0] == "random circuits 0.325 ± 0.050"
+    assert not any("nan" in line for pair in said.values() for line in pair)
+
+
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_mean_and_zero_ablation_eap_is_exact_in_the_linear_case(ablation):
     model, (clean, _) = planted_residual("linear"), batches()

@@ -80,7 +80,8 @@ def curve_words(curve) -> str:
             "of the edges ranked as the method scores them (by signed score where the metric has a better direction), "
             "CMD the area between 1 and the curve of the edges ranked by |score| (MIB's convention; " + drawn + "). "
             "Both areas are taken over the fraction of edges on a linear scale, as MIB takes them" + _weight(curve)
-            + f"; the random baseline ranks the edges in {curve.n_random} seeded random orders.")
+            + (f"; the random baseline ranks the edges in {curve.n_random} seeded random "
+               f"order{'s' * (curve.n_random != 1)}." if curve.n_random else "; no random baseline was drawn."))
 
 
 def _weight(curve) -> str:
@@ -114,10 +115,19 @@ def discovery_lines(result, name: str) -> list[str]:
         ranked = "by signed score" if f.cpr_ranking == "signed" else "by |score|"
         out.append(
             f"Faithfulness over circuit sizes (MIB): CPR {f.cpr:.3f}, the area under the curve of the edges ranked "
-            f"{ranked} (random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}); CMD {f.cmd:.3f}, the area "
-            f"between 1 and the curve of the edges ranked by |score| (random {f.random_cmd:.3f})."
+            f"{ranked} ({_random_cpr(f)}); CMD {f.cmd:.3f}, the area between 1 and the curve of the edges ranked "
+            f"by |score|{f' (random {f.random_cmd:.3f})' if f.n_random else ''}."
         )
     return out + _caveats(result)
+
+
+def _random_cpr(f) -> str:
+    """The random baseline's CPR as its draws allow: mean ± sd, one draw's value ("± nan" before), or none."""
+    if not f.n_random:
+        return "no random circuits drawn"
+    if f.n_random == 1:
+        return f"one random circuit {f.random_cpr:.3f}, no spread from one"
+    return f"random circuits {f.random_cpr:.3f} ± {f.random_cpr_sd:.3f}"
 
 
 def cli_lines(result) -> list[str]:
@@ -135,8 +145,9 @@ def cli_lines(result) -> list[str]:
     if drawn is not None:
         out.append(f"the circuit alone: {result.metric} {drawn['metric']:.4g}, {_share(drawn)}")
     if f is not None:
-        out.append(f"faithfulness: CPR {f.cpr:.3f} (random {f.random_cpr:.3f}), CMD {f.cmd:.3f} "
-                   f"(random {f.random_cmd:.3f})")  # fmt: skip
+        cpr, cmd = ((f" (random {f.random_cpr:.3f})", f" (random {f.random_cmd:.3f})") if f.n_random
+                    else ("", " (no random baseline drawn)"))  # fmt: skip
+        out.append(f"faithfulness: CPR {f.cpr:.3f}{cpr}, CMD {f.cmd:.3f}{cmd}")
     return out
 
 
