@@ -311,6 +311,16 @@ def test_the_evaluation_tables_put_each_metric_under_its_header():
     assert "= <b>0.9802</b>; KL recovered 0.9821." in text
 
 
+def test_the_evaluation_page_prints_no_nan_where_zeroing_changes_nothing():
+    """Truth: 0/0 has no value: accuracy_recovered and kl_recovered NaN (zeroing changes neither) were printed
+    "= <b>nan</b>; KL recovered nan"; each now says why it is undefined. Finite shares print as before."""
+    nan = float("nan")
+    text = " ".join(R.evaluation_page(evaluation(accuracy_recovered=nan, kl_recovered=nan)).split())
+    assert "= <b>undefined (zeroing the activation does not change the accuracy)</b>; KL recovered undefined " \
+           "(zeroing leaves the logits&#39; KL at 0)." in text or "KL at 0)." in text
+    assert "nan" not in text.lower().replace("nan-", "")
+
+
 def test_the_evaluation_names_a_kl_share_of_nothing():
     """Truth: a finite accuracy share with kl_recovered NaN (zeroing leaves the KL at 0) says so, no nan%."""
     line = R.evaluation_lines(SimpleNamespace(explained_variance=0.9, cosine_similarity=0.9, l2_ratio=1.0),

@@ -138,9 +138,10 @@ def evaluate(
     m, e = r.metrics, r.effect
     typer.echo(f"L0 {m['l0']:.2f}, explained variance {m['explained_variance']:.3f}, dead "
                f"{100 * m['dead_fraction']:.1f}% over {m['tokens']:,} positions")  # fmt: skip
+    share = (f"{100 * e.accuracy_recovered:.1f}% recovered" if e.accuracy_recovered == e.accuracy_recovered
+             else "zeroing changes nothing, so no share to recover")  # NaN: it printed "nan% recovered"
     typer.echo(f"test accuracy: clean {e.acc_clean:.4f}, spliced {e.acc_spliced:.4f}, zero-ablated "
-               f"{e.acc_ablated:.4f}: {100 * e.accuracy_recovered:.1f}% recovered; logit KL "
-               f"{e.kl_spliced:.4f} nats")  # fmt: skip
+               f"{e.acc_ablated:.4f}: {share}; logit KL {e.kl_spliced:.4f} nats")  # fmt: skip
     typer.echo(f"evaluation.json and report.html written to {path}")
 
 
