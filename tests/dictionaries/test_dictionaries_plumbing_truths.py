@@ -169,6 +169,8 @@ def test_train_options_at_and_just_past_their_limits(monkeypatch):
     monkeypatch.setattr(validate, "typed_options", lambda exclude=(): ["--k"])
     check_options(architecture="batchtopk")
     refused(lambda: check_options(architecture="relu"), "--k not read")
+    refused(lambda: check_options(architecture="relu", k=0), "--k not read")  # not its range: relu never reads it
+    refused(lambda: check_options(architecture="topk", k=0), "--k must be")
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------

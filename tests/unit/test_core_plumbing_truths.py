@@ -333,6 +333,10 @@ def test_a_record_without_its_fields_names_them(tmp_path):
             _Three.load(path)
     path.write_text(json.dumps({"first": 1, "second": "b"}))
     assert _Three.load(path) == _Three(1, "b", 0.5)
+    from mechscope.cnn.methods.tuning import UnitTuning
+
+    with pytest.raises(RunError, match="^expected a UnitTuning record"):  # "an UnitTuning" read wrong
+        UnitTuning.from_dict("x")
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------

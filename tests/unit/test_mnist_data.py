@@ -167,3 +167,14 @@ def test_download_rejects_bad_md5(http_mirror, tmp_path):
     directory = root / "mnist"
     assert not (directory / "t10k-labels-idx1-ubyte.gz").exists()
     assert not [p for p in directory.iterdir() if p.name.endswith(".part")]
+
+
+def test_the_download_causes_are_counted_as_they_were_met():
+    """Truth: the tries listed by hand. One cause met at every address says "all"; two causes each say their own count
+    (4 404s and 5 timeouts read "at all 4 addresses ...; at all 5 addresses" of the 9 tried); a cause met once names
+    its address."""
+    from mechscope.cnn.data.builtin import _failures
+
+    assert _failures([("a", "refused"), ("b", "refused")]) == "refused at all 2 addresses, e.g. a"
+    assert _failures([("a", "404"), ("b", "404"), ("c", "timed out")]) == "404 at 2 addresses, e.g. a; c: timed out"
+    assert _failures([]) == "no mirror"

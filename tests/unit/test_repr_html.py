@@ -170,7 +170,9 @@ def test_attention_accepts_text_lists_and_batches(model, tokens):
         (lambda m, t: mechscope.lm.circuits(m, prompt=t[:0]), "expected at least one token, got none (shape [0, 41])"),
         (lambda m, t: mechscope.lm.load_model(123), "model must be a path (a string or a pathlib.Path), got int"),
         (lambda m, t: mechscope.lm.find_induction_heads(m, protocol="x"), "protocol must be a HeadProtocol, got str"),
-        (lambda m, t: mechscope.lm.ablate_heads(m, t[:, :11], [(1, 0)]), "expected repeated tokens"),  # ran before
+        (lambda m, t: mechscope.lm.ablate_heads(m, t[:, :11], [(1, 0)]), "expected repeated tokens (BOS, n tokens, "
+                                                                         "the same n again): the two halves of 4 of "
+                                                                         "the 4 sequences differ"),  # ran before
         (lambda m, t: mechscope.lm.circuits(_nan(m)), "1 weight tensor holds NaN or infinite values (W_E)"),  # crashed
         (lambda m, t: mechscope.lm.head_scores(_nan(m), t), "the model's loss on the repeated tokens is not finite"),
         (lambda m, t: mechscope.lm.train_toy(steps=0), "--steps must be at least 1, got 0"),
@@ -216,7 +218,9 @@ def test_what_the_model_cannot_do_is_said_before_the_numbers(model, tokens):
         with pytest.raises(MechscopeError, match="its outputs are classes of their own, not next tokens"):
             call()
     s = mechscope.lm.head_scores(model, tokens)
-    assert len(s.table(3).rows) == 3 and len(s.table(None).rows) == 4
+    assert len(s.table(3).rows) == 3 and len(s.table(None).rows) == 4 and len(s.table(torch.tensor(2)).rows) == 2
+    wide = mechscope.lm.repeated_tokens(model, 3, 2, token_range=(np.int64(5), np.int64(9)))  # numpy ints, as before
+    assert int(wide[:, 1:].min()) >= 5 and int(wide[:, 1:].max()) < 9
     for n in (-1, 0, 2.5):
         with pytest.raises(MechscopeError, match=r"^n \(the rows shown; None: every head\) must be an integer"):
             s.table(n)

@@ -425,6 +425,10 @@ def test_cnn_discover_and_graph_take_a_class_by_name(capsys, tmp_path, quick_run
         with pytest.raises(MechscopeError, match=f"^unknown class {odd!r}; expected 0..2 or a class name$"):
             class_index(odd, names)
     assert class_index(__import__("numpy").int64(2), names) == 2
+    assert [class_index(c, names) for c in (torch.tensor(2), __import__("numpy").array(1))] == [2, 1]  # as before
+    for odd in ("³", torch.tensor(1.5)):  # "³".isdigit() but int() refuses it: a traceback from the command line
+        with pytest.raises(MechscopeError, match="^unknown class "):
+            class_index(odd, names)
     code, _, err = run_main(capsys, "cnn", "discover", "--run", str(quick_run), "--class", "seven", "--out",
                             str(tmp_path / "d"))  # fmt: skip
     assert_one_line_error(code, err, "unknown class 'seven'; expected 0..9 or a class name")

@@ -92,17 +92,19 @@ def render_word(word: str, image_size: int = 64, channels: int = 1, font: str = 
                 fg=1.0, bg=0.0):  # fmt: skip
     """``word`` drawn on a plain background: unit pixels [C,S,S]."""
     import math
+    import numbers
 
-    from mechscope.clip.data.render import Placement
+    from mechscope.clip.data.render import Placement, check_colour
     from mechscope.clip.data.render import render_word as draw
     from mechscope.core.validate import check_int
 
     if not isinstance(word, str):
         raise MechscopeError(f"word must be a string, got {type(word).__name__}")
-    check_int(image_size, "image_size", 8, 4096)
-    check_int(channels, "channels", 1, 4)
+    check_int(image_size, "image_size", 1, 16_384)  # too small for the word: coverage says so
+    check_int(channels, "channels", 1, 1024)
     check_int(size, "size", 1, 1024)
     for name, v in (("x", x), ("y", y)):  # the word's centre, as fractions of the image
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0 <= v <= 1):
             raise MechscopeError(f"{name} must be a fraction of the image in [0, 1], got {v!r}")
-    return draw(word, image_size, channels, font, size, Placement(x, y), fg, bg)
+    colours = (check_colour(fg, "fg"), check_colour(bg, "bg"))  # named in a refusal; 1.0000001 (float32) clipped
+    return draw(word, image_size, channels, font, size, Placement(float(x), float(y)), *colours)

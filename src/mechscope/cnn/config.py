@@ -126,8 +126,11 @@ def class_index(c: int | str, class_names, what: str = "class") -> int:
     k = len(class_names)
     if isinstance(c, str) and c in class_names:
         return list(class_names).index(c)
+    if getattr(c, "ndim", None) == 0 and hasattr(c, "item"):  # a class out of a tensor or an array of them
+        c = c.item()
     whole = isinstance(c, numbers.Integral) and not isinstance(c, bool)  # int(3.7) was class 3, int(True) class 1
-    if not (whole or (isinstance(c, str) and c.strip().isdigit())):
+    digits = isinstance(c, str) and c.strip().isascii() and c.strip().isdigit()  # "³" is a digit int() refuses
+    if not (whole or digits):
         raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name")
     i = int(c)
     if not 0 <= i < k:

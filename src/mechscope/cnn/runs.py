@@ -35,7 +35,7 @@ def check_out_dir(path: str | Path, force: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"{out}: already exists and is not empty; pass --force to overwrite it")
+        raise RunError(f"{out}: already exists and is not empty; pass --force (force=True in Python) to overwrite it")
     return out
 
 

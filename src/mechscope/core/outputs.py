@@ -164,7 +164,7 @@ def page_path(path) -> Path:
     TypeError before)."""
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise RunError(f"expected a file path for the page (e.g. 'report.html'), got {type(path).__name__}")
-    path = Path(path)
+    path = Path(path).expanduser()  # as Result.load reads it ("~/x.html" made a folder named ~)
     if path.is_dir():
         raise RunError(f"{path} is a folder: give the page a file name (e.g. {path / 'report.html'})")
     above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -211,7 +211,7 @@ def check_target(path: str | os.PathLike, force: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"{out}: already exists and is not empty; pass --force to overwrite it")
+        raise RunError(f"{out}: already exists and is not empty; pass --force (force=True in Python) to overwrite it")
     _check_writable(out)
     return out
 

@@ -72,6 +72,12 @@ def check_schema(schema: str, ours: str, where: str = "") -> None:
         raise RunError(f"{prefix}a {schema} record, newer than this mechscope reads ({ours}): upgrade mechscope")
 
 
+def _a(name: str) -> str:
+    """The article of a class name: "an" before a vowel sound (AttributionResult, OwnReader), "a" before a consonant
+    and before U read "you" (UnitTuning, UniversalityResult)."""
+    return "an" if name[:1] in ("A", "E", "I", "O") else "a"
+
+
 class Result:
     """Base of every public result: a frozen dataclass with ``to_dict``, ``from_dict``, ``load`` and rendering.
 
@@ -98,8 +104,7 @@ class Result:
         without a schema is read as this version. :meth:`load` checks it before any ``from_dict``, a subclass's
         own included."""
         if not isinstance(data, dict):
-            name = cls.__name__
-            raise RunError(f"expected {'an' if name[0] in 'AEIOU' else 'a'} {name} record (a JSON object), "
+            raise RunError(f"expected {_a(cls.__name__)} {cls.__name__} record (a JSON object), "
                            f"got {type(data).__name__}")  # fmt: skip
         schema = data.get(SCHEMA_KEY)
         if cls.SCHEMA and isinstance(schema, str):
@@ -119,8 +124,7 @@ class Result:
                    and f.default_factory is MISSING]  # fmt: skip
         if missing:  # named here: Python's "__init__() missing 12 required positional arguments: ..." before
             if not kwargs:
-                raise RunError(f"not {'an' if cls.__name__[0] in 'AEIOU' else 'a'} {cls.__name__} record: it holds "
-                               "none of its fields")  # fmt: skip
+                raise RunError(f"not {_a(cls.__name__)} {cls.__name__} record: it holds none of its fields")
             raise RunError(f"not a complete {cls.__name__} record: {', '.join(missing)} missing")
         try:
             return cls(**kwargs)

@@ -104,10 +104,14 @@ def _repeated(model, tokens) -> torch.Tensor:
     """Repeated tokens [B, 1 + 2n] (BOS, n tokens, the same n again), checked."""
     tokens = as_tokens(model, tokens)
     p = tokens.shape[1]
-    if p % 2 == 0 or p < 3 or not torch.equal(tokens[:, 1 : 1 + p // 2], tokens[:, 1 + p // 2 :]):
+    if p % 2 == 0 or p < 3:
         raise MechscopeError(
             f"expected repeated tokens [batch, 1 + 2n] (BOS, n tokens, the same n again), got {list(tokens.shape)}"
         )
+    differ = (tokens[:, 1 : 1 + p // 2] != tokens[:, 1 + p // 2 :]).any(1)
+    if bool(differ.any()):  # the shape is right: say what is not
+        raise MechscopeError(f"expected repeated tokens (BOS, n tokens, the same n again): the two halves of "
+                             f"{int(differ.sum())} of the {len(differ)} sequences differ")  # fmt: skip
     return tokens
 
 

@@ -128,15 +128,20 @@ def place(mask: np.ndarray, image_size: int, where: Placement) -> tuple[int, int
     return min(max(top, 0), image_size - h), min(max(left, 0), image_size - w)
 
 
-def _colour(value, channels: int) -> torch.Tensor:
-    """A colour of unit values (one, or one per channel) as [C, 1, 1]; a name, NaN or a value past [0, 1] refused
-    (fg=2.0 drew pixels above 1, 'red' was a TypeError)."""
+def check_colour(value, name: str = "a colour") -> torch.Tensor:
+    """A colour of unit values (one, or one per channel) as a flat tensor; a name, NaN or a value past [0, 1] refused
+    (fg=2.0 drew pixels above 1, 'red' was a TypeError); within 1e-6 of the range (float32 rounding) it is clipped."""
     try:
         v = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
     except (TypeError, ValueError, RuntimeError):
-        raise MechscopeError(f"a colour is a number in [0, 1] or one per channel, got {value!r}") from None
-    if not v.numel() or not bool(((v >= 0) & (v <= 1)).all()):
-        raise MechscopeError(f"a colour's values must be in [0, 1] (unit pixels), got {value!r}")
+        raise MechscopeError(f"{name} is a number in [0, 1] or one per channel, got {value!r}") from None
+    if not v.numel() or not bool(((v >= -1e-6) & (v <= 1 + 1e-6)).all()):
+        raise MechscopeError(f"{name}'s values must be in [0, 1] (unit pixels), got {value!r}")
+    return v.clamp(0, 1)
+
+
+def _colour(value, channels: int) -> torch.Tensor:
+    v = check_colour(value)
     if v.numel() == 1:
         v = v.expand(channels)
     elif v.numel() != channels:

@@ -192,7 +192,8 @@ def _failures(errors: Failures) -> str:
     by_cause: dict[str, list[str]] = {}
     for url, cause in errors:
         by_cause.setdefault(cause, []).append(url)
-    return "; ".join(f"{urls[0]}: {cause}" if len(urls) == 1 else f"{cause} at all {len(urls)} addresses, "
+    every = "all " if len(by_cause) == 1 else ""  # "at all 4" beside "at all 5" of the 9 tried read wrong
+    return "; ".join(f"{urls[0]}: {cause}" if len(urls) == 1 else f"{cause} at {every}{len(urls)} addresses, "
                      f"e.g. {urls[0]}" for cause, urls in by_cause.items()) or "no mirror"  # fmt: skip
 
 

@@ -167,7 +167,7 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
 
     if d_sae is not None and expansion is not None:
         raise MechscopeError("give --d-sae or --expansion, not both (the width is d_in x expansion, or d_sae)")
-    for name, v, low in (("--d-sae", d_sae, 1), ("--expansion", expansion, 1), ("--steps", steps, 1), ("--k", k, 1)):
+    for name, v, low in (("--d-sae", d_sae, 1), ("--expansion", expansion, 1), ("--steps", steps, 1)):
         if v is not None:
             check_int(v, name, low, 10**9)
     check_int(checkpoint_every, "--checkpoint-every", 0, 10**9)
@@ -184,3 +184,5 @@ def check_options(*, d_sae=None, expansion=None, l1_coefficient=None, steps=None
         if wrong:
             raise MechscopeError(f"{', '.join(wrong)} not read by --architecture {architecture} (--k: topk and "
                                  "batchtopk; --l1: relu; --l0: jumprelu)")  # fmt: skip
+    if k is not None and architecture in (None, "topk", "batchtopk"):  # after: "--k not read by relu" says more
+        check_int(k, "--k", 1, 10**9)

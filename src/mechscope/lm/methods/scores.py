@@ -12,6 +12,7 @@ and :func:`head_scores` (the notebook's quick look) run; :class:`HeadScores` is 
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -39,9 +40,10 @@ def default_token_range(model: HookedTransformer) -> tuple[int, int]:
 def token_range_of(model: HookedTransformer, token_range: tuple[int, int] | None) -> tuple[int, int]:
     """``token_range`` [LOW, HIGH) checked against the vocabulary (None: :func:`default_token_range`)."""
     if token_range is not None and not (isinstance(token_range, (tuple, list)) and len(token_range) == 2
-                                        and all(type(x) is int for x in token_range)):  # fmt: skip
+                                        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                for x in token_range)):  # fmt: skip
         raise MechscopeError(f"a token range is two integers [LOW, HIGH), got {token_range!r}")
-    lo, hi = token_range or default_token_range(model)
+    lo, hi = (int(x) for x in token_range) if token_range is not None else default_token_range(model)
     if lo >= hi:
         raise MechscopeError(f"token range [{lo}, {hi}) is empty: LOW must be below HIGH")
     if not 0 <= lo < hi <= model.cfg.d_vocab:
