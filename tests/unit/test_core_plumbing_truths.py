@@ -339,6 +339,30 @@ def test_a_record_without_its_fields_names_them(tmp_path):
         UnitTuning.from_dict("x")
 
 
+def test_settings_of_another_type_and_graph_inputs_given_in_python_are_one_line():
+    """Truth: the documented argument types. settings={...} was "'dict' object has no attribute 'validate'", tokens
+    [[1, 2], [3, 4]] "Boolean value of Tensor ... ambiguous", "1,2,3" a TypeError from torch, a target True
+    int('True'), logit_pos=2.5 position 2 without a word."""
+    from mechscope.core.validate import settings_or
+    from mechscope.lm.methods.attribution_graph import GraphSettings, attribution_graph
+    from mechscope.lm.pipelines.attribution_graph import prompt_tokens, resolve_targets
+    from tests.unit.test_heads import hand_built
+
+    assert settings_or(None, GraphSettings) == GraphSettings() and settings_or(None, _Three, first=1, second="b").first
+    with pytest.raises(MechscopeError, match="^settings must be a GraphSettings .or None for the defaults., got dict"):
+        settings_or({"batch_size": 4}, GraphSettings)
+    model = hand_built()
+    for tokens in (torch.tensor([[1, 2], [3, 4]]), "1,2,3", [1, 2.5]):
+        with pytest.raises(MechscopeError, match="^tokens must be one prompt's|^token ids are integers, got 2.5"):
+            prompt_tokens(model, None, None, tokens)
+    assert prompt_tokens(model, None, None, torch.tensor([3, 4]), bos=False).tolist() == [3, 4]
+    for target in (True, 5.0):
+        with pytest.raises(MechscopeError, match="^a target is a token id or a one-token text, got "):
+            resolve_targets(model, None, [target])
+    with pytest.raises(MechscopeError, match=r"^logit position \(--logit-pos\) must be an integer, got 2.5"):
+        attribution_graph(model, None, [1, 2, 3], logit_pos=2.5)
+
+
 # ---- statistics ---------------------------------------------------------------------------------------------------
 
 

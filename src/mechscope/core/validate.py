@@ -288,6 +288,17 @@ def check_finite(x, what: str) -> None:
                              "make the network's activations overflow")  # fmt: skip
 
 
+def settings_or(settings, cls, **defaults):
+    """``settings`` (a ``cls``) or ``cls(**defaults)`` when None; anything else one line (a dict of the fields was
+    "'dict' object has no attribute 'validate'")."""
+    if settings is None:
+        return cls(**defaults)
+    if not isinstance(settings, cls):
+        raise MechscopeError(f"settings must be a {cls.__name__} (or None for the defaults), got "
+                             f"{type(settings).__name__}")  # fmt: skip
+    return settings
+
+
 def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int when it is one (not a bool, not a float) within [low, high]; else one line."""
     import numbers

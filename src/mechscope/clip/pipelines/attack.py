@@ -19,7 +19,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_count, check_seed, check_types
+from mechscope.core.validate import check_count, check_seed, check_types, settings_or
 
 log = logging.getLogger(__name__)
 GENERAL_PROMPT = "a photo of the number {}"
@@ -95,7 +95,7 @@ def attack(model, out=None, settings: AttackSettings | None = None, images=None,
     """``clip attack`` on the model directory ``model``; writes attack.json and report.html into ``out``."""
     from mechscope.clip.models.loading import load_clip
 
-    s = settings or AttackSettings()
+    s = settings_or(settings, AttackSettings)
     s.validate()
     out = check_target(out or model_out("clip-attack", model), force)
     with torch_threads(threads):

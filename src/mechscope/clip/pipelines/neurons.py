@@ -20,7 +20,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_count, check_seed, check_types, repeated, usable_path
+from mechscope.core.validate import check_count, check_seed, check_types, repeated, settings_or, usable_path
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def neurons(model, out=None, settings: NeuronSettings | None = None, images=None
     """``clip neurons`` on the model directory ``model``; writes neurons.json and report.html into ``out``."""
     from mechscope.clip.models.loading import load_clip
 
-    s = settings or NeuronSettings()
+    s = settings_or(settings, NeuronSettings)
     s.validate()
     usable_path(model, "model")  # before a default folder is named after it
     out = check_target(out or model_out("clip-neurons", model), force)

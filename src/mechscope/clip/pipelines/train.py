@@ -15,6 +15,7 @@ from mechscope.clip.methods.evaluate import TrainResult, evaluate_small
 from mechscope.clip.training import SmallSettings, save_small, train
 from mechscope.core.outputs import atomic_output, check_target, weights_hash, write_json
 from mechscope.core.torch_utils import Timer, n_parameters, torch_threads
+from mechscope.core.validate import settings_or
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = Path("runs") / "clip" / "small"
@@ -37,7 +38,7 @@ def train_small(out=None, settings: SmallSettings | None = None, data_dir=None, 
     from mechscope.cnn.data.mnist import load_mnist
     from mechscope.core.torch_utils import counting
 
-    s = settings or SmallSettings()
+    s = settings_or(settings, SmallSettings)
     s.validate()
     out = check_target(out or DEFAULT_OUT, force)
     timer = Timer("clip train")

@@ -27,6 +27,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import settings_or
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def cnn_attribution_graph(
     title: str = "",
 ) -> tuple[CnnAttributionGraph, CnnReplacement]:
     """The attribution graph of ``image`` [C,H,W] for class ``target``'s logit (default: the predicted class)."""
-    s = settings or CnnGraphSettings()
+    s = settings_or(settings, CnnGraphSettings)
     s.validate()
     t0 = time.perf_counter()
     timings = {}
@@ -277,7 +278,7 @@ def train_dictionaries(
     progress=None,
 ) -> TrainedDictionaries:
     """One small dictionary per stage, trained with :func:`mechscope.core.dictionaries.train`."""
-    s = settings or CnnDictionaryTraining()
+    s = settings_or(settings, CnnDictionaryTraining)
     s.validate()
     check_model(model)
     start = time.perf_counter()

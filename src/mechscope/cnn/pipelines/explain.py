@@ -30,6 +30,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import WEIGHTS_KEY, atomic_output, read_linked, weights_hash
 from mechscope.core.results import plain
 from mechscope.core.torch_utils import Timer, n_parameters
+from mechscope.core.validate import settings_or
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def explain_model(
     from mechscope.cnn.report.microscope import write_report
     from mechscope.cnn.report.summary import summarise
 
-    settings = settings or ExplainSettings()
+    settings = settings_or(settings, ExplainSettings)
     timer = Timer("explain")
     with timer.section("load"):
         spec = walk(model, data.shape)

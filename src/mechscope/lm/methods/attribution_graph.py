@@ -32,6 +32,7 @@ from mechscope.core.attribution_graph import check_edges as core_check_edges
 from mechscope.core.attribution_graph import intervene as core_intervene
 from mechscope.core.errors import MechscopeError
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_int, settings_or
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.methods.replacement import LocalReplacement
 from mechscope.lm.methods.transcoders import Transcoders
@@ -101,8 +102,10 @@ def attribution_graph(
     the last position). ``transcoders``: per-layer :class:`Transcoders` or one :class:`CrossLayerTranscoder`.
     ``tokenizer`` names the input tokens; ``logit_tokenizer`` the logits where they are not the input vocabulary
     (a tracr model's output classes); without one such logits are named by their ids."""
-    s = settings or GraphSettings()
+    s = settings_or(settings, GraphSettings)
     s.validate()
+    if logit_pos is not None:  # 2.5 was position 2
+        check_int(logit_pos, "logit position (--logit-pos)")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import settings_or
 from mechscope.lm.methods.crosslayer import CrossLayerTranscoder
 from mechscope.lm.methods.transcoders import Transcoders
 from mechscope.lm.models.transformer import HookedTransformer
@@ -155,7 +156,7 @@ def train_transcoders(
     progress=None,
 ) -> TrainedTranscoders:
     """One transcoder per MLP layer of ``model``, trained on the token ids ``ids`` (a tokenised text)."""
-    s = settings or TranscoderTraining()
+    s = settings_or(settings, TranscoderTraining)
     s.validate()
     cfg = model.cfg
     if cfg.attn_only:

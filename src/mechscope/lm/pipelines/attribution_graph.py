@@ -56,7 +56,7 @@ def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None
             raise MechscopeError(f"{model.cfg.name or 'this model'} has no tokenizer: give --tokens")
         ids = encode_named(tokenizer.encode, prompt, "the prompt", add_bos=False)
     else:
-        ids = list(tokens)
+        ids = _id_list(tokens)
     b = model.cfg.bos_token_id
     if bos and b is not None and (not ids or ids[0] != b):
         ids = [b, *ids]
@@ -72,12 +72,29 @@ def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None
     return t
 
 
+def _id_list(tokens) -> list[int]:
+    """Token ids given in Python, one prompt: a list of integers or a 1-D tensor/array of them ([[1, 2], [3, 4]]
+    was "Boolean value of Tensor ... ambiguous", "1,2,3" a TypeError from torch)."""
+    import numbers
+
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__") or getattr(tokens, "ndim", 1) != 1:
+        raise MechscopeError(f"tokens must be one prompt's token ids (a list of integers or a 1-D tensor), got "
+                             f"{tokens!r}")  # fmt: skip
+    ids = [t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t for t in tokens]
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if bad:
+        raise MechscopeError(f"token ids are integers, got {bad[0]!r}")
+    return [int(t) for t in ids]
+
+
 def resolve_targets(model, tokenizer, targets) -> list[int] | None:
     """Target logits given as ids or texts (a text must be one token)."""
     if not targets:
         return None
     out = []
     for t in targets:
+        if not isinstance(t, (int, str)) or isinstance(t, bool):  # True was int('True'), 5.0 a tokenizer TypeError
+            raise MechscopeError(f"a target is a token id or a one-token text, got {t!r}")
         if isinstance(t, int) or (isinstance(t, str) and re.fullmatch(r"#-?\d+", t)):  # '#-1': out of range below
             out.append(int(str(t).lstrip("#")))
             continue

@@ -17,7 +17,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer, torch_threads
-from mechscope.core.validate import check_count, check_seed, check_threads, check_types
+from mechscope.core.validate import check_count, check_seed, check_threads, check_types, settings_or
 from mechscope.lm.methods.neurons import NeuronsResult, SoluComparison
 from mechscope.lm.pipelines.loading import load_lm
 from mechscope.lm.report.neurons import DENSE, sparse
@@ -155,7 +155,7 @@ def neurons(
     from mechscope.lm.methods.neurons import check_k
     from mechscope.lm.models.transformer import work_counter
 
-    settings = settings or NeuronSettings()
+    settings = settings_or(settings, NeuronSettings)
     settings.validate()
     out = Path(out) if out is not None else model_out("neurons", model_spec)
     check_target(out, force)
@@ -258,7 +258,7 @@ def solu_compare_run(
     from mechscope.lm.report.neurons import compare_lines, write_compare_report
     from mechscope.lm.toy import Data
 
-    settings = settings or CompareSettings()
+    settings = settings_or(settings, CompareSettings)
     settings.validate()
     say = progress or (lambda _: None)
     out = Path(out) if out is not None else Path("runs") / "solu-compare"

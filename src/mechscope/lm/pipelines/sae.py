@@ -47,7 +47,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out, other_wing
 from mechscope.core.torch_utils import Timer, WorkCounter
-from mechscope.core.validate import check_int, check_seed
+from mechscope.core.validate import check_int, check_seed, settings_or
 from mechscope.lm.methods import sae as S
 from mechscope.lm.models.transformer import work_counter
 from mechscope.lm.text import context_length, read_text
@@ -171,7 +171,7 @@ def sae_harvest(
     """Harvest the activations of ``settings.hooks`` / ``settings.transcoders`` over a text file (tinyshakespeare
     by default) into ``out``; returns ``(out, LmSaeHarvest)``. ``model``: an already-loaded TextModel
     (:func:`mechscope.lm.pipelines.neurons.load_text_model`) instead of loading ``model_spec``."""
-    settings = settings or HarvestSettings()
+    settings = settings_or(settings, HarvestSettings)
     settings.validate()
     specs = settings.specs()
     out = Path(out) if out is not None else model_out("sae-harvest", model_spec)
@@ -376,7 +376,7 @@ def sae_evaluate(
 ):  # fmt: skip
     """Splice the dictionary at ``dictionary`` (SAELens layout) into the model and measure it on the last
     contexts of the text; writes evaluation.json and report.html; returns ``(out, LmSaeEvaluation)``."""
-    settings = settings or ReadSettings()
+    settings = settings_or(settings, ReadSettings)
     settings.validate()
     out = Path(out) if out is not None else Path(dictionary) / "evaluation"
     check_target(out, force)
@@ -419,7 +419,7 @@ def sae_show(
     """Dashboards of the dictionary's latents: those asked for, the ``n_induction`` most induction-like and
     ``n_random`` alive ones drawn at random (seeded); writes dashboards.json and report.html; returns
     ``(out, LmSaeDashboards)``."""
-    settings = settings or ReadSettings(contexts=256)
+    settings = settings_or(settings, ReadSettings, contexts=256)
     settings.validate()
     check_seed(seed)
     for name, v in (("--random", n_random), ("--induction", n_induction)):
