@@ -423,6 +423,22 @@ def test_counts_without_an_end_are_refused_before_any_work():
                      method="eap", curve=False, seed=2**64)  # fmt: skip
 
 
+def test_find_circuits_inputs_of_the_wrong_kind_are_one_line():
+    """Truth: the documented argument types. A string for the edges was "'str' object has no attribute 'graph'",
+    curve="no" drew the curve (a true string), a corrupted batch of another size torch's "Size does not match", a
+    metric giving NaN "the full model and the empty circuit give the same metric (nan)"."""
+    model, (clean, corrupted) = planted_residual("linear"), batches()
+    kw = dict(metric=logit_diff, better=None, metric_name="m", differentiable=True, method="eap")
+    for edges, clean_, corrupted_, extra, said in (
+        ("edges", clean, corrupted, {}, "str is not an EdgeModel: it needs a graph"),
+        (model, clean, corrupted, {"curve": "no"}, "curve must be True or False, got 'no'"),
+        (model, clean, corrupted[:1], {}, f"{len(clean)} clean inputs and 1 corrupted ones"),
+        (model, clean, corrupted, {"metric": lambda out: out.sum() * math.nan}, "the m is not finite on the clean"),
+    ):
+        with pytest.raises(MechscopeError, match=said):
+            find_circuit(edges, clean_, corrupted_, **(kw | extra))
+
+
 @pytest.mark.parametrize("method", ["eap", "acdc"])
 def test_find_circuit_refuses_inputs_its_metric_cannot_tell_apart(method):
     """Clean and corrupted with the same metric (cnn discover --metric detect on a class both batches were called)

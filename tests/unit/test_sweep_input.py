@@ -115,6 +115,17 @@ def test_lm_options_checked_before_any_work(capsys, tmp_path):
 
     with pytest.raises(MechscopeError, match="a hook name is empty"):  # the API too
         HarvestSettings(hooks=("blocks.0.hook_resid_pre", " ")).validate()
+    for kw, said in (({"hooks": "blocks.0.hook_resid_post"}, "hooks must be a tuple of hook names, got 'blocks"),
+                     ({"transcoders": (("blocks.0.mlp.hook_in",),)}, "each transcoder is an (input hook, target hook) "
+                                                                     "pair")):  # fmt: skip
+        with pytest.raises(MechscopeError) as e:  # a string was "a hook is asked for twice: b, l, o, c, k, ..."
+            HarvestSettings(**kw).validate()  # and a one-hook pair "not enough values to unpack"
+        assert str(e.value).startswith(said)
+    from mechscope.core.dictionaries import TrainConfig
+
+    with pytest.raises(MechscopeError, match=r"^expected adam_betas to be two numbers in \[0, 1\), got \(1.5, 0.9\)"):
+        TrainConfig(adam_betas=(1.5, 0.9))  # torch's "Invalid beta parameter" at the first step
+    assert TrainConfig(adam_betas=[0, 0.5]).adam_betas == (0.0, 0.5)
     for args in (["--out", ""], ["--out="], ["--model", ""]):  # '--out ""' wrote into the current folder
         code, _, err = run_main(capsys, "lm", "circuits", "--model", "x", *args)
         assert_one_line_error(code, err, f"{args[0].rstrip('=')} is given an empty value")

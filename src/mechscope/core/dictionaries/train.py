@@ -99,7 +99,11 @@ class TrainConfig:
             raise MechscopeError("expected checkpoint_dir with checkpoint_every")
         if not 0 < self.batchtopk_threshold_lr <= 1:
             raise MechscopeError(f"expected 0 < batchtopk_threshold_lr <= 1, got {self.batchtopk_threshold_lr!r}")
-        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        betas = self.adam_betas  # (1.5, 0.9) was torch's "Invalid beta parameter" at the first step
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not (ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise MechscopeError(f"expected adam_betas to be two numbers in [0, 1), got {betas!r}")
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in betas))
 
     def result_settings(self) -> dict:
         """The settings that shape the weights (compared on resume), as JSON values."""

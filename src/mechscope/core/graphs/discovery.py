@@ -26,6 +26,7 @@ from mechscope.core.graphs.faithfulness import (
     circuit_faithfulness,
     faithfulness_curve,
 )
+from mechscope.core.graphs.graph import ComponentGraph
 from mechscope.core.graphs.results import (
     MAX_RANDOM,
     Circuit,
@@ -122,6 +123,14 @@ def find_circuit(
     measure the faithfulness curve and the drawn circuit; ``threshold``: ACDC's tau or, for the other methods, a cut
     on |score| (ignored for ACDC's cut, which is its own); ``steps``: EAP-IG's (None: 5; refused for the other
     methods); ``default_size``: the cut without size or threshold."""
+    if not isinstance(getattr(edges, "graph", None), ComponentGraph):  # a string: "'str' object has no attribute..."
+        raise MechscopeError(f"{type(edges).__name__} is not an EdgeModel: it needs a graph (a ComponentGraph), "
+                             "forward(inputs, edit) and edge_mix")  # fmt: skip
+    if not isinstance(curve, bool):  # "no" is true
+        raise MechscopeError(f"curve must be True or False, got {curve!r}")
+    n_clean, n_corrupted = (len(x) if isinstance(x, torch.Tensor) else None for x in (clean, corrupted))
+    if n_clean is not None and n_corrupted is not None and n_clean != n_corrupted:  # torch's "Size does not match"
+        raise MechscopeError(f"{n_clean} clean inputs and {n_corrupted} corrupted ones: one corrupted input each")
     check_method(method)
     check_method_ablation(method, ablation, cli=False)
     steps = check_method_steps(method, steps, cli=False)
@@ -136,6 +145,8 @@ def find_circuit(
     scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
     seconds["discovery"] = time.perf_counter() - t0
     m0, m1 = scores.metric_clean, scores.metric_corrupted
+    if math.isnan(m0) or math.isinf(m0) or math.isinf(m1):  # corrupted NaN: no corrupted run (mean/zero ablation)
+        raise MechscopeError(f"the {metric_name} is not finite on the clean or the corrupted inputs ({m0:g}, {m1:g})")
     if math.isfinite(m0) and m0 == m1:  # no gap to recover (the curve divides by it; ACDC's threshold was 0): a
         # circuit of nothing was written, exit 0. Checked after the scoring, whose own passes measure the two
         raise MechscopeError(f"the clean and the corrupted inputs give the same {metric_name} ({m0:g}): nothing to "

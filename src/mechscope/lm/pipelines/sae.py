@@ -78,6 +78,12 @@ class HarvestSettings:
     bos: bool = True
 
     def validate(self) -> None:
+        for name, items, size in (("hooks", self.hooks, None), ("transcoders", self.transcoders, 2)):
+            if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):  # a string was read letter by letter
+                raise MechscopeError(f"{name} must be a tuple of {'hook names' if size is None else 'pairs'}, got "
+                                     f"{items!r}")  # fmt: skip
+            if size and any(isinstance(p, (str, bytes)) or len(p) != size for p in items):  # (IN,) was an unpack error
+                raise MechscopeError(f"each transcoder is an (input hook, target hook) pair, got {list(items)!r}")
         if not self.hooks and not self.transcoders:
             raise MechscopeError("expected a hook to harvest (--hook NAME) or a transcoder pair (--transcoder IN:OUT)")
         if any(not str(h).strip() for h in (*self.hooks, *(h for pair in self.transcoders for h in pair))):
