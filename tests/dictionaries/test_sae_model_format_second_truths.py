@@ -103,6 +103,8 @@ def test_transcoder_hooks_are_written_flat_and_nested(random_model, tmp_path):
     assert cfg["d_out"] == 4 and cfg["d_in"] == 6 and cfg["architecture"] == "transcoder"
     meta = load_saelens(tmp_path).metadata
     assert {k: meta[k] for k in hooks} == hooks
+    with pytest.raises(MechscopeError, match="cfg.json: a file; give the dictionary's folder, which holds cfg.json"):
+        load_saelens(tmp_path / "cfg.json")  # was ".../cfg.json/cfg.json: not found"
 
 
 # ---- files other tools wrote -----------------------------------------------------------------------------------

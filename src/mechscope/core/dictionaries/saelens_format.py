@@ -173,6 +173,8 @@ def load_saelens(path, *, norm_scaling_factor: float | None = None) -> LoadedDic
 
 def _read_cfg(path: Path) -> dict:
     where = path / CFG_FILE
+    if path.is_file():  # cfg.json itself was ".../cfg.json/cfg.json: not found"
+        raise MechscopeError(f"{path}: a file; give the dictionary's folder, which holds {CFG_FILE} and {WEIGHTS_FILE}")
     if not where.is_file():
         raise MechscopeError(f"{where}: not found (expected a SAELens directory with {CFG_FILE} and {WEIGHTS_FILE})")
     try:
