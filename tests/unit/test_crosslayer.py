@@ -299,3 +299,7 @@ def test_qk_attribution_with_a_clt_adds_up_through_every_decoder(family, skip):
         assert off_diagonal.abs().max() > 1e-2
     q = QK.qk_attribution(rep, 2, 1, 7)
     assert q.bias["writer_sum_error"] < 1e-4 and q.max_abs_residual < 1e-4 * max(1.0, abs(q.score))
+    for args, said in (((0, 1.5), r"a QK head is two integers \(layer, head\), got \(0, 1.5\)"),  # "head 0.1.5"
+                       ((True, 0), "a QK head is two integers"), ((2, 1, 6.5), "the QK query position must be an int")):
+        with pytest.raises(MechscopeError, match=said):
+            QK.qk_attribution(rep, *args)

@@ -26,6 +26,7 @@ import torch
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
+from mechscope.core.validate import check_int
 from mechscope.lm.methods.replacement import LocalReplacement
 
 
@@ -78,8 +79,13 @@ def qk_attribution(
     (default: the key it attends to most, position 0 left out when another key is available) into pairs of sources
     and of writers (see the module docstring)."""
     cfg = rep.cfg
-    if not (isinstance(layer, int) and 0 <= layer < cfg.n_layers and isinstance(head, int) and 0 <= head < cfg.n_heads):
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (layer, head)):  # (0, 1.5) read "head 0.1.5"
+        raise MechscopeError(f"a QK head is two integers (layer, head), got ({layer!r}, {head!r})")
+    if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise MechscopeError(f"head {layer}.{head} outside the model's {cfg.n_layers} layers x {cfg.n_heads} heads")
+    for name, v in (("query", query_pos), ("key", key_pos)):  # 2.5 was position 2
+        if v is not None:
+            check_int(v, f"the QK {name} position")
     if cfg.norm_after_residual:
         raise MechscopeError("QK attribution needs a pre-norm model (writers add up in the residual stream)")
     P = rep.P
