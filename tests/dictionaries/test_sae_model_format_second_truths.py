@@ -105,6 +105,12 @@ def test_transcoder_hooks_are_written_flat_and_nested(random_model, tmp_path):
     assert {k: meta[k] for k in hooks} == hooks
     with pytest.raises(MechscopeError, match="cfg.json: a file; give the dictionary's folder, which holds cfg.json"):
         load_saelens(tmp_path / "cfg.json")  # was ".../cfg.json/cfg.json: not found"
+    from mechscope.lm.pipelines.sae import sae_evaluate, sae_show
+
+    cfg = tmp_path / "cfg.json"
+    for call in (lambda: sae_evaluate("any", cfg), lambda: sae_show("any", cfg)):
+        with pytest.raises(MechscopeError, match="cfg.json: a file; give the dictionary's folder"):
+            call()  # the default output folder beside it was ".../cfg.json/evaluation: ... is not a directory"
 
 
 # ---- files other tools wrote -----------------------------------------------------------------------------------

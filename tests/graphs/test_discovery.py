@@ -432,11 +432,20 @@ def test_find_circuits_inputs_of_the_wrong_kind_are_one_line():
     for edges, clean_, corrupted_, extra, said in (
         ("edges", clean, corrupted, {}, "str is not an EdgeModel: it needs a graph"),
         (model, clean, corrupted, {"curve": "no"}, "curve must be True or False, got 'no'"),
-        (model, clean, corrupted[:1], {}, f"{len(clean)} clean inputs and 1 corrupted ones"),
+        (model, clean, corrupted[:1], {}, f"{len(clean)} clean inputs and 1 corrupted ones: patching takes one"),
         (model, clean, corrupted, {"metric": lambda out: out.sum() * math.nan}, "the m is not finite on the clean"),
-    ):
+        (model, clean, corrupted, {"method": "acdc", "metric": lambda out: out.sum() * math.nan}, "the m is not fin"),
+    ):  # ACDC's own threshold was "the ACDC threshold must be a finite number >= 0, got nan", never given
         with pytest.raises(MechscopeError, match=said):
             find_circuit(edges, clean_, corrupted_, **(kw | extra))
+    nan_corrupted = lambda out: torch.log(logit_diff(out) + 1)  # noqa: E731  0.32 clean, -1.50 corrupted: NaN there
+    assert math.isfinite(float(nan_corrupted(model.forward(clean)[0])))
+    assert math.isnan(float(nan_corrupted(model.forward(corrupted)[0])))
+    with pytest.raises(MechscopeError, match="the m is not finite on the clean or the corrupted inputs"):
+        find_circuit(model, clean, corrupted, **(kw | {"metric": nan_corrupted}))  # was "the same metric (-0.09)"
+    for ablation in ("mean", "zero"):  # a reference batch of another size: as before, no refusal
+        found = find_circuit(model, clean, corrupted[:3], **(kw | {"ablation": ablation, "curve": 1}))
+        assert found.faithfulness is not None
 
 
 @pytest.mark.parametrize("method", ["eap", "acdc"])

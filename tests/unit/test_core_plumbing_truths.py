@@ -359,8 +359,24 @@ def test_settings_of_another_type_and_graph_inputs_given_in_python_are_one_line(
     for target in (True, 5.0):
         with pytest.raises(MechscopeError, match="^a target is a token id or a one-token text, got "):
             resolve_targets(model, None, [target])
-    with pytest.raises(MechscopeError, match=r"^logit position \(--logit-pos\) must be an integer, got 2.5"):
+    with pytest.raises(MechscopeError, match=r"^logit_pos \(--logit-pos\) must be an integer, got 2.5"):
         attribution_graph(model, None, [1, 2, 3], logit_pos=2.5)
+    # and what worked before, from a review: numpy and 0-d tensor ids, a batch of one prompt, one nesting too many
+    assert resolve_targets(model, None, [np.int64(5), torch.tensor(6)]) == [5, 6]
+    assert prompt_tokens(model, None, None, torch.tensor([[3, 4]]), bos=False).tolist() == [3, 4]
+    with pytest.raises(MechscopeError, match="^token ids are integers, got a list: one prompt's ids, not a batch$"):
+        prompt_tokens(model, None, None, [[1, 2, 3]])
+    from mechscope.core.validate import check_int
+
+    assert check_int(torch.tensor(5), "n") == 5 and check_int(np.array(7), "n") == 7
+    with pytest.raises(MechscopeError, match="n must be an integer, got 2.5"):
+        check_int(torch.tensor(2.5), "n")
+    import mechscope.clip.pipelines.neurons as clip_neurons
+    import mechscope.lm.pipelines.neurons as lm_neurons
+
+    with pytest.raises(MechscopeError, match="must be a mechscope.clip.pipelines.neurons.NeuronSettings .* got "
+                                             "mechscope.lm.pipelines.neurons.NeuronSettings"):  # "got NeuronSettings"
+        settings_or(lm_neurons.NeuronSettings(), clip_neurons.NeuronSettings)
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -303,3 +304,4 @@ def test_qk_attribution_with_a_clt_adds_up_through_every_decoder(family, skip):
                        ((True, 0), "a QK head is two integers"), ((2, 1, 6.5), "the QK query position must be an int")):
         with pytest.raises(MechscopeError, match=said):
             QK.qk_attribution(rep, *args)
+    assert QK.qk_attribution(rep, np.int64(2), 1, torch.tensor(7)).score == pytest.approx(q.score)  # as before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,10 @@ def test_lm_options_checked_before_any_work(capsys, tmp_path):
     with pytest.raises(MechscopeError, match=r"^expected adam_betas to be two numbers in \[0, 1\), got \(1.5, 0.9\)"):
         TrainConfig(adam_betas=(1.5, 0.9))  # torch's "Invalid beta parameter" at the first step
     assert TrainConfig(adam_betas=[0, 0.5]).adam_betas == (0.0, 0.5)
+    for betas in ((np.float32(0.5), 0.25), (torch.tensor(0.5), 0.25), np.array([0.5, 0.25])):  # numpy, torch: as before
+        assert TrainConfig(adam_betas=betas).adam_betas == (0.5, 0.25)
+    with pytest.raises(MechscopeError, match="each transcoder is an .input hook, target hook. pair"):
+        HarvestSettings(transcoders=(None,)).validate()  # a TypeError from len()
     for args in (["--out", ""], ["--out="], ["--model", ""]):  # '--out ""' wrote into the current folder
         code, _, err = run_main(capsys, "lm", "circuits", "--model", "x", *args)
         assert_one_line_error(code, err, f"{args[0].rstrip('=')} is given an empty value")

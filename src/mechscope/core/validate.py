@@ -293,16 +293,21 @@ def settings_or(settings, cls, **defaults):
     "'dict' object has no attribute 'validate'")."""
     if settings is None:
         return cls(**defaults)
-    if not isinstance(settings, cls):
-        raise MechscopeError(f"settings must be a {cls.__name__} (or None for the defaults), got "
-                             f"{type(settings).__name__}")  # fmt: skip
+    if not isinstance(settings, cls):  # two classes of one name (lm's and clip's NeuronSettings): their modules
+        want, got = cls.__name__, type(settings).__name__
+        if want == got:
+            want, got = f"{cls.__module__}.{want}", f"{type(settings).__module__}.{got}"
+        raise MechscopeError(f"settings must be a {want} (or None for the defaults), got {got}")
     return settings
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int when it is one (not a bool, not a float) within [low, high]; else one line."""
+    """``value`` as an int when it is one (not a bool, not a float; a 0-d tensor or array of one too) within
+    [low, high]; else one line."""
     import numbers
 
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # torch.tensor(5) was refused
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise MechscopeError(f"{name} must be an integer, got {shown(value)}")
     value = int(value)

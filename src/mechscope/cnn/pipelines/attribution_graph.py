@@ -32,7 +32,7 @@ from mechscope.core.attribution_graph.files import view_graph, write_graph_files
 from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.torch_utils import Timer
-from mechscope.core.validate import check_int
+from mechscope.core.validate import check_int, settings_or
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def graph_model(
 
     check_counts(dashboards=dashboards)
     check_asked(ablate, steer)
+    settings = settings_or(settings, CnnGraphSettings)  # before the dictionaries train
+    training = None if training is None else settings_or(training, CnnDictionaryTraining)  # None: of the kind
     if out is not None:
         check_target(out, force)
     if split not in ("train", "test"):

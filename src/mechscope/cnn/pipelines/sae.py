@@ -34,6 +34,7 @@ from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_sael
 from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import check_shown, densities, latent_summary, maxima
+from mechscope.core.dictionaries.saelens_format import dictionary_folder
 from mechscope.core.dictionaries.staged import (
     claim_stage,
     clear_staging,
@@ -269,7 +270,7 @@ def sae_evaluate_model(model, data, dictionary, out, *, hook: str | None = None,
 def sae_evaluate_run(run, dictionary, out=None, *, dataset=None, data_dir=None, **kw):
     """:func:`sae_evaluate_model` on a run directory (default output SAE/evaluation)."""
     loaded = load_run(run)
-    out = Path(out) if out is not None else Path(dictionary) / "evaluation"
+    out = Path(out) if out is not None else dictionary_folder(dictionary) / "evaluation"
     check_target(out, kw.get("force", False))
     data = load_run_data(loaded, dataset, data_dir)
     return sae_evaluate_model(loaded.model, data, dictionary, out, run=run, **kw)
@@ -384,7 +385,7 @@ def sae_show_model(
 def sae_show_run(run, dictionary, out=None, *, dataset=None, data_dir=None, **kw):
     """:func:`sae_show_model` on a run directory (default output SAE/dashboards)."""
     loaded = load_run(run)
-    out = Path(out) if out is not None else Path(dictionary) / "dashboards"
+    out = Path(out) if out is not None else dictionary_folder(dictionary) / "dashboards"
     check_target(out, kw.get("force", False))
     data = load_run_data(loaded, dataset, data_dir)
     return sae_show_model(loaded.model, data, dictionary, out, run=run, **kw)

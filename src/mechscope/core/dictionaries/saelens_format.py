@@ -171,10 +171,18 @@ def load_saelens(path, *, norm_scaling_factor: float | None = None) -> LoadedDic
     return LoadedDictionary(model.eval(), meta)
 
 
+def dictionary_folder(path) -> Path:
+    """``path`` as a dictionary's folder, refused in one line when it is a file (cfg.json itself was ".../cfg.json/
+    cfg.json: not found", or, as a default output folder's parent, "cfg.json/evaluation: not a directory")."""
+    path = Path(path)
+    if path.is_file():
+        raise MechscopeError(f"{path}: a file; give the dictionary's folder, which holds {CFG_FILE} and {WEIGHTS_FILE}")
+    return path
+
+
 def _read_cfg(path: Path) -> dict:
     where = path / CFG_FILE
-    if path.is_file():  # cfg.json itself was ".../cfg.json/cfg.json: not found"
-        raise MechscopeError(f"{path}: a file; give the dictionary's folder, which holds {CFG_FILE} and {WEIGHTS_FILE}")
+    dictionary_folder(path)
     if not where.is_file():
         raise MechscopeError(f"{where}: not found (expected a SAELens directory with {CFG_FILE} and {WEIGHTS_FILE})")
     try:

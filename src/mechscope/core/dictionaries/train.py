@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -100,9 +101,12 @@ class TrainConfig:
         if not 0 < self.batchtopk_threshold_lr <= 1:
             raise MechscopeError(f"expected 0 < batchtopk_threshold_lr <= 1, got {self.batchtopk_threshold_lr!r}")
         betas = self.adam_betas  # (1.5, 0.9) was torch's "Invalid beta parameter" at the first step
-        ok = isinstance(betas, (tuple, list)) and len(betas) == 2
-        if not (ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        items = [b.item() if getattr(b, "ndim", None) == 0 and hasattr(b, "item") else b for b in betas] if (
+            hasattr(betas, "__len__") and not isinstance(betas, str)) else []  # fmt: skip
+        if not (len(items) == 2 and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                                        for b in items)):  # fmt: skip
             raise MechscopeError(f"expected adam_betas to be two numbers in [0, 1), got {betas!r}")
+        betas = items
         object.__setattr__(self, "adam_betas", tuple(float(b) for b in betas))
 
     def result_settings(self) -> dict:

@@ -82,7 +82,14 @@ def cut_circuit(scores: EdgeScores, method: str, size, threshold, default: int =
     return scores.circuit(min(default, scores.graph.n_edges) if size is None else size)
 
 
-def _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress):
+def _finite(name: str, m0: float, m1: float, corrupted_run: bool) -> None:
+    """The metric on the clean inputs, and on the corrupted ones where they run (patching, EAP-IG's baseline, ACDC's
+    threshold), is a number: NaN was said as "the same metric (nan)", or as an ACDC threshold of nan never given."""
+    if not math.isfinite(m0) or (corrupted_run and not math.isfinite(m1)) or math.isinf(m1):
+        raise MechscopeError(f"the {name} is not finite on the clean or the corrupted inputs ({m0:g}, {m1:g})")
+
+
+def _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress, name="metric"):
     args = (edges, clean, corrupted)
     kw = {"metric": metric, "better": better}
     if method == "eap":
@@ -95,6 +102,7 @@ def _scores(edges, clean, corrupted, metric, better, method, threshold, steps, a
         with torch.no_grad():
             m0 = float(metric(edges.forward(clean)[0]))
             m1 = float(metric(edges.forward(corrupted)[0]))
+        _finite(name, m0, m1, True)
         threshold = 0.01 * abs(m0 - m1)
     return acdc(*args, threshold=threshold, ablation=ablation, progress=progress, **kw), threshold
 
@@ -126,11 +134,12 @@ def find_circuit(
     if not isinstance(getattr(edges, "graph", None), ComponentGraph):  # a string: "'str' object has no attribute..."
         raise MechscopeError(f"{type(edges).__name__} is not an EdgeModel: it needs a graph (a ComponentGraph), "
                              "forward(inputs, edit) and edge_mix")  # fmt: skip
-    if not isinstance(curve, bool):  # "no" is true
+    if not (isinstance(curve, (bool, np.bool_)) or (isinstance(curve, int) and curve in (0, 1))):  # "no" is true
         raise MechscopeError(f"curve must be True or False, got {curve!r}")
     n_clean, n_corrupted = (len(x) if isinstance(x, torch.Tensor) else None for x in (clean, corrupted))
-    if n_clean is not None and n_corrupted is not None and n_clean != n_corrupted:  # torch's "Size does not match"
-        raise MechscopeError(f"{n_clean} clean inputs and {n_corrupted} corrupted ones: one corrupted input each")
+    if ablation == "patch" and None not in (n_clean, n_corrupted) and n_clean != n_corrupted:  # torch's size error;
+        raise MechscopeError(f"{n_clean} clean inputs and {n_corrupted} corrupted ones: patching takes one corrupted "
+                             "input for each")  # mean and zero ablation read the corrupted batch as a reference set
     check_method(method)
     check_method_ablation(method, ablation, cli=False)
     steps = check_method_steps(method, steps, cli=False)
@@ -142,11 +151,11 @@ def find_circuit(
     check_seed(seed, "seed")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress)
+    scores, threshold = _scores(edges, clean, corrupted, metric, better, method, threshold, steps, ablation, progress,
+                                metric_name)  # fmt: skip
     seconds["discovery"] = time.perf_counter() - t0
     m0, m1 = scores.metric_clean, scores.metric_corrupted
-    if math.isnan(m0) or math.isinf(m0) or math.isinf(m1):  # corrupted NaN: no corrupted run (mean/zero ablation)
-        raise MechscopeError(f"the {metric_name} is not finite on the clean or the corrupted inputs ({m0:g}, {m1:g})")
+    _finite(metric_name, m0, m1, ablation == "patch" or method == "eap-ig")  # else NaN: no corrupted run
     if math.isfinite(m0) and m0 == m1:  # no gap to recover (the curve divides by it; ACDC's threshold was 0): a
         # circuit of nothing was written, exit 0. Checked after the scoring, whose own passes measure the two
         raise MechscopeError(f"the clean and the corrupted inputs give the same {metric_name} ({m0:g}): nothing to "

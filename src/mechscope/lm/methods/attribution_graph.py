@@ -105,7 +105,7 @@ def attribution_graph(
     s = settings_or(settings, GraphSettings)
     s.validate()
     if logit_pos is not None:  # 2.5 was position 2
-        check_int(logit_pos, "logit position (--logit-pos)")
+        check_int(logit_pos, "logit_pos (--logit-pos)")
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ plus the bias terms equal the score to float rounding (``max_abs_residual``).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,9 @@ def qk_attribution(
     (default: the key it attends to most, position 0 left out when another key is available) into pairs of sources
     and of writers (see the module docstring)."""
     cfg = rep.cfg
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (layer, head)):  # (0, 1.5) read "head 0.1.5"
-        raise MechscopeError(f"a QK head is two integers (layer, head), got ({layer!r}, {head!r})")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (layer, head)):  # (0, 1.5) read
+        raise MechscopeError(f"a QK head is two integers (layer, head), got ({layer!r}, {head!r})")  # "head 0.1.5"
+    layer, head = int(layer), int(head)
     if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise MechscopeError(f"head {layer}.{head} outside the model's {cfg.n_layers} layers x {cfg.n_heads} heads")
     for name, v in (("query", query_pos), ("key", key_pos)):  # 2.5 was position 2

@@ -9,6 +9,7 @@ downloads it) without any model. Each writes its files atomically (never over an
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from dataclasses import replace
 from functools import cache, partial
@@ -22,7 +23,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
-from mechscope.core.validate import check_int, repeated
+from mechscope.core.validate import check_int, repeated, settings_or
 from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
@@ -75,15 +76,16 @@ def prompt_tokens(model, tokenizer, prompt: str | None, tokens: list[int] | None
 def _id_list(tokens) -> list[int]:
     """Token ids given in Python, one prompt: a list of integers or a 1-D tensor/array of them ([[1, 2], [3, 4]]
     was "Boolean value of Tensor ... ambiguous", "1,2,3" a TypeError from torch)."""
-    import numbers
-
+    if getattr(tokens, "ndim", 1) == 2 and len(tokens) == 1:  # one prompt as a batch of one [1, P]
+        tokens = tokens[0]
     if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__") or getattr(tokens, "ndim", 1) != 1:
         raise MechscopeError(f"tokens must be one prompt's token ids (a list of integers or a 1-D tensor), got "
-                             f"{tokens!r}")  # fmt: skip
+                             f"{type(tokens).__name__} of shape {list(getattr(tokens, 'shape', []))}")  # fmt: skip
     ids = [t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t for t in tokens]
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
     if bad:
-        raise MechscopeError(f"token ids are integers, got {bad[0]!r}")
+        what = "a list: one prompt's ids, not a batch" if isinstance(bad[0], (list, tuple)) else repr(bad[0])
+        raise MechscopeError(f"token ids are integers, got {what if len(what) < 60 else what[:57] + '...'}")
     return [int(t) for t in ids]
 
 
@@ -93,6 +95,9 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
         return None
     out = []
     for t in targets:
+        t = t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t  # np.int64, a 0-d tensor
+        if isinstance(t, numbers.Integral) and not isinstance(t, bool):
+            t = int(t)
         if not isinstance(t, (int, str)) or isinstance(t, bool):  # True was int('True'), 5.0 a tokenizer TypeError
             raise MechscopeError(f"a target is a token id or a one-token text, got {t!r}")
         if isinstance(t, int) or (isinstance(t, str) and re.fullmatch(r"#-?\d+", t)):  # '#-1': out of range below
@@ -198,6 +203,7 @@ def graph_model(
 
     check_counts(paths=paths or 0, dashboards=dashboards, examples=examples)
     check_asked(ablate, steer)
+    settings = settings_or(settings, GraphSettings)  # before the model loads and transcoders train
     text = cache(partial(read_text, text_file))  # read once, when first needed (transcoders, dashboards)
     if text_file is not None:  # a text the user gave is read before any work: missing, a folder, empty, binary
         text()

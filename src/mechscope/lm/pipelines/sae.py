@@ -35,6 +35,7 @@ from mechscope.core.dictionaries import DictionaryConfig, TrainConfig, load_sael
 from mechscope.core.dictionaries import parallel as P
 from mechscope.core.dictionaries.config import check_options
 from mechscope.core.dictionaries.latents import check_shown, densities, latent_summary
+from mechscope.core.dictionaries.saelens_format import dictionary_folder
 from mechscope.core.dictionaries.staged import (
     claim_stage,
     clear_staging,
@@ -82,7 +83,8 @@ class HarvestSettings:
             if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):  # a string was read letter by letter
                 raise MechscopeError(f"{name} must be a tuple of {'hook names' if size is None else 'pairs'}, got "
                                      f"{items!r}")  # fmt: skip
-            if size and any(isinstance(p, (str, bytes)) or len(p) != size for p in items):  # (IN,) was an unpack error
+            if size and any(isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) != size
+                            for p in items):  # (IN,) was an unpack error, None a TypeError  # fmt: skip
                 raise MechscopeError(f"each transcoder is an (input hook, target hook) pair, got {list(items)!r}")
         if not self.hooks and not self.transcoders:
             raise MechscopeError("expected a hook to harvest (--hook NAME) or a transcoder pair (--transcoder IN:OUT)")
@@ -384,7 +386,7 @@ def sae_evaluate(
     contexts of the text; writes evaluation.json and report.html; returns ``(out, LmSaeEvaluation)``."""
     settings = settings_or(settings, ReadSettings)
     settings.validate()
-    out = Path(out) if out is not None else Path(dictionary) / "evaluation"
+    out = Path(out) if out is not None else dictionary_folder(dictionary) / "evaluation"
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
     S.check_distinct(hook, target)  # before the model loads
@@ -430,7 +432,7 @@ def sae_show(
     check_seed(seed)
     for name, v in (("--random", n_random), ("--induction", n_induction)):
         check_int(v, name, 0, 100_000)  # -1 was a slice: all but the last
-    out = Path(out) if out is not None else Path(dictionary) / "dashboards"
+    out = Path(out) if out is not None else dictionary_folder(dictionary) / "dashboards"
     check_target(out, force)
     sae, hook, target, meta = load_dictionary(dictionary, hook, target)
     S.check_distinct(hook, target)  # before the model loads
