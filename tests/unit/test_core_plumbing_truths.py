@@ -366,6 +366,15 @@ def test_settings_of_another_type_and_graph_inputs_given_in_python_are_one_line(
     assert prompt_tokens(model, None, None, torch.tensor([[3, 4]]), bos=False).tolist() == [3, 4]
     with pytest.raises(MechscopeError, match="^token ids are integers, got a list: one prompt's ids, not a batch$"):
         prompt_tokens(model, None, None, [[1, 2, 3]])
+    from mechscope.lm.pipelines.attribution_graph import check_qk
+
+    check_qk(model, [(1, 1), (0, 1, 5, 2), [np.int64(1), 0, torch.tensor(3)]], 6)  # before the graph is computed
+    for spec, said in (((0, 1.5), "a QK head's layer, head and positions must be an integer, got 1.5"),
+                       ((0,), r"a QK head is \(layer, head\[, query_pos\[, key_pos\]\]\), got \(0,\)"),
+                       ((2, 0), "head 2.0 outside the model's 2 layers x 2 heads"),
+                       ((0, 0, 6), "QK position 6 outside the prompt's 0..5")):  # fmt: skip
+        with pytest.raises(MechscopeError, match=said):
+            check_qk(model, [spec], 6)
     from mechscope.core.validate import check_int
 
     assert check_int(torch.tensor(5), "n") == 5 and check_int(np.array(7), "n") == 7

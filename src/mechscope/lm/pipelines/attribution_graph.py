@@ -89,6 +89,21 @@ def _id_list(tokens) -> list[int]:
     return [int(t) for t in ids]
 
 
+def check_qk(model, qk, positions: int) -> None:
+    """Each QK head asked, (layer, head[, query_pos[, key_pos]]), of integers inside the model and the prompt."""
+    cfg = model.cfg
+    for spec in qk or []:
+        if isinstance(spec, (str, bytes)) or not hasattr(spec, "__len__") or not 2 <= len(spec) <= 4:
+            raise MechscopeError(f"a QK head is (layer, head[, query_pos[, key_pos]]), got {spec!r}")
+        values = [check_int(v, "a QK head's layer, head and positions") for v in spec]
+        if not (0 <= values[0] < cfg.n_layers and 0 <= values[1] < cfg.n_heads):
+            raise MechscopeError(f"head {values[0]}.{values[1]} outside the model's {cfg.n_layers} layers x "
+                                 f"{cfg.n_heads} heads")  # fmt: skip
+        bad = [v for v in values[2:] if not 0 <= v < positions]
+        if bad:
+            raise MechscopeError(f"QK position {bad[0]} outside the prompt's 0..{positions - 1}")
+
+
 def resolve_targets(model, tokenizer, targets) -> list[int] | None:
     """Target logits given as ids or texts (a text must be one token)."""
     if not targets:
@@ -218,6 +233,7 @@ def graph_model(
     words = tokenizer or in_words  # reads the prompt and names the input tokens
     ids = prompt_tokens(model, words, prompt, tokens, bos)
     tgt = resolve_targets(model, out_words or tokenizer, targets)
+    check_qk(model, qk, len(ids))  # before the transcoders train and the graph is computed, not after them
     work = PhaseWork(work_counter(model), timer)  # the blocks' passes, by phase (see PhaseWork for what they include)
 
     with work.counter.counting():
