@@ -122,6 +122,7 @@ class ExplainSettings:
 def class_index(c: int | str, class_names, what: str = "class") -> int:
     """A class given by its name or its index, as an index checked against ``class_names``; one line otherwise."""
     import numbers
+    import re
 
     k = len(class_names)
     if isinstance(c, str) and c in class_names:
@@ -129,7 +130,7 @@ def class_index(c: int | str, class_names, what: str = "class") -> int:
     if getattr(c, "ndim", None) == 0 and hasattr(c, "item"):  # a class out of a tensor or an array of them
         c = c.item()
     whole = isinstance(c, numbers.Integral) and not isinstance(c, bool)  # int(3.7) was class 3, int(True) class 1
-    digits = isinstance(c, str) and c.strip().isascii() and c.strip().isdigit()  # "³" is a digit int() refuses
+    digits = isinstance(c, str) and re.fullmatch(r"-?[0-9]+", c.strip()) is not None  # not "³" (int() refuses it)
     if not (whole or digits):
         raise MechscopeError(f"unknown {what} {c!r}; expected 0..{k - 1} or a class name")
     i = int(c)
