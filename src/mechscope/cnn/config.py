@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mechscope.core.errors import MechscopeError
-from mechscope.core.validate import check_lr, check_seed, check_types, repeated
+from mechscope.core.validate import check_lr, check_seed, check_types, repeated, scalar
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,7 @@ def class_index(c: int | str, class_names, what: str = "class") -> int:
     k = len(class_names)
     if isinstance(c, str) and c in class_names:
         return list(class_names).index(c)
-    if getattr(c, "ndim", None) == 0 and hasattr(c, "item"):  # a class out of a tensor or an array of them
-        c = c.item()
+    c = scalar(c)  # a class out of a tensor or an array of them
     whole = isinstance(c, numbers.Integral) and not isinstance(c, bool)  # int(3.7) was class 3, int(True) class 1
     digits = isinstance(c, str) and re.fullmatch(r"-?[0-9]+", c.strip()) is not None  # not "³" (int() refuses it)
     if not (whole or digits):

@@ -288,6 +288,12 @@ def check_finite(x, what: str) -> None:
                              "make the network's activations overflow")  # fmt: skip
 
 
+def scalar(value):
+    """A 0-d tensor or array as its Python number (``torch.tensor(5)``, ``np.array(0.5)``); anything else as it is:
+    for the checks that read a number given from Python."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
 def settings_or(settings, cls, **defaults):
     """``settings`` (a ``cls``) or ``cls(**defaults)`` when None; anything else one line (a dict of the fields was
     "'dict' object has no attribute 'validate'")."""
@@ -306,8 +312,7 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
     [low, high]; else one line."""
     import numbers
 
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # torch.tensor(5) was refused
-        value = value.item()
+    value = scalar(value)  # torch.tensor(5) was refused
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise MechscopeError(f"{name} must be an integer, got {shown(value)}")
     value = int(value)

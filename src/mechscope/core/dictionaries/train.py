@@ -44,7 +44,7 @@ from mechscope.core.dictionaries.sae import SparseDictionary
 from mechscope.core.dictionaries.stream import BatchStream
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result
-from mechscope.core.validate import check_lr, check_seed
+from mechscope.core.validate import check_lr, check_seed, scalar
 
 # TrainConfig fields that never change the weights: they may differ when resuming
 _FREE = ("max_steps", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "log_every", "progress")
@@ -101,8 +101,7 @@ class TrainConfig:
         if not 0 < self.batchtopk_threshold_lr <= 1:
             raise MechscopeError(f"expected 0 < batchtopk_threshold_lr <= 1, got {self.batchtopk_threshold_lr!r}")
         betas = self.adam_betas  # (1.5, 0.9) was torch's "Invalid beta parameter" at the first step
-        items = [b.item() if getattr(b, "ndim", None) == 0 and hasattr(b, "item") else b for b in betas] if (
-            hasattr(betas, "__len__") and not isinstance(betas, str)) else []  # fmt: skip
+        items = [scalar(b) for b in betas] if hasattr(betas, "__len__") and not isinstance(betas, str) else []
         if not (len(items) == 2 and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
                                         for b in items)):  # fmt: skip
             raise MechscopeError(f"expected adam_betas to be two numbers in [0, 1), got {betas!r}")

@@ -36,7 +36,6 @@ def _rows(n) -> int:
     """A table's row count: an integer from 1 (-1 was a slice that dropped the last head; 0 an empty table)."""
     from mechscope.core.validate import check_int
 
-    n = n.item() if getattr(n, "ndim", None) == 0 and hasattr(n, "item") else n  # a count out of a tensor
     return check_int(n, "n (the rows shown; None: every head)", 1)
 
 

@@ -23,7 +23,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.outputs import atomic_output, check_target, write_json
 from mechscope.core.paths import model_out
 from mechscope.core.torch_utils import Timer
-from mechscope.core.validate import check_int, repeated, settings_or
+from mechscope.core.validate import check_int, repeated, scalar, settings_or
 from mechscope.lm.methods.attribution_graph import (
     GraphSettings,
     LmAttributionGraph,
@@ -81,7 +81,7 @@ def _id_list(tokens) -> list[int]:
     if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__") or getattr(tokens, "ndim", 1) != 1:
         raise MechscopeError(f"tokens must be one prompt's token ids (a list of integers or a 1-D tensor), got "
                              f"{type(tokens).__name__} of shape {list(getattr(tokens, 'shape', []))}")  # fmt: skip
-    ids = [t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t for t in tokens]
+    ids = [scalar(t) for t in tokens]
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
     if bad:
         what = "a list: one prompt's ids, not a batch" if isinstance(bad[0], (list, tuple)) else repr(bad[0])
@@ -110,7 +110,7 @@ def resolve_targets(model, tokenizer, targets) -> list[int] | None:
         return None
     out = []
     for t in targets:
-        t = t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t  # np.int64, a 0-d tensor
+        t = scalar(t)  # a 0-d tensor or array
         if isinstance(t, numbers.Integral) and not isinstance(t, bool):
             t = int(t)
         if not isinstance(t, (int, str)) or isinstance(t, bool):  # True was int('True'), 5.0 a tokenizer TypeError
