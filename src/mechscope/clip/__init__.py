@@ -94,7 +94,7 @@ def render_word(word: str, image_size: int = 64, channels: int = 1, font: str = 
     import math
     import numbers
 
-    from mechscope.clip.data.render import Placement, check_colour
+    from mechscope.clip.data.render import Placement
     from mechscope.clip.data.render import render_word as draw
     from mechscope.core.validate import check_int
 
@@ -106,5 +106,4 @@ def render_word(word: str, image_size: int = 64, channels: int = 1, font: str = 
     for name, v in (("x", x), ("y", y)):  # the word's centre, as fractions of the image
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0 <= v <= 1):
             raise MechscopeError(f"{name} must be a fraction of the image in [0, 1], got {v!r}")
-    colours = (check_colour(fg, "fg"), check_colour(bg, "bg"))  # named in a refusal; 1.0000001 (float32) clipped
-    return draw(word, image_size, channels, font, size, Placement(float(x), float(y)), *colours)
+    return draw(word, image_size, channels, font, size, Placement(float(x), float(y)), fg, bg)

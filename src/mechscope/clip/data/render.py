@@ -128,20 +128,17 @@ def place(mask: np.ndarray, image_size: int, where: Placement) -> tuple[int, int
     return min(max(top, 0), image_size - h), min(max(left, 0), image_size - w)
 
 
-def check_colour(value, name: str = "a colour") -> torch.Tensor:
-    """A colour of unit values (one, or one per channel) as a flat tensor; a name, NaN or a value past [0, 1] refused
-    (fg=2.0 drew pixels above 1, 'red' was a TypeError); within 1e-6 of the range (float32 rounding) it is clipped."""
+def _colour(value, channels: int, name: str = "a colour") -> torch.Tensor:
+    """A colour of unit values (one, or one per channel) as [C, 1, 1]; a name, NaN or a value past [0, 1] refused,
+    ``name`` (fg, bg, label) said (fg=2.0 drew pixels above 1, 'red' was a TypeError); within 1e-6 of the range
+    (float32 rounding) it is clipped."""
     try:
         v = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
     except (TypeError, ValueError, RuntimeError):
         raise MechscopeError(f"{name} is a number in [0, 1] or one per channel, got {value!r}") from None
     if not v.numel() or not bool(((v >= -1e-6) & (v <= 1 + 1e-6)).all()):
         raise MechscopeError(f"{name}'s values must be in [0, 1] (unit pixels), got {value!r}")
-    return v.clamp(0, 1)
-
-
-def _colour(value, channels: int) -> torch.Tensor:
-    v = check_colour(value)
+    v = v.clamp(0, 1)
     if v.numel() == 1:
         v = v.expand(channels)
     elif v.numel() != channels:
@@ -165,7 +162,7 @@ def render_word(word: str, image_size: int, channels: int = 1, font: str = "sans
                 where: Placement = Placement(), fg=1.0, bg=0.0) -> torch.Tensor:  # fmt: skip
     """``word`` drawn on a plain background: unit pixels [C,S,S] (``fg`` text colour, ``bg`` background)."""
     a = coverage(word, image_size, font, size, where)[None]
-    return _colour(bg, channels) * (1 - a) + _colour(fg, channels) * a
+    return _colour(bg, channels, "bg") * (1 - a) + _colour(fg, channels, "fg") * a
 
 
 def write_on(image: torch.Tensor, word: str, font: str = "sans", size: int = 12, where: Placement = Placement(0.5, 0.8),
@@ -178,10 +175,10 @@ def write_on(image: torch.Tensor, word: str, font: str = "sans", size: int = 12,
     out = image.clone().float()
     if label is not None:
         t0, l0 = max(top - pad, 0), max(left - pad, 0)
-        out[:, t0 : top + m.shape[0] + pad, l0 : left + m.shape[1] + pad] = _colour(label, c)
+        out[:, t0 : top + m.shape[0] + pad, l0 : left + m.shape[1] + pad] = _colour(label, c, "label")
     a = torch.zeros(1, s, s)
     a[0, top : top + m.shape[0], left : left + m.shape[1]] = torch.from_numpy(m)
-    return out * (1 - a) + _colour(fg, c) * a
+    return out * (1 - a) + _colour(fg, c, "fg") * a
 
 
 def word_images(words: list[str], image_size: int, channels: int = 1, fonts=("sans",), sizes=(12,),
