@@ -20,9 +20,11 @@ def load_lm(spec: str | Path, device=None, dtype=None, device_map=None, revision
     from mechscope.lm.toy import is_toy_run, load_toy
 
     spec = str(spec)
-    if usable_path(spec, "model").exists() and dictionary_note(spec):  # its training.json is not a toy run's
-        raise MechscopeError(f"{spec}: not a model{dictionary_note(spec)}")
-    if usable_path(spec, "model").exists() and is_toy_run(spec):  # a name too long to look up: one line
+    local = usable_path(spec, "model").exists()  # a name too long to look up: one line
+    note = dictionary_note(spec) if local else ""
+    if note:  # its training.json is not a toy run's
+        raise MechscopeError(f"{spec}: not a model{note}")
+    if local and is_toy_run(spec):
         if revision is not None or device_map is not None:
             raise MechscopeError("--revision and --device-map read a hub id or a model folder, not a train-toy run")
         model, chars, name = load_toy(spec, device, dtype)
