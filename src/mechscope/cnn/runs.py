@@ -17,7 +17,7 @@ import torch
 
 from mechscope.cnn.models.cnn import CNN, CNNConfig
 from mechscope.core.errors import MechscopeError, RunError
-from mechscope.core.outputs import WEIGHTS_KEY, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
+from mechscope.core.outputs import WEIGHTS_KEY, check_target, same_weights, save_tensors, weights_hash, write_json  # noqa: F401  (used here; re-exported)
 from mechscope.core.paths import dictionary_note, other_wing
 from mechscope.core.results import check_schema
 from mechscope.core.validate import field as check_field
@@ -30,13 +30,10 @@ WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
 
 def check_out_dir(path: str | Path, force: bool = False) -> Path:
-    """Raise unless ``path`` can be written: absent, empty, or ``force`` given."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"{out}: already exists and is not empty; pass --force (force=True in Python) to overwrite it")
-    return out
+    """Raise unless ``path`` can be written: absent, empty, or ``force`` given (:func:`check_target`'s checks);
+    ``path`` as given."""
+    check_target(path, force)
+    return Path(path)
 
 
 def prepare_out_dir(path: str | Path, force: bool = False) -> Path:
