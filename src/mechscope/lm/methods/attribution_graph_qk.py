@@ -37,8 +37,9 @@ class QKAttribution(Result):
 
     ``score``: scaled q·k before the softmax (and any soft-cap); ``pattern``: the attention probability.
     ``query_sources``/``key_sources``: the largest parts, each ``{"id", "label", "score"}`` (its part of the score
-    with the other side whole); ``pairs``: the largest source pairs ``{"query", "key", "score"}``; the same for
-    ``*_writers`` / ``writer_pairs``. ``bias``: the score's parts from the bias terms."""
+    with the other side whole); ``pairs``: the largest source pairs ``{"query", "key", "score"}`` over every query
+    part x key part; the same for ``*_writers`` / ``writer_pairs``; parts and pairs that are exactly zero are left
+    out. ``bias``: the score's parts from the bias terms."""
 
     layer: int
     head: int
@@ -132,18 +133,15 @@ def qk_attribution(
     # sources
     nq = _top(Qs @ k_tot, n)
     nk = _top(Ks @ q_tot, n)
-    sources = {s: rep.source_id(s) for s in set(nq.tolist()) | set(nk.tolist())}
+    src_pairs = _top_pairs(Qs, Ks, scale, n)
+    used = set(nq.tolist()) | set(nk.tolist()) | {s for i, j, _ in src_pairs for s in (i, j)}
+    sources = {s: rep.source_id(s) for s in used}
     src_lab = {s: _src_label(rep, s, labels) for s in sources}
     qsrc = tuple({"id": sources[s], "label": src_lab[s], "score": float(scale * (Qs[s] @ k_tot))} for s in nq.tolist())
     ksrc = tuple({"id": sources[s], "label": src_lab[s], "score": float(scale * (q_tot @ Ks[s]))} for s in nk.tolist())
-    pm = scale * (Qs[nq] @ Ks[nk].T)  # [nq, nk]
-    pairs = _pairs(
-        pm,
-        [src_lab[s] for s in nq.tolist()],
-        [src_lab[s] for s in nk.tolist()],
-        [sources[s] for s in nq.tolist()],
-        [sources[s] for s in nk.tolist()],
-        n,
+    pairs = tuple(
+        {"query": src_lab[i], "key": src_lab[j], "score": v, "query_id": sources[i], "key_id": sources[j]}
+        for i, j, v in src_pairs
     )
     # writers (with post-sublayer norms the heads' outputs are normed before they are added: no writer view)
     if cfg.post_attn_mlp_norm:
@@ -164,9 +162,7 @@ def qk_attribution(
     tk = _top(Wk @ q_tot, n)
     qw = tuple({"label": lq[i], "score": float(scale * (Wq[i] @ k_tot))} for i in tq.tolist())
     kw = tuple({"label": lk[i], "score": float(scale * (q_tot @ Wk[i]))} for i in tk.tolist())
-    wpairs = _pairs(
-        scale * (Wq[tq] @ Wk[tk].T), [lq[i] for i in tq.tolist()], [lk[i] for i in tk.tolist()], None, None, n
-    )
+    wpairs = tuple({"query": lq[i], "key": lk[j], "score": v} for i, j, v in _top_pairs(Wq, Wk, scale, n))
     total_src = float(scale * (Qs.sum(0) @ Ks.sum(0) + Qs.sum(0) @ k0 + q0 @ Ks.sum(0) + q0 @ k0))
     total_wr = float(scale * (Wq.sum(0) + bq) @ (Wk.sum(0) + bk))
     resid_err = max(abs(total_src - score), abs(total_wr - score))
@@ -221,20 +217,23 @@ def _scale(rep: LocalReplacement, layer: int) -> float:
 
 
 def _top(v: torch.Tensor, n: int) -> torch.Tensor:
-    return v.abs().argsort(descending=True)[:n]
+    """The indices of the ``n`` largest entries of ``v`` by magnitude, largest first; exact zeros left out."""
+    top = v.abs().argsort(descending=True)[:n]
+    return top[v[top] != 0]
 
 
-def _pairs(m: torch.Tensor, ql, kl, qid, kid, n: int) -> tuple[dict, ...]:
-    flat = m.flatten()
-    top = flat.abs().argsort(descending=True)[:n]
-    out = []
-    for f in top.tolist():
-        i, j = divmod(f, m.shape[1])
-        d = {"query": ql[i], "key": kl[j], "score": float(m[i, j])}
-        if qid is not None:
-            d |= {"query_id": qid[i], "key_id": kid[j]}
-        out.append(d)
-    return tuple(out)
+def _top_pairs(a: torch.Tensor, b: torch.Tensor, scale: float, n: int, rows: int = 1024) -> list[tuple]:
+    """The ``n`` pairs (i, j, scale · a_i·b_j) of largest magnitude over every pair of rows of ``a`` [I, Dh] and
+    ``b`` [J, Dh], largest first, exact zeros left out: a block of ``rows`` rows of the [I, J] matrix at a time, so
+    memory stays at one block however many sources the graph has."""
+    vals, idx = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    for r0 in range(0, a.shape[0], rows):
+        m = (scale * (a[r0 : r0 + rows] @ b.T)).flatten()
+        top = m.abs().topk(min(n, m.numel())).indices
+        vals, idx = torch.cat([vals, m[top]]), torch.cat([idx, top + r0 * b.shape[0]])
+        keep = vals.abs().argsort(descending=True, stable=True)[:n]
+        vals, idx = vals[keep], idx[keep]
+    return [(*divmod(int(f), b.shape[0]), float(v)) for f, v in zip(idx, vals, strict=True) if v != 0]
 
 
 def _src_label(rep: LocalReplacement, s: int, labels: list[str]) -> str:
@@ -296,4 +295,3 @@ def writers(rep: LocalReplacement, layer: int, pos: int, labels: list[str]) -> t
             vecs.append(rep.errors[i, pos])
             labs.append(f"error L{i} @{pos}")
     return torch.stack([v.float() for v in vecs]), labs
-
