@@ -40,6 +40,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_int
 from mechscope.lm.models.transformer import SOLU_LN, HookedTransformer
 
 SITES = ("auto", "post", "mid")
@@ -77,6 +78,9 @@ def check_neuron_model(model: HookedTransformer, layers: list[int] | None, site:
         raise MechscopeError(f"--site must be one of {', '.join(SITES)}, got {site!r}")
     if site == "mid" and model.cfg.act != SOLU_LN:
         raise MechscopeError(f"--site mid is the SoLU MLP's (act 'solu_ln'); {name} uses {model.cfg.act!r}")
+    if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
+        raise MechscopeError(f"layers must be a list of MLP layer indices, e.g. [0, 1], got {layers!r}")  # 0: all
+    layers = [check_int(layer, "an MLP layer") for layer in layers or ()]  # 1.0 was blocks.1.0.mlp.hook_post
     if not layers:
         return have
     for layer in layers:
@@ -132,6 +136,13 @@ def top_activations(
 ) -> TopActivations:
     """Run the sample ``tokens`` [N, P] through ``model`` in batches and keep, per neuron, the ``k``
     largest activations and where they are; positions before ``skip_first`` (a BOS) are not counted."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:  # [P] was "not enough values to unpack"
+        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise MechscopeError(f"expected a token sample [N, P], got {got}")
+    every = check_neuron_model(model, layers, site)  # site "bogus" was read as "post"
+    layers = list(dict.fromkeys(int(i) for i in layers)) if layers else every  # in the order given
+    k, batch = check_int(k, "k", 1), check_int(batch, "batch", 1)  # k 0 was an IndexError, batch 0 range()'s error
+    skip_first = check_int(skip_first, "skip_first", 0, tokens.shape[1] - 1)
     n, p = tokens.shape
     hooks = [site_hook(model, layer, site) for layer in layers]
     check_k(k, tokens, skip_first)
@@ -477,6 +488,7 @@ def read_neurons(
             f"--k and --min-count must be at least 1 and --contexts at least 0, got {k}, {min_count}, {n_contexts}"
         )
     check_k(k, tokens, skip_first)
+    before, after = check_int(before, "before", 0), check_int(after, "after", 0)  # -2 was a window cut short
     say = progress or (lambda _: None)
     say(f"top {k} activations of {sum(model.cfg.d_mlp for _ in layers):,} neurons over {tokens.numel():,} tokens")
     with evaluating(model):
