@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechscope.cnn.models.cnn import CNN
-from mechscope.core.errors import HookError
+from mechscope.core.errors import HookError, MechscopeError
 from mechscope.core.hooks import attached_hooks, describe_names, hook_points, hooks, run_with_cache
 
 NAMES = [
@@ -138,9 +138,16 @@ def test_hooks_removed_when_hook_raises(model, x):
     assert attached_hooks(model) == []
 
 
+def _raises(act, hook):
+    raise ValueError("fails inside the forward")
+
+
 def test_run_with_cache_cleans_up_when_forward_fails(model):
-    with pytest.raises(RuntimeError):
-        run_with_cache(model, torch.rand(2, 3, 28, 28), names=["conv1.hook_out"])  # 3 channels: conv fails
+    with pytest.raises(MechscopeError, match="expected input shaped"):  # 3 channels: the forward refuses them
+        run_with_cache(model, torch.rand(2, 3, 28, 28), names=["conv1.hook_out"])
+    with pytest.raises(ValueError, match="fails inside"):  # a hook that raises, after the cache's hooks ran
+        with hooks(model, fwd=[("conv2.hook_out", _raises)]):
+            run_with_cache(model, torch.rand(2, 1, 28, 28), names=["conv1.hook_out"])
     assert attached_hooks(model) == []
 
 

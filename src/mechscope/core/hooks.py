@@ -127,7 +127,7 @@ def hooks(
 
     def forward_hook(fn: HookFn) -> Callable:
         def hook(module: HookPoint, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            return fn(output, module)
+            return _returned(fn(output, module), output, module, "activation")
 
         return hook
 
@@ -137,7 +137,7 @@ def hooks(
                 return
 
             def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
-                return fn(grad, module) if active[0] else None
+                return _returned(fn(grad, module), grad, module, "gradient") if active[0] else None
 
             output.register_hook(on_grad)
 
@@ -153,6 +153,26 @@ def hooks(
         active[0] = False
         for handle in handles:
             handle.remove()
+
+
+def _returned(out: Any, x: torch.Tensor, point: HookPoint, what: str) -> torch.Tensor | None:
+    """A hook's return value when it can stand for ``x``: None (``x`` kept) or a tensor that broadcasts to ``x``'s
+    shape (mechscope's own hooks give [P, D] for [1, P, D], or one row for a batch). Anything else raised deep
+    inside the model: a string "no attribute 'shape'", a wrong width a matmul's error."""
+    if out is None or (isinstance(out, torch.Tensor) and (out.shape == x.shape or _broadcasts(out.shape, x.shape))):
+        return out
+    got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+    raise HookError(
+        f"the hook on {point.name or 'a hook point'} returned {got}; a hook returns None or a tensor of its {what}'s "
+        f"shape, {list(x.shape)} (or one that broadcasts to it)"
+    )
+
+
+def _broadcasts(shape: torch.Size, to: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
 
 
 def run_with_cache(

@@ -275,8 +275,10 @@ class CNN(nn.Module):
         check_image_input(x, self.input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():  # uint8 pixels 0..255 ran, normalised as if in [0, 1] (logits near -135)
-            check_image_input(x, self.input_shape)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[1:] != self.input_shape:
+            check_image_input(x, self.input_shape)  # uint8 pixels ran as if in [0, 1]; a wrong shape was conv2d's
+        if x.dtype != self.fc.weight.dtype:  # float64 pixels were "mat1 and mat2 must have the same dtype"
+            raise MechscopeError(f"expected {self.fc.weight.dtype} pixels (the model's dtype), got {x.dtype}")
         x = self.hook_input(x)  # [B, C, H, W], pixels in [0, 1]
         x = self.normalize(x)
         for block in self.stages:

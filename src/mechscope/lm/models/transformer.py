@@ -55,6 +55,7 @@ block lives; ``embed`` and ``unembed`` move it to the embedding's and unembeddin
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -64,6 +65,11 @@ from torch import nn
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
 from mechscope.core.torch_utils import n_parameters
+
+
+def _is_index(v, n: int) -> bool:
+    """``v`` is an integer in 0..n, a block boundary (a negative one was counted from the end without a word)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= n
 
 
 def solu(x: torch.Tensor) -> torch.Tensor:
@@ -641,6 +647,12 @@ class HookedTransformer(nn.Module):
         """Blocks ``start``..``stop`` - 1 (to the last by default) on the residual stream ``x`` [B,P,D]; returns the
         residual after them (the final residual by default)."""
         self.check_complete()
+        self._check_resid(x)
+        n = self.cfg.n_layers
+        if not (_is_index(start, n) and (stop is None or (_is_index(stop, n) and stop >= start))):
+            raise MechscopeError(
+                f"run_blocks runs blocks start..stop - 1 with 0 <= start <= stop <= {n}, got {start!r}, {stop!r}"
+            )
         rotary = self.rotary(x.shape[1], x.device)
         for block in self.blocks[start:stop]:
             x = block(x, rotary)
@@ -648,6 +660,7 @@ class HookedTransformer(nn.Module):
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding: residual [..., D] -> logits [..., V]."""
+        self._check_resid(resid, any_rank=True)
         x = resid if self.ln_final is None else self.ln_final(resid)
         if self.W_U_untied is None:
             logits = F.linear(x.to(self.W_E.device), self.W_E)
@@ -656,6 +669,14 @@ class HookedTransformer(nn.Module):
         if self.b_U is not None:
             logits = logits + self.b_U.to(logits.device)
         return softcap(logits, self.cfg.final_logit_softcap)
+
+    def _check_resid(self, x, any_rank: bool = False) -> None:
+        """A residual stream [B, P, d_model] ([..., d_model] with ``any_rank``), else one line (a wrong width was
+        layer_norm's "normalized_shape" error deep inside the first block)."""
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.cfg.d_model,) or (not any_rank and x.dim() != 3):
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MechscopeError(f"expected a residual stream [{'...' if any_rank else 'batch, positions'}, "
+                                 f"{self.cfg.d_model}], got {got}")  # fmt: skip
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.run_blocks(self.embed(tokens)))  # [B,P,V]
