@@ -108,15 +108,21 @@ class ExplainSettings:
         twice = repeated(classes or ())
         if twice:  # one circuit was searched and the settings recorded it twice
             raise MechscopeError(f"--class {class_names[twice[0]]} given more than once")
-        if self.patch and len(self.patch) != 2:  # (1,) was an IndexError
-            raise MechscopeError(f"patch expects two classes (clean, corrupted), got {self.patch!r}")
-        patch = tuple(class_index(c, class_names, "patching class") for c in self.patch) if self.patch else None
-        if patch is not None and patch[0] == patch[1]:
-            raise MechscopeError(f"patching needs two different classes, got {self.patch[0]} and {self.patch[1]}")
+        patch = resolve_pair(self.patch, class_names) if self.patch else None
         return replace(self, classes=classes, patch=patch)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_pair(pair, class_names) -> tuple[int, int]:
+    """A patching pair (clean, corrupted) of two different classes, by name or index, as indices."""
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:  # (1,) was an IndexError
+        raise MechscopeError(f"patch expects two classes (clean, corrupted), got {pair!r}")
+    a, b = (class_index(c, class_names, "patching class") for c in pair)  # 10 of ten was an IndexError, -1 the 9
+    if a == b:  # the gap to recover was 0: every share NaN
+        raise MechscopeError(f"patching needs two different classes, got {pair[0]} and {pair[1]}")
+    return a, b
 
 
 def class_index(c: int | str, class_names, what: str = "class") -> int:

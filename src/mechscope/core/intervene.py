@@ -46,6 +46,7 @@ from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, run_with_cache, select
 from mechscope.core.kept_sum import unit_ablation_accuracy
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_int
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # [k, B, ...outputs] -> [k, ...]
 
@@ -53,7 +54,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # [k, B, ...outputs] -> [k, ...
 def channel_masks(unit_shape: tuple[int, ...], channels: list[int] | None = None) -> torch.Tensor:
     """One mask per channel (dim 0 of ``unit_shape``): [N, *unit_shape]."""
     c = unit_shape[0]
-    channels = list(range(c)) if channels is None else channels
+    channels = list(range(c)) if channels is None else [check_int(ch, "a channel") for ch in channels]  # 1.5
     for ch in channels:
         if not 0 <= ch < c:
             raise MechscopeError(f"channel {ch} out of range: valid channels 0..{c - 1}")
@@ -103,6 +104,7 @@ def intervene(
     Several masks share one forward when the inputs are few (B x k ≤ ``batch_size``).
     """
     (name,) = select(model, layer)  # an unknown layer raises before any work
+    check_int(batch_size, "batch_size", 1)
     inputs = inputs.detach()
     b = inputs.shape[0]
     forward = forward or model
@@ -121,10 +123,8 @@ def intervene(
         )
     if len(masks) == 0:
         raise MechscopeError(f"no masks for {name}: give at least one")
-    rep = torch.as_tensor(replacement, dtype=probe[name].dtype)
+    rep = _checked_replacement(replacement, probe[name].dtype, unit_shape, b)
     per_input = rep.dim() == len(unit_shape) + 1
-    if per_input and rep.shape[0] != b:
-        raise MechscopeError(f"replacement has {rep.shape[0]} rows for {b} inputs")
 
     k = max(1, min(len(masks), batch_size // max(b, 1)))  # masks per forward
     chunk = b if k > 1 else min(b, batch_size)  # inputs per forward
@@ -152,6 +152,27 @@ def intervene(
             out = torch.cat(outs, 1)  # [k, B, ...]
             results.append(reduce(out) if reduce is not None else out)
     return torch.cat(results)
+
+
+def _checked_replacement(replacement, dtype: torch.dtype, unit_shape: tuple, b: int) -> torch.Tensor:
+    """``replacement`` as a tensor: a scalar, [*unit_shape] or [B, *unit_shape] (or shapes that broadcast to one),
+    finite; one line otherwise (a mean of the wrong layer was torch.where's broadcast error, NaN ran through)."""
+    rep = torch.as_tensor(replacement, dtype=dtype)
+    want = (b, *unit_shape) if rep.dim() == len(unit_shape) + 1 else unit_shape
+    if rep.dim() == len(unit_shape) + 1 and rep.shape[0] != b:
+        raise MechscopeError(f"replacement has {rep.shape[0]} rows for {b} inputs")
+    try:
+        fits = torch.broadcast_shapes(rep.shape, want) == want
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise MechscopeError(
+            f"a replacement of shape {list(rep.shape)} does not fit the layer's activations: give a number, "
+            f"[{', '.join(map(str, unit_shape))}] or [{b}, {', '.join(map(str, unit_shape))}] (one per input)"
+        )
+    if not bool(torch.isfinite(rep).all()):
+        raise MechscopeError("the replacement holds NaN or inf")
+    return rep
 
 
 def intervene_at(
@@ -315,6 +336,9 @@ def resample_donors(labels: torch.Tensor, seed: int = 0, other_class: bool = Tru
 def layer_means(model: nn.Module, inputs: torch.Tensor, layers: list[str], batch_size: int = 2000) -> dict:
     """Mean activation of each layer over ``inputs``, per unit and position: {layer: [*unit_shape]}."""
     names = list(select(model, layers))
+    check_int(batch_size, "batch_size", 1)
+    if len(inputs) == 0:
+        raise MechscopeError("layer_means needs at least one input")
     sums: dict[str, torch.Tensor] = {}
     for s0 in range(0, len(inputs), batch_size):
         with torch.no_grad():
@@ -330,10 +354,20 @@ class ClassAccuracy:
     kept, so :func:`readout_intervene` can compute the same numbers without building every ablated logit."""
 
     def __init__(self, labels: torch.Tensor, n_classes: int = 10) -> None:
+        n_classes = check_int(n_classes, "n_classes", 1)
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise MechscopeError(f"labels must be a 1-D tensor of class indices, got {_described(labels)}")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
+            raise MechscopeError(f"labels must lie in 0..{n_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
         self.labels, self.n_classes = labels, n_classes
         self.counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).double()
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != 3 or out.shape[1:] != (len(self.labels), self.n_classes):
+            raise MechscopeError(
+                f"expected logits [k, {len(self.labels)}, {self.n_classes}] (one row per label, one column per class), "
+                f"got {list(out.shape)}"
+            )
         correct = (out.argmax(-1) == self.labels).double()  # [k, B]
         per = torch.zeros(out.shape[0], self.n_classes, dtype=torch.float64)
         per.index_add_(1, self.labels, correct)
@@ -343,6 +377,10 @@ class ClassAccuracy:
 def class_accuracy(labels: torch.Tensor, n_classes: int = 10) -> Reduce:
     """A ``reduce`` for :func:`intervene`: per-class accuracy [k, n_classes] from logits [k, B, K]."""
     return ClassAccuracy(labels, n_classes)
+
+
+def _described(x) -> str:
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _replacement(kind: str, mean: torch.Tensor | None) -> torch.Tensor | float:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.cnn.config import resolve_pair
 from mechscope.core import intervene as A
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, figure_data
+from mechscope.core.validate import check_int
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ def default_pair(class_names: tuple[str, ...], confusion) -> tuple[int, int]:
 
 
 def patching_study(model, spec, data, acts, pair: tuple[int, int], n_pairs: int = 16, batch_size: int = 2048):
-    clean_cls, corrupt_cls = pair
+    clean_cls, corrupt_cls = resolve_pair(pair, data.class_names)
+    n_pairs = check_int(n_pairs, "n_pairs", 1)  # 0 was "no correctly classified test images"
     ok = acts.pred == data.y
     clean_idx = ((data.y == clean_cls) & ok).nonzero().flatten()[:n_pairs]
     corrupt_idx = ((data.y == corrupt_cls) & ok).nonzero().flatten()[:n_pairs]

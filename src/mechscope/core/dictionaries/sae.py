@@ -135,7 +135,12 @@ class SparseDictionary(nn.Module):
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Output ``[..., d_out]`` in raw units of latents ``f [..., d_sae]`` (``x`` only for skip transcoders)."""
         lead, flat = self._flatten(f, self.cfg.d_sae, "latents")
-        x_norm = None if x is None else self.normalise_input(x.reshape(-1, self.cfg.d_in))
+        x_norm = None
+        if x is not None:  # a wrong width was view()'s error, other rows a matmul's
+            x_lead, x_flat = self._flatten(x, self.cfg.d_in, "input")
+            if x_lead != lead:
+                raise MechscopeError(f"expected an input x for each row of latents {list(lead)}, got {list(x_lead)}")
+            x_norm = self.normalise_input(x_flat)
         out = self.decode_normalised(flat.to(self.W_dec.dtype), x_norm)
         return self.denormalise_output(out).reshape(*lead, self.cfg.d_out)
 
