@@ -37,7 +37,8 @@ import torch
 from mechscope.core.errors import MechscopeError
 from mechscope.core.results import Result, figure_data
 from mechscope.core.torch_utils import torch_threads
-from mechscope.lm.models.folding import AnalysisWeights
+from mechscope.core.validate import check_int
+from mechscope.lm.models.folding import AnalysisWeights, check_view
 
 MODES = ("Q", "K", "V")
 
@@ -98,6 +99,7 @@ def composition_scores(w: AnalysisWeights, modes: tuple[str, ...] = MODES) -> di
 
     Zero where the source is not in an earlier layer (TransformerLens' layout).
     """
+    check_view(w)
     for mode in modes:
         if mode not in MODES:
             raise MechscopeError(f"composition mode must be one of Q, K, V, got {mode!r}")
@@ -149,6 +151,8 @@ def random_baseline(d_model: int, d_head: int, samples: int = 200, seed: int = 0
     bit for bit against the whole computation), which torch's CPU generator gives when every block holds a multiple
     of 16 numbers; otherwise each factor is drawn whole.
     """
+    for name, v in (("d_model", d_model), ("d_head", d_head), ("samples", samples)):
+        check_int(v, name, 1)  # d_model 0 was a ZeroDivisionError, samples 0 a baseline of NaN
     g = torch.Generator().manual_seed(seed)
     spans = _spans(samples, d_model * d_head)
 
@@ -276,6 +280,8 @@ def all_composition(w: AnalysisWeights, baseline_samples: int = 200, seed: int =
                     scores: dict[str, np.ndarray] | None = None):  # fmt: skip
     """Q, K and V composition for every pair of heads in different layers, with the random baseline. ``scores``:
     :func:`composition_scores` of ``w`` as arrays, when they were computed already (once per load)."""
+    check_view(w)
+    check_int(top_n, "top_n", 0)
     scores = scores if scores is not None else {m: t.numpy() for m, t in composition_scores(w).items()}
     base = random_baseline(w.cfg.d_model, w.cfg.d_head, baseline_samples, seed)
     return CompositionResult.of(scores, base, w.fold_ln, top_n)

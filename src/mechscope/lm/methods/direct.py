@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.validate import check_int
 from mechscope.lm.methods.scores import post_norm_scale, sequences_per_chunk
@@ -79,6 +80,19 @@ class DirectLogitAttribution:
 
 
 @torch.no_grad()
+def one_sequence(model: HookedTransformer, tokens) -> torch.Tensor:
+    """``tokens`` [P] or [1, P] as [1, P] on the model's device, checked (a list was "no attribute 'reshape'", an
+    empty sequence "position must be an integer from 0 to -1")."""
+    if not isinstance(tokens, torch.Tensor) or not (tokens.dim() == 1 or (tokens.dim() == 2 and len(tokens) == 1)):
+        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise MechscopeError(f"expected one sequence of token ids, a tensor [P] or [1, P], got {got}")
+    if not tokens.numel():
+        raise MechscopeError("the sequence of tokens is empty")
+    tokens = tokens.reshape(1, -1)
+    model.check_tokens(tokens)
+    return tokens.to(model.W_E.device)
+
+
 def direct_logit_attribution(
     model: HookedTransformer,
     view: AnalysisWeights,
@@ -92,7 +106,7 @@ def direct_logit_attribution(
     outside the tokens, or a target outside the vocabulary, is refused in one line.
     """
     cfg = model.cfg
-    tokens = tokens.reshape(1, -1).to(model.W_E.device)
+    tokens = one_sequence(model, tokens)
     p = tokens.shape[1]
     pos = check_int(position, "position", low=-p, high=p - 1) % p
     names = ["hook_embed", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
@@ -168,7 +182,7 @@ class LogitLens:
 def logit_lens(model: HookedTransformer, tokens: torch.Tensor) -> LogitLens:
     """Top token and next-token log-probability after every layer, for one sequence [P] or [1, P]."""
     cfg = model.cfg
-    tokens = tokens.reshape(1, -1).to(model.W_E.device)
+    tokens = one_sequence(model, tokens)
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
     _, cache = run_with_cache(model, tokens, names=names)
     per = sequences_per_chunk(model, slice(None), tokens.shape[1])  # layers' rows whose logits fit in a chunk

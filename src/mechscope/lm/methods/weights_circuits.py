@@ -29,10 +29,13 @@ import numpy as np
 import torch
 
 from mechscope.core.errors import MechscopeError
-from mechscope.lm.models.folding import AnalysisWeights
+from mechscope.core.validate import check_int
+from mechscope.lm.methods.scores import check_heads, token_range_of
+from mechscope.lm.models.folding import AnalysisWeights, check_view
 
 
 def _need(view: AnalysisWeights, *names: str) -> None:
+    check_view(view)
     missing = [n for n in names if getattr(view, n) is None]
     if missing:
         raise MechscopeError(f"this analysis needs {', '.join(missing)}, which the checkpoint does not hold")
@@ -87,6 +90,15 @@ def ov_eigen_positivity(view: AnalysisWeights) -> np.ndarray:
     m = torch.stack([view.W_O[i].double() @ ue @ view.W_V[i].double() for i in range(view.n_layers)])  # [L, H, Dh, Dh]
     lam = torch.linalg.eigvals(m)
     return (lam.sum(-1).real / lam.abs().sum(-1).clamp(min=1e-30)).numpy()
+
+
+def _heads_and_sample(view, heads, sample, seed, token_range) -> tuple[list, torch.Tensor]:
+    """The heads checked (in range, none twice) and the seeded token sample (``sample`` at least 1, the range inside
+    the vocabulary): a head 2.0 of a 2-layer model was an IndexError, (0, -1) the last head, sample -5 95 tokens."""
+    heads = check_heads(view, heads)
+    check_int(sample, "sample", 1)
+    token_range = token_range_of(view, token_range) if token_range is not None else None
+    return heads, token_sample(view.cfg.d_vocab, sample, seed, token_range)
 
 
 def token_sample(d_vocab: int, size: int, seed: int, token_range: tuple[int, int] | None = None) -> torch.Tensor:
@@ -146,7 +158,8 @@ def ov_copying(
     """Copying tables of the full OV circuit for ``heads`` (diagonal over the whole vocabulary;
     ranks on ``sample`` seeded tokens, each row compared with all V logits)."""
     _need(view, "W_E", "W_U")
-    ids = token_sample(view.cfg.d_vocab, sample, seed, token_range)
+    heads, ids = _heads_and_sample(view, heads, sample, seed, token_range)
+    k = check_int(k, "k", 1, view.cfg.d_vocab)
     tops, top1, top5, med, dmean = [], [], [], [], []
     for layer, h in heads:
         ev = _embedded_values(view, view.W_V[layer, h].double())  # [V, Dh]
@@ -225,7 +238,8 @@ def qk_token_pairs(
     """The query→key token pairs with the largest attention scores in each head's full QK circuit,
     among ``sample`` seeded tokens (as query and as key), scaled by 1/√d_head."""
     _need(view, "W_E")
-    ids = token_sample(view.cfg.d_vocab, sample, seed, token_range)
+    heads, ids = _heads_and_sample(view, heads, sample, seed, token_range)
+    k = check_int(k, "k", 1, len(ids) ** 2)
     emb = normalised(view.W_E[ids], view)  # [S, D]
     out = []
     for layer, h in heads:
@@ -273,7 +287,8 @@ class PositionalQK:
 def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> PositionalQK:
     """Positional attention of every head (learned positions only)."""
     _need(view, "W_pos")
-    n = min(n, view.W_pos.shape[0])
+    n = min(check_int(n, "n", 1), view.W_pos.shape[0])
+    check_int(max_offset, "max_offset", 0, n - 1)
     pos = normalised(view.W_pos[:n], view).float()  # [n, D]
     q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q[:]) + view.b_Q[:, :, None]  # [:] stacks a per-layer view
     k = torch.einsum("pd,lhde->lhpe", pos, view.W_K[:]) + view.b_K[:, :, None]
@@ -357,6 +372,8 @@ def skip_trigrams(view: AnalysisWeights, layer: int = 0, k: int = 15) -> SkipTri
     """The strongest skip-trigrams of every head of ``layer`` (Elhage et al. 2021, one-layer models)."""
     _need(view, "W_E", "W_U")
     _check_small_vocab(view)
+    layer = check_int(layer, "layer", 0, view.cfg.n_layers - 1)  # -1 was the last layer
+    k = check_int(k, "k", 1, view.cfg.d_vocab**2)
     emb = normalised(view.W_E[:], view)  # [V, D]
     heads, out = [], []
     for h in range(view.n_heads):

@@ -297,6 +297,13 @@ def scale_free_folds(cfg: TransformerConfig) -> tuple[str, ...]:
 
 
 @torch.no_grad()
+def check_view(view) -> None:
+    """``view`` is an :class:`AnalysisWeights` (the model itself was "no attribute 'W_V'")."""
+    if not isinstance(view, AnalysisWeights):
+        raise MechscopeError(f"expected the model's analysis weights (analysis_weights(model)), got "
+                             f"{type(view).__name__}")  # fmt: skip
+
+
 def analysis_weights(
     model: HookedTransformer,
     fold_ln: bool = True,
@@ -312,6 +319,8 @@ def analysis_weights(
     ``W_K`` and ``W_V`` when read (:class:`FoldedLayers`: the same values, no stacked copy) and centres a LayerNorm
     model's ``W_E`` as read (:class:`CentredRows`); the view then reads the model's weights, which must not change
     while it is in use."""
+    if not isinstance(model, HookedTransformer):  # a name or a transformers model was "no attribute 'cfg'"
+        raise MechscopeError(f"analysis_weights takes a loaded model (load_model(...)), got {type(model).__name__}")
     cfg = model.cfg
     check_foldable(cfg)
     offloaded = [n for n, t in model.named_parameters() if t.is_meta and n not in model.missing_weights]
