@@ -101,9 +101,9 @@ def test_cnn_graph_bad_input(capsys, quick_run, mnist_root, tmp_path, extra, fra
 @pytest.mark.parametrize(
     "extra,fragments",
     [
-        (["--ablate", "1_x_2"], ["--ablate '1_x_2': only feature nodes", "LAYER_FEATURE_POS"]),
-        (["--ablate", "0_-1_3"], ["--ablate '0_-1_3': only feature nodes"]),  # an error node
-        (["--steer", "E_0_4=2"], ["--steer 'E_0_4': only feature nodes"]),  # a pixel
+        (["--ablate", "1_x_2"], ["--ablate '1_x_2' is not a feature node's id LAYER_FEATURE_POS", "only feature"]),
+        (["--ablate", "0_-1_3"], ["--ablate '0_-1_3' is not a feature node's id"]),  # an error node
+        (["--steer", "E_0_4=2"], ["--steer 'E_0_4' is not a feature node's id"]),  # a pixel
         (["--ablate", "0_1_2,0_3_4", "--ablate", "0_3_4,0_1_2"], ["--ablate 0_1_2,0_3_4 given more than once"]),
     ],
 )
@@ -259,7 +259,7 @@ def test_lm_graph_loads_on_the_device_and_dtype_asked(capsys, hist, tmp_path):
         (["--tokens", "0,2,3,2,2,4,2,3", "--neurons"], ["longer than the context"]),
         (["--tokens", "0,2,3", "--neurons", "--target", "#7"], ["outside the model's 0..6"]),
         (["--tokens", "0,2,3", "--neurons", "--logit-pos", "5"], ["logit position 5 outside"]),
-        (["--tokens", "0,2,3", "--neurons", "--ablate", "L0F3"], ["--ablate 'L0F3': only feature nodes"]),
+        (["--tokens", "0,2,3", "--neurons", "--ablate", "L0F3"], ["--ablate 'L0F3' is not a feature node's id"]),
         (["--tokens", "0,2,3", "--transcoders", "WRONG"], ["d_model 20"]),
         (["--tokens", "0,2,3", "--transcoders", "TWO"], ["2 transcoders", "1 MLP layers"]),
     ],

@@ -324,5 +324,5 @@ def test_asked_interventions_take_a_group_as_one_id_or_a_list():
     check_asked([["1_12_5", "0_3_1"], "1_15_2"], [("2_4_0", 3.0)])
     with pytest.raises(MechscopeError, match="--ablate 1_12_5 given more than once"):
         check_asked(["1_12_5", ["1_12_5"]])
-    with pytest.raises(MechscopeError, match="--ablate '1_-1_5': only feature nodes"):
+    with pytest.raises(MechscopeError, match="--ablate '1_-1_5' is not a feature node's id"):
         check_asked([["1_-1_5"]])

@@ -69,6 +69,9 @@ class NeuronSettings:
             raise MechscopeError(f"--reduce must be mean, max or cls, got {self.reduce!r}")
         if self.words is not None and not [w for w in self.words if w.strip()]:
             raise MechscopeError("--words is empty; give at least one word to probe with")
+        twice = repeated(tuple(n) for n in self.neurons or ())
+        if twice:  # a neuron asked twice was read, and listed, twice
+            raise MechscopeError(f"--neuron {twice[0][0]}.{twice[0][1]} given more than once")
         twice = repeated(self.words or ())
         if twice:  # a probe word twice is one row drawn twice
             raise MechscopeError(f"--words: {twice[0]!r} given more than once")

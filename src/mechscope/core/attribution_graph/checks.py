@@ -281,8 +281,8 @@ def check_asked(ablate=None, steer=None) -> None:
     groups = [[g] if isinstance(g, str) else list(g) for g in ablate or []]  # a group may be one id (as intervene)
     for opt, nodes in [("--ablate", n) for g in groups for n in g] + [("--steer", node) for node, _ in steer or []]:
         if not isinstance(nodes, str) or not FEATURE_ID.fullmatch(nodes.strip()):
-            raise MechscopeError(f"{opt} {nodes!r}: only feature nodes can be steered or ablated; expected a feature "
-                                 "node's id LAYER_FEATURE_POS (for example 1_12_5)")  # fmt: skip
+            raise MechscopeError(f"{opt} {nodes!r} is not a feature node's id LAYER_FEATURE_POS (for example 1_12_5): "
+                                 "only feature nodes can be steered or ablated")  # fmt: skip
     twice = repeated(tuple(sorted(g)) for g in groups)
     if twice:  # the same intervention twice: one more row of the same numbers
         raise MechscopeError(f"--ablate {','.join(twice[0])} given more than once")

@@ -92,16 +92,22 @@ def _id_list(tokens) -> list[int]:
 def check_qk(model, qk, positions: int) -> None:
     """Each QK head asked, (layer, head[, query_pos[, key_pos]]), of integers inside the model and the prompt."""
     cfg = model.cfg
+    asked = []
     for spec in qk or []:
         if isinstance(spec, (str, bytes)) or not hasattr(spec, "__len__") or not 2 <= len(spec) <= 4:
             raise MechscopeError(f"a QK head is (layer, head[, query_pos[, key_pos]]), got {spec!r}")
         values = [check_int(v, "a QK head's layer, head and positions") for v in spec]
+        asked.append(tuple(values))
         if not (0 <= values[0] < cfg.n_layers and 0 <= values[1] < cfg.n_heads):
             raise MechscopeError(f"head {values[0]}.{values[1]} outside the model's {cfg.n_layers} layers x "
                                  f"{cfg.n_heads} heads")  # fmt: skip
         bad = [v for v in values[2:] if not 0 <= v < positions]
         if bad:
             raise MechscopeError(f"QK position {bad[0]} outside the prompt's 0..{positions - 1}")
+    twice = repeated(asked)
+    if twice:  # the same attribution was computed, and written, twice
+        head, where = f"{twice[0][0]}.{twice[0][1]}", ":".join(map(str, twice[0][2:]))
+        raise MechscopeError(f"--qk {head}{'@' + where if where else ''} given more than once")
 
 
 def resolve_targets(model, tokenizer, targets) -> list[int] | None:
