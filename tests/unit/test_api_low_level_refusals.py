@@ -86,6 +86,28 @@ def test_the_cnn_refuses_images_of_the_wrong_shape_or_dtype(cnn):
     assert cnn(x).shape == (2, 10)
 
 
+def test_feature_visualisation_refuses_units_and_settings_it_cannot_take(cnn):
+    """A channel past the layer's was an IndexError (-1 the last channel), batch 0 an MKL FFT error, lr NaN Adam's,
+    a diversity group of 0 a ZeroDivisionError; an objective in range renders as before (same seed, same images)."""
+    from mechscope.cnn.methods import featvis as FV
+
+    def run(obj, **kw):
+        return FV.render(cnn, obj, kw.pop("batch", 2), steps=2, param="pixel", **kw)
+
+    refused(r"conv1.hook_out: unit 9 out of range 0\.\.3", run, FV.channel("conv1.hook_out", 9))
+    refused(r"unit -1 out of range", run, FV.channel("conv1.hook_out", -1))
+    refused("one unit index or one per image", run, FV.channel("conv1.hook_out", [0, 1, 2]))
+    refused("one unit index or one per image", run, FV.class_logit(1.5))
+    refused(r"y must be an integer from 0 to 11", run, FV.neuron("conv1.hook_out", 0, y=99))
+    refused("batch must be", run, FV.channel("conv1.hook_out", 0), batch=0)
+    refused("lr must be a positive finite number", run, FV.channel("conv1.hook_out", 0), lr=float("nan"))
+    refused("value_range must be", run, FV.channel("conv1.hook_out", 0), value_range=(1.0, 0.0))
+    refused("a diversity group must be", FV.diversity, "conv1.hook_out", 0)
+    refused("do not split into groups of 2", run, FV.diversity("conv1.hook_out", 2), batch=3)
+    a, b = run(FV.channel("conv1.hook_out", [0, 3])), run(FV.channel("conv1.hook_out", torch.tensor([0, 3])))
+    assert torch.equal(a.images, b.images)
+
+
 # ---- interventions ----------------------------------------------------------------------------------------
 
 

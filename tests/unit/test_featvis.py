@@ -107,6 +107,6 @@ def test_bad_input_and_no_hooks_after_errors(model):
         FV.render(model, FV.class_logit(0), batch=1, steps=0)
     with pytest.raises(MechscopeError, match="unknown parameterisation 'cppn'"):
         FV.render(model, FV.class_logit(0), batch=1, steps=2, param="cppn")
-    with pytest.raises(IndexError):
+    with pytest.raises(MechscopeError, match=r"unit 99 out of range 0\.\.15"):
         FV.render(model, FV.channel("conv1.hook_post", 99), batch=1, steps=2)  # fails inside the loop
     assert attached_hooks(model) == []

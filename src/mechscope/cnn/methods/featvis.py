@@ -19,6 +19,7 @@ end of a run, however it ends.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from torch import nn
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hook_points, hooks
 from mechscope.core.torch_utils import evaluating
+from mechscope.core.validate import check_int
 
 # ---- parameterisations --------------------------------------------------------------------
 
@@ -155,9 +157,18 @@ class Objective:
 INPUT = "hook_input"
 
 
-def _units(units, b: int) -> torch.Tensor:
-    t = torch.as_tensor(units).long().reshape(-1)
-    return t.expand(b) if t.numel() == 1 else t
+def _units(units, act: torch.Tensor, layer: str) -> torch.Tensor:
+    """``units`` (one index, or one per image) as indices into dim 1 of ``act`` [B, C, ...], checked: a channel past
+    the layer's was an IndexError, -1 the last channel, 1.5 channel 1, two units for three images a shape error."""
+    t = torch.as_tensor(units)
+    b, c = act.shape[:2]
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.numel() not in (1, b):
+        raise MechscopeError(f"{layer}: expected one unit index or one per image ({b}), got {units!r}")
+    t = t.long().reshape(-1)
+    bad = t[(t < 0) | (t >= c)]
+    if len(bad):
+        raise MechscopeError(f"{layer}: unit {int(bad[0])} out of range 0..{c - 1}")
+    return (t.expand(b) if t.numel() == 1 else t).to(act.device)
 
 
 def channel(layer: str, units) -> Objective:
@@ -165,7 +176,7 @@ def channel(layer: str, units) -> Objective:
 
     def fn(a):
         act = a[layer]  # [B, C, H, W]
-        idx = _units(units, act.shape[0]).to(act.device)
+        idx = _units(units, act, layer)
         return act[torch.arange(act.shape[0]), idx].flatten(1).mean(1)
 
     return Objective(fn, {layer}, f"channel {layer}:{units}")
@@ -176,9 +187,9 @@ def neuron(layer: str, units, y: int | None = None, x: int | None = None) -> Obj
 
     def fn(a):
         act = a[layer]
-        yy = act.shape[2] // 2 if y is None else y
-        xx = act.shape[3] // 2 if x is None else x
-        idx = _units(units, act.shape[0]).to(act.device)
+        yy = act.shape[2] // 2 if y is None else check_int(y, "y", 0, act.shape[2] - 1)  # y 99 was an IndexError
+        xx = act.shape[3] // 2 if x is None else check_int(x, "x", 0, act.shape[3] - 1)
+        idx = _units(units, act, layer)
         return act[torch.arange(act.shape[0]), idx, yy, xx]
 
     return Objective(fn, {layer}, f"neuron {layer}:{units}@({y},{x})")
@@ -187,7 +198,7 @@ def neuron(layer: str, units, y: int | None = None, x: int | None = None) -> Obj
 def class_logit(units, layer: str = "hook_logits") -> Objective:
     def fn(a):
         act = a[layer]
-        idx = _units(units, act.shape[0]).to(act.device)
+        idx = _units(units, act, layer)
         return act[torch.arange(act.shape[0]), idx]
 
     return Objective(fn, {layer}, f"logit {units}")
@@ -207,10 +218,13 @@ def direction(layer: str, vector: torch.Tensor) -> Objective:
 def diversity(layer: str, group: int) -> Objective:
     """−(mean cosine similarity of Gram matrices) within each group of ``group`` images
     (Olah et al. 2017): pushes a group of images for the same unit apart in style."""
+    group = check_int(group, "a diversity group", 2)  # 0 was a ZeroDivisionError, 1 a NaN objective
 
     def fn(a):
         act = a[layer]
         b, c = act.shape[:2]
+        if b % group:
+            raise MechscopeError(f"diversity: {b} images do not split into groups of {group}")
         flat = act.reshape(b, c, -1)
         gram = flat @ flat.transpose(1, 2) / flat.shape[-1]  # [B, C, C]
         gram = F.normalize(gram.reshape(b // group, group, -1), dim=-1)
@@ -268,6 +282,12 @@ def render(
     """
     if steps < 1:
         raise MechscopeError(f"steps must be at least 1, got {steps}")
+    check_int(batch, "batch", 1)  # 0 was an MKL FFT error
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:  # NaN was Adam's error
+        raise MechscopeError(f"lr must be a positive finite number, got {lr!r}")
+    lo, hi = value_range
+    if not lo < hi:  # (1, 0) rendered images outside the model's range
+        raise MechscopeError(f"value_range must be (low, high) with low below high, got {value_range!r}")
     if param not in PARAMETERISATIONS:
         raise MechscopeError(f"unknown parameterisation {param!r}; expected one of {', '.join(PARAMETERISATIONS)}")
     shape = getattr(model, "input_shape", None)
@@ -281,7 +301,6 @@ def render(
         raise MechscopeError(f"unknown layer {unknown[0]!r}; valid layers: {describe_names(points)}")
     g = torch.Generator().manual_seed(seed)
     params, unit_image = PARAMETERISATIONS[param]((batch, *shape), g)
-    lo, hi = value_range
     image_fn = unit_image if (lo, hi) == (0.0, 1.0) else (lambda: lo + (hi - lo) * unit_image())
     t = transforms if transforms is not None else default_transforms(shape[1], shape[2])
     with evaluating(model):
