@@ -258,3 +258,20 @@ def test_graph_html_qk_section_holds_the_json_numbers(induction_run):
 def _rows(items: list[dict]) -> list[list[str]]:
     """The cells a table of parts shows: labels as given, scores with 4 significant digits."""
     return [[*(r[k] for k in ("label", "query", "key") if k in r), f"{r['score']:.4g}"] for r in items]
+
+
+def test_top_pairs_are_the_largest_of_the_whole_pair_matrix_block_by_block():
+    """Truth (numpy): every pair's scale * a_i . b_j sorted by magnitude, zeros left out; blocks of 7 rows (so the
+    top pairs come from different blocks) give the pairs one block of all rows gives."""
+    from mechscope.lm.methods.attribution_graph_qk import _top_pairs
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    a[5], b[2] = 0.0, 0.0  # rows of zero pairs, left out
+    m = 0.5 * (a.numpy() @ b.numpy().T)
+    order = sorted(((i, j) for i in range(30) for j in range(9) if m[i, j] != 0), key=lambda p: -abs(m[p]))
+    for n in (1, 5, 40, 10_000):
+        got = _top_pairs(a, b, 0.5, n, rows=7)
+        assert [(i, j) for i, j, _ in got] == order[:n], n
+        assert [v for *_, v in got] == pytest.approx([m[p] for p in order[:n]], rel=1e-12)
+        assert got == _top_pairs(a, b, 0.5, n, rows=1024)

@@ -71,8 +71,8 @@ def test_the_transformers_entry_points_refuse_a_stream_of_the_wrong_width_or_blo
     x = model.embed(TOKENS[None])
     refused(r"residual stream \[batch, positions, 16\], got \[1, 3, 8\]", model.run_blocks, torch.zeros(1, 3, 8))
     refused(r"residual stream \[\.\.\., 16\], got \[1, 3, 8\]", model.unembed, torch.zeros(1, 3, 8))
-    for start, stop in ((-1, None), (0, 3), (2, 1), (0.5, None)):  # -1 ran the last block alone
-        refused("0 <= start <= stop <= 2", model.run_blocks, x, start, stop)
+    for start, stop in ((-1, None), (2, 1), (0.5, None), (0, -1)):  # -1 ran the last block alone
+        refused("with 0 <= start <= stop, got", model.run_blocks, x, start, stop)
     assert torch.equal(model.run_blocks(x, 0, 2), model.run_blocks(x))
 
 
@@ -264,3 +264,49 @@ def test_an_intervention_on_no_feature_id_says_the_id_format_first():
 
     said = refused("only feature nodes", check_asked, [["0.1.9999"]])
     assert said.startswith("--ablate '0.1.9999' is not a feature node's id LAYER_FEATURE_POS (for example 1_12_5)")
+
+
+# ---- what the checks above must still take (a reviewer's finds) ----------------------------------------------
+
+
+def test_the_checks_still_take_arrays_tensors_autocast_and_tiny_contexts(lm):
+    """Layers as a numpy array or a tensor were read as true or false by a new check (numpy's "truth value of an
+    array is ambiguous"); run_blocks takes a 0-d tensor and reads a stop past the last block as the last block, as
+    a slice does; the CNN takes bfloat16 pixels under autocast; positional QK of a 4-position model keeps its
+    default offsets 0..4 (offsets past the context are NaN, as before)."""
+    import numpy as np
+
+    from mechscope.lm.methods.neurons import top_activations as top
+
+    model, view = lm
+    t = torch.randint(1, 32, (6, 8), generator=torch.Generator().manual_seed(0))
+    want = top(model, t, [1, 0], k=2)
+    for layers in (np.array([1, 0]), torch.tensor([1, 0])):
+        got = top(model, t, layers, k=2)
+        assert got.hooks == ("blocks.1.mlp.hook_post", "blocks.0.mlp.hook_post") and torch.equal(
+            got.values, want.values
+        )
+    x = model.embed(TOKENS[None])
+    assert torch.equal(model.run_blocks(x, torch.tensor(1)), model.run_blocks(x, 1))
+    assert torch.equal(model.run_blocks(x, 0, 5), model.run_blocks(x))
+    torch.manual_seed(0)
+    net = CNN(CNNConfig(channels=(4, 8))).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.rand(2, 1, 28, 28).bfloat16()).shape == (2, 10)
+    short = WC.positional_qk(view, n=4)
+    assert short.offset_mass.shape == (2, 2, 5) and np.isnan(short.offset_mass[..., 4]).all()
+
+
+def test_the_weight_analyses_still_run_without_autograd(lm, monkeypatch):
+    """A helper inserted above analysis_weights and direct_logit_attribution took their @torch.no_grad()."""
+    import mechscope.lm.methods.direct as D
+    import mechscope.lm.models.folding as FO
+
+    model, view = lm
+    seen = []
+    for mod, name in ((FO, "check_foldable"), (D, "run_with_cache")):
+        inner = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=inner, **k: (seen.append(torch.is_grad_enabled()), _f(*a, **k))[1])
+    analysis_weights(model)
+    direct_logit_attribution(model, view, TOKENS)
+    assert seen == [False, False]

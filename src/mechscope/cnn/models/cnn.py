@@ -277,7 +277,8 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[1:] != self.input_shape:
             check_image_input(x, self.input_shape)  # uint8 pixels ran as if in [0, 1]; a wrong shape was conv2d's
-        if x.dtype != self.fc.weight.dtype:  # float64 pixels were "mat1 and mat2 must have the same dtype"
+        if x.dtype != self.fc.weight.dtype and not torch.is_autocast_enabled(x.device.type):  # float64 pixels were
+            # "mat1 and mat2 must have the same dtype" (under autocast bfloat16 pixels are the point)
             raise MechscopeError(f"expected {self.fc.weight.dtype} pixels (the model's dtype), got {x.dtype}")
         x = self.hook_input(x)  # [B, C, H, W], pixels in [0, 1]
         x = self.normalize(x)

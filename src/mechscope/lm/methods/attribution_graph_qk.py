@@ -226,7 +226,7 @@ def _top_pairs(a: torch.Tensor, b: torch.Tensor, scale: float, n: int, rows: int
     """The ``n`` pairs (i, j, scale · a_i·b_j) of largest magnitude over every pair of rows of ``a`` [I, Dh] and
     ``b`` [J, Dh], largest first, exact zeros left out: a block of ``rows`` rows of the [I, J] matrix at a time, so
     memory stays at one block however many sources the graph has."""
-    vals, idx = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    vals, idx = a.new_zeros(0), torch.zeros(0, dtype=torch.long, device=a.device)
     for r0 in range(0, a.shape[0], rows):
         m = (scale * (a[r0 : r0 + rows] @ b.T)).flatten()
         top = m.abs().topk(min(n, m.numel())).indices

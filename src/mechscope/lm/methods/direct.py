@@ -79,7 +79,6 @@ class DirectLogitAttribution:
         }
 
 
-@torch.no_grad()
 def one_sequence(model: HookedTransformer, tokens) -> torch.Tensor:
     """``tokens`` [P] or [1, P] as [1, P] on the model's device, checked (a list was "no attribute 'reshape'", an
     empty sequence "position must be an integer from 0 to -1")."""
@@ -93,6 +92,7 @@ def one_sequence(model: HookedTransformer, tokens) -> torch.Tensor:
     return tokens.to(model.W_E.device)
 
 
+@torch.no_grad()
 def direct_logit_attribution(
     model: HookedTransformer,
     view: AnalysisWeights,

@@ -80,7 +80,8 @@ def check_neuron_model(model: HookedTransformer, layers: list[int] | None, site:
         raise MechscopeError(f"--site mid is the SoLU MLP's (act 'solu_ln'); {name} uses {model.cfg.act!r}")
     if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
         raise MechscopeError(f"layers must be a list of MLP layer indices, e.g. [0, 1], got {layers!r}")  # 0: all
-    layers = [check_int(layer, "an MLP layer") for layer in layers or ()]  # 1.0 was blocks.1.0.mlp.hook_post
+    layers = [check_int(layer, "an MLP layer") for layer in (() if layers is None else layers)]  # 1.0 was
+    # blocks.1.0.mlp.hook_post (an array or a tensor of layers is iterated, never read as true or false)
     if not layers:
         return have
     for layer in layers:
@@ -140,7 +141,7 @@ def top_activations(
         got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise MechscopeError(f"expected a token sample [N, P], got {got}")
     every = check_neuron_model(model, layers, site)  # site "bogus" was read as "post"
-    layers = list(dict.fromkeys(int(i) for i in layers)) if layers else every  # in the order given
+    layers = list(dict.fromkeys(int(i) for i in (() if layers is None else layers))) or every  # in the order given
     k, batch = check_int(k, "k", 1), check_int(batch, "batch", 1)  # k 0 was an IndexError, batch 0 range()'s error
     skip_first = check_int(skip_first, "skip_first", 0, tokens.shape[1] - 1)
     n, p = tokens.shape

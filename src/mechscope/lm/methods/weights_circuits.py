@@ -288,7 +288,7 @@ def positional_qk(view: AnalysisWeights, n: int = 64, max_offset: int = 4) -> Po
     """Positional attention of every head (learned positions only)."""
     _need(view, "W_pos")
     n = min(check_int(n, "n", 1), view.W_pos.shape[0])
-    check_int(max_offset, "max_offset", 0, n - 1)
+    check_int(max_offset, "max_offset", 0)  # -1 was torch.stack's "expected a non-empty list"
     pos = normalised(view.W_pos[:n], view).float()  # [n, D]
     q = torch.einsum("pd,lhde->lhpe", pos, view.W_Q[:]) + view.b_Q[:, :, None]  # [:] stacks a per-layer view
     k = torch.einsum("pd,lhde->lhpe", pos, view.W_K[:]) + view.b_K[:, :, None]

@@ -296,7 +296,6 @@ def scale_free_folds(cfg: TransformerConfig) -> tuple[str, ...]:
     )
 
 
-@torch.no_grad()
 def check_view(view) -> None:
     """``view`` is an :class:`AnalysisWeights` (the model itself was "no attribute 'W_V'")."""
     if not isinstance(view, AnalysisWeights):
@@ -304,6 +303,7 @@ def check_view(view) -> None:
                              f"{type(view).__name__}")  # fmt: skip
 
 
+@torch.no_grad()
 def analysis_weights(
     model: HookedTransformer,
     fold_ln: bool = True,

@@ -67,9 +67,13 @@ from mechscope.core.hooks import HookPoint
 from mechscope.core.torch_utils import n_parameters
 
 
-def _is_index(v, n: int) -> bool:
-    """``v`` is an integer in 0..n, a block boundary (a negative one was counted from the end without a word)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= n
+def _block_bound(v, n: int) -> int | None:
+    """``v`` as a block boundary: an integer (or a 0-d tensor or array of one) of at least 0, past ``n`` read as
+    ``n`` as a slice reads it; None otherwise (a negative one was counted from the end without a word)."""
+    v = v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+        return None
+    return min(int(v), n)
 
 
 def solu(x: torch.Tensor) -> torch.Tensor:
@@ -649,12 +653,12 @@ class HookedTransformer(nn.Module):
         self.check_complete()
         self._check_resid(x)
         n = self.cfg.n_layers
-        if not (_is_index(start, n) and (stop is None or (_is_index(stop, n) and stop >= start))):
-            raise MechscopeError(
-                f"run_blocks runs blocks start..stop - 1 with 0 <= start <= stop <= {n}, got {start!r}, {stop!r}"
-            )
+        a, b = _block_bound(start, n), (n if stop is None else _block_bound(stop, n))
+        if a is None or b is None or a > b:
+            raise MechscopeError(f"run_blocks runs blocks start..stop - 1 with 0 <= start <= stop, got {start!r}, "
+                                 f"{stop!r}")  # fmt: skip
         rotary = self.rotary(x.shape[1], x.device)
-        for block in self.blocks[start:stop]:
+        for block in self.blocks[a:b]:
             x = block(x, rotary)
         return x
 
