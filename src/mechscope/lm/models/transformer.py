@@ -65,12 +65,13 @@ from torch import nn
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
 from mechscope.core.torch_utils import n_parameters
+from mechscope.core.validate import scalar
 
 
 def _block_bound(v, n: int) -> int | None:
     """``v`` as a block boundary: an integer (or a 0-d tensor or array of one) of at least 0, past ``n`` read as
     ``n`` as a slice reads it; None otherwise (a negative one was counted from the end without a word)."""
-    v = v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+    v = scalar(v)
     if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
         return None
     return min(int(v), n)
