@@ -45,7 +45,7 @@ from torch import nn
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import hooks, run_with_cache, select
 from mechscope.core.kept_sum import unit_ablation_accuracy
-from mechscope.core.torch_utils import evaluating
+from mechscope.core.torch_utils import described, evaluating
 from mechscope.core.validate import check_int
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # [k, B, ...outputs] -> [k, ...]
@@ -356,7 +356,7 @@ class ClassAccuracy:
     def __init__(self, labels: torch.Tensor, n_classes: int = 10) -> None:
         n_classes = check_int(n_classes, "n_classes", 1)
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
-            raise MechscopeError(f"labels must be a 1-D tensor of class indices, got {_described(labels)}")
+            raise MechscopeError(f"labels must be a 1-D tensor of class indices, got {described(labels, dtype=True)}")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
             raise MechscopeError(f"labels must lie in 0..{n_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
         self.labels, self.n_classes = labels, n_classes
@@ -377,10 +377,6 @@ class ClassAccuracy:
 def class_accuracy(labels: torch.Tensor, n_classes: int = 10) -> Reduce:
     """A ``reduce`` for :func:`intervene`: per-class accuracy [k, n_classes] from logits [k, B, K]."""
     return ClassAccuracy(labels, n_classes)
-
-
-def _described(x) -> str:
-    return f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _replacement(kind: str, mean: torch.Tensor | None) -> torch.Tensor | float:

@@ -53,6 +53,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def described(x, dtype: bool = False) -> str:
+    """A tensor as its shape (``[2, 10, 32]``, with its dtype first when asked), anything else as its type's name:
+    what a one-line error says it got."""
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return f"{x.dtype} {list(x.shape)}" if dtype else str(list(x.shape))
+
+
 def n_parameters(model: nn.Module) -> int:
     """How many numbers the model's parameters hold."""
     return sum(p.numel() for p in model.parameters())

@@ -44,6 +44,7 @@ from torch import nn
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
+from mechscope.core.torch_utils import described
 from mechscope.lm.models.transformer import MLP, Block, TransformerConfig, make_norm
 
 
@@ -226,8 +227,7 @@ class VisionTower(nn.Module):
     def check_pixels(self, x: torch.Tensor) -> None:
         c, s = self.cfg.n_channels, self.cfg.image_size
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
-            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MechscopeError(f"expected pixels shaped [batch, {c}, {s}, {s}], got {shape}")
+            raise MechscopeError(f"expected pixels shaped [batch, {c}, {s}, {s}], got {described(x)}")
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """The residual stream entering block 0 [B,P,D]."""

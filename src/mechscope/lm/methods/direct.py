@@ -22,6 +22,7 @@ import torch
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
+from mechscope.core.torch_utils import described
 from mechscope.core.validate import check_int
 from mechscope.lm.methods.scores import post_norm_scale, sequences_per_chunk
 from mechscope.lm.models.folding import AnalysisWeights
@@ -83,8 +84,7 @@ def one_sequence(model: HookedTransformer, tokens) -> torch.Tensor:
     """``tokens`` [P] or [1, P] as [1, P] on the model's device, checked (a list was "no attribute 'reshape'", an
     empty sequence "position must be an integer from 0 to -1")."""
     if not isinstance(tokens, torch.Tensor) or not (tokens.dim() == 1 or (tokens.dim() == 2 and len(tokens) == 1)):
-        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise MechscopeError(f"expected one sequence of token ids, a tensor [P] or [1, P], got {got}")
+        raise MechscopeError(f"expected one sequence of token ids, a tensor [P] or [1, P], got {described(tokens)}")
     if not tokens.numel():
         raise MechscopeError("the sequence of tokens is empty")
     tokens = tokens.reshape(1, -1)

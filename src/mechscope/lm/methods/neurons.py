@@ -39,7 +39,7 @@ import torch
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import run_with_cache
 from mechscope.core.results import Result, figure_data
-from mechscope.core.torch_utils import evaluating
+from mechscope.core.torch_utils import described, evaluating
 from mechscope.core.validate import check_int
 from mechscope.lm.models.transformer import SOLU_LN, HookedTransformer
 
@@ -138,8 +138,7 @@ def top_activations(
     """Run the sample ``tokens`` [N, P] through ``model`` in batches and keep, per neuron, the ``k``
     largest activations and where they are; positions before ``skip_first`` (a BOS) are not counted."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:  # [P] was "not enough values to unpack"
-        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise MechscopeError(f"expected a token sample [N, P], got {got}")
+        raise MechscopeError(f"expected a token sample [N, P], got {described(tokens)}")
     every = check_neuron_model(model, layers, site)  # site "bogus" was read as "post"
     layers = list(dict.fromkeys(int(i) for i in (() if layers is None else layers))) or every  # in the order given
     k, batch = check_int(k, "k", 1), check_int(batch, "batch", 1)  # k 0 was an IndexError, batch 0 range()'s error

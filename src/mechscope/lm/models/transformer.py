@@ -64,7 +64,7 @@ from torch import nn
 
 from mechscope.core.errors import MechscopeError
 from mechscope.core.hooks import HookPoint
-from mechscope.core.torch_utils import n_parameters
+from mechscope.core.torch_utils import described, n_parameters
 from mechscope.core.validate import scalar
 
 
@@ -679,9 +679,8 @@ class HookedTransformer(nn.Module):
         """A residual stream [B, P, d_model] ([..., d_model] with ``any_rank``), else one line (a wrong width was
         layer_norm's "normalized_shape" error deep inside the first block)."""
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.cfg.d_model,) or (not any_rank and x.dim() != 3):
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MechscopeError(f"expected a residual stream [{'...' if any_rank else 'batch, positions'}, "
-                                 f"{self.cfg.d_model}], got {got}")  # fmt: skip
+                                 f"{self.cfg.d_model}], got {described(x)}")  # fmt: skip
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.run_blocks(self.embed(tokens)))  # [B,P,V]
