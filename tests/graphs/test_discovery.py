@@ -413,7 +413,8 @@ def test_counts_without_an_end_are_refused_before_any_work():
     with pytest.raises(MechscopeError, match="seed must be an integer from 0 to 2"):
         faithfulness_curve(model, scores, clean, corrupted, metric=logit_diff, seed=2**64)
     calls = []
-    counting = type("Counting", (), {"graph": model.graph, "forward": lambda s, *a, **k: calls.append(1)})()
+    counting = type("Counting", (), {"graph": model.graph, "forward": lambda s, *a, **k: calls.append(1),
+                                     "edge_mix": model.edge_mix})()  # fmt: skip
     with pytest.raises(MechscopeError, match="n_random must be an integer from 0 to 10,000"):
         find_circuit(counting, clean, corrupted, metric=logit_diff, better=None, metric_name="m", differentiable=True,
                      method="eap", n_random=10**7)  # fmt: skip

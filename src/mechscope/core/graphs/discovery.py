@@ -26,7 +26,7 @@ from mechscope.core.graphs.faithfulness import (
     circuit_faithfulness,
     faithfulness_curve,
 )
-from mechscope.core.graphs.graph import ComponentGraph
+from mechscope.core.graphs.protocol import check_model
 from mechscope.core.graphs.results import (
     MAX_RANDOM,
     Circuit,
@@ -131,9 +131,7 @@ def find_circuit(
     measure the faithfulness curve and the drawn circuit; ``threshold``: ACDC's tau or, for the other methods, a cut
     on |score| (ignored for ACDC's cut, which is its own); ``steps``: EAP-IG's (None: 5; refused for the other
     methods); ``default_size``: the cut without size or threshold."""
-    if not isinstance(getattr(edges, "graph", None), ComponentGraph):  # a string: "'str' object has no attribute..."
-        raise MechscopeError(f"{type(edges).__name__} is not an EdgeModel: it needs a graph (a ComponentGraph), "
-                             "forward(inputs, edit) and edge_mix")  # fmt: skip
+    check_model(edges)  # a string: "'str' object has no attribute..."
     if not (isinstance(curve, (bool, np.bool_)) or (isinstance(curve, int) and curve in (0, 1))):  # "no" is true
         raise MechscopeError(f"curve must be True or False, got {curve!r}")
     n_clean, n_corrupted = (len(x) if isinstance(x, torch.Tensor) else None for x in (clean, corrupted))

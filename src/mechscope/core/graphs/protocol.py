@@ -398,5 +398,6 @@ def metric_of(model: EdgeModel, inputs: Any, metric, terms: Sequence[Term] = ())
 def check_model(model: Any) -> None:
     if not isinstance(model, EdgeModel) or not isinstance(getattr(model, "graph", None), ComponentGraph):
         raise MechscopeError(
-            f"{type(model).__name__} is not an EdgeModel: it needs graph, forward(inputs, edit) and edge_mix"
+            f"{type(model).__name__} is not an EdgeModel: it needs a graph (a ComponentGraph), forward(inputs, edit) "
+            "and edge_mix"
         )
